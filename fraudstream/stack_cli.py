@@ -1,0 +1,28 @@
+"""`fraudstream stack up | down | status`."""
+
+from __future__ import annotations
+
+import argparse
+
+from fraudstream.settings import Settings
+from fraudstream.stack import LocalStack
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("up", "down", "status"))
+    parser.add_argument("--wipe", action="store_true", help="with down: also delete Kafka's and the registry's data")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    stack = LocalStack(settings)
+    if args.action == "up":
+        status = stack.up()
+        print(status.describe())
+        print(f"\nexport KAFKA_BOOTSTRAP_SERVERS={status.bootstrap_servers}\nexport SCHEMA_REGISTRY_URL={status.registry_url}")
+        return 0
+    if args.action == "down":
+        stack.down(wipe=args.wipe)
+        return 0
+    status = stack.status()
+    print(status.describe())
+    return 0 if status.running else 3
