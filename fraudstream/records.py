@@ -1,0 +1,79 @@
+"""Typed records: one frozen dataclass per Avro record in schemas/.
+
+Field names, order and types mirror the .avsc files; tests/unit/test_records.py fails when
+they drift. Avro timestamp-millis values are timezone-aware UTC datetimes here (as fastavro
+decodes them); money is integer cents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Transaction:
+    avro_name: ClassVar[str] = "Transaction"
+
+    transaction_id: str
+    account_id: str
+    card_id: str
+    merchant_id: str
+    merchant_category: str
+    terminal_id: str
+    amount_cents: int
+    currency: str = "USD"
+    event_time: datetime
+    channel: str  # a symbol of the Channel enum in transaction.avsc
+    country: str
+    city: str
+    latitude: float
+    longitude: float
+    device_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _FIELDS[Transaction]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Transaction:
+        # Readers on an older schema hand us fewer fields; defaults fill them like Avro would.
+        return cls(**{name: data[name] for name in _FIELDS[cls] if name in data})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FraudAlert:
+    avro_name: ClassVar[str] = "FraudAlert"
+
+    transaction: Transaction
+    rules: tuple[str, ...]
+    detected_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"transaction": self.transaction.to_dict(), "rules": list(self.rules), "detected_at": self.detected_at}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FraudAlert:
+        return cls(transaction=Transaction.from_dict(data["transaction"]), rules=tuple(data["rules"]),
+                   detected_at=data["detected_at"])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Label:
+    avro_name: ClassVar[str] = "Label"
+
+    transaction_id: str
+    is_fraud: bool
+    scenario: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"transaction_id": self.transaction_id, "is_fraud": self.is_fraud, "scenario": self.scenario}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Label:
+        return cls(transaction_id=data["transaction_id"], is_fraud=data["is_fraud"], scenario=data["scenario"])
+
+
+RECORD_TYPES: tuple[type, ...] = (Transaction, FraudAlert, Label)
+_FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in RECORD_TYPES}

@@ -1,0 +1,135 @@
+"""Schema Registry access through confluent-kafka's SchemaRegistryClient (Confluent REST API).
+
+Errors are split the way the detector needs them: a registry that answers "no such schema"
+is a fact about the data (UnknownSchema); a registry that does not answer is infrastructure
+(RegistryError), to be retried, never dead-lettered.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+from fraudstream.errors import RegistryError, SchemaError
+from fraudstream.schemas import SchemaSet, load_schemas, topic_schemas
+from fraudstream.settings import Settings
+
+SUBJECT_NOT_FOUND = 40401
+SCHEMA_NOT_FOUND = 40403
+
+
+class UnknownSchema(Exception):
+    """The registry answered, and has no schema with this id."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredSchema:
+    subject: str
+    schema_id: int
+    version: int
+    schema: dict[str, Any]
+
+
+class Registry:
+    def __init__(self, settings: Settings) -> None:
+        self.url = settings.schema_registry_url
+        conf = {**settings.registry_client_conf(), "timeout": 10, "max.retries": 2}
+        self.client = SchemaRegistryClient(conf)
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SchemaRegistryError:
+            raise
+        except Exception as exc:  # httpx transport errors, timeouts: the registry did not answer
+            raise RegistryError(f"schema registry at {self.url} unreachable while {what}: {exc}") from exc
+
+    def schema_by_id(self, schema_id: int) -> dict[str, Any]:
+        """The writer schema for a record's id (the client caches it)."""
+        try:
+            schema = self._call(f"fetching schema id {schema_id}", self.client.get_schema, schema_id)
+        except SchemaRegistryError as exc:
+            if exc.http_status_code == 404:
+                raise UnknownSchema(f"schema id {schema_id} is not in the registry") from exc
+            raise RegistryError(f"registry refused schema id {schema_id}: {exc}") from exc
+        return json.loads(schema.schema_str)
+
+    def latest(self, subject: str) -> RegisteredSchema:
+        try:
+            found = self._call(f"looking up {subject}", self.client.get_latest_version, subject)
+        except SchemaRegistryError as exc:
+            if exc.error_code == SUBJECT_NOT_FOUND or exc.http_status_code == 404:
+                raise SchemaError(f"subject {subject} is not registered; run `fraudstream schemas register` first") from exc
+            raise RegistryError(f"registry refused {subject}: {exc}") from exc
+        return RegisteredSchema(subject, found.schema_id, found.version, json.loads(found.schema.schema_str))
+
+    def versions(self, subject: str) -> list[int]:
+        try:
+            return self._call(f"listing {subject}", self.client.get_versions, subject)
+        except SchemaRegistryError as exc:
+            if exc.http_status_code == 404:
+                return []
+            raise RegistryError(f"registry refused {subject}: {exc}") from exc
+
+    def version(self, subject: str, version: int) -> dict[str, Any]:
+        found = self._call(f"reading {subject} v{version}", self.client.get_version, subject, version)
+        return json.loads(found.schema.schema_str)
+
+    def register(self, subject: str, schema_text: str) -> int:
+        try:
+            return self._call(f"registering {subject}", self.client.register_schema, subject, Schema(schema_text, "AVRO"))
+        except SchemaRegistryError as exc:
+            if exc.http_status_code == 409:
+                raise SchemaError(f"{subject}: the registry rejected the schema as incompatible: {exc.error_message}") from exc
+            raise RegistryError(f"registry refused {subject}: {exc}") from exc
+
+    def is_compatible(self, subject: str, schema_text: str) -> bool:
+        try:
+            return self._call(f"checking {subject}", self.client.test_compatibility, subject, Schema(schema_text, "AVRO"))
+        except SchemaRegistryError as exc:
+            if exc.http_status_code == 404:
+                return True  # nothing registered yet: anything is compatible
+            raise RegistryError(f"registry refused the compatibility check for {subject}: {exc}") from exc
+
+    def set_compatibility(self, subject: str | None, level: str) -> None:
+        self._call(f"setting compatibility of {subject or 'the registry'}", self.client.set_compatibility, subject, level)
+
+    def compatibility(self, subject: str) -> str | None:
+        try:
+            return self._call(f"reading compatibility of {subject}", self.client.get_compatibility, subject)
+        except SchemaRegistryError:
+            return None
+
+
+def register_all(settings: Settings, registry: Registry | None = None) -> dict[str, int]:
+    """The deliberate registration step: every topic's schema under <topic>-value, with its compatibility level."""
+    registry = registry or Registry(settings)
+    schemas = load_schemas(settings.schemas_dir)
+    ids = {}
+    for topic, name in topic_schemas(settings).items():
+        subject = settings.subject(topic)
+        registry.set_compatibility(subject, settings.compatibility)
+        ids[subject] = registry.register(subject, schemas.text(name))
+    return ids
+
+
+def current_ids(settings: Settings, registry: Registry, schemas: SchemaSet | None = None) -> dict[str, int]:
+    """Ids of our current schemas as registered, per topic; a clear error when registration is missing."""
+    schemas = schemas or load_schemas(settings.schemas_dir)
+    ids = {}
+    for topic, name in topic_schemas(settings).items():
+        subject = settings.subject(topic)
+        try:
+            found = registry._call(f"looking up {subject}", registry.client.lookup_schema, subject,
+                                   Schema(schemas.text(name), "AVRO"))
+        except SchemaRegistryError as exc:
+            if exc.http_status_code == 404:
+                raise SchemaError(f"the current {name} schema is not registered under {subject}; "
+                                  "run `fraudstream schemas register` first") from exc
+            raise RegistryError(f"registry refused the lookup of {subject}: {exc}") from exc
+        ids[topic] = found.schema_id
+    return ids

@@ -1,0 +1,125 @@
+"""The Avro contract: load schemas/*.avsc, map topics to subjects, check evolution offline.
+
+schemas/<name>.avsc is the current version of each schema; schemas/history/<name>/v<N>.avsc
+keeps every earlier released version (fully expanded), for the evolution checks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import avro.schema
+from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
+from fastavro.schema import expand_schema, parse_schema
+
+from fraudstream.errors import SchemaError
+from fraudstream.settings import Settings
+
+# Record name -> file stem, in dependency order (a schema may name the ones before it).
+SCHEMA_FILES: dict[str, str] = {
+    "Transaction": "transaction",
+    "FraudAlert": "fraud_alert",
+    "Label": "label",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaSet:
+    """Every current schema, expanded (self-contained JSON, as registered) and parsed for fastavro."""
+
+    expanded: dict[str, dict[str, Any]]
+    parsed: dict[str, Any]
+
+    def text(self, name: str) -> str:
+        """The schema string sent to the registry."""
+        return json.dumps(self.expanded[name], separators=(",", ":"))
+
+
+def load_schemas(schemas_dir: Path) -> SchemaSet:
+    return _load_schemas(Path(schemas_dir).resolve())
+
+
+@cache
+def _load_schemas(schemas_dir: Path) -> SchemaSet:
+    sources = []
+    for name, stem in SCHEMA_FILES.items():
+        path = schemas_dir / f"{stem}.avsc"
+        try:
+            sources.append(json.loads(path.read_text()))
+        except OSError as exc:
+            raise SchemaError(f"cannot read {path}: {exc.strerror}") from exc
+        except json.JSONDecodeError as exc:
+            raise SchemaError(f"{path} is not valid JSON: {exc}") from exc
+    try:
+        expanded_list = expand_schema(sources)
+    except Exception as exc:  # fastavro raises several types for a bad schema
+        raise SchemaError(f"invalid schema in {schemas_dir}: {exc}") from exc
+    expanded = dict(zip(SCHEMA_FILES, expanded_list, strict=True))
+    parsed = {name: parse_schema(schema) for name, schema in expanded.items()}
+    for name, schema in parsed.items():
+        if schema["name"].rsplit(".", 1)[-1] != name:
+            raise SchemaError(f"{SCHEMA_FILES[name]}.avsc defines {schema['name']}, expected a record named {name}")
+    return SchemaSet(expanded=expanded, parsed=parsed)
+
+
+def topic_schemas(settings: Settings) -> dict[str, str]:
+    """Which record each Avro topic carries. The dead-letter topic carries raw bytes and has none."""
+    return {
+        settings.transactions_topic: "Transaction",
+        settings.legit_topic: "Transaction",
+        settings.fraud_topic: "FraudAlert",
+        settings.labels_topic: "Label",
+    }
+
+
+def history(schemas_dir: Path, name: str) -> list[tuple[int, dict[str, Any]]]:
+    """Earlier released versions of a schema, oldest first."""
+    folder = Path(schemas_dir) / "history" / SCHEMA_FILES[name]
+    versions = []
+    for path in folder.glob("v*.avsc"):
+        try:
+            versions.append((int(path.stem[1:]), json.loads(path.read_text())))
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise SchemaError(f"bad history file {path}: {exc}") from exc
+    return sorted(versions, key=lambda item: item[0])
+
+
+def compatibility_problems(new: dict[str, Any], previous: list[dict[str, Any]], level: str) -> list[str]:
+    """Why `new` breaks `level` against earlier versions (oldest first); empty when it is compatible.
+
+    Uses the avro package's reader/writer checker, the same rules the registries apply.
+    """
+    if level == "NONE" or not previous:
+        return []
+    against = previous if level.endswith("_TRANSITIVE") else previous[-1:]
+    base = level.removesuffix("_TRANSITIVE")
+    new_schema = _avro(new)
+    problems = []
+    for index, old in enumerate(against, start=len(previous) - len(against) + 1):
+        old_schema = _avro(old)
+        if base in ("BACKWARD", "FULL"):
+            problems += [f"new schema cannot read version {index} data: {msg}" for msg in _incompatibilities(new_schema, old_schema)]
+        if base in ("FORWARD", "FULL"):
+            problems += [f"version {index} readers cannot read new data: {msg}" for msg in _incompatibilities(old_schema, new_schema)]
+    return problems
+
+
+def _avro(schema: dict[str, Any]) -> avro.schema.Schema:
+    try:
+        return avro.schema.parse(json.dumps(schema))
+    except avro.schema.SchemaParseException as exc:
+        raise SchemaError(f"invalid schema: {exc}") from exc
+
+
+def _incompatibilities(reader: avro.schema.Schema, writer: avro.schema.Schema) -> list[str]:
+    result = ReaderWriterCompatibilityChecker().get_compatibility(reader, writer)
+    if result.compatibility is SchemaCompatibilityType.compatible:
+        return []
+    return [
+        f"{kind.value.replace('_', ' ')}: {message} at {location}"
+        for kind, message, location in zip(result.incompatibilities, result.messages, result.locations, strict=False)
+    ] or ["incompatible"]

@@ -1,0 +1,111 @@
+"""Confluent wire format with fastavro: magic byte 0, 4-byte big-endian schema id, Avro binary.
+
+Writers are built once per schema id; readers cache each writer schema by id, so the registry
+is asked once per id, never per message. Undecodable bytes raise DecodeError with a stable
+`kind` (for the dead-letter headers) and a readable reason.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+
+from fraudstream.registry import Registry, UnknownSchema
+
+MAGIC_BYTE = 0
+HEADER = struct.Struct(">bI")
+
+
+class DecodeError(Exception):
+    """Bytes that are not a valid record for this reader. A fact about the data, never about infrastructure."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+def frame(schema_id: int) -> bytes:
+    return HEADER.pack(MAGIC_BYTE, schema_id)
+
+
+def make_encoder(schema_id: int, parsed_schema: Any) -> Callable[[dict[str, Any]], bytes]:
+    """A closure that frames and encodes one record dict with a fixed writer schema."""
+    header = frame(schema_id)
+    write = schemaless_writer
+    bytes_io = io.BytesIO
+
+    def encode(record: dict[str, Any]) -> bytes:
+        out = bytes_io()
+        out.write(header)
+        write(out, parsed_schema, record)
+        return out.getvalue()
+
+    return encode
+
+
+def split_frame(value: bytes | None) -> tuple[int, memoryview]:
+    """(schema id, Avro payload) of a framed value, or DecodeError."""
+    if not value:
+        raise DecodeError("empty_value", "record value is empty (null or zero bytes)")
+    if value[0] != MAGIC_BYTE:
+        raise DecodeError("no_magic_byte", f"first byte is 0x{value[0]:02x}, not the Confluent magic byte 0x00")
+    if len(value) < HEADER.size:
+        raise DecodeError("truncated_header", f"value has {len(value)} bytes, fewer than the 5-byte Confluent header")
+    _, schema_id = HEADER.unpack_from(value)
+    return schema_id, memoryview(value)[HEADER.size:]
+
+
+class Decoder:
+    """Decode framed Avro into dicts of the reader schema, resolving any registered writer version."""
+
+    def __init__(self, registry: Registry, reader_schema: dict[str, Any], *, reader_id: int | None = None) -> None:
+        self.registry = registry
+        self.reader_parsed = parse_schema(reader_schema)
+        self.reader_name = self.reader_parsed["name"]
+        # schema id -> (writer, reader or None when identical) ; or DecodeError for ids known to be unusable
+        self._by_id: dict[int, tuple[Any, Any] | DecodeError] = {}
+        if reader_id is not None:
+            self._by_id[reader_id] = (self.reader_parsed, None)
+
+    def schemas_for(self, schema_id: int) -> tuple[Any, Any]:
+        """Writer and reader schema for an id; asks the registry once per id (RegistryError propagates)."""
+        cached = self._by_id.get(schema_id)
+        if cached is None:
+            cached = self._resolve(schema_id)
+            self._by_id[schema_id] = cached
+        if isinstance(cached, DecodeError):
+            raise cached
+        return cached
+
+    def _resolve(self, schema_id: int) -> tuple[Any, Any] | DecodeError:
+        try:
+            writer_json = self.registry.schema_by_id(schema_id)
+        except UnknownSchema as exc:
+            return DecodeError("unknown_schema_id", str(exc))
+        try:
+            writer = parse_schema(writer_json)
+        except Exception as exc:  # a registered schema that fastavro cannot parse
+            return DecodeError("unreadable_writer_schema", f"schema id {schema_id} cannot be parsed: {exc}")
+        name = writer.get("name") if isinstance(writer, dict) else None
+        if name != self.reader_name:
+            return DecodeError("schema_mismatch", f"schema id {schema_id} is {name or writer.get('type', writer)!s}, not {self.reader_name}")
+        return writer, (None if writer == self.reader_parsed else self.reader_parsed)
+
+    def decode(self, value: bytes | None) -> dict[str, Any]:
+        schema_id, payload = split_frame(value)
+        writer, reader = self.schemas_for(schema_id)
+        stream = io.BytesIO(payload)
+        try:
+            record = schemaless_reader(stream, writer, reader)
+        except Exception as exc:  # fastavro raises EOFError, ValueError, IndexError, UnicodeDecodeError, ...
+            raise DecodeError("corrupt_avro", f"Avro payload does not match schema id {schema_id}: "
+                                              f"{type(exc).__name__}: {exc}") from None
+        if stream.tell() != len(payload):
+            raise DecodeError("trailing_bytes", f"{len(payload) - stream.tell()} bytes left after the record "
+                                                f"(schema id {schema_id})")
+        return record
