@@ -1,9 +1,34 @@
-"""placeholder"""
+"""`fraudstream detect`: run one detector process of the consumer group until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
 import argparse
+import logging
+import sys
+
+from consumer.detector import run_until_signalled
+from fraudstream.settings import Settings
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    from fraudstream.cli import add_connection_arguments
+
+    parser.add_argument("--group-id", dest="group_id", help="consumer group; run more processes with the same id to "
+                                                           "scale out [FRAUDSTREAM_GROUP_ID]")
+    parser.add_argument("--transactional-id", dest="transactional_id",
+                        help="unique per running detector and stable across its restarts "
+                             "[FRAUDSTREAM_TRANSACTIONAL_ID, default <group>-<hostname>]")
+    parser.add_argument("--fraud-threshold-cents", dest="fraud_threshold_cents", type=int,
+                        help="large_amount rule: fraud above this many cents [default 90000 = $900.00]")
+    parser.add_argument("--batch-max-records", dest="batch_max_records", type=int, help="records per transaction at most")
+    parser.add_argument("--batch-max-ms", dest="batch_max_ms", type=int, help="wait at most this long to fill a batch")
+    parser.add_argument("--metrics-port", dest="metrics_port", type=int, help="serve Prometheus metrics on this port")
+    parser.add_argument("--log-interval", type=float, default=10.0, help="seconds between progress lines (default 10)")
+    add_connection_arguments(parser)
 
 
-def run(args, settings) -> int:
-    raise NotImplementedError
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s detect %(message)s", force=True)
+    logging.getLogger("fraudstream.librdkafka").setLevel(logging.WARNING)
+    run_until_signalled(settings, log_interval_s=args.log_interval)
+    return 0

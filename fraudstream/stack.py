@@ -25,13 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fraudstream.errors import StackError
-from fraudstream.settings import APICURIO_CCOMPAT_PATH, PROJECT_ROOT, Settings
+from fraudstream.settings import APICURIO_CCOMPAT_PATH, ENV, PROJECT_ROOT, Settings
 
 POM = PROJECT_ROOT / "infra" / "pom.xml"
 APICURIO_MIN_JAVA = 21  # Apicurio Registry 3.3 is built for Java 21; Kafka 4 needs 17.
 BROKER_START_TIMEOUT_S = 90.0
 REGISTRY_START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
+# (setting, what listens there) for each service's ports.
+KAFKA_PORTS = (("kafka_port", "Kafka"), ("controller_port", "the Kafka controller"))
+REGISTRY_PORTS = (("registry_port", "the schema registry"),
+                  ("registry_management_port", "the schema registry's management interface"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +62,16 @@ class StackStatus:
 class LocalStack:
     """Start, stop and inspect the local Kafka + registry. Each method is safe to repeat."""
 
-    def __init__(self, settings: Settings, log=print) -> None:
+    def __init__(self, settings: Settings, log=print, *, dist: Path | None = None,
+                 registry_namespace: str = "") -> None:
+        """`dist`: where the fetched Kafka and registry live (default <stack_dir>/dist); another stack's
+        folder can be shared so nothing is fetched twice. `registry_namespace`: prefix for the registry's
+        storage topics, so that a second registry on the same Kafka keeps its schemas apart."""
         self.settings = settings
         self.log = log
         self.root = settings.stack_dir
-        self.dist = self.root / "dist"
+        self.dist = dist or self.root / "dist"
+        self.registry_namespace = registry_namespace
         self.kafka_dir = self.root / "kafka"
         self.registry_dir = self.root / "registry"
         versions = _pom_versions()
@@ -94,6 +103,11 @@ class LocalStack:
             self._wait_kafka_ready(status.kafka_pid)
             self._wait_registry_ready(status.registry_pid)
             return status
+        # Ports first: a taken port must fail before anything is fetched or started.
+        if not status.kafka_pid:
+            self._require_free_ports(KAFKA_PORTS)
+        if not status.registry_pid:
+            self._require_free_ports(REGISTRY_PORTS)
         java = find_java(self.settings.java)
         self.fetch()
         kafka_pid = status.kafka_pid or self._start_kafka(java)
@@ -130,8 +144,7 @@ class LocalStack:
 
     def _start_kafka(self, java: str) -> int:
         s = self.settings
-        _require_free_port(s.kafka_port, "Kafka")
-        _require_free_port(s.controller_port, "the Kafka controller")
+        self._require_free_ports(KAFKA_PORTS)
         data = self.kafka_dir / "data"
         data.mkdir(parents=True, exist_ok=True)
         config = self.kafka_dir / "server.properties"
@@ -153,10 +166,9 @@ class LocalStack:
 
     def _start_registry(self, java: str) -> int:
         s = self.settings
-        _require_free_port(s.registry_port, "the schema registry")
-        _require_free_port(s.registry_management_port, "the schema registry's management interface")
+        self._require_free_ports(REGISTRY_PORTS)
         self.registry_dir.mkdir(parents=True, exist_ok=True)
-        props = {
+        props: dict[str, object] = {
             "apicurio.storage.kind": "kafkasql",  # schemas live in a Kafka topic: they survive a restart
             "apicurio.kafkasql.bootstrap.servers": self.bootstrap_servers,
             "quarkus.http.host": "127.0.0.1",
@@ -165,10 +177,27 @@ class LocalStack:
             "quarkus.management.port": s.registry_management_port,
             "quarkus.log.level": "WARN",
         }
+        if self.registry_namespace:
+            props |= {
+                "apicurio.kafkasql.topic": f"{self.registry_namespace}-kafkasql-journal",
+                "apicurio.kafkasql.snapshots.topic": f"{self.registry_namespace}-kafkasql-snapshots",
+                "apicurio.events.kafka.topic": f"{self.registry_namespace}-registry-events",
+            }
         cmd = [java, "-Xms128m", "-Xmx768m", *(f"-D{k}={v}" for k, v in props.items()),
                "-jar", str(self.registry_home / "quarkus-run.jar")]
         self.log(f"starting Apicurio Registry {self.apicurio_version} on http://127.0.0.1:{s.registry_port} ...")
         return _spawn(cmd, self.registry_dir)
+
+    def _require_free_ports(self, ports: tuple[tuple[str, str], ...]) -> None:
+        for setting, what in ports:
+            port = getattr(self.settings, setting)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    raise StackError(f"port {port} (for {what}) is already in use by another process; "
+                                     f"stop it or choose another port with {ENV[setting]}") from None
 
     def _wait_kafka_ready(self, pid: int) -> None:
         from confluent_kafka.admin import AdminClient
@@ -343,15 +372,6 @@ def _stop(pid: int) -> None:
             return
         time.sleep(0.2)
     os.kill(pid, signal.SIGKILL)
-
-
-def _require_free_port(port: int, what: str) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            raise StackError(f"port {port} (for {what}) is already in use by another process") from None
 
 
 def _http_ok(url: str) -> bool:

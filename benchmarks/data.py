@@ -1,0 +1,86 @@
+"""The records every contender sees: one seeded stream of transactions, pre-filled once per run.
+
+The Avro input topic (Confluent framing, written with our encoder) feeds ours and the
+confluent-kafka peer; a JSON copy of the same transactions (same keys, same amounts) feeds the
+kafka-python peer. Pre-filling streams: nothing is held in memory but counts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from confluent_kafka import Producer
+
+from fraudstream.kafka import producer_config
+from fraudstream.records import Transaction
+from fraudstream.registry import Registry, current_ids
+from fraudstream.schemas import load_schemas
+from fraudstream.serde import make_encoder
+from fraudstream.settings import Settings
+
+
+def transactions(count: int, seed: int) -> Iterator[Transaction]:
+    """`count` transactions from the product's seeded generator (labels are not needed here)."""
+    from producer.generator import generate  # the generator lands with the producer
+
+    for transaction, _label in generate(seed=seed, count=count):
+        yield transaction
+
+
+def json_form(transaction: Transaction) -> dict:
+    """The JSON the seed's detector reads: the same fields, event_time in epoch milliseconds."""
+    record = transaction.to_dict()
+    record["event_time"] = int(transaction.event_time.timestamp() * 1000)
+    return record
+
+
+@dataclass(frozen=True, slots=True)
+class Prefill:
+    count: int
+    fraud: int  # how many of them the rule routes to the fraud topic
+    elapsed_s: float
+
+
+def prefill(settings: Settings, *, count: int, seed: int, json_topic: str | None) -> Prefill:
+    """Write `count` transactions to settings.transactions_topic (Avro) and, when given, json_topic (JSON)."""
+    started = time.perf_counter()
+    schema_id = current_ids(settings, Registry(settings))[settings.transactions_topic]
+    encode = make_encoder(schema_id, load_schemas(settings.schemas_dir).parsed["Transaction"])
+    failures: list[str] = []
+
+    def on_delivery(error, _message) -> None:
+        if error is not None:
+            failures.append(error.str())
+
+    producer = Producer(producer_config(settings, **{
+        "queue.buffering.max.messages": 1_000_000,  # the loop below outruns one broker on loopback
+        "compression.type": "none",  # kafka-python reads lz4 only with an extra package: keep the inputs plain
+        "on_delivery": on_delivery,
+    }))
+    avro_topic, threshold, fraud = settings.transactions_topic, settings.fraud_threshold_cents, 0
+    dumps = json.dumps
+
+    def produce(topic: str, value: bytes, key: bytes) -> None:
+        while True:
+            try:
+                producer.produce(topic, value, key)
+                return
+            except BufferError:
+                producer.poll(0.05)
+
+    for index, transaction in enumerate(transactions(count, seed)):
+        key = transaction.account_id.encode()
+        produce(avro_topic, encode(transaction.to_dict()), key)
+        if json_topic:
+            produce(json_topic, dumps(json_form(transaction)).encode(), key)
+        fraud += transaction.amount_cents > threshold
+        if index % 1000 == 0:
+            producer.poll(0)
+    left = producer.flush(120)
+    if left or failures:
+        raise RuntimeError(f"pre-fill failed: {left} records not delivered, {len(failures)} errors "
+                           f"({failures[:1] or 'timed out'})")
+    return Prefill(count=count, fraud=fraud, elapsed_s=time.perf_counter() - started)

@@ -1,0 +1,153 @@
+"""Measuring instruments: contender processes (with their peak RSS), and a read_committed counter.
+
+Every detector runs as its own process, so its memory is its own: peak RSS comes from the
+kernel's accounting of the exited child (wait4 -> ru_maxrss), as do its CPU seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from confluent_kafka import Consumer, TopicPartition
+
+from fraudstream.kafka import consumer_config
+from fraudstream.settings import PROJECT_ROOT, Settings
+
+STOP_TIMEOUT_S = 30.0
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(slots=True)
+class Exited:
+    exit_code: int
+    peak_rss_kib: int  # ru_maxrss of the process itself (Linux reports KiB)
+    cpu_s: float  # user + system
+
+
+class Contender:
+    """One process under measurement; output goes to a log file (a full pipe would stall it)."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "ab")
+        self.started = time.perf_counter()
+        self.exited: Exited | None = None
+        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        cwd=PROJECT_ROOT, env={**os.environ, **(env or {})})
+
+    def poll(self) -> Exited | None:
+        """The exit record if the process has ended (reaped with wait4, never Popen.poll, which would
+        throw the resource usage away), else None."""
+        if self.exited is None:
+            pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
+            if pid:
+                self.exited = Exited(os.waitstatus_to_exitcode(status), usage.ru_maxrss, usage.ru_utime + usage.ru_stime)
+                self.process.returncode = self.exited.exit_code  # reaped: Popen must not wait again
+                self._log.close()
+        return self.exited
+
+    def wait(self, timeout_s: float | None = None) -> Exited:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} did not exit within {timeout_s:.0f}s (see {self.log_path})")
+            time.sleep(0.05)
+        return self.exited
+
+    def stop(self) -> Exited:
+        """SIGTERM, as a deployment would stop it; SIGKILL if it does not exit in time."""
+        if self.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                return self.wait(STOP_TIMEOUT_S)
+            except TimeoutError:
+                os.kill(self.process.pid, signal.SIGKILL)
+        return self.wait()
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+@dataclass(slots=True)
+class Routed:
+    """What a detector run produced, as a read_committed reader sees it."""
+
+    by_topic: Counter = field(default_factory=Counter)
+    first_seen_s: float | None = None  # perf_counter when the first output became readable
+    count_at_first: int = 0  # how many were readable at that moment (one committed batch, or a few)
+    done_s: float | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_topic.values())
+
+
+class OutputCounter:
+    """Counts records readable on some topics by a read_committed consumer, from their current ends on."""
+
+    def __init__(self, settings: Settings, topics: list[str]) -> None:
+        self.consumer = Consumer(consumer_config(settings, unique("bench-counter"), **{
+            "isolation.level": "read_committed",
+            "fetch.wait.max.ms": 10,  # the instrument must not add its own wait to what it measures
+        }))
+        partitions = []
+        for topic in topics:
+            metadata = self.consumer.list_topics(topic, timeout=10).topics[topic]
+            for number in metadata.partitions:
+                tp = TopicPartition(topic, number)
+                # No detector is writing yet, so the high watermark is the stable end.
+                tp.offset = self.consumer.get_watermark_offsets(tp, timeout=10)[1]
+                partitions.append(tp)
+        self.consumer.assign(partitions)
+
+    def poll(self, max_records: int = 10_000, timeout_s: float = 0.1) -> list:
+        return [m for m in self.consumer.consume(max_records, timeout_s) if m.error() is None]
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def count_until(counter: OutputCounter, contender: Contender, expected: int, *, stall_timeout_s: float) -> Routed:
+    """Read outputs until `expected` records are readable; fail if the contender dies or stalls."""
+    routed = Routed()
+    last_progress = time.monotonic()
+    while routed.total < expected:
+        messages = counter.poll()
+        now = time.perf_counter()
+        if messages:
+            for message in messages:
+                routed.by_topic[message.topic()] += 1
+            if routed.first_seen_s is None:
+                routed.first_seen_s, routed.count_at_first = now, routed.total
+            last_progress = time.monotonic()
+        elif contender.poll() is not None:
+            raise RunFailed(f"{contender.name} exited with {contender.exited.exit_code} after routing "
+                            f"{routed.total}/{expected}: {contender.log_tail(3)}")
+        elif time.monotonic() - last_progress > stall_timeout_s:
+            raise RunFailed(f"{contender.name} routed {routed.total}/{expected}, then nothing for "
+                            f"{stall_timeout_s:.0f}s (see {contender.log_path})")
+    routed.done_s = time.perf_counter()
+    return routed

@@ -1,0 +1,123 @@
+"""The decide stage: raw Kafka messages in, one routing decision per message out.
+
+Batch-shaped on purpose (see design.md): how a batch is decoded can change behind
+`Decider.decide` without touching the transactional loop. Data problems become dead-letter
+decisions; infrastructure problems (the registry not answering) raise RegistryError so the
+loop can retry the whole batch.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fastavro import schemaless_reader
+
+from consumer.rules import Rule, fired
+from fraudstream.records import Transaction
+from fraudstream.serde import HEADER, MAGIC_BYTE, Decoder, DecodeError, make_encoder, split_frame
+
+DLQ_KIND = "error.kind"
+DLQ_REASON = "error.reason"
+DLQ_TOPIC = "source.topic"
+DLQ_PARTITION = "source.partition"
+DLQ_OFFSET = "source.offset"
+
+
+class Route(enum.IntEnum):
+    LEGIT = 0
+    FRAUD = 1
+    DEAD_LETTER = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    route: Route
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]] | None = None
+    dead_letter_kind: str | None = None
+
+
+class Decider:
+    """Decode with writer schemas cached by id, apply the rules, encode the outputs.
+
+    `legit_schema_id` and `fraud_schema_id` are the ids of our current Transaction and FraudAlert
+    schemas under the output subjects. A record written with the current Transaction schema is
+    forwarded to the legit topic byte for byte (same schema, same id): no re-encoding.
+    """
+
+    def __init__(self, decoder: Decoder, rules: Sequence[Rule], *, legit_schema_id: int, legit_schema,
+                 fraud_schema_id: int, fraud_schema, currency: str = "USD") -> None:
+        self.decoder = decoder
+        self.rules = tuple(rules)
+        self.legit_schema_id = legit_schema_id
+        self.encode_legit = make_encoder(legit_schema_id, legit_schema)
+        self.encode_fraud = make_encoder(fraud_schema_id, fraud_schema)
+        self.currency = currency
+
+    def decide(self, messages: Sequence) -> list[Decision]:
+        # Locals: this loop runs once per record.
+        schemas_for = self.decoder.schemas_for
+        read = schemaless_reader
+        bytes_io = io.BytesIO
+        header_size = HEADER.size
+        unpack = HEADER.unpack_from
+        rules = self.rules
+        legit_id = self.legit_schema_id
+        encode_legit = self.encode_legit
+        encode_fraud = self.encode_fraud
+        currency = self.currency
+        now_ms = int(time.time() * 1000)
+        decisions = []
+        append = decisions.append
+        for message in messages:
+            value = message.value()
+            try:
+                if not value or value[0] != MAGIC_BYTE or len(value) < header_size:
+                    split_frame(value)  # raises the precise DecodeError
+                schema_id = unpack(value)[1]
+                writer, reader = schemas_for(schema_id)
+                stream = bytes_io(value)
+                stream.seek(header_size)
+                try:
+                    record = read(stream, writer, reader)
+                except Exception as exc:  # fastavro: EOFError, ValueError, IndexError, UnicodeDecodeError, ...
+                    raise DecodeError("corrupt_avro", f"Avro payload does not match schema id {schema_id}: "
+                                                      f"{type(exc).__name__}: {exc}") from None
+                if stream.tell() != len(value):
+                    raise DecodeError("trailing_bytes", f"{len(value) - stream.tell()} bytes left after the record "
+                                                        f"(schema id {schema_id})")
+                transaction = Transaction.from_dict(record)
+                if transaction.currency != currency:
+                    raise DecodeError("invalid_record", f"currency {transaction.currency!r} is not {currency}")
+                if transaction.amount_cents < 0:
+                    raise DecodeError("invalid_record", f"negative amount_cents {transaction.amount_cents}")
+            except DecodeError as error:
+                append(dead_letter(message, error))
+                continue
+            rule_names = fired(rules, transaction)
+            if rule_names:
+                alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms}
+                append(Decision(Route.FRAUD, message.key(), encode_fraud(alert)))
+            elif schema_id == legit_id:
+                append(Decision(Route.LEGIT, message.key(), value))
+            else:
+                append(Decision(Route.LEGIT, message.key(), encode_legit(record)))
+        return decisions
+
+
+def dead_letter(message, error: DecodeError) -> Decision:
+    """Original key and value, untouched, with the reason and the source position in headers."""
+    headers = list(message.headers() or [])
+    headers += [
+        (DLQ_KIND, error.kind.encode()),
+        (DLQ_REASON, error.reason.encode()),
+        (DLQ_TOPIC, message.topic().encode()),
+        (DLQ_PARTITION, str(message.partition()).encode()),
+        (DLQ_OFFSET, str(message.offset()).encode()),
+    ]
+    return Decision(Route.DEAD_LETTER, message.key(), message.value(), headers, error.kind)

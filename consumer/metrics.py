@@ -1,0 +1,74 @@
+"""Detector metrics: Prometheus counters (optional HTTP endpoint) and a periodic one-line log."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+COMMIT_BUCKETS_S = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass
+class DetectorMetrics:
+    """Plain totals for the log line and the caller, mirrored into Prometheus metrics."""
+
+    consumed: int = 0
+    legit: int = 0
+    fraud: int = 0
+    dead_lettered: int = 0
+    batches: int = 0
+    aborts: int = 0
+    commit_seconds: list[float] = field(default_factory=list)  # since the last log line
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        # A registry per detector: several detectors in one process (tests) must not collide.
+        self._consumed = Counter("fraudstream_consumed", "Transactions consumed from the input topic", registry=self.registry)
+        self._routed = Counter("fraudstream_routed", "Records routed, by route", ["route"], registry=self.registry)
+        self._dead = Counter("fraudstream_dead_lettered", "Records dead-lettered, by error kind", ["kind"], registry=self.registry)
+        self._batches = Counter("fraudstream_batches", "Batches committed", registry=self.registry)
+        self._aborts = Counter("fraudstream_aborts", "Transactions aborted (batch re-read)", registry=self.registry)
+        self._commit = Histogram("fraudstream_commit_seconds", "Time to commit a batch's transaction",
+                                 buckets=COMMIT_BUCKETS_S, registry=self.registry)
+        self._last_log = time.monotonic()
+        self._consumed_at_last_log = 0
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, addr="0.0.0.0", registry=self.registry)
+
+    def batch_committed(self, *, consumed: int, legit: int, fraud: int, dead_kinds: dict[str, int], commit_s: float) -> None:
+        dead = sum(dead_kinds.values())
+        self.consumed += consumed
+        self.legit += legit
+        self.fraud += fraud
+        self.dead_lettered += dead
+        self.batches += 1
+        self.commit_seconds.append(commit_s)
+        self._consumed.inc(consumed)
+        self._routed.labels("legit").inc(legit)
+        self._routed.labels("fraud").inc(fraud)
+        self._routed.labels("dead_letter").inc(dead)
+        for kind, count in dead_kinds.items():
+            self._dead.labels(kind).inc(count)
+        self._batches.inc()
+        self._commit.observe(commit_s)
+
+    def aborted(self) -> None:
+        self.aborts += 1
+        self._aborts.inc()
+
+    def line_due(self, interval_s: float) -> bool:
+        return time.monotonic() - self._last_log >= interval_s
+
+    def line(self) -> str:
+        """One line: totals, rate since the last line, commit latency percentiles since the last line."""
+        now = time.monotonic()
+        rate = (self.consumed - self._consumed_at_last_log) / max(now - self._last_log, 1e-9)
+        commits = sorted(self.commit_seconds)
+        p50 = commits[len(commits) // 2] * 1000 if commits else 0.0
+        p99 = commits[min(len(commits) - 1, int(len(commits) * 0.99))] * 1000 if commits else 0.0
+        self._last_log, self._consumed_at_last_log, self.commit_seconds = now, self.consumed, []
+        return (f"consumed={self.consumed} legit={self.legit} fraud={self.fraud} dead_lettered={self.dead_lettered} "
+                f"batches={self.batches} aborts={self.aborts} rate={rate:.0f}/s commit_ms p50={p50:.1f} p99={p99:.1f}")
