@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 
 from confluent_kafka import Producer
 
@@ -22,11 +23,16 @@ from fraudstream.serde import make_encoder
 from fraudstream.settings import Settings
 
 
+# Event time of the pre-filled records: a simulated clock, so the same seed gives the same bytes.
+PREFILL_START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+PREFILL_EVENT_RATE = 2_000  # transactions per second of event time
+
+
 def transactions(count: int, seed: int) -> Iterator[Transaction]:
     """`count` transactions from the product's seeded generator (labels are not needed here)."""
-    from producer.generator import generate  # the generator lands with the producer
+    from producer.generator import Generator
 
-    for transaction, _label in generate(seed=seed, count=count):
+    for transaction, _label in islice(Generator(seed).stream(PREFILL_START_MS, PREFILL_EVENT_RATE), count):
         yield transaction
 
 

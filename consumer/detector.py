@@ -139,6 +139,7 @@ class Detector:
                 if waited >= REGISTRY_OUTAGE_LIMIT_S:
                     raise RegistryError(f"{exc} (gave up after {waited:.0f}s)") from exc
                 log.warning("%s; retrying in %.1fs", exc, backoff)
+                self.metrics.registry_retried()
                 if stop.wait(backoff):
                     return None
                 waited += backoff
@@ -209,7 +210,10 @@ class Detector:
             except (KafkaException, RuntimeError) as exc:
                 log.warning("closing consumer: %s", exc)
         if self.producer is not None:
-            self.producer.flush(10)
+            try:
+                self.producer.flush(10)  # transactions are committed or aborted by now; this serves late callbacks
+            except KafkaException as exc:  # a fenced producer reports its fatal error again here
+                log.debug("closing producer: %s", exc)
 
 
 class _AbortBatch(Exception):

@@ -20,6 +20,7 @@ class DetectorMetrics:
     dead_lettered: int = 0
     batches: int = 0
     aborts: int = 0
+    registry_retries: int = 0
     commit_seconds: list[float] = field(default_factory=list)  # since the last log line
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
@@ -30,6 +31,8 @@ class DetectorMetrics:
         self._dead = Counter("fraudstream_dead_lettered", "Records dead-lettered, by error kind", ["kind"], registry=self.registry)
         self._batches = Counter("fraudstream_batches", "Batches committed", registry=self.registry)
         self._aborts = Counter("fraudstream_aborts", "Transactions aborted (batch re-read)", registry=self.registry)
+        self._registry_retries = Counter("fraudstream_registry_retries", "Batch decodes retried because the schema "
+                                         "registry did not answer", registry=self.registry)
         self._commit = Histogram("fraudstream_commit_seconds", "Time to commit a batch's transaction",
                                  buckets=COMMIT_BUCKETS_S, registry=self.registry)
         self._last_log = time.monotonic()
@@ -58,6 +61,10 @@ class DetectorMetrics:
     def aborted(self) -> None:
         self.aborts += 1
         self._aborts.inc()
+
+    def registry_retried(self) -> None:
+        self.registry_retries += 1
+        self._registry_retries.inc()
 
     def line_due(self, interval_s: float) -> bool:
         return time.monotonic() - self._last_log >= interval_s

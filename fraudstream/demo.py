@@ -1,9 +1,821 @@
-"""placeholder"""
+"""`fraudstream demo`: the whole pipeline in one command, with a live view.
+
+Starts the local stack unless the environment (or flags) point at a cluster, creates the topics,
+registers the schemas, then runs `fraudstream produce` and N `fraudstream detect` processes side
+by side as child processes. A read_committed consumer of its own follows every topic from where
+it was when the demo began and builds the live view: throughput, legit / fraud / dead-letter
+counts, detection against the generator's labels, the latest fraud alerts with the rules that
+fired. On a terminal the view redraws in place (plain ANSI codes); otherwise it prints one plain
+line every few seconds.
+
+Stopping (after --duration, or at Ctrl-C / SIGTERM): stop the producer, wait (bounded) until the
+detectors have routed every record produced, then SIGTERM the detectors, which commit or abort
+their open batch and exit. The summary ends with one `summary: key=value ...` line for scripts,
+and the `fraudstream inspect` commands to look further. The local stack is left running (the
+inspect commands need it) unless --stop-stack is given and the demo started it.
+"""
+
+from __future__ import annotations
+
 import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from confluent_kafka import Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import OffsetSpec
+
+from fraudstream.errors import ConfigError, FraudstreamError, KafkaUnavailable
+from fraudstream.kafka import admin, consumer_config, ensure_topics, wait_for_cluster
+from fraudstream.records import FraudAlert, Label, Transaction
+from fraudstream.registry import Registry, register_all
+from fraudstream.schemas import load_schemas
+from fraudstream.serde import DecodeError, Decoder
+from fraudstream.settings import ENV, Settings
+
+DEFAULT_DURATION_S = 30.0
+DEFAULT_RATE = 500
+DEFAULT_DRAIN_TIMEOUT_S = 60.0
+DEFAULT_PLAIN_INTERVAL_S = 5.0
+TTY_REDRAW_S = 0.5
+CHILD_STOP_TIMEOUT_S = 30.0
+FINAL_READ_TIMEOUT_S = 20.0
+POLL_S = 0.2
+LATEST_ALERTS = 5
+RATE_WINDOW_S = 3.0
+METADATA_TIMEOUT_S = 10.0
+VIEW_GROUP_ID = "fraudstream-demo-view"  # never joined nor committed: the view uses assign()
+
+# Runs a fraudstream subcommand in a child that dies with the demo: PR_SET_PDEATHSIG (Linux) sends it
+# SIGTERM if the demo itself is killed without cleaning up, so no detector is ever left orphaned.
+CHILD_LAUNCHER = """\
+import ctypes, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+except (AttributeError, OSError):
+    pass
+from fraudstream.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+class DemoFailed(FraudstreamError):
+    """The demo ran but did not end the way it should (a child failed, or the counts do not add up)."""
+
+
+# ---------------------------------------------------------------- options
+def _positive_int(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def _seconds(text: str) -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return number
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    from fraudstream.cli import add_connection_arguments
+
+    parser.add_argument("--duration", type=_seconds, default=DEFAULT_DURATION_S, metavar="S",
+                        help=f"seconds of traffic (default {DEFAULT_DURATION_S:.0f}; 0: until Ctrl-C)")
+    parser.add_argument("--rate", type=_positive_int, default=DEFAULT_RATE, metavar="R",
+                        help=f"transactions per second from the generator (default {DEFAULT_RATE})")
+    parser.add_argument("--detectors", type=_positive_int, default=1, metavar="N",
+                        help="detector processes in one consumer group, to show scaling out (default 1)")
+    parser.add_argument("--seed", type=int, help="generator seed, for a repeatable run")
+    parser.add_argument("--partitions", dest="partitions", type=_positive_int,
+                        help="partitions of the topics when the demo creates them [FRAUDSTREAM_PARTITIONS, default 6]")
+    parser.add_argument("--group-id", dest="group_id", help="the detectors' consumer group [FRAUDSTREAM_GROUP_ID]")
+    parser.add_argument("--drain-timeout", type=_seconds, default=DEFAULT_DRAIN_TIMEOUT_S, metavar="S",
+                        help="after the producer stops, wait at most this long for the detectors to route "
+                             f"everything (default {DEFAULT_DRAIN_TIMEOUT_S:.0f})")
+    parser.add_argument("--interval", type=_seconds, default=DEFAULT_PLAIN_INTERVAL_S, metavar="S",
+                        help="seconds between progress lines when the output is not a terminal "
+                             f"(default {DEFAULT_PLAIN_INTERVAL_S:.0f})")
+    parser.add_argument("--plain", action="store_true", help="plain progress lines even on a terminal")
+    parser.add_argument("--log-dir", type=Path, metavar="DIR",
+                        help="where the producer's and detectors' logs go (default: a new temporary folder)")
+    parser.add_argument("--stop-stack", action="store_true",
+                        help="stop the local stack at the end if the demo started it (default: leave it running "
+                             "for the inspect commands)")
+    add_connection_arguments(parser)
 
 
-def run(args, settings) -> int:
-    raise NotImplementedError
+# ---------------------------------------------------------------- what the view knows (pure)
+@dataclass(slots=True)
+class PipelineCounts:
+    produced: int = 0  # records appended to the input topic since the demo began
+    backlog: int = 0  # input records the detectors' group had not processed when the demo began
+    legit: int = 0
+    fraud: int = 0
+    dead_letter: int = 0
+
+    @property
+    def routed(self) -> int:
+        return self.legit + self.fraud + self.dead_letter
+
+    @property
+    def expected(self) -> int:
+        return self.backlog + self.produced
+
+    @property
+    def in_flight(self) -> int:
+        return self.expected - self.routed
+
+    @property
+    def add_up(self) -> bool:
+        return self.routed == self.expected
+
+
+@dataclass(slots=True)
+class DetectionScore:
+    """The detectors' decisions joined with the generator's labels by transaction id.
+
+    Either side may come first; a pair is scored once both are in, then forgotten.
+    """
+
+    true_positives: int = 0
+    false_positives: int = 0
+    false_negatives: int = 0
+    true_negatives: int = 0
+    caught_by_scenario: Counter[str] = field(default_factory=Counter)
+    missed_by_scenario: Counter[str] = field(default_factory=Counter)
+    _decisions: dict[str, bool] = field(default_factory=dict)  # flagged?, awaiting a label
+    _labels: dict[str, tuple[bool, str]] = field(default_factory=dict)  # (is_fraud, scenario), awaiting a decision
+    _recent_verdicts: OrderedDict[str, bool] = field(default_factory=OrderedDict)  # flagged id -> truly fraud
+
+    def decided(self, transaction_id: str, flagged: bool) -> None:
+        label = self._labels.pop(transaction_id, None)
+        if label is None:
+            self._decisions[transaction_id] = flagged
+        else:
+            self._score(transaction_id, flagged, *label)
+
+    def labelled(self, transaction_id: str, is_fraud: bool, scenario: str) -> None:
+        flagged = self._decisions.pop(transaction_id, None)
+        if flagged is None:
+            self._labels[transaction_id] = (is_fraud, scenario)
+        else:
+            self._score(transaction_id, flagged, is_fraud, scenario)
+
+    def _score(self, transaction_id: str, flagged: bool, is_fraud: bool, scenario: str) -> None:
+        if flagged:
+            if is_fraud:
+                self.true_positives += 1
+                self.caught_by_scenario[scenario] += 1
+            else:
+                self.false_positives += 1
+            self._recent_verdicts[transaction_id] = is_fraud
+            if len(self._recent_verdicts) > 100:  # only the latest alerts on screen need one
+                self._recent_verdicts.popitem(last=False)
+        elif is_fraud:
+            self.false_negatives += 1
+            self.missed_by_scenario[scenario] += 1
+        else:
+            self.true_negatives += 1
+
+    def verdict(self, transaction_id: str) -> bool | None:
+        """For a recent alert: True if it really was fraud, False for a false positive, None: no label yet."""
+        return self._recent_verdicts.get(transaction_id)
+
+    @property
+    def awaiting_labels(self) -> int:
+        return len(self._decisions)
+
+    @property
+    def precision(self) -> float | None:
+        flagged = self.true_positives + self.false_positives
+        return self.true_positives / flagged if flagged else None
+
+    @property
+    def recall(self) -> float | None:
+        frauds = self.true_positives + self.false_negatives
+        return self.true_positives / frauds if frauds else None
+
+
+@dataclass(frozen=True, slots=True)
+class AlertLine:
+    transaction_id: str
+    account_id: str
+    amount_cents: int
+    currency: str
+    channel: str
+    country: str
+    rules: tuple[str, ...]
+    detected_at: datetime
+
+
+class RateMeter:
+    """Records per second over the last few seconds, from (time, total) samples."""
+
+    def __init__(self, window_s: float = RATE_WINDOW_S) -> None:
+        self.window_s = window_s
+        self.samples: deque[tuple[float, int]] = deque()
+
+    def add(self, now: float, total: int) -> None:
+        self.samples.append((now, total))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
+            self.samples.popleft()
+
+    def per_second(self) -> float:
+        if len(self.samples) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self.samples[0], self.samples[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+@dataclass(slots=True)
+class DemoState:
+    counts: PipelineCounts = field(default_factory=PipelineCounts)
+    score: DetectionScore = field(default_factory=DetectionScore)
+    latest_alerts: deque[AlertLine] = field(default_factory=lambda: deque(maxlen=LATEST_ALERTS))
+    rules_fired: Counter[str] = field(default_factory=Counter)
+    undecodable_outputs: int = 0  # records on legit/fraud/labels the view could not read (should stay 0)
+
+    def on_input(self) -> None:
+        self.counts.produced += 1
+
+    def on_legit(self, transaction: Transaction) -> None:
+        self.counts.legit += 1
+        self.score.decided(transaction.transaction_id, flagged=False)
+
+    def on_fraud(self, alert: FraudAlert) -> None:
+        self.counts.fraud += 1
+        self.rules_fired.update(alert.rules)
+        tx = alert.transaction
+        self.latest_alerts.appendleft(AlertLine(tx.transaction_id, tx.account_id, tx.amount_cents, tx.currency,
+                                                tx.channel, tx.country, alert.rules, alert.detected_at))
+        self.score.decided(tx.transaction_id, flagged=True)
+
+    def on_dead_letter(self) -> None:
+        self.counts.dead_letter += 1
+
+    def on_label(self, label: Label) -> None:
+        self.score.labelled(label.transaction_id, label.is_fraud, label.scenario)
+
+
+# ---------------------------------------------------------------- rendering (pure)
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """Everything one view refresh shows."""
+
+    topic: str
+    detectors: int
+    rate: int
+    duration_s: float
+    elapsed_s: float
+    phase: str
+    state: DemoState
+    in_per_s: float
+    out_per_s: float
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _money(cents: int, currency: str) -> str:
+    return f"{cents / 100:,.2f} {currency}"
+
+
+def plain_line(frame: Frame) -> str:
+    """One self-contained progress line (not a terminal: logs, CI, pipes)."""
+    c, s = frame.state.counts, frame.state.score
+    return (f"[{frame.elapsed_s:6.1f}s] {frame.phase}: produced={c.produced} ({frame.in_per_s:.0f}/s) "
+            f"legit={c.legit} fraud={c.fraud} dead_letter={c.dead_letter} in_flight={c.in_flight} "
+            f"true_positives={s.true_positives} false_positives={s.false_positives} "
+            f"false_negatives={s.false_negatives}")
+
+
+def panel_lines(frame: Frame) -> list[str]:
+    """The live panel, one string per screen line (no colour; the view adds it)."""
+    c, s = frame.state.counts, frame.state.score
+    until = "until Ctrl-C" if frame.duration_s == 0 else f"{frame.elapsed_s:5.1f}s / {frame.duration_s:.0f}s"
+    detectors = f"{frame.detectors} detector{'s' if frame.detectors > 1 else ''}"
+    lines = [
+        f"fraudstream demo  topic {frame.topic}  {detectors}  {frame.rate}/s  {until}  [{frame.phase}]",
+        f"  transactions  produced {c.produced:,}  in {frame.in_per_s:,.0f}/s   routed {c.routed:,}  "
+        f"out {frame.out_per_s:,.0f}/s   in flight {c.in_flight:,}"
+        + (f" (incl. {c.backlog:,} from before)" if c.backlog else ""),
+        f"  routed        legit {c.legit:,} ({_pct(c.legit, c.routed)})   fraud {c.fraud:,} ({_pct(c.fraud, c.routed)})   "
+        f"dead-letter {c.dead_letter:,} ({_pct(c.dead_letter, c.routed)})",
+        f"  vs labels     true positives {s.true_positives:,}   false positives {s.false_positives:,}   "
+        f"missed frauds {s.false_negatives:,}   precision {_ratio(s.precision)}   recall {_ratio(s.recall)}"
+        + (f"   (awaiting labels {s.awaiting_labels:,})" if s.awaiting_labels else ""),
+        "  latest fraud alerts" + ("" if frame.state.latest_alerts else "  (none yet)"),
+    ]
+    for alert in frame.state.latest_alerts:
+        verdict = s.verdict(alert.transaction_id)
+        truth = "label pending" if verdict is None else "fraud (labelled)" if verdict else "FALSE POSITIVE"
+        lines.append(f"    {alert.detected_at:%H:%M:%S}  {alert.account_id:<14} {_money(alert.amount_cents, alert.currency):>14}  "
+                     f"{alert.channel:<12} {alert.country:<3} rules: {', '.join(alert.rules):<28} {truth}")
+    lines.append("  Ctrl-C: stop the producer, let the detectors finish, print a summary")
+    return lines
+
+
+class LiveView:
+    """A panel redrawn in place on a terminal; one plain line every `interval_s` anywhere else."""
+
+    def __init__(self, out: TextIO, *, interactive: bool, interval_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.out = out
+        self.interactive = interactive
+        self.interval_s = interval_s if not interactive else TTY_REDRAW_S
+        self.clock = clock
+        self._last_draw: float | None = None
+        self._drawn_lines = 0
+
+    @staticmethod
+    def is_terminal(out: TextIO) -> bool:
+        return out.isatty() and os.environ.get("TERM", "") != "dumb"
+
+    def update(self, frame: Frame, *, force: bool = False) -> None:
+        now = self.clock()
+        if not force and self._last_draw is not None and now - self._last_draw < self.interval_s:
+            return
+        self._last_draw = now
+        if self.interactive:
+            self._redraw(panel_lines(frame))
+        else:
+            self.out.write(plain_line(frame) + "\n")
+        self.out.flush()
+
+    def _redraw(self, lines: list[str]) -> None:
+        width = max(20, shutil.get_terminal_size((120, 24)).columns - 1)
+        parts = []
+        if self._drawn_lines:
+            parts.append(f"\x1b[{self._drawn_lines}F")  # back to the first line of the previous panel
+        else:
+            parts.append("\x1b[?25l")  # hide the cursor while redrawing
+        for index, line in enumerate(lines):
+            text = line[:width]  # a wrapped line would break the cursor arithmetic
+            parts.append(f"\x1b[1m{text}\x1b[0m" if index == 0 else text)
+            parts.append("\x1b[K\n")
+        parts.append("\x1b[J")  # clear what a longer previous panel left below
+        self.out.write("".join(parts))
+        self._drawn_lines = len(lines)
+
+    def close(self) -> None:
+        if self.interactive and self._drawn_lines:
+            self.out.write("\x1b[?25h")
+            self.out.flush()
+
+
+# ---------------------------------------------------------------- the view's consumer
+Position = tuple[str, int]
+
+
+class PipelineWatcher:
+    """Follows the input, output and label topics from their ends at start, feeding a DemoState."""
+
+    def __init__(self, settings: Settings, state: DemoState) -> None:
+        self.settings = settings
+        self.state = state
+        schemas = load_schemas(settings.schemas_dir)
+        registry = Registry(settings)
+        transactions = Decoder(registry, schemas.expanded["Transaction"])
+        alerts = Decoder(registry, schemas.expanded["FraudAlert"])
+        labels = Decoder(registry, schemas.expanded["Label"])
+        self.handlers: dict[str, Callable[[bytes | None], None]] = {
+            settings.transactions_topic: lambda value: state.on_input(),
+            settings.legit_topic: lambda value: state.on_legit(Transaction.from_dict(transactions.decode(value))),
+            settings.fraud_topic: lambda value: state.on_fraud(FraudAlert.from_dict(alerts.decode(value))),
+            settings.dlq_topic: lambda value: state.on_dead_letter(),
+            settings.labels_topic: lambda value: state.on_label(Label.from_dict(labels.decode(value))),
+        }
+        self.admin = admin(settings)
+        self.consumer = Consumer(consumer_config(settings, VIEW_GROUP_ID, **{
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,  # tells when a partition is read up to its last stable offset
+        }))
+        self.partitions = self._partitions()
+        self.start = self.end_offsets()
+        self.position: dict[Position, int] = dict(self.start)
+        self.consumer.assign([TopicPartition(t, p, offset) for (t, p), offset in self.start.items()])
+
+    def _partitions(self) -> list[Position]:
+        try:
+            metadata = self.consumer.list_topics(timeout=METADATA_TIMEOUT_S)
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"Kafka did not answer a metadata request: {exc.args[0].str()}") from exc
+        return [(topic, p) for topic in self.handlers for p in sorted(metadata.topics[topic].partitions)]
+
+    def end_offsets(self, topics: Sequence[str] | None = None) -> dict[Position, int]:
+        """Last stable offsets: where a read_committed reader's partitions end now."""
+        return self._list_offsets([(t, p) for t, p in self.partitions if topics is None or t in topics],
+                                  OffsetSpec.latest())
+
+    def _list_offsets(self, partitions: list[Position], spec: OffsetSpec) -> dict[Position, int]:
+        # The admin client, in one request, not the view's consumer: its broker connection is busy with
+        # fetch long-polls, which would delay each watermark query by up to fetch.wait.max.ms.
+        try:
+            futures = self.admin.list_offsets({TopicPartition(t, p): spec for t, p in partitions},
+                                              isolation_level=IsolationLevel.READ_COMMITTED,
+                                              request_timeout=METADATA_TIMEOUT_S)
+            return {(tp.topic, tp.partition): future.result().offset for tp, future in futures.items()}
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"could not list the offsets of {len(partitions)} partitions: "
+                                   f"{exc.args[0].str()}") from exc
+
+    def backlog(self, group_id: str) -> int:
+        """Input records the group has not processed yet: the detectors will route them too."""
+        topic = self.settings.transactions_topic
+        inputs = [(t, p) for t, p in self.partitions if t == topic]
+        earliest = self._list_offsets(inputs, OffsetSpec.earliest())
+        group = Consumer(consumer_config(self.settings, group_id))
+        try:
+            committed = group.committed([TopicPartition(t, p) for t, p in inputs], timeout=METADATA_TIMEOUT_S)
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"could not read the committed offsets of group {group_id}: "
+                                   f"{exc.args[0].str()}") from exc
+        finally:
+            group.close()
+        backlog = 0
+        for tp in committed:
+            where = (tp.topic, tp.partition)
+            start = tp.offset if tp.offset >= 0 else earliest[where]  # no commit yet: the group starts at the earliest
+            backlog += max(0, self.start[where] - start)
+        return backlog
+
+    def poll(self, timeout_s: float) -> None:
+        for message in self.consumer.consume(num_messages=2_000, timeout=timeout_s):
+            error = message.error()
+            where = (message.topic(), message.partition())
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    self.position[where] = max(self.position[where], message.offset())
+                elif error.fatal():
+                    raise KafkaUnavailable(f"the view's consumer failed: {error.str()}")
+                continue
+            self.position[where] = message.offset() + 1
+            try:
+                self.handlers[message.topic()](message.value())
+            except DecodeError:
+                self.state.undecodable_outputs += 1
+
+    def caught_up(self, ends: dict[Position, int]) -> bool:
+        return all(self.position[where] >= end for where, end in ends.items())
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+# ---------------------------------------------------------------- child processes
+@dataclass(slots=True)
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    stop_sent_at: float | None = None
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.process.poll()
+
+    def stop(self) -> None:
+        """SIGTERM once: the commands stop cleanly on it (flush, commit or abort the open batch)."""
+        if self.stop_sent_at is None and self.exit_code is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.stop_sent_at = time.monotonic()
+
+    def kill_if_overdue(self, timeout_s: float) -> bool:
+        if self.exit_code is None and self.stop_sent_at is not None and time.monotonic() - self.stop_sent_at > timeout_s:
+            self.process.kill()
+            self.process.wait()
+            return True
+        return False
+
+    def stopped_cleanly(self) -> bool:
+        """Exit 0, or killed by the SIGTERM we sent (a command without its own handler)."""
+        return self.exit_code == 0 or (self.stop_sent_at is not None and self.exit_code == -signal.SIGTERM)
+
+    def last_log_line(self) -> str:
+        try:
+            lines = [ln.strip() for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return "(no log)"
+        errors = [ln for ln in lines if "error" in ln.lower()]
+        return (errors or lines or ["(empty log)"])[-1][:300]
+
+    def failure(self) -> str:
+        return f"{self.name} exited with status {self.exit_code}: {self.last_log_line()} (log: {self.log_path})"
+
+
+def start_child(name: str, command: list[str], log_dir: Path) -> Child:
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-c", CHILD_LAUNCHER, *command], stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # Own process group: the terminal's Ctrl-C reaches the demo only, which stops children in order.
+            process_group=0)
+    return Child(name, process, log_path)
+
+
+# ---------------------------------------------------------------- the run
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    settings: Settings
+    started_stack: bool
+
+
+def connect(settings: Settings, args: argparse.Namespace, log: Callable[[str], None]) -> Cluster:
+    """The cluster the environment or flags name; else the local stack, started if needed."""
+    given = (args.bootstrap_servers or args.schema_registry_url
+             or os.environ.get(ENV["bootstrap_servers"]) or os.environ.get(ENV["schema_registry_url"]))
+    if given:
+        wait_for_cluster(settings)
+        return Cluster(settings, started_stack=False)
+    from fraudstream.stack import LocalStack
+
+    stack = LocalStack(settings, log=log)
+    was_running = stack.status().running
+    status = stack.up()
+    return Cluster(settings.replace(bootstrap_servers=status.bootstrap_servers, schema_registry_url=status.registry_url),
+                   started_stack=not was_running)
+
+
+def connection_flags(settings: Settings) -> list[str]:
+    return ["--bootstrap-servers", settings.bootstrap_servers, "--schema-registry-url", settings.schema_registry_url]
+
+
+def detector_command(settings: Settings, index: int) -> list[str]:
+    # One transactional id per detector process: a shared one would fence the others (KIP-447 still
+    # needs ids to be unique among live producers). Stable across runs, so a restart aborts what a
+    # killed predecessor left open.
+    return ["detect", "--topic", settings.transactions_topic, "--group-id", settings.group_id,
+            "--transactional-id", f"{settings.group_id}.{settings.transactions_topic}.demo-{index}",
+            *connection_flags(settings)]
+
+
+def producer_command(settings: Settings, args: argparse.Namespace) -> list[str]:
+    command = ["produce", "--topic", settings.transactions_topic, "--rate", str(args.rate), "--quiet",
+               *connection_flags(settings)]
+    if args.duration > 0:
+        command += ["--duration", f"{args.duration:g}"]
+    if args.seed is not None:
+        command += ["--seed", str(args.seed)]
+    return command
+
+
+@contextmanager
+def stop_requests() -> Iterator[tuple[threading.Event, threading.Event]]:
+    """(stop, now): the first Ctrl-C or SIGTERM asks for an orderly stop, a second one for stopping at once."""
+    stop, now = threading.Event(), threading.Event()
+
+    def handle(signum: int, frame: Any) -> None:
+        (now if stop.is_set() else stop).set()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop, now
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class Demo:
+    def __init__(self, settings: Settings, args: argparse.Namespace, out: TextIO) -> None:
+        self.settings = settings
+        self.args = args
+        self.out = out
+        self.state = DemoState()
+        interactive = not args.plain and LiveView.is_terminal(out)
+        self.view = LiveView(out, interactive=interactive, interval_s=args.interval)
+        self.in_rate = RateMeter()
+        self.out_rate = RateMeter()
+        self.began = time.monotonic()
+        self.phase = "starting"
+        self.problems: list[str] = []
+
+    def frame(self) -> Frame:
+        now = time.monotonic()
+        counts = self.state.counts
+        self.in_rate.add(now, counts.produced)
+        self.out_rate.add(now, counts.routed)
+        return Frame(topic=self.settings.transactions_topic, detectors=self.args.detectors, rate=self.args.rate,
+                     duration_s=self.args.duration, elapsed_s=now - self.began, phase=self.phase, state=self.state,
+                     in_per_s=self.in_rate.per_second(), out_per_s=self.out_rate.per_second())
+
+    def run(self, watcher: PipelineWatcher, log_dir: Path) -> None:
+        detectors = [start_child(f"detector-{i}", detector_command(self.settings, i), log_dir)
+                     for i in range(self.args.detectors)]
+        producer = start_child("producer", producer_command(self.settings, self.args), log_dir)
+        children = [producer, *detectors]
+        for child in children:
+            print(f"started {child.name} (pid {child.process.pid}), log {child.log_path}", file=self.out)
+        self.out.flush()
+        try:
+            with stop_requests() as (stop, now):
+                self._produce(watcher, producer, detectors, stop, now)
+                if not self.problems:
+                    self._drain(watcher, detectors, now)
+                self._stop_all(watcher, detectors, now)
+        finally:
+            for child in children:  # whatever happened above, nothing we started outlives the demo
+                if child.exit_code is None:
+                    child.process.kill()
+                    child.process.wait()
+        self._final_read(watcher)
+        for child in children:
+            if not child.stopped_cleanly() and child.failure() not in self.problems:
+                self.problems.append(child.failure())
+
+    def _tick(self, watcher: PipelineWatcher) -> None:
+        watcher.poll(POLL_S)
+        self.view.update(self.frame())
+
+    def _produce(self, watcher: PipelineWatcher, producer: Child, detectors: list[Child], stop: threading.Event,
+                 now: threading.Event) -> None:
+        self.phase = "producing"
+        while producer.exit_code is None:
+            self._tick(watcher)
+            if stop.is_set():
+                self.phase = "stopping the producer"
+                producer.stop()
+                if now.is_set():
+                    producer.process.kill()
+                producer.kill_if_overdue(CHILD_STOP_TIMEOUT_S)
+            dead = [d for d in detectors if d.exit_code is not None]
+            if dead:
+                self.problems.append(dead[0].failure())
+                producer.stop()
+                return
+        if not producer.stopped_cleanly():
+            self.problems.append(producer.failure())
+
+    def _drain(self, watcher: PipelineWatcher, detectors: list[Child], now: threading.Event) -> None:
+        """Wait until every record produced is routed: then the counts add up when the detectors stop."""
+        input_end = watcher.end_offsets([self.settings.transactions_topic])  # the producer is done: final
+        deadline = time.monotonic() + self.args.drain_timeout
+        counts = self.state.counts
+        while True:
+            self.phase = f"draining: {max(counts.in_flight, 0):,} records still in flight"
+            self._tick(watcher)
+            if watcher.caught_up(input_end) and counts.routed >= counts.expected:
+                return
+            if now.is_set():
+                self.problems.append(f"stopped at once by a second Ctrl-C with {counts.in_flight:,} records in flight")
+                return
+            dead = [d for d in detectors if d.exit_code is not None]
+            if dead:
+                self.problems.append(dead[0].failure())
+                return
+            if time.monotonic() > deadline:
+                self.problems.append(f"the detectors did not route {counts.in_flight:,} records within "
+                                     f"{self.args.drain_timeout:.0f}s (see their logs)")
+                return
+
+    def _stop_all(self, watcher: PipelineWatcher, detectors: list[Child], now: threading.Event) -> None:
+        self.phase = "stopping the detectors"
+        for detector in detectors:
+            detector.stop()
+        while any(d.exit_code is None for d in detectors):
+            self._tick(watcher)
+            for detector in detectors:
+                if now.is_set():
+                    detector.process.kill()
+                elif detector.kill_if_overdue(CHILD_STOP_TIMEOUT_S):
+                    self.problems.append(f"{detector.name} did not stop within {CHILD_STOP_TIMEOUT_S:.0f}s of "
+                                         "SIGTERM and was killed")
+
+    def _final_read(self, watcher: PipelineWatcher) -> None:
+        """Everything the children committed is in the counts before the summary."""
+        self.phase = "done"
+        ends = watcher.end_offsets()
+        deadline = time.monotonic() + FINAL_READ_TIMEOUT_S
+        while not watcher.caught_up(ends) and time.monotonic() < deadline:
+            watcher.poll(POLL_S)
+        self.view.update(self.frame(), force=True)
+        self.view.close()
+
+
+# ---------------------------------------------------------------- summary
+def summary_lines(frame: Frame, settings: Settings, *, extra_flags: list[str], log_dir: Path,
+                  stack_left_running: bool) -> list[str]:
+    c, s = frame.state.counts, frame.state.score
+    topic = settings.transactions_topic
+    per_s = c.produced / frame.elapsed_s if frame.elapsed_s else 0.0
+    detectors = f"{frame.detectors} detector{'s' if frame.detectors > 1 else ''}"
+    lines = [
+        "",
+        f"fraudstream demo: {c.produced:,} transactions in {frame.elapsed_s:.1f}s ({per_s:,.0f}/s) on {topic}, {detectors}",
+        f"  legit        {c.legit:>10,}   -> {settings.legit_topic}",
+        f"  fraud        {c.fraud:>10,}   -> {settings.fraud_topic}",
+        f"  dead-letter  {c.dead_letter:>10,}   -> {settings.dlq_topic}",
+    ]
+    before = f" + {c.backlog:,} left from earlier runs" if c.backlog else ""
+    relation = "=" if c.add_up else "!="
+    lines.append(f"  produced {c.produced:,}{before} {relation} legit {c.legit:,} + fraud {c.fraud:,} "
+                 f"+ dead-letter {c.dead_letter:,}" + ("" if c.add_up else "   <- counts do NOT add up"))
+    lines.append(f"  detection vs labels: {s.true_positives:,} true positives, {s.false_positives:,} false positives, "
+                 f"{s.false_negatives:,} missed frauds, {s.true_negatives:,} true negatives; "
+                 f"precision {_ratio(s.precision)}, recall {_ratio(s.recall)}")
+    if s.missed_by_scenario:
+        missed = ", ".join(f"{name} {n:,}" for name, n in s.missed_by_scenario.most_common())
+        lines.append(f"  missed frauds by scenario: {missed}")
+    if frame.state.undecodable_outputs:
+        lines.append(f"  {frame.state.undecodable_outputs:,} output or label records could not be decoded by the view")
+    if frame.state.rules_fired:
+        lines.append("  rules fired: " + ", ".join(f"{name} {n:,}" for name, n in frame.state.rules_fired.most_common()))
+    flags = (" " + " ".join(extra_flags)) if extra_flags else ""
+    lines += [
+        "",
+        "look further (read_committed, like kafka-avro-console-consumer; add --follow to keep watching):",
+        f"  fraudstream inspect {settings.fraud_topic} --from-beginning --max-messages 5{flags}",
+        f"  fraudstream inspect {settings.dlq_topic} --from-beginning --max-messages 5{flags}",
+        f"  fraudstream inspect {settings.legit_topic} --from-beginning --max-messages 5 --print-key --print-metadata{flags}",
+        f"  fraudstream inspect {settings.labels_topic} --from-beginning --max-messages 5{flags}",
+        f"  fraudstream inspect {settings.fraud_topic} --from-beginning{flags} | jq -r '.rules[]' | sort | uniq -c",
+        f"producer and detector logs: {log_dir}",
+    ]
+    if stack_left_running:
+        lines.append("the local stack is still running: `fraudstream stack down` stops it")
+    lines.append(" ".join([
+        "summary:", f"topic={topic}", f"produced={c.produced}", f"backlog={c.backlog}", f"legit={c.legit}",
+        f"fraud={c.fraud}", f"dead_letter={c.dead_letter}", f"in_flight={c.in_flight}",
+        f"true_positives={s.true_positives}", f"false_positives={s.false_positives}",
+        f"false_negatives={s.false_negatives}", f"true_negatives={s.true_negatives}",
+        f"elapsed_s={frame.elapsed_s:.1f}", f"counts_add_up={'yes' if c.add_up else 'no'}",
+    ]))
+    return lines
+
+
+def _inspect_flags(settings: Settings) -> list[str]:
+    """Connection flags the printed inspect commands need: none when the environment already gives the same."""
+    plain = Settings.from_env()
+    flags = []
+    if settings.bootstrap_servers != plain.bootstrap_servers:
+        flags += ["--bootstrap-servers", settings.bootstrap_servers]
+    if settings.schema_registry_url != plain.schema_registry_url:
+        flags += ["--schema-registry-url", settings.schema_registry_url]
+    return flags
+
+
+def run(args: argparse.Namespace, settings: Settings, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    if args.detectors > settings.partitions:
+        raise ConfigError(f"--detectors {args.detectors} is more than the {settings.partitions} partitions: "
+                          "the extra detectors would sit idle")
+
+    def log(line: str) -> None:
+        print(line, file=out, flush=True)
+
+    cluster = connect(settings, args, log)
+    settings = cluster.settings
+    ensure_topics(settings)
+    for subject, schema_id in register_all(settings).items():
+        log(f"schema {subject} registered (id {schema_id})")
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="fraudstream-demo-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    demo = Demo(settings, args, out)
+    watcher = PipelineWatcher(settings, demo.state)
+    try:
+        demo.state.counts.backlog = watcher.backlog(settings.group_id)
+        demo.run(watcher, log_dir)
+    finally:
+        watcher.close()
+    frame = demo.frame()
+    stop_stack = args.stop_stack and cluster.started_stack
+    for line in summary_lines(frame, settings, extra_flags=_inspect_flags(settings), log_dir=log_dir,
+                              stack_left_running=cluster.started_stack and not stop_stack):
+        print(line, file=out)
+    out.flush()
+    if stop_stack:
+        from fraudstream.stack import LocalStack
+
+        LocalStack(settings, log=log).down()
+    counts = frame.state.counts
+    if demo.problems:
+        raise DemoFailed("; ".join(demo.problems))
+    if not counts.add_up:
+        raise DemoFailed(f"counts do not add up: {counts.expected:,} to route, {counts.routed:,} routed")
+    return 0

@@ -35,7 +35,9 @@ def transactional_producer_config(settings: Settings, transactional_id: str, **o
         **{
             "transactional.id": transactional_id,
             # An open transaction stalls read_committed readers: keep it bounded (pitfall 5).
-            "transaction.timeout.ms": 30_000,
+            # Also how long a killed detector's open transaction can hold back readers if no process
+            # with its transactional id comes back to abort it.
+            "transaction.timeout.ms": 10_000,
             "linger.ms": 2,
             **overrides,
         },
@@ -51,6 +53,8 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
         "partition.assignment.strategy": "cooperative-sticky",
+        # A killed detector's partitions move to the others after this long (librdkafka default: 45 s).
+        "session.timeout.ms": 10_000,
         "logger": _client_logger("consumer"),
         **overrides,
     }

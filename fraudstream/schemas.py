@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import avro.schema
-from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
+from avro.compatibility import (
+    ReaderWriterCompatibilityChecker,
+    SchemaCompatibilityType,
+    lookup_writer_field,
+    schema_name_equals,
+)
 from fastavro.schema import expand_schema, parse_schema
 
 from fraudstream.errors import SchemaError
@@ -116,10 +121,51 @@ def _avro(schema: dict[str, Any]) -> avro.schema.Schema:
 
 
 def _incompatibilities(reader: avro.schema.Schema, writer: avro.schema.Schema) -> list[str]:
-    result = ReaderWriterCompatibilityChecker().get_compatibility(reader, writer)
+    checker = ReaderWriterCompatibilityChecker()
+    result = checker.get_compatibility(reader, writer)
     if result.compatibility is SchemaCompatibilityType.compatible:
         return []
-    return [
-        f"{kind.value.replace('_', ' ')}: {message} at {location}"
-        for kind, message, location in zip(result.incompatibilities, result.messages, result.locations, strict=False)
-    ] or ["incompatible"]
+    reasons, explained = _field_reasons(checker, reader, writer, "")
+    # Whatever no field accounts for, e.g. a renamed record.
+    reasons += sorted(message for message in result.messages if message not in explained)
+    return reasons or ["incompatible"]
+
+
+def _field_reasons(checker: ReaderWriterCompatibilityChecker, reader: avro.schema.Schema,
+                   writer: avro.schema.Schema, prefix: str) -> tuple[list[str], set[str]]:
+    """One reason per incompatible field, named by its path, and the checker messages they explain.
+
+    The checker keeps a result's messages and locations in unordered sets, so several problems cannot
+    be paired with their fields afterwards; asking field by field (answers are memoized) can.
+    """
+    reasons: list[str] = []
+    explained: set[str] = set()
+    if not (reader.type == writer.type == "record"):
+        return reasons, explained
+    if not schema_name_equals(reader, writer):
+        where = f"field {prefix.removesuffix('.')}: " if prefix else ""
+        reasons.append(f"{where}record {reader.fullname} cannot read {writer.fullname}: different name, no alias")
+        explained.add(f"expected: {writer.fullname}")
+    for field in reader.fields:
+        path = f"{prefix}{field.name}"
+        writer_field = lookup_writer_field(writer_schema=writer, reader_field=field)
+        if writer_field is None:
+            if not field.has_default:
+                reasons.append(f"field {path}: reader field missing default value (the writer has no such field)")
+                explained.add(field.name)
+            continue
+        found = checker.get_compatibility(field.type, writer_field.type, "type", [])
+        if found.compatibility is not SchemaCompatibilityType.incompatible:
+            continue
+        messages = found.messages
+        if field.type.type == writer_field.type.type == "record":
+            nested, nested_explained = _field_reasons(checker, field.type, writer_field.type, f"{path}.")
+            reasons += nested
+            explained |= nested_explained
+            messages = messages - nested_explained
+            if not messages:
+                continue
+        kinds = ", ".join(sorted({kind.value.replace("_", " ") for kind in found.incompatibilities}))
+        reasons.append(f"field {path}: {kinds}: {'; '.join(sorted(messages))}")
+        explained |= messages
+    return reasons, explained

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         "compression.type": "lz4",
     })
     consumer.subscribe([args.input_topic])
+    print(f"consuming {args.input_topic} -> {args.legit_topic} | {args.fraud_topic}", flush=True)
 
     def produce(topic: str, key, value, headers=None) -> None:
         while True:

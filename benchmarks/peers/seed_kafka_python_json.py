@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         value_serializer=lambda value: json.dumps(value).encode(),
         linger_ms=5,
     )
+    print(f"consuming {args.input_topic} -> {args.legit_topic} | {args.fraud_topic}", flush=True)
     try:
         while not stopping:
             for message in consumer:

@@ -83,3 +83,135 @@ def test_every_transaction_is_routed_once_by_the_rule(pipeline: Settings):
     assert len(all_ids) == len(set(all_ids)) == len(txs)
     assert all(r["rules"] == ["large_amount"] for r in fraud)
     assert detector.detector.metrics.consumed == len(txs)
+
+
+def register_transaction_v1(settings: Settings) -> int:
+    """Register the released v1 Transaction under the input subject (as a v1 producer's deployment did)."""
+    import json
+
+    from fraudstream.schemas import history
+
+    v1 = history(settings.schemas_dir, "Transaction")[0][1]
+    return Registry(settings).register(settings.subject(settings.transactions_topic), json.dumps(v1)), v1
+
+
+def test_malformed_records_go_to_the_dead_letter_topic_with_reasons(pipeline: Settings):
+    encode = encoder_for(pipeline, pipeline.transactions_topic)
+    encode_label = encoder_for(pipeline, pipeline.labels_topic, "Label")
+    v1_id, v1_schema = register_transaction_v1(pipeline)
+    encode_v1 = make_encoder(v1_id, parse_schema(v1_schema))
+    good = encode(transaction(1_000, transaction_id="ab").to_dict())
+    header = good[:5]
+    bad = {
+        "empty_value": b"",
+        "null_value": None,
+        "json_not_avro": b'{"amount_cents": 5}',
+        "truncated_header": b"\x00\x00\x01",
+        "unknown_schema_id": b"\x00" + (987_654_321).to_bytes(4, "big") + good[5:],
+        "header_only": header,
+        "truncated_avro": good[: len(good) // 2],
+        "garbage_payload": header + b"\xff" * 40,
+        "trailing_bytes": good + b"extra",
+        "other_record_type": encode_label({"transaction_id": "x", "is_fraud": False, "scenario": "legit"}),
+        "invalid_utf8": header + b"\x04\xff\xfe" + good[5 + 3:],
+        "negative_amount": encode(transaction(-5).to_dict()),
+        "not_usd": encode(transaction(1_000, currency="EUR").to_dict()),
+    }
+    expected_kind = {
+        "empty_value": "empty_value", "null_value": "empty_value", "json_not_avro": "no_magic_byte",
+        "truncated_header": "truncated_header", "unknown_schema_id": "unknown_schema_id", "header_only": "corrupt_avro",
+        "truncated_avro": "corrupt_avro", "garbage_payload": "corrupt_avro", "trailing_bytes": "trailing_bytes",
+        "other_record_type": "schema_mismatch", "invalid_utf8": "corrupt_avro", "negative_amount": "invalid_record",
+        "not_usd": "invalid_record",
+    }
+    good_txs = [transaction(a) for a in (100, 95_000, 20_000, 150_000)]
+    v1_tx = transaction(99_999)
+    v1_record = {k: v for k, v in v1_tx.to_dict().items() if k != "device_id"}
+    records = []
+    for i, (name, value) in enumerate(bad.items()):
+        records.append((f"bad-{name}".encode(), value))
+        records.append((b"good", encode(good_txs[i % len(good_txs)].to_dict())))
+    records.append((b"good-v1", encode_v1(v1_record)))
+    produce_raw(pipeline, pipeline.transactions_topic, records)
+
+    detector = RunningDetector(pipeline)
+    wait_until(lambda: routed_total(pipeline) >= len(records), timeout_s=120, what="all records routed")
+    detector.stop()
+    assert detector.error is None, detector.error
+
+    dead = read_topic(pipeline, pipeline.dlq_topic)
+    assert len(dead) == len(bad)
+    for message in dead:
+        headers = dict(message.headers())
+        name = message.key().decode().removeprefix("bad-")
+        assert headers[DLQ_KIND].decode() == expected_kind[name], (name, headers)
+        assert headers[DLQ_REASON], name
+        assert headers[DLQ_TOPIC].decode() == pipeline.transactions_topic
+        assert int(headers[DLQ_PARTITION]) >= 0 and int(headers[DLQ_OFFSET]) >= 0
+        assert message.value() == bad[name] or (bad[name] is None and not message.value())  # original bytes
+    legit = read_topic(pipeline, pipeline.legit_topic)
+    fraud = read_topic(pipeline, pipeline.fraud_topic)
+    assert len(legit) + len(fraud) == len(records) - len(bad)
+    fraud_ids = {decode(pipeline, m.value())["transaction"]["transaction_id"] for m in fraud}
+    assert v1_tx.transaction_id in fraud_ids  # the v1 record was read with the current schema and routed by the rule
+
+
+def test_a_second_detector_with_the_same_transactional_id_fences_the_first(pipeline: Settings):
+    settings = pipeline.replace(transactional_id=f"{pipeline.group_id}-fixed")
+    encode = encoder_for(settings, settings.transactions_topic)
+
+    def send(n: int) -> list:
+        txs = [transaction(i * 1_000, account=f"acc-{i}") for i in range(n)]
+        produce_raw(settings, settings.transactions_topic, ((t.account_id.encode(), encode(t.to_dict())) for t in txs))
+        return txs
+
+    sent = send(300)
+    first = RunningDetector(settings)
+    wait_until(lambda: routed_total(settings) >= 300, timeout_s=60, what="first batch routed")
+    second = RunningDetector(settings)
+    wait_until(lambda: second.detector.consumer is not None and second.detector.consumer.assignment(),
+               timeout_s=60, what="second detector joined")
+    sent += send(600)  # spread over every partition: the first detector must try a transaction and learn it is fenced
+    wait_until(lambda: not first.thread.is_alive(), timeout_s=60, what="the fenced detector to stop")
+    assert isinstance(first.error, Fenced), first.error
+    assert "transactional id" in str(first.error)
+    wait_until(lambda: routed_total(settings) >= len(sent), timeout_s=90, what="all routed by the second detector")
+    second.stop()
+    assert second.error is None
+    ids = [decode(settings, m.value()).get("transaction_id") or decode(settings, m.value())["transaction"]["transaction_id"]
+           for topic in (settings.legit_topic, settings.fraud_topic) for m in read_topic(settings, topic)]
+    assert sorted(ids) == sorted(t.transaction_id for t in sent)  # exactly once: nothing lost, nothing twice
+
+
+def test_registry_outage_is_retried_not_dead_lettered(pipeline: Settings):
+    from urllib.parse import urlsplit
+
+    from tests.support.tcp_proxy import TcpProxy
+
+    url = urlsplit(pipeline.schema_registry_url)
+    proxy = TcpProxy(url.hostname, url.port)
+    settings = pipeline.replace(schema_registry_url=f"http://127.0.0.1:{proxy.port}{url.path}")
+    encode = encoder_for(settings, settings.transactions_topic)
+    v1_id, v1_schema = register_transaction_v1(settings)
+    encode_v1 = make_encoder(v1_id, parse_schema(v1_schema))
+
+    detector = RunningDetector(settings)
+    produce_raw(settings, settings.transactions_topic, [(b"k", encode(transaction(500).to_dict()))])
+    wait_until(lambda: routed_total(settings) >= 1, timeout_s=60, what="first record routed")
+    proxy.down()
+    # A record with a writer schema the detector has not cached yet: it must ask the registry.
+    v1_tx = transaction(700)
+    produce_raw(settings, settings.transactions_topic,
+                [(b"k", encode_v1({k: v for k, v in v1_tx.to_dict().items() if k != "device_id"}))])
+    wait_until(lambda: detector.detector.metrics.registry_retries >= 2, timeout_s=30,
+               what="the detector to retry the registry")
+    assert routed_total(settings) == 1  # held, not dead-lettered
+    proxy.up()
+    wait_until(lambda: routed_total(settings) >= 2, timeout_s=90, what="processing to resume")
+    detector.stop()
+    proxy.down()
+    assert detector.error is None, detector.error
+    assert read_topic(pipeline, pipeline.dlq_topic) == []
+    legit_ids = {decode(pipeline, m.value())["transaction_id"] for m in read_topic(pipeline, pipeline.legit_topic)}
+    assert v1_tx.transaction_id in legit_ids
+

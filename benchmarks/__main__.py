@@ -1,0 +1,247 @@
+"""Benchmark fraudstream against the usual ways, in one run on one broker: `python -m benchmarks`.
+
+Sections (all by default):
+  detectors  throughput of three detectors over the same pre-filled transactions, and their peak RSS
+  producers  unthrottled producer throughput, ours vs per-message AvroSerializer
+  latency    end-to-end latency of ours at fixed rates (p50, p99, max)
+Writes <output-dir>/latest.json and latest.md and prints the markdown. Exit status 1 if any part failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from benchmarks import report
+from benchmarks.harness import RunFailed, unique
+from fraudstream.errors import FraudstreamError
+from fraudstream.kafka import admin, ensure_topics, wait_for_cluster
+from fraudstream.registry import register_all
+from fraudstream.settings import PROJECT_ROOT, Settings
+
+SECTIONS = ("detectors", "producers", "latency")
+RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
+QUICK = {"count": 2_000, "producer_count": 2_000, "runs": 1, "latency_seconds": 2.0}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("--count", type=int, default=500_000, help="transactions pre-filled for the detectors")
+    parser.add_argument("--producer-count", type=int, default=200_000, help="transactions per producer run")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="runs per contender, median reported; a detector is not run again once its runs "
+                             "add up to --enough-seconds of measurement")
+    parser.add_argument("--enough-seconds", type=float, default=60.0,
+                        help="measured seconds after which a detector's result stands (default 60)")
+    parser.add_argument("--latency-rates", default="2000,10000", help="comma-separated transactions/s")
+    parser.add_argument("--latency-seconds", type=float, default=20.0, help="seconds at each rate")
+    parser.add_argument("--batch-max-records", type=int, help="our detector's batch bound (default: its setting)")
+    parser.add_argument("--batch-max-ms", type=int, help="our detector's batch time bound (default: its setting)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny counts, one run, 2 s per rate: checks that the benchmark works, measures nothing")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--keep-topics", action="store_true", help="do not delete the topics the run created")
+    parser.add_argument("--bootstrap-servers", help="Kafka bootstrap servers [KAFKA_BOOTSTRAP_SERVERS]")
+    parser.add_argument("--schema-registry-url", help="Confluent-compatible Schema Registry URL [SCHEMA_REGISTRY_URL]")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in QUICK.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if unknown := set(sections) - set(SECTIONS):
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    try:
+        settings = Settings.from_env(bootstrap_servers=args.bootstrap_servers,
+                                     schema_registry_url=args.schema_registry_url)
+        wait_for_cluster(settings)
+        results = Benchmark(settings, args, sections).run()
+    except FraudstreamError as exc:
+        print(f"benchmarks: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    json_path, md_path = report.write(results, args.output_dir)
+    print(report.markdown(results))
+    print(f"wrote {json_path} and {md_path}")
+    return 1 if results["errors"] else 0
+
+
+class Benchmark:
+    def __init__(self, settings: Settings, args: argparse.Namespace, sections: list[str]) -> None:
+        self.settings = settings
+        self.args = args
+        self.sections = sections
+        self.run_id = unique("bench")
+        self.created_topics: list[str] = []
+        self.log_dir = Path(tempfile.mkdtemp(prefix="fraudstream-bench-"))
+        self.errors: list[str] = []
+
+    def run(self) -> dict[str, Any]:
+        args = self.args
+        started = time.perf_counter()
+        results: dict[str, Any] = {
+            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": report.machine(self.settings),
+            "config": {
+                "quick": args.quick, "count": args.count, "producer_count": args.producer_count, "runs": args.runs,
+                "enough_seconds": args.enough_seconds, "latency_rates": self.rates,
+                "latency_seconds": args.latency_seconds, "seed": args.seed, "partitions": self.settings.partitions,
+                "fraud_threshold_cents": self.settings.fraud_threshold_cents,
+                "ours_batch_max_records": args.batch_max_records or self.settings.batch_max_records,
+                "ours_batch_max_ms": args.batch_max_ms or self.settings.batch_max_ms,
+                "sections": self.sections,
+            },
+        }
+        try:
+            if "detectors" in self.sections:
+                results["prefill"], results["detectors"] = self.detectors()
+            if "producers" in self.sections:
+                results["producers"] = self.producers()
+            if "latency" in self.sections:
+                results["latency"] = self.latency()
+        finally:
+            self.cleanup()
+        results["ratios"] = report.ratios(results)
+        results["targets"] = report.targets(results)
+        results["errors"] = self.errors
+        results["logs"] = str(self.log_dir) if self.errors else None
+        results["duration_s"] = round(time.perf_counter() - started, 1)
+        return results
+
+    @property
+    def rates(self) -> list[int]:
+        return [int(r) for r in self.args.latency_rates.split(",") if r.strip()]
+
+    def topics_for(self, suffix: str, *, register: bool = True) -> Settings:
+        """Settings for a fresh input topic and its derived topics, created (and their schemas registered)."""
+        settings = self.settings.replace(transactions_topic=f"{self.run_id}-{suffix}")
+        ensure_topics(settings)
+        self.created_topics += settings.all_topics
+        if register:
+            register_all(settings)
+        return settings
+
+    # ----- sections -----
+    def detectors(self) -> tuple[dict, dict]:
+        from benchmarks.data import prefill
+        from benchmarks.detectors import detector_specs, run_detector
+
+        args = self.args
+        avro, confluent_out, json_in = (self.topics_for("avro"), self.topics_for("confluent"),
+                                        self.topics_for("json", register=False))
+        self.log(f"pre-filling {args.count:,} transactions (Avro and JSON copies) ...")
+        filled = prefill(avro, count=args.count, seed=args.seed, json_topic=json_in.transactions_topic)
+        self.log(f"  done in {filled.elapsed_s:.1f}s; {filled.fraud:,} above the threshold")
+        specs = detector_specs(avro, confluent_out, json_in)
+        runs: dict[str, list] = {spec.key: [] for spec in specs}
+        failed: dict[str, str] = {}
+        for round_number in range(args.runs):
+            # Interleaved rounds: background noise is shared by all contenders, not piled on one.
+            for spec in specs:
+                measured = sum(r.window_s for r in runs[spec.key])
+                if spec.key in failed or (runs[spec.key] and measured >= args.enough_seconds):
+                    continue
+                self.log(f"detector {spec.key}, run {round_number + 1} ...")
+                try:
+                    result = run_detector(spec, avro, run=round_number, expected=args.count, log_dir=self.log_dir,
+                                          batch_max_records=args.batch_max_records if spec.key == "ours" else None,
+                                          batch_max_ms=args.batch_max_ms if spec.key == "ours" else None)
+                except (RunFailed, TimeoutError, FraudstreamError) as exc:
+                    failed[spec.key] = str(exc)
+                    self.errors.append(f"detector {spec.key}: {exc}")
+                    continue
+                if result.fraud != filled.fraud:
+                    self.errors.append(f"detector {spec.key} run {round_number}: {result.fraud} on the fraud topic, "
+                                       f"the rule says {filled.fraud}")
+                self.log(f"  {result.throughput_tps:,.0f} tx/s, peak RSS {result.peak_rss_mib} MiB")
+                runs[spec.key].append(result)
+        summary = {}
+        for spec in specs:
+            done = runs[spec.key]
+            summary[spec.key] = {
+                "label": spec.label, "delivery": spec.delivery,
+                "throughput_tps": report.median([r.throughput_tps for r in done]),
+                "peak_rss_mib": report.median([r.peak_rss_mib for r in done]),
+                "cpu_ms_per_1k": report.median([r.cpu_s / r.routed * 1e6 for r in done]),
+                "runs": [r.to_json() for r in done],
+                "error": failed.get(spec.key),
+            }
+        return {"count": filled.count, "fraud": filled.fraud, "elapsed_s": round(filled.elapsed_s, 1)}, summary
+
+    def producers(self) -> dict:
+        from benchmarks.producers import PRODUCERS, run_producer
+
+        args = self.args
+        targets = {key: self.topics_for(f"produce-{key.replace('_', '-')}") for key in PRODUCERS}
+        runs: dict[str, list] = {key: [] for key in PRODUCERS}
+        failed: dict[str, str] = {}
+        for round_number in range(args.runs):
+            for key in PRODUCERS:
+                if key in failed:
+                    continue
+                self.log(f"producer {key}, run {round_number + 1} ...")
+                try:
+                    result = run_producer(key, targets[key], run=round_number, count=args.producer_count,
+                                          seed=args.seed, log_dir=self.log_dir)
+                except (RunFailed, TimeoutError) as exc:
+                    failed[key] = str(exc)
+                    self.errors.append(f"producer {key}: {exc}")
+                    continue
+                self.log(f"  {result.throughput_tps:,.0f} tx/s")
+                runs[key].append(result)
+        return {key: {"label": label, "throughput_tps": report.median([r.throughput_tps for r in runs[key]]),
+                      "runs": [r.to_json() for r in runs[key]], "error": failed.get(key)}
+                for key, label in PRODUCERS.items()}
+
+    def latency(self) -> dict:
+        from benchmarks.latency import measure_latency
+
+        args = self.args
+        self.log(f"latency at {', '.join(f'{r:,}' for r in self.rates)} tx/s, {args.latency_seconds:g}s each ...")
+        try:
+            runs, peak_rss = measure_latency(self.topics_for("latency"), rates=self.rates,
+                                             seconds=args.latency_seconds, seed=args.seed, log_dir=self.log_dir,
+                                             batch_max_records=args.batch_max_records, batch_max_ms=args.batch_max_ms)
+        except (RunFailed, TimeoutError, FraudstreamError) as exc:
+            self.errors.append(f"latency: {exc}")
+            return {"detector": "ours", "runs": [], "error": str(exc)}
+        for run in runs:
+            self.log(f"  {run.rate_tps:,} tx/s: p50 {run.p50_ms} ms, p99 {run.p99_ms} ms, max {run.max_ms} ms")
+        return {"detector": "ours", "runs": [r.to_json() for r in runs], "detector_peak_rss_mib": peak_rss,
+                "error": None}
+
+    # ----- housekeeping -----
+    def cleanup(self) -> None:
+        if not self.errors:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+        if self.args.keep_topics or not self.created_topics:
+            return
+        # The shared broker keeps nothing of ours: hundreds of MB of benchmark records otherwise.
+        futures = admin(self.settings).delete_topics(sorted(set(self.created_topics)), operation_timeout=30)
+        for future in futures.values():
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - best effort; a leftover topic is harmless
+                pass
+
+    @staticmethod
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

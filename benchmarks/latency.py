@@ -1,0 +1,124 @@
+"""End-to-end latency of ours at fixed rates.
+
+Our detector runs (exactly-once); our producer sends at a fixed rate, stamping each transaction's
+event_time with the wall clock when it creates it; a read_committed consumer on the legit and
+fraud topics takes now - event_time for every record as it becomes readable. One machine, one
+clock. Before the timed phases, a warm-up proves the detector has joined its group and routes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks.harness import Contender, OutputCounter, RunFailed, python_module, unique
+from benchmarks.producers import producer_argv, read_report
+from fraudstream.registry import Registry
+from fraudstream.schemas import load_schemas
+from fraudstream.serde import Decoder
+from fraudstream.settings import Settings
+
+WARMUP_RATE = 500
+WARMUP_COUNT = 500
+ARRIVAL_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyRun:
+    rate_tps: int
+    achieved_tps: float
+    records: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    return sorted_values[max(0, math.ceil(fraction * len(sorted_values)) - 1)]
+
+
+class LatencyReader:
+    """Reads the legit and fraud topics (read_committed) and yields (arrival_ms - event_time_ms)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.counter = OutputCounter(settings, [settings.legit_topic, settings.fraud_topic])
+        registry, schemas = Registry(settings), load_schemas(settings.schemas_dir)
+        self.fraud_topic = settings.fraud_topic
+        self.decode_legit = Decoder(registry, schemas.expanded["Transaction"]).decode
+        self.decode_fraud = Decoder(registry, schemas.expanded["FraudAlert"]).decode
+
+    def read(self, since_ms: int) -> list[float]:
+        """Latencies of the records readable now whose event_time is at or after since_ms."""
+        messages = self.counter.poll(timeout_s=0.05)
+        arrival_ms = time.time() * 1000
+        latencies = []
+        for message in messages:
+            if message.topic() == self.fraud_topic:
+                event_time = self.decode_fraud(message.value())["transaction"]["event_time"]
+            else:
+                event_time = self.decode_legit(message.value())["event_time"]
+            event_ms = event_time.timestamp() * 1000
+            if event_ms >= since_ms:
+                latencies.append(arrival_ms - event_ms)
+        return latencies
+
+    def close(self) -> None:
+        self.counter.close()
+
+
+def measure_latency(settings: Settings, *, rates: list[int], seconds: float, seed: int, log_dir: Path,
+                    batch_max_records: int | None = None, batch_max_ms: int | None = None) -> tuple[list[LatencyRun], float]:
+    """Latency runs at each rate, and the detector's peak RSS (MiB) over the whole time."""
+    from benchmarks.detectors import DetectorSpec, Topics
+
+    spec = DetectorSpec("ours", "ours", "exactly-once", Topics.derived(settings))
+    reader = LatencyReader(settings)
+    detector = Contender("latency-detector", spec.argv(settings, unique("bench-latency"),
+                                                       batch_max_records=batch_max_records,
+                                                       batch_max_ms=batch_max_ms), log_dir)
+    try:
+        _send_and_collect(settings, reader, detector, rate=WARMUP_RATE, count=WARMUP_COUNT, seed=seed,
+                          log_dir=log_dir, name="latency-warmup")
+        runs = []
+        for rate in rates:
+            latencies, report = _send_and_collect(settings, reader, detector, rate=rate, duration=seconds,
+                                                  seed=seed + rate, log_dir=log_dir, name=f"latency-{rate}")
+            latencies.sort()
+            runs.append(LatencyRun(rate_tps=rate, achieved_tps=round(report["sent"] / report["sending_s"], 1),
+                                   records=len(latencies), p50_ms=round(percentile(latencies, 0.50), 1),
+                                   p99_ms=round(percentile(latencies, 0.99), 1), max_ms=round(latencies[-1], 1)))
+    finally:
+        reader.close()
+        exited = detector.stop()
+    return runs, round(exited.peak_rss_kib / 1024, 1)
+
+
+def _send_and_collect(settings: Settings, reader: LatencyReader, detector: Contender, *, rate: int, seed: int,
+                      log_dir: Path, name: str, count: int | None = None,
+                      duration: float | None = None) -> tuple[list[float], dict]:
+    """Run our producer at `rate`; collect the latency of each of its records until all have arrived."""
+    since_ms = time.time() * 1000  # the producer process starts after this: every record it makes is newer
+    producer = Contender(name, producer_argv("ours", settings, count=count, duration=duration, rate=rate, seed=seed),
+                         log_dir)
+    latencies: list[float] = []
+    report = None
+    deadline = None
+    while report is None or len(latencies) < report["delivered"]:
+        latencies += reader.read(since_ms)
+        if detector.poll() is not None:
+            raise RunFailed(f"the detector exited with {detector.exited.exit_code}: {detector.log_tail(3)}")
+        if report is None and producer.poll() is not None:
+            if producer.exited.exit_code != 0:
+                raise RunFailed(f"{name} producer exited with {producer.exited.exit_code}: {producer.log_tail(3)}")
+            report = read_report(producer)
+            deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
+        if deadline is not None and time.monotonic() > deadline:
+            raise RunFailed(f"{name}: {len(latencies)} of {report['delivered']} records arrived "
+                            f"within {ARRIVAL_TIMEOUT_S:.0f}s of the producer's end")
+    return latencies, report

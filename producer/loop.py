@@ -1,0 +1,311 @@
+"""The produce loop: the generator's pairs to Kafka as Confluent-framed Avro, paced in batches.
+
+Transactions go to the input topic keyed by account id (an account's payments keep their order);
+each one's Label goes to the labels topic keyed by transaction id. The schemas must already be
+registered (a deliberate step): the loop only looks their ids up, once, then encodes with fastavro.
+Pacing never sleeps per message: each wake-up sends every transaction that has fallen due since
+the start (so the average rate holds), and waiting is done in producer.poll, which serves
+delivery reports meanwhile. Every delivery failure is counted and reported.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from fraudstream.errors import ConfigError
+from fraudstream.kafka import ensure_topics, producer_config, wait_for_cluster
+from fraudstream.registry import Registry, current_ids
+from fraudstream.schemas import load_schemas
+from fraudstream.serde import make_encoder
+from fraudstream.settings import Settings
+from producer.generator import DEFAULT_LARGE_LEGIT_SHARE, Generator, build_population
+
+DEFAULT_RATE = 1_000.0
+DEFAULT_SEED = 42
+MAX_BATCH = 1_000  # transactions generated per wake-up at most, so catching up stays smooth
+UNTHROTTLED_BATCH = 500
+WAKE_S = 0.005  # paced: wake up every ~5 ms, i.e. batches of rate/200 transactions
+MAX_WAIT_S = 0.05  # never wait longer in one call, so a stop request is seen promptly
+LIVE_REFRESH_S = 0.25
+PLAIN_REFRESH_S = 5.0
+MAX_ERRORS_KEPT = 5
+
+
+@dataclass(frozen=True, slots=True)
+class ProduceReport:
+    """What a run sent and what the brokers acknowledged (acks=all), after the final flush."""
+
+    sent: int
+    delivered: int
+    failed: int  # sent but not acknowledged: delivery errors, plus any still queued at the end
+    elapsed_s: float  # the sending phase, without the final flush
+    labels_sent: int = 0
+    labels_delivered: int = 0
+    labels_failed: int = 0
+    flush_s: float = 0.0
+    target_rate: float | None = None  # None: unthrottled
+    stopped_early: bool = False  # a stop request (SIGINT/SIGTERM) or a fatal producer error ended the run
+    errors: tuple[str, ...] = ()  # distinct delivery or producer errors, with counts
+
+    @property
+    def achieved_rate(self) -> float:
+        """Transactions sent per second of the sending phase."""
+        return self.sent / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.labels_failed == 0
+
+    def summary(self) -> str:
+        target = f" (target {self.target_rate:,.0f}/s)" if self.target_rate else " (unthrottled)"
+        labels = (f"; labels: sent {self.labels_sent:,}, delivered {self.labels_delivered:,}, "
+                  f"failed {self.labels_failed:,}") if self.labels_sent else ""
+        return (f"transactions: sent {self.sent:,}, delivered {self.delivered:,}, failed {self.failed:,}{labels}; "
+                f"elapsed {self.elapsed_s:.1f}s (+{self.flush_s:.1f}s flush); "
+                f"achieved {self.achieved_rate:,.0f} tx/s{target}" + ("; stopped early" if self.stopped_early else ""))
+
+
+class _Deliveries:
+    """Delivery-report callback for one topic: counts, keeps the first distinct errors, spots fatal ones."""
+
+    __slots__ = ("delivered", "failed", "errors", "fatal")
+
+    def __init__(self, errors: dict[str, int]) -> None:
+        self.delivered = 0
+        self.failed = 0
+        self.errors = errors  # shared between topics: error text -> count
+        self.fatal: str | None = None
+
+    def __call__(self, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            self.delivered += 1
+            return
+        self.failed += 1
+        _note(self.errors, f"{msg.topic()}: {err.str()}")
+        if err.fatal():
+            self.fatal = err.str()
+
+
+def _note(errors: dict[str, int], text: str) -> None:
+    if text in errors or len(errors) < MAX_ERRORS_KEPT:
+        errors[text] = errors.get(text, 0) + 1
+
+
+class _Progress:
+    """Rate and totals: a live line on a terminal, a plain line every few seconds otherwise."""
+
+    def __init__(self, out: TextIO, target_rate: float | None) -> None:
+        self.out = out
+        self.live = out.isatty()
+        self.every = LIVE_REFRESH_S if self.live else PLAIN_REFRESH_S
+        self.target = f" / target {target_rate:,.0f}" if target_rate else ""
+        self.started = self.last_at = time.monotonic()
+        self.last_sent = 0
+        self.next_at = self.started + self.every
+
+    def update(self, now: float, sent: int, delivered: int, failed: int) -> None:
+        if now < self.next_at:
+            return
+        recent = (sent - self.last_sent) / max(now - self.last_at, 1e-9)
+        line = (f"{now - self.started:7.1f}s  sent {sent:>11,}  delivered {delivered:>11,}  failed {failed:,}  "
+                f"{recent:>9,.0f} tx/s{self.target}")
+        if self.live:
+            self.out.write(f"\r{line}\x1b[K")
+        else:
+            self.out.write(line + "\n")
+        self.out.flush()
+        self.last_at, self.last_sent, self.next_at = now, sent, now + self.every
+
+    def finish(self, now: float, sent: int, delivered: int, failed: int) -> None:
+        """Leave the live line on its final figures; plain output needs nothing (the summary follows)."""
+        if self.live:
+            self.next_at = now
+            self.update(now, sent, delivered, failed)
+            self.out.write("\n")
+            self.out.flush()
+
+
+def produce(settings: Settings, *, rate: float | None = DEFAULT_RATE, count: int | None = None,
+            duration: float | None = None, seed: int = DEFAULT_SEED, quiet: bool = True,
+            stop: threading.Event | None = None, shares: Mapping[str, float] | None = None,
+            large_legit_share: float = DEFAULT_LARGE_LEGIT_SHARE, accounts: int | None = None, labels: bool = True,
+            progress_out: TextIO | None = None, cluster_timeout_s: float = 15.0,
+            delivery_timeout_s: float = 30.0) -> ProduceReport:
+    """Generate and send transactions (and their labels) until count, duration or a stop request.
+
+    rate: transactions per second, None or 0 for as fast as possible. Neither count nor duration:
+    run until `stop` is set. Raises KafkaUnavailable, RegistryError or SchemaError before sending
+    anything when the cluster or the registry is not usable.
+    """
+    if rate is not None and rate < 0:
+        raise ConfigError(f"rate must be positive (or 0 for unthrottled), not {rate}")
+    if count is not None and count < 0:
+        raise ConfigError(f"count must not be negative, not {count}")
+    if duration is not None and duration <= 0:
+        raise ConfigError(f"duration must be positive, not {duration}")
+    # Build the generator first: bad shares are a usage error, reported before any network wait.
+    population = build_population(seed, accounts=accounts) if accounts is not None else None
+    generator = Generator(seed, shares=shares, large_legit_share=large_legit_share, population=population)
+
+    wait_for_cluster(settings, timeout_s=cluster_timeout_s)
+    schemas = load_schemas(settings.schemas_dir)
+    schema_ids = current_ids(settings, Registry(settings), schemas)  # SchemaError when not registered
+    topics = (settings.transactions_topic, settings.labels_topic) if labels else (settings.transactions_topic,)
+    ensure_topics(settings, topics)
+    encode_transaction = make_encoder(schema_ids[settings.transactions_topic], schemas.parsed["Transaction"])
+    encode_label = make_encoder(schema_ids[settings.labels_topic], schemas.parsed["Label"])
+
+    producer = Producer(producer_config(settings, **{
+        "client.id": "fraudstream-producer",
+        # Fail undeliverable records within a bounded time rather than librdkafka's 5 minutes.
+        "delivery.timeout.ms": int(delivery_timeout_s * 1000),
+    }))
+    return _Run(producer, generator, settings, encode_transaction, encode_label, labels=labels,
+                rate=rate or None, count=count, duration=duration, stop=stop or threading.Event(),
+                progress=None if quiet else _Progress(progress_out or sys.stdout, rate or None),
+                flush_timeout_s=delivery_timeout_s + 5.0).run()
+
+
+class _Run:
+    """One run's mutable state; produce() is its only user."""
+
+    def __init__(self, producer: Producer, generator: Generator, settings: Settings, encode_transaction: Any,
+                 encode_label: Any, *, labels: bool, rate: float | None, count: int | None, duration: float | None,
+                 stop: threading.Event, progress: _Progress | None, flush_timeout_s: float) -> None:
+        self.producer = producer
+        self.generator = generator
+        self.transactions_topic = settings.transactions_topic
+        self.labels_topic = settings.labels_topic
+        self.encode_transaction = encode_transaction
+        self.encode_label = encode_label
+        self.labels = labels
+        self.rate = rate
+        self.count = count
+        self.duration = duration
+        self.stop = stop
+        self.progress = progress
+        self.flush_timeout_s = flush_timeout_s
+        self.errors: dict[str, int] = {}
+        self.on_transaction = _Deliveries(self.errors)
+        self.on_label = _Deliveries(self.errors)
+        self.sent = 0
+        self.labels_sent = 0
+        self.producer_fatal: str | None = None
+
+    def run(self) -> ProduceReport:
+        started = time.monotonic()
+        stopped_early = self._send_until_done(started)
+        elapsed = time.monotonic() - started
+        if self.progress:
+            self.progress.finish(time.monotonic(), self.sent, self.on_transaction.delivered, self.on_transaction.failed)
+        flush_started = time.monotonic()
+        self._flush()
+        flush_s = time.monotonic() - flush_started
+        still_queued = len(self.producer)
+        if still_queued:
+            _note(self.errors, f"{still_queued:,} records still queued {self.flush_timeout_s:.0f}s after the end")
+        return ProduceReport(
+            sent=self.sent, delivered=self.on_transaction.delivered, failed=self.sent - self.on_transaction.delivered,
+            elapsed_s=elapsed, labels_sent=self.labels_sent, labels_delivered=self.on_label.delivered,
+            labels_failed=self.labels_sent - self.on_label.delivered, flush_s=flush_s, target_rate=self.rate,
+            stopped_early=stopped_early,
+            errors=tuple(f"{text} (x{n:,})" if n > 1 else text for text, n in self.errors.items()),
+        )
+
+    def _fatal(self) -> str | None:
+        return self.producer_fatal or self.on_transaction.fatal or self.on_label.fatal
+
+    def _send_until_done(self, started: float) -> bool:
+        """Send until count or duration is reached (False) or a stop request or fatal error ends it (True)."""
+        producer, generator, stop, progress, rate = self.producer, self.generator, self.stop, self.progress, self.rate
+        limit = self.count if self.count is not None else float("inf")
+        deadline = started + self.duration if self.duration is not None else float("inf")
+        batch_cap = max(1, min(MAX_BATCH, int(rate * WAKE_S))) if rate else UNTHROTTLED_BATCH
+        monotonic = time.monotonic
+        while self.sent < limit:
+            if stop.is_set() or self._fatal():
+                return True
+            now = monotonic()
+            if now >= deadline:
+                return False
+            if rate:
+                # Transaction i is due at started + i / rate. Wake up when a batch is due and send all
+                # that are due then; the average holds because lateness is made up by the next batch.
+                due = int((now - started) * rate) + 1 - self.sent
+                if due < batch_cap and self.sent + due < limit:
+                    batch_due_at = started + (self.sent + batch_cap - 1) / rate
+                    producer.poll(min(max(batch_due_at - now, 0.0), MAX_WAIT_S, deadline - now))
+                    continue
+                wanted = min(due, MAX_BATCH)
+            else:
+                wanted = UNTHROTTLED_BATCH
+            wanted = int(min(wanted, limit - self.sent))
+            if not self._send(generator.next_batch(wanted, time.time_ns() // 1_000_000)):
+                return True
+            producer.poll(0)
+            if progress:
+                progress.update(monotonic(), self.sent, self.on_transaction.delivered, self.on_transaction.failed)
+        return False
+
+    def _send(self, batch: list) -> bool:
+        """Send a batch of pairs; False when a stop request or a fatal error interrupted it."""
+        produce = self.producer.produce
+        encode_transaction, encode_label = self.encode_transaction, self.encode_label
+        transactions_topic, labels_topic = self.transactions_topic, self.labels_topic
+        on_transaction, on_label, labels = self.on_transaction, self.on_label, self.labels
+        for transaction, label in batch:
+            value = encode_transaction(transaction.to_dict())
+            try:
+                produce(transactions_topic, value, transaction.account_id, on_delivery=on_transaction)
+            except BufferError:
+                # The local queue is full: wait for deliveries, unless asked to stop.
+                if not self._retry(transactions_topic, value, transaction.account_id, on_transaction, stoppable=True):
+                    return False
+            except KafkaException as exc:
+                return self._producer_error(exc)
+            self.sent += 1
+            if labels:
+                value = encode_label(label.to_dict())
+                try:
+                    produce(labels_topic, value, label.transaction_id, on_delivery=on_label)
+                except BufferError:
+                    # Not stoppable: a sent transaction always gets its label (bounded by delivery.timeout.ms).
+                    if not self._retry(labels_topic, value, label.transaction_id, on_label, stoppable=False):
+                        return False
+                except KafkaException as exc:
+                    return self._producer_error(exc)
+                self.labels_sent += 1
+        return True
+
+    def _retry(self, topic: str, value: bytes, key: str, on_delivery: _Deliveries, *, stoppable: bool) -> bool:
+        while True:
+            self.producer.poll(MAX_WAIT_S)
+            if (stoppable and self.stop.is_set()) or self._fatal():
+                return False
+            try:
+                self.producer.produce(topic, value, key, on_delivery=on_delivery)
+                return True
+            except BufferError:
+                continue
+            except KafkaException as exc:
+                return self._producer_error(exc)
+
+    def _producer_error(self, exc: KafkaException) -> bool:
+        error = exc.args[0]
+        text = error.str() if isinstance(error, KafkaError) else str(error)
+        _note(self.errors, f"producer error: {text}")
+        self.producer_fatal = text
+        return False
+
+    def _flush(self) -> None:
+        """Wait for what was sent, in short steps so that a second Ctrl-C can still interrupt."""
+        deadline = time.monotonic() + self.flush_timeout_s
+        while len(self.producer) and time.monotonic() < deadline:
+            self.producer.flush(min(0.5, max(0.0, deadline - time.monotonic())))
