@@ -317,7 +317,8 @@ def plain_line(frame: Frame) -> str:
 def panel_lines(frame: Frame) -> list[str]:
     """The live panel, one string per screen line (no colour; the view adds it)."""
     c, s = frame.state.counts, frame.state.score
-    until = "until Ctrl-C" if frame.duration_s == 0 else f"{frame.elapsed_s:5.1f}s / {frame.duration_s:.0f}s"
+    traffic = "until Ctrl-C" if frame.duration_s == 0 else f"for {frame.duration_s:g}s"
+    until = f"{frame.elapsed_s:5.1f}s (traffic {traffic})"
     detectors = f"{frame.detectors} detector{'s' if frame.detectors > 1 else ''}"
     lines = [
         f"fraudstream demo  topic {frame.topic}  {detectors}  {frame.rate}/s  {until}  [{frame.phase}]",
@@ -336,7 +337,8 @@ def panel_lines(frame: Frame) -> list[str]:
         truth = "label pending" if verdict is None else "fraud (labelled)" if verdict else "FALSE POSITIVE"
         lines.append(f"    {alert.detected_at:%H:%M:%S}  {alert.account_id:<14} {_money(alert.amount_cents, alert.currency):>14}  "
                      f"{alert.channel:<12} {alert.country:<3} rules: {', '.join(alert.rules):<28} {truth}")
-    lines.append("  Ctrl-C: stop the producer, let the detectors finish, print a summary")
+    if frame.phase == "producing":
+        lines.append("  Ctrl-C: stop the producer, let the detectors finish, print a summary")
     return lines
 
 

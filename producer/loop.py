@@ -31,7 +31,7 @@ DEFAULT_RATE = 1_000.0
 DEFAULT_SEED = 42
 MAX_BATCH = 1_000  # transactions generated per wake-up at most, so catching up stays smooth
 UNTHROTTLED_BATCH = 500
-WAKE_S = 0.005  # paced: wake up every ~5 ms, i.e. batches of rate/200 transactions
+WAKE_S = 0.005  # paced: wake up every ~5 ms, i.e. batches of rate/200 transactions (at least one)
 MAX_WAIT_S = 0.05  # never wait longer in one call, so a stop request is seen promptly
 LIVE_REFRESH_S = 0.25
 PLAIN_REFRESH_S = 5.0
@@ -233,20 +233,21 @@ class _Run:
             if stop.is_set() or self._fatal():
                 return True
             now = monotonic()
-            if now >= deadline:
-                return False
             if rate:
-                # Transaction i is due at started + i / rate. Wake up when a batch is due and send all
-                # that are due then; the average holds because lateness is made up by the next batch.
-                due = int((now - started) * rate) + 1 - self.sent
-                if due < batch_cap and self.sent + due < limit:
-                    batch_due_at = started + (self.sent + batch_cap - 1) / rate
-                    producer.poll(min(max(batch_due_at - now, 0.0), MAX_WAIT_S, deadline - now))
+                # By time t, (t - started) * rate transactions are owed: each wake-up sends all that are
+                # owed, so lateness is made up by the next batch and the average rate holds.
+                owed = min(int((min(now, deadline) - started) * rate) - self.sent, limit - self.sent)
+                if now >= deadline and owed <= 0:
+                    return False
+                if owed < batch_cap and now < deadline and self.sent + owed < limit:
+                    batch_owed_at = min(started + (self.sent + batch_cap) / rate, deadline)
+                    producer.poll(min(max(batch_owed_at - now, 0.0), MAX_WAIT_S))  # waits, serving delivery reports
                     continue
-                wanted = min(due, MAX_BATCH)
+                wanted = min(owed, MAX_BATCH)
             else:
-                wanted = UNTHROTTLED_BATCH
-            wanted = int(min(wanted, limit - self.sent))
+                if now >= deadline:
+                    return False
+                wanted = min(UNTHROTTLED_BATCH, limit - self.sent)
             if not self._send(generator.next_batch(wanted, time.time_ns() // 1_000_000)):
                 return True
             producer.poll(0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from fraudstream.schemas import load_schemas
 from fraudstream.serde import make_encoder
 from fraudstream.settings import Settings
 from tests.support.kafka_io import transaction
+from tests.support.output_lines import LineReader, stop_process
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 CLI_TIMEOUT_S = 60
@@ -225,24 +225,14 @@ def test_follow_prints_new_records_until_interrupted(pipeline: Settings) -> None
                                  "--from-beginning", "--follow", *connection(pipeline)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert json.loads(read_line(follower))["transaction_id"] == before.transaction_id
+        output = LineReader(follower.stdout)
+        assert json.loads(output.next_line(timeout_s=30))["transaction_id"] == before.transaction_id
         produce(pipeline, pipeline.legit_topic, [(None, encode(after.to_dict()), None)])
-        assert json.loads(read_line(follower))["transaction_id"] == after.transaction_id
+        assert json.loads(output.next_line(timeout_s=30))["transaction_id"] == after.transaction_id
         follower.send_signal(signal.SIGINT)
         assert follower.wait(timeout=30) == 0, follower.stderr.read()
     finally:
-        if follower.poll() is None:
-            follower.kill()
-            follower.wait()
-
-
-def read_line(process: subprocess.Popen[str], timeout_s: float = 30.0) -> str:
-    ready, _, _ = select.select([process.stdout], [], [], timeout_s)
-    if not ready:
-        pytest.fail(f"no line from `inspect --follow` within {timeout_s:.0f}s")
-    line = process.stdout.readline()
-    assert line, f"inspect ended early: {process.stderr.read()}"
-    return line
+        stop_process(follower)
 
 
 @pytest.fixture(autouse=True)

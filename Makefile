@@ -1,0 +1,58 @@
+# The two commands a fresh machine needs (README.md, "Quick start"):
+#   make demo   set up, start Kafka and the schema registry, register the schemas, run the pipeline
+#   make test   set up, run the unit and integration tests (the tests start and stop the stack)
+# Both create .venv and install the project into it; doing it again is a no-op until pyproject.toml changes.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+BENCH_INSTALLED := $(VENV)/.installed-bench
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+# Like the tests: an existing Kafka and registry when both variables are set, otherwise the local stack.
+EXISTING_SERVICES := $(and $(KAFKA_BOOTSTRAP_SERVERS),$(SCHEMA_REGISTRY_URL))
+
+.PHONY: demo test stack-up stack-down services bench clean
+
+demo: services
+	$(BIN)/fraudstream schemas register
+	$(BIN)/fraudstream demo
+
+test: $(INSTALLED)
+	$(BIN)/python -m pytest tests/unit tests/integration $(PYTEST_ARGS)
+
+bench: $(BENCH_INSTALLED) services
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+stack-up: $(INSTALLED)
+	$(BIN)/fraudstream stack up
+
+stack-down: $(INSTALLED)
+	$(BIN)/fraudstream stack down
+
+services: $(INSTALLED)
+ifeq ($(EXISTING_SERVICES),)
+	$(BIN)/fraudstream stack up
+else
+	@echo "using Kafka at $(KAFKA_BOOTSTRAP_SERVERS) and the schema registry at $(SCHEMA_REGISTRY_URL)"
+endif
+
+$(INSTALLED): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+		|| { echo "fraudstream needs Python 3.11 or newer; $(PYTHON) is $$($(PYTHON) -V 2>&1)" >&2; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --editable '.[test]'
+	touch $@
+
+$(BENCH_INSTALLED): $(INSTALLED)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --editable '.[test,bench]'
+	touch $@
+
+# Stops the local stack and deletes its data and the virtual environment. The fetched Kafka and
+# registry (.stack/dist) stay: fetching them again is the slow part of a fresh start.
+clean:
+	if [ -x $(BIN)/fraudstream ]; then $(BIN)/fraudstream stack down --wipe; fi
+	rm -rf $(VENV) build *.egg-info .pytest_cache
+	find . -name __pycache__ -type d -not -path './.stack/*' -prune -exec rm -rf {} +
