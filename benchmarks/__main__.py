@@ -20,7 +20,7 @@ from typing import Any
 
 from benchmarks import report
 from benchmarks.harness import RunFailed, unique
-from fraudstream.errors import FraudstreamError
+from fraudstream.errors import ConfigError, FraudstreamError
 from fraudstream.kafka import admin, ensure_topics, wait_for_cluster
 from fraudstream.registry import register_all
 from fraudstream.settings import PROJECT_ROOT, Settings
@@ -45,12 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency-seconds", type=float, default=20.0, help="seconds at each rate")
     parser.add_argument("--batch-max-records", type=int, help="our detector's batch bound (default: its setting)")
     parser.add_argument("--batch-max-ms", type=int, help="our detector's batch time bound (default: its setting)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the detector runs, one more run of ours under pyinstrument (not counted); "
+                             "writes <output-dir>/profile-ours-detector.txt")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--detectors", help="comma-separated subset of the detectors to run (default: all)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--quick", action="store_true",
                         help="tiny counts, one run, 2 s per rate: checks that the benchmark works, measures nothing")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--update-readme", action="store_true",
+                        help="also put the markdown into README.md's Benchmarks section (between its markers)")
     parser.add_argument("--keep-topics", action="store_true", help="do not delete the topics the run created")
+    parser.add_argument("--keep-logs", action="store_true",
+                        help="keep every contender's output (kept anyway when something failed)")
     parser.add_argument("--bootstrap-servers", help="Kafka bootstrap servers [KAFKA_BOOTSTRAP_SERVERS]")
     parser.add_argument("--schema-registry-url", help="Confluent-compatible Schema Registry URL [SCHEMA_REGISTRY_URL]")
     return parser
@@ -77,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     json_path, md_path = report.write(results, args.output_dir)
     print(report.markdown(results))
     print(f"wrote {json_path} and {md_path}")
+    if args.update_readme:
+        if report.update_readme(results):
+            print(f"updated {report.README}")
+        else:
+            print(f"benchmarks: {report.README} has no results markers; left as it is", file=sys.stderr)
+            return 1
     return 1 if results["errors"] else 0
 
 
@@ -118,7 +132,7 @@ class Benchmark:
         results["ratios"] = report.ratios(results)
         results["targets"] = report.targets(results)
         results["errors"] = self.errors
-        results["logs"] = str(self.log_dir) if self.errors else None
+        results["logs"] = str(self.log_dir) if self.errors or self.args.keep_logs else None
         results["duration_s"] = round(time.perf_counter() - started, 1)
         return results
 
@@ -147,6 +161,11 @@ class Benchmark:
         filled = prefill(avro, count=args.count, seed=args.seed, json_topic=json_in.transactions_topic)
         self.log(f"  done in {filled.elapsed_s:.1f}s; {filled.fraud:,} above the threshold")
         specs = detector_specs(avro, confluent_out, json_in)
+        if args.detectors:
+            wanted = {name.strip() for name in args.detectors.split(",")}
+            if unknown := wanted - {spec.key for spec in specs}:
+                raise ConfigError(f"unknown detectors: {', '.join(sorted(unknown))}")
+            specs = [spec for spec in specs if spec.key in wanted]
         runs: dict[str, list] = {spec.key: [] for spec in specs}
         failed: dict[str, str] = {}
         for round_number in range(args.runs):
@@ -169,6 +188,9 @@ class Benchmark:
                                        f"the rule says {filled.fraud}")
                 self.log(f"  {result.throughput_tps:,.0f} tx/s, peak RSS {result.peak_rss_mib} MiB")
                 runs[spec.key].append(result)
+        if args.profile:
+            ours = detector_specs(avro, confluent_out, json_in)[0]
+            self.profile(ours, avro, expected=args.count)
         summary = {}
         for spec in specs:
             done = runs[spec.key]
@@ -181,6 +203,18 @@ class Benchmark:
                 "error": failed.get(spec.key),
             }
         return {"count": filled.count, "fraud": filled.fraud, "elapsed_s": round(filled.elapsed_s, 1)}, summary
+
+    def profile(self, ours, avro: Settings, *, expected: int) -> None:
+        from benchmarks.detectors import run_detector
+
+        path = self.args.output_dir / "profile-ours-detector.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.log(f"detector ours under pyinstrument -> {path} ...")
+        try:
+            run_detector(ours, avro, run=0, expected=expected, log_dir=self.log_dir, profile_to=path,
+                         batch_max_records=self.args.batch_max_records, batch_max_ms=self.args.batch_max_ms)
+        except (RunFailed, TimeoutError, FraudstreamError) as exc:
+            self.errors.append(f"profile: {exc}")
 
     def producers(self) -> dict:
         from benchmarks.producers import PRODUCERS, run_producer
@@ -226,7 +260,9 @@ class Benchmark:
 
     # ----- housekeeping -----
     def cleanup(self) -> None:
-        if not self.errors:
+        if self.errors or self.args.keep_logs:
+            self.log(f"contenders' output kept in {self.log_dir}")
+        else:
             shutil.rmtree(self.log_dir, ignore_errors=True)
         if self.args.keep_topics or not self.created_topics:
             return

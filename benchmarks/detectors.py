@@ -67,7 +67,7 @@ class DetectorSpec:
 
 
 def detector_specs(avro: Settings, confluent_out: Settings, json_in: Settings) -> list[DetectorSpec]:
-    """Ours and the confluent peer read the same Avro topic; the seed reads its JSON copy."""
+    """Ours first; it and the confluent peer read the same Avro topic, the seed reads its JSON copy."""
     return [
         DetectorSpec("ours", "ours: fraudstream detect (batched, fastavro)", "exactly-once",
                      Topics.derived(avro)),
@@ -102,12 +102,18 @@ class DetectorRun:
 
 def run_detector(spec: DetectorSpec, settings: Settings, *, run: int, expected: int, log_dir: Path,
                  batch_max_records: int | None = None, batch_max_ms: int | None = None,
-                 stall_timeout_s: float = 60.0) -> DetectorRun:
-    """One detector from the start of its (fresh) consumer group to all `expected` records routed, then SIGTERM."""
+                 stall_timeout_s: float = 60.0, profile_to: Path | None = None) -> DetectorRun:
+    """One detector from the start of its (fresh) consumer group to all `expected` records routed, then SIGTERM.
+
+    profile_to: run it under pyinstrument (wall-clock sampling, so waits show) and write the text
+    report there; such a run's figures are distorted by the profiler and are not results.
+    """
     counter = OutputCounter(settings, spec.topics.outputs)
     argv = spec.argv(settings, unique(f"bench-{spec.key}"), batch_max_records=batch_max_records,
                      batch_max_ms=batch_max_ms)
-    contender = Contender(f"{spec.key}-run{run}", argv, log_dir)
+    if profile_to is not None:
+        argv[1:1] = ["-m", "pyinstrument", "--renderer", "text", "--no-color", "--outfile", str(profile_to)]
+    contender = Contender(f"{spec.key}-{'profile' if profile_to else f'run{run}'}", argv, log_dir)
     try:
         routed = count_until(counter, contender, expected, stall_timeout_s=stall_timeout_s)
     except BaseException:

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from consumer.detector import run_until_signalled
-from fraudstream.settings import Settings
+from fraudstream.settings import DECODERS, Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="large_amount rule: fraud above this many cents [default 90000 = $900.00]")
     parser.add_argument("--batch-max-records", dest="batch_max_records", type=int, help="records per transaction at most")
     parser.add_argument("--batch-max-ms", dest="batch_max_ms", type=int, help="wait at most this long to fill a batch")
+    parser.add_argument("--decoder", dest="decoder", choices=DECODERS,
+                        help="columnar (Arrow batches, default) or record (fastavro per record) [FRAUDSTREAM_DECODER]")
     parser.add_argument("--metrics-port", dest="metrics_port", type=int, help="serve Prometheus metrics on this port")
     parser.add_argument("--log-interval", type=float, default=10.0, help="seconds between progress lines (default 10)")
     add_connection_arguments(parser)

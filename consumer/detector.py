@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from consumer.decide import Decider, Decision, Route
+from consumer.decide import ColumnarDecider, Decider, Decision, Route
 from consumer.metrics import DetectorMetrics
 from consumer.rules import rules_from_settings
 from fraudstream.errors import Fenced, KafkaUnavailable, RegistryError
@@ -64,7 +64,7 @@ class Detector:
         self.producer: Producer | None = None
 
     # ----- start-up -----
-    def _start(self) -> Decider:
+    def _start(self) -> Decider | ColumnarDecider:
         s = self.settings
         wait_for_cluster(s)
         ensure_topics(s, (s.transactions_topic, s.legit_topic, s.fraud_topic, s.dlq_topic))
@@ -74,7 +74,10 @@ class Detector:
         decoder = Decoder(registry, schemas.expanded["Transaction"], reader_id=ids[s.transactions_topic])
         decider = Decider(decoder, rules_from_settings(s),
                           legit_schema_id=ids[s.legit_topic], legit_schema=schemas.parsed["Transaction"],
-                          fraud_schema_id=ids[s.fraud_topic], fraud_schema=schemas.parsed["FraudAlert"])
+                          fraud_schema_id=ids[s.fraud_topic], fraud_schema=schemas.parsed["FraudAlert"],
+                          reject_trailing_bytes=s.decoder == "record")
+        if s.decoder == "columnar":
+            decider = ColumnarDecider(decider, reader_schema=schemas.expanded["Transaction"])
         self.producer = Producer(transactional_producer_config(s, self.transactional_id))
         self._call("initialising transactions", self.producer.init_transactions, INIT_TRANSACTIONS_TIMEOUT_S)
         self.consumer = Consumer(consumer_config(s, s.group_id))
@@ -129,7 +132,7 @@ class Detector:
         log.warning("consumer: %s", error.str())
         return True
 
-    def _decide(self, decider: Decider, messages: list, stop: threading.Event) -> list[Decision] | None:
+    def _decide(self, decider: Decider | ColumnarDecider, messages: list, stop: threading.Event) -> list[Decision] | None:
         """Decide the batch; while the registry does not answer, retry with backoff (never dead-letter)."""
         backoff, waited = 0.2, 0.0
         while True:

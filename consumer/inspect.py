@@ -31,6 +31,7 @@ import base64
 import difflib
 import io
 import json
+import logging
 import math
 import os
 import signal
@@ -72,6 +73,7 @@ CONSUME_BATCH = 500
 POLL_INTERVAL_S = 0.5
 # Never committed and never joined (assign() only); librdkafka still wants a group id.
 INSPECT_GROUP_ID = "fraudstream-inspect"
+LIBRDKAFKA_LOGGER = "fraudstream.librdkafka"  # parent of the loggers fraudstream.kafka gives every client
 
 
 class TopicNotFound(FraudstreamError):
@@ -488,6 +490,8 @@ def _raise_if_fatal(error: KafkaError) -> None:
 
 # ---------------------------------------------------------------- CLI
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    # librdkafka retries on its own and logs every attempt; an unreachable broker becomes our one-line error.
+    logging.getLogger(LIBRDKAFKA_LOGGER).setLevel(logging.CRITICAL)
     topic = args.topic or settings.transactions_topic
     if args.offset is not None and args.offset.kind == "absolute" and args.partition is None:
         raise ConfigError("--offset N needs --partition (offsets are per partition); -N, earliest and latest do not")

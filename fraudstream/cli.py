@@ -34,7 +34,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 SETTINGS_FLAGS = ("bootstrap_servers", "schema_registry_url", "transactions_topic", "partitions", "group_id",
-                  "transactional_id", "fraud_threshold_cents", "batch_max_records", "batch_max_ms",
+                  "transactional_id", "fraud_threshold_cents", "batch_max_records", "batch_max_ms", "decoder",
                   "metrics_port", "compatibility")
 
 

@@ -18,6 +18,7 @@ inspect commands need it) unless --stop-stack is given and the demo started it.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import signal
@@ -34,21 +35,25 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from confluent_kafka import Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, IsolationLevel, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import OffsetSpec
 
 from fraudstream.errors import ConfigError, FraudstreamError, KafkaUnavailable
-from fraudstream.kafka import admin, consumer_config, ensure_topics, wait_for_cluster
+from fraudstream.kafka import admin, consumer_config, ensure_topics, producer_config, wait_for_cluster
 from fraudstream.records import FraudAlert, Label, Transaction
-from fraudstream.registry import Registry, register_all
+from fraudstream.registry import Registry, current_ids, register_all
 from fraudstream.schemas import load_schemas
 from fraudstream.serde import DecodeError, Decoder
+from fraudstream.serde import frame as confluent_frame
 from fraudstream.settings import ENV, Settings
 
 DEFAULT_DURATION_S = 30.0
 DEFAULT_RATE = 500
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
 DEFAULT_PLAIN_INTERVAL_S = 5.0
+DEFAULT_BAD_RECORDS = 3
+BAD_RECORD_EVERY_S = 10.0  # with --duration 0 there is no end to spread them over
+UNREGISTERED_SCHEMA_ID = 2_000_000_000  # far above any id a registry hands out
 TTY_REDRAW_S = 0.5
 CHILD_STOP_TIMEOUT_S = 30.0
 FINAL_READ_TIMEOUT_S = 20.0
@@ -56,6 +61,7 @@ POLL_S = 0.2
 LATEST_ALERTS = 5
 RATE_WINDOW_S = 3.0
 METADATA_TIMEOUT_S = 10.0
+LIBRDKAFKA_LOGGER = "fraudstream.librdkafka"  # parent of the loggers fraudstream.kafka gives every client
 VIEW_GROUP_ID = "fraudstream-demo-view"  # never joined nor committed: the view uses assign()
 
 # Runs a fraudstream subcommand in a child that dies with the demo: PR_SET_PDEATHSIG (Linux) sends it
@@ -83,6 +89,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if number < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def _count(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
     return number
 
 
@@ -116,6 +132,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds between progress lines when the output is not a terminal "
                              f"(default {DEFAULT_PLAIN_INTERVAL_S:.0f})")
     parser.add_argument("--plain", action="store_true", help="plain progress lines even on a terminal")
+    parser.add_argument("--bad-records", type=_count, default=DEFAULT_BAD_RECORDS, metavar="N",
+                        help="malformed records the demo slips into the input topic during the run, to show the "
+                             f"dead-letter path (default {DEFAULT_BAD_RECORDS}; 0: none)")
     parser.add_argument("--log-dir", type=Path, metavar="DIR",
                         help="where the producer's and detectors' logs go (default: a new temporary folder)")
     parser.add_argument("--stop-stack", action="store_true",
@@ -254,9 +273,21 @@ class DemoState:
     latest_alerts: deque[AlertLine] = field(default_factory=lambda: deque(maxlen=LATEST_ALERTS))
     rules_fired: Counter[str] = field(default_factory=Counter)
     undecodable_outputs: int = 0  # records on legit/fraud/labels the view could not read (should stay 0)
+    traffic_started_at: float | None = None  # clock time of the first input record seen
+    traffic_last_at: float | None = None
 
-    def on_input(self) -> None:
+    def on_input(self, now: float) -> None:
         self.counts.produced += 1
+        if self.traffic_started_at is None:
+            self.traffic_started_at = now
+        self.traffic_last_at = now
+
+    @property
+    def traffic_s(self) -> float:
+        """From the first input record seen to the last: how long the generator really ran."""
+        if self.traffic_started_at is None or self.traffic_last_at is None:
+            return 0.0
+        return self.traffic_last_at - self.traffic_started_at
 
     def on_legit(self, transaction: Transaction) -> None:
         self.counts.legit += 1
@@ -275,6 +306,24 @@ class DemoState:
 
     def on_label(self, label: Label) -> None:
         self.score.labelled(label.transaction_id, label.is_fraud, label.scenario)
+
+
+def malformed_record(index: int, transaction_schema_id: int) -> tuple[bytes, bytes]:
+    """(key, value) of the index-th bad record: each kind of damage the detector must dead-letter."""
+    key = f"demo-malformed-{index}".encode()
+    kind = index % 3
+    if kind == 0:  # JSON where Avro was expected: no Confluent magic byte
+        return key, b'{"transaction_id": "demo-malformed", "amount_cents": 125000}'
+    if kind == 1:  # framed, but with a schema id the registry does not know
+        return key, confluent_frame(UNREGISTERED_SCHEMA_ID) + b"\x02\x04"
+    return key, confluent_frame(transaction_schema_id) + b"\x48truncated"  # the right schema, a cut-off body
+
+
+def bad_record_times(count: int, duration_s: float) -> list[float]:
+    """Seconds into the run at which to write each bad record: spread over the traffic."""
+    if duration_s > 0:
+        return [duration_s * (i + 1) / (count + 1) for i in range(count)]
+    return [BAD_RECORD_EVERY_S * (i + 1) for i in range(count)]
 
 
 # ---------------------------------------------------------------- rendering (pure)
@@ -406,7 +455,7 @@ class PipelineWatcher:
         alerts = Decoder(registry, schemas.expanded["FraudAlert"])
         labels = Decoder(registry, schemas.expanded["Label"])
         self.handlers: dict[str, Callable[[bytes | None], None]] = {
-            settings.transactions_topic: lambda value: state.on_input(),
+            settings.transactions_topic: lambda value: state.on_input(time.monotonic()),
             settings.legit_topic: lambda value: state.on_legit(Transaction.from_dict(transactions.decode(value))),
             settings.fraud_topic: lambda value: state.on_fraud(FraudAlert.from_dict(alerts.decode(value))),
             settings.dlq_topic: lambda value: state.on_dead_letter(),
@@ -427,6 +476,9 @@ class PipelineWatcher:
             metadata = self.consumer.list_topics(timeout=METADATA_TIMEOUT_S)
         except KafkaException as exc:
             raise KafkaUnavailable(f"Kafka did not answer a metadata request: {exc.args[0].str()}") from exc
+        missing = [topic for topic in self.handlers if topic not in metadata.topics]
+        if missing:
+            raise KafkaUnavailable(f"topic {missing[0]} is not in the cluster's metadata")
         return [(topic, p) for topic in self.handlers for p in sorted(metadata.topics[topic].partitions)]
 
     def end_offsets(self, topics: Sequence[str] | None = None) -> dict[Position, int]:
@@ -487,6 +539,32 @@ class PipelineWatcher:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+class BadRecordWriter:
+    """Writes the demo's malformed records into the input topic on schedule (plain idempotent producer)."""
+
+    def __init__(self, settings: Settings, count: int, duration_s: float) -> None:
+        self.settings = settings
+        self.due = bad_record_times(count, duration_s)
+        self.written = 0
+        self.producer: Producer | None = None
+        self.transaction_schema_id = 0
+        if count > 0:
+            ids = current_ids(settings, Registry(settings))
+            self.transaction_schema_id = ids[settings.transactions_topic]
+            self.producer = Producer(producer_config(settings))
+
+    def write_due(self, elapsed_s: float) -> None:
+        while self.producer is not None and self.written < len(self.due) and self.due[self.written] <= elapsed_s:
+            key, value = malformed_record(self.written, self.transaction_schema_id)
+            self.producer.produce(self.settings.transactions_topic, value, key)
+            self.producer.poll(0)
+            self.written += 1
+
+    def close(self) -> None:
+        if self.producer is not None and self.producer.flush(METADATA_TIMEOUT_S):
+            raise KafkaUnavailable(f"the demo's malformed records were not delivered to {self.settings.transactions_topic}")
 
 
 # ---------------------------------------------------------------- child processes
@@ -616,6 +694,7 @@ class Demo:
         self.began = time.monotonic()
         self.phase = "starting"
         self.problems: list[str] = []
+        self.bad_records_written = 0
 
     def frame(self) -> Frame:
         now = time.monotonic()
@@ -657,8 +736,22 @@ class Demo:
     def _produce(self, watcher: PipelineWatcher, producer: Child, detectors: list[Child], stop: threading.Event,
                  now: threading.Event) -> None:
         self.phase = "producing"
+        saboteur = BadRecordWriter(self.settings, self.args.bad_records, self.args.duration)
+        try:
+            self._produce_until_done(watcher, producer, detectors, stop, now, saboteur)
+            if not stop.is_set() and not self.problems:
+                saboteur.write_due(float("inf"))  # the generator finished early: the rest go now
+        finally:
+            saboteur.close()
+            self.bad_records_written = saboteur.written
+
+    def _produce_until_done(self, watcher: PipelineWatcher, producer: Child, detectors: list[Child],
+                            stop: threading.Event, now: threading.Event, saboteur: BadRecordWriter) -> None:
         while producer.exit_code is None:
             self._tick(watcher)
+            started = self.state.traffic_started_at
+            if started is not None and not stop.is_set():  # spread over the traffic, once the generator is up
+                saboteur.write_due(time.monotonic() - started)
             if stop.is_set():
                 self.phase = "stopping the producer"
                 producer.stop()
@@ -721,14 +814,17 @@ class Demo:
 
 # ---------------------------------------------------------------- summary
 def summary_lines(frame: Frame, settings: Settings, *, extra_flags: list[str], log_dir: Path,
-                  stack_left_running: bool) -> list[str]:
+                  stack_left_running: bool, bad_records: int = 0) -> list[str]:
     c, s = frame.state.counts, frame.state.score
     topic = settings.transactions_topic
-    per_s = c.produced / frame.elapsed_s if frame.elapsed_s else 0.0
+    traffic_s = frame.state.traffic_s
+    per_s = f" ({c.produced / traffic_s:,.0f}/s)" if traffic_s > 0 else ""
     detectors = f"{frame.detectors} detector{'s' if frame.detectors > 1 else ''}"
+    malformed = f", {bad_records} of them malformed on purpose" if bad_records else ""
     lines = [
         "",
-        f"fraudstream demo: {c.produced:,} transactions in {frame.elapsed_s:.1f}s ({per_s:,.0f}/s) on {topic}, {detectors}",
+        f"fraudstream demo: {c.produced:,} records in {traffic_s:.1f}s of traffic{per_s}{malformed}, "
+        f"{frame.elapsed_s:.1f}s in all; topic {topic}, {detectors}",
         f"  legit        {c.legit:>10,}   -> {settings.legit_topic}",
         f"  fraud        {c.fraud:>10,}   -> {settings.fraud_topic}",
         f"  dead-letter  {c.dead_letter:>10,}   -> {settings.dlq_topic}",
@@ -765,7 +861,8 @@ def summary_lines(frame: Frame, settings: Settings, *, extra_flags: list[str], l
         f"fraud={c.fraud}", f"dead_letter={c.dead_letter}", f"in_flight={c.in_flight}",
         f"true_positives={s.true_positives}", f"false_positives={s.false_positives}",
         f"false_negatives={s.false_negatives}", f"true_negatives={s.true_negatives}",
-        f"elapsed_s={frame.elapsed_s:.1f}", f"counts_add_up={'yes' if c.add_up else 'no'}",
+        f"bad_records={bad_records}", f"traffic_s={traffic_s:.1f}", f"elapsed_s={frame.elapsed_s:.1f}",
+        f"counts_add_up={'yes' if c.add_up else 'no'}",
     ]))
     return lines
 
@@ -783,6 +880,8 @@ def _inspect_flags(settings: Settings) -> list[str]:
 
 def run(args: argparse.Namespace, settings: Settings, out: TextIO | None = None) -> int:
     out = out or sys.stdout
+    # librdkafka logs every reconnect attempt; a lost broker shows as our own one-line error instead.
+    logging.getLogger(LIBRDKAFKA_LOGGER).setLevel(logging.CRITICAL)
     if args.detectors > settings.partitions:
         raise ConfigError(f"--detectors {args.detectors} is more than the {settings.partitions} partitions: "
                           "the extra detectors would sit idle")
@@ -808,7 +907,8 @@ def run(args: argparse.Namespace, settings: Settings, out: TextIO | None = None)
     frame = demo.frame()
     stop_stack = args.stop_stack and cluster.started_stack
     for line in summary_lines(frame, settings, extra_flags=_inspect_flags(settings), log_dir=log_dir,
-                              stack_left_running=cluster.started_stack and not stop_stack):
+                              stack_left_running=cluster.started_stack and not stop_stack,
+                              bad_records=demo.bad_records_written):
         print(line, file=out)
     out.flush()
     if stop_stack:

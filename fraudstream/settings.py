@@ -29,6 +29,7 @@ ENV: dict[str, str] = {
     "fraud_threshold_cents": "FRAUDSTREAM_FRAUD_THRESHOLD_CENTS",
     "batch_max_records": "FRAUDSTREAM_BATCH_MAX_RECORDS",
     "batch_max_ms": "FRAUDSTREAM_BATCH_MAX_MS",
+    "decoder": "FRAUDSTREAM_DECODER",
     "metrics_port": "FRAUDSTREAM_METRICS_PORT",
     "compatibility": "FRAUDSTREAM_COMPATIBILITY",
     "schemas_dir": "FRAUDSTREAM_SCHEMAS_DIR",
@@ -43,6 +44,8 @@ ENV: dict[str, str] = {
 COMPATIBILITY_LEVELS = (
     "BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL", "FULL_TRANSITIVE", "NONE",
 )
+
+DECODERS = ("columnar", "record")
 
 # Path on an Apicurio Registry 3.x server where the Confluent Schema Registry API is served.
 APICURIO_CCOMPAT_PATH = "/apis/ccompat/v7"
@@ -62,6 +65,9 @@ class Settings:
     fraud_threshold_cents: int = 90_000
     batch_max_records: int = 2_000
     batch_max_ms: int = 100
+    # "columnar": each batch's current-schema records decoded at once into Arrow (pyruhvro) and the
+    # rules run on columns; "record": fastavro record by record. Same decisions; see consumer/decide.py.
+    decoder: str = "columnar"
     metrics_port: int = 0  # 0: no Prometheus endpoint
     compatibility: str = "FULL_TRANSITIVE"
     schemas_dir: Path = PROJECT_ROOT / "schemas"
@@ -120,6 +126,8 @@ class Settings:
     def validate(self) -> None:
         if self.compatibility not in COMPATIBILITY_LEVELS:
             raise ConfigError(f"compatibility must be one of {', '.join(COMPATIBILITY_LEVELS)}, not {self.compatibility!r}")
+        if self.decoder not in DECODERS:
+            raise ConfigError(f"decoder must be one of {', '.join(DECODERS)}, not {self.decoder!r}")
         for name in ("partitions", "replication_factor", "batch_max_records", "batch_max_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")

@@ -22,9 +22,13 @@ from datetime import datetime, timedelta, timezone
 from functools import cache
 from itertools import count
 from statistics import NormalDist
+from typing import TYPE_CHECKING
 
 from fraudstream.errors import ConfigError
 from fraudstream.records import Label, Transaction
+
+if TYPE_CHECKING:
+    from faker import Faker
 
 # Scenario names: a contract with the detector's quality report.
 LEGIT = "legit"
@@ -226,7 +230,7 @@ def build_population(seed: int, *, accounts: int = 5_000, home_places: int = 40,
     big_ticket_at = tuple(found or airline_terminals or pos_at[p] for p, found in enumerate(big_ticket_at))
     web_terminals = [i for i, t in enumerate(terminals) if t.kind == "web"]
     with_terminals = tuple(p for p in range(len(places)) if in_person_at[p])
-    far = tuple(tuple(q for q in with_terminals if _distance_km(places[p], places[q]) > FAR_KM)
+    far = tuple(tuple(q for q in with_terminals if distance_km(places[p], places[q]) > FAR_KM)
                 for p in range(len(places)))
 
     first_names = [fake.first_name() for _ in range(200)]
@@ -271,12 +275,15 @@ def build_population(seed: int, *, accounts: int = 5_000, home_places: int = 40,
         places=tuple(places), home_places=tuple(homes), terminals=tuple(terminals), accounts=tuple(people),
         active_by_utc_hour=tuple(active_by_hour), in_person_terminals_at=in_person_at, pos_terminals_at=pos_at,
         big_ticket_terminals_at=big_ticket_at, far_places=far, places_with_terminals=with_terminals,
-        tiny_ticket_terminals=tuple(i for i in web_terminals if terminals[i].merchant_category in TINY_TICKET_CATEGORIES),
+        tiny_ticket_terminals=tuple(i for i in web_terminals
+                                    if terminals[i].merchant_category in TINY_TICKET_CATEGORIES),
         resale_terminals=tuple(i for i in web_terminals if terminals[i].merchant_category in RESALE_CATEGORIES),
     )
 
 
-def _foreign_draw(fake) -> Callable[[], tuple[str, ...]]:
+def _foreign_draw(fake: Faker) -> Callable[[], tuple[str, ...]]:
+    """Faker's places outside the US (its location_on_land has no country filter)."""
+
     def draw() -> tuple[str, ...]:
         while True:
             found = fake.location_on_land()
@@ -285,17 +292,11 @@ def _foreign_draw(fake) -> Callable[[], tuple[str, ...]]:
     return draw
 
 
-def _distance_km(a: Place, b: Place) -> float:
-    """Great-circle (haversine) distance."""
+def distance_km(a: Place, b: Place) -> float:
+    """Great-circle (haversine) distance between two places."""
     lat1, lon1, lat2, lon2 = map(math.radians, (a.latitude, a.longitude, b.latitude, b.longitude))
     h = math.sin((lat2 - lat1) / 2) ** 2 + math.cos(lat1) * math.cos(lat2) * math.sin((lon2 - lon1) / 2) ** 2
     return 2 * 6_371.0 * math.asin(math.sqrt(h))
-
-
-def distance_km(population: Population, terminal_a: int, terminal_b: int) -> float:
-    """Distance between two terminals' cities (for tests and reports)."""
-    places = population.places
-    return _distance_km(places[population.terminals[terminal_a].place], places[population.terminals[terminal_b].place])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,17 +508,14 @@ class Generator:
 
     def _everyday(self, now_ms: int, when: datetime) -> Pair:
         """An active account buys something in its home town or online, near its typical amount."""
-        account = self._active_account(now_ms)
-        tx = self._purchase_at_home(account, self._card(account), when)
-        return tx, Label(transaction_id=tx.transaction_id, is_fraud=False, scenario=LEGIT)
-
-    def _purchase_at_home(self, account: Account, card_id: str, when: datetime) -> Transaction:
         population = self.population
+        account = self._active_account(now_ms)
         if self._random() < 0.9:
             terminal = population.terminals[self._pick(account.favourite_terminals)]
         else:  # somewhere new in town
             terminal = population.terminals[self._pick(population.in_person_terminals_at[account.home])]
-        return self._transaction(when, account, card_id, terminal, self._typical_amount(account, terminal))
+        tx = self._transaction(when, account, self._card(account), terminal, self._typical_amount(account, terminal))
+        return tx, Label(transaction_id=tx.transaction_id, is_fraud=False, scenario=LEGIT)
 
     def _travel(self, now_ms: int, when: datetime) -> Pair:
         """The account's owner away from home: legit, and a false positive for naive location rules."""
@@ -581,7 +579,7 @@ class Generator:
         place = self._pick(population.far_places[account.home] or population.places_with_terminals)
         in_person = population.in_person_terminals_at[place]
 
-        def abroad(at: datetime) -> Pair:
+        def far_away(at: datetime) -> Pair:
             terminal = population.terminals[self._pick(in_person)]
             amount = min(int(account.typical_amount_cents * rng.uniform(2.0, 6.0)), LEGIT_MAX_CENTS)
             if terminal.kind == "atm":
@@ -592,9 +590,12 @@ class Generator:
 
         due = now_ms + rng.randint(30 * SECOND_MS, 3 * MINUTE_MS)
         for _ in range(rng.randint(*FAR_FRAUDS)):
-            self._schedule(due, abroad)
+            self._schedule(due, far_away)
             due += rng.randint(10 * SECOND_MS, 60 * SECOND_MS)
-        return self._labelled(self._purchase_at_home(account, card_id, when), LEGIT)
+        # The genuine card-present purchase at home that the cloned card's use abroad contradicts.
+        home = population.terminals[self._pick(population.in_person_terminals_at[account.home])]
+        tx = self._transaction(when, account, card_id, home, self._typical_amount(account, home))
+        return self._labelled(tx, LEGIT)
 
     def _compromised_terminal(self, now_ms: int, when: datetime) -> Pair:
         """One tampered card-present terminal takes many different cards within minutes."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -25,7 +25,9 @@ from fraudstream.registry import Registry, current_ids
 from fraudstream.schemas import load_schemas
 from fraudstream.serde import make_encoder
 from fraudstream.settings import Settings
-from producer.generator import DEFAULT_LARGE_LEGIT_SHARE, Generator, build_population
+from producer.generator import DEFAULT_LARGE_LEGIT_SHARE, Generator, Pair, build_population
+
+Encoder = Callable[[dict[str, Any]], bytes]
 
 DEFAULT_RATE = 1_000.0
 DEFAULT_SEED = 42
@@ -106,9 +108,12 @@ class _Progress:
         self.live = out.isatty()
         self.every = LIVE_REFRESH_S if self.live else PLAIN_REFRESH_S
         self.target = f" / target {target_rate:,.0f}" if target_rate else ""
-        self.started = self.last_at = time.monotonic()
+        self.started = self.last_at = self.next_at = 0.0
         self.last_sent = 0
-        self.next_at = self.started + self.every
+
+    def begin(self, started: float) -> None:
+        self.started = self.last_at = started
+        self.next_at = started + self.every
 
     def update(self, now: float, sent: int, delivered: int, failed: int) -> None:
         if now < self.next_at:
@@ -176,8 +181,8 @@ def produce(settings: Settings, *, rate: float | None = DEFAULT_RATE, count: int
 class _Run:
     """One run's mutable state; produce() is its only user."""
 
-    def __init__(self, producer: Producer, generator: Generator, settings: Settings, encode_transaction: Any,
-                 encode_label: Any, *, labels: bool, rate: float | None, count: int | None, duration: float | None,
+    def __init__(self, producer: Producer, generator: Generator, settings: Settings, encode_transaction: Encoder,
+                 encode_label: Encoder, *, labels: bool, rate: float | None, count: int | None, duration: float | None,
                  stop: threading.Event, progress: _Progress | None, flush_timeout_s: float) -> None:
         self.producer = producer
         self.generator = generator
@@ -201,6 +206,8 @@ class _Run:
 
     def run(self) -> ProduceReport:
         started = time.monotonic()
+        if self.progress:
+            self.progress.begin(started)
         stopped_early = self._send_until_done(started)
         elapsed = time.monotonic() - started
         if self.progress:
@@ -255,7 +262,7 @@ class _Run:
                 progress.update(monotonic(), self.sent, self.on_transaction.delivered, self.on_transaction.failed)
         return False
 
-    def _send(self, batch: list) -> bool:
+    def _send(self, batch: list[Pair]) -> bool:
         """Send a batch of pairs; False when a stop request or a fatal error interrupted it."""
         produce = self.producer.produce
         encode_transaction, encode_label = self.encode_transaction, self.encode_label

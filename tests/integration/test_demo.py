@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import sys
 import uuid
 from pathlib import Path
 
+from fraudstream.demo import DEFAULT_BAD_RECORDS
 from fraudstream.settings import Settings
 from tests.support.kafka_io import read_topic
 from tests.support.output_lines import LineReader, stop_process
@@ -52,6 +54,7 @@ def test_demo_for_a_short_duration_exits_0_with_counts_that_add_up(stack_setting
     n = counts(summary(done.stdout))
     assert n["produced"] > 0 and n["backlog"] == 0
     assert n["produced"] == n["legit"] + n["fraud"] + n["dead_letter"]
+    assert n["dead_letter"] == DEFAULT_BAD_RECORDS  # the demo's malformed records, and nothing else
     # Every decision met its label: the join with the ground truth is complete.
     assert n["true_positives"] + n["false_positives"] == n["fraud"]
     assert n["false_negatives"] + n["true_negatives"] == n["legit"]
@@ -66,6 +69,16 @@ def test_demo_for_a_short_duration_exits_0_with_counts_that_add_up(stack_setting
     assert len([line for line in done.stdout.splitlines() if PROGRESS.match(line)]) >= 2
     assert f"fraudstream inspect {settings.fraud_topic} --from-beginning" in done.stdout
     assert "Traceback" not in done.stderr
+
+    # The dead letters the real detector wrote, through `inspect`: a reason for each, exit 0.
+    dead_letters = subprocess.run([sys.executable, "-m", "fraudstream.cli", "inspect", settings.dlq_topic,
+                                   "--from-beginning", "--bootstrap-servers", settings.bootstrap_servers,
+                                   "--schema-registry-url", settings.schema_registry_url],
+                                  capture_output=True, text=True, timeout=60)
+    assert dead_letters.returncode == 0, dead_letters.stderr
+    printed = [json.loads(line) for line in dead_letters.stdout.splitlines()]
+    assert sorted(r["error"]["kind"] for r in printed) == ["corrupt_avro", "no_magic_byte", "unknown_schema_id"]
+    assert all(r["error"]["reason"] and r["source"]["topic"] == topic for r in printed)
 
 
 def test_ctrl_c_stops_the_producer_drains_the_detectors_and_exits_0(stack_settings: Settings, tmp_path: Path) -> None:

@@ -240,3 +240,12 @@ def _no_env_topic(monkeypatch: pytest.MonkeyPatch) -> None:
     # The CLI under test gets its topic from arguments only.
     monkeypatch.delenv("FRAUDSTREAM_TOPIC", raising=False)
     assert "FRAUDSTREAM_TOPIC" not in os.environ
+
+
+def test_unreachable_broker_is_one_error_line_not_a_log_flood() -> None:
+    closed_port = "127.0.0.1:1"
+    done = subprocess.run([sys.executable, "-m", "fraudstream.cli", "inspect", "transactions", "--from-beginning",
+                           "--bootstrap-servers", closed_port], capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "Kafka did not answer" in done.stderr

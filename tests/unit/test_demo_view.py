@@ -17,6 +17,8 @@ from fraudstream.demo import (
     PipelineCounts,
     RateMeter,
     add_arguments,
+    bad_record_times,
+    malformed_record,
     detector_command,
     panel_lines,
     plain_line,
@@ -26,6 +28,8 @@ from fraudstream.demo import (
 )
 from fraudstream.errors import ConfigError
 from fraudstream.records import FraudAlert, Label, Transaction
+from fraudstream.schemas import load_schemas
+from fraudstream.serde import Decoder, DecodeError
 from fraudstream.settings import Settings
 
 SETTINGS = Settings(transactions_topic="payments")
@@ -56,7 +60,7 @@ def frame(state: DemoState, *, elapsed: float = 3.0, phase: str = "producing") -
 def busy_state() -> DemoState:
     state = DemoState()
     for i in range(10):
-        state.on_input()
+        state.on_input(100.0 + i)
         state.on_label(Label(transaction_id=f"t{i}", is_fraud=i in (1, 2, 3), scenario="card_testing" if i in (1, 2, 3) else "legit"))
     for i in (0, 4, 5, 6, 7):
         state.on_legit(tx(f"t{i}"))
@@ -201,7 +205,7 @@ def test_summary_ends_with_a_parseable_line_and_inspect_commands() -> None:
 
 def test_summary_says_so_when_counts_do_not_add_up() -> None:
     state = busy_state()
-    state.on_input()
+    state.on_input(200.0)
     lines = summary_lines(frame(state), SETTINGS, extra_flags=["--bootstrap-servers", "h:1"],
                           log_dir=Path("/tmp/x"), stack_left_running=False)
 
@@ -230,3 +234,39 @@ def test_producer_runs_for_the_duration_or_until_stopped() -> None:
 def test_more_detectors_than_partitions_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="more than the 6 partitions"):
         run(parse_args("--detectors", "7"), Settings(partitions=6))
+
+
+class NoRegistry:
+    """Knows the Transaction schema under id 1 and nothing else."""
+
+    def schema_by_id(self, schema_id: int) -> dict:
+        from fraudstream.registry import UnknownSchema
+
+        if schema_id != 1:
+            raise UnknownSchema(f"schema id {schema_id} is not in the registry")
+        return load_schemas(SETTINGS.schemas_dir).expanded["Transaction"]
+
+
+def test_malformed_records_cover_three_kinds_of_damage_the_detector_dead_letters() -> None:
+    decoder = Decoder(NoRegistry(), load_schemas(SETTINGS.schemas_dir).expanded["Transaction"])
+    kinds = []
+    for index in range(3):
+        key, value = malformed_record(index, transaction_schema_id=1)
+        assert key == f"demo-malformed-{index}".encode()
+        with pytest.raises(DecodeError) as caught:
+            decoder.decode(value)
+        kinds.append(caught.value.kind)
+
+    assert kinds == ["no_magic_byte", "unknown_schema_id", "corrupt_avro"]
+
+
+def test_bad_records_are_spread_over_the_traffic() -> None:
+    assert bad_record_times(3, 8.0) == [2.0, 4.0, 6.0]
+    assert bad_record_times(2, 0) == [10.0, 20.0]  # no set end: one every 10 s
+    assert bad_record_times(0, 8.0) == []
+
+
+def test_traffic_time_runs_from_the_first_input_record_to_the_last() -> None:
+    state = busy_state()
+    assert state.traffic_s == 9.0  # inputs seen at 100.0 .. 109.0
+    assert DemoState().traffic_s == 0.0
