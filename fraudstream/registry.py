@@ -18,8 +18,13 @@ from fraudstream.errors import RegistryError, SchemaError
 from fraudstream.schemas import SchemaSet, load_schemas, topic_schemas
 from fraudstream.settings import Settings
 
-SUBJECT_NOT_FOUND = 40401
-SCHEMA_NOT_FOUND = 40403
+# Registry error codes for "no such subject / version / schema". A bare HTTP 404 without one of
+# them comes from something else (a proxy, a wrong URL path) and means the registry was not reached.
+NOT_FOUND_CODES = frozenset({40401, 40402, 40403})
+
+
+def _not_found(exc: SchemaRegistryError) -> bool:
+    return exc.http_status_code == 404 and exc.error_code in NOT_FOUND_CODES
 
 
 class UnknownSchema(Exception):
@@ -53,7 +58,7 @@ class Registry:
         try:
             schema = self._call(f"fetching schema id {schema_id}", self.client.get_schema, schema_id)
         except SchemaRegistryError as exc:
-            if exc.http_status_code == 404:
+            if _not_found(exc):
                 raise UnknownSchema(f"schema id {schema_id} is not in the registry") from exc
             raise RegistryError(f"registry refused schema id {schema_id}: {exc}") from exc
         return json.loads(schema.schema_str)
@@ -62,7 +67,7 @@ class Registry:
         try:
             found = self._call(f"looking up {subject}", self.client.get_latest_version, subject)
         except SchemaRegistryError as exc:
-            if exc.error_code == SUBJECT_NOT_FOUND or exc.http_status_code == 404:
+            if _not_found(exc):
                 raise SchemaError(f"subject {subject} is not registered; run `fraudstream schemas register` first") from exc
             raise RegistryError(f"registry refused {subject}: {exc}") from exc
         return RegisteredSchema(subject, found.schema_id, found.version, json.loads(found.schema.schema_str))
@@ -71,7 +76,7 @@ class Registry:
         try:
             return self._call(f"listing {subject}", self.client.get_versions, subject)
         except SchemaRegistryError as exc:
-            if exc.http_status_code == 404:
+            if _not_found(exc):
                 return []
             raise RegistryError(f"registry refused {subject}: {exc}") from exc
 
@@ -91,7 +96,7 @@ class Registry:
         try:
             return self._call(f"checking {subject}", self.client.test_compatibility, subject, Schema(schema_text, "AVRO"))
         except SchemaRegistryError as exc:
-            if exc.http_status_code == 404:
+            if _not_found(exc):
                 return True  # nothing registered yet: anything is compatible
             raise RegistryError(f"registry refused the compatibility check for {subject}: {exc}") from exc
 
@@ -127,7 +132,7 @@ def current_ids(settings: Settings, registry: Registry, schemas: SchemaSet | Non
             found = registry._call(f"looking up {subject}", registry.client.lookup_schema, subject,
                                    Schema(schemas.text(name), "AVRO"))
         except SchemaRegistryError as exc:
-            if exc.http_status_code == 404:
+            if _not_found(exc):
                 raise SchemaError(f"the current {name} schema is not registered under {subject}; "
                                   "run `fraudstream schemas register` first") from exc
             raise RegistryError(f"registry refused the lookup of {subject}: {exc}") from exc
