@@ -35,6 +35,7 @@ INIT_TRANSACTIONS_TIMEOUT_S = 30.0
 TRANSACTION_CALL_TIMEOUT_S = 30.0
 REGISTRY_OUTAGE_LIMIT_S = 240.0  # below max.poll.interval.ms (300 s), so we never silently leave the group
 REGISTRY_BACKOFF_MAX_S = 5.0
+KAFKA_RETRY_LIMIT_S = 120.0  # a retriable transactional call (e.g. a commit timing out) is retried this long
 FENCED_CODES = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
 
 
@@ -181,6 +182,7 @@ class Detector:
 
     def _call(self, what: str, fn, *args):
         """One transactional API call, classified: retriable -> again; abortable -> _AbortBatch; fatal -> Fenced."""
+        deadline, backoff = time.monotonic() + KAFKA_RETRY_LIMIT_S, 0.1
         while True:
             try:
                 return fn(*args)
@@ -191,10 +193,11 @@ class Detector:
                                  "(another detector with the same transactional id took over, or the producer failed)") from exc
                 if error.txn_requires_abort():
                     raise _AbortBatch(f"{what}: {error.str()}") from exc
-                if error.retriable():
-                    log.warning("retrying after %s failed: %s", what, error.str())
-                    continue
-                raise KafkaUnavailable(f"{what} failed: {error.str()}") from exc
+                if not error.retriable() or time.monotonic() > deadline:
+                    raise KafkaUnavailable(f"{what} failed: {error.str()}") from exc
+                log.warning("retrying after %s failed: %s", what, error.str())
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
 
     def _rewind(self, messages: list) -> None:
         """abort_transaction() does not move the consumer: seek back to each partition's first offset in the batch."""
