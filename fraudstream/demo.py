@@ -882,10 +882,6 @@ def run(args: argparse.Namespace, settings: Settings, out: TextIO | None = None)
     out = out or sys.stdout
     # librdkafka logs every reconnect attempt; a lost broker shows as our own one-line error instead.
     logging.getLogger(LIBRDKAFKA_LOGGER).setLevel(logging.CRITICAL)
-    if args.detectors > settings.partitions:
-        raise ConfigError(f"--detectors {args.detectors} is more than the {settings.partitions} partitions: "
-                          "the extra detectors would sit idle")
-
     def log(line: str) -> None:
         print(line, file=out, flush=True)
 
@@ -900,6 +896,10 @@ def run(args: argparse.Namespace, settings: Settings, out: TextIO | None = None)
     demo = Demo(settings, args, out)
     watcher = PipelineWatcher(settings, demo.state)
     try:
+        partitions = sum(1 for topic, _ in watcher.partitions if topic == settings.transactions_topic)
+        if args.detectors > partitions:  # checked against the topic as it is: it may predate --partitions
+            raise ConfigError(f"--detectors {args.detectors} is more than the {partitions} partitions of "
+                              f"{settings.transactions_topic}: the extra detectors would sit idle")
         demo.state.counts.backlog = watcher.backlog(settings.group_id)
         demo.run(watcher, log_dir)
     finally:

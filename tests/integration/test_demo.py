@@ -113,3 +113,13 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_more_detectors_than_partitions_is_refused_before_anything_starts(stack_settings: Settings,
+                                                                          tmp_path: Path) -> None:
+    command = demo_command(stack_settings, new_topic(), tmp_path, "--detectors", "4")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=DEMO_TIMEOUT_S)
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "3 partitions" in done.stderr
+    assert "started" not in done.stdout

@@ -23,10 +23,8 @@ from fraudstream.demo import (
     panel_lines,
     plain_line,
     producer_command,
-    run,
     summary_lines,
 )
-from fraudstream.errors import ConfigError
 from fraudstream.records import FraudAlert, Label, Transaction
 from fraudstream.schemas import load_schemas
 from fraudstream.serde import Decoder, DecodeError
@@ -229,11 +227,6 @@ def test_producer_runs_for_the_duration_or_until_stopped() -> None:
     assert timed[timed.index("--duration") + 1] == "12" and timed[timed.index("--rate") + 1] == "300"
     assert timed[timed.index("--seed") + 1] == "7" and "--quiet" in timed
     assert "--duration" not in endless and "--seed" not in endless
-
-
-def test_more_detectors_than_partitions_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="more than the 6 partitions"):
-        run(parse_args("--detectors", "7"), Settings(partitions=6))
 
 
 class NoRegistry:
