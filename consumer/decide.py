@@ -9,20 +9,18 @@ loop can retry the whole batch.
 from __future__ import annotations
 
 import enum
-import io
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyarrow.compute as pc
 import pyruhvro
-from fastavro import schemaless_reader
 
 from consumer.rules import Rule, fired
 from fraudstream.records import Transaction
 import json
 
-from fraudstream.serde import HEADER, MAGIC_BYTE, Decoder, DecodeError, make_encoder, split_frame
+from fraudstream.serde import HEADER, MAGIC_BYTE, Decoder, DecodeError, make_encoder, read_payload, split_frame
 
 DLQ_KIND = "error.kind"
 DLQ_REASON = "error.reason"
@@ -68,10 +66,6 @@ class Decider:
     def decide(self, messages: Sequence) -> list[Decision]:
         # Locals: this loop runs once per record.
         schemas_for = self.decoder.schemas_for
-        read = schemaless_reader
-        bytes_io = io.BytesIO
-        header_size = HEADER.size
-        unpack = HEADER.unpack_from
         rules = self.rules
         legit_id = self.legit_schema_id
         encode_legit = self.encode_legit
@@ -84,20 +78,9 @@ class Decider:
         for message in messages:
             value = message.value()
             try:
-                if not value or value[0] != MAGIC_BYTE or len(value) < header_size:
-                    split_frame(value)  # raises the precise DecodeError
-                schema_id = unpack(value)[1]
+                schema_id, payload = split_frame(value)
                 writer, reader = schemas_for(schema_id)
-                stream = bytes_io(value)
-                stream.seek(header_size)
-                try:
-                    record = read(stream, writer, reader)
-                except Exception as exc:  # fastavro: EOFError, ValueError, IndexError, UnicodeDecodeError, ...
-                    raise DecodeError("corrupt_avro", f"Avro payload does not match schema id {schema_id}: "
-                                                      f"{type(exc).__name__}: {exc}") from None
-                if reject_trailing_bytes and stream.tell() != len(value):
-                    raise DecodeError("trailing_bytes", f"{len(value) - stream.tell()} bytes left after the record "
-                                                        f"(schema id {schema_id})")
+                record = read_payload(payload, schema_id, writer, reader, reject_trailing_bytes=reject_trailing_bytes)
                 transaction = Transaction.from_dict(record)
                 if transaction.currency != currency:
                     raise DecodeError("invalid_record", f"currency {transaction.currency!r} is not {currency}")

@@ -50,12 +50,12 @@ from confluent_kafka import (
     KafkaException,
     TopicPartition,
 )
-from fastavro import json_writer, parse_schema, schemaless_reader
+from fastavro import json_writer, parse_schema
 
 from fraudstream.errors import ConfigError, FraudstreamError, KafkaUnavailable
 from fraudstream.kafka import consumer_config
 from fraudstream.registry import Registry, UnknownSchema
-from fraudstream.serde import DecodeError, split_frame
+from fraudstream.serde import DecodeError, read_payload, split_frame
 from fraudstream.settings import Settings
 
 # Header names the detector writes on every dead-letter record (the producer side of this contract).
@@ -303,15 +303,7 @@ class RecordFormatter:
         """(schema id, JSON-ready value) of a Confluent-framed Avro value, or DecodeError."""
         schema_id, payload = split_frame(value)
         writer = self.schemas.get(schema_id)
-        stream = io.BytesIO(payload)
-        try:
-            record = schemaless_reader(stream, writer, None)
-        except Exception as exc:  # fastavro raises EOFError, ValueError, IndexError, UnicodeDecodeError, ...
-            raise DecodeError("corrupt_avro", f"Avro payload does not match schema id {schema_id}: "
-                                              f"{type(exc).__name__}: {exc}") from None
-        if stream.tell() != len(payload):
-            raise DecodeError("trailing_bytes", f"{len(payload) - stream.tell()} bytes left after the record "
-                                                f"(schema id {schema_id})")
+        record = read_payload(payload, schema_id, writer)
         if self.confluent_json:
             # fastavro's Avro JSON encoder tags union branches exactly as the Java encoder does.
             text = io.StringIO()

@@ -96,16 +96,23 @@ class Decoder:
             return DecodeError("schema_mismatch", f"schema id {schema_id} is {name or writer.get('type', writer)!s}, not {self.reader_name}")
         return writer, (None if writer == self.reader_parsed else self.reader_parsed)
 
-    def decode(self, value: bytes | None) -> dict[str, Any]:
+    def decode(self, value: bytes | None, *, reject_trailing_bytes: bool = True) -> dict[str, Any]:
         schema_id, payload = split_frame(value)
         writer, reader = self.schemas_for(schema_id)
-        stream = io.BytesIO(payload)
-        try:
-            record = schemaless_reader(stream, writer, reader)
-        except Exception as exc:  # fastavro raises EOFError, ValueError, IndexError, UnicodeDecodeError, ...
-            raise DecodeError("corrupt_avro", f"Avro payload does not match schema id {schema_id}: "
-                                              f"{type(exc).__name__}: {exc}") from None
-        if stream.tell() != len(payload):
-            raise DecodeError("trailing_bytes", f"{len(payload) - stream.tell()} bytes left after the record "
-                                                f"(schema id {schema_id})")
-        return record
+        return read_payload(payload, schema_id, writer, reader, reject_trailing_bytes=reject_trailing_bytes)
+
+
+def read_payload(payload: bytes | memoryview, schema_id: int, writer: Any, reader: Any = None, *,
+                 reject_trailing_bytes: bool = True) -> dict[str, Any]:
+    """One Avro record from the bytes after the Confluent header, or DecodeError."""
+    stream = io.BytesIO(payload)
+    try:
+        record = schemaless_reader(stream, writer, reader)
+    except Exception as exc:  # fastavro raises EOFError, ValueError, IndexError, UnicodeDecodeError, ...
+        raise DecodeError("corrupt_avro", f"Avro payload does not match schema id {schema_id}: "
+                                          f"{type(exc).__name__}: {exc}") from None
+    if reject_trailing_bytes and stream.tell() != len(payload):
+        # Usually a producer that framed its data with the wrong schema id.
+        raise DecodeError("trailing_bytes", f"{len(payload) - stream.tell()} bytes left after the record "
+                                            f"(schema id {schema_id})")
+    return record
