@@ -22,7 +22,7 @@ from benchmarks import report
 from benchmarks.harness import RunFailed, unique
 from fraudstream.errors import ConfigError, FraudstreamError
 from fraudstream.kafka import admin, ensure_topics, wait_for_cluster
-from fraudstream.registry import register_all
+from fraudstream.registry import Registry, register_all
 from fraudstream.settings import PROJECT_ROOT, Settings
 
 SECTIONS = ("detectors", "producers", "latency")
@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-max-records", type=int, help="our detector's batch bound (default: its setting)")
     parser.add_argument("--batch-max-ms", type=int, help="our detector's batch time bound (default: its setting)")
     parser.add_argument("--profile", action="store_true",
-                        help="after the detector runs, one more run of ours under pyinstrument (not counted); "
-                             "writes <output-dir>/profile-ours-detector.txt")
+                        help="one more detector run and one more latency run of ours under pyinstrument (not "
+                             "counted): <output-dir>/profile-ours-detector.txt and profile-ours-latency.txt")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--detectors", help="comma-separated subset of the detectors to run (default: all)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--update-readme", action="store_true",
                         help="also put the markdown into README.md's Benchmarks section (between its markers)")
-    parser.add_argument("--keep-topics", action="store_true", help="do not delete the topics the run created")
+    parser.add_argument("--keep-topics", action="store_true",
+                        help="do not delete the topics (and schema subjects) the run created")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep every contender's output (kept anyway when something failed)")
     parser.add_argument("--bootstrap-servers", help="Kafka bootstrap servers [KAFKA_BOOTSTRAP_SERVERS]")
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in QUICK.items():
             if getattr(args, name) == parser.get_default(name):
                 setattr(args, name, value)
+    if args.quick and args.update_readme:
+        parser.error("--quick measures nothing: it cannot --update-readme")
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     if unknown := set(sections) - set(SECTIONS):
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
@@ -85,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     json_path, md_path = report.write(results, args.output_dir)
     print(report.markdown(results))
     print(f"wrote {json_path} and {md_path}")
-    if args.update_readme:
+    if args.update_readme and results["errors"]:
+        print("benchmarks: something failed, so README.md keeps its figures", file=sys.stderr)
+    elif args.update_readme:
         if report.update_readme(results):
             print(f"updated {report.README}")
         else:
@@ -101,6 +106,7 @@ class Benchmark:
         self.sections = sections
         self.run_id = unique("bench")
         self.created_topics: list[str] = []
+        self.registered_subjects: list[str] = []
         self.log_dir = Path(tempfile.mkdtemp(prefix="fraudstream-bench-"))
         self.errors: list[str] = []
 
@@ -117,6 +123,7 @@ class Benchmark:
                 "fraud_threshold_cents": self.settings.fraud_threshold_cents,
                 "ours_batch_max_records": args.batch_max_records or self.settings.batch_max_records,
                 "ours_batch_max_ms": args.batch_max_ms or self.settings.batch_max_ms,
+                "ours_decoder": self.settings.decoder,
                 "sections": self.sections,
             },
         }
@@ -146,7 +153,7 @@ class Benchmark:
         ensure_topics(settings)
         self.created_topics += settings.all_topics
         if register:
-            register_all(settings)
+            self.registered_subjects += list(register_all(settings))  # subject -> id
         return settings
 
     # ----- sections -----
@@ -245,16 +252,26 @@ class Benchmark:
         from benchmarks.latency import measure_latency
 
         args = self.args
+        batch = {"batch_max_records": args.batch_max_records, "batch_max_ms": args.batch_max_ms}
         self.log(f"latency at {', '.join(f'{r:,}' for r in self.rates)} tx/s, {args.latency_seconds:g}s each ...")
         try:
-            runs, peak_rss = measure_latency(self.topics_for("latency"), rates=self.rates,
-                                             seconds=args.latency_seconds, seed=args.seed, log_dir=self.log_dir,
-                                             batch_max_records=args.batch_max_records, batch_max_ms=args.batch_max_ms)
+            runs, peak_rss = measure_latency(self.topics_for("latency"), rates=self.rates, seconds=args.latency_seconds,
+                                             seed=args.seed, log_dir=self.log_dir, **batch)
         except (RunFailed, TimeoutError, FraudstreamError) as exc:
             self.errors.append(f"latency: {exc}")
             return {"detector": "ours", "runs": [], "error": str(exc)}
         for run in runs:
             self.log(f"  {run.rate_tps:,} tx/s: p50 {run.p50_ms} ms, p99 {run.p99_ms} ms, max {run.max_ms} ms")
+        if args.profile:
+            path = args.output_dir / "profile-ours-latency.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rate = report.LATENCY_TARGET_RATE
+            self.log(f"latency at {rate:,} tx/s with the detector under pyinstrument -> {path} ...")
+            try:
+                measure_latency(self.topics_for("latency-profile"), rates=[rate], seconds=args.latency_seconds,
+                                seed=args.seed, log_dir=self.log_dir, profile_to=path, **batch)
+            except (RunFailed, TimeoutError, FraudstreamError) as exc:
+                self.errors.append(f"latency profile: {exc}")
         return {"detector": "ours", "runs": [r.to_json() for r in runs], "detector_peak_rss_mib": peak_rss,
                 "error": None}
 
@@ -264,15 +281,25 @@ class Benchmark:
             self.log(f"contenders' output kept in {self.log_dir}")
         else:
             shutil.rmtree(self.log_dir, ignore_errors=True)
-        if self.args.keep_topics or not self.created_topics:
+        if self.args.keep_topics:
             return
-        # The shared broker keeps nothing of ours: hundreds of MB of benchmark records otherwise.
-        futures = admin(self.settings).delete_topics(sorted(set(self.created_topics)), operation_timeout=30)
-        for future in futures.values():
+        # The shared broker and registry keep nothing of ours: hundreds of MB of records otherwise.
+        registry = Registry(self.settings)
+        for subject in self.registered_subjects:
+            try:
+                registry.client.delete_subject(subject)
+                registry.client.delete_subject(subject, permanent=True)
+            except Exception as exc:  # noqa: BLE001 - a leftover subject is harmless: say so, go on
+                self.log(f"could not delete subject {subject}: {exc}")
+        if not self.created_topics:
+            return
+        client = admin(self.settings)  # held until the futures resolve: a collected client fails them
+        futures = client.delete_topics(sorted(set(self.created_topics)), operation_timeout=30)
+        for topic, future in futures.items():
             try:
                 future.result()
-            except Exception:  # noqa: BLE001 - best effort; a leftover topic is harmless
-                pass
+            except Exception as exc:  # noqa: BLE001 - a leftover topic is harmless: say so, go on
+                self.log(f"could not delete topic {topic}: {exc}")
 
     @staticmethod
     def log(line: str) -> None:

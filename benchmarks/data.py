@@ -21,7 +21,7 @@ from fraudstream.registry import Registry, current_ids
 from fraudstream.schemas import load_schemas
 from fraudstream.serde import make_encoder
 from fraudstream.settings import Settings
-
+from producer.generator import Generator
 
 # Event time of the pre-filled records: a simulated clock, so the same seed gives the same bytes.
 PREFILL_START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -30,8 +30,6 @@ PREFILL_EVENT_RATE = 2_000  # transactions per second of event time
 
 def transactions(count: int, seed: int) -> Iterator[Transaction]:
     """`count` transactions from the product's seeded generator (labels are not needed here)."""
-    from producer.generator import Generator
-
     for transaction, _label in islice(Generator(seed).stream(PREFILL_START_MS, PREFILL_EVENT_RATE), count):
         yield transaction
 

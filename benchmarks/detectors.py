@@ -69,7 +69,7 @@ class DetectorSpec:
 def detector_specs(avro: Settings, confluent_out: Settings, json_in: Settings) -> list[DetectorSpec]:
     """Ours first; it and the confluent peer read the same Avro topic, the seed reads its JSON copy."""
     return [
-        DetectorSpec("ours", "ours: fraudstream detect (batched, fastavro)", "exactly-once",
+        DetectorSpec("ours", "ours: fraudstream detect", "exactly-once",
                      Topics.derived(avro)),
         DetectorSpec("confluent_per_message", "confluent-kafka examples: AvroDeserializer/AvroSerializer per message",
                      "at-least-once",

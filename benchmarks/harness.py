@@ -1,7 +1,10 @@
 """Measuring instruments: contender processes (with their peak RSS), and a read_committed counter.
 
-Every detector runs as its own process, so its memory is its own: peak RSS comes from the
-kernel's accounting of the exited child (wait4 -> ru_maxrss), as do its CPU seconds.
+Every contender runs as a process of its own, so its memory is its own. Its peak RSS is the
+kernel's high-water mark of its address space (VmHWM in /proc/<pid>/status), read every time the
+harness looks at it until it exits: not wait4's ru_maxrss, which Linux carries over from the
+address space the child replaced at exec, i.e. this harness's own RSS at spawn time. Its CPU
+seconds do come from wait4.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from fraudstream.kafka import consumer_config
 from fraudstream.settings import PROJECT_ROOT, Settings
 
 STOP_TIMEOUT_S = 30.0
+MAX_DRAIN = 10_000  # records taken from the consumer's queue at once
 
 
 def unique(prefix: str) -> str:
@@ -31,29 +35,45 @@ def unique(prefix: str) -> str:
 @dataclass(slots=True)
 class Exited:
     exit_code: int
-    peak_rss_kib: int  # ru_maxrss of the process itself (Linux reports KiB)
+    peak_rss_kib: int  # last VmHWM read while it ran (0: it never got that far)
     cpu_s: float  # user + system
+
+
+def high_water_rss_kib(pid: int) -> int | None:
+    """VmHWM of a live process, in KiB; None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 class Contender:
     """One process under measurement; output goes to a log file (a full pipe would stall it)."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "ab")
         self.started = time.perf_counter()
         self.exited: Exited | None = None
+        self.peak_rss_kib = 0
         self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        cwd=PROJECT_ROOT, env={**os.environ, **(env or {})})
+                                        cwd=PROJECT_ROOT)
 
     def poll(self) -> Exited | None:
         """The exit record if the process has ended (reaped with wait4, never Popen.poll, which would
         throw the resource usage away), else None."""
         if self.exited is None:
+            # Read before reaping: a high-water mark only grows, so the last reading is the peak.
+            self.peak_rss_kib = high_water_rss_kib(self.process.pid) or self.peak_rss_kib
             pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
             if pid:
-                self.exited = Exited(os.waitstatus_to_exitcode(status), usage.ru_maxrss, usage.ru_utime + usage.ru_stime)
+                cpu_s = usage.ru_utime + usage.ru_stime
+                self.exited = Exited(os.waitstatus_to_exitcode(status), self.peak_rss_kib, cpu_s)
                 self.process.returncode = self.exited.exit_code  # reaped: Popen must not wait again
                 self._log.close()
         return self.exited
@@ -119,8 +139,16 @@ class OutputCounter:
                 partitions.append(tp)
         self.consumer.assign(partitions)
 
-    def poll(self, max_records: int = 10_000, timeout_s: float = 0.1) -> list:
-        return [m for m in self.consumer.consume(max_records, timeout_s) if m.error() is None]
+    def poll(self, timeout_s: float = 0.1) -> list:
+        """What is readable now: waits up to timeout_s for the first record only.
+
+        consume(n, timeout) would wait out its timeout unless n records came, and the instrument
+        would add that wait to every latency and to the end of every throughput run.
+        """
+        first = self.consumer.poll(timeout_s)
+        if first is None:
+            return []
+        return [m for m in (first, *self.consumer.consume(MAX_DRAIN, 0)) if m.error() is None]
 
     def close(self) -> None:
         self.consumer.close()
@@ -137,13 +165,14 @@ def count_until(counter: OutputCounter, contender: Contender, expected: int, *, 
     while routed.total < expected:
         messages = counter.poll()
         now = time.perf_counter()
+        contender.poll()  # also samples its memory
         if messages:
             for message in messages:
                 routed.by_topic[message.topic()] += 1
             if routed.first_seen_s is None:
                 routed.first_seen_s, routed.count_at_first = now, routed.total
             last_progress = time.monotonic()
-        elif contender.poll() is not None:
+        elif contender.exited is not None:
             raise RunFailed(f"{contender.name} exited with {contender.exited.exit_code} after routing "
                             f"{routed.total}/{expected}: {contender.log_tail(3)}")
         elif time.monotonic() - last_progress > stall_timeout_s:

@@ -4,6 +4,11 @@ Our detector runs (exactly-once); our producer sends at a fixed rate, stamping e
 event_time with the wall clock when it creates it; a read_committed consumer on the legit and
 fraud topics takes now - event_time for every record as it becomes readable. One machine, one
 clock. Before the timed phases, a warm-up proves the detector has joined its group and routes.
+
+Each total is split in two by the output record's Kafka timestamp (CreateTime, stamped by the
+detector's producer when it produces the record): creation -> the detector produces it (producer
+batching, broker, the detector's batching and decoding), then produced -> readable (the rest of the
+batch, the transaction's commit, the reader's fetch).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.harness import Contender, OutputCounter, RunFailed, python_module, unique
+from benchmarks.harness import Contender, OutputCounter, RunFailed, unique
 from benchmarks.producers import producer_argv, read_report
 from fraudstream.registry import Registry
 from fraudstream.schemas import load_schemas
@@ -33,6 +38,10 @@ class LatencyRun:
     p50_ms: float
     p99_ms: float
     max_ms: float
+    created_to_produced_p50_ms: float
+    created_to_produced_p99_ms: float
+    produced_to_readable_p50_ms: float
+    produced_to_readable_p99_ms: float
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -43,8 +52,29 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[max(0, math.ceil(fraction * len(sorted_values)) - 1)]
 
 
+@dataclass(slots=True)
+class Samples:
+    """Per record: creation -> readable, and the split at the detector's produce."""
+
+    total: list[float]
+    to_produced: list[float]
+    to_readable: list[float]
+
+    def summary(self, rate: int, achieved: float) -> LatencyRun:
+        total, first, second = sorted(self.total), sorted(self.to_produced), sorted(self.to_readable)
+        return LatencyRun(
+            rate_tps=rate, achieved_tps=round(achieved, 1), records=len(total),
+            p50_ms=round(percentile(total, 0.50), 1), p99_ms=round(percentile(total, 0.99), 1),
+            max_ms=round(total[-1], 1),
+            created_to_produced_p50_ms=round(percentile(first, 0.50), 1),
+            created_to_produced_p99_ms=round(percentile(first, 0.99), 1),
+            produced_to_readable_p50_ms=round(percentile(second, 0.50), 1),
+            produced_to_readable_p99_ms=round(percentile(second, 0.99), 1),
+        )
+
+
 class LatencyReader:
-    """Reads the legit and fraud topics (read_committed) and yields (arrival_ms - event_time_ms)."""
+    """Reads the legit and fraud topics (read_committed) as records become readable."""
 
     def __init__(self, settings: Settings) -> None:
         self.counter = OutputCounter(settings, [settings.legit_topic, settings.fraud_topic])
@@ -53,64 +83,67 @@ class LatencyReader:
         self.decode_legit = Decoder(registry, schemas.expanded["Transaction"]).decode
         self.decode_fraud = Decoder(registry, schemas.expanded["FraudAlert"]).decode
 
-    def read(self, since_ms: int) -> list[float]:
-        """Latencies of the records readable now whose event_time is at or after since_ms."""
+    def read_into(self, samples: Samples, since_ms: float) -> None:
+        """Add the records readable now whose event_time is at or after since_ms."""
         messages = self.counter.poll(timeout_s=0.05)
         arrival_ms = time.time() * 1000
-        latencies = []
         for message in messages:
             if message.topic() == self.fraud_topic:
                 event_time = self.decode_fraud(message.value())["transaction"]["event_time"]
             else:
                 event_time = self.decode_legit(message.value())["event_time"]
             event_ms = event_time.timestamp() * 1000
-            if event_ms >= since_ms:
-                latencies.append(arrival_ms - event_ms)
-        return latencies
+            if event_ms < since_ms:
+                continue
+            produced_ms = message.timestamp()[1]
+            samples.total.append(arrival_ms - event_ms)
+            samples.to_produced.append(produced_ms - event_ms)
+            samples.to_readable.append(arrival_ms - produced_ms)
 
     def close(self) -> None:
         self.counter.close()
 
 
 def measure_latency(settings: Settings, *, rates: list[int], seconds: float, seed: int, log_dir: Path,
-                    batch_max_records: int | None = None, batch_max_ms: int | None = None) -> tuple[list[LatencyRun], float]:
-    """Latency runs at each rate, and the detector's peak RSS (MiB) over the whole time."""
+                    batch_max_records: int | None = None, batch_max_ms: int | None = None,
+                    profile_to: Path | None = None) -> tuple[list[LatencyRun], float]:
+    """Latency runs at each rate, and the detector's peak RSS (MiB) over the whole time.
+
+    profile_to: run the detector under pyinstrument and write its text report there (figures
+    then include the profiler's overhead: not results).
+    """
     from benchmarks.detectors import DetectorSpec, Topics
 
     spec = DetectorSpec("ours", "ours", "exactly-once", Topics.derived(settings))
+    argv = spec.argv(settings, unique("bench-latency"), batch_max_records=batch_max_records, batch_max_ms=batch_max_ms)
+    if profile_to is not None:
+        argv[1:1] = ["-m", "pyinstrument", "--renderer", "text", "--no-color", "--outfile", str(profile_to)]
     reader = LatencyReader(settings)
-    detector = Contender("latency-detector", spec.argv(settings, unique("bench-latency"),
-                                                       batch_max_records=batch_max_records,
-                                                       batch_max_ms=batch_max_ms), log_dir)
+    detector = Contender("latency-detector" + ("-profile" if profile_to else ""), argv, log_dir)
     try:
-        _send_and_collect(settings, reader, detector, rate=WARMUP_RATE, count=WARMUP_COUNT, seed=seed,
-                          log_dir=log_dir, name="latency-warmup")
+        _send_and_collect(reader, detector, producer_argv("ours", settings, count=WARMUP_COUNT, rate=WARMUP_RATE,
+                                                          seed=seed), log_dir=log_dir, name="latency-warmup")
         runs = []
         for rate in rates:
-            latencies, report = _send_and_collect(settings, reader, detector, rate=rate, duration=seconds,
-                                                  seed=seed + rate, log_dir=log_dir, name=f"latency-{rate}")
-            latencies.sort()
-            runs.append(LatencyRun(rate_tps=rate, achieved_tps=round(report["sent"] / report["sending_s"], 1),
-                                   records=len(latencies), p50_ms=round(percentile(latencies, 0.50), 1),
-                                   p99_ms=round(percentile(latencies, 0.99), 1), max_ms=round(latencies[-1], 1)))
+            argv = producer_argv("ours", settings, duration=seconds, rate=rate, seed=seed + rate)
+            samples, report = _send_and_collect(reader, detector, argv, log_dir=log_dir, name=f"latency-{rate}")
+            runs.append(samples.summary(rate, report["sent"] / report["sending_s"]))
     finally:
         reader.close()
         exited = detector.stop()
     return runs, round(exited.peak_rss_kib / 1024, 1)
 
 
-def _send_and_collect(settings: Settings, reader: LatencyReader, detector: Contender, *, rate: int, seed: int,
-                      log_dir: Path, name: str, count: int | None = None,
-                      duration: float | None = None) -> tuple[list[float], dict]:
-    """Run our producer at `rate`; collect the latency of each of its records until all have arrived."""
+def _send_and_collect(reader: LatencyReader, detector: Contender, producer_argv: list[str], *, log_dir: Path,
+                      name: str) -> tuple[Samples, dict]:
+    """Run our producer; collect the latency of each of its records until all have arrived."""
     since_ms = time.time() * 1000  # the producer process starts after this: every record it makes is newer
-    producer = Contender(name, producer_argv("ours", settings, count=count, duration=duration, rate=rate, seed=seed),
-                         log_dir)
-    latencies: list[float] = []
+    producer = Contender(name, producer_argv, log_dir)
+    samples = Samples([], [], [])
     report = None
     deadline = None
-    while report is None or len(latencies) < report["delivered"]:
-        latencies += reader.read(since_ms)
+    while report is None or len(samples.total) < report["delivered"]:
+        reader.read_into(samples, since_ms)
         if detector.poll() is not None:
             raise RunFailed(f"the detector exited with {detector.exited.exit_code}: {detector.log_tail(3)}")
         if report is None and producer.poll() is not None:
@@ -119,6 +152,6 @@ def _send_and_collect(settings: Settings, reader: LatencyReader, detector: Conte
             report = read_report(producer)
             deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
         if deadline is not None and time.monotonic() > deadline:
-            raise RunFailed(f"{name}: {len(latencies)} of {report['delivered']} records arrived "
+            raise RunFailed(f"{name}: {len(samples.total)} of {report['delivered']} records arrived "
                             f"within {ARRIVAL_TIMEOUT_S:.0f}s of the producer's end")
-    return latencies, report
+    return samples, report

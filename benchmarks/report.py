@@ -112,12 +112,14 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             f"**Detector**: {config['count']:,} pre-filled transactions, from the first routed record until all are "
             "readable by a read_committed consumer; median of the runs (a detector is not run again once its "
-            f"runs add up to {config['enough_seconds']:g} s)",
+            f"runs add up to {config['enough_seconds']:g} s). Ours with batches of at most "
+            f"{config['ours_batch_max_records']:,} records or {config['ours_batch_max_ms']} ms, "
+            f"{config['ours_decoder']} decoder.",
             "",
             "| Detector | Delivery | Runs | Throughput (tx/s) | Ours ÷ it | Peak RSS (MiB) | CPU ms per 1k tx |",
             "|---|---|---:|---:|---:|---:|---:|",
         ]
-        for key, entry in detectors.items():
+        for entry in detectors.values():
             tps = entry.get("throughput_tps")
             lines.append(f"| {entry['label']} | {entry['delivery']} | {len(entry['runs'])} | {_num(tps)} | "
                          f"{_times(_ratio(ours, tps))} | {_num(entry.get('peak_rss_mib'), 1)} | "
@@ -134,7 +136,7 @@ def markdown(results: dict[str, Any]) -> str:
             "| Producer | Throughput (tx/s) | Ours ÷ it |",
             "|---|---:|---:|",
         ]
-        for key, entry in producers.items():
+        for entry in producers.values():
             tps = entry.get("throughput_tps")
             lines.append(f"| {entry['label']} | {_num(tps)} | {_times(_ratio(ours, tps))} |"
                          + (f" failed: {entry['error']}" if entry.get("error") else ""))
@@ -152,6 +154,20 @@ def markdown(results: dict[str, Any]) -> str:
         for run in latency.get("runs", []):
             lines.append(f"| {run['rate_tps']:,} | {_num(run['achieved_tps'])} | {run['records']:,} | "
                          f"{_num(run['p50_ms'], 1)} | {_num(run['p99_ms'], 1)} | {_num(run['max_ms'], 1)} |")
+        if latency.get("runs"):
+            lines += [
+                "",
+                "Where it goes, split at the moment the detector produces the record (its Kafka timestamp):",
+                "",
+                "| Rate (tx/s) | created → produced by the detector, p50 / p99 (ms) "
+                "| produced → readable, p50 / p99 (ms) |",
+                "|---:|---:|---:|",
+            ]
+            for run in latency["runs"]:
+                lines.append(f"| {run['rate_tps']:,} | {_num(run['created_to_produced_p50_ms'], 1)} / "
+                             f"{_num(run['created_to_produced_p99_ms'], 1)} | "
+                             f"{_num(run['produced_to_readable_p50_ms'], 1)} / "
+                             f"{_num(run['produced_to_readable_p99_ms'], 1)} |")
         if latency.get("error"):
             lines.append(f"\nLatency run failed: {latency['error']}")
         lines.append("")

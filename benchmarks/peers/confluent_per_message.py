@@ -5,7 +5,7 @@ message at a time, AvroDeserializer decodes it, AvroSerializer encodes each outp
 Producer.produce + poll(0). At-least-once as the client's docs describe it: offsets are stored
 after the output is produced and auto-committed in the background.
 
-Written fairly: schemas are looked up once (auto.register.schemas off, topic subject-name
+Written fairly: schemas are looked up once (auto.register.schemas off, the topic subject-name
 strategy set explicitly, see pitfalls 10-11), serialization contexts are built once, records stay
 plain dicts (no extra object layer), and the producer batches like ours does.
 Same rule as ours: amount_cents > threshold -> fraud topic (FraudAlert), else legit (Transaction).
@@ -19,10 +19,10 @@ import sys
 from datetime import datetime, timezone
 
 from confluent_kafka import Consumer, Producer
+from confluent_kafka.error import SerializationError
 from confluent_kafka.schema_registry import SchemaRegistryClient, topic_subject_name_strategy
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
-from confluent_kafka.error import SerializationError
 
 RULE_NAME = "large_amount"
 
@@ -43,13 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
 
-    registry = SchemaRegistryClient({"url": args.schema_registry_url})
+    # A timeout, so that a registry that stops answering ends the run with an error instead of a hang.
+    registry = SchemaRegistryClient({"url": args.schema_registry_url, "timeout": 30})
     # The examples hard-code the schema string; ours live in the registry, so take the registered text.
     reader_schema = registry.get_latest_version(f"{args.input_topic}-value").schema.schema_str
     legit_schema = registry.get_latest_version(f"{args.legit_topic}-value").schema.schema_str
     fraud_schema = registry.get_latest_version(f"{args.fraud_topic}-value").schema.schema_str
+    # The topic strategy, stated: the client's default ("associated") asks the registry's
+    # /associations endpoint first (pitfall 10).
+    deserialize = AvroDeserializer(registry, reader_schema, conf={"subject.name.strategy": topic_subject_name_strategy})
     serializer_conf = {"auto.register.schemas": False, "subject.name.strategy": topic_subject_name_strategy}
-    deserialize = AvroDeserializer(registry, reader_schema)
     serialize_legit = AvroSerializer(registry, legit_schema, conf=serializer_conf)
     serialize_fraud = AvroSerializer(registry, fraud_schema, conf=serializer_conf)
     input_ctx = SerializationContext(args.input_topic, MessageField.VALUE)
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 produce(args.dlq_topic, msg.key(), msg.value(), [("error.reason", str(exc).encode())])
             else:
                 if transaction["amount_cents"] > threshold:
-                    alert = {"transaction": transaction, "rules": [RULE_NAME], "detected_at": datetime.now(timezone.utc)}
+                    detected_at = datetime.now(timezone.utc)
+                    alert = {"transaction": transaction, "rules": [RULE_NAME], "detected_at": detected_at}
                     produce(args.fraud_topic, msg.key(), serialize_fraud(alert, fraud_ctx))
                 else:
                     produce(args.legit_topic, msg.key(), serialize_legit(transaction, legit_ctx))

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
 
-    registry = SchemaRegistryClient({"url": args.schema_registry_url})
+    registry = SchemaRegistryClient({"url": args.schema_registry_url, "timeout": 30})  # fail, never hang
     conf = {"auto.register.schemas": False, "subject.name.strategy": topic_subject_name_strategy}
     serialize_tx = AvroSerializer(registry, registry.get_latest_version(f"{args.topic}-value").schema.schema_str,
                                   lambda tx, ctx: tx.to_dict(), conf)
