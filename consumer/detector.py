@@ -82,7 +82,9 @@ class Detector:
             decider = ColumnarDecider(decider, reader_schema=schemas.expanded["Transaction"])
         self.producer = Producer(transactional_producer_config(s, self.transactional_id))
         self._call("initialising transactions", self.producer.init_transactions, INIT_TRANSACTIONS_TIMEOUT_S)
-        self.consumer = Consumer(consumer_config(s, s.group_id))
+        # Static membership (KIP-345) under the same stable id: a restarted detector takes its
+        # partitions back at once instead of waiting out the session timeout of its dead self.
+        self.consumer = Consumer(consumer_config(s, s.group_id, **{"group.instance.id": self.transactional_id}))
         self.consumer.subscribe([s.transactions_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_revoke)
         if s.metrics_port:
@@ -130,7 +132,11 @@ class Detector:
         error = message.error()
         if error is None:
             return False
-        if error.fatal():
+        # librdkafka reports a fatal consumer error as _FATAL; being fenced is the one we expect.
+        if error.code() == KafkaError.FENCED_INSTANCE_ID or (error.code() == KafkaError._FATAL and "fenced" in error.str()):
+            raise Fenced(f"detector {self.transactional_id} stopped: another detector with the same transactional id "
+                         f"(also its group.instance.id) joined the group ({error.str()})")
+        if error.fatal() or error.code() == KafkaError._FATAL:
             raise KafkaUnavailable(f"consumer failed: {error.str()}")
         if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
             raise KafkaUnavailable(f"input topic {self.settings.transactions_topic} does not exist")

@@ -76,14 +76,17 @@ def assert_exactly_once(settings: Settings) -> None:
 def test_kill_minus_nine_three_times_loses_and_duplicates_nothing(pipeline: Settings):
     rng = random.Random(2026)
     transactional_id = f"{pipeline.group_id}-crashy"
-    producer_thread, reports = start_producer(pipeline, TOTAL, rate=4_000)
+    producer_thread, reports = start_producer(pipeline, TOTAL, rate=2_000)  # a 25 s stream
     detector = DetectorProcess(pipeline, transactional_id)
+    kills_while_producing = 0
     for _ in range(3):
         before = routed_total(pipeline)
         wait_until(lambda: routed_total(pipeline) > before, timeout_s=60, what="the detector making progress")
         time.sleep(rng.uniform(0.0, 1.0))  # then a random point in the stream (not a readiness wait)
+        kills_while_producing += producer_thread.is_alive()
         detector.kill()
         detector = DetectorProcess(pipeline, transactional_id)
+    assert kills_while_producing == 3, "the stream ended before the third kill: the test proved less than it says"
     producer_thread.join(120)
     assert reports and reports[0].delivered == TOTAL
     assert_exactly_once(pipeline)
