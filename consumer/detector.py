@@ -16,7 +16,6 @@ import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
@@ -44,12 +43,6 @@ def default_transactional_id(settings: Settings) -> str:
     """Stable across restarts on one host, so a restarted detector aborts its predecessor's open
     transaction at once instead of leaving readers stalled until it times out."""
     return settings.transactional_id or f"{settings.group_id}-{socket.gethostname()}"
-
-
-@dataclass(frozen=True, slots=True)
-class BatchOutcome:
-    committed: bool
-    decisions: int
 
 
 class Detector:

@@ -52,6 +52,7 @@ from confluent_kafka import (
 )
 from fastavro import json_writer, parse_schema
 
+from fraudstream import argtypes
 from fraudstream.errors import ConfigError, FraudstreamError, KafkaUnavailable
 from fraudstream.kafka import consumer_config
 from fraudstream.registry import Registry, UnknownSchema
@@ -125,16 +126,6 @@ class StartOffset:
         return max(low, self.value)  # below the log start there is nothing to read; start at its beginning
 
 
-def _positive_int(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return number
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fraudstream.cli import add_connection_arguments
 
@@ -149,7 +140,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="start offset: N (with --partition), -N for the last N records of each partition, "
                             "earliest or latest")
     where.add_argument("--partition", type=int, metavar="P", help="read only this partition")
-    where.add_argument("--max-messages", type=_positive_int, metavar="N", help="stop after printing N records")
+    where.add_argument("--max-messages", type=argtypes.positive_int, metavar="N", help="stop after printing N records")
     where.add_argument("--follow", action="store_true",
                        help="keep waiting for new records after the end (until Ctrl-C or --max-messages)")
     where.add_argument("--read-uncommitted", action="store_true",

@@ -38,6 +38,7 @@ from typing import Any, TextIO
 from confluent_kafka import Consumer, IsolationLevel, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import OffsetSpec
 
+from fraudstream import argtypes
 from fraudstream.errors import ConfigError, FraudstreamError, KafkaUnavailable
 from fraudstream.kafka import admin, consumer_config, ensure_topics, producer_config, wait_for_cluster
 from fraudstream.records import FraudAlert, Label, Transaction
@@ -82,57 +83,27 @@ class DemoFailed(FraudstreamError):
 
 
 # ---------------------------------------------------------------- options
-def _positive_int(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return number
-
-
-def _count(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return number
-
-
-def _seconds(text: str) -> float:
-    try:
-        number = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return number
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fraudstream.cli import add_connection_arguments
 
-    parser.add_argument("--duration", type=_seconds, default=DEFAULT_DURATION_S, metavar="S",
+    parser.add_argument("--duration", type=argtypes.seconds, default=DEFAULT_DURATION_S, metavar="S",
                         help=f"seconds of traffic (default {DEFAULT_DURATION_S:.0f}; 0: until Ctrl-C)")
-    parser.add_argument("--rate", type=_positive_int, default=DEFAULT_RATE, metavar="R",
+    parser.add_argument("--rate", type=argtypes.positive_int, default=DEFAULT_RATE, metavar="R",
                         help=f"transactions per second from the generator (default {DEFAULT_RATE})")
-    parser.add_argument("--detectors", type=_positive_int, default=1, metavar="N",
+    parser.add_argument("--detectors", type=argtypes.positive_int, default=1, metavar="N",
                         help="detector processes in one consumer group, to show scaling out (default 1)")
     parser.add_argument("--seed", type=int, help="generator seed, for a repeatable run")
-    parser.add_argument("--partitions", dest="partitions", type=_positive_int,
+    parser.add_argument("--partitions", dest="partitions", type=argtypes.positive_int,
                         help="partitions of the topics when the demo creates them [FRAUDSTREAM_PARTITIONS, default 6]")
     parser.add_argument("--group-id", dest="group_id", help="the detectors' consumer group [FRAUDSTREAM_GROUP_ID]")
-    parser.add_argument("--drain-timeout", type=_seconds, default=DEFAULT_DRAIN_TIMEOUT_S, metavar="S",
+    parser.add_argument("--drain-timeout", type=argtypes.seconds, default=DEFAULT_DRAIN_TIMEOUT_S, metavar="S",
                         help="after the producer stops, wait at most this long for the detectors to route "
                              f"everything (default {DEFAULT_DRAIN_TIMEOUT_S:.0f})")
-    parser.add_argument("--interval", type=_seconds, default=DEFAULT_PLAIN_INTERVAL_S, metavar="S",
+    parser.add_argument("--interval", type=argtypes.seconds, default=DEFAULT_PLAIN_INTERVAL_S, metavar="S",
                         help="seconds between progress lines when the output is not a terminal "
                              f"(default {DEFAULT_PLAIN_INTERVAL_S:.0f})")
     parser.add_argument("--plain", action="store_true", help="plain progress lines even on a terminal")
-    parser.add_argument("--bad-records", type=_count, default=DEFAULT_BAD_RECORDS, metavar="N",
+    parser.add_argument("--bad-records", type=argtypes.count, default=DEFAULT_BAD_RECORDS, metavar="N",
                         help="malformed records the demo slips into the input topic during the run, to show the "
                              f"dead-letter path (default {DEFAULT_BAD_RECORDS}; 0: none)")
     parser.add_argument("--log-dir", type=Path, metavar="DIR",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import io
 import threading
-from collections import Counter
 
 import pytest
 from fastavro import parse_schema, schemaless_reader
