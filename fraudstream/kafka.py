@@ -103,3 +103,13 @@ def ensure_topics(settings: Settings, topics: tuple[str, ...] | None = None, *, 
 def _client_logger(role: str) -> logging.Logger:
     """librdkafka logs through Python logging (not raw stderr), so the CLI decides what is shown."""
     return logging.getLogger(f"fraudstream.librdkafka.{role}")
+
+
+def produce_or_wait(producer, topic: str, value, key=None, **kwargs) -> None:
+    """produce(), waiting while librdkafka's local queue is full: serving delivery reports frees it."""
+    while True:
+        try:
+            producer.produce(topic, value, key, **kwargs)
+            return
+        except BufferError:
+            producer.poll(0.05)

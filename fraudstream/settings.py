@@ -99,6 +99,11 @@ class Settings:
     def labels_topic(self) -> str:
         return f"{self.transactions_topic}.labels"
 
+    def changelog_topic(self, store: str) -> str:
+        """The compacted topic holding a state store's changes, partitioned like the input. Named after the
+        detector group and the input topic: another group, or another input, keeps state of its own."""
+        return f"{self.group_id}.{self.transactions_topic}.{store}.changelog"
+
     @property
     def all_topics(self) -> tuple[str, ...]:
         return (self.transactions_topic, self.legit_topic, self.fraud_topic, self.dlq_topic, self.labels_topic)
