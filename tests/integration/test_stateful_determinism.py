@@ -1,0 +1,139 @@
+"""Stateful detection decides the same whatever happens to the detectors.
+
+One seeded stream of generated transactions (simulated event time) goes to three input topics with the
+same keys, hence the same partitions. Three detector groups read them:
+- A: one detector, never interrupted;
+- B: one detector killed with SIGKILL three times mid-stream (each restart restores its state from the
+  changelog);
+- C: a group that grows from one detector to two and shrinks back to one mid-stream (partitions, and
+  their state, move between processes).
+Every transaction must get the same route and the same rules in all three, and each run must route
+every transaction exactly once. Finally the changelog of B, the killed one, restored from Kafka, must hold
+exactly the card profiles that a recount from the input gives: no state change applied twice or lost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from fraudstream.kafka import ensure_topics, producer_config
+from fraudstream.registry import register_all
+from fraudstream.settings import Settings
+from producer.generator import Generator
+from tests.integration.test_detector import decode, encoder_for, routed_total
+from tests.support.kafka_io import read_topic, wait_until
+
+TOTAL = 50_000
+START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: event time is simulated, never the wall clock
+EVENT_RATE = 20.0  # transactions per second of event time: 50,000 span about 42 minutes
+SEND_RATE = 4_000  # per topic per wall-clock second: a stream of about 12 s, so kills land mid-stream
+
+
+def detector_process(settings: Settings, transactional_id: str) -> subprocess.Popen:
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+           "SCHEMA_REGISTRY_URL": settings.schema_registry_url}
+    return subprocess.Popen(
+        [sys.executable, "-m", "consumer", "--topic", settings.transactions_topic, "--group-id", settings.group_id,
+         "--transactional-id", transactional_id, "--log-interval", "3600"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop(process: subprocess.Popen, signum: int = signal.SIGTERM) -> int:
+    process.send_signal(signum)
+    return process.wait(60)
+
+
+def make_pipeline(base: Settings, name: str) -> Settings:
+    settings = base.replace(transactions_topic=f"det-{name}-{uuid.uuid4().hex[:8]}",
+                            group_id=f"det-{name}-{uuid.uuid4().hex[:8]}", partitions=3)
+    ensure_topics(settings)
+    register_all(settings)
+    return settings
+
+
+def send_stream(pipelines: list[Settings], records: list) -> threading.Thread:
+    """The same records, keyed by account, to every input topic, paced."""
+    from confluent_kafka import Producer
+
+    encoders = [encoder_for(p, p.transactions_topic) for p in pipelines]
+
+    def run() -> None:
+        producer = Producer(producer_config(pipelines[0]))
+        started = time.monotonic()
+        for index, tx in enumerate(records):
+            record = tx.to_dict()
+            for settings, encode in zip(pipelines, encoders, strict=True):
+                producer.produce(settings.transactions_topic, encode(record), tx.account_id.encode())
+            if index % 500 == 0:
+                producer.poll(0)
+                ahead = index / SEND_RATE - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)  # pacing the stream, not waiting for readiness
+        assert producer.flush(60) == 0
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def decisions(settings: Settings) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """transaction id -> (route, rules fired), asserting that nothing was routed twice."""
+    seen: dict[str, tuple[str, tuple[str, ...]]] = {}
+    routed = 0
+    for message in read_topic(settings, settings.legit_topic, timeout_s=120):
+        seen[decode(settings, message.value())["transaction_id"]] = ("legit", ())
+        routed += 1
+    for message in read_topic(settings, settings.fraud_topic, timeout_s=120):
+        alert = decode(settings, message.value())
+        seen[alert["transaction"]["transaction_id"]] = ("fraud", tuple(alert["rules"]))
+        routed += 1
+    assert routed == len(seen), f"{routed - len(seen)} transactions routed more than once"
+    return seen
+
+
+def progressed(settings: Settings, at_least: int) -> bool:
+    return routed_total(settings) >= at_least
+
+
+def test_same_decisions_uninterrupted_killed_and_rescaled(stack_settings: Settings):
+    records = [tx for tx, _label in itertools.islice(Generator(seed=11).stream(START_MS, EVENT_RATE), TOTAL)]
+    steady, killed, rescaled = (make_pipeline(stack_settings, name) for name in ("steady", "killed", "rescaled"))
+    sender = send_stream([steady, killed, rescaled], records)
+
+    a = detector_process(steady, "steady")
+    b = detector_process(killed, "killed")
+    c1 = detector_process(rescaled, "rescaled-1")
+    kills = 0
+    for fraction in (0.15, 0.35, 0.55):  # kill B at three points of its progress
+        wait_until(lambda f=fraction: progressed(killed, int(TOTAL * f)), timeout_s=120, what=f"B past {fraction:.0%}")
+        kills += sender.is_alive()
+        stop(b, signal.SIGKILL)
+        b = detector_process(killed, "killed")
+        if fraction == 0.15:
+            c2 = detector_process(rescaled, "rescaled-2")  # C grows to two
+        if fraction == 0.55:
+            assert stop(c2) == 0  # and shrinks back to one
+    sender.join(120)
+    assert kills == 3, "the stream ended before the third kill: the test proved less than it says"
+    for settings in (steady, killed, rescaled):
+        wait_until(lambda s=settings: progressed(s, TOTAL), timeout_s=240, what=f"{settings.transactions_topic} routed")
+    for process in (a, b, c1):
+        assert stop(process) == 0
+
+    expected = decisions(steady)
+    assert len(expected) == TOTAL
+    assert sum(route == "fraud" for route, _ in expected.values()) > 0
+    for settings in (killed, rescaled):
+        got = decisions(settings)
+        differing = [tid for tid in expected if got.get(tid) != expected[tid]]
+        assert not differing, (f"{len(differing)} of {TOTAL} decided differently in {settings.transactions_topic}, "
+                               f"e.g. {differing[0]}: {expected[differing[0]]} vs {got.get(differing[0])}")
