@@ -20,6 +20,7 @@ class DetectorMetrics:
     dead_lettered: int = 0
     batches: int = 0
     aborts: int = 0
+    recoveries: int = 0
     registry_retries: int = 0
     commit_seconds: list[float] = field(default_factory=list)  # since the last log line
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
@@ -31,6 +32,8 @@ class DetectorMetrics:
         self._dead = Counter("fraudstream_dead_lettered", "Records dead-lettered, by error kind", ["kind"], registry=self.registry)
         self._batches = Counter("fraudstream_batches", "Batches committed", registry=self.registry)
         self._aborts = Counter("fraudstream_aborts", "Transactions aborted (batch re-read)", registry=self.registry)
+        self._recoveries = Counter("fraudstream_producer_recoveries", "Transactional producers recreated after the "
+                                   "broker ended their epoch (no other detector had taken over)", registry=self.registry)
         self._registry_retries = Counter("fraudstream_registry_retries", "Batch decodes retried because the schema "
                                          "registry did not answer", registry=self.registry)
         self._commit = Histogram("fraudstream_commit_seconds", "Time to commit a batch's transaction",
@@ -62,6 +65,10 @@ class DetectorMetrics:
         self.aborts += 1
         self._aborts.inc()
 
+    def recovered(self) -> None:
+        self.recoveries += 1
+        self._recoveries.inc()
+
     def registry_retried(self) -> None:
         self.registry_retries += 1
         self._registry_retries.inc()
@@ -78,4 +85,4 @@ class DetectorMetrics:
         p99 = commits[min(len(commits) - 1, int(len(commits) * 0.99))] * 1000 if commits else 0.0
         self._last_log, self._consumed_at_last_log, self.commit_seconds = now, self.consumed, []
         return (f"consumed={self.consumed} legit={self.legit} fraud={self.fraud} dead_lettered={self.dead_lettered} "
-                f"batches={self.batches} aborts={self.aborts} rate={rate:.0f}/s commit_ms p50={p50:.1f} p99={p99:.1f}")
+                f"batches={self.batches} aborts={self.aborts} recoveries={self.recoveries} rate={rate:.0f}/s commit_ms p50={p50:.1f} p99={p99:.1f}")

@@ -7,10 +7,10 @@ import time
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from fraudstream.errors import KafkaUnavailable
-from fraudstream.settings import Settings
+from fraudstream.settings import MAX_POLL_INTERVAL_S, Settings
 
 log = logging.getLogger("fraudstream.kafka")
 
@@ -37,7 +37,7 @@ def transactional_producer_config(settings: Settings, transactional_id: str, **o
             # An open transaction stalls read_committed readers: keep it bounded (pitfall 5).
             # Also how long a killed detector's open transaction can hold back readers if no process
             # with its transactional id comes back to abort it.
-            "transaction.timeout.ms": 10_000,
+            "transaction.timeout.ms": settings.transaction_timeout_ms,
             "linger.ms": 2,
             **overrides,
         },
@@ -55,6 +55,7 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
         "partition.assignment.strategy": "cooperative-sticky",
         # A killed detector's partitions move to the others after this long (librdkafka default: 45 s).
         "session.timeout.ms": 10_000,
+        "max.poll.interval.ms": MAX_POLL_INTERVAL_S * 1000,
         "logger": _client_logger("consumer"),
         **overrides,
     }
@@ -98,6 +99,31 @@ def ensure_topics(settings: Settings, topics: tuple[str, ...] | None = None, *, 
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise KafkaUnavailable(f"could not create topic {topic}: {exc.args[0].str()}") from exc
+
+
+def max_message_bytes(settings: Settings, topics: tuple[str, ...], *, timeout_s: float = 10.0) -> dict[str, int]:
+    """Each topic's max.message.bytes: the largest record batch (header included) its brokers accept."""
+    resources = [ConfigResource(ResourceType.TOPIC, topic) for topic in topics]
+    limits = {}
+    client = admin(settings)  # referenced until its futures resolve: a destroyed client fails them
+    for resource, future in client.describe_configs(resources, request_timeout=timeout_s).items():
+        try:
+            limits[resource.name] = int(future.result()["max.message.bytes"].value)
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"could not read the configuration of topic {resource.name}: "
+                                   f"{exc.args[0].str()}") from exc
+    return limits
+
+
+def static_members(settings: Settings, group_id: str, instance_id: str, *, timeout_s: float = 10.0) -> list[str]:
+    """Member ids that hold `instance_id` (group.instance.id) in the group, as its coordinator sees it now."""
+    client = admin(settings)  # referenced until its future resolves
+    future = client.describe_consumer_groups([group_id], request_timeout=timeout_s)[group_id]
+    try:
+        description = future.result()
+    except KafkaException as exc:
+        raise KafkaUnavailable(f"could not describe consumer group {group_id}: {exc.args[0].str()}") from exc
+    return [m.member_id for m in description.members if m.group_instance_id == instance_id]
 
 
 def _client_logger(role: str) -> logging.Logger:
