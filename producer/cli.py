@@ -9,6 +9,7 @@ what was sent, and exit the same way. A second signal gives up on the flush.
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import threading
@@ -22,12 +23,23 @@ from producer.generator import DEFAULT_LARGE_LEGIT_SHARE, DEFAULT_SHARES, FRAUD_
 from producer.loop import DEFAULT_RATE, DEFAULT_SEED, DEFAULT_SPEEDUP, produce
 
 
+def speedup(text: str) -> float:
+    """argparse type of --speedup: a positive, finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError("must be a positive number")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fraudstream.cli import add_connection_arguments
 
     parser.add_argument("--rate", type=float, default=DEFAULT_RATE, metavar="TX_PER_S",
                         help=f"transactions per second, held on average; 0: as fast as possible [{DEFAULT_RATE:g}]")
-    parser.add_argument("--speedup", type=float, default=DEFAULT_SPEEDUP, metavar="N",
+    parser.add_argument("--speedup", type=speedup, default=DEFAULT_SPEEDUP, metavar="N",
                         help="event time runs N times faster than the wall clock, from the wall clock at start; "
                              "--rate stays per wall-clock second. The demo uses 3600: an hour of event time per "
                              f"second, so each card pays every few hours, as cards do [{DEFAULT_SPEEDUP:g}]")
