@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from consumer.state.table import KeyedTable
+from consumer.state.table import KeyedTable, layout_tag
 
 # Symbols of the Channel enum in schemas/transaction.avsc, in order: the int8 codes of TxColumns.channel.
 CHANNELS: tuple[str, ...] = ("UNKNOWN", "CARD_PRESENT", "CONTACTLESS", "ONLINE", "ATM")
@@ -84,6 +84,7 @@ PROFILE_DTYPE = np.dtype([
     ("terminals", "<u4", (N_TERMINALS,)),  # ring of known terminal hashes
     ("term_next", "u1"),
 ])
+PROFILE_LAYOUT = layout_tag("card_profile", PROFILE_VERSION, PROFILE_DTYPE)
 
 TERMINAL_WINDOW_MS = 10 * MINUTE_MS  # distinct cards a terminal took within this window
 N_TERMINAL_CARDS = 8  # (card, time) pairs remembered per terminal
@@ -95,6 +96,7 @@ TERMINAL_DTYPE = np.dtype([
     ("card_ms", "<i8", (N_TERMINAL_CARDS,)),  # when each was seen
     ("next", "u1"),
 ])
+TERMINAL_LAYOUT = layout_tag("terminal_profile", TERMINAL_VERSION, TERMINAL_DTYPE)
 
 # Feature names and dtypes, in one place for the batch path, the scalar spec and training.
 CARD_FEATURES: dict[str, np.dtype] = {

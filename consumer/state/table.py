@@ -20,6 +20,18 @@ class StateLayoutError(FraudstreamError):
     """A stored row was written with another row layout (dtype or version) than this code reads."""
 
 
+def layout_tag(name: str, version: int, dtype: np.dtype) -> bytes:
+    """Names a row layout, e.g. b"card_profile/v1/150": carried with each changelog record (a header),
+    compared on restore, so rows written by code with another layout are refused."""
+    return f"{name}/v{version}/{dtype.itemsize}".encode()
+
+
+def check_layout(found: bytes | None, expected: bytes, *, where: str) -> None:
+    if found != expected:
+        shown = found.decode(errors="replace") if found is not None else "none"
+        raise StateLayoutError(f"{where}: row layout {shown}, but this detector reads {expected.decode()}")
+
+
 def check_row_bytes(value: bytes, dtype: np.dtype, *, where: str) -> np.ndarray:
     """One serialized row back as a 1-element array; a wrong size is refused, never misread."""
     if len(value) != dtype.itemsize:
@@ -57,7 +69,9 @@ class KeyedTable:
         return np.fromiter((get(key, -1) for key in keys), dtype=np.int64, count=len(keys))
 
     def slots(self, keys: Sequence[bytes]) -> np.ndarray:
-        """Slot per key, allocating a zeroed row for each new key (once, however often it repeats)."""
+        """Slot per key, allocating a zeroed row for each new key (once, however often it repeats).
+
+        Growing replaces `rows`: read `table.rows` after this call, not before."""
         index = self._index
         out = np.empty(len(keys), dtype=np.int64)
         for i, key in enumerate(keys):
