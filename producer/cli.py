@@ -9,6 +9,7 @@ what was sent, and exit the same way. A second signal gives up on the flush.
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import threading
@@ -19,7 +20,18 @@ from types import FrameType
 from fraudstream.errors import ConfigError
 from fraudstream.settings import Settings
 from producer.generator import DEFAULT_LARGE_LEGIT_SHARE, DEFAULT_SHARES, FRAUD_SCENARIOS
-from producer.loop import DEFAULT_RATE, DEFAULT_SEED, produce
+from producer.loop import DEFAULT_RATE, DEFAULT_SEED, DEFAULT_SPEEDUP, produce
+
+
+def speedup(text: str) -> float:
+    """argparse type of --speedup: a positive, finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError("must be a positive number")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--rate", type=float, default=DEFAULT_RATE, metavar="TX_PER_S",
                         help=f"transactions per second, held on average; 0: as fast as possible [{DEFAULT_RATE:g}]")
+    parser.add_argument("--speedup", type=speedup, default=DEFAULT_SPEEDUP, metavar="N",
+                        help="event time runs N times faster than the wall clock, from the wall clock at start; "
+                             "--rate stays per wall-clock second. The demo uses 3600: an hour of event time per "
+                             f"second, so each card pays every few hours, as cards do [{DEFAULT_SPEEDUP:g}]")
     parser.add_argument("--count", type=int, metavar="N", help="stop after N transactions")
     parser.add_argument("--duration", type=float, metavar="SECONDS",
                         help="stop after this long (with --count: whichever comes first; neither: until Ctrl-C)")
@@ -50,7 +66,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         report = produce(
             settings, rate=args.rate, count=args.count, duration=args.duration, seed=args.seed, quiet=args.quiet,
             stop=stop, shares=parse_shares(args.scenario_share), large_legit_share=args.large_legit_share,
-            accounts=args.accounts, labels=args.labels,
+            accounts=args.accounts, labels=args.labels, speedup=args.speedup,
         )
     print(report.summary(), flush=True)
     if report.ok:

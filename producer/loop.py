@@ -3,9 +3,12 @@
 Transactions go to the input topic keyed by account id (an account's payments keep their order);
 each one's Label goes to the labels topic keyed by transaction id. The schemas must already be
 registered (a deliberate step): the loop only looks their ids up, once, then encodes with fastavro.
-Pacing never sleeps per message: each wake-up sends every transaction that has fallen due since
-the start (so the average rate holds), and waiting is done in producer.poll, which serves
-delivery reports meanwhile. Every delivery failure is counted and reported.
+Event time is the wall clock, or with a speedup N a simulated clock that starts at the wall clock
+and runs N times faster (`EventClock`): the rate stays in transactions per wall-clock second, so
+episodes that last minutes of event time fit in seconds of a demo. Pacing never sleeps per
+message: each wake-up sends every transaction that has fallen due since the start (so the average
+rate holds), and waiting is done in producer.poll, which serves delivery reports meanwhile. Every
+delivery failure is counted and reported.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ Encoder = Callable[[dict[str, Any]], bytes]
 
 DEFAULT_RATE = 1_000.0
 DEFAULT_SEED = 42
+DEFAULT_SPEEDUP = 1.0  # event time is the wall clock
 MAX_BATCH = 1_000  # transactions generated per wake-up at most, so catching up stays smooth
 UNTHROTTLED_BATCH = 500
 WAKE_S = 0.005  # paced: wake up every ~5 ms, i.e. batches of rate/200 transactions (at least one)
@@ -38,6 +42,29 @@ MAX_WAIT_S = 0.05  # never wait longer in one call, so a stop request is seen pr
 LIVE_REFRESH_S = 0.25
 PLAIN_REFRESH_S = 5.0
 MAX_ERRORS_KEPT = 5
+
+
+class EventClock:
+    """Event time in epoch milliseconds: the wall clock at start, then `speedup` times faster than it.
+
+    Speedup 1 reads the wall clock itself (time.time), as before the simulated clock existed.
+    """
+
+    __slots__ = ("speedup", "start_ms", "started", "_monotonic")
+
+    def __init__(self, speedup: float = DEFAULT_SPEEDUP, *, start_ms: int | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        if not 0 < speedup < float("inf"):  # also refuses NaN
+            raise ConfigError(f"speedup must be a positive number, not {speedup}")
+        self.speedup = speedup
+        self.start_ms = time.time_ns() // 1_000_000 if start_ms is None else start_ms
+        self._monotonic = monotonic
+        self.started = monotonic()
+
+    def now_ms(self) -> int:
+        if self.speedup == 1.0:
+            return time.time_ns() // 1_000_000
+        return self.start_ms + int((self._monotonic() - self.started) * 1_000.0 * self.speedup)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,10 +169,11 @@ def produce(settings: Settings, *, rate: float | None = DEFAULT_RATE, count: int
             stop: threading.Event | None = None, shares: Mapping[str, float] | None = None,
             large_legit_share: float = DEFAULT_LARGE_LEGIT_SHARE, accounts: int | None = None, labels: bool = True,
             progress_out: TextIO | None = None, cluster_timeout_s: float = 15.0,
-            delivery_timeout_s: float = 30.0) -> ProduceReport:
+            delivery_timeout_s: float = 30.0, speedup: float = DEFAULT_SPEEDUP) -> ProduceReport:
     """Generate and send transactions (and their labels) until count, duration or a stop request.
 
-    rate: transactions per second, None or 0 for as fast as possible. Neither count nor duration:
+    rate: transactions per wall-clock second, None or 0 for as fast as possible. speedup: event time runs
+    this many times faster than the wall clock (see EventClock). Neither count nor duration:
     run until `stop` is set. Raises KafkaUnavailable, RegistryError or SchemaError before sending
     anything when the cluster or the registry is not usable.
     """
@@ -155,6 +183,7 @@ def produce(settings: Settings, *, rate: float | None = DEFAULT_RATE, count: int
         raise ConfigError(f"count must not be negative, not {count}")
     if duration is not None and duration <= 0:
         raise ConfigError(f"duration must be positive, not {duration}")
+    EventClock(speedup)  # checks it before any network wait
     # Build the generator first: bad shares are a usage error, reported before any network wait.
     population = build_population(seed, accounts=accounts) if accounts is not None else None
     generator = Generator(seed, shares=shares, large_legit_share=large_legit_share, population=population)
@@ -175,7 +204,7 @@ def produce(settings: Settings, *, rate: float | None = DEFAULT_RATE, count: int
     return _Run(producer, generator, settings, encode_transaction, encode_label, labels=labels,
                 rate=rate or None, count=count, duration=duration, stop=stop or threading.Event(),
                 progress=None if quiet else _Progress(progress_out or sys.stdout, rate or None),
-                flush_timeout_s=delivery_timeout_s + 5.0).run()
+                flush_timeout_s=delivery_timeout_s + 5.0, speedup=speedup).run()
 
 
 class _Run:
@@ -183,7 +212,8 @@ class _Run:
 
     def __init__(self, producer: Producer, generator: Generator, settings: Settings, encode_transaction: Encoder,
                  encode_label: Encoder, *, labels: bool, rate: float | None, count: int | None, duration: float | None,
-                 stop: threading.Event, progress: _Progress | None, flush_timeout_s: float) -> None:
+                 stop: threading.Event, progress: _Progress | None, flush_timeout_s: float,
+                 speedup: float = DEFAULT_SPEEDUP) -> None:
         self.producer = producer
         self.generator = generator
         self.transactions_topic = settings.transactions_topic
@@ -197,6 +227,7 @@ class _Run:
         self.stop = stop
         self.progress = progress
         self.flush_timeout_s = flush_timeout_s
+        self.clock = EventClock(speedup)
         self.errors: dict[str, int] = {}
         self.on_transaction = _Deliveries(self.errors)
         self.on_label = _Deliveries(self.errors)
@@ -236,6 +267,7 @@ class _Run:
         deadline = started + self.duration if self.duration is not None else float("inf")
         batch_cap = max(1, min(MAX_BATCH, int(rate * WAKE_S))) if rate else UNTHROTTLED_BATCH
         monotonic = time.monotonic
+        event_ms = self.clock.now_ms
         while self.sent < limit:
             if stop.is_set() or self._fatal():
                 return True
@@ -255,7 +287,7 @@ class _Run:
                 if now >= deadline:
                     return False
                 wanted = min(UNTHROTTLED_BATCH, limit - self.sent)
-            if not self._send(generator.next_batch(wanted, time.time_ns() // 1_000_000)):
+            if not self._send(generator.next_batch(wanted, event_ms())):
                 return True
             producer.poll(0)
             if progress:
