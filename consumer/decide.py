@@ -52,6 +52,7 @@ class Decision:
     value: bytes | None
     headers: list[tuple[str, bytes]] | None = None
     dead_letter_kind: str | None = None
+    rules: tuple[str, ...] = ()  # of a fraud decision: the rules that fired
 
 
 def invalid_values(currency: str, amount_cents: int, expected_currency: str) -> DecodeError | None:
@@ -115,7 +116,7 @@ class Decider:
             rule_names = fired(rules, transaction)
             if rule_names:
                 alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms}
-                append(Decision(Route.FRAUD, message.key(), encode_fraud(alert)))
+                append(Decision(Route.FRAUD, message.key(), encode_fraud(alert), rules=tuple(rule_names)))
             elif schema_id == legit_id:
                 append(Decision(Route.LEGIT, message.key(), message.value()))
             else:

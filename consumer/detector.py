@@ -34,7 +34,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from consumer.decide import ColumnarDecider, Decider, Decision, Route, dead_letter
 from consumer.metrics import DetectorMetrics
-from consumer.rules import rules_from_settings
+from consumer.rules import TERMINAL_RULES, load_rules, rules_from_settings
+from consumer.state.manager import StateManager
+from consumer.stateful import STORES, StatefulDecider, decode_batch
 from fraudstream.errors import Fenced, KafkaUnavailable, RegistryError
 from fraudstream.kafka import (consumer_config, ensure_topics, max_message_bytes, static_members,
                                transactional_producer_config, wait_for_cluster)
@@ -84,6 +86,7 @@ class Detector:
         self._limits: dict[str, int] = {}  # output topic -> max.message.bytes
         self._rejected: list[tuple[KafkaError, str]] = []  # delivery failures of the open transaction
         self._failures_in_a_row = 0
+        self.state: StateManager | None = None  # keyed state, when the stateful rules are on
 
     # ----- start-up -----
     def _start(self) -> tuple[Decider | ColumnarDecider, list]:
@@ -100,6 +103,8 @@ class Detector:
                           reject_trailing_bytes=s.decoder == "record")
         if s.decoder == "columnar":
             decider = ColumnarDecider(decider, reader_schema=schemas.expanded["Transaction"])
+        if s.stateful:
+            decider = self._stateful(decider)
         self._limits = max_message_bytes(s, tuple(self.routes.values()))
         # Static membership (KIP-345) under the same stable id: a restarted detector takes its
         # partitions back at once instead of waiting out the session timeout of its dead self.
@@ -115,6 +120,25 @@ class Detector:
         self.on_log(f"detector {self.transactional_id} started: {s.transactions_topic} -> "
                     f"{s.legit_topic} | {s.fraud_topic} | {s.dlq_topic} (group {s.group_id})")
         return decider, first_records
+
+    def _stateful(self, decider: Decider | ColumnarDecider) -> StatefulDecider:
+        """The rules file's rules over per-card state, restored from and written to changelog topics."""
+        s = self.settings
+        rules = load_rules(s.rules_file, settings=s)
+        skipped = [name for name in rules.names if name in TERMINAL_RULES]
+        if skipped:
+            # Terminals take cards of every account: their state cannot live in the account-keyed
+            # input's partitions (see README, "Stateful detection").
+            self.on_log(f"rules not run (they need per-terminal state, kept by no stage yet): {', '.join(skipped)}")
+            rules = rules.without(*skipped)
+        self.state = StateManager(s, STORES, on_log=self.on_log, on_restored=self.metrics.restored)
+        self.state.start()
+        record_wise = decider.record_wise if isinstance(decider, ColumnarDecider) else decider
+        columnar = decider if isinstance(decider, ColumnarDecider) else None
+        self.on_log(f"rules {', '.join(rules.names)} (version {rules.version}) from {s.rules_file}; "
+                    f"state in {', '.join(self.state.topics.values())}")
+        return StatefulDecider(lambda messages: decode_batch(columnar, record_wise, messages), rules, self.state,
+                               encode_legit=record_wise.encode_legit, encode_fraud=record_wise.encode_fraud)
 
     def _join_group(self) -> list:
         """Poll until the group coordinator gave us a member id; records already fetched are the first batch."""
@@ -146,16 +170,25 @@ class Detector:
     def _on_assign(self, consumer, partitions) -> None:
         self._assigned |= {(tp.topic, tp.partition) for tp in partitions}
         self.on_log(f"assigned {_partition_list(partitions)}")
+        if self.state is not None:
+            # Assigned here rather than by the client after this callback, so that the partitions can be
+            # paused until their state is restored.
+            consumer.incremental_assign(partitions)
+            self.state.assign(consumer, partitions)
 
     def _on_revoke(self, consumer, partitions) -> None:
         # Nothing to flush: a batch's transaction is always committed or aborted before the next
         # consume(), which is the only place a rebalance callback can run.
         self._assigned -= {(tp.topic, tp.partition) for tp in partitions}
         self.on_log(f"revoked {_partition_list(partitions)}")
+        if self.state is not None:
+            self.state.revoke(partitions)
 
     def _on_lost(self, consumer, partitions) -> None:
         self._assigned -= {(tp.topic, tp.partition) for tp in partitions}
         self.on_log(f"lost {_partition_list(partitions)}")
+        if self.state is not None:
+            self.state.revoke(partitions)
 
     def _on_delivery_error(self, error: KafkaError | None, message) -> None:
         if error is not None:
@@ -176,6 +209,11 @@ class Detector:
                 # Records of a partition revoked during this very consume() call are its new owner's.
                 assigned = self._assigned
                 messages = [m for m in messages if not self._is_error(m) and (m.topic(), m.partition()) in assigned]
+                if self.state is not None:
+                    if self.state.recovering:
+                        self.state.recover_step(consumer)
+                        self.metrics.restoring(self.state.restoring_records)
+                    messages = self._with_state_ready(messages)
                 if messages:
                     decisions = self._decide(decider, messages)
                     if decisions is None:  # stopping during a registry outage: nothing produced, re-read later
@@ -226,6 +264,15 @@ class Detector:
                     return None
                 backoff = min(backoff * 2, REGISTRY_BACKOFF_MAX_S)
 
+    def _with_state_ready(self, messages: list) -> list:
+        """Only records whose partition's state is restored; a partition whose state is being rebuilt is
+        paused, and any of its records fetched before that are read again once it resumes."""
+        ready = self.state.ready
+        kept = [m for m in messages if ready(m.partition())]
+        if len(kept) < len(messages):
+            self._rewind([m for m in messages if not ready(m.partition())], rebuild_state=False)
+        return kept
+
     # ----- one batch -----
     def _process_batch(self, messages: list, decisions: list[Decision]) -> None:
         """Run the batch's transaction; on failure abort and rewind, or recover the producer."""
@@ -240,8 +287,11 @@ class Detector:
         self._failures_in_a_row = 0
         tally = Tally(d.route for d in decisions)
         dead_kinds = Tally(d.dead_letter_kind for d in decisions if d.route is Route.DEAD_LETTER)
+        rules = Tally(rule for d in decisions if d.route is Route.FRAUD for rule in d.rules)
         self.metrics.batch_committed(consumed=len(messages), legit=tally[Route.LEGIT], fraud=tally[Route.FRAUD],
-                                     dead_kinds=dict(dead_kinds), commit_s=commit_s)
+                                     dead_kinds=dict(dead_kinds), commit_s=commit_s, rules=dict(rules))
+        if self.state is not None:
+            self.metrics.state_size(self.state.sizes())
 
     def _run_transaction(self, messages: list, decisions: list[Decision]) -> float:
         """The batch's transaction: begin, produce every output, send the input offsets, commit.
@@ -255,6 +305,8 @@ class Detector:
         deadline = time.monotonic() + self.settings.transaction_timeout_ms / 1000 * TRANSACTION_DEADLINE_SHARE
         self._call("beginning a transaction", deadline, producer.begin_transaction)
         self._produce_all(messages, decisions, deadline)
+        if self.state is not None:
+            self._write_state_changes(messages)
         offsets = _next_offsets(messages)
         self._call("sending offsets", deadline, lambda: producer.send_offsets_to_transaction(
             offsets, self.consumer.consumer_group_metadata(), _attempt_timeout(deadline)))
@@ -293,6 +345,17 @@ class Detector:
                         raise _AbortBatch(f"producing: the transaction is in an error state ({error.str()})") from exc
                     self._classify("producing", error, exc)
                     self._wait_before_retry("producing", error, deadline)
+
+    def _write_state_changes(self, messages: list) -> None:
+        """The batch's state changes, into its transaction. Not retried call by call: the changed rows were
+        taken, so any failure aborts the transaction, and the abort rebuilds the state from the changelog."""
+        try:
+            written = self.state.write_changes(self.producer, {m.partition() for m in messages})
+        except KafkaException as exc:
+            error = exc.args[0]
+            self._classify("writing state changes", error, exc)
+            raise _AbortBatch(f"writing state changes: {error.str()}") from exc
+        self.metrics.changelog_written(written)
 
     def _fit_or_dead_letter(self, message, decision: Decision) -> Decision:
         """The decision itself, or a dead letter when its output is larger than its topic takes."""
@@ -410,12 +473,16 @@ class Detector:
                 backoff = min(backoff * 2, KAFKA_BACKOFF_MAX_S)
 
     # ----- rewinding: abort_transaction() does not move the consumer -----
-    def _rewind(self, messages: list) -> None:
-        """Seek each assigned partition back to its first offset in the batch (a revoked one is re-read by its new owner)."""
+    def _rewind(self, messages: list, *, rebuild_state: bool = True) -> None:
+        """Seek each assigned partition back to its first offset in the batch (a revoked one is re-read by its new owner).
+        Their state, changed by the batch that did not commit, is rebuilt from the changelog."""
         first: dict[tuple[str, int], int] = {}
         for message in messages:
             first.setdefault((message.topic(), message.partition()), message.offset())
-        self._seek([TopicPartition(t, p, offset) for (t, p), offset in first.items() if (t, p) in self._assigned])
+        positions = [TopicPartition(t, p, offset) for (t, p), offset in first.items() if (t, p) in self._assigned]
+        if self.state is not None and rebuild_state:
+            self.state.reset(self.consumer, [tp.partition for tp in positions])
+        self._seek(positions)
 
     def _rewind_to_committed(self) -> None:
         """Seek every assigned partition to its committed offset (the beginning if none): after a lost producer,
@@ -425,6 +492,8 @@ class Detector:
             return
         committed = self._retry_outage("reading the committed offsets",
                                        lambda: self.consumer.committed(partitions, timeout=CALL_TIMEOUT_S))
+        if self.state is not None:
+            self.state.reset(self.consumer, [tp.partition for tp in partitions])
         # Logical offsets (no commit yet) are passed on as a position, never computed with (pitfall 16).
         self._seek([TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
                     for tp in committed])
@@ -435,6 +504,8 @@ class Detector:
                                lambda position=position: self.consumer.seek(position))
 
     def _close(self) -> None:
+        if self.state is not None:
+            self.state.close()
         if self.consumer is not None:
             try:
                 self.consumer.close()

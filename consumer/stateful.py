@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from consumer.decide import Decision, Route
+from consumer.decide import ColumnarDecider, Decider, Decision, Route, dead_letter
 from consumer.features import CARD_FEATURES, PROFILE_DTYPE, PROFILE_TTL_MS, PROFILE_VERSION, TxColumns, card_features
 from consumer.rules import RuleSet
 from consumer.state.manager import StateManager
 from consumer.state.stores import StoreSpec
+from fraudstream.serde import DecodeError
 
 CARDS = StoreSpec(name="cards", dtype=PROFILE_DTYPE, version=PROFILE_VERSION, expiry_field="last_ms",
                   ttl_ms=PROFILE_TTL_MS)
@@ -39,6 +40,28 @@ class DecodedBatch:
     records: list[tuple[int, dict]] = field(default_factory=list)  # (message index, record) of the other valid ones
 
 
+def decode_batch(columnar: ColumnarDecider | None, record_wise: Decider, messages: Sequence) -> DecodedBatch:
+    """The decoders' decode steps alone: current-schema records into Arrow where the columnar decoder is
+    on, every other record (other writer versions, records it refused) record by record."""
+    decoded = DecodedBatch()
+    if columnar is not None:
+        columns = columnar.decode(messages)
+        decoded.columns, decoded.column_rows = columns.columns, columns.rows
+        decoded.dead = {index: dead_letter(messages[index], error) for index, error in columns.dead.items()}
+        others = columns.fallback
+    else:
+        others = range(len(messages))
+    decode = record_wise.decode
+    for index in others:
+        try:
+            _schema_id, record, _transaction = decode(messages[index])
+        except DecodeError as error:
+            decoded.dead[index] = dead_letter(messages[index], error)
+        else:
+            decoded.records.append((index, record))
+    return decoded
+
+
 class StatefulDecider:
     def __init__(self, decode: Callable[[Sequence], DecodedBatch], rules: RuleSet, state: StateManager, *,
                  encode_legit: Callable[[dict], bytes], encode_fraud: Callable[[dict], bytes]) -> None:
@@ -47,7 +70,6 @@ class StatefulDecider:
         self.state = state
         self.encode_legit = encode_legit
         self.encode_fraud = encode_fraud
-        self.fired_by_rule = dict.fromkeys(rules.names, 0)
 
     def decide(self, messages: Sequence) -> list[Decision]:
         decoded = self.decode(messages)  # raises before any state is touched
@@ -96,10 +118,8 @@ class StatefulDecider:
                 continue
             record = column_records[int(source_row[row])] if from_columns[row] else records[index]
             rule_names = [names[k] for k in np.flatnonzero(fired[:, row])]
-            for name in rule_names:
-                self.fired_by_rule[name] += 1
             alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms}
-            decisions[index] = Decision(Route.FRAUD, message.key(), self.encode_fraud(alert))
+            decisions[index] = Decision(Route.FRAUD, message.key(), self.encode_fraud(alert), rules=tuple(rule_names))
         return decisions
 
 

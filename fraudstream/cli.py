@@ -35,7 +35,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
 
 SETTINGS_FLAGS = ("bootstrap_servers", "schema_registry_url", "transactions_topic", "partitions", "group_id",
                   "transactional_id", "fraud_threshold_cents", "batch_max_records", "batch_max_ms", "decoder",
-                  "metrics_port", "compatibility")
+                  "metrics_port", "compatibility", "stateful", "rules_file")
 
 
 def build_parser() -> argparse.ArgumentParser:

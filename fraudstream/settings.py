@@ -30,6 +30,8 @@ ENV: dict[str, str] = {
     "batch_max_records": "FRAUDSTREAM_BATCH_MAX_RECORDS",
     "batch_max_ms": "FRAUDSTREAM_BATCH_MAX_MS",
     "decoder": "FRAUDSTREAM_DECODER",
+    "stateful": "FRAUDSTREAM_STATEFUL",
+    "rules_file": "FRAUDSTREAM_RULES",
     "metrics_port": "FRAUDSTREAM_METRICS_PORT",
     "transaction_timeout_ms": "FRAUDSTREAM_TRANSACTION_TIMEOUT_MS",
     "broker_outage_limit_s": "FRAUDSTREAM_BROKER_OUTAGE_LIMIT_S",
@@ -76,6 +78,10 @@ class Settings:
     # "columnar": each batch's current-schema records decoded at once into Arrow (pyruhvro) and the
     # rules run on columns; "record": fastavro record by record. Same decisions; see consumer/decide.py.
     decoder: str = "columnar"
+    # The stateful rules (per-card state kept in changelog topics) from a rules file; off: only the
+    # seed's threshold rule, with no state at all.
+    stateful: bool = True
+    rules_file: Path = PROJECT_ROOT / "rules" / "default.toml"
     metrics_port: int = 0  # 0: no Prometheus endpoint
     # An open transaction stalls read_committed readers until it commits or this expires (pitfall 5);
     # the detector stops retrying a transaction's calls before it expires.
@@ -173,6 +179,9 @@ class Settings:
         return f"{topic}-value"
 
 
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _convert(f: dataclasses.Field, raw: str, var: str) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     try:
@@ -180,6 +189,10 @@ def _convert(f: dataclasses.Field, raw: str, var: str) -> Any:
             return int(raw)
         if kind == "Path":
             return Path(raw)
+        if kind == "bool":
+            if raw.lower() not in _BOOLEANS:
+                raise ConfigError(f"{var}={raw!r} is not one of {', '.join(_BOOLEANS)}")
+            return _BOOLEANS[raw.lower()]
     except ValueError as exc:
         raise ConfigError(f"{var}={raw!r} is not a whole number") from exc
     return raw

@@ -96,6 +96,11 @@ class StateManager:
         for progress in self.recovery.step():
             self._finish(consumer, progress)
 
+    @property
+    def restoring_records(self) -> int:
+        """Changelog records still to read (at most: compaction may have removed some)."""
+        return sum(progress.remaining for progress in self.recovery.restoring.values())
+
     def _finish(self, consumer, progress: RestoreProgress) -> None:
         partition = progress.partition
         tables = self._restoring_tables.pop(partition)
