@@ -38,5 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s detect %(message)s", force=True)
     logging.getLogger("fraudstream.librdkafka").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per registry request otherwise
     run_until_signalled(settings, log_interval_s=args.log_interval)
     return 0

@@ -23,8 +23,10 @@ import threading
 import time
 import uuid
 
-import pytest
-
+from consumer.features import TxColumns, card_features
+from consumer.state.recovery import Recovery
+from consumer.state.table import KeyedTable
+from consumer.stateful import CARDS
 from fraudstream.kafka import ensure_topics, producer_config
 from fraudstream.registry import register_all
 from fraudstream.settings import Settings
@@ -35,7 +37,7 @@ from tests.support.kafka_io import read_topic, wait_until
 TOTAL = 50_000
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: event time is simulated, never the wall clock
 EVENT_RATE = 20.0  # transactions per second of event time: 50,000 span about 42 minutes
-SEND_RATE = 4_000  # per topic per wall-clock second: a stream of about 12 s, so kills land mid-stream
+SEND_RATE = 1_000  # per topic per wall-clock second: a stream of about 50 s, so kills land mid-stream
 
 
 def detector_process(settings: Settings, transactional_id: str) -> subprocess.Popen:
@@ -104,6 +106,39 @@ def progressed(settings: Settings, at_least: int) -> bool:
     return routed_total(settings) >= at_least
 
 
+def recount(settings: Settings) -> dict[int, KeyedTable]:
+    """Card profiles per partition, computed afresh from the input topic in offset order."""
+    by_partition: dict[int, list[dict]] = {}
+    for message in read_topic(settings, settings.transactions_topic, timeout_s=120):
+        by_partition.setdefault(message.partition(), []).append((message.offset(), decode(settings, message.value())))
+    tables = {}
+    for partition, records in by_partition.items():
+        records.sort(key=lambda pair: pair[0])
+        table = KeyedTable(CARDS.dtype)
+        for first in range(0, len(records), 2_000):  # batches, like the detector's
+            card_features(table, TxColumns.from_records([r for _, r in records[first:first + 2_000]]))
+        tables[partition] = table
+    return tables
+
+
+def restored(settings: Settings, partitions) -> dict[int, KeyedTable]:
+    recovery = Recovery(settings, {CARDS.name: settings.changelog_topic(CARDS.name)})
+    tables = {p: KeyedTable(CARDS.dtype) for p in partitions}
+    try:
+        for partition, table in tables.items():
+            progress = recovery.start(partition, {CARDS.name: table}, [CARDS])
+            while not progress.done:
+                recovery.step()
+    finally:
+        recovery.close()
+    return tables
+
+
+def rows_by_key(table: KeyedTable) -> dict[bytes, bytes]:
+    keys = table.keys()
+    return {key: table.rows[int(table.lookup([key])[0])].tobytes() for key in keys}
+
+
 def test_same_decisions_uninterrupted_killed_and_rescaled(stack_settings: Settings):
     records = [tx for tx, _label in itertools.islice(Generator(seed=11).stream(START_MS, EVENT_RATE), TOTAL)]
     steady, killed, rescaled = (make_pipeline(stack_settings, name) for name in ("steady", "killed", "rescaled"))
@@ -113,14 +148,15 @@ def test_same_decisions_uninterrupted_killed_and_rescaled(stack_settings: Settin
     b = detector_process(killed, "killed")
     c1 = detector_process(rescaled, "rescaled-1")
     kills = 0
-    for fraction in (0.15, 0.35, 0.55):  # kill B at three points of its progress
-        wait_until(lambda f=fraction: progressed(killed, int(TOTAL * f)), timeout_s=120, what=f"B past {fraction:.0%}")
+    for kill in range(3):  # kill B each time it has routed another 1,500 (its state restored, working)
+        before = routed_total(killed)
+        wait_until(lambda: progressed(killed, before + 1_500), timeout_s=120, what=f"B working before kill {kill + 1}")
         kills += sender.is_alive()
         stop(b, signal.SIGKILL)
         b = detector_process(killed, "killed")
-        if fraction == 0.15:
+        if kill == 0:
             c2 = detector_process(rescaled, "rescaled-2")  # C grows to two
-        if fraction == 0.55:
+        if kill == 2:
             assert stop(c2) == 0  # and shrinks back to one
     sender.join(120)
     assert kills == 3, "the stream ended before the third kill: the test proved less than it says"
@@ -131,9 +167,20 @@ def test_same_decisions_uninterrupted_killed_and_rescaled(stack_settings: Settin
 
     expected = decisions(steady)
     assert len(expected) == TOTAL
-    assert sum(route == "fraud" for route, _ in expected.values()) > 0
+    fired = {rule for route, rules in expected.values() for rule in rules}
+    assert {"card_testing", "impossible_travel"} <= fired, f"stateful rules never fired: {fired}"
     for settings in (killed, rescaled):
         got = decisions(settings)
         differing = [tid for tid in expected if got.get(tid) != expected[tid]]
         assert not differing, (f"{len(differing)} of {TOTAL} decided differently in {settings.transactions_topic}, "
                                f"e.g. {differing[0]}: {expected[differing[0]]} vs {got.get(differing[0])}")
+
+    # The killed run's changelog holds exactly what a recount from the input gives: every state change
+    # applied once, none lost, none counted twice.
+    expected_state = recount(killed)
+    got_state = restored(killed, expected_state)
+    for partition, table in expected_state.items():
+        want, have = rows_by_key(table), rows_by_key(got_state[partition])
+        assert len(want) > 0 and want.keys() == have.keys(), f"partition {partition}: keys differ"
+        differing = [key for key in want if want[key] != have[key]]
+        assert not differing, f"partition {partition}: {len(differing)} card profiles differ, e.g. {differing[0]!r}"
