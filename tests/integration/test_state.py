@@ -179,3 +179,29 @@ def test_manager_pauses_a_partition_until_its_state_is_restored_then_writes_chan
     manager.revoke([TopicPartition(pipeline.transactions_topic, 0)])
     assert not manager.ready(0)
     manager.close()
+
+
+def test_keys_idle_past_their_ttl_are_dropped_and_tombstoned(pipeline, monkeypatch):
+    import consumer.state.manager as manager_module
+
+    monkeypatch.setattr(manager_module, "EXPIRE_EVERY_S", 0.0)  # expire at every write, not every 10 s
+    manager = StateManager(pipeline, [SPEC])
+    manager.start()
+    consumer = FakeConsumer(pipeline.transactions_topic, [0])
+    manager.assign(consumer, consumer.assigned)
+    table = manager.tables(0)["cards"]
+    hour = 3_600_000
+    now = 100 * hour
+    stale = now - SPEC.ttl_ms - manager_module.LATE_TOLERANCE_MS - 1  # idle past its TTL and the tolerance
+    slots = table.slots([b"stale", b"recent", b"fresh"])
+    table.rows[slots] = rows((stale, 1, 1.0), (now - SPEC.ttl_ms, 2, 2.0), (now, 3, 3.0))
+    table.mark_dirty(slots)
+    producer = transactional(pipeline)
+    producer.begin_transaction()
+    written = manager.write_changes(producer, [0])
+    producer.commit_transaction(30)
+    assert written == 4 and manager.tombstones == 1  # three rows, then one tombstone
+    assert table.lookup([b"stale", b"recent", b"fresh"]).tolist()[0] == -1
+    again, records = restore(pipeline, manager.topics, 0)
+    assert records == 4 and sorted(again.keys()) == [b"fresh", b"recent"]
+    manager.close()
