@@ -219,7 +219,7 @@ def evaluate(routed: Routed, labels: dict[str, tuple[bool, str]], *, top_k: int 
     known_from = np.full(len(cards), np.iinfo(np.int64).max, dtype=np.int64)
     frauds = labelled & is_fraud
     np.minimum.at(known_from, card[frauds], event_ms[frauds] + delay_ms)
-    known = known_from[card] <= day * DAY_MS
+    known = known_from[card] < day * DAY_MS
     in_window = np.ones(n, dtype=bool)
     if first_day is not None:
         in_window &= day >= _day_number(first_day)
