@@ -14,7 +14,9 @@ Reads the detector's outputs (`<topic>.legit`, `<topic>.fraud`) and the ground t
 
 Like the Handbook's test set, transactions of cards already known compromised are left out of every
 metric: a card is known compromised on a day once the label of one of its frauds has arrived by
-that day's start (its event time plus the label delay, 7 days by default).
+that day's start (its event time plus the label delay, 7 days by default). As in the book, the
+frauds that count are those since its training week (7 days) and the delay before the window's
+first day: for the book's test week, 2018-07-25 onwards. Without --from, every fraud counts.
 
 Ranking metrics need a score. Records carry one when the detector writes it (a `score` field in
 FraudAlert, a `fraudstream.score` header on legit records, UTF-8 decimal text); when the outputs
@@ -62,6 +64,7 @@ HANDBOOK_BASELINES: tuple[dict[str, Any], ...] = (
     {"model": "XGBoost, tuned (Handbook)", "auc_roc": 0.869, "average_precision": 0.687, "card_precision": 0.303},
 )
 HANDBOOK_TEST_WEEK = (date(2018, 8, 8), date(2018, 8, 14))
+TRAINING_WEEK_DAYS = 7  # the Handbook's training period, before the delay and the test week
 READ_BATCH = 5_000
 POLL_S = 0.5
 EVALUATE_GROUP_ID = "fraudstream-evaluate"  # never joined nor committed (assign() only)
@@ -214,15 +217,17 @@ def evaluate(routed: Routed, labels: dict[str, tuple[bool, str]], *, top_k: int 
         (np.zeros(0, dtype=object), np.zeros(0, dtype=np.int64))
     day = event_ms // DAY_MS
 
-    # Known compromised: a fraud of the card whose label had arrived by the start of the day.
+    # Known compromised: a fraud of the card whose label had arrived by the start of the day, among the
+    # frauds since the Handbook's training week and delay before the window (all of them without a window).
     delay_ms = round(label_delay_days * DAY_MS)
     known_from = np.full(len(cards), np.iinfo(np.int64).max, dtype=np.int64)
     frauds = labelled & is_fraud
-    np.minimum.at(known_from, card[frauds], event_ms[frauds] + delay_ms)
-    known = known_from[card] < day * DAY_MS
     in_window = np.ones(n, dtype=bool)
     if first_day is not None:
         in_window &= day >= _day_number(first_day)
+        frauds &= event_ms >= _day_number(first_day) * DAY_MS - delay_ms - TRAINING_WEEK_DAYS * DAY_MS
+    np.minimum.at(known_from, card[frauds], event_ms[frauds] + delay_ms)
+    known = known_from[card] < day * DAY_MS
     if last_day is not None:
         in_window &= day <= _day_number(last_day)
     rows = labelled & ~known & in_window

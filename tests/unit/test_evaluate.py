@@ -147,3 +147,16 @@ def test_the_table_puts_the_handbook_baselines_beside_ours_and_the_chart_is_a_pn
     path = tmp_path / "eval.png"
     assert ev.write_chart(report, curves, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_with_a_window_only_frauds_since_the_handbooks_training_week_make_a_card_known():
+    # Window from day 20, delay 1 day: frauds count from day 20 - 1 - 7 = day 12 on, as the book's
+    # training week does. A's fraud on day 5 is older, so A's day-20 transaction stays; B's on day 13 counts.
+    rows = [("a5", "A", 5 * DAY + 1, False, math.nan), ("b13", "B", 13 * DAY + 1, False, math.nan),
+            ("a20", "A", 20 * DAY + 1, False, math.nan), ("b20", "B", 20 * DAY + 1, False, math.nan)]
+    labels = {"a5": (True, "s"), "b13": (True, "s"), "a20": (False, "legit"), "b20": (False, "legit")}
+    first = ev.date(1970, 1, 21)
+    report, _ = ev.evaluate(routed(rows), labels, label_delay_days=1, first_day=first, last_day=first)
+    assert (report["evaluated"], report["known_compromised_left_out"]) == (1, 1)
+    report, _ = ev.evaluate(routed(rows), labels, label_delay_days=1)  # no window: every fraud counts
+    assert report["known_compromised_left_out"] == 2
