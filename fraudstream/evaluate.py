@@ -45,6 +45,7 @@ import numpy as np
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from fastavro import schemaless_reader
 
+from consumer.inspect import StartOffset, WriterSchemas, _raise_if_fatal, plan_read
 from fraudstream.errors import ConfigError, FraudstreamError
 from fraudstream.kafka import consumer_config
 from fraudstream.registry import Registry
@@ -377,8 +378,6 @@ class _Schemas:
     """Writer schemas by id, fetched once; logical types stripped so timestamps stay epoch-millis longs."""
 
     def __init__(self, registry: Registry) -> None:
-        from consumer.inspect import WriterSchemas
-
         self._schemas = WriterSchemas(registry.schema_by_id)
 
     def decode(self, value: bytes | None) -> dict[str, Any]:
@@ -393,8 +392,6 @@ class _Schemas:
 
 def read_to_end(settings: Settings, topic: str, handle: Callable[[Any], None]) -> int:
     """Hand every committed record of the topic, up to its end when the read began, to handle(message)."""
-    from consumer.inspect import StartOffset, _raise_if_fatal, plan_read
-
     consumer = Consumer(consumer_config(settings, EVALUATE_GROUP_ID, **{
         "isolation.level": "read_committed",
         "enable.partition.eof": True,  # how a read_committed reader knows it reached the last stable offset
