@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("consumer.cli", "route transactions to legit/fraud topics, exactly once"),
     "inspect": ("consumer.inspect", "print a topic's records as JSON lines (like kafka-avro-console-consumer)"),
     "demo": ("fraudstream.demo", "run the whole pipeline on the local stack with a live view"),
+    "evaluate": ("fraudstream.evaluate", "measure detection quality from the outputs and the labels (Handbook metrics)"),
 }
 
 
