@@ -13,6 +13,7 @@ the decode step alone.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import logging
 import time
@@ -84,21 +85,22 @@ class Decider:
         # Bytes after a complete record usually mean a producer framed data with the wrong schema id.
         self.reject_trailing_bytes = reject_trailing_bytes
 
-    def decode(self, message) -> tuple[int, dict[str, Any], Transaction]:
-        """The decode step for one message: (writer schema id, record, transaction), or DecodeError."""
+    def decode(self, message, *, verified: bool = False) -> tuple[int, dict[str, Any], Transaction]:
+        """The decode step for one message: (writer schema id, record, transaction), or DecodeError.
+        `verified`: its bytes were already found canonical (by the columnar decoder): skip that check."""
         schema_id, payload = split_frame(message.value())
         writer, reader = self.decoder.schemas_for(schema_id)
         record = read_payload(payload, schema_id, writer, reader, reject_trailing_bytes=self.reject_trailing_bytes,
-                              canonical=True)
+                              canonical=not verified)
         transaction = Transaction.from_dict(record)
         error = invalid_values(transaction.currency, transaction.amount_cents, self.currency)
         if error is not None:
             raise error
         return schema_id, record, transaction
 
-    def decide(self, messages: Sequence) -> list[Decision]:
+    def decide(self, messages: Sequence, *, verified: bool = False) -> list[Decision]:
         # Locals: this loop runs once per record.
-        decode = self.decode
+        decode = functools.partial(self.decode, verified=True) if verified else self.decode
         rules = self.rules
         legit_id = self.legit_schema_id
         encode_legit = self.encode_legit
@@ -286,6 +288,9 @@ class ColumnarDecider:
         keep = None
         for name, (low, high) in self.timestamp_columns:
             values = batch.column(name).cast(pa.int64())
+            extremes = pc.min_max(values)
+            if extremes["min"].as_py() >= low and extremes["max"].as_py() <= high:
+                continue  # the usual case: one call, no mask
             in_range = pc.and_(pc.greater_equal(values, low), pc.less_equal(values, high))
             keep = in_range if keep is None else pc.and_(keep, in_range)
         try:
@@ -311,7 +316,7 @@ class ColumnarDecider:
         decisions: list[Decision | None] = [None] * len(messages)
         for index, error in decoded.dead.items():
             decisions[index] = dead_letter(messages[index], error)
-        record_wise = list(decoded.fallback)
+        alerts = []
         if decoded.rows:
             fires = None
             for rule in self.record_wise.rules:
@@ -320,13 +325,14 @@ class ColumnarDecider:
             flags = fires.to_pylist() if fires is not None else [False] * len(decoded.rows)
             for index, flagged in zip(decoded.rows, flags, strict=True):
                 if flagged:  # a fraud alert carries the whole record: the record-wise decider writes it
-                    record_wise.append(index)
+                    alerts.append(index)
                 else:
                     message = messages[index]
                     decisions[index] = Decision(Route.LEGIT, message.key(), message.value())
-        if record_wise:
-            record_wise.sort()
-            self.counts["record_rows"] += len(record_wise)
-            for index, decision in zip(record_wise, self.record_wise.decide([messages[i] for i in record_wise]), strict=True):
-                decisions[index] = decision
+        for indices, verified in ((decoded.fallback, False), (alerts, True)):
+            if indices:
+                self.counts["record_rows"] += len(indices)
+                chosen = [messages[i] for i in indices]
+                for index, decision in zip(indices, self.record_wise.decide(chosen, verified=verified), strict=True):
+                    decisions[index] = decision
         return decisions
