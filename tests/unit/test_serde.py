@@ -200,3 +200,17 @@ def test_the_check_compares_with_the_writer_then_resolves_to_the_reader(decoder)
     record = read_payload(payload, schema_id, *decoder.schemas_for(schema_id), canonical=True)
     assert record["device_id"] is None
     assert Transaction.from_dict(record) == dataclasses.replace(TRANSACTION, device_id=None)
+
+
+def test_a_newer_writers_enum_symbol_is_canonical_and_read_as_the_readers_default():
+    import copy
+
+    newer = copy.deepcopy(SCHEMAS.expanded["Transaction"])
+    channel = next(f for f in newer["fields"] if f["name"] == "channel")
+    channel["type"]["symbols"].append("WALLET")  # a symbol added later: our reader falls back to UNKNOWN
+    newer_id = 21
+    decoder = Decoder(FakeRegistry({newer_id: newer}), SCHEMAS.expanded["Transaction"])
+    value = make_encoder(newer_id, newer)({**TRANSACTION.to_dict(), "channel": "WALLET"})
+    schema_id, payload = split_frame(value)
+    record = read_payload(payload, schema_id, *decoder.schemas_for(schema_id), canonical=True)
+    assert record["channel"] == "UNKNOWN"
