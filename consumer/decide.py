@@ -172,7 +172,8 @@ class DecodedBatch:
 
 # Arrow types whose every value the checks below prove readable by fastavro. A schema with any
 # other type is refused at start-up, so that a new field cannot slip past the checks unnoticed.
-_CHECKED_TYPES = (pa.types.is_string, pa.types.is_int64, pa.types.is_float64, pa.types.is_timestamp)
+_CHECKED_TYPES = (pa.types.is_string, pa.types.is_int64, pa.types.is_float64,
+                  lambda t: pa.types.is_timestamp(t) and t.unit in _TIMESTAMP_RANGE)
 
 
 class ColumnarDecider:
@@ -289,9 +290,10 @@ class ColumnarDecider:
         for name, (low, high) in self.timestamp_columns:
             values = batch.column(name).cast(pa.int64())
             extremes = pc.min_max(values)
-            if extremes["min"].as_py() >= low and extremes["max"].as_py() <= high:
-                continue  # the usual case: one call, no mask
-            in_range = pc.and_(pc.greater_equal(values, low), pc.less_equal(values, high))
+            least, most = extremes["min"].as_py(), extremes["max"].as_py()
+            if least is None or (least >= low and most <= high):
+                continue  # the usual case: one call, no mask (None: every value is null)
+            in_range = pc.fill_null(pc.and_(pc.greater_equal(values, low), pc.less_equal(values, high)), True)
             keep = in_range if keep is None else pc.and_(keep, in_range)
         try:
             encoded = pyruhvro.serialize_record_batch(batch, self.reader_json, 1)
