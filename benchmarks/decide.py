@@ -77,15 +77,19 @@ def batches(settings: Settings, size: int) -> dict[str, list[Message]]:
             "one corrupt": [Message(v, i) for i, v in enumerate(corrupt)]}
 
 
-def measure(decide: Callable[[list], list], messages: list, seconds: float) -> float:
-    """Median records/s over repeated decide() calls for about `seconds`."""
-    decide(messages)  # warm caches (schema by id, pyruhvro's parsed schema)
-    rates, deadline = [], time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(rates) < 3:
-        started = time.process_time()
-        decide(messages)
-        rates.append(len(messages) / max(time.process_time() - started, 1e-9))
-    return statistics.median(rates)
+def measure(contenders: dict[tuple, tuple[Callable[[list], list], list]], seconds: float) -> dict[tuple, float]:
+    """Median records/s of each contender's decide(), timed in interleaved rounds (one call each per
+    round) for about `seconds` per contender, so that a change in the machine's load hits all alike."""
+    for decide, messages in contenders.values():
+        decide(messages)  # warm caches (schema by id, pyruhvro's parsed schema)
+    rates = {key: [] for key in contenders}
+    deadline = time.perf_counter() + seconds * len(contenders)
+    while time.perf_counter() < deadline or min(len(r) for r in rates.values()) < 5:
+        for key, (decide, messages) in contenders.items():
+            started = time.process_time()
+            decide(messages)
+            rates[key].append(len(messages) / max(time.process_time() - started, 1e-9))
+    return {key: statistics.median(r) for key, r in rates.items()}
 
 
 def load_module(path: Path) -> ModuleType:
@@ -106,11 +110,11 @@ def main() -> None:
     contenders = {"this": deciders(consumer.decide, settings)}
     if args.baseline:
         contenders["baseline"] = deciders(load_module(args.baseline), settings)
-    results = {(who, name, batch): measure(decide, messages, args.seconds)
-               for batch, messages in batches(settings, args.batch).items()
-               for who, by_name in contenders.items() for name, decide in by_name.items()}
+    results = measure({(who, name, batch): (decide, messages)
+                       for batch, messages in batches(settings, args.batch).items()
+                       for who, by_name in contenders.items() for name, decide in by_name.items()}, args.seconds)
     reference = results[("this", "columnar", "clean")]
-    print(f"decide() on batches of {args.batch:,}; CPU time of one process, median")
+    print(f"decide() on batches of {args.batch:,}; CPU time of one process, median of interleaved rounds")
     print("| decide.py | decider | batch | records/s | ÷ this columnar, clean |")
     print("|---|---|---|---:|---:|")
     for (who, name, batch), rate in results.items():
