@@ -13,6 +13,7 @@ the decode step alone.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import logging
 import time
@@ -85,21 +86,22 @@ class Decider:
         # Bytes after a complete record usually mean a producer framed data with the wrong schema id.
         self.reject_trailing_bytes = reject_trailing_bytes
 
-    def decode(self, message) -> tuple[int, dict[str, Any], Transaction]:
-        """The decode step for one message: (writer schema id, record, transaction), or DecodeError."""
+    def decode(self, message, *, verified: bool = False) -> tuple[int, dict[str, Any], Transaction]:
+        """The decode step for one message: (writer schema id, record, transaction), or DecodeError.
+        `verified`: its bytes were already found canonical (by the columnar decoder): skip that check."""
         schema_id, payload = split_frame(message.value())
         writer, reader = self.decoder.schemas_for(schema_id)
         record = read_payload(payload, schema_id, writer, reader, reject_trailing_bytes=self.reject_trailing_bytes,
-                              canonical=True)
+                              canonical=not verified)
         transaction = Transaction.from_dict(record)
         error = invalid_values(transaction.currency, transaction.amount_cents, self.currency)
         if error is not None:
             raise error
         return schema_id, record, transaction
 
-    def decide(self, messages: Sequence) -> list[Decision]:
+    def decide(self, messages: Sequence, *, verified: bool = False) -> list[Decision]:
         # Locals: this loop runs once per record.
-        decode = self.decode
+        decode = functools.partial(self.decode, verified=True) if verified else self.decode
         rules = self.rules
         legit_id = self.legit_schema_id
         encode_legit = self.encode_legit
@@ -171,7 +173,8 @@ class DecodedBatch:
 
 # Arrow types whose every value the checks below prove readable by fastavro. A schema with any
 # other type is refused at start-up, so that a new field cannot slip past the checks unnoticed.
-_CHECKED_TYPES = (pa.types.is_string, pa.types.is_int64, pa.types.is_float64, pa.types.is_timestamp)
+_CHECKED_TYPES = (pa.types.is_string, pa.types.is_int64, pa.types.is_float64,
+                  lambda t: pa.types.is_timestamp(t) and t.unit in _TIMESTAMP_RANGE)
 
 
 class ColumnarDecider:
@@ -287,7 +290,11 @@ class ColumnarDecider:
         keep = None
         for name, (low, high) in self.timestamp_columns:
             values = batch.column(name).cast(pa.int64())
-            in_range = pc.and_(pc.greater_equal(values, low), pc.less_equal(values, high))
+            extremes = pc.min_max(values)
+            least, most = extremes["min"].as_py(), extremes["max"].as_py()
+            if least is None or (least >= low and most <= high):
+                continue  # the usual case: one call, no mask (None: every value is null)
+            in_range = pc.fill_null(pc.and_(pc.greater_equal(values, low), pc.less_equal(values, high)), True)
             keep = in_range if keep is None else pc.and_(keep, in_range)
         try:
             encoded = pyruhvro.serialize_record_batch(batch, self.reader_json, 1)
@@ -312,7 +319,7 @@ class ColumnarDecider:
         decisions: list[Decision | None] = [None] * len(messages)
         for index, error in decoded.dead.items():
             decisions[index] = dead_letter(messages[index], error)
-        record_wise = list(decoded.fallback)
+        alerts = []
         if decoded.rows:
             fires = None
             for rule in self.record_wise.rules:
@@ -321,13 +328,14 @@ class ColumnarDecider:
             flags = fires.to_pylist() if fires is not None else [False] * len(decoded.rows)
             for index, flagged in zip(decoded.rows, flags, strict=True):
                 if flagged:  # a fraud alert carries the whole record: the record-wise decider writes it
-                    record_wise.append(index)
+                    alerts.append(index)
                 else:
                     message = messages[index]
                     decisions[index] = Decision(Route.LEGIT, message.key(), message.value())
-        if record_wise:
-            record_wise.sort()
-            self.counts["record_rows"] += len(record_wise)
-            for index, decision in zip(record_wise, self.record_wise.decide([messages[i] for i in record_wise]), strict=True):
-                decisions[index] = decision
+        for indices, verified in ((decoded.fallback, False), (alerts, True)):
+            if indices:
+                self.counts["record_rows"] += len(indices)
+                chosen = [messages[i] for i in indices]
+                for index, decision in zip(indices, self.record_wise.decide(chosen, verified=verified), strict=True):
+                    decisions[index] = decision
         return decisions

@@ -51,7 +51,7 @@ def field_bytes(tx: Transaction, *, v1: bool = False) -> dict[str, bytes]:
     return fields
 
 
-def payload(tx: Transaction, *, v1: bool = False, **replaced: bytes) -> bytes:
+def field_payload(tx: Transaction, *, v1: bool = False, **replaced: bytes) -> bytes:
     fields = field_bytes(tx, v1=v1)
     unknown = set(replaced) - set(fields)
     assert not unknown, unknown
@@ -66,13 +66,13 @@ def corpus(tx: Transaction, *, encode: Encoder, encode_v1: Encoder, encode_label
     v1_record = {k: v for k, v in tx.to_dict().items() if k != "device_id"}
     v1_good = encode_v1(v1_record)
     v1_header = v1_good[:5]
-    assert good[5:] == payload(tx) and v1_good[5:] == payload(tx, v1=True), "the corpus builder drifted from the schema"
+    assert good[5:] == field_payload(tx) and v1_good[5:] == field_payload(tx, v1=True), "the corpus builder drifted from the schema"
 
     def current(**replaced: bytes) -> bytes:
-        return header + payload(tx, **replaced)
+        return header + field_payload(tx, **replaced)
 
     def v1(**replaced: bytes) -> bytes:
-        return v1_header + payload(tx, v1=True, **replaced)
+        return v1_header + field_payload(tx, v1=True, **replaced)
 
     id_text = tx.transaction_id.encode()
     cases = {

@@ -237,3 +237,24 @@ def test_timestamps_at_the_edges_of_what_python_holds_are_forwarded():
     assert [comparable(d) for d in decisions] == [comparable(d) for d in record_wise.decide(messages_of(values))]
     assert [d.route for d in decisions[:2]] == [Route.LEGIT, Route.LEGIT]
     assert columnar.counts["arrow_rows"] == legit_current(decisions, values)
+
+
+def test_a_nullable_timestamp_column_keeps_its_nulls_and_refuses_values_out_of_range():
+    import copy
+
+    from fastavro import parse_schema
+
+    from tests.support.malformed import varint
+
+    schema = copy.deepcopy(SCHEMAS.expanded["Transaction"])
+    schema["fields"].append({"name": "settled_at", "type": ["null", {"type": "long", "logicalType": "timestamp-millis"}],
+                             "default": None})
+    columnar = ColumnarDecider(record_wise_decider(), reader_schema=schema)
+    encode_settled = make_encoder(TRANSACTION_ID, parse_schema(schema))
+    values = [encode_settled({**make_tx(5).to_dict(), "settled_at": None}),
+              encode_settled({**make_tx(5).to_dict(), "settled_at": datetime(2026, 1, 2, tzinfo=UTC)})]
+    values.append(values[0][:-1] + b"\x02" + varint(253_402_300_800_000))  # one past 9999-12-31T23:59:59.999
+    decoded = columnar.decode(messages_of(values))
+    assert decoded.rows == [0, 1] and decoded.fallback == [2]
+    assert decoded.columns.column("settled_at").null_count == 1
+    assert columnar.decode(messages_of(values[:1])).rows == [0]  # a batch where the column is all null
