@@ -100,7 +100,7 @@ class Detector:
         decider = Decider(decoder, rules_from_settings(s),
                           legit_schema_id=ids[s.legit_topic], legit_schema=schemas.parsed["Transaction"],
                           fraud_schema_id=ids[s.fraud_topic], fraud_schema=schemas.parsed["FraudAlert"],
-                          reject_trailing_bytes=s.decoder == "record")
+                          reject_trailing_bytes=True)
         if s.decoder == "columnar":
             decider = ColumnarDecider(decider, reader_schema=schemas.expanded["Transaction"])
         if s.stateful:
