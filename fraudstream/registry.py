@@ -112,7 +112,11 @@ class Registry:
             raise RegistryError(f"registry refused the compatibility check for {subject}: {exc}") from exc
 
     def set_compatibility(self, subject: str | None, level: str) -> None:
-        self._call(f"setting compatibility of {subject or 'the registry'}", self.client.set_compatibility, subject, level)
+        what = f"setting compatibility of {subject or 'the registry'}"
+        try:
+            self._call(what, self.client.set_compatibility, subject, level)
+        except SchemaRegistryError as exc:
+            raise RegistryError(f"registry refused {what}: {exc}") from exc
 
     def compatibility(self, subject: str) -> str | None:
         try:
