@@ -853,6 +853,13 @@ def _inspect_flags(settings: Settings) -> list[str]:
         flags += ["--bootstrap-servers", settings.bootstrap_servers]
     if settings.schema_registry_url != plain.schema_registry_url:
         flags += ["--schema-registry-url", settings.registry_url_display]
+    from fraudstream.cli import client_flags
+    from fraudstream.client_config import REDACTED, is_secret
+
+    given = client_flags(settings)
+    if given != client_flags(plain):  # client properties from flags: the printed commands need them too
+        flags += [f"{item.split('=', 1)[0]}={REDACTED}" if "=" in item and is_secret(item.split("=", 1)[0]) else item
+                  for item in given]
     return flags
 
 
