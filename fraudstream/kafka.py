@@ -27,7 +27,7 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 }
 TRANSACTIONAL_PRODUCER_DEFAULTS: dict[str, Any] = {
     **PRODUCER_DEFAULTS,
-    # An open transaction stalls read_committed readers: keep it bounded (pitfall 5).
+    # An open transaction stalls read_committed readers: keep it bounded.
     # Also how long a killed detector's open transaction can hold back readers if no process
     # with its transactional id comes back to abort it.
     "transaction.timeout.ms": 10_000,
@@ -63,7 +63,7 @@ def transactional_producer_config(settings: Settings, transactional_id: str, **o
 def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict[str, Any]:
     return client_config(settings, CONSUMER_DEFAULTS, {
         "group.id": group_id,
-        "isolation.level": "read_committed",  # librdkafka's default, stated anyway (pitfall 6)
+        "isolation.level": "read_committed",  # librdkafka's default, stated anyway
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "logger": _client_logger("consumer"),
