@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("consumer.cli", "route transactions to legit/fraud topics, exactly once"),
     "inspect": ("consumer.inspect", "print a topic's records as JSON lines (like kafka-avro-console-consumer)"),
     "demo": ("fraudstream.demo", "run the whole pipeline on the local stack with a live view"),
+    "evaluate": ("fraudstream.evaluate", "measure detection quality from the outputs and the labels (Handbook metrics)"),
 }
 
 
@@ -72,7 +73,7 @@ def client_flags(settings: Settings) -> list[str]:
 
 SETTINGS_FLAGS = ("bootstrap_servers", "schema_registry_url", "transactions_topic", "partitions", "group_id",
                   "transactional_id", "fraud_threshold_cents", "batch_max_records", "batch_max_ms", "decoder",
-                  "metrics_port", "compatibility", "kafka_config", "registry_config")
+                  "metrics_port", "compatibility", "stateful", "rules_file", "kafka_config", "registry_config")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,6 +34,8 @@ OWNED_KAFKA_KEYS: dict[str, str] = {
     "enable.auto.commit": "offsets are committed inside Kafka transactions",
     "enable.auto.offset.store": "offsets are committed inside Kafka transactions",
     "enable.idempotence": "producers are idempotent (exactly-once)",
+    "transaction.timeout.ms": "set it with FRAUDSTREAM_TRANSACTION_TIMEOUT_MS (the detector bounds its batches by it)",
+    "max.poll.interval.ms": "the detector's outage limits are checked against it",
 }
 # Kafka properties that are settings of ours: taken out of the properties and used as the setting.
 BOOTSTRAP_KEYS = ("bootstrap.servers", "metadata.broker.list")

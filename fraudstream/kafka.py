@@ -8,11 +8,11 @@ import time
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from fraudstream.client_config import redact
 from fraudstream.errors import KafkaUnavailable
-from fraudstream.settings import Settings
+from fraudstream.settings import MAX_POLL_INTERVAL_S, Settings
 
 log = logging.getLogger("fraudstream.kafka")
 
@@ -27,10 +27,6 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 }
 TRANSACTIONAL_PRODUCER_DEFAULTS: dict[str, Any] = {
     **PRODUCER_DEFAULTS,
-    # An open transaction stalls read_committed readers: keep it bounded.
-    # Also how long a killed detector's open transaction can hold back readers if no process
-    # with its transactional id comes back to abort it.
-    "transaction.timeout.ms": 10_000,
     "linger.ms": 2,
 }
 CONSUMER_DEFAULTS: dict[str, Any] = {
@@ -57,6 +53,10 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
 def transactional_producer_config(settings: Settings, transactional_id: str, **overrides: Any) -> dict[str, Any]:
     return client_config(settings, TRANSACTIONAL_PRODUCER_DEFAULTS,
                          {"enable.idempotence": True, "transactional.id": transactional_id,
+                          # An open transaction stalls read_committed readers: keep it bounded. Also how
+                          # long a killed detector's open transaction can hold back readers if no process
+                          # with its transactional id comes back to abort it.
+                          "transaction.timeout.ms": settings.transaction_timeout_ms,
                           "logger": _client_logger("producer")}, overrides)
 
 
@@ -66,6 +66,8 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
         "isolation.level": "read_committed",  # librdkafka's default, stated anyway
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
+        # The outage limits in Settings are checked against it.
+        "max.poll.interval.ms": MAX_POLL_INTERVAL_S * 1000,
         "logger": _client_logger("consumer"),
     }, overrides)
 
@@ -144,6 +146,31 @@ def ensure_topics(settings: Settings, topics: tuple[str, ...] | None = None, *, 
                 raise KafkaUnavailable(f"could not create topic {topic}: {exc.args[0].str()}") from exc
 
 
+def max_message_bytes(settings: Settings, topics: tuple[str, ...], *, timeout_s: float = 10.0) -> dict[str, int]:
+    """Each topic's max.message.bytes: the largest record batch (header included) its brokers accept."""
+    resources = [ConfigResource(ResourceType.TOPIC, topic) for topic in topics]
+    limits = {}
+    client = admin(settings)  # referenced until its futures resolve: a destroyed client fails them
+    for resource, future in client.describe_configs(resources, request_timeout=timeout_s).items():
+        try:
+            limits[resource.name] = int(future.result()["max.message.bytes"].value)
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"could not read the configuration of topic {resource.name}: "
+                                   f"{exc.args[0].str()}") from exc
+    return limits
+
+
+def static_members(settings: Settings, group_id: str, instance_id: str, *, timeout_s: float = 10.0) -> list[str]:
+    """Member ids that hold `instance_id` (group.instance.id) in the group, as its coordinator sees it now."""
+    client = admin(settings)  # referenced until its future resolves
+    future = client.describe_consumer_groups([group_id], request_timeout=timeout_s)[group_id]
+    try:
+        description = future.result()
+    except KafkaException as exc:
+        raise KafkaUnavailable(f"could not describe consumer group {group_id}: {exc.args[0].str()}") from exc
+    return [m.member_id for m in description.members if m.group_instance_id == instance_id]
+
+
 def _silent_logger() -> logging.Logger:
     logger = logging.getLogger("fraudstream.librdkafka.probe")
     if not logger.handlers:
@@ -155,3 +182,13 @@ def _silent_logger() -> logging.Logger:
 def _client_logger(role: str) -> logging.Logger:
     """librdkafka logs through Python logging (not raw stderr), so the CLI decides what is shown."""
     return logging.getLogger(f"fraudstream.librdkafka.{role}")
+
+
+def produce_or_wait(producer, topic: str, value, key=None, **kwargs) -> None:
+    """produce(), waiting while librdkafka's local queue is full: serving delivery reports frees it."""
+    while True:
+        try:
+            producer.produce(topic, value, key, **kwargs)
+            return
+        except BufferError:
+            producer.poll(0.05)

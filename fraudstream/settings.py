@@ -32,7 +32,12 @@ ENV: dict[str, str] = {
     "batch_max_records": "FRAUDSTREAM_BATCH_MAX_RECORDS",
     "batch_max_ms": "FRAUDSTREAM_BATCH_MAX_MS",
     "decoder": "FRAUDSTREAM_DECODER",
+    "stateful": "FRAUDSTREAM_STATEFUL",
+    "rules_file": "FRAUDSTREAM_RULES",
     "metrics_port": "FRAUDSTREAM_METRICS_PORT",
+    "transaction_timeout_ms": "FRAUDSTREAM_TRANSACTION_TIMEOUT_MS",
+    "broker_outage_limit_s": "FRAUDSTREAM_BROKER_OUTAGE_LIMIT_S",
+    "registry_outage_limit_s": "FRAUDSTREAM_REGISTRY_OUTAGE_LIMIT_S",
     "compatibility": "FRAUDSTREAM_COMPATIBILITY",
     "schemas_dir": "FRAUDSTREAM_SCHEMAS_DIR",
     "stack_dir": "FRAUDSTREAM_STACK_DIR",
@@ -54,6 +59,9 @@ COMPATIBILITY_LEVELS = (
 )
 
 DECODERS = ("columnar", "record")
+
+# The consumer's max.poll.interval.ms (librdkafka's default, which we keep): outage limits stay below it.
+MAX_POLL_INTERVAL_S = 300
 
 # Path on an Apicurio Registry 3.x server where the Confluent Schema Registry API is served.
 APICURIO_CCOMPAT_PATH = "/apis/ccompat/v7"
@@ -78,7 +86,18 @@ class Settings:
     # "columnar": each batch's current-schema records decoded at once into Arrow (pyruhvro) and the
     # rules run on columns; "record": fastavro record by record. Same decisions; see consumer/decide.py.
     decoder: str = "columnar"
+    # The stateful rules (per-card state kept in changelog topics) from a rules file; off: only the
+    # seed's threshold rule, with no state at all.
+    stateful: bool = True
+    rules_file: Path = PROJECT_ROOT / "rules" / "default.toml"
     metrics_port: int = 0  # 0: no Prometheus endpoint
+    # An open transaction stalls read_committed readers until it commits or this expires (pitfall 5);
+    # the detector stops retrying a transaction's calls before it expires.
+    transaction_timeout_ms: int = 10_000
+    # How long the detector waits for the brokers (or the registry) to come back before it stops with
+    # one line. Both stay below max.poll.interval.ms (300 s): the detector never polls while it waits.
+    broker_outage_limit_s: int = 120
+    registry_outage_limit_s: int = 240
     compatibility: str = "FULL_TRANSITIVE"
     schemas_dir: Path = PROJECT_ROOT / "schemas"
     stack_dir: Path = PROJECT_ROOT / ".stack"
@@ -114,6 +133,11 @@ class Settings:
     @property
     def labels_topic(self) -> str:
         return f"{self.transactions_topic}.labels"
+
+    def changelog_topic(self, store: str) -> str:
+        """The compacted topic holding a state store's changes, partitioned like the input. Named after the
+        detector group and the input topic: another group, or another input, keeps state of its own."""
+        return f"{self.group_id}.{self.transactions_topic}.{store}.changelog"
 
     @property
     def all_topics(self) -> tuple[str, ...]:
@@ -166,9 +190,14 @@ class Settings:
             raise ConfigError(f"compatibility must be one of {', '.join(COMPATIBILITY_LEVELS)}, not {self.compatibility!r}")
         if self.decoder not in DECODERS:
             raise ConfigError(f"decoder must be one of {', '.join(DECODERS)}, not {self.decoder!r}")
-        for name in ("partitions", "replication_factor", "batch_max_records", "batch_max_ms"):
+        for name in ("partitions", "replication_factor", "batch_max_records", "batch_max_ms",
+                     "transaction_timeout_ms", "broker_outage_limit_s", "registry_outage_limit_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        for name in ("broker_outage_limit_s", "registry_outage_limit_s"):
+            if getattr(self, name) >= MAX_POLL_INTERVAL_S:
+                raise ConfigError(f"{name} must be below {MAX_POLL_INTERVAL_S} s (the consumer's max.poll.interval.ms), "
+                                  "or the group would evict a detector that is only waiting")
         if self.fraud_threshold_cents < 0:
             raise ConfigError("fraud_threshold_cents must not be negative")
         if not self.schema_registry_url.startswith(("http://", "https://")):
@@ -197,6 +226,9 @@ class Settings:
         return f"{topic}-value"
 
 
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _convert(f: dataclasses.Field, raw: str, var: str) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     try:
@@ -204,6 +236,10 @@ def _convert(f: dataclasses.Field, raw: str, var: str) -> Any:
             return int(raw)
         if kind in ("Path", "Path | None"):
             return Path(raw)
+        if kind == "bool":
+            if raw.lower() not in _BOOLEANS:
+                raise ConfigError(f"{var}={raw!r} is not one of {', '.join(_BOOLEANS)}")
+            return _BOOLEANS[raw.lower()]
     except ValueError as exc:
         raise ConfigError(f"{var}={raw!r} is not a whole number") from exc
     return raw
