@@ -118,11 +118,11 @@ def test_the_cli_takes_files_and_repeatable_flags_on_every_client_command(files,
     seen = []
     argv = ["-F", files[ENV["kafka_config"]], "-X", "client.id=cli", "-X", "linger.ms=7",
             "--registry-config", files[ENV["registry_config"]], "-R", "timeout=12"]
-    for command in ("produce", "detect", "inspect", "schemas", "demo"):
+    for command in ("produce", "detect", "inspect", "schemas", "demo", "evaluate"):
         module = importlib.import_module(cli.COMMANDS[command][0])
         monkeypatch.setattr(module, "run", lambda args, settings: seen.append(settings) or 0)
         assert cli.main([command, *(["register"] if command == "schemas" else []), *argv]) == 0
-    assert len(seen) == 5
+    assert len(seen) == 6
     for settings in seen:
         assert settings.bootstrap_servers == "pkc-abc12.eu-west-1.aws.example.net:9092"
         assert (settings.kafka_extra["client.id"], settings.kafka_extra["linger.ms"]) == ("cli", "7")
@@ -160,7 +160,7 @@ def test_secrets_never_show_in_reprs_help_or_redacted_messages(files, capsys, mo
 
     for var, path in files.items():
         monkeypatch.setenv(var, path)
-    for command in ("produce", "detect", "inspect", "schemas", "demo"):
+    for command in ("produce", "detect", "inspect", "schemas", "demo", "evaluate"):
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
         assert SECRET not in capsys.readouterr().out
