@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 
 from fraudstream.settings import ENV, Settings
 from fraudstream.stack import LocalStack
@@ -34,6 +34,9 @@ from tests.support.kafka_io import count_committed, read_topic, wait_until
 REGISTRY_USER = "registry-user"
 REGISTRY_PASSWORD = "Registry-Pass-7f3a"
 WRONG = "Wrong-Pass-91c2"
+# What a reader may meet on a topic created moments ago, until the broker's metadata settles.
+NEW_TOPIC_ERRORS = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                    KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION}
 # Variables of the surrounding run that would point the commands elsewhere.
 CLEARED = [ENV[name] for name in ("bootstrap_servers", "schema_registry_url", "kafka_config", "registry_config",
                                   "transactions_topic")]
@@ -129,8 +132,8 @@ def test_produce_detect_inspect_over_sasl_ssl_with_registry_credentials(secure: 
     def routed() -> int:
         try:
             return count_committed(settings, [settings.legit_topic, settings.fraud_topic])
-        except KafkaException as exc:  # the output topics are new: leadership may still be moving to the broker
-            if exc.args[0].retriable():
+        except KafkaException as exc:  # the output topics are new: their leaders may not be known yet
+            if exc.args[0].retriable() or exc.args[0].code() in NEW_TOPIC_ERRORS:
                 return 0
             raise
 
@@ -145,7 +148,7 @@ def test_produce_detect_inspect_over_sasl_ssl_with_registry_credentials(secure: 
     assert inspected.returncode == 0, inspected.stderr
     alerts = [json.loads(line) for line in inspected.stdout.splitlines()]
     assert len(alerts) == len(read_topic(settings, settings.fraud_topic)) > 0
-    assert all(alert["transaction"]["amount_cents"] > settings.fraud_threshold_cents for alert in alerts)
+    assert all(alert["rules"] for alert in alerts)  # each alert names the rules that fired
     # Every registry call of produce, detect and inspect carried the credentials.
     assert secure.proxy.forwarded > forwarded_after_register and secure.proxy.refused == 0
 
