@@ -104,22 +104,24 @@ class StatefulDecider:
 
         fired = self.rules.evaluate(tx, features)  # (rules, rows)
         is_fraud = fired.any(axis=0)
-        names = self.rules.names
-        now_ms = int(time.time() * 1000)
+        # The output loop runs once per record: plain lists and locals, no NumPy scalars.
+        legit, records = Route.LEGIT, dict(decoded.records)
+        encode_legit = self.encode_legit
         fraud_rows = np.flatnonzero(is_fraud)
-        column_records = _column_records(decoded, source_row[fraud_rows][from_columns[fraud_rows]])
-        records = dict(decoded.records)
-        for row in range(len(tx)):
-            index = int(positions[row])
+        for index, from_column in zip(positions[~is_fraud].tolist(), from_columns[~is_fraud].tolist(), strict=True):
             message = messages[index]
-            if not is_fraud[row]:
-                value = message.value() if from_columns[row] else self.encode_legit(records[index])
-                decisions[index] = Decision(Route.LEGIT, message.key(), value)
-                continue
-            record = column_records[int(source_row[row])] if from_columns[row] else records[index]
-            rule_names = [names[k] for k in np.flatnonzero(fired[:, row])]
-            alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms}
-            decisions[index] = Decision(Route.FRAUD, message.key(), self.encode_fraud(alert), rules=tuple(rule_names))
+            value = message.value() if from_column else encode_legit(records[index])
+            decisions[index] = Decision(legit, message.key(), value)
+        if len(fraud_rows):
+            names, now_ms = self.rules.names, int(time.time() * 1000)
+            column_records = _column_records(decoded, source_row[fraud_rows][from_columns[fraud_rows]])
+            for row in fraud_rows.tolist():
+                index = int(positions[row])
+                record = column_records[int(source_row[row])] if from_columns[row] else records[index]
+                rule_names = [names[k] for k in np.flatnonzero(fired[:, row])]
+                alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms}
+                decisions[index] = Decision(Route.FRAUD, messages[index].key(), self.encode_fraud(alert),
+                                            rules=tuple(rule_names))
         return decisions
 
 
