@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from consumer.state.changelog import LAYOUT_HEADER
 from consumer.state.stores import StoreSpec
@@ -30,6 +30,9 @@ from fraudstream.settings import Settings
 log = logging.getLogger("fraudstream.state")
 
 RESTORE_BATCH = 20_000
+# What a just-created topic answers until its partitions have leaders.
+_NO_LEADER_YET = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART,
+                  KafkaError._TIMED_OUT}
 
 
 @dataclass
@@ -39,6 +42,11 @@ class _Restoring:
     end: int  # the changelog's high watermark when the partition was assigned
     records: int = 0
     done: bool = False
+
+    def __post_init__(self) -> None:
+        # What every record of this store must look like, computed once: the per-record check is a compare.
+        self.headers = [(LAYOUT_HEADER, self.spec.layout)]
+        self.size = self.spec.dtype.itemsize
 
 
 @dataclass
@@ -79,11 +87,7 @@ class Recovery:
         for spec in specs:
             topic = self.topics[spec.name]
             tp = TopicPartition(topic, partition)
-            try:
-                low, high = self.consumer.get_watermark_offsets(tp, timeout=self.timeout_s, cached=False)
-            except KafkaException as exc:
-                raise KafkaUnavailable(f"could not read the end of changelog {topic}[{partition}]: "
-                                       f"{exc.args[0].str()}") from exc
+            low, high = self._watermarks(tp)
             restoring = _Restoring(spec, tables[spec.name], end=high, done=high <= low)
             progress.stores[spec.name] = restoring
             if not restoring.done:
@@ -94,6 +98,20 @@ class Recovery:
         if not progress.done:
             self.restoring[partition] = progress
         return progress
+
+    def _watermarks(self, tp: TopicPartition) -> tuple[int, int]:
+        """The changelog partition's offsets; retried while it has no leader yet (a just-created topic)."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return self.consumer.get_watermark_offsets(tp, timeout=self.timeout_s, cached=False)
+            except KafkaException as exc:
+                error = exc.args[0]
+                passing = error.retriable() or error.code() in _NO_LEADER_YET
+                if not passing or time.monotonic() > deadline:
+                    raise KafkaUnavailable(f"could not read the end of changelog {tp.topic}[{tp.partition}]: "
+                                           f"{error.str()}") from exc
+                time.sleep(0.1)  # a leader election takes a moment; nothing else to wait on
 
     def stop(self, partition: int) -> None:
         """Forget a partition being restored (it was revoked)."""
@@ -123,10 +141,11 @@ class Recovery:
             restoring = self._by_topic_partition.get(where)
             if restoring is None:  # its partition was revoked meanwhile
                 continue
-            value = message.value()
-            if value is not None:
-                _check(message, restoring.spec)
-            latest.setdefault(where, {})[message.key()] = value
+            value, key = message.value(), message.key()
+            if value is not None and (len(value) != restoring.size or key is None
+                                      or message.headers() != restoring.headers):
+                _refuse(message, restoring.spec)
+            latest.setdefault(where, {})[key] = value
             restoring.records += 1
         for where, changes in latest.items():
             restoring = self._by_topic_partition[where]
@@ -154,7 +173,7 @@ class Recovery:
             log.debug("closing the restore consumer: %s", exc)
 
 
-def _check(message, spec: StoreSpec) -> None:
+def _refuse(message, spec: StoreSpec) -> None:
     """A record this store cannot read stops the restore: skipping it would silently lose state."""
     where = f"changelog {message.topic()}[{message.partition()}] at offset {message.offset()}"
     layout = dict(message.headers() or ()).get(LAYOUT_HEADER)
@@ -167,6 +186,7 @@ def _check(message, spec: StoreSpec) -> None:
                          f"{spec.name} row has {spec.dtype.itemsize}")
     if message.key() is None:
         raise StateError(f"cannot restore state from {where}: the record has no key")
+    raise StateError(f"cannot restore state from {where}: unexpected headers {message.headers()!r}")
 
 
 def _apply(table: KeyedTable, spec: StoreSpec, changes: dict[bytes, bytes | None]) -> None:
