@@ -1,7 +1,8 @@
 """Restoring stores from their changelogs, apart from the hot path.
 
 A consumer of its own (assign mode, read_committed, never committing) reads each assigned changelog
-partition from its beginning up to the high watermark taken when the partition was assigned. The end is
+partition from its beginning up to the high watermark taken when the partition was assigned (not the
+last stable offset: a transaction still completing must be waited for, not cut off). The end is
 reached when the consumer's *position* gets there: a transactional changelog ends with a commit marker
 that no consumer ever returns, so waiting for the record at high watermark - 1 could wait forever.
 Positions can be logical (negative) before the first fetch: they are compared, never computed with.
@@ -77,6 +78,11 @@ class Recovery:
         # assign() only: the group id is required by the client but never joins or commits.
         self.consumer = Consumer(consumer_config(settings, f"{settings.group_id}.restore",
                                                  **{"enable.partition.eof": False, "fetch.max.bytes": 64 << 20}))
+        # The end to restore to is the high watermark, which only a read_uncommitted client is told: a
+        # read_committed one gets the last stable offset, which lags while a transaction (the previous
+        # owner's last batch) is still being committed, and would end the restore before its changes.
+        self.offsets = Consumer(consumer_config(settings, f"{settings.group_id}.restore",
+                                                **{"isolation.level": "read_uncommitted"}))
         self.restoring: dict[int, RestoreProgress] = {}
         self._by_topic_partition: dict[tuple[str, int], _Restoring] = {}
 
@@ -104,7 +110,7 @@ class Recovery:
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
-                return self.consumer.get_watermark_offsets(tp, timeout=self.timeout_s, cached=False)
+                return self.offsets.get_watermark_offsets(tp, timeout=self.timeout_s, cached=False)
             except KafkaException as exc:
                 error = exc.args[0]
                 passing = error.retriable() or error.code() in _NO_LEADER_YET
@@ -167,10 +173,11 @@ class Recovery:
         return completed
 
     def close(self) -> None:
-        try:
-            self.consumer.close()
-        except (KafkaException, RuntimeError) as exc:
-            log.debug("closing the restore consumer: %s", exc)
+        for consumer in (self.consumer, self.offsets):
+            try:
+                consumer.close()
+            except (KafkaException, RuntimeError) as exc:
+                log.debug("closing a restore consumer: %s", exc)
 
 
 def _refuse(message, spec: StoreSpec) -> None:

@@ -205,3 +205,26 @@ def test_keys_idle_past_their_ttl_are_dropped_and_tombstoned(pipeline, monkeypat
     again, records = restore(pipeline, manager.topics, 0)
     assert records == 4 and sorted(again.keys()) == [b"fresh", b"recent"]
     manager.close()
+
+
+def test_restore_waits_for_a_transaction_still_open_on_the_changelog(pipeline):
+    """The previous owner's last batch may still be committing when the partition moves: the restore must
+    take its changes, so it runs to the high watermark, not to the last stable offset."""
+    topics = ensure_changelogs(pipeline, [SPEC])
+    producer = transactional(pipeline)
+    producer.begin_transaction()
+    write_rows(producer, topics["cards"], 0, SPEC, [b"late"], rows((5, 5, 5.0)))
+    assert producer.flush(30) == 0  # on the broker, not yet committed
+    recovery = Recovery(pipeline, topics)
+    table = KeyedTable(SPEC.dtype)
+    try:
+        progress = recovery.start(0, {"cards": table}, [SPEC])
+        for _ in range(5):
+            recovery.step(timeout_s=0.2)
+        assert not progress.done  # a read_committed end (the LSO) would have ended it, empty
+        producer.commit_transaction(30)
+        wait_until(lambda: recovery.step(timeout_s=0.2) or progress.done, timeout_s=30, what="restore",
+                   interval_s=0.01)
+    finally:
+        recovery.close()
+    assert row_of(table, b"late").tolist() == (5, 5, 5.0)
