@@ -58,6 +58,9 @@ MIN_GAP_S = 1.0  # speeds are computed over at least this long (same-millisecond
 EARTH_RADIUS_KM = 6_371.0
 N_DEVICES = 4  # devices remembered per card
 N_TERMINALS = 8  # terminals remembered per card
+# Out-of-order tolerance: how far behind the latest event time a record may arrive and still find
+# every profile it could read (physical expiry waits this much longer than the TTL).
+LATE_GRACE_MS = HOUR_MS
 # The longest memory of a profile: the home area and known devices/terminals. Idle longer: forgotten.
 PROFILE_TTL_MS = 30 * DAY_MS
 
@@ -501,6 +504,9 @@ def terminal_features_one(profile: np.void | None, tx: dict) -> tuple[dict, np.v
     return {"terminal_cards": len(others)}, p
 
 
-def expiry_horizon(now_ms: int, ttl_ms: int = PROFILE_TTL_MS) -> int:
-    """`older_than` for KeyedTable.expire('last_ms', ...): rows idle longer than the TTL at event time now_ms."""
-    return now_ms - ttl_ms
+def expiry_horizon(watermark_ms: int, *, ttl_ms: int = PROFILE_TTL_MS, grace_ms: int = LATE_GRACE_MS) -> int:
+    """`older_than` for KeyedTable.expire("last_ms", ...) once records up to event time `watermark_ms`
+    (the latest seen) are processed. A record may still arrive up to grace_ms older than the watermark;
+    it reads a profile as absent only when its own time is more than ttl_ms past it, so rows are
+    dropped only when no such record can still read them: physical expiry never changes a feature."""
+    return watermark_ms - grace_ms - ttl_ms
