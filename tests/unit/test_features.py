@@ -215,3 +215,17 @@ def test_a_terminal_counts_other_recent_cards() -> None:
     f = scalar_path(r, terminal_features_one, "terminal_id")[0]
 
     assert [x["terminal_cards"] for x in f] == [0, 1, 1, 2, 0]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.text(max_size=40)), min_size=1, max_size=30), st.integers(0, 5))
+def test_the_vectorized_hash_equals_the_scalar_one_on_any_text_and_any_arrow_slice(values: list, skip: int) -> None:
+    import pyarrow as pa
+
+    from consumer.features import hash_strings, stable_hash
+
+    expected = [stable_hash(v) for v in values]
+    assert hash_strings(values).tolist() == expected
+    sliced = pa.array([None] * skip + values, type=pa.string()).slice(skip)  # an offset into shared buffers
+    assert hash_strings(sliced).tolist() == expected
+    assert all((h == 0) == (v is None) for h, v in zip(expected, values))

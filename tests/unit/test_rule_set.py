@@ -71,10 +71,11 @@ def columns(**values) -> TxColumns:
     n = len(values["amount_cents"])
     base = {"transaction_id": [f"t{i}" for i in range(n)], "account_id": ["a"] * n, "card_key": [b"c"] * n,
             "terminal_key": [b"t"] * n, "merchant_category": [5411] * n, "channel": [CHANNEL_CODE["CARD_PRESENT"]] * n,
-            "device_id": [None] * n, "device_hash": [0] * n, "event_time_ms": [0] * n, "latitude": [0.0] * n,
+            "device_id": [None] * n, "device_hash": [0] * n, "card_hash": [1] * n, "terminal_hash": [1] * n, "event_time_ms": [0] * n, "latitude": [0.0] * n,
             "longitude": [0.0] * n}
     base.update(values)
-    dtypes = {"merchant_category": np.int16, "channel": np.int8, "device_hash": np.uint32, "event_time_ms": np.int64,
+    dtypes = {"merchant_category": np.int16, "channel": np.int8, "device_hash": np.uint32, "card_hash": np.uint32,
+              "terminal_hash": np.uint32, "event_time_ms": np.int64,
               "amount_cents": np.int64, "latitude": np.float64, "longitude": np.float64}
     return TxColumns(**{name: np.array(v, dtype=dtypes.get(name, object)) for name, v in base.items()})
 
