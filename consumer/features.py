@@ -322,6 +322,10 @@ def _empty_features(spec: dict[str, np.dtype], n: int) -> dict[str, np.ndarray]:
     return {name: np.zeros(n, dtype=dtype) for name, dtype in spec.items()}
 
 
+_U32_MAX = 2**32 - 1
+_U16_MAX = 2**16 - 1
+
+
 class _Inputs(NamedTuple):
     """The columns the card kernel reads, computed once per batch and sliced per round."""
 
@@ -410,11 +414,11 @@ def _card_round(p: np.ndarray, x: _Inputs, out: dict[str, np.ndarray], index: np
 
     # Update the profiles.
     p["last_ms"] = t
-    p["n"] = np.minimum(p["n"].astype(np.int64) + 1, np.iinfo(np.uint32).max)
+    p["n"] = np.minimum(p["n"].astype(np.int64) + 1, _U32_MAX)
     p["amount_log_mean"] = np.where(seen, p["amount_log_mean"] + AMOUNT_ALPHA * (log_amount - p["amount_log_mean"]),
                                     log_amount)
-    p["session_n"] = np.minimum(session_n + 1, np.iinfo(np.uint16).max)
-    p["session_small"] = np.minimum(session_small + (amount <= SMALL_CENTS), np.iinfo(np.uint16).max)
+    p["session_n"] = np.minimum(session_n + 1, _U16_MAX)
+    p["session_small"] = np.minimum(session_small + (amount <= SMALL_CENTS), _U16_MAX)
     p["session_dev"] = np.where((session_dev == 0) & new_device, dev, session_dev)
     if new_device.any():
         r = rows[new_device]

@@ -73,19 +73,25 @@ class KeyedTable:
 
         Growing replaces `rows`: read `table.rows` after this call, not before."""
         index = self._index
-        out = np.empty(len(keys), dtype=np.int64)
-        for i, key in enumerate(keys):
-            slot = index.get(key)
-            if slot is None:
-                slot = self._allocate(key)
-            out[i] = slot
+        get = index.get
+        out = np.fromiter((get(key, -1) for key in keys), dtype=np.int64, count=len(keys))
+        missing = np.flatnonzero(out < 0)
+        if len(missing):
+            fresh = []
+            for i in missing.tolist():
+                key = keys[i]
+                slot = get(key)  # a key new in this call may repeat
+                if slot is None:
+                    slot = self._allocate(key)
+                    fresh.append(slot)
+                out[i] = slot
+            self.rows[fresh] = np.zeros((), dtype=self.dtype)
         return out
 
     def _allocate(self, key: bytes) -> int:
         if not self._free:
             self._grow()
         slot = self._free.pop()
-        self.rows[slot] = np.zeros((), dtype=self.dtype)
         self._index[key] = slot
         self._keys[slot] = key
         return slot
