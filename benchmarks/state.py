@@ -30,7 +30,7 @@ from consumer.features import (PROFILE_DTYPE, TERMINAL_DTYPE, TxColumns, card_fe
                                terminal_features, terminal_features_one)
 from consumer.quality import DEMO_RATE, DEMO_SPEEDUP, START_MS
 from consumer.rules import TERMINAL_RULES, load_rules
-from consumer.state.table import KeyedTable
+from consumer.state.table import KeyedTable, row_values, rows_from_values
 from fraudstream.schemas import load_schemas
 from fraudstream.settings import PROJECT_ROOT, Settings
 from producer.generator import Generator
@@ -133,12 +133,12 @@ def memory_section(cards: int) -> dict[str, Any]:
     table.mark_dirty(slots)
     started = time.perf_counter()
     dirty_keys, rows = table.take_dirty()
-    values = [row.tobytes() for row in rows]  # what a changelog record carries
+    values = row_values(rows)  # what changelog records carry
     take_s = time.perf_counter() - started
 
     restored = KeyedTable(PROFILE_DTYPE, capacity=1024)
     started = time.perf_counter()
-    restored.put(dirty_keys, np.frombuffer(b"".join(values), dtype=PROFILE_DTYPE))
+    restored.put(dirty_keys, rows_from_values(values, PROFILE_DTYPE, where="benchmark"))
     put_s = time.perf_counter() - started
     assert len(restored) == cards
     return {

@@ -39,6 +39,22 @@ def check_row_bytes(value: bytes, dtype: np.dtype, *, where: str) -> np.ndarray:
     return np.frombuffer(value, dtype=dtype, count=1)
 
 
+def row_values(rows: np.ndarray) -> list[bytes]:
+    """Each row's bytes (row.tobytes()), for the changelog: one copy of the array, then slices."""
+    size = rows.dtype.itemsize
+    data = rows.tobytes()
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+def rows_from_values(values: list[bytes], dtype: np.dtype, *, where: str) -> np.ndarray:
+    """Rows back from changelog values; a value of the wrong size is refused (StateLayoutError), never misread."""
+    size = dtype.itemsize
+    for value in values:
+        if len(value) != size:
+            raise StateLayoutError(f"{where}: a row of {len(value)} bytes where this layout has {size}")
+    return np.frombuffer(b"".join(values), dtype=dtype).copy()
+
+
 class KeyedTable:
     """Fixed-width rows (a numpy structured dtype), one per key (bytes)."""
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from consumer.state.table import KeyedTable, StateLayoutError, check_layout, check_row_bytes, layout_tag
+from consumer.state.table import (KeyedTable, StateLayoutError, check_layout, check_row_bytes, layout_tag, row_values,
+                                  rows_from_values)
 
 DTYPE = np.dtype([("last_ms", "<i8"), ("count", "<u4"), ("ring", "<u4", (2,))])
 
@@ -110,3 +111,19 @@ def test_nbytes_counts_rows_and_index_and_grows_with_keys() -> None:
 
     assert empty >= t.rows.nbytes
     assert t.nbytes() - empty >= 1000 * 40  # at least the key bytes objects
+
+
+def test_many_rows_round_trip_through_changelog_values() -> None:
+    t = table()
+    slots = t.slots([b"a", b"b", b"c"])
+    t.rows[slots] = [(1, 2, [3, 4]), (5, 6, [7, 8]), (9, 10, [11, 12])]
+    t.mark_dirty(slots)
+    keys, rows = t.take_dirty()
+    values = row_values(rows)
+
+    assert values == [row.tobytes() for row in rows]
+    restored = table()
+    restored.put(keys, rows_from_values(values, DTYPE, where="c p1"))
+    assert restored.rows[restored.lookup(keys)].tolist() == t.rows[slots].tolist()
+    with pytest.raises(StateLayoutError, match="c p1"):
+        rows_from_values([values[0], values[1][:-2]], DTYPE, where="c p1")
