@@ -48,7 +48,7 @@ DAY_MS = 24 * HOUR_MS
 
 # Feature definition constants. Changing one changes what a stored profile means: bump the version.
 SESSION_GAP_MS = 10 * MINUTE_MS  # transactions of a card closer than this belong to one session
-SMALL_CENTS = 500  # a "small" payment (card tests are a few dollars or less)
+SMALL_CENTS = 500  # a "small" online payment (card tests are a few dollars or less, card-not-present)
 HOME_KM = 100.0  # in-person payments this close to the card's home area count as at home
 STAY_KM = 100.0  # an in-person payment this far from where the card's current stay began starts a new stay
 HOME_VOTE_MS = HOUR_MS  # a stay away votes against the home area only once it has lasted this long
@@ -80,7 +80,7 @@ PROFILE_DTYPE = np.dtype([
     ("stay_lat", "<f8"),  # where it began
     ("stay_lon", "<f8"),
     ("session_n", "<u2"),  # transactions in the current session
-    ("session_small", "<u2"),  # small payments in the current session
+    ("session_small", "<u2"),  # small online payments in the current session
     ("session_dev", "<u4"),  # first device new to the card in the current session (0: none)
     ("devices", "<u4", (N_DEVICES,)),  # ring of known device hashes (0: empty)
     ("dev_next", "u1"),
@@ -113,7 +113,7 @@ CARD_FEATURES: dict[str, np.dtype] = {
     "new_device": np.dtype(bool),  # a device the card has not used before
     "session_device": np.dtype(bool),  # the device first seen new on the card earlier in this session
     "session_n": np.dtype(np.int64),  # earlier transactions in this session
-    "session_small": np.dtype(np.int64),  # earlier small payments in this session
+    "session_small": np.dtype(np.int64),  # earlier small online payments in this session
     "known_terminal": np.dtype(bool),  # a terminal the card has used before
     "amount_ratio": np.dtype(np.float64),  # amount over the card's typical amount (0: no history)
 }
@@ -331,6 +331,7 @@ class _Inputs(NamedTuple):
 
     t: np.ndarray
     in_person: np.ndarray
+    online: np.ndarray
     amount: np.ndarray
     log_amount: np.ndarray
     dev: np.ndarray
@@ -346,7 +347,7 @@ def card_features(table: KeyedTable, tx: TxColumns) -> dict[str, np.ndarray]:
     """Features of each transaction (CARD_FEATURES), updating the card profiles in offset order."""
     out = _empty_features(CARD_FEATURES, len(tx))
     slots = table.slots(tx.card_key)
-    inputs = _Inputs(tx.event_time_ms, IN_PERSON_LUT[tx.channel], tx.amount_cents,
+    inputs = _Inputs(tx.event_time_ms, IN_PERSON_LUT[tx.channel], tx.channel == ONLINE, tx.amount_cents,
                      np.log1p(tx.amount_cents.astype(np.float64)), tx.device_hash, tx.terminal_hash,
                      tx.latitude, tx.longitude)
     for index in _rounds(slots):
@@ -418,7 +419,7 @@ def _card_round(p: np.ndarray, x: _Inputs, out: dict[str, np.ndarray], index: np
     p["amount_log_mean"] = np.where(seen, p["amount_log_mean"] + AMOUNT_ALPHA * (log_amount - p["amount_log_mean"]),
                                     log_amount)
     p["session_n"] = np.minimum(session_n + 1, _U16_MAX)
-    p["session_small"] = np.minimum(session_small + (amount <= SMALL_CENTS), _U16_MAX)
+    p["session_small"] = np.minimum(session_small + ((amount <= SMALL_CENTS) & x.online), _U16_MAX)
     p["session_dev"] = np.where((session_dev == 0) & new_device, dev, session_dev)
     if new_device.any():
         r = rows[new_device]
@@ -501,7 +502,7 @@ def card_features_one(profile: np.void | None, tx: dict) -> tuple[dict, np.void]
     p["amount_log_mean"] = (float(p["amount_log_mean"]) + AMOUNT_ALPHA * (log_amount - float(p["amount_log_mean"]))
                             if seen else log_amount)
     p["session_n"] = min(session_n + 1, 2**16 - 1)
-    p["session_small"] = min(session_small + (amount <= SMALL_CENTS), 2**16 - 1)
+    p["session_small"] = min(session_small + (amount <= SMALL_CENTS and channel == ONLINE), 2**16 - 1)
     p["session_dev"] = dev if session_dev == 0 and new_device else session_dev
     if new_device:
         p["devices"][int(p["dev_next"])] = dev

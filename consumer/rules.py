@@ -130,10 +130,10 @@ def _large_amount(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndarray]) ->
 
 def _card_testing(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndarray]) -> np.ndarray:
     """A tiny online payment from a device new to the card at a merchant where cards are tested; then,
-    in the same session, more small payments or any payment from the device that came with them."""
+    in the same session, more tiny online payments or any payment from the device that came with them."""
     online = tx.channel == ONLINE_CODE
     tiny = tx.amount_cents <= t["test_max_cents"]
-    burst = (f["session_small"] >= t["min_session_small"]) & (tiny | f["session_device"])
+    burst = (f["session_small"] >= t["min_session_small"]) & ((online & tiny) | f["session_device"])
     if not t["first_test"]:
         return burst
     first = online & tiny & f["new_device"] & _in_categories(tx.merchant_category, t["test_categories"])

@@ -181,6 +181,15 @@ def test_a_card_testing_session_counts_small_payments_and_follows_the_new_device
     assert [x["gap_s"] for x in f][:3] == [-1.0, 3_600.0, 5.0]
 
 
+def test_small_payments_in_person_are_not_card_tests() -> None:
+    f = one_by_one([record(0, card="c", t=T0, channel="CONTACTLESS", amount=150),
+                    record(1, card="c", t=T0 + 60_000, channel="ONLINE", amount=150, device="d"),
+                    record(2, card="c", t=T0 + 120_000, channel="ONLINE", amount=150, device="d")])
+
+    assert [x["session_n"] for x in f] == [0, 1, 2]
+    assert [x["session_small"] for x in f] == [0, 0, 1]
+
+
 def test_a_profile_idle_longer_than_its_ttl_reads_as_absent() -> None:
     first = record(0, card="c", t=T0, channel="ONLINE", device="d")
     late = record(1, card="c", t=T0 + PROFILE_TTL_MS + 1, channel="ONLINE", device="d", amount=50)
