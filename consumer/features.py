@@ -64,7 +64,7 @@ LATE_GRACE_MS = HOUR_MS
 # The longest memory of a profile: the home area and known devices/terminals. Idle longer: forgotten.
 PROFILE_TTL_MS = 30 * DAY_MS
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: FNV-1a hashes of devices and terminals; session_small counts online payments only
 PROFILE_DTYPE = np.dtype([
     ("last_ms", "<i8"),  # event time of the card's latest transaction (0: none)
     ("n", "<u4"),  # transactions seen
@@ -92,7 +92,7 @@ PROFILE_LAYOUT = layout_tag("card_profile", PROFILE_VERSION, PROFILE_DTYPE)
 TERMINAL_WINDOW_MS = 10 * MINUTE_MS  # distinct cards a terminal took within this window
 N_TERMINAL_CARDS = 8  # (card, time) pairs remembered per terminal
 TERMINAL_TTL_MS = TERMINAL_WINDOW_MS
-TERMINAL_VERSION = 1
+TERMINAL_VERSION = 2  # 2: FNV-1a hashes of cards
 TERMINAL_DTYPE = np.dtype([
     ("last_ms", "<i8"),
     ("cards", "<u4", (N_TERMINAL_CARDS,)),  # ring of card hashes
