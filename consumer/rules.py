@@ -10,7 +10,7 @@ Two layers:
   none, so changing a threshold never invalidates stored state.
 - `Rule` (stateless, per transaction): the seed's large_amount rule as a predicate over one
   Transaction and over Arrow columns, used by the stateless decide stage
-  (tests/unit/test_rules.py checks that the two agree).
+  (tests/unit/test_decide.py checks that the two agree).
 """
 
 from __future__ import annotations
