@@ -15,6 +15,7 @@ Two layers:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import tomllib
@@ -180,7 +181,7 @@ def load_rules(path: Path | None = None, *, settings: Settings | None = None) ->
     out-of-range values are a ConfigError with one line naming the file and the key.
     """
     settings = settings or Settings()
-    merged = {name: dict(params) for name, params in DEFAULT_RULES.items()}
+    merged = copy.deepcopy(DEFAULT_RULES)  # a rule set never shares a list with the defaults
     merged[LARGE_AMOUNT]["threshold_cents"] = settings.fraud_threshold_cents
     if path is not None:
         path = Path(path)
