@@ -352,9 +352,9 @@ def card_features(table: KeyedTable, tx: TxColumns) -> dict[str, np.ndarray]:
                      tx.latitude, tx.longitude)
     for index in _rounds(slots):
         s = slots[index]
-        profile = table.rows[s]  # a copy (fancy indexing): this round's cards, each once
+        profile = table.gather(s)  # a copy: this round's cards, each once
         _card_round(profile, inputs.take(index), out, index)
-        table.rows[s] = profile
+        table.scatter(s, profile)
     table.mark_dirty(slots)
     return out
 
@@ -538,7 +538,7 @@ def terminal_features(table: KeyedTable, tx: TxColumns) -> dict[str, np.ndarray]
     cards = tx.card_hash
     for index in _rounds(slots):
         s = slots[index]
-        p = table.rows[s]
+        p = table.gather(s)
         t = tx.event_time_ms[index]
         card = cards[index]
         stale = (p["last_ms"] != 0) & (t - p["last_ms"] > TERMINAL_TTL_MS)
@@ -553,7 +553,7 @@ def terminal_features(table: KeyedTable, tx: TxColumns) -> dict[str, np.ndarray]
         p["card_ms"][rows, p["next"]] = t
         p["next"] = (p["next"] + 1) % N_TERMINAL_CARDS
         p["last_ms"] = t
-        table.rows[s] = p
+        table.scatter(s, p)
     table.mark_dirty(slots)
     return out
 

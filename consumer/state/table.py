@@ -101,8 +101,21 @@ class KeyedTable:
                     slot = self._allocate(key)
                     fresh.append(slot)
                 out[i] = slot
-            self.rows[fresh] = np.zeros((), dtype=self.dtype)
+            self._raw()[fresh] = 0
         return out
+
+    def _raw(self) -> np.ndarray:
+        """The rows as a (capacity, itemsize) byte matrix: copying whole rows this way is a memcpy per
+        row, where indexing the structured array copies field by field (several times slower)."""
+        return self.rows.view(np.uint8).reshape(len(self.rows), self.dtype.itemsize)
+
+    def gather(self, slots: np.ndarray) -> np.ndarray:
+        """A copy of the rows at `slots` (what `rows[slots]` gives, faster)."""
+        return self._raw()[slots].view(self.dtype).reshape(len(slots))
+
+    def scatter(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        """rows[slots] = rows (distinct slots), faster; `rows` of this table's dtype."""
+        self._raw()[slots] = np.ascontiguousarray(rows).view(np.uint8).reshape(len(rows), self.dtype.itemsize)
 
     def _allocate(self, key: bytes) -> int:
         if not self._free:

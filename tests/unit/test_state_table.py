@@ -127,3 +127,19 @@ def test_many_rows_round_trip_through_changelog_values() -> None:
     assert restored.rows[restored.lookup(keys)].tobytes() == t.rows[slots].tobytes()
     with pytest.raises(StateLayoutError, match="c p1"):
         rows_from_values([values[0], values[1][:-2]], DTYPE, where="c p1")
+
+
+def test_gather_and_scatter_are_rows_indexing_by_slots() -> None:
+    t = table(capacity=2)
+    slots = t.slots([f"k{i}".encode() for i in range(9)])  # grown past its capacity
+    t.rows["last_ms"][slots] = np.arange(9) * 10
+    t.rows["ring"][slots] = np.arange(18).reshape(9, 2)
+    picked = slots[[7, 2, 5]]
+    rows = t.gather(picked)
+
+    assert rows.dtype == DTYPE and rows.tobytes() == t.rows[picked].tobytes()
+    rows["count"] = [1, 2, 3]
+    assert t.rows["count"][picked].tolist() == [0, 0, 0]  # a copy
+    t.scatter(picked, rows)
+    assert t.rows["count"][slots].tolist() == [0, 0, 2, 0, 0, 3, 0, 1, 0]
+    assert t.rows["last_ms"][slots].tolist() == list(range(0, 90, 10))
