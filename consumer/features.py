@@ -24,11 +24,10 @@ partitions: it runs in a stage whose input is keyed by terminal.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +40,7 @@ CHANNELS: tuple[str, ...] = ("UNKNOWN", "CARD_PRESENT", "CONTACTLESS", "ONLINE",
 CHANNEL_CODE = {name: code for code, name in enumerate(CHANNELS)}
 ONLINE = CHANNEL_CODE["ONLINE"]
 IN_PERSON = np.array([CHANNEL_CODE[c] for c in ("CARD_PRESENT", "CONTACTLESS", "ATM")], dtype=np.int8)
+IN_PERSON_LUT = np.isin(np.arange(len(CHANNELS)), IN_PERSON)  # channel code -> in person (a lookup, not isin)
 
 MINUTE_MS = 60_000
 HOUR_MS = 60 * MINUTE_MS
@@ -48,7 +48,7 @@ DAY_MS = 24 * HOUR_MS
 
 # Feature definition constants. Changing one changes what a stored profile means: bump the version.
 SESSION_GAP_MS = 10 * MINUTE_MS  # transactions of a card closer than this belong to one session
-SMALL_CENTS = 500  # a "small" payment (card tests are a few dollars or less)
+SMALL_CENTS = 500  # a "small" online payment (card tests are a few dollars or less, card-not-present)
 HOME_KM = 100.0  # in-person payments this close to the card's home area count as at home
 STAY_KM = 100.0  # an in-person payment this far from where the card's current stay began starts a new stay
 HOME_VOTE_MS = HOUR_MS  # a stay away votes against the home area only once it has lasted this long
@@ -58,10 +58,13 @@ MIN_GAP_S = 1.0  # speeds are computed over at least this long (same-millisecond
 EARTH_RADIUS_KM = 6_371.0
 N_DEVICES = 4  # devices remembered per card
 N_TERMINALS = 8  # terminals remembered per card
+# Out-of-order tolerance: how far behind the latest event time a record may arrive and still find
+# every profile it could read (physical expiry waits this much longer than the TTL).
+LATE_GRACE_MS = HOUR_MS
 # The longest memory of a profile: the home area and known devices/terminals. Idle longer: forgotten.
 PROFILE_TTL_MS = 30 * DAY_MS
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: FNV-1a hashes of devices and terminals; session_small counts online payments only
 PROFILE_DTYPE = np.dtype([
     ("last_ms", "<i8"),  # event time of the card's latest transaction (0: none)
     ("n", "<u4"),  # transactions seen
@@ -77,7 +80,7 @@ PROFILE_DTYPE = np.dtype([
     ("stay_lat", "<f8"),  # where it began
     ("stay_lon", "<f8"),
     ("session_n", "<u2"),  # transactions in the current session
-    ("session_small", "<u2"),  # small payments in the current session
+    ("session_small", "<u2"),  # small online payments in the current session
     ("session_dev", "<u4"),  # first device new to the card in the current session (0: none)
     ("devices", "<u4", (N_DEVICES,)),  # ring of known device hashes (0: empty)
     ("dev_next", "u1"),
@@ -89,7 +92,7 @@ PROFILE_LAYOUT = layout_tag("card_profile", PROFILE_VERSION, PROFILE_DTYPE)
 TERMINAL_WINDOW_MS = 10 * MINUTE_MS  # distinct cards a terminal took within this window
 N_TERMINAL_CARDS = 8  # (card, time) pairs remembered per terminal
 TERMINAL_TTL_MS = TERMINAL_WINDOW_MS
-TERMINAL_VERSION = 1
+TERMINAL_VERSION = 2  # 2: FNV-1a hashes of cards
 TERMINAL_DTYPE = np.dtype([
     ("last_ms", "<i8"),
     ("cards", "<u4", (N_TERMINAL_CARDS,)),  # ring of card hashes
@@ -110,7 +113,7 @@ CARD_FEATURES: dict[str, np.dtype] = {
     "new_device": np.dtype(bool),  # a device the card has not used before
     "session_device": np.dtype(bool),  # the device first seen new on the card earlier in this session
     "session_n": np.dtype(np.int64),  # earlier transactions in this session
-    "session_small": np.dtype(np.int64),  # earlier small payments in this session
+    "session_small": np.dtype(np.int64),  # earlier small online payments in this session
     "known_terminal": np.dtype(bool),  # a terminal the card has used before
     "amount_ratio": np.dtype(np.float64),  # amount over the card's typical amount (0: no history)
 }
@@ -119,12 +122,48 @@ TERMINAL_FEATURES: dict[str, np.dtype] = {
 }
 
 
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def hash_strings(values: pa.Array | pa.ChunkedArray | Sequence[str | bytes | None]) -> np.ndarray:
+    """uint32 hash of each value (FNV-1a over its UTF-8 bytes, folded), the same in every process
+    (Python's hash() is salted); 0 for a null, never 0 otherwise. Vectorized over the column's bytes."""
+    if not isinstance(values, (pa.Array, pa.ChunkedArray)):
+        values = pa.array([v.encode() if isinstance(v, str) else v for v in values], type=pa.binary())
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    values = values.cast(pa.large_binary())
+    n = len(values)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint32)
+    buffers = values.buffers()
+    offsets = np.frombuffer(buffers[1], dtype=np.int64, count=n + 1, offset=values.offset * 8)
+    data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None and len(buffers[2]) else np.zeros(1, np.uint8)
+    lengths = offsets[1:] - offsets[:-1]
+    width = int(lengths.max())
+    h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
+    if width:
+        at = offsets[:-1, None] + np.arange(width)
+        live = np.arange(width) < lengths[:, None]
+        chars = data[np.minimum(at, len(data) - 1)].astype(np.uint64)
+        for j in range(width):
+            h = np.where(live[:, j], (h ^ chars[:, j]) * _FNV_PRIME, h)
+    folded = ((h >> np.uint64(32)) ^ h).astype(np.uint32)
+    folded[folded == 0] = 1
+    if values.null_count:
+        folded[np.asarray(values.is_null())] = 0
+    return folded
+
+
 def stable_hash(text: str | bytes | None) -> int:
-    """32-bit hash, the same in every process (Python's hash() is salted); 0 means none."""
+    """hash_strings of one value, in plain Python (the scalar specifications use it)."""
     if text is None:
         return 0
-    data = text.encode() if isinstance(text, str) else text
-    return zlib.crc32(data) or 1
+    h = 0xCBF29CE484222325
+    for byte in text.encode() if isinstance(text, str) else text:
+        h = ((h ^ byte) * 0x100000001B3) & 0xFFFF_FFFF_FFFF_FFFF
+    return ((h >> 32) ^ h) & 0xFFFF_FFFF or 1
 
 
 def mcc_code(text: str) -> int:
@@ -152,7 +191,9 @@ class TxColumns:
     merchant_category: np.ndarray  # int16 (-1: not a four-digit code)
     channel: np.ndarray  # int8, index into CHANNELS
     device_id: np.ndarray  # object (str or None)
-    device_hash: np.ndarray  # uint32, stable_hash(device_id)
+    device_hash: np.ndarray  # uint32, hash_strings(device_id): 0 for none
+    card_hash: np.ndarray  # uint32, hash_strings(card id)
+    terminal_hash: np.ndarray  # uint32, hash_strings(terminal id)
     event_time_ms: np.ndarray  # int64
     amount_cents: np.ndarray  # int64
     latitude: np.ndarray  # float64
@@ -167,8 +208,9 @@ class TxColumns:
         def strings(name: str) -> np.ndarray:
             return batch.column(name).to_numpy(zero_copy_only=False)
 
-        cards = [c.encode() for c in batch.column("card_id").to_pylist()]
-        terminals = [t.encode() for t in batch.column("terminal_id").to_pylist()]
+        card_ids, terminal_ids = batch.column("card_id"), batch.column("terminal_id")
+        cards = card_ids.cast(pa.binary()).to_pylist()
+        terminals = terminal_ids.cast(pa.binary()).to_pylist()
         devices = strings("device_id")
         mcc = pc.cast(batch.column("merchant_category"), pa.int16(), safe=False) \
             if pc.all(pc.match_substring_regex(batch.column("merchant_category"), r"^\d{4}$")).as_py() else None
@@ -183,7 +225,9 @@ class TxColumns:
                                         dtype=np.int16)),
             channel=pc.fill_null(channel_index, 0).to_numpy(zero_copy_only=False).astype(np.int8),
             device_id=devices,
-            device_hash=np.fromiter((stable_hash(d) for d in devices), dtype=np.uint32, count=len(devices)),
+            device_hash=hash_strings(batch.column("device_id")),
+            card_hash=hash_strings(card_ids),
+            terminal_hash=hash_strings(terminal_ids),
             event_time_ms=batch.column("event_time").cast(pa.int64()).to_numpy(zero_copy_only=False),
             amount_cents=batch.column("amount_cents").to_numpy(zero_copy_only=False).astype(np.int64),
             latitude=batch.column("latitude").to_numpy(zero_copy_only=False).astype(np.float64),
@@ -195,15 +239,19 @@ class TxColumns:
         """From decoded records (fastavro dicts, or Transaction.to_dict()); event_time a datetime or epoch ms."""
         n = len(records)
         devices = _objects([r.get("device_id") for r in records])
+        cards = [r["card_id"].encode() for r in records]
+        terminals = [r["terminal_id"].encode() for r in records]
         return cls(
             transaction_id=_objects([r["transaction_id"] for r in records]),
             account_id=_objects([r["account_id"] for r in records]),
-            card_key=_objects([r["card_id"].encode() for r in records]),
-            terminal_key=_objects([r["terminal_id"].encode() for r in records]),
+            card_key=_objects(cards),
+            terminal_key=_objects(terminals),
             merchant_category=np.fromiter((mcc_code(r["merchant_category"]) for r in records), np.int16, n),
             channel=np.fromiter((CHANNEL_CODE.get(r["channel"], 0) for r in records), np.int8, n),
             device_id=devices,
-            device_hash=np.fromiter((stable_hash(d) for d in devices), np.uint32, n),
+            device_hash=hash_strings(devices),
+            card_hash=hash_strings(cards),
+            terminal_hash=hash_strings(terminals),
             event_time_ms=np.fromiter((_event_ms(r["event_time"]) for r in records), np.int64, n),
             amount_cents=np.fromiter((r["amount_cents"] for r in records), np.int64, n),
             latitude=np.fromiter((r["latitude"] for r in records), np.float64, n),
@@ -237,6 +285,7 @@ class TxColumns:
 
 _EMPTY_DTYPES = {"transaction_id": object, "account_id": object, "card_key": object, "terminal_key": object,
                  "merchant_category": np.int16, "channel": np.int8, "device_id": object, "device_hash": np.uint32,
+                 "card_hash": np.uint32, "terminal_hash": np.uint32,
                  "event_time_ms": np.int64, "amount_cents": np.int64, "latitude": np.float64, "longitude": np.float64}
 
 
@@ -273,31 +322,55 @@ def _empty_features(spec: dict[str, np.dtype], n: int) -> dict[str, np.ndarray]:
     return {name: np.zeros(n, dtype=dtype) for name, dtype in spec.items()}
 
 
+_U32_MAX = 2**32 - 1
+_U16_MAX = 2**16 - 1
+
+
+class _Inputs(NamedTuple):
+    """The columns the card kernel reads, computed once per batch and sliced per round."""
+
+    t: np.ndarray
+    in_person: np.ndarray
+    online: np.ndarray
+    amount: np.ndarray
+    log_amount: np.ndarray
+    dev: np.ndarray
+    term: np.ndarray
+    lat: np.ndarray
+    lon: np.ndarray
+
+    def take(self, index: np.ndarray) -> _Inputs:
+        return _Inputs(*(column[index] for column in self))
+
+
 def card_features(table: KeyedTable, tx: TxColumns) -> dict[str, np.ndarray]:
     """Features of each transaction (CARD_FEATURES), updating the card profiles in offset order."""
     out = _empty_features(CARD_FEATURES, len(tx))
     slots = table.slots(tx.card_key)
+    inputs = _Inputs(tx.event_time_ms, IN_PERSON_LUT[tx.channel], tx.channel == ONLINE, tx.amount_cents,
+                     np.log1p(tx.amount_cents.astype(np.float64)), tx.device_hash, tx.terminal_hash,
+                     tx.latitude, tx.longitude)
     for index in _rounds(slots):
         s = slots[index]
-        profile = table.rows[s]  # a copy (fancy indexing): this round's cards, each once
-        _card_round(profile, tx.take(index), out, index)
-        table.rows[s] = profile
+        profile = table.gather(s)  # a copy: this round's cards, each once
+        _card_round(profile, inputs.take(index), out, index)
+        table.scatter(s, profile)
     table.mark_dirty(slots)
     return out
 
 
-def _card_round(p: np.ndarray, tx: TxColumns, out: dict[str, np.ndarray], index: np.ndarray) -> None:
+def _card_round(p: np.ndarray, x: _Inputs, out: dict[str, np.ndarray], index: np.ndarray) -> None:
     """Features of one transaction per card (distinct cards), and their profiles updated in place."""
     m = len(p)
-    t = tx.event_time_ms
+    t = x.t
     rows = np.arange(m)
     stale = (p["last_ms"] != 0) & (t - p["last_ms"] > PROFILE_TTL_MS)  # lazy expiry: as if absent
     if stale.any():
         p[stale] = np.zeros((), dtype=PROFILE_DTYPE)
     seen = p["last_ms"] != 0
-    in_person = np.isin(tx.channel, IN_PERSON)
-    amount = tx.amount_cents
-    log_amount = np.log1p(amount.astype(np.float64))
+    in_person = x.in_person
+    amount = x.amount
+    log_amount = x.log_amount
 
     out["card_n"][index] = p["n"]
     gap_ms = np.maximum(t - p["last_ms"], 0)
@@ -313,23 +386,23 @@ def _card_round(p: np.ndarray, tx: TxColumns, out: dict[str, np.ndarray], index:
     out["session_small"][index] = session_small
 
     # Devices and terminals the card has used.
-    dev = tx.device_hash
+    dev = x.dev
     has_dev = dev != 0
     new_device = has_dev & ~(p["devices"] == dev[:, None]).any(axis=1)
     out["new_device"][index] = new_device
     out["session_device"][index] = has_dev & (dev == session_dev)
-    term = np.fromiter((stable_hash(k) for k in tx.terminal_key), np.uint32, m)
+    term = x.term
     out["known_terminal"][index] = (p["terminals"] == term[:, None]).any(axis=1)
 
     # Location (in-person payments only: an online payment's coordinates are the merchant's).
     has_loc = in_person & (p["loc_ms"] != 0)
-    dist_prev = np.where(has_loc, haversine_km(p["loc_lat"], p["loc_lon"], tx.latitude, tx.longitude), 0.0)
+    dist_prev = np.where(has_loc, haversine_km(p["loc_lat"], p["loc_lon"], x.lat, x.lon), 0.0)
     hours = np.maximum(np.maximum(t - p["loc_ms"], 0) / 1000.0, MIN_GAP_S) / 3600.0
     speed = np.where(has_loc, dist_prev / hours, 0.0)
     has_home = in_person & (p["home_w"] > 0)
-    dist_home = np.where(has_home, haversine_km(p["home_lat"], p["home_lon"], tx.latitude, tx.longitude), 0.0)
+    dist_home = np.where(has_home, haversine_km(p["home_lat"], p["home_lon"], x.lat, x.lon), 0.0)
     has_stay = in_person & (p["stay_ms"] != 0)
-    dist_stay = np.where(has_stay, haversine_km(p["stay_lat"], p["stay_lon"], tx.latitude, tx.longitude), 0.0)
+    dist_stay = np.where(has_stay, haversine_km(p["stay_lat"], p["stay_lon"], x.lat, x.lon), 0.0)
     new_stay = in_person & (~has_stay | (dist_stay >= STAY_KM))
     stay_ms = np.where(new_stay, t, p["stay_ms"])
     stay_kmh = np.where(new_stay, speed, p["stay_kmh"])
@@ -342,11 +415,11 @@ def _card_round(p: np.ndarray, tx: TxColumns, out: dict[str, np.ndarray], index:
 
     # Update the profiles.
     p["last_ms"] = t
-    p["n"] = np.minimum(p["n"].astype(np.int64) + 1, np.iinfo(np.uint32).max)
+    p["n"] = np.minimum(p["n"].astype(np.int64) + 1, _U32_MAX)
     p["amount_log_mean"] = np.where(seen, p["amount_log_mean"] + AMOUNT_ALPHA * (log_amount - p["amount_log_mean"]),
                                     log_amount)
-    p["session_n"] = np.minimum(session_n + 1, np.iinfo(np.uint16).max)
-    p["session_small"] = np.minimum(session_small + (amount <= SMALL_CENTS), np.iinfo(np.uint16).max)
+    p["session_n"] = np.minimum(session_n + 1, _U16_MAX)
+    p["session_small"] = np.minimum(session_small + ((amount <= SMALL_CENTS) & x.online), _U16_MAX)
     p["session_dev"] = np.where((session_dev == 0) & new_device, dev, session_dev)
     if new_device.any():
         r = rows[new_device]
@@ -365,15 +438,15 @@ def _card_round(p: np.ndarray, tx: TxColumns, out: dict[str, np.ndarray], index:
     votes = np.where(at_home, np.minimum(w + 1, HOME_WEIGHT_CAP), np.where(votes_away, w - 1, w))
     moves = in_person & ((w == 0) | (votes_away & (votes <= 0)))
     p["home_w"] = np.where(moves, 1, votes)
-    p["home_lat"] = np.where(moves, tx.latitude, p["home_lat"])
-    p["home_lon"] = np.where(moves, tx.longitude, p["home_lon"])
+    p["home_lat"] = np.where(moves, x.lat, p["home_lat"])
+    p["home_lon"] = np.where(moves, x.lon, p["home_lon"])
     p["stay_ms"] = stay_ms
     p["stay_kmh"] = stay_kmh
-    p["stay_lat"] = np.where(new_stay, tx.latitude, p["stay_lat"])
-    p["stay_lon"] = np.where(new_stay, tx.longitude, p["stay_lon"])
+    p["stay_lat"] = np.where(new_stay, x.lat, p["stay_lat"])
+    p["stay_lon"] = np.where(new_stay, x.lon, p["stay_lon"])
     p["loc_ms"] = np.where(in_person, t, p["loc_ms"])
-    p["loc_lat"] = np.where(in_person, tx.latitude, p["loc_lat"])
-    p["loc_lon"] = np.where(in_person, tx.longitude, p["loc_lon"])
+    p["loc_lat"] = np.where(in_person, x.lat, p["loc_lat"])
+    p["loc_lon"] = np.where(in_person, x.lon, p["loc_lon"])
 
 
 def card_features_one(profile: np.void | None, tx: dict) -> tuple[dict, np.void]:
@@ -429,7 +502,7 @@ def card_features_one(profile: np.void | None, tx: dict) -> tuple[dict, np.void]
     p["amount_log_mean"] = (float(p["amount_log_mean"]) + AMOUNT_ALPHA * (log_amount - float(p["amount_log_mean"]))
                             if seen else log_amount)
     p["session_n"] = min(session_n + 1, 2**16 - 1)
-    p["session_small"] = min(session_small + (amount <= SMALL_CENTS), 2**16 - 1)
+    p["session_small"] = min(session_small + (amount <= SMALL_CENTS and channel == ONLINE), 2**16 - 1)
     p["session_dev"] = dev if session_dev == 0 and new_device else session_dev
     if new_device:
         p["devices"][int(p["dev_next"])] = dev
@@ -462,10 +535,10 @@ def terminal_features(table: KeyedTable, tx: TxColumns) -> dict[str, np.ndarray]
     """TERMINAL_FEATURES of each transaction, updating the terminal profiles in offset order."""
     out = _empty_features(TERMINAL_FEATURES, len(tx))
     slots = table.slots(tx.terminal_key)
-    cards = np.fromiter((stable_hash(k) for k in tx.card_key), np.uint32, len(tx))
+    cards = tx.card_hash
     for index in _rounds(slots):
         s = slots[index]
-        p = table.rows[s]
+        p = table.gather(s)
         t = tx.event_time_ms[index]
         card = cards[index]
         stale = (p["last_ms"] != 0) & (t - p["last_ms"] > TERMINAL_TTL_MS)
@@ -480,7 +553,7 @@ def terminal_features(table: KeyedTable, tx: TxColumns) -> dict[str, np.ndarray]
         p["card_ms"][rows, p["next"]] = t
         p["next"] = (p["next"] + 1) % N_TERMINAL_CARDS
         p["last_ms"] = t
-        table.rows[s] = p
+        table.scatter(s, p)
     table.mark_dirty(slots)
     return out
 
@@ -501,6 +574,9 @@ def terminal_features_one(profile: np.void | None, tx: dict) -> tuple[dict, np.v
     return {"terminal_cards": len(others)}, p
 
 
-def expiry_horizon(now_ms: int, ttl_ms: int = PROFILE_TTL_MS) -> int:
-    """`older_than` for KeyedTable.expire('last_ms', ...): rows idle longer than the TTL at event time now_ms."""
-    return now_ms - ttl_ms
+def expiry_horizon(watermark_ms: int, *, ttl_ms: int = PROFILE_TTL_MS, grace_ms: int = LATE_GRACE_MS) -> int:
+    """`older_than` for KeyedTable.expire("last_ms", ...) once records up to event time `watermark_ms`
+    (the latest seen) are processed. A record may still arrive up to grace_ms older than the watermark;
+    it reads a profile as absent only when its own time is more than ttl_ms past it, so rows are
+    dropped only when no such record can still read them: physical expiry never changes a feature."""
+    return watermark_ms - grace_ms - ttl_ms

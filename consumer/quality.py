@@ -18,6 +18,8 @@ import json
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from collections.abc import Iterator
+from itertools import count as count_from
 from itertools import islice
 from pathlib import Path
 
@@ -28,7 +30,9 @@ from consumer.features import (PROFILE_DTYPE, TERMINAL_DTYPE, TERMINAL_WINDOW_MS
 from consumer.rules import TERMINAL_RULES, RuleSet, load_rules
 from consumer.state.table import KeyedTable
 from fraudstream.errors import FraudstreamError
-from producer.generator import CARD_TESTING, COMPROMISED_TERMINAL, FAR_FROM_HOME, FRAUD_SCENARIOS, LEGIT, Generator
+from producer.generator import (CARD_TESTING, COMPROMISED_TERMINAL, FAR_FROM_HOME, FRAUD_SCENARIOS, LEGIT, Generator,
+                                Pair)
+from producer.loop import MAX_BATCH, WAKE_S
 
 # The demo's configuration: 60 s at 1,000 transactions per wall-clock second, event time 3,600x faster.
 DEMO_SECONDS = 60
@@ -98,15 +102,17 @@ class QualityReport:
 def evaluate(*, count: int = int(DEMO_SECONDS * DEMO_RATE), rate: float = DEMO_RATE, speedup: float = DEMO_SPEEDUP,
              seed: int = 42, batch: int = BATCH, rules: RuleSet | None = None, start_ms: int = START_MS,
              accounts: int | None = None) -> QualityReport:
-    """Run `count` transactions of the generator (event time: rate/speedup per second) through the
-    features and rules in batches of `batch`, and score them against the labels."""
+    """Run `count` transactions of the generator through the features and rules in batches of `batch`,
+    and score them against the labels. Event time as `produce --rate R --speedup N` stamps it: the
+    produce loop's wake-ups (rate x WAKE_S transactions each, every WAKE_S of wall time) share one
+    event time, N x WAKE_S apart."""
     if count < 1 or rate <= 0 or speedup <= 0 or batch < 1:
         raise FraudstreamError("count, rate, speedup and batch must be positive")
     rules = rules or load_rules(None)
     from producer.generator import build_population
 
     population = build_population(seed, accounts=accounts) if accounts is not None else None
-    stream = Generator(seed, population=population).stream(start_ms, rate / speedup)
+    stream = _as_produced(Generator(seed, population=population), start_ms, rate, speedup)
     cards, terminals = KeyedTable(PROFILE_DTYPE), KeyedTable(TERMINAL_DTYPE)
     card_rows = np.array([n not in TERMINAL_RULES for n in rules.names])
     per_card, with_terminal = Score(), Score()
@@ -127,6 +133,14 @@ def evaluate(*, count: int = int(DEMO_SECONDS * DEMO_RATE), rate: float = DEMO_R
         last_ms = int(tx.event_time_ms[-1])
     return QualityReport(count=count, rate=rate, speedup=speedup, seed=seed, batch=batch, rules_version=rules.version,
                          per_card=per_card, with_terminal=with_terminal, event_span_s=(last_ms - start_ms) / 1000.0)
+
+
+def _as_produced(generator: Generator, start_ms: int, rate: float, speedup: float) -> Iterator[Pair]:
+    """The pairs the produce loop would send, paced at `rate` on a clock `speedup` times faster."""
+    per_wake = max(1, min(MAX_BATCH, int(rate * WAKE_S)))
+    for wake in count_from(1):
+        now_ms = start_ms + int(wake * per_wake / rate * 1000.0 * speedup)
+        yield from generator.next_batch(per_wake, now_ms)
 
 
 def _firsts(pairs: list, tx: TxColumns, last: dict[tuple[str, str], int]) -> list[bool]:

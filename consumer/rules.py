@@ -10,11 +10,12 @@ Two layers:
   none, so changing a threshold never invalidates stored state.
 - `Rule` (stateless, per transaction): the seed's large_amount rule as a predicate over one
   Transaction and over Arrow columns, used by the stateless decide stage
-  (tests/unit/test_rules.py checks that the two agree).
+  (tests/unit/test_decide.py checks that the two agree).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import tomllib
@@ -71,16 +72,24 @@ _KINDS: dict[str, tuple[type, float | None]] = {
     "min_other_cards_anywhere": (int, 1),
 }
 
-IN_PERSON_CODES = np.array([CHANNEL_CODE[c] for c in ("CARD_PRESENT", "CONTACTLESS", "ATM")], dtype=np.int8)
 ONLINE_CODE = CHANNEL_CODE["ONLINE"]
 
 
-def _channel_codes(values: Sequence[str]) -> np.ndarray:
-    return np.array([CHANNEL_CODE[v] for v in values], dtype=np.int8)
+def _in_channels(channel: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """channel (int8 codes) in the named channels: a table lookup (np.isin sorts, per call)."""
+    lut = np.zeros(len(CHANNELS), dtype=bool)
+    lut[[CHANNEL_CODE[name] for name in names]] = True
+    return lut[channel]
 
 
-def _mcc_codes(values: Sequence[str]) -> np.ndarray:
-    return np.array([int(v) for v in values], dtype=np.int16)
+def _in_categories(mcc: np.ndarray, codes: Sequence[str]) -> np.ndarray:
+    """mcc (int16, -1 for none) in the four-digit codes: a table lookup."""
+    lut = np.zeros(10_001, dtype=bool)
+    lut[[int(code) + 1 for code in codes]] = True
+    return lut[mcc.astype(np.int64) + 1]
+
+
+_IN_PERSON = ("CARD_PRESENT", "CONTACTLESS", "ATM")
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,7 @@ def _large_amount(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndarray]) ->
     """More than the threshold in one payment, except where such payments are ordinary (big-ticket
     merchants) and below `exempt_below_cents` — unless the card already knows the terminal."""
     large = tx.amount_cents > t["threshold_cents"]
-    exempt = np.isin(tx.merchant_category, _mcc_codes(t["exempt_categories"])) & (tx.amount_cents <= t["exempt_below_cents"])
+    exempt = _in_categories(tx.merchant_category, t["exempt_categories"]) & (tx.amount_cents <= t["exempt_below_cents"])
     if t["exempt_unless_known_terminal"]:
         exempt &= ~f["known_terminal"]
     return large & ~exempt
@@ -122,26 +131,26 @@ def _large_amount(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndarray]) ->
 
 def _card_testing(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndarray]) -> np.ndarray:
     """A tiny online payment from a device new to the card at a merchant where cards are tested; then,
-    in the same session, more small payments or any payment from the device that came with them."""
+    in the same session, more tiny online payments or any payment from the device that came with them."""
     online = tx.channel == ONLINE_CODE
     tiny = tx.amount_cents <= t["test_max_cents"]
-    burst = (f["session_small"] >= t["min_session_small"]) & (tiny | f["session_device"])
+    burst = (f["session_small"] >= t["min_session_small"]) & ((online & tiny) | f["session_device"])
     if not t["first_test"]:
         return burst
-    first = online & tiny & f["new_device"] & np.isin(tx.merchant_category, _mcc_codes(t["test_categories"]))
+    first = online & tiny & f["new_device"] & _in_categories(tx.merchant_category, t["test_categories"])
     return first | burst
 
 
 def _impossible_travel(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndarray]) -> np.ndarray:
     """In person, far from the previous in-person payment, faster than a plane, and away from home
     (a jump back home is tolerated: home is where the card is known)."""
-    return (np.isin(tx.channel, _channel_codes(t["channels"])) & (f["dist_prev_km"] >= t["min_jump_km"])
+    return (_in_channels(tx.channel, t["channels"]) & (f["dist_prev_km"] >= t["min_jump_km"])
             & (f["speed_kmh"] > t["max_speed_kmh"]) & (f["dist_home_km"] >= t["away_km"]))
 
 
 def _far_from_home(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndarray]) -> np.ndarray:
     """In person, away from home, in a stay that began with an impossible jump less than window_s ago."""
-    return (np.isin(tx.channel, _channel_codes(t["channels"])) & (f["dist_home_km"] >= t["away_km"])
+    return (_in_channels(tx.channel, t["channels"]) & (f["dist_home_km"] >= t["away_km"])
             & (f["stay_kmh"] > t["max_speed_kmh"]) & (f["stay_s"] <= t["window_s"]))
 
 
@@ -151,7 +160,7 @@ def _compromised_terminal(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndar
     if "terminal_cards" not in f:
         raise ConfigError("the compromised_terminal rule needs terminal features (a stage keyed by terminal)")
     cards = f["terminal_cards"]
-    return np.isin(tx.channel, IN_PERSON_CODES) & (
+    return _in_channels(tx.channel, _IN_PERSON) & (
         ((cards >= t["min_other_cards"]) & (f["dist_home_km"] >= t["min_home_km"]))
         | (cards >= t["min_other_cards_anywhere"]))
 
@@ -172,7 +181,7 @@ def load_rules(path: Path | None = None, *, settings: Settings | None = None) ->
     out-of-range values are a ConfigError with one line naming the file and the key.
     """
     settings = settings or Settings()
-    merged = {name: dict(params) for name, params in DEFAULT_RULES.items()}
+    merged = copy.deepcopy(DEFAULT_RULES)  # a rule set never shares a list with the defaults
     merged[LARGE_AMOUNT]["threshold_cents"] = settings.fraud_threshold_cents
     if path is not None:
         path = Path(path)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from consumer.state.table import KeyedTable, StateLayoutError, check_layout, check_row_bytes, layout_tag
+from consumer.state.table import (KeyedTable, StateLayoutError, check_layout, check_row_bytes, layout_tag, row_values,
+                                  rows_from_values)
 
 DTYPE = np.dtype([("last_ms", "<i8"), ("count", "<u4"), ("ring", "<u4", (2,))])
 
@@ -110,3 +111,35 @@ def test_nbytes_counts_rows_and_index_and_grows_with_keys() -> None:
 
     assert empty >= t.rows.nbytes
     assert t.nbytes() - empty >= 1000 * 40  # at least the key bytes objects
+
+
+def test_many_rows_round_trip_through_changelog_values() -> None:
+    t = table()
+    slots = t.slots([b"a", b"b", b"c"])
+    t.rows[slots] = [(1, 2, [3, 4]), (5, 6, [7, 8]), (9, 10, [11, 12])]
+    t.mark_dirty(slots)
+    keys, rows = t.take_dirty()
+    values = row_values(rows)
+
+    assert values == [row.tobytes() for row in rows]
+    restored = table()
+    restored.put(keys, rows_from_values(values, DTYPE, where="c p1"))
+    assert restored.rows[restored.lookup(keys)].tobytes() == t.rows[slots].tobytes()
+    with pytest.raises(StateLayoutError, match="c p1"):
+        rows_from_values([values[0], values[1][:-2]], DTYPE, where="c p1")
+
+
+def test_gather_and_scatter_are_rows_indexing_by_slots() -> None:
+    t = table(capacity=2)
+    slots = t.slots([f"k{i}".encode() for i in range(9)])  # grown past its capacity
+    t.rows["last_ms"][slots] = np.arange(9) * 10
+    t.rows["ring"][slots] = np.arange(18).reshape(9, 2)
+    picked = slots[[7, 2, 5]]
+    rows = t.gather(picked)
+
+    assert rows.dtype == DTYPE and rows.tobytes() == t.rows[picked].tobytes()
+    rows["count"] = [1, 2, 3]
+    assert t.rows["count"][picked].tolist() == [0, 0, 0]  # a copy
+    t.scatter(picked, rows)
+    assert t.rows["count"][slots].tolist() == [0, 0, 2, 0, 0, 3, 0, 1, 0]
+    assert t.rows["last_ms"][slots].tolist() == list(range(0, 90, 10))

@@ -1,0 +1,144 @@
+"""The rule set: the rules file (defaults, overrides, errors) and what each rule fires on."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from consumer.features import CARD_FEATURES, CHANNEL_CODE, TxColumns
+from consumer.rules import (COMPROMISED_TERMINAL, DEFAULT_RULES, DEFAULT_RULES_FILE, LARGE_AMOUNT, RULE_NAMES,
+                            RuleSet, load_rules)
+from fraudstream.errors import ConfigError
+from fraudstream.settings import Settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "rules.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_rules_file_documents_exactly_the_defaults() -> None:
+    assert tomllib.loads(DEFAULT_RULES_FILE.read_text()) == DEFAULT_RULES
+    shipped, defaults = load_rules(DEFAULT_RULES_FILE), load_rules(None)
+    assert shipped.names == defaults.names == RULE_NAMES and shipped.version == defaults.version
+
+
+def test_the_seed_threshold_comes_from_the_settings_unless_the_file_sets_it(tmp_path: Path) -> None:
+    assert load_rules(None).thresholds[LARGE_AMOUNT]["threshold_cents"] == Settings().fraud_threshold_cents == 90_000
+    assert load_rules(None, settings=Settings(fraud_threshold_cents=50_000)).thresholds[LARGE_AMOUNT]["threshold_cents"] == 50_000
+    path = write(tmp_path, "[large_amount]\nthreshold_cents = 70000\n")
+    assert load_rules(path).thresholds[LARGE_AMOUNT]["threshold_cents"] == 70_000
+
+
+def test_a_file_overrides_some_values_keeps_the_rest_and_changes_the_version(tmp_path: Path) -> None:
+    rules = load_rules(write(tmp_path, "[impossible_travel]\nmax_speed_kmh = 900\n[compromised_terminal]\nenabled = false\n"))
+
+    assert rules.thresholds["impossible_travel"]["max_speed_kmh"] == 900.0
+    assert rules.thresholds["impossible_travel"]["min_jump_km"] == DEFAULT_RULES["impossible_travel"]["min_jump_km"]
+    assert COMPROMISED_TERMINAL not in rules.names and rules.version != load_rules(None).version
+
+
+@pytest.mark.parametrize("text, says", [
+    ("[velocity]\nmax = 3\n", "unknown rule [velocity]"),
+    ("[card_testing]\ntest_max = 3\n", "unknown key card_testing.test_max"),
+    ("[card_testing]\ntest_max_cents = 2.5\n", "card_testing.test_max_cents must be a whole number"),
+    ("[card_testing]\ntest_max_cents = -1\n", "card_testing.test_max_cents must be at least 0"),
+    ("[card_testing]\nfirst_test = 1\n", "card_testing.first_test must be bool"),
+    ("[card_testing]\ntest_categories = [\"58\"]\n", "four-digit merchant category codes"),
+    ("[far_from_home]\nchannels = [\"TELEPATHY\"]\n", "far_from_home.channels must be a list of channels"),
+    ("[far_from_home]\nwindow_s = inf\n", "far_from_home.window_s must be a finite number"),
+    ("card_testing = 3\n", "card_testing must be a table"),
+    ("[card_testing\n", "not valid TOML"),
+])
+def test_a_bad_rules_file_is_one_clear_line_naming_the_file(tmp_path: Path, text: str, says: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_rules(path)
+
+    assert says in str(error.value) and str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_missing_rules_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="rules file .*nothing.toml"):
+        load_rules(tmp_path / "nothing.toml")
+
+
+def columns(**values) -> TxColumns:
+    n = len(values["amount_cents"])
+    base = {"transaction_id": [f"t{i}" for i in range(n)], "account_id": ["a"] * n, "card_key": [b"c"] * n,
+            "terminal_key": [b"t"] * n, "merchant_category": [5411] * n, "channel": [CHANNEL_CODE["CARD_PRESENT"]] * n,
+            "device_id": [None] * n, "device_hash": [0] * n, "card_hash": [1] * n, "terminal_hash": [1] * n, "event_time_ms": [0] * n, "latitude": [0.0] * n,
+            "longitude": [0.0] * n}
+    base.update(values)
+    dtypes = {"merchant_category": np.int16, "channel": np.int8, "device_hash": np.uint32, "card_hash": np.uint32,
+              "terminal_hash": np.uint32, "event_time_ms": np.int64,
+              "amount_cents": np.int64, "latitude": np.float64, "longitude": np.float64}
+    return TxColumns(**{name: np.array(v, dtype=dtypes.get(name, object)) for name, v in base.items()})
+
+
+def feats(n: int, **values) -> dict[str, np.ndarray]:
+    out = {name: np.zeros(n, dtype=dtype) for name, dtype in CARD_FEATURES.items()}
+    out["terminal_cards"] = np.zeros(n, dtype=np.int64)
+    for name, v in values.items():
+        out[name] = np.array(v, dtype=out[name].dtype)
+    return out
+
+
+def fired(rules: RuleSet, rule: str, tx: TxColumns, f: dict) -> list[bool]:
+    return rules.evaluate(tx, f)[rules.names.index(rule)].tolist()
+
+
+def test_large_amount_spares_big_ticket_merchants_up_to_a_cap_unless_the_card_knows_the_terminal() -> None:
+    rules = load_rules(None)
+    tx = columns(amount_cents=[90_000, 90_001, 120_000, 120_000, 150_000], merchant_category=[5411, 5411, 5712, 5712, 5712])
+    f = feats(5, known_terminal=[False, False, False, True, False])
+
+    assert fired(rules, "large_amount", tx, f) == [False, True, False, True, True]
+
+
+def test_card_testing_fires_on_a_first_test_and_on_the_rest_of_its_session() -> None:
+    rules = load_rules(None)
+    online = CHANNEL_CODE["ONLINE"]
+    tx = columns(amount_cents=[120, 120, 120, 4_000, 60_000, 120], merchant_category=[5815, 5815, 5411, 5815, 5964, 5815],
+                 channel=[online] * 6)
+    f = feats(6, new_device=[True, False, True, True, False, False], session_small=[0, 0, 0, 0, 2, 1],
+              session_device=[False, False, False, False, True, False])
+
+    # a first test; a known device; not a testing merchant; not tiny; cash-out on the session's device; a second test
+    assert fired(rules, "card_testing", tx, f) == [True, False, False, False, True, True]
+
+
+def test_travel_rules_need_a_fast_jump_away_from_home_and_leave_contactless_alone() -> None:
+    rules = load_rules(None)
+    contactless = CHANNEL_CODE["CONTACTLESS"]
+    tx = columns(amount_cents=[1_000] * 5, channel=[1, 1, 1, contactless, 1])
+    f = feats(5, dist_prev_km=[5_000, 5_000, 5_000, 5_000, 10], speed_kmh=[30_000, 30_000, 1_000, 30_000, 600],
+              dist_home_km=[5_000, 5, 5_000, 5_000, 5_000], stay_kmh=[30_000, 30_000, 1_000, 30_000, 30_000],
+              stay_s=[0, 0, 0, 0, 120])
+
+    assert fired(rules, "impossible_travel", tx, f) == [True, False, False, False, False]
+    assert fired(rules, "far_from_home", tx, f) == [True, False, False, False, True]
+
+
+def test_compromised_terminal_needs_terminal_features() -> None:
+    rules = load_rules(None)
+    tx = columns(amount_cents=[1_000] * 3)
+    f = feats(3, terminal_cards=[1, 1, 3], dist_home_km=[500, 5, 5])
+
+    assert fired(rules, "compromised_terminal", tx, f) == [True, False, True]
+    del f["terminal_cards"]
+    with pytest.raises(ConfigError, match="terminal"):
+        rules.evaluate(tx, f)
+    assert not rules.without(COMPROMISED_TERMINAL).evaluate(tx, f).any()
+
+
+def test_fired_names_lists_the_rules_per_transaction() -> None:
+    rules = load_rules(None)
+    matrix = np.zeros((len(rules.names), 3), dtype=bool)
+    matrix[0, 1] = matrix[1, 1] = matrix[2, 2] = True
+
+    assert rules.fired_names(matrix) == [[], [rules.names[0], rules.names[1]], [rules.names[2]]]
