@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 from confluent_kafka import Producer
 
-from consumer.features import PROFILE_DTYPE, PROFILE_VERSION
+from consumer.stateful import CARDS
 from consumer.state.changelog import write_rows
 from consumer.state.recovery import Recovery
-from consumer.state.stores import StoreSpec
 from consumer.state.table import KeyedTable
 from fraudstream.kafka import admin, ensure_topics, transactional_producer_config
 from fraudstream.settings import Settings
@@ -110,7 +109,7 @@ def main() -> int:
     parser.add_argument("--cards", type=int, default=1_000_000)
     args = parser.parse_args()
     settings = Settings.from_env().replace(transactions_topic=f"bench-state-{uuid.uuid4().hex[:8]}", partitions=1)
-    spec = StoreSpec("cards", PROFILE_DTYPE, PROFILE_VERSION, "last_time_ms", 0)
+    spec = CARDS
     topic = settings.changelog_topic("cards")
     ensure_topics(settings, (settings.transactions_topic, topic), partitions=1)
     try:

@@ -19,13 +19,13 @@ import numpy as np
 import pyarrow as pa
 
 from consumer.decide import ColumnarDecider, Decider, Decision, Route, dead_letter
-from consumer.features import CARD_FEATURES, PROFILE_DTYPE, PROFILE_TTL_MS, PROFILE_VERSION, TxColumns, card_features
+from consumer.features import CARD_FEATURES, PROFILE_DTYPE, PROFILE_LAYOUT, PROFILE_TTL_MS, TxColumns, card_features
 from consumer.rules import RuleSet
 from consumer.state.manager import StateManager
 from consumer.state.stores import StoreSpec
 from fraudstream.serde import DecodeError
 
-CARDS = StoreSpec(name="cards", dtype=PROFILE_DTYPE, version=PROFILE_VERSION, expiry_field="last_ms",
+CARDS = StoreSpec(name="cards", dtype=PROFILE_DTYPE, layout=PROFILE_LAYOUT, expiry_field="last_ms",
                   ttl_ms=PROFILE_TTL_MS)
 STORES = (CARDS,)
 

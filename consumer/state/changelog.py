@@ -16,6 +16,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import ConfigResource, NewTopic
 
 from consumer.state.stores import StoreSpec
+from consumer.state.table import row_values
 from fraudstream.errors import KafkaUnavailable, StateError
 from fraudstream.kafka import admin, produce_or_wait
 from fraudstream.settings import Settings
@@ -75,12 +76,9 @@ def write_rows(producer, topic: str, partition: int, spec: StoreSpec, keys: Sequ
     """Produce one changelog record per changed key (its whole row) to the store's partition."""
     if not keys:
         return 0
-    size = rows.dtype.itemsize
-    data = rows.tobytes()
     headers = [(LAYOUT_HEADER, spec.layout)]
-    for index, key in enumerate(keys):
-        produce_or_wait(producer, topic, data[index * size:(index + 1) * size], key, partition=partition,
-                        headers=headers)
+    for key, value in zip(keys, row_values(rows), strict=True):
+        produce_or_wait(producer, topic, value, key, partition=partition, headers=headers)
     return len(keys)
 
 

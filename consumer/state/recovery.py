@@ -23,7 +23,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from consumer.state.changelog import LAYOUT_HEADER
 from consumer.state.stores import StoreSpec
-from consumer.state.table import KeyedTable
+from consumer.state.table import KeyedTable, check_layout, check_row_bytes
 from fraudstream.errors import KafkaUnavailable, StateError
 from fraudstream.kafka import consumer_config
 from fraudstream.settings import Settings
@@ -182,15 +182,9 @@ class Recovery:
 
 def _refuse(message, spec: StoreSpec) -> None:
     """A record this store cannot read stops the restore: skipping it would silently lose state."""
-    where = f"changelog {message.topic()}[{message.partition()}] at offset {message.offset()}"
-    layout = dict(message.headers() or ()).get(LAYOUT_HEADER)
-    if layout != spec.layout:
-        shown = layout.decode(errors="replace") if isinstance(layout, bytes) else "none"
-        raise StateError(f"cannot restore state from {where}: row layout {shown}, expected "
-                         f"{spec.layout.decode()} (written by another version of the detector?)")
-    if len(message.value()) != spec.dtype.itemsize:
-        raise StateError(f"cannot restore state from {where}: {len(message.value())} bytes, a "
-                         f"{spec.name} row has {spec.dtype.itemsize}")
+    where = f"cannot restore state from changelog {message.topic()}[{message.partition()}] at offset {message.offset()}"
+    check_layout(dict(message.headers() or ()).get(LAYOUT_HEADER), spec.layout, where=where)
+    check_row_bytes(message.value(), spec.dtype, where=where)
     if message.key() is None:
         raise StateError(f"cannot restore state from {where}: the record has no key")
     raise StateError(f"cannot restore state from {where}: unexpected headers {message.headers()!r}")
@@ -203,5 +197,4 @@ def _apply(table: KeyedTable, spec: StoreSpec, changes: dict[bytes, bytes | None
         table.delete(deletes)
     if puts:
         keys = [key for key, _ in puts]
-        rows = np.frombuffer(b"".join(value for _, value in puts), dtype=spec.dtype)
-        table.put(keys, rows)
+        table.put(keys, np.frombuffer(b"".join(value for _, value in puts), dtype=spec.dtype))

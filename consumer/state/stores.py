@@ -11,8 +11,8 @@ import numpy as np
 class StoreSpec:
     """One keyed store, kept per input partition and backed by its own compacted changelog topic.
 
-    `version` names the row layout: every changelog record carries it, and a restore refuses a record
-    written with another layout instead of misreading its bytes. `expiry_field` is the event-time field
+    `layout` names the row layout (`table.layout_tag`: name, version, row size): every changelog record
+    carries it, and a restore refuses a record written with another layout instead of misreading its bytes. `expiry_field` is the event-time field
     (epoch ms) that says when a key was last touched; keys idle for longer than `ttl_ms` of event time
     are dropped and tombstoned. Rules must treat a row older than `ttl_ms` as absent, so that when the
     physical expiry runs never changes a decision.
@@ -20,10 +20,6 @@ class StoreSpec:
 
     name: str
     dtype: np.dtype
-    version: int
+    layout: bytes
     expiry_field: str
     ttl_ms: int
-
-    @property
-    def layout(self) -> bytes:
-        return f"{self.name}/v{self.version}/{np.dtype(self.dtype).itemsize}".encode()

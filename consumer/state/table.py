@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fraudstream.errors import FraudstreamError
+from fraudstream.errors import StateError
 
 
-class StateLayoutError(FraudstreamError):
+class StateLayoutError(StateError):
     """A stored row was written with another row layout (dtype or version) than this code reads."""
 
 

@@ -13,13 +13,14 @@ from consumer.state.changelog import LAYOUT_HEADER, ensure_changelogs, write_row
 from consumer.state.manager import StateManager
 from consumer.state.recovery import Recovery
 from consumer.state.stores import StoreSpec
-from consumer.state.table import KeyedTable
+from consumer.state.table import KeyedTable, layout_tag
 from fraudstream.errors import StateError
 from fraudstream.kafka import admin, transactional_producer_config
 from tests.support.kafka_io import produce_raw, wait_until
 
 ROW = np.dtype([("last_ms", "<i8"), ("count", "<i4"), ("total", "<f8")])
-SPEC = StoreSpec(name="cards", dtype=ROW, version=1, expiry_field="last_ms", ttl_ms=3_600_000)
+SPEC = StoreSpec(name="cards", dtype=ROW, layout=layout_tag("test_row", 1, ROW), expiry_field="last_ms",
+                 ttl_ms=3_600_000)
 
 
 def create_topic(settings, topic: NewTopic) -> None:
@@ -114,7 +115,7 @@ def test_an_unreadable_changelog_record_stops_the_restore_naming_where(pipeline,
     topic = topics["cards"]
     good = rows((1, 1, 1.0)).tobytes()
     value, headers = {
-        "layout": (good, [(LAYOUT_HEADER, b"cards/v2/20")]),
+        "layout": (good, [(LAYOUT_HEADER, layout_tag("test_row", 2, ROW))]),
         "size": (good + b"x", [(LAYOUT_HEADER, SPEC.layout)]),
         "no-header": (good, None),
     }[bad]
