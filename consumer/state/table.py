@@ -144,7 +144,7 @@ class KeyedTable:
         slots = np.flatnonzero(self._dirty)
         self._dirty[slots] = False
         keys = self._keys
-        return [keys[s] for s in slots], self.rows[slots].copy()
+        return [keys[s] for s in slots.tolist()], self.gather(slots)
 
     def put(self, keys: Sequence[bytes], rows: np.ndarray) -> None:
         """Restore path: set rows as given (not dirty: they came from the changelog)."""
@@ -153,7 +153,7 @@ class KeyedTable:
         if len(keys) != len(rows):
             raise ValueError("put needs one row per key")
         slots = self.slots(keys)
-        self.rows[slots] = rows
+        self.scatter(slots, rows)
         self._dirty[slots] = False
 
     def delete(self, keys: Sequence[bytes]) -> None:
