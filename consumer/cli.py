@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s detect %(message)s", force=True)
     logging.getLogger("fraudstream.librdkafka").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per registry request otherwise
+    for name in ("httpx", "httpx2"):  # the registry client logs one line per request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
     run_until_signalled(settings, log_interval_s=args.log_interval)
     return 0
