@@ -68,3 +68,15 @@ def test_metrics_endpoint_and_clean_shutdown(pipeline: Settings):
         output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     assert "stopped: consumed=5 legit=3 fraud=1 dead_lettered=1" in output
+
+
+def test_a_changelog_partitioned_unlike_the_input_is_refused_in_one_line(pipeline: Settings):
+    from fraudstream.kafka import ensure_topics
+
+    changelog = pipeline.changelog_topic("cards")
+    ensure_topics(pipeline, (changelog,), partitions=1)  # the input has 3
+    done = run_cli(["detect", "--topic", pipeline.transactions_topic, "--group-id", pipeline.group_id], pipeline)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"changelog {changelog} has 1 partitions but the input topic" in lines[0], done.stderr
