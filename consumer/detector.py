@@ -36,7 +36,7 @@ from consumer.decide import ColumnarDecider, Decider, Decision, Route, dead_lett
 from consumer.metrics import DetectorMetrics
 from consumer.rules import rules_from_settings
 from fraudstream.errors import Fenced, KafkaUnavailable, RegistryError
-from fraudstream.kafka import (consumer_config, ensure_topics, max_message_bytes, static_members,
+from fraudstream.kafka import (admin, consumer_config, ensure_topics, max_message_bytes, static_members,
                                transactional_producer_config, wait_for_cluster)
 from fraudstream.registry import Registry, current_ids
 from fraudstream.schemas import load_schemas
@@ -45,6 +45,7 @@ from fraudstream.settings import Settings
 
 log = logging.getLogger("fraudstream.detector")
 
+GROUP_REQUEST_TIMEOUT_S = 60.0  # generous: the coordinator may still be loading after a broker restart
 CALL_TIMEOUT_S = 5.0  # one attempt of a blocking Kafka call: short, so a stop request is seen promptly
 REGISTRY_BACKOFF_MAX_S = 5.0
 KAFKA_BACKOFF_MAX_S = 2.0
@@ -81,8 +82,9 @@ class Detector:
         self.producer: Producer | None = None
         self.stop = threading.Event()
         self._assigned: set[tuple[str, int]] = set()
+        self._admin = None
         self._limits: dict[str, int] = {}  # output topic -> max.message.bytes
-        self._rejected: list[tuple[KafkaError, str]] = []  # delivery failures of the open transaction
+        self._rejected: list[KafkaError] = []  # delivery failures of the open transaction
         self._failures_in_a_row = 0
 
     # ----- start-up -----
@@ -100,12 +102,11 @@ class Detector:
                           reject_trailing_bytes=s.decoder == "record")
         if s.decoder == "columnar":
             decider = ColumnarDecider(decider, reader_schema=schemas.expanded["Transaction"])
-        self._limits = max_message_bytes(s, tuple(self.routes.values()))
+        self._admin = admin(s)  # one for the detector's life: see max_message_bytes
+        self._limits = max_message_bytes(self._admin, tuple(self.routes.values()))
         # Static membership (KIP-345) under the same stable id: a restarted detector takes its
         # partitions back at once instead of waiting out the session timeout of its dead self.
-        self.consumer = Consumer(consumer_config(s, s.group_id, **{"group.instance.id": self.transactional_id}))
-        self.consumer.subscribe([s.transactions_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_lost)
+        self.consumer = self._new_consumer()
         # Join the group before fencing anyone's producer: whoever holds our group.instance.id is then
         # always the newest detector, which is how a fenced one tells a successor from a broker restart.
         first_records = self._join_group()
@@ -115,6 +116,13 @@ class Detector:
         self.on_log(f"detector {self.transactional_id} started: {s.transactions_topic} -> "
                     f"{s.legit_topic} | {s.fraud_topic} | {s.dlq_topic} (group {s.group_id})")
         return decider, first_records
+
+    def _new_consumer(self) -> Consumer:
+        s = self.settings
+        consumer = Consumer(consumer_config(s, s.group_id, **{"group.instance.id": self.transactional_id}))
+        consumer.subscribe([s.transactions_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                           on_lost=self._on_lost)
+        return consumer
 
     def _join_group(self) -> list:
         """Poll until the group coordinator gave us a member id; records already fetched are the first batch."""
@@ -158,8 +166,10 @@ class Detector:
         self.on_log(f"lost {_partition_list(partitions)}")
 
     def _on_delivery_error(self, error: KafkaError | None, message) -> None:
+        # The error alone: after a fatal error, confluent-kafka can call this with a Python exception
+        # pending, and any call on `message` then fails.
         if error is not None:
-            self._rejected.append((error, message.topic()))
+            self._rejected.append(error)
 
     # ----- main loop -----
     def run(self, stop: threading.Event | None = None) -> DetectorMetrics:
@@ -172,17 +182,20 @@ class Detector:
             consumer, max_records = self.consumer, self.settings.batch_max_records
             timeout_s = self.settings.batch_max_ms / 1000
             while not self.stop.is_set():
-                messages, pending = pending or consumer.consume(max_records, timeout_s), []
-                # Records of a partition revoked during this very consume() call are its new owner's.
-                assigned = self._assigned
-                messages = [m for m in messages if not self._is_error(m) and (m.topic(), m.partition()) in assigned]
-                if messages:
-                    decisions = self._decide(decider, messages)
-                    if decisions is None:  # stopping during a registry outage: nothing produced, re-read later
-                        break
-                    self._process_batch(messages, decisions)
-                else:
-                    self.producer.poll(0)
+                try:
+                    messages, pending = pending or consumer.consume(max_records, timeout_s), []
+                    # Records of a partition revoked during this very consume() call are its new owner's.
+                    assigned = self._assigned
+                    messages = [m for m in messages if not self._is_error(m) and (m.topic(), m.partition()) in assigned]
+                    if messages:
+                        decisions = self._decide(decider, messages)
+                        if decisions is None:  # stopping during a registry outage: nothing produced, re-read later
+                            break
+                        self._process_batch(messages, decisions)
+                    else:
+                        self.producer.poll(0)
+                except _ConsumerLost as lost:  # between transactions: none is open
+                    consumer, pending = self._recover_consumer(lost)
                 if self.metrics.line_due(self.log_interval_s):
                     self.on_log(self.metrics.line())
         except _Stopping as stopping:
@@ -199,8 +212,7 @@ class Detector:
             return False
         # librdkafka reports a fatal consumer error as _FATAL; being fenced is the one we expect.
         if error.code() == KafkaError.FENCED_INSTANCE_ID or (error.code() == KafkaError._FATAL and "fenced" in error.str()):
-            raise Fenced(f"detector {self.transactional_id} stopped: another detector with the same transactional id "
-                         f"(also its group.instance.id) joined the group ({error.str()})")
+            raise _ConsumerLost(f"the group coordinator fenced this consumer ({error.str()})")
         if error.fatal() or error.code() == KafkaError._FATAL:
             raise KafkaUnavailable(f"consumer failed: {error.str()}")
         if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
@@ -314,7 +326,7 @@ class Detector:
             except _AbortBatch as failed:
                 raise _ProducerLost(f"the abort itself failed: {failed}") from failed
             self.metrics.aborted()
-            if any(error.code() in TOO_LARGE_CODES for error, _ in self._rejected):
+            if any(error.code() in TOO_LARGE_CODES for error in self._rejected):
                 self._refresh_limits()
         except _ProducerLost as lost:
             self._recover(lost)
@@ -326,7 +338,7 @@ class Detector:
         """A broker refused a record batch as too large: an output topic's limit went down since start-up.
         Read the limits again; the retried transaction dead-letters what no longer fits, and a producer
         with smaller record batches keeps the rest within the limit."""
-        limits = max_message_bytes(self.settings, tuple(self.routes.values()))
+        limits = max_message_bytes(self._admin, tuple(self.routes.values()))
         log.warning("an output was over its topic's max.message.bytes; limits now %s (were %s)", limits, self._limits)
         if limits != self._limits:
             self._limits = limits
@@ -340,6 +352,8 @@ class Detector:
 
     def _recover(self, lost: _ProducerLost) -> None:
         """The producer is unusable. Stop if a newer detector took our id over; otherwise recreate it and rewind."""
+        log.warning("transactional producer lost (%s): asking group %s who holds %s", lost, self.settings.group_id,
+                    self.transactional_id)
         successors = self._retry_outage("asking the group who holds our id", self._successors)
         if successors:
             raise Fenced(f"detector {self.transactional_id} stopped: another detector with the same transactional id "
@@ -353,11 +367,40 @@ class Detector:
         self.metrics.recovered()
         self._backoff_or_give_up(lost)
 
+    def _recover_consumer(self, lost: _ConsumerLost) -> tuple[Consumer, list]:
+        """The consumer was fenced. Stop if another detector holds our id; otherwise make a new consumer and rejoin."""
+        log.warning("%s: asking group %s who holds %s", lost, self.settings.group_id, self.transactional_id)
+        successors = self._retry_outage("asking the group who holds our id", self._successors)
+        if successors:
+            raise Fenced(f"detector {self.transactional_id} stopped: another detector with the same transactional id "
+                         f"joined group {self.settings.group_id} as member {successors[0]} and took over ({lost})")
+        self._failures_in_a_row += 1
+        self.on_log(f"{lost}; no other detector holds {self.transactional_id} (the coordinator fenced our own "
+                    "rejoin, e.g. after a broker restart): recreating the consumer and rejoining the group")
+        try:
+            self.consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.debug("closing the fenced consumer: %s", exc)
+        self._assigned.clear()
+        self.consumer = self._new_consumer()
+        first_records = self._join_group()  # a new consumer starts from the committed offsets
+        self.metrics.recovered()
+        self._backoff_or_give_up(lost)
+        return self.consumer, first_records
+
     def _successors(self) -> list[str]:
-        """Members of our group, other than this consumer, that hold our group.instance.id."""
+        """Members of our group, other than this consumer, that hold our group.instance.id.
+
+        A newer detector replaces our static membership under a new member id. (The member keeps our
+        client id and host: Kafka carries them over on replacement, so only the member id tells.)"""
+        # Brokers first (a plain metadata request): a group request timing out while its coordinator is
+        # still coming up can trip an assertion in librdkafka 2.x (rd_kafka_enq_once_del_source_return).
+        if not self._admin.list_topics(timeout=CALL_TIMEOUT_S).brokers:
+            raise KafkaUnavailable("no broker answered")
         ours = self.consumer.memberid()
-        members = static_members(self.settings, self.settings.group_id, self.transactional_id, timeout_s=CALL_TIMEOUT_S)
-        return [member for member in members if member != ours]
+        members = static_members(self._admin, self.settings.group_id, self.transactional_id,
+                                 timeout_s=GROUP_REQUEST_TIMEOUT_S)
+        return [m.member_id for m in members if m.member_id != ours]
 
     # ----- Kafka calls -----
     def _call(self, what: str, deadline: float, fn: Callable[[], object]):
@@ -431,8 +474,14 @@ class Detector:
 
     def _seek(self, positions: list[TopicPartition]) -> None:
         for position in positions:
-            self._retry_outage(f"rewinding {position.topic}[{position.partition}]",
-                               lambda position=position: self.consumer.seek(position))
+            try:
+                self._retry_outage(f"rewinding {position.topic}[{position.partition}]",
+                                   lambda position=position: self.consumer.seek(position))
+            except KafkaUnavailable as exc:
+                if isinstance(exc.__cause__, KafkaException) and exc.__cause__.args[0].code() == KafkaError._STATE:
+                    # The consumer itself failed (e.g. fenced meanwhile): a new one starts from the committed offsets.
+                    raise _ConsumerLost(f"rewinding: the consumer is in an error state ({exc})") from exc
+                raise
 
     def _close(self) -> None:
         if self.consumer is not None:
@@ -443,7 +492,7 @@ class Detector:
         if self.producer is not None:
             try:
                 self.producer.flush(10)  # transactions are committed or aborted by now; this serves late callbacks
-            except KafkaException as exc:  # a fenced producer reports its fatal error again here
+            except (KafkaException, SystemError) as exc:  # a fenced producer reports its fatal error again here
                 log.debug("closing producer: %s", exc)
 
 
@@ -457,6 +506,10 @@ class _ProducerLost(Exception):
     def __init__(self, reason: str, *, expired: bool = False) -> None:
         super().__init__(reason)
         self.expired = expired
+
+
+class _ConsumerLost(Exception):
+    """The group coordinator fenced our consumer (fatal for it): another detector took over, or our own rejoin did."""
 
 
 class _Stopping(Exception):
