@@ -45,7 +45,6 @@ from fraudstream.settings import Settings
 
 log = logging.getLogger("fraudstream.detector")
 
-GROUP_REQUEST_TIMEOUT_S = 60.0  # generous: the coordinator may still be loading after a broker restart
 CALL_TIMEOUT_S = 5.0  # one attempt of a blocking Kafka call: short, so a stop request is seen promptly
 REGISTRY_BACKOFF_MAX_S = 5.0
 KAFKA_BACKOFF_MAX_S = 2.0
@@ -58,6 +57,7 @@ BATCH_HEADER_BYTES = 61
 RECORD_FRAMING_BYTES = 36
 HEADER_FRAMING_BYTES = 10
 FENCED_CODES = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+CONSUMER_GONE_CODES = {KafkaError._STATE, KafkaError._FATAL, KafkaError.FENCED_INSTANCE_ID}
 TOO_LARGE_CODES = {KafkaError.MSG_SIZE_TOO_LARGE}  # the broker's MESSAGE_TOO_LARGE and librdkafka's local check
 OUTPUT_TOO_LARGE = "output_too_large"
 
@@ -82,10 +82,13 @@ class Detector:
         self.producer: Producer | None = None
         self.stop = threading.Event()
         self._assigned: set[tuple[str, int]] = set()
-        self._admin = None
+        self._admin = self._group_admin = None
+        self._parked_clients: list = []
         self._limits: dict[str, int] = {}  # output topic -> max.message.bytes
         self._rejected: list[KafkaError] = []  # delivery failures of the open transaction
         self._failures_in_a_row = 0
+        # How long another member must hold our group.instance.id to count as alive (see _successors).
+        self._successor_wait_s = consumer_config(settings, settings.group_id)["session.timeout.ms"] / 1000 * 1.5 + 2
 
     # ----- start-up -----
     def _start(self) -> tuple[Decider | ColumnarDecider, list]:
@@ -103,6 +106,8 @@ class Detector:
         if s.decoder == "columnar":
             decider = ColumnarDecider(decider, reader_schema=schemas.expanded["Transaction"])
         self._admin = admin(s)  # one for the detector's life: see max_message_bytes
+        self._group_admin = admin(s)  # for group requests, replaced when one fails: see _successors
+        self._parked_clients: list = []
         self._limits = max_message_bytes(self._admin, tuple(self.routes.values()))
         # Static membership (KIP-345) under the same stable id: a restarted detector takes its
         # partitions back at once instead of waiting out the session timeout of its dead self.
@@ -389,18 +394,34 @@ class Detector:
         return self.consumer, first_records
 
     def _successors(self) -> list[str]:
-        """Members of our group, other than this consumer, that hold our group.instance.id.
+        """Live members of our group, other than this consumer, that hold our group.instance.id.
 
-        A newer detector replaces our static membership under a new member id. (The member keeps our
-        client id and host: Kafka carries them over on replacement, so only the member id tells.)"""
-        # Brokers first (a plain metadata request): a group request timing out while its coordinator is
-        # still coming up can trip an assertion in librdkafka 2.x (rd_kafka_enq_once_del_source_return).
-        if not self._admin.list_topics(timeout=CALL_TIMEOUT_S).brokers:
-            raise KafkaUnavailable("no broker answered")
-        ours = self.consumer.memberid()
-        members = static_members(self._admin, self.settings.group_id, self.transactional_id,
-                                 timeout_s=GROUP_REQUEST_TIMEOUT_S)
-        return [m.member_id for m in members if m.member_id != ours]
+        A newer detector replaces our static membership under a new member id (keeping our client id
+        and host: Kafka carries them over, so only the member id tells). So can our own consumer: after
+        a broker restart, librdkafka may rejoin under a new id and then fence itself with the old one.
+        That member is never heartbeated and expires after the session timeout; a newer detector's
+        stays. Hence: another member id that is still there a session timeout later."""
+        deadline = time.monotonic() + self._successor_wait_s
+        while True:
+            # Brokers first (a plain metadata request): a group request timing out while its coordinator
+            # is still coming up can trip an assertion in librdkafka 2.x (rd_kafka_enq_once_del_source_return).
+            if not self._admin.list_topics(timeout=CALL_TIMEOUT_S).brokers:
+                raise KafkaUnavailable("no broker answered")
+            ours = self.consumer.memberid()
+            try:
+                members = static_members(self._group_admin, self.settings.group_id, self.transactional_id,
+                                         timeout_s=CALL_TIMEOUT_S * 2)
+            except KafkaUnavailable:
+                # librdkafka 2.x: a client whose group request failed around a broker restart can hang on the
+                # next ones, and destroying it with the request pending trips an assertion. Park it, use a new one.
+                self._parked_clients.append(self._group_admin)
+                self._group_admin = admin(self.settings)
+                raise
+            others = [m.member_id for m in members if m.member_id != ours]
+            if not others or time.monotonic() >= deadline:
+                return others
+            if self.stop.wait(min(1.0, self._successor_wait_s / 5)):
+                raise _Stopping("asking the group who holds our id")
 
     # ----- Kafka calls -----
     def _call(self, what: str, deadline: float, fn: Callable[[], object]):
@@ -443,7 +464,8 @@ class Detector:
             except (KafkaException, KafkaUnavailable) as exc:
                 error = exc.args[0]
                 reason = error.str() if isinstance(error, KafkaError) else str(error)
-                if isinstance(error, KafkaError) and (error.fatal() or not error.retriable()):
+                # Anything else (transport failures, timeouts, "not coordinator") is the outage itself.
+                if isinstance(error, KafkaError) and (error.fatal() or error.code() in CONSUMER_GONE_CODES):
                     raise KafkaUnavailable(f"{what} failed: {reason}") from exc
                 if time.monotonic() + backoff > deadline:
                     raise KafkaUnavailable(f"{what} failed for {limit_s} s (broker outage limit): {reason}") from exc
@@ -466,22 +488,27 @@ class Detector:
         partitions = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
         if not partitions:
             return
-        committed = self._retry_outage("reading the committed offsets",
-                                       lambda: self.consumer.committed(partitions, timeout=CALL_TIMEOUT_S))
+        committed = self._consumer_call("reading the committed offsets",
+                                        lambda: self.consumer.committed(partitions, timeout=CALL_TIMEOUT_S))
         # Logical offsets (no commit yet) are passed on as a position, never computed with (pitfall 16).
         self._seek([TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
                     for tp in committed])
 
     def _seek(self, positions: list[TopicPartition]) -> None:
         for position in positions:
-            try:
-                self._retry_outage(f"rewinding {position.topic}[{position.partition}]",
-                                   lambda position=position: self.consumer.seek(position))
-            except KafkaUnavailable as exc:
-                if isinstance(exc.__cause__, KafkaException) and exc.__cause__.args[0].code() == KafkaError._STATE:
-                    # The consumer itself failed (e.g. fenced meanwhile): a new one starts from the committed offsets.
-                    raise _ConsumerLost(f"rewinding: the consumer is in an error state ({exc})") from exc
-                raise
+            self._consumer_call(f"rewinding {position.topic}[{position.partition}]",
+                                lambda position=position: self.consumer.seek(position))
+
+    def _consumer_call(self, what: str, fn: Callable[[], object]):
+        """A consumer call retried through broker outages; a consumer that failed for good (fenced meanwhile)
+        is reported as lost, to be replaced by a new one, which starts from the committed offsets."""
+        try:
+            return self._retry_outage(what, fn)
+        except KafkaUnavailable as exc:
+            cause = exc.__cause__
+            if isinstance(cause, KafkaException) and (cause.args[0].fatal() or cause.args[0].code() in CONSUMER_GONE_CODES):
+                raise _ConsumerLost(f"{what}: the consumer failed ({cause.args[0].str()})") from exc
+            raise
 
     def _close(self) -> None:
         if self.consumer is not None:

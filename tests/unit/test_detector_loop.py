@@ -181,7 +181,7 @@ def make_detector(monkeypatch, *, partitions=2, records=8, fail=None, successors
 
     def start():
         detector._limits = dict.fromkeys(detector.routes.values(), 1_000_000)
-        detector._admin = FakeAdmin()
+        detector._admin = detector._group_admin = FakeAdmin()
         detector.consumer = FakeConsumer(log, detector)
         detector._on_assign(None, [TopicPartition(TOPIC, p) for p in range(partitions)])
         detector.producer = producers[0]
@@ -196,9 +196,17 @@ def make_detector(monkeypatch, *, partitions=2, records=8, fail=None, successors
         return consumer
 
     monkeypatch.setattr(detector, "_new_consumer", new_consumer)
-    monkeypatch.setattr(detector_module, "static_members", lambda client, group, instance, timeout_s: [
+    detector._successor_wait_s = 0.5
+    answers = []  # the group's answers, for the test to read
+
+    def static_members(client, group, instance, timeout_s):
         # Kafka keeps the replaced member's client id and host: only the member id differs.
-        MemberDescription(member, "rdkafka", "/127.0.0.1", None, instance) for member in ("member-ours", *successors)])
+        members = successors(len(answers)) if callable(successors) else successors
+        answers.append(members)
+        return [MemberDescription(m, "rdkafka", "/127.0.0.1", None, instance) for m in ("member-ours", *members)]
+
+    detector.group_answers = answers
+    monkeypatch.setattr(detector_module, "static_members", static_members)
     return detector, log, producers
 
 
@@ -312,6 +320,16 @@ def test_a_consumer_fenced_by_its_own_rejoin_is_recreated(monkeypatch):
     metrics = detector.run()
     assert metrics.recoveries == 1 and detector.consumer is not first
     assert any("recreating the consumer" in line for line in detector.logs), detector.logs
+    assert sorted(producer.committed_outputs) == every_input(log)
+
+
+def test_a_member_left_by_our_own_rejoin_expires_and_does_not_stop_us(monkeypatch):
+    # Our consumer's lost rejoin left a member under our group.instance.id that nobody heartbeats:
+    # it is gone after the session timeout, unlike a newer detector's.
+    detector, log, [producer] = make_detector(monkeypatch, successors=lambda asked: ["member-phantom"] if asked < 2 else [])
+    fence_consumer_after_first_batch(detector, log)
+    metrics = detector.run()
+    assert metrics.recoveries == 1 and len(detector.group_answers) == 3
     assert sorted(producer.committed_outputs) == every_input(log)
 
 
