@@ -202,10 +202,20 @@ class LocalStack:
         """(Re)start one Kafka node on its existing data, e.g. after it was killed; wait until the cluster lists it."""
         pid = self.broker_pid(node)
         if pid is None:
+            self._wait_ports_released(node)
             java = find_java(self.settings.java)
             pid = self._start_kafka(java) if self.brokers == 1 else self._start_node(java, node)
         self._wait_brokers_ready()
         return pid
+
+    def _wait_ports_released(self, node: int) -> None:
+        """After a kill, the dead broker's sockets can hold its ports for a moment (closing connections)."""
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for port in self.node_ports(node):
+            while not _port_free(port):
+                if time.monotonic() > deadline:
+                    return  # the start reports the port in use, with the variable that moves it
+                time.sleep(0.2)
 
     @property
     def replication_factor(self) -> int:
@@ -454,6 +464,16 @@ def _java_major(java: str) -> int | None:
         return None
     major = int(match.group(1))
     return int(match.group(2) or 0) if major == 1 else major
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _require_free_port(port: int, what: str, variable: str) -> None:

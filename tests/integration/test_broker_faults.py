@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import ConfigResource, ResourceType
 
 from fraudstream.kafka import admin, consumer_config, ensure_topics
 from fraudstream.registry import register_all
@@ -252,6 +253,10 @@ def test_a_cluster_loses_a_partition_leader_and_gets_it_back(three_brokers, tmp_
     metadata = admin(settings).list_topics(settings.transactions_topic, timeout=30)
     partitions = metadata.topics[settings.transactions_topic].partitions
     assert all(len(p.replicas) == 3 for p in partitions.values())  # the cluster's replication factor was used
+    resource = ConfigResource(ResourceType.TOPIC, settings.fraud_topic)
+    client = admin(settings)
+    [config] = client.describe_configs([resource]).values()
+    assert config.result()["min.insync.replicas"].value == "2"
     reader = RoutedReader(settings)
     stream = Stream(settings)
     detector = DetectorProcess(settings, tmp_path / "detector.log")
