@@ -12,12 +12,14 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from fraudstream.kafka import consumer_config
 from fraudstream.settings import Settings
 from tests.integration.test_detector import decode
-from tests.support.kafka_io import wait_until
 
 
 class RoutedReader:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, check=lambda: None) -> None:
+        """`check` runs at every read: e.g. an assertion that the detector is still running, so that a
+        test fails at once rather than wait for output that will never come."""
         self.settings = settings
+        self.check = check
         self.consumer = Consumer(consumer_config(settings, f"routed-reader-{uuid.uuid4().hex[:8]}",
                                                  **{"isolation.level": "read_committed"}))
         topics = (settings.legit_topic, settings.fraud_topic, settings.dlq_topic)
@@ -33,6 +35,7 @@ class RoutedReader:
 
     def read(self, timeout_s: float = 0.5) -> int:
         """Whatever was committed since the last call."""
+        self.check()
         messages = [m for m in self.consumer.consume(5_000, timeout_s) if m.error() is None]
         for message in messages:
             topic = message.topic()
@@ -64,15 +67,21 @@ class RoutedReader:
         self.wait_for(self.total + 1, timeout_s=max(0.0, deadline - time.monotonic()), what=what)
 
     def _ends(self) -> dict[tuple[str, int], int]:
-        """High watermarks, once every partition's leader answers (just after a broker restart it may not)."""
-        def ends():
+        """High watermarks, once every partition's leader answers (just after a broker fault it may not).
+        Asked with a fresh consumer when the reader's own cannot tell (seen after a frozen broker)."""
+        deadline = time.monotonic() + 120
+        asker, last_error = self.consumer, None
+        while True:
             try:
-                return {(tp.topic, tp.partition): self.consumer.get_watermark_offsets(tp, timeout=10)[1]
+                return {(tp.topic, tp.partition): asker.get_watermark_offsets(tp, timeout=10)[1]
                         for tp in self.partitions}
-            except KafkaException:
-                return None
-
-        return wait_until(ends, timeout_s=120, what="the output partitions' leaders to answer")
+            except KafkaException as exc:
+                last_error = exc.args[0].str()
+            finally:
+                if asker is not self.consumer:
+                    asker.close()
+            assert time.monotonic() < deadline, f"the output partitions' leaders did not answer: {last_error}"
+            asker = Consumer(consumer_config(self.settings, f"routed-ends-{uuid.uuid4().hex[:8]}"))
 
     def _positions(self) -> dict[tuple[str, int], int]:
         # A partition never read has no position yet (a negative logical offset): it is at 0.
