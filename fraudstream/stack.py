@@ -236,14 +236,9 @@ class LocalStack:
         folder = self.node_dir(node)
         data = folder / "data"
         data.mkdir(parents=True, exist_ok=True)
-        kafka_port, controller_port = self.node_ports(node)
-        voters = ",".join(f"{n}@127.0.0.1:{self.node_ports(n)[1]}" for n in range(1, self.brokers + 1))
+        kafka_port = self.node_ports(node)[0]
         config = folder / "server.properties"
-        config.write_text(_render(PROJECT_ROOT / "infra" / "kafka-cluster-server.properties", {
-            "NODE_ID": node, "VOTERS": voters, "KAFKA_PORT": kafka_port, "CONTROLLER_PORT": controller_port,
-            "DATA_DIR": data, "REPLICATION_FACTOR": self.replication_factor,
-            "MIN_INSYNC_REPLICAS": max(1, self.replication_factor - 1),
-        }))
+        config.write_text(self.node_config(node))
         log4j = folder / "log4j2.properties"
         log4j.write_text(_render(PROJECT_ROOT / "infra" / "kafka-log4j2.properties", {"LOG_FILE": folder / "server.log"}))
         jvm = [java, "-Xms256m", "-Xmx768m", f"-Dlog4j2.configurationFile={log4j}", "-cp", str(self.kafka_libs / "*")]
@@ -254,6 +249,16 @@ class LocalStack:
                 raise StackError(f"formatting KRaft storage of node {node} failed: {_last_line(done.stderr or done.stdout)}")
         self.log(f"starting Kafka {self.kafka_version} node {node} of {self.brokers} on 127.0.0.1:{kafka_port} ...")
         return _spawn(jvm + ["kafka.Kafka", str(config)], folder)
+
+    def node_config(self, node: int) -> str:
+        """The server.properties of a cluster node."""
+        kafka_port, controller_port = self.node_ports(node)
+        voters = ",".join(f"{n}@127.0.0.1:{self.node_ports(n)[1]}" for n in range(1, self.brokers + 1))
+        return _render(PROJECT_ROOT / "infra" / "kafka-cluster-server.properties", {
+            "NODE_ID": node, "VOTERS": voters, "KAFKA_PORT": kafka_port, "CONTROLLER_PORT": controller_port,
+            "DATA_DIR": self.node_dir(node) / "data", "REPLICATION_FACTOR": self.replication_factor,
+            "MIN_INSYNC_REPLICAS": max(1, self.replication_factor - 1),
+        })
 
     def _cluster_id(self) -> str:
         """One id for every node of the cluster, kept in the stack folder."""

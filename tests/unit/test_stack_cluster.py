@@ -9,8 +9,8 @@ import pytest
 
 from fraudstream import cli
 from fraudstream.errors import StackError
-from fraudstream.settings import PROJECT_ROOT, Settings
-from fraudstream.stack import NODES_FILE, LocalStack, StackStatus, _render
+from fraudstream.settings import Settings
+from fraudstream.stack import NODES_FILE, LocalStack, StackStatus
 
 
 def stack(tmp_path: Path, brokers: int | None) -> LocalStack:
@@ -27,12 +27,12 @@ def test_nodes_take_consecutive_port_pairs_and_all_are_bootstrap_servers(tmp_pat
 
 
 def test_the_cluster_config_asks_for_three_replicas_and_two_in_sync(tmp_path):
-    text = _render(PROJECT_ROOT / "infra" / "kafka-cluster-server.properties", {
-        "NODE_ID": 2, "VOTERS": "1@a:1,2@a:2,3@a:3", "KAFKA_PORT": 1, "CONTROLLER_PORT": 2, "DATA_DIR": "/d",
-        "REPLICATION_FACTOR": 3, "MIN_INSYNC_REPLICAS": 2})
+    text = stack(tmp_path, 3).node_config(2)
     props = dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
     assert not [value for value in props.values() if "${" in value]  # every placeholder filled
-    assert props["node.id"] == "2" and props["controller.quorum.voters"] == "1@a:1,2@a:2,3@a:3"
+    assert props["node.id"] == "2"
+    assert props["controller.quorum.voters"] == "1@127.0.0.1:29093,2@127.0.0.1:29095,3@127.0.0.1:29097"
+    assert props["listeners"] == "PLAINTEXT://127.0.0.1:29094,CONTROLLER://127.0.0.1:29095"
     for key in ("default.replication.factor", "offsets.topic.replication.factor",
                 "transaction.state.log.replication.factor"):
         assert props[key] == "3", key
