@@ -45,6 +45,7 @@ from fraudstream.settings import Settings
 
 log = logging.getLogger("fraudstream.detector")
 
+GROUP_REQUEST_TIMEOUT_S = 30.0  # long enough for a restarted coordinator to load: a timed-out one is risky
 CALL_TIMEOUT_S = 5.0  # one attempt of a blocking Kafka call: short, so a stop request is seen promptly
 REGISTRY_BACKOFF_MAX_S = 5.0
 KAFKA_BACKOFF_MAX_S = 2.0
@@ -357,9 +358,16 @@ class Detector:
 
     def _recover(self, lost: _ProducerLost) -> None:
         """The producer is unusable. Stop if a newer detector took our id over; otherwise recreate it and rewind."""
-        log.warning("transactional producer lost (%s): asking group %s who holds %s", lost, self.settings.group_id,
-                    self.transactional_id)
-        successors = self._retry_outage("asking the group who holds our id", self._successors)
+        if lost.expired:
+            # Our own transaction timed out: no sign of another detector. (A newer one joins the group first,
+            # which fences our consumer, and that path asks the group.) Asking here, while the brokers are
+            # still unsettled, risks a group request timing out, which can crash librdkafka 2.x
+            # (assertion in rd_kafka_enq_once_del_source_return).
+            successors = []
+        else:
+            log.warning("transactional producer lost (%s): asking group %s who holds %s", lost, self.settings.group_id,
+                        self.transactional_id)
+            successors = self._retry_outage("asking the group who holds our id", self._successors)
         if successors:
             raise Fenced(f"detector {self.transactional_id} stopped: another detector with the same transactional id "
                          f"joined group {self.settings.group_id} as member {successors[0]} and took over ({lost})")
@@ -410,7 +418,7 @@ class Detector:
             ours = self.consumer.memberid()
             try:
                 members = static_members(self._group_admin, self.settings.group_id, self.transactional_id,
-                                         timeout_s=CALL_TIMEOUT_S * 2)
+                                         timeout_s=GROUP_REQUEST_TIMEOUT_S)
             except KafkaUnavailable:
                 # librdkafka 2.x: a client whose group request failed around a broker restart can hang on the
                 # next ones, and destroying it with the request pending trips an assertion. Park it, use a new one.
