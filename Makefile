@@ -16,7 +16,7 @@ BENCH_ARGS ?=
 # Like the tests: an existing Kafka and registry when both variables are set, otherwise the local stack.
 EXISTING_SERVICES := $(and $(KAFKA_BOOTSTRAP_SERVERS),$(SCHEMA_REGISTRY_URL))
 
-.PHONY: demo test stack-up stack-down services bench clean
+.PHONY: demo test faults stack-up stack-down services bench clean
 
 demo: services
 	$(BIN)/fraudstream schemas register
@@ -24,6 +24,12 @@ demo: services
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest tests/unit tests/integration $(PYTEST_ARGS)
+
+# The broker fault tests with a long schedule (the suite runs a short one): FAULT_ROUNDS kill -9 and
+# restart rounds of a single broker, FAULT_ROUNDS/3 leader kills on three brokers, and the freeze.
+FAULT_ROUNDS ?= 10
+faults: $(INSTALLED)
+	FAULT_ROUNDS=$(FAULT_ROUNDS) $(BIN)/python -m pytest tests/integration/test_broker_faults.py $(PYTEST_ARGS)
 
 bench: services
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)

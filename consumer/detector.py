@@ -38,7 +38,7 @@ from consumer.rules import TERMINAL_RULES, load_rules, rules_from_settings
 from consumer.state.manager import StateManager
 from consumer.stateful import STORES, StatefulDecider, decode_batch
 from fraudstream.errors import Fenced, KafkaUnavailable, RegistryError
-from fraudstream.kafka import (consumer_config, ensure_topics, max_message_bytes, static_members,
+from fraudstream.kafka import (admin, consumer_config, ensure_topics, max_message_bytes, static_members,
                                transactional_producer_config, wait_for_cluster)
 from fraudstream.registry import Registry, current_ids
 from fraudstream.schemas import load_schemas
@@ -47,6 +47,7 @@ from fraudstream.settings import Settings
 
 log = logging.getLogger("fraudstream.detector")
 
+GROUP_REQUEST_TIMEOUT_S = 30.0  # long enough for a restarted coordinator to load: a timed-out one is risky
 CALL_TIMEOUT_S = 5.0  # one attempt of a blocking Kafka call: short, so a stop request is seen promptly
 REGISTRY_BACKOFF_MAX_S = 5.0
 KAFKA_BACKOFF_MAX_S = 2.0
@@ -59,6 +60,7 @@ BATCH_HEADER_BYTES = 61
 RECORD_FRAMING_BYTES = 36
 HEADER_FRAMING_BYTES = 10
 FENCED_CODES = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+CONSUMER_GONE_CODES = {KafkaError._STATE, KafkaError._FATAL, KafkaError.FENCED_INSTANCE_ID}
 TOO_LARGE_CODES = {KafkaError.MSG_SIZE_TOO_LARGE}  # the broker's MESSAGE_TOO_LARGE and librdkafka's local check
 OUTPUT_TOO_LARGE = "output_too_large"
 
@@ -83,10 +85,14 @@ class Detector:
         self.producer: Producer | None = None
         self.stop = threading.Event()
         self._assigned: set[tuple[str, int]] = set()
+        self._admin = self._group_admin = None
+        self._parked_clients: list = []
         self._limits: dict[str, int] = {}  # output topic -> max.message.bytes
-        self._rejected: list[tuple[KafkaError, str]] = []  # delivery failures of the open transaction
+        self._rejected: list[KafkaError] = []  # delivery failures of the open transaction
         self._failures_in_a_row = 0
         self.state: StateManager | None = None  # keyed state, when the stateful rules are on
+        # How long another member must hold our group.instance.id to count as alive (see _successors).
+        self._successor_wait_s = consumer_config(settings, settings.group_id)["session.timeout.ms"] / 1000 * 1.5 + 2
 
     # ----- start-up -----
     def _start(self) -> tuple[Decider | ColumnarDecider, list]:
@@ -105,12 +111,12 @@ class Detector:
             decider = ColumnarDecider(decider, reader_schema=schemas.expanded["Transaction"])
         if s.stateful:
             decider = self._stateful(decider)
-        self._limits = max_message_bytes(s, tuple(self.routes.values()))
+        self._admin = admin(s)  # one for the detector's life: see max_message_bytes
+        self._group_admin = admin(s)  # for group requests, replaced when one fails: see _successors
+        self._limits = max_message_bytes(self._admin, tuple(self.routes.values()))
         # Static membership (KIP-345) under the same stable id: a restarted detector takes its
         # partitions back at once instead of waiting out the session timeout of its dead self.
-        self.consumer = Consumer(consumer_config(s, s.group_id, **{"group.instance.id": self.transactional_id}))
-        self.consumer.subscribe([s.transactions_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_lost)
+        self.consumer = self._new_consumer()
         # Join the group before fencing anyone's producer: whoever holds our group.instance.id is then
         # always the newest detector, which is how a fenced one tells a successor from a broker restart.
         first_records = self._join_group()
@@ -139,6 +145,13 @@ class Detector:
                     f"state in {', '.join(self.state.topics.values())}")
         return StatefulDecider(lambda messages: decode_batch(columnar, record_wise, messages), rules, self.state,
                                encode_legit=record_wise.encode_legit, encode_fraud=record_wise.encode_fraud)
+
+    def _new_consumer(self) -> Consumer:
+        s = self.settings
+        consumer = Consumer(consumer_config(s, s.group_id, **{"group.instance.id": self.transactional_id}))
+        consumer.subscribe([s.transactions_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                           on_lost=self._on_lost)
+        return consumer
 
     def _join_group(self) -> list:
         """Poll until the group coordinator gave us a member id; records already fetched are the first batch."""
@@ -191,8 +204,10 @@ class Detector:
             self.state.revoke(partitions)
 
     def _on_delivery_error(self, error: KafkaError | None, message) -> None:
+        # The error alone: after a fatal error, confluent-kafka can call this with a Python exception
+        # pending, and any call on `message` then fails.
         if error is not None:
-            self._rejected.append((error, message.topic()))
+            self._rejected.append(error)
 
     # ----- main loop -----
     def run(self, stop: threading.Event | None = None) -> DetectorMetrics:
@@ -205,22 +220,25 @@ class Detector:
             consumer, max_records = self.consumer, self.settings.batch_max_records
             timeout_s = self.settings.batch_max_ms / 1000
             while not self.stop.is_set():
-                messages, pending = pending or consumer.consume(max_records, timeout_s), []
-                # Records of a partition revoked during this very consume() call are its new owner's.
-                assigned = self._assigned
-                messages = [m for m in messages if not self._is_error(m) and (m.topic(), m.partition()) in assigned]
-                if self.state is not None:
-                    if self.state.recovering:
-                        self.state.recover_step(consumer)
-                        self.metrics.restoring(self.state.restoring_records)
-                    messages = self._with_state_ready(messages)
-                if messages:
-                    decisions = self._decide(decider, messages)
-                    if decisions is None:  # stopping during a registry outage: nothing produced, re-read later
-                        break
-                    self._process_batch(messages, decisions)
-                else:
-                    self.producer.poll(0)
+                try:
+                    messages, pending = pending or consumer.consume(max_records, timeout_s), []
+                    # Records of a partition revoked during this very consume() call are its new owner's.
+                    assigned = self._assigned
+                    messages = [m for m in messages if not self._is_error(m) and (m.topic(), m.partition()) in assigned]
+                    if self.state is not None:
+                        if self.state.recovering:
+                            self.state.recover_step(consumer)
+                            self.metrics.restoring(self.state.restoring_records)
+                        messages = self._with_state_ready(messages)
+                    if messages:
+                        decisions = self._decide(decider, messages)
+                        if decisions is None:  # stopping during a registry outage: nothing produced, re-read later
+                            break
+                        self._process_batch(messages, decisions)
+                    else:
+                        self.producer.poll(0)
+                except _ConsumerLost as lost:  # between transactions: none is open
+                    consumer, pending = self._recover_consumer(lost)
                 if self.metrics.line_due(self.log_interval_s):
                     self.on_log(self.metrics.line())
         except _Stopping as stopping:
@@ -237,8 +255,7 @@ class Detector:
             return False
         # librdkafka reports a fatal consumer error as _FATAL; being fenced is the one we expect.
         if error.code() == KafkaError.FENCED_INSTANCE_ID or (error.code() == KafkaError._FATAL and "fenced" in error.str()):
-            raise Fenced(f"detector {self.transactional_id} stopped: another detector with the same transactional id "
-                         f"(also its group.instance.id) joined the group ({error.str()})")
+            raise _ConsumerLost(f"the group coordinator fenced this consumer ({error.str()})")
         if error.fatal() or error.code() == KafkaError._FATAL:
             raise KafkaUnavailable(f"consumer failed: {error.str()}")
         if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
@@ -377,7 +394,7 @@ class Detector:
             except _AbortBatch as failed:
                 raise _ProducerLost(f"the abort itself failed: {failed}") from failed
             self.metrics.aborted()
-            if any(error.code() in TOO_LARGE_CODES for error, _ in self._rejected):
+            if any(error.code() in TOO_LARGE_CODES for error in self._rejected):
                 self._refresh_limits()
         except _ProducerLost as lost:
             self._recover(lost)
@@ -389,7 +406,7 @@ class Detector:
         """A broker refused a record batch as too large: an output topic's limit went down since start-up.
         Read the limits again; the retried transaction dead-letters what no longer fits, and a producer
         with smaller record batches keeps the rest within the limit."""
-        limits = max_message_bytes(self.settings, tuple(self.routes.values()))
+        limits = max_message_bytes(self._admin, tuple(self.routes.values()))
         log.warning("an output was over its topic's max.message.bytes; limits now %s (were %s)", limits, self._limits)
         if limits != self._limits:
             self._limits = limits
@@ -403,7 +420,16 @@ class Detector:
 
     def _recover(self, lost: _ProducerLost) -> None:
         """The producer is unusable. Stop if a newer detector took our id over; otherwise recreate it and rewind."""
-        successors = self._retry_outage("asking the group who holds our id", self._successors)
+        if lost.expired:
+            # Our own transaction timed out: no sign of another detector. (A newer one joins the group first,
+            # which fences our consumer, and that path asks the group.) Asking here, while the brokers are
+            # still unsettled, risks a group request timing out, which can crash librdkafka 2.x
+            # (assertion in rd_kafka_enq_once_del_source_return).
+            successors = []
+        else:
+            log.warning("transactional producer lost (%s): asking group %s who holds %s", lost, self.settings.group_id,
+                        self.transactional_id)
+            successors = self._retry_outage("asking the group who holds our id", self._successors)
         if successors:
             raise Fenced(f"detector {self.transactional_id} stopped: another detector with the same transactional id "
                          f"joined group {self.settings.group_id} as member {successors[0]} and took over ({lost})")
@@ -416,11 +442,58 @@ class Detector:
         self.metrics.recovered()
         self._backoff_or_give_up(lost)
 
+    def _recover_consumer(self, lost: _ConsumerLost) -> tuple[Consumer, list]:
+        """The consumer was fenced. Stop if another detector holds our id; otherwise make a new consumer and rejoin."""
+        log.warning("%s: asking group %s who holds %s", lost, self.settings.group_id, self.transactional_id)
+        successors = self._retry_outage("asking the group who holds our id", self._successors)
+        if successors:
+            raise Fenced(f"detector {self.transactional_id} stopped: another detector with the same transactional id "
+                         f"joined group {self.settings.group_id} as member {successors[0]} and took over ({lost})")
+        self._failures_in_a_row += 1
+        self.on_log(f"{lost}; no other detector holds {self.transactional_id} (the coordinator fenced our own "
+                    "rejoin, e.g. after a broker restart): recreating the consumer and rejoining the group")
+        try:
+            self.consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.debug("closing the fenced consumer: %s", exc)
+        self._assigned.clear()
+        if self.state is not None:  # the new consumer's assignment restores it
+            self.state.drop_all()
+        self.consumer = self._new_consumer()
+        first_records = self._join_group()  # a new consumer starts from the committed offsets
+        self.metrics.recovered()
+        self._backoff_or_give_up(lost)
+        return self.consumer, first_records
+
     def _successors(self) -> list[str]:
-        """Members of our group, other than this consumer, that hold our group.instance.id."""
-        ours = self.consumer.memberid()
-        members = static_members(self.settings, self.settings.group_id, self.transactional_id, timeout_s=CALL_TIMEOUT_S)
-        return [member for member in members if member != ours]
+        """Live members of our group, other than this consumer, that hold our group.instance.id.
+
+        A newer detector replaces our static membership under a new member id (keeping our client id
+        and host: Kafka carries them over, so only the member id tells). So can our own consumer: after
+        a broker restart, librdkafka may rejoin under a new id and then fence itself with the old one.
+        That member is never heartbeated and expires after the session timeout; a newer detector's
+        stays. Hence: another member id that is still there a session timeout later."""
+        deadline = time.monotonic() + self._successor_wait_s
+        while True:
+            # Brokers first (a plain metadata request): a group request timing out while its coordinator
+            # is still coming up can trip an assertion in librdkafka 2.x (rd_kafka_enq_once_del_source_return).
+            if not self._admin.list_topics(timeout=CALL_TIMEOUT_S).brokers:
+                raise KafkaUnavailable("no broker answered")
+            ours = self.consumer.memberid()
+            try:
+                members = static_members(self._group_admin, self.settings.group_id, self.transactional_id,
+                                         timeout_s=GROUP_REQUEST_TIMEOUT_S)
+            except KafkaUnavailable:
+                # librdkafka 2.x: a client whose group request failed around a broker restart can hang on the
+                # next ones, and destroying it with the request pending trips an assertion. Park it, use a new one.
+                self._parked_clients.append(self._group_admin)
+                self._group_admin = admin(self.settings)
+                raise
+            others = [m.member_id for m in members if m.member_id != ours]
+            if not others or time.monotonic() >= deadline:
+                return others
+            if self.stop.wait(min(1.0, self._successor_wait_s / 5)):
+                raise _Stopping("asking the group who holds our id")
 
     # ----- Kafka calls -----
     def _call(self, what: str, deadline: float, fn: Callable[[], object]):
@@ -463,7 +536,8 @@ class Detector:
             except (KafkaException, KafkaUnavailable) as exc:
                 error = exc.args[0]
                 reason = error.str() if isinstance(error, KafkaError) else str(error)
-                if isinstance(error, KafkaError) and (error.fatal() or not error.retriable()):
+                # Anything else (transport failures, timeouts, "not coordinator") is the outage itself.
+                if isinstance(error, KafkaError) and (error.fatal() or error.code() in CONSUMER_GONE_CODES):
                     raise KafkaUnavailable(f"{what} failed: {reason}") from exc
                 if time.monotonic() + backoff > deadline:
                     raise KafkaUnavailable(f"{what} failed for {limit_s} s (broker outage limit): {reason}") from exc
@@ -490,8 +564,8 @@ class Detector:
         partitions = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
         if not partitions:
             return
-        committed = self._retry_outage("reading the committed offsets",
-                                       lambda: self.consumer.committed(partitions, timeout=CALL_TIMEOUT_S))
+        committed = self._consumer_call("reading the committed offsets",
+                                        lambda: self.consumer.committed(partitions, timeout=CALL_TIMEOUT_S))
         if self.state is not None:
             self.state.reset(self.consumer, [tp.partition for tp in partitions])
         # Logical offsets (no commit yet) are passed on as a position, never computed with (pitfall 16).
@@ -500,8 +574,19 @@ class Detector:
 
     def _seek(self, positions: list[TopicPartition]) -> None:
         for position in positions:
-            self._retry_outage(f"rewinding {position.topic}[{position.partition}]",
-                               lambda position=position: self.consumer.seek(position))
+            self._consumer_call(f"rewinding {position.topic}[{position.partition}]",
+                                lambda position=position: self.consumer.seek(position))
+
+    def _consumer_call(self, what: str, fn: Callable[[], object]):
+        """A consumer call retried through broker outages; a consumer that failed for good (fenced meanwhile)
+        is reported as lost, to be replaced by a new one, which starts from the committed offsets."""
+        try:
+            return self._retry_outage(what, fn)
+        except KafkaUnavailable as exc:
+            cause = exc.__cause__
+            if isinstance(cause, KafkaException) and (cause.args[0].fatal() or cause.args[0].code() in CONSUMER_GONE_CODES):
+                raise _ConsumerLost(f"{what}: the consumer failed ({cause.args[0].str()})") from exc
+            raise
 
     def _close(self) -> None:
         if self.state is not None:
@@ -514,7 +599,7 @@ class Detector:
         if self.producer is not None:
             try:
                 self.producer.flush(10)  # transactions are committed or aborted by now; this serves late callbacks
-            except KafkaException as exc:  # a fenced producer reports its fatal error again here
+            except (KafkaException, SystemError) as exc:  # a fenced producer reports its fatal error again here
                 log.debug("closing producer: %s", exc)
 
 
@@ -528,6 +613,10 @@ class _ProducerLost(Exception):
     def __init__(self, reason: str, *, expired: bool = False) -> None:
         super().__init__(reason)
         self.expired = expired
+
+
+class _ConsumerLost(Exception):
+    """The group coordinator fenced our consumer (fatal for it): another detector took over, or our own rejoin did."""
 
 
 class _Stopping(Exception):

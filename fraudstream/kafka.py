@@ -146,11 +146,13 @@ def ensure_topics(settings: Settings, topics: tuple[str, ...] | None = None, *, 
                 raise KafkaUnavailable(f"could not create topic {topic}: {exc.args[0].str()}") from exc
 
 
-def max_message_bytes(settings: Settings, topics: tuple[str, ...], *, timeout_s: float = 10.0) -> dict[str, int]:
-    """Each topic's max.message.bytes: the largest record batch (header included) its brokers accept."""
+def max_message_bytes(client: AdminClient, topics: tuple[str, ...], *, timeout_s: float = 10.0) -> dict[str, int]:
+    """Each topic's max.message.bytes: the largest record batch (header included) its brokers accept.
+
+    `client` is long-lived and must outlive the call: a client destroyed with a request still in flight
+    fails its futures, and can trip an assertion in librdkafka."""
     resources = [ConfigResource(ResourceType.TOPIC, topic) for topic in topics]
     limits = {}
-    client = admin(settings)  # referenced until its futures resolve: a destroyed client fails them
     for resource, future in client.describe_configs(resources, request_timeout=timeout_s).items():
         try:
             limits[resource.name] = int(future.result()["max.message.bytes"].value)
@@ -160,15 +162,15 @@ def max_message_bytes(settings: Settings, topics: tuple[str, ...], *, timeout_s:
     return limits
 
 
-def static_members(settings: Settings, group_id: str, instance_id: str, *, timeout_s: float = 10.0) -> list[str]:
-    """Member ids that hold `instance_id` (group.instance.id) in the group, as its coordinator sees it now."""
-    client = admin(settings)  # referenced until its future resolves
+def static_members(client: AdminClient, group_id: str, instance_id: str, *, timeout_s: float = 10.0) -> list:
+    """The members (MemberDescription: member_id, client_id, host) that hold `instance_id` (group.instance.id)
+    in the group, as its coordinator sees it now (`client`: long-lived, as for max_message_bytes)."""
     future = client.describe_consumer_groups([group_id], request_timeout=timeout_s)[group_id]
     try:
         description = future.result()
     except KafkaException as exc:
         raise KafkaUnavailable(f"could not describe consumer group {group_id}: {exc.args[0].str()}") from exc
-    return [m.member_id for m in description.members if m.group_instance_id == instance_id]
+    return [m for m in description.members if m.group_instance_id == instance_id]
 
 
 def _silent_logger() -> logging.Logger:

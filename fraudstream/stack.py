@@ -1,4 +1,4 @@
-"""The local stack: a single-node Apache Kafka (KRaft) and Apicurio Registry 3.x, started by us.
+"""The local stack: Apache Kafka (KRaft; one node, or a cluster of N) and Apicurio Registry 3.x, started by us.
 
 For machines without a Docker engine. Both come from Maven Central through infra/pom.xml
 (cached in Maven's local repository and in <stack_dir>/dist); state, configs and logs live
@@ -44,6 +44,12 @@ SECURE_REGISTRY_PORTS = (("registry_secure_port", "the schema registry's HTTPS p
 SECURE_MARKER = "secure.on"
 # In the Kafka folder once kafka-storage format has created the SCRAM user in its data.
 SCRAM_USERS_MARKER = "fraudstream-scram-users"
+# A cluster (`stack up --brokers N`): node 1 uses kafka_port and controller_port, node n those plus
+# CLUSTER_PORT_STEP * (n - 1). Every node is broker and controller; replicas = min(N, 3), of which
+# all but one (at least 1) must acknowledge a write.
+CLUSTER_PORT_STEP = 2
+CLUSTER_MAX_REPLICATION_FACTOR = 3
+NODES_FILE = "kafka-nodes"  # in the stack folder: how many Kafka nodes its data was formatted for
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,17 +60,20 @@ class StackStatus:
     registry_url: str
     # With --secure: the SASL_SSL bootstrap servers, the HTTPS registry URL and the client properties files.
     secure: SecureEndpoints | None = None
+    extra_brokers: tuple[tuple[int, int | None], ...] = ()  # (node id, pid) of a cluster's nodes 2..N
 
     @property
     def running(self) -> bool:
-        return self.kafka_pid is not None and self.registry_pid is not None
+        return (self.kafka_pid is not None and self.registry_pid is not None
+                and all(pid is not None for _, pid in self.extra_brokers))
 
     def describe(self) -> str:
         def state(pid: int | None) -> str:
             return f"running (pid {pid})" if pid else "stopped"
 
+        extra = "".join(f"kafka-{node:<4}{state(pid)}\n" for node, pid in self.extra_brokers)
         text = (
-            f"kafka     {state(self.kafka_pid):22} bootstrap servers: {self.bootstrap_servers}\n"
+            f"kafka     {state(self.kafka_pid):22} bootstrap servers: {self.bootstrap_servers}\n{extra}"
             f"registry  {state(self.registry_pid):22} schema registry URL: {self.registry_url}"
         )
         if self.secure:
@@ -92,10 +101,11 @@ class LocalStack:
     """Start, stop and inspect the local Kafka + registry. Each method is safe to repeat."""
 
     def __init__(self, settings: Settings, log=print, *, dist: Path | None = None,
-                 registry_namespace: str = "") -> None:
+                 registry_namespace: str = "", brokers: int | None = None) -> None:
         """`dist`: where the fetched Kafka and registry live (default <stack_dir>/dist); another stack's
         folder can be shared so nothing is fetched twice. `registry_namespace`: prefix for the registry's
-        storage topics, so that a second registry on the same Kafka keeps its schemas apart."""
+        storage topics, so that a second registry on the same Kafka keeps its schemas apart. `brokers`:
+        Kafka nodes (default: as many as the stack's data was made with, else 1)."""
         self.settings = settings
         self.log = log
         self.root = settings.stack_dir
@@ -104,6 +114,9 @@ class LocalStack:
         self.kafka_dir = self.root / "kafka"
         self.registry_dir = self.root / "registry"
         self.secure_material = SecureMaterial(self.root / "secure")
+        self.brokers = brokers or self._formatted_nodes() or 1
+        if self.brokers < 1:
+            raise StackError("a stack needs at least one Kafka broker")
         versions = _pom_versions()
         self.kafka_version = versions["kafka.version"]
         self.apicurio_version = versions["apicurio.version"]
@@ -111,7 +124,7 @@ class LocalStack:
     # ----- addresses -----
     @property
     def bootstrap_servers(self) -> str:
-        return f"127.0.0.1:{self.settings.kafka_port}"
+        return ",".join(f"127.0.0.1:{self.node_ports(node)[0]}" for node in range(1, self.brokers + 1))
 
     @property
     def registry_url(self) -> str:
@@ -126,6 +139,7 @@ class LocalStack:
             bootstrap_servers=self.bootstrap_servers,
             registry_url=self.registry_url,
             secure=self.secure_endpoints() if kafka_pid and registry_pid and self._running_secure() else None,
+            extra_brokers=tuple((node, self.broker_pid(node)) for node in range(2, self.brokers + 1)),
         )
 
     # ----- up -----
@@ -136,20 +150,23 @@ class LocalStack:
                              "again with --secure")
         if status.running:
             self.log("stack already running")
-            self._wait_kafka_ready(status.kafka_pid)
+            self._wait_brokers_ready()
             self._wait_registry_ready(status.registry_pid)
             if secure:
                 self._wait_secure_ready()
             return status
         # Ports first: a taken port must fail before anything is fetched or started.
-        if not status.kafka_pid:
-            self._require_free_ports(KAFKA_PORTS + (SECURE_KAFKA_PORTS if secure else ()))
+        if secure and self.brokers > 1:
+            raise StackError("--secure is for the single-broker stack; start a cluster (--brokers) without it")
+        self._check_nodes()
+        self._require_free_broker_ports()
+        if secure and not status.kafka_pid:
+            self._require_free_ports(SECURE_KAFKA_PORTS)
         if not status.registry_pid:
             self._require_free_ports(REGISTRY_PORTS + (SECURE_REGISTRY_PORTS if secure else ()))
         java = find_java(self.settings.java)
         self.fetch()
-        kafka_pid = status.kafka_pid or self._start_kafka(java, secure=secure)
-        self._wait_kafka_ready(kafka_pid)
+        self._start_brokers(java, secure=secure)
         registry_pid = status.registry_pid or self._start_registry(java, secure=secure)
         self._wait_registry_ready(registry_pid)
         self._set_global_compatibility()
@@ -211,6 +228,151 @@ class LocalStack:
                 (self.kafka_dir / SCRAM_USERS_MARKER).touch()
         self.log(f"starting Kafka {self.kafka_version} (KRaft) on {self.bootstrap_servers} ...")
         return _spawn(jvm + ["kafka.Kafka", str(config)], self.kafka_dir)
+
+    # ----- Kafka: one node or a cluster -----
+    def up_kafka(self) -> str:
+        """Start Kafka alone (every node), wait until it answers; returns the bootstrap servers."""
+        self._check_nodes()
+        self._require_free_broker_ports()
+        java = find_java(self.settings.java)
+        self.fetch()
+        self._start_brokers(java)
+        return self.bootstrap_servers
+
+    def node_ports(self, node: int) -> tuple[int, int]:
+        """(broker port, controller port) of a Kafka node (1..brokers)."""
+        offset = CLUSTER_PORT_STEP * (node - 1)
+        return self.settings.kafka_port + offset, self.settings.controller_port + offset
+
+    def node_dir(self, node: int) -> Path:
+        return self.kafka_dir if node == 1 else self.root / f"kafka-{node}"
+
+    def broker_pid(self, node: int = 1) -> int | None:
+        return _live_pid(self.node_dir(node) / "pid")
+
+    def start_broker(self, node: int = 1) -> int:
+        """(Re)start one Kafka node on its existing data, e.g. after it was killed; wait until the cluster lists it."""
+        pid = self.broker_pid(node)
+        if pid is None:
+            self._wait_ports_released(node)
+            java = find_java(self.settings.java)
+            if self.brokers == 1:  # on its existing data, secured as it was
+                pid = self._start_kafka(java, secure=(self.kafka_dir / SECURE_MARKER).exists())
+            else:
+                pid = self._start_node(java, node)
+        self._wait_brokers_ready()
+        return pid
+
+    def _wait_ports_released(self, node: int) -> None:
+        """After a kill, the dead broker's sockets can hold its ports for a moment (closing connections)."""
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for port in self.node_ports(node):
+            while not _port_free(port):
+                if time.monotonic() > deadline:
+                    return  # the start reports the port in use, with the variable that moves it
+                time.sleep(0.2)
+
+    @property
+    def replication_factor(self) -> int:
+        return min(self.brokers, CLUSTER_MAX_REPLICATION_FACTOR)
+
+    def _start_brokers(self, java: str, *, secure: bool = False) -> None:
+        if self.brokers == 1:
+            pid = self.broker_pid(1) or self._start_kafka(java, secure=secure)
+            self._wait_kafka_ready(pid)
+            return
+        for node in range(1, self.brokers + 1):
+            if self.broker_pid(node) is None:
+                self._start_node(java, node)
+        self._wait_brokers_ready()
+
+    def _start_node(self, java: str, node: int) -> int:
+        """One node of a cluster: broker and controller in one process, in a quorum of all nodes."""
+        folder = self.node_dir(node)
+        data = folder / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        kafka_port = self.node_ports(node)[0]
+        config = folder / "server.properties"
+        config.write_text(self.node_config(node))
+        log4j = folder / "log4j2.properties"
+        log4j.write_text(_render(PROJECT_ROOT / "infra" / "kafka-log4j2.properties", {"LOG_FILE": folder / "server.log"}))
+        jvm = [java, "-Xms256m", "-Xmx768m", f"-Dlog4j2.configurationFile={log4j}", "-cp", str(self.kafka_libs / "*")]
+        if not (data / "meta.properties").exists():
+            done = subprocess.run(jvm + ["kafka.tools.StorageTool", "format", "-t", self._cluster_id(), "-c", str(config)],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                raise StackError(f"formatting KRaft storage of node {node} failed: {_last_line(done.stderr or done.stdout)}")
+        self.log(f"starting Kafka {self.kafka_version} node {node} of {self.brokers} on 127.0.0.1:{kafka_port} ...")
+        return _spawn(jvm + ["kafka.Kafka", str(config)], folder)
+
+    def node_config(self, node: int) -> str:
+        """The server.properties of a cluster node."""
+        kafka_port, controller_port = self.node_ports(node)
+        voters = ",".join(f"{n}@127.0.0.1:{self.node_ports(n)[1]}" for n in range(1, self.brokers + 1))
+        return _render(PROJECT_ROOT / "infra" / "kafka-cluster-server.properties", {
+            "NODE_ID": node, "VOTERS": voters, "KAFKA_PORT": kafka_port, "CONTROLLER_PORT": controller_port,
+            "DATA_DIR": self.node_dir(node) / "data", "REPLICATION_FACTOR": self.replication_factor,
+            "MIN_INSYNC_REPLICAS": max(1, self.replication_factor - 1),
+        })
+
+    def _cluster_id(self) -> str:
+        """One id for every node of the cluster, kept in the stack folder."""
+        path = self.root / "kafka-cluster-id"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))
+        return path.read_text().strip()
+
+    def _formatted_nodes(self) -> int | None:
+        try:
+            return int((self.root / NODES_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _check_nodes(self) -> None:
+        """Kafka's data is formatted for one quorum size: a stack made with N nodes cannot start with another N."""
+        formatted = self._formatted_nodes()
+        if formatted is None and (self.kafka_dir / "data" / "meta.properties").exists():
+            formatted = 1  # made before the stack recorded its size: a single node
+        if formatted is not None and formatted != self.brokers:
+            raise StackError(f"the stack in {self.root} was made with {formatted} Kafka broker(s), not {self.brokers}; "
+                             "run `fraudstream stack down --wipe` first to start over")
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / NODES_FILE).write_text(str(self.brokers))
+
+    def _require_free_broker_ports(self) -> None:
+        for node in range(1, self.brokers + 1):
+            if self.broker_pid(node) is not None:
+                continue
+            for port, what in zip(self.node_ports(node), ("Kafka", "the Kafka controller"), strict=True):
+                setting = "kafka_port" if what == "Kafka" else "controller_port"
+                _require_free_port(port, f"{what}, node {node}" if self.brokers > 1 else what, ENV[setting])
+
+    def _wait_brokers_ready(self) -> None:
+        """Every node alive and listed in the cluster's metadata."""
+        if self.brokers == 1:
+            self._wait_kafka_ready(self.broker_pid(1))
+            return
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, "logger": _quiet_logger()})
+        deadline = time.monotonic() + BROKER_START_TIMEOUT_S
+        wanted = set(range(1, self.brokers + 1))
+        while True:
+            for node in wanted:
+                pid = self.broker_pid(node)
+                if pid is None:
+                    raise StackError(f"Kafka node {node} is not running (see {self.node_dir(node) / 'server.log'})")
+                _require_alive(pid, f"Kafka node {node}", self.node_dir(node) / "server.log")
+            try:
+                if set(admin.list_topics(timeout=2).brokers) >= wanted:
+                    return
+            except Exception:  # noqa: BLE001 - not ready yet; the deadline decides
+                pass
+            if time.monotonic() > deadline:
+                raise StackError(f"the Kafka cluster on {self.bootstrap_servers} did not list all {self.brokers} "
+                                 f"brokers within {BROKER_START_TIMEOUT_S:.0f}s (see {self.root}/kafka*/server.log)")
+            time.sleep(0.2)
 
     def _start_registry(self, java: str, *, secure: bool = False) -> int:
         s = self.settings
@@ -336,16 +498,19 @@ class LocalStack:
     # ----- down -----
     def down(self, *, wipe: bool = False) -> None:
         # Registry first: it is a client of the broker.
-        for name, folder in (("schema registry", self.registry_dir), ("Kafka", self.kafka_dir)):
+        nodes = [(f"Kafka node {node}", self.node_dir(node)) for node in range(self.brokers, 1, -1)]
+        for name, folder in (("schema registry", self.registry_dir), *nodes, ("Kafka", self.kafka_dir)):
             pid = _live_pid(folder / "pid")
             if pid:
                 self.log(f"stopping {name} (pid {pid}) ...")
                 _stop(pid)
             (folder / "pid").unlink(missing_ok=True)
         if wipe:
-            for folder in (self.registry_dir, self.kafka_dir):
+            for folder in (self.registry_dir, self.kafka_dir, *(folder for _, folder in nodes)):
                 shutil.rmtree(folder, ignore_errors=True)
-            self.log(f"wiped {self.kafka_dir} and {self.registry_dir}")
+            for name in (NODES_FILE, "kafka-cluster-id"):
+                (self.root / name).unlink(missing_ok=True)
+            self.log(f"wiped {self.kafka_dir}{'*' if nodes else ''} and {self.registry_dir}")
 
     def restart_registry(self) -> None:
         """Stop and start the registry alone (its schemas are in Kafka, so they survive)."""
@@ -413,6 +578,26 @@ def _java_major(java: str) -> int | None:
         return None
     major = int(match.group(1))
     return int(match.group(2) or 0) if major == 1 else major
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _require_free_port(port: int, what: str, variable: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise StackError(f"port {port} (for {what}) is already in use by another process; "
+                             f"stop it or choose another port with {variable}") from None
 
 
 # ----- processes -----

@@ -69,6 +69,11 @@ class StateManager:
                 self._last_expiry.pop(tp.partition, None)
                 self.recovery.stop(tp.partition)
 
+    def drop_all(self) -> None:
+        """Forget every partition (the consumer that held them is gone)."""
+        topic = self.settings.transactions_topic
+        self.revoke([TopicPartition(topic, p) for p in (*self._ready, *self._restoring_tables)])
+
     def reset(self, consumer, partitions: Iterable[int]) -> None:
         """Drop and restore again: for tables changed by a batch whose transaction was aborted."""
         partitions = sorted(set(partitions))

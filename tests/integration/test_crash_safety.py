@@ -5,31 +5,40 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 from producer.loop import produce
 from fraudstream.settings import Settings
-from tests.integration.test_detector import decode, routed_total
+from tests.integration.test_detector import decode
 from tests.support.kafka_io import read_topic, wait_until
+from tests.support.routed import RoutedReader
 
 TOTAL = 50_000
 
 
 class DetectorProcess:
-    """`python -m consumer` in its own process, as an operator would run it."""
+    """`python -m consumer` in its own process, as an operator would run it. Its output goes to a file:
+    a pipe nobody reads until the end could fill up and block it."""
 
-    def __init__(self, settings: Settings, transactional_id: str) -> None:
+    def __init__(self, settings: Settings, transactional_id: str, log_path: Path) -> None:
         env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
                "SCHEMA_REGISTRY_URL": settings.schema_registry_url}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "consumer", "--topic", settings.transactions_topic, "--group-id", settings.group_id,
-             "--transactional-id", transactional_id, "--log-interval", "2"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.log_path = log_path
+        with open(log_path, "w") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "consumer", "--topic", settings.transactions_topic, "--group-id",
+                 settings.group_id, "--transactional-id", transactional_id, "--log-interval", "2"],
+                env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log_path.read_text()
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
@@ -37,8 +46,8 @@ class DetectorProcess:
 
     def terminate(self) -> tuple[int, str]:
         self.process.send_signal(signal.SIGTERM)
-        output, _ = self.process.communicate(timeout=60)
-        return self.process.returncode, output
+        self.process.wait(60)
+        return self.process.returncode, self.output()
 
 
 def start_producer(settings: Settings, count: int, rate: float) -> tuple[threading.Thread, list]:
@@ -48,61 +57,72 @@ def start_producer(settings: Settings, count: int, rate: float) -> tuple[threadi
     return thread, reports
 
 
-def routed_transaction_ids(settings: Settings) -> Counter:
-    ids = Counter()
-    for message in read_topic(settings, settings.legit_topic, timeout_s=120):
-        ids[decode(settings, message.value())["transaction_id"]] += 1
-    for message in read_topic(settings, settings.fraud_topic, timeout_s=120):
-        ids[decode(settings, message.value())["transaction"]["transaction_id"]] += 1
-    return ids
-
-
 def input_transaction_ids(settings: Settings) -> Counter:
     return Counter(decode(settings, m.value())["transaction_id"]
                    for m in read_topic(settings, settings.transactions_topic, timeout_s=120))
 
 
-def assert_exactly_once(settings: Settings) -> None:
-    wait_until(lambda: routed_total(settings) >= TOTAL, timeout_s=240, what="every transaction routed")
+def assert_exactly_once(settings: Settings, reader: RoutedReader) -> None:
+    reader.wait_for(TOTAL, timeout_s=240, what="every transaction routed")
+    reader.wait_until_at_end(timeout_s=120)
     sent = input_transaction_ids(settings)
-    routed = routed_transaction_ids(settings)
     assert sum(sent.values()) == TOTAL and len(sent) == TOTAL
-    duplicates = {tid: n for tid, n in routed.items() if n > 1}
+    duplicates = {tid: n for tid, n in reader.ids.items() if n > 1}
     assert not duplicates, f"{len(duplicates)} transactions routed more than once"
-    assert set(routed) == set(sent), f"{len(set(sent) - set(routed))} lost, {len(set(routed) - set(sent))} unknown"
-    assert read_topic(settings, settings.dlq_topic) == []
+    assert set(reader.ids) == set(sent), f"{len(set(sent) - set(reader.ids))} lost, {len(set(reader.ids) - set(sent))} unknown"
+    assert reader.dead_letters == 0
 
 
-def test_kill_minus_nine_three_times_loses_and_duplicates_nothing(pipeline: Settings):
+def partitions_logged(output: str, what: str) -> list[set[str]]:
+    """The partitions of each `assigned ...` or `revoked ...` line, in order."""
+    return [set(re.findall(r"\S+\[\d+\]", line.split(f" {what} ", 1)[1]))
+            for line in output.splitlines() if f" {what} " in line]
+
+
+def test_kill_minus_nine_three_times_loses_and_duplicates_nothing(pipeline: Settings, tmp_path: Path):
     rng = random.Random(2026)
     transactional_id = f"{pipeline.group_id}-crashy"
+    reader = RoutedReader(pipeline)
     producer_thread, reports = start_producer(pipeline, TOTAL, rate=2_000)  # a 25 s stream
-    detector = DetectorProcess(pipeline, transactional_id)
+    detector = DetectorProcess(pipeline, transactional_id, tmp_path / "detector-0.log")
     kills_while_producing = 0
-    for _ in range(3):
-        before = routed_total(pipeline)
-        wait_until(lambda: routed_total(pipeline) > before, timeout_s=60, what="the detector making progress")
-        time.sleep(rng.uniform(0.0, 1.0))  # then a random point in the stream (not a readiness wait)
-        kills_while_producing += producer_thread.is_alive()
-        detector.kill()
-        detector = DetectorProcess(pipeline, transactional_id)
-    assert kills_while_producing == 3, "the stream ended before the third kill: the test proved less than it says"
-    producer_thread.join(120)
-    assert reports and reports[0].delivered == TOTAL
-    assert_exactly_once(pipeline)
+    try:
+        for kill in range(1, 4):
+            reader.wait_for_progress(timeout_s=60, what="the detector making progress")
+            time.sleep(rng.uniform(0.0, 1.0))  # then a random point in the stream (not a readiness wait)
+            kills_while_producing += producer_thread.is_alive()
+            detector.kill()
+            detector = DetectorProcess(pipeline, transactional_id, tmp_path / f"detector-{kill}.log")
+        assert kills_while_producing == 3, "the stream ended before the third kill: the test proved less than it says"
+        producer_thread.join(120)
+        assert reports and reports[0].delivered == TOTAL
+        assert_exactly_once(pipeline, reader)
+    finally:
+        reader.close()
     code, output = detector.terminate()
     assert code == 0, output
 
 
-def test_two_detectors_one_killed_mid_stream(pipeline: Settings):
-    producer_thread, reports = start_producer(pipeline, TOTAL, rate=5_000)
-    survivor = DetectorProcess(pipeline, f"{pipeline.group_id}-a")
-    victim = DetectorProcess(pipeline, f"{pipeline.group_id}-b")
-    wait_until(lambda: routed_total(pipeline) > 5_000, timeout_s=60, what="both detectors working")
-    victim.kill()  # its partitions move to the survivor; its open transaction is aborted by timeout
-    producer_thread.join(120)
-    assert reports and reports[0].delivered == TOTAL
-    assert_exactly_once(pipeline)
+def test_two_detectors_one_killed_mid_stream(pipeline: Settings, tmp_path: Path):
+    reader = RoutedReader(pipeline)
+    producer_thread, reports = start_producer(pipeline, TOTAL, rate=2_000)  # a 25 s stream
+    survivor = DetectorProcess(pipeline, f"{pipeline.group_id}-a", tmp_path / "survivor.log")
+    try:
+        reader.wait_for_progress(timeout_s=60, what="the first detector working")
+        victim = DetectorProcess(pipeline, f"{pipeline.group_id}-b", tmp_path / "victim.log")
+        # The victim joins: the survivor gives some partitions up (cooperative rebalance) ...
+        given_up = wait_until(lambda: [p for p in partitions_logged(survivor.output(), "revoked") if p],
+                              timeout_s=60, what="the survivor to give partitions to the second detector")[0]
+        wait_until(lambda: any(partitions_logged(victim.output(), "assigned")), timeout_s=60,
+                   what="the second detector to get partitions")
+        assert producer_thread.is_alive(), "the stream ended before the kill: the test proved less than it says"
+        victim.kill()  # ... and takes them back once the victim's session times out
+        wait_until(lambda: any(given_up <= p for p in partitions_logged(survivor.output(), "assigned")[1:]),
+                   timeout_s=90, what=f"the survivor to be assigned {sorted(given_up)} again")
+        producer_thread.join(120)
+        assert reports and reports[0].delivered == TOTAL
+        assert_exactly_once(pipeline, reader)
+    finally:
+        reader.close()
     code, output = survivor.terminate()
     assert code == 0, output
-    assert "revoked" in output or "assigned" in output

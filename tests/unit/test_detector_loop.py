@@ -13,6 +13,7 @@ import time
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import MemberDescription
 
 import consumer.detector as detector_module
 from consumer.decide import Decision, Route
@@ -47,6 +48,15 @@ class Message:
 
     def error(self):
         return None
+
+
+class ErrorEvent(Message):
+    def __init__(self, error: KafkaError) -> None:
+        super().__init__(0, -1)
+        self._error = error
+
+    def error(self):
+        return self._error
 
 
 class Log:
@@ -146,6 +156,11 @@ class FakeProducer:
         return 0
 
 
+class FakeAdmin:
+    def list_topics(self, timeout=None):
+        return type("Metadata", (), {"brokers": {1: "broker"}})()
+
+
 class PassThrough:
     def decide(self, messages):
         return [Decision(Route.LEGIT, m.key(), m.value()) for m in messages]
@@ -166,6 +181,7 @@ def make_detector(monkeypatch, *, partitions=2, records=8, fail=None, successors
 
     def start():
         detector._limits = dict.fromkeys(detector.routes.values(), 1_000_000)
+        detector._admin = detector._group_admin = FakeAdmin()
         detector.consumer = FakeConsumer(log, detector)
         detector._on_assign(None, [TopicPartition(TOPIC, p) for p in range(partitions)])
         detector.producer = producers[0]
@@ -173,8 +189,24 @@ def make_detector(monkeypatch, *, partitions=2, records=8, fail=None, successors
 
     monkeypatch.setattr(detector, "_start", start)
     monkeypatch.setattr(detector, "_new_producer", new_producer)
-    monkeypatch.setattr(detector_module, "static_members",
-                        lambda settings, group, instance, timeout_s: ["member-ours", *successors])
+    def new_consumer():  # joins the group at once and starts from the committed offsets
+        consumer = FakeConsumer(log, detector)
+        consumer.position = {p: max(0, offset) for p, offset in log.committed.items()}
+        detector._on_assign(None, [TopicPartition(TOPIC, p) for p in range(partitions)])
+        return consumer
+
+    monkeypatch.setattr(detector, "_new_consumer", new_consumer)
+    detector._successor_wait_s = 0.5
+    answers = []  # the group's answers, for the test to read
+
+    def static_members(client, group, instance, timeout_s):
+        # Kafka keeps the replaced member's client id and host: only the member id differs.
+        members = successors(len(answers)) if callable(successors) else successors
+        answers.append(members)
+        return [MemberDescription(m, "rdkafka", "/127.0.0.1", None, instance) for m in ("member-ours", *members)]
+
+    detector.group_answers = answers
+    monkeypatch.setattr(detector_module, "static_members", static_members)
     return detector, log, producers
 
 
@@ -257,6 +289,56 @@ def test_a_newer_detector_holding_our_instance_id_stops_us_with_that_reason(monk
                                      "member-newer and took over"):
         detector.run()
     assert len(producers) == 1
+
+
+FENCED_INSTANCE = KafkaError(KafkaError.FENCED_INSTANCE_ID, "Static consumer fenced by other consumer with same "
+                             "group.instance.id", fatal=True)
+
+
+def fence_consumer_after_first_batch(detector: Detector, log: Log) -> None:
+    original_start = detector._start
+
+    def start():
+        result = original_start()
+
+        def first_batch_then_fenced():
+            detector.consumer.on_consume = lambda: [ErrorEvent(FENCED_INSTANCE)]
+            detector.consumer.position.update({0: 4, 1: 4})
+            return log.records[0][:4] + log.records[1][:4]
+
+        detector.consumer.on_consume = first_batch_then_fenced
+        return result
+
+    detector._start = start
+
+
+def test_a_consumer_fenced_by_its_own_rejoin_is_recreated(monkeypatch):
+    # After a broker restart the coordinator can fence a static member's own rejoin: no other detector exists.
+    detector, log, [producer] = make_detector(monkeypatch)
+    fence_consumer_after_first_batch(detector, log)
+    first = detector.consumer
+    metrics = detector.run()
+    assert metrics.recoveries == 1 and detector.consumer is not first
+    assert any("recreating the consumer" in line for line in detector.logs), detector.logs
+    assert sorted(producer.committed_outputs) == every_input(log)
+
+
+def test_a_member_left_by_our_own_rejoin_expires_and_does_not_stop_us(monkeypatch):
+    # Our consumer's lost rejoin left a member under our group.instance.id that nobody heartbeats:
+    # it is gone after the session timeout, unlike a newer detector's.
+    detector, log, [producer] = make_detector(monkeypatch, successors=lambda asked: ["member-phantom"] if asked < 2 else [])
+    fence_consumer_after_first_batch(detector, log)
+    metrics = detector.run()
+    assert metrics.recoveries == 1 and len(detector.group_answers) == 3
+    assert sorted(producer.committed_outputs) == every_input(log)
+
+
+def test_a_consumer_fenced_by_a_newer_detector_stops(monkeypatch):
+    detector, log, [producer] = make_detector(monkeypatch, successors=("member-newer",))
+    fence_consumer_after_first_batch(detector, log)
+    with pytest.raises(Fenced, match="as member member-newer and took over .*Static consumer fenced"):
+        detector.run()
+    assert len(producer.committed_outputs) == 8  # the first batch, then nothing more
 
 
 def test_records_of_a_partition_revoked_during_consume_are_neither_produced_nor_committed(monkeypatch):

@@ -1,0 +1,280 @@
+"""Broker faults while the producer and a detector process run, on a Kafka of the test's own (started
+and stopped here, on free ports; the session's registry keeps the schemas): kill -9 and restart,
+a cluster losing a partition leader, a broker frozen longer than the transaction timeout.
+
+After each: every transaction routed exactly once (read_committed), the same detector process still
+running and caught up, and no transaction left open on an output topic.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import ConfigResource, ResourceType
+
+from fraudstream.kafka import admin, consumer_config, ensure_topics
+from fraudstream.registry import register_all
+from fraudstream.settings import ENV, Settings
+from fraudstream.stack import LocalStack
+from producer.loop import produce
+from tests.integration.test_detector import decode
+from tests.support.kafka_io import read_topic, wait_until
+from tests.support.routed import RoutedReader
+
+RATE = 400  # transactions per second: a stream that outlasts the faults without loading a busy machine
+# Kill-and-restart rounds; `make faults` runs a longer schedule (FAULT_ROUNDS=10 by default there).
+ROUNDS = int(os.environ.get("FAULT_ROUNDS", "3"))
+FAULT_WAIT_S = 180.0  # the longest a step may take on a busy 2-core machine before the test fails
+
+
+def free_port_block(size: int) -> int:
+    """A base port with `size` free ports from it (a cluster's nodes use consecutive pairs)."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20_000, 40_000, 2)
+        try:
+            for port in range(base, base + size):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no block of free ports found")
+
+
+def own_kafka(stack_settings: Settings, folder: Path, brokers: int):
+    base = free_port_block(2 * brokers)
+    settings = stack_settings.replace(stack_dir=folder, kafka_port=base, controller_port=base + 1)
+    shared_dist = LocalStack(Settings.from_env(), log=lambda *_: None).dist  # nothing fetched twice
+    stack = LocalStack(settings, log=lambda *_: None, dist=shared_dist, brokers=brokers)
+    try:
+        bootstrap = stack.up_kafka()
+        yield stack, settings.replace(bootstrap_servers=bootstrap, replication_factor=stack.replication_factor)
+    finally:
+        stack.down(wipe=True)
+
+
+@pytest.fixture(scope="module")
+def one_broker(stack_settings, tmp_path_factory):
+    yield from own_kafka(stack_settings, tmp_path_factory.mktemp("one-broker"), 1)
+
+
+@pytest.fixture(scope="module")
+def three_brokers(stack_settings, tmp_path_factory):
+    yield from own_kafka(stack_settings, tmp_path_factory.mktemp("three-brokers"), 3)
+
+
+def fresh_pipeline(settings: Settings) -> Settings:
+    settings = settings.replace(transactions_topic=f"test-{uuid.uuid4().hex[:10]}",
+                                group_id=f"test-detector-{uuid.uuid4().hex[:8]}", partitions=3)
+    ensure_topics(settings)
+    register_all(settings)
+    return settings
+
+
+class DetectorProcess:
+    """`python -m consumer` as an operator runs it; its output goes to a file (a pipe nobody reads could block it)."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        env = {**os.environ, ENV["bootstrap_servers"]: settings.bootstrap_servers,
+               ENV["schema_registry_url"]: settings.schema_registry_url}
+        self.log_path = log_path
+        with open(log_path, "w") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "consumer", "--topic", settings.transactions_topic, "--group-id",
+                 settings.group_id, "--transactional-id", f"{settings.group_id}-1", "--log-interval", "2"],
+                env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def assert_running(self) -> None:
+        assert self.process.poll() is None, f"the detector exited ({self.process.returncode}):\n{self.tail()}"
+
+    def tail(self, lines: int = 12) -> str:
+        """The last lines of its own (librdkafka's connection failures left out)."""
+        return "\n".join([ln for ln in self.output().splitlines() if " FAIL [" not in ln][-lines:])
+
+    def terminate(self) -> str:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(60)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+        assert self.process.returncode == 0, self.tail()
+        return self.output()
+
+
+class Stream:
+    """The producer at a steady rate until stopped."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.stop = threading.Event()
+        self.reports: list = []
+        self.thread = threading.Thread(target=lambda: self.reports.append(produce(
+            settings, rate=RATE, stop=self.stop, seed=7, labels=False, delivery_timeout_s=FAULT_WAIT_S)), daemon=True)
+        self.thread.start()
+
+    def end(self) -> int:
+        self.stop.set()
+        self.thread.join(FAULT_WAIT_S)
+        [report] = self.reports
+        assert report.failed == 0 and report.delivered == report.sent, report.summary()
+        return report.delivered
+
+
+def input_ids(settings: Settings) -> Counter:
+    return Counter(decode(settings, m.value())["transaction_id"]
+                   for m in read_topic(settings, settings.transactions_topic, timeout_s=FAULT_WAIT_S))
+
+
+def assert_caught_up(settings: Settings) -> None:
+    """The group's committed offsets are the input's end offsets: nothing left to process."""
+    consumer = Consumer(consumer_config(settings, settings.group_id))
+    try:
+        partitions = [TopicPartition(settings.transactions_topic, p) for p in range(settings.partitions)]
+        committed = {tp.partition: tp.offset for tp in consumer.committed(partitions, timeout=30)}
+        ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=30)[1] for tp in partitions}
+    finally:
+        consumer.close()
+    assert committed == ends, f"committed {committed}, input ends {ends}"
+
+
+def assert_exactly_once_and_healthy(settings: Settings, reader: RoutedReader, detector: DetectorProcess,
+                                    stream: Stream) -> str:
+    total = stream.end()
+    reader.wait_for(total, timeout_s=FAULT_WAIT_S, what="every transaction routed")
+    reader.wait_until_at_end(timeout_s=FAULT_WAIT_S)
+    sent = input_ids(settings)
+    assert sum(sent.values()) == len(sent) == total
+    duplicates = {tid: n for tid, n in reader.ids.items() if n > 1}
+    assert not duplicates, f"{len(duplicates)} transactions routed more than once"
+    assert set(reader.ids) == set(sent), f"{len(set(sent) - set(reader.ids))} lost"
+    assert reader.dead_letters == 0
+    wait_until(lambda: _caught_up(settings), timeout_s=60, what="the detector's offsets to reach the input's end")
+    assert_caught_up(settings)
+    detector.assert_running()  # the same process rode out the fault
+    return detector.terminate()
+
+
+def _caught_up(settings: Settings) -> bool:
+    try:
+        assert_caught_up(settings)
+    except AssertionError:
+        return False
+    return True
+
+
+def current_leader(settings: Settings, partition: int) -> int:
+    client = admin(settings)
+    return client.list_topics(settings.transactions_topic, timeout=30).topics[settings.transactions_topic] \
+        .partitions[partition].leader
+
+
+def kill_and_wait(pid: int, signum: int = signal.SIGKILL) -> None:
+    os.kill(pid, signum)
+    wait_until(lambda: not _pid_alive(pid), timeout_s=30, what=f"process {pid} to die", interval_s=0.05)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # the broker is our child: reap it
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return not stat.read().split(") ", 1)[1].startswith("Z")
+    except OSError:
+        return False
+
+
+def test_a_broker_killed_and_restarted_mid_stream(one_broker, tmp_path):
+    """Three rounds in the suite (FAULT_ROUNDS)."""
+    stack, base = one_broker
+    settings = fresh_pipeline(base)
+    detector = DetectorProcess(settings, tmp_path / "detector.log")
+    reader = RoutedReader(settings, check=detector.assert_running)
+    stream = Stream(settings)
+    try:
+        for kill in range(1, ROUNDS + 1):
+            reader.wait_for_progress(timeout_s=FAULT_WAIT_S, what=f"progress before kill {kill}")
+            assert stream.thread.is_alive(), "the stream ended before the kill: the test proved less than it says"
+            kill_and_wait(stack.broker_pid(1))
+            stack.start_broker(1)
+        reader.wait_for_progress(timeout_s=FAULT_WAIT_S, what="progress after the last restart")
+        detector.assert_running()
+        output = assert_exactly_once_and_healthy(settings, reader, detector, stream)
+    finally:
+        stream.stop.set()
+        reader.close()
+        if detector.process.poll() is None:
+            detector.process.kill()
+    assert "took over" not in output
+
+
+def test_a_frozen_broker_past_the_transaction_timeout(one_broker, tmp_path):
+    stack, base = one_broker
+    settings = fresh_pipeline(base)
+    detector = DetectorProcess(settings, tmp_path / "detector.log")
+    reader = RoutedReader(settings, check=detector.assert_running)
+    stream = Stream(settings)
+    try:
+        reader.wait_for_progress(timeout_s=FAULT_WAIT_S, what="progress before the freeze")
+        pid = stack.broker_pid(1)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # The fault itself: frozen longer than an open transaction may live.
+            time.sleep(settings.transaction_timeout_ms / 1000 + 4)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        reader.wait_for_progress(timeout_s=FAULT_WAIT_S, what="progress after the broker woke up")
+        output = assert_exactly_once_and_healthy(settings, reader, detector, stream)
+    finally:
+        stream.stop.set()
+        reader.close()
+        if detector.process.poll() is None:
+            detector.process.kill()
+    # Its transaction outlived the timeout: recovered, and said so, not reported as a takeover.
+    assert "recreating the transactional producer" in output and "took over" not in output
+
+
+def test_a_cluster_loses_a_partition_leader_and_gets_it_back(three_brokers, tmp_path):
+    stack, base = three_brokers
+    settings = fresh_pipeline(base)
+    metadata = admin(settings).list_topics(settings.transactions_topic, timeout=30)
+    partitions = metadata.topics[settings.transactions_topic].partitions
+    assert all(len(p.replicas) == 3 for p in partitions.values())  # the cluster's replication factor was used
+    resource = ConfigResource(ResourceType.TOPIC, settings.fraud_topic)
+    client = admin(settings)
+    [config] = client.describe_configs([resource]).values()
+    assert config.result()["min.insync.replicas"].value == "2"
+    detector = DetectorProcess(settings, tmp_path / "detector.log")
+    reader = RoutedReader(settings, check=detector.assert_running)
+    stream = Stream(settings)
+    try:
+        for kill in range(1, max(1, ROUNDS // 3) + 1):  # one round in the suite
+            reader.wait_for_progress(timeout_s=FAULT_WAIT_S, what=f"progress before kill {kill}")
+            leader = current_leader(settings, kill % settings.partitions)
+            kill_and_wait(stack.broker_pid(leader))
+            reader.wait_for(reader.total + RATE, timeout_s=FAULT_WAIT_S, what="progress with one broker down")
+            stack.start_broker(leader)
+            reader.wait_for_progress(timeout_s=FAULT_WAIT_S, what="progress after the broker came back")
+        assert_exactly_once_and_healthy(settings, reader, detector, stream)
+    finally:
+        stream.stop.set()
+        reader.close()
+        if detector.process.poll() is None:
+            detector.process.kill()
