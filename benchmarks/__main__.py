@@ -20,6 +20,7 @@ from typing import Any
 
 from benchmarks import report
 from benchmarks.harness import RunFailed, unique
+from benchmarks.quix_env import DEFAULT_VENV as DEFAULT_QUIX_VENV
 from fraudstream.errors import ConfigError, FraudstreamError
 from fraudstream.kafka import admin, ensure_topics, wait_for_cluster
 from fraudstream.registry import Registry, register_all
@@ -49,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one more detector run and one more latency run of ours under pyinstrument (not "
                              "counted): <output-dir>/profile-ours-detector.txt and profile-ours-latency.txt")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--quix-venv", type=Path, default=DEFAULT_QUIX_VENV,
+                        help="quixstreams' own virtual environment, created from benchmarks/quix-requirements.txt "
+                             "on first use (default .venv-quix)")
+    parser.add_argument("--no-quix", action="store_true", help="leave the quixstreams contenders out")
     parser.add_argument("--detectors", help="comma-separated subset of the detectors to run (default: all)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--quick", action="store_true",
@@ -159,20 +164,28 @@ class Benchmark:
     # ----- sections -----
     def detectors(self) -> tuple[dict, dict]:
         from benchmarks.data import prefill
-        from benchmarks.detectors import detector_specs, run_detector
+        from benchmarks.detectors import (LARGE_AMOUNT, OURS_VELOCITY, OURS_VELOCITY_LABEL, OURS_VELOCITY_NOTE,
+                                          PASSTHROUGH_BEST_SIZES, QUIX, QUIX_VELOCITY, VELOCITY, detector_specs,
+                                          passthrough_key, run_detector)
 
         args = self.args
-        avro, confluent_out, json_in = (self.topics_for("avro"), self.topics_for("confluent"),
-                                        self.topics_for("json", register=False))
+        wanted = {name.strip() for name in args.detectors.split(",")} if args.detectors else None
+        quix_python = self.quix_python(wanted is None or bool(wanted & {QUIX, QUIX_VELOCITY}))
+        our_batch = args.batch_max_records or self.settings.batch_max_records
+        avro, json_in = self.topics_for("avro"), self.topics_for("json", register=False)
+        output_keys = [passthrough_key(b) for b in dict.fromkeys((our_batch, *PASSTHROUGH_BEST_SIZES))]
+        output_keys += ["confluent_per_message"] + ([QUIX, QUIX_VELOCITY] if quix_python else [])
+        outputs = {key: self.topics_for(key.replace("_", "-")) for key in output_keys}
         self.log(f"pre-filling {args.count:,} transactions (Avro and JSON copies) ...")
         filled = prefill(avro, count=args.count, seed=args.seed, json_topic=json_in.transactions_topic)
-        self.log(f"  done in {filled.elapsed_s:.1f}s; {filled.fraud:,} above the threshold")
-        specs = detector_specs(avro, confluent_out, json_in)
-        if args.detectors:
-            wanted = {name.strip() for name in args.detectors.split(",")}
+        self.log(f"  done in {filled.elapsed_s:.1f}s; {filled.fraud:,} above the threshold, "
+                 f"{filled.velocity_fraud:,} by the velocity rule")
+        specs = detector_specs(avro, outputs, json_in, our_batch=our_batch, quix_python=quix_python)
+        if wanted:
             if unknown := wanted - {spec.key for spec in specs}:
                 raise ConfigError(f"unknown detectors: {', '.join(sorted(unknown))}")
             specs = [spec for spec in specs if spec.key in wanted]
+        expected_fraud = {LARGE_AMOUNT: filled.fraud, VELOCITY: filled.velocity_fraud, None: 0}
         runs: dict[str, list] = {spec.key: [] for spec in specs}
         failed: dict[str, str] = {}
         for round_number in range(args.runs):
@@ -190,30 +203,49 @@ class Benchmark:
                     failed[spec.key] = str(exc)
                     self.errors.append(f"detector {spec.key}: {exc}")
                     continue
-                if result.fraud != filled.fraud:
+                if result.fraud != expected_fraud[spec.rule]:
                     self.errors.append(f"detector {spec.key} run {round_number}: {result.fraud} on the fraud topic, "
-                                       f"the rule says {filled.fraud}")
-                self.log(f"  {result.throughput_tps:,.0f} tx/s, peak RSS {result.peak_rss_mib} MiB")
+                                       f"its rule says {expected_fraud[spec.rule]}")
+                self.log(f"  {result.throughput_tps:,.0f} tx/s, {result.cpu_s / result.routed * 1e6:.1f} ms CPU "
+                         f"per 1k, peak RSS {result.peak_rss_mib} MiB")
                 runs[spec.key].append(result)
         if args.profile:
-            ours = detector_specs(avro, confluent_out, json_in)[0]
-            self.profile(ours, avro, expected=args.count)
+            self.profile(specs[0] if specs[0].key == "ours" else None, avro, expected=args.count)
         summary = {}
         for spec in specs:
             done = runs[spec.key]
             summary[spec.key] = {
-                "label": spec.label, "delivery": spec.delivery,
+                "label": spec.label, "delivery": spec.delivery, "rule": spec.rule, "limit": spec.is_limit,
+                "batch": spec.batch if spec.is_limit else (our_batch if spec.key == "ours" else None),
                 "throughput_tps": report.median([r.throughput_tps for r in done]),
                 "peak_rss_mib": report.median([r.peak_rss_mib for r in done]),
                 "cpu_ms_per_1k": report.median([r.cpu_s / r.routed * 1e6 for r in done]),
                 "runs": [r.to_json() for r in done],
                 "error": failed.get(spec.key),
             }
-        return {"count": filled.count, "fraud": filled.fraud, "elapsed_s": round(filled.elapsed_s, 1)}, summary
+            if spec.key == QUIX_VELOCITY:
+                # Ours has no stateful rules yet: a marked empty row, never a made-up figure.
+                summary[OURS_VELOCITY] = {
+                    "label": OURS_VELOCITY_LABEL, "delivery": "exactly-once", "rule": VELOCITY, "limit": False,
+                    "batch": None, "throughput_tps": None, "peak_rss_mib": None, "cpu_ms_per_1k": None, "runs": [],
+                    "error": None, "placeholder": OURS_VELOCITY_NOTE,
+                }
+        return {"count": filled.count, "fraud": filled.fraud, "velocity_fraud": filled.velocity_fraud,
+                "elapsed_s": round(filled.elapsed_s, 1)}, summary
+
+    def quix_python(self, needed: bool) -> str | None:
+        """The quixstreams environment's Python (created on first use), or None when not needed or --no-quix."""
+        from benchmarks.quix_env import ensure_venv
+
+        if not needed or self.args.no_quix:
+            return None
+        return str(ensure_venv(self.args.quix_venv, log=self.log))
 
     def profile(self, ours, avro: Settings, *, expected: int) -> None:
         from benchmarks.detectors import run_detector
 
+        if ours is None:
+            return
         path = self.args.output_dir / "profile-ours-detector.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.log(f"detector ours under pyinstrument -> {path} ...")
@@ -291,10 +323,17 @@ class Benchmark:
                 registry.client.delete_subject(subject, permanent=True)
             except Exception as exc:  # noqa: BLE001 - a leftover subject is harmless: say so, go on
                 self.log(f"could not delete subject {subject}: {exc}")
-        if not self.created_topics:
-            return
         client = admin(self.settings)  # held until the futures resolve: a collected client fails them
-        futures = client.delete_topics(sorted(set(self.created_topics)), operation_timeout=30)
+        # Also what contenders made for themselves (quixstreams' changelogs and repartition topics):
+        # their consumer groups, hence those topics' names, start with one of our topics' names.
+        try:
+            made = [t for t in client.list_topics(timeout=10).topics if self.run_id in t]
+        except Exception as exc:  # noqa: BLE001 - a leftover topic is harmless: say so, go on
+            self.log(f"could not list topics: {exc}")
+            made = []
+        if not (topics := sorted(set(self.created_topics) | set(made))):
+            return
+        futures = client.delete_topics(topics, operation_timeout=30)
         for topic, future in futures.items():
             try:
                 future.result()

@@ -158,25 +158,31 @@ class RunFailed(RuntimeError):
     pass
 
 
-def count_until(counter: OutputCounter, contender: Contender, expected: int, *, stall_timeout_s: float) -> Routed:
-    """Read outputs until `expected` records are readable; fail if the contender dies or stalls."""
+def count_until(counter: OutputCounter, contenders: Contender | list[Contender], expected: int, *,
+                stall_timeout_s: float) -> Routed:
+    """Read outputs until `expected` records are readable; fail if a contender dies or they all stall."""
+    if isinstance(contenders, Contender):
+        contenders = [contenders]
     routed = Routed()
     last_progress = time.monotonic()
     while routed.total < expected:
         messages = counter.poll()
         now = time.perf_counter()
-        contender.poll()  # also samples its memory
+        for contender in contenders:
+            contender.poll()  # also samples its memory
+        dead = next((c for c in contenders if c.exited is not None), None)
         if messages:
             for message in messages:
                 routed.by_topic[message.topic()] += 1
             if routed.first_seen_s is None:
                 routed.first_seen_s, routed.count_at_first = now, routed.total
             last_progress = time.monotonic()
-        elif contender.exited is not None:
-            raise RunFailed(f"{contender.name} exited with {contender.exited.exit_code} after routing "
-                            f"{routed.total}/{expected}: {contender.log_tail(3)}")
+        elif dead is not None:
+            raise RunFailed(f"{dead.name} exited with {dead.exited.exit_code} after routing "
+                            f"{routed.total}/{expected}: {dead.log_tail(3)}")
         elif time.monotonic() - last_progress > stall_timeout_s:
-            raise RunFailed(f"{contender.name} routed {routed.total}/{expected}, then nothing for "
-                            f"{stall_timeout_s:.0f}s (see {contender.log_path})")
+            names = ", ".join(c.name for c in contenders)
+            raise RunFailed(f"{names} routed {routed.total}/{expected}, then nothing for "
+                            f"{stall_timeout_s:.0f}s (see {contenders[0].log_path})")
     routed.done_s = time.perf_counter()
     return routed
