@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-id", required=True)
     parser.add_argument("--threshold-cents", type=int, default=90_000)
     parser.add_argument("--rule", choices=("stateless", "velocity"), default="stateless")
-    parser.add_argument("--velocity-window-s", type=float, default=60.0)
-    parser.add_argument("--velocity-max", type=int, default=5, help="more transactions than this per card and window")
+    parser.add_argument("--velocity-window-s", type=float, required=True)
+    parser.add_argument("--velocity-max", type=int, required=True, help="more transactions than this per card and window")
     parser.add_argument("--velocity-grace-s", type=float, default=600.0,
                         help="lateness tolerated: the repartition topic interleaves input partitions")
     parser.add_argument("--state-dir", required=True)
@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         tx_schema = legit_schema
         sdf = sdf.group_by("card_id", key_serializer="str", key_deserializer="str",
                            value_serializer=AvroSerializer(tx_schema), value_deserializer=AvroDeserializer(tx_schema))
+        # Window state is stored as JSON, which has no datetime: carry event time as epoch milliseconds
+        # (the Avro serializers take either for a timestamp-millis field).
+        sdf["event_time"] = sdf["event_time"].apply(lambda t: int(t.timestamp() * 1000))
         sdf = (
             sdf.tumbling_window(duration_ms=timedelta(seconds=args.velocity_window_s),
                                 grace_ms=timedelta(seconds=args.velocity_grace_s))
