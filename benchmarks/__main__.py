@@ -3,8 +3,12 @@
 Sections (all by default):
   detectors  throughput of three detectors over the same pre-filled transactions, and their peak RSS
   producers  unthrottled producer throughput, ours vs per-message AvroSerializer
-  latency    end-to-end latency of ours at fixed rates (p50, p99, max)
-Writes <output-dir>/latest.json and latest.md and prints the markdown. Exit status 1 if any part failed.
+  latency    end-to-end latency of ours at fixed rates (p50, p99, max), several runs each
+  scale      our detector's cost per record at 1 to 4 partitions per process, with 1 and 2 processes
+Detectors include the limit (a bare exactly-once passthrough) and quixstreams, which runs in its own
+virtual environment (.venv-quix, created on first use from benchmarks/quix-requirements.txt).
+Writes <output-dir>/latest.json, latest.md and PNG charts, and prints the markdown. Exit status 1 if
+any part failed.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from fraudstream.kafka import admin, ensure_topics, wait_for_cluster
 from fraudstream.registry import Registry, register_all
 from fraudstream.settings import PROJECT_ROOT, Settings
 
-SECTIONS = ("detectors", "producers", "latency")
+SECTIONS = ("detectors", "producers", "latency", "scale")
 RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
-QUICK = {"count": 2_000, "producer_count": 2_000, "runs": 1, "latency_seconds": 2.0}
+QUICK = {"count": 2_000, "producer_count": 2_000, "runs": 1, "latency_seconds": 2.0, "latency_runs": 1,
+         "scale_count": 2_000, "scale_partitions": "1,2"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measured seconds after which a detector's result stands (default 60)")
     parser.add_argument("--latency-rates", default="2000,10000", help="comma-separated transactions/s")
     parser.add_argument("--latency-seconds", type=float, default=20.0, help="seconds at each rate")
+    parser.add_argument("--latency-runs", type=int, default=3, help="runs at each rate (rates alternate)")
+    parser.add_argument("--scale-count", type=int, default=200_000, help="transactions per scale configuration")
+    parser.add_argument("--scale-partitions", default="1,2,3,4", help="partitions per detector process to try")
+    parser.add_argument("--scale-processes", default="1,2", help="detector processes to try")
     parser.add_argument("--batch-max-records", type=int, help="our detector's batch bound (default: its setting)")
     parser.add_argument("--batch-max-ms", type=int, help="our detector's batch time bound (default: its setting)")
     parser.add_argument("--profile", action="store_true",
@@ -91,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmarks: error: {exc}", file=sys.stderr)
         return exc.exit_code
     json_path, md_path = report.write(results, args.output_dir)
+    charts = report.write_charts(results, args.output_dir)
     print(report.markdown(results))
-    print(f"wrote {json_path} and {md_path}")
+    print(f"wrote {json_path}, {md_path} and {', '.join(path.name for path in charts) or 'no charts'}")
     if args.update_readme and results["errors"]:
         print("benchmarks: something failed, so README.md keeps its figures", file=sys.stderr)
     elif args.update_readme:
@@ -124,7 +134,10 @@ class Benchmark:
             "config": {
                 "quick": args.quick, "count": args.count, "producer_count": args.producer_count, "runs": args.runs,
                 "enough_seconds": args.enough_seconds, "latency_rates": self.rates,
-                "latency_seconds": args.latency_seconds, "seed": args.seed, "partitions": self.settings.partitions,
+                "latency_seconds": args.latency_seconds, "latency_runs": args.latency_runs,
+                "scale_count": args.scale_count, "scale_partitions": _ints(args.scale_partitions),
+                "scale_processes": _ints(args.scale_processes),
+                "seed": args.seed, "partitions": self.settings.partitions,
                 "fraud_threshold_cents": self.settings.fraud_threshold_cents,
                 "ours_batch_max_records": args.batch_max_records or self.settings.batch_max_records,
                 "ours_batch_max_ms": args.batch_max_ms or self.settings.batch_max_ms,
@@ -139,6 +152,8 @@ class Benchmark:
                 results["producers"] = self.producers()
             if "latency" in self.sections:
                 results["latency"] = self.latency()
+            if "scale" in self.sections:
+                results["scale"] = self.scale()
         finally:
             self.cleanup()
         results["ratios"] = report.ratios(results)
@@ -152,9 +167,10 @@ class Benchmark:
     def rates(self) -> list[int]:
         return [int(r) for r in self.args.latency_rates.split(",") if r.strip()]
 
-    def topics_for(self, suffix: str, *, register: bool = True) -> Settings:
+    def topics_for(self, suffix: str, *, register: bool = True, partitions: int | None = None) -> Settings:
         """Settings for a fresh input topic and its derived topics, created (and their schemas registered)."""
-        settings = self.settings.replace(transactions_topic=f"{self.run_id}-{suffix}")
+        settings = self.settings.replace(transactions_topic=f"{self.run_id}-{suffix}",
+                                         partitions=partitions or self.settings.partitions)
         ensure_topics(settings)
         self.created_topics += settings.all_topics
         if register:
@@ -206,8 +222,8 @@ class Benchmark:
                 if result.fraud != expected_fraud[spec.rule]:
                     self.errors.append(f"detector {spec.key} run {round_number}: {result.fraud} on the fraud topic, "
                                        f"its rule says {expected_fraud[spec.rule]}")
-                self.log(f"  {result.throughput_tps:,.0f} tx/s, {result.cpu_s / result.routed * 1e6:.1f} ms CPU "
-                         f"per 1k, peak RSS {result.peak_rss_mib} MiB")
+                self.log(f"  {result.throughput_tps:,.0f} tx/s, {result.cpu_ms_per_1k:.1f} ms CPU per 1k, "
+                         f"peak RSS {result.peak_rss_mib} MiB")
                 runs[spec.key].append(result)
         if args.profile:
             self.profile(specs[0] if specs[0].key == "ours" else None, avro, expected=args.count)
@@ -219,7 +235,7 @@ class Benchmark:
                 "batch": spec.batch if spec.is_limit else (our_batch if spec.key == "ours" else None),
                 "throughput_tps": report.median([r.throughput_tps for r in done]),
                 "peak_rss_mib": report.median([r.peak_rss_mib for r in done]),
-                "cpu_ms_per_1k": report.median([r.cpu_s / r.routed * 1e6 for r in done]),
+                "cpu_ms_per_1k": report.median([r.cpu_ms_per_1k for r in done], digits=2),
                 "runs": [r.to_json() for r in done],
                 "error": failed.get(spec.key),
             }
@@ -288,7 +304,7 @@ class Benchmark:
         self.log(f"latency at {', '.join(f'{r:,}' for r in self.rates)} tx/s, {args.latency_seconds:g}s each ...")
         try:
             runs, peak_rss = measure_latency(self.topics_for("latency"), rates=self.rates, seconds=args.latency_seconds,
-                                             seed=args.seed, log_dir=self.log_dir, **batch)
+                                             rounds=args.latency_runs, seed=args.seed, log_dir=self.log_dir, **batch)
         except (RunFailed, TimeoutError, FraudstreamError) as exc:
             self.errors.append(f"latency: {exc}")
             return {"detector": "ours", "runs": [], "error": str(exc)}
@@ -306,6 +322,40 @@ class Benchmark:
                 self.errors.append(f"latency profile: {exc}")
         return {"detector": "ours", "runs": [r.to_json() for r in runs], "detector_peak_rss_mib": peak_rss,
                 "error": None}
+
+    def scale(self) -> dict:
+        """Our detector as the work grows: P partitions per process, N processes in one group (N*P partitions)."""
+        from benchmarks.data import prefill
+        from benchmarks.detectors import DetectorSpec, Topics, run_detector
+
+        args = self.args
+        batch = args.batch_max_records or self.settings.batch_max_records
+        rows, failed = [], None
+        for processes in _ints(args.scale_processes):
+            for per_process in _ints(args.scale_partitions):
+                partitions = processes * per_process
+                settings = self.topics_for(f"scale-{processes}x{per_process}", partitions=partitions)
+                filled = prefill(settings, count=args.scale_count, seed=args.seed, json_topic=None)
+                spec = DetectorSpec("ours", "ours", "exactly-once", Topics.derived(settings))
+                self.log(f"scale: {processes} detector(s) x {per_process} partition(s), {args.scale_count:,} ...")
+                try:
+                    run = run_detector(spec, settings, run=0, expected=args.scale_count, log_dir=self.log_dir,
+                                       processes=processes, batch_max_records=args.batch_max_records,
+                                       batch_max_ms=args.batch_max_ms)
+                except (RunFailed, TimeoutError, FraudstreamError) as exc:
+                    failed = f"{processes}x{per_process}: {exc}"
+                    self.errors.append(f"scale {failed}")
+                    break
+                if run.fraud != filled.fraud:
+                    self.errors.append(f"scale {processes}x{per_process}: {run.fraud} on the fraud topic, "
+                                       f"the rule says {filled.fraud}")
+                cpu = run.cpu_ms_per_1k
+                self.log(f"  {run.throughput_tps:,.0f} tx/s, {cpu:.1f} ms CPU per 1k")
+                rows.append({"processes": processes, "partitions_per_process": per_process,
+                             "partitions": partitions, "batch_max_records": batch,
+                             "throughput_tps": run.throughput_tps, "cpu_ms_per_1k": round(cpu, 2),
+                             "run": run.to_json()})
+        return {"count": args.scale_count, "rows": rows, "error": failed}
 
     # ----- housekeeping -----
     def cleanup(self) -> None:
@@ -343,6 +393,10 @@ class Benchmark:
     @staticmethod
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
 
 
 if __name__ == "__main__":
