@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import report
+from benchmarks.data import VELOCITY_MAX, VELOCITY_WINDOW_S
 from benchmarks.harness import RunFailed, unique
 from benchmarks.quix_env import DEFAULT_VENV as DEFAULT_QUIX_VENV
 from fraudstream.errors import ConfigError, FraudstreamError
@@ -33,7 +34,7 @@ from fraudstream.settings import PROJECT_ROOT, Settings
 SECTIONS = ("detectors", "producers", "latency", "scale")
 RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
 QUICK = {"count": 2_000, "producer_count": 2_000, "runs": 1, "latency_seconds": 2.0, "latency_runs": 1,
-         "scale_count": 2_000, "scale_partitions": "1,2"}
+         "scale_count": 2_000, "scale_partitions": "1"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="quixstreams' own virtual environment, created from benchmarks/quix-requirements.txt "
                              "on first use (default .venv-quix)")
     parser.add_argument("--no-quix", action="store_true", help="leave the quixstreams contenders out")
+    parser.add_argument("--velocity-window-s", type=int, default=VELOCITY_WINDOW_S,
+                        help=f"the velocity rule's tumbling window in event-time seconds (default {VELOCITY_WINDOW_S})")
+    parser.add_argument("--velocity-max", type=int, default=VELOCITY_MAX,
+                        help=f"the velocity rule: more transactions than this per card and window is fraud "
+                             f"(default {VELOCITY_MAX})")
     parser.add_argument("--detectors", help="comma-separated subset of the detectors to run (default: all)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--quick", action="store_true",
@@ -142,6 +148,7 @@ class Benchmark:
                 "ours_batch_max_records": args.batch_max_records or self.settings.batch_max_records,
                 "ours_batch_max_ms": args.batch_max_ms or self.settings.batch_max_ms,
                 "ours_decoder": self.settings.decoder,
+                "velocity_window_s": args.velocity_window_s, "velocity_max": args.velocity_max,
                 "sections": self.sections,
             },
         }
@@ -193,10 +200,13 @@ class Benchmark:
         output_keys += ["confluent_per_message"] + ([QUIX, QUIX_VELOCITY] if quix_python else [])
         outputs = {key: self.topics_for(key.replace("_", "-")) for key in output_keys}
         self.log(f"pre-filling {args.count:,} transactions (Avro and JSON copies) ...")
-        filled = prefill(avro, count=args.count, seed=args.seed, json_topic=json_in.transactions_topic)
+        velocity = (args.velocity_window_s, args.velocity_max)
+        filled = prefill(avro, count=args.count, seed=args.seed, json_topic=json_in.transactions_topic,
+                         velocity_window_s=velocity[0], velocity_max=velocity[1])
         self.log(f"  done in {filled.elapsed_s:.1f}s; {filled.fraud:,} above the threshold, "
                  f"{filled.velocity_fraud:,} by the velocity rule")
-        specs = detector_specs(avro, outputs, json_in, our_batch=our_batch, quix_python=quix_python)
+        specs = detector_specs(avro, outputs, json_in, our_batch=our_batch, quix_python=quix_python,
+                               velocity=velocity)
         if wanted:
             if unknown := wanted - {spec.key for spec in specs}:
                 raise ConfigError(f"unknown detectors: {', '.join(sorted(unknown))}")

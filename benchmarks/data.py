@@ -55,7 +55,8 @@ class Prefill:
     elapsed_s: float
 
 
-def prefill(settings: Settings, *, count: int, seed: int, json_topic: str | None) -> Prefill:
+def prefill(settings: Settings, *, count: int, seed: int, json_topic: str | None,
+            velocity_window_s: int = VELOCITY_WINDOW_S, velocity_max: int = VELOCITY_MAX) -> Prefill:
     """Write `count` transactions to settings.transactions_topic (Avro) and, when given, json_topic (JSON)."""
     started = time.perf_counter()
     schema_id = current_ids(settings, Registry(settings))[settings.transactions_topic]
@@ -72,7 +73,7 @@ def prefill(settings: Settings, *, count: int, seed: int, json_topic: str | None
         "on_delivery": on_delivery,
     }))
     avro_topic, threshold, fraud, velocity_fraud = settings.transactions_topic, settings.fraud_threshold_cents, 0, 0
-    window_ms, velocity_max = VELOCITY_WINDOW_S * 1000, VELOCITY_MAX
+    window_ms = velocity_window_s * 1000
     per_card_window: dict[tuple[str, int], int] = {}  # the window count each record sees, itself included
     dumps = json.dumps
 

@@ -46,6 +46,7 @@ class DetectorSpec:
     rule: str | None = LARGE_AMOUNT  # NO_RULE: the passthrough, which routes nothing to fraud
     batch: int | None = None  # the passthrough's records per transaction
     python: str = sys.executable  # quixstreams runs in its own environment
+    velocity: tuple[int, int] = (VELOCITY_WINDOW_S, VELOCITY_MAX)  # window seconds, most per card and window
 
     @property
     def is_limit(self) -> bool:
@@ -74,7 +75,7 @@ class DetectorSpec:
                     "--input-topic", t.input, "--legit-topic", t.legit, "--fraud-topic", t.fraud,
                     "--group-id", group_id, "--threshold-cents", str(settings.fraud_threshold_cents),
                     "--rule", "velocity" if self.key == QUIX_VELOCITY else "stateless",
-                    "--velocity-window-s", str(VELOCITY_WINDOW_S), "--velocity-max", str(VELOCITY_MAX),
+                    "--velocity-window-s", str(self.velocity[0]), "--velocity-max", str(self.velocity[1]),
                     "--state-dir", str(state_dir)]
         if self.key == "confluent_per_message":
             return python_module("benchmarks.peers.confluent_per_message", *connection, *registry,
@@ -101,7 +102,8 @@ def passthrough_key(batch: int) -> str:
 
 
 def detector_specs(avro: Settings, outputs: dict[str, Settings], json_in: Settings, *, our_batch: int,
-                   quix_python: str | None) -> list[DetectorSpec]:
+                   quix_python: str | None, velocity: tuple[int, int] = (VELOCITY_WINDOW_S, VELOCITY_MAX),
+                   ) -> list[DetectorSpec]:
     """Ours first, then the limit at our transaction size and at larger ones, then the peers.
 
     Ours, the limit, quixstreams and the confluent peer read the same Avro topic, each writing to
@@ -128,7 +130,8 @@ def detector_specs(avro: Settings, outputs: dict[str, Settings], json_in: Settin
     ]
     if quix_python:
         specs.append(DetectorSpec(QUIX_VELOCITY, "quixstreams 3 + velocity: group_by card, tumbling window count",
-                                  "exactly-once", out(QUIX_VELOCITY, dlq=False), rule=VELOCITY, python=quix_python))
+                                  "exactly-once", out(QUIX_VELOCITY, dlq=False), rule=VELOCITY, python=quix_python,
+                                  velocity=velocity))
     return specs
 
 
