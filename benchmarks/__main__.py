@@ -33,6 +33,7 @@ from fraudstream.settings import PROJECT_ROOT, Settings
 
 SECTIONS = ("detectors", "producers", "latency", "scale")
 RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
+QUICK_DIR = PROJECT_ROOT / "build" / "bench-quick"  # quick figures mean nothing: never over the committed ones
 QUICK = {"count": 2_000, "producer_count": 2_000, "runs": 1, "latency_seconds": 2.0, "latency_runs": 1,
          "scale_count": 2_000, "scale_partitions": "1"}
 
@@ -73,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--quick", action="store_true",
                         help="tiny counts, one run, 2 s per rate: checks that the benchmark works, measures nothing")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--output-dir", type=Path,
+                        help=f"default {RESULTS_DIR.relative_to(PROJECT_ROOT)}, with --quick "
+                             f"{QUICK_DIR.relative_to(PROJECT_ROOT)}")
     parser.add_argument("--update-readme", action="store_true",
                         help="also put the markdown into README.md's Benchmarks section (between its markers)")
     parser.add_argument("--keep-topics", action="store_true",
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in QUICK.items():
             if getattr(args, name) == parser.get_default(name):
                 setattr(args, name, value)
+    if args.output_dir is None:
+        args.output_dir = QUICK_DIR if args.quick else RESULTS_DIR
     if args.quick and args.update_readme:
         parser.error("--quick measures nothing: it cannot --update-readme")
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
