@@ -202,6 +202,7 @@ class Benchmark:
         our_batch = args.batch_max_records or self.settings.batch_max_records
         avro, json_in = self.topics_for("avro"), self.topics_for("json", register=False)
         output_keys = [passthrough_key(b) for b in dict.fromkeys((our_batch, *PASSTHROUGH_BEST_SIZES))]
+        output_keys.append(passthrough_key(our_batch, produce_batch=True))
         output_keys += ["confluent_per_message"] + ([QUIX, QUIX_VELOCITY] if quix_python else [])
         outputs = {key: self.topics_for(key.replace("_", "-")) for key in output_keys}
         self.log(f"pre-filling {args.count:,} transactions (Avro and JSON copies) ...")
@@ -248,6 +249,7 @@ class Benchmark:
             summary[spec.key] = {
                 "label": spec.label, "delivery": spec.delivery, "rule": spec.rule, "limit": spec.is_limit,
                 "batch": spec.batch if spec.is_limit else (our_batch if spec.key == "ours" else None),
+                "produce_batch": spec.produce_batch,
                 "throughput_tps": report.median([r.throughput_tps for r in done]),
                 "peak_rss_mib": report.median([r.peak_rss_mib for r in done]),
                 "cpu_ms_per_1k": report.median([r.cpu_ms_per_1k for r in done], digits=2),

@@ -45,6 +45,7 @@ class DetectorSpec:
     topics: Topics
     rule: str | None = LARGE_AMOUNT  # NO_RULE: the passthrough, which routes nothing to fraud
     batch: int | None = None  # the passthrough's records per transaction
+    produce_batch: bool = False  # the passthrough: one produce_batch call per transaction
     python: str = sys.executable  # quixstreams runs in its own environment
     velocity: tuple[int, int] = (VELOCITY_WINDOW_S, VELOCITY_MAX)  # window seconds, most per card and window
 
@@ -69,7 +70,8 @@ class DetectorSpec:
             return argv
         if self.is_limit:
             return python_module("benchmarks.peers.eos_passthrough", *connection, "--input-topic", t.input,
-                                 "--output-topic", t.legit, "--group-id", group_id, "--batch", str(self.batch))
+                                 "--output-topic", t.legit, "--group-id", group_id, "--batch", str(self.batch),
+                                 *(["--produce-batch"] if self.produce_batch else []))
         if self.key in (QUIX, QUIX_VELOCITY):
             return [self.python, "-m", "benchmarks.peers.quix_detector", *connection, *registry,
                     "--input-topic", t.input, "--legit-topic", t.legit, "--fraud-topic", t.fraud,
@@ -97,8 +99,8 @@ OURS_VELOCITY_LABEL = "ours, with the velocity rule"
 OURS_VELOCITY_NOTE = "not measured yet: the detector has no stateful rules; this row is filled once it has"
 
 
-def passthrough_key(batch: int) -> str:
-    return f"{PASSTHROUGH}_{batch}"
+def passthrough_key(batch: int, *, produce_batch: bool = False) -> str:
+    return f"{PASSTHROUGH}_{batch}" + ("_produce_batch" if produce_batch else "")
 
 
 def detector_specs(avro: Settings, outputs: dict[str, Settings], json_in: Settings, *, our_batch: int,
@@ -119,6 +121,11 @@ def detector_specs(avro: Settings, outputs: dict[str, Settings], json_in: Settin
         specs.append(DetectorSpec(passthrough_key(batch), f"limit: EOS passthrough, {batch:,} per transaction",
                                   "exactly-once", out(passthrough_key(batch), fraud=False, dlq=False),
                                   rule=NO_RULE, batch=batch))
+    # What the per-record produce() calls cost: the same limit with one produce_batch call per transaction.
+    key = passthrough_key(our_batch, produce_batch=True)
+    specs.append(DetectorSpec(key, f"limit: EOS passthrough, {our_batch:,} per transaction, produce_batch",
+                              "exactly-once", out(key, fraud=False, dlq=False), rule=NO_RULE, batch=our_batch,
+                              produce_batch=True))
     if quix_python:
         specs.append(DetectorSpec(QUIX, "quixstreams 3: Application, Avro via the registry, two filtered branches",
                                   "exactly-once", out(QUIX, dlq=False), python=quix_python))

@@ -68,7 +68,7 @@ def limits(detectors: dict[str, Any]) -> tuple[dict | None, dict | None]:
     """The passthrough at our transaction size, and the fastest passthrough of the run."""
     measured = [e for e in detectors.values() if e.get("limit") and e.get("throughput_tps")]
     ours_batch = (detectors.get(OURS) or {}).get("batch")
-    at_ours = next((e for e in measured if e["batch"] == ours_batch), None)
+    at_ours = next((e for e in measured if e["batch"] == ours_batch and not e.get("produce_batch")), None)
     best = max(measured, key=lambda e: e["throughput_tps"], default=None)
     return at_ours, best
 

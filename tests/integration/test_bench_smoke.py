@@ -18,7 +18,8 @@ import pytest
 
 from fraudstream.settings import PROJECT_ROOT, Settings
 
-LIMITS = ("eos_passthrough_2000", "eos_passthrough_20000", "eos_passthrough_50000")
+LIMITS = ("eos_passthrough_2000", "eos_passthrough_20000", "eos_passthrough_50000",
+          "eos_passthrough_2000_produce_batch")
 DETECTORS = ("ours", *LIMITS, "quixstreams", "confluent_per_message", "seed_kafka_python_json",
              "quixstreams_velocity")
 PLACEHOLDER = "ours_velocity"  # ours has no stateful rules yet: a marked row without figures
@@ -61,7 +62,8 @@ def test_every_detector_routes_every_transaction_by_its_rule(quick_run):
             assert 10 < run["peak_rss_mib"] < 4096, key
             assert run["cpu_s"] > 0 and run["cpu_ms_per_1k"] > 0, key
         assert entry["throughput_tps"] > 0 and entry["cpu_ms_per_1k"] > 0, key
-    assert [results["detectors"][key]["batch"] for key in LIMITS] == [2_000, 20_000, 50_000]
+    assert [results["detectors"][key]["batch"] for key in LIMITS] == [2_000, 20_000, 50_000, 2_000]
+    assert [results["detectors"][key]["produce_batch"] for key in LIMITS] == [False, False, False, True]
     assert all(run["legit"] == count for key in LIMITS for run in results["detectors"][key]["runs"])
 
 
