@@ -97,6 +97,7 @@ def _latency_cdf(results: dict[str, Any]):
         axes.legend(fontsize=8, loc="lower right")
     panels[0][0].set_ylabel("% of records")
     figure.suptitle("End-to-end latency of ours, exactly-once (dashed: p99)", fontsize=10)
+    figure.tight_layout()
     return figure
 
 
@@ -119,6 +120,7 @@ def _scale(results: dict[str, Any]):
         axes.grid(True, linewidth=0.3)
         axes.legend(fontsize=8)
     figure.suptitle("Ours as the work grows (CPU summed over processes)", fontsize=10)
+    figure.tight_layout()
     return figure
 
 
