@@ -62,7 +62,9 @@ class DetectorSpec:
             argv = python_module("fraudstream.cli", "detect", "--topic", t.input, "--group-id", group_id,
                                  # one per process: two detectors of a group on one host must not fence each other
                                  "--transactional-id", f"{group_id}-{instance}", *connection, *registry,
-                                 "--fraud-threshold-cents", str(settings.fraud_threshold_cents))
+                                 "--fraud-threshold-cents", str(settings.fraud_threshold_cents),
+                                 # the amount rule alone, as every stateless contender runs it
+                                 "--stateless")
             if batch_max_records:
                 argv += ["--batch-max-records", str(batch_max_records)]
             if batch_max_ms:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from consumer.detector import run_until_signalled
 from fraudstream.settings import DECODERS, Settings
@@ -20,6 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "[FRAUDSTREAM_TRANSACTIONAL_ID, default <group>-<hostname>]")
     parser.add_argument("--fraud-threshold-cents", dest="fraud_threshold_cents", type=int,
                         help="large_amount rule: fraud above this many cents [default 90000 = $900.00]")
+    parser.add_argument("--rules", dest="rules_file", type=Path,
+                        help="rules file (TOML) over the documented defaults [FRAUDSTREAM_RULES, default rules/default.toml]")
+    parser.add_argument("--stateless", dest="stateful", action="store_const", const=False,
+                        help="only the seed's threshold rule: no per-card state, no changelog topics "
+                             "[FRAUDSTREAM_STATEFUL=0]")
     parser.add_argument("--batch-max-records", dest="batch_max_records", type=int, help="records per transaction at most")
     parser.add_argument("--batch-max-ms", dest="batch_max_ms", type=int, help="wait at most this long to fill a batch")
     parser.add_argument("--decoder", dest="decoder", choices=DECODERS,
@@ -32,5 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s detect %(message)s", force=True)
     logging.getLogger("fraudstream.librdkafka").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per registry request otherwise
     run_until_signalled(settings, log_interval_s=args.log_interval)
     return 0

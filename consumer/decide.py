@@ -4,23 +4,34 @@ Batch-shaped on purpose (see design.md): how a batch is decoded can change behin
 `Decider.decide` without touching the transactional loop. Data problems become dead-letter
 decisions; infrastructure problems (the registry not answering) raise RegistryError so the
 loop can retry the whole batch.
+
+Both deciders split the work in two named steps: a decode step (bytes to validated records,
+or a dead-letter reason) and a rule step (records to routes), so that later stages can reuse
+the decode step alone.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
+import json
+import logging
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyruhvro
 
 from consumer.rules import Rule, fired
 from fraudstream.records import Transaction
-import json
-
 from fraudstream.serde import HEADER, MAGIC_BYTE, Decoder, DecodeError, make_encoder, read_payload, split_frame
+
+log = logging.getLogger("fraudstream.decide")
 
 DLQ_KIND = "error.kind"
 DLQ_REASON = "error.reason"
@@ -42,6 +53,16 @@ class Decision:
     value: bytes | None
     headers: list[tuple[str, bytes]] | None = None
     dead_letter_kind: str | None = None
+    rules: tuple[str, ...] = ()  # of a fraud decision: the rules that fired
+
+
+def invalid_values(currency: str, amount_cents: int, expected_currency: str) -> DecodeError | None:
+    """Why a well-formed transaction cannot be judged, or None. One wording for both deciders."""
+    if currency != expected_currency:
+        return DecodeError("invalid_record", f"currency {currency!r} is not {expected_currency}")
+    if amount_cents < 0:
+        return DecodeError("invalid_record", f"negative amount_cents {amount_cents}")
+    return None
 
 
 class Decider:
@@ -49,7 +70,9 @@ class Decider:
 
     `legit_schema_id` and `fraud_schema_id` are the ids of our current Transaction and FraudAlert
     schemas under the output subjects. A record written with the current Transaction schema is
-    forwarded to the legit topic byte for byte (same schema, same id): no re-encoding.
+    forwarded to the legit topic byte for byte (same schema, same id): no re-encoding. So a record
+    is accepted only in the canonical encoding every Avro writer produces (serde.read_payload): what
+    fastavro reads leniently (a negative enum index, say) would stop a Java reader downstream.
     """
 
     def __init__(self, decoder: Decoder, rules: Sequence[Rule], *, legit_schema_id: int, legit_schema,
@@ -63,38 +86,41 @@ class Decider:
         # Bytes after a complete record usually mean a producer framed data with the wrong schema id.
         self.reject_trailing_bytes = reject_trailing_bytes
 
-    def decide(self, messages: Sequence) -> list[Decision]:
+    def decode(self, message, *, verified: bool = False) -> tuple[int, dict[str, Any], Transaction]:
+        """The decode step for one message: (writer schema id, record, transaction), or DecodeError.
+        `verified`: its bytes were already found canonical (by the columnar decoder): skip that check."""
+        schema_id, payload = split_frame(message.value())
+        writer, reader = self.decoder.schemas_for(schema_id)
+        record = read_payload(payload, schema_id, writer, reader, reject_trailing_bytes=self.reject_trailing_bytes,
+                              canonical=not verified)
+        transaction = Transaction.from_dict(record)
+        error = invalid_values(transaction.currency, transaction.amount_cents, self.currency)
+        if error is not None:
+            raise error
+        return schema_id, record, transaction
+
+    def decide(self, messages: Sequence, *, verified: bool = False) -> list[Decision]:
         # Locals: this loop runs once per record.
-        schemas_for = self.decoder.schemas_for
+        decode = functools.partial(self.decode, verified=True) if verified else self.decode
         rules = self.rules
         legit_id = self.legit_schema_id
         encode_legit = self.encode_legit
         encode_fraud = self.encode_fraud
-        currency = self.currency
-        reject_trailing_bytes = self.reject_trailing_bytes
         now_ms = int(time.time() * 1000)
         decisions = []
         append = decisions.append
         for message in messages:
-            value = message.value()
             try:
-                schema_id, payload = split_frame(value)
-                writer, reader = schemas_for(schema_id)
-                record = read_payload(payload, schema_id, writer, reader, reject_trailing_bytes=reject_trailing_bytes)
-                transaction = Transaction.from_dict(record)
-                if transaction.currency != currency:
-                    raise DecodeError("invalid_record", f"currency {transaction.currency!r} is not {currency}")
-                if transaction.amount_cents < 0:
-                    raise DecodeError("invalid_record", f"negative amount_cents {transaction.amount_cents}")
+                schema_id, record, transaction = decode(message)
             except DecodeError as error:
                 append(dead_letter(message, error))
                 continue
             rule_names = fired(rules, transaction)
             if rule_names:
                 alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms}
-                append(Decision(Route.FRAUD, message.key(), encode_fraud(alert)))
+                append(Decision(Route.FRAUD, message.key(), encode_fraud(alert), rules=tuple(rule_names)))
             elif schema_id == legit_id:
-                append(Decision(Route.LEGIT, message.key(), value))
+                append(Decision(Route.LEGIT, message.key(), message.value()))
             else:
                 append(Decision(Route.LEGIT, message.key(), encode_legit(record)))
         return decisions
@@ -113,53 +139,203 @@ def dead_letter(message, error: DecodeError) -> Decision:
     return Decision(Route.DEAD_LETTER, message.key(), message.value(), headers, error.kind)
 
 
+# What Python's datetime (so fastavro, and every reader built on it) can hold: years 1 to 9999.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_TIMESTAMP_RANGE = {
+    unit: ((datetime.min.replace(tzinfo=UTC) - _EPOCH) // step, (datetime.max.replace(tzinfo=UTC) - _EPOCH) // step)
+    for unit, step in (("ms", timedelta(milliseconds=1)), ("us", timedelta(microseconds=1)))
+}
+
+
+def _is_rust_panic(exc: BaseException) -> bool:
+    """pyo3 raises a Rust panic as pyo3_runtime.PanicException, a BaseException that no module exports."""
+    kind = type(exc)
+    return kind.__name__ == "PanicException" and kind.__module__ == "pyo3_runtime"
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedBatch:
+    """The columnar decode step's answer for a batch. Each message index is in exactly one of:
+
+    - `rows`: written with the current schema and valid; row i of `columns` is message `rows[i]`
+      (ascending, so in offset order per partition);
+    - `dead`: well-formed but invalid values, with the reason (the same DecodeError the record-wise
+      decoder raises);
+    - `fallback`: for the record-wise decoder: other writer versions, framing errors, and bytes the
+      Arrow decode or its checks refused (it gives the precise reason, or reads them).
+    """
+
+    columns: pa.RecordBatch | None
+    rows: list[int]
+    dead: dict[int, DecodeError]
+    fallback: list[int]
+
+
+# Arrow types whose every value the checks below prove readable by fastavro. A schema with any
+# other type is refused at start-up, so that a new field cannot slip past the checks unnoticed.
+_CHECKED_TYPES = (pa.types.is_string, pa.types.is_int64, pa.types.is_float64,
+                  lambda t: pa.types.is_timestamp(t) and t.unit in _TIMESTAMP_RANGE)
+
+
 class ColumnarDecider:
     """Decode a batch's current-schema records together into Arrow (pyruhvro, in Rust) and run the
     rules and validity checks on columns. Clean legit records are forwarded byte for byte; only the
-    few that need a record (fraud alerts, invalid rows, other writer versions, undecodable bytes)
-    go through the record-wise Decider, so both produce the same decisions.
+    few that need a record (fraud alerts, other writer versions, bytes the checks refuse) go through
+    the record-wise Decider, so both decide alike: a record is forwarded only if the record-wise
+    decoder would accept it (UTF-8, timestamp ranges, canonical encoding, trailing bytes).
 
-    One difference: Arrow decoding cannot see bytes left after a record, so in columnar mode a
-    record followed by extra bytes is read like Confluent's own deserializer reads it (the extra
-    bytes ignored), whichever path it takes; the record-wise mode dead-letters it.
+    A corrupt record makes pyruhvro refuse the whole batch: the batch is split in halves, and
+    halves again, so that only the refused records go record-wise.
     """
 
-    def __init__(self, record_wise: Decider, *, reader_schema: dict, currency: str = "USD") -> None:
-        if record_wise.reject_trailing_bytes:
-            raise ValueError("the columnar decider's fallback must accept trailing bytes, as Arrow decoding does")
+    def __init__(self, record_wise: Decider, *, reader_schema: dict,
+                 deserialize: Callable[[list, str], pa.RecordBatch] = pyruhvro.deserialize_array) -> None:
         self.record_wise = record_wise
         self.reader_json = json.dumps(reader_schema)
-        self.currency = currency
+        arrow_schema = pyruhvro.avro_to_arrow_schema(self.reader_json)
+        unchecked = [f"{f.name} ({f.type})" for f in arrow_schema if not any(is_type(f.type) for is_type in _CHECKED_TYPES)]
+        if unchecked:
+            raise ValueError(f"the columnar decoder cannot yet prove these fields readable: {', '.join(unchecked)}; "
+                             "extend its checks or use the record decoder")
+        self.timestamp_columns = [(f.name, _TIMESTAMP_RANGE[f.type.unit]) for f in arrow_schema
+                                  if pa.types.is_timestamp(f.type)]
+        self.deserialize = deserialize
+        # Totals for tests and profiling: rows decoded in Arrow, rows handed to the record-wise
+        # decider, calls into pyruhvro, and Rust panics caught.
+        self.counts: Counter[str] = Counter()
 
-    def decide(self, messages: Sequence) -> list[Decision]:
+    # ----- the decode step -----
+    def decode(self, messages: Sequence) -> DecodedBatch:
         current_id = self.record_wise.legit_schema_id
         header_size, unpack = HEADER.size, HEADER.unpack_from
-        decisions: list[Decision | None] = [None] * len(messages)
-        columnar, record_wise = [], []
+        candidates, fallback = [], []
         for index, message in enumerate(messages):
             value = message.value()
             if value and value[0] == MAGIC_BYTE and len(value) >= header_size and unpack(value)[1] == current_id:
-                columnar.append(index)
+                candidates.append(index)
             else:
-                record_wise.append(index)
-        if columnar:
+                fallback.append(index)
+        dead: dict[int, DecodeError] = {}
+        if not candidates:
+            return DecodedBatch(None, [], dead, fallback)
+        payloads = [messages[i].value()[header_size:] for i in candidates]
+        batch, accepted = self._arrow(payloads)
+        if len(accepted) < len(payloads):
+            refused = set(range(len(payloads))) - set(accepted)
+            fallback += (candidates[p] for p in refused)
+        if batch is None:
+            fallback.sort()
+            return DecodedBatch(None, [], dead, fallback)
+        payloads = [payloads[p] for p in accepted] if len(accepted) < len(payloads) else payloads
+        rows = [candidates[p] for p in accepted]
+        keep = self._readable(batch, payloads)
+        invalid = pc.or_(pc.not_equal(batch.column("currency"), self.record_wise.currency),
+                         pc.less(batch.column("amount_cents"), 0))
+        if keep is not None or invalid.true_count:
+            keep_list = keep.to_pylist() if keep is not None else [True] * len(rows)
+            currencies, amounts = batch.column("currency"), batch.column("amount_cents")
+            for position in pc.indices_nonzero(invalid).to_pylist():
+                if keep_list[position]:
+                    dead[rows[position]] = invalid_values(currencies[position].as_py(), amounts[position].as_py(),
+                                                          self.record_wise.currency)
+                    keep_list[position] = False
+            fallback += (index for index, kept in zip(rows, keep_list, strict=True) if not kept and index not in dead)
+            rows = [index for index, kept in zip(rows, keep_list, strict=True) if kept]
+            batch = batch.filter(pa.array(keep_list, pa.bool_()))
+        fallback.sort()
+        self.counts["arrow_rows"] += len(rows)
+        return DecodedBatch(batch, rows, dead, fallback)
+
+    def _arrow(self, payloads: list) -> tuple[pa.RecordBatch | None, list[int]]:
+        """Decode into one valid Arrow batch, halving around the records pyruhvro or Arrow's full
+        validation (UTF-8) refuses. Returns the batch and the payload positions it holds."""
+        deserialize, schema = self.deserialize, self.reader_json
+        pieces, accepted = [], []
+        pending = [(0, len(payloads))]
+        panics_left = len(payloads).bit_length() + 1  # enough to isolate one panicking record
+        while pending:
+            low, high = pending.pop()
+            self.counts["arrow_calls"] += 1
             try:
-                batch = pyruhvro.deserialize_array([messages[i].value()[header_size:] for i in columnar], self.reader_json)
-            except ValueError:  # some record in the batch is corrupt: find it record by record
-                record_wise += columnar
+                piece = deserialize(payloads[low:high], schema)
+                piece.validate(full=True)  # UTF-8 of every string: pyruhvro does not check it
+            except ValueError:  # pyruhvro's errors and pyarrow's ArrowInvalid alike
+                pass
+            except BaseException as exc:
+                if not _is_rust_panic(exc):
+                    raise
+                self.counts["panics"] += 1
+                panics_left -= 1
+                log.warning("pyruhvro panicked on %d records (%s): decoding them record by record", high - low, exc)
+                if panics_left <= 0:  # never loop on a decoder that panics on everything
+                    pending.clear()
+                    continue
             else:
-                needs_record = pc.or_(pc.not_equal(batch.column("currency"), self.currency),
-                                      pc.less(batch.column("amount_cents"), 0))
-                for rule in self.record_wise.rules:
-                    needs_record = pc.or_(needs_record, rule.fires_on_columns(batch))
-                for index, flagged in zip(columnar, needs_record.to_pylist(), strict=True):
-                    if flagged:
-                        record_wise.append(index)
-                    else:
-                        message = messages[index]
-                        decisions[index] = Decision(Route.LEGIT, message.key(), message.value())
-        if record_wise:
-            record_wise.sort()
-            for index, decision in zip(record_wise, self.record_wise.decide([messages[i] for i in record_wise]), strict=True):
-                decisions[index] = decision
+                pieces.append(piece)
+                accepted.extend(range(low, high))
+                continue
+            if high - low > 1:
+                middle = (low + high) // 2
+                pending += ((middle, high), (low, middle))  # the first half is popped first: order kept
+        if not pieces:
+            return None, accepted
+        if len(pieces) == 1:
+            return pieces[0], accepted
+        return pa.Table.from_batches(pieces).combine_chunks().to_batches()[0], accepted
+
+    def _readable(self, batch: pa.RecordBatch, payloads: list) -> pa.BooleanArray | None:
+        """Rows the record-wise decoder would read exactly as Arrow did (None: all of them): timestamps
+        a Python datetime can hold, and bytes equal to the record's own canonical encoding (which
+        also rules out bytes after the record, unless those are allowed)."""
+        keep = None
+        for name, (low, high) in self.timestamp_columns:
+            values = batch.column(name).cast(pa.int64())
+            extremes = pc.min_max(values)
+            least, most = extremes["min"].as_py(), extremes["max"].as_py()
+            if least is None or (least >= low and most <= high):
+                continue  # the usual case: one call, no mask (None: every value is null)
+            in_range = pc.fill_null(pc.and_(pc.greater_equal(values, low), pc.less_equal(values, high)), True)
+            keep = in_range if keep is None else pc.and_(keep, in_range)
+        try:
+            encoded = pyruhvro.serialize_record_batch(batch, self.reader_json, 1)
+        except BaseException as exc:
+            if not (isinstance(exc, ValueError) or _is_rust_panic(exc)):
+                raise
+            log.warning("pyruhvro could not re-encode %d records (%s): decoding them record by record", len(payloads), exc)
+            return pa.array([False] * len(payloads), pa.bool_())
+        encoded = encoded[0] if len(encoded) == 1 else pa.concat_arrays(encoded)
+        same = pc.equal(encoded, pa.array(payloads, pa.binary()))
+        if same.false_count and not self.record_wise.reject_trailing_bytes:
+            # Bytes after a complete record are allowed: a payload that starts with the record's
+            # encoding is that record (the decode is a prefix parse, so it stopped right there).
+            own = encoded.to_pylist()
+            same = pa.array([ok or payloads[i].startswith(own[i]) for i, ok in enumerate(same.to_pylist())], pa.bool_())
+        keep = same if keep is None else pc.and_(keep, same)
+        return None if keep.false_count == 0 else keep
+
+    # ----- the rule step -----
+    def decide(self, messages: Sequence) -> list[Decision]:
+        decoded = self.decode(messages)
+        decisions: list[Decision | None] = [None] * len(messages)
+        for index, error in decoded.dead.items():
+            decisions[index] = dead_letter(messages[index], error)
+        alerts = []
+        if decoded.rows:
+            fires = None
+            for rule in self.record_wise.rules:
+                column = rule.fires_on_columns(decoded.columns)
+                fires = column if fires is None else pc.or_(fires, column)
+            flags = fires.to_pylist() if fires is not None else [False] * len(decoded.rows)
+            for index, flagged in zip(decoded.rows, flags, strict=True):
+                if flagged:  # a fraud alert carries the whole record: the record-wise decider writes it
+                    alerts.append(index)
+                else:
+                    message = messages[index]
+                    decisions[index] = Decision(Route.LEGIT, message.key(), message.value())
+        for indices, verified in ((decoded.fallback, False), (alerts, True)):
+            if indices:
+                self.counts["record_rows"] += len(indices)
+                chosen = [messages[i] for i in indices]
+                for index, decision in zip(indices, self.record_wise.decide(chosen, verified=verified), strict=True):
+                    decisions[index] = decision
         return decisions

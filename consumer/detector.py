@@ -1,42 +1,66 @@
 """The detector: exactly-once consume -> decide -> produce, one Kafka transaction per batch.
 
-Each batch: consume up to batch_max_records within batch_max_ms; decide every record; in one
-transaction, produce each to the legit, fraud or dead-letter topic and send the batch's input
-offsets with the consumer group metadata (KIP-447); commit. Error handling follows
-pitfalls.md: fatal -> stop (fenced); abortable -> abort and rewind to the batch start;
-retriable -> retry the same call; a commit that times out is retried, never aborted.
+Each batch: consume up to batch_max_records within batch_max_ms; keep the records of partitions
+still assigned; decide every record; run the batch's transaction (`_run_transaction`): produce each
+output to the legit, fraud or dead-letter topic, send the batch's input offsets with the consumer
+group metadata (KIP-447), commit. Errors are classified (pitfalls.md 3-5, 18):
+
+- retriable (a timeout, a broker moving): the same call again, with backoff, but never past the
+  transaction's own timeout: after that the coordinator aborts it, so retrying would only fail later
+  and look like fencing;
+- abortable (a delivery failed, the transaction is in an error state): abort, rewind the batch,
+  retry it with backoff, a bounded number of times in a row. An output its topic will never take
+  (over max.message.bytes) is dead-lettered with the reason in the retried transaction;
+- fatal or fenced producer, or a transaction that outlived its timeout: if another detector holds
+  our group.instance.id in the consumer group, it took over and we stop; otherwise the broker ended
+  our producer epoch (a restart, a transaction timed out while it was down): recreate the
+  transactional producer under the same id, rewind to the committed offsets, go on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import os
+import signal
 import socket
 import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from consumer.decide import ColumnarDecider, Decider, Decision, Route
+from consumer.decide import ColumnarDecider, Decider, Decision, Route, dead_letter
 from consumer.metrics import DetectorMetrics
-from consumer.rules import rules_from_settings
+from consumer.rules import TERMINAL_RULES, load_rules, rules_from_settings
+from consumer.state.manager import StateManager
+from consumer.stateful import STORES, StatefulDecider, decode_batch
 from fraudstream.errors import Fenced, KafkaUnavailable, RegistryError
-from fraudstream.kafka import consumer_config, ensure_topics, transactional_producer_config, wait_for_cluster
+from fraudstream.kafka import (consumer_config, ensure_topics, max_message_bytes, static_members,
+                               transactional_producer_config, wait_for_cluster)
 from fraudstream.registry import Registry, current_ids
 from fraudstream.schemas import load_schemas
-from fraudstream.serde import Decoder
+from fraudstream.serde import Decoder, DecodeError
 from fraudstream.settings import Settings
 
 log = logging.getLogger("fraudstream.detector")
 
-INIT_TRANSACTIONS_TIMEOUT_S = 30.0
-TRANSACTION_CALL_TIMEOUT_S = 30.0
-REGISTRY_OUTAGE_LIMIT_S = 240.0  # below max.poll.interval.ms (300 s), so we never silently leave the group
+CALL_TIMEOUT_S = 5.0  # one attempt of a blocking Kafka call: short, so a stop request is seen promptly
 REGISTRY_BACKOFF_MAX_S = 5.0
-KAFKA_RETRY_LIMIT_S = 120.0  # a retriable transactional call (e.g. a commit timing out) is retried this long
+KAFKA_BACKOFF_MAX_S = 2.0
+# A transaction's calls are retried until this share of transaction.timeout.ms has passed since it began.
+TRANSACTION_DEADLINE_SHARE = 0.8
+FAILURES_IN_A_ROW_LIMIT = 5  # aborted or lost transactions with no commit between them, then stop
+# What a broker counts on top of a record's key, value and headers: the v2 record batch header (61 bytes)
+# and one record's framing at its largest (varints), plus per header its two length varints.
+BATCH_HEADER_BYTES = 61
+RECORD_FRAMING_BYTES = 36
+HEADER_FRAMING_BYTES = 10
 FENCED_CODES = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+TOO_LARGE_CODES = {KafkaError.MSG_SIZE_TOO_LARGE}  # the broker's MESSAGE_TOO_LARGE and librdkafka's local check
+OUTPUT_TOO_LARGE = "output_too_large"
 
 
 def default_transactional_id(settings: Settings) -> str:
@@ -57,9 +81,15 @@ class Detector:
                        Route.DEAD_LETTER: settings.dlq_topic}
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
+        self.stop = threading.Event()
+        self._assigned: set[tuple[str, int]] = set()
+        self._limits: dict[str, int] = {}  # output topic -> max.message.bytes
+        self._rejected: list[tuple[KafkaError, str]] = []  # delivery failures of the open transaction
+        self._failures_in_a_row = 0
+        self.state: StateManager | None = None  # keyed state, when the stateful rules are on
 
     # ----- start-up -----
-    def _start(self) -> Decider | ColumnarDecider:
+    def _start(self) -> tuple[Decider | ColumnarDecider, list]:
         s = self.settings
         wait_for_cluster(s)
         ensure_topics(s, (s.transactions_topic, s.legit_topic, s.fraud_topic, s.dlq_topic))
@@ -70,52 +100,132 @@ class Detector:
         decider = Decider(decoder, rules_from_settings(s),
                           legit_schema_id=ids[s.legit_topic], legit_schema=schemas.parsed["Transaction"],
                           fraud_schema_id=ids[s.fraud_topic], fraud_schema=schemas.parsed["FraudAlert"],
-                          reject_trailing_bytes=s.decoder == "record")
+                          reject_trailing_bytes=True)
         if s.decoder == "columnar":
             decider = ColumnarDecider(decider, reader_schema=schemas.expanded["Transaction"])
-        self.producer = Producer(transactional_producer_config(s, self.transactional_id))
-        self._call("initialising transactions", self.producer.init_transactions, INIT_TRANSACTIONS_TIMEOUT_S)
+        if s.stateful:
+            decider = self._stateful(decider)
+        self._limits = max_message_bytes(s, tuple(self.routes.values()))
         # Static membership (KIP-345) under the same stable id: a restarted detector takes its
         # partitions back at once instead of waiting out the session timeout of its dead self.
         self.consumer = Consumer(consumer_config(s, s.group_id, **{"group.instance.id": self.transactional_id}))
         self.consumer.subscribe([s.transactions_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_revoke)
+                                on_lost=self._on_lost)
+        # Join the group before fencing anyone's producer: whoever holds our group.instance.id is then
+        # always the newest detector, which is how a fenced one tells a successor from a broker restart.
+        first_records = self._join_group()
+        self.producer = self._new_producer()
         if s.metrics_port:
             self.metrics.serve(s.metrics_port)
         self.on_log(f"detector {self.transactional_id} started: {s.transactions_topic} -> "
                     f"{s.legit_topic} | {s.fraud_topic} | {s.dlq_topic} (group {s.group_id})")
-        return decider
+        return decider, first_records
 
+    def _stateful(self, decider: Decider | ColumnarDecider) -> StatefulDecider:
+        """The rules file's rules over per-card state, restored from and written to changelog topics."""
+        s = self.settings
+        rules = load_rules(s.rules_file, settings=s)
+        skipped = [name for name in rules.names if name in TERMINAL_RULES]
+        if skipped:
+            # Terminals take cards of every account: their state cannot live in the account-keyed
+            # input's partitions (see README, "Stateful detection").
+            self.on_log(f"rules not run (they need per-terminal state, kept by no stage yet): {', '.join(skipped)}")
+            rules = rules.without(*skipped)
+        self.state = StateManager(s, STORES, on_log=self.on_log, on_restored=self.metrics.restored)
+        self.state.start()
+        record_wise = decider.record_wise if isinstance(decider, ColumnarDecider) else decider
+        columnar = decider if isinstance(decider, ColumnarDecider) else None
+        self.on_log(f"rules {', '.join(rules.names)} (version {rules.version}) from {s.rules_file}; "
+                    f"state in {', '.join(self.state.topics.values())}")
+        return StatefulDecider(lambda messages: decode_batch(columnar, record_wise, messages), rules, self.state,
+                               encode_legit=record_wise.encode_legit, encode_fraud=record_wise.encode_fraud)
+
+    def _join_group(self) -> list:
+        """Poll until the group coordinator gave us a member id; records already fetched are the first batch."""
+        records: list = []
+        deadline = time.monotonic() + self.settings.broker_outage_limit_s
+        while not self.consumer.memberid():
+            if self.stop.is_set():
+                raise _Stopping("joining the consumer group")
+            if time.monotonic() > deadline:
+                raise KafkaUnavailable(f"could not join consumer group {self.settings.group_id} within "
+                                       f"{self.settings.broker_outage_limit_s} s")
+            records += self.consumer.consume(max(1, self.settings.batch_max_records - len(records)), 0.1)
+        return records
+
+    def _new_producer(self) -> Producer:
+        """A transactional producer under our id; init_transactions fences any older one and ends its open transaction."""
+        config = transactional_producer_config(self.settings, self.transactional_id, **{
+            # A record batch never exceeds the smallest output topic's limit (a lone record larger than
+            # that is dead-lettered before it is produced, see _produce_all).
+            "batch.size": max(1, min(self._limits.values()) - BATCH_HEADER_BYTES),
+            "delivery.report.only.error": True,
+            "on_delivery": self._on_delivery_error,
+        })
+        producer = Producer(config)
+        self._retry_outage("initialising transactions", lambda: producer.init_transactions(CALL_TIMEOUT_S))
+        return producer
+
+    # ----- rebalance callbacks (run inside consume()) -----
     def _on_assign(self, consumer, partitions) -> None:
+        self._assigned |= {(tp.topic, tp.partition) for tp in partitions}
         self.on_log(f"assigned {_partition_list(partitions)}")
+        if self.state is not None:
+            # Assigned here rather than by the client after this callback, so that the partitions can be
+            # paused until their state is restored.
+            consumer.incremental_assign(partitions)
+            self.state.assign(consumer, partitions)
 
     def _on_revoke(self, consumer, partitions) -> None:
         # Nothing to flush: a batch's transaction is always committed or aborted before the next
         # consume(), which is the only place a rebalance callback can run.
+        self._assigned -= {(tp.topic, tp.partition) for tp in partitions}
         self.on_log(f"revoked {_partition_list(partitions)}")
+        if self.state is not None:
+            self.state.revoke(partitions)
+
+    def _on_lost(self, consumer, partitions) -> None:
+        self._assigned -= {(tp.topic, tp.partition) for tp in partitions}
+        self.on_log(f"lost {_partition_list(partitions)}")
+        if self.state is not None:
+            self.state.revoke(partitions)
+
+    def _on_delivery_error(self, error: KafkaError | None, message) -> None:
+        if error is not None:
+            self._rejected.append((error, message.topic()))
 
     # ----- main loop -----
-    def run(self, stop: threading.Event) -> DetectorMetrics:
-        decider = self._start()
-        # Start-up objects (schemas, clients, imports) never die: keep them out of the collector's
-        # full passes, which otherwise stall a batch now and then (seen in the latency tail).
-        gc.freeze()
-        consumer = self.consumer
-        max_records = self.settings.batch_max_records
-        timeout_s = self.settings.batch_max_ms / 1000
+    def run(self, stop: threading.Event | None = None) -> DetectorMetrics:
+        self.stop = stop if stop is not None else self.stop
         try:
-            while not stop.is_set():
-                messages = consumer.consume(max_records, timeout_s)
-                messages = [m for m in messages if not self._is_error(m)]
+            decider, pending = self._start()
+            # Start-up objects (schemas, clients, imports) never die: keep them out of the collector's
+            # full passes, which otherwise stall a batch now and then (seen in the latency tail).
+            gc.freeze()
+            consumer, max_records = self.consumer, self.settings.batch_max_records
+            timeout_s = self.settings.batch_max_ms / 1000
+            while not self.stop.is_set():
+                messages, pending = pending or consumer.consume(max_records, timeout_s), []
+                # Records of a partition revoked during this very consume() call are its new owner's.
+                assigned = self._assigned
+                messages = [m for m in messages if not self._is_error(m) and (m.topic(), m.partition()) in assigned]
+                if self.state is not None:
+                    if self.state.recovering:
+                        self.state.recover_step(consumer)
+                        self.metrics.restoring(self.state.restoring_records)
+                    messages = self._with_state_ready(messages)
                 if messages:
-                    decisions = self._decide(decider, messages, stop)
+                    decisions = self._decide(decider, messages)
                     if decisions is None:  # stopping during a registry outage: nothing produced, re-read later
                         break
-                    self._transact(messages, decisions)
+                    self._process_batch(messages, decisions)
                 else:
                     self.producer.poll(0)
                 if self.metrics.line_due(self.log_interval_s):
                     self.on_log(self.metrics.line())
+        except _Stopping as stopping:
+            self.on_log(f"stop requested while {stopping}: the open transaction, if any, is aborted by the next "
+                        "detector with this id or when transaction.timeout.ms expires")
         finally:
             self._close()
         self.on_log(f"stopped: {self.metrics.line()}")
@@ -136,83 +246,266 @@ class Detector:
         log.warning("consumer: %s", error.str())
         return True
 
-    def _decide(self, decider: Decider | ColumnarDecider, messages: list, stop: threading.Event) -> list[Decision] | None:
+    def _decide(self, decider: Decider | ColumnarDecider, messages: list) -> list[Decision] | None:
         """Decide the batch; while the registry does not answer, retry with backoff (never dead-letter)."""
-        backoff, waited = 0.2, 0.0
+        limit_s = self.settings.registry_outage_limit_s
+        backoff, started = 0.2, time.monotonic()
         while True:
             try:
                 return decider.decide(messages)
             except RegistryError as exc:
-                if waited >= REGISTRY_OUTAGE_LIMIT_S:
-                    raise RegistryError(f"{exc} (gave up after {waited:.0f}s)") from exc
+                waited = time.monotonic() - started
+                if waited >= limit_s:
+                    raise RegistryError(f"{exc}; gave up after {waited:.0f} s (registry outage limit {limit_s} s); "
+                                        "nothing of the batch was routed, a restart resumes from it") from exc
                 log.warning("%s; retrying in %.1fs", exc, backoff)
                 self.metrics.registry_retried()
-                if stop.wait(backoff):
+                if self.stop.wait(min(backoff, max(0.0, limit_s - waited))):
                     return None
-                waited += backoff
                 backoff = min(backoff * 2, REGISTRY_BACKOFF_MAX_S)
 
-    def _transact(self, messages: list, decisions: list[Decision]) -> None:
-        producer = self.producer
-        tally = Tally(d.route for d in decisions)
-        try:
-            self._call("beginning a transaction", producer.begin_transaction)
-            self._call("producing", self._produce_all, decisions)
-            self._call("sending offsets", producer.send_offsets_to_transaction, _next_offsets(messages),
-                       self.consumer.consumer_group_metadata(), TRANSACTION_CALL_TIMEOUT_S)
-            started = time.perf_counter()
-            self._call("committing", producer.commit_transaction, TRANSACTION_CALL_TIMEOUT_S)
-            commit_s = time.perf_counter() - started
-        except _AbortBatch as abort:
-            log.warning("aborting batch of %d: %s", len(messages), abort)
-            self._call("aborting", producer.abort_transaction, TRANSACTION_CALL_TIMEOUT_S)
-            self._rewind(messages)
-            self.metrics.aborted()
-            return
-        dead_kinds = Tally(d.dead_letter_kind for d in decisions if d.route is Route.DEAD_LETTER)
-        self.metrics.batch_committed(consumed=len(messages), legit=tally[Route.LEGIT], fraud=tally[Route.FRAUD],
-                                     dead_kinds=dict(dead_kinds), commit_s=commit_s)
+    def _with_state_ready(self, messages: list) -> list:
+        """Only records whose partition's state is restored; a partition whose state is being rebuilt is
+        paused, and any of its records fetched before that are read again once it resumes."""
+        ready = self.state.ready
+        kept = [m for m in messages if ready(m.partition())]
+        if len(kept) < len(messages):
+            self._rewind([m for m in messages if not ready(m.partition())], rebuild_state=False)
+        return kept
 
-    def _produce_all(self, decisions: list[Decision]) -> None:
-        produce, poll, routes = self.producer.produce, self.producer.poll, self.routes
-        for decision in decisions:
+    # ----- one batch -----
+    def _process_batch(self, messages: list, decisions: list[Decision]) -> None:
+        """Run the batch's transaction; on failure abort and rewind, or recover the producer."""
+        try:
+            commit_s = self._run_transaction(messages, decisions)
+        except _AbortBatch as abort:
+            self._abort_and_rewind(messages, abort)
+            return
+        except _ProducerLost as lost:
+            self._recover(lost)
+            return
+        self._failures_in_a_row = 0
+        tally = Tally(d.route for d in decisions)
+        dead_kinds = Tally(d.dead_letter_kind for d in decisions if d.route is Route.DEAD_LETTER)
+        rules = Tally(rule for d in decisions if d.route is Route.FRAUD for rule in d.rules)
+        self.metrics.batch_committed(consumed=len(messages), legit=tally[Route.LEGIT], fraud=tally[Route.FRAUD],
+                                     dead_kinds=dict(dead_kinds), commit_s=commit_s, rules=dict(rules))
+        if self.state is not None:
+            self.metrics.state_size(self.state.sizes())
+
+    def _run_transaction(self, messages: list, decisions: list[Decision]) -> float:
+        """The batch's transaction: begin, produce every output, send the input offsets, commit.
+
+        Returns the commit's duration. Raises _AbortBatch (abort and retry the batch), _ProducerLost
+        (recreate the producer), _Stopping, KafkaUnavailable. `decisions` may be updated in place: an
+        output its topic will never take becomes a dead letter.
+        """
+        producer = self.producer
+        self._rejected.clear()
+        deadline = time.monotonic() + self.settings.transaction_timeout_ms / 1000 * TRANSACTION_DEADLINE_SHARE
+        self._call("beginning a transaction", deadline, producer.begin_transaction)
+        self._produce_all(messages, decisions, deadline)
+        if self.state is not None:
+            self._write_state_changes(messages)
+        offsets = _next_offsets(messages)
+        self._call("sending offsets", deadline, lambda: producer.send_offsets_to_transaction(
+            offsets, self.consumer.consumer_group_metadata(), _attempt_timeout(deadline)))
+        started = time.perf_counter()
+        self._call("committing", deadline, lambda: producer.commit_transaction(_attempt_timeout(deadline)))
+        return time.perf_counter() - started
+
+    def _produce_all(self, messages: list, decisions: list[Decision], deadline: float) -> None:
+        """Produce each output once. A failed call is retried for that record alone, never the ones before it."""
+        producer, routes = self.producer, self.routes
+        produce, poll = producer.produce, producer.poll
+        # Below this, key + value cannot reach any output topic's limit: the exact check is skipped.
+        small = min(self._limits.values()) - BATCH_HEADER_BYTES - RECORD_FRAMING_BYTES - 4096
+        for index, decision in enumerate(decisions):
+            topic = routes[decision.route]
+            if decision.value is not None and len(decision.value) + len(decision.key or b"") > small:
+                decision = decisions[index] = self._fit_or_dead_letter(messages[index], decision)
+                topic = routes[decision.route]
             while True:
                 try:
-                    produce(routes[decision.route], decision.value, decision.key, headers=decision.headers)
+                    produce(topic, decision.value, decision.key, headers=decision.headers)
                     break
-                except BufferError:  # local queue full: serve delivery reports, then retry
+                except BufferError:  # local queue full: serve delivery reports, then retry this record
                     poll(0.05)
+                    if time.monotonic() > deadline:
+                        raise _ProducerLost("producing: the local queue stayed full until the transaction "
+                                            "was about to time out", expired=True) from None
+                except KafkaException as exc:
+                    error = exc.args[0]
+                    if error.code() in TOO_LARGE_CODES and decision.route is not Route.DEAD_LETTER:
+                        # Over the producer's own message.max.bytes: no broker will ever take it.
+                        decision = decisions[index] = _too_large(messages[index], topic, len(decision.value), None)
+                        topic = routes[decision.route]
+                        continue
+                    if error.code() == KafkaError._STATE:  # the transaction failed earlier (a delivery error)
+                        raise _AbortBatch(f"producing: the transaction is in an error state ({error.str()})") from exc
+                    self._classify("producing", error, exc)
+                    self._wait_before_retry("producing", error, deadline)
 
-    def _call(self, what: str, fn, *args):
-        """One transactional API call, classified: retriable -> again; abortable -> _AbortBatch; fatal -> Fenced."""
-        deadline, backoff = time.monotonic() + KAFKA_RETRY_LIMIT_S, 0.1
+    def _write_state_changes(self, messages: list) -> None:
+        """The batch's state changes, into its transaction. Not retried call by call: the changed rows were
+        taken, so any failure aborts the transaction, and the abort rebuilds the state from the changelog."""
+        try:
+            written = self.state.write_changes(self.producer, {m.partition() for m in messages})
+        except KafkaException as exc:
+            error = exc.args[0]
+            self._classify("writing state changes", error, exc)
+            raise _AbortBatch(f"writing state changes: {error.str()}") from exc
+        self.metrics.changelog_written(written)
+
+    def _fit_or_dead_letter(self, message, decision: Decision) -> Decision:
+        """The decision itself, or a dead letter when its output is larger than its topic takes."""
+        topic = self.routes[decision.route]
+        size = (BATCH_HEADER_BYTES + RECORD_FRAMING_BYTES + len(decision.value) + len(decision.key or b"")
+                + sum(len(k) + len(v or b"") + HEADER_FRAMING_BYTES for k, v in decision.headers or ()))
+        if size <= self._limits[topic] or decision.route is Route.DEAD_LETTER:
+            return decision  # a dead letter is the input's own bytes; if even that is too large, the retries end it
+        return _too_large(message, topic, size, self._limits[topic])
+
+    def _abort_and_rewind(self, messages: list, abort: _AbortBatch) -> None:
+        self._failures_in_a_row += 1
+        log.warning("aborting the transaction of a batch of %d (failure %d in a row): %s",
+                    len(messages), self._failures_in_a_row, abort)
+        try:
+            deadline = time.monotonic() + self.settings.transaction_timeout_ms / 1000
+            try:
+                self._call("aborting", deadline, lambda: self.producer.abort_transaction(_attempt_timeout(deadline)))
+            except _AbortBatch as failed:
+                raise _ProducerLost(f"the abort itself failed: {failed}") from failed
+            self.metrics.aborted()
+            if any(error.code() in TOO_LARGE_CODES for error, _ in self._rejected):
+                self._refresh_limits()
+        except _ProducerLost as lost:
+            self._recover(lost)
+            return
+        self._rewind(messages)
+        self._backoff_or_give_up(abort)
+
+    def _refresh_limits(self) -> None:
+        """A broker refused a record batch as too large: an output topic's limit went down since start-up.
+        Read the limits again; the retried transaction dead-letters what no longer fits, and a producer
+        with smaller record batches keeps the rest within the limit."""
+        limits = max_message_bytes(self.settings, tuple(self.routes.values()))
+        log.warning("an output was over its topic's max.message.bytes; limits now %s (were %s)", limits, self._limits)
+        if limits != self._limits:
+            self._limits = limits
+            self.producer = self._new_producer()
+
+    def _backoff_or_give_up(self, reason: Exception) -> None:
+        if self._failures_in_a_row >= FAILURES_IN_A_ROW_LIMIT:
+            raise KafkaUnavailable(f"{self._failures_in_a_row} transactions in a row failed, the last one: {reason}")
+        if self.stop.wait(min(0.2 * 2 ** (self._failures_in_a_row - 1), KAFKA_BACKOFF_MAX_S)):
+            raise _Stopping("waiting to retry a failed transaction")
+
+    def _recover(self, lost: _ProducerLost) -> None:
+        """The producer is unusable. Stop if a newer detector took our id over; otherwise recreate it and rewind."""
+        successors = self._retry_outage("asking the group who holds our id", self._successors)
+        if successors:
+            raise Fenced(f"detector {self.transactional_id} stopped: another detector with the same transactional id "
+                         f"joined group {self.settings.group_id} as member {successors[0]} and took over ({lost})")
+        self._failures_in_a_row += 1
+        self.on_log(f"{lost}; no other detector holds {self.transactional_id}, so the broker ended this producer's "
+                    "epoch (a broker restart, or a transaction timed out meanwhile): recreating the transactional "
+                    "producer and resuming from the committed offsets")
+        self.producer = self._new_producer()
+        self._rewind_to_committed()
+        self.metrics.recovered()
+        self._backoff_or_give_up(lost)
+
+    def _successors(self) -> list[str]:
+        """Members of our group, other than this consumer, that hold our group.instance.id."""
+        ours = self.consumer.memberid()
+        members = static_members(self.settings, self.settings.group_id, self.transactional_id, timeout_s=CALL_TIMEOUT_S)
+        return [member for member in members if member != ours]
+
+    # ----- Kafka calls -----
+    def _call(self, what: str, deadline: float, fn: Callable[[], object]):
+        """One transactional API call: retriable errors again until the deadline; the rest classified."""
         while True:
             try:
-                return fn(*args)
+                return fn()
             except KafkaException as exc:
                 error = exc.args[0]
-                if error.fatal() or error.code() in FENCED_CODES:
-                    raise Fenced(f"detector {self.transactional_id} stopped while {what}: {error.str()} "
-                                 "(another detector with the same transactional id took over, or the producer failed)") from exc
-                if error.txn_requires_abort():
-                    raise _AbortBatch(f"{what}: {error.str()}") from exc
-                if not error.retriable() or time.monotonic() > deadline:
-                    raise KafkaUnavailable(f"{what} failed: {error.str()}") from exc
-                log.warning("retrying after %s failed: %s", what, error.str())
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                self._classify(what, error, exc)
+                self._wait_before_retry(what, error, deadline)
 
-    def _rewind(self, messages: list) -> None:
-        """abort_transaction() does not move the consumer: seek back to each partition's first offset in the batch."""
+    def _classify(self, what: str, error: KafkaError, exc: Exception) -> None:
+        """Raise for every error but a retriable one."""
+        if error.fatal() or error.code() in FENCED_CODES:
+            raise _ProducerLost(f"{what}: {error.str()}") from exc
+        if error.txn_requires_abort():
+            raise _AbortBatch(f"{what}: {error.str()}") from exc
+        if not error.retriable():
+            raise KafkaUnavailable(f"{what} failed: {error.str()}") from exc
+
+    def _wait_before_retry(self, what: str, error: KafkaError, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            # The coordinator is about to abort the transaction: a retry would fail with a fencing-like
+            # error. Recreating the producer ends the transaction under our control.
+            raise _ProducerLost(f"{what} still failing when the transaction was about to time out "
+                                f"({error.str()})", expired=True)
+        log.warning("retrying after %s failed: %s", what, error.str())
+        if self.stop.wait(min(0.2, remaining)):
+            raise _Stopping(what)
+
+    def _retry_outage(self, what: str, fn: Callable[[], object]):
+        """A call outside any transaction: retried with backoff while the brokers are away, up to the outage limit."""
+        limit_s = self.settings.broker_outage_limit_s
+        deadline, backoff = time.monotonic() + limit_s, 0.2
+        while True:
+            try:
+                return fn()
+            except (KafkaException, KafkaUnavailable) as exc:
+                error = exc.args[0]
+                reason = error.str() if isinstance(error, KafkaError) else str(error)
+                if isinstance(error, KafkaError) and (error.fatal() or not error.retriable()):
+                    raise KafkaUnavailable(f"{what} failed: {reason}") from exc
+                if time.monotonic() + backoff > deadline:
+                    raise KafkaUnavailable(f"{what} failed for {limit_s} s (broker outage limit): {reason}") from exc
+                log.warning("retrying after %s failed: %s", what, reason)
+                if self.stop.wait(backoff):
+                    raise _Stopping(what) from exc
+                backoff = min(backoff * 2, KAFKA_BACKOFF_MAX_S)
+
+    # ----- rewinding: abort_transaction() does not move the consumer -----
+    def _rewind(self, messages: list, *, rebuild_state: bool = True) -> None:
+        """Seek each assigned partition back to its first offset in the batch (a revoked one is re-read by its new owner).
+        Their state, changed by the batch that did not commit, is rebuilt from the changelog."""
         first: dict[tuple[str, int], int] = {}
         for message in messages:
             first.setdefault((message.topic(), message.partition()), message.offset())
-        assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
-        for (topic, partition), offset in first.items():
-            if (topic, partition) in assigned:  # a revoked partition is re-read from the committed offset by its new owner
-                self.consumer.seek(TopicPartition(topic, partition, offset))
+        positions = [TopicPartition(t, p, offset) for (t, p), offset in first.items() if (t, p) in self._assigned]
+        if self.state is not None and rebuild_state:
+            self.state.reset(self.consumer, [tp.partition for tp in positions])
+        self._seek(positions)
+
+    def _rewind_to_committed(self) -> None:
+        """Seek every assigned partition to its committed offset (the beginning if none): after a lost producer,
+        whether its last commit went through is known only to the group coordinator."""
+        partitions = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
+        if not partitions:
+            return
+        committed = self._retry_outage("reading the committed offsets",
+                                       lambda: self.consumer.committed(partitions, timeout=CALL_TIMEOUT_S))
+        if self.state is not None:
+            self.state.reset(self.consumer, [tp.partition for tp in partitions])
+        # Logical offsets (no commit yet) are passed on as a position, never computed with (pitfall 16).
+        self._seek([TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+                    for tp in committed])
+
+    def _seek(self, positions: list[TopicPartition]) -> None:
+        for position in positions:
+            self._retry_outage(f"rewinding {position.topic}[{position.partition}]",
+                               lambda position=position: self.consumer.seek(position))
 
     def _close(self) -> None:
+        if self.state is not None:
+            self.state.close()
         if self.consumer is not None:
             try:
                 self.consumer.close()
@@ -229,6 +522,27 @@ class _AbortBatch(Exception):
     """The open transaction must be aborted and the batch re-read."""
 
 
+class _ProducerLost(Exception):
+    """The producer cannot go on (fatal, fenced, or its transaction outlived transaction.timeout.ms)."""
+
+    def __init__(self, reason: str, *, expired: bool = False) -> None:
+        super().__init__(reason)
+        self.expired = expired
+
+
+class _Stopping(Exception):
+    """A stop was requested while waiting to retry; the message says what was being waited for."""
+
+
+def _attempt_timeout(deadline: float) -> float:
+    return max(0.1, min(CALL_TIMEOUT_S, deadline - time.monotonic()))
+
+
+def _too_large(message, topic: str, size: int, limit: int | None) -> Decision:
+    over = f"its max.message.bytes ({limit})" if limit is not None else "the producer's message.max.bytes"
+    return dead_letter(message, DecodeError(OUTPUT_TOO_LARGE, f"the output for {topic} ({size} bytes) is over {over}"))
+
+
 def _next_offsets(messages: list) -> list[TopicPartition]:
     """The next offset to read per partition (last consumed + 1): what send_offsets_to_transaction expects."""
     last: dict[tuple[str, int], int] = {}
@@ -242,10 +556,44 @@ def _partition_list(partitions) -> str:
 
 
 def run_until_signalled(settings: Settings, **kwargs) -> DetectorMetrics:
-    """Run a detector in this process until SIGINT/SIGTERM."""
-    import signal
-
+    """Run a detector in this process: the first SIGINT/SIGTERM stops it cleanly, a second one at once."""
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    return Detector(settings, **kwargs).run(stop)
+    with stop_on_signals(stop):
+        return Detector(settings, **kwargs).run(stop)
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event, signals=(signal.SIGINT, signal.SIGTERM)):
+    """Set `stop` on the first signal; exit at once (status 130) on the second.
+
+    Signals are read on a thread from Python's wake-up fd: the main thread may be inside a blocking
+    librdkafka call, where a Python-level handler would only run once that call returns.
+    """
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous = {signum: signal.signal(signum, lambda *_: None) for signum in signals}
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    wanted = {int(signum) for signum in signals}
+
+    def watch() -> None:
+        while data := os.read(read_fd, 64):
+            for signum in data:
+                if signum not in wanted:
+                    continue
+                if stop.is_set():
+                    os.write(2, b"detector: second signal, exiting at once\n")
+                    os._exit(130)
+                log.info("stopping on %s (send it again to exit at once)", signal.Signals(signum).name)
+                stop.set()
+
+    watcher = threading.Thread(target=watch, name="signal-watcher", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        os.close(write_fd)
+        watcher.join(5)
+        os.close(read_fd)

@@ -54,7 +54,7 @@ from fastavro import json_writer, parse_schema
 
 from fraudstream import argtypes
 from fraudstream.errors import ConfigError, FraudstreamError, KafkaUnavailable
-from fraudstream.kafka import consumer_config
+from fraudstream.kafka import check_secured_connection, consumer_config
 from fraudstream.registry import Registry, UnknownSchema
 from fraudstream.serde import DecodeError, read_payload, split_frame
 from fraudstream.settings import Settings
@@ -488,6 +488,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     follow = args.follow or (not args.from_beginning and args.offset is None)
     options = {"print_key": args.print_key, "print_metadata": args.print_metadata,
                "confluent_json": args.confluent_json, "bytes_encoding": args.bytes_encoding}
+    check_secured_connection(settings)
     with stop_on_signals() as stop:
         try:
             report = inspect_topic(settings, topic, out=sys.stdout, start=start, follow=follow,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 COMMIT_BUCKETS_S = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+RESTORE_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
 @dataclass
@@ -20,7 +21,12 @@ class DetectorMetrics:
     dead_lettered: int = 0
     batches: int = 0
     aborts: int = 0
+    recoveries: int = 0
     registry_retries: int = 0
+    rules: dict[str, int] = field(default_factory=dict)  # fraud decisions per rule that fired
+    state_keys: dict[str, int] = field(default_factory=dict)  # live keys per store, ready partitions
+    changelog_records: int = 0
+    restored_records: int = 0
     commit_seconds: list[float] = field(default_factory=list)  # since the last log line
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
@@ -31,18 +37,36 @@ class DetectorMetrics:
         self._dead = Counter("fraudstream_dead_lettered", "Records dead-lettered, by error kind", ["kind"], registry=self.registry)
         self._batches = Counter("fraudstream_batches", "Batches committed", registry=self.registry)
         self._aborts = Counter("fraudstream_aborts", "Transactions aborted (batch re-read)", registry=self.registry)
+        self._recoveries = Counter("fraudstream_producer_recoveries", "Transactional producers recreated after the "
+                                   "broker ended their epoch (no other detector had taken over)", registry=self.registry)
         self._registry_retries = Counter("fraudstream_registry_retries", "Batch decodes retried because the schema "
                                          "registry did not answer", registry=self.registry)
         self._commit = Histogram("fraudstream_commit_seconds", "Time to commit a batch's transaction",
                                  buckets=COMMIT_BUCKETS_S, registry=self.registry)
+        self._rules = Counter("fraudstream_rule_fired", "Fraud decisions in which a rule fired, by rule", ["rule"],
+                              registry=self.registry)
+        self._state_keys = Gauge("fraudstream_state_keys", "Keys held in a state store (this detector's partitions)",
+                                 ["store"], registry=self.registry)
+        self._changelog = Counter("fraudstream_changelog_records", "State changes written to changelogs (rows and "
+                                  "tombstones), inside committed or aborted transactions", registry=self.registry)
+        self._restored = Counter("fraudstream_state_restored_records", "Changelog records read to restore state",
+                                 registry=self.registry)
+        self._restoring = Gauge("fraudstream_state_restoring_records", "Changelog records still to read for the "
+                                "partitions being restored", registry=self.registry)
+        self._restore = Histogram("fraudstream_state_restore_seconds", "Time to restore a partition's state",
+                                  buckets=RESTORE_BUCKETS_S, registry=self.registry)
         self._last_log = time.monotonic()
         self._consumed_at_last_log = 0
 
     def serve(self, port: int) -> None:
         start_http_server(port, addr="0.0.0.0", registry=self.registry)
 
-    def batch_committed(self, *, consumed: int, legit: int, fraud: int, dead_kinds: dict[str, int], commit_s: float) -> None:
+    def batch_committed(self, *, consumed: int, legit: int, fraud: int, dead_kinds: dict[str, int], commit_s: float,
+                        rules: dict[str, int] | None = None) -> None:
         dead = sum(dead_kinds.values())
+        for rule, count in (rules or {}).items():
+            self.rules[rule] = self.rules.get(rule, 0) + count
+            self._rules.labels(rule).inc(count)
         self.consumed += consumed
         self.legit += legit
         self.fraud += fraud
@@ -58,9 +82,31 @@ class DetectorMetrics:
         self._batches.inc()
         self._commit.observe(commit_s)
 
+    def state_size(self, keys: dict[str, int]) -> None:
+        self.state_keys = keys
+        for store, count in keys.items():
+            self._state_keys.labels(store).set(count)
+
+    def changelog_written(self, records: int) -> None:
+        self.changelog_records += records
+        self._changelog.inc(records)
+
+    def restored(self, progress, seconds: float) -> None:
+        """A partition's state is restored (progress: consumer.state.recovery.RestoreProgress)."""
+        self.restored_records += progress.records
+        self._restored.inc(progress.records)
+        self._restore.observe(seconds)
+
+    def restoring(self, remaining_records: int) -> None:
+        self._restoring.set(remaining_records)
+
     def aborted(self) -> None:
         self.aborts += 1
         self._aborts.inc()
+
+    def recovered(self) -> None:
+        self.recoveries += 1
+        self._recoveries.inc()
 
     def registry_retried(self) -> None:
         self.registry_retries += 1
@@ -77,5 +123,12 @@ class DetectorMetrics:
         p50 = commits[len(commits) // 2] * 1000 if commits else 0.0
         p99 = commits[min(len(commits) - 1, int(len(commits) * 0.99))] * 1000 if commits else 0.0
         self._last_log, self._consumed_at_last_log, self.commit_seconds = now, self.consumed, []
-        return (f"consumed={self.consumed} legit={self.legit} fraud={self.fraud} dead_lettered={self.dead_lettered} "
-                f"batches={self.batches} aborts={self.aborts} rate={rate:.0f}/s commit_ms p50={p50:.1f} p99={p99:.1f}")
+        line = (f"consumed={self.consumed} legit={self.legit} fraud={self.fraud} dead_lettered={self.dead_lettered} "
+                f"batches={self.batches} aborts={self.aborts} recoveries={self.recoveries} rate={rate:.0f}/s "
+                f"commit_ms p50={p50:.1f} p99={p99:.1f}")
+        if self.state_keys:
+            keys = " ".join(f"{store}={count}" for store, count in self.state_keys.items())
+            line += f" state_keys {keys} changelog={self.changelog_records} restored={self.restored_records}"
+        if self.rules:
+            line += " rules " + " ".join(f"{rule}={count}" for rule, count in sorted(self.rules.items()))
+        return line

@@ -1,22 +1,226 @@
-"""Fraud rules: pure functions over typed transactions, all in this module.
+"""Fraud rules: pure functions over transactions and their features, all in this module.
 
-A rule is a name and a predicate over a Transaction, plus the same predicate over a batch's
-Arrow columns for the columnar decoder (tests/unit/test_rules.py checks that the two agree).
-A transaction is fraud when at least one rule fires, and its FraudAlert names them. Rules see
-one transaction at a time and keep no state, so they give the same answer in any detector
-process of the group, before or after a crash.
+Two layers:
+
+- `RuleSet` (the detector's rules): each rule is a named, vectorized predicate over a batch's
+  columns (TxColumns) and its per-card and per-terminal features (consumer.features), with
+  thresholds from a TOML rules file (`load_rules`; defaults in DEFAULT_RULES, documented in
+  rules/default.toml). `evaluate` returns one boolean row per rule; a transaction is fraud when
+  any rule fires, and its FraudAlert names them. The features carry the state; the rules keep
+  none, so changing a threshold never invalidates stored state.
+- `Rule` (stateless, per transaction): the seed's large_amount rule as a predicate over one
+  Transaction and over Arrow columns, used by the stateless decide stage
+  (tests/unit/test_rules.py checks that the two agree).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import hashlib
+import math
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from consumer.features import CHANNEL_CODE, CHANNELS
+from fraudstream.errors import ConfigError
 from fraudstream.records import Transaction
-from fraudstream.settings import Settings
+from fraudstream.settings import PROJECT_ROOT, Settings
+
+DEFAULT_RULES_FILE = PROJECT_ROOT / "rules" / "default.toml"
+LARGE_AMOUNT = "large_amount"
+CARD_TESTING = "card_testing"
+IMPOSSIBLE_TRAVEL = "impossible_travel"
+FAR_FROM_HOME = "far_from_home"
+COMPROMISED_TERMINAL = "compromised_terminal"
+RULE_NAMES: tuple[str, ...] = (LARGE_AMOUNT, CARD_TESTING, IMPOSSIBLE_TRAVEL, FAR_FROM_HOME, COMPROMISED_TERMINAL)
+
+# Big-ticket merchant categories (ISO 18245): where a genuine purchase above the threshold is common.
+BIG_TICKET_CATEGORIES = ("5311", "5712", "5732", "5944", "7011", "4511")
+
+# In-person channels a cloned card (a magstripe copy) can use: a contactless payment needs the real
+# chip or phone, so the location rules leave it out.
+CLONABLE_CHANNELS = ("CARD_PRESENT", "ATM")
+
+# The documented defaults; rules/default.toml repeats them with their reasons (a test keeps the two equal).
+# large_amount.threshold_cents is absent here: it defaults to Settings.fraud_threshold_cents.
+DEFAULT_RULES: dict[str, dict[str, Any]] = {
+    LARGE_AMOUNT: {"enabled": True, "exempt_categories": list(BIG_TICKET_CATEGORIES),
+                   "exempt_below_cents": 140_000, "exempt_unless_known_terminal": True},
+    CARD_TESTING: {"enabled": True, "test_max_cents": 250, "test_categories": ["5815"], "first_test": True,
+                   "min_session_small": 1},
+    IMPOSSIBLE_TRAVEL: {"enabled": True, "max_speed_kmh": 20_000.0, "min_jump_km": 300.0, "away_km": 300.0,
+                        "channels": list(CLONABLE_CHANNELS)},
+    FAR_FROM_HOME: {"enabled": True, "max_speed_kmh": 20_000.0, "away_km": 300.0, "window_s": 3_600.0,
+                    "channels": list(CLONABLE_CHANNELS)},
+    COMPROMISED_TERMINAL: {"enabled": True, "min_other_cards": 1, "min_home_km": 100.0, "min_other_cards_anywhere": 3},
+}
+
+# Parameter kinds, for validation: (type, minimum).
+_KINDS: dict[str, tuple[type, float | None]] = {
+    "enabled": (bool, None), "threshold_cents": (int, 0), "exempt_below_cents": (int, 0),
+    "exempt_unless_known_terminal": (bool, None), "exempt_categories": (list, None),
+    "test_max_cents": (int, 0), "test_categories": (list, None), "first_test": (bool, None),
+    "min_session_small": (int, 1), "max_speed_kmh": (float, 0.0), "min_jump_km": (float, 0.0),
+    "away_km": (float, 0.0), "channels": (list, None), "window_s": (float, 0.0), "min_other_cards": (int, 1), "min_home_km": (float, 0.0),
+    "min_other_cards_anywhere": (int, 1),
+}
+
+IN_PERSON_CODES = np.array([CHANNEL_CODE[c] for c in ("CARD_PRESENT", "CONTACTLESS", "ATM")], dtype=np.int8)
+ONLINE_CODE = CHANNEL_CODE["ONLINE"]
+
+
+def _channel_codes(values: Sequence[str]) -> np.ndarray:
+    return np.array([CHANNEL_CODE[v] for v in values], dtype=np.int8)
+
+
+def _mcc_codes(values: Sequence[str]) -> np.ndarray:
+    return np.array([int(v) for v in values], dtype=np.int16)
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """Named rules with their thresholds; `version` identifies the rules file's content."""
+
+    names: tuple[str, ...]
+    thresholds: Mapping[str, Mapping[str, Any]]
+    version: str
+
+    def evaluate(self, tx: Any, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        """bool (len(names), n): which rule fires for which transaction. `tx` is a TxColumns; features
+        are card_features' output, plus terminal_features' when the terminal rule is in the set."""
+        n = len(tx.amount_cents)
+        fired = np.zeros((len(self.names), n), dtype=bool)
+        for row, name in enumerate(self.names):
+            fired[row] = _PREDICATES[name](self.thresholds[name], tx, features)
+        return fired
+
+    def fired_names(self, fired: np.ndarray) -> list[list[str]]:
+        """Per transaction, the names of the rules that fired (the FraudAlert's `rules`)."""
+        names = self.names
+        return [[names[r] for r in np.flatnonzero(column)] for column in fired.T]
+
+    def without(self, *names: str) -> RuleSet:
+        keep = tuple(n for n in self.names if n not in names)
+        return RuleSet(keep, {n: self.thresholds[n] for n in keep}, self.version)
+
+
+def _large_amount(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndarray]) -> np.ndarray:
+    """More than the threshold in one payment, except where such payments are ordinary (big-ticket
+    merchants) and below `exempt_below_cents` — unless the card already knows the terminal."""
+    large = tx.amount_cents > t["threshold_cents"]
+    exempt = np.isin(tx.merchant_category, _mcc_codes(t["exempt_categories"])) & (tx.amount_cents <= t["exempt_below_cents"])
+    if t["exempt_unless_known_terminal"]:
+        exempt &= ~f["known_terminal"]
+    return large & ~exempt
+
+
+def _card_testing(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndarray]) -> np.ndarray:
+    """A tiny online payment from a device new to the card at a merchant where cards are tested; then,
+    in the same session, more small payments or any payment from the device that came with them."""
+    online = tx.channel == ONLINE_CODE
+    tiny = tx.amount_cents <= t["test_max_cents"]
+    burst = (f["session_small"] >= t["min_session_small"]) & (tiny | f["session_device"])
+    if not t["first_test"]:
+        return burst
+    first = online & tiny & f["new_device"] & np.isin(tx.merchant_category, _mcc_codes(t["test_categories"]))
+    return first | burst
+
+
+def _impossible_travel(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndarray]) -> np.ndarray:
+    """In person, far from the previous in-person payment, faster than a plane, and away from home
+    (a jump back home is tolerated: home is where the card is known)."""
+    return (np.isin(tx.channel, _channel_codes(t["channels"])) & (f["dist_prev_km"] >= t["min_jump_km"])
+            & (f["speed_kmh"] > t["max_speed_kmh"]) & (f["dist_home_km"] >= t["away_km"]))
+
+
+def _far_from_home(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndarray]) -> np.ndarray:
+    """In person, away from home, in a stay that began with an impossible jump less than window_s ago."""
+    return (np.isin(tx.channel, _channel_codes(t["channels"])) & (f["dist_home_km"] >= t["away_km"])
+            & (f["stay_kmh"] > t["max_speed_kmh"]) & (f["stay_s"] <= t["window_s"]))
+
+
+def _compromised_terminal(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndarray]) -> np.ndarray:
+    """In person, at a terminal that took other cards within its window: a few on a card far from its
+    home (victims are anyone's cards, locals are not), or many on any card."""
+    if "terminal_cards" not in f:
+        raise ConfigError("the compromised_terminal rule needs terminal features (a stage keyed by terminal)")
+    cards = f["terminal_cards"]
+    return np.isin(tx.channel, IN_PERSON_CODES) & (
+        ((cards >= t["min_other_cards"]) & (f["dist_home_km"] >= t["min_home_km"]))
+        | (cards >= t["min_other_cards_anywhere"]))
+
+
+_PREDICATES: dict[str, Callable[[Mapping[str, Any], Any, Mapping[str, np.ndarray]], np.ndarray]] = {
+    LARGE_AMOUNT: _large_amount, CARD_TESTING: _card_testing, IMPOSSIBLE_TRAVEL: _impossible_travel,
+    FAR_FROM_HOME: _far_from_home, COMPROMISED_TERMINAL: _compromised_terminal,
+}
+# Rules whose features need per-terminal state: not run by a stage keyed by account.
+TERMINAL_RULES = frozenset({COMPROMISED_TERMINAL})
+
+
+def load_rules(path: Path | None = None, *, settings: Settings | None = None) -> RuleSet:
+    """The rules of a TOML file over the documented defaults (None: the defaults alone).
+
+    A table per rule, e.g. `[impossible_travel]` with `max_speed_kmh = 900.0`; a missing table or
+    key keeps its default, `enabled = false` drops the rule. Unknown rules or keys, wrong types and
+    out-of-range values are a ConfigError with one line naming the file and the key.
+    """
+    settings = settings or Settings()
+    merged = {name: dict(params) for name, params in DEFAULT_RULES.items()}
+    merged[LARGE_AMOUNT]["threshold_cents"] = settings.fraud_threshold_cents
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"rules file {path}: {exc.strerror or exc}") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"rules file {path}: not valid TOML: {exc}") from exc
+        for name, params in data.items():
+            if name not in merged:
+                raise ConfigError(f"rules file {path}: unknown rule [{name}]; known: {', '.join(RULE_NAMES)}")
+            if not isinstance(params, dict):
+                raise ConfigError(f"rules file {path}: {name} must be a table ([{name}])")
+            for key, value in params.items():
+                if key not in merged[name]:
+                    raise ConfigError(f"rules file {path}: unknown key {name}.{key}; "
+                                      f"known: {', '.join(sorted(merged[name]))}")
+                merged[name][key] = _checked(path, f"{name}.{key}", key, value)
+    names = tuple(name for name in RULE_NAMES if merged[name]["enabled"])
+    version = hashlib.sha256(repr(sorted((n, sorted(merged[n].items())) for n in names)).encode()).hexdigest()[:12]
+    return RuleSet(names, {name: merged[name] for name in names}, version)
+
+
+def _checked(path: Path, where: str, key: str, value: Any) -> Any:
+    kind, minimum = _KINDS[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is list and key == "channels":
+        if not isinstance(value, list) or not all(v in CHANNELS for v in value):
+            raise ConfigError(f"rules file {path}: {where} must be a list of channels among {', '.join(CHANNELS)}")
+        return value
+    if kind is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) and len(v) == 4 and v.isdigit() for v in value):
+            raise ConfigError(f"rules file {path}: {where} must be a list of four-digit merchant category codes")
+        return value
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"rules file {path}: {where} must be {'a whole number' if kind is int else kind.__name__}, "
+                          f"not {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"rules file {path}: {where} must be a finite number, not {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"rules file {path}: {where} must be at least {minimum:g}, not {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Stateless per-transaction rules (the stateless decide stage).
 
 
 @dataclass(frozen=True, slots=True)

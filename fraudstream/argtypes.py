@@ -31,3 +31,11 @@ def seconds(text: str) -> float:
     if number < 0:
         raise argparse.ArgumentTypeError("must not be negative")
     return number
+
+
+def property_pair(text: str) -> str:
+    """KEY=VALUE of a client property. The message never repeats the text: the value may be a secret."""
+    key, sep, _ = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError("wants KEY=VALUE (a client property), got an item without '=' or without a key")
+    return text

@@ -10,8 +10,12 @@ import argparse
 import importlib
 import sys
 
+from pathlib import Path
+
+from fraudstream import argtypes
+from fraudstream.client_config import normalize_registry, parse_pairs, read_properties_file
 from fraudstream.errors import FraudstreamError
-from fraudstream.settings import Settings
+from fraudstream.settings import ENV, Settings
 
 # name -> (module with add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -21,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("consumer.cli", "route transactions to legit/fraud topics, exactly once"),
     "inspect": ("consumer.inspect", "print a topic's records as JSON lines (like kafka-avro-console-consumer)"),
     "demo": ("fraudstream.demo", "run the whole pipeline on the local stack with a live view"),
+    "evaluate": ("fraudstream.evaluate", "measure detection quality from the outputs and the labels (Handbook metrics)"),
 }
 
 
@@ -31,11 +36,44 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--schema-registry-url", dest="schema_registry_url",
                        help="Confluent-compatible Schema Registry URL [SCHEMA_REGISTRY_URL]")
     group.add_argument("--topic", dest="transactions_topic", help="input topic; the others derive from it [FRAUDSTREAM_TOPIC]")
+    client = parser.add_argument_group(
+        "client properties (for TLS, SASL, registry auth; a flag overrides the file, named flags override both)")
+    client.add_argument("-F", "--kafka-config", dest="kafka_config", type=Path, metavar="FILE",
+                        help=f"librdkafka properties file, key=value lines as in client.properties [{ENV['kafka_config']}]")
+    client.add_argument("-X", "--kafka-property", dest="kafka_property", action="append", default=[],
+                        type=argtypes.property_pair, metavar="KEY=VALUE",
+                        help="a librdkafka property, e.g. security.protocol=SASL_SSL; repeatable")
+    client.add_argument("--registry-config", dest="registry_config", type=Path, metavar="FILE",
+                        help="schema registry client properties file: url, basic.auth.user.info, ssl.ca.location, "
+                             f"ssl.certificate.location, ssl.key.location, bearer.auth.* [{ENV['registry_config']}]")
+    client.add_argument("-R", "--registry-property", dest="registry_property", action="append", default=[],
+                        type=argtypes.property_pair, metavar="KEY=VALUE",
+                        help="a schema registry client property, e.g. basic.auth.user.info=KEY:SECRET; repeatable")
+
+
+def client_flags(settings: Settings) -> list[str]:
+    """Flags that give a child command the same client properties: the files, and -X/-R for what
+    differs from them. Bootstrap servers and registry URL are left to the connection flags."""
+    flags: list[str] = []
+    for option, pair_flag, path, properties, what in (
+        ("--kafka-config", "-X", settings.kafka_config, settings.kafka_extra, "Kafka client properties"),
+        ("--registry-config", "-R", settings.registry_config, settings.registry_extra, "registry client properties"),
+    ):
+        from_file: dict[str, str] = {}
+        if path:
+            flags += [option, str(path)]
+            from_file = read_properties_file(path, what)
+            if pair_flag == "-R":
+                from_file = normalize_registry(from_file)
+        for key, value in properties.items():
+            if from_file.get(key) != value:
+                flags += [pair_flag, f"{key}={value}"]
+    return flags
 
 
 SETTINGS_FLAGS = ("bootstrap_servers", "schema_registry_url", "transactions_topic", "partitions", "group_id",
                   "transactional_id", "fraud_threshold_cents", "batch_max_records", "batch_max_ms", "decoder",
-                  "metrics_port", "compatibility")
+                  "metrics_port", "compatibility", "stateful", "rules_file", "kafka_config", "registry_config")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         overrides = {name: getattr(args, name) for name in SETTINGS_FLAGS if hasattr(args, name)}
-        settings = Settings.from_env(**overrides)
+        settings = Settings.from_env(
+            kafka_properties=parse_pairs(getattr(args, "kafka_property", []), "-X/--kafka-property"),
+            registry_properties=parse_pairs(getattr(args, "registry_property", []), "-R/--registry-property"),
+            **overrides)
         return int(args.module.run(args, settings) or 0)
     except FraudstreamError as exc:
         print(f"fraudstream {args.command}: error: {exc}", file=sys.stderr)

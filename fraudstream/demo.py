@@ -48,8 +48,13 @@ from fraudstream.serde import DecodeError, Decoder
 from fraudstream.serde import frame as confluent_frame
 from fraudstream.settings import ENV, Settings
 
-DEFAULT_DURATION_S = 30.0
-DEFAULT_RATE = 500
+DEFAULT_DURATION_S = 60.0
+DEFAULT_RATE = 1_000
+# Event time runs this many times faster than the wall clock (`produce --speedup`): an hour of event
+# time per second. At 1,000/s over 5,000 accounts, each account pays every ~5 s of wall time, so
+# every few hours of event time, as cards do; card-testing bursts and cloned-card sprees (seconds
+# to minutes of event time) stay intact, and a 60 s demo covers 2.5 days with every scenario in it.
+DEFAULT_SPEEDUP = 3_600.0
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
 DEFAULT_PLAIN_INTERVAL_S = 5.0
 DEFAULT_BAD_RECORDS = 3
@@ -85,11 +90,15 @@ class DemoFailed(FraudstreamError):
 # ---------------------------------------------------------------- options
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fraudstream.cli import add_connection_arguments
+    from producer.cli import speedup
 
     parser.add_argument("--duration", type=argtypes.seconds, default=DEFAULT_DURATION_S, metavar="S",
                         help=f"seconds of traffic (default {DEFAULT_DURATION_S:.0f}; 0: until Ctrl-C)")
     parser.add_argument("--rate", type=argtypes.positive_int, default=DEFAULT_RATE, metavar="R",
                         help=f"transactions per second from the generator (default {DEFAULT_RATE})")
+    parser.add_argument("--speedup", type=speedup, default=DEFAULT_SPEEDUP, metavar="N",
+                        help=f"event time runs N times faster than the wall clock (default {DEFAULT_SPEEDUP:g}: "
+                             "an hour per second, so each card pays every few hours)")
     parser.add_argument("--detectors", type=argtypes.positive_int, default=1, metavar="N",
                         help="detector processes in one consumer group, to show scaling out (default 1)")
     parser.add_argument("--seed", type=int, help="generator seed, for a repeatable run")
@@ -153,26 +162,32 @@ class DetectionScore:
     true_negatives: int = 0
     caught_by_scenario: Counter[str] = field(default_factory=Counter)
     missed_by_scenario: Counter[str] = field(default_factory=Counter)
-    _decisions: dict[str, bool] = field(default_factory=dict)  # flagged?, awaiting a label
+    # Which rule caught what: rule -> scenario of the transactions it fired on ("legit": false positives).
+    by_rule: dict[str, Counter[str]] = field(default_factory=dict)
+    _decisions: dict[str, tuple[str, ...]] = field(default_factory=dict)  # rules fired (empty: legit), awaiting a label
     _labels: dict[str, tuple[bool, str]] = field(default_factory=dict)  # (is_fraud, scenario), awaiting a decision
     _recent_verdicts: OrderedDict[str, bool] = field(default_factory=OrderedDict)  # flagged id -> truly fraud
 
-    def decided(self, transaction_id: str, flagged: bool) -> None:
+    def decided(self, transaction_id: str, flagged: bool, rules: tuple[str, ...] = ()) -> None:
+        """A routing decision; `rules`: the FraudAlert's rules (a flagged record without any counts as one rule, "?")."""
+        fired = (tuple(rules) or ("?",)) if flagged else ()
         label = self._labels.pop(transaction_id, None)
         if label is None:
-            self._decisions[transaction_id] = flagged
+            self._decisions[transaction_id] = fired
         else:
-            self._score(transaction_id, flagged, *label)
+            self._score(transaction_id, fired, *label)
 
     def labelled(self, transaction_id: str, is_fraud: bool, scenario: str) -> None:
-        flagged = self._decisions.pop(transaction_id, None)
-        if flagged is None:
+        fired = self._decisions.pop(transaction_id, None)
+        if fired is None:
             self._labels[transaction_id] = (is_fraud, scenario)
         else:
-            self._score(transaction_id, flagged, is_fraud, scenario)
+            self._score(transaction_id, fired, is_fraud, scenario)
 
-    def _score(self, transaction_id: str, flagged: bool, is_fraud: bool, scenario: str) -> None:
-        if flagged:
+    def _score(self, transaction_id: str, fired: tuple[str, ...], is_fraud: bool, scenario: str) -> None:
+        for rule in fired:
+            self.by_rule.setdefault(rule, Counter())[scenario] += 1
+        if fired:
             if is_fraud:
                 self.true_positives += 1
                 self.caught_by_scenario[scenario] += 1
@@ -186,6 +201,11 @@ class DetectionScore:
             self.missed_by_scenario[scenario] += 1
         else:
             self.true_negatives += 1
+
+    def recall_by_scenario(self) -> dict[str, tuple[int, int]]:
+        """Scenario -> (caught, frauds labelled), most frauds first."""
+        totals = self.caught_by_scenario + self.missed_by_scenario
+        return {name: (self.caught_by_scenario[name], total) for name, total in totals.most_common()}
 
     def verdict(self, transaction_id: str) -> bool | None:
         """For a recent alert: True if it really was fraud, False for a false positive, None: no label yet."""
@@ -270,7 +290,7 @@ class DemoState:
         tx = alert.transaction
         self.latest_alerts.appendleft(AlertLine(tx.transaction_id, tx.account_id, tx.amount_cents, tx.currency,
                                                 tx.channel, tx.country, alert.rules, alert.detected_at))
-        self.score.decided(tx.transaction_id, flagged=True)
+        self.score.decided(tx.transaction_id, flagged=True, rules=alert.rules)
 
     def on_dead_letter(self) -> None:
         self.counts.dead_letter += 1
@@ -599,8 +619,12 @@ class Cluster:
 
 def connect(settings: Settings, args: argparse.Namespace, log: Callable[[str], None]) -> Cluster:
     """The cluster the environment or flags name; else the local stack, started if needed."""
+    defaults = Settings()
     given = (args.bootstrap_servers or args.schema_registry_url
-             or os.environ.get(ENV["bootstrap_servers"]) or os.environ.get(ENV["schema_registry_url"]))
+             or os.environ.get(ENV["bootstrap_servers"]) or os.environ.get(ENV["schema_registry_url"])
+             # named by a client properties file or flag
+             or settings.bootstrap_servers != defaults.bootstrap_servers
+             or settings.schema_registry_url != defaults.schema_registry_url)
     if given:
         wait_for_cluster(settings)
         return Cluster(settings, started_stack=False)
@@ -614,7 +638,10 @@ def connect(settings: Settings, args: argparse.Namespace, log: Callable[[str], N
 
 
 def connection_flags(settings: Settings) -> list[str]:
-    return ["--bootstrap-servers", settings.bootstrap_servers, "--schema-registry-url", settings.schema_registry_url]
+    from fraudstream.cli import client_flags
+
+    return ["--bootstrap-servers", settings.bootstrap_servers, "--schema-registry-url", settings.schema_registry_url,
+            *client_flags(settings)]
 
 
 def detector_command(settings: Settings, index: int) -> list[str]:
@@ -627,8 +654,8 @@ def detector_command(settings: Settings, index: int) -> list[str]:
 
 
 def producer_command(settings: Settings, args: argparse.Namespace) -> list[str]:
-    command = ["produce", "--topic", settings.transactions_topic, "--rate", str(args.rate), "--quiet",
-               *connection_flags(settings)]
+    command = ["produce", "--topic", settings.transactions_topic, "--rate", str(args.rate),
+               "--speedup", f"{args.speedup:g}", "--quiet", *connection_flags(settings)]
     if args.duration > 0:
         command += ["--duration", f"{args.duration:g}"]
     if args.seed is not None:
@@ -810,6 +837,7 @@ def summary_lines(frame: Frame, settings: Settings, *, extra_flags: list[str], l
     if s.missed_by_scenario:
         missed = ", ".join(f"{name} {n:,}" for name, n in s.missed_by_scenario.most_common())
         lines.append(f"  missed frauds by scenario: {missed}")
+    lines += scenario_lines(s)
     if frame.state.undecodable_outputs:
         lines.append(f"  {frame.state.undecodable_outputs:,} output or label records could not be decoded by the view")
     if frame.state.rules_fired:
@@ -834,7 +862,24 @@ def summary_lines(frame: Frame, settings: Settings, *, extra_flags: list[str], l
         f"false_negatives={s.false_negatives}", f"true_negatives={s.true_negatives}",
         f"bad_records={bad_records}", f"traffic_s={traffic_s:.1f}", f"elapsed_s={frame.elapsed_s:.1f}",
         f"counts_add_up={'yes' if c.add_up else 'no'}",
+        *(f"recall_{name}={caught / total:.4f}" for name, (caught, total) in sorted(s.recall_by_scenario().items())),
     ]))
+    return lines
+
+
+def scenario_lines(score: DetectionScore) -> list[str]:
+    """Recall per fraud scenario, and which rule caught what (from the labels and FraudAlert.rules)."""
+    recalls = score.recall_by_scenario()
+    if not recalls and not score.by_rule:
+        return []
+    lines = ["  recall by scenario:"]
+    for name, (caught, total) in recalls.items():
+        lines.append(f"    {name:<22} {_pct(caught, total):>6}  ({caught:,} of {total:,} caught)")
+    if score.by_rule:
+        lines.append("  which rule caught what (a transaction may fire several rules):")
+        for rule, counts in sorted(score.by_rule.items()):
+            caught = ", ".join(f"{name} {n:,}" for name, n in counts.most_common() if name != "legit") or "no fraud"
+            lines.append(f"    {rule:<22} {caught}; false positives {counts['legit']:,}")
     return lines
 
 
@@ -845,7 +890,14 @@ def _inspect_flags(settings: Settings) -> list[str]:
     if settings.bootstrap_servers != plain.bootstrap_servers:
         flags += ["--bootstrap-servers", settings.bootstrap_servers]
     if settings.schema_registry_url != plain.schema_registry_url:
-        flags += ["--schema-registry-url", settings.schema_registry_url]
+        flags += ["--schema-registry-url", settings.registry_url_display]
+    from fraudstream.cli import client_flags
+    from fraudstream.client_config import REDACTED, is_secret
+
+    given = client_flags(settings)
+    if given != client_flags(plain):  # client properties from flags: the printed commands need them too
+        flags += [f"{item.split('=', 1)[0]}={REDACTED}" if "=" in item and is_secret(item.split("=", 1)[0]) else item
+                  for item in given]
     return flags
 
 

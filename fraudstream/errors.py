@@ -32,3 +32,7 @@ class KafkaUnavailable(FraudstreamError):
 
 class Fenced(FraudstreamError):
     """Another process took over this detector's transactional id (or the producer hit a fatal error)."""
+
+
+class StateError(FraudstreamError):
+    """Keyed state cannot be kept or restored: a changelog that does not match the input, or cannot be read."""

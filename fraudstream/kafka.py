@@ -3,80 +3,126 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
+from fraudstream.client_config import redact
 from fraudstream.errors import KafkaUnavailable
-from fraudstream.settings import Settings
+from fraudstream.settings import MAX_POLL_INTERVAL_S, Settings
 
 log = logging.getLogger("fraudstream.kafka")
 
 
+# Defaults a user may change with client properties (-X, FRAUDSTREAM_KAFKA_CONFIG). What the code
+# depends on is applied after the user's properties; Settings refuses those keys with one line.
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    "acks": "all",
+    "linger.ms": 5,
+    "batch.num.messages": 10_000,
+    "compression.type": "lz4",
+}
+TRANSACTIONAL_PRODUCER_DEFAULTS: dict[str, Any] = {
+    **PRODUCER_DEFAULTS,
+    "linger.ms": 2,
+}
+CONSUMER_DEFAULTS: dict[str, Any] = {
+    "auto.offset.reset": "earliest",
+    "partition.assignment.strategy": "cooperative-sticky",
+    # A killed detector's partitions move to the others after this long (librdkafka default: 45 s).
+    "session.timeout.ms": 10_000,
+}
+
+
+def client_config(settings: Settings, defaults: dict[str, Any], required: dict[str, Any],
+                  overrides: dict[str, Any]) -> dict[str, Any]:
+    """Our defaults, then the user's client properties, then what the code depends on, then the caller's."""
+    return {"bootstrap.servers": settings.bootstrap_servers, **defaults, **settings.kafka_extra, **required,
+            **overrides}
+
+
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     """Idempotent, acks=all, batched: what a payment producer should be."""
-    return {
-        **settings.kafka_common(),
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": 5,
-        "batch.num.messages": 10_000,
-        "compression.type": "lz4",
-        "logger": _client_logger("producer"),
-        **overrides,
-    }
+    return client_config(settings, PRODUCER_DEFAULTS,
+                         {"enable.idempotence": True, "logger": _client_logger("producer")}, overrides)
 
 
 def transactional_producer_config(settings: Settings, transactional_id: str, **overrides: Any) -> dict[str, Any]:
-    return producer_config(
-        settings,
-        **{
-            "transactional.id": transactional_id,
-            # An open transaction stalls read_committed readers: keep it bounded (pitfall 5).
-            # Also how long a killed detector's open transaction can hold back readers if no process
-            # with its transactional id comes back to abort it.
-            "transaction.timeout.ms": 10_000,
-            "linger.ms": 2,
-            **overrides,
-        },
-    )
+    return client_config(settings, TRANSACTIONAL_PRODUCER_DEFAULTS,
+                         {"enable.idempotence": True, "transactional.id": transactional_id,
+                          # An open transaction stalls read_committed readers: keep it bounded. Also how
+                          # long a killed detector's open transaction can hold back readers if no process
+                          # with its transactional id comes back to abort it.
+                          "transaction.timeout.ms": settings.transaction_timeout_ms,
+                          "logger": _client_logger("producer")}, overrides)
 
 
 def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict[str, Any]:
-    return {
-        **settings.kafka_common(),
+    return client_config(settings, CONSUMER_DEFAULTS, {
         "group.id": group_id,
-        "isolation.level": "read_committed",  # librdkafka's default, stated anyway (pitfall 6)
+        "isolation.level": "read_committed",  # librdkafka's default, stated anyway
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
-        "auto.offset.reset": "earliest",
-        "partition.assignment.strategy": "cooperative-sticky",
-        # A killed detector's partitions move to the others after this long (librdkafka default: 45 s).
-        "session.timeout.ms": 10_000,
+        # The outage limits in Settings are checked against it.
+        "max.poll.interval.ms": MAX_POLL_INTERVAL_S * 1000,
         "logger": _client_logger("consumer"),
-        **overrides,
-    }
+    }, overrides)
 
 
-def admin(settings: Settings) -> AdminClient:
-    return AdminClient({**settings.kafka_common(), "logger": _client_logger("admin")})
+def admin(settings: Settings, **overrides: Any) -> AdminClient:
+    return AdminClient(client_config(settings, {}, {"logger": _client_logger("admin")}, overrides))
 
 
 def wait_for_cluster(settings: Settings, timeout_s: float = 15.0) -> None:
-    """Fail fast, with one clear line, when the brokers do not answer."""
-    client = admin(settings)
+    """Fail fast, with one clear line, when the brokers do not answer or refuse our credentials or TLS."""
+    refused: list[KafkaError] = []
+
+    def on_error(error: KafkaError) -> None:
+        if error.code() in REFUSALS:
+            refused.append(error)
+
+    # Its log lines would repeat the refusal in librdkafka's words; the error below says it once.
+    client = admin(settings, error_cb=on_error, logger=_silent_logger())
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not refused:
         try:
-            if client.list_topics(timeout=min(5.0, max(0.5, deadline - time.monotonic()))).brokers:
+            if client.list_topics(timeout=min(1.0, max(0.5, deadline - time.monotonic()))).brokers:
                 return
         except KafkaException as exc:
             last = exc
+        client.poll(0)  # serves error_cb
+    if refused:
+        raise KafkaUnavailable(refusal_message(settings, refused[0]))
     raise KafkaUnavailable(f"Kafka at {settings.bootstrap_servers} did not answer within {timeout_s:.0f}s"
                            + (f" ({last.args[0].str()})" if last else ""))
+
+
+def check_secured_connection(settings: Settings) -> None:
+    """With TLS or SASL configured, make sure the brokers accept this client before reading: a refused
+    handshake would otherwise surface later as a bare transport failure."""
+    if str(settings.kafka_extra.get("security.protocol", "plaintext")).lower() != "plaintext":
+        wait_for_cluster(settings)
+
+
+# librdkafka errors that no retry will cure: the broker refused our credentials or our TLS handshake.
+REFUSALS = frozenset({KafkaError._AUTHENTICATION, KafkaError._SSL})
+
+
+def refusal_message(settings: Settings, error: KafkaError) -> str:
+    """One line for a refused connection, saying what to check; never a secret."""
+    # librdkafka prefixes the broker's address ("sasl_ssl://127.0.0.1:9443/bootstrap: "); ours is given once.
+    text = re.sub(r"^\S+://\S+?: ", "", error.str())
+    if error.code() == KafkaError._AUTHENTICATION:
+        hint = "check sasl.username and sasl.password (and sasl.mechanisms)"
+    elif "certificate verify failed" in text or "unable to get local issuer" in text:
+        hint = "the broker's certificate is not signed by a CA this client trusts: set ssl.ca.location to that CA"
+    else:
+        hint = "check the TLS settings (ssl.*) and security.protocol"
+    return f"Kafka at {settings.bootstrap_servers} refused the connection: {redact(text, settings.kafka_extra)}; {hint}"
 
 
 def ensure_topics(settings: Settings, topics: tuple[str, ...] | None = None, *, partitions: int | None = None) -> None:
@@ -100,6 +146,49 @@ def ensure_topics(settings: Settings, topics: tuple[str, ...] | None = None, *, 
                 raise KafkaUnavailable(f"could not create topic {topic}: {exc.args[0].str()}") from exc
 
 
+def max_message_bytes(settings: Settings, topics: tuple[str, ...], *, timeout_s: float = 10.0) -> dict[str, int]:
+    """Each topic's max.message.bytes: the largest record batch (header included) its brokers accept."""
+    resources = [ConfigResource(ResourceType.TOPIC, topic) for topic in topics]
+    limits = {}
+    client = admin(settings)  # referenced until its futures resolve: a destroyed client fails them
+    for resource, future in client.describe_configs(resources, request_timeout=timeout_s).items():
+        try:
+            limits[resource.name] = int(future.result()["max.message.bytes"].value)
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"could not read the configuration of topic {resource.name}: "
+                                   f"{exc.args[0].str()}") from exc
+    return limits
+
+
+def static_members(settings: Settings, group_id: str, instance_id: str, *, timeout_s: float = 10.0) -> list[str]:
+    """Member ids that hold `instance_id` (group.instance.id) in the group, as its coordinator sees it now."""
+    client = admin(settings)  # referenced until its future resolves
+    future = client.describe_consumer_groups([group_id], request_timeout=timeout_s)[group_id]
+    try:
+        description = future.result()
+    except KafkaException as exc:
+        raise KafkaUnavailable(f"could not describe consumer group {group_id}: {exc.args[0].str()}") from exc
+    return [m.member_id for m in description.members if m.group_instance_id == instance_id]
+
+
+def _silent_logger() -> logging.Logger:
+    logger = logging.getLogger("fraudstream.librdkafka.probe")
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+    logger.propagate = False
+    return logger
+
+
 def _client_logger(role: str) -> logging.Logger:
     """librdkafka logs through Python logging (not raw stderr), so the CLI decides what is shown."""
     return logging.getLogger(f"fraudstream.librdkafka.{role}")
+
+
+def produce_or_wait(producer, topic: str, value, key=None, **kwargs) -> None:
+    """produce(), waiting while librdkafka's local queue is full: serving delivery reports frees it."""
+    while True:
+        try:
+            producer.produce(topic, value, key, **kwargs)
+            return
+        except BufferError:
+            producer.poll(0.05)

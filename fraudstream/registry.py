@@ -14,6 +14,7 @@ from typing import Any
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
+from fraudstream.client_config import redact
 from fraudstream.errors import RegistryError, SchemaError
 from fraudstream.schemas import SchemaSet, load_schemas, topic_schemas
 from fraudstream.settings import Settings
@@ -41,17 +42,27 @@ class RegisteredSchema:
 
 class Registry:
     def __init__(self, settings: Settings) -> None:
-        self.url = settings.schema_registry_url
-        conf = {**settings.registry_client_conf(), "timeout": 10, "max.retries": 2}
+        self.url = settings.registry_url_display  # for messages: never a password
+        self._secrets = settings.registry_extra
+        # Our timeouts unless the user's client properties say otherwise.
+        conf = {"timeout": 10, "max.retries": 2, **settings.registry_client_conf()}
         self.client = SchemaRegistryClient(conf)
 
     def _call(self, what: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except SchemaRegistryError:
+        except SchemaRegistryError as exc:
+            if exc.http_status_code in (401, 403):
+                raise RegistryError(f"schema registry at {self.url} refused the credentials while {what} "
+                                    f"(HTTP {exc.http_status_code}): check basic.auth.user.info or bearer.auth.*") from exc
             raise
         except Exception as exc:  # httpx transport errors, timeouts: the registry did not answer
-            raise RegistryError(f"schema registry at {self.url} unreachable while {what}: {exc}") from exc
+            text = redact(str(exc), self._secrets)
+            if "CERTIFICATE_VERIFY_FAILED" in text:
+                raise RegistryError(f"schema registry at {self.url} refused the TLS handshake while {what}: {text}; "
+                                    "its certificate is not signed by a CA this client trusts: set ssl.ca.location "
+                                    "to that CA") from exc
+            raise RegistryError(f"schema registry at {self.url} unreachable while {what}: {text}") from exc
 
     def schema_by_id(self, schema_id: int) -> dict[str, Any]:
         """The writer schema for a record's id (the client caches it)."""
@@ -101,7 +112,11 @@ class Registry:
             raise RegistryError(f"registry refused the compatibility check for {subject}: {exc}") from exc
 
     def set_compatibility(self, subject: str | None, level: str) -> None:
-        self._call(f"setting compatibility of {subject or 'the registry'}", self.client.set_compatibility, subject, level)
+        what = f"setting compatibility of {subject or 'the registry'}"
+        try:
+            self._call(what, self.client.set_compatibility, subject, level)
+        except SchemaRegistryError as exc:
+            raise RegistryError(f"registry refused {what}: {exc}") from exc
 
     def compatibility(self, subject: str) -> str | None:
         try:

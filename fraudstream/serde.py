@@ -103,16 +103,48 @@ class Decoder:
 
 
 def read_payload(payload: bytes | memoryview, schema_id: int, writer: Any, reader: Any = None, *,
-                 reject_trailing_bytes: bool = True) -> dict[str, Any]:
-    """One Avro record from the bytes after the Confluent header, or DecodeError."""
+                 reject_trailing_bytes: bool = True, canonical: bool = False) -> dict[str, Any]:
+    """One Avro record from the bytes after the Confluent header, or DecodeError.
+
+    `canonical=True` also requires the bytes to be exactly what an Avro writer produces for the record
+    they decode to. fastavro reads a negative enum or union index as a Python list index (-1 is the
+    last symbol or branch) and accepts integers of more than 10 bytes; Java readers reject all of
+    them, so such bytes must never be forwarded as they are. Every writer we know emits the
+    canonical form, so re-encoding the record and comparing finds them without a reader of our own.
+    """
     stream = io.BytesIO(payload)
     try:
-        record = schemaless_reader(stream, writer, reader)
+        # The check compares against the writer's own encoding: resolve to the reader afterwards.
+        record = schemaless_reader(stream, writer, None if canonical else reader)
     except Exception as exc:  # fastavro raises EOFError, ValueError, IndexError, UnicodeDecodeError, ...
-        raise DecodeError("corrupt_avro", f"Avro payload does not match schema id {schema_id}: "
-                                          f"{type(exc).__name__}: {exc}") from None
-    if reject_trailing_bytes and stream.tell() != len(payload):
+        raise _corrupt(schema_id, exc) from None
+    end = stream.tell()
+    if reject_trailing_bytes and end != len(payload):
         # Usually a producer that framed its data with the wrong schema id.
-        raise DecodeError("trailing_bytes", f"{len(payload) - stream.tell()} bytes left after the record "
+        raise DecodeError("trailing_bytes", f"{len(payload) - end} bytes left after the record "
                                             f"(schema id {schema_id})")
-    return record
+    if not canonical:
+        return record
+    out = io.BytesIO()
+    try:
+        schemaless_writer(out, writer, record)
+    except Exception as exc:  # a value fastavro reads but cannot write back: not a record any writer made
+        raise DecodeError("noncanonical_avro", f"the record read with schema id {schema_id} cannot be written "
+                                               f"back: {type(exc).__name__}: {exc}") from None
+    encoded = out.getbuffer()
+    read = memoryview(payload)[:end]
+    if encoded != read:
+        at = next((i for i, (a, b) in enumerate(zip(encoded, read)) if a != b), min(len(encoded), end))
+        raise DecodeError("noncanonical_avro", f"byte {at} of the payload differs from the record's Avro encoding "
+                                               f"(schema id {schema_id}): a negative enum or union index, or an "
+                                               "integer written in more bytes than it needs")
+    if reader is None:
+        return record
+    try:
+        return schemaless_reader(io.BytesIO(read), writer, reader)
+    except Exception as exc:  # e.g. an enum symbol the reader does not know and no default
+        raise _corrupt(schema_id, exc) from None
+
+
+def _corrupt(schema_id: int, exc: Exception) -> DecodeError:
+    return DecodeError("corrupt_avro", f"Avro payload does not match schema id {schema_id}: {type(exc).__name__}: {exc}")

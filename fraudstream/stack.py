@@ -24,8 +24,10 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from fraudstream.errors import StackError
+from fraudstream import stack_secure
+from fraudstream.errors import FraudstreamError, StackError
 from fraudstream.settings import APICURIO_CCOMPAT_PATH, ENV, PROJECT_ROOT, Settings
+from fraudstream.stack_secure import SecureMaterial
 
 POM = PROJECT_ROOT / "infra" / "pom.xml"
 APICURIO_MIN_JAVA = 21  # Apicurio Registry 3.3 is built for Java 21; Kafka 4 needs 17.
@@ -36,6 +38,12 @@ STOP_TIMEOUT_S = 60.0
 KAFKA_PORTS = (("kafka_port", "Kafka"), ("controller_port", "the Kafka controller"))
 REGISTRY_PORTS = (("registry_port", "the schema registry"),
                   ("registry_management_port", "the schema registry's management interface"))
+SECURE_KAFKA_PORTS = (("kafka_secure_port", "Kafka's SASL_SSL listener"),)
+SECURE_REGISTRY_PORTS = (("registry_secure_port", "the schema registry's HTTPS port"),)
+# Present in a service's folder while it runs with --secure.
+SECURE_MARKER = "secure.on"
+# In the Kafka folder once kafka-storage format has created the SCRAM user in its data.
+SCRAM_USERS_MARKER = "fraudstream-scram-users"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +52,8 @@ class StackStatus:
     registry_pid: int | None
     bootstrap_servers: str
     registry_url: str
+    # With --secure: the SASL_SSL bootstrap servers, the HTTPS registry URL and the client properties files.
+    secure: SecureEndpoints | None = None
 
     @property
     def running(self) -> bool:
@@ -53,10 +63,29 @@ class StackStatus:
         def state(pid: int | None) -> str:
             return f"running (pid {pid})" if pid else "stopped"
 
-        return (
+        text = (
             f"kafka     {state(self.kafka_pid):22} bootstrap servers: {self.bootstrap_servers}\n"
             f"registry  {state(self.registry_pid):22} schema registry URL: {self.registry_url}"
         )
+        if self.secure:
+            text += "\n" + self.secure.describe()
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class SecureEndpoints:
+    bootstrap_servers: str
+    registry_url: str
+    kafka_config: Path
+    registry_config: Path
+
+    def describe(self) -> str:
+        return (f"secure    SASL_SSL (SCRAM-SHA-512) bootstrap servers: {self.bootstrap_servers}; "
+                f"HTTPS schema registry URL: {self.registry_url}\n"
+                f"          client properties: {self.kafka_config} and {self.registry_config}")
+
+    def exports(self) -> str:
+        return f"export {ENV['kafka_config']}={self.kafka_config}\nexport {ENV['registry_config']}={self.registry_config}"
 
 
 class LocalStack:
@@ -74,6 +103,7 @@ class LocalStack:
         self.registry_namespace = registry_namespace
         self.kafka_dir = self.root / "kafka"
         self.registry_dir = self.root / "registry"
+        self.secure_material = SecureMaterial(self.root / "secure")
         versions = _pom_versions()
         self.kafka_version = versions["kafka.version"]
         self.apicurio_version = versions["apicurio.version"]
@@ -88,33 +118,43 @@ class LocalStack:
         return f"http://127.0.0.1:{self.settings.registry_port}{APICURIO_CCOMPAT_PATH}"
 
     def status(self) -> StackStatus:
+        kafka_pid = _live_pid(self.kafka_dir / "pid")
+        registry_pid = _live_pid(self.registry_dir / "pid")
         return StackStatus(
-            kafka_pid=_live_pid(self.kafka_dir / "pid"),
-            registry_pid=_live_pid(self.registry_dir / "pid"),
+            kafka_pid=kafka_pid,
+            registry_pid=registry_pid,
             bootstrap_servers=self.bootstrap_servers,
             registry_url=self.registry_url,
+            secure=self.secure_endpoints() if kafka_pid and registry_pid and self._running_secure() else None,
         )
 
     # ----- up -----
-    def up(self) -> StackStatus:
+    def up(self, *, secure: bool = False) -> StackStatus:
         status = self.status()
+        if secure and (status.kafka_pid or status.registry_pid) and not self._running_secure():
+            raise StackError("the stack is running without --secure; stop it (fraudstream stack down) and start it "
+                             "again with --secure")
         if status.running:
             self.log("stack already running")
             self._wait_kafka_ready(status.kafka_pid)
             self._wait_registry_ready(status.registry_pid)
+            if secure:
+                self._wait_secure_ready()
             return status
         # Ports first: a taken port must fail before anything is fetched or started.
         if not status.kafka_pid:
-            self._require_free_ports(KAFKA_PORTS)
+            self._require_free_ports(KAFKA_PORTS + (SECURE_KAFKA_PORTS if secure else ()))
         if not status.registry_pid:
-            self._require_free_ports(REGISTRY_PORTS)
+            self._require_free_ports(REGISTRY_PORTS + (SECURE_REGISTRY_PORTS if secure else ()))
         java = find_java(self.settings.java)
         self.fetch()
-        kafka_pid = status.kafka_pid or self._start_kafka(java)
+        kafka_pid = status.kafka_pid or self._start_kafka(java, secure=secure)
         self._wait_kafka_ready(kafka_pid)
-        registry_pid = status.registry_pid or self._start_registry(java)
+        registry_pid = status.registry_pid or self._start_registry(java, secure=secure)
         self._wait_registry_ready(registry_pid)
         self._set_global_compatibility()
+        if secure:
+            self._wait_secure_ready()
         return self.status()
 
     def fetch(self) -> None:
@@ -142,31 +182,39 @@ class LocalStack:
     def registry_home(self) -> Path:
         return self.dist / f"apicurio-registry-{self.apicurio_version}"
 
-    def _start_kafka(self, java: str) -> int:
+    def _start_kafka(self, java: str, *, secure: bool = False) -> int:
         s = self.settings
-        self._require_free_ports(KAFKA_PORTS)
+        self._require_free_ports(KAFKA_PORTS + (SECURE_KAFKA_PORTS if secure else ()))
         data = self.kafka_dir / "data"
         data.mkdir(parents=True, exist_ok=True)
         config = self.kafka_dir / "server.properties"
-        config.write_text(_render(PROJECT_ROOT / "infra" / "kafka-server.properties", {
+        text = _render(PROJECT_ROOT / "infra" / "kafka-server.properties", {
             "KAFKA_PORT": s.kafka_port, "CONTROLLER_PORT": s.controller_port, "DATA_DIR": data,
-        }))
+        })
+        format_extra = self._secure_kafka(data) if secure else []
+        if secure:
+            text = stack_secure.kafka_server_config(text, self.secure_material, s.kafka_secure_port)
+        _set_marker(self.kafka_dir, secure)
+        config.write_text(text)
+        config.chmod(0o600)  # with --secure it holds the key store's password
         log4j = self.kafka_dir / "log4j2.properties"
         log4j.write_text(_render(PROJECT_ROOT / "infra" / "kafka-log4j2.properties", {"LOG_FILE": self.kafka_dir / "server.log"}))
         classpath = str(self.kafka_libs / "*")
         jvm = [java, "-Xms256m", "-Xmx1g", f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath]
         if not (data / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            done = subprocess.run(jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
-                                  capture_output=True, text=True)
+            done = subprocess.run(jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config),
+                                         *format_extra], capture_output=True, text=True)
             if done.returncode != 0:
                 raise StackError(f"formatting KRaft storage failed: {_last_line(done.stderr or done.stdout)}")
+            if format_extra:
+                (self.kafka_dir / SCRAM_USERS_MARKER).touch()
         self.log(f"starting Kafka {self.kafka_version} (KRaft) on {self.bootstrap_servers} ...")
         return _spawn(jvm + ["kafka.Kafka", str(config)], self.kafka_dir)
 
-    def _start_registry(self, java: str) -> int:
+    def _start_registry(self, java: str, *, secure: bool = False) -> int:
         s = self.settings
-        self._require_free_ports(REGISTRY_PORTS)
+        self._require_free_ports(REGISTRY_PORTS + (SECURE_REGISTRY_PORTS if secure else ()))
         self.registry_dir.mkdir(parents=True, exist_ok=True)
         props: dict[str, object] = {
             "apicurio.storage.kind": "kafkasql",  # schemas live in a Kafka topic: they survive a restart
@@ -183,6 +231,9 @@ class LocalStack:
                 "apicurio.kafkasql.snapshots.topic": f"{self.registry_namespace}-kafkasql-snapshots",
                 "apicurio.events.kafka.topic": f"{self.registry_namespace}-registry-events",
             }
+        if secure:
+            props |= stack_secure.registry_system_properties(self.secure_material, s.registry_secure_port)
+        _set_marker(self.registry_dir, secure)
         cmd = [java, "-Xms128m", "-Xmx768m", *(f"-D{k}={v}" for k, v in props.items()),
                "-jar", str(self.registry_home / "quarkus-run.jar")]
         self.log(f"starting Apicurio Registry {self.apicurio_version} on http://127.0.0.1:{s.registry_port} ...")
@@ -239,6 +290,49 @@ class LocalStack:
         except (urllib.error.URLError, OSError) as exc:
             raise StackError(f"could not set the registry's compatibility level: {exc}") from exc
 
+    # ----- --secure -----
+    def secure_endpoints(self) -> SecureEndpoints:
+        return SecureEndpoints(
+            bootstrap_servers=f"{stack_secure.HOST}:{self.settings.kafka_secure_port}",
+            registry_url=stack_secure.registry_https_url(self.settings.registry_secure_port),
+            kafka_config=self.secure_material.kafka_client_properties,
+            registry_config=self.secure_material.registry_client_properties,
+        )
+
+    def _running_secure(self) -> bool:
+        return all((folder / SECURE_MARKER).exists() for folder in (self.kafka_dir, self.registry_dir)
+                   if _live_pid(folder / "pid"))
+
+    def _secure_kafka(self, data: Path) -> list[str]:
+        """Certificates and passwords (made at first start); kafka-storage format's SCRAM arguments."""
+        if (data / "meta.properties").exists():
+            if not (self.kafka_dir / SCRAM_USERS_MARKER).exists():
+                raise StackError(f"Kafka's data in {data} was created without --secure, so it has no SCRAM user; "
+                                 "run `fraudstream stack down --wipe`, then `stack up --secure`")
+            stack_secure.ensure_material(self.secure_material.folder)
+            return []
+        return stack_secure.scram_format_arguments(stack_secure.ensure_material(self.secure_material.folder))
+
+    def _wait_secure_ready(self) -> None:
+        """Both secured endpoints answer a real client with the written properties files."""
+        from fraudstream.kafka import wait_for_cluster
+        from fraudstream.registry import Registry
+
+        s = self.settings
+        stack_secure.write_client_properties(self.secure_material, s.kafka_secure_port, s.registry_secure_port)
+        endpoints = self.secure_endpoints()
+        secured = Settings.from_env({}, kafka_config=endpoints.kafka_config, registry_config=endpoints.registry_config)
+        wait_for_cluster(secured, timeout_s=BROKER_START_TIMEOUT_S)
+        deadline = time.monotonic() + REGISTRY_START_TIMEOUT_S
+        while True:
+            try:
+                Registry(secured).versions("fraudstream-stack-probe")
+                return
+            except FraudstreamError as exc:
+                if time.monotonic() > deadline:
+                    raise StackError(f"the registry's HTTPS port did not answer: {exc}") from exc
+            time.sleep(0.25)
+
     # ----- down -----
     def down(self, *, wipe: bool = False) -> None:
         # Registry first: it is a client of the broker.
@@ -270,6 +364,14 @@ class LocalStack:
     def start_registry(self) -> None:
         pid = _live_pid(self.registry_dir / "pid") or self._start_registry(find_java(self.settings.java))
         self._wait_registry_ready(pid)
+
+
+def _set_marker(folder: Path, secure: bool) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if secure:
+        (folder / SECURE_MARKER).touch()
+    else:
+        (folder / SECURE_MARKER).unlink(missing_ok=True)
 
 
 # ----- Java -----

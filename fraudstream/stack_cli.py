@@ -11,14 +11,20 @@ from fraudstream.stack import LocalStack
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=("up", "down", "status"))
     parser.add_argument("--wipe", action="store_true", help="with down: also delete Kafka's and the registry's data")
+    parser.add_argument("--secure", action="store_true",
+                        help="with up: also a SASL_SSL listener (SCRAM-SHA-512) and an HTTPS registry port, with a CA "
+                             "and certificate made at first start; prints the client properties files to use "
+                             "[ports: FRAUDSTREAM_KAFKA_SECURE_PORT, FRAUDSTREAM_REGISTRY_SECURE_PORT]")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     stack = LocalStack(settings)
     if args.action == "up":
-        status = stack.up()
+        status = stack.up(secure=args.secure)
         print(status.describe())
         print(f"\nexport KAFKA_BOOTSTRAP_SERVERS={status.bootstrap_servers}\nexport SCHEMA_REGISTRY_URL={status.registry_url}")
+        if status.secure:
+            print(f"# or, for the secured endpoints (these files name them):\n{status.secure.exports()}")
         return 0
     if args.action == "down":
         stack.down(wipe=args.wipe)

@@ -9,17 +9,31 @@ what was sent, and exit the same way. A second signal gives up on the flush.
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
 from fraudstream.errors import ConfigError
 from fraudstream.settings import Settings
+from producer import handbook
 from producer.generator import DEFAULT_LARGE_LEGIT_SHARE, DEFAULT_SHARES, FRAUD_SCENARIOS
-from producer.loop import DEFAULT_RATE, DEFAULT_SEED, produce
+from producer.loop import DEFAULT_RATE, DEFAULT_SEED, DEFAULT_SPEEDUP, produce
+
+
+def speedup(text: str) -> float:
+    """argparse type of --speedup: a positive, finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError("must be a positive number")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--rate", type=float, default=DEFAULT_RATE, metavar="TX_PER_S",
                         help=f"transactions per second, held on average; 0: as fast as possible [{DEFAULT_RATE:g}]")
+    parser.add_argument("--speedup", type=speedup, default=DEFAULT_SPEEDUP, metavar="N",
+                        help="event time runs N times faster than the wall clock, from the wall clock at start; "
+                             "--rate stays per wall-clock second. The demo uses 3600: an hour of event time per "
+                             f"second, so each card pays every few hours, as cards do [{DEFAULT_SPEEDUP:g}]")
     parser.add_argument("--count", type=int, metavar="N", help="stop after N transactions")
     parser.add_argument("--duration", type=float, metavar="SECONDS",
                         help="stop after this long (with --count: whichever comes first; neither: until Ctrl-C)")
@@ -41,16 +59,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-labels", dest="labels", action="store_false",
                         help="do not write ground-truth labels to <topic>.labels")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display, only the summary line")
+    sim = parser.add_argument_group(
+        "handbook profile (--profile handbook: the Fraud Detection Handbook's simulator, in simulated time; "
+        "--rate, --scenario-share, --large-legit-share and --accounts do not apply)")
+    sim.add_argument("--profile", choices=PROFILES, default="default",
+                     help="default: our generator, on the wall clock; handbook: Le Borgne et al.'s simulator [default]")
+    sim.add_argument("--customers", type=int, default=handbook.DEFAULT_CUSTOMERS, metavar="N",
+                     help=f"customers [{handbook.DEFAULT_CUSTOMERS:,}]")
+    sim.add_argument("--terminals", type=int, default=handbook.DEFAULT_TERMINALS, metavar="N",
+                     help=f"terminals [{handbook.DEFAULT_TERMINALS:,}]")
+    sim.add_argument("--days", type=int, default=handbook.DEFAULT_DAYS, metavar="N",
+                     help=f"simulated days from {handbook.START:%Y-%m-%d} [{handbook.DEFAULT_DAYS}]")
+    sim.add_argument("--days-per-second", type=float, default=0.0, metavar="D",
+                     help="simulated days per second of wall time; 0: as fast as possible [0]")
+    sim.add_argument("--label-delay", type=float, metavar="DAYS",
+                     help="write each label once the simulated clock passes its transaction's time plus this many "
+                          f"days; 0: with the transaction [{handbook.DEFAULT_LABEL_DELAY_DAYS:g}]")
     add_connection_arguments(parser)
 
 
+PROFILES = ("default", "handbook")
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.profile != "handbook" and args.label_delay:
+        raise ConfigError("--label-delay needs --profile handbook (the default profile runs on the wall clock)")
     stop = threading.Event()
     with _stop_on_signals(stop):
-        report = produce(
+        report = produce_handbook(args, settings, stop) if args.profile == "handbook" else produce(
             settings, rate=args.rate, count=args.count, duration=args.duration, seed=args.seed, quiet=args.quiet,
             stop=stop, shares=parse_shares(args.scenario_share), large_legit_share=args.large_legit_share,
-            accounts=args.accounts, labels=args.labels,
+            accounts=args.accounts, labels=args.labels, speedup=args.speedup,
         )
     print(report.summary(), flush=True)
     if report.ok:
@@ -59,6 +98,24 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     print(f"fraudstream produce: error: {report.failed + report.labels_failed:,} records not delivered: {reasons}",
           file=sys.stderr)
     return 1
+
+
+def produce_handbook(args: argparse.Namespace, settings: Settings, stop: threading.Event):
+    """Simulate the whole run first (a few seconds at the book's size), then send it in event-time order."""
+    if args.scenario_share or args.accounts is not None:
+        raise ConfigError("--scenario-share and --accounts belong to the default profile; the handbook profile "
+                          "takes --customers, --terminals and --days")
+    started = time.monotonic()
+    simulation = handbook.simulate(customers=args.customers, terminals=args.terminals, days=args.days, seed=args.seed)
+    if not args.quiet:
+        counts = simulation.scenario_counts()
+        print(f"simulated {len(simulation):,} transactions over {args.days} days from {handbook.START:%Y-%m-%d} in "
+              f"{time.monotonic() - started:.1f}s: {simulation.fraud_rate:.2%} fraud ("
+              + ", ".join(f"{name} {n:,}" for name, n in counts.items() if name != "legit") + ")", flush=True)
+    delay = handbook.DEFAULT_LABEL_DELAY_DAYS if args.label_delay is None else args.label_delay
+    return produce(settings, count=args.count, duration=args.duration, seed=args.seed, quiet=args.quiet, stop=stop,
+                   labels=args.labels, simulation=simulation, label_delay_days=delay if args.labels else 0.0,
+                   days_per_second=args.days_per_second)
 
 
 def parse_shares(items: list[str]) -> dict[str, float]:

@@ -3,9 +3,19 @@
 Transactions go to the input topic keyed by account id (an account's payments keep their order);
 each one's Label goes to the labels topic keyed by transaction id. The schemas must already be
 registered (a deliberate step): the loop only looks their ids up, once, then encodes with fastavro.
-Pacing never sleeps per message: each wake-up sends every transaction that has fallen due since
-the start (so the average rate holds), and waiting is done in producer.poll, which serves
-delivery reports meanwhile. Every delivery failure is counted and reported.
+Event time is the wall clock, or with a speedup N a simulated clock that starts at the wall clock
+and runs N times faster (`EventClock`): the rate stays in transactions per wall-clock second, so
+episodes that last minutes of event time fit in seconds of a demo. Pacing never sleeps per
+message: each wake-up sends every transaction that has fallen due since the start (so the average
+rate holds), and waiting is done in producer.poll, which serves delivery reports meanwhile. Every
+delivery failure is counted and reported.
+
+With a simulation (the handbook profile) instead of the generator, event time is simulated: the
+loop sends the simulation's transactions in event-time order, as fast as it can or at a set number
+of simulated days per second, and labels can be delayed: each label is written only once the
+simulated clock (the event time of the latest transaction sent) has passed its transaction's event
+time plus the delay, as chargebacks arrive. When the simulation ends (or the run is stopped), the
+clock runs on and every label still pending is written.
 """
 
 from __future__ import annotations
@@ -13,8 +23,10 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any, TextIO
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -26,11 +38,13 @@ from fraudstream.schemas import load_schemas
 from fraudstream.serde import make_encoder
 from fraudstream.settings import Settings
 from producer.generator import DEFAULT_LARGE_LEGIT_SHARE, Generator, Pair, build_population
+from producer.handbook import DAY_MS, HandbookSimulation, HandbookStream
 
 Encoder = Callable[[dict[str, Any]], bytes]
 
 DEFAULT_RATE = 1_000.0
 DEFAULT_SEED = 42
+DEFAULT_SPEEDUP = 1.0  # event time is the wall clock
 MAX_BATCH = 1_000  # transactions generated per wake-up at most, so catching up stays smooth
 UNTHROTTLED_BATCH = 500
 WAKE_S = 0.005  # paced: wake up every ~5 ms, i.e. batches of rate/200 transactions (at least one)
@@ -38,6 +52,31 @@ MAX_WAIT_S = 0.05  # never wait longer in one call, so a stop request is seen pr
 LIVE_REFRESH_S = 0.25
 PLAIN_REFRESH_S = 5.0
 MAX_ERRORS_KEPT = 5
+_MS = timedelta(milliseconds=1)
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+class EventClock:
+    """Event time in epoch milliseconds: the wall clock at start, then `speedup` times faster than it.
+
+    Speedup 1 reads the wall clock itself (time.time), as before the simulated clock existed.
+    """
+
+    __slots__ = ("speedup", "start_ms", "started", "_monotonic")
+
+    def __init__(self, speedup: float = DEFAULT_SPEEDUP, *, start_ms: int | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        if not 0 < speedup < float("inf"):  # also refuses NaN
+            raise ConfigError(f"speedup must be a positive number, not {speedup}")
+        self.speedup = speedup
+        self.start_ms = time.time_ns() // 1_000_000 if start_ms is None else start_ms
+        self._monotonic = monotonic
+        self.started = monotonic()
+
+    def now_ms(self) -> int:
+        if self.speedup == 1.0:
+            return time.time_ns() // 1_000_000
+        return self.start_ms + int((self._monotonic() - self.started) * 1_000.0 * self.speedup)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,12 +181,19 @@ def produce(settings: Settings, *, rate: float | None = DEFAULT_RATE, count: int
             stop: threading.Event | None = None, shares: Mapping[str, float] | None = None,
             large_legit_share: float = DEFAULT_LARGE_LEGIT_SHARE, accounts: int | None = None, labels: bool = True,
             progress_out: TextIO | None = None, cluster_timeout_s: float = 15.0,
-            delivery_timeout_s: float = 30.0) -> ProduceReport:
+            delivery_timeout_s: float = 30.0, speedup: float = DEFAULT_SPEEDUP, simulation: HandbookSimulation | None = None,
+            label_delay_days: float = 0.0, days_per_second: float | None = None) -> ProduceReport:
     """Generate and send transactions (and their labels) until count, duration or a stop request.
 
-    rate: transactions per second, None or 0 for as fast as possible. Neither count nor duration:
+    rate: transactions per wall-clock second, None or 0 for as fast as possible. speedup: event time runs
+    this many times faster than the wall clock (see EventClock). Neither count nor duration:
     run until `stop` is set. Raises KafkaUnavailable, RegistryError or SchemaError before sending
     anything when the cluster or the registry is not usable.
+
+    simulation: send this simulation's transactions (in event-time order, until it ends) instead of
+    the generator's; rate, shares, accounts do not apply. days_per_second paces it in simulated time
+    (None or 0: as fast as possible); label_delay_days holds each label back until the simulated
+    clock passes its transaction's event time plus the delay (simulation only).
     """
     if rate is not None and rate < 0:
         raise ConfigError(f"rate must be positive (or 0 for unthrottled), not {rate}")
@@ -155,9 +201,18 @@ def produce(settings: Settings, *, rate: float | None = DEFAULT_RATE, count: int
         raise ConfigError(f"count must not be negative, not {count}")
     if duration is not None and duration <= 0:
         raise ConfigError(f"duration must be positive, not {duration}")
-    # Build the generator first: bad shares are a usage error, reported before any network wait.
-    population = build_population(seed, accounts=accounts) if accounts is not None else None
-    generator = Generator(seed, shares=shares, large_legit_share=large_legit_share, population=population)
+    EventClock(speedup)  # checks it before any network wait
+    if label_delay_days < 0 or (label_delay_days and simulation is None):
+        raise ConfigError("a label delay needs a simulation (its clock is simulated) and must not be negative, "
+                          f"not {label_delay_days}")
+    if days_per_second is not None and days_per_second < 0:
+        raise ConfigError(f"simulated days per second must be positive (or 0: as fast as possible), not {days_per_second}")
+    if simulation is not None:
+        generator: Generator | HandbookStream = HandbookStream(simulation)
+    else:
+        # Build the generator first: bad shares are a usage error, reported before any network wait.
+        population = build_population(seed, accounts=accounts) if accounts is not None else None
+        generator = Generator(seed, shares=shares, large_legit_share=large_legit_share, population=population)
 
     wait_for_cluster(settings, timeout_s=cluster_timeout_s)
     schemas = load_schemas(settings.schemas_dir)
@@ -172,18 +227,22 @@ def produce(settings: Settings, *, rate: float | None = DEFAULT_RATE, count: int
         # Fail undeliverable records within a bounded time rather than librdkafka's 5 minutes.
         "delivery.timeout.ms": int(delivery_timeout_s * 1000),
     }))
+    paced = None if simulation is not None else rate or None
     return _Run(producer, generator, settings, encode_transaction, encode_label, labels=labels,
-                rate=rate or None, count=count, duration=duration, stop=stop or threading.Event(),
-                progress=None if quiet else _Progress(progress_out or sys.stdout, rate or None),
-                flush_timeout_s=delivery_timeout_s + 5.0).run()
+                rate=paced, count=count, duration=duration, stop=stop or threading.Event(),
+                progress=None if quiet else _Progress(progress_out or sys.stdout, paced),
+                flush_timeout_s=delivery_timeout_s + 5.0, speedup=speedup, label_delay_ms=round(label_delay_days * DAY_MS),
+                days_per_second=days_per_second or None).run()
 
 
 class _Run:
     """One run's mutable state; produce() is its only user."""
 
-    def __init__(self, producer: Producer, generator: Generator, settings: Settings, encode_transaction: Encoder,
-                 encode_label: Encoder, *, labels: bool, rate: float | None, count: int | None, duration: float | None,
-                 stop: threading.Event, progress: _Progress | None, flush_timeout_s: float) -> None:
+    def __init__(self, producer: Producer, generator: Generator | HandbookStream, settings: Settings,
+                 encode_transaction: Encoder, encode_label: Encoder, *, labels: bool, rate: float | None,
+                 count: int | None, duration: float | None, stop: threading.Event, progress: _Progress | None,
+                 flush_timeout_s: float, speedup: float = DEFAULT_SPEEDUP, label_delay_ms: int = 0,
+                 days_per_second: float | None = None) -> None:
         self.producer = producer
         self.generator = generator
         self.transactions_topic = settings.transactions_topic
@@ -197,18 +256,30 @@ class _Run:
         self.stop = stop
         self.progress = progress
         self.flush_timeout_s = flush_timeout_s
+        self.clock = EventClock(speedup)
         self.errors: dict[str, int] = {}
         self.on_transaction = _Deliveries(self.errors)
         self.on_label = _Deliveries(self.errors)
         self.sent = 0
         self.labels_sent = 0
         self.producer_fatal: str | None = None
+        self.label_delay_ms = label_delay_ms
+        self.days_per_second = days_per_second
+        # Labels held back until the simulated clock passes their due time: (due_ms, value, key), in
+        # due order since transactions are sent in event-time order.
+        self.pending_labels: deque[tuple[int, bytes, str]] = deque()
+        self.clock_ms = 0  # the simulated clock: the event time of the latest transaction sent
 
     def run(self) -> ProduceReport:
         started = time.monotonic()
         if self.progress:
             self.progress.begin(started)
-        stopped_early = self._send_until_done(started)
+        if isinstance(self.generator, HandbookStream):
+            stopped_early = self._send_simulation(started, self.generator)
+            if not self._fatal():
+                self._release_labels(None)  # the clock runs on past the last transaction: every label falls due
+        else:
+            stopped_early = self._send_until_done(started)
         elapsed = time.monotonic() - started
         if self.progress:
             self.progress.finish(time.monotonic(), self.sent, self.on_transaction.delivered, self.on_transaction.failed)
@@ -255,12 +326,66 @@ class _Run:
                 if now >= deadline:
                     return False
                 wanted = min(UNTHROTTLED_BATCH, limit - self.sent)
-            if not self._send(generator.next_batch(wanted, time.time_ns() // 1_000_000)):
+            if not self._send(generator.next_batch(wanted, self.clock.now_ms())):
                 return True
             producer.poll(0)
             if progress:
                 progress.update(monotonic(), self.sent, self.on_transaction.delivered, self.on_transaction.failed)
         return False
+
+    def _send_simulation(self, started: float, stream: HandbookStream) -> bool:
+        """Send the simulation in event-time order until it ends (False) or a stop or fatal error (True).
+
+        Paced in simulated time when days_per_second is set: by wall time w after the start, every
+        transaction up to the simulation's start + w * days_per_second days is owed.
+        """
+        producer, stop, progress, pace = self.producer, self.stop, self.progress, self.days_per_second
+        limit = self.count if self.count is not None else float("inf")
+        deadline = started + self.duration if self.duration is not None else float("inf")
+        sim_start_ms = stream.simulation.start_ms
+        while self.sent < limit and not stream.exhausted:
+            if stop.is_set() or self._fatal():
+                return True
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            wanted = min(UNTHROTTLED_BATCH, limit - self.sent)
+            if pace:
+                owed = stream.due(sim_start_ms + (now - started) * pace * DAY_MS)
+                if owed <= 0:
+                    next_due_s = ((stream.next_time_ms() or sim_start_ms) - sim_start_ms) / (pace * DAY_MS)
+                    producer.poll(min(max(started + next_due_s - now, 0.0), MAX_WAIT_S))
+                    continue
+                wanted = min(wanted, owed)
+            if not self._send(stream.next_batch(int(wanted))):
+                return True
+            if not self._release_labels(self.clock_ms):
+                return True
+            producer.poll(0)
+            if progress:
+                progress.update(time.monotonic(), self.sent, self.on_transaction.delivered, self.on_transaction.failed)
+        return False
+
+    def _release_labels(self, clock_ms: int | None) -> bool:
+        """Write the held-back labels due by clock_ms (None: all of them); False if a fatal error interrupted."""
+        pending = self.pending_labels
+        while pending and (clock_ms is None or pending[0][0] <= clock_ms):
+            _, value, key = pending.popleft()
+            if not self._send_label(value, key):
+                return False
+        return True
+
+    def _send_label(self, value: bytes, key: str) -> bool:
+        try:
+            self.producer.produce(self.labels_topic, value, key, on_delivery=self.on_label)
+        except BufferError:
+            # Not stoppable: a sent transaction always gets its label (bounded by delivery.timeout.ms).
+            if not self._retry(self.labels_topic, value, key, self.on_label, stoppable=False):
+                return False
+        except KafkaException as exc:
+            return self._producer_error(exc)
+        self.labels_sent += 1
+        return True
 
     def _send(self, batch: list[Pair]) -> bool:
         """Send a batch of pairs; False when a stop request or a fatal error interrupted it."""
@@ -279,6 +404,13 @@ class _Run:
             except KafkaException as exc:
                 return self._producer_error(exc)
             self.sent += 1
+            if self.label_delay_ms:
+                event_ms = (transaction.event_time - _EPOCH) // _MS
+                self.clock_ms = max(self.clock_ms, event_ms)
+                if labels:
+                    self.pending_labels.append((event_ms + self.label_delay_ms, encode_label(label.to_dict()),
+                                                label.transaction_id))
+                continue
             if labels:
                 value = encode_label(label.to_dict())
                 try:

@@ -1,12 +1,18 @@
 """Drift test for the Docker path: docker-compose.yml and the Dockerfile must agree with the code.
 
 Docker cannot run on our machines, so nothing else would notice when a setting, a port or a
-subcommand changes on one side only.
+subcommand changes on one side only. The file is also validated against the Compose
+specification's JSON schema, as shipped by check-jsonschema (its `vendor.compose-spec` schema):
+that catches what Compose itself would refuse to load (a misspelt key, a wrong type), though not
+what only a running engine finds (an image that does not exist, a build that fails).
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -51,6 +57,28 @@ def _listeners(value: str) -> dict[str, tuple[str, int]]:
         host, port = address.rsplit(":", 1)
         result[name] = (host, int(port))
     return result
+
+
+def validate_compose(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+                           str(path)], capture_output=True, text=True, timeout=120)
+
+
+def test_docker_compose_yml_is_valid_against_the_compose_specification():
+    done = validate_compose(COMPOSE_FILE)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "validation done" in done.stdout
+
+
+def test_the_compose_specification_check_refuses_what_compose_would_refuse(tmp_path):
+    """The same check on a copy with a key Compose does not know (restart_policy belongs under deploy)."""
+    broken = yaml.safe_load(COMPOSE_FILE.read_text())
+    broken["services"]["detector"]["restart_policy"] = {"condition": "on-failure"}
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(yaml.safe_dump(broken))
+    done = validate_compose(path)
+    assert done.returncode == 1
+    assert "$.services.detector" in done.stdout and "'restart_policy' was unexpected" in done.stdout
 
 
 def test_the_expected_services_exist(services):

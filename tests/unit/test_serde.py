@@ -14,7 +14,7 @@ from fraudstream.errors import RegistryError
 from fraudstream.records import Label, Transaction
 from fraudstream.registry import UnknownSchema
 from fraudstream.schemas import history, load_schemas
-from fraudstream.serde import MAGIC_BYTE, DecodeError, Decoder, frame, make_encoder, split_frame
+from fraudstream.serde import MAGIC_BYTE, DecodeError, Decoder, frame, make_encoder, read_payload, split_frame
 from fraudstream.settings import Settings
 
 SETTINGS = Settings()
@@ -162,3 +162,55 @@ def test_a_v1_record_read_with_the_v2_schema_gets_no_device_id(decoder):
 
 def test_schema_ids_are_unsigned_32_bit():
     assert split_frame(b"\x00\xff\xff\xff\xff")[0] == 2**32 - 1
+
+
+# ----- the canonical check (what the detector requires before forwarding bytes as they are) -----
+def _with(field: str, raw: bytes) -> bytes:
+    from tests.support.malformed import field_payload
+
+    return frame(V2_ID) + field_payload(dataclasses.replace(TRANSACTION, device_id=None), **{field: raw})
+
+
+@pytest.mark.parametrize("field, raw", [
+    ("channel", b"\x01"),                       # enum index -1: fastavro reads the last symbol
+    ("device_id", b"\x01\x06dev"),              # union index -1: fastavro reads the last branch
+    ("amount_cents", b"\xd4\xc2\x80\x00"),      # 4,250 in 4 bytes instead of 2
+    ("amount_cents", b"\xfe" + b"\xff" * 8 + b"\x7f"),  # bits past 64 dropped
+], ids=["negative-enum-index", "negative-union-index", "over-long-integer", "integer-past-64-bits"])
+def test_bytes_fastavro_reads_but_no_writer_makes_are_not_canonical(decoder, field, raw):
+    value = _with(field, raw)
+    decoder.decode(value)  # fastavro alone reads them
+    schema_id, payload = split_frame(value)
+    with pytest.raises(DecodeError) as error:
+        read_payload(payload, schema_id, *decoder.schemas_for(schema_id), canonical=True)
+    assert error.value.kind == "noncanonical_avro"
+    assert f"schema id {V2_ID}" in error.value.reason
+
+
+def test_a_canonical_record_passes_the_check_and_reads_alike(decoder):
+    value = encode_v2(TRANSACTION.to_dict())
+    schema_id, payload = split_frame(value)
+    assert read_payload(payload, schema_id, *decoder.schemas_for(schema_id), canonical=True) == decoder.decode(value)
+
+
+def test_the_check_compares_with_the_writer_then_resolves_to_the_reader(decoder):
+    encode_v1 = make_encoder(V1_ID, TRANSACTION_V1)
+    value = encode_v1({k: v for k, v in TRANSACTION.to_dict().items() if k != "device_id"})
+    schema_id, payload = split_frame(value)
+    record = read_payload(payload, schema_id, *decoder.schemas_for(schema_id), canonical=True)
+    assert record["device_id"] is None
+    assert Transaction.from_dict(record) == dataclasses.replace(TRANSACTION, device_id=None)
+
+
+def test_a_newer_writers_enum_symbol_is_canonical_and_read_as_the_readers_default():
+    import copy
+
+    newer = copy.deepcopy(SCHEMAS.expanded["Transaction"])
+    channel = next(f for f in newer["fields"] if f["name"] == "channel")
+    channel["type"]["symbols"].append("WALLET")  # a symbol added later: our reader falls back to UNKNOWN
+    newer_id = 21
+    decoder = Decoder(FakeRegistry({newer_id: newer}), SCHEMAS.expanded["Transaction"])
+    value = make_encoder(newer_id, newer)({**TRANSACTION.to_dict(), "channel": "WALLET"})
+    schema_id, payload = split_frame(value)
+    record = read_payload(payload, schema_id, *decoder.schemas_for(schema_id), canonical=True)
+    assert record["channel"] == "UNKNOWN"

@@ -18,7 +18,7 @@ def test_defaults_are_valid_and_equal_an_empty_environment():
 
 def test_every_setting_except_the_extra_client_properties_has_one_environment_variable():
     fields = {f.name for f in dataclasses.fields(Settings)}
-    assert set(ENV) == fields - {"kafka_extra"}
+    assert set(ENV) == fields - {"kafka_extra", "registry_extra"}
     assert len(set(ENV.values())) == len(ENV), "two settings share an environment variable"
 
 
@@ -107,6 +107,9 @@ def test_every_topic_name_derives_from_the_input_topic():
 
 
 def test_client_configuration_carries_the_bootstrap_servers_and_the_extra_properties():
+    from fraudstream.kafka import producer_config
+
     settings = Settings(bootstrap_servers="b:1", kafka_extra={"security.protocol": "SSL"})
-    assert settings.kafka_common() == {"bootstrap.servers": "b:1", "security.protocol": "SSL"}
+    config = producer_config(settings)
+    assert (config["bootstrap.servers"], config["security.protocol"]) == ("b:1", "SSL")
     assert settings.registry_client_conf() == {"url": settings.schema_registry_url}

@@ -1,0 +1,211 @@
+"""Offline detection quality: the generator on a simulated clock, through features and rules, scored
+against its labels. No Kafka: the same feature and rule code the detector runs, in the same batches.
+
+    python -m consumer.quality                       # the demo's configuration (60 s at 1,000 tx/s, --speedup 3600)
+    python -m consumer.quality --count 600000        # a long stream
+    python -m consumer.quality --rules my.toml --json out.json
+
+Per scenario: recall, and which rule caught what; overall: precision. Two rule sets are scored in
+the same pass: the per-card rules alone (what a stage keyed by account decides) and with the
+per-terminal rule (which needs a stage keyed by terminal). Also per scenario, the first transaction
+of each episode: the one a detector that never looks ahead in event time has the least to go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from consumer.features import (PROFILE_DTYPE, TERMINAL_DTYPE, TERMINAL_WINDOW_MS, SESSION_GAP_MS, TxColumns,
+                               card_features, terminal_features)
+from consumer.rules import TERMINAL_RULES, RuleSet, load_rules
+from consumer.state.table import KeyedTable
+from fraudstream.errors import FraudstreamError
+from producer.generator import CARD_TESTING, COMPROMISED_TERMINAL, FAR_FROM_HOME, FRAUD_SCENARIOS, LEGIT, Generator
+
+# The demo's configuration: 60 s at 1,000 transactions per wall-clock second, event time 3,600x faster.
+DEMO_SECONDS = 60
+DEMO_RATE = 1_000.0
+DEMO_SPEEDUP = 3_600.0
+BATCH = 2_000
+START_MS = 1_767_600_000_000  # 2026-01-05 08:00 UTC: a fixed start, so runs repeat exactly
+# Transactions of one episode: same card (card testing, far from home) or same terminal (compromised
+# terminal) with no more than this between them; the first of each is "first of episode".
+EPISODE_GAP_MS = {CARD_TESTING: SESSION_GAP_MS, FAR_FROM_HOME: SESSION_GAP_MS, COMPROMISED_TERMINAL: TERMINAL_WINDOW_MS}
+
+
+@dataclass
+class Score:
+    """Detection of one rule set against the labels."""
+
+    total: Counter = field(default_factory=Counter)  # scenario -> transactions
+    caught: Counter = field(default_factory=Counter)  # scenario -> flagged
+    false_positives: int = 0
+    first_total: Counter = field(default_factory=Counter)  # scenario -> first transactions of episodes
+    first_caught: Counter = field(default_factory=Counter)
+    by_rule: dict[str, Counter] = field(default_factory=dict)  # rule -> scenario (or legit) -> fired
+
+    @property
+    def true_positives(self) -> int:
+        return sum(self.caught[s] for s in FRAUD_SCENARIOS)
+
+    @property
+    def precision(self) -> float:
+        flagged = self.true_positives + self.false_positives
+        return self.true_positives / flagged if flagged else 0.0
+
+    def recall(self, scenario: str | None = None) -> float:
+        if scenario is None:
+            total = sum(self.total[s] for s in FRAUD_SCENARIOS)
+            return self.true_positives / total if total else 0.0
+        return self.caught[scenario] / self.total[scenario] if self.total[scenario] else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "precision": self.precision, "recall": self.recall(), "false_positives": self.false_positives,
+            "scenarios": {s: {"transactions": self.total[s], "caught": self.caught[s], "recall": self.recall(s),
+                              "first_of_episode": self.first_total[s], "first_caught": self.first_caught[s]}
+                          for s in FRAUD_SCENARIOS},
+            "rules": {rule: dict(counts) for rule, counts in self.by_rule.items()},
+        }
+
+
+@dataclass
+class QualityReport:
+    count: int
+    rate: float
+    speedup: float
+    seed: int
+    batch: int
+    rules_version: str
+    per_card: Score
+    with_terminal: Score
+    event_span_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"count": self.count, "rate": self.rate, "speedup": self.speedup, "seed": self.seed,
+                "batch": self.batch, "rules_version": self.rules_version, "event_span_s": self.event_span_s,
+                "per_card_rules": self.per_card.as_dict(), "with_terminal_rule": self.with_terminal.as_dict()}
+
+
+def evaluate(*, count: int = int(DEMO_SECONDS * DEMO_RATE), rate: float = DEMO_RATE, speedup: float = DEMO_SPEEDUP,
+             seed: int = 42, batch: int = BATCH, rules: RuleSet | None = None, start_ms: int = START_MS,
+             accounts: int | None = None) -> QualityReport:
+    """Run `count` transactions of the generator (event time: rate/speedup per second) through the
+    features and rules in batches of `batch`, and score them against the labels."""
+    if count < 1 or rate <= 0 or speedup <= 0 or batch < 1:
+        raise FraudstreamError("count, rate, speedup and batch must be positive")
+    rules = rules or load_rules(None)
+    from producer.generator import build_population
+
+    population = build_population(seed, accounts=accounts) if accounts is not None else None
+    stream = Generator(seed, population=population).stream(start_ms, rate / speedup)
+    cards, terminals = KeyedTable(PROFILE_DTYPE), KeyedTable(TERMINAL_DTYPE)
+    card_rows = np.array([n not in TERMINAL_RULES for n in rules.names])
+    per_card, with_terminal = Score(), Score()
+    episode_last: dict[tuple[str, str], int] = {}
+    last_ms = start_ms
+    done = 0
+    while done < count:
+        pairs = list(islice(stream, min(batch, count - done)))
+        done += len(pairs)
+        tx = TxColumns.from_records([t.to_dict() for t, _ in pairs])
+        features = card_features(cards, tx)
+        features.update(terminal_features(terminals, tx))
+        fired = rules.evaluate(tx, features)
+        scenarios = [label.scenario for _, label in pairs]
+        first = _firsts(pairs, tx, episode_last)
+        _score(per_card, rules, fired, card_rows, scenarios, first)
+        _score(with_terminal, rules, fired, np.ones(len(rules.names), dtype=bool), scenarios, first)
+        last_ms = int(tx.event_time_ms[-1])
+    return QualityReport(count=count, rate=rate, speedup=speedup, seed=seed, batch=batch, rules_version=rules.version,
+                         per_card=per_card, with_terminal=with_terminal, event_span_s=(last_ms - start_ms) / 1000.0)
+
+
+def _firsts(pairs: list, tx: TxColumns, last: dict[tuple[str, str], int]) -> list[bool]:
+    """Whether each labelled fraud transaction opens an episode (see EPISODE_GAP_MS)."""
+    out = []
+    for i, (transaction, label) in enumerate(pairs):
+        gap = EPISODE_GAP_MS.get(label.scenario)
+        if gap is None:
+            out.append(label.scenario != LEGIT)  # single-transaction scenarios: every one is a first
+            continue
+        key = (label.scenario, transaction.terminal_id if label.scenario == COMPROMISED_TERMINAL else transaction.card_id)
+        t = int(tx.event_time_ms[i])
+        previous = last.get(key)
+        out.append(previous is None or t - previous > gap)
+        last[key] = t
+    return out
+
+
+def _score(score: Score, rules: RuleSet, fired: np.ndarray, rows: np.ndarray, scenarios: list[str],
+           first: list[bool]) -> None:
+    used = fired[rows]
+    names = [n for n, keep in zip(rules.names, rows, strict=True) if keep]
+    flagged = used.any(axis=0)
+    for name, column in zip(names, used, strict=True):
+        counts = score.by_rule.setdefault(name, Counter())
+        counts.update(scenarios[i] for i in np.flatnonzero(column))
+    for i, scenario in enumerate(scenarios):
+        if scenario == LEGIT:
+            score.total[LEGIT] += 1
+            score.false_positives += bool(flagged[i])
+            continue
+        score.total[scenario] += 1
+        score.caught[scenario] += bool(flagged[i])
+        if first[i]:
+            score.first_total[scenario] += 1
+            score.first_caught[scenario] += bool(flagged[i])
+
+
+def report_lines(report: QualityReport) -> list[str]:
+    lines = [f"{report.count:,} transactions, seed {report.seed}, {report.rate:g} tx/s x speedup {report.speedup:g} "
+             f"({report.event_span_s / 3600:.1f} h of event time), batches of {report.batch:,}; "
+             f"rules version {report.rules_version}"]
+    for title, score in (("per-card rules (stage keyed by account)", report.per_card),
+                         ("with the per-terminal rule (stage keyed by terminal)", report.with_terminal)):
+        lines.append("")
+        lines.append(f"{title}: precision {100 * score.precision:.1f}% ({score.true_positives:,} caught, "
+                     f"{score.false_positives:,} false positives), recall {100 * score.recall():.1f}%")
+        lines.append(f"  {'scenario':<22}{'recall':>8}{'caught':>14}{'first of episode':>20}")
+        for s in FRAUD_SCENARIOS:
+            lines.append(f"  {s:<22}{100 * score.recall(s):>7.1f}%{score.caught[s]:>7,}/{score.total[s]:<6,}"
+                         f"{score.first_caught[s]:>12,}/{score.first_total[s]:<6,}")
+        lines.append("  which rule caught what (a transaction may fire several):")
+        for rule, counts in score.by_rule.items():
+            parts = [f"{s} {counts[s]:,}" for s in FRAUD_SCENARIOS if counts[s]]
+            lines.append(f"    {rule:<22}{', '.join(parts) or '-'}; false positives {counts[LEGIT]:,}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m consumer.quality", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=int(DEMO_SECONDS * DEMO_RATE), help="transactions [60000]")
+    parser.add_argument("--rate", type=float, default=DEMO_RATE, help="transactions per wall-clock second [1000]")
+    parser.add_argument("--speedup", type=float, default=DEMO_SPEEDUP, help="event time per wall-clock time [3600]")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--rules", type=Path, help="rules file (TOML); default: the documented defaults")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    try:
+        report = evaluate(count=args.count, rate=args.rate, speedup=args.speedup, seed=args.seed, batch=args.batch,
+                          rules=load_rules(args.rules))
+    except FraudstreamError as exc:
+        print(f"consumer.quality: error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(report_lines(report)))
+    if args.json:
+        args.json.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

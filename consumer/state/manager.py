@@ -1,0 +1,156 @@
+"""Keyed state for the detector: a table per (store, input partition), restored on assignment, dropped on
+revocation, its changes written to the changelog inside each batch's transaction.
+
+The detector calls, from its one thread:
+- `assign` / `revoke` from the consumer's rebalance callbacks: an assigned partition is paused and
+  restored from its changelog (`recover_step` in the loop), then resumed; the other partitions keep going;
+- `tables(partition)` while deciding a batch (only for partitions that are ready);
+- `write_changes(producer, partitions)` inside the batch's transaction, before offsets are sent;
+- `reset(partitions)` after an aborted transaction: the tables were changed by a batch that did not
+  commit, so they are dropped and restored again (as Kafka Streams does with a corrupted task).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from confluent_kafka import TopicPartition
+
+from consumer.state.changelog import ensure_changelogs, write_rows, write_tombstones
+from consumer.state.recovery import Recovery, RestoreProgress
+from consumer.state.stores import StoreSpec
+from consumer.state.table import KeyedTable
+from fraudstream.settings import Settings
+
+log = logging.getLogger("fraudstream.state")
+
+EXPIRE_EVERY_S = 10.0  # physical expiry only frees memory: rules already ignore rows past their TTL
+# Rows are expired this long after their TTL (event time), so that a record arriving out of order still
+# finds a row that its rules would read: when expiry runs never changes a decision.
+LATE_TOLERANCE_MS = 60 * 60 * 1000
+
+
+class StateManager:
+    def __init__(self, settings: Settings, specs: Sequence[StoreSpec], *,
+                 on_log: Callable[[str], None] = log.info, on_restored: Callable[[RestoreProgress, float], None] | None = None) -> None:
+        self.settings = settings
+        self.specs = tuple(specs)
+        self.on_log = on_log
+        self.on_restored = on_restored
+        self.topics: dict[str, str] = {}
+        self.recovery: Recovery | None = None
+        self._ready: dict[int, dict[str, KeyedTable]] = {}
+        self._restoring_tables: dict[int, dict[str, KeyedTable]] = {}
+        self._last_expiry: dict[int, float] = {}
+        self.changelog_records = 0
+        self.tombstones = 0
+
+    def start(self) -> None:
+        """Create or check the changelog topics; refuses a changelog that does not match the input."""
+        self.topics = ensure_changelogs(self.settings, self.specs)
+        self.recovery = Recovery(self.settings, self.topics)
+
+    # ----- rebalance -----
+    def assign(self, consumer, partitions: Iterable[TopicPartition]) -> None:
+        partitions = [tp for tp in partitions if tp.topic == self.settings.transactions_topic]
+        if not partitions:
+            return
+        consumer.pause(partitions)
+        for tp in partitions:
+            self._begin_restore(consumer, tp.partition)
+
+    def revoke(self, partitions: Iterable[TopicPartition]) -> None:
+        for tp in partitions:
+            if tp.topic == self.settings.transactions_topic:
+                self._ready.pop(tp.partition, None)
+                self._restoring_tables.pop(tp.partition, None)
+                self._last_expiry.pop(tp.partition, None)
+                self.recovery.stop(tp.partition)
+
+    def reset(self, consumer, partitions: Iterable[int]) -> None:
+        """Drop and restore again: for tables changed by a batch whose transaction was aborted."""
+        partitions = sorted(set(partitions))
+        assigned = {tp.partition for tp in consumer.assignment() if tp.topic == self.settings.transactions_topic}
+        self.revoke([TopicPartition(self.settings.transactions_topic, p) for p in partitions])
+        again = [p for p in partitions if p in assigned]
+        if again:
+            consumer.pause([TopicPartition(self.settings.transactions_topic, p) for p in again])
+            for partition in again:
+                self._begin_restore(consumer, partition)
+
+    def _begin_restore(self, consumer, partition: int) -> None:
+        tables = {spec.name: KeyedTable(spec.dtype) for spec in self.specs}
+        progress = self.recovery.start(partition, tables, self.specs)
+        self._restoring_tables[partition] = tables
+        if progress.done:  # nothing in the changelog yet
+            self._finish(consumer, progress)
+
+    # ----- restoring -----
+    @property
+    def recovering(self) -> bool:
+        return bool(self._restoring_tables)
+
+    def recover_step(self, consumer) -> None:
+        for progress in self.recovery.step():
+            self._finish(consumer, progress)
+
+    @property
+    def restoring_records(self) -> int:
+        """Changelog records still to read (at most: compaction may have removed some)."""
+        return sum(progress.remaining for progress in self.recovery.restoring.values())
+
+    def _finish(self, consumer, progress: RestoreProgress) -> None:
+        partition = progress.partition
+        tables = self._restoring_tables.pop(partition)
+        self._ready[partition] = tables
+        self._last_expiry[partition] = time.monotonic()
+        seconds = time.monotonic() - progress.started
+        keys = sum(len(table) for table in tables.values())
+        if progress.records:
+            self.on_log(f"restored state of {self.settings.transactions_topic}[{partition}]: {progress.records} "
+                        f"changelog records, {keys} keys in {seconds:.2f}s")
+        if self.on_restored:
+            self.on_restored(progress, seconds)
+        consumer.resume([TopicPartition(self.settings.transactions_topic, partition)])
+
+    # ----- processing -----
+    def ready(self, partition: int) -> bool:
+        return partition in self._ready
+
+    def tables(self, partition: int) -> dict[str, KeyedTable]:
+        return self._ready[partition]
+
+    def write_changes(self, producer, partitions: Iterable[int]) -> int:
+        """Inside the open transaction: every changed row of these partitions' tables, and tombstones for the
+        keys that expired. Returns the number of changelog records written."""
+        written = 0
+        now = time.monotonic()
+        for partition in partitions:
+            tables = self._ready.get(partition)
+            if tables is None:
+                continue
+            expire = now - self._last_expiry.get(partition, now) >= EXPIRE_EVERY_S
+            for spec in self.specs:
+                table, topic = tables[spec.name], self.topics[spec.name]
+                keys, rows = table.take_dirty()
+                written += write_rows(producer, topic, partition, spec, keys, rows)
+                if expire and len(table):
+                    live = table.rows[spec.expiry_field]
+                    stream_time = int(live.max())  # event time, not the wall clock
+                    gone = table.expire(spec.expiry_field, stream_time - spec.ttl_ms - LATE_TOLERANCE_MS)
+                    written += write_tombstones(producer, topic, partition, gone)
+                    self.tombstones += len(gone)
+            if expire:
+                self._last_expiry[partition] = now
+        self.changelog_records += written
+        return written
+
+    def sizes(self) -> dict[str, int]:
+        """Live keys per store over the ready partitions."""
+        return {spec.name: sum(len(t[spec.name]) for t in self._ready.values()) for spec in self.specs}
+
+    def close(self) -> None:
+        if self.recovery is not None:
+            self.recovery.close()

@@ -1,0 +1,180 @@
+"""Restoring stores from their changelogs, apart from the hot path.
+
+A consumer of its own (assign mode, read_committed, never committing) reads each assigned changelog
+partition from its beginning up to the high watermark taken when the partition was assigned. The end is
+reached when the consumer's *position* gets there: a transactional changelog ends with a commit marker
+that no consumer ever returns, so waiting for the record at high watermark - 1 could wait forever.
+Positions can be logical (negative) before the first fetch: they are compared, never computed with.
+
+Restoring is incremental (`step`), so the detector keeps processing its other partitions meanwhile; the
+input partition being restored stays paused until its stores are complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+from consumer.state.changelog import LAYOUT_HEADER
+from consumer.state.stores import StoreSpec
+from consumer.state.table import KeyedTable
+from fraudstream.errors import KafkaUnavailable, StateError
+from fraudstream.kafka import consumer_config
+from fraudstream.settings import Settings
+
+log = logging.getLogger("fraudstream.state")
+
+RESTORE_BATCH = 20_000
+
+
+@dataclass
+class _Restoring:
+    spec: StoreSpec
+    table: KeyedTable
+    end: int  # the changelog's high watermark when the partition was assigned
+    records: int = 0
+    done: bool = False
+
+
+@dataclass
+class RestoreProgress:
+    """One input partition's restore: its stores' changelog partitions, and how far each is."""
+
+    partition: int
+    started: float = field(default_factory=time.monotonic)
+    stores: dict[str, _Restoring] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return all(store.done for store in self.stores.values())
+
+    @property
+    def records(self) -> int:
+        return sum(store.records for store in self.stores.values())
+
+    @property
+    def remaining(self) -> int:
+        return sum(0 if s.done else max(s.end - s.records, 0) for s in self.stores.values())
+
+
+class Recovery:
+    def __init__(self, settings: Settings, topics: dict[str, str], *, timeout_s: float = 10.0) -> None:
+        self.topics = topics  # store name -> changelog topic
+        self.timeout_s = timeout_s
+        # assign() only: the group id is required by the client but never joins or commits.
+        self.consumer = Consumer(consumer_config(settings, f"{settings.group_id}.restore",
+                                                 **{"enable.partition.eof": False, "fetch.max.bytes": 64 << 20}))
+        self.restoring: dict[int, RestoreProgress] = {}
+        self._by_topic_partition: dict[tuple[str, int], _Restoring] = {}
+
+    def start(self, partition: int, tables: dict[str, KeyedTable], specs: Sequence[StoreSpec]) -> RestoreProgress:
+        """Begin restoring an input partition's stores (tables are empty and filled in place)."""
+        progress = RestoreProgress(partition)
+        to_assign = []
+        for spec in specs:
+            topic = self.topics[spec.name]
+            tp = TopicPartition(topic, partition)
+            try:
+                low, high = self.consumer.get_watermark_offsets(tp, timeout=self.timeout_s, cached=False)
+            except KafkaException as exc:
+                raise KafkaUnavailable(f"could not read the end of changelog {topic}[{partition}]: "
+                                       f"{exc.args[0].str()}") from exc
+            restoring = _Restoring(spec, tables[spec.name], end=high, done=high <= low)
+            progress.stores[spec.name] = restoring
+            if not restoring.done:
+                self._by_topic_partition[(topic, partition)] = restoring
+                to_assign.append(TopicPartition(topic, partition, OFFSET_BEGINNING))
+        if to_assign:
+            self.consumer.incremental_assign(to_assign)
+        if not progress.done:
+            self.restoring[partition] = progress
+        return progress
+
+    def stop(self, partition: int) -> None:
+        """Forget a partition being restored (it was revoked)."""
+        progress = self.restoring.pop(partition, None)
+        if progress is None:
+            return
+        ours = [TopicPartition(self.topics[name], partition) for name, s in progress.stores.items() if not s.done]
+        for tp in ours:
+            self._by_topic_partition.pop((tp.topic, tp.partition), None)
+        if ours:
+            self.consumer.incremental_unassign(ours)
+
+    def step(self, max_records: int = RESTORE_BATCH, timeout_s: float = 0.05) -> list[RestoreProgress]:
+        """Read the next changelog records into their tables; returns the partitions completed by this step."""
+        if not self.restoring:
+            return []
+        messages = self.consumer.consume(max_records, timeout_s)
+        latest: dict[tuple[str, int], dict[bytes, bytes | None]] = {}
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.fatal():
+                    raise KafkaUnavailable(f"restoring state: {error.str()}")
+                log.warning("restoring state: %s", error.str())
+                continue
+            where = (message.topic(), message.partition())
+            restoring = self._by_topic_partition.get(where)
+            if restoring is None:  # its partition was revoked meanwhile
+                continue
+            value = message.value()
+            if value is not None:
+                _check(message, restoring.spec)
+            latest.setdefault(where, {})[message.key()] = value
+            restoring.records += 1
+        for where, changes in latest.items():
+            restoring = self._by_topic_partition[where]
+            _apply(restoring.table, restoring.spec, changes)
+        return self._finished()
+
+    def _finished(self) -> list[RestoreProgress]:
+        waiting = [(where, r) for where, r in self._by_topic_partition.items() if not r.done]
+        if waiting:
+            positions = self.consumer.position([TopicPartition(t, p) for (t, p), _ in waiting])
+            for (where, restoring), position in zip(waiting, positions, strict=True):
+                if position.offset >= 0 and position.offset >= restoring.end:
+                    restoring.done = True
+                    self.consumer.incremental_unassign([TopicPartition(*where)])
+                    del self._by_topic_partition[where]
+        completed = [p for p in self.restoring.values() if p.done]
+        for progress in completed:
+            del self.restoring[progress.partition]
+        return completed
+
+    def close(self) -> None:
+        try:
+            self.consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.debug("closing the restore consumer: %s", exc)
+
+
+def _check(message, spec: StoreSpec) -> None:
+    """A record this store cannot read stops the restore: skipping it would silently lose state."""
+    where = f"changelog {message.topic()}[{message.partition()}] at offset {message.offset()}"
+    layout = dict(message.headers() or ()).get(LAYOUT_HEADER)
+    if layout != spec.layout:
+        shown = layout.decode(errors="replace") if isinstance(layout, bytes) else "none"
+        raise StateError(f"cannot restore state from {where}: row layout {shown}, expected "
+                         f"{spec.layout.decode()} (written by another version of the detector?)")
+    if len(message.value()) != spec.dtype.itemsize:
+        raise StateError(f"cannot restore state from {where}: {len(message.value())} bytes, a "
+                         f"{spec.name} row has {spec.dtype.itemsize}")
+    if message.key() is None:
+        raise StateError(f"cannot restore state from {where}: the record has no key")
+
+
+def _apply(table: KeyedTable, spec: StoreSpec, changes: dict[bytes, bytes | None]) -> None:
+    puts = [(key, value) for key, value in changes.items() if value is not None]
+    deletes = [key for key, value in changes.items() if value is None]
+    if deletes:
+        table.delete(deletes)
+    if puts:
+        keys = [key for key, _ in puts]
+        rows = np.frombuffer(b"".join(value for _, value in puts), dtype=spec.dtype)
+        table.put(keys, rows)

@@ -1,0 +1,156 @@
+"""KeyedTable: one fixed-width row per key, held in a NumPy structured array.
+
+The in-memory backend of a keyed store (one table per store and input partition). Pure: no Kafka.
+Rows are addressed by slot so that batch code reads and writes whole columns at once
+(`table.rows["last_ms"][slots]`); a dict maps each key to its slot. Freed slots are reused, and
+the array doubles when full. What changed since the last `take_dirty` is what the changelog must
+receive: the row bytes (`row.tobytes()` of the table's dtype) under the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fraudstream.errors import FraudstreamError
+
+
+class StateLayoutError(FraudstreamError):
+    """A stored row was written with another row layout (dtype or version) than this code reads."""
+
+
+def layout_tag(name: str, version: int, dtype: np.dtype) -> bytes:
+    """Names a row layout, e.g. b"card_profile/v1/150": carried with each changelog record (a header),
+    compared on restore, so rows written by code with another layout are refused."""
+    return f"{name}/v{version}/{dtype.itemsize}".encode()
+
+
+def check_layout(found: bytes | None, expected: bytes, *, where: str) -> None:
+    if found != expected:
+        shown = found.decode(errors="replace") if found is not None else "none"
+        raise StateLayoutError(f"{where}: row layout {shown}, but this detector reads {expected.decode()}")
+
+
+def check_row_bytes(value: bytes, dtype: np.dtype, *, where: str) -> np.ndarray:
+    """One serialized row back as a 1-element array; a wrong size is refused, never misread."""
+    if len(value) != dtype.itemsize:
+        raise StateLayoutError(f"{where}: a row of {len(value)} bytes where this layout has {dtype.itemsize}")
+    return np.frombuffer(value, dtype=dtype, count=1)
+
+
+class KeyedTable:
+    """Fixed-width rows (a numpy structured dtype), one per key (bytes)."""
+
+    __slots__ = ("dtype", "rows", "_index", "_keys", "_free", "_dirty")
+
+    def __init__(self, dtype: np.dtype, *, capacity: int = 1024) -> None:
+        if dtype.names is None:
+            raise ValueError("KeyedTable needs a structured dtype")
+        self.dtype = np.dtype(dtype)
+        self.rows = np.zeros(max(1, capacity), dtype=self.dtype)
+        self._index: dict[bytes, int] = {}
+        self._keys: list[bytes | None] = [None] * len(self.rows)  # slot -> key, None when free
+        self._free: list[int] = list(range(len(self.rows) - 1, -1, -1))  # popped from the end: low slots first
+        self._dirty = np.zeros(len(self.rows), dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._index
+
+    def keys(self) -> list[bytes]:
+        return list(self._index)
+
+    def lookup(self, keys: Sequence[bytes]) -> np.ndarray:
+        """int64 slot per key, -1 if absent."""
+        get = self._index.get
+        return np.fromiter((get(key, -1) for key in keys), dtype=np.int64, count=len(keys))
+
+    def slots(self, keys: Sequence[bytes]) -> np.ndarray:
+        """Slot per key, allocating a zeroed row for each new key (once, however often it repeats).
+
+        Growing replaces `rows`: read `table.rows` after this call, not before."""
+        index = self._index
+        out = np.empty(len(keys), dtype=np.int64)
+        for i, key in enumerate(keys):
+            slot = index.get(key)
+            if slot is None:
+                slot = self._allocate(key)
+            out[i] = slot
+        return out
+
+    def _allocate(self, key: bytes) -> int:
+        if not self._free:
+            self._grow()
+        slot = self._free.pop()
+        self.rows[slot] = np.zeros((), dtype=self.dtype)
+        self._index[key] = slot
+        self._keys[slot] = key
+        return slot
+
+    def _grow(self) -> None:
+        old = len(self.rows)
+        rows = np.zeros(old * 2, dtype=self.dtype)
+        rows[:old] = self.rows
+        self.rows = rows
+        self._keys.extend([None] * old)
+        self._free.extend(range(2 * old - 1, old - 1, -1))
+        dirty = np.zeros(old * 2, dtype=bool)
+        dirty[:old] = self._dirty
+        self._dirty = dirty
+
+    def mark_dirty(self, slots: np.ndarray) -> None:
+        self._dirty[slots] = True
+
+    def take_dirty(self) -> tuple[list[bytes], np.ndarray]:
+        """(keys, copies of their rows) changed since the last call; clears the dirty marks."""
+        slots = np.flatnonzero(self._dirty)
+        self._dirty[slots] = False
+        keys = self._keys
+        return [keys[s] for s in slots], self.rows[slots].copy()
+
+    def put(self, keys: Sequence[bytes], rows: np.ndarray) -> None:
+        """Restore path: set rows as given (not dirty: they came from the changelog)."""
+        if rows.dtype != self.dtype:
+            raise StateLayoutError(f"rows of dtype {rows.dtype} cannot be put in a table of {self.dtype}")
+        if len(keys) != len(rows):
+            raise ValueError("put needs one row per key")
+        slots = self.slots(keys)
+        self.rows[slots] = rows
+        self._dirty[slots] = False
+
+    def delete(self, keys: Sequence[bytes]) -> None:
+        """Restore path (tombstones): drop the keys; absent keys are ignored."""
+        for key in keys:
+            slot = self._index.pop(key, None)
+            if slot is not None:
+                self._release(slot)
+
+    def _release(self, slot: int) -> None:
+        self._keys[slot] = None
+        self._dirty[slot] = False
+        self._free.append(slot)
+
+    def expire(self, field: str, older_than: int) -> list[bytes]:
+        """Drop the rows whose `field` < older_than; returns their keys (for the changelog's tombstones)."""
+        live = np.fromiter(self._index.values(), dtype=np.int64, count=len(self._index))
+        if not len(live):
+            return []
+        old = live[self.rows[field][live] < older_than]
+        keys = self._keys
+        expired = [keys[s] for s in old]
+        for key, slot in zip(expired, old.tolist(), strict=True):
+            del self._index[key]
+            self._release(slot)
+        return expired
+
+    def nbytes(self) -> int:
+        """Memory estimate: the row array, the dirty marks and the key index (dict, key objects, slot list)."""
+        import sys
+
+        index = sys.getsizeof(self._index) + sys.getsizeof(self._keys) + sys.getsizeof(self._free) + 8 * len(self._free)
+        # Per live key: its bytes object and its slot int (small ints above 256 are objects of their own).
+        index += sum(sys.getsizeof(key) + 28 for key in self._index)
+        return self.rows.nbytes + self._dirty.nbytes + index

@@ -1,0 +1,198 @@
+"""`fraudstream stack up --secure`: TLS and SASL on the local stack.
+
+At first start a CA and a certificate for 127.0.0.1/localhost signed by it are generated with the
+`cryptography` package (the CA's private key is dropped once the certificate is signed: nothing else
+is ever signed), with a random password for the SCRAM-SHA-512 user that `kafka-storage format
+--add-scram` creates. Everything lives in <stack_dir>/secure, private files readable by their owner
+only; so do two client properties files that point our commands, or any librdkafka or
+confluent-kafka client, at the secured endpoints.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import javaproperties
+
+from fraudstream.errors import StackError
+from fraudstream.settings import APICURIO_CCOMPAT_PATH, PROJECT_ROOT
+
+SECURE_TEMPLATE = PROJECT_ROOT / "infra" / "kafka-secure.properties"
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+SCRAM_USER = "fraudstream"
+HOST = "127.0.0.1"
+CERT_DAYS = 825  # the longest validity TLS clients commonly accept for a server certificate
+
+
+@dataclass(frozen=True, slots=True)
+class SecureMaterial:
+    folder: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.folder / "ca.pem"
+
+    @property
+    def cert(self) -> Path:
+        return self.folder / "broker-cert.pem"
+
+    @property
+    def key(self) -> Path:
+        return self.folder / "broker-key.pem"
+
+    @property
+    def keystore(self) -> Path:
+        return self.folder / "broker.p12"
+
+    @property
+    def secrets_file(self) -> Path:
+        return self.folder / "secrets.properties"
+
+    @property
+    def kafka_client_properties(self) -> Path:
+        return self.folder / "kafka-client.properties"
+
+    @property
+    def registry_client_properties(self) -> Path:
+        return self.folder / "registry-client.properties"
+
+    def secrets(self) -> dict[str, str]:
+        with open(self.secrets_file, encoding="utf-8") as f:
+            return dict(javaproperties.load(f))
+
+    @property
+    def exists(self) -> bool:
+        return all(p.is_file() for p in (self.ca, self.cert, self.key, self.keystore, self.secrets_file))
+
+
+def ensure_material(folder: Path) -> SecureMaterial:
+    """The CA, the server certificate, its PKCS12 key store and the passwords, made once."""
+    material = SecureMaterial(folder)
+    if material.exists:
+        return material
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.hazmat.primitives.serialization import pkcs12
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    except ImportError:
+        raise StackError("`stack up --secure` needs the cryptography package: pip install 'fraudstream[stack]'") from None
+
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    now = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
+    until = now + datetime.timedelta(days=CERT_DAYS)
+
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fraudstream local CA {secrets.token_hex(4)}")])
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(until)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])).issuer_name(ca_name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(until)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                    x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    keystore_password = secrets.token_urlsafe(18)
+    pem = serialization.Encoding.PEM
+    _write(material.ca, ca_cert.public_bytes(pem), private=False)
+    _write(material.cert, cert.public_bytes(pem) + ca_cert.public_bytes(pem), private=False)
+    _write(material.key, key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+           private=True)
+    _write(material.keystore, pkcs12.serialize_key_and_certificates(
+        b"broker", key, cert, [ca_cert], serialization.BestAvailableEncryption(keystore_password.encode())),
+        private=True)
+    # Written last: its presence means the rest is complete.
+    _write(material.secrets_file, javaproperties.dumps({
+        "keystore.password": keystore_password,
+        "scram.user": SCRAM_USER,
+        "scram.password": secrets.token_urlsafe(18),
+    }, timestamp=False).encode(), private=True)
+    return material
+
+
+def scram_format_arguments(material: SecureMaterial) -> list[str]:
+    """kafka-storage format's arguments that create the SCRAM user in the new cluster's metadata."""
+    s = material.secrets()
+    return ["--add-scram", f"{SCRAM_MECHANISM}=[name={s['scram.user']},password={s['scram.password']}]"]
+
+
+def kafka_server_config(base: str, material: SecureMaterial, port: int) -> str:
+    """The broker's rendered configuration with the SASL_SSL listener added."""
+    listener = f"SASL_SSL://{HOST}:{port}"
+    additions = {"listeners": listener, "advertised.listeners": listener,
+                 "listener.security.protocol.map": "SASL_SSL:SASL_SSL"}
+    lines = []
+    for line in base.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() in additions:
+            line = f"{key}={value.strip()},{additions.pop(key.strip())}"
+        lines.append(line)
+    if additions:
+        raise StackError(f"the broker template has no {', '.join(additions)} line to add the SASL_SSL listener to")
+    extra = SECURE_TEMPLATE.read_text()
+    for name, value in {"KEYSTORE": material.keystore, "KEYSTORE_PASSWORD": material.secrets()["keystore.password"]}.items():
+        extra = extra.replace("${" + name + "}", str(value))
+    return "\n".join(lines) + "\n\n" + extra
+
+
+def registry_system_properties(material: SecureMaterial, port: int) -> dict[str, object]:
+    """Quarkus TLS for the registry: HTTPS on `port` with the stack's certificate (plain HTTP stays)."""
+    return {
+        "quarkus.http.ssl-port": port,
+        "quarkus.tls.key-store.pem.0.cert": material.cert,
+        "quarkus.tls.key-store.pem.0.key": material.key,
+    }
+
+
+def write_client_properties(material: SecureMaterial, kafka_port: int, registry_port: int) -> None:
+    """Properties files for clients of the secured endpoints (rewritten at each start: ports may change)."""
+    s = material.secrets()
+    kafka = {
+        "bootstrap.servers": f"{HOST}:{kafka_port}",
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanisms": SCRAM_MECHANISM,
+        "sasl.username": s["scram.user"],
+        "sasl.password": s["scram.password"],
+        "ssl.ca.location": str(material.ca),
+    }
+    registry = {"url": registry_https_url(registry_port), "ssl.ca.location": str(material.ca)}
+    header = "Written by `fraudstream stack up --secure`; rewritten at each start."
+    _write(material.kafka_client_properties,
+           javaproperties.dumps(kafka, comments=header, timestamp=False).encode(), private=True)
+    _write(material.registry_client_properties,
+           javaproperties.dumps(registry, comments=header, timestamp=False).encode(), private=False)
+
+
+def registry_https_url(port: int) -> str:
+    return f"https://{HOST}:{port}{APICURIO_CCOMPAT_PATH}"
+
+
+def _write(path: Path, data: bytes, *, private: bool) -> None:
+    """Create the file with its final mode: a private file is never readable by others, even briefly."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

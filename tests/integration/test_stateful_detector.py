@@ -1,0 +1,75 @@
+"""Stateful rules on the real broker: state-dependent fraud is caught, state lives in the changelog, and a
+restarted detector restores it before judging the next records of its partitions."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from consumer.stateful import CARDS
+from tests.integration.test_detector import RunningDetector, decode, encoder_for, routed_total
+from tests.support.kafka_io import produce_raw, read_topic, transaction, wait_until
+
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
+NEW_YORK = dict(country="US", city="New York", latitude=40.71, longitude=-74.01)
+LONDON = dict(country="GB", city="London", latitude=51.51, longitude=-0.13)
+
+
+def at(minutes: float) -> datetime:
+    return T0 + timedelta(minutes=minutes)
+
+
+def send(settings, txs) -> None:
+    encode = encoder_for(settings, settings.transactions_topic)
+    produce_raw(settings, settings.transactions_topic, ((t.account_id.encode(), encode(t.to_dict())) for t in txs))
+
+
+def run_until_routed(settings, total: int) -> RunningDetector:
+    detector = RunningDetector(settings)
+    wait_until(lambda: routed_total(settings) >= total, timeout_s=120, what=f"{total} transactions routed")
+    detector.stop()
+    assert detector.error is None, detector.error
+    return detector
+
+
+def alerts(settings) -> dict[str, list[str]]:
+    return {a["transaction"]["transaction_id"]: a["rules"]
+            for a in (decode(settings, m.value()) for m in read_topic(settings, settings.fraud_topic))}
+
+
+def home_history(account: str, *, until: float) -> list:
+    """A card's everyday in-person payments at home, every 10 minutes: its home area."""
+    return [transaction(2_500, account=account, event_time=at(minute), **NEW_YORK, transaction_id=f"{account}-h{minute}")
+            for minute in range(0, int(until), 10)]
+
+
+def test_card_testing_and_a_cloned_card_are_caught_from_state(pipeline):
+    testing = [transaction(amount, account="acct-tested", event_time=at(60 + i * 0.1), channel="ONLINE",
+                           merchant_category="5815", device_id="dev-fraudster", transaction_id=f"test-{i}")
+               for i, amount in enumerate((120, 99, 180))]
+    cloned = home_history("acct-cloned", until=60) + [
+        transaction(4_000, account="acct-cloned", event_time=at(62), channel="CARD_PRESENT", **LONDON,
+                    transaction_id="london")]
+    everyday = home_history("acct-everyday", until=70)
+    send(pipeline, testing + cloned + everyday)
+    run_until_routed(pipeline, len(testing) + len(cloned) + len(everyday))
+
+    fraud = alerts(pipeline)
+    assert {tid for tid in fraud} == {"test-0", "test-1", "test-2", "london"}, fraud
+    assert all(fraud[f"test-{i}"] == ["card_testing"] for i in range(3))
+    assert "impossible_travel" in fraud["london"]
+    changelog = read_topic(pipeline, pipeline.changelog_topic(CARDS.name))
+    assert {m.key() for m in changelog} >= {b"card-acct-tested", b"card-acct-cloned", b"card-acct-everyday"}
+
+
+def test_a_restarted_detector_restores_state_before_judging(pipeline):
+    history = home_history("acct-1", until=60)
+    send(pipeline, history)
+    first = run_until_routed(pipeline, len(history))
+    assert first.detector.metrics.restored_records == 0
+
+    send(pipeline, [transaction(4_000, account="acct-1", event_time=at(62), channel="CARD_PRESENT", **LONDON,
+                                transaction_id="london")])
+    second = run_until_routed(pipeline, len(history) + 1)
+    # Only a detector that knew the card was in New York two minutes earlier can call this impossible.
+    assert "impossible_travel" in alerts(pipeline)["london"]
+    assert second.detector.metrics.restored_records >= 1

@@ -1,0 +1,190 @@
+"""Stateful detection decides the same whatever happens to the detectors.
+
+One seeded stream of generated transactions (simulated event time) goes to three input topics with the
+same keys, hence the same partitions. Three detector groups read them:
+- A: one detector, never interrupted;
+- B: one detector killed with SIGKILL three times mid-stream (each restart restores its state from the
+  changelog);
+- C: a group that grows from one detector to two and shrinks back to one mid-stream (partitions, and
+  their state, move between processes).
+Every transaction must get the same route and the same rules in all three, and each run must route
+every transaction exactly once. Finally the changelog of B, the killed one, restored from Kafka, must hold
+exactly the card profiles that a recount from the input gives: no state change applied twice or lost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+from consumer.features import TxColumns, card_features
+from consumer.state.recovery import Recovery
+from consumer.state.table import KeyedTable
+from consumer.stateful import CARDS
+from fraudstream.kafka import ensure_topics, producer_config
+from fraudstream.registry import register_all
+from fraudstream.settings import Settings
+from producer.generator import Generator
+from tests.integration.test_detector import decode, encoder_for, routed_total
+from tests.support.kafka_io import read_topic, wait_until
+
+TOTAL = 50_000
+START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: event time is simulated, never the wall clock
+EVENT_RATE = 20.0  # transactions per second of event time: 50,000 span about 42 minutes
+SEND_RATE = 800  # per topic per wall-clock second: a stream of about 60 s, so kills land mid-stream
+
+
+def detector_process(settings: Settings, transactional_id: str) -> subprocess.Popen:
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+           "SCHEMA_REGISTRY_URL": settings.schema_registry_url}
+    return subprocess.Popen(
+        [sys.executable, "-m", "consumer", "--topic", settings.transactions_topic, "--group-id", settings.group_id,
+         "--transactional-id", transactional_id, "--log-interval", "3600"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop(process: subprocess.Popen, signum: int = signal.SIGTERM) -> int:
+    process.send_signal(signum)
+    return process.wait(60)
+
+
+def make_pipeline(base: Settings, name: str) -> Settings:
+    settings = base.replace(transactions_topic=f"det-{name}-{uuid.uuid4().hex[:8]}",
+                            group_id=f"det-{name}-{uuid.uuid4().hex[:8]}", partitions=3)
+    ensure_topics(settings)
+    register_all(settings)
+    return settings
+
+
+def send_stream(pipelines: list[Settings], records: list) -> threading.Thread:
+    """The same records, keyed by account, to every input topic, paced."""
+    from confluent_kafka import Producer
+
+    encoders = [encoder_for(p, p.transactions_topic) for p in pipelines]
+
+    def run() -> None:
+        producer = Producer(producer_config(pipelines[0]))
+        started = time.monotonic()
+        for index, tx in enumerate(records):
+            record = tx.to_dict()
+            for settings, encode in zip(pipelines, encoders, strict=True):
+                producer.produce(settings.transactions_topic, encode(record), tx.account_id.encode())
+            if index % 500 == 0:
+                producer.poll(0)
+                ahead = index / SEND_RATE - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)  # pacing the stream, not waiting for readiness
+        assert producer.flush(60) == 0
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def decisions(settings: Settings) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """transaction id -> (route, rules fired), asserting that nothing was routed twice."""
+    seen: dict[str, tuple[str, tuple[str, ...]]] = {}
+    routed = 0
+    for message in read_topic(settings, settings.legit_topic, timeout_s=120):
+        seen[decode(settings, message.value())["transaction_id"]] = ("legit", ())
+        routed += 1
+    for message in read_topic(settings, settings.fraud_topic, timeout_s=120):
+        alert = decode(settings, message.value())
+        seen[alert["transaction"]["transaction_id"]] = ("fraud", tuple(alert["rules"]))
+        routed += 1
+    assert routed == len(seen), f"{routed - len(seen)} transactions routed more than once"
+    return seen
+
+
+def progressed(settings: Settings, at_least: int) -> bool:
+    return routed_total(settings) >= at_least
+
+
+def recount(settings: Settings) -> dict[int, KeyedTable]:
+    """Card profiles per partition, computed afresh from the input topic in offset order."""
+    by_partition: dict[int, list[dict]] = {}
+    for message in read_topic(settings, settings.transactions_topic, timeout_s=120):
+        by_partition.setdefault(message.partition(), []).append((message.offset(), decode(settings, message.value())))
+    tables = {}
+    for partition, records in by_partition.items():
+        records.sort(key=lambda pair: pair[0])
+        table = KeyedTable(CARDS.dtype)
+        for first in range(0, len(records), 2_000):  # batches, like the detector's
+            card_features(table, TxColumns.from_records([r for _, r in records[first:first + 2_000]]))
+        tables[partition] = table
+    return tables
+
+
+def restored(settings: Settings, partitions) -> dict[int, KeyedTable]:
+    recovery = Recovery(settings, {CARDS.name: settings.changelog_topic(CARDS.name)})
+    tables = {p: KeyedTable(CARDS.dtype) for p in partitions}
+    try:
+        for partition, table in tables.items():
+            progress = recovery.start(partition, {CARDS.name: table}, [CARDS])
+            while not progress.done:
+                recovery.step()
+    finally:
+        recovery.close()
+    return tables
+
+
+def rows_by_key(table: KeyedTable) -> dict[bytes, bytes]:
+    keys = table.keys()
+    return {key: table.rows[int(table.lookup([key])[0])].tobytes() for key in keys}
+
+
+def test_same_decisions_uninterrupted_killed_and_rescaled(stack_settings: Settings):
+    records = [tx for tx, _label in itertools.islice(Generator(seed=11).stream(START_MS, EVENT_RATE), TOTAL)]
+    steady, killed, rescaled = (make_pipeline(stack_settings, name) for name in ("steady", "killed", "rescaled"))
+    sender = send_stream([steady, killed, rescaled], records)
+
+    a = detector_process(steady, "steady")
+    b = detector_process(killed, "killed")
+    c1 = detector_process(rescaled, "rescaled-1")
+    mid_stream = []  # for each kill, grow and shrink: was there input left to decide?
+    for kill in range(3):  # kill B each time it has routed another 500 (its state restored, working)
+        before = routed_total(killed)
+        wait_until(lambda: progressed(killed, before + 500), timeout_s=120, what=f"B working before kill {kill + 1}",
+                   interval_s=0.05)
+        mid_stream.append(routed_total(killed) < TOTAL)
+        stop(b, signal.SIGKILL)
+        b = detector_process(killed, "killed")
+        if kill == 0:
+            mid_stream.append(routed_total(rescaled) < TOTAL)
+            c2 = detector_process(rescaled, "rescaled-2")  # C grows to two
+        if kill == 1:
+            mid_stream.append(routed_total(rescaled) < TOTAL)
+            assert stop(c2) == 0  # and shrinks back to one
+    assert all(mid_stream), f"some kills or rescales came after the end of the stream ({mid_stream}): " \
+                            "the test proved less than it says"
+    sender.join(120)
+    for settings in (steady, killed, rescaled):
+        wait_until(lambda s=settings: progressed(s, TOTAL), timeout_s=240, what=f"{settings.transactions_topic} routed")
+    for process in (a, b, c1):
+        assert stop(process) == 0
+
+    expected = decisions(steady)
+    assert len(expected) == TOTAL
+    fired = {rule for route, rules in expected.values() for rule in rules}
+    assert {"card_testing", "impossible_travel"} <= fired, f"stateful rules never fired: {fired}"
+    for settings in (killed, rescaled):
+        got = decisions(settings)
+        differing = [tid for tid in expected if got.get(tid) != expected[tid]]
+        assert not differing, (f"{len(differing)} of {TOTAL} decided differently in {settings.transactions_topic}, "
+                               f"e.g. {differing[0]}: {expected[differing[0]]} vs {got.get(differing[0])}")
+
+    # The killed run's changelog holds exactly what a recount from the input gives: every state change
+    # applied once, none lost, none counted twice.
+    expected_state = recount(killed)
+    got_state = restored(killed, expected_state)
+    for partition, table in expected_state.items():
+        want, have = rows_by_key(table), rows_by_key(got_state[partition])
+        assert len(want) > 0 and want.keys() == have.keys(), f"partition {partition}: keys differ"
+        differing = [key for key in want if want[key] != have[key]]
+        assert not differing, f"partition {partition}: {len(differing)} card profiles differ, e.g. {differing[0]!r}"

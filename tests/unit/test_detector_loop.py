@@ -1,0 +1,313 @@
+"""The detector loop's error handling, with scripted Kafka clients: which call fails, and how, decides
+what the loop must do (pitfalls.md 3-5). The real broker's side is in tests/integration."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
+
+import consumer.detector as detector_module
+from consumer.decide import Decision, Route
+from consumer.detector import FAILURES_IN_A_ROW_LIMIT, Detector
+from fraudstream.errors import Fenced, KafkaUnavailable
+from fraudstream.settings import PROJECT_ROOT, Settings
+
+TOPIC = "tx"
+
+
+class Message:
+    def __init__(self, partition: int, offset: int) -> None:
+        self._partition, self._offset = partition, offset
+
+    def topic(self):
+        return TOPIC
+
+    def partition(self):
+        return self._partition
+
+    def offset(self):
+        return self._offset
+
+    def key(self):
+        return b"k"
+
+    def value(self):
+        return f"{self._partition}:{self._offset}".encode()
+
+    def headers(self):
+        return None
+
+    def error(self):
+        return None
+
+
+class Log:
+    """A partitioned input log the fake consumer reads from, honouring seeks and commits."""
+
+    def __init__(self, partitions: int, records: int) -> None:
+        self.records = {p: [Message(p, o) for o in range(records)] for p in range(partitions)}
+        self.committed = {p: -1001 for p in range(partitions)}  # OFFSET_INVALID: nothing committed yet
+
+
+class FakeConsumer:
+    def __init__(self, log: Log, detector: Detector, batch: int = 4) -> None:
+        self.log, self.detector, self.batch = log, detector, batch
+        self.position = dict.fromkeys(log.records, 0)
+        self.seeks: list[tuple[int, int]] = []
+        self.on_consume = None  # called inside consume(), where librdkafka runs rebalance callbacks
+
+    def consume(self, num_messages, timeout):
+        if self.on_consume:
+            hook, self.on_consume = self.on_consume, None
+            messages = hook()
+        else:
+            messages = []
+            for p in sorted(self.position):
+                if (TOPIC, p) in self.detector._assigned:
+                    chunk = self.log.records[p][self.position[p]:self.position[p] + self.batch]
+                    self.position[p] += len(chunk)
+                    messages += chunk
+        if not messages:
+            self.detector.stop.set()  # the log is drained: end the run
+        return messages
+
+    def seek(self, tp: TopicPartition) -> None:
+        self.seeks.append((tp.partition, tp.offset))
+        self.position[tp.partition] = 0 if tp.offset == OFFSET_BEGINNING else tp.offset
+
+    def committed(self, partitions, timeout=None):
+        return [TopicPartition(TOPIC, tp.partition, self.log.committed[tp.partition]) for tp in partitions]
+
+    def consumer_group_metadata(self):
+        return "group-metadata"
+
+    def memberid(self):
+        return "member-ours"
+
+    def close(self):
+        pass
+
+
+class FakeProducer:
+    """Records what each transaction produced; `fail` scripts errors as (call name, n-th call) -> KafkaError."""
+
+    def __init__(self, log: Log, fail: dict | None = None) -> None:
+        self.log, self.fail = log, dict(fail or {})
+        self.calls: dict[str, int] = {}
+        self.open: list | None = None
+        self.offsets: list | None = None
+        self.committed_outputs: list[bytes] = []
+        self.produce_calls: list[bytes] = []
+        self.aborts = 0
+
+    def _maybe_fail(self, name: str) -> None:
+        n = self.calls[name] = self.calls.get(name, 0) + 1
+        error = self.fail.get((name, n)) or self.fail.get((name, "*"))
+        if error is not None:
+            raise KafkaException(error)
+
+    def begin_transaction(self):
+        self._maybe_fail("begin")
+        self.open, self.offsets = [], None
+
+    def produce(self, topic, value, key=None, headers=None):
+        self.produce_calls.append(value)
+        self._maybe_fail("produce")
+        self.open.append(value)
+
+    def send_offsets_to_transaction(self, offsets, metadata, timeout):
+        self._maybe_fail("send_offsets")
+        self.offsets = offsets
+
+    def commit_transaction(self, timeout):
+        self._maybe_fail("commit")
+        self.committed_outputs += self.open
+        for tp in self.offsets:
+            self.log.committed[tp.partition] = tp.offset
+        self.open = None
+
+    def abort_transaction(self, timeout):
+        self._maybe_fail("abort")
+        self.aborts += 1
+        self.open = None
+
+    def poll(self, timeout=0):
+        return 0
+
+    def flush(self, timeout=0):
+        return 0
+
+
+class PassThrough:
+    def decide(self, messages):
+        return [Decision(Route.LEGIT, m.key(), m.value()) for m in messages]
+
+
+def make_detector(monkeypatch, *, partitions=2, records=8, fail=None, successors=(),
+                  transaction_timeout_ms=10_000) -> tuple[Detector, Log, list[FakeProducer]]:
+    settings = Settings(transactions_topic=TOPIC, transaction_timeout_ms=transaction_timeout_ms)
+    detector = Detector(settings, log_interval_s=3600, on_log=lambda line: logs.append(line))
+    logs: list[str] = []
+    detector.logs = logs
+    log = Log(partitions, records)
+    producers: list[FakeProducer] = [FakeProducer(log, fail)]  # the first one fails as scripted, later ones never
+
+    def new_producer():
+        producers.append(FakeProducer(log))
+        return producers[-1]
+
+    def start():
+        detector._limits = dict.fromkeys(detector.routes.values(), 1_000_000)
+        detector.consumer = FakeConsumer(log, detector)
+        detector._on_assign(None, [TopicPartition(TOPIC, p) for p in range(partitions)])
+        detector.producer = producers[0]
+        return PassThrough(), []
+
+    monkeypatch.setattr(detector, "_start", start)
+    monkeypatch.setattr(detector, "_new_producer", new_producer)
+    monkeypatch.setattr(detector_module, "static_members",
+                        lambda settings, group, instance, timeout_s: ["member-ours", *successors])
+    return detector, log, producers
+
+
+def every_input(log: Log) -> list[bytes]:
+    return sorted(m.value() for records in log.records.values() for m in records)
+
+
+def test_produce_in_a_failed_transaction_aborts_rewinds_and_retries(monkeypatch):
+    # After a delivery failure librdkafka refuses produce() with _STATE: neither retriable nor abortable.
+    detector, log, [producer] = make_detector(monkeypatch, fail={("produce", 3): KafkaError(KafkaError._STATE)})
+    metrics = detector.run()
+    assert producer.aborts == 1 and metrics.aborts == 1
+    assert sorted(producer.committed_outputs) == every_input(log)  # each exactly once, nothing lost
+    assert (0, 0) in detector.consumer.seeks and (1, 0) in detector.consumer.seeks  # rewound to the batch start
+    assert log.committed == {0: 8, 1: 8}
+
+
+def test_a_retriable_produce_error_retries_that_record_alone(monkeypatch):
+    retriable = KafkaError(KafkaError._TRANSPORT, retriable=True)
+    detector, log, [producer] = make_detector(monkeypatch, fail={("produce", 3): retriable})
+    detector.run()
+    assert producer.aborts == 0
+    first_batch = [b"0:0", b"0:1", b"0:2", b"0:3", b"1:0", b"1:1", b"1:2", b"1:3"]
+    assert producer.produce_calls[:9] == first_batch[:3] + [b"0:2"] + first_batch[3:]  # only the failed one again
+    assert sorted(producer.committed_outputs) == every_input(log)
+
+
+def test_abort_and_retry_is_bounded_with_backoff_on_the_stop_event(monkeypatch):
+    abortable = KafkaError(KafkaError._INCONSISTENT, txn_requires_abort=True)
+    detector, log, [producer] = make_detector(monkeypatch, fail={("commit", "*"): abortable})
+    waits = []
+    real_wait = detector.stop.wait
+    monkeypatch.setattr(detector.stop, "wait", lambda timeout=None: waits.append(timeout) or real_wait(0))
+    with pytest.raises(KafkaUnavailable, match=f"{FAILURES_IN_A_ROW_LIMIT} transactions in a row failed"):
+        detector.run()
+    assert producer.aborts == FAILURES_IN_A_ROW_LIMIT
+    assert waits == sorted(waits) and waits[0] < waits[-1]  # growing backoff, waited on the stop event
+    assert producer.committed_outputs == [] and log.committed == {0: -1001, 1: -1001}
+
+
+def test_a_stop_request_ends_the_retries_promptly(monkeypatch):
+    retriable = KafkaError(KafkaError._TIMED_OUT, retriable=True)
+    detector, log, [producer] = make_detector(monkeypatch, fail={("commit", "*"): retriable},
+                                              transaction_timeout_ms=120_000)
+    threading.Timer(0.5, detector.stop.set).start()
+    started = time.monotonic()
+    detector.run()
+    assert time.monotonic() - started < 3  # not the transaction's 96 s of retries
+    assert any("stop requested while committing" in line for line in detector.logs), detector.logs
+    assert producer.committed_outputs == []
+
+
+def test_a_commit_retried_past_the_transaction_timeout_recovers_instead_of_reporting_fencing(monkeypatch):
+    retriable = KafkaError(KafkaError._TIMED_OUT, retriable=True)
+    detector, log, producers = make_detector(monkeypatch, fail={("commit", 1): retriable, ("commit", 2): retriable,
+                                                                ("commit", "*"): retriable},
+                                             transaction_timeout_ms=1_000)
+    metrics = detector.run()
+    assert len(producers) == 2 and metrics.recoveries == 1  # a new producer under the same transactional id
+    recovery = next(line for line in detector.logs if "recreating the transactional producer" in line)
+    assert "about to time out" in recovery and "no other detector holds" in recovery
+    assert (0, OFFSET_BEGINNING) in detector.consumer.seeks  # rewound to the committed offsets (none yet)
+    assert sorted(producers[1].committed_outputs) == every_input(log)
+
+
+@pytest.mark.parametrize("code", [KafkaError._FENCED, KafkaError.INVALID_PRODUCER_EPOCH])
+def test_an_epoch_ended_by_the_broker_recreates_the_producer(monkeypatch, code):
+    detector, log, producers = make_detector(monkeypatch, fail={("send_offsets", 2): KafkaError(code, fatal=True)})
+    metrics = detector.run()
+    assert metrics.recoveries == 1 and len(producers) == 2
+    # The first batch was committed: the rewind goes to its end, so nothing is produced twice.
+    outputs = producers[0].committed_outputs + producers[1].committed_outputs
+    assert sorted(outputs) == every_input(log)
+
+
+def test_a_newer_detector_holding_our_instance_id_stops_us_with_that_reason(monkeypatch):
+    detector, log, producers = make_detector(monkeypatch, fail={("commit", 1): KafkaError(KafkaError._FENCED, fatal=True)},
+                                             successors=("member-newer",))
+    with pytest.raises(Fenced, match="another detector with the same transactional id joined group .* as member "
+                                     "member-newer and took over"):
+        detector.run()
+    assert len(producers) == 1
+
+
+def test_records_of_a_partition_revoked_during_consume_are_neither_produced_nor_committed(monkeypatch):
+    detector, log, [producer] = make_detector(monkeypatch)
+
+    def consume_then_revoke():
+        messages = log.records[0][:4] + log.records[1][:4]
+        detector.consumer.position.update({0: 4, 1: 4})
+        detector._on_revoke(None, [TopicPartition(TOPIC, 1)])  # partition 1 moved away in this consume() call
+        return messages
+
+    original_start = detector._start
+
+    def start():
+        result = original_start()
+        detector.consumer.on_consume = consume_then_revoke
+        return result
+
+    monkeypatch.setattr(detector, "_start", start)
+    detector.run()
+    assert producer.committed_outputs and all(value.startswith(b"0:") for value in producer.committed_outputs)
+    assert log.committed[1] == -1001  # its new owner starts where the last commit left it
+
+
+def test_first_signal_stops_cleanly_and_a_second_exits_at_once():
+    # The main thread sits in a librdkafka call that blocks in C (no broker answers): a Python-level
+    # handler would only run once it returns, after its 30 s timeout.
+    script = textwrap.dedent("""
+        import threading
+        from confluent_kafka import KafkaException, Producer
+        from consumer.detector import stop_on_signals
+        stop = threading.Event()
+        threading.Thread(target=lambda: (stop.wait(), print("stopping", flush=True)), daemon=True).start()
+        producer = Producer({"bootstrap.servers": "127.0.0.1:1", "transactional.id": "t", "log_level": 0})
+        with stop_on_signals(stop):
+            print("ready", flush=True)
+            try:
+                producer.init_transactions(30)
+            except KafkaException:
+                pass
+            print("returned", flush=True)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        process.send_signal(signal.SIGINT)
+        assert process.stdout.readline().strip() == "stopping"  # seen while the call still blocks
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) == 130
+        assert "returned" not in process.stdout.read()  # it ended inside the blocking call
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
