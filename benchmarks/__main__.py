@@ -192,7 +192,7 @@ class Benchmark:
     # ----- sections -----
     def detectors(self) -> tuple[dict, dict]:
         from benchmarks.data import prefill
-        from benchmarks.detectors import (LARGE_AMOUNT, OURS_VELOCITY, OURS_VELOCITY_LABEL, OURS_VELOCITY_NOTE,
+        from benchmarks.detectors import (LARGE_AMOUNT, OURS_VELOCITY, OWN_RULES, OURS_VELOCITY_LABEL, OURS_VELOCITY_NOTE,
                                           PASSTHROUGH_BEST_SIZES, QUIX, QUIX_VELOCITY, VELOCITY, detector_specs,
                                           passthrough_key, run_detector)
 
@@ -235,7 +235,7 @@ class Benchmark:
                     failed[spec.key] = str(exc)
                     self.errors.append(f"detector {spec.key}: {exc}")
                     continue
-                if result.fraud != expected_fraud[spec.rule]:
+                if spec.rule != OWN_RULES and result.fraud != expected_fraud[spec.rule]:
                     self.errors.append(f"detector {spec.key} run {round_number}: {result.fraud} on the fraud topic, "
                                        f"its rule says {expected_fraud[spec.rule]}")
                 self.log(f"  {result.throughput_tps:,.0f} tx/s, {result.cpu_ms_per_1k:.1f} ms CPU per 1k, "
@@ -257,7 +257,7 @@ class Benchmark:
                 "error": failed.get(spec.key),
             }
             if spec.key == QUIX_VELOCITY:
-                # Ours has no stateful rules yet: a marked empty row, never a made-up figure.
+                # Ours has no rule like this one: a marked empty row, never a made-up figure.
                 summary[OURS_VELOCITY] = {
                     "label": OURS_VELOCITY_LABEL, "delivery": "exactly-once", "rule": VELOCITY, "limit": False,
                     "batch": None, "throughput_tps": None, "peak_rss_mib": None, "cpu_ms_per_1k": None, "runs": [],

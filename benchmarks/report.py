@@ -290,7 +290,8 @@ def write_charts(results: dict[str, Any], output_dir: Path, name: str = "latest"
 
 
 def _ratio(ours: float | None, other: float | None) -> float | None:
-    return round(ours / other, 2) if ours and other else None
+    # Three significant digits: a ratio far below 1 (a peer against the limit) must not round to 0.
+    return float(f"{ours / other:.3g}") if ours and other else None
 
 
 def _num(value: float | None, digits: int = 0) -> str:
