@@ -43,7 +43,7 @@ def _measured(results: dict[str, Any], figure: str) -> list[tuple[str, float, st
     for key, entry in (results.get("detectors") or {}).items():
         value = entry.get(figure)
         if value:
-            color = OURS_COLOR if key == "ours" else LIMIT_COLOR if entry.get("limit") else PEER_COLOR
+            color = OURS_COLOR if key.startswith("ours") else LIMIT_COLOR if entry.get("limit") else PEER_COLOR
             out.append((_short(entry["label"]), value, color))
     return out
 
