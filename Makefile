@@ -16,7 +16,7 @@ BENCH_ARGS ?=
 # Like the tests: an existing Kafka and registry when both variables are set, otherwise the local stack.
 EXISTING_SERVICES := $(and $(KAFKA_BOOTSTRAP_SERVERS),$(SCHEMA_REGISTRY_URL))
 
-.PHONY: demo test faults stack-up stack-down services bench clean
+.PHONY: demo test faults stack-up stack-down services bench bench-quick clean
 
 demo: services
 	$(BIN)/fraudstream schemas register
@@ -31,8 +31,13 @@ FAULT_ROUNDS ?= 10
 faults: $(INSTALLED)
 	FAULT_ROUNDS=$(FAULT_ROUNDS) $(BIN)/python -m pytest tests/integration/test_broker_faults.py $(PYTEST_ARGS)
 
+# quixstreams runs in .venv-quix, which the benchmark creates on first use (benchmarks/quix_env.py).
 bench: services
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+# Tiny counts: checks that every part of the benchmark works, measures nothing.
+bench-quick: services
+	$(BIN)/python -m benchmarks --quick $(BENCH_ARGS)
 
 stack-up: $(INSTALLED)
 	$(BIN)/fraudstream stack up
@@ -58,5 +63,5 @@ $(INSTALLED): pyproject.toml Makefile
 # registry (.stack/dist) stay: fetching them again is the slow part of a fresh start.
 clean:
 	if [ -x $(BIN)/fraudstream ]; then $(BIN)/fraudstream stack down --wipe; fi
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-quix build *.egg-info .pytest_cache
 	find . -name __pycache__ -type d -not -path './.stack/*' -prune -exec rm -rf {} +

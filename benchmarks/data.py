@@ -26,6 +26,12 @@ from producer.generator import Generator
 # Event time of the pre-filled records: a simulated clock, so the same seed gives the same bytes.
 PREFILL_START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 PREFILL_EVENT_RATE = 2_000  # transactions per second of event time
+# The velocity rule of the stateful contenders: more than VELOCITY_MAX transactions on one card
+# within one tumbling window of VELOCITY_WINDOW_S seconds of event time (or the amount rule) is fraud.
+# The pre-fill packs a few thousand cards into 2,000 transactions per second of event time, so these
+# values flag about 1% of records more than the amount rule: the rule is there for what state costs.
+VELOCITY_WINDOW_S = 10
+VELOCITY_MAX = 10
 
 
 def transactions(count: int, seed: int) -> Iterator[Transaction]:
@@ -45,10 +51,12 @@ def json_form(transaction: Transaction) -> dict:
 class Prefill:
     count: int
     fraud: int  # how many of them the rule routes to the fraud topic
+    velocity_fraud: int  # how many the velocity rule (with the amount rule) routes there
     elapsed_s: float
 
 
-def prefill(settings: Settings, *, count: int, seed: int, json_topic: str | None) -> Prefill:
+def prefill(settings: Settings, *, count: int, seed: int, json_topic: str | None,
+            velocity_window_s: int = VELOCITY_WINDOW_S, velocity_max: int = VELOCITY_MAX) -> Prefill:
     """Write `count` transactions to settings.transactions_topic (Avro) and, when given, json_topic (JSON)."""
     started = time.perf_counter()
     schema_id = current_ids(settings, Registry(settings))[settings.transactions_topic]
@@ -64,7 +72,9 @@ def prefill(settings: Settings, *, count: int, seed: int, json_topic: str | None
         "compression.type": "none",  # kafka-python reads lz4 only with an extra package: keep the inputs plain
         "on_delivery": on_delivery,
     }))
-    avro_topic, threshold, fraud = settings.transactions_topic, settings.fraud_threshold_cents, 0
+    avro_topic, threshold, fraud, velocity_fraud = settings.transactions_topic, settings.fraud_threshold_cents, 0, 0
+    window_ms = velocity_window_s * 1000
+    per_card_window: dict[tuple[str, int], int] = {}  # the window count each record sees, itself included
     dumps = json.dumps
 
     def produce(topic: str, value: bytes, key: bytes) -> None:
@@ -80,11 +90,15 @@ def prefill(settings: Settings, *, count: int, seed: int, json_topic: str | None
         produce(avro_topic, encode(transaction.to_dict()), key)
         if json_topic:
             produce(json_topic, dumps(json_form(transaction)).encode(), key)
-        fraud += transaction.amount_cents > threshold
+        large = transaction.amount_cents > threshold
+        fraud += large
+        window = (transaction.card_id, int(transaction.event_time.timestamp() * 1000) // window_ms)
+        seen = per_card_window[window] = per_card_window.get(window, 0) + 1
+        velocity_fraud += large or seen > velocity_max
         if index % 1000 == 0:
             producer.poll(0)
     left = producer.flush(120)
     if left or failures:
         raise RuntimeError(f"pre-fill failed: {left} records not delivered, {len(failures)} errors "
                            f"({failures[:1] or 'timed out'})")
-    return Prefill(count=count, fraud=fraud, elapsed_s=time.perf_counter() - started)
+    return Prefill(count=count, fraud=fraud, velocity_fraud=velocity_fraud, elapsed_s=time.perf_counter() - started)

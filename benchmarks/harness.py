@@ -4,7 +4,9 @@ Every contender runs as a process of its own, so its memory is its own. Its peak
 kernel's high-water mark of its address space (VmHWM in /proc/<pid>/status), read every time the
 harness looks at it until it exits: not wait4's ru_maxrss, which Linux carries over from the
 address space the child replaced at exec, i.e. this harness's own RSS at spawn time. Its CPU
-seconds do come from wait4.
+seconds in all come from wait4; while it runs, from /proc/<pid>/stat (all its threads), so that
+the CPU spent between two moments (first output readable, all readable) can be told apart from
+start-up and shutdown.
 """
 
 from __future__ import annotations
@@ -49,6 +51,20 @@ def high_water_rss_kib(pid: int) -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of a live process (all threads), in seconds; None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # Fields after the command name (which may hold spaces): utime and stime are the 12th and 13th.
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class Contender:
@@ -114,7 +130,16 @@ class Routed:
     by_topic: Counter = field(default_factory=Counter)
     first_seen_s: float | None = None  # perf_counter when the first output became readable
     count_at_first: int = 0  # how many were readable at that moment (one committed batch, or a few)
+    cpu_at_first_s: float | None = None  # the contenders' CPU seconds at that moment
     done_s: float | None = None
+    cpu_at_done_s: float | None = None  # and when all were readable
+
+    @property
+    def window_cpu_s(self) -> float | None:
+        """CPU spent while the measured records were routed (start-up and shutdown left out)."""
+        if self.cpu_at_first_s is None or self.cpu_at_done_s is None:
+            return None
+        return self.cpu_at_done_s - self.cpu_at_first_s
 
     @property
     def total(self) -> int:
@@ -158,25 +183,38 @@ class RunFailed(RuntimeError):
     pass
 
 
-def count_until(counter: OutputCounter, contender: Contender, expected: int, *, stall_timeout_s: float) -> Routed:
-    """Read outputs until `expected` records are readable; fail if the contender dies or stalls."""
+def count_until(counter: OutputCounter, contenders: Contender | list[Contender], expected: int, *,
+                stall_timeout_s: float) -> Routed:
+    """Read outputs until `expected` records are readable; fail if a contender dies or they all stall."""
+    if isinstance(contenders, Contender):
+        contenders = [contenders]
     routed = Routed()
     last_progress = time.monotonic()
     while routed.total < expected:
         messages = counter.poll()
         now = time.perf_counter()
-        contender.poll()  # also samples its memory
+        for contender in contenders:
+            contender.poll()  # also samples its memory
+        dead = next((c for c in contenders if c.exited is not None), None)
         if messages:
             for message in messages:
                 routed.by_topic[message.topic()] += 1
             if routed.first_seen_s is None:
                 routed.first_seen_s, routed.count_at_first = now, routed.total
+                routed.cpu_at_first_s = _total_cpu(contenders)
             last_progress = time.monotonic()
-        elif contender.exited is not None:
-            raise RunFailed(f"{contender.name} exited with {contender.exited.exit_code} after routing "
-                            f"{routed.total}/{expected}: {contender.log_tail(3)}")
+        elif dead is not None:
+            raise RunFailed(f"{dead.name} exited with {dead.exited.exit_code} after routing "
+                            f"{routed.total}/{expected}: {dead.log_tail(3)}")
         elif time.monotonic() - last_progress > stall_timeout_s:
-            raise RunFailed(f"{contender.name} routed {routed.total}/{expected}, then nothing for "
-                            f"{stall_timeout_s:.0f}s (see {contender.log_path})")
+            names = ", ".join(c.name for c in contenders)
+            raise RunFailed(f"{names} routed {routed.total}/{expected}, then nothing for "
+                            f"{stall_timeout_s:.0f}s (see {contenders[0].log_path})")
     routed.done_s = time.perf_counter()
+    routed.cpu_at_done_s = _total_cpu(contenders)
     return routed
+
+
+def _total_cpu(contenders: list[Contender]) -> float | None:
+    readings = [cpu_seconds(c.process.pid) for c in contenders]
+    return None if None in readings else sum(readings)

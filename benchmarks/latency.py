@@ -30,9 +30,14 @@ WARMUP_COUNT = 500
 ARRIVAL_TIMEOUT_S = 60.0
 
 
+# Where the CDF is sampled for the chart: every percent, then the tail more finely.
+CDF_FRACTIONS = tuple(i / 100 for i in range(100)) + (0.995, 0.999, 1.0)
+
+
 @dataclass(frozen=True, slots=True)
 class LatencyRun:
     rate_tps: int
+    round: int
     achieved_tps: float
     records: int
     p50_ms: float
@@ -42,6 +47,7 @@ class LatencyRun:
     created_to_produced_p99_ms: float
     produced_to_readable_p50_ms: float
     produced_to_readable_p99_ms: float
+    cdf_ms: list[float]  # latency at each of CDF_FRACTIONS
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -60,16 +66,17 @@ class Samples:
     to_produced: list[float]
     to_readable: list[float]
 
-    def summary(self, rate: int, achieved: float) -> LatencyRun:
+    def summary(self, rate: int, achieved: float, round_number: int) -> LatencyRun:
         total, first, second = sorted(self.total), sorted(self.to_produced), sorted(self.to_readable)
         return LatencyRun(
-            rate_tps=rate, achieved_tps=round(achieved, 1), records=len(total),
+            rate_tps=rate, round=round_number, achieved_tps=round(achieved, 1), records=len(total),
             p50_ms=round(percentile(total, 0.50), 1), p99_ms=round(percentile(total, 0.99), 1),
             max_ms=round(total[-1], 1),
             created_to_produced_p50_ms=round(percentile(first, 0.50), 1),
             created_to_produced_p99_ms=round(percentile(first, 0.99), 1),
             produced_to_readable_p50_ms=round(percentile(second, 0.50), 1),
             produced_to_readable_p99_ms=round(percentile(second, 0.99), 1),
+            cdf_ms=[round(percentile(total, f), 1) for f in CDF_FRACTIONS],
         )
 
 
@@ -105,9 +112,10 @@ class LatencyReader:
 
 
 def measure_latency(settings: Settings, *, rates: list[int], seconds: float, seed: int, log_dir: Path,
-                    batch_max_records: int | None = None, batch_max_ms: int | None = None,
+                    rounds: int = 1, batch_max_records: int | None = None, batch_max_ms: int | None = None,
                     profile_to: Path | None = None) -> tuple[list[LatencyRun], float]:
-    """Latency runs at each rate, and the detector's peak RSS (MiB) over the whole time.
+    """Latency runs at each rate, `rounds` times (rates alternating, so that background noise is
+    shared), and the detector's peak RSS (MiB) over the whole time.
 
     profile_to: run the detector under pyinstrument and write its text report there (figures
     then include the profiler's overhead: not results).
@@ -124,10 +132,12 @@ def measure_latency(settings: Settings, *, rates: list[int], seconds: float, see
         _send_and_collect(reader, detector, producer_argv("ours", settings, count=WARMUP_COUNT, rate=WARMUP_RATE,
                                                           seed=seed), log_dir=log_dir, name="latency-warmup")
         runs = []
-        for rate in rates:
-            argv = producer_argv("ours", settings, duration=seconds, rate=rate, seed=seed + rate)
-            samples, report = _send_and_collect(reader, detector, argv, log_dir=log_dir, name=f"latency-{rate}")
-            runs.append(samples.summary(rate, report["sent"] / report["sending_s"]))
+        for round_number in range(rounds):
+            for rate in rates:
+                argv = producer_argv("ours", settings, duration=seconds, rate=rate, seed=seed + rate + round_number)
+                samples, report = _send_and_collect(reader, detector, argv, log_dir=log_dir,
+                                                    name=f"latency-{rate}-round{round_number}")
+                runs.append(samples.summary(rate, report["sent"] / report["sending_s"], round_number))
     finally:
         reader.close()
         exited = detector.stop()

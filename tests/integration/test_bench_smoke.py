@@ -1,7 +1,9 @@
 """The benchmark keeps working: `python -m benchmarks --quick` on tiny counts, against the real stack.
 
-No timed assertions: it checks that the run completes, that every contender routed or sent exactly
-what it was given, and that the JSON and markdown have the expected shape.
+No timed assertions: it checks that the run completes, that every contender (quixstreams in its own
+environment and the passthrough limit included) routed or sent exactly what it was given, and that
+the JSON, the markdown and the PNG charts have the expected shape. quixstreams' environment
+(.venv-quix) is created on the first run and reused after.
 """
 
 from __future__ import annotations
@@ -10,47 +12,77 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from fraudstream.settings import PROJECT_ROOT, Settings
 
-DETECTORS = ("ours", "confluent_per_message", "seed_kafka_python_json")
+LIMITS = ("eos_passthrough_2000", "eos_passthrough_20000", "eos_passthrough_50000",
+          "eos_passthrough_2000_produce_batch")
+DETECTORS = ("ours", *LIMITS, "quixstreams", "confluent_per_message", "seed_kafka_python_json",
+             "ours_stateful", "quixstreams_velocity")
+PLACEHOLDER = "ours_velocity"  # ours has no rule like quixstreams' velocity window: a marked row without figures
 PRODUCERS = ("ours", "confluent_per_message")
+CHARTS = ("throughput", "cpu", "latency-cdf", "scale")
+QUICK_VELOCITY_MAX = 1
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def quick_run(stack_settings: Settings, tmp_path_factory) -> tuple[dict, str]:
+def quick_run(stack_settings: Settings, tmp_path_factory) -> tuple[dict, str, Path]:
     output_dir = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": stack_settings.bootstrap_servers,
            "SCHEMA_REGISTRY_URL": stack_settings.schema_registry_url}
-    done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--output-dir", str(output_dir)],
+    # A velocity limit that tiny counts reach, so that the stateful contender's rule visibly fires.
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--velocity-max", str(QUICK_VELOCITY_MAX),
+                           "--output-dir", str(output_dir)],
                           cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"benchmark failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return json.loads((output_dir / "latest.json").read_text()), (output_dir / "latest.md").read_text()
+    return json.loads((output_dir / "latest.json").read_text()), (output_dir / "latest.md").read_text(), output_dir
 
 
-def test_every_detector_routes_every_transaction_by_the_rule(quick_run):
-    results, _ = quick_run
-    count, fraud = results["config"]["count"], results["prefill"]["fraud"]
+def test_every_detector_routes_every_transaction_by_its_rule(quick_run):
+    results, _, _ = quick_run
+    count, fraud, velocity = results["config"]["count"], results["prefill"]["fraud"], results["prefill"]["velocity_fraud"]
     assert results["prefill"]["count"] == count
-    assert 0 < fraud < count  # the generator makes some of each
-    assert set(results["detectors"]) == set(DETECTORS)
-    for key, entry in results["detectors"].items():
+    assert 0 < fraud < velocity < count  # the generator makes some of each; velocity adds to the amount rule
+    assert set(results["detectors"]) == {*DETECTORS, PLACEHOLDER}
+    expected_fraud = {"large_amount": fraud, "velocity": velocity, None: 0}
+    for key in DETECTORS:
+        entry = results["detectors"][key]
         assert entry["error"] is None, key
+        assert entry["limit"] == (key in LIMITS), key
         assert entry["runs"], key
         for run in entry["runs"]:
             assert run["routed"] == run["legit"] + run["fraud"] + run["dead_letter"] == count, key
-            assert run["fraud"] == fraud, key
+            if entry["rule"] == "own":
+                # Ours' stateful rule set: no count to hold it to, but its rules are not the amount
+                # rule alone, which shows that the stateful path ran and not the stateless one.
+                assert 0 < run["fraud"] < count and run["fraud"] != fraud, key
+            else:
+                assert run["fraud"] == expected_fraud[entry["rule"]], key
             assert run["exit_code"] == 0, key
             # A Python process with a Kafka client: tens of MiB, not bytes and not gigabytes.
             assert 10 < run["peak_rss_mib"] < 4096, key
-            assert run["cpu_s"] > 0, key
-        assert entry["throughput_tps"] > 0, key
+            assert run["cpu_s"] > 0 and run["cpu_ms_per_1k"] > 0, key
+        assert entry["throughput_tps"] > 0 and entry["cpu_ms_per_1k"] > 0, key
+    assert [results["detectors"][key]["batch"] for key in LIMITS] == [2_000, 20_000, 50_000, 2_000]
+    assert [results["detectors"][key]["produce_batch"] for key in LIMITS] == [False, False, False, True]
+    assert all(run["legit"] == count for key in LIMITS for run in results["detectors"][key]["runs"])
+
+
+def test_the_stateful_comparison_waits_for_ours_without_a_number(quick_run):
+    results, markdown, _ = quick_run
+    placeholder = results["detectors"][PLACEHOLDER]
+    assert placeholder["runs"] == [] and placeholder["throughput_tps"] is None
+    assert placeholder["cpu_ms_per_1k"] is None and placeholder["placeholder"] in markdown
+    velocity_target = next(t for t in results["targets"] if "velocity" in t["name"])
+    assert velocity_target["met"] is None
 
 
 def test_every_producer_delivers_what_it_sent(quick_run):
-    results, _ = quick_run
+    results, _, _ = quick_run
     assert set(results["producers"]) == set(PRODUCERS)
     for key, entry in results["producers"].items():
         assert entry["error"] is None, key
@@ -60,26 +92,54 @@ def test_every_producer_delivers_what_it_sent(quick_run):
 
 
 def test_latency_is_measured_at_each_rate(quick_run):
-    results, _ = quick_run
+    results, _, _ = quick_run
     latency = results["latency"]
     assert latency["error"] is None
-    assert [run["rate_tps"] for run in latency["runs"]] == results["config"]["latency_rates"]
+    rounds = results["config"]["latency_runs"]
+    assert [run["rate_tps"] for run in latency["runs"]] == results["config"]["latency_rates"] * rounds
     for run in latency["runs"]:
         assert run["records"] > 0
         assert 0 <= run["p50_ms"] <= run["p99_ms"] <= run["max_ms"]
+        assert run["cdf_ms"] == sorted(run["cdf_ms"]) and run["cdf_ms"][-1] == run["max_ms"]
+
+
+def test_scale_covers_every_configuration(quick_run):
+    results, _, _ = quick_run
+    config, scale = results["config"], results["scale"]
+    assert scale["error"] is None
+    assert [(row["processes"], row["partitions_per_process"]) for row in scale["rows"]] == [
+        (n, p) for n in config["scale_processes"] for p in config["scale_partitions"]]
+    for row in scale["rows"]:
+        assert row["partitions"] == row["processes"] * row["partitions_per_process"]
+        assert row["run"]["routed"] == row["run"]["legit"] + row["run"]["fraud"] == config["scale_count"]
+        assert row["throughput_tps"] > 0 and row["cpu_ms_per_1k"] > 0
+
+
+def test_charts_are_png_files(quick_run):
+    _, _, output_dir = quick_run
+    for chart in CHARTS:
+        path = output_dir / f"latest-{chart}.png"
+        assert path.read_bytes()[:8] == PNG_MAGIC, chart
 
 
 def test_ratios_targets_and_machine_are_reported(quick_run):
-    results, markdown = quick_run
-    assert set(results["ratios"]["detector_throughput"]) == {f"ours/{key}" for key in DETECTORS if key != "ours"}
+    results, markdown, _ = quick_run
+    others = {key for key in DETECTORS if key != "ours"}
+    assert set(results["ratios"]["detector_throughput"]) == {f"ours/{key}" for key in others}
+    assert set(results["ratios"]["detector_cpu"]) == {f"{key}/ours" for key in others}
+    assert set(results["ratios"]["throughput_vs_limit_at_our_batch"]) == set(DETECTORS)
+    assert results["ratios"]["throughput_vs_limit_at_our_batch"]["eos_passthrough_2000"] == 1.0
     assert set(results["ratios"]["producer_throughput"]) == {"ours/confluent_per_message"}
-    assert all(value > 0 for value in results["ratios"]["detector_throughput"].values())
-    assert [t["met"] in (True, False) for t in results["targets"]] == [True, True]
+    for name in ("detector_throughput", "detector_cpu", "throughput_vs_best_limit", "cpu_vs_limit_at_our_batch"):
+        assert all(value > 0 for value in results["ratios"][name].values()), name
+    # Every goal but the stateful one is measured, even on tiny counts.
+    assert [t["met"] is None for t in results["targets"]].count(True) == 1
     machine = results["machine"]
     assert machine["cpu_count"] >= 1
-    assert all(machine["versions"][name] for name in ("confluent_kafka", "librdkafka", "fastavro", "kafka_python"))
+    assert all(machine["versions"][name] for name in ("confluent_kafka", "librdkafka", "fastavro", "kafka_python",
+                                                     "quixstreams"))
     assert results["errors"] == []
-    for heading in ("| Detector |", "| Producer |", "| Rate (tx/s) |", "**Targets**"):
+    for heading in ("| Detector |", "| Producer |", "| Rate (tx/s) |", "| Processes |", "**Targets**"):
         assert heading in markdown
     for entry in (*results["detectors"].values(), *results["producers"].values()):
         assert entry["label"] in markdown
