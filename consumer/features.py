@@ -211,7 +211,10 @@ class TxColumns:
         card_ids, terminal_ids = batch.column("card_id"), batch.column("terminal_id")
         cards = card_ids.cast(pa.binary()).to_pylist()
         terminals = terminal_ids.cast(pa.binary()).to_pylist()
-        devices = strings("device_id")
+        # A detector whose Transaction schema predates device_id (v1) reads every device as unknown.
+        device_ids = (batch.column("device_id") if "device_id" in batch.schema.names
+                      else pa.nulls(batch.num_rows, pa.string()))
+        devices = device_ids.to_numpy(zero_copy_only=False)
         mcc = pc.cast(batch.column("merchant_category"), pa.int16(), safe=False) \
             if pc.all(pc.match_substring_regex(batch.column("merchant_category"), r"^\d{4}$")).as_py() else None
         channel_index = pc.index_in(batch.column("channel"), value_set=pa.array(CHANNELS))
@@ -225,7 +228,7 @@ class TxColumns:
                                         dtype=np.int16)),
             channel=pc.fill_null(channel_index, 0).to_numpy(zero_copy_only=False).astype(np.int8),
             device_id=devices,
-            device_hash=hash_strings(batch.column("device_id")),
+            device_hash=hash_strings(device_ids),
             card_hash=hash_strings(card_ids),
             terminal_hash=hash_strings(terminal_ids),
             event_time_ms=batch.column("event_time").cast(pa.int64()).to_numpy(zero_copy_only=False),

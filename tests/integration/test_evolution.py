@@ -31,9 +31,9 @@ def produce_mixed(settings: Settings, v1_id: int, v1_schema) -> dict[str, bool]:
     encode_v2 = encoder_for(settings, settings.transactions_topic)
     encode_v1 = make_encoder(v1_id, parse_schema(v1_schema))
     records, expected = [], {}
-    for amount in AMOUNTS:
-        old = transaction(amount)
-        new = transaction(amount, channel="ONLINE", device_id="device-42")
+    for i, amount in enumerate(AMOUNTS):  # a card each: only the amount rule can fire, whatever the state
+        old = transaction(amount, account=f"acct-v1-{i}")
+        new = transaction(amount, account=f"acct-v2-{i}", channel="ONLINE", device_id="device-42")
         records.append((b"v1", encode_v1({k: v for k, v in old.to_dict().items() if k != "device_id"})))
         records.append((b"v2", encode_v2(new.to_dict())))
         expected[old.transaction_id] = expected[new.transaction_id] = amount > settings.fraud_threshold_cents
