@@ -21,6 +21,7 @@ import pyarrow as pa
 from consumer.decide import ColumnarDecider, Decider, Decision, Route, dead_letter
 from consumer.features import CARD_FEATURES, PROFILE_DTYPE, PROFILE_TTL_MS, PROFILE_VERSION, TxColumns, card_features
 from consumer.rules import RuleSet
+from consumer.rules_topic import RULE_SET_HEADER
 from consumer.state.manager import StateManager
 from consumer.state.stores import StoreSpec
 from fraudstream.serde import DecodeError
@@ -102,9 +103,12 @@ class StatefulDecider:
             for name, values in card_features(table, tx.take(rows)).items():
                 features[name][rows] = values
 
-        fired = self.rules.evaluate(tx, features)  # (rules, rows)
+        rules = self.rules  # one rule set for the whole batch, even if a new one is installed meanwhile
+        fired = rules.evaluate(tx, features)  # (rules, rows)
         is_fraud = fired.any(axis=0)
-        names = self.rules.names
+        names = rules.names
+        versions = getattr(rules, "versions", {})
+        legit_headers = [(RULE_SET_HEADER, rules.version.encode())]  # shared by the batch's legit records
         now_ms = int(time.time() * 1000)
         fraud_rows = np.flatnonzero(is_fraud)
         column_records = _column_records(decoded, source_row[fraud_rows][from_columns[fraud_rows]])
@@ -114,11 +118,13 @@ class StatefulDecider:
             message = messages[index]
             if not is_fraud[row]:
                 value = message.value() if from_columns[row] else self.encode_legit(records[index])
-                decisions[index] = Decision(Route.LEGIT, message.key(), value)
+                decisions[index] = Decision(Route.LEGIT, message.key(), value, legit_headers)
                 continue
             record = column_records[int(source_row[row])] if from_columns[row] else records[index]
             rule_names = [names[k] for k in np.flatnonzero(fired[:, row])]
-            alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms}
+            alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms,
+                     "fired": [{"id": name, "version": versions.get(name, 0)} for name in rule_names],
+                     "rule_set_version": rules.version}
             decisions[index] = Decision(Route.FRAUD, message.key(), self.encode_fraud(alert), rules=tuple(rule_names))
         return decisions
 
