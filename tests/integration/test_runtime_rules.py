@@ -245,4 +245,8 @@ def test_a_detector_killed_with_minus_nine_comes_back_with_the_rules_changed_whi
         assert route == ("fraud" if PROBE_CENTS > threshold_at[version] else "legit"), (tid, found[tid])
         by_version[version].add(tid)
     assert len(by_version) == 2, "the probes were judged by the seeded rules, then by the lowered threshold"
-    assert all(found[tid] == ("fraud", found[tid][1], [(LARGE_AMOUNT, 2)]) for tid in probes_after(probes, changed_at))
+    [latest] = {found[tid][1] for tid in probes_after(probes, changed_at)}
+    assert all(found[tid] == ("fraud", latest, [(LARGE_AMOUNT, 2)]) for tid in probes_after(probes, changed_at))
+    # Before judging anything, the restarted detector had read the change made while it was down.
+    started_with = next(line for line in log.splitlines() if "(rule set " in line)
+    assert f"(rule set {latest} of {pipeline.rules_topic})" in started_with, started_with
