@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,8 @@ from consumer.decide import Decision, dead_letter
 from consumer.rules import _PREDICATES, RULE_NAMES, RuleSet, checked_parameters, load_rules
 from fraudstream.errors import ConfigError, KafkaUnavailable, RegistryError
 from fraudstream.kafka import admin, consumer_config, ensure_topics, producer_config
-from fraudstream.registry import Registry
+from fraudstream.records import Rule
+from fraudstream.registry import Registry, current_ids
 from fraudstream.schemas import load_schemas
 from fraudstream.serde import Decoder, DecodeError, make_encoder
 from fraudstream.settings import Settings
@@ -45,41 +46,16 @@ INVALID_RULE = "invalid_rule"
 STALE_VERSION = "stale_rule_version"
 
 
-@dataclass(frozen=True, slots=True)
-class RuleRecord:
-    """One version of one rule, as schemas/rule.avsc defines it."""
+def rule_thresholds(rule: Rule, settings: Settings | None = None) -> dict[str, Any]:
+    """A rule's thresholds over its kind's defaults, or ConfigError (one line)."""
+    if not rule.id:
+        raise ConfigError("a rule needs a non-empty id")
+    parameters = {k: list(v) if isinstance(v, tuple) else v for k, v in rule.parameters.items()}
+    return checked_parameters(rule.kind, parameters, where=f"rule {rule.id} v{rule.version}", settings=settings)
 
-    id: str
-    version: int
-    kind: str
-    parameters: Mapping[str, Any]
-    enabled: bool
-    author: str
-    comment: str
-    written_at: int  # ms since the epoch
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "version": self.version, "kind": self.kind, "parameters": dict(self.parameters),
-                "enabled": self.enabled, "author": self.author, "comment": self.comment, "written_at": self.written_at}
-
-    @classmethod
-    def from_dict(cls, record: Mapping[str, Any]) -> RuleRecord:
-        written = record["written_at"]
-        if isinstance(written, datetime):
-            written = int(written.timestamp() * 1000)
-        return cls(id=record["id"], version=record["version"], kind=record["kind"],
-                   parameters=dict(record["parameters"]), enabled=record["enabled"], author=record["author"],
-                   comment=record["comment"], written_at=written)
-
-    def same_content(self, other: RuleRecord) -> bool:
-        return (self.kind, dict(self.parameters), self.enabled) == (other.kind, dict(other.parameters), other.enabled)
-
-    def checked(self, settings: Settings | None = None) -> dict[str, Any]:
-        """Its thresholds over its kind's defaults, or ConfigError (one line)."""
-        if not self.id:
-            raise ConfigError("a rule needs a non-empty id")
-        return checked_parameters(self.kind, self.parameters, where=f"rule {self.id} v{self.version}",
-                                  settings=settings)
+def same_content(a: Rule, b: Rule) -> bool:
+    return (a.kind, a.parameters, a.enabled) == (b.kind, b.parameters, b.enabled)
 
 
 @dataclass(frozen=True)
@@ -96,7 +72,7 @@ class TopicRuleSet(RuleSet):
         return fired
 
 
-def rule_set(rules: Mapping[str, tuple[RuleRecord, dict[str, Any]]], version: str, *,
+def rule_set(rules: Mapping[str, tuple[Rule, dict[str, Any]]], version: str, *,
              skip_kinds: Iterable[str] = ()) -> TopicRuleSet:
     """The enabled rules, in the documented order of their kinds, then by id."""
     skip = set(skip_kinds)
@@ -107,15 +83,17 @@ def rule_set(rules: Mapping[str, tuple[RuleRecord, dict[str, Any]]], version: st
                         kinds={r.id: r.kind for r in live}, versions={r.id: r.version for r in live})
 
 
-def seed_records(settings: Settings, rules_file: Path | None, *, author: str) -> list[RuleRecord]:
+def seed_records(settings: Settings, rules_file: Path | None, *, author: str) -> list[Rule]:
     """Version 1 of every rule kind from the rules file (validated by load_rules); disabled ones stay disabled."""
     loaded = load_rules(rules_file, settings=settings)
-    now = int(time.time() * 1000)
+    now = datetime.now(UTC)
     records = []
     for kind in RULE_NAMES:
         enabled = kind in loaded.names
-        params = {k: v for k, v in loaded.thresholds[kind].items() if k != "enabled"} if enabled else {}
-        records.append(RuleRecord(kind, 1, kind, params, enabled, author, f"seeded from {rules_file}", now))
+        params = {k: tuple(v) if isinstance(v, list) else v
+                  for k, v in loaded.thresholds[kind].items() if k != "enabled"} if enabled else {}
+        records.append(Rule(id=kind, version=1, kind=kind, parameters=params, enabled=enabled, author=author,
+                            comment=f"seeded from {rules_file}", written_at=now))
     return records
 
 
@@ -131,18 +109,17 @@ class RulesCodec:
         self._registry = registry
         self._encode: Callable[[dict], bytes] | None = None
 
-    def encode(self, record: RuleRecord) -> bytes:
+    def encode(self, record: Rule) -> bytes:
         if self._encode is None:
-            from fraudstream.registry import current_ids
             ids = current_ids(self.settings, self._registry)  # one clear line when the schemas are not registered
             self._encode = make_encoder(ids[self.settings.rules_topic], load_schemas(self.settings.schemas_dir).parsed["Rule"])
         return self._encode(record.to_dict())
 
-    def decode(self, value: bytes | None) -> RuleRecord:
-        return RuleRecord.from_dict(self.decoder.decode(value))
+    def decode(self, value: bytes | None) -> Rule:
+        return Rule.from_dict(self.decoder.decode(value))
 
 
-def write_records(settings: Settings, codec: RulesCodec, records: Iterable[RuleRecord]) -> None:
+def write_records(settings: Settings, codec: RulesCodec, records: Iterable[Rule]) -> None:
     """Write rule versions (keyed by id) and wait until the broker has them all."""
     failures: list[str] = []
 
@@ -177,7 +154,7 @@ class RulesTopic:
         self.codec = RulesCodec(settings, registry)
         self.skip_kinds = tuple(skip_kinds)
         self.on_log = on_log or log.info
-        self.rules: dict[str, tuple[RuleRecord, dict[str, Any]]] = {}
+        self.rules: dict[str, tuple[Rule, dict[str, Any]]] = {}
         self.version = "0"  # the position after the last change applied
         self.current = rule_set({}, self.version, skip_kinds=self.skip_kinds)
         self.dead_letters: list[Decision] = []  # invalid rule records, to route to the dead-letter topic
@@ -252,12 +229,12 @@ class RulesTopic:
         if record.id != key:
             return self._refuse(message, DecodeError(INVALID_RULE, f"record key {key!r} is not the rule id {record.id!r}"))
         try:
-            thresholds = record.checked(self.settings)
+            thresholds = rule_thresholds(record, self.settings)
         except ConfigError as error:
             return self._refuse(message, DecodeError(INVALID_RULE, str(error)))
         current = self.rules.get(record.id)
         if current is not None and record.version <= current[0].version:
-            if record.version == current[0].version and record.same_content(current[0]):
+            if record.version == current[0].version and same_content(record, current[0]):
                 return False  # the same version written twice (two detectors seeding an empty topic at once)
             return self._refuse(message, DecodeError(STALE_VERSION, f"rule {record.id} v{record.version} is not newer "
                                                                     f"than v{current[0].version}, in force"))
@@ -280,7 +257,7 @@ class RulesTopic:
             self.consumer = None
 
 
-def read_all(settings: Settings, codec: RulesCodec, *, timeout_s: float = 30.0) -> list[tuple[Any, RuleRecord | None, str]]:
+def read_all(settings: Settings, codec: RulesCodec, *, timeout_s: float = 30.0) -> list[tuple[Any, Rule | None, str]]:
     """Every record still on the rules topic, oldest first: (message, record or None, why it is refused or '')."""
     check_rules_topic(settings)
     consumer = Consumer(consumer_config(settings, f"{settings.group_id}.rules-cli", **{
@@ -289,7 +266,7 @@ def read_all(settings: Settings, codec: RulesCodec, *, timeout_s: float = 30.0) 
         partition = TopicPartition(settings.rules_topic, 0, OFFSET_BEGINNING)
         consumer.assign([partition])
         _, high = consumer.get_watermark_offsets(TopicPartition(settings.rules_topic, 0), timeout=10)
-        out: list[tuple[Any, RuleRecord | None, str]] = []
+        out: list[tuple[Any, Rule | None, str]] = []
         deadline = time.monotonic() + timeout_s
         while True:
             position = consumer.position([TopicPartition(settings.rules_topic, 0)])[0].offset
@@ -305,7 +282,7 @@ def read_all(settings: Settings, codec: RulesCodec, *, timeout_s: float = 30.0) 
                     continue
                 try:
                     record = codec.decode(message.value())
-                    record.checked(settings)
+                    rule_thresholds(record, settings)
                     out.append((message, record, ""))
                 except (DecodeError, ConfigError) as error:
                     out.append((message, None, str(error)))

@@ -14,14 +14,15 @@ defaults to true; the other keys are the kind's parameters, checked as `detect -
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import json
-import time
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 
-from consumer.rules_topic import RuleRecord, RulesCodec, read_all, write_records
+from consumer.rules_topic import RulesCodec, read_all, rule_thresholds, write_records
+from fraudstream.records import Rule
 from fraudstream.errors import ConfigError
 from fraudstream.settings import Settings
 
@@ -76,18 +77,18 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if record is None:
         raise ConfigError(f"no rule {args.rule_id!r} in force on {settings.rules_topic}; known: {', '.join(sorted(rules))}")
     if args.action == "show":
-        print(json.dumps(record.to_dict(), indent=2, sort_keys=True))
+        print(json.dumps(record.to_dict(), indent=2, sort_keys=True, default=str))
         return 0
-    changed = RuleRecord(record.id, record.version + 1, record.kind, record.parameters, args.action == "enable",
-                         args.author, args.comment, int(time.time() * 1000))
+    changed = dataclasses.replace(record, version=record.version + 1, enabled=args.action == "enable",
+                                  author=args.author, comment=args.comment, written_at=datetime.now(UTC))
     write_records(settings, codec, [changed])
     print(f"{changed.id} v{changed.version} written ({args.action}d)")
     return 0
 
 
-def latest(settings: Settings, codec: RulesCodec) -> dict[str, RuleRecord]:
+def latest(settings: Settings, codec: RulesCodec) -> dict[str, Rule]:
     """The version of each rule that detectors run: the newest valid one (a tombstone removes the rule)."""
-    rules: dict[str, RuleRecord] = {}
+    rules: dict[str, Rule] = {}
     for message, record, why in read_all(settings, codec):
         key = (message.key() or b"").decode("utf-8", "replace")
         if why == "removed":
@@ -97,8 +98,8 @@ def latest(settings: Settings, codec: RulesCodec) -> dict[str, RuleRecord]:
     return rules
 
 
-def _records_from_file(path: Path, settings: Settings, current: dict[str, RuleRecord], *, author: str,
-                       comment: str) -> list[RuleRecord]:
+def _records_from_file(path: Path, settings: Settings, current: dict[str, Rule], *, author: str,
+                       comment: str) -> list[Rule]:
     """Every rule of the file as its next version, each checked; the first problem is a ConfigError."""
     try:
         data = tomllib.loads(path.read_text())
@@ -108,7 +109,7 @@ def _records_from_file(path: Path, settings: Settings, current: dict[str, RuleRe
         raise ConfigError(f"rules file {path}: not valid TOML: {exc}") from exc
     if not data:
         raise ConfigError(f"rules file {path}: no rule in it (one [table] per rule id)")
-    now = int(time.time() * 1000)
+    now = datetime.now(UTC)
     records = []
     for rule_id, table in data.items():
         if not isinstance(table, dict):
@@ -118,16 +119,17 @@ def _records_from_file(path: Path, settings: Settings, current: dict[str, RuleRe
         if not isinstance(kind, str) or not isinstance(enabled, bool):
             raise ConfigError(f"rules file {path}: {rule_id}.kind must be a string and {rule_id}.enabled true or false")
         previous = current.get(rule_id)
-        record = RuleRecord(rule_id, previous.version + 1 if previous else 1, kind, params, enabled, author, comment, now)
+        record = Rule(id=rule_id, version=previous.version + 1 if previous else 1, kind=kind, parameters=params,
+                      enabled=enabled, author=author, comment=comment, written_at=now)
         try:
-            checked = record.checked(settings)
+            checked = rule_thresholds(record, settings)
         except ConfigError as exc:
             raise ConfigError(f"rules file {path}: {exc}; nothing written") from None
         # Written as checked: integers given for floats become floats, so readers see one type per key.
-        records.append(RuleRecord(record.id, record.version, kind, {k: checked[k] for k in params}, enabled,
-                                  author, comment, now))
+        records.append(dataclasses.replace(record, parameters={
+            k: tuple(checked[k]) if isinstance(checked[k], list) else checked[k] for k in params}))
     return records
 
 
-def _when(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+def _when(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")

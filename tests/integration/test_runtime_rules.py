@@ -12,13 +12,15 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from datetime import UTC, datetime
 
 import pytest
 from confluent_kafka import Producer
 
 from consumer.decide import DLQ_KIND, DLQ_REASON, DLQ_TOPIC
 from consumer.rules import LARGE_AMOUNT
-from consumer.rules_topic import INVALID_RULE, RULE_SET_HEADER, RuleRecord, RulesCodec, read_all, write_records
+from consumer.rules_topic import INVALID_RULE, RULE_SET_HEADER, RulesCodec, read_all, write_records
+from fraudstream.records import Rule
 from fraudstream.cli import main as fraudstream
 from fraudstream.kafka import producer_config
 from fraudstream.settings import Settings
@@ -179,10 +181,12 @@ def test_an_invalid_rule_written_to_the_topic_is_dead_lettered_once_and_the_prev
         in_force = two_detectors[0].detector.rules_topic.current
         # Straight to the topic, past the CLI's check: a negative threshold, and a kind nobody knows.
         codec = RulesCodec(pipeline)
-        now = int(time.time() * 1000)
+        now = datetime.now(UTC)
         write_records(pipeline, codec, [
-            RuleRecord(LARGE_AMOUNT, 2, LARGE_AMOUNT, {"threshold_cents": -5}, True, "mallory", "", now),
-            RuleRecord("mystery", 1, "mystery_kind", {}, True, "mallory", "", now)])
+            Rule(id=LARGE_AMOUNT, version=2, kind=LARGE_AMOUNT, parameters={"threshold_cents": -5}, enabled=True,
+                 author="mallory", comment="", written_at=now),
+            Rule(id="mystery", version=1, kind="mystery_kind", parameters={}, enabled=True, author="mallory",
+                 comment="", written_at=now)])
         written_at = time.time()
         wait_until(lambda: len(read_topic(pipeline, pipeline.dlq_topic)) >= 2, timeout_s=30,
                    what="the invalid rules dead-lettered")

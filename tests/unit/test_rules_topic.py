@@ -3,13 +3,16 @@ dead-lettered with their reason), and how the rule-set version follows the topic
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import numpy as np
 import pytest
 
 from consumer.decide import DLQ_KIND, DLQ_OFFSET, DLQ_REASON
 from consumer.features import TxColumns
 from consumer.rules import LARGE_AMOUNT, checked_parameters, load_rules
-from consumer.rules_topic import INVALID_RULE, STALE_VERSION, RuleRecord, RulesTopic, seed_records
+from consumer.rules_topic import INVALID_RULE, STALE_VERSION, RulesTopic, seed_records
+from fraudstream.records import Rule
 from fraudstream.errors import ConfigError
 from fraudstream.rules_cli import _records_from_file
 from fraudstream.schemas import load_schemas
@@ -24,10 +27,11 @@ encode = make_encoder(RULE_ID, SCHEMAS.parsed["Rule"])
 
 
 def rule(version: int, threshold: int | None = 50_000, *, rule_id: str = LARGE_AMOUNT, kind: str = LARGE_AMOUNT,
-         enabled: bool = True, **params) -> RuleRecord:
+         enabled: bool = True, **params) -> Rule:
     if threshold is not None:
         params["threshold_cents"] = threshold
-    return RuleRecord(rule_id, version, kind, params, enabled, "analyst", "", 1_700_000_000_000)
+    return Rule(id=rule_id, version=version, kind=kind, parameters=params, enabled=enabled, author="analyst",
+                comment="", written_at=datetime(2026, 1, 2, tzinfo=UTC))
 
 
 class RuleMessage:
@@ -182,3 +186,4 @@ def test_set_refuses_a_bad_file_with_one_line_and_numbers_the_next_version(tmp_p
     records = _records_from_file(good, SETTINGS, {LARGE_AMOUNT: rule(4)}, author="a", comment="")
     assert [(r.id, r.version, r.kind) for r in records] == [(LARGE_AMOUNT, 5, LARGE_AMOUNT), ("far", 1, "far_from_home")]
     assert records[1].parameters == {"window_s": 60.0}
+    assert isinstance(records[1].parameters["window_s"], float)  # written as the checked type
