@@ -16,7 +16,7 @@ BENCH_ARGS ?=
 # Like the tests: an existing Kafka and registry when both variables are set, otherwise the local stack.
 EXISTING_SERVICES := $(and $(KAFKA_BOOTSTRAP_SERVERS),$(SCHEMA_REGISTRY_URL))
 
-.PHONY: demo test stack-up stack-down services bench clean
+.PHONY: demo test stack-up stack-down services bench bench-rules clean
 
 demo: services
 	$(BIN)/fraudstream schemas register
@@ -27,6 +27,10 @@ test: $(INSTALLED)
 
 bench: services
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+# Detector throughput with a rule change every second against none (a ratio).
+bench-rules: services
+	$(BIN)/python -m benchmarks.rule_changes
 
 stack-up: $(INSTALLED)
 	$(BIN)/fraudstream stack up
