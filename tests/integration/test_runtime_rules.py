@@ -254,3 +254,11 @@ def test_a_detector_killed_with_minus_nine_comes_back_with_the_rules_changed_whi
     # Before judging anything, the restarted detector had read the change made while it was down.
     started_with = next(line for line in log.splitlines() if "(rule set " in line)
     assert f"(rule set {latest} of {pipeline.rules_topic})" in started_with, started_with
+
+
+def test_the_rule_change_benchmark_runs_and_installs_changes(stack_settings: Settings):
+    """Its short, real version: a few thousand records, a change every 0.2 s; no timed assertion."""
+    from benchmarks.rule_changes import run_side
+
+    rate, changes = run_side(stack_settings, 20_000, 0.2)
+    assert rate > 0 and changes >= 1
