@@ -48,7 +48,10 @@ def run_side(base: Settings, count: int, every_s: float | None) -> tuple[float, 
     writer = multiprocessing.Process(target=_change_rules, args=(settings, every_s, writer_stop), daemon=True)
     if every_s:
         writer.start()
+        deadline = time.monotonic() + 60
         while len(read_all(settings, codec)) <= len(RULE_NAMES):
+            if time.monotonic() > deadline or not writer.is_alive():
+                raise RuntimeError("the rule writer made no change within 60 s")
             time.sleep(0.05)
     detector = Detector(settings, log_interval_s=3600, on_log=lambda line: None)
     stop = threading.Event()
