@@ -42,17 +42,17 @@ def run_side(base: Settings, count: int, every_s: float | None) -> tuple[float, 
     codec = RulesCodec(settings)
     check_rules_topic(settings)
     write_records(settings, codec, seed_records(settings, settings.rules_file, author="benchmark"))
-    # The analyst writes from another process, as in production: not competing for this one's GIL. It
-    # is changing rules already when the detector starts.
+    # The analyst writes from another process, as in production: not competing for this one's GIL. Both
+    # sides start alike (one change written before the detector starts); only the changing side goes on.
     writer_stop = multiprocessing.Event()
-    writer = multiprocessing.Process(target=_change_rules, args=(settings, every_s, writer_stop), daemon=True)
-    if every_s:
-        writer.start()
-        deadline = time.monotonic() + 60
-        while len(read_all(settings, codec)) <= len(RULE_NAMES):
-            if time.monotonic() > deadline or not writer.is_alive():
-                raise RuntimeError("the rule writer made no change within 60 s")
-            time.sleep(0.05)
+    writer = multiprocessing.Process(target=_change_rules, args=(settings, every_s or 0.5, writer_stop, bool(every_s)),
+                                     daemon=True)
+    writer.start()
+    deadline = time.monotonic() + 60
+    while len(read_all(settings, codec)) <= len(RULE_NAMES):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the rule writer made no change within 60 s")
+        time.sleep(0.05)
     detector = Detector(settings, log_interval_s=3600, on_log=lambda line: None)
     stop = threading.Event()
     thread = threading.Thread(target=detector.run, args=(stop,), daemon=True)
@@ -65,15 +65,14 @@ def run_side(base: Settings, count: int, every_s: float | None) -> tuple[float, 
         time.sleep(0.005)
     elapsed = time.perf_counter() - started
     writer_stop.set()
-    if every_s:
-        writer.join(30)
+    writer.join(30)
     changes = detector.rules_topic.changes - seeded
     stop.set()
     thread.join(60)
     return count / elapsed, changes
 
 
-def _change_rules(settings: Settings, every_s: float, stop) -> None:
+def _change_rules(settings: Settings, every_s: float, stop, keep_changing: bool) -> None:
     codec = RulesCodec(settings)
     [rule] = [r for _, r, _ in read_all(settings, codec) if r is not None and r.id == LARGE_AMOUNT][-1:]
     while not stop.wait(every_s):
@@ -81,6 +80,8 @@ def _change_rules(settings: Settings, every_s: float, stop) -> None:
         rule = dataclasses.replace(rule, version=rule.version + 1, written_at=datetime.now(UTC),
                                    parameters={**rule.parameters, "threshold_cents": threshold})
         write_records(settings, codec, [rule])
+        if not keep_changing:
+            return
 
 
 def main() -> None:
