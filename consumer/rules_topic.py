@@ -265,12 +265,12 @@ def read_all(settings: Settings, codec: RulesCodec, *, timeout_s: float = 30.0) 
     try:
         partition = TopicPartition(settings.rules_topic, 0, OFFSET_BEGINNING)
         consumer.assign([partition])
-        _, high = consumer.get_watermark_offsets(TopicPartition(settings.rules_topic, 0), timeout=10)
+        low, high = consumer.get_watermark_offsets(TopicPartition(settings.rules_topic, 0), timeout=10)
         out: list[tuple[Any, Rule | None, str]] = []
         deadline = time.monotonic() + timeout_s
         while True:
             position = consumer.position([TopicPartition(settings.rules_topic, 0)])[0].offset
-            if position >= high:
+            if max(position, low) >= high:  # a logical position (nothing read yet) counts as the start
                 return out
             if time.monotonic() > deadline:
                 raise KafkaUnavailable(f"could not read rules topic {settings.rules_topic} within {timeout_s:g} s")
