@@ -16,7 +16,7 @@ BENCH_ARGS ?=
 # Like the tests: an existing Kafka and registry when both variables are set, otherwise the local stack.
 EXISTING_SERVICES := $(and $(KAFKA_BOOTSTRAP_SERVERS),$(SCHEMA_REGISTRY_URL))
 
-.PHONY: demo test faults stack-up stack-down services bench bench-quick clean
+.PHONY: demo test faults stack-up stack-down services bench bench-quick bench-rules clean
 
 demo: services
 	$(BIN)/fraudstream schemas register
@@ -38,6 +38,10 @@ bench: services
 # Tiny counts: checks that every part of the benchmark works, measures nothing.
 bench-quick: services
 	$(BIN)/python -m benchmarks --quick $(BENCH_ARGS)
+
+# Detector throughput with a rule change every second against none (a ratio).
+bench-rules: services
+	$(BIN)/python -m benchmarks.rule_changes
 
 stack-up: $(INSTALLED)
 	$(BIN)/fraudstream stack up

@@ -35,6 +35,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from consumer.decide import ColumnarDecider, Decider, Decision, Route, dead_letter
 from consumer.metrics import DetectorMetrics
 from consumer.rules import TERMINAL_RULES, load_rules, rules_from_settings
+from consumer.rules_topic import RulesTopic
 from consumer.state.manager import StateManager
 from consumer.stateful import STORES, StatefulDecider, decode_batch
 from fraudstream.errors import Fenced, KafkaUnavailable, RegistryError
@@ -93,6 +94,8 @@ class Detector:
         self.state: StateManager | None = None  # keyed state, when the stateful rules are on
         # How long another member must hold our group.instance.id to count as alive (see _successors).
         self._successor_wait_s = consumer_config(settings, settings.group_id)["session.timeout.ms"] / 1000 * 1.5 + 2
+        self.rules_topic: RulesTopic | None = None  # the rules in force, when the stateful rules are on
+        self.rules_dead_lettered = 0  # refused rule records this detector routed to the dead-letter topic
 
     # ----- start-up -----
     def _start(self) -> tuple[Decider | ColumnarDecider, list]:
@@ -141,7 +144,8 @@ class Detector:
         self.state.start()
         record_wise = decider.record_wise if isinstance(decider, ColumnarDecider) else decider
         columnar = decider if isinstance(decider, ColumnarDecider) else None
-        self.on_log(f"rules {', '.join(rules.names)} (version {rules.version}) from {s.rules_file}; "
+        rules = self._rules_from_topic()
+        self.on_log(f"rules {', '.join(rules.names)} (rule set {rules.version} of {s.rules_topic}); "
                     f"state in {', '.join(self.state.topics.values())}")
         return StatefulDecider(lambda messages: decode_batch(columnar, record_wise, messages), rules, self.state,
                                encode_legit=record_wise.encode_legit, encode_fraud=record_wise.encode_fraud)
@@ -221,6 +225,8 @@ class Detector:
             timeout_s = self.settings.batch_max_ms / 1000
             while not self.stop.is_set():
                 try:
+                    if self.rules_topic is not None:
+                        self._apply_rule_changes(decider)
                     messages, pending = pending or consumer.consume(max_records, timeout_s), []
                     # Records of a partition revoked during this very consume() call are its new owner's.
                     assigned = self._assigned
@@ -588,7 +594,44 @@ class Detector:
                 raise _ConsumerLost(f"{what}: the consumer failed ({cause.args[0].str()})") from exc
             raise
 
+    # ----- rules changed at runtime -----
+    def _rules_from_topic(self):
+        """The rules topic read to its end (seeded from the rules file when empty): the rules in force."""
+        self.rules_topic = RulesTopic(self.settings, skip_kinds=TERMINAL_RULES, on_log=self.on_log)
+        return self.rules_topic.start(seed_from=self.settings.rules_file)
+
+    def _apply_rule_changes(self, decider: StatefulDecider) -> None:
+        """Between batches: install the rule changes fetched meanwhile (never waits), and dead-letter the
+        rule records refused. Every detector reads every rule record, so one of them routes the dead
+        letters: the one that holds input partition 0 (see README, "Rules changed at runtime")."""
+        if self.rules_topic.poll():
+            decider.rules = self.rules_topic.current
+            self.on_log(f"rules {', '.join(decider.rules.names)} now in force (rule set {decider.rules.version})")
+        if self.rules_topic.dead_letters and (self.settings.transactions_topic, 0) in self._assigned:
+            self._dead_letter_rules(self.rules_topic.take_dead_letters())
+        elif self.rules_topic.dead_letters and self._assigned:
+            self.rules_topic.take_dead_letters()  # another detector routes them
+
+    def _dead_letter_rules(self, letters: list[Decision]) -> None:
+        """A transaction of their own: between batches there is no open one."""
+        producer, dlq = self.producer, self.settings.dlq_topic
+        deadline = time.monotonic() + self.settings.transaction_timeout_ms / 1000 * TRANSACTION_DEADLINE_SHARE
+        try:
+            self._call("beginning a transaction", deadline, producer.begin_transaction)
+            for letter in letters:
+                producer.produce(dlq, letter.value, letter.key, headers=letter.headers)
+            self._call("committing", deadline, lambda: producer.commit_transaction(_attempt_timeout(deadline)))
+        except (_AbortBatch, KafkaException) as exc:
+            self.on_log(f"dead-lettering {len(letters)} rule records failed ({exc}); retried after the next change")
+            with contextlib.suppress(KafkaException):
+                producer.abort_transaction(CALL_TIMEOUT_S)
+            self.rules_topic.dead_letters[:0] = letters
+            return
+        self.rules_dead_lettered += len(letters)
+
     def _close(self) -> None:
+        if self.rules_topic is not None:
+            self.rules_topic.close()
         if self.state is not None:
             self.state.close()
         if self.consumer is not None:

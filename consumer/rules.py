@@ -228,6 +228,26 @@ def _checked(path: Path, where: str, key: str, value: Any) -> Any:
     return value
 
 
+def checked_parameters(kind: str, parameters: Mapping[str, Any], *, where: str,
+                       settings: Settings | None = None) -> dict[str, Any]:
+    """One rule's parameters over its kind's defaults, by the very checks load_rules applies to a rules
+    file (the rules topic's records go through here). A ConfigError's one line starts with `where`."""
+    if kind not in DEFAULT_RULES:
+        raise ConfigError(f"{where}: unknown kind {kind!r}; known: {', '.join(RULE_NAMES)}")
+    merged = dict(DEFAULT_RULES[kind])
+    merged.pop("enabled")
+    if kind == LARGE_AMOUNT:
+        merged["threshold_cents"] = (settings or Settings()).fraud_threshold_cents
+    for key, value in parameters.items():
+        if key not in merged:
+            raise ConfigError(f"{where}: unknown parameter {key!r} for kind {kind}; known: {', '.join(sorted(merged))}")
+        try:
+            merged[key] = _checked(Path(where), f"{kind}.{key}", key, value)
+        except ConfigError as exc:  # _checked names a rules file; the same check, said of this rule
+            raise ConfigError(str(exc).replace(f"rules file {where}: ", f"{where}: ", 1)) from None
+    return merged
+
+
 # ---------------------------------------------------------------------------------------------
 # Stateless per-transaction rules (the stateless decide stage).
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 from consumer.decide import ColumnarDecider, Decider, Decision, Route, dead_letter
 from consumer.features import CARD_FEATURES, PROFILE_DTYPE, PROFILE_LAYOUT, PROFILE_TTL_MS, TxColumns, card_features
 from consumer.rules import RuleSet
+from consumer.rules_topic import RULE_SET_HEADER
 from consumer.state.manager import StateManager
 from consumer.state.stores import StoreSpec
 from fraudstream.serde import DecodeError
@@ -102,24 +103,28 @@ class StatefulDecider:
             for name, values in card_features(table, tx.take(rows)).items():
                 features[name][rows] = values
 
-        fired = self.rules.evaluate(tx, features)  # (rules, rows)
+        rules = self.rules  # one rule set for the whole batch, even if a new one is installed meanwhile
+        fired = rules.evaluate(tx, features)  # (rules, rows)
         is_fraud = fired.any(axis=0)
         # The output loop runs once per record: plain lists and locals, no NumPy scalars.
         legit, records = Route.LEGIT, dict(decoded.records)
         encode_legit = self.encode_legit
+        legit_headers = [(RULE_SET_HEADER, rules.version.encode())]  # shared by the batch's legit records
         fraud_rows = np.flatnonzero(is_fraud)
         for index, from_column in zip(positions[~is_fraud].tolist(), from_columns[~is_fraud].tolist(), strict=True):
             message = messages[index]
             value = message.value() if from_column else encode_legit(records[index])
-            decisions[index] = Decision(legit, message.key(), value)
+            decisions[index] = Decision(legit, message.key(), value, legit_headers)
         if len(fraud_rows):
-            names, now_ms = self.rules.names, int(time.time() * 1000)
+            names, versions, now_ms = rules.names, getattr(rules, "versions", {}), int(time.time() * 1000)
             column_records = _column_records(decoded, source_row[fraud_rows][from_columns[fraud_rows]])
             for row in fraud_rows.tolist():
                 index = int(positions[row])
                 record = column_records[int(source_row[row])] if from_columns[row] else records[index]
                 rule_names = [names[k] for k in np.flatnonzero(fired[:, row])]
-                alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms}
+                alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms,
+                         "fired": [{"id": name, "version": versions.get(name, 0)} for name in rule_names],
+                         "rule_set_version": rules.version}
                 decisions[index] = Decision(Route.FRAUD, messages[index].key(), self.encode_fraud(alert),
                                             rules=tuple(rule_names))
         return decisions

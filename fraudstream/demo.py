@@ -41,7 +41,7 @@ from confluent_kafka.admin import OffsetSpec
 from fraudstream import argtypes
 from fraudstream.errors import ConfigError, FraudstreamError, KafkaUnavailable
 from fraudstream.kafka import admin, consumer_config, ensure_topics, producer_config, wait_for_cluster
-from fraudstream.records import FraudAlert, Label, Transaction
+from fraudstream.records import FraudAlert, Label, Rule, Transaction
 from fraudstream.registry import Registry, current_ids, register_all
 from fraudstream.schemas import load_schemas
 from fraudstream.serde import DecodeError, Decoder
@@ -65,6 +65,7 @@ CHILD_STOP_TIMEOUT_S = 30.0
 FINAL_READ_TIMEOUT_S = 20.0
 POLL_S = 0.2
 LATEST_ALERTS = 5
+RULE_CHANGES_SHOWN = 3  # the latest rules-topic records in the live view
 RATE_WINDOW_S = 3.0
 METADATA_TIMEOUT_S = 10.0
 LIBRDKAFKA_LOGGER = "fraudstream.librdkafka"  # parent of the loggers fraudstream.kafka gives every client
@@ -263,6 +264,7 @@ class DemoState:
     score: DetectionScore = field(default_factory=DetectionScore)
     latest_alerts: deque[AlertLine] = field(default_factory=lambda: deque(maxlen=LATEST_ALERTS))
     rules_fired: Counter[str] = field(default_factory=Counter)
+    rule_changes: deque[str] = field(default_factory=lambda: deque(maxlen=RULE_CHANGES_SHOWN))
     undecodable_outputs: int = 0  # records on legit/fraud/labels the view could not read (should stay 0)
     traffic_started_at: float | None = None  # clock time of the first input record seen
     traffic_last_at: float | None = None
@@ -297,6 +299,10 @@ class DemoState:
 
     def on_label(self, label: Label) -> None:
         self.score.labelled(label.transaction_id, label.is_fraud, label.scenario)
+
+    def on_rule(self, line: str) -> None:
+        """A record on the rules topic: a rule changed (or was refused; detectors dead-letter those)."""
+        self.rule_changes.appendleft(f"{datetime.now():%H:%M:%S}  {line}")
 
 
 def malformed_record(index: int, transaction_schema_id: int) -> tuple[bytes, bytes]:
@@ -377,6 +383,9 @@ def panel_lines(frame: Frame) -> list[str]:
         truth = "label pending" if verdict is None else "fraud (labelled)" if verdict else "FALSE POSITIVE"
         lines.append(f"    {alert.detected_at:%H:%M:%S}  {alert.account_id:<14} {_money(alert.amount_cents, alert.currency):>14}  "
                      f"{alert.channel:<12} {alert.country:<3} rules: {', '.join(alert.rules):<28} {truth}")
+    if frame.state.rule_changes:
+        lines.append("  rule changes (fraudstream rules)")
+        lines += [f"    {line}" for line in frame.state.rule_changes]
     if frame.phase == "producing":
         lines.append("  Ctrl-C: stop the producer, let the detectors finish, print a summary")
     return lines
@@ -434,6 +443,19 @@ class LiveView:
 Position = tuple[str, int]
 
 
+def rule_line(decoder: Decoder, value: bytes | None) -> str:
+    """One rules-topic record for the view (detectors judge its validity; the view only shows it)."""
+    if value is None:
+        return "a rule was removed"
+    try:
+        rule = Rule.from_dict(decoder.decode(value))
+    except DecodeError as error:
+        return f"unreadable rule record ({error.reason})"
+    parameters = " ".join(f"{k}={v}" for k, v in sorted(rule.parameters.items()) if not isinstance(v, tuple))
+    return (f"{rule.id} v{rule.version} {'enabled' if rule.enabled else 'disabled'} {parameters}".rstrip()
+            + f"  by {rule.author}" + (f": {rule.comment}" if rule.comment else ""))
+
+
 class PipelineWatcher:
     """Follows the input, output and label topics from their ends at start, feeding a DemoState."""
 
@@ -445,12 +467,14 @@ class PipelineWatcher:
         transactions = Decoder(registry, schemas.expanded["Transaction"])
         alerts = Decoder(registry, schemas.expanded["FraudAlert"])
         labels = Decoder(registry, schemas.expanded["Label"])
+        rules = Decoder(registry, schemas.expanded["Rule"])
         self.handlers: dict[str, Callable[[bytes | None], None]] = {
             settings.transactions_topic: lambda value: state.on_input(time.monotonic()),
             settings.legit_topic: lambda value: state.on_legit(Transaction.from_dict(transactions.decode(value))),
             settings.fraud_topic: lambda value: state.on_fraud(FraudAlert.from_dict(alerts.decode(value))),
             settings.dlq_topic: lambda value: state.on_dead_letter(),
             settings.labels_topic: lambda value: state.on_label(Label.from_dict(labels.decode(value))),
+            settings.rules_topic: lambda value: state.on_rule(rule_line(rules, value)),
         }
         self.admin = admin(settings)
         self.consumer = Consumer(consumer_config(settings, VIEW_GROUP_ID, **{

@@ -133,6 +133,7 @@ def ensure_topics(settings: Settings, topics: tuple[str, ...] | None = None, *, 
     existing = set(client.list_topics(timeout=10).topics)
     wanted = [
         NewTopic(topic, num_partitions=partitions or settings.partitions, replication_factor=settings.replication_factor)
+        if topic != settings.rules_topic else rules_topic_spec(settings)
         for topic in topics
         if topic not in existing
     ]
@@ -144,6 +145,13 @@ def ensure_topics(settings: Settings, topics: tuple[str, ...] | None = None, *, 
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise KafkaUnavailable(f"could not create topic {topic}: {exc.args[0].str()}") from exc
+
+
+def rules_topic_spec(settings: Settings) -> NewTopic:
+    """One partition, so every reader sees rule changes in one order (its offsets version the rule set);
+    compacted, so the latest version of every rule stays however old it is."""
+    return NewTopic(settings.rules_topic, num_partitions=1, replication_factor=settings.replication_factor,
+                    config={"cleanup.policy": "compact"})
 
 
 def max_message_bytes(client: AdminClient, topics: tuple[str, ...], *, timeout_s: float = 10.0) -> dict[str, int]:

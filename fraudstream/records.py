@@ -45,20 +45,40 @@ class Transaction:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FiredRule:
+    avro_name: ClassVar[str] = "FiredRule"
+
+    id: str
+    version: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "version": self.version}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FiredRule:
+        return cls(id=data["id"], version=data["version"])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class FraudAlert:
     avro_name: ClassVar[str] = "FraudAlert"
 
     transaction: Transaction
     rules: tuple[str, ...]
     detected_at: datetime
+    fired: tuple[FiredRule, ...] = ()
+    rule_set_version: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"transaction": self.transaction.to_dict(), "rules": list(self.rules), "detected_at": self.detected_at}
+        return {"transaction": self.transaction.to_dict(), "rules": list(self.rules), "detected_at": self.detected_at,
+                "fired": [f.to_dict() for f in self.fired], "rule_set_version": self.rule_set_version}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FraudAlert:
+        # Alerts written before rules had versions lack the last two fields; Avro readers fill the defaults.
         return cls(transaction=Transaction.from_dict(data["transaction"]), rules=tuple(data["rules"]),
-                   detected_at=data["detected_at"])
+                   detected_at=data["detected_at"], fired=tuple(FiredRule.from_dict(f) for f in data.get("fired", ())),
+                   rule_set_version=data.get("rule_set_version", ""))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,5 +97,32 @@ class Label:
         return cls(transaction_id=data["transaction_id"], is_fraud=data["is_fraud"], scenario=data["scenario"])
 
 
-RECORD_TYPES: tuple[type, ...] = (Transaction, FraudAlert, Label)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rule:
+    """One version of one detection rule (the rules topic's records). Parameter lists are tuples here."""
+
+    avro_name: ClassVar[str] = "Rule"
+
+    id: str
+    version: int
+    kind: str
+    parameters: dict[str, bool | int | float | str | tuple[str, ...]]
+    enabled: bool
+    author: str
+    comment: str
+    written_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "version": self.version, "kind": self.kind, "enabled": self.enabled,
+                "parameters": {k: list(v) if isinstance(v, tuple) else v for k, v in self.parameters.items()},
+                "author": self.author, "comment": self.comment, "written_at": self.written_at}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Rule:
+        return cls(id=data["id"], version=data["version"], kind=data["kind"], enabled=data["enabled"],
+                   parameters={k: tuple(v) if isinstance(v, list) else v for k, v in data["parameters"].items()},
+                   author=data["author"], comment=data["comment"], written_at=data["written_at"])
+
+
+RECORD_TYPES: tuple[type, ...] = (Transaction, FiredRule, FraudAlert, Label, Rule)
 _FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in RECORD_TYPES}

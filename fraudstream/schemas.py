@@ -29,6 +29,7 @@ SCHEMA_FILES: dict[str, str] = {
     "Transaction": "transaction",
     "FraudAlert": "fraud_alert",
     "Label": "label",
+    "Rule": "rule",
 }
 
 
@@ -78,6 +79,7 @@ def topic_schemas(settings: Settings) -> dict[str, str]:
         settings.legit_topic: "Transaction",
         settings.fraud_topic: "FraudAlert",
         settings.labels_topic: "Label",
+        settings.rules_topic: "Rule",
     }
 
 

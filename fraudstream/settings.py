@@ -134,6 +134,11 @@ class Settings:
     def labels_topic(self) -> str:
         return f"{self.transactions_topic}.labels"
 
+    @property
+    def rules_topic(self) -> str:
+        """The detection rules, one compacted record per rule id, in one partition (one order of changes)."""
+        return f"{self.transactions_topic}.rules"
+
     def changelog_topic(self, store: str) -> str:
         """The compacted topic holding a state store's changes, partitioned like the input. Named after the
         detector group and the input topic: another group, or another input, keeps state of its own."""
@@ -141,7 +146,8 @@ class Settings:
 
     @property
     def all_topics(self) -> tuple[str, ...]:
-        return (self.transactions_topic, self.legit_topic, self.fraud_topic, self.dlq_topic, self.labels_topic)
+        return (self.transactions_topic, self.legit_topic, self.fraud_topic, self.dlq_topic, self.labels_topic,
+                self.rules_topic)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, kafka_properties: Mapping[str, str] | None = None,

@@ -263,3 +263,23 @@ def test_traffic_time_runs_from_the_first_input_record_to_the_last() -> None:
     state = busy_state()
     assert state.traffic_s == 9.0  # inputs seen at 100.0 .. 109.0
     assert DemoState().traffic_s == 0.0
+
+
+def test_rule_changes_show_in_the_panel_newest_first() -> None:
+    from fraudstream.demo import rule_line
+    from fraudstream.records import Rule
+    from fraudstream.serde import make_encoder
+    from tests.unit.test_serde import FakeRegistry
+
+    schemas = load_schemas(Settings().schemas_dir)
+    decoder = Decoder(FakeRegistry({5: schemas.expanded["Rule"]}), schemas.expanded["Rule"])
+    encode = make_encoder(5, schemas.parsed["Rule"])
+    lowered = Rule(id="large_amount", version=2, kind="large_amount", parameters={"threshold_cents": 50_000},
+                   enabled=True, author="ana", comment="more fraud", written_at=datetime(2026, 1, 1, tzinfo=timezone.utc))
+    state = busy_state()
+    assert "rule changes" not in "\n".join(panel_lines(frame(state)))
+    state.on_rule(rule_line(decoder, encode(lowered.to_dict())))
+    state.on_rule(rule_line(decoder, b"junk"))
+    text = "\n".join(panel_lines(frame(state)))
+    assert "rule changes" in text
+    assert text.index("unreadable rule record") < text.index("large_amount v2 enabled threshold_cents=50000  by ana: more fraud")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
+import operator
 import typing
 from datetime import UTC, datetime
 from typing import Any
@@ -11,7 +13,7 @@ from typing import Any
 import pytest
 from fastavro import schemaless_reader, schemaless_writer
 
-from fraudstream.records import RECORD_TYPES, FraudAlert, Label, Transaction
+from fraudstream.records import RECORD_TYPES, FiredRule, FraudAlert, Label, Rule, Transaction
 from fraudstream.schemas import history, load_schemas
 from fraudstream.settings import Settings
 
@@ -29,8 +31,8 @@ def python_type(avro_type: Any) -> Any:
         return BY_AVRO_NAME[avro_type.rsplit(".", 1)[-1]]  # a named type defined earlier
     if isinstance(avro_type, list):
         branches = [python_type(branch) for branch in avro_type if branch != "null"]
-        assert len(branches) == 1, f"only optional unions are mapped: {avro_type}"
-        return branches[0] | None if "null" in avro_type else branches[0]
+        union = functools.reduce(operator.or_, branches)
+        return union | None if "null" in avro_type else union
     kind = avro_type["type"]
     if avro_type.get("logicalType") == "timestamp-millis":
         return datetime
@@ -38,6 +40,8 @@ def python_type(avro_type: Any) -> Any:
         return str
     if kind == "array":
         return tuple[python_type(avro_type["items"]), ...]
+    if kind == "map":
+        return dict[str, python_type(avro_type["values"])]
     if kind == "record":
         return BY_AVRO_NAME[avro_type["name"].rsplit(".", 1)[-1]]
     return python_type(kind)
@@ -53,12 +57,30 @@ def test_the_mapping_itself_distinguishes_types():
 
 
 def test_every_schema_has_a_record_class_and_back():
-    assert set(BY_AVRO_NAME) == set(SCHEMAS.expanded)
+    named = {t["name"].rsplit(".", 1)[-1] for schema in SCHEMAS.expanded.values() for t in _named_records(schema)}
+    assert set(BY_AVRO_NAME) == named
+
+
+def _named_records(schema: Any):
+    """Every record defined in a schema, itself and nested ones (FiredRule inside FraudAlert)."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "record":
+            yield schema
+            for field in schema["fields"]:
+                yield from _named_records(field["type"])
+        elif schema.get("type") in ("array", "map"):
+            yield from _named_records(schema.get("items", schema.get("values")))
+    elif isinstance(schema, list):
+        for branch in schema:
+            yield from _named_records(branch)
+
+
+RECORD_SCHEMAS = {t["name"].rsplit(".", 1)[-1]: t for s in SCHEMAS.expanded.values() for t in _named_records(s)}
 
 
 @pytest.mark.parametrize("cls", RECORD_TYPES, ids=lambda cls: cls.__name__)
 def test_dataclass_fields_match_the_avsc_in_name_order_and_type(cls):
-    avro_fields = SCHEMAS.expanded[cls.avro_name]["fields"]
+    avro_fields = RECORD_SCHEMAS[cls.avro_name]["fields"]
     fields = dataclasses.fields(cls)
     hints = typing.get_type_hints(cls)
     assert [f.name for f in fields] == [f["name"] for f in avro_fields]
@@ -68,9 +90,10 @@ def test_dataclass_fields_match_the_avsc_in_name_order_and_type(cls):
 
 @pytest.mark.parametrize("cls", RECORD_TYPES, ids=lambda cls: cls.__name__)
 def test_dataclass_defaults_match_the_avsc(cls):
-    for field, avro_field in zip(dataclasses.fields(cls), SCHEMAS.expanded[cls.avro_name]["fields"], strict=True):
+    for field, avro_field in zip(dataclasses.fields(cls), RECORD_SCHEMAS[cls.avro_name]["fields"], strict=True):
         if "default" in avro_field:
-            assert field.default == avro_field["default"], field.name
+            default = avro_field["default"]  # an array's default is a tuple here, as its values are
+            assert field.default == (tuple(default) if isinstance(default, list) else default), field.name
         else:
             assert field.default is dataclasses.MISSING, f"{field.name} has a default the schema does not"
 
@@ -96,6 +119,11 @@ SAMPLES = [
     FraudAlert(transaction=TRANSACTION, rules=("amount_over_threshold", "new_device"),
                detected_at=datetime(2025, 3, 14, 15, 9, 27, 1_000, tzinfo=UTC)),
     Label(transaction_id=TRANSACTION.transaction_id, is_fraud=True, scenario="card_testing"),
+    FraudAlert(transaction=TRANSACTION, rules=("big",), detected_at=EVENT_TIME,
+               fired=(FiredRule(id="big", version=3),), rule_set_version="17"),
+    Rule(id="big", version=3, kind="large_amount", enabled=True, author="analyst", comment="", written_at=EVENT_TIME,
+         parameters={"threshold_cents": 50_000, "exempt_unless_known_terminal": False, "exempt_categories": ("5311",),
+                     "away_km": 300.0}),
 ]
 
 

@@ -101,7 +101,7 @@ def test_settings_are_frozen():
 def test_every_topic_name_derives_from_the_input_topic():
     settings = Settings(transactions_topic="payments")
     assert settings.all_topics == (
-        "payments", "payments.legit", "payments.fraud", "payments.dlq", "payments.labels",
+        "payments", "payments.legit", "payments.fraud", "payments.dlq", "payments.labels", "payments.rules",
     )
     assert settings.subject("payments.fraud") == "payments.fraud-value"
 

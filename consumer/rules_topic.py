@@ -1,0 +1,290 @@
+"""Rules as records: the rules topic (`<topic>.rules`) read into the detector's current RuleSet.
+
+The topic is compacted, keyed by rule id, with one partition, so every detector reads the same changes
+in the same order; the offset just after the last change a reader applied names the rule set it runs
+(its *rule-set version*). Each detector reads the whole topic with a consumer of its own, outside the
+consumer group (assign mode, read_committed): first up to its end before judging anything, then between
+batches without waiting (`poll`), so a change applies at a batch boundary and every record of a batch is
+judged by one rule-set version.
+
+A record is applied only if it is valid by the very checks `load_rules` applies to a rules file
+(consumer.rules.checked_parameters), and if its version is newer than the rule's current one. Anything
+else stays out of force (the rule's previous version keeps running) and becomes a dead letter with its
+reason in headers, like the detector's other dead letters. A tombstone (null value) removes the rule.
+An empty topic is seeded from the rules file.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+
+from consumer.decide import Decision, dead_letter
+from consumer.rules import _PREDICATES, RULE_NAMES, RuleSet, checked_parameters, load_rules
+from fraudstream.errors import ConfigError, KafkaUnavailable, RegistryError
+from fraudstream.kafka import admin, consumer_config, ensure_topics, producer_config
+from fraudstream.records import Rule
+from fraudstream.registry import Registry, current_ids
+from fraudstream.schemas import load_schemas
+from fraudstream.serde import Decoder, DecodeError, make_encoder
+from fraudstream.settings import Settings
+
+log = logging.getLogger("fraudstream.rules")
+
+# On every legit output: the rule-set version that judged it (a FraudAlert carries it in a field).
+RULE_SET_HEADER = "fraudstream.rule_set_version"
+INVALID_RULE = "invalid_rule"
+STALE_VERSION = "stale_rule_version"
+
+
+def rule_thresholds(rule: Rule, settings: Settings | None = None) -> dict[str, Any]:
+    """A rule's thresholds over its kind's defaults, or ConfigError (one line)."""
+    if not rule.id:
+        raise ConfigError("a rule needs a non-empty id")
+    parameters = {k: list(v) if isinstance(v, tuple) else v for k, v in rule.parameters.items()}
+    return checked_parameters(rule.kind, parameters, where=f"rule {rule.id} v{rule.version}", settings=settings)
+
+
+def same_content(a: Rule, b: Rule) -> bool:
+    return (a.kind, a.parameters, a.enabled) == (b.kind, b.parameters, b.enabled)
+
+
+@dataclass(frozen=True)
+class TopicRuleSet(RuleSet):
+    """A RuleSet whose rules are named by id, each running its kind's predicate at its own version."""
+
+    kinds: Mapping[str, str]
+    versions: Mapping[str, int]
+
+    def evaluate(self, tx: Any, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        fired = np.zeros((len(self.names), len(tx.amount_cents)), dtype=bool)
+        for row, rule_id in enumerate(self.names):
+            fired[row] = _PREDICATES[self.kinds[rule_id]](self.thresholds[rule_id], tx, features)
+        return fired
+
+
+def rule_set(rules: Mapping[str, tuple[Rule, dict[str, Any]]], version: str, *,
+             skip_kinds: Iterable[str] = ()) -> TopicRuleSet:
+    """The enabled rules, in the documented order of their kinds, then by id."""
+    skip = set(skip_kinds)
+    order = {kind: i for i, kind in enumerate(RULE_NAMES)}
+    live = sorted((r for r, _ in rules.values() if r.enabled and r.kind not in skip), key=lambda r: (order[r.kind], r.id))
+    names = tuple(r.id for r in live)
+    return TopicRuleSet(names, {n: rules[n][1] for n in names}, version,
+                        kinds={r.id: r.kind for r in live}, versions={r.id: r.version for r in live})
+
+
+def seed_records(settings: Settings, rules_file: Path | None, *, author: str) -> list[Rule]:
+    """Version 1 of every rule kind from the rules file (validated by load_rules); disabled ones stay disabled."""
+    loaded = load_rules(rules_file, settings=settings)
+    now = datetime.now(UTC)
+    records = []
+    for kind in RULE_NAMES:
+        enabled = kind in loaded.names
+        params = {k: tuple(v) if isinstance(v, list) else v
+                  for k, v in loaded.thresholds[kind].items() if k != "enabled"} if enabled else {}
+        records.append(Rule(id=kind, version=1, kind=kind, parameters=params, enabled=enabled, author=author,
+                            comment=f"seeded from {rules_file}", written_at=now))
+    return records
+
+
+class RulesCodec:
+    """Encode and decode Rule records with the registered schema (Confluent framing)."""
+
+    def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
+        self.settings = settings
+        registry = registry or Registry(settings)
+        schemas = load_schemas(settings.schemas_dir)
+        self.schema = schemas.expanded["Rule"]
+        self.decoder = Decoder(registry, self.schema)
+        self._registry = registry
+        self._encode: Callable[[dict], bytes] | None = None
+
+    def encode(self, record: Rule) -> bytes:
+        if self._encode is None:
+            ids = current_ids(self.settings, self._registry)  # one clear line when the schemas are not registered
+            self._encode = make_encoder(ids[self.settings.rules_topic], load_schemas(self.settings.schemas_dir).parsed["Rule"])
+        return self._encode(record.to_dict())
+
+    def decode(self, value: bytes | None) -> Rule:
+        return Rule.from_dict(self.decoder.decode(value))
+
+
+def write_records(settings: Settings, codec: RulesCodec, records: Iterable[Rule]) -> None:
+    """Write rule versions (keyed by id) and wait until the broker has them all."""
+    failures: list[str] = []
+
+    def delivered(error, message) -> None:
+        if error is not None:
+            failures.append(error.str())
+
+    producer = Producer(producer_config(settings, **{"enable.idempotence": True, "on_delivery": delivered}))
+    for record in records:
+        producer.produce(settings.rules_topic, codec.encode(record), record.id.encode())
+    left = producer.flush(30)
+    if left or failures:
+        raise KafkaUnavailable(f"could not write to {settings.rules_topic}: "
+                               f"{failures[0] if failures else f'{left} records still unsent after 30 s'}")
+
+
+def check_rules_topic(settings: Settings) -> None:
+    """Create the rules topic if missing; refuse one with several partitions (no single order of changes)."""
+    ensure_topics(settings, (settings.rules_topic,))
+    metadata = admin(settings).list_topics(settings.rules_topic, timeout=10).topics[settings.rules_topic]
+    if len(metadata.partitions) != 1:
+        raise ConfigError(f"rules topic {settings.rules_topic} has {len(metadata.partitions)} partitions; it must "
+                          "have exactly one, so that every detector applies rule changes in the same order")
+
+
+class RulesTopic:
+    """One detector's reader of the rules topic: its current rule set, and the dead letters it found."""
+
+    def __init__(self, settings: Settings, *, registry: Registry | None = None, skip_kinds: Iterable[str] = (),
+                 on_log: Callable[[str], None] | None = None) -> None:
+        self.settings = settings
+        self.codec = RulesCodec(settings, registry)
+        self.skip_kinds = tuple(skip_kinds)
+        self.on_log = on_log or log.info
+        self.rules: dict[str, tuple[Rule, dict[str, Any]]] = {}
+        self.version = "0"  # the position after the last change applied
+        self.current = rule_set({}, self.version, skip_kinds=self.skip_kinds)
+        self.dead_letters: list[Decision] = []  # invalid rule records, to route to the dead-letter topic
+        self.changes = 0  # rule changes applied since start (the initial read included)
+        self.consumer: Consumer | None = None
+
+    # ----- start -----
+    def start(self, *, seed_from: Path | None = None, timeout_s: float = 30.0) -> TopicRuleSet:
+        """Read the whole topic (seeding it from the rules file first when it is empty); the rule set in force."""
+        s = self.settings
+        check_rules_topic(s)
+        self.consumer = Consumer(consumer_config(s, f"{s.group_id}.rules-reader", **{
+            "enable.auto.commit": False, "auto.offset.reset": "earliest"}))
+        partition = TopicPartition(s.rules_topic, 0, OFFSET_BEGINNING)
+        self.consumer.assign([partition])
+        low, high = self._watermarks()
+        if high == 0 and seed_from is not None:
+            write_records(s, self.codec, seed_records(s, seed_from, author=f"seed ({getpass.getuser()})"))
+            self.on_log(f"rules topic {s.rules_topic} was empty: seeded from {seed_from}")
+            low, high = self._watermarks()
+        # Until the position reaches the end taken now (a compacted topic may have gaps; never wait for
+        # the record at high - 1, which compaction may have removed).
+        deadline = time.monotonic() + timeout_s
+        while self._position() < high:
+            if time.monotonic() > deadline:
+                raise KafkaUnavailable(f"could not read rules topic {s.rules_topic} to its end ({high}) "
+                                       f"within {timeout_s:g} s")
+            self.poll(timeout_s=0.2)
+        return self.current
+
+    def _watermarks(self) -> tuple[int, int]:
+        try:
+            return self.consumer.get_watermark_offsets(TopicPartition(self.settings.rules_topic, 0), timeout=10)
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"rules topic {self.settings.rules_topic}: {exc.args[0].str()}") from exc
+
+    def _position(self) -> int:
+        position = self.consumer.position([TopicPartition(self.settings.rules_topic, 0)])[0].offset
+        return position if position >= 0 else 0  # a logical offset: nothing read yet
+
+    # ----- between batches -----
+    def poll(self, *, timeout_s: float = 0.0) -> bool:
+        """Apply the rule records fetched so far (no wait by default). True when the rule set changed."""
+        changed = False
+        for message in self.consumer.consume(500, timeout_s):
+            if message.error() is not None:
+                self.on_log(f"rules reader: {message.error().str()}")
+                continue
+            try:
+                changed |= self._apply(message)
+            except RegistryError as exc:  # infrastructure: read this record again at the next poll
+                self.on_log(f"rules reader: {exc}; will retry")
+                self.consumer.seek(TopicPartition(message.topic(), message.partition(), message.offset()))
+                break
+        if changed:
+            self.current = rule_set(self.rules, self.version, skip_kinds=self.skip_kinds)
+        return changed
+
+    def _apply(self, message) -> bool:
+        key = (message.key() or b"").decode("utf-8", "replace")
+        position = str(message.offset() + 1)
+        if message.value() is None:  # tombstone: the rule is removed
+            if self.rules.pop(key, None) is None:
+                return False
+            self.version, self.changes = position, self.changes + 1
+            self.on_log(f"rule {key} removed (rule set {self.version})")
+            return True
+        try:
+            record = self.codec.decode(message.value())
+        except DecodeError as error:
+            return self._refuse(message, error)
+        if record.id != key:
+            return self._refuse(message, DecodeError(INVALID_RULE, f"record key {key!r} is not the rule id {record.id!r}"))
+        try:
+            thresholds = rule_thresholds(record, self.settings)
+        except ConfigError as error:
+            return self._refuse(message, DecodeError(INVALID_RULE, str(error)))
+        current = self.rules.get(record.id)
+        if current is not None and record.version <= current[0].version:
+            if record.version == current[0].version and same_content(record, current[0]):
+                return False  # the same version written twice (two detectors seeding an empty topic at once)
+            return self._refuse(message, DecodeError(STALE_VERSION, f"rule {record.id} v{record.version} is not newer "
+                                                                    f"than v{current[0].version}, in force"))
+        self.rules[record.id] = (record, thresholds)
+        self.version, self.changes = position, self.changes + 1
+        return True
+
+    def _refuse(self, message, error: DecodeError) -> bool:
+        self.on_log(f"rule record at {message.topic()}[{message.partition()}]@{message.offset()} refused: {error.reason}")
+        self.dead_letters.append(dead_letter(message, error))
+        return False
+
+    def take_dead_letters(self) -> list[Decision]:
+        letters, self.dead_letters = self.dead_letters, []
+        return letters
+
+    def close(self) -> None:
+        if self.consumer is not None:
+            self.consumer.close()
+            self.consumer = None
+
+
+def read_all(settings: Settings, codec: RulesCodec, *, timeout_s: float = 30.0) -> list[tuple[Any, Rule | None, str]]:
+    """Every record still on the rules topic, oldest first: (message, record or None, why it is refused or '')."""
+    check_rules_topic(settings)
+    consumer = Consumer(consumer_config(settings, f"{settings.group_id}.rules-cli", **{
+        "enable.auto.commit": False, "auto.offset.reset": "earliest"}))
+    try:
+        partition = TopicPartition(settings.rules_topic, 0, OFFSET_BEGINNING)
+        consumer.assign([partition])
+        low, high = consumer.get_watermark_offsets(TopicPartition(settings.rules_topic, 0), timeout=10)
+        out: list[tuple[Any, Rule | None, str]] = []
+        deadline = time.monotonic() + timeout_s
+        while True:
+            position = consumer.position([TopicPartition(settings.rules_topic, 0)])[0].offset
+            if max(position, low) >= high:  # a logical position (nothing read yet) counts as the start
+                return out
+            if time.monotonic() > deadline:
+                raise KafkaUnavailable(f"could not read rules topic {settings.rules_topic} within {timeout_s:g} s")
+            for message in consumer.consume(500, 0.2):
+                if message.error() is not None:
+                    continue
+                if message.value() is None:
+                    out.append((message, None, "removed"))
+                    continue
+                try:
+                    record = codec.decode(message.value())
+                    rule_thresholds(record, settings)
+                    out.append((message, record, ""))
+                except (DecodeError, ConfigError) as error:
+                    out.append((message, None, str(error)))
+    finally:
+        consumer.close()

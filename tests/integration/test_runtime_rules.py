@@ -1,0 +1,264 @@
+"""Rules changed at runtime on the real broker: the project's producer and two detectors run while an
+analyst changes the rules through `fraudstream rules`; a detector killed with -9 comes back with the
+latest rules; an invalid rule written straight to the topic is dead-lettered and changes nothing.
+
+Probe transactions ($600.00, in person, at home, at a grocery: only the amount rule can judge them) are
+sent alongside the generator's stream, each stamped with the wall-clock time it was handed to the
+producer. A probe handed over more than a second after a rule change was written is consumed after
+that too, so it must be judged by the new rule set, on whichever detector owns its partition."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+
+import pytest
+from confluent_kafka import Producer
+
+from consumer.decide import DLQ_KIND, DLQ_REASON, DLQ_TOPIC
+from consumer.rules import LARGE_AMOUNT
+from consumer.rules_topic import INVALID_RULE, RULE_SET_HEADER, RulesCodec, read_all, write_records
+from fraudstream.records import Rule
+from fraudstream.cli import main as fraudstream
+from fraudstream.kafka import producer_config
+from fraudstream.settings import Settings
+from producer.loop import produce
+from tests.integration.test_crash_safety import DetectorProcess
+from tests.integration.test_detector import RunningDetector, decode, encoder_for
+from tests.support.kafka_io import read_topic, transaction, wait_until
+
+PROBE_CENTS = 60_000  # under the default threshold ($900.00), over the lowered one
+LOWERED_CENTS = 50_000
+WITHIN_S = 1.0
+
+
+class Probes:
+    """A thread sending probe transactions at a steady rate; `sent` maps each id to when it was handed over."""
+
+    def __init__(self, settings: Settings, rate: float = 100.0) -> None:
+        self.settings, self.rate = settings, rate
+        self.sent: dict[str, float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        encode = encoder_for(self.settings, self.settings.transactions_topic)
+        producer = Producer(producer_config(self.settings))
+        i = 0
+        while not self.stop.is_set():
+            tx = transaction(PROBE_CENTS, account=f"probe-{i % 30}", transaction_id=f"probe-{i}")
+            producer.produce(self.settings.transactions_topic, encode(tx.to_dict()), tx.account_id.encode())
+            self.sent[tx.transaction_id] = time.time()
+            producer.poll(0)
+            i += 1
+            self.stop.wait(1 / self.rate)
+        assert producer.flush(30) == 0
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(60)
+
+
+def outputs(settings: Settings) -> dict[str, tuple[str, str, list]]:
+    """transaction id -> (route, rule-set version that judged it, [(rule id, version) fired])."""
+    found: dict[str, tuple[str, str, list]] = {}
+    for message in read_topic(settings, settings.legit_topic):
+        tid = decode(settings, message.value())["transaction_id"]
+        assert tid not in found, f"{tid} routed twice"
+        found[tid] = ("legit", dict(message.headers() or [])[RULE_SET_HEADER].decode(), [])
+    for message in read_topic(settings, settings.fraud_topic):
+        alert = decode(settings, message.value())
+        tid = alert["transaction"]["transaction_id"]
+        assert tid not in found, f"{tid} routed twice"
+        found[tid] = ("fraud", alert["rule_set_version"], [(f["id"], f["version"]) for f in alert["fired"]])
+    return found
+
+
+def input_partitions(settings: Settings) -> dict[str, int]:
+    return {decode(settings, m.value())["transaction_id"]: m.partition()
+            for m in read_topic(settings, settings.transactions_topic)}
+
+
+def rules_cli(settings: Settings, *args: str) -> None:
+    code = fraudstream(["rules", *args, "--topic", settings.transactions_topic, "--bootstrap-servers",
+                        settings.bootstrap_servers, "--schema-registry-url", settings.schema_registry_url])
+    assert code == 0
+
+
+def probes_after(probes: Probes, since: float) -> set[str]:
+    return {tid for tid, at in list(probes.sent.items()) if at > since + WITHIN_S}
+
+
+def judged_after(settings: Settings, probes: Probes, since: float, partitions_wanted: set[int]) -> bool:
+    """Probes sent over a second after `since` are routed, in every wanted input partition."""
+    late = probes_after(probes, since)
+    routed = outputs(settings).keys() & late
+    where = input_partitions(settings)
+    return {where[tid] for tid in routed} >= partitions_wanted
+
+
+@pytest.fixture
+def two_detectors(pipeline: Settings):
+    detectors = [RunningDetector(pipeline.replace(transactional_id=f"{pipeline.group_id}-{n}")) for n in (1, 2)]
+    wait_until(lambda: all(d.detector._assigned for d in detectors) and
+               sum(len(d.detector._assigned) for d in detectors) == pipeline.partitions,
+               timeout_s=90, what="both detectors assigned")
+    yield detectors
+    for d in detectors:
+        d.stop()
+        assert d.error is None, d.error
+
+
+def partitions_of(detector: RunningDetector) -> set[int]:
+    return {p for _, p in detector.detector._assigned}
+
+
+def test_lowering_the_threshold_then_disabling_the_rule_reaches_both_detectors_within_a_second(
+        pipeline: Settings, two_detectors, tmp_path):
+    stop_generator = threading.Event()
+    generator = threading.Thread(target=produce, args=(pipeline,), kwargs=dict(rate=100, stop=stop_generator, seed=5),
+                                 daemon=True)
+    generator.start()
+    probes = Probes(pipeline)
+    try:
+        started = time.time() - WITHIN_S
+        wait_until(lambda: judged_after(pipeline, probes, started, set(range(pipeline.partitions))),
+                   timeout_s=60, what="probes routed under the seeded rules")
+        seeded = {d.detector.rules_topic.current.version for d in two_detectors}
+
+        lower = tmp_path / "lower.toml"
+        lower.write_text(f"[large_amount]\nthreshold_cents = {LOWERED_CENTS}\n")
+        rules_cli(pipeline, "set", str(lower), "--author", "analyst", "--comment", "more large payments are fraud")
+        lowered_at = time.time()
+        wait_until(lambda: judged_after(pipeline, probes, lowered_at, set(range(pipeline.partitions))),
+                   timeout_s=60, what="probes routed after the threshold was lowered")
+
+        disable_at_start = time.time()
+        rules_cli(pipeline, "disable", LARGE_AMOUNT, "--comment", "too noisy")
+        disabled_at = time.time()
+        wait_until(lambda: judged_after(pipeline, probes, disabled_at, set(range(pipeline.partitions))),
+                   timeout_s=60, what="probes routed after the rule was disabled")
+    finally:
+        probes.close()
+        stop_generator.set()
+        generator.join(60)
+
+    versions = [d.detector.rules_topic.current.version for d in two_detectors]
+    assert versions[0] == versions[1] and versions[0] not in seeded
+    found, where = outputs(pipeline), input_partitions(pipeline)
+    # Every output, the generator's too, names the rule set that judged it.
+    assert all(version for _, version, _ in found.values())
+    first_rules = probes_after(probes, started) - probes_after(probes, lowered_at - WITHIN_S)
+    lowered = probes_after(probes, lowered_at) - probes_after(probes, disable_at_start - WITHIN_S)
+    disabled = probes_after(probes, disabled_at)
+    assert first_rules and lowered and disabled
+    assert {found[tid][0] for tid in first_rules} == {"legit"}
+    for tid in lowered:
+        route, version, fired = found[tid]
+        assert (route, fired) == ("fraud", [(LARGE_AMOUNT, 2)]), (tid, found[tid])
+        assert version not in seeded
+    assert {found[tid][:2] for tid in disabled} == {("legit", versions[0])}
+    # Both detectors judged probes under each new rule set.
+    for detector in two_detectors:
+        mine = partitions_of(detector)
+        assert any(where[tid] in mine for tid in lowered), f"no lowered-threshold probe on {mine}"
+        assert any(where[tid] in mine for tid in disabled), f"no disabled-rule probe on {mine}"
+    history = [r for m, r, _ in read_all(pipeline, RulesCodec(pipeline)) if m.key() == LARGE_AMOUNT.encode()]
+    assert [(r.version, r.enabled, r.parameters.get("threshold_cents")) for r in history][-2:] == [
+        (2, True, LOWERED_CENTS), (3, False, LOWERED_CENTS)]
+
+
+def test_an_invalid_rule_written_to_the_topic_is_dead_lettered_once_and_the_previous_version_stays(
+        pipeline: Settings, two_detectors):
+    probes = Probes(pipeline)
+    try:
+        before = time.time()
+        wait_until(lambda: judged_after(pipeline, probes, before, set(range(pipeline.partitions))),
+                   timeout_s=60, what="probes routed under the seeded rules")
+        in_force = two_detectors[0].detector.rules_topic.current
+        # Straight to the topic, past the CLI's check: a negative threshold, and a kind nobody knows.
+        codec = RulesCodec(pipeline)
+        now = datetime.now(UTC)
+        write_records(pipeline, codec, [
+            Rule(id=LARGE_AMOUNT, version=2, kind=LARGE_AMOUNT, parameters={"threshold_cents": -5}, enabled=True,
+                 author="mallory", comment="", written_at=now),
+            Rule(id="mystery", version=1, kind="mystery_kind", parameters={}, enabled=True, author="mallory",
+                 comment="", written_at=now)])
+        written_at = time.time()
+        wait_until(lambda: len(read_topic(pipeline, pipeline.dlq_topic)) >= 2, timeout_s=30,
+                   what="the invalid rules dead-lettered")
+        wait_until(lambda: judged_after(pipeline, probes, written_at, set(range(pipeline.partitions))),
+                   timeout_s=60, what="probes routed after the invalid rules")
+    finally:
+        probes.close()
+
+    letters = read_topic(pipeline, pipeline.dlq_topic)
+    headers = [dict(m.headers()) for m in letters]
+    assert len(letters) == 2, "every detector reads every rule record, but only one dead-letters it"
+    assert {h[DLQ_TOPIC] for h in headers} == {pipeline.rules_topic.encode()}
+    assert {h[DLQ_KIND] for h in headers} == {INVALID_RULE.encode()}
+    reasons = sorted(h[DLQ_REASON].decode() for h in headers)
+    assert "large_amount.threshold_cents must be at least 0, not -5" in reasons[0]
+    assert "unknown kind 'mystery_kind'" in reasons[1]
+    for detector in two_detectors:
+        assert detector.detector.rules_topic.current == in_force
+    assert sum(d.detector.rules_dead_lettered for d in two_detectors) == 2
+    found = outputs(pipeline)
+    assert {found[tid][:2] for tid in probes_after(probes, written_at)} == {("legit", in_force.version)}
+
+
+def test_a_detector_killed_with_minus_nine_comes_back_with_the_rules_changed_while_it_was_down(pipeline: Settings, tmp_path):
+    """Also the replay guarantee: every transaction is routed once, and its decision is the one the rule
+    set it names gives, whether it was judged before the kill or re-read after it."""
+    tid = f"{pipeline.group_id}-solo"
+    detector = DetectorProcess(pipeline, tid)
+    probes = Probes(pipeline, rate=200)
+    try:
+        first = time.time()
+        wait_until(lambda: judged_after(pipeline, probes, first, set(range(pipeline.partitions))),
+                   timeout_s=90, what="probes routed before the kill")
+        detector.kill()
+        lower = tmp_path / "lower.toml"
+        lower.write_text(f"[large_amount]\nthreshold_cents = {LOWERED_CENTS}\n")
+        rules_cli(pipeline, "set", str(lower))
+        changed_at = time.time()
+        detector = DetectorProcess(pipeline, tid)
+        wait_until(lambda: judged_after(pipeline, probes, changed_at, set(range(pipeline.partitions))),
+                   timeout_s=90, what="probes routed after the restart")
+    finally:
+        probes.close()
+    wait_until(lambda: probes.sent.keys() <= outputs(pipeline).keys(), timeout_s=60, what="every probe routed")
+    code, log = detector.terminate()
+    assert code == 0, log
+
+    found = outputs(pipeline)
+    assert probes.sent.keys() <= found.keys()
+    # The threshold of large_amount in each rule set, rebuilt from the rules topic alone.
+    threshold_at: dict[str, int] = {}
+    threshold = None
+    for message, record, _ in read_all(pipeline, RulesCodec(pipeline)):
+        if record is not None and record.id == LARGE_AMOUNT:
+            threshold = record.parameters["threshold_cents"]
+        threshold_at[str(message.offset() + 1)] = threshold
+    by_version = defaultdict(set)
+    for tid in probes.sent:
+        route, version, _ = found[tid]
+        assert route == ("fraud" if PROBE_CENTS > threshold_at[version] else "legit"), (tid, found[tid])
+        by_version[version].add(tid)
+    assert len(by_version) == 2, "the probes were judged by the seeded rules, then by the lowered threshold"
+    [latest] = {found[tid][1] for tid in probes_after(probes, changed_at)}
+    assert all(found[tid] == ("fraud", latest, [(LARGE_AMOUNT, 2)]) for tid in probes_after(probes, changed_at))
+    # Before judging anything, the restarted detector had read the change made while it was down.
+    started_with = next(line for line in log.splitlines() if "(rule set " in line)
+    assert f"(rule set {latest} of {pipeline.rules_topic})" in started_with, started_with
+
+
+def test_the_rule_change_benchmark_runs_and_installs_changes(stack_settings: Settings):
+    """Its short, real version: a few thousand records, a change every 0.2 s; no timed assertion."""
+    from benchmarks.rule_changes import run_side
+
+    rate, changes = run_side(stack_settings, 20_000, 0.2)
+    assert rate > 0 and changes >= 1
