@@ -21,7 +21,7 @@ from fraudstream.registry import Registry, current_ids
 from fraudstream.schemas import load_schemas
 from fraudstream.serde import make_encoder
 from fraudstream.settings import Settings
-from producer.generator import Generator
+from fraudstream.producer.generator import Generator
 
 # Event time of the pre-filled records: a simulated clock, so the same seed gives the same bytes.
 PREFILL_START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z

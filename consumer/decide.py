@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyruhvro
 
-from consumer.rules import Rule, fired
+from fraudstream.consumer.rules import Rule, fired
 from fraudstream.records import Transaction
 from fraudstream.serde import HEADER, MAGIC_BYTE, Decoder, DecodeError, make_encoder, read_payload, split_frame
 

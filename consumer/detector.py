@@ -32,11 +32,11 @@ from collections.abc import Callable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from consumer.decide import ColumnarDecider, Decider, Decision, Route, dead_letter
-from consumer.metrics import DetectorMetrics
-from consumer.rules import TERMINAL_RULES, load_rules, rules_from_settings
-from consumer.state.manager import StateManager
-from consumer.stateful import STORES, StatefulDecider, decode_batch
+from fraudstream.consumer.decide import ColumnarDecider, Decider, Decision, Route, dead_letter
+from fraudstream.consumer.metrics import DetectorMetrics
+from fraudstream.consumer.rules import TERMINAL_RULES, load_rules, rules_from_settings
+from fraudstream.consumer.state.manager import StateManager
+from fraudstream.consumer.stateful import STORES, StatefulDecider, decode_batch
 from fraudstream.errors import Fenced, KafkaUnavailable, RegistryError
 from fraudstream.kafka import (consumer_config, ensure_topics, max_message_bytes, static_members,
                                transactional_producer_config, wait_for_cluster)

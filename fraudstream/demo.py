@@ -90,7 +90,7 @@ class DemoFailed(FraudstreamError):
 # ---------------------------------------------------------------- options
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fraudstream.cli import add_connection_arguments
-    from producer.cli import speedup
+    from fraudstream.producer.cli import speedup
 
     parser.add_argument("--duration", type=argtypes.seconds, default=DEFAULT_DURATION_S, metavar="S",
                         help=f"seconds of traffic (default {DEFAULT_DURATION_S:.0f}; 0: until Ctrl-C)")

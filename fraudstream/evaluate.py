@@ -45,7 +45,7 @@ import numpy as np
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from fastavro import schemaless_reader
 
-from consumer.inspect import StartOffset, WriterSchemas, _raise_if_fatal, plan_read
+from fraudstream.consumer.inspect import StartOffset, WriterSchemas, _raise_if_fatal, plan_read
 from fraudstream.errors import ConfigError, FraudstreamError
 from fraudstream.kafka import consumer_config
 from fraudstream.registry import Registry

@@ -1,4 +1,4 @@
-"""`fraudstream produce` (also `python -m producer`): labelled synthetic transactions into Kafka.
+"""`fraudstream produce` (also `python -m fraudstream.producer`): labelled synthetic transactions into Kafka.
 
 Needs the schemas registered first (`fraudstream schemas register`). Prints progress on stdout (a live
 line on a terminal, plain lines otherwise; none with --quiet), then one summary line. Exit status 0
@@ -20,9 +20,9 @@ from types import FrameType
 
 from fraudstream.errors import ConfigError
 from fraudstream.settings import Settings
-from producer import handbook
-from producer.generator import DEFAULT_LARGE_LEGIT_SHARE, DEFAULT_SHARES, FRAUD_SCENARIOS
-from producer.loop import DEFAULT_RATE, DEFAULT_SEED, DEFAULT_SPEEDUP, produce
+from fraudstream.producer import handbook
+from fraudstream.producer.generator import DEFAULT_LARGE_LEGIT_SHARE, DEFAULT_SHARES, FRAUD_SCENARIOS
+from fraudstream.producer.loop import DEFAULT_RATE, DEFAULT_SEED, DEFAULT_SPEEDUP, produce
 
 
 def speedup(text: str) -> float:

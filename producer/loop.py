@@ -37,8 +37,8 @@ from fraudstream.registry import Registry, current_ids
 from fraudstream.schemas import load_schemas
 from fraudstream.serde import make_encoder
 from fraudstream.settings import Settings
-from producer.generator import DEFAULT_LARGE_LEGIT_SHARE, Generator, Pair, build_population
-from producer.handbook import DAY_MS, HandbookSimulation, HandbookStream
+from fraudstream.producer.generator import DEFAULT_LARGE_LEGIT_SHARE, Generator, Pair, build_population
+from fraudstream.producer.handbook import DAY_MS, HandbookSimulation, HandbookStream
 
 Encoder = Callable[[dict[str, Any]], bytes]
 

@@ -20,7 +20,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient, topic_subject_
 from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from producer.generator import Generator  # the data source only, so that both producers send the same records
+from fraudstream.producer.generator import Generator  # the data source only, so that both producers send the same records
 
 GENERATOR_BATCH = 500  # as ours generates when unthrottled
 

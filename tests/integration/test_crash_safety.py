@@ -12,7 +12,7 @@ import threading
 import time
 from collections import Counter
 
-from producer.loop import produce
+from fraudstream.producer.loop import produce
 from fraudstream.settings import Settings
 from tests.integration.test_detector import decode, routed_total
 from tests.support.kafka_io import read_topic, wait_until
@@ -21,13 +21,13 @@ TOTAL = 50_000
 
 
 class DetectorProcess:
-    """`python -m consumer` in its own process, as an operator would run it."""
+    """`python -m fraudstream.consumer` in its own process, as an operator would run it."""
 
     def __init__(self, settings: Settings, transactional_id: str) -> None:
         env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
                "SCHEMA_REGISTRY_URL": settings.schema_registry_url}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "consumer", "--topic", settings.transactions_topic, "--group-id", settings.group_id,
+            [sys.executable, "-m", "fraudstream.consumer", "--topic", settings.transactions_topic, "--group-id", settings.group_id,
              "--transactional-id", transactional_id, "--log-interval", "2"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -14,9 +14,9 @@ import time
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
-import consumer.detector as detector_module
-from consumer.decide import Decision, Route
-from consumer.detector import FAILURES_IN_A_ROW_LIMIT, Detector
+import fraudstream.consumer.detector as detector_module
+from fraudstream.consumer.decide import Decision, Route
+from fraudstream.consumer.detector import FAILURES_IN_A_ROW_LIMIT, Detector
 from fraudstream.errors import Fenced, KafkaUnavailable
 from fraudstream.settings import PROJECT_ROOT, Settings
 
@@ -287,7 +287,7 @@ def test_first_signal_stops_cleanly_and_a_second_exits_at_once():
     script = textwrap.dedent("""
         import threading
         from confluent_kafka import KafkaException, Producer
-        from consumer.detector import stop_on_signals
+        from fraudstream.consumer.detector import stop_on_signals
         stop = threading.Event()
         threading.Thread(target=lambda: (stop.wait(), print("stopping", flush=True)), daemon=True).start()
         producer = Producer({"bootstrap.servers": "127.0.0.1:1", "transactional.id": "t", "log_level": 0})

@@ -11,7 +11,7 @@ import pytest
 from confluent_kafka import TIMESTAMP_CREATE_TIME, Message
 from fastavro import parse_schema
 
-from consumer.inspect import (
+from fraudstream.consumer.inspect import (
     RecordFormatter,
     StartOffset,
     WriterSchemas,
