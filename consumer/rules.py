@@ -31,9 +31,10 @@ import pyarrow.compute as pc
 from fraudstream.consumer.features import CHANNEL_CODE, CHANNELS
 from fraudstream.errors import ConfigError
 from fraudstream.records import Transaction
-from fraudstream.settings import PROJECT_ROOT, Settings
+from fraudstream.resources import resource_dir
+from fraudstream.settings import Settings
 
-DEFAULT_RULES_FILE = PROJECT_ROOT / "rules" / "default.toml"
+DEFAULT_RULES_FILE = resource_dir("rules") / "default.toml"
 LARGE_AMOUNT = "large_amount"
 CARD_TESTING = "card_testing"
 IMPOSSIBLE_TRAVEL = "impossible_travel"

@@ -16,6 +16,7 @@ from typing import Any
 from fraudstream import client_config
 from fraudstream.client_config import Properties
 from fraudstream.errors import ConfigError
+from fraudstream.resources import resource_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,7 +90,7 @@ class Settings:
     # The stateful rules (per-card state kept in changelog topics) from a rules file; off: only the
     # seed's threshold rule, with no state at all.
     stateful: bool = True
-    rules_file: Path = PROJECT_ROOT / "rules" / "default.toml"
+    rules_file: Path = resource_dir("rules") / "default.toml"
     metrics_port: int = 0  # 0: no Prometheus endpoint
     # An open transaction stalls read_committed readers until it commits or this expires (pitfall 5);
     # the detector stops retrying a transaction's calls before it expires.
@@ -99,7 +100,7 @@ class Settings:
     broker_outage_limit_s: int = 120
     registry_outage_limit_s: int = 240
     compatibility: str = "FULL_TRANSITIVE"
-    schemas_dir: Path = PROJECT_ROOT / "schemas"
+    schemas_dir: Path = resource_dir("schemas")
     stack_dir: Path = PROJECT_ROOT / ".stack"
     kafka_port: int = 9092
     controller_port: int = 9093
