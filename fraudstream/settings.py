@@ -18,7 +18,20 @@ from fraudstream.client_config import Properties
 from fraudstream.errors import ConfigError
 from fraudstream.resources import resource_dir
 
+# The repository root when running from a checkout (or an editable install); site-packages in a wheel.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_stack_dir() -> Path:
+    """Where `stack up` keeps Kafka, the registry, their data and logs, unless FRAUDSTREAM_STACK_DIR says.
+
+    From a checkout: .stack/ next to pyproject.toml (git ignores it; `make clean` keeps its downloads).
+    Installed from a wheel: the per-user data directory, $XDG_DATA_HOME/fraudstream/stack
+    (~/.local/share/fraudstream/stack), never the package's own folder."""
+    if (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "fraudstream" / "settings.py").is_file():
+        return PROJECT_ROOT / ".stack"
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "fraudstream" / "stack"
 
 # field name -> environment variable. The two Confluent-standard names are kept as users know them.
 ENV: dict[str, str] = {
@@ -101,7 +114,7 @@ class Settings:
     registry_outage_limit_s: int = 240
     compatibility: str = "FULL_TRANSITIVE"
     schemas_dir: Path = resource_dir("schemas")
-    stack_dir: Path = PROJECT_ROOT / ".stack"
+    stack_dir: Path = field(default_factory=default_stack_dir)
     kafka_port: int = 9092
     controller_port: int = 9093
     registry_port: int = 8081

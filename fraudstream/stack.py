@@ -170,7 +170,10 @@ class LocalStack:
             raise StackError("Maven (mvn) is not installed; it is needed once to fetch Kafka and the registry")
         self.log(f"fetching Apache Kafka {self.kafka_version} and Apicurio Registry {self.apicurio_version} from Maven Central ...")
         self.dist.mkdir(parents=True, exist_ok=True)
-        cmd = [mvn, "-B", "-q", "-f", str(POM), "package", f"-Dstack.dist={self.dist}"]
+        # Maven writes next to its manifest: run a copy in the stack's folder, never in the installed package.
+        pom = self.dist / "pom.xml"
+        shutil.copyfile(POM, pom)
+        cmd = [mvn, "-B", "-q", "-f", str(pom), "package", f"-Dstack.dist={self.dist}"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             errors = [ln for ln in done.stdout.splitlines() + done.stderr.splitlines() if "ERROR" in ln]
