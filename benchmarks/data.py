@@ -15,7 +15,7 @@ from itertools import islice
 
 from confluent_kafka import Producer
 
-from fraudstream.kafka import producer_config
+from fraudstream.kafka import produce_or_wait, producer_config
 from fraudstream.records import Transaction
 from fraudstream.registry import Registry, current_ids
 from fraudstream.schemas import load_schemas
@@ -68,12 +68,7 @@ def prefill(settings: Settings, *, count: int, seed: int, json_topic: str | None
     dumps = json.dumps
 
     def produce(topic: str, value: bytes, key: bytes) -> None:
-        while True:
-            try:
-                producer.produce(topic, value, key)
-                return
-            except BufferError:
-                producer.poll(0.05)
+        produce_or_wait(producer, topic, value, key)
 
     for index, transaction in enumerate(transactions(count, seed)):
         key = transaction.account_id.encode()

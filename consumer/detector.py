@@ -38,7 +38,7 @@ from fraudstream.consumer.rules import TERMINAL_RULES, load_rules, rules_from_se
 from fraudstream.consumer.state.manager import StateManager
 from fraudstream.consumer.stateful import STORES, StatefulDecider, decode_batch
 from fraudstream.errors import Fenced, KafkaUnavailable, RegistryError
-from fraudstream.kafka import (consumer_config, ensure_topics, max_message_bytes, static_members,
+from fraudstream.kafka import (consumer_config, ensure_topics, max_message_bytes, produce_or_wait, static_members,
                                transactional_producer_config, wait_for_cluster)
 from fraudstream.registry import Registry, current_ids
 from fraudstream.schemas import load_schemas
@@ -317,7 +317,8 @@ class Detector:
     def _produce_all(self, messages: list, decisions: list[Decision], deadline: float) -> None:
         """Produce each output once. A failed call is retried for that record alone, never the ones before it."""
         producer, routes = self.producer, self.routes
-        produce, poll = producer.produce, producer.poll
+        produce = producer.produce
+        expired = lambda: time.monotonic() > deadline  # noqa: E731
         # Below this, key + value cannot reach any output topic's limit: the exact check is skipped.
         small = min(self._limits.values()) - BATCH_HEADER_BYTES - RECORD_FRAMING_BYTES - 4096
         for index, decision in enumerate(decisions):
@@ -327,13 +328,14 @@ class Detector:
                 topic = routes[decision.route]
             while True:
                 try:
-                    produce(topic, decision.value, decision.key, headers=decision.headers)
+                    try:
+                        produce(topic, decision.value, decision.key, headers=decision.headers)
+                    except BufferError:  # local queue full: serve delivery reports, then retry this record
+                        if not produce_or_wait(producer, topic, decision.value, decision.key, give_up=expired,
+                                               headers=decision.headers):
+                            raise _ProducerLost("producing: the local queue stayed full until the transaction "
+                                                "was about to time out", expired=True) from None
                     break
-                except BufferError:  # local queue full: serve delivery reports, then retry this record
-                    poll(0.05)
-                    if time.monotonic() > deadline:
-                        raise _ProducerLost("producing: the local queue stayed full until the transaction "
-                                            "was about to time out", expired=True) from None
                 except KafkaException as exc:
                     error = exc.args[0]
                     if error.code() in TOO_LARGE_CODES and decision.route is not Route.DEAD_LETTER:

@@ -24,6 +24,8 @@ from confluent_kafka.schema_registry import SchemaRegistryClient, topic_subject_
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
+from fraudstream.kafka import produce_or_wait  # the full-queue wait only, the same for every contender
+
 RULE_NAME = "large_amount"
 
 
@@ -77,12 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"consuming {args.input_topic} -> {args.legit_topic} | {args.fraud_topic}", flush=True)
 
     def produce(topic: str, key, value, headers=None) -> None:
-        while True:
-            try:
-                producer.produce(topic, value, key, headers=headers)
-                return
-            except BufferError:  # local queue full: let librdkafka deliver, then retry
-                producer.poll(0.1)
+        produce_or_wait(producer, topic, value, key, wait_s=0.1, headers=headers)
 
     threshold = args.threshold_cents
     try:
