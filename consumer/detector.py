@@ -19,11 +19,8 @@ group metadata (KIP-447), commit. Errors are classified (pitfalls.md 3-5, 18):
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
-import os
-import signal
 import socket
 import threading
 import time
@@ -44,6 +41,7 @@ from fraudstream.registry import Registry, current_ids
 from fraudstream.schemas import load_schemas
 from fraudstream.serde import Decoder, DecodeError
 from fraudstream.settings import Settings
+from fraudstream.signals import stop_requests
 
 log = logging.getLogger("fraudstream.detector")
 
@@ -559,43 +557,5 @@ def _partition_list(partitions) -> str:
 
 def run_until_signalled(settings: Settings, **kwargs) -> DetectorMetrics:
     """Run a detector in this process: the first SIGINT/SIGTERM stops it cleanly, a second one at once."""
-    stop = threading.Event()
-    with stop_on_signals(stop):
+    with stop_requests(exit_on_second="detector") as (stop, _):
         return Detector(settings, **kwargs).run(stop)
-
-
-@contextlib.contextmanager
-def stop_on_signals(stop: threading.Event, signals=(signal.SIGINT, signal.SIGTERM)):
-    """Set `stop` on the first signal; exit at once (status 130) on the second.
-
-    Signals are read on a thread from Python's wake-up fd: the main thread may be inside a blocking
-    librdkafka call, where a Python-level handler would only run once that call returns.
-    """
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(write_fd, False)
-    previous = {signum: signal.signal(signum, lambda *_: None) for signum in signals}
-    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    wanted = {int(signum) for signum in signals}
-
-    def watch() -> None:
-        while data := os.read(read_fd, 64):
-            for signum in data:
-                if signum not in wanted:
-                    continue
-                if stop.is_set():
-                    os.write(2, b"detector: second signal, exiting at once\n")
-                    os._exit(130)
-                log.info("stopping on %s (send it again to exit at once)", signal.Signals(signum).name)
-                stop.set()
-
-    watcher = threading.Thread(target=watch, name="signal-watcher", daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        signal.set_wakeup_fd(previous_fd)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        os.close(write_fd)
-        watcher.join(5)
-        os.close(read_fd)

@@ -34,11 +34,9 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
@@ -58,6 +56,7 @@ from fraudstream.kafka import check_secured_connection, consumer_config
 from fraudstream.registry import Registry, UnknownSchema
 from fraudstream.serde import DecodeError, read_payload, split_frame
 from fraudstream.settings import Settings
+from fraudstream.signals import stop_requests
 
 # Header names the detector writes on every dead-letter record (the producer side of this contract).
 ERROR_KIND_HEADER = "error.kind"
@@ -392,21 +391,6 @@ def plan_read(consumer: Consumer, topic: str, *, partition: int | None, start: S
     return ReadPlan(starts=starts, ends=ends)
 
 
-@contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """Ctrl-C / SIGTERM set an event (the read loop ends cleanly, exit 0) instead of raising mid-write."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 @dataclass(frozen=True, slots=True)
 class InspectReport:
     printed: int
@@ -489,7 +473,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     options = {"print_key": args.print_key, "print_metadata": args.print_metadata,
                "confluent_json": args.confluent_json, "bytes_encoding": args.bytes_encoding}
     check_secured_connection(settings)
-    with stop_on_signals() as stop:
+    with stop_requests(exit_on_second="fraudstream inspect") as (stop, _):
         try:
             report = inspect_topic(settings, topic, out=sys.stdout, start=start, follow=follow,
                                    partition=args.partition, max_messages=args.max_messages,

@@ -287,11 +287,11 @@ def test_first_signal_stops_cleanly_and_a_second_exits_at_once():
     script = textwrap.dedent("""
         import threading
         from confluent_kafka import KafkaException, Producer
-        from fraudstream.consumer.detector import stop_on_signals
+        from fraudstream.signals import stop_requests
         stop = threading.Event()
         threading.Thread(target=lambda: (stop.wait(), print("stopping", flush=True)), daemon=True).start()
         producer = Producer({"bootstrap.servers": "127.0.0.1:1", "transactional.id": "t", "log_level": 0})
-        with stop_on_signals(stop):
+        with stop_requests(stop, exit_on_second="detector"):
             print("ready", flush=True)
             try:
                 producer.init_transactions(30)
