@@ -53,8 +53,8 @@ from fastavro import json_writer, parse_schema
 from fraudstream import argtypes
 from fraudstream.errors import ConfigError, FraudstreamError, KafkaUnavailable
 from fraudstream.kafka import check_secured_connection, consumer_config
-from fraudstream.registry import Registry, UnknownSchema
-from fraudstream.serde import DecodeError, read_payload, split_frame
+from fraudstream.registry import Registry
+from fraudstream.serde import DecodeError, WriterSchemas, read_payload, split_frame
 from fraudstream.settings import Settings
 from fraudstream.signals import stop_requests
 
@@ -167,30 +167,9 @@ def strip_logical_types(schema: Any) -> Any:
     return schema
 
 
-class WriterSchemas:
-    """Writer schemas by id, each fetched once (unknown ids are remembered too)."""
-
-    def __init__(self, fetch: Callable[[int], dict[str, Any]]) -> None:
-        self._fetch = fetch
-        self._by_id: dict[int, Any] = {}
-
-    def get(self, schema_id: int) -> Any:
-        cached = self._by_id.get(schema_id)
-        if cached is None:
-            cached = self._by_id[schema_id] = self._resolve(schema_id)
-        if isinstance(cached, DecodeError):
-            raise cached
-        return cached
-
-    def _resolve(self, schema_id: int) -> Any:
-        try:
-            writer = self._fetch(schema_id)  # RegistryError (no answer) propagates: infrastructure, not data
-        except UnknownSchema as exc:
-            return DecodeError("unknown_schema_id", str(exc))
-        try:
-            return parse_schema(strip_logical_types(writer))
-        except Exception as exc:  # fastavro raises several types for a schema it cannot use
-            return DecodeError("unreadable_writer_schema", f"schema id {schema_id} cannot be parsed: {exc}")
+def console_schemas(fetch: Callable[[int], dict[str, Any]]) -> WriterSchemas:
+    """Writer schemas by id as the console consumer reads them: logical types stripped."""
+    return WriterSchemas(fetch, lambda schema_id, writer: parse_schema(strip_logical_types(writer)))
 
 
 def encode_bytes(data: bytes, encoding: str) -> str:
@@ -404,7 +383,7 @@ def inspect_topic(settings: Settings, topic: str, *, out: IO[str], start: StartO
     """Print `topic`'s records to `out`, one JSON line each; returns how many lines were printed."""
     stop = stop or threading.Event()
     registry = Registry(settings)
-    formatter = RecordFormatter(WriterSchemas(registry.schema_by_id),
+    formatter = RecordFormatter(console_schemas(registry.schema_by_id),
                                 dead_letter=is_dead_letter_topic(topic, settings), **(formatter_options or {}))
     consumer = Consumer(consumer_config(
         settings, INSPECT_GROUP_ID,
