@@ -3,7 +3,8 @@
 Each batch: consume up to batch_max_records within batch_max_ms; keep the records of partitions
 still assigned; decide every record; run the batch's transaction (`_run_transaction`): produce each
 output to the legit, fraud or dead-letter topic, send the batch's input offsets with the consumer
-group metadata (KIP-447), commit. Errors are classified (pitfalls.md 3-5, 18):
+group metadata (KIP-447), commit. Errors are classified as librdkafka reports them (KafkaError.retriable(),
+txn_requires_abort(), fatal()):
 
 - retriable (a timeout, a broker moving): the same call again, with backoff, but never past the
   transaction's own timeout: after that the coordinator aborts it, so retrying would only fail later
@@ -494,7 +495,7 @@ class Detector:
                                        lambda: self.consumer.committed(partitions, timeout=CALL_TIMEOUT_S))
         if self.state is not None:
             self.state.reset(self.consumer, [tp.partition for tp in partitions])
-        # Logical offsets (no commit yet) are passed on as a position, never computed with (pitfall 16).
+        # Logical offsets (no commit yet: OFFSET_INVALID, -1001) are passed on as a position, never computed with.
         self._seek([TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
                     for tp in committed])
 

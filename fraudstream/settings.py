@@ -105,7 +105,7 @@ class Settings:
     stateful: bool = True
     rules_file: Path = resource_dir("rules") / "default.toml"
     metrics_port: int = 0  # 0: no Prometheus endpoint
-    # An open transaction stalls read_committed readers until it commits or this expires (pitfall 5);
+    # An open transaction stalls read_committed readers until it commits or this expires;
     # the detector stops retrying a transaction's calls before it expires.
     transaction_timeout_ms: int = 10_000
     # How long the detector waits for the brokers (or the registry) to come back before it stops with

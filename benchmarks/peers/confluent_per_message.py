@@ -5,8 +5,9 @@ message at a time, AvroDeserializer decodes it, AvroSerializer encodes each outp
 Producer.produce + poll(0). At-least-once as the client's docs describe it: offsets are stored
 after the output is produced and auto-committed in the background.
 
-Written fairly: schemas are looked up once (auto.register.schemas off, the topic subject-name
-strategy set explicitly, see pitfalls 10-11), serialization contexts are built once, records stay
+Written fairly: schemas are looked up once (auto.register.schemas off, as the client requires with
+use.latest.version; the topic subject-name strategy set explicitly, since the client's default asks
+the registry's /associations endpoint first), serialization contexts are built once, records stay
 plain dicts (no extra object layer), and the producer batches like ours does.
 Same rule as ours: amount_cents > threshold -> fraud topic (FraudAlert), else legit (Transaction).
 """
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     legit_schema = registry.get_latest_version(f"{args.legit_topic}-value").schema.schema_str
     fraud_schema = registry.get_latest_version(f"{args.fraud_topic}-value").schema.schema_str
     # The topic strategy, stated: the client's default ("associated") asks the registry's
-    # /associations endpoint first (pitfall 10).
+    # /associations endpoint first (Apicurio answers it with 404 before the client falls back).
     deserialize = AvroDeserializer(registry, reader_schema, conf={"subject.name.strategy": topic_subject_name_strategy})
     serializer_conf = {"auto.register.schemas": False, "subject.name.strategy": topic_subject_name_strategy}
     serialize_legit = AvroSerializer(registry, legit_schema, conf=serializer_conf)

@@ -1,5 +1,6 @@
 """The detector loop's error handling, with scripted Kafka clients: which call fails, and how, decides
-what the loop must do (pitfalls.md 3-5). The real broker's side is in tests/integration."""
+what the loop must do (retry, abort and rewind, or recreate the producer: consumer/detector.py says
+when). The real broker's side is in tests/integration."""
 
 from __future__ import annotations
 
