@@ -6,12 +6,13 @@ COPY pyproject.toml README.md ./
 COPY fraudstream/ fraudstream/
 COPY producer/ producer/
 COPY consumer/ consumer/
+# Package data (pyproject.toml's package-dir): the schemas, the stack's templates, the default rules.
+COPY schemas/ schemas/
+COPY infra/ infra/
+COPY rules/ rules/
 RUN pip install --no-cache-dir .
 
-# The schemas are data read at run time, not part of the installed package.
-COPY schemas/ schemas/
-ENV FRAUDSTREAM_SCHEMAS_DIR=/app/schemas \
-    PYTHONUNBUFFERED=1
+ENV PYTHONUNBUFFERED=1
 
 USER nobody
 ENTRYPOINT ["fraudstream"]

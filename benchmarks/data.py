@@ -15,13 +15,13 @@ from itertools import islice
 
 from confluent_kafka import Producer
 
-from fraudstream.kafka import producer_config
+from fraudstream.kafka import produce_or_wait, producer_config
 from fraudstream.records import Transaction
 from fraudstream.registry import Registry, current_ids
 from fraudstream.schemas import load_schemas
 from fraudstream.serde import make_encoder
 from fraudstream.settings import Settings
-from producer.generator import Generator
+from fraudstream.producer.generator import Generator
 
 # Event time of the pre-filled records: a simulated clock, so the same seed gives the same bytes.
 PREFILL_START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -78,12 +78,7 @@ def prefill(settings: Settings, *, count: int, seed: int, json_topic: str | None
     dumps = json.dumps
 
     def produce(topic: str, value: bytes, key: bytes) -> None:
-        while True:
-            try:
-                producer.produce(topic, value, key)
-                return
-            except BufferError:
-                producer.poll(0.05)
+        produce_or_wait(producer, topic, value, key)
 
     for index, transaction in enumerate(transactions(count, seed)):
         key = transaction.account_id.encode()

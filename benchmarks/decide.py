@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-import consumer.decide
-from consumer.rules import rules_from_settings
+import fraudstream.consumer.decide
+from fraudstream.consumer.rules import rules_from_settings
 from fraudstream.schemas import load_schemas
 from fraudstream.serde import Decoder, make_encoder
 from fraudstream.settings import Settings
@@ -66,7 +66,7 @@ def deciders(module: ModuleType, settings: Settings) -> dict[str, Callable[[list
 
 
 def batches(settings: Settings, size: int) -> dict[str, list[Message]]:
-    from producer.generator import Generator
+    from fraudstream.producer.generator import Generator
 
     schemas = load_schemas(settings.schemas_dir)
     encode = make_encoder(TRANSACTION_ID, schemas.parsed["Transaction"])
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="another consumer/decide.py to measure side by side")
     args = parser.parse_args()
     settings = Settings()
-    contenders = {"this": deciders(consumer.decide, settings)}
+    contenders = {"this": deciders(fraudstream.consumer.decide, settings)}
     if args.baseline:
         contenders["baseline"] = deciders(load_module(args.baseline), settings)
     results = measure({(who, name, batch): (decide, messages)

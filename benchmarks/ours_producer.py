@@ -1,4 +1,4 @@
-"""Our producer (producer.loop.produce) in a process of its own; prints its report for the harness.
+"""Our producer (fraudstream.producer.loop.produce) in a process of its own; prints its report for the harness.
 
     python -m benchmarks.ours_producer --topic T [--count N | --duration S] [--rate R] [--seed S]
 """
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from fraudstream.settings import Settings
-    from producer.loop import produce
+    from fraudstream.producer.loop import produce
 
     settings = Settings.from_env(bootstrap_servers=args.bootstrap_servers, schema_registry_url=args.schema_registry_url,
                                  transactions_topic=args.topic)

@@ -15,7 +15,7 @@ from benchmarks.ours_producer import REPORT_PREFIX
 from fraudstream.settings import Settings
 
 PRODUCERS: dict[str, str] = {
-    "ours": "ours: fraudstream produce (producer.loop)",
+    "ours": "ours: fraudstream produce (fraudstream.producer.loop)",
     "confluent_per_message": "confluent-kafka examples: AvroSerializer per message",
 }
 RUN_TIMEOUT_S = 600.0

@@ -22,14 +22,14 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-from consumer.detector import Detector
-from consumer.rules import LARGE_AMOUNT
-from consumer.rules import RULE_NAMES
-from consumer.rules_topic import RulesCodec, check_rules_topic, read_all, seed_records, write_records
+from fraudstream.consumer.detector import Detector
+from fraudstream.consumer.rules import LARGE_AMOUNT
+from fraudstream.consumer.rules import RULE_NAMES
+from fraudstream.consumer.rules_topic import RulesCodec, check_rules_topic, read_all, seed_records, write_records
 from fraudstream.kafka import ensure_topics
 from fraudstream.registry import register_all
 from fraudstream.settings import Settings
-from producer.loop import produce
+from fraudstream.producer.loop import produce
 
 
 def run_side(base: Settings, count: int, every_s: float | None) -> tuple[float, int]:

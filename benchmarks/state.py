@@ -27,14 +27,14 @@ import fastavro
 import numpy as np
 import pyruhvro
 
-from consumer.features import (PROFILE_DTYPE, TERMINAL_DTYPE, TxColumns, card_features, card_features_one,
+from fraudstream.consumer.features import (PROFILE_DTYPE, TERMINAL_DTYPE, TxColumns, card_features, card_features_one,
                                terminal_features, terminal_features_one)
-from consumer.quality import DEMO_RATE, DEMO_SPEEDUP, START_MS
-from consumer.rules import TERMINAL_RULES, load_rules
-from consumer.state.table import KeyedTable, row_values, rows_from_values
+from fraudstream.consumer.quality import DEMO_RATE, DEMO_SPEEDUP, START_MS
+from fraudstream.consumer.rules import TERMINAL_RULES, load_rules
+from fraudstream.consumer.state.table import KeyedTable, row_values, rows_from_values
 from fraudstream.schemas import load_schemas
 from fraudstream.settings import PROJECT_ROOT, Settings
-from producer.generator import Generator
+from fraudstream.producer.generator import Generator
 
 RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
 BATCH = 2_000

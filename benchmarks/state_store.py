@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 from confluent_kafka import Producer
 
-from consumer.stateful import CARDS
-from consumer.state.changelog import write_rows
-from consumer.state.recovery import Recovery
-from consumer.state.table import KeyedTable
+from fraudstream.consumer.stateful import CARDS
+from fraudstream.consumer.state.changelog import write_rows
+from fraudstream.consumer.state.recovery import Recovery
+from fraudstream.consumer.state.table import KeyedTable
 from fraudstream.kafka import admin, ensure_topics, transactional_producer_config
 from fraudstream.settings import Settings
 

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from consumer.detector import run_until_signalled
+from fraudstream.consumer.detector import run_until_signalled
 from fraudstream.settings import DECODERS, Settings
 
 

@@ -1,9 +1,9 @@
 """The decide stage: raw Kafka messages in, one routing decision per message out.
 
-Batch-shaped on purpose (see design.md): how a batch is decoded can change behind
-`Decider.decide` without touching the transactional loop. Data problems become dead-letter
-decisions; infrastructure problems (the registry not answering) raise RegistryError so the
-loop can retry the whole batch.
+Batch-shaped on purpose (the detector decides a whole batch per transaction): how a batch is
+decoded can change behind `Decider.decide` without touching the transactional loop. Data problems
+become dead-letter decisions; infrastructure problems (the registry not answering) raise
+RegistryError so the loop can retry the whole batch.
 
 Both deciders split the work in two named steps: a decode step (bytes to validated records,
 or a dead-letter reason) and a rule step (records to routes), so that later stages can reuse
@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyruhvro
 
-from consumer.rules import Rule, fired
+from fraudstream.consumer.rules import Rule, fired
 from fraudstream.records import Transaction
 from fraudstream.serde import HEADER, MAGIC_BYTE, Decoder, DecodeError, make_encoder, read_payload, split_frame
 

@@ -3,7 +3,8 @@
 Each batch: consume up to batch_max_records within batch_max_ms; keep the records of partitions
 still assigned; decide every record; run the batch's transaction (`_run_transaction`): produce each
 output to the legit, fraud or dead-letter topic, send the batch's input offsets with the consumer
-group metadata (KIP-447), commit. Errors are classified (pitfalls.md 3-5, 18):
+group metadata (KIP-447), commit. Errors are classified as librdkafka reports them (KafkaError.retriable(),
+txn_requires_abort(), fatal()):
 
 - retriable (a timeout, a broker moving): the same call again, with backoff, but never past the
   transaction's own timeout: after that the coordinator aborts it, so retrying would only fail later
@@ -19,11 +20,8 @@ group metadata (KIP-447), commit. Errors are classified (pitfalls.md 3-5, 18):
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
-import os
-import signal
 import socket
 import threading
 import time
@@ -32,19 +30,20 @@ from collections.abc import Callable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from consumer.decide import ColumnarDecider, Decider, Decision, Route, dead_letter
-from consumer.metrics import DetectorMetrics
-from consumer.rules import TERMINAL_RULES, load_rules, rules_from_settings
-from consumer.rules_topic import RulesTopic
-from consumer.state.manager import StateManager
-from consumer.stateful import STORES, StatefulDecider, decode_batch
+from fraudstream.consumer.decide import ColumnarDecider, Decider, Decision, Route, dead_letter
+from fraudstream.consumer.metrics import DetectorMetrics
+from fraudstream.consumer.rules import TERMINAL_RULES, load_rules, rules_from_settings
+from fraudstream.consumer.rules_topic import RulesTopic
+from fraudstream.consumer.state.manager import StateManager
+from fraudstream.consumer.stateful import STORES, StatefulDecider, decode_batch
 from fraudstream.errors import Fenced, KafkaUnavailable, RegistryError
-from fraudstream.kafka import (admin, consumer_config, ensure_topics, max_message_bytes, static_members,
+from fraudstream.kafka import (admin, consumer_config, ensure_topics, max_message_bytes, produce_or_wait, static_members,
                                transactional_producer_config, wait_for_cluster)
 from fraudstream.registry import Registry, current_ids
 from fraudstream.schemas import load_schemas
 from fraudstream.serde import Decoder, DecodeError
 from fraudstream.settings import Settings
+from fraudstream.signals import stop_requests
 
 log = logging.getLogger("fraudstream.detector")
 
@@ -340,7 +339,8 @@ class Detector:
     def _produce_all(self, messages: list, decisions: list[Decision], deadline: float) -> None:
         """Produce each output once. A failed call is retried for that record alone, never the ones before it."""
         producer, routes = self.producer, self.routes
-        produce, poll = producer.produce, producer.poll
+        produce = producer.produce
+        expired = lambda: time.monotonic() > deadline  # noqa: E731
         # Below this, key + value cannot reach any output topic's limit: the exact check is skipped.
         small = min(self._limits.values()) - BATCH_HEADER_BYTES - RECORD_FRAMING_BYTES - 4096
         for index, decision in enumerate(decisions):
@@ -350,13 +350,14 @@ class Detector:
                 topic = routes[decision.route]
             while True:
                 try:
-                    produce(topic, decision.value, decision.key, headers=decision.headers)
+                    try:
+                        produce(topic, decision.value, decision.key, headers=decision.headers)
+                    except BufferError:  # local queue full: serve delivery reports, then retry this record
+                        if not produce_or_wait(producer, topic, decision.value, decision.key, give_up=expired,
+                                               headers=decision.headers):
+                            raise _ProducerLost("producing: the local queue stayed full until the transaction "
+                                                "was about to time out", expired=True) from None
                     break
-                except BufferError:  # local queue full: serve delivery reports, then retry this record
-                    poll(0.05)
-                    if time.monotonic() > deadline:
-                        raise _ProducerLost("producing: the local queue stayed full until the transaction "
-                                            "was about to time out", expired=True) from None
                 except KafkaException as exc:
                     error = exc.args[0]
                     if error.code() in TOO_LARGE_CODES and decision.route is not Route.DEAD_LETTER:
@@ -574,7 +575,7 @@ class Detector:
                                         lambda: self.consumer.committed(partitions, timeout=CALL_TIMEOUT_S))
         if self.state is not None:
             self.state.reset(self.consumer, [tp.partition for tp in partitions])
-        # Logical offsets (no commit yet) are passed on as a position, never computed with (pitfall 16).
+        # Logical offsets (no commit yet: OFFSET_INVALID, -1001) are passed on as a position, never computed with.
         self._seek([TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
                     for tp in committed])
 
@@ -689,43 +690,5 @@ def _partition_list(partitions) -> str:
 
 def run_until_signalled(settings: Settings, **kwargs) -> DetectorMetrics:
     """Run a detector in this process: the first SIGINT/SIGTERM stops it cleanly, a second one at once."""
-    stop = threading.Event()
-    with stop_on_signals(stop):
+    with stop_requests(exit_on_second="detector") as (stop, _):
         return Detector(settings, **kwargs).run(stop)
-
-
-@contextlib.contextmanager
-def stop_on_signals(stop: threading.Event, signals=(signal.SIGINT, signal.SIGTERM)):
-    """Set `stop` on the first signal; exit at once (status 130) on the second.
-
-    Signals are read on a thread from Python's wake-up fd: the main thread may be inside a blocking
-    librdkafka call, where a Python-level handler would only run once that call returns.
-    """
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(write_fd, False)
-    previous = {signum: signal.signal(signum, lambda *_: None) for signum in signals}
-    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    wanted = {int(signum) for signum in signals}
-
-    def watch() -> None:
-        while data := os.read(read_fd, 64):
-            for signum in data:
-                if signum not in wanted:
-                    continue
-                if stop.is_set():
-                    os.write(2, b"detector: second signal, exiting at once\n")
-                    os._exit(130)
-                log.info("stopping on %s (send it again to exit at once)", signal.Signals(signum).name)
-                stop.set()
-
-    watcher = threading.Thread(target=watch, name="signal-watcher", daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        signal.set_wakeup_fd(previous_fd)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        os.close(write_fd)
-        watcher.join(5)
-        os.close(read_fd)

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from consumer.state.table import KeyedTable, layout_tag
+from fraudstream.consumer.state.table import KeyedTable, layout_tag
 
 # Symbols of the Channel enum in schemas/transaction.avsc, in order: the int8 codes of TxColumns.channel.
 CHANNELS: tuple[str, ...] = ("UNKNOWN", "CARD_PRESENT", "CONTACTLESS", "ONLINE", "ATM")

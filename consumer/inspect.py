@@ -34,11 +34,9 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
@@ -55,9 +53,10 @@ from fastavro import json_writer, parse_schema
 from fraudstream import argtypes
 from fraudstream.errors import ConfigError, FraudstreamError, KafkaUnavailable
 from fraudstream.kafka import check_secured_connection, consumer_config
-from fraudstream.registry import Registry, UnknownSchema
-from fraudstream.serde import DecodeError, read_payload, split_frame
+from fraudstream.registry import Registry
+from fraudstream.serde import DecodeError, WriterSchemas, read_payload, split_frame
 from fraudstream.settings import Settings
+from fraudstream.signals import stop_requests
 
 # Header names the detector writes on every dead-letter record (the producer side of this contract).
 ERROR_KIND_HEADER = "error.kind"
@@ -168,30 +167,9 @@ def strip_logical_types(schema: Any) -> Any:
     return schema
 
 
-class WriterSchemas:
-    """Writer schemas by id, each fetched once (unknown ids are remembered too)."""
-
-    def __init__(self, fetch: Callable[[int], dict[str, Any]]) -> None:
-        self._fetch = fetch
-        self._by_id: dict[int, Any] = {}
-
-    def get(self, schema_id: int) -> Any:
-        cached = self._by_id.get(schema_id)
-        if cached is None:
-            cached = self._by_id[schema_id] = self._resolve(schema_id)
-        if isinstance(cached, DecodeError):
-            raise cached
-        return cached
-
-    def _resolve(self, schema_id: int) -> Any:
-        try:
-            writer = self._fetch(schema_id)  # RegistryError (no answer) propagates: infrastructure, not data
-        except UnknownSchema as exc:
-            return DecodeError("unknown_schema_id", str(exc))
-        try:
-            return parse_schema(strip_logical_types(writer))
-        except Exception as exc:  # fastavro raises several types for a schema it cannot use
-            return DecodeError("unreadable_writer_schema", f"schema id {schema_id} cannot be parsed: {exc}")
+def console_schemas(fetch: Callable[[int], dict[str, Any]]) -> WriterSchemas:
+    """Writer schemas by id as the console consumer reads them: logical types stripped."""
+    return WriterSchemas(fetch, lambda schema_id, writer: parse_schema(strip_logical_types(writer)))
 
 
 def encode_bytes(data: bytes, encoding: str) -> str:
@@ -392,21 +370,6 @@ def plan_read(consumer: Consumer, topic: str, *, partition: int | None, start: S
     return ReadPlan(starts=starts, ends=ends)
 
 
-@contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """Ctrl-C / SIGTERM set an event (the read loop ends cleanly, exit 0) instead of raising mid-write."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 @dataclass(frozen=True, slots=True)
 class InspectReport:
     printed: int
@@ -420,7 +383,7 @@ def inspect_topic(settings: Settings, topic: str, *, out: IO[str], start: StartO
     """Print `topic`'s records to `out`, one JSON line each; returns how many lines were printed."""
     stop = stop or threading.Event()
     registry = Registry(settings)
-    formatter = RecordFormatter(WriterSchemas(registry.schema_by_id),
+    formatter = RecordFormatter(console_schemas(registry.schema_by_id),
                                 dead_letter=is_dead_letter_topic(topic, settings), **(formatter_options or {}))
     consumer = Consumer(consumer_config(
         settings, INSPECT_GROUP_ID,
@@ -489,7 +452,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     options = {"print_key": args.print_key, "print_metadata": args.print_metadata,
                "confluent_json": args.confluent_json, "bytes_encoding": args.bytes_encoding}
     check_secured_connection(settings)
-    with stop_on_signals() as stop:
+    with stop_requests(exit_on_second="fraudstream inspect") as (stop, _):
         try:
             report = inspect_topic(settings, topic, out=sys.stdout, start=start, follow=follow,
                                    partition=args.partition, max_messages=args.max_messages,

@@ -92,7 +92,7 @@ class DetectorMetrics:
         self._changelog.inc(records)
 
     def restored(self, progress, seconds: float) -> None:
-        """A partition's state is restored (progress: consumer.state.recovery.RestoreProgress)."""
+        """A partition's state is restored (progress: fraudstream.consumer.state.recovery.RestoreProgress)."""
         self.restored_records += progress.records
         self._restored.inc(progress.records)
         self._restore.observe(seconds)

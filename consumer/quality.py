@@ -1,9 +1,9 @@
 """Offline detection quality: the generator on a simulated clock, through features and rules, scored
 against its labels. No Kafka: the same feature and rule code the detector runs, in the same batches.
 
-    python -m consumer.quality                       # the demo's configuration (60 s at 1,000 tx/s, --speedup 3600)
-    python -m consumer.quality --count 600000        # a long stream
-    python -m consumer.quality --rules my.toml --json out.json
+    python -m fraudstream.consumer.quality                       # the demo's configuration (60 s at 1,000 tx/s, --speedup 3600)
+    python -m fraudstream.consumer.quality --count 600000        # a long stream
+    python -m fraudstream.consumer.quality --rules my.toml --json out.json
 
 Per scenario: recall, and which rule caught what; overall: precision. Two rule sets are scored in
 the same pass: the per-card rules alone (what a stage keyed by account decides) and with the
@@ -25,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from consumer.features import (PROFILE_DTYPE, TERMINAL_DTYPE, TERMINAL_WINDOW_MS, SESSION_GAP_MS, TxColumns,
+from fraudstream.consumer.features import (PROFILE_DTYPE, TERMINAL_DTYPE, TERMINAL_WINDOW_MS, SESSION_GAP_MS, TxColumns,
                                card_features, terminal_features)
-from consumer.rules import TERMINAL_RULES, RuleSet, load_rules
-from consumer.state.table import KeyedTable
+from fraudstream.consumer.rules import TERMINAL_RULES, RuleSet, load_rules
+from fraudstream.consumer.state.table import KeyedTable
 from fraudstream.errors import FraudstreamError
-from producer.generator import (CARD_TESTING, COMPROMISED_TERMINAL, FAR_FROM_HOME, FRAUD_SCENARIOS, LEGIT, Generator,
+from fraudstream.producer.generator import (CARD_TESTING, COMPROMISED_TERMINAL, FAR_FROM_HOME, FRAUD_SCENARIOS, LEGIT, Generator,
                                 Pair)
-from producer.loop import MAX_BATCH, WAKE_S
+from fraudstream.producer.loop import MAX_BATCH, WAKE_S
 
 # The demo's configuration: 60 s at 1,000 transactions per wall-clock second, event time 3,600x faster.
 DEMO_SECONDS = 60
@@ -109,7 +109,7 @@ def evaluate(*, count: int = int(DEMO_SECONDS * DEMO_RATE), rate: float = DEMO_R
     if count < 1 or rate <= 0 or speedup <= 0 or batch < 1:
         raise FraudstreamError("count, rate, speedup and batch must be positive")
     rules = rules or load_rules(None)
-    from producer.generator import build_population
+    from fraudstream.producer.generator import build_population
 
     population = build_population(seed, accounts=accounts) if accounts is not None else None
     stream = _as_produced(Generator(seed, population=population), start_ms, rate, speedup)
@@ -200,7 +200,7 @@ def report_lines(report: QualityReport) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m consumer.quality", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fraudstream.consumer.quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=int(DEMO_SECONDS * DEMO_RATE), help="transactions [60000]")
     parser.add_argument("--rate", type=float, default=DEMO_RATE, help="transactions per wall-clock second [1000]")
     parser.add_argument("--speedup", type=float, default=DEMO_SPEEDUP, help="event time per wall-clock time [3600]")
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate(count=args.count, rate=args.rate, speedup=args.speedup, seed=args.seed, batch=args.batch,
                           rules=load_rules(args.rules))
     except FraudstreamError as exc:
-        print(f"consumer.quality: error: {exc}", file=sys.stderr)
+        print(f"fraudstream.consumer.quality: error: {exc}", file=sys.stderr)
         return 2
     print("\n".join(report_lines(report)))
     if args.json:

@@ -3,7 +3,7 @@
 Two layers:
 
 - `RuleSet` (the detector's rules): each rule is a named, vectorized predicate over a batch's
-  columns (TxColumns) and its per-card and per-terminal features (consumer.features), with
+  columns (TxColumns) and its per-card and per-terminal features (fraudstream.consumer.features), with
   thresholds from a TOML rules file (`load_rules`; defaults in DEFAULT_RULES, documented in
   rules/default.toml). `evaluate` returns one boolean row per rule; a transaction is fraud when
   any rule fires, and its FraudAlert names them. The features carry the state; the rules keep
@@ -28,12 +28,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from consumer.features import CHANNEL_CODE, CHANNELS
+from fraudstream.consumer.features import CHANNEL_CODE, CHANNELS
 from fraudstream.errors import ConfigError
 from fraudstream.records import Transaction
-from fraudstream.settings import PROJECT_ROOT, Settings
+from fraudstream.resources import resource_dir
+from fraudstream.settings import Settings
 
-DEFAULT_RULES_FILE = PROJECT_ROOT / "rules" / "default.toml"
+DEFAULT_RULES_FILE = resource_dir("rules") / "default.toml"
 LARGE_AMOUNT = "large_amount"
 CARD_TESTING = "card_testing"
 IMPOSSIBLE_TRAVEL = "impossible_travel"

@@ -8,7 +8,7 @@ batches without waiting (`poll`), so a change applies at a batch boundary and ev
 judged by one rule-set version.
 
 A record is applied only if it is valid by the very checks `load_rules` applies to a rules file
-(consumer.rules.checked_parameters), and if its version is newer than the rule's current one. Anything
+(fraudstream.consumer.rules.checked_parameters), and if its version is newer than the rule's current one. Anything
 else stays out of force (the rule's previous version keeps running) and becomes a dead letter with its
 reason in headers, like the detector's other dead letters. A tombstone (null value) removes the rule.
 An empty topic is seeded from the rules file.
@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
-from consumer.decide import Decision, dead_letter
-from consumer.rules import _PREDICATES, RULE_NAMES, RuleSet, checked_parameters, load_rules
+from fraudstream.consumer.decide import Decision, dead_letter
+from fraudstream.consumer.rules import _PREDICATES, RULE_NAMES, RuleSet, checked_parameters, load_rules
 from fraudstream.errors import ConfigError, KafkaUnavailable, RegistryError
 from fraudstream.kafka import admin, consumer_config, ensure_topics, producer_config
 from fraudstream.records import Rule

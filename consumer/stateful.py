@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from consumer.decide import ColumnarDecider, Decider, Decision, Route, dead_letter
-from consumer.features import CARD_FEATURES, PROFILE_DTYPE, PROFILE_LAYOUT, PROFILE_TTL_MS, TxColumns, card_features
-from consumer.rules import RuleSet
-from consumer.rules_topic import RULE_SET_HEADER
-from consumer.state.manager import StateManager
-from consumer.state.stores import StoreSpec
+from fraudstream.consumer.decide import ColumnarDecider, Decider, Decision, Route, dead_letter
+from fraudstream.consumer.features import CARD_FEATURES, PROFILE_DTYPE, PROFILE_LAYOUT, PROFILE_TTL_MS, TxColumns, card_features
+from fraudstream.consumer.rules import RuleSet
+from fraudstream.consumer.rules_topic import RULE_SET_HEADER
+from fraudstream.consumer.state.manager import StateManager
+from fraudstream.consumer.state.stores import StoreSpec
 from fraudstream.serde import DecodeError
 
 CARDS = StoreSpec(name="cards", dtype=PROFILE_DTYPE, layout=PROFILE_LAYOUT, expiry_field="last_ms",

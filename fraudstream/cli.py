@@ -21,10 +21,10 @@ from fraudstream.settings import ENV, Settings
 COMMANDS: dict[str, tuple[str, str]] = {
     "stack": ("fraudstream.stack_cli", "start, stop or inspect the local Kafka + schema registry"),
     "schemas": ("fraudstream.schemas_cli", "register schemas, check their evolution"),
-    "produce": ("producer.cli", "generate labelled synthetic transactions into Kafka"),
-    "detect": ("consumer.cli", "route transactions to legit/fraud topics, exactly once"),
+    "produce": ("fraudstream.producer.cli", "generate labelled synthetic transactions into Kafka"),
+    "detect": ("fraudstream.consumer.cli", "route transactions to legit/fraud topics, exactly once"),
     "rules": ("fraudstream.rules_cli", "list, show, change and disable the detection rules while detectors run"),
-    "inspect": ("consumer.inspect", "print a topic's records as JSON lines (like kafka-avro-console-consumer)"),
+    "inspect": ("fraudstream.consumer.inspect", "print a topic's records as JSON lines (like kafka-avro-console-consumer)"),
     "demo": ("fraudstream.demo", "run the whole pipeline on the local stack with a live view"),
     "evaluate": ("fraudstream.evaluate", "measure detection quality from the outputs and the labels (Handbook metrics)"),
 }

@@ -28,12 +28,11 @@ import tempfile
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from confluent_kafka import Consumer, IsolationLevel, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import OffsetSpec
@@ -47,6 +46,7 @@ from fraudstream.schemas import load_schemas
 from fraudstream.serde import DecodeError, Decoder
 from fraudstream.serde import frame as confluent_frame
 from fraudstream.settings import ENV, Settings
+from fraudstream.signals import stop_requests
 
 DEFAULT_DURATION_S = 60.0
 DEFAULT_RATE = 1_000
@@ -91,7 +91,7 @@ class DemoFailed(FraudstreamError):
 # ---------------------------------------------------------------- options
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fraudstream.cli import add_connection_arguments
-    from producer.cli import speedup
+    from fraudstream.producer.cli import speedup
 
     parser.add_argument("--duration", type=argtypes.seconds, default=DEFAULT_DURATION_S, metavar="S",
                         help=f"seconds of traffic (default {DEFAULT_DURATION_S:.0f}; 0: until Ctrl-C)")
@@ -685,22 +685,6 @@ def producer_command(settings: Settings, args: argparse.Namespace) -> list[str]:
     if args.seed is not None:
         command += ["--seed", str(args.seed)]
     return command
-
-
-@contextmanager
-def stop_requests() -> Iterator[tuple[threading.Event, threading.Event]]:
-    """(stop, now): the first Ctrl-C or SIGTERM asks for an orderly stop, a second one for stopping at once."""
-    stop, now = threading.Event(), threading.Event()
-
-    def handle(signum: int, frame: Any) -> None:
-        (now if stop.is_set() else stop).set()
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop, now
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 class Demo:

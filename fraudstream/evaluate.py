@@ -45,7 +45,7 @@ import numpy as np
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from fastavro import schemaless_reader
 
-from consumer.inspect import StartOffset, WriterSchemas, _raise_if_fatal, plan_read
+from fraudstream.consumer.inspect import StartOffset, _raise_if_fatal, console_schemas, plan_read
 from fraudstream.errors import ConfigError, FraudstreamError
 from fraudstream.kafka import consumer_config
 from fraudstream.registry import Registry
@@ -378,7 +378,7 @@ class _Schemas:
     """Writer schemas by id, fetched once; logical types stripped so timestamps stay epoch-millis longs."""
 
     def __init__(self, registry: Registry) -> None:
-        self._schemas = WriterSchemas(registry.schema_by_id)
+        self._schemas = console_schemas(registry.schema_by_id)
 
     def decode(self, value: bytes | None) -> dict[str, Any]:
         schema_id, payload = split_frame(value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
@@ -194,11 +195,17 @@ def _client_logger(role: str) -> logging.Logger:
     return logging.getLogger(f"fraudstream.librdkafka.{role}")
 
 
-def produce_or_wait(producer, topic: str, value, key=None, **kwargs) -> None:
-    """produce(), waiting while librdkafka's local queue is full: serving delivery reports frees it."""
+def produce_or_wait(producer, topic: str, value, key=None, *, wait_s: float = 0.05,
+                    give_up: Callable[[], bool] | None = None, **kwargs) -> bool:
+    """produce(), waiting while librdkafka's local queue is full: serving delivery reports frees it.
+
+    The one place that handles BufferError. `give_up`, asked after each wait of up to `wait_s`, ends the
+    wait: False is returned and the record was not produced. Other errors (KafkaException) propagate."""
     while True:
         try:
             producer.produce(topic, value, key, **kwargs)
-            return
+            return True
         except BufferError:
-            producer.poll(0.05)
+            producer.poll(wait_s)
+            if give_up is not None and give_up():
+                return False

@@ -21,7 +21,7 @@ import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 
-from consumer.rules_topic import RulesCodec, read_all, rule_thresholds, write_records
+from fraudstream.consumer.rules_topic import RulesCodec, read_all, rule_thresholds, write_records
 from fraudstream.records import Rule
 from fraudstream.errors import ConfigError
 from fraudstream.settings import Settings

@@ -60,6 +60,43 @@ def split_frame(value: bytes | None) -> tuple[int, memoryview]:
     return schema_id, memoryview(value)[HEADER.size:]
 
 
+class WriterSchemas:
+    """Writer schemas by id: the one cache every reader of our topics uses (the detector's decoders, inspect,
+    evaluate). The registry is asked once per id, never per message; ids it does not know and schemas
+    that cannot be used are remembered as their DecodeError. `parse(schema_id, schema)` makes what is
+    kept from the registry's JSON: fastavro's parsed schema unless the caller needs more."""
+
+    def __init__(self, fetch: Callable[[int], dict[str, Any]],
+                 parse: Callable[[int, dict[str, Any]], Any] | None = None) -> None:
+        self._fetch = fetch
+        self._parse = parse or (lambda schema_id, schema: parse_schema(schema))
+        self._by_id: dict[int, Any] = {}
+
+    def put(self, schema_id: int, value: Any) -> None:
+        """Known without asking (a reader's own schema id)."""
+        self._by_id[schema_id] = value
+
+    def get(self, schema_id: int) -> Any:
+        cached = self._by_id.get(schema_id)
+        if cached is None:
+            cached = self._by_id[schema_id] = self._resolve(schema_id)
+        if isinstance(cached, DecodeError):
+            raise cached
+        return cached
+
+    def _resolve(self, schema_id: int) -> Any:
+        try:
+            schema = self._fetch(schema_id)  # RegistryError (no answer) propagates: infrastructure, not data
+        except UnknownSchema as exc:
+            return DecodeError("unknown_schema_id", str(exc))
+        try:
+            return self._parse(schema_id, schema)
+        except DecodeError as exc:
+            return exc
+        except Exception as exc:  # fastavro raises several types for a schema it cannot use
+            return DecodeError("unreadable_writer_schema", f"schema id {schema_id} cannot be parsed: {exc}")
+
+
 class Decoder:
     """Decode framed Avro into dicts of the reader schema, resolving any registered writer version."""
 
@@ -67,33 +104,19 @@ class Decoder:
         self.registry = registry
         self.reader_parsed = parse_schema(reader_schema)
         self.reader_name = self.reader_parsed["name"]
-        # schema id -> (writer, reader or None when identical) ; or DecodeError for ids known to be unusable
-        self._by_id: dict[int, tuple[Any, Any] | DecodeError] = {}
+        # schema id -> (writer, reader or None when identical)
+        schemas = WriterSchemas(registry.schema_by_id, self._writer_and_reader)
         if reader_id is not None:
-            self._by_id[reader_id] = (self.reader_parsed, None)
+            schemas.put(reader_id, (self.reader_parsed, None))
+        # Writer and reader schema for an id; asks the registry once per id (RegistryError propagates).
+        self.schemas_for: Callable[[int], tuple[Any, Any]] = schemas.get
 
-    def schemas_for(self, schema_id: int) -> tuple[Any, Any]:
-        """Writer and reader schema for an id; asks the registry once per id (RegistryError propagates)."""
-        cached = self._by_id.get(schema_id)
-        if cached is None:
-            cached = self._resolve(schema_id)
-            self._by_id[schema_id] = cached
-        if isinstance(cached, DecodeError):
-            raise cached
-        return cached
-
-    def _resolve(self, schema_id: int) -> tuple[Any, Any] | DecodeError:
-        try:
-            writer_json = self.registry.schema_by_id(schema_id)
-        except UnknownSchema as exc:
-            return DecodeError("unknown_schema_id", str(exc))
-        try:
-            writer = parse_schema(writer_json)
-        except Exception as exc:  # a registered schema that fastavro cannot parse
-            return DecodeError("unreadable_writer_schema", f"schema id {schema_id} cannot be parsed: {exc}")
+    def _writer_and_reader(self, schema_id: int, writer_json: dict[str, Any]) -> tuple[Any, Any]:
+        writer = parse_schema(writer_json)
         name = writer.get("name") if isinstance(writer, dict) else None
         if name != self.reader_name:
-            return DecodeError("schema_mismatch", f"schema id {schema_id} is {name or writer.get('type', writer)!s}, not {self.reader_name}")
+            raise DecodeError("schema_mismatch", f"schema id {schema_id} is {name or writer.get('type', writer)!s}, "
+                                                 f"not {self.reader_name}")
         return writer, (None if writer == self.reader_parsed else self.reader_parsed)
 
     def decode(self, value: bytes | None, *, reject_trailing_bytes: bool = True) -> dict[str, Any]:

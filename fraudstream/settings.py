@@ -16,8 +16,22 @@ from typing import Any
 from fraudstream import client_config
 from fraudstream.client_config import Properties
 from fraudstream.errors import ConfigError
+from fraudstream.resources import resource_dir
 
+# The repository root when running from a checkout (or an editable install); site-packages in a wheel.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_stack_dir() -> Path:
+    """Where `stack up` keeps Kafka, the registry, their data and logs, unless FRAUDSTREAM_STACK_DIR says.
+
+    From a checkout: .stack/ next to pyproject.toml (git ignores it; `make clean` keeps its downloads).
+    Installed from a wheel: the per-user data directory, $XDG_DATA_HOME/fraudstream/stack
+    (~/.local/share/fraudstream/stack), never the package's own folder."""
+    if (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "fraudstream" / "settings.py").is_file():
+        return PROJECT_ROOT / ".stack"
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "fraudstream" / "stack"
 
 # field name -> environment variable. The two Confluent-standard names are kept as users know them.
 ENV: dict[str, str] = {
@@ -89,9 +103,9 @@ class Settings:
     # The stateful rules (per-card state kept in changelog topics) from a rules file; off: only the
     # seed's threshold rule, with no state at all.
     stateful: bool = True
-    rules_file: Path = PROJECT_ROOT / "rules" / "default.toml"
+    rules_file: Path = resource_dir("rules") / "default.toml"
     metrics_port: int = 0  # 0: no Prometheus endpoint
-    # An open transaction stalls read_committed readers until it commits or this expires (pitfall 5);
+    # An open transaction stalls read_committed readers until it commits or this expires;
     # the detector stops retrying a transaction's calls before it expires.
     transaction_timeout_ms: int = 10_000
     # How long the detector waits for the brokers (or the registry) to come back before it stops with
@@ -99,8 +113,8 @@ class Settings:
     broker_outage_limit_s: int = 120
     registry_outage_limit_s: int = 240
     compatibility: str = "FULL_TRANSITIVE"
-    schemas_dir: Path = PROJECT_ROOT / "schemas"
-    stack_dir: Path = PROJECT_ROOT / ".stack"
+    schemas_dir: Path = resource_dir("schemas")
+    stack_dir: Path = field(default_factory=default_stack_dir)
     kafka_port: int = 9092
     controller_port: int = 9093
     registry_port: int = 8081

@@ -26,10 +26,12 @@ from pathlib import Path
 
 from fraudstream import stack_secure
 from fraudstream.errors import FraudstreamError, StackError
-from fraudstream.settings import APICURIO_CCOMPAT_PATH, ENV, PROJECT_ROOT, Settings
+from fraudstream.resources import resource_dir
+from fraudstream.settings import APICURIO_CCOMPAT_PATH, ENV, Settings
 from fraudstream.stack_secure import SecureMaterial
 
-POM = PROJECT_ROOT / "infra" / "pom.xml"
+INFRA = resource_dir("infra")  # the Maven manifest and the config templates (package data)
+POM = INFRA / "pom.xml"
 APICURIO_MIN_JAVA = 21  # Apicurio Registry 3.3 is built for Java 21; Kafka 4 needs 17.
 BROKER_START_TIMEOUT_S = 90.0
 REGISTRY_START_TIMEOUT_S = 180.0
@@ -185,7 +187,10 @@ class LocalStack:
             raise StackError("Maven (mvn) is not installed; it is needed once to fetch Kafka and the registry")
         self.log(f"fetching Apache Kafka {self.kafka_version} and Apicurio Registry {self.apicurio_version} from Maven Central ...")
         self.dist.mkdir(parents=True, exist_ok=True)
-        cmd = [mvn, "-B", "-q", "-f", str(POM), "package", f"-Dstack.dist={self.dist}"]
+        # Maven writes next to its manifest: run a copy in the stack's folder, never in the installed package.
+        pom = self.dist / "pom.xml"
+        shutil.copyfile(POM, pom)
+        cmd = [mvn, "-B", "-q", "-f", str(pom), "package", f"-Dstack.dist={self.dist}"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             errors = [ln for ln in done.stdout.splitlines() + done.stderr.splitlines() if "ERROR" in ln]
@@ -205,7 +210,7 @@ class LocalStack:
         data = self.kafka_dir / "data"
         data.mkdir(parents=True, exist_ok=True)
         config = self.kafka_dir / "server.properties"
-        text = _render(PROJECT_ROOT / "infra" / "kafka-server.properties", {
+        text = _render(INFRA / "kafka-server.properties", {
             "KAFKA_PORT": s.kafka_port, "CONTROLLER_PORT": s.controller_port, "DATA_DIR": data,
         })
         format_extra = self._secure_kafka(data) if secure else []
@@ -215,7 +220,7 @@ class LocalStack:
         config.write_text(text)
         config.chmod(0o600)  # with --secure it holds the key store's password
         log4j = self.kafka_dir / "log4j2.properties"
-        log4j.write_text(_render(PROJECT_ROOT / "infra" / "kafka-log4j2.properties", {"LOG_FILE": self.kafka_dir / "server.log"}))
+        log4j.write_text(_render(INFRA / "kafka-log4j2.properties", {"LOG_FILE": self.kafka_dir / "server.log"}))
         classpath = str(self.kafka_libs / "*")
         jvm = [java, "-Xms256m", "-Xmx1g", f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath]
         if not (data / "meta.properties").exists():

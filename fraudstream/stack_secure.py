@@ -20,9 +20,10 @@ from pathlib import Path
 import javaproperties
 
 from fraudstream.errors import StackError
-from fraudstream.settings import APICURIO_CCOMPAT_PATH, PROJECT_ROOT
+from fraudstream.resources import resource_dir
+from fraudstream.settings import APICURIO_CCOMPAT_PATH
 
-SECURE_TEMPLATE = PROJECT_ROOT / "infra" / "kafka-secure.properties"
+SECURE_TEMPLATE = resource_dir("infra") / "kafka-secure.properties"
 SCRAM_MECHANISM = "SCRAM-SHA-512"
 SCRAM_USER = "fraudstream"
 HOST = "127.0.0.1"

@@ -1,4 +1,4 @@
-"""`python -m producer ...`: the same as `fraudstream produce ...`."""
+"""`python -m fraudstream.producer ...`: the same as `fraudstream produce ...`."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""`fraudstream produce` (also `python -m producer`): labelled synthetic transactions into Kafka.
+"""`fraudstream produce` (also `python -m fraudstream.producer`): labelled synthetic transactions into Kafka.
 
 Needs the schemas registered first (`fraudstream schemas register`). Prints progress on stdout (a live
 line on a terminal, plain lines otherwise; none with --quiet), then one summary line. Exit status 0
@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from types import FrameType
 
 from fraudstream.errors import ConfigError
 from fraudstream.settings import Settings
-from producer import handbook
-from producer.generator import DEFAULT_LARGE_LEGIT_SHARE, DEFAULT_SHARES, FRAUD_SCENARIOS
-from producer.loop import DEFAULT_RATE, DEFAULT_SEED, DEFAULT_SPEEDUP, produce
+from fraudstream.signals import stop_requests
+from fraudstream.producer import handbook
+from fraudstream.producer.generator import DEFAULT_LARGE_LEGIT_SHARE, DEFAULT_SHARES, FRAUD_SCENARIOS
+from fraudstream.producer.loop import DEFAULT_RATE, DEFAULT_SEED, DEFAULT_SPEEDUP, produce
 
 
 def speedup(text: str) -> float:
@@ -84,8 +81,8 @@ PROFILES = ("default", "handbook")
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.profile != "handbook" and args.label_delay:
         raise ConfigError("--label-delay needs --profile handbook (the default profile runs on the wall clock)")
-    stop = threading.Event()
-    with _stop_on_signals(stop):
+    # First signal: finish cleanly (stop sending, flush); second: give up at once.
+    with stop_requests(exit_on_second="fraudstream produce") as (stop, _):
         report = produce_handbook(args, settings, stop) if args.profile == "handbook" else produce(
             settings, rate=args.rate, count=args.count, duration=args.duration, seed=args.seed, quiet=args.quiet,
             stop=stop, shares=parse_shares(args.scenario_share), large_legit_share=args.large_legit_share,
@@ -130,23 +127,3 @@ def parse_shares(items: list[str]) -> dict[str, float]:
         except ValueError as exc:
             raise ConfigError(f"--scenario-share {item!r}: {fraction!r} is not a number") from exc
     return shares
-
-
-@contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """First SIGINT/SIGTERM: finish cleanly (stop sending, flush). Second: give up (KeyboardInterrupt)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handle(signum: int, frame: FrameType | None) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -35,7 +35,7 @@ import numpy as np
 
 from fraudstream.errors import ConfigError
 from fraudstream.records import Label, Transaction
-from producer.generator import LEGIT, Pair, event_time, uuid4_text
+from fraudstream.producer.generator import LEGIT, Pair, event_time, uuid4_text
 
 DEFAULT_CUSTOMERS = 5_000
 DEFAULT_TERMINALS = 10_000

@@ -32,13 +32,13 @@ from typing import Any, TextIO
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from fraudstream.errors import ConfigError
-from fraudstream.kafka import ensure_topics, producer_config, wait_for_cluster
+from fraudstream.kafka import ensure_topics, produce_or_wait, producer_config, wait_for_cluster
 from fraudstream.registry import Registry, current_ids
 from fraudstream.schemas import load_schemas
 from fraudstream.serde import make_encoder
 from fraudstream.settings import Settings
-from producer.generator import DEFAULT_LARGE_LEGIT_SHARE, Generator, Pair, build_population
-from producer.handbook import DAY_MS, HandbookSimulation, HandbookStream
+from fraudstream.producer.generator import DEFAULT_LARGE_LEGIT_SHARE, Generator, Pair, build_population
+from fraudstream.producer.handbook import DAY_MS, HandbookSimulation, HandbookStream
 
 Encoder = Callable[[dict[str, Any]], bytes]
 
@@ -425,17 +425,12 @@ class _Run:
         return True
 
     def _retry(self, topic: str, value: bytes, key: str, on_delivery: _Deliveries, *, stoppable: bool) -> bool:
-        while True:
-            self.producer.poll(MAX_WAIT_S)
-            if (stoppable and self.stop.is_set()) or self._fatal():
-                return False
-            try:
-                self.producer.produce(topic, value, key, on_delivery=on_delivery)
-                return True
-            except BufferError:
-                continue
-            except KafkaException as exc:
-                return self._producer_error(exc)
+        """The local queue was full: wait for deliveries and produce again; False if stopped or failed."""
+        try:
+            return produce_or_wait(self.producer, topic, value, key, wait_s=MAX_WAIT_S, on_delivery=on_delivery,
+                                   give_up=lambda: (stoppable and self.stop.is_set()) or self._fatal())
+        except KafkaException as exc:
+            return self._producer_error(exc)
 
     def _producer_error(self, exc: KafkaException) -> bool:
         error = exc.args[0]

@@ -20,7 +20,8 @@ from confluent_kafka.schema_registry import SchemaRegistryClient, topic_subject_
 from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from producer.generator import Generator  # the data source only, so that both producers send the same records
+from fraudstream.kafka import produce_or_wait  # the full-queue wait only, the same for every contender
+from fraudstream.producer.generator import Generator  # the data source only, so that both producers send the same records
 
 GENERATOR_BATCH = 500  # as ours generates when unthrottled
 
@@ -57,12 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome["failed" if err is not None else "delivered"] += 1
 
     def produce(topic: str, key: bytes, value: bytes) -> None:
-        while True:
-            try:
-                producer.produce(topic, value, key, on_delivery=delivery_report)
-                return
-            except BufferError:  # local queue full: serve delivery reports, then retry
-                producer.poll(0.1)
+        produce_or_wait(producer, topic, value, key, wait_s=0.1, on_delivery=delivery_report)
 
     generator = Generator(args.seed)
     sent = 0

@@ -15,8 +15,8 @@ import numpy as np
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import ConfigResource, NewTopic
 
-from consumer.state.stores import StoreSpec
-from consumer.state.table import row_values
+from fraudstream.consumer.state.stores import StoreSpec
+from fraudstream.consumer.state.table import row_values
 from fraudstream.errors import KafkaUnavailable, StateError
 from fraudstream.kafka import admin, produce_or_wait
 from fraudstream.settings import Settings

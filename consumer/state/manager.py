@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterable, Sequence
 
 from confluent_kafka import TopicPartition
 
-from consumer.state.changelog import ensure_changelogs, write_rows, write_tombstones
-from consumer.state.recovery import Recovery, RestoreProgress
-from consumer.state.stores import StoreSpec
-from consumer.state.table import KeyedTable
+from fraudstream.consumer.state.changelog import ensure_changelogs, write_rows, write_tombstones
+from fraudstream.consumer.state.recovery import Recovery, RestoreProgress
+from fraudstream.consumer.state.stores import StoreSpec
+from fraudstream.consumer.state.table import KeyedTable
 from fraudstream.settings import Settings
 
 log = logging.getLogger("fraudstream.state")

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from consumer.state.changelog import LAYOUT_HEADER
-from consumer.state.stores import StoreSpec
-from consumer.state.table import KeyedTable, check_layout, check_row_bytes
+from fraudstream.consumer.state.changelog import LAYOUT_HEADER
+from fraudstream.consumer.state.stores import StoreSpec
+from fraudstream.consumer.state.table import KeyedTable, check_layout, check_row_bytes
 from fraudstream.errors import KafkaUnavailable, StateError
 from fraudstream.kafka import consumer_config
 from fraudstream.settings import Settings

@@ -28,7 +28,7 @@ from fraudstream.kafka import admin, consumer_config, ensure_topics
 from fraudstream.registry import register_all
 from fraudstream.settings import ENV, Settings
 from fraudstream.stack import LocalStack
-from producer.loop import produce
+from fraudstream.producer.loop import produce
 from tests.integration.test_detector import decode
 from tests.support.kafka_io import read_topic, wait_until
 from tests.support.routed import RoutedReader
@@ -85,7 +85,7 @@ def fresh_pipeline(settings: Settings) -> Settings:
 
 
 class DetectorProcess:
-    """`python -m consumer` as an operator runs it; its output goes to a file (a pipe nobody reads could block it)."""
+    """`python -m fraudstream.consumer` as an operator runs it; its output goes to a file (a pipe nobody reads could block it)."""
 
     def __init__(self, settings: Settings, log_path: Path) -> None:
         env = {**os.environ, ENV["bootstrap_servers"]: settings.bootstrap_servers,
@@ -93,7 +93,7 @@ class DetectorProcess:
         self.log_path = log_path
         with open(log_path, "w") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "consumer", "--topic", settings.transactions_topic, "--group-id",
+                [sys.executable, "-m", "fraudstream.consumer", "--topic", settings.transactions_topic, "--group-id",
                  settings.group_id, "--transactional-id", f"{settings.group_id}-1", "--log-interval", "2"],
                 env=env, stdout=out, stderr=subprocess.STDOUT)
 

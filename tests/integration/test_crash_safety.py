@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from producer.loop import produce
+from fraudstream.producer.loop import produce
 from fraudstream.settings import Settings
 from tests.integration.test_detector import decode
 from tests.support.kafka_io import read_topic, wait_until
@@ -24,7 +24,7 @@ TOTAL = 50_000
 
 
 class DetectorProcess:
-    """`python -m consumer` in its own process, as an operator would run it. Its output goes to a file:
+    """`python -m fraudstream.consumer` in its own process, as an operator would run it. Its output goes to a file:
     a pipe nobody reads until the end could fill up and block it."""
 
     def __init__(self, settings: Settings, transactional_id: str, log_path: Path) -> None:
@@ -33,7 +33,7 @@ class DetectorProcess:
         self.log_path = log_path
         with open(log_path, "w") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "consumer", "--topic", settings.transactions_topic, "--group-id",
+                [sys.executable, "-m", "fraudstream.consumer", "--topic", settings.transactions_topic, "--group-id",
                  settings.group_id, "--transactional-id", transactional_id, "--log-interval", "2"],
                 env=env, stdout=out, stderr=subprocess.STDOUT)
 

@@ -9,8 +9,8 @@ import threading
 import pytest
 from fastavro import parse_schema, schemaless_reader
 
-from consumer.decide import DLQ_KIND, DLQ_OFFSET, DLQ_PARTITION, DLQ_REASON, DLQ_TOPIC
-from consumer.detector import Detector
+from fraudstream.consumer.decide import DLQ_KIND, DLQ_OFFSET, DLQ_PARTITION, DLQ_REASON, DLQ_TOPIC
+from fraudstream.consumer.detector import Detector
 from fraudstream.errors import Fenced
 from fraudstream.registry import Registry, current_ids
 from fraudstream.schemas import load_schemas

@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 from fastavro import parse_schema
 
-from consumer.decide import DLQ_KIND, DLQ_REASON
-from consumer.detector import OUTPUT_TOO_LARGE
+from fraudstream.consumer.decide import DLQ_KIND, DLQ_REASON
+from fraudstream.consumer.detector import OUTPUT_TOO_LARGE
 from fraudstream.kafka import admin
 from fraudstream.serde import make_encoder
 from fraudstream.settings import ENV, Settings
@@ -99,7 +99,7 @@ def test_a_registry_outage_past_the_limit_stops_with_one_line_and_a_restart_resu
     encode_v1 = make_encoder(v1_id, parse_schema(v1_schema))
     env = {**os.environ, ENV["bootstrap_servers"]: settings.bootstrap_servers,
            ENV["schema_registry_url"]: settings.schema_registry_url, ENV["registry_outage_limit_s"]: "3"}
-    command = [sys.executable, "-m", "consumer", "--topic", settings.transactions_topic, "--group-id", settings.group_id]
+    command = [sys.executable, "-m", "fraudstream.consumer", "--topic", settings.transactions_topic, "--group-id", settings.group_id]
 
     def start() -> subprocess.Popen:
         return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

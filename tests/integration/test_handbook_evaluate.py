@@ -13,8 +13,8 @@ import numpy as np
 
 from fraudstream import evaluate as ev
 from fraudstream.settings import Settings
-from producer import handbook
-from producer.loop import produce
+from fraudstream.producer import handbook
+from fraudstream.producer.loop import produce
 from tests.integration.test_detector import RunningDetector, decode, encoder_for, routed_total
 from tests.support.kafka_io import produce_raw, read_topic, transaction, wait_until
 

@@ -24,8 +24,8 @@ from fraudstream.registry import Registry, register_all
 from fraudstream.schemas import load_schemas
 from fraudstream.serde import Decoder
 from fraudstream.settings import PROJECT_ROOT, Settings
-from producer.generator import FRAUD_SCENARIOS, LEGIT
-from producer.loop import produce
+from fraudstream.producer.generator import FRAUD_SCENARIOS, LEGIT
+from fraudstream.producer.loop import produce
 
 READ_LIMIT_S = 60.0  # a bound on waiting for records, so a broken run fails instead of hanging
 
@@ -143,7 +143,7 @@ def test_delivery_failures_are_counted_reported_and_fail_the_exit_status(stack_s
 
 
 def test_sigterm_stops_flushes_and_exits_cleanly(pipeline: Settings):
-    command = [sys.executable, "-m", "producer", "--topic", pipeline.transactions_topic, "--rate", "200",
+    command = [sys.executable, "-m", "fraudstream.producer", "--topic", pipeline.transactions_topic, "--rate", "200",
                "--bootstrap-servers", pipeline.bootstrap_servers, "--schema-registry-url", pipeline.schema_registry_url]
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})

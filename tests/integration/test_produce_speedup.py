@@ -17,7 +17,7 @@ SPEEDUP = 3_600
 
 
 def test_produce_with_speedup_stamps_event_time_n_times_faster(pipeline: Settings) -> None:
-    command = [sys.executable, "-m", "producer", "--topic", pipeline.transactions_topic,
+    command = [sys.executable, "-m", "fraudstream.producer", "--topic", pipeline.transactions_topic,
                "--bootstrap-servers", pipeline.bootstrap_servers, "--schema-registry-url", pipeline.schema_registry_url,
                "--rate", "1000", "--count", "1500", "--speedup", str(SPEEDUP), "--no-labels", "--quiet"]
     wall_before_ms = time.time() * 1000

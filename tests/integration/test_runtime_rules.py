@@ -17,14 +17,14 @@ from datetime import UTC, datetime
 import pytest
 from confluent_kafka import Producer
 
-from consumer.decide import DLQ_KIND, DLQ_REASON, DLQ_TOPIC
-from consumer.rules import LARGE_AMOUNT
-from consumer.rules_topic import INVALID_RULE, RULE_SET_HEADER, RulesCodec, read_all, write_records
+from fraudstream.consumer.decide import DLQ_KIND, DLQ_REASON, DLQ_TOPIC
+from fraudstream.consumer.rules import LARGE_AMOUNT
+from fraudstream.consumer.rules_topic import INVALID_RULE, RULE_SET_HEADER, RulesCodec, read_all, write_records
 from fraudstream.records import Rule
 from fraudstream.cli import main as fraudstream
 from fraudstream.kafka import producer_config
 from fraudstream.settings import Settings
-from producer.loop import produce
+from fraudstream.producer.loop import produce
 from tests.integration.test_crash_safety import DetectorProcess
 from tests.integration.test_detector import RunningDetector, decode, encoder_for
 from tests.support.kafka_io import read_topic, transaction, wait_until

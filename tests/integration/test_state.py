@@ -9,11 +9,11 @@ import pytest
 from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import NewTopic
 
-from consumer.state.changelog import LAYOUT_HEADER, ensure_changelogs, write_rows, write_tombstones
-from consumer.state.manager import StateManager
-from consumer.state.recovery import Recovery
-from consumer.state.stores import StoreSpec
-from consumer.state.table import KeyedTable, layout_tag
+from fraudstream.consumer.state.changelog import LAYOUT_HEADER, ensure_changelogs, write_rows, write_tombstones
+from fraudstream.consumer.state.manager import StateManager
+from fraudstream.consumer.state.recovery import Recovery
+from fraudstream.consumer.state.stores import StoreSpec
+from fraudstream.consumer.state.table import KeyedTable, layout_tag
 from fraudstream.errors import StateError
 from fraudstream.kafka import admin, transactional_producer_config
 from tests.support.kafka_io import produce_raw, wait_until
@@ -183,7 +183,7 @@ def test_manager_pauses_a_partition_until_its_state_is_restored_then_writes_chan
 
 
 def test_keys_idle_past_their_ttl_are_dropped_and_tombstoned(pipeline, monkeypatch):
-    import consumer.state.manager as manager_module
+    import fraudstream.consumer.state.manager as manager_module
 
     monkeypatch.setattr(manager_module, "EXPIRE_EVERY_S", 0.0)  # expire at every write, not every 10 s
     manager = StateManager(pipeline, [SPEC])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from consumer.stateful import CARDS
+from fraudstream.consumer.stateful import CARDS
 from tests.integration.test_detector import RunningDetector, decode, encoder_for, routed_total
 from tests.support.kafka_io import produce_raw, read_topic, transaction, wait_until
 

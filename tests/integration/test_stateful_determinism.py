@@ -23,14 +23,14 @@ import threading
 import time
 import uuid
 
-from consumer.features import TxColumns, card_features
-from consumer.state.recovery import Recovery
-from consumer.state.table import KeyedTable
-from consumer.stateful import CARDS
+from fraudstream.consumer.features import TxColumns, card_features
+from fraudstream.consumer.state.recovery import Recovery
+from fraudstream.consumer.state.table import KeyedTable
+from fraudstream.consumer.stateful import CARDS
 from fraudstream.kafka import ensure_topics, producer_config
 from fraudstream.registry import register_all
 from fraudstream.settings import Settings
-from producer.generator import Generator
+from fraudstream.producer.generator import Generator
 from tests.integration.test_detector import decode, encoder_for, routed_total
 from tests.support.kafka_io import read_topic, wait_until
 
@@ -44,7 +44,7 @@ def detector_process(settings: Settings, transactional_id: str) -> subprocess.Po
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
            "SCHEMA_REGISTRY_URL": settings.schema_registry_url}
     return subprocess.Popen(
-        [sys.executable, "-m", "consumer", "--topic", settings.transactions_topic, "--group-id", settings.group_id,
+        [sys.executable, "-m", "fraudstream.consumer", "--topic", settings.transactions_topic, "--group-id", settings.group_id,
          "--transactional-id", transactional_id, "--log-interval", "3600"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 
 from fastavro import schemaless_reader
 
-from consumer.decide import ColumnarDecider, Decider, Decision, Route
-from consumer.rules import rules_from_settings
+from fraudstream.consumer.decide import ColumnarDecider, Decider, Decision, Route
+from fraudstream.consumer.rules import rules_from_settings
 from fraudstream.records import Transaction
 from fraudstream.registry import UnknownSchema
 from fraudstream.schemas import history, load_schemas
@@ -126,7 +126,7 @@ def mutate(payload: bytes, rng: random.Random) -> bytes:
 
 def mutated_values(count: int, seed: int) -> list[bytes]:
     """`count` framed values: current- and v1-schema transactions from the generator, each mutated once or twice."""
-    from producer.generator import Generator
+    from fraudstream.producer.generator import Generator
 
     rng = random.Random(seed)
     pairs = Generator(seed).next_batch(count, 1_700_000_000_000)

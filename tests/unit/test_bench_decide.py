@@ -9,7 +9,7 @@ import benchmarks.decide
 
 
 def test_the_decide_benchmark_runs_side_by_side_with_a_baseline(monkeypatch, capsys):
-    baseline = Path(benchmarks.decide.consumer.decide.__file__)  # this checkout against itself
+    baseline = Path(benchmarks.decide.fraudstream.consumer.decide.__file__)  # this checkout against itself
     monkeypatch.setattr(sys, "argv", ["decide", "--batch", "60", "--seconds", "0.01", "--baseline", str(baseline)])
     benchmarks.decide.main()
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| this") or line.startswith("| baseline")]

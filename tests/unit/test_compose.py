@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -108,18 +109,21 @@ def test_our_services_environment_makes_valid_settings(ours):
         Settings.from_env({key: str(value) for key, value in service["environment"].items()})
 
 
-def test_the_dockerfile_sets_only_variables_the_code_reads_and_ships_the_schemas():
+def test_the_dockerfile_sets_only_variables_the_code_reads_and_installs_every_package_folder():
     text = DOCKERFILE.read_text()
     assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
     env_block = " ".join(re.findall(r"^ENV (.+?)(?<!\\)$", text, re.M | re.S))
     assigned = dict(re.findall(r"(\w+)=(\S+)", env_block))
     project_vars = {key: value for key, value in assigned.items() if key.startswith(OUR_PREFIXES)}
     assert set(project_vars) <= set(ENV.values())
-    copied_to = dict((dst.rstrip("/"), src.rstrip("/")) for src, dst in re.findall(r"^COPY (\S+) (\S+)$", text, re.M))
-    workdir = re.search(r"^WORKDIR (\S+)$", text, re.M).group(1)
-    schemas_dir = project_vars[ENV["schemas_dir"]]
-    assert schemas_dir.startswith(workdir + "/")
-    assert copied_to[schemas_dir.removeprefix(workdir + "/")] == DEFAULTS.schemas_dir.name
+    # Everything pyproject.toml installs (code and package data: schemas, templates, rules) is copied
+    # into the image before `pip install .`, under its own name.
+    before_install = text[:text.index("RUN pip install")]
+    copied = {src.rstrip("/") for src, dst in re.findall(r"^COPY (\S+) (\S+)$", before_install, re.M)
+              if src.rstrip("/") == dst.rstrip("/")}
+    setuptools = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {"fraudstream", *setuptools["package-dir"].values()}
+    assert folders <= copied, f"not copied before the install: {sorted(folders - copied)}"
     assert re.search(r'^ENTRYPOINT \["fraudstream"\]$', text, re.M)
 
 

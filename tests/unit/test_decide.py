@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 import pyruhvro
 import pytest
 
-from consumer.decide import DLQ_KIND, DLQ_OFFSET, DLQ_REASON, ColumnarDecider, Route
-from consumer.rules import fired, large_amount, rules_from_settings
+from fraudstream.consumer.decide import DLQ_KIND, DLQ_OFFSET, DLQ_REASON, ColumnarDecider, Route
+from fraudstream.consumer.rules import fired, large_amount, rules_from_settings
 from fraudstream.serde import make_encoder
 from tests.support.decoding import (
     FRAUD_ID, LABEL_ID, SCHEMAS, SETTINGS, TRANSACTION_ID, FakeMessage, FakeRegistry, comparable, decider_pair,
@@ -29,7 +29,7 @@ def decider():
 
 
 def generated(count: int, seed: int = 3) -> list[bytes]:
-    from producer.generator import Generator
+    from fraudstream.producer.generator import Generator
 
     return [encode(tx.to_dict()) for tx, _ in Generator(seed).next_batch(count, 1_700_000_000_000)]
 
@@ -220,7 +220,7 @@ def test_a_schema_with_fields_the_checks_do_not_cover_is_refused():
 
 
 def test_each_rule_gives_the_same_answer_on_records_and_on_columns():
-    from producer.generator import Generator
+    from fraudstream.producer.generator import Generator
 
     pairs = Generator(5).next_batch(2_000, 1_700_000_000_000)
     batch = pyruhvro.deserialize_array([encode(tx.to_dict())[5:] for tx, _ in pairs],

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from consumer.decide import Route
+from fraudstream.consumer.decide import Route
 from fraudstream.records import Transaction
 from tests.support.decoding import TRANSACTION_ID, comparable, decider_pair, encode, encode_v1, messages_of, mutate
 from tests.support.malformed import CHANNELS, YEAR_33000_MS, field_payload, string, varint

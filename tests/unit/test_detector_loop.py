@@ -1,5 +1,6 @@
 """The detector loop's error handling, with scripted Kafka clients: which call fails, and how, decides
-what the loop must do (pitfalls.md 3-5). The real broker's side is in tests/integration."""
+what the loop must do (retry, abort and rewind, or recreate the producer: consumer/detector.py says
+when). The real broker's side is in tests/integration."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import MemberDescription
 
-import consumer.detector as detector_module
-from consumer.decide import Decision, Route
-from consumer.detector import FAILURES_IN_A_ROW_LIMIT, Detector
+import fraudstream.consumer.detector as detector_module
+from fraudstream.consumer.decide import Decision, Route
+from fraudstream.consumer.detector import FAILURES_IN_A_ROW_LIMIT, Detector
 from fraudstream.errors import Fenced, KafkaUnavailable
 from fraudstream.settings import PROJECT_ROOT, Settings
 
@@ -369,11 +370,11 @@ def test_first_signal_stops_cleanly_and_a_second_exits_at_once():
     script = textwrap.dedent("""
         import threading
         from confluent_kafka import KafkaException, Producer
-        from consumer.detector import stop_on_signals
+        from fraudstream.signals import stop_requests
         stop = threading.Event()
         threading.Thread(target=lambda: (stop.wait(), print("stopping", flush=True)), daemon=True).start()
         producer = Producer({"bootstrap.servers": "127.0.0.1:1", "transactional.id": "t", "log_level": 0})
-        with stop_on_signals(stop):
+        with stop_requests(stop, exit_on_second="detector"):
             print("ready", flush=True)
             try:
                 producer.init_transactions(30)

@@ -11,14 +11,14 @@ import pyruhvro
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import consumer.features as features
-from consumer.features import (CARD_FEATURES, CHANNELS, HOUR_MS, MINUTE_MS, PROFILE_DTYPE, PROFILE_TTL_MS,
+import fraudstream.consumer.features as features
+from fraudstream.consumer.features import (CARD_FEATURES, CHANNELS, HOUR_MS, MINUTE_MS, PROFILE_DTYPE, PROFILE_TTL_MS,
                                TERMINAL_DTYPE, TERMINAL_FEATURES, TERMINAL_TTL_MS, TxColumns, card_features,
                                card_features_one, expiry_horizon, terminal_features, terminal_features_one)
-from consumer.state.table import KeyedTable
+from fraudstream.consumer.state.table import KeyedTable
 from fraudstream.schemas import load_schemas
 from fraudstream.settings import Settings
-from producer.generator import Generator, build_population
+from fraudstream.producer.generator import Generator, build_population
 
 T0 = 1_767_600_000_000
 CITIES = [(40.71, -74.01), (40.80, -73.95), (51.51, -0.13), (34.05, -118.24), (35.68, 139.69), (40.72, -74.00)]
@@ -231,7 +231,7 @@ def test_a_terminal_counts_other_recent_cards() -> None:
 def test_the_vectorized_hash_equals_the_scalar_one_on_any_text_and_any_arrow_slice(values: list, skip: int) -> None:
     import pyarrow as pa
 
-    from consumer.features import hash_strings, stable_hash
+    from fraudstream.consumer.features import hash_strings, stable_hash
 
     expected = [stable_hash(v) for v in values]
     assert hash_strings(values).tolist() == expected

@@ -15,7 +15,7 @@ from fraudstream.errors import ConfigError
 from fraudstream.records import Transaction
 from fraudstream.schemas import load_schemas
 from fraudstream.settings import Settings
-from producer.generator import (
+from fraudstream.producer.generator import (
     CARD_TESTING,
     CARD_TESTS,
     COMPROMISED_TERMINAL,

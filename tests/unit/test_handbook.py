@@ -8,8 +8,8 @@ from fastavro.validation import validate
 
 from fraudstream.schemas import load_schemas
 from fraudstream.settings import Settings
-from producer import handbook
-from producer.handbook import (
+from fraudstream.producer import handbook
+from fraudstream.producer.handbook import (
     DAY_S,
     LEGIT,
     RADIUS,

@@ -11,10 +11,10 @@ import pytest
 from confluent_kafka import TIMESTAMP_CREATE_TIME, Message
 from fastavro import parse_schema
 
-from consumer.inspect import (
+from fraudstream.consumer.inspect import (
     RecordFormatter,
     StartOffset,
-    WriterSchemas,
+    console_schemas,
     dumps,
     headers_object,
     is_dead_letter_topic,
@@ -66,7 +66,7 @@ def message(value: bytes | None, *, key: bytes | None = b"acc-1", headers: list 
 
 def formatter(registry: FakeRegistry | None = None, **options: Any) -> RecordFormatter:
     registry = registry or FakeRegistry()
-    return RecordFormatter(WriterSchemas(registry.schema_by_id), **({"dead_letter": False} | options))
+    return RecordFormatter(console_schemas(registry.schema_by_id), **({"dead_letter": False} | options))
 
 
 ENCODE_TRANSACTION = make_encoder(TRANSACTION_ID, SCHEMAS.parsed["Transaction"])

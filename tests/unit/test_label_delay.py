@@ -1,6 +1,6 @@
 """The produce loop on a simulation: a label is never written before the simulated clock passes its due time.
 
-The loop runs for real (producer.loop._Run) against a recording stand-in for the Kafka producer, so
+The loop runs for real (fraudstream.producer.loop._Run) against a recording stand-in for the Kafka producer, so
 the order of produce() calls is exactly what the broker would receive.
 """
 
@@ -14,8 +14,8 @@ from datetime import datetime, timezone
 import pytest
 
 from fraudstream.settings import Settings
-from producer import handbook
-from producer.loop import _Run
+from fraudstream.producer import handbook
+from fraudstream.producer.loop import _Run
 
 DAY_MS = handbook.DAY_MS
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)

@@ -9,11 +9,11 @@ from datetime import datetime, timezone
 
 import pytest
 
-import producer.cli as produce_cli
+import fraudstream.producer.cli as produce_cli
 from fraudstream.errors import ConfigError
 from fraudstream.settings import Settings
-from producer.generator import Generator, build_population
-from producer.loop import EventClock, _Run
+from fraudstream.producer.generator import Generator, build_population
+from fraudstream.producer.loop import EventClock, _Run
 
 
 class FakeMonotonic:
@@ -98,7 +98,7 @@ def test_the_cli_passes_speedup_to_the_loop(monkeypatch) -> None:
 
     def fake_produce(settings, **options):
         seen.update(options)
-        from producer.loop import ProduceReport
+        from fraudstream.producer.loop import ProduceReport
 
         return ProduceReport(sent=0, delivered=0, failed=0, elapsed_s=0.0)
 

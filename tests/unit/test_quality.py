@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import consumer.quality as quality
-from consumer.rules import load_rules
+import fraudstream.consumer.quality as quality
+from fraudstream.consumer.rules import load_rules
 
 FLOORS_PER_CARD = {"large_amount": 0.95, "card_testing": 0.95, "far_from_home": 0.95}
 PRECISION_PER_CARD = 0.90

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumer.features import CARD_FEATURES, CHANNEL_CODE, TxColumns
-from consumer.rules import (COMPROMISED_TERMINAL, DEFAULT_RULES, DEFAULT_RULES_FILE, LARGE_AMOUNT, RULE_NAMES,
+from fraudstream.consumer.features import CARD_FEATURES, CHANNEL_CODE, TxColumns
+from fraudstream.consumer.rules import (COMPROMISED_TERMINAL, DEFAULT_RULES, DEFAULT_RULES_FILE, LARGE_AMOUNT, RULE_NAMES,
                             RuleSet, load_rules)
 from fraudstream.errors import ConfigError
 from fraudstream.settings import Settings

@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from consumer.decide import DLQ_KIND, DLQ_OFFSET, DLQ_REASON
-from consumer.features import TxColumns
-from consumer.rules import LARGE_AMOUNT, checked_parameters, load_rules
-from consumer.rules_topic import INVALID_RULE, STALE_VERSION, RulesTopic, seed_records
+from fraudstream.consumer.decide import DLQ_KIND, DLQ_OFFSET, DLQ_REASON
+from fraudstream.consumer.features import TxColumns
+from fraudstream.consumer.rules import LARGE_AMOUNT, checked_parameters, load_rules
+from fraudstream.consumer.rules_topic import INVALID_RULE, STALE_VERSION, RulesTopic, seed_records
 from fraudstream.records import Rule
 from fraudstream.errors import ConfigError
 from fraudstream.rules_cli import _records_from_file

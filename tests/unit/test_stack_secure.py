@@ -12,8 +12,8 @@ from confluent_kafka import Producer
 from cryptography import x509
 
 from fraudstream import stack_secure
-from fraudstream.settings import PROJECT_ROOT, Settings
-from fraudstream.stack import _render
+from fraudstream.settings import Settings
+from fraudstream.stack import INFRA, _render
 
 
 def test_material_is_a_ca_and_a_certificate_for_the_loopback_address_signed_by_it(tmp_path):
@@ -32,7 +32,7 @@ def test_material_is_a_ca_and_a_certificate_for_the_loopback_address_signed_by_i
 
 def test_the_broker_gets_a_sasl_ssl_listener_next_to_its_own(tmp_path):
     material = stack_secure.ensure_material(tmp_path / "secure")
-    base = _render(PROJECT_ROOT / "infra" / "kafka-server.properties",
+    base = _render(INFRA / "kafka-server.properties",
                    {"KAFKA_PORT": 1111, "CONTROLLER_PORT": 2222, "DATA_DIR": tmp_path})
     config = javaproperties.loads(stack_secure.kafka_server_config(base, material, 3333))
     assert config["listeners"].split(",") == ["PLAINTEXT://127.0.0.1:1111", "CONTROLLER://127.0.0.1:2222",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from consumer.state.table import (KeyedTable, StateLayoutError, check_layout, check_row_bytes, layout_tag, row_values,
+from fraudstream.consumer.state.table import (KeyedTable, StateLayoutError, check_layout, check_row_bytes, layout_tag, row_values,
                                   rows_from_values)
 
 DTYPE = np.dtype([("last_ms", "<i8"), ("count", "<u4"), ("ring", "<u4", (2,))])

@@ -1,0 +1,1 @@
+"""Package data: installed as fraudstream._rules (see pyproject.toml), read with importlib.resources."""
