@@ -515,7 +515,8 @@ class Detector:
 
     def _classify(self, what: str, error: KafkaError, exc: Exception) -> None:
         """Raise for every error but a retriable one."""
-        if error.fatal() or error.code() in FENCED_CODES:
+        # _FATAL: what a call on a producer that already hit a fatal error (fenced, say) raises.
+        if error.fatal() or error.code() in FENCED_CODES or error.code() == KafkaError._FATAL:
             raise _ProducerLost(f"{what}: {error.str()}") from exc
         if error.txn_requires_abort():
             raise _AbortBatch(f"{what}: {error.str()}") from exc

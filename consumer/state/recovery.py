@@ -72,9 +72,12 @@ class RestoreProgress:
 
 
 class Recovery:
-    def __init__(self, settings: Settings, topics: dict[str, str], *, timeout_s: float = 10.0) -> None:
+    def __init__(self, settings: Settings, topics: dict[str, str], *, timeout_s: float = 5.0) -> None:
         self.topics = topics  # store name -> changelog topic
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s  # one attempt
+        # A changelog partition whose leader is down (a broker restarting) is waited for, like every
+        # other broker outage, up to the outage limit.
+        self.outage_limit_s = settings.broker_outage_limit_s
         # assign() only: the group id is required by the client but never joins or commits.
         self.consumer = Consumer(consumer_config(settings, f"{settings.group_id}.restore",
                                                  **{"enable.partition.eof": False, "fetch.max.bytes": 64 << 20}))
@@ -106,8 +109,8 @@ class Recovery:
         return progress
 
     def _watermarks(self, tp: TopicPartition) -> tuple[int, int]:
-        """The changelog partition's offsets; retried while it has no leader yet (a just-created topic)."""
-        deadline = time.monotonic() + self.timeout_s
+        """The changelog partition's offsets; retried while it has no leader (a just-created topic, a broker down)."""
+        deadline = time.monotonic() + self.outage_limit_s
         while True:
             try:
                 return self.offsets.get_watermark_offsets(tp, timeout=self.timeout_s, cached=False)
@@ -117,7 +120,8 @@ class Recovery:
                 if not passing or time.monotonic() > deadline:
                     raise KafkaUnavailable(f"could not read the end of changelog {tp.topic}[{tp.partition}]: "
                                            f"{error.str()}") from exc
-                time.sleep(0.1)  # a leader election takes a moment; nothing else to wait on
+                log.warning("asking for the end of changelog %s[%d]: %s; retrying", tp.topic, tp.partition, error.str())
+                time.sleep(0.2)  # a leader election or a broker restart takes a moment; nothing else to wait on
 
     def stop(self, partition: int) -> None:
         """Forget a partition being restored (it was revoked)."""

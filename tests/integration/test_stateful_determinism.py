@@ -19,9 +19,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 
 from fraudstream.consumer.features import TxColumns, card_features
 from fraudstream.consumer.state.recovery import Recovery
@@ -40,18 +42,28 @@ EVENT_RATE = 20.0  # transactions per second of event time: 50,000 span about 42
 SEND_RATE = 800  # per topic per wall-clock second: a stream of about 60 s, so kills land mid-stream
 
 
+LOGS = Path(tempfile.mkdtemp(prefix="determinism-"))  # each detector's output, shown when one fails
+
+
 def detector_process(settings: Settings, transactional_id: str) -> subprocess.Popen:
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
            "SCHEMA_REGISTRY_URL": settings.schema_registry_url}
-    return subprocess.Popen(
-        [sys.executable, "-m", "fraudstream.consumer", "--topic", settings.transactions_topic, "--group-id", settings.group_id,
-         "--transactional-id", transactional_id, "--log-interval", "3600"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = LOGS / f"{transactional_id}-{time.monotonic_ns()}.log"
+    with open(log, "w") as out:  # a file, not a pipe nobody reads
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fraudstream.consumer", "--topic", settings.transactions_topic, "--group-id",
+             settings.group_id, "--transactional-id", transactional_id, "--log-interval", "3600"],
+            env=env, stdout=out, stderr=subprocess.STDOUT)
+    process.log = log
+    return process
 
 
 def stop(process: subprocess.Popen, signum: int = signal.SIGTERM) -> int:
     process.send_signal(signum)
-    return process.wait(60)
+    code = process.wait(60)
+    if signum == signal.SIGTERM and code != 0:
+        print(f"{process.log}:\n{process.log.read_text()[-3000:]}")  # pytest shows it with the failure
+    return code
 
 
 def make_pipeline(base: Settings, name: str) -> Settings:
