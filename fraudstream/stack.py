@@ -300,7 +300,7 @@ class LocalStack:
         config = folder / "server.properties"
         config.write_text(self.node_config(node))
         log4j = folder / "log4j2.properties"
-        log4j.write_text(_render(PROJECT_ROOT / "infra" / "kafka-log4j2.properties", {"LOG_FILE": folder / "server.log"}))
+        log4j.write_text(_render(INFRA / "kafka-log4j2.properties", {"LOG_FILE": folder / "server.log"}))
         jvm = [java, "-Xms256m", "-Xmx768m", f"-Dlog4j2.configurationFile={log4j}", "-cp", str(self.kafka_libs / "*")]
         if not (data / "meta.properties").exists():
             done = subprocess.run(jvm + ["kafka.tools.StorageTool", "format", "-t", self._cluster_id(), "-c", str(config)],
@@ -314,7 +314,7 @@ class LocalStack:
         """The server.properties of a cluster node."""
         kafka_port, controller_port = self.node_ports(node)
         voters = ",".join(f"{n}@127.0.0.1:{self.node_ports(n)[1]}" for n in range(1, self.brokers + 1))
-        return _render(PROJECT_ROOT / "infra" / "kafka-cluster-server.properties", {
+        return _render(INFRA / "kafka-cluster-server.properties", {
             "NODE_ID": node, "VOTERS": voters, "KAFKA_PORT": kafka_port, "CONTROLLER_PORT": controller_port,
             "DATA_DIR": self.node_dir(node) / "data", "REPLICATION_FACTOR": self.replication_factor,
             "MIN_INSYNC_REPLICAS": max(1, self.replication_factor - 1),
