@@ -31,9 +31,9 @@ from fraudstream.settings import Settings
 log = logging.getLogger("fraudstream.state")
 
 RESTORE_BATCH = 20_000
-# What a just-created topic answers until its partitions have leaders.
+# What a just-created topic answers until its partitions have leaders, and a partition whose leader is down.
 _NO_LEADER_YET = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART,
-                  KafkaError._TIMED_OUT}
+                  KafkaError._TIMED_OUT, KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError._TRANSPORT}
 
 
 @dataclass
@@ -84,8 +84,9 @@ class Recovery:
         # The end to restore to is the high watermark, which only a read_uncommitted client is told: a
         # read_committed one gets the last stable offset, which lags while a transaction (the previous
         # owner's last batch) is still being committed, and would end the restore before its changes.
-        self.offsets = Consumer(consumer_config(settings, f"{settings.group_id}.restore",
-                                                **{"isolation.level": "read_uncommitted"}))
+        self._offsets_client = lambda: Consumer(consumer_config(settings, f"{settings.group_id}.restore",
+                                                                **{"isolation.level": "read_uncommitted"}))
+        self.offsets = self._offsets_client()
         self.restoring: dict[int, RestoreProgress] = {}
         self._by_topic_partition: dict[tuple[str, int], _Restoring] = {}
 
@@ -121,6 +122,11 @@ class Recovery:
                     raise KafkaUnavailable(f"could not read the end of changelog {tp.topic}[{tp.partition}]: "
                                            f"{error.str()}") from exc
                 log.warning("asking for the end of changelog %s[%d]: %s; retrying", tp.topic, tp.partition, error.str())
+                if error.code() == KafkaError._TIMED_OUT:
+                    # A client that never fetched from the topic may keep asking a dead leader: a new one
+                    # starts from fresh metadata.
+                    self.offsets.close()
+                    self.offsets = self._offsets_client()
                 time.sleep(0.2)  # a leader election or a broker restart takes a moment; nothing else to wait on
 
     def stop(self, partition: int) -> None:

@@ -214,7 +214,7 @@ def test_a_detector_killed_with_minus_nine_comes_back_with_the_rules_changed_whi
     """Also the replay guarantee: every transaction is routed once, and its decision is the one the rule
     set it names gives, whether it was judged before the kill or re-read after it."""
     tid = f"{pipeline.group_id}-solo"
-    detector = DetectorProcess(pipeline, tid)
+    detector = DetectorProcess(pipeline, tid, tmp_path / "detector-1.log")
     probes = Probes(pipeline, rate=200)
     try:
         first = time.time()
@@ -225,7 +225,7 @@ def test_a_detector_killed_with_minus_nine_comes_back_with_the_rules_changed_whi
         lower.write_text(f"[large_amount]\nthreshold_cents = {LOWERED_CENTS}\n")
         rules_cli(pipeline, "set", str(lower))
         changed_at = time.time()
-        detector = DetectorProcess(pipeline, tid)
+        detector = DetectorProcess(pipeline, tid, tmp_path / "detector-2.log")
         wait_until(lambda: judged_after(pipeline, probes, changed_at, set(range(pipeline.partitions))),
                    timeout_s=90, what="probes routed after the restart")
     finally:

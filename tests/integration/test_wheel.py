@@ -107,7 +107,7 @@ def test_installed_commands_run_from_another_directory(installed: Path, elsewher
     checked = run("schemas", "check-offline")
     assert checked.returncode == 0, checked.stderr
     assert [line.split()[:2] for line in checked.stdout.splitlines()] == [
-        ["ok", "Transaction"], ["ok", "FraudAlert"], ["ok", "Label"]]
+        ["ok", "Transaction"], ["ok", "FraudAlert"], ["ok", "Label"], ["ok", "Rule"]]
     # No stack here: one status line each, exit 3, and the stack's folder is the user's, not the package's.
     status = run("stack", "status")
     assert status.returncode == 3 and "Traceback" not in status.stderr, status.stderr
