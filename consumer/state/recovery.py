@@ -19,13 +19,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import OffsetSpec
 
 from fraudstream.consumer.state.changelog import LAYOUT_HEADER
 from fraudstream.consumer.state.stores import StoreSpec
 from fraudstream.consumer.state.table import KeyedTable, check_layout, check_row_bytes
 from fraudstream.errors import KafkaUnavailable, StateError
-from fraudstream.kafka import consumer_config
+from fraudstream.kafka import admin, consumer_config
 from fraudstream.settings import Settings
 
 log = logging.getLogger("fraudstream.state")
@@ -81,12 +82,10 @@ class Recovery:
         # assign() only: the group id is required by the client but never joins or commits.
         self.consumer = Consumer(consumer_config(settings, f"{settings.group_id}.restore",
                                                  **{"enable.partition.eof": False, "fetch.max.bytes": 64 << 20}))
-        # The end to restore to is the high watermark, which only a read_uncommitted client is told: a
+        # The end to restore to is the high watermark, asked at read_uncommitted isolation: a
         # read_committed one gets the last stable offset, which lags while a transaction (the previous
         # owner's last batch) is still being committed, and would end the restore before its changes.
-        self._offsets_client = lambda: Consumer(consumer_config(settings, f"{settings.group_id}.restore",
-                                                                **{"isolation.level": "read_uncommitted"}))
-        self.offsets = self._offsets_client()
+        self.offsets = admin(settings)
         self.restoring: dict[int, RestoreProgress] = {}
         self._by_topic_partition: dict[tuple[str, int], _Restoring] = {}
 
@@ -110,11 +109,14 @@ class Recovery:
         return progress
 
     def _watermarks(self, tp: TopicPartition) -> tuple[int, int]:
-        """The changelog partition's offsets; retried while it has no leader (a just-created topic, a broker down)."""
+        """The changelog partition's first and end offsets, asked of its leader by an admin client (which looks
+        the leader up afresh on every request); retried while there is none (a just-created topic, a broker
+        down), up to the broker outage limit."""
         deadline = time.monotonic() + self.outage_limit_s
+        where = TopicPartition(tp.topic, tp.partition)
         while True:
             try:
-                return self.offsets.get_watermark_offsets(tp, timeout=self.timeout_s, cached=False)
+                return tuple(self._offset(where, spec) for spec in (OffsetSpec.earliest(), OffsetSpec.latest()))
             except KafkaException as exc:
                 error = exc.args[0]
                 passing = error.retriable() or error.code() in _NO_LEADER_YET
@@ -122,12 +124,12 @@ class Recovery:
                     raise KafkaUnavailable(f"could not read the end of changelog {tp.topic}[{tp.partition}]: "
                                            f"{error.str()}") from exc
                 log.warning("asking for the end of changelog %s[%d]: %s; retrying", tp.topic, tp.partition, error.str())
-                if error.code() == KafkaError._TIMED_OUT:
-                    # A client that never fetched from the topic may keep asking a dead leader: a new one
-                    # starts from fresh metadata.
-                    self.offsets.close()
-                    self.offsets = self._offsets_client()
                 time.sleep(0.2)  # a leader election or a broker restart takes a moment; nothing else to wait on
+
+    def _offset(self, tp: TopicPartition, spec) -> int:
+        futures = self.offsets.list_offsets({tp: spec}, isolation_level=IsolationLevel.READ_UNCOMMITTED,
+                                            request_timeout=self.timeout_s)
+        return futures[tp].result().offset
 
     def stop(self, partition: int) -> None:
         """Forget a partition being restored (it was revoked)."""
@@ -183,11 +185,10 @@ class Recovery:
         return completed
 
     def close(self) -> None:
-        for consumer in (self.consumer, self.offsets):
-            try:
-                consumer.close()
-            except (KafkaException, RuntimeError) as exc:
-                log.debug("closing a restore consumer: %s", exc)
+        try:
+            self.consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.debug("closing the restore consumer: %s", exc)
 
 
 def _refuse(message, spec: StoreSpec) -> None:
