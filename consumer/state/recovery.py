@@ -19,22 +19,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import OffsetSpec
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from fraudstream.consumer.state.changelog import LAYOUT_HEADER
 from fraudstream.consumer.state.stores import StoreSpec
 from fraudstream.consumer.state.table import KeyedTable, check_layout, check_row_bytes
 from fraudstream.errors import KafkaUnavailable, StateError
-from fraudstream.kafka import admin, consumer_config
+from fraudstream.kafka import consumer_config
 from fraudstream.settings import Settings
 
 log = logging.getLogger("fraudstream.state")
 
 RESTORE_BATCH = 20_000
-# What a just-created topic answers until its partitions have leaders, and a partition whose leader is down.
+# What a just-created topic answers until its partitions have leaders.
 _NO_LEADER_YET = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART,
-                  KafkaError._TIMED_OUT, KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError._TRANSPORT}
+                  KafkaError._TIMED_OUT}
 
 
 @dataclass
@@ -82,10 +81,11 @@ class Recovery:
         # assign() only: the group id is required by the client but never joins or commits.
         self.consumer = Consumer(consumer_config(settings, f"{settings.group_id}.restore",
                                                  **{"enable.partition.eof": False, "fetch.max.bytes": 64 << 20}))
-        # The end to restore to is the high watermark, asked at read_uncommitted isolation: a
+        # The end to restore to is the high watermark, which only a read_uncommitted client is told: a
         # read_committed one gets the last stable offset, which lags while a transaction (the previous
         # owner's last batch) is still being committed, and would end the restore before its changes.
-        self.offsets = admin(settings)
+        self.offsets = Consumer(consumer_config(settings, f"{settings.group_id}.restore",
+                                                **{"isolation.level": "read_uncommitted"}))
         self.restoring: dict[int, RestoreProgress] = {}
         self._by_topic_partition: dict[tuple[str, int], _Restoring] = {}
 
@@ -109,14 +109,11 @@ class Recovery:
         return progress
 
     def _watermarks(self, tp: TopicPartition) -> tuple[int, int]:
-        """The changelog partition's first and end offsets, asked of its leader by an admin client (which looks
-        the leader up afresh on every request); retried while there is none (a just-created topic, a broker
-        down), up to the broker outage limit."""
+        """The changelog partition's offsets; retried while it has no leader (a just-created topic, a broker down)."""
         deadline = time.monotonic() + self.outage_limit_s
-        where = TopicPartition(tp.topic, tp.partition)
         while True:
             try:
-                return tuple(self._offset(where, spec) for spec in (OffsetSpec.earliest(), OffsetSpec.latest()))
+                return self.offsets.get_watermark_offsets(tp, timeout=self.timeout_s, cached=False)
             except KafkaException as exc:
                 error = exc.args[0]
                 passing = error.retriable() or error.code() in _NO_LEADER_YET
@@ -125,11 +122,6 @@ class Recovery:
                                            f"{error.str()}") from exc
                 log.warning("asking for the end of changelog %s[%d]: %s; retrying", tp.topic, tp.partition, error.str())
                 time.sleep(0.2)  # a leader election or a broker restart takes a moment; nothing else to wait on
-
-    def _offset(self, tp: TopicPartition, spec) -> int:
-        futures = self.offsets.list_offsets({tp: spec}, isolation_level=IsolationLevel.READ_UNCOMMITTED,
-                                            request_timeout=self.timeout_s)
-        return futures[tp].result().offset
 
     def stop(self, partition: int) -> None:
         """Forget a partition being restored (it was revoked)."""
@@ -185,10 +177,11 @@ class Recovery:
         return completed
 
     def close(self) -> None:
-        try:
-            self.consumer.close()
-        except (KafkaException, RuntimeError) as exc:
-            log.debug("closing the restore consumer: %s", exc)
+        for consumer in (self.consumer, self.offsets):
+            try:
+                consumer.close()
+            except (KafkaException, RuntimeError) as exc:
+                log.debug("closing a restore consumer: %s", exc)
 
 
 def _refuse(message, spec: StoreSpec) -> None:
