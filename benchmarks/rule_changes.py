@@ -32,8 +32,10 @@ from fraudstream.settings import Settings
 from fraudstream.producer.loop import produce
 
 
-def run_side(base: Settings, count: int, every_s: float | None) -> tuple[float, int]:
-    """(records per second, rule changes the detector installed while it routed them)."""
+def run_side(base: Settings, count: int, every_s: float | None) -> tuple[float, int, int]:
+    """(records per second, rule changes the detector installed while it routed them, the amount rule's
+    version in force at the end). How many changes land while routing depends on the run's speed; the
+    change written before the detector starts is always installed, so the last figure is at least 2."""
     settings = base.replace(transactions_topic=f"bench-rules-{uuid.uuid4().hex[:8]}",
                             group_id=f"bench-rules-{uuid.uuid4().hex[:8]}")
     ensure_topics(settings)
@@ -67,9 +69,10 @@ def run_side(base: Settings, count: int, every_s: float | None) -> tuple[float, 
     writer_stop.set()
     writer.join(30)
     changes = detector.rules_topic.changes - seeded
+    amount_version = detector.rules_topic.current.versions[LARGE_AMOUNT]
     stop.set()
     thread.join(60)
-    return count / elapsed, changes
+    return count / elapsed, changes, amount_version
 
 
 def _change_rules(settings: Settings, every_s: float, stop, keep_changing: bool) -> None:
@@ -94,7 +97,7 @@ def main() -> None:
     steady_rates, changing_rates, changes = [], [], []
     for _ in range(args.rounds):
         steady_rates.append(run_side(base, args.count, None)[0])
-        rate, installed = run_side(base, args.count, args.every)
+        rate, installed, _ = run_side(base, args.count, args.every)
         changing_rates.append(rate)
         changes.append(installed)
     steady, changing = statistics.median(steady_rates), statistics.median(changing_rates)

@@ -88,6 +88,25 @@ def rules_cli(settings: Settings, *args: str) -> None:
     assert code == 0
 
 
+def large_amount_by_rule_set(settings: Settings) -> dict[str, tuple[int, bool, int] | None]:
+    """Rule-set version -> large_amount's (version, enabled, threshold) in it, rebuilt from the rules topic alone."""
+    rule_at: dict[str, tuple[int, bool, int] | None] = {}
+    current = None
+    for message, record, _ in read_all(settings, RulesCodec(settings)):
+        if message.key() == LARGE_AMOUNT.encode():
+            current = None if record is None else (record.version, record.enabled,
+                                                   record.parameters["threshold_cents"])
+        rule_at[str(message.offset() + 1)] = current
+    return rule_at
+
+
+def expected_probe_decision(large_amount: tuple[int, bool, int] | None) -> tuple[str, list]:
+    """(route, rules fired) for a probe: only large_amount can judge it."""
+    if large_amount is not None and large_amount[1] and PROBE_CENTS > large_amount[2]:
+        return "fraud", [(LARGE_AMOUNT, large_amount[0])]
+    return "legit", []
+
+
 def probes_after(probes: Probes, since: float) -> set[str]:
     return {tid for tid, at in list(probes.sent.items()) if at > since + WITHIN_S}
 
@@ -135,8 +154,8 @@ def test_lowering_the_threshold_then_disabling_the_rule_reaches_both_detectors_w
         lowered_at = time.time()
         wait_until(lambda: judged_after(pipeline, probes, lowered_at, set(range(pipeline.partitions))),
                    timeout_s=60, what="probes routed after the threshold was lowered")
+        [lowered] = {d.detector.rules_topic.current.version for d in two_detectors}
 
-        disable_at_start = time.time()
         rules_cli(pipeline, "disable", LARGE_AMOUNT, "--comment", "too noisy")
         disabled_at = time.time()
         wait_until(lambda: judged_after(pipeline, probes, disabled_at, set(range(pipeline.partitions))),
@@ -146,26 +165,29 @@ def test_lowering_the_threshold_then_disabling_the_rule_reaches_both_detectors_w
         stop_generator.set()
         generator.join(60)
 
+    wait_until(lambda: probes.sent.keys() <= outputs(pipeline).keys(), timeout_s=60, what="every probe routed")
     versions = [d.detector.rules_topic.current.version for d in two_detectors]
-    assert versions[0] == versions[1] and versions[0] not in seeded
+    assert versions[0] == versions[1] and versions[0] not in seeded | {lowered}
     found, where = outputs(pipeline), input_partitions(pipeline)
     # Every output, the generator's too, names the rule set that judged it.
     assert all(version for _, version, _ in found.values())
-    first_rules = probes_after(probes, started) - probes_after(probes, lowered_at - WITHIN_S)
-    lowered = probes_after(probes, lowered_at) - probes_after(probes, disable_at_start - WITHIN_S)
-    disabled = probes_after(probes, disabled_at)
-    assert first_rules and lowered and disabled
-    assert {found[tid][0] for tid in first_rules} == {"legit"}
-    for tid in lowered:
+    # A probe sent around a change may be judged by either rule set; whichever judged it decided as it says.
+    rule_at = large_amount_by_rule_set(pipeline)
+    by_version: dict[str, set[str]] = defaultdict(set)
+    for tid in probes.sent:
         route, version, fired = found[tid]
-        assert (route, fired) == ("fraud", [(LARGE_AMOUNT, 2)]), (tid, found[tid])
-        assert version not in seeded
-    assert {found[tid][:2] for tid in disabled} == {("legit", versions[0])}
+        assert (route, fired) == expected_probe_decision(rule_at[version]), (tid, found[tid], rule_at[version])
+        by_version[version].add(tid)
+    assert {lowered, versions[0]} <= by_version.keys() and by_version.keys() & seeded, "each rule set judged probes"
+    assert rule_at[lowered] == (2, True, LOWERED_CENTS) and rule_at[versions[0]] == (3, False, LOWERED_CENTS)
+    # Over a second after each change was written, only that rule set or a later one judged.
+    assert all(int(found[tid][1]) >= int(lowered) for tid in probes_after(probes, lowered_at))
+    assert {found[tid][1] for tid in probes_after(probes, disabled_at)} == {versions[0]}
     # Both detectors judged probes under each new rule set.
     for detector in two_detectors:
         mine = partitions_of(detector)
-        assert any(where[tid] in mine for tid in lowered), f"no lowered-threshold probe on {mine}"
-        assert any(where[tid] in mine for tid in disabled), f"no disabled-rule probe on {mine}"
+        assert any(where[tid] in mine for tid in by_version[lowered]), f"no lowered-threshold probe on {mine}"
+        assert any(where[tid] in mine for tid in by_version[versions[0]]), f"no disabled-rule probe on {mine}"
     history = [r for m, r, _ in read_all(pipeline, RulesCodec(pipeline)) if m.key() == LARGE_AMOUNT.encode()]
     assert [(r.version, r.enabled, r.parameters.get("threshold_cents")) for r in history][-2:] == [
         (2, True, LOWERED_CENTS), (3, False, LOWERED_CENTS)]
@@ -236,17 +258,11 @@ def test_a_detector_killed_with_minus_nine_comes_back_with_the_rules_changed_whi
 
     found = outputs(pipeline)
     assert probes.sent.keys() <= found.keys()
-    # The threshold of large_amount in each rule set, rebuilt from the rules topic alone.
-    threshold_at: dict[str, int] = {}
-    threshold = None
-    for message, record, _ in read_all(pipeline, RulesCodec(pipeline)):
-        if record is not None and record.id == LARGE_AMOUNT:
-            threshold = record.parameters["threshold_cents"]
-        threshold_at[str(message.offset() + 1)] = threshold
+    rule_at = large_amount_by_rule_set(pipeline)
     by_version = defaultdict(set)
     for tid in probes.sent:
-        route, version, _ = found[tid]
-        assert route == ("fraud" if PROBE_CENTS > threshold_at[version] else "legit"), (tid, found[tid])
+        route, version, fired = found[tid]
+        assert (route, fired) == expected_probe_decision(rule_at[version]), (tid, found[tid], rule_at[version])
         by_version[version].add(tid)
     assert len(by_version) == 2, "the probes were judged by the seeded rules, then by the lowered threshold"
     [latest] = {found[tid][1] for tid in probes_after(probes, changed_at)}
@@ -257,8 +273,9 @@ def test_a_detector_killed_with_minus_nine_comes_back_with_the_rules_changed_whi
 
 
 def test_the_rule_change_benchmark_runs_and_installs_changes(stack_settings: Settings):
-    """Its short, real version: a few thousand records, a change every 0.2 s; no timed assertion."""
+    """Its short, real version: a few thousand records, a change every 0.2 s; no timed assertion. How many
+    changes land while routing depends on the machine's speed; the one written first always does."""
     from benchmarks.rule_changes import run_side
 
-    rate, changes = run_side(stack_settings, 20_000, 0.2)
-    assert rate > 0 and changes >= 1
+    rate, _, amount_version = run_side(stack_settings, 20_000, 0.2)
+    assert rate > 0 and amount_version >= 2
