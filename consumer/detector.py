@@ -32,10 +32,11 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from fraudstream.consumer.decide import ColumnarDecider, Decider, Decision, Route, dead_letter
 from fraudstream.consumer.metrics import DetectorMetrics
-from fraudstream.consumer.rules import TERMINAL_RULES, load_rules, rules_from_settings
+from fraudstream.consumer.rules import load_rules, rules_from_settings
 from fraudstream.consumer.rules_topic import RulesTopic
 from fraudstream.consumer.state.manager import StateManager
 from fraudstream.consumer.stateful import STORES, StatefulDecider, decode_batch
+from fraudstream.consumer.terminal import TerminalReader
 from fraudstream.errors import Fenced, KafkaUnavailable, RegistryError
 from fraudstream.kafka import (admin, consumer_config, ensure_topics, max_message_bytes, produce_or_wait, static_members,
                                transactional_producer_config, wait_for_cluster)
@@ -95,6 +96,7 @@ class Detector:
         self._successor_wait_s = consumer_config(settings, settings.group_id)["session.timeout.ms"] / 1000 * 1.5 + 2
         self.rules_topic: RulesTopic | None = None  # the rules in force, when the stateful rules are on
         self.rules_dead_lettered = 0  # refused rule records this detector routed to the dead-letter topic
+        self.terminal: TerminalReader | None = None  # the terminal window's reader, when the stateful rules are on
 
     # ----- start-up -----
     def _start(self) -> tuple[Decider | ColumnarDecider, list]:
@@ -132,22 +134,21 @@ class Detector:
     def _stateful(self, decider: Decider | ColumnarDecider) -> StatefulDecider:
         """The rules file's rules over per-card state, restored from and written to changelog topics."""
         s = self.settings
-        rules = load_rules(s.rules_file, settings=s)
-        skipped = [name for name in rules.names if name in TERMINAL_RULES]
-        if skipped:
-            # Terminals take cards of every account: their state cannot live in the account-keyed
-            # input's partitions (see README, "Stateful detection").
-            self.on_log(f"rules not run (they need per-terminal state, kept by no stage yet): {', '.join(skipped)}")
-            rules = rules.without(*skipped)
+        load_rules(s.rules_file, settings=s)  # a bad rules file is refused before any topic is touched
         self.state = StateManager(s, STORES, on_log=self.on_log, on_restored=self.metrics.restored)
         self.state.start()
         record_wise = decider.record_wise if isinstance(decider, ColumnarDecider) else decider
         columnar = decider if isinstance(decider, ColumnarDecider) else None
+        decode = lambda messages: decode_batch(columnar, record_wise, messages)  # noqa: E731
+        # Per-terminal state that every detector holds whole, read from every input partition (README,
+        # "Stateful rules": why not a repartition).
+        self.terminal = TerminalReader(s, decode, stop=self.stop.is_set, on_log=self.on_log)
+        self.terminal.start()
         rules = self._rules_from_topic()
         self.on_log(f"rules {', '.join(rules.names)} (rule set {rules.version} of {s.rules_topic}); "
-                    f"state in {', '.join(self.state.topics.values())}")
-        return StatefulDecider(lambda messages: decode_batch(columnar, record_wise, messages), rules, self.state,
-                               encode_legit=record_wise.encode_legit, encode_fraud=record_wise.encode_fraud)
+                    f"state in {', '.join(self.state.topics.values())} and a terminal window of every input partition")
+        return StatefulDecider(decode, rules, self.state, encode_legit=record_wise.encode_legit,
+                               encode_fraud=record_wise.encode_fraud, terminal_features=self.terminal.features)
 
     def _new_consumer(self) -> Consumer:
         s = self.settings
@@ -599,7 +600,7 @@ class Detector:
     # ----- rules changed at runtime -----
     def _rules_from_topic(self):
         """The rules topic read to its end (seeded from the rules file when empty): the rules in force."""
-        self.rules_topic = RulesTopic(self.settings, skip_kinds=TERMINAL_RULES, on_log=self.on_log)
+        self.rules_topic = RulesTopic(self.settings, on_log=self.on_log)
         return self.rules_topic.start(seed_from=self.settings.rules_file)
 
     def _apply_rule_changes(self, decider: StatefulDecider) -> None:
@@ -634,6 +635,8 @@ class Detector:
     def _close(self) -> None:
         if self.rules_topic is not None:
             self.rules_topic.close()
+        if self.terminal is not None:
+            self.terminal.close()
         if self.state is not None:
             self.state.close()
         if self.consumer is not None:

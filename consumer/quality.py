@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fraudstream.consumer.features import (PROFILE_DTYPE, TERMINAL_DTYPE, TERMINAL_WINDOW_MS, SESSION_GAP_MS, TxColumns,
-                               card_features, terminal_features)
+from fraudstream.consumer.features import PROFILE_DTYPE, TERMINAL_WINDOW_MS, SESSION_GAP_MS, TxColumns, card_features
 from fraudstream.consumer.rules import TERMINAL_RULES, RuleSet, load_rules
+from fraudstream.consumer.terminal import TerminalWindow, terminal_cards
 from fraudstream.consumer.state.table import KeyedTable
 from fraudstream.errors import FraudstreamError
 from fraudstream.producer.generator import (CARD_TESTING, COMPROMISED_TERMINAL, FAR_FROM_HOME, FRAUD_SCENARIOS, LEGIT, Generator,
@@ -113,7 +113,7 @@ def evaluate(*, count: int = int(DEMO_SECONDS * DEMO_RATE), rate: float = DEMO_R
 
     population = build_population(seed, accounts=accounts) if accounts is not None else None
     stream = _as_produced(Generator(seed, population=population), start_ms, rate, speedup)
-    cards, terminals = KeyedTable(PROFILE_DTYPE), KeyedTable(TERMINAL_DTYPE)
+    cards, terminals = KeyedTable(PROFILE_DTYPE), TerminalWindow()
     card_rows = np.array([n not in TERMINAL_RULES for n in rules.names])
     per_card, with_terminal = Score(), Score()
     episode_last: dict[tuple[str, str], int] = {}
@@ -124,7 +124,8 @@ def evaluate(*, count: int = int(DEMO_SECONDS * DEMO_RATE), rate: float = DEMO_R
         done += len(pairs)
         tx = TxColumns.from_records([t.to_dict() for t, _ in pairs])
         features = card_features(cards, tx)
-        features.update(terminal_features(terminals, tx))
+        # The detector's terminal window, as one input partition read in offset order.
+        features.update(terminal_cards(terminals, tx, np.zeros(len(tx), np.int64), np.arange(done - len(tx), done)))
         fired = rules.evaluate(tx, features)
         scenarios = [label.scenario for _, label in pairs]
         first = _firsts(pairs, tx, episode_last)

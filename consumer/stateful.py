@@ -65,12 +65,16 @@ def decode_batch(columnar: ColumnarDecider | None, record_wise: Decider, message
 
 class StatefulDecider:
     def __init__(self, decode: Callable[[Sequence], DecodedBatch], rules: RuleSet, state: StateManager, *,
-                 encode_legit: Callable[[dict], bytes], encode_fraud: Callable[[dict], bytes]) -> None:
+                 encode_legit: Callable[[dict], bytes], encode_fraud: Callable[[dict], bytes],
+                 terminal_features: Callable[[TxColumns, np.ndarray, np.ndarray], dict[str, np.ndarray]] | None = None
+                 ) -> None:
         self.decode = decode
         self.rules = rules
         self.state = state
         self.encode_legit = encode_legit
         self.encode_fraud = encode_fraud
+        # Per-terminal features (consumer/terminal.py, TerminalReader.features): (columns, partitions, offsets).
+        self.terminal_features = terminal_features
 
     def decide(self, messages: Sequence) -> list[Decision]:
         decoded = self.decode(messages)  # raises before any state is touched
@@ -97,6 +101,10 @@ class StatefulDecider:
 
         features = {name: np.empty(len(tx), dtype=dtype) for name, dtype in CARD_FEATURES.items()}
         partition_of = np.fromiter((messages[i].partition() for i in positions), np.int32, len(positions))
+        if self.terminal_features is not None:
+            # Before any card state changes: waiting for the terminal window may raise (stop, outage).
+            offsets = np.fromiter((messages[i].offset() for i in positions), np.int64, len(positions))
+            features.update(self.terminal_features(tx, partition_of, offsets))
         for partition in np.unique(partition_of):
             rows = np.flatnonzero(partition_of == partition)
             table = self.state.tables(int(partition))[CARDS.name]

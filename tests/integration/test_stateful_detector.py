@@ -73,3 +73,19 @@ def test_a_restarted_detector_restores_state_before_judging(pipeline):
     # Only a detector that knew the card was in New York two minutes earlier can call this impossible.
     assert "impossible_travel" in alerts(pipeline)["london"]
     assert second.detector.metrics.restored_records >= 1
+
+
+def test_a_terminal_taking_cards_of_accounts_in_every_partition_is_caught(pipeline):
+    """Per-terminal state that every detector holds whole: the terminal's cards come from accounts of every
+    input partition, and the rule counts them all (no home known: it takes three other cards)."""
+    victims = [transaction(3_000, account=f"acct-victim-{i}", event_time=at(61 + i * 0.5), terminal_id="term-skimmer",
+                           transaction_id=f"victim-{i}") for i in range(6)]
+    send(pipeline, victims)
+    detector = run_until_routed(pipeline, len(victims))
+
+    partitions = {m.partition() for m in read_topic(pipeline, pipeline.transactions_topic)}
+    assert len(partitions) >= 2, "the victims' accounts should span input partitions"
+    fraud = alerts(pipeline)
+    assert fraud == {f"victim-{i}": ["compromised_terminal"] for i in (3, 4, 5)}, fraud
+    reader = detector.detector.terminal
+    assert reader is not None and reader.stats.events_read == len(victims)

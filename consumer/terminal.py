@@ -1,0 +1,451 @@
+"""Per-terminal state that every detector holds whole: the compromised-terminal rule's window.
+
+The input is keyed by account, and a terminal takes cards of every account, so no input partition holds a
+terminal's history. Rather than re-keying the stream through an internal topic (a second transactional hop:
+twice the latency, and a throughput cost), every detector reads every input partition with a reader of its
+own, outside the consumer group (assign mode, read_committed), and keeps the last minutes of
+(terminal, card, event time) events: a small table (the window is minutes of event time).
+
+Two parts:
+
+- `TerminalWindow` (pure, no Kafka): the events as a SET keyed by (partition, offset), so re-reading a
+  record (a rewind, a reseed, an aborted batch read again) changes nothing and the order in which
+  partitions are read does not matter. Its query, `other_cards`, counts for each transaction the distinct
+  other cards its terminal took with event time in [t - window, t]; equal times count whatever their
+  partition or offset (the tie-break: simultaneous is "before"). Arrays only: the events are kept sorted by
+  (terminal, event time) and each batch's queries are two `searchsorted` calls and one `unique`.
+- `TerminalReader` (Kafka): feeds the window, and holds the event-time gate that makes the query a
+  function of the input alone. Before a batch whose latest event time is T is decided, every input
+  partition must have been read past event time T + tolerance (records within a partition may be out of
+  order by at most the tolerance), or to its end (read_committed), and each of the batch's own partitions
+  past the batch's last offset. A partition that stays behind for long is logged and counted, and after
+  the broker outage limit it ends the detector with one line: never a silent wrong answer.
+
+On start (and whenever a batch reaches further back in event time than the window still holds, e.g. after a
+rebalance hands over a lagging partition) the reader seeds the window from before the group's committed
+offsets: a number of records back per partition, multiplied until every partition's history reaches the
+window's start (or the partition's beginning). Events older than the oldest decision's window (minus the
+tolerance) expire, so memory is bounded by the window.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+from fraudstream.consumer.features import MINUTE_MS, TERMINAL_WINDOW_MS, TxColumns, hash_strings
+from fraudstream.errors import KafkaUnavailable, RegistryError
+from fraudstream.kafka import consumer_config
+from fraudstream.settings import Settings
+
+log = logging.getLogger("fraudstream.terminal")
+
+# How far a record may be behind the latest event time of its partition (out of order) and still be seen
+# by every decision that its window covers. Also the expiry's margin.
+TERMINAL_TOLERANCE_MS = MINUTE_MS
+SEED_RECORDS = 2_000  # records read back per partition at the first try of a seed (then x4 until enough)
+GATE_LOG_EVERY_S = 5.0
+EXPIRE_EVERY_S = 10.0  # expiry only frees memory: how often it asks for the committed offsets  # a partition holding the gate up is logged this often
+_POS_SHIFT = 40  # position key: partition << 40 | offset (offsets up to 10^12)
+_REL_MAX = 2**32 - 1  # event times in the sort key: ms from the window's base, 32 bits (49 days)
+
+
+def position_keys(partitions: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    return (np.asarray(partitions, dtype=np.uint64) << np.uint64(_POS_SHIFT)) | np.asarray(offsets, dtype=np.uint64)
+
+
+class TerminalWindow:
+    """(partition, offset) -> (terminal hash, card hash, event time), kept sorted by (terminal, event time)."""
+
+    def __init__(self, window_ms: int = TERMINAL_WINDOW_MS) -> None:
+        self.window_ms = window_ms
+        self.clear()
+
+    def clear(self) -> None:
+        self._key = np.empty(0, np.uint64)  # terminal << 32 | (t - base): the sort and search key
+        self._t = np.empty(0, np.int64)
+        self._card = np.empty(0, np.uint32)
+        self._pos = np.empty(0, np.uint64)
+        self._seen = np.empty(0, np.uint64)  # sorted position keys held
+        self._base: int | None = None
+        self.expired_before: int | None = None  # events older than this may have been dropped
+
+    def __len__(self) -> int:
+        return len(self._t)
+
+    def add(self, partitions: np.ndarray, offsets: np.ndarray, terminals: np.ndarray, cards: np.ndarray,
+            times: np.ndarray) -> int:
+        """Insert events (any order, duplicates allowed); returns how many were new."""
+        pos = position_keys(partitions, offsets)
+        pos, first = np.unique(pos, return_index=True)  # duplicates within the call
+        if len(self._seen):
+            at = np.searchsorted(self._seen, pos)
+            held = (at < len(self._seen)) & (self._seen[np.minimum(at, len(self._seen) - 1)] == pos)
+            pos, first = pos[~held], first[~held]
+        if not len(pos):
+            return 0
+        t = np.asarray(times, dtype=np.int64)[first]
+        terminals = np.asarray(terminals, dtype=np.uint32)[first]
+        cards = np.asarray(cards, dtype=np.uint32)[first]
+        if self._base is None or t.min() < self._base or t.max() - self._base > _REL_MAX:
+            self._rebase(int(min(t.min(), self._t.min() if len(self._t) else t.min())))
+        key = self._keys(terminals, t)
+        order = np.argsort(key, kind="stable")
+        key, t, cards, pos_sorted = key[order], t[order], cards[order], pos[order]
+        at = np.searchsorted(self._key, key, side="right")
+        self._key = np.insert(self._key, at, key)
+        self._t = np.insert(self._t, at, t)
+        self._card = np.insert(self._card, at, cards)
+        self._pos = np.insert(self._pos, at, pos_sorted)
+        self._seen = np.insert(self._seen, np.searchsorted(self._seen, pos), pos)
+        return len(pos)
+
+    def _rebase(self, lowest: int) -> None:
+        """A new base for the 32-bit time part of the key (rare: the window spans minutes)."""
+        self._base = lowest - (1 << 30)  # room below for late records
+        if len(self._t):
+            terminals = (self._key >> np.uint64(32)).astype(np.uint32)
+            self._key = self._keys(terminals, self._t)
+            order = np.argsort(self._key, kind="stable")
+            self._key, self._t, self._card, self._pos = (a[order] for a in (self._key, self._t, self._card, self._pos))
+
+    def _keys(self, terminals: np.ndarray, t: np.ndarray) -> np.ndarray:
+        rel = np.clip(np.asarray(t, dtype=np.int64) - self._base, 0, _REL_MAX).astype(np.uint64)
+        return (np.asarray(terminals, dtype=np.uint64) << np.uint64(32)) | rel
+
+    def other_cards(self, terminals: np.ndarray, cards: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """Per query: distinct cards other than its own at its terminal with event time in [t - window, t]."""
+        n = len(times)
+        out = np.zeros(n, dtype=np.int64)
+        if not n or not len(self._t):
+            return out
+        times = np.asarray(times, dtype=np.int64)
+        if times.max() - self._base > _REL_MAX:  # a query beyond the key's range: widen it first
+            self._rebase(int(self._t.min()))
+        lo = np.searchsorted(self._key, self._keys(terminals, times - self.window_ms), side="left")
+        hi = np.searchsorted(self._key, self._keys(terminals, times), side="right")
+        lengths = hi - lo
+        total = int(lengths.sum())
+        if not total:
+            return out
+        query = np.repeat(np.arange(n), lengths)
+        starts = np.cumsum(lengths) - lengths
+        event = np.arange(total) - np.repeat(starts, lengths) + np.repeat(lo, lengths)
+        # Exact times again: keys beyond the 32-bit range from the base are clamped together.
+        et = self._t[event]
+        other = ((self._card[event] != np.asarray(cards, dtype=np.uint32)[query])
+                 & (et >= times[query] - self.window_ms) & (et <= times[query]))
+        pairs = np.unique((query[other].astype(np.uint64) << np.uint64(32)) | self._card[event[other]].astype(np.uint64))
+        return np.bincount((pairs >> np.uint64(32)).astype(np.int64), minlength=n).astype(np.int64)
+
+    def expire(self, older_than: int) -> int:
+        """Drop events with event time before `older_than`; returns how many."""
+        if self.expired_before is None or older_than > self.expired_before:
+            self.expired_before = older_than
+        keep = self._t >= older_than
+        dropped = len(keep) - int(keep.sum())
+        if dropped:
+            self._key, self._t, self._card, self._pos = (a[keep] for a in (self._key, self._t, self._card, self._pos))
+            self._seen = np.sort(self._pos)
+        return dropped
+
+
+def terminal_cards(window: TerminalWindow, tx: TxColumns, partitions: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
+    """TERMINAL_FEATURES of a batch from a window that holds (at least) the batch's own records. The one
+    definition used online (with a TerminalReader) and offline (consumer/quality.py)."""
+    window.add(partitions, offsets, tx.terminal_hash, tx.card_hash, tx.event_time_ms)
+    return {"terminal_cards": window.other_cards(tx.terminal_hash, tx.card_hash, tx.event_time_ms)}
+
+
+@dataclass
+class GateStats:
+    """What the gate cost: polls of the reader, time waited, partitions that held it up."""
+
+    waits: int = 0
+    waited_s: float = 0.0
+    stalled: dict[int, float] = field(default_factory=dict)  # partition -> when it started holding the gate (monotonic)
+    reseeds: int = 0
+    events_read: int = 0
+
+
+class TerminalReader:
+    """Reads every input partition into a TerminalWindow; `features(tx, partitions, offsets)` waits for the
+    event-time gate, then answers from the window."""
+
+    def __init__(self, settings: Settings, decode: Callable[[Sequence], object], *,
+                 window: TerminalWindow | None = None, tolerance_ms: int = TERMINAL_TOLERANCE_MS,
+                 stop: Callable[[], bool] = lambda: False, on_log: Callable[[str], None] = log.info) -> None:
+        self.settings = settings
+        self.decode = decode  # messages -> stateful.DecodedBatch, the detector's own decoders
+        self.window = window or TerminalWindow()
+        self.tolerance_ms = tolerance_ms
+        self.stop = stop
+        self.on_log = on_log
+        self.stats = GateStats()
+        self.consumer: Consumer | None = None
+        self.partitions: list[int] = []
+        self._latest: dict[int, int] = {}  # partition -> latest event time read
+        self._next: dict[int, int] = {}  # partition -> next offset to ingest (after the last record read)
+        # partition -> [(next offset, latest event time up to it)], one mark per chunk read: how far the
+        # group's committed offsets are in event time, for expiry.
+        self._marks: dict[int, list[tuple[int, int]]] = {}
+        self._last_expiry = 0.0
+
+    # ----- start and seed -----
+    def start(self) -> None:
+        s = self.settings
+        # The group's own id, never joined (assign mode, no commits): committed() answers for the group.
+        self.consumer = Consumer(consumer_config(s, s.group_id, **{"auto.offset.reset": "earliest",
+                                                                  "client.id": f"{s.group_id}.terminal-reader"}))
+        metadata = self._call("reading the input topic's partitions",
+                              lambda: self.consumer.list_topics(s.transactions_topic, timeout=10))
+        topic = metadata.topics.get(s.transactions_topic)
+        if topic is None or topic.error is not None or not topic.partitions:
+            raise KafkaUnavailable(f"input topic {s.transactions_topic} has no partitions the terminal reader can read")
+        self.partitions = sorted(topic.partitions)
+        self.seed()
+
+    def seed(self) -> None:
+        """Empty the window and read it again from before the group's committed offsets."""
+        s, consumer = self.settings, self.consumer
+        started = time.monotonic()
+        self.window.clear()
+        self._latest.clear()
+        self._next.clear()
+        self._marks.clear()
+        tps = [TopicPartition(s.transactions_topic, p) for p in self.partitions]
+        committed = self._call("reading the committed offsets", lambda: consumer.committed(tps, timeout=10))
+        low, high = {}, {}
+        for tp in tps:
+            low[tp.partition], high[tp.partition] = self._call(
+                "reading the input's offsets", lambda tp=tp: consumer.get_watermark_offsets(tp, timeout=10))
+        # Logical offsets (no commit yet) mean the partition's beginning; never computed with.
+        target = {tp.partition: (tp.offset if tp.offset >= 0 else low[tp.partition]) for tp in committed}
+        back = {p: SEED_RECORDS for p in self.partitions}
+        while True:
+            start = {p: max(low[p], target[p] - back[p]) for p in self.partitions}
+            first_t = self._read_ranges(start, target)
+            # The earliest decision to come is no earlier than the latest event read before the committed
+            # offsets, minus the tolerance: every partition's history must reach back a window before that.
+            latest = [self._latest[p] for p in self.partitions if p in self._latest]
+            if not latest:
+                break
+            horizon = min(latest) - self.window.window_ms - 2 * self.tolerance_ms
+            short = [p for p in self.partitions if start[p] > low[p] and (first_t.get(p) is None or first_t[p] > horizon)]
+            if not short:
+                break
+            for p in short:
+                back[p] *= 4
+        for p in self.partitions:  # where reading goes on (a partition with nothing read: its committed offset)
+            self._next.setdefault(p, target[p])
+        self.consumer.assign([TopicPartition(s.transactions_topic, p, self._next[p]) for p in self.partitions])
+        self.on_log(f"terminal window seeded in {time.monotonic() - started:.1f} s: {len(self.window):,} events from "
+                    f"{len(self.partitions)} partitions of {s.transactions_topic}")
+
+    def _read_ranges(self, start: dict[int, int], end: dict[int, int]) -> dict[int, int]:
+        """Read [start, end) of each partition into the window; the first event time read per partition."""
+        topic = self.settings.transactions_topic
+        self.consumer.assign([TopicPartition(topic, p, start[p]) for p in self.partitions if start[p] < end[p]])
+        first_t: dict[int, int] = {}
+        pending = {p for p in self.partitions if start[p] < end[p]}
+        deadline = time.monotonic() + self.settings.broker_outage_limit_s
+        while pending:
+            if self.stop():
+                raise KafkaUnavailable("stop requested while seeding the terminal window")
+            if time.monotonic() > deadline:
+                raise KafkaUnavailable(f"could not read {topic} partitions {sorted(pending)} to seed the terminal window "
+                                       f"within {self.settings.broker_outage_limit_s} s")
+            messages = self._consume(0.2)
+            for p, t in self._ingest(messages, first_t_wanted=True).items():
+                first_t.setdefault(p, t)
+            for p in list(pending):
+                position = self._position(p)
+                if position is not None and position >= end[p]:
+                    pending.discard(p)
+                    self.consumer.incremental_unassign([TopicPartition(topic, p)])
+        return first_t
+
+    # ----- reading -----
+    def _consume(self, timeout_s: float) -> list:
+        messages = self.consumer.consume(2_000, timeout_s)
+        out = []
+        for message in messages:
+            if message.error() is not None:
+                if message.error().fatal():
+                    raise KafkaUnavailable(f"terminal reader: {message.error().str()}")
+                log.warning("terminal reader: %s", message.error().str())
+                continue
+            out.append(message)
+        return out
+
+    def _ingest(self, messages: list, *, first_t_wanted: bool = False) -> dict[int, int]:
+        """Decode and add to the window; returns per partition the first event time of these messages."""
+        if not messages:
+            return {}
+        try:
+            decoded = self.decode(messages)
+        except RegistryError:
+            # Read them again later: seek each partition back to its first message here (idempotent).
+            first: dict[int, int] = {}
+            for m in messages:
+                first.setdefault(m.partition(), m.offset())
+            for p, offset in first.items():
+                self.consumer.seek(TopicPartition(self.settings.transactions_topic, p, offset))
+            raise
+        rows, parts = [], []
+        if decoded.columns is not None and decoded.columns.num_rows:
+            batch = decoded.columns
+            rows.append(np.asarray(decoded.column_rows, dtype=np.int64))
+            parts.append((hash_strings(batch.column("terminal_id")), hash_strings(batch.column("card_id")),
+                          batch.column("event_time").cast("int64").to_numpy(zero_copy_only=False)))
+        if decoded.records:
+            tx = TxColumns.from_records([r for _, r in decoded.records])
+            rows.append(np.array([i for i, _ in decoded.records], dtype=np.int64))
+            parts.append((tx.terminal_hash, tx.card_hash, tx.event_time_ms))
+        for m in messages:
+            self._next[m.partition()] = max(self._next.get(m.partition(), 0), m.offset() + 1)
+        if not rows:
+            return {}
+        index = np.concatenate(rows)
+        terminals, cards, times = (np.concatenate([p[k] for p in parts]) for k in range(3))
+        partitions = np.fromiter((messages[i].partition() for i in index.tolist()), np.int64, len(index))
+        offsets = np.fromiter((messages[i].offset() for i in index.tolist()), np.int64, len(index))
+        self.stats.events_read += self.window.add(partitions, offsets, terminals, cards, times)
+        first: dict[int, int] = {}
+        order = np.argsort(index, kind="stable")  # message order: the first event time of each partition
+        for p in np.unique(partitions).tolist():
+            mask = partitions == p
+            self._latest[p] = max(self._latest.get(p, int(times[mask].max())), int(times[mask].max()))
+            self._marks.setdefault(p, []).append((int(offsets[mask].max()) + 1, self._latest[p]))
+            if first_t_wanted:
+                first[p] = int(times[order][partitions[order] == p][0])
+        return first
+
+    def _position(self, partition: int) -> int | None:
+        """The next offset this reader will ingest from the partition (None: nothing read yet)."""
+        return self._next.get(partition)
+
+    # ----- the gate -----
+    def wait_for(self, latest_ms: int, batch_ends: dict[int, int]) -> None:
+        """Read until every partition is past event time latest_ms + tolerance or at its end, and each partition
+        of the batch past its last offset (batch_ends: partition -> last offset + 1)."""
+        started = time.monotonic()
+        deadline = started + self.settings.broker_outage_limit_s
+        last_log = started
+        waited = False
+        while True:
+            behind = self._behind(latest_ms + self.tolerance_ms, batch_ends)
+            if not behind:
+                break
+            waited = True
+            now = time.monotonic()
+            for p in behind:
+                self.stats.stalled.setdefault(p, now)
+            if now > deadline:
+                raise KafkaUnavailable(f"terminal window: input partitions {behind} of {self.settings.transactions_topic} "
+                                       f"were not read past event time {latest_ms + self.tolerance_ms} nor to their end "
+                                       f"within {self.settings.broker_outage_limit_s} s")
+            if now - last_log >= GATE_LOG_EVERY_S:
+                last_log = now
+                self.on_log(f"terminal window waiting for input partitions {behind} (not yet past event time "
+                            f"{latest_ms + self.tolerance_ms} nor at their end) for {now - started:.0f} s")
+            if self.stop():
+                raise KafkaUnavailable("stop requested while waiting for the terminal window")
+            self._ingest(self._consume(0.05))
+        for p in [p for p in self.stats.stalled if p not in self._behind(latest_ms + self.tolerance_ms, batch_ends)]:
+            del self.stats.stalled[p]
+        if waited:
+            self.stats.waits += 1
+            self.stats.waited_s += time.monotonic() - started
+
+    def _behind(self, past_ms: int, batch_ends: dict[int, int]) -> list[int]:
+        topic = self.settings.transactions_topic
+        behind = []
+        for p in self.partitions:
+            position = self._next.get(p)
+            if p in batch_ends and (position is None or position < batch_ends[p]):
+                behind.append(p)
+                continue
+            if self._latest.get(p, -1) > past_ms:
+                continue
+            _low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)
+            if high < 0:  # no fetch answered yet: ask the broker
+                _low, high = self._call("reading the input's end", lambda p=p: self.consumer.get_watermark_offsets(
+                    TopicPartition(topic, p), timeout=5))
+            # The consumer's position passes transaction markers, which are never returned as records.
+            consumed = max(self.consumer.position([TopicPartition(topic, p)])[0].offset, position)
+            if consumed < high:
+                behind.append(p)
+        return behind
+
+    def features(self, tx: TxColumns, partitions: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
+        """TERMINAL_FEATURES of a batch (rows in offset order per partition), once the gate holds."""
+        if not len(tx):
+            return {"terminal_cards": np.zeros(0, np.int64)}
+        earliest = int(tx.event_time_ms.min())
+        if self.window.expired_before is not None and earliest - self.window.window_ms < self.window.expired_before:
+            # A batch reaching back past what the window still holds (a partition handed over by a lagging
+            # detector, a rewind): read the window again from the committed offsets.
+            self.stats.reseeds += 1
+            self.on_log("terminal window: a batch reaches back past the events held; reseeding")
+            self.seed()
+        ends: dict[int, int] = {}
+        for p, o in zip(partitions.tolist(), offsets.tolist(), strict=True):
+            ends[p] = max(ends.get(p, 0), o + 1)
+        self.wait_for(int(tx.event_time_ms.max()), ends)
+        out = terminal_cards(self.window, tx, partitions, offsets)
+        if time.monotonic() - self._last_expiry >= EXPIRE_EVERY_S:
+            self._last_expiry = time.monotonic()
+            self.expire()
+        return out
+
+    def expire(self) -> int:
+        """Drop the events no decision can still read. Every decision to come is of a record at or after the
+        group's committed offset of its partition (whichever detector holds it, or will after a rebalance
+        or a crash), so no earlier in event time than the latest record before that offset, minus the
+        tolerance; its window reaches back `window_ms` more. When runs only moves memory, never a decision."""
+        topic = self.settings.transactions_topic
+        try:
+            committed = self.consumer.committed([TopicPartition(topic, p) for p in self.partitions], timeout=5)
+        except KafkaException as exc:
+            log.warning("terminal window: expiry skipped, committed offsets unknown (%s)", exc.args[0].str())
+            return 0
+        floor = None
+        for tp in committed:
+            marks = self._marks.get(tp.partition, [])
+            reached = [t for offset, t in marks if tp.offset >= 0 and offset <= tp.offset]
+            if not reached:
+                return 0  # a partition not decided past what was read: keep everything
+            # Marks before the last one reached are no longer needed.
+            keep_from = max(i for i, (offset, _t) in enumerate(marks) if offset <= tp.offset)
+            del marks[:keep_from]
+            floor = reached[-1] if floor is None else min(floor, reached[-1])
+        if floor is None:
+            return 0
+        return self.window.expire(floor - self.tolerance_ms - self.window.window_ms)
+
+    def _call(self, what: str, fn: Callable[[], object]):
+        deadline = time.monotonic() + self.settings.broker_outage_limit_s
+        while True:
+            try:
+                return fn()
+            except KafkaException as exc:
+                error = exc.args[0]
+                if error.fatal() or not (error.retriable() or error.code() < 0) or time.monotonic() > deadline:
+                    raise KafkaUnavailable(f"terminal reader: {what} failed: {error.str()}") from exc
+                if self.stop():
+                    raise KafkaUnavailable(f"stop requested while {what}") from exc
+                time.sleep(0.2)
+
+    def close(self) -> None:
+        if self.consumer is not None:
+            try:
+                self.consumer.close()
+            except (KafkaException, RuntimeError) as exc:
+                log.debug("closing the terminal reader: %s", exc)
+            self.consumer = None

@@ -1,0 +1,89 @@
+"""The terminal window: a set of events keyed by (partition, offset), whose query depends only on that set.
+
+Every detector holds the window whole, fed by its own reader of every input partition; the order in which
+partitions are read, and records read twice (a rewind, a reseed), must never change an answer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fraudstream.consumer.features import TERMINAL_WINDOW_MS
+from fraudstream.consumer.terminal import TerminalWindow
+
+W = TERMINAL_WINDOW_MS
+
+# (partition, offset) -> (terminal, card, event time): few terminals and cards, times within a few windows.
+events_strategy = st.dictionaries(
+    st.tuples(st.integers(0, 3), st.integers(0, 60)),
+    st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(0, 3 * W).map(lambda t: 1_767_225_600_000 + t)),
+    min_size=1, max_size=60)
+
+
+def brute_force(events: dict, terminal: int, card: int, t: int) -> int:
+    """The specification: distinct other cards at the terminal with event time in [t - W, t]."""
+    return len({c for (term, c, et) in events.values() if term == terminal and c != card and t - W <= et <= t})
+
+
+def add(window: TerminalWindow, items: list) -> None:
+    if not items:
+        return
+    (partitions, offsets), values = zip(*[k for k, _ in items]), [v for _, v in items]
+    terminals, cards, times = zip(*values)
+    window.add(np.array(partitions), np.array(offsets), np.array(terminals), np.array(cards), np.array(times))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=events_strategy, data=st.data())
+def test_answers_depend_on_the_set_of_events_only(events: dict, data) -> None:
+    items = list(events.items())
+    # One window fed in order, one in another order, in chunks, with some records read again.
+    ordered = TerminalWindow()
+    add(ordered, sorted(items))
+    shuffled = data.draw(st.permutations(items))
+    again = data.draw(st.lists(st.sampled_from(items), max_size=30))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(shuffled) + len(again)), max_size=5)))
+    stream = list(shuffled) + again
+    chunked = TerminalWindow()
+    for low, high in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        add(chunked, stream[low:high])
+    assert len(chunked) == len(ordered) == len(events)
+
+    queries = data.draw(st.lists(st.tuples(st.integers(1, 4), st.integers(1, 6),
+                                           st.integers(0, 4 * W).map(lambda t: 1_767_225_600_000 + t)),
+                                 min_size=1, max_size=20))
+    terminals, cards, times = (np.array(column) for column in zip(*queries))
+    expected = [brute_force(events, *q) for q in queries]
+    assert ordered.other_cards(terminals, cards, times).tolist() == expected
+    assert chunked.other_cards(terminals, cards, times).tolist() == expected
+
+
+def test_equal_event_times_count_whatever_their_partition_and_offset() -> None:
+    window = TerminalWindow()
+    t = 1_767_225_600_000
+    window.add(np.array([0, 1, 2]), np.array([5, 3, 9]), np.array([7, 7, 7]), np.array([1, 2, 3]), np.array([t, t, t + 1]))
+    # At t, the card of partition 1 sees the card of partition 0 (same time) but not the later one.
+    assert window.other_cards(np.array([7, 7]), np.array([2, 1]), np.array([t, t])).tolist() == [1, 1]
+    assert window.other_cards(np.array([7]), np.array([9]), np.array([t + W])).tolist() == [3]
+    assert window.other_cards(np.array([7]), np.array([9]), np.array([t + W + 1])).tolist() == [1]
+
+
+def test_expiry_drops_only_older_events_and_a_reread_of_them_is_harmless() -> None:
+    window = TerminalWindow()
+    t = 1_767_225_600_000
+    window.add(np.array([0, 0, 0]), np.array([0, 1, 2]), np.array([7, 7, 7]), np.array([1, 2, 3]),
+               np.array([t, t + W, t + 2 * W]))
+    assert window.expire(t + W) == 1 and len(window) == 2
+    assert window.other_cards(np.array([7]), np.array([9]), np.array([t + 2 * W])).tolist() == [2]
+    window.add(np.array([0]), np.array([1]), np.array([7]), np.array([2]), np.array([t + W]))  # read again
+    assert len(window) == 2
+
+
+def test_event_times_far_apart_are_rebased_not_confused() -> None:
+    window = TerminalWindow()
+    t = 1_767_225_600_000
+    far = t + 200 * 24 * 3_600_000  # 200 days later: beyond the key's 32-bit range from the first base
+    window.add(np.array([0, 0]), np.array([0, 1]), np.array([7, 7]), np.array([1, 2]), np.array([t, far]))
+    assert window.other_cards(np.array([7, 7, 7]), np.array([9, 9, 9]), np.array([t, far, far - 2 * W])).tolist() == [1, 1, 0]
