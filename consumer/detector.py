@@ -36,7 +36,7 @@ from fraudstream.consumer.rules import load_rules, rules_from_settings
 from fraudstream.consumer.rules_topic import RulesTopic
 from fraudstream.consumer.state.manager import StateManager
 from fraudstream.consumer.stateful import STORES, StatefulDecider, decode_batch
-from fraudstream.consumer.terminal import TerminalReader
+from fraudstream.consumer.terminal import StopRequested, TerminalReader
 from fraudstream.errors import Fenced, KafkaUnavailable, RegistryError
 from fraudstream.kafka import (admin, consumer_config, ensure_topics, max_message_bytes, produce_or_wait, static_members,
                                transactional_producer_config, wait_for_cluster)
@@ -247,7 +247,7 @@ class Detector:
                     consumer, pending = self._recover_consumer(lost)
                 if self.metrics.line_due(self.log_interval_s):
                     self.on_log(self.metrics.line())
-        except _Stopping as stopping:
+        except (_Stopping, StopRequested) as stopping:
             self.on_log(f"stop requested while {stopping}: the open transaction, if any, is aborted by the next "
                         "detector with this id or when transaction.timeout.ms expires")
         finally:

@@ -55,6 +55,10 @@ _POS_SHIFT = 40  # position key: partition << 40 | offset (offsets up to 10^12)
 _REL_MAX = 2**32 - 1  # event times in the sort key: ms from the window's base, 32 bits (49 days)
 
 
+class StopRequested(Exception):
+    """A stop was requested while the reader waited; the message says what for (the detector stops cleanly)."""
+
+
 def position_keys(partitions: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return (np.asarray(partitions, dtype=np.uint64) << np.uint64(_POS_SHIFT)) | np.asarray(offsets, dtype=np.uint64)
 
@@ -252,20 +256,25 @@ class TerminalReader:
         topic = self.settings.transactions_topic
         self.consumer.assign([TopicPartition(topic, p, start[p]) for p in self.partitions if start[p] < end[p]])
         first_t: dict[int, int] = {}
+        reached: dict[int, int] = {}
         pending = {p for p in self.partitions if start[p] < end[p]}
         deadline = time.monotonic() + self.settings.broker_outage_limit_s
         while pending:
             if self.stop():
-                raise KafkaUnavailable("stop requested while seeding the terminal window")
+                raise StopRequested("seeding the terminal window")
             if time.monotonic() > deadline:
                 raise KafkaUnavailable(f"could not read {topic} partitions {sorted(pending)} to seed the terminal window "
                                        f"within {self.settings.broker_outage_limit_s} s")
             messages = self._consume(0.2)
             for p, t in self._ingest(messages, first_t_wanted=True).items():
                 first_t.setdefault(p, t)
+            for m in messages:
+                reached[m.partition()] = max(reached.get(m.partition(), 0), m.offset() + 1)
             for p in list(pending):
-                position = self._position(p)
-                if position is not None and position >= end[p]:
+                # This pass's own progress (an earlier pass may have read further), or the consumer's
+                # position, which also passes transaction markers.
+                position = max(reached.get(p, -1), self.consumer.position([TopicPartition(topic, p)])[0].offset)
+                if position >= end[p]:
                     pending.discard(p)
                     self.consumer.incremental_unassign([TopicPartition(topic, p)])
         return first_t
@@ -321,14 +330,10 @@ class TerminalReader:
         for p in np.unique(partitions).tolist():
             mask = partitions == p
             self._latest[p] = max(self._latest.get(p, int(times[mask].max())), int(times[mask].max()))
-            self._marks.setdefault(p, []).append((int(offsets[mask].max()) + 1, self._latest[p]))
+            self._marks.setdefault(p, []).append((int(offsets[mask].max()) + 1, int(times[mask].max())))
             if first_t_wanted:
                 first[p] = int(times[order][partitions[order] == p][0])
         return first
-
-    def _position(self, partition: int) -> int | None:
-        """The next offset this reader will ingest from the partition (None: nothing read yet)."""
-        return self._next.get(partition)
 
     # ----- the gate -----
     def wait_for(self, latest_ms: int, batch_ends: dict[int, int]) -> None:
@@ -355,7 +360,7 @@ class TerminalReader:
                 self.on_log(f"terminal window waiting for input partitions {behind} (not yet past event time "
                             f"{latest_ms + self.tolerance_ms} nor at their end) for {now - started:.0f} s")
             if self.stop():
-                raise KafkaUnavailable("stop requested while waiting for the terminal window")
+                raise StopRequested("waiting for the terminal window")
             self._ingest(self._consume(0.05))
         for p in [p for p in self.stats.stalled if p not in self._behind(latest_ms + self.tolerance_ms, batch_ends)]:
             del self.stats.stalled[p]
@@ -415,19 +420,17 @@ class TerminalReader:
         except KafkaException as exc:
             log.warning("terminal window: expiry skipped, committed offsets unknown (%s)", exc.args[0].str())
             return 0
-        floor = None
+        floors = []
         for tp in committed:
             marks = self._marks.get(tp.partition, [])
-            reached = [t for offset, t in marks if tp.offset >= 0 and offset <= tp.offset]
-            if not reached:
-                return 0  # a partition not decided past what was read: keep everything
-            # Marks before the last one reached are no longer needed.
-            keep_from = max(i for i, (offset, _t) in enumerate(marks) if offset <= tp.offset)
-            del marks[:keep_from]
-            floor = reached[-1] if floor is None else min(floor, reached[-1])
-        if floor is None:
-            return 0
-        return self.window.expire(floor - self.tolerance_ms - self.window.window_ms)
+            # Any record before the committed offset bounds what comes after it: no earlier than its event
+            # time minus the tolerance. The latest such record read gives the best bound.
+            before = [t for offset, t in marks if tp.offset >= 0 and offset <= tp.offset]
+            if not before:
+                return 0  # a partition not decided past anything read: keep everything
+            floors.append(max(before))
+            self._marks[tp.partition] = [(offset, t) for offset, t in marks if offset > tp.offset] + [(tp.offset, max(before))]
+        return self.window.expire(min(floors) - self.tolerance_ms - self.window.window_ms)
 
     def _call(self, what: str, fn: Callable[[], object]):
         deadline = time.monotonic() + self.settings.broker_outage_limit_s
@@ -439,7 +442,7 @@ class TerminalReader:
                 if error.fatal() or not (error.retriable() or error.code() < 0) or time.monotonic() > deadline:
                     raise KafkaUnavailable(f"terminal reader: {what} failed: {error.str()}") from exc
                 if self.stop():
-                    raise KafkaUnavailable(f"stop requested while {what}") from exc
+                    raise StopRequested(what) from exc
                 time.sleep(0.2)
 
     def close(self) -> None:

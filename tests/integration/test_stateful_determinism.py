@@ -40,6 +40,7 @@ TOTAL = 50_000
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: event time is simulated, never the wall clock
 EVENT_RATE = 20.0  # transactions per second of event time: 50,000 span about 42 minutes
 SEND_RATE = 800  # per topic per wall-clock second: a stream of about 60 s, so kills land mid-stream
+MIN_TERMINAL_FIRED = 50  # the stream holds about 250 compromised-terminal victims
 
 
 LOGS = Path(tempfile.mkdtemp(prefix="determinism-"))  # each detector's output, shown when one fails
@@ -185,6 +186,9 @@ def test_same_decisions_uninterrupted_killed_and_rescaled(stack_settings: Settin
     assert len(expected) == TOTAL
     fired = {rule for route, rules in expected.values() for rule in rules}
     assert {"card_testing", "impossible_travel"} <= fired, f"stateful rules never fired: {fired}"
+    # The terminal rule reads a window of every input partition: its path ran, many times.
+    terminal_fired = sum("compromised_terminal" in rules for _route, rules in expected.values())
+    assert terminal_fired >= MIN_TERMINAL_FIRED, f"compromised_terminal fired {terminal_fired} times"
     for settings in (killed, rescaled):
         got = decisions(settings)
         differing = [tid for tid in expected if got.get(tid) != expected[tid]]
