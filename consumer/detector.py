@@ -637,13 +637,13 @@ class Detector:
             self.rules_topic.close()
         if self.terminal is not None:
             self.terminal.close()
-        if self.state is not None:
-            self.state.close()
         if self.consumer is not None:
             try:
-                self.consumer.close()
+                self.consumer.close()  # before the state: its revocation callback stops a partition's restore
             except (KafkaException, RuntimeError) as exc:
                 log.warning("closing consumer: %s", exc)
+        if self.state is not None:
+            self.state.close()
         if self.producer is not None:
             try:
                 self.producer.flush(10)  # transactions are committed or aborted by now; this serves late callbacks

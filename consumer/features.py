@@ -18,8 +18,9 @@ read as absent (lazy expiry), so dropping it from the store never changes a feat
 Out-of-order records are tolerated: a negative time gap counts as 0 (a jump "at once").
 
 Terminal profiles (TERMINAL_DTYPE, `terminal_features`) follow the same scheme, keyed by terminal
-id. Terminals take cards of every account, so that state cannot live in the account-keyed input's
-partitions: it runs in a stage whose input is keyed by terminal.
+id, for a stage keyed by terminal. Terminals take cards of every account, so that state cannot live in
+the account-keyed input's partitions: the detector holds it whole instead, in a window of every input
+partition (consumer/terminal.py), whose `terminal_cards` gives the same feature.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ against its labels. No Kafka: the same feature and rule code the detector runs, 
     python -m fraudstream.consumer.quality --rules my.toml --json out.json
 
 Per scenario: recall, and which rule caught what; overall: precision. Two rule sets are scored in
-the same pass: the per-card rules alone (what a stage keyed by account decides) and with the
-per-terminal rule (which needs a stage keyed by terminal). Also per scenario, the first transaction
+the same pass: the per-card rules alone, and with the per-terminal rule (what the stateful detector
+runs: its terminal window, consumer/terminal.py, fed here as one partition in offset order). Also per scenario, the first transaction
 of each episode: the one a detector that never looks ahead in event time has the least to go on.
 """
 
@@ -184,8 +184,8 @@ def report_lines(report: QualityReport) -> list[str]:
     lines = [f"{report.count:,} transactions, seed {report.seed}, {report.rate:g} tx/s x speedup {report.speedup:g} "
              f"({report.event_span_s / 3600:.1f} h of event time), batches of {report.batch:,}; "
              f"rules version {report.rules_version}"]
-    for title, score in (("per-card rules (stage keyed by account)", report.per_card),
-                         ("with the per-terminal rule (stage keyed by terminal)", report.with_terminal)):
+    for title, score in (("per-card rules alone", report.per_card),
+                         ("with the per-terminal rule (the detector's rule set)", report.with_terminal)):
         lines.append("")
         lines.append(f"{title}: precision {100 * score.precision:.1f}% ({score.true_positives:,} caught, "
                      f"{score.false_positives:,} false positives), recall {100 * score.recall():.1f}%")

@@ -159,7 +159,7 @@ def _compromised_terminal(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndar
     """In person, at a terminal that took other cards within its window: a few on a card far from its
     home (victims are anyone's cards, locals are not), or many on any card."""
     if "terminal_cards" not in f:
-        raise ConfigError("the compromised_terminal rule needs terminal features (a stage keyed by terminal)")
+        raise ConfigError("the compromised_terminal rule needs terminal features (the terminal window, consumer/terminal.py)")
     cards = f["terminal_cards"]
     return _in_channels(tx.channel, _IN_PERSON) & (
         ((cards >= t["min_other_cards"]) & (f["dist_home_km"] >= t["min_home_km"]))
@@ -170,7 +170,7 @@ _PREDICATES: dict[str, Callable[[Mapping[str, Any], Any, Mapping[str, np.ndarray
     LARGE_AMOUNT: _large_amount, CARD_TESTING: _card_testing, IMPOSSIBLE_TRAVEL: _impossible_travel,
     FAR_FROM_HOME: _far_from_home, COMPROMISED_TERMINAL: _compromised_terminal,
 }
-# Rules whose features need per-terminal state: not run by a stage keyed by account.
+# Rules whose features need per-terminal state (the terminal window every stateful detector holds).
 TERMINAL_RULES = frozenset({COMPROMISED_TERMINAL})
 
 

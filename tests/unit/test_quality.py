@@ -15,8 +15,9 @@ from fraudstream.consumer.rules import load_rules
 FLOORS_PER_CARD = {"large_amount": 0.95, "card_testing": 0.95, "far_from_home": 0.95}
 PRECISION_PER_CARD = 0.90
 # The first victim of a compromised terminal looks like any card paying away from home: it cannot be
-# caught without looking ahead in event time, which caps this scenario's recall well below 95%.
-FLOOR_COMPROMISED_TERMINAL = 0.75
+# caught without looking ahead in event time, which caps this scenario's recall well below 95%
+# (82.0% measured: 233 of 284, the first victims 2 of 34).
+FLOOR_COMPROMISED_TERMINAL = 0.80
 PRECISION_WITH_TERMINAL = 0.90
 
 
@@ -52,7 +53,8 @@ def test_per_card_rules_keep_their_recall_in_every_scenario_and_their_precision(
 
 
 def test_the_terminal_rule_catches_compromised_terminals_after_their_first_victim(demo_run) -> None:
-    score = demo_run[0].with_terminal
+    score = demo_run[0].with_terminal  # the detector's rule set: per-card rules and the terminal window
+    assert score.total["compromised_terminal"] > 200
     assert score.recall("compromised_terminal") >= FLOOR_COMPROMISED_TERMINAL
     assert demo_run[0].per_card.recall("compromised_terminal") < 0.05  # it is the terminal rule's doing
     assert score.first_caught["compromised_terminal"] <= 0.1 * score.first_total["compromised_terminal"]
