@@ -315,6 +315,9 @@ class Detector:
                                      dead_kinds=dict(dead_kinds), commit_s=commit_s, rules=dict(rules))
         if self.state is not None:
             self.metrics.state_size(self.state.sizes())
+        if self.terminal is not None:
+            self.metrics.state_size({**self.metrics.state_keys, "terminal_events": len(self.terminal.window)})
+            self.metrics.terminal_gate(self.terminal.stats)
 
     def _run_transaction(self, messages: list, decisions: list[Decision]) -> float:
         """The batch's transaction: begin, produce every output, send the input offsets, commit.

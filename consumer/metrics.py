@@ -55,6 +55,12 @@ class DetectorMetrics:
                                 "partitions being restored", registry=self.registry)
         self._restore = Histogram("fraudstream_state_restore_seconds", "Time to restore a partition's state",
                                   buckets=RESTORE_BUCKETS_S, registry=self.registry)
+        self._gate_stalled = Gauge("fraudstream_terminal_gate_stalled_partitions", "Input partitions holding up the "
+                                   "terminal window's event-time gate (neither past the batch's event time plus the "
+                                   "tolerance nor at their end)", registry=self.registry)
+        self._gate_wait = Counter("fraudstream_terminal_gate_wait_seconds", "Time batches waited for the terminal "
+                                  "window's event-time gate", registry=self.registry)
+        self._gate_waited_s = 0.0
         self._last_log = time.monotonic()
         self._consumed_at_last_log = 0
 
@@ -86,6 +92,12 @@ class DetectorMetrics:
         self.state_keys = keys
         for store, count in keys.items():
             self._state_keys.labels(store).set(count)
+
+    def terminal_gate(self, stats) -> None:
+        """The terminal window's gate (stats: fraudstream.consumer.terminal.GateStats, cumulative)."""
+        self._gate_stalled.set(len(stats.stalled))
+        self._gate_wait.inc(max(0.0, stats.waited_s - self._gate_waited_s))
+        self._gate_waited_s = stats.waited_s
 
     def changelog_written(self, records: int) -> None:
         self.changelog_records += records
