@@ -32,7 +32,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from fraudstream.consumer.decide import ColumnarDecider, Decider, Decision, Route, dead_letter
 from fraudstream.consumer.metrics import DetectorMetrics
-from fraudstream.consumer.rules import load_rules, rules_from_settings
+from fraudstream.consumer.rules import TERMINAL_RULES, load_rules, rules_from_settings
 from fraudstream.consumer.rules_topic import RulesTopic
 from fraudstream.consumer.state.manager import StateManager
 from fraudstream.consumer.stateful import STORES, StatefulDecider, decode_batch
@@ -140,15 +140,23 @@ class Detector:
         record_wise = decider.record_wise if isinstance(decider, ColumnarDecider) else decider
         columnar = decider if isinstance(decider, ColumnarDecider) else None
         decode = lambda messages: decode_batch(columnar, record_wise, messages)  # noqa: E731
-        # Per-terminal state that every detector holds whole, read from every input partition (README,
-        # "Stateful rules": why not a repartition).
-        self.terminal = TerminalReader(s, decode, stop=self.stop.is_set, on_log=self.on_log)
-        self.terminal.start()
         rules = self._rules_from_topic()
+        if any(kind in TERMINAL_RULES for kind in rules.kinds.values()):
+            # Per-terminal state that every detector holds whole, read from every input partition (README,
+            # "Stateful rules": why not a repartition).
+            self.terminal = TerminalReader(s, decode, stop=self.stop.is_set, on_log=self.on_log)
+            self.terminal.start()
+        else:
+            # No reader (it decodes the whole input once more): a terminal rule enabled later needs a restart.
+            self.rules_topic.skip_kinds = tuple(TERMINAL_RULES)
+            self.on_log("no compromised_terminal rule in force: no terminal window (one enabled later runs after "
+                        "a restart)")
         self.on_log(f"rules {', '.join(rules.names)} (rule set {rules.version} of {s.rules_topic}); "
-                    f"state in {', '.join(self.state.topics.values())} and a terminal window of every input partition")
+                    f"state in {', '.join(self.state.topics.values())}"
+                    + (" and a terminal window of every input partition" if self.terminal else ""))
         return StatefulDecider(decode, rules, self.state, encode_legit=record_wise.encode_legit,
-                               encode_fraud=record_wise.encode_fraud, terminal_features=self.terminal.features)
+                               encode_fraud=record_wise.encode_fraud,
+                               terminal_features=self.terminal.features if self.terminal else None)
 
     def _new_consumer(self) -> Consumer:
         s = self.settings

@@ -1,0 +1,79 @@
+"""What the terminal window costs: detector throughput stateless, stateful without the terminal rule, and
+stateful with it (the reader of every input partition decoding the input once more), side by side.
+
+    python -m benchmarks.terminal_window [--count 200000] [--rounds 2]
+
+Each side gets a fresh input topic pre-filled with the same seeded transactions (the benchmark's pre-fill:
+2,000 per second of event time), then one detector in this process routes them all; its rate is counted
+from its first committed batch to its last. Sides alternate within each round; medians are reported with
+each stateful side as a ratio to the stateless one. Needs the stack (KAFKA_BOOTSTRAP_SERVERS,
+SCHEMA_REGISTRY_URL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from benchmarks.data import prefill
+from fraudstream.consumer.detector import Detector
+from fraudstream.kafka import ensure_topics
+from fraudstream.registry import register_all
+from fraudstream.settings import Settings
+
+SIDES = ("stateless", "stateful, terminal rule off", "stateful, terminal rule on")
+
+
+def run_side(base: Settings, side: str, count: int, rules_off: Path) -> float:
+    settings = base.replace(transactions_topic=f"bench-terminal-{uuid.uuid4().hex[:8]}",
+                            group_id=f"bench-terminal-{uuid.uuid4().hex[:8]}", stateful=side != SIDES[0],
+                            **({"rules_file": rules_off} if side == SIDES[1] else {}))
+    ensure_topics(settings)
+    register_all(settings)
+    prefill(settings, count=count, seed=7, json_topic=None)
+    detector = Detector(settings, log_interval_s=3600, on_log=lambda line: None)
+    stop = threading.Event()
+    thread = threading.Thread(target=detector.run, args=(stop,), daemon=True)
+    thread.start()
+    while detector.metrics.consumed == 0:
+        if not thread.is_alive():
+            raise RuntimeError(f"{side}: the detector stopped before routing anything")
+        time.sleep(0.005)
+    started, first = time.perf_counter(), detector.metrics.consumed
+    while detector.metrics.consumed < count:
+        time.sleep(0.005)
+    elapsed = time.perf_counter() - started
+    stop.set()
+    thread.join(60)
+    if (side == SIDES[2]) != (detector.terminal is not None):
+        raise RuntimeError(f"{side}: the terminal window was {'off' if detector.terminal is None else 'on'}")
+    return (count - first) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    base = Settings.from_env()
+    rates: dict[str, list[float]] = {side: [] for side in SIDES}
+    with tempfile.TemporaryDirectory() as tmp:
+        rules_off = Path(tmp) / "no-terminal.toml"
+        rules_off.write_text("[compromised_terminal]\nenabled = false\n")
+        for round_ in range(args.rounds):
+            for side in SIDES if round_ % 2 == 0 else reversed(SIDES):
+                rates[side].append(run_side(base, side, args.count, rules_off))
+    stateless = statistics.median(rates[SIDES[0]])
+    for side in SIDES:
+        median = statistics.median(rates[side])
+        print(f"{side:<30} {median:>10,.0f} tx/s  {median / stateless:6.1%} of stateless  "
+              f"(runs: {', '.join(f'{r:,.0f}' for r in rates[side])})")
+
+
+if __name__ == "__main__":
+    main()
