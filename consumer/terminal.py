@@ -48,6 +48,10 @@ log = logging.getLogger("fraudstream.terminal")
 # How far a record may be behind the latest event time of its partition (out of order) and still be seen
 # by every decision that its window covers. Also the expiry's margin.
 TERMINAL_TOLERANCE_MS = MINUTE_MS
+# The query looks at most this many of a terminal's latest events back (all of those at the boundary's event
+# time included, so the answer depends on the set of events only): the rule needs a few other cards, and a
+# busy terminal's hundreds of events in a window would cost a sort each.
+RECENT_EVENTS = 16
 SEED_RECORDS = 2_000  # records read back per partition at the first try of a seed (then x4 until enough)
 GATE_LOG_EVERY_S = 5.0
 EXPIRE_EVERY_S = 10.0  # expiry only frees memory: how often it asks for the committed offsets  # a partition holding the gate up is logged this often
@@ -66,8 +70,9 @@ def position_keys(partitions: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 class TerminalWindow:
     """(partition, offset) -> (terminal hash, card hash, event time), kept sorted by (terminal, event time)."""
 
-    def __init__(self, window_ms: int = TERMINAL_WINDOW_MS) -> None:
+    def __init__(self, window_ms: int = TERMINAL_WINDOW_MS, recent: int = RECENT_EVENTS) -> None:
         self.window_ms = window_ms
+        self.recent = recent
         self.clear()
 
     def clear(self) -> None:
@@ -123,7 +128,8 @@ class TerminalWindow:
         return (np.asarray(terminals, dtype=np.uint64) << np.uint64(32)) | rel
 
     def other_cards(self, terminals: np.ndarray, cards: np.ndarray, times: np.ndarray) -> np.ndarray:
-        """Per query: distinct cards other than its own at its terminal with event time in [t - window, t]."""
+        """Per query: distinct cards other than its own at its terminal with event time in [t - window, t], among
+        the terminal's `recent` latest events up to t (and all those at the same time as the last of them)."""
         n = len(times)
         out = np.zeros(n, dtype=np.int64)
         if not n or not len(self._t):
@@ -133,6 +139,10 @@ class TerminalWindow:
             self._rebase(int(self._t.min()))
         lo = np.searchsorted(self._key, self._keys(terminals, times - self.window_ms), side="left")
         hi = np.searchsorted(self._key, self._keys(terminals, times), side="right")
+        busy = np.flatnonzero(hi - lo > self.recent)
+        if len(busy):  # back to the `recent`-th latest event's time, every event at that time included
+            boundary = self._key[hi[busy] - self.recent]
+            lo[busy] = np.maximum(lo[busy], np.searchsorted(self._key, boundary, side="left"))
         lengths = hi - lo
         total = int(lengths.sum())
         if not total:

@@ -11,20 +11,27 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fraudstream.consumer.features import TERMINAL_WINDOW_MS
-from fraudstream.consumer.terminal import TerminalWindow
+from fraudstream.consumer.terminal import RECENT_EVENTS, TerminalWindow
 
 W = TERMINAL_WINDOW_MS
 
+T0 = 1_767_225_600_000
+# Event times on a coarse grid (tenths of a window, and the grid's neighbours): equal times and window
+# edges are common, which is where an order-dependent answer would show.
+times_strategy = st.integers(0, 25).flatmap(lambda k: st.sampled_from([T0 + k * W // 10 + d for d in (-1, 0, 1)]))
 # (partition, offset) -> (terminal, card, event time): few terminals and cards, times within a few windows.
 events_strategy = st.dictionaries(
     st.tuples(st.integers(0, 3), st.integers(0, 60)),
-    st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(0, 3 * W).map(lambda t: 1_767_225_600_000 + t)),
+    st.tuples(st.integers(1, 2), st.integers(1, 6), times_strategy),
     min_size=1, max_size=60)
 
 
-def brute_force(events: dict, terminal: int, card: int, t: int) -> int:
-    """The specification: distinct other cards at the terminal with event time in [t - W, t]."""
-    return len({c for (term, c, et) in events.values() if term == terminal and c != card and t - W <= et <= t})
+def brute_force(events: dict, terminal: int, card: int, t: int, recent: int = RECENT_EVENTS) -> int:
+    """The specification: distinct other cards at the terminal with event time in [t - W, t], looking back
+    `recent` events at most (every event at the time of the last one looked at included)."""
+    times = sorted((et for (term, _c, et) in events.values() if term == terminal and t - W <= et <= t), reverse=True)
+    since = times[recent - 1] if len(times) > recent else t - W
+    return len({c for (term, c, et) in events.values() if term == terminal and c != card and since <= et <= t})
 
 
 def add(window: TerminalWindow, items: list) -> None:
@@ -40,22 +47,21 @@ def add(window: TerminalWindow, items: list) -> None:
 def test_answers_depend_on_the_set_of_events_only(events: dict, data) -> None:
     items = list(events.items())
     # One window fed in order, one in another order, in chunks, with some records read again.
-    ordered = TerminalWindow()
+    recent = data.draw(st.sampled_from([RECENT_EVENTS, 3]))  # 3: the cap at work on these small sets
+    ordered = TerminalWindow(recent=recent)
     add(ordered, sorted(items))
     shuffled = data.draw(st.permutations(items))
     again = data.draw(st.lists(st.sampled_from(items), max_size=30))
     cuts = sorted(data.draw(st.lists(st.integers(0, len(shuffled) + len(again)), max_size=5)))
     stream = list(shuffled) + again
-    chunked = TerminalWindow()
+    chunked = TerminalWindow(recent=recent)
     for low, high in zip([0, *cuts], [*cuts, len(stream)], strict=True):
         add(chunked, stream[low:high])
     assert len(chunked) == len(ordered) == len(events)
 
-    queries = data.draw(st.lists(st.tuples(st.integers(1, 4), st.integers(1, 6),
-                                           st.integers(0, 4 * W).map(lambda t: 1_767_225_600_000 + t)),
-                                 min_size=1, max_size=20))
+    queries = data.draw(st.lists(st.tuples(st.integers(1, 2), st.integers(1, 6), times_strategy), min_size=1, max_size=20))
     terminals, cards, times = (np.array(column) for column in zip(*queries))
-    expected = [brute_force(events, *q) for q in queries]
+    expected = [brute_force(events, *q, recent=recent) for q in queries]
     assert ordered.other_cards(terminals, cards, times).tolist() == expected
     assert chunked.other_cards(terminals, cards, times).tolist() == expected
 
@@ -68,6 +74,15 @@ def test_equal_event_times_count_whatever_their_partition_and_offset() -> None:
     assert window.other_cards(np.array([7, 7]), np.array([2, 1]), np.array([t, t])).tolist() == [1, 1]
     assert window.other_cards(np.array([7]), np.array([9]), np.array([t + W])).tolist() == [3]
     assert window.other_cards(np.array([7]), np.array([9]), np.array([t + W + 1])).tolist() == [1]
+
+
+def test_at_the_look_back_limit_every_event_of_the_same_time_counts() -> None:
+    window = TerminalWindow(recent=3)
+    t = T0
+    # Five cards at one time, in an order unrelated to their positions: which three would a cut keep?
+    window.add(np.array([2, 0, 1, 0, 2]), np.array([7, 3, 5, 1, 2]), np.full(5, 7), np.array([5, 1, 4, 2, 3]), np.full(5, t))
+    window.add(np.array([1]), np.array([9]), np.array([7]), np.array([6]), np.array([t - 1]))
+    assert window.other_cards(np.array([7]), np.array([9]), np.array([t])).tolist() == [5]
 
 
 def test_expiry_drops_only_older_events_and_a_reread_of_them_is_harmless() -> None:
