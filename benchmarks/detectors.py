@@ -96,7 +96,7 @@ class DetectorSpec:
 
 QUIX, QUIX_VELOCITY, PASSTHROUGH = "quixstreams", "quixstreams_velocity", "eos_passthrough"
 PASSTHROUGH_BEST_SIZES = (20_000, 50_000)  # besides ours: where the broker's per-transaction cost stops mattering
-# Ours with its own stateful rule set (rules/default.toml: card testing, travel; the terminal rule needs a stage not built yet): state's
+# Ours with its own stateful rule set (rules/default.toml: card testing, travel, the terminal window): state's
 # cost on our side, but not the same rules as quixstreams' velocity window.
 OURS_STATEFUL = "ours_stateful"
 # Placeholder: ours with the same velocity rule as quixstreams'. Not run, no number.
@@ -142,7 +142,7 @@ def detector_specs(avro: Settings, outputs: dict[str, Settings], json_in: Settin
         DetectorSpec("seed_kafka_python_json", "seed: kafka-python, JSON, per message", "at-least-once (auto-commit)",
                      Topics(json_in.transactions_topic, json_in.legit_topic, json_in.fraud_topic, None)),
     ]
-    specs.append(DetectorSpec(OURS_STATEFUL, "ours + its stateful rules (card testing, travel; "
+    specs.append(DetectorSpec(OURS_STATEFUL, "ours + its stateful rules (card testing, travel, terminal; "
                               "not the velocity count)", "exactly-once", Topics.derived(avro), rule=OWN_RULES))
     if quix_python:
         specs.append(DetectorSpec(QUIX_VELOCITY, "quixstreams 3 + velocity: group_by card, tumbling window count",
