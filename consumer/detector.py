@@ -144,7 +144,8 @@ class Detector:
         if any(kind in TERMINAL_RULES for kind in rules.kinds.values()):
             # Per-terminal state that every detector holds whole, read from every input partition (README,
             # "Stateful rules": why not a repartition).
-            self.terminal = TerminalReader(s, decode, stop=self.stop.is_set, on_log=self.on_log)
+            self.terminal = TerminalReader(s, decode, stop=self.stop.is_set, on_log=self.on_log,
+                                           on_gate=self.metrics.terminal_gate)
             self.terminal.start()
         else:
             # No reader (it decodes the whole input once more): a terminal rule enabled later needs a restart.
@@ -325,7 +326,6 @@ class Detector:
             self.metrics.state_size(self.state.sizes())
         if self.terminal is not None:
             self.metrics.state_size({**self.metrics.state_keys, "terminal_events": len(self.terminal.window)})
-            self.metrics.terminal_gate(self.terminal.stats)
 
     def _run_transaction(self, messages: list, decisions: list[Decision]) -> float:
         """The batch's transaction: begin, produce every output, send the input offsets, commit.

@@ -193,7 +193,8 @@ class TerminalReader:
 
     def __init__(self, settings: Settings, decode: Callable[[Sequence], object], *,
                  window: TerminalWindow | None = None, tolerance_ms: int = TERMINAL_TOLERANCE_MS,
-                 stop: Callable[[], bool] = lambda: False, on_log: Callable[[str], None] = log.info) -> None:
+                 stop: Callable[[], bool] = lambda: False, on_log: Callable[[str], None] = log.info,
+                 on_gate: Callable[[GateStats], None] = lambda stats: None) -> None:
         self.settings = settings
         self.decode = decode  # messages -> stateful.DecodedBatch, the detector's own decoders
         self.window = window or TerminalWindow()
@@ -201,6 +202,7 @@ class TerminalReader:
         self.stop = stop
         self.on_log = on_log
         self.stats = GateStats()
+        self.on_gate = on_gate  # the gate's stats, each time they change (the detector's metrics)
         self.consumer: Consumer | None = None
         self.partitions: list[int] = []
         self._latest: dict[int, int] = {}  # partition -> latest event time read
@@ -367,6 +369,7 @@ class TerminalReader:
                                        f"within {self.settings.broker_outage_limit_s} s")
             if now - last_log >= GATE_LOG_EVERY_S:
                 last_log = now
+                self.on_gate(self.stats)
                 self.on_log(f"terminal window waiting for input partitions {behind} (not yet past event time "
                             f"{latest_ms + self.tolerance_ms} nor at their end) for {now - started:.0f} s")
             if self.stop():
@@ -377,6 +380,7 @@ class TerminalReader:
         if waited:
             self.stats.waits += 1
             self.stats.waited_s += time.monotonic() - started
+            self.on_gate(self.stats)
 
     def _behind(self, past_ms: int, batch_ends: dict[int, int]) -> list[int]:
         topic = self.settings.transactions_topic
@@ -453,6 +457,7 @@ class TerminalReader:
                     raise KafkaUnavailable(f"terminal reader: {what} failed: {error.str()}") from exc
                 if self.stop():
                     raise StopRequested(what) from exc
+                log.warning("terminal reader: retrying after %s failed: %s", what, error.str())
                 time.sleep(0.2)
 
     def close(self) -> None:

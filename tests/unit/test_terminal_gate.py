@@ -1,0 +1,82 @@
+"""The terminal window's event-time gate, with a stand-in consumer: a batch is decided only once every input
+partition is read past its latest event time plus the tolerance, or to its end; a partition that stays
+behind is logged and counted, and ends the wait with one clear error: never a silent wrong answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from confluent_kafka import TopicPartition
+
+import fraudstream.consumer.terminal as terminal
+from fraudstream.consumer.terminal import TerminalReader
+from fraudstream.errors import KafkaUnavailable
+from fraudstream.settings import Settings
+
+T0 = 1_767_225_600_000
+
+
+class StandInConsumer:
+    """Partition -> (end offset, position); consume() returns nothing (nothing new arrives)."""
+
+    def __init__(self, ends: dict[int, int], positions: dict[int, int]) -> None:
+        self.ends, self.positions = ends, positions
+        self.polls = 0
+
+    def consume(self, num_messages: int, timeout: float) -> list:
+        self.polls += 1
+        return []
+
+    def get_watermark_offsets(self, tp: TopicPartition, cached: bool = False, timeout: float | None = None):
+        return 0, self.ends[tp.partition]
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, self.positions[tp.partition]) for tp in partitions]
+
+
+def reader(consumer: StandInConsumer, latest: dict[int, int], log: list[str], gates: list) -> TerminalReader:
+    r = TerminalReader(Settings().replace(broker_outage_limit_s=1), decode=lambda messages: None, on_log=log.append,
+                       on_gate=lambda stats: gates.append(dict(stats.stalled)))
+    r.consumer, r.partitions = consumer, sorted(consumer.ends)
+    r._latest = dict(latest)
+    r._next = dict(consumer.positions)
+    return r
+
+
+def test_a_partition_read_past_the_batch_or_at_its_end_lets_the_batch_through() -> None:
+    log, gates = [], []
+    # Partition 0 holds the batch (read to its last offset) and is at its end; 1 is read past T + tolerance
+    # with records left; 2 is at its end, far behind in event time.
+    consumer = StandInConsumer(ends={0: 40, 1: 90, 2: 7}, positions={0: 40, 1: 60, 2: 7})
+    r = reader(consumer, {0: T0, 1: T0 + terminal.TERMINAL_TOLERANCE_MS + 1, 2: T0 - 5_000}, log, gates)
+    r.wait_for(T0, {0: 40})
+    assert consumer.polls == 0 and not log and r.stats.waits == 0
+
+
+def test_a_partition_behind_and_not_at_its_end_is_logged_counted_and_ends_the_wait(monkeypatch) -> None:
+    monkeypatch.setattr(terminal, "GATE_LOG_EVERY_S", 0.1)
+    log, gates = [], []
+    # Partition 1: read only up to T + tolerance (not past it), and records remain (position 60 of 90).
+    consumer = StandInConsumer(ends={0: 50, 1: 90}, positions={0: 40, 1: 60})
+    r = reader(consumer, {0: T0 + terminal.TERMINAL_TOLERANCE_MS + 1, 1: T0 + terminal.TERMINAL_TOLERANCE_MS}, log, gates)
+    with pytest.raises(KafkaUnavailable, match=r"input partitions \[1\] .* not read past event time"):
+        r.wait_for(T0, {0: 40})
+    assert consumer.polls > 1  # it kept reading while it waited
+    assert any("waiting for input partitions [1]" in line for line in log)
+    assert gates and all(list(g) == [1] for g in gates) and list(r.stats.stalled) == [1]
+
+
+def test_a_batch_partition_not_yet_read_by_the_window_holds_the_gate(monkeypatch) -> None:
+    log, gates = [], []
+    consumer = StandInConsumer(ends={0: 50}, positions={0: 40})
+    r = reader(consumer, {0: T0 + 10 * terminal.TERMINAL_TOLERANCE_MS}, log, gates)
+    with pytest.raises(KafkaUnavailable):
+        r.wait_for(T0, {0: 45})  # the batch reaches offset 44; the window has read up to 39
+
+
+def test_the_features_of_an_empty_batch_need_no_gate() -> None:
+    from fraudstream.consumer.features import TxColumns
+
+    r = reader(StandInConsumer(ends={0: 1}, positions={0: 0}), {}, [], [])
+    empty = TxColumns.concat_in_order([])
+    assert r.features(empty, np.zeros(0, np.int64), np.zeros(0, np.int64))["terminal_cards"].tolist() == []
