@@ -392,10 +392,13 @@ class TerminalReader:
                 continue
             if self._latest.get(p, -1) > past_ms:
                 continue
+            # The end as of the reader's latest fetch (every fetch response carries it, an empty one too; at
+            # read_committed it is the last stable offset). Unknown (no fetch answered since the assignment, or a
+            # broker away): behind, and the wait goes on polling, never blocked on a request to the broker.
             _low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)
-            if high < 0:  # no fetch answered yet: ask the broker
-                _low, high = self._call("reading the input's end", lambda p=p: self.consumer.get_watermark_offsets(
-                    TopicPartition(topic, p), timeout=5))
+            if high < 0:
+                behind.append(p)
+                continue
             # The consumer's position passes transaction markers, which are never returned as records.
             consumed = max(self.consumer.position([TopicPartition(topic, p)])[0].offset, position)
             if consumed < high:
