@@ -63,8 +63,9 @@ ENV: dict[str, str] = {
     # Client properties files (Java-style, as Kafka's tools and confluent-kafka's examples read them).
     "kafka_config": "FRAUDSTREAM_KAFKA_CONFIG",
     "registry_config": "FRAUDSTREAM_REGISTRY_CONFIG",
-    # `stack up --secure`: the SASL_SSL listener and the registry's HTTPS port.
+    # `stack up --secure`: the SASL_SSL listener, the mutual-TLS listener and the registry's HTTPS port.
     "kafka_secure_port": "FRAUDSTREAM_KAFKA_SECURE_PORT",
+    "kafka_mtls_port": "FRAUDSTREAM_KAFKA_MTLS_PORT",
     "registry_secure_port": "FRAUDSTREAM_REGISTRY_SECURE_PORT",
 }
 
@@ -123,6 +124,7 @@ class Settings:
     kafka_config: Path | None = None
     registry_config: Path | None = None
     kafka_secure_port: int = 9443
+    kafka_mtls_port: int = 9444
     registry_secure_port: int = 8443
     # librdkafka properties for every client (e.g. security.protocol, sasl.*, ssl.*), from kafka_config
     # and -X flags; bootstrap.servers among them becomes bootstrap_servers.

@@ -40,7 +40,8 @@ STOP_TIMEOUT_S = 60.0
 KAFKA_PORTS = (("kafka_port", "Kafka"), ("controller_port", "the Kafka controller"))
 REGISTRY_PORTS = (("registry_port", "the schema registry"),
                   ("registry_management_port", "the schema registry's management interface"))
-SECURE_KAFKA_PORTS = (("kafka_secure_port", "Kafka's SASL_SSL listener"),)
+SECURE_KAFKA_PORTS = (("kafka_secure_port", "Kafka's SASL_SSL listener"),
+                      ("kafka_mtls_port", "Kafka's mutual-TLS listener"))
 SECURE_REGISTRY_PORTS = (("registry_secure_port", "the schema registry's HTTPS port"),)
 # Present in a service's folder while it runs with --secure.
 SECURE_MARKER = "secure.on"
@@ -89,11 +90,16 @@ class SecureEndpoints:
     registry_url: str
     kafka_config: Path
     registry_config: Path
+    mtls_bootstrap_servers: str
+    kafka_mtls_config: Path
+    kafka_oauthbearer_config: Path
 
     def describe(self) -> str:
-        return (f"secure    SASL_SSL (SCRAM-SHA-512) bootstrap servers: {self.bootstrap_servers}; "
-                f"HTTPS schema registry URL: {self.registry_url}\n"
-                f"          client properties: {self.kafka_config} and {self.registry_config}")
+        return (f"secure    SASL_SSL (SCRAM-SHA-512, OAUTHBEARER) bootstrap servers: {self.bootstrap_servers}; "
+                f"mutual TLS: {self.mtls_bootstrap_servers}; HTTPS schema registry URL: {self.registry_url}\n"
+                f"          client properties: {self.kafka_config} and {self.registry_config}\n"
+                f"          or, for Kafka, {self.kafka_oauthbearer_config} (OAUTHBEARER, unsecured JWT) "
+                f"or {self.kafka_mtls_config} (client certificate)")
 
     def exports(self) -> str:
         return f"export {ENV['kafka_config']}={self.kafka_config}\nexport {ENV['registry_config']}={self.registry_config}"
@@ -215,7 +221,7 @@ class LocalStack:
         })
         format_extra = self._secure_kafka(data) if secure else []
         if secure:
-            text = stack_secure.kafka_server_config(text, self.secure_material, s.kafka_secure_port)
+            text = stack_secure.kafka_server_config(text, self.secure_material, s.kafka_secure_port, s.kafka_mtls_port)
         _set_marker(self.kafka_dir, secure)
         config.write_text(text)
         config.chmod(0o600)  # with --secure it holds the key store's password
@@ -464,6 +470,9 @@ class LocalStack:
             registry_url=stack_secure.registry_https_url(self.settings.registry_secure_port),
             kafka_config=self.secure_material.kafka_client_properties,
             registry_config=self.secure_material.registry_client_properties,
+            mtls_bootstrap_servers=f"{stack_secure.HOST}:{self.settings.kafka_mtls_port}",
+            kafka_mtls_config=self.secure_material.kafka_mtls_client_properties,
+            kafka_oauthbearer_config=self.secure_material.kafka_oauthbearer_client_properties,
         )
 
     def _running_secure(self) -> bool:
@@ -481,15 +490,17 @@ class LocalStack:
         return stack_secure.scram_format_arguments(stack_secure.ensure_material(self.secure_material.folder))
 
     def _wait_secure_ready(self) -> None:
-        """Both secured endpoints answer a real client with the written properties files."""
+        """Every secured endpoint answers a real client with the written properties files."""
         from fraudstream.kafka import wait_for_cluster
         from fraudstream.registry import Registry
 
         s = self.settings
-        stack_secure.write_client_properties(self.secure_material, s.kafka_secure_port, s.registry_secure_port)
+        stack_secure.write_client_properties(self.secure_material, s.kafka_secure_port, s.kafka_mtls_port,
+                                             s.registry_secure_port)
         endpoints = self.secure_endpoints()
+        for kafka_config in (endpoints.kafka_config, endpoints.kafka_oauthbearer_config, endpoints.kafka_mtls_config):
+            wait_for_cluster(Settings.from_env({}, kafka_config=kafka_config), timeout_s=BROKER_START_TIMEOUT_S)
         secured = Settings.from_env({}, kafka_config=endpoints.kafka_config, registry_config=endpoints.registry_config)
-        wait_for_cluster(secured, timeout_s=BROKER_START_TIMEOUT_S)
         deadline = time.monotonic() + REGISTRY_START_TIMEOUT_S
         while True:
             try:
