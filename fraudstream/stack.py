@@ -289,12 +289,11 @@ class LocalStack:
 
     def _start_brokers(self, java: str, *, secure: bool = False) -> None:
         if self.brokers == 1:
-            pid = self.broker_pid(1) or self._start_kafka(java, secure=secure)
-            self._wait_kafka_ready(pid)
-            return
-        for node in range(1, self.brokers + 1):
-            if self.broker_pid(node) is None:
-                self._start_node(java, node)
+            self.broker_pid(1) or self._start_kafka(java, secure=secure)
+        else:
+            for node in range(1, self.brokers + 1):
+                if self.broker_pid(node) is None:
+                    self._start_node(java, node)
         self._wait_brokers_ready()
 
     def _start_node(self, java: str, node: int) -> int:
@@ -360,30 +359,34 @@ class LocalStack:
                 _require_free_port(port, f"{what}, node {node}" if self.brokers > 1 else what, ENV[setting])
 
     def _wait_brokers_ready(self) -> None:
-        """Every node alive and listed in the cluster's metadata."""
-        if self.brokers == 1:
-            self._wait_kafka_ready(self.broker_pid(1))
-            return
+        """Every node alive and listed in the cluster's metadata (a single node: answering at all)."""
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, "logger": _quiet_logger()})
+        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, "log_level": 0, "logger": _quiet_logger()})
         deadline = time.monotonic() + BROKER_START_TIMEOUT_S
-        wanted = set(range(1, self.brokers + 1))
+        wanted = set(range(1, self.brokers + 1))  # node n has node.id n
         while True:
             for node in wanted:
+                name, log_file = self._node_name(node), self.node_dir(node) / "server.log"
                 pid = self.broker_pid(node)
-                if pid is None:
-                    raise StackError(f"Kafka node {node} is not running (see {self.node_dir(node) / 'server.log'})")
-                _require_alive(pid, f"Kafka node {node}", self.node_dir(node) / "server.log")
+                if pid is None:  # already gone (and reaped)
+                    raise StackError(f"{name} is not running: {_last_line(_tail(log_file))} (see {log_file})")
+                _require_alive(pid, name, log_file)
             try:
                 if set(admin.list_topics(timeout=2).brokers) >= wanted:
                     return
             except Exception:  # noqa: BLE001 - not ready yet; the deadline decides
                 pass
             if time.monotonic() > deadline:
+                if self.brokers == 1:
+                    raise StackError(f"Kafka did not answer on {self.bootstrap_servers} within "
+                                     f"{BROKER_START_TIMEOUT_S:.0f}s (see {self.kafka_dir / 'server.log'})")
                 raise StackError(f"the Kafka cluster on {self.bootstrap_servers} did not list all {self.brokers} "
                                  f"brokers within {BROKER_START_TIMEOUT_S:.0f}s (see {self.root}/kafka*/server.log)")
             time.sleep(0.2)
+
+    def _node_name(self, node: int) -> str:
+        return "Kafka" if self.brokers == 1 else f"Kafka node {node}"
 
     def _start_registry(self, java: str, *, secure: bool = False) -> int:
         s = self.settings
@@ -414,32 +417,7 @@ class LocalStack:
 
     def _require_free_ports(self, ports: tuple[tuple[str, str], ...]) -> None:
         for setting, what in ports:
-            port = getattr(self.settings, setting)
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    probe.bind(("127.0.0.1", port))
-                except OSError:
-                    raise StackError(f"port {port} (for {what}) is already in use by another process; "
-                                     f"stop it or choose another port with {ENV[setting]}") from None
-
-    def _wait_kafka_ready(self, pid: int) -> None:
-        from confluent_kafka.admin import AdminClient
-
-        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, "log_level": 0, "logger": _quiet_logger()})
-        deadline = time.monotonic() + BROKER_START_TIMEOUT_S
-        while True:
-            _require_alive(pid, "Kafka", self.kafka_dir / "server.log")
-            try:
-                metadata = admin.list_topics(timeout=2)
-                if metadata.brokers:
-                    return
-            except Exception:  # noqa: BLE001 - not ready yet; the deadline decides
-                pass
-            if time.monotonic() > deadline:
-                raise StackError(f"Kafka did not answer on {self.bootstrap_servers} within {BROKER_START_TIMEOUT_S:.0f}s "
-                                 f"(see {self.kafka_dir / 'server.log'})")
-            time.sleep(0.2)
+            _require_free_port(getattr(self.settings, setting), what, ENV[setting])
 
     def _wait_registry_ready(self, pid: int) -> None:
         deadline = time.monotonic() + REGISTRY_START_TIMEOUT_S
@@ -607,13 +585,9 @@ def _port_free(port: int) -> bool:
 
 
 def _require_free_port(port: int, what: str, variable: str) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            raise StackError(f"port {port} (for {what}) is already in use by another process; "
-                             f"stop it or choose another port with {variable}") from None
+    if not _port_free(port):
+        raise StackError(f"port {port} (for {what}) is already in use by another process; "
+                         f"stop it or choose another port with {variable}")
 
 
 # ----- processes -----
@@ -642,11 +616,12 @@ def _live_pid(pid_file: Path) -> int | None:
 
 
 def _require_alive(pid: int, name: str, log_file: Path) -> None:
-    if not _alive(pid):
+    if not pid_alive(pid):
         raise StackError(f"{name} exited during start-up: {_last_line(_tail(log_file))} (see {log_file})")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a child of ours that died is reaped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -671,7 +646,7 @@ def _stop(pid: int) -> None:
         return
     deadline = time.monotonic() + STOP_TIMEOUT_S
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not pid_alive(pid):
             return
         time.sleep(0.2)
     os.kill(pid, signal.SIGKILL)

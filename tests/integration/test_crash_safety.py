@@ -3,12 +3,8 @@ and check that every input transaction appears exactly once across the legit and
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -17,37 +13,11 @@ from pathlib import Path
 from fraudstream.producer.loop import produce
 from fraudstream.settings import Settings
 from tests.integration.test_detector import decode
+from tests.support.detector_process import DetectorProcess
 from tests.support.kafka_io import read_topic, wait_until
 from tests.support.routed import RoutedReader
 
 TOTAL = 50_000
-
-
-class DetectorProcess:
-    """`python -m fraudstream.consumer` in its own process, as an operator would run it. Its output goes to a file:
-    a pipe nobody reads until the end could fill up and block it."""
-
-    def __init__(self, settings: Settings, transactional_id: str, log_path: Path) -> None:
-        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-               "SCHEMA_REGISTRY_URL": settings.schema_registry_url}
-        self.log_path = log_path
-        with open(log_path, "w") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "fraudstream.consumer", "--topic", settings.transactions_topic, "--group-id",
-                 settings.group_id, "--transactional-id", transactional_id, "--log-interval", "2"],
-                env=env, stdout=out, stderr=subprocess.STDOUT)
-
-    def output(self) -> str:
-        return self.log_path.read_text()
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
-
-    def terminate(self) -> tuple[int, str]:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(60)
-        return self.process.returncode, self.output()
 
 
 def start_producer(settings: Settings, count: int, rate: float) -> tuple[threading.Thread, list]:
@@ -84,7 +54,7 @@ def test_kill_minus_nine_three_times_loses_and_duplicates_nothing(pipeline: Sett
     transactional_id = f"{pipeline.group_id}-crashy"
     reader = RoutedReader(pipeline)
     producer_thread, reports = start_producer(pipeline, TOTAL, rate=2_000)  # a 25 s stream
-    detector = DetectorProcess(pipeline, transactional_id, tmp_path / "detector-0.log")
+    detector = DetectorProcess(pipeline, tmp_path / "detector-0.log", transactional_id=transactional_id)
     kills_while_producing = 0
     try:
         for kill in range(1, 4):
@@ -92,24 +62,23 @@ def test_kill_minus_nine_three_times_loses_and_duplicates_nothing(pipeline: Sett
             time.sleep(rng.uniform(0.0, 1.0))  # then a random point in the stream (not a readiness wait)
             kills_while_producing += producer_thread.is_alive()
             detector.kill()
-            detector = DetectorProcess(pipeline, transactional_id, tmp_path / f"detector-{kill}.log")
+            detector = DetectorProcess(pipeline, tmp_path / f"detector-{kill}.log", transactional_id=transactional_id)
         assert kills_while_producing == 3, "the stream ended before the third kill: the test proved less than it says"
         producer_thread.join(120)
         assert reports and reports[0].delivered == TOTAL
         assert_exactly_once(pipeline, reader)
     finally:
         reader.close()
-    code, output = detector.terminate()
-    assert code == 0, output
+    detector.stop_cleanly()
 
 
 def test_two_detectors_one_killed_mid_stream(pipeline: Settings, tmp_path: Path):
     reader = RoutedReader(pipeline)
     producer_thread, reports = start_producer(pipeline, TOTAL, rate=2_000)  # a 25 s stream
-    survivor = DetectorProcess(pipeline, f"{pipeline.group_id}-a", tmp_path / "survivor.log")
+    survivor = DetectorProcess(pipeline, tmp_path / "survivor.log", transactional_id=f"{pipeline.group_id}-a")
     try:
         reader.wait_for_progress(timeout_s=60, what="the first detector working")
-        victim = DetectorProcess(pipeline, f"{pipeline.group_id}-b", tmp_path / "victim.log")
+        victim = DetectorProcess(pipeline, tmp_path / "victim.log", transactional_id=f"{pipeline.group_id}-b")
         # The victim joins: the survivor gives some partitions up (cooperative rebalance) ...
         given_up = wait_until(lambda: [p for p in partitions_logged(survivor.output(), "revoked") if p],
                               timeout_s=60, what="the survivor to give partitions to the second detector")[0]
@@ -124,5 +93,4 @@ def test_two_detectors_one_killed_mid_stream(pipeline: Settings, tmp_path: Path)
         assert_exactly_once(pipeline, reader)
     finally:
         reader.close()
-    code, output = survivor.terminate()
-    assert code == 0, output
+    survivor.stop_cleanly()
