@@ -17,7 +17,7 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicP
 from confluent_kafka.admin import MemberDescription
 
 import fraudstream.consumer.detector as detector_module
-from fraudstream.consumer.decide import Decision, Route
+from fraudstream.consumer.decide import DecidedBatch, Decision, Route
 from fraudstream.consumer.detector import FAILURES_IN_A_ROW_LIMIT, Detector
 from fraudstream.errors import Fenced, KafkaUnavailable
 from fraudstream.settings import PROJECT_ROOT, Settings
@@ -79,15 +79,15 @@ class FakeConsumer:
         if self.on_consume:
             hook, self.on_consume = self.on_consume, None
             messages = hook()
-        else:
+        else:  # what one fetch brings: up to `batch` records of each partition
             messages = []
             for p in sorted(self.position):
                 if (TOPIC, p) in self.detector._assigned:
-                    chunk = self.log.records[p][self.position[p]:self.position[p] + self.batch]
+                    chunk = self.log.records[p][self.position[p]:self.position[p] + min(self.batch, num_messages - len(messages))]
                     self.position[p] += len(chunk)
                     messages += chunk
-        if not messages:
-            self.detector.stop.set()  # the log is drained: end the run
+        if not messages and timeout > 0:
+            self.detector.stop.set()  # the log is drained and the detector would wait: end the run
         return messages
 
     def seek(self, tp: TopicPartition) -> None:
@@ -163,13 +163,16 @@ class FakeAdmin:
 
 
 class PassThrough:
-    def decide(self, messages):
-        return [Decision(Route.LEGIT, m.key(), m.value()) for m in messages]
+    """Every record forwarded as it came: the detector's fast path (no Decision per record)."""
+
+    def decide_batch(self, messages):
+        return DecidedBatch(len(messages), {})
 
 
 def make_detector(monkeypatch, *, partitions=2, records=8, fail=None, successors=(),
                   transaction_timeout_ms=10_000) -> tuple[Detector, Log, list[FakeProducer]]:
-    settings = Settings(transactions_topic=TOPIC, transaction_timeout_ms=transaction_timeout_ms)
+    # Batches of 8 records at most: the scripted failures hit the first or a later transaction.
+    settings = Settings(transactions_topic=TOPIC, transaction_timeout_ms=transaction_timeout_ms, batch_max_records=8)
     detector = Detector(settings, log_interval_s=3600, on_log=lambda line: logs.append(line))
     logs: list[str] = []
     detector.logs = logs
