@@ -73,7 +73,7 @@ class Log:
 class FakeConsumer:
     def __init__(self, log: Log, detector: Detector, batch: int = 4) -> None:
         self.log, self.detector, self.batch = log, detector, batch
-        self.position = dict.fromkeys(log.records, 0)
+        self.positions = dict.fromkeys(log.records, 0)
         self.seeks: list[tuple[int, int]] = []
         self.on_consume = None  # called inside consume(), where librdkafka runs rebalance callbacks
 
@@ -83,18 +83,21 @@ class FakeConsumer:
             messages = hook()
         else:  # what one fetch brings: up to `batch` records of each partition
             messages = []
-            for p in sorted(self.position):
+            for p in sorted(self.positions):
                 if (TOPIC, p) in self.detector._assigned:
-                    chunk = self.log.records[p][self.position[p]:self.position[p] + min(self.batch, num_messages - len(messages))]
-                    self.position[p] += len(chunk)
+                    chunk = self.log.records[p][self.positions[p]:self.positions[p] + min(self.batch, num_messages - len(messages))]
+                    self.positions[p] += len(chunk)
                     messages += chunk
         if not messages and timeout > 0:
             self.detector.stop.set()  # the log is drained and the detector would wait: end the run
         return messages
 
+    def position(self, partitions):
+        return [TopicPartition(TOPIC, tp.partition, self.positions[tp.partition]) for tp in partitions]
+
     def seek(self, tp: TopicPartition) -> None:
         self.seeks.append((tp.partition, tp.offset))
-        self.position[tp.partition] = 0 if tp.offset == OFFSET_BEGINNING else tp.offset
+        self.positions[tp.partition] = 0 if tp.offset == OFFSET_BEGINNING else tp.offset
 
     def committed(self, partitions, timeout=None):
         return [TopicPartition(TOPIC, tp.partition, self.log.committed[tp.partition]) for tp in partitions]
@@ -201,7 +204,7 @@ def make_detector(monkeypatch, *, partitions=2, records=8, fail=None, successors
     monkeypatch.setattr(detector, "_new_producer", new_producer)
     def new_consumer():  # joins the group at once and starts from the committed offsets
         consumer = FakeConsumer(log, detector)
-        consumer.position = {p: max(0, offset) for p, offset in log.committed.items()}
+        consumer.positions = {p: max(0, offset) for p, offset in log.committed.items()}
         detector._on_assign(None, [TopicPartition(TOPIC, p) for p in range(partitions)])
         return consumer
 
@@ -313,7 +316,7 @@ def fence_consumer_after_first_batch(detector: Detector, log: Log) -> None:
 
         def first_batch_then_fenced():
             detector.consumer.on_consume = lambda: [ErrorEvent(FENCED_INSTANCE)]
-            detector.consumer.position.update({0: 4, 1: 4})
+            detector.consumer.positions.update({0: 4, 1: 4})
             return log.records[0][:4] + log.records[1][:4]
 
         detector.consumer.on_consume = first_batch_then_fenced
@@ -356,7 +359,7 @@ def test_records_of_a_partition_revoked_during_consume_are_neither_produced_nor_
 
     def consume_then_revoke():
         messages = log.records[0][:4] + log.records[1][:4]
-        detector.consumer.position.update({0: 4, 1: 4})
+        detector.consumer.positions.update({0: 4, 1: 4})
         detector._on_revoke(None, [TopicPartition(TOPIC, 1)])  # partition 1 moved away in this consume() call
         return messages
 
