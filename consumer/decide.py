@@ -133,7 +133,6 @@ class Decider:
         rules = self.rules
         legit_id = self.legit_schema_id
         encode_legit = self.encode_legit
-        encode_fraud = self.encode_fraud
         now_ms = int(time.time() * 1000)
         outputs: dict[int, Decision] = {}
         for index, message in enumerate(messages):
@@ -144,11 +143,15 @@ class Decider:
                 continue
             rule_names = fired(rules, transaction)
             if rule_names:
-                alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms}
-                outputs[index] = Decision(Route.FRAUD, message.key(), encode_fraud(alert), rules=tuple(rule_names))
+                outputs[index] = self.fraud_decision(message, record, rule_names, now_ms)
             elif schema_id != legit_id:
                 outputs[index] = Decision(Route.LEGIT, message.key(), encode_legit(record))
         return DecidedBatch(len(messages), outputs)
+
+    def fraud_decision(self, message, record: dict[str, Any], rule_names: list[str], now_ms: int) -> Decision:
+        """A FraudAlert carrying the whole record and the rules that fired."""
+        alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms}
+        return Decision(Route.FRAUD, message.key(), self.encode_fraud(alert), rules=tuple(rule_names))
 
 
 def dead_letter(message, error: DecodeError) -> Decision:
@@ -359,20 +362,27 @@ class ColumnarDecider:
         fraud alerts and the fallback records get a Decision."""
         decoded = self.decode(messages)
         outputs = {index: dead_letter(messages[index], error) for index, error in decoded.dead.items()}
-        alerts: list[int] = []
         if decoded.rows:
-            fires = None
-            for rule in self.record_wise.rules:
-                column = rule.fires_on_columns(decoded.columns)
-                fires = column if fires is None else pc.or_(fires, column)
+            rules = self.record_wise.rules
+            columns = [rule.fires_on_columns(decoded.columns) for rule in rules]
+            fires = functools.reduce(pc.or_, columns) if columns else None
             if fires is not None and fires.true_count:
-                # A fraud alert carries the whole record: the record-wise decider writes it.
-                rows = decoded.rows
-                alerts = [rows[position] for position in pc.indices_nonzero(fires).to_pylist()]
-        for indices, verified in ((decoded.fallback, False), (alerts, True)):
-            if indices:
-                self.counts["record_rows"] += len(indices)
-                decided = self.record_wise.decide_batch([messages[i] for i in indices], verified=verified)
-                for position, decision in decided.outputs.items():  # the others are forwarded as they came
-                    outputs[indices[position]] = decision
+                # A fraud alert carries the whole record: the few flagged rows are taken from Arrow as
+                # records (the bytes were proven canonical, so they read as the record-wise decoder reads them).
+                positions = pc.indices_nonzero(fires)
+                records = decoded.columns.take(positions).to_pylist()
+                flags = [column.take(positions).to_pylist() for column in columns]
+                now_ms = int(time.time() * 1000)
+                fraud_decision = self.record_wise.fraud_decision
+                for k, (position, record) in enumerate(zip(positions.to_pylist(), records, strict=True)):
+                    index = decoded.rows[position]
+                    names = [rule.name for rule, flagged in zip(rules, flags, strict=True) if flagged[k]]
+                    outputs[index] = fraud_decision(messages[index], record, names, now_ms)
+                self.counts["alerts_from_arrow"] += len(records)
+        if decoded.fallback:
+            indices = decoded.fallback
+            self.counts["record_rows"] += len(indices)
+            decided = self.record_wise.decide_batch([messages[i] for i in indices])
+            for position, decision in decided.outputs.items():  # the others are forwarded as they came
+                outputs[indices[position]] = decision
         return DecidedBatch(len(messages), outputs)
