@@ -21,6 +21,7 @@ txn_requires_abort(), fatal()):
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import socket
