@@ -4,6 +4,7 @@ them whole: the same rules as the record-by-record path, the same bytes as fasta
 from __future__ import annotations
 
 import threading
+import uuid
 from collections import Counter
 
 import pytest
@@ -65,6 +66,7 @@ def test_everyday_purchases_follow_the_generators_rules(sample):
     for tx, label in sample:
         account, terminal = accounts[tx.account_id], terminals[tx.terminal_id]
         assert tx.card_id in account.cards
+        assert str(uuid.UUID(tx.transaction_id)) == tx.transaction_id and uuid.UUID(tx.transaction_id).version == 4
         assert tx.channel == {"atm": "ATM", "web": "ONLINE"}.get(terminal.kind, tx.channel)
         assert terminal.kind != "pos" or tx.channel in ("CONTACTLESS", "CARD_PRESENT")
         assert (tx.device_id is not None) == (terminal.kind == "web")
@@ -136,3 +138,20 @@ def test_the_produce_loop_sends_whole_encoded_batches_with_the_same_bytes_as_rec
             expected.append((settings.transactions_topic, encode_tx(tx.to_dict()), tx.account_id))
             expected.append((settings.labels_topic, encode_label(label.to_dict()), label.transaction_id))
     assert fake.sent == expected
+
+
+def test_episode_rows_sit_at_their_slots_among_everyday_ones():
+    schemas = load_schemas(Settings().schemas_dir)
+    encode = BatchEncoder(1, schemas.expanded["Transaction"])
+    generator = Generator(5, shares=HIGH_SHARES)
+    generator.next_columns(400, START_MS)  # starts episodes whose next steps fall due by the next batch
+    batch = generator.next_columns(400, START_MS + STEP_MS)
+    # The steps that fell due take the first slots; the episodes started in this batch sit among the
+    # everyday rows, not after them.
+    due = next((i for i, slot in enumerate(batch.own_slots) if slot != i), len(batch.own_slots))
+    starts = batch.own_slots[due:]
+    assert due > 0 and starts and starts[0] < 400 - len(starts)
+    ids = batch.transactions(encode.arrow_schema).column("transaction_id").to_pylist()
+    assert [ids[slot] for slot in batch.own_slots] == [tx.transaction_id for tx, _ in batch.own]
+    pairs = batch.pairs()
+    assert [pairs[slot] for slot in batch.own_slots] == batch.own
