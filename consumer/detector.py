@@ -352,7 +352,7 @@ class Detector:
         self._produce_all(messages, batch, deadline)
         if self.state is not None:
             self._write_state_changes(messages)
-        offsets = self._next_offsets()
+        offsets = _next_offsets(messages)
         self._call("sending offsets", deadline, lambda: producer.send_offsets_to_transaction(
             offsets, self.consumer.consumer_group_metadata(), _attempt_timeout(deadline)))
         started = time.perf_counter()
@@ -428,14 +428,6 @@ class Detector:
                     raise _AbortBatch(f"producing: the transaction is in an error state ({error.str()})") from exc
                 self._classify("producing", error, exc)
                 self._wait_before_retry("producing", error, deadline)
-
-    def _next_offsets(self) -> list[TopicPartition]:
-        """The next offset to read of each assigned partition: the consumer's position, which is the last
-        record taken + 1 (what send_offsets_to_transaction expects), or where a rewind left it. Asked of
-        the client, not computed over every record of the batch. A partition it has no position for yet
-        (nothing consumed: a logical offset) has nothing to commit."""
-        partitions = [TopicPartition(topic, partition) for topic, partition in self._assigned]
-        return [tp for tp in self.consumer.position(partitions) if tp.offset >= 0]
 
     def _write_state_changes(self, messages: list) -> None:
         """The batch's state changes, into its transaction. Not retried call by call: the changed rows were
@@ -742,6 +734,14 @@ def _attempt_timeout(deadline: float) -> float:
 def _too_large(message, topic: str, size: int, limit: int | None) -> Decision:
     over = f"its max.message.bytes ({limit})" if limit is not None else "the producer's message.max.bytes"
     return dead_letter(message, DecodeError(OUTPUT_TOO_LARGE, f"the output for {topic} ({size} bytes) is over {over}"))
+
+
+def _next_offsets(messages: list) -> list[TopicPartition]:
+    """The next offset to read per partition (last record of the batch + 1): what send_offsets_to_transaction
+    expects. From the batch itself, not the consumer's position: records fetched but kept out of the batch
+    (a partition still restoring, a revoked one) must not be committed."""
+    last = {(message.topic(), message.partition()): message.offset() for message in messages}  # the last one wins
+    return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in last.items()]
 
 
 def _partition_list(partitions) -> str:
