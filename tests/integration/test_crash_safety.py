@@ -17,14 +17,25 @@ from tests.support.detector_process import DetectorProcess
 from tests.support.kafka_io import read_topic, wait_until
 from tests.support.routed import RoutedReader
 
-TOTAL = 50_000
+RATE = 2_000
 
 
-def start_producer(settings: Settings, count: int, rate: float) -> tuple[threading.Thread, list]:
-    reports = []
-    thread = threading.Thread(target=lambda: reports.append(produce(settings, rate=rate, count=count, seed=7)))
-    thread.start()
-    return thread, reports
+class Stream:
+    """The generator in a thread until the test ends it, after the faults: a slow machine cannot end the
+    stream before them, which would prove less than the test says."""
+
+    def __init__(self, settings: Settings, rate: float = RATE) -> None:
+        self.stop, self.reports = threading.Event(), []
+        self.thread = threading.Thread(
+            target=lambda: self.reports.append(produce(settings, rate=rate, stop=self.stop, seed=7)), daemon=True)
+        self.thread.start()
+
+    def end(self) -> int:
+        """Stop it; how many transactions it delivered."""
+        self.stop.set()
+        self.thread.join(120)
+        assert self.reports, "the generator failed"
+        return self.reports[0].delivered
 
 
 def input_transaction_ids(settings: Settings) -> Counter:
@@ -32,11 +43,11 @@ def input_transaction_ids(settings: Settings) -> Counter:
                    for m in read_topic(settings, settings.transactions_topic, timeout_s=120))
 
 
-def assert_exactly_once(settings: Settings, reader: RoutedReader) -> None:
-    reader.wait_for(TOTAL, timeout_s=240, what="every transaction routed")
+def assert_exactly_once(settings: Settings, reader: RoutedReader, total: int) -> None:
+    reader.wait_for(total, timeout_s=240, what="every transaction routed")
     reader.wait_until_at_end(timeout_s=120)
     sent = input_transaction_ids(settings)
-    assert sum(sent.values()) == TOTAL and len(sent) == TOTAL
+    assert sum(sent.values()) == total and len(sent) == total
     duplicates = {tid: n for tid, n in reader.ids.items() if n > 1}
     assert not duplicates, f"{len(duplicates)} transactions routed more than once"
     assert set(reader.ids) == set(sent), f"{len(set(sent) - set(reader.ids))} lost, {len(set(reader.ids) - set(sent))} unknown"
@@ -53,28 +64,25 @@ def test_kill_minus_nine_three_times_loses_and_duplicates_nothing(pipeline: Sett
     rng = random.Random(2026)
     transactional_id = f"{pipeline.group_id}-crashy"
     reader = RoutedReader(pipeline)
-    producer_thread, reports = start_producer(pipeline, TOTAL, rate=2_000)  # a 25 s stream
+    stream = Stream(pipeline)
     detector = DetectorProcess(pipeline, tmp_path / "detector-0.log", transactional_id=transactional_id)
-    kills_while_producing = 0
     try:
         for kill in range(1, 4):
             reader.wait_for_progress(timeout_s=60, what="the detector making progress")
             time.sleep(rng.uniform(0.0, 1.0))  # then a random point in the stream (not a readiness wait)
-            kills_while_producing += producer_thread.is_alive()
             detector.kill()
             detector = DetectorProcess(pipeline, tmp_path / f"detector-{kill}.log", transactional_id=transactional_id)
-        assert kills_while_producing == 3, "the stream ended before the third kill: the test proved less than it says"
-        producer_thread.join(120)
-        assert reports and reports[0].delivered == TOTAL
-        assert_exactly_once(pipeline, reader)
+        reader.wait_for_progress(timeout_s=60, what="the last detector making progress")
+        assert_exactly_once(pipeline, reader, stream.end())
     finally:
+        stream.stop.set()
         reader.close()
     detector.stop_cleanly()
 
 
 def test_two_detectors_one_killed_mid_stream(pipeline: Settings, tmp_path: Path):
     reader = RoutedReader(pipeline)
-    producer_thread, reports = start_producer(pipeline, TOTAL, rate=2_000)  # a 25 s stream
+    stream = Stream(pipeline)
     survivor = DetectorProcess(pipeline, tmp_path / "survivor.log", transactional_id=f"{pipeline.group_id}-a")
     try:
         reader.wait_for_progress(timeout_s=60, what="the first detector working")
@@ -84,13 +92,12 @@ def test_two_detectors_one_killed_mid_stream(pipeline: Settings, tmp_path: Path)
                               timeout_s=60, what="the survivor to give partitions to the second detector")[0]
         wait_until(lambda: any(partitions_logged(victim.output(), "assigned")), timeout_s=60,
                    what="the second detector to get partitions")
-        assert producer_thread.is_alive(), "the stream ended before the kill: the test proved less than it says"
         victim.kill()  # ... and takes them back once the victim's session times out
         wait_until(lambda: any(given_up <= p for p in partitions_logged(survivor.output(), "assigned")[1:]),
                    timeout_s=90, what=f"the survivor to be assigned {sorted(given_up)} again")
-        producer_thread.join(120)
-        assert reports and reports[0].delivered == TOTAL
-        assert_exactly_once(pipeline, reader)
+        reader.wait_for_progress(timeout_s=60, what="the survivor routing the victim's partitions")
+        assert_exactly_once(pipeline, reader, stream.end())
     finally:
+        stream.stop.set()
         reader.close()
     survivor.stop_cleanly()
