@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyruhvro
 
 from fraudstream.consumer.rules import Rule, fired
+from fraudstream.evaluate import SCORE_HEADER
 from fraudstream.records import Transaction
 from fraudstream.serde import HEADER, MAGIC_BYTE, Decoder, DecodeError, make_encoder, read_payload, split_frame
 
@@ -38,6 +39,9 @@ DLQ_REASON = "error.reason"
 DLQ_TOPIC = "source.topic"
 DLQ_PARTITION = "source.partition"
 DLQ_OFFSET = "source.offset"
+# The stateless rule's score: 1.0 when it fired (the alert's `score`), 0 otherwise (the legit record's header).
+STATELESS_FRAUD_SCORE = 1.0
+STATELESS_LEGIT_HEADERS = [(SCORE_HEADER, b"0")]
 
 
 class Route(enum.IntEnum):
@@ -117,12 +121,13 @@ class Decider:
                 continue
             rule_names = fired(rules, transaction)
             if rule_names:
-                alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms}
+                alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms,
+                         "score": STATELESS_FRAUD_SCORE}
                 append(Decision(Route.FRAUD, message.key(), encode_fraud(alert), rules=tuple(rule_names)))
             elif schema_id == legit_id:
-                append(Decision(Route.LEGIT, message.key(), message.value()))
+                append(Decision(Route.LEGIT, message.key(), message.value(), STATELESS_LEGIT_HEADERS))
             else:
-                append(Decision(Route.LEGIT, message.key(), encode_legit(record)))
+                append(Decision(Route.LEGIT, message.key(), encode_legit(record), STATELESS_LEGIT_HEADERS))
         return decisions
 
 
@@ -331,7 +336,7 @@ class ColumnarDecider:
                     alerts.append(index)
                 else:
                     message = messages[index]
-                    decisions[index] = Decision(Route.LEGIT, message.key(), message.value())
+                    decisions[index] = Decision(Route.LEGIT, message.key(), message.value(), STATELESS_LEGIT_HEADERS)
         for indices, verified in ((decoded.fallback, False), (alerts, True)):
             if indices:
                 self.counts["record_rows"] += len(indices)

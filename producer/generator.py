@@ -502,7 +502,8 @@ class Generator:
 
     @staticmethod
     def _labelled(tx: Transaction, scenario: str) -> Pair:
-        return tx, Label(transaction_id=tx.transaction_id, is_fraud=scenario != LEGIT, scenario=scenario)
+        return tx, Label(transaction_id=tx.transaction_id, is_fraud=scenario != LEGIT, scenario=scenario,
+                         terminal_id=tx.terminal_id, event_time=tx.event_time)
 
     # -- legit traffic ------------------------------------------------------------------------
 
@@ -515,7 +516,8 @@ class Generator:
         else:  # somewhere new in town
             terminal = population.terminals[self._pick(population.in_person_terminals_at[account.home])]
         tx = self._transaction(when, account, self._card(account), terminal, self._typical_amount(account, terminal))
-        return tx, Label(transaction_id=tx.transaction_id, is_fraud=False, scenario=LEGIT)
+        return tx, Label(transaction_id=tx.transaction_id, is_fraud=False, scenario=LEGIT,
+                         terminal_id=tx.terminal_id, event_time=tx.event_time)
 
     def _travel(self, now_ms: int, when: datetime) -> Pair:
         """The account's owner away from home: legit, and a false positive for naive location rules."""
