@@ -40,6 +40,10 @@ MODEL_FEATURES: tuple[str, ...] = (
     *(f"card_n_{d}d" for d in SPEND_WINDOWS_DAYS), *(f"card_mean_{d}d" for d in SPEND_WINDOWS_DAYS),
     *(f"terminal_n_{d}d" for d in TERMINAL_WINDOWS_DAYS), *(f"terminal_risk_{d}d" for d in TERMINAL_WINDOWS_DAYS),
     "amount_ratio", "card_gap_s", "known_terminal",
+    # Ratios and products a tree cannot form by itself: the amount against the card's recent mean (a
+    # compromised card's multiplied payments), the terminal's labelled frauds (not only their share).
+    "amount_over_card_mean_30d", "amount_over_card_mean_7d",
+    *(f"terminal_frauds_{d}d" for d in reversed(TERMINAL_WINDOWS_DAYS)),
 )
 MODEL_FORMAT = "fraudstream-model"
 MODEL_FORMAT_VERSION = 1
@@ -141,6 +145,7 @@ def terminal_window_features(labels: LabelTable, tx: TxColumns, label_delay_ms: 
         count, frauds = labels.window_counts(tx.terminal_key, until - days * DAY_MS, until)
         out[f"terminal_n_{days}d"] = count.astype(np.float64)
         out[f"terminal_risk_{days}d"] = np.where(count > 0, frauds / np.maximum(count, 1), 0.0)
+        out[f"terminal_frauds_{days}d"] = frauds.astype(np.float64)
     return out
 
 
@@ -150,8 +155,9 @@ def model_features(tx: TxColumns, card: Mapping[str, np.ndarray], labels: LabelT
     t = tx.event_time_ms
     weekday = (t // DAY_MS + 3) % 7  # 1970-01-01 was a Thursday: 0 is Monday
     hour = (t % DAY_MS) // 3_600_000
+    amount = tx.amount_cents / 100.0
     columns: dict[str, np.ndarray] = {
-        "amount": tx.amount_cents / 100.0,
+        "amount": amount,
         "during_weekend": (weekday >= 5).astype(np.float64),
         "during_night": (hour <= NIGHT_LAST_HOUR).astype(np.float64),
         **{f"card_n_{d}d": card[f"spend_n_{d}d"] for d in SPEND_WINDOWS_DAYS},
@@ -160,6 +166,9 @@ def model_features(tx: TxColumns, card: Mapping[str, np.ndarray], labels: LabelT
         "amount_ratio": card["amount_ratio"],
         "card_gap_s": card["gap_s"],
         "known_terminal": card["known_terminal"].astype(np.float64),
+        # The mean includes this payment, so it is never 0 for a positive amount; the floor covers $0.
+        "amount_over_card_mean_30d": amount / np.maximum(card["spend_mean_30d"] / 100.0, 0.01),
+        "amount_over_card_mean_7d": amount / np.maximum(card["spend_mean_7d"] / 100.0, 0.01),
     }
     matrix = np.empty((len(tx), len(MODEL_FEATURES)), dtype=np.float32)
     for j, name in enumerate(MODEL_FEATURES):

@@ -19,7 +19,7 @@ import argparse
 import io
 import logging
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -60,32 +60,52 @@ class TrainingSet:
     unlabelled: int  # in the window, without a label
 
 
+class TrainingSetBuilder:
+    """Feeds batches (in offset order per partition: a card's records in order) through the card features,
+    and keeps the model's features of the labelled transactions with event time in [first_ms, end_ms)."""
+
+    def __init__(self, labels: scoring.LabelTable, targets: dict[str, bool], *, first_ms: int, end_ms: int,
+                 label_delay_ms: int) -> None:
+        self.labels, self.targets = labels, targets
+        self.first_ms, self.end_ms, self.label_delay_ms = first_ms, end_ms, label_delay_ms
+        self.cards = KeyedTable(PROFILE_DTYPE, capacity=1 << 14)
+        self.parts: list[np.ndarray] = []
+        self.target: list[np.ndarray] = []
+        self.ids: list[np.ndarray] = []
+        self.seen = self.unlabelled = 0
+
+    def add(self, tx: TxColumns) -> None:
+        self.seen += len(tx)
+        features = card_features(self.cards, tx)  # every transaction: the card state needs them all
+        rows = np.flatnonzero((tx.event_time_ms >= self.first_ms) & (tx.event_time_ms < self.end_ms))
+        if not len(rows):
+            return
+        known = np.fromiter((t in self.targets for t in tx.transaction_id[rows]), bool, len(rows))
+        self.unlabelled += int(len(rows) - known.sum())
+        rows = rows[known]
+        if not len(rows):
+            return
+        window = tx.take(rows)
+        self.parts.append(scoring.model_features(window, {k: v[rows] for k, v in features.items()}, self.labels,
+                                                 self.label_delay_ms))
+        self.target.append(np.fromiter((self.targets[t] for t in window.transaction_id), bool, len(rows)))
+        self.ids.append(window.transaction_id)
+
+    def result(self) -> TrainingSet:
+        width = len(scoring.MODEL_FEATURES)
+        return TrainingSet(np.concatenate(self.parts) if self.parts else np.zeros((0, width), np.float32),
+                           np.concatenate(self.target) if self.target else np.zeros(0, bool),
+                           np.concatenate(self.ids) if self.ids else np.zeros(0, object), self.seen, self.unlabelled)
+
+
 def training_set(batches: Iterable[TxColumns], labels: scoring.LabelTable, targets: dict[str, bool], *,
                  first_ms: int, end_ms: int, label_delay_ms: int) -> TrainingSet:
     """Features of the transactions with event time in [first_ms, end_ms) that have a label, computed as the
     detector computes them. `batches` come in offset order per partition (a card's records in order)."""
-    cards = KeyedTable(PROFILE_DTYPE, capacity=1 << 14)
-    parts, target, ids = [], [], []
-    seen = unlabelled = 0
+    builder = TrainingSetBuilder(labels, targets, first_ms=first_ms, end_ms=end_ms, label_delay_ms=label_delay_ms)
     for tx in batches:
-        seen += len(tx)
-        features = card_features(cards, tx)
-        rows = np.flatnonzero((tx.event_time_ms >= first_ms) & (tx.event_time_ms < end_ms))
-        if not len(rows):
-            continue
-        known = np.fromiter((t in targets for t in tx.transaction_id[rows]), bool, len(rows))
-        unlabelled += int(len(rows) - known.sum())
-        rows = rows[known]
-        if not len(rows):
-            continue
-        window = tx.take(rows)
-        parts.append(scoring.model_features(window, {k: v[rows] for k, v in features.items()}, labels, label_delay_ms))
-        target.append(np.fromiter((targets[t] for t in window.transaction_id), bool, len(rows)))
-        ids.append(window.transaction_id)
-    width = len(scoring.MODEL_FEATURES)
-    return TrainingSet(np.concatenate(parts) if parts else np.zeros((0, width), np.float32),
-                       np.concatenate(target) if target else np.zeros(0, bool),
-                       np.concatenate(ids) if ids else np.zeros(0, object), seen, unlabelled)
+        builder.add(tx)
+    return builder.result()
 
 
 def fit(data: TrainingSet, *, seed: int = 42, rounds: int = ROUNDS) -> tuple[Any, float]:
@@ -131,10 +151,10 @@ def read_labels(settings: Settings, schemas, first_ms: int, end_ms: int) -> tupl
     return table, targets
 
 
-def transaction_batches(settings: Settings, schemas) -> Iterator[TxColumns]:
-    """The transactions topic as TxColumns batches; read_to_end keeps each partition in offset order."""
+def read_transactions(settings: Settings, schemas, sink: Callable[[TxColumns], None]) -> int:
+    """The transactions topic to sink(TxColumns) in batches (read_to_end keeps each partition in offset
+    order); returns how many records could not be decoded (the detector dead-letters those)."""
     records: list[dict] = []
-    batches: list[TxColumns] = []
     undecodable = 0
 
     def on_transaction(message) -> None:
@@ -145,13 +165,13 @@ def transaction_batches(settings: Settings, schemas) -> Iterator[TxColumns]:
             undecodable += 1  # the detector dead-letters these: they have no features either
             return
         if len(records) >= CHUNK:
-            batches.append(TxColumns.from_records(records))
+            sink(TxColumns.from_records(records))
             records.clear()
 
     read_to_end(settings, settings.transactions_topic, on_transaction)
     if records:
-        batches.append(TxColumns.from_records(records))
-    yield from batches
+        sink(TxColumns.from_records(records))
+    return undecodable
 
 
 def _decode(schemas, value: bytes | None) -> dict:
@@ -200,8 +220,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     delay_ms = round(settings.label_delay_days * DAY_MS)
     schemas = console_schemas(Registry(settings).schema_by_id)
     labels, targets = read_labels(settings, schemas, first_ms, end_ms)
-    data = training_set(transaction_batches(settings, schemas), labels, targets, first_ms=first_ms, end_ms=end_ms,
-                        label_delay_ms=delay_ms)
+    builder = TrainingSetBuilder(labels, targets, first_ms=first_ms, end_ms=end_ms, label_delay_ms=delay_ms)
+    undecodable = read_transactions(settings, schemas, builder.add)
+    data = builder.result()
     frauds = int(data.target.sum())
     if not len(data.target) or not frauds:
         raise NothingToTrain(f"no labelled {'fraud' if len(data.target) else 'transaction'} from {first} to {last} on "
@@ -220,6 +241,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
           f"threshold {threshold:.3f}", flush=True)
     print(f"wrote {args.output} (model version {args.model_version}); use it with: fraudstream detect --model "
           f"{args.output}", flush=True)
+    if undecodable:
+        print(f"fraudstream train: warning: {undecodable:,} transactions could not be decoded: left out",
+              file=sys.stderr)
     if labels.unplaced:
         print(f"fraudstream train: warning: {labels.unplaced:,} labels without terminal or event time (written before "
               "labels carried them): no per-terminal feature counts them", file=sys.stderr)
