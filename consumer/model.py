@@ -186,7 +186,7 @@ def rules_score(fired: np.ndarray) -> np.ndarray:
 
 def score_header_values(scores: np.ndarray) -> list[bytes]:
     """A score as the legit record's header carries it: UTF-8 decimal text, 6 significant digits."""
-    return [text.encode() for text in np.char.mod("%.6g", scores).tolist()]
+    return [b"%.6g" % value for value in scores.tolist()]  # bytes formatting: ~7x faster than np.char.mod
 
 
 class Model:
