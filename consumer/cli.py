@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if settings.model_file is not None and not settings.stateful:
         raise ConfigError("--model needs the stateful detector (its features are per-card state): drop --stateless")
+    if settings.model_file is not None:
+        from fraudstream.consumer.model import Model
+
+        Model.load(settings.model_file)  # a missing or foreign file fails now, before anything connects
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s detect %(message)s", force=True)
     logging.getLogger("fraudstream.librdkafka").setLevel(logging.WARNING)
     for name in ("httpx", "httpx2"):  # the registry client logs one line per request otherwise
