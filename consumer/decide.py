@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyruhvro
 
 from fraudstream.consumer.rules import Rule, fired
+from fraudstream.evaluate import SCORE_HEADER
 from fraudstream.records import Transaction
 from fraudstream.serde import HEADER, MAGIC_BYTE, Decoder, DecodeError, make_encoder, read_payload, split_frame
 
@@ -38,6 +39,9 @@ DLQ_REASON = "error.reason"
 DLQ_TOPIC = "source.topic"
 DLQ_PARTITION = "source.partition"
 DLQ_OFFSET = "source.offset"
+# The stateless rule's score: 1.0 when it fired (the alert's `score`), 0 otherwise (the legit record's header).
+STATELESS_FRAUD_SCORE = 1.0
+STATELESS_LEGIT_HEADERS = [(SCORE_HEADER, b"0")]
 
 
 class Route(enum.IntEnum):
@@ -66,11 +70,20 @@ class DecidedBatch:
     size: int  # messages in the batch
     outputs: dict[int, Decision]  # message index -> its own output
     legit_headers: list[tuple[str, bytes]] | None = None  # of every forwarded record
+    # A model's score per message index (SCORE_HEADER values), when it differs record by record; without
+    # a model the score of a legit record is the same for all, and sits in legit_headers.
+    legit_scores: list[bytes] | None = None
+
+    def headers_of(self, index: int) -> list[tuple[str, bytes]] | None:
+        """The headers of the forwarded record at `index`."""
+        if self.legit_scores is None:
+            return self.legit_headers
+        return [*(self.legit_headers or ()), (SCORE_HEADER, self.legit_scores[index])]
 
     def decisions(self, messages: Sequence) -> list[Decision]:
         """One Decision per message, forwarded ones included (for callers that want them all)."""
-        outputs, headers = self.outputs, self.legit_headers
-        return [outputs.get(index) or Decision(Route.LEGIT, message.key(), message.value(), headers)
+        outputs, headers_of = self.outputs, self.headers_of
+        return [outputs.get(index) or Decision(Route.LEGIT, message.key(), message.value(), headers_of(index))
                 for index, message in enumerate(messages)]
 
     def routes(self) -> Counter[Route]:
@@ -145,12 +158,12 @@ class Decider:
             if rule_names:
                 outputs[index] = self.fraud_decision(message, record, rule_names, now_ms)
             elif schema_id != legit_id:
-                outputs[index] = Decision(Route.LEGIT, message.key(), encode_legit(record))
-        return DecidedBatch(len(messages), outputs)
+                outputs[index] = Decision(Route.LEGIT, message.key(), encode_legit(record), STATELESS_LEGIT_HEADERS)
+        return DecidedBatch(len(messages), outputs, STATELESS_LEGIT_HEADERS)
 
     def fraud_decision(self, message, record: dict[str, Any], rule_names: list[str], now_ms: int) -> Decision:
-        """A FraudAlert carrying the whole record and the rules that fired."""
-        alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms}
+        """A FraudAlert carrying the whole record, the rules that fired and the stateless rule's score."""
+        alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms, "score": STATELESS_FRAUD_SCORE}
         return Decision(Route.FRAUD, message.key(), self.encode_fraud(alert), rules=tuple(rule_names))
 
 
@@ -385,4 +398,4 @@ class ColumnarDecider:
             decided = self.record_wise.decide_batch([messages[i] for i in indices])
             for position, decision in decided.outputs.items():  # the others are forwarded as they came
                 outputs[indices[position]] = decision
-        return DecidedBatch(len(messages), outputs)
+        return DecidedBatch(len(messages), outputs, STATELESS_LEGIT_HEADERS)

@@ -38,7 +38,7 @@ from fraudstream.consumer.metrics import DetectorMetrics
 from fraudstream.consumer.rules import TERMINAL_RULES, load_rules, rules_from_settings
 from fraudstream.consumer.rules_topic import RulesTopic
 from fraudstream.consumer.state.manager import StateManager
-from fraudstream.consumer.stateful import STORES, StatefulDecider, decode_batch
+from fraudstream.consumer.stateful import STORES, StatefulDecider, decode_batch, load_scoring
 from fraudstream.errors import Fenced, KafkaUnavailable, RegistryError
 from fraudstream.kafka import (admin, consumer_config, ensure_topics, max_message_bytes, produce_or_wait, static_members,
                                transactional_producer_config, wait_for_cluster)
@@ -102,6 +102,7 @@ class Detector:
         self._successor_wait_s = consumer_config(settings, settings.group_id)["session.timeout.ms"] / 1000 * 1.5 + 2
         self.rules_topic: RulesTopic | None = None  # the rules in force, when the stateful rules are on
         self.rules_dead_lettered = 0  # refused rule records this detector routed to the dead-letter topic
+        self.labels = None  # the labels topic's reader, when a model scores the records
 
     # ----- start-up -----
     def _start(self) -> tuple[Decider | ColumnarDecider, list]:
@@ -153,8 +154,10 @@ class Detector:
         rules = self._rules_from_topic()
         self.on_log(f"rules {', '.join(rules.names)} (rule set {rules.version} of {s.rules_topic}); "
                     f"state in {', '.join(self.state.topics.values())}")
+        model, self.labels = load_scoring(s, on_log=self.on_log)
         return StatefulDecider(lambda messages: decode_batch(columnar, record_wise, messages), rules, self.state,
-                               encode_legit=record_wise.encode_legit, encode_fraud=record_wise.encode_fraud)
+                               encode_legit=record_wise.encode_legit, encode_fraud=record_wise.encode_fraud,
+                               model=model, labels=self.labels)
 
     def _new_consumer(self) -> Consumer:
         s = self.settings
@@ -379,8 +382,11 @@ class Detector:
         headers. The fast path: one produce call per record and no object; anything unusual (a record
         near a topic's size limit, a produce that failed) goes to _produce_one."""
         produce, topic, headers = self.producer.produce, self.routes[Route.LEGIT], batch.legit_headers
+        headers_of = batch.headers_of if batch.legit_scores is not None else None
         for index in range(start, stop):
             message = messages[index]
+            if headers_of is not None:
+                headers = headers_of(index)
             value, key = message.value(), message.key()
             if len(value) + (len(key) if key else 0) <= small:
                 try:
@@ -691,6 +697,8 @@ class Detector:
         self.rules_dead_lettered += len(letters)
 
     def _close(self) -> None:
+        if self.labels is not None:
+            self.labels.close()
         if self.rules_topic is not None:
             self.rules_topic.close()
         if self.state is not None:

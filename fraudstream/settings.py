@@ -48,6 +48,8 @@ ENV: dict[str, str] = {
     "decoder": "FRAUDSTREAM_DECODER",
     "stateful": "FRAUDSTREAM_STATEFUL",
     "rules_file": "FRAUDSTREAM_RULES",
+    "model_file": "FRAUDSTREAM_MODEL",
+    "label_delay_days": "FRAUDSTREAM_LABEL_DELAY_DAYS",
     "metrics_port": "FRAUDSTREAM_METRICS_PORT",
     "transaction_timeout_ms": "FRAUDSTREAM_TRANSACTION_TIMEOUT_MS",
     "broker_outage_limit_s": "FRAUDSTREAM_BROKER_OUTAGE_LIMIT_S",
@@ -107,6 +109,12 @@ class Settings:
     # seed's threshold rule, with no state at all.
     stateful: bool = True
     rules_file: Path = resource_dir("rules") / "default.toml"
+    # A model made by `fraudstream train`: the stateful detector scores each record with it (and routes to
+    # fraud above its threshold), with per-terminal features from the labels topic. None: rule scores only.
+    model_file: Path | None = None
+    # How late labels arrive (days of event time): the detector uses a label only this long after its
+    # transaction's event time; `train` builds its features with the same delay.
+    label_delay_days: float = 7.0
     metrics_port: int = 0  # 0: no Prometheus endpoint
     # An open transaction stalls read_committed readers until it commits or this expires;
     # the detector stops retrying a transaction's calls before it expires.
@@ -222,6 +230,8 @@ class Settings:
             if getattr(self, name) >= MAX_POLL_INTERVAL_S:
                 raise ConfigError(f"{name} must be below {MAX_POLL_INTERVAL_S} s (the consumer's max.poll.interval.ms), "
                                   "or the group would evict a detector that is only waiting")
+        if not self.label_delay_days >= 0:
+            raise ConfigError(f"label_delay_days must not be negative, not {self.label_delay_days}")
         if self.fraud_threshold_cents < 0:
             raise ConfigError("fraud_threshold_cents must not be negative")
         if not self.schema_registry_url.startswith(("http://", "https://")):
@@ -258,6 +268,8 @@ def _convert(f: dataclasses.Field, raw: str, var: str) -> Any:
     try:
         if kind == "int":
             return int(raw)
+        if kind == "float":
+            return float(raw)
         if kind in ("Path", "Path | None"):
             return Path(raw)
         if kind == "bool":

@@ -532,7 +532,8 @@ class Generator:
 
     @staticmethod
     def _labelled(tx: Transaction, scenario: str) -> Pair:
-        return tx, Label(transaction_id=tx.transaction_id, is_fraud=scenario != LEGIT, scenario=scenario)
+        return tx, Label(transaction_id=tx.transaction_id, is_fraud=scenario != LEGIT, scenario=scenario,
+                         terminal_id=tx.terminal_id, event_time=tx.event_time)
 
     # -- legit traffic ------------------------------------------------------------------------
 
@@ -545,7 +546,8 @@ class Generator:
         else:  # somewhere new in town
             terminal = population.terminals[self._pick(population.in_person_terminals_at[account.home])]
         tx = self._transaction(when, account, self._card(account), terminal, self._typical_amount(account, terminal))
-        return tx, Label(transaction_id=tx.transaction_id, is_fraud=False, scenario=LEGIT)
+        return tx, Label(transaction_id=tx.transaction_id, is_fraud=False, scenario=LEGIT,
+                         terminal_id=tx.terminal_id, event_time=tx.event_time)
 
     def _travel(self, now_ms: int, when: datetime) -> Pair:
         """The account's owner away from home: legit, and a false positive for naive location rules."""
@@ -679,8 +681,11 @@ class GeneratedBatch:
 
     def labels(self, schema: pa.Schema) -> pa.RecordBatch:
         n = len(self.everyday)
-        batch = pa.RecordBatch.from_arrays([self.everyday.transaction_ids, pa.repeat(pa.scalar(False), n),
-                                            pa.repeat(pa.scalar(LEGIT), n)], schema=schema)
+        columns = self.everyday.columns(self.now_ms)  # the label names its transaction's terminal and time
+        values = {"transaction_id": self.everyday.transaction_ids, "is_fraud": pa.repeat(pa.scalar(False), n),
+                  "scenario": pa.repeat(pa.scalar(LEGIT), n), "terminal_id": columns["terminal_id"],
+                  "event_time": columns["event_time"]}
+        batch = pa.RecordBatch.from_arrays([values[f.name].cast(f.type) for f in schema], schema=schema)
         return self._in_order(batch, [label.to_dict() for _, label in self.own], schema)
 
     def _in_order(self, batch: pa.RecordBatch, own_rows: list[dict], schema: pa.Schema) -> pa.RecordBatch:
@@ -699,7 +704,8 @@ class GeneratedBatch:
         for fields in zip(*values, strict=True):
             record = dict(zip(names, fields, strict=True))
             tx = Transaction(event_time=when, **record)
-            made.append((tx, Label(transaction_id=tx.transaction_id, is_fraud=False, scenario=LEGIT)))
+            made.append((tx, Label(transaction_id=tx.transaction_id, is_fraud=False, scenario=LEGIT,
+                                   terminal_id=tx.terminal_id, event_time=tx.event_time)))
         order = self._order()
         if order is None:
             return made

@@ -18,6 +18,7 @@ from confluent_kafka.admin import MemberDescription
 
 import fraudstream.consumer.detector as detector_module
 from fraudstream.consumer.batching import BatchSizer
+from fraudstream.evaluate import SCORE_HEADER
 from fraudstream.consumer.decide import DLQ_KIND, DecidedBatch, Decision, Route, dead_letter
 from fraudstream.consumer.detector import FAILURES_IN_A_ROW_LIMIT, OUTPUT_TOO_LARGE, Detector
 from fraudstream.errors import Fenced, KafkaUnavailable
@@ -405,6 +406,22 @@ def test_forwarded_records_and_their_own_outputs_are_produced_in_input_order(mon
                 for topic, value, headers in producer.produced]
     assert produced == expected
     assert (metrics.legit, metrics.fraud, metrics.dead_lettered) == (6, 1, 1)
+
+
+class ScoredByAModel(FraudAtOneDeadAtFive):
+    """The same batch, with a model's score per record: each forwarded record carries its own."""
+
+    def decide_batch(self, messages):
+        batch = super().decide_batch(messages)
+        batch.legit_scores = [b"0.%d" % index for index in range(len(messages))]
+        return batch
+
+
+def test_a_forwarded_record_carries_its_own_score_when_a_model_scores_the_batch(monkeypatch):
+    detector, log, [producer] = make_detector(monkeypatch, partitions=1, records=8, decider=ScoredByAModel())
+    detector.run()
+    forwarded = [headers for topic, _, headers in producer.produced if topic == detector.settings.legit_topic]
+    assert forwarded == [[*ScoredByAModel.headers, (SCORE_HEADER, b"0.%d" % index)] for index in (0, 2, 3, 4, 6, 7)]
 
 
 def test_a_forwarded_record_over_the_legit_topics_limit_is_dead_lettered(monkeypatch):
