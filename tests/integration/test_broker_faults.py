@@ -270,10 +270,12 @@ def test_a_cluster_loses_a_partition_leader_and_gets_it_back(three_brokers, tmp_
             reader.wait_for_progress(timeout_s=FAULT_WAIT_S, what=f"progress before kill {kill}")
             leader = current_leader(settings, kill % settings.partitions)
             # It leads a partition of the state's changelog too (three brokers lead a partition of every topic).
-            assert leader in changelog_leaders(settings)
+            assert leader in changelog_leaders(client, settings)
             kill_and_wait(stack.broker_pid(leader))
             reader.wait_for(reader.total + RATE, timeout_s=FAULT_WAIT_S, what="progress with one broker down")
-            assert leader not in changelog_leaders(settings)  # moved: the restores below read it across the move
+            # Moved once the cluster fenced the dead broker: the restores read the changelog across the move.
+            wait_until(lambda: leader not in changelog_leaders(client, settings), timeout_s=FAULT_WAIT_S,
+                       what="the changelog's leadership to leave the killed broker")
             stack.start_broker(leader)
             reader.wait_for_progress(timeout_s=FAULT_WAIT_S, what="progress after the broker came back")
         output = assert_exactly_once_and_healthy(settings, reader, detector, stream)
@@ -290,9 +292,9 @@ def test_a_cluster_loses_a_partition_leader_and_gets_it_back(three_brokers, tmp_
     assert restores > settings.partitions and restored > 0, f"no restore after the kill: {restores} restores"
 
 
-def changelog_leaders(settings: Settings) -> set[int]:
+def changelog_leaders(client, settings: Settings) -> set[int]:
     changelog = settings.changelog_topic("cards")
-    return {p.leader for p in admin(settings).list_topics(changelog, timeout=30).topics[changelog].partitions.values()}
+    return {p.leader for p in client.list_topics(changelog, timeout=30).topics[changelog].partitions.values()}
 
 
 def _restore_counts(output: str) -> tuple[int, int]:
