@@ -20,6 +20,7 @@ txn_requires_abort(), fatal()):
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import socket
