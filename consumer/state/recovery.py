@@ -32,10 +32,12 @@ log = logging.getLogger("fraudstream.state")
 
 RESTORE_BATCH = 20_000
 # What a just-created topic answers until its partitions have leaders, and a partition whose leader is
-# down or moving: its request timed out, or the client's metadata names a leader it has since dropped
+# down or moving: its request timed out or failed in transport, the client dropped that broker while the
+# request waited for it ("broker handle destroyed"), or its metadata names a leader it has since dropped
 # (librdkafka's local "unknown partition") until the next metadata answer.
 _NO_LEADER_YET = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART,
-                  KafkaError._TIMED_OUT, KafkaError._UNKNOWN_PARTITION, KafkaError._TRANSPORT}
+                  KafkaError._TIMED_OUT, KafkaError._UNKNOWN_PARTITION, KafkaError._TRANSPORT,
+                  KafkaError._DESTROY_BROKER}
 
 
 @dataclass
