@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stateless", dest="stateful", action="store_const", const=False,
                         help="only the seed's threshold rule: no per-card state, no changelog topics "
                              "[FRAUDSTREAM_STATEFUL=0]")
-    parser.add_argument("--batch-max-records", dest="batch_max_records", type=int, help="records per transaction at most")
-    parser.add_argument("--batch-max-ms", dest="batch_max_ms", type=int, help="wait at most this long to fill a batch")
+    parser.add_argument("--batch-max-records", dest="batch_max_records", type=int, help="records per transaction at most (reached while the input is backlogged)")
+    parser.add_argument("--batch-max-ms", dest="batch_max_ms", type=int, help="wait this long for a first record; a batch closes as soon as the input runs dry")
     parser.add_argument("--decoder", dest="decoder", choices=DECODERS,
                         help="columnar (Arrow batches, default) or record (fastavro per record) [FRAUDSTREAM_DECODER]")
     parser.add_argument("--metrics-port", dest="metrics_port", type=int, help="serve Prometheus metrics on this port")

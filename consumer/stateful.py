@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from fraudstream.consumer.decide import ColumnarDecider, Decider, Decision, Route, dead_letter
+from fraudstream.consumer.decide import ColumnarDecider, DecidedBatch, Decider, Decision, Route, dead_letter
 from fraudstream.consumer.features import CARD_FEATURES, PROFILE_DTYPE, PROFILE_LAYOUT, PROFILE_TTL_MS, TxColumns, card_features
 from fraudstream.consumer.rules import RuleSet
 from fraudstream.consumer.rules_topic import RULE_SET_HEADER
@@ -73,10 +73,16 @@ class StatefulDecider:
         self.encode_fraud = encode_fraud
 
     def decide(self, messages: Sequence) -> list[Decision]:
+        return self.decide_batch(messages).decisions(messages)
+
+    def decide_batch(self, messages: Sequence) -> DecidedBatch:
+        """Legit records decoded in Arrow (written with the current schema) are forwarded with no Decision
+        of their own; the batch's rule-set version goes in their headers."""
         decoded = self.decode(messages)  # raises before any state is touched
-        decisions: list[Decision | None] = [None] * len(messages)
-        for index, decision in decoded.dead.items():
-            decisions[index] = decision
+        rules = self.rules  # one rule set for the whole batch, even if a new one is installed meanwhile
+        legit_headers = [(RULE_SET_HEADER, rules.version.encode())]  # shared by the batch's legit records
+        decisions = DecidedBatch(len(messages), dict(decoded.dead), legit_headers)
+        outputs = decisions.outputs
         parts, is_column = [], []
         if decoded.columns is not None and decoded.columns.num_rows:
             parts.append((decoded.column_rows, TxColumns.from_arrow(decoded.columns)))
@@ -103,18 +109,15 @@ class StatefulDecider:
             for name, values in card_features(table, tx.take(rows)).items():
                 features[name][rows] = values
 
-        rules = self.rules  # one rule set for the whole batch, even if a new one is installed meanwhile
         fired = rules.evaluate(tx, features)  # (rules, rows)
         is_fraud = fired.any(axis=0)
-        # The output loop runs once per record: plain lists and locals, no NumPy scalars.
+        # Legit rows decoded in Arrow are forwarded as they came; the others (other writer versions) are
+        # re-encoded. Plain lists and locals: this loop runs once per such record.
         legit, records = Route.LEGIT, dict(decoded.records)
         encode_legit = self.encode_legit
-        legit_headers = [(RULE_SET_HEADER, rules.version.encode())]  # shared by the batch's legit records
         fraud_rows = np.flatnonzero(is_fraud)
-        for index, from_column in zip(positions[~is_fraud].tolist(), from_columns[~is_fraud].tolist(), strict=True):
-            message = messages[index]
-            value = message.value() if from_column else encode_legit(records[index])
-            decisions[index] = Decision(legit, message.key(), value, legit_headers)
+        for index in positions[~is_fraud & ~from_columns].tolist():
+            outputs[index] = Decision(legit, messages[index].key(), encode_legit(records[index]), legit_headers)
         if len(fraud_rows):
             names, versions, now_ms = rules.names, getattr(rules, "versions", {}), int(time.time() * 1000)
             column_records = _column_records(decoded, source_row[fraud_rows][from_columns[fraud_rows]])
@@ -125,8 +128,8 @@ class StatefulDecider:
                 alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms,
                          "fired": [{"id": name, "version": versions.get(name, 0)} for name in rule_names],
                          "rule_set_version": rules.version}
-                decisions[index] = Decision(Route.FRAUD, messages[index].key(), self.encode_fraud(alert),
-                                            rules=tuple(rule_names))
+                outputs[index] = Decision(Route.FRAUD, messages[index].key(), self.encode_fraud(alert),
+                                          rules=tuple(rule_names))
         return decisions
 
 

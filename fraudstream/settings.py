@@ -63,8 +63,9 @@ ENV: dict[str, str] = {
     # Client properties files (Java-style, as Kafka's tools and confluent-kafka's examples read them).
     "kafka_config": "FRAUDSTREAM_KAFKA_CONFIG",
     "registry_config": "FRAUDSTREAM_REGISTRY_CONFIG",
-    # `stack up --secure`: the SASL_SSL listener and the registry's HTTPS port.
+    # `stack up --secure`: the SASL_SSL listener, the mutual-TLS listener and the registry's HTTPS port.
     "kafka_secure_port": "FRAUDSTREAM_KAFKA_SECURE_PORT",
+    "kafka_mtls_port": "FRAUDSTREAM_KAFKA_MTLS_PORT",
     "registry_secure_port": "FRAUDSTREAM_REGISTRY_SECURE_PORT",
 }
 
@@ -93,9 +94,11 @@ class Settings:
     transactional_id: str = ""
     # The seed's rule: more than $900.00 in one transaction is fraud. Money is integer cents.
     fraud_threshold_cents: int = 90_000
-    batch_max_records: int = 2_000
-    # Bounds the wait to fill a batch, hence end-to-end latency at low rates; a busy topic fills
-    # batches by count first.
+    # Records per transaction at most: a backlogged input's transactions grow to this (the broker's cost
+    # is per transaction); a quiet input's batch closes as soon as nothing more is fetched.
+    batch_max_records: int = 20_000
+    # How long the detector waits for a first record before it looks around (rule changes, a stop),
+    # and how long it goes on taking records that keep arriving before it closes the batch.
     batch_max_ms: int = 25
     # "columnar": each batch's current-schema records decoded at once into Arrow (pyruhvro) and the
     # rules run on columns; "record": fastavro record by record. Same decisions; see consumer/decide.py.
@@ -123,6 +126,7 @@ class Settings:
     kafka_config: Path | None = None
     registry_config: Path | None = None
     kafka_secure_port: int = 9443
+    kafka_mtls_port: int = 9444
     registry_secure_port: int = 8443
     # librdkafka properties for every client (e.g. security.protocol, sasl.*, ssl.*), from kafka_config
     # and -X flags; bootstrap.servers among them becomes bootstrap_servers.
