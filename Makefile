@@ -16,7 +16,7 @@ BENCH_ARGS ?=
 # Like the tests: an existing Kafka and registry when both variables are set, otherwise the local stack.
 EXISTING_SERVICES := $(and $(KAFKA_BOOTSTRAP_SERVERS),$(SCHEMA_REGISTRY_URL))
 
-.PHONY: demo test faults stack-up stack-down services bench bench-quick bench-rules clean
+.PHONY: demo test faults handbook stack-up stack-down services bench bench-quick bench-rules clean
 
 demo: services
 	$(BIN)/fraudstream schemas register
@@ -30,6 +30,10 @@ test: $(INSTALLED)
 FAULT_ROUNDS ?= 10
 faults: $(INSTALLED)
 	FAULT_ROUNDS=$(FAULT_ROUNDS) $(BIN)/python -m pytest tests/integration/test_broker_faults.py $(PYTEST_ARGS)
+
+# The Handbook's benchmark end to end (produce, train, detect --model, evaluate): about 15 minutes.
+handbook: services
+	$(BIN)/python -m benchmarks.handbook_model $(HANDBOOK_ARGS)
 
 # quixstreams runs in .venv-quix, which the benchmark creates on first use (benchmarks/quix_env.py).
 bench: services

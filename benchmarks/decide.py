@@ -62,7 +62,10 @@ def deciders(module: ModuleType, settings: Settings) -> dict[str, Callable[[list
                               fraud_schema=schemas.parsed["FraudAlert"], reject_trailing_bytes=strict)
 
     columnar = module.ColumnarDecider(record_wise(False), reader_schema=schemas.expanded["Transaction"])
-    return {"record": record_wise(True).decide, "columnar": columnar.decide}
+    record = record_wise(True)
+    # What the detector calls: decide_batch (no object per forwarded record) where the module has it.
+    return {"record": getattr(record, "decide_batch", record.decide),
+            "columnar": getattr(columnar, "decide_batch", columnar.decide)}
 
 
 def batches(settings: Settings, size: int) -> dict[str, list[Message]]:

@@ -4,11 +4,14 @@
 
 Each side: a fresh input topic filled with the generator's transactions first and its rules topic
 seeded, then one stateful detector (in this process) routes them all; its rate is counted from its
-first record to its last. On the changing side another process writes a new version of the amount rule
-(its threshold alternating) every `--every` seconds, from before the detector starts to its end.
-Prints both rates (medians over the rounds, sides alternated), their ratio (changing / steady), and how
-many changes the detector installed while routing. Needs the stack (KAFKA_BOOTSTRAP_SERVERS,
-SCHEMA_REGISTRY_URL).
+first record to its last. On both sides another process writes a new version of the amount rule
+(its threshold alternating) every `--every` seconds, from before the detector starts to its end, with
+one producer for its life (as an analyst's tool would run elsewhere). On the changing side it writes to
+the detector's rules topic; on the steady side, after the first change (both sides start alike), to a
+topic nobody reads, so the machine carries the same writer on both sides and the ratio is what
+receiving and installing the changes costs the detector. Prints both rates (medians over the rounds,
+sides alternated), their ratio (changing / steady), and how many changes the detector installed while
+routing. Needs the stack (KAFKA_BOOTSTRAP_SERVERS, SCHEMA_REGISTRY_URL).
 """
 
 from __future__ import annotations
@@ -22,17 +25,19 @@ import time
 import uuid
 from datetime import UTC, datetime
 
+from confluent_kafka import Producer
+
 from fraudstream.consumer.detector import Detector
 from fraudstream.consumer.rules import LARGE_AMOUNT
 from fraudstream.consumer.rules import RULE_NAMES
 from fraudstream.consumer.rules_topic import RulesCodec, check_rules_topic, read_all, seed_records, write_records
-from fraudstream.kafka import ensure_topics
+from fraudstream.kafka import ensure_topics, producer_config
 from fraudstream.registry import register_all
 from fraudstream.settings import Settings
 from fraudstream.producer.loop import produce
 
 
-def run_side(base: Settings, count: int, every_s: float | None) -> tuple[float, int, int]:
+def run_side(base: Settings, count: int, every_s: float, changing: bool = True) -> tuple[float, int, int]:
     """(records per second, rule changes the detector installed while it routed them, the amount rule's
     version in force at the end). How many changes land while routing depends on the run's speed; the
     change written before the detector starts is always installed, so the last figure is at least 2."""
@@ -45,9 +50,10 @@ def run_side(base: Settings, count: int, every_s: float | None) -> tuple[float, 
     check_rules_topic(settings)
     write_records(settings, codec, seed_records(settings, settings.rules_file, author="benchmark"))
     # The analyst writes from another process, as in production: not competing for this one's GIL. Both
-    # sides start alike (one change written before the detector starts); only the changing side goes on.
+    # sides start alike (one change written before the detector starts); only the changing side goes on
+    # writing to the detector's rules topic, the steady side's writer to a topic nobody reads.
     writer_stop = multiprocessing.Event()
-    writer = multiprocessing.Process(target=_change_rules, args=(settings, every_s or 0.5, writer_stop, bool(every_s)),
+    writer = multiprocessing.Process(target=_change_rules, args=(settings, every_s, writer_stop, changing),
                                      daemon=True)
     writer.start()
     deadline = time.monotonic() + 60
@@ -78,13 +84,20 @@ def run_side(base: Settings, count: int, every_s: float | None) -> tuple[float, 
 def _change_rules(settings: Settings, every_s: float, stop, keep_changing: bool) -> None:
     codec = RulesCodec(settings)
     [rule] = [r for _, r, _ in read_all(settings, codec) if r is not None and r.id == LARGE_AMOUNT][-1:]
+    unread = f"{settings.rules_topic}.unread"  # the steady side's writes after the first: nobody reads them
+    ensure_topics(settings, (unread,))
+    producer = Producer(producer_config(settings))
+    topic = settings.rules_topic
     while not stop.wait(every_s):
         threshold = 50_000 if rule.parameters["threshold_cents"] != 50_000 else 90_000
         rule = dataclasses.replace(rule, version=rule.version + 1, written_at=datetime.now(UTC),
                                    parameters={**rule.parameters, "threshold_cents": threshold})
-        write_records(settings, codec, [rule])
+        producer.produce(topic, codec.encode(rule), rule.id.encode())
+        if producer.flush(30):
+            raise RuntimeError(f"could not write to {topic} within 30 s")
         if not keep_changing:
-            return
+            topic = unread
+    producer.flush(30)
 
 
 def main() -> None:
@@ -96,8 +109,8 @@ def main() -> None:
     base = Settings.from_env()
     steady_rates, changing_rates, changes = [], [], []
     for _ in range(args.rounds):
-        steady_rates.append(run_side(base, args.count, None)[0])
-        rate, installed, _ = run_side(base, args.count, args.every)
+        steady_rates.append(run_side(base, args.count, args.every, changing=False)[0])
+        rate, installed, _ = run_side(base, args.count, args.every, changing=True)
         changing_rates.append(rate)
         changes.append(installed)
     steady, changing = statistics.median(steady_rates), statistics.median(changing_rates)

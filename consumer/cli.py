@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from fraudstream.consumer.detector import run_until_signalled
+from fraudstream.errors import ConfigError
 from fraudstream.settings import DECODERS, Settings
 
 
@@ -26,8 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stateless", dest="stateful", action="store_const", const=False,
                         help="only the seed's threshold rule: no per-card state, no changelog topics "
                              "[FRAUDSTREAM_STATEFUL=0]")
-    parser.add_argument("--batch-max-records", dest="batch_max_records", type=int, help="records per transaction at most")
-    parser.add_argument("--batch-max-ms", dest="batch_max_ms", type=int, help="wait at most this long to fill a batch")
+    parser.add_argument("--model", dest="model_file", type=Path,
+                        help="score with a model made by `fraudstream train` (needs the stateful rules) [FRAUDSTREAM_MODEL]")
+    parser.add_argument("--label-delay", dest="label_delay_days", type=float, metavar="DAYS",
+                        help="days after a transaction's event time before its label may be used "
+                             "[FRAUDSTREAM_LABEL_DELAY_DAYS, default 7]")
+    parser.add_argument("--batch-max-records", dest="batch_max_records", type=int, help="records per transaction at most (reached while the input is backlogged)")
+    parser.add_argument("--batch-max-ms", dest="batch_max_ms", type=int, help="wait this long for a first record; a batch closes as soon as the input runs dry")
     parser.add_argument("--decoder", dest="decoder", choices=DECODERS,
                         help="columnar (Arrow batches, default) or record (fastavro per record) [FRAUDSTREAM_DECODER]")
     parser.add_argument("--metrics-port", dest="metrics_port", type=int, help="serve Prometheus metrics on this port")
@@ -36,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.model_file is not None and not settings.stateful:
+        raise ConfigError("--model needs the stateful detector (its features are per-card state): drop --stateless")
+    if settings.model_file is not None:
+        from fraudstream.consumer.model import Model
+
+        Model.load(settings.model_file)  # a missing or foreign file fails now, before anything connects
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s detect %(message)s", force=True)
     logging.getLogger("fraudstream.librdkafka").setLevel(logging.WARNING)
     for name in ("httpx", "httpx2"):  # the registry client logs one line per request otherwise

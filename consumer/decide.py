@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyruhvro
 
 from fraudstream.consumer.rules import Rule, fired
+from fraudstream.evaluate import SCORE_HEADER
 from fraudstream.records import Transaction
 from fraudstream.serde import HEADER, MAGIC_BYTE, Decoder, DecodeError, make_encoder, read_payload, split_frame
 
@@ -38,6 +39,9 @@ DLQ_REASON = "error.reason"
 DLQ_TOPIC = "source.topic"
 DLQ_PARTITION = "source.partition"
 DLQ_OFFSET = "source.offset"
+# The stateless rule's score: 1.0 when it fired (the alert's `score`), 0 otherwise (the legit record's header).
+STATELESS_FRAUD_SCORE = 1.0
+STATELESS_LEGIT_HEADERS = [(SCORE_HEADER, b"0")]
 
 
 class Route(enum.IntEnum):
@@ -54,6 +58,39 @@ class Decision:
     headers: list[tuple[str, bytes]] | None = None
     dead_letter_kind: str | None = None
     rules: tuple[str, ...] = ()  # of a fraud decision: the rules that fired
+
+
+@dataclass(slots=True)
+class DecidedBatch:
+    """A decided batch, without an object per forwarded record (most of them). Every message is
+    forwarded to the legit topic as it came (its own key and value bytes: same schema, same id) with
+    `legit_headers`, except the messages in `outputs`: fraud alerts, dead letters, and legit records
+    re-encoded from another writer schema, each with its own Decision."""
+
+    size: int  # messages in the batch
+    outputs: dict[int, Decision]  # message index -> its own output
+    legit_headers: list[tuple[str, bytes]] | None = None  # of every forwarded record
+    # A model's score per message index (SCORE_HEADER values), when it differs record by record; without
+    # a model the score of a legit record is the same for all, and sits in legit_headers.
+    legit_scores: list[bytes] | None = None
+
+    def headers_of(self, index: int) -> list[tuple[str, bytes]] | None:
+        """The headers of the forwarded record at `index`."""
+        if self.legit_scores is None:
+            return self.legit_headers
+        return [*(self.legit_headers or ()), (SCORE_HEADER, self.legit_scores[index])]
+
+    def decisions(self, messages: Sequence) -> list[Decision]:
+        """One Decision per message, forwarded ones included (for callers that want them all)."""
+        outputs, headers_of = self.outputs, self.headers_of
+        return [outputs.get(index) or Decision(Route.LEGIT, message.key(), message.value(), headers_of(index))
+                for index, message in enumerate(messages)]
+
+    def routes(self) -> Counter[Route]:
+        """Records per route."""
+        tally = Counter(decision.route for decision in self.outputs.values())
+        tally[Route.LEGIT] += self.size - len(self.outputs)
+        return tally
 
 
 def invalid_values(currency: str, amount_cents: int, expected_currency: str) -> DecodeError | None:
@@ -100,30 +137,34 @@ class Decider:
         return schema_id, record, transaction
 
     def decide(self, messages: Sequence, *, verified: bool = False) -> list[Decision]:
+        return self.decide_batch(messages, verified=verified).decisions(messages)
+
+    def decide_batch(self, messages: Sequence, *, verified: bool = False) -> DecidedBatch:
+        """The batch's outputs; a record written with the current schema and no rule firing is forwarded."""
         # Locals: this loop runs once per record.
         decode = functools.partial(self.decode, verified=True) if verified else self.decode
         rules = self.rules
         legit_id = self.legit_schema_id
         encode_legit = self.encode_legit
-        encode_fraud = self.encode_fraud
         now_ms = int(time.time() * 1000)
-        decisions = []
-        append = decisions.append
-        for message in messages:
+        outputs: dict[int, Decision] = {}
+        for index, message in enumerate(messages):
             try:
                 schema_id, record, transaction = decode(message)
             except DecodeError as error:
-                append(dead_letter(message, error))
+                outputs[index] = dead_letter(message, error)
                 continue
             rule_names = fired(rules, transaction)
             if rule_names:
-                alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms}
-                append(Decision(Route.FRAUD, message.key(), encode_fraud(alert), rules=tuple(rule_names)))
-            elif schema_id == legit_id:
-                append(Decision(Route.LEGIT, message.key(), message.value()))
-            else:
-                append(Decision(Route.LEGIT, message.key(), encode_legit(record)))
-        return decisions
+                outputs[index] = self.fraud_decision(message, record, rule_names, now_ms)
+            elif schema_id != legit_id:
+                outputs[index] = Decision(Route.LEGIT, message.key(), encode_legit(record), STATELESS_LEGIT_HEADERS)
+        return DecidedBatch(len(messages), outputs, STATELESS_LEGIT_HEADERS)
+
+    def fraud_decision(self, message, record: dict[str, Any], rule_names: list[str], now_ms: int) -> Decision:
+        """A FraudAlert carrying the whole record, the rules that fired and the stateless rule's score."""
+        alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms, "score": STATELESS_FRAUD_SCORE}
+        return Decision(Route.FRAUD, message.key(), self.encode_fraud(alert), rules=tuple(rule_names))
 
 
 def dead_letter(message, error: DecodeError) -> Decision:
@@ -171,6 +212,9 @@ class DecodedBatch:
     fallback: list[int]
 
 
+# binary_slice's stop for "to the end" (pyarrow 26 fails on an omitted stop: "Negative buffer resize").
+_TO_THE_END = (1 << 31) - 1
+
 # Arrow types whose every value the checks below prove readable by fastavro. A schema with any
 # other type is refused at start-up, so that a new field cannot slip past the checks unnoticed.
 _CHECKED_TYPES = (pa.types.is_string, pa.types.is_int64, pa.types.is_float64,
@@ -200,25 +244,30 @@ class ColumnarDecider:
         self.timestamp_columns = [(f.name, _TIMESTAMP_RANGE[f.type.unit]) for f in arrow_schema
                                   if pa.types.is_timestamp(f.type)]
         self.deserialize = deserialize
+        self._current_header = pa.scalar(HEADER.pack(MAGIC_BYTE, record_wise.legit_schema_id), pa.binary())
         # Totals for tests and profiling: rows decoded in Arrow, rows handed to the record-wise
         # decider, calls into pyruhvro, and Rust panics caught.
         self.counts: Counter[str] = Counter()
 
     # ----- the decode step -----
     def decode(self, messages: Sequence) -> DecodedBatch:
-        current_id = self.record_wise.legit_schema_id
-        header_size, unpack = HEADER.size, HEADER.unpack_from
-        candidates, fallback = [], []
-        for index, message in enumerate(messages):
-            value = message.value()
-            if value and value[0] == MAGIC_BYTE and len(value) >= header_size and unpack(value)[1] == current_id:
-                candidates.append(index)
-            else:
-                fallback.append(index)
+        header_size = HEADER.size
+        values = [message.value() for message in messages]
+        # Framed with our current schema's id: the 5-byte header compared in Arrow, not record by record.
+        column = pa.array(values, pa.binary())
+        current = pc.fill_null(pc.equal(pc.binary_slice(column, 0, header_size), self._current_header), False)
         dead: dict[int, DecodeError] = {}
-        if not candidates:
-            return DecodedBatch(None, [], dead, fallback)
-        payloads = [messages[i].value()[header_size:] for i in candidates]
+        if current.true_count == len(values):  # the usual case: no index lists to build
+            candidates, fallback = range(len(values)), []
+            payloads = [value[header_size:] for value in values]
+            payload_column = pc.binary_slice(column, header_size, _TO_THE_END)
+        else:
+            candidates = pc.indices_nonzero(current).to_pylist()
+            fallback = pc.indices_nonzero(pc.invert(current)).to_pylist()
+            if not candidates:
+                return DecodedBatch(None, [], dead, fallback)
+            payloads = [values[i][header_size:] for i in candidates]
+            payload_column = pc.binary_slice(column.filter(current), header_size, _TO_THE_END)
         batch, accepted = self._arrow(payloads)
         if len(accepted) < len(payloads):
             refused = set(range(len(payloads))) - set(accepted)
@@ -226,9 +275,13 @@ class ColumnarDecider:
         if batch is None:
             fallback.sort()
             return DecodedBatch(None, [], dead, fallback)
-        payloads = [payloads[p] for p in accepted] if len(accepted) < len(payloads) else payloads
-        rows = [candidates[p] for p in accepted]
-        keep = self._readable(batch, payloads)
+        if len(accepted) < len(payloads):
+            payloads = [payloads[p] for p in accepted]
+            payload_column = payload_column.take(pa.array(accepted, pa.int64()))
+            rows = [candidates[p] for p in accepted]
+        else:
+            rows = list(candidates)
+        keep = self._readable(batch, payloads, payload_column)
         invalid = pc.or_(pc.not_equal(batch.column("currency"), self.record_wise.currency),
                          pc.less(batch.column("amount_cents"), 0))
         if keep is not None or invalid.true_count:
@@ -283,7 +336,7 @@ class ColumnarDecider:
             return pieces[0], accepted
         return pa.Table.from_batches(pieces).combine_chunks().to_batches()[0], accepted
 
-    def _readable(self, batch: pa.RecordBatch, payloads: list) -> pa.BooleanArray | None:
+    def _readable(self, batch: pa.RecordBatch, payloads: list, payload_column: pa.BinaryArray) -> pa.BooleanArray | None:
         """Rows the record-wise decoder would read exactly as Arrow did (None: all of them): timestamps
         a Python datetime can hold, and bytes equal to the record's own canonical encoding (which
         also rules out bytes after the record, unless those are allowed)."""
@@ -304,7 +357,7 @@ class ColumnarDecider:
             log.warning("pyruhvro could not re-encode %d records (%s): decoding them record by record", len(payloads), exc)
             return pa.array([False] * len(payloads), pa.bool_())
         encoded = encoded[0] if len(encoded) == 1 else pa.concat_arrays(encoded)
-        same = pc.equal(encoded, pa.array(payloads, pa.binary()))
+        same = pc.equal(encoded, payload_column)
         if same.false_count and not self.record_wise.reject_trailing_bytes:
             # Bytes after a complete record are allowed: a payload that starts with the record's
             # encoding is that record (the decode is a prefix parse, so it stopped right there).
@@ -315,27 +368,34 @@ class ColumnarDecider:
 
     # ----- the rule step -----
     def decide(self, messages: Sequence) -> list[Decision]:
+        return self.decide_batch(messages).decisions(messages)
+
+    def decide_batch(self, messages: Sequence) -> DecidedBatch:
+        """Rows where no rule fires are forwarded with no per-record work here; only the dead letters, the
+        fraud alerts and the fallback records get a Decision."""
         decoded = self.decode(messages)
-        decisions: list[Decision | None] = [None] * len(messages)
-        for index, error in decoded.dead.items():
-            decisions[index] = dead_letter(messages[index], error)
-        alerts = []
+        outputs = {index: dead_letter(messages[index], error) for index, error in decoded.dead.items()}
         if decoded.rows:
-            fires = None
-            for rule in self.record_wise.rules:
-                column = rule.fires_on_columns(decoded.columns)
-                fires = column if fires is None else pc.or_(fires, column)
-            flags = fires.to_pylist() if fires is not None else [False] * len(decoded.rows)
-            for index, flagged in zip(decoded.rows, flags, strict=True):
-                if flagged:  # a fraud alert carries the whole record: the record-wise decider writes it
-                    alerts.append(index)
-                else:
-                    message = messages[index]
-                    decisions[index] = Decision(Route.LEGIT, message.key(), message.value())
-        for indices, verified in ((decoded.fallback, False), (alerts, True)):
-            if indices:
-                self.counts["record_rows"] += len(indices)
-                chosen = [messages[i] for i in indices]
-                for index, decision in zip(indices, self.record_wise.decide(chosen, verified=verified), strict=True):
-                    decisions[index] = decision
-        return decisions
+            rules = self.record_wise.rules
+            columns = [rule.fires_on_columns(decoded.columns) for rule in rules]
+            fires = functools.reduce(pc.or_, columns) if columns else None
+            if fires is not None and fires.true_count:
+                # A fraud alert carries the whole record: the few flagged rows are taken from Arrow as
+                # records (the bytes were proven canonical, so they read as the record-wise decoder reads them).
+                positions = pc.indices_nonzero(fires)
+                records = decoded.columns.take(positions).to_pylist()
+                flags = [column.take(positions).to_pylist() for column in columns]
+                now_ms = int(time.time() * 1000)
+                fraud_decision = self.record_wise.fraud_decision
+                for k, (position, record) in enumerate(zip(positions.to_pylist(), records, strict=True)):
+                    index = decoded.rows[position]
+                    names = [rule.name for rule, flagged in zip(rules, flags, strict=True) if flagged[k]]
+                    outputs[index] = fraud_decision(messages[index], record, names, now_ms)
+                self.counts["alerts_from_arrow"] += len(records)
+        if decoded.fallback:
+            indices = decoded.fallback
+            self.counts["record_rows"] += len(indices)
+            decided = self.record_wise.decide_batch([messages[i] for i in indices])
+            for position, decision in decided.outputs.items():  # the others are forwarded as they came
+                outputs[indices[position]] = decision
+        return DecidedBatch(len(messages), outputs, STATELESS_LEGIT_HEADERS)

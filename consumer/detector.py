@@ -1,9 +1,10 @@
 """The detector: exactly-once consume -> decide -> produce, one Kafka transaction per batch.
 
-Each batch: consume up to batch_max_records within batch_max_ms; keep the records of partitions
-still assigned; decide every record; run the batch's transaction (`_run_transaction`): produce each
-output to the legit, fraud or dead-letter topic, send the batch's input offsets with the consumer
-group metadata (KIP-447), commit. Errors are classified as librdkafka reports them (KafkaError.retriable(),
+Each batch: take the records already fetched, up to a target that grows while the input is
+backlogged (at most batch_max_records), closing the batch as soon as the input runs dry
+(consumer/batching.py); keep the records of partitions still assigned; decide every record; run the
+batch's transaction (`_run_transaction`): produce each output to the legit, fraud or dead-letter
+topic, send the batch's input offsets with the consumer group metadata (KIP-447), commit. Errors are classified as librdkafka reports them (KafkaError.retriable(),
 txn_requires_abort(), fatal()):
 
 - retriable (a timeout, a broker moving): the same call again, with backoff, but never past the
@@ -20,6 +21,7 @@ txn_requires_abort(), fatal()):
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import socket
@@ -30,12 +32,13 @@ from collections.abc import Callable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from fraudstream.consumer.decide import ColumnarDecider, Decider, Decision, Route, dead_letter
+from fraudstream.consumer.batching import TRANSACTION_TIME_SHARE, BatchSizer, gather
+from fraudstream.consumer.decide import ColumnarDecider, DecidedBatch, Decider, Decision, Route, dead_letter
 from fraudstream.consumer.metrics import DetectorMetrics
 from fraudstream.consumer.rules import TERMINAL_RULES, load_rules, rules_from_settings
 from fraudstream.consumer.rules_topic import RulesTopic
 from fraudstream.consumer.state.manager import StateManager
-from fraudstream.consumer.stateful import STORES, StatefulDecider, decode_batch
+from fraudstream.consumer.stateful import STORES, StatefulDecider, decode_batch, load_scoring
 from fraudstream.consumer.terminal import StopRequested, TerminalReader
 from fraudstream.errors import Fenced, KafkaUnavailable, RegistryError
 from fraudstream.kafka import (admin, consumer_config, ensure_topics, max_message_bytes, produce_or_wait, static_members,
@@ -86,6 +89,10 @@ class Detector:
         self.producer: Producer | None = None
         self.stop = threading.Event()
         self._assigned: set[tuple[str, int]] = set()
+        self._revocations = 0  # partitions revoked or lost so far: a batch taken meanwhile is filtered
+        # Records per transaction: more while the input is backlogged, within the transaction's timeout.
+        self.sizer = BatchSizer(most=settings.batch_max_records,
+                                time_budget_s=settings.transaction_timeout_ms / 1000 * TRANSACTION_TIME_SHARE)
         self._admin = self._group_admin = None
         self._parked_clients: list = []
         self._limits: dict[str, int] = {}  # output topic -> max.message.bytes
@@ -96,6 +103,7 @@ class Detector:
         self._successor_wait_s = consumer_config(settings, settings.group_id)["session.timeout.ms"] / 1000 * 1.5 + 2
         self.rules_topic: RulesTopic | None = None  # the rules in force, when the stateful rules are on
         self.rules_dead_lettered = 0  # refused rule records this detector routed to the dead-letter topic
+        self.labels = None  # the labels topic's reader, when a model scores the records
         self.terminal: TerminalReader | None = None  # the terminal window's reader, when the stateful rules are on
 
     # ----- start-up -----
@@ -155,8 +163,9 @@ class Detector:
         self.on_log(f"rules {', '.join(rules.names)} (rule set {rules.version} of {s.rules_topic}); "
                     f"state in {', '.join(self.state.topics.values())}"
                     + (" and a terminal window of every input partition" if self.terminal else ""))
+        model, self.labels = load_scoring(s, on_log=self.on_log)
         return StatefulDecider(decode, rules, self.state, encode_legit=record_wise.encode_legit,
-                               encode_fraud=record_wise.encode_fraud,
+                               encode_fraud=record_wise.encode_fraud, model=model, labels=self.labels,
                                terminal_features=self.terminal.features if self.terminal else None)
 
     def _new_consumer(self) -> Consumer:
@@ -206,12 +215,14 @@ class Detector:
         # Nothing to flush: a batch's transaction is always committed or aborted before the next
         # consume(), which is the only place a rebalance callback can run.
         self._assigned -= {(tp.topic, tp.partition) for tp in partitions}
+        self._revocations += 1
         self.on_log(f"revoked {_partition_list(partitions)}")
         if self.state is not None:
             self.state.revoke(partitions)
 
     def _on_lost(self, consumer, partitions) -> None:
         self._assigned -= {(tp.topic, tp.partition) for tp in partitions}
+        self._revocations += 1
         self.on_log(f"lost {_partition_list(partitions)}")
         if self.state is not None:
             self.state.revoke(partitions)
@@ -230,26 +241,22 @@ class Detector:
             # Start-up objects (schemas, clients, imports) never die: keep them out of the collector's
             # full passes, which otherwise stall a batch now and then (seen in the latency tail).
             gc.freeze()
-            consumer, max_records = self.consumer, self.settings.batch_max_records
-            timeout_s = self.settings.batch_max_ms / 1000
+            consumer = self.consumer
             while not self.stop.is_set():
                 try:
                     if self.rules_topic is not None:
                         self._apply_rule_changes(decider)
-                    messages, pending = pending or consumer.consume(max_records, timeout_s), []
-                    # Records of a partition revoked during this very consume() call are its new owner's.
-                    assigned = self._assigned
-                    messages = [m for m in messages if not self._is_error(m) and (m.topic(), m.partition()) in assigned]
+                    messages, pending = self._next_batch(consumer, pending), []
                     if self.state is not None:
                         if self.state.recovering:
                             self.state.recover_step(consumer)
                             self.metrics.restoring(self.state.restoring_records)
                         messages = self._with_state_ready(messages)
                     if messages:
-                        decisions = self._decide(decider, messages)
-                        if decisions is None:  # stopping during a registry outage: nothing produced, re-read later
+                        batch = self._decide(decider, messages)
+                        if batch is None:  # stopping during a registry outage: nothing produced, re-read later
                             break
-                        self._process_batch(messages, decisions)
+                        self._process_batch(messages, batch)
                     else:
                         self.producer.poll(0)
                 except _ConsumerLost as lost:  # between transactions: none is open
@@ -263,6 +270,21 @@ class Detector:
             self._close()
         self.on_log(f"stopped: {self.metrics.line()}")
         return self.metrics
+
+    def _next_batch(self, consumer: Consumer, pending: list) -> list:
+        """The next batch (`pending`: records fetched while joining the group): as many records as the sizer
+        allows of those already fetched, closed as soon as the input runs dry (see consumer/batching.py).
+        Errors are reported, not returned; so are the records of a partition revoked during these very
+        consume() calls (they are its new owner's)."""
+        revocations = self._revocations
+        wait_s = self.settings.batch_max_ms / 1000
+        messages = pending or gather(consumer.consume, self.sizer.target, idle_wait_s=wait_s, max_wait_s=wait_s)
+        if any(m.error() is not None for m in messages):
+            messages = [m for m in messages if not self._is_error(m)]
+        if pending or self._revocations != revocations:
+            assigned = self._assigned
+            messages = [m for m in messages if (m.topic(), m.partition()) in assigned]
+        return messages
 
     def _is_error(self, message) -> bool:
         error = message.error()
@@ -278,13 +300,13 @@ class Detector:
         log.warning("consumer: %s", error.str())
         return True
 
-    def _decide(self, decider: Decider | ColumnarDecider, messages: list) -> list[Decision] | None:
+    def _decide(self, decider: Decider | ColumnarDecider, messages: list) -> DecidedBatch | None:
         """Decide the batch; while the registry does not answer, retry with backoff (never dead-letter)."""
         limit_s = self.settings.registry_outage_limit_s
         backoff, started = 0.2, time.monotonic()
         while True:
             try:
-                return decider.decide(messages)
+                return decider.decide_batch(messages)
             except RegistryError as exc:
                 waited = time.monotonic() - started
                 if waited >= limit_s:
@@ -306,10 +328,11 @@ class Detector:
         return kept
 
     # ----- one batch -----
-    def _process_batch(self, messages: list, decisions: list[Decision]) -> None:
+    def _process_batch(self, messages: list, batch: DecidedBatch) -> None:
         """Run the batch's transaction; on failure abort and rewind, or recover the producer."""
+        started = time.monotonic()
         try:
-            commit_s = self._run_transaction(messages, decisions)
+            commit_s = self._run_transaction(messages, batch)
         except _AbortBatch as abort:
             self._abort_and_rewind(messages, abort)
             return
@@ -317,9 +340,11 @@ class Detector:
             self._recover(lost)
             return
         self._failures_in_a_row = 0
-        tally = Tally(d.route for d in decisions)
-        dead_kinds = Tally(d.dead_letter_kind for d in decisions if d.route is Route.DEAD_LETTER)
-        rules = Tally(rule for d in decisions if d.route is Route.FRAUD for rule in d.rules)
+        self.sizer.done(len(messages), time.monotonic() - started)
+        tally = batch.routes()
+        outputs = batch.outputs.values()
+        dead_kinds = Tally(d.dead_letter_kind for d in outputs if d.route is Route.DEAD_LETTER)
+        rules = Tally(rule for d in outputs if d.route is Route.FRAUD for rule in d.rules)
         self.metrics.batch_committed(consumed=len(messages), legit=tally[Route.LEGIT], fraud=tally[Route.FRAUD],
                                      dead_kinds=dict(dead_kinds), commit_s=commit_s, rules=dict(rules))
         if self.state is not None:
@@ -327,18 +352,18 @@ class Detector:
         if self.terminal is not None:
             self.metrics.state_size({**self.metrics.state_keys, "terminal_events": len(self.terminal.window)})
 
-    def _run_transaction(self, messages: list, decisions: list[Decision]) -> float:
+    def _run_transaction(self, messages: list, batch: DecidedBatch) -> float:
         """The batch's transaction: begin, produce every output, send the input offsets, commit.
 
         Returns the commit's duration. Raises _AbortBatch (abort and retry the batch), _ProducerLost
-        (recreate the producer), _Stopping, KafkaUnavailable. `decisions` may be updated in place: an
+        (recreate the producer), _Stopping, KafkaUnavailable. `batch.outputs` may be updated in place: an
         output its topic will never take becomes a dead letter.
         """
         producer = self.producer
         self._rejected.clear()
         deadline = time.monotonic() + self.settings.transaction_timeout_ms / 1000 * TRANSACTION_DEADLINE_SHARE
         self._call("beginning a transaction", deadline, producer.begin_transaction)
-        self._produce_all(messages, decisions, deadline)
+        self._produce_all(messages, batch, deadline)
         if self.state is not None:
             self._write_state_changes(messages)
         offsets = _next_offsets(messages)
@@ -348,39 +373,78 @@ class Detector:
         self._call("committing", deadline, lambda: producer.commit_transaction(_attempt_timeout(deadline)))
         return time.perf_counter() - started
 
-    def _produce_all(self, messages: list, decisions: list[Decision], deadline: float) -> None:
-        """Produce each output once. A failed call is retried for that record alone, never the ones before it."""
-        producer, routes = self.producer, self.routes
-        produce = producer.produce
-        expired = lambda: time.monotonic() > deadline  # noqa: E731
+    def _produce_all(self, messages: list, batch: DecidedBatch, deadline: float) -> None:
+        """Produce each output once, in the batch's order: runs of forwarded records between the few
+        records with an output of their own."""
         # Below this, key + value cannot reach any output topic's limit: the exact check is skipped.
         small = min(self._limits.values()) - BATCH_HEADER_BYTES - RECORD_FRAMING_BYTES - 4096
-        for index, decision in enumerate(decisions):
-            topic = routes[decision.route]
-            if decision.value is not None and len(decision.value) + len(decision.key or b"") > small:
-                decision = decisions[index] = self._fit_or_dead_letter(messages[index], decision)
-                topic = routes[decision.route]
-            while True:
+        start = 0
+        for index in sorted(batch.outputs):
+            if start < index:
+                self._produce_legit(messages, start, index, batch, small, deadline)
+            self._produce_one(messages, batch, index, batch.outputs[index], small, deadline)
+            start = index + 1
+        if start < len(messages):
+            self._produce_legit(messages, start, len(messages), batch, small, deadline)
+
+    def _produce_legit(self, messages: list, start: int, stop: int, batch: DecidedBatch, small: int,
+                       deadline: float) -> None:
+        """Forward messages[start:stop] to the legit topic: their own key and value bytes, the batch's legit
+        headers. The fast path: one produce call per record and no object; anything unusual (a record
+        near a topic's size limit, a produce that failed) goes to _produce_one."""
+        produce, topic, headers = self.producer.produce, self.routes[Route.LEGIT], batch.legit_headers
+        headers_of = batch.headers_of if batch.legit_scores is not None else None
+        for index in range(start, stop):
+            message = messages[index]
+            if headers_of is not None:
+                headers = headers_of(index)
+            value, key = message.value(), message.key()
+            if len(value) + (len(key) if key else 0) <= small:
                 try:
-                    try:
-                        produce(topic, decision.value, decision.key, headers=decision.headers)
-                    except BufferError:  # local queue full: serve delivery reports, then retry this record
-                        if not produce_or_wait(producer, topic, decision.value, decision.key, give_up=expired,
-                                               headers=decision.headers):
-                            raise _ProducerLost("producing: the local queue stayed full until the transaction "
-                                                "was about to time out", expired=True) from None
-                    break
-                except KafkaException as exc:
-                    error = exc.args[0]
-                    if error.code() in TOO_LARGE_CODES and decision.route is not Route.DEAD_LETTER:
-                        # Over the producer's own message.max.bytes: no broker will ever take it.
-                        decision = decisions[index] = _too_large(messages[index], topic, len(decision.value), None)
-                        topic = routes[decision.route]
-                        continue
-                    if error.code() == KafkaError._STATE:  # the transaction failed earlier (a delivery error)
-                        raise _AbortBatch(f"producing: the transaction is in an error state ({error.str()})") from exc
-                    self._classify("producing", error, exc)
-                    self._wait_before_retry("producing", error, deadline)
+                    produce(topic, value, key, headers=headers)
+                    continue
+                except (BufferError, KafkaException) as exc:
+                    self._produce_one(messages, batch, index, Decision(Route.LEGIT, key, value, headers), small,
+                                      deadline, failed=exc)
+                    continue
+            self._produce_one(messages, batch, index, Decision(Route.LEGIT, key, value, headers), small, deadline)
+
+    def _produce_one(self, messages: list, batch: DecidedBatch, index: int, decision: Decision, small: int,
+                     deadline: float, *, failed: Exception | None = None) -> None:
+        """Produce one record's output, checked against its topic's size limit; a failed call (`failed`: the
+        fast path's) is retried for this record alone, never the ones before it. An output its topic will
+        never take is dead-lettered: batch.outputs then holds the dead letter."""
+        producer, routes = self.producer, self.routes
+        expired = lambda: time.monotonic() > deadline  # noqa: E731
+        if failed is None and decision.value is not None and len(decision.value) + len(decision.key or b"") > small:
+            decision = self._fit_or_dead_letter(messages[index], decision)
+            if decision.route is Route.DEAD_LETTER:
+                batch.outputs[index] = decision
+        topic = routes[decision.route]
+        while True:
+            try:
+                if failed is not None:
+                    exc, failed = failed, None
+                    raise exc
+                producer.produce(topic, decision.value, decision.key, headers=decision.headers)
+                return
+            except BufferError:  # local queue full: serve delivery reports, then retry this record
+                if not produce_or_wait(producer, topic, decision.value, decision.key, give_up=expired,
+                                       headers=decision.headers):
+                    raise _ProducerLost("producing: the local queue stayed full until the transaction "
+                                        "was about to time out", expired=True) from None
+                return
+            except KafkaException as exc:
+                error = exc.args[0]
+                if error.code() in TOO_LARGE_CODES and decision.route is not Route.DEAD_LETTER:
+                    # Over the producer's own message.max.bytes: no broker will ever take it.
+                    decision = batch.outputs[index] = _too_large(messages[index], topic, len(decision.value), None)
+                    topic = routes[decision.route]
+                    continue
+                if error.code() == KafkaError._STATE:  # the transaction failed earlier (a delivery error)
+                    raise _AbortBatch(f"producing: the transaction is in an error state ({error.str()})") from exc
+                self._classify("producing", error, exc)
+                self._wait_before_retry("producing", error, deadline)
 
     def _write_state_changes(self, messages: list) -> None:
         """The batch's state changes, into its transaction. Not retried call by call: the changed rows were
@@ -644,6 +708,8 @@ class Detector:
         self.rules_dead_lettered += len(letters)
 
     def _close(self) -> None:
+        if self.labels is not None:
+            self.labels.close()
         if self.rules_topic is not None:
             self.rules_topic.close()
         if self.terminal is not None:
@@ -692,10 +758,10 @@ def _too_large(message, topic: str, size: int, limit: int | None) -> Decision:
 
 
 def _next_offsets(messages: list) -> list[TopicPartition]:
-    """The next offset to read per partition (last consumed + 1): what send_offsets_to_transaction expects."""
-    last: dict[tuple[str, int], int] = {}
-    for message in messages:
-        last[(message.topic(), message.partition())] = message.offset()
+    """The next offset to read per partition (last record of the batch + 1): what send_offsets_to_transaction
+    expects. From the batch itself, not the consumer's position: records fetched but kept out of the batch
+    (a partition still restoring, a revoked one) must not be committed."""
+    last = {(message.topic(), message.partition()): message.offset() for message in messages}  # the last one wins
     return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in last.items()]
 
 

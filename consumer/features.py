@@ -65,7 +65,13 @@ LATE_GRACE_MS = HOUR_MS
 # The longest memory of a profile: the home area and known devices/terminals. Idle longer: forgotten.
 PROFILE_TTL_MS = 30 * DAY_MS
 
-PROFILE_VERSION = 2  # 2: FNV-1a hashes of devices and terminals; session_small counts online payments only
+# The card's spending over recent windows, as the Fraud Detection Handbook's customer features (count and
+# mean amount over 1, 7 and 30 days), kept as exponentially decayed sums with these time constants: a
+# fixed-width row, updated per transaction, with no list of past payments to keep or expire.
+SPEND_WINDOWS_DAYS: tuple[int, ...] = (1, 7, 30)
+_SPEND_TAU_MS = np.array([d * DAY_MS for d in SPEND_WINDOWS_DAYS], dtype=np.float64)
+
+PROFILE_VERSION = 3  # 2: FNV-1a hashes of devices and terminals; session_small counts online payments only; 3: spend windows
 PROFILE_DTYPE = np.dtype([
     ("last_ms", "<i8"),  # event time of the card's latest transaction (0: none)
     ("n", "<u4"),  # transactions seen
@@ -87,6 +93,8 @@ PROFILE_DTYPE = np.dtype([
     ("dev_next", "u1"),
     ("terminals", "<u4", (N_TERMINALS,)),  # ring of known terminal hashes
     ("term_next", "u1"),
+    ("spend_n", "<f8", (len(SPEND_WINDOWS_DAYS),)),  # decayed count of payments, per window (at last_ms)
+    ("spend_cents", "<f8", (len(SPEND_WINDOWS_DAYS),)),  # decayed sum of their amounts, per window
 ])
 PROFILE_LAYOUT = layout_tag("card_profile", PROFILE_VERSION, PROFILE_DTYPE)
 
@@ -117,6 +125,9 @@ CARD_FEATURES: dict[str, np.dtype] = {
     "session_small": np.dtype(np.int64),  # earlier small online payments in this session
     "known_terminal": np.dtype(bool),  # a terminal the card has used before
     "amount_ratio": np.dtype(np.float64),  # amount over the card's typical amount (0: no history)
+    # The card's payments over the last 1/7/30 days, this one included: decayed count and mean amount (cents).
+    **{f"spend_n_{d}d": np.dtype(np.float64) for d in SPEND_WINDOWS_DAYS},
+    **{f"spend_mean_{d}d": np.dtype(np.float64) for d in SPEND_WINDOWS_DAYS},
 }
 TERMINAL_FEATURES: dict[str, np.dtype] = {
     "terminal_cards": np.dtype(np.int64),  # other distinct cards at this terminal within TERMINAL_WINDOW_MS
@@ -389,6 +400,11 @@ def _card_round(p: np.ndarray, x: _Inputs, out: dict[str, np.ndarray], index: np
     out["session_n"][index] = session_n
     out["session_small"][index] = session_small
 
+    spend_n, spend_cents = spend_update(p["spend_n"], p["spend_cents"], gap_ms, seen, amount)
+    for k, days in enumerate(SPEND_WINDOWS_DAYS):
+        out[f"spend_n_{days}d"][index] = spend_n[:, k]
+        out[f"spend_mean_{days}d"][index] = spend_cents[:, k] / spend_n[:, k]
+
     # Devices and terminals the card has used.
     dev = x.dev
     has_dev = dev != 0
@@ -418,6 +434,8 @@ def _card_round(p: np.ndarray, x: _Inputs, out: dict[str, np.ndarray], index: np
     out["stay_s"][index] = stay_s
 
     # Update the profiles.
+    p["spend_n"] = spend_n
+    p["spend_cents"] = spend_cents
     p["last_ms"] = t
     p["n"] = np.minimum(p["n"].astype(np.int64) + 1, _U32_MAX)
     p["amount_log_mean"] = np.where(seen, p["amount_log_mean"] + AMOUNT_ALPHA * (log_amount - p["amount_log_mean"]),
@@ -477,6 +495,12 @@ def card_features_one(profile: np.void | None, tx: dict) -> tuple[dict, np.void]
     session_dev = int(p["session_dev"]) if in_session else 0
     f["session_n"], f["session_small"] = session_n, session_small
 
+    spend_n, spend_cents = spend_update(p["spend_n"][None, :], p["spend_cents"][None, :], np.array([gap_ms]),
+                                        np.array([seen]), np.array([amount]))
+    for k, days in enumerate(SPEND_WINDOWS_DAYS):
+        f[f"spend_n_{days}d"] = float(spend_n[0, k])
+        f[f"spend_mean_{days}d"] = float(spend_cents[0, k] / spend_n[0, k])
+
     dev = stable_hash(tx.get("device_id"))
     known_devices = [int(d) for d in p["devices"]]
     new_device = dev != 0 and dev not in known_devices
@@ -501,6 +525,7 @@ def card_features_one(profile: np.void | None, tx: dict) -> tuple[dict, np.void]
         stay_s = max(t - int(p["stay_ms"]), 0) / 1000.0
     f.update(dist_prev_km=dist_prev, speed_kmh=speed, dist_home_km=dist_home, stay_kmh=stay_kmh, stay_s=stay_s)
 
+    p["spend_n"], p["spend_cents"] = spend_n[0], spend_cents[0]
     p["last_ms"] = t
     p["n"] = min(int(p["n"]) + 1, 2**32 - 1)
     p["amount_log_mean"] = (float(p["amount_log_mean"]) + AMOUNT_ALPHA * (log_amount - float(p["amount_log_mean"]))
@@ -525,6 +550,14 @@ def card_features_one(profile: np.void | None, tx: dict) -> tuple[dict, np.void]
             p["home_w"] = home_w - 1
         p["loc_ms"], p["loc_lat"], p["loc_lon"] = t, lat, lon
     return f, p
+
+
+def spend_update(n: np.ndarray, cents: np.ndarray, gap_ms: np.ndarray, seen: np.ndarray,
+                 amount: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The spend windows after one more payment per row: the sums decayed over the gap since the card's
+    previous payment, plus this one (weight 1). (rows, windows) arrays; one implementation for both paths."""
+    decay = np.where(seen[:, None], np.exp(-gap_ms[:, None] / _SPEND_TAU_MS), 0.0)
+    return n * decay + 1.0, cents * decay + amount[:, None]
 
 
 def _distance(lat1: float, lon1: float, lat2: float, lon2: float) -> float:

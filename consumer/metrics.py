@@ -27,6 +27,7 @@ class DetectorMetrics:
     state_keys: dict[str, int] = field(default_factory=dict)  # live keys per store, ready partitions
     changelog_records: int = 0
     restored_records: int = 0
+    restores: int = 0  # partitions whose state was restored (at assignment, after an abort or a lost producer)
     commit_seconds: list[float] = field(default_factory=list)  # since the last log line
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
@@ -106,6 +107,7 @@ class DetectorMetrics:
     def restored(self, progress, seconds: float) -> None:
         """A partition's state is restored (progress: fraudstream.consumer.state.recovery.RestoreProgress)."""
         self.restored_records += progress.records
+        self.restores += 1
         self._restored.inc(progress.records)
         self._restore.observe(seconds)
 
@@ -140,7 +142,7 @@ class DetectorMetrics:
                 f"commit_ms p50={p50:.1f} p99={p99:.1f}")
         if self.state_keys:
             keys = " ".join(f"{store}={count}" for store, count in self.state_keys.items())
-            line += f" state_keys {keys} changelog={self.changelog_records} restored={self.restored_records}"
+            line += f" state_keys {keys} changelog={self.changelog_records} restored={self.restored_records} restores={self.restores}"
         if self.rules:
             line += " rules " + " ".join(f"{rule}={count}" for rule, count in sorted(self.rules.items()))
         return line

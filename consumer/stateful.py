@@ -7,6 +7,12 @@ columns in offset order; each input partition's rows then go through the card fe
 partition's tables; the rules run on the whole batch's columns. Legit records written with the current
 schema are forwarded byte for byte, others re-encoded; fraud records become FraudAlerts naming the rules
 that fired.
+
+Every routed record gets a risk score, computed for the whole batch on arrays: with a model (`detect
+--model`), the model's fraud probability over `model.model_features` (the same function `fraudstream
+train` builds its training set with), and a record at or above the model's threshold goes to fraud too
+(rule name `model`); without one, `model.rules_score` (1.0 when a rule fired, else 0.0). A FraudAlert
+carries it in its `score` field, a legit record (its bytes unchanged) in the SCORE_HEADER header.
 """
 
 from __future__ import annotations
@@ -18,17 +24,23 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from fraudstream.consumer.decide import ColumnarDecider, Decider, Decision, Route, dead_letter
+from fraudstream.consumer import model as scoring
+from fraudstream.consumer.decide import (STATELESS_LEGIT_HEADERS, ColumnarDecider, DecidedBatch, Decider, Decision,
+                                         Route, dead_letter)
 from fraudstream.consumer.features import CARD_FEATURES, PROFILE_DTYPE, PROFILE_LAYOUT, PROFILE_TTL_MS, TxColumns, card_features
 from fraudstream.consumer.rules import RuleSet
 from fraudstream.consumer.rules_topic import RULE_SET_HEADER
 from fraudstream.consumer.state.manager import StateManager
 from fraudstream.consumer.state.stores import StoreSpec
+from fraudstream.evaluate import SCORE_HEADER
 from fraudstream.serde import DecodeError
+from fraudstream.settings import Settings
 
 CARDS = StoreSpec(name="cards", dtype=PROFILE_DTYPE, layout=PROFILE_LAYOUT, expiry_field="last_ms",
                   ttl_ms=PROFILE_TTL_MS)
 STORES = (CARDS,)
+MODEL_RULE = "model"  # the rule name of a record routed to fraud by the model's score
+LABEL_EXPIRY_EVERY = 500  # batches between two expiries of the label table
 
 
 @dataclass
@@ -66,6 +78,7 @@ def decode_batch(columnar: ColumnarDecider | None, record_wise: Decider, message
 class StatefulDecider:
     def __init__(self, decode: Callable[[Sequence], DecodedBatch], rules: RuleSet, state: StateManager, *,
                  encode_legit: Callable[[dict], bytes], encode_fraud: Callable[[dict], bytes],
+                 model: scoring.Model | None = None, labels=None,
                  terminal_features: Callable[[TxColumns, np.ndarray, np.ndarray], dict[str, np.ndarray]] | None = None
                  ) -> None:
         self.decode = decode
@@ -73,14 +86,25 @@ class StatefulDecider:
         self.state = state
         self.encode_legit = encode_legit
         self.encode_fraud = encode_fraud
+        self.model = model
+        self.labels = labels  # a LabelsReader (its LabelTable and delay), needed by a model
+        self._batches = 0
         # Per-terminal features (consumer/terminal.py, TerminalReader.features): (columns, partitions, offsets).
         self.terminal_features = terminal_features
 
     def decide(self, messages: Sequence) -> list[Decision]:
+        return self.decide_batch(messages).decisions(messages)
+
+    def decide_batch(self, messages: Sequence) -> DecidedBatch:
+        """Legit records decoded in Arrow (written with the current schema) are forwarded with no Decision
+        of their own; the batch's rule-set version and their score go in their headers."""
         decoded = self.decode(messages)  # raises before any state is touched
-        decisions: list[Decision | None] = [None] * len(messages)
-        for index, decision in decoded.dead.items():
-            decisions[index] = decision
+        rules = self.rules  # one rule set for the whole batch, even if a new one is installed meanwhile
+        legit_headers = [(RULE_SET_HEADER, rules.version.encode())]  # shared by the batch's legit records
+        if self.model is None:
+            legit_headers += STATELESS_LEGIT_HEADERS  # no model: a legit record is one no rule fired on, score 0
+        decisions = DecidedBatch(len(messages), dict(decoded.dead), legit_headers)
+        outputs = decisions.outputs
         parts, is_column = [], []
         if decoded.columns is not None and decoded.columns.num_rows:
             parts.append((decoded.column_rows, TxColumns.from_arrow(decoded.columns)))
@@ -111,31 +135,68 @@ class StatefulDecider:
             for name, values in card_features(table, tx.take(rows)).items():
                 features[name][rows] = values
 
-        rules = self.rules  # one rule set for the whole batch, even if a new one is installed meanwhile
         fired = rules.evaluate(tx, features)  # (rules, rows)
         is_fraud = fired.any(axis=0)
-        # The output loop runs once per record: plain lists and locals, no NumPy scalars.
+        by_model = None
+        if self.model is not None:
+            scores = self.model.score(self._model_input(tx, features))
+            by_model = scores >= self.model.threshold
+            is_fraud = is_fraud | by_model
+            legit_scores = [b""] * len(messages)  # only the legit records' entries are read
+            for index, value in zip(positions[~is_fraud].tolist(), scoring.score_header_values(scores[~is_fraud]),
+                                    strict=True):
+                legit_scores[index] = value
+            decisions.legit_scores = legit_scores
+        else:
+            scores = scoring.rules_score(fired)
+        # Legit rows decoded in Arrow are forwarded as they came; the others (other writer versions) are
+        # re-encoded. Plain lists and locals: this loop runs once per such record.
         legit, records = Route.LEGIT, dict(decoded.records)
-        encode_legit = self.encode_legit
-        legit_headers = [(RULE_SET_HEADER, rules.version.encode())]  # shared by the batch's legit records
+        encode_legit, headers_of = self.encode_legit, decisions.headers_of
         fraud_rows = np.flatnonzero(is_fraud)
-        for index, from_column in zip(positions[~is_fraud].tolist(), from_columns[~is_fraud].tolist(), strict=True):
-            message = messages[index]
-            value = message.value() if from_column else encode_legit(records[index])
-            decisions[index] = Decision(legit, message.key(), value, legit_headers)
+        for index in positions[~is_fraud & ~from_columns].tolist():
+            outputs[index] = Decision(legit, messages[index].key(), encode_legit(records[index]), headers_of(index))
         if len(fraud_rows):
             names, versions, now_ms = rules.names, getattr(rules, "versions", {}), int(time.time() * 1000)
+            versions = {**versions, MODEL_RULE: int(self.model.meta.get("model_version", 0))} if self.model else versions
             column_records = _column_records(decoded, source_row[fraud_rows][from_columns[fraud_rows]])
             for row in fraud_rows.tolist():
                 index = int(positions[row])
                 record = column_records[int(source_row[row])] if from_columns[row] else records[index]
                 rule_names = [names[k] for k in np.flatnonzero(fired[:, row])]
+                if by_model is not None and by_model[row]:
+                    rule_names.append(MODEL_RULE)
                 alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms,
                          "fired": [{"id": name, "version": versions.get(name, 0)} for name in rule_names],
-                         "rule_set_version": rules.version}
-                decisions[index] = Decision(Route.FRAUD, messages[index].key(), self.encode_fraud(alert),
-                                            rules=tuple(rule_names))
+                         "rule_set_version": rules.version, "score": float(scores[row])}
+                outputs[index] = Decision(Route.FRAUD, messages[index].key(), self.encode_fraud(alert),
+                                          rules=tuple(rule_names))
         return decisions
+
+    def _model_input(self, tx: TxColumns, features: dict[str, np.ndarray]) -> np.ndarray:
+        """The model's features, once the labels due by the batch's latest event time are read."""
+        labels = self.labels
+        labels.catch_up(int(tx.event_time_ms.max()))
+        self._batches += 1
+        if self._batches % LABEL_EXPIRY_EVERY == 0:
+            # No window reaches further back than the longest one before the delay (plus a day for late records).
+            labels.table.expire(int(tx.event_time_ms.max()) - labels.delay_ms
+                                - (max(scoring.TERMINAL_WINDOWS_DAYS) + 1) * scoring.DAY_MS)
+        return scoring.model_features(tx, features, labels.table, labels.delay_ms)
+
+
+def load_scoring(settings: Settings, *, on_log: Callable[[str], None]):
+    """The model of `detect --model` and a started reader of the labels topic for it; (None, None) without one."""
+    if settings.model_file is None:
+        return None, None
+    from fraudstream.consumer.labels_topic import LabelsReader
+
+    model = scoring.Model.load(settings.model_file)
+    labels = LabelsReader(settings, scoring.LabelTable(), on_log=on_log)
+    labels.start()
+    on_log(f"model {model.name} from {settings.model_file} (threshold {model.threshold:.3f}, labels "
+           f"{settings.label_delay_days:g} days late)")
+    return model, labels
 
 
 def _column_records(decoded: DecodedBatch, rows: np.ndarray) -> dict[int, dict]:

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("fraudstream.consumer.inspect", "print a topic's records as JSON lines (like kafka-avro-console-consumer)"),
     "demo": ("fraudstream.demo", "run the whole pipeline on the local stack with a live view"),
     "evaluate": ("fraudstream.evaluate", "measure detection quality from the outputs and the labels (Handbook metrics)"),
+    "train": ("fraudstream.train", "train a model for detect --model from the transactions and labels topics"),
 }
 
 
@@ -74,7 +75,8 @@ def client_flags(settings: Settings) -> list[str]:
 
 SETTINGS_FLAGS = ("bootstrap_servers", "schema_registry_url", "transactions_topic", "partitions", "group_id",
                   "transactional_id", "fraud_threshold_cents", "batch_max_records", "batch_max_ms", "decoder",
-                  "metrics_port", "compatibility", "stateful", "rules_file", "kafka_config", "registry_config")
+                  "metrics_port", "compatibility", "stateful", "rules_file", "kafka_config", "registry_config",
+                  "model_file", "label_delay_days")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,7 +82,7 @@ def wait_for_cluster(settings: Settings, timeout_s: float = 15.0) -> None:
     refused: list[KafkaError] = []
 
     def on_error(error: KafkaError) -> None:
-        if error.code() in REFUSALS:
+        if is_refusal(error):
             refused.append(error)
 
     # Its log lines would repeat the refusal in librdkafka's words; the error below says it once.
@@ -111,14 +111,29 @@ def check_secured_connection(settings: Settings) -> None:
 
 # librdkafka errors that no retry will cure: the broker refused our credentials or our TLS handshake.
 REFUSALS = frozenset({KafkaError._AUTHENTICATION, KafkaError._SSL})
+# A broker that demands a client certificate (mutual TLS) and got none it trusts ends the handshake
+# with a TLS alert, which librdkafka reports as a transport failure.
+CLIENT_CERTIFICATE_ALERT = re.compile(r"alert (certificate required|bad certificate|unknown ca|certificate unknown)")
+
+
+def is_refusal(error: KafkaError) -> bool:
+    return error.code() in REFUSALS or (error.code() == KafkaError._TRANSPORT
+                                        and bool(CLIENT_CERTIFICATE_ALERT.search(error.str())))
 
 
 def refusal_message(settings: Settings, error: KafkaError) -> str:
     """One line for a refused connection, saying what to check; never a secret."""
     # librdkafka prefixes the broker's address ("sasl_ssl://127.0.0.1:9443/bootstrap: "); ours is given once.
     text = re.sub(r"^\S+://\S+?: ", "", error.str())
-    if error.code() == KafkaError._AUTHENTICATION:
+    mechanism = str(settings.kafka_extra.get("sasl.mechanisms") or settings.kafka_extra.get("sasl.mechanism") or "")
+    if error.code() == KafkaError._AUTHENTICATION and mechanism.upper() == "OAUTHBEARER":
+        hint = ("the broker refused the OAuth bearer token: check sasl.oauthbearer.config (principal, scope) "
+                "or the sasl.oauthbearer.* settings of your identity provider")
+    elif error.code() == KafkaError._AUTHENTICATION:
         hint = "check sasl.username and sasl.password (and sasl.mechanisms)"
+    elif CLIENT_CERTIFICATE_ALERT.search(text):
+        hint = ("the broker wants a client certificate signed by a CA it trusts: check ssl.certificate.location "
+                "and ssl.key.location")
     elif "certificate verify failed" in text or "unable to get local issuer" in text:
         hint = "the broker's certificate is not signed by a CA this client trusts: set ssl.ca.location to that CA"
     else:

@@ -68,17 +68,20 @@ class FraudAlert:
     detected_at: datetime
     fired: tuple[FiredRule, ...] = ()
     rule_set_version: str = ""
+    score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"transaction": self.transaction.to_dict(), "rules": list(self.rules), "detected_at": self.detected_at,
-                "fired": [f.to_dict() for f in self.fired], "rule_set_version": self.rule_set_version}
+                "fired": [f.to_dict() for f in self.fired], "rule_set_version": self.rule_set_version,
+                "score": self.score}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FraudAlert:
-        # Alerts written before rules had versions lack the last two fields; Avro readers fill the defaults.
+        # Alerts written before rules had versions lack fired and rule_set_version, before scores the score;
+        # Avro readers fill the defaults.
         return cls(transaction=Transaction.from_dict(data["transaction"]), rules=tuple(data["rules"]),
                    detected_at=data["detected_at"], fired=tuple(FiredRule.from_dict(f) for f in data.get("fired", ())),
-                   rule_set_version=data.get("rule_set_version", ""))
+                   rule_set_version=data.get("rule_set_version", ""), score=data.get("score"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,13 +91,18 @@ class Label:
     transaction_id: str
     is_fraud: bool
     scenario: str
+    terminal_id: str | None = None
+    event_time: datetime | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"transaction_id": self.transaction_id, "is_fraud": self.is_fraud, "scenario": self.scenario}
+        return {"transaction_id": self.transaction_id, "is_fraud": self.is_fraud, "scenario": self.scenario,
+                "terminal_id": self.terminal_id, "event_time": self.event_time}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Label:
-        return cls(transaction_id=data["transaction_id"], is_fraud=data["is_fraud"], scenario=data["scenario"])
+        # Labels written before terminal_id and event_time lack them; Avro readers fill the defaults.
+        return cls(transaction_id=data["transaction_id"], is_fraud=data["is_fraud"], scenario=data["scenario"],
+                   terminal_id=data.get("terminal_id"), event_time=data.get("event_time"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

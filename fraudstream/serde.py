@@ -8,6 +8,7 @@ is asked once per id, never per message. Undecodable bytes raise DecodeError wit
 from __future__ import annotations
 
 import io
+import json
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -171,3 +172,25 @@ def read_payload(payload: bytes | memoryview, schema_id: int, writer: Any, reade
 
 def _corrupt(schema_id: int, exc: Exception) -> DecodeError:
     return DecodeError("corrupt_avro", f"Avro payload does not match schema id {schema_id}: {type(exc).__name__}: {exc}")
+
+
+class BatchEncoder:
+    """Frames and encodes a whole Arrow record batch at once (pyruhvro, in Rust): the producer's hot path.
+    The bytes are the same as make_encoder's for the same records (Avro's binary encoding is canonical)."""
+
+    def __init__(self, schema_id: int, schema: dict[str, Any]) -> None:
+        import pyarrow as pa
+        import pyruhvro
+
+        self.schema_json = json.dumps(schema)
+        self.arrow_schema = pyruhvro.avro_to_arrow_schema(self.schema_json)
+        self._header = pa.scalar(frame(schema_id), pa.binary())
+        self._serialize = pyruhvro.serialize_record_batch
+
+    def __call__(self, batch) -> list[bytes]:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        chunks = self._serialize(batch, self.schema_json, 1)
+        payloads = chunks[0] if len(chunks) == 1 else pa.concat_arrays(chunks)
+        return pc.binary_join_element_wise(self._header, payloads, b"").to_pylist()

@@ -48,6 +48,8 @@ ENV: dict[str, str] = {
     "decoder": "FRAUDSTREAM_DECODER",
     "stateful": "FRAUDSTREAM_STATEFUL",
     "rules_file": "FRAUDSTREAM_RULES",
+    "model_file": "FRAUDSTREAM_MODEL",
+    "label_delay_days": "FRAUDSTREAM_LABEL_DELAY_DAYS",
     "metrics_port": "FRAUDSTREAM_METRICS_PORT",
     "transaction_timeout_ms": "FRAUDSTREAM_TRANSACTION_TIMEOUT_MS",
     "broker_outage_limit_s": "FRAUDSTREAM_BROKER_OUTAGE_LIMIT_S",
@@ -63,8 +65,9 @@ ENV: dict[str, str] = {
     # Client properties files (Java-style, as Kafka's tools and confluent-kafka's examples read them).
     "kafka_config": "FRAUDSTREAM_KAFKA_CONFIG",
     "registry_config": "FRAUDSTREAM_REGISTRY_CONFIG",
-    # `stack up --secure`: the SASL_SSL listener and the registry's HTTPS port.
+    # `stack up --secure`: the SASL_SSL listener, the mutual-TLS listener and the registry's HTTPS port.
     "kafka_secure_port": "FRAUDSTREAM_KAFKA_SECURE_PORT",
+    "kafka_mtls_port": "FRAUDSTREAM_KAFKA_MTLS_PORT",
     "registry_secure_port": "FRAUDSTREAM_REGISTRY_SECURE_PORT",
 }
 
@@ -93,9 +96,11 @@ class Settings:
     transactional_id: str = ""
     # The seed's rule: more than $900.00 in one transaction is fraud. Money is integer cents.
     fraud_threshold_cents: int = 90_000
-    batch_max_records: int = 2_000
-    # Bounds the wait to fill a batch, hence end-to-end latency at low rates; a busy topic fills
-    # batches by count first.
+    # Records per transaction at most: a backlogged input's transactions grow to this (the broker's cost
+    # is per transaction); a quiet input's batch closes as soon as nothing more is fetched.
+    batch_max_records: int = 20_000
+    # How long the detector waits for a first record before it looks around (rule changes, a stop),
+    # and how long it goes on taking records that keep arriving before it closes the batch.
     batch_max_ms: int = 25
     # "columnar": each batch's current-schema records decoded at once into Arrow (pyruhvro) and the
     # rules run on columns; "record": fastavro record by record. Same decisions; see consumer/decide.py.
@@ -104,6 +109,12 @@ class Settings:
     # seed's threshold rule, with no state at all.
     stateful: bool = True
     rules_file: Path = resource_dir("rules") / "default.toml"
+    # A model made by `fraudstream train`: the stateful detector scores each record with it (and routes to
+    # fraud above its threshold), with per-terminal features from the labels topic. None: rule scores only.
+    model_file: Path | None = None
+    # How late labels arrive (days of event time): the detector uses a label only this long after its
+    # transaction's event time; `train` builds its features with the same delay.
+    label_delay_days: float = 7.0
     metrics_port: int = 0  # 0: no Prometheus endpoint
     # An open transaction stalls read_committed readers until it commits or this expires;
     # the detector stops retrying a transaction's calls before it expires.
@@ -123,6 +134,7 @@ class Settings:
     kafka_config: Path | None = None
     registry_config: Path | None = None
     kafka_secure_port: int = 9443
+    kafka_mtls_port: int = 9444
     registry_secure_port: int = 8443
     # librdkafka properties for every client (e.g. security.protocol, sasl.*, ssl.*), from kafka_config
     # and -X flags; bootstrap.servers among them becomes bootstrap_servers.
@@ -218,6 +230,8 @@ class Settings:
             if getattr(self, name) >= MAX_POLL_INTERVAL_S:
                 raise ConfigError(f"{name} must be below {MAX_POLL_INTERVAL_S} s (the consumer's max.poll.interval.ms), "
                                   "or the group would evict a detector that is only waiting")
+        if not self.label_delay_days >= 0:
+            raise ConfigError(f"label_delay_days must not be negative, not {self.label_delay_days}")
         if self.fraud_threshold_cents < 0:
             raise ConfigError("fraud_threshold_cents must not be negative")
         if not self.schema_registry_url.startswith(("http://", "https://")):
@@ -254,6 +268,8 @@ def _convert(f: dataclasses.Field, raw: str, var: str) -> Any:
     try:
         if kind == "int":
             return int(raw)
+        if kind == "float":
+            return float(raw)
         if kind in ("Path", "Path | None"):
             return Path(raw)
         if kind == "bool":

@@ -40,7 +40,8 @@ STOP_TIMEOUT_S = 60.0
 KAFKA_PORTS = (("kafka_port", "Kafka"), ("controller_port", "the Kafka controller"))
 REGISTRY_PORTS = (("registry_port", "the schema registry"),
                   ("registry_management_port", "the schema registry's management interface"))
-SECURE_KAFKA_PORTS = (("kafka_secure_port", "Kafka's SASL_SSL listener"),)
+SECURE_KAFKA_PORTS = (("kafka_secure_port", "Kafka's SASL_SSL listener"),
+                      ("kafka_mtls_port", "Kafka's mutual-TLS listener"))
 SECURE_REGISTRY_PORTS = (("registry_secure_port", "the schema registry's HTTPS port"),)
 # Present in a service's folder while it runs with --secure.
 SECURE_MARKER = "secure.on"
@@ -89,11 +90,16 @@ class SecureEndpoints:
     registry_url: str
     kafka_config: Path
     registry_config: Path
+    mtls_bootstrap_servers: str
+    kafka_mtls_config: Path
+    kafka_oauthbearer_config: Path
 
     def describe(self) -> str:
-        return (f"secure    SASL_SSL (SCRAM-SHA-512) bootstrap servers: {self.bootstrap_servers}; "
-                f"HTTPS schema registry URL: {self.registry_url}\n"
-                f"          client properties: {self.kafka_config} and {self.registry_config}")
+        return (f"secure    SASL_SSL (SCRAM-SHA-512, OAUTHBEARER) bootstrap servers: {self.bootstrap_servers}; "
+                f"mutual TLS: {self.mtls_bootstrap_servers}; HTTPS schema registry URL: {self.registry_url}\n"
+                f"          client properties: {self.kafka_config} and {self.registry_config}\n"
+                f"          or, for Kafka, {self.kafka_oauthbearer_config} (OAUTHBEARER, unsecured JWT) "
+                f"or {self.kafka_mtls_config} (client certificate)")
 
     def exports(self) -> str:
         return f"export {ENV['kafka_config']}={self.kafka_config}\nexport {ENV['registry_config']}={self.registry_config}"
@@ -215,7 +221,7 @@ class LocalStack:
         })
         format_extra = self._secure_kafka(data) if secure else []
         if secure:
-            text = stack_secure.kafka_server_config(text, self.secure_material, s.kafka_secure_port)
+            text = stack_secure.kafka_server_config(text, self.secure_material, s.kafka_secure_port, s.kafka_mtls_port)
         _set_marker(self.kafka_dir, secure)
         config.write_text(text)
         config.chmod(0o600)  # with --secure it holds the key store's password
@@ -283,12 +289,11 @@ class LocalStack:
 
     def _start_brokers(self, java: str, *, secure: bool = False) -> None:
         if self.brokers == 1:
-            pid = self.broker_pid(1) or self._start_kafka(java, secure=secure)
-            self._wait_kafka_ready(pid)
-            return
-        for node in range(1, self.brokers + 1):
-            if self.broker_pid(node) is None:
-                self._start_node(java, node)
+            self.broker_pid(1) or self._start_kafka(java, secure=secure)
+        else:
+            for node in range(1, self.brokers + 1):
+                if self.broker_pid(node) is None:
+                    self._start_node(java, node)
         self._wait_brokers_ready()
 
     def _start_node(self, java: str, node: int) -> int:
@@ -354,30 +359,34 @@ class LocalStack:
                 _require_free_port(port, f"{what}, node {node}" if self.brokers > 1 else what, ENV[setting])
 
     def _wait_brokers_ready(self) -> None:
-        """Every node alive and listed in the cluster's metadata."""
-        if self.brokers == 1:
-            self._wait_kafka_ready(self.broker_pid(1))
-            return
+        """Every node alive and listed in the cluster's metadata (a single node: answering at all)."""
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, "logger": _quiet_logger()})
+        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, "log_level": 0, "logger": _quiet_logger()})
         deadline = time.monotonic() + BROKER_START_TIMEOUT_S
-        wanted = set(range(1, self.brokers + 1))
+        wanted = set(range(1, self.brokers + 1))  # node n has node.id n
         while True:
             for node in wanted:
+                name, log_file = self._node_name(node), self.node_dir(node) / "server.log"
                 pid = self.broker_pid(node)
-                if pid is None:
-                    raise StackError(f"Kafka node {node} is not running (see {self.node_dir(node) / 'server.log'})")
-                _require_alive(pid, f"Kafka node {node}", self.node_dir(node) / "server.log")
+                if pid is None:  # already gone (and reaped)
+                    raise StackError(f"{name} is not running: {_last_line(_tail(log_file))} (see {log_file})")
+                _require_alive(pid, name, log_file)
             try:
                 if set(admin.list_topics(timeout=2).brokers) >= wanted:
                     return
             except Exception:  # noqa: BLE001 - not ready yet; the deadline decides
                 pass
             if time.monotonic() > deadline:
+                if self.brokers == 1:
+                    raise StackError(f"Kafka did not answer on {self.bootstrap_servers} within "
+                                     f"{BROKER_START_TIMEOUT_S:.0f}s (see {self.kafka_dir / 'server.log'})")
                 raise StackError(f"the Kafka cluster on {self.bootstrap_servers} did not list all {self.brokers} "
                                  f"brokers within {BROKER_START_TIMEOUT_S:.0f}s (see {self.root}/kafka*/server.log)")
             time.sleep(0.2)
+
+    def _node_name(self, node: int) -> str:
+        return "Kafka" if self.brokers == 1 else f"Kafka node {node}"
 
     def _start_registry(self, java: str, *, secure: bool = False) -> int:
         s = self.settings
@@ -408,32 +417,7 @@ class LocalStack:
 
     def _require_free_ports(self, ports: tuple[tuple[str, str], ...]) -> None:
         for setting, what in ports:
-            port = getattr(self.settings, setting)
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    probe.bind(("127.0.0.1", port))
-                except OSError:
-                    raise StackError(f"port {port} (for {what}) is already in use by another process; "
-                                     f"stop it or choose another port with {ENV[setting]}") from None
-
-    def _wait_kafka_ready(self, pid: int) -> None:
-        from confluent_kafka.admin import AdminClient
-
-        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, "log_level": 0, "logger": _quiet_logger()})
-        deadline = time.monotonic() + BROKER_START_TIMEOUT_S
-        while True:
-            _require_alive(pid, "Kafka", self.kafka_dir / "server.log")
-            try:
-                metadata = admin.list_topics(timeout=2)
-                if metadata.brokers:
-                    return
-            except Exception:  # noqa: BLE001 - not ready yet; the deadline decides
-                pass
-            if time.monotonic() > deadline:
-                raise StackError(f"Kafka did not answer on {self.bootstrap_servers} within {BROKER_START_TIMEOUT_S:.0f}s "
-                                 f"(see {self.kafka_dir / 'server.log'})")
-            time.sleep(0.2)
+            _require_free_port(getattr(self.settings, setting), what, ENV[setting])
 
     def _wait_registry_ready(self, pid: int) -> None:
         deadline = time.monotonic() + REGISTRY_START_TIMEOUT_S
@@ -464,6 +448,9 @@ class LocalStack:
             registry_url=stack_secure.registry_https_url(self.settings.registry_secure_port),
             kafka_config=self.secure_material.kafka_client_properties,
             registry_config=self.secure_material.registry_client_properties,
+            mtls_bootstrap_servers=f"{stack_secure.HOST}:{self.settings.kafka_mtls_port}",
+            kafka_mtls_config=self.secure_material.kafka_mtls_client_properties,
+            kafka_oauthbearer_config=self.secure_material.kafka_oauthbearer_client_properties,
         )
 
     def _running_secure(self) -> bool:
@@ -481,15 +468,17 @@ class LocalStack:
         return stack_secure.scram_format_arguments(stack_secure.ensure_material(self.secure_material.folder))
 
     def _wait_secure_ready(self) -> None:
-        """Both secured endpoints answer a real client with the written properties files."""
+        """Every secured endpoint answers a real client with the written properties files."""
         from fraudstream.kafka import wait_for_cluster
         from fraudstream.registry import Registry
 
         s = self.settings
-        stack_secure.write_client_properties(self.secure_material, s.kafka_secure_port, s.registry_secure_port)
+        stack_secure.write_client_properties(self.secure_material, s.kafka_secure_port, s.kafka_mtls_port,
+                                             s.registry_secure_port)
         endpoints = self.secure_endpoints()
+        for kafka_config in (endpoints.kafka_config, endpoints.kafka_oauthbearer_config, endpoints.kafka_mtls_config):
+            wait_for_cluster(Settings.from_env({}, kafka_config=kafka_config), timeout_s=BROKER_START_TIMEOUT_S)
         secured = Settings.from_env({}, kafka_config=endpoints.kafka_config, registry_config=endpoints.registry_config)
-        wait_for_cluster(secured, timeout_s=BROKER_START_TIMEOUT_S)
         deadline = time.monotonic() + REGISTRY_START_TIMEOUT_S
         while True:
             try:
@@ -596,13 +585,9 @@ def _port_free(port: int) -> bool:
 
 
 def _require_free_port(port: int, what: str, variable: str) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            raise StackError(f"port {port} (for {what}) is already in use by another process; "
-                             f"stop it or choose another port with {variable}") from None
+    if not _port_free(port):
+        raise StackError(f"port {port} (for {what}) is already in use by another process; "
+                         f"stop it or choose another port with {variable}")
 
 
 # ----- processes -----
@@ -631,11 +616,12 @@ def _live_pid(pid_file: Path) -> int | None:
 
 
 def _require_alive(pid: int, name: str, log_file: Path) -> None:
-    if not _alive(pid):
+    if not pid_alive(pid):
         raise StackError(f"{name} exited during start-up: {_last_line(_tail(log_file))} (see {log_file})")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a child of ours that died is reaped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -660,7 +646,7 @@ def _stop(pid: int) -> None:
         return
     deadline = time.monotonic() + STOP_TIMEOUT_S
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not pid_alive(pid):
             return
         time.sleep(0.2)
     os.kill(pid, signal.SIGKILL)

@@ -13,9 +13,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=("up", "down", "status"))
     parser.add_argument("--wipe", action="store_true", help="with down: also delete Kafka's and the registry's data")
     parser.add_argument("--secure", action="store_true",
-                        help="with up: also a SASL_SSL listener (SCRAM-SHA-512) and an HTTPS registry port, with a CA "
-                             "and certificate made at first start; prints the client properties files to use "
-                             "[ports: FRAUDSTREAM_KAFKA_SECURE_PORT, FRAUDSTREAM_REGISTRY_SECURE_PORT]")
+                        help="with up: also a SASL_SSL listener (SCRAM-SHA-512, OAUTHBEARER with unsecured JWTs), a "
+                             "mutual-TLS listener and an HTTPS registry port, with a CA and certificates made at first "
+                             "start; prints the client properties files to use [ports: FRAUDSTREAM_KAFKA_SECURE_PORT, "
+                             "FRAUDSTREAM_KAFKA_MTLS_PORT, FRAUDSTREAM_REGISTRY_SECURE_PORT]")
     parser.add_argument("--brokers", type=positive_int, default=None,
                         help="with up: Kafka nodes (default 1; 3 is a production-like cluster: replication factor 3, "
                              "min.insync.replicas 2). Node n listens on the Kafka and controller ports + 2(n-1)")

@@ -24,6 +24,9 @@ from itertools import count
 from statistics import NormalDist
 from typing import TYPE_CHECKING
 
+import numpy as np
+import pyarrow as pa
+
 from fraudstream.errors import ConfigError
 from fraudstream.records import Label, Transaction
 
@@ -56,6 +59,7 @@ TRAVEL = "travel"  # an episode kind, labelled legit
 SEED_THRESHOLD_CENTS = 90_000  # the seed's rule flags amount_cents above this
 LEGIT_MAX_CENTS = SEED_THRESHOLD_CENTS - 1  # everyday spending stays under it; large legit is deliberate
 FAR_KM = 1_500.0
+ATM_NOTE_CENTS = 2_000  # ATMs dispense $20 notes
 
 SECOND_MS = 1_000
 MINUTE_MS = 60 * SECOND_MS
@@ -413,6 +417,8 @@ class Generator:
                 total += probability
                 self._starts.append((total, starts[name]))
         self._everyday_from = total
+        self._arrays = None  # the population as arrays, for next_columns
+        self._numpy: np.random.Generator | None = None
 
     @property
     def pending(self) -> int:
@@ -420,10 +426,34 @@ class Generator:
         return len(self._pending)
 
     def next_batch(self, n: int, now_ms: int) -> list[Pair]:
-        """n labelled transactions, all at event time now_ms (epoch milliseconds, non-decreasing)."""
+        """n labelled transactions, all at event time now_ms (epoch milliseconds, non-decreasing): the
+        records of next_columns(n, now_ms), as objects."""
+        return self.next_columns(n, now_ms).pairs()
+
+    def next_columns(self, n: int, now_ms: int) -> GeneratedBatch:
+        """n labelled transactions at event time now_ms, the everyday ones drawn as arrays (see
+        producer/columns.py): what the produce loop encodes in one call. The slots are filled as
+        `stream` fills them: episode steps that fell due first, then one draw per slot that starts an
+        episode (its first transaction in that slot) or makes an everyday purchase."""
+        from fraudstream.producer.columns import PopulationArrays, draw_everyday
+
+        if self._arrays is None:
+            self._arrays = PopulationArrays(self.population)
+            self._numpy = np.random.default_rng([self.seed, 1])  # its own stream: the episodes keep self._rng
         when = self._time(now_ms)
-        one = self._one
-        return [one(now_ms, when) for _ in range(n)]
+        pending, own = self._pending, []
+        while pending and pending[0][0] <= now_ms and len(own) < n:
+            own.append(heapq.heappop(pending)[2](when))
+        free = n - len(own)
+        draws = self._numpy.random(free)
+        starts = np.flatnonzero(draws < self._everyday_from)
+        for draw in draws[starts].tolist():
+            start = next(start for below, start in self._starts if draw < below)
+            own.append(start(now_ms, when))
+        # Slot order: the due steps, then the drawn slots; episode starts sit among the everyday ones.
+        own_slots = list(range(n - free)) + (starts + (n - free)).tolist()
+        everyday = draw_everyday(self._arrays, self._numpy, free - len(starts), now_ms)
+        return GeneratedBatch(now_ms, when, n, own_slots, own, everyday)
 
     def stream(self, start_ms: int, tx_per_second: float) -> Iterator[Pair]:
         """Endless labelled transactions on a simulated clock: tx_per_second of event time each second."""
@@ -477,7 +507,7 @@ class Generator:
         if amount > LEGIT_MAX_CENTS:  # rare: keep everyday spending under the seed's threshold
             amount = LEGIT_MAX_CENTS // 2 + int(random() * (LEGIT_MAX_CENTS // 2))
         if terminal.kind == "atm":  # ATMs dispense $20 notes
-            return max(2_000, amount // 2_000 * 2_000)
+            return max(ATM_NOTE_CENTS, amount // ATM_NOTE_CENTS * ATM_NOTE_CENTS)
         return max(50, amount)
 
     def _transaction(self, when: datetime, account: Account, card_id: str, terminal: Terminal, amount_cents: int,
@@ -502,7 +532,8 @@ class Generator:
 
     @staticmethod
     def _labelled(tx: Transaction, scenario: str) -> Pair:
-        return tx, Label(transaction_id=tx.transaction_id, is_fraud=scenario != LEGIT, scenario=scenario)
+        return tx, Label(transaction_id=tx.transaction_id, is_fraud=scenario != LEGIT, scenario=scenario,
+                         terminal_id=tx.terminal_id, event_time=tx.event_time)
 
     # -- legit traffic ------------------------------------------------------------------------
 
@@ -515,7 +546,8 @@ class Generator:
         else:  # somewhere new in town
             terminal = population.terminals[self._pick(population.in_person_terminals_at[account.home])]
         tx = self._transaction(when, account, self._card(account), terminal, self._typical_amount(account, terminal))
-        return tx, Label(transaction_id=tx.transaction_id, is_fraud=False, scenario=LEGIT)
+        return tx, Label(transaction_id=tx.transaction_id, is_fraud=False, scenario=LEGIT,
+                         terminal_id=tx.terminal_id, event_time=tx.event_time)
 
     def _travel(self, now_ms: int, when: datetime) -> Pair:
         """The account's owner away from home: legit, and a false positive for naive location rules."""
@@ -583,7 +615,7 @@ class Generator:
             terminal = population.terminals[self._pick(in_person)]
             amount = min(int(account.typical_amount_cents * rng.uniform(2.0, 6.0)), LEGIT_MAX_CENTS)
             if terminal.kind == "atm":
-                amount = max(2_000, amount // 2_000 * 2_000)
+                amount = max(ATM_NOTE_CENTS, amount // ATM_NOTE_CENTS * ATM_NOTE_CENTS)
             channel = None if terminal.kind == "atm" else "CARD_PRESENT"  # a cloned magstripe cannot tap
             return self._labelled(self._transaction(at, account, card_id, terminal, amount, channel=channel),
                                   FAR_FROM_HOME)
@@ -616,3 +648,66 @@ class Generator:
             due += rng.randint(5 * SECOND_MS, 60 * SECOND_MS)
             self._schedule(due, victim)
         return victim(when)
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedBatch:
+    """A batch from Generator.next_columns: the everyday purchases as arrays, the rest (episode steps) as
+    pairs, each at its slot. `transactions()` and `labels()` give Arrow record batches in slot order
+    (for an encoder of whole batches), `pairs()` the same records as objects."""
+
+    now_ms: int
+    when: datetime
+    size: int
+    own_slots: list[int]  # slot of each of `own`, ascending
+    own: list[Pair]
+    everyday: object  # producer.columns.Everyday
+
+    def _order(self) -> np.ndarray | None:
+        """Row of the concatenation (everyday rows, then own rows) that goes in each slot; None: already in order."""
+        if not self.own:
+            return None
+        is_own = np.zeros(self.size, bool)
+        is_own[self.own_slots] = True
+        order = np.empty(self.size, np.int64)
+        order[~is_own] = np.arange(self.size - len(self.own))
+        order[is_own] = np.arange(self.size - len(self.own), self.size)
+        return order
+
+    def transactions(self, schema: pa.Schema) -> pa.RecordBatch:
+        columns = self.everyday.columns(self.now_ms)
+        batch = pa.RecordBatch.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
+        return self._in_order(batch, [tx.to_dict() for tx, _ in self.own], schema)
+
+    def labels(self, schema: pa.Schema) -> pa.RecordBatch:
+        n = len(self.everyday)
+        columns = self.everyday.columns(self.now_ms)  # the label names its transaction's terminal and time
+        values = {"transaction_id": self.everyday.transaction_ids, "is_fraud": pa.repeat(pa.scalar(False), n),
+                  "scenario": pa.repeat(pa.scalar(LEGIT), n), "terminal_id": columns["terminal_id"],
+                  "event_time": columns["event_time"]}
+        batch = pa.RecordBatch.from_arrays([values[f.name].cast(f.type) for f in schema], schema=schema)
+        return self._in_order(batch, [label.to_dict() for _, label in self.own], schema)
+
+    def _in_order(self, batch: pa.RecordBatch, own_rows: list[dict], schema: pa.Schema) -> pa.RecordBatch:
+        order = self._order()
+        if order is None:
+            return batch
+        own = pa.RecordBatch.from_pylist(own_rows, schema=schema)
+        return pa.Table.from_batches([batch, own]).combine_chunks().to_batches()[0].take(pa.array(order))
+
+    def pairs(self) -> list[Pair]:
+        everyday, when = self.everyday, self.when
+        rows = everyday.columns(self.now_ms)
+        names = [name for name in rows if name != "event_time"]
+        values = [rows[name].to_pylist() for name in names]
+        made = []
+        for fields in zip(*values, strict=True):
+            record = dict(zip(names, fields, strict=True))
+            tx = Transaction(event_time=when, **record)
+            made.append((tx, Label(transaction_id=tx.transaction_id, is_fraud=False, scenario=LEGIT,
+                                   terminal_id=tx.terminal_id, event_time=tx.event_time)))
+        order = self._order()
+        if order is None:
+            return made
+        combined = made + self.own
+        return [combined[row] for row in order.tolist()]

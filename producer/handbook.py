@@ -130,7 +130,8 @@ class HandbookSimulation:
                 country="US", city="Handbook grid", latitude=latitude[t], longitude=longitude[t], device_id=None,
             )
             scenario = SCENARIOS[scenarios[i]]
-            pairs.append((tx, Label(transaction_id=tx.transaction_id, is_fraud=scenario != LEGIT, scenario=scenario)))
+            pairs.append((tx, Label(transaction_id=tx.transaction_id, is_fraud=scenario != LEGIT, scenario=scenario,
+                                    terminal_id=terminal_id, event_time=tx.event_time)))
         return pairs
 
 

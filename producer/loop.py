@@ -35,9 +35,9 @@ from fraudstream.errors import ConfigError
 from fraudstream.kafka import ensure_topics, produce_or_wait, producer_config, wait_for_cluster
 from fraudstream.registry import Registry, current_ids
 from fraudstream.schemas import load_schemas
-from fraudstream.serde import make_encoder
+from fraudstream.serde import BatchEncoder, make_encoder
 from fraudstream.settings import Settings
-from fraudstream.producer.generator import DEFAULT_LARGE_LEGIT_SHARE, Generator, Pair, build_population
+from fraudstream.producer.generator import DEFAULT_LARGE_LEGIT_SHARE, GeneratedBatch, Generator, Pair, build_population
 from fraudstream.producer.handbook import DAY_MS, HandbookSimulation, HandbookStream
 
 Encoder = Callable[[dict[str, Any]], bytes]
@@ -222,6 +222,10 @@ def produce(settings: Settings, *, rate: float | None = DEFAULT_RATE, count: int
     encode_transaction = make_encoder(schema_ids[settings.transactions_topic], schemas.parsed["Transaction"])
     encode_label = make_encoder(schema_ids[settings.labels_topic], schemas.parsed["Label"])
 
+    # The generator's batches are encoded whole (in Rust); the handbook simulation's record by record.
+    batch_encoders = None if simulation is not None else (
+        BatchEncoder(schema_ids[settings.transactions_topic], schemas.expanded["Transaction"]),
+        BatchEncoder(schema_ids[settings.labels_topic], schemas.expanded["Label"]))
     producer = Producer(producer_config(settings, **{
         "client.id": "fraudstream-producer",
         # Fail undeliverable records within a bounded time rather than librdkafka's 5 minutes.
@@ -232,7 +236,7 @@ def produce(settings: Settings, *, rate: float | None = DEFAULT_RATE, count: int
                 rate=paced, count=count, duration=duration, stop=stop or threading.Event(),
                 progress=None if quiet else _Progress(progress_out or sys.stdout, paced),
                 flush_timeout_s=delivery_timeout_s + 5.0, speedup=speedup, label_delay_ms=round(label_delay_days * DAY_MS),
-                days_per_second=days_per_second or None).run()
+                days_per_second=days_per_second or None, batch_encoders=batch_encoders).run()
 
 
 class _Run:
@@ -242,7 +246,8 @@ class _Run:
                  encode_transaction: Encoder, encode_label: Encoder, *, labels: bool, rate: float | None,
                  count: int | None, duration: float | None, stop: threading.Event, progress: _Progress | None,
                  flush_timeout_s: float, speedup: float = DEFAULT_SPEEDUP, label_delay_ms: int = 0,
-                 days_per_second: float | None = None) -> None:
+                 days_per_second: float | None = None,
+                 batch_encoders: tuple[BatchEncoder, BatchEncoder] | None = None) -> None:
         self.producer = producer
         self.generator = generator
         self.transactions_topic = settings.transactions_topic
@@ -269,6 +274,8 @@ class _Run:
         # due order since transactions are sent in event-time order.
         self.pending_labels: deque[tuple[int, bytes, str]] = deque()
         self.clock_ms = 0  # the simulated clock: the event time of the latest transaction sent
+        # (transactions, labels): whole generated batches encoded at once, with no object per record
+        self.batch_encoders = batch_encoders
 
     def run(self) -> ProduceReport:
         started = time.monotonic()
@@ -326,7 +333,10 @@ class _Run:
                 if now >= deadline:
                     return False
                 wanted = min(UNTHROTTLED_BATCH, limit - self.sent)
-            if not self._send(generator.next_batch(wanted, self.clock.now_ms())):
+            if self.batch_encoders is not None and not self.label_delay_ms:
+                if not self._send_columns(generator.next_columns(wanted, self.clock.now_ms())):
+                    return True
+            elif not self._send(generator.next_batch(wanted, self.clock.now_ms())):
                 return True
             producer.poll(0)
             if progress:
@@ -418,6 +428,43 @@ class _Run:
                 except BufferError:
                     # Not stoppable: a sent transaction always gets its label (bounded by delivery.timeout.ms).
                     if not self._retry(labels_topic, value, label.transaction_id, on_label, stoppable=False):
+                        return False
+                except KafkaException as exc:
+                    return self._producer_error(exc)
+                self.labels_sent += 1
+        return True
+
+    def _send_columns(self, batch: GeneratedBatch) -> bool:
+        """Send a generated batch encoded whole: the same records and bytes as _send would send, without
+        an object per record; False when a stop request or a fatal error interrupted it."""
+        encode_transactions, encode_labels = self.batch_encoders
+        transactions = batch.transactions(encode_transactions.arrow_schema)
+        values = encode_transactions(transactions)
+        keys = transactions.column("account_id").to_pylist()
+        if self.labels:
+            label_values = encode_labels(batch.labels(encode_labels.arrow_schema))
+            label_keys = transactions.column("transaction_id").to_pylist()
+        produce = self.producer.produce
+        transactions_topic, labels_topic = self.transactions_topic, self.labels_topic
+        on_transaction, on_label, labels = self.on_transaction, self.on_label, self.labels
+        for index, value in enumerate(values):
+            key = keys[index]
+            try:
+                produce(transactions_topic, value, key, on_delivery=on_transaction)
+            except BufferError:
+                # The local queue is full: wait for deliveries, unless asked to stop.
+                if not self._retry(transactions_topic, value, key, on_transaction, stoppable=True):
+                    return False
+            except KafkaException as exc:
+                return self._producer_error(exc)
+            self.sent += 1
+            if labels:
+                value, key = label_values[index], label_keys[index]
+                try:
+                    produce(labels_topic, value, key, on_delivery=on_label)
+                except BufferError:
+                    # Not stoppable: a sent transaction always gets its label (bounded by delivery.timeout.ms).
+                    if not self._retry(labels_topic, value, key, on_label, stoppable=False):
                         return False
                 except KafkaException as exc:
                     return self._producer_error(exc)

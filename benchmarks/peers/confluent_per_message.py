@@ -14,8 +14,6 @@ Same rule as ours: amount_cents > threshold -> fraud topic (FraudAlert), else le
 
 from __future__ import annotations
 
-import argparse
-import signal
 import sys
 from datetime import datetime, timezone
 
@@ -25,26 +23,15 @@ from confluent_kafka.schema_registry import SchemaRegistryClient, topic_subject_
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
+from benchmarks.peers.common import detector_arguments, stop_requested
 from fraudstream.kafka import produce_or_wait  # the full-queue wait only, the same for every contender
 
 RULE_NAME = "large_amount"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bootstrap-servers", required=True)
-    parser.add_argument("--schema-registry-url", required=True)
-    parser.add_argument("--input-topic", required=True)
-    parser.add_argument("--legit-topic", required=True)
-    parser.add_argument("--fraud-topic", required=True)
-    parser.add_argument("--dlq-topic", required=True)
-    parser.add_argument("--group-id", required=True)
-    parser.add_argument("--threshold-cents", type=int, default=90_000)
-    args = parser.parse_args(argv)
-
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    args = detector_arguments(__doc__.splitlines()[0], dlq=True).parse_args(argv)
+    stopping = stop_requested()
 
     # A timeout, so that a registry that stops answering ends the run with an error instead of a hang.
     registry = SchemaRegistryClient({"url": args.schema_registry_url, "timeout": 30})

@@ -10,8 +10,9 @@ the client allow on this machine; its CPU per record is the floor of a Python pr
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
+
+from benchmarks.peers.common import stop_requested
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,12 +29,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from confluent_kafka import Consumer, Producer
 
-    from fraudstream.kafka import consumer_config, transactional_producer_config
+    from fraudstream.kafka import consumer_config, produce_or_wait, transactional_producer_config
     from fraudstream.settings import Settings
 
-    stopping: list[bool] = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    stopping = stop_requested()
 
     settings = Settings.from_env(bootstrap_servers=args.bootstrap_servers)
     transactional_id = f"{args.group_id}-passthrough"
@@ -47,14 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     output, batch = args.output_topic, args.batch
     wait_s = settings.batch_max_ms / 1000  # as long as our detector waits for a batch to fill
     print(f"passthrough {args.input_topic} -> {output}, {batch:,} records per transaction", flush=True)
-
-    def produce(value: bytes, key: bytes) -> None:
-        while True:
-            try:
-                producer.produce(output, value, key)
-                return
-            except BufferError:  # local queue full: let librdkafka deliver, then retry
-                producer.poll(0.05)
 
     def produce_all(messages: list) -> None:
         pending = [{"value": m.value(), "key": m.key()} for m in messages if m.error() is None]
@@ -74,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 for message in messages:
                     if message.error() is None:
-                        produce(message.value(), message.key())
+                        produce_or_wait(producer, output, message.value(), message.key())
             producer.send_offsets_to_transaction(consumer.position(consumer.assignment()),
                                                  consumer.consumer_group_metadata())
             producer.commit_transaction()

@@ -21,24 +21,18 @@ registered beforehand and looked up, never registered by the contender (auto_reg
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from datetime import datetime, timedelta, timezone
+
+from benchmarks.peers.common import detector_arguments
 
 LARGE_AMOUNT = "large_amount"
 VELOCITY = "velocity"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bootstrap-servers", required=True)
-    parser.add_argument("--schema-registry-url", required=True)
-    parser.add_argument("--input-topic", required=True)
-    parser.add_argument("--legit-topic", required=True)
-    parser.add_argument("--fraud-topic", required=True)
-    parser.add_argument("--group-id", required=True)
-    parser.add_argument("--threshold-cents", type=int, default=90_000)
+    parser = detector_arguments(__doc__.splitlines()[0])
     parser.add_argument("--rule", choices=("stateless", "velocity"), default="stateless")
     parser.add_argument("--velocity-window-s", type=float, required=True)
     parser.add_argument("--velocity-max", type=int, required=True, help="more transactions than this per card and window")

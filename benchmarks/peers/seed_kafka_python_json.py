@@ -8,27 +8,17 @@ linger_ms=5 (kafka-python's docs: >0 batches sends and raises throughput), a cle
 
 from __future__ import annotations
 
-import argparse
 import json
-import signal
 import sys
 
 from kafka import KafkaConsumer, KafkaProducer
 
+from benchmarks.peers.common import detector_arguments, stop_requested
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bootstrap-servers", required=True)
-    parser.add_argument("--input-topic", required=True)
-    parser.add_argument("--legit-topic", required=True)
-    parser.add_argument("--fraud-topic", required=True)
-    parser.add_argument("--group-id", required=True)
-    parser.add_argument("--threshold-cents", type=int, default=90_000)
-    args = parser.parse_args(argv)
-
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    args = detector_arguments(__doc__.splitlines()[0], registry=False).parse_args(argv)
+    stopping = stop_requested()
 
     def is_suspicious(transaction: dict) -> bool:
         return transaction["amount_cents"] > args.threshold_cents

@@ -31,9 +31,13 @@ from fraudstream.settings import Settings
 log = logging.getLogger("fraudstream.state")
 
 RESTORE_BATCH = 20_000
-# What a just-created topic answers until its partitions have leaders.
+# What a just-created topic answers until its partitions have leaders, and a partition whose leader is
+# down or moving: its request timed out or failed in transport, the client dropped that broker while the
+# request waited for it ("broker handle destroyed"), or its metadata names a leader it has since dropped
+# (librdkafka's local "unknown partition") until the next metadata answer.
 _NO_LEADER_YET = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART,
-                  KafkaError._TIMED_OUT}
+                  KafkaError._TIMED_OUT, KafkaError._UNKNOWN_PARTITION, KafkaError._TRANSPORT,
+                  KafkaError._DESTROY_BROKER}
 
 
 @dataclass
@@ -86,6 +90,7 @@ class Recovery:
         # owner's last batch) is still being committed, and would end the restore before its changes.
         self.offsets = Consumer(consumer_config(settings, f"{settings.group_id}.restore",
                                                 **{"isolation.level": "read_uncommitted"}))
+        self.end_retries = 0  # failed attempts to read a changelog partition's end (a leader down or moving)
         self.restoring: dict[int, RestoreProgress] = {}
         self._by_topic_partition: dict[tuple[str, int], _Restoring] = {}
 
@@ -109,7 +114,13 @@ class Recovery:
         return progress
 
     def _watermarks(self, tp: TopicPartition) -> tuple[int, int]:
-        """The changelog partition's offsets; retried while it has no leader (a just-created topic, a broker down)."""
+        """The changelog partition's offsets; retried while it has no leader (a just-created topic, a broker down).
+
+        librdkafka sends this request to the leader its metadata cache names, and nothing refreshes that
+        cache here: the client has no assigned partitions and subscribes to nothing, so a leader that died
+        stays the leader it asks (a request to a dead broker times out, which does not mark the metadata
+        stale) until metadata.max.age.ms, longer than any outage limit. So every failed attempt asks for
+        the topic's metadata, which replaces the cached leader (and drops a broker the cluster fenced)."""
         deadline = time.monotonic() + self.outage_limit_s
         while True:
             try:
@@ -121,7 +132,16 @@ class Recovery:
                     raise KafkaUnavailable(f"could not read the end of changelog {tp.topic}[{tp.partition}]: "
                                            f"{error.str()}") from exc
                 log.warning("asking for the end of changelog %s[%d]: %s; retrying", tp.topic, tp.partition, error.str())
+                self.end_retries += 1
+                self._refresh_metadata(tp.topic)
                 time.sleep(0.2)  # a leader election or a broker restart takes a moment; nothing else to wait on
+
+    def _refresh_metadata(self, topic: str) -> None:
+        """Ask the cluster for the topic's partitions and leaders: the answer updates the client's metadata cache."""
+        try:
+            self.offsets.list_topics(topic, timeout=self.timeout_s)
+        except KafkaException as exc:  # no broker answered: the next attempt fails too, and asks again
+            log.debug("refreshing the metadata of %s: %s", topic, exc.args[0].str())
 
     def stop(self, partition: int) -> None:
         """Forget a partition being restored (it was revoked)."""

@@ -8,12 +8,11 @@ running and caught up, and no transaction left open on an output topic.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -26,10 +25,11 @@ from confluent_kafka.admin import ConfigResource, ResourceType
 
 from fraudstream.kafka import admin, consumer_config, ensure_topics
 from fraudstream.registry import register_all
-from fraudstream.settings import ENV, Settings
-from fraudstream.stack import LocalStack
+from fraudstream.settings import Settings
+from fraudstream.stack import LocalStack, pid_alive
 from fraudstream.producer.loop import produce
 from tests.integration.test_detector import decode
+from tests.support.detector_process import DetectorProcess
 from tests.support.kafka_io import read_topic, wait_until
 from tests.support.routed import RoutedReader
 
@@ -84,41 +84,6 @@ def fresh_pipeline(settings: Settings) -> Settings:
     return settings
 
 
-class DetectorProcess:
-    """`python -m fraudstream.consumer` as an operator runs it; its output goes to a file (a pipe nobody reads could block it)."""
-
-    def __init__(self, settings: Settings, log_path: Path, *, stateless: bool = False) -> None:
-        env = {**os.environ, ENV["bootstrap_servers"]: settings.bootstrap_servers,
-               ENV["schema_registry_url"]: settings.schema_registry_url}
-        self.log_path = log_path
-        with open(log_path, "w") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "fraudstream.consumer", "--topic", settings.transactions_topic, "--group-id",
-                 settings.group_id, "--transactional-id", f"{settings.group_id}-1", "--log-interval", "2",
-                 *(["--stateless"] if stateless else [])],
-                env=env, stdout=out, stderr=subprocess.STDOUT)
-
-    def output(self) -> str:
-        return self.log_path.read_text()
-
-    def assert_running(self) -> None:
-        assert self.process.poll() is None, f"the detector exited ({self.process.returncode}):\n{self.tail()}"
-
-    def tail(self, lines: int = 12) -> str:
-        """The last lines of its own (librdkafka's connection failures left out)."""
-        return "\n".join([ln for ln in self.output().splitlines() if " FAIL [" not in ln][-lines:])
-
-    def terminate(self) -> str:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(60)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-        assert self.process.returncode == 0, self.tail()
-        return self.output()
-
-
 class Stream:
     """The producer at a steady rate until stopped."""
 
@@ -168,7 +133,7 @@ def assert_exactly_once_and_healthy(settings: Settings, reader: RoutedReader, de
     wait_until(lambda: _caught_up(settings), timeout_s=60, what="the detector's offsets to reach the input's end")
     assert_caught_up(settings)
     detector.assert_running()  # the same process rode out the fault
-    return detector.terminate()
+    return detector.stop_cleanly()
 
 
 def _caught_up(settings: Settings) -> bool:
@@ -185,31 +150,30 @@ def current_leader(settings: Settings, partition: int) -> int:
         .partitions[partition].leader
 
 
+@contextlib.contextmanager
+def running_pipeline(settings: Settings, tmp_path: Path, *, stateless: bool = False):
+    """A detector process, a reader of its outputs and a producer stream on `settings`; all ended after."""
+    detector = DetectorProcess(settings, tmp_path / "detector.log", stateless=stateless)
+    reader = RoutedReader(settings, check=detector.assert_running)
+    stream = Stream(settings)
+    try:
+        yield detector, reader, stream
+    finally:
+        stream.stop.set()
+        reader.close()
+        detector.ensure_ended()
+
+
 def kill_and_wait(pid: int, signum: int = signal.SIGKILL) -> None:
     os.kill(pid, signum)
-    wait_until(lambda: not _pid_alive(pid), timeout_s=30, what=f"process {pid} to die", interval_s=0.05)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)  # the broker is our child: reap it
-    except ChildProcessError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return not stat.read().split(") ", 1)[1].startswith("Z")
-    except OSError:
-        return False
+    wait_until(lambda: not pid_alive(pid), timeout_s=30, what=f"process {pid} to die", interval_s=0.05)
 
 
 def test_a_broker_killed_and_restarted_mid_stream(one_broker, tmp_path):
     """Three rounds in the suite (FAULT_ROUNDS)."""
     stack, base = one_broker
     settings = fresh_pipeline(base)
-    detector = DetectorProcess(settings, tmp_path / "detector.log")
-    reader = RoutedReader(settings, check=detector.assert_running)
-    stream = Stream(settings)
-    try:
+    with running_pipeline(settings, tmp_path) as (detector, reader, stream):
         for kill in range(1, ROUNDS + 1):
             reader.wait_for_progress(timeout_s=FAULT_WAIT_S, what=f"progress before kill {kill}")
             assert stream.thread.is_alive(), "the stream ended before the kill: the test proved less than it says"
@@ -218,21 +182,13 @@ def test_a_broker_killed_and_restarted_mid_stream(one_broker, tmp_path):
         reader.wait_for_progress(timeout_s=FAULT_WAIT_S, what="progress after the last restart")
         detector.assert_running()
         output = assert_exactly_once_and_healthy(settings, reader, detector, stream)
-    finally:
-        stream.stop.set()
-        reader.close()
-        if detector.process.poll() is None:
-            detector.process.kill()
     assert "took over" not in output
 
 
 def test_a_frozen_broker_past_the_transaction_timeout(one_broker, tmp_path):
     stack, base = one_broker
     settings = fresh_pipeline(base)
-    detector = DetectorProcess(settings, tmp_path / "detector.log")
-    reader = RoutedReader(settings, check=detector.assert_running)
-    stream = Stream(settings)
-    try:
+    with running_pipeline(settings, tmp_path) as (detector, reader, stream):
         reader.wait_for_progress(timeout_s=FAULT_WAIT_S, what="progress before the freeze")
         pid = stack.broker_pid(1)
         os.kill(pid, signal.SIGSTOP)
@@ -243,11 +199,6 @@ def test_a_frozen_broker_past_the_transaction_timeout(one_broker, tmp_path):
             os.kill(pid, signal.SIGCONT)
         reader.wait_for_progress(timeout_s=FAULT_WAIT_S, what="progress after the broker woke up")
         output = assert_exactly_once_and_healthy(settings, reader, detector, stream)
-    finally:
-        stream.stop.set()
-        reader.close()
-        if detector.process.poll() is None:
-            detector.process.kill()
     # Its transaction outlived the timeout: recovered, and said so, not reported as a takeover.
     assert "recreating the transactional producer" in output and "took over" not in output
 
@@ -262,23 +213,35 @@ def test_a_cluster_loses_a_partition_leader_and_gets_it_back(three_brokers, tmp_
     client = admin(settings)
     [config] = client.describe_configs([resource]).values()
     assert config.result()["min.insync.replicas"].value == "2"
-    # Stateless: the stateful detector does not yet ride out a partition leader moving to another of three
-    # brokers (its restore asks a changelog partition's end through a client whose metadata stays stale;
-    # README, "Keeping the state"). The single-broker restarts and the freeze run the stateful default.
-    detector = DetectorProcess(settings, tmp_path / "detector.log", stateless=True)
-    reader = RoutedReader(settings, check=detector.assert_running)
-    stream = Stream(settings)
-    try:
+    with running_pipeline(settings, tmp_path) as (detector, reader, stream):  # the default: stateful
         for kill in range(1, max(1, ROUNDS // 3) + 1):  # one round in the suite
             reader.wait_for_progress(timeout_s=FAULT_WAIT_S, what=f"progress before kill {kill}")
             leader = current_leader(settings, kill % settings.partitions)
+            # It leads a partition of the state's changelog too (three brokers lead a partition of every topic).
+            assert leader in changelog_leaders(client, settings)
             kill_and_wait(stack.broker_pid(leader))
             reader.wait_for(reader.total + RATE, timeout_s=FAULT_WAIT_S, what="progress with one broker down")
+            # Moved once the cluster fenced the dead broker: the restores read the changelog across the move.
+            wait_until(lambda: leader not in changelog_leaders(client, settings), timeout_s=FAULT_WAIT_S,
+                       what="the changelog's leadership to leave the killed broker")
             stack.start_broker(leader)
             reader.wait_for_progress(timeout_s=FAULT_WAIT_S, what="progress after the broker came back")
-        assert_exactly_once_and_healthy(settings, reader, detector, stream)
-    finally:
-        stream.stop.set()
-        reader.close()
-        if detector.process.poll() is None:
-            detector.process.kill()
+        output = assert_exactly_once_and_healthy(settings, reader, detector, stream)
+    # The kill ended the open transaction (its partitions on the dead broker had no leader for longer than the
+    # transaction may live): the state of every partition was dropped and restored from the changelog while
+    # its leaders moved. Start-up restored an empty changelog once per partition, so more restores, and
+    # changelog records read, can only come from after the kill.
+    restores, restored = _restore_counts(output)
+    assert restores > settings.partitions and restored > 0, f"no restore after the kill: {restores} restores"
+
+
+def changelog_leaders(client, settings: Settings) -> set[int]:
+    changelog = settings.changelog_topic("cards")
+    return {p.leader for p in client.list_topics(changelog, timeout=30).topics[changelog].partitions.values()}
+
+
+def _restore_counts(output: str) -> tuple[int, int]:
+    """(partition restores, changelog records read) from the detector's last metrics line."""
+    [line] = [ln for ln in output.splitlines() if " stopped: " in ln][-1:]
+    fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+    return int(fields["restores"]), int(fields["restored"])

@@ -3,12 +3,8 @@ and check that every input transaction appears exactly once across the legit and
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -17,44 +13,29 @@ from pathlib import Path
 from fraudstream.producer.loop import produce
 from fraudstream.settings import Settings
 from tests.integration.test_detector import decode
+from tests.support.detector_process import DetectorProcess
 from tests.support.kafka_io import read_topic, wait_until
 from tests.support.routed import RoutedReader
 
-TOTAL = 50_000
+RATE = 2_000
 
 
-class DetectorProcess:
-    """`python -m fraudstream.consumer` in its own process, as an operator would run it. Its output goes to a file:
-    a pipe nobody reads until the end could fill up and block it."""
+class Stream:
+    """The generator in a thread until the test ends it, after the faults: a slow machine cannot end the
+    stream before them, which would prove less than the test says."""
 
-    def __init__(self, settings: Settings, transactional_id: str, log_path: Path) -> None:
-        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-               "SCHEMA_REGISTRY_URL": settings.schema_registry_url}
-        self.log_path = log_path
-        with open(log_path, "w") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "fraudstream.consumer", "--topic", settings.transactions_topic, "--group-id",
-                 settings.group_id, "--transactional-id", transactional_id, "--log-interval", "2"],
-                env=env, stdout=out, stderr=subprocess.STDOUT)
+    def __init__(self, settings: Settings, rate: float = RATE) -> None:
+        self.stop, self.reports = threading.Event(), []
+        self.thread = threading.Thread(
+            target=lambda: self.reports.append(produce(settings, rate=rate, stop=self.stop, seed=7)), daemon=True)
+        self.thread.start()
 
-    def output(self) -> str:
-        return self.log_path.read_text()
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
-
-    def terminate(self) -> tuple[int, str]:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(60)
-        return self.process.returncode, self.output()
-
-
-def start_producer(settings: Settings, count: int, rate: float) -> tuple[threading.Thread, list]:
-    reports = []
-    thread = threading.Thread(target=lambda: reports.append(produce(settings, rate=rate, count=count, seed=7)))
-    thread.start()
-    return thread, reports
+    def end(self) -> int:
+        """Stop it; how many transactions it delivered."""
+        self.stop.set()
+        self.thread.join(120)
+        assert self.reports, "the generator failed"
+        return self.reports[0].delivered
 
 
 def input_transaction_ids(settings: Settings) -> Counter:
@@ -62,11 +43,11 @@ def input_transaction_ids(settings: Settings) -> Counter:
                    for m in read_topic(settings, settings.transactions_topic, timeout_s=120))
 
 
-def assert_exactly_once(settings: Settings, reader: RoutedReader) -> None:
-    reader.wait_for(TOTAL, timeout_s=240, what="every transaction routed")
+def assert_exactly_once(settings: Settings, reader: RoutedReader, total: int) -> None:
+    reader.wait_for(total, timeout_s=240, what="every transaction routed")
     reader.wait_until_at_end(timeout_s=120)
     sent = input_transaction_ids(settings)
-    assert sum(sent.values()) == TOTAL and len(sent) == TOTAL
+    assert sum(sent.values()) == total and len(sent) == total
     duplicates = {tid: n for tid, n in reader.ids.items() if n > 1}
     assert not duplicates, f"{len(duplicates)} transactions routed more than once"
     assert set(reader.ids) == set(sent), f"{len(set(sent) - set(reader.ids))} lost, {len(set(reader.ids) - set(sent))} unknown"
@@ -83,46 +64,40 @@ def test_kill_minus_nine_three_times_loses_and_duplicates_nothing(pipeline: Sett
     rng = random.Random(2026)
     transactional_id = f"{pipeline.group_id}-crashy"
     reader = RoutedReader(pipeline)
-    producer_thread, reports = start_producer(pipeline, TOTAL, rate=2_000)  # a 25 s stream
-    detector = DetectorProcess(pipeline, transactional_id, tmp_path / "detector-0.log")
-    kills_while_producing = 0
+    stream = Stream(pipeline)
+    detector = DetectorProcess(pipeline, tmp_path / "detector-0.log", transactional_id=transactional_id)
     try:
         for kill in range(1, 4):
             reader.wait_for_progress(timeout_s=60, what="the detector making progress")
             time.sleep(rng.uniform(0.0, 1.0))  # then a random point in the stream (not a readiness wait)
-            kills_while_producing += producer_thread.is_alive()
             detector.kill()
-            detector = DetectorProcess(pipeline, transactional_id, tmp_path / f"detector-{kill}.log")
-        assert kills_while_producing == 3, "the stream ended before the third kill: the test proved less than it says"
-        producer_thread.join(120)
-        assert reports and reports[0].delivered == TOTAL
-        assert_exactly_once(pipeline, reader)
+            detector = DetectorProcess(pipeline, tmp_path / f"detector-{kill}.log", transactional_id=transactional_id)
+        reader.wait_for_progress(timeout_s=60, what="the last detector making progress")
+        assert_exactly_once(pipeline, reader, stream.end())
     finally:
+        stream.stop.set()
         reader.close()
-    code, output = detector.terminate()
-    assert code == 0, output
+    detector.stop_cleanly()
 
 
 def test_two_detectors_one_killed_mid_stream(pipeline: Settings, tmp_path: Path):
     reader = RoutedReader(pipeline)
-    producer_thread, reports = start_producer(pipeline, TOTAL, rate=2_000)  # a 25 s stream
-    survivor = DetectorProcess(pipeline, f"{pipeline.group_id}-a", tmp_path / "survivor.log")
+    stream = Stream(pipeline)
+    survivor = DetectorProcess(pipeline, tmp_path / "survivor.log", transactional_id=f"{pipeline.group_id}-a")
     try:
         reader.wait_for_progress(timeout_s=60, what="the first detector working")
-        victim = DetectorProcess(pipeline, f"{pipeline.group_id}-b", tmp_path / "victim.log")
+        victim = DetectorProcess(pipeline, tmp_path / "victim.log", transactional_id=f"{pipeline.group_id}-b")
         # The victim joins: the survivor gives some partitions up (cooperative rebalance) ...
         given_up = wait_until(lambda: [p for p in partitions_logged(survivor.output(), "revoked") if p],
                               timeout_s=60, what="the survivor to give partitions to the second detector")[0]
         wait_until(lambda: any(partitions_logged(victim.output(), "assigned")), timeout_s=60,
                    what="the second detector to get partitions")
-        assert producer_thread.is_alive(), "the stream ended before the kill: the test proved less than it says"
         victim.kill()  # ... and takes them back once the victim's session times out
         wait_until(lambda: any(given_up <= p for p in partitions_logged(survivor.output(), "assigned")[1:]),
                    timeout_s=90, what=f"the survivor to be assigned {sorted(given_up)} again")
-        producer_thread.join(120)
-        assert reports and reports[0].delivered == TOTAL
-        assert_exactly_once(pipeline, reader)
+        reader.wait_for_progress(timeout_s=60, what="the survivor routing the victim's partitions")
+        assert_exactly_once(pipeline, reader, stream.end())
     finally:
+        stream.stop.set()
         reader.close()
-    code, output = survivor.terminate()
-    assert code == 0, output
+    survivor.stop_cleanly()

@@ -11,7 +11,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from fraudstream.demo import DEFAULT_BAD_RECORDS
+from fraudstream.demo.options import DEFAULT_BAD_RECORDS
 from fraudstream.settings import Settings
 from tests.support.kafka_io import read_topic
 from tests.support.output_lines import LineReader, stop_process

@@ -92,3 +92,32 @@ def test_detector_still_on_v1_reads_v2_records(pipeline: Settings, tmp_path: Pat
     assert {tid for tid, is_fraud in expected.items() if not is_fraud} == set(legit)
     # The v1 detector writes v1 records: the v2-only field is dropped, as FULL compatibility allows.
     assert all("device_id" not in r for r in legit.values())
+
+
+def test_fraud_alert_v3_with_a_score_is_registered_over_every_earlier_version_and_read_by_them(pipeline: Settings):
+    """The score field as a real evolution: v1, v2, then the current FraudAlert under one FULL_TRANSITIVE
+    subject; an alert the current detector writes is read by readers of every earlier version."""
+    import io
+
+    from fastavro import schemaless_reader
+
+    registry = Registry(pipeline)
+    subject = f"{pipeline.transactions_topic}.fraud-evolution-value"
+    registry.set_compatibility(subject, "FULL_TRANSITIVE")
+    earlier = history(pipeline.schemas_dir, "FraudAlert")
+    for _, schema in earlier:
+        registry.register(subject, json.dumps(schema))
+    current = load_schemas(pipeline.schemas_dir)
+    new_id = registry.register(subject, current.text("FraudAlert"))
+    assert registry.versions(subject) == list(range(1, len(earlier) + 2))
+    assert "score" in {f["name"] for f in registry.schema_by_id(new_id)["fields"]}
+
+    encode = make_encoder(new_id, current.parsed["FraudAlert"])
+    alert = {"transaction": transaction(95_000, account="acct-1").to_dict(), "rules": ["model"],
+             "detected_at": 1_700_000_000_000, "fired": [{"id": "model", "version": 1}], "rule_set_version": "3",
+             "score": 0.93}
+    value = encode(alert)
+    assert decode(pipeline, value)["score"] == 0.93
+    for version, schema in earlier:
+        old = schemaless_reader(io.BytesIO(value[5:]), current.parsed["FraudAlert"], parse_schema(schema))
+        assert old["rules"] == ["model"] and "score" not in old, version

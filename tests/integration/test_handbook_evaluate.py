@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -65,11 +64,12 @@ def test_a_handbook_run_is_measured_end_to_end(pipeline: Settings, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert "XGBoost, tuned (Handbook)" in done.stdout and "fraudstream (this run)" in done.stdout
-    assert "binary decision" in done.stdout
+    assert "risk scores" in done.stdout
     result = json.loads(output.read_text())
     assert (result["routed"], result["labels"], result["labelled"]) == (len(simulation),) * 3
-    assert result["score_source"] == "decision" and result["warnings"] == []
-    # The detector has only its $900 rule today: what it flags is exactly what the rule says.
+    assert result["score_source"] == "score" and result["warnings"] == []
+    # Without a model the detector has only its $900 rule here: what it flags is exactly what the rule says,
+    # and its score is the rules' (1.0 when one fired, 0.0 otherwise).
     assert result["routed_flagged"] == int(np.count_nonzero(simulation.amount_cents > pipeline.fraud_threshold_cents))
     assert output.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
@@ -77,7 +77,8 @@ def test_a_handbook_run_is_measured_end_to_end(pipeline: Settings, tmp_path):
     direct = ev.Routed()
     for tx, _ in simulation.to_pairs(0, len(simulation)):
         direct.add(tx.transaction_id, tx.card_id, int(tx.event_time.timestamp() * 1000),
-                   tx.amount_cents > pipeline.fraud_threshold_cents, math.nan)
+                   tx.amount_cents > pipeline.fraud_threshold_cents,
+                   float(tx.amount_cents > pipeline.fraud_threshold_cents))
     truth = {label.transaction_id: (label.is_fraud, label.scenario) for _, label in simulation.to_pairs(0, len(simulation))}
     expected, _ = ev.evaluate(direct, truth, label_delay_days=LABEL_DELAY_DAYS)
     assert result["overall"] == json.loads(json.dumps(expected["overall"]))

@@ -79,6 +79,10 @@ def test_every_produced_transaction_has_exactly_one_label(pipeline: Settings):
     transactions, labels = read_pairs(pipeline)
     assert len(transactions) == 3_000
     assert Counter(label.transaction_id for label in labels) == Counter(transactions.keys())
+    # Each label names its transaction's terminal and event time (what a detector's label table needs).
+    assert all((label.terminal_id, label.event_time) == (transactions[label.transaction_id].terminal_id,
+                                                         transactions[label.transaction_id].event_time)
+               for label in labels)
     scenarios = Counter(label.scenario for label in labels)
     assert scenarios[LEGIT] > 2_500 and sum(scenarios[name] for name in FRAUD_SCENARIOS) > 30
     # Labels are ground truth on their own topic: the transaction carries no hint of them.

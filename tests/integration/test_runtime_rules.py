@@ -25,8 +25,8 @@ from fraudstream.cli import main as fraudstream
 from fraudstream.kafka import producer_config
 from fraudstream.settings import Settings
 from fraudstream.producer.loop import produce
-from tests.integration.test_crash_safety import DetectorProcess
 from tests.integration.test_detector import RunningDetector, decode, encoder_for
+from tests.support.detector_process import DetectorProcess
 from tests.support.kafka_io import read_topic, transaction, wait_until
 
 PROBE_CENTS = 60_000  # under the default threshold ($900.00), over the lowered one
@@ -236,7 +236,7 @@ def test_a_detector_killed_with_minus_nine_comes_back_with_the_rules_changed_whi
     """Also the replay guarantee: every transaction is routed once, and its decision is the one the rule
     set it names gives, whether it was judged before the kill or re-read after it."""
     tid = f"{pipeline.group_id}-solo"
-    detector = DetectorProcess(pipeline, tid, tmp_path / "detector-1.log")
+    detector = DetectorProcess(pipeline, tmp_path / "detector-1.log", transactional_id=tid)
     probes = Probes(pipeline, rate=200)
     try:
         first = time.time()
@@ -247,14 +247,13 @@ def test_a_detector_killed_with_minus_nine_comes_back_with_the_rules_changed_whi
         lower.write_text(f"[large_amount]\nthreshold_cents = {LOWERED_CENTS}\n")
         rules_cli(pipeline, "set", str(lower))
         changed_at = time.time()
-        detector = DetectorProcess(pipeline, tid, tmp_path / "detector-2.log")
+        detector = DetectorProcess(pipeline, tmp_path / "detector-2.log", transactional_id=tid)
         wait_until(lambda: judged_after(pipeline, probes, changed_at, set(range(pipeline.partitions))),
                    timeout_s=90, what="probes routed after the restart")
     finally:
         probes.close()
     wait_until(lambda: probes.sent.keys() <= outputs(pipeline).keys(), timeout_s=60, what="every probe routed")
-    code, log = detector.terminate()
-    assert code == 0, log
+    log = detector.stop_cleanly()
 
     found = outputs(pipeline)
     assert probes.sent.keys() <= found.keys()

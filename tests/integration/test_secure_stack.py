@@ -1,16 +1,18 @@
-"""The pipeline over TLS and SASL: `stack up --secure`, driven through client properties files.
+"""The pipeline over TLS and SASL: `stack up --secure`, driven through client properties files and -X.
 
-A stack of its own (free ports, its own folder, the fetched distribution shared) starts with a
-SASL_SSL listener (SCRAM-SHA-512) and an HTTPS registry port, with a CA made at its first start.
-The registry is reached through a proxy that demands HTTP Basic credentials (Apicurio enforces
-basic auth only through an OIDC server, see tests/support/auth_proxy.py). Then produce -> detect ->
-inspect run as a user runs them, and each refusal (wrong password, untrusted certificate, missing
-CA) must be one clear line that names no secret.
+One stack of its own for the whole module (free ports, its own folder, the fetched distribution
+shared) starts with a SASL_SSL listener (SCRAM-SHA-512 and OAUTHBEARER with unsecured JWTs), a
+mutual-TLS listener and an HTTPS registry port, with a CA made at its first start. The registry is
+reached through a proxy that demands HTTP Basic credentials (Apicurio enforces basic auth only through
+an OIDC server, see tests/support/auth_proxy.py). Then produce -> detect (-> inspect) run as a user
+runs them, once per way of authenticating, and each refusal (wrong password, token or client
+certificate, untrusted certificate, missing CA) must be one clear line that names no secret.
 """
 
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import shutil
@@ -23,11 +25,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import javaproperties
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from fraudstream.settings import ENV, Settings
 from fraudstream.stack import LocalStack
+from fraudstream.stack_secure import SecureMaterial
 from tests.support.auth_proxy import BasicAuthProxy
 from tests.support.kafka_io import count_committed, read_topic, wait_until
 
@@ -37,6 +41,7 @@ WRONG = "Wrong-Pass-91c2"
 # What a reader may meet on a topic created moments ago, until the broker's metadata settles.
 NEW_TOPIC_ERRORS = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
                     KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION}
+NO_FILE = Path("/dev/null/no-kafka-properties-file")  # env(): the Kafka settings come from -X flags alone
 # Variables of the surrounding run that would point the commands elsewhere.
 CLEARED = [ENV[name] for name in ("bootstrap_servers", "schema_registry_url", "kafka_config", "registry_config",
                                   "transactions_topic")]
@@ -56,17 +61,27 @@ class SecureStack:
     proxy: BasicAuthProxy
     folder: Path
 
-    def env(self, topic: str) -> dict[str, str]:
+    def env(self, topic: str, kafka_config: Path | None = None) -> dict[str, str]:
+        """The commands' environment; `kafka_config`: another Kafka properties file than the SCRAM one,
+        or none when the command's -X flags say everything."""
         env = {k: v for k, v in os.environ.items() if k not in CLEARED}
-        return env | {ENV["kafka_config"]: str(self.kafka_config), ENV["registry_config"]: str(self.registry_config),
-                      ENV["transactions_topic"]: topic, ENV["partitions"]: "3"}
+        env |= {ENV["registry_config"]: str(self.registry_config), ENV["transactions_topic"]: topic,
+                ENV["partitions"]: "3"}
+        if kafka_config != NO_FILE:
+            env[ENV["kafka_config"]] = str(kafka_config or self.kafka_config)
+        return env
 
     def settings(self, topic: str) -> Settings:
         return Settings.from_env(self.env(topic))
 
-    def run(self, topic: str, *args: str, timeout_s: float = 90) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "fraudstream.cli", *args], env=self.env(topic),
+    def run(self, topic: str, *args: str, timeout_s: float = 90,
+            kafka_config: Path | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fraudstream.cli", *args], env=self.env(topic, kafka_config),
                               capture_output=True, text=True, timeout=timeout_s)
+
+    @property
+    def material(self) -> SecureMaterial:
+        return self.stack.secure_material
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +91,8 @@ def secure() -> Iterator[SecureStack]:
     shutil.rmtree(folder, ignore_errors=True)  # a fresh CA and user each run: first start is what is tested
     settings = base.replace(stack_dir=folder, kafka_port=free_port(), controller_port=free_port(),
                             registry_port=free_port(), registry_management_port=free_port(),
-                            kafka_secure_port=free_port(), registry_secure_port=free_port())
+                            kafka_secure_port=free_port(), kafka_mtls_port=free_port(),
+                            registry_secure_port=free_port())
     stack = LocalStack(settings, log=lambda line: None, dist=base.stack_dir / "dist")
     try:
         status = stack.up(secure=True)
@@ -116,19 +132,20 @@ def test_secure_stack_writes_client_files_that_name_only_the_secured_endpoints(s
     assert "SASL_SSL://" in (secure.stack.kafka_dir / "server.properties").read_text()
 
 
-def test_produce_detect_inspect_over_sasl_ssl_with_registry_credentials(secure: SecureStack):
-    topic = f"secure-{uuid.uuid4().hex[:8]}"
+def produce_and_detect(secure: SecureStack, topic: str, count: int, *flags: str,
+                       kafka_config: Path | None = None) -> Settings:
+    """`produce` then `detect` until every record is routed, both with `flags` and `kafka_config`
+    (see SecureStack.env); the counts are read over SCRAM. Returns the topic's settings."""
     settings = secure.settings(topic)
-    assert secure.run(topic, "schemas", "register").returncode == 0
-    forwarded_after_register = secure.proxy.forwarded
-    assert forwarded_after_register > 0 and secure.proxy.refused == 0
-
-    produced = secure.run(topic, "produce", "--count", "300", "--rate", "0", "--quiet")
+    produced = secure.run(topic, "produce", "--count", str(count), "--rate", "0", "--quiet", *flags,
+                          kafka_config=kafka_config)
     assert produced.returncode == 0, produced.stderr
-    assert count_committed(settings, [topic]) == 300
+    assert count_committed(settings, [topic]) == count
 
-    detector = subprocess.Popen([sys.executable, "-m", "fraudstream.cli", "detect", "--log-interval", "1"],
-                                env=secure.env(topic), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    detector = subprocess.Popen([sys.executable, "-m", "fraudstream.cli", "detect", "--log-interval", "1", *flags],
+                                env=secure.env(topic, kafka_config), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
     def routed() -> int:
         try:
             return count_committed(settings, [settings.legit_topic, settings.fraud_topic])
@@ -138,11 +155,21 @@ def test_produce_detect_inspect_over_sasl_ssl_with_registry_credentials(secure: 
             raise
 
     try:
-        wait_until(lambda: routed() >= 300, timeout_s=90, what="all 300 transactions routed over SASL_SSL")
+        wait_until(lambda: routed() >= count, timeout_s=90, what=f"all {count} transactions routed")
     finally:
         detector.send_signal(signal.SIGTERM)
         output, _ = detector.communicate(timeout=60)
     assert detector.returncode == 0, output
+    return settings
+
+
+def test_produce_detect_inspect_over_sasl_ssl_with_registry_credentials(secure: SecureStack):
+    topic = f"secure-{uuid.uuid4().hex[:8]}"
+    assert secure.run(topic, "schemas", "register").returncode == 0
+    forwarded_after_register = secure.proxy.forwarded
+    assert forwarded_after_register > 0 and secure.proxy.refused == 0
+
+    settings = produce_and_detect(secure, topic, 300)
 
     inspected = secure.run(topic, "inspect", settings.fraud_topic, "--from-beginning")
     assert inspected.returncode == 0, inspected.stderr
@@ -153,6 +180,30 @@ def test_produce_detect_inspect_over_sasl_ssl_with_registry_credentials(secure: 
     assert secure.proxy.forwarded > forwarded_after_register and secure.proxy.refused == 0
 
 
+def oauthbearer_flags(secure: SecureStack, **overrides: str) -> list[str]:
+    """The stack's OAUTHBEARER client file as -X flags (a client configured on the command line alone),
+    with `overrides` (keys with _ for .)."""
+    with open(secure.material.kafka_oauthbearer_client_properties, encoding="utf-8") as f:
+        properties = dict(javaproperties.load(f)) | {k.replace("_", "."): v for k, v in overrides.items()}
+    return list(itertools.chain.from_iterable(("-X", f"{k}={v}") for k, v in properties.items()))
+
+
+@pytest.mark.parametrize("way", ["mutual TLS, properties file", "OAUTHBEARER, -X flags"])
+def test_produce_and_detect_with_a_client_certificate_or_a_bearer_token(secure: SecureStack, way: str):
+    topic = f"secure-{uuid.uuid4().hex[:8]}"
+    assert secure.run(topic, "schemas", "register").returncode == 0
+    if way.startswith("mutual TLS"):
+        # The MTLS listener speaks TLS without SASL and demands a certificate signed by the stack's CA.
+        config = Settings.from_env({}, kafka_config=secure.material.kafka_mtls_client_properties)
+        assert config.kafka_extra["security.protocol"] == "SSL" and "sasl.mechanisms" not in config.kafka_extra
+        assert config.bootstrap_servers == f"127.0.0.1:{secure.stack.settings.kafka_mtls_port}"
+        produce_and_detect(secure, topic, 100, kafka_config=secure.material.kafka_mtls_client_properties)
+    else:
+        flags = oauthbearer_flags(secure)
+        assert "sasl.mechanisms=OAUTHBEARER" in flags and not any("sasl.password" in flag for flag in flags)
+        produce_and_detect(secure, topic, 100, *flags, kafka_config=NO_FILE)
+
+
 @pytest.mark.parametrize("command", [["produce", "--count", "1"], ["detect"], ["inspect", "--from-beginning"]])
 def test_a_wrong_password_is_refused_in_one_line(secure: SecureStack, command: list[str]):
     done = secure.run("refused", *command, "-X", f"sasl.password={WRONG}", timeout_s=60)
@@ -161,23 +212,50 @@ def test_a_wrong_password_is_refused_in_one_line(secure: SecureStack, command: l
     assert WRONG not in done.stderr + done.stdout
 
 
-def other_ca(folder: Path) -> Path:
-    """A CA certificate that did not sign the stack's certificates."""
+@pytest.mark.parametrize("command", [["produce", "--count", "1"], ["detect"]])
+def test_a_token_without_the_required_scope_is_refused_in_one_line(secure: SecureStack, command: list[str]):
+    flags = oauthbearer_flags(secure, sasl_oauthbearer_config="principal=intruder scope=other")
+    done = secure.run("refused-token", *command, *flags, kafka_config=NO_FILE, timeout_s=60)
+    line = one_line(done, command[0])
+    assert "refused the connection" in line and "insufficient_scope" in line
+    assert "check sasl.oauthbearer.config" in line
+
+
+@pytest.mark.parametrize("command", [["produce", "--count", "1"], ["detect"]])
+def test_a_client_certificate_from_another_ca_is_refused_in_one_line(secure: SecureStack, command: list[str]):
+    cert, key = self_signed(secure.folder, "intruder")
+    done = secure.run("refused-cert", *command, "-X", f"ssl.certificate.location={cert}",
+                      "-X", f"ssl.key.location={key}", kafka_config=secure.material.kafka_mtls_client_properties,
+                      timeout_s=60)
+    line = one_line(done, command[0])
+    assert "refused the connection" in line and "alert certificate required" in line
+    assert "wants a client certificate signed by a CA it trusts" in line
+
+
+def self_signed(folder: Path, name: str, *, ca: bool = False) -> tuple[Path, Path]:
+    """A self-signed certificate and its key, which the stack's CA never signed."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "some other CA")])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now)
             .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(key, hashes.SHA256()))
-    path = folder / "other-ca.pem"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True).sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / f"{name}-cert.pem", folder / f"{name}-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def other_ca(folder: Path) -> Path:
+    """A CA certificate that did not sign the stack's certificates."""
+    return self_signed(folder, "some-other-ca", ca=True)[0]
 
 
 def test_an_untrusted_certificate_is_refused_in_one_line(secure: SecureStack):

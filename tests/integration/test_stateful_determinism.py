@@ -15,10 +15,6 @@ exactly the card profiles that a recount from the input gives: no state change a
 from __future__ import annotations
 
 import itertools
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,6 +30,7 @@ from fraudstream.registry import register_all
 from fraudstream.settings import Settings
 from fraudstream.producer.generator import Generator
 from tests.integration.test_detector import decode, encoder_for, routed_total
+from tests.support.detector_process import DetectorProcess
 from tests.support.kafka_io import read_topic, wait_until
 
 TOTAL = 50_000
@@ -46,25 +43,9 @@ MIN_TERMINAL_FIRED = 50  # the stream holds about 250 compromised-terminal victi
 LOGS = Path(tempfile.mkdtemp(prefix="determinism-"))  # each detector's output, shown when one fails
 
 
-def detector_process(settings: Settings, transactional_id: str) -> subprocess.Popen:
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-           "SCHEMA_REGISTRY_URL": settings.schema_registry_url}
-    log = LOGS / f"{transactional_id}-{time.monotonic_ns()}.log"
-    with open(log, "w") as out:  # a file, not a pipe nobody reads
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fraudstream.consumer", "--topic", settings.transactions_topic, "--group-id",
-             settings.group_id, "--transactional-id", transactional_id, "--log-interval", "3600"],
-            env=env, stdout=out, stderr=subprocess.STDOUT)
-    process.log = log
-    return process
-
-
-def stop(process: subprocess.Popen, signum: int = signal.SIGTERM) -> int:
-    process.send_signal(signum)
-    code = process.wait(60)
-    if signum == signal.SIGTERM and code != 0:
-        print(f"{process.log}:\n{process.log.read_text()[-3000:]}")  # pytest shows it with the failure
-    return code
+def detector_process(settings: Settings, transactional_id: str) -> DetectorProcess:
+    return DetectorProcess(settings, LOGS / f"{transactional_id}-{time.monotonic_ns()}.log",
+                           transactional_id=transactional_id, log_interval_s=3600)
 
 
 def make_pipeline(base: Settings, name: str) -> Settings:
@@ -166,21 +147,21 @@ def test_same_decisions_uninterrupted_killed_and_rescaled(stack_settings: Settin
         wait_until(lambda: progressed(killed, before + 500), timeout_s=120, what=f"B working before kill {kill + 1}",
                    interval_s=0.05)
         mid_stream.append(routed_total(killed) < TOTAL)
-        stop(b, signal.SIGKILL)
+        b.kill()
         b = detector_process(killed, "killed")
         if kill == 0:
             mid_stream.append(routed_total(rescaled) < TOTAL)
             c2 = detector_process(rescaled, "rescaled-2")  # C grows to two
         if kill == 1:
             mid_stream.append(routed_total(rescaled) < TOTAL)
-            assert stop(c2) == 0  # and shrinks back to one
+            c2.stop_cleanly()  # and shrinks back to one
     assert all(mid_stream), f"some kills or rescales came after the end of the stream ({mid_stream}): " \
                             "the test proved less than it says"
     sender.join(120)
     for settings in (steady, killed, rescaled):
         wait_until(lambda s=settings: progressed(s, TOTAL), timeout_s=240, what=f"{settings.transactions_topic} routed")
     for process in (a, b, c1):
-        assert stop(process) == 0
+        process.stop_cleanly()
 
     expected = decisions(steady)
     assert len(expected) == TOTAL

@@ -180,13 +180,13 @@ def test_child_commands_get_the_same_client_properties(files):
 
 
 def test_the_demos_printed_inspect_commands_carry_the_client_flags_with_secrets_masked(files, monkeypatch):
-    from fraudstream.demo import _inspect_flags
+    from fraudstream.demo.summary import inspect_flags
 
     for var in (*files, ENV["bootstrap_servers"], ENV["schema_registry_url"]):
         monkeypatch.delenv(var, raising=False)
     settings = Settings.from_env({}, kafka_config=files[ENV["kafka_config"]],
                                  kafka_properties={"sasl.password": SECRET + "x", "client.id": "demo"})
-    flags = _inspect_flags(settings)
+    flags = inspect_flags(settings)
     assert flags[flags.index("--kafka-config") + 1] == files[ENV["kafka_config"]]
     assert "client.id=demo" in flags and f"sasl.password={REDACTED}" in flags
     assert not any(SECRET in flag for flag in flags)

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from fraudstream.demo import DEFAULT_SPEEDUP, DemoState, Frame, add_arguments, producer_command, summary_lines
+from fraudstream.demo.options import DEFAULT_SPEEDUP, add_arguments
+from fraudstream.demo.pipeline import producer_command
+from fraudstream.demo.scoring import DemoState
+from fraudstream.demo.summary import summary_lines
+from fraudstream.demo.view import Frame
 from fraudstream.records import FraudAlert, Label, Transaction
 from fraudstream.settings import Settings
 

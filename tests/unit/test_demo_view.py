@@ -9,22 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from fraudstream.demo import (
-    DemoState,
-    DetectionScore,
-    Frame,
-    LiveView,
-    PipelineCounts,
-    RateMeter,
-    add_arguments,
-    bad_record_times,
-    malformed_record,
-    detector_command,
-    panel_lines,
-    plain_line,
-    producer_command,
-    summary_lines,
-)
+from fraudstream.demo.bad_records import bad_record_times, malformed_record
+from fraudstream.demo.options import add_arguments
+from fraudstream.demo.pipeline import detector_command, producer_command
+from fraudstream.demo.scoring import DemoState, DetectionScore, PipelineCounts
+from fraudstream.demo.summary import summary_lines
+from fraudstream.demo.view import Frame, LiveView, RateMeter, panel_lines, plain_line
 from fraudstream.records import FraudAlert, Label, Transaction
 from fraudstream.schemas import load_schemas
 from fraudstream.serde import Decoder, DecodeError
@@ -266,7 +256,7 @@ def test_traffic_time_runs_from_the_first_input_record_to_the_last() -> None:
 
 
 def test_rule_changes_show_in_the_panel_newest_first() -> None:
-    from fraudstream.demo import rule_line
+    from fraudstream.demo.watcher import rule_line
     from fraudstream.records import Rule
     from fraudstream.serde import make_encoder
     from tests.unit.test_serde import FakeRegistry

@@ -17,9 +17,12 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicP
 from confluent_kafka.admin import MemberDescription
 
 import fraudstream.consumer.detector as detector_module
-from fraudstream.consumer.decide import Decision, Route
-from fraudstream.consumer.detector import FAILURES_IN_A_ROW_LIMIT, Detector
+from fraudstream.consumer.batching import BatchSizer
+from fraudstream.evaluate import SCORE_HEADER
+from fraudstream.consumer.decide import DLQ_KIND, DecidedBatch, Decision, Route, dead_letter
+from fraudstream.consumer.detector import FAILURES_IN_A_ROW_LIMIT, OUTPUT_TOO_LARGE, Detector
 from fraudstream.errors import Fenced, KafkaUnavailable
+from fraudstream.serde import DecodeError
 from fraudstream.settings import PROJECT_ROOT, Settings
 
 TOPIC = "tx"
@@ -71,7 +74,7 @@ class Log:
 class FakeConsumer:
     def __init__(self, log: Log, detector: Detector, batch: int = 4) -> None:
         self.log, self.detector, self.batch = log, detector, batch
-        self.position = dict.fromkeys(log.records, 0)
+        self.positions = dict.fromkeys(log.records, 0)
         self.seeks: list[tuple[int, int]] = []
         self.on_consume = None  # called inside consume(), where librdkafka runs rebalance callbacks
 
@@ -79,20 +82,23 @@ class FakeConsumer:
         if self.on_consume:
             hook, self.on_consume = self.on_consume, None
             messages = hook()
-        else:
+        else:  # what one fetch brings: up to `batch` records of each partition
             messages = []
-            for p in sorted(self.position):
+            for p in sorted(self.positions):
                 if (TOPIC, p) in self.detector._assigned:
-                    chunk = self.log.records[p][self.position[p]:self.position[p] + self.batch]
-                    self.position[p] += len(chunk)
+                    chunk = self.log.records[p][self.positions[p]:self.positions[p] + min(self.batch, num_messages - len(messages))]
+                    self.positions[p] += len(chunk)
                     messages += chunk
-        if not messages:
-            self.detector.stop.set()  # the log is drained: end the run
+        if not messages and timeout > 0:
+            self.detector.stop.set()  # the log is drained and the detector would wait: end the run
         return messages
+
+    def position(self, partitions):
+        return [TopicPartition(TOPIC, tp.partition, self.positions[tp.partition]) for tp in partitions]
 
     def seek(self, tp: TopicPartition) -> None:
         self.seeks.append((tp.partition, tp.offset))
-        self.position[tp.partition] = 0 if tp.offset == OFFSET_BEGINNING else tp.offset
+        self.positions[tp.partition] = 0 if tp.offset == OFFSET_BEGINNING else tp.offset
 
     def committed(self, partitions, timeout=None):
         return [TopicPartition(TOPIC, tp.partition, self.log.committed[tp.partition]) for tp in partitions]
@@ -116,7 +122,9 @@ class FakeProducer:
         self.open: list | None = None
         self.offsets: list | None = None
         self.committed_outputs: list[bytes] = []
+        self.commits: list[int] = []  # records per committed transaction
         self.produce_calls: list[bytes] = []
+        self.produced: list[tuple[str, bytes, list | None]] = []  # (topic, value, headers) of every call
         self.aborts = 0
 
     def _maybe_fail(self, name: str) -> None:
@@ -131,6 +139,7 @@ class FakeProducer:
 
     def produce(self, topic, value, key=None, headers=None):
         self.produce_calls.append(value)
+        self.produced.append((topic, value, headers))
         self._maybe_fail("produce")
         self.open.append(value)
 
@@ -141,6 +150,7 @@ class FakeProducer:
     def commit_transaction(self, timeout):
         self._maybe_fail("commit")
         self.committed_outputs += self.open
+        self.commits.append(len(self.open))
         for tp in self.offsets:
             self.log.committed[tp.partition] = tp.offset
         self.open = None
@@ -163,13 +173,16 @@ class FakeAdmin:
 
 
 class PassThrough:
-    def decide(self, messages):
-        return [Decision(Route.LEGIT, m.key(), m.value()) for m in messages]
+    """Every record forwarded as it came: the detector's fast path (no Decision per record)."""
+
+    def decide_batch(self, messages):
+        return DecidedBatch(len(messages), {})
 
 
 def make_detector(monkeypatch, *, partitions=2, records=8, fail=None, successors=(),
-                  transaction_timeout_ms=10_000) -> tuple[Detector, Log, list[FakeProducer]]:
-    settings = Settings(transactions_topic=TOPIC, transaction_timeout_ms=transaction_timeout_ms)
+                  transaction_timeout_ms=10_000, decider=None) -> tuple[Detector, Log, list[FakeProducer]]:
+    # Batches of 8 records at most: the scripted failures hit the first or a later transaction.
+    settings = Settings(transactions_topic=TOPIC, transaction_timeout_ms=transaction_timeout_ms, batch_max_records=8)
     detector = Detector(settings, log_interval_s=3600, on_log=lambda line: logs.append(line))
     logs: list[str] = []
     detector.logs = logs
@@ -186,13 +199,13 @@ def make_detector(monkeypatch, *, partitions=2, records=8, fail=None, successors
         detector.consumer = FakeConsumer(log, detector)
         detector._on_assign(None, [TopicPartition(TOPIC, p) for p in range(partitions)])
         detector.producer = producers[0]
-        return PassThrough(), []
+        return decider or PassThrough(), []
 
     monkeypatch.setattr(detector, "_start", start)
     monkeypatch.setattr(detector, "_new_producer", new_producer)
     def new_consumer():  # joins the group at once and starts from the committed offsets
         consumer = FakeConsumer(log, detector)
-        consumer.position = {p: max(0, offset) for p, offset in log.committed.items()}
+        consumer.positions = {p: max(0, offset) for p, offset in log.committed.items()}
         detector._on_assign(None, [TopicPartition(TOPIC, p) for p in range(partitions)])
         return consumer
 
@@ -304,7 +317,7 @@ def fence_consumer_after_first_batch(detector: Detector, log: Log) -> None:
 
         def first_batch_then_fenced():
             detector.consumer.on_consume = lambda: [ErrorEvent(FENCED_INSTANCE)]
-            detector.consumer.position.update({0: 4, 1: 4})
+            detector.consumer.positions.update({0: 4, 1: 4})
             return log.records[0][:4] + log.records[1][:4]
 
         detector.consumer.on_consume = first_batch_then_fenced
@@ -347,7 +360,7 @@ def test_records_of_a_partition_revoked_during_consume_are_neither_produced_nor_
 
     def consume_then_revoke():
         messages = log.records[0][:4] + log.records[1][:4]
-        detector.consumer.position.update({0: 4, 1: 4})
+        detector.consumer.positions.update({0: 4, 1: 4})
         detector._on_revoke(None, [TopicPartition(TOPIC, 1)])  # partition 1 moved away in this consume() call
         return messages
 
@@ -362,6 +375,81 @@ def test_records_of_a_partition_revoked_during_consume_are_neither_produced_nor_
     detector.run()
     assert producer.committed_outputs and all(value.startswith(b"0:") for value in producer.committed_outputs)
     assert log.committed[1] == -1001  # its new owner starts where the last commit left it
+
+
+class FraudAtOneDeadAtFive:
+    """Per batch: the record at index 1 is fraud, the one at index 5 a dead letter; the rest are forwarded
+    with the batch's legit headers."""
+
+    headers = [("rule.set.version", b"7")]
+
+    def decide_batch(self, messages):
+        outputs = {1: Decision(Route.FRAUD, b"k", b"alert:" + messages[1].value(), rules=("big",))}
+        if len(messages) > 5:
+            outputs[5] = dead_letter(messages[5], DecodeError("invalid_record", "test"))
+        return DecidedBatch(len(messages), outputs, self.headers)
+
+
+def test_forwarded_records_and_their_own_outputs_are_produced_in_input_order(monkeypatch):
+    detector, log, [producer] = make_detector(monkeypatch, partitions=1, records=8, decider=FraudAtOneDeadAtFive())
+    metrics = detector.run()
+    settings = detector.settings
+    expected = []
+    for index, message in enumerate(log.records[0]):
+        if index == 1:
+            expected.append((settings.fraud_topic, b"alert:" + message.value(), None))
+        elif index == 5:
+            expected.append((settings.dlq_topic, message.value(), "invalid_record"))
+        else:  # the input's own bytes, the batch's legit headers
+            expected.append((settings.legit_topic, message.value(), FraudAtOneDeadAtFive.headers))
+    produced = [(topic, value, dict(headers or {}).get(DLQ_KIND, b"").decode() if topic == settings.dlq_topic else headers)
+                for topic, value, headers in producer.produced]
+    assert produced == expected
+    assert (metrics.legit, metrics.fraud, metrics.dead_lettered) == (6, 1, 1)
+
+
+class ScoredByAModel(FraudAtOneDeadAtFive):
+    """The same batch, with a model's score per record: each forwarded record carries its own."""
+
+    def decide_batch(self, messages):
+        batch = super().decide_batch(messages)
+        batch.legit_scores = [b"0.%d" % index for index in range(len(messages))]
+        return batch
+
+
+def test_a_forwarded_record_carries_its_own_score_when_a_model_scores_the_batch(monkeypatch):
+    detector, log, [producer] = make_detector(monkeypatch, partitions=1, records=8, decider=ScoredByAModel())
+    detector.run()
+    forwarded = [headers for topic, _, headers in producer.produced if topic == detector.settings.legit_topic]
+    assert forwarded == [[*ScoredByAModel.headers, (SCORE_HEADER, b"0.%d" % index)] for index in (0, 2, 3, 4, 6, 7)]
+
+
+def test_a_forwarded_record_over_the_legit_topics_limit_is_dead_lettered(monkeypatch):
+    detector, log, [producer] = make_detector(monkeypatch, partitions=1, records=8)
+    big = log.records[0][3]
+    big.value = lambda: b"x" * 5_000
+    original_start = detector._start
+
+    def start():
+        result = original_start()
+        detector._limits[detector.settings.legit_topic] = 4_500  # the others keep 1,000,000
+        return result
+
+    monkeypatch.setattr(detector, "_start", start)
+    metrics = detector.run()
+    topics = [topic for topic, _, _ in producer.produced]
+    assert topics[3] == detector.settings.dlq_topic and topics.count(detector.settings.legit_topic) == 7
+    assert dict(producer.produced[3][2])[DLQ_KIND] == OUTPUT_TOO_LARGE.encode()
+    assert (metrics.legit, metrics.dead_lettered) == (7, 1)
+
+
+def test_a_backlogged_input_gets_ever_larger_transactions(monkeypatch):
+    detector, log, [producer] = make_detector(monkeypatch, partitions=2, records=200)
+    detector.sizer = BatchSizer(most=64, least=8, time_budget_s=60.0)
+    detector.run()
+    # 400 records waiting from the start: each batch fills, so the next one doubles, up to the most.
+    assert producer.commits[:5] == [8, 16, 32, 64, 64] and sum(producer.commits) == 400
+    assert sorted(producer.committed_outputs) == every_input(log)
 
 
 def test_first_signal_stops_cleanly_and_a_second_exits_at_once():

@@ -203,7 +203,7 @@ def test_the_offline_check_reports_a_broken_schema_against_its_history(schemas_c
         "new schema cannot read version 1 data: field amount_cents: type mismatch: reader type: string "
         "not compatible with writer type: long")
     # FraudAlert embeds Transaction, so the same break shows there, under the nested field's path.
-    assert results["FraudAlert (vs 1 earlier version)"][0] == (
+    assert results["FraudAlert (vs 2 earlier versions)"][0] == (
         "new schema cannot read version 1 data: field transaction.amount_cents: type mismatch: reader type: "
         "string not compatible with writer type: long")
-    assert results["Label (vs 0 earlier versions)"] == []
+    assert results["Label (vs 1 earlier version)"] == []

@@ -1,0 +1,144 @@
+"""The labels topic as delayed feedback: every detector holds a LabelTable of all labels received.
+
+The input is keyed by account, per-terminal fraud counts need every account's labels: a repartition by
+terminal would give each terminal one owner, but the labels topic is small (one short record per
+transaction, a week late) and only ever read, so every detector simply reads all of it, the way it reads
+the rules topic: a consumer of its own outside the consumer group (assign mode, read_committed), to the
+end at start-up, then between batches without waiting. What a label may change is bounded by event time
+(see LabelTable): a label counts for a transaction only once its event time plus the delay is at or before
+the transaction's, however early it was read.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from fastavro import schemaless_reader
+
+from fraudstream.consumer.inspect import console_schemas
+from fraudstream.consumer.model import LabelTable
+from fraudstream.errors import KafkaUnavailable, RegistryError
+from fraudstream.kafka import consumer_config, ensure_topics
+from fraudstream.registry import Registry
+from fraudstream.serde import DecodeError, split_frame
+from fraudstream.settings import Settings
+
+log = logging.getLogger("fraudstream.labels")
+
+READ_BATCH = 5_000
+CATCH_UP_WAIT_S = 1.0  # at most this long per batch for labels that should have arrived, then decide anyway
+
+
+class LabelsReader:
+    """One detector's reader of `<topic>.labels` into a LabelTable."""
+
+    def __init__(self, settings: Settings, table: LabelTable, *, registry: Registry | None = None,
+                 on_log: Callable[[str], None] | None = None) -> None:
+        self.settings = settings
+        self.table = table
+        self.on_log = on_log or log.info
+        self._schemas = console_schemas((registry or Registry(settings)).schema_by_id)
+        self.consumer: Consumer | None = None
+        self.partitions: list[TopicPartition] = []
+        self.unreadable = 0  # label records that do not decode: counted, logged once, never used
+        self.read = 0
+        self.delay_ms = round(settings.label_delay_days * 86_400_000)
+        # Per partition: the producer's clock as its labels show it (latest event time + delay read). Labels
+        # are written as the clock passes event time + delay, so each partition's labels come in that order.
+        self.clock_ms: dict[int, int] = {}
+        self.behind = 0  # batches decided before the labels due for them had all been read
+
+    def start(self, *, timeout_s: float = 120.0) -> None:
+        """Assign every partition from the beginning and read up to the end taken now."""
+        s = self.settings
+        ensure_topics(s, (s.labels_topic,))
+        self.consumer = Consumer(consumer_config(s, f"{s.group_id}.labels-reader", **{
+            "auto.offset.reset": "earliest"}))
+        metadata = self.consumer.list_topics(s.labels_topic, timeout=10).topics[s.labels_topic]
+        self.partitions = [TopicPartition(s.labels_topic, p, OFFSET_BEGINNING) for p in sorted(metadata.partitions)]
+        self.consumer.assign(self.partitions)
+        ends = {}
+        for tp in self.partitions:
+            try:
+                ends[tp.partition] = self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition),
+                                                                         timeout=10)[1]
+            except KafkaException as exc:
+                raise KafkaUnavailable(f"labels topic {s.labels_topic}: {exc.args[0].str()}") from exc
+        deadline = time.monotonic() + timeout_s
+        while any(self._position(p) < end for p, end in ends.items()):
+            if time.monotonic() > deadline:
+                raise KafkaUnavailable(f"could not read labels topic {s.labels_topic} to its end within {timeout_s:g} s")
+            self._read(0.2)
+        self.on_log(f"labels: {self.table.count:,} read from {s.labels_topic}"
+                    + (f" ({self.table.unplaced:,} without terminal or event time, not used)" if self.table.unplaced else ""))
+
+    def _position(self, partition: int) -> int:
+        position = self.consumer.position([TopicPartition(self.settings.labels_topic, partition)])[0].offset
+        return position if position >= 0 else 0  # logical: nothing read yet
+
+    def catch_up(self, until_ms: int) -> bool:
+        """Before a batch whose latest event time is until_ms: read the labels due by then. A partition is
+        caught up when its labels' clock has passed until_ms, or when everything the broker had for it
+        (its high watermark as last fetched) is read. Waits at most CATCH_UP_WAIT_S; False if it gave up."""
+        deadline = None
+        while True:
+            lagging = [tp.partition for tp in self.partitions if self.clock_ms.get(tp.partition, -1) < until_ms
+                       and self._position(tp.partition) < self._cached_end(tp.partition)]
+            if not lagging:
+                return True
+            if deadline is None:
+                deadline = time.monotonic() + CATCH_UP_WAIT_S
+            elif time.monotonic() > deadline:
+                self.behind += 1
+                if self.behind == 1:
+                    self.on_log(f"labels: partitions {lagging} of {self.settings.labels_topic} still behind event time "
+                                f"{until_ms} after {CATCH_UP_WAIT_S:g} s: deciding with the labels read so far "
+                                "(further ones counted)")
+                return False
+            self._read(0.05)
+
+    def _cached_end(self, partition: int) -> int:
+        try:
+            return self.consumer.get_watermark_offsets(TopicPartition(self.settings.labels_topic, partition),
+                                                       cached=True)[1]
+        except KafkaException:
+            return 0
+
+    def _read(self, timeout_s: float) -> int:
+        messages = self.consumer.consume(READ_BATCH, timeout_s)
+        terminals, times, frauds = [], [], []
+        clock, delay = self.clock_ms, self.delay_ms
+        for message in messages:
+            if message.error() is not None:
+                log.warning("labels reader: %s", message.error().str())
+                continue
+            try:
+                schema_id, payload = split_frame(message.value())
+                label = schemaless_reader(io.BytesIO(payload), self._schemas.get(schema_id), None)
+                terminals.append(label.get("terminal_id"))
+                times.append(label.get("event_time"))
+                frauds.append(bool(label["is_fraud"]))
+                if label.get("event_time") is not None:
+                    p = message.partition()
+                    clock[p] = max(clock.get(p, -1), label["event_time"] + delay)
+            except RegistryError:
+                # Infrastructure: read this record again next time (the registry is retried like the input's).
+                self.consumer.seek(TopicPartition(message.topic(), message.partition(), message.offset()))
+                break
+            except (DecodeError, KeyError, TypeError, ValueError, EOFError) as exc:
+                if not self.unreadable:
+                    self.on_log(f"labels: record at {message.topic()}[{message.partition()}]@{message.offset()} "
+                                f"cannot be read ({exc}): not used (further ones counted)")
+                self.unreadable += 1
+        self.table.add(terminals, times, frauds)
+        self.read += len(terminals)
+        return len(messages)
+
+    def close(self) -> None:
+        if self.consumer is not None:
+            self.consumer.close()
+            self.consumer = None
