@@ -65,8 +65,11 @@ class SecureStack:
         """The commands' environment; `kafka_config`: another Kafka properties file than the SCRAM one,
         or none when the command's -X flags say everything."""
         env = {k: v for k, v in os.environ.items() if k not in CLEARED}
+        # A group of its own per topic: a detector is a static member (group.instance.id from the host), and
+        # one that stopped stays in its group until the session times out, so the next test's detector in
+        # the same group would be handed the previous topic's partitions.
         env |= {ENV["registry_config"]: str(self.registry_config), ENV["transactions_topic"]: topic,
-                ENV["partitions"]: "3"}
+                ENV["partitions"]: "3", ENV["group_id"]: f"{topic}-detector"}
         if kafka_config != NO_FILE:
             env[ENV["kafka_config"]] = str(kafka_config or self.kafka_config)
         return env
@@ -154,11 +157,15 @@ def produce_and_detect(secure: SecureStack, topic: str, count: int, *flags: str,
                 return 0
             raise
 
+    routed_in_time = True
     try:
         wait_until(lambda: routed() >= count, timeout_s=90, what=f"all {count} transactions routed")
+    except AssertionError:
+        routed_in_time = False
     finally:
         detector.send_signal(signal.SIGTERM)
         output, _ = detector.communicate(timeout=60)
+    assert routed_in_time, f"not all {count} transactions routed within 90 s; the detector said:\n{output}"
     assert detector.returncode == 0, output
     return settings
 
