@@ -348,15 +348,25 @@ class TerminalReader:
         return first
 
     # ----- the gate -----
-    def wait_for(self, latest_ms: int, batch_ends: dict[int, int]) -> None:
+    def wait_for(self, latest_ms: int, batch_ends: dict[int, int], created_ms: int | None = None) -> None:
         """Read until every partition is past event time latest_ms + tolerance or at its end, and each partition
-        of the batch past its last offset (batch_ends: partition -> last offset + 1)."""
+        of the batch past its last offset (batch_ends: partition -> last offset + 1).
+
+        "At its end" is trusted only from `terminal_idle_ms` after the batch's newest record was created
+        (created_ms, its Kafka timestamp; the wall clock when the gate starts if later or unknown), and
+        against an end asked of the broker then: a record created before it on another partition, still
+        in its producer's batch or in flight, has landed and is read first."""
         started = time.monotonic()
         deadline = started + self.settings.broker_outage_limit_s
+        now_ms = time.time() * 1000
+        settle_in_s = max(0.0, (min(created_ms if created_ms is not None else now_ms, now_ms)
+                                + self.settings.terminal_idle_ms - now_ms) / 1000)
+        ends: dict[int, int] = {}  # partition -> its end as the broker answered once settled
         last_log = started
         waited = False
         while True:
-            behind = self._behind(latest_ms + self.tolerance_ms, batch_ends)
+            settled = time.monotonic() - started >= settle_in_s
+            behind = self._behind(latest_ms + self.tolerance_ms, batch_ends, ends if settled else None)
             if not behind:
                 break
             waited = True
@@ -374,15 +384,17 @@ class TerminalReader:
                             f"{latest_ms + self.tolerance_ms} nor at their end) for {now - started:.0f} s")
             if self.stop():
                 raise StopRequested("waiting for the terminal window")
-            self._ingest(self._consume(0.05))
-        for p in [p for p in self.stats.stalled if p not in self._behind(latest_ms + self.tolerance_ms, batch_ends)]:
+            self._ingest(self._consume(0.05 if settled else min(0.05, max(0.001, settle_in_s - (now - started)))))
+        for p in [p for p in self.stats.stalled if p not in behind]:
             del self.stats.stalled[p]
         if waited:
             self.stats.waits += 1
             self.stats.waited_s += time.monotonic() - started
             self.on_gate(self.stats)
 
-    def _behind(self, past_ms: int, batch_ends: dict[int, int]) -> list[int]:
+    def _behind(self, past_ms: int, batch_ends: dict[int, int], ends: dict[int, int] | None) -> list[int]:
+        """The partitions the gate still waits for. `ends`: None before the idle time has passed (no partition
+        counts as at its end yet); after, each partition's end as the broker answered, asked once."""
         topic = self.settings.transactions_topic
         behind = []
         for p in self.partitions:
@@ -392,21 +404,28 @@ class TerminalReader:
                 continue
             if self._latest.get(p, -1) > past_ms:
                 continue
-            # The end as of the reader's latest fetch (every fetch response carries it, an empty one too; at
-            # read_committed it is the last stable offset). Unknown (no fetch answered since the assignment, or a
-            # broker away): behind, and the wait goes on polling, never blocked on a request to the broker.
-            _low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)
-            if high < 0:
+            if ends is None:
                 behind.append(p)
                 continue
+            if p not in ends:
+                # Asked of the partition's leader now, not the end of an earlier fetch (at read_committed the
+                # last stable offset). Unanswered (a broker away): behind, and asked again at the next turn.
+                try:
+                    ends[p] = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=1, cached=False)[1]
+                except KafkaException as exc:
+                    log.debug("terminal window: the end of %s[%d] unknown: %s", topic, p, exc.args[0].str())
+                    behind.append(p)
+                    continue
             # The consumer's position passes transaction markers, which are never returned as records.
-            consumed = max(self.consumer.position([TopicPartition(topic, p)])[0].offset, position)
-            if consumed < high:
+            consumed = max(self.consumer.position([TopicPartition(topic, p)])[0].offset, position or 0)
+            if consumed < ends[p]:
                 behind.append(p)
         return behind
 
-    def features(self, tx: TxColumns, partitions: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
-        """TERMINAL_FEATURES of a batch (rows in offset order per partition), once the gate holds."""
+    def features(self, tx: TxColumns, partitions: np.ndarray, offsets: np.ndarray,
+                 created_ms: int | None = None) -> dict[str, np.ndarray]:
+        """TERMINAL_FEATURES of a batch (rows in offset order per partition), once the gate holds; created_ms:
+        the Kafka timestamp of the batch's newest record."""
         if not len(tx):
             return {"terminal_cards": np.zeros(0, np.int64)}
         earliest = int(tx.event_time_ms.min())
@@ -419,7 +438,7 @@ class TerminalReader:
         ends: dict[int, int] = {}
         for p, o in zip(partitions.tolist(), offsets.tolist(), strict=True):
             ends[p] = max(ends.get(p, 0), o + 1)
-        self.wait_for(int(tx.event_time_ms.max()), ends)
+        self.wait_for(int(tx.event_time_ms.max()), ends, created_ms)
         out = terminal_cards(self.window, tx, partitions, offsets)
         if time.monotonic() - self._last_expiry >= EXPIRE_EVERY_S:
             self._last_expiry = time.monotonic()

@@ -31,6 +31,7 @@ from fraudstream.settings import Settings
 log = logging.getLogger("fraudstream.state")
 
 RESTORE_BATCH = 20_000
+STALL_LOG_AFTER_S = 15.0  # a changelog partition whose restore has not moved for this long is logged (and again)
 # What a just-created topic answers until its partitions have leaders, and a partition whose leader is
 # down or moving: its request timed out or failed in transport, the client dropped that broker while the
 # request waited for it ("broker handle destroyed"), or its metadata names a leader it has since dropped
@@ -47,6 +48,9 @@ class _Restoring:
     end: int  # the changelog's high watermark when the partition was assigned
     records: int = 0
     done: bool = False
+    position: int = -1  # the restore consumer's last known position (logical, negative, before the first fetch)
+    moved_at: float = field(default_factory=time.monotonic)  # when the position last moved
+    reported_at: float = 0.0  # when a stalled restore was last logged
 
     def __post_init__(self) -> None:
         # What every record of this store must look like, computed once: the per-record check is a compare.
@@ -90,6 +94,7 @@ class Recovery:
         # owner's last batch) is still being committed, and would end the restore before its changes.
         self.offsets = Consumer(consumer_config(settings, f"{settings.group_id}.restore",
                                                 **{"isolation.level": "read_uncommitted"}))
+        self.stalls = 0  # times a restore was logged as not moving
         self.end_retries = 0  # failed attempts to read a changelog partition's end (a leader down or moving)
         self.restoring: dict[int, RestoreProgress] = {}
         self._by_topic_partition: dict[tuple[str, int], _Restoring] = {}
@@ -186,15 +191,34 @@ class Recovery:
         waiting = [(where, r) for where, r in self._by_topic_partition.items() if not r.done]
         if waiting:
             positions = self.consumer.position([TopicPartition(t, p) for (t, p), _ in waiting])
+            now = time.monotonic()
             for (where, restoring), position in zip(waiting, positions, strict=True):
                 if position.offset >= 0 and position.offset >= restoring.end:
                     restoring.done = True
                     self.consumer.incremental_unassign([TopicPartition(*where)])
                     del self._by_topic_partition[where]
+                elif position.offset != restoring.position:
+                    restoring.position, restoring.moved_at = position.offset, now
+                elif now - restoring.moved_at >= STALL_LOG_AFTER_S and now - restoring.reported_at >= STALL_LOG_AFTER_S:
+                    restoring.reported_at = now
+                    self._report_stall(where, restoring, now)
         completed = [p for p in self.restoring.values() if p.done]
         for progress in completed:
             del self.restoring[progress.partition]
         return completed
+
+    def _report_stall(self, where: tuple[str, int], restoring: _Restoring, now: float) -> None:
+        """A restore that has not moved for a while: where it is, and what the partition's leader says now."""
+        tp = TopicPartition(*where)
+        try:
+            stable = self.consumer.get_watermark_offsets(tp, timeout=self.timeout_s, cached=False)[1]
+            high = self.offsets.get_watermark_offsets(tp, timeout=self.timeout_s, cached=False)[1]
+            now_reads = f"last stable offset {stable}, high watermark {high}"
+        except KafkaException as exc:
+            now_reads = f"its offsets cannot be read: {exc.args[0].str()}"
+        log.warning("restoring changelog %s[%d] has not moved for %.0f s: at offset %d of %d (%s)", tp.topic,
+                    tp.partition, now - restoring.moved_at, restoring.position, restoring.end, now_reads)
+        self.stalls += 1
 
     def close(self) -> None:
         for consumer in (self.consumer, self.offsets):

@@ -45,7 +45,7 @@ LOGS = Path(tempfile.mkdtemp(prefix="determinism-"))  # each detector's output, 
 
 def detector_process(settings: Settings, transactional_id: str) -> DetectorProcess:
     return DetectorProcess(settings, LOGS / f"{transactional_id}-{time.monotonic_ns()}.log",
-                           transactional_id=transactional_id, log_interval_s=3600)
+                           transactional_id=transactional_id, log_interval_s=10)
 
 
 def make_pipeline(base: Settings, name: str) -> Settings:
@@ -158,8 +158,12 @@ def test_same_decisions_uninterrupted_killed_and_rescaled(stack_settings: Settin
     assert all(mid_stream), f"some kills or rescales came after the end of the stream ({mid_stream}): " \
                             "the test proved less than it says"
     sender.join(120)
-    for settings in (steady, killed, rescaled):
-        wait_until(lambda s=settings: progressed(s, TOTAL), timeout_s=240, what=f"{settings.transactions_topic} routed")
+    for settings, process in ((steady, a), (killed, b), (rescaled, c1)):
+        try:
+            wait_until(lambda s=settings: progressed(s, TOTAL), timeout_s=240, what=f"{settings.transactions_topic} routed")
+        except AssertionError as timed_out:
+            raise AssertionError(f"{timed_out}: {routed_total(settings)} of {TOTAL} readable (read_committed); "
+                                 f"its detector's log:\n{process.tail(20)}") from None
     for process in (a, b, c1):
         process.stop_cleanly()
 

@@ -4,6 +4,8 @@ behind is logged and counted, and ends the wait with one clear error: never a si
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from confluent_kafka import TopicPartition
@@ -22,20 +24,47 @@ class StandInConsumer:
     def __init__(self, ends: dict[int, int], positions: dict[int, int]) -> None:
         self.ends, self.positions = ends, positions
         self.polls = 0
+        self.asked_ends_at: list[float] = []  # wall clock (ms) of each end asked of the broker
 
     def consume(self, num_messages: int, timeout: float) -> list:
         self.polls += 1
         return []
 
     def get_watermark_offsets(self, tp: TopicPartition, cached: bool = False, timeout: float | None = None):
+        if not cached:
+            self.asked_ends_at.append(time.time() * 1000)
         return 0, self.ends[tp.partition]
 
     def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
         return [TopicPartition(tp.topic, tp.partition, self.positions[tp.partition]) for tp in partitions]
 
 
-def reader(consumer: StandInConsumer, latest: dict[int, int], log: list[str], gates: list) -> TerminalReader:
-    r = TerminalReader(Settings().replace(broker_outage_limit_s=1), decode=lambda messages: None, on_log=log.append,
+class LateRecordConsumer(StandInConsumer):
+    """A record created before the batch's newest lands on partition 2 at `lands_at_ms` (it was still in its
+    producer's batch); consume() reads whatever has landed (the position moves to the end)."""
+
+    def __init__(self, ends: dict[int, int], positions: dict[int, int], lands_at_ms: float) -> None:
+        super().__init__(ends, positions)
+        self.lands_at_ms = lands_at_ms
+
+    def _land(self) -> None:
+        if time.time() * 1000 >= self.lands_at_ms and self.ends[2] == 7:
+            self.ends[2] = 8
+
+    def consume(self, num_messages: int, timeout: float) -> list:
+        self._land()
+        self.positions = dict(self.ends)
+        return super().consume(num_messages, timeout)
+
+    def get_watermark_offsets(self, tp: TopicPartition, cached: bool = False, timeout: float | None = None):
+        self._land()
+        return super().get_watermark_offsets(tp, cached, timeout)
+
+
+def reader(consumer: StandInConsumer, latest: dict[int, int], log: list[str], gates: list,
+           idle_ms: int = Settings().terminal_idle_ms) -> TerminalReader:
+    settings = Settings().replace(broker_outage_limit_s=1, terminal_idle_ms=idle_ms)
+    r = TerminalReader(settings, decode=lambda messages: None, on_log=log.append,
                        on_gate=lambda stats: gates.append(dict(stats.stalled)))
     r.consumer, r.partitions = consumer, sorted(consumer.ends)
     r._latest = dict(latest)
@@ -49,8 +78,22 @@ def test_a_partition_read_past_the_batch_or_at_its_end_lets_the_batch_through() 
     # with records left; 2 is at its end, far behind in event time.
     consumer = StandInConsumer(ends={0: 40, 1: 90, 2: 7}, positions={0: 40, 1: 60, 2: 7})
     r = reader(consumer, {0: T0, 1: T0 + terminal.TERMINAL_TOLERANCE_MS + 1, 2: T0 - 5_000}, log, gates)
-    r.wait_for(T0, {0: 40})
+    created_long_ago = time.time() * 1000 - 60_000  # a backlog: the idle time has long passed
+    r.wait_for(T0, {0: 40}, created_long_ago)
     assert consumer.polls == 0 and not log and r.stats.waits == 0
+    assert len(consumer.asked_ends_at) == 2  # partitions 0 and 2 at their end, as the broker says now
+
+
+def test_a_partition_at_its_end_counts_only_after_the_idle_time_since_the_newest_record_was_created() -> None:
+    """A record created just before the batch's newest, on another partition, lands 100 ms later: the
+    batch waits for it instead of being decided without it."""
+    created = time.time() * 1000
+    consumer = LateRecordConsumer(ends={0: 40, 2: 7}, positions={0: 40, 2: 7}, lands_at_ms=created + 100)
+    r = reader(consumer, {0: T0, 2: T0 - 5_000}, [], [], idle_ms=300)
+    r.wait_for(T0, {0: 40}, created)
+    assert consumer.positions[2] == 8, "decided before the late record was read"
+    assert consumer.polls > 0 and r.stats.waits == 1
+    assert min(consumer.asked_ends_at) >= created + 300  # the end asked only once the idle time had passed
 
 
 def test_a_partition_behind_and_not_at_its_end_is_logged_counted_and_ends_the_wait(monkeypatch) -> None:
