@@ -33,14 +33,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaException, TopicPartition
+from confluent_kafka.admin import OffsetSpec
 
 from fraudstream.consumer.features import MINUTE_MS, TERMINAL_WINDOW_MS, TxColumns, hash_strings
 from fraudstream.errors import KafkaUnavailable, RegistryError
-from fraudstream.kafka import consumer_config
+from fraudstream.kafka import admin, consumer_config
 from fraudstream.settings import Settings
 
 log = logging.getLogger("fraudstream.terminal")
@@ -54,6 +56,7 @@ TERMINAL_TOLERANCE_MS = MINUTE_MS
 RECENT_EVENTS = 16
 SEED_RECORDS = 2_000  # records read back per partition at the first try of a seed (then x4 until enough)
 GATE_LOG_EVERY_S = 5.0
+END_QUERY_TIMEOUT_S = 5.0  # one ask of a partition's end; unanswered, the gate asks again
 EXPIRE_EVERY_S = 10.0  # expiry only frees memory: how often it asks for the committed offsets  # a partition holding the gate up is logged this often
 _POS_SHIFT = 40  # position key: partition << 40 | offset (offsets up to 10^12)
 _REL_MAX = 2**32 - 1  # event times in the sort key: ms from the window's base, 32 bits (49 days)
@@ -204,6 +207,7 @@ class TerminalReader:
         self.stats = GateStats()
         self.on_gate = on_gate  # the gate's stats, each time they change (the detector's metrics)
         self.consumer: Consumer | None = None
+        self.admin = None  # asks the partitions' ends (list_offsets: asynchronous, never blocks the gate)
         self.partitions: list[int] = []
         self._latest: dict[int, int] = {}  # partition -> latest event time read
         self._next: dict[int, int] = {}  # partition -> next offset to ingest (after the last record read)
@@ -218,6 +222,7 @@ class TerminalReader:
         # The group's own id, never joined (assign mode, no commits): committed() answers for the group.
         self.consumer = Consumer(consumer_config(s, s.group_id, **{"auto.offset.reset": "earliest",
                                                                   "client.id": f"{s.group_id}.terminal-reader"}))
+        self.admin = admin(s)
         metadata = self._call("reading the input topic's partitions",
                               lambda: self.consumer.list_topics(s.transactions_topic, timeout=10))
         topic = metadata.topics.get(s.transactions_topic)
@@ -361,7 +366,7 @@ class TerminalReader:
         now_ms = time.time() * 1000
         settle_in_s = max(0.0, (min(created_ms if created_ms is not None else now_ms, now_ms)
                                 + self.settings.terminal_idle_ms - now_ms) / 1000)
-        ends: dict[int, int] = {}  # partition -> its end as the broker answered once settled
+        ends: dict[int, Future | int] = {}  # partition -> its end as the broker answers once settled
         last_log = started
         waited = False
         while True:
@@ -392,9 +397,10 @@ class TerminalReader:
             self.stats.waited_s += time.monotonic() - started
             self.on_gate(self.stats)
 
-    def _behind(self, past_ms: int, batch_ends: dict[int, int], ends: dict[int, int] | None) -> list[int]:
+    def _behind(self, past_ms: int, batch_ends: dict[int, int], ends: dict[int, Future | int] | None) -> list[int]:
         """The partitions the gate still waits for. `ends`: None before the idle time has passed (no partition
-        counts as at its end yet); after, each partition's end as the broker answered, asked once."""
+        counts as at its end yet); after, each partition's end as the broker answers (its pending query, then
+        the offset), asked once."""
         topic = self.settings.transactions_topic
         behind = []
         for p in self.partitions:
@@ -407,15 +413,19 @@ class TerminalReader:
             if ends is None:
                 behind.append(p)
                 continue
-            if p not in ends:
+            end = ends.get(p)
+            if end is None or (isinstance(end, Future) and end.done() and end.exception() is not None):
                 # Asked of the partition's leader now, not the end of an earlier fetch (at read_committed the
-                # last stable offset). Unanswered (a broker away): behind, and asked again at the next turn.
-                try:
-                    ends[p] = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=1, cached=False)[1]
-                except KafkaException as exc:
-                    log.debug("terminal window: the end of %s[%d] unknown: %s", topic, p, exc.args[0].str())
+                # last stable offset); asynchronously, so a broker away never blocks the wait. Unanswered:
+                # behind, and asked again once the answer is an error.
+                tp = TopicPartition(topic, p)
+                ends[p] = end = self.admin.list_offsets({tp: OffsetSpec.latest()}, request_timeout=END_QUERY_TIMEOUT_S,
+                                                        isolation_level=IsolationLevel.READ_COMMITTED)[tp]
+            if isinstance(end, Future):
+                if not end.done() or end.exception() is not None:
                     behind.append(p)
                     continue
+                ends[p] = end = end.result().offset
             # The consumer's position passes transaction markers, which are never returned as records.
             consumed = max(self.consumer.position([TopicPartition(topic, p)])[0].offset, position or 0)
             if consumed < ends[p]:

@@ -5,10 +5,12 @@ behind is logged and counted, and ends the wait with one clear error: never a si
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
 import fraudstream.consumer.terminal as terminal
 from fraudstream.consumer.terminal import TerminalReader
@@ -19,7 +21,8 @@ T0 = 1_767_225_600_000
 
 
 class StandInConsumer:
-    """Partition -> (end offset, position); consume() returns nothing (nothing new arrives)."""
+    """Partition -> (end offset, position); consume() returns nothing (nothing new arrives). Also stands in
+    for the admin client that asks the partitions' ends."""
 
     def __init__(self, ends: dict[int, int], positions: dict[int, int]) -> None:
         self.ends, self.positions = ends, positions
@@ -31,9 +34,15 @@ class StandInConsumer:
         return []
 
     def get_watermark_offsets(self, tp: TopicPartition, cached: bool = False, timeout: float | None = None):
-        if not cached:
-            self.asked_ends_at.append(time.time() * 1000)
         return 0, self.ends[tp.partition]
+
+    def list_offsets(self, specs: dict, request_timeout: float, isolation_level) -> dict:
+        answers = {}
+        for tp in specs:
+            self.asked_ends_at.append(time.time() * 1000)
+            answers[tp] = Future()
+            answers[tp].set_result(SimpleNamespace(offset=self.get_watermark_offsets(tp)[1]))
+        return answers
 
     def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
         return [TopicPartition(tp.topic, tp.partition, self.positions[tp.partition]) for tp in partitions]
@@ -66,7 +75,7 @@ def reader(consumer: StandInConsumer, latest: dict[int, int], log: list[str], ga
     settings = Settings().replace(broker_outage_limit_s=1, terminal_idle_ms=idle_ms)
     r = TerminalReader(settings, decode=lambda messages: None, on_log=log.append,
                        on_gate=lambda stats: gates.append(dict(stats.stalled)))
-    r.consumer, r.partitions = consumer, sorted(consumer.ends)
+    r.consumer, r.admin, r.partitions = consumer, consumer, sorted(consumer.ends)
     r._latest = dict(latest)
     r._next = dict(consumer.positions)
     return r
@@ -123,3 +132,22 @@ def test_the_features_of_an_empty_batch_need_no_gate() -> None:
     r = reader(StandInConsumer(ends={0: 1}, positions={0: 0}), {}, [], [])
     empty = TxColumns.concat_in_order([])
     assert r.features(empty, np.zeros(0, np.int64), np.zeros(0, np.int64))["terminal_cards"].tolist() == []
+
+
+class UnansweredFirstConsumer(StandInConsumer):
+    """The first ask of an end fails (a broker away); the gate must keep reading and ask again, never block."""
+
+    def list_offsets(self, specs: dict, request_timeout: float, isolation_level) -> dict:
+        if not self.asked_ends_at:
+            self.asked_ends_at.append(time.time() * 1000)
+            failed = Future()
+            failed.set_exception(KafkaException("broker transport failure"))
+            return dict.fromkeys(specs, failed)
+        return super().list_offsets(specs, request_timeout, isolation_level)
+
+
+def test_an_end_the_broker_did_not_answer_is_asked_again() -> None:
+    consumer = UnansweredFirstConsumer(ends={0: 40}, positions={0: 40})
+    r = reader(consumer, {0: T0}, [], [], idle_ms=0)
+    r.wait_for(T0, {0: 40}, time.time() * 1000 - 60_000)
+    assert len(consumer.asked_ends_at) == 2 and consumer.polls >= 1
