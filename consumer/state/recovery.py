@@ -19,13 +19,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import OffsetSpec
 
 from fraudstream.consumer.state.changelog import LAYOUT_HEADER
 from fraudstream.consumer.state.stores import StoreSpec
 from fraudstream.consumer.state.table import KeyedTable, check_layout, check_row_bytes
 from fraudstream.errors import KafkaUnavailable, StateError
-from fraudstream.kafka import consumer_config
+from fraudstream.kafka import admin, consumer_config
 from fraudstream.settings import Settings
 
 log = logging.getLogger("fraudstream.state")
@@ -86,6 +87,8 @@ class Recovery:
         # A changelog partition whose leader is down (a broker restarting) is waited for, like every
         # other broker outage, up to the outage limit.
         self.outage_limit_s = settings.broker_outage_limit_s
+        self.settings = settings
+        self._admin = None  # made when a stalled restore is reported
         # assign() only: the group id is required by the client but never joins or commits.
         self.consumer = Consumer(consumer_config(settings, f"{settings.group_id}.restore",
                                                  **{"enable.partition.eof": False, "fetch.max.bytes": 64 << 20}))
@@ -208,14 +211,19 @@ class Recovery:
         return completed
 
     def _report_stall(self, where: tuple[str, int], restoring: _Restoring, now: float) -> None:
-        """A restore that has not moved for a while: where it is, and what the partition's leader says now."""
+        """A restore that has not moved for a while: where it is, and what the partition's leader says now (asked
+        asynchronously and waited for a bounded time: a broker away must not block the detector)."""
         tp = TopicPartition(*where)
+        if self._admin is None:
+            self._admin = admin(self.settings)
+        asked = {level: self._admin.list_offsets({tp: OffsetSpec.latest()}, isolation_level=level,
+                                                 request_timeout=self.timeout_s)[tp]
+                 for level in (IsolationLevel.READ_COMMITTED, IsolationLevel.READ_UNCOMMITTED)}
         try:
-            stable = self.consumer.get_watermark_offsets(tp, timeout=self.timeout_s, cached=False)[1]
-            high = self.offsets.get_watermark_offsets(tp, timeout=self.timeout_s, cached=False)[1]
+            stable, high = (asked[level].result(timeout=self.timeout_s).offset for level in asked)
             now_reads = f"last stable offset {stable}, high watermark {high}"
-        except KafkaException as exc:
-            now_reads = f"its offsets cannot be read: {exc.args[0].str()}"
+        except (KafkaException, TimeoutError) as exc:
+            now_reads = f"its offsets unknown now: {exc}"
         log.warning("restoring changelog %s[%d] has not moved for %.0f s: at offset %d of %d (%s)", tp.topic,
                     tp.partition, now - restoring.moved_at, restoring.position, restoring.end, now_reads)
         self.stalls += 1
