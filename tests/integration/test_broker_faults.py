@@ -127,7 +127,12 @@ def assert_exactly_once_and_healthy(settings: Settings, reader: RoutedReader, de
     try:
         reader.wait_for(total, timeout_s=FAULT_WAIT_S, what="every transaction routed")
     except AssertionError as timed_out:
-        raise AssertionError(f"{timed_out}; the detector's log:\n{detector.tail(20)}") from None
+        try:
+            assert_caught_up(settings)
+            lag = "the group's committed offsets are at the input's end"
+        except AssertionError as behind:
+            lag = f"the group is behind the input: {behind}"
+        raise AssertionError(f"{timed_out}; {lag}; the detector's log:\n{detector.tail(20)}") from None
     reader.wait_until_at_end(timeout_s=FAULT_WAIT_S)
     sent = input_ids(settings)
     assert sum(sent.values()) == len(sent) == total
