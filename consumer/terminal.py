@@ -57,6 +57,7 @@ RECENT_EVENTS = 16
 SEED_RECORDS = 2_000  # records read back per partition at the first try of a seed (then x4 until enough)
 GATE_LOG_EVERY_S = 5.0
 END_QUERY_TIMEOUT_S = 5.0  # one ask of a partition's end; unanswered, the gate asks again
+METADATA_REFRESH_EVERY_S = 2.0  # while the gate waits: how often the input's leaders are asked again
 EXPIRE_EVERY_S = 10.0  # expiry only frees memory: how often it asks for the committed offsets  # a partition holding the gate up is logged this often
 _POS_SHIFT = 40  # position key: partition << 40 | offset (offsets up to 10^12)
 _REL_MAX = 2**32 - 1  # event times in the sort key: ms from the window's base, 32 bits (49 days)
@@ -367,7 +368,7 @@ class TerminalReader:
         settle_in_s = max(0.0, (min(created_ms if created_ms is not None else now_ms, now_ms)
                                 + self.settings.terminal_idle_ms - now_ms) / 1000)
         ends: dict[int, Future | int] = {}  # partition -> its end as the broker answers once settled
-        last_log = started
+        last_log = last_refresh = started
         waited = False
         while True:
             settled = time.monotonic() - started >= settle_in_s
@@ -389,6 +390,9 @@ class TerminalReader:
                             f"{latest_ms + self.tolerance_ms} nor at their end) for {now - started:.0f} s")
             if self.stop():
                 raise StopRequested("waiting for the terminal window")
+            if now - last_refresh >= METADATA_REFRESH_EVERY_S:
+                last_refresh = now
+                self._refresh_metadata()
             self._ingest(self._consume(0.05 if settled else min(0.05, max(0.001, settle_in_s - (now - started)))))
         for p in [p for p in self.stats.stalled if p not in behind]:
             del self.stats.stalled[p]
@@ -396,6 +400,17 @@ class TerminalReader:
             self.stats.waits += 1
             self.stats.waited_s += time.monotonic() - started
             self.on_gate(self.stats)
+
+    def _refresh_metadata(self) -> None:
+        """Ask for the input topic's partitions and leaders. The answer moves this reader's fetches, and its end
+        queries, to a partition's new leader: a client in assign mode otherwise keeps asking a leader that died
+        (seen on three brokers: the gate waited the whole outage limit for a partition whose leader was killed)."""
+        topic = self.settings.transactions_topic
+        for client in (self.consumer, self.admin):
+            try:
+                client.list_topics(topic, timeout=METADATA_REFRESH_EVERY_S)
+            except KafkaException as exc:  # no broker answered: asked again at the next turn
+                log.debug("terminal window: refreshing the metadata of %s: %s", topic, exc.args[0].str())
 
     def _behind(self, past_ms: int, batch_ends: dict[int, int], ends: dict[int, Future | int] | None) -> list[int]:
         """The partitions the gate still waits for. `ends`: None before the idle time has passed (no partition

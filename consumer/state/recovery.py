@@ -33,6 +33,7 @@ log = logging.getLogger("fraudstream.state")
 
 RESTORE_BATCH = 20_000
 STALL_LOG_AFTER_S = 15.0  # a changelog partition whose restore has not moved for this long is logged (and again)
+METADATA_REFRESH_AFTER_S = 2.0  # ... and for this long: its leaders are asked again (at most this often)
 # What a just-created topic answers until its partitions have leaders, and a partition whose leader is
 # down or moving: its request timed out or failed in transport, the client dropped that broker while the
 # request waited for it ("broker handle destroyed"), or its metadata names a leader it has since dropped
@@ -89,6 +90,7 @@ class Recovery:
         self.outage_limit_s = settings.broker_outage_limit_s
         self.settings = settings
         self._admin = None  # made when a stalled restore is reported
+        self._refreshed_at = 0.0  # when the restore consumer last asked for its changelogs' leaders
         # assign() only: the group id is required by the client but never joins or commits.
         self.consumer = Consumer(consumer_config(settings, f"{settings.group_id}.restore",
                                                  **{"enable.partition.eof": False, "fetch.max.bytes": 64 << 20}))
@@ -144,10 +146,11 @@ class Recovery:
                 self._refresh_metadata(tp.topic)
                 time.sleep(0.2)  # a leader election or a broker restart takes a moment; nothing else to wait on
 
-    def _refresh_metadata(self, topic: str) -> None:
-        """Ask the cluster for the topic's partitions and leaders: the answer updates the client's metadata cache."""
+    def _refresh_metadata(self, topic: str, client: Consumer | None = None) -> None:
+        """Ask the cluster for the topic's partitions and leaders: the answer updates the client's metadata cache
+        (and moves an assigned partition's fetches to its new leader)."""
         try:
-            self.offsets.list_topics(topic, timeout=self.timeout_s)
+            (client or self.offsets).list_topics(topic, timeout=self.timeout_s)
         except KafkaException as exc:  # no broker answered: the next attempt fails too, and asks again
             log.debug("refreshing the metadata of %s: %s", topic, exc.args[0].str())
 
@@ -202,9 +205,15 @@ class Recovery:
                     del self._by_topic_partition[where]
                 elif position.offset != restoring.position:
                     restoring.position, restoring.moved_at = position.offset, now
-                elif now - restoring.moved_at >= STALL_LOG_AFTER_S and now - restoring.reported_at >= STALL_LOG_AFTER_S:
-                    restoring.reported_at = now
-                    self._report_stall(where, restoring, now)
+                else:
+                    if now - restoring.moved_at >= METADATA_REFRESH_AFTER_S and now - self._refreshed_at >= METADATA_REFRESH_AFTER_S:
+                        # Not moving: perhaps fetching from a leader that died (a client in assign mode keeps
+                        # asking it until its metadata ages out). Asking for the leaders moves the fetch.
+                        self._refreshed_at = now
+                        self._refresh_metadata(where[0], self.consumer)
+                    if now - restoring.moved_at >= STALL_LOG_AFTER_S and now - restoring.reported_at >= STALL_LOG_AFTER_S:
+                        restoring.reported_at = now
+                        self._report_stall(where, restoring, now)
         completed = [p for p in self.restoring.values() if p.done]
         for progress in completed:
             del self.restoring[progress.partition]

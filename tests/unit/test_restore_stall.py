@@ -19,6 +19,12 @@ from fraudstream.settings import Settings
 class StuckConsumer:
     """Assigned, and fetching nothing: its position stays at offset 5."""
 
+    def __init__(self):
+        self.refreshed = []
+
+    def list_topics(self, topic, timeout):
+        self.refreshed.append(topic)
+
     def consume(self, num_messages, timeout):
         return []
 
@@ -43,6 +49,7 @@ class Leader:
 
 def test_a_restore_that_has_not_moved_is_logged_with_its_offsets(monkeypatch, caplog):
     monkeypatch.setattr(recovery, "STALL_LOG_AFTER_S", 0.0)
+    monkeypatch.setattr(recovery, "METADATA_REFRESH_AFTER_S", 0.0)
     restore = Recovery(Settings(), {CARDS.name: "cards.changelog"})
     restore.consumer.close()
     restore.offsets.close()
@@ -57,3 +64,4 @@ def test_a_restore_that_has_not_moved_is_logged_with_its_offsets(monkeypatch, ca
     assert "restoring changelog cards.changelog[0] has not moved for 0 s: at offset 5 of 12 " \
            "(last stable offset 9, high watermark 12)" in caplog.text
     assert restore._admin.asked == [IsolationLevel.READ_COMMITTED, IsolationLevel.READ_UNCOMMITTED]
+    assert restore.consumer.refreshed == ["cards.changelog"]  # and its leaders were asked again

@@ -28,6 +28,10 @@ class StandInConsumer:
         self.ends, self.positions = ends, positions
         self.polls = 0
         self.asked_ends_at: list[float] = []  # wall clock (ms) of each end asked of the broker
+        self.refreshes = 0  # metadata requests
+
+    def list_topics(self, topic: str, timeout: float) -> None:
+        self.refreshes += 1
 
     def consume(self, num_messages: int, timeout: float) -> list:
         self.polls += 1
@@ -107,6 +111,7 @@ def test_a_partition_at_its_end_counts_only_after_the_idle_time_since_the_newest
 
 def test_a_partition_behind_and_not_at_its_end_is_logged_counted_and_ends_the_wait(monkeypatch) -> None:
     monkeypatch.setattr(terminal, "GATE_LOG_EVERY_S", 0.1)
+    monkeypatch.setattr(terminal, "METADATA_REFRESH_EVERY_S", 0.2)
     log, gates = [], []
     # Partition 1: read only up to T + tolerance (not past it), and records remain (position 60 of 90).
     consumer = StandInConsumer(ends={0: 50, 1: 90}, positions={0: 40, 1: 60})
@@ -114,6 +119,7 @@ def test_a_partition_behind_and_not_at_its_end_is_logged_counted_and_ends_the_wa
     with pytest.raises(KafkaUnavailable, match=r"input partitions \[1\] .* not read past event time"):
         r.wait_for(T0, {0: 40})
     assert consumer.polls > 1  # it kept reading while it waited
+    assert consumer.refreshes >= 2  # and asked for the leaders again (reader and end queries alike)
     assert any("waiting for input partitions [1]" in line for line in log)
     assert gates and all(list(g) == [1] for g in gates) and list(r.stats.stalled) == [1]
 
