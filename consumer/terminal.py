@@ -37,7 +37,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import OffsetSpec
 
 from fraudstream.consumer.features import MINUTE_MS, TERMINAL_WINDOW_MS, TxColumns, hash_strings
@@ -57,6 +57,10 @@ RECENT_EVENTS = 16
 SEED_RECORDS = 2_000  # records read back per partition at the first try of a seed (then x4 until enough)
 GATE_LOG_EVERY_S = 5.0
 END_QUERY_TIMEOUT_S = 5.0  # one ask of a partition's end; unanswered, the gate asks again
+# The group coordinator (which answers for committed offsets) starting, loading or moving: waited for, like
+# every other broker outage (librdkafka does not mark these retriable).
+COORDINATOR_MOVING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                      KafkaError.COORDINATOR_NOT_AVAILABLE}
 METADATA_REFRESH_EVERY_S = 2.0  # while the gate waits: how often the input's leaders are asked again
 EXPIRE_EVERY_S = 10.0  # expiry only frees memory: how often it asks for the committed offsets  # a partition holding the gate up is logged this often
 _POS_SHIFT = 40  # position key: partition << 40 | offset (offsets up to 10^12)
@@ -500,7 +504,8 @@ class TerminalReader:
                 return fn()
             except KafkaException as exc:
                 error = exc.args[0]
-                if error.fatal() or not (error.retriable() or error.code() < 0) or time.monotonic() > deadline:
+                passing = error.retriable() or error.code() < 0 or error.code() in COORDINATOR_MOVING
+                if error.fatal() or not passing or time.monotonic() > deadline:
                     raise KafkaUnavailable(f"terminal reader: {what} failed: {error.str()}") from exc
                 if self.stop():
                     raise StopRequested(what) from exc

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 import fraudstream.consumer.terminal as terminal
 from fraudstream.consumer.terminal import TerminalReader
@@ -157,3 +157,28 @@ def test_an_end_the_broker_did_not_answer_is_asked_again() -> None:
     r = reader(consumer, {0: T0}, [], [], idle_ms=0)
     r.wait_for(T0, {0: 40}, time.time() * 1000 - 60_000)
     assert len(consumer.asked_ends_at) == 2 and consumer.polls >= 1
+
+
+@pytest.mark.parametrize("code", sorted(terminal.COORDINATOR_MOVING))
+def test_a_group_coordinator_starting_or_moving_is_waited_for(code) -> None:
+    """Seen at start on a fresh three-broker cluster: committed offsets answered 'Not coordinator'."""
+    r = reader(StandInConsumer(ends={0: 1}, positions={0: 0}), {}, [], [])
+    answers = iter([KafkaException(KafkaError(code)), KafkaException(KafkaError(code)), "committed"])
+
+    def committed():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert r._call("reading the committed offsets", committed) == "committed"
+
+
+def test_another_broker_error_still_ends_the_call_with_one_line() -> None:
+    r = reader(StandInConsumer(ends={0: 1}, positions={0: 0}), {}, [], [])
+
+    def refused():
+        raise KafkaException(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED))
+
+    with pytest.raises(KafkaUnavailable, match="terminal reader: reading the committed offsets failed"):
+        r._call("reading the committed offsets", refused)
