@@ -25,6 +25,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import ConfigResource, ResourceType
 
+from fraudstream.consumer.stateful import CARDS
 from fraudstream.kafka import admin, consumer_config, ensure_topics
 from fraudstream.registry import register_all
 from fraudstream.settings import Settings
@@ -161,9 +162,9 @@ def current_leader(settings: Settings, partition: int) -> int:
 
 
 @contextlib.contextmanager
-def running_pipeline(settings: Settings, tmp_path: Path, *, stateless: bool = False):
+def running_pipeline(settings: Settings, tmp_path: Path):
     """A detector process, a reader of its outputs and a producer stream on `settings`; all ended after."""
-    detector = DetectorProcess(settings, tmp_path / "detector.log", stateless=stateless, supervised=True)
+    detector = DetectorProcess(settings, tmp_path / "detector.log", supervised=True)
     reader = RoutedReader(settings, check=detector.assert_running)
     stream = Stream(settings)
     try:
@@ -223,11 +224,14 @@ def test_a_cluster_loses_a_partition_leader_and_gets_it_back(three_brokers, tmp_
     client = admin(settings)
     [config] = client.describe_configs([resource]).values()
     assert config.result()["min.insync.replicas"].value == "2"
-    # Stateless: the stateful detector's restore across a leader move passed alone but failed once in a full
-    # run (its changelog partition stayed "unknown" to the restore for the whole outage limit); see README.
-    with running_pipeline(settings, tmp_path, stateless=True) as (detector, reader, stream):
+    with running_pipeline(settings, tmp_path) as (detector, reader, stream):
         for kill in range(1, max(1, ROUNDS // 3) + 1):  # one round in the suite
             reader.wait_for_progress(timeout_s=FAULT_WAIT_S, what=f"progress before kill {kill}")
+            # The detector made its changelog like the input, a copy on every broker (a single-copy changelog
+            # went offline with its broker, and the restore waited for it until the outage limit).
+            changelog = settings.changelog_topic(CARDS.name)
+            changelog_partitions = admin(settings).list_topics(changelog, timeout=30).topics[changelog].partitions
+            assert all(len(p.replicas) == 3 for p in changelog_partitions.values())
             leader = current_leader(settings, kill % settings.partitions)
             kill_and_wait(stack.broker_pid(leader))
             reader.wait_for(reader.total + RATE, timeout_s=FAULT_WAIT_S, what="progress with one broker down")
