@@ -133,7 +133,7 @@ def assert_exactly_once_and_healthy(settings: Settings, reader: RoutedReader, de
             lag = "the group's committed offsets are at the input's end"
         except AssertionError as behind:
             lag = f"the group is behind the input: {behind}"
-        raise AssertionError(f"{timed_out}; {lag}; the detector's log:\n{detector.tail(20)}") from None
+        raise AssertionError(f"{timed_out}; {lag}") from None
     reader.wait_until_at_end(timeout_s=FAULT_WAIT_S)
     sent = input_ids(settings)
     assert sum(sent.values()) == len(sent) == total
@@ -169,6 +169,8 @@ def running_pipeline(settings: Settings, tmp_path: Path):
     stream = Stream(settings)
     try:
         yield detector, reader, stream
+    except AssertionError as failed:  # with what the detector was doing
+        raise AssertionError(f"{failed}\nthe detector's log:\n{detector.tail(20)}\nits threads:\n{detector.stacks()}") from None
     finally:
         stream.stop.set()
         reader.close()

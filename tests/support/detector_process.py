@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from fraudstream.settings import ENV, Settings
@@ -46,6 +47,20 @@ class DetectorProcess:
     def tail(self, lines: int = 12) -> str:
         """The last lines of its own (librdkafka's connection failures left out)."""
         return "\n".join([ln for ln in self.output().splitlines() if " FAIL [" not in ln][-lines:])
+
+    def stacks(self) -> str:
+        """Where a running detector is waiting: `kill -USR1` makes it write every thread's stack to its log."""
+        if self.process.poll() is not None:
+            return "(not running)"
+        before = self.log_path.stat().st_size
+        self.process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 5
+        while self.log_path.stat().st_size == before and time.monotonic() < deadline:
+            time.sleep(0.1)  # the dump is written by the detector's signal handler: nothing else to wait on
+        time.sleep(0.5)  # let it finish writing every thread
+        with open(self.log_path) as log:
+            log.seek(before)
+            return "\n".join(line for line in log.read().splitlines() if " FAIL [" not in line)
 
     def assert_running(self) -> None:
         if self.process.poll() is None:
