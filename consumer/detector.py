@@ -22,9 +22,11 @@ txn_requires_abort(), fatal()):
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import gc
 import logging
 import socket
+import sys
 import threading
 import time
 from collections import Counter as Tally
@@ -55,6 +57,10 @@ GROUP_REQUEST_TIMEOUT_S = 30.0  # long enough for a restarted coordinator to loa
 CALL_TIMEOUT_S = 5.0  # one attempt of a blocking Kafka call: short, so a stop request is seen promptly
 REGISTRY_BACKOFF_MAX_S = 5.0
 KAFKA_BACKOFF_MAX_S = 2.0
+# A Kafka call still blocked this long after its own timeout never returns (seen after broker restarts:
+# librdkafka's send_offsets_to_transaction blocked for minutes past a 7 s timeout): the detector then writes
+# its stacks and exits with status 1, for its supervisor to restart it (exactly-once holds across a restart).
+STUCK_CALL_GRACE_S = 60.0
 # A transaction's calls are retried until this share of transaction.timeout.ms has passed since it began.
 TRANSACTION_DEADLINE_SHARE = 0.8
 FAILURES_IN_A_ROW_LIMIT = 5  # aborted or lost transactions with no commit between them, then stop
@@ -583,7 +589,8 @@ class Detector:
         """One transactional API call: retriable errors again until the deadline; the rest classified."""
         while True:
             try:
-                return fn()
+                with exit_if_stuck(_attempt_timeout(deadline)):
+                    return fn()
             except KafkaException as exc:
                 error = exc.args[0]
                 self._classify(what, error, exc)
@@ -616,7 +623,8 @@ class Detector:
         deadline, backoff = time.monotonic() + limit_s, 0.2
         while True:
             try:
-                return fn()
+                with exit_if_stuck(CALL_TIMEOUT_S + self._successor_wait_s):
+                    return fn()
             except (KafkaException, KafkaUnavailable) as exc:
                 error = exc.args[0]
                 reason = error.str() if isinstance(error, KafkaError) else str(error)
@@ -768,6 +776,18 @@ class _ConsumerLost(Exception):
 
 class _Stopping(Exception):
     """A stop was requested while waiting to retry; the message says what was being waited for."""
+
+
+@contextlib.contextmanager
+def exit_if_stuck(timeout_s: float):
+    """Around one blocking Kafka call of at most `timeout_s`: if it is still blocked STUCK_CALL_GRACE_S later,
+    every thread's stack goes to the log and the process exits with status 1 (faulthandler's timer, which
+    runs even while the call holds the interpreter)."""
+    faulthandler.dump_traceback_later(timeout_s + STUCK_CALL_GRACE_S, exit=True, file=sys.stdout)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def _attempt_timeout(deadline: float) -> float:

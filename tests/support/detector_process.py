@@ -18,6 +18,9 @@ from fraudstream.settings import ENV, Settings
 # rd_kafka_enq_once_del_source_return, seen with librdkafka 2.16.0; upstream: confluentinc/librdkafka pull request 5397).
 # A supervised detector (as systemd or Kubernetes run it) is restarted after that abort, and only that one.
 LIBRDKAFKA_ABORT = "rd_kafka_enq_once_del_source_return"
+# A Kafka call blocked long past its timeout (librdkafka again): the detector writes its stacks (faulthandler's
+# "Timeout (...)!" header) and exits with status 1, for its supervisor (consumer/detector.py, exit_if_stuck).
+STUCK_CALL_EXIT = "!\nThread 0x"
 
 
 class DetectorProcess:
@@ -65,16 +68,20 @@ class DetectorProcess:
     def assert_running(self) -> None:
         if self.process.poll() is None:
             return
-        if self.supervised and self.process.returncode == -signal.SIGABRT and self._aborted_by_librdkafka():
+        if self.supervised and self._ended_for_a_supervisor():
             self.restarts += 1
             self._start()
             return
         raise AssertionError(f"the detector exited ({self.process.returncode}):\n{self.tail()}")
 
-    def _aborted_by_librdkafka(self) -> bool:
-        with open(self.log_path, "rb") as log:
+    def _ended_for_a_supervisor(self) -> bool:
+        """librdkafka's abort, or the detector's own exit on a call stuck for good; nothing else."""
+        with open(self.log_path) as log:
             log.seek(self._log_start)
-            return LIBRDKAFKA_ABORT.encode() in log.read()
+            output = log.read()
+        code = self.process.returncode
+        return ((code == -signal.SIGABRT and LIBRDKAFKA_ABORT in output)
+                or (code == 1 and "Timeout (" in output and STUCK_CALL_EXIT in output))
 
     def kill(self) -> None:
         """kill -9: no shutdown of any kind."""

@@ -509,3 +509,23 @@ def test_first_signal_stops_cleanly_and_a_second_exits_at_once():
     finally:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("call_s, stuck", [(3.0, True), (0.0, False)])
+def test_a_kafka_call_blocked_long_past_its_timeout_ends_the_process_with_its_stacks(call_s, stuck):
+    """A call that never returns (librdkafka after broker restarts) must not hang the detector for good."""
+    code = textwrap.dedent(f"""
+        import time
+        import fraudstream.consumer.detector as detector
+        detector.STUCK_CALL_GRACE_S = 0.5
+        with detector.exit_if_stuck(0.2):
+            time.sleep({call_s})  # the blocked call
+        time.sleep(1.5)  # after a call that returned in time, the timer is gone
+        print("still running", flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT)
+    if stuck:
+        assert done.returncode == 1 and "Timeout (0:00:00.700000)!" in done.stdout and "still running" not in done.stdout
+        assert "in <module>" in done.stdout  # the stack of the blocked call
+    else:
+        assert done.returncode == 0 and done.stdout.strip() == "still running", done.stdout + done.stderr

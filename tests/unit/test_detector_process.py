@@ -32,6 +32,19 @@ def test_a_supervised_detector_is_restarted_after_librdkafka_s_abort(tmp_path):
     detector.ensure_ended()
 
 
+STUCK_LIKE_THE_DETECTOR = ("import faulthandler, sys, time; faulthandler.dump_traceback_later(0.1, exit=True, file=sys.stdout); "
+                           "time.sleep(5)")
+
+
+def test_a_supervised_detector_is_restarted_after_its_own_exit_on_a_stuck_call(tmp_path):
+    detector = stand_in(tmp_path, STUCK_LIKE_THE_DETECTOR)
+    assert detector.process.returncode == 1
+    detector.argv = [sys.executable, "-c", "import time; time.sleep(30)"]
+    detector.assert_running()
+    assert detector.restarts == 1 and detector.process.poll() is None
+    detector.ensure_ended()
+
+
 @pytest.mark.parametrize("code", ["import os; os.abort()", "raise SystemExit(1)"])
 def test_any_other_exit_still_fails(tmp_path, code):
     detector = stand_in(tmp_path, code)
