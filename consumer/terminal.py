@@ -57,6 +57,9 @@ GATE_LOG_EVERY_S = 5.0
 EXPIRE_EVERY_S = 10.0  # expiry only frees memory: how often it asks for the committed offsets  # a partition holding the gate up is logged this often
 _POS_SHIFT = 40  # position key: partition << 40 | offset (offsets up to 10^12)
 _REL_MAX = 2**32 - 1  # event times in the sort key: ms from the window's base, 32 bits (49 days)
+# Queries looking at up to this many events count their distinct cards in a padded matrix, one row each
+# (a sort of a few dozen per row); longer ones (many events at one time) in one sort of all their pairs.
+_ROW_CAP = 64
 
 
 class StopRequested(Exception):
@@ -144,15 +147,44 @@ class TerminalWindow:
             boundary = self._key[hi[busy] - self.recent]
             lo[busy] = np.maximum(lo[busy], np.searchsorted(self._key, boundary, side="left"))
         lengths = hi - lo
+        cards = np.asarray(cards, dtype=np.uint32)
+        short = lengths <= _ROW_CAP
+        out[short] = self._distinct_others(lo[short], lengths[short], cards[short], times[short])
+        long_rows = np.flatnonzero(~short)
+        if len(long_rows):  # rare: hundreds of events at one terminal at one time
+            out[long_rows] = self._distinct_others_sorted(lo[long_rows], lengths[long_rows], cards[long_rows],
+                                                          times[long_rows])
+        return out
+
+    def _distinct_others(self, lo: np.ndarray, lengths: np.ndarray, cards: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """Distinct counted cards per query, for queries of at most _ROW_CAP events: one small sort per row
+        (a (queries, longest) matrix), never one sort of the whole batch's (query, card) pairs."""
+        if not len(lo) or not lengths.max():
+            return np.zeros(len(lo), dtype=np.int64)
+        column = np.arange(int(lengths.max()))
+        event = np.minimum(lo[:, None] + column, len(self._t) - 1)
+        et, found = self._t[event], self._card[event]
+        # Counted: within the query's events, another card, in [t - window, t] (exact times again: keys beyond
+        # the 32-bit range from the base are clamped together).
+        counts = ((column < lengths[:, None]) & (found != cards[:, None])
+                  & (et >= (times - self.window_ms)[:, None]) & (et <= times[:, None]))
+        row = np.sort(np.where(counts, found.astype(np.int64), -1), axis=1)  # not counted: -1, sorted first
+        new = row >= 0
+        new[:, 1:] &= row[:, 1:] != row[:, :-1]
+        return new.sum(axis=1)
+
+    def _distinct_others_sorted(self, lo: np.ndarray, lengths: np.ndarray, cards: np.ndarray,
+                                times: np.ndarray) -> np.ndarray:
+        """The same count for long queries: the (query, card) pairs of all of them, made unique at once."""
+        n = len(lo)
         total = int(lengths.sum())
         if not total:
-            return out
+            return np.zeros(n, dtype=np.int64)
         query = np.repeat(np.arange(n), lengths)
         starts = np.cumsum(lengths) - lengths
         event = np.arange(total) - np.repeat(starts, lengths) + np.repeat(lo, lengths)
-        # Exact times again: keys beyond the 32-bit range from the base are clamped together.
         et = self._t[event]
-        other = ((self._card[event] != np.asarray(cards, dtype=np.uint32)[query])
+        other = ((self._card[event] != cards[query])
                  & (et >= times[query] - self.window_ms) & (et <= times[query]))
         pairs = np.unique((query[other].astype(np.uint64) << np.uint64(32)) | self._card[event[other]].astype(np.uint64))
         return np.bincount((pairs >> np.uint64(32)).astype(np.int64), minlength=n).astype(np.int64)
