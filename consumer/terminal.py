@@ -52,6 +52,9 @@ TERMINAL_TOLERANCE_MS = MINUTE_MS
 # time included, so the answer depends on the set of events only): the rule needs a few other cards, and a
 # busy terminal's hundreds of events in a window would cost a sort each.
 RECENT_EVENTS = 16
+# Records per read: each read is decoded and added to the window at once, so fewer, larger reads cost less
+# per record (the window's insert copies its arrays once per read).
+READ_CHUNK = 10_000
 SEED_RECORDS = 2_000  # records read back per partition at the first try of a seed (then x4 until enough)
 GATE_LOG_EVERY_S = 5.0
 EXPIRE_EVERY_S = 10.0  # expiry only frees memory: how often it asks for the committed offsets  # a partition holding the gate up is logged this often
@@ -325,7 +328,7 @@ class TerminalReader:
 
     # ----- reading -----
     def _consume(self, timeout_s: float) -> list:
-        messages = self.consumer.consume(2_000, timeout_s)
+        messages = self.consumer.consume(READ_CHUNK, timeout_s)
         out = []
         for message in messages:
             if message.error() is not None:
@@ -350,6 +353,11 @@ class TerminalReader:
             for p, offset in first.items():
                 self.consumer.seek(TopicPartition(self.settings.transactions_topic, p, offset))
             raise
+        # Each message's partition and offset, read once (two calls per message, the rest on arrays).
+        where = np.array([(m.partition(), m.offset()) for m in messages], dtype=np.int64).reshape(-1, 2)
+        for p in np.unique(where[:, 0]).tolist():
+            reached = int(where[where[:, 0] == p, 1].max()) + 1
+            self._next[p] = max(self._next.get(p, 0), reached)
         rows, parts = [], []
         if decoded.columns is not None and decoded.columns.num_rows:
             batch = decoded.columns
@@ -360,14 +368,11 @@ class TerminalReader:
             tx = TxColumns.from_records([r for _, r in decoded.records])
             rows.append(np.array([i for i, _ in decoded.records], dtype=np.int64))
             parts.append((tx.terminal_hash, tx.card_hash, tx.event_time_ms))
-        for m in messages:
-            self._next[m.partition()] = max(self._next.get(m.partition(), 0), m.offset() + 1)
         if not rows:
             return {}
         index = np.concatenate(rows)
         terminals, cards, times = (np.concatenate([p[k] for p in parts]) for k in range(3))
-        partitions = np.fromiter((messages[i].partition() for i in index.tolist()), np.int64, len(index))
-        offsets = np.fromiter((messages[i].offset() for i in index.tolist()), np.int64, len(index))
+        partitions, offsets = where[index, 0], where[index, 1]
         self.stats.events_read += self.window.add(partitions, offsets, terminals, cards, times)
         first: dict[int, int] = {}
         order = np.argsort(index, kind="stable")  # message order: the first event time of each partition
