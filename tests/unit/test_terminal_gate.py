@@ -80,3 +80,46 @@ def test_the_features_of_an_empty_batch_need_no_gate() -> None:
     r = reader(StandInConsumer(ends={0: 1}, positions={0: 0}), {}, [], [])
     empty = TxColumns.concat_in_order([])
     assert r.features(empty, np.zeros(0, np.int64), np.zeros(0, np.int64))["terminal_cards"].tolist() == []
+
+
+class StandInMessage:
+    def __init__(self, partition: int, offset: int) -> None:
+        self._partition, self._offset = partition, offset
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+
+def test_a_read_adds_the_decoded_records_at_their_own_positions_and_moves_past_every_message() -> None:
+    """Records interleaved from three partitions, one of them a dead letter (never an event), the last
+    message of partition 2 among them: each event sits at its own (partition, offset), and every partition's
+    next offset and latest event time move past what was read, dead letters included."""
+    import pyarrow as pa
+
+    from fraudstream.consumer.features import hash_strings
+    from fraudstream.consumer.stateful import DecodedBatch
+
+    messages = [StandInMessage(p, o) for p, o in [(0, 10), (1, 5), (0, 11), (2, 30), (1, 6), (2, 31)]]
+    taken = [0, 1, 2, 4, 5]  # message 3 (partition 2, offset 30) is a dead letter
+    columns = pa.RecordBatch.from_pydict({
+        "terminal_id": [f"term-{i}" for i in taken],
+        "card_id": [f"card-{i}" for i in taken],
+        "event_time": pa.array([T0 + 1000 * i for i in taken], pa.timestamp("ms", tz="UTC")),
+    })
+    decoded = DecodedBatch(dead={3: None}, columns=columns, column_rows=taken)
+    r = TerminalReader(Settings(), decode=lambda _messages: decoded)
+    first = r._ingest(messages, first_t_wanted=True)
+    assert r._next == {0: 12, 1: 7, 2: 32}
+    assert r._latest == {0: T0 + 2000, 1: T0 + 4000, 2: T0 + 5000}
+    assert first == {0: T0, 1: T0 + 1000, 2: T0 + 5000}
+    assert sorted(r.window._pos.tolist()) == sorted(terminal.position_keys(
+        np.array([messages[i].partition() for i in taken]), np.array([messages[i].offset() for i in taken])).tolist())
+    # Each event's terminal and card are its own record's, found through its position.
+    by_position = dict(zip(r.window._pos.tolist(), r.window._card.tolist(), strict=True))
+    cards = hash_strings([f"card-{i}" for i in taken])
+    for i, card in zip(taken, cards.tolist(), strict=True):
+        assert by_position[int(terminal.position_keys(np.array([messages[i].partition()]),
+                                                       np.array([messages[i].offset()]))[0])] == card
