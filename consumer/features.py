@@ -155,7 +155,14 @@ def hash_strings(values: pa.Array | pa.ChunkedArray | Sequence[str | bytes | Non
     lengths = offsets[1:] - offsets[:-1]
     width = int(lengths.max())
     h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
-    if width:
+    if width and int(lengths.min()) == width:
+        # Every value as long as the longest (fixed-width ids, the usual case): the bytes are one
+        # (n, width) matrix, with no gather and no mask.
+        start = int(offsets[0])
+        chars = data[start:start + n * width].reshape(n, width).astype(np.uint64)
+        for j in range(width):
+            h = (h ^ chars[:, j]) * _FNV_PRIME
+    elif width:
         at = offsets[:-1, None] + np.arange(width)
         live = np.arange(width) < lengths[:, None]
         chars = data[np.minimum(at, len(data) - 1)].astype(np.uint64)

@@ -238,3 +238,20 @@ def test_the_vectorized_hash_equals_the_scalar_one_on_any_text_and_any_arrow_sli
     sliced = pa.array([None] * skip + values, type=pa.string()).slice(skip)  # an offset into shared buffers
     assert hash_strings(sliced).tolist() == expected
     assert all((h == 0) == (v is None) for h, v in zip(expected, values))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 24), st.lists(st.binary(min_size=24, max_size=24), min_size=2, max_size=40), st.integers(0, 5))
+def test_the_hash_of_fixed_width_ids_equals_the_scalar_one(width: int, raw: list, skip: int) -> None:
+    """Values all of one length (ids like the generator's) take the hash's matrix path; values of mixed
+    lengths, nulls included, the masked one: both give the scalar hash, on any Arrow slice."""
+    import pyarrow as pa
+
+    from fraudstream.consumer.features import hash_strings, stable_hash
+
+    fixed = [value[:width] for value in raw]
+    for values in (fixed, fixed[:-1] + [fixed[-1][:-1]], [None, *fixed]):
+        expected = [stable_hash(v) for v in values]
+        sliced = pa.array([b"x" * (width + 3)] * skip + values, type=pa.binary()).slice(skip)
+        assert hash_strings(sliced).tolist() == expected
+        assert hash_strings(values).tolist() == expected
