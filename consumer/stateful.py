@@ -27,7 +27,7 @@ import pyarrow as pa
 from fraudstream.consumer import model as scoring
 from fraudstream.consumer.decide import (STATELESS_LEGIT_HEADERS, ColumnarDecider, DecidedBatch, Decider, Decision,
                                          Route, dead_letter)
-from fraudstream.consumer.features import CARD_FEATURES, PROFILE_DTYPE, PROFILE_LAYOUT, PROFILE_TTL_MS, TxColumns, card_features
+from fraudstream.consumer.features import CARD_FEATURES, PROFILE_DTYPE, PROFILE_LAYOUT, PROFILE_TTL_MS, TxColumns, card_features_split
 from fraudstream.consumer.rules import RuleSet
 from fraudstream.consumer.rules_topic import RULE_SET_HEADER
 from fraudstream.consumer.state.manager import StateManager
@@ -129,11 +129,10 @@ class StatefulDecider:
             # Before any card state changes: waiting for the terminal window may raise (stop, outage).
             offsets = np.fromiter((messages[i].offset() for i in positions), np.int64, len(positions))
             features.update(self.terminal_features(tx, partition_of, offsets))
-        for partition in np.unique(partition_of):
-            rows = np.flatnonzero(partition_of == partition)
-            table = self.state.tables(int(partition))[CARDS.name]
-            for name, values in card_features(table, tx.take(rows)).items():
-                features[name][rows] = values
+        # Each partition's rows with that partition's card table, all partitions in one pass.
+        partitions, which = np.unique(partition_of, return_inverse=True)
+        tables = [self.state.tables(int(partition))[CARDS.name] for partition in partitions.tolist()]
+        features.update(card_features_split(tables, which, tx))
 
         fired = rules.evaluate(tx, features)  # (rules, rows)
         is_fraud = fired.any(axis=0)
