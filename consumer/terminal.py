@@ -278,12 +278,15 @@ class TerminalReader:
         # Logical offsets (no commit yet) mean the partition's beginning; never computed with.
         target = {tp.partition: (tp.offset if tp.offset >= 0 else low[tp.partition]) for tp in committed}
         back = {p: SEED_RECORDS for p in self.partitions}
+        before: dict[int, int] = {}  # partition -> latest event time read before its committed offset
         while True:
             start = {p: max(low[p], target[p] - back[p]) for p in self.partitions}
-            first_t = self._read_ranges(start, target)
+            first_t = self._read_ranges(start, target, before)
             # The earliest decision to come is no earlier than the latest event read before the committed
             # offsets, minus the tolerance: every partition's history must reach back a window before that.
-            latest = [self._latest[p] for p in self.partitions if p in self._latest]
+            # Only records before the committed offsets count: a read also returns records after them, whose
+            # later event times would move the horizon forward and cut the history short.
+            latest = [before[p] for p in self.partitions if p in before]
             if not latest:
                 break
             horizon = min(latest) - self.window.window_ms - 2 * self.tolerance_ms
@@ -298,8 +301,9 @@ class TerminalReader:
         self.on_log(f"terminal window seeded in {time.monotonic() - started:.1f} s: {len(self.window):,} events from "
                     f"{len(self.partitions)} partitions of {s.transactions_topic}")
 
-    def _read_ranges(self, start: dict[int, int], end: dict[int, int]) -> dict[int, int]:
-        """Read [start, end) of each partition into the window; the first event time read per partition."""
+    def _read_ranges(self, start: dict[int, int], end: dict[int, int], before: dict[int, int]) -> dict[int, int]:
+        """Read [start, end) of each partition into the window; the first event time read per partition. `before`
+        (partition -> latest event time read at an offset below end) is updated."""
         topic = self.settings.transactions_topic
         self.consumer.assign([TopicPartition(topic, p, start[p]) for p in self.partitions if start[p] < end[p]])
         first_t: dict[int, int] = {}
@@ -313,7 +317,7 @@ class TerminalReader:
                 raise KafkaUnavailable(f"could not read {topic} partitions {sorted(pending)} to seed the terminal window "
                                        f"within {self.settings.broker_outage_limit_s} s")
             messages = self._consume(0.2)
-            for p, t in self._ingest(messages, first_t_wanted=True).items():
+            for p, t in self._ingest(messages, first_t_wanted=True, before=(end, before)).items():
                 first_t.setdefault(p, t)
             for m in messages:
                 reached[m.partition()] = max(reached.get(m.partition(), 0), m.offset() + 1)
@@ -339,8 +343,10 @@ class TerminalReader:
             out.append(message)
         return out
 
-    def _ingest(self, messages: list, *, first_t_wanted: bool = False) -> dict[int, int]:
-        """Decode and add to the window; returns per partition the first event time of these messages."""
+    def _ingest(self, messages: list, *, first_t_wanted: bool = False,
+                before: tuple[dict[int, int], dict[int, int]] | None = None) -> dict[int, int]:
+        """Decode and add to the window; returns per partition the first event time of these messages. With
+        `before` = (end, latest): latest[p] is raised to the latest event time read below offset end[p]."""
         if not messages:
             return {}
         try:
@@ -382,6 +388,11 @@ class TerminalReader:
             self._marks.setdefault(p, []).append((int(offsets[mask].max()) + 1, int(times[mask].max())))
             if first_t_wanted:
                 first[p] = int(times[order][partitions[order] == p][0])
+            if before is not None:
+                end, latest = before
+                below = mask & (offsets < end.get(p, 0))
+                if below.any():
+                    latest[p] = max(latest.get(p, int(times[below].max())), int(times[below].max()))
         return first
 
     # ----- the gate -----
