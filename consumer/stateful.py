@@ -124,10 +124,11 @@ class StatefulDecider:
         tx = TxColumns.concat_in_order(parts)
 
         features = {name: np.empty(len(tx), dtype=dtype) for name, dtype in CARD_FEATURES.items()}
-        partition_of = np.fromiter((messages[i].partition() for i in positions), np.int32, len(positions))
+        rows_in_batch = positions.tolist()  # plain ints: indexing a list with NumPy ints is slow
+        partition_of = np.array([messages[i].partition() for i in rows_in_batch], dtype=np.int32)
         if self.terminal_features is not None:
             # Before any card state changes: waiting for the terminal window may raise (stop, outage).
-            offsets = np.fromiter((messages[i].offset() for i in positions), np.int64, len(positions))
+            offsets = np.array([messages[i].offset() for i in rows_in_batch], dtype=np.int64)
             features.update(self.terminal_features(tx, partition_of, offsets))
         # Each partition's rows with that partition's card table, all partitions in one pass.
         partitions, which = np.unique(partition_of, return_inverse=True)

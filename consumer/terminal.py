@@ -359,10 +359,12 @@ class TerminalReader:
             for p, offset in first.items():
                 self.consumer.seek(TopicPartition(self.settings.transactions_topic, p, offset))
             raise
-        # Each message's partition and offset, read once (two calls per message, the rest on arrays).
-        where = np.array([(m.partition(), m.offset()) for m in messages], dtype=np.int64).reshape(-1, 2)
-        for p in np.unique(where[:, 0]).tolist():
-            reached = int(where[where[:, 0] == p, 1].max()) + 1
+        # Each message's partition and offset, read once (two calls per message, the rest on arrays; two flat
+        # lists convert to arrays several times faster than one list of pairs).
+        message_partitions = np.array([m.partition() for m in messages], dtype=np.int64)
+        message_offsets = np.array([m.offset() for m in messages], dtype=np.int64)
+        for p in np.unique(message_partitions).tolist():
+            reached = int(message_offsets[message_partitions == p].max()) + 1
             self._next[p] = max(self._next.get(p, 0), reached)
         rows, parts = [], []
         if decoded.columns is not None and decoded.columns.num_rows:
@@ -378,7 +380,7 @@ class TerminalReader:
             return {}
         index = np.concatenate(rows)
         terminals, cards, times = (np.concatenate([p[k] for p in parts]) for k in range(3))
-        partitions, offsets = where[index, 0], where[index, 1]
+        partitions, offsets = message_partitions[index], message_offsets[index]
         self.stats.events_read += self.window.add(partitions, offsets, terminals, cards, times)
         first: dict[int, int] = {}
         order = np.argsort(index, kind="stable")  # message order: the first event time of each partition
