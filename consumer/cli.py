@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -52,5 +54,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     logging.getLogger("fraudstream.librdkafka").setLevel(logging.WARNING)
     for name in ("httpx", "httpx2"):  # the registry client logs one line per request otherwise
         logging.getLogger(name).setLevel(logging.WARNING)
+    # `kill -USR1 <pid>`: every thread's stack to the log, to see where a detector that went quiet is waiting.
+    faulthandler.register(signal.SIGUSR1, file=sys.stdout, all_threads=True)
     run_until_signalled(settings, log_interval_s=args.log_interval)
     return 0

@@ -650,13 +650,35 @@ class Detector:
         partitions = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
         if not partitions:
             return
-        committed = self._consumer_call("reading the committed offsets",
-                                        lambda: self.consumer.committed(partitions, timeout=CALL_TIMEOUT_S))
+        committed = self._committed(partitions)
         if self.state is not None:
             self.state.reset(self.consumer, [tp.partition for tp in partitions])
         # Logical offsets (no commit yet: OFFSET_INVALID, -1001) are passed on as a position, never computed with.
         self._seek([TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
                     for tp in committed])
+
+    def _committed(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        """The group's committed offsets. After a broker restart the consumer's own requests to the group
+        coordinator can stay stuck (librdkafka waits on a stale coordinator connection, and every attempt times
+        out), so once one attempt failed, each next one asks with a fresh client of the group id that never
+        joins it (assign mode), which finds the coordinator anew."""
+        attempts = 0
+
+        def ask() -> list[TopicPartition]:
+            nonlocal attempts
+            attempts += 1
+            if attempts == 1:
+                return self.consumer.committed(partitions, timeout=CALL_TIMEOUT_S)
+            asker = Consumer(consumer_config(self.settings, self.settings.group_id))
+            try:
+                answer = asker.committed(partitions, timeout=CALL_TIMEOUT_S)
+            except KafkaException:
+                self._parked_clients.append(asker)  # its request may still be pending: never destroyed
+                raise
+            asker.close()
+            return answer
+
+        return self._consumer_call("reading the committed offsets", ask)
 
     def _seek(self, positions: list[TopicPartition]) -> None:
         for position in positions:

@@ -28,6 +28,7 @@ class DetectorMetrics:
     changelog_records: int = 0
     restored_records: int = 0
     restores: int = 0  # partitions whose state was restored (at assignment, after an abort or a lost producer)
+    restoring_records: int = 0  # changelog records still to read (partitions being restored)
     commit_seconds: list[float] = field(default_factory=list)  # since the last log line
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
@@ -112,6 +113,7 @@ class DetectorMetrics:
         self._restore.observe(seconds)
 
     def restoring(self, remaining_records: int) -> None:
+        self.restoring_records = remaining_records
         self._restoring.set(remaining_records)
 
     def aborted(self) -> None:
@@ -143,6 +145,8 @@ class DetectorMetrics:
         if self.state_keys:
             keys = " ".join(f"{store}={count}" for store, count in self.state_keys.items())
             line += f" state_keys {keys} changelog={self.changelog_records} restored={self.restored_records} restores={self.restores}"
+            if self.restoring_records:
+                line += f" restoring={self.restoring_records}"
         if self.rules:
             line += " rules " + " ".join(f"{rule}={count}" for rule, count in sorted(self.rules.items()))
         return line

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
 
 from fraudstream.consumer import model as scoring
 from fraudstream.consumer.decide import (STATELESS_LEGIT_HEADERS, ColumnarDecider, DecidedBatch, Decider, Decision,
@@ -79,7 +80,7 @@ class StatefulDecider:
     def __init__(self, decode: Callable[[Sequence], DecodedBatch], rules: RuleSet, state: StateManager, *,
                  encode_legit: Callable[[dict], bytes], encode_fraud: Callable[[dict], bytes],
                  model: scoring.Model | None = None, labels=None,
-                 terminal_features: Callable[[TxColumns, np.ndarray, np.ndarray], dict[str, np.ndarray]] | None = None
+                 terminal_features: Callable[[TxColumns, np.ndarray, np.ndarray, int | None], dict[str, np.ndarray]] | None = None
                  ) -> None:
         self.decode = decode
         self.rules = rules
@@ -89,7 +90,8 @@ class StatefulDecider:
         self.model = model
         self.labels = labels  # a LabelsReader (its LabelTable and delay), needed by a model
         self._batches = 0
-        # Per-terminal features (consumer/terminal.py, TerminalReader.features): (columns, partitions, offsets).
+        # Per-terminal features (consumer/terminal.py, TerminalReader.features): (columns, partitions, offsets,
+        # the batch's newest Kafka timestamp).
         self.terminal_features = terminal_features
 
     def decide(self, messages: Sequence) -> list[Decision]:
@@ -129,7 +131,7 @@ class StatefulDecider:
         if self.terminal_features is not None:
             # Before any card state changes: waiting for the terminal window may raise (stop, outage).
             offsets = np.array([messages[i].offset() for i in rows_in_batch], dtype=np.int64)
-            features.update(self.terminal_features(tx, partition_of, offsets))
+            features.update(self.terminal_features(tx, partition_of, offsets, newest_created_ms(messages, positions, partition_of)))
         # Each partition's rows with that partition's card table, all partitions in one pass.
         partitions, which = np.unique(partition_of, return_inverse=True)
         tables = [self.state.tables(int(partition))[CARDS.name] for partition in partitions.tolist()]
@@ -197,6 +199,15 @@ def load_scoring(settings: Settings, *, on_log: Callable[[str], None]):
     on_log(f"model {model.name} from {settings.model_file} (threshold {model.threshold:.3f}, labels "
            f"{settings.label_delay_days:g} days late)")
     return model, labels
+
+
+def newest_created_ms(messages: Sequence, positions: np.ndarray, partition_of: np.ndarray) -> int | None:
+    """The latest Kafka timestamp among each partition's last record of the batch (a partition's records land in
+    the order they were produced); None when the records carry none."""
+    _, last = np.unique(partition_of[::-1], return_index=True)
+    stamps = [messages[int(positions[len(positions) - 1 - i])].timestamp() for i in last]
+    known = [ms for kind, ms in stamps if kind != TIMESTAMP_NOT_AVAILABLE and ms >= 0]
+    return max(known) if known else None
 
 
 def _column_records(decoded: DecodedBatch, rows: np.ndarray) -> dict[int, dict]:

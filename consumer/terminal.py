@@ -33,14 +33,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import OffsetSpec
 
 from fraudstream.consumer.features import MINUTE_MS, TERMINAL_WINDOW_MS, TxColumns, hash_strings
 from fraudstream.errors import KafkaUnavailable, RegistryError
-from fraudstream.kafka import consumer_config
+from fraudstream.kafka import admin, consumer_config
 from fraudstream.settings import Settings
 
 log = logging.getLogger("fraudstream.terminal")
@@ -57,6 +59,12 @@ RECENT_EVENTS = 16
 READ_CHUNK = 10_000
 SEED_RECORDS = 2_000  # records read back per partition at the first try of a seed (then x4 until enough)
 GATE_LOG_EVERY_S = 5.0
+END_QUERY_TIMEOUT_S = 5.0  # one ask of a partition's end; unanswered, the gate asks again
+# The group coordinator (which answers for committed offsets) starting, loading or moving: waited for, like
+# every other broker outage (librdkafka does not mark these retriable).
+COORDINATOR_MOVING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                      KafkaError.COORDINATOR_NOT_AVAILABLE}
+METADATA_REFRESH_EVERY_S = 2.0  # while the gate waits: how often the input's leaders are asked again
 EXPIRE_EVERY_S = 10.0  # expiry only frees memory: how often it asks for the committed offsets  # a partition holding the gate up is logged this often
 _POS_SHIFT = 40  # position key: partition << 40 | offset (offsets up to 10^12)
 _REL_MAX = 2**32 - 1  # event times in the sort key: ms from the window's base, 32 bits (49 days)
@@ -239,6 +247,7 @@ class TerminalReader:
         self.stats = GateStats()
         self.on_gate = on_gate  # the gate's stats, each time they change (the detector's metrics)
         self.consumer: Consumer | None = None
+        self.admin = None  # asks the partitions' ends (list_offsets: asynchronous, never blocks the gate)
         self.partitions: list[int] = []
         self._latest: dict[int, int] = {}  # partition -> latest event time read
         self._next: dict[int, int] = {}  # partition -> next offset to ingest (after the last record read)
@@ -253,6 +262,7 @@ class TerminalReader:
         # The group's own id, never joined (assign mode, no commits): committed() answers for the group.
         self.consumer = Consumer(consumer_config(s, s.group_id, **{"auto.offset.reset": "earliest",
                                                                   "client.id": f"{s.group_id}.terminal-reader"}))
+        self.admin = admin(s)
         metadata = self._call("reading the input topic's partitions",
                               lambda: self.consumer.list_topics(s.transactions_topic, timeout=10))
         topic = metadata.topics.get(s.transactions_topic)
@@ -398,15 +408,25 @@ class TerminalReader:
         return first
 
     # ----- the gate -----
-    def wait_for(self, latest_ms: int, batch_ends: dict[int, int]) -> None:
+    def wait_for(self, latest_ms: int, batch_ends: dict[int, int], created_ms: int | None = None) -> None:
         """Read until every partition is past event time latest_ms + tolerance or at its end, and each partition
-        of the batch past its last offset (batch_ends: partition -> last offset + 1)."""
+        of the batch past its last offset (batch_ends: partition -> last offset + 1).
+
+        "At its end" is trusted only from `terminal_idle_ms` after the batch's newest record was created
+        (created_ms, its Kafka timestamp; the wall clock when the gate starts if later or unknown), and
+        against an end asked of the broker then: a record created before it on another partition, still
+        in its producer's batch or in flight, has landed and is read first."""
         started = time.monotonic()
         deadline = started + self.settings.broker_outage_limit_s
-        last_log = started
+        now_ms = time.time() * 1000
+        settle_in_s = max(0.0, (min(created_ms if created_ms is not None else now_ms, now_ms)
+                                + self.settings.terminal_idle_ms - now_ms) / 1000)
+        ends: dict[int, Future | int] = {}  # partition -> its end as the broker answers once settled
+        last_log = last_refresh = started
         waited = False
         while True:
-            behind = self._behind(latest_ms + self.tolerance_ms, batch_ends)
+            settled = time.monotonic() - started >= settle_in_s
+            behind = self._behind(latest_ms + self.tolerance_ms, batch_ends, ends if settled else None)
             if not behind:
                 break
             waited = True
@@ -424,15 +444,32 @@ class TerminalReader:
                             f"{latest_ms + self.tolerance_ms} nor at their end) for {now - started:.0f} s")
             if self.stop():
                 raise StopRequested("waiting for the terminal window")
-            self._ingest(self._consume(0.05))
-        for p in [p for p in self.stats.stalled if p not in self._behind(latest_ms + self.tolerance_ms, batch_ends)]:
+            if now - last_refresh >= METADATA_REFRESH_EVERY_S:
+                last_refresh = now
+                self._refresh_metadata()
+            self._ingest(self._consume(0.05 if settled else min(0.05, max(0.001, settle_in_s - (now - started)))))
+        for p in [p for p in self.stats.stalled if p not in behind]:
             del self.stats.stalled[p]
         if waited:
             self.stats.waits += 1
             self.stats.waited_s += time.monotonic() - started
             self.on_gate(self.stats)
 
-    def _behind(self, past_ms: int, batch_ends: dict[int, int]) -> list[int]:
+    def _refresh_metadata(self) -> None:
+        """Ask for the input topic's partitions and leaders. The answer moves this reader's fetches, and its end
+        queries, to a partition's new leader: a client in assign mode otherwise keeps asking a leader that died
+        (seen on three brokers: the gate waited the whole outage limit for a partition whose leader was killed)."""
+        topic = self.settings.transactions_topic
+        for client in (self.consumer, self.admin):
+            try:
+                client.list_topics(topic, timeout=METADATA_REFRESH_EVERY_S)
+            except KafkaException as exc:  # no broker answered: asked again at the next turn
+                log.debug("terminal window: refreshing the metadata of %s: %s", topic, exc.args[0].str())
+
+    def _behind(self, past_ms: int, batch_ends: dict[int, int], ends: dict[int, Future | int] | None) -> list[int]:
+        """The partitions the gate still waits for. `ends`: None before the idle time has passed (no partition
+        counts as at its end yet); after, each partition's end as the broker answers (its pending query, then
+        the offset), asked once."""
         topic = self.settings.transactions_topic
         behind = []
         for p in self.partitions:
@@ -442,21 +479,32 @@ class TerminalReader:
                 continue
             if self._latest.get(p, -1) > past_ms:
                 continue
-            # The end as of the reader's latest fetch (every fetch response carries it, an empty one too; at
-            # read_committed it is the last stable offset). Unknown (no fetch answered since the assignment, or a
-            # broker away): behind, and the wait goes on polling, never blocked on a request to the broker.
-            _low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)
-            if high < 0:
+            if ends is None:
                 behind.append(p)
                 continue
+            end = ends.get(p)
+            if end is None or (isinstance(end, Future) and end.done() and end.exception() is not None):
+                # Asked of the partition's leader now, not the end of an earlier fetch (at read_committed the
+                # last stable offset); asynchronously, so a broker away never blocks the wait. Unanswered:
+                # behind, and asked again once the answer is an error.
+                tp = TopicPartition(topic, p)
+                ends[p] = end = self.admin.list_offsets({tp: OffsetSpec.latest()}, request_timeout=END_QUERY_TIMEOUT_S,
+                                                        isolation_level=IsolationLevel.READ_COMMITTED)[tp]
+            if isinstance(end, Future):
+                if not end.done() or end.exception() is not None:
+                    behind.append(p)
+                    continue
+                ends[p] = end = end.result().offset
             # The consumer's position passes transaction markers, which are never returned as records.
-            consumed = max(self.consumer.position([TopicPartition(topic, p)])[0].offset, position)
-            if consumed < high:
+            consumed = max(self.consumer.position([TopicPartition(topic, p)])[0].offset, position or 0)
+            if consumed < ends[p]:
                 behind.append(p)
         return behind
 
-    def features(self, tx: TxColumns, partitions: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
-        """TERMINAL_FEATURES of a batch (rows in offset order per partition), once the gate holds."""
+    def features(self, tx: TxColumns, partitions: np.ndarray, offsets: np.ndarray,
+                 created_ms: int | None = None) -> dict[str, np.ndarray]:
+        """TERMINAL_FEATURES of a batch (rows in offset order per partition), once the gate holds; created_ms:
+        the Kafka timestamp of the batch's newest record."""
         if not len(tx):
             return {"terminal_cards": np.zeros(0, np.int64)}
         earliest = int(tx.event_time_ms.min())
@@ -469,7 +517,7 @@ class TerminalReader:
         ends: dict[int, int] = {}
         for p, o in zip(partitions.tolist(), offsets.tolist(), strict=True):
             ends[p] = max(ends.get(p, 0), o + 1)
-        self.wait_for(int(tx.event_time_ms.max()), ends)
+        self.wait_for(int(tx.event_time_ms.max()), ends, created_ms)
         out = terminal_cards(self.window, tx, partitions, offsets)
         if time.monotonic() - self._last_expiry >= EXPIRE_EVERY_S:
             self._last_expiry = time.monotonic()
@@ -506,7 +554,8 @@ class TerminalReader:
                 return fn()
             except KafkaException as exc:
                 error = exc.args[0]
-                if error.fatal() or not (error.retriable() or error.code() < 0) or time.monotonic() > deadline:
+                passing = error.retriable() or error.code() < 0 or error.code() in COORDINATOR_MOVING
+                if error.fatal() or not passing or time.monotonic() > deadline:
                     raise KafkaUnavailable(f"terminal reader: {what} failed: {error.str()}") from exc
                 if self.stop():
                     raise StopRequested(what) from exc

@@ -50,6 +50,7 @@ ENV: dict[str, str] = {
     "rules_file": "FRAUDSTREAM_RULES",
     "model_file": "FRAUDSTREAM_MODEL",
     "label_delay_days": "FRAUDSTREAM_LABEL_DELAY_DAYS",
+    "terminal_idle_ms": "FRAUDSTREAM_TERMINAL_IDLE_MS",
     "metrics_port": "FRAUDSTREAM_METRICS_PORT",
     "transaction_timeout_ms": "FRAUDSTREAM_TRANSACTION_TIMEOUT_MS",
     "broker_outage_limit_s": "FRAUDSTREAM_BROKER_OUTAGE_LIMIT_S",
@@ -115,6 +116,11 @@ class Settings:
     # How late labels arrive (days of event time): the detector uses a label only this long after its
     # transaction's event time; `train` builds its features with the same delay.
     label_delay_days: float = 7.0
+    # The terminal window trusts "this input partition holds nothing more" only once this long has passed
+    # since the batch's newest record was created: a record created earlier on another partition, still
+    # in its producer's batch or in flight, lands meanwhile (like Kafka Streams' max.task.idle.ms). Costs
+    # this much latency at the head of the stream, none on a backlog.
+    terminal_idle_ms: int = 200
     metrics_port: int = 0  # 0: no Prometheus endpoint
     # An open transaction stalls read_committed readers until it commits or this expires;
     # the detector stops retrying a transaction's calls before it expires.
@@ -230,6 +236,8 @@ class Settings:
             if getattr(self, name) >= MAX_POLL_INTERVAL_S:
                 raise ConfigError(f"{name} must be below {MAX_POLL_INTERVAL_S} s (the consumer's max.poll.interval.ms), "
                                   "or the group would evict a detector that is only waiting")
+        if self.terminal_idle_ms < 0:
+            raise ConfigError(f"terminal_idle_ms must not be negative, not {self.terminal_idle_ms}")
         if not self.label_delay_days >= 0:
             raise ConfigError(f"label_delay_days must not be negative, not {self.label_delay_days}")
         if self.fraud_threshold_cents < 0:

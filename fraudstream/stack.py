@@ -105,6 +105,15 @@ class SecureEndpoints:
         return f"export {ENV['kafka_config']}={self.kafka_config}\nexport {ENV['registry_config']}={self.registry_config}"
 
 
+def new_cluster_id() -> str:
+    """A KRaft cluster id as Kafka makes them (a random UUID, URL-safe base64), never starting with '-': the
+    storage tool would read such an id as an option (Kafka's own Uuid.randomUuid skips those too)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 class LocalStack:
     """Start, stop and inspect the local Kafka + registry. Each method is safe to repeat."""
 
@@ -230,7 +239,7 @@ class LocalStack:
         classpath = str(self.kafka_libs / "*")
         jvm = [java, "-Xms256m", "-Xmx1g", f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath]
         if not (data / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = new_cluster_id()
             done = subprocess.run(jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config),
                                          *format_extra], capture_output=True, text=True)
             if done.returncode != 0:
@@ -330,7 +339,7 @@ class LocalStack:
         path = self.root / "kafka-cluster-id"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))
+            path.write_text(new_cluster_id())
         return path.read_text().strip()
 
     def _formatted_nodes(self) -> int | None:

@@ -34,12 +34,15 @@ def ensure_changelogs(settings: Settings, specs: Sequence[StoreSpec]) -> dict[st
     if source is None or source.error is not None:
         raise KafkaUnavailable(f"input topic {settings.transactions_topic} does not exist")
     partitions = len(source.partitions)
+    # As many copies as the input has (its least replicated partition): the state must survive whatever the
+    # input survives, whatever FRAUDSTREAM_REPLICATION_FACTOR says about the topics our jobs create.
+    replicas = min(len(p.replicas) for p in source.partitions.values())
     topics = {spec.name: settings.changelog_topic(spec.name) for spec in specs}
     missing, existing = [], []
     for topic in topics.values():
         found = metadata.topics.get(topic)
         if found is None:
-            missing.append(NewTopic(topic, num_partitions=partitions, replication_factor=settings.replication_factor,
+            missing.append(NewTopic(topic, num_partitions=partitions, replication_factor=replicas,
                                     config=dict(COMPACTED)))
         elif len(found.partitions) != partitions:
             raise StateError(f"changelog {topic} has {len(found.partitions)} partitions but the input topic "

@@ -19,18 +19,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import OffsetSpec
 
 from fraudstream.consumer.state.changelog import LAYOUT_HEADER
 from fraudstream.consumer.state.stores import StoreSpec
 from fraudstream.consumer.state.table import KeyedTable, check_layout, check_row_bytes
 from fraudstream.errors import KafkaUnavailable, StateError
-from fraudstream.kafka import consumer_config
+from fraudstream.kafka import admin, consumer_config
 from fraudstream.settings import Settings
 
 log = logging.getLogger("fraudstream.state")
 
 RESTORE_BATCH = 20_000
+STALL_LOG_AFTER_S = 15.0  # a changelog partition whose restore has not moved for this long is logged (and again)
+METADATA_REFRESH_AFTER_S = 2.0  # ... and for this long: its leaders are asked again (at most this often)
 # What a just-created topic answers until its partitions have leaders, and a partition whose leader is
 # down or moving: its request timed out or failed in transport, the client dropped that broker while the
 # request waited for it ("broker handle destroyed"), or its metadata names a leader it has since dropped
@@ -47,6 +50,9 @@ class _Restoring:
     end: int  # the changelog's high watermark when the partition was assigned
     records: int = 0
     done: bool = False
+    position: int = -1  # the restore consumer's last known position (logical, negative, before the first fetch)
+    moved_at: float = field(default_factory=time.monotonic)  # when the position last moved
+    reported_at: float = 0.0  # when a stalled restore was last logged
 
     def __post_init__(self) -> None:
         # What every record of this store must look like, computed once: the per-record check is a compare.
@@ -82,6 +88,9 @@ class Recovery:
         # A changelog partition whose leader is down (a broker restarting) is waited for, like every
         # other broker outage, up to the outage limit.
         self.outage_limit_s = settings.broker_outage_limit_s
+        self.settings = settings
+        self._admin = None  # made when a stalled restore is reported
+        self._refreshed_at = 0.0  # when the restore consumer last asked for its changelogs' leaders
         # assign() only: the group id is required by the client but never joins or commits.
         self.consumer = Consumer(consumer_config(settings, f"{settings.group_id}.restore",
                                                  **{"enable.partition.eof": False, "fetch.max.bytes": 64 << 20}))
@@ -90,6 +99,7 @@ class Recovery:
         # owner's last batch) is still being committed, and would end the restore before its changes.
         self.offsets = Consumer(consumer_config(settings, f"{settings.group_id}.restore",
                                                 **{"isolation.level": "read_uncommitted"}))
+        self.stalls = 0  # times a restore was logged as not moving
         self.end_retries = 0  # failed attempts to read a changelog partition's end (a leader down or moving)
         self.restoring: dict[int, RestoreProgress] = {}
         self._by_topic_partition: dict[tuple[str, int], _Restoring] = {}
@@ -136,10 +146,11 @@ class Recovery:
                 self._refresh_metadata(tp.topic)
                 time.sleep(0.2)  # a leader election or a broker restart takes a moment; nothing else to wait on
 
-    def _refresh_metadata(self, topic: str) -> None:
-        """Ask the cluster for the topic's partitions and leaders: the answer updates the client's metadata cache."""
+    def _refresh_metadata(self, topic: str, client: Consumer | None = None) -> None:
+        """Ask the cluster for the topic's partitions and leaders: the answer updates the client's metadata cache
+        (and moves an assigned partition's fetches to its new leader)."""
         try:
-            self.offsets.list_topics(topic, timeout=self.timeout_s)
+            (client or self.offsets).list_topics(topic, timeout=self.timeout_s)
         except KafkaException as exc:  # no broker answered: the next attempt fails too, and asks again
             log.debug("refreshing the metadata of %s: %s", topic, exc.args[0].str())
 
@@ -186,15 +197,45 @@ class Recovery:
         waiting = [(where, r) for where, r in self._by_topic_partition.items() if not r.done]
         if waiting:
             positions = self.consumer.position([TopicPartition(t, p) for (t, p), _ in waiting])
+            now = time.monotonic()
             for (where, restoring), position in zip(waiting, positions, strict=True):
                 if position.offset >= 0 and position.offset >= restoring.end:
                     restoring.done = True
                     self.consumer.incremental_unassign([TopicPartition(*where)])
                     del self._by_topic_partition[where]
+                elif position.offset != restoring.position:
+                    restoring.position, restoring.moved_at = position.offset, now
+                else:
+                    if now - restoring.moved_at >= METADATA_REFRESH_AFTER_S and now - self._refreshed_at >= METADATA_REFRESH_AFTER_S:
+                        # Not moving: perhaps fetching from a leader that died (a client in assign mode keeps
+                        # asking it until its metadata ages out). Asking for the leaders moves the fetch.
+                        self._refreshed_at = now
+                        self._refresh_metadata(where[0], self.consumer)
+                    if now - restoring.moved_at >= STALL_LOG_AFTER_S and now - restoring.reported_at >= STALL_LOG_AFTER_S:
+                        restoring.reported_at = now
+                        self._report_stall(where, restoring, now)
         completed = [p for p in self.restoring.values() if p.done]
         for progress in completed:
             del self.restoring[progress.partition]
         return completed
+
+    def _report_stall(self, where: tuple[str, int], restoring: _Restoring, now: float) -> None:
+        """A restore that has not moved for a while: where it is, and what the partition's leader says now (asked
+        asynchronously and waited for a bounded time: a broker away must not block the detector)."""
+        tp = TopicPartition(*where)
+        if self._admin is None:
+            self._admin = admin(self.settings)
+        asked = {level: self._admin.list_offsets({tp: OffsetSpec.latest()}, isolation_level=level,
+                                                 request_timeout=self.timeout_s)[tp]
+                 for level in (IsolationLevel.READ_COMMITTED, IsolationLevel.READ_UNCOMMITTED)}
+        try:
+            stable, high = (asked[level].result(timeout=self.timeout_s).offset for level in asked)
+            now_reads = f"last stable offset {stable}, high watermark {high}"
+        except (KafkaException, TimeoutError) as exc:
+            now_reads = f"its offsets unknown now: {exc}"
+        log.warning("restoring changelog %s[%d] has not moved for %.0f s: at offset %d of %d (%s)", tp.topic,
+                    tp.partition, now - restoring.moved_at, restoring.position, restoring.end, now_reads)
+        self.stalls += 1
 
     def close(self) -> None:
         for consumer in (self.consumer, self.offsets):

@@ -21,6 +21,8 @@ import time
 import uuid
 from pathlib import Path
 
+from confluent_kafka import TopicPartition
+
 from fraudstream.consumer.features import TxColumns, card_features
 from fraudstream.consumer.state.recovery import Recovery
 from fraudstream.consumer.state.table import KeyedTable
@@ -32,6 +34,7 @@ from fraudstream.producer.generator import Generator
 from tests.integration.test_detector import decode, encoder_for, routed_total
 from tests.support.detector_process import DetectorProcess
 from tests.support.kafka_io import read_topic, wait_until
+from tests.support.routed import describe_outputs
 
 TOTAL = 50_000
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: event time is simulated, never the wall clock
@@ -48,7 +51,7 @@ def detector_process(settings: Settings, slot: str) -> DetectorProcess:
     detector fences its predecessor), and of the group's own, never shared with another run on the broker
     (a run elsewhere with the same id would fence this one)."""
     return DetectorProcess(settings, LOGS / f"{slot}-{time.monotonic_ns()}.log",
-                           transactional_id=f"{settings.group_id}-{slot}", log_interval_s=3600)
+                           transactional_id=f"{settings.group_id}-{slot}", log_interval_s=10)
 
 
 def make_pipeline(base: Settings, name: str) -> Settings:
@@ -161,8 +164,14 @@ def test_same_decisions_uninterrupted_killed_and_rescaled(stack_settings: Settin
     assert all(mid_stream), f"some kills or rescales came after the end of the stream ({mid_stream}): " \
                             "the test proved less than it says"
     sender.join(120)
-    for settings in (steady, killed, rescaled):
-        wait_until(lambda s=settings: progressed(s, TOTAL), timeout_s=240, what=f"{settings.transactions_topic} routed")
+    for settings, process in ((steady, a), (killed, b), (rescaled, c1)):
+        try:
+            wait_until(lambda s=settings: progressed(s, TOTAL), timeout_s=240, what=f"{settings.transactions_topic} routed")
+        except AssertionError as timed_out:
+            outputs = [TopicPartition(t, p) for t in (settings.legit_topic, settings.fraud_topic, settings.dlq_topic)
+                       for p in range(settings.partitions)]
+            raise AssertionError(f"{timed_out}: {routed_total(settings)} of {TOTAL} readable (read_committed); "
+                                 f"{describe_outputs(settings, outputs)}; its detector's log:\n{process.tail(20)}") from None
     for process in (a, b, c1):
         process.stop_cleanly()
 

@@ -7,9 +7,10 @@ import time
 import uuid
 from collections import Counter
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, IsolationLevel, KafkaException, TopicPartition
+from confluent_kafka.admin import OffsetSpec
 
-from fraudstream.kafka import consumer_config
+from fraudstream.kafka import admin, consumer_config
 from fraudstream.settings import Settings
 from tests.integration.test_detector import decode
 
@@ -50,8 +51,13 @@ class RoutedReader:
     def wait_for(self, total: int, *, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
         while self.total < total:
-            assert time.monotonic() < deadline, f"timed out waiting for {what}: {self.total} of {total} routed"
+            assert time.monotonic() < deadline, (f"timed out waiting for {what}: {self.total} of {total} routed; "
+                                                 f"{self.describe()}")
             self.read()
+
+    def describe(self) -> str:
+        """Where the reader is against each output partition's last stable offset and high watermark."""
+        return describe_outputs(self.settings, self.partitions, self._positions())
 
     def wait_for_progress(self, *, timeout_s: float, what: str) -> None:
         """Until something is committed after this call: first read all that the outputs hold now (past
@@ -101,3 +107,21 @@ class RoutedReader:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def describe_outputs(settings: Settings, partitions: list[TopicPartition], read_to: dict | None = None) -> str:
+    """Each output partition's last stable offset and high watermark as the leaders say now (and how far a
+    reader got): tells a reader that stopped fetching from a transaction left open."""
+    client = admin(settings)
+    asked = {level: client.list_offsets({tp: OffsetSpec.latest() for tp in partitions}, isolation_level=level,
+                                        request_timeout=10)
+             for level in (IsolationLevel.READ_COMMITTED, IsolationLevel.READ_UNCOMMITTED)}
+    parts = []
+    for tp in partitions:
+        try:
+            stable, high = (asked[level][tp].result(timeout=15).offset for level in asked)
+        except Exception as exc:  # noqa: BLE001 (a description for a failure message, whatever the cause)
+            stable = high = f"unknown ({exc})"
+        where = f" read to {read_to[(tp.topic, tp.partition)]}," if read_to is not None else ""
+        parts.append(f"{tp.topic}[{tp.partition}]{where} last stable {stable}, high watermark {high}")
+    return "; ".join(parts)

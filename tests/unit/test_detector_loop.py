@@ -296,6 +296,33 @@ def test_an_epoch_ended_by_the_broker_recreates_the_producer(monkeypatch, code):
     assert sorted(outputs) == every_input(log)
 
 
+def test_committed_offsets_the_consumer_cannot_get_are_asked_with_a_fresh_client_of_the_group(monkeypatch):
+    """After a broker restart the consumer's own coordinator requests can keep timing out."""
+    detector, log, producers = make_detector(monkeypatch, fail={("send_offsets", 2): KafkaError(KafkaError._FENCED, fatal=True)})
+    detector.settings = detector.settings.replace(broker_outage_limit_s=3)  # a failure here fails in seconds
+    stuck = KafkaException(KafkaError(KafkaError._TIMED_OUT))
+    monkeypatch.setattr(FakeConsumer, "committed", lambda self, partitions, timeout=None: (_ for _ in ()).throw(stuck))
+    askers = []
+
+    class FreshAsker:
+        def __init__(self, config):
+            assert config["group.id"] == detector.settings.group_id
+            askers.append(self)
+            self.closed = False
+
+        def committed(self, partitions, timeout=None):
+            return [TopicPartition(TOPIC, tp.partition, log.committed[tp.partition]) for tp in partitions]
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(detector_module, "Consumer", FreshAsker)
+    metrics = detector.run()
+    assert metrics.recoveries == 1 and len(askers) == 1 and askers[0].closed
+    outputs = producers[0].committed_outputs + producers[1].committed_outputs
+    assert sorted(outputs) == every_input(log)  # rewound to the first batch's end: nothing twice, nothing lost
+
+
 def test_a_newer_detector_holding_our_instance_id_stops_us_with_that_reason(monkeypatch):
     detector, log, producers = make_detector(monkeypatch, fail={("commit", 1): KafkaError(KafkaError._FENCED, fatal=True)},
                                              successors=("member-newer",))

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
+from confluent_kafka import TIMESTAMP_CREATE_TIME, TIMESTAMP_NOT_AVAILABLE
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
 from fraudstream.consumer import model as scoring
@@ -135,15 +136,37 @@ def _decider(model=None, labels=None):
 
 
 class _Message:
-    def __init__(self, value, offset):
-        self._value, self._offset = value, offset
+    def __init__(self, value, offset, partition=0, created_ms=None):
+        self._value, self._offset, self._partition, self._created_ms = value, offset, partition, created_ms
 
     def value(self): return self._value
     def key(self): return b"acc"
     def topic(self): return "transactions"
-    def partition(self): return 0
+    def partition(self): return self._partition
     def offset(self): return self._offset
     def headers(self): return None
+
+    def timestamp(self):
+        return (TIMESTAMP_NOT_AVAILABLE, -1) if self._created_ms is None else (TIMESTAMP_CREATE_TIME, self._created_ms)
+
+
+def test_the_terminal_gate_is_handed_the_batch_s_newest_kafka_timestamp():
+    """What the gate's idle time counts from (consumer/terminal.py): the latest creation time among the
+    partitions' last records, whatever the order the partitions come in."""
+    asked = []
+
+    def terminal_features(tx, partitions, offsets, created_ms):
+        asked.append(created_ms)
+        return {"terminal_cards": np.zeros(len(tx), np.int64)}
+
+    decider = _decider()
+    decider.terminal_features = terminal_features
+    values = [encode(make_tx(1_500, transaction_id=f"t{i}", event_time=START + timedelta(minutes=i)).to_dict())
+              for i in range(4)]
+    created = [(1, 5_000), (0, 7_000), (1, 9_000), (0, 8_000)]  # (partition, created): newest 9,000 on 1
+    decider.decide([_Message(v, i, p, c) for i, (v, (p, c)) in enumerate(zip(values, created, strict=True))])
+    decider.decide([_Message(values[0], 10)])  # no timestamp on the records
+    assert asked == [9_000, None]
 
 
 def _fraud_alert(decision) -> dict:

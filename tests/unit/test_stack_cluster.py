@@ -65,3 +65,16 @@ def test_brokers_flag_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         cli.main(["stack", "up", "--brokers", "0"])
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_a_cluster_id_never_starts_with_a_dash(monkeypatch):
+    """One random UUID in 64 encodes to an id starting with '-', which the storage tool reads as an option."""
+    import uuid
+
+    import fraudstream.stack as stack
+
+    dash_first = uuid.UUID(bytes=bytes([0xF8]) + bytes(15))  # base64 "-A...": the first draw
+    draws = iter([dash_first, uuid.UUID(int=1)])
+    monkeypatch.setattr(stack.uuid, "uuid4", lambda: next(draws))
+    cluster_id = stack.new_cluster_id()
+    assert not cluster_id.startswith("-") and len(cluster_id) == 22

@@ -4,9 +4,13 @@ behind is logged and counted, and ends the wait with one clear error: never a si
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 import fraudstream.consumer.terminal as terminal
 from fraudstream.consumer.terminal import TerminalReader
@@ -17,11 +21,17 @@ T0 = 1_767_225_600_000
 
 
 class StandInConsumer:
-    """Partition -> (end offset, position); consume() returns nothing (nothing new arrives)."""
+    """Partition -> (end offset, position); consume() returns nothing (nothing new arrives). Also stands in
+    for the admin client that asks the partitions' ends."""
 
     def __init__(self, ends: dict[int, int], positions: dict[int, int]) -> None:
         self.ends, self.positions = ends, positions
         self.polls = 0
+        self.asked_ends_at: list[float] = []  # wall clock (ms) of each end asked of the broker
+        self.refreshes = 0  # metadata requests
+
+    def list_topics(self, topic: str, timeout: float) -> None:
+        self.refreshes += 1
 
     def consume(self, num_messages: int, timeout: float) -> list:
         self.polls += 1
@@ -30,14 +40,46 @@ class StandInConsumer:
     def get_watermark_offsets(self, tp: TopicPartition, cached: bool = False, timeout: float | None = None):
         return 0, self.ends[tp.partition]
 
+    def list_offsets(self, specs: dict, request_timeout: float, isolation_level) -> dict:
+        answers = {}
+        for tp in specs:
+            self.asked_ends_at.append(time.time() * 1000)
+            answers[tp] = Future()
+            answers[tp].set_result(SimpleNamespace(offset=self.get_watermark_offsets(tp)[1]))
+        return answers
+
     def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
         return [TopicPartition(tp.topic, tp.partition, self.positions[tp.partition]) for tp in partitions]
 
 
-def reader(consumer: StandInConsumer, latest: dict[int, int], log: list[str], gates: list) -> TerminalReader:
-    r = TerminalReader(Settings().replace(broker_outage_limit_s=1), decode=lambda messages: None, on_log=log.append,
+class LateRecordConsumer(StandInConsumer):
+    """A record created before the batch's newest lands on partition 2 at `lands_at_ms` (it was still in its
+    producer's batch); consume() reads whatever has landed (the position moves to the end)."""
+
+    def __init__(self, ends: dict[int, int], positions: dict[int, int], lands_at_ms: float) -> None:
+        super().__init__(ends, positions)
+        self.lands_at_ms = lands_at_ms
+
+    def _land(self) -> None:
+        if time.time() * 1000 >= self.lands_at_ms and self.ends[2] == 7:
+            self.ends[2] = 8
+
+    def consume(self, num_messages: int, timeout: float) -> list:
+        self._land()
+        self.positions = dict(self.ends)
+        return super().consume(num_messages, timeout)
+
+    def get_watermark_offsets(self, tp: TopicPartition, cached: bool = False, timeout: float | None = None):
+        self._land()
+        return super().get_watermark_offsets(tp, cached, timeout)
+
+
+def reader(consumer: StandInConsumer, latest: dict[int, int], log: list[str], gates: list,
+           idle_ms: int = Settings().terminal_idle_ms) -> TerminalReader:
+    settings = Settings().replace(broker_outage_limit_s=1, terminal_idle_ms=idle_ms)
+    r = TerminalReader(settings, decode=lambda messages: None, on_log=log.append,
                        on_gate=lambda stats: gates.append(dict(stats.stalled)))
-    r.consumer, r.partitions = consumer, sorted(consumer.ends)
+    r.consumer, r.admin, r.partitions = consumer, consumer, sorted(consumer.ends)
     r._latest = dict(latest)
     r._next = dict(consumer.positions)
     return r
@@ -49,12 +91,27 @@ def test_a_partition_read_past_the_batch_or_at_its_end_lets_the_batch_through() 
     # with records left; 2 is at its end, far behind in event time.
     consumer = StandInConsumer(ends={0: 40, 1: 90, 2: 7}, positions={0: 40, 1: 60, 2: 7})
     r = reader(consumer, {0: T0, 1: T0 + terminal.TERMINAL_TOLERANCE_MS + 1, 2: T0 - 5_000}, log, gates)
-    r.wait_for(T0, {0: 40})
+    created_long_ago = time.time() * 1000 - 60_000  # a backlog: the idle time has long passed
+    r.wait_for(T0, {0: 40}, created_long_ago)
     assert consumer.polls == 0 and not log and r.stats.waits == 0
+    assert len(consumer.asked_ends_at) == 2  # partitions 0 and 2 at their end, as the broker says now
+
+
+def test_a_partition_at_its_end_counts_only_after_the_idle_time_since_the_newest_record_was_created() -> None:
+    """A record created just before the batch's newest, on another partition, lands 100 ms later: the
+    batch waits for it instead of being decided without it."""
+    created = time.time() * 1000
+    consumer = LateRecordConsumer(ends={0: 40, 2: 7}, positions={0: 40, 2: 7}, lands_at_ms=created + 100)
+    r = reader(consumer, {0: T0, 2: T0 - 5_000}, [], [], idle_ms=300)
+    r.wait_for(T0, {0: 40}, created)
+    assert consumer.positions[2] == 8, "decided before the late record was read"
+    assert consumer.polls > 0 and r.stats.waits == 1
+    assert min(consumer.asked_ends_at) >= created + 300  # the end asked only once the idle time had passed
 
 
 def test_a_partition_behind_and_not_at_its_end_is_logged_counted_and_ends_the_wait(monkeypatch) -> None:
     monkeypatch.setattr(terminal, "GATE_LOG_EVERY_S", 0.1)
+    monkeypatch.setattr(terminal, "METADATA_REFRESH_EVERY_S", 0.2)
     log, gates = [], []
     # Partition 1: read only up to T + tolerance (not past it), and records remain (position 60 of 90).
     consumer = StandInConsumer(ends={0: 50, 1: 90}, positions={0: 40, 1: 60})
@@ -62,6 +119,7 @@ def test_a_partition_behind_and_not_at_its_end_is_logged_counted_and_ends_the_wa
     with pytest.raises(KafkaUnavailable, match=r"input partitions \[1\] .* not read past event time"):
         r.wait_for(T0, {0: 40})
     assert consumer.polls > 1  # it kept reading while it waited
+    assert consumer.refreshes >= 2  # and asked for the leaders again (reader and end queries alike)
     assert any("waiting for input partitions [1]" in line for line in log)
     assert gates and all(list(g) == [1] for g in gates) and list(r.stats.stalled) == [1]
 
@@ -188,3 +246,47 @@ def test_a_seed_reaches_back_a_window_before_the_committed_offset_whatever_a_rea
     # The first read (from 8,000) returned 10,000 records, 8,000 of them past the committed offset: they are
     # held, and reading goes on after them.
     assert r._next == {0: 18_000} and int(r.window._t.max()) == T0 + step * 17_999
+
+
+class UnansweredFirstConsumer(StandInConsumer):
+    """The first ask of an end fails (a broker away); the gate must keep reading and ask again, never block."""
+
+    def list_offsets(self, specs: dict, request_timeout: float, isolation_level) -> dict:
+        if not self.asked_ends_at:
+            self.asked_ends_at.append(time.time() * 1000)
+            failed = Future()
+            failed.set_exception(KafkaException("broker transport failure"))
+            return dict.fromkeys(specs, failed)
+        return super().list_offsets(specs, request_timeout, isolation_level)
+
+
+def test_an_end_the_broker_did_not_answer_is_asked_again() -> None:
+    consumer = UnansweredFirstConsumer(ends={0: 40}, positions={0: 40})
+    r = reader(consumer, {0: T0}, [], [], idle_ms=0)
+    r.wait_for(T0, {0: 40}, time.time() * 1000 - 60_000)
+    assert len(consumer.asked_ends_at) == 2 and consumer.polls >= 1
+
+
+@pytest.mark.parametrize("code", sorted(terminal.COORDINATOR_MOVING))
+def test_a_group_coordinator_starting_or_moving_is_waited_for(code) -> None:
+    """Seen at start on a fresh three-broker cluster: committed offsets answered 'Not coordinator'."""
+    r = reader(StandInConsumer(ends={0: 1}, positions={0: 0}), {}, [], [])
+    answers = iter([KafkaException(KafkaError(code)), KafkaException(KafkaError(code)), "committed"])
+
+    def committed():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert r._call("reading the committed offsets", committed) == "committed"
+
+
+def test_another_broker_error_still_ends_the_call_with_one_line() -> None:
+    r = reader(StandInConsumer(ends={0: 1}, positions={0: 0}), {}, [], [])
+
+    def refused():
+        raise KafkaException(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED))
+
+    with pytest.raises(KafkaUnavailable, match="terminal reader: reading the committed offsets failed"):
+        r._call("reading the committed offsets", refused)

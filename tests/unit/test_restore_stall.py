@@ -1,0 +1,67 @@
+"""A restore that stops moving is logged with where it is and what the partition's leader says now, asked
+without blocking the detector (stand-in clients: the stall itself is what a broker restart can cause)."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future
+from types import SimpleNamespace
+
+from confluent_kafka import IsolationLevel, TopicPartition
+
+import fraudstream.consumer.state.recovery as recovery
+from fraudstream.consumer.state.recovery import Recovery, RestoreProgress, _Restoring
+from fraudstream.consumer.state.table import KeyedTable
+from fraudstream.consumer.stateful import CARDS
+from fraudstream.settings import Settings
+
+
+class StuckConsumer:
+    """Assigned, and fetching nothing: its position stays at offset 5."""
+
+    def __init__(self):
+        self.refreshed = []
+
+    def list_topics(self, topic, timeout):
+        self.refreshed.append(topic)
+
+    def consume(self, num_messages, timeout):
+        return []
+
+    def position(self, partitions):
+        return [TopicPartition(tp.topic, tp.partition, 5) for tp in partitions]
+
+
+class Leader:
+    """The changelog partition's leader: last stable offset 9, high watermark 12."""
+
+    def __init__(self):
+        self.asked = []
+
+    def list_offsets(self, specs, isolation_level, request_timeout):
+        self.asked.append(isolation_level)
+        answers = {}
+        for tp in specs:
+            answers[tp] = Future()
+            answers[tp].set_result(SimpleNamespace(offset=9 if isolation_level == IsolationLevel.READ_COMMITTED else 12))
+        return answers
+
+
+def test_a_restore_that_has_not_moved_is_logged_with_its_offsets(monkeypatch, caplog):
+    monkeypatch.setattr(recovery, "STALL_LOG_AFTER_S", 0.0)
+    monkeypatch.setattr(recovery, "METADATA_REFRESH_AFTER_S", 0.0)
+    restore = Recovery(Settings(), {CARDS.name: "cards.changelog"})
+    restore.consumer.close()
+    restore.offsets.close()
+    restore.consumer, restore._admin = StuckConsumer(), Leader()
+    stuck = _Restoring(CARDS, KeyedTable(CARDS.dtype), end=12)
+    restore._by_topic_partition[("cards.changelog", 0)] = stuck
+    restore.restoring[0] = RestoreProgress(0, stores={CARDS.name: stuck})
+    with caplog.at_level(logging.WARNING, logger="fraudstream.state"):
+        assert restore.step() == []  # first look: the position is noted
+        assert restore.step() == []  # still there: reported
+    assert restore.stalls == 1 and not stuck.done
+    assert "restoring changelog cards.changelog[0] has not moved for 0 s: at offset 5 of 12 " \
+           "(last stable offset 9, high watermark 12)" in caplog.text
+    assert restore._admin.asked == [IsolationLevel.READ_COMMITTED, IsolationLevel.READ_UNCOMMITTED]
+    assert restore.consumer.refreshed == ["cards.changelog"]  # and its leaders were asked again
