@@ -15,6 +15,7 @@ from itertools import islice
 
 from confluent_kafka import Producer
 
+from fraudstream.demo.options import DEFAULT_RATE, DEFAULT_SPEEDUP
 from fraudstream.kafka import produce_or_wait, producer_config
 from fraudstream.records import Transaction
 from fraudstream.registry import Registry, current_ids
@@ -25,18 +26,23 @@ from fraudstream.producer.generator import Generator
 
 # Event time of the pre-filled records: a simulated clock, so the same seed gives the same bytes.
 PREFILL_START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
-PREFILL_EVENT_RATE = 2_000  # transactions per second of event time
+# Transactions per second of event time: the demo's clock (1,000 per wall-clock second, event time 3,600x
+# faster), which the generator's population (5,000 accounts, a few thousand terminals) is sized for: each card
+# pays every few hours. A denser clock on the same population is no real stream: at 2,000 per second of event
+# time each account paid every 2.5 s, a terminal took a dozen cards in 10 minutes, and the default
+# compromised-terminal rule flagged 62% of the records (3.6% on this clock).
+PREFILL_EVENT_RATE = DEFAULT_RATE / DEFAULT_SPEEDUP
 # The velocity rule of the stateful contenders: more than VELOCITY_MAX transactions on one card
 # within one tumbling window of VELOCITY_WINDOW_S seconds of event time (or the amount rule) is fraud.
-# The pre-fill packs a few thousand cards into 2,000 transactions per second of event time, so these
-# values flag about 1% of records more than the amount rule: the rule is there for what state costs.
-VELOCITY_WINDOW_S = 10
-VELOCITY_MAX = 10
+# On the pre-fill's clock these values flag about 1% of records more than the amount rule: the rule is
+# there for what state costs.
+VELOCITY_WINDOW_S = 600
+VELOCITY_MAX = 3
 
 
-def transactions(count: int, seed: int) -> Iterator[Transaction]:
+def transactions(count: int, seed: int, event_rate: float = PREFILL_EVENT_RATE) -> Iterator[Transaction]:
     """`count` transactions from the product's seeded generator (labels are not needed here)."""
-    for transaction, _label in islice(Generator(seed).stream(PREFILL_START_MS, PREFILL_EVENT_RATE), count):
+    for transaction, _label in islice(Generator(seed).stream(PREFILL_START_MS, event_rate), count):
         yield transaction
 
 
@@ -56,7 +62,8 @@ class Prefill:
 
 
 def prefill(settings: Settings, *, count: int, seed: int, json_topic: str | None,
-            velocity_window_s: int = VELOCITY_WINDOW_S, velocity_max: int = VELOCITY_MAX) -> Prefill:
+            velocity_window_s: int = VELOCITY_WINDOW_S, velocity_max: int = VELOCITY_MAX,
+            event_rate: float = PREFILL_EVENT_RATE) -> Prefill:
     """Write `count` transactions to settings.transactions_topic (Avro) and, when given, json_topic (JSON)."""
     started = time.perf_counter()
     schema_id = current_ids(settings, Registry(settings))[settings.transactions_topic]
@@ -80,7 +87,7 @@ def prefill(settings: Settings, *, count: int, seed: int, json_topic: str | None
     def produce(topic: str, value: bytes, key: bytes) -> None:
         produce_or_wait(producer, topic, value, key)
 
-    for index, transaction in enumerate(transactions(count, seed)):
+    for index, transaction in enumerate(transactions(count, seed, event_rate)):
         key = transaction.account_id.encode()
         produce(avro_topic, encode(transaction.to_dict()), key)
         if json_topic:

@@ -328,6 +328,8 @@ class Detector:
         """Only records whose partition's state is restored; a partition whose state is being rebuilt is
         paused, and any of its records fetched before that are read again once it resumes."""
         ready = self.state.ready
+        if all(ready(partition) for _topic, partition in self._assigned):
+            return messages  # the usual case: a consumer returns only assigned partitions' records
         kept = [m for m in messages if ready(m.partition())]
         if len(kept) < len(messages):
             self._rewind([m for m in messages if not ready(m.partition())], rebuild_state=False)

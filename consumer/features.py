@@ -155,7 +155,14 @@ def hash_strings(values: pa.Array | pa.ChunkedArray | Sequence[str | bytes | Non
     lengths = offsets[1:] - offsets[:-1]
     width = int(lengths.max())
     h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
-    if width:
+    if width and int(lengths.min()) == width:
+        # Every value as long as the longest (fixed-width ids, the usual case): the bytes are one
+        # (n, width) matrix, with no gather and no mask.
+        start = int(offsets[0])
+        chars = data[start:start + n * width].reshape(n, width).astype(np.uint64)
+        for j in range(width):
+            h = (h ^ chars[:, j]) * _FNV_PRIME
+    elif width:
         at = offsets[:-1, None] + np.arange(width)
         live = np.arange(width) < lengths[:, None]
         chars = data[np.minimum(at, len(data) - 1)].astype(np.uint64)
@@ -360,17 +367,42 @@ class _Inputs(NamedTuple):
 
 def card_features(table: KeyedTable, tx: TxColumns) -> dict[str, np.ndarray]:
     """Features of each transaction (CARD_FEATURES), updating the card profiles in offset order."""
+    return card_features_split([table], np.zeros(len(tx), dtype=np.int64), tx)
+
+
+def card_features_split(tables: Sequence[KeyedTable], which: np.ndarray, tx: TxColumns) -> dict[str, np.ndarray]:
+    """card_features over several tables at once (one per input partition): row i's card lives in
+    tables[which[i]]. The same as card_features(tables[k], the rows of table k) for each k, but each round
+    runs once for all tables (its few dozen column operations cost the same for a few rows as for many)."""
     out = _empty_features(CARD_FEATURES, len(tx))
-    slots = table.slots(tx.card_key)
+    which = np.asarray(which, dtype=np.int64)
+    slots = np.zeros(len(tx), dtype=np.int64)
+    members = {}  # table index -> its rows
+    for k in np.unique(which).tolist():
+        rows = np.flatnonzero(which == k)
+        members[k] = rows
+        slots[rows] = tables[k].slots(tx.card_key[rows])
     inputs = _Inputs(tx.event_time_ms, IN_PERSON_LUT[tx.channel], tx.channel == ONLINE, tx.amount_cents,
                      np.log1p(tx.amount_cents.astype(np.float64)), tx.device_hash, tx.terminal_hash,
                      tx.latitude, tx.longitude)
-    for index in _rounds(slots):
-        s = slots[index]
-        profile = table.gather(s)  # a copy: this round's cards, each once
+    # A card is (table, slot): rounds hold each such card once.
+    for index in _rounds((which << 40) | slots):
+        s, w = slots[index], which[index]
+        if len(members) == 1:
+            profile = tables[w[0]].gather(s)  # a copy: this round's cards, each once
+            _card_round(profile, inputs.take(index), out, index)
+            tables[w[0]].scatter(s, profile)
+            continue
+        profile = np.empty(len(index), dtype=PROFILE_DTYPE)
+        raw = profile.view(np.uint8).reshape(len(index), PROFILE_DTYPE.itemsize)  # whole rows, not field by field
+        parts = [(k, np.flatnonzero(w == k)) for k in np.unique(w).tolist()]
+        for k, at in parts:
+            raw[at] = tables[k].gather(s[at]).view(np.uint8).reshape(len(at), PROFILE_DTYPE.itemsize)
         _card_round(profile, inputs.take(index), out, index)
-        table.scatter(s, profile)
-    table.mark_dirty(slots)
+        for k, at in parts:
+            tables[k].scatter(s[at], raw[at].view(PROFILE_DTYPE).reshape(len(at)))
+    for k, rows in members.items():
+        tables[k].mark_dirty(slots[rows])
     return out
 
 

@@ -28,7 +28,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
 from fraudstream.consumer import model as scoring
 from fraudstream.consumer.decide import (STATELESS_LEGIT_HEADERS, ColumnarDecider, DecidedBatch, Decider, Decision,
                                          Route, dead_letter)
-from fraudstream.consumer.features import CARD_FEATURES, PROFILE_DTYPE, PROFILE_LAYOUT, PROFILE_TTL_MS, TxColumns, card_features
+from fraudstream.consumer.features import CARD_FEATURES, PROFILE_DTYPE, PROFILE_LAYOUT, PROFILE_TTL_MS, TxColumns, card_features_split
 from fraudstream.consumer.rules import RuleSet
 from fraudstream.consumer.rules_topic import RULE_SET_HEADER
 from fraudstream.consumer.state.manager import StateManager
@@ -126,16 +126,16 @@ class StatefulDecider:
         tx = TxColumns.concat_in_order(parts)
 
         features = {name: np.empty(len(tx), dtype=dtype) for name, dtype in CARD_FEATURES.items()}
-        partition_of = np.fromiter((messages[i].partition() for i in positions), np.int32, len(positions))
+        rows_in_batch = positions.tolist()  # plain ints: indexing a list with NumPy ints is slow
+        partition_of = np.array([messages[i].partition() for i in rows_in_batch], dtype=np.int32)
         if self.terminal_features is not None:
             # Before any card state changes: waiting for the terminal window may raise (stop, outage).
-            offsets = np.fromiter((messages[i].offset() for i in positions), np.int64, len(positions))
+            offsets = np.array([messages[i].offset() for i in rows_in_batch], dtype=np.int64)
             features.update(self.terminal_features(tx, partition_of, offsets, newest_created_ms(messages, positions, partition_of)))
-        for partition in np.unique(partition_of):
-            rows = np.flatnonzero(partition_of == partition)
-            table = self.state.tables(int(partition))[CARDS.name]
-            for name, values in card_features(table, tx.take(rows)).items():
-                features[name][rows] = values
+        # Each partition's rows with that partition's card table, all partitions in one pass.
+        partitions, which = np.unique(partition_of, return_inverse=True)
+        tables = [self.state.tables(int(partition))[CARDS.name] for partition in partitions.tolist()]
+        features.update(card_features_split(tables, which, tx))
 
         fired = rules.evaluate(tx, features)  # (rules, rows)
         is_fraud = fired.any(axis=0)

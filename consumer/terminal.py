@@ -54,6 +54,9 @@ TERMINAL_TOLERANCE_MS = MINUTE_MS
 # time included, so the answer depends on the set of events only): the rule needs a few other cards, and a
 # busy terminal's hundreds of events in a window would cost a sort each.
 RECENT_EVENTS = 16
+# Records per read: each read is decoded and added to the window at once, so fewer, larger reads cost less
+# per record (the window's insert copies its arrays once per read).
+READ_CHUNK = 10_000
 SEED_RECORDS = 2_000  # records read back per partition at the first try of a seed (then x4 until enough)
 GATE_LOG_EVERY_S = 5.0
 END_QUERY_TIMEOUT_S = 5.0  # one ask of a partition's end; unanswered, the gate asks again
@@ -65,6 +68,9 @@ METADATA_REFRESH_EVERY_S = 2.0  # while the gate waits: how often the input's le
 EXPIRE_EVERY_S = 10.0  # expiry only frees memory: how often it asks for the committed offsets  # a partition holding the gate up is logged this often
 _POS_SHIFT = 40  # position key: partition << 40 | offset (offsets up to 10^12)
 _REL_MAX = 2**32 - 1  # event times in the sort key: ms from the window's base, 32 bits (49 days)
+# Queries looking at up to this many events count their distinct cards in a padded matrix, one row each
+# (a sort of a few dozen per row); longer ones (many events at one time) in one sort of all their pairs.
+_ROW_CAP = 64
 
 
 class StopRequested(Exception):
@@ -152,15 +158,44 @@ class TerminalWindow:
             boundary = self._key[hi[busy] - self.recent]
             lo[busy] = np.maximum(lo[busy], np.searchsorted(self._key, boundary, side="left"))
         lengths = hi - lo
+        cards = np.asarray(cards, dtype=np.uint32)
+        short = lengths <= _ROW_CAP
+        out[short] = self._distinct_others(lo[short], lengths[short], cards[short], times[short])
+        long_rows = np.flatnonzero(~short)
+        if len(long_rows):  # rare: hundreds of events at one terminal at one time
+            out[long_rows] = self._distinct_others_sorted(lo[long_rows], lengths[long_rows], cards[long_rows],
+                                                          times[long_rows])
+        return out
+
+    def _distinct_others(self, lo: np.ndarray, lengths: np.ndarray, cards: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """Distinct counted cards per query, for queries of at most _ROW_CAP events: one small sort per row
+        (a (queries, longest) matrix), never one sort of the whole batch's (query, card) pairs."""
+        if not len(lo) or not lengths.max():
+            return np.zeros(len(lo), dtype=np.int64)
+        column = np.arange(int(lengths.max()))
+        event = np.minimum(lo[:, None] + column, len(self._t) - 1)
+        et, found = self._t[event], self._card[event]
+        # Counted: within the query's events, another card, in [t - window, t] (exact times again: keys beyond
+        # the 32-bit range from the base are clamped together).
+        counts = ((column < lengths[:, None]) & (found != cards[:, None])
+                  & (et >= (times - self.window_ms)[:, None]) & (et <= times[:, None]))
+        row = np.sort(np.where(counts, found.astype(np.int64), -1), axis=1)  # not counted: -1, sorted first
+        new = row >= 0
+        new[:, 1:] &= row[:, 1:] != row[:, :-1]
+        return new.sum(axis=1)
+
+    def _distinct_others_sorted(self, lo: np.ndarray, lengths: np.ndarray, cards: np.ndarray,
+                                times: np.ndarray) -> np.ndarray:
+        """The same count for long queries: the (query, card) pairs of all of them, made unique at once."""
+        n = len(lo)
         total = int(lengths.sum())
         if not total:
-            return out
+            return np.zeros(n, dtype=np.int64)
         query = np.repeat(np.arange(n), lengths)
         starts = np.cumsum(lengths) - lengths
         event = np.arange(total) - np.repeat(starts, lengths) + np.repeat(lo, lengths)
-        # Exact times again: keys beyond the 32-bit range from the base are clamped together.
         et = self._t[event]
-        other = ((self._card[event] != np.asarray(cards, dtype=np.uint32)[query])
+        other = ((self._card[event] != cards[query])
                  & (et >= times[query] - self.window_ms) & (et <= times[query]))
         pairs = np.unique((query[other].astype(np.uint64) << np.uint64(32)) | self._card[event[other]].astype(np.uint64))
         return np.bincount((pairs >> np.uint64(32)).astype(np.int64), minlength=n).astype(np.int64)
@@ -253,12 +288,15 @@ class TerminalReader:
         # Logical offsets (no commit yet) mean the partition's beginning; never computed with.
         target = {tp.partition: (tp.offset if tp.offset >= 0 else low[tp.partition]) for tp in committed}
         back = {p: SEED_RECORDS for p in self.partitions}
+        before: dict[int, int] = {}  # partition -> latest event time read before its committed offset
         while True:
             start = {p: max(low[p], target[p] - back[p]) for p in self.partitions}
-            first_t = self._read_ranges(start, target)
+            first_t = self._read_ranges(start, target, before)
             # The earliest decision to come is no earlier than the latest event read before the committed
             # offsets, minus the tolerance: every partition's history must reach back a window before that.
-            latest = [self._latest[p] for p in self.partitions if p in self._latest]
+            # Only records before the committed offsets count: a read also returns records after them, whose
+            # later event times would move the horizon forward and cut the history short.
+            latest = [before[p] for p in self.partitions if p in before]
             if not latest:
                 break
             horizon = min(latest) - self.window.window_ms - 2 * self.tolerance_ms
@@ -273,8 +311,9 @@ class TerminalReader:
         self.on_log(f"terminal window seeded in {time.monotonic() - started:.1f} s: {len(self.window):,} events from "
                     f"{len(self.partitions)} partitions of {s.transactions_topic}")
 
-    def _read_ranges(self, start: dict[int, int], end: dict[int, int]) -> dict[int, int]:
-        """Read [start, end) of each partition into the window; the first event time read per partition."""
+    def _read_ranges(self, start: dict[int, int], end: dict[int, int], before: dict[int, int]) -> dict[int, int]:
+        """Read [start, end) of each partition into the window; the first event time read per partition. `before`
+        (partition -> latest event time read at an offset below end) is updated."""
         topic = self.settings.transactions_topic
         self.consumer.assign([TopicPartition(topic, p, start[p]) for p in self.partitions if start[p] < end[p]])
         first_t: dict[int, int] = {}
@@ -288,7 +327,7 @@ class TerminalReader:
                 raise KafkaUnavailable(f"could not read {topic} partitions {sorted(pending)} to seed the terminal window "
                                        f"within {self.settings.broker_outage_limit_s} s")
             messages = self._consume(0.2)
-            for p, t in self._ingest(messages, first_t_wanted=True).items():
+            for p, t in self._ingest(messages, first_t_wanted=True, before=(end, before)).items():
                 first_t.setdefault(p, t)
             for m in messages:
                 reached[m.partition()] = max(reached.get(m.partition(), 0), m.offset() + 1)
@@ -303,7 +342,7 @@ class TerminalReader:
 
     # ----- reading -----
     def _consume(self, timeout_s: float) -> list:
-        messages = self.consumer.consume(2_000, timeout_s)
+        messages = self.consumer.consume(READ_CHUNK, timeout_s)
         out = []
         for message in messages:
             if message.error() is not None:
@@ -314,8 +353,10 @@ class TerminalReader:
             out.append(message)
         return out
 
-    def _ingest(self, messages: list, *, first_t_wanted: bool = False) -> dict[int, int]:
-        """Decode and add to the window; returns per partition the first event time of these messages."""
+    def _ingest(self, messages: list, *, first_t_wanted: bool = False,
+                before: tuple[dict[int, int], dict[int, int]] | None = None) -> dict[int, int]:
+        """Decode and add to the window; returns per partition the first event time of these messages. With
+        `before` = (end, latest): latest[p] is raised to the latest event time read below offset end[p]."""
         if not messages:
             return {}
         try:
@@ -328,6 +369,13 @@ class TerminalReader:
             for p, offset in first.items():
                 self.consumer.seek(TopicPartition(self.settings.transactions_topic, p, offset))
             raise
+        # Each message's partition and offset, read once (two calls per message, the rest on arrays; two flat
+        # lists convert to arrays several times faster than one list of pairs).
+        message_partitions = np.array([m.partition() for m in messages], dtype=np.int64)
+        message_offsets = np.array([m.offset() for m in messages], dtype=np.int64)
+        for p in np.unique(message_partitions).tolist():
+            reached = int(message_offsets[message_partitions == p].max()) + 1
+            self._next[p] = max(self._next.get(p, 0), reached)
         rows, parts = [], []
         if decoded.columns is not None and decoded.columns.num_rows:
             batch = decoded.columns
@@ -338,14 +386,11 @@ class TerminalReader:
             tx = TxColumns.from_records([r for _, r in decoded.records])
             rows.append(np.array([i for i, _ in decoded.records], dtype=np.int64))
             parts.append((tx.terminal_hash, tx.card_hash, tx.event_time_ms))
-        for m in messages:
-            self._next[m.partition()] = max(self._next.get(m.partition(), 0), m.offset() + 1)
         if not rows:
             return {}
         index = np.concatenate(rows)
         terminals, cards, times = (np.concatenate([p[k] for p in parts]) for k in range(3))
-        partitions = np.fromiter((messages[i].partition() for i in index.tolist()), np.int64, len(index))
-        offsets = np.fromiter((messages[i].offset() for i in index.tolist()), np.int64, len(index))
+        partitions, offsets = message_partitions[index], message_offsets[index]
         self.stats.events_read += self.window.add(partitions, offsets, terminals, cards, times)
         first: dict[int, int] = {}
         order = np.argsort(index, kind="stable")  # message order: the first event time of each partition
@@ -355,6 +400,11 @@ class TerminalReader:
             self._marks.setdefault(p, []).append((int(offsets[mask].max()) + 1, int(times[mask].max())))
             if first_t_wanted:
                 first[p] = int(times[order][partitions[order] == p][0])
+            if before is not None:
+                end, latest = before
+                below = mask & (offsets < end.get(p, 0))
+                if below.any():
+                    latest[p] = max(latest.get(p, int(times[below].max())), int(times[below].max()))
         return first
 
     # ----- the gate -----

@@ -80,8 +80,12 @@ def write_rows(producer, topic: str, partition: int, spec: StoreSpec, keys: Sequ
     if not keys:
         return 0
     headers = [(LAYOUT_HEADER, spec.layout)]
+    produce = producer.produce
     for key, value in zip(keys, row_values(rows), strict=True):
-        produce_or_wait(producer, topic, value, key, partition=partition, headers=headers)
+        try:  # one call per row (produce_batch takes no headers); the wrapper only when the queue is full
+            produce(topic, value, key, partition=partition, headers=headers)
+        except BufferError:
+            produce_or_wait(producer, topic, value, key, partition=partition, headers=headers)
     return len(keys)
 
 

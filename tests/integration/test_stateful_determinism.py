@@ -46,9 +46,12 @@ MIN_TERMINAL_FIRED = 50  # the stream holds about 250 compromised-terminal victi
 LOGS = Path(tempfile.mkdtemp(prefix="determinism-"))  # each detector's output, shown when one fails
 
 
-def detector_process(settings: Settings, transactional_id: str) -> DetectorProcess:
-    return DetectorProcess(settings, LOGS / f"{transactional_id}-{time.monotonic_ns()}.log",
-                           transactional_id=transactional_id, log_interval_s=10)
+def detector_process(settings: Settings, slot: str) -> DetectorProcess:
+    """A detector in the slot `slot` of its group: a transactional id kept across its restarts (a restarted
+    detector fences its predecessor), and of the group's own, never shared with another run on the broker
+    (a run elsewhere with the same id would fence this one)."""
+    return DetectorProcess(settings, LOGS / f"{slot}-{time.monotonic_ns()}.log",
+                           transactional_id=f"{settings.group_id}-{slot}", log_interval_s=10)
 
 
 def make_pipeline(base: Settings, name: str) -> Settings:

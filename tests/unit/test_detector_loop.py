@@ -529,3 +529,35 @@ def test_a_kafka_call_blocked_long_past_its_timeout_ends_the_process_with_its_st
         assert "in <module>" in done.stdout  # the stack of the blocked call
     else:
         assert done.returncode == 0 and done.stdout.strip() == "still running", done.stdout + done.stderr
+
+
+class ReadyState:
+    """The state manager's readiness alone: which partitions' state is restored."""
+
+    def __init__(self, ready: set[int]) -> None:
+        self._ready, self.asked = ready, 0
+
+    def ready(self, partition: int) -> bool:
+        self.asked += 1
+        return partition in self._ready
+
+
+@pytest.mark.parametrize("restoring", [set(), {1}])
+def test_records_of_a_partition_still_restoring_are_read_again_later(monkeypatch, restoring):
+    """Every assigned partition ready (the usual case): the batch goes through whole, with no check per
+    record. A partition whose state is being restored: its records are left out and rewound, to be read
+    again once it resumes; the others' are kept, in order."""
+    d = Detector(Settings(transactions_topic=TOPIC))
+    d.state = ReadyState({0, 1} - restoring)
+    d._assigned = {(TOPIC, 0), (TOPIC, 1)}
+    rewound = []
+    monkeypatch.setattr(d, "_rewind", lambda messages, rebuild_state=True: rewound.append((messages, rebuild_state)))
+    messages = [Message(p, o) for p, o in [(0, 5), (1, 7), (0, 6), (1, 8)]]
+    kept = d._with_state_ready(messages)
+    if not restoring:
+        assert kept == messages and not rewound
+        assert d.state.asked == 2  # once per assigned partition, not once per record
+    else:
+        assert [(m.partition(), m.offset()) for m in kept] == [(0, 5), (0, 6)]
+        assert [[(m.partition(), m.offset()) for m in batch] for batch, _ in rewound] == [[(1, 7), (1, 8)]]
+        assert rewound[0][1] is False  # the state is already being rebuilt: only the consumer is rewound

@@ -238,3 +238,68 @@ def test_the_vectorized_hash_equals_the_scalar_one_on_any_text_and_any_arrow_sli
     sliced = pa.array([None] * skip + values, type=pa.string()).slice(skip)  # an offset into shared buffers
     assert hash_strings(sliced).tolist() == expected
     assert all((h == 0) == (v is None) for h, v in zip(expected, values))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 24), st.lists(st.binary(min_size=24, max_size=24), min_size=2, max_size=40), st.integers(0, 5))
+def test_the_hash_of_fixed_width_ids_equals_the_scalar_one(width: int, raw: list, skip: int) -> None:
+    """Values all of one length (ids like the generator's) take the hash's matrix path; values of mixed
+    lengths, nulls included, the masked one: both give the scalar hash, on any Arrow slice."""
+    import pyarrow as pa
+
+    from fraudstream.consumer.features import hash_strings, stable_hash
+
+    fixed = [value[:width] for value in raw]
+    for values in (fixed, fixed[:-1] + [fixed[-1][:-1]], [None, *fixed]):
+        expected = [stable_hash(v) for v in values]
+        sliced = pa.array([b"x" * (width + 3)] * skip + values, type=pa.binary()).slice(skip)
+        assert hash_strings(sliced).tolist() == expected
+        assert hash_strings(values).tolist() == expected
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(transactions, st.lists(st.integers(0, 60), max_size=4),
+       st.lists(st.integers(0, 2), min_size=4, max_size=4))
+def test_card_features_of_several_partitions_at_once_equal_each_partition_alone(drawn: list, cuts: list[int],
+                                                                                 homes: list[int]) -> None:
+    """The detector runs a batch's partitions through card_features_split at once, each with its own table:
+    features and profiles are those of each partition's rows run alone with its table, and the rounds are
+    shared (as many as the batch's busiest card needs, not a set per partition)."""
+    from collections import Counter
+
+    from fraudstream.consumer.features import card_features_split
+
+    records = build(drawn)
+    home = dict(zip(["card-a", "card-b", "card-c", "card-d"], homes, strict=True))  # a card lives in one partition
+    together = [KeyedTable(PROFILE_DTYPE, capacity=2) for _ in range(3)]
+    alone = [KeyedTable(PROFILE_DTYPE, capacity=2) for _ in range(3)]
+    rounds, expected_rounds = [], 0
+    real = features._card_round
+
+    def counting(*args):
+        rounds.append(1)
+        return real(*args)
+
+    for batch in in_batches(records, cuts):
+        tx = TxColumns.from_records(batch)
+        which = np.array([home[r["card_id"]] for r in batch])
+        features._card_round, rounds_before = counting, len(rounds)
+        try:
+            got = card_features_split(together, which, tx)
+        finally:
+            features._card_round = real
+        expected_rounds += max(Counter(r["card_id"] for r in batch).values())
+        assert len(rounds) - rounds_before == max(Counter(r["card_id"] for r in batch).values())
+        for k in range(3):
+            rows = np.flatnonzero(which == k)
+            if not len(rows):
+                continue
+            want = card_features(alone[k], tx.take(rows))
+            for name in CARD_FEATURES:
+                assert got[name][rows].tolist() == want[name].tolist(), name
+    assert len(rounds) == expected_rounds
+    for k in range(3):
+        assert sorted(together[k].keys()) == sorted(alone[k].keys())
+        for key in alone[k].keys():
+            assert together[k].rows[together[k].lookup([key])[0]].tobytes() == alone[k].rows[alone[k].lookup([key])[0]].tobytes()
+        assert together[k].take_dirty()[0] == alone[k].take_dirty()[0]

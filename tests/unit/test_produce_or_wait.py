@@ -49,3 +49,30 @@ def test_other_producer_errors_propagate():
     error = KafkaException(KafkaError(KafkaError._STATE))
     with pytest.raises(KafkaException):
         produce_or_wait(FullQueue(full_for=0, error=error), "t", b"v")
+
+
+def test_changelog_rows_written_while_the_queue_fills_are_all_written_in_order() -> None:
+    """The changelog writer calls produce() directly and falls back to the wait only on a full queue: a
+    queue full on the second row's first tries still gives every row once, in order, each with its layout."""
+    import numpy as np
+
+    from fraudstream.consumer.state.changelog import LAYOUT_HEADER, write_rows
+    from fraudstream.consumer.state.stores import StoreSpec
+
+    dtype = np.dtype([("last_ms", "<i8"), ("n", "<i4")])
+    spec = StoreSpec(name="cards", dtype=dtype, layout=b"cards/1/12", expiry_field="last_ms", ttl_ms=1)
+    rows = np.array([(1, 10), (2, 20), (3, 30)], dtype=dtype)
+
+    class FullAtSecond(FullQueue):
+        def produce(self, topic, value, key=None, **kwargs) -> None:
+            self.attempts += 1
+            if 2 <= self.attempts <= 4:  # the second row: refused three times, then taken
+                raise BufferError("Local: Queue full")
+            self.produced.append((topic, value, key, kwargs))
+
+    producer = FullAtSecond(0)
+    assert write_rows(producer, "changelog", 4, spec, [b"a", b"b", b"c"], rows) == 3
+    assert [(key, value) for _topic, value, key, _kw in producer.produced] == [
+        (b"a", rows[0].tobytes()), (b"b", rows[1].tobytes()), (b"c", rows[2].tobytes())]
+    assert all(kw == {"partition": 4, "headers": [(LAYOUT_HEADER, b"cards/1/12")]} for *_rest, kw in producer.produced)
+    assert len(producer.polls) == 2  # after the direct call, the wait served the full queue twice

@@ -140,6 +140,114 @@ def test_the_features_of_an_empty_batch_need_no_gate() -> None:
     assert r.features(empty, np.zeros(0, np.int64), np.zeros(0, np.int64))["terminal_cards"].tolist() == []
 
 
+class StandInMessage:
+    def __init__(self, partition: int, offset: int) -> None:
+        self._partition, self._offset = partition, offset
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def error(self):
+        return None
+
+
+def test_a_read_adds_the_decoded_records_at_their_own_positions_and_moves_past_every_message() -> None:
+    """Records interleaved from three partitions, one of them a dead letter (never an event), the last
+    message of partition 2 among them: each event sits at its own (partition, offset), and every partition's
+    next offset and latest event time move past what was read, dead letters included."""
+    import pyarrow as pa
+
+    from fraudstream.consumer.features import hash_strings
+    from fraudstream.consumer.stateful import DecodedBatch
+
+    messages = [StandInMessage(p, o) for p, o in [(0, 10), (1, 5), (0, 11), (2, 30), (1, 6), (2, 31)]]
+    taken = [0, 1, 2, 4, 5]  # message 3 (partition 2, offset 30) is a dead letter
+    columns = pa.RecordBatch.from_pydict({
+        "terminal_id": [f"term-{i}" for i in taken],
+        "card_id": [f"card-{i}" for i in taken],
+        "event_time": pa.array([T0 + 1000 * i for i in taken], pa.timestamp("ms", tz="UTC")),
+    })
+    decoded = DecodedBatch(dead={3: None}, columns=columns, column_rows=taken)
+    r = TerminalReader(Settings(), decode=lambda _messages: decoded)
+    first = r._ingest(messages, first_t_wanted=True)
+    assert r._next == {0: 12, 1: 7, 2: 32}
+    assert r._latest == {0: T0 + 2000, 1: T0 + 4000, 2: T0 + 5000}
+    assert first == {0: T0, 1: T0 + 1000, 2: T0 + 5000}
+    assert sorted(r.window._pos.tolist()) == sorted(terminal.position_keys(
+        np.array([messages[i].partition() for i in taken]), np.array([messages[i].offset() for i in taken])).tolist())
+    # Each event's terminal and card are its own record's, found through its position.
+    by_position = dict(zip(r.window._pos.tolist(), r.window._card.tolist(), strict=True))
+    cards = hash_strings([f"card-{i}" for i in taken])
+    for i, card in zip(taken, cards.tolist(), strict=True):
+        assert by_position[int(terminal.position_keys(np.array([messages[i].partition()]),
+                                                       np.array([messages[i].offset()]))[0])] == card
+
+
+class SeedingConsumer:
+    """One partition of `count` records, committed at `committed`; consume() hands out what the assignment
+    reaches, past the committed offset too (as a real read does once it has fetched further)."""
+
+    def __init__(self, count: int, committed: int) -> None:
+        self.count, self.committed_offset = count, committed
+        self.positions: dict[int, int] = {}
+
+    def committed(self, partitions, timeout=None):
+        return [TopicPartition(tp.topic, tp.partition, self.committed_offset) for tp in partitions]
+
+    def get_watermark_offsets(self, tp, cached=False, timeout=None):
+        return 0, self.count
+
+    def assign(self, partitions):
+        self.positions = {tp.partition: tp.offset for tp in partitions}
+
+    def incremental_unassign(self, partitions):
+        for tp in partitions:
+            self.positions.pop(tp.partition, None)
+
+    def position(self, partitions):
+        return [TopicPartition(tp.topic, tp.partition, self.positions.get(tp.partition, -1001)) for tp in partitions]
+
+    def consume(self, num_messages, timeout):
+        out = []
+        for p, at in self.positions.items():
+            upto = min(self.count, at + num_messages - len(out))
+            out += [StandInMessage(p, o) for o in range(at, upto)]
+            self.positions[p] = upto
+        return out
+
+
+def test_a_seed_reaches_back_a_window_before_the_committed_offset_whatever_a_read_returns_beyond_it(monkeypatch):
+    """The seed's horizon comes from the records before the committed offset: records a read returns after it
+    (later event times) must not move the horizon forward and leave the window's history short."""
+    import pyarrow as pa
+
+    from fraudstream.consumer.stateful import DecodedBatch
+
+    step = 100  # ms of event time between records: 10,000 records span 1,000 s
+    count, committed = 20_000, 10_000
+
+    def decode(messages):
+        offsets = [m.offset() for m in messages]
+        return DecodedBatch(columns=pa.RecordBatch.from_pydict({
+            "terminal_id": [f"term-{o % 7}" for o in offsets], "card_id": [f"card-{o % 13:03d}" for o in offsets],
+            "event_time": pa.array([T0 + step * o for o in offsets], pa.timestamp("ms", tz="UTC"))}),
+            column_rows=list(range(len(messages))))
+
+    monkeypatch.setattr(terminal, "READ_CHUNK", 10_000)  # one read returns the whole rest of the partition
+    r = TerminalReader(Settings(), decode=decode, on_log=lambda line: None)
+    r.consumer, r.partitions = SeedingConsumer(count, committed), [0]
+    r.seed()
+    latest_before = T0 + step * (committed - 1)
+    horizon = latest_before - r.window.window_ms - 2 * r.tolerance_ms
+    assert int(r.window._t.min()) <= horizon, "the history held starts after the horizon: decisions would miss events"
+    # The first read (from 8,000) returned 10,000 records, 8,000 of them past the committed offset: they are
+    # held, and reading goes on after them.
+    assert r._next == {0: 18_000} and int(r.window._t.max()) == T0 + step * 17_999
+
+
 class UnansweredFirstConsumer(StandInConsumer):
     """The first ask of an end fails (a broker away); the gate must keep reading and ask again, never block."""
 

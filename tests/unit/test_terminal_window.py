@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fraudstream.consumer.features import TERMINAL_WINDOW_MS
+from fraudstream.consumer import terminal as terminal_module
 from fraudstream.consumer.terminal import RECENT_EVENTS, TerminalWindow
 
 W = TERMINAL_WINDOW_MS
@@ -102,3 +103,37 @@ def test_event_times_far_apart_are_rebased_not_confused() -> None:
     far = t + 200 * 24 * 3_600_000  # 200 days later: beyond the key's 32-bit range from the first base
     window.add(np.array([0, 0]), np.array([0, 1]), np.array([7, 7]), np.array([1, 2]), np.array([t, far]))
     assert window.other_cards(np.array([7, 7, 7]), np.array([9, 9, 9]), np.array([t, far, far - 2 * W])).tolist() == [1, 1, 0]
+
+
+def test_short_and_long_queries_count_alike(monkeypatch) -> None:
+    """Queries of at most _ROW_CAP events are counted row by row in a matrix, longer ones (many events at one
+    time) by one sort of their pairs: both give the specification's answer, alone and mixed in a batch."""
+    rng = np.random.default_rng(11)
+    n = 400
+    # Three terminals, 12 cards, times on a grid of a few values within two windows: many ties, so some
+    # queries reach far more than RECENT_EVENTS events (all those at the boundary's time count).
+    terminals, cards = rng.integers(1, 4, n), rng.integers(1, 13, n)
+    times = T0 + rng.choice([0, 1, W // 2, W, W + 1, 2 * W], n)
+    events = {(0, i): (int(terminals[i]), int(cards[i]), int(times[i])) for i in range(n)}
+    window = TerminalWindow()
+    window.add(np.zeros(n, np.int64), np.arange(n), terminals, cards, times)
+    q_terminals, q_cards = rng.integers(1, 4, 200), rng.integers(1, 13, 200)
+    q_times = T0 + rng.choice([0, 1, W // 2, W, W + 1, 2 * W, 3 * W], 200)
+    expected = [brute_force(events, int(a), int(b), int(c)) for a, b, c in zip(q_terminals, q_cards, q_times, strict=True)]
+    calls = {"matrix": 0, "sorted": 0}
+    for name, method in (("matrix", "_distinct_others"), ("sorted", "_distinct_others_sorted")):
+        original = getattr(TerminalWindow, method)
+
+        def spy(self, lo, *args, _name=name, _original=original):
+            calls[_name] += len(lo)
+            return _original(self, lo, *args)
+
+        monkeypatch.setattr(TerminalWindow, method, spy)
+    for cap in (terminal_module._ROW_CAP, 0, 20, 10_000):  # the default, all long, mixed, all short
+        monkeypatch.setattr(terminal_module, "_ROW_CAP", cap)
+        before = dict(calls)
+        assert window.other_cards(q_terminals, q_cards, q_times).tolist() == expected, cap
+        ran = {name: calls[name] - before[name] for name in calls}
+        if cap == 20:
+            assert ran["matrix"] and ran["sorted"], ran  # a batch mixing both ways
+    assert calls["matrix"] and calls["sorted"]
