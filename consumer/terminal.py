@@ -42,7 +42,7 @@ from confluent_kafka.admin import OffsetSpec
 
 from fraudstream.consumer.features import MINUTE_MS, TERMINAL_WINDOW_MS, TxColumns, hash_strings
 from fraudstream.errors import KafkaUnavailable, RegistryError
-from fraudstream.kafka import admin, consumer_config
+from fraudstream.kafka import admin, consumer_config, refresh_metadata
 from fraudstream.settings import Settings
 
 log = logging.getLogger("fraudstream.terminal")
@@ -456,15 +456,10 @@ class TerminalReader:
             self.on_gate(self.stats)
 
     def _refresh_metadata(self) -> None:
-        """Ask for the input topic's partitions and leaders. The answer moves this reader's fetches, and its end
-        queries, to a partition's new leader: a client in assign mode otherwise keeps asking a leader that died
-        (seen on three brokers: the gate waited the whole outage limit for a partition whose leader was killed)."""
-        topic = self.settings.transactions_topic
+        """The input's leaders asked again, for the reader and its end queries (seen on three brokers: the gate
+        waited the whole outage limit for a partition whose leader was killed)."""
         for client in (self.consumer, self.admin):
-            try:
-                client.list_topics(topic, timeout=METADATA_REFRESH_EVERY_S)
-            except KafkaException as exc:  # no broker answered: asked again at the next turn
-                log.debug("terminal window: refreshing the metadata of %s: %s", topic, exc.args[0].str())
+            refresh_metadata(client, self.settings.transactions_topic, METADATA_REFRESH_EVERY_S)
 
     def _behind(self, past_ms: int, batch_ends: dict[int, int], ends: dict[int, Future | int] | None) -> list[int]:
         """The partitions the gate still waits for. `ends`: None before the idle time has passed (no partition

@@ -170,6 +170,17 @@ def rules_topic_spec(settings: Settings) -> NewTopic:
                     config={"cleanup.policy": "compact"})
 
 
+def refresh_metadata(client, topic: str, timeout_s: float) -> None:
+    """Ask the cluster for a topic's partitions and leaders. The answer updates the client's metadata cache and
+    moves its assigned partitions' fetches to their new leaders: a client in assign mode otherwise keeps asking
+    a leader that died until its metadata ages out (metadata.max.age.ms). No broker answering is not an
+    error here: the caller asks again at its next turn."""
+    try:
+        client.list_topics(topic, timeout=timeout_s)
+    except KafkaException as exc:
+        log.debug("refreshing the metadata of %s: %s", topic, exc.args[0].str())
+
+
 def max_message_bytes(client: AdminClient, topics: tuple[str, ...], *, timeout_s: float = 10.0) -> dict[str, int]:
     """Each topic's max.message.bytes: the largest record batch (header included) its brokers accept.
 

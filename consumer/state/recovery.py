@@ -26,7 +26,7 @@ from fraudstream.consumer.state.changelog import LAYOUT_HEADER
 from fraudstream.consumer.state.stores import StoreSpec
 from fraudstream.consumer.state.table import KeyedTable, check_layout, check_row_bytes
 from fraudstream.errors import KafkaUnavailable, StateError
-from fraudstream.kafka import admin, consumer_config
+from fraudstream.kafka import admin, consumer_config, refresh_metadata
 from fraudstream.settings import Settings
 
 log = logging.getLogger("fraudstream.state")
@@ -143,16 +143,8 @@ class Recovery:
                                            f"{error.str()}") from exc
                 log.warning("asking for the end of changelog %s[%d]: %s; retrying", tp.topic, tp.partition, error.str())
                 self.end_retries += 1
-                self._refresh_metadata(tp.topic)
+                refresh_metadata(self.offsets, tp.topic, self.timeout_s)
                 time.sleep(0.2)  # a leader election or a broker restart takes a moment; nothing else to wait on
-
-    def _refresh_metadata(self, topic: str, client: Consumer | None = None) -> None:
-        """Ask the cluster for the topic's partitions and leaders: the answer updates the client's metadata cache
-        (and moves an assigned partition's fetches to its new leader)."""
-        try:
-            (client or self.offsets).list_topics(topic, timeout=self.timeout_s)
-        except KafkaException as exc:  # no broker answered: the next attempt fails too, and asks again
-            log.debug("refreshing the metadata of %s: %s", topic, exc.args[0].str())
 
     def stop(self, partition: int) -> None:
         """Forget a partition being restored (it was revoked)."""
@@ -210,7 +202,7 @@ class Recovery:
                         # Not moving: perhaps fetching from a leader that died (a client in assign mode keeps
                         # asking it until its metadata ages out). Asking for the leaders moves the fetch.
                         self._refreshed_at = now
-                        self._refresh_metadata(where[0], self.consumer)
+                        refresh_metadata(self.consumer, where[0], self.timeout_s)
                     if now - restoring.moved_at >= STALL_LOG_AFTER_S and now - restoring.reported_at >= STALL_LOG_AFTER_S:
                         restoring.reported_at = now
                         self._report_stall(where, restoring, now)
