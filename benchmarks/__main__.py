@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import report
-from benchmarks.data import VELOCITY_MAX, VELOCITY_WINDOW_S
+from benchmarks.data import VELOCITY_GAP_MS, VELOCITY_MAX
 from benchmarks.harness import RunFailed, unique
 from benchmarks.quix_env import DEFAULT_VENV as DEFAULT_QUIX_VENV
 from fraudstream.errors import ConfigError, FraudstreamError
@@ -65,10 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="quixstreams' own virtual environment, created from benchmarks/quix-requirements.txt "
                              "on first use (default .venv-quix)")
     parser.add_argument("--no-quix", action="store_true", help="leave the quixstreams contenders out")
-    parser.add_argument("--velocity-window-s", type=int, default=VELOCITY_WINDOW_S,
-                        help=f"the velocity rule's tumbling window in event-time seconds (default {VELOCITY_WINDOW_S})")
     parser.add_argument("--velocity-max", type=int, default=VELOCITY_MAX,
-                        help=f"the velocity rule: more transactions than this per card and window is fraud "
+                        help=f"the velocity rule: more transactions than this in one card's session (payments at "
+                             f"most {VELOCITY_GAP_MS // 60_000} minutes of event time apart) is fraud "
                              f"(default {VELOCITY_MAX})")
     parser.add_argument("--detectors", help="comma-separated subset of the detectors to run (default: all)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
@@ -153,7 +152,7 @@ class Benchmark:
                 "ours_batch_max_records": args.batch_max_records or self.settings.batch_max_records,
                 "ours_batch_max_ms": args.batch_max_ms or self.settings.batch_max_ms,
                 "ours_decoder": self.settings.decoder,
-                "velocity_window_s": args.velocity_window_s, "velocity_max": args.velocity_max,
+                "velocity_gap_s": VELOCITY_GAP_MS / 1000, "velocity_max": args.velocity_max,
                 "sections": self.sections,
             },
         }
@@ -192,9 +191,9 @@ class Benchmark:
     # ----- sections -----
     def detectors(self) -> tuple[dict, dict]:
         from benchmarks.data import prefill
-        from benchmarks.detectors import (LARGE_AMOUNT, OURS_VELOCITY, OWN_RULES, OURS_VELOCITY_LABEL, OURS_VELOCITY_NOTE,
-                                          PASSTHROUGH_BEST_SIZES, QUIX, QUIX_VELOCITY, VELOCITY, detector_specs,
-                                          passthrough_key, run_detector)
+        from benchmarks.detectors import (LARGE_AMOUNT, OWN_RULES, PASSTHROUGH_BEST_SIZES, QUIX, QUIX_VELOCITY, VELOCITY,
+                                          detector_specs, passthrough_key, put_rules_in_force, run_detector,
+                                          velocity_rules)
 
         args = self.args
         wanted = {name.strip() for name in args.detectors.split(",")} if args.detectors else None
@@ -206,13 +205,14 @@ class Benchmark:
         output_keys += ["confluent_per_message"] + ([QUIX, QUIX_VELOCITY] if quix_python else [])
         outputs = {key: self.topics_for(key.replace("_", "-")) for key in output_keys}
         self.log(f"pre-filling {args.count:,} transactions (Avro and JSON copies) ...")
-        velocity = (args.velocity_window_s, args.velocity_max)
         filled = prefill(avro, count=args.count, seed=args.seed, json_topic=json_in.transactions_topic,
-                         velocity_window_s=velocity[0], velocity_max=velocity[1])
+                         velocity_max=args.velocity_max)
         self.log(f"  done in {filled.elapsed_s:.1f}s; {filled.fraud:,} above the threshold, "
                  f"{filled.velocity_fraud:,} by the velocity rule")
+        rules_file = self.log_dir / "velocity-rules.toml"
+        rules_file.write_text(velocity_rules(args.velocity_max))
         specs = detector_specs(avro, outputs, json_in, our_batch=our_batch, quix_python=quix_python,
-                               velocity=velocity)
+                               velocity_max=args.velocity_max, velocity_rules_file=rules_file)
         if wanted:
             if unknown := wanted - {spec.key for spec in specs}:
                 raise ConfigError(f"unknown detectors: {', '.join(sorted(unknown))}")
@@ -228,6 +228,7 @@ class Benchmark:
                     continue
                 self.log(f"detector {spec.key}, run {round_number + 1} ...")
                 try:
+                    put_rules_in_force(spec, avro)
                     result = run_detector(spec, avro, run=round_number, expected=args.count, log_dir=self.log_dir,
                                           batch_max_records=args.batch_max_records if spec.key == "ours" else None,
                                           batch_max_ms=args.batch_max_ms if spec.key == "ours" else None)
@@ -256,13 +257,6 @@ class Benchmark:
                 "runs": [r.to_json() for r in done],
                 "error": failed.get(spec.key),
             }
-            if spec.key == QUIX_VELOCITY:
-                # Ours has no rule like this one: a marked empty row, never a made-up figure.
-                summary[OURS_VELOCITY] = {
-                    "label": OURS_VELOCITY_LABEL, "delivery": "exactly-once", "rule": VELOCITY, "limit": False,
-                    "batch": None, "throughput_tps": None, "peak_rss_mib": None, "cpu_ms_per_1k": None, "runs": [],
-                    "error": None, "placeholder": OURS_VELOCITY_NOTE,
-                }
         return {"count": filled.count, "fraud": filled.fraud, "velocity_fraud": filled.velocity_fraud,
                 "elapsed_s": round(filled.elapsed_s, 1)}, summary
 

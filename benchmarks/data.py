@@ -15,6 +15,7 @@ from itertools import islice
 
 from confluent_kafka import Producer
 
+from fraudstream.consumer.features import SESSION_GAP_MS
 from fraudstream.demo.options import DEFAULT_RATE, DEFAULT_SPEEDUP
 from fraudstream.kafka import produce_or_wait, producer_config
 from fraudstream.records import Transaction
@@ -32,11 +33,11 @@ PREFILL_START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 # time each account paid every 2.5 s, a terminal took a dozen cards in 10 minutes, and the default
 # compromised-terminal rule flagged 62% of the records (3.6% on this clock).
 PREFILL_EVENT_RATE = DEFAULT_RATE / DEFAULT_SPEEDUP
-# The velocity rule of the stateful contenders: more than VELOCITY_MAX transactions on one card
-# within one tumbling window of VELOCITY_WINDOW_S seconds of event time (or the amount rule) is fraud.
-# On the pre-fill's clock these values flag about 1% of records more than the amount rule: the rule is
-# there for what state costs.
-VELOCITY_WINDOW_S = 600
+# The velocity rule of the stateful contenders: more than VELOCITY_MAX transactions of one card in its
+# session (payments at most VELOCITY_GAP_MS of event time apart, this one included), or the amount rule,
+# is fraud. Ours runs it as its `velocity` rule, whose session gap is the card features' SESSION_GAP_MS;
+# quixstreams as a session window with that inactivity gap. The rule is there for what state costs.
+VELOCITY_GAP_MS = SESSION_GAP_MS
 VELOCITY_MAX = 3
 
 
@@ -62,7 +63,7 @@ class Prefill:
 
 
 def prefill(settings: Settings, *, count: int, seed: int, json_topic: str | None,
-            velocity_window_s: int = VELOCITY_WINDOW_S, velocity_max: int = VELOCITY_MAX,
+            velocity_max: int = VELOCITY_MAX,
             event_rate: float = PREFILL_EVENT_RATE) -> Prefill:
     """Write `count` transactions to settings.transactions_topic (Avro) and, when given, json_topic (JSON)."""
     started = time.perf_counter()
@@ -80,8 +81,7 @@ def prefill(settings: Settings, *, count: int, seed: int, json_topic: str | None
         "on_delivery": on_delivery,
     }))
     avro_topic, threshold, fraud, velocity_fraud = settings.transactions_topic, settings.fraud_threshold_cents, 0, 0
-    window_ms = velocity_window_s * 1000
-    per_card_window: dict[tuple[str, int], int] = {}  # the window count each record sees, itself included
+    sessions: dict[str, tuple[int, int]] = {}  # card -> (its latest event time, payments in its session)
     dumps = json.dumps
 
     def produce(topic: str, value: bytes, key: bytes) -> None:
@@ -94,9 +94,13 @@ def prefill(settings: Settings, *, count: int, seed: int, json_topic: str | None
             produce(json_topic, dumps(json_form(transaction)).encode(), key)
         large = transaction.amount_cents > threshold
         fraud += large
-        window = (transaction.card_id, int(transaction.event_time.timestamp() * 1000) // window_ms)
-        seen = per_card_window[window] = per_card_window.get(window, 0) + 1
-        velocity_fraud += large or seen > velocity_max
+        event_ms = int(transaction.event_time.timestamp() * 1000)
+        last_ms, in_session = sessions.get(transaction.card_id, (None, 0))
+        # The same session as ours' card features: at most the gap after the card's previous payment
+        # (a record out of order counts as "at once").
+        in_session = in_session + 1 if last_ms is not None and max(event_ms - last_ms, 0) <= VELOCITY_GAP_MS else 1
+        sessions[transaction.card_id] = (event_ms, in_session)
+        velocity_fraud += large or in_session > velocity_max
         if index % 1000 == 0:
             producer.poll(0)
     left = producer.flush(120)

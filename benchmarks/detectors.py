@@ -8,12 +8,14 @@ spawn to done is recorded next to it.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.data import VELOCITY_MAX, VELOCITY_WINDOW_S
+from benchmarks.data import VELOCITY_GAP_MS, VELOCITY_MAX
 from benchmarks.harness import Contender, OutputCounter, RunFailed, count_until, python_module, unique
+from fraudstream.consumer.rules import DEFAULT_RULES_FILE
 from fraudstream.settings import Settings
 
 
@@ -48,7 +50,10 @@ class DetectorSpec:
     batch: int | None = None  # the passthrough's records per transaction
     produce_batch: bool = False  # the passthrough: one produce_batch call per transaction
     python: str = sys.executable  # quixstreams runs in its own environment
-    velocity: tuple[int, int] = (VELOCITY_WINDOW_S, VELOCITY_MAX)  # window seconds, most per card and window
+    velocity_max: int = VELOCITY_MAX  # most transactions per card and session
+    # Ours' stateful contenders: their rules. Both read the input's one rules topic, where a rules file only
+    # seeds an empty topic: put_rules_in_force() writes them there before each run, as `fraudstream rules set`.
+    rules_file: Path | None = None
 
     @property
     def is_limit(self) -> bool:
@@ -59,13 +64,14 @@ class DetectorSpec:
         t = self.topics
         connection = ["--bootstrap-servers", settings.bootstrap_servers]
         registry = ["--schema-registry-url", settings.schema_registry_url]
-        if self.key in ("ours", OURS_STATEFUL):
+        if self.key in ("ours", OURS_STATEFUL, OURS_VELOCITY):
             argv = python_module("fraudstream.cli", "detect", "--topic", t.input, "--group-id", group_id,
                                  # one per process: two detectors of a group on one host must not fence each other
                                  "--transactional-id", f"{group_id}-{instance}", *connection, *registry,
                                  "--fraud-threshold-cents", str(settings.fraud_threshold_cents),
                                  # the amount rule alone, as every stateless contender runs it
-                                 *(["--stateless"] if self.key == "ours" else []))
+                                 *(["--stateless"] if self.key == "ours" else []),
+                                 *(["--rules", str(self.rules_file)] if self.rules_file else []))
             if batch_max_records:
                 argv += ["--batch-max-records", str(batch_max_records)]
             if batch_max_ms:
@@ -80,7 +86,7 @@ class DetectorSpec:
                     "--input-topic", t.input, "--legit-topic", t.legit, "--fraud-topic", t.fraud,
                     "--group-id", group_id, "--threshold-cents", str(settings.fraud_threshold_cents),
                     "--rule", "velocity" if self.key == QUIX_VELOCITY else "stateless",
-                    "--velocity-window-s", str(self.velocity[0]), "--velocity-max", str(self.velocity[1]),
+                    "--velocity-gap-s", str(VELOCITY_GAP_MS / 1000), "--velocity-max", str(self.velocity_max),
                     "--state-dir", str(state_dir)]
         if self.key == "confluent_per_message":
             return python_module("benchmarks.peers.confluent_per_message", *connection, *registry,
@@ -99,11 +105,31 @@ PASSTHROUGH_BEST_SIZES = (20_000, 50_000)  # besides ours: where the broker's pe
 # Ours with its own stateful rule set (rules/default.toml: card testing, travel, the terminal window): state's
 # cost on our side, but not the same rules as quixstreams' velocity window.
 OURS_STATEFUL = "ours_stateful"
-# Placeholder: ours with the same velocity rule as quixstreams'. Not run, no number.
+# Ours with quixstreams' velocity rule and nothing else: the amount rule (without its big-ticket exemption)
+# and the velocity count per card session, in our per-card state with its changelog.
 OURS_VELOCITY = "ours_velocity"
-OURS_VELOCITY_LABEL = "ours, with the same velocity rule"
-OURS_VELOCITY_NOTE = ("not measured: ours has no per-card window-count rule; 'ours + its stateful rules' is the "
-                      "nearest measured row")
+
+
+def velocity_rules(velocity_max: int) -> str:
+    """The rules file of ours' velocity contender: the same two rules as quixstreams' velocity branch."""
+    return ("# benchmarks: the amount rule and the velocity count, as the quixstreams velocity contender runs them\n"
+            "[large_amount]\nexempt_categories = []\n"
+            "[card_testing]\nenabled = false\n[impossible_travel]\nenabled = false\n"
+            "[far_from_home]\nenabled = false\n[compromised_terminal]\nenabled = false\n"
+            f"[velocity]\nenabled = true\nmax_in_session = {velocity_max}\n")
+
+
+def put_rules_in_force(spec: DetectorSpec, avro: Settings) -> None:
+    """`fraudstream rules set` with the contender's rules file, on the input's rules topic (a no-op for others)."""
+    if spec.rules_file is None:
+        return
+    done = subprocess.run(python_module("fraudstream.cli", "rules", "set", str(spec.rules_file), "--topic",
+                                        avro.transactions_topic, "--bootstrap-servers", avro.bootstrap_servers,
+                                        "--schema-registry-url", avro.schema_registry_url,
+                                        "--comment", f"benchmark: {spec.key}"),
+                          capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RunFailed(f"rules set {spec.rules_file} for {spec.key}: {(done.stderr or done.stdout).strip()[-500:]}")
 
 
 def passthrough_key(batch: int, *, produce_batch: bool = False) -> str:
@@ -111,12 +137,13 @@ def passthrough_key(batch: int, *, produce_batch: bool = False) -> str:
 
 
 def detector_specs(avro: Settings, outputs: dict[str, Settings], json_in: Settings, *, our_batch: int,
-                   quix_python: str | None, velocity: tuple[int, int] = (VELOCITY_WINDOW_S, VELOCITY_MAX),
-                   ) -> list[DetectorSpec]:
+                   quix_python: str | None, velocity_max: int = VELOCITY_MAX,
+                   velocity_rules_file: Path | None = None) -> list[DetectorSpec]:
     """Ours first, then the limit at our transaction size and at larger ones, then the peers.
 
     Ours, the limit, quixstreams and the confluent peer read the same Avro topic, each writing to
     topics of its own (outputs[key]); the seed reads the JSON copy. quix_python None: no quixstreams.
+    velocity_rules_file: where velocity_rules() was written (None: no "ours with the velocity rule").
     """
     def out(key: str, *, fraud: bool = True, dlq: bool = True) -> Topics:
         o = outputs[key]
@@ -143,11 +170,16 @@ def detector_specs(avro: Settings, outputs: dict[str, Settings], json_in: Settin
                      Topics(json_in.transactions_topic, json_in.legit_topic, json_in.fraud_topic, None)),
     ]
     specs.append(DetectorSpec(OURS_STATEFUL, "ours + its stateful rules (card testing, travel, terminal; "
-                              "not the velocity count)", "exactly-once", Topics.derived(avro), rule=OWN_RULES))
+                              "not the velocity count)", "exactly-once", Topics.derived(avro), rule=OWN_RULES,
+                              rules_file=DEFAULT_RULES_FILE))
+    if velocity_rules_file:
+        specs.append(DetectorSpec(OURS_VELOCITY, "ours + velocity: per-card session count, changelog state",
+                                  "exactly-once", Topics.derived(avro), rule=VELOCITY, velocity_max=velocity_max,
+                                  rules_file=velocity_rules_file))
     if quix_python:
-        specs.append(DetectorSpec(QUIX_VELOCITY, "quixstreams 3 + velocity: group_by card, tumbling window count",
+        specs.append(DetectorSpec(QUIX_VELOCITY, "quixstreams 3 + velocity: group_by card, session window count",
                                   "exactly-once", out(QUIX_VELOCITY, dlq=False), rule=VELOCITY, python=quix_python,
-                                  velocity=velocity))
+                                  velocity_max=velocity_max))
     return specs
 
 

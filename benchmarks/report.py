@@ -83,17 +83,17 @@ def ratios(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
         entries = results.get(section) or {}
         ours = (entries.get(OURS) or {}).get(figure)
         out[name] = {f"ours/{key}": _ratio(ours, entry.get(figure)) for key, entry in entries.items()
-                     if key != OURS and not entry.get("placeholder")}
+                     if key != OURS}
     detectors = results.get("detectors") or {}
     ours_cpu = (detectors.get(OURS) or {}).get("cpu_ms_per_1k")
     out["detector_cpu"] = {f"{key}/ours": _ratio(entry.get("cpu_ms_per_1k"), ours_cpu)
-                           for key, entry in detectors.items() if key != OURS and not entry.get("placeholder")}
+                           for key, entry in detectors.items() if key != OURS}
     at_ours, best = limits(detectors)
     for name, limit in (("vs_limit_at_our_batch", at_ours), ("vs_best_limit", best)):
         out[f"throughput_{name}"] = {key: _ratio(e.get("throughput_tps"), (limit or {}).get("throughput_tps"))
-                                     for key, e in detectors.items() if not e.get("placeholder")}
+                                     for key, e in detectors.items()}
         out[f"cpu_{name}"] = {key: _ratio(e.get("cpu_ms_per_1k"), (limit or {}).get("cpu_ms_per_1k"))
-                              for key, e in detectors.items() if not e.get("placeholder")}
+                              for key, e in detectors.items()}
     return out
 
 
@@ -121,7 +121,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         label = (detectors.get(key) or {}).get("label", key)
         found.append(target(f"less CPU per record than {label}", f">= {factor:g}x", value,
                             lambda v, f=factor: v >= f, "{:.1f}x"))
-    velocity = r.get("detector_cpu", {}).get(f"{QUIX_VELOCITY}/{OURS_VELOCITY}")
+    velocity = _ratio((detectors.get(QUIX_VELOCITY) or {}).get("cpu_ms_per_1k"),
+                      (detectors.get(OURS_VELOCITY) or {}).get("cpu_ms_per_1k"))
     found.append(target("less CPU per record than quixstreams, both with the velocity rule",
                         f">= {VELOCITY_CPU_ADVANTAGE:g}x", velocity, lambda v: v >= VELOCITY_CPU_ADVANTAGE, "{:.1f}x"))
     producer = r.get("producer_throughput", {}).get(f"ours/{PRODUCER_PEER}")
@@ -196,10 +197,6 @@ def markdown(results: dict[str, Any]) -> str:
             "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for entry in detectors.values():
-            if entry.get("placeholder"):
-                lines.append(f"| {entry['label']} | {entry['delivery']} | 0 | - | - | - | - | - | - | "
-                             f"_{entry['placeholder']}_")
-                continue
             tps, cpu = entry.get("throughput_tps"), entry.get("cpu_ms_per_1k")
             name = f"**{entry['label']}**" if entry.get("limit") else entry["label"]
             lines.append(f"| {name} | {entry['delivery']} | {len(entry['runs'])} | {_num(tps)} | "

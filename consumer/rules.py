@@ -40,7 +40,8 @@ CARD_TESTING = "card_testing"
 IMPOSSIBLE_TRAVEL = "impossible_travel"
 FAR_FROM_HOME = "far_from_home"
 COMPROMISED_TERMINAL = "compromised_terminal"
-RULE_NAMES: tuple[str, ...] = (LARGE_AMOUNT, CARD_TESTING, IMPOSSIBLE_TRAVEL, FAR_FROM_HOME, COMPROMISED_TERMINAL)
+VELOCITY = "velocity"
+RULE_NAMES: tuple[str, ...] = (LARGE_AMOUNT, CARD_TESTING, IMPOSSIBLE_TRAVEL, FAR_FROM_HOME, COMPROMISED_TERMINAL, VELOCITY)
 
 # Big-ticket merchant categories (ISO 18245): where a genuine purchase above the threshold is common.
 BIG_TICKET_CATEGORIES = ("5311", "5712", "5732", "5944", "7011", "4511")
@@ -61,6 +62,7 @@ DEFAULT_RULES: dict[str, dict[str, Any]] = {
     FAR_FROM_HOME: {"enabled": True, "max_speed_kmh": 20_000.0, "away_km": 300.0, "window_s": 3_600.0,
                     "channels": list(CLONABLE_CHANNELS)},
     COMPROMISED_TERMINAL: {"enabled": True, "min_other_cards": 1, "min_home_km": 100.0, "min_other_cards_anywhere": 3},
+    VELOCITY: {"enabled": False, "max_in_session": 3},
 }
 
 # Parameter kinds, for validation: (type, minimum).
@@ -70,7 +72,7 @@ _KINDS: dict[str, tuple[type, float | None]] = {
     "test_max_cents": (int, 0), "test_categories": (list, None), "first_test": (bool, None),
     "min_session_small": (int, 1), "max_speed_kmh": (float, 0.0), "min_jump_km": (float, 0.0),
     "away_km": (float, 0.0), "channels": (list, None), "window_s": (float, 0.0), "min_other_cards": (int, 1), "min_home_km": (float, 0.0),
-    "min_other_cards_anywhere": (int, 1),
+    "min_other_cards_anywhere": (int, 1), "max_in_session": (int, 1),
 }
 
 ONLINE_CODE = CHANNEL_CODE["ONLINE"]
@@ -166,9 +168,15 @@ def _compromised_terminal(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndar
         | (cards >= t["min_other_cards_anywhere"]))
 
 
+def _velocity(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndarray]) -> np.ndarray:
+    """More than max_in_session payments of one card in its session (payments at most
+    features.SESSION_GAP_MS apart), this one included: the plain velocity count."""
+    return f["session_n"] >= t["max_in_session"]
+
+
 _PREDICATES: dict[str, Callable[[Mapping[str, Any], Any, Mapping[str, np.ndarray]], np.ndarray]] = {
     LARGE_AMOUNT: _large_amount, CARD_TESTING: _card_testing, IMPOSSIBLE_TRAVEL: _impossible_travel,
-    FAR_FROM_HOME: _far_from_home, COMPROMISED_TERMINAL: _compromised_terminal,
+    FAR_FROM_HOME: _far_from_home, COMPROMISED_TERMINAL: _compromised_terminal, VELOCITY: _velocity,
 }
 # Rules whose features need per-terminal state (the terminal window every stateful detector holds).
 TERMINAL_RULES = frozenset({COMPROMISED_TERMINAL})

@@ -29,7 +29,8 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
 from fraudstream.consumer.decide import Decision, dead_letter
-from fraudstream.consumer.rules import _PREDICATES, RULE_NAMES, RuleSet, checked_parameters, load_rules
+from fraudstream.consumer.rules import (_PREDICATES, DEFAULT_RULES_FILE, RULE_NAMES, RuleSet, checked_parameters,
+                                        load_rules)
 from fraudstream.errors import ConfigError, KafkaUnavailable, RegistryError
 from fraudstream.kafka import admin, consumer_config, ensure_topics, producer_config
 from fraudstream.records import Rule
@@ -171,7 +172,8 @@ class RulesTopic:
         partition = TopicPartition(s.rules_topic, 0, OFFSET_BEGINNING)
         self.consumer.assign([partition])
         low, high = self._watermarks()
-        if high == 0 and seed_from is not None:
+        seeded = high == 0 and seed_from is not None
+        if seeded:
             write_records(s, self.codec, seed_records(s, seed_from, author=f"seed ({getpass.getuser()})"))
             self.on_log(f"rules topic {s.rules_topic} was empty: seeded from {seed_from}")
             low, high = self._watermarks()
@@ -183,7 +185,23 @@ class RulesTopic:
                 raise KafkaUnavailable(f"could not read rules topic {s.rules_topic} to its end ({high}) "
                                        f"within {timeout_s:g} s")
             self.poll(timeout_s=0.2)
+        if not seeded and seed_from is not None and Path(seed_from) != DEFAULT_RULES_FILE:
+            # A rules file only seeds an empty topic: say so when one was named and is not what runs.
+            if differing := self.differing_from(seed_from):
+                self.on_log(f"rules file {seed_from} not applied: {s.rules_topic} already holds rules, and those are "
+                            f"in force (rule set {self.version}); they differ from the file in {', '.join(differing)}. "
+                            f"`fraudstream rules set {seed_from}` writes the file's rules to the topic")
         return self.current
+
+    def differing_from(self, rules_file: Path) -> list[str]:
+        """Ids of the rules whose rule in force (enabled, with its kind and thresholds) differs from the file's."""
+        loaded = load_rules(rules_file, settings=self.settings)
+        from_file = {name: (name, {k: v for k, v in loaded.thresholds[name].items() if k != "enabled"})
+                     for name in loaded.names}
+        in_force = {rule_id: (record.kind, thresholds) for rule_id, (record, thresholds) in self.rules.items()
+                    if record.enabled}
+        return sorted(rule_id for rule_id in from_file.keys() | in_force.keys()
+                      if from_file.get(rule_id) != in_force.get(rule_id))
 
     def _watermarks(self) -> tuple[int, int]:
         try:

@@ -9,9 +9,10 @@ AvroDeserializer/AvroSerializer against our registry through SchemaRegistryClien
 StreamingDataFrame split into two filtered branches, one per output topic:
 
     stateless  amount_cents > threshold -> fraud topic (FraudAlert), else legit (Transaction)
-    velocity   the same, plus quixstreams' own state: transactions per card counted in a tumbling
-               event-time window (group_by card_id, then tumbling_window(...).reduce(...).current());
-               more than --velocity-max in one window is fraud as well
+    velocity   the same, plus quixstreams' own state: a card's transactions counted in its session
+               (group_by card_id, then session_window(gap).reduce(...).current(), on event time);
+               more than --velocity-max in one session is fraud as well. Ours runs the same count
+               as its `velocity` rule: a session is payments at most --velocity-gap-s apart.
 
 The registry: Apicurio's Confluent-compatible API works as is with the confluent-kafka that
 quixstreams pins (below 2.13, whose default subject-name strategy is the topic one; the
@@ -34,8 +35,8 @@ VELOCITY = "velocity"
 def main(argv: list[str] | None = None) -> int:
     parser = detector_arguments(__doc__.splitlines()[0])
     parser.add_argument("--rule", choices=("stateless", "velocity"), default="stateless")
-    parser.add_argument("--velocity-window-s", type=float, required=True)
-    parser.add_argument("--velocity-max", type=int, required=True, help="more transactions than this per card and window")
+    parser.add_argument("--velocity-gap-s", type=float, required=True, help="a session's inactivity gap")
+    parser.add_argument("--velocity-max", type=int, required=True, help="more transactions than this per card and session")
     parser.add_argument("--velocity-grace-s", type=float, default=600.0,
                         help="lateness tolerated: the repartition topic interleaves input partitions")
     parser.add_argument("--state-dir", required=True)
@@ -100,11 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         # (the Avro serializers take either for a timestamp-millis field).
         sdf["event_time"] = sdf["event_time"].apply(lambda t: int(t.timestamp() * 1000))
         sdf = (
-            sdf.tumbling_window(duration_ms=timedelta(seconds=args.velocity_window_s),
-                                grace_ms=timedelta(seconds=args.velocity_grace_s))
-            # Count per card and window, and carry the transaction that made the count.
+            sdf.session_window(inactivity_gap_ms=timedelta(seconds=args.velocity_gap_s),
+                               grace_ms=timedelta(seconds=args.velocity_grace_s))
+            # Count per card and session, and carry the transaction that made the count. Sessions merge
+            # when an out-of-order record bridges two: the counts add up.
             .reduce(reducer=lambda agg, tx: {"count": agg["count"] + 1, "tx": tx},
-                    initializer=lambda tx: {"count": 1, "tx": tx})
+                    initializer=lambda tx: {"count": 1, "tx": tx},
+                    merger=lambda earlier, later: {"count": earlier["count"] + later["count"], "tx": later["tx"]})
             .current()
         )
 

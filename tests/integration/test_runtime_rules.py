@@ -278,3 +278,22 @@ def test_the_rule_change_benchmark_runs_and_installs_changes(stack_settings: Set
 
     rate, _, amount_version = run_side(stack_settings, 20_000, 0.2)
     assert rate > 0 and amount_version >= 2
+
+
+def test_a_rules_file_named_for_a_topic_that_already_holds_rules_is_reported_not_applied(pipeline: Settings, tmp_path):
+    from fraudstream.consumer.rules import DEFAULT_RULES_FILE
+    from fraudstream.consumer.rules_topic import RulesTopic
+
+    first = RulesTopic(pipeline, on_log=lambda line: None)
+    first.start(seed_from=DEFAULT_RULES_FILE)  # seeds the empty topic with the defaults
+    first.close()
+    lowered = tmp_path / "lowered.toml"
+    lowered.write_text(f"[large_amount]\nthreshold_cents = {LOWERED_CENTS}\n")
+    lines: list[str] = []
+    second = RulesTopic(pipeline, on_log=lines.append)
+    in_force = second.start(seed_from=lowered)
+    second.close()
+
+    assert in_force.thresholds[LARGE_AMOUNT]["threshold_cents"] == pipeline.fraud_threshold_cents  # the topic's
+    [line] = [line for line in lines if "not applied" in line]
+    assert str(lowered) in line and "differ from the file in large_amount" in line and "fraudstream rules set" in line

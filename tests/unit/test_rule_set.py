@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fraudstream.consumer.features import CARD_FEATURES, CHANNEL_CODE, TxColumns
+from fraudstream.consumer.features import (CARD_FEATURES, CHANNEL_CODE, MINUTE_MS, PROFILE_DTYPE, TxColumns,
+                                           card_features)
 from fraudstream.consumer.rules import (COMPROMISED_TERMINAL, DEFAULT_RULES, DEFAULT_RULES_FILE, LARGE_AMOUNT, RULE_NAMES,
-                            RuleSet, load_rules)
+                                        VELOCITY, RuleSet, load_rules)
+from fraudstream.consumer.state.table import KeyedTable
 from fraudstream.errors import ConfigError
 from fraudstream.settings import Settings
 
@@ -24,7 +26,8 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_the_shipped_rules_file_documents_exactly_the_defaults() -> None:
     assert tomllib.loads(DEFAULT_RULES_FILE.read_text()) == DEFAULT_RULES
     shipped, defaults = load_rules(DEFAULT_RULES_FILE), load_rules(None)
-    assert shipped.names == defaults.names == RULE_NAMES and shipped.version == defaults.version
+    enabled_by_default = tuple(name for name in RULE_NAMES if DEFAULT_RULES[name]["enabled"])
+    assert shipped.names == defaults.names == enabled_by_default and shipped.version == defaults.version
 
 
 def test_the_seed_threshold_comes_from_the_settings_unless_the_file_sets_it(tmp_path: Path) -> None:
@@ -43,7 +46,7 @@ def test_a_file_overrides_some_values_keeps_the_rest_and_changes_the_version(tmp
 
 
 @pytest.mark.parametrize("text, says", [
-    ("[velocity]\nmax = 3\n", "unknown rule [velocity]"),
+    ("[geofence]\nmax = 3\n", "unknown rule [geofence]"),
     ("[card_testing]\ntest_max = 3\n", "unknown key card_testing.test_max"),
     ("[card_testing]\ntest_max_cents = 2.5\n", "card_testing.test_max_cents must be a whole number"),
     ("[card_testing]\ntest_max_cents = -1\n", "card_testing.test_max_cents must be at least 0"),
@@ -134,6 +137,20 @@ def test_compromised_terminal_needs_terminal_features() -> None:
     with pytest.raises(ConfigError, match="terminal"):
         rules.evaluate(tx, f)
     assert not rules.without(COMPROMISED_TERMINAL).evaluate(tx, f).any()
+
+
+def test_velocity_is_off_by_default_and_counts_a_cards_session_once_enabled(tmp_path: Path) -> None:
+    assert VELOCITY not in load_rules(None).names
+    rules = load_rules(write(tmp_path, "[velocity]\nenabled = true\nmax_in_session = 3\n")).without(COMPROMISED_TERMINAL)
+    # One card: four payments 5 minutes apart (a session), then one 11 minutes later (a new session);
+    # another card in between, whose payments never join the first card's count.
+    times = [0, 5, 10, 12, 15, 26]
+    cards = [b"c", b"c", b"c", b"other", b"c", b"c"]
+    tx = columns(amount_cents=[1_000] * 6, event_time_ms=[1_700_000_000_000 + m * MINUTE_MS for m in times],
+                 card_key=cards, card_hash=[1 if c == b"c" else 2 for c in cards])
+    f = card_features(KeyedTable(PROFILE_DTYPE, capacity=4), tx)
+
+    assert fired(rules, VELOCITY, tx, f) == [False, False, False, False, True, False]
 
 
 def test_fired_names_lists_the_rules_per_transaction() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from fraudstream.consumer.decide import DLQ_KIND, DLQ_OFFSET, DLQ_REASON
 from fraudstream.consumer.features import TxColumns
-from fraudstream.consumer.rules import LARGE_AMOUNT, checked_parameters, load_rules
+from fraudstream.consumer.rules import DEFAULT_RULES_FILE, LARGE_AMOUNT, checked_parameters, load_rules
 from fraudstream.consumer.rules_topic import INVALID_RULE, STALE_VERSION, RulesTopic, seed_records
 from fraudstream.records import Rule
 from fraudstream.errors import ConfigError
@@ -187,3 +187,13 @@ def test_set_refuses_a_bad_file_with_one_line_and_numbers_the_next_version(tmp_p
     assert [(r.id, r.version, r.kind) for r in records] == [(LARGE_AMOUNT, 5, LARGE_AMOUNT), ("far", 1, "far_from_home")]
     assert records[1].parameters == {"window_s": 60.0}
     assert isinstance(records[1].parameters["window_s"], float)  # written as the checked type
+
+
+def test_the_rules_in_force_are_compared_with_a_rules_file_by_content(reader, tmp_path):
+    # The topic holds the defaults, as a detector seeding it from rules/default.toml writes them.
+    feed(reader, *[(r.id, encode(r.to_dict())) for r in seed_records(SETTINGS, None, author="seed")])
+    assert reader.differing_from(DEFAULT_RULES_FILE) == []
+    lowered = tmp_path / "lowered.toml"
+    lowered.write_text("[large_amount]\nthreshold_cents = 50000\n[velocity]\nenabled = true\n[card_testing]\nenabled = false\n")
+
+    assert reader.differing_from(lowered) == ["card_testing", "large_amount", "velocity"]
