@@ -32,6 +32,7 @@ import time
 from collections import Counter as Tally
 from collections.abc import Callable
 
+import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from fraudstream.consumer.batching import TRANSACTION_TIME_SHARE, BatchSizer, gather
@@ -805,8 +806,13 @@ def _next_offsets(messages: list) -> list[TopicPartition]:
     """The next offset to read per partition (last record of the batch + 1): what send_offsets_to_transaction
     expects. From the batch itself, not the consumer's position: records fetched but kept out of the batch
     (a partition still restoring, a revoked one) must not be committed."""
-    last = {(message.topic(), message.partition()): message.offset() for message in messages}  # the last one wins
-    return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in last.items()]
+    # One input topic: a partition number names the partition. One call per record (not three), then the
+    # last record of each partition found on the array.
+    partitions = np.array([message.partition() for message in messages], dtype=np.int64)
+    found, from_end = np.unique(partitions[::-1], return_index=True)
+    last = len(messages) - 1 - from_end
+    return [TopicPartition(messages[i].topic(), int(partition), messages[i].offset() + 1)
+            for partition, i in zip(found.tolist(), last.tolist())]
 
 
 def _partition_list(partitions) -> str:

@@ -561,3 +561,14 @@ def test_records_of_a_partition_still_restoring_are_read_again_later(monkeypatch
         assert [(m.partition(), m.offset()) for m in kept] == [(0, 5), (0, 6)]
         assert [[(m.partition(), m.offset()) for m in batch] for batch, _ in rewound] == [[(1, 7), (1, 8)]]
         assert rewound[0][1] is False  # the state is already being rebuilt: only the consumer is rewound
+
+
+def test_the_offsets_sent_are_each_partitions_last_record_of_the_batch_plus_one():
+    # Partitions interleaved as fetch responses come, one of them with a single record.
+    batch = [Message(0, 10), Message(0, 11), Message(2, 5), Message(1, 7), Message(0, 12), Message(2, 6),
+             Message(2, 7)]
+
+    sent = detector_module._next_offsets(batch)
+
+    assert sorted((tp.topic, tp.partition, tp.offset) for tp in sent) == [(TOPIC, 0, 13), (TOPIC, 1, 8), (TOPIC, 2, 8)]
+    assert detector_module._next_offsets([]) == []
