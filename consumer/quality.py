@@ -4,11 +4,17 @@ against its labels. No Kafka: the same feature and rule code the detector runs, 
     python -m fraudstream.consumer.quality                       # the demo's configuration (60 s at 1,000 tx/s, --speedup 3600)
     python -m fraudstream.consumer.quality --count 600000        # a long stream
     python -m fraudstream.consumer.quality --rules my.toml --json out.json
+    python -m fraudstream.consumer.quality --terminal-look-ahead-s 120   # what a look-ahead would catch
 
 Per scenario: recall, and which rule caught what; overall: precision. Two rule sets are scored in
 the same pass: the per-card rules alone, and with the per-terminal rule (what the stateful detector
 runs: its terminal window, consumer/terminal.py, fed here as one partition in offset order). Also per scenario, the first transaction
 of each episode: the one a detector that never looks ahead in event time has the least to go on.
+
+`--terminal-look-ahead-s L` measures what the terminal rule would catch if its window also held the
+L seconds of event time after each transaction ([t - 10 min, t + L]): each batch's terminal features
+are asked once the window holds records past its latest event time + L. The detector does not look
+ahead (README, "Detection quality, measured offline", says what that would take).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import numpy as np
 
 from fraudstream.consumer.features import PROFILE_DTYPE, TERMINAL_WINDOW_MS, SESSION_GAP_MS, TxColumns, card_features
 from fraudstream.consumer.rules import TERMINAL_RULES, RuleSet, load_rules
-from fraudstream.consumer.terminal import TerminalWindow, terminal_cards
+from fraudstream.consumer.terminal import TerminalWindow
 from fraudstream.consumer.state.table import KeyedTable
 from fraudstream.errors import FraudstreamError
 from fraudstream.producer.generator import (CARD_TESTING, COMPROMISED_TERMINAL, FAR_FROM_HOME, FRAUD_SCENARIOS, LEGIT, Generator,
@@ -92,22 +98,27 @@ class QualityReport:
     per_card: Score
     with_terminal: Score
     event_span_s: float = 0.0
+    terminal_look_ahead_s: float = 0.0
 
     def as_dict(self) -> dict:
         return {"count": self.count, "rate": self.rate, "speedup": self.speedup, "seed": self.seed,
                 "batch": self.batch, "rules_version": self.rules_version, "event_span_s": self.event_span_s,
+                "terminal_look_ahead_s": self.terminal_look_ahead_s,
                 "per_card_rules": self.per_card.as_dict(), "with_terminal_rule": self.with_terminal.as_dict()}
 
 
 def evaluate(*, count: int = int(DEMO_SECONDS * DEMO_RATE), rate: float = DEMO_RATE, speedup: float = DEMO_SPEEDUP,
              seed: int = 42, batch: int = BATCH, rules: RuleSet | None = None, start_ms: int = START_MS,
-             accounts: int | None = None) -> QualityReport:
+             accounts: int | None = None, terminal_look_ahead_s: float = 0.0) -> QualityReport:
     """Run `count` transactions of the generator through the features and rules in batches of `batch`,
     and score them against the labels. Event time as `produce --rate R --speedup N` stamps it: the
     produce loop's wake-ups (rate x WAKE_S transactions each, every WAKE_S of wall time) share one
     event time, N x WAKE_S apart."""
     if count < 1 or rate <= 0 or speedup <= 0 or batch < 1:
         raise FraudstreamError("count, rate, speedup and batch must be positive")
+    if terminal_look_ahead_s < 0:
+        raise FraudstreamError("the terminal look-ahead must be 0 or more seconds")
+    ahead_ms = int(terminal_look_ahead_s * 1000)
     rules = rules or load_rules(None)
     from fraudstream.producer.generator import build_population
 
@@ -119,21 +130,34 @@ def evaluate(*, count: int = int(DEMO_SECONDS * DEMO_RATE), rate: float = DEMO_R
     episode_last: dict[tuple[str, str], int] = {}
     last_ms = start_ms
     done = 0
-    while done < count:
-        pairs = list(islice(stream, min(batch, count - done)))
-        done += len(pairs)
-        tx = TxColumns.from_records([t.to_dict() for t, _ in pairs])
-        features = card_features(cards, tx)
-        # The detector's terminal window, as one input partition read in offset order.
-        features.update(terminal_cards(terminals, tx, np.zeros(len(tx), np.int64), np.arange(done - len(tx), done)))
+    waiting: list[tuple[list[Pair], TxColumns, dict]] = []  # batches whose look-ahead the window does not hold yet
+
+    def decide(pairs: list[Pair], tx: TxColumns, features: dict) -> None:
+        features["terminal_cards"] = terminals.other_cards(tx.terminal_hash, tx.card_hash, tx.event_time_ms,
+                                                           ahead_ms=ahead_ms)
         fired = rules.evaluate(tx, features)
         scenarios = [label.scenario for _, label in pairs]
         first = _firsts(pairs, tx, episode_last)
         _score(per_card, rules, fired, card_rows, scenarios, first)
         _score(with_terminal, rules, fired, np.ones(len(rules.names), dtype=bool), scenarios, first)
+
+    while done < count:
+        pairs = list(islice(stream, min(batch, count - done)))
+        done += len(pairs)
+        tx = TxColumns.from_records([t.to_dict() for t, _ in pairs])
+        # The detector's terminal window, as one input partition read in offset order.
+        terminals.add(np.zeros(len(tx), np.int64), np.arange(done - len(tx), done), tx.terminal_hash, tx.card_hash,
+                      tx.event_time_ms)
+        waiting.append((pairs, tx, card_features(cards, tx)))
         last_ms = int(tx.event_time_ms[-1])
+        # Without a look-ahead, at once (the window holds the batch itself); with one, once a later record is
+        # past the batch's latest event time + the look-ahead (or the stream ended).
+        while waiting and (not ahead_ms or int(waiting[0][1].event_time_ms.max()) + ahead_ms < last_ms
+                           or done >= count):
+            decide(*waiting.pop(0))
     return QualityReport(count=count, rate=rate, speedup=speedup, seed=seed, batch=batch, rules_version=rules.version,
-                         per_card=per_card, with_terminal=with_terminal, event_span_s=(last_ms - start_ms) / 1000.0)
+                         per_card=per_card, with_terminal=with_terminal, event_span_s=(last_ms - start_ms) / 1000.0,
+                         terminal_look_ahead_s=terminal_look_ahead_s)
 
 
 def _as_produced(generator: Generator, start_ms: int, rate: float, speedup: float) -> Iterator[Pair]:
@@ -183,7 +207,8 @@ def _score(score: Score, rules: RuleSet, fired: np.ndarray, rows: np.ndarray, sc
 def report_lines(report: QualityReport) -> list[str]:
     lines = [f"{report.count:,} transactions, seed {report.seed}, {report.rate:g} tx/s x speedup {report.speedup:g} "
              f"({report.event_span_s / 3600:.1f} h of event time), batches of {report.batch:,}; "
-             f"rules version {report.rules_version}"]
+             f"rules version {report.rules_version}"
+             + (f"; terminal look-ahead {report.terminal_look_ahead_s:g} s" if report.terminal_look_ahead_s else "")]
     for title, score in (("per-card rules alone", report.per_card),
                          ("with the per-terminal rule (the detector's rule set)", report.with_terminal)):
         lines.append("")
@@ -209,10 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--rules", type=Path, help="rules file (TOML); default: the documented defaults")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--terminal-look-ahead-s", type=float, default=0.0,
+                        help="let the terminal rule's window also hold this many seconds of event time after each "
+                             "transaction (the detector does not) [0]")
     args = parser.parse_args(argv)
     try:
         report = evaluate(count=args.count, rate=args.rate, speedup=args.speedup, seed=args.seed, batch=args.batch,
-                          rules=load_rules(args.rules))
+                          rules=load_rules(args.rules), terminal_look_ahead_s=args.terminal_look_ahead_s)
     except FraudstreamError as exc:
         print(f"fraudstream.consumer.quality: error: {exc}", file=sys.stderr)
         return 2

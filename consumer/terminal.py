@@ -141,9 +141,11 @@ class TerminalWindow:
         rel = np.clip(np.asarray(t, dtype=np.int64) - self._base, 0, _REL_MAX).astype(np.uint64)
         return (np.asarray(terminals, dtype=np.uint64) << np.uint64(32)) | rel
 
-    def other_cards(self, terminals: np.ndarray, cards: np.ndarray, times: np.ndarray) -> np.ndarray:
-        """Per query: distinct cards other than its own at its terminal with event time in [t - window, t], among
-        the terminal's `recent` latest events up to t (and all those at the same time as the last of them)."""
+    def other_cards(self, terminals: np.ndarray, cards: np.ndarray, times: np.ndarray, *,
+                    ahead_ms: int = 0) -> np.ndarray:
+        """Per query: distinct cards other than its own at its terminal with event time in [t - window, t + ahead],
+        among the terminal's `recent` latest events up to t + ahead (and all those at the same time as the last
+        of them). The detector asks with ahead 0; a look-ahead is measured offline (consumer/quality.py)."""
         n = len(times)
         out = np.zeros(n, dtype=np.int64)
         if not n or not len(self._t):
@@ -151,8 +153,9 @@ class TerminalWindow:
         times = np.asarray(times, dtype=np.int64)
         if times.max() - self._base > _REL_MAX:  # a query beyond the key's range: widen it first
             self._rebase(int(self._t.min()))
+        upper = times + ahead_ms
         lo = np.searchsorted(self._key, self._keys(terminals, times - self.window_ms), side="left")
-        hi = np.searchsorted(self._key, self._keys(terminals, times), side="right")
+        hi = np.searchsorted(self._key, self._keys(terminals, upper), side="right")
         busy = np.flatnonzero(hi - lo > self.recent)
         if len(busy):  # back to the `recent`-th latest event's time, every event at that time included
             boundary = self._key[hi[busy] - self.recent]
@@ -160,14 +163,15 @@ class TerminalWindow:
         lengths = hi - lo
         cards = np.asarray(cards, dtype=np.uint32)
         short = lengths <= _ROW_CAP
-        out[short] = self._distinct_others(lo[short], lengths[short], cards[short], times[short])
+        out[short] = self._distinct_others(lo[short], lengths[short], cards[short], times[short], upper[short])
         long_rows = np.flatnonzero(~short)
         if len(long_rows):  # rare: hundreds of events at one terminal at one time
             out[long_rows] = self._distinct_others_sorted(lo[long_rows], lengths[long_rows], cards[long_rows],
-                                                          times[long_rows])
+                                                          times[long_rows], upper[long_rows])
         return out
 
-    def _distinct_others(self, lo: np.ndarray, lengths: np.ndarray, cards: np.ndarray, times: np.ndarray) -> np.ndarray:
+    def _distinct_others(self, lo: np.ndarray, lengths: np.ndarray, cards: np.ndarray, times: np.ndarray,
+                         upper: np.ndarray) -> np.ndarray:
         """Distinct counted cards per query, for queries of at most _ROW_CAP events: one small sort per row
         (a (queries, longest) matrix), never one sort of the whole batch's (query, card) pairs."""
         if not len(lo) or not lengths.max():
@@ -175,17 +179,17 @@ class TerminalWindow:
         column = np.arange(int(lengths.max()))
         event = np.minimum(lo[:, None] + column, len(self._t) - 1)
         et, found = self._t[event], self._card[event]
-        # Counted: within the query's events, another card, in [t - window, t] (exact times again: keys beyond
-        # the 32-bit range from the base are clamped together).
+        # Counted: within the query's events, another card, in [t - window, upper] (exact times again: keys
+        # beyond the 32-bit range from the base are clamped together).
         counts = ((column < lengths[:, None]) & (found != cards[:, None])
-                  & (et >= (times - self.window_ms)[:, None]) & (et <= times[:, None]))
+                  & (et >= (times - self.window_ms)[:, None]) & (et <= upper[:, None]))
         row = np.sort(np.where(counts, found.astype(np.int64), -1), axis=1)  # not counted: -1, sorted first
         new = row >= 0
         new[:, 1:] &= row[:, 1:] != row[:, :-1]
         return new.sum(axis=1)
 
     def _distinct_others_sorted(self, lo: np.ndarray, lengths: np.ndarray, cards: np.ndarray,
-                                times: np.ndarray) -> np.ndarray:
+                                times: np.ndarray, upper: np.ndarray) -> np.ndarray:
         """The same count for long queries: the (query, card) pairs of all of them, made unique at once."""
         n = len(lo)
         total = int(lengths.sum())
@@ -196,7 +200,7 @@ class TerminalWindow:
         event = np.arange(total) - np.repeat(starts, lengths) + np.repeat(lo, lengths)
         et = self._t[event]
         other = ((self._card[event] != cards[query])
-                 & (et >= times[query] - self.window_ms) & (et <= times[query]))
+                 & (et >= times[query] - self.window_ms) & (et <= upper[query]))
         pairs = np.unique((query[other].astype(np.uint64) << np.uint64(32)) | self._card[event[other]].astype(np.uint64))
         return np.bincount((pairs >> np.uint64(32)).astype(np.int64), minlength=n).astype(np.int64)
 
@@ -213,8 +217,8 @@ class TerminalWindow:
 
 
 def terminal_cards(window: TerminalWindow, tx: TxColumns, partitions: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
-    """TERMINAL_FEATURES of a batch from a window that holds (at least) the batch's own records. The one
-    definition used online (with a TerminalReader) and offline (consumer/quality.py)."""
+    """TERMINAL_FEATURES of a batch from a window that holds (at least) the batch's own records (the
+    TerminalReader's answer; consumer/quality.py adds to and asks its window the same way)."""
     window.add(partitions, offsets, tx.terminal_hash, tx.card_hash, tx.event_time_ms)
     return {"terminal_cards": window.other_cards(tx.terminal_hash, tx.card_hash, tx.event_time_ms)}
 

@@ -27,12 +27,13 @@ events_strategy = st.dictionaries(
     min_size=1, max_size=60)
 
 
-def brute_force(events: dict, terminal: int, card: int, t: int, recent: int = RECENT_EVENTS) -> int:
-    """The specification: distinct other cards at the terminal with event time in [t - W, t], looking back
-    `recent` events at most (every event at the time of the last one looked at included)."""
-    times = sorted((et for (term, _c, et) in events.values() if term == terminal and t - W <= et <= t), reverse=True)
+def brute_force(events: dict, terminal: int, card: int, t: int, recent: int = RECENT_EVENTS, ahead: int = 0) -> int:
+    """The specification: distinct other cards at the terminal with event time in [t - W, t + ahead], looking
+    back `recent` events at most from t + ahead (every event at the time of the last one looked at included)."""
+    upper = t + ahead
+    times = sorted((et for (term, _c, et) in events.values() if term == terminal and t - W <= et <= upper), reverse=True)
     since = times[recent - 1] if len(times) > recent else t - W
-    return len({c for (term, c, et) in events.values() if term == terminal and c != card and since <= et <= t})
+    return len({c for (term, c, et) in events.values() if term == terminal and c != card and since <= et <= upper})
 
 
 def add(window: TerminalWindow, items: list) -> None:
@@ -65,6 +66,10 @@ def test_answers_depend_on_the_set_of_events_only(events: dict, data) -> None:
     expected = [brute_force(events, *q, recent=recent) for q in queries]
     assert ordered.other_cards(terminals, cards, times).tolist() == expected
     assert chunked.other_cards(terminals, cards, times).tolist() == expected
+    # With a look-ahead (offline only: consumer/quality.py measures what it would catch).
+    ahead = data.draw(st.sampled_from([1, W // 3, W]))
+    expected_ahead = [brute_force(events, *q, recent=recent, ahead=ahead) for q in queries]
+    assert chunked.other_cards(terminals, cards, times, ahead_ms=ahead).tolist() == expected_ahead
 
 
 def test_equal_event_times_count_whatever_their_partition_and_offset() -> None:
