@@ -19,7 +19,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -48,6 +48,7 @@ class Route(enum.IntEnum):
     LEGIT = 0
     FRAUD = 1
     DEAD_LETTER = 2
+    HELD = 3  # no output yet: held for the terminal rule's look-ahead (consumer/held.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +74,11 @@ class DecidedBatch:
     # A model's score per message index (SCORE_HEADER values), when it differs record by record; without
     # a model the score of a legit record is the same for all, and sits in legit_headers.
     legit_scores: list[bytes] | None = None
+    # Records held earlier and decided now (consumer/held.py): (their input record, its output), produced in
+    # this batch's transaction; and the partitions whose state that changed besides the batch's own.
+    released: list[tuple[Any, Decision]] = field(default_factory=list)
+    state_partitions: set[int] = field(default_factory=set)
+    held: int = 0  # records of this batch held (Route.HELD in outputs)
 
     def headers_of(self, index: int) -> list[tuple[str, bytes]] | None:
         """The headers of the forwarded record at `index`."""
@@ -87,8 +93,9 @@ class DecidedBatch:
                 for index, message in enumerate(messages)]
 
     def routes(self) -> Counter[Route]:
-        """Records per route."""
+        """Records per route, the released ones included."""
         tally = Counter(decision.route for decision in self.outputs.values())
+        tally.update(decision.route for _, decision in self.released)
         tally[Route.LEGIT] += self.size - len(self.outputs)
         return tally
 

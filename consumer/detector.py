@@ -173,7 +173,9 @@ class Detector:
         model, self.labels = load_scoring(s, on_log=self.on_log)
         return StatefulDecider(decode, rules, self.state, encode_legit=record_wise.encode_legit,
                                encode_fraud=record_wise.encode_fraud, model=model, labels=self.labels,
-                               terminal_features=self.terminal.features if self.terminal else None)
+                               terminal_features=self.terminal.features if self.terminal else None,
+                               terminal=self.terminal, hold_idle_ms=s.terminal_hold_idle_ms,
+                               input_topic=s.transactions_topic)
 
     def _new_consumer(self) -> Consumer:
         s = self.settings
@@ -264,6 +266,8 @@ class Detector:
                         if batch is None:  # stopping during a registry outage: nothing produced, re-read later
                             break
                         self._process_batch(messages, batch)
+                    elif self.state is not None and (batch := decider.release_due()) is not None:
+                        self._process_batch([], batch)  # held records due while the input is quiet
                     else:
                         self.producer.poll(0)
                 except _ConsumerLost as lost:  # between transactions: none is open
@@ -343,15 +347,16 @@ class Detector:
         try:
             commit_s = self._run_transaction(messages, batch)
         except _AbortBatch as abort:
-            self._abort_and_rewind(messages, abort)
+            self._abort_and_rewind(messages, abort, also_reset=batch.state_partitions)
             return
         except _ProducerLost as lost:
             self._recover(lost)
             return
         self._failures_in_a_row = 0
-        self.sizer.done(len(messages), time.monotonic() - started)
+        if messages:
+            self.sizer.done(len(messages), time.monotonic() - started)
         tally = batch.routes()
-        outputs = batch.outputs.values()
+        outputs = [*batch.outputs.values(), *(decision for _, decision in batch.released)]
         dead_kinds = Tally(d.dead_letter_kind for d in outputs if d.route is Route.DEAD_LETTER)
         rules = Tally(rule for d in outputs if d.route is Route.FRAUD for rule in d.rules)
         self.metrics.batch_committed(consumed=len(messages), legit=tally[Route.LEGIT], fraud=tally[Route.FRAUD],
@@ -374,10 +379,11 @@ class Detector:
         self._call("beginning a transaction", deadline, producer.begin_transaction)
         self._produce_all(messages, batch, deadline)
         if self.state is not None:
-            self._write_state_changes(messages)
-        offsets = _next_offsets(messages)
-        self._call("sending offsets", deadline, lambda: producer.send_offsets_to_transaction(
-            offsets, self.consumer.consumer_group_metadata(), _attempt_timeout(deadline)))
+            self._write_state_changes({m.partition() for m in messages} | batch.state_partitions)
+        if messages:
+            offsets = _next_offsets(messages)
+            self._call("sending offsets", deadline, lambda: producer.send_offsets_to_transaction(
+                offsets, self.consumer.consumer_group_metadata(), _attempt_timeout(deadline)))
         started = time.perf_counter()
         self._call("committing", deadline, lambda: producer.commit_transaction(_attempt_timeout(deadline)))
         return time.perf_counter() - started
@@ -391,10 +397,17 @@ class Detector:
         for index in sorted(batch.outputs):
             if start < index:
                 self._produce_legit(messages, start, index, batch, small, deadline)
-            self._produce_one(messages, batch, index, batch.outputs[index], small, deadline)
+            if batch.outputs[index].route is not Route.HELD:
+                self._produce_one(messages, batch, index, batch.outputs[index], small, deadline)
             start = index + 1
         if start < len(messages):
             self._produce_legit(messages, start, len(messages), batch, small, deadline)
+        if batch.released:  # held records decided now: their input records stand in for the messages
+            inputs = [record for record, _ in batch.released]
+            outputs = DecidedBatch(len(inputs), {i: decision for i, (_, decision) in enumerate(batch.released)})
+            for index, decision in outputs.outputs.items():
+                self._produce_one(inputs, outputs, index, decision, small, deadline)
+            batch.released = list(zip(inputs, (outputs.outputs[i] for i in range(len(inputs))), strict=True))
 
     def _produce_legit(self, messages: list, start: int, stop: int, batch: DecidedBatch, small: int,
                        deadline: float) -> None:
@@ -455,11 +468,11 @@ class Detector:
                 self._classify("producing", error, exc)
                 self._wait_before_retry("producing", error, deadline)
 
-    def _write_state_changes(self, messages: list) -> None:
+    def _write_state_changes(self, partitions: set[int]) -> None:
         """The batch's state changes, into its transaction. Not retried call by call: the changed rows were
         taken, so any failure aborts the transaction, and the abort rebuilds the state from the changelog."""
         try:
-            written = self.state.write_changes(self.producer, {m.partition() for m in messages})
+            written = self.state.write_changes(self.producer, partitions)
         except KafkaException as exc:
             error = exc.args[0]
             self._classify("writing state changes", error, exc)
@@ -475,7 +488,7 @@ class Detector:
             return decision  # a dead letter is the input's own bytes; if even that is too large, the retries end it
         return _too_large(message, topic, size, self._limits[topic])
 
-    def _abort_and_rewind(self, messages: list, abort: _AbortBatch) -> None:
+    def _abort_and_rewind(self, messages: list, abort: _AbortBatch, *, also_reset: set[int] = frozenset()) -> None:
         self._failures_in_a_row += 1
         log.warning("aborting the transaction of a batch of %d (failure %d in a row): %s",
                     len(messages), self._failures_in_a_row, abort)
@@ -491,7 +504,7 @@ class Detector:
         except _ProducerLost as lost:
             self._recover(lost)
             return
-        self._rewind(messages)
+        self._rewind(messages, also_reset=also_reset)
         self._backoff_or_give_up(abort)
 
     def _refresh_limits(self) -> None:
@@ -642,15 +655,16 @@ class Detector:
                 backoff = min(backoff * 2, KAFKA_BACKOFF_MAX_S)
 
     # ----- rewinding: abort_transaction() does not move the consumer -----
-    def _rewind(self, messages: list, *, rebuild_state: bool = True) -> None:
+    def _rewind(self, messages: list, *, rebuild_state: bool = True, also_reset: set[int] = frozenset()) -> None:
         """Seek each assigned partition back to its first offset in the batch (a revoked one is re-read by its new owner).
-        Their state, changed by the batch that did not commit, is rebuilt from the changelog."""
+        Their state, changed by the batch that did not commit, is rebuilt from the changelog (and that of
+        `also_reset`: partitions whose held records the batch released)."""
         first: dict[tuple[str, int], int] = {}
         for message in messages:
             first.setdefault((message.topic(), message.partition()), message.offset())
         positions = [TopicPartition(t, p, offset) for (t, p), offset in first.items() if (t, p) in self._assigned]
         if self.state is not None and rebuild_state:
-            self.state.reset(self.consumer, [tp.partition for tp in positions])
+            self.state.reset(self.consumer, sorted({tp.partition for tp in positions} | set(also_reset)))
         self._seek(positions)
 
     def _rewind_to_committed(self) -> None:

@@ -11,10 +11,11 @@ the same pass: the per-card rules alone, and with the per-terminal rule (what th
 runs: its terminal window, consumer/terminal.py, fed here as one partition in offset order). Also per scenario, the first transaction
 of each episode: the one a detector that never looks ahead in event time has the least to go on.
 
-`--terminal-look-ahead-s L` measures what the terminal rule would catch if its window also held the
-L seconds of event time after each transaction ([t - 10 min, t + L]): each batch's terminal features
-are asked once the window holds records past its latest event time + L. The detector does not look
-ahead (README, "Detection quality, measured offline", says what that would take).
+The terminal rule's look-ahead (`compromised_terminal.look_ahead_s`, 120 s by default) is decided as the
+detector decides it: every record at once with the window up to its own event time, except the records it
+holds (decided legit, in person, far from home), which are decided again with the window's
+[t - 10 min, t + look-ahead] once the window holds records past that. `--terminal-look-ahead-s L` scores
+another look-ahead (0: none, nothing held).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from fraudstream.consumer.features import PROFILE_DTYPE, TERMINAL_WINDOW_MS, SESSION_GAP_MS, TxColumns, card_features
+from fraudstream.consumer.rules import COMPROMISED_TERMINAL as COMPROMISED_TERMINAL_RULE
 from fraudstream.consumer.rules import TERMINAL_RULES, RuleSet, load_rules
 from fraudstream.consumer.terminal import TerminalWindow
 from fraudstream.consumer.state.table import KeyedTable
@@ -109,17 +111,19 @@ class QualityReport:
 
 def evaluate(*, count: int = int(DEMO_SECONDS * DEMO_RATE), rate: float = DEMO_RATE, speedup: float = DEMO_SPEEDUP,
              seed: int = 42, batch: int = BATCH, rules: RuleSet | None = None, start_ms: int = START_MS,
-             accounts: int | None = None, terminal_look_ahead_s: float = 0.0) -> QualityReport:
+             accounts: int | None = None, terminal_look_ahead_s: float | None = None) -> QualityReport:
     """Run `count` transactions of the generator through the features and rules in batches of `batch`,
     and score them against the labels. Event time as `produce --rate R --speedup N` stamps it: the
     produce loop's wake-ups (rate x WAKE_S transactions each, every WAKE_S of wall time) share one
     event time, N x WAKE_S apart."""
     if count < 1 or rate <= 0 or speedup <= 0 or batch < 1:
         raise FraudstreamError("count, rate, speedup and batch must be positive")
-    if terminal_look_ahead_s < 0:
-        raise FraudstreamError("the terminal look-ahead must be 0 or more seconds")
-    ahead_ms = int(terminal_look_ahead_s * 1000)
     rules = rules or load_rules(None)
+    if terminal_look_ahead_s is not None:
+        if terminal_look_ahead_s < 0:
+            raise FraudstreamError("the terminal look-ahead must be 0 or more seconds")
+        rules = rules.with_look_ahead(terminal_look_ahead_s)
+    ahead_ms = rules.look_ahead_ms
     from fraudstream.producer.generator import build_population
 
     population = build_population(seed, accounts=accounts) if accounts is not None else None
@@ -133,9 +137,15 @@ def evaluate(*, count: int = int(DEMO_SECONDS * DEMO_RATE), rate: float = DEMO_R
     waiting: list[tuple[list[Pair], TxColumns, dict]] = []  # batches whose look-ahead the window does not hold yet
 
     def decide(pairs: list[Pair], tx: TxColumns, features: dict) -> None:
-        features["terminal_cards"] = terminals.other_cards(tx.terminal_hash, tx.card_hash, tx.event_time_ms,
-                                                           ahead_ms=ahead_ms)
+        features["terminal_cards"] = terminals.other_cards(tx.terminal_hash, tx.card_hash, tx.event_time_ms)
         fired = rules.evaluate(tx, features)
+        if ahead_ms and COMPROMISED_TERMINAL_RULE in rules.names:
+            # The held records, decided again with the look-ahead (the detector's release, consumer/held.py).
+            held = np.flatnonzero(rules.to_hold(tx, features, fired.any(axis=0)))
+            ahead = terminals.other_cards(tx.terminal_hash[held], tx.card_hash[held], tx.event_time_ms[held],
+                                          ahead_ms=ahead_ms)
+            fired[rules.names.index(COMPROMISED_TERMINAL_RULE), held] = rules.fires_on_release(
+                tx.channel[held], features["dist_home_km"][held], ahead)
         scenarios = [label.scenario for _, label in pairs]
         first = _firsts(pairs, tx, episode_last)
         _score(per_card, rules, fired, card_rows, scenarios, first)
@@ -157,7 +167,7 @@ def evaluate(*, count: int = int(DEMO_SECONDS * DEMO_RATE), rate: float = DEMO_R
             decide(*waiting.pop(0))
     return QualityReport(count=count, rate=rate, speedup=speedup, seed=seed, batch=batch, rules_version=rules.version,
                          per_card=per_card, with_terminal=with_terminal, event_span_s=(last_ms - start_ms) / 1000.0,
-                         terminal_look_ahead_s=terminal_look_ahead_s)
+                         terminal_look_ahead_s=ahead_ms / 1000)
 
 
 def _as_produced(generator: Generator, start_ms: int, rate: float, speedup: float) -> Iterator[Pair]:
@@ -234,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--rules", type=Path, help="rules file (TOML); default: the documented defaults")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    parser.add_argument("--terminal-look-ahead-s", type=float, default=0.0,
-                        help="let the terminal rule's window also hold this many seconds of event time after each "
-                             "transaction (the detector does not) [0]")
+    parser.add_argument("--terminal-look-ahead-s", type=float,
+                        help="the terminal rule's look-ahead in seconds of event time, in place of the rules' "
+                             "look_ahead_s (0: hold nothing)")
     args = parser.parse_args(argv)
     try:
         report = evaluate(count=args.count, rate=args.rate, speedup=args.speedup, seed=args.seed, batch=args.batch,

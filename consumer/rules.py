@@ -61,7 +61,8 @@ DEFAULT_RULES: dict[str, dict[str, Any]] = {
                         "channels": list(CLONABLE_CHANNELS)},
     FAR_FROM_HOME: {"enabled": True, "max_speed_kmh": 20_000.0, "away_km": 300.0, "window_s": 3_600.0,
                     "channels": list(CLONABLE_CHANNELS)},
-    COMPROMISED_TERMINAL: {"enabled": True, "min_other_cards": 1, "min_home_km": 100.0, "min_other_cards_anywhere": 3},
+    COMPROMISED_TERMINAL: {"enabled": True, "min_other_cards": 1, "min_home_km": 100.0, "min_other_cards_anywhere": 3,
+                           "look_ahead_s": 120.0, "hold_near_home_from": 1},
     VELOCITY: {"enabled": False, "max_in_session": 3},
 }
 
@@ -72,7 +73,8 @@ _KINDS: dict[str, tuple[type, float | None]] = {
     "test_max_cents": (int, 0), "test_categories": (list, None), "first_test": (bool, None),
     "min_session_small": (int, 1), "max_speed_kmh": (float, 0.0), "min_jump_km": (float, 0.0),
     "away_km": (float, 0.0), "channels": (list, None), "window_s": (float, 0.0), "min_other_cards": (int, 1), "min_home_km": (float, 0.0),
-    "min_other_cards_anywhere": (int, 1), "max_in_session": (int, 1),
+    "min_other_cards_anywhere": (int, 1), "max_in_session": (int, 1), "look_ahead_s": (float, 0.0),
+    "hold_near_home_from": (int, 1),
 }
 
 ONLINE_CODE = CHANNEL_CODE["ONLINE"]
@@ -96,6 +98,13 @@ _IN_PERSON = ("CARD_PRESENT", "CONTACTLESS", "ATM")
 
 
 @dataclass(frozen=True)
+class _Held:
+    """The one column of a transaction the terminal rule reads, for held records (stored without the rest)."""
+
+    channel: np.ndarray
+
+
+@dataclass(frozen=True)
 class RuleSet:
     """Named rules with their thresholds; `version` identifies the rules file's content."""
 
@@ -116,6 +125,40 @@ class RuleSet:
         """Per transaction, the names of the rules that fired (the FraudAlert's `rules`)."""
         names = self.names
         return [[names[r] for r in np.flatnonzero(column)] for column in fired.T]
+
+    @property
+    def look_ahead_ms(self) -> int:
+        """How far past a held record's event time the terminal rule looks (0: no record is held)."""
+        t = self.thresholds.get(COMPROMISED_TERMINAL)
+        return int(t["look_ahead_s"] * 1000) if t else 0
+
+    def to_hold(self, tx: Any, features: Mapping[str, np.ndarray], is_fraud: np.ndarray) -> np.ndarray:
+        """Which records to hold for the terminal rule's look-ahead: decided legit, in person, and either on a
+        card far from its home or at a terminal that already took `hold_near_home_from` other cards. Only the
+        next cards at its terminal can still show such a payment to be fraud (the first victim of a tampered
+        terminal looks like any traveller's payment, or like a local's); a near-home payment at a terminal
+        that took no other card would need min_other_cards_anywhere of them within the look-ahead, rare
+        enough not to hold every payment for."""
+        if not self.look_ahead_ms:
+            return np.zeros(len(is_fraud), dtype=bool)
+        t = self.thresholds[COMPROMISED_TERMINAL]
+        return ~is_fraud & _in_channels(tx.channel, _IN_PERSON) & (
+            (features["dist_home_km"] >= t["min_home_km"]) | (features["terminal_cards"] >= t["hold_near_home_from"]))
+
+    def fires_on_release(self, channel: np.ndarray, dist_home_km: np.ndarray, other_cards: np.ndarray) -> np.ndarray:
+        """The terminal rule on held records, counting the other cards at their terminal up to the look-ahead."""
+        if COMPROMISED_TERMINAL not in self.thresholds:
+            return np.zeros(len(channel), dtype=bool)
+        held = _Held(channel)
+        return _compromised_terminal(self.thresholds[COMPROMISED_TERMINAL], held,
+                                     {"terminal_cards": other_cards, "dist_home_km": dist_home_km})
+
+    def with_look_ahead(self, seconds: float) -> RuleSet:
+        """The same rules with another terminal look-ahead (offline measurements)."""
+        if COMPROMISED_TERMINAL not in self.thresholds:
+            return self
+        thresholds = {**self.thresholds, COMPROMISED_TERMINAL: {**self.thresholds[COMPROMISED_TERMINAL], "look_ahead_s": seconds}}
+        return RuleSet(self.names, thresholds, self.version)
 
     def without(self, *names: str) -> RuleSet:
         keep = tuple(n for n in self.names if n not in names)

@@ -25,11 +25,12 @@ import numpy as np
 import pyarrow as pa
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
 
+from fraudstream.consumer import held
 from fraudstream.consumer import model as scoring
 from fraudstream.consumer.decide import (STATELESS_LEGIT_HEADERS, ColumnarDecider, DecidedBatch, Decider, Decision,
                                          Route, dead_letter)
 from fraudstream.consumer.features import CARD_FEATURES, PROFILE_DTYPE, PROFILE_LAYOUT, PROFILE_TTL_MS, TxColumns, card_features_split
-from fraudstream.consumer.rules import RuleSet
+from fraudstream.consumer.rules import COMPROMISED_TERMINAL, RuleSet
 from fraudstream.consumer.rules_topic import RULE_SET_HEADER
 from fraudstream.consumer.state.manager import StateManager
 from fraudstream.consumer.state.stores import StoreSpec
@@ -39,8 +40,9 @@ from fraudstream.settings import Settings
 
 CARDS = StoreSpec(name="cards", dtype=PROFILE_DTYPE, layout=PROFILE_LAYOUT, expiry_field="last_ms",
                   ttl_ms=PROFILE_TTL_MS)
-STORES = (CARDS,)
-MODEL_RULE = "model"  # the rule name of a record routed to fraud by the model's score
+STORES = (CARDS, held.HELD)
+MODEL_RULE = "model"
+HELD_DECISION = Decision(Route.HELD, None, None)  # a record held for the terminal rule's look-ahead: no output yet  # the rule name of a record routed to fraud by the model's score
 LABEL_EXPIRY_EVERY = 500  # batches between two expiries of the label table
 
 
@@ -80,8 +82,8 @@ class StatefulDecider:
     def __init__(self, decode: Callable[[Sequence], DecodedBatch], rules: RuleSet, state: StateManager, *,
                  encode_legit: Callable[[dict], bytes], encode_fraud: Callable[[dict], bytes],
                  model: scoring.Model | None = None, labels=None,
-                 terminal_features: Callable[[TxColumns, np.ndarray, np.ndarray, int | None], dict[str, np.ndarray]] | None = None
-                 ) -> None:
+                 terminal_features: Callable[[TxColumns, np.ndarray, np.ndarray, int | None], dict[str, np.ndarray]] | None = None,
+                 terminal=None, hold_idle_ms: int = 2_000, input_topic: str = "") -> None:
         self.decode = decode
         self.rules = rules
         self.state = state
@@ -93,6 +95,14 @@ class StatefulDecider:
         # Per-terminal features (consumer/terminal.py, TerminalReader.features): (columns, partitions, offsets,
         # the batch's newest Kafka timestamp).
         self.terminal_features = terminal_features
+        # The terminal window's reader (consumer/terminal.py), which held records are released through
+        # (consumer/held.py); None: nothing is held, and rows held by an earlier run are released as legit.
+        self.terminal = terminal
+        self.hold_idle_ms = hold_idle_ms
+        self._topic = input_topic  # the held records' topic, as the dead-letter headers name it
+        self.too_large_to_hold = 0  # records decided at once because they do not fit a held row
+        if terminal is not None:
+            terminal.keep_from = self.oldest_held
 
     def decide(self, messages: Sequence) -> list[Decision]:
         return self.decide_batch(messages).decisions(messages)
@@ -155,25 +165,141 @@ class StatefulDecider:
         # re-encoded. Plain lists and locals: this loop runs once per such record.
         legit, records = Route.LEGIT, dict(decoded.records)
         encode_legit, headers_of = self.encode_legit, decisions.headers_of
-        fraud_rows = np.flatnonzero(is_fraud)
-        for index in positions[~is_fraud & ~from_columns].tolist():
+        to_hold = (rules.to_hold(tx, features, is_fraud) if self.terminal is not None and "terminal_cards" in features
+                   else np.zeros(len(tx), dtype=bool))
+        for index in positions[~is_fraud & ~from_columns & ~to_hold].tolist():
             outputs[index] = Decision(legit, messages[index].key(), encode_legit(records[index]), headers_of(index))
+        if to_hold.any():
+            self._hold(messages, positions, partition_of, np.flatnonzero(to_hold), tx, features, scores, from_columns,
+                       records, decisions)
+        fraud_rows = np.flatnonzero(is_fraud)
         if len(fraud_rows):
-            names, versions, now_ms = rules.names, getattr(rules, "versions", {}), int(time.time() * 1000)
-            versions = {**versions, MODEL_RULE: int(self.model.meta.get("model_version", 0))} if self.model else versions
             column_records = _column_records(decoded, source_row[fraud_rows][from_columns[fraud_rows]])
             for row in fraud_rows.tolist():
                 index = int(positions[row])
                 record = column_records[int(source_row[row])] if from_columns[row] else records[index]
-                rule_names = [names[k] for k in np.flatnonzero(fired[:, row])]
+                rule_names = [rules.names[k] for k in np.flatnonzero(fired[:, row])]
                 if by_model is not None and by_model[row]:
                     rule_names.append(MODEL_RULE)
-                alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms,
-                         "fired": [{"id": name, "version": versions.get(name, 0)} for name in rule_names],
-                         "rule_set_version": rules.version, "score": float(scores[row])}
-                outputs[index] = Decision(Route.FRAUD, messages[index].key(), self.encode_fraud(alert),
-                                          rules=tuple(rule_names))
+                outputs[index] = self._alert(messages[index].key(), record, rule_names, rules, float(scores[row]))
+        if self.terminal is not None or self._any_held():
+            self._release(rules, decisions)
         return decisions
+
+    def _alert(self, key: bytes | None, record: dict, rule_names: list[str], rules: RuleSet, score: float) -> Decision:
+        versions = getattr(rules, "versions", {})
+        if self.model is not None:
+            versions = {**versions, MODEL_RULE: int(self.model.meta.get("model_version", 0))}
+        alert = {"transaction": record, "rules": rule_names, "detected_at": int(time.time() * 1000),
+                 "fired": [{"id": name, "version": versions.get(name, 0)} for name in rule_names],
+                 "rule_set_version": rules.version, "score": score}
+        return Decision(Route.FRAUD, key, self.encode_fraud(alert), rules=tuple(rule_names))
+
+    # ----- held records (consumer/held.py) -----
+    def _hold(self, messages: Sequence, positions: np.ndarray, partition_of: np.ndarray, rows: np.ndarray,
+              tx: TxColumns, features: dict[str, np.ndarray], scores: np.ndarray, from_columns: np.ndarray,
+              records: dict[int, dict], decisions: DecidedBatch) -> None:
+        """Put the batch's rows `rows` in their partitions' held tables, with no output now; a row whose
+        bytes do not fit is forwarded as legit at once (counted)."""
+        kept, values = [], []
+        for row in rows.tolist():
+            index = int(positions[row])
+            message = messages[index]
+            value = message.value() if from_columns[row] else self.encode_legit(records[index])
+            if held.fits(message.key(), value):
+                kept.append(row)
+                values.append(value)
+                decisions.outputs[index] = HELD_DECISION
+            else:
+                self.too_large_to_hold += 1
+                decisions.outputs[index] = Decision(Route.LEGIT, message.key(), value, decisions.headers_of(index))
+        if not kept:
+            return
+        kept = np.asarray(kept, dtype=np.int64)
+        index_of = positions[kept].tolist()
+        created = np.array([_created_ms(messages[i]) for i in index_of], dtype=np.int64)
+        for partition in np.unique(partition_of[kept]).tolist():
+            mine = partition_of[kept] == partition
+            chosen = kept[mine]
+            keys = [held.position_key(partition, messages[i].offset()) for i in positions[chosen].tolist()]
+            held.hold(self.state.tables(partition)[held.HELD.name], keys,
+                      event_time_ms=tx.event_time_ms[chosen], created_ms=created[mine],
+                      terminal=tx.terminal_hash[chosen], card=tx.card_hash[chosen],
+                      dist_home_km=features["dist_home_km"][chosen], score=scores[chosen], channel=tx.channel[chosen],
+                      record_keys=[messages[i].key() for i in positions[chosen].tolist()],
+                      values=[v for v, m in zip(values, mine.tolist(), strict=True) if m])
+        decisions.held = len(kept)
+
+    def _any_held(self) -> bool:
+        return any(len(table) for table in self.state.ready_tables(held.HELD.name).values())
+
+    def oldest_held(self) -> int | None:
+        """The event time of the oldest record held on this detector's partitions (the terminal window keeps
+        what its release reads)."""
+        oldest = [int(table.rows["event_time_ms"][table.live()[1]].min())
+                  for table in self.state.ready_tables(held.HELD.name).values() if len(table)]
+        return min(oldest) if oldest else None
+
+    def release_due(self) -> DecidedBatch | None:
+        """Between batches (the input is quiet): the held records due now, as a batch of no input records."""
+        if not self._any_held():
+            return None
+        decisions = DecidedBatch(0, {}, [])
+        self._release(self.rules, decisions)
+        return decisions if decisions.released else None
+
+    def _release(self, rules: RuleSet, decisions: DecidedBatch) -> None:
+        """Decide the held records whose look-ahead the terminal window now answers for; their outputs go in
+        `decisions.released`, their rows are removed (tombstones in the same transaction)."""
+        found = [(partition, table, *table.live()) for partition, table in
+                 self.state.ready_tables(held.HELD.name).items() if len(table)]
+        if not found:
+            return
+        keys = [key for _, _, ks, _ in found for key in ks]
+        rows = np.concatenate([table.gather(slots) for _, table, _, slots in found])
+        where = np.concatenate([np.full(len(slots), partition) for partition, _, _, slots in found])
+        ahead = rules.look_ahead_ms
+        if self.terminal is None:  # held by a run with the terminal rule: nothing to look ahead with now
+            due = np.ones(len(rows), dtype=bool)
+        else:
+            due = self.terminal.releasable(rows["event_time_ms"], rows["created_ms"], ahead, self.hold_idle_ms)
+        if not due.any():
+            return
+        picked = np.flatnonzero(due)
+        rows = rows[picked]
+        keys = [keys[i] for i in picked.tolist()]
+        where = where[picked]
+        if self.terminal is None:
+            fires = np.zeros(len(rows), dtype=bool)
+        else:
+            others = self.terminal.other_cards_held(rows["terminal"], rows["card"], rows["event_time_ms"], ahead)
+            fires = rules.fires_on_release(rows["channel"], rows["dist_home_km"], others)
+        inputs = held.records_of(rows, keys, self._topic)
+        released = decisions.released
+        legit_headers = [(RULE_SET_HEADER, rules.version.encode())]
+        legit_scores = (scoring.score_header_values(rows["score"].astype(np.float64)) if self.model is not None
+                        else [STATELESS_LEGIT_HEADERS[0][1]] * len(rows))
+        fraud = np.flatnonzero(fires)
+        if len(fraud):
+            decoded = self.decode([inputs[i] for i in fraud.tolist()])
+            as_records = dict(decoded.records)
+            if decoded.columns is not None and decoded.columns.num_rows:
+                as_records.update(zip(decoded.column_rows, decoded.columns.to_pylist(), strict=True))
+        for i, record_in in enumerate(inputs):
+            if fires[i]:
+                k = int(np.searchsorted(fraud, i))
+                record = as_records.get(k)
+                decision = (self._alert(record_in.key(), record, [COMPROMISED_TERMINAL], rules,
+                                        float(rows["score"][i]) if self.model is not None else 1.0)
+                            if record is not None else decoded.dead[k])
+            else:
+                decision = Decision(Route.LEGIT, record_in.key(), record_in.value(),
+                                    [*legit_headers, (SCORE_HEADER, legit_scores[i])])
+            released.append((record_in, decision))
+        for partition in np.unique(where).tolist():
+            table = self.state.tables(partition)[held.HELD.name]
+            table.remove([key for key, p in zip(keys, where.tolist(), strict=True) if p == partition])
+            decisions.state_partitions.add(partition)
 
     def _model_input(self, tx: TxColumns, features: dict[str, np.ndarray]) -> np.ndarray:
         """The model's features, once the labels due by the batch's latest event time are read."""
@@ -199,6 +325,12 @@ def load_scoring(settings: Settings, *, on_log: Callable[[str], None]):
     on_log(f"model {model.name} from {settings.model_file} (threshold {model.threshold:.3f}, labels "
            f"{settings.label_delay_days:g} days late)")
     return model, labels
+
+
+def _created_ms(message) -> int:
+    """A message's Kafka timestamp; the wall clock when it carries none."""
+    kind, ms = message.timestamp()
+    return ms if kind != TIMESTAMP_NOT_AVAILABLE and ms >= 0 else int(time.time() * 1000)
 
 
 def newest_created_ms(messages: Sequence, positions: np.ndarray, partition_of: np.ndarray) -> int | None:

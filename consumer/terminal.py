@@ -37,7 +37,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import OffsetSpec
 
 from fraudstream.consumer.features import MINUTE_MS, TERMINAL_WINDOW_MS, TxColumns, hash_strings
@@ -259,6 +259,14 @@ class TerminalReader:
         # group's committed offsets are in event time, for expiry.
         self._marks: dict[int, list[tuple[int, int]]] = {}
         self._last_expiry = 0.0
+        # For held records (consumer/held.py): partition -> Kafka timestamp of the newest record read; the
+        # pending ask of its end (sent at, answer); the latest time it was found quiet (at its end, nothing
+        # created for the hold idle time before).
+        self._created: dict[int, int] = {}
+        self._end_asks: dict[int, tuple[float, Future]] = {}
+        self._quiet: dict[int, float] = {}
+        self.holds_from: int | None = None  # the window holds every event from this event time on (None: all)
+        self.keep_from: Callable[[], int | None] = lambda: None  # the oldest held record's event time
 
     # ----- start and seed -----
     def start(self) -> None:
@@ -275,14 +283,17 @@ class TerminalReader:
         self.partitions = sorted(topic.partitions)
         self.seed()
 
-    def seed(self) -> None:
-        """Empty the window and read it again from before the group's committed offsets."""
+    def seed(self, back_to: int | None = None) -> None:
+        """Empty the window and read it again from before the group's committed offsets, and at least a window
+        before event time `back_to` (held records older than the committed offsets' horizon)."""
         s, consumer = self.settings, self.consumer
         started = time.monotonic()
         self.window.clear()
         self._latest.clear()
         self._next.clear()
         self._marks.clear()
+        self._quiet.clear()
+        self._end_asks.clear()
         tps = [TopicPartition(s.transactions_topic, p) for p in self.partitions]
         committed = self._call("reading the committed offsets", lambda: consumer.committed(tps, timeout=10))
         low, high = {}, {}
@@ -304,11 +315,15 @@ class TerminalReader:
             if not latest:
                 break
             horizon = min(latest) - self.window.window_ms - 2 * self.tolerance_ms
+            if back_to is not None:
+                horizon = min(horizon, back_to - self.window.window_ms - 2 * self.tolerance_ms)
             short = [p for p in self.partitions if start[p] > low[p] and (first_t.get(p) is None or first_t[p] > horizon)]
             if not short:
                 break
             for p in short:
                 back[p] *= 4
+        cut = [first_t[p] for p in self.partitions if start[p] > low[p] and p in first_t]
+        self.holds_from = max(cut) if cut else None
         for p in self.partitions:  # where reading goes on (a partition with nothing read: its committed offset)
             self._next.setdefault(p, target[p])
         self.consumer.assign([TopicPartition(s.transactions_topic, p, self._next[p]) for p in self.partitions])
@@ -377,9 +392,13 @@ class TerminalReader:
         # lists convert to arrays several times faster than one list of pairs).
         message_partitions = np.array([m.partition() for m in messages], dtype=np.int64)
         message_offsets = np.array([m.offset() for m in messages], dtype=np.int64)
-        for p in np.unique(message_partitions).tolist():
+        seen, last = np.unique(message_partitions[::-1], return_index=True)
+        for p, i in zip(seen.tolist(), (len(messages) - 1 - last).tolist(), strict=True):
             reached = int(message_offsets[message_partitions == p].max()) + 1
             self._next[p] = max(self._next.get(p, 0), reached)
+            kind, created = messages[i].timestamp()
+            if kind != TIMESTAMP_NOT_AVAILABLE:
+                self._created[p] = max(self._created.get(p, created), created)
         rows, parts = [], []
         if decoded.columns is not None and decoded.columns.num_rows:
             batch = decoded.columns
@@ -523,6 +542,58 @@ class TerminalReader:
             self.expire()
         return out
 
+    # ----- held records (consumer/held.py) -----
+    def releasable(self, times: np.ndarray, created_ms: np.ndarray, ahead_ms: int, idle_ms: int) -> np.ndarray:
+        """Which held records (event times, Kafka timestamps) the window now answers for up to t + ahead_ms:
+        on every partition, read past t + ahead_ms + the tolerance, or found quiet (at its end, its newest
+        record created idle_ms or more before) at a time at least idle_ms after the held record was created.
+        Never waits: it reads what has arrived, and asks a quiet-looking partition's end asynchronously."""
+        self._ingest(self._consume(0))
+        need = np.asarray(times, dtype=np.int64) + ahead_ms + self.tolerance_ms
+        due = np.ones(len(need), dtype=bool)
+        now_ms = time.time() * 1000
+        for p in self.partitions:
+            passed = need < self._latest.get(p, np.iinfo(np.int64).min)
+            if not passed.all():
+                quiet = self._quiet_at(p, now_ms, idle_ms)
+                if quiet is not None:
+                    passed |= np.asarray(created_ms, dtype=np.int64) + idle_ms <= quiet
+            due &= passed
+            if not due.any():
+                break
+        return due
+
+    def _quiet_at(self, p: int, now_ms: float, idle_ms: int) -> float | None:
+        """The latest wall-clock time (ms) partition p was found at its end with nothing created for idle_ms
+        before; asks again (asynchronously) while it looks quiet, so that time moves on."""
+        created = self._created.get(p)
+        pending = self._end_asks.get(p)
+        if pending is not None and pending[1].done():
+            del self._end_asks[p]
+            sent, answer = pending
+            if answer.exception() is None:
+                end = answer.result().offset
+                tp = TopicPartition(self.settings.transactions_topic, p)
+                consumed = max(self.consumer.position([tp])[0].offset, self._next.get(p, 0))
+                if consumed >= end and (created is None or created <= sent - idle_ms):
+                    self._quiet[p] = max(self._quiet.get(p, sent), sent)
+        elif pending is None and (created is None or now_ms - created >= idle_ms):
+            tp = TopicPartition(self.settings.transactions_topic, p)
+            self._end_asks[p] = (now_ms, self.admin.list_offsets(
+                {tp: OffsetSpec.latest()}, request_timeout=END_QUERY_TIMEOUT_S,
+                isolation_level=IsolationLevel.READ_COMMITTED)[tp])
+        return self._quiet.get(p)
+
+    def other_cards_held(self, terminals: np.ndarray, cards: np.ndarray, times: np.ndarray, ahead_ms: int) -> np.ndarray:
+        """The terminal rule's count for released records, up to t + ahead_ms; reseeds first if the window no
+        longer reaches a window back from the oldest of them (a partition handed over with old held records)."""
+        earliest = int(np.min(times))
+        if self.holds_from is not None and earliest - self.window.window_ms < self.holds_from:
+            self.stats.reseeds += 1
+            self.on_log("terminal window: held records reach back past the events held; reseeding")
+            self.seed(back_to=earliest)
+        return self.window.other_cards(terminals, cards, times, ahead_ms=ahead_ms)
+
     def expire(self) -> int:
         """Drop the events no decision can still read. Every decision to come is of a record at or after the
         group's committed offset of its partition (whichever detector holds it, or will after a rebalance
@@ -544,7 +615,13 @@ class TerminalReader:
                 return 0  # a partition not decided past anything read: keep everything
             floors.append(max(before))
             self._marks[tp.partition] = [(offset, t) for offset, t in marks if offset > tp.offset] + [(tp.offset, max(before))]
-        return self.window.expire(min(floors) - self.tolerance_ms - self.window.window_ms)
+        floor = min(floors)
+        held = self.keep_from()
+        if held is not None:
+            floor = min(floor, held + self.tolerance_ms)  # a held record's window reaches back from its own time
+        expired = self.window.expire(floor - self.tolerance_ms - self.window.window_ms)
+        self.holds_from = max(self.holds_from or self.window.expired_before, self.window.expired_before)
+        return expired
 
     def _call(self, what: str, fn: Callable[[], object]):
         deadline = time.monotonic() + self.settings.broker_outage_limit_s

@@ -51,6 +51,7 @@ ENV: dict[str, str] = {
     "model_file": "FRAUDSTREAM_MODEL",
     "label_delay_days": "FRAUDSTREAM_LABEL_DELAY_DAYS",
     "terminal_idle_ms": "FRAUDSTREAM_TERMINAL_IDLE_MS",
+    "terminal_hold_idle_ms": "FRAUDSTREAM_TERMINAL_HOLD_IDLE_MS",
     "metrics_port": "FRAUDSTREAM_METRICS_PORT",
     "transaction_timeout_ms": "FRAUDSTREAM_TRANSACTION_TIMEOUT_MS",
     "broker_outage_limit_s": "FRAUDSTREAM_BROKER_OUTAGE_LIMIT_S",
@@ -121,6 +122,11 @@ class Settings:
     # in its producer's batch or in flight, lands meanwhile (like Kafka Streams' max.task.idle.ms). Costs
     # this much latency at the head of the stream, none on a backlog.
     terminal_idle_ms: int = 200
+    # A record held for the terminal rule's look-ahead (consumer/held.py) is released early only when an input
+    # partition that has not reached its look-ahead has created nothing for this long since it: a quiet
+    # partition, not one the detector is still reading. Longer: fewer early decisions in a live lull;
+    # shorter: the last held records of a stream that stopped go out sooner.
+    terminal_hold_idle_ms: int = 2_000
     metrics_port: int = 0  # 0: no Prometheus endpoint
     # An open transaction stalls read_committed readers until it commits or this expires;
     # the detector stops retrying a transaction's calls before it expires.
@@ -236,8 +242,9 @@ class Settings:
             if getattr(self, name) >= MAX_POLL_INTERVAL_S:
                 raise ConfigError(f"{name} must be below {MAX_POLL_INTERVAL_S} s (the consumer's max.poll.interval.ms), "
                                   "or the group would evict a detector that is only waiting")
-        if self.terminal_idle_ms < 0:
-            raise ConfigError(f"terminal_idle_ms must not be negative, not {self.terminal_idle_ms}")
+        for name in ("terminal_idle_ms", "terminal_hold_idle_ms"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, not {getattr(self, name)}")
         if not self.label_delay_days >= 0:
             raise ConfigError(f"label_delay_days must not be negative, not {self.label_delay_days}")
         if self.fraud_threshold_cents < 0:

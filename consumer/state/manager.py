@@ -127,6 +127,10 @@ class StateManager:
     def tables(self, partition: int) -> dict[str, KeyedTable]:
         return self._ready[partition]
 
+    def ready_tables(self, store: str) -> dict[int, KeyedTable]:
+        """partition -> its table of `store`, for every partition whose state is restored."""
+        return {partition: tables[store] for partition, tables in self._ready.items()}
+
     def write_changes(self, producer, partitions: Iterable[int]) -> int:
         """Inside the open transaction: every changed row of these partitions' tables, and tombstones for the
         keys that expired. Returns the number of changelog records written."""
@@ -141,6 +145,10 @@ class StateManager:
                 table, topic = tables[spec.name], self.topics[spec.name]
                 keys, rows = table.take_dirty()
                 written += write_rows(producer, topic, partition, spec, keys, rows)
+                removed = table.take_removed()
+                if removed:
+                    written += write_tombstones(producer, topic, partition, removed)
+                    self.tombstones += len(removed)
                 if expire and len(table):
                     live = table.rows[spec.expiry_field]
                     stream_time = int(live.max())  # event time, not the wall clock

@@ -58,7 +58,7 @@ def rows_from_values(values: list[bytes], dtype: np.dtype, *, where: str) -> np.
 class KeyedTable:
     """Fixed-width rows (a numpy structured dtype), one per key (bytes)."""
 
-    __slots__ = ("dtype", "rows", "_index", "_keys", "_free", "_dirty")
+    __slots__ = ("dtype", "rows", "_index", "_keys", "_free", "_dirty", "_removed")
 
     def __init__(self, dtype: np.dtype, *, capacity: int = 1024) -> None:
         if dtype.names is None:
@@ -69,6 +69,7 @@ class KeyedTable:
         self._keys: list[bytes | None] = [None] * len(self.rows)  # slot -> key, None when free
         self._free: list[int] = list(range(len(self.rows) - 1, -1, -1))  # popped from the end: low slots first
         self._dirty = np.zeros(len(self.rows), dtype=bool)
+        self._removed: list[bytes] = []  # keys removed since the last take_removed: the changelog's tombstones
 
     def __len__(self) -> int:
         return len(self._index)
@@ -145,6 +146,19 @@ class KeyedTable:
         self._dirty[slots] = False
         keys = self._keys
         return [keys[s] for s in slots.tolist()], self.gather(slots)
+
+    def live(self) -> tuple[list[bytes], np.ndarray]:
+        """(keys, their slots) of every row held."""
+        return list(self._index), np.fromiter(self._index.values(), dtype=np.int64, count=len(self._index))
+
+    def remove(self, keys: Sequence[bytes]) -> None:
+        """Processing path: drop the keys; each becomes a tombstone in the changelog (take_removed)."""
+        self.delete(keys)
+        self._removed.extend(keys)
+
+    def take_removed(self) -> list[bytes]:
+        removed, self._removed = self._removed, []
+        return removed
 
     def put(self, keys: Sequence[bytes], rows: np.ndarray) -> None:
         """Restore path: set rows as given (not dirty: they came from the changelog)."""

@@ -24,6 +24,7 @@ from pathlib import Path
 from confluent_kafka import TopicPartition
 
 from fraudstream.consumer.features import TxColumns, card_features
+from fraudstream.consumer.held import HELD
 from fraudstream.consumer.state.recovery import Recovery
 from fraudstream.consumer.state.table import KeyedTable
 from fraudstream.consumer.stateful import CARDS
@@ -41,6 +42,7 @@ START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: event time is simulated, n
 EVENT_RATE = 20.0  # transactions per second of event time: 50,000 span about 42 minutes
 SEND_RATE = 800  # per topic per wall-clock second: a stream of about 60 s, so kills land mid-stream
 MIN_TERMINAL_FIRED = 50  # the stream holds about 250 compromised-terminal victims
+MIN_HELD = 500  # records held for the terminal rule's look-ahead (several percent of the stream)
 
 
 LOGS = Path(tempfile.mkdtemp(prefix="determinism-"))  # each detector's output, shown when one fails
@@ -139,6 +141,14 @@ def rows_by_key(table: KeyedTable) -> dict[bytes, bytes]:
     return {key: table.rows[int(table.lookup([key])[0])].tobytes() for key in keys}
 
 
+def held_changelog(settings: Settings) -> tuple[int, int]:
+    """(keys the held store's changelog ever held, keys whose last record is a tombstone)."""
+    last: dict[bytes, bytes | None] = {}
+    for message in read_topic(settings, settings.changelog_topic(HELD.name)):
+        last[message.key()] = message.value()
+    return len(last), sum(value is None for value in last.values())
+
+
 def test_same_decisions_uninterrupted_killed_and_rescaled(stack_settings: Settings):
     records = [tx for tx, _label in itertools.islice(Generator(seed=11).stream(START_MS, EVENT_RATE), TOTAL)]
     steady, killed, rescaled = (make_pipeline(stack_settings, name) for name in ("steady", "killed", "rescaled"))
@@ -182,6 +192,11 @@ def test_same_decisions_uninterrupted_killed_and_rescaled(stack_settings: Settin
     # The terminal rule reads a window of every input partition: its path ran, many times.
     terminal_fired = sum("compromised_terminal" in rules for _route, rules in expected.values())
     assert terminal_fired >= MIN_TERMINAL_FIRED, f"compromised_terminal fired {terminal_fired} times"
+    # Records held for the terminal rule's look-ahead went through their store in every run, and each was
+    # released in the end: its changelog holds a row, then a tombstone, for every key.
+    for settings in (steady, killed, rescaled):
+        held, released = held_changelog(settings)
+        assert held >= MIN_HELD and released == held, (settings.transactions_topic, held, released)
     for settings in (killed, rescaled):
         got = decisions(settings)
         differing = [tid for tid in expected if got.get(tid) != expected[tid]]

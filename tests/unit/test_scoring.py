@@ -109,6 +109,9 @@ class _State:
     def tables(self, partition):
         return {CARDS.name: self.table}
 
+    def ready_tables(self, store):
+        return {}  # nothing held
+
 
 class _Labels:
     """What the decider needs of a LabelsReader: its table, the delay, and catch_up (recorded)."""

@@ -4,6 +4,8 @@ behind is logged and counted, and ends the wait with one clear error: never a si
 
 from __future__ import annotations
 
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
+
 import time
 from concurrent.futures import Future
 from types import SimpleNamespace
@@ -153,6 +155,9 @@ class StandInMessage:
     def error(self):
         return None
 
+    def timestamp(self):
+        return (TIMESTAMP_NOT_AVAILABLE, -1)
+
 
 def test_a_read_adds_the_decoded_records_at_their_own_positions_and_moves_past_every_message() -> None:
     """Records interleaved from three partitions, one of them a dead letter (never an event), the last
@@ -290,3 +295,45 @@ def test_another_broker_error_still_ends_the_call_with_one_line() -> None:
 
     with pytest.raises(KafkaUnavailable, match="terminal reader: reading the committed offsets failed"):
         r._call("reading the committed offsets", refused)
+
+
+# ----- held records (consumer/held.py): when the window answers for a look-ahead -----
+AHEAD_MS = 120_000
+
+
+def test_a_held_record_is_due_once_every_partition_is_read_past_its_look_ahead() -> None:
+    # Partition 0 has records left to read, so only event time can release; 1 has just been read to its end.
+    consumer = StandInConsumer(ends={0: 90, 1: 60}, positions={0: 40, 1: 60})
+    just_now = time.time() * 1000
+    past = T0 + AHEAD_MS + terminal.TERMINAL_TOLERANCE_MS
+    r = reader(consumer, {0: past + 1, 1: past}, [], [])
+    r._created = {0: just_now, 1: just_now}  # both wrote a record just now: neither is quiet
+    times, created = np.array([T0, T0 - 1]), np.array([just_now - 10, just_now - 10])
+    assert r.releasable(times, created, AHEAD_MS, idle_ms=2_000).tolist() == [False, True]
+    assert not consumer.asked_ends_at  # no partition looked quiet: no end asked
+    r._latest[1] = past + 1
+    assert r.releasable(times, created, AHEAD_MS, idle_ms=2_000).tolist() == [True, True]
+
+
+def test_a_quiet_partition_at_its_end_stops_holding_records_created_an_idle_time_before_it_was_found_so() -> None:
+    # Partition 1 is far behind in event time but at its end, its newest record created 10 s ago: the stream
+    # stopped. Asked once (asynchronously), then the records created 2 s or more before the ask are due.
+    now = time.time() * 1000
+    consumer = StandInConsumer(ends={0: 90, 1: 60}, positions={0: 90, 1: 60})
+    r = reader(consumer, {0: T0 + 10 * AHEAD_MS, 1: T0 - AHEAD_MS}, [], [])
+    r._created = {0: now, 1: now - 10_000}
+    times = np.array([T0, T0])
+    created = np.array([now - 5_000, now - 500])  # the second was created after partition 1 went quiet... and recently
+    assert r.releasable(times, created, AHEAD_MS, idle_ms=2_000).tolist() == [False, False]  # the end is asked
+    assert len(consumer.asked_ends_at) == 1
+    assert r.releasable(times, created, AHEAD_MS, idle_ms=2_000).tolist() == [True, False]
+
+
+def test_a_partition_with_records_left_to_read_is_not_quiet_however_old_its_newest_record() -> None:
+    now = time.time() * 1000
+    consumer = StandInConsumer(ends={0: 90}, positions={0: 50})  # 40 records still to read
+    r = reader(consumer, {0: T0}, [], [])
+    r._created = {0: now - 60_000}
+    for _ in range(3):
+        assert r.releasable(np.array([T0]), np.array([now - 30_000]), AHEAD_MS, idle_ms=2_000).tolist() == [False]
+    assert len(consumer.asked_ends_at) >= 1 and 0 not in r._quiet

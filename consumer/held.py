@@ -1,0 +1,128 @@
+"""Held records: the compromised-terminal rule's look-ahead, decided later (Kafka Streams' `suppress`).
+
+The first victim of a tampered terminal looks like any traveller's (or local's) payment: only the next cards
+the terminal takes give it away. So the records the look-ahead could still turn to fraud
+(`RuleSet.to_hold`: decided legit, in person, far from home or at a terminal that already took another
+card; under 10% of the stream) are not routed with their batch. They go to a keyed store of their own,
+`held`, partitioned like the input and keyed by their input position, whose changes reach its compacted
+changelog inside the batch's transaction, with the batch's input offsets. Every other record is decided
+at once, as before.
+
+A held record is released in a later batch's transaction (its output, and a tombstone for its row) once the
+terminal window answers for [t - window, t + look-ahead]:
+
+- every input partition has been read past t + look-ahead + the window's tolerance (the event-time gate's
+  rule, further ahead); or
+- a partition that has not is at its end (asked of its leader, read_committed), and its newest record was
+  created `terminal_hold_idle_ms` or more before that ask and after the held record: a quiet partition
+  (the end of a demo's stream, a lull) does not hold decisions forever. Like the gate's idle time, this is a
+  stated trade: a record created on that partition after the lull, with an event time inside the
+  look-ahead, is not counted.
+
+Then the rule is asked again with the look-ahead (`RuleSet.fires_on_release`): fraud gets a FraudAlert
+naming compromised_terminal, legit is forwarded byte for byte. A crash between hold and release loses
+nothing: the held rows come back from the changelog with the partition, and are released by whichever
+detector owns it then; an aborted transaction restores them too. The row is fixed-width (the state
+store's layout), so a record whose key or value does not fit is decided at once, and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fraudstream.consumer.features import PROFILE_TTL_MS
+from fraudstream.consumer.state.stores import StoreSpec
+from fraudstream.consumer.state.table import KeyedTable, layout_tag
+
+KEY_BYTES = 64
+VALUE_BYTES = 512  # a transaction's Avro value is about 150 bytes
+HELD_DTYPE = np.dtype([
+    ("event_time_ms", "<i8"), ("created_ms", "<i8"),  # event time; the input record's Kafka timestamp
+    ("terminal", "<u4"), ("card", "<u4"),  # the terminal window's hashes
+    ("dist_home_km", "<f4"), ("score", "<f4"), ("channel", "i1"),
+    ("key_len", "<i2"), ("value_len", "<i2"),  # -1: no key
+    ("key", f"V{KEY_BYTES}"), ("value", f"V{VALUE_BYTES}"),  # the bytes forwarded if it stays legit
+])
+# Held rows are deleted on release, never left to expire; the TTL only bounds a row orphaned by a bug.
+HELD = StoreSpec(name="held", dtype=HELD_DTYPE, layout=layout_tag("held_record", 1, HELD_DTYPE),
+                 expiry_field="event_time_ms", ttl_ms=PROFILE_TTL_MS)
+
+
+def position_key(partition: int, offset: int) -> bytes:
+    """A held row's key: its input position (unique, and the same whichever detector holds it)."""
+    return (partition << 40 | offset).to_bytes(8, "big")
+
+
+def fits(key: bytes | None, value: bytes) -> bool:
+    return len(value) <= VALUE_BYTES and (key is None or len(key) <= KEY_BYTES)
+
+
+def hold(table: KeyedTable, keys: list[bytes], *, event_time_ms: np.ndarray, created_ms: np.ndarray,
+         terminal: np.ndarray, card: np.ndarray, dist_home_km: np.ndarray, score: np.ndarray, channel: np.ndarray,
+         record_keys: list[bytes | None], values: list[bytes]) -> None:
+    """Put records in the held table (dirty: written to the changelog with the batch)."""
+    rows = np.zeros(len(keys), dtype=HELD_DTYPE)
+    rows["event_time_ms"], rows["created_ms"] = event_time_ms, created_ms
+    rows["terminal"], rows["card"] = terminal, card
+    rows["dist_home_km"], rows["score"], rows["channel"] = dist_home_km, score, channel
+    rows["key_len"] = [-1 if k is None else len(k) for k in record_keys]
+    rows["value_len"] = [len(v) for v in values]
+    raw = rows.view(np.uint8).reshape(len(rows), HELD_DTYPE.itemsize)
+    key_at, value_at = HELD_DTYPE.fields["key"][1], HELD_DTYPE.fields["value"][1]
+    for i, (k, v) in enumerate(zip(record_keys, values, strict=True)):
+        if k:
+            raw[i, key_at:key_at + len(k)] = np.frombuffer(k, np.uint8)
+        raw[i, value_at:value_at + len(v)] = np.frombuffer(v, np.uint8)
+    slots = table.slots(keys)
+    table.scatter(slots, rows)
+    table.mark_dirty(slots)
+
+
+@dataclass(frozen=True, slots=True)
+class HeldRecord:
+    """A released row's input record, shaped like a consumed message for the decide and produce code."""
+
+    partition_: int
+    offset_: int
+    key_: bytes | None
+    value_: bytes
+    created_ms: int
+    topic_: str
+
+    def key(self) -> bytes | None:
+        return self.key_
+
+    def value(self) -> bytes:
+        return self.value_
+
+    def partition(self) -> int:
+        return self.partition_
+
+    def offset(self) -> int:
+        return self.offset_
+
+    def topic(self) -> str:
+        return self.topic_
+
+    def headers(self) -> None:
+        return None
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, self.created_ms)  # TIMESTAMP_CREATE_TIME
+
+    def error(self) -> None:
+        return None
+
+
+def records_of(rows: np.ndarray, keys: list[bytes], topic: str) -> list[HeldRecord]:
+    """The input records of held rows (their stored key and value bytes)."""
+    out = []
+    for row, position in zip(rows, keys, strict=True):
+        where = int.from_bytes(position, "big")
+        key_len, value_len = int(row["key_len"]), int(row["value_len"])
+        key = None if key_len < 0 else bytes(row["key"])[:key_len]
+        out.append(HeldRecord(where >> 40, where & ((1 << 40) - 1), key, bytes(row["value"])[:value_len],
+                              int(row["created_ms"]), topic))
+    return out
