@@ -117,6 +117,7 @@ CARD_FEATURES: dict[str, np.dtype] = {
     "dist_prev_km": np.dtype(np.float64),  # in person: distance from the previous in-person payment
     "speed_kmh": np.dtype(np.float64),  # in person: that distance over the time since it
     "dist_home_km": np.dtype(np.float64),  # in person: distance from the card's home area (0: unknown)
+    "home_known": np.dtype(bool),  # in person, and the card has a home area (its first in-person payment has none)
     "stay_kmh": np.dtype(np.float64),  # in person: speed of the jump that began the card's current stay
     "stay_s": np.dtype(np.float64),  # in person: seconds since the current stay began
     "new_device": np.dtype(bool),  # a device the card has not used before
@@ -462,6 +463,7 @@ def _card_round(p: np.ndarray, x: _Inputs, out: dict[str, np.ndarray], index: np
     out["dist_prev_km"][index] = dist_prev
     out["speed_kmh"][index] = speed
     out["dist_home_km"][index] = dist_home
+    out["home_known"][index] = has_home
     out["stay_kmh"][index] = np.where(in_person, stay_kmh, 0.0)
     out["stay_s"][index] = stay_s
 
@@ -543,6 +545,7 @@ def card_features_one(profile: np.void | None, tx: dict) -> tuple[dict, np.void]
     f["known_terminal"] = known_terminal
 
     dist_prev = speed = dist_home = stay_kmh = stay_s = 0.0
+    f["home_known"] = bool(in_person and int(p["home_w"]) > 0)
     if in_person:
         lat, lon = float(tx["latitude"]), float(tx["longitude"])
         if int(p["loc_ms"]) != 0:

@@ -101,11 +101,12 @@ class QualityReport:
     with_terminal: Score
     event_span_s: float = 0.0
     terminal_look_ahead_s: float = 0.0
+    held: int = 0  # records held for the look-ahead (decided once the window reaches past them)
 
     def as_dict(self) -> dict:
         return {"count": self.count, "rate": self.rate, "speedup": self.speedup, "seed": self.seed,
                 "batch": self.batch, "rules_version": self.rules_version, "event_span_s": self.event_span_s,
-                "terminal_look_ahead_s": self.terminal_look_ahead_s,
+                "terminal_look_ahead_s": self.terminal_look_ahead_s, "held": self.held,
                 "per_card_rules": self.per_card.as_dict(), "with_terminal_rule": self.with_terminal.as_dict()}
 
 
@@ -136,12 +137,16 @@ def evaluate(*, count: int = int(DEMO_SECONDS * DEMO_RATE), rate: float = DEMO_R
     done = 0
     waiting: list[tuple[list[Pair], TxColumns, dict]] = []  # batches whose look-ahead the window does not hold yet
 
+    held_total = 0
+
     def decide(pairs: list[Pair], tx: TxColumns, features: dict) -> None:
+        nonlocal held_total
         features["terminal_cards"] = terminals.other_cards(tx.terminal_hash, tx.card_hash, tx.event_time_ms)
         fired = rules.evaluate(tx, features)
         if ahead_ms and COMPROMISED_TERMINAL_RULE in rules.names:
             # The held records, decided again with the look-ahead (the detector's release, consumer/held.py).
             held = np.flatnonzero(rules.to_hold(tx, features, fired.any(axis=0)))
+            held_total += len(held)
             ahead = terminals.other_cards(tx.terminal_hash[held], tx.card_hash[held], tx.event_time_ms[held],
                                           ahead_ms=ahead_ms)
             fired[rules.names.index(COMPROMISED_TERMINAL_RULE), held] = rules.fires_on_release(
@@ -167,7 +172,7 @@ def evaluate(*, count: int = int(DEMO_SECONDS * DEMO_RATE), rate: float = DEMO_R
             decide(*waiting.pop(0))
     return QualityReport(count=count, rate=rate, speedup=speedup, seed=seed, batch=batch, rules_version=rules.version,
                          per_card=per_card, with_terminal=with_terminal, event_span_s=(last_ms - start_ms) / 1000.0,
-                         terminal_look_ahead_s=ahead_ms / 1000)
+                         terminal_look_ahead_s=ahead_ms / 1000, held=held_total)
 
 
 def _as_produced(generator: Generator, start_ms: int, rate: float, speedup: float) -> Iterator[Pair]:
@@ -218,7 +223,8 @@ def report_lines(report: QualityReport) -> list[str]:
     lines = [f"{report.count:,} transactions, seed {report.seed}, {report.rate:g} tx/s x speedup {report.speedup:g} "
              f"({report.event_span_s / 3600:.1f} h of event time), batches of {report.batch:,}; "
              f"rules version {report.rules_version}"
-             + (f"; terminal look-ahead {report.terminal_look_ahead_s:g} s" if report.terminal_look_ahead_s else "")]
+             + (f"; terminal look-ahead {report.terminal_look_ahead_s:g} s, {report.held:,} held "
+                f"({100 * report.held / report.count:.1f}%)" if report.terminal_look_ahead_s else "")]
     for title, score in (("per-card rules alone", report.per_card),
                          ("with the per-terminal rule (the detector's rule set)", report.with_terminal)):
         lines.append("")

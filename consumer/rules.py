@@ -133,17 +133,18 @@ class RuleSet:
         return int(t["look_ahead_s"] * 1000) if t else 0
 
     def to_hold(self, tx: Any, features: Mapping[str, np.ndarray], is_fraud: np.ndarray) -> np.ndarray:
-        """Which records to hold for the terminal rule's look-ahead: decided legit, in person, and either on a
-        card far from its home or at a terminal that already took `hold_near_home_from` other cards. Only the
-        next cards at its terminal can still show such a payment to be fraud (the first victim of a tampered
-        terminal looks like any traveller's payment, or like a local's); a near-home payment at a terminal
-        that took no other card would need min_other_cards_anywhere of them within the look-ahead, rare
-        enough not to hold every payment for."""
+        """Which records to hold for the terminal rule's look-ahead: decided legit, in person, and on a card far
+        from its home or with no home known yet (its first in-person payment), or at a terminal that already
+        took `hold_near_home_from` other cards. Only the next cards at its terminal can still show such a
+        payment to be fraud (the first victim of a tampered terminal looks like any traveller's payment, or
+        like a local's); a payment at home at a terminal that took no other card would need
+        min_other_cards_anywhere of them within the look-ahead, rare enough not to hold every payment for."""
         if not self.look_ahead_ms:
             return np.zeros(len(is_fraud), dtype=bool)
         t = self.thresholds[COMPROMISED_TERMINAL]
         return ~is_fraud & _in_channels(tx.channel, _IN_PERSON) & (
-            (features["dist_home_km"] >= t["min_home_km"]) | (features["terminal_cards"] >= t["hold_near_home_from"]))
+            (features["dist_home_km"] >= t["min_home_km"]) | ~features["home_known"]
+            | (features["terminal_cards"] >= t["hold_near_home_from"]))
 
     def fires_on_release(self, channel: np.ndarray, dist_home_km: np.ndarray, other_cards: np.ndarray) -> np.ndarray:
         """The terminal rule on held records, counting the other cards at their terminal up to the look-ahead."""

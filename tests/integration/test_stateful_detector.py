@@ -77,10 +77,10 @@ def test_a_restarted_detector_restores_state_before_judging(pipeline):
 
 def test_a_terminal_taking_cards_of_accounts_in_every_partition_is_caught(pipeline):
     """Per-terminal state that every detector holds whole: the terminal's cards come from accounts of every
-    input partition, and the rule counts them all (no home known: it takes three other cards). Victims 1 and 2
-    come before the third other card: held (their terminal already took one), then released once the input
-    went quiet, counting the cards up to their look-ahead. Victim 0, at a terminal that took no card yet, is
-    decided at once."""
+    input partition, and the rule counts them all (no home known: it takes three other cards). Victims 0 to 2
+    come before the third other card: held (no home known for the card; a terminal that already took one),
+    then released once the input went quiet, counting the cards up to their look-ahead. Victims 3 to 5 are
+    caught at once."""
     victims = [transaction(3_000, account=f"acct-victim-{i}", event_time=at(61 + i * 0.5), terminal_id="term-skimmer",
                            transaction_id=f"victim-{i}") for i in range(6)]
     send(pipeline, victims)
@@ -89,7 +89,7 @@ def test_a_terminal_taking_cards_of_accounts_in_every_partition_is_caught(pipeli
     partitions = {m.partition() for m in read_topic(pipeline, pipeline.transactions_topic)}
     assert len(partitions) >= 2, "the victims' accounts should span input partitions"
     fraud = alerts(pipeline)
-    assert fraud == {f"victim-{i}": ["compromised_terminal"] for i in (1, 2, 3, 4, 5)}, fraud
-    assert detector.detector.state.tombstones == 2  # the two held rows, removed from the changelog on release
+    assert fraud == {f"victim-{i}": ["compromised_terminal"] for i in range(6)}, fraud
+    assert detector.detector.state.tombstones == 3  # the three held rows, removed from the changelog on release
     reader = detector.detector.terminal
     assert reader is not None and reader.stats.events_read == len(victims)
