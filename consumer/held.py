@@ -2,8 +2,8 @@
 
 The first victim of a tampered terminal looks like any traveller's (or local's) payment: only the next cards
 the terminal takes give it away. So the records the look-ahead could still turn to fraud
-(`RuleSet.to_hold`: decided legit, in person, far from home or at a terminal that already took another
-card; under 10% of the stream) are not routed with their batch. They go to a keyed store of their own,
+(`RuleSet.to_hold`: decided legit, in person, far from home, no home known yet, or at a terminal that
+already took another card; about 10% of the stream) are not routed with their batch. They go to a keyed store of their own,
 `held`, partitioned like the input and keyed by their input position, whose changes reach its compacted
 changelog inside the batch's transaction, with the batch's input offsets. Every other record is decided
 at once, as before.
