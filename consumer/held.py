@@ -41,7 +41,7 @@ VALUE_BYTES = 512  # a transaction's Avro value is about 150 bytes
 HELD_DTYPE = np.dtype([
     ("event_time_ms", "<i8"), ("created_ms", "<i8"),  # event time; the input record's Kafka timestamp
     ("terminal", "<u4"), ("card", "<u4"),  # the terminal window's hashes
-    ("dist_home_km", "<f4"), ("score", "<f4"), ("channel", "i1"),
+    ("dist_home_km", "<f4"), ("score", "<f8"), ("channel", "i1"),  # score: the model's, as the alert carries it
     ("key_len", "<i2"), ("value_len", "<i2"),  # -1: no key
     ("key", f"V{KEY_BYTES}"), ("value", f"V{VALUE_BYTES}"),  # the bytes forwarded if it stays legit
 ])

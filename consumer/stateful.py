@@ -17,6 +17,7 @@ carries it in its `score` field, a legit record (its bytes unchanged) in the SCO
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from fraudstream.consumer.state.stores import StoreSpec
 from fraudstream.evaluate import SCORE_HEADER
 from fraudstream.serde import DecodeError
 from fraudstream.settings import Settings
+
+log = logging.getLogger("fraudstream.detector")
 
 CARDS = StoreSpec(name="cards", dtype=PROFILE_DTYPE, layout=PROFILE_LAYOUT, expiry_field="last_ms",
                   ttl_ms=PROFILE_TTL_MS)
@@ -213,6 +216,10 @@ class StatefulDecider:
             else:
                 self.too_large_to_hold += 1
                 decisions.outputs[index] = Decision(Route.LEGIT, message.key(), value, decisions.headers_of(index))
+        if len(kept) < len(rows):
+            log.warning("%d records too large for a held row (key over %d or value over %d bytes): decided at once, "
+                        "without the terminal rule's look-ahead (%d so far)", len(rows) - len(kept), held.KEY_BYTES,
+                        held.VALUE_BYTES, self.too_large_to_hold)
         if not kept:
             return
         kept = np.asarray(kept, dtype=np.int64)
@@ -277,7 +284,7 @@ class StatefulDecider:
         inputs = held.records_of(rows, keys, self._topic)
         released = decisions.released
         legit_headers = [(RULE_SET_HEADER, rules.version.encode())]
-        legit_scores = (scoring.score_header_values(rows["score"].astype(np.float64)) if self.model is not None
+        legit_scores = (scoring.score_header_values(rows["score"]) if self.model is not None
                         else [STATELESS_LEGIT_HEADERS[0][1]] * len(rows))
         fraud = np.flatnonzero(fires)
         if len(fraud):

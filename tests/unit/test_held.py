@@ -34,3 +34,110 @@ def test_a_record_too_large_for_a_held_row_does_not_fit() -> None:
     assert held.fits(b"k" * held.KEY_BYTES, b"v" * held.VALUE_BYTES)
     assert not held.fits(b"k", b"v" * (held.VALUE_BYTES + 1))
     assert not held.fits(b"k" * (held.KEY_BYTES + 1), b"v")
+
+
+# ----- the stateful decider holds and releases (stand-ins for the state and the terminal window) -----
+import io
+from datetime import UTC, datetime
+
+from fastavro import schemaless_reader
+
+from fraudstream.consumer.decide import Route
+from fraudstream.consumer.features import PROFILE_DTYPE
+from fraudstream.consumer.rules import load_rules
+from fraudstream.consumer.stateful import CARDS, StatefulDecider, decode_batch
+from tests.support.decoding import SCHEMAS, SETTINGS, decider_pair, encode, make_tx
+
+
+class _State:
+    """One partition's tables, as StateManager gives them."""
+
+    def __init__(self):
+        self.cards, self.held = KeyedTable(PROFILE_DTYPE), KeyedTable(held.HELD_DTYPE)
+
+    def tables(self, partition):
+        return {CARDS.name: self.cards, held.HELD.name: self.held}
+
+    def ready_tables(self, store):
+        return {0: self.tables(0)[store]}
+
+
+class _Window:
+    """The terminal window's reader: no other card before any payment; `due` and `ahead` say what the
+    window answers for held records (counted, to prove the release asked it)."""
+
+    def __init__(self):
+        self.due, self.ahead, self.asked = False, 0, []
+
+    def features(self, tx, partitions, offsets, created_ms):
+        return {"terminal_cards": np.zeros(len(tx), np.int64)}
+
+    def releasable(self, times, created_ms, ahead_ms, idle_ms):
+        self.asked.append((len(times), ahead_ms))
+        return np.full(len(times), self.due)
+
+    def other_cards_held(self, terminals, cards, times, ahead_ms):
+        return np.full(len(times), self.ahead)
+
+
+class _Message:
+    def __init__(self, value, offset):
+        self._value, self._offset = value, offset
+
+    def value(self): return self._value
+    def key(self): return b"acct-1"
+    def topic(self): return "transactions"
+    def partition(self): return 0
+    def offset(self): return self._offset
+    def headers(self): return None
+    def timestamp(self): return (1, 1_000 + self._offset)
+
+
+def _decider(window: _Window, state: _State) -> StatefulDecider:
+    record_wise, columnar = decider_pair()
+    return StatefulDecider(lambda messages: decode_batch(columnar, columnar.record_wise, messages),
+                           load_rules(None, settings=SETTINGS), state, encode_legit=record_wise.encode_legit,
+                           encode_fraud=record_wise.encode_fraud, terminal_features=window.features, terminal=window,
+                           input_topic="transactions")
+
+
+def _in_person(i: int, **changes):
+    return make_tx(2_500, transaction_id=f"t{i}", card_id=f"card-{i}", channel="CARD_PRESENT",
+                   event_time=datetime(2026, 1, 1, 0, i, tzinfo=UTC), **changes).to_dict()
+
+
+def test_a_card_s_first_payment_in_person_is_held_then_released_as_fraud_when_more_cards_follow() -> None:
+    window, state = _Window(), _State()
+    decider = _decider(window, state)
+    first = [_Message(encode(_in_person(0)), 0)]
+    batch = decider.decide_batch(first)
+    assert batch.outputs[0].route is Route.HELD and batch.held == 1 and not batch.released
+    assert len(state.held) == 1 and state.held.take_dirty()[0] == [held.position_key(0, 0)]
+    assert window.asked == [(1, 120_000)]  # asked whether it is due yet: not yet
+
+    window.due, window.ahead = True, 3  # the window now reaches 2 minutes past it: 3 other cards came
+    later = decider.decide_batch([_Message(encode(make_tx(100, transaction_id="t9").to_dict()), 1)])
+    assert [(r.offset(), d.route, d.rules) for r, d in later.released] == [(0, Route.FRAUD, ("compromised_terminal",))]
+    alert = schemaless_reader(io.BytesIO(later.released[0][1].value[5:]), SCHEMAS.parsed["FraudAlert"], None)
+    assert alert["transaction"]["transaction_id"] == "t0"
+    assert len(state.held) == 0 and state.held.take_removed() == [held.position_key(0, 0)]
+    assert later.state_partitions == {0}
+
+
+def test_a_held_record_no_card_followed_is_forwarded_byte_for_byte() -> None:
+    window, state = _Window(), _State()
+    decider = _decider(window, state)
+    value = encode(_in_person(0))
+    decider.decide_batch([_Message(value, 0)])
+    window.due, window.ahead = True, 0
+    released = decider.release_due()  # the input is quiet: a batch of no input records
+    assert released is not None and released.size == 0
+    [(record, decision)] = released.released
+    assert decision.route is Route.LEGIT and decision.value == value and decision.key == b"acct-1"
+
+
+def test_a_record_too_large_for_a_held_row_is_decided_at_once() -> None:
+    window, state = _Window(), _State()
+    decider = _decider(window, state)
+    batch = decider.decide_batch([_Message(encode(_in_person(0, merchant_id="m" * held.VALUE_BYTES)), 0)])
+    assert batch.outputs[0].route is Route.LEGIT and len(state.held) == 0 and decider.too_large_to_hold == 1
