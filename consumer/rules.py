@@ -61,8 +61,8 @@ DEFAULT_RULES: dict[str, dict[str, Any]] = {
                         "channels": list(CLONABLE_CHANNELS)},
     FAR_FROM_HOME: {"enabled": True, "max_speed_kmh": 20_000.0, "away_km": 300.0, "window_s": 3_600.0,
                     "channels": list(CLONABLE_CHANNELS)},
-    COMPROMISED_TERMINAL: {"enabled": True, "min_other_cards": 1, "min_home_km": 100.0, "min_other_cards_anywhere": 3,
-                           "look_ahead_s": 120.0, "hold_near_home_from": 1},
+    COMPROMISED_TERMINAL: {"enabled": True, "min_other_cards": 2, "min_home_km": 100.0, "min_other_cards_anywhere": 3,
+                           "look_ahead_s": 120.0, "hold_near_home_from": 2},
     VELOCITY: {"enabled": False, "max_in_session": 3},
 }
 

@@ -129,10 +129,11 @@ def test_travel_rules_need_a_fast_jump_away_from_home_and_leave_contactless_alon
 
 def test_compromised_terminal_needs_terminal_features() -> None:
     rules = load_rules(None)
-    tx = columns(amount_cents=[1_000] * 3)
-    f = feats(3, terminal_cards=[1, 1, 3], dist_home_km=[500, 5, 5])
+    tx = columns(amount_cents=[1_000] * 4)
+    f = feats(4, terminal_cards=[2, 1, 2, 3], dist_home_km=[500, 500, 5, 5])
 
-    assert fired(rules, "compromised_terminal", tx, f) == [True, False, True]
+    # Far from home: two other cards; anywhere: three.
+    assert fired(rules, "compromised_terminal", tx, f) == [True, False, False, True]
     del f["terminal_cards"]
     with pytest.raises(ConfigError, match="terminal"):
         rules.evaluate(tx, f)
@@ -159,3 +160,23 @@ def test_fired_names_lists_the_rules_per_transaction() -> None:
     matrix[0, 1] = matrix[1, 1] = matrix[2, 2] = True
 
     assert rules.fired_names(matrix) == [[], [rules.names[0], rules.names[1]], [rules.names[2]]]
+
+
+def test_the_records_held_for_the_look_ahead_are_those_it_could_still_turn(tmp_path: Path) -> None:
+    rules = load_rules(None)
+    online = CHANNEL_CODE["ONLINE"]
+    # 0 far from home; 1 no home known; 2 at home at a terminal with two other cards; 3 at home, one other
+    # card; 4 already fraud; 5 online; 6 in person far, but with nothing held (look_ahead_s = 0)
+    tx = columns(amount_cents=[1_000] * 6, channel=[CHANNEL_CODE["CARD_PRESENT"]] * 5 + [online])
+    f = feats(6, dist_home_km=[500, 0, 5, 5, 500, 500], home_known=[True, False, True, True, True, True],
+              terminal_cards=[0, 0, 2, 1, 0, 0])
+    is_fraud = np.array([False, False, False, False, True, False])
+    assert rules.to_hold(tx, f, is_fraud).tolist() == [True, True, True, False, False, False]
+    assert not rules.with_look_ahead(0).to_hold(tx, f, is_fraud).any()
+    assert rules.look_ahead_ms == 120_000
+
+    # On release the rule counts the cards up to the look-ahead: two on a far card, three anywhere.
+    channel = np.full(4, CHANNEL_CODE["CARD_PRESENT"], dtype=np.int8)
+    assert rules.fires_on_release(channel, np.array([500.0, 500.0, 0.0, 0.0]),
+                                  np.array([2, 1, 2, 3])).tolist() == [True, False, False, True]
+    assert not rules.without(COMPROMISED_TERMINAL).fires_on_release(channel, np.full(4, 500.0), np.full(4, 9)).any()
