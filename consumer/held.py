@@ -38,10 +38,12 @@ from fraudstream.consumer.state.table import KeyedTable, layout_tag
 
 KEY_BYTES = 64
 VALUE_BYTES = 512  # a transaction's Avro value is about 150 bytes
+RULE_SET_BYTES = 32  # a rule set's version: 12 hex digits from a file, a number from the rules topic
 HELD_DTYPE = np.dtype([
     ("event_time_ms", "<i8"), ("created_ms", "<i8"),  # event time; the input record's Kafka timestamp
     ("terminal", "<u4"), ("card", "<u4"),  # the terminal window's hashes
     ("dist_home_km", "<f4"), ("score", "<f8"), ("channel", "i1"),  # score: the model's, as the alert carries it
+    ("rule_set", f"S{RULE_SET_BYTES}"),  # the version of the rule set that held it, which its output names
     ("key_len", "<i2"), ("value_len", "<i2"),  # -1: no key
     ("key", f"V{KEY_BYTES}"), ("value", f"V{VALUE_BYTES}"),  # the bytes forwarded if it stays legit
 ])
@@ -55,15 +57,16 @@ def position_key(partition: int, offset: int) -> bytes:
     return (partition << 40 | offset).to_bytes(8, "big")
 
 
-def fits(key: bytes | None, value: bytes) -> bool:
-    return len(value) <= VALUE_BYTES and (key is None or len(key) <= KEY_BYTES)
+def fits(key: bytes | None, value: bytes, rule_set: bytes) -> bool:
+    return len(value) <= VALUE_BYTES and (key is None or len(key) <= KEY_BYTES) and len(rule_set) <= RULE_SET_BYTES
 
 
 def hold(table: KeyedTable, keys: list[bytes], *, event_time_ms: np.ndarray, created_ms: np.ndarray,
          terminal: np.ndarray, card: np.ndarray, dist_home_km: np.ndarray, score: np.ndarray, channel: np.ndarray,
-         record_keys: list[bytes | None], values: list[bytes]) -> None:
+         record_keys: list[bytes | None], values: list[bytes], rule_set: bytes) -> None:
     """Put records in the held table (dirty: written to the changelog with the batch)."""
     rows = np.zeros(len(keys), dtype=HELD_DTYPE)
+    rows["rule_set"] = rule_set
     rows["event_time_ms"], rows["created_ms"] = event_time_ms, created_ms
     rows["terminal"], rows["card"] = terminal, card
     rows["dist_home_km"], rows["score"], rows["channel"] = dist_home_km, score, channel

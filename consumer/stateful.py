@@ -45,6 +45,7 @@ CARDS = StoreSpec(name="cards", dtype=PROFILE_DTYPE, layout=PROFILE_LAYOUT, expi
                   ttl_ms=PROFILE_TTL_MS)
 STORES = (CARDS, held.HELD)
 MODEL_RULE = "model"
+RULE_SETS_KEPT = 16  # rule sets remembered for releasing the records held under them
 HELD_DECISION = Decision(Route.HELD, None, None)  # a record held for the terminal rule's look-ahead: no output yet  # the rule name of a record routed to fraud by the model's score
 LABEL_EXPIRY_EVERY = 500  # batches between two expiries of the label table
 
@@ -104,6 +105,7 @@ class StatefulDecider:
         self.hold_idle_ms = hold_idle_ms
         self._topic = input_topic  # the held records' topic, as the dead-letter headers name it
         self.too_large_to_hold = 0  # records decided at once because they do not fit a held row
+        self._rule_sets: dict[str, RuleSet] = {}  # version -> the rule sets records were held under, latest last
         if terminal is not None:
             terminal.keep_from = self.oldest_held
 
@@ -173,8 +175,8 @@ class StatefulDecider:
         for index in positions[~is_fraud & ~from_columns & ~to_hold].tolist():
             outputs[index] = Decision(legit, messages[index].key(), encode_legit(records[index]), headers_of(index))
         if to_hold.any():
-            self._hold(messages, positions, partition_of, np.flatnonzero(to_hold), tx, features, scores, from_columns,
-                       records, decisions)
+            self._hold(rules, messages, positions, partition_of, np.flatnonzero(to_hold), tx, features, scores,
+                       from_columns, records, decisions)
         fraud_rows = np.flatnonzero(is_fraud)
         if len(fraud_rows):
             column_records = _column_records(decoded, source_row[fraud_rows][from_columns[fraud_rows]])
@@ -189,27 +191,33 @@ class StatefulDecider:
             self._release(rules, decisions)
         return decisions
 
-    def _alert(self, key: bytes | None, record: dict, rule_names: list[str], rules: RuleSet, score: float) -> Decision:
+    def _alert(self, key: bytes | None, record: dict, rule_names: list[str], rules: RuleSet, score: float, *,
+               version: str | None = None) -> Decision:
         versions = getattr(rules, "versions", {})
         if self.model is not None:
             versions = {**versions, MODEL_RULE: int(self.model.meta.get("model_version", 0))}
         alert = {"transaction": record, "rules": rule_names, "detected_at": int(time.time() * 1000),
                  "fired": [{"id": name, "version": versions.get(name, 0)} for name in rule_names],
-                 "rule_set_version": rules.version, "score": score}
+                 "rule_set_version": version or rules.version, "score": score}
         return Decision(Route.FRAUD, key, self.encode_fraud(alert), rules=tuple(rule_names))
 
     # ----- held records (consumer/held.py) -----
-    def _hold(self, messages: Sequence, positions: np.ndarray, partition_of: np.ndarray, rows: np.ndarray,
-              tx: TxColumns, features: dict[str, np.ndarray], scores: np.ndarray, from_columns: np.ndarray,
-              records: dict[int, dict], decisions: DecidedBatch) -> None:
-        """Put the batch's rows `rows` in their partitions' held tables, with no output now; a row whose
-        bytes do not fit is forwarded as legit at once (counted)."""
+    def _hold(self, rules: RuleSet, messages: Sequence, positions: np.ndarray, partition_of: np.ndarray,
+              rows: np.ndarray, tx: TxColumns, features: dict[str, np.ndarray], scores: np.ndarray,
+              from_columns: np.ndarray, records: dict[int, dict], decisions: DecidedBatch) -> None:
+        """Put the batch's rows `rows` in their partitions' held tables, with no output now, under the version
+        of the rule set that decided them so far; a row whose bytes do not fit is forwarded as legit at once
+        (counted)."""
+        self._rule_sets[rules.version] = rules
+        if len(self._rule_sets) > RULE_SETS_KEPT:
+            del self._rule_sets[next(iter(self._rule_sets))]
         kept, values = [], []
+        rule_set = rules.version.encode()
         for row in rows.tolist():
             index = int(positions[row])
             message = messages[index]
             value = message.value() if from_columns[row] else self.encode_legit(records[index])
-            if held.fits(message.key(), value):
+            if held.fits(message.key(), value, rule_set):
                 kept.append(row)
                 values.append(value)
                 decisions.outputs[index] = HELD_DECISION
@@ -234,7 +242,7 @@ class StatefulDecider:
                       terminal=tx.terminal_hash[chosen], card=tx.card_hash[chosen],
                       dist_home_km=features["dist_home_km"][chosen], score=scores[chosen], channel=tx.channel[chosen],
                       record_keys=[messages[i].key() for i in positions[chosen].tolist()],
-                      values=[v for v, m in zip(values, mine.tolist(), strict=True) if m])
+                      values=[v for v, m in zip(values, mine.tolist(), strict=True) if m], rule_set=rule_set)
         decisions.held = len(kept)
 
     def _any_held(self) -> bool:
@@ -276,14 +284,19 @@ class StatefulDecider:
         rows = rows[picked]
         keys = [keys[i] for i in picked.tolist()]
         where = where[picked]
-        if self.terminal is None:
-            fires = np.zeros(len(rows), dtype=bool)
-        else:
+        # Each record is released under the rule set that held it (its output names that version; the other
+        # rules decided it under that set); one this process no longer knows (held before a restart) lends the
+        # version, and the rule set in force the terminal rule's thresholds.
+        held_under = rows["rule_set"].tolist()
+        by_version = {version: self._rule_sets.get(version.decode(), rules) for version in set(held_under)}
+        fires = np.zeros(len(rows), dtype=bool)
+        if self.terminal is not None:
             others = self.terminal.other_cards_held(rows["terminal"], rows["card"], rows["event_time_ms"], ahead)
-            fires = rules.fires_on_release(rows["channel"], rows["dist_home_km"], others)
+            for version, rule_set in by_version.items():
+                mine = np.array([v == version for v in held_under])
+                fires[mine] = rule_set.fires_on_release(rows["channel"][mine], rows["dist_home_km"][mine], others[mine])
         inputs = held.records_of(rows, keys, self._topic)
         released = decisions.released
-        legit_headers = [(RULE_SET_HEADER, rules.version.encode())]
         legit_scores = (scoring.score_header_values(rows["score"]) if self.model is not None
                         else [STATELESS_LEGIT_HEADERS[0][1]] * len(rows))
         fraud = np.flatnonzero(fires)
@@ -293,15 +306,17 @@ class StatefulDecider:
             if decoded.columns is not None and decoded.columns.num_rows:
                 as_records.update(zip(decoded.column_rows, decoded.columns.to_pylist(), strict=True))
         for i, record_in in enumerate(inputs):
+            version = held_under[i]
             if fires[i]:
                 k = int(np.searchsorted(fraud, i))
                 record = as_records.get(k)
-                decision = (self._alert(record_in.key(), record, [COMPROMISED_TERMINAL], rules,
-                                        float(rows["score"][i]) if self.model is not None else 1.0)
+                decision = (self._alert(record_in.key(), record, [COMPROMISED_TERMINAL], by_version[version],
+                                        float(rows["score"][i]) if self.model is not None else 1.0,
+                                        version=version.decode())
                             if record is not None else decoded.dead[k])
             else:
                 decision = Decision(Route.LEGIT, record_in.key(), record_in.value(),
-                                    [*legit_headers, (SCORE_HEADER, legit_scores[i])])
+                                    [(RULE_SET_HEADER, version), (SCORE_HEADER, legit_scores[i])])
             released.append((record_in, decision))
         for partition in np.unique(where).tolist():
             table = self.state.tables(partition)[held.HELD.name]

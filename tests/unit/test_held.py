@@ -15,7 +15,8 @@ def test_a_held_row_gives_back_its_input_record_and_its_features() -> None:
     values = [b"\x00\x00\x00\x00\x07" + bytes(range(200)), b"\x00\x00\x00\x00\x07"]
     held.hold(table, keys, event_time_ms=np.array([10, 20]), created_ms=np.array([111, 222]),
               terminal=np.array([5, 6]), card=np.array([7, 8]), dist_home_km=np.array([150.5, 0.0]),
-              score=np.array([0.25, 0.0]), channel=np.array([1, 2]), record_keys=[b"acct-000042", None], values=values)
+              score=np.array([0.25, 0.0]), channel=np.array([1, 2]), record_keys=[b"acct-000042", None], values=values,
+              rule_set=b"7a1da86cf7bd")
 
     dirty_keys, rows = table.take_dirty()
     assert sorted(dirty_keys) == sorted(keys)  # both go to the changelog with the batch
@@ -25,15 +26,17 @@ def test_a_held_row_gives_back_its_input_record_and_its_features() -> None:
     assert [(r.partition(), r.offset(), r.key(), r.value(), r.timestamp()[1]) for r in back] == [
         (3, 1_234_567, b"acct-000042", values[0], 111), (0, 0, None, values[1], 222)]
     assert rows["dist_home_km"].tolist() == [150.5, 0.0] and rows["terminal"].tolist() == [5, 6]
+    assert rows["rule_set"].tolist() == [b"7a1da86cf7bd"] * 2
 
     table.remove([keys[0]])
     assert table.take_removed() == [keys[0]] and len(table) == 1  # a tombstone for the released one
 
 
 def test_a_record_too_large_for_a_held_row_does_not_fit() -> None:
-    assert held.fits(b"k" * held.KEY_BYTES, b"v" * held.VALUE_BYTES)
-    assert not held.fits(b"k", b"v" * (held.VALUE_BYTES + 1))
-    assert not held.fits(b"k" * (held.KEY_BYTES + 1), b"v")
+    assert held.fits(b"k" * held.KEY_BYTES, b"v" * held.VALUE_BYTES, b"r" * held.RULE_SET_BYTES)
+    assert not held.fits(b"k", b"v" * (held.VALUE_BYTES + 1), b"7")
+    assert not held.fits(b"k" * (held.KEY_BYTES + 1), b"v", b"7")
+    assert not held.fits(b"k", b"v", b"r" * (held.RULE_SET_BYTES + 1))
 
 
 # ----- the stateful decider holds and releases (stand-ins for the state and the terminal window) -----
@@ -45,6 +48,7 @@ from fastavro import schemaless_reader
 from fraudstream.consumer.decide import Route
 from fraudstream.consumer.features import PROFILE_DTYPE
 from fraudstream.consumer.rules import load_rules
+from fraudstream.consumer.rules_topic import RULE_SET_HEADER
 from fraudstream.consumer.stateful import CARDS, StatefulDecider, decode_batch
 from tests.support.decoding import SCHEMAS, SETTINGS, decider_pair, encode, make_tx
 
@@ -124,16 +128,22 @@ def test_a_card_s_first_payment_in_person_is_held_then_released_as_fraud_when_mo
     assert later.state_partitions == {0}
 
 
-def test_a_held_record_no_card_followed_is_forwarded_byte_for_byte() -> None:
+def test_a_held_record_no_card_followed_is_forwarded_byte_for_byte_under_the_rule_set_that_held_it() -> None:
     window, state = _Window(), _State()
     decider = _decider(window, state)
+    held_under = decider.rules.version
     value = encode(_in_person(0))
     decider.decide_batch([_Message(value, 0)])
+    decider.rules = load_rules(None, settings=SETTINGS.replace(fraud_threshold_cents=1_000))  # a change meanwhile
+    assert decider.rules.version != held_under
     window.due, window.ahead = True, 0
     released = decider.release_due()  # the input is quiet: a batch of no input records
     assert released is not None and released.size == 0
     [(record, decision)] = released.released
     assert decision.route is Route.LEGIT and decision.value == value and decision.key == b"acct-1"
+    # Its $25 was judged by the rule set that held it: the output names that one, not the new one (under
+    # which $25 would be a large amount).
+    assert dict(decision.headers)[RULE_SET_HEADER] == held_under.encode()
 
 
 def test_a_record_too_large_for_a_held_row_is_decided_at_once() -> None:
