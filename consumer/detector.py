@@ -665,6 +665,14 @@ class Detector:
         positions = [TopicPartition(t, p, offset) for (t, p), offset in first.items() if (t, p) in self._assigned]
         if self.state is not None and rebuild_state:
             self.state.reset(self.consumer, sorted({tp.partition for tp in positions} | set(also_reset)))
+            # A partition reset for its released records alone is paused like the others, which can drop the
+            # records fetched for it but not yet consumed: seek it to where consuming stands, so that they are
+            # fetched again on resume.
+            topic, rewound = self.settings.transactions_topic, {tp.partition for tp in positions}
+            extra = [TopicPartition(topic, p) for p in sorted(set(also_reset) - rewound) if (topic, p) in self._assigned]
+            if extra:
+                positions += [tp for tp in self._consumer_call("reading positions", lambda: self.consumer.position(extra))
+                              if tp.offset >= 0]
         self._seek(positions)
 
     def _rewind_to_committed(self) -> None:

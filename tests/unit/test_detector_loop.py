@@ -572,3 +572,28 @@ def test_the_offsets_sent_are_each_partitions_last_record_of_the_batch_plus_one(
 
     assert sorted((tp.topic, tp.partition, tp.offset) for tp in sent) == [(TOPIC, 0, 13), (TOPIC, 1, 8), (TOPIC, 2, 8)]
     assert detector_module._next_offsets([]) == []
+
+
+class ResettingState:
+    """What _rewind asks of the state: which partitions are rebuilt."""
+
+    def __init__(self) -> None:
+        self.reset_partitions: list[int] = []
+
+    def reset(self, consumer, partitions) -> None:
+        self.reset_partitions += list(partitions)
+
+
+def test_an_aborted_batch_that_released_held_records_of_another_partition_resets_and_reseeks_that_one_too():
+    """The abort rebuilds the state of partition 1, whose held records the batch released, though none of its
+    records were in the batch: pausing it for the rebuild can drop what was fetched for it, so it is sought
+    to where consuming stands (its records are read again, none skipped)."""
+    log = Log(partitions=2, records=20)
+    d = Detector(Settings(transactions_topic=TOPIC))
+    d.consumer = FakeConsumer(log, d)
+    d.consumer.positions = {0: 4, 1: 9}
+    d.state = ResettingState()
+    d._assigned = {(TOPIC, 0), (TOPIC, 1)}
+    d._rewind([Message(0, 2), Message(0, 3)], also_reset={1})
+    assert sorted(d.state.reset_partitions) == [0, 1]
+    assert sorted(d.consumer.seeks) == [(0, 2), (1, 9)]
