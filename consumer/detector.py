@@ -405,9 +405,10 @@ class Detector:
         if batch.released:  # held records decided now: their input records stand in for the messages
             inputs = [record for record, _ in batch.released]
             outputs = DecidedBatch(len(inputs), {i: decision for i, (_, decision) in enumerate(batch.released)})
-            for index, decision in outputs.outputs.items():
+            for index, decision in list(outputs.outputs.items()):
                 self._produce_one(inputs, outputs, index, decision, small, deadline)
-            batch.released = list(zip(inputs, (outputs.outputs[i] for i in range(len(inputs))), strict=True))
+            # _produce_one may have put a dead letter in place of an output no topic takes
+            batch.released = [(record, outputs.outputs[i]) for i, record in enumerate(inputs)]
 
     def _produce_legit(self, messages: list, start: int, stop: int, batch: DecidedBatch, small: int,
                        deadline: float) -> None:

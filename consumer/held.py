@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from confluent_kafka import TIMESTAMP_CREATE_TIME
 
 from fraudstream.consumer.features import PROFILE_TTL_MS
 from fraudstream.consumer.state.stores import StoreSpec
@@ -114,7 +115,7 @@ class HeldRecord:
         return None
 
     def timestamp(self) -> tuple[int, int]:
-        return (1, self.created_ms)  # TIMESTAMP_CREATE_TIME
+        return (TIMESTAMP_CREATE_TIME, self.created_ms)
 
     def error(self) -> None:
         return None

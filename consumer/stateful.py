@@ -44,9 +44,9 @@ log = logging.getLogger("fraudstream.detector")
 CARDS = StoreSpec(name="cards", dtype=PROFILE_DTYPE, layout=PROFILE_LAYOUT, expiry_field="last_ms",
                   ttl_ms=PROFILE_TTL_MS)
 STORES = (CARDS, held.HELD)
-MODEL_RULE = "model"
+MODEL_RULE = "model"  # the rule name of a record routed to fraud by the model's score
 RULE_SETS_KEPT = 16  # rule sets remembered for releasing the records held under them
-HELD_DECISION = Decision(Route.HELD, None, None)  # a record held for the terminal rule's look-ahead: no output yet  # the rule name of a record routed to fraud by the model's score
+HELD_DECISION = Decision(Route.HELD, None, None)  # a record held for the terminal rule's look-ahead: no output yet
 LABEL_EXPIRY_EVERY = 500  # batches between two expiries of the label table
 
 
@@ -87,7 +87,7 @@ class StatefulDecider:
                  encode_legit: Callable[[dict], bytes], encode_fraud: Callable[[dict], bytes],
                  model: scoring.Model | None = None, labels=None,
                  terminal_features: Callable[[TxColumns, np.ndarray, np.ndarray, int | None], dict[str, np.ndarray]] | None = None,
-                 terminal=None, hold_idle_ms: int = 2_000, input_topic: str = "") -> None:
+                 terminal=None, hold_idle_ms: int | None = None, input_topic: str = "") -> None:
         self.decode = decode
         self.rules = rules
         self.state = state
@@ -102,7 +102,7 @@ class StatefulDecider:
         # The terminal window's reader (consumer/terminal.py), which held records are released through
         # (consumer/held.py); None: nothing is held, and rows held by an earlier run are released as legit.
         self.terminal = terminal
-        self.hold_idle_ms = hold_idle_ms
+        self.hold_idle_ms = Settings().terminal_hold_idle_ms if hold_idle_ms is None else hold_idle_ms
         self._topic = input_topic  # the held records' topic, as the dead-letter headers name it
         self.too_large_to_hold = 0  # records decided at once because they do not fit a held row
         self._rule_sets: dict[str, RuleSet] = {}  # version -> the rule sets records were held under, latest last
@@ -349,18 +349,24 @@ def load_scoring(settings: Settings, *, on_log: Callable[[str], None]):
     return model, labels
 
 
+def _timestamp_ms(message) -> int | None:
+    """A message's Kafka timestamp, or None when it carries none."""
+    kind, ms = message.timestamp()
+    return ms if kind != TIMESTAMP_NOT_AVAILABLE and ms >= 0 else None
+
+
 def _created_ms(message) -> int:
     """A message's Kafka timestamp; the wall clock when it carries none."""
-    kind, ms = message.timestamp()
-    return ms if kind != TIMESTAMP_NOT_AVAILABLE and ms >= 0 else int(time.time() * 1000)
+    ms = _timestamp_ms(message)
+    return int(time.time() * 1000) if ms is None else ms
 
 
 def newest_created_ms(messages: Sequence, positions: np.ndarray, partition_of: np.ndarray) -> int | None:
     """The latest Kafka timestamp among each partition's last record of the batch (a partition's records land in
     the order they were produced); None when the records carry none."""
     _, last = np.unique(partition_of[::-1], return_index=True)
-    stamps = [messages[int(positions[len(positions) - 1 - i])].timestamp() for i in last]
-    known = [ms for kind, ms in stamps if kind != TIMESTAMP_NOT_AVAILABLE and ms >= 0]
+    stamps = [_timestamp_ms(messages[int(positions[len(positions) - 1 - i])]) for i in last]
+    known = [ms for ms in stamps if ms is not None]
     return max(known) if known else None
 
 
