@@ -133,7 +133,7 @@ class Decider:
     def decode(self, message, *, verified: bool = False) -> tuple[int, dict[str, Any], Transaction]:
         """The decode step for one message: (writer schema id, record, transaction), or DecodeError.
         `verified`: its bytes were already found canonical (by the columnar decoder): skip that check."""
-        schema_id, payload = split_frame(message.value())
+        schema_id, payload = split_frame(message.value(), message.headers())
         writer, reader = self.decoder.schemas_for(schema_id)
         record = read_payload(payload, schema_id, writer, reader, reject_trailing_bytes=self.reject_trailing_bytes,
                               canonical=not verified)

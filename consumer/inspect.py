@@ -53,7 +53,7 @@ from fastavro import json_writer, parse_schema
 from fraudstream import argtypes
 from fraudstream.errors import ConfigError, FraudstreamError, KafkaUnavailable
 from fraudstream.kafka import check_secured_connection, consumer_config
-from fraudstream.registry import Registry
+from fraudstream.registry import Registry, SchemaRef
 from fraudstream.serde import DecodeError, WriterSchemas, read_payload, split_frame
 from fraudstream.settings import Settings
 from fraudstream.signals import stop_requests
@@ -256,7 +256,7 @@ class RecordFormatter:
         if self.dead_letter:
             return dumps(self._dead_letter_object(record))
         try:
-            schema_id, value = self.decode(record.value())
+            schema_id, value = self.decode(record.value(), record.headers())
         except DecodeError as exc:
             self.undecodable += 1
             return dumps(self._error_object(record, exc))
@@ -268,9 +268,9 @@ class RecordFormatter:
         envelope["value"] = value
         return dumps(envelope)
 
-    def decode(self, value: bytes | None) -> tuple[int, Any]:
+    def decode(self, value: bytes | None, headers=None) -> tuple[SchemaRef, Any]:
         """(schema id, JSON-ready value) of a Confluent-framed Avro value, or DecodeError."""
-        schema_id, payload = split_frame(value)
+        schema_id, payload = split_frame(value, headers)
         writer = self.schemas.get(schema_id)
         record = read_payload(payload, schema_id, writer)
         if self.confluent_json:
@@ -280,7 +280,7 @@ class RecordFormatter:
             record = json.loads(text.getvalue())
         return schema_id, record
 
-    def _metadata(self, record: KafkaRecord, schema_id: int | None) -> dict[str, Any]:
+    def _metadata(self, record: KafkaRecord, schema_id: SchemaRef | None) -> dict[str, Any]:
         timestamp_type, timestamp = record.timestamp()
         metadata: dict[str, Any] = {
             "topic": record.topic(),
@@ -290,7 +290,7 @@ class RecordFormatter:
             "timestamp_type": TIMESTAMP_TYPES.get(timestamp_type, "NotAvailable"),
         }
         if schema_id is not None:
-            metadata["schema_id"] = schema_id
+            metadata["schema_id"] = schema_id if isinstance(schema_id, int) else str(schema_id)  # a GUID
         metadata["headers"] = headers_object(record.headers(), self.bytes_encoding)
         return metadata
 

@@ -117,7 +117,7 @@ class LabelsReader:
                 log.warning("labels reader: %s", message.error().str())
                 continue
             try:
-                schema_id, payload = split_frame(message.value())
+                schema_id, payload = split_frame(message.value(), message.headers())
                 label = schemaless_reader(io.BytesIO(payload), self._schemas.get(schema_id), None)
                 terminals.append(label.get("terminal_id"))
                 times.append(label.get("event_time"))

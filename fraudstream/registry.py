@@ -8,6 +8,7 @@ is a fact about the data (UnknownSchema); a registry that does not answer is inf
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,21 @@ class UnknownSchema(Exception):
     """The registry answered, and has no schema with this id."""
 
 
+class UnusableSchema(Exception):
+    """The registry answered with a schema this project cannot read records with: another type (PROTOBUF,
+    JSON), or a text that is not Avro's JSON. A fact about the data, like UnknownSchema."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+# A schema id as a record names it: the classic integer id (Confluent framing, magic byte 0), or the GUID that
+# newer Confluent serializers write in a header or a magic-byte-1 prefix.
+SchemaRef = int | uuid.UUID
+
+
 @dataclass(frozen=True, slots=True)
 class RegisteredSchema:
     subject: str
@@ -51,6 +67,8 @@ class Registry:
     def _call(self, what: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except UnusableSchema:
+            raise
         except SchemaRegistryError as exc:
             if exc.http_status_code in (401, 403):
                 raise RegistryError(f"schema registry at {self.url} refused the credentials while {what} "
@@ -64,15 +82,42 @@ class Registry:
                                     "to that CA") from exc
             raise RegistryError(f"schema registry at {self.url} unreachable while {what}: {text}") from exc
 
-    def schema_by_id(self, schema_id: int) -> dict[str, Any]:
-        """The writer schema for a record's id (the client caches it)."""
+    def schema_by_id(self, schema_id: SchemaRef) -> dict[str, Any]:
+        """The writer schema for a record's id or GUID (the client caches it), as Avro's JSON.
+
+        What the registry answers is data: an id it does not know raises UnknownSchema, and a schema that
+        is not Avro (the Confluent API serves PROTOBUF and JSON schemas under the same ids) or whose text
+        cannot be read raises UnusableSchema, so that the record is dead-lettered. Only an answer that never
+        came (RegistryError) is infrastructure."""
+        guid = isinstance(schema_id, uuid.UUID)
+        what = f"schema guid {schema_id}" if guid else f"schema id {schema_id}"
+
+        def lookup():
+            try:
+                return self.client.get_schema_by_guid(str(schema_id)) if guid else self.client.get_schema(schema_id)
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:  # an answer the client could not read
+                raise UnusableSchema("unreadable_writer_schema", f"the registry's answer for {what} cannot be "
+                                                                 f"read: {type(exc).__name__}: {exc}") from exc
+
         try:
-            schema = self._call(f"fetching schema id {schema_id}", self.client.get_schema, schema_id)
+            schema = self._call(f"fetching {what}", lookup)
         except SchemaRegistryError as exc:
-            if _not_found(exc):
-                raise UnknownSchema(f"schema id {schema_id} is not in the registry") from exc
-            raise RegistryError(f"registry refused schema id {schema_id}: {exc}") from exc
-        return json.loads(schema.schema_str)
+            # A registry without the GUID endpoint (Apicurio 3.3) answers a bare 404: for a GUID, that is an
+            # id nobody can resolve, not an unreachable registry (plain ids are looked up at start-up).
+            if _not_found(exc) or (guid and exc.http_status_code == 404):
+                raise UnknownSchema(f"{what} is not in the registry") from exc
+            raise RegistryError(f"registry refused {what}: {exc}") from exc
+        schema_type = getattr(schema, "schema_type", None) or "AVRO"
+        if schema_type != "AVRO":
+            raise UnusableSchema("not_avro_schema", f"{what} is a {str(schema_type)[:20]!r} schema, not Avro")
+        try:
+            parsed = json.loads(schema.schema_str)
+        except (TypeError, ValueError) as exc:
+            raise UnusableSchema("unreadable_writer_schema", f"{what} is not Avro JSON: {exc}") from exc
+        if not isinstance(parsed, dict | str | list):
+            raise UnusableSchema("unreadable_writer_schema", f"{what} is JSON but not an Avro schema "
+                                                             f"({type(parsed).__name__})")
+        return parsed
 
     def latest(self, subject: str) -> RegisteredSchema:
         try:

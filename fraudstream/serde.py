@@ -10,15 +10,23 @@ from __future__ import annotations
 import io
 import json
 import struct
-from collections.abc import Callable
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
-from fraudstream.registry import Registry, UnknownSchema
+from fraudstream.registry import Registry, SchemaRef, UnknownSchema, UnusableSchema
 
 MAGIC_BYTE = 0
 HEADER = struct.Struct(">bI")
+# Newer Confluent serializers can name the writer schema by GUID: in this header (the value's own bytes are then
+# bare Avro), or in a prefix of magic byte 1 and the GUID's 16 bytes.
+VALUE_SCHEMA_ID_HEADER = "__value_schema_id"
+GUID_MAGIC_BYTE = 1
+GUID_SIZE = 16
 
 
 class DecodeError(Exception):
@@ -49,47 +57,96 @@ def make_encoder(schema_id: int, parsed_schema: Any) -> Callable[[dict[str, Any]
     return encode
 
 
-def split_frame(value: bytes | None) -> tuple[int, memoryview]:
-    """(schema id, Avro payload) of a framed value, or DecodeError."""
+def split_frame(value: bytes | None, headers: Sequence[tuple[str, bytes | None]] | None = None
+                ) -> tuple[SchemaRef, memoryview]:
+    """(schema id or GUID, Avro payload) of a framed value, or DecodeError.
+
+    A `__value_schema_id` header wins over the value's own prefix, as confluent-kafka's deserializers
+    read it; the value is then bare Avro. Otherwise the Confluent prefix: magic byte 0 and a 4-byte id, or
+    magic byte 1 and a 16-byte GUID."""
+    if headers:
+        for name, header in headers:
+            if name == VALUE_SCHEMA_ID_HEADER:
+                if not value:
+                    raise DecodeError("empty_value", "record value is empty (null or zero bytes)")
+                return _guid(header, where=f"the {VALUE_SCHEMA_ID_HEADER} header"), memoryview(value)
     if not value:
         raise DecodeError("empty_value", "record value is empty (null or zero bytes)")
+    if value[0] == GUID_MAGIC_BYTE:
+        return _guid(value[:1 + GUID_SIZE], where="the value's prefix"), memoryview(value)[1 + GUID_SIZE:]
     if value[0] != MAGIC_BYTE:
-        raise DecodeError("no_magic_byte", f"first byte is 0x{value[0]:02x}, not the Confluent magic byte 0x00")
+        raise DecodeError("no_magic_byte", f"first byte is 0x{value[0]:02x}, not the Confluent magic byte 0x00 "
+                                           "(or 0x01 with a schema GUID)")
     if len(value) < HEADER.size:
         raise DecodeError("truncated_header", f"value has {len(value)} bytes, fewer than the 5-byte Confluent header")
     _, schema_id = HEADER.unpack_from(value)
     return schema_id, memoryview(value)[HEADER.size:]
 
 
+def _guid(data: bytes | None, *, where: str) -> uuid.UUID:
+    """A schema GUID as confluent-kafka writes it (magic byte 1, 16 bytes); Avro has no message indexes."""
+    if data is None or len(data) != 1 + GUID_SIZE or data[0] != GUID_MAGIC_BYTE:
+        shown = "nothing" if data is None else f"{len(data)} bytes starting 0x{bytes(data[:1]).hex() or '-'}"
+        raise DecodeError("bad_schema_guid", f"{where} is not a schema GUID (magic byte 1 and 16 bytes): {shown}")
+    return uuid.UUID(bytes=bytes(data[1:]))
+
+
 class WriterSchemas:
     """Writer schemas by id: the one cache every reader of our topics uses (the detector's decoders, inspect,
-    evaluate). The registry is asked once per id, never per message; ids it does not know and schemas
-    that cannot be used are remembered as their DecodeError. `parse(schema_id, schema)` makes what is
-    kept from the registry's JSON: fastavro's parsed schema unless the caller needs more."""
+    evaluate). The registry is asked once per id, never per message. `parse(schema_id, schema)` makes what
+    is kept from the registry's JSON: fastavro's parsed schema unless the caller needs more.
 
-    def __init__(self, fetch: Callable[[int], dict[str, Any]],
-                 parse: Callable[[int, dict[str, Any]], Any] | None = None) -> None:
+    Ids that cannot be used are remembered as their DecodeError, in a bounded map (a stream of made-up ids
+    must not grow it without end): a schema the registry served but we cannot use is a fact about an
+    immutable id, kept until the bound pushes it out; an id the registry did not know is asked again after
+    `unknown_ttl_s` (it may have been registered since)."""
+
+    def __init__(self, fetch: Callable[[SchemaRef], dict[str, Any]],
+                 parse: Callable[[SchemaRef, dict[str, Any]], Any] | None = None, *,
+                 max_refused: int = 10_000, unknown_ttl_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
         self._fetch = fetch
         self._parse = parse or (lambda schema_id, schema: parse_schema(schema))
-        self._by_id: dict[int, Any] = {}
+        self._by_id: dict[SchemaRef, Any] = {}
+        # id -> (its DecodeError, when to ask again or None), oldest first
+        self._refused: OrderedDict[SchemaRef, tuple[DecodeError, float | None]] = OrderedDict()
+        self._max_refused = max_refused
+        self._unknown_ttl_s = unknown_ttl_s
+        self._clock = clock
+        self.lookups = 0  # registry asks, for tests and metrics
 
-    def put(self, schema_id: int, value: Any) -> None:
+    def put(self, schema_id: SchemaRef, value: Any) -> None:
         """Known without asking (a reader's own schema id)."""
         self._by_id[schema_id] = value
 
-    def get(self, schema_id: int) -> Any:
+    def get(self, schema_id: SchemaRef) -> Any:
         cached = self._by_id.get(schema_id)
-        if cached is None:
-            cached = self._by_id[schema_id] = self._resolve(schema_id)
-        if isinstance(cached, DecodeError):
-            raise cached
-        return cached
+        if cached is not None:
+            return cached
+        refused = self._refused.get(schema_id)
+        if refused is not None:
+            error, ask_again_at = refused
+            if ask_again_at is None or self._clock() < ask_again_at:
+                raise error
+            del self._refused[schema_id]
+        resolved = self._resolve(schema_id)
+        if isinstance(resolved, DecodeError):
+            unknown = resolved.kind == "unknown_schema_id"
+            self._refused[schema_id] = (resolved, self._clock() + self._unknown_ttl_s if unknown else None)
+            if len(self._refused) > self._max_refused:
+                self._refused.popitem(last=False)
+            raise resolved
+        self._by_id[schema_id] = resolved
+        return resolved
 
-    def _resolve(self, schema_id: int) -> Any:
+    def _resolve(self, schema_id: SchemaRef) -> Any:
+        self.lookups += 1
         try:
             schema = self._fetch(schema_id)  # RegistryError (no answer) propagates: infrastructure, not data
         except UnknownSchema as exc:
             return DecodeError("unknown_schema_id", str(exc))
+        except UnusableSchema as exc:
+            return DecodeError(exc.kind, exc.reason)
         try:
             return self._parse(schema_id, schema)
         except DecodeError as exc:
@@ -116,12 +173,13 @@ class Decoder:
         writer = parse_schema(writer_json)
         name = writer.get("name") if isinstance(writer, dict) else None
         if name != self.reader_name:
-            raise DecodeError("schema_mismatch", f"schema id {schema_id} is {name or writer.get('type', writer)!s}, "
-                                                 f"not {self.reader_name}")
+            shown = name or (writer.get("type") if isinstance(writer, dict) else writer)
+            raise DecodeError("schema_mismatch", f"schema id {schema_id} is {str(shown)[:200]}, not {self.reader_name}")
         return writer, (None if writer == self.reader_parsed else self.reader_parsed)
 
-    def decode(self, value: bytes | None, *, reject_trailing_bytes: bool = True) -> dict[str, Any]:
-        schema_id, payload = split_frame(value)
+    def decode(self, value: bytes | None, *, reject_trailing_bytes: bool = True,
+               headers: Sequence[tuple[str, bytes | None]] | None = None) -> dict[str, Any]:
+        schema_id, payload = split_frame(value, headers)
         writer, reader = self.schemas_for(schema_id)
         return read_payload(payload, schema_id, writer, reader, reject_trailing_bytes=reject_trailing_bytes)
 

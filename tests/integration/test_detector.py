@@ -199,3 +199,49 @@ def test_registry_outage_is_retried_not_dead_lettered(pipeline: Settings):
     legit_ids = {decode(pipeline, m.value())["transaction_id"] for m in read_topic(pipeline, pipeline.legit_topic)}
     assert v1_tx.transaction_id in legit_ids
 
+
+
+def register_foreign_schemas(settings: Settings) -> dict[str, int]:
+    """A PROTOBUF and a JSON schema in the same registry, under subjects of this test's own: the Confluent API
+    serves every type under one id space, so a record can name one of them by mistake or on purpose."""
+    from confluent_kafka.schema_registry import Schema
+
+    client = Registry(settings).client
+    base = settings.transactions_topic
+    return {
+        "not_avro_schema/protobuf": client.register_schema(f"{base}-proto-value", Schema(
+            'syntax = "proto3";\nmessage Payment { string id = 1; int64 cents = 2; }', "PROTOBUF")),
+        "not_avro_schema/json": client.register_schema(f"{base}-json-value", Schema(
+            '{"type": "object", "properties": {"id": {"type": "string"}}}', "JSON")),
+    }
+
+
+def test_records_framed_with_a_non_avro_schema_id_are_dead_lettered_and_the_detector_stays_up(pipeline: Settings):
+    """One such record used to stop the detector with a traceback, again at every restart (it was never committed)."""
+    encode = encoder_for(pipeline, pipeline.transactions_topic)
+    foreign = register_foreign_schemas(pipeline)
+    payload = encode(transaction(1_000).to_dict())[5:]
+    records = [(name.encode(), b"\x00" + schema_id.to_bytes(4, "big") + payload) for name, schema_id in foreign.items()]
+    # The newer Confluent framing: a schema GUID in a header (this registry serves no GUIDs) and a bad header.
+    guid_header = [("__value_schema_id", b"\x01" + bytes(range(16)))]
+    headed = [(b"unknown_schema_id/guid-header", payload, guid_header),
+              (b"bad_schema_guid/short-header", payload, [("__value_schema_id", b"\x01\x02")])]
+    good = [transaction(a) for a in (100, 95_000)]
+    records += [(b"good", encode(t.to_dict())) for t in good]
+    produce_raw(pipeline, pipeline.transactions_topic, records)
+    for key, value, headers in headed:
+        produce_raw(pipeline, pipeline.transactions_topic, [(key, value)], headers=headers)
+    total = len(records) + len(headed)
+
+    for _ in range(2):  # and again after a restart: nothing left over stops it
+        detector = RunningDetector(pipeline)
+        wait_until(lambda: routed_total(pipeline) >= total or not detector.thread.is_alive(), timeout_s=120,
+                   what="all records routed")
+        detector.stop()
+        assert detector.error is None, detector.error
+    dead = read_topic(pipeline, pipeline.dlq_topic)
+    kinds = sorted((m.key().decode(), dict(m.headers())[DLQ_KIND].decode()) for m in dead)
+    assert kinds == sorted((name, name.split("/")[0]) for name in [*foreign, *(k.decode() for k, _, _ in headed)])
+    reasons = {m.key().decode(): dict(m.headers())[DLQ_REASON].decode() for m in dead}
+    assert "PROTOBUF" in reasons["not_avro_schema/protobuf"] and "JSON" in reasons["not_avro_schema/json"]
+    assert routed_total(pipeline) == total  # each once, the good ones routed

@@ -80,7 +80,10 @@ def corpus(tx: Transaction, *, encode: Encoder, encode_v1: Encoder, encode_label
         "empty_value": (b"", "empty_value"),
         "null_value": (None, "empty_value"),
         "json_not_avro": (b'{"amount_cents": 5}', "no_magic_byte"),
-        "magic_byte_1": (b"\x01" + good[1:], "no_magic_byte"),
+        "magic_byte_2": (b"\x02" + good[1:], "no_magic_byte"),
+        # magic byte 1: a schema GUID follows (newer Confluent serializers); nobody knows this one
+        "unknown_schema_guid": (b"\x01" + bytes(range(16)) + good[5:], "unknown_schema_id"),
+        "truncated_schema_guid": (b"\x01" + bytes(range(10)), "bad_schema_guid"),
         "truncated_header": (b"\x00\x00\x01", "truncated_header"),
         "unknown_schema_id": (b"\x00" + unknown_id.to_bytes(4, "big") + good[5:], "unknown_schema_id"),
         "other_record_type": (encode_label({"transaction_id": "x", "is_fraud": False, "scenario": "legit"}),
