@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import numpy as np
 from confluent_kafka import TIMESTAMP_CREATE_TIME
 
-from fraudstream.consumer.features import PROFILE_TTL_MS
 from fraudstream.consumer.state.stores import StoreSpec
 from fraudstream.consumer.state.table import KeyedTable, layout_tag
 
@@ -48,9 +47,10 @@ HELD_DTYPE = np.dtype([
     ("key_len", "<i2"), ("value_len", "<i2"),  # -1: no key
     ("key", f"V{KEY_BYTES}"), ("value", f"V{VALUE_BYTES}"),  # the bytes forwarded if it stays legit
 ])
-# Held rows are deleted on release, never left to expire; the TTL only bounds a row orphaned by a bug.
+# Held rows are deleted on release only, with their output in the same transaction: never by age, whatever the
+# stream time says (a row expired without its output is a record lost).
 HELD = StoreSpec(name="held", dtype=HELD_DTYPE, layout=layout_tag("held_record", 1, HELD_DTYPE),
-                 expiry_field="event_time_ms", ttl_ms=PROFILE_TTL_MS)
+                 expiry_field="event_time_ms", ttl_ms=None)
 
 
 def position_key(partition: int, offset: int) -> bytes:

@@ -34,7 +34,7 @@ from fraudstream.consumer.features import CARD_FEATURES, PROFILE_DTYPE, PROFILE_
 from fraudstream.consumer.rules import COMPROMISED_TERMINAL, RuleSet
 from fraudstream.consumer.rules_topic import RULE_SET_HEADER
 from fraudstream.consumer.state.manager import StateManager
-from fraudstream.consumer.state.stores import StoreSpec
+from fraudstream.consumer.state.stores import StoreSpec, expiry_stream_time
 from fraudstream.evaluate import SCORE_HEADER
 from fraudstream.serde import DecodeError
 from fraudstream.settings import Settings
@@ -330,7 +330,7 @@ class StatefulDecider:
         self._batches += 1
         if self._batches % LABEL_EXPIRY_EVERY == 0:
             # No window reaches further back than the longest one before the delay (plus a day for late records).
-            labels.table.expire(int(tx.event_time_ms.max()) - labels.delay_ms
+            labels.table.expire(expiry_stream_time(int(tx.event_time_ms.max())) - labels.delay_ms
                                 - (max(scoring.TERMINAL_WINDOWS_DAYS) + 1) * scoring.DAY_MS)
         return scoring.model_features(tx, features, labels.table, labels.delay_ms)
 

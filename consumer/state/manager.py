@@ -20,7 +20,7 @@ from confluent_kafka import TopicPartition
 
 from fraudstream.consumer.state.changelog import ensure_changelogs, write_rows, write_tombstones
 from fraudstream.consumer.state.recovery import Recovery, RestoreProgress
-from fraudstream.consumer.state.stores import StoreSpec
+from fraudstream.consumer.state.stores import StoreSpec, expiry_stream_time
 from fraudstream.consumer.state.table import KeyedTable
 from fraudstream.settings import Settings
 
@@ -149,9 +149,9 @@ class StateManager:
                 if removed:
                     written += write_tombstones(producer, topic, partition, removed)
                     self.tombstones += len(removed)
-                if expire and len(table):
-                    live = table.rows[spec.expiry_field]
-                    stream_time = int(live.max())  # event time, not the wall clock
+                if expire and len(table) and spec.ttl_ms is not None:
+                    # Event time, not the wall clock: the newest live row's (freed slots keep old values).
+                    stream_time = expiry_stream_time(int(table.rows[spec.expiry_field][table.live()[1]].max()))
                     gone = table.expire(spec.expiry_field, stream_time - spec.ttl_ms - LATE_TOLERANCE_MS)
                     written += write_tombstones(producer, topic, partition, gone)
                     self.tombstones += len(gone)

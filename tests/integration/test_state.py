@@ -229,3 +229,78 @@ def test_restore_waits_for_a_transaction_still_open_on_the_changelog(pipeline):
     finally:
         recovery.close()
     assert row_of(table, b"late").tolist() == (5, 5, 5.0)
+
+
+def expire_once(pipeline, spec: StoreSpec, keyed_rows: dict[bytes, tuple], *, removed: tuple[bytes, ...] = ()):
+    """Write these rows to partition 0's table, remove some keys, and run the expiry once; (manager, table)."""
+    manager = StateManager(pipeline, [spec])
+    manager.start()
+    consumer = FakeConsumer(pipeline.transactions_topic, [0])
+    manager.assign(consumer, consumer.assigned)
+    table = manager.tables(0)[spec.name]
+    slots = table.slots(list(keyed_rows))
+    table.rows[slots] = rows(*keyed_rows.values())
+    table.mark_dirty(slots)
+    table.remove(list(removed))
+    producer = transactional(pipeline)
+    producer.begin_transaction()
+    manager.write_changes(producer, [0])
+    producer.commit_transaction(30)
+    manager.close()
+    return manager, table
+
+
+def test_expiry_takes_stream_time_from_live_rows_only(pipeline, monkeypatch):
+    """A freed slot keeps its old values: a removed row dated ahead is no stream time."""
+    import time
+
+    import fraudstream.consumer.state.manager as manager_module
+
+    monkeypatch.setattr(manager_module, "EXPIRE_EVERY_S", 0.0)  # expire at every write, not every 10 s
+    now = int(time.time() * 1000)
+    _, table = expire_once(pipeline, SPEC, {b"now": (now, 1, 1.0), b"gone": (now + 20 * 3_600_000, 2, 2.0)},
+                           removed=(b"gone",))
+    assert b"now" in table
+
+
+def test_one_event_time_far_ahead_of_the_clock_does_not_age_out_the_other_rows(pipeline, monkeypatch):
+    """One record dated 40 days ahead (a terminal whose clock is wrong) moved the partition's stream time by 40
+    days, and expired every card of the partition: expiry trusts event time at most a day past the clock."""
+    import time
+
+    import fraudstream.consumer.state.manager as manager_module
+    from fraudstream.consumer.stateful import CARDS
+    from fraudstream.consumer.state.stores import EXPIRY_MAX_AHEAD_MS
+
+    monkeypatch.setattr(manager_module, "EXPIRE_EVERY_S", 0.0)
+    month = CARDS.ttl_ms
+    spec = StoreSpec(name="cards", dtype=ROW, layout=SPEC.layout, expiry_field="last_ms", ttl_ms=month)
+    now = int(time.time() * 1000)
+    manager, table = expire_once(pipeline, spec, {b"now": (now, 1, 1.0),
+                                                  b"clock-ahead": (now + 40 * 24 * 3_600_000, 3, 3.0)})
+    assert b"now" in table and b"clock-ahead" in table and manager.tombstones == 0
+    assert EXPIRY_MAX_AHEAD_MS < month - manager_module.LATE_TOLERANCE_MS  # why "now" stays
+
+
+def test_a_store_without_ttl_is_never_expired(pipeline, monkeypatch):
+    """Held records' rows go with their output, never by age: the store has no TTL."""
+    import fraudstream.consumer.state.manager as manager_module
+    from fraudstream.consumer.held import HELD
+
+    monkeypatch.setattr(manager_module, "EXPIRE_EVERY_S", 0.0)
+    assert HELD.ttl_ms is None
+    spec = StoreSpec(name="held", dtype=ROW, layout=SPEC.layout, expiry_field="last_ms", ttl_ms=None)
+    manager = StateManager(pipeline, [spec])
+    manager.start()
+    consumer = FakeConsumer(pipeline.transactions_topic, [0])
+    manager.assign(consumer, consumer.assigned)
+    table = manager.tables(0)["held"]
+    slots = table.slots([b"old", b"new"])
+    table.rows[slots] = rows((0, 1, 1.0), (10**15, 2, 2.0))
+    table.mark_dirty(slots)
+    producer = transactional(pipeline)
+    producer.begin_transaction()
+    assert manager.write_changes(producer, [0]) == 2
+    producer.commit_transaction(30)
+    assert b"old" in table and manager.tombstones == 0
+    manager.close()

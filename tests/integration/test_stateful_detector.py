@@ -3,6 +3,7 @@ restarted detector restores it before judging the next records of its partitions
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timedelta, timezone
 
 from fraudstream.consumer.stateful import CARDS
@@ -93,3 +94,56 @@ def test_a_terminal_taking_cards_of_accounts_in_every_partition_is_caught(pipeli
     assert detector.detector.state.tombstones == 3  # the three held rows, removed from the changelog on release
     reader = detector.detector.terminal
     assert reader is not None and reader.stats.events_read == len(victims)
+
+
+def test_a_payment_dated_40_days_ahead_loses_none_of_the_records_held_on_its_partition(pipeline, monkeypatch):
+    """Reproduced on the default detector before the fix: the first in-person payments of 50 new cards (held for
+    the terminal rule's look-ahead) on one partition, then one payment dated 40 days ahead on it, while another
+    partition keeps the look-ahead from releasing anything. The expiry took the partition's stream time from that
+    payment and tombstoned the 50 held rows with no output: none of them ever came out, and nothing said so."""
+    import fraudstream.consumer.state.manager as manager_module
+
+    monkeypatch.setattr(manager_module, "EXPIRE_EVERY_S", 0.0)  # expire at every batch, as every 10 s would
+    encode = encoder_for(pipeline, pipeline.transactions_topic)
+
+    def to_partition(partition: int, txs) -> None:
+        produce_raw(pipeline, pipeline.transactions_topic, ((t.account_id.encode(), encode(t.to_dict())) for t in txs),
+                    partition=partition)
+
+    firsts = [transaction(2_500, account=f"new-{i}", event_time=at(i * 0.01), **NEW_YORK, transaction_id=f"first-{i}")
+              for i in range(50)]
+    ahead = transaction(2_500, account="clock-ahead", event_time=at(0) + timedelta(days=40), **NEW_YORK,
+                        transaction_id="ahead")
+    busy, stop_busy = [], threading.Event()
+
+    def keep_partition_1_busy() -> None:  # payments dated at the start: nothing can be released while they come
+        while not stop_busy.is_set():
+            busy.append(transaction(2_500, account=f"busy-{len(busy)}", event_time=at(0), **NEW_YORK,
+                                    transaction_id=f"busy-{len(busy)}"))
+            to_partition(1, busy[-1:])
+            stop_busy.wait(0.2)
+
+    detector = RunningDetector(pipeline)
+    feeder = threading.Thread(target=keep_partition_1_busy, daemon=True)
+    feeder.start()
+    try:
+        to_partition(0, firsts)
+        wait_until(lambda: detector.detector.metrics.consumed >= len(firsts) + len(busy), timeout_s=60,
+                   what="the first payments read")
+        to_partition(0, [ahead])
+        wait_until(lambda: detector.detector.metrics.consumed >= len(firsts) + 1 + len(busy) > len(firsts) + 3,
+                   timeout_s=60, what="the payment dated ahead read, and the busy partition after it")
+        held_on_0 = len(detector.detector.state.tables(0)["held"])
+    finally:
+        stop_busy.set()
+        feeder.join(10)
+    assert held_on_0 == len(firsts) + 1  # the 50 first payments and the one dated ahead, all still owed
+    total = len(firsts) + 1 + len(busy)
+    wait_until(lambda: routed_total(pipeline) >= total or not detector.thread.is_alive(), timeout_s=90,
+               what=f"all {total} records routed, the held ones released")
+    detector.stop()
+    assert detector.error is None, detector.error
+    routed = [decode(pipeline, m.value()) for topic in (pipeline.legit_topic, pipeline.fraud_topic)
+              for m in read_topic(pipeline, topic)]
+    ids = [r.get("transaction_id") or r["transaction"]["transaction_id"] for r in routed]
+    assert sorted(ids) == sorted(t.transaction_id for t in [*firsts, ahead, *busy])  # each once, none lost

@@ -28,11 +28,12 @@ def transaction(amount_cents: int, *, account: str = "acc-1", **overrides) -> Tr
 
 
 def produce_raw(settings: Settings, topic: str, records: Iterable[tuple[bytes | None, bytes | None]],
-                headers=None) -> int:
+                headers=None, partition: int | None = None) -> int:
     producer = Producer(producer_config(settings))
     count = 0
+    where = {} if partition is None else {"partition": partition}
     for key, value in records:
-        producer.produce(topic, value, key, headers=headers)
+        producer.produce(topic, value, key, headers=headers, **where)
         producer.poll(0)
         count += 1
     remaining = producer.flush(30)
