@@ -25,12 +25,14 @@ import contextlib
 import faulthandler
 import gc
 import logging
+import os
 import socket
 import sys
 import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -41,10 +43,11 @@ from fraudstream.consumer.metrics import DetectorMetrics
 from fraudstream.consumer.rules import TERMINAL_RULES, load_rules, rules_from_settings
 from fraudstream.consumer.rules_topic import RulesTopic
 from fraudstream.consumer.state.manager import StateManager
-from fraudstream.consumer.stateful import STORES, StatefulDecider, decode_batch, load_scoring
+from fraudstream.consumer.stateful import STORES, StatefulDecider, StateTouchedError, decode_batch, load_scoring
 from fraudstream.consumer.terminal import StopRequested, TerminalReader
 from fraudstream.errors import Fenced, KafkaUnavailable, RegistryError
-from fraudstream.kafka import (admin, consumer_config, ensure_topics, max_message_bytes, produce_or_wait, static_members,
+from fraudstream.kafka import (NEVER_PASSING, admin, consumer_config, ensure_topics, max_message_bytes, produce_or_wait,
+                               static_members,
                                transactional_producer_config, wait_for_cluster)
 from fraudstream.registry import Registry, current_ids
 from fraudstream.schemas import load_schemas
@@ -82,6 +85,21 @@ def default_transactional_id(settings: Settings) -> str:
     return settings.transactional_id or f"{settings.group_id}-{socket.gethostname()}"
 
 
+# Files a container engine puts in every container (Docker, Podman), and the variable Kubernetes sets in every pod.
+CONTAINER_MARKERS = (Path("/.dockerenv"), Path("/run/.containerenv"))
+
+
+def unstable_id_warning(settings: Settings, *, markers: tuple[Path, ...] = CONTAINER_MARKERS) -> str | None:
+    """A warning when the transactional id comes from the host name inside a container, where a recreated
+    container gets a new one (a StatefulSet's pods keep theirs; a Deployment's and Compose's do not)."""
+    in_container = any(marker.exists() for marker in markers) or "KUBERNETES_SERVICE_HOST" in os.environ
+    if settings.transactional_id or not in_container:
+        return None
+    return (f"transactional id {default_transactional_id(settings)} comes from this container's host name, which "
+            "changes when the container is recreated: set FRAUDSTREAM_TRANSACTIONAL_ID (or --transactional-id) to "
+            "a stable slot name, so that a restarted detector aborts its predecessor's open transaction at once")
+
+
 class Detector:
     def __init__(self, settings: Settings, *, log_interval_s: float = 10.0,
                  on_log: Callable[[str], None] | None = None) -> None:
@@ -105,6 +123,8 @@ class Detector:
         self._limits: dict[str, int] = {}  # output topic -> max.message.bytes
         self._rejected: list[KafkaError] = []  # delivery failures of the open transaction
         self._failures_in_a_row = 0
+        self._consumed_to: dict[int, int] = {}  # input partition -> the next offset this detector committed
+        self._registry_down_since: float | None = None  # a registry outage that made a batch be read again
         self.state: StateManager | None = None  # keyed state, when the stateful rules are on
         # How long another member must hold our group.instance.id to count as alive (see _successors).
         self._successor_wait_s = consumer_config(settings, settings.group_id)["session.timeout.ms"] / 1000 * 1.5 + 2
@@ -142,6 +162,9 @@ class Detector:
         self.producer = self._new_producer()
         if s.metrics_port:
             self.metrics.serve(s.metrics_port)
+        if (warning := unstable_id_warning(s)) is not None:
+            log.warning(warning)
+            self.on_log(warning)
         self.on_log(f"detector {self.transactional_id} started: {s.transactions_topic} -> "
                     f"{s.legit_topic} | {s.fraud_topic} | {s.dlq_topic} (group {s.group_id})")
         return decider, first_records
@@ -223,18 +246,24 @@ class Detector:
     def _on_revoke(self, consumer, partitions) -> None:
         # Nothing to flush: a batch's transaction is always committed or aborted before the next
         # consume(), which is the only place a rebalance callback can run.
-        self._assigned -= {(tp.topic, tp.partition) for tp in partitions}
+        self._forget(partitions)
         self._revocations += 1
         self.on_log(f"revoked {_partition_list(partitions)}")
         if self.state is not None:
             self.state.revoke(partitions)
 
     def _on_lost(self, consumer, partitions) -> None:
-        self._assigned -= {(tp.topic, tp.partition) for tp in partitions}
+        self._forget(partitions)
         self._revocations += 1
         self.on_log(f"lost {_partition_list(partitions)}")
         if self.state is not None:
             self.state.revoke(partitions)
+
+    def _forget(self, partitions) -> None:
+        self._assigned -= {(tp.topic, tp.partition) for tp in partitions}
+        for tp in partitions:
+            if tp.topic == self.settings.transactions_topic:
+                self._consumed_to.pop(tp.partition, None)
 
     def _on_delivery_error(self, error: KafkaError | None, message) -> None:
         # The error alone: after a fatal error, confluent-kafka can call this with a Python exception
@@ -265,9 +294,11 @@ class Detector:
                         batch = self._decide(decider, messages)
                         if batch is None:  # stopping during a registry outage: nothing produced, re-read later
                             break
-                        self._process_batch(messages, batch)
-                    elif self.state is not None and (batch := decider.release_due()) is not None:
-                        self._process_batch([], batch)  # held records due while the input is quiet
+                        if batch is not _READ_AGAIN:
+                            self._process_batch(messages, batch)
+                    elif self.state is not None and (batch := self._decide(decider, [])) is not None:
+                        if batch is not _READ_AGAIN:
+                            self._process_batch([], batch)  # held records due while the input is quiet
                     else:
                         self.producer.poll(0)
                 except _ConsumerLost as lost:  # between transactions: none is open
@@ -311,13 +342,22 @@ class Detector:
         log.warning("consumer: %s", error.str())
         return True
 
-    def _decide(self, decider: Decider | ColumnarDecider, messages: list) -> DecidedBatch | None:
-        """Decide the batch; while the registry does not answer, retry with backoff (never dead-letter)."""
+    def _decide(self, decider: Decider | ColumnarDecider, messages: list) -> DecidedBatch | object | None:
+        """Decide the batch (no messages: release the held records due while the input is quiet; None when there
+        are none). While the registry does not answer, retry with backoff (never dead-letter). A batch that had
+        changed state when the registry stopped answering is not retried as it stands: its partitions' state is
+        rebuilt and the batch read again (_READ_AGAIN), like an aborted one."""
         limit_s = self.settings.registry_outage_limit_s
-        backoff, started = 0.2, time.monotonic()
+        backoff = 0.2
+        if self._registry_down_since is None:
+            started = time.monotonic()
+        else:  # the outage began before the batch was read again
+            started, backoff = self._registry_down_since, REGISTRY_BACKOFF_MAX_S
         while True:
             try:
-                return decider.decide_batch(messages)
+                batch = decider.decide_batch(messages) if messages else decider.release_due()
+                self._registry_down_since = None
+                return batch
             except RegistryError as exc:
                 waited = time.monotonic() - started
                 if waited >= limit_s:
@@ -325,8 +365,13 @@ class Detector:
                                         "nothing of the batch was routed, a restart resumes from it") from exc
                 log.warning("%s; retrying in %.1fs", exc, backoff)
                 self.metrics.registry_retried()
+                if isinstance(exc, StateTouchedError):
+                    self._registry_down_since = started
+                    self._rewind(messages, also_reset=exc.partitions)
                 if self.stop.wait(min(backoff, max(0.0, limit_s - waited))):
                     return None
+                if isinstance(exc, StateTouchedError):
+                    return _READ_AGAIN
                 backoff = min(backoff * 2, REGISTRY_BACKOFF_MAX_S)
 
     def _with_state_ready(self, messages: list) -> list:
@@ -380,13 +425,26 @@ class Detector:
         self._produce_all(messages, batch, deadline)
         if self.state is not None:
             self._write_state_changes({m.partition() for m in messages} | batch.state_partitions)
-        if messages:
-            offsets = _next_offsets(messages)
+        # Offsets go with every transaction, a release-only one too (its partitions' offsets as committed): the
+        # group coordinator checks them against the group's generation, and that is what fences a detector
+        # whose partitions were given away (KIP-447) before it releases rows their new owner restored.
+        offsets = _next_offsets(messages) if messages else self._offsets_of(batch.state_partitions)
+        if offsets:
             self._call("sending offsets", deadline, lambda: producer.send_offsets_to_transaction(
                 offsets, self.consumer.consumer_group_metadata(), _attempt_timeout(deadline)))
         started = time.perf_counter()
         self._call("committing", deadline, lambda: producer.commit_transaction(_attempt_timeout(deadline)))
+        self._consumed_to.update((tp.partition, tp.offset) for tp in offsets)
         return time.perf_counter() - started
+
+    def _offsets_of(self, partitions: set[int]) -> list[TopicPartition]:
+        """The next offsets to read of these input partitions, as this detector committed them (asked of the group
+        for a partition it has not committed yet)."""
+        topic = self.settings.transactions_topic
+        unknown = [TopicPartition(topic, p) for p in sorted(partitions) if p not in self._consumed_to]
+        if unknown:
+            self._consumed_to.update((tp.partition, tp.offset) for tp in self._committed(unknown) if tp.offset >= 0)
+        return [TopicPartition(topic, p, self._consumed_to[p]) for p in sorted(partitions) if p in self._consumed_to]
 
     def _produce_all(self, messages: list, batch: DecidedBatch, deadline: float) -> None:
         """Produce each output once, in the batch's order: runs of forwarded records between the few
@@ -563,6 +621,7 @@ class Detector:
         except (KafkaException, RuntimeError) as exc:
             log.debug("closing the fenced consumer: %s", exc)
         self._assigned.clear()
+        self._consumed_to.clear()
         if self.state is not None:  # the new consumer's assignment restores it
             self.state.drop_all()
         self.consumer = self._new_consumer()
@@ -646,7 +705,8 @@ class Detector:
                 error = exc.args[0]
                 reason = error.str() if isinstance(error, KafkaError) else str(error)
                 # Anything else (transport failures, timeouts, "not coordinator") is the outage itself.
-                if isinstance(error, KafkaError) and (error.fatal() or error.code() in CONSUMER_GONE_CODES):
+                if isinstance(error, KafkaError) and (error.fatal() or error.code() in CONSUMER_GONE_CODES
+                                                      or error.code() in NEVER_PASSING):  # authorization: at once
                     raise KafkaUnavailable(f"{what} failed: {reason}") from exc
                 if time.monotonic() + backoff > deadline:
                     raise KafkaUnavailable(f"{what} failed for {limit_s} s (broker outage limit): {reason}") from exc
@@ -683,6 +743,8 @@ class Detector:
         if not partitions:
             return
         committed = self._committed(partitions)
+        self._consumed_to = {tp.partition: tp.offset for tp in committed
+                             if tp.topic == self.settings.transactions_topic and tp.offset >= 0}
         if self.state is not None:
             self.state.reset(self.consumer, [tp.partition for tp in partitions])
         # Logical offsets (no commit yet: OFFSET_INVALID, -1001) are passed on as a position, never computed with.
@@ -700,7 +762,7 @@ class Detector:
             nonlocal attempts
             attempts += 1
             if attempts == 1:
-                return self.consumer.committed(partitions, timeout=CALL_TIMEOUT_S)
+                return _checked(self.consumer.committed(partitions, timeout=CALL_TIMEOUT_S))
             asker = Consumer(consumer_config(self.settings, self.settings.group_id))
             try:
                 answer = asker.committed(partitions, timeout=CALL_TIMEOUT_S)
@@ -708,7 +770,7 @@ class Detector:
                 self._parked_clients.append(asker)  # its request may still be pending: never destroyed
                 raise
             asker.close()
-            return answer
+            return _checked(answer)
 
         return self._consumer_call("reading the committed offsets", ask)
 
@@ -784,6 +846,9 @@ class Detector:
                 log.debug("closing producer: %s", exc)
 
 
+_READ_AGAIN = object()  # _decide's answer for a batch whose state is being rebuilt: nothing to produce now
+
+
 class _AbortBatch(Exception):
     """The open transaction must be aborted and the batch re-read."""
 
@@ -814,6 +879,15 @@ def exit_if_stuck(timeout_s: float):
         yield
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+def _checked(committed: list[TopicPartition]) -> list[TopicPartition]:
+    """The committed offsets, or the first partition's error as a KafkaException (retried like the call's own): a
+    partition whose offset could not be read comes back as OFFSET_INVALID, which would read it from the start."""
+    for tp in committed:
+        if tp.error is not None:
+            raise KafkaException(tp.error)
+    return committed
 
 
 def _attempt_timeout(deadline: float) -> float:

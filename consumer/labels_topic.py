@@ -22,7 +22,7 @@ from fastavro import schemaless_reader
 from fraudstream.consumer.inspect import console_schemas
 from fraudstream.consumer.model import LabelTable
 from fraudstream.errors import KafkaUnavailable, RegistryError
-from fraudstream.kafka import consumer_config, ensure_topics
+from fraudstream.kafka import consumer_config, ensure_topics, wait_out
 from fraudstream.registry import Registry
 from fraudstream.serde import DecodeError, split_frame
 from fraudstream.settings import Settings
@@ -63,11 +63,10 @@ class LabelsReader:
         self.consumer.assign(self.partitions)
         ends = {}
         for tp in self.partitions:
-            try:
-                ends[tp.partition] = self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition),
-                                                                         timeout=10)[1]
-            except KafkaException as exc:
-                raise KafkaUnavailable(f"labels topic {s.labels_topic}: {exc.args[0].str()}") from exc
+            ends[tp.partition] = wait_out(
+                f"reading the end of labels topic {s.labels_topic}[{tp.partition}]",
+                lambda tp=tp: self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)[1],
+                limit_s=s.broker_outage_limit_s)
         deadline = time.monotonic() + timeout_s
         while any(self._position(p) < end for p, end in ends.items()):
             if time.monotonic() > deadline:

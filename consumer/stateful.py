@@ -35,6 +35,7 @@ from fraudstream.consumer.rules import COMPROMISED_TERMINAL, RuleSet
 from fraudstream.consumer.rules_topic import RULE_SET_HEADER
 from fraudstream.consumer.state.manager import StateManager
 from fraudstream.consumer.state.stores import StoreSpec, expiry_stream_time
+from fraudstream.errors import RegistryError
 from fraudstream.evaluate import SCORE_HEADER
 from fraudstream.serde import DecodeError
 from fraudstream.settings import Settings
@@ -82,6 +83,16 @@ def decode_batch(columnar: ColumnarDecider | None, record_wise: Decider, message
     return decoded
 
 
+class StateTouchedError(RegistryError):
+    """The registry stopped answering after the batch had changed state (the release of held records decodes
+    again): retrying the batch as it stands would count its payments twice. The caller rebuilds the state of
+    `partitions` from the changelog and reads the batch again, as after an aborted transaction."""
+
+    def __init__(self, cause: RegistryError, partitions: set[int]) -> None:
+        super().__init__(str(cause))
+        self.partitions = partitions
+
+
 class StatefulDecider:
     def __init__(self, decode: Callable[[Sequence], DecodedBatch], rules: RuleSet, state: StateManager, *,
                  encode_legit: Callable[[dict], bytes], encode_fraud: Callable[[dict], bytes],
@@ -116,6 +127,14 @@ class StatefulDecider:
         """Legit records decoded in Arrow (written with the current schema) are forwarded with no Decision
         of their own; the batch's rule-set version and their score go in their headers."""
         decoded = self.decode(messages)  # raises before any state is touched
+        try:
+            return self._decide_decoded(messages, decoded)
+        except RegistryError as exc:
+            touched = {message.partition() for message in messages}
+            touched.update(self.state.ready_tables(held.HELD.name))  # releases change the held rows of any of them
+            raise StateTouchedError(exc, touched) from exc
+
+    def _decide_decoded(self, messages: Sequence, decoded: DecodedBatch) -> DecidedBatch:
         rules = self.rules  # one rule set for the whole batch, even if a new one is installed meanwhile
         legit_headers = [(RULE_SET_HEADER, rules.version.encode())]  # shared by the batch's legit records
         if self.model is None:
@@ -260,7 +279,10 @@ class StatefulDecider:
         if not self._any_held():
             return None
         decisions = DecidedBatch(0, {}, [])
-        self._release(self.rules, decisions)
+        try:
+            self._release(self.rules, decisions)
+        except RegistryError as exc:
+            raise StateTouchedError(exc, set(self.state.ready_tables(held.HELD.name))) from exc
         return decisions if decisions.released else None
 
     def _release(self, rules: RuleSet, decisions: DecidedBatch) -> None:

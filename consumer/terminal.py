@@ -37,12 +37,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, IsolationLevel, KafkaException, TopicPartition
 from confluent_kafka.admin import OffsetSpec
 
 from fraudstream.consumer.features import MINUTE_MS, TERMINAL_WINDOW_MS, TxColumns, hash_strings
 from fraudstream.errors import KafkaUnavailable, RegistryError
-from fraudstream.kafka import admin, consumer_config, refresh_metadata
+from fraudstream.kafka import admin, consumer_config, passes, refresh_metadata
 from fraudstream.settings import Settings
 
 log = logging.getLogger("fraudstream.terminal")
@@ -62,8 +62,6 @@ GATE_LOG_EVERY_S = 5.0
 END_QUERY_TIMEOUT_S = 5.0  # one ask of a partition's end; unanswered, the gate asks again
 # The group coordinator (which answers for committed offsets) starting, loading or moving: waited for, like
 # every other broker outage (librdkafka does not mark these retriable).
-COORDINATOR_MOVING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-                      KafkaError.COORDINATOR_NOT_AVAILABLE}
 METADATA_REFRESH_EVERY_S = 2.0  # while the gate waits: how often the input's leaders are asked again
 EXPIRE_EVERY_S = 10.0  # expiry only frees memory: how often it asks for the committed offsets  # a partition holding the gate up is logged this often
 _POS_SHIFT = 40  # position key: partition << 40 | offset (offsets up to 10^12)
@@ -630,8 +628,7 @@ class TerminalReader:
                 return fn()
             except KafkaException as exc:
                 error = exc.args[0]
-                passing = error.retriable() or error.code() < 0 or error.code() in COORDINATOR_MOVING
-                if error.fatal() or not passing or time.monotonic() > deadline:
+                if not passes(error) or time.monotonic() > deadline:
                     raise KafkaUnavailable(f"terminal reader: {what} failed: {error.str()}") from exc
                 if self.stop():
                     raise StopRequested(what) from exc

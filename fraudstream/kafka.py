@@ -6,7 +6,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
@@ -16,6 +16,7 @@ from fraudstream.errors import KafkaUnavailable
 from fraudstream.settings import MAX_POLL_INTERVAL_S, Settings
 
 log = logging.getLogger("fraudstream.kafka")
+T = TypeVar("T")
 
 
 # Defaults a user may change with client properties (-X, FRAUDSTREAM_KAFKA_CONFIG). What the code
@@ -125,6 +126,50 @@ CLIENT_CERTIFICATE_ALERT = re.compile(r"alert (certificate required|bad certific
 def is_refusal(error: KafkaError) -> bool:
     return error.code() in REFUSALS or (error.code() == KafkaError._TRANSPORT
                                         and bool(CLIENT_CERTIFICATE_ALERT.search(error.str())))
+
+
+# One classification for every loop that waits a broker out (pitfall 21). librdkafka's retriable() is False for
+# some errors that pass by themselves: a leader moving (NOT_LEADER_FOR_PARTITION from list_offsets or
+# get_watermark_offsets), a coordinator loading, a partition unknown while its topic is created or its broker
+# restarts. Those are waited out, with a bound; fencing, fatal errors and authorization never are.
+PASSING = frozenset({
+    KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError.FENCED_LEADER_EPOCH, KafkaError.UNKNOWN_LEADER_EPOCH, KafkaError.REPLICA_NOT_AVAILABLE,
+    KafkaError.NOT_ENOUGH_REPLICAS, KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND, KafkaError.OFFSET_NOT_AVAILABLE,
+    KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.REQUEST_TIMED_OUT, KafkaError.NETWORK_EXCEPTION, KafkaError.KAFKA_STORAGE_ERROR,
+})
+NEVER_PASSING = frozenset({
+    KafkaError._FATAL, KafkaError._FENCED, KafkaError._STATE, KafkaError._DESTROY, KafkaError.PRODUCER_FENCED,
+    KafkaError.INVALID_PRODUCER_EPOCH, KafkaError.FENCED_INSTANCE_ID, KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError.GROUP_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, KafkaError.SASL_AUTHENTICATION_FAILED,
+})
+
+
+def passes(error: KafkaError) -> bool:
+    """Whether to wait this error out (retry with a bound): librdkafka's own retriable ones, a leader or
+    coordinator moving, and the client's local transport errors (negative codes); never fatal errors, fencing,
+    authorization or a refused handshake."""
+    code = error.code()
+    if error.fatal() or code in NEVER_PASSING or is_refusal(error):
+        return False
+    return error.retriable() or code in PASSING or code < 0
+
+
+def wait_out(what: str, call: Callable[[], T], *, limit_s: float, interval_s: float = 0.2) -> T:
+    """`call()`, retried while its error `passes` (a leader or coordinator moving, a broker away), for at most
+    `limit_s`; anything else, or the limit, is KafkaUnavailable with one line naming `what`."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            error = exc.args[0]
+            if not passes(error) or time.monotonic() > deadline:
+                raise KafkaUnavailable(f"{what} failed: {error.str()}") from exc
+            log.warning("%s failed (%s): retrying", what, error.str())
+            time.sleep(interval_s)
 
 
 def refusal_message(settings: Settings, error: KafkaError) -> str:

@@ -80,6 +80,11 @@ class StateManager:
         assigned = {tp.partition for tp in consumer.assignment() if tp.topic == self.settings.transactions_topic}
         self.revoke([TopicPartition(self.settings.transactions_topic, p) for p in partitions])
         again = [p for p in partitions if p in assigned]
+        if len(again) < len(partitions):
+            # Not an error (a partition revoked meanwhile is its new owner's to restore), but never silent.
+            gone = sorted(set(partitions) - set(again))
+            self.on_log(f"state of {self.settings.transactions_topic}{gone} dropped, not restored: no longer "
+                        "assigned to this detector (its new owner restores it from the changelog)")
         if again:
             consumer.pause([TopicPartition(self.settings.transactions_topic, p) for p in again])
             for partition in again:

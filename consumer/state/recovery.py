@@ -19,14 +19,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaException, TopicPartition
 from confluent_kafka.admin import OffsetSpec
 
 from fraudstream.consumer.state.changelog import LAYOUT_HEADER
 from fraudstream.consumer.state.stores import StoreSpec
 from fraudstream.consumer.state.table import KeyedTable, check_layout, check_row_bytes
 from fraudstream.errors import KafkaUnavailable, StateError
-from fraudstream.kafka import admin, consumer_config, refresh_metadata
+from fraudstream.kafka import admin, consumer_config, passes, refresh_metadata
 from fraudstream.settings import Settings
 
 log = logging.getLogger("fraudstream.state")
@@ -34,13 +34,6 @@ log = logging.getLogger("fraudstream.state")
 RESTORE_BATCH = 20_000
 STALL_LOG_AFTER_S = 15.0  # a changelog partition whose restore has not moved for this long is logged (and again)
 METADATA_REFRESH_AFTER_S = 2.0  # ... and for this long: its leaders are asked again (at most this often)
-# What a just-created topic answers until its partitions have leaders, and a partition whose leader is
-# down or moving: its request timed out or failed in transport, the client dropped that broker while the
-# request waited for it ("broker handle destroyed"), or its metadata names a leader it has since dropped
-# (librdkafka's local "unknown partition") until the next metadata answer.
-_NO_LEADER_YET = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART,
-                  KafkaError._TIMED_OUT, KafkaError._UNKNOWN_PARTITION, KafkaError._TRANSPORT,
-                  KafkaError._DESTROY_BROKER}
 
 
 @dataclass
@@ -137,8 +130,7 @@ class Recovery:
                 return self.offsets.get_watermark_offsets(tp, timeout=self.timeout_s, cached=False)
             except KafkaException as exc:
                 error = exc.args[0]
-                passing = error.retriable() or error.code() in _NO_LEADER_YET
-                if not passing or time.monotonic() > deadline:
+                if not passes(error) or time.monotonic() > deadline:
                     raise KafkaUnavailable(f"could not read the end of changelog {tp.topic}[{tp.partition}]: "
                                            f"{error.str()}") from exc
                 log.warning("asking for the end of changelog %s[%d]: %s; retrying", tp.topic, tp.partition, error.str())

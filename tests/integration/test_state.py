@@ -304,3 +304,20 @@ def test_a_store_without_ttl_is_never_expired(pipeline, monkeypatch):
     producer.commit_transaction(30)
     assert b"old" in table and manager.tombstones == 0
     manager.close()
+
+
+def test_a_reset_of_a_partition_no_longer_assigned_drops_its_state_and_says_so(pipeline):
+    """After an abort, state changed by the batch is rebuilt; a partition revoked meanwhile is dropped, not
+    restored (its new owner does that), and the log line says which."""
+    lines = []
+    manager = StateManager(pipeline, [SPEC], on_log=lines.append)
+    manager.start()
+    consumer = FakeConsumer(pipeline.transactions_topic, [0, 1])
+    manager.assign(consumer, consumer.assigned)
+    assert manager.ready(0) and manager.ready(1)
+    consumer.assigned = consumer.assigned[:1]  # partition 1 revoked by the consumer, before the reset
+    manager.reset(consumer, [0, 1])
+    wait_until(lambda: manager.recover_step(consumer) or manager.ready(0), timeout_s=30, what="restore", interval_s=0.01)
+    assert not manager.ready(1) and 1 not in consumer.paused
+    assert any("[1] dropped" in line for line in lines), lines
+    manager.close()

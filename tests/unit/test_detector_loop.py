@@ -597,3 +597,159 @@ def test_an_aborted_batch_that_released_held_records_of_another_partition_resets
     d._rewind([Message(0, 2), Message(0, 3)], also_reset={1})
     assert sorted(d.state.reset_partitions) == [0, 1]
     assert sorted(d.consumer.seeks) == [(0, 2), (1, 9)]
+
+
+class CommittedOffset:
+    """A committed() answer for one partition, as librdkafka gives it, with its own error."""
+
+    def __init__(self, partition: int, offset: int, error: KafkaError | None = None) -> None:
+        self.topic, self.partition, self.offset, self.error = TOPIC, partition, offset, error
+
+
+def test_a_partition_whose_committed_offset_came_back_with_an_error_is_asked_again_not_read_from_the_start(monkeypatch):
+    """librdkafka reports a per-partition error inside committed()'s answer, with OFFSET_INVALID as the offset:
+    taken as "nothing committed", the partition was read again from its beginning (duplicates)."""
+    detector, log, producers = make_detector(monkeypatch, fail={("send_offsets", 2): KafkaError(KafkaError._FENCED, fatal=True)})
+    detector.settings = detector.settings.replace(broker_outage_limit_s=5)
+    answers = []
+
+    def answer(self, partitions, timeout=None):
+        error = KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS) if not answers else None
+        answers.append(error)
+        return [CommittedOffset(tp.partition, -1001 if error else log.committed[tp.partition], error)
+                for tp in partitions]
+
+    monkeypatch.setattr(FakeConsumer, "committed", answer)
+
+    class FreshAsker:  # the second attempt's client of the group
+        def __init__(self, config):
+            pass
+
+        committed = answer
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(detector_module, "Consumer", FreshAsker)
+    metrics = detector.run()
+    assert metrics.recoveries == 1 and len(answers) == 2 and answers[0] is not None  # the error was asked again
+    outputs = producers[0].committed_outputs + producers[1].committed_outputs
+    assert sorted(outputs) == every_input(log)  # nothing read twice from the start
+
+
+class ReleasingDecider:
+    """The first batch holds nothing back; then, with the input quiet, held records of partition 1 fall due."""
+
+    def __init__(self) -> None:
+        self.released = False
+
+    def decide_batch(self, messages):
+        return DecidedBatch(len(messages), {})
+
+    def release_due(self):
+        if self.released:
+            return None
+        self.released = True
+        held_input = Message(1, 3)
+        batch = DecidedBatch(0, {})
+        batch.released = [(held_input, Decision(Route.LEGIT, b"k", b"released", None))]
+        batch.state_partitions = {1}
+        return batch
+
+
+class QuietState:
+    recovering = False
+
+    def ready(self, partition):
+        return True
+
+    def write_changes(self, producer, partitions):
+        return 0
+
+    def sizes(self):
+        return {}
+
+    def close(self):
+        pass
+
+
+def test_a_transaction_that_only_releases_held_records_sends_its_partitions_offsets(monkeypatch):
+    """Without offsets, the group coordinator never checks such a transaction against the group's generation: a
+    detector whose partitions were given away could still release rows their new owner restored (duplicates)."""
+    decider = ReleasingDecider()
+    detector, log, producers = make_detector(monkeypatch, records=2, decider=decider)
+    start = detector._start
+
+    def start_with_state():
+        started = start()
+        detector.state = QuietState()
+        return started
+
+    monkeypatch.setattr(detector, "_start", start_with_state)
+    sent = []
+    original = FakeProducer.send_offsets_to_transaction
+    monkeypatch.setattr(FakeProducer, "send_offsets_to_transaction",
+                        lambda self, offsets, metadata, timeout: (sent.append(offsets), original(self, offsets, metadata, timeout)))
+    consume = FakeConsumer.consume
+    monkeypatch.setattr(FakeConsumer, "consume", lambda self, n, timeout: [] if decider.released is False and
+                        log.committed[0] >= 2 and log.committed[1] >= 2 else consume(self, n, timeout))
+    detector.run()
+    assert decider.released and b"released" in producers[0].committed_outputs
+    release_offsets = sent[-1]
+    assert [(tp.partition, tp.offset) for tp in release_offsets] == [(1, 2)]  # as committed: the group checks it
+
+
+def test_a_transactional_id_from_a_containers_host_name_is_warned_about(tmp_path, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    marker = tmp_path / ".dockerenv"
+    plain = Settings(transactions_topic=TOPIC)
+    assert detector_module.unstable_id_warning(plain, markers=(marker,)) is None  # not in a container
+    marker.touch()
+    warning = detector_module.unstable_id_warning(plain, markers=(marker,))
+    assert warning is not None and "FRAUDSTREAM_TRANSACTIONAL_ID" in warning
+    assert detector_module.unstable_id_warning(plain.replace(transactional_id="slot-0"), markers=(marker,)) is None
+
+
+class OutageAfterStateDecider:
+    """Fails the first batch as the stateful decider does when the registry stops answering after the batch
+    changed state; then forwards everything."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def decide_batch(self, messages):
+        from fraudstream.consumer.stateful import StateTouchedError
+        from fraudstream.errors import RegistryError
+
+        if not self.failed:
+            self.failed = True
+            raise StateTouchedError(RegistryError("registry unreachable"), {0, 1})
+        return DecidedBatch(len(messages), {})
+
+    def release_due(self):
+        return None
+
+
+class RebuildingState(QuietState):
+    def __init__(self) -> None:
+        self.reset_partitions: list[int] = []
+
+    def reset(self, consumer, partitions) -> None:
+        self.reset_partitions += list(partitions)
+
+
+def test_a_batch_that_changed_state_before_a_registry_outage_is_read_again_after_a_rebuild(monkeypatch):
+    decider = OutageAfterStateDecider()
+    detector, log, producers = make_detector(monkeypatch, decider=decider)
+    start, state = detector._start, RebuildingState()
+
+    def start_with_state():
+        started = start()
+        detector.state = state
+        return started
+
+    monkeypatch.setattr(detector, "_start", start_with_state)
+    metrics = detector.run()
+    assert decider.failed and sorted(state.reset_partitions) == [0, 1]  # rebuilt, not retried as it stood
+    assert metrics.registry_retries == 1
+    assert sorted(producers[0].committed_outputs) == every_input(log)  # the batch read again: each record once

@@ -151,3 +151,32 @@ def test_a_record_too_large_for_a_held_row_is_decided_at_once() -> None:
     decider = _decider(window, state)
     batch = decider.decide_batch([_Message(encode(_in_person(0, merchant_id="m" * held.VALUE_BYTES)), 0)])
     assert batch.outputs[0].route is Route.LEGIT and len(state.held) == 0 and decider.too_large_to_hold == 1
+
+
+def test_a_registry_outage_after_the_batch_changed_state_asks_for_the_state_to_be_rebuilt() -> None:
+    """The release decodes held records again; if the registry stops answering there, the batch's card state has
+    already changed, and retrying it as it stands would count its payments twice."""
+    import pytest
+
+    from fraudstream.consumer.stateful import StateTouchedError
+    from fraudstream.errors import RegistryError
+
+    window, state = _Window(), _State()
+    decider = _decider(window, state)
+    decider.decide_batch([_Message(encode(_in_person(0)), 0)])  # held
+    window.due, window.ahead = True, 3  # released as fraud: decoded again
+    decode, calls = decider.decode, []
+
+    def decode_then_fail(messages):
+        calls.append(len(messages))
+        if len(calls) > 1:  # the batch's own decode passes; the release's does not
+            raise RegistryError("schema registry at http://registry unreachable")
+        return decode(messages)
+
+    decider.decode = decode_then_fail
+    with pytest.raises(StateTouchedError) as touched:
+        decider.decide_batch([_Message(encode(_in_person(1)), 1)])
+    assert touched.value.partitions == {0} and calls == [1, 2]  # the batch, then its release (both held)
+    assert len(state.cards) == 2  # card-1's payment was counted: hence the rebuild
+    with pytest.raises(StateTouchedError):  # and while the input is quiet
+        decider.release_due()
