@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -29,44 +27,18 @@ from fraudstream.consumer.stateful import CARDS
 from fraudstream.kafka import admin, consumer_config, ensure_topics
 from fraudstream.registry import register_all
 from fraudstream.settings import Settings
-from fraudstream.stack import LocalStack, pid_alive
+from fraudstream.stack import pid_alive
 from fraudstream.producer.loop import produce
 from tests.integration.test_detector import decode
 from tests.support.detector_process import DetectorProcess
 from tests.support.kafka_io import read_topic, wait_until
+from tests.support.own_stack import own_kafka
 from tests.support.routed import RoutedReader
 
 RATE = 400  # transactions per second: a stream that outlasts the faults without loading a busy machine
 # Kill-and-restart rounds; `make faults` runs a longer schedule (FAULT_ROUNDS=10 by default there).
 ROUNDS = int(os.environ.get("FAULT_ROUNDS", "3"))
 FAULT_WAIT_S = 180.0  # the longest a step may take on a busy 2-core machine before the test fails
-
-
-def free_port_block(size: int) -> int:
-    """A base port with `size` free ports from it (a cluster's nodes use consecutive pairs)."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20_000, 40_000, 2)
-        try:
-            for port in range(base, base + size):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no block of free ports found")
-
-
-def own_kafka(stack_settings: Settings, folder: Path, brokers: int):
-    base = free_port_block(2 * brokers)
-    settings = stack_settings.replace(stack_dir=folder, kafka_port=base, controller_port=base + 1)
-    shared_dist = LocalStack(Settings.from_env(), log=lambda *_: None).dist  # nothing fetched twice
-    stack = LocalStack(settings, log=lambda *_: None, dist=shared_dist, brokers=brokers)
-    try:
-        bootstrap = stack.up_kafka()
-        yield stack, settings.replace(bootstrap_servers=bootstrap, replication_factor=stack.replication_factor)
-    finally:
-        stack.down(wipe=True)
 
 
 @pytest.fixture(scope="module")
