@@ -19,7 +19,8 @@ from confluent_kafka import Producer
 
 from fraudstream.consumer.decide import DLQ_KIND, DLQ_REASON, DLQ_TOPIC
 from fraudstream.consumer.rules import LARGE_AMOUNT
-from fraudstream.consumer.rules_topic import INVALID_RULE, RULE_SET_HEADER, RulesCodec, read_all, write_records
+from fraudstream.consumer.rules_topic import (APPLIED, INVALID_RULE, REMOVED, RULE_SET_HEADER, RulesCodec, read_changes,
+                                              write_records)
 from fraudstream.records import Rule
 from fraudstream.cli import main as fraudstream
 from fraudstream.kafka import producer_config
@@ -92,11 +93,12 @@ def large_amount_by_rule_set(settings: Settings) -> dict[str, tuple[int, bool, i
     """Rule-set version -> large_amount's (version, enabled, threshold) in it, rebuilt from the rules topic alone."""
     rule_at: dict[str, tuple[int, bool, int] | None] = {}
     current = None
-    for message, record, _ in read_all(settings, RulesCodec(settings)):
-        if message.key() == LARGE_AMOUNT.encode():
+    for change in read_changes(settings, RulesCodec(settings))[1]:
+        if change.message.key() == LARGE_AMOUNT.encode() and change.outcome in (APPLIED, REMOVED):
+            record = change.record
             current = None if record is None else (record.version, record.enabled,
                                                    record.parameters["threshold_cents"])
-        rule_at[str(message.offset() + 1)] = current
+        rule_at[str(change.message.offset() + 1)] = current
     return rule_at
 
 
@@ -188,7 +190,7 @@ def test_lowering_the_threshold_then_disabling_the_rule_reaches_both_detectors_w
         mine = partitions_of(detector)
         assert any(where[tid] in mine for tid in by_version[lowered]), f"no lowered-threshold probe on {mine}"
         assert any(where[tid] in mine for tid in by_version[versions[0]]), f"no disabled-rule probe on {mine}"
-    history = [r for m, r, _ in read_all(pipeline, RulesCodec(pipeline)) if m.key() == LARGE_AMOUNT.encode()]
+    history = [c.record for c in read_changes(pipeline, RulesCodec(pipeline))[1] if c.message.key() == LARGE_AMOUNT.encode()]
     assert [(r.version, r.enabled, r.parameters.get("threshold_cents")) for r in history][-2:] == [
         (2, True, LOWERED_CENTS), (3, False, LOWERED_CENTS)]
 

@@ -180,3 +180,46 @@ def test_the_records_held_for_the_look_ahead_are_those_it_could_still_turn(tmp_p
     assert rules.fires_on_release(channel, np.array([500.0, 500.0, 0.0, 0.0]),
                                   np.array([2, 1, 2, 3])).tolist() == [True, False, False, True]
     assert not rules.without(COMPROMISED_TERMINAL).fires_on_release(channel, np.full(4, 500.0), np.full(4, 9)).any()
+
+
+# ----- bounds: one table (PARAMETER_BOUNDS), for the rules file, `rules set` and the rules topic alike
+
+def test_every_parameter_of_every_rule_has_a_bound_with_finite_limits() -> None:
+    from fraudstream.consumer.rules import PARAMETER_BOUNDS
+
+    assert {key for params in DEFAULT_RULES.values() for key in params} | {"threshold_cents"} == PARAMETER_BOUNDS.keys()
+    for key, bound in PARAMETER_BOUNDS.items():
+        if bound.type is not bool:
+            assert bound.maximum is not None and np.isfinite(bound.maximum) and bound.why, key
+
+
+@pytest.mark.parametrize("kind, key, value, says", [
+    (COMPROMISED_TERMINAL, "look_ahead_s", 1e300, "look_ahead_s must be at most 3,600 (an hour"),
+    (COMPROMISED_TERMINAL, "look_ahead_s", float("inf"), "must be a finite number, not inf"),
+    (COMPROMISED_TERMINAL, "look_ahead_s", float("nan"), "must be a finite number, not nan"),
+    (COMPROMISED_TERMINAL, "look_ahead_s", 10**400, "must be a finite number"),  # not OverflowError
+    (LARGE_AMOUNT, "threshold_cents", 2**63 - 1, "threshold_cents must be at most 1,000,000,000,000"),
+    ("impossible_travel", "away_km", 1e9, "away_km must be at most 20,040 (half the Earth"),
+    ("far_from_home", "window_s", 31 * 86_400.0, "window_s must be at most 2,592,000"),
+    (VELOCITY, "max_in_session", 10**9, "max_in_session must be at most 10,000"),
+    ("card_testing", "test_categories", ["5815"] * 10_001, "has 10001 entries; at most 10,000"),
+    ("card_testing", "test_categories", "5815", "must be a list, not '5815'"),
+])
+def test_out_of_range_and_non_finite_parameters_are_one_line_errors(kind: str, key: str, value, says: str) -> None:
+    from fraudstream.consumer.rules import checked_parameters
+
+    with pytest.raises(ConfigError) as refused:
+        checked_parameters(kind, {key: value}, where="rule r v1")
+    assert says in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_any_parameters_the_bounds_accept_keep_the_terminal_gate_in_int64() -> None:
+    """The look-ahead's largest accepted value, added to event times of this millennium, fits an int64
+    (1e300 did not: OverflowError in the terminal gate, the detector's end)."""
+    from fraudstream.consumer.rules import PARAMETER_BOUNDS, checked_parameters
+
+    top = PARAMETER_BOUNDS["look_ahead_s"].maximum
+    rules = RuleSet((COMPROMISED_TERMINAL,), {COMPROMISED_TERMINAL: checked_parameters(
+        COMPROMISED_TERMINAL, {"look_ahead_s": top}, where="r")}, "v")
+    event_times = np.array([0, 32_503_680_000_000], dtype=np.int64)  # 1970 and 3000
+    assert (event_times + rules.look_ahead_ms).tolist() == [3_600_000, 32_503_683_600_000]
