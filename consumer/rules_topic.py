@@ -57,7 +57,7 @@ STALE_VERSION = "stale_rule_version"
 TOO_MANY_RULES = "too_many_rules"
 
 # Every rule runs on every batch (a rules x batch matrix of booleans, one predicate call per rule): 100 rules
-# cost about NNN ms per batch of 1,000 records (README). Beyond it a new rule is refused; a change to one on
+# cost 0.7 ms per batch of 1,000 records (6 rules: 0.04 ms; README). Beyond it a new rule is refused; a change to one on
 # the topic is not, and `fraudstream rules delete ID` makes room.
 MAX_RULES = 100
 # 2^31 - 1: a change a second for 68 years. A change to a rule in force must be exactly its next version.
@@ -248,8 +248,10 @@ class RulesTopic:
     """One detector's reader of the rules topic: its current rule set, and the dead letters it found."""
 
     def __init__(self, settings: Settings, *, registry: Registry | None = None, skip_kinds: Iterable[str] = (),
-                 on_log: Callable[[str], None] | None = None, codec: RulesCodec | None = None) -> None:
+                 on_log: Callable[[str], None] | None = None, codec: RulesCodec | None = None,
+                 on_refused: Callable[[str], None] = lambda kind: None) -> None:
         self.settings = settings
+        self.on_refused = on_refused  # a metrics counter, by error kind
         self.codec = codec or RulesCodec(settings, registry)
         self.skip_kinds = tuple(skip_kinds)
         self.on_log = on_log or log.info
@@ -373,6 +375,7 @@ class RulesTopic:
                     f"({error.kind}): {reason}")
         self.dead_letters.append(dead_letter(message, DecodeError(error.kind, reason)))
         self.refused += 1
+        self.on_refused(error.kind)
         return Change(message, record, REFUSED, reason)
 
     def take_dead_letters(self) -> list[Decision]:
