@@ -81,7 +81,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if record is None:
         raise ConfigError(f"no rule {args.rule_id!r} in force on {settings.rules_topic}; known: {', '.join(sorted(rules))}")
     if args.action == "show":
-        print(printable(json.dumps(record.to_dict(), indent=2, sort_keys=True, default=str, ensure_ascii=False)))
+        print(printable(json.dumps(record.to_dict(), indent=2, sort_keys=True, default=str, ensure_ascii=False), json=True))
         return 0
     author = _author(settings, args)
     if args.action == "delete":
