@@ -532,3 +532,37 @@ def _in_force_line(detector: DetectorProcess, offset: int) -> str | None:
         if line.endswith(marker):
             return line[line.index("rules "):]
     return None
+
+
+def test_delete_and_history_through_the_cli_on_the_real_topic(pipeline: Settings, tmp_path, capsys):
+    """`rules delete` writes a tombstone the detector's reader honours; `rules history` lists every change with
+    when (the broker's clock), who (self-declared here: the local broker does not authenticate) and what, the
+    refused ones marked; a version at the top of the range written straight to the topic wedges nothing."""
+    from fraudstream.consumer.rules_topic import RulesTopic
+
+    rules_file = tmp_path / "two.toml"
+    rules_file.write_text('[large_amount]\nthreshold_cents = 50000\n[la-2]\nkind = "large_amount"\nthreshold_cents = 70000\n')
+    rules_cli(pipeline, "set", str(rules_file), "--author", "ann", "--comment", "two\x1b[31m\nFORGED line")
+    rules_cli(pipeline, "delete", "la-2", "--author", "bob", "--comment", "replaced")
+    top = Rule(id=LARGE_AMOUNT, version=2**63 - 1, kind=LARGE_AMOUNT, parameters={"threshold_cents": 1}, enabled=True,
+               author="mallory", comment="", written_at=datetime.now(UTC))
+    write_records(pipeline, RulesCodec(pipeline), [top])
+    rules_cli(pipeline, "set", str(rules_file), "--author", "ann")  # numbered as the detector judges the topic
+    capsys.readouterr()
+    rules_cli(pipeline, "history")
+    lines = capsys.readouterr().out.splitlines()
+
+    assert len(lines) == 6 and all(line.isprintable() for line in lines)
+    assert all("(broker)" in line for line in lines), lines  # the rules topic's time is the broker's (LogAppendTime)
+    assert lines[1].endswith('ann (self-declared): la-2 v1 large_amount enabled {"threshold_cents": 70000}  '
+                             '# two\\x1b[31m\\nFORGED line'), lines[1]
+    assert lines[2].endswith("bob (self-declared): la-2 deleted  # replaced"), lines[2]
+    assert "large_amount v9223372036854775807" in lines[3] and "REFUSED: rule large_amount v9223372036854775807: " \
+        "versions run from 1 to 2147483647" in lines[3], lines[3]
+    assert "large_amount v2 " in lines[4] and "la-2 v1 " in lines[5]  # la-2 starts again at 1 after its deletion
+    reader = RulesTopic(pipeline, on_log=lambda line: None)
+    try:
+        in_force = reader.start()
+    finally:
+        reader.close()
+    assert in_force.versions == {LARGE_AMOUNT: 2, "la-2": 1} and reader.refused == 1

@@ -40,3 +40,17 @@ def test_json_stays_the_same_value_with_nothing_a_terminal_acts_on(value) -> Non
 def test_inspect_prints_bytes_and_text_with_no_control_character() -> None:
     line = dumps({"raw": b"\x9b2J\x1b[31m", "comment": "ok\u202e\n"})  # bytes as ISO-8859-1: C1 controls
     assert line.isprintable() and json.loads(line) == {"raw": "\x9b2J\x1b[31m", "comment": "ok\u202e\n"}
+
+
+def test_the_demo_view_shows_a_rule_record_s_author_and_comment_escaped() -> None:
+    from datetime import UTC, datetime
+
+    from fraudstream.demo.watcher import rule_line
+    from fraudstream.records import Rule
+
+    class Decoded:
+        def decode(self, value):
+            return Rule(id="r", version=1, kind="large_amount", parameters={}, enabled=True, author="\x1b[2Jeve",
+                        comment="ok\r\nFORGED", written_at=datetime(2026, 1, 1, tzinfo=UTC)).to_dict()
+
+    assert rule_line(Decoded(), b"x") == "r v1 enabled  by \\x1b[2Jeve: ok\\r\\nFORGED"

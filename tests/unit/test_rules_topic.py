@@ -248,7 +248,10 @@ def test_beyond_the_maximum_number_of_rules_a_new_one_is_refused_until_one_is_de
     (rule(1, None, kind=COMPROMISED_TERMINAL, look_ahead_s=float("nan")), "must be a finite number, not nan"),
 ])
 def test_ids_versions_texts_and_parameters_out_of_bounds_are_refused_in_one_printable_line(reader, bad, says):
+    counted: list[str] = []
+    reader.on_refused = counted.append  # the detector's metrics counter
     assert not feed(reader, (bad.id, encode(bad.to_dict())))
+    assert counted == [INVALID_RULE]
     [letter] = reader.take_dead_letters()
     reason = dict(letter.headers)[DLQ_REASON].decode()
     [line] = reader.lines
