@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -294,7 +295,7 @@ def _checked(path: Path, where: str, key: str, value: Any) -> Any:
                               f"({bound.why})")
         if key == "channels" and not all(v in CHANNELS for v in value):
             raise ConfigError(f"rules file {path}: {where} must be a list of channels among {', '.join(CHANNELS)}")
-        if key != "channels" and not all(isinstance(v, str) and len(v) == 4 and v.isdigit() for v in value):
+        if key != "channels" and not all(isinstance(v, str) and _MCC.fullmatch(v) for v in value):
             raise ConfigError(f"rules file {path}: {where} must be a list of four-digit merchant category codes")
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -309,6 +310,9 @@ def _checked(path: Path, where: str, key: str, value: Any) -> Any:
     if bound.maximum is not None and value > bound.maximum:
         raise ConfigError(f"rules file {path}: {where} must be at most {_number(bound.maximum)} ({bound.why}), not {value!r}")
     return value
+
+
+_MCC = re.compile(r"[0-9]{4}")  # ASCII digits: str.isdigit() also takes '²', which int() refuses at evaluation
 
 
 def _number(x: float) -> str:

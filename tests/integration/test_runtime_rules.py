@@ -22,10 +22,12 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from fraudstream.consumer.decide import DLQ_KIND, DLQ_OFFSET, DLQ_REASON, DLQ_TOPIC
-from fraudstream.consumer.rules import COMPROMISED_TERMINAL, LARGE_AMOUNT, RULE_NAMES
+from fraudstream.consumer.features import CHANNELS
+from fraudstream.consumer.rules import COMPROMISED_TERMINAL, DEFAULT_RULES, LARGE_AMOUNT, PARAMETER_BOUNDS, RULE_NAMES
 from fraudstream.consumer.rules_topic import (APPLIED, INVALID_RULE, MAX_RULE_VERSION, MAX_RULES, REFUSED, REMOVED,
-                                              RULE_SET_HEADER, UNCHANGED, RulesCodec, read_changes, seed_records,
-                                              write_records)
+                                              RULE_SET_HEADER, UNCHANGED, RulesCodec, read_changes, rule_thresholds,
+                                              seed_records, write_records)
+from fraudstream.errors import ConfigError
 from fraudstream.records import Rule
 from fraudstream.cli import main as fraudstream
 from fraudstream.kafka import producer_config
@@ -310,8 +312,38 @@ def test_a_rules_file_named_for_a_topic_that_already_holds_rules_is_reported_not
 
 POOL = (LARGE_AMOUNT, "la-2", "la-3")  # large_amount rules the generated changes touch (the probes judge them)
 SENTINEL = "sentinel"  # a disabled velocity rule, changed last in every example: the detector has read that far
+ANY_VALUE = st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats() | st.text(max_size=5) \
+    | st.lists(st.text(max_size=4), max_size=2)  # whatever a parameter map in rule.avsc can carry
+
+
+def parameter_values(key: str):
+    """Values for one parameter: mostly of its type and within its bounds (so that whole rules pass and run),
+    else just past a bound, or of any type."""
+    bound = PARAMETER_BOUNDS[key]
+    if bound.type is list:
+        items = (st.sampled_from([*CHANNELS, "x"]) if key == "channels"
+                 else st.sampled_from(["5411", "5815", "0000", "9999", "²²²²", "٥٤١١", "541"]))  # digits int() refuses
+        within = st.lists(items, max_size=3)
+        past = st.lists(st.text(max_size=4), min_size=1, max_size=2)
+    elif bound.type is bool:
+        within = past = st.booleans()
+    elif bound.type is int:
+        within = st.integers(int(bound.minimum), int(bound.maximum))
+        past = st.sampled_from([int(bound.minimum) - 1, int(bound.maximum) + 1, 2**63 - 1, -(2**63)])
+    else:
+        within = st.floats(bound.minimum, bound.maximum)
+        past = st.sampled_from([math.nan, math.inf, -math.inf, 1e300, bound.maximum * 1.001 + 1, -1.0])
+    return st.one_of(within, within, within, past, ANY_VALUE)
+
+
 HOSTILE_TEXT = st.sampled_from(["", "ok", "\x1b[2J\x1b[31mred", "x\r\nFORGED 2026-01-01 INFO all good", "\u202egnp.exe",
                                 "\x9b31m"]) | st.text(max_size=12)
+# Parameters of their kind, typed and around their bounds, or anything the schema can carry; for rules that
+# judge every batch (removed before the final probes).
+PARAMETERS = st.sampled_from([LARGE_AMOUNT, "card_testing"]).flatmap(lambda kind: st.tuples(
+    st.just("params"), st.just(kind), st.fixed_dictionaries({}, optional={
+        key: parameter_values(key) for key in [*DEFAULT_RULES[kind], "threshold_cents"]
+        if key != "enabled" and (key != "threshold_cents" or kind == LARGE_AMOUNT)})))
 ACTIONS = st.one_of(
     st.tuples(st.just("set"), st.sampled_from(POOL), st.integers(0, 10**12), st.booleans(), HOSTILE_TEXT),
     st.tuples(st.just("bad_threshold"), st.sampled_from(POOL), st.integers(-(2**63), -1) | st.integers(10**12 + 1, 2**63 - 1)),
@@ -326,6 +358,7 @@ ACTIONS = st.one_of(
     st.tuples(st.just("delete"), st.sampled_from(POOL)),
     st.tuples(st.just("flood"), st.integers(1, MAX_RULES + 10)),
     st.tuples(st.just("unflood")),  # delete every flood rule: room again
+    PARAMETERS,
 )
 
 
@@ -386,8 +419,16 @@ class RulesModel:
             return [(args[0].encode(), rule(args[0], self.next_version(args[0]), comment="c" * 1_001), REFUSED)]
         if name == "delete":
             return [(args[0].encode(), None, REMOVED if args[0] in self.rules else UNCHANGED)]
+        if name == "params":
+            kind, parameters = args
+            record = rule(f"gen-{kind}", self.next_version(f"gen-{kind}"), kind, parameters)
+            try:  # which values are in bounds is the unit tests' business; here: whatever passes, the detector runs
+                rule_thresholds(record)
+            except ConfigError:
+                return [(record.id.encode(), record, REFUSED)]
+            return [(record.id.encode(), record, self._applies(record))]
         if name == "unflood":
-            return [(i.encode(), None, REMOVED) for i in self.rules if i.startswith("flood-")]
+            return [(i.encode(), None, REMOVED) for i in self.rules if i.startswith(("flood-", "gen-"))]
         out = []  # flood: new rules, each one more on the topic until MAX_RULES
         for _ in range(args[0]):
             self.floods += 1
@@ -397,6 +438,8 @@ class RulesModel:
 
     def _applies(self, record: Rule) -> str:
         """Model the outcome of a valid record, and apply it (the caller writes it next)."""
+        if not 1 <= record.version <= MAX_RULE_VERSION:
+            return REFUSED  # a rule at the last version is deleted and set again
         if record.id in self.rules:
             if record.version != self.rules[record.id][0] + 1:
                 return REFUSED
@@ -462,9 +505,9 @@ def test_generated_hostile_rule_records_never_stop_the_detector_and_each_is_refu
         assert model._applies(sentinel) == APPLIED
         write([(SENTINEL.encode(), sentinel, APPLIED)])
 
-        @hypothesis_settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-        @given(st.lists(ACTIONS, min_size=1, max_size=4))
-        def hostile_changes(actions) -> None:
+        def example(actions) -> None:
+            """Write the records, then the next sentinel change; once the detector has read that far, the rules
+            it says are in force are the model's."""
             for action in actions:
                 write(model.records(action))
             version = model.next_version(SENTINEL)
@@ -477,13 +520,19 @@ def test_generated_hostile_rule_records_never_stop_the_detector_and_each_is_refu
             detector.assert_running()
             assert line == f"rules {', '.join(model.names())} now in force (rule set {last + 1})"
 
-        hostile_changes()
-        # The last good rule set, known whatever the examples left: two large_amount rules, nothing else new.
+        examples = hypothesis_settings(max_examples=25, deadline=None, database=None,
+                                       suppress_health_check=[HealthCheck.too_slow])
+        examples(given(st.lists(ACTIONS, min_size=1, max_size=4))(example))()
+        # Then parameter maps alone (a flood above can leave no room for a new rule): each rule that passes runs
+        # on the probes' batches.
+        write(model.records(("unflood",)))
+        examples(given(st.lists(PARAMETERS, min_size=1, max_size=2))(example))()
+        # The last good rule set, known whatever the examples left: two large_amount rules, no generated one.
         write(model.records(("unflood",)))
         for rule_id, threshold in ((LARGE_AMOUNT, 50_000), ("la-2", 70_000)):
-            assert write(model.records(("set", rule_id, threshold, True, "final"))) in expected
+            write(model.records(("delete", rule_id)))  # whatever version it reached: it starts again at 1
+            assert expected[write(model.records(("set", rule_id, threshold, True, "final")))] == APPLIED
         wait_until(lambda: _in_force_line(detector, max(expected)), timeout_s=30, what="the final rules in force")
-        assert expected[max(expected)] == APPLIED
         final_version = str(max(expected) + 1)
         # Probes judged by the last good rule set: fraud exactly when an enabled large_amount rule is under them.
         thresholds = model.thresholds()

@@ -204,6 +204,8 @@ def test_every_parameter_of_every_rule_has_a_bound_with_finite_limits() -> None:
     (VELOCITY, "max_in_session", 10**9, "max_in_session must be at most 10,000"),
     ("card_testing", "test_categories", ["5815"] * 10_001, "has 10001 entries; at most 10,000"),
     ("card_testing", "test_categories", "5815", "must be a list, not '5815'"),
+    ("card_testing", "test_categories", ["²²²²"], "four-digit merchant category codes"),  # isdigit(), not int()
+    (LARGE_AMOUNT, "exempt_categories", ["٥٤١١"], "four-digit merchant category codes"),  # Arabic-Indic digits
 ])
 def test_out_of_range_and_non_finite_parameters_are_one_line_errors(kind: str, key: str, value, says: str) -> None:
     from fraudstream.consumer.rules import checked_parameters
