@@ -22,8 +22,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from fraudstream.consumer.decide import DLQ_KIND, DLQ_OFFSET, DLQ_REASON, DLQ_TOPIC
-from fraudstream.consumer.features import CHANNELS
-from fraudstream.consumer.rules import COMPROMISED_TERMINAL, DEFAULT_RULES, LARGE_AMOUNT, PARAMETER_BOUNDS, RULE_NAMES
+from fraudstream.consumer.rules import COMPROMISED_TERMINAL, DEFAULT_RULES, LARGE_AMOUNT, RULE_NAMES
 from fraudstream.consumer.rules_topic import (APPLIED, INVALID_RULE, MAX_RULE_VERSION, MAX_RULES, REFUSED, REMOVED,
                                               RULE_SET_HEADER, UNCHANGED, RulesCodec, read_changes, rule_thresholds,
                                               seed_records, write_records)
@@ -36,6 +35,7 @@ from fraudstream.producer.loop import produce
 from tests.integration.test_detector import RunningDetector, decode, encoder_for
 from tests.support.detector_process import DetectorProcess
 from tests.support.kafka_io import produce_raw, read_topic, transaction, wait_until
+from tests.support.rule_strategies import parameter_values
 
 PROBE_CENTS = 60_000  # under the default threshold ($900.00), over the lowered one
 LOWERED_CENTS = 50_000
@@ -312,30 +312,6 @@ def test_a_rules_file_named_for_a_topic_that_already_holds_rules_is_reported_not
 
 POOL = (LARGE_AMOUNT, "la-2", "la-3")  # large_amount rules the generated changes touch (the probes judge them)
 SENTINEL = "sentinel"  # a disabled velocity rule, changed last in every example: the detector has read that far
-ANY_VALUE = st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats() | st.text(max_size=5) \
-    | st.lists(st.text(max_size=4), max_size=2)  # whatever a parameter map in rule.avsc can carry
-
-
-def parameter_values(key: str):
-    """Values for one parameter: mostly of its type and within its bounds (so that whole rules pass and run),
-    else just past a bound, or of any type."""
-    bound = PARAMETER_BOUNDS[key]
-    if bound.type is list:
-        items = (st.sampled_from([*CHANNELS, "x"]) if key == "channels"
-                 else st.sampled_from(["5411", "5815", "0000", "9999", "²²²²", "٥٤١١", "541"]))  # digits int() refuses
-        within = st.lists(items, max_size=3)
-        past = st.lists(st.text(max_size=4), min_size=1, max_size=2)
-    elif bound.type is bool:
-        within = past = st.booleans()
-    elif bound.type is int:
-        within = st.integers(int(bound.minimum), int(bound.maximum))
-        past = st.sampled_from([int(bound.minimum) - 1, int(bound.maximum) + 1, 2**63 - 1, -(2**63)])
-    else:
-        within = st.floats(bound.minimum, bound.maximum)
-        past = st.sampled_from([math.nan, math.inf, -math.inf, 1e300, bound.maximum * 1.001 + 1, -1.0])
-    return st.one_of(within, within, within, past, ANY_VALUE)
-
-
 HOSTILE_TEXT = st.sampled_from(["", "ok", "\x1b[2J\x1b[31mred", "x\r\nFORGED 2026-01-01 INFO all good", "\u202egnp.exe",
                                 "\x9b31m"]) | st.text(max_size=12)
 # Parameters of their kind, typed and around their bounds, or anything the schema can carry; for rules that

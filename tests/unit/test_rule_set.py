@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fraudstream.consumer.features import (CARD_FEATURES, CHANNEL_CODE, MINUTE_MS, PROFILE_DTYPE, TxColumns,
                                            card_features)
@@ -15,6 +17,7 @@ from fraudstream.consumer.rules import (COMPROMISED_TERMINAL, DEFAULT_RULES, DEF
 from fraudstream.consumer.state.table import KeyedTable
 from fraudstream.errors import ConfigError
 from fraudstream.settings import Settings
+from tests.support.rule_strategies import parameter_values
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -225,3 +228,32 @@ def test_any_parameters_the_bounds_accept_keep_the_terminal_gate_in_int64() -> N
         COMPROMISED_TERMINAL, {"look_ahead_s": top}, where="r")}, "v")
     event_times = np.array([0, 32_503_680_000_000], dtype=np.int64)  # 1970 and 3000
     assert (event_times + rules.look_ahead_ms).tolist() == [3_600_000, 32_503_683_600_000]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(RULE_NAMES).flatmap(lambda kind: st.tuples(st.just(kind), st.fixed_dictionaries({}, optional={
+    key: parameter_values(key) for key in [*DEFAULT_RULES[kind], "threshold_cents"]
+    if key != "enabled" and (key != "threshold_cents" or kind == LARGE_AMOUNT)}))))
+def test_whatever_parameters_the_bounds_accept_a_rule_runs_on_without_an_exception(kind_and_parameters) -> None:
+    """A rule record that passes the checks must never raise while judging a batch, holding or releasing (the
+    detector would end on every batch): '²²²²' once passed str.isdigit() and failed int() at evaluation."""
+    from fraudstream.consumer.rules import checked_parameters
+
+    kind, parameters = kind_and_parameters
+    try:
+        thresholds = checked_parameters(kind, parameters, where="r")
+    except ConfigError as refused:
+        assert "\n" not in str(refused)
+        return
+    rules = RuleSet((kind,), {kind: thresholds}, "v")
+    n = 4
+    tx = columns(amount_cents=[0, 1, 10**12, 2**62], merchant_category=[-1, 0, 5411, 9999],
+                 channel=[CHANNEL_CODE[c] for c in ("ONLINE", "CARD_PRESENT", "ATM", "CONTACTLESS")],
+                 event_time_ms=[0, 1, 32_503_680_000_000, 2**53])
+    f = feats(n, dist_home_km=[0.0, 1e9, np.inf, 5.0], terminal_cards=[0, 1, 10**6, 3])
+    fired = rules.evaluate(tx, f)
+    assert fired.shape == (1, n)
+    assert rules.to_hold(tx, f, fired.any(axis=0)).shape == rules.fires_on_release(
+        tx.channel, f["dist_home_km"], f["terminal_cards"]).shape == (n,)
+    event_times = tx.event_time_ms + rules.look_ahead_ms  # the terminal gate's arithmetic, in int64
+    assert event_times.dtype == np.int64
