@@ -8,7 +8,7 @@ batches without waiting (`poll`), so a change applies at a batch boundary and ev
 judged by one rule-set version.
 
 A record is applied only if it is valid by the very checks `load_rules` applies to a rules file
-(fraudstream.consumer.rules.checked_parameters), and if its version is newer than the rule's current one. Anything
+(fraudstream.consumer.rules.checked_parameters), and if its version is the next one of the rule in force. Anything
 else stays out of force (the rule's previous version keeps running) and becomes a dead letter with its
 reason in headers, like the detector's other dead letters. A tombstone (null value) removes the rule.
 An empty topic is seeded from the rules file.
@@ -57,8 +57,8 @@ STALE_VERSION = "stale_rule_version"
 TOO_MANY_RULES = "too_many_rules"
 
 # Every rule runs on every batch (a rules x batch matrix of booleans, one predicate call per rule): 100 rules
-# cost 0.7 ms per batch of 1,000 records (6 rules: 0.04 ms; README). Beyond it a new rule is refused; a change to one on
-# the topic is not, and `fraudstream rules delete ID` makes room.
+# cost 0.7 ms per batch of 1,000 records (6 rules: 0.04 ms; README). Beyond it a new rule is refused; a
+# change to one on the topic is not, and `fraudstream rules delete ID` makes room.
 MAX_RULES = 100
 # 2^31 - 1: a change a second for 68 years. A change to a rule in force must be exactly its next version.
 MAX_RULE_VERSION = 2**31 - 1
