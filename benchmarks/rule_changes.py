@@ -30,7 +30,7 @@ from confluent_kafka import Producer
 from fraudstream.consumer.detector import Detector
 from fraudstream.consumer.rules import LARGE_AMOUNT
 from fraudstream.consumer.rules import RULE_NAMES
-from fraudstream.consumer.rules_topic import RulesCodec, check_rules_topic, read_all, seed_records, write_records
+from fraudstream.consumer.rules_topic import RulesCodec, check_rules_topic, read_messages, read_changes, seed_records, write_records
 from fraudstream.kafka import ensure_topics, producer_config
 from fraudstream.registry import register_all
 from fraudstream.settings import Settings
@@ -57,7 +57,7 @@ def run_side(base: Settings, count: int, every_s: float, changing: bool = True) 
                                      daemon=True)
     writer.start()
     deadline = time.monotonic() + 60
-    while len(read_all(settings, codec)) <= len(RULE_NAMES):
+    while len(read_messages(settings)) <= len(RULE_NAMES):
         if time.monotonic() > deadline:
             raise RuntimeError("the rule writer made no change within 60 s")
         time.sleep(0.05)
@@ -83,7 +83,7 @@ def run_side(base: Settings, count: int, every_s: float, changing: bool = True) 
 
 def _change_rules(settings: Settings, every_s: float, stop, keep_changing: bool) -> None:
     codec = RulesCodec(settings)
-    [rule] = [r for _, r, _ in read_all(settings, codec) if r is not None and r.id == LARGE_AMOUNT][-1:]
+    rule = read_changes(settings, codec)[0][LARGE_AMOUNT]
     unread = f"{settings.rules_topic}.unread"  # the steady side's writes after the first: nobody reads them
     ensure_topics(settings, (unread,))
     producer = Producer(producer_config(settings))

@@ -793,7 +793,7 @@ class Detector:
     # ----- rules changed at runtime -----
     def _rules_from_topic(self):
         """The rules topic read to its end (seeded from the rules file when empty): the rules in force."""
-        self.rules_topic = RulesTopic(self.settings, on_log=self.on_log)
+        self.rules_topic = RulesTopic(self.settings, on_log=self.on_log, on_refused=self.metrics.rule_refused)
         return self.rules_topic.start(seed_from=self.settings.rules_file)
 
     def _apply_rule_changes(self, decider: StatefulDecider) -> None:

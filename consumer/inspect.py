@@ -53,6 +53,7 @@ from fastavro import json_writer, parse_schema
 from fraudstream import argtypes
 from fraudstream.errors import ConfigError, FraudstreamError, KafkaUnavailable
 from fraudstream.kafka import check_secured_connection, consumer_config
+from fraudstream.printable import printable
 from fraudstream.registry import Registry, SchemaRef
 from fraudstream.serde import DecodeError, WriterSchemas, read_payload, split_frame
 from fraudstream.settings import Settings
@@ -232,11 +233,13 @@ def _bytes_as_avro_json(value: Any) -> str:
 
 
 def dumps(obj: Any) -> str:
-    """Compact JSON, one line, UTF-8 text (like the console consumer)."""
+    """Compact JSON, one line, UTF-8 text (like the console consumer), with no control character a terminal
+    would act on (bytes shown as ISO-8859-1 carry C1 controls; text, bidi controls): those are \\u escapes."""
     try:
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_bytes_as_avro_json)
+        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_bytes_as_avro_json)
     except ValueError:  # a NaN or infinity somewhere: rare, so checked only when it happens
-        return json.dumps(_json_safe(obj), ensure_ascii=False, separators=(",", ":"))
+        text = json.dumps(_json_safe(obj), ensure_ascii=False, separators=(",", ":"))
+    return printable(text, json=True)
 
 
 class RecordFormatter:

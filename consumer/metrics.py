@@ -23,6 +23,7 @@ class DetectorMetrics:
     aborts: int = 0
     recoveries: int = 0
     registry_retries: int = 0
+    rule_records_refused: int = 0  # rules-topic records this detector read and refused (each logged)
     rules: dict[str, int] = field(default_factory=dict)  # fraud decisions per rule that fired
     state_keys: dict[str, int] = field(default_factory=dict)  # live keys per store, ready partitions
     changelog_records: int = 0
@@ -62,9 +63,16 @@ class DetectorMetrics:
                                    "tolerance nor at their end)", registry=self.registry)
         self._gate_wait = Counter("fraudstream_terminal_gate_wait_seconds", "Time batches waited for the terminal "
                                   "window's event-time gate", registry=self.registry)
+        self._rule_refused = Counter("fraudstream_rule_records_refused", "Rules-topic records refused (out of bounds, "
+                                     "undecodable, not the next version, too many rules), by error kind", ["kind"],
+                                     registry=self.registry)
         self._gate_waited_s = 0.0
         self._last_log = time.monotonic()
         self._consumed_at_last_log = 0
+
+    def rule_refused(self, kind: str) -> None:
+        self.rule_records_refused += 1
+        self._rule_refused.labels(kind).inc()
 
     def serve(self, port: int) -> None:
         start_http_server(port, addr="0.0.0.0", registry=self.registry)

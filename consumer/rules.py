@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fraudstream.consumer.features import CHANNEL_CODE, CHANNELS
+from fraudstream.consumer.features import CHANNEL_CODE, CHANNELS, PROFILE_TTL_MS
 from fraudstream.errors import ConfigError
 from fraudstream.records import Transaction
 from fraudstream.resources import resource_dir
@@ -66,16 +67,39 @@ DEFAULT_RULES: dict[str, dict[str, Any]] = {
     VELOCITY: {"enabled": False, "max_in_session": 3},
 }
 
-# Parameter kinds, for validation: (type, minimum).
-_KINDS: dict[str, tuple[type, float | None]] = {
-    "enabled": (bool, None), "threshold_cents": (int, 0), "exempt_below_cents": (int, 0),
-    "exempt_unless_known_terminal": (bool, None), "exempt_categories": (list, None),
-    "test_max_cents": (int, 0), "test_categories": (list, None), "first_test": (bool, None),
-    "min_session_small": (int, 1), "max_speed_kmh": (float, 0.0), "min_jump_km": (float, 0.0),
-    "away_km": (float, 0.0), "channels": (list, None), "window_s": (float, 0.0), "min_other_cards": (int, 1), "min_home_km": (float, 0.0),
-    "min_other_cards_anywhere": (int, 1), "max_in_session": (int, 1), "look_ahead_s": (float, 0.0),
-    "hold_near_home_from": (int, 1),
+
+@dataclass(frozen=True)
+class Bound:
+    """What a parameter may be: its type, and for numbers the closed range [minimum, maximum] (finite
+    always); for lists, at most `maximum` entries. `why` says where the maximum comes from."""
+
+    type: type
+    minimum: float | None = None
+    maximum: float | None = None
+    why: str = ""
+
+
+# Amounts (integer cents), counts, distances (km), speeds (km/h) and durations (s). Past each maximum a
+# rule fires on everything or on nothing, or a computation leaves its type (look_ahead_s in ms must fit an
+# int64 next to event times): a rule record beyond one is refused, in the rules file, `fraudstream rules
+# set` and on the rules topic alike (README, "Rules changed at runtime").
+_CENTS = Bound(int, 0, 10**12, "$10 billion: past any payment")
+_COUNT = Bound(int, 1, 10_000, "payments or cards of one card or terminal: past what a window holds")
+_KM = Bound(float, 0.0, 20_040.0, "half the Earth's circumference: no two places are farther apart")
+_KMH = Bound(float, 0.0, 1_000_000.0, "1,000,000 km/h: far past any aircraft")
+PARAMETER_BOUNDS: dict[str, Bound] = {
+    "enabled": Bound(bool), "exempt_unless_known_terminal": Bound(bool), "first_test": Bound(bool),
+    "threshold_cents": _CENTS, "exempt_below_cents": _CENTS, "test_max_cents": _CENTS,
+    "exempt_categories": Bound(list, maximum=10_000, why="every merchant category code"),
+    "test_categories": Bound(list, maximum=10_000, why="every merchant category code"),
+    "channels": Bound(list, maximum=len(CHANNELS), why="every channel"),
+    "min_session_small": _COUNT, "min_other_cards": _COUNT, "min_other_cards_anywhere": _COUNT,
+    "max_in_session": _COUNT, "hold_near_home_from": _COUNT,
+    "max_speed_kmh": _KMH, "min_jump_km": _KM, "away_km": _KM, "min_home_km": _KM,
+    "window_s": Bound(float, 0.0, PROFILE_TTL_MS / 1000, "30 days: what a card profile keeps (PROFILE_TTL_MS)"),
+    "look_ahead_s": Bound(float, 0.0, 3_600.0, "an hour: held payments wait this much event time for their output"),
 }
+
 
 ONLINE_CODE = CHANNEL_CODE["ONLINE"]
 
@@ -260,25 +284,45 @@ def load_rules(path: Path | None = None, *, settings: Settings | None = None) ->
 
 
 def _checked(path: Path, where: str, key: str, value: Any) -> Any:
-    kind, minimum = _KINDS[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if kind is list and key == "channels":
-        if not isinstance(value, list) or not all(v in CHANNELS for v in value):
-            raise ConfigError(f"rules file {path}: {where} must be a list of channels among {', '.join(CHANNELS)}")
-        return value
+    """`value` checked against PARAMETER_BOUNDS[key]; ConfigError (one line, values shown as repr) otherwise."""
+    bound = PARAMETER_BOUNDS[key]
+    kind = bound.type
     if kind is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) and len(v) == 4 and v.isdigit() for v in value):
+        if not isinstance(value, list):
+            raise ConfigError(f"rules file {path}: {where} must be a list, not {_shown(value)}")
+        if len(value) > bound.maximum:
+            raise ConfigError(f"rules file {path}: {where} has {len(value)} entries; at most {_number(bound.maximum)} "
+                              f"({bound.why})")
+        if key == "channels" and not all(v in CHANNELS for v in value):
+            raise ConfigError(f"rules file {path}: {where} must be a list of channels among {', '.join(CHANNELS)}")
+        if key != "channels" and not all(isinstance(v, str) and _MCC.fullmatch(v) for v in value):
             raise ConfigError(f"rules file {path}: {where} must be a list of four-digit merchant category codes")
         return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value) if abs(value) < 2**63 else math.inf  # a TOML or Avro whole number fits; Python's may not
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"rules file {path}: {where} must be {'a whole number' if kind is int else kind.__name__}, "
-                          f"not {value!r}")
+                          f"not {_shown(value)}")
     if kind is float and not math.isfinite(value):
         raise ConfigError(f"rules file {path}: {where} must be a finite number, not {value!r}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"rules file {path}: {where} must be at least {minimum:g}, not {value!r}")
+    if bound.minimum is not None and value < bound.minimum:
+        raise ConfigError(f"rules file {path}: {where} must be at least {_number(bound.minimum)}, not {value!r}")
+    if bound.maximum is not None and value > bound.maximum:
+        raise ConfigError(f"rules file {path}: {where} must be at most {_number(bound.maximum)} ({bound.why}), not {value!r}")
     return value
+
+
+_MCC = re.compile(r"[0-9]{4}")  # ASCII digits: str.isdigit() also takes '²', which int() refuses at evaluation
+
+
+def _number(x: float) -> str:
+    return f"{x:,.0f}" if float(x).is_integer() else f"{x:g}"
+
+
+def _shown(value: Any) -> str:
+    """A value in an error line: its repr (control characters escaped), cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def checked_parameters(kind: str, parameters: Mapping[str, Any], *, where: str,

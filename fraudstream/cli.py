@@ -15,6 +15,7 @@ from pathlib import Path
 from fraudstream import argtypes
 from fraudstream.client_config import normalize_registry, parse_pairs, read_properties_file
 from fraudstream.errors import FraudstreamError
+from fraudstream.printable import printable
 from fraudstream.settings import ENV, Settings
 
 # name -> (module with add_arguments/run, one-line help)
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             **overrides)
         return int(args.module.run(args, settings) or 0)
     except FraudstreamError as exc:
-        print(f"fraudstream {args.command}: error: {exc}", file=sys.stderr)
+        print(f"fraudstream {args.command}: error: {printable(str(exc))}", file=sys.stderr)  # may quote input
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"fraudstream {args.command}: interrupted", file=sys.stderr)

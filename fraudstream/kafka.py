@@ -216,9 +216,10 @@ def ensure_topics(settings: Settings, topics: tuple[str, ...] | None = None, *, 
 
 def rules_topic_spec(settings: Settings) -> NewTopic:
     """One partition, so every reader sees rule changes in one order (its offsets version the rule set);
-    compacted, so the latest version of every rule stays however old it is."""
+    compacted, so the latest version of every rule stays however old it is; each record's time the broker's
+    (LogAppendTime), so the history says when a change was made by a clock its writer does not set."""
     return NewTopic(settings.rules_topic, num_partitions=1, replication_factor=settings.replication_factor,
-                    config={"cleanup.policy": "compact"})
+                    config={"cleanup.policy": "compact", "message.timestamp.type": "LogAppendTime"})
 
 
 def refresh_metadata(client, topic: str, timeout_s: float) -> None:

@@ -4,11 +4,17 @@
     fraudstream rules show ID              one rule, as JSON
     fraudstream rules set FILE             write the rules of a TOML file (validated first; all or nothing)
     fraudstream rules enable ID | disable ID
-    fraudstream rules history ID           every version still on the topic, oldest first
+    fraudstream rules delete ID            remove a rule (a tombstone)
+    fraudstream rules history [ID]         every change still on the topic, oldest first: when, who, what
 
 A FILE has one table per rule id, as the rules file does: `[large_amount]` with `threshold_cents = 50000`.
 `kind` names the predicate (default: the id, so the rules file's tables work as they are) and `enabled`
 defaults to true; the other keys are the kind's parameters, checked as `detect --rules` checks them.
+
+Who: when the Kafka client config authenticates this client (SASL, or a TLS client certificate), each
+change names that principal and `--author` is refused; otherwise the author is the OS user or
+`--author`, and `history` calls it self-declared. Everything a record says is printed through
+fraudstream.printable (no control character reaches the terminal).
 """
 
 from __future__ import annotations
@@ -21,9 +27,14 @@ import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fraudstream.consumer.rules_topic import RulesCodec, read_all, rule_thresholds, write_records
-from fraudstream.records import Rule
+from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME
+
+from fraudstream.consumer.rules_topic import (AUTHOR_HEADER, COMMENT_HEADER, MAX_RULES, MAX_TEXT_CHARS, PRINCIPAL_HEADER,
+                                              REFUSED, REMOVED, UNCHANGED, Change, RulesCodec, client_principal,
+                                              read_changes, rule_thresholds, write_records, write_tombstone)
 from fraudstream.errors import ConfigError
+from fraudstream.printable import printable
+from fraudstream.records import Rule
 from fraudstream.settings import Settings
 
 
@@ -33,13 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     sub.add_parser("list", help="the rules in force")
     for name, help_text in (("show", "one rule, as JSON"), ("enable", "enable a rule (a new version)"),
-                            ("disable", "disable a rule (a new version)"), ("history", "every version of a rule")):
+                            ("disable", "disable a rule (a new version)"), ("delete", "remove a rule (a tombstone)")):
         sub.add_parser(name, help=help_text).add_argument("rule_id", metavar="ID")
+    sub.add_parser("history", help="every change still on the topic (of one rule, given its ID): when, who, what"
+                   ).add_argument("rule_id", metavar="ID", nargs="?")
     set_parser = sub.add_parser("set", help="write the rules of a TOML file, validated first")
     set_parser.add_argument("file", type=Path, metavar="FILE")
-    for name in ("set", "enable", "disable"):
+    for name in ("set", "enable", "disable", "delete"):
         action = sub.choices[name]
-        action.add_argument("--author", default=getpass.getuser(), help="who writes it (default: the OS user)")
+        action.add_argument("--author", help="who writes it, on a cluster that does not authenticate clients "
+                                              "(default: the OS user); refused where it does")
         action.add_argument("--comment", default="", help="why")
     for action in sub.choices.values():
         add_connection_arguments(action)
@@ -47,55 +61,101 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     codec = RulesCodec(settings)
+    if args.action == "history":
+        return _history(settings, codec, args.rule_id)
+    rules = latest(settings, codec)
     if args.action == "set":
-        records = _records_from_file(args.file, settings, latest(settings, codec), author=args.author,
-                                     comment=args.comment)
+        author = _author(settings, args)
+        records = _records_from_file(args.file, settings, rules, author=author, comment=args.comment)
         write_records(settings, codec, records)
         for record in records:
             print(f"{record.id} v{record.version} written")
         return 0
-    rules = latest(settings, codec)
     if args.action == "list":
         for record in sorted(rules.values(), key=lambda r: r.id):
             state = "enabled " if record.enabled else "disabled"
-            print(f"{record.id:24} v{record.version:<4} {record.kind:21} {state} {json.dumps(record.parameters, sort_keys=True)}")
-        return 0
-    if args.action == "history":
-        found = [(m, r, why) for m, r, why in read_all(settings, codec) if (m.key() or b"").decode() == args.rule_id]
-        if not found:
-            raise ConfigError(f"no rule {args.rule_id!r} on {settings.rules_topic}")
-        for message, record, why in found:
-            where = f"@{message.offset()}"
-            if record is None:
-                print(f"{where:8} {why}")
-            else:
-                print(f"{where:8} v{record.version:<4} {_when(record.written_at)} {record.author}: "
-                      f"{'enabled' if record.enabled else 'disabled'} {json.dumps(record.parameters, sort_keys=True)}"
-                      + (f"  # {record.comment}" if record.comment else ""))
+            print(f"{record.id:24} v{record.version:<4} {printable(record.kind):21} {state} "
+                  f"{json.dumps(record.parameters, sort_keys=True)}")
         return 0
     record = rules.get(args.rule_id)
     if record is None:
         raise ConfigError(f"no rule {args.rule_id!r} in force on {settings.rules_topic}; known: {', '.join(sorted(rules))}")
     if args.action == "show":
-        print(json.dumps(record.to_dict(), indent=2, sort_keys=True, default=str))
+        print(printable(json.dumps(record.to_dict(), indent=2, sort_keys=True, default=str, ensure_ascii=False), json=True))
+        return 0
+    author = _author(settings, args)
+    if args.action == "delete":
+        _check_text("comment", args.comment)
+        write_tombstone(settings, record.id, author=author, comment=args.comment)
+        print(f"{record.id} deleted")
         return 0
     changed = dataclasses.replace(record, version=record.version + 1, enabled=args.action == "enable",
-                                  author=args.author, comment=args.comment, written_at=datetime.now(UTC))
+                                  author=author, comment=args.comment, written_at=datetime.now(UTC))
+    rule_thresholds(changed, settings)  # the checks a detector applies: e.g. the last version, or a long comment
     write_records(settings, codec, [changed])
     print(f"{changed.id} v{changed.version} written ({args.action}d)")
     return 0
 
 
 def latest(settings: Settings, codec: RulesCodec) -> dict[str, Rule]:
-    """The version of each rule that detectors run: the newest valid one (a tombstone removes the rule)."""
-    rules: dict[str, Rule] = {}
-    for message, record, why in read_all(settings, codec):
-        key = (message.key() or b"").decode("utf-8", "replace")
-        if why == "removed":
-            rules.pop(key, None)
-        elif record is not None and record.id == key and (key not in rules or record.version > rules[key].version):
-            rules[key] = record
-    return rules
+    """The version of each rule that detectors run: the topic judged by the detector's own reader."""
+    return read_changes(settings, codec)[0]
+
+
+def _author(settings: Settings, args: argparse.Namespace) -> str:
+    """The authenticated principal where the cluster authenticates this client; else --author or the OS user."""
+    principal = client_principal(settings)
+    if principal is not None:
+        if args.author is not None and args.author != principal:
+            raise ConfigError(f"--author: this client is authenticated as {printable(principal)}, and each change "
+                              "names that principal; leave --author out")
+        return principal
+    author = args.author if args.author is not None else getpass.getuser()
+    _check_text("author", author)
+    return author
+
+
+def _check_text(name: str, text: str) -> None:
+    if len(text) > MAX_TEXT_CHARS:
+        raise ConfigError(f"--{name} has {len(text)} characters; at most {MAX_TEXT_CHARS}")
+
+
+def _history(settings: Settings, codec: RulesCodec, rule_id: str | None) -> int:
+    _, changes = read_changes(settings, codec)
+    if rule_id is not None:
+        changes = [c for c in changes if (c.message.key() or b"") == rule_id.encode()]
+        if not changes:
+            raise ConfigError(f"no rule {rule_id!r} on {settings.rules_topic}")
+    for change in changes:
+        print(history_line(change))
+    return 0
+
+
+def history_line(change: Change) -> str:
+    """One change: where, when (whose clock), who (authenticated or self-declared), what, and its fate."""
+    message, record = change.message, change.record
+    headers = {k: (v or b"").decode("utf-8", "replace") for k, v in message.headers() or []}
+    kind, ms = message.timestamp()
+    when = f"{_when(datetime.fromtimestamp(ms / 1000, UTC))} ({'broker' if kind == TIMESTAMP_LOG_APPEND_TIME else 'writer'})"
+    principal = headers.get(PRINCIPAL_HEADER)
+    declared = record.author if record is not None else headers.get(AUTHOR_HEADER, "")
+    who = (f"{principal} (authenticated)" if principal else f"{declared or '?'} (self-declared)")
+    key = (message.key() or b"").decode("utf-8", "replace")
+    if message.value() is None:
+        what = f"{key} deleted" + (" (no such rule)" if change.outcome == UNCHANGED else "")
+        comment = headers.get(COMMENT_HEADER, "")
+    elif record is None:
+        what, comment = f"{key}: not a rule record", ""
+    else:
+        what = (f"{record.id} v{record.version} {record.kind} {'enabled' if record.enabled else 'disabled'} "
+                f"{json.dumps(record.parameters, sort_keys=True)}")
+        comment = record.comment
+    line = f"@{message.offset():<6} {when}  {who}: {what}" + (f"  # {comment}" if comment else "")
+    if change.outcome == REFUSED:
+        line += f"  REFUSED: {change.reason}"
+    elif change.outcome == UNCHANGED and record is not None:
+        line += "  (a repeat: no change)"
+    return printable(line)
 
 
 def _records_from_file(path: Path, settings: Settings, current: dict[str, Rule], *, author: str,
@@ -109,15 +169,18 @@ def _records_from_file(path: Path, settings: Settings, current: dict[str, Rule],
         raise ConfigError(f"rules file {path}: not valid TOML: {exc}") from exc
     if not data:
         raise ConfigError(f"rules file {path}: no rule in it (one [table] per rule id)")
+    if len(current.keys() | data.keys()) > MAX_RULES:
+        raise ConfigError(f"rules file {path}: {len(current.keys() | data.keys())} rules with those on the topic; "
+                          f"at most {MAX_RULES} (`fraudstream rules delete ID` makes room); nothing written")
     now = datetime.now(UTC)
     records = []
     for rule_id, table in data.items():
         if not isinstance(table, dict):
-            raise ConfigError(f"rules file {path}: {rule_id} must be a table ([{rule_id}])")
+            raise ConfigError(f"rules file {path}: {rule_id!r} must be a table")
         params = dict(table)
         kind, enabled = params.pop("kind", rule_id), params.pop("enabled", True)
         if not isinstance(kind, str) or not isinstance(enabled, bool):
-            raise ConfigError(f"rules file {path}: {rule_id}.kind must be a string and {rule_id}.enabled true or false")
+            raise ConfigError(f"rules file {path}: {rule_id!r}: kind must be a string and enabled true or false")
         previous = current.get(rule_id)
         record = Rule(id=rule_id, version=previous.version + 1 if previous else 1, kind=kind, parameters=params,
                       enabled=enabled, author=author, comment=comment, written_at=now)

@@ -11,6 +11,7 @@ from confluent_kafka.admin import OffsetSpec
 from fraudstream.demo.scoring import DemoState
 from fraudstream.errors import KafkaUnavailable
 from fraudstream.kafka import admin, consumer_config
+from fraudstream.printable import printable
 from fraudstream.records import FraudAlert, Label, Rule, Transaction
 from fraudstream.registry import Registry
 from fraudstream.schemas import load_schemas
@@ -31,8 +32,8 @@ def rule_line(decoder: Decoder, value: bytes | None) -> str:
     except DecodeError as error:
         return f"unreadable rule record ({error.reason})"
     parameters = " ".join(f"{k}={v}" for k, v in sorted(rule.parameters.items()) if not isinstance(v, tuple))
-    return (f"{rule.id} v{rule.version} {'enabled' if rule.enabled else 'disabled'} {parameters}".rstrip()
-            + f"  by {rule.author}" + (f": {rule.comment}" if rule.comment else ""))
+    return printable(f"{rule.id} v{rule.version} {'enabled' if rule.enabled else 'disabled'} {parameters}".rstrip()
+                     + f"  by {rule.author}" + (f": {rule.comment}" if rule.comment else ""))
 
 
 class PipelineWatcher:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fraudstream.consumer.features import (CARD_FEATURES, CHANNEL_CODE, MINUTE_MS, PROFILE_DTYPE, TxColumns,
                                            card_features)
@@ -15,6 +17,7 @@ from fraudstream.consumer.rules import (COMPROMISED_TERMINAL, DEFAULT_RULES, DEF
 from fraudstream.consumer.state.table import KeyedTable
 from fraudstream.errors import ConfigError
 from fraudstream.settings import Settings
+from tests.support.rule_strategies import parameter_values
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -180,3 +183,77 @@ def test_the_records_held_for_the_look_ahead_are_those_it_could_still_turn(tmp_p
     assert rules.fires_on_release(channel, np.array([500.0, 500.0, 0.0, 0.0]),
                                   np.array([2, 1, 2, 3])).tolist() == [True, False, False, True]
     assert not rules.without(COMPROMISED_TERMINAL).fires_on_release(channel, np.full(4, 500.0), np.full(4, 9)).any()
+
+
+# ----- bounds: one table (PARAMETER_BOUNDS), for the rules file, `rules set` and the rules topic alike
+
+def test_every_parameter_of_every_rule_has_a_bound_with_finite_limits() -> None:
+    from fraudstream.consumer.rules import PARAMETER_BOUNDS
+
+    assert {key for params in DEFAULT_RULES.values() for key in params} | {"threshold_cents"} == PARAMETER_BOUNDS.keys()
+    for key, bound in PARAMETER_BOUNDS.items():
+        if bound.type is not bool:
+            assert bound.maximum is not None and np.isfinite(bound.maximum) and bound.why, key
+
+
+@pytest.mark.parametrize("kind, key, value, says", [
+    (COMPROMISED_TERMINAL, "look_ahead_s", 1e300, "look_ahead_s must be at most 3,600 (an hour"),
+    (COMPROMISED_TERMINAL, "look_ahead_s", float("inf"), "must be a finite number, not inf"),
+    (COMPROMISED_TERMINAL, "look_ahead_s", float("nan"), "must be a finite number, not nan"),
+    (COMPROMISED_TERMINAL, "look_ahead_s", 10**400, "must be a finite number"),  # not OverflowError
+    (LARGE_AMOUNT, "threshold_cents", 2**63 - 1, "threshold_cents must be at most 1,000,000,000,000"),
+    ("impossible_travel", "away_km", 1e9, "away_km must be at most 20,040 (half the Earth"),
+    ("far_from_home", "window_s", 31 * 86_400.0, "window_s must be at most 2,592,000"),
+    (VELOCITY, "max_in_session", 10**9, "max_in_session must be at most 10,000"),
+    ("card_testing", "test_categories", ["5815"] * 10_001, "has 10001 entries; at most 10,000"),
+    ("card_testing", "test_categories", "5815", "must be a list, not '5815'"),
+    ("card_testing", "test_categories", ["²²²²"], "four-digit merchant category codes"),  # isdigit(), not int()
+    (LARGE_AMOUNT, "exempt_categories", ["٥٤١١"], "four-digit merchant category codes"),  # Arabic-Indic digits
+])
+def test_out_of_range_and_non_finite_parameters_are_one_line_errors(kind: str, key: str, value, says: str) -> None:
+    from fraudstream.consumer.rules import checked_parameters
+
+    with pytest.raises(ConfigError) as refused:
+        checked_parameters(kind, {key: value}, where="rule r v1")
+    assert says in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_any_parameters_the_bounds_accept_keep_the_terminal_gate_in_int64() -> None:
+    """The look-ahead's largest accepted value, added to event times of this millennium, fits an int64
+    (1e300 did not: OverflowError in the terminal gate, the detector's end)."""
+    from fraudstream.consumer.rules import PARAMETER_BOUNDS, checked_parameters
+
+    top = PARAMETER_BOUNDS["look_ahead_s"].maximum
+    rules = RuleSet((COMPROMISED_TERMINAL,), {COMPROMISED_TERMINAL: checked_parameters(
+        COMPROMISED_TERMINAL, {"look_ahead_s": top}, where="r")}, "v")
+    event_times = np.array([0, 32_503_680_000_000], dtype=np.int64)  # 1970 and 3000
+    assert (event_times + rules.look_ahead_ms).tolist() == [3_600_000, 32_503_683_600_000]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(RULE_NAMES).flatmap(lambda kind: st.tuples(st.just(kind), st.fixed_dictionaries({}, optional={
+    key: parameter_values(key) for key in [*DEFAULT_RULES[kind], "threshold_cents"]
+    if key != "enabled" and (key != "threshold_cents" or kind == LARGE_AMOUNT)}))))
+def test_whatever_parameters_the_bounds_accept_a_rule_runs_on_without_an_exception(kind_and_parameters) -> None:
+    """A rule record that passes the checks must never raise while judging a batch, holding or releasing (the
+    detector would end on every batch): '²²²²' once passed str.isdigit() and failed int() at evaluation."""
+    from fraudstream.consumer.rules import checked_parameters
+
+    kind, parameters = kind_and_parameters
+    try:
+        thresholds = checked_parameters(kind, parameters, where="r")
+    except ConfigError as refused:
+        assert "\n" not in str(refused)
+        return
+    rules = RuleSet((kind,), {kind: thresholds}, "v")
+    n = 4
+    tx = columns(amount_cents=[0, 1, 10**12, 2**62], merchant_category=[-1, 0, 5411, 9999],
+                 channel=[CHANNEL_CODE[c] for c in ("ONLINE", "CARD_PRESENT", "ATM", "CONTACTLESS")],
+                 event_time_ms=[0, 1, 32_503_680_000_000, 2**53])
+    f = feats(n, dist_home_km=[0.0, 1e9, np.inf, 5.0], terminal_cards=[0, 1, 10**6, 3])
+    fired = rules.evaluate(tx, f)
+    assert fired.shape == (1, n)
+    assert rules.to_hold(tx, f, fired.any(axis=0)).shape == rules.fires_on_release(
+        tx.channel, f["dist_home_km"], f["terminal_cards"]).shape == (n,)
+    event_times = tx.event_time_ms + rules.look_ahead_ms  # the terminal gate's arithmetic, in int64
+    assert event_times.dtype == np.int64

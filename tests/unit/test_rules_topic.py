@@ -3,15 +3,19 @@ dead-lettered with their reason), and how the rule-set version follows the topic
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
+
+from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME
 
 import numpy as np
 import pytest
 
 from fraudstream.consumer.decide import DLQ_KIND, DLQ_OFFSET, DLQ_REASON
 from fraudstream.consumer.features import TxColumns
-from fraudstream.consumer.rules import DEFAULT_RULES_FILE, LARGE_AMOUNT, checked_parameters, load_rules
-from fraudstream.consumer.rules_topic import INVALID_RULE, STALE_VERSION, RulesTopic, seed_records
+from fraudstream.consumer.rules import COMPROMISED_TERMINAL, DEFAULT_RULES_FILE, LARGE_AMOUNT, checked_parameters, load_rules
+from fraudstream.consumer.rules_topic import (INVALID_RULE, MAX_RULE_VERSION, MAX_RULES, STALE_VERSION, TOO_MANY_RULES,
+                                              RulesTopic, seed_records)
 from fraudstream.records import Rule
 from fraudstream.errors import ConfigError
 from fraudstream.rules_cli import _records_from_file
@@ -35,8 +39,8 @@ def rule(version: int, threshold: int | None = 50_000, *, rule_id: str = LARGE_A
 
 
 class RuleMessage:
-    def __init__(self, offset: int, key: str, value: bytes | None) -> None:
-        self._offset, self._key, self._value = offset, key, value
+    def __init__(self, offset: int, key: str, value: bytes | None, headers=None) -> None:
+        self._offset, self._key, self._value, self._headers = offset, key, value, headers
 
     def topic(self):
         return SETTINGS.rules_topic
@@ -54,7 +58,10 @@ class RuleMessage:
         return self._value
 
     def headers(self):
-        return None
+        return self._headers
+
+    def timestamp(self):
+        return TIMESTAMP_LOG_APPEND_TIME, 1_767_312_000_000  # 2026-01-02 00:00:00 UTC
 
     def error(self):
         return None
@@ -71,7 +78,9 @@ class FakeConsumer:
 
 @pytest.fixture
 def reader() -> RulesTopic:
-    topic = RulesTopic(SETTINGS, registry=FakeRegistry({RULE_ID: SCHEMAS.expanded["Rule"]}), on_log=lambda line: None)
+    topic = RulesTopic(SETTINGS, registry=FakeRegistry({RULE_ID: SCHEMAS.expanded["Rule"]}))
+    topic.lines = []
+    topic.on_log = topic.lines.append
     topic.consumer = FakeConsumer()
     return topic
 
@@ -197,3 +206,128 @@ def test_the_rules_in_force_are_compared_with_a_rules_file_by_content(reader, tm
     lowered.write_text("[large_amount]\nthreshold_cents = 50000\n[velocity]\nenabled = true\n[card_testing]\nenabled = false\n")
 
     assert reader.differing_from(lowered) == ["card_testing", "large_amount", "velocity"]
+
+
+# ----- hostile records: each refused once with its reason (a log line and a dead letter), never an exit
+
+def refused_kinds(reader: RulesTopic) -> list[str]:
+    return [dict(letter.headers)[DLQ_KIND].decode() for letter in reader.take_dead_letters()]
+
+
+def test_a_version_at_the_top_of_the_range_or_any_jump_is_refused_and_later_changes_still_apply(reader):
+    feed(reader, (LARGE_AMOUNT, encode(rule(1, 50_000).to_dict())))
+    assert not feed(reader, (LARGE_AMOUNT, encode(rule(2**63 - 1, 10_000).to_dict())),
+                    (LARGE_AMOUNT, encode(rule(3, 10_000).to_dict())))
+    assert refused_kinds(reader) == [INVALID_RULE, STALE_VERSION]  # past MAX_RULE_VERSION; a jump
+    assert feed(reader, (LARGE_AMOUNT, encode(rule(2, 60_000).to_dict())))  # the next version: not wedged
+    assert reader.current.versions == {LARGE_AMOUNT: 2}
+    # A rule first seen (its earlier versions compacted away) may start anywhere in the range, not beyond it.
+    assert not feed(reader, ("top", encode(rule(MAX_RULE_VERSION + 1, rule_id="top").to_dict())))
+    [letter] = reader.take_dead_letters()
+    assert f"versions run from 1 to {MAX_RULE_VERSION}" in dict(letter.headers)[DLQ_REASON].decode()
+
+
+def test_beyond_the_maximum_number_of_rules_a_new_one_is_refused_until_one_is_deleted(reader):
+    feed(reader, *[(f"r{i}", encode(rule(1, rule_id=f"r{i}").to_dict())) for i in range(MAX_RULES)])
+    assert len(reader.current.names) == MAX_RULES and reader.take_dead_letters() == []
+    assert not feed(reader, ("one-more", encode(rule(1, rule_id="one-more").to_dict())))
+    [letter] = reader.take_dead_letters()
+    assert dict(letter.headers)[DLQ_KIND] == TOO_MANY_RULES.encode()
+    assert f"at most {MAX_RULES}" in dict(letter.headers)[DLQ_REASON].decode()
+    assert feed(reader, ("r0", encode(rule(2, 1_000, rule_id="r0").to_dict())))  # a change to one on the topic
+    assert feed(reader, ("r1", None), ("one-more", encode(rule(1, rule_id="one-more").to_dict())))
+    assert "one-more" in reader.current.names and "r1" not in reader.current.names
+
+
+@pytest.mark.parametrize("bad, says", [
+    (rule(1, rule_id="evil\x1b[2J\nINFO fake line"), "rule id 'evil\\x1b[2J\\nINFO fake line' must be 1 to 64"),
+    (rule(1, rule_id="x" * 65), "must be 1 to 64 letters"),
+    (rule(0), "versions run from 1 to"),
+    (dataclasses.replace(rule(1), comment="c" * 1_001), "comment has 1001 characters; at most 1000"),
+    (rule(1, None, kind=COMPROMISED_TERMINAL, look_ahead_s=1e300), "look_ahead_s must be at most 3,600"),
+    (rule(1, None, kind=COMPROMISED_TERMINAL, look_ahead_s=float("nan")), "must be a finite number, not nan"),
+])
+def test_ids_versions_texts_and_parameters_out_of_bounds_are_refused_in_one_printable_line(reader, bad, says):
+    counted: list[str] = []
+    reader.on_refused = counted.append  # the detector's metrics counter
+    assert not feed(reader, (bad.id, encode(bad.to_dict())))
+    assert counted == [INVALID_RULE]
+    [letter] = reader.take_dead_letters()
+    reason = dict(letter.headers)[DLQ_REASON].decode()
+    [line] = reader.lines
+    assert says in reason and says in line
+    assert reason.isprintable() and line.isprintable()
+    assert reader.current.names == () and reader.refused == 1
+
+
+def test_control_characters_in_a_key_or_comment_never_reach_a_log_line(reader):
+    evil = "\x1b]0;owned\x07\r\n2026-01-01 INFO all good\u202e"
+    assert not feed(reader, (evil, encode(rule(1).to_dict())))  # a key that is not the id
+    assert feed(reader, (LARGE_AMOUNT, encode(dataclasses.replace(rule(1), comment=evil, author=evil).to_dict())))
+    assert feed(reader, (LARGE_AMOUNT, None))
+    assert len(reader.lines) == 2 and all(line.isprintable() for line in reader.lines)
+    assert "\\x1b]0;owned" in reader.lines[0]
+
+
+def test_history_says_who_when_and_what_and_prints_no_control_character():
+    from fraudstream.consumer.rules_topic import APPLIED, PRINCIPAL_HEADER, REFUSED, REMOVED, Change
+    from fraudstream.rules_cli import history_line
+
+    evil = dataclasses.replace(rule(2), author="\x1b[31mroot", comment="ok\n2026-01-01 fake")
+    changed = history_line(Change(RuleMessage(4, LARGE_AMOUNT, b"x", [(PRINCIPAL_HEADER, b"SCRAM-SHA-512 rules-admin")]),
+                                  evil, APPLIED))
+    assert changed.startswith("@4      2026-01-02 00:00:00 (broker)  SCRAM-SHA-512 rules-admin (authenticated): "
+                              "large_amount v2 large_amount enabled")
+    assert changed.endswith("# ok\\n2026-01-01 fake") and changed.isprintable()
+    declared = history_line(Change(RuleMessage(5, LARGE_AMOUNT, b"x"), evil, REFUSED, "too big"))
+    assert "\\x1b[31mroot (self-declared)" in declared and declared.endswith("REFUSED: too big")
+    deleted = history_line(Change(RuleMessage(6, LARGE_AMOUNT, None, [("fraudstream.author", b"ann"),
+                                                                      ("fraudstream.comment", b"gone")]), None, REMOVED))
+    assert deleted.endswith("ann (self-declared): large_amount deleted  # gone")
+
+
+@pytest.mark.parametrize("config, principal", [
+    ({}, None),
+    ({"security.protocol": "SSL", "ssl.ca.location": "ca.pem"}, None),
+    ({"security.protocol": "SASL_SSL", "sasl.mechanisms": "SCRAM-SHA-512", "sasl.username": "rules-admin",
+      "sasl.password": "s3cret"}, "SCRAM-SHA-512 rules-admin"),
+    ({"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "OAUTHBEARER",
+      "sasl.oauthbearer.config": "principal=alice scope=rules"}, "OAUTHBEARER alice"),
+    ({"security.protocol": "sasl_ssl", "sasl.mechanisms": "OAUTHBEARER", "sasl.oauthbearer.method": "oidc",
+      "sasl.oauthbearer.client.id": "rules-cli"}, "OAUTHBEARER client rules-cli"),
+])
+def test_the_principal_comes_from_the_client_config_and_never_its_secret(config, principal):
+    from fraudstream.consumer.rules_topic import client_principal
+
+    found = client_principal(SETTINGS.replace(kafka_extra=config))
+    assert found == principal and "s3cret" not in (found or "")
+
+
+def test_author_is_the_authenticated_principal_and_a_different_author_is_refused_in_one_line():
+    import argparse
+
+    from fraudstream.rules_cli import _author
+
+    secured = SETTINGS.replace(kafka_extra={"security.protocol": "SASL_SSL", "sasl.mechanisms": "PLAIN",
+                                            "sasl.username": "rules-admin"})
+    assert _author(secured, argparse.Namespace(author=None)) == "PLAIN rules-admin"
+    with pytest.raises(ConfigError, match="authenticated as PLAIN rules-admin.*leave --author out"):
+        _author(secured, argparse.Namespace(author="mallory"))
+    assert _author(SETTINGS, argparse.Namespace(author="ann")) == "ann"
+
+
+def test_set_refuses_a_file_that_would_pass_the_maximum_number_of_rules(tmp_path):
+    current = {f"r{i}": rule(1, rule_id=f"r{i}") for i in range(MAX_RULES - 1)}
+    path = tmp_path / "two.toml"
+    path.write_text("[a]\nkind = \"large_amount\"\n[b]\nkind = \"large_amount\"\n")
+    with pytest.raises(ConfigError, match=f"{MAX_RULES + 1} rules with those on the topic; at most {MAX_RULES}.*nothing written"):
+        _records_from_file(path, SETTINGS, current, author="a", comment="")
+    path.write_text("[r0]\nkind = \"large_amount\"\n[a]\nkind = \"large_amount\"\n")  # one new: room for it
+    assert [r.id for r in _records_from_file(path, SETTINGS, current, author="a", comment="")] == ["r0", "a"]
+
+
+def test_set_refuses_a_rule_at_the_last_version_and_says_how_to_start_it_again(tmp_path):
+    path = tmp_path / "one.toml"
+    path.write_text("[large_amount]\nthreshold_cents = 1\n")
+    with pytest.raises(ConfigError, match="versions run from 1 to .*fraudstream rules delete large_amount"):
+        _records_from_file(path, SETTINGS, {LARGE_AMOUNT: rule(MAX_RULE_VERSION)}, author="a", comment="")
