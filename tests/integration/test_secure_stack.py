@@ -132,11 +132,17 @@ def test_secure_stack_writes_a_private_client_file_per_role_naming_only_the_secu
     for private in (secure.stack.kafka_dir / "server.properties",
                     secure.stack.registry_dir / "config" / "application.properties"):
         assert private.stat().st_mode & 0o077 == 0, f"{private} holds passwords"
-    # No password on any command line of the stack's processes (ps shows them to every user).
+    # No password on any command line of the stack's processes (ps shows them to every user), nor in a log.
     secrets = secure.material.secrets().values()
     for pid in (secure.stack.broker_pid(), secure.stack.status().registry_pid):
         command_line = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
         assert not any(secret in command_line for secret in secrets)
+    logs = [secure.stack.kafka_dir / "server.log", secure.stack.kafka_dir / "stdout.log",
+            secure.stack.registry_dir / "stdout.log"]
+    assert all(log.stat().st_size > 0 for log in logs)
+    for log in logs:
+        text = log.read_text(errors="replace")
+        assert not [secret for secret in secrets if secret in text], f"a password in {log}"
 
 
 def routed(settings: Settings) -> int:
