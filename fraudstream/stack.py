@@ -17,7 +17,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -182,8 +181,9 @@ class LocalStack:
             raise StackError("--unsecured-jwt adds a listener to the secured stack: use it with --secure")
         status = self.status()
         if secure and (status.kafka_pid or status.registry_pid) and not self._running_secure():
-            raise StackError("the stack is running without --secure; stop it (fraudstream stack down) and start it "
-                             "again with --secure")
+            raise StackError(f"the stack in {self.root} is running without --secure; give the secured stack a folder "
+                             f"and ports of its own ({ENV['stack_dir']}, {ENV['kafka_port']}, ...), or stop this one "
+                             "(fraudstream stack down) and wipe its data first")
         if status.running:
             self.log("stack already running")
             self._wait_brokers_ready()
