@@ -51,8 +51,8 @@ from confluent_kafka import (
 from fastavro import json_writer, parse_schema
 
 from fraudstream import argtypes
-from fraudstream.errors import ConfigError, FraudstreamError, KafkaUnavailable
-from fraudstream.kafka import check_secured_connection, consumer_config
+from fraudstream.errors import ConfigError, FraudstreamError, KafkaUnavailable, NotAuthorized
+from fraudstream.kafka import check_secured_connection, consumer_config, denied
 from fraudstream.printable import printable
 from fraudstream.registry import Registry, SchemaRef
 from fraudstream.serde import DecodeError, WriterSchemas, read_payload, split_frame
@@ -346,12 +346,20 @@ class ReadPlan:
         return {p for p, start in self.starts.items() if start < self.ends[p]}
 
 
-def plan_read(consumer: Consumer, topic: str, *, partition: int | None, start: StartOffset) -> ReadPlan:
+def plan_read(consumer: Consumer, topic: str, *, partition: int | None, start: StartOffset,
+              settings: Settings) -> ReadPlan:
     try:
         metadata = consumer.list_topics(timeout=METADATA_TIMEOUT_S)
     except KafkaException as exc:
         raise KafkaUnavailable(f"Kafka did not answer a metadata request: {exc.args[0].str()}") from exc
     found = metadata.topics.get(topic)
+    if found is None:  # a listing leaves out the topics this principal may not Describe: ask for this one
+        try:
+            found = consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S).topics.get(topic)
+        except KafkaException:
+            found = None
+    if found is not None and found.error is not None and found.error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+        raise NotAuthorized(denied(settings, f"Describe and Read on topic {topic}"))
     if found is None or found.error is not None:
         close = difflib.get_close_matches(topic, [t for t in metadata.topics if not t.startswith("__")], n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -396,7 +404,7 @@ def inspect_topic(settings: Settings, topic: str, *, out: IO[str], start: StartO
            "partition.assignment.strategy": "range"}))
     printed = 0
     try:
-        plan = plan_read(consumer, topic, partition=partition, start=start)
+        plan = plan_read(consumer, topic, partition=partition, start=start, settings=settings)
         remaining = plan.unfinished()
         if not follow and not remaining:
             return InspectReport(0, 0)

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+import javaproperties
+
 from pathlib import Path
 
 from fraudstream import argtypes
@@ -28,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("fraudstream.consumer.inspect", "print a topic's records as JSON lines (like kafka-avro-console-consumer)"),
     "demo": ("fraudstream.demo", "run the whole pipeline on the local stack with a live view"),
     "evaluate": ("fraudstream.evaluate", "measure detection quality from the outputs and the labels (Handbook metrics)"),
+    "acl": ("fraudstream.acl", "print (or apply, as the admin) the least Kafka ACLs of each role for a topic"),
     "train": ("fraudstream.train", "train a model for detect --model from the transactions and labels topics"),
 }
 
@@ -54,23 +57,39 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a schema registry client property, e.g. basic.auth.user.info=KEY:SECRET; repeatable")
 
 
-def client_flags(settings: Settings) -> list[str]:
+def client_flags(settings: Settings, private_dir: Path | None = None) -> list[str]:
     """Flags that give a child command the same client properties: the files, and -X/-R for what
-    differs from them. Bootstrap servers and registry URL are left to the connection flags."""
+    differs from them. Bootstrap servers and registry URL are left to the connection flags.
+
+    `private_dir`: where a secret that differs from the files (a -X sasl.password=...) goes instead of the
+    child's command line (visible in ps): a private properties file with the file's properties and the
+    flags' values, passed as the child's file."""
+    from fraudstream.client_config import is_secret
+    from fraudstream.stack_secure import write_private
+
     flags: list[str] = []
-    for option, pair_flag, path, properties, what in (
-        ("--kafka-config", "-X", settings.kafka_config, settings.kafka_extra, "Kafka client properties"),
-        ("--registry-config", "-R", settings.registry_config, settings.registry_extra, "registry client properties"),
+    for option, pair_flag, path, properties, what, name in (
+        ("--kafka-config", "-X", settings.kafka_config, settings.kafka_extra, "Kafka client properties", "kafka"),
+        ("--registry-config", "-R", settings.registry_config, settings.registry_extra, "registry client properties",
+         "registry"),
     ):
         from_file: dict[str, str] = {}
+        raw: dict[str, str] = {}
+        if path:
+            raw = read_properties_file(path, what)
+            from_file = normalize_registry(raw) if pair_flag == "-R" else raw
+        differing = {key: value for key, value in properties.items() if from_file.get(key) != value}
+        if private_dir is not None and any(is_secret(key) for key in differing):
+            merged = private_dir / f"{name}-client.properties"
+            private_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_private(merged, javaproperties.dumps({**raw, **{k: str(v) for k, v in differing.items()}},
+                                                       timestamp=False).encode())
+            flags += [option, str(merged)]
+            continue
         if path:
             flags += [option, str(path)]
-            from_file = read_properties_file(path, what)
-            if pair_flag == "-R":
-                from_file = normalize_registry(from_file)
-        for key, value in properties.items():
-            if from_file.get(key) != value:
-                flags += [pair_flag, f"{key}={value}"]
+        for key, value in differing.items():
+            flags += [pair_flag, f"{key}={value}"]
     return flags
 
 

@@ -21,8 +21,8 @@ import javaproperties
 from fraudstream.errors import ConfigError
 
 REDACTED = "***"
-# Keys whose values are secrets: passwords, secrets, tokens, key material, basic-auth user info, JAAS text.
-_SECRET_KEY = re.compile(r"password|secret|token|user\.info|jaas|oauthbearer\.config|\.pem$|^ssl_key$", re.IGNORECASE)
+# Keys whose values are secrets: passwords, passphrases, secrets, tokens, key material, basic-auth user info, JAAS text.
+_SECRET_KEY = re.compile(r"password|passphrase|secret|token|user\.info|jaas|oauthbearer\.config|\.pem$|^ssl_key$", re.IGNORECASE)
 
 # librdkafka properties the code depends on for exactly-once and for its own group handling: a user
 # value would silently change delivery guarantees, so it is refused with the flag to use instead.

@@ -36,3 +36,7 @@ class Fenced(FraudstreamError):
 
 class StateError(FraudstreamError):
     """Keyed state cannot be kept or restored: a changelog that does not match the input, or cannot be read."""
+
+
+class NotAuthorized(FraudstreamError):
+    """The broker's authorizer refused an operation: an ACL is missing (not worth retrying)."""

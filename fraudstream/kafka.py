@@ -12,7 +12,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from fraudstream.client_config import redact
-from fraudstream.errors import KafkaUnavailable
+from fraudstream.errors import KafkaUnavailable, NotAuthorized
 from fraudstream.settings import MAX_POLL_INTERVAL_S, Settings
 
 log = logging.getLogger("fraudstream.kafka")
@@ -54,8 +54,55 @@ def client_config(settings: Settings, defaults: dict[str, Any], required: dict[s
 
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     """Idempotent, acks=all, batched: what a payment producer should be."""
+    # error_cb: without one, confluent-kafka raises a fatal error (an idempotent producer refused by the
+    # authorizer) from inside flush() while it serves delivery reports, which then fail too; the delivery
+    # reports carry the fatal error to the caller anyway.
     return client_config(settings, PRODUCER_DEFAULTS,
-                         {"enable.idempotence": True, "logger": _client_logger("producer")}, overrides)
+                         {"enable.idempotence": True, "logger": _client_logger("producer"),
+                          "error_cb": _log_client_error}, overrides)
+
+
+def _log_client_error(error: KafkaError) -> None:
+    _client_logger("producer").debug("client error: %s", error.str())
+
+
+# ---------------------------------------------------------------- authorization
+# What each authorization error says was missing (the broker's code -> the permission and its resource).
+_DENIED = (
+    (re.compile(r"transactional id authorization failed", re.I), "Write on its transactional id"),
+    (re.compile(r"group authorization failed", re.I), "Read on its consumer group"),
+    (re.compile(r"cluster authorization failed", re.I), "IdempotentWrite on the cluster (or Write on a topic)"),
+    (re.compile(r"topic authorization failed", re.I), "access to the topic"),
+)
+
+
+def principal(settings: Settings) -> str:
+    """The principal this client presents, as the broker names it, as far as its properties say."""
+    extra = settings.kafka_extra
+    if extra.get("sasl.username"):
+        return f"User:{extra['sasl.username']}"
+    match = re.search(r"principal=(\S+)", str(extra.get("sasl.oauthbearer.config") or ""))
+    if match:
+        return f"User:{match.group(1)}"
+    if extra.get("ssl.certificate.location"):
+        return "the client certificate's principal"
+    return "User:ANONYMOUS"
+
+
+def denied(settings: Settings, permission: str) -> str:
+    """One line: who lacked which permission, and where the ACLs of each role are listed."""
+    return (f"Kafka denied {principal(settings)} {permission}: no ACL grants it "
+            "(`fraudstream acl` lists what each role may do)")
+
+
+def explain_denial(settings: Settings, text: str, topic: str | None = None) -> str | None:
+    """A broker's authorization error in `text` said as denied() does; None for any other error."""
+    for pattern, permission in _DENIED:
+        if pattern.search(text):
+            if permission == "access to the topic" and topic:
+                permission = f"access to topic {topic}"
+            return denied(settings, permission)
+    return None
 
 
 def transactional_producer_config(settings: Settings, transactional_id: str, **overrides: Any) -> dict[str, Any]:
@@ -210,7 +257,12 @@ def ensure_topics(settings: Settings, topics: tuple[str, ...] | None = None, *, 
         try:
             future.result()
         except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            code = exc.args[0].code()
+            if code == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+                # The broker says this whether the topic is missing or only hidden from this principal.
+                raise NotAuthorized(denied(settings, f"Create on topic {topic} (it is missing, or this principal "
+                                                     "may not even Describe it)")) from exc
+            if code != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise KafkaUnavailable(f"could not create topic {topic}: {exc.args[0].str()}") from exc
 
 
@@ -270,7 +322,18 @@ def _silent_logger() -> logging.Logger:
 
 def _client_logger(role: str) -> logging.Logger:
     """librdkafka logs through Python logging (not raw stderr), so the CLI decides what is shown."""
-    return logging.getLogger(f"fraudstream.librdkafka.{role}")
+    logger = logging.getLogger(f"fraudstream.librdkafka.{role}")
+    if not any(isinstance(f, _AuthorizationFatalFilter) for f in logger.filters):
+        logger.addFilter(_AuthorizationFatalFilter())
+    return logger
+
+
+class _AuthorizationFatalFilter(logging.Filter):
+    """Drops librdkafka's log line of a fatal authorization error: the command says it in one line (denied())."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("Fatal error" in text and "authorization failed" in text.lower())
 
 
 def produce_or_wait(producer, topic: str, value, key=None, *, wait_s: float = 0.05,

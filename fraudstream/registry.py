@@ -60,6 +60,8 @@ class Registry:
     def __init__(self, settings: Settings) -> None:
         self.url = settings.registry_url_display  # for messages: never a password
         self._secrets = settings.registry_extra
+        user_info = str(settings.registry_extra.get("basic.auth.user.info") or "")
+        self._user = f"user {user_info.split(':', 1)[0]}" if ":" in user_info else "this identity"
         # Our timeouts unless the user's client properties say otherwise.
         conf = {"timeout": 10, "max.retries": 2, **settings.registry_client_conf()}
         self.client = SchemaRegistryClient(conf)
@@ -70,9 +72,13 @@ class Registry:
         except UnusableSchema:
             raise
         except SchemaRegistryError as exc:
-            if exc.http_status_code in (401, 403):
+            if exc.http_status_code == 401:
                 raise RegistryError(f"schema registry at {self.url} refused the credentials while {what} "
-                                    f"(HTTP {exc.http_status_code}): check basic.auth.user.info or bearer.auth.*") from exc
+                                    f"(HTTP 401): check basic.auth.user.info or bearer.auth.*") from exc
+            if exc.http_status_code == 403:  # authenticated, but its role does not allow this
+                raise RegistryError(f"schema registry at {self.url} denied {self._user} the permission for {what} "
+                                    f"(HTTP 403): this identity may read schemas only; registering and changing "
+                                    f"settings take a registry admin's credentials") from exc
             raise
         except Exception as exc:  # httpx transport errors, timeouts: the registry did not answer
             text = redact(str(exc), self._secrets)

@@ -71,6 +71,8 @@ ENV: dict[str, str] = {
     "kafka_secure_port": "FRAUDSTREAM_KAFKA_SECURE_PORT",
     "kafka_mtls_port": "FRAUDSTREAM_KAFKA_MTLS_PORT",
     "registry_secure_port": "FRAUDSTREAM_REGISTRY_SECURE_PORT",
+    # `stack up --secure --unsecured-jwt`: the opt-in OAUTHBEARER listener with unsecured JWTs (tests only).
+    "kafka_jwt_port": "FRAUDSTREAM_KAFKA_JWT_PORT",
 }
 
 COMPATIBILITY_LEVELS = (
@@ -148,6 +150,7 @@ class Settings:
     kafka_secure_port: int = 9443
     kafka_mtls_port: int = 9444
     registry_secure_port: int = 8443
+    kafka_jwt_port: int = 9445
     # librdkafka properties for every client (e.g. security.protocol, sasl.*, ssl.*), from kafka_config
     # and -X flags; bootstrap.servers among them becomes bootstrap_servers.
     kafka_extra: Mapping[str, Any] = field(default_factory=Properties)

@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -23,6 +24,8 @@ import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+
+import javaproperties
 
 from fraudstream import stack_secure
 from fraudstream.errors import FraudstreamError, StackError
@@ -42,11 +45,13 @@ REGISTRY_PORTS = (("registry_port", "the schema registry"),
                   ("registry_management_port", "the schema registry's management interface"))
 SECURE_KAFKA_PORTS = (("kafka_secure_port", "Kafka's SASL_SSL listener"),
                       ("kafka_mtls_port", "Kafka's mutual-TLS listener"))
+JWT_KAFKA_PORTS = (("kafka_jwt_port", "Kafka's unsecured-JWT listener"),)
 SECURE_REGISTRY_PORTS = (("registry_secure_port", "the schema registry's HTTPS port"),)
-# Present in a service's folder while it runs with --secure.
+# Present in a service's folder while it runs with --secure (and, in Kafka's, with --unsecured-jwt).
 SECURE_MARKER = "secure.on"
-# In the Kafka folder once kafka-storage format has created the SCRAM user in its data.
-SCRAM_USERS_MARKER = "fraudstream-scram-users"
+JWT_MARKER = "unsecured-jwt.on"
+# In the Kafka folder once its data was made by a secured stack with authorization (roles and ACLs).
+SECURE_DATA_MARKER = "fraudstream-authorized-data"
 # A cluster (`stack up --brokers N`): node 1 uses kafka_port and controller_port, node n those plus
 # CLUSTER_PORT_STEP * (n - 1). Every node is broker and controller; replicas = min(N, 3), of which
 # all but one (at least 1) must acknowledge a write.
@@ -88,21 +93,32 @@ class StackStatus:
 class SecureEndpoints:
     bootstrap_servers: str
     registry_url: str
-    kafka_config: Path
-    registry_config: Path
+    folder: Path  # the client properties files: kafka-client-<role>.properties, registry-client-<role>.properties
     mtls_bootstrap_servers: str
     kafka_mtls_config: Path
-    kafka_oauthbearer_config: Path
+    kafka_jwt_config: Path | None  # with --unsecured-jwt only
+
+    def kafka_config(self, role: str) -> Path:
+        return self.folder / f"kafka-client-{role}.properties"
+
+    def registry_config(self, role: str) -> Path:
+        return self.folder / f"registry-client-{role}.properties"
 
     def describe(self) -> str:
-        return (f"secure    SASL_SSL (SCRAM-SHA-512, OAUTHBEARER) bootstrap servers: {self.bootstrap_servers}; "
-                f"mutual TLS: {self.mtls_bootstrap_servers}; HTTPS schema registry URL: {self.registry_url}\n"
-                f"          client properties: {self.kafka_config} and {self.registry_config}\n"
-                f"          or, for Kafka, {self.kafka_oauthbearer_config} (OAUTHBEARER, unsecured JWT) "
-                f"or {self.kafka_mtls_config} (client certificate)")
+        from fraudstream.acl import ROLES
 
-    def exports(self) -> str:
-        return f"export {ENV['kafka_config']}={self.kafka_config}\nexport {ENV['registry_config']}={self.registry_config}"
+        text = (f"secure    SASL_SSL (SCRAM-SHA-512) bootstrap servers: {self.bootstrap_servers}; "
+                f"mutual TLS (User:producer): {self.mtls_bootstrap_servers}; HTTPS schema registry (HTTP Basic "
+                f"users) URL: {self.registry_url}\n"
+                f"          roles {', '.join(ROLES)} and admin, each with its own files in {self.folder}: "
+                f"kafka-client-<role>.properties, registry-client-<role>.properties (see `fraudstream acl`)")
+        if self.kafka_jwt_config:
+            text += f"\n          unsecured JWT (tests only): {self.kafka_jwt_config}"
+        return text
+
+    def exports(self, role: str = "producer") -> str:
+        return (f"export {ENV['kafka_config']}={self.kafka_config(role)}\n"
+                f"export {ENV['registry_config']}={self.registry_config(role)}")
 
 
 def new_cluster_id() -> str:
@@ -160,11 +176,14 @@ class LocalStack:
         )
 
     # ----- up -----
-    def up(self, *, secure: bool = False) -> StackStatus:
+    def up(self, *, secure: bool = False, unsecured_jwt: bool = False) -> StackStatus:
+        if unsecured_jwt and not secure:
+            raise StackError("--unsecured-jwt adds a listener to the secured stack: use it with --secure")
         status = self.status()
         if secure and (status.kafka_pid or status.registry_pid) and not self._running_secure():
-            raise StackError("the stack is running without --secure; stop it (fraudstream stack down) and start it "
-                             "again with --secure")
+            raise StackError(f"the stack in {self.root} is running without --secure; give the secured stack a folder "
+                             f"and ports of its own ({ENV['stack_dir']}, {ENV['kafka_port']}, ...), or stop this one "
+                             "(fraudstream stack down) and wipe its data first")
         if status.running:
             self.log("stack already running")
             self._wait_brokers_ready()
@@ -178,12 +197,14 @@ class LocalStack:
         self._check_nodes()
         self._require_free_broker_ports()
         if secure and not status.kafka_pid:
-            self._require_free_ports(SECURE_KAFKA_PORTS)
+            self._require_free_ports(SECURE_KAFKA_PORTS + (JWT_KAFKA_PORTS if unsecured_jwt else ()))
         if not status.registry_pid:
             self._require_free_ports(REGISTRY_PORTS + (SECURE_REGISTRY_PORTS if secure else ()))
         java = find_java(self.settings.java)
         self.fetch()
-        self._start_brokers(java, secure=secure)
+        self._start_brokers(java, secure=secure, unsecured_jwt=unsecured_jwt)
+        if secure:
+            self._create_users_and_acls()
         registry_pid = status.registry_pid or self._start_registry(java, secure=secure)
         self._wait_registry_ready(registry_pid)
         self._set_global_compatibility()
@@ -219,33 +240,36 @@ class LocalStack:
     def registry_home(self) -> Path:
         return self.dist / f"apicurio-registry-{self.apicurio_version}"
 
-    def _start_kafka(self, java: str, *, secure: bool = False) -> int:
+    def _start_kafka(self, java: str, *, secure: bool = False, unsecured_jwt: bool = False) -> int:
         s = self.settings
-        self._require_free_ports(KAFKA_PORTS + (SECURE_KAFKA_PORTS if secure else ()))
+        self._require_free_ports(KAFKA_PORTS + (SECURE_KAFKA_PORTS if secure else ())
+                                 + (JWT_KAFKA_PORTS if unsecured_jwt else ()))
         data = self.kafka_dir / "data"
         data.mkdir(parents=True, exist_ok=True)
         config = self.kafka_dir / "server.properties"
         text = _render(INFRA / "kafka-server.properties", {
             "KAFKA_PORT": s.kafka_port, "CONTROLLER_PORT": s.controller_port, "DATA_DIR": data,
         })
-        format_extra = self._secure_kafka(data) if secure else []
         if secure:
-            text = stack_secure.kafka_server_config(text, self.secure_material, s.kafka_secure_port, s.kafka_mtls_port)
+            self._check_secure_data(data)
+            material = stack_secure.ensure_material(self.secure_material.folder)
+            text = stack_secure.kafka_server_config(text, material, s, unsecured_jwt=unsecured_jwt)
         _set_marker(self.kafka_dir, secure)
-        config.write_text(text)
-        config.chmod(0o600)  # with --secure it holds the key store's password
+        _set_marker(self.kafka_dir, unsecured_jwt, JWT_MARKER)
+        # Created private before it is written: with --secure it holds the key store's and the admin's passwords.
+        stack_secure.write_private(config, text.encode())
         log4j = self.kafka_dir / "log4j2.properties"
         log4j.write_text(_render(INFRA / "kafka-log4j2.properties", {"LOG_FILE": self.kafka_dir / "server.log"}))
         classpath = str(self.kafka_libs / "*")
         jvm = [java, "-Xms256m", "-Xmx1g", f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath]
         if not (data / "meta.properties").exists():
             cluster_id = new_cluster_id()
-            done = subprocess.run(jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config),
-                                         *format_extra], capture_output=True, text=True)
+            done = subprocess.run(jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
+                                  capture_output=True, text=True)
             if done.returncode != 0:
                 raise StackError(f"formatting KRaft storage failed: {_last_line(done.stderr or done.stdout)}")
-            if format_extra:
-                (self.kafka_dir / SCRAM_USERS_MARKER).touch()
+            if secure:
+                (self.kafka_dir / SECURE_DATA_MARKER).touch()
         self.log(f"starting Kafka {self.kafka_version} (KRaft) on {self.bootstrap_servers} ...")
         return _spawn(jvm + ["kafka.Kafka", str(config)], self.kafka_dir)
 
@@ -277,7 +301,8 @@ class LocalStack:
             self._wait_ports_released(node)
             java = find_java(self.settings.java)
             if self.brokers == 1:  # on its existing data, secured as it was
-                pid = self._start_kafka(java, secure=(self.kafka_dir / SECURE_MARKER).exists())
+                pid = self._start_kafka(java, secure=self._kafka_secure,
+                                        unsecured_jwt=(self.kafka_dir / JWT_MARKER).exists())
             else:
                 pid = self._start_node(java, node)
         self._wait_brokers_ready()
@@ -296,9 +321,9 @@ class LocalStack:
     def replication_factor(self) -> int:
         return min(self.brokers, CLUSTER_MAX_REPLICATION_FACTOR)
 
-    def _start_brokers(self, java: str, *, secure: bool = False) -> None:
+    def _start_brokers(self, java: str, *, secure: bool = False, unsecured_jwt: bool = False) -> None:
         if self.brokers == 1:
-            self.broker_pid(1) or self._start_kafka(java, secure=secure)
+            self.broker_pid(1) or self._start_kafka(java, secure=secure, unsecured_jwt=unsecured_jwt)
         else:
             for node in range(1, self.brokers + 1):
                 if self.broker_pid(node) is None:
@@ -371,7 +396,8 @@ class LocalStack:
         """Every node alive and listed in the cluster's metadata (a single node: answering at all)."""
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, "log_level": 0, "logger": _quiet_logger()})
+        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, "log_level": 0, "logger": _quiet_logger(),
+                             **self._admin_properties()})
         deadline = time.monotonic() + BROKER_START_TIMEOUT_S
         wanted = set(range(1, self.brokers + 1))  # node n has node.id n
         while True:
@@ -416,12 +442,24 @@ class LocalStack:
                 "apicurio.kafkasql.snapshots.topic": f"{self.registry_namespace}-kafkasql-snapshots",
                 "apicurio.events.kafka.topic": f"{self.registry_namespace}-registry-events",
             }
-        if secure:
-            props |= stack_secure.registry_system_properties(self.secure_material, s.registry_secure_port)
         _set_marker(self.registry_dir, secure)
+        if secure:
+            # Quarkus reads config/application.properties in its working folder: the storage connection's
+            # password goes there, private, never on the command line (visible in ps).
+            del props["apicurio.kafkasql.bootstrap.servers"]  # a -D would win over the file's
+            secured = stack_secure.registry_config(self.secure_material, s,
+                                                   f"{stack_secure.HOST}:{s.kafka_secure_port}")
+            config_dir = self.registry_dir / "config"
+            config_dir.mkdir(mode=0o700, exist_ok=True)
+            stack_secure.write_private(config_dir / "application.properties", javaproperties.dumps(
+                {k: str(v) for k, v in secured.items()}, timestamp=False).encode())
+        else:
+            (self.registry_dir / "config" / "application.properties").unlink(missing_ok=True)
         cmd = [java, "-Xms128m", "-Xmx768m", *(f"-D{k}={v}" for k, v in props.items()),
                "-jar", str(self.registry_home / "quarkus-run.jar")]
-        self.log(f"starting Apicurio Registry {self.apicurio_version} on http://127.0.0.1:{s.registry_port} ...")
+        where = (stack_secure.registry_https_url(s.registry_secure_port) + " (HTTPS only, users and roles)" if secure
+                 else f"http://127.0.0.1:{s.registry_port}")
+        self.log(f"starting Apicurio Registry {self.apicurio_version} on {where} ...")
         return _spawn(cmd, self.registry_dir)
 
     def _require_free_ports(self, ports: tuple[tuple[str, str], ...]) -> None:
@@ -430,68 +468,119 @@ class LocalStack:
 
     def _wait_registry_ready(self, pid: int) -> None:
         deadline = time.monotonic() + REGISTRY_START_TIMEOUT_S
+        url = self._stack_registry_url
         while True:
             _require_alive(pid, "the schema registry", self.registry_dir / "stdout.log")
-            if _http_ok(f"{self.registry_url}/subjects"):
+            if _http_ok(f"{url}/subjects", **self._registry_auth()):
                 return
             if time.monotonic() > deadline:
-                raise StackError(f"the schema registry did not answer on {self.registry_url} within "
+                raise StackError(f"the schema registry did not answer on {url} within "
                                  f"{REGISTRY_START_TIMEOUT_S:.0f}s (see {self.registry_dir / 'stdout.log'})")
             time.sleep(0.25)
 
     def _set_global_compatibility(self) -> None:
         """Apicurio enforces no compatibility rule unless one is configured."""
         body = json.dumps({"compatibility": self.settings.compatibility}).encode()
-        request = urllib.request.Request(f"{self.registry_url}/config", data=body, method="PUT",
-                                         headers={"Content-Type": "application/vnd.schemaregistry.v1+json"})
+        auth = self._registry_auth()
+        request = urllib.request.Request(f"{self._stack_registry_url}/config", data=body, method="PUT",
+                                         headers={"Content-Type": "application/vnd.schemaregistry.v1+json",
+                                                  **auth["headers"]})
         try:
-            with urllib.request.urlopen(request, timeout=10):
+            with urllib.request.urlopen(request, timeout=10, context=auth["context"]):
                 pass
         except (urllib.error.URLError, OSError) as exc:
             raise StackError(f"could not set the registry's compatibility level: {exc}") from exc
 
+    # ----- the registry's URL and credentials for the stack's own calls -----
+    @property
+    def _registry_secure(self) -> bool:
+        return (self.registry_dir / SECURE_MARKER).exists()
+
+    @property
+    def _stack_registry_url(self) -> str:
+        """Where the stack itself reaches the registry: its plain URL, or with --secure its HTTPS one."""
+        if self._registry_secure:
+            return stack_secure.registry_https_url(self.settings.registry_secure_port)
+        return self.registry_url
+
+    def _registry_auth(self) -> dict:
+        """urllib's TLS context and headers for the stack's registry calls (with --secure: as the admin)."""
+        if not self._registry_secure:
+            return {"context": None, "headers": {}}
+        password = self.secure_material.secrets()[f"{stack_secure.ADMIN}.password"]
+        token = base64.b64encode(f"{stack_secure.ADMIN}:{password}".encode()).decode()
+        return {"context": ssl.create_default_context(cafile=str(self.secure_material.ca)),
+                "headers": {"Authorization": f"Basic {token}"}}
+
     # ----- --secure -----
     def secure_endpoints(self) -> SecureEndpoints:
+        s, material = self.settings, self.secure_material
+        jwt = (self.kafka_dir / JWT_MARKER).exists()
         return SecureEndpoints(
-            bootstrap_servers=f"{stack_secure.HOST}:{self.settings.kafka_secure_port}",
-            registry_url=stack_secure.registry_https_url(self.settings.registry_secure_port),
-            kafka_config=self.secure_material.kafka_client_properties,
-            registry_config=self.secure_material.registry_client_properties,
-            mtls_bootstrap_servers=f"{stack_secure.HOST}:{self.settings.kafka_mtls_port}",
-            kafka_mtls_config=self.secure_material.kafka_mtls_client_properties,
-            kafka_oauthbearer_config=self.secure_material.kafka_oauthbearer_client_properties,
+            bootstrap_servers=f"{stack_secure.HOST}:{s.kafka_secure_port}",
+            registry_url=stack_secure.registry_https_url(s.registry_secure_port),
+            folder=material.folder,
+            mtls_bootstrap_servers=f"{stack_secure.HOST}:{s.kafka_mtls_port}",
+            kafka_mtls_config=material.kafka_mtls_client_properties,
+            kafka_jwt_config=material.kafka_jwt_client_properties if jwt else None,
         )
 
     def _running_secure(self) -> bool:
         return all((folder / SECURE_MARKER).exists() for folder in (self.kafka_dir, self.registry_dir)
                    if _live_pid(folder / "pid"))
 
-    def _secure_kafka(self, data: Path) -> list[str]:
-        """Certificates and passwords (made at first start); kafka-storage format's SCRAM arguments."""
-        if (data / "meta.properties").exists():
-            if not (self.kafka_dir / SCRAM_USERS_MARKER).exists():
-                raise StackError(f"Kafka's data in {data} was created without --secure, so it has no SCRAM user; "
-                                 "run `fraudstream stack down --wipe`, then `stack up --secure`")
-            stack_secure.ensure_material(self.secure_material.folder)
-            return []
-        return stack_secure.scram_format_arguments(stack_secure.ensure_material(self.secure_material.folder))
+    @property
+    def _kafka_secure(self) -> bool:
+        return (self.kafka_dir / SECURE_MARKER).exists()
+
+    def _admin_properties(self) -> dict[str, str]:
+        """librdkafka properties of the stack's own admin calls: none, or with --secure the admin's."""
+        if not self._kafka_secure:
+            return {}
+        props = stack_secure.admin_kafka_properties(self.secure_material, self.settings)
+        del props["bootstrap.servers"]
+        return props
+
+    def admin_settings(self) -> Settings:
+        """Settings for the admin's calls on this stack (with --secure: the admin's client properties file)."""
+        if not self._kafka_secure:
+            return self.settings.replace(bootstrap_servers=self.bootstrap_servers)
+        return Settings.from_env({}, kafka_config=self.secure_material.kafka_client_properties(stack_secure.ADMIN))
+
+    def _check_secure_data(self, data: Path) -> None:
+        if (data / "meta.properties").exists() and not (self.kafka_dir / SECURE_DATA_MARKER).exists():
+            raise StackError(f"Kafka's data in {data} was made by a stack without authorization (no roles, no "
+                             "ACLs); run `fraudstream stack down --wipe`, then `stack up --secure`")
+
+    def _create_users_and_acls(self) -> None:
+        """Each role's SCRAM user and its ACLs for the stack's topic, and the registry's storage user, as the
+        admin through the admin API (again at each start: both are idempotent)."""
+        from fraudstream import acl
+        from fraudstream.kafka import admin
+
+        s = self.settings
+        stack_secure.write_client_properties(self.secure_material, s,
+                                             unsecured_jwt=(self.kafka_dir / JWT_MARKER).exists())
+        settings = self.admin_settings().replace(transactions_topic=s.transactions_topic, group_id=s.group_id)
+        stack_secure.create_scram_users(self.secure_material, admin(settings))
+        acl.apply(settings, stack_secure.registry_storage_bindings())
 
     def _wait_secure_ready(self) -> None:
-        """Every secured endpoint answers a real client with the written properties files."""
+        """The roles' SCRAM users and the mutual-TLS listener answer a real client with the written files."""
         from fraudstream.kafka import wait_for_cluster
         from fraudstream.registry import Registry
 
-        s = self.settings
-        stack_secure.write_client_properties(self.secure_material, s.kafka_secure_port, s.kafka_mtls_port,
-                                             s.registry_secure_port)
         endpoints = self.secure_endpoints()
-        for kafka_config in (endpoints.kafka_config, endpoints.kafka_oauthbearer_config, endpoints.kafka_mtls_config):
+        material = self.secure_material
+        for kafka_config in (material.kafka_client_properties("inspector"), endpoints.kafka_mtls_config,
+                             *((endpoints.kafka_jwt_config,) if endpoints.kafka_jwt_config else ())):
             wait_for_cluster(Settings.from_env({}, kafka_config=kafka_config), timeout_s=BROKER_START_TIMEOUT_S)
-        secured = Settings.from_env({}, kafka_config=endpoints.kafka_config, registry_config=endpoints.registry_config)
+        reader = Settings.from_env({}, kafka_config=material.kafka_client_properties("inspector"),
+                                   registry_config=material.registry_client_properties("inspector"))
         deadline = time.monotonic() + REGISTRY_START_TIMEOUT_S
         while True:
             try:
-                Registry(secured).versions("fraudstream-stack-probe")
+                Registry(reader).versions("fraudstream-stack-probe")
                 return
             except FraudstreamError as exc:
                 if time.monotonic() > deadline:
@@ -520,7 +609,7 @@ class LocalStack:
         pid = _live_pid(self.registry_dir / "pid")
         if pid:
             _stop(pid)
-        pid = self._start_registry(find_java(self.settings.java))
+        pid = self._start_registry(find_java(self.settings.java), secure=self._registry_secure)
         self._wait_registry_ready(pid)
 
     def stop_registry(self) -> None:
@@ -530,16 +619,17 @@ class LocalStack:
         (self.registry_dir / "pid").unlink(missing_ok=True)
 
     def start_registry(self) -> None:
-        pid = _live_pid(self.registry_dir / "pid") or self._start_registry(find_java(self.settings.java))
+        pid = (_live_pid(self.registry_dir / "pid")
+               or self._start_registry(find_java(self.settings.java), secure=self._registry_secure))
         self._wait_registry_ready(pid)
 
 
-def _set_marker(folder: Path, secure: bool) -> None:
+def _set_marker(folder: Path, on: bool, marker: str = SECURE_MARKER) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    if secure:
-        (folder / SECURE_MARKER).touch()
+    if on:
+        (folder / marker).touch()
     else:
-        (folder / SECURE_MARKER).unlink(missing_ok=True)
+        (folder / marker).unlink(missing_ok=True)
 
 
 # ----- Java -----
@@ -661,9 +751,10 @@ def _stop(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def _http_ok(url: str) -> bool:
+def _http_ok(url: str, *, context: ssl.SSLContext | None = None, headers: dict[str, str] | None = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2,
+                                    context=context) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False

@@ -14,7 +14,10 @@ import sys
 import threading
 import time
 
-from fraudstream.errors import ConfigError
+from confluent_kafka import KafkaError, KafkaException
+
+from fraudstream.errors import ConfigError, KafkaUnavailable
+from fraudstream.kafka import explain_denial
 from fraudstream.settings import Settings
 from fraudstream.signals import stop_requests
 from fraudstream.producer import handbook
@@ -83,15 +86,29 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("--label-delay needs --profile handbook (the default profile runs on the wall clock)")
     # First signal: finish cleanly (stop sending, flush); second: give up at once.
     with stop_requests(exit_on_second="fraudstream produce") as (stop, _):
-        report = produce_handbook(args, settings, stop) if args.profile == "handbook" else produce(
-            settings, rate=args.rate, count=args.count, duration=args.duration, seed=args.seed, quiet=args.quiet,
-            stop=stop, shares=parse_shares(args.scenario_share), large_legit_share=args.large_legit_share,
-            accounts=args.accounts, labels=args.labels, speedup=args.speedup,
-        )
+        try:
+            report = produce_handbook(args, settings, stop) if args.profile == "handbook" else produce(
+                settings, rate=args.rate, count=args.count, duration=args.duration, seed=args.seed, quiet=args.quiet,
+                stop=stop, shares=parse_shares(args.scenario_share), large_legit_share=args.large_legit_share,
+                accounts=args.accounts, labels=args.labels, speedup=args.speedup,
+            )
+        except (KafkaException, SystemError) as exc:
+            # confluent-kafka raises a producer's fatal error (e.g. the authorizer refusing its idempotent
+            # producer id) from poll/flush, and the delivery reports it serves next fail with SystemError.
+            fatal = exc if isinstance(exc, KafkaException) else exc.__cause__
+            if not isinstance(fatal, KafkaException):
+                raise
+            text = fatal.args[0].str() if isinstance(fatal.args[0], KafkaError) else str(fatal)
+            raise KafkaUnavailable(explain_denial(settings, text, settings.transactions_topic)
+                                   or f"the producer stopped: {text}") from None
     print(report.summary(), flush=True)
     if report.ok:
         return 0
     reasons = "; ".join(report.errors) or "no delivery report"
+    refusal = explain_denial(settings, reasons, settings.transactions_topic)
+    if refusal:  # one cause for every record: say it plainly
+        print(f"fraudstream produce: error: {refusal}", file=sys.stderr)
+        return 1
     print(f"fraudstream produce: error: {report.failed + report.labels_failed:,} records not delivered: {reasons}",
           file=sys.stderr)
     return 1

@@ -61,25 +61,26 @@ def connect(settings: Settings, args: argparse.Namespace, log: Callable[[str], N
                    started_stack=not was_running)
 
 
-def connection_flags(settings: Settings) -> list[str]:
+def connection_flags(settings: Settings, private_dir: Path | None = None) -> list[str]:
+    """`private_dir`: where secrets given as flags go for the children (a private file, never their argv)."""
     from fraudstream.cli import client_flags
 
     return ["--bootstrap-servers", settings.bootstrap_servers, "--schema-registry-url", settings.schema_registry_url,
-            *client_flags(settings)]
+            *client_flags(settings, private_dir)]
 
 
-def detector_command(settings: Settings, index: int) -> list[str]:
+def detector_command(settings: Settings, index: int, private_dir: Path | None = None) -> list[str]:
     # One transactional id per detector process: a shared one would fence the others (KIP-447 still
     # needs ids to be unique among live producers). Stable across runs, so a restart aborts what a
     # killed predecessor left open.
     return ["detect", "--topic", settings.transactions_topic, "--group-id", settings.group_id,
             "--transactional-id", f"{settings.group_id}.{settings.transactions_topic}.demo-{index}",
-            *connection_flags(settings)]
+            *connection_flags(settings, private_dir)]
 
 
-def producer_command(settings: Settings, args: argparse.Namespace) -> list[str]:
+def producer_command(settings: Settings, args: argparse.Namespace, private_dir: Path | None = None) -> list[str]:
     command = ["produce", "--topic", settings.transactions_topic, "--rate", str(args.rate),
-               "--speedup", f"{args.speedup:g}", "--quiet", *connection_flags(settings)]
+               "--speedup", f"{args.speedup:g}", "--quiet", *connection_flags(settings, private_dir)]
     if args.duration > 0:
         command += ["--duration", f"{args.duration:g}"]
     if args.seed is not None:
@@ -112,9 +113,10 @@ class Demo:
                      in_per_s=self.in_rate.per_second(), out_per_s=self.out_rate.per_second())
 
     def run(self, watcher: PipelineWatcher, log_dir: Path) -> None:
-        detectors = [start_child(f"detector-{i}", detector_command(self.settings, i), log_dir)
+        private = log_dir / "client-properties"  # secrets given as flags: for the children, never on their argv
+        detectors = [start_child(f"detector-{i}", detector_command(self.settings, i, private), log_dir)
                      for i in range(self.args.detectors)]
-        producer = start_child("producer", producer_command(self.settings, self.args), log_dir)
+        producer = start_child("producer", producer_command(self.settings, self.args, private), log_dir)
         children = [producer, *detectors]
         for child in children:
             print(f"started {child.name} (pid {child.process.pid}), log {child.log_path}", file=self.out)

@@ -1,25 +1,28 @@
-"""The pipeline over TLS and SASL: `stack up --secure`, driven through client properties files and -X.
+"""The pipeline on `stack up --secure`: TLS, authentication and ACLs, driven as users run it.
 
-One stack of its own for the whole module (free ports, its own folder, the fetched distribution
-shared) starts with a SASL_SSL listener (SCRAM-SHA-512 and OAUTHBEARER with unsecured JWTs), a
-mutual-TLS listener and an HTTPS registry port, with a CA made at its first start. The registry is
-reached through a proxy that demands HTTP Basic credentials (Apicurio enforces basic auth only through
-an OIDC server, see tests/support/auth_proxy.py). Then produce -> detect (-> inspect) run as a user
-runs them, once per way of authenticating, and each refusal (wrong password, token or client
-certificate, untrusted certificate, missing CA) must be one clear line that names no secret.
+One stack of its own for the whole module (free ports, its own folder, the fetched distribution shared)
+starts with no PLAINTEXT listener: SASL_SSL with a SCRAM user per role, a mutual-TLS listener (User:producer),
+the admin on its own SASL_SSL listener, and the registry on HTTPS only with users and roles. One topic gets
+each role's ACLs through `fraudstream acl --apply` (as the admin), its schemas registered by the registry's
+admin and its rules seeded by the rules administrator; then every role does its job, every attempt outside
+a role's ACLs is refused in one line that names the missing permission, and so are the anonymous and
+self-named clients of issue #20 and unauthenticated registry requests. Each TLS or credential refusal is one
+clear line that names no secret.
 """
 
 from __future__ import annotations
 
 import datetime
-import itertools
 import json
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,24 +30,22 @@ from pathlib import Path
 
 import javaproperties
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from fraudstream.settings import ENV, Settings
 from fraudstream.stack import LocalStack
 from fraudstream.stack_secure import SecureMaterial
-from tests.support.auth_proxy import BasicAuthProxy
 from tests.support.kafka_io import count_committed, read_topic, wait_until
 
-REGISTRY_USER = "registry-user"
-REGISTRY_PASSWORD = "Registry-Pass-7f3a"
 WRONG = "Wrong-Pass-91c2"
 # What a reader may meet on a topic created moments ago, until the broker's metadata settles.
 NEW_TOPIC_ERRORS = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
                     KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION}
-NO_FILE = Path("/dev/null/no-kafka-properties-file")  # env(): the Kafka settings come from -X flags alone
 # Variables of the surrounding run that would point the commands elsewhere.
 CLEARED = [ENV[name] for name in ("bootstrap_servers", "schema_registry_url", "kafka_config", "registry_config",
                                   "transactions_topic")]
+PRODUCED_OVER_SCRAM, PRODUCED_OVER_MTLS = 300, 100
 
 
 def free_port() -> int:
@@ -56,62 +57,58 @@ def free_port() -> int:
 @dataclass(frozen=True)
 class SecureStack:
     stack: LocalStack
-    kafka_config: Path  # written by the stack: SASL_SSL bootstrap, SCRAM user and password, its CA
-    registry_config: Path  # ours: the proxy's HTTPS URL, the CA, basic-auth credentials
-    proxy: BasicAuthProxy
     folder: Path
-
-    def env(self, topic: str, kafka_config: Path | None = None) -> dict[str, str]:
-        """The commands' environment; `kafka_config`: another Kafka properties file than the SCRAM one,
-        or none when the command's -X flags say everything."""
-        env = {k: v for k, v in os.environ.items() if k not in CLEARED}
-        # A group of its own per topic: a detector is a static member (group.instance.id from the host), and
-        # one that stopped stays in its group until the session times out, so the next test's detector in
-        # the same group would be handed the previous topic's partitions.
-        env |= {ENV["registry_config"]: str(self.registry_config), ENV["transactions_topic"]: topic,
-                ENV["partitions"]: "3", ENV["group_id"]: f"{topic}-detector"}
-        if kafka_config != NO_FILE:
-            env[ENV["kafka_config"]] = str(kafka_config or self.kafka_config)
-        return env
-
-    def settings(self, topic: str) -> Settings:
-        return Settings.from_env(self.env(topic))
-
-    def run(self, topic: str, *args: str, timeout_s: float = 90,
-            kafka_config: Path | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "fraudstream.cli", *args], env=self.env(topic, kafka_config),
-                              capture_output=True, text=True, timeout=timeout_s)
+    topic: str  # the pipeline's topic: its ACLs applied, schemas registered, rules seeded (see `secure`)
 
     @property
     def material(self) -> SecureMaterial:
         return self.stack.secure_material
+
+    def kafka_config(self, role: str) -> Path:
+        return self.material.kafka_client_properties(role)
+
+    def registry_config(self, role: str) -> Path:
+        return self.material.registry_client_properties(role)
+
+    def env(self, role: str, kafka_config: Path | None = None, topic: str | None = None) -> dict[str, str]:
+        """The commands' environment as `role` (its Kafka and registry files); `kafka_config`: another Kafka file."""
+        env = {k: v for k, v in os.environ.items() if k not in CLEARED}
+        topic = topic or self.topic
+        env |= {ENV["registry_config"]: str(self.registry_config(role)), ENV["transactions_topic"]: topic,
+                ENV["partitions"]: "3", ENV["group_id"]: f"{topic}-detector",
+                ENV["kafka_config"]: str(kafka_config or self.kafka_config(role))}
+        return env
+
+    def settings(self, role: str) -> Settings:
+        return Settings.from_env(self.env(role))
+
+    def run(self, role: str, *args: str, timeout_s: float = 90, kafka_config: Path | None = None,
+            topic: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fraudstream.cli", *args],
+                              env=self.env(role, kafka_config, topic), capture_output=True, text=True,
+                              timeout=timeout_s)
 
 
 @pytest.fixture(scope="module")
 def secure() -> Iterator[SecureStack]:
     base = Settings.from_env()
     folder = base.stack_dir / "secure-test"
-    shutil.rmtree(folder, ignore_errors=True)  # a fresh CA and user each run: first start is what is tested
+    shutil.rmtree(folder, ignore_errors=True)  # a fresh CA and users each run: first start is what is tested
     settings = base.replace(stack_dir=folder, kafka_port=free_port(), controller_port=free_port(),
                             registry_port=free_port(), registry_management_port=free_port(),
                             kafka_secure_port=free_port(), kafka_mtls_port=free_port(),
-                            registry_secure_port=free_port())
+                            registry_secure_port=free_port(), kafka_jwt_port=free_port())
     stack = LocalStack(settings, log=lambda line: None, dist=base.stack_dir / "dist")
     try:
         status = stack.up(secure=True)
         assert status.secure is not None
-        material = stack.secure_material
-        proxy = BasicAuthProxy(f"https://127.0.0.1:{settings.registry_secure_port}", user=REGISTRY_USER,
-                               password=REGISTRY_PASSWORD, cert=material.cert, key=material.key, ca=material.ca)
-        registry_config = folder / "registry-via-proxy.properties"
-        registry_config.write_text(
-            "# the registry behind a proxy that demands HTTP Basic credentials\n"
-            f"schema.registry.url=https://127.0.0.1:{proxy.port}/apis/ccompat/v7\n"
-            "basic.auth.credentials.source=USER_INFO\n"
-            f"basic.auth.user.info={REGISTRY_USER}:{REGISTRY_PASSWORD}\n"
-            f"ssl.ca.location={material.ca}\n")
-        yield SecureStack(stack, status.secure.kafka_config, registry_config, proxy, folder)
-        proxy.close()
+        secured = SecureStack(stack, folder, f"secure-{uuid.uuid4().hex[:8]}")
+        # What an operator does for a new pipeline: the ACLs, the schemas, the first rules.
+        for role, command in (("admin", ["acl", "--apply"]), ("admin", ["schemas", "register"]),
+                              ("rules-admin", ["rules", "set", str(Settings().rules_file), "--comment", "first rules"])):
+            done = secured.run(role, *command)
+            assert done.returncode == 0, f"{role} {command}: {done.stderr}"
+        yield secured
     finally:
         stack.down()
         shutil.rmtree(folder, ignore_errors=True)
@@ -126,114 +123,206 @@ def one_line(done: subprocess.CompletedProcess, command: str) -> str:
     return lines[0]
 
 
-def test_secure_stack_writes_client_files_that_name_only_the_secured_endpoints(secure: SecureStack):
-    settings = secure.settings("any")
+def test_secure_stack_writes_a_private_client_file_per_role_naming_only_the_secured_endpoints(secure: SecureStack):
+    settings = secure.settings("producer")
     assert settings.bootstrap_servers == f"127.0.0.1:{secure.stack.settings.kafka_secure_port}"
     assert settings.kafka_extra["security.protocol"] == "SASL_SSL"
-    assert settings.kafka_extra["sasl.mechanisms"] == "SCRAM-SHA-512"
-    assert (secure.kafka_config.stat().st_mode & 0o077) == 0, "the file holding the password is private"
-    assert "SASL_SSL://" in (secure.stack.kafka_dir / "server.properties").read_text()
+    assert settings.kafka_extra["sasl.mechanisms"] == "SCRAM-SHA-512" and settings.kafka_extra["sasl.username"] == "producer"
+    assert (secure.kafka_config("producer").stat().st_mode & 0o077) == 0, "the file holding the password is private"
+    for private in (secure.stack.kafka_dir / "server.properties",
+                    secure.stack.registry_dir / "config" / "application.properties"):
+        assert private.stat().st_mode & 0o077 == 0, f"{private} holds passwords"
+    # No password on any command line of the stack's processes (ps shows them to every user), nor in a log.
+    secrets = secure.material.secrets().values()
+    for pid in (secure.stack.broker_pid(), secure.stack.status().registry_pid):
+        command_line = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+        assert not any(secret in command_line for secret in secrets)
+    logs = [secure.stack.kafka_dir / "server.log", secure.stack.kafka_dir / "stdout.log",
+            secure.stack.registry_dir / "stdout.log"]
+    assert all(log.stat().st_size > 0 for log in logs)
+    for log in logs:
+        text = log.read_text(errors="replace")
+        assert not [secret for secret in secrets if secret in text], f"a password in {log}"
 
 
-def produce_and_detect(secure: SecureStack, topic: str, count: int, *flags: str,
-                       kafka_config: Path | None = None) -> Settings:
-    """`produce` then `detect` until every record is routed, both with `flags` and `kafka_config`
-    (see SecureStack.env); the counts are read over SCRAM. Returns the topic's settings."""
-    settings = secure.settings(topic)
-    produced = secure.run(topic, "produce", "--count", str(count), "--rate", "0", "--quiet", *flags,
-                          kafka_config=kafka_config)
+def routed(settings: Settings) -> int:
+    try:
+        return count_committed(settings, [settings.legit_topic, settings.fraud_topic])
+    except KafkaException as exc:  # the output topics are new: their leaders may not be known yet
+        if exc.args[0].retriable() or exc.args[0].code() in NEW_TOPIC_ERRORS:
+            return 0
+        raise
+
+
+def test_every_role_does_its_job_with_its_own_acls(secure: SecureStack):
+    """producer (over SCRAM and over mutual TLS) -> detector -> inspector and analyst, each as itself."""
+    inspector = secure.settings("inspector")  # counts are read as the read-only inspector
+    produced = secure.run("producer", "produce", "--count", str(PRODUCED_OVER_SCRAM), "--rate", "0", "--quiet")
     assert produced.returncode == 0, produced.stderr
-    assert count_committed(settings, [topic]) == count
+    over_mtls = secure.run("producer", "produce", "--count", str(PRODUCED_OVER_MTLS), "--rate", "0", "--quiet",
+                           kafka_config=secure.material.kafka_mtls_client_properties)
+    assert over_mtls.returncode == 0, over_mtls.stderr
+    total = PRODUCED_OVER_SCRAM + PRODUCED_OVER_MTLS
+    assert count_committed(inspector, [secure.topic]) == total
 
-    detector = subprocess.Popen([sys.executable, "-m", "fraudstream.cli", "detect", "--log-interval", "1", *flags],
-                                env=secure.env(topic, kafka_config), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-
-    def routed() -> int:
-        try:
-            return count_committed(settings, [settings.legit_topic, settings.fraud_topic])
-        except KafkaException as exc:  # the output topics are new: their leaders may not be known yet
-            if exc.args[0].retriable() or exc.args[0].code() in NEW_TOPIC_ERRORS:
-                return 0
-            raise
-
+    detector = subprocess.Popen([sys.executable, "-m", "fraudstream.cli", "detect", "--log-interval", "1"],
+                                env=secure.env("detector"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     routed_in_time = True
     try:
-        wait_until(lambda: routed() >= count, timeout_s=90, what=f"all {count} transactions routed")
+        wait_until(lambda: routed(inspector) >= total, timeout_s=90, what=f"all {total} transactions routed")
     except AssertionError:
         routed_in_time = False
     finally:
         detector.send_signal(signal.SIGTERM)
         output, _ = detector.communicate(timeout=60)
-    assert routed_in_time, f"not all {count} transactions routed within 90 s; the detector said:\n{output}"
+    assert routed_in_time, f"not all {total} transactions routed within 90 s; the detector said:\n{output}"
     assert detector.returncode == 0, output
-    return settings
+    assert "changelog=" in output  # its state went to its own changelog topics, within its ACLs
+
+    for role in ("inspector", "analyst"):  # both read the alerts
+        inspected = secure.run(role, "inspect", inspector.fraud_topic, "--from-beginning")
+        assert inspected.returncode == 0, inspected.stderr
+        alerts = [json.loads(line) for line in inspected.stdout.splitlines()]
+        assert len(alerts) == len(read_topic(inspector, inspector.fraud_topic)) > 0
+        assert all(alert["rules"] for alert in alerts)
+    # The analyst writes a verdict (a label); the count proves it landed.
+    labels_before = count_committed(inspector, [inspector.labels_topic])
+    analyst = secure.settings("analyst")
+    delivered = []
+    verdicts = Producer({"bootstrap.servers": analyst.bootstrap_servers, **analyst.kafka_extra})
+    verdicts.produce(analyst.labels_topic, b"verdict", b"review-1", on_delivery=lambda err, msg: delivered.append(err))
+    verdicts.flush(30)
+    assert delivered == [None]
+    assert count_committed(inspector, [inspector.labels_topic]) == labels_before + 1
 
 
-def test_produce_detect_inspect_over_sasl_ssl_with_registry_credentials(secure: SecureStack):
-    topic = f"secure-{uuid.uuid4().hex[:8]}"
-    assert secure.run(topic, "schemas", "register").returncode == 0
-    forwarded_after_register = secure.proxy.forwarded
-    assert forwarded_after_register > 0 and secure.proxy.refused == 0
-
-    settings = produce_and_detect(secure, topic, 300)
-
-    inspected = secure.run(topic, "inspect", settings.fraud_topic, "--from-beginning")
-    assert inspected.returncode == 0, inspected.stderr
-    alerts = [json.loads(line) for line in inspected.stdout.splitlines()]
-    assert len(alerts) == len(read_topic(settings, settings.fraud_topic)) > 0
-    assert all(alert["rules"] for alert in alerts)  # each alert names the rules that fired
-    # Every registry call of produce, detect and inspect carried the credentials.
-    assert secure.proxy.forwarded > forwarded_after_register and secure.proxy.refused == 0
+DENIED = "no ACL grants it (`fraudstream acl` lists what each role may do)"
 
 
-def oauthbearer_flags(secure: SecureStack, **overrides: str) -> list[str]:
-    """The stack's OAUTHBEARER client file as -X flags (a client configured on the command line alone),
-    with `overrides` (keys with _ for .)."""
-    with open(secure.material.kafka_oauthbearer_client_properties, encoding="utf-8") as f:
-        properties = dict(javaproperties.load(f)) | {k.replace("_", "."): v for k, v in overrides.items()}
-    return list(itertools.chain.from_iterable(("-X", f"{k}={v}") for k, v in properties.items()))
+@pytest.mark.parametrize(("role", "command", "expected"), [
+    ("producer", ["rules", "set", "RULES", "--comment", "x"], "Kafka denied User:producer Create on topic {t}.rules"),
+    ("producer", ["detect"], "Kafka denied User:producer Create on topic {t}.legit"),
+    ("inspector", ["produce", "--count", "1"], "Kafka denied User:inspector IdempotentWrite on the cluster"),
+    ("analyst", ["inspect", "{t}", "--from-beginning"], "Kafka denied User:analyst Describe and Read on topic {t}"),
+    ("rules-admin", ["inspect", "{t}.fraud", "--from-beginning"],
+     "Kafka denied User:rules-admin Describe and Read on topic {t}.fraud"),
+    ("detector", ["rules", "set", "RULES", "--comment", "x"], "could not write to {t}.rules: Broker: Topic authorization"),
+    ("inspector", ["schemas", "register"], "denied user inspector the permission for setting compatibility of {t}-value "
+                                           "(HTTP 403)"),
+])
+def test_an_attempt_outside_a_roles_acls_is_refused_in_one_line_naming_the_permission(
+        secure: SecureStack, role: str, command: list[str], expected: str):
+    command = [item.replace("{t}", secure.topic).replace("RULES", str(Settings().rules_file)) for item in command]
+    line = one_line(secure.run(role, *command, timeout_s=60), command[0])
+    assert expected.replace("{t}", secure.topic) in line
+    if line.startswith(f"fraudstream {command[0]}: error: Kafka denied"):
+        assert line.endswith(DENIED)
 
 
-@pytest.mark.parametrize("way", ["mutual TLS, properties file", "OAUTHBEARER, -X flags"])
-def test_produce_and_detect_with_a_client_certificate_or_a_bearer_token(secure: SecureStack, way: str):
-    topic = f"secure-{uuid.uuid4().hex[:8]}"
-    assert secure.run(topic, "schemas", "register").returncode == 0
-    if way.startswith("mutual TLS"):
-        # The MTLS listener speaks TLS without SASL and demands a certificate signed by the stack's CA.
-        config = Settings.from_env({}, kafka_config=secure.material.kafka_mtls_client_properties)
-        assert config.kafka_extra["security.protocol"] == "SSL" and "sasl.mechanisms" not in config.kafka_extra
-        assert config.bootstrap_servers == f"127.0.0.1:{secure.stack.settings.kafka_mtls_port}"
-        produce_and_detect(secure, topic, 100, kafka_config=secure.material.kafka_mtls_client_properties)
-    else:
-        flags = oauthbearer_flags(secure)
-        assert "sasl.mechanisms=OAUTHBEARER" in flags and not any("sasl.password" in flag for flag in flags)
-        produce_and_detect(secure, topic, 100, *flags, kafka_config=NO_FILE)
+def test_anonymous_and_self_named_clients_are_refused(secure: SecureStack):
+    """Issue #20: an anonymous PLAINTEXT client created a topic and wrote the rules topic; `mallory`, named by an
+    unsecured JWT on the SCRAM listener, wrote to it too."""
+    s = secure.stack.settings
+    server = javaproperties.loads((secure.stack.kafka_dir / "server.properties").read_text())
+    assert "PLAINTEXT" not in server["listener.security.protocol.map"].replace("SASL_", "")
+    # A client with no credentials, on every port the broker opens: it cannot create a topic anywhere.
+    intruder_topic = f"anonymous-{uuid.uuid4().hex[:6]}"
+    ports = (s.kafka_port, s.controller_port, s.kafka_secure_port, s.kafka_mtls_port)
+    clients = [AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 0}) for port in ports]
+    futures = [client.create_topics([NewTopic(intruder_topic, 1, 1)], request_timeout=5, operation_timeout=5)
+               for client in clients]
+    for future in futures:
+        with pytest.raises(KafkaException):
+            future[intruder_topic].result()
+    admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{s.kafka_port}", **secure.stack._admin_properties()})
+    assert intruder_topic not in admin.list_topics(timeout=10).topics
+    # And no anonymous write to the rules topic.
+    anonymous = secure.run("producer", "produce", "--count", "1", "--bootstrap-servers",
+                           f"127.0.0.1:{s.kafka_secure_port}", "-X", "security.protocol=PLAINTEXT",
+                           kafka_config=Path(os.devnull), topic=f"{secure.topic}.rules",
+                           timeout_s=60)
+    assert "did not answer" in one_line(anonymous, "produce")
+
+    # mallory through the unsecured JWT, on the SCRAM listener: the mechanism is not offered there.
+    mallory = secure.run("producer", "produce", "--count", "1", "-X", "sasl.mechanisms=OAUTHBEARER",
+                         "-X", "enable.sasl.oauthbearer.unsecure.jwt=true", "-X", "sasl.username=", "-X", "sasl.password=",
+                         "-X", "sasl.oauthbearer.config=principal=mallory scope=fraudstream.pipeline",
+                         topic=f"{secure.topic}.rules", timeout_s=60)
+    assert "Unsupported SASL mechanism" in one_line(mallory, "produce")
+    # mallory with a SCRAM user that does not exist.
+    scram = secure.run("producer", "produce", "--count", "1", "-X", "sasl.username=mallory", "-X", f"sasl.password={WRONG}",
+                       topic=f"{secure.topic}.rules", timeout_s=60)
+    assert "SASL authentication error" in one_line(scram, "produce")
+    inspector = secure.settings("inspector")
+    assert count_committed(inspector, [inspector.rules_topic]) == rules_written(secure)
+
+
+def rules_written(secure: SecureStack) -> int:
+    """Records in the rules topic: the seeded rules alone (nobody else wrote)."""
+    import tomllib
+
+    with open(Settings().rules_file, "rb") as f:
+        return len(tomllib.load(f))  # one table per rule
+
+
+def registry_request(url: str, method: str = "GET", *, user: str | None = None, password: str | None = None,
+                     body: dict | None = None, ca: Path | None = None) -> int:
+    import base64
+
+    headers = {"Content-Type": "application/vnd.schemaregistry.v1+json"}
+    if user:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    request = urllib.request.Request(url, method=method, headers=headers,
+                                     data=json.dumps(body).encode() if body is not None else None)
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_unauthenticated_registry_requests_are_refused_and_a_reader_cannot_register(secure: SecureStack):
+    s, ca = secure.stack.settings, secure.material.ca
+    base = f"https://127.0.0.1:{s.registry_secure_port}/apis/ccompat/v7"
+    subject = f"{secure.topic}-value"
+    schema = {"schema": json.dumps({"type": "record", "name": "Intruder", "fields": []})}
+    attempts = [("GET", "/subjects", None), ("GET", f"/subjects/{subject}/versions/latest", None),
+                ("GET", "/schemas/ids/1", None), ("GET", "/config", None),
+                ("POST", f"/subjects/{subject}/versions", schema), ("POST", "/subjects/intruder-value/versions", schema),
+                ("PUT", "/config", {"compatibility": "NONE"}), ("DELETE", f"/subjects/{subject}", None)]
+    for method, path, body in attempts:
+        assert registry_request(base + path, method, body=body, ca=ca) == 401, f"{method} {path}"
+        assert registry_request(base + path, method, body=body, ca=ca, user="admin", password=WRONG) == 401
+    # The plain HTTP port is closed.
+    with pytest.raises(urllib.error.URLError):
+        registry_request(f"http://127.0.0.1:{s.registry_port}/apis/ccompat/v7/subjects")
+    # A read-only identity reads, looks up and checks compatibility, never registers or changes settings.
+    inspector = secure.material.secrets()["inspector.password"]
+    reader = {"user": "inspector", "password": inspector, "ca": ca}
+    assert registry_request(base + "/subjects", **reader) == 200
+    assert registry_request(base + f"/subjects/{subject}/versions/latest", **reader) == 200
+    assert registry_request(base + "/subjects/intruder-value/versions", "POST", body=schema, **reader) == 403
+    assert registry_request(base + "/config", "PUT", body={"compatibility": "NONE"}, **reader) == 403
+    assert registry_request(base + f"/subjects/{subject}", "DELETE", **reader) == 403
+    admin = {"user": "admin", "password": secure.material.secrets()["admin.password"], "ca": ca}
+    assert registry_request(base + "/subjects/intruder-value/versions", **admin) == 404  # nothing was registered
 
 
 @pytest.mark.parametrize("command", [["produce", "--count", "1"], ["detect"], ["inspect", "--from-beginning"]])
 def test_a_wrong_password_is_refused_in_one_line(secure: SecureStack, command: list[str]):
-    done = secure.run("refused", *command, "-X", f"sasl.password={WRONG}", timeout_s=60)
+    done = secure.run("producer", *command, "-X", f"sasl.password={WRONG}", timeout_s=60, topic="refused")
     line = one_line(done, command[0])
     assert "refused the connection: SASL authentication error" in line and "sasl.password" in line
     assert WRONG not in done.stderr + done.stdout
 
 
 @pytest.mark.parametrize("command", [["produce", "--count", "1"], ["detect"]])
-def test_a_token_without_the_required_scope_is_refused_in_one_line(secure: SecureStack, command: list[str]):
-    flags = oauthbearer_flags(secure, sasl_oauthbearer_config="principal=intruder scope=other")
-    done = secure.run("refused-token", *command, *flags, kafka_config=NO_FILE, timeout_s=60)
-    line = one_line(done, command[0])
-    assert "refused the connection" in line and "insufficient_scope" in line
-    assert "check sasl.oauthbearer.config" in line
-
-
-@pytest.mark.parametrize("command", [["produce", "--count", "1"], ["detect"]])
 def test_a_client_certificate_from_another_ca_is_refused_in_one_line(secure: SecureStack, command: list[str]):
     cert, key = self_signed(secure.folder, "intruder")
-    done = secure.run("refused-cert", *command, "-X", f"ssl.certificate.location={cert}",
+    done = secure.run("producer", *command, "-X", f"ssl.certificate.location={cert}",
                       "-X", f"ssl.key.location={key}", kafka_config=secure.material.kafka_mtls_client_properties,
-                      timeout_s=60)
+                      timeout_s=60, topic="refused-cert")
     line = one_line(done, command[0])
     assert "refused the connection" in line and "alert certificate required" in line
     assert "wants a client certificate signed by a CA it trusts" in line
@@ -267,38 +356,42 @@ def other_ca(folder: Path) -> Path:
 
 def test_an_untrusted_certificate_is_refused_in_one_line(secure: SecureStack):
     ca = other_ca(secure.folder)
-    kafka = one_line(secure.run("untrusted", "produce", "--count", "1", "-X", f"ssl.ca.location={ca}"), "produce")
+    kafka = one_line(secure.run("producer", "produce", "--count", "1", "-X", f"ssl.ca.location={ca}"), "produce")
     assert "SSL handshake failed" in kafka and "not signed by a CA this client trusts" in kafka
 
-    registry = one_line(secure.run("untrusted", "schemas", "register", "-R", f"ssl.ca.location={ca}"), "schemas")
+    registry = one_line(secure.run("admin", "schemas", "register", "-R", f"ssl.ca.location={ca}"), "schemas")
     assert "refused the TLS handshake" in registry and "not signed by a CA this client trusts" in registry
+
+
+def without_line(source: Path, prefix: str, target: Path) -> Path:
+    target.write_text("".join(line for line in source.read_text().splitlines(keepends=True)
+                              if not line.startswith(prefix)))
+    return target
 
 
 def test_a_missing_ca_is_refused_in_one_line(secure: SecureStack):
     # No ssl.ca.location at all: the system's CAs, which never signed the stack's certificate.
-    without_ca = secure.folder / "kafka-without-ca.properties"
-    without_ca.write_text("".join(line for line in secure.kafka_config.read_text().splitlines(keepends=True)
-                                  if not line.startswith("ssl.ca.location")))
-    kafka = one_line(secure.run("missing-ca", "produce", "--count", "1", "-F", str(without_ca)), "produce")
+    without_ca = without_line(secure.kafka_config("producer"), "ssl.ca.location", secure.folder / "kafka-without-ca")
+    kafka = one_line(secure.run("producer", "produce", "--count", "1", "-F", str(without_ca)), "produce")
     assert "certificate verify failed" in kafka and "set ssl.ca.location" in kafka
 
-    registry_without_ca = secure.folder / "registry-without-ca.properties"
-    registry_without_ca.write_text("".join(line for line in secure.registry_config.read_text().splitlines(keepends=True)
-                                           if not line.startswith("ssl.ca.location")))
-    registry = one_line(secure.run("missing-ca", "schemas", "register", "--registry-config", str(registry_without_ca)),
+    registry_without_ca = without_line(secure.registry_config("admin"), "ssl.ca.location",
+                                       secure.folder / "registry-without-ca")
+    registry = one_line(secure.run("admin", "schemas", "register", "--registry-config", str(registry_without_ca)),
                         "schemas")
     assert "refused the TLS handshake" in registry and "set ssl.ca.location" in registry
 
     # A CA file that is not there: said before any connection is tried, exit status 2 (configuration).
     gone = secure.folder / "no-such-ca.pem"
-    done = secure.run("missing-ca", "produce", "--count", "1", "-X", f"ssl.ca.location={gone}")
+    done = secure.run("producer", "produce", "--count", "1", "-X", f"ssl.ca.location={gone}")
     assert one_line(done, "produce").endswith(f"ssl.ca.location: no such file {gone}") and done.returncode == 2
 
 
-def test_wrong_registry_credentials_are_refused_in_one_line(secure: SecureStack):
-    refused_before = secure.proxy.refused
-    done = secure.run("bad-auth", "schemas", "register", "-R", f"basic.auth.user.info={REGISTRY_USER}:{WRONG}")
+def test_wrong_or_missing_registry_credentials_are_refused_in_one_line(secure: SecureStack):
+    done = secure.run("admin", "schemas", "register", "-R", f"basic.auth.user.info=admin:{WRONG}")
     line = one_line(done, "schemas")
     assert "refused the credentials" in line and "HTTP 401" in line and "basic.auth.user.info" in line
     assert WRONG not in done.stderr + done.stdout
-    assert secure.proxy.refused > refused_before
+    no_credentials = without_line(secure.registry_config("admin"), "basic.auth", secure.folder / "registry-anonymous")
+    done = secure.run("admin", "schemas", "register", "--registry-config", str(no_credentials))
+    assert "refused the credentials" in one_line(done, "schemas") and "HTTP 401" in done.stderr

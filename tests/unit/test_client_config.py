@@ -190,3 +190,26 @@ def test_the_demos_printed_inspect_commands_carry_the_client_flags_with_secrets_
     assert flags[flags.index("--kafka-config") + 1] == files[ENV["kafka_config"]]
     assert "client.id=demo" in flags and f"sasl.password={REDACTED}" in flags
     assert not any(SECRET in flag for flag in flags)
+
+
+def test_a_demo_childs_secret_flags_go_to_a_private_file_never_to_its_command_line(files, tmp_path):
+    settings = Settings.from_env(files, kafka_properties={"sasl.password": SECRET + "x", "linger.ms": "9"},
+                                 registry_properties={"basic.auth.user.info": f"u:{SECRET}y"})
+    private = tmp_path / "children"
+    flags = cli.client_flags(settings, private)
+    assert not any(SECRET in flag for flag in flags)
+    assert "-X" not in flags and "-R" not in flags
+    for option in ("--kafka-config", "--registry-config"):
+        path = flags[flags.index(option) + 1]
+        assert path.startswith(str(private)) and (tmp_path / path).stat().st_mode & 0o077 == 0
+    args = cli.build_parser().parse_args(["produce", *flags])
+    again = Settings.from_env({}, kafka_config=args.kafka_config, registry_config=args.registry_config)
+    # The child runs with exactly the same properties (only the files' names differ).
+    assert again.replace(kafka_config=None, registry_config=None) == settings.replace(kafka_config=None,
+                                                                                       registry_config=None)
+
+
+def test_the_assertion_key_passphrase_is_redacted():
+    settings = Settings.from_env({}, kafka_properties={
+        "sasl.oauthbearer.assertion.private.key.passphrase": SECRET})
+    assert SECRET not in repr(settings) and SECRET not in redact(f"failed: {SECRET}", settings.kafka_extra)

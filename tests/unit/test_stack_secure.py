@@ -43,42 +43,65 @@ def test_a_folder_without_client_certificates_gets_them_and_keeps_its_passwords(
     assert again.client_cert.is_file() and again.secrets() == before
 
 
-def test_the_broker_gets_sasl_ssl_and_mutual_tls_listeners_next_to_its_own(tmp_path):
+PORTS = dict(kafka_port=1111, controller_port=2222, kafka_secure_port=3333, kafka_mtls_port=3334,
+             kafka_jwt_port=3335, registry_port=5554, registry_secure_port=5555)
+
+
+def secured_broker_config(tmp_path, material, **flags) -> dict[str, str]:
+    base = _render(INFRA / "kafka-server.properties", {"KAFKA_PORT": 1111, "CONTROLLER_PORT": 2222, "DATA_DIR": tmp_path})
+    return javaproperties.loads(stack_secure.kafka_server_config(base, material, Settings(**PORTS), **flags))
+
+
+def test_the_secured_broker_has_no_plaintext_listener_and_denies_what_no_acl_allows(tmp_path):
     material = stack_secure.ensure_material(tmp_path / "secure")
-    base = _render(INFRA / "kafka-server.properties",
-                   {"KAFKA_PORT": 1111, "CONTROLLER_PORT": 2222, "DATA_DIR": tmp_path})
-    config = javaproperties.loads(stack_secure.kafka_server_config(base, material, 3333, 3334))
-    assert config["listeners"].split(",") == ["PLAINTEXT://127.0.0.1:1111", "CONTROLLER://127.0.0.1:2222",
+    config = secured_broker_config(tmp_path, material)
+    assert config["listeners"].split(",") == ["INTERNAL://127.0.0.1:1111", "CONTROLLER://127.0.0.1:2222",
                                               "SASL_SSL://127.0.0.1:3333", "MTLS://127.0.0.1:3334"]
-    assert config["advertised.listeners"].endswith(",SASL_SSL://127.0.0.1:3333,MTLS://127.0.0.1:3334")
-    assert {"SASL_SSL:SASL_SSL", "MTLS:SSL"} <= set(config["listener.security.protocol.map"].split(","))
-    assert config["sasl.enabled.mechanisms"] == "SCRAM-SHA-512,OAUTHBEARER"
-    assert f'unsecuredValidatorRequiredScope="{stack_secure.OAUTH_SCOPE}"' in \
-        config["listener.name.sasl_ssl.oauthbearer.sasl.jaas.config"]
+    protocols = dict(item.split(":") for item in config["listener.security.protocol.map"].split(","))
+    assert "PLAINTEXT" not in protocols.values() and "SASL_PLAINTEXT" not in protocols.values()
+    assert config["inter.broker.listener.name"] == "INTERNAL" and protocols["INTERNAL"] == "SASL_SSL"
+    assert protocols["CONTROLLER"] == "SASL_SSL" and config["sasl.mechanism.controller.protocol"] == "PLAIN"
+    assert config["authorizer.class.name"] == "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+    assert config["allow.everyone.if.no.acl.found"] == "false" and config["super.users"] == "User:admin"
+    # The unsecured JWT is off unless asked for, and then on a listener of its own.
+    assert "OAUTHBEARER" not in "".join(config.values())
+    jwt = secured_broker_config(tmp_path, material, unsecured_jwt=True)
+    assert jwt["listeners"].endswith(",JWT://127.0.0.1:3335")
+    assert jwt["listener.name.jwt.sasl.enabled.mechanisms"] == "OAUTHBEARER"
+    assert jwt["listener.name.sasl_ssl.sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
     assert config["listener.name.mtls.ssl.client.auth"] == "required"
-    assert config["listener.name.mtls.ssl.truststore.location"] == str(material.ca)
-    assert config["listener.name.sasl_ssl.ssl.keystore.location"] == str(material.keystore)
-    assert config["listener.name.sasl_ssl.ssl.keystore.password"] == material.secrets()["keystore.password"]
+    assert config["ssl.keystore.password"] == material.secrets()["keystore.password"]
+    assert f'password="{material.secrets()["admin.password"]}"' in config["listener.name.internal.plain.sasl.jaas.config"]
     assert "${" not in "".join(config.values())
-    arguments = stack_secure.scram_format_arguments(material)
-    assert arguments[0] == "--add-scram" and arguments[1].startswith("SCRAM-SHA-512=[name=fraudstream,password=")
 
 
-def test_the_client_files_make_valid_settings_for_the_secured_endpoints(tmp_path):
+def test_each_role_gets_its_own_client_files_and_the_registry_its_users(tmp_path):
     material = stack_secure.ensure_material(tmp_path / "secure")
-    stack_secure.write_client_properties(material, 4444, 4445, 5555)
-    settings = Settings.from_env({}, kafka_config=material.kafka_client_properties,
-                                 registry_config=material.registry_client_properties)
-    assert settings.bootstrap_servers == "127.0.0.1:4444"
-    assert settings.schema_registry_url == "https://127.0.0.1:5555/apis/ccompat/v7"
-    assert settings.kafka_extra["sasl.password"] == material.secrets()["scram.password"]
-    assert settings.registry_client_conf()["ssl.ca.location"] == str(material.ca)
-    assert material.kafka_client_properties.stat().st_mode & 0o077 == 0
-    oauth = Settings.from_env({}, kafka_config=material.kafka_oauthbearer_client_properties)
-    assert oauth.bootstrap_servers == "127.0.0.1:4444" and oauth.kafka_extra["sasl.mechanisms"] == "OAUTHBEARER"
+    stack_secure.write_client_properties(material, Settings(**PORTS))
+    secrets = material.secrets()
+    for role in stack_secure.ROLES:
+        settings = Settings.from_env({}, kafka_config=material.kafka_client_properties(role),
+                                     registry_config=material.registry_client_properties(role))
+        assert settings.bootstrap_servers == "127.0.0.1:3333"
+        assert settings.kafka_extra["sasl.username"] == role
+        assert settings.kafka_extra["sasl.password"] == secrets[f"{role}.password"]
+        assert settings.schema_registry_url == "https://127.0.0.1:5555/apis/ccompat/v7"
+        assert settings.registry_extra["basic.auth.user.info"] == f"{role}:{secrets[f'{role}.password']}"
+        assert material.kafka_client_properties(role).stat().st_mode & 0o077 == 0
+        assert material.registry_client_properties(role).stat().st_mode & 0o077 == 0
+    admin = Settings.from_env({}, kafka_config=material.kafka_client_properties("admin"))
+    assert admin.bootstrap_servers == "127.0.0.1:1111" and admin.kafka_extra["sasl.mechanisms"] == "PLAIN"
     mtls = Settings.from_env({}, kafka_config=material.kafka_mtls_client_properties)
-    assert mtls.bootstrap_servers == "127.0.0.1:4445" and mtls.kafka_extra["security.protocol"] == "SSL"
-    assert mtls.kafka_extra["ssl.certificate.location"] == str(material.client_cert)
+    assert mtls.bootstrap_servers == "127.0.0.1:3334" and mtls.kafka_extra["security.protocol"] == "SSL"
+    assert not material.kafka_jwt_client_properties.exists()  # only with --unsecured-jwt
+
+    registry = stack_secure.registry_config(material, Settings(**PORTS), "127.0.0.1:3333")
+    assert registry["quarkus.http.insecure-requests"] == "disabled"
+    assert registry["apicurio.auth.role-based-authorization"] == "true"
+    assert registry["apicurio.auth.anonymous-read-access.enabled"] == "false"
+    assert registry["quarkus.security.users.embedded.roles.admin"] == "sr-admin"
+    assert all(registry[f"quarkus.security.users.embedded.roles.{role}"] == "sr-readonly" for role in stack_secure.ROLES)
+    assert registry["apicurio.kafkasql.producer.sasl.mechanism"] == "SCRAM-SHA-512"
 
 
 def test_librdkafka_logs_its_configuration_with_secrets_redacted():
