@@ -32,6 +32,8 @@ import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +64,13 @@ CALL_TIMEOUT_S = 5.0  # one attempt of a blocking Kafka call: short, so a stop r
 REGISTRY_BACKOFF_MAX_S = 5.0
 KAFKA_BACKOFF_MAX_S = 2.0
 # A Kafka call still blocked this long after its own timeout never returns (seen after broker restarts:
-# librdkafka's send_offsets_to_transaction blocked for minutes past a 7 s timeout): the detector then writes
-# its stacks and exits with status 1, for its supervisor to restart it (exactly-once holds across a restart).
+# librdkafka's send_offsets_to_transaction and commit_transaction blocked for minutes past a 7 s timeout).
+# A transactional call runs on the producer's own thread: when it is stuck, the producer is abandoned (kept
+# referenced, never destroyed while its call is pending) and a new one under the same transactional id fences
+# it, in the process. Any other call stuck that long (or a producer stuck again and again) makes the detector
+# write its stacks and exit with status 1, for its supervisor to restart it (exactly-once holds across that).
 STUCK_CALL_GRACE_S = 60.0
+ABANDONED_PRODUCERS_LIMIT = 3  # stuck producers replaced in the process; one more and the detector exits
 # A transaction's calls are retried until this share of transaction.timeout.ms has passed since it began.
 TRANSACTION_DEADLINE_SHARE = 0.8
 FAILURES_IN_A_ROW_LIMIT = 5  # aborted or lost transactions with no commit between them, then stop
@@ -120,6 +126,8 @@ class Detector:
                                 time_budget_s=settings.transaction_timeout_ms / 1000 * TRANSACTION_TIME_SHARE)
         self._admin = self._group_admin = None
         self._parked_clients: list = []
+        self._producer_calls = _call_thread()  # where the transactional calls run (see STUCK_CALL_GRACE_S)
+        self._abandoned: list = []  # (producer, its call thread) stuck for good: kept, never destroyed
         self._limits: dict[str, int] = {}  # output topic -> max.message.bytes
         self._rejected: list[KafkaError] = []  # delivery failures of the open transaction
         self._failures_in_a_row = 0
@@ -584,6 +592,22 @@ class Detector:
 
     def _recover(self, lost: _ProducerLost) -> None:
         """The producer is unusable. Stop if a newer detector took our id over; otherwise recreate it and rewind."""
+        if lost.stuck:
+            # Its call may never return: keep it (destroying a client with a call pending can crash librdkafka) and
+            # its thread; the new producer's init_transactions fences it and ends its open transaction.
+            self._abandoned.append((self.producer, self._producer_calls))
+            self._producer_calls = _call_thread()  # the old one is blocked in the abandoned producer's call
+            if len(self._abandoned) > ABANDONED_PRODUCERS_LIMIT:
+                raise KafkaUnavailable(f"{lost}; {len(self._abandoned)} producers stuck for good in this process: "
+                                       "exiting for a supervisor to restart it")
+            self.on_log(f"{lost}: abandoning this producer ({len(self._abandoned)} so far) for a new one under the "
+                        "same transactional id, which fences it; resuming from the committed offsets")
+            self.producer = self._new_producer()
+            self._rewind_to_committed()
+            self.metrics.recovered()
+            self._failures_in_a_row += 1
+            self._backoff_or_give_up(lost)
+            return
         if lost.expired:
             # Our own transaction timed out: no sign of another detector. (A newer one joins the group first,
             # which fences our consumer, and that path asks the group.) Asking here, while the brokers are
@@ -662,11 +686,15 @@ class Detector:
 
     # ----- Kafka calls -----
     def _call(self, what: str, deadline: float, fn: Callable[[], object]):
-        """One transactional API call: retriable errors again until the deadline; the rest classified."""
+        """One transactional API call: retriable errors again until the deadline; the rest classified. The call
+        runs on the producer's own thread; one blocked STUCK_CALL_GRACE_S past its timeout loses the producer."""
         while True:
+            timeout_s = _attempt_timeout(deadline)
             try:
-                with exit_if_stuck(_attempt_timeout(deadline)):
-                    return fn()
+                return self._producer_calls.submit(fn).result(timeout=timeout_s + STUCK_CALL_GRACE_S)
+            except FutureTimeout:
+                raise _ProducerLost(f"{what} still blocked {STUCK_CALL_GRACE_S:g} s past its {timeout_s:.1f} s "
+                                    "timeout", stuck=True) from None
             except KafkaException as exc:
                 error = exc.args[0]
                 self._classify(what, error, exc)
@@ -854,11 +882,13 @@ class _AbortBatch(Exception):
 
 
 class _ProducerLost(Exception):
-    """The producer cannot go on (fatal, fenced, or its transaction outlived transaction.timeout.ms)."""
+    """The producer cannot go on (fatal, fenced, its transaction outlived transaction.timeout.ms, or a call of it is
+    stuck for good)."""
 
-    def __init__(self, reason: str, *, expired: bool = False) -> None:
+    def __init__(self, reason: str, *, expired: bool = False, stuck: bool = False) -> None:
         super().__init__(reason)
         self.expired = expired
+        self.stuck = stuck
 
 
 class _ConsumerLost(Exception):
@@ -888,6 +918,10 @@ def _checked(committed: list[TopicPartition]) -> list[TopicPartition]:
         if tp.error is not None:
             raise KafkaException(tp.error)
     return committed
+
+
+def _call_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, thread_name_prefix="transactional-calls")
 
 
 def _attempt_timeout(deadline: float) -> float:

@@ -753,3 +753,31 @@ def test_a_batch_that_changed_state_before_a_registry_outage_is_read_again_after
     assert decider.failed and sorted(state.reset_partitions) == [0, 1]  # rebuilt, not retried as it stood
     assert metrics.registry_retries == 1
     assert sorted(producers[0].committed_outputs) == every_input(log)  # the batch read again: each record once
+
+
+def test_a_transactional_call_stuck_for_good_is_recovered_in_the_process_with_a_new_producer(monkeypatch):
+    """librdkafka after broker restarts: commit_transaction blocked minutes past its timeout. The producer is
+    abandoned (never destroyed while its call is pending) and a new one under the same id fences it; the batch
+    is read again from the committed offsets: nothing lost, nothing twice."""
+    monkeypatch.setattr(detector_module, "STUCK_CALL_GRACE_S", 0.3)
+    detector, log, producers = make_detector(monkeypatch)
+    release = threading.Event()
+    commit = FakeProducer.commit_transaction
+    calls = []
+
+    def stuck_second_commit(self, timeout):
+        calls.append(self)
+        if self is producers[0] and len(calls) == 2:
+            release.wait(30)  # blocked, as the real call was, until the test ends
+            raise KafkaException(KafkaError(KafkaError._FENCED, fatal=True))
+        return commit(self, timeout)
+
+    monkeypatch.setattr(FakeProducer, "commit_transaction", stuck_second_commit)
+    try:
+        metrics = detector.run()
+    finally:
+        release.set()
+    assert metrics.recoveries == 1 and len(producers) == 2 and len(detector._abandoned) == 1
+    assert any("abandoning this producer" in line for line in detector.logs)
+    outputs = producers[0].committed_outputs + producers[1].committed_outputs
+    assert sorted(outputs) == every_input(log)  # the stuck batch read again, each record once
