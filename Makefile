@@ -16,7 +16,7 @@ BENCH_ARGS ?=
 # Like the tests: an existing Kafka and registry when both variables are set, otherwise the local stack.
 EXISTING_SERVICES := $(and $(KAFKA_BOOTSTRAP_SERVERS),$(SCHEMA_REGISTRY_URL))
 
-.PHONY: demo test faults handbook stack-up stack-down services bench bench-quick bench-rules clean
+.PHONY: demo test faults soak handbook stack-up stack-down services bench bench-quick bench-rules clean
 
 demo: services
 	$(BIN)/fraudstream schemas register
@@ -30,6 +30,15 @@ test: $(INSTALLED)
 FAULT_ROUNDS ?= 10
 faults: $(INSTALLED)
 	FAULT_ROUNDS=$(FAULT_ROUNDS) $(BIN)/python -m pytest tests/integration/test_broker_faults.py $(PYTEST_ARGS)
+
+# The soak (tests/support/soak.py): a seeded random fault schedule under load on a Kafka and a registry of its own,
+# then an independent checker (lost, doubled, unreadable, held rows left, decisions against an uninterrupted run).
+# The suite runs a 3-minute version on one broker (tests/integration/test_soak.py). Evidence: .soak/<seed>-<brokers>b.
+SOAK_MINUTES ?= 30
+SOAK_BROKERS ?= 3
+SOAK_SEED ?= $(shell date +%s)
+soak: $(INSTALLED)
+	$(BIN)/python -m tests.support.soak --minutes $(SOAK_MINUTES) --brokers $(SOAK_BROKERS) --seed $(SOAK_SEED) $(SOAK_ARGS)
 
 # The Handbook's benchmark end to end (produce, train, detect --model, evaluate): about 15 minutes.
 handbook: services

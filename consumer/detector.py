@@ -1,22 +1,24 @@
-"""The detector: exactly-once consume -> decide -> produce, one Kafka transaction per batch.
+"""The detector's loop (Kafka Streams' StreamThread): consume a batch, decide it, commit it in one checkpoint;
+and what the loop does when something goes wrong.
 
-Each batch: take the records already fetched, up to a target that grows while the input is
-backlogged (at most batch_max_records), closing the batch as soon as the input runs dry
-(consumer/batching.py); keep the records of partitions still assigned; decide every record; run the
-batch's transaction (`_run_transaction`): produce each output to the legit, fraud or dead-letter
-topic, send the batch's input offsets with the consumer group metadata (KIP-447), commit. Errors are classified as librdkafka reports them (KafkaError.retriable(),
-txn_requires_abort(), fatal()):
+    consume (consumer/batching.py) -> records of ready partitions (state restored: consumer/state/)
+      -> decide (consumer/decide.py, consumer/stateful.py): one Decision per record, held records released
+      -> checkpoint (consumer/checkpoint.py): begin -> outputs (consumer/collector.py) -> changelog rows
+         -> input offsets (KIP-447) -> commit
 
-- retriable (a timeout, a broker moving): the same call again, with backoff, but never past the
-  transaction's own timeout: after that the coordinator aborts it, so retrying would only fail later
-  and look like fencing;
-- abortable (a delivery failed, the transaction is in an error state): abort, rewind the batch,
-  retry it with backoff, a bounded number of times in a row. An output its topic will never take
-  (over max.message.bytes) is dead-lettered with the reason in the retried transaction;
-- fatal or fenced producer, or a transaction that outlived its timeout: if another detector holds
-  our group.instance.id in the consumer group, it took over and we stop; otherwise the broker ended
-  our producer epoch (a restart, a transaction timed out while it was down): recreate the
-  transactional producer under the same id, rewind to the committed offsets, go on.
+Each batch: take the records already fetched, up to a target that grows while the input is backlogged (at most
+batch_max_records), closing the batch as soon as the input runs dry; keep the records of partitions still
+assigned; decide every record; run the batch's checkpoint. The checkpoint classifies what goes wrong in the
+transaction; this module decides what follows:
+
+- abortable (a delivery failed, the transaction is in an error state): abort, rewind the batch, rebuild the
+  state it changed, retry it with backoff, a bounded number of times in a row. An output its topic will never
+  take (over max.message.bytes) is dead-lettered with the reason in the retried transaction;
+- fatal or fenced producer, a transaction that outlived its timeout, or a call stuck for good: if another
+  detector holds our group.instance.id in the consumer group, it took over and we stop; otherwise the broker
+  ended our producer epoch (a restart, a transaction timed out while it was down) or the client is stuck:
+  recreate the transactional producer under the same id, rewind to the committed offsets, go on;
+- rebalances (the callbacks below), a fenced consumer, brokers or the registry away: see each method.
 """
 
 from __future__ import annotations
@@ -32,15 +34,16 @@ import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from fraudstream.consumer.batching import TRANSACTION_TIME_SHARE, BatchSizer, gather
-from fraudstream.consumer.decide import ColumnarDecider, DecidedBatch, Decider, Decision, Route, dead_letter
+from fraudstream.consumer.checkpoint import (CALL_TIMEOUT_S, STUCK_CALL_GRACE_S, AbortBatch, Checkpoint, ProducerLost,
+                                             Stopping, TransactionalCalls, attempt_timeout, transaction_deadline)
+from fraudstream.consumer.collector import BATCH_HEADER_BYTES, RecordCollector
+from fraudstream.consumer.decide import ColumnarDecider, DecidedBatch, Decider, Decision, Route
 from fraudstream.consumer.metrics import DetectorMetrics
 from fraudstream.consumer.rules import TERMINAL_RULES, load_rules, rules_from_settings
 from fraudstream.consumer.rules_topic import RulesTopic
@@ -48,41 +51,22 @@ from fraudstream.consumer.state.manager import StateManager
 from fraudstream.consumer.stateful import STORES, StatefulDecider, StateTouchedError, decode_batch, load_scoring
 from fraudstream.consumer.terminal import StopRequested, TerminalReader
 from fraudstream.errors import Fenced, KafkaUnavailable, RegistryError
-from fraudstream.kafka import (NEVER_PASSING, admin, consumer_config, ensure_topics, max_message_bytes, produce_or_wait,
-                               static_members,
+from fraudstream.kafka import (NEVER_PASSING, admin, consumer_config, ensure_topics, max_message_bytes, static_members,
                                transactional_producer_config, wait_for_cluster)
 from fraudstream.registry import Registry, current_ids
 from fraudstream.schemas import load_schemas
-from fraudstream.serde import Decoder, DecodeError
+from fraudstream.serde import Decoder
 from fraudstream.settings import Settings
 from fraudstream.signals import stop_requests
 
 log = logging.getLogger("fraudstream.detector")
 
 GROUP_REQUEST_TIMEOUT_S = 30.0  # long enough for a restarted coordinator to load: a timed-out one is risky
-CALL_TIMEOUT_S = 5.0  # one attempt of a blocking Kafka call: short, so a stop request is seen promptly
 REGISTRY_BACKOFF_MAX_S = 5.0
 KAFKA_BACKOFF_MAX_S = 2.0
-# A Kafka call still blocked this long after its own timeout never returns (seen after broker restarts:
-# librdkafka's send_offsets_to_transaction and commit_transaction blocked for minutes past a 7 s timeout).
-# A transactional call runs on the producer's own thread: when it is stuck, the producer is abandoned (kept
-# referenced, never destroyed while its call is pending) and a new one under the same transactional id fences
-# it, in the process. Any other call stuck that long (or a producer stuck again and again) makes the detector
-# write its stacks and exit with status 1, for its supervisor to restart it (exactly-once holds across that).
-STUCK_CALL_GRACE_S = 60.0
-ABANDONED_PRODUCERS_LIMIT = 3  # stuck producers replaced in the process; one more and the detector exits
-# A transaction's calls are retried until this share of transaction.timeout.ms has passed since it began.
-TRANSACTION_DEADLINE_SHARE = 0.8
+ABANDONED_PRODUCERS_LIMIT = 3  # producers stuck for good replaced in the process (checkpoint.py); one more: exit
 FAILURES_IN_A_ROW_LIMIT = 5  # aborted or lost transactions with no commit between them, then stop
-# What a broker counts on top of a record's key, value and headers: the v2 record batch header (61 bytes)
-# and one record's framing at its largest (varints), plus per header its two length varints.
-BATCH_HEADER_BYTES = 61
-RECORD_FRAMING_BYTES = 36
-HEADER_FRAMING_BYTES = 10
-FENCED_CODES = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
 CONSUMER_GONE_CODES = {KafkaError._STATE, KafkaError._FATAL, KafkaError.FENCED_INSTANCE_ID}
-TOO_LARGE_CODES = {KafkaError.MSG_SIZE_TOO_LARGE}  # the broker's MESSAGE_TOO_LARGE and librdkafka's local check
-OUTPUT_TOO_LARGE = "output_too_large"
 
 
 def default_transactional_id(settings: Settings) -> str:
@@ -126,13 +110,12 @@ class Detector:
                                 time_budget_s=settings.transaction_timeout_ms / 1000 * TRANSACTION_TIME_SHARE)
         self._admin = self._group_admin = None
         self._parked_clients: list = []
-        self._producer_calls = _call_thread()  # where the transactional calls run (see STUCK_CALL_GRACE_S)
-        self._abandoned: list = []  # (producer, its call thread) stuck for good: kept, never destroyed
-        self._limits: dict[str, int] = {}  # output topic -> max.message.bytes
-        self._rejected: list[KafkaError] = []  # delivery failures of the open transaction
+        # The transaction protocol (consumer/checkpoint.py) and the one sink of outputs (consumer/collector.py).
+        self.calls = TransactionalCalls(self.stop)
+        self.collector = RecordCollector(self.routes, {}, self.calls)
+        self.checkpoint = Checkpoint(self.calls, self.collector, transaction_timeout_ms=settings.transaction_timeout_ms)
         self._failures_in_a_row = 0
         self._consumed_to: dict[int, int] = {}  # input partition -> the next offset this detector committed
-        self._registry_down_since: float | None = None  # a registry outage that made a batch be read again
         self.state: StateManager | None = None  # keyed state, when the stateful rules are on
         # How long another member must hold our group.instance.id to count as alive (see _successors).
         self._successor_wait_s = consumer_config(settings, settings.group_id)["session.timeout.ms"] / 1000 * 1.5 + 2
@@ -160,7 +143,7 @@ class Detector:
             decider = self._stateful(decider)
         self._admin = admin(s)  # one for the detector's life: see max_message_bytes
         self._group_admin = admin(s)  # for group requests, replaced when one fails: see _successors
-        self._limits = max_message_bytes(self._admin, tuple(self.routes.values()))
+        self.collector.limits = max_message_bytes(self._admin, tuple(self.routes.values()))
         # Static membership (KIP-345) under the same stable id: a restarted detector takes its
         # partitions back at once instead of waiting out the session timeout of its dead self.
         self.consumer = self._new_consumer()
@@ -221,7 +204,7 @@ class Detector:
         deadline = time.monotonic() + self.settings.broker_outage_limit_s
         while not self.consumer.memberid():
             if self.stop.is_set():
-                raise _Stopping("joining the consumer group")
+                raise Stopping("joining the consumer group")
             if time.monotonic() > deadline:
                 raise KafkaUnavailable(f"could not join consumer group {self.settings.group_id} within "
                                        f"{self.settings.broker_outage_limit_s} s")
@@ -233,9 +216,9 @@ class Detector:
         config = transactional_producer_config(self.settings, self.transactional_id, **{
             # A record batch never exceeds the smallest output topic's limit (a lone record larger than
             # that is dead-lettered before it is produced, see _produce_all).
-            "batch.size": max(1, min(self._limits.values()) - BATCH_HEADER_BYTES),
+            "batch.size": max(1, min(self.collector.limits.values()) - BATCH_HEADER_BYTES),
             "delivery.report.only.error": True,
-            "on_delivery": self._on_delivery_error,
+            "on_delivery": self.collector.on_delivery_error,
         })
         producer = Producer(config)
         self._retry_outage("initialising transactions", lambda: producer.init_transactions(CALL_TIMEOUT_S))
@@ -273,15 +256,10 @@ class Detector:
             if tp.topic == self.settings.transactions_topic:
                 self._consumed_to.pop(tp.partition, None)
 
-    def _on_delivery_error(self, error: KafkaError | None, message) -> None:
-        # The error alone: after a fatal error, confluent-kafka can call this with a Python exception
-        # pending, and any call on `message` then fails.
-        if error is not None:
-            self._rejected.append(error)
-
     # ----- main loop -----
     def run(self, stop: threading.Event | None = None) -> DetectorMetrics:
         self.stop = stop if stop is not None else self.stop
+        self.calls.stop = self.stop
         try:
             decider, pending = self._start()
             # Start-up objects (schemas, clients, imports) never die: keep them out of the collector's
@@ -302,18 +280,16 @@ class Detector:
                         batch = self._decide(decider, messages)
                         if batch is None:  # stopping during a registry outage: nothing produced, re-read later
                             break
-                        if batch is not _READ_AGAIN:
-                            self._process_batch(messages, batch)
+                        self._process_batch(messages, batch)
                     elif self.state is not None and (batch := self._decide(decider, [])) is not None:
-                        if batch is not _READ_AGAIN:
-                            self._process_batch([], batch)  # held records due while the input is quiet
+                        self._process_batch([], batch)  # held records due while the input is quiet
                     else:
                         self.producer.poll(0)
                 except _ConsumerLost as lost:  # between transactions: none is open
                     consumer, pending = self._recover_consumer(lost)
                 if self.metrics.line_due(self.log_interval_s):
                     self.on_log(self.metrics.line())
-        except (_Stopping, StopRequested) as stopping:
+        except (Stopping, StopRequested) as stopping:
             self.on_log(f"stop requested while {stopping}: the open transaction, if any, is aborted by the next "
                         "detector with this id or when transaction.timeout.ms expires")
         finally:
@@ -350,36 +326,29 @@ class Detector:
         log.warning("consumer: %s", error.str())
         return True
 
-    def _decide(self, decider: Decider | ColumnarDecider, messages: list) -> DecidedBatch | object | None:
+    def _decide(self, decider: Decider | ColumnarDecider, messages: list) -> DecidedBatch | None:
         """Decide the batch (no messages: release the held records due while the input is quiet; None when there
-        are none). While the registry does not answer, retry with backoff (never dead-letter). A batch that had
-        changed state when the registry stopped answering is not retried as it stands: its partitions' state is
-        rebuilt and the batch read again (_READ_AGAIN), like an aborted one."""
+        are none, or when stopping during a registry outage). While the registry does not answer, retry with
+        backoff (never dead-letter); a batch that had changed state when it stopped answering is undone first, so
+        that the retry counts each payment once."""
         limit_s = self.settings.registry_outage_limit_s
-        backoff = 0.2
-        if self._registry_down_since is None:
-            started = time.monotonic()
-        else:  # the outage began before the batch was read again
-            started, backoff = self._registry_down_since, REGISTRY_BACKOFF_MAX_S
+        backoff, started = 0.2, time.monotonic()
         while True:
+            if self.state is not None:
+                self.state.begin()
             try:
-                batch = decider.decide_batch(messages) if messages else decider.release_due()
-                self._registry_down_since = None
-                return batch
+                return decider.decide_batch(messages) if messages else decider.release_due()
             except RegistryError as exc:
+                if isinstance(exc, StateTouchedError):
+                    self.state.rollback()
                 waited = time.monotonic() - started
                 if waited >= limit_s:
                     raise RegistryError(f"{exc}; gave up after {waited:.0f} s (registry outage limit {limit_s} s); "
                                         "nothing of the batch was routed, a restart resumes from it") from exc
                 log.warning("%s; retrying in %.1fs", exc, backoff)
                 self.metrics.registry_retried()
-                if isinstance(exc, StateTouchedError):
-                    self._registry_down_since = started
-                    self._rewind(messages, also_reset=exc.partitions)
                 if self.stop.wait(min(backoff, max(0.0, limit_s - waited))):
                     return None
-                if isinstance(exc, StateTouchedError):
-                    return _READ_AGAIN
                 backoff = min(backoff * 2, REGISTRY_BACKOFF_MAX_S)
 
     def _with_state_ready(self, messages: list) -> list:
@@ -399,13 +368,15 @@ class Detector:
         started = time.monotonic()
         try:
             commit_s = self._run_transaction(messages, batch)
-        except _AbortBatch as abort:
-            self._abort_and_rewind(messages, abort, also_reset=batch.state_partitions)
+        except AbortBatch as abort:
+            self._abort_and_rewind(messages, abort)
             return
-        except _ProducerLost as lost:
+        except ProducerLost as lost:
             self._recover(lost)
             return
         self._failures_in_a_row = 0
+        if self.state is not None:
+            self.state.commit()
         if messages:
             self.sizer.done(len(messages), time.monotonic() - started)
         tally = batch.routes()
@@ -420,30 +391,24 @@ class Detector:
             self.metrics.state_size({**self.metrics.state_keys, "terminal_events": len(self.terminal.window)})
 
     def _run_transaction(self, messages: list, batch: DecidedBatch) -> float:
-        """The batch's transaction: begin, produce every output, send the input offsets, commit.
-
-        Returns the commit's duration. Raises _AbortBatch (abort and retry the batch), _ProducerLost
-        (recreate the producer), _Stopping, KafkaUnavailable. `batch.outputs` may be updated in place: an
-        output its topic will never take becomes a dead letter.
-        """
-        producer = self.producer
-        self._rejected.clear()
-        deadline = time.monotonic() + self.settings.transaction_timeout_ms / 1000 * TRANSACTION_DEADLINE_SHARE
-        self._call("beginning a transaction", deadline, producer.begin_transaction)
-        self._produce_all(messages, batch, deadline)
-        if self.state is not None:
-            self._write_state_changes({m.partition() for m in messages} | batch.state_partitions)
+        """The batch's checkpoint (consumer/checkpoint.py): its outputs, state changes and input offsets in one
+        transaction. Returns the commit's duration; raises what Checkpoint.commit raises."""
         # Offsets go with every transaction, a release-only one too (its partitions' offsets as committed): the
         # group coordinator checks them against the group's generation, and that is what fences a detector
         # whose partitions were given away (KIP-447) before it releases rows their new owner restored.
         offsets = _next_offsets(messages) if messages else self._offsets_of(batch.state_partitions)
-        if offsets:
-            self._call("sending offsets", deadline, lambda: producer.send_offsets_to_transaction(
-                offsets, self.consumer.consumer_group_metadata(), _attempt_timeout(deadline)))
-        started = time.perf_counter()
-        self._call("committing", deadline, lambda: producer.commit_transaction(_attempt_timeout(deadline)))
+        write_state = None
+        if self.state is not None:
+            partitions = {m.partition() for m in messages} | batch.state_partitions
+            write_state = lambda producer: self.state.write_changes(producer, partitions)  # noqa: E731
+        self.collector.rejected.clear()
+        commit_s, written = self.checkpoint.commit(self.producer, messages, batch, offsets=offsets,
+                                                   group_metadata=self.consumer.consumer_group_metadata,
+                                                   write_state=write_state)
+        if self.state is not None:
+            self.metrics.changelog_written(written)
         self._consumed_to.update((tp.partition, tp.offset) for tp in offsets)
-        return time.perf_counter() - started
+        return commit_s
 
     def _offsets_of(self, partitions: set[int]) -> list[TopicPartition]:
         """The next offsets to read of these input partitions, as this detector committed them (asked of the group
@@ -454,124 +419,19 @@ class Detector:
             self._consumed_to.update((tp.partition, tp.offset) for tp in self._committed(unknown) if tp.offset >= 0)
         return [TopicPartition(topic, p, self._consumed_to[p]) for p in sorted(partitions) if p in self._consumed_to]
 
-    def _produce_all(self, messages: list, batch: DecidedBatch, deadline: float) -> None:
-        """Produce each output once, in the batch's order: runs of forwarded records between the few
-        records with an output of their own."""
-        # Below this, key + value cannot reach any output topic's limit: the exact check is skipped.
-        small = min(self._limits.values()) - BATCH_HEADER_BYTES - RECORD_FRAMING_BYTES - 4096
-        start = 0
-        for index in sorted(batch.outputs):
-            if start < index:
-                self._produce_legit(messages, start, index, batch, small, deadline)
-            if batch.outputs[index].route is not Route.HELD:
-                self._produce_one(messages, batch, index, batch.outputs[index], small, deadline)
-            start = index + 1
-        if start < len(messages):
-            self._produce_legit(messages, start, len(messages), batch, small, deadline)
-        if batch.released:  # held records decided now: their input records stand in for the messages
-            inputs = [record for record, _ in batch.released]
-            outputs = DecidedBatch(len(inputs), {i: decision for i, (_, decision) in enumerate(batch.released)})
-            for index, decision in list(outputs.outputs.items()):
-                self._produce_one(inputs, outputs, index, decision, small, deadline)
-            # _produce_one may have put a dead letter in place of an output no topic takes
-            batch.released = [(record, outputs.outputs[i]) for i, record in enumerate(inputs)]
-
-    def _produce_legit(self, messages: list, start: int, stop: int, batch: DecidedBatch, small: int,
-                       deadline: float) -> None:
-        """Forward messages[start:stop] to the legit topic: their own key and value bytes, the batch's legit
-        headers. The fast path: one produce call per record and no object; anything unusual (a record
-        near a topic's size limit, a produce that failed) goes to _produce_one."""
-        produce, topic, headers = self.producer.produce, self.routes[Route.LEGIT], batch.legit_headers
-        headers_of = batch.headers_of if batch.legit_scores is not None else None
-        for index in range(start, stop):
-            message = messages[index]
-            if headers_of is not None:
-                headers = headers_of(index)
-            value, key = message.value(), message.key()
-            if len(value) + (len(key) if key else 0) <= small:
-                try:
-                    produce(topic, value, key, headers=headers)
-                    continue
-                except (BufferError, KafkaException) as exc:
-                    self._produce_one(messages, batch, index, Decision(Route.LEGIT, key, value, headers), small,
-                                      deadline, failed=exc)
-                    continue
-            self._produce_one(messages, batch, index, Decision(Route.LEGIT, key, value, headers), small, deadline)
-
-    def _produce_one(self, messages: list, batch: DecidedBatch, index: int, decision: Decision, small: int,
-                     deadline: float, *, failed: Exception | None = None) -> None:
-        """Produce one record's output, checked against its topic's size limit; a failed call (`failed`: the
-        fast path's) is retried for this record alone, never the ones before it. An output its topic will
-        never take is dead-lettered: batch.outputs then holds the dead letter."""
-        producer, routes = self.producer, self.routes
-        expired = lambda: time.monotonic() > deadline  # noqa: E731
-        if failed is None and decision.value is not None and len(decision.value) + len(decision.key or b"") > small:
-            decision = self._fit_or_dead_letter(messages[index], decision)
-            if decision.route is Route.DEAD_LETTER:
-                batch.outputs[index] = decision
-        topic = routes[decision.route]
-        while True:
-            try:
-                if failed is not None:
-                    exc, failed = failed, None
-                    raise exc
-                producer.produce(topic, decision.value, decision.key, headers=decision.headers)
-                return
-            except BufferError:  # local queue full: serve delivery reports, then retry this record
-                if not produce_or_wait(producer, topic, decision.value, decision.key, give_up=expired,
-                                       headers=decision.headers):
-                    raise _ProducerLost("producing: the local queue stayed full until the transaction "
-                                        "was about to time out", expired=True) from None
-                return
-            except KafkaException as exc:
-                error = exc.args[0]
-                if error.code() in TOO_LARGE_CODES and decision.route is not Route.DEAD_LETTER:
-                    # Over the producer's own message.max.bytes: no broker will ever take it.
-                    decision = batch.outputs[index] = _too_large(messages[index], topic, len(decision.value), None)
-                    topic = routes[decision.route]
-                    continue
-                if error.code() == KafkaError._STATE:  # the transaction failed earlier (a delivery error)
-                    raise _AbortBatch(f"producing: the transaction is in an error state ({error.str()})") from exc
-                self._classify("producing", error, exc)
-                self._wait_before_retry("producing", error, deadline)
-
-    def _write_state_changes(self, partitions: set[int]) -> None:
-        """The batch's state changes, into its transaction. Not retried call by call: the changed rows were
-        taken, so any failure aborts the transaction, and the abort rebuilds the state from the changelog."""
-        try:
-            written = self.state.write_changes(self.producer, partitions)
-        except KafkaException as exc:
-            error = exc.args[0]
-            self._classify("writing state changes", error, exc)
-            raise _AbortBatch(f"writing state changes: {error.str()}") from exc
-        self.metrics.changelog_written(written)
-
-    def _fit_or_dead_letter(self, message, decision: Decision) -> Decision:
-        """The decision itself, or a dead letter when its output is larger than its topic takes."""
-        topic = self.routes[decision.route]
-        size = (BATCH_HEADER_BYTES + RECORD_FRAMING_BYTES + len(decision.value) + len(decision.key or b"")
-                + sum(len(k) + len(v or b"") + HEADER_FRAMING_BYTES for k, v in decision.headers or ()))
-        if size <= self._limits[topic] or decision.route is Route.DEAD_LETTER:
-            return decision  # a dead letter is the input's own bytes; if even that is too large, the retries end it
-        return _too_large(message, topic, size, self._limits[topic])
-
-    def _abort_and_rewind(self, messages: list, abort: _AbortBatch, *, also_reset: set[int] = frozenset()) -> None:
+    def _abort_and_rewind(self, messages: list, abort: AbortBatch) -> None:
         self._failures_in_a_row += 1
         log.warning("aborting the transaction of a batch of %d (failure %d in a row): %s",
                     len(messages), self._failures_in_a_row, abort)
         try:
-            deadline = time.monotonic() + self.settings.transaction_timeout_ms / 1000
-            try:
-                self._call("aborting", deadline, lambda: self.producer.abort_transaction(_attempt_timeout(deadline)))
-            except _AbortBatch as failed:
-                raise _ProducerLost(f"the abort itself failed: {failed}") from failed
+            self.checkpoint.abort(self.producer)
             self.metrics.aborted()
-            if any(error.code() in TOO_LARGE_CODES for error in self._rejected):
+            if self.collector.refused_as_too_large():
                 self._refresh_limits()
-        except _ProducerLost as lost:
+        except ProducerLost as lost:
             self._recover(lost)
             return
-        self._rewind(messages, also_reset=also_reset)
+        self._rewind(messages)
         self._backoff_or_give_up(abort)
 
     def _refresh_limits(self) -> None:
@@ -579,28 +439,28 @@ class Detector:
         Read the limits again; the retried transaction dead-letters what no longer fits, and a producer
         with smaller record batches keeps the rest within the limit."""
         limits = max_message_bytes(self._admin, tuple(self.routes.values()))
-        log.warning("an output was over its topic's max.message.bytes; limits now %s (were %s)", limits, self._limits)
-        if limits != self._limits:
-            self._limits = limits
+        log.warning("an output was over its topic's max.message.bytes; limits now %s (were %s)", limits,
+                    self.collector.limits)
+        if limits != self.collector.limits:
+            self.collector.limits = limits
             self.producer = self._new_producer()
 
     def _backoff_or_give_up(self, reason: Exception) -> None:
         if self._failures_in_a_row >= FAILURES_IN_A_ROW_LIMIT:
             raise KafkaUnavailable(f"{self._failures_in_a_row} transactions in a row failed, the last one: {reason}")
         if self.stop.wait(min(0.2 * 2 ** (self._failures_in_a_row - 1), KAFKA_BACKOFF_MAX_S)):
-            raise _Stopping("waiting to retry a failed transaction")
+            raise Stopping("waiting to retry a failed transaction")
 
-    def _recover(self, lost: _ProducerLost) -> None:
+    def _recover(self, lost: ProducerLost) -> None:
         """The producer is unusable. Stop if a newer detector took our id over; otherwise recreate it and rewind."""
         if lost.stuck:
             # Its call may never return: keep it (destroying a client with a call pending can crash librdkafka) and
             # its thread; the new producer's init_transactions fences it and ends its open transaction.
-            self._abandoned.append((self.producer, self._producer_calls))
-            self._producer_calls = _call_thread()  # the old one is blocked in the abandoned producer's call
-            if len(self._abandoned) > ABANDONED_PRODUCERS_LIMIT:
-                raise KafkaUnavailable(f"{lost}; {len(self._abandoned)} producers stuck for good in this process: "
+            abandoned = self.calls.abandon(self.producer)
+            if abandoned > ABANDONED_PRODUCERS_LIMIT:
+                raise KafkaUnavailable(f"{lost}; {abandoned} producers stuck for good in this process: "
                                        "exiting for a supervisor to restart it")
-            self.on_log(f"{lost}: abandoning this producer ({len(self._abandoned)} so far) for a new one under the "
+            self.on_log(f"{lost}: abandoning this producer ({abandoned} so far) for a new one under the "
                         "same transactional id, which fences it; resuming from the committed offsets")
             self.producer = self._new_producer()
             self._rewind_to_committed()
@@ -682,44 +542,7 @@ class Detector:
             if not others or time.monotonic() >= deadline:
                 return others
             if self.stop.wait(min(1.0, self._successor_wait_s / 5)):
-                raise _Stopping("asking the group who holds our id")
-
-    # ----- Kafka calls -----
-    def _call(self, what: str, deadline: float, fn: Callable[[], object]):
-        """One transactional API call: retriable errors again until the deadline; the rest classified. The call
-        runs on the producer's own thread; one blocked STUCK_CALL_GRACE_S past its timeout loses the producer."""
-        while True:
-            timeout_s = _attempt_timeout(deadline)
-            try:
-                return self._producer_calls.submit(fn).result(timeout=timeout_s + STUCK_CALL_GRACE_S)
-            except FutureTimeout:
-                raise _ProducerLost(f"{what} still blocked {STUCK_CALL_GRACE_S:g} s past its {timeout_s:.1f} s "
-                                    "timeout", stuck=True) from None
-            except KafkaException as exc:
-                error = exc.args[0]
-                self._classify(what, error, exc)
-                self._wait_before_retry(what, error, deadline)
-
-    def _classify(self, what: str, error: KafkaError, exc: Exception) -> None:
-        """Raise for every error but a retriable one."""
-        # _FATAL: what a call on a producer that already hit a fatal error (fenced, say) raises.
-        if error.fatal() or error.code() in FENCED_CODES or error.code() == KafkaError._FATAL:
-            raise _ProducerLost(f"{what}: {error.str()}") from exc
-        if error.txn_requires_abort():
-            raise _AbortBatch(f"{what}: {error.str()}") from exc
-        if not error.retriable():
-            raise KafkaUnavailable(f"{what} failed: {error.str()}") from exc
-
-    def _wait_before_retry(self, what: str, error: KafkaError, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            # The coordinator is about to abort the transaction: a retry would fail with a fencing-like
-            # error. Recreating the producer ends the transaction under our control.
-            raise _ProducerLost(f"{what} still failing when the transaction was about to time out "
-                                f"({error.str()})", expired=True)
-        log.warning("retrying after %s failed: %s", what, error.str())
-        if self.stop.wait(min(0.2, remaining)):
-            raise _Stopping(what)
+                raise Stopping("asking the group who holds our id")
 
     def _retry_outage(self, what: str, fn: Callable[[], object]):
         """A call outside any transaction: retried with backoff while the brokers are away, up to the outage limit."""
@@ -740,29 +563,20 @@ class Detector:
                     raise KafkaUnavailable(f"{what} failed for {limit_s} s (broker outage limit): {reason}") from exc
                 log.warning("retrying after %s failed: %s", what, reason)
                 if self.stop.wait(backoff):
-                    raise _Stopping(what) from exc
+                    raise Stopping(what) from exc
                 backoff = min(backoff * 2, KAFKA_BACKOFF_MAX_S)
 
     # ----- rewinding: abort_transaction() does not move the consumer -----
-    def _rewind(self, messages: list, *, rebuild_state: bool = True, also_reset: set[int] = frozenset()) -> None:
-        """Seek each assigned partition back to its first offset in the batch (a revoked one is re-read by its new owner).
-        Their state, changed by the batch that did not commit, is rebuilt from the changelog (and that of
-        `also_reset`: partitions whose held records the batch released)."""
+    def _rewind(self, messages: list, *, rebuild_state: bool = True) -> None:
+        """Seek each assigned partition back to its first offset in the batch (a revoked one is re-read by its new
+        owner), and undo the state changes of the batch that did not commit (`rebuild_state`): in memory, at the
+        cost of the batch (consumer/state/table.py's undo log), the held records it released included."""
         first: dict[tuple[str, int], int] = {}
         for message in messages:
             first.setdefault((message.topic(), message.partition()), message.offset())
-        positions = [TopicPartition(t, p, offset) for (t, p), offset in first.items() if (t, p) in self._assigned]
         if self.state is not None and rebuild_state:
-            self.state.reset(self.consumer, sorted({tp.partition for tp in positions} | set(also_reset)))
-            # A partition reset for its released records alone is paused like the others, which can drop the
-            # records fetched for it but not yet consumed: seek it to where consuming stands, so that they are
-            # fetched again on resume.
-            topic, rewound = self.settings.transactions_topic, {tp.partition for tp in positions}
-            extra = [TopicPartition(topic, p) for p in sorted(set(also_reset) - rewound) if (topic, p) in self._assigned]
-            if extra:
-                positions += [tp for tp in self._consumer_call("reading positions", lambda: self.consumer.position(extra))
-                              if tp.offset >= 0]
-        self._seek(positions)
+            self.state.rollback()
+        self._seek([TopicPartition(t, p, offset) for (t, p), offset in first.items() if (t, p) in self._assigned])
 
     def _rewind_to_committed(self) -> None:
         """Seek every assigned partition to its committed offset (the beginning if none): after a lost producer,
@@ -839,13 +653,13 @@ class Detector:
     def _dead_letter_rules(self, letters: list[Decision]) -> None:
         """A transaction of their own: between batches there is no open one."""
         producer, dlq = self.producer, self.settings.dlq_topic
-        deadline = time.monotonic() + self.settings.transaction_timeout_ms / 1000 * TRANSACTION_DEADLINE_SHARE
+        deadline = transaction_deadline(self.settings.transaction_timeout_ms)
         try:
-            self._call("beginning a transaction", deadline, producer.begin_transaction)
+            self.calls.call("beginning a transaction", deadline, producer.begin_transaction)
             for letter in letters:
                 producer.produce(dlq, letter.value, letter.key, headers=letter.headers)
-            self._call("committing", deadline, lambda: producer.commit_transaction(_attempt_timeout(deadline)))
-        except (_AbortBatch, KafkaException) as exc:
+            self.calls.call("committing", deadline, lambda: producer.commit_transaction(attempt_timeout(deadline)))
+        except (AbortBatch, KafkaException) as exc:
             self.on_log(f"dead-lettering {len(letters)} rule records failed ({exc}); retried after the next change")
             with contextlib.suppress(KafkaException):
                 producer.abort_transaction(CALL_TIMEOUT_S)
@@ -874,29 +688,8 @@ class Detector:
                 log.debug("closing producer: %s", exc)
 
 
-_READ_AGAIN = object()  # _decide's answer for a batch whose state is being rebuilt: nothing to produce now
-
-
-class _AbortBatch(Exception):
-    """The open transaction must be aborted and the batch re-read."""
-
-
-class _ProducerLost(Exception):
-    """The producer cannot go on (fatal, fenced, its transaction outlived transaction.timeout.ms, or a call of it is
-    stuck for good)."""
-
-    def __init__(self, reason: str, *, expired: bool = False, stuck: bool = False) -> None:
-        super().__init__(reason)
-        self.expired = expired
-        self.stuck = stuck
-
-
 class _ConsumerLost(Exception):
     """The group coordinator fenced our consumer (fatal for it): another detector took over, or our own rejoin did."""
-
-
-class _Stopping(Exception):
-    """A stop was requested while waiting to retry; the message says what was being waited for."""
 
 
 @contextlib.contextmanager
@@ -918,19 +711,6 @@ def _checked(committed: list[TopicPartition]) -> list[TopicPartition]:
         if tp.error is not None:
             raise KafkaException(tp.error)
     return committed
-
-
-def _call_thread() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(1, thread_name_prefix="transactional-calls")
-
-
-def _attempt_timeout(deadline: float) -> float:
-    return max(0.1, min(CALL_TIMEOUT_S, deadline - time.monotonic()))
-
-
-def _too_large(message, topic: str, size: int, limit: int | None) -> Decision:
-    over = f"its max.message.bytes ({limit})" if limit is not None else "the producer's message.max.bytes"
-    return dead_letter(message, DecodeError(OUTPUT_TOO_LARGE, f"the output for {topic} ({size} bytes) is over {over}"))
 
 
 def _next_offsets(messages: list) -> list[TopicPartition]:

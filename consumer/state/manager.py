@@ -6,8 +6,10 @@ The detector calls, from its one thread:
   restored from its changelog (`recover_step` in the loop), then resumed; the other partitions keep going;
 - `tables(partition)` while deciding a batch (only for partitions that are ready);
 - `write_changes(producer, partitions)` inside the batch's transaction, before offsets are sent;
-- `reset(partitions)` after an aborted transaction: the tables were changed by a batch that did not
-  commit, so they are dropped and restored again (as Kafka Streams does with a corrupted task).
+- `begin()` before each batch is decided, `commit()` once its checkpoint committed, `rollback()` when it did
+  not: an aborted batch's changes are undone in memory, at the cost of the batch;
+- `reset(partitions)` when whether the last checkpoint committed is not known (a producer lost mid-commit): the
+  tables are dropped and restored from the changelog (as Kafka Streams does with a corrupted task).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class StateManager:
         self._last_expiry: dict[int, float] = {}
         self.changelog_records = 0
         self.tombstones = 0
+        self.rollbacks = 0  # batches whose changes were undone
 
     def start(self) -> None:
         """Create or check the changelog topics; refuses a changelog that does not match the input."""
@@ -135,6 +138,26 @@ class StateManager:
     def ready_tables(self, store: str) -> dict[int, KeyedTable]:
         """partition -> its table of `store`, for every partition whose state is restored."""
         return {partition: tables[store] for partition, tables in self._ready.items()}
+
+    # ----- a batch's changes (consumer/state/table.py keeps their undo log) -----
+    def begin(self) -> None:
+        """A batch starts: every ready table records its changes from now on."""
+        for tables in self._ready.values():
+            for table in tables.values():
+                table.begin()
+
+    def commit(self) -> None:
+        """The batch's checkpoint committed: its changes are in the changelog."""
+        for tables in self._ready.values():
+            for table in tables.values():
+                table.commit()
+
+    def rollback(self) -> int:
+        """The batch's checkpoint did not commit: every ready table as it was when the batch began (O(batch), no
+        restore from the changelog). Returns the changes undone."""
+        undone = sum(table.rollback() for tables in self._ready.values() for table in tables.values())
+        self.rollbacks += 1
+        return undone
 
     def write_changes(self, producer, partitions: Iterable[int]) -> int:
         """Inside the open transaction: every changed row of these partitions' tables, and tombstones for the

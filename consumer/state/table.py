@@ -58,7 +58,7 @@ def rows_from_values(values: list[bytes], dtype: np.dtype, *, where: str) -> np.
 class KeyedTable:
     """Fixed-width rows (a numpy structured dtype), one per key (bytes)."""
 
-    __slots__ = ("dtype", "rows", "_index", "_keys", "_free", "_dirty", "_removed")
+    __slots__ = ("dtype", "rows", "_index", "_keys", "_free", "_dirty", "_removed", "_undo")
 
     def __init__(self, dtype: np.dtype, *, capacity: int = 1024) -> None:
         if dtype.names is None:
@@ -70,6 +70,9 @@ class KeyedTable:
         self._free: list[int] = list(range(len(self.rows) - 1, -1, -1))  # popped from the end: low slots first
         self._dirty = np.zeros(len(self.rows), dtype=bool)
         self._removed: list[bytes] = []  # keys removed since the last take_removed: the changelog's tombstones
+        # A batch's undo log (begin .. commit or rollback): what each change replaced, so that an aborted batch
+        # costs the batch, not a restore from the changelog. None: not recording (the restore path).
+        self._undo: list[tuple] | None = None
 
     def __len__(self) -> int:
         return len(self._index)
@@ -103,6 +106,8 @@ class KeyedTable:
                     fresh.append(slot)
                 out[i] = slot
             self._raw()[fresh] = 0
+            if self._undo is not None:
+                self._undo.append(("new", fresh))
         return out
 
     def _raw(self) -> np.ndarray:
@@ -116,7 +121,10 @@ class KeyedTable:
 
     def scatter(self, slots: np.ndarray, rows: np.ndarray) -> None:
         """rows[slots] = rows (distinct slots), faster; `rows` of this table's dtype."""
-        self._raw()[slots] = np.ascontiguousarray(rows).view(np.uint8).reshape(len(rows), self.dtype.itemsize)
+        raw = self._raw()
+        if self._undo is not None:
+            self._undo.append(("rows", np.array(slots, dtype=np.int64), raw[slots]))  # a copy: what they held
+        raw[slots] = np.ascontiguousarray(rows).view(np.uint8).reshape(len(rows), self.dtype.itemsize)
 
     def _allocate(self, key: bytes) -> int:
         if not self._free:
@@ -175,7 +183,48 @@ class KeyedTable:
         for key in keys:
             slot = self._index.pop(key, None)
             if slot is not None:
-                self._release(slot)
+                self._forget(key, slot)
+
+    def _forget(self, key: bytes, slot: int) -> None:
+        if self._undo is not None:
+            self._undo.append(("gone", key, slot, self._raw()[slot].copy()))
+        self._release(slot)
+
+    # ----- a batch's changes: kept until its checkpoint commits, undone if it aborts -----
+    def begin(self) -> None:
+        """Record every change from now on, until commit() or rollback()."""
+        self._undo = []
+
+    def commit(self) -> None:
+        """The batch's changes are in the changelog: forget how to undo them (and stop recording)."""
+        self._undo = None
+
+    def rollback(self) -> int:
+        """Undo every change since begin(), newest first: rows, keys added and keys dropped come back as they were,
+        with nothing dirty or removed (those were the batch's own). Returns the changes undone."""
+        undo, self._undo = self._undo or [], None
+        raw = self._raw
+        # Undone newest first, the free list (a stack) comes back as it was: a key dropped by the batch finds its
+        # own slot on top of it again, which the batch's earlier row changes refer to.
+        for entry in reversed(undo):
+            if entry[0] == "rows":
+                raw()[entry[1]] = entry[2]
+            elif entry[0] == "new":
+                for slot in reversed(entry[1]):
+                    del self._index[self._keys[slot]]
+                    self._release(slot)
+            else:  # "gone"
+                _, key, slot, row = entry
+                if self._free and self._free[-1] == slot:
+                    self._free.pop()
+                else:  # not reached while every change goes through this log; kept correct all the same
+                    self._free.remove(slot)
+                self._index[key] = slot
+                self._keys[slot] = key
+                raw()[slot] = row
+        self._dirty[:] = False
+        self._removed = []
+        return len(undo)
 
     def _release(self, slot: int) -> None:
         self._keys[slot] = None
@@ -192,7 +241,7 @@ class KeyedTable:
         expired = [keys[s] for s in old]
         for key, slot in zip(expired, old.tolist(), strict=True):
             del self._index[key]
-            self._release(slot)
+            self._forget(key, slot)
         return expired
 
     def nbytes(self) -> int:

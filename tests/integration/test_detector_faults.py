@@ -15,7 +15,7 @@ from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 from fastavro import parse_schema
 
 from fraudstream.consumer.decide import DLQ_KIND, DLQ_REASON
-from fraudstream.consumer.detector import OUTPUT_TOO_LARGE
+from fraudstream.consumer.collector import OUTPUT_TOO_LARGE
 from fraudstream.kafka import admin
 from fraudstream.serde import make_encoder
 from fraudstream.settings import ENV, Settings

@@ -112,16 +112,18 @@ class SoakRun:
         end = started + self.minutes * 60
         queue: list[str] = []
         time.sleep(5)  # a first stretch with no fault: the pipeline runs before anything is done to it
-        while time.monotonic() < end:
+        rounds = 0
+        while time.monotonic() < end or (queue and rounds == 1):  # the first round is always done whole
             if not queue:
                 queue = rng.sample(FAULTS, len(FAULTS))
+                rounds += 1
             kind = queue.pop()
             detail = getattr(self, f"_{kind}")(rng)
             self.events.append(Event(round(time.monotonic() - started, 1), kind, detail))
             self._log(f"{self.events[-1].at_s:7.1f}s {kind}: {detail}")
             self._keep_detectors_running()
             pause_until = time.monotonic() + rng.uniform(4, 12)
-            while time.monotonic() < min(pause_until, end):
+            while time.monotonic() < pause_until:
                 self._keep_detectors_running()
                 time.sleep(0.5)
         stop_producing.set()
@@ -205,7 +207,7 @@ class SoakRun:
     def _rules_change(self, rng: random.Random) -> str:
         s = self.settings
         env = {**os.environ, ENV["bootstrap_servers"]: s.bootstrap_servers, ENV["schema_registry_url"]: s.schema_registry_url}
-        done = subprocess.run([sys.executable, "-m", "fraudstream", "rules", "set", str(PROJECT_ROOT / "rules" / "default.toml"),
+        done = subprocess.run([sys.executable, "-m", "fraudstream.cli", "rules", "set", str(PROJECT_ROOT / "rules" / "default.toml"),
                                "--topic", s.transactions_topic, "--author", "soak", "--comment", "the same rules, again"],
                               env=env, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:  # the registry or a broker may be down just then: the schedule goes on

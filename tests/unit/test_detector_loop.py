@@ -16,11 +16,13 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import MemberDescription
 
+import fraudstream.consumer.checkpoint as checkpoint_module
 import fraudstream.consumer.detector as detector_module
 from fraudstream.consumer.batching import BatchSizer
 from fraudstream.evaluate import SCORE_HEADER
 from fraudstream.consumer.decide import DLQ_KIND, DecidedBatch, Decision, Route, dead_letter
-from fraudstream.consumer.detector import FAILURES_IN_A_ROW_LIMIT, OUTPUT_TOO_LARGE, Detector
+from fraudstream.consumer.collector import OUTPUT_TOO_LARGE
+from fraudstream.consumer.detector import FAILURES_IN_A_ROW_LIMIT, Detector
 from fraudstream.errors import Fenced, KafkaUnavailable
 from fraudstream.serde import DecodeError
 from fraudstream.settings import PROJECT_ROOT, Settings
@@ -194,7 +196,7 @@ def make_detector(monkeypatch, *, partitions=2, records=8, fail=None, successors
         return producers[-1]
 
     def start():
-        detector._limits = dict.fromkeys(detector.routes.values(), 1_000_000)
+        detector.collector.limits = dict.fromkeys(detector.routes.values(), 1_000_000)
         detector._admin = detector._group_admin = FakeAdmin()
         detector.consumer = FakeConsumer(log, detector)
         detector._on_assign(None, [TopicPartition(TOPIC, p) for p in range(partitions)])
@@ -459,7 +461,7 @@ def test_a_forwarded_record_over_the_legit_topics_limit_is_dead_lettered(monkeyp
 
     def start():
         result = original_start()
-        detector._limits[detector.settings.legit_topic] = 4_500  # the others keep 1,000,000
+        detector.collector.limits[detector.settings.legit_topic] = 4_500  # the others keep 1,000,000
         return result
 
     monkeypatch.setattr(detector, "_start", start)
@@ -574,29 +576,30 @@ def test_the_offsets_sent_are_each_partitions_last_record_of_the_batch_plus_one(
     assert detector_module._next_offsets([]) == []
 
 
-class ResettingState:
-    """What _rewind asks of the state: which partitions are rebuilt."""
+class RollingBackState:
+    """What _rewind asks of the state: undo the batch's changes."""
 
     def __init__(self) -> None:
-        self.reset_partitions: list[int] = []
+        self.rollbacks = 0
 
-    def reset(self, consumer, partitions) -> None:
-        self.reset_partitions += list(partitions)
+    def rollback(self) -> int:
+        self.rollbacks += 1
+        return 0
 
 
-def test_an_aborted_batch_that_released_held_records_of_another_partition_resets_and_reseeks_that_one_too():
-    """The abort rebuilds the state of partition 1, whose held records the batch released, though none of its
-    records were in the batch: pausing it for the rebuild can drop what was fetched for it, so it is sought
-    to where consuming stands (its records are read again, none skipped)."""
+def test_an_aborted_batch_is_undone_in_memory_and_only_its_own_partitions_are_sought_back():
+    """The abort undoes the batch's state changes, the held records it released from partition 1 included, without
+    a restore from the changelog: nothing is paused, so partition 1 (none of its records in the batch) keeps its
+    position."""
     log = Log(partitions=2, records=20)
     d = Detector(Settings(transactions_topic=TOPIC))
     d.consumer = FakeConsumer(log, d)
     d.consumer.positions = {0: 4, 1: 9}
-    d.state = ResettingState()
+    d.state = RollingBackState()
     d._assigned = {(TOPIC, 0), (TOPIC, 1)}
-    d._rewind([Message(0, 2), Message(0, 3)], also_reset={1})
-    assert sorted(d.state.reset_partitions) == [0, 1]
-    assert sorted(d.consumer.seeks) == [(0, 2), (1, 9)]
+    d._rewind([Message(0, 2), Message(0, 3)])
+    assert d.state.rollbacks == 1
+    assert sorted(d.consumer.seeks) == [(0, 2)]
 
 
 class CommittedOffset:
@@ -659,6 +662,17 @@ class ReleasingDecider:
 
 class QuietState:
     recovering = False
+    rollbacks = commits = 0
+
+    def begin(self):
+        pass
+
+    def commit(self):
+        self.commits += 1
+
+    def rollback(self):
+        self.rollbacks += 1
+        return 0
 
     def ready(self, partition):
         return True
@@ -730,18 +744,10 @@ class OutageAfterStateDecider:
         return None
 
 
-class RebuildingState(QuietState):
-    def __init__(self) -> None:
-        self.reset_partitions: list[int] = []
-
-    def reset(self, consumer, partitions) -> None:
-        self.reset_partitions += list(partitions)
-
-
-def test_a_batch_that_changed_state_before_a_registry_outage_is_read_again_after_a_rebuild(monkeypatch):
+def test_a_batch_that_changed_state_before_a_registry_outage_is_undone_then_decided_again(monkeypatch):
     decider = OutageAfterStateDecider()
     detector, log, producers = make_detector(monkeypatch, decider=decider)
-    start, state = detector._start, RebuildingState()
+    start, state = detector._start, QuietState()
 
     def start_with_state():
         started = start()
@@ -750,16 +756,14 @@ def test_a_batch_that_changed_state_before_a_registry_outage_is_read_again_after
 
     monkeypatch.setattr(detector, "_start", start_with_state)
     metrics = detector.run()
-    assert decider.failed and sorted(state.reset_partitions) == [0, 1]  # rebuilt, not retried as it stood
-    assert metrics.registry_retries == 1
-    assert sorted(producers[0].committed_outputs) == every_input(log)  # the batch read again: each record once
-
-
+    assert decider.failed and state.rollbacks == 1  # undone in memory, then decided again as it stood
+    assert metrics.registry_retries == 1 and state.commits >= 1
+    assert sorted(producers[0].committed_outputs) == every_input(log)  # each record once
 def test_a_transactional_call_stuck_for_good_is_recovered_in_the_process_with_a_new_producer(monkeypatch):
     """librdkafka after broker restarts: commit_transaction blocked minutes past its timeout. The producer is
     abandoned (never destroyed while its call is pending) and a new one under the same id fences it; the batch
     is read again from the committed offsets: nothing lost, nothing twice."""
-    monkeypatch.setattr(detector_module, "STUCK_CALL_GRACE_S", 0.3)
+    monkeypatch.setattr(checkpoint_module, "STUCK_CALL_GRACE_S", 0.3)
     detector, log, producers = make_detector(monkeypatch)
     release = threading.Event()
     commit = FakeProducer.commit_transaction
@@ -777,7 +781,7 @@ def test_a_transactional_call_stuck_for_good_is_recovered_in_the_process_with_a_
         metrics = detector.run()
     finally:
         release.set()
-    assert metrics.recoveries == 1 and len(producers) == 2 and len(detector._abandoned) == 1
+    assert metrics.recoveries == 1 and len(producers) == 2 and len(detector.calls.abandoned) == 1
     assert any("abandoning this producer" in line for line in detector.logs)
     outputs = producers[0].committed_outputs + producers[1].committed_outputs
     assert sorted(outputs) == every_input(log)  # the stuck batch read again, each record once

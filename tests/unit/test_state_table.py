@@ -143,3 +143,63 @@ def test_gather_and_scatter_are_rows_indexing_by_slots() -> None:
     t.scatter(picked, rows)
     assert t.rows["count"][slots].tolist() == [0, 0, 2, 0, 0, 3, 0, 1, 0]
     assert t.rows["last_ms"][slots].tolist() == list(range(0, 90, 10))
+
+
+# ----- a batch's changes are undone by rollback(): an aborted batch costs the batch, not a restore -----
+from hypothesis import given, settings as hypothesis_settings
+from hypothesis import strategies as st
+
+UNDO_ROW = np.dtype([("last_ms", "<i8"), ("n", "<i4")])
+KEYS = [b"k%d" % i for i in range(12)]
+OPERATIONS = st.lists(st.one_of(
+    st.tuples(st.just("write"), st.lists(st.sampled_from(KEYS), min_size=1, max_size=6, unique=True),
+              st.integers(0, 10**6)),
+    st.tuples(st.just("remove"), st.lists(st.sampled_from(KEYS), max_size=4, unique=True), st.just(0)),
+    st.tuples(st.just("expire"), st.just([]), st.integers(0, 10**6)),
+), max_size=12)
+
+
+def contents(table: KeyedTable) -> dict[bytes, tuple]:
+    keys, slots = table.live()
+    return {key: tuple(row) for key, row in zip(keys, table.rows[slots].tolist(), strict=True)}
+
+
+def apply(table: KeyedTable, operations) -> None:
+    for kind, keys, value in operations:
+        if kind == "write":
+            slots = table.slots(keys)
+            rows = table.gather(slots)
+            rows["last_ms"] += value
+            rows["n"] += 1
+            table.scatter(slots, rows)
+            table.mark_dirty(slots)
+        elif kind == "remove":
+            table.remove([k for k in keys if k in table])
+        else:
+            table.expire("last_ms", value)
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(before=OPERATIONS, batch=OPERATIONS)
+def test_rollback_gives_back_the_table_as_it_was_before_the_batch(before, batch):
+    table = KeyedTable(UNDO_ROW, capacity=2)  # small: the batch grows it
+    apply(table, before)
+    table.take_dirty(), table.take_removed()  # committed: what the changelog holds
+    was = contents(table)
+    table.begin()
+    apply(table, batch)
+    undone = table.rollback()
+    assert contents(table) == was
+    assert table.take_dirty()[0] == [] and table.take_removed() == []
+    assert undone >= sum(1 for kind, keys, _ in batch if kind == "write")  # the batch's writes were recorded
+    apply(table, batch)  # and the table still works: the same batch again gives the same rows as without the abort
+    again = KeyedTable(UNDO_ROW)
+    apply(again, before)
+    apply(again, batch)
+    assert contents(table) == contents(again)
+
+
+def test_a_table_not_in_a_batch_records_nothing():
+    table = KeyedTable(UNDO_ROW)
+    apply(table, [("write", KEYS[:3], 5)])
+    assert table.rollback() == 0 and len(table) == 3  # nothing recorded, nothing undone
