@@ -176,7 +176,7 @@ class SoakRun:
         os.kill(pid, signal.SIGKILL)
         _wait_dead(pid)
         time.sleep(rng.uniform(1, 5))
-        self.stack.start_broker(node)
+        _again(lambda: self.stack.start_broker(node), what=f"restarting broker {node}")
         return f"node {node}"
 
     def _broker_freeze(self, rng: random.Random) -> str:
@@ -192,7 +192,7 @@ class SoakRun:
         os.kill(pid, signal.SIGKILL)
         _wait_dead(pid)
         time.sleep(rng.uniform(1, 5))
-        self.registry.start_registry()
+        _again(self.registry.start_registry, what="restarting the registry")  # its port may still be held a moment
         return f"pid {pid}"
 
     def _scale(self, rng: random.Random) -> str:
@@ -305,6 +305,23 @@ def _copy_topic(settings: Settings, source: str, target: str) -> int:
     finally:
         consumer.close()
     return copied
+
+
+def _again(start, *, what: str) -> None:
+    """A restart the machine's load can make fail (a port still held, a start slower than its timeout): tried again
+    until WAIT_S; the soak is about the pipeline, not about how fast a JVM starts on a busy machine."""
+    from fraudstream.errors import StackError
+
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        try:
+            start()
+            return
+        except StackError as exc:
+            if time.monotonic() > deadline:
+                raise
+            print(f"soak: {what} failed ({exc}); trying again", flush=True)
+            time.sleep(2)
 
 
 def _wait_dead(pid: int) -> None:
