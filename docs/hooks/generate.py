@@ -404,6 +404,26 @@ def module_map() -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------- ACLs
+
+ACL_TABLE_MARKER = "<!-- acl table -->"
+
+
+def acl_table() -> str:
+    """fraudstream.acl's grants for an input topic T and a detector group G, as `fraudstream acl` applies them."""
+    from fraudstream.acl import ROLES, grants
+    from fraudstream.settings import Settings
+
+    lines = ["| Role | What it is for | Resource | Pattern | Operations |", "|---|---|---|---|---|"]
+    previous = ""
+    for grant in grants(Settings(transactions_topic="T", group_id="G")):
+        role = "" if grant.role == previous else f"{code(grant.role)} | {md(ROLES[grant.role])}"
+        previous = grant.role
+        lines.append(f"| {role or ' | '} | {grant.resource_type} {code(grant.name)} | {grant.pattern} | "
+                     f"{', '.join(grant.operations)} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------- hooks
 
 GENERATED = {
@@ -431,6 +451,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
     come from another run."""
     if MODULE_MAP_MARKER in markdown:
         markdown = markdown.replace(MODULE_MAP_MARKER, module_map())
+    if ACL_TABLE_MARKER in markdown:
+        markdown = markdown.replace(ACL_TABLE_MARKER, acl_table())
     match = READINGS_MARKER.search(markdown)
     if match:
         measured = benchmark_commit()
