@@ -251,7 +251,15 @@ def _type(avro: Any) -> str:
         if "logicalType" in avro:
             return f"{code(kind)} ({avro['logicalType']})"
         return _type(kind)
+    if isinstance(avro, str) and "." in avro:
+        name = avro.rsplit(".", 1)[1]  # a named type of another schema file: link its section
+        if name in _schema_names():
+            return f"[{code(avro)}](#{name.lower()})"
     return code(avro)
+
+
+def _schema_names() -> set[str]:
+    return {json.loads(path.read_text())["name"] for path in (ROOT / "schemas").glob("*.avsc")}
 
 
 def _records(schema: dict, found: list[dict]) -> list[dict]:
