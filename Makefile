@@ -17,7 +17,7 @@ BENCH_ARGS ?=
 # Like the tests: an existing Kafka and registry when both variables are set, otherwise the local stack.
 EXISTING_SERVICES := $(and $(KAFKA_BOOTSTRAP_SERVERS),$(SCHEMA_REGISTRY_URL))
 
-.PHONY: demo test faults handbook stack-up stack-down services bench bench-quick bench-rules docs clean
+.PHONY: demo test faults handbook stack-up stack-down services bench bench-quick bench-rules clean
 
 demo: services
 	$(BIN)/fraudstream schemas register
@@ -50,6 +50,7 @@ bench-rules: services
 
 # The documentation site, into site/ (docs/, mkdocs.yml). --strict: a warning, a broken link or anchor fails.
 # The reference pages and the benchmark results are generated from the code and benchmarks/results/.
+.PHONY: docs
 docs: $(INSTALLED)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
