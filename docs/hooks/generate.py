@@ -445,7 +445,7 @@ GENERATED = {
 
 
 def on_files(files: Files, config: Any) -> Files:
-    os.environ.setdefault("COLUMNS", "100")  # argparse wraps usage lines to the terminal's width
+    os.environ["COLUMNS"] = "78"  # argparse wraps usage lines to the terminal's width: the page's, whatever the shell
     for uri, page in GENERATED.items():
         files.append(File.generated(config, uri, content=page()))
     for name in CHARTS + ("handbook-model.png",):
