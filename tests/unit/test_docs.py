@@ -111,3 +111,17 @@ def test_no_page_loads_anything_from_the_network(site: Path) -> None:
         source = page.read_text()
         assert not re.search(r'<script[^>]+src="(https?:)?//', source), page
         assert not re.search(r'<link[^>]+rel="stylesheet"[^>]+href="(https?:)?//', source), page
+
+
+def test_readings_written_for_another_run_say_so() -> None:
+    sys.path.insert(0, str(PROJECT_ROOT / "docs" / "hooks"))
+    try:
+        import generate
+    finally:
+        sys.path.pop(0)
+    measured = generate.benchmark_commit()
+    assert measured
+    for written_for, warned in ((measured, False), ("0000000", True)):
+        page = f"# Reading the figures\n\n<!-- readings of the run at commit `{written_for}` -->\n\nOurs routed ..."
+        shown = generate.on_page_markdown(page, None, None, None)
+        assert ("Written for another run" in shown) is warned, written_for
