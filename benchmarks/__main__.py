@@ -76,8 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path,
                         help=f"default {RESULTS_DIR.relative_to(PROJECT_ROOT)}, with --quick "
                              f"{QUICK_DIR.relative_to(PROJECT_ROOT)}")
-    parser.add_argument("--update-readme", action="store_true",
-                        help="also put the markdown into README.md's Benchmarks section (between its markers)")
     parser.add_argument("--keep-topics", action="store_true",
                         help="do not delete the topics (and schema subjects) the run created")
     parser.add_argument("--keep-logs", action="store_true",
@@ -96,8 +94,6 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(args, name, value)
     if args.output_dir is None:
         args.output_dir = QUICK_DIR if args.quick else RESULTS_DIR
-    if args.quick and args.update_readme:
-        parser.error("--quick measures nothing: it cannot --update-readme")
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     if unknown := set(sections) - set(SECTIONS):
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
@@ -113,14 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     charts = report.write_charts(results, args.output_dir)
     print(report.markdown(results))
     print(f"wrote {json_path}, {md_path} and {', '.join(path.name for path in charts) or 'no charts'}")
-    if args.update_readme and results["errors"]:
-        print("benchmarks: something failed, so README.md keeps its figures", file=sys.stderr)
-    elif args.update_readme:
-        if report.update_readme(results):
-            print(f"updated {report.README}")
-        else:
-            print(f"benchmarks: {report.README} has no results markers; left as it is", file=sys.stderr)
-            return 1
     return 1 if results["errors"] else 0
 
 

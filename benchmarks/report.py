@@ -1,6 +1,7 @@
 """What a benchmark run writes: the machine, the figures, the ratios ours/alternative, the targets.
 
-JSON for tools (benchmarks/results/latest.json), markdown for people (latest.md and the README).
+JSON for tools (benchmarks/results/latest.json), markdown for people (latest.md, which the docs site
+includes as it is: `make docs`, docs/hooks/generate.py).
 """
 
 from __future__ import annotations
@@ -361,18 +362,3 @@ def _registry_version(settings: Settings) -> str | None:
         return f"{info.get('name', 'registry')} {info.get('version', '')}".strip()
     except (OSError, ValueError):
         return None
-
-
-README = PROJECT_ROOT / "README.md"
-README_START = "<!-- benchmark results: written by `python -m benchmarks --update-readme` -->"
-README_END = "<!-- end of benchmark results -->"
-
-
-def update_readme(results: dict[str, Any], readme: Path = README) -> bool:
-    """Replace the figures between the markers in the README's Benchmarks section; False if the markers are missing."""
-    text = readme.read_text()
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
-        return False
-    readme.write_text(text[:start + len(README_START)] + "\n" + markdown(results) + text[end:])
-    return True

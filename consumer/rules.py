@@ -82,7 +82,7 @@ class Bound:
 # Amounts (integer cents), counts, distances (km), speeds (km/h) and durations (s). Past each maximum a
 # rule fires on everything or on nothing, or a computation leaves its type (look_ahead_s in ms must fit an
 # int64 next to event times): a rule record beyond one is refused, in the rules file, `fraudstream rules
-# set` and on the rules topic alike (README, "Rules changed at runtime").
+# set` and on the rules topic alike (docs/how-to/rules.md).
 _CENTS = Bound(int, 0, 10**12, "$10 billion: past any payment")
 _COUNT = Bound(int, 1, 10_000, "payments or cards of one card or terminal: past what a window holds")
 _KM = Bound(float, 0.0, 20_040.0, "half the Earth's circumference: no two places are farther apart")

@@ -13,7 +13,7 @@ else stays out of force (the rule's previous version keeps running) and becomes 
 reason in headers, like the detector's other dead letters. A tombstone (null value) removes the rule.
 An empty topic is seeded from the rules file.
 
-Limits, so that no record can stop or wedge a detector (README, "Rules changed at runtime"): parameters
+Limits, so that no record can stop or wedge a detector (docs/how-to/rules.md): parameters
 within PARAMETER_BOUNDS (consumer/rules.py); at most MAX_RULES rules on the topic at once; an id of
 RULE_ID_PATTERN; author and comment of at most MAX_TEXT_CHARS; versions from 1 to MAX_RULE_VERSION, and a
 change to a rule in force exactly its next version (so a version at the top of the range, or any jump, is
@@ -57,7 +57,7 @@ STALE_VERSION = "stale_rule_version"
 TOO_MANY_RULES = "too_many_rules"
 
 # Every rule runs on every batch (a rules x batch matrix of booleans, one predicate call per rule): 100 rules
-# cost 0.7 ms per batch of 1,000 records (6 rules: 0.04 ms; README). Beyond it a new rule is refused; a
+# cost 0.7 ms per batch of 1,000 records (6 rules: 0.04 ms; docs/how-to/rules.md). Beyond it a new rule is refused; a
 # change to one on the topic is not, and `fraudstream rules delete ID` makes room.
 MAX_RULES = 100
 # 2^31 - 1: a change a second for 68 years. A change to a rule in force must be exactly its next version.

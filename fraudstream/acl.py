@@ -37,7 +37,7 @@ class Grant:
         return f"User:{self.role}"
 
 
-# role -> what it is for (the README's table says the same).
+# role -> what it is for (the docs' ACL table is generated from ROLES and grants()).
 ROLES: dict[str, str] = {
     "producer": "writes transactions and their ground-truth labels",
     "detector": "reads transactions and rules, writes legit/fraud/dlq and its changelogs, in its transactions",

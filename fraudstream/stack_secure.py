@@ -22,7 +22,7 @@ Quarkus' embedded users (built into Apicurio 3.3, configured at run time), and A
 authorization gives the admin sr-admin and every role sr-readonly (read schemas, look them up, check
 compatibility; never register). Apicurio switches authentication on only with an OIDC tenant, so one is
 configured that points nowhere: no bearer token is ever accepted (a real deployment points it at its
-identity provider, see the README).
+identity provider, see docs/how-to/local-stack.md).
 Everything lives in <stack_dir>/secure, created private before anything is written to it.
 """
 

@@ -339,7 +339,7 @@ ACTIONS = st.one_of(
 
 
 class RulesModel:
-    """What a detector must make of each record, by the documented rules (README, "Rules changed at runtime"):
+    """What a detector must make of each record, by the documented rules (docs/how-to/rules.md):
     rule id -> (version, kind, enabled, parameters), from the rules the detector seeds the topic with."""
 
     def __init__(self, settings: Settings) -> None:

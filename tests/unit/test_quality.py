@@ -1,6 +1,6 @@
 """Detection quality regression: the generator's default mix, offline, through the detector's own
 features and rules, scored against its labels. Fixed seed, so the figures are exact; the floors
-are what the rules earned (README, "Stateful rules"), not timings."""
+are what the rules earned (docs/how-to/quality.md), not timings."""
 
 from __future__ import annotations
 
