@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("fraudstream.demo", "run the whole pipeline on the local stack with a live view"),
     "evaluate": ("fraudstream.evaluate", "measure detection quality from the outputs and the labels (Handbook metrics)"),
     "train": ("fraudstream.train", "train a model for detect --model from the transactions and labels topics"),
+    "console": ("fraudstream.console", "the analysts' web application: review queue, verdicts, rules, dashboard"),
 }
 
 

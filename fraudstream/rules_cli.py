@@ -48,9 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     codec = RulesCodec(settings)
     if args.action == "set":
-        records = _records_from_file(args.file, settings, latest(settings, codec), author=args.author,
-                                     comment=args.comment)
-        write_records(settings, codec, records)
+        records = write_rules_text(settings, _read_rules_file(args.file), f"rules file {args.file}",
+                                   author=args.author, comment=args.comment, codec=codec)
         for record in records:
             print(f"{record.id} v{record.version} written")
         return 0
@@ -98,33 +97,57 @@ def latest(settings: Settings, codec: RulesCodec) -> dict[str, Rule]:
     return rules
 
 
-def _records_from_file(path: Path, settings: Settings, current: dict[str, Rule], *, author: str,
-                       comment: str) -> list[Rule]:
-    """Every rule of the file as its next version, each checked; the first problem is a ConfigError."""
+def write_rules_text(settings: Settings, text: str, where: str, *, author: str, comment: str,
+                     codec: RulesCodec | None = None) -> list[Rule]:
+    """`rules set`: every rule of a TOML text as its next version, all checked before any is written (all or
+    nothing), then written. The console's rule editor calls this too."""
+    codec = codec or RulesCodec(settings)
+    records = records_from_toml(text, where, settings, latest(settings, codec), author=author, comment=comment)
+    write_records(settings, codec, records)
+    return records
+
+
+def _read_rules_file(path: Path) -> str:
     try:
-        data = tomllib.loads(path.read_text())
+        return path.read_text()
     except OSError as exc:
         raise ConfigError(f"rules file {path}: {exc.strerror or exc}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"rules file {path}: not valid TOML: {exc}") from exc
+
+
+def _records_from_file(path: Path, settings: Settings, current: dict[str, Rule], *, author: str,
+                       comment: str) -> list[Rule]:
+    return records_from_toml(_read_rules_file(path), f"rules file {path}", settings, current, author=author,
+                             comment=comment)
+
+
+def records_from_toml(text: str, where: str, settings: Settings, current: dict[str, Rule], *, author: str,
+                      comment: str) -> list[Rule]:
+    """The rules of a TOML text (as `rules set` reads a file; the console's editor too), each as its next
+    version and checked; the first problem is a ConfigError naming `where`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from exc
     if not data:
-        raise ConfigError(f"rules file {path}: no rule in it (one [table] per rule id)")
+        raise ConfigError(f"{where}: no rule in it (one [table] per rule id)")
     now = datetime.now(UTC)
     records = []
     for rule_id, table in data.items():
         if not isinstance(table, dict):
-            raise ConfigError(f"rules file {path}: {rule_id} must be a table ([{rule_id}])")
+            raise ConfigError(f"{where}: {rule_id} must be a table ([{rule_id}])")
         params = dict(table)
         kind, enabled = params.pop("kind", rule_id), params.pop("enabled", True)
         if not isinstance(kind, str) or not isinstance(enabled, bool):
-            raise ConfigError(f"rules file {path}: {rule_id}.kind must be a string and {rule_id}.enabled true or false")
+            raise ConfigError(f"{where}: {rule_id}.kind must be a string and {rule_id}.enabled true or false")
         previous = current.get(rule_id)
         record = Rule(id=rule_id, version=previous.version + 1 if previous else 1, kind=kind, parameters=params,
                       enabled=enabled, author=author, comment=comment, written_at=now)
         try:
             checked = rule_thresholds(record, settings)
         except ConfigError as exc:
-            raise ConfigError(f"rules file {path}: {exc}; nothing written") from None
+            raise ConfigError(f"{where}: {exc}; nothing written") from None
         # Written as checked: integers given for floats become floats, so readers see one type per key.
         records.append(dataclasses.replace(record, parameters={
             k: tuple(checked[k]) if isinstance(checked[k], list) else checked[k] for k in params}))

@@ -1,0 +1,37 @@
+// Live alerts on the queue page: server-sent events from /events, each new alert added on top of the table.
+(function () {
+  var status = document.getElementById("live-status");
+  var body = document.querySelector("#queue tbody");
+  if (!status || !body || !window.EventSource) return;
+  var source = new EventSource("/events");
+  source.onopen = function () { status.textContent = "Live: new alerts appear on top as they are routed."; };
+  source.onerror = function () { status.textContent = "Live: connection lost, retrying…"; };
+  source.addEventListener("alert", function (event) {
+    var a = JSON.parse(event.data);
+    var empty = body.querySelector("tr.empty");
+    if (empty) empty.remove();
+    var row = document.createElement("tr");
+    row.className = "live";
+    row.dataset.transaction = a.transaction_id;
+    var cells = [null, a.score, null, a.card_id, a.merchant_id, a.rules, a.detected_at];
+    cells.forEach(function (text, i) {
+      var cell = document.createElement("td");
+      if (i === 0) {
+        var band = document.createElement("span");
+        band.className = "band " + a.band;
+        band.textContent = a.band;
+        cell.appendChild(band);
+      } else if (i === 2) {
+        var link = document.createElement("a");
+        link.href = "/alerts/" + encodeURIComponent(a.transaction_id);
+        link.textContent = a.amount;
+        cell.className = "num";
+        cell.appendChild(link);
+      } else {
+        cell.textContent = text;
+      }
+      row.appendChild(cell);
+    });
+    body.insertBefore(row, body.firstChild);
+  });
+})();
