@@ -41,8 +41,10 @@ def verdict_label(alert: dict[str, Any], *, is_fraud: bool, analyst: str, at: da
 
 
 class VerdictWriter:
-    def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
+    def __init__(self, settings: Settings, registry: Registry | None = None, *,
+                 timeout_s: float = WRITE_TIMEOUT_S) -> None:
         self.settings = settings
+        self.timeout_s = timeout_s
         self._registry = registry or Registry(settings)
         self._encode = None
         self._producer: Producer | None = None
@@ -56,7 +58,7 @@ class VerdictWriter:
                                         load_schemas(self.settings.schemas_dir).parsed["Label"])
         if self._producer is None:
             self._producer = Producer(producer_config(self.settings, **{
-                "enable.idempotence": True, "message.timeout.ms": int(WRITE_TIMEOUT_S * 1000)}))
+                "enable.idempotence": True, "message.timeout.ms": int(self.timeout_s * 1000)}))
         failures: list[str] = []
 
         def delivered(error, _message) -> None:
@@ -68,13 +70,13 @@ class VerdictWriter:
                                    label.transaction_id.encode(), on_delivery=delivered)
         except (KafkaException, BufferError) as exc:
             raise VerdictNotWritten(f"the verdict was not written: {exc}") from exc
-        left = self._producer.flush(WRITE_TIMEOUT_S + 1)
+        left = self._producer.flush(self.timeout_s + 1)
         if left or failures:
             # message.timeout.ms has expired it (or will): the record is not on the topic and will not be.
             self._producer.purge()
             self._producer.flush(0)
             raise VerdictNotWritten("the verdict was not written: Kafka did not take it within "
-                                    f"{WRITE_TIMEOUT_S:g} s ({failures[0] if failures else 'no answer'})")
+                                    f"{self.timeout_s:g} s ({failures[0] if failures else 'no answer'})")
         self.written += 1
 
     def close(self) -> None:
