@@ -111,7 +111,7 @@ class TopicReader:
         """Assign every partition of the four topics from the beginning; returns the ends to catch up to."""
         while True:
             try:
-                metadata = consumer.list_topics(timeout=10)
+                metadata = consumer.list_topics(timeout=3)
                 break
             except KafkaException as exc:
                 self._on_error(exc.args[0])
