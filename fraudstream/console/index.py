@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS alerts (
     detected_at INTEGER NOT NULL, event_time INTEGER NOT NULL,
     card_id TEXT, account_id TEXT, merchant_id TEXT, terminal_id TEXT,
     amount_cents INTEGER, currency TEXT,
-    rules TEXT NOT NULL,            -- ",rule_a,rule_b," so that a filter is one LIKE
+    rules TEXT NOT NULL,            -- ",rule_a,rule_b,"
     fired TEXT NOT NULL,            -- JSON [[id, version], ...]
     rule_set_version TEXT,
     score REAL NOT NULL,            -- a missing score (alerts before scores) counts as 1.0: a rule fired
@@ -57,6 +57,19 @@ CREATE TABLE IF NOT EXISTS alerts (
 CREATE INDEX IF NOT EXISTS alerts_open ON alerts (score DESC, detected_at DESC) WHERE verdict IS NULL;
 CREATE INDEX IF NOT EXISTS alerts_detected ON alerts (detected_at);
 CREATE INDEX IF NOT EXISTS alerts_card ON alerts (card_id);
+CREATE INDEX IF NOT EXISTS alerts_merchant ON alerts (merchant_id);
+-- Partial and covering (score last): a filtered queue counts its bands from the index alone.
+CREATE INDEX IF NOT EXISTS alerts_open_amount ON alerts (amount_cents, score) WHERE verdict IS NULL;
+CREATE INDEX IF NOT EXISTS alerts_open_detected ON alerts (detected_at, score) WHERE verdict IS NULL;
+-- The rule filter: one row per (rule, alert) with the alert's score, so that the queue of one rule is a range
+-- of an index in queue order, not a scan of every alert.
+CREATE TABLE IF NOT EXISTS alert_rules (
+    rule TEXT NOT NULL, transaction_id TEXT NOT NULL, score REAL NOT NULL, detected_at INTEGER NOT NULL,
+    open INTEGER NOT NULL, PRIMARY KEY (rule, transaction_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS alert_rules_open ON alert_rules (rule, score DESC, detected_at DESC) WHERE open = 1;
+CREATE INDEX IF NOT EXISTS alert_rules_tx ON alert_rules (transaction_id);
+CREATE TABLE IF NOT EXISTS scenario_names (name TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS labels (
     transaction_id TEXT PRIMARY KEY, is_fraud INTEGER NOT NULL, scenario TEXT, source TEXT,
     labelled_by TEXT, labelled_at INTEGER, event_time INTEGER
@@ -93,10 +106,10 @@ class Bands:
     def band(self, score: float) -> str:
         return "decline" if score >= self.decline else "review" if score >= self.review else "approve"
 
-    def where(self, band: str) -> tuple[str, tuple[float, ...]]:
-        return {"decline": ("score >= ?", (self.decline,)),
-                "review": ("score >= ? AND score < ?", (self.review, self.decline)),
-                "approve": ("score < ?", (self.review,))}[band]
+    def where(self, band: str, column: str = "score") -> tuple[str, tuple[float, ...]]:
+        return {"decline": (f"{column} >= ?", (self.decline,)),
+                "review": (f"{column} >= ? AND {column} < ?", (self.review, self.decline)),
+                "approve": (f"{column} < ?", (self.review,))}[band]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,17 +123,22 @@ class QueueFilter:
     since_ms: int | None = None
     until_ms: int | None = None
 
-    def clauses(self) -> tuple[list[str], list[Any]]:
-        where, args = ["verdict IS NULL"], []
-        for sql, value in (("rules LIKE ?", f"%,{self.rule},%" if self.rule else None),
-                           ("scenario = ?", self.scenario or None), ("card_id = ?", self.card or None),
-                           ("merchant_id = ?", self.merchant or None), ("amount_cents >= ?", self.min_cents),
-                           ("amount_cents <= ?", self.max_cents), ("detected_at >= ?", self.since_ms),
-                           ("detected_at < ?", self.until_ms)):
+    def source(self) -> tuple[str, list[str], list[Any], str]:
+        """(FROM clause, WHERE conditions, their arguments, the score column): the open alerts, by rule when
+        filtered by one (through alert_rules, in queue order)."""
+        if self.rule:
+            source, where, args, score = ("alert_rules r JOIN alerts a ON a.transaction_id = r.transaction_id",
+                                          ["r.rule = ?", "r.open = 1"], [self.rule], "r.score")
+        else:
+            source, where, args, score = "alerts a", ["a.verdict IS NULL"], [], "a.score"
+        for sql, value in (("a.scenario = ?", self.scenario or None), ("a.card_id = ?", self.card or None),
+                           ("a.merchant_id = ?", self.merchant or None), ("a.amount_cents >= ?", self.min_cents),
+                           ("a.amount_cents <= ?", self.max_cents), ("a.detected_at >= ?", self.since_ms),
+                           ("a.detected_at < ?", self.until_ms)):
             if value is not None:
                 where.append(sql)
                 args.append(value)
-        return where, args
+        return source, where, args, score
 
 
 class Index:
@@ -168,6 +186,9 @@ class Index:
                 " body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (transaction_id) DO UPDATE SET"
                 " detected_at=excluded.detected_at, rules=excluded.rules, fired=excluded.fired,"
                 " rule_set_version=excluded.rule_set_version, score=excluded.score, body=excluded.body", values)
+            db.executemany("INSERT OR REPLACE INTO alert_rules SELECT ?, transaction_id, score, detected_at,"
+                           " verdict IS NULL FROM alerts WHERE transaction_id = ?",
+                           [(rule, v[0]) for v in values for rule in v[11].strip(",").split(",")])
             # A label read before its alert (both topics are read side by side at start) is folded in now.
             db.executemany(
                 "UPDATE alerts SET scenario = (SELECT scenario FROM labels l WHERE l.transaction_id = alerts.transaction_id"
@@ -185,8 +206,10 @@ class Index:
                                (tid, fraud, label.get("labelled_by"), label.get("labelled_at"), partition, offset))
                     db.execute("UPDATE alerts SET verdict = ?, verdict_by = ?, verdict_at = ? WHERE transaction_id = ?",
                                (fraud, label.get("labelled_by"), label.get("labelled_at"), tid))
+                    db.execute("UPDATE alert_rules SET open = 0 WHERE transaction_id = ?", (tid,))
                 else:
                     db.execute("UPDATE alerts SET scenario = ? WHERE transaction_id = ?", (label["scenario"], tid))
+                    db.execute("INSERT OR IGNORE INTO scenario_names VALUES (?)", (label["scenario"],))
                 keep = fraud or db.execute("SELECT 1 FROM alerts WHERE transaction_id = ?", (tid,)).fetchone()
                 if keep:
                     db.execute("INSERT OR REPLACE INTO labels VALUES (?,?,?,?,?,?,?)",
@@ -221,24 +244,30 @@ class Index:
               page_size: int = PAGE_SIZE) -> tuple[list[sqlite3.Row], dict[str, int]]:
         """One page of the alerts without a verdict: review band first, then decline, then approve; riskiest
         first within a band, then newest. Returns the rows and the count of each band."""
-        where, args = filters.clauses()
-        counts, rows = {}, []
+        source, where, args, score = filters.source()
+        condition = " AND ".join(where)
+        newest = score.replace("score", "detected_at")
+        # The rule filter alone needs no join to count: alert_rules holds the score.
+        counted = "alert_rules r" if filters.rule and len(where) == 2 else source
+        counts = {}
+        for band in BANDS:  # a count per band: each a range of the score index (faster than one pass of sums)
+            band_sql, in_band = bands.where(band, score)
+            counts[band] = self.db.execute(f"SELECT count(*) FROM {counted} WHERE {condition} AND {band_sql}",
+                                           (*args, *in_band)).fetchone()[0]
+        rows: list[sqlite3.Row] = []
         skip = page * page_size
         for band in BANDS:
-            band_sql, band_args = bands.where(band)
-            condition = " AND ".join([*where, band_sql])
-            counts[band] = self.db.execute(f"SELECT count(*) FROM alerts WHERE {condition}",
-                                           (*args, *band_args)).fetchone()[0]
             if len(rows) >= page_size:
-                continue
+                break
             if skip >= counts[band]:
                 skip -= counts[band]
                 continue
+            band_sql, in_band = bands.where(band, score)
             rows += self.db.execute(
-                f"SELECT transaction_id, detected_at, event_time, card_id, merchant_id, amount_cents, currency, rules,"
-                f" score, scenario, rule_set_version FROM alerts WHERE {condition}"
-                f" ORDER BY score DESC, detected_at DESC LIMIT ? OFFSET ?",
-                (*args, *band_args, page_size - len(rows), skip)).fetchall()
+                f"SELECT a.transaction_id, a.detected_at, a.event_time, a.card_id, a.merchant_id, a.amount_cents,"
+                f" a.currency, a.rules, a.score, a.scenario, a.rule_set_version FROM {source}"
+                f" WHERE {condition} AND {band_sql} ORDER BY {score} DESC, {newest} DESC LIMIT ? OFFSET ?",
+                (*args, *in_band, page_size - len(rows), skip)).fetchall()
             skip = 0
         return rows, counts
 
@@ -263,8 +292,7 @@ class Index:
         return [r[0] for r in self.db.execute("SELECT DISTINCT id FROM rule_versions ORDER BY id")]
 
     def scenarios(self) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT DISTINCT scenario FROM alerts WHERE scenario IS NOT NULL"
-                                              " ORDER BY scenario")]
+        return [r[0] for r in self.db.execute("SELECT name FROM scenario_names ORDER BY name")]
 
     def count_alerts(self) -> int:
         return self.db.execute("SELECT count(*) FROM alerts").fetchone()[0]

@@ -113,6 +113,7 @@ def test_an_alert_with_a_verdict_leaves_the_queue_and_the_latest_verdict_wins_wi
     index.add_labels([(0, 5, first.to_dict() | {"labelled_at": 1}), (0, 6, second.to_dict() | {"labelled_at": 2})])
     client = TestClient(create_app(state_for(index)), client=LOOPBACK)
     assert queue_ids(client) == ["t1"]
+    assert queue_ids(client, "?rule=large_amount") == ["t1"]  # the rule filter's own index closes it too
     row = index.alert("t0")
     assert (row["verdict"], row["verdict_by"]) == (0, "bob")
     assert [(v["is_fraud"], v["labelled_by"]) for v in index.verdicts("t0")] == [(1, "ann"), (0, "bob")]
