@@ -233,7 +233,7 @@ def create_app(state: ConsoleState) -> Starlette:
         quality = state.index.quality_by_day()
         samples = list(state.reader.state.samples) if state.reader is not None else []
         return page(request, "dashboard.html",
-                    alerts_chart=charts.stacked_bars(hours, per_rule, title="alerts per hour, by rule"),
+                    alerts_chart=charts.stacked_bars(hours, per_rule, title="alerts per hour of event time, by rule"),
                     quality_chart=charts.lines([q["day_ms"] for q in quality],
                                                {"precision": [q["precision"] for q in quality],
                                                 "recall": [q["recall"] for q in quality]},

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from html import escape
 
-WIDTH, HEIGHT = 720, 240
-LEFT, RIGHT, TOP, BOTTOM = 56, 150, 28, 34
+WIDTH, HEIGHT = 760, 240
+LEFT, RIGHT, TOP, BOTTOM = 56, 190, 28, 34
 PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#65a30d", "#475569")
 
 
@@ -43,7 +43,7 @@ def _axes(top_value: float, labels: list[tuple[float, str]], unit: float | None)
 def _time_labels(times_ms: list[int], xs: list[float], count: int = 6) -> list[tuple[float, str]]:
     if not times_ms:
         return []
-    step = max(len(times_ms) // count, 1)
+    step = max(-(-len(times_ms) // count), 1)  # at most `count` labels: they must not overlap
     span = times_ms[-1] - times_ms[0]
     fmt = "%H:%M:%S" if span < 3_600_000 else "%m-%d %H:%M" if span < 3 * 86_400_000 else "%Y-%m-%d"
     return [(xs[i], datetime.fromtimestamp(times_ms[i] / 1000, UTC).strftime(fmt)) for i in range(0, len(xs), step)]

@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS alerts (
     body TEXT NOT NULL              -- the alert as decoded (JSON)
 );
 CREATE INDEX IF NOT EXISTS alerts_open ON alerts (score DESC, detected_at DESC) WHERE verdict IS NULL;
-CREATE INDEX IF NOT EXISTS alerts_detected ON alerts (detected_at);
+CREATE INDEX IF NOT EXISTS alerts_event_time ON alerts (event_time);
 CREATE INDEX IF NOT EXISTS alerts_card ON alerts (card_id);
 CREATE INDEX IF NOT EXISTS alerts_merchant ON alerts (merchant_id);
 -- Partial and covering (score last): a filtered queue counts its bands from the index alone.
@@ -298,15 +298,16 @@ class Index:
         return self.db.execute("SELECT count(*) FROM alerts").fetchone()[0]
 
     def alerts_per_hour_by_rule(self, hours: int = 24) -> tuple[list[int], dict[str, list[int]]]:
-        """Hour starts (ms, detection time) of the last `hours` hours that had alerts, and per rule its counts."""
-        newest = self.db.execute("SELECT max(detected_at) FROM alerts").fetchone()[0]
+        """Hour starts (ms of event time) of the last `hours` hours that had alerts, and per rule its counts.
+        By event time: what happened when (a replay or a sped-up demo spreads as the payments did)."""
+        newest = self.db.execute("SELECT max(event_time) FROM alerts").fetchone()[0]
         if newest is None:
             return [], {}
         first = (newest // HOUR_MS - hours + 1) * HOUR_MS
         hours_list = [first + i * HOUR_MS for i in range(hours)]
         per_rule: dict[str, list[int]] = {}
         for rules, hour, count in self.db.execute(
-                "SELECT rules, detected_at / ? AS hour, count(*) FROM alerts WHERE detected_at >= ? GROUP BY rules, hour",
+                "SELECT rules, event_time / ? AS hour, count(*) FROM alerts WHERE event_time >= ? GROUP BY rules, hour",
                 (HOUR_MS, first)):
             for rule in rules.strip(",").split(","):
                 per_rule.setdefault(rule, [0] * hours)[hour - first // HOUR_MS] += count
