@@ -8,9 +8,8 @@ own connection; WAL mode, so reads never wait for the writer).
 What is kept, and why:
 - alerts: every FraudAlert, with its latest verdict (an analyst's Label) folded in, so that the queue is one
   indexed range scan (score order within a band, over the alerts without a verdict).
-- labels: the latest label of each fraud transaction and of each alerted one (a label for a legit,
-  unalerted transaction answers nothing a page asks, so it is not kept: precision needs the alerts'
-  labels, recall the fraud labels).
+- labels: the latest label of each transaction (precision needs the alerts' labels, recall the fraud
+  labels; a label may arrive before its alert is read, so none is left out).
 - verdicts: every analyst label, oldest first (the audit trail: a changed verdict keeps its history).
 - payments: every routed transaction (legit and fraud topics) of the last PAYMENT_HISTORY_MS of event time,
   by card: the card's recent payments as the detector decided them, in its order. The alert does not
@@ -210,13 +209,9 @@ class Index:
                 else:
                     db.execute("UPDATE alerts SET scenario = ? WHERE transaction_id = ?", (label["scenario"], tid))
                     db.execute("INSERT OR IGNORE INTO scenario_names VALUES (?)", (label["scenario"],))
-                keep = fraud or db.execute("SELECT 1 FROM alerts WHERE transaction_id = ?", (tid,)).fetchone()
-                if keep:
-                    db.execute("INSERT OR REPLACE INTO labels VALUES (?,?,?,?,?,?,?)",
-                               (tid, fraud, label["scenario"], source, label.get("labelled_by"),
-                                label.get("labelled_at"), label.get("event_time")))
-                else:
-                    db.execute("DELETE FROM labels WHERE transaction_id = ?", (tid,))  # a fraud label overruled
+                db.execute("INSERT OR REPLACE INTO labels VALUES (?,?,?,?,?,?,?)",
+                           (tid, fraud, label["scenario"], source, label.get("labelled_by"),
+                            label.get("labelled_at"), label.get("event_time")))
 
     def add_payments(self, rows: Iterable[tuple[str, dict[str, Any]]]) -> None:
         """(route, decoded Transaction) rows; payments older than PAYMENT_HISTORY_MS of event time go."""

@@ -249,3 +249,13 @@ def test_the_dashboard_draws_alerts_per_hour_and_precision_and_recall(index):
     assert sum(per_rule["large_amount"]) == 4 and len(hours) == 24
     page = TestClient(create_app(state_for(index)), client=LOOPBACK).get("/dashboard").text
     assert page.count("<svg") == 4 and "large_amount: 4" in page
+
+
+def test_a_label_read_before_its_alert_still_counts_for_precision(index):
+    """At start both topics are read side by side, and labels may be written before the detector routes."""
+    index.add_labels([(0, 0, {"transaction_id": "t0", "is_fraud": False, "scenario": "legit", "event_time": T0}),
+                      (0, 1, {"transaction_id": "t1", "is_fraud": True, "scenario": "card_testing", "event_time": T0})])
+    index.add_alerts([(0, 0, alert(0, 1.0)), (0, 1, alert(1, 1.0))])
+    [day] = index.quality_by_day()
+    assert (day["precision"], day["recall"]) == (0.5, 1.0)
+    assert index.alert("t1")["scenario"] == "card_testing"
