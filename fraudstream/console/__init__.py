@@ -150,6 +150,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from fraudstream.kafka import check_secured_connection
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the registry client's every request otherwise
+    logging.getLogger("fraudstream.librdkafka").setLevel(logging.CRITICAL)  # the pages show a lost connection
     check_secured_connection(settings)
     state = build_state(settings, users_file=args.users, host=args.host, index_file=args.index,
                         review_score=args.review_score, decline_score=args.decline_score)

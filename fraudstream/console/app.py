@@ -337,5 +337,21 @@ class AuthMiddleware:
                                 headers={"WWW-Authenticate": 'Basic realm="fraudstream console"'})
             await response(scope, receive, send)
             return
+        if scope["method"] == "POST" and not _same_origin(headers):
+            # A browser sends Basic credentials (and the loopback's trust) with any site's form: only the
+            # console's own pages may post.
+            response = Response("refused: a form from another site (Origin does not match Host); nothing written",
+                                status_code=403)
+            await response(scope, receive, send)
+            return
         scope["user"] = user
         await self.app(scope, receive, send)
+
+
+def _same_origin(headers: dict[bytes, bytes]) -> bool:
+    """True unless the request names an Origin (browsers do on every POST) other than the Host it was sent to."""
+    origin = headers.get(b"origin")
+    if origin is None:
+        return True  # not a browser's cross-site form (command-line clients send none)
+    host = headers.get(b"host", b"").decode("latin-1")
+    return origin.decode("latin-1").split("://", 1)[-1] == host

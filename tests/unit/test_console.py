@@ -259,3 +259,15 @@ def test_a_label_read_before_its_alert_still_counts_for_precision(index):
     [day] = index.quality_by_day()
     assert (day["precision"], day["recall"]) == (0.5, 1.0)
     assert index.alert("t1")["scenario"] == "card_testing"
+
+
+def test_a_form_posted_from_another_site_is_refused_and_nothing_is_written(index):
+    index.add_alerts([(0, 0, alert(0, 1.0))])
+    state = state_for(index)
+    client = TestClient(create_app(state), client=LOOPBACK, follow_redirects=False)
+    response = client.post("/verdicts/t0", data={"verdict": "fraud", "analyst": "Ann"},
+                           headers={"Origin": "http://evil.example"})
+    assert response.status_code == 403 and "another site" in response.text
+    assert state.writer.labels == []
+    same = client.post("/verdicts/t0", data={"verdict": "fraud", "analyst": "Ann"}, headers={"Origin": "http://testserver"})
+    assert same.status_code == 303 and len(state.writer.labels) == 1

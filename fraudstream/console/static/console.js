@@ -6,8 +6,15 @@
   var source = new EventSource("/events");
   source.onopen = function () { status.textContent = "Live: new alerts appear on top as they are routed."; };
   source.onerror = function () { status.textContent = "Live: connection lost, retrying…"; };
+  var table = document.getElementById("queue");
+  var missed = 0;
   source.addEventListener("alert", function (event) {
     var a = JSON.parse(event.data);
+    if (table.dataset.live !== "top") {  // a filtered or later page: say so rather than mix rows in
+      missed += 1;
+      status.textContent = "Live: " + missed + " new alert" + (missed > 1 ? "s" : "") + " since this page was loaded (reload to see where they fall).";
+      return;
+    }
     var empty = body.querySelector("tr.empty");
     if (empty) empty.remove();
     var row = document.createElement("tr");
