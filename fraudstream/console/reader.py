@@ -74,6 +74,7 @@ class TopicReader:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="console-reader", daemon=True)
         s = settings
+        self.missing: set[str] = set()
         self.topics = {s.fraud_topic: "fraud", s.labels_topic: "labels", s.legit_topic: "legit",
                        s.rules_topic: "rules"}
 
@@ -101,6 +102,8 @@ class TopicReader:
                 if time.monotonic() - last_stats > STATS_INTERVAL_S:
                     last_stats = time.monotonic()
                     self._sample_detectors(consumer)
+                    if self.missing:
+                        self._assign_created(consumer)
         except Exception as exc:  # the thread must say why it stopped: the pages show it
             log.exception("console reader stopped")
             self.state.kafka_error, self.state.kafka_error_at = f"the console's reader stopped: {exc}", time.time()
@@ -121,7 +124,8 @@ class TopicReader:
         for topic in self.topics:
             found = metadata.topics.get(topic)
             if found is None or found.error is not None:
-                continue  # not created yet (no alert so far): the detector creates it
+                self.missing.add(topic)  # not created yet: looked for again every STATS_INTERVAL_S
+                continue
             for p in sorted(found.partitions):
                 partitions.append(TopicPartition(topic, p, OFFSET_BEGINNING))
                 low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
@@ -129,6 +133,19 @@ class TopicReader:
                     ends[(topic, p)] = high
         consumer.assign(partitions)
         return ends
+
+    def _assign_created(self, consumer: Consumer) -> None:
+        """Topics missing at start (a console started before the first detector): read them once created."""
+        try:
+            metadata = consumer.list_topics(timeout=5)
+        except KafkaException:
+            return
+        for topic in sorted(self.missing):
+            found = metadata.topics.get(topic)
+            if found is not None and found.error is None and found.partitions:
+                consumer.incremental_assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(found.partitions)])
+                self.missing.discard(topic)
+                log.info("console: %s now exists, reading it", topic)
 
     def _on_error(self, error: KafkaError) -> None:
         if error.code() in CONNECTION_ERRORS or error.fatal():

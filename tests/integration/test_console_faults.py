@@ -36,3 +36,28 @@ def test_a_lost_connection_to_kafka_shows_on_the_page_and_a_verdict_is_not_writt
     finally:
         state.reader.stop()
     assert read_topic(pipeline, pipeline.labels_topic) == []
+
+
+def test_a_console_started_before_its_topics_exist_reads_them_once_created(stack_settings: Settings, tmp_path):
+    import uuid
+
+    from fraudstream.kafka import ensure_topics
+    from fraudstream.registry import register_all
+    from tests.integration.test_detector import encoder_for
+    from tests.support.kafka_io import produce_raw
+
+    settings = stack_settings.replace(transactions_topic=f"test-console-{uuid.uuid4().hex[:10]}")
+    state = build_state(settings, index_file=tmp_path / "index.sqlite")
+    try:
+        wait_until(lambda: state.reader.state.caught_up, timeout_s=30, what="the console's first read")
+        assert settings.fraud_topic in state.reader.missing
+        ensure_topics(settings)
+        register_all(settings)
+        tx = transaction(95_000)
+        alert = {"transaction": tx.to_dict(), "rules": ["large_amount"], "detected_at": tx.event_time,
+                 "fired": [], "rule_set_version": "", "score": None}
+        produce_raw(settings, settings.fraud_topic,
+                    [(tx.account_id.encode(), encoder_for(settings, settings.fraud_topic, "FraudAlert")(alert))])
+        wait_until(lambda: state.index.alert(tx.transaction_id), timeout_s=30, what="the alert indexed")
+    finally:
+        state.reader.stop()
