@@ -61,6 +61,28 @@ class ReaderState:
     samples: deque = field(default_factory=lambda: deque(maxlen=STATS_KEPT))
 
 
+# What the index reads of each record, with its type: a record written with another schema (a Transaction on
+# the fraud topic, say) decodes fine and must still be skipped, not stop the reader.
+REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "transaction": {"transaction_id": str, "card_id": str, "account_id": str, "merchant_id": str, "terminal_id": str,
+                    "amount_cents": int, "event_time": int},
+    "alert": {"transaction": dict, "rules": list, "detected_at": int},
+    "labels": {"transaction_id": str, "is_fraud": bool, "scenario": str},
+}
+
+
+def check_record(kind: str, value: Any) -> None:
+    """ValueError unless `value` has what the index reads from a record of that topic."""
+    wanted = [("alert", value), ("transaction", value.get("transaction") if isinstance(value, dict) else None)] \
+        if kind == "fraud" else [("transaction" if kind == "legit" else kind, value)]
+    for name, record in wanted:
+        if not isinstance(record, dict):
+            raise ValueError(f"not a {name} record")
+        for field, types in REQUIRED[name].items():
+            if not isinstance(record.get(field), types) or (types is int and isinstance(record.get(field), bool)):
+                raise ValueError(f"not a {name} record: field {field} missing or not {getattr(types, '__name__', types)}")
+
+
 class TopicReader:
     def __init__(self, settings: Settings, index: Index, *, on_alerts: Callable[[list[dict[str, Any]]], None]) -> None:
         self.settings = settings
@@ -173,6 +195,7 @@ class TopicReader:
                     continue
                 schema_id, payload = split_frame(message.value())
                 value = read_payload(payload, schema_id, self._schemas.get(schema_id))
+                check_record(kind, value)
             except RegistryError as exc:
                 # The registry is infrastructure: read this record again (the index must not skip it).
                 self._on_error_text(f"schema registry: {exc}")

@@ -271,3 +271,36 @@ def test_a_form_posted_from_another_site_is_refused_and_nothing_is_written(index
     assert state.writer.labels == []
     same = client.post("/verdicts/t0", data={"verdict": "fraud", "analyst": "Ann"}, headers={"Origin": "http://testserver"})
     assert same.status_code == 303 and len(state.writer.labels) == 1
+
+
+class FakeRecord:
+    def __init__(self, topic: str, value: bytes, offset: int) -> None:
+        self._topic, self._value, self._offset = topic, value, offset
+
+    def topic(self): return self._topic
+    def partition(self): return 0
+    def offset(self): return self._offset
+    def value(self): return self._value
+    def error(self): return None
+
+
+def test_a_record_the_index_cannot_use_is_skipped_and_counted_and_the_reader_goes_on(index):
+    """A Transaction on the fraud topic, bytes that are no Avro: both decode or fail in the data path."""
+    from fraudstream.console.reader import TopicReader
+    from fraudstream.schemas import load_schemas
+    from fraudstream.consumer.inspect import console_schemas
+    from fraudstream.serde import make_encoder
+
+    schemas = load_schemas(SETTINGS.schemas_dir)
+    reader = TopicReader(SETTINGS, index, on_alerts=lambda alerts: None)
+    by_id = {1: schemas.expanded["Transaction"], 2: schemas.expanded["FraudAlert"]}
+    reader._schemas = console_schemas(lambda schema_id: by_id[schema_id])  # as the reader's own
+    good = alert(0, 1.0)
+    good["transaction"]["event_time"] = datetime.fromtimestamp(T0 / 1000, UTC)
+    good["detected_at"] = datetime.fromtimestamp(T0 / 1000, UTC)
+    records = [FakeRecord(SETTINGS.fraud_topic, make_encoder(1, schemas.parsed["Transaction"])(good["transaction"]), 0),
+               FakeRecord(SETTINGS.fraud_topic, b"\x00\x00\x00\x00\x02garbage", 1),
+               FakeRecord(SETTINGS.fraud_topic, make_encoder(2, schemas.parsed["FraudAlert"])(good), 2)]
+    reader._index(None, records, {})
+    assert reader.state.undecodable == 2
+    assert index.count_alerts() == 1 and index.alert("t0")["topic_offset"] == 2
