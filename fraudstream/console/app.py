@@ -26,7 +26,7 @@ from starlette.staticfiles import StaticFiles
 
 from fraudstream.console import charts
 from fraudstream.console.auth import ANALYST, RULES_ADMIN, Authenticator, User
-from fraudstream.console.index import BANDS, Bands, Index, QueueFilter
+from fraudstream.console.index import BANDS, PAGE_SIZE, Bands, Index, QueueFilter
 from fraudstream.console.verdicts import VerdictNotWritten, VerdictWriter, verdict_label
 from fraudstream.errors import FraudstreamError
 from fraudstream.settings import Settings
@@ -131,7 +131,7 @@ def create_app(state: ConsoleState) -> Starlette:
             return problem(request, 400, str(exc))
         rows, counts = state.index.queue(state.bands, filters, page_number)
         base = {k: v for k, v in q.items() if k != "page" and v}
-        return page(request, "queue.html", rows=rows, counts=counts, filters=q, page_number=page_number,
+        return page(request, "queue.html", rows=rows, counts=counts, filters=q, page_number=page_number, page_size=PAGE_SIZE,
                     total=sum(counts.values()), filtered=bool(base), rules=state.index.rule_names(),
                     scenarios=state.index.scenarios(), page_link=lambda n: "/?" + urlencode({**base, "page": n}),
                     band_of=state.bands.band)

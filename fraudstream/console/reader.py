@@ -78,9 +78,9 @@ def check_record(kind: str, value: Any) -> None:
     for name, record in wanted:
         if not isinstance(record, dict):
             raise ValueError(f"not a {name} record")
-        for field, types in REQUIRED[name].items():
-            if not isinstance(record.get(field), types) or (types is int and isinstance(record.get(field), bool)):
-                raise ValueError(f"not a {name} record: field {field} missing or not {getattr(types, '__name__', types)}")
+        for key, types in REQUIRED[name].items():
+            if not isinstance(record.get(key), types) or (types is int and isinstance(record.get(key), bool)):
+                raise ValueError(f"not a {name} record: field {key} missing or not {getattr(types, '__name__', types)}")
 
 
 class TopicReader:
