@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +37,7 @@ log = logging.getLogger("fraudstream.console")
 STATIC_DIR = Path(__file__).parent / "static"
 ANALYST_COOKIE = "fraudstream_analyst"
 SSE_KEEPALIVE_S = 15.0
+MAX_CENTS = 10**15  # beyond any payment, and within SQLite's integers
 
 
 @dataclass
@@ -95,9 +97,18 @@ def _parse_amount(text: str) -> int | None:
     if not text:
         return None
     try:
-        return round(float(text) * 100)
+        cents = float(text) * 100
     except ValueError:
-        raise BadInput(f"{text!r} is not an amount") from None
+        cents = math.nan
+    if not math.isfinite(cents) or abs(cents) > MAX_CENTS:
+        raise BadInput(f"{text!r} is not an amount")
+    return round(cents)
+
+
+def _parse_page(text: str) -> int:
+    if not text.isdigit() or len(text) > 9:
+        raise BadInput(f"page {text!r} is not a page number")
+    return int(text)
 
 
 class BadInput(Exception):
@@ -126,8 +137,8 @@ def create_app(state: ConsoleState) -> Starlette:
                                   merchant=q.get("merchant", ""), min_cents=_parse_amount(q.get("min_amount", "")),
                                   max_cents=_parse_amount(q.get("max_amount", "")),
                                   since_ms=_parse_time(q.get("since", "")), until_ms=_parse_time(q.get("until", "")))
-            page_number = max(int(q.get("page", "0") or 0), 0)
-        except (BadInput, ValueError) as exc:
+            page_number = _parse_page(q.get("page", "0") or "0")
+        except BadInput as exc:
             return problem(request, 400, str(exc))
         rows, counts = state.index.queue(state.bands, filters, page_number)
         base = {k: v for k, v in q.items() if k != "page" and v}

@@ -102,8 +102,13 @@ def test_the_queue_filters_by_rule_scenario_card_merchant_amount_and_time(index)
     since = datetime.fromtimestamp((T0 + 2000) / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
     assert queue_ids(client, f"?since={since}") == ["t2"]
     assert queue_ids(client, f"?until={since}") == ["t1", "t0"]
-    response = client.get("/?min_amount=lots")
-    assert response.status_code == 400 and "&#39;lots&#39; is not an amount" in response.text
+    for query, message in (("?min_amount=lots", "&#39;lots&#39; is not an amount"),
+                           ("?max_amount=inf", "&#39;inf&#39; is not an amount"),
+                           ("?min_amount=1e300", "&#39;1e300&#39; is not an amount"),
+                           ("?page=-1", "page &#39;-1&#39; is not a page number"),
+                           ("?since=yesterday", "&#39;yesterday&#39; is not a date and time")):
+        response = client.get("/" + query)
+        assert response.status_code == 400 and message in response.text, query
 
 
 def test_an_alert_with_a_verdict_leaves_the_queue_and_the_latest_verdict_wins_with_its_history(index):
