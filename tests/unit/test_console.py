@@ -309,3 +309,21 @@ def test_a_record_the_index_cannot_use_is_skipped_and_counted_and_the_reader_goe
     reader._index(None, records, {})
     assert reader.state.undecodable == 2
     assert index.count_alerts() == 1 and index.alert("t0")["topic_offset"] == 2
+
+
+def test_the_demo_serves_the_console_and_its_summary_prints_the_address():
+    import argparse
+
+    from fraudstream.demo.options import add_arguments
+    from fraudstream.demo.scoring import DemoState
+    from fraudstream.demo.summary import summary_lines
+    from fraudstream.demo.view import Frame
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).console and not parser.parse_args(["--no-console"]).console
+    frame = Frame(topic="t", detectors=1, rate=1000, duration_s=60, elapsed_s=61.0, phase="done", state=DemoState(),
+                  in_per_s=0.0, out_per_s=0.0)
+    lines = summary_lines(frame, SETTINGS, extra_flags=[], log_dir=Path("/tmp/x"), stack_left_running=False,
+                          console_url="http://127.0.0.1:8088")
+    assert "analyst console (review queue, verdicts, rules, dashboard): http://127.0.0.1:8088" in lines
