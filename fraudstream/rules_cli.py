@@ -21,7 +21,7 @@ import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fraudstream.consumer.rules_topic import RulesCodec, read_all, rule_thresholds, write_records
+from fraudstream.consumer.rules_topic import RulesCodec, read_all, rule_thresholds, same_content, write_records
 from fraudstream.records import Rule
 from fraudstream.errors import ConfigError
 from fraudstream.settings import Settings
@@ -98,11 +98,17 @@ def latest(settings: Settings, codec: RulesCodec) -> dict[str, Rule]:
 
 
 def write_rules_text(settings: Settings, text: str, where: str, *, author: str, comment: str,
-                     codec: RulesCodec | None = None) -> list[Rule]:
+                     codec: RulesCodec | None = None, only_changed: bool = False) -> list[Rule]:
     """`rules set`: every rule of a TOML text as its next version, all checked before any is written (all or
-    nothing), then written. The console's rule editor calls this too."""
+    nothing), then written. The console's rule editor calls this too, with `only_changed` (its text holds
+    every rule; the ones left as they are get no new version)."""
     codec = codec or RulesCodec(settings)
-    records = records_from_toml(text, where, settings, latest(settings, codec), author=author, comment=comment)
+    current = latest(settings, codec)
+    records = records_from_toml(text, where, settings, current, author=author, comment=comment)
+    if only_changed:
+        records = [r for r in records if r.id not in current or not same_content(current[r.id], r)]
+        if not records:
+            raise ConfigError(f"{where}: no rule changed; nothing written")
     write_records(settings, codec, records)
     return records
 

@@ -39,7 +39,8 @@ class RulesAccess:
         return in_force, history[::-1]
 
     def write(self, text: str, author: str, comment: str) -> list[Rule]:
-        return write_rules_text(self.settings, text, EDITOR, author=author, comment=comment, codec=self.codec)
+        return write_rules_text(self.settings, text, EDITOR, author=author, comment=comment, codec=self.codec,
+                                only_changed=True)
 
 
 def describe_change(before: Rule | None, after: Rule) -> str:

@@ -223,6 +223,25 @@ def test_a_rule_edit_that_does_not_validate_shows_why_and_writes_nothing(index, 
     assert response.status_code == 200 and [r.parameters for r in writes[0]] == [{"threshold_cents": 50000}]
 
 
+def test_the_editor_writes_only_the_rules_it_changed(index, monkeypatch):
+    now = datetime.now(UTC)
+    current = {rule_id: Rule(id=rule_id, version=2, kind=rule_id, parameters=parameters, enabled=True, author="a",
+                             comment="", written_at=now)
+               for rule_id, parameters in (("large_amount", {"threshold_cents": 90000}),
+                                           ("velocity", {"max_in_session": 3}))}
+    writes = []
+    monkeypatch.setattr(rules_cli, "latest", lambda settings, codec: current)
+    monkeypatch.setattr(rules_cli, "write_records", lambda settings, codec, records: writes.append(records))
+    access = RulesAccess(SETTINGS)
+    access._codec = object()
+    text = rules_as_toml(current)
+    with pytest.raises(ConfigError, match="no rule changed; nothing written"):
+        access.write(text, "rita", "")
+    written = access.write(text.replace("threshold_cents = 90000", "threshold_cents = 50000"), "rita", "")
+    assert [(r.id, r.version, r.parameters["threshold_cents"]) for r in written] == [("large_amount", 3, 50000)]
+    assert writes == [written]
+
+
 def test_the_editor_text_reads_back_as_the_same_rules():
     rule = Rule(id="large_amount", version=3, kind="large_amount", enabled=False, author="a", comment="",
                 written_at=datetime.now(UTC), parameters={"threshold_cents": 50000, "exempt_categories": ("5311",),
