@@ -97,7 +97,7 @@ def build_state(settings: Settings, *, users_file: Path | None = None, host: str
                          authenticator=Authenticator(users, anonymous_name=getpass.getuser()),
                          bands=bands, writer=VerdictWriter(settings), rules_writer=rules.write,
                          rules_reader=rules.read)
-    state.reader = TopicReader(settings, index, on_alerts=state.publish)
+    state.reader = TopicReader(settings, index, on_alerts=state.publish, on_verdicts=state.publish_verdicts)
     if start_reader:
         state.reader.start()
     return state

@@ -60,9 +60,17 @@ class ConsoleState:
         """From the reader thread: hand new alerts to every open /events stream."""
         if self.loop is None or not self.subscribers:
             return
-        rows = [alert_summary(a, self.bands) for a in alerts]
+        events = [("alert", alert_summary(a, self.bands)) for a in alerts]
         for queue in list(self.subscribers):
-            self.loop.call_soon_threadsafe(queue.put_nowait, rows)
+            self.loop.call_soon_threadsafe(queue.put_nowait, events)
+
+    def publish_verdicts(self, transaction_ids: list[str]) -> None:
+        """From the reader thread: alerts that got a verdict leave every open queue."""
+        if self.loop is None or not self.subscribers:
+            return
+        events = [("verdict", {"transaction_id": tid}) for tid in transaction_ids]
+        for queue in list(self.subscribers):
+            self.loop.call_soon_threadsafe(queue.put_nowait, events)
 
 
 def alert_summary(alert: dict[str, Any], bands: Bands) -> dict[str, Any]:
@@ -269,8 +277,8 @@ def create_app(state: ConsoleState) -> Starlette:
                     except TimeoutError:
                         yield ": keep-alive\n\n"
                         continue
-                    for row in rows:
-                        yield f"event: alert\ndata: {json.dumps(row)}\n\n"
+                    for kind, data in rows:
+                        yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
             finally:
                 state.subscribers.discard(queue)
 

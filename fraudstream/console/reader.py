@@ -4,7 +4,8 @@ A consumer outside any group (assign mode, from the beginning, read_committed, l
 and the detector's own rules and labels readers), with inspect's decoding: each value by its own writer
 schema from the registry (cached per id). A record that does not decode is counted and skipped, never
 indexed, never fatal. Until every partition has been read to the end it had at start, the index is
-"catching up" (the pages say so). New alerts are handed to `on_alerts` (the live updates) after their
+"catching up" (the pages say so). New alerts and verdicts are handed to `on_alerts` and `on_verdicts` (the
+live updates) after their
 SQLite transaction commits, so a page opened on an event finds its alert.
 
 Every STATS_INTERVAL_S it also measures the detectors: their group's committed offsets against the input
@@ -84,10 +85,12 @@ def check_record(kind: str, value: Any) -> None:
 
 
 class TopicReader:
-    def __init__(self, settings: Settings, index: Index, *, on_alerts: Callable[[list[dict[str, Any]]], None]) -> None:
+    def __init__(self, settings: Settings, index: Index, *, on_alerts: Callable[[list[dict[str, Any]]], None],
+                 on_verdicts: Callable[[list[str]], None] = lambda transaction_ids: None) -> None:
         self.settings = settings
         self.index = index
         self.on_alerts = on_alerts
+        self.on_verdicts = on_verdicts
         self.state = ReaderState()
         self._registry = Registry(settings)
         self._schemas = console_schemas(self._registry.schema_by_id)
@@ -224,6 +227,9 @@ class TopicReader:
             self.state.indexed[kind] = self.state.indexed.get(kind, 0) + len(rows)
         if alerts and self.state.caught_up:
             self.on_alerts([value for _, _, value in alerts])
+        verdicts = [value["transaction_id"] for _, _, value in labels if value.get("source") == "analyst"]
+        if verdicts and self.state.caught_up:
+            self.on_verdicts(verdicts)
 
     def _on_error_text(self, text: str) -> None:
         self.state.kafka_error, self.state.kafka_error_at = text, time.time()

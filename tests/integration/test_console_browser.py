@@ -1,12 +1,14 @@
 """The analyst console in a real headless browser (the system's Chromium, driven by Playwright), against the
 real broker, registry and detector, on topics of its own.
 
-An alert produced during the test appears in the queue without a reload; "not fraud" on it puts a Label
-with the analyst's name on the labels topic (read back here with a consumer of the test's own); a rule
-change made in the editor reaches the detector and the next alert names the new rule-set version; an
-analyst without rule rights cannot change a rule. Screenshots of the queue, an alert and the dashboard go to
-the test's folder, or to CONSOLE_SCREENSHOTS when set (`CONSOLE_SCREENSHOTS=docs/console` refreshes the
-README's; those were taken from a demo run with the same pages)."""
+An alert produced during the test appears in the queue without a reload (and leaves a colleague's open queue
+once it has a verdict); "not fraud" on it puts a Label with the analyst's name on the labels topic (read back
+here with a consumer of the test's own); a rule change made in the editor reaches the detector and the next
+alert names the new rule-set version; an analyst without rule rights cannot change a rule. Screenshots of the
+queue, an alert and the dashboard go to the test's folder, or to CONSOLE_SCREENSHOTS when set
+(`CONSOLE_SCREENSHOTS=docs/console` refreshes the README's; those were taken from a demo run with the same
+pages).
+"""
 
 from __future__ import annotations
 
@@ -126,6 +128,13 @@ def test_an_alert_reaches_the_queue_live_and_a_verdict_becomes_a_label(pipeline,
     screenshots.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=screenshots / "queue.png")
 
+    # A colleague's queue, open in another tab: the alert leaves it once anyone gives a verdict.
+    colleague = browser.new_page()
+    colleague.goto(console.url + "/")
+    colleague.wait_for_selector("text=Live: new alerts appear on top", timeout=WAIT_S * 1000)
+    colleague.wait_for_selector(f'tr[data-transaction="{tid}"]')
+    colleague.evaluate("window.notReloaded = true")
+
     page.click(f'tr[data-transaction="{tid}"] a')
     page.wait_for_selector("text=Rules that fired")
     assert LARGE_AMOUNT in page.inner_text("table.rules")
@@ -133,6 +142,9 @@ def test_an_alert_reaches_the_queue_live_and_a_verdict_becomes_a_label(pipeline,
     page.click("button[value=not_fraud]")
     page.wait_for_selector("#message")
     assert "written by Ann Analyst" in page.inner_text("#message")
+
+    colleague.wait_for_selector(f'tr[data-transaction="{tid}"]', state="detached", timeout=WAIT_S * 1000)
+    assert colleague.evaluate("window.notReloaded === true"), "the colleague's queue was reloaded"
 
     labels = wait_until(lambda: labels_for(pipeline, tid), timeout_s=30, what="the verdict's label on the topic")
     assert len(labels) == 1

@@ -1,4 +1,5 @@
-// Live alerts on the queue page: server-sent events from /events, each new alert added on top of the table.
+// Live alerts on the queue page: server-sent events from /events, each new alert added on top of the table,
+// each alert that got a verdict (from anyone) taken out.
 (function () {
   var status = document.getElementById("live-status");
   var body = document.querySelector("#queue tbody");
@@ -40,5 +41,11 @@
       row.appendChild(cell);
     });
     body.insertBefore(row, body.firstChild);
+  });
+  source.addEventListener("verdict", function (event) {
+    var done = JSON.parse(event.data);
+    body.querySelectorAll("tr[data-transaction]").forEach(function (row) {
+      if (row.dataset.transaction === done.transaction_id) row.remove();  // decided: no longer waiting
+    });
   });
 })();
