@@ -37,6 +37,7 @@ log = logging.getLogger("fraudstream.console")
 STATIC_DIR = Path(__file__).parent / "static"
 ANALYST_COOKIE = "fraudstream_analyst"
 SSE_KEEPALIVE_S = 15.0
+MAX_NAME = 100
 MAX_CENTS = 10**15  # beyond any payment, and within SQLite's integers
 
 
@@ -185,9 +186,9 @@ def create_app(state: ConsoleState) -> Starlette:
         analyst = user.name
         if user.anonymous:
             analyst = str(form.get("analyst", "")).strip()
-            if not analyst:
-                return problem(request, 400, "give your name with a verdict (it is written with the label): "
-                                             "nothing written")
+            if not analyst or len(analyst) > MAX_NAME:
+                return problem(request, 400, f"give your name (at most {MAX_NAME} characters) with a verdict: it is "
+                                             "written with the label; nothing written")
         row = await asyncio.to_thread(state.index.alert, tid)
         if row is None:
             return problem(request, 404, f"no alert for transaction {tid!r}: no verdict written")

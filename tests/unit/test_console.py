@@ -153,6 +153,7 @@ def test_a_verdict_without_a_name_or_with_an_unknown_value_writes_nothing(index)
     client = TestClient(create_app(state), client=LOOPBACK)
     assert client.post("/verdicts/t0", data={"verdict": "fraud", "analyst": " "}).status_code == 400
     assert client.post("/verdicts/t0", data={"verdict": "maybe", "analyst": "Ann"}).status_code == 400
+    assert client.post("/verdicts/t0", data={"verdict": "fraud", "analyst": "A" * 101}).status_code == 400
     assert state.writer.labels == []
 
 
@@ -346,3 +347,13 @@ def test_the_demo_serves_the_console_and_its_summary_prints_the_address():
     lines = summary_lines(frame, SETTINGS, extra_flags=[], log_dir=Path("/tmp/x"), stack_left_running=False,
                           console_url="http://127.0.0.1:8088")
     assert "analyst console (review queue, verdicts, rules, dashboard): http://127.0.0.1:8088" in lines
+
+
+def test_a_transaction_id_with_url_characters_links_to_its_alert(index):
+    odd = alert(0, 1.0)
+    odd["transaction"]["transaction_id"] = "a b#c?d/e"
+    index.add_alerts([(0, 0, odd)])
+    client = TestClient(create_app(state_for(index)), client=LOOPBACK)
+    page = client.get("/").text
+    assert 'href="/alerts/a%20b%23c%3Fd/e"' in page
+    assert "a b#c?d/e" in client.get("/alerts/a%20b%23c%3Fd/e").text
