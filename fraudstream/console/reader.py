@@ -8,7 +8,7 @@ indexed, never fatal. Until every partition has been read to the end it had at s
 live updates) after their
 SQLite transaction commits, so a page opened on an event finds its alert.
 
-Every STATS_INTERVAL_S it also measures the detectors: their group's committed offsets against the input
+Every STATS_INTERVAL_S a second thread measures the detectors: their group's committed offsets against the input
 topic's ends (consumer lag), and how fast the committed offsets move (throughput).
 """
 
@@ -98,6 +98,9 @@ class TopicReader:
         self._admin = admin(settings)  # kept: a collected client fails its pending futures (pitfall 22)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="console-reader", daemon=True)
+        # The detectors' lag takes admin and metadata requests that may wait on a coordinator: a thread of
+        # their own, so that they never hold up a new alert.
+        self._stats_thread = threading.Thread(target=self._sample_loop, name="console-detector-stats", daemon=True)
         s = settings
         self.missing: set[str] = set()
         self.topics = {s.fraud_topic: "fraud", s.labels_topic: "labels", s.legit_topic: "legit",
@@ -105,10 +108,13 @@ class TopicReader:
 
     def start(self) -> None:
         self._thread.start()
+        self._stats_thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
+        if self._stats_thread.is_alive():
+            self._stats_thread.join(10)
 
     # ------------------------------------------------------------ the thread
     def _run(self) -> None:
@@ -124,11 +130,9 @@ class TopicReader:
                 if not self.state.caught_up and not ends:
                     self.state.caught_up = True
                     log.info("console: index rebuilt from the topics (%s)", self.state.indexed)
-                if time.monotonic() - last_stats > STATS_INTERVAL_S:
+                if self.missing and time.monotonic() - last_stats > STATS_INTERVAL_S:
                     last_stats = time.monotonic()
-                    self._sample_detectors(consumer)
-                    if self.missing:
-                        self._assign_created(consumer)
+                    self._assign_created(consumer)
         except Exception as exc:  # the thread must say why it stopped: the pages show it
             log.exception("console reader stopped")
             self.state.kafka_error, self.state.kafka_error_at = f"the console's reader stopped: {exc}", time.time()
@@ -233,6 +237,14 @@ class TopicReader:
 
     def _on_error_text(self, text: str) -> None:
         self.state.kafka_error, self.state.kafka_error_at = text, time.time()
+
+    def _sample_loop(self) -> None:
+        consumer = Consumer(consumer_config(self.settings, READER_GROUP_ID))  # for watermarks only
+        try:
+            while not self._stop.wait(STATS_INTERVAL_S):
+                self._sample_detectors(consumer)
+        finally:
+            consumer.close()
 
     def _sample_detectors(self, consumer: Consumer) -> None:
         """The detectors' group: committed offsets on the input, its lag; nothing if it has not committed yet."""
