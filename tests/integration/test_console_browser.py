@@ -160,8 +160,11 @@ def test_an_alert_reaches_the_queue_live_and_a_verdict_becomes_a_label(pipeline,
     wait_until(verdict_shown, timeout_s=30, what="the verdict on the alert page")
     page.screenshot(path=screenshots / "alert.png", full_page=True)
 
+    # The detectors' lag and throughput: sampled every 5 s from their consumer group.
+    wait_until(lambda: len(console.state.reader.state.samples) >= 2, timeout_s=30, what="two samples of the detectors")
     page.goto(console.url + "/dashboard")
     page.wait_for_selector("svg.chart")
+    assert page.locator('svg[aria-label="detectors\' consumer lag (records)"] circle').count() >= 2
     page.screenshot(path=screenshots / "dashboard.png", full_page=True)
 
 
