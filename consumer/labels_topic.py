@@ -109,7 +109,7 @@ class LabelsReader:
 
     def _read(self, timeout_s: float) -> int:
         messages = self.consumer.consume(READ_BATCH, timeout_s)
-        terminals, times, frauds = [], [], []
+        terminals, times, frauds, transactions = [], [], [], []
         clock, delay = self.clock_ms, self.delay_ms
         for message in messages:
             if message.error() is not None:
@@ -118,9 +118,11 @@ class LabelsReader:
             try:
                 schema_id, payload = split_frame(message.value(), message.headers())
                 label = schemaless_reader(io.BytesIO(payload), self._schemas.get(schema_id), None)
+                fraud, transaction = bool(label["is_fraud"]), str(label["transaction_id"])
                 terminals.append(label.get("terminal_id"))
                 times.append(label.get("event_time"))
-                frauds.append(bool(label["is_fraud"]))
+                frauds.append(fraud)
+                transactions.append(transaction)
                 if label.get("event_time") is not None:
                     p = message.partition()
                     clock[p] = max(clock.get(p, -1), label["event_time"] + delay)
@@ -133,7 +135,7 @@ class LabelsReader:
                     self.on_log(f"labels: record at {message.topic()}[{message.partition()}]@{message.offset()} "
                                 f"cannot be read ({exc}): not used (further ones counted)")
                 self.unreadable += 1
-        self.table.add(terminals, times, frauds)
+        self.table.add(terminals, times, frauds, transactions)  # by transaction: a changed verdict replaces
         self.read += len(terminals)
         return len(messages)
 

@@ -50,45 +50,75 @@ MODEL_FORMAT_VERSION = 1
 
 
 class LabelTable:
-    """Labels received, as a sorted index of (terminal, event time) with cumulative fraud counts.
+    """Labels received, as a sorted index of (terminal, event time) with cumulative label and fraud counts.
 
     New labels go to a small pending part, merged into the sorted main part when it grows (each merge
     is a sort of both, so the cost per label stays logarithmic); queries search both parts, vectorized.
     Labels without a terminal or an event time (written before labels carried them) cannot be placed
     and are only counted.
+
+    The latest label of a transaction wins (an analyst's verdict, possibly changed): given transaction ids,
+    a second label of a transaction adds a correction entry (-1 label and minus its previous fraud at the
+    previous label's key) beside the new one, so counts read as if only the latest existed. That needs the
+    previous label of every transaction still in the table (one dict entry each, expired with it).
     """
 
     def __init__(self) -> None:
         self._codes: dict[bytes, int] = {}
         self._keys = np.zeros(0, dtype=np.int64)  # sorted: terminal code << 40 | (event ms - base)
+        self._labels = np.zeros(1, dtype=np.int64)  # cumulative label count before each key (len + 1)
         self._frauds = np.zeros(1, dtype=np.int64)  # cumulative fraud count before each key (len + 1)
-        self._pending_keys: list[np.ndarray] = []
-        self._pending_frauds: list[np.ndarray] = []
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (keys, labels, frauds)
         self._pending_size = 0
+        self._latest: dict[str, int] = {}  # transaction id -> its label's key << 1 | is_fraud
         self.unplaced = 0  # labels without terminal or time
         self.count = 0
+        self.revised = 0  # labels that replaced an earlier label of their transaction
 
     def __len__(self) -> int:
         return len(self._keys) + self._pending_size
 
     def add(self, terminal_ids: Sequence[bytes | str | None], event_ms: Sequence[int | None],
-            is_fraud: Sequence[bool]) -> None:
-        """Labels as they arrive, in any order."""
+            is_fraud: Sequence[bool], transaction_ids: Sequence[str] | None = None) -> None:
+        """Labels as they arrive, in any order across transactions, in order within one (the labels topic is
+        keyed by transaction id). Without transaction ids every label counts."""
         codes, times, frauds = [], [], []
         for terminal, ms, fraud in zip(terminal_ids, event_ms, is_fraud, strict=True):
             if terminal is None or ms is None:
-                self.unplaced += 1
+                codes.append(-1)
+                times.append(0)
+                frauds.append(False)
                 continue
             key = terminal.encode() if isinstance(terminal, str) else terminal
             codes.append(self._codes.setdefault(key, len(self._codes)))
             times.append(ms)
-            frauds.append(fraud)
-        self.count += len(codes)
-        if not codes:
+            frauds.append(bool(fraud))
+        placed = np.asarray(codes, dtype=np.int64) >= 0
+        self.unplaced += int(len(codes) - placed.sum())
+        self.count += int(placed.sum())
+        if not placed.any():
             return
         keys = _key(np.asarray(codes, dtype=np.int64), np.asarray(times, dtype=np.int64))
-        self._pending_keys.append(keys)
-        self._pending_frauds.append(np.asarray(frauds, dtype=np.int64))
+        fraud_counts = np.asarray(frauds, dtype=np.int64)
+        weights = np.ones(len(keys), dtype=np.int64)
+        extra_keys, extra_frauds = [], []
+        if transaction_ids is not None:
+            latest, get = self._latest, self._latest.get
+            for tid, key, code, fraud in zip(transaction_ids, keys.tolist(), codes, frauds, strict=True):
+                if code < 0:
+                    continue
+                previous = get(tid)
+                latest[tid] = key << 1 | fraud
+                if previous is not None:  # the earlier label of this transaction stops counting
+                    extra_keys.append(previous >> 1)
+                    extra_frauds.append(-(previous & 1))
+            self.revised += len(extra_keys)
+        keys, weights, fraud_counts = keys[placed], weights[placed], fraud_counts[placed]
+        if extra_keys:
+            keys = np.concatenate([keys, np.asarray(extra_keys, dtype=np.int64)])
+            weights = np.concatenate([weights, np.full(len(extra_keys), -1, dtype=np.int64)])
+            fraud_counts = np.concatenate([fraud_counts, np.asarray(extra_frauds, dtype=np.int64)])
+        self._pending.append((keys, weights, fraud_counts))
         self._pending_size += len(keys)
         if self._pending_size > max(4096, len(self._keys) // 8):
             self._merge()
@@ -96,23 +126,29 @@ class LabelTable:
     def _merge(self) -> None:
         if not self._pending_size:
             return
-        frauds_now = np.diff(self._frauds)
-        keys = np.concatenate([self._keys, *self._pending_keys])
-        frauds = np.concatenate([frauds_now, *self._pending_frauds])
+        keys = np.concatenate([self._keys, *(p[0] for p in self._pending)])
+        labels = np.concatenate([np.diff(self._labels), *(p[1] for p in self._pending)])
+        frauds = np.concatenate([np.diff(self._frauds), *(p[2] for p in self._pending)])
         order = np.argsort(keys, kind="stable")
         self._keys = keys[order]
+        self._labels = np.r_[0, np.cumsum(labels[order])]
         self._frauds = np.r_[0, np.cumsum(frauds[order])]
-        self._pending_keys, self._pending_frauds, self._pending_size = [], [], 0
+        self._pending, self._pending_size = [], 0
 
     def expire(self, older_than_ms: int) -> int:
         """Drop labels with event time before older_than_ms (no window reaches them any more)."""
         self._merge()
-        keep = (self._keys & _TIME_MAX) >= max(older_than_ms - _BASE_MS, 0)
+        cutoff = max(older_than_ms - _BASE_MS, 0)
+        keep = (self._keys & _TIME_MAX) >= cutoff
         dropped = int(len(keep) - keep.sum())
         if dropped:
-            frauds = np.diff(self._frauds)[keep]
+            labels, frauds = np.diff(self._labels)[keep], np.diff(self._frauds)[keep]
             self._keys = self._keys[keep]
+            self._labels = np.r_[0, np.cumsum(labels)]
             self._frauds = np.r_[0, np.cumsum(frauds)]
+            if self._latest:
+                self._latest = {tid: packed for tid, packed in self._latest.items()
+                                if ((packed >> 1) & _TIME_MAX) >= cutoff}
         return dropped
 
     def window_counts(self, terminal_keys: np.ndarray, after_ms: np.ndarray,
@@ -126,7 +162,7 @@ class LabelTable:
         low = _key(np.where(known, codes, 0), after_ms)
         hi = np.searchsorted(self._keys, high, side="right")
         lo = np.searchsorted(self._keys, low, side="right")
-        count = np.where(known, hi - lo, 0)
+        count = np.where(known, self._labels[hi] - self._labels[lo], 0)
         frauds = np.where(known, self._frauds[hi] - self._frauds[lo], 0)
         return count, frauds
 

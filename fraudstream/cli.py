@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("fraudstream.evaluate", "measure detection quality from the outputs and the labels (Handbook metrics)"),
     "acl": ("fraudstream.acl", "print (or apply, as the admin) the least Kafka ACLs of each role for a topic"),
     "train": ("fraudstream.train", "train a model for detect --model from the transactions and labels topics"),
+    "console": ("fraudstream.console", "the analysts' web application: review queue, verdicts, rules, dashboard"),
 }
 
 

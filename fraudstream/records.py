@@ -93,16 +93,23 @@ class Label:
     scenario: str
     terminal_id: str | None = None
     event_time: datetime | None = None
+    source: str = "generator"  # "analyst" for a verdict given in the console
+    labelled_by: str | None = None
+    labelled_at: datetime | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"transaction_id": self.transaction_id, "is_fraud": self.is_fraud, "scenario": self.scenario,
-                "terminal_id": self.terminal_id, "event_time": self.event_time}
+                "terminal_id": self.terminal_id, "event_time": self.event_time, "source": self.source,
+                "labelled_by": self.labelled_by, "labelled_at": self.labelled_at}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Label:
-        # Labels written before terminal_id and event_time lack them; Avro readers fill the defaults.
+        # Labels written before terminal_id and event_time, or before source, labelled_by and labelled_at,
+        # lack them; Avro readers fill the defaults.
         return cls(transaction_id=data["transaction_id"], is_fraud=data["is_fraud"], scenario=data["scenario"],
-                   terminal_id=data.get("terminal_id"), event_time=data.get("event_time"))
+                   terminal_id=data.get("terminal_id"), event_time=data.get("event_time"),
+                   source=data.get("source", "generator"), labelled_by=data.get("labelled_by"),
+                   labelled_at=data.get("labelled_at"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -30,8 +30,9 @@ from pathlib import Path
 from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME
 
 from fraudstream.consumer.rules_topic import (AUTHOR_HEADER, COMMENT_HEADER, MAX_RULES, MAX_TEXT_CHARS, PRINCIPAL_HEADER,
-                                              REFUSED, REMOVED, UNCHANGED, Change, RulesCodec, client_principal,
-                                              read_changes, rule_thresholds, write_records, write_tombstone)
+                                              REFUSED, UNCHANGED, Change, RulesCodec, client_principal,
+                                              read_changes, rule_thresholds, same_content, write_records,
+                                              write_tombstone)
 from fraudstream.errors import ConfigError
 from fraudstream.printable import printable
 from fraudstream.records import Rule
@@ -65,9 +66,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return _history(settings, codec, args.rule_id)
     rules = latest(settings, codec)
     if args.action == "set":
-        author = _author(settings, args)
-        records = _records_from_file(args.file, settings, rules, author=author, comment=args.comment)
-        write_records(settings, codec, records)
+        records = write_rules_text(settings, _read_rules_file(args.file), f"rules file {args.file}",
+                                   author=_author(settings, args), comment=args.comment, codec=codec, current=rules)
         for record in records:
             print(f"{record.id} v{record.version} written")
         return 0
@@ -158,36 +158,61 @@ def history_line(change: Change) -> str:
     return printable(line)
 
 
-def _records_from_file(path: Path, settings: Settings, current: dict[str, Rule], *, author: str,
-                       comment: str) -> list[Rule]:
-    """Every rule of the file as its next version, each checked; the first problem is a ConfigError."""
+def write_rules_text(settings: Settings, text: str, where: str, *, author: str, comment: str,
+                     codec: RulesCodec | None = None, only_changed: bool = False,
+                     current: dict[str, Rule] | None = None) -> list[Rule]:
+    """`rules set`: every rule of a TOML text as its next version, all checked before any is written (all or
+    nothing), then written. The console's rule editor calls this too, with `only_changed` (its text holds
+    every rule; the ones left as they are get no new version)."""
+    codec = codec or RulesCodec(settings)
+    current = latest(settings, codec) if current is None else current
+    records = records_from_toml(text, where, settings, current, author=author, comment=comment)
+    if only_changed:
+        records = [r for r in records if r.id not in current or not same_content(current[r.id], r)]
+        if not records:
+            raise ConfigError(f"{where}: no rule changed; nothing written")
+    write_records(settings, codec, records)
+    return records
+
+
+def _read_rules_file(path: Path) -> str:
     try:
-        data = tomllib.loads(path.read_text())
+        return path.read_text()
     except OSError as exc:
         raise ConfigError(f"rules file {path}: {exc.strerror or exc}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"rules file {path}: not valid TOML: {exc}") from exc
+
+
+def records_from_toml(text: str, where: str, settings: Settings, current: dict[str, Rule], *, author: str,
+                      comment: str) -> list[Rule]:
+    """The rules of a TOML text (as `rules set` reads a file; the console's editor too), each as its next
+    version and checked; the first problem is a ConfigError naming `where`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from exc
     if not data:
-        raise ConfigError(f"rules file {path}: no rule in it (one [table] per rule id)")
+        raise ConfigError(f"{where}: no rule in it (one [table] per rule id)")
     if len(current.keys() | data.keys()) > MAX_RULES:
-        raise ConfigError(f"rules file {path}: {len(current.keys() | data.keys())} rules with those on the topic; "
+        raise ConfigError(f"{where}: {len(current.keys() | data.keys())} rules with those on the topic; "
                           f"at most {MAX_RULES} (`fraudstream rules delete ID` makes room); nothing written")
     now = datetime.now(UTC)
     records = []
     for rule_id, table in data.items():
         if not isinstance(table, dict):
-            raise ConfigError(f"rules file {path}: {rule_id!r} must be a table")
+            raise ConfigError(f"{where}: {rule_id!r} must be a table")
         params = dict(table)
         kind, enabled = params.pop("kind", rule_id), params.pop("enabled", True)
         if not isinstance(kind, str) or not isinstance(enabled, bool):
-            raise ConfigError(f"rules file {path}: {rule_id!r}: kind must be a string and enabled true or false")
+            raise ConfigError(f"{where}: {rule_id!r}: kind must be a string and enabled true or false")
         previous = current.get(rule_id)
         record = Rule(id=rule_id, version=previous.version + 1 if previous else 1, kind=kind, parameters=params,
                       enabled=enabled, author=author, comment=comment, written_at=now)
         try:
             checked = rule_thresholds(record, settings)
         except ConfigError as exc:
-            raise ConfigError(f"rules file {path}: {exc}; nothing written") from None
+            raise ConfigError(f"{where}: {exc}; nothing written") from None
         # Written as checked: integers given for floats become floats, so readers see one type per key.
         records.append(dataclasses.replace(record, parameters={
             k: tuple(checked[k]) if isinstance(checked[k], list) else checked[k] for k in params}))

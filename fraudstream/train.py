@@ -135,7 +135,7 @@ def read_labels(settings: Settings, schemas, first_ms: int, end_ms: int) -> tupl
         except DecodeError:
             return
         event_ms = label.get("event_time")
-        pending.append((label.get("terminal_id"), event_ms, bool(label["is_fraud"])))
+        pending.append((label.get("terminal_id"), event_ms, bool(label["is_fraud"]), label["transaction_id"]))
         if event_ms is None or first_ms <= event_ms < end_ms:
             targets[label["transaction_id"]] = bool(label["is_fraud"])
         if len(pending) >= CHUNK:
@@ -143,8 +143,8 @@ def read_labels(settings: Settings, schemas, first_ms: int, end_ms: int) -> tupl
 
     def flush() -> None:
         if pending:
-            terminals, times, frauds = zip(*pending, strict=True)
-            table.add(terminals, times, frauds)
+            terminals, times, frauds, transactions = zip(*pending, strict=True)
+            table.add(terminals, times, frauds, transactions)  # the latest label of a transaction wins
             pending.clear()
 
     read_to_end(settings, settings.labels_topic, on_label)

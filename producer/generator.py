@@ -684,7 +684,8 @@ class GeneratedBatch:
         columns = self.everyday.columns(self.now_ms)  # the label names its transaction's terminal and time
         values = {"transaction_id": self.everyday.transaction_ids, "is_fraud": pa.repeat(pa.scalar(False), n),
                   "scenario": pa.repeat(pa.scalar(LEGIT), n), "terminal_id": columns["terminal_id"],
-                  "event_time": columns["event_time"]}
+                  "event_time": columns["event_time"], "source": pa.repeat(pa.scalar("generator"), n),
+                  "labelled_by": pa.nulls(n, pa.string()), "labelled_at": pa.nulls(n, pa.timestamp("ms", "UTC"))}
         batch = pa.RecordBatch.from_arrays([values[f.name].cast(f.type) for f in schema], schema=schema)
         return self._in_order(batch, [label.to_dict() for _, label in self.own], schema)
 

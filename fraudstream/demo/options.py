@@ -51,4 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-stack", action="store_true",
                         help="stop the local stack at the end if the demo started it (default: leave it running "
                              "for the inspect commands)")
+    parser.add_argument("--console-port", type=argtypes.count, default=None, metavar="PORT",
+                        help="port of the analyst console the demo serves on 127.0.0.1 (default 8088, as "
+                             "`fraudstream console`)")
+    parser.add_argument("--no-console", dest="console", action="store_false",
+                        help="do not start the analyst console")
     add_connection_arguments(parser)

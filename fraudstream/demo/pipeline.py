@@ -220,6 +220,33 @@ class Demo:
         self.view.close()
 
 
+def _start_console(settings: Settings, args: argparse.Namespace, log: Callable[[str], None]):
+    """The analyst console in this process (a thread), on 127.0.0.1; None (said once) if it cannot start."""
+    try:
+        from fraudstream.console import DEFAULT_PORT, start_in_thread
+
+        console = start_in_thread(settings, port=DEFAULT_PORT if args.console_port is None else args.console_port)
+    except ImportError as exc:
+        log(f"analyst console not started: it needs its extra, pip install 'fraudstream[console]' ({exc.name})")
+        return None
+    except FraudstreamError as exc:
+        log(f"analyst console not started: {exc}")
+        return None
+    log(f"analyst console: {console.url}")
+    return console
+
+
+def _serve_console_until_interrupted(console, out: TextIO) -> None:
+    """On a terminal the console keeps serving after the summary, until Ctrl-C; otherwise it stops with the demo."""
+    try:
+        if out.isatty():
+            print(f"the analyst console keeps serving at {console.url}: Ctrl-C stops it", file=out, flush=True)
+            with stop_requests(exit_on_second="fraudstream demo") as (stop, _):
+                stop.wait()
+    finally:
+        console.stop()
+
+
 def run(args: argparse.Namespace, settings: Settings, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     # librdkafka logs every reconnect attempt; a lost broker shows as our own one-line error instead.
@@ -236,6 +263,7 @@ def run(args: argparse.Namespace, settings: Settings, out: TextIO | None = None)
     log_dir.mkdir(parents=True, exist_ok=True)
 
     demo = Demo(settings, args, out)
+    console = _start_console(settings, args, log) if args.console else None
     watcher = PipelineWatcher(settings, demo.state)
     try:
         partitions = sum(1 for topic, _ in watcher.partitions if topic == settings.transactions_topic)
@@ -250,9 +278,11 @@ def run(args: argparse.Namespace, settings: Settings, out: TextIO | None = None)
     stop_stack = args.stop_stack and cluster.started_stack
     for line in summary_lines(frame, settings, extra_flags=inspect_flags(settings), log_dir=log_dir,
                               stack_left_running=cluster.started_stack and not stop_stack,
-                              bad_records=demo.bad_records_written):
+                              bad_records=demo.bad_records_written, console_url=console.url if console else None):
         print(line, file=out)
     out.flush()
+    if console is not None:
+        _serve_console_until_interrupted(console, out)
     if stop_stack:
         from fraudstream.stack import LocalStack
 

@@ -10,7 +10,7 @@ from fraudstream.settings import Settings
 
 
 def summary_lines(frame: Frame, settings: Settings, *, extra_flags: list[str], log_dir: Path,
-                  stack_left_running: bool, bad_records: int = 0) -> list[str]:
+                  stack_left_running: bool, bad_records: int = 0, console_url: str | None = None) -> list[str]:
     c, s = frame.state.counts, frame.state.score
     topic = settings.transactions_topic
     traffic_s = frame.state.traffic_s
@@ -51,6 +51,8 @@ def summary_lines(frame: Frame, settings: Settings, *, extra_flags: list[str], l
         f"  fraudstream inspect {settings.fraud_topic} --from-beginning{flags} | jq -r '.rules[]' | sort | uniq -c",
         f"producer and detector logs: {log_dir}",
     ]
+    if console_url:
+        lines.append(f"analyst console (review queue, verdicts, rules, dashboard): {console_url}")
     if stack_left_running:
         lines.append("the local stack is still running: `fraudstream stack down` stops it")
     lines.append(" ".join([

@@ -84,7 +84,9 @@ def test_the_wheel_holds_one_top_level_package_with_its_data(wheel: Path):
     for expected in ("fraudstream/producer/loop.py", "fraudstream/consumer/detector.py",
                      "fraudstream/consumer/state/manager.py", "fraudstream/_schemas/transaction.avsc",
                      "fraudstream/_schemas/history/transaction/v1.avsc", "fraudstream/_infra/pom.xml",
-                     "fraudstream/_infra/kafka-server.properties", "fraudstream/_rules/default.toml"):
+                     "fraudstream/_infra/kafka-server.properties", "fraudstream/_rules/default.toml",
+                     "fraudstream/console/app.py", "fraudstream/console/templates/queue.html",
+                     "fraudstream/console/static/console.js", "fraudstream/_schemas/history/label/v2.avsc"):
         assert expected in names
 
 
