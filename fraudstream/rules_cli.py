@@ -184,6 +184,12 @@ def _read_rules_file(path: Path) -> str:
         raise ConfigError(f"rules file {path}: not valid TOML: {exc}") from exc
 
 
+def _records_from_file(path: Path, settings: Settings, current: dict[str, Rule], *, author: str,
+                       comment: str) -> list[Rule]:
+    return records_from_toml(_read_rules_file(path), f"rules file {path}", settings, current, author=author,
+                             comment=comment)
+
+
 def records_from_toml(text: str, where: str, settings: Settings, current: dict[str, Rule], *, author: str,
                       comment: str) -> list[Rule]:
     """The rules of a TOML text (as `rules set` reads a file; the console's editor too), each as its next
