@@ -338,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=400, help="transactions per second (default 400)")
     parser.add_argument("--out", type=Path, help="where the evidence goes (default .soak/<seed>-<brokers>)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped soak still stops what it started
     out = args.out or PROJECT_ROOT / ".soak" / f"{args.seed}-{args.brokers}b"
     report = SoakRun(out, args.minutes, args.brokers, args.seed, args.rate).run()
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
