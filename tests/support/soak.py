@@ -93,6 +93,8 @@ class SoakRun:
             ok = report["ok"]
             return report
         finally:
+            for detector in getattr(self, "detectors", {}).values():
+                detector.ensure_ended()
             if registry is not None:
                 registry.stop_registry()
             stack.down(wipe=ok)  # the brokers' data is evidence when something was found
