@@ -169,6 +169,7 @@ class ReplayResult:
     read: int
     decide_s: float  # seconds spent deciding (reading excluded)
     read_s: float  # seconds of the whole replay
+    cpu_s: float = 0.0  # CPU seconds of this process over the whole replay (the machine may be shared)
 
 
 def build_decoders(settings: Settings) -> tuple[Decider, ColumnarDecider | None]:
@@ -245,7 +246,7 @@ class Replay:
         decode = _DecodeOnce(lambda messages: decode_batch(columnar, record_wise, messages))
         consumer = Consumer(consumer_config(s, BACKTEST_GROUP_ID, **{
             "isolation.level": "read_committed", "enable.partition.eof": True, "enable.auto.commit": False}))
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         try:
             plan = plan_read(consumer, s.transactions_topic, partition=None, start=StartOffset("earliest"), settings=s)
             progress = ReadProgress(sorted(plan.starts))
@@ -359,7 +360,8 @@ class Replay:
         return ReplayResult(topic=s.transactions_topic, position=position, transaction_id=column(0), card_id=column(1),
                             event_ms=np.concatenate([i[2] for i in info]) if info else np.zeros(0, np.int64),
                             sides=sides, fired=fired, rule_sets=dict(self.rule_sets), held=held_counts, read=read,
-                            decide_s=decide_s, read_s=time.perf_counter() - started)
+                            decide_s=decide_s, read_s=time.perf_counter() - started,
+                            cpu_s=time.process_time() - cpu_started)
 
     @staticmethod
     def _expire(window: TerminalWindow, progress: ReadProgress, pending: list, deciders: dict) -> None:

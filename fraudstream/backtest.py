@@ -138,6 +138,7 @@ def build_report(result, labels: dict[str, tuple[bool, str]], *, first_day: date
                    "to": _day_text(int(days_present.max())) if len(days_present) else None},
         "read": result.read, "in_window": decided, "labels": len(labels),
         "speed": {"records": result.read, "decide_s": round(result.decide_s, 3), "total_s": round(result.read_s, 3),
+                  "cpu_s": round(result.cpu_s, 3),
                   "records_per_decide_s": round(result.read / result.decide_s) if result.decide_s else None},
         "sides": {}, "workload": {}, "differences": {},
     }
