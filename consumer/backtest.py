@@ -29,7 +29,6 @@ arrived; a replay reads the whole history at once, so it releases with the full 
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -38,9 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 from confluent_kafka import Consumer, KafkaError, TopicPartition
-from fastavro import schemaless_reader
 
-from fraudstream.consumer import held
 from fraudstream.consumer.decide import ColumnarDecider, DecidedBatch, Decider, Route
 from fraudstream.consumer.features import TxColumns, hash_strings
 from fraudstream.consumer.inspect import StartOffset, plan_read
@@ -61,6 +58,7 @@ log = logging.getLogger("fraudstream.backtest")
 
 READ_CHUNK = 20_000  # records per consume() and per decided batch (the detector's batch_max_records)
 POLL_S = 0.5
+FETCH_BYTES_PER_PARTITION = 8 * 1024 * 1024
 EXPIRE_EVERY = 20  # batches between two expiries of the terminal window (it only frees memory)
 BACKTEST_GROUP_ID = "fraudstream-backtest"  # never joined nor committed (assign() only)
 _POS_SHIFT = 40  # position key: partition << 40 | offset, as the terminal window and held rows number records
@@ -186,6 +184,21 @@ def build_decoders(settings: Settings) -> tuple[Decider, ColumnarDecider | None]
     return record_wise, columnar
 
 
+class _AlertScores:
+    """The deciders' fraud encoder. Nothing is produced, so no alert is encoded: its score is kept, and the
+    Decision's value is the score's number here."""
+
+    def __init__(self) -> None:
+        self.scores: list[float] = []
+
+    def __call__(self, alert: dict) -> bytes:
+        self.scores.append(float(alert["score"]))
+        return (len(self.scores) - 1).to_bytes(8, "big")
+
+    def score_of(self, value: bytes) -> float:
+        return self.scores[int.from_bytes(value, "big")]
+
+
 class _DecodeOnce:
     """The deciders' decode step: a batch the replay already decoded (for the window) is not decoded again."""
 
@@ -245,7 +258,9 @@ class Replay:
         record_wise, columnar = build_decoders(s)
         decode = _DecodeOnce(lambda messages: decode_batch(columnar, record_wise, messages))
         consumer = Consumer(consumer_config(s, BACKTEST_GROUP_ID, **{
-            "isolation.level": "read_committed", "enable.partition.eof": True, "enable.auto.commit": False}))
+            "isolation.level": "read_committed", "enable.partition.eof": True, "enable.auto.commit": False,
+            # A history read from its beginning: fewer, larger fetches per partition.
+            "max.partition.fetch.bytes": FETCH_BYTES_PER_PARTITION}))
         started, cpu_started = time.perf_counter(), time.process_time()
         try:
             plan = plan_read(consumer, s.transactions_topic, partition=None, start=StartOffset("earliest"), settings=s)
@@ -253,6 +268,7 @@ class Replay:
             progress.finished = {p for p in plan.starts if plan.starts[p] >= plan.ends[p]}
             window = TerminalWindow()
             deciders: dict[str, tuple[StatefulDecider, MemoryState, SideDecisions]] = {}
+            alerts = _AlertScores()
             for name, rules in self.rule_sets.items():
                 state = MemoryState()
                 # As `detect` does: a terminal window only for a rule set with a terminal rule (nothing held otherwise).
@@ -260,26 +276,26 @@ class Replay:
                                                                     getattr(rules, "kinds", {}).values())
                             or any(n in TERMINAL_RULES for n in rules.names) else None)
                 decider = StatefulDecider(decode, rules, state, encode_legit=record_wise.encode_legit,
-                                          encode_fraud=record_wise.encode_fraud, model=self.model, labels=self.labels,
+                                          encode_fraud=alerts, model=self.model, labels=self.labels,
                                           terminal_features=terminal.features if terminal else None, terminal=terminal,
                                           hold_idle_ms=s.terminal_hold_idle_ms, input_topic=s.transactions_topic)
                 deciders[name] = (decider, state, SideDecisions(name, rules))
-            fraud_schema = load_schemas(s.schemas_dir).parsed["FraudAlert"]
             positions: list[np.ndarray] = []
             info: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-            # Batches read, not decided yet: (messages, their decoded batch, earliest and latest event time).
-            pending: list[tuple[list, DecodedBatch, int, int]] = []
+            # Batches read, not decided yet: (messages, their decoded batch, their position keys, earliest and latest
+            # event time).
+            pending: list[tuple[list, DecodedBatch, np.ndarray, int, int]] = []
             decide_s = 0.0
             batches = 0
             read = 0
 
-            def decide(messages: list, decoded: DecodedBatch) -> None:
+            def decide(messages: list, decoded: DecodedBatch, keys: np.ndarray) -> None:
                 nonlocal decide_s, batches
                 t0 = time.perf_counter()
                 for decider, state, side in deciders.values():
                     decode.use(messages, decoded)
                     batch = decider.decide_batch(messages)
-                    _collect(side, batch, messages, fraud_schema, self.model is not None)
+                    _collect(side, batch, keys, alerts, self.model is not None)
                 batches += 1
                 if batches % EXPIRE_EVERY == 0:
                     self._expire(window, progress, pending, deciders)
@@ -313,33 +329,34 @@ class Replay:
                 read += len(messages)
                 t0 = time.perf_counter()
                 decoded = decode.decode(messages)
-                parts = np.array([m.partition() for m in messages], dtype=np.int64)
-                offsets = np.array([m.offset() for m in messages], dtype=np.int64)
+                parts = np.fromiter((m.partition() for m in messages), dtype=np.int64, count=len(messages))
+                offsets = np.fromiter((m.offset() for m in messages), dtype=np.int64, count=len(messages))
                 tx_ids, cards, event_ms, terminal_hash, card_hash = _events(decoded, len(messages))
                 valid = event_ms >= 0
                 window.add(parts[valid], offsets[valid], terminal_hash[valid], card_hash[valid], event_ms[valid])
                 for p in np.unique(parts[valid]).tolist():
                     latest = int(event_ms[valid & (parts == p)].max())
                     progress.latest[p] = max(progress.latest.get(p, latest), latest)
-                positions.append((parts.astype(np.uint64) << np.uint64(_POS_SHIFT)) | offsets.astype(np.uint64))
+                keys = (parts.astype(np.uint64) << np.uint64(_POS_SHIFT)) | offsets.astype(np.uint64)
+                positions.append(keys)
                 info.append((tx_ids, cards, event_ms))
                 decide_s += time.perf_counter() - t0
                 if valid.any():
-                    pending.append((messages, decoded, int(event_ms[valid].min()), int(event_ms[valid].max())))
+                    pending.append((messages, decoded, keys, int(event_ms[valid].min()), int(event_ms[valid].max())))
                 else:  # dead letters only: nothing for the gate to wait for
-                    pending.append((messages, decoded, np.iinfo(np.int64).max, np.iinfo(np.int64).min))
+                    pending.append((messages, decoded, keys, np.iinfo(np.int64).max, np.iinfo(np.int64).min))
                 # The gate: a batch is decided once every partition was read past its latest event time plus
                 # the tolerance, or to its end.
-                while pending and progress.past_everywhere(np.array([pending[0][3] + TERMINAL_TOLERANCE_MS]))[0]:
-                    decide(*pending.pop(0)[:2])
+                while pending and progress.past_everywhere(np.array([pending[0][4] + TERMINAL_TOLERANCE_MS]))[0]:
+                    decide(*pending.pop(0)[:3])
             progress.finished = set(progress.partitions)
             while pending:
-                decide(*pending.pop(0)[:2])
+                decide(*pending.pop(0)[:3])
             t0 = time.perf_counter()
             for decider, _, side in deciders.values():
                 released = decider.release_due()  # the input has ended: every held record is due
                 if released is not None:
-                    _collect(side, released, [], fraud_schema, self.model is not None)
+                    _collect(side, released, np.zeros(0, np.uint64), alerts, self.model is not None)
             decide_s += time.perf_counter() - t0
         finally:
             consumer.close()
@@ -370,25 +387,31 @@ class Replay:
         floor = progress.floor()
         if floor is None:  # a partition not read yet: its records may be of any time
             return
-        floors = [floor, *(earliest for _, _, earliest, _ in pending)]
+        floors = [floor, *(earliest for _, _, _, earliest, _ in pending)]
         floors += [t for t in (decider.oldest_held() for decider, _, _ in deciders.values()) if t is not None]
         window.expire(min(floors) - TERMINAL_TOLERANCE_MS - window.window_ms)
 
 
-def _collect(side: SideDecisions, batch: DecidedBatch, messages: Sequence, fraud_schema, scored: bool) -> None:
-    """A decided batch's routes and scores, by message index; released records by their input position."""
-    n = len(messages)
+def _collect(side: SideDecisions, batch: DecidedBatch, positions: np.ndarray, alerts: _AlertScores,
+             scored: bool) -> None:
+    """A decided batch's routes and scores by message index (`positions`: the messages' position keys); released
+    records by their input position."""
+    n = len(positions)
     if n:
         route = np.zeros(n, dtype=np.int8)  # forwarded as they came: legit
         if scored and batch.legit_scores is not None:
             score = np.array([float(v) if v else np.nan for v in batch.legit_scores])  # b"": fraud, set below
         else:
             score = np.zeros(n, dtype=np.float64)
-        for index, decision in batch.outputs.items():
-            route[index] = int(decision.route)
-            if decision.route is Route.FRAUD:
-                side.fired[position_key(messages[index].partition(), messages[index].offset())] = decision.rules
-                score[index] = _alert_score(decision.value, fraud_schema) if scored else 1.0
+        outputs = batch.outputs
+        if outputs:  # fraud, dead letters, held, re-encoded legit: a minority, on arrays
+            index = np.fromiter(outputs.keys(), dtype=np.int64, count=len(outputs))
+            routes = np.fromiter((d.route for d in outputs.values()), dtype=np.int8, count=len(outputs))
+            route[index] = routes
+            for i in index[routes == Route.FRAUD].tolist():
+                decision = outputs[i]
+                side.fired[int(positions[i])] = decision.rules
+                score[i] = alerts.score_of(decision.value)
         side.route.append(route)
         side.score.append(score)
         side.held += batch.held
@@ -396,12 +419,7 @@ def _collect(side: SideDecisions, batch: DecidedBatch, messages: Sequence, fraud
         key = position_key(record.partition(), record.offset())
         if decision.route is Route.FRAUD:
             side.fired[key] = decision.rules
-            value = _alert_score(decision.value, fraud_schema) if scored else 1.0
+            value = alerts.score_of(decision.value)
         else:
             value = parse_score(decision.headers) if scored else 0.0
         side.released.append((key, int(decision.route), value))
-
-
-def _alert_score(value: bytes, fraud_schema) -> float:
-    alert = schemaless_reader(io.BytesIO(value[5:]), fraud_schema, None)
-    return float(alert["score"])
