@@ -125,7 +125,7 @@ def build_report(result, labels: dict[str, tuple[bool, str]], *, first_day: date
     days_present = np.unique(result.event_ms[in_window] // DAY_MS)
     if not decided:
         span = result.event_ms[result.event_ms >= 0]
-        warnings.append(f"no transactions between {first_day or 'the first'} and {last_day or 'the last'} day on "
+        warnings.append(f"no transactions between {first_day or 'the first day'} and {last_day or 'the last day'} on "
                         f"{result.topic}" + (f" (it holds {len(span):,} from {_day_text(int(span.min() // DAY_MS))} to "
                                             f"{_day_text(int(span.max() // DAY_MS))})" if len(span) else " (it is empty)"))
     if not labels:
