@@ -149,6 +149,7 @@ class SideDecisions:
     fired: dict[int, tuple[str, ...]] = field(default_factory=dict)  # position key -> rules of a fraud decision
     released: list[tuple[int, int, float]] = field(default_factory=list)  # (position key, route, score)
     held: int = 0  # records held for the look-ahead (decided on release)
+    held_then_alerted: int = 0  # of those, released as fraud (the terminal rule, counting cards up to the look-ahead)
 
 
 @dataclass
@@ -164,6 +165,7 @@ class ReplayResult:
     fired: dict[str, dict[int, tuple[str, ...]]]  # name -> position key -> rules
     rule_sets: dict[str, RuleSet]
     held: dict[str, int]
+    held_then_alerted: dict[str, int]
     read: int
     decide_s: float  # seconds spent deciding (reading excluded)
     read_s: float  # seconds of the whole replay
@@ -361,7 +363,7 @@ class Replay:
         finally:
             consumer.close()
         position = np.concatenate(positions) if positions else np.zeros(0, np.uint64)
-        sides, fired, held_counts = {}, {}, {}
+        sides, fired, held_counts, alerted = {}, {}, {}, {}
         for name, (_, _, side) in deciders.items():
             route = np.concatenate(side.route) if side.route else np.zeros(0, np.int8)
             score = np.concatenate(side.score) if side.score else np.zeros(0, np.float64)
@@ -372,11 +374,12 @@ class Replay:
                 route[at] = [r for _, r, _ in side.released]
                 score[at] = [v for _, _, v in side.released]
             sides[name] = {"route": route, "score": score}
-            fired[name], held_counts[name] = side.fired, side.held
+            fired[name], held_counts[name], alerted[name] = side.fired, side.held, side.held_then_alerted
         column = (lambda k: np.concatenate([i[k] for i in info]) if info else np.zeros(0, dtype=object))
         return ReplayResult(topic=s.transactions_topic, position=position, transaction_id=column(0), card_id=column(1),
                             event_ms=np.concatenate([i[2] for i in info]) if info else np.zeros(0, np.int64),
-                            sides=sides, fired=fired, rule_sets=dict(self.rule_sets), held=held_counts, read=read,
+                            sides=sides, fired=fired, rule_sets=dict(self.rule_sets), held=held_counts,
+                            held_then_alerted=alerted, read=read,
                             decide_s=decide_s, read_s=time.perf_counter() - started,
                             cpu_s=time.process_time() - cpu_started)
 
@@ -419,6 +422,7 @@ def _collect(side: SideDecisions, batch: DecidedBatch, positions: np.ndarray, al
         key = position_key(record.partition(), record.offset())
         if decision.route is Route.FRAUD:
             side.fired[key] = decision.rules
+            side.held_then_alerted += 1
             value = alerts.score_of(decision.value)
         else:
             value = parse_score(decision.headers) if scored else 0.0

@@ -158,7 +158,8 @@ def build_report(result, labels: dict[str, tuple[bool, str]], *, first_day: date
         side["rules"] = describe(result.rule_sets[name])
         side["alerts"] = int((flagged[name] & in_window).sum())
         side["dead_letters"] = int(((route == DEAD_ROUTE) & in_window).sum())
-        side["held"] = result.held.get(name, 0)
+        side["held"] = result.held.get(name, 0)  # the whole replay's, the history before the window included
+        side["held_then_alerted"] = result.held_then_alerted.get(name, 0)
         report["sides"][name] = side
         day = result.event_ms[rows][keep] // DAY_MS
         alerts_per_day = Counter((day[np.asarray(routed.flagged, dtype=bool)[keep]]).tolist())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -21,12 +21,14 @@ from fraudstream.evaluate import read_labels
 from fraudstream.kafka import ensure_topics
 from fraudstream.producer.loop import produce
 from fraudstream.registry import register_all
-from tests.integration.test_detector import RunningDetector, decode, routed_total
-from tests.support.kafka_io import read_topic, wait_until
+from tests.integration.test_detector import RunningDetector, decode, encoder_for, routed_total
+from tests.support.kafka_io import produce_raw, read_topic, transaction, wait_until
 
 COUNT = 20_000
 SPEEDUP = 400_000.0  # event time runs about 4.6 days per second of producing: several days
 NEW_THRESHOLD_CENTS = 200_000
+VICTIMS = 6
+TOTAL = COUNT + VICTIMS
 
 
 def _fresh(stack_settings):
@@ -39,11 +41,18 @@ def _fresh(stack_settings):
 
 @pytest.fixture(scope="module")
 def routed(stack_settings):
-    """A seeded stream routed by a real detector, to the end."""
+    """A seeded stream routed by a real detector, to the end; first, a skimmer taking cards of accounts in every
+    partition (as in test_stateful_detector): its first victims are held, then released as fraud once the look-ahead
+    has seen the cards that came after them."""
     settings = _fresh(stack_settings)
+    start = datetime.now(UTC) - timedelta(hours=1)
+    encode = encoder_for(settings, settings.transactions_topic)
+    victims = [transaction(3_000, account=f"acct-victim-{i}", event_time=start + timedelta(seconds=30 * i),
+                           terminal_id="term-skimmer", transaction_id=f"victim-{i}") for i in range(VICTIMS)]
+    produce_raw(settings, settings.transactions_topic, ((t.account_id.encode(), encode(t.to_dict())) for t in victims))
     produce(settings, count=COUNT, rate=0, seed=23, speedup=SPEEDUP)
     detector = RunningDetector(settings)
-    wait_until(lambda: routed_total(settings) >= COUNT, timeout_s=180, what=f"{COUNT} transactions routed")
+    wait_until(lambda: routed_total(settings) >= TOTAL, timeout_s=180, what=f"{TOTAL} transactions routed")
     detector.stop()
     assert detector.error is None, detector.error
     return settings
@@ -70,15 +79,17 @@ def test_a_backtest_of_the_live_rules_gives_every_transaction_the_detector_s_dec
     code, report = backtest(routed, tmp_path, "--rules", str(candidate), "--fidelity")
     assert code == 0
     fidelity = report["fidelity"]
-    assert fidelity["compared"] == COUNT and fidelity["not_routed_live"] == 0, fidelity
+    assert fidelity["compared"] == TOTAL and fidelity["not_routed_live"] == 0, fidelity
     assert fidelity["decided_live_under_another_rule_set"] == 0
-    assert fidelity["same"] == COUNT and fidelity["agreement"] == 1.0, fidelity["differences"][:5]
-    # The paths that could differ did run: records held for the terminal rule's look-ahead, released as the
-    # detector released them, and alerts of the terminal rule among the decisions compared.
-    assert report["sides"]["baseline"]["held"] > 0
-    live_rules = {rule for m in read_topic(routed, routed.fraud_topic) for rule in decode(routed, m.value())["rules"]}
-    assert "compromised_terminal" in live_rules
-    assert report["speed"]["records"] == COUNT
+    assert fidelity["same"] == TOTAL and fidelity["agreement"] == 1.0, fidelity["differences"][:5]
+    # The paths that could differ did run: records held for the terminal rule's look-ahead and released as fraud,
+    # as the detector released them (the skimmer's first victims).
+    live = {(a := decode(routed, m.value()))["transaction"]["transaction_id"]: a["rules"]
+            for m in read_topic(routed, routed.fraud_topic)}
+    assert {f"victim-{i}" for i in range(VICTIMS)} <= live.keys()
+    assert live["victim-0"] == ["compromised_terminal"]
+    assert report["sides"]["baseline"]["held"] > 0 and report["sides"]["baseline"]["held_then_alerted"] >= 1
+    assert report["speed"]["records"] == TOTAL
 
 
 def test_a_candidate_raising_the_large_amount_threshold_loses_the_alerts_a_hand_count_finds(routed, tmp_path):
@@ -126,7 +137,7 @@ def test_a_window_with_no_transactions_is_one_line_and_a_report_of_zero(routed, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert len(err) == 1 and "no transactions between 2031-01-01 and 2031-01-07" in err[0], err
-    assert report["in_window"] == 0 and report["read"] == COUNT
+    assert report["in_window"] == 0 and report["read"] == TOTAL
     assert report["sides"]["candidate"]["alerts"] == report["sides"]["baseline"]["alerts"] == 0
 
 

@@ -47,7 +47,8 @@ def _result(rows=ROWS) -> ReplayResult:
         card_id=np.array([r[1] for r in rows], dtype=object), event_ms=np.array([r[2] for r in rows], dtype=np.int64),
         sides={CANDIDATE: {"route": np.array([r[3] for r in rows], np.int8), "score": np.array([float(r[3] == F) for r in rows])},
                BASELINE: {"route": np.array([r[4] for r in rows], np.int8), "score": np.array([float(r[4] == F) for r in rows])}},
-        fired=fired, rule_sets={CANDIDATE: rules, BASELINE: rules}, held={CANDIDATE: 0, BASELINE: 2}, read=n,
+        fired=fired, rule_sets={CANDIDATE: rules, BASELINE: rules}, held={CANDIDATE: 0, BASELINE: 2},
+        held_then_alerted={CANDIDATE: 0, BASELINE: 1}, read=n,
         decide_s=0.5, read_s=1.0)
 
 
