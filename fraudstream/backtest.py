@@ -36,7 +36,7 @@ import numpy as np
 
 from fraudstream.errors import ConfigError, FraudstreamError
 from fraudstream.evaluate import (DAY_MS, DEFAULT_TOP_K, Routed, _Schemas, _day_number, _day_text, _f, evaluate,
-                                  read_labels, read_to_end)
+                                  parse_score, read_labels, read_to_end)
 from fraudstream.settings import Settings
 
 CANDIDATE, BASELINE = "candidate", "baseline"
@@ -193,36 +193,40 @@ def build_report(result, labels: dict[str, tuple[bool, str]], *, first_day: date
 
 
 # ---------------------------------------------------------------- fidelity: the baseline against the live outputs
-def read_outputs(settings: Settings) -> dict[str, tuple[bool, tuple[str, ...], str]]:
-    """What the live detector wrote: transaction id -> (routed to fraud, fired rules, rule-set version)."""
+def read_outputs(settings: Settings) -> dict[str, tuple[bool, tuple[str, ...], str, float]]:
+    """What the live detector wrote: transaction id -> (routed to fraud, fired rules, rule-set version, score)."""
     from fraudstream.consumer.rules_topic import RULE_SET_HEADER
     from fraudstream.registry import Registry
 
     schemas = _Schemas(Registry(settings))
-    out: dict[str, tuple[bool, tuple[str, ...], str]] = {}
+    out: dict[str, tuple[bool, tuple[str, ...], str, float]] = {}
 
     def on_legit(message) -> None:
         record = schemas.decode(message.value())
         version = dict(message.headers() or ()).get(RULE_SET_HEADER) or b""
-        out[record["transaction_id"]] = (False, (), version.decode("utf-8", "replace"))
+        out[record["transaction_id"]] = (False, (), version.decode("utf-8", "replace"), parse_score(message.headers()))
 
     def on_fraud(message) -> None:
         alert = schemas.decode(message.value())
-        out[alert["transaction"]["transaction_id"]] = (True, tuple(alert["rules"]), alert.get("rule_set_version") or "")
+        score = alert.get("score")
+        out[alert["transaction"]["transaction_id"]] = (True, tuple(alert["rules"]), alert.get("rule_set_version") or "",
+                                                       math.nan if score is None else float(score))
 
     read_to_end(settings, settings.legit_topic, on_legit)
     read_to_end(settings, settings.fraud_topic, on_fraud)
     return out
 
 
-def fidelity(result, outputs: dict[str, tuple[bool, tuple[str, ...], str]], *, side: str, in_window: np.ndarray,
+def fidelity(result, outputs: dict[str, tuple[bool, tuple[str, ...], str, float]], *, side: str, in_window: np.ndarray,
              listed: int = FIDELITY_LISTED) -> dict[str, Any]:
     """The baseline's decision for each transaction of the window beside the one the detector wrote: the same
-    route and the same fired rules, or a difference named with its likely cause."""
+    route and the same fired rules, or a difference named with its likely cause; and, of the same decisions, the
+    same risk score (the legit header's 6 significant digits)."""
     route = result.sides[side]["route"]
     version = result.rule_sets[side].version
     fired = result.fired[side]
-    compared = same = not_routed = other_version = 0
+    compared = same = not_routed = other_version = scores_same = 0
+    score = result.sides[side]["score"]
     differences: list[dict[str, Any]] = []
     causes: Counter = Counter()
     for i in np.flatnonzero(in_window & np.isin(route, (LEGIT_ROUTE, FRAUD_ROUTE))).tolist():
@@ -238,6 +242,7 @@ def fidelity(result, outputs: dict[str, tuple[bool, tuple[str, ...], str]], *, s
         ours = (bool(route[i] == FRAUD_ROUTE), tuple(fired.get(int(result.position[i]), ())))
         if ours == live[:2]:
             same += 1
+            scores_same += math.isclose(float(score[i]), live[3], rel_tol=1e-5, abs_tol=1e-9)
             continue
         rules = set(ours[1]) | set(live[1])
         cause = ("terminal look-ahead (a held record released by the live detector on a quiet partition)"
@@ -247,7 +252,7 @@ def fidelity(result, outputs: dict[str, tuple[bool, tuple[str, ...], str]], *, s
         if len(differences) < listed:
             differences.append({"transaction_id": tx, "live": {"fraud": live[0], "rules": list(live[1])},
                                 "backtest": {"fraud": ours[0], "rules": list(ours[1])}, "cause": cause})
-    return {"rule_set": version, "compared": compared, "same": same,
+    return {"rule_set": version, "compared": compared, "same": same, "same_score": scores_same,
             "agreement": same / compared if compared else None, "different": compared - same,
             "causes": dict(causes), "differences": differences,
             "not_routed_live": not_routed, "decided_live_under_another_rule_set": other_version}
@@ -296,6 +301,8 @@ def render(report: dict[str, Any], names: tuple[str, str] = (CANDIDATE, BASELINE
     if fid is not None:
         lines += ["", f"fidelity ({names[1]} against the detector's outputs, rule set {fid['rule_set']}): "
                       f"{fid['same']:,} of {fid['compared']:,} the same"
+                      + (f" ({fid['same'] - fid['same_score']:,} of them with another score)"
+                         if fid["same_score"] != fid["same"] else "")
                       + (f" ({100 * fid['agreement']:.2f}%)" if fid["agreement"] is not None else "")
                       + (f"; {fid['not_routed_live']:,} not routed live" if fid["not_routed_live"] else "")
                       + (f"; {fid['decided_live_under_another_rule_set']:,} decided live under another rule set"

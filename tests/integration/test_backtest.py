@@ -82,6 +82,7 @@ def test_a_backtest_of_the_live_rules_gives_every_transaction_the_detector_s_dec
     assert fidelity["compared"] == TOTAL and fidelity["not_routed_live"] == 0, fidelity
     assert fidelity["decided_live_under_another_rule_set"] == 0
     assert fidelity["same"] == TOTAL and fidelity["agreement"] == 1.0, fidelity["differences"][:5]
+    assert fidelity["same_score"] == TOTAL  # the risk score too: 1 on an alert, the legit header's 0
     # The paths that could differ did run: records held for the terminal rule's look-ahead and released as fraud,
     # as the detector released them (the skimmer's first victims).
     live = {(a := decode(routed, m.value()))["transaction"]["transaction_id"]: a["rules"]
