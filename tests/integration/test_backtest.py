@@ -123,6 +123,16 @@ def test_a_candidate_raising_the_large_amount_threshold_loses_the_alerts_a_hand_
     assert report["sides"]["candidate"]["overall"]["scenarios"]["large_amount"]["recall"] < baseline_recall
     assert set(report["workload"]["candidate"]["per_day"]) == {d.isoformat() for d in days if first <= d <= last}
 
+    # The other way round, with --baseline: the raised threshold as the baseline, the live one as the candidate.
+    live_threshold = tmp_path / "live-threshold.toml"
+    live_threshold.write_text("[large_amount]\nthreshold_cents = 90000\n")  # the seeded rule's (the default)
+    code, reverse = backtest(routed, tmp_path, "--rules", str(live_threshold), "--baseline", str(candidate),
+                             "--from", first.isoformat(), "--to", last.isoformat())
+    assert code == 0
+    assert reverse["differences"]["only_candidate"]["alerts"] == len(lost)
+    assert reverse["differences"]["only_baseline"]["alerts"] == 0 and reverse["differences"]["missed_frauds"] == 0
+    assert reverse["baseline_source"].endswith(f"with {candidate} applied")
+
 
 def test_a_candidate_file_that_does_not_parse_is_one_line(routed, tmp_path, capsys):
     candidate = _candidate(tmp_path, "[large_amount\nthreshold_cents = 1\n")
