@@ -25,7 +25,8 @@ from tests.integration.test_detector import RunningDetector, decode, encoder_for
 from tests.support.kafka_io import produce_raw, read_topic, transaction, wait_until
 
 COUNT = 20_000
-SPEEDUP = 400_000.0  # event time runs about 4.6 days per second of producing: several days
+SPEEDUP = 400_000.0  # event time runs about 4.6 days per second of producing
+RATE = 20_000.0  # at most: one second of producing at least, so the stream spans several days on any machine
 NEW_THRESHOLD_CENTS = 200_000
 VICTIMS = 6
 TOTAL = COUNT + VICTIMS
@@ -50,7 +51,7 @@ def routed(stack_settings):
     victims = [transaction(3_000, account=f"acct-victim-{i}", event_time=start + timedelta(seconds=30 * i),
                            terminal_id="term-skimmer", transaction_id=f"victim-{i}") for i in range(VICTIMS)]
     produce_raw(settings, settings.transactions_topic, ((t.account_id.encode(), encode(t.to_dict())) for t in victims))
-    produce(settings, count=COUNT, rate=0, seed=23, speedup=SPEEDUP)
+    produce(settings, count=COUNT, rate=RATE, seed=23, speedup=SPEEDUP)
     detector = RunningDetector(settings)
     wait_until(lambda: routed_total(settings) >= TOTAL, timeout_s=180, what=f"{TOTAL} transactions routed")
     detector.stop()
