@@ -136,7 +136,7 @@ def build_report(result, labels: dict[str, tuple[bool, str]], *, first_day: date
         "topic": result.topic,
         "window": {"from": _day_text(int(days_present.min())) if len(days_present) else None,
                    "to": _day_text(int(days_present.max())) if len(days_present) else None},
-        "read": result.read, "in_window": decided, "labels": len(labels),
+        "read": result.read, "in_window": decided, "labels": len(labels), "top_k": top_k,
         "speed": {"records": result.read, "decide_s": round(result.decide_s, 3), "total_s": round(result.read_s, 3),
                   "cpu_s": round(result.cpu_s, 3),
                   "records_per_decide_s": round(result.read / result.decide_s) if result.decide_s else None},
@@ -267,7 +267,7 @@ def render(report: dict[str, Any], names: tuple[str, str] = (CANDIDATE, BASELINE
              f"decided in {speed['decide_s']:.1f} s, {speed['records_per_decide_s'] or 0:,} records/s per rule set pair)",
              ""]
     lines.append(f"{'':<12} {'alerts':>8} {'per day':>8} {'precision':>9} {'recall':>7} {'AUC':>6} {'AP':>6} "
-                 f"{'CP@k':>6}  rule set")
+                 f"{'CP@' + str(report['top_k']):>6}  rule set")
     for name in names:
         side, o = sides[name], sides[name]["overall"] or {}
         lines.append(f"{name:<12} {side['alerts']:>8,} {_f(report['workload'][name]['mean_per_day'], 1):>8} "
