@@ -62,7 +62,13 @@ def routed(stack_settings):
 def backtest(settings, tmp_path, *args: str) -> tuple[int, dict | None]:
     output = tmp_path / f"bt-{uuid.uuid4().hex[:6]}.json"
     code = main(["backtest", "--topic", settings.transactions_topic, "--output", str(output), *args])
-    return code, (json.loads(output.read_text()) if output.exists() else None)
+    if not output.exists():
+        return code, None
+    report = json.loads(output.read_text())
+    chart = output.with_suffix(".png")  # alerts and precision per day, both rule sets (matplotlib: a test extra)
+    assert chart.exists() == bool(report["in_window"])
+    assert not chart.exists() or chart.read_bytes()[:4] == b"\x89PNG"
+    return code, report
 
 
 def _candidate(tmp_path, text: str):
