@@ -329,9 +329,10 @@ def write_chart(report: dict[str, Any], path: Path, names: tuple[str, str] = (CA
         precision = {d["day"]: d["precision"] for d in report["sides"][name]["days"]}
         right.plot(x, [math.nan if precision.get(d) is None else precision[d] for d in days], marker=".", label=name)
     left.set(ylabel="alerts", title="Alerts per day (analyst workload)")
+    left.set_ylim(bottom=0)
     right.set(ylabel="precision", ylim=(0, 1.02), title="Precision per day")
-    for axis in (left, right):
-        axis.legend(loc="upper right")
+    left.legend(loc="upper right")
+    right.legend(loc="lower right")  # precision usually sits high
     figure.autofmt_xdate()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
