@@ -17,7 +17,7 @@ BENCH_ARGS ?=
 # Like the tests: an existing Kafka and registry when both variables are set, otherwise the local stack.
 EXISTING_SERVICES := $(and $(KAFKA_BOOTSTRAP_SERVERS),$(SCHEMA_REGISTRY_URL))
 
-.PHONY: demo test chromium console faults soak handbook stack-up stack-down services bench bench-quick bench-rules clean
+.PHONY: demo test chromium console faults soak handbook stack-up stack-down services bench bench-quick bench-rules bench-backtest clean
 
 demo: services
 	$(BIN)/fraudstream schemas register
@@ -67,10 +67,15 @@ handbook: services
 # quixstreams runs in .venv-quix, which the benchmark creates on first use (benchmarks/quix_env.py).
 bench: services
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.backtest
 
 # Tiny counts: checks that every part of the benchmark works, measures nothing.
 bench-quick: services
 	$(BIN)/python -m benchmarks --quick $(BENCH_ARGS)
+
+# Backtest throughput against the live detector's on the same topic (a ratio).
+bench-backtest: services
+	$(BIN)/python -m benchmarks.backtest
 
 # Detector throughput with a rule change every second against none (a ratio).
 bench-rules: services

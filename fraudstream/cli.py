@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rules": ("fraudstream.rules_cli", "list, show, change and disable the detection rules while detectors run"),
     "inspect": ("fraudstream.consumer.inspect", "print a topic's records as JSON lines (like kafka-avro-console-consumer)"),
     "demo": ("fraudstream.demo", "run the whole pipeline on the local stack with a live view"),
+    "backtest": ("fraudstream.backtest", "replay past transactions through candidate rules beside the live ones"),
     "evaluate": ("fraudstream.evaluate", "measure detection quality from the outputs and the labels (Handbook metrics)"),
     "acl": ("fraudstream.acl", "print (or apply, as the admin) the least Kafka ACLs of each role for a topic"),
     "train": ("fraudstream.train", "train a model for detect --model from the transactions and labels topics"),

@@ -398,7 +398,7 @@ def read_to_end(settings: Settings, topic: str, handle: Callable[[Any], None]) -
         "partition.assignment.strategy": "range"}))
     read = 0
     try:
-        plan = plan_read(consumer, topic, partition=None, start=StartOffset("earliest"))
+        plan = plan_read(consumer, topic, partition=None, start=StartOffset("earliest"), settings=settings)
         remaining = plan.unfinished()
         if not remaining:
             return 0
@@ -436,6 +436,25 @@ def parse_score(headers: Sequence[tuple[str, bytes | None]] | None) -> float:
     return math.nan
 
 
+def read_labels(settings: Settings, schemas: _Schemas | None = None) -> tuple[dict[str, tuple[bool, str]], int]:
+    """The labels topic: transaction id -> (is fraud, scenario); and how many records could not be decoded."""
+    schemas = schemas or _Schemas(Registry(settings))
+    labels: dict[str, tuple[bool, str]] = {}
+    undecodable = 0
+
+    def on_label(message) -> None:
+        nonlocal undecodable
+        try:
+            label = schemas.decode(message.value())
+        except DecodeError:
+            undecodable += 1
+            return
+        labels[label["transaction_id"]] = (bool(label["is_fraud"]), label["scenario"])
+
+    read_to_end(settings, settings.labels_topic, on_label)
+    return labels, undecodable
+
+
 def read_pipeline(settings: Settings) -> tuple[Routed, dict[str, tuple[bool, str]], list[str]]:
     """The routed transactions, the labels, and one-line warnings about what could not be read."""
     schemas = _Schemas(Registry(settings))
@@ -466,19 +485,10 @@ def read_pipeline(settings: Settings) -> tuple[Routed, dict[str, tuple[bool, str
         score = alert.get("score")
         add(alert["transaction"], True, math.nan if score is None else float(score))
 
-    labels: dict[str, tuple[bool, str]] = {}
-
-    def on_label(message) -> None:
-        try:
-            label = schemas.decode(message.value())
-        except DecodeError:
-            problems["undecodable"] += 1
-            return
-        labels[label["transaction_id"]] = (bool(label["is_fraud"]), label["scenario"])
-
     read_to_end(settings, settings.legit_topic, on_legit)
     read_to_end(settings, settings.fraud_topic, on_fraud)
-    read_to_end(settings, settings.labels_topic, on_label)
+    labels, undecodable_labels = read_labels(settings, schemas)
+    problems["undecodable"] += undecodable_labels
     warnings = []
     if problems["undecodable"]:
         warnings.append(f"{problems['undecodable']:,} records could not be decoded: left out")

@@ -1,0 +1,429 @@
+"""The backtest's engine side: a topic's records replayed through the detector's own StatefulDecider.
+
+No second implementation of anything the detector decides with: the records are real confluent-kafka messages
+read from the input topic (assign mode, read_committed, every partition from its beginning to the end taken
+at start), decoded by the detector's decoders, and handed in batches to `StatefulDecider.decide_batch`, which
+computes the card features, the terminal window's features, the rules, the model's score, and holds and
+releases records for the terminal rule's look-ahead exactly as `fraudstream detect` does. What differs is
+only where its state lives and what is done with the decisions:
+
+- state: one KeyedTable per store per input partition, in memory (`MemoryState`, the StateManager's
+  interface the decider reads), built from the topic's history before the window (every record is decided,
+  the report keeps the window's);
+- terminal window: a TerminalWindow fed with every partition's records as they are read (`ReplayTerminal`,
+  the TerminalReader's interface). A batch is decided once every partition has been read past its latest
+  event time plus the tolerance, or to its end: the live detector's event-time gate. A held record is
+  released once every partition has been read past its event time plus the look-ahead and the tolerance,
+  or to its end;
+- outputs: nothing is produced, no transaction, no changelog. Each record's decision (route, fired rules,
+  score) is kept, by input position, for the report.
+
+Several rule sets are decided over the same read (the candidate and the live rules): one decider each (their
+held records differ), one terminal window for all (it holds input events only). Each record is decoded once:
+the decoded batch read for the window is the one the deciders get.
+
+What a replay cannot reproduce: the live detector's quiet-partition release (a held record released after
+`terminal_hold_idle_ms` of wall-clock quiet, before the window reached its look-ahead) depends on when records
+arrived; a replay reads the whole history at once, so it releases with the full look-ahead.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from fraudstream.consumer.decide import ColumnarDecider, DecidedBatch, Decider, Route
+from fraudstream.consumer.features import TxColumns, hash_strings
+from fraudstream.consumer.inspect import StartOffset, plan_read
+from fraudstream.consumer.model import Model
+from fraudstream.consumer.rules import TERMINAL_RULES, RuleSet
+from fraudstream.consumer.state.table import KeyedTable
+from fraudstream.consumer.stateful import STORES, DecodedBatch, StatefulDecider, decode_batch
+from fraudstream.consumer.terminal import TERMINAL_TOLERANCE_MS, TerminalWindow, terminal_cards
+from fraudstream.errors import KafkaUnavailable
+from fraudstream.evaluate import parse_score
+from fraudstream.kafka import consumer_config
+from fraudstream.registry import Registry, current_ids
+from fraudstream.schemas import load_schemas
+from fraudstream.serde import Decoder
+from fraudstream.settings import Settings
+
+log = logging.getLogger("fraudstream.backtest")
+
+READ_CHUNK = 20_000  # records per consume() and per decided batch (the detector's batch_max_records)
+POLL_S = 0.5
+FETCH_BYTES_PER_PARTITION = 8 * 1024 * 1024
+EXPIRE_EVERY = 20  # batches between two expiries of the terminal window (it only frees memory)
+BACKTEST_GROUP_ID = "fraudstream-backtest"  # never joined nor committed (assign() only)
+_POS_SHIFT = 40  # position key: partition << 40 | offset, as the terminal window and held rows number records
+
+
+def position_key(partition: int, offset: int) -> int:
+    return (partition << _POS_SHIFT) | offset
+
+
+class MemoryState:
+    """The StateManager's interface the decider reads (`tables`, `ready_tables`), in memory: one KeyedTable per
+    store per input partition, made on first use."""
+
+    def __init__(self) -> None:
+        self._tables: dict[int, dict[str, KeyedTable]] = {}
+
+    def tables(self, partition: int) -> dict[str, KeyedTable]:
+        tables = self._tables.get(partition)
+        if tables is None:
+            tables = self._tables[partition] = {spec.name: KeyedTable(spec.dtype) for spec in STORES}
+        return tables
+
+    def ready_tables(self, store: str) -> dict[int, KeyedTable]:
+        return {partition: tables[store] for partition, tables in self._tables.items()}
+
+    def forget_changes(self) -> None:
+        """Nothing goes to a changelog: drop what the tables keep for one (their tombstone lists grow otherwise)."""
+        for tables in self._tables.values():
+            for table in tables.values():
+                table.take_removed()
+
+
+@dataclass
+class ReadProgress:
+    """How far the replay has read each input partition: its latest event time, and whether it is at its end."""
+
+    partitions: list[int]
+    latest: dict[int, int] = field(default_factory=dict)
+    finished: set[int] = field(default_factory=set)
+
+    def past_everywhere(self, event_ms: np.ndarray) -> np.ndarray:
+        """For each event time: whether every partition was read past it, or to its end (the gate's test)."""
+        due = np.ones(len(event_ms), dtype=bool)
+        for p in self.partitions:
+            if p not in self.finished:
+                due &= event_ms < self.latest.get(p, np.iinfo(np.int64).min)
+        return due
+
+    def floor(self) -> int | None:
+        """No record still to read is earlier than this (records run out of order by at most the tolerance)."""
+        open_ = [self.latest.get(p) for p in self.partitions if p not in self.finished]
+        if any(t is None for t in open_):
+            return None
+        return min(open_) - TERMINAL_TOLERANCE_MS if open_ else None
+
+
+class ReplayTerminal:
+    """The TerminalReader's interface (`features`, `releasable`, `other_cards_held`, `keep_from`) over a
+    TerminalWindow the replay feeds: the same window code and query, with the gate held by the replay loop."""
+
+    def __init__(self, window: TerminalWindow, progress: ReadProgress) -> None:
+        self.window = window
+        self.progress = progress
+        self.tolerance_ms = TERMINAL_TOLERANCE_MS
+        self.keep_from: Callable[[], int | None] = lambda: None  # set by the StatefulDecider
+
+    def features(self, tx: TxColumns, partitions: np.ndarray, offsets: np.ndarray,
+                 created_ms: int | None = None) -> dict[str, np.ndarray]:
+        if not len(tx):
+            return {"terminal_cards": np.zeros(0, np.int64)}
+        return terminal_cards(self.window, tx, partitions, offsets)
+
+    def releasable(self, times: np.ndarray, created_ms: np.ndarray, ahead_ms: int, idle_ms: int) -> np.ndarray:
+        return self.progress.past_everywhere(np.asarray(times, dtype=np.int64) + ahead_ms + self.tolerance_ms)
+
+    def other_cards_held(self, terminals: np.ndarray, cards: np.ndarray, times: np.ndarray, ahead_ms: int) -> np.ndarray:
+        return self.window.other_cards(terminals, cards, times, ahead_ms=ahead_ms)
+
+
+@dataclass
+class SideDecisions:
+    """One rule set's decisions, by input position: route (Route values), score, and the rules that fired."""
+
+    name: str
+    rules: RuleSet
+    route: list[np.ndarray] = field(default_factory=list)  # per batch, int8
+    score: list[np.ndarray] = field(default_factory=list)  # per batch, float64
+    fired: dict[int, tuple[str, ...]] = field(default_factory=dict)  # position key -> rules of a fraud decision
+    released: list[tuple[int, int, float]] = field(default_factory=list)  # (position key, route, score)
+    held: int = 0  # records held for the look-ahead (decided on release)
+    held_then_alerted: int = 0  # of those, released as fraud (the terminal rule, counting cards up to the look-ahead)
+
+
+@dataclass
+class ReplayResult:
+    """Every record read: its position, transaction id, card, event time; and each side's decisions."""
+
+    topic: str
+    position: np.ndarray  # uint64, position keys
+    transaction_id: np.ndarray  # object (None: dead-lettered before it was read)
+    card_id: np.ndarray  # object
+    event_ms: np.ndarray  # int64 (-1: not decoded)
+    sides: dict[str, dict[str, np.ndarray]]  # name -> {"route", "score"}
+    fired: dict[str, dict[int, tuple[str, ...]]]  # name -> position key -> rules
+    rule_sets: dict[str, RuleSet]
+    held: dict[str, int]
+    held_then_alerted: dict[str, int]
+    read: int
+    decide_s: float  # seconds spent deciding (reading excluded)
+    read_s: float  # seconds of the whole replay
+    cpu_s: float = 0.0  # CPU seconds of this process over the whole replay (the machine may be shared)
+
+
+def build_decoders(settings: Settings) -> tuple[Decider, ColumnarDecider | None]:
+    """The detector's decoders and encoders, as `detect` builds them (consumer/detector.py, Detector._start)."""
+    registry = Registry(settings)
+    schemas = load_schemas(settings.schemas_dir)
+    ids = current_ids(settings, registry, schemas)
+    decoder = Decoder(registry, schemas.expanded["Transaction"], reader_id=ids[settings.transactions_topic])
+    record_wise = Decider(decoder, (), legit_schema_id=ids[settings.legit_topic],
+                          legit_schema=schemas.parsed["Transaction"], fraud_schema_id=ids[settings.fraud_topic],
+                          fraud_schema=schemas.parsed["FraudAlert"], reject_trailing_bytes=True)
+    columnar = (ColumnarDecider(record_wise, reader_schema=schemas.expanded["Transaction"])
+                if settings.decoder == "columnar" else None)
+    return record_wise, columnar
+
+
+class _AlertScores:
+    """The deciders' fraud encoder. Nothing is produced, so no alert is encoded: its score is kept, and the
+    Decision's value is the score's number here."""
+
+    def __init__(self) -> None:
+        self.scores: list[float] = []
+
+    def __call__(self, alert: dict) -> bytes:
+        self.scores.append(float(alert["score"]))
+        return (len(self.scores) - 1).to_bytes(8, "big")
+
+    def score_of(self, value: bytes) -> float:
+        return self.scores[int.from_bytes(value, "big")]
+
+
+class _DecodeOnce:
+    """The deciders' decode step: a batch the replay already decoded (for the window) is not decoded again."""
+
+    def __init__(self, decode: Callable[[Sequence], DecodedBatch]) -> None:
+        self.decode = decode
+        self._messages: Sequence | None = None
+        self._decoded: DecodedBatch | None = None
+
+    def use(self, messages: Sequence, decoded: DecodedBatch) -> None:
+        """The next decide_batch(messages) gets `decoded`."""
+        self._messages, self._decoded = messages, decoded
+
+    def __call__(self, messages: Sequence) -> DecodedBatch:
+        if messages is self._messages:
+            return self._decoded
+        return self.decode(messages)  # held records decoded again on release (the few that become alerts)
+
+
+def _events(decoded: DecodedBatch, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per message of a decoded batch: transaction id, card id, event time (-1: dead letter), terminal and card
+    hashes (what the terminal window holds)."""
+    transaction_id = np.full(n, None, dtype=object)
+    card_id = np.full(n, None, dtype=object)
+    event_ms = np.full(n, -1, dtype=np.int64)
+    terminal = np.zeros(n, dtype=np.uint32)
+    card = np.zeros(n, dtype=np.uint32)
+    if decoded.columns is not None and decoded.columns.num_rows:
+        rows = np.asarray(decoded.column_rows, dtype=np.int64)
+        batch = decoded.columns
+        transaction_id[rows] = batch.column("transaction_id").to_numpy(zero_copy_only=False)
+        card_id[rows] = batch.column("card_id").to_numpy(zero_copy_only=False)
+        event_ms[rows] = batch.column("event_time").cast(pa.int64()).to_numpy(zero_copy_only=False)
+        terminal[rows] = hash_strings(batch.column("terminal_id"))
+        card[rows] = hash_strings(batch.column("card_id"))
+    if decoded.records:
+        rows = np.array([i for i, _ in decoded.records], dtype=np.int64)
+        tx = TxColumns.from_records([r for _, r in decoded.records])
+        transaction_id[rows] = tx.transaction_id
+        card_id[rows] = [r["card_id"] for _, r in decoded.records]
+        event_ms[rows], terminal[rows], card[rows] = tx.event_time_ms, tx.terminal_hash, tx.card_hash
+    return transaction_id, card_id, event_ms, terminal, card
+
+
+class Replay:
+    """Read the input topic once and decide it with each rule set (`rule_sets`: name -> RuleSet)."""
+
+    def __init__(self, settings: Settings, rule_sets: dict[str, RuleSet], *, model: Model | None = None,
+                 labels=None, on_log: Callable[[str], None] = log.info) -> None:
+        self.settings = settings
+        self.rule_sets = rule_sets
+        self.model = model
+        self.labels = labels  # a started LabelsReader, for a model
+        self.on_log = on_log
+
+    def run(self) -> ReplayResult:
+        s = self.settings
+        record_wise, columnar = build_decoders(s)
+        decode = _DecodeOnce(lambda messages: decode_batch(columnar, record_wise, messages))
+        consumer = Consumer(consumer_config(s, BACKTEST_GROUP_ID, **{
+            "isolation.level": "read_committed", "enable.partition.eof": True, "enable.auto.commit": False,
+            # A history read from its beginning: fewer, larger fetches per partition.
+            "max.partition.fetch.bytes": FETCH_BYTES_PER_PARTITION}))
+        started, cpu_started = time.perf_counter(), time.process_time()
+        try:
+            plan = plan_read(consumer, s.transactions_topic, partition=None, start=StartOffset("earliest"), settings=s)
+            progress = ReadProgress(sorted(plan.starts))
+            progress.finished = {p for p in plan.starts if plan.starts[p] >= plan.ends[p]}
+            window = TerminalWindow()
+            deciders: dict[str, tuple[StatefulDecider, MemoryState, SideDecisions]] = {}
+            alerts = _AlertScores()
+            for name, rules in self.rule_sets.items():
+                state = MemoryState()
+                # As `detect` does: a terminal window only for a rule set with a terminal rule (nothing held otherwise).
+                terminal = (ReplayTerminal(window, progress) if any(kind in TERMINAL_RULES for kind in
+                                                                    getattr(rules, "kinds", {}).values())
+                            or any(n in TERMINAL_RULES for n in rules.names) else None)
+                decider = StatefulDecider(decode, rules, state, encode_legit=record_wise.encode_legit,
+                                          encode_fraud=alerts, model=self.model, labels=self.labels,
+                                          terminal_features=terminal.features if terminal else None, terminal=terminal,
+                                          hold_idle_ms=s.terminal_hold_idle_ms, input_topic=s.transactions_topic)
+                deciders[name] = (decider, state, SideDecisions(name, rules))
+            positions: list[np.ndarray] = []
+            info: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+            # Batches read, not decided yet: (messages, their decoded batch, their position keys, earliest and latest
+            # event time).
+            pending: list[tuple[list, DecodedBatch, np.ndarray, int, int]] = []
+            decide_s = 0.0
+            batches = 0
+            read = 0
+
+            def decide(messages: list, decoded: DecodedBatch, keys: np.ndarray) -> None:
+                nonlocal decide_s, batches
+                t0 = time.perf_counter()
+                for decider, state, side in deciders.values():
+                    decode.use(messages, decoded)
+                    batch = decider.decide_batch(messages)
+                    _collect(side, batch, keys, alerts, self.model is not None)
+                batches += 1
+                if batches % EXPIRE_EVERY == 0:
+                    self._expire(window, progress, pending, deciders)
+                    for _, state, _ in deciders.values():
+                        state.forget_changes()
+                decide_s += time.perf_counter() - t0
+
+            remaining = {p for p in plan.starts if p not in progress.finished}
+            if remaining:
+                consumer.assign([TopicPartition(s.transactions_topic, p, plan.starts[p]) for p in sorted(remaining)])
+            while remaining:
+                messages = []
+                for message in consumer.consume(READ_CHUNK, POLL_S):
+                    error = message.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            remaining.discard(message.partition())
+                        elif error.fatal() or error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                            raise KafkaUnavailable(f"reading {s.transactions_topic}: {error.str()}")
+                        continue
+                    p, offset = message.partition(), message.offset()
+                    if offset >= plan.ends[p]:
+                        remaining.discard(p)
+                        continue
+                    if offset + 1 >= plan.ends[p]:
+                        remaining.discard(p)
+                    messages.append(message)
+                progress.finished = set(progress.partitions) - remaining
+                if not messages:
+                    continue
+                read += len(messages)
+                t0 = time.perf_counter()
+                decoded = decode.decode(messages)
+                parts = np.fromiter((m.partition() for m in messages), dtype=np.int64, count=len(messages))
+                offsets = np.fromiter((m.offset() for m in messages), dtype=np.int64, count=len(messages))
+                tx_ids, cards, event_ms, terminal_hash, card_hash = _events(decoded, len(messages))
+                valid = event_ms >= 0
+                window.add(parts[valid], offsets[valid], terminal_hash[valid], card_hash[valid], event_ms[valid])
+                for p in np.unique(parts[valid]).tolist():
+                    latest = int(event_ms[valid & (parts == p)].max())
+                    progress.latest[p] = max(progress.latest.get(p, latest), latest)
+                keys = (parts.astype(np.uint64) << np.uint64(_POS_SHIFT)) | offsets.astype(np.uint64)
+                positions.append(keys)
+                info.append((tx_ids, cards, event_ms))
+                decide_s += time.perf_counter() - t0
+                if valid.any():
+                    pending.append((messages, decoded, keys, int(event_ms[valid].min()), int(event_ms[valid].max())))
+                else:  # dead letters only: nothing for the gate to wait for
+                    pending.append((messages, decoded, keys, np.iinfo(np.int64).max, np.iinfo(np.int64).min))
+                # The gate: a batch is decided once every partition was read past its latest event time plus
+                # the tolerance, or to its end.
+                while pending and progress.past_everywhere(np.array([pending[0][4] + TERMINAL_TOLERANCE_MS]))[0]:
+                    decide(*pending.pop(0)[:3])
+            progress.finished = set(progress.partitions)
+            while pending:
+                decide(*pending.pop(0)[:3])
+            t0 = time.perf_counter()
+            for decider, _, side in deciders.values():
+                released = decider.release_due()  # the input has ended: every held record is due
+                if released is not None:
+                    _collect(side, released, np.zeros(0, np.uint64), alerts, self.model is not None)
+            decide_s += time.perf_counter() - t0
+        finally:
+            consumer.close()
+        position = np.concatenate(positions) if positions else np.zeros(0, np.uint64)
+        sides, fired, held_counts, alerted = {}, {}, {}, {}
+        for name, (_, _, side) in deciders.items():
+            route = np.concatenate(side.route) if side.route else np.zeros(0, np.int8)
+            score = np.concatenate(side.score) if side.score else np.zeros(0, np.float64)
+            if side.released:
+                order = np.argsort(position, kind="stable")
+                keys = np.array([k for k, _, _ in side.released], dtype=np.uint64)
+                at = order[np.searchsorted(position[order], keys)]
+                route[at] = [r for _, r, _ in side.released]
+                score[at] = [v for _, _, v in side.released]
+            sides[name] = {"route": route, "score": score}
+            fired[name], held_counts[name], alerted[name] = side.fired, side.held, side.held_then_alerted
+        column = (lambda k: np.concatenate([i[k] for i in info]) if info else np.zeros(0, dtype=object))
+        return ReplayResult(topic=s.transactions_topic, position=position, transaction_id=column(0), card_id=column(1),
+                            event_ms=np.concatenate([i[2] for i in info]) if info else np.zeros(0, np.int64),
+                            sides=sides, fired=fired, rule_sets=dict(self.rule_sets), held=held_counts,
+                            held_then_alerted=alerted, read=read,
+                            decide_s=decide_s, read_s=time.perf_counter() - started,
+                            cpu_s=time.process_time() - cpu_started)
+
+    @staticmethod
+    def _expire(window: TerminalWindow, progress: ReadProgress, pending: list, deciders: dict) -> None:
+        """Drop the window's events no decision to come can read: before the earliest of the records still to
+        read, the batches not decided yet and the held records, less the tolerance and the window."""
+        floor = progress.floor()
+        if floor is None:  # a partition not read yet: its records may be of any time
+            return
+        floors = [floor, *(earliest for _, _, _, earliest, _ in pending)]
+        floors += [t for t in (decider.oldest_held() for decider, _, _ in deciders.values()) if t is not None]
+        window.expire(min(floors) - TERMINAL_TOLERANCE_MS - window.window_ms)
+
+
+def _collect(side: SideDecisions, batch: DecidedBatch, positions: np.ndarray, alerts: _AlertScores,
+             scored: bool) -> None:
+    """A decided batch's routes and scores by message index (`positions`: the messages' position keys); released
+    records by their input position."""
+    n = len(positions)
+    if n:
+        route = np.zeros(n, dtype=np.int8)  # forwarded as they came: legit
+        if scored and batch.legit_scores is not None:
+            score = np.array([float(v) if v else np.nan for v in batch.legit_scores])  # b"": fraud, set below
+        else:
+            score = np.zeros(n, dtype=np.float64)
+        outputs = batch.outputs
+        if outputs:  # fraud, dead letters, held, re-encoded legit: a minority, on arrays
+            index = np.fromiter(outputs.keys(), dtype=np.int64, count=len(outputs))
+            routes = np.fromiter((d.route for d in outputs.values()), dtype=np.int8, count=len(outputs))
+            route[index] = routes
+            for i in index[routes == Route.FRAUD].tolist():
+                decision = outputs[i]
+                side.fired[int(positions[i])] = decision.rules
+                score[i] = alerts.score_of(decision.value)
+        side.route.append(route)
+        side.score.append(score)
+        side.held += batch.held
+    for record, decision in batch.released:
+        key = position_key(record.partition(), record.offset())
+        if decision.route is Route.FRAUD:
+            side.fired[key] = decision.rules
+            side.held_then_alerted += 1
+            value = alerts.score_of(decision.value)
+        else:
+            value = parse_score(decision.headers) if scored else 0.0
+        side.released.append((key, int(decision.route), value))
