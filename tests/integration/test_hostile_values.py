@@ -53,6 +53,8 @@ def test_generated_framed_values_never_stop_the_detector_and_each_comes_out_once
         assert detector.thread.is_alive(), detector.error
 
     try:
+        # Every known id framed at least once, whatever hypothesis draws; then its examples.
+        example([(b"\x00" + schema_id.to_bytes(4, "big") + payloads[0], None) for schema_id in ids.values()])
         settings = hypothesis_settings(max_examples=30, deadline=None, database=None,
                                        suppress_health_check=[HealthCheck.too_slow])
         settings(given(st.lists(framed, min_size=1, max_size=8))(example))()
