@@ -294,7 +294,7 @@ class Replay:
             def decide(messages: list, decoded: DecodedBatch, keys: np.ndarray) -> None:
                 nonlocal decide_s, batches
                 t0 = time.perf_counter()
-                for decider, state, side in deciders.values():
+                for decider, _state, side in deciders.values():
                     decode.use(messages, decoded)
                     batch = decider.decide_batch(messages)
                     _collect(side, batch, keys, alerts, self.model is not None)
@@ -375,7 +375,10 @@ class Replay:
                 score[at] = [v for _, _, v in side.released]
             sides[name] = {"route": route, "score": score}
             fired[name], held_counts[name], alerted[name] = side.fired, side.held, side.held_then_alerted
-        column = (lambda k: np.concatenate([i[k] for i in info]) if info else np.zeros(0, dtype=object))
+
+        def column(k: int) -> np.ndarray:
+            return np.concatenate([i[k] for i in info]) if info else np.zeros(0, dtype=object)
+
         return ReplayResult(topic=s.transactions_topic, position=position, transaction_id=column(0), card_id=column(1),
                             event_ms=np.concatenate([i[2] for i in info]) if info else np.zeros(0, np.int64),
                             sides=sides, fired=fired, rule_sets=dict(self.rule_sets), held=held_counts,

@@ -280,7 +280,7 @@ def render(report: dict[str, Any], names: tuple[str, str] = (CANDIDATE, BASELINE
             lines.append(f"{s:<26}" + "".join(
                 f"{_f(((sides[n]['overall'] or {}).get('scenarios') or {}).get(s, {}).get('recall')):>12}" for n in names))
     lines.append("")
-    for mine, other in (names, names[::-1]):
+    for mine, _other in (names, names[::-1]):
         d = report["differences"][f"only_{mine}"]
         lines.append(f"alerts only the {mine} raises: {d['alerts']:,} ({d['frauds']:,} of them fraud"
                      + (f": {', '.join(f'{k} {v:,}' for k, v in sorted(d['frauds_by_scenario'].items()))}" if d['frauds'] else "")

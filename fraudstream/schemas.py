@@ -52,7 +52,7 @@ def load_schemas(schemas_dir: Path) -> SchemaSet:
 @cache
 def _load_schemas(schemas_dir: Path) -> SchemaSet:
     sources = []
-    for name, stem in SCHEMA_FILES.items():
+    for stem in SCHEMA_FILES.values():
         path = schemas_dir / f"{stem}.avsc"
         try:
             sources.append(json.loads(path.read_text()))

@@ -235,7 +235,7 @@ def test_records_framed_with_a_non_avro_schema_id_are_dead_lettered_and_the_dete
 
     for _ in range(2):  # and again after a restart: nothing left over stops it
         detector = RunningDetector(pipeline)
-        wait_until(lambda: routed_total(pipeline) >= total or not detector.thread.is_alive(), timeout_s=120,
+        wait_until(lambda detector=detector: routed_total(pipeline) >= total or not detector.thread.is_alive(), timeout_s=120,
                    what="all records routed")
         detector.stop()
         assert detector.error is None, detector.error

@@ -16,7 +16,7 @@ from fraudstream.consumer.state.stores import StoreSpec
 from fraudstream.consumer.state.table import KeyedTable, layout_tag
 from fraudstream.errors import StateError
 from fraudstream.kafka import admin, transactional_producer_config
-from tests.support.kafka_io import produce_raw, wait_until
+from tests.support.kafka_io import wait_until
 
 ROW = np.dtype([("last_ms", "<i8"), ("count", "<i4"), ("total", "<f8")])
 SPEC = StoreSpec(name="cards", dtype=ROW, layout=layout_tag("test_row", 1, ROW), expiry_field="last_ms",

@@ -160,7 +160,7 @@ def test_same_decisions_uninterrupted_killed_and_rescaled(stack_settings: Settin
     mid_stream = []  # for each kill, grow and shrink: was there input left to decide?
     for kill in range(3):  # kill B each time it has routed another 500 (its state restored, working)
         before = routed_total(killed)
-        wait_until(lambda: progressed(killed, before + 500), timeout_s=120, what=f"B working before kill {kill + 1}",
+        wait_until(lambda before=before: progressed(killed, before + 500), timeout_s=120, what=f"B working before kill {kill + 1}",
                    interval_s=0.05)
         mid_stream.append(routed_total(killed) < TOTAL)
         b.kill()

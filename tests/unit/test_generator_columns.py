@@ -53,7 +53,7 @@ def test_whole_batch_encoding_gives_fastavros_bytes_in_slot_order():
         own_rows += len(batch.own)
         pairs = objects.next_batch(400, now_ms)
         assert encode_tx(batch.transactions(encode_tx.arrow_schema)) == [one_by_one_tx(tx.to_dict()) for tx, _ in pairs]
-        assert encode_label(batch.labels(encode_label.arrow_schema)) == [one_by_one_label(l.to_dict()) for _, l in pairs]
+        assert encode_label(batch.labels(encode_label.arrow_schema)) == [one_by_one_label(label.to_dict()) for _, label in pairs]
     assert own_rows > 12 * 400 * 0.1  # the episode rows were really merged in
 
 

@@ -14,7 +14,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fraudstream.consumer import model as scoring
 from fraudstream.consumer.decide import Route
 from fraudstream.consumer.features import DAY_MS, PROFILE_DTYPE, TxColumns
-from fraudstream.consumer.rules import load_rules, rules_from_settings
+from fraudstream.consumer.rules import load_rules
 from fraudstream.consumer.state.table import KeyedTable
 from fraudstream.consumer.stateful import CARDS, MODEL_RULE, StatefulDecider, decode_batch
 from fraudstream.errors import ConfigError
