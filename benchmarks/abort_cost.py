@@ -33,8 +33,12 @@ from tests.support.decoding import make_tx
 def payments(count: int, cards: int, seed: int) -> TxColumns:
     """`count` in-person payments on cards the changelog holds (their keys as the detector makes them)."""
     rng = np.random.default_rng(seed)
-    records = [make_tx(int(rng.integers(100, 90_000)), card_id=f"card-{int(rng.integers(0, cards)):012x}",
-                       channel="CARD_PRESENT").to_dict() for _ in range(count)]
+    records = [
+        make_tx(
+            int(rng.integers(100, 90_000)), card_id=f"card-{int(rng.integers(0, cards)):012x}", channel="CARD_PRESENT"
+        ).to_dict()
+        for _ in range(count)
+    ]
     return TxColumns.from_records(records)
 
 
@@ -64,9 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         undone.append(restored.rollback())
         undo_s.append(time.perf_counter() - started)
         rebuild_s.append(restore_into_table(settings, CARDS, topic)["seconds"])  # the old abort: a full restore
-    result = {"cards": args.cards, "batch": args.batch, "rounds": args.rounds,
-              "undo_ms": statistics.median(undo_s) * 1000, "rebuild_ms": statistics.median(rebuild_s) * 1000,
-              "changes_undone": statistics.median(undone)}
+    result = {
+        "cards": args.cards,
+        "batch": args.batch,
+        "rounds": args.rounds,
+        "undo_ms": statistics.median(undo_s) * 1000,
+        "rebuild_ms": statistics.median(rebuild_s) * 1000,
+        "changes_undone": statistics.median(undone),
+    }
     result["rebuild_over_undo"] = result["rebuild_ms"] / max(result["undo_ms"], 1e-6)
     print(json.dumps(result, indent=2))
     (RESULTS / "abort_cost.json").write_text(json.dumps(result, indent=2) + "\n")

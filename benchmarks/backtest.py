@@ -102,18 +102,29 @@ def main(argv: list[str] | None = None) -> int:
     def med(runs, k):
         return statistics.median(r[k] for r in runs)
 
-    figures = {"count": args.count, "rounds": args.rounds,
-               "live": {"records_per_s": med(live, 0), "cpu_ms_per_1k": med(live, 1)},
-               "backtest_one_rule_set": {"records_per_s": med(one, 0), "deciding_records_per_s": med(one, 1),
-                                         "cpu_ms_per_1k": med(one, 2)},
-               "backtest_two_rule_sets": {"records_per_s": med(two, 0), "deciding_records_per_s": med(two, 1),
-                                          "cpu_ms_per_1k": med(two, 2)}}
+    figures = {
+        "count": args.count,
+        "rounds": args.rounds,
+        "live": {"records_per_s": med(live, 0), "cpu_ms_per_1k": med(live, 1)},
+        "backtest_one_rule_set": {
+            "records_per_s": med(one, 0),
+            "deciding_records_per_s": med(one, 1),
+            "cpu_ms_per_1k": med(one, 2),
+        },
+        "backtest_two_rule_sets": {
+            "records_per_s": med(two, 0),
+            "deciding_records_per_s": med(two, 1),
+            "cpu_ms_per_1k": med(two, 2),
+        },
+    }
     print(f"{args.count:,} transactions, {args.rounds} round(s), medians")
     print(f"{'':<34}{'records/s':>12}{'CPU ms/1k':>11}{'÷ live (rate)':>15}{'live ÷ (CPU)':>14}")
     print(f"{'live detector (exactly-once)':<34}{med(live, 0):>12,.0f}{med(live, 1):>11.2f}{'1.00x':>15}{'1.00x':>14}")
     for name, runs in (("backtest, live rule set", one), ("backtest, candidate + live", two)):
-        print(f"{name:<34}{med(runs, 0):>12,.0f}{med(runs, 2):>11.2f}{med(runs, 0) / med(live, 0):>14.2f}x"
-              f"{med(live, 1) / med(runs, 2):>13.2f}x")
+        print(
+            f"{name:<34}{med(runs, 0):>12,.0f}{med(runs, 2):>11.2f}{med(runs, 0) / med(live, 0):>14.2f}x"
+            f"{med(live, 1) / med(runs, 2):>13.2f}x"
+        )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0

@@ -1,9 +1,9 @@
 """The figures as pictures: PNG charts written next to latest.json and latest.md.
 
-  <name>-throughput.png   detector throughput by contender, the limit's bars apart
-  <name>-cpu.png          CPU per 1,000 records by contender (log scale: they span two orders)
-  <name>-latency-cdf.png  end-to-end latency CDF of ours, one panel per rate, one line per run
-  <name>-scale.png        our CPU per record and throughput at 1-4 partitions per process, 1 and 2 processes
+<name>-throughput.png   detector throughput by contender, the limit's bars apart
+<name>-cpu.png          CPU per 1,000 records by contender (log scale: they span two orders)
+<name>-latency-cdf.png  end-to-end latency CDF of ours, one panel per rate, one line per run
+<name>-scale.png        our CPU per record and throughput at 1-4 partitions per process, 1 and 2 processes
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ OURS_COLOR, LIMIT_COLOR, PEER_COLOR = "#1f77b4", "#7f7f7f", "#ff7f0e"
 def draw_all(results: dict[str, Any], output_dir: Path, name: str = "latest") -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for suffix, draw in (("throughput", _throughput), ("cpu", _cpu), ("latency-cdf", _latency_cdf),
-                         ("scale", _scale)):
+    for suffix, draw in (("throughput", _throughput), ("cpu", _cpu), ("latency-cdf", _latency_cdf), ("scale", _scale)):
         figure = draw(results)
         if figure is None:
             continue
@@ -60,8 +59,7 @@ def _bars(rows: list[tuple[str, float, str]], *, title: str, xlabel: str, log: b
     if log:
         _log_x(axes)
     for y, value in zip(positions, values):
-        axes.annotate(fmt.format(value), (value, y), xytext=(3, 0), textcoords="offset points", va="center",
-                      fontsize=8)
+        axes.annotate(fmt.format(value), (value, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
     axes.set_xlabel(xlabel)
     axes.set_title(title, fontsize=10)
     axes.margins(x=0.15)
@@ -69,13 +67,23 @@ def _bars(rows: list[tuple[str, float, str]], *, title: str, xlabel: str, log: b
 
 
 def _throughput(results: dict[str, Any]):
-    return _bars(_measured(results, "throughput_tps"), title="Detector throughput (grey: the EOS passthrough limit)",
-                 xlabel="transactions per second", log=False, fmt="{:,.0f}")
+    return _bars(
+        _measured(results, "throughput_tps"),
+        title="Detector throughput (grey: the EOS passthrough limit)",
+        xlabel="transactions per second",
+        log=False,
+        fmt="{:,.0f}",
+    )
 
 
 def _cpu(results: dict[str, Any]):
-    return _bars(_measured(results, "cpu_ms_per_1k"), title="Detector CPU per 1,000 records (lower is better)",
-                 xlabel="CPU ms per 1,000 records (log scale)", log=True, fmt="{:,.2f}")
+    return _bars(
+        _measured(results, "cpu_ms_per_1k"),
+        title="Detector CPU per 1,000 records (lower is better)",
+        xlabel="CPU ms per 1,000 records (log scale)",
+        log=True,
+        fmt="{:,.2f}",
+    )
 
 
 def _latency_cdf(results: dict[str, Any]):

@@ -40,14 +40,30 @@ def percentile(values: list[float], q: float) -> float:
 def synthetic_alert(i: int, rng: random.Random) -> dict:
     at = T0 + int(i / 200_000 * WEEK_MS)
     fired = rng.sample(RULES, rng.choice((1, 1, 1, 2)))
-    return {"transaction": {"transaction_id": f"tx-{i:07d}", "account_id": f"acc-{i % 20_000}",
-                            "card_id": f"card-{i % 20_000}", "merchant_id": f"m-{rng.randrange(2_000)}",
-                            "merchant_category": "5411", "terminal_id": f"t-{rng.randrange(5_000)}",
-                            "amount_cents": rng.randrange(100, 500_000), "currency": "USD", "event_time": at - 500,
-                            "channel": "ONLINE", "country": "US", "city": "Springfield", "latitude": 39.8,
-                            "longitude": -89.6, "device_id": None},
-            "rules": fired, "detected_at": at, "fired": [{"id": r, "version": 1} for r in fired],
-            "rule_set_version": "6", "score": round(rng.random(), 4)}
+    return {
+        "transaction": {
+            "transaction_id": f"tx-{i:07d}",
+            "account_id": f"acc-{i % 20_000}",
+            "card_id": f"card-{i % 20_000}",
+            "merchant_id": f"m-{rng.randrange(2_000)}",
+            "merchant_category": "5411",
+            "terminal_id": f"t-{rng.randrange(5_000)}",
+            "amount_cents": rng.randrange(100, 500_000),
+            "currency": "USD",
+            "event_time": at - 500,
+            "channel": "ONLINE",
+            "country": "US",
+            "city": "Springfield",
+            "latitude": 39.8,
+            "longitude": -89.6,
+            "device_id": None,
+        },
+        "rules": fired,
+        "detected_at": at,
+        "fired": [{"id": r, "version": 1} for r in fired],
+        "rule_set_version": "6",
+        "score": round(rng.random(), 4),
+    }
 
 
 def bench_queue(alerts: int, requests: int) -> dict:
@@ -63,18 +79,41 @@ def bench_queue(alerts: int, requests: int) -> dict:
     started = time.perf_counter()
     for start in range(0, alerts, 10_000):
         index.add_alerts([(0, i, synthetic_alert(i, rng)) for i in range(start, min(start + 10_000, alerts))])
-    verdicts = [(0, i, {"transaction_id": f"tx-{i:07d}", "is_fraud": i % 3 == 0, "scenario": "legit",
-                        "source": "analyst", "labelled_by": "bench", "labelled_at": T0, "event_time": T0})
-                for i in range(0, alerts, 10)]
+    verdicts = [
+        (
+            0,
+            i,
+            {
+                "transaction_id": f"tx-{i:07d}",
+                "is_fraud": i % 3 == 0,
+                "scenario": "legit",
+                "source": "analyst",
+                "labelled_by": "bench",
+                "labelled_at": T0,
+                "event_time": T0,
+            },
+        )
+        for i in range(0, alerts, 10)
+    ]
     index.add_labels(verdicts)
     fill_s = time.perf_counter() - started
-    state = ConsoleState(settings=Settings(), index=index, authenticator=Authenticator(None, anonymous_name="bench"),
-                         bands=Bands(review=0.5, decline=0.9), writer=None)
+    state = ConsoleState(
+        settings=Settings(),
+        index=index,
+        authenticator=Authenticator(None, anonymous_name="bench"),
+        bands=Bands(review=0.5, decline=0.9),
+        writer=None,
+    )
     client = TestClient(create_app(state), client=("127.0.0.1", 1))
     since = time.strftime("%Y-%m-%dT%H:%M", time.gmtime((T0 + 3 * 86_400_000) / 1000))
-    queries = {"first page": "/", "page 100": "/?page=100", "rule filter": "/?rule=velocity",
-               "card filter": "/?card=card-123", "amount range": "/?min_amount=1000&max_amount=1200",
-               "since 3 days in": f"/?since={since}"}
+    queries = {
+        "first page": "/",
+        "page 100": "/?page=100",
+        "rule filter": "/?rule=velocity",
+        "card filter": "/?card=card-123",
+        "amount range": "/?min_amount=1000&max_amount=1200",
+        "since 3 days in": f"/?since={since}",
+    }
     results = {}
     for name, url in queries.items():
         assert client.get(url).status_code == 200  # warm
@@ -86,8 +125,7 @@ def bench_queue(alerts: int, requests: int) -> dict:
             assert response.status_code == 200
         results[name] = {"p50_ms": percentile(times, 0.5), "p95_ms": percentile(times, 0.95), "max_ms": max(times)}
         print(f"queue {name:16} p50 {results[name]['p50_ms']:6.1f} ms   p95 {results[name]['p95_ms']:6.1f} ms")
-    return {"alerts": alerts, "verdicts": len(verdicts), "fill_s": fill_s, "requests_each": requests,
-            "pages": results}
+    return {"alerts": alerts, "verdicts": len(verdicts), "fill_s": fill_s, "requests_each": requests, "pages": results}
 
 
 def bench_live(count: int) -> dict:
@@ -104,8 +142,10 @@ def bench_live(count: int) -> dict:
     settings = Settings.from_env().replace(transactions_topic=f"bench-console-{uuid.uuid4().hex[:8]}")
     ensure_topics(settings)
     register_all(settings)
-    encode = make_encoder(current_ids(settings, Registry(settings))[settings.fraud_topic],
-                          load_schemas(settings.schemas_dir).parsed["FraudAlert"])
+    encode = make_encoder(
+        current_ids(settings, Registry(settings))[settings.fraud_topic],
+        load_schemas(settings.schemas_dir).parsed["FraudAlert"],
+    )
     console = start_in_thread(settings, port=0, index_file=Path(tempfile.mkdtemp()) / "index.sqlite")
     received: dict[str, float] = {}
     opened = threading.Event()
@@ -140,10 +180,18 @@ def bench_live(count: int) -> dict:
         time.sleep(0.05)
     console.stop()
     delays = [(received[t] - sent[t]) * 1000 for t in sent if t in received]
-    result = {"alerts": count, "received": len(delays), "p50_ms": percentile(delays, 0.5),
-              "p95_ms": percentile(delays, 0.95), "max_ms": max(delays), "mean_ms": statistics.fmean(delays)}
-    print(f"live update: {len(delays)}/{count} received, p50 {result['p50_ms']:.0f} ms, p95 {result['p95_ms']:.0f} ms, "
-          f"max {result['max_ms']:.0f} ms")
+    result = {
+        "alerts": count,
+        "received": len(delays),
+        "p50_ms": percentile(delays, 0.5),
+        "p95_ms": percentile(delays, 0.95),
+        "max_ms": max(delays),
+        "mean_ms": statistics.fmean(delays),
+    }
+    print(
+        f"live update: {len(delays)}/{count} received, p50 {result['p50_ms']:.0f} ms, p95 {result['p95_ms']:.0f} ms, "
+        f"max {result['max_ms']:.0f} ms"
+    )
     return result
 
 
@@ -158,17 +206,27 @@ def main() -> None:
         report["live"] = bench_live(args.live)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "console.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Console: queue page with {report['queue']['alerts']:,} alerts indexed", "",
-             f"Index filled in {report['queue']['fill_s']:.1f} s ({report['queue']['verdicts']:,} with a verdict). "
-             f"Whole page requests through the app, {args.requests} each:", "",
-             "| page | p50 ms | p95 ms | max ms |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['max_ms']:.1f} |"
-              for name, r in report["queue"]["pages"].items()]
+    lines = [
+        f"# Console: queue page with {report['queue']['alerts']:,} alerts indexed",
+        "",
+        f"Index filled in {report['queue']['fill_s']:.1f} s ({report['queue']['verdicts']:,} with a verdict). "
+        f"Whole page requests through the app, {args.requests} each:",
+        "",
+        "| page | p50 ms | p95 ms | max ms |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['max_ms']:.1f} |"
+        for name, r in report["queue"]["pages"].items()
+    ]
     if "live" in report:
         live = report["live"]
-        lines += ["", f"Live update (fraud topic write acknowledged -> SSE event at the client), {live['received']} "
-                      f"of {live['alerts']} alerts: p50 {live['p50_ms']:.0f} ms, p95 {live['p95_ms']:.0f} ms, "
-                      f"max {live['max_ms']:.0f} ms."]
+        lines += [
+            "",
+            f"Live update (fraud topic write acknowledged -> SSE event at the client), {live['received']} "
+            f"of {live['alerts']} alerts: p50 {live['p50_ms']:.0f} ms, p95 {live['p95_ms']:.0f} ms, "
+            f"max {live['max_ms']:.0f} ms.",
+        ]
     (RESULTS / "console.md").write_text("\n".join(lines) + "\n")
 
 

@@ -62,9 +62,15 @@ class Prefill:
     elapsed_s: float
 
 
-def prefill(settings: Settings, *, count: int, seed: int, json_topic: str | None,
-            velocity_max: int = VELOCITY_MAX,
-            event_rate: float = PREFILL_EVENT_RATE) -> Prefill:
+def prefill(
+    settings: Settings,
+    *,
+    count: int,
+    seed: int,
+    json_topic: str | None,
+    velocity_max: int = VELOCITY_MAX,
+    event_rate: float = PREFILL_EVENT_RATE,
+) -> Prefill:
     """Write `count` transactions to settings.transactions_topic (Avro) and, when given, json_topic (JSON)."""
     started = time.perf_counter()
     schema_id = current_ids(settings, Registry(settings))[settings.transactions_topic]
@@ -75,11 +81,16 @@ def prefill(settings: Settings, *, count: int, seed: int, json_topic: str | None
         if error is not None:
             failures.append(error.str())
 
-    producer = Producer(producer_config(settings, **{
-        "queue.buffering.max.messages": 1_000_000,  # the loop below outruns one broker on loopback
-        "compression.type": "none",  # kafka-python reads lz4 only with an extra package: keep the inputs plain
-        "on_delivery": on_delivery,
-    }))
+    producer = Producer(
+        producer_config(
+            settings,
+            **{
+                "queue.buffering.max.messages": 1_000_000,  # the loop below outruns one broker on loopback
+                "compression.type": "none",  # kafka-python reads lz4 only with an extra package: keep the inputs plain
+                "on_delivery": on_delivery,
+            },
+        )
+    )
     avro_topic, threshold, fraud, velocity_fraud = settings.transactions_topic, settings.fraud_threshold_cents, 0, 0
     sessions: dict[str, tuple[int, int]] = {}  # card -> (its latest event time, payments in its session)
     dumps = json.dumps
@@ -105,6 +116,7 @@ def prefill(settings: Settings, *, count: int, seed: int, json_topic: str | None
             producer.poll(0)
     left = producer.flush(120)
     if left or failures:
-        raise RuntimeError(f"pre-fill failed: {left} records not delivered, {len(failures)} errors "
-                           f"({failures[:1] or 'timed out'})")
+        raise RuntimeError(
+            f"pre-fill failed: {left} records not delivered, {len(failures)} errors ({failures[:1] or 'timed out'})"
+        )
     return Prefill(count=count, fraud=fraud, velocity_fraud=velocity_fraud, elapsed_s=time.perf_counter() - started)

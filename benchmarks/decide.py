@@ -35,12 +35,23 @@ class Message:
     def __init__(self, value: bytes, offset: int) -> None:
         self._value, self._key, self._offset = value, b"acc", offset
 
-    def value(self): return self._value
-    def key(self): return self._key
-    def topic(self): return "transactions"
-    def partition(self): return 0
-    def offset(self): return self._offset
-    def headers(self): return None
+    def value(self):
+        return self._value
+
+    def key(self):
+        return self._key
+
+    def topic(self):
+        return "transactions"
+
+    def partition(self):
+        return 0
+
+    def offset(self):
+        return self._offset
+
+    def headers(self):
+        return None
 
 
 class Registry:
@@ -57,15 +68,23 @@ def deciders(module: ModuleType, settings: Settings) -> dict[str, Callable[[list
 
     def record_wise(strict: bool):
         decoder = Decoder(Registry(schemas.expanded["Transaction"]), schemas.expanded["Transaction"])
-        return module.Decider(decoder, rules_from_settings(settings), legit_schema_id=TRANSACTION_ID,
-                              legit_schema=schemas.parsed["Transaction"], fraud_schema_id=FRAUD_ID,
-                              fraud_schema=schemas.parsed["FraudAlert"], reject_trailing_bytes=strict)
+        return module.Decider(
+            decoder,
+            rules_from_settings(settings),
+            legit_schema_id=TRANSACTION_ID,
+            legit_schema=schemas.parsed["Transaction"],
+            fraud_schema_id=FRAUD_ID,
+            fraud_schema=schemas.parsed["FraudAlert"],
+            reject_trailing_bytes=strict,
+        )
 
     columnar = module.ColumnarDecider(record_wise(False), reader_schema=schemas.expanded["Transaction"])
     record = record_wise(True)
     # What the detector calls: decide_batch (no object per forwarded record) where the module has it.
-    return {"record": getattr(record, "decide_batch", record.decide),
-            "columnar": getattr(columnar, "decide_batch", columnar.decide)}
+    return {
+        "record": getattr(record, "decide_batch", record.decide),
+        "columnar": getattr(columnar, "decide_batch", columnar.decide),
+    }
 
 
 def batches(settings: Settings, size: int) -> dict[str, list[Message]]:
@@ -76,8 +95,10 @@ def batches(settings: Settings, size: int) -> dict[str, list[Message]]:
     values = [encode(tx.to_dict()) for tx, _ in Generator(7).next_batch(size, 1_700_000_000_000)]
     corrupt = list(values)
     corrupt[size // 3] = corrupt[size // 3][:25]  # cut inside a string: pyruhvro refuses the whole batch
-    return {"clean": [Message(v, i) for i, v in enumerate(values)],
-            "one corrupt": [Message(v, i) for i, v in enumerate(corrupt)]}
+    return {
+        "clean": [Message(v, i) for i, v in enumerate(values)],
+        "one corrupt": [Message(v, i) for i, v in enumerate(corrupt)],
+    }
 
 
 def measure(contenders: dict[tuple, tuple[Callable[[list], list], list]], seconds: float) -> dict[tuple, float]:
@@ -113,9 +134,15 @@ def main() -> None:
     contenders = {"this": deciders(fraudstream.consumer.decide, settings)}
     if args.baseline:
         contenders["baseline"] = deciders(load_module(args.baseline), settings)
-    results = measure({(who, name, batch): (decide, messages)
-                       for batch, messages in batches(settings, args.batch).items()
-                       for who, by_name in contenders.items() for name, decide in by_name.items()}, args.seconds)
+    results = measure(
+        {
+            (who, name, batch): (decide, messages)
+            for batch, messages in batches(settings, args.batch).items()
+            for who, by_name in contenders.items()
+            for name, decide in by_name.items()
+        },
+        args.seconds,
+    )
     reference = results[("this", "columnar", "clean")]
     print(f"decide() on batches of {args.batch:,}; CPU time of one process, median of interleaved rounds")
     print("| decide.py | decider | batch | records/s | ÷ this columnar, clean |")

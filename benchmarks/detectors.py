@@ -59,44 +59,116 @@ class DetectorSpec:
     def is_limit(self) -> bool:
         return self.key.startswith(PASSTHROUGH)
 
-    def argv(self, settings: Settings, group_id: str, *, batch_max_records: int | None,
-             batch_max_ms: int | None, instance: int = 0, state_dir: Path | None = None) -> list[str]:
+    def argv(
+        self,
+        settings: Settings,
+        group_id: str,
+        *,
+        batch_max_records: int | None,
+        batch_max_ms: int | None,
+        instance: int = 0,
+        state_dir: Path | None = None,
+    ) -> list[str]:
         t = self.topics
         connection = ["--bootstrap-servers", settings.bootstrap_servers]
         registry = ["--schema-registry-url", settings.schema_registry_url]
         if self.key in ("ours", OURS_STATEFUL, OURS_VELOCITY):
-            argv = python_module("fraudstream.cli", "detect", "--topic", t.input, "--group-id", group_id,
-                                 # one per process: two detectors of a group on one host must not fence each other
-                                 "--transactional-id", f"{group_id}-{instance}", *connection, *registry,
-                                 "--fraud-threshold-cents", str(settings.fraud_threshold_cents),
-                                 # the amount rule alone, as every stateless contender runs it
-                                 *(["--stateless"] if self.key == "ours" else []),
-                                 *(["--rules", str(self.rules_file)] if self.rules_file else []))
+            argv = python_module(
+                "fraudstream.cli",
+                "detect",
+                "--topic",
+                t.input,
+                "--group-id",
+                group_id,
+                # one per process: two detectors of a group on one host must not fence each other
+                "--transactional-id",
+                f"{group_id}-{instance}",
+                *connection,
+                *registry,
+                "--fraud-threshold-cents",
+                str(settings.fraud_threshold_cents),
+                # the amount rule alone, as every stateless contender runs it
+                *(["--stateless"] if self.key == "ours" else []),
+                *(["--rules", str(self.rules_file)] if self.rules_file else []),
+            )
             if batch_max_records:
                 argv += ["--batch-max-records", str(batch_max_records)]
             if batch_max_ms:
                 argv += ["--batch-max-ms", str(batch_max_ms)]
             return argv
         if self.is_limit:
-            return python_module("benchmarks.peers.eos_passthrough", *connection, "--input-topic", t.input,
-                                 "--output-topic", t.legit, "--group-id", group_id, "--batch", str(self.batch),
-                                 *(["--produce-batch"] if self.produce_batch else []))
+            return python_module(
+                "benchmarks.peers.eos_passthrough",
+                *connection,
+                "--input-topic",
+                t.input,
+                "--output-topic",
+                t.legit,
+                "--group-id",
+                group_id,
+                "--batch",
+                str(self.batch),
+                *(["--produce-batch"] if self.produce_batch else []),
+            )
         if self.key in (QUIX, QUIX_VELOCITY):
-            return [self.python, "-m", "benchmarks.peers.quix_detector", *connection, *registry,
-                    "--input-topic", t.input, "--legit-topic", t.legit, "--fraud-topic", t.fraud,
-                    "--group-id", group_id, "--threshold-cents", str(settings.fraud_threshold_cents),
-                    "--rule", "velocity" if self.key == QUIX_VELOCITY else "stateless",
-                    "--velocity-gap-s", str(VELOCITY_GAP_MS / 1000), "--velocity-max", str(self.velocity_max),
-                    "--state-dir", str(state_dir)]
+            return [
+                self.python,
+                "-m",
+                "benchmarks.peers.quix_detector",
+                *connection,
+                *registry,
+                "--input-topic",
+                t.input,
+                "--legit-topic",
+                t.legit,
+                "--fraud-topic",
+                t.fraud,
+                "--group-id",
+                group_id,
+                "--threshold-cents",
+                str(settings.fraud_threshold_cents),
+                "--rule",
+                "velocity" if self.key == QUIX_VELOCITY else "stateless",
+                "--velocity-gap-s",
+                str(VELOCITY_GAP_MS / 1000),
+                "--velocity-max",
+                str(self.velocity_max),
+                "--state-dir",
+                str(state_dir),
+            ]
         if self.key == "confluent_per_message":
-            return python_module("benchmarks.peers.confluent_per_message", *connection, *registry,
-                                 "--input-topic", t.input, "--legit-topic", t.legit, "--fraud-topic", t.fraud,
-                                 "--dlq-topic", t.dlq, "--group-id", group_id,
-                                 "--threshold-cents", str(settings.fraud_threshold_cents))
+            return python_module(
+                "benchmarks.peers.confluent_per_message",
+                *connection,
+                *registry,
+                "--input-topic",
+                t.input,
+                "--legit-topic",
+                t.legit,
+                "--fraud-topic",
+                t.fraud,
+                "--dlq-topic",
+                t.dlq,
+                "--group-id",
+                group_id,
+                "--threshold-cents",
+                str(settings.fraud_threshold_cents),
+            )
         if self.key == "seed_kafka_python_json":
-            return python_module("benchmarks.peers.seed_kafka_python_json", *connection,
-                                 "--input-topic", t.input, "--legit-topic", t.legit, "--fraud-topic", t.fraud,
-                                 "--group-id", group_id, "--threshold-cents", str(settings.fraud_threshold_cents))
+            return python_module(
+                "benchmarks.peers.seed_kafka_python_json",
+                *connection,
+                "--input-topic",
+                t.input,
+                "--legit-topic",
+                t.legit,
+                "--fraud-topic",
+                t.fraud,
+                "--group-id",
+                group_id,
+                "--threshold-cents",
+                str(settings.fraud_threshold_cents),
+            )
         raise ValueError(f"unknown detector {self.key}")
 
 
@@ -112,22 +184,38 @@ OURS_VELOCITY = "ours_velocity"
 
 def velocity_rules(velocity_max: int) -> str:
     """The rules file of ours' velocity contender: the same two rules as quixstreams' velocity branch."""
-    return ("# benchmarks: the amount rule and the velocity count, as the quixstreams velocity contender runs them\n"
-            "[large_amount]\nexempt_categories = []\n"
-            "[card_testing]\nenabled = false\n[impossible_travel]\nenabled = false\n"
-            "[far_from_home]\nenabled = false\n[compromised_terminal]\nenabled = false\n"
-            f"[velocity]\nenabled = true\nmax_in_session = {velocity_max}\n")
+    return (
+        "# benchmarks: the amount rule and the velocity count, as the quixstreams velocity contender runs them\n"
+        "[large_amount]\nexempt_categories = []\n"
+        "[card_testing]\nenabled = false\n[impossible_travel]\nenabled = false\n"
+        "[far_from_home]\nenabled = false\n[compromised_terminal]\nenabled = false\n"
+        f"[velocity]\nenabled = true\nmax_in_session = {velocity_max}\n"
+    )
 
 
 def put_rules_in_force(spec: DetectorSpec, avro: Settings) -> None:
     """`fraudstream rules set` with the contender's rules file, on the input's rules topic (a no-op for others)."""
     if spec.rules_file is None:
         return
-    done = subprocess.run(python_module("fraudstream.cli", "rules", "set", str(spec.rules_file), "--topic",
-                                        avro.transactions_topic, "--bootstrap-servers", avro.bootstrap_servers,
-                                        "--schema-registry-url", avro.schema_registry_url,
-                                        "--comment", f"benchmark: {spec.key}"),
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        python_module(
+            "fraudstream.cli",
+            "rules",
+            "set",
+            str(spec.rules_file),
+            "--topic",
+            avro.transactions_topic,
+            "--bootstrap-servers",
+            avro.bootstrap_servers,
+            "--schema-registry-url",
+            avro.schema_registry_url,
+            "--comment",
+            f"benchmark: {spec.key}",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if done.returncode != 0:
         raise RunFailed(f"rules set {spec.rules_file} for {spec.key}: {(done.stderr or done.stdout).strip()[-500:]}")
 
@@ -136,50 +224,112 @@ def passthrough_key(batch: int, *, produce_batch: bool = False) -> str:
     return f"{PASSTHROUGH}_{batch}" + ("_produce_batch" if produce_batch else "")
 
 
-def detector_specs(avro: Settings, outputs: dict[str, Settings], json_in: Settings, *, our_batch: int,
-                   quix_python: str | None, velocity_max: int = VELOCITY_MAX,
-                   velocity_rules_file: Path | None = None) -> list[DetectorSpec]:
+def detector_specs(
+    avro: Settings,
+    outputs: dict[str, Settings],
+    json_in: Settings,
+    *,
+    our_batch: int,
+    quix_python: str | None,
+    velocity_max: int = VELOCITY_MAX,
+    velocity_rules_file: Path | None = None,
+) -> list[DetectorSpec]:
     """Ours first, then the limit at our transaction size and at larger ones, then the peers.
 
     Ours, the limit, quixstreams and the confluent peer read the same Avro topic, each writing to
     topics of its own (outputs[key]); the seed reads the JSON copy. quix_python None: no quixstreams.
     velocity_rules_file: where velocity_rules() was written (None: no "ours with the velocity rule").
     """
+
     def out(key: str, *, fraud: bool = True, dlq: bool = True) -> Topics:
         o = outputs[key]
-        return Topics(avro.transactions_topic, o.legit_topic, o.fraud_topic if fraud else None,
-                      o.dlq_topic if dlq else None)
+        return Topics(
+            avro.transactions_topic, o.legit_topic, o.fraud_topic if fraud else None, o.dlq_topic if dlq else None
+        )
 
     specs = [DetectorSpec("ours", "ours: fraudstream detect", "exactly-once", Topics.derived(avro))]
     for batch in dict.fromkeys((our_batch, *PASSTHROUGH_BEST_SIZES)):
-        specs.append(DetectorSpec(passthrough_key(batch), f"limit: EOS passthrough, {batch:,} per transaction",
-                                  "exactly-once", out(passthrough_key(batch), fraud=False, dlq=False),
-                                  rule=NO_RULE, batch=batch))
+        specs.append(
+            DetectorSpec(
+                passthrough_key(batch),
+                f"limit: EOS passthrough, {batch:,} per transaction",
+                "exactly-once",
+                out(passthrough_key(batch), fraud=False, dlq=False),
+                rule=NO_RULE,
+                batch=batch,
+            )
+        )
     # What the per-record produce() calls cost: the same limit with one produce_batch call per transaction.
     key = passthrough_key(our_batch, produce_batch=True)
-    specs.append(DetectorSpec(key, f"limit: EOS passthrough, {our_batch:,} per transaction, produce_batch",
-                              "exactly-once", out(key, fraud=False, dlq=False), rule=NO_RULE, batch=our_batch,
-                              produce_batch=True))
+    specs.append(
+        DetectorSpec(
+            key,
+            f"limit: EOS passthrough, {our_batch:,} per transaction, produce_batch",
+            "exactly-once",
+            out(key, fraud=False, dlq=False),
+            rule=NO_RULE,
+            batch=our_batch,
+            produce_batch=True,
+        )
+    )
     if quix_python:
-        specs.append(DetectorSpec(QUIX, "quixstreams 3: Application, Avro via the registry, two filtered branches",
-                                  "exactly-once", out(QUIX, dlq=False), python=quix_python))
+        specs.append(
+            DetectorSpec(
+                QUIX,
+                "quixstreams 3: Application, Avro via the registry, two filtered branches",
+                "exactly-once",
+                out(QUIX, dlq=False),
+                python=quix_python,
+            )
+        )
     specs += [
-        DetectorSpec("confluent_per_message", "confluent-kafka examples: AvroDeserializer/AvroSerializer per message",
-                     "at-least-once", out("confluent_per_message")),
-        DetectorSpec("seed_kafka_python_json", "seed: kafka-python, JSON, per message", "at-least-once (auto-commit)",
-                     Topics(json_in.transactions_topic, json_in.legit_topic, json_in.fraud_topic, None)),
+        DetectorSpec(
+            "confluent_per_message",
+            "confluent-kafka examples: AvroDeserializer/AvroSerializer per message",
+            "at-least-once",
+            out("confluent_per_message"),
+        ),
+        DetectorSpec(
+            "seed_kafka_python_json",
+            "seed: kafka-python, JSON, per message",
+            "at-least-once (auto-commit)",
+            Topics(json_in.transactions_topic, json_in.legit_topic, json_in.fraud_topic, None),
+        ),
     ]
-    specs.append(DetectorSpec(OURS_STATEFUL, "ours + its stateful rules (card testing, travel, terminal; "
-                              "not the velocity count)", "exactly-once", Topics.derived(avro), rule=OWN_RULES,
-                              rules_file=DEFAULT_RULES_FILE))
+    specs.append(
+        DetectorSpec(
+            OURS_STATEFUL,
+            "ours + its stateful rules (card testing, travel, terminal; not the velocity count)",
+            "exactly-once",
+            Topics.derived(avro),
+            rule=OWN_RULES,
+            rules_file=DEFAULT_RULES_FILE,
+        )
+    )
     if velocity_rules_file:
-        specs.append(DetectorSpec(OURS_VELOCITY, "ours + velocity: per-card session count, changelog state",
-                                  "exactly-once", Topics.derived(avro), rule=VELOCITY, velocity_max=velocity_max,
-                                  rules_file=velocity_rules_file))
+        specs.append(
+            DetectorSpec(
+                OURS_VELOCITY,
+                "ours + velocity: per-card session count, changelog state",
+                "exactly-once",
+                Topics.derived(avro),
+                rule=VELOCITY,
+                velocity_max=velocity_max,
+                rules_file=velocity_rules_file,
+            )
+        )
     if quix_python:
-        specs.append(DetectorSpec(QUIX_VELOCITY, "quixstreams 3 + velocity: group_by card, session window count",
-                                  "exactly-once", out(QUIX_VELOCITY, dlq=False), rule=VELOCITY, python=quix_python,
-                                  velocity_max=velocity_max))
+        specs.append(
+            DetectorSpec(
+                QUIX_VELOCITY,
+                "quixstreams 3 + velocity: group_by card, session window count",
+                "exactly-once",
+                out(QUIX_VELOCITY, dlq=False),
+                rule=VELOCITY,
+                python=quix_python,
+                velocity_max=velocity_max,
+            )
+        )
     return specs
 
 
@@ -205,9 +355,19 @@ class DetectorRun:
         return asdict(self)
 
 
-def run_detector(spec: DetectorSpec, settings: Settings, *, run: int, expected: int, log_dir: Path,
-                 batch_max_records: int | None = None, batch_max_ms: int | None = None, processes: int = 1,
-                 stall_timeout_s: float = 60.0, profile_to: Path | None = None) -> DetectorRun:
+def run_detector(
+    spec: DetectorSpec,
+    settings: Settings,
+    *,
+    run: int,
+    expected: int,
+    log_dir: Path,
+    batch_max_records: int | None = None,
+    batch_max_ms: int | None = None,
+    processes: int = 1,
+    stall_timeout_s: float = 60.0,
+    profile_to: Path | None = None,
+) -> DetectorRun:
     """A detector (`processes` of them in one consumer group) from the start of its fresh group until all
     `expected` records are routed, then SIGTERM. CPU is the sum over its processes, peak RSS the largest.
 
@@ -222,8 +382,14 @@ def run_detector(spec: DetectorSpec, settings: Settings, *, run: int, expected: 
     contenders = []
     try:
         for instance in range(processes):
-            argv = spec.argv(settings, group_id, batch_max_records=batch_max_records, batch_max_ms=batch_max_ms,
-                             instance=instance, state_dir=log_dir / f"{name}-{instance}-state")
+            argv = spec.argv(
+                settings,
+                group_id,
+                batch_max_records=batch_max_records,
+                batch_max_ms=batch_max_ms,
+                instance=instance,
+                state_dir=log_dir / f"{name}-{instance}-state",
+            )
             if profile_to is not None:
                 argv[1:1] = ["-m", "pyinstrument", "--renderer", "text", "--no-color", "--outfile", str(profile_to)]
             contenders.append(Contender(f"{name}-{instance}" if processes > 1 else name, argv, log_dir))
@@ -253,11 +419,19 @@ def run_detector(spec: DetectorSpec, settings: Settings, *, run: int, expected: 
     else:
         cpu_per_1k = window_cpu / (routed.total - routed.count_at_first) * 1e6
     return DetectorRun(
-        detector=spec.key, run=run, throughput_tps=round(throughput, 1), window_s=round(window, 3),
-        startup_included=startup_included, wall_s=round(wall, 3), routed=routed.total,
-        legit=by_topic[spec.topics.legit], fraud=by_topic[spec.topics.fraud] if spec.topics.fraud else 0,
+        detector=spec.key,
+        run=run,
+        throughput_tps=round(throughput, 1),
+        window_s=round(window, 3),
+        startup_included=startup_included,
+        wall_s=round(wall, 3),
+        routed=routed.total,
+        legit=by_topic[spec.topics.legit],
+        fraud=by_topic[spec.topics.fraud] if spec.topics.fraud else 0,
         dead_letter=by_topic[spec.topics.dlq] if spec.topics.dlq else 0,
         peak_rss_mib=round(max(e.peak_rss_kib for e in exits) / 1024, 1),
-        cpu_s=round(cpu_s, 2), window_cpu_s=None if window_cpu is None else round(window_cpu, 2),
-        cpu_ms_per_1k=round(cpu_per_1k, 2), exit_code=max(e.exit_code for e in exits),
+        cpu_s=round(cpu_s, 2),
+        window_cpu_s=None if window_cpu is None else round(window_cpu, 2),
+        cpu_ms_per_1k=round(cpu_per_1k, 2),
+        exit_code=max(e.exit_code for e in exits),
     )

@@ -47,23 +47,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--days", type=int, default=handbook.DEFAULT_DAYS)
     parser.add_argument("--customers", type=int, default=handbook.DEFAULT_CUSTOMERS)
     parser.add_argument("--terminals", type=int, default=handbook.DEFAULT_TERMINALS)
-    parser.add_argument("--train", nargs=2, metavar=("FROM", "TO"), default=["2018-07-25", "2018-07-31"],
-                        help="training window [the Handbook's]")
-    parser.add_argument("--test", nargs=2, metavar=("FROM", "TO"), default=["2018-08-08", "2018-08-14"],
-                        help="evaluated window [the Handbook's]")
+    parser.add_argument(
+        "--train",
+        nargs=2,
+        metavar=("FROM", "TO"),
+        default=["2018-07-25", "2018-07-31"],
+        help="training window [the Handbook's]",
+    )
+    parser.add_argument(
+        "--test",
+        nargs=2,
+        metavar=("FROM", "TO"),
+        default=["2018-08-08", "2018-08-14"],
+        help="evaluated window [the Handbook's]",
+    )
     parser.add_argument("--topic", default=f"handbook-{uuid.uuid4().hex[:8]}")
     parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
-    settings = Settings.from_env(transactions_topic=args.topic, group_id=f"{args.topic}-detector",
-                                 label_delay_days=LABEL_DELAY_DAYS)
+    settings = Settings.from_env(
+        transactions_topic=args.topic, group_id=f"{args.topic}-detector", label_delay_days=LABEL_DELAY_DAYS
+    )
     ensure_topics(settings)
     register_all(settings)
     started = time.monotonic()
     simulation = handbook.simulate(days=args.days, customers=args.customers, terminals=args.terminals, seed=42)
     report = produce(settings, simulation=simulation, label_delay_days=LABEL_DELAY_DAYS)
     print(report.summary(), flush=True)
-    connection = ["--topic", args.topic, "--bootstrap-servers", settings.bootstrap_servers,
-                  "--schema-registry-url", settings.schema_registry_url]
+    connection = [
+        "--topic",
+        args.topic,
+        "--bootstrap-servers",
+        settings.bootstrap_servers,
+        "--schema-registry-url",
+        settings.schema_registry_url,
+    ]
     model = args.output_dir / "handbook-model.txt"
     if cli.main(["train", "--from", args.train[0], "--to", args.train[1], "--output", str(model), *connection]):
         return 1
@@ -75,8 +92,19 @@ def main(argv: list[str] | None = None) -> int:
         stop.wait(5)
     stop.set()
     thread.join(60)
-    status = cli.main(["evaluate", "--from", args.test[0], "--to", args.test[1], "--no-daily", "--output",
-                       str(args.output_dir / "handbook-model.json"), *connection])
+    status = cli.main(
+        [
+            "evaluate",
+            "--from",
+            args.test[0],
+            "--to",
+            args.test[1],
+            "--no-daily",
+            "--output",
+            str(args.output_dir / "handbook-model.json"),
+            *connection,
+        ]
+    )
     print(f"handbook measurement on {args.topic}: {time.monotonic() - started:.0f} s", flush=True)
     return status
 

@@ -77,8 +77,9 @@ class Contender:
         self.started = time.perf_counter()
         self.exited: Exited | None = None
         self.peak_rss_kib = 0
-        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        cwd=PROJECT_ROOT)
+        self.process = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=PROJECT_ROOT
+        )
 
     def poll(self) -> Exited | None:
         """The exit record if the process has ended (reaped with wait4, never Popen.poll, which would
@@ -150,10 +151,16 @@ class OutputCounter:
     """Counts records readable on some topics by a read_committed consumer, from their current ends on."""
 
     def __init__(self, settings: Settings, topics: list[str]) -> None:
-        self.consumer = Consumer(consumer_config(settings, unique("bench-counter"), **{
-            "isolation.level": "read_committed",
-            "fetch.wait.max.ms": 10,  # the instrument must not add its own wait to what it measures
-        }))
+        self.consumer = Consumer(
+            consumer_config(
+                settings,
+                unique("bench-counter"),
+                **{
+                    "isolation.level": "read_committed",
+                    "fetch.wait.max.ms": 10,  # the instrument must not add its own wait to what it measures
+                },
+            )
+        )
         partitions = []
         for topic in topics:
             metadata = self.consumer.list_topics(topic, timeout=10).topics[topic]
@@ -183,8 +190,9 @@ class RunFailed(RuntimeError):
     pass
 
 
-def count_until(counter: OutputCounter, contenders: Contender | list[Contender], expected: int, *,
-                stall_timeout_s: float) -> Routed:
+def count_until(
+    counter: OutputCounter, contenders: Contender | list[Contender], expected: int, *, stall_timeout_s: float
+) -> Routed:
     """Read outputs until `expected` records are readable; fail if a contender dies or they all stall."""
     if isinstance(contenders, Contender):
         contenders = [contenders]
@@ -204,12 +212,16 @@ def count_until(counter: OutputCounter, contenders: Contender | list[Contender],
                 routed.cpu_at_first_s = _total_cpu(contenders)
             last_progress = time.monotonic()
         elif dead is not None:
-            raise RunFailed(f"{dead.name} exited with {dead.exited.exit_code} after routing "
-                            f"{routed.total}/{expected}: {dead.log_tail(3)}")
+            raise RunFailed(
+                f"{dead.name} exited with {dead.exited.exit_code} after routing "
+                f"{routed.total}/{expected}: {dead.log_tail(3)}"
+            )
         elif time.monotonic() - last_progress > stall_timeout_s:
             names = ", ".join(c.name for c in contenders)
-            raise RunFailed(f"{names} routed {routed.total}/{expected}, then nothing for "
-                            f"{stall_timeout_s:.0f}s (see {contenders[0].log_path})")
+            raise RunFailed(
+                f"{names} routed {routed.total}/{expected}, then nothing for "
+                f"{stall_timeout_s:.0f}s (see {contenders[0].log_path})"
+            )
     routed.done_s = time.perf_counter()
     routed.cpu_at_done_s = _total_cpu(contenders)
     return routed

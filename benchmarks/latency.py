@@ -69,8 +69,12 @@ class Samples:
     def summary(self, rate: int, achieved: float, round_number: int) -> LatencyRun:
         total, first, second = sorted(self.total), sorted(self.to_produced), sorted(self.to_readable)
         return LatencyRun(
-            rate_tps=rate, round=round_number, achieved_tps=round(achieved, 1), records=len(total),
-            p50_ms=round(percentile(total, 0.50), 1), p99_ms=round(percentile(total, 0.99), 1),
+            rate_tps=rate,
+            round=round_number,
+            achieved_tps=round(achieved, 1),
+            records=len(total),
+            p50_ms=round(percentile(total, 0.50), 1),
+            p99_ms=round(percentile(total, 0.99), 1),
             max_ms=round(total[-1], 1),
             created_to_produced_p50_ms=round(percentile(first, 0.50), 1),
             created_to_produced_p99_ms=round(percentile(first, 0.99), 1),
@@ -111,9 +115,18 @@ class LatencyReader:
         self.counter.close()
 
 
-def measure_latency(settings: Settings, *, rates: list[int], seconds: float, seed: int, log_dir: Path,
-                    rounds: int = 1, batch_max_records: int | None = None, batch_max_ms: int | None = None,
-                    profile_to: Path | None = None) -> tuple[list[LatencyRun], float]:
+def measure_latency(
+    settings: Settings,
+    *,
+    rates: list[int],
+    seconds: float,
+    seed: int,
+    log_dir: Path,
+    rounds: int = 1,
+    batch_max_records: int | None = None,
+    batch_max_ms: int | None = None,
+    profile_to: Path | None = None,
+) -> tuple[list[LatencyRun], float]:
     """Latency runs at each rate, `rounds` times (rates alternating, so that background noise is
     shared), and the detector's peak RSS (MiB) over the whole time.
 
@@ -129,14 +142,20 @@ def measure_latency(settings: Settings, *, rates: list[int], seconds: float, see
     reader = LatencyReader(settings)
     detector = Contender("latency-detector" + ("-profile" if profile_to else ""), argv, log_dir)
     try:
-        _send_and_collect(reader, detector, producer_argv("ours", settings, count=WARMUP_COUNT, rate=WARMUP_RATE,
-                                                          seed=seed), log_dir=log_dir, name="latency-warmup")
+        _send_and_collect(
+            reader,
+            detector,
+            producer_argv("ours", settings, count=WARMUP_COUNT, rate=WARMUP_RATE, seed=seed),
+            log_dir=log_dir,
+            name="latency-warmup",
+        )
         runs = []
         for round_number in range(rounds):
             for rate in rates:
                 argv = producer_argv("ours", settings, duration=seconds, rate=rate, seed=seed + rate + round_number)
-                samples, report = _send_and_collect(reader, detector, argv, log_dir=log_dir,
-                                                    name=f"latency-{rate}-round{round_number}")
+                samples, report = _send_and_collect(
+                    reader, detector, argv, log_dir=log_dir, name=f"latency-{rate}-round{round_number}"
+                )
                 runs.append(samples.summary(rate, report["sent"] / report["sending_s"], round_number))
     finally:
         reader.close()
@@ -144,8 +163,9 @@ def measure_latency(settings: Settings, *, rates: list[int], seconds: float, see
     return runs, round(exited.peak_rss_kib / 1024, 1)
 
 
-def _send_and_collect(reader: LatencyReader, detector: Contender, producer_argv: list[str], *, log_dir: Path,
-                      name: str) -> tuple[Samples, dict]:
+def _send_and_collect(
+    reader: LatencyReader, detector: Contender, producer_argv: list[str], *, log_dir: Path, name: str
+) -> tuple[Samples, dict]:
     """Run our producer; collect the latency of each of its records until all have arrived."""
     since_ms = time.time() * 1000  # the producer process starts after this: every record it makes is newer
     producer = Contender(name, producer_argv, log_dir)
@@ -162,6 +182,8 @@ def _send_and_collect(reader: LatencyReader, detector: Contender, producer_argv:
             report = read_report(producer)
             deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
         if deadline is not None and time.monotonic() > deadline:
-            raise RunFailed(f"{name}: {len(samples.total)} of {report['delivered']} records arrived "
-                            f"within {ARRIVAL_TIMEOUT_S:.0f}s of the producer's end")
+            raise RunFailed(
+                f"{name}: {len(samples.total)} of {report['delivered']} records arrived "
+                f"within {ARRIVAL_TIMEOUT_S:.0f}s of the producer's end"
+            )
     return samples, report

@@ -44,14 +44,24 @@ def ensure_venv(venv: Path = DEFAULT_VENV, *, log=print) -> Path:
     shutil.rmtree(venv, ignore_errors=True)
     steps = [
         [sys.executable, "-m", "venv", str(venv)],
-        [str(python_in(venv)), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         "--requirement", str(REQUIREMENTS)],
+        [
+            str(python_in(venv)),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--requirement",
+            str(REQUIREMENTS),
+        ],
     ]
     for argv in steps:
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
         except subprocess.TimeoutExpired as exc:
-            raise EnvironmentFailed(f"creating {venv} timed out after {INSTALL_TIMEOUT_S:.0f}s: {' '.join(argv)}") from exc
+            raise EnvironmentFailed(
+                f"creating {venv} timed out after {INSTALL_TIMEOUT_S:.0f}s: {' '.join(argv)}"
+            ) from exc
         if done.returncode != 0:
             last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ["no output"]
             raise EnvironmentFailed(f"creating {venv} failed ({' '.join(argv[:3])} ...): {last[0]}")

@@ -78,23 +78,27 @@ def ratios(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     """ours / alternative for throughput and memory, alternative / ours for CPU per record (above 1:
     ours is faster, bigger, or cheaper), and every contender against the limit."""
     out: dict[str, dict[str, float | None]] = {}
-    for section, figure, name in (("detectors", "throughput_tps", "detector_throughput"),
-                                  ("detectors", "peak_rss_mib", "detector_peak_rss"),
-                                  ("producers", "throughput_tps", "producer_throughput")):
+    for section, figure, name in (
+        ("detectors", "throughput_tps", "detector_throughput"),
+        ("detectors", "peak_rss_mib", "detector_peak_rss"),
+        ("producers", "throughput_tps", "producer_throughput"),
+    ):
         entries = results.get(section) or {}
         ours = (entries.get(OURS) or {}).get(figure)
-        out[name] = {f"ours/{key}": _ratio(ours, entry.get(figure)) for key, entry in entries.items()
-                     if key != OURS}
+        out[name] = {f"ours/{key}": _ratio(ours, entry.get(figure)) for key, entry in entries.items() if key != OURS}
     detectors = results.get("detectors") or {}
     ours_cpu = (detectors.get(OURS) or {}).get("cpu_ms_per_1k")
-    out["detector_cpu"] = {f"{key}/ours": _ratio(entry.get("cpu_ms_per_1k"), ours_cpu)
-                           for key, entry in detectors.items() if key != OURS}
+    out["detector_cpu"] = {
+        f"{key}/ours": _ratio(entry.get("cpu_ms_per_1k"), ours_cpu) for key, entry in detectors.items() if key != OURS
+    }
     at_ours, best = limits(detectors)
     for name, limit in (("vs_limit_at_our_batch", at_ours), ("vs_best_limit", best)):
-        out[f"throughput_{name}"] = {key: _ratio(e.get("throughput_tps"), (limit or {}).get("throughput_tps"))
-                                     for key, e in detectors.items()}
-        out[f"cpu_{name}"] = {key: _ratio(e.get("cpu_ms_per_1k"), (limit or {}).get("cpu_ms_per_1k"))
-                              for key, e in detectors.items()}
+        out[f"throughput_{name}"] = {
+            key: _ratio(e.get("throughput_tps"), (limit or {}).get("throughput_tps")) for key, e in detectors.items()
+        }
+        out[f"cpu_{name}"] = {
+            key: _ratio(e.get("cpu_ms_per_1k"), (limit or {}).get("cpu_ms_per_1k")) for key, e in detectors.items()
+        }
     return out
 
 
@@ -104,35 +108,73 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     at_ours, best = limits(detectors)
 
     def target(name: str, goal: str, value: float | None, met, shown: str) -> dict[str, Any]:
-        return {"name": name, "target": goal, "measured": None if value is None else shown.format(value),
-                "met": None if value is None else met(value)}
+        return {
+            "name": name,
+            "target": goal,
+            "measured": None if value is None else shown.format(value),
+            "met": None if value is None else met(value),
+        }
 
     share = r.get("throughput_vs_best_limit", {}).get(OURS)
     cpu_factor = r.get("cpu_vs_limit_at_our_batch", {}).get(OURS)
     found = [
-        target(f"detector throughput, share of the EOS passthrough limit (its best: "
-               f"{(best or {}).get('batch') or 0:,} per transaction)", f">= {LIMIT_THROUGHPUT_SHARE:.0%}", share,
-               lambda v: v >= LIMIT_THROUGHPUT_SHARE, "{:.0%}"),
-        target(f"detector CPU per record, times the passthrough's at {(at_ours or {}).get('batch') or 0:,} "
-               "per transaction", f"<= {LIMIT_CPU_FACTOR:g}x", cpu_factor, lambda v: v <= LIMIT_CPU_FACTOR,
-               "{:.2f}x"),
+        target(
+            f"detector throughput, share of the EOS passthrough limit (its best: "
+            f"{(best or {}).get('batch') or 0:,} per transaction)",
+            f">= {LIMIT_THROUGHPUT_SHARE:.0%}",
+            share,
+            lambda v: v >= LIMIT_THROUGHPUT_SHARE,
+            "{:.0%}",
+        ),
+        target(
+            f"detector CPU per record, times the passthrough's at {(at_ours or {}).get('batch') or 0:,} "
+            "per transaction",
+            f"<= {LIMIT_CPU_FACTOR:g}x",
+            cpu_factor,
+            lambda v: v <= LIMIT_CPU_FACTOR,
+            "{:.2f}x",
+        ),
     ]
     for key, factor in CPU_ADVANTAGE.items():
         value = r.get("detector_cpu", {}).get(f"{key}/ours")
         label = (detectors.get(key) or {}).get("label", key)
-        found.append(target(f"less CPU per record than {label}", f">= {factor:g}x", value,
-                            lambda v, f=factor: v >= f, "{:.1f}x"))
-    velocity = _ratio((detectors.get(QUIX_VELOCITY) or {}).get("cpu_ms_per_1k"),
-                      (detectors.get(OURS_VELOCITY) or {}).get("cpu_ms_per_1k"))
-    found.append(target("less CPU per record than quixstreams, both with the velocity rule",
-                        f">= {VELOCITY_CPU_ADVANTAGE:g}x", velocity, lambda v: v >= VELOCITY_CPU_ADVANTAGE, "{:.1f}x"))
+        found.append(
+            target(f"less CPU per record than {label}", f">= {factor:g}x", value, lambda v, f=factor: v >= f, "{:.1f}x")
+        )
+    velocity = _ratio(
+        (detectors.get(QUIX_VELOCITY) or {}).get("cpu_ms_per_1k"),
+        (detectors.get(OURS_VELOCITY) or {}).get("cpu_ms_per_1k"),
+    )
+    found.append(
+        target(
+            "less CPU per record than quixstreams, both with the velocity rule",
+            f">= {VELOCITY_CPU_ADVANTAGE:g}x",
+            velocity,
+            lambda v: v >= VELOCITY_CPU_ADVANTAGE,
+            "{:.1f}x",
+        )
+    )
     producer = r.get("producer_throughput", {}).get(f"ours/{PRODUCER_PEER}")
-    found.append(target("producer throughput vs the per-message AvroSerializer way", f">= {PRODUCER_RATIO_TARGET:g}x",
-                        producer, lambda v: v >= PRODUCER_RATIO_TARGET, "{:.2f}x"))
+    found.append(
+        target(
+            "producer throughput vs the per-message AvroSerializer way",
+            f">= {PRODUCER_RATIO_TARGET:g}x",
+            producer,
+            lambda v: v >= PRODUCER_RATIO_TARGET,
+            "{:.2f}x",
+        )
+    )
     for rate, goal in LATENCY_P99_TARGETS_MS.items():
         p99 = latency_summary(results).get(rate, {}).get("p99_ms")
-        found.append(target(f"end-to-end p99 latency at {rate:,} tx/s (median of the runs)", f"<= {goal:g} ms",
-                            p99, lambda v, g=goal: v <= g, "{:g} ms"))
+        found.append(
+            target(
+                f"end-to-end p99 latency at {rate:,} tx/s (median of the runs)",
+                f"<= {goal:g} ms",
+                p99,
+                lambda v, g=goal: v <= g,
+                "{:g} ms",
+            )
+        )
     return found
 
 
@@ -143,10 +185,20 @@ def latency_summary(results: dict[str, Any]) -> dict[int, dict[str, Any]]:
         by_rate.setdefault(run["rate_tps"], []).append(run)
     out = {}
     for rate, runs in by_rate.items():
-        out[rate] = {"runs": len(runs), "records": sum(r["records"] for r in runs),
-                     "achieved_tps": median([r["achieved_tps"] for r in runs])}
-        for figure in ("p50_ms", "p99_ms", "max_ms", "created_to_produced_p50_ms", "created_to_produced_p99_ms",
-                       "produced_to_readable_p50_ms", "produced_to_readable_p99_ms"):
+        out[rate] = {
+            "runs": len(runs),
+            "records": sum(r["records"] for r in runs),
+            "achieved_tps": median([r["achieved_tps"] for r in runs]),
+        }
+        for figure in (
+            "p50_ms",
+            "p99_ms",
+            "max_ms",
+            "created_to_produced_p50_ms",
+            "created_to_produced_p99_ms",
+            "produced_to_readable_p50_ms",
+            "produced_to_readable_p99_ms",
+        ):
             values = [r[figure] for r in runs]
             out[rate][figure] = median(values)
             out[rate][figure + "_range"] = (min(values), max(values))
@@ -200,10 +252,12 @@ def markdown(results: dict[str, Any]) -> str:
         for entry in detectors.values():
             tps, cpu = entry.get("throughput_tps"), entry.get("cpu_ms_per_1k")
             name = f"**{entry['label']}**" if entry.get("limit") else entry["label"]
-            lines.append(f"| {name} | {entry['delivery']} | {len(entry['runs'])} | {_num(tps)} | "
-                         f"{_pct(_ratio(tps, limit_tps))} | {_num(cpu, 2)} | {_times(_ratio(cpu, limit_cpu))} | "
-                         f"{_times(_ratio(cpu, ours.get('cpu_ms_per_1k')))} | {_num(entry.get('peak_rss_mib'), 1)} |"
-                         + (f" failed: {entry['error']}" if entry.get("error") else ""))
+            lines.append(
+                f"| {name} | {entry['delivery']} | {len(entry['runs'])} | {_num(tps)} | "
+                f"{_pct(_ratio(tps, limit_tps))} | {_num(cpu, 2)} | {_times(_ratio(cpu, limit_cpu))} | "
+                f"{_times(_ratio(cpu, ours.get('cpu_ms_per_1k')))} | {_num(entry.get('peak_rss_mib'), 1)} |"
+                + (f" failed: {entry['error']}" if entry.get("error") else "")
+            )
         lines.append("")
     producers = results.get("producers") or {}
     if producers:
@@ -217,8 +271,10 @@ def markdown(results: dict[str, Any]) -> str:
         ]
         for entry in producers.values():
             tps = entry.get("throughput_tps")
-            lines.append(f"| {entry['label']} | {_num(tps)} | {_times(_ratio(ours, tps))} |"
-                         + (f" failed: {entry['error']}" if entry.get("error") else ""))
+            lines.append(
+                f"| {entry['label']} | {_num(tps)} | {_times(_ratio(ours, tps))} |"
+                + (f" failed: {entry['error']}" if entry.get("error") else "")
+            )
         lines.append("")
     latency = results.get("latency") or {}
     if latency.get("runs") or latency.get("error"):
@@ -234,8 +290,10 @@ def markdown(results: dict[str, Any]) -> str:
             "|---:|---:|---:|---:|---:|---:|",
         ]
         for rate, row in summary.items():
-            lines.append(f"| {rate:,} | {row['runs']} | {row['records']:,} | {_spread(row, 'p50_ms')} | "
-                         f"{_spread(row, 'p99_ms')} | {_spread(row, 'max_ms')} |")
+            lines.append(
+                f"| {rate:,} | {row['runs']} | {row['records']:,} | {_spread(row, 'p50_ms')} | "
+                f"{_spread(row, 'p99_ms')} | {_spread(row, 'max_ms')} |"
+            )
         if summary:
             lines += [
                 "",
@@ -246,10 +304,12 @@ def markdown(results: dict[str, Any]) -> str:
                 "|---:|---:|---:|",
             ]
             for rate, row in summary.items():
-                lines.append(f"| {rate:,} | {_num(row['created_to_produced_p50_ms'], 1)} / "
-                             f"{_num(row['created_to_produced_p99_ms'], 1)} | "
-                             f"{_num(row['produced_to_readable_p50_ms'], 1)} / "
-                             f"{_num(row['produced_to_readable_p99_ms'], 1)} |")
+                lines.append(
+                    f"| {rate:,} | {_num(row['created_to_produced_p50_ms'], 1)} / "
+                    f"{_num(row['created_to_produced_p99_ms'], 1)} | "
+                    f"{_num(row['produced_to_readable_p50_ms'], 1)} / "
+                    f"{_num(row['produced_to_readable_p99_ms'], 1)} |"
+                )
         if latency.get("error"):
             lines.append(f"\nLatency run failed: {latency['error']}")
         lines.append("")
@@ -266,8 +326,10 @@ def markdown(results: dict[str, Any]) -> str:
             "|---:|---:|---:|---:|",
         ]
         for row in scale["rows"]:
-            lines.append(f"| {row['processes']} | {row['partitions_per_process']} | {_num(row['throughput_tps'])} | "
-                         f"{_num(row['cpu_ms_per_1k'], 2)} |")
+            lines.append(
+                f"| {row['processes']} | {row['partitions_per_process']} | {_num(row['throughput_tps'])} | "
+                f"{_num(row['cpu_ms_per_1k'], 2)} |"
+            )
         if scale.get("error"):
             lines.append(f"\nScale run failed: {scale['error']}")
         lines.append("")
@@ -338,8 +400,9 @@ def _memory_gib() -> float | None:
 
 def _git_commit() -> str | None:
     try:
-        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=PROJECT_ROOT, capture_output=True,
-                              text=True, timeout=10)
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() or None

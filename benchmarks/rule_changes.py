@@ -30,7 +30,14 @@ from confluent_kafka import Producer
 from fraudstream.consumer.detector import Detector
 from fraudstream.consumer.rules import LARGE_AMOUNT
 from fraudstream.consumer.rules import RULE_NAMES
-from fraudstream.consumer.rules_topic import RulesCodec, check_rules_topic, read_messages, read_changes, seed_records, write_records
+from fraudstream.consumer.rules_topic import (
+    RulesCodec,
+    check_rules_topic,
+    read_messages,
+    read_changes,
+    seed_records,
+    write_records,
+)
 from fraudstream.kafka import ensure_topics, producer_config
 from fraudstream.registry import register_all
 from fraudstream.settings import Settings
@@ -41,8 +48,9 @@ def run_side(base: Settings, count: int, every_s: float, changing: bool = True) 
     """(records per second, rule changes the detector installed while it routed them, the amount rule's
     version in force at the end). How many changes land while routing depends on the run's speed; the
     change written before the detector starts is always installed, so the last figure is at least 2."""
-    settings = base.replace(transactions_topic=f"bench-rules-{uuid.uuid4().hex[:8]}",
-                            group_id=f"bench-rules-{uuid.uuid4().hex[:8]}")
+    settings = base.replace(
+        transactions_topic=f"bench-rules-{uuid.uuid4().hex[:8]}", group_id=f"bench-rules-{uuid.uuid4().hex[:8]}"
+    )
     ensure_topics(settings)
     register_all(settings)
     produce(settings, rate=None, count=count, seed=11)
@@ -53,8 +61,7 @@ def run_side(base: Settings, count: int, every_s: float, changing: bool = True) 
     # sides start alike (one change written before the detector starts); only the changing side goes on
     # writing to the detector's rules topic, the steady side's writer to a topic nobody reads.
     writer_stop = multiprocessing.Event()
-    writer = multiprocessing.Process(target=_change_rules, args=(settings, every_s, writer_stop, changing),
-                                     daemon=True)
+    writer = multiprocessing.Process(target=_change_rules, args=(settings, every_s, writer_stop, changing), daemon=True)
     writer.start()
     deadline = time.monotonic() + 60
     while len(read_messages(settings)) <= len(RULE_NAMES):
@@ -90,8 +97,12 @@ def _change_rules(settings: Settings, every_s: float, stop, keep_changing: bool)
     topic = settings.rules_topic
     while not stop.wait(every_s):
         threshold = 50_000 if rule.parameters["threshold_cents"] != 50_000 else 90_000
-        rule = dataclasses.replace(rule, version=rule.version + 1, written_at=datetime.now(UTC),
-                                   parameters={**rule.parameters, "threshold_cents": threshold})
+        rule = dataclasses.replace(
+            rule,
+            version=rule.version + 1,
+            written_at=datetime.now(UTC),
+            parameters={**rule.parameters, "threshold_cents": threshold},
+        )
         producer.produce(topic, codec.encode(rule), rule.id.encode())
         if producer.flush(30):
             raise RuntimeError(f"could not write to {topic} within 30 s")
@@ -115,8 +126,10 @@ def main() -> None:
         changes.append(installed)
     steady, changing = statistics.median(steady_rates), statistics.median(changing_rates)
     print(f"steady:   {steady:,.0f} tx/s  (runs: {', '.join(f'{r:,.0f}' for r in steady_rates)})")
-    print(f"changing: {changing:,.0f} tx/s  (runs: {', '.join(f'{r:,.0f}' for r in changing_rates)}; "
-          f"rule changes installed per run: {changes})")
+    print(
+        f"changing: {changing:,.0f} tx/s  (runs: {', '.join(f'{r:,.0f}' for r in changing_rates)}; "
+        f"rule changes installed per run: {changes})"
+    )
     print(f"ratio changing/steady: {changing / steady:.3f}")
 
 

@@ -27,8 +27,15 @@ import fastavro
 import numpy as np
 import pyruhvro
 
-from fraudstream.consumer.features import (PROFILE_DTYPE, TERMINAL_DTYPE, TxColumns, card_features, card_features_one,
-                               terminal_features, terminal_features_one)
+from fraudstream.consumer.features import (
+    PROFILE_DTYPE,
+    TERMINAL_DTYPE,
+    TxColumns,
+    card_features,
+    card_features_one,
+    terminal_features,
+    terminal_features_one,
+)
 from fraudstream.consumer.quality import DEMO_RATE, DEMO_SPEEDUP, START_MS
 from fraudstream.consumer.rules import TERMINAL_RULES, load_rules
 from fraudstream.consumer.state.table import KeyedTable, row_values, rows_from_values
@@ -61,7 +68,7 @@ def best_of(runs: int, work) -> float:
 def features_section(count: int, runs: int, seed: int) -> dict[str, Any]:
     pairs = list(islice(Generator(seed).stream(START_MS, DEMO_RATE / DEMO_SPEEDUP), count))
     records = [tx.to_dict() for tx, _ in pairs]
-    batches = [TxColumns.from_records(records[i:i + BATCH]) for i in range(0, count, BATCH)]
+    batches = [TxColumns.from_records(records[i : i + BATCH]) for i in range(0, count, BATCH)]
     rules = load_rules(None)
     card_rules = rules.without(*TERMINAL_RULES)
 
@@ -76,7 +83,7 @@ def features_section(count: int, runs: int, seed: int) -> dict[str, Any]:
             card_features(table, tx)
 
     # The per-record loops are slow: they run on a tenth of the records (at least one batch), scaled up.
-    sample = records[:max(BATCH, count // 10)]
+    sample = records[: max(BATCH, count // 10)]
 
     def per_record_cards() -> None:
         profiles: dict[str, Any] = {}
@@ -97,7 +104,7 @@ def features_section(count: int, runs: int, seed: int) -> dict[str, Any]:
     arrow = []
     for i in range(0, count, BATCH):
         payloads = []
-        for r in records[i:i + BATCH]:
+        for r in records[i : i + BATCH]:
             out = io.BytesIO()
             fastavro.schemaless_writer(out, schema.parsed["Transaction"], r)
             payloads.append(out.getvalue())
@@ -110,7 +117,9 @@ def features_section(count: int, runs: int, seed: int) -> dict[str, Any]:
     per_record_card_s = best_of(1, per_record_cards) * count / len(sample)
     per_record_terminal_s = best_of(1, per_record_terminals) * count / len(sample)
     return {
-        "count": count, "batch": BATCH, "runs": runs,
+        "count": count,
+        "batch": BATCH,
+        "runs": runs,
         "ours_card_features_and_rules_tps": count / best_of(runs, ours_cards),
         "ours_card_features_tps": count / best_of(runs, ours_features_only),
         "per_record_card_features_tps": count / per_record_card_s,
@@ -144,10 +153,13 @@ def memory_section(cards: int) -> dict[str, Any]:
     put_s = time.process_time() - started
     assert len(restored) == cards
     return {
-        "cards": cards, "row_bytes": PROFILE_DTYPE.itemsize,
-        "estimate_bytes_per_key": estimate / cards, "rss_growth_bytes_per_key": grown / cards,
+        "cards": cards,
+        "row_bytes": PROFILE_DTYPE.itemsize,
+        "estimate_bytes_per_key": estimate / cards,
+        "rss_growth_bytes_per_key": grown / cards,
         "rows_array_bytes_per_key": table.rows.nbytes / cards,
-        "insert_keys_per_s": cards / insert_s, "take_dirty_and_serialize_rows_per_s": cards / take_s,
+        "insert_keys_per_s": cards / insert_s,
+        "take_dirty_and_serialize_rows_per_s": cards / take_s,
         "restore_put_rows_per_s": cards / put_s,
     }
 

@@ -35,8 +35,13 @@ CHUNK = 50_000  # rows per transaction while filling the changelog
 
 
 def fill_changelog(settings: Settings, spec, topic: str, cards: int) -> float:
-    producer = Producer(transactional_producer_config(settings, f"bench-state-{uuid.uuid4().hex[:8]}",
-                                                      **{"linger.ms": 20, "queue.buffering.max.messages": 1_000_000}))
+    producer = Producer(
+        transactional_producer_config(
+            settings,
+            f"bench-state-{uuid.uuid4().hex[:8]}",
+            **{"linger.ms": 20, "queue.buffering.max.messages": 1_000_000},
+        )
+    )
     producer.init_transactions(30)
     rng = np.random.default_rng(7)
     started = time.perf_counter()
@@ -69,9 +74,15 @@ def restore_into_table(settings: Settings, spec, topic: str) -> dict:
     seconds = time.perf_counter() - started
     grown = rss_bytes() - before
     recovery.close()
-    return {"store": "memory (numpy KeyedTable)", "keys": len(table), "records": progress.records, "seconds": seconds,
-            "records_per_s": progress.records / seconds, "bytes_per_key": table.nbytes() / max(len(table), 1),
-            "rss_growth_bytes_per_key": grown / max(len(table), 1)}
+    return {
+        "store": "memory (numpy KeyedTable)",
+        "keys": len(table),
+        "records": progress.records,
+        "seconds": seconds,
+        "records_per_s": progress.records / seconds,
+        "bytes_per_key": table.nbytes() / max(len(table), 1),
+        "rss_growth_bytes_per_key": grown / max(len(table), 1),
+    }
 
 
 def restore_into_rocksdb(settings: Settings, spec, topic: str) -> dict:
@@ -102,9 +113,15 @@ def restore_into_rocksdb(settings: Settings, spec, topic: str) -> dict:
     db.close()
     disk = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
     shutil.rmtree(folder, ignore_errors=True)
-    return {"store": "RocksDB (rocksdict)", "keys": records, "records": records, "seconds": seconds,
-            "records_per_s": records / seconds, "bytes_per_key": disk / max(records, 1),
-            "note": "bytes on disk per key; plus RocksDB's block cache and memtables in memory"}
+    return {
+        "store": "RocksDB (rocksdict)",
+        "keys": records,
+        "records": records,
+        "seconds": seconds,
+        "records_per_s": records / seconds,
+        "bytes_per_key": disk / max(records, 1),
+        "note": "bytes on disk per key; plus RocksDB's block cache and memtables in memory",
+    }
 
 
 def main() -> int:
@@ -120,15 +137,22 @@ def main() -> int:
         results = [restore_into_table(settings, spec, topic), restore_into_rocksdb(settings, spec, topic)]
     finally:
         admin(settings).delete_topics([settings.transactions_topic, topic])
-    summary = {"cards": args.cards, "row_bytes": spec.dtype.itemsize, "changelog_fill_s": fill_s,
-               "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "stores": results}
+    summary = {
+        "cards": args.cards,
+        "row_bytes": spec.dtype.itemsize,
+        "changelog_fill_s": fill_s,
+        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "stores": results,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "state_store.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{args.cards:,} card profiles of {spec.dtype.itemsize} bytes; changelog filled in {fill_s:.1f}s")
     memory = results[0]
     for r in results:
-        print(f"  {r['store']:28} restore {r['records_per_s']:>10,.0f} records/s ({r['seconds']:.1f}s)  "
-              f"{r['bytes_per_key']:>6.0f} bytes/key  x{r['records_per_s'] / memory['records_per_s']:.2f} of memory")
+        print(
+            f"  {r['store']:28} restore {r['records_per_s']:>10,.0f} records/s ({r['seconds']:.1f}s)  "
+            f"{r['bytes_per_key']:>6.0f} bytes/key  x{r['records_per_s'] / memory['records_per_s']:.2f} of memory"
+        )
     return 0
 
 

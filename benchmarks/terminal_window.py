@@ -30,19 +30,28 @@ from fraudstream.kafka import ensure_topics
 from fraudstream.registry import register_all
 from fraudstream.settings import Settings
 
-SIDES = ("stateless", "stateful, terminal rule off", "stateful, terminal window on, rule never fires",
-         "stateful, terminal rule on")
+SIDES = (
+    "stateless",
+    "stateful, terminal rule off",
+    "stateful, terminal window on, rule never fires",
+    "stateful, terminal rule on",
+)
 # The third side keeps the window (read, queried, expired) with thresholds no terminal reaches: the window's
 # own cost; the fourth runs the default rule, which also encodes the FraudAlerts it adds.
-RULES = {SIDES[1]: "[compromised_terminal]\nenabled = false\n",
-         SIDES[2]: "[compromised_terminal]\nmin_other_cards = 100000\nmin_other_cards_anywhere = 100000\n"}
+RULES = {
+    SIDES[1]: "[compromised_terminal]\nenabled = false\n",
+    SIDES[2]: "[compromised_terminal]\nmin_other_cards = 100000\nmin_other_cards_anywhere = 100000\n",
+}
 
 
 def run_side(base: Settings, side: str, count: int, rules: dict[str, Path], event_rate: float) -> tuple[float, float]:
     """(records per second, CPU ms per 1,000 records: this process's, every thread's, over the same span)."""
-    settings = base.replace(transactions_topic=f"bench-terminal-{uuid.uuid4().hex[:8]}",
-                            group_id=f"bench-terminal-{uuid.uuid4().hex[:8]}", stateful=side != SIDES[0],
-                            **({"rules_file": rules[side]} if side in rules else {}))
+    settings = base.replace(
+        transactions_topic=f"bench-terminal-{uuid.uuid4().hex[:8]}",
+        group_id=f"bench-terminal-{uuid.uuid4().hex[:8]}",
+        stateful=side != SIDES[0],
+        **({"rules_file": rules[side]} if side in rules else {}),
+    )
     ensure_topics(settings)
     register_all(settings)
     prefill(settings, count=count, seed=7, json_topic=None, event_rate=event_rate)
@@ -69,8 +78,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--event-rate", type=float, default=PREFILL_EVENT_RATE,
-                        help=f"transactions per second of event time (default {PREFILL_EVENT_RATE:.3g}, the demo's)")
+    parser.add_argument(
+        "--event-rate",
+        type=float,
+        default=PREFILL_EVENT_RATE,
+        help=f"transactions per second of event time (default {PREFILL_EVENT_RATE:.3g}, the demo's)",
+    )
     args = parser.parse_args()
     base = Settings.from_env()
     rates: dict[str, list[float]] = {side: [] for side in SIDES}
@@ -89,9 +102,11 @@ def main() -> None:
     for side in SIDES:
         median, cpu = statistics.median(rates[side]), statistics.median(cpus[side])
         # CPU per record is what a loaded machine changes least: stateless's share of it is the ratio to read.
-        print(f"{side:<30} {median:>10,.0f} tx/s  {median / stateless:6.1%} of stateless  "
-              f"{cpu:6.1f} ms CPU/1k  {stateless_cpu / cpu:6.1%} of stateless's rate per CPU  "
-              f"(runs: {', '.join(f'{r:,.0f}' for r in rates[side])}; CPU {', '.join(f'{c:.1f}' for c in cpus[side])})")
+        print(
+            f"{side:<30} {median:>10,.0f} tx/s  {median / stateless:6.1%} of stateless  "
+            f"{cpu:6.1f} ms CPU/1k  {stateless_cpu / cpu:6.1%} of stateless's rate per CPU  "
+            f"(runs: {', '.join(f'{r:,.0f}' for r in rates[side])}; CPU {', '.join(f'{c:.1f}' for c in cpus[side])})"
+        )
 
 
 if __name__ == "__main__":

@@ -125,8 +125,9 @@ class ReplayTerminal:
         self.tolerance_ms = TERMINAL_TOLERANCE_MS
         self.keep_from: Callable[[], int | None] = lambda: None  # set by the StatefulDecider
 
-    def features(self, tx: TxColumns, partitions: np.ndarray, offsets: np.ndarray,
-                 created_ms: int | None = None) -> dict[str, np.ndarray]:
+    def features(
+        self, tx: TxColumns, partitions: np.ndarray, offsets: np.ndarray, created_ms: int | None = None
+    ) -> dict[str, np.ndarray]:
         if not len(tx):
             return {"terminal_cards": np.zeros(0, np.int64)}
         return terminal_cards(self.window, tx, partitions, offsets)
@@ -134,7 +135,9 @@ class ReplayTerminal:
     def releasable(self, times: np.ndarray, created_ms: np.ndarray, ahead_ms: int, idle_ms: int) -> np.ndarray:
         return self.progress.past_everywhere(np.asarray(times, dtype=np.int64) + ahead_ms + self.tolerance_ms)
 
-    def other_cards_held(self, terminals: np.ndarray, cards: np.ndarray, times: np.ndarray, ahead_ms: int) -> np.ndarray:
+    def other_cards_held(
+        self, terminals: np.ndarray, cards: np.ndarray, times: np.ndarray, ahead_ms: int
+    ) -> np.ndarray:
         return self.window.other_cards(terminals, cards, times, ahead_ms=ahead_ms)
 
 
@@ -178,11 +181,20 @@ def build_decoders(settings: Settings) -> tuple[Decider, ColumnarDecider | None]
     schemas = load_schemas(settings.schemas_dir)
     ids = current_ids(settings, registry, schemas)
     decoder = Decoder(registry, schemas.expanded["Transaction"], reader_id=ids[settings.transactions_topic])
-    record_wise = Decider(decoder, (), legit_schema_id=ids[settings.legit_topic],
-                          legit_schema=schemas.parsed["Transaction"], fraud_schema_id=ids[settings.fraud_topic],
-                          fraud_schema=schemas.parsed["FraudAlert"], reject_trailing_bytes=True)
-    columnar = (ColumnarDecider(record_wise, reader_schema=schemas.expanded["Transaction"])
-                if settings.decoder == "columnar" else None)
+    record_wise = Decider(
+        decoder,
+        (),
+        legit_schema_id=ids[settings.legit_topic],
+        legit_schema=schemas.parsed["Transaction"],
+        fraud_schema_id=ids[settings.fraud_topic],
+        fraud_schema=schemas.parsed["FraudAlert"],
+        reject_trailing_bytes=True,
+    )
+    columnar = (
+        ColumnarDecider(record_wise, reader_schema=schemas.expanded["Transaction"])
+        if settings.decoder == "columnar"
+        else None
+    )
     return record_wise, columnar
 
 
@@ -247,8 +259,15 @@ def _events(decoded: DecodedBatch, n: int) -> tuple[np.ndarray, np.ndarray, np.n
 class Replay:
     """Read the input topic once and decide it with each rule set (`rule_sets`: name -> RuleSet)."""
 
-    def __init__(self, settings: Settings, rule_sets: dict[str, RuleSet], *, model: Model | None = None,
-                 labels=None, on_log: Callable[[str], None] = log.info) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        rule_sets: dict[str, RuleSet],
+        *,
+        model: Model | None = None,
+        labels=None,
+        on_log: Callable[[str], None] = log.info,
+    ) -> None:
         self.settings = settings
         self.rule_sets = rule_sets
         self.model = model
@@ -259,10 +278,19 @@ class Replay:
         s = self.settings
         record_wise, columnar = build_decoders(s)
         decode = _DecodeOnce(lambda messages: decode_batch(columnar, record_wise, messages))
-        consumer = Consumer(consumer_config(s, BACKTEST_GROUP_ID, **{
-            "isolation.level": "read_committed", "enable.partition.eof": True, "enable.auto.commit": False,
-            # A history read from its beginning: fewer, larger fetches per partition.
-            "max.partition.fetch.bytes": FETCH_BYTES_PER_PARTITION}))
+        consumer = Consumer(
+            consumer_config(
+                s,
+                BACKTEST_GROUP_ID,
+                **{
+                    "isolation.level": "read_committed",
+                    "enable.partition.eof": True,
+                    "enable.auto.commit": False,
+                    # A history read from its beginning: fewer, larger fetches per partition.
+                    "max.partition.fetch.bytes": FETCH_BYTES_PER_PARTITION,
+                },
+            )
+        )
         started, cpu_started = time.perf_counter(), time.process_time()
         try:
             plan = plan_read(consumer, s.transactions_topic, partition=None, start=StartOffset("earliest"), settings=s)
@@ -274,13 +302,25 @@ class Replay:
             for name, rules in self.rule_sets.items():
                 state = MemoryState()
                 # As `detect` does: a terminal window only for a rule set with a terminal rule (nothing held otherwise).
-                terminal = (ReplayTerminal(window, progress) if any(kind in TERMINAL_RULES for kind in
-                                                                    getattr(rules, "kinds", {}).values())
-                            or any(n in TERMINAL_RULES for n in rules.names) else None)
-                decider = StatefulDecider(decode, rules, state, encode_legit=record_wise.encode_legit,
-                                          encode_fraud=alerts, model=self.model, labels=self.labels,
-                                          terminal_features=terminal.features if terminal else None, terminal=terminal,
-                                          hold_idle_ms=s.terminal_hold_idle_ms, input_topic=s.transactions_topic)
+                terminal = (
+                    ReplayTerminal(window, progress)
+                    if any(kind in TERMINAL_RULES for kind in getattr(rules, "kinds", {}).values())
+                    or any(n in TERMINAL_RULES for n in rules.names)
+                    else None
+                )
+                decider = StatefulDecider(
+                    decode,
+                    rules,
+                    state,
+                    encode_legit=record_wise.encode_legit,
+                    encode_fraud=alerts,
+                    model=self.model,
+                    labels=self.labels,
+                    terminal_features=terminal.features if terminal else None,
+                    terminal=terminal,
+                    hold_idle_ms=s.terminal_hold_idle_ms,
+                    input_topic=s.transactions_topic,
+                )
                 deciders[name] = (decider, state, SideDecisions(name, rules))
             positions: list[np.ndarray] = []
             info: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -379,12 +419,22 @@ class Replay:
         def column(k: int) -> np.ndarray:
             return np.concatenate([i[k] for i in info]) if info else np.zeros(0, dtype=object)
 
-        return ReplayResult(topic=s.transactions_topic, position=position, transaction_id=column(0), card_id=column(1),
-                            event_ms=np.concatenate([i[2] for i in info]) if info else np.zeros(0, np.int64),
-                            sides=sides, fired=fired, rule_sets=dict(self.rule_sets), held=held_counts,
-                            held_then_alerted=alerted, read=read,
-                            decide_s=decide_s, read_s=time.perf_counter() - started,
-                            cpu_s=time.process_time() - cpu_started)
+        return ReplayResult(
+            topic=s.transactions_topic,
+            position=position,
+            transaction_id=column(0),
+            card_id=column(1),
+            event_ms=np.concatenate([i[2] for i in info]) if info else np.zeros(0, np.int64),
+            sides=sides,
+            fired=fired,
+            rule_sets=dict(self.rule_sets),
+            held=held_counts,
+            held_then_alerted=alerted,
+            read=read,
+            decide_s=decide_s,
+            read_s=time.perf_counter() - started,
+            cpu_s=time.process_time() - cpu_started,
+        )
 
     @staticmethod
     def _expire(window: TerminalWindow, progress: ReadProgress, pending: list, deciders: dict) -> None:
@@ -398,8 +448,9 @@ class Replay:
         window.expire(min(floors) - TERMINAL_TOLERANCE_MS - window.window_ms)
 
 
-def _collect(side: SideDecisions, batch: DecidedBatch, positions: np.ndarray, alerts: _AlertScores,
-             scored: bool) -> None:
+def _collect(
+    side: SideDecisions, batch: DecidedBatch, positions: np.ndarray, alerts: _AlertScores, scored: bool
+) -> None:
     """A decided batch's routes and scores by message index (`positions`: the messages' position keys); released
     records by their input position."""
     n = len(positions)

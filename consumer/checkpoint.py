@@ -89,8 +89,9 @@ class TransactionalCalls:
             try:
                 return self._thread.submit(fn).result(timeout=timeout_s + STUCK_CALL_GRACE_S)
             except FutureTimeout:
-                raise ProducerLost(f"{what} still blocked {STUCK_CALL_GRACE_S:g} s past its {timeout_s:.1f} s "
-                                   "timeout", stuck=True) from None
+                raise ProducerLost(
+                    f"{what} still blocked {STUCK_CALL_GRACE_S:g} s past its {timeout_s:.1f} s timeout", stuck=True
+                ) from None
             except KafkaException as exc:
                 error = exc.args[0]
                 classify(what, error, exc)
@@ -108,8 +109,9 @@ class TransactionalCalls:
         if remaining <= 0:
             # The coordinator is about to abort the transaction: a retry would fail with a fencing-like
             # error. Recreating the producer ends the transaction under our control.
-            raise ProducerLost(f"{what} still failing when the transaction was about to time out "
-                               f"({error.str()})", expired=True)
+            raise ProducerLost(
+                f"{what} still failing when the transaction was about to time out ({error.str()})", expired=True
+            )
         log.warning("retrying after %s failed: %s", what, error.str())
         if self.stop.wait(min(0.2, remaining)):
             raise Stopping(what)
@@ -135,8 +137,16 @@ class Checkpoint:
         self.collector = collector
         self.transaction_timeout_ms = transaction_timeout_ms
 
-    def commit(self, producer, messages: list, batch: DecidedBatch, *, offsets: list[TopicPartition],
-               group_metadata: Callable[[], object], write_state: Callable[[object], int] | None) -> tuple[float, int]:
+    def commit(
+        self,
+        producer,
+        messages: list,
+        batch: DecidedBatch,
+        *,
+        offsets: list[TopicPartition],
+        group_metadata: Callable[[], object],
+        write_state: Callable[[object], int] | None,
+    ) -> tuple[float, int]:
         """begin, the batch's outputs, its state changes (`write_state(producer)`, when there is state), the input
         `offsets`, commit. Returns (the commit's duration, changelog records written). Raises AbortBatch,
         ProducerLost, Stopping, KafkaUnavailable. `batch.outputs` may be updated in place: an output its topic will
@@ -156,8 +166,11 @@ class Checkpoint:
                 classify("writing state changes", error, exc)
                 raise AbortBatch(f"writing state changes: {error.str()}") from exc
         if offsets:
-            call("sending offsets", deadline, lambda: producer.send_offsets_to_transaction(
-                offsets, group_metadata(), attempt_timeout(deadline)))
+            call(
+                "sending offsets",
+                deadline,
+                lambda: producer.send_offsets_to_transaction(offsets, group_metadata(), attempt_timeout(deadline)),
+            )
         started = time.perf_counter()
         call("committing", deadline, lambda: producer.commit_transaction(attempt_timeout(deadline)))
         return time.perf_counter() - started, written

@@ -17,27 +17,68 @@ from fraudstream.settings import DECODERS, Settings
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fraudstream.cli import add_connection_arguments
 
-    parser.add_argument("--group-id", dest="group_id", help="consumer group; run more processes with the same id to "
-                                                           "scale out [FRAUDSTREAM_GROUP_ID]")
-    parser.add_argument("--transactional-id", dest="transactional_id",
-                        help="unique per running detector and stable across its restarts "
-                             "[FRAUDSTREAM_TRANSACTIONAL_ID, default <group>-<hostname>]")
-    parser.add_argument("--fraud-threshold-cents", dest="fraud_threshold_cents", type=int,
-                        help="large_amount rule: fraud above this many cents [default 90000 = $900.00]")
-    parser.add_argument("--rules", dest="rules_file", type=Path,
-                        help="rules file (TOML) over the documented defaults [FRAUDSTREAM_RULES, default rules/default.toml]")
-    parser.add_argument("--stateless", dest="stateful", action="store_const", const=False,
-                        help="only the seed's threshold rule: no per-card state, no changelog topics "
-                             "[FRAUDSTREAM_STATEFUL=0]")
-    parser.add_argument("--model", dest="model_file", type=Path,
-                        help="score with a model made by `fraudstream train` (needs the stateful rules) [FRAUDSTREAM_MODEL]")
-    parser.add_argument("--label-delay", dest="label_delay_days", type=float, metavar="DAYS",
-                        help="days after a transaction's event time before its label may be used "
-                             "[FRAUDSTREAM_LABEL_DELAY_DAYS, default 7]")
-    parser.add_argument("--batch-max-records", dest="batch_max_records", type=int, help="records per transaction at most (reached while the input is backlogged)")
-    parser.add_argument("--batch-max-ms", dest="batch_max_ms", type=int, help="wait this long for a first record; a batch closes as soon as the input runs dry")
-    parser.add_argument("--decoder", dest="decoder", choices=DECODERS,
-                        help="columnar (Arrow batches, default) or record (fastavro per record) [FRAUDSTREAM_DECODER]")
+    parser.add_argument(
+        "--group-id",
+        dest="group_id",
+        help="consumer group; run more processes with the same id to scale out [FRAUDSTREAM_GROUP_ID]",
+    )
+    parser.add_argument(
+        "--transactional-id",
+        dest="transactional_id",
+        help="unique per running detector and stable across its restarts "
+        "[FRAUDSTREAM_TRANSACTIONAL_ID, default <group>-<hostname>]",
+    )
+    parser.add_argument(
+        "--fraud-threshold-cents",
+        dest="fraud_threshold_cents",
+        type=int,
+        help="large_amount rule: fraud above this many cents [default 90000 = $900.00]",
+    )
+    parser.add_argument(
+        "--rules",
+        dest="rules_file",
+        type=Path,
+        help="rules file (TOML) over the documented defaults [FRAUDSTREAM_RULES, default rules/default.toml]",
+    )
+    parser.add_argument(
+        "--stateless",
+        dest="stateful",
+        action="store_const",
+        const=False,
+        help="only the seed's threshold rule: no per-card state, no changelog topics [FRAUDSTREAM_STATEFUL=0]",
+    )
+    parser.add_argument(
+        "--model",
+        dest="model_file",
+        type=Path,
+        help="score with a model made by `fraudstream train` (needs the stateful rules) [FRAUDSTREAM_MODEL]",
+    )
+    parser.add_argument(
+        "--label-delay",
+        dest="label_delay_days",
+        type=float,
+        metavar="DAYS",
+        help="days after a transaction's event time before its label may be used "
+        "[FRAUDSTREAM_LABEL_DELAY_DAYS, default 7]",
+    )
+    parser.add_argument(
+        "--batch-max-records",
+        dest="batch_max_records",
+        type=int,
+        help="records per transaction at most (reached while the input is backlogged)",
+    )
+    parser.add_argument(
+        "--batch-max-ms",
+        dest="batch_max_ms",
+        type=int,
+        help="wait this long for a first record; a batch closes as soon as the input runs dry",
+    )
+    parser.add_argument(
+        "--decoder",
+        dest="decoder",
+        choices=DECODERS,
+        help="columnar (Arrow batches, default) or record (fastavro per record) [FRAUDSTREAM_DECODER]",
+    )
     parser.add_argument("--metrics-port", dest="metrics_port", type=int, help="serve Prometheus metrics on this port")
     parser.add_argument("--log-interval", type=float, default=10.0, help="seconds between progress lines (default 10)")
     add_connection_arguments(parser)

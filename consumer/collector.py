@@ -64,8 +64,9 @@ class RecordCollector:
             # _produce_one may have put a dead letter in place of an output no topic takes
             batch.released = [(record, outputs.outputs[i]) for i, record in enumerate(inputs)]
 
-    def _produce_legit(self, producer, messages: list, start: int, stop: int, batch: DecidedBatch, small: int,
-                       deadline: float) -> None:
+    def _produce_legit(
+        self, producer, messages: list, start: int, stop: int, batch: DecidedBatch, small: int, deadline: float
+    ) -> None:
         """Forward messages[start:stop] to the legit topic: their own key and value bytes, the batch's legit
         headers. The fast path: one produce call per record and no object; anything unusual (a record
         near a topic's size limit, a produce that failed) goes to _produce_one."""
@@ -81,13 +82,33 @@ class RecordCollector:
                     produce(topic, value, key, headers=headers)
                     continue
                 except (BufferError, KafkaException) as exc:
-                    self._produce_one(producer, messages, batch, index, Decision(Route.LEGIT, key, value, headers), small,
-                                      deadline, failed=exc)
+                    self._produce_one(
+                        producer,
+                        messages,
+                        batch,
+                        index,
+                        Decision(Route.LEGIT, key, value, headers),
+                        small,
+                        deadline,
+                        failed=exc,
+                    )
                     continue
-            self._produce_one(producer, messages, batch, index, Decision(Route.LEGIT, key, value, headers), small, deadline)
+            self._produce_one(
+                producer, messages, batch, index, Decision(Route.LEGIT, key, value, headers), small, deadline
+            )
 
-    def _produce_one(self, producer, messages: list, batch: DecidedBatch, index: int, decision: Decision, small: int,
-                     deadline: float, *, failed: Exception | None = None) -> None:
+    def _produce_one(
+        self,
+        producer,
+        messages: list,
+        batch: DecidedBatch,
+        index: int,
+        decision: Decision,
+        small: int,
+        deadline: float,
+        *,
+        failed: Exception | None = None,
+    ) -> None:
         """Produce one record's output, checked against its topic's size limit; a failed call (`failed`: the
         fast path's) is retried for this record alone, never the ones before it. An output its topic will
         never take is dead-lettered: batch.outputs then holds the dead letter."""
@@ -106,10 +127,13 @@ class RecordCollector:
                 producer.produce(topic, decision.value, decision.key, headers=decision.headers)
                 return
             except BufferError:  # local queue full: serve delivery reports, then retry this record
-                if not produce_or_wait(producer, topic, decision.value, decision.key, give_up=expired,
-                                       headers=decision.headers):
-                    raise ProducerLost("producing: the local queue stayed full until the transaction "
-                                        "was about to time out", expired=True) from None
+                if not produce_or_wait(
+                    producer, topic, decision.value, decision.key, give_up=expired, headers=decision.headers
+                ):
+                    raise ProducerLost(
+                        "producing: the local queue stayed full until the transaction was about to time out",
+                        expired=True,
+                    ) from None
                 return
             except KafkaException as exc:
                 error = exc.args[0]
@@ -123,12 +147,16 @@ class RecordCollector:
                 classify("producing", error, exc)
                 self.calls.wait_before_retry("producing", error, deadline)
 
-
     def _fit_or_dead_letter(self, message, decision: Decision) -> Decision:
         """The decision itself, or a dead letter when its output is larger than its topic takes."""
         topic = self.routes[decision.route]
-        size = (BATCH_HEADER_BYTES + RECORD_FRAMING_BYTES + len(decision.value) + len(decision.key or b"")
-                + sum(len(k) + len(v or b"") + HEADER_FRAMING_BYTES for k, v in decision.headers or ()))
+        size = (
+            BATCH_HEADER_BYTES
+            + RECORD_FRAMING_BYTES
+            + len(decision.value)
+            + len(decision.key or b"")
+            + sum(len(k) + len(v or b"") + HEADER_FRAMING_BYTES for k, v in decision.headers or ())
+        )
         if size <= self.limits[topic] or decision.route is Route.DEAD_LETTER:
             return decision  # a dead letter is the input's own bytes; if even that is too large, the retries end it
         return too_large(message, topic, size, self.limits[topic])

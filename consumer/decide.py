@@ -89,8 +89,10 @@ class DecidedBatch:
     def decisions(self, messages: Sequence) -> list[Decision]:
         """One Decision per message, forwarded ones included (for callers that want them all)."""
         outputs, headers_of = self.outputs, self.headers_of
-        return [outputs.get(index) or Decision(Route.LEGIT, message.key(), message.value(), headers_of(index))
-                for index, message in enumerate(messages)]
+        return [
+            outputs.get(index) or Decision(Route.LEGIT, message.key(), message.value(), headers_of(index))
+            for index, message in enumerate(messages)
+        ]
 
     def routes(self) -> Counter[Route]:
         """Records per route, the released ones included."""
@@ -119,8 +121,18 @@ class Decider:
     fastavro reads leniently (a negative enum index, say) would stop a Java reader downstream.
     """
 
-    def __init__(self, decoder: Decoder, rules: Sequence[Rule], *, legit_schema_id: int, legit_schema,
-                 fraud_schema_id: int, fraud_schema, currency: str = "USD", reject_trailing_bytes: bool = True) -> None:
+    def __init__(
+        self,
+        decoder: Decoder,
+        rules: Sequence[Rule],
+        *,
+        legit_schema_id: int,
+        legit_schema,
+        fraud_schema_id: int,
+        fraud_schema,
+        currency: str = "USD",
+        reject_trailing_bytes: bool = True,
+    ) -> None:
         self.decoder = decoder
         self.rules = tuple(rules)
         self.legit_schema_id = legit_schema_id
@@ -135,8 +147,9 @@ class Decider:
         `verified`: its bytes were already found canonical (by the columnar decoder): skip that check."""
         schema_id, payload = split_frame(message.value(), message.headers())
         writer, reader = self.decoder.schemas_for(schema_id)
-        record = read_payload(payload, schema_id, writer, reader, reject_trailing_bytes=self.reject_trailing_bytes,
-                              canonical=not verified)
+        record = read_payload(
+            payload, schema_id, writer, reader, reject_trailing_bytes=self.reject_trailing_bytes, canonical=not verified
+        )
         transaction = Transaction.from_dict(record)
         error = invalid_values(transaction.currency, transaction.amount_cents, self.currency)
         if error is not None:
@@ -224,8 +237,12 @@ _TO_THE_END = (1 << 31) - 1
 
 # Arrow types whose every value the checks below prove readable by fastavro. A schema with any
 # other type is refused at start-up, so that a new field cannot slip past the checks unnoticed.
-_CHECKED_TYPES = (pa.types.is_string, pa.types.is_int64, pa.types.is_float64,
-                  lambda t: pa.types.is_timestamp(t) and t.unit in _TIMESTAMP_RANGE)
+_CHECKED_TYPES = (
+    pa.types.is_string,
+    pa.types.is_int64,
+    pa.types.is_float64,
+    lambda t: pa.types.is_timestamp(t) and t.unit in _TIMESTAMP_RANGE,
+)
 
 
 class ColumnarDecider:
@@ -239,17 +256,27 @@ class ColumnarDecider:
     halves again, so that only the refused records go record-wise.
     """
 
-    def __init__(self, record_wise: Decider, *, reader_schema: dict,
-                 deserialize: Callable[[list, str], pa.RecordBatch] = pyruhvro.deserialize_array) -> None:
+    def __init__(
+        self,
+        record_wise: Decider,
+        *,
+        reader_schema: dict,
+        deserialize: Callable[[list, str], pa.RecordBatch] = pyruhvro.deserialize_array,
+    ) -> None:
         self.record_wise = record_wise
         self.reader_json = json.dumps(reader_schema)
         arrow_schema = pyruhvro.avro_to_arrow_schema(self.reader_json)
-        unchecked = [f"{f.name} ({f.type})" for f in arrow_schema if not any(is_type(f.type) for is_type in _CHECKED_TYPES)]
+        unchecked = [
+            f"{f.name} ({f.type})" for f in arrow_schema if not any(is_type(f.type) for is_type in _CHECKED_TYPES)
+        ]
         if unchecked:
-            raise ValueError(f"the columnar decoder cannot yet prove these fields readable: {', '.join(unchecked)}; "
-                             "extend its checks or use the record decoder")
-        self.timestamp_columns = [(f.name, _TIMESTAMP_RANGE[f.type.unit]) for f in arrow_schema
-                                  if pa.types.is_timestamp(f.type)]
+            raise ValueError(
+                f"the columnar decoder cannot yet prove these fields readable: {', '.join(unchecked)}; "
+                "extend its checks or use the record decoder"
+            )
+        self.timestamp_columns = [
+            (f.name, _TIMESTAMP_RANGE[f.type.unit]) for f in arrow_schema if pa.types.is_timestamp(f.type)
+        ]
         self.deserialize = deserialize
         self._current_header = pa.scalar(HEADER.pack(MAGIC_BYTE, record_wise.legit_schema_id), pa.binary())
         # Totals for tests and profiling: rows decoded in Arrow, rows handed to the record-wise
@@ -289,15 +316,17 @@ class ColumnarDecider:
         else:
             rows = list(candidates)
         keep = self._readable(batch, payloads, payload_column)
-        invalid = pc.or_(pc.not_equal(batch.column("currency"), self.record_wise.currency),
-                         pc.less(batch.column("amount_cents"), 0))
+        invalid = pc.or_(
+            pc.not_equal(batch.column("currency"), self.record_wise.currency), pc.less(batch.column("amount_cents"), 0)
+        )
         if keep is not None or invalid.true_count:
             keep_list = keep.to_pylist() if keep is not None else [True] * len(rows)
             currencies, amounts = batch.column("currency"), batch.column("amount_cents")
             for position in pc.indices_nonzero(invalid).to_pylist():
                 if keep_list[position]:
-                    dead[rows[position]] = invalid_values(currencies[position].as_py(), amounts[position].as_py(),
-                                                          self.record_wise.currency)
+                    dead[rows[position]] = invalid_values(
+                        currencies[position].as_py(), amounts[position].as_py(), self.record_wise.currency
+                    )
                     keep_list[position] = False
             fallback += (index for index, kept in zip(rows, keep_list, strict=True) if not kept and index not in dead)
             rows = [index for index, kept in zip(rows, keep_list, strict=True) if kept]
@@ -343,7 +372,9 @@ class ColumnarDecider:
             return pieces[0], accepted
         return pa.Table.from_batches(pieces).combine_chunks().to_batches()[0], accepted
 
-    def _readable(self, batch: pa.RecordBatch, payloads: list, payload_column: pa.BinaryArray) -> pa.BooleanArray | None:
+    def _readable(
+        self, batch: pa.RecordBatch, payloads: list, payload_column: pa.BinaryArray
+    ) -> pa.BooleanArray | None:
         """Rows the record-wise decoder would read exactly as Arrow did (None: all of them): timestamps
         a Python datetime can hold, and bytes equal to the record's own canonical encoding (which
         also rules out bytes after the record, unless those are allowed)."""
@@ -361,7 +392,9 @@ class ColumnarDecider:
         except BaseException as exc:
             if not (isinstance(exc, ValueError) or _is_rust_panic(exc)):
                 raise
-            log.warning("pyruhvro could not re-encode %d records (%s): decoding them record by record", len(payloads), exc)
+            log.warning(
+                "pyruhvro could not re-encode %d records (%s): decoding them record by record", len(payloads), exc
+            )
             return pa.array([False] * len(payloads), pa.bool_())
         encoded = encoded[0] if len(encoded) == 1 else pa.concat_arrays(encoded)
         same = pc.equal(encoded, payload_column)

@@ -40,8 +40,17 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from fraudstream.consumer.batching import TRANSACTION_TIME_SHARE, BatchSizer, gather
-from fraudstream.consumer.checkpoint import (CALL_TIMEOUT_S, STUCK_CALL_GRACE_S, AbortBatch, Checkpoint, ProducerLost,
-                                             Stopping, TransactionalCalls, attempt_timeout, transaction_deadline)
+from fraudstream.consumer.checkpoint import (
+    CALL_TIMEOUT_S,
+    STUCK_CALL_GRACE_S,
+    AbortBatch,
+    Checkpoint,
+    ProducerLost,
+    Stopping,
+    TransactionalCalls,
+    attempt_timeout,
+    transaction_deadline,
+)
 from fraudstream.consumer.collector import BATCH_HEADER_BYTES, RecordCollector
 from fraudstream.consumer.decide import ColumnarDecider, DecidedBatch, Decider, Decision, Route
 from fraudstream.consumer.metrics import DetectorMetrics
@@ -51,8 +60,16 @@ from fraudstream.consumer.state.manager import StateManager
 from fraudstream.consumer.stateful import STORES, StatefulDecider, StateTouchedError, decode_batch, load_scoring
 from fraudstream.consumer.terminal import StopRequested, TerminalReader
 from fraudstream.errors import Fenced, KafkaUnavailable, RegistryError
-from fraudstream.kafka import (NEVER_PASSING, admin, consumer_config, ensure_topics, max_message_bytes, static_members,
-                               transactional_producer_config, wait_for_cluster)
+from fraudstream.kafka import (
+    NEVER_PASSING,
+    admin,
+    consumer_config,
+    ensure_topics,
+    max_message_bytes,
+    static_members,
+    transactional_producer_config,
+    wait_for_cluster,
+)
 from fraudstream.registry import Registry, current_ids
 from fraudstream.schemas import load_schemas
 from fraudstream.serde import Decoder
@@ -85,29 +102,37 @@ def unstable_id_warning(settings: Settings, *, markers: tuple[Path, ...] = CONTA
     in_container = any(marker.exists() for marker in markers) or "KUBERNETES_SERVICE_HOST" in os.environ
     if settings.transactional_id or not in_container:
         return None
-    return (f"transactional id {default_transactional_id(settings)} comes from this container's host name, which "
-            "changes when the container is recreated: set FRAUDSTREAM_TRANSACTIONAL_ID (or --transactional-id) to "
-            "a stable slot name, so that a restarted detector aborts its predecessor's open transaction at once")
+    return (
+        f"transactional id {default_transactional_id(settings)} comes from this container's host name, which "
+        "changes when the container is recreated: set FRAUDSTREAM_TRANSACTIONAL_ID (or --transactional-id) to "
+        "a stable slot name, so that a restarted detector aborts its predecessor's open transaction at once"
+    )
 
 
 class Detector:
-    def __init__(self, settings: Settings, *, log_interval_s: float = 10.0,
-                 on_log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, log_interval_s: float = 10.0, on_log: Callable[[str], None] | None = None
+    ) -> None:
         self.settings = settings
         self.transactional_id = default_transactional_id(settings)
         self.log_interval_s = log_interval_s
         self.on_log = on_log or log.info
         self.metrics = DetectorMetrics()
-        self.routes = {Route.LEGIT: settings.legit_topic, Route.FRAUD: settings.fraud_topic,
-                       Route.DEAD_LETTER: settings.dlq_topic}
+        self.routes = {
+            Route.LEGIT: settings.legit_topic,
+            Route.FRAUD: settings.fraud_topic,
+            Route.DEAD_LETTER: settings.dlq_topic,
+        }
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
         self.stop = threading.Event()
         self._assigned: set[tuple[str, int]] = set()
         self._revocations = 0  # partitions revoked or lost so far: a batch taken meanwhile is filtered
         # Records per transaction: more while the input is backlogged, within the transaction's timeout.
-        self.sizer = BatchSizer(most=settings.batch_max_records,
-                                time_budget_s=settings.transaction_timeout_ms / 1000 * TRANSACTION_TIME_SHARE)
+        self.sizer = BatchSizer(
+            most=settings.batch_max_records,
+            time_budget_s=settings.transaction_timeout_ms / 1000 * TRANSACTION_TIME_SHARE,
+        )
         self._admin = self._group_admin = None
         self._parked_clients: list = []
         # The transaction protocol (consumer/checkpoint.py) and the one sink of outputs (consumer/collector.py).
@@ -133,10 +158,15 @@ class Detector:
         schemas = load_schemas(s.schemas_dir)
         ids = current_ids(s, registry, schemas)  # clear error when `schemas register` was not run
         decoder = Decoder(registry, schemas.expanded["Transaction"], reader_id=ids[s.transactions_topic])
-        decider = Decider(decoder, rules_from_settings(s),
-                          legit_schema_id=ids[s.legit_topic], legit_schema=schemas.parsed["Transaction"],
-                          fraud_schema_id=ids[s.fraud_topic], fraud_schema=schemas.parsed["FraudAlert"],
-                          reject_trailing_bytes=True)
+        decider = Decider(
+            decoder,
+            rules_from_settings(s),
+            legit_schema_id=ids[s.legit_topic],
+            legit_schema=schemas.parsed["Transaction"],
+            fraud_schema_id=ids[s.fraud_topic],
+            fraud_schema=schemas.parsed["FraudAlert"],
+            reject_trailing_bytes=True,
+        )
         if s.decoder == "columnar":
             decider = ColumnarDecider(decider, reader_schema=schemas.expanded["Transaction"])
         if s.stateful:
@@ -156,8 +186,10 @@ class Detector:
         if (warning := unstable_id_warning(s)) is not None:
             log.warning(warning)
             self.on_log(warning)
-        self.on_log(f"detector {self.transactional_id} started: {s.transactions_topic} -> "
-                    f"{s.legit_topic} | {s.fraud_topic} | {s.dlq_topic} (group {s.group_id})")
+        self.on_log(
+            f"detector {self.transactional_id} started: {s.transactions_topic} -> "
+            f"{s.legit_topic} | {s.fraud_topic} | {s.dlq_topic} (group {s.group_id})"
+        )
         return decider, first_records
 
     def _stateful(self, decider: Decider | ColumnarDecider) -> StatefulDecider:
@@ -173,29 +205,42 @@ class Detector:
         if any(kind in TERMINAL_RULES for kind in rules.kinds.values()):
             # Per-terminal state that every detector holds whole, read from every input partition (README,
             # "Stateful rules": why not a repartition).
-            self.terminal = TerminalReader(s, decode, stop=self.stop.is_set, on_log=self.on_log,
-                                           on_gate=self.metrics.terminal_gate)
+            self.terminal = TerminalReader(
+                s, decode, stop=self.stop.is_set, on_log=self.on_log, on_gate=self.metrics.terminal_gate
+            )
             self.terminal.start()
         else:
             # No reader (it decodes the whole input once more): a terminal rule enabled later needs a restart.
             self.rules_topic.skip_kinds = tuple(TERMINAL_RULES)
-            self.on_log("no compromised_terminal rule in force: no terminal window (one enabled later runs after "
-                        "a restart)")
-        self.on_log(f"rules {', '.join(rules.names)} (rule set {rules.version} of {s.rules_topic}); "
-                    f"state in {', '.join(self.state.topics.values())}"
-                    + (" and a terminal window of every input partition" if self.terminal else ""))
+            self.on_log(
+                "no compromised_terminal rule in force: no terminal window (one enabled later runs after a restart)"
+            )
+        self.on_log(
+            f"rules {', '.join(rules.names)} (rule set {rules.version} of {s.rules_topic}); "
+            f"state in {', '.join(self.state.topics.values())}"
+            + (" and a terminal window of every input partition" if self.terminal else "")
+        )
         model, self.labels = load_scoring(s, on_log=self.on_log)
-        return StatefulDecider(decode, rules, self.state, encode_legit=record_wise.encode_legit,
-                               encode_fraud=record_wise.encode_fraud, model=model, labels=self.labels,
-                               terminal_features=self.terminal.features if self.terminal else None,
-                               terminal=self.terminal, hold_idle_ms=s.terminal_hold_idle_ms,
-                               input_topic=s.transactions_topic)
+        return StatefulDecider(
+            decode,
+            rules,
+            self.state,
+            encode_legit=record_wise.encode_legit,
+            encode_fraud=record_wise.encode_fraud,
+            model=model,
+            labels=self.labels,
+            terminal_features=self.terminal.features if self.terminal else None,
+            terminal=self.terminal,
+            hold_idle_ms=s.terminal_hold_idle_ms,
+            input_topic=s.transactions_topic,
+        )
 
     def _new_consumer(self) -> Consumer:
         s = self.settings
         consumer = Consumer(consumer_config(s, s.group_id, **{"group.instance.id": self.transactional_id}))
-        consumer.subscribe([s.transactions_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
-                           on_lost=self._on_lost)
+        consumer.subscribe(
+            [s.transactions_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
         return consumer
 
     def _join_group(self) -> list:
@@ -206,20 +251,26 @@ class Detector:
             if self.stop.is_set():
                 raise Stopping("joining the consumer group")
             if time.monotonic() > deadline:
-                raise KafkaUnavailable(f"could not join consumer group {self.settings.group_id} within "
-                                       f"{self.settings.broker_outage_limit_s} s")
+                raise KafkaUnavailable(
+                    f"could not join consumer group {self.settings.group_id} within "
+                    f"{self.settings.broker_outage_limit_s} s"
+                )
             records += self.consumer.consume(max(1, self.settings.batch_max_records - len(records)), 0.1)
         return records
 
     def _new_producer(self) -> Producer:
         """A transactional producer under our id; init_transactions fences any older one and ends its open transaction."""
-        config = transactional_producer_config(self.settings, self.transactional_id, **{
-            # A record batch never exceeds the smallest output topic's limit (a lone record larger than
-            # that is dead-lettered before it is produced, see _produce_all).
-            "batch.size": max(1, min(self.collector.limits.values()) - BATCH_HEADER_BYTES),
-            "delivery.report.only.error": True,
-            "on_delivery": self.collector.on_delivery_error,
-        })
+        config = transactional_producer_config(
+            self.settings,
+            self.transactional_id,
+            **{
+                # A record batch never exceeds the smallest output topic's limit (a lone record larger than
+                # that is dead-lettered before it is produced, see _produce_all).
+                "batch.size": max(1, min(self.collector.limits.values()) - BATCH_HEADER_BYTES),
+                "delivery.report.only.error": True,
+                "on_delivery": self.collector.on_delivery_error,
+            },
+        )
         producer = Producer(config)
         self._retry_outage("initialising transactions", lambda: producer.init_transactions(CALL_TIMEOUT_S))
         return producer
@@ -290,8 +341,10 @@ class Detector:
                 if self.metrics.line_due(self.log_interval_s):
                     self.on_log(self.metrics.line())
         except (Stopping, StopRequested) as stopping:
-            self.on_log(f"stop requested while {stopping}: the open transaction, if any, is aborted by the next "
-                        "detector with this id or when transaction.timeout.ms expires")
+            self.on_log(
+                f"stop requested while {stopping}: the open transaction, if any, is aborted by the next "
+                "detector with this id or when transaction.timeout.ms expires"
+            )
         finally:
             self._close()
         self.on_log(f"stopped: {self.metrics.line()}")
@@ -317,7 +370,9 @@ class Detector:
         if error is None:
             return False
         # librdkafka reports a fatal consumer error as _FATAL; being fenced is the one we expect.
-        if error.code() == KafkaError.FENCED_INSTANCE_ID or (error.code() == KafkaError._FATAL and "fenced" in error.str()):
+        if error.code() == KafkaError.FENCED_INSTANCE_ID or (
+            error.code() == KafkaError._FATAL and "fenced" in error.str()
+        ):
             raise _ConsumerLost(f"the group coordinator fenced this consumer ({error.str()})")
         if error.fatal() or error.code() == KafkaError._FATAL:
             raise KafkaUnavailable(f"consumer failed: {error.str()}")
@@ -343,8 +398,10 @@ class Detector:
                     self.state.rollback()
                 waited = time.monotonic() - started
                 if waited >= limit_s:
-                    raise RegistryError(f"{exc}; gave up after {waited:.0f} s (registry outage limit {limit_s} s); "
-                                        "nothing of the batch was routed, a restart resumes from it") from exc
+                    raise RegistryError(
+                        f"{exc}; gave up after {waited:.0f} s (registry outage limit {limit_s} s); "
+                        "nothing of the batch was routed, a restart resumes from it"
+                    ) from exc
                 log.warning("%s; retrying in %.1fs", exc, backoff)
                 self.metrics.registry_retried()
                 if self.stop.wait(min(backoff, max(0.0, limit_s - waited))):
@@ -383,8 +440,14 @@ class Detector:
         outputs = [*batch.outputs.values(), *(decision for _, decision in batch.released)]
         dead_kinds = Tally(d.dead_letter_kind for d in outputs if d.route is Route.DEAD_LETTER)
         rules = Tally(rule for d in outputs if d.route is Route.FRAUD for rule in d.rules)
-        self.metrics.batch_committed(consumed=len(messages), legit=tally[Route.LEGIT], fraud=tally[Route.FRAUD],
-                                     dead_kinds=dict(dead_kinds), commit_s=commit_s, rules=dict(rules))
+        self.metrics.batch_committed(
+            consumed=len(messages),
+            legit=tally[Route.LEGIT],
+            fraud=tally[Route.FRAUD],
+            dead_kinds=dict(dead_kinds),
+            commit_s=commit_s,
+            rules=dict(rules),
+        )
         if self.state is not None:
             self.metrics.state_size(self.state.sizes())
         if self.terminal is not None:
@@ -402,9 +465,14 @@ class Detector:
             partitions = {m.partition() for m in messages} | batch.state_partitions
             write_state = lambda producer: self.state.write_changes(producer, partitions)  # noqa: E731
         self.collector.rejected.clear()
-        commit_s, written = self.checkpoint.commit(self.producer, messages, batch, offsets=offsets,
-                                                   group_metadata=self.consumer.consumer_group_metadata,
-                                                   write_state=write_state)
+        commit_s, written = self.checkpoint.commit(
+            self.producer,
+            messages,
+            batch,
+            offsets=offsets,
+            group_metadata=self.consumer.consumer_group_metadata,
+            write_state=write_state,
+        )
         if self.state is not None:
             self.metrics.changelog_written(written)
         self._consumed_to.update((tp.partition, tp.offset) for tp in offsets)
@@ -421,8 +489,12 @@ class Detector:
 
     def _abort_and_rewind(self, messages: list, abort: AbortBatch) -> None:
         self._failures_in_a_row += 1
-        log.warning("aborting the transaction of a batch of %d (failure %d in a row): %s",
-                    len(messages), self._failures_in_a_row, abort)
+        log.warning(
+            "aborting the transaction of a batch of %d (failure %d in a row): %s",
+            len(messages),
+            self._failures_in_a_row,
+            abort,
+        )
         try:
             self.checkpoint.abort(self.producer)
             self.metrics.aborted()
@@ -439,8 +511,9 @@ class Detector:
         Read the limits again; the retried transaction dead-letters what no longer fits, and a producer
         with smaller record batches keeps the rest within the limit."""
         limits = max_message_bytes(self._admin, tuple(self.routes.values()))
-        log.warning("an output was over its topic's max.message.bytes; limits now %s (were %s)", limits,
-                    self.collector.limits)
+        log.warning(
+            "an output was over its topic's max.message.bytes; limits now %s (were %s)", limits, self.collector.limits
+        )
         if limits != self.collector.limits:
             self.collector.limits = limits
             self.producer = self._new_producer()
@@ -458,10 +531,14 @@ class Detector:
             # its thread; the new producer's init_transactions fences it and ends its open transaction.
             abandoned = self.calls.abandon(self.producer)
             if abandoned > ABANDONED_PRODUCERS_LIMIT:
-                raise KafkaUnavailable(f"{lost}; {abandoned} producers stuck for good in this process: "
-                                       "exiting for a supervisor to restart it")
-            self.on_log(f"{lost}: abandoning this producer ({abandoned} so far) for a new one under the "
-                        "same transactional id, which fences it; resuming from the committed offsets")
+                raise KafkaUnavailable(
+                    f"{lost}; {abandoned} producers stuck for good in this process: "
+                    "exiting for a supervisor to restart it"
+                )
+            self.on_log(
+                f"{lost}: abandoning this producer ({abandoned} so far) for a new one under the "
+                "same transactional id, which fences it; resuming from the committed offsets"
+            )
             self.producer = self._new_producer()
             self._rewind_to_committed()
             self.metrics.recovered()
@@ -475,16 +552,24 @@ class Detector:
             # (assertion in rd_kafka_enq_once_del_source_return).
             successors = []
         else:
-            log.warning("transactional producer lost (%s): asking group %s who holds %s", lost, self.settings.group_id,
-                        self.transactional_id)
+            log.warning(
+                "transactional producer lost (%s): asking group %s who holds %s",
+                lost,
+                self.settings.group_id,
+                self.transactional_id,
+            )
             successors = self._retry_outage("asking the group who holds our id", self._successors)
         if successors:
-            raise Fenced(f"detector {self.transactional_id} stopped: another detector with the same transactional id "
-                         f"joined group {self.settings.group_id} as member {successors[0]} and took over ({lost})")
+            raise Fenced(
+                f"detector {self.transactional_id} stopped: another detector with the same transactional id "
+                f"joined group {self.settings.group_id} as member {successors[0]} and took over ({lost})"
+            )
         self._failures_in_a_row += 1
-        self.on_log(f"{lost}; no other detector holds {self.transactional_id}, so the broker ended this producer's "
-                    "epoch (a broker restart, or a transaction timed out meanwhile): recreating the transactional "
-                    "producer and resuming from the committed offsets")
+        self.on_log(
+            f"{lost}; no other detector holds {self.transactional_id}, so the broker ended this producer's "
+            "epoch (a broker restart, or a transaction timed out meanwhile): recreating the transactional "
+            "producer and resuming from the committed offsets"
+        )
         self.producer = self._new_producer()
         self._rewind_to_committed()
         self.metrics.recovered()
@@ -495,11 +580,15 @@ class Detector:
         log.warning("%s: asking group %s who holds %s", lost, self.settings.group_id, self.transactional_id)
         successors = self._retry_outage("asking the group who holds our id", self._successors)
         if successors:
-            raise Fenced(f"detector {self.transactional_id} stopped: another detector with the same transactional id "
-                         f"joined group {self.settings.group_id} as member {successors[0]} and took over ({lost})")
+            raise Fenced(
+                f"detector {self.transactional_id} stopped: another detector with the same transactional id "
+                f"joined group {self.settings.group_id} as member {successors[0]} and took over ({lost})"
+            )
         self._failures_in_a_row += 1
-        self.on_log(f"{lost}; no other detector holds {self.transactional_id} (the coordinator fenced our own "
-                    "rejoin, e.g. after a broker restart): recreating the consumer and rejoining the group")
+        self.on_log(
+            f"{lost}; no other detector holds {self.transactional_id} (the coordinator fenced our own "
+            "rejoin, e.g. after a broker restart): recreating the consumer and rejoining the group"
+        )
         try:
             self.consumer.close()
         except (KafkaException, RuntimeError) as exc:
@@ -530,8 +619,9 @@ class Detector:
                 raise KafkaUnavailable("no broker answered")
             ours = self.consumer.memberid()
             try:
-                members = static_members(self._group_admin, self.settings.group_id, self.transactional_id,
-                                         timeout_s=GROUP_REQUEST_TIMEOUT_S)
+                members = static_members(
+                    self._group_admin, self.settings.group_id, self.transactional_id, timeout_s=GROUP_REQUEST_TIMEOUT_S
+                )
             except KafkaUnavailable:
                 # librdkafka 2.x: a client whose group request failed around a broker restart can hang on the
                 # next ones, and destroying it with the request pending trips an assertion. Park it, use a new one.
@@ -556,8 +646,9 @@ class Detector:
                 error = exc.args[0]
                 reason = error.str() if isinstance(error, KafkaError) else str(error)
                 # Anything else (transport failures, timeouts, "not coordinator") is the outage itself.
-                if isinstance(error, KafkaError) and (error.fatal() or error.code() in CONSUMER_GONE_CODES
-                                                      or error.code() in NEVER_PASSING):  # authorization: at once
+                if isinstance(error, KafkaError) and (
+                    error.fatal() or error.code() in CONSUMER_GONE_CODES or error.code() in NEVER_PASSING
+                ):  # authorization: at once
                     raise KafkaUnavailable(f"{what} failed: {reason}") from exc
                 if time.monotonic() + backoff > deadline:
                     raise KafkaUnavailable(f"{what} failed for {limit_s} s (broker outage limit): {reason}") from exc
@@ -585,13 +676,20 @@ class Detector:
         if not partitions:
             return
         committed = self._committed(partitions)
-        self._consumed_to = {tp.partition: tp.offset for tp in committed
-                             if tp.topic == self.settings.transactions_topic and tp.offset >= 0}
+        self._consumed_to = {
+            tp.partition: tp.offset
+            for tp in committed
+            if tp.topic == self.settings.transactions_topic and tp.offset >= 0
+        }
         if self.state is not None:
             self.state.reset(self.consumer, [tp.partition for tp in partitions])
         # Logical offsets (no commit yet: OFFSET_INVALID, -1001) are passed on as a position, never computed with.
-        self._seek([TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
-                    for tp in committed])
+        self._seek(
+            [
+                TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+                for tp in committed
+            ]
+        )
 
     def _committed(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
         """The group's committed offsets. After a broker restart the consumer's own requests to the group
@@ -618,8 +716,10 @@ class Detector:
 
     def _seek(self, positions: list[TopicPartition]) -> None:
         for position in positions:
-            self._consumer_call(f"rewinding {position.topic}[{position.partition}]",
-                                lambda position=position: self.consumer.seek(position))
+            self._consumer_call(
+                f"rewinding {position.topic}[{position.partition}]",
+                lambda position=position: self.consumer.seek(position),
+            )
 
     def _consumer_call(self, what: str, fn: Callable[[], object]):
         """A consumer call retried through broker outages; a consumer that failed for good (fenced meanwhile)
@@ -628,7 +728,9 @@ class Detector:
             return self._retry_outage(what, fn)
         except KafkaUnavailable as exc:
             cause = exc.__cause__
-            if isinstance(cause, KafkaException) and (cause.args[0].fatal() or cause.args[0].code() in CONSUMER_GONE_CODES):
+            if isinstance(cause, KafkaException) and (
+                cause.args[0].fatal() or cause.args[0].code() in CONSUMER_GONE_CODES
+            ):
                 raise _ConsumerLost(f"{what}: the consumer failed ({cause.args[0].str()})") from exc
             raise
 
@@ -722,8 +824,10 @@ def _next_offsets(messages: list) -> list[TopicPartition]:
     partitions = np.array([message.partition() for message in messages], dtype=np.int64)
     found, from_end = np.unique(partitions[::-1], return_index=True)
     last = len(messages) - 1 - from_end
-    return [TopicPartition(messages[i].topic(), int(partition), messages[i].offset() + 1)
-            for partition, i in zip(found.tolist(), last.tolist())]
+    return [
+        TopicPartition(messages[i].topic(), int(partition), messages[i].offset() + 1)
+        for partition, i in zip(found.tolist(), last.tolist())
+    ]
 
 
 def _partition_list(partitions) -> str:

@@ -71,43 +71,49 @@ PROFILE_TTL_MS = 30 * DAY_MS
 SPEND_WINDOWS_DAYS: tuple[int, ...] = (1, 7, 30)
 _SPEND_TAU_MS = np.array([d * DAY_MS for d in SPEND_WINDOWS_DAYS], dtype=np.float64)
 
-PROFILE_VERSION = 3  # 2: FNV-1a hashes of devices and terminals; session_small counts online payments only; 3: spend windows
-PROFILE_DTYPE = np.dtype([
-    ("last_ms", "<i8"),  # event time of the card's latest transaction (0: none)
-    ("n", "<u4"),  # transactions seen
-    ("amount_log_mean", "<f8"),  # running mean of ln(1 + amount_cents)
-    ("loc_ms", "<i8"),  # event time of the latest in-person transaction (0: none)
-    ("loc_lat", "<f8"),
-    ("loc_lon", "<f8"),
-    ("home_lat", "<f8"),
-    ("home_lon", "<f8"),
-    ("home_w", "<i2"),  # votes for the home area (0: none yet)
-    ("stay_ms", "<i8"),  # when the card's current stay (in-person payments in one area) began (0: none)
-    ("stay_kmh", "<f8"),  # speed of the jump that began it
-    ("stay_lat", "<f8"),  # where it began
-    ("stay_lon", "<f8"),
-    ("session_n", "<u2"),  # transactions in the current session
-    ("session_small", "<u2"),  # small online payments in the current session
-    ("session_dev", "<u4"),  # first device new to the card in the current session (0: none)
-    ("devices", "<u4", (N_DEVICES,)),  # ring of known device hashes (0: empty)
-    ("dev_next", "u1"),
-    ("terminals", "<u4", (N_TERMINALS,)),  # ring of known terminal hashes
-    ("term_next", "u1"),
-    ("spend_n", "<f8", (len(SPEND_WINDOWS_DAYS),)),  # decayed count of payments, per window (at last_ms)
-    ("spend_cents", "<f8", (len(SPEND_WINDOWS_DAYS),)),  # decayed sum of their amounts, per window
-])
+PROFILE_VERSION = (
+    3  # 2: FNV-1a hashes of devices and terminals; session_small counts online payments only; 3: spend windows
+)
+PROFILE_DTYPE = np.dtype(
+    [
+        ("last_ms", "<i8"),  # event time of the card's latest transaction (0: none)
+        ("n", "<u4"),  # transactions seen
+        ("amount_log_mean", "<f8"),  # running mean of ln(1 + amount_cents)
+        ("loc_ms", "<i8"),  # event time of the latest in-person transaction (0: none)
+        ("loc_lat", "<f8"),
+        ("loc_lon", "<f8"),
+        ("home_lat", "<f8"),
+        ("home_lon", "<f8"),
+        ("home_w", "<i2"),  # votes for the home area (0: none yet)
+        ("stay_ms", "<i8"),  # when the card's current stay (in-person payments in one area) began (0: none)
+        ("stay_kmh", "<f8"),  # speed of the jump that began it
+        ("stay_lat", "<f8"),  # where it began
+        ("stay_lon", "<f8"),
+        ("session_n", "<u2"),  # transactions in the current session
+        ("session_small", "<u2"),  # small online payments in the current session
+        ("session_dev", "<u4"),  # first device new to the card in the current session (0: none)
+        ("devices", "<u4", (N_DEVICES,)),  # ring of known device hashes (0: empty)
+        ("dev_next", "u1"),
+        ("terminals", "<u4", (N_TERMINALS,)),  # ring of known terminal hashes
+        ("term_next", "u1"),
+        ("spend_n", "<f8", (len(SPEND_WINDOWS_DAYS),)),  # decayed count of payments, per window (at last_ms)
+        ("spend_cents", "<f8", (len(SPEND_WINDOWS_DAYS),)),  # decayed sum of their amounts, per window
+    ]
+)
 PROFILE_LAYOUT = layout_tag("card_profile", PROFILE_VERSION, PROFILE_DTYPE)
 
 TERMINAL_WINDOW_MS = 10 * MINUTE_MS  # distinct cards a terminal took within this window
 N_TERMINAL_CARDS = 8  # (card, time) pairs remembered per terminal
 TERMINAL_TTL_MS = TERMINAL_WINDOW_MS
 TERMINAL_VERSION = 2  # 2: FNV-1a hashes of cards
-TERMINAL_DTYPE = np.dtype([
-    ("last_ms", "<i8"),
-    ("cards", "<u4", (N_TERMINAL_CARDS,)),  # ring of card hashes
-    ("card_ms", "<i8", (N_TERMINAL_CARDS,)),  # when each was seen
-    ("next", "u1"),
-])
+TERMINAL_DTYPE = np.dtype(
+    [
+        ("last_ms", "<i8"),
+        ("cards", "<u4", (N_TERMINAL_CARDS,)),  # ring of card hashes
+        ("card_ms", "<i8", (N_TERMINAL_CARDS,)),  # when each was seen
+        ("next", "u1"),
+    ]
+)
 TERMINAL_LAYOUT = layout_tag("terminal_profile", TERMINAL_VERSION, TERMINAL_DTYPE)
 
 # Feature names and dtypes, in one place for the batch path, the scalar spec and training.
@@ -152,7 +158,11 @@ def hash_strings(values: pa.Array | pa.ChunkedArray | Sequence[str | bytes | Non
         return np.zeros(0, dtype=np.uint32)
     buffers = values.buffers()
     offsets = np.frombuffer(buffers[1], dtype=np.int64, count=n + 1, offset=values.offset * 8)
-    data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None and len(buffers[2]) else np.zeros(1, np.uint8)
+    data = (
+        np.frombuffer(buffers[2], dtype=np.uint8)
+        if buffers[2] is not None and len(buffers[2])
+        else np.zeros(1, np.uint8)
+    )
     lengths = offsets[1:] - offsets[:-1]
     width = int(lengths.max())
     h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
@@ -160,7 +170,7 @@ def hash_strings(values: pa.Array | pa.ChunkedArray | Sequence[str | bytes | Non
         # Every value as long as the longest (fixed-width ids, the usual case): the bytes are one
         # (n, width) matrix, with no gather and no mask.
         start = int(offsets[0])
-        chars = data[start:start + n * width].reshape(n, width).astype(np.uint64)
+        chars = data[start : start + n * width].reshape(n, width).astype(np.uint64)
         for j in range(width):
             h = (h ^ chars[:, j]) * _FNV_PRIME
     elif width:
@@ -225,6 +235,7 @@ class TxColumns:
     @classmethod
     def from_arrow(cls, batch: pa.RecordBatch) -> TxColumns:
         """From the columnar decoder's output (a Transaction RecordBatch)."""
+
         def strings(name: str) -> np.ndarray:
             return batch.column(name).to_numpy(zero_copy_only=False)
 
@@ -232,20 +243,26 @@ class TxColumns:
         cards = card_ids.cast(pa.binary()).to_pylist()
         terminals = terminal_ids.cast(pa.binary()).to_pylist()
         # A detector whose Transaction schema predates device_id (v1) reads every device as unknown.
-        device_ids = (batch.column("device_id") if "device_id" in batch.schema.names
-                      else pa.nulls(batch.num_rows, pa.string()))
+        device_ids = (
+            batch.column("device_id") if "device_id" in batch.schema.names else pa.nulls(batch.num_rows, pa.string())
+        )
         devices = device_ids.to_numpy(zero_copy_only=False)
-        mcc = pc.cast(batch.column("merchant_category"), pa.int16(), safe=False) \
-            if pc.all(pc.match_substring_regex(batch.column("merchant_category"), r"^\d{4}$")).as_py() else None
+        mcc = (
+            pc.cast(batch.column("merchant_category"), pa.int16(), safe=False)
+            if pc.all(pc.match_substring_regex(batch.column("merchant_category"), r"^\d{4}$")).as_py()
+            else None
+        )
         channel_index = pc.index_in(batch.column("channel"), value_set=pa.array(CHANNELS))
         return cls(
             transaction_id=strings("transaction_id"),
             account_id=strings("account_id"),
             card_key=_objects(cards),
             terminal_key=_objects(terminals),
-            merchant_category=(mcc.to_numpy(zero_copy_only=False).astype(np.int16) if mcc is not None else
-                               np.array([mcc_code(m) for m in batch.column("merchant_category").to_pylist()],
-                                        dtype=np.int16)),
+            merchant_category=(
+                mcc.to_numpy(zero_copy_only=False).astype(np.int16)
+                if mcc is not None
+                else np.array([mcc_code(m) for m in batch.column("merchant_category").to_pylist()], dtype=np.int16)
+            ),
             channel=pc.fill_null(channel_index, 0).to_numpy(zero_copy_only=False).astype(np.int8),
             device_id=devices,
             device_hash=hash_strings(device_ids),
@@ -285,7 +302,9 @@ class TxColumns:
     def concat_in_order(cls, parts: Sequence[tuple[Sequence[int], TxColumns]]) -> TxColumns:
         """One TxColumns from several (positions, columns) parts, rows sorted by position (e.g. the
         batch's columnar and record-wise records back in offset order)."""
-        positions = np.concatenate([np.asarray(p, dtype=np.int64) for p, _ in parts]) if parts else np.empty(0, np.int64)
+        positions = (
+            np.concatenate([np.asarray(p, dtype=np.int64) for p, _ in parts]) if parts else np.empty(0, np.int64)
+        )
         order = np.argsort(positions, kind="stable")
         names = [f.name for f in fields(cls)]
         if not parts:
@@ -298,18 +317,34 @@ class TxColumns:
     def record(self, i: int) -> dict[str, Any]:
         """Row i as the dict the scalar specifications take."""
         return {
-            "card_id": self.card_key[i].decode(), "terminal_id": self.terminal_key[i].decode(),
-            "merchant_category": f"{int(self.merchant_category[i]):04d}", "channel": CHANNELS[int(self.channel[i])],
-            "device_id": self.device_id[i], "event_time": int(self.event_time_ms[i]),
-            "amount_cents": int(self.amount_cents[i]), "latitude": float(self.latitude[i]),
+            "card_id": self.card_key[i].decode(),
+            "terminal_id": self.terminal_key[i].decode(),
+            "merchant_category": f"{int(self.merchant_category[i]):04d}",
+            "channel": CHANNELS[int(self.channel[i])],
+            "device_id": self.device_id[i],
+            "event_time": int(self.event_time_ms[i]),
+            "amount_cents": int(self.amount_cents[i]),
+            "latitude": float(self.latitude[i]),
             "longitude": float(self.longitude[i]),
         }
 
 
-_EMPTY_DTYPES = {"transaction_id": object, "account_id": object, "card_key": object, "terminal_key": object,
-                 "merchant_category": np.int16, "channel": np.int8, "device_id": object, "device_hash": np.uint32,
-                 "card_hash": np.uint32, "terminal_hash": np.uint32,
-                 "event_time_ms": np.int64, "amount_cents": np.int64, "latitude": np.float64, "longitude": np.float64}
+_EMPTY_DTYPES = {
+    "transaction_id": object,
+    "account_id": object,
+    "card_key": object,
+    "terminal_key": object,
+    "merchant_category": np.int16,
+    "channel": np.int8,
+    "device_id": object,
+    "device_hash": np.uint32,
+    "card_hash": np.uint32,
+    "terminal_hash": np.uint32,
+    "event_time_ms": np.int64,
+    "amount_cents": np.int64,
+    "latitude": np.float64,
+    "longitude": np.float64,
+}
 
 
 def _objects(items: list) -> np.ndarray:
@@ -338,7 +373,7 @@ def _rounds(slots: np.ndarray) -> list[np.ndarray]:
     rank[order] = np.arange(n) - group_start
     by_rank = np.argsort(rank, kind="stable")  # stable: batch order within a round
     bounds = np.flatnonzero(np.r_[True, np.diff(rank[by_rank]) != 0, True])
-    return [by_rank[bounds[k]:bounds[k + 1]] for k in range(len(bounds) - 1)]
+    return [by_rank[bounds[k] : bounds[k + 1]] for k in range(len(bounds) - 1)]
 
 
 def _empty_features(spec: dict[str, np.dtype], n: int) -> dict[str, np.ndarray]:
@@ -383,9 +418,17 @@ def card_features_split(tables: Sequence[KeyedTable], which: np.ndarray, tx: TxC
         rows = np.flatnonzero(which == k)
         members[k] = rows
         slots[rows] = tables[k].slots(tx.card_key[rows])
-    inputs = _Inputs(tx.event_time_ms, IN_PERSON_LUT[tx.channel], tx.channel == ONLINE, tx.amount_cents,
-                     np.log1p(tx.amount_cents.astype(np.float64)), tx.device_hash, tx.terminal_hash,
-                     tx.latitude, tx.longitude)
+    inputs = _Inputs(
+        tx.event_time_ms,
+        IN_PERSON_LUT[tx.channel],
+        tx.channel == ONLINE,
+        tx.amount_cents,
+        np.log1p(tx.amount_cents.astype(np.float64)),
+        tx.device_hash,
+        tx.terminal_hash,
+        tx.latitude,
+        tx.longitude,
+    )
     # A card is (table, slot): rounds hold each such card once.
     for index in _rounds((which << 40) | slots):
         s, w = slots[index], which[index]
@@ -472,8 +515,9 @@ def _card_round(p: np.ndarray, x: _Inputs, out: dict[str, np.ndarray], index: np
     p["spend_cents"] = spend_cents
     p["last_ms"] = t
     p["n"] = np.minimum(p["n"].astype(np.int64) + 1, _U32_MAX)
-    p["amount_log_mean"] = np.where(seen, p["amount_log_mean"] + AMOUNT_ALPHA * (log_amount - p["amount_log_mean"]),
-                                    log_amount)
+    p["amount_log_mean"] = np.where(
+        seen, p["amount_log_mean"] + AMOUNT_ALPHA * (log_amount - p["amount_log_mean"]), log_amount
+    )
     p["session_n"] = np.minimum(session_n + 1, _U16_MAX)
     p["session_small"] = np.minimum(session_small + ((amount <= SMALL_CENTS) & x.online), _U16_MAX)
     p["session_dev"] = np.where((session_dev == 0) & new_device, dev, session_dev)
@@ -529,8 +573,9 @@ def card_features_one(profile: np.void | None, tx: dict) -> tuple[dict, np.void]
     session_dev = int(p["session_dev"]) if in_session else 0
     f["session_n"], f["session_small"] = session_n, session_small
 
-    spend_n, spend_cents = spend_update(p["spend_n"][None, :], p["spend_cents"][None, :], np.array([gap_ms]),
-                                        np.array([seen]), np.array([amount]))
+    spend_n, spend_cents = spend_update(
+        p["spend_n"][None, :], p["spend_cents"][None, :], np.array([gap_ms]), np.array([seen]), np.array([amount])
+    )
     for k, days in enumerate(SPEND_WINDOWS_DAYS):
         f[f"spend_n_{days}d"] = float(spend_n[0, k])
         f[f"spend_mean_{days}d"] = float(spend_cents[0, k] / spend_n[0, k])
@@ -563,8 +608,9 @@ def card_features_one(profile: np.void | None, tx: dict) -> tuple[dict, np.void]
     p["spend_n"], p["spend_cents"] = spend_n[0], spend_cents[0]
     p["last_ms"] = t
     p["n"] = min(int(p["n"]) + 1, 2**32 - 1)
-    p["amount_log_mean"] = (float(p["amount_log_mean"]) + AMOUNT_ALPHA * (log_amount - float(p["amount_log_mean"]))
-                            if seen else log_amount)
+    p["amount_log_mean"] = (
+        float(p["amount_log_mean"]) + AMOUNT_ALPHA * (log_amount - float(p["amount_log_mean"])) if seen else log_amount
+    )
     p["session_n"] = min(session_n + 1, 2**16 - 1)
     p["session_small"] = min(session_small + (amount <= SMALL_CENTS and channel == ONLINE), 2**16 - 1)
     p["session_dev"] = dev if session_dev == 0 and new_device else session_dev
@@ -587,8 +633,9 @@ def card_features_one(profile: np.void | None, tx: dict) -> tuple[dict, np.void]
     return f, p
 
 
-def spend_update(n: np.ndarray, cents: np.ndarray, gap_ms: np.ndarray, seen: np.ndarray,
-                 amount: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def spend_update(
+    n: np.ndarray, cents: np.ndarray, gap_ms: np.ndarray, seen: np.ndarray, amount: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """The spend windows after one more payment per row: the sums decayed over the gap since the card's
     previous payment, plus this one (weight 1). (rows, windows) arrays; one implementation for both paths."""
     decay = np.where(seen[:, None], np.exp(-gap_ms[:, None] / _SPEND_TAU_MS), 0.0)
@@ -618,7 +665,9 @@ def terminal_features(table: KeyedTable, tx: TxColumns) -> dict[str, np.ndarray]
             p[stale] = np.zeros((), dtype=TERMINAL_DTYPE)
         recent = (p["card_ms"] != 0) & (t[:, None] - p["card_ms"] <= TERMINAL_WINDOW_MS) & (p["cards"] != card[:, None])
         values = np.sort(np.where(recent, p["cards"], 0), axis=1)
-        distinct = (values[:, :1] != 0).sum(axis=1) + ((values[:, 1:] != values[:, :-1]) & (values[:, 1:] != 0)).sum(axis=1)
+        distinct = (values[:, :1] != 0).sum(axis=1) + ((values[:, 1:] != values[:, :-1]) & (values[:, 1:] != 0)).sum(
+            axis=1
+        )
         out["terminal_cards"][index] = distinct
         rows = np.arange(len(p))
         p["cards"][rows, p["next"]] = card
@@ -637,8 +686,11 @@ def terminal_features_one(profile: np.void | None, tx: dict) -> tuple[dict, np.v
     if p["last_ms"] != 0 and t - int(p["last_ms"]) > TERMINAL_TTL_MS:
         p = np.zeros((), dtype=TERMINAL_DTYPE)[()]
     card = stable_hash(tx["card_id"])
-    others = {int(c) for c, ms in zip(p["cards"], p["card_ms"], strict=True)
-              if ms != 0 and t - int(ms) <= TERMINAL_WINDOW_MS and int(c) != card}
+    others = {
+        int(c)
+        for c, ms in zip(p["cards"], p["card_ms"], strict=True)
+        if ms != 0 and t - int(ms) <= TERMINAL_WINDOW_MS and int(c) != card
+    }
     slot = int(p["next"])
     p["cards"][slot], p["card_ms"][slot] = card, t
     p["next"] = (slot + 1) % N_TERMINAL_CARDS

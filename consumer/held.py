@@ -39,18 +39,31 @@ from fraudstream.consumer.state.table import KeyedTable, layout_tag
 KEY_BYTES = 64
 VALUE_BYTES = 512  # a transaction's Avro value is about 150 bytes
 RULE_SET_BYTES = 32  # a rule set's version: 12 hex digits from a file, a number from the rules topic
-HELD_DTYPE = np.dtype([
-    ("event_time_ms", "<i8"), ("created_ms", "<i8"),  # event time; the input record's Kafka timestamp
-    ("terminal", "<u4"), ("card", "<u4"),  # the terminal window's hashes
-    ("dist_home_km", "<f4"), ("score", "<f8"), ("channel", "i1"),  # score: the model's, as the alert carries it
-    ("rule_set", f"S{RULE_SET_BYTES}"),  # the version of the rule set that held it, which its output names
-    ("key_len", "<i2"), ("value_len", "<i2"),  # -1: no key
-    ("key", f"V{KEY_BYTES}"), ("value", f"V{VALUE_BYTES}"),  # the bytes forwarded if it stays legit
-])
+HELD_DTYPE = np.dtype(
+    [
+        ("event_time_ms", "<i8"),
+        ("created_ms", "<i8"),  # event time; the input record's Kafka timestamp
+        ("terminal", "<u4"),
+        ("card", "<u4"),  # the terminal window's hashes
+        ("dist_home_km", "<f4"),
+        ("score", "<f8"),
+        ("channel", "i1"),  # score: the model's, as the alert carries it
+        ("rule_set", f"S{RULE_SET_BYTES}"),  # the version of the rule set that held it, which its output names
+        ("key_len", "<i2"),
+        ("value_len", "<i2"),  # -1: no key
+        ("key", f"V{KEY_BYTES}"),
+        ("value", f"V{VALUE_BYTES}"),  # the bytes forwarded if it stays legit
+    ]
+)
 # Held rows are deleted on release only, with their output in the same transaction: never by age, whatever the
 # stream time says (a row expired without its output is a record lost).
-HELD = StoreSpec(name="held", dtype=HELD_DTYPE, layout=layout_tag("held_record", 1, HELD_DTYPE),
-                 expiry_field="event_time_ms", ttl_ms=None)
+HELD = StoreSpec(
+    name="held",
+    dtype=HELD_DTYPE,
+    layout=layout_tag("held_record", 1, HELD_DTYPE),
+    expiry_field="event_time_ms",
+    ttl_ms=None,
+)
 
 
 def position_key(partition: int, offset: int) -> bytes:
@@ -62,9 +75,21 @@ def fits(key: bytes | None, value: bytes, rule_set: bytes) -> bool:
     return len(value) <= VALUE_BYTES and (key is None or len(key) <= KEY_BYTES) and len(rule_set) <= RULE_SET_BYTES
 
 
-def hold(table: KeyedTable, keys: list[bytes], *, event_time_ms: np.ndarray, created_ms: np.ndarray,
-         terminal: np.ndarray, card: np.ndarray, dist_home_km: np.ndarray, score: np.ndarray, channel: np.ndarray,
-         record_keys: list[bytes | None], values: list[bytes], rule_set: bytes) -> None:
+def hold(
+    table: KeyedTable,
+    keys: list[bytes],
+    *,
+    event_time_ms: np.ndarray,
+    created_ms: np.ndarray,
+    terminal: np.ndarray,
+    card: np.ndarray,
+    dist_home_km: np.ndarray,
+    score: np.ndarray,
+    channel: np.ndarray,
+    record_keys: list[bytes | None],
+    values: list[bytes],
+    rule_set: bytes,
+) -> None:
     """Put records in the held table (dirty: written to the changelog with the batch)."""
     rows = np.zeros(len(keys), dtype=HELD_DTYPE)
     rows["rule_set"] = rule_set
@@ -76,10 +101,12 @@ def hold(table: KeyedTable, keys: list[bytes], *, event_time_ms: np.ndarray, cre
     # The key and value bytes, each padded to its field's width, written into the rows' byte matrix at once.
     raw = rows.view(np.uint8).reshape(len(rows), HELD_DTYPE.itemsize)
     key_at, value_at = HELD_DTYPE.fields["key"][1], HELD_DTYPE.fields["value"][1]
-    raw[:, key_at:key_at + KEY_BYTES] = np.frombuffer(b"".join((k or b"").ljust(KEY_BYTES, b"\0") for k in record_keys),
-                                                      np.uint8).reshape(len(rows), KEY_BYTES)
-    raw[:, value_at:value_at + VALUE_BYTES] = np.frombuffer(b"".join(v.ljust(VALUE_BYTES, b"\0") for v in values),
-                                                            np.uint8).reshape(len(rows), VALUE_BYTES)
+    raw[:, key_at : key_at + KEY_BYTES] = np.frombuffer(
+        b"".join((k or b"").ljust(KEY_BYTES, b"\0") for k in record_keys), np.uint8
+    ).reshape(len(rows), KEY_BYTES)
+    raw[:, value_at : value_at + VALUE_BYTES] = np.frombuffer(
+        b"".join(v.ljust(VALUE_BYTES, b"\0") for v in values), np.uint8
+    ).reshape(len(rows), VALUE_BYTES)
     slots = table.slots(keys)
     table.scatter(slots, rows)
     table.mark_dirty(slots)
@@ -127,10 +154,19 @@ def records_of(rows: np.ndarray, keys: list[bytes], topic: str) -> list[HeldReco
     size, data = HELD_DTYPE.itemsize, rows.tobytes()
     key_at, value_at = HELD_DTYPE.fields["key"][1], HELD_DTYPE.fields["value"][1]
     out = []
-    for i, (position, key_len, value_len, created) in enumerate(zip(
-            keys, rows["key_len"].tolist(), rows["value_len"].tolist(), rows["created_ms"].tolist(), strict=True)):
+    for i, (position, key_len, value_len, created) in enumerate(
+        zip(keys, rows["key_len"].tolist(), rows["value_len"].tolist(), rows["created_ms"].tolist(), strict=True)
+    ):
         where, base = int.from_bytes(position, "big"), i * size
-        key = None if key_len < 0 else data[base + key_at:base + key_at + key_len]
-        out.append(HeldRecord(where >> 40, where & ((1 << 40) - 1), key,
-                              data[base + value_at:base + value_at + value_len], created, topic))
+        key = None if key_len < 0 else data[base + key_at : base + key_at + key_len]
+        out.append(
+            HeldRecord(
+                where >> 40,
+                where & ((1 << 40) - 1),
+                key,
+                data[base + value_at : base + value_at + value_len],
+                created,
+                topic,
+            )
+        )
     return out

@@ -112,7 +112,8 @@ class StartOffset:
             number = int(lowered)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"{text!r} is not an offset: use a number, -N (the last N records), earliest or latest") from None
+                f"{text!r} is not an offset: use a number, -N (the last N records), earliest or latest"
+            ) from None
         return cls("absolute", number) if number >= 0 else cls("from_end", -number)
 
     def resolve(self, low: int, high: int) -> int:
@@ -129,31 +130,58 @@ class StartOffset:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fraudstream.cli import add_connection_arguments
 
-    parser.add_argument("topic", metavar="TOPIC", nargs="?",
-                        help="topic to print (default: the input topic); e.g. transactions.fraud, transactions.dlq")
+    parser.add_argument(
+        "topic",
+        metavar="TOPIC",
+        nargs="?",
+        help="topic to print (default: the input topic); e.g. transactions.fraud, transactions.dlq",
+    )
     where = parser.add_argument_group("where to start and stop")
     start = where.add_mutually_exclusive_group()
-    start.add_argument("--from-beginning", action="store_true",
-                       help="start at the oldest record (default: the end, waiting for new records like "
-                            "kafka-avro-console-consumer, which implies --follow)")
-    start.add_argument("--offset", type=StartOffset.parse, metavar="OFFSET",
-                       help="start offset: N (with --partition), -N for the last N records of each partition, "
-                            "earliest or latest")
+    start.add_argument(
+        "--from-beginning",
+        action="store_true",
+        help="start at the oldest record (default: the end, waiting for new records like "
+        "kafka-avro-console-consumer, which implies --follow)",
+    )
+    start.add_argument(
+        "--offset",
+        type=StartOffset.parse,
+        metavar="OFFSET",
+        help="start offset: N (with --partition), -N for the last N records of each partition, earliest or latest",
+    )
     where.add_argument("--partition", type=int, metavar="P", help="read only this partition")
     where.add_argument("--max-messages", type=argtypes.positive_int, metavar="N", help="stop after printing N records")
-    where.add_argument("--follow", action="store_true",
-                       help="keep waiting for new records after the end (until Ctrl-C or --max-messages)")
-    where.add_argument("--read-uncommitted", action="store_true",
-                       help="also show records of open and aborted transactions (default: committed only)")
+    where.add_argument(
+        "--follow",
+        action="store_true",
+        help="keep waiting for new records after the end (until Ctrl-C or --max-messages)",
+    )
+    where.add_argument(
+        "--read-uncommitted",
+        action="store_true",
+        help="also show records of open and aborted transactions (default: committed only)",
+    )
     out = parser.add_argument_group("output")
-    out.add_argument("--print-key", action="store_true", help="wrap each value as {\"key\": ..., \"value\": ...}")
-    out.add_argument("--print-metadata", action="store_true",
-                     help="add topic, partition, offset, timestamp, timestamp_type, schema_id and headers")
-    out.add_argument("--confluent-json", action="store_true",
-                     help="unions tagged with their branch, {\"string\": \"x\"}, exactly as kafka-avro-console-consumer "
-                          "prints them (default: plain values, friendlier for jq)")
-    out.add_argument("--bytes", dest="bytes_encoding", choices=BYTES_ENCODINGS, default="hex",
-                     help="how raw bytes that are not text are shown (default: hex)")
+    out.add_argument("--print-key", action="store_true", help='wrap each value as {"key": ..., "value": ...}')
+    out.add_argument(
+        "--print-metadata",
+        action="store_true",
+        help="add topic, partition, offset, timestamp, timestamp_type, schema_id and headers",
+    )
+    out.add_argument(
+        "--confluent-json",
+        action="store_true",
+        help='unions tagged with their branch, {"string": "x"}, exactly as kafka-avro-console-consumer '
+        "prints them (default: plain values, friendlier for jq)",
+    )
+    out.add_argument(
+        "--bytes",
+        dest="bytes_encoding",
+        choices=BYTES_ENCODINGS,
+        default="hex",
+        help="how raw bytes that are not text are shown (default: hex)",
+    )
     add_connection_arguments(parser)
 
 
@@ -245,8 +273,16 @@ def dumps(obj: Any) -> str:
 class RecordFormatter:
     """One record -> one JSON line, per the output options."""
 
-    def __init__(self, schemas: WriterSchemas, *, dead_letter: bool, print_key: bool = False,
-                 print_metadata: bool = False, confluent_json: bool = False, bytes_encoding: str = "hex") -> None:
+    def __init__(
+        self,
+        schemas: WriterSchemas,
+        *,
+        dead_letter: bool,
+        print_key: bool = False,
+        print_metadata: bool = False,
+        confluent_json: bool = False,
+        bytes_encoding: str = "hex",
+    ) -> None:
         self.schemas = schemas
         self.dead_letter = dead_letter
         self.print_key = print_key
@@ -304,11 +340,15 @@ class RecordFormatter:
     def _dead_letter_object(self, record: KafkaRecord) -> dict[str, Any]:
         headers = record.headers()
         line: dict[str, Any] = {
-            "error": {"kind": _header_text(headers, ERROR_KIND_HEADER),
-                      "reason": _header_text(headers, ERROR_REASON_HEADER)},
-            "source": {"topic": _header_text(headers, SOURCE_TOPIC_HEADER),
-                       "partition": _as_int(_header_text(headers, SOURCE_PARTITION_HEADER)),
-                       "offset": _as_int(_header_text(headers, SOURCE_OFFSET_HEADER))},
+            "error": {
+                "kind": _header_text(headers, ERROR_KIND_HEADER),
+                "reason": _header_text(headers, ERROR_REASON_HEADER),
+            },
+            "source": {
+                "topic": _header_text(headers, SOURCE_TOPIC_HEADER),
+                "partition": _as_int(_header_text(headers, SOURCE_PARTITION_HEADER)),
+                "offset": _as_int(_header_text(headers, SOURCE_OFFSET_HEADER)),
+            },
         }
         if self.print_metadata:
             line.update(self._metadata(record, None))
@@ -319,8 +359,11 @@ class RecordFormatter:
     def _error_object(self, record: KafkaRecord, error: DecodeError) -> dict[str, Any]:
         line: dict[str, Any] = {"error": {"kind": error.kind, "reason": error.reason}}
         # Where the bad record is, always: without it nobody can find it again.
-        line.update(self._metadata(record, None) if self.print_metadata else
-                    {"topic": record.topic(), "partition": record.partition(), "offset": record.offset()})
+        line.update(
+            self._metadata(record, None)
+            if self.print_metadata
+            else {"topic": record.topic(), "partition": record.partition(), "offset": record.offset()}
+        )
         line.update((text_or_bytes("key", record.key(), self.bytes_encoding), self._raw_value(record)))
         return line
 
@@ -346,8 +389,9 @@ class ReadPlan:
         return {p for p, start in self.starts.items() if start < self.ends[p]}
 
 
-def plan_read(consumer: Consumer, topic: str, *, partition: int | None, start: StartOffset,
-              settings: Settings) -> ReadPlan:
+def plan_read(
+    consumer: Consumer, topic: str, *, partition: int | None, start: StartOffset, settings: Settings
+) -> ReadPlan:
     try:
         metadata = consumer.list_topics(timeout=METADATA_TIMEOUT_S)
     except KafkaException as exc:
@@ -387,21 +431,39 @@ class InspectReport:
     undecodable: int
 
 
-def inspect_topic(settings: Settings, topic: str, *, out: IO[str], start: StartOffset, follow: bool,
-                  partition: int | None = None, max_messages: int | None = None, read_uncommitted: bool = False,
-                  formatter_options: dict[str, Any] | None = None,
-                  stop: threading.Event | None = None) -> InspectReport:
+def inspect_topic(
+    settings: Settings,
+    topic: str,
+    *,
+    out: IO[str],
+    start: StartOffset,
+    follow: bool,
+    partition: int | None = None,
+    max_messages: int | None = None,
+    read_uncommitted: bool = False,
+    formatter_options: dict[str, Any] | None = None,
+    stop: threading.Event | None = None,
+) -> InspectReport:
     """Print `topic`'s records to `out`, one JSON line each; returns how many lines were printed."""
     stop = stop or threading.Event()
     registry = Registry(settings)
-    formatter = RecordFormatter(console_schemas(registry.schema_by_id),
-                                dead_letter=is_dead_letter_topic(topic, settings), **(formatter_options or {}))
-    consumer = Consumer(consumer_config(
-        settings, INSPECT_GROUP_ID,
-        **{"isolation.level": "read_uncommitted" if read_uncommitted else "read_committed",
-           # End-of-partition events: how a read_committed reader knows it reached the last stable offset.
-           "enable.partition.eof": True,
-           "partition.assignment.strategy": "range"}))
+    formatter = RecordFormatter(
+        console_schemas(registry.schema_by_id),
+        dead_letter=is_dead_letter_topic(topic, settings),
+        **(formatter_options or {}),
+    )
+    consumer = Consumer(
+        consumer_config(
+            settings,
+            INSPECT_GROUP_ID,
+            **{
+                "isolation.level": "read_uncommitted" if read_uncommitted else "read_committed",
+                # End-of-partition events: how a read_committed reader knows it reached the last stable offset.
+                "enable.partition.eof": True,
+                "partition.assignment.strategy": "range",
+            },
+        )
+    )
     printed = 0
     try:
         plan = plan_read(consumer, topic, partition=partition, start=start, settings=settings)
@@ -440,8 +502,11 @@ def inspect_topic(settings: Settings, topic: str, *, out: IO[str], start: StartO
 
 def _raise_if_fatal(error: KafkaError) -> None:
     """Transient errors are librdkafka's to retry; these ones mean nothing more will come."""
-    if error.fatal() or error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError.TOPIC_AUTHORIZATION_FAILED,
-                                         KafkaError.UNKNOWN_TOPIC_OR_PART):
+    if error.fatal() or error.code() in (
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+    ):
         raise KafkaUnavailable(f"reading stopped: {error.str()}")
 
 
@@ -460,19 +525,35 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         start = StartOffset("latest")
     # Like kafka-avro-console-consumer: with no start position given, wait for new records.
     follow = args.follow or (not args.from_beginning and args.offset is None)
-    options = {"print_key": args.print_key, "print_metadata": args.print_metadata,
-               "confluent_json": args.confluent_json, "bytes_encoding": args.bytes_encoding}
+    options = {
+        "print_key": args.print_key,
+        "print_metadata": args.print_metadata,
+        "confluent_json": args.confluent_json,
+        "bytes_encoding": args.bytes_encoding,
+    }
     check_secured_connection(settings)
     with stop_requests(exit_on_second="fraudstream inspect") as (stop, _):
         try:
-            report = inspect_topic(settings, topic, out=sys.stdout, start=start, follow=follow,
-                                   partition=args.partition, max_messages=args.max_messages,
-                                   read_uncommitted=args.read_uncommitted, formatter_options=options, stop=stop)
+            report = inspect_topic(
+                settings,
+                topic,
+                out=sys.stdout,
+                start=start,
+                follow=follow,
+                partition=args.partition,
+                max_messages=args.max_messages,
+                read_uncommitted=args.read_uncommitted,
+                formatter_options=options,
+                stop=stop,
+            )
         except BrokenPipeError:
             # The reader went away (`| head`): not an error. Point stdout at nothing so exit does not complain.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
     if report.undecodable:
-        print(f"fraudstream inspect: {report.undecodable} of {report.printed} records could not be decoded "
-              "(printed as {\"error\": ...} lines)", file=sys.stderr)
+        print(
+            f"fraudstream inspect: {report.undecodable} of {report.printed} records could not be decoded "
+            '(printed as {"error": ...} lines)',
+            file=sys.stderr,
+        )
     return 0

@@ -36,8 +36,14 @@ CATCH_UP_WAIT_S = 1.0  # at most this long per batch for labels that should have
 class LabelsReader:
     """One detector's reader of `<topic>.labels` into a LabelTable."""
 
-    def __init__(self, settings: Settings, table: LabelTable, *, registry: Registry | None = None,
-                 on_log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        table: LabelTable,
+        *,
+        registry: Registry | None = None,
+        on_log: Callable[[str], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.table = table
         self.on_log = on_log or log.info
@@ -56,8 +62,7 @@ class LabelsReader:
         """Assign every partition from the beginning and read up to the end taken now."""
         s = self.settings
         ensure_topics(s, (s.labels_topic,))
-        self.consumer = Consumer(consumer_config(s, f"{s.group_id}.labels-reader", **{
-            "auto.offset.reset": "earliest"}))
+        self.consumer = Consumer(consumer_config(s, f"{s.group_id}.labels-reader", **{"auto.offset.reset": "earliest"}))
         metadata = self.consumer.list_topics(s.labels_topic, timeout=10).topics[s.labels_topic]
         self.partitions = [TopicPartition(s.labels_topic, p, OFFSET_BEGINNING) for p in sorted(metadata.partitions)]
         self.consumer.assign(self.partitions)
@@ -65,15 +70,22 @@ class LabelsReader:
         for tp in self.partitions:
             ends[tp.partition] = wait_out(
                 f"reading the end of labels topic {s.labels_topic}[{tp.partition}]",
-                lambda tp=tp: self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)[1],
-                limit_s=s.broker_outage_limit_s)
+                lambda tp=tp: self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)[
+                    1
+                ],
+                limit_s=s.broker_outage_limit_s,
+            )
         deadline = time.monotonic() + timeout_s
         while any(self._position(p) < end for p, end in ends.items()):
             if time.monotonic() > deadline:
-                raise KafkaUnavailable(f"could not read labels topic {s.labels_topic} to its end within {timeout_s:g} s")
+                raise KafkaUnavailable(
+                    f"could not read labels topic {s.labels_topic} to its end within {timeout_s:g} s"
+                )
             self._read(0.2)
-        self.on_log(f"labels: {self.table.count:,} read from {s.labels_topic}"
-                    + (f" ({self.table.unplaced:,} without terminal or event time, not used)" if self.table.unplaced else ""))
+        self.on_log(
+            f"labels: {self.table.count:,} read from {s.labels_topic}"
+            + (f" ({self.table.unplaced:,} without terminal or event time, not used)" if self.table.unplaced else "")
+        )
 
     def _position(self, partition: int) -> int:
         position = self.consumer.position([TopicPartition(self.settings.labels_topic, partition)])[0].offset
@@ -85,8 +97,12 @@ class LabelsReader:
         (its high watermark as last fetched) is read. Waits at most CATCH_UP_WAIT_S; False if it gave up."""
         deadline = None
         while True:
-            lagging = [tp.partition for tp in self.partitions if self.clock_ms.get(tp.partition, -1) < until_ms
-                       and self._position(tp.partition) < self._cached_end(tp.partition)]
+            lagging = [
+                tp.partition
+                for tp in self.partitions
+                if self.clock_ms.get(tp.partition, -1) < until_ms
+                and self._position(tp.partition) < self._cached_end(tp.partition)
+            ]
             if not lagging:
                 return True
             if deadline is None:
@@ -94,16 +110,19 @@ class LabelsReader:
             elif time.monotonic() > deadline:
                 self.behind += 1
                 if self.behind == 1:
-                    self.on_log(f"labels: partitions {lagging} of {self.settings.labels_topic} still behind event time "
-                                f"{until_ms} after {CATCH_UP_WAIT_S:g} s: deciding with the labels read so far "
-                                "(further ones counted)")
+                    self.on_log(
+                        f"labels: partitions {lagging} of {self.settings.labels_topic} still behind event time "
+                        f"{until_ms} after {CATCH_UP_WAIT_S:g} s: deciding with the labels read so far "
+                        "(further ones counted)"
+                    )
                 return False
             self._read(0.05)
 
     def _cached_end(self, partition: int) -> int:
         try:
-            return self.consumer.get_watermark_offsets(TopicPartition(self.settings.labels_topic, partition),
-                                                       cached=True)[1]
+            return self.consumer.get_watermark_offsets(
+                TopicPartition(self.settings.labels_topic, partition), cached=True
+            )[1]
         except KafkaException:
             return 0
 
@@ -132,8 +151,10 @@ class LabelsReader:
                 break
             except (DecodeError, KeyError, TypeError, ValueError, EOFError) as exc:
                 if not self.unreadable:
-                    self.on_log(f"labels: record at {message.topic()}[{message.partition()}]@{message.offset()} "
-                                f"cannot be read ({exc}): not used (further ones counted)")
+                    self.on_log(
+                        f"labels: record at {message.topic()}[{message.partition()}]@{message.offset()} "
+                        f"cannot be read ({exc}): not used (further ones counted)"
+                    )
                 self.unreadable += 1
         self.table.add(terminals, times, frauds, transactions)  # by transaction: a changed verdict replaces
         self.read += len(terminals)

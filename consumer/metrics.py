@@ -35,37 +35,78 @@ class DetectorMetrics:
 
     def __post_init__(self) -> None:
         # A registry per detector: several detectors in one process (tests) must not collide.
-        self._consumed = Counter("fraudstream_consumed", "Transactions consumed from the input topic", registry=self.registry)
+        self._consumed = Counter(
+            "fraudstream_consumed", "Transactions consumed from the input topic", registry=self.registry
+        )
         self._routed = Counter("fraudstream_routed", "Records routed, by route", ["route"], registry=self.registry)
-        self._dead = Counter("fraudstream_dead_lettered", "Records dead-lettered, by error kind", ["kind"], registry=self.registry)
+        self._dead = Counter(
+            "fraudstream_dead_lettered", "Records dead-lettered, by error kind", ["kind"], registry=self.registry
+        )
         self._batches = Counter("fraudstream_batches", "Batches committed", registry=self.registry)
         self._aborts = Counter("fraudstream_aborts", "Transactions aborted (batch re-read)", registry=self.registry)
-        self._recoveries = Counter("fraudstream_producer_recoveries", "Transactional producers recreated after the "
-                                   "broker ended their epoch (no other detector had taken over)", registry=self.registry)
-        self._registry_retries = Counter("fraudstream_registry_retries", "Batch decodes retried because the schema "
-                                         "registry did not answer", registry=self.registry)
-        self._commit = Histogram("fraudstream_commit_seconds", "Time to commit a batch's transaction",
-                                 buckets=COMMIT_BUCKETS_S, registry=self.registry)
-        self._rules = Counter("fraudstream_rule_fired", "Fraud decisions in which a rule fired, by rule", ["rule"],
-                              registry=self.registry)
-        self._state_keys = Gauge("fraudstream_state_keys", "Keys held in a state store (this detector's partitions)",
-                                 ["store"], registry=self.registry)
-        self._changelog = Counter("fraudstream_changelog_records", "State changes written to changelogs (rows and "
-                                  "tombstones), inside committed or aborted transactions", registry=self.registry)
-        self._restored = Counter("fraudstream_state_restored_records", "Changelog records read to restore state",
-                                 registry=self.registry)
-        self._restoring = Gauge("fraudstream_state_restoring_records", "Changelog records still to read for the "
-                                "partitions being restored", registry=self.registry)
-        self._restore = Histogram("fraudstream_state_restore_seconds", "Time to restore a partition's state",
-                                  buckets=RESTORE_BUCKETS_S, registry=self.registry)
-        self._gate_stalled = Gauge("fraudstream_terminal_gate_stalled_partitions", "Input partitions holding up the "
-                                   "terminal window's event-time gate (neither past the batch's event time plus the "
-                                   "tolerance nor at their end)", registry=self.registry)
-        self._gate_wait = Counter("fraudstream_terminal_gate_wait_seconds", "Time batches waited for the terminal "
-                                  "window's event-time gate", registry=self.registry)
-        self._rule_refused = Counter("fraudstream_rule_records_refused", "Rules-topic records refused (out of bounds, "
-                                     "undecodable, not the next version, too many rules), by error kind", ["kind"],
-                                     registry=self.registry)
+        self._recoveries = Counter(
+            "fraudstream_producer_recoveries",
+            "Transactional producers recreated after the broker ended their epoch (no other detector had taken over)",
+            registry=self.registry,
+        )
+        self._registry_retries = Counter(
+            "fraudstream_registry_retries",
+            "Batch decodes retried because the schema registry did not answer",
+            registry=self.registry,
+        )
+        self._commit = Histogram(
+            "fraudstream_commit_seconds",
+            "Time to commit a batch's transaction",
+            buckets=COMMIT_BUCKETS_S,
+            registry=self.registry,
+        )
+        self._rules = Counter(
+            "fraudstream_rule_fired", "Fraud decisions in which a rule fired, by rule", ["rule"], registry=self.registry
+        )
+        self._state_keys = Gauge(
+            "fraudstream_state_keys",
+            "Keys held in a state store (this detector's partitions)",
+            ["store"],
+            registry=self.registry,
+        )
+        self._changelog = Counter(
+            "fraudstream_changelog_records",
+            "State changes written to changelogs (rows and tombstones), inside committed or aborted transactions",
+            registry=self.registry,
+        )
+        self._restored = Counter(
+            "fraudstream_state_restored_records", "Changelog records read to restore state", registry=self.registry
+        )
+        self._restoring = Gauge(
+            "fraudstream_state_restoring_records",
+            "Changelog records still to read for the partitions being restored",
+            registry=self.registry,
+        )
+        self._restore = Histogram(
+            "fraudstream_state_restore_seconds",
+            "Time to restore a partition's state",
+            buckets=RESTORE_BUCKETS_S,
+            registry=self.registry,
+        )
+        self._gate_stalled = Gauge(
+            "fraudstream_terminal_gate_stalled_partitions",
+            "Input partitions holding up the "
+            "terminal window's event-time gate (neither past the batch's event time plus the "
+            "tolerance nor at their end)",
+            registry=self.registry,
+        )
+        self._gate_wait = Counter(
+            "fraudstream_terminal_gate_wait_seconds",
+            "Time batches waited for the terminal window's event-time gate",
+            registry=self.registry,
+        )
+        self._rule_refused = Counter(
+            "fraudstream_rule_records_refused",
+            "Rules-topic records refused (out of bounds, "
+            "undecodable, not the next version, too many rules), by error kind",
+            ["kind"],
+            registry=self.registry,
+        )
         self._gate_waited_s = 0.0
         self._last_log = time.monotonic()
         self._consumed_at_last_log = 0
@@ -77,8 +118,16 @@ class DetectorMetrics:
     def serve(self, port: int) -> None:
         start_http_server(port, addr="0.0.0.0", registry=self.registry)
 
-    def batch_committed(self, *, consumed: int, legit: int, fraud: int, dead_kinds: dict[str, int], commit_s: float,
-                        rules: dict[str, int] | None = None) -> None:
+    def batch_committed(
+        self,
+        *,
+        consumed: int,
+        legit: int,
+        fraud: int,
+        dead_kinds: dict[str, int],
+        commit_s: float,
+        rules: dict[str, int] | None = None,
+    ) -> None:
         dead = sum(dead_kinds.values())
         for rule, count in (rules or {}).items():
             self.rules[rule] = self.rules.get(rule, 0) + count
@@ -147,9 +196,11 @@ class DetectorMetrics:
         p50 = commits[len(commits) // 2] * 1000 if commits else 0.0
         p99 = commits[min(len(commits) - 1, int(len(commits) * 0.99))] * 1000 if commits else 0.0
         self._last_log, self._consumed_at_last_log, self.commit_seconds = now, self.consumed, []
-        line = (f"consumed={self.consumed} legit={self.legit} fraud={self.fraud} dead_lettered={self.dead_lettered} "
-                f"batches={self.batches} aborts={self.aborts} recoveries={self.recoveries} rate={rate:.0f}/s "
-                f"commit_ms p50={p50:.1f} p99={p99:.1f}")
+        line = (
+            f"consumed={self.consumed} legit={self.legit} fraud={self.fraud} dead_lettered={self.dead_lettered} "
+            f"batches={self.batches} aborts={self.aborts} recoveries={self.recoveries} rate={rate:.0f}/s "
+            f"commit_ms p50={p50:.1f} p99={p99:.1f}"
+        )
         if self.state_keys:
             keys = " ".join(f"{store}={count}" for store, count in self.state_keys.items())
             line += f" state_keys {keys} changelog={self.changelog_records} restored={self.restored_records} restores={self.restores}"

@@ -36,13 +36,20 @@ _TIME_MAX = (1 << _TIME_BITS) - 1
 
 # The model's input columns, in order. The model file names them, so a file made for another list is refused.
 MODEL_FEATURES: tuple[str, ...] = (
-    "amount", "during_weekend", "during_night",
-    *(f"card_n_{d}d" for d in SPEND_WINDOWS_DAYS), *(f"card_mean_{d}d" for d in SPEND_WINDOWS_DAYS),
-    *(f"terminal_n_{d}d" for d in TERMINAL_WINDOWS_DAYS), *(f"terminal_risk_{d}d" for d in TERMINAL_WINDOWS_DAYS),
-    "amount_ratio", "card_gap_s", "known_terminal",
+    "amount",
+    "during_weekend",
+    "during_night",
+    *(f"card_n_{d}d" for d in SPEND_WINDOWS_DAYS),
+    *(f"card_mean_{d}d" for d in SPEND_WINDOWS_DAYS),
+    *(f"terminal_n_{d}d" for d in TERMINAL_WINDOWS_DAYS),
+    *(f"terminal_risk_{d}d" for d in TERMINAL_WINDOWS_DAYS),
+    "amount_ratio",
+    "card_gap_s",
+    "known_terminal",
     # Ratios and products a tree cannot form by itself: the amount against the card's recent mean (a
     # compromised card's multiplied payments), the terminal's labelled frauds (not only their share).
-    "amount_over_card_mean_30d", "amount_over_card_mean_7d",
+    "amount_over_card_mean_30d",
+    "amount_over_card_mean_7d",
     *(f"terminal_frauds_{d}d" for d in reversed(TERMINAL_WINDOWS_DAYS)),
 )
 MODEL_FORMAT = "fraudstream-model"
@@ -78,8 +85,13 @@ class LabelTable:
     def __len__(self) -> int:
         return len(self._keys) + self._pending_size
 
-    def add(self, terminal_ids: Sequence[bytes | str | None], event_ms: Sequence[int | None],
-            is_fraud: Sequence[bool], transaction_ids: Sequence[str] | None = None) -> None:
+    def add(
+        self,
+        terminal_ids: Sequence[bytes | str | None],
+        event_ms: Sequence[int | None],
+        is_fraud: Sequence[bool],
+        transaction_ids: Sequence[str] | None = None,
+    ) -> None:
         """Labels as they arrive, in any order across transactions, in order within one (the labels topic is
         keyed by transaction id). Without transaction ids every label counts."""
         codes, times, frauds = [], [], []
@@ -147,12 +159,14 @@ class LabelTable:
             self._labels = np.r_[0, np.cumsum(labels)]
             self._frauds = np.r_[0, np.cumsum(frauds)]
             if self._latest:
-                self._latest = {tid: packed for tid, packed in self._latest.items()
-                                if ((packed >> 1) & _TIME_MAX) >= cutoff}
+                self._latest = {
+                    tid: packed for tid, packed in self._latest.items() if ((packed >> 1) & _TIME_MAX) >= cutoff
+                }
         return dropped
 
-    def window_counts(self, terminal_keys: np.ndarray, after_ms: np.ndarray,
-                      until_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def window_counts(
+        self, terminal_keys: np.ndarray, after_ms: np.ndarray, until_ms: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Per row: (labels, frauds) of its terminal with event time in (after_ms, until_ms]."""
         self._merge()
         n = len(terminal_keys)
@@ -185,8 +199,9 @@ def terminal_window_features(labels: LabelTable, tx: TxColumns, label_delay_ms: 
     return out
 
 
-def model_features(tx: TxColumns, card: Mapping[str, np.ndarray], labels: LabelTable,
-                   label_delay_ms: int) -> np.ndarray:
+def model_features(
+    tx: TxColumns, card: Mapping[str, np.ndarray], labels: LabelTable, label_delay_ms: int
+) -> np.ndarray:
     """The model's input, one row per transaction, columns as MODEL_FEATURES (float32)."""
     t = tx.event_time_ms
     weekday = (t // DAY_MS + 3) % 7  # 1970-01-01 was a Thursday: 0 is Monday
@@ -240,8 +255,12 @@ class Model:
         return np.asarray(self.booster.predict(matrix, num_threads=1), dtype=np.float64)
 
     def save(self, path: Path) -> None:
-        header = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, **self.meta,
-                  "features": list(MODEL_FEATURES)}
+        header = {
+            "format": MODEL_FORMAT,
+            "format_version": MODEL_FORMAT_VERSION,
+            **self.meta,
+            "features": list(MODEL_FEATURES),
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(header) + "\n" + self.booster.model_to_string())
 
@@ -259,11 +278,14 @@ class Model:
         if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
             raise ConfigError(f"{path} is not a fraudstream model file (made by fraudstream train)")
         if meta.get("format_version") != MODEL_FORMAT_VERSION:
-            raise ConfigError(f"model file {path} has format version {meta.get('format_version')}; this "
-                              f"fraudstream reads version {MODEL_FORMAT_VERSION}: train it again")
+            raise ConfigError(
+                f"model file {path} has format version {meta.get('format_version')}; this "
+                f"fraudstream reads version {MODEL_FORMAT_VERSION}: train it again"
+            )
         if tuple(meta.get("features", ())) != MODEL_FEATURES:
-            raise ConfigError(f"model file {path} was trained on other features than this fraudstream computes: "
-                              "train it again")
+            raise ConfigError(
+                f"model file {path} was trained on other features than this fraudstream computes: train it again"
+            )
         try:
             import lightgbm
         except ImportError:

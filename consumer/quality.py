@@ -38,8 +38,15 @@ from fraudstream.consumer.rules import TERMINAL_RULES, RuleSet, load_rules
 from fraudstream.consumer.terminal import TerminalWindow
 from fraudstream.consumer.state.table import KeyedTable
 from fraudstream.errors import FraudstreamError
-from fraudstream.producer.generator import (CARD_TESTING, COMPROMISED_TERMINAL, FAR_FROM_HOME, FRAUD_SCENARIOS, LEGIT, Generator,
-                                Pair)
+from fraudstream.producer.generator import (
+    CARD_TESTING,
+    COMPROMISED_TERMINAL,
+    FAR_FROM_HOME,
+    FRAUD_SCENARIOS,
+    LEGIT,
+    Generator,
+    Pair,
+)
 from fraudstream.producer.loop import MAX_BATCH, WAKE_S
 
 # The demo's configuration: 60 s at 1,000 transactions per wall-clock second, event time 3,600x faster.
@@ -81,10 +88,19 @@ class Score:
 
     def as_dict(self) -> dict:
         return {
-            "precision": self.precision, "recall": self.recall(), "false_positives": self.false_positives,
-            "scenarios": {s: {"transactions": self.total[s], "caught": self.caught[s], "recall": self.recall(s),
-                              "first_of_episode": self.first_total[s], "first_caught": self.first_caught[s]}
-                          for s in FRAUD_SCENARIOS},
+            "precision": self.precision,
+            "recall": self.recall(),
+            "false_positives": self.false_positives,
+            "scenarios": {
+                s: {
+                    "transactions": self.total[s],
+                    "caught": self.caught[s],
+                    "recall": self.recall(s),
+                    "first_of_episode": self.first_total[s],
+                    "first_caught": self.first_caught[s],
+                }
+                for s in FRAUD_SCENARIOS
+            },
             "rules": {rule: dict(counts) for rule, counts in self.by_rule.items()},
         }
 
@@ -104,15 +120,33 @@ class QualityReport:
     held: int = 0  # records held for the look-ahead (decided once the window reaches past them)
 
     def as_dict(self) -> dict:
-        return {"count": self.count, "rate": self.rate, "speedup": self.speedup, "seed": self.seed,
-                "batch": self.batch, "rules_version": self.rules_version, "event_span_s": self.event_span_s,
-                "terminal_look_ahead_s": self.terminal_look_ahead_s, "held": self.held,
-                "per_card_rules": self.per_card.as_dict(), "with_terminal_rule": self.with_terminal.as_dict()}
+        return {
+            "count": self.count,
+            "rate": self.rate,
+            "speedup": self.speedup,
+            "seed": self.seed,
+            "batch": self.batch,
+            "rules_version": self.rules_version,
+            "event_span_s": self.event_span_s,
+            "terminal_look_ahead_s": self.terminal_look_ahead_s,
+            "held": self.held,
+            "per_card_rules": self.per_card.as_dict(),
+            "with_terminal_rule": self.with_terminal.as_dict(),
+        }
 
 
-def evaluate(*, count: int = int(DEMO_SECONDS * DEMO_RATE), rate: float = DEMO_RATE, speedup: float = DEMO_SPEEDUP,
-             seed: int = 42, batch: int = BATCH, rules: RuleSet | None = None, start_ms: int = START_MS,
-             accounts: int | None = None, terminal_look_ahead_s: float | None = None) -> QualityReport:
+def evaluate(
+    *,
+    count: int = int(DEMO_SECONDS * DEMO_RATE),
+    rate: float = DEMO_RATE,
+    speedup: float = DEMO_SPEEDUP,
+    seed: int = 42,
+    batch: int = BATCH,
+    rules: RuleSet | None = None,
+    start_ms: int = START_MS,
+    accounts: int | None = None,
+    terminal_look_ahead_s: float | None = None,
+) -> QualityReport:
     """Run `count` transactions of the generator through the features and rules in batches of `batch`,
     and score them against the labels. Event time as `produce --rate R --speedup N` stamps it: the
     produce loop's wake-ups (rate x WAKE_S transactions each, every WAKE_S of wall time) share one
@@ -147,10 +181,12 @@ def evaluate(*, count: int = int(DEMO_SECONDS * DEMO_RATE), rate: float = DEMO_R
             # The held records, decided again with the look-ahead (the detector's release, consumer/held.py).
             held = np.flatnonzero(rules.to_hold(tx, features, fired.any(axis=0)))
             held_total += len(held)
-            ahead = terminals.other_cards(tx.terminal_hash[held], tx.card_hash[held], tx.event_time_ms[held],
-                                          ahead_ms=ahead_ms)
+            ahead = terminals.other_cards(
+                tx.terminal_hash[held], tx.card_hash[held], tx.event_time_ms[held], ahead_ms=ahead_ms
+            )
             fired[rules.names.index(COMPROMISED_TERMINAL_RULE), held] = rules.fires_on_release(
-                tx.channel[held], features["dist_home_km"][held], ahead)
+                tx.channel[held], features["dist_home_km"][held], ahead
+            )
         scenarios = [label.scenario for _, label in pairs]
         first = _firsts(pairs, tx, episode_last)
         _score(per_card, rules, fired, card_rows, scenarios, first)
@@ -161,18 +197,34 @@ def evaluate(*, count: int = int(DEMO_SECONDS * DEMO_RATE), rate: float = DEMO_R
         done += len(pairs)
         tx = TxColumns.from_records([t.to_dict() for t, _ in pairs])
         # The detector's terminal window, as one input partition read in offset order.
-        terminals.add(np.zeros(len(tx), np.int64), np.arange(done - len(tx), done), tx.terminal_hash, tx.card_hash,
-                      tx.event_time_ms)
+        terminals.add(
+            np.zeros(len(tx), np.int64),
+            np.arange(done - len(tx), done),
+            tx.terminal_hash,
+            tx.card_hash,
+            tx.event_time_ms,
+        )
         waiting.append((pairs, tx, card_features(cards, tx)))
         last_ms = int(tx.event_time_ms[-1])
         # Without a look-ahead, at once (the window holds the batch itself); with one, once a later record is
         # past the batch's latest event time + the look-ahead (or the stream ended).
-        while waiting and (not ahead_ms or int(waiting[0][1].event_time_ms.max()) + ahead_ms < last_ms
-                           or done >= count):
+        while waiting and (
+            not ahead_ms or int(waiting[0][1].event_time_ms.max()) + ahead_ms < last_ms or done >= count
+        ):
             decide(*waiting.pop(0))
-    return QualityReport(count=count, rate=rate, speedup=speedup, seed=seed, batch=batch, rules_version=rules.version,
-                         per_card=per_card, with_terminal=with_terminal, event_span_s=(last_ms - start_ms) / 1000.0,
-                         terminal_look_ahead_s=ahead_ms / 1000, held=held_total)
+    return QualityReport(
+        count=count,
+        rate=rate,
+        speedup=speedup,
+        seed=seed,
+        batch=batch,
+        rules_version=rules.version,
+        per_card=per_card,
+        with_terminal=with_terminal,
+        event_span_s=(last_ms - start_ms) / 1000.0,
+        terminal_look_ahead_s=ahead_ms / 1000,
+        held=held_total,
+    )
 
 
 def _as_produced(generator: Generator, start_ms: int, rate: float, speedup: float) -> Iterator[Pair]:
@@ -191,7 +243,10 @@ def _firsts(pairs: list, tx: TxColumns, last: dict[tuple[str, str], int]) -> lis
         if gap is None:
             out.append(label.scenario != LEGIT)  # single-transaction scenarios: every one is a first
             continue
-        key = (label.scenario, transaction.terminal_id if label.scenario == COMPROMISED_TERMINAL else transaction.card_id)
+        key = (
+            label.scenario,
+            transaction.terminal_id if label.scenario == COMPROMISED_TERMINAL else transaction.card_id,
+        )
         t = int(tx.event_time_ms[i])
         previous = last.get(key)
         out.append(previous is None or t - previous > gap)
@@ -199,8 +254,9 @@ def _firsts(pairs: list, tx: TxColumns, last: dict[tuple[str, str], int]) -> lis
     return out
 
 
-def _score(score: Score, rules: RuleSet, fired: np.ndarray, rows: np.ndarray, scenarios: list[str],
-           first: list[bool]) -> None:
+def _score(
+    score: Score, rules: RuleSet, fired: np.ndarray, rows: np.ndarray, scenarios: list[str], first: list[bool]
+) -> None:
     used = fired[rows]
     names = [n for n, keep in zip(rules.names, rows, strict=True) if keep]
     flagged = used.any(axis=0)
@@ -220,20 +276,32 @@ def _score(score: Score, rules: RuleSet, fired: np.ndarray, rows: np.ndarray, sc
 
 
 def report_lines(report: QualityReport) -> list[str]:
-    lines = [f"{report.count:,} transactions, seed {report.seed}, {report.rate:g} tx/s x speedup {report.speedup:g} "
-             f"({report.event_span_s / 3600:.1f} h of event time), batches of {report.batch:,}; "
-             f"rules version {report.rules_version}"
-             + (f"; terminal look-ahead {report.terminal_look_ahead_s:g} s, {report.held:,} held "
-                f"({100 * report.held / report.count:.1f}%)" if report.terminal_look_ahead_s else "")]
-    for title, score in (("per-card rules alone", report.per_card),
-                         ("with the per-terminal rule (the detector's rule set)", report.with_terminal)):
+    lines = [
+        f"{report.count:,} transactions, seed {report.seed}, {report.rate:g} tx/s x speedup {report.speedup:g} "
+        f"({report.event_span_s / 3600:.1f} h of event time), batches of {report.batch:,}; "
+        f"rules version {report.rules_version}"
+        + (
+            f"; terminal look-ahead {report.terminal_look_ahead_s:g} s, {report.held:,} held "
+            f"({100 * report.held / report.count:.1f}%)"
+            if report.terminal_look_ahead_s
+            else ""
+        )
+    ]
+    for title, score in (
+        ("per-card rules alone", report.per_card),
+        ("with the per-terminal rule (the detector's rule set)", report.with_terminal),
+    ):
         lines.append("")
-        lines.append(f"{title}: precision {100 * score.precision:.1f}% ({score.true_positives:,} caught, "
-                     f"{score.false_positives:,} false positives), recall {100 * score.recall():.1f}%")
+        lines.append(
+            f"{title}: precision {100 * score.precision:.1f}% ({score.true_positives:,} caught, "
+            f"{score.false_positives:,} false positives), recall {100 * score.recall():.1f}%"
+        )
         lines.append(f"  {'scenario':<22}{'recall':>8}{'caught':>14}{'first of episode':>20}")
         for s in FRAUD_SCENARIOS:
-            lines.append(f"  {s:<22}{100 * score.recall(s):>7.1f}%{score.caught[s]:>7,}/{score.total[s]:<6,}"
-                         f"{score.first_caught[s]:>12,}/{score.first_total[s]:<6,}")
+            lines.append(
+                f"  {s:<22}{100 * score.recall(s):>7.1f}%{score.caught[s]:>7,}/{score.total[s]:<6,}"
+                f"{score.first_caught[s]:>12,}/{score.first_total[s]:<6,}"
+            )
         lines.append("  which rule caught what (a transaction may fire several):")
         for rule, counts in score.by_rule.items():
             parts = [f"{s} {counts[s]:,}" for s in FRAUD_SCENARIOS if counts[s]]
@@ -242,7 +310,9 @@ def report_lines(report: QualityReport) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fraudstream.consumer.quality", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fraudstream.consumer.quality", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--count", type=int, default=int(DEMO_SECONDS * DEMO_RATE), help="transactions [60000]")
     parser.add_argument("--rate", type=float, default=DEMO_RATE, help="transactions per wall-clock second [1000]")
     parser.add_argument("--speedup", type=float, default=DEMO_SPEEDUP, help="event time per wall-clock time [3600]")
@@ -250,13 +320,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--rules", type=Path, help="rules file (TOML); default: the documented defaults")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    parser.add_argument("--terminal-look-ahead-s", type=float,
-                        help="the terminal rule's look-ahead in seconds of event time, in place of the rules' "
-                             "look_ahead_s (0: hold nothing)")
+    parser.add_argument(
+        "--terminal-look-ahead-s",
+        type=float,
+        help="the terminal rule's look-ahead in seconds of event time, in place of the rules' "
+        "look_ahead_s (0: hold nothing)",
+    )
     args = parser.parse_args(argv)
     try:
-        report = evaluate(count=args.count, rate=args.rate, speedup=args.speedup, seed=args.seed, batch=args.batch,
-                          rules=load_rules(args.rules), terminal_look_ahead_s=args.terminal_look_ahead_s)
+        report = evaluate(
+            count=args.count,
+            rate=args.rate,
+            speedup=args.speedup,
+            seed=args.seed,
+            batch=args.batch,
+            rules=load_rules(args.rules),
+            terminal_look_ahead_s=args.terminal_look_ahead_s,
+        )
     except FraudstreamError as exc:
         print(f"fraudstream.consumer.quality: error: {exc}", file=sys.stderr)
         return 2

@@ -42,7 +42,14 @@ IMPOSSIBLE_TRAVEL = "impossible_travel"
 FAR_FROM_HOME = "far_from_home"
 COMPROMISED_TERMINAL = "compromised_terminal"
 VELOCITY = "velocity"
-RULE_NAMES: tuple[str, ...] = (LARGE_AMOUNT, CARD_TESTING, IMPOSSIBLE_TRAVEL, FAR_FROM_HOME, COMPROMISED_TERMINAL, VELOCITY)
+RULE_NAMES: tuple[str, ...] = (
+    LARGE_AMOUNT,
+    CARD_TESTING,
+    IMPOSSIBLE_TRAVEL,
+    FAR_FROM_HOME,
+    COMPROMISED_TERMINAL,
+    VELOCITY,
+)
 
 # Big-ticket merchant categories (ISO 18245): where a genuine purchase above the threshold is common.
 BIG_TICKET_CATEGORIES = ("5311", "5712", "5732", "5944", "7011", "4511")
@@ -54,16 +61,41 @@ CLONABLE_CHANNELS = ("CARD_PRESENT", "ATM")
 # The documented defaults; rules/default.toml repeats them with their reasons (a test keeps the two equal).
 # large_amount.threshold_cents is absent here: it defaults to Settings.fraud_threshold_cents.
 DEFAULT_RULES: dict[str, dict[str, Any]] = {
-    LARGE_AMOUNT: {"enabled": True, "exempt_categories": list(BIG_TICKET_CATEGORIES),
-                   "exempt_below_cents": 140_000, "exempt_unless_known_terminal": True},
-    CARD_TESTING: {"enabled": True, "test_max_cents": 250, "test_categories": ["5815"], "first_test": True,
-                   "min_session_small": 1},
-    IMPOSSIBLE_TRAVEL: {"enabled": True, "max_speed_kmh": 20_000.0, "min_jump_km": 300.0, "away_km": 300.0,
-                        "channels": list(CLONABLE_CHANNELS)},
-    FAR_FROM_HOME: {"enabled": True, "max_speed_kmh": 20_000.0, "away_km": 300.0, "window_s": 3_600.0,
-                    "channels": list(CLONABLE_CHANNELS)},
-    COMPROMISED_TERMINAL: {"enabled": True, "min_other_cards": 2, "min_home_km": 100.0, "min_other_cards_anywhere": 3,
-                           "look_ahead_s": 120.0, "hold_near_home_from": 2},
+    LARGE_AMOUNT: {
+        "enabled": True,
+        "exempt_categories": list(BIG_TICKET_CATEGORIES),
+        "exempt_below_cents": 140_000,
+        "exempt_unless_known_terminal": True,
+    },
+    CARD_TESTING: {
+        "enabled": True,
+        "test_max_cents": 250,
+        "test_categories": ["5815"],
+        "first_test": True,
+        "min_session_small": 1,
+    },
+    IMPOSSIBLE_TRAVEL: {
+        "enabled": True,
+        "max_speed_kmh": 20_000.0,
+        "min_jump_km": 300.0,
+        "away_km": 300.0,
+        "channels": list(CLONABLE_CHANNELS),
+    },
+    FAR_FROM_HOME: {
+        "enabled": True,
+        "max_speed_kmh": 20_000.0,
+        "away_km": 300.0,
+        "window_s": 3_600.0,
+        "channels": list(CLONABLE_CHANNELS),
+    },
+    COMPROMISED_TERMINAL: {
+        "enabled": True,
+        "min_other_cards": 2,
+        "min_home_km": 100.0,
+        "min_other_cards_anywhere": 3,
+        "look_ahead_s": 120.0,
+        "hold_near_home_from": 2,
+    },
     VELOCITY: {"enabled": False, "max_in_session": 3},
 }
 
@@ -88,14 +120,24 @@ _COUNT = Bound(int, 1, 10_000, "payments or cards of one card or terminal: past 
 _KM = Bound(float, 0.0, 20_040.0, "half the Earth's circumference: no two places are farther apart")
 _KMH = Bound(float, 0.0, 1_000_000.0, "1,000,000 km/h: far past any aircraft")
 PARAMETER_BOUNDS: dict[str, Bound] = {
-    "enabled": Bound(bool), "exempt_unless_known_terminal": Bound(bool), "first_test": Bound(bool),
-    "threshold_cents": _CENTS, "exempt_below_cents": _CENTS, "test_max_cents": _CENTS,
+    "enabled": Bound(bool),
+    "exempt_unless_known_terminal": Bound(bool),
+    "first_test": Bound(bool),
+    "threshold_cents": _CENTS,
+    "exempt_below_cents": _CENTS,
+    "test_max_cents": _CENTS,
     "exempt_categories": Bound(list, maximum=10_000, why="every merchant category code"),
     "test_categories": Bound(list, maximum=10_000, why="every merchant category code"),
     "channels": Bound(list, maximum=len(CHANNELS), why="every channel"),
-    "min_session_small": _COUNT, "min_other_cards": _COUNT, "min_other_cards_anywhere": _COUNT,
-    "max_in_session": _COUNT, "hold_near_home_from": _COUNT,
-    "max_speed_kmh": _KMH, "min_jump_km": _KM, "away_km": _KM, "min_home_km": _KM,
+    "min_session_small": _COUNT,
+    "min_other_cards": _COUNT,
+    "min_other_cards_anywhere": _COUNT,
+    "max_in_session": _COUNT,
+    "hold_near_home_from": _COUNT,
+    "max_speed_kmh": _KMH,
+    "min_jump_km": _KM,
+    "away_km": _KM,
+    "min_home_km": _KM,
     "window_s": Bound(float, 0.0, PROFILE_TTL_MS / 1000, "30 days: what a card profile keeps (PROFILE_TTL_MS)"),
     "look_ahead_s": Bound(float, 0.0, 3_600.0, "an hour: held payments wait this much event time for their output"),
 }
@@ -166,23 +208,33 @@ class RuleSet:
         if not self.look_ahead_ms:
             return np.zeros(len(is_fraud), dtype=bool)
         t = self.thresholds[COMPROMISED_TERMINAL]
-        return ~is_fraud & _in_channels(tx.channel, _IN_PERSON) & (
-            (features["dist_home_km"] >= t["min_home_km"]) | ~features["home_known"]
-            | (features["terminal_cards"] >= t["hold_near_home_from"]))
+        return (
+            ~is_fraud
+            & _in_channels(tx.channel, _IN_PERSON)
+            & (
+                (features["dist_home_km"] >= t["min_home_km"])
+                | ~features["home_known"]
+                | (features["terminal_cards"] >= t["hold_near_home_from"])
+            )
+        )
 
     def fires_on_release(self, channel: np.ndarray, dist_home_km: np.ndarray, other_cards: np.ndarray) -> np.ndarray:
         """The terminal rule on held records, counting the other cards at their terminal up to the look-ahead."""
         if COMPROMISED_TERMINAL not in self.thresholds:
             return np.zeros(len(channel), dtype=bool)
         held = _Held(channel)
-        return _compromised_terminal(self.thresholds[COMPROMISED_TERMINAL], held,
-                                     {"terminal_cards": other_cards, "dist_home_km": dist_home_km})
+        return _compromised_terminal(
+            self.thresholds[COMPROMISED_TERMINAL], held, {"terminal_cards": other_cards, "dist_home_km": dist_home_km}
+        )
 
     def with_look_ahead(self, seconds: float) -> RuleSet:
         """The same rules with another terminal look-ahead (offline measurements)."""
         if COMPROMISED_TERMINAL not in self.thresholds:
             return self
-        thresholds = {**self.thresholds, COMPROMISED_TERMINAL: {**self.thresholds[COMPROMISED_TERMINAL], "look_ahead_s": seconds}}
+        thresholds = {
+            **self.thresholds,
+            COMPROMISED_TERMINAL: {**self.thresholds[COMPROMISED_TERMINAL], "look_ahead_s": seconds},
+        }
         return RuleSet(self.names, thresholds, self.version)
 
     def without(self, *names: str) -> RuleSet:
@@ -215,25 +267,36 @@ def _card_testing(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndarray]) ->
 def _impossible_travel(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndarray]) -> np.ndarray:
     """In person, far from the previous in-person payment, faster than a plane, and away from home
     (a jump back home is tolerated: home is where the card is known)."""
-    return (_in_channels(tx.channel, t["channels"]) & (f["dist_prev_km"] >= t["min_jump_km"])
-            & (f["speed_kmh"] > t["max_speed_kmh"]) & (f["dist_home_km"] >= t["away_km"]))
+    return (
+        _in_channels(tx.channel, t["channels"])
+        & (f["dist_prev_km"] >= t["min_jump_km"])
+        & (f["speed_kmh"] > t["max_speed_kmh"])
+        & (f["dist_home_km"] >= t["away_km"])
+    )
 
 
 def _far_from_home(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndarray]) -> np.ndarray:
     """In person, away from home, in a stay that began with an impossible jump less than window_s ago."""
-    return (_in_channels(tx.channel, t["channels"]) & (f["dist_home_km"] >= t["away_km"])
-            & (f["stay_kmh"] > t["max_speed_kmh"]) & (f["stay_s"] <= t["window_s"]))
+    return (
+        _in_channels(tx.channel, t["channels"])
+        & (f["dist_home_km"] >= t["away_km"])
+        & (f["stay_kmh"] > t["max_speed_kmh"])
+        & (f["stay_s"] <= t["window_s"])
+    )
 
 
 def _compromised_terminal(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndarray]) -> np.ndarray:
     """In person, at a terminal that took other cards within its window: a few on a card far from its
     home (victims are anyone's cards, locals are not), or many on any card."""
     if "terminal_cards" not in f:
-        raise ConfigError("the compromised_terminal rule needs terminal features (the terminal window, consumer/terminal.py)")
+        raise ConfigError(
+            "the compromised_terminal rule needs terminal features (the terminal window, consumer/terminal.py)"
+        )
     cards = f["terminal_cards"]
     return _in_channels(tx.channel, _IN_PERSON) & (
         ((cards >= t["min_other_cards"]) & (f["dist_home_km"] >= t["min_home_km"]))
-        | (cards >= t["min_other_cards_anywhere"]))
+        | (cards >= t["min_other_cards_anywhere"])
+    )
 
 
 def _velocity(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -243,8 +306,12 @@ def _velocity(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndarray]) -> np.
 
 
 _PREDICATES: dict[str, Callable[[Mapping[str, Any], Any, Mapping[str, np.ndarray]], np.ndarray]] = {
-    LARGE_AMOUNT: _large_amount, CARD_TESTING: _card_testing, IMPOSSIBLE_TRAVEL: _impossible_travel,
-    FAR_FROM_HOME: _far_from_home, COMPROMISED_TERMINAL: _compromised_terminal, VELOCITY: _velocity,
+    LARGE_AMOUNT: _large_amount,
+    CARD_TESTING: _card_testing,
+    IMPOSSIBLE_TRAVEL: _impossible_travel,
+    FAR_FROM_HOME: _far_from_home,
+    COMPROMISED_TERMINAL: _compromised_terminal,
+    VELOCITY: _velocity,
 }
 # Rules whose features need per-terminal state (the terminal window every stateful detector holds).
 TERMINAL_RULES = frozenset({COMPROMISED_TERMINAL})
@@ -275,8 +342,9 @@ def load_rules(path: Path | None = None, *, settings: Settings | None = None) ->
                 raise ConfigError(f"rules file {path}: {name} must be a table ([{name}])")
             for key, value in params.items():
                 if key not in merged[name]:
-                    raise ConfigError(f"rules file {path}: unknown key {name}.{key}; "
-                                      f"known: {', '.join(sorted(merged[name]))}")
+                    raise ConfigError(
+                        f"rules file {path}: unknown key {name}.{key}; known: {', '.join(sorted(merged[name]))}"
+                    )
                 merged[name][key] = _checked(path, f"{name}.{key}", key, value)
     names = tuple(name for name in RULE_NAMES if merged[name]["enabled"])
     version = hashlib.sha256(repr(sorted((n, sorted(merged[n].items())) for n in names)).encode()).hexdigest()[:12]
@@ -291,8 +359,9 @@ def _checked(path: Path, where: str, key: str, value: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"rules file {path}: {where} must be a list, not {_shown(value)}")
         if len(value) > bound.maximum:
-            raise ConfigError(f"rules file {path}: {where} has {len(value)} entries; at most {_number(bound.maximum)} "
-                              f"({bound.why})")
+            raise ConfigError(
+                f"rules file {path}: {where} has {len(value)} entries; at most {_number(bound.maximum)} ({bound.why})"
+            )
         if key == "channels" and not all(v in CHANNELS for v in value):
             raise ConfigError(f"rules file {path}: {where} must be a list of channels among {', '.join(CHANNELS)}")
         if key != "channels" and not all(isinstance(v, str) and _MCC.fullmatch(v) for v in value):
@@ -301,14 +370,18 @@ def _checked(path: Path, where: str, key: str, value: Any) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value) if abs(value) < 2**63 else math.inf  # a TOML or Avro whole number fits; Python's may not
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"rules file {path}: {where} must be {'a whole number' if kind is int else kind.__name__}, "
-                          f"not {_shown(value)}")
+        raise ConfigError(
+            f"rules file {path}: {where} must be {'a whole number' if kind is int else kind.__name__}, "
+            f"not {_shown(value)}"
+        )
     if kind is float and not math.isfinite(value):
         raise ConfigError(f"rules file {path}: {where} must be a finite number, not {value!r}")
     if bound.minimum is not None and value < bound.minimum:
         raise ConfigError(f"rules file {path}: {where} must be at least {_number(bound.minimum)}, not {value!r}")
     if bound.maximum is not None and value > bound.maximum:
-        raise ConfigError(f"rules file {path}: {where} must be at most {_number(bound.maximum)} ({bound.why}), not {value!r}")
+        raise ConfigError(
+            f"rules file {path}: {where} must be at most {_number(bound.maximum)} ({bound.why}), not {value!r}"
+        )
     return value
 
 
@@ -325,8 +398,9 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def checked_parameters(kind: str, parameters: Mapping[str, Any], *, where: str,
-                       settings: Settings | None = None) -> dict[str, Any]:
+def checked_parameters(
+    kind: str, parameters: Mapping[str, Any], *, where: str, settings: Settings | None = None
+) -> dict[str, Any]:
     """One rule's parameters over its kind's defaults, by the very checks load_rules applies to a rules
     file (the rules topic's records go through here). A ConfigError's one line starts with `where`."""
     if kind not in DEFAULT_RULES:
@@ -358,8 +432,11 @@ class Rule:
 
 def large_amount(threshold_cents: int) -> Rule:
     """The seed's rule: more than the threshold (default $900.00) in one transaction."""
-    return Rule("large_amount", lambda tx: tx.amount_cents > threshold_cents,
-                lambda batch: pc.greater(batch.column("amount_cents"), threshold_cents))
+    return Rule(
+        "large_amount",
+        lambda tx: tx.amount_cents > threshold_cents,
+        lambda batch: pc.greater(batch.column("amount_cents"), threshold_cents),
+    )
 
 
 def rules_from_settings(settings: Settings) -> tuple[Rule, ...]:

@@ -37,8 +37,14 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
 from fraudstream.consumer.decide import Decision, dead_letter
-from fraudstream.consumer.rules import (_PREDICATES, DEFAULT_RULES_FILE, RULE_NAMES, RuleSet, checked_parameters,
-                                        load_rules)
+from fraudstream.consumer.rules import (
+    _PREDICATES,
+    DEFAULT_RULES_FILE,
+    RULE_NAMES,
+    RuleSet,
+    checked_parameters,
+    load_rules,
+)
 from fraudstream.errors import ConfigError, KafkaUnavailable, RegistryError
 from fraudstream.kafka import admin, consumer_config, ensure_topics, producer_config
 from fraudstream.printable import printable
@@ -77,15 +83,20 @@ def rule_thresholds(rule: Rule, settings: Settings | None = None) -> dict[str, A
     """A rule's thresholds over its kind's defaults, after its id, version and texts are checked; or
     ConfigError (one line, printable)."""
     if not RULE_ID_PATTERN.fullmatch(rule.id):
-        raise ConfigError(f"rule id {_short(rule.id)} must be 1 to 64 letters, digits, '_', '.' or '-' "
-                          "(starting with a letter or digit)")
+        raise ConfigError(
+            f"rule id {_short(rule.id)} must be 1 to 64 letters, digits, '_', '.' or '-' "
+            "(starting with a letter or digit)"
+        )
     if not 1 <= rule.version <= MAX_RULE_VERSION:
-        raise ConfigError(f"rule {rule.id} v{rule.version}: versions run from 1 to {MAX_RULE_VERSION} "
-                          f"(`fraudstream rules delete {rule.id}` starts the rule again at 1)")
+        raise ConfigError(
+            f"rule {rule.id} v{rule.version}: versions run from 1 to {MAX_RULE_VERSION} "
+            f"(`fraudstream rules delete {rule.id}` starts the rule again at 1)"
+        )
     for name, text in (("author", rule.author), ("comment", rule.comment)):
         if len(text) > MAX_TEXT_CHARS:
-            raise ConfigError(f"rule {rule.id} v{rule.version}: {name} has {len(text)} characters; "
-                              f"at most {MAX_TEXT_CHARS}")
+            raise ConfigError(
+                f"rule {rule.id} v{rule.version}: {name} has {len(text)} characters; at most {MAX_TEXT_CHARS}"
+            )
     parameters = {k: list(v) if isinstance(v, tuple) else v for k, v in rule.parameters.items()}
     return checked_parameters(rule.kind, parameters, where=f"rule {rule.id} v{rule.version}", settings=settings)
 
@@ -114,15 +125,23 @@ class TopicRuleSet(RuleSet):
         return fired
 
 
-def rule_set(rules: Mapping[str, tuple[Rule, dict[str, Any]]], version: str, *,
-             skip_kinds: Iterable[str] = ()) -> TopicRuleSet:
+def rule_set(
+    rules: Mapping[str, tuple[Rule, dict[str, Any]]], version: str, *, skip_kinds: Iterable[str] = ()
+) -> TopicRuleSet:
     """The enabled rules, in the documented order of their kinds, then by id."""
     skip = set(skip_kinds)
     order = {kind: i for i, kind in enumerate(RULE_NAMES)}
-    live = sorted((r for r, _ in rules.values() if r.enabled and r.kind not in skip), key=lambda r: (order[r.kind], r.id))
+    live = sorted(
+        (r for r, _ in rules.values() if r.enabled and r.kind not in skip), key=lambda r: (order[r.kind], r.id)
+    )
     names = tuple(r.id for r in live)
-    return TopicRuleSet(names, {n: rules[n][1] for n in names}, version,
-                        kinds={r.id: r.kind for r in live}, versions={r.id: r.version for r in live})
+    return TopicRuleSet(
+        names,
+        {n: rules[n][1] for n in names},
+        version,
+        kinds={r.id: r.kind for r in live},
+        versions={r.id: r.version for r in live},
+    )
 
 
 def seed_records(settings: Settings, rules_file: Path | None, *, author: str) -> list[Rule]:
@@ -132,10 +151,23 @@ def seed_records(settings: Settings, rules_file: Path | None, *, author: str) ->
     records = []
     for kind in RULE_NAMES:
         enabled = kind in loaded.names
-        params = {k: tuple(v) if isinstance(v, list) else v
-                  for k, v in loaded.thresholds[kind].items() if k != "enabled"} if enabled else {}
-        records.append(Rule(id=kind, version=1, kind=kind, parameters=params, enabled=enabled, author=author,
-                            comment=f"seeded from {rules_file}", written_at=now))
+        params = (
+            {k: tuple(v) if isinstance(v, list) else v for k, v in loaded.thresholds[kind].items() if k != "enabled"}
+            if enabled
+            else {}
+        )
+        records.append(
+            Rule(
+                id=kind,
+                version=1,
+                kind=kind,
+                parameters=params,
+                enabled=enabled,
+                author=author,
+                comment=f"seeded from {rules_file}",
+                written_at=now,
+            )
+        )
     return records
 
 
@@ -154,7 +186,9 @@ class RulesCodec:
     def encode(self, record: Rule) -> bytes:
         if self._encode is None:
             ids = current_ids(self.settings, self._registry)  # one clear line when the schemas are not registered
-            self._encode = make_encoder(ids[self.settings.rules_topic], load_schemas(self.settings.schemas_dir).parsed["Rule"])
+            self._encode = make_encoder(
+                ids[self.settings.rules_topic], load_schemas(self.settings.schemas_dir).parsed["Rule"]
+            )
         return self._encode(record.to_dict())
 
     def decode(self, value: bytes | None) -> Rule:
@@ -217,8 +251,10 @@ def _write(settings: Settings, records: list[tuple[str, bytes | None, list[tuple
         producer.produce(settings.rules_topic, value, key.encode(), headers=who + headers)
     left = producer.flush(30)
     if left or failures:
-        raise KafkaUnavailable(f"could not write to {settings.rules_topic}: "
-                               f"{failures[0] if failures else f'{left} records still unsent after 30 s'}")
+        raise KafkaUnavailable(
+            f"could not write to {settings.rules_topic}: "
+            f"{failures[0] if failures else f'{left} records still unsent after 30 s'}"
+        )
 
 
 def check_rules_topic(settings: Settings) -> None:
@@ -226,8 +262,10 @@ def check_rules_topic(settings: Settings) -> None:
     ensure_topics(settings, (settings.rules_topic,))
     metadata = admin(settings).list_topics(settings.rules_topic, timeout=10).topics[settings.rules_topic]
     if len(metadata.partitions) != 1:
-        raise ConfigError(f"rules topic {settings.rules_topic} has {len(metadata.partitions)} partitions; it must "
-                          "have exactly one, so that every detector applies rule changes in the same order")
+        raise ConfigError(
+            f"rules topic {settings.rules_topic} has {len(metadata.partitions)} partitions; it must "
+            "have exactly one, so that every detector applies rule changes in the same order"
+        )
 
 
 APPLIED, REMOVED, UNCHANGED, REFUSED = "applied", "removed", "unchanged", "refused"
@@ -247,9 +285,16 @@ class Change:
 class RulesTopic:
     """One detector's reader of the rules topic: its current rule set, and the dead letters it found."""
 
-    def __init__(self, settings: Settings, *, registry: Registry | None = None, skip_kinds: Iterable[str] = (),
-                 on_log: Callable[[str], None] | None = None, codec: RulesCodec | None = None,
-                 on_refused: Callable[[str], None] = lambda kind: None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: Registry | None = None,
+        skip_kinds: Iterable[str] = (),
+        on_log: Callable[[str], None] | None = None,
+        codec: RulesCodec | None = None,
+        on_refused: Callable[[str], None] = lambda kind: None,
+    ) -> None:
         self.settings = settings
         self.on_refused = on_refused  # a metrics counter, by error kind
         self.codec = codec or RulesCodec(settings, registry)
@@ -268,8 +313,11 @@ class RulesTopic:
         """Read the whole topic (seeding it from the rules file first when it is empty); the rule set in force."""
         s = self.settings
         check_rules_topic(s)
-        self.consumer = Consumer(consumer_config(s, f"{s.group_id}.rules-reader", **{
-            "enable.auto.commit": False, "auto.offset.reset": "earliest"}))
+        self.consumer = Consumer(
+            consumer_config(
+                s, f"{s.group_id}.rules-reader", **{"enable.auto.commit": False, "auto.offset.reset": "earliest"}
+            )
+        )
         partition = TopicPartition(s.rules_topic, 0, OFFSET_BEGINNING)
         self.consumer.assign([partition])
         low, high = self._watermarks()
@@ -283,26 +331,32 @@ class RulesTopic:
         deadline = time.monotonic() + timeout_s
         while self._position() < high:
             if time.monotonic() > deadline:
-                raise KafkaUnavailable(f"could not read rules topic {s.rules_topic} to its end ({high}) "
-                                       f"within {timeout_s:g} s")
+                raise KafkaUnavailable(
+                    f"could not read rules topic {s.rules_topic} to its end ({high}) within {timeout_s:g} s"
+                )
             self.poll(timeout_s=0.2)
         if not seeded and seed_from is not None and Path(seed_from) != DEFAULT_RULES_FILE:
             # A rules file only seeds an empty topic: say so when one was named and is not what runs.
             if differing := self.differing_from(seed_from):
-                self.on_log(f"rules file {seed_from} not applied: {s.rules_topic} already holds rules, and those are "
-                            f"in force (rule set {self.version}); they differ from the file in {', '.join(differing)}. "
-                            f"`fraudstream rules set {seed_from}` writes the file's rules to the topic")
+                self.on_log(
+                    f"rules file {seed_from} not applied: {s.rules_topic} already holds rules, and those are "
+                    f"in force (rule set {self.version}); they differ from the file in {', '.join(differing)}. "
+                    f"`fraudstream rules set {seed_from}` writes the file's rules to the topic"
+                )
         return self.current
 
     def differing_from(self, rules_file: Path) -> list[str]:
         """Ids of the rules whose rule in force (enabled, with its kind and thresholds) differs from the file's."""
         loaded = load_rules(rules_file, settings=self.settings)
-        from_file = {name: (name, {k: v for k, v in loaded.thresholds[name].items() if k != "enabled"})
-                     for name in loaded.names}
-        in_force = {rule_id: (record.kind, thresholds) for rule_id, (record, thresholds) in self.rules.items()
-                    if record.enabled}
-        return sorted(rule_id for rule_id in from_file.keys() | in_force.keys()
-                      if from_file.get(rule_id) != in_force.get(rule_id))
+        from_file = {
+            name: (name, {k: v for k, v in loaded.thresholds[name].items() if k != "enabled"}) for name in loaded.names
+        }
+        in_force = {
+            rule_id: (record.kind, thresholds) for rule_id, (record, thresholds) in self.rules.items() if record.enabled
+        }
+        return sorted(
+            rule_id for rule_id in from_file.keys() | in_force.keys() if from_file.get(rule_id) != in_force.get(rule_id)
+        )
 
     def _watermarks(self) -> tuple[int, int]:
         try:
@@ -348,8 +402,11 @@ class RulesTopic:
         except DecodeError as error:
             return self._refuse(message, None, error)
         if record.id.encode() != raw_key:
-            return self._refuse(message, record, DecodeError(
-                INVALID_RULE, f"record key {_short(key)} is not the rule id {_short(record.id)}"))
+            return self._refuse(
+                message,
+                record,
+                DecodeError(INVALID_RULE, f"record key {_short(key)} is not the rule id {_short(record.id)}"),
+            )
         try:
             thresholds = rule_thresholds(record, self.settings)
         except ConfigError as error:
@@ -358,21 +415,34 @@ class RulesTopic:
         if current is not None and record.version != current[0].version + 1:
             if record.version == current[0].version and same_content(record, current[0]):
                 return Change(message, record, UNCHANGED)  # the same version twice (two detectors seeding at once)
-            return self._refuse(message, record, DecodeError(
-                STALE_VERSION, f"rule {record.id} v{record.version} is not the next version of v{current[0].version}, "
-                               "in force"))
+            return self._refuse(
+                message,
+                record,
+                DecodeError(
+                    STALE_VERSION,
+                    f"rule {record.id} v{record.version} is not the next version of v{current[0].version}, in force",
+                ),
+            )
         if current is None and len(self.rules) >= MAX_RULES:
-            return self._refuse(message, record, DecodeError(
-                TOO_MANY_RULES, f"rule {record.id} would be rule {len(self.rules) + 1} on the topic; at most "
-                                f"{MAX_RULES} (`fraudstream rules delete ID` makes room)"))
+            return self._refuse(
+                message,
+                record,
+                DecodeError(
+                    TOO_MANY_RULES,
+                    f"rule {record.id} would be rule {len(self.rules) + 1} on the topic; at most "
+                    f"{MAX_RULES} (`fraudstream rules delete ID` makes room)",
+                ),
+            )
         self.rules[record.id] = (record, thresholds)
         self.version, self.changes = position, self.changes + 1
         return Change(message, record, APPLIED)
 
     def _refuse(self, message, record: Rule | None, error: DecodeError) -> Change:
         reason = printable(error.reason)  # it may quote the record: never a control character in a log or header
-        self.on_log(f"rule record at {message.topic()}[{message.partition()}]@{message.offset()} refused "
-                    f"({error.kind}): {reason}")
+        self.on_log(
+            f"rule record at {message.topic()}[{message.partition()}]@{message.offset()} refused "
+            f"({error.kind}): {reason}"
+        )
         self.dead_letters.append(dead_letter(message, DecodeError(error.kind, reason)))
         self.refused += 1
         self.on_refused(error.kind)
@@ -388,7 +458,9 @@ class RulesTopic:
             self.consumer = None
 
 
-def read_changes(settings: Settings, codec: RulesCodec, *, timeout_s: float = 30.0) -> tuple[dict[str, Rule], list[Change]]:
+def read_changes(
+    settings: Settings, codec: RulesCodec, *, timeout_s: float = 30.0
+) -> tuple[dict[str, Rule], list[Change]]:
     """Every record still on the rules topic, oldest first, judged as a detector judges it (one code path, so
     `fraudstream rules` numbers the next version as detectors will accept it); and the rules in force after them."""
     reader = RulesTopic(settings, codec=codec, on_log=lambda line: None)
@@ -399,8 +471,11 @@ def read_changes(settings: Settings, codec: RulesCodec, *, timeout_s: float = 30
 def read_messages(settings: Settings, *, timeout_s: float = 30.0) -> list[Any]:
     """Every record still on the rules topic, oldest first (read_committed)."""
     check_rules_topic(settings)
-    consumer = Consumer(consumer_config(settings, f"{settings.group_id}.rules-cli", **{
-        "enable.auto.commit": False, "auto.offset.reset": "earliest"}))
+    consumer = Consumer(
+        consumer_config(
+            settings, f"{settings.group_id}.rules-cli", **{"enable.auto.commit": False, "auto.offset.reset": "earliest"}
+        )
+    )
     try:
         partition = TopicPartition(settings.rules_topic, 0, OFFSET_BEGINNING)
         consumer.assign([partition])

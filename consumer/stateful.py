@@ -28,9 +28,23 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
 
 from fraudstream.consumer import held
 from fraudstream.consumer import model as scoring
-from fraudstream.consumer.decide import (STATELESS_LEGIT_HEADERS, ColumnarDecider, DecidedBatch, Decider, Decision,
-                                         Route, dead_letter)
-from fraudstream.consumer.features import CARD_FEATURES, PROFILE_DTYPE, PROFILE_LAYOUT, PROFILE_TTL_MS, TxColumns, card_features_split
+from fraudstream.consumer.decide import (
+    STATELESS_LEGIT_HEADERS,
+    ColumnarDecider,
+    DecidedBatch,
+    Decider,
+    Decision,
+    Route,
+    dead_letter,
+)
+from fraudstream.consumer.features import (
+    CARD_FEATURES,
+    PROFILE_DTYPE,
+    PROFILE_LAYOUT,
+    PROFILE_TTL_MS,
+    TxColumns,
+    card_features_split,
+)
 from fraudstream.consumer.rules import COMPROMISED_TERMINAL, RuleSet
 from fraudstream.consumer.rules_topic import RULE_SET_HEADER
 from fraudstream.consumer.state.manager import StateManager
@@ -42,8 +56,9 @@ from fraudstream.settings import Settings
 
 log = logging.getLogger("fraudstream.detector")
 
-CARDS = StoreSpec(name="cards", dtype=PROFILE_DTYPE, layout=PROFILE_LAYOUT, expiry_field="last_ms",
-                  ttl_ms=PROFILE_TTL_MS)
+CARDS = StoreSpec(
+    name="cards", dtype=PROFILE_DTYPE, layout=PROFILE_LAYOUT, expiry_field="last_ms", ttl_ms=PROFILE_TTL_MS
+)
 STORES = (CARDS, held.HELD)
 MODEL_RULE = "model"  # the rule name of a record routed to fraud by the model's score
 RULE_SETS_KEPT = 16  # rule sets remembered for releasing the records held under them
@@ -94,11 +109,22 @@ class StateTouchedError(RegistryError):
 
 
 class StatefulDecider:
-    def __init__(self, decode: Callable[[Sequence], DecodedBatch], rules: RuleSet, state: StateManager, *,
-                 encode_legit: Callable[[dict], bytes], encode_fraud: Callable[[dict], bytes],
-                 model: scoring.Model | None = None, labels=None,
-                 terminal_features: Callable[[TxColumns, np.ndarray, np.ndarray, int | None], dict[str, np.ndarray]] | None = None,
-                 terminal=None, hold_idle_ms: int | None = None, input_topic: str = "") -> None:
+    def __init__(
+        self,
+        decode: Callable[[Sequence], DecodedBatch],
+        rules: RuleSet,
+        state: StateManager,
+        *,
+        encode_legit: Callable[[dict], bytes],
+        encode_fraud: Callable[[dict], bytes],
+        model: scoring.Model | None = None,
+        labels=None,
+        terminal_features: Callable[[TxColumns, np.ndarray, np.ndarray, int | None], dict[str, np.ndarray]]
+        | None = None,
+        terminal=None,
+        hold_idle_ms: int | None = None,
+        input_topic: str = "",
+    ) -> None:
         self.decode = decode
         self.rules = rules
         self.state = state
@@ -165,7 +191,9 @@ class StatefulDecider:
         if self.terminal_features is not None:
             # Before any card state changes: waiting for the terminal window may raise (stop, outage).
             offsets = np.array([messages[i].offset() for i in rows_in_batch], dtype=np.int64)
-            features.update(self.terminal_features(tx, partition_of, offsets, newest_created_ms(messages, positions, partition_of)))
+            features.update(
+                self.terminal_features(tx, partition_of, offsets, newest_created_ms(messages, positions, partition_of))
+            )
         # Each partition's rows with that partition's card table, all partitions in one pass.
         partitions, which = np.unique(partition_of, return_inverse=True)
         tables = [self.state.tables(int(partition))[CARDS.name] for partition in partitions.tolist()]
@@ -179,8 +207,9 @@ class StatefulDecider:
             by_model = scores >= self.model.threshold
             is_fraud = is_fraud | by_model
             legit_scores = [b""] * len(messages)  # only the legit records' entries are read
-            for index, value in zip(positions[~is_fraud].tolist(), scoring.score_header_values(scores[~is_fraud]),
-                                    strict=True):
+            for index, value in zip(
+                positions[~is_fraud].tolist(), scoring.score_header_values(scores[~is_fraud]), strict=True
+            ):
                 legit_scores[index] = value
             decisions.legit_scores = legit_scores
         else:
@@ -189,13 +218,27 @@ class StatefulDecider:
         # re-encoded. Plain lists and locals: this loop runs once per such record.
         legit, records = Route.LEGIT, dict(decoded.records)
         encode_legit, headers_of = self.encode_legit, decisions.headers_of
-        to_hold = (rules.to_hold(tx, features, is_fraud) if self.terminal is not None and "terminal_cards" in features
-                   else np.zeros(len(tx), dtype=bool))
+        to_hold = (
+            rules.to_hold(tx, features, is_fraud)
+            if self.terminal is not None and "terminal_cards" in features
+            else np.zeros(len(tx), dtype=bool)
+        )
         for index in positions[~is_fraud & ~from_columns & ~to_hold].tolist():
             outputs[index] = Decision(legit, messages[index].key(), encode_legit(records[index]), headers_of(index))
         if to_hold.any():
-            self._hold(rules, messages, positions, partition_of, np.flatnonzero(to_hold), tx, features, scores,
-                       from_columns, records, decisions)
+            self._hold(
+                rules,
+                messages,
+                positions,
+                partition_of,
+                np.flatnonzero(to_hold),
+                tx,
+                features,
+                scores,
+                from_columns,
+                records,
+                decisions,
+            )
         fraud_rows = np.flatnonzero(is_fraud)
         if len(fraud_rows):
             column_records = _column_records(decoded, source_row[fraud_rows][from_columns[fraud_rows]])
@@ -210,20 +253,44 @@ class StatefulDecider:
             self._release(rules, decisions)
         return decisions
 
-    def _alert(self, key: bytes | None, record: dict, rule_names: list[str], rules: RuleSet, score: float, *,
-               version: str | None = None) -> Decision:
+    def _alert(
+        self,
+        key: bytes | None,
+        record: dict,
+        rule_names: list[str],
+        rules: RuleSet,
+        score: float,
+        *,
+        version: str | None = None,
+    ) -> Decision:
         versions = getattr(rules, "versions", {})
         if self.model is not None:
             versions = {**versions, MODEL_RULE: int(self.model.meta.get("model_version", 0))}
-        alert = {"transaction": record, "rules": rule_names, "detected_at": int(time.time() * 1000),
-                 "fired": [{"id": name, "version": versions.get(name, 0)} for name in rule_names],
-                 "rule_set_version": version or rules.version, "score": score}
+        alert = {
+            "transaction": record,
+            "rules": rule_names,
+            "detected_at": int(time.time() * 1000),
+            "fired": [{"id": name, "version": versions.get(name, 0)} for name in rule_names],
+            "rule_set_version": version or rules.version,
+            "score": score,
+        }
         return Decision(Route.FRAUD, key, self.encode_fraud(alert), rules=tuple(rule_names))
 
     # ----- held records (consumer/held.py) -----
-    def _hold(self, rules: RuleSet, messages: Sequence, positions: np.ndarray, partition_of: np.ndarray,
-              rows: np.ndarray, tx: TxColumns, features: dict[str, np.ndarray], scores: np.ndarray,
-              from_columns: np.ndarray, records: dict[int, dict], decisions: DecidedBatch) -> None:
+    def _hold(
+        self,
+        rules: RuleSet,
+        messages: Sequence,
+        positions: np.ndarray,
+        partition_of: np.ndarray,
+        rows: np.ndarray,
+        tx: TxColumns,
+        features: dict[str, np.ndarray],
+        scores: np.ndarray,
+        from_columns: np.ndarray,
+        records: dict[int, dict],
+        decisions: DecidedBatch,
+    ) -> None:
         """Put the batch's rows `rows` in their partitions' held tables, with no output now, under the version
         of the rule set that decided them so far; a row whose bytes do not fit is forwarded as legit at once
         (counted)."""
@@ -244,9 +311,14 @@ class StatefulDecider:
                 self.too_large_to_hold += 1
                 decisions.outputs[index] = Decision(Route.LEGIT, message.key(), value, decisions.headers_of(index))
         if len(kept) < len(rows):
-            log.warning("%d records too large for a held row (key over %d or value over %d bytes): decided at once, "
-                        "without the terminal rule's look-ahead (%d so far)", len(rows) - len(kept), held.KEY_BYTES,
-                        held.VALUE_BYTES, self.too_large_to_hold)
+            log.warning(
+                "%d records too large for a held row (key over %d or value over %d bytes): decided at once, "
+                "without the terminal rule's look-ahead (%d so far)",
+                len(rows) - len(kept),
+                held.KEY_BYTES,
+                held.VALUE_BYTES,
+                self.too_large_to_hold,
+            )
         if not kept:
             return
         kept = np.asarray(kept, dtype=np.int64)
@@ -256,12 +328,20 @@ class StatefulDecider:
             mine = partition_of[kept] == partition
             chosen = kept[mine]
             keys = [held.position_key(partition, messages[i].offset()) for i in positions[chosen].tolist()]
-            held.hold(self.state.tables(partition)[held.HELD.name], keys,
-                      event_time_ms=tx.event_time_ms[chosen], created_ms=created[mine],
-                      terminal=tx.terminal_hash[chosen], card=tx.card_hash[chosen],
-                      dist_home_km=features["dist_home_km"][chosen], score=scores[chosen], channel=tx.channel[chosen],
-                      record_keys=[messages[i].key() for i in positions[chosen].tolist()],
-                      values=[v for v, m in zip(values, mine.tolist(), strict=True) if m], rule_set=rule_set)
+            held.hold(
+                self.state.tables(partition)[held.HELD.name],
+                keys,
+                event_time_ms=tx.event_time_ms[chosen],
+                created_ms=created[mine],
+                terminal=tx.terminal_hash[chosen],
+                card=tx.card_hash[chosen],
+                dist_home_km=features["dist_home_km"][chosen],
+                score=scores[chosen],
+                channel=tx.channel[chosen],
+                record_keys=[messages[i].key() for i in positions[chosen].tolist()],
+                values=[v for v, m in zip(values, mine.tolist(), strict=True) if m],
+                rule_set=rule_set,
+            )
         decisions.held = len(kept)
 
     def _any_held(self) -> bool:
@@ -270,8 +350,11 @@ class StatefulDecider:
     def oldest_held(self) -> int | None:
         """The event time of the oldest record held on this detector's partitions (the terminal window keeps
         what its release reads)."""
-        oldest = [int(table.rows["event_time_ms"][table.live()[1]].min())
-                  for table in self.state.ready_tables(held.HELD.name).values() if len(table)]
+        oldest = [
+            int(table.rows["event_time_ms"][table.live()[1]].min())
+            for table in self.state.ready_tables(held.HELD.name).values()
+            if len(table)
+        ]
         return min(oldest) if oldest else None
 
     def release_due(self) -> DecidedBatch | None:
@@ -288,8 +371,11 @@ class StatefulDecider:
     def _release(self, rules: RuleSet, decisions: DecidedBatch) -> None:
         """Decide the held records whose look-ahead the terminal window now answers for; their outputs go in
         `decisions.released`, their rows are removed (tombstones in the same transaction)."""
-        found = [(partition, table, *table.live()) for partition, table in
-                 self.state.ready_tables(held.HELD.name).items() if len(table)]
+        found = [
+            (partition, table, *table.live())
+            for partition, table in self.state.ready_tables(held.HELD.name).items()
+            if len(table)
+        ]
         if not found:
             return
         keys = [key for _, _, ks, _ in found for key in ks]
@@ -319,8 +405,11 @@ class StatefulDecider:
                 fires[mine] = rule_set.fires_on_release(rows["channel"][mine], rows["dist_home_km"][mine], others[mine])
         inputs = held.records_of(rows, keys, self._topic)
         released = decisions.released
-        legit_scores = (scoring.score_header_values(rows["score"]) if self.model is not None
-                        else [STATELESS_LEGIT_HEADERS[0][1]] * len(rows))
+        legit_scores = (
+            scoring.score_header_values(rows["score"])
+            if self.model is not None
+            else [STATELESS_LEGIT_HEADERS[0][1]] * len(rows)
+        )
         fraud = np.flatnonzero(fires)
         if len(fraud):
             decoded = self.decode([inputs[i] for i in fraud.tolist()])
@@ -332,13 +421,25 @@ class StatefulDecider:
             if fires[i]:
                 k = int(np.searchsorted(fraud, i))
                 record = as_records.get(k)
-                decision = (self._alert(record_in.key(), record, [COMPROMISED_TERMINAL], by_version[version],
-                                        float(rows["score"][i]) if self.model is not None else 1.0,
-                                        version=version.decode())
-                            if record is not None else decoded.dead[k])
+                decision = (
+                    self._alert(
+                        record_in.key(),
+                        record,
+                        [COMPROMISED_TERMINAL],
+                        by_version[version],
+                        float(rows["score"][i]) if self.model is not None else 1.0,
+                        version=version.decode(),
+                    )
+                    if record is not None
+                    else decoded.dead[k]
+                )
             else:
-                decision = Decision(Route.LEGIT, record_in.key(), record_in.value(),
-                                    [(RULE_SET_HEADER, version), (SCORE_HEADER, legit_scores[i])])
+                decision = Decision(
+                    Route.LEGIT,
+                    record_in.key(),
+                    record_in.value(),
+                    [(RULE_SET_HEADER, version), (SCORE_HEADER, legit_scores[i])],
+                )
             released.append((record_in, decision))
         for partition in np.unique(where).tolist():
             table = self.state.tables(partition)[held.HELD.name]
@@ -352,8 +453,11 @@ class StatefulDecider:
         self._batches += 1
         if self._batches % LABEL_EXPIRY_EVERY == 0:
             # No window reaches further back than the longest one before the delay (plus a day for late records).
-            labels.table.expire(expiry_stream_time(int(tx.event_time_ms.max())) - labels.delay_ms
-                                - (max(scoring.TERMINAL_WINDOWS_DAYS) + 1) * scoring.DAY_MS)
+            labels.table.expire(
+                expiry_stream_time(int(tx.event_time_ms.max()))
+                - labels.delay_ms
+                - (max(scoring.TERMINAL_WINDOWS_DAYS) + 1) * scoring.DAY_MS
+            )
         return scoring.model_features(tx, features, labels.table, labels.delay_ms)
 
 
@@ -366,8 +470,10 @@ def load_scoring(settings: Settings, *, on_log: Callable[[str], None]):
     model = scoring.Model.load(settings.model_file)
     labels = LabelsReader(settings, scoring.LabelTable(), on_log=on_log)
     labels.start()
-    on_log(f"model {model.name} from {settings.model_file} (threshold {model.threshold:.3f}, labels "
-           f"{settings.label_delay_days:g} days late)")
+    on_log(
+        f"model {model.name} from {settings.model_file} (threshold {model.threshold:.3f}, labels "
+        f"{settings.label_delay_days:g} days late)"
+    )
     return model, labels
 
 

@@ -99,8 +99,9 @@ class TerminalWindow:
     def __len__(self) -> int:
         return len(self._t)
 
-    def add(self, partitions: np.ndarray, offsets: np.ndarray, terminals: np.ndarray, cards: np.ndarray,
-            times: np.ndarray) -> int:
+    def add(
+        self, partitions: np.ndarray, offsets: np.ndarray, terminals: np.ndarray, cards: np.ndarray, times: np.ndarray
+    ) -> int:
         """Insert events (any order, duplicates allowed); returns how many were new."""
         pos = position_keys(partitions, offsets)
         pos, first = np.unique(pos, return_index=True)  # duplicates within the call
@@ -139,8 +140,9 @@ class TerminalWindow:
         rel = np.clip(np.asarray(t, dtype=np.int64) - self._base, 0, _REL_MAX).astype(np.uint64)
         return (np.asarray(terminals, dtype=np.uint64) << np.uint64(32)) | rel
 
-    def other_cards(self, terminals: np.ndarray, cards: np.ndarray, times: np.ndarray, *,
-                    ahead_ms: int = 0) -> np.ndarray:
+    def other_cards(
+        self, terminals: np.ndarray, cards: np.ndarray, times: np.ndarray, *, ahead_ms: int = 0
+    ) -> np.ndarray:
         """Per query: distinct cards other than its own at its terminal with event time in [t - window, t + ahead],
         among the terminal's `recent` latest events up to t + ahead (and all those at the same time as the last
         of them). The detector asks with ahead 0; a look-ahead is measured offline (consumer/quality.py)."""
@@ -164,12 +166,14 @@ class TerminalWindow:
         out[short] = self._distinct_others(lo[short], lengths[short], cards[short], times[short], upper[short])
         long_rows = np.flatnonzero(~short)
         if len(long_rows):  # rare: hundreds of events at one terminal at one time
-            out[long_rows] = self._distinct_others_sorted(lo[long_rows], lengths[long_rows], cards[long_rows],
-                                                          times[long_rows], upper[long_rows])
+            out[long_rows] = self._distinct_others_sorted(
+                lo[long_rows], lengths[long_rows], cards[long_rows], times[long_rows], upper[long_rows]
+            )
         return out
 
-    def _distinct_others(self, lo: np.ndarray, lengths: np.ndarray, cards: np.ndarray, times: np.ndarray,
-                         upper: np.ndarray) -> np.ndarray:
+    def _distinct_others(
+        self, lo: np.ndarray, lengths: np.ndarray, cards: np.ndarray, times: np.ndarray, upper: np.ndarray
+    ) -> np.ndarray:
         """Distinct counted cards per query, for queries of at most _ROW_CAP events: one small sort per row
         (a (queries, longest) matrix), never one sort of the whole batch's (query, card) pairs."""
         if not len(lo) or not lengths.max():
@@ -179,15 +183,20 @@ class TerminalWindow:
         et, found = self._t[event], self._card[event]
         # Counted: within the query's events, another card, in [t - window, upper] (exact times again: keys
         # beyond the 32-bit range from the base are clamped together).
-        counts = ((column < lengths[:, None]) & (found != cards[:, None])
-                  & (et >= (times - self.window_ms)[:, None]) & (et <= upper[:, None]))
+        counts = (
+            (column < lengths[:, None])
+            & (found != cards[:, None])
+            & (et >= (times - self.window_ms)[:, None])
+            & (et <= upper[:, None])
+        )
         row = np.sort(np.where(counts, found.astype(np.int64), -1), axis=1)  # not counted: -1, sorted first
         new = row >= 0
         new[:, 1:] &= row[:, 1:] != row[:, :-1]
         return new.sum(axis=1)
 
-    def _distinct_others_sorted(self, lo: np.ndarray, lengths: np.ndarray, cards: np.ndarray,
-                                times: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    def _distinct_others_sorted(
+        self, lo: np.ndarray, lengths: np.ndarray, cards: np.ndarray, times: np.ndarray, upper: np.ndarray
+    ) -> np.ndarray:
         """The same count for long queries: the (query, card) pairs of all of them, made unique at once."""
         n = len(lo)
         total = int(lengths.sum())
@@ -197,9 +206,10 @@ class TerminalWindow:
         starts = np.cumsum(lengths) - lengths
         event = np.arange(total) - np.repeat(starts, lengths) + np.repeat(lo, lengths)
         et = self._t[event]
-        other = ((self._card[event] != cards[query])
-                 & (et >= times[query] - self.window_ms) & (et <= upper[query]))
-        pairs = np.unique((query[other].astype(np.uint64) << np.uint64(32)) | self._card[event[other]].astype(np.uint64))
+        other = (self._card[event] != cards[query]) & (et >= times[query] - self.window_ms) & (et <= upper[query])
+        pairs = np.unique(
+            (query[other].astype(np.uint64) << np.uint64(32)) | self._card[event[other]].astype(np.uint64)
+        )
         return np.bincount((pairs >> np.uint64(32)).astype(np.int64), minlength=n).astype(np.int64)
 
     def expire(self, older_than: int) -> int:
@@ -214,7 +224,9 @@ class TerminalWindow:
         return dropped
 
 
-def terminal_cards(window: TerminalWindow, tx: TxColumns, partitions: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
+def terminal_cards(
+    window: TerminalWindow, tx: TxColumns, partitions: np.ndarray, offsets: np.ndarray
+) -> dict[str, np.ndarray]:
     """TERMINAL_FEATURES of a batch from a window that holds (at least) the batch's own records (the
     TerminalReader's answer; consumer/quality.py adds to and asks its window the same way)."""
     window.add(partitions, offsets, tx.terminal_hash, tx.card_hash, tx.event_time_ms)
@@ -236,10 +248,17 @@ class TerminalReader:
     """Reads every input partition into a TerminalWindow; `features(tx, partitions, offsets)` waits for the
     event-time gate, then answers from the window."""
 
-    def __init__(self, settings: Settings, decode: Callable[[Sequence], object], *,
-                 window: TerminalWindow | None = None, tolerance_ms: int = TERMINAL_TOLERANCE_MS,
-                 stop: Callable[[], bool] = lambda: False, on_log: Callable[[str], None] = log.info,
-                 on_gate: Callable[[GateStats], None] = lambda stats: None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        decode: Callable[[Sequence], object],
+        *,
+        window: TerminalWindow | None = None,
+        tolerance_ms: int = TERMINAL_TOLERANCE_MS,
+        stop: Callable[[], bool] = lambda: False,
+        on_log: Callable[[str], None] = log.info,
+        on_gate: Callable[[GateStats], None] = lambda stats: None,
+    ) -> None:
         self.settings = settings
         self.decode = decode  # messages -> stateful.DecodedBatch, the detector's own decoders
         self.window = window or TerminalWindow()
@@ -270,11 +289,15 @@ class TerminalReader:
     def start(self) -> None:
         s = self.settings
         # The group's own id, never joined (assign mode, no commits): committed() answers for the group.
-        self.consumer = Consumer(consumer_config(s, s.group_id, **{"auto.offset.reset": "earliest",
-                                                                  "client.id": f"{s.group_id}.terminal-reader"}))
+        self.consumer = Consumer(
+            consumer_config(
+                s, s.group_id, **{"auto.offset.reset": "earliest", "client.id": f"{s.group_id}.terminal-reader"}
+            )
+        )
         self.admin = admin(s)
-        metadata = self._call("reading the input topic's partitions",
-                              lambda: self.consumer.list_topics(s.transactions_topic, timeout=10))
+        metadata = self._call(
+            "reading the input topic's partitions", lambda: self.consumer.list_topics(s.transactions_topic, timeout=10)
+        )
         topic = metadata.topics.get(s.transactions_topic)
         if topic is None or topic.error is not None or not topic.partitions:
             raise KafkaUnavailable(f"input topic {s.transactions_topic} has no partitions the terminal reader can read")
@@ -297,7 +320,8 @@ class TerminalReader:
         low, high = {}, {}
         for tp in tps:
             low[tp.partition], high[tp.partition] = self._call(
-                "reading the input's offsets", lambda tp=tp: consumer.get_watermark_offsets(tp, timeout=10))
+                "reading the input's offsets", lambda tp=tp: consumer.get_watermark_offsets(tp, timeout=10)
+            )
         # Logical offsets (no commit yet) mean the partition's beginning; never computed with.
         target = {tp.partition: (tp.offset if tp.offset >= 0 else low[tp.partition]) for tp in committed}
         back = {p: SEED_RECORDS for p in self.partitions}
@@ -315,7 +339,9 @@ class TerminalReader:
             horizon = min(latest) - self.window.window_ms - 2 * self.tolerance_ms
             if back_to is not None:
                 horizon = min(horizon, back_to - self.window.window_ms - 2 * self.tolerance_ms)
-            short = [p for p in self.partitions if start[p] > low[p] and (first_t.get(p) is None or first_t[p] > horizon)]
+            short = [
+                p for p in self.partitions if start[p] > low[p] and (first_t.get(p) is None or first_t[p] > horizon)
+            ]
             if not short:
                 break
             for p in short:
@@ -325,8 +351,10 @@ class TerminalReader:
         for p in self.partitions:  # where reading goes on (a partition with nothing read: its committed offset)
             self._next.setdefault(p, target[p])
         self.consumer.assign([TopicPartition(s.transactions_topic, p, self._next[p]) for p in self.partitions])
-        self.on_log(f"terminal window seeded in {time.monotonic() - started:.1f} s: {len(self.window):,} events from "
-                    f"{len(self.partitions)} partitions of {s.transactions_topic}")
+        self.on_log(
+            f"terminal window seeded in {time.monotonic() - started:.1f} s: {len(self.window):,} events from "
+            f"{len(self.partitions)} partitions of {s.transactions_topic}"
+        )
 
     def _read_ranges(self, start: dict[int, int], end: dict[int, int], before: dict[int, int]) -> dict[int, int]:
         """Read [start, end) of each partition into the window; the first event time read per partition. `before`
@@ -341,8 +369,10 @@ class TerminalReader:
             if self.stop():
                 raise StopRequested("seeding the terminal window")
             if time.monotonic() > deadline:
-                raise KafkaUnavailable(f"could not read {topic} partitions {sorted(pending)} to seed the terminal window "
-                                       f"within {self.settings.broker_outage_limit_s} s")
+                raise KafkaUnavailable(
+                    f"could not read {topic} partitions {sorted(pending)} to seed the terminal window "
+                    f"within {self.settings.broker_outage_limit_s} s"
+                )
             messages = self._consume(0.2)
             for p, t in self._ingest(messages, first_t_wanted=True, before=(end, before)).items():
                 first_t.setdefault(p, t)
@@ -370,8 +400,13 @@ class TerminalReader:
             out.append(message)
         return out
 
-    def _ingest(self, messages: list, *, first_t_wanted: bool = False,
-                before: tuple[dict[int, int], dict[int, int]] | None = None) -> dict[int, int]:
+    def _ingest(
+        self,
+        messages: list,
+        *,
+        first_t_wanted: bool = False,
+        before: tuple[dict[int, int], dict[int, int]] | None = None,
+    ) -> dict[int, int]:
         """Decode and add to the window; returns per partition the first event time of these messages. With
         `before` = (end, latest): latest[p] is raised to the latest event time read below offset end[p]."""
         if not messages:
@@ -401,8 +436,13 @@ class TerminalReader:
         if decoded.columns is not None and decoded.columns.num_rows:
             batch = decoded.columns
             rows.append(np.asarray(decoded.column_rows, dtype=np.int64))
-            parts.append((hash_strings(batch.column("terminal_id")), hash_strings(batch.column("card_id")),
-                          batch.column("event_time").cast("int64").to_numpy(zero_copy_only=False)))
+            parts.append(
+                (
+                    hash_strings(batch.column("terminal_id")),
+                    hash_strings(batch.column("card_id")),
+                    batch.column("event_time").cast("int64").to_numpy(zero_copy_only=False),
+                )
+            )
         if decoded.records:
             tx = TxColumns.from_records([r for _, r in decoded.records])
             rows.append(np.array([i for i, _ in decoded.records], dtype=np.int64))
@@ -440,8 +480,11 @@ class TerminalReader:
         started = time.monotonic()
         deadline = started + self.settings.broker_outage_limit_s
         now_ms = time.time() * 1000
-        settle_in_s = max(0.0, (min(created_ms if created_ms is not None else now_ms, now_ms)
-                                + self.settings.terminal_idle_ms - now_ms) / 1000)
+        settle_in_s = max(
+            0.0,
+            (min(created_ms if created_ms is not None else now_ms, now_ms) + self.settings.terminal_idle_ms - now_ms)
+            / 1000,
+        )
         ends: dict[int, Future | int] = {}  # partition -> its end as the broker answers once settled
         last_log = last_refresh = started
         waited = False
@@ -455,14 +498,18 @@ class TerminalReader:
             for p in behind:
                 self.stats.stalled.setdefault(p, now)
             if now > deadline:
-                raise KafkaUnavailable(f"terminal window: input partitions {behind} of {self.settings.transactions_topic} "
-                                       f"were not read past event time {latest_ms + self.tolerance_ms} nor to their end "
-                                       f"within {self.settings.broker_outage_limit_s} s")
+                raise KafkaUnavailable(
+                    f"terminal window: input partitions {behind} of {self.settings.transactions_topic} "
+                    f"were not read past event time {latest_ms + self.tolerance_ms} nor to their end "
+                    f"within {self.settings.broker_outage_limit_s} s"
+                )
             if now - last_log >= GATE_LOG_EVERY_S:
                 last_log = now
                 self.on_gate(self.stats)
-                self.on_log(f"terminal window waiting for input partitions {behind} (not yet past event time "
-                            f"{latest_ms + self.tolerance_ms} nor at their end) for {now - started:.0f} s")
+                self.on_log(
+                    f"terminal window waiting for input partitions {behind} (not yet past event time "
+                    f"{latest_ms + self.tolerance_ms} nor at their end) for {now - started:.0f} s"
+                )
             if self.stop():
                 raise StopRequested("waiting for the terminal window")
             if now - last_refresh >= METADATA_REFRESH_EVERY_S:
@@ -504,8 +551,11 @@ class TerminalReader:
                 # last stable offset); asynchronously, so a broker away never blocks the wait. Unanswered:
                 # behind, and asked again once the answer is an error.
                 tp = TopicPartition(topic, p)
-                ends[p] = end = self.admin.list_offsets({tp: OffsetSpec.latest()}, request_timeout=END_QUERY_TIMEOUT_S,
-                                                        isolation_level=IsolationLevel.READ_COMMITTED)[tp]
+                ends[p] = end = self.admin.list_offsets(
+                    {tp: OffsetSpec.latest()},
+                    request_timeout=END_QUERY_TIMEOUT_S,
+                    isolation_level=IsolationLevel.READ_COMMITTED,
+                )[tp]
             if isinstance(end, Future):
                 if not end.done() or end.exception() is not None:
                     behind.append(p)
@@ -517,8 +567,9 @@ class TerminalReader:
                 behind.append(p)
         return behind
 
-    def features(self, tx: TxColumns, partitions: np.ndarray, offsets: np.ndarray,
-                 created_ms: int | None = None) -> dict[str, np.ndarray]:
+    def features(
+        self, tx: TxColumns, partitions: np.ndarray, offsets: np.ndarray, created_ms: int | None = None
+    ) -> dict[str, np.ndarray]:
         """TERMINAL_FEATURES of a batch (rows in offset order per partition), once the gate holds; created_ms:
         the Kafka timestamp of the batch's newest record."""
         if not len(tx):
@@ -577,12 +628,19 @@ class TerminalReader:
                     self._quiet[p] = max(self._quiet.get(p, sent), sent)
         elif pending is None and (created is None or now_ms - created >= idle_ms):
             tp = TopicPartition(self.settings.transactions_topic, p)
-            self._end_asks[p] = (now_ms, self.admin.list_offsets(
-                {tp: OffsetSpec.latest()}, request_timeout=END_QUERY_TIMEOUT_S,
-                isolation_level=IsolationLevel.READ_COMMITTED)[tp])
+            self._end_asks[p] = (
+                now_ms,
+                self.admin.list_offsets(
+                    {tp: OffsetSpec.latest()},
+                    request_timeout=END_QUERY_TIMEOUT_S,
+                    isolation_level=IsolationLevel.READ_COMMITTED,
+                )[tp],
+            )
         return self._quiet.get(p)
 
-    def other_cards_held(self, terminals: np.ndarray, cards: np.ndarray, times: np.ndarray, ahead_ms: int) -> np.ndarray:
+    def other_cards_held(
+        self, terminals: np.ndarray, cards: np.ndarray, times: np.ndarray, ahead_ms: int
+    ) -> np.ndarray:
         """The terminal rule's count for released records, up to t + ahead_ms; reseeds first if the window no
         longer reaches a window back from the oldest of them (a partition handed over with old held records)."""
         earliest = int(np.min(times))
@@ -612,7 +670,9 @@ class TerminalReader:
             if not before:
                 return 0  # a partition not decided past anything read: keep everything
             floors.append(max(before))
-            self._marks[tp.partition] = [(offset, t) for offset, t in marks if offset > tp.offset] + [(tp.offset, max(before))]
+            self._marks[tp.partition] = [(offset, t) for offset, t in marks if offset > tp.offset] + [
+                (tp.offset, max(before))
+            ]
         floor = min(floors)
         held = self.keep_from()
         if held is not None:

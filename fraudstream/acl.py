@@ -59,8 +59,10 @@ def grants(settings: Settings) -> list[Grant]:
         Grant("detector", TOPIC, t, LITERAL, read + ("Create",)),
         Grant("detector", TOPIC, s.rules_topic, LITERAL, read + ("Create",)),
         Grant("detector", TOPIC, s.labels_topic, LITERAL, read),
-        *(Grant("detector", TOPIC, out, LITERAL, write + ("DescribeConfigs",))
-          for out in (s.legit_topic, s.fraud_topic, s.dlq_topic)),
+        *(
+            Grant("detector", TOPIC, out, LITERAL, write + ("DescribeConfigs",))
+            for out in (s.legit_topic, s.fraud_topic, s.dlq_topic)
+        ),
         # Its changelogs, G.T.<store>.changelog: made, written and restored by the detector alone.
         Grant("detector", TOPIC, f"{g}.{t}.", PREFIXED, ("Read", "Write", "Describe", "Create", "DescribeConfigs")),
         # Its group, and its readers' ids G.rules-reader, G.labels-reader (assign mode).
@@ -82,9 +84,11 @@ def kafka_acls_commands(settings: Settings, *, admin_config: str = "admin.proper
     for grant in grants(settings):
         ops = " ".join(f"--operation {op}" for op in grant.operations)
         pattern = " --resource-pattern-type prefixed" if grant.pattern == PREFIXED else ""
-        lines.append(f"kafka-acls.sh --bootstrap-server {settings.bootstrap_servers} --command-config {admin_config} "
-                     f"--add --allow-principal {grant.principal} {ops} "
-                     f"{RESOURCE_OPTION[grant.resource_type]} {grant.name}{pattern}")
+        lines.append(
+            f"kafka-acls.sh --bootstrap-server {settings.bootstrap_servers} --command-config {admin_config} "
+            f"--add --allow-principal {grant.principal} {ops} "
+            f"{RESOURCE_OPTION[grant.resource_type]} {grant.name}{pattern}"
+        )
     return lines
 
 
@@ -101,11 +105,26 @@ def acl_bindings(settings: Settings) -> list:
 
     kinds = {TOPIC: ResourceType.TOPIC, GROUP: ResourceType.GROUP, TRANSACTIONAL_ID: ResourceType.TRANSACTIONAL_ID}
     patterns = {LITERAL: ResourcePatternType.LITERAL, PREFIXED: ResourcePatternType.PREFIXED}
-    operation = {"Read": AclOperation.READ, "Write": AclOperation.WRITE, "Create": AclOperation.CREATE,
-                 "Describe": AclOperation.DESCRIBE, "DescribeConfigs": AclOperation.DESCRIBE_CONFIGS}
-    return [AclBinding(kinds[g.resource_type], g.name, patterns[g.pattern], g.principal, "*", operation[op],
-                       AclPermissionType.ALLOW)
-            for g in grants(settings) for op in g.operations]
+    operation = {
+        "Read": AclOperation.READ,
+        "Write": AclOperation.WRITE,
+        "Create": AclOperation.CREATE,
+        "Describe": AclOperation.DESCRIBE,
+        "DescribeConfigs": AclOperation.DESCRIBE_CONFIGS,
+    }
+    return [
+        AclBinding(
+            kinds[g.resource_type],
+            g.name,
+            patterns[g.pattern],
+            g.principal,
+            "*",
+            operation[op],
+            AclPermissionType.ALLOW,
+        )
+        for g in grants(settings)
+        for op in g.operations
+    ]
 
 
 def apply(settings: Settings, extra_bindings: list | None = None) -> int:
@@ -122,9 +141,11 @@ def apply(settings: Settings, extra_bindings: list | None = None) -> int:
             future.result()
         except KafkaException as exc:
             error = exc.args[0]
-            raise KafkaUnavailable(f"could not create the ACL {binding.operation.name} on "
-                                   f"{binding.restype.name.lower()} {binding.name} for {binding.principal}: "
-                                   f"{error.str()}") from None
+            raise KafkaUnavailable(
+                f"could not create the ACL {binding.operation.name} on "
+                f"{binding.restype.name.lower()} {binding.name} for {binding.principal}: "
+                f"{error.str()}"
+            ) from None
     return len(bindings)
 
 
@@ -134,17 +155,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_connection_arguments(parser)
     parser.add_argument("--group-id", dest="group_id", help="the detector's consumer group [FRAUDSTREAM_GROUP_ID]")
-    parser.add_argument("--format", choices=("kafka-acls", "table"), default="kafka-acls",
-                        help="kafka-acls commands to paste (default) or a table")
-    parser.add_argument("--apply", action="store_true",
-                        help="create the ACLs on the cluster, with the admin's client properties (-F)")
+    parser.add_argument(
+        "--format",
+        choices=("kafka-acls", "table"),
+        default="kafka-acls",
+        help="kafka-acls commands to paste (default) or a table",
+    )
+    parser.add_argument(
+        "--apply", action="store_true", help="create the ACLs on the cluster, with the admin's client properties (-F)"
+    )
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.apply:
         if not settings.kafka_extra.get("sasl.username") and not settings.kafka_extra.get("ssl.certificate.location"):
-            raise ConfigError("acl --apply needs the admin's client properties (-F, e.g. the secure stack's "
-                              "kafka-client-admin.properties)")
+            raise ConfigError(
+                "acl --apply needs the admin's client properties (-F, e.g. the secure stack's "
+                "kafka-client-admin.properties)"
+            )
         count = apply(settings)
         print(f"created {count} ACLs for the roles {', '.join(ROLES)} on {settings.transactions_topic}")
         return 0

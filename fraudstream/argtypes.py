@@ -37,5 +37,7 @@ def property_pair(text: str) -> str:
     """KEY=VALUE of a client property. The message never repeats the text: the value may be a secret."""
     key, sep, _ = text.partition("=")
     if not sep or not key.strip():
-        raise argparse.ArgumentTypeError("wants KEY=VALUE (a client property), got an item without '=' or without a key")
+        raise argparse.ArgumentTypeError(
+            "wants KEY=VALUE (a client property), got an item without '=' or without a key"
+        )
     return text

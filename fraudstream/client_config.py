@@ -22,7 +22,9 @@ from fraudstream.errors import ConfigError
 
 REDACTED = "***"
 # Keys whose values are secrets: passwords, passphrases, secrets, tokens, key material, basic-auth user info, JAAS text.
-_SECRET_KEY = re.compile(r"password|passphrase|secret|token|user\.info|jaas|oauthbearer\.config|\.pem$|^ssl_key$", re.IGNORECASE)
+_SECRET_KEY = re.compile(
+    r"password|passphrase|secret|token|user\.info|jaas|oauthbearer\.config|\.pem$|^ssl_key$", re.IGNORECASE
+)
 
 # librdkafka properties the code depends on for exactly-once and for its own group handling: a user
 # value would silently change delivery guarantees, so it is refused with the flag to use instead.
@@ -42,8 +44,9 @@ BOOTSTRAP_KEYS = ("bootstrap.servers", "metadata.broker.list")
 # Java clients prefix registry properties with this (schema.registry.url, ...); the Python client does not.
 REGISTRY_PREFIX = "schema.registry."
 # The registry client's numeric properties (it checks their type, and properties files hold text).
-_REGISTRY_NUMBERS = frozenset({"timeout", "cache.capacity", "cache.latest.ttl.sec", "max.retries",
-                               "retries.wait.ms", "retries.max.wait.ms"})
+_REGISTRY_NUMBERS = frozenset(
+    {"timeout", "cache.capacity", "cache.latest.ttl.sec", "max.retries", "retries.wait.ms", "retries.max.wait.ms"}
+)
 
 
 def is_secret(key: str) -> bool:
@@ -190,8 +193,10 @@ def normalize_registry(properties: Mapping[str, str]) -> dict[str, str]:
         name = key.removeprefix(REGISTRY_PREFIX)
         if name == "basic.auth.credentials.source":
             if str(value).strip().upper() != "USER_INFO":
-                raise ConfigError(f"registry property {key}={value} is not supported: use basic.auth.user.info, "
-                                  "or bearer.auth.credentials.source for tokens")
+                raise ConfigError(
+                    f"registry property {key}={value} is not supported: use basic.auth.user.info, "
+                    "or bearer.auth.credentials.source for tokens"
+                )
             continue
         result[name] = value
     return result

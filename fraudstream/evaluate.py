@@ -134,8 +134,9 @@ def average_precision(y_true: np.ndarray, score: np.ndarray) -> float | None:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def card_precision_at_k(day: np.ndarray, card: np.ndarray, score: np.ndarray, y_true: np.ndarray,
-                        k: int) -> list[tuple[int, float, int]]:
+def card_precision_at_k(
+    day: np.ndarray, card: np.ndarray, score: np.ndarray, y_true: np.ndarray, k: int
+) -> list[tuple[int, float, int]]:
     """The Handbook's CP@k, per day in increasing order: (day, CP@k, compromised cards that day).
 
     Per day, each card's score is its highest transaction score and it is compromised if any of its
@@ -180,9 +181,15 @@ class Routed:
         self.score.append(score)
 
 
-def evaluate(routed: Routed, labels: dict[str, tuple[bool, str]], *, top_k: int = DEFAULT_TOP_K,
-             label_delay_days: float = DEFAULT_LABEL_DELAY_DAYS, first_day: date | None = None,
-             last_day: date | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def evaluate(
+    routed: Routed,
+    labels: dict[str, tuple[bool, str]],
+    *,
+    top_k: int = DEFAULT_TOP_K,
+    label_delay_days: float = DEFAULT_LABEL_DELAY_DAYS,
+    first_day: date | None = None,
+    last_day: date | None = None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The report (JSON-ready) and the curves behind the chart: precision/recall over the evaluated set."""
     warnings: list[str] = []
     n = len(routed.transaction_id)
@@ -198,11 +205,15 @@ def evaluate(routed: Routed, labels: dict[str, tuple[bool, str]], *, top_k: int 
             continue
         labelled[i], is_fraud[i], scenario_of[i] = True, fraud, scenario
     if unseen:
-        warnings.append(f"{unseen:,} labels name transactions that are not in the outputs (not routed yet, "
-                        "dead-lettered, or from another run): left out")
+        warnings.append(
+            f"{unseen:,} labels name transactions that are not in the outputs (not routed yet, "
+            "dead-lettered, or from another run): left out"
+        )
     if labels and not labelled.all():
-        warnings.append(f"{n - int(labelled.sum()):,} routed transactions have no label yet (labels arrive after "
-                        "their delay): left out")
+        warnings.append(
+            f"{n - int(labelled.sum()):,} routed transactions have no label yet (labels arrive after "
+            "their delay): left out"
+        )
 
     event_ms = np.asarray(routed.event_ms, dtype=np.int64)
     flagged = np.asarray(routed.flagged, dtype=bool)
@@ -214,8 +225,11 @@ def evaluate(routed: Routed, labels: dict[str, tuple[bool, str]], *, top_k: int 
         score, score_source = flagged.astype(np.float64), "decision"
         if scored:
             warnings.append(f"only {scored:,} of {n:,} routed records carry a score: ranking on the binary decision")
-    cards, card = np.unique(np.asarray(routed.card_id, dtype=object), return_inverse=True) if n else \
-        (np.zeros(0, dtype=object), np.zeros(0, dtype=np.int64))
+    cards, card = (
+        np.unique(np.asarray(routed.card_id, dtype=object), return_inverse=True)
+        if n
+        else (np.zeros(0, dtype=object), np.zeros(0, dtype=np.int64))
+    )
     day = event_ms // DAY_MS
 
     # Known compromised: a fraud of the card whose label had arrived by the start of the day, among the
@@ -241,10 +255,17 @@ def evaluate(routed: Routed, labels: dict[str, tuple[bool, str]], *, top_k: int 
     def block(mask: np.ndarray) -> dict[str, Any]:
         yy, pp, ss = y[mask], pred[mask], s[mask]
         precision, recall, f1 = precision_recall_f1(yy, pp)
-        return {"transactions": int(mask.sum()), "frauds": int(yy.sum()), "flagged": int(pp.sum()),
-                "caught": int((yy & pp).sum()),
-                "precision": precision, "recall": recall, "f1": f1,
-                "auc_roc": roc_auc(yy, ss), "average_precision": average_precision(yy, ss)}
+        return {
+            "transactions": int(mask.sum()),
+            "frauds": int(yy.sum()),
+            "flagged": int(pp.sum()),
+            "caught": int((yy & pp).sum()),
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "auc_roc": roc_auc(yy, ss),
+            "average_precision": average_precision(yy, ss),
+        }
 
     def per_scenario(mask: np.ndarray) -> dict[str, Any]:
         out = {}
@@ -252,8 +273,13 @@ def evaluate(routed: Routed, labels: dict[str, tuple[bool, str]], *, top_k: int 
         for name in scenarios:
             these = mask & y & (scenario_of[rows] == name)
             precision, recall, f1 = precision_recall_f1(y[these | legit], pred[these | legit])
-            out[name] = {"frauds": int(these.sum()), "caught": int((these & pred).sum()),
-                         "precision": precision, "recall": recall, "f1": f1}
+            out[name] = {
+                "frauds": int(these.sum()),
+                "caught": int((these & pred).sum()),
+                "precision": precision,
+                "recall": recall,
+                "f1": f1,
+            }
         return out
 
     everything = np.ones(len(y), dtype=bool)
@@ -275,12 +301,17 @@ def evaluate(routed: Routed, labels: dict[str, tuple[bool, str]], *, top_k: int 
     report = {
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "score_source": score_source,
-        "score_note": ("ranking metrics on the records' risk scores" if score_source == "score" else
-                       "the outputs carry no risk score: ranking metrics use the binary decision (fraud 1, legit 0)"),
+        "score_note": (
+            "ranking metrics on the records' risk scores"
+            if score_source == "score"
+            else "the outputs carry no risk score: ranking metrics use the binary decision (fraud 1, legit 0)"
+        ),
         "top_k": top_k,
         "label_delay_days": label_delay_days,
-        "window": {"from": _day_text(int(day_rows.min())) if len(day_rows) else None,
-                   "to": _day_text(int(day_rows.max())) if len(day_rows) else None},
+        "window": {
+            "from": _day_text(int(day_rows.min())) if len(day_rows) else None,
+            "to": _day_text(int(day_rows.max())) if len(day_rows) else None,
+        },
         "routed": n,
         "routed_flagged": int(flagged.sum()),
         "labels": len(labels),
@@ -289,9 +320,15 @@ def evaluate(routed: Routed, labels: dict[str, tuple[bool, str]], *, top_k: int 
         "evaluated": int(rows.sum()),
         "overall": overall,
         "days": days,
-        "baselines": [{"model": "fraudstream (this run)", "auc_roc": overall["auc_roc"],
-                       "average_precision": overall["average_precision"],
-                       "card_precision": overall["card_precision"]}, *HANDBOOK_BASELINES],
+        "baselines": [
+            {
+                "model": "fraudstream (this run)",
+                "auc_roc": overall["auc_roc"],
+                "average_precision": overall["average_precision"],
+                "card_precision": overall["card_precision"],
+            },
+            *HANDBOOK_BASELINES,
+        ],
         "warnings": warnings,
     }
     curve_precision, curve_recall, _ = precision_recall_curve(y, s) if y.any() else (np.zeros(0), np.zeros(0), None)
@@ -315,29 +352,42 @@ def render(report: dict[str, Any], *, daily: bool = True) -> str:
     """The terminal table: ours beside the Handbook's baselines, then per scenario, then per day."""
     o = report["overall"]
     k = report["top_k"]
-    lines = [f"routed {report['routed']:,} transactions ({report['routed_flagged']:,} to fraud); "
-             f"{report['labels']:,} labels",
-             f"evaluated {report['evaluated']:,} labelled transactions from {report['window']['from'] or '-'} to "
-             f"{report['window']['to'] or '-'} ({report['known_compromised_left_out']:,} of cards already known "
-             f"compromised left out; label delay {report['label_delay_days']:g} days)",
-             f"scores: {report['score_note']}", ""]
+    lines = [
+        f"routed {report['routed']:,} transactions ({report['routed_flagged']:,} to fraud); "
+        f"{report['labels']:,} labels",
+        f"evaluated {report['evaluated']:,} labelled transactions from {report['window']['from'] or '-'} to "
+        f"{report['window']['to'] or '-'} ({report['known_compromised_left_out']:,} of cards already known "
+        f"compromised left out; label delay {report['label_delay_days']:g} days)",
+        f"scores: {report['score_note']}",
+        "",
+    ]
     lines.append(f"{'model':<32} {'AUC ROC':>8} {'AP':>8} {f'CP@{k}':>8}")
     for row in report["baselines"]:
-        lines.append(f"{row['model']:<32} {_f(row['auc_roc']):>8} {_f(row['average_precision']):>8} "
-                     f"{_f(row['card_precision']):>8}")
+        lines.append(
+            f"{row['model']:<32} {_f(row['auc_roc']):>8} {_f(row['average_precision']):>8} "
+            f"{_f(row['card_precision']):>8}"
+        )
     lines += ["", f"{'scenario':<26} {'frauds':>8} {'caught':>8} {'precision':>9} {'recall':>8} {'F1':>8}"]
-    lines.append(f"{'all':<26} {o['frauds']:>8,} {o['caught']:>8,} "
-                 f"{_f(o['precision']):>9} {_f(o['recall']):>8} {_f(o['f1']):>8}")
+    lines.append(
+        f"{'all':<26} {o['frauds']:>8,} {o['caught']:>8,} {_f(o['precision']):>9} {_f(o['recall']):>8} {_f(o['f1']):>8}"
+    )
     for name, row in o["scenarios"].items():
-        lines.append(f"{name:<26} {row['frauds']:>8,} {row['caught']:>8,} {_f(row['precision']):>9} "
-                     f"{_f(row['recall']):>8} {_f(row['f1']):>8}")
+        lines.append(
+            f"{name:<26} {row['frauds']:>8,} {row['caught']:>8,} {_f(row['precision']):>9} "
+            f"{_f(row['recall']):>8} {_f(row['f1']):>8}"
+        )
     if daily and report["days"]:
-        lines += ["", f"{'day':<10} {'tx':>8} {'frauds':>7} {'flagged':>7} {'prec.':>6} {'recall':>6} {'F1':>6} "
-                      f"{'AUC':>6} {'AP':>6} {f'CP@{k}':>6}"]
+        lines += [
+            "",
+            f"{'day':<10} {'tx':>8} {'frauds':>7} {'flagged':>7} {'prec.':>6} {'recall':>6} {'F1':>6} "
+            f"{'AUC':>6} {'AP':>6} {f'CP@{k}':>6}",
+        ]
         for d in report["days"]:
-            lines.append(f"{d['day']:<10} {d['transactions']:>8,} {d['frauds']:>7,} {d['flagged']:>7,} "
-                         f"{_f(d['precision']):>6} {_f(d['recall']):>6} {_f(d['f1']):>6} {_f(d['auc_roc']):>6} "
-                         f"{_f(d['average_precision']):>6} {_f(d['card_precision']):>6}")
+            lines.append(
+                f"{d['day']:<10} {d['transactions']:>8,} {d['frauds']:>7,} {d['flagged']:>7,} "
+                f"{_f(d['precision']):>6} {_f(d['recall']):>6} {_f(d['f1']):>6} {_f(d['auc_roc']):>6} "
+                f"{_f(d['average_precision']):>6} {_f(d['card_precision']):>6}"
+            )
     return "\n".join(lines)
 
 
@@ -353,17 +403,31 @@ def write_chart(report: dict[str, Any], curves: dict[str, np.ndarray], path: Pat
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     if len(curves["recall"]):
         # "pre": each precision holds over the recall it adds, so the area under the steps is the AP.
-        left.step(np.r_[0.0, curves["recall"]], np.r_[curves["precision"][0], curves["precision"]], where="pre",
-                  label=f"ours (AP {_f(report['overall']['average_precision'])})")
-    left.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
-             title=f"Precision-recall ({report['score_source']})")
+        left.step(
+            np.r_[0.0, curves["recall"]],
+            np.r_[curves["precision"][0], curves["precision"]],
+            where="pre",
+            label=f"ours (AP {_f(report['overall']['average_precision'])})",
+        )
+    left.set(
+        xlabel="recall",
+        ylabel="precision",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        title=f"Precision-recall ({report['score_source']})",
+    )
     left.legend(loc="upper right")
     k = report["top_k"]
     days = [datetime.fromisoformat(d["day"]) for d in report["days"]]
     right.plot(days, [d["card_precision"] for d in report["days"]], marker=".", label="ours")
     for colour, baseline in enumerate(HANDBOOK_BASELINES, start=1):
-        right.axhline(baseline["card_precision"], color=f"C{colour}", linestyle="--", linewidth=0.8,
-                      label=f"{baseline['model']} {baseline['card_precision']:.3f}")
+        right.axhline(
+            baseline["card_precision"],
+            color=f"C{colour}",
+            linestyle="--",
+            linewidth=0.8,
+            label=f"{baseline['model']} {baseline['card_precision']:.3f}",
+        )
     right.set(ylabel=f"Card Precision@{k}", ylim=(0, 1), title=f"Card Precision@{k} per day")
     right.legend(loc="upper right", fontsize="small")
     figure.autofmt_xdate()
@@ -392,10 +456,17 @@ class _Schemas:
 
 def read_to_end(settings: Settings, topic: str, handle: Callable[[Any], None]) -> int:
     """Hand every committed record of the topic, up to its end when the read began, to handle(message)."""
-    consumer = Consumer(consumer_config(settings, EVALUATE_GROUP_ID, **{
-        "isolation.level": "read_committed",
-        "enable.partition.eof": True,  # how a read_committed reader knows it reached the last stable offset
-        "partition.assignment.strategy": "range"}))
+    consumer = Consumer(
+        consumer_config(
+            settings,
+            EVALUATE_GROUP_ID,
+            **{
+                "isolation.level": "read_committed",
+                "enable.partition.eof": True,  # how a read_committed reader knows it reached the last stable offset
+                "partition.assignment.strategy": "range",
+            },
+        )
+    )
     read = 0
     try:
         plan = plan_read(consumer, topic, partition=None, start=StartOffset("earliest"), settings=settings)
@@ -493,8 +564,10 @@ def read_pipeline(settings: Settings) -> tuple[Routed, dict[str, tuple[bool, str
     if problems["undecodable"]:
         warnings.append(f"{problems['undecodable']:,} records could not be decoded: left out")
     if problems["duplicate"]:
-        warnings.append(f"{problems['duplicate']:,} transactions appear more than once in the outputs: "
-                        "counted once (a reader outside read_committed, or a detector without exactly-once?)")
+        warnings.append(
+            f"{problems['duplicate']:,} transactions appear more than once in the outputs: "
+            "counted once (a reader outside read_committed, or a detector without exactly-once?)"
+        )
     return routed, labels, warnings
 
 
@@ -502,20 +575,50 @@ def read_pipeline(settings: Settings) -> tuple[Routed, dict[str, tuple[bool, str
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fraudstream.cli import add_connection_arguments
 
-    parser.add_argument("--output", type=Path, default=Path("evaluation.json"), metavar="PATH",
-                        help="JSON report; the PNG chart goes next to it (same name, .png) [evaluation.json]")
-    parser.add_argument("--from", dest="first_day", type=date.fromisoformat, metavar="YYYY-MM-DD",
-                        help="first day evaluated (UTC, event time) [the first routed]")
-    parser.add_argument("--to", dest="last_day", type=date.fromisoformat, metavar="YYYY-MM-DD",
-                        help="last day evaluated, inclusive [the last routed]")
-    parser.add_argument("--handbook-test-week", action="store_true",
-                        help=f"evaluate the Handbook's test week, {HANDBOOK_TEST_WEEK[0]} to {HANDBOOK_TEST_WEEK[1]}")
-    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, metavar="K",
-                        help=f"cards investigated per day for Card Precision@K [{DEFAULT_TOP_K}]")
-    parser.add_argument("--label-delay", type=float, default=DEFAULT_LABEL_DELAY_DAYS, metavar="DAYS",
-                        help="days until a fraud's label arrives, which makes its card known compromised "
-                             f"[{DEFAULT_LABEL_DELAY_DAYS:g}]")
-    parser.add_argument("--no-daily", dest="daily", action="store_false", help="leave the per-day rows out of the table")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("evaluation.json"),
+        metavar="PATH",
+        help="JSON report; the PNG chart goes next to it (same name, .png) [evaluation.json]",
+    )
+    parser.add_argument(
+        "--from",
+        dest="first_day",
+        type=date.fromisoformat,
+        metavar="YYYY-MM-DD",
+        help="first day evaluated (UTC, event time) [the first routed]",
+    )
+    parser.add_argument(
+        "--to",
+        dest="last_day",
+        type=date.fromisoformat,
+        metavar="YYYY-MM-DD",
+        help="last day evaluated, inclusive [the last routed]",
+    )
+    parser.add_argument(
+        "--handbook-test-week",
+        action="store_true",
+        help=f"evaluate the Handbook's test week, {HANDBOOK_TEST_WEEK[0]} to {HANDBOOK_TEST_WEEK[1]}",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=DEFAULT_TOP_K,
+        metavar="K",
+        help=f"cards investigated per day for Card Precision@K [{DEFAULT_TOP_K}]",
+    )
+    parser.add_argument(
+        "--label-delay",
+        type=float,
+        default=DEFAULT_LABEL_DELAY_DAYS,
+        metavar="DAYS",
+        help="days until a fraud's label arrives, which makes its card known compromised "
+        f"[{DEFAULT_LABEL_DELAY_DAYS:g}]",
+    )
+    parser.add_argument(
+        "--no-daily", dest="daily", action="store_false", help="leave the per-day rows out of the table"
+    )
     add_connection_arguments(parser)
 
 
@@ -525,14 +628,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(f"--top-k must be at least 1, not {args.top_k}")
     if args.label_delay < 0:
         raise ConfigError(f"--label-delay must not be negative, not {args.label_delay}")
-    first, last = (HANDBOOK_TEST_WEEK if args.handbook_test_week else (args.first_day, args.last_day))
+    first, last = HANDBOOK_TEST_WEEK if args.handbook_test_week else (args.first_day, args.last_day)
     routed, labels, read_warnings = read_pipeline(settings)
     if not routed.transaction_id:
-        raise NothingToEvaluate(f"no routed transactions on {settings.legit_topic} or {settings.fraud_topic}"
-                                + (f" ({len(labels):,} labels on {settings.labels_topic})" if labels else "")
-                                + ": run fraudstream detect first")
-    report, curves = evaluate(routed, labels, top_k=args.top_k, label_delay_days=args.label_delay,
-                              first_day=first, last_day=last)
+        raise NothingToEvaluate(
+            f"no routed transactions on {settings.legit_topic} or {settings.fraud_topic}"
+            + (f" ({len(labels):,} labels on {settings.labels_topic})" if labels else "")
+            + ": run fraudstream detect first"
+        )
+    report, curves = evaluate(
+        routed, labels, top_k=args.top_k, label_delay_days=args.label_delay, first_day=first, last_day=last
+    )
     report["warnings"] = read_warnings + report["warnings"]
     report["topics"] = {"legit": settings.legit_topic, "fraud": settings.fraud_topic, "labels": settings.labels_topic}
     print(render(report, daily=args.daily), flush=True)
@@ -540,9 +646,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     chart = args.output.with_suffix(".png")
     wrote_chart = bool(report["days"]) and write_chart(report, curves, chart)
-    print(f"\nwrote {args.output}" + (f" and {chart}" if wrote_chart else
-                                      " (no chart: install matplotlib, pip install 'fraudstream[evaluate]')"
-                                      if report["days"] else ""), flush=True)
+    print(
+        f"\nwrote {args.output}"
+        + (
+            f" and {chart}"
+            if wrote_chart
+            else " (no chart: install matplotlib, pip install 'fraudstream[evaluate]')"
+            if report["days"]
+            else ""
+        ),
+        flush=True,
+    )
     for warning in report["warnings"]:
         print(f"fraudstream evaluate: warning: {warning}", file=sys.stderr)
     return 0 if labels else 1

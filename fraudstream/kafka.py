@@ -45,11 +45,17 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
 }
 
 
-def client_config(settings: Settings, defaults: dict[str, Any], required: dict[str, Any],
-                  overrides: dict[str, Any]) -> dict[str, Any]:
+def client_config(
+    settings: Settings, defaults: dict[str, Any], required: dict[str, Any], overrides: dict[str, Any]
+) -> dict[str, Any]:
     """Our defaults, then the user's client properties, then what the code depends on, then the caller's."""
-    return {"bootstrap.servers": settings.bootstrap_servers, **defaults, **settings.kafka_extra, **required,
-            **overrides}
+    return {
+        "bootstrap.servers": settings.bootstrap_servers,
+        **defaults,
+        **settings.kafka_extra,
+        **required,
+        **overrides,
+    }
 
 
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
@@ -57,9 +63,12 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     # error_cb: without one, confluent-kafka raises a fatal error (an idempotent producer refused by the
     # authorizer) from inside flush() while it serves delivery reports, which then fail too; the delivery
     # reports carry the fatal error to the caller anyway.
-    return client_config(settings, PRODUCER_DEFAULTS,
-                         {"enable.idempotence": True, "logger": _client_logger("producer"),
-                          "error_cb": _log_client_error}, overrides)
+    return client_config(
+        settings,
+        PRODUCER_DEFAULTS,
+        {"enable.idempotence": True, "logger": _client_logger("producer"), "error_cb": _log_client_error},
+        overrides,
+    )
 
 
 def _log_client_error(error: KafkaError) -> None:
@@ -91,8 +100,10 @@ def principal(settings: Settings) -> str:
 
 def denied(settings: Settings, permission: str) -> str:
     """One line: who lacked which permission, and where the ACLs of each role are listed."""
-    return (f"Kafka denied {principal(settings)} {permission}: no ACL grants it "
-            "(`fraudstream acl` lists what each role may do)")
+    return (
+        f"Kafka denied {principal(settings)} {permission}: no ACL grants it "
+        "(`fraudstream acl` lists what each role may do)"
+    )
 
 
 def explain_denial(settings: Settings, text: str, topic: str | None = None) -> str | None:
@@ -106,25 +117,37 @@ def explain_denial(settings: Settings, text: str, topic: str | None = None) -> s
 
 
 def transactional_producer_config(settings: Settings, transactional_id: str, **overrides: Any) -> dict[str, Any]:
-    return client_config(settings, TRANSACTIONAL_PRODUCER_DEFAULTS,
-                         {"enable.idempotence": True, "transactional.id": transactional_id,
-                          # An open transaction stalls read_committed readers: keep it bounded. Also how
-                          # long a killed detector's open transaction can hold back readers if no process
-                          # with its transactional id comes back to abort it.
-                          "transaction.timeout.ms": settings.transaction_timeout_ms,
-                          "logger": _client_logger("producer")}, overrides)
+    return client_config(
+        settings,
+        TRANSACTIONAL_PRODUCER_DEFAULTS,
+        {
+            "enable.idempotence": True,
+            "transactional.id": transactional_id,
+            # An open transaction stalls read_committed readers: keep it bounded. Also how
+            # long a killed detector's open transaction can hold back readers if no process
+            # with its transactional id comes back to abort it.
+            "transaction.timeout.ms": settings.transaction_timeout_ms,
+            "logger": _client_logger("producer"),
+        },
+        overrides,
+    )
 
 
 def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict[str, Any]:
-    return client_config(settings, CONSUMER_DEFAULTS, {
-        "group.id": group_id,
-        "isolation.level": "read_committed",  # librdkafka's default, stated anyway
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        # The outage limits in Settings are checked against it.
-        "max.poll.interval.ms": MAX_POLL_INTERVAL_S * 1000,
-        "logger": _client_logger("consumer"),
-    }, overrides)
+    return client_config(
+        settings,
+        CONSUMER_DEFAULTS,
+        {
+            "group.id": group_id,
+            "isolation.level": "read_committed",  # librdkafka's default, stated anyway
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            # The outage limits in Settings are checked against it.
+            "max.poll.interval.ms": MAX_POLL_INTERVAL_S * 1000,
+            "logger": _client_logger("consumer"),
+        },
+        overrides,
+    )
 
 
 def admin(settings: Settings, **overrides: Any) -> AdminClient:
@@ -152,8 +175,10 @@ def wait_for_cluster(settings: Settings, timeout_s: float = 15.0) -> None:
         client.poll(0)  # serves error_cb
     if refused:
         raise KafkaUnavailable(refusal_message(settings, refused[0]))
-    raise KafkaUnavailable(f"Kafka at {settings.bootstrap_servers} did not answer within {timeout_s:.0f}s"
-                           + (f" ({last.args[0].str()})" if last else ""))
+    raise KafkaUnavailable(
+        f"Kafka at {settings.bootstrap_servers} did not answer within {timeout_s:.0f}s"
+        + (f" ({last.args[0].str()})" if last else "")
+    )
 
 
 def check_secured_connection(settings: Settings) -> None:
@@ -171,27 +196,50 @@ CLIENT_CERTIFICATE_ALERT = re.compile(r"alert (certificate required|bad certific
 
 
 def is_refusal(error: KafkaError) -> bool:
-    return error.code() in REFUSALS or (error.code() == KafkaError._TRANSPORT
-                                        and bool(CLIENT_CERTIFICATE_ALERT.search(error.str())))
+    return error.code() in REFUSALS or (
+        error.code() == KafkaError._TRANSPORT and bool(CLIENT_CERTIFICATE_ALERT.search(error.str()))
+    )
 
 
 # One classification for every loop that waits a broker out (pitfall 21). librdkafka's retriable() is False for
 # some errors that pass by themselves: a leader moving (NOT_LEADER_FOR_PARTITION from list_offsets or
 # get_watermark_offsets), a coordinator loading, a partition unknown while its topic is created or its broker
 # restarts. Those are waited out, with a bound; fencing, fatal errors and authorization never are.
-PASSING = frozenset({
-    KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART,
-    KafkaError.FENCED_LEADER_EPOCH, KafkaError.UNKNOWN_LEADER_EPOCH, KafkaError.REPLICA_NOT_AVAILABLE,
-    KafkaError.NOT_ENOUGH_REPLICAS, KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND, KafkaError.OFFSET_NOT_AVAILABLE,
-    KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE,
-    KafkaError.REQUEST_TIMED_OUT, KafkaError.NETWORK_EXCEPTION, KafkaError.KAFKA_STORAGE_ERROR,
-})
-NEVER_PASSING = frozenset({
-    KafkaError._FATAL, KafkaError._FENCED, KafkaError._STATE, KafkaError._DESTROY, KafkaError.PRODUCER_FENCED,
-    KafkaError.INVALID_PRODUCER_EPOCH, KafkaError.FENCED_INSTANCE_ID, KafkaError.TOPIC_AUTHORIZATION_FAILED,
-    KafkaError.GROUP_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
-    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, KafkaError.SASL_AUTHENTICATION_FAILED,
-})
+PASSING = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError.FENCED_LEADER_EPOCH,
+        KafkaError.UNKNOWN_LEADER_EPOCH,
+        KafkaError.REPLICA_NOT_AVAILABLE,
+        KafkaError.NOT_ENOUGH_REPLICAS,
+        KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+        KafkaError.OFFSET_NOT_AVAILABLE,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NETWORK_EXCEPTION,
+        KafkaError.KAFKA_STORAGE_ERROR,
+    }
+)
+NEVER_PASSING = frozenset(
+    {
+        KafkaError._FATAL,
+        KafkaError._FENCED,
+        KafkaError._STATE,
+        KafkaError._DESTROY,
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.FENCED_INSTANCE_ID,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.GROUP_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+        KafkaError.SASL_AUTHENTICATION_FAILED,
+    }
+)
 
 
 def passes(error: KafkaError) -> bool:
@@ -225,13 +273,17 @@ def refusal_message(settings: Settings, error: KafkaError) -> str:
     text = re.sub(r"^\S+://\S+?: ", "", error.str())
     mechanism = str(settings.kafka_extra.get("sasl.mechanisms") or settings.kafka_extra.get("sasl.mechanism") or "")
     if error.code() == KafkaError._AUTHENTICATION and mechanism.upper() == "OAUTHBEARER":
-        hint = ("the broker refused the OAuth bearer token: check sasl.oauthbearer.config (principal, scope) "
-                "or the sasl.oauthbearer.* settings of your identity provider")
+        hint = (
+            "the broker refused the OAuth bearer token: check sasl.oauthbearer.config (principal, scope) "
+            "or the sasl.oauthbearer.* settings of your identity provider"
+        )
     elif error.code() == KafkaError._AUTHENTICATION:
         hint = "check sasl.username and sasl.password (and sasl.mechanisms)"
     elif CLIENT_CERTIFICATE_ALERT.search(text):
-        hint = ("the broker wants a client certificate signed by a CA it trusts: check ssl.certificate.location "
-                "and ssl.key.location")
+        hint = (
+            "the broker wants a client certificate signed by a CA it trusts: check ssl.certificate.location "
+            "and ssl.key.location"
+        )
     elif "certificate verify failed" in text or "unable to get local issuer" in text:
         hint = "the broker's certificate is not signed by a CA this client trusts: set ssl.ca.location to that CA"
     else:
@@ -246,8 +298,11 @@ def ensure_topics(settings: Settings, topics: tuple[str, ...] | None = None, *, 
     wait_for_cluster(settings)
     existing = set(client.list_topics(timeout=10).topics)
     wanted = [
-        NewTopic(topic, num_partitions=partitions or settings.partitions, replication_factor=settings.replication_factor)
-        if topic != settings.rules_topic else rules_topic_spec(settings)
+        NewTopic(
+            topic, num_partitions=partitions or settings.partitions, replication_factor=settings.replication_factor
+        )
+        if topic != settings.rules_topic
+        else rules_topic_spec(settings)
         for topic in topics
         if topic not in existing
     ]
@@ -260,8 +315,11 @@ def ensure_topics(settings: Settings, topics: tuple[str, ...] | None = None, *, 
             code = exc.args[0].code()
             if code == KafkaError.TOPIC_AUTHORIZATION_FAILED:
                 # The broker says this whether the topic is missing or only hidden from this principal.
-                raise NotAuthorized(denied(settings, f"Create on topic {topic} (it is missing, or this principal "
-                                                     "may not even Describe it)")) from exc
+                raise NotAuthorized(
+                    denied(
+                        settings, f"Create on topic {topic} (it is missing, or this principal may not even Describe it)"
+                    )
+                ) from exc
             if code != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise KafkaUnavailable(f"could not create topic {topic}: {exc.args[0].str()}") from exc
 
@@ -270,8 +328,12 @@ def rules_topic_spec(settings: Settings) -> NewTopic:
     """One partition, so every reader sees rule changes in one order (its offsets version the rule set);
     compacted, so the latest version of every rule stays however old it is; each record's time the broker's
     (LogAppendTime), so the history says when a change was made by a clock its writer does not set."""
-    return NewTopic(settings.rules_topic, num_partitions=1, replication_factor=settings.replication_factor,
-                    config={"cleanup.policy": "compact", "message.timestamp.type": "LogAppendTime"})
+    return NewTopic(
+        settings.rules_topic,
+        num_partitions=1,
+        replication_factor=settings.replication_factor,
+        config={"cleanup.policy": "compact", "message.timestamp.type": "LogAppendTime"},
+    )
 
 
 def refresh_metadata(client, topic: str, timeout_s: float) -> None:
@@ -296,8 +358,9 @@ def max_message_bytes(client: AdminClient, topics: tuple[str, ...], *, timeout_s
         try:
             limits[resource.name] = int(future.result()["max.message.bytes"].value)
         except KafkaException as exc:
-            raise KafkaUnavailable(f"could not read the configuration of topic {resource.name}: "
-                                   f"{exc.args[0].str()}") from exc
+            raise KafkaUnavailable(
+                f"could not read the configuration of topic {resource.name}: {exc.args[0].str()}"
+            ) from exc
     return limits
 
 
@@ -336,8 +399,9 @@ class _AuthorizationFatalFilter(logging.Filter):
         return not ("Fatal error" in text and "authorization failed" in text.lower())
 
 
-def produce_or_wait(producer, topic: str, value, key=None, *, wait_s: float = 0.05,
-                    give_up: Callable[[], bool] | None = None, **kwargs) -> bool:
+def produce_or_wait(
+    producer, topic: str, value, key=None, *, wait_s: float = 0.05, give_up: Callable[[], bool] | None = None, **kwargs
+) -> bool:
     """produce(), waiting while librdkafka's local queue is full: serving delivery reports frees it.
 
     The one place that handles BufferError. `give_up`, asked after each wait of up to `wait_s`, ends the

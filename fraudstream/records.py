@@ -71,17 +71,27 @@ class FraudAlert:
     score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"transaction": self.transaction.to_dict(), "rules": list(self.rules), "detected_at": self.detected_at,
-                "fired": [f.to_dict() for f in self.fired], "rule_set_version": self.rule_set_version,
-                "score": self.score}
+        return {
+            "transaction": self.transaction.to_dict(),
+            "rules": list(self.rules),
+            "detected_at": self.detected_at,
+            "fired": [f.to_dict() for f in self.fired],
+            "rule_set_version": self.rule_set_version,
+            "score": self.score,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FraudAlert:
         # Alerts written before rules had versions lack fired and rule_set_version, before scores the score;
         # Avro readers fill the defaults.
-        return cls(transaction=Transaction.from_dict(data["transaction"]), rules=tuple(data["rules"]),
-                   detected_at=data["detected_at"], fired=tuple(FiredRule.from_dict(f) for f in data.get("fired", ())),
-                   rule_set_version=data.get("rule_set_version", ""), score=data.get("score"))
+        return cls(
+            transaction=Transaction.from_dict(data["transaction"]),
+            rules=tuple(data["rules"]),
+            detected_at=data["detected_at"],
+            fired=tuple(FiredRule.from_dict(f) for f in data.get("fired", ())),
+            rule_set_version=data.get("rule_set_version", ""),
+            score=data.get("score"),
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,18 +108,31 @@ class Label:
     labelled_at: datetime | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"transaction_id": self.transaction_id, "is_fraud": self.is_fraud, "scenario": self.scenario,
-                "terminal_id": self.terminal_id, "event_time": self.event_time, "source": self.source,
-                "labelled_by": self.labelled_by, "labelled_at": self.labelled_at}
+        return {
+            "transaction_id": self.transaction_id,
+            "is_fraud": self.is_fraud,
+            "scenario": self.scenario,
+            "terminal_id": self.terminal_id,
+            "event_time": self.event_time,
+            "source": self.source,
+            "labelled_by": self.labelled_by,
+            "labelled_at": self.labelled_at,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Label:
         # Labels written before terminal_id and event_time, or before source, labelled_by and labelled_at,
         # lack them; Avro readers fill the defaults.
-        return cls(transaction_id=data["transaction_id"], is_fraud=data["is_fraud"], scenario=data["scenario"],
-                   terminal_id=data.get("terminal_id"), event_time=data.get("event_time"),
-                   source=data.get("source", "generator"), labelled_by=data.get("labelled_by"),
-                   labelled_at=data.get("labelled_at"))
+        return cls(
+            transaction_id=data["transaction_id"],
+            is_fraud=data["is_fraud"],
+            scenario=data["scenario"],
+            terminal_id=data.get("terminal_id"),
+            event_time=data.get("event_time"),
+            source=data.get("source", "generator"),
+            labelled_by=data.get("labelled_by"),
+            labelled_at=data.get("labelled_at"),
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -128,15 +151,29 @@ class Rule:
     written_at: datetime
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "version": self.version, "kind": self.kind, "enabled": self.enabled,
-                "parameters": {k: list(v) if isinstance(v, tuple) else v for k, v in self.parameters.items()},
-                "author": self.author, "comment": self.comment, "written_at": self.written_at}
+        return {
+            "id": self.id,
+            "version": self.version,
+            "kind": self.kind,
+            "enabled": self.enabled,
+            "parameters": {k: list(v) if isinstance(v, tuple) else v for k, v in self.parameters.items()},
+            "author": self.author,
+            "comment": self.comment,
+            "written_at": self.written_at,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Rule:
-        return cls(id=data["id"], version=data["version"], kind=data["kind"], enabled=data["enabled"],
-                   parameters={k: tuple(v) if isinstance(v, list) else v for k, v in data["parameters"].items()},
-                   author=data["author"], comment=data["comment"], written_at=data["written_at"])
+        return cls(
+            id=data["id"],
+            version=data["version"],
+            kind=data["kind"],
+            enabled=data["enabled"],
+            parameters={k: tuple(v) if isinstance(v, list) else v for k, v in data["parameters"].items()},
+            author=data["author"],
+            comment=data["comment"],
+            written_at=data["written_at"],
+        )
 
 
 RECORD_TYPES: tuple[type, ...] = (Transaction, FiredRule, FraudAlert, Label, Rule)

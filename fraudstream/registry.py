@@ -73,19 +73,25 @@ class Registry:
             raise
         except SchemaRegistryError as exc:
             if exc.http_status_code == 401:
-                raise RegistryError(f"schema registry at {self.url} refused the credentials while {what} "
-                                    f"(HTTP 401): check basic.auth.user.info or bearer.auth.*") from exc
+                raise RegistryError(
+                    f"schema registry at {self.url} refused the credentials while {what} "
+                    f"(HTTP 401): check basic.auth.user.info or bearer.auth.*"
+                ) from exc
             if exc.http_status_code == 403:  # authenticated, but its role does not allow this
-                raise RegistryError(f"schema registry at {self.url} denied {self._user} the permission for {what} "
-                                    f"(HTTP 403): this identity may read schemas only; registering and changing "
-                                    f"settings take a registry admin's credentials") from exc
+                raise RegistryError(
+                    f"schema registry at {self.url} denied {self._user} the permission for {what} "
+                    f"(HTTP 403): this identity may read schemas only; registering and changing "
+                    f"settings take a registry admin's credentials"
+                ) from exc
             raise
         except Exception as exc:  # httpx transport errors, timeouts: the registry did not answer
             text = redact(str(exc), self._secrets)
             if "CERTIFICATE_VERIFY_FAILED" in text:
-                raise RegistryError(f"schema registry at {self.url} refused the TLS handshake while {what}: {text}; "
-                                    "its certificate is not signed by a CA this client trusts: set ssl.ca.location "
-                                    "to that CA") from exc
+                raise RegistryError(
+                    f"schema registry at {self.url} refused the TLS handshake while {what}: {text}; "
+                    "its certificate is not signed by a CA this client trusts: set ssl.ca.location "
+                    "to that CA"
+                ) from exc
             raise RegistryError(f"schema registry at {self.url} unreachable while {what}: {text}") from exc
 
     def schema_by_id(self, schema_id: SchemaRef) -> dict[str, Any]:
@@ -102,8 +108,10 @@ class Registry:
             try:
                 return self.client.get_schema_by_guid(str(schema_id)) if guid else self.client.get_schema(schema_id)
             except (TypeError, ValueError, KeyError, AttributeError) as exc:  # an answer the client could not read
-                raise UnusableSchema("unreadable_writer_schema", f"the registry's answer for {what} cannot be "
-                                                                 f"read: {type(exc).__name__}: {exc}") from exc
+                raise UnusableSchema(
+                    "unreadable_writer_schema",
+                    f"the registry's answer for {what} cannot be read: {type(exc).__name__}: {exc}",
+                ) from exc
 
         try:
             schema = self._call(f"fetching {what}", lookup)
@@ -121,8 +129,9 @@ class Registry:
         except (TypeError, ValueError) as exc:
             raise UnusableSchema("unreadable_writer_schema", f"{what} is not Avro JSON: {exc}") from exc
         if not isinstance(parsed, dict | str | list):
-            raise UnusableSchema("unreadable_writer_schema", f"{what} is JSON but not an Avro schema "
-                                                             f"({type(parsed).__name__})")
+            raise UnusableSchema(
+                "unreadable_writer_schema", f"{what} is JSON but not an Avro schema ({type(parsed).__name__})"
+            )
         return parsed
 
     def latest(self, subject: str) -> RegisteredSchema:
@@ -130,7 +139,9 @@ class Registry:
             found = self._call(f"looking up {subject}", self.client.get_latest_version, subject)
         except SchemaRegistryError as exc:
             if _not_found(exc):
-                raise SchemaError(f"subject {subject} is not registered; run `fraudstream schemas register` first") from exc
+                raise SchemaError(
+                    f"subject {subject} is not registered; run `fraudstream schemas register` first"
+                ) from exc
             raise RegistryError(f"registry refused {subject}: {exc}") from exc
         return RegisteredSchema(subject, found.schema_id, found.version, json.loads(found.schema.schema_str))
 
@@ -148,15 +159,21 @@ class Registry:
 
     def register(self, subject: str, schema_text: str) -> int:
         try:
-            return self._call(f"registering {subject}", self.client.register_schema, subject, Schema(schema_text, "AVRO"))
+            return self._call(
+                f"registering {subject}", self.client.register_schema, subject, Schema(schema_text, "AVRO")
+            )
         except SchemaRegistryError as exc:
             if exc.http_status_code == 409:
-                raise SchemaError(f"{subject}: the registry rejected the schema as incompatible: {exc.error_message}") from exc
+                raise SchemaError(
+                    f"{subject}: the registry rejected the schema as incompatible: {exc.error_message}"
+                ) from exc
             raise RegistryError(f"registry refused {subject}: {exc}") from exc
 
     def is_compatible(self, subject: str, schema_text: str) -> bool:
         try:
-            return self._call(f"checking {subject}", self.client.test_compatibility, subject, Schema(schema_text, "AVRO"))
+            return self._call(
+                f"checking {subject}", self.client.test_compatibility, subject, Schema(schema_text, "AVRO")
+            )
         except SchemaRegistryError as exc:
             if _not_found(exc):
                 return True  # nothing registered yet: anything is compatible
@@ -195,12 +212,15 @@ def current_ids(settings: Settings, registry: Registry, schemas: SchemaSet | Non
     for topic, name in topic_schemas(settings).items():
         subject = settings.subject(topic)
         try:
-            found = registry._call(f"looking up {subject}", registry.client.lookup_schema, subject,
-                                   Schema(schemas.text(name), "AVRO"))
+            found = registry._call(
+                f"looking up {subject}", registry.client.lookup_schema, subject, Schema(schemas.text(name), "AVRO")
+            )
         except SchemaRegistryError as exc:
             if _not_found(exc):
-                raise SchemaError(f"the current {name} schema is not registered under {subject}; "
-                                  "run `fraudstream schemas register` first") from exc
+                raise SchemaError(
+                    f"the current {name} schema is not registered under {subject}; "
+                    "run `fraudstream schemas register` first"
+                ) from exc
             raise RegistryError(f"registry refused the lookup of {subject}: {exc}") from exc
         ids[topic] = found.schema_id
     return ids

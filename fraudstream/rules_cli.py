@@ -29,10 +29,23 @@ from pathlib import Path
 
 from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME
 
-from fraudstream.consumer.rules_topic import (AUTHOR_HEADER, COMMENT_HEADER, MAX_RULES, MAX_TEXT_CHARS, PRINCIPAL_HEADER,
-                                              REFUSED, UNCHANGED, Change, RulesCodec, client_principal,
-                                              read_changes, rule_thresholds, same_content, write_records,
-                                              write_tombstone)
+from fraudstream.consumer.rules_topic import (
+    AUTHOR_HEADER,
+    COMMENT_HEADER,
+    MAX_RULES,
+    MAX_TEXT_CHARS,
+    PRINCIPAL_HEADER,
+    REFUSED,
+    UNCHANGED,
+    Change,
+    RulesCodec,
+    client_principal,
+    read_changes,
+    rule_thresholds,
+    same_content,
+    write_records,
+    write_tombstone,
+)
 from fraudstream.errors import ConfigError
 from fraudstream.printable import printable
 from fraudstream.records import Rule
@@ -44,17 +57,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     sub.add_parser("list", help="the rules in force")
-    for name, help_text in (("show", "one rule, as JSON"), ("enable", "enable a rule (a new version)"),
-                            ("disable", "disable a rule (a new version)"), ("delete", "remove a rule (a tombstone)")):
+    for name, help_text in (
+        ("show", "one rule, as JSON"),
+        ("enable", "enable a rule (a new version)"),
+        ("disable", "disable a rule (a new version)"),
+        ("delete", "remove a rule (a tombstone)"),
+    ):
         sub.add_parser(name, help=help_text).add_argument("rule_id", metavar="ID")
-    sub.add_parser("history", help="every change still on the topic (of one rule, given its ID): when, who, what"
-                   ).add_argument("rule_id", metavar="ID", nargs="?")
+    sub.add_parser(
+        "history", help="every change still on the topic (of one rule, given its ID): when, who, what"
+    ).add_argument("rule_id", metavar="ID", nargs="?")
     set_parser = sub.add_parser("set", help="write the rules of a TOML file, validated first")
     set_parser.add_argument("file", type=Path, metavar="FILE")
     for name in ("set", "enable", "disable", "delete"):
         action = sub.choices[name]
-        action.add_argument("--author", help="who writes it, on a cluster that does not authenticate clients "
-                                              "(default: the OS user); refused where it does")
+        action.add_argument(
+            "--author",
+            help="who writes it, on a cluster that does not authenticate clients "
+            "(default: the OS user); refused where it does",
+        )
         action.add_argument("--comment", default="", help="why")
     for action in sub.choices.values():
         add_connection_arguments(action)
@@ -66,22 +87,37 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return _history(settings, codec, args.rule_id)
     rules = latest(settings, codec)
     if args.action == "set":
-        records = write_rules_text(settings, _read_rules_file(args.file), f"rules file {args.file}",
-                                   author=_author(settings, args), comment=args.comment, codec=codec, current=rules)
+        records = write_rules_text(
+            settings,
+            _read_rules_file(args.file),
+            f"rules file {args.file}",
+            author=_author(settings, args),
+            comment=args.comment,
+            codec=codec,
+            current=rules,
+        )
         for record in records:
             print(f"{record.id} v{record.version} written")
         return 0
     if args.action == "list":
         for record in sorted(rules.values(), key=lambda r: r.id):
             state = "enabled " if record.enabled else "disabled"
-            print(f"{record.id:24} v{record.version:<4} {printable(record.kind):21} {state} "
-                  f"{json.dumps(record.parameters, sort_keys=True)}")
+            print(
+                f"{record.id:24} v{record.version:<4} {printable(record.kind):21} {state} "
+                f"{json.dumps(record.parameters, sort_keys=True)}"
+            )
         return 0
     record = rules.get(args.rule_id)
     if record is None:
-        raise ConfigError(f"no rule {args.rule_id!r} in force on {settings.rules_topic}; known: {', '.join(sorted(rules))}")
+        raise ConfigError(
+            f"no rule {args.rule_id!r} in force on {settings.rules_topic}; known: {', '.join(sorted(rules))}"
+        )
     if args.action == "show":
-        print(printable(json.dumps(record.to_dict(), indent=2, sort_keys=True, default=str, ensure_ascii=False), json=True))
+        print(
+            printable(
+                json.dumps(record.to_dict(), indent=2, sort_keys=True, default=str, ensure_ascii=False), json=True
+            )
+        )
         return 0
     author = _author(settings, args)
     if args.action == "delete":
@@ -89,8 +125,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         write_tombstone(settings, record.id, author=author, comment=args.comment)
         print(f"{record.id} deleted")
         return 0
-    changed = dataclasses.replace(record, version=record.version + 1, enabled=args.action == "enable",
-                                  author=author, comment=args.comment, written_at=datetime.now(UTC))
+    changed = dataclasses.replace(
+        record,
+        version=record.version + 1,
+        enabled=args.action == "enable",
+        author=author,
+        comment=args.comment,
+        written_at=datetime.now(UTC),
+    )
     rule_thresholds(changed, settings)  # the checks a detector applies: e.g. the last version, or a long comment
     write_records(settings, codec, [changed])
     print(f"{changed.id} v{changed.version} written ({args.action}d)")
@@ -107,8 +149,10 @@ def _author(settings: Settings, args: argparse.Namespace) -> str:
     principal = client_principal(settings)
     if principal is not None:
         if args.author is not None and args.author != principal:
-            raise ConfigError(f"--author: this client is authenticated as {printable(principal)}, and each change "
-                              "names that principal; leave --author out")
+            raise ConfigError(
+                f"--author: this client is authenticated as {printable(principal)}, and each change "
+                "names that principal; leave --author out"
+            )
         return principal
     author = args.author if args.author is not None else getpass.getuser()
     _check_text("author", author)
@@ -139,7 +183,7 @@ def history_line(change: Change) -> str:
     when = f"{_when(datetime.fromtimestamp(ms / 1000, UTC))} ({'broker' if kind == TIMESTAMP_LOG_APPEND_TIME else 'writer'})"
     principal = headers.get(PRINCIPAL_HEADER)
     declared = record.author if record is not None else headers.get(AUTHOR_HEADER, "")
-    who = (f"{principal} (authenticated)" if principal else f"{declared or '?'} (self-declared)")
+    who = f"{principal} (authenticated)" if principal else f"{declared or '?'} (self-declared)"
     key = (message.key() or b"").decode("utf-8", "replace")
     if message.value() is None:
         what = f"{key} deleted" + (" (no such rule)" if change.outcome == UNCHANGED else "")
@@ -147,8 +191,10 @@ def history_line(change: Change) -> str:
     elif record is None:
         what, comment = f"{key}: not a rule record", ""
     else:
-        what = (f"{record.id} v{record.version} {record.kind} {'enabled' if record.enabled else 'disabled'} "
-                f"{json.dumps(record.parameters, sort_keys=True)}")
+        what = (
+            f"{record.id} v{record.version} {record.kind} {'enabled' if record.enabled else 'disabled'} "
+            f"{json.dumps(record.parameters, sort_keys=True)}"
+        )
         comment = record.comment
     line = f"@{message.offset():<6} {when}  {who}: {what}" + (f"  # {comment}" if comment else "")
     if change.outcome == REFUSED:
@@ -158,9 +204,17 @@ def history_line(change: Change) -> str:
     return printable(line)
 
 
-def write_rules_text(settings: Settings, text: str, where: str, *, author: str, comment: str,
-                     codec: RulesCodec | None = None, only_changed: bool = False,
-                     current: dict[str, Rule] | None = None) -> list[Rule]:
+def write_rules_text(
+    settings: Settings,
+    text: str,
+    where: str,
+    *,
+    author: str,
+    comment: str,
+    codec: RulesCodec | None = None,
+    only_changed: bool = False,
+    current: dict[str, Rule] | None = None,
+) -> list[Rule]:
     """`rules set`: every rule of a TOML text as its next version, all checked before any is written (all or
     nothing), then written. The console's rule editor calls this too, with `only_changed` (its text holds
     every rule; the ones left as they are get no new version)."""
@@ -184,14 +238,17 @@ def _read_rules_file(path: Path) -> str:
         raise ConfigError(f"rules file {path}: not valid TOML: {exc}") from exc
 
 
-def _records_from_file(path: Path, settings: Settings, current: dict[str, Rule], *, author: str,
-                       comment: str) -> list[Rule]:
-    return records_from_toml(_read_rules_file(path), f"rules file {path}", settings, current, author=author,
-                             comment=comment)
+def _records_from_file(
+    path: Path, settings: Settings, current: dict[str, Rule], *, author: str, comment: str
+) -> list[Rule]:
+    return records_from_toml(
+        _read_rules_file(path), f"rules file {path}", settings, current, author=author, comment=comment
+    )
 
 
-def records_from_toml(text: str, where: str, settings: Settings, current: dict[str, Rule], *, author: str,
-                      comment: str) -> list[Rule]:
+def records_from_toml(
+    text: str, where: str, settings: Settings, current: dict[str, Rule], *, author: str, comment: str
+) -> list[Rule]:
     """The rules of a TOML text (as `rules set` reads a file; the console's editor too), each as its next
     version and checked; the first problem is a ConfigError naming `where`."""
     try:
@@ -201,8 +258,10 @@ def records_from_toml(text: str, where: str, settings: Settings, current: dict[s
     if not data:
         raise ConfigError(f"{where}: no rule in it (one [table] per rule id)")
     if len(current.keys() | data.keys()) > MAX_RULES:
-        raise ConfigError(f"{where}: {len(current.keys() | data.keys())} rules with those on the topic; "
-                          f"at most {MAX_RULES} (`fraudstream rules delete ID` makes room); nothing written")
+        raise ConfigError(
+            f"{where}: {len(current.keys() | data.keys())} rules with those on the topic; "
+            f"at most {MAX_RULES} (`fraudstream rules delete ID` makes room); nothing written"
+        )
     now = datetime.now(UTC)
     records = []
     for rule_id, table in data.items():
@@ -213,15 +272,27 @@ def records_from_toml(text: str, where: str, settings: Settings, current: dict[s
         if not isinstance(kind, str) or not isinstance(enabled, bool):
             raise ConfigError(f"{where}: {rule_id!r}: kind must be a string and enabled true or false")
         previous = current.get(rule_id)
-        record = Rule(id=rule_id, version=previous.version + 1 if previous else 1, kind=kind, parameters=params,
-                      enabled=enabled, author=author, comment=comment, written_at=now)
+        record = Rule(
+            id=rule_id,
+            version=previous.version + 1 if previous else 1,
+            kind=kind,
+            parameters=params,
+            enabled=enabled,
+            author=author,
+            comment=comment,
+            written_at=now,
+        )
         try:
             checked = rule_thresholds(record, settings)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}; nothing written") from None
         # Written as checked: integers given for floats become floats, so readers see one type per key.
-        records.append(dataclasses.replace(record, parameters={
-            k: tuple(checked[k]) if isinstance(checked[k], list) else checked[k] for k in params}))
+        records.append(
+            dataclasses.replace(
+                record,
+                parameters={k: tuple(checked[k]) if isinstance(checked[k], list) else checked[k] for k in params},
+            )
+        )
     return records
 
 

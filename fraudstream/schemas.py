@@ -109,9 +109,15 @@ def compatibility_problems(new: dict[str, Any], previous: list[dict[str, Any]], 
     for index, old in enumerate(against, start=len(previous) - len(against) + 1):
         old_schema = _avro(old)
         if base in ("BACKWARD", "FULL"):
-            problems += [f"new schema cannot read version {index} data: {msg}" for msg in _incompatibilities(new_schema, old_schema)]
+            problems += [
+                f"new schema cannot read version {index} data: {msg}"
+                for msg in _incompatibilities(new_schema, old_schema)
+            ]
         if base in ("FORWARD", "FULL"):
-            problems += [f"version {index} readers cannot read new data: {msg}" for msg in _incompatibilities(old_schema, new_schema)]
+            problems += [
+                f"version {index} readers cannot read new data: {msg}"
+                for msg in _incompatibilities(old_schema, new_schema)
+            ]
     return problems
 
 
@@ -133,8 +139,9 @@ def _incompatibilities(reader: avro.schema.Schema, writer: avro.schema.Schema) -
     return reasons or ["incompatible"]
 
 
-def _field_reasons(checker: ReaderWriterCompatibilityChecker, reader: avro.schema.Schema,
-                   writer: avro.schema.Schema, prefix: str) -> tuple[list[str], set[str]]:
+def _field_reasons(
+    checker: ReaderWriterCompatibilityChecker, reader: avro.schema.Schema, writer: avro.schema.Schema, prefix: str
+) -> tuple[list[str], set[str]]:
     """One reason per incompatible field, named by its path, and the checker messages they explain.
 
     The checker keeps a result's messages and locations in unordered sets, so several problems cannot

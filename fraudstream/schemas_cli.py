@@ -19,8 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fraudstream.cli import add_connection_arguments
 
     parser.add_argument("action", choices=("register", "check", "check-offline"))
-    parser.add_argument("--compatibility", help="level set on each subject by register and assumed by check-offline "
-                                                "[FRAUDSTREAM_COMPATIBILITY, default FULL_TRANSITIVE]")
+    parser.add_argument(
+        "--compatibility",
+        help="level set on each subject by register and assumed by check-offline "
+        "[FRAUDSTREAM_COMPATIBILITY, default FULL_TRANSITIVE]",
+    )
     add_connection_arguments(parser)
 
 
@@ -38,8 +41,10 @@ def check_offline(settings: Settings) -> list[tuple[str, list[str]]]:
     """(schema name, problems) for each schema against its kept history, under the configured level."""
     schemas = load_schemas(settings.schemas_dir)
     return [
-        (f"{name} (vs {len(old)} earlier version{'s' if len(old) != 1 else ''})",
-         compatibility_problems(schemas.expanded[name], [schema for _, schema in old], settings.compatibility))
+        (
+            f"{name} (vs {len(old)} earlier version{'s' if len(old) != 1 else ''})",
+            compatibility_problems(schemas.expanded[name], [schema for _, schema in old], settings.compatibility),
+        )
         for name in schemas.expanded
         for old in [history(settings.schemas_dir, name)]
     ]
@@ -58,7 +63,9 @@ def check_against_registry(settings: Settings) -> list[tuple[str, list[str]]]:
             continue
         level = registry.compatibility(subject) or settings.compatibility
         registered = [registry.version(subject, v) for v in registry.versions(subject)]
-        reasons = compatibility_problems(schemas.expanded[name], registered, level) or ["the registry says incompatible"]
+        reasons = compatibility_problems(schemas.expanded[name], registered, level) or [
+            "the registry says incompatible"
+        ]
         results.append((f"{subject} [{level}]", reasons))
     return results
 
@@ -76,4 +83,3 @@ def _report(results: list[tuple[str, list[str]]]) -> int:
     if failed:
         raise SchemaError(f"{failed} schema{'s are' if failed > 1 else ' is'} incompatible (see above)")
     return 0
-

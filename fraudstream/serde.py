@@ -57,8 +57,9 @@ def make_encoder(schema_id: int, parsed_schema: Any) -> Callable[[dict[str, Any]
     return encode
 
 
-def split_frame(value: bytes | None, headers: Sequence[tuple[str, bytes | None]] | None = None
-                ) -> tuple[SchemaRef, memoryview]:
+def split_frame(
+    value: bytes | None, headers: Sequence[tuple[str, bytes | None]] | None = None
+) -> tuple[SchemaRef, memoryview]:
     """(schema id or GUID, Avro payload) of a framed value, or DecodeError.
 
     A `__value_schema_id` header wins over the value's own prefix, as confluent-kafka's deserializers
@@ -73,14 +74,16 @@ def split_frame(value: bytes | None, headers: Sequence[tuple[str, bytes | None]]
     if not value:
         raise DecodeError("empty_value", "record value is empty (null or zero bytes)")
     if value[0] == GUID_MAGIC_BYTE:
-        return _guid(value[:1 + GUID_SIZE], where="the value's prefix"), memoryview(value)[1 + GUID_SIZE:]
+        return _guid(value[: 1 + GUID_SIZE], where="the value's prefix"), memoryview(value)[1 + GUID_SIZE :]
     if value[0] != MAGIC_BYTE:
-        raise DecodeError("no_magic_byte", f"first byte is 0x{value[0]:02x}, not the Confluent magic byte 0x00 "
-                                           "(or 0x01 with a schema GUID)")
+        raise DecodeError(
+            "no_magic_byte",
+            f"first byte is 0x{value[0]:02x}, not the Confluent magic byte 0x00 (or 0x01 with a schema GUID)",
+        )
     if len(value) < HEADER.size:
         raise DecodeError("truncated_header", f"value has {len(value)} bytes, fewer than the 5-byte Confluent header")
     _, schema_id = HEADER.unpack_from(value)
-    return schema_id, memoryview(value)[HEADER.size:]
+    return schema_id, memoryview(value)[HEADER.size :]
 
 
 def _guid(data: bytes | None, *, where: str) -> uuid.UUID:
@@ -101,10 +104,15 @@ class WriterSchemas:
     immutable id, kept until the bound pushes it out; an id the registry did not know is asked again after
     `unknown_ttl_s` (it may have been registered since)."""
 
-    def __init__(self, fetch: Callable[[SchemaRef], dict[str, Any]],
-                 parse: Callable[[SchemaRef, dict[str, Any]], Any] | None = None, *,
-                 max_refused: int = 10_000, unknown_ttl_s: float = 60.0, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+    def __init__(
+        self,
+        fetch: Callable[[SchemaRef], dict[str, Any]],
+        parse: Callable[[SchemaRef, dict[str, Any]], Any] | None = None,
+        *,
+        max_refused: int = 10_000,
+        unknown_ttl_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._fetch = fetch
         self._parse = parse or (lambda schema_id, schema: parse_schema(schema))
         self._by_id: dict[SchemaRef, Any] = {}
@@ -177,15 +185,27 @@ class Decoder:
             raise DecodeError("schema_mismatch", f"schema id {schema_id} is {str(shown)[:200]}, not {self.reader_name}")
         return writer, (None if writer == self.reader_parsed else self.reader_parsed)
 
-    def decode(self, value: bytes | None, *, reject_trailing_bytes: bool = True,
-               headers: Sequence[tuple[str, bytes | None]] | None = None) -> dict[str, Any]:
+    def decode(
+        self,
+        value: bytes | None,
+        *,
+        reject_trailing_bytes: bool = True,
+        headers: Sequence[tuple[str, bytes | None]] | None = None,
+    ) -> dict[str, Any]:
         schema_id, payload = split_frame(value, headers)
         writer, reader = self.schemas_for(schema_id)
         return read_payload(payload, schema_id, writer, reader, reject_trailing_bytes=reject_trailing_bytes)
 
 
-def read_payload(payload: bytes | memoryview, schema_id: int, writer: Any, reader: Any = None, *,
-                 reject_trailing_bytes: bool = True, canonical: bool = False) -> dict[str, Any]:
+def read_payload(
+    payload: bytes | memoryview,
+    schema_id: int,
+    writer: Any,
+    reader: Any = None,
+    *,
+    reject_trailing_bytes: bool = True,
+    canonical: bool = False,
+) -> dict[str, Any]:
     """One Avro record from the bytes after the Confluent header, or DecodeError.
 
     `canonical=True` also requires the bytes to be exactly what an Avro writer produces for the record
@@ -203,23 +223,27 @@ def read_payload(payload: bytes | memoryview, schema_id: int, writer: Any, reade
     end = stream.tell()
     if reject_trailing_bytes and end != len(payload):
         # Usually a producer that framed its data with the wrong schema id.
-        raise DecodeError("trailing_bytes", f"{len(payload) - end} bytes left after the record "
-                                            f"(schema id {schema_id})")
+        raise DecodeError("trailing_bytes", f"{len(payload) - end} bytes left after the record (schema id {schema_id})")
     if not canonical:
         return record
     out = io.BytesIO()
     try:
         schemaless_writer(out, writer, record)
     except Exception as exc:  # a value fastavro reads but cannot write back: not a record any writer made
-        raise DecodeError("noncanonical_avro", f"the record read with schema id {schema_id} cannot be written "
-                                               f"back: {type(exc).__name__}: {exc}") from None
+        raise DecodeError(
+            "noncanonical_avro",
+            f"the record read with schema id {schema_id} cannot be written back: {type(exc).__name__}: {exc}",
+        ) from None
     encoded = out.getbuffer()
     read = memoryview(payload)[:end]
     if encoded != read:
         at = next((i for i, (a, b) in enumerate(zip(encoded, read)) if a != b), min(len(encoded), end))
-        raise DecodeError("noncanonical_avro", f"byte {at} of the payload differs from the record's Avro encoding "
-                                               f"(schema id {schema_id}): a negative enum or union index, or an "
-                                               "integer written in more bytes than it needs")
+        raise DecodeError(
+            "noncanonical_avro",
+            f"byte {at} of the payload differs from the record's Avro encoding "
+            f"(schema id {schema_id}): a negative enum or union index, or an "
+            "integer written in more bytes than it needs",
+        )
     if reader is None:
         return record
     try:
@@ -229,7 +253,9 @@ def read_payload(payload: bytes | memoryview, schema_id: int, writer: Any, reade
 
 
 def _corrupt(schema_id: int, exc: Exception) -> DecodeError:
-    return DecodeError("corrupt_avro", f"Avro payload does not match schema id {schema_id}: {type(exc).__name__}: {exc}")
+    return DecodeError(
+        "corrupt_avro", f"Avro payload does not match schema id {schema_id}: {type(exc).__name__}: {exc}"
+    )
 
 
 class BatchEncoder:

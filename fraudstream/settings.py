@@ -33,6 +33,7 @@ def default_stack_dir() -> Path:
     data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(data_home) / "fraudstream" / "stack"
 
+
 # field name -> environment variable. The two Confluent-standard names are kept as users know them.
 ENV: dict[str, str] = {
     "bootstrap_servers": "KAFKA_BOOTSTRAP_SERVERS",
@@ -76,7 +77,13 @@ ENV: dict[str, str] = {
 }
 
 COMPATIBILITY_LEVELS = (
-    "BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL", "FULL_TRANSITIVE", "NONE",
+    "BACKWARD",
+    "BACKWARD_TRANSITIVE",
+    "FORWARD",
+    "FORWARD_TRANSITIVE",
+    "FULL",
+    "FULL_TRANSITIVE",
+    "NONE",
 )
 
 DECODERS = ("columnar", "record")
@@ -187,12 +194,24 @@ class Settings:
 
     @property
     def all_topics(self) -> tuple[str, ...]:
-        return (self.transactions_topic, self.legit_topic, self.fraud_topic, self.dlq_topic, self.labels_topic,
-                self.rules_topic)
+        return (
+            self.transactions_topic,
+            self.legit_topic,
+            self.fraud_topic,
+            self.dlq_topic,
+            self.labels_topic,
+            self.rules_topic,
+        )
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, *, kafka_properties: Mapping[str, str] | None = None,
-                 registry_properties: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        kafka_properties: Mapping[str, str] | None = None,
+        registry_properties: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> Settings:
         """Defaults, then the environment, then the client properties (the files, then the `KEY=VALUE`
         flags), then explicit overrides (CLI flags; None means 'not given')."""
         env = os.environ if env is None else env
@@ -217,8 +236,12 @@ class Settings:
         registry = {}
         if files.get("registry_config"):
             registry = client_config.read_properties_file(Path(files["registry_config"]), "registry client properties")
-        url, registry = client_config.split_registry({**client_config.normalize_registry(registry),
-                                                      **client_config.normalize_registry(registry_properties or {})})
+        url, registry = client_config.split_registry(
+            {
+                **client_config.normalize_registry(registry),
+                **client_config.normalize_registry(registry_properties or {}),
+            }
+        )
         values |= {"kafka_extra": Properties(kafka), "registry_extra": Properties(registry)}
         if bootstrap:
             values["bootstrap_servers"] = bootstrap
@@ -234,17 +257,28 @@ class Settings:
 
     def validate(self) -> None:
         if self.compatibility not in COMPATIBILITY_LEVELS:
-            raise ConfigError(f"compatibility must be one of {', '.join(COMPATIBILITY_LEVELS)}, not {self.compatibility!r}")
+            raise ConfigError(
+                f"compatibility must be one of {', '.join(COMPATIBILITY_LEVELS)}, not {self.compatibility!r}"
+            )
         if self.decoder not in DECODERS:
             raise ConfigError(f"decoder must be one of {', '.join(DECODERS)}, not {self.decoder!r}")
-        for name in ("partitions", "replication_factor", "batch_max_records", "batch_max_ms",
-                     "transaction_timeout_ms", "broker_outage_limit_s", "registry_outage_limit_s"):
+        for name in (
+            "partitions",
+            "replication_factor",
+            "batch_max_records",
+            "batch_max_ms",
+            "transaction_timeout_ms",
+            "broker_outage_limit_s",
+            "registry_outage_limit_s",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         for name in ("broker_outage_limit_s", "registry_outage_limit_s"):
             if getattr(self, name) >= MAX_POLL_INTERVAL_S:
-                raise ConfigError(f"{name} must be below {MAX_POLL_INTERVAL_S} s (the consumer's max.poll.interval.ms), "
-                                  "or the group would evict a detector that is only waiting")
+                raise ConfigError(
+                    f"{name} must be below {MAX_POLL_INTERVAL_S} s (the consumer's max.poll.interval.ms), "
+                    "or the group would evict a detector that is only waiting"
+                )
         for name in ("terminal_idle_ms", "terminal_hold_idle_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, not {getattr(self, name)}")
@@ -253,8 +287,10 @@ class Settings:
         if self.fraud_threshold_cents < 0:
             raise ConfigError("fraud_threshold_cents must not be negative")
         if not self.schema_registry_url.startswith(("http://", "https://")):
-            raise ConfigError("schema registry URL must start with http:// or https://: "
-                              f"{client_config.redact_url(self.schema_registry_url)!r}")
+            raise ConfigError(
+                "schema registry URL must start with http:// or https://: "
+                f"{client_config.redact_url(self.schema_registry_url)!r}"
+            )
 
     def check_client_properties(self) -> None:
         """Let the clients judge the extra properties (unknown keys, bad values, missing files)."""

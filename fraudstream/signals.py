@@ -17,8 +17,9 @@ EXIT_AT_ONCE = 130  # the shell's status for a process ended by SIGINT
 
 
 @contextlib.contextmanager
-def stop_requests(stop: threading.Event | None = None, *, exit_on_second: str | None = None,
-                  signals=STOP_SIGNALS) -> Iterator[tuple[threading.Event, threading.Event]]:
+def stop_requests(
+    stop: threading.Event | None = None, *, exit_on_second: str | None = None, signals=STOP_SIGNALS
+) -> Iterator[tuple[threading.Event, threading.Event]]:
     """Yield (stop, now): the first SIGINT/SIGTERM sets `stop`, the second sets `now`.
 
     With `exit_on_second` (the program's name), the second signal instead ends the process at once

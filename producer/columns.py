@@ -58,8 +58,10 @@ class PopulationArrays:
         self.active_by_utc_hour = [np.array(bucket, np.int64) for bucket in population.active_by_utc_hour]
         self.amount_factor = np.array([t.amount_factor for t in terminals], np.float64)
         self.kind = np.array([KIND_CODES[t.kind] for t in terminals], np.int8)
-        self.terminal_strings = {name: pa.array([getattr(t, name) for t in terminals], pa.string())
-                                 for name in ("terminal_id", "merchant_id", "merchant_category", "country", "city")}
+        self.terminal_strings = {
+            name: pa.array([getattr(t, name) for t in terminals], pa.string())
+            for name in ("terminal_id", "merchant_id", "merchant_category", "country", "city")
+        }
         self.latitude = np.array([t.latitude for t in terminals], np.float64)
         self.longitude = np.array([t.longitude for t in terminals], np.float64)
         self.spread = np.array(AMOUNT_SPREAD, np.float64)
@@ -119,20 +121,31 @@ def draw_everyday(arrays: PopulationArrays, rng: np.random.Generator, n: int, no
     account = bucket[(draws[0] * len(bucket)).astype(np.int64)]
     favourite = draws[1] < 0.9
     home_local = a.home[account]
-    terminal = np.where(favourite,
-                        a.favourites[np.minimum(_pick(a.favourite_offsets, a.favourite_counts, account, draws[2]),
-                                                len(a.favourites) - 1)],
-                        a.local[np.minimum(_pick(a.local_offsets, a.local_counts, home_local, draws[2]),
-                                           max(len(a.local) - 1, 0))])
+    terminal = np.where(
+        favourite,
+        a.favourites[
+            np.minimum(_pick(a.favourite_offsets, a.favourite_counts, account, draws[2]), len(a.favourites) - 1)
+        ],
+        a.local[np.minimum(_pick(a.local_offsets, a.local_counts, home_local, draws[2]), max(len(a.local) - 1, 0))],
+    )
     card = _pick(a.card_offsets, a.card_counts, account, draws[3])
     kind = a.kind[terminal]
     # The account's typical amount, scaled by the terminal's category and spread around it.
-    amount = (a.typical[account] * a.amount_factor[terminal] * a.spread[(draws[4] * 1024).astype(np.int64)]).astype(np.int64)
+    amount = (a.typical[account] * a.amount_factor[terminal] * a.spread[(draws[4] * 1024).astype(np.int64)]).astype(
+        np.int64
+    )
     over = amount > LEGIT_MAX_CENTS  # rare: everyday spending stays under the seed's threshold
     amount = np.where(over, LEGIT_MAX_CENTS // 2 + (draws[5] * (LEGIT_MAX_CENTS // 2)).astype(np.int64), amount)
-    amount = np.where(kind == KIND_CODES["atm"], np.maximum(ATM_NOTE_CENTS, amount // ATM_NOTE_CENTS * ATM_NOTE_CENTS), np.maximum(50, amount))
-    channel = np.select([kind == KIND_CODES["pos"], kind == KIND_CODES["atm"]],
-                        [np.where(draws[6] < 0.55, CONTACTLESS, CARD_PRESENT), ATM], ONLINE).astype(np.int64)
+    amount = np.where(
+        kind == KIND_CODES["atm"],
+        np.maximum(ATM_NOTE_CENTS, amount // ATM_NOTE_CENTS * ATM_NOTE_CENTS),
+        np.maximum(50, amount),
+    )
+    channel = np.select(
+        [kind == KIND_CODES["pos"], kind == KIND_CODES["atm"]],
+        [np.where(draws[6] < 0.55, CONTACTLESS, CARD_PRESENT), ATM],
+        ONLINE,
+    ).astype(np.int64)
     device = np.where(kind == KIND_CODES["web"], _pick(a.device_offsets, a.device_counts, account, draws[7]), -1)
     uuid_bytes = rng.integers(0, 256, size=(n, 16), dtype=np.uint8)
     uuid_bytes[:, 6] = (uuid_bytes[:, 6] & 0x0F) | 0x40  # version 4
@@ -148,6 +161,6 @@ def uuid_strings(uuid_bytes: np.ndarray) -> pa.StringArray:
     hex_digits[:, 1::2] = _HEX[uuid_bytes & 0x0F]
     text = np.full((n, _UUID_LENGTH), ord("-"), np.uint8)
     for start, stop, at in ((0, 8, 0), (8, 12, 9), (12, 16, 14), (16, 20, 19), (20, 32, 24)):
-        text[:, at:at + stop - start] = hex_digits[:, start:stop]
+        text[:, at : at + stop - start] = hex_digits[:, start:stop]
     offsets = np.arange(0, (n + 1) * _UUID_LENGTH, _UUID_LENGTH, dtype=np.int32)
     return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(text.tobytes()))

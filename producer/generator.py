@@ -71,23 +71,23 @@ Pair = tuple[Transaction, Label]
 # ISO 18245 merchant category codes: (code, weight among merchants, amount factor, terminal kind).
 # The amount factor scales an account's typical amount: fast food is cheap, hotels are not.
 CATEGORIES: tuple[tuple[str, int, float, str], ...] = (
-    ("5411", 22, 1.0, "pos"),   # grocery stores, supermarkets
-    ("5812", 14, 0.9, "pos"),   # eating places, restaurants
+    ("5411", 22, 1.0, "pos"),  # grocery stores, supermarkets
+    ("5812", 14, 0.9, "pos"),  # eating places, restaurants
     ("5814", 12, 0.35, "pos"),  # fast food
-    ("5541", 9, 1.1, "pos"),    # service stations
-    ("5912", 6, 0.6, "pos"),    # drug stores, pharmacies
-    ("5311", 5, 1.8, "pos"),    # department stores
-    ("5691", 5, 1.5, "pos"),    # clothing stores
-    ("5732", 3, 3.0, "pos"),    # electronics stores
-    ("5944", 1, 3.0, "pos"),    # jewelry stores
-    ("5712", 1, 4.0, "pos"),    # furniture stores
-    ("4121", 4, 0.6, "pos"),    # taxicabs, rideshare
-    ("7011", 2, 4.0, "pos"),    # hotels
-    ("6011", 5, 2.0, "atm"),    # automated cash disbursements
-    ("5815", 5, 0.3, "web"),    # digital goods
-    ("5964", 6, 1.3, "web"),    # direct marketing, online retail
-    ("4511", 1, 6.0, "web"),    # airlines
-    ("4814", 2, 1.2, "web"),    # telecommunication services
+    ("5541", 9, 1.1, "pos"),  # service stations
+    ("5912", 6, 0.6, "pos"),  # drug stores, pharmacies
+    ("5311", 5, 1.8, "pos"),  # department stores
+    ("5691", 5, 1.5, "pos"),  # clothing stores
+    ("5732", 3, 3.0, "pos"),  # electronics stores
+    ("5944", 1, 3.0, "pos"),  # jewelry stores
+    ("5712", 1, 4.0, "pos"),  # furniture stores
+    ("4121", 4, 0.6, "pos"),  # taxicabs, rideshare
+    ("7011", 2, 4.0, "pos"),  # hotels
+    ("6011", 5, 2.0, "atm"),  # automated cash disbursements
+    ("5815", 5, 0.3, "web"),  # digital goods
+    ("5964", 6, 1.3, "web"),  # direct marketing, online retail
+    ("4511", 1, 6.0, "web"),  # airlines
+    ("4814", 2, 1.2, "web"),  # telecommunication services
 )
 BIG_TICKET_CATEGORIES = frozenset({"5311", "5732", "5944", "5712", "7011", "4511"})
 TINY_TICKET_CATEGORIES = frozenset({"5815"})  # where stolen cards are tested
@@ -156,9 +156,16 @@ class Population:
 
 
 @cache
-def build_population(seed: int, *, accounts: int = 5_000, home_places: int = 40, foreign_places: int = 60,
-                     merchants_per_home_place: int = 25, merchants_per_foreign_place: int = 4,
-                     online_merchants: int = 60) -> Population:
+def build_population(
+    seed: int,
+    *,
+    accounts: int = 5_000,
+    home_places: int = 40,
+    foreign_places: int = 60,
+    merchants_per_home_place: int = 25,
+    merchants_per_foreign_place: int = 4,
+    online_merchants: int = 60,
+) -> Population:
     """Accounts, merchants and terminals in real cities (faker's geo data), the same for the same arguments."""
     from faker import Faker  # only here: the hot path never touches faker
 
@@ -193,19 +200,30 @@ def build_population(seed: int, *, accounts: int = 5_000, home_places: int = 40,
     merchant_count = count()
 
     def add_merchant(place_index: int, category_choices: list[int]) -> None:
-        code, _, factor, kind = CATEGORIES[rng.choices(category_choices,
-                                                       weights=[CATEGORIES[c][1] for c in category_choices])[0]]
+        code, _, factor, kind = CATEGORIES[
+            rng.choices(category_choices, weights=[CATEGORIES[c][1] for c in category_choices])[0]
+        ]
         merchant_id = f"merch-{next(merchant_count):05d}"
         name = fake.company()
         place = places[place_index]
         for _ in range(1 if kind != "pos" else rng.randint(1, 3)):
             # Terminals sit within ~10 km of the city centre; a web gateway at the merchant's address.
             jitter = 0.0 if kind == "web" else 0.09
-            terminals.append(Terminal(
-                terminal_id=f"term-{len(terminals):06d}", merchant_id=merchant_id, merchant_name=name,
-                merchant_category=code, kind=kind, place=place_index, country=place.country, city=place.city,
-                latitude=round(place.latitude + rng.uniform(-jitter, jitter), 5),
-                longitude=round(place.longitude + rng.uniform(-jitter, jitter), 5), amount_factor=factor))
+            terminals.append(
+                Terminal(
+                    terminal_id=f"term-{len(terminals):06d}",
+                    merchant_id=merchant_id,
+                    merchant_name=name,
+                    merchant_category=code,
+                    kind=kind,
+                    place=place_index,
+                    country=place.country,
+                    city=place.city,
+                    latitude=round(place.latitude + rng.uniform(-jitter, jitter), 5),
+                    longitude=round(place.longitude + rng.uniform(-jitter, jitter), 5),
+                    amount_factor=factor,
+                )
+            )
 
     for place_index in homes:
         for _ in range(merchants_per_home_place):
@@ -234,8 +252,9 @@ def build_population(seed: int, *, accounts: int = 5_000, home_places: int = 40,
     big_ticket_at = tuple(found or airline_terminals or pos_at[p] for p, found in enumerate(big_ticket_at))
     web_terminals = [i for i, t in enumerate(terminals) if t.kind == "web"]
     with_terminals = tuple(p for p in range(len(places)) if in_person_at[p])
-    far = tuple(tuple(q for q in with_terminals if distance_km(places[p], places[q]) > FAR_KM)
-                for p in range(len(places)))
+    far = tuple(
+        tuple(q for q in with_terminals if distance_km(places[p], places[q]) > FAR_KM) for p in range(len(places))
+    )
 
     first_names = [fake.first_name() for _ in range(200)]
     last_names = [fake.last_name() for _ in range(200)]
@@ -251,19 +270,21 @@ def build_population(seed: int, *, accounts: int = 5_000, home_places: int = 40,
         favourites = rng.sample(local, min(len(local), rng.randint(6, 15)))
         if web_terminals:
             favourites += rng.sample(web_terminals, min(len(web_terminals), rng.randint(1, 4)))
-        people.append(Account(
-            account_id=f"acct-{index:06d}",
-            holder=f"{rng.choice(first_names)} {rng.choice(last_names)}",
-            home=home,
-            cards=tuple(f"card-{rng.getrandbits(48):012x}" for _ in range(rng.randint(1, 2))),
-            devices=tuple(f"dev-{rng.getrandbits(48):012x}" for _ in range(rng.randint(1, 2))),
-            # Median $35, most between $10 and $120: a portfolio of light and heavy spenders.
-            typical_amount_cents=max(300, int(math.exp(rng.gauss(math.log(3_500), 0.6)))),
-            active_from_h=active_from,
-            active_to_h=active_from + active_hours,
-            activity=rng.choice((1, 1, 2, 3)),
-            favourite_terminals=tuple(favourites),
-        ))
+        people.append(
+            Account(
+                account_id=f"acct-{index:06d}",
+                holder=f"{rng.choice(first_names)} {rng.choice(last_names)}",
+                home=home,
+                cards=tuple(f"card-{rng.getrandbits(48):012x}" for _ in range(rng.randint(1, 2))),
+                devices=tuple(f"dev-{rng.getrandbits(48):012x}" for _ in range(rng.randint(1, 2))),
+                # Median $35, most between $10 and $120: a portfolio of light and heavy spenders.
+                typical_amount_cents=max(300, int(math.exp(rng.gauss(math.log(3_500), 0.6)))),
+                active_from_h=active_from,
+                active_to_h=active_from + active_hours,
+                activity=rng.choice((1, 1, 2, 3)),
+                favourite_terminals=tuple(favourites),
+            )
+        )
 
     active_by_hour = []
     everyone = tuple(range(len(people)))
@@ -276,11 +297,19 @@ def build_population(seed: int, *, accounts: int = 5_000, home_places: int = 40,
         active_by_hour.append(tuple(bucket) or everyone)
 
     return Population(
-        places=tuple(places), home_places=tuple(homes), terminals=tuple(terminals), accounts=tuple(people),
-        active_by_utc_hour=tuple(active_by_hour), in_person_terminals_at=in_person_at, pos_terminals_at=pos_at,
-        big_ticket_terminals_at=big_ticket_at, far_places=far, places_with_terminals=with_terminals,
-        tiny_ticket_terminals=tuple(i for i in web_terminals
-                                    if terminals[i].merchant_category in TINY_TICKET_CATEGORIES),
+        places=tuple(places),
+        home_places=tuple(homes),
+        terminals=tuple(terminals),
+        accounts=tuple(people),
+        active_by_utc_hour=tuple(active_by_hour),
+        in_person_terminals_at=in_person_at,
+        pos_terminals_at=pos_at,
+        big_ticket_terminals_at=big_ticket_at,
+        far_places=far,
+        places_with_terminals=with_terminals,
+        tiny_ticket_terminals=tuple(
+            i for i in web_terminals if terminals[i].merchant_category in TINY_TICKET_CATEGORIES
+        ),
         resale_terminals=tuple(i for i in web_terminals if terminals[i].merchant_category in RESALE_CATEGORIES),
     )
 
@@ -293,6 +322,7 @@ def _foreign_draw(fake: Faker) -> Callable[[], tuple[str, ...]]:
             found = fake.location_on_land()
             if found[3] != "US":
                 return found
+
     return draw
 
 
@@ -334,8 +364,10 @@ def start_probabilities(shares: Mapping[str, float], large_legit_share: float) -
     """Probability of starting each episode on a free slot, so that each scenario makes its share of all
     transactions in the long run. Follow-up steps take slots of their own: with f the fraction of free
     slots, f = 1 - sum(share * (length - 1) / counted) and p = share / (counted * f)."""
-    follow_ups = sum(share * (EPISODE_SHAPES[name].mean_length - 1) / EPISODE_SHAPES[name].mean_counted
-                     for name, share in shares.items())
+    follow_ups = sum(
+        share * (EPISODE_SHAPES[name].mean_length - 1) / EPISODE_SHAPES[name].mean_counted
+        for name, share in shares.items()
+    )
     free = 1.0 - follow_ups
     probabilities = {name: share / (EPISODE_SHAPES[name].mean_counted * free) for name, share in shares.items()}
     probabilities[LARGE_LEGIT] = large_legit_share / free
@@ -363,8 +395,13 @@ def event_time(now_ms: int) -> datetime:
 
 def uuid4_text(bits: int) -> str:
     """The text of uuid.UUID(int=bits, version=4) (version and variant bits forced), without the object."""
-    return "%08x-%04x-4%03x-%04x-%012x" % (bits >> 96, (bits >> 80) & 0xFFFF, (bits >> 64) & 0xFFF,
-                                          0x8000 | (bits >> 48) & 0x3FFF, bits & 0xFFFF_FFFF_FFFF)
+    return "%08x-%04x-4%03x-%04x-%012x" % (
+        bits >> 96,
+        (bits >> 80) & 0xFFFF,
+        (bits >> 64) & 0xFFF,
+        0x8000 | (bits >> 48) & 0x3FFF,
+        bits & 0xFFFF_FFFF_FFFF,
+    )
 
 
 # Spread of one account's everyday amounts around its typical amount: lognormal(0, 0.55) as a table
@@ -387,8 +424,14 @@ class Generator:
     and take the next free slots, so a card-testing burst lasts seconds whatever the rate.
     """
 
-    def __init__(self, seed: int = 42, *, shares: Mapping[str, float] | None = None,
-                 large_legit_share: float = DEFAULT_LARGE_LEGIT_SHARE, population: Population | None = None) -> None:
+    def __init__(
+        self,
+        seed: int = 42,
+        *,
+        shares: Mapping[str, float] | None = None,
+        large_legit_share: float = DEFAULT_LARGE_LEGIT_SHARE,
+        population: Population | None = None,
+    ) -> None:
         if not 0.0 <= large_legit_share < 1.0:
             raise ConfigError(f"large legit share must be a fraction in [0, 1), not {large_legit_share}")
         self.seed = seed
@@ -405,9 +448,14 @@ class Generator:
         self._last_ms: int | None = None
         self._last_time = _EPOCH
         probabilities = start_probabilities(self.shares, large_legit_share)
-        starts = {LARGE_AMOUNT: self._large_amount, CARD_TESTING: self._card_testing,
-                  FAR_FROM_HOME: self._far_from_home, COMPROMISED_TERMINAL: self._compromised_terminal,
-                  LARGE_LEGIT: self._large_legit, TRAVEL: self._travel}
+        starts = {
+            LARGE_AMOUNT: self._large_amount,
+            CARD_TESTING: self._card_testing,
+            FAR_FROM_HOME: self._far_from_home,
+            COMPROMISED_TERMINAL: self._compromised_terminal,
+            LARGE_LEGIT: self._large_legit,
+            TRAVEL: self._travel,
+        }
         probabilities[TRAVEL] = TRAVEL_SHARE
         # Cumulative thresholds for one random() draw per free slot; above them all: everyday traffic.
         self._starts: list[tuple[float, Callable[[int, datetime], Pair]]] = []
@@ -510,8 +558,17 @@ class Generator:
             return max(ATM_NOTE_CENTS, amount // ATM_NOTE_CENTS * ATM_NOTE_CENTS)
         return max(50, amount)
 
-    def _transaction(self, when: datetime, account: Account, card_id: str, terminal: Terminal, amount_cents: int,
-                     *, device_id: str | None = None, channel: str | None = None) -> Transaction:
+    def _transaction(
+        self,
+        when: datetime,
+        account: Account,
+        card_id: str,
+        terminal: Terminal,
+        amount_cents: int,
+        *,
+        device_id: str | None = None,
+        channel: str | None = None,
+    ) -> Transaction:
         random = self._random
         kind = terminal.kind
         if channel is None:
@@ -523,17 +580,31 @@ class Generator:
             devices = account.devices
             device_id = devices[int(random() * len(devices))]
         return Transaction(
-            transaction_id=uuid4_text(self._getrandbits(128)), account_id=account.account_id, card_id=card_id,
-            merchant_id=terminal.merchant_id, merchant_category=terminal.merchant_category,
-            terminal_id=terminal.terminal_id, amount_cents=amount_cents, event_time=when, channel=channel,
-            country=terminal.country, city=terminal.city, latitude=terminal.latitude, longitude=terminal.longitude,
+            transaction_id=uuid4_text(self._getrandbits(128)),
+            account_id=account.account_id,
+            card_id=card_id,
+            merchant_id=terminal.merchant_id,
+            merchant_category=terminal.merchant_category,
+            terminal_id=terminal.terminal_id,
+            amount_cents=amount_cents,
+            event_time=when,
+            channel=channel,
+            country=terminal.country,
+            city=terminal.city,
+            latitude=terminal.latitude,
+            longitude=terminal.longitude,
             device_id=device_id,
         )
 
     @staticmethod
     def _labelled(tx: Transaction, scenario: str) -> Pair:
-        return tx, Label(transaction_id=tx.transaction_id, is_fraud=scenario != LEGIT, scenario=scenario,
-                         terminal_id=tx.terminal_id, event_time=tx.event_time)
+        return tx, Label(
+            transaction_id=tx.transaction_id,
+            is_fraud=scenario != LEGIT,
+            scenario=scenario,
+            terminal_id=tx.terminal_id,
+            event_time=tx.event_time,
+        )
 
     # -- legit traffic ------------------------------------------------------------------------
 
@@ -546,8 +617,13 @@ class Generator:
         else:  # somewhere new in town
             terminal = population.terminals[self._pick(population.in_person_terminals_at[account.home])]
         tx = self._transaction(when, account, self._card(account), terminal, self._typical_amount(account, terminal))
-        return tx, Label(transaction_id=tx.transaction_id, is_fraud=False, scenario=LEGIT,
-                         terminal_id=tx.terminal_id, event_time=tx.event_time)
+        return tx, Label(
+            transaction_id=tx.transaction_id,
+            is_fraud=False,
+            scenario=LEGIT,
+            terminal_id=tx.terminal_id,
+            event_time=tx.event_time,
+        )
 
     def _travel(self, now_ms: int, when: datetime) -> Pair:
         """The account's owner away from home: legit, and a false positive for naive location rules."""
@@ -591,8 +667,9 @@ class Generator:
 
         def cash_out(at: datetime) -> Pair:
             resale = population.terminals[self._pick(population.resale_terminals)]
-            tx = self._transaction(at, account, card_id, resale, rng.randint(30_000, LEGIT_MAX_CENTS),
-                                   device_id=device_id)
+            tx = self._transaction(
+                at, account, card_id, resale, rng.randint(30_000, LEGIT_MAX_CENTS), device_id=device_id
+            )
             return self._labelled(tx, CARD_TESTING)
 
         due = now_ms
@@ -617,8 +694,9 @@ class Generator:
             if terminal.kind == "atm":
                 amount = max(ATM_NOTE_CENTS, amount // ATM_NOTE_CENTS * ATM_NOTE_CENTS)
             channel = None if terminal.kind == "atm" else "CARD_PRESENT"  # a cloned magstripe cannot tap
-            return self._labelled(self._transaction(at, account, card_id, terminal, amount, channel=channel),
-                                  FAR_FROM_HOME)
+            return self._labelled(
+                self._transaction(at, account, card_id, terminal, amount, channel=channel), FAR_FROM_HOME
+            )
 
         due = now_ms + rng.randint(30 * SECOND_MS, 3 * MINUTE_MS)
         for _ in range(rng.randint(*FAR_FRAUDS)):
@@ -634,14 +712,16 @@ class Generator:
         population = self.population
         rng = self._rng
         place = self._pick(population.home_places)
-        terminal = population.terminals[self._pick(population.pos_terminals_at[place] or
-                                                   population.in_person_terminals_at[place])]
+        terminal = population.terminals[
+            self._pick(population.pos_terminals_at[place] or population.in_person_terminals_at[place])
+        ]
 
         def victim(at: datetime) -> Pair:
             account = population.accounts[int(self._random() * len(population.accounts))]
             amount = min(int(self._typical_amount(account, terminal) * rng.uniform(1.0, 3.0)), LEGIT_MAX_CENTS)
-            return self._labelled(self._transaction(at, account, self._card(account), terminal, amount),
-                                  COMPROMISED_TERMINAL)
+            return self._labelled(
+                self._transaction(at, account, self._card(account), terminal, amount), COMPROMISED_TERMINAL
+            )
 
         due = now_ms
         for _ in range(rng.randint(*TERMINAL_FRAUDS) - 1):
@@ -682,10 +762,16 @@ class GeneratedBatch:
     def labels(self, schema: pa.Schema) -> pa.RecordBatch:
         n = len(self.everyday)
         columns = self.everyday.columns(self.now_ms)  # the label names its transaction's terminal and time
-        values = {"transaction_id": self.everyday.transaction_ids, "is_fraud": pa.repeat(pa.scalar(False), n),
-                  "scenario": pa.repeat(pa.scalar(LEGIT), n), "terminal_id": columns["terminal_id"],
-                  "event_time": columns["event_time"], "source": pa.repeat(pa.scalar("generator"), n),
-                  "labelled_by": pa.nulls(n, pa.string()), "labelled_at": pa.nulls(n, pa.timestamp("ms", "UTC"))}
+        values = {
+            "transaction_id": self.everyday.transaction_ids,
+            "is_fraud": pa.repeat(pa.scalar(False), n),
+            "scenario": pa.repeat(pa.scalar(LEGIT), n),
+            "terminal_id": columns["terminal_id"],
+            "event_time": columns["event_time"],
+            "source": pa.repeat(pa.scalar("generator"), n),
+            "labelled_by": pa.nulls(n, pa.string()),
+            "labelled_at": pa.nulls(n, pa.timestamp("ms", "UTC")),
+        }
         batch = pa.RecordBatch.from_arrays([values[f.name].cast(f.type) for f in schema], schema=schema)
         return self._in_order(batch, [label.to_dict() for _, label in self.own], schema)
 
@@ -705,8 +791,18 @@ class GeneratedBatch:
         for fields in zip(*values, strict=True):
             record = dict(zip(names, fields, strict=True))
             tx = Transaction(event_time=when, **record)
-            made.append((tx, Label(transaction_id=tx.transaction_id, is_fraud=False, scenario=LEGIT,
-                                   terminal_id=tx.terminal_id, event_time=tx.event_time)))
+            made.append(
+                (
+                    tx,
+                    Label(
+                        transaction_id=tx.transaction_id,
+                        is_fraud=False,
+                        scenario=LEGIT,
+                        terminal_id=tx.terminal_id,
+                        event_time=tx.event_time,
+                    ),
+                )
+            )
         order = self._order()
         if order is None:
             return made

@@ -124,14 +124,35 @@ class HandbookSimulation:
             hi, lo = bits[i]
             terminal_id = f"hb-terminal-{t:05d}"
             tx = Transaction(
-                transaction_id=uuid4_text(hi << 64 | lo), account_id=f"hb-customer-{c:05d}", card_id=f"hb-card-{c:05d}",
-                merchant_id=terminal_id, merchant_category="5999", terminal_id=terminal_id,
-                amount_cents=amounts[i], currency="USD", event_time=event_time(times[i]), channel="UNKNOWN",
-                country="US", city="Handbook grid", latitude=latitude[t], longitude=longitude[t], device_id=None,
+                transaction_id=uuid4_text(hi << 64 | lo),
+                account_id=f"hb-customer-{c:05d}",
+                card_id=f"hb-card-{c:05d}",
+                merchant_id=terminal_id,
+                merchant_category="5999",
+                terminal_id=terminal_id,
+                amount_cents=amounts[i],
+                currency="USD",
+                event_time=event_time(times[i]),
+                channel="UNKNOWN",
+                country="US",
+                city="Handbook grid",
+                latitude=latitude[t],
+                longitude=longitude[t],
+                device_id=None,
             )
             scenario = SCENARIOS[scenarios[i]]
-            pairs.append((tx, Label(transaction_id=tx.transaction_id, is_fraud=scenario != LEGIT, scenario=scenario,
-                                    terminal_id=terminal_id, event_time=tx.event_time)))
+            pairs.append(
+                (
+                    tx,
+                    Label(
+                        transaction_id=tx.transaction_id,
+                        is_fraud=scenario != LEGIT,
+                        scenario=scenario,
+                        terminal_id=terminal_id,
+                        event_time=tx.event_time,
+                    ),
+                )
+            )
         return pairs
 
 
@@ -159,8 +180,14 @@ class HandbookStream:
         return None if self.exhausted else int(self.simulation.time_ms[self.position])
 
 
-def simulate(*, customers: int = DEFAULT_CUSTOMERS, terminals: int = DEFAULT_TERMINALS, days: int = DEFAULT_DAYS,
-             seed: int = 0, start: datetime = START) -> HandbookSimulation:
+def simulate(
+    *,
+    customers: int = DEFAULT_CUSTOMERS,
+    terminals: int = DEFAULT_TERMINALS,
+    days: int = DEFAULT_DAYS,
+    seed: int = 0,
+    start: datetime = START,
+) -> HandbookSimulation:
     """The whole simulation, labelled. Same arguments, same result."""
     for name, value in (("customers", customers), ("terminals", terminals), ("days", days)):
         if value < 1:
@@ -208,23 +235,35 @@ def simulate(*, customers: int = DEFAULT_CUSTOMERS, terminals: int = DEFAULT_TER
     start_ms = int(start.timestamp()) * 1_000
     time_ms = start_ms + (day.astype(np.int64) * DAY_S + second) * 1_000
     id_bits = rng.integers(0, 2**64, size=(len(customer), 2), dtype=np.uint64)
-    return HandbookSimulation(seed=seed, customers=customers, terminals=terminals, days=days, start_ms=start_ms,
-                              time_ms=time_ms, customer=customer, terminal=terminal, amount_cents=amount_cents,
-                              scenario=scenario, customer_xy=customer_xy, terminal_xy=terminal_xy,
-                              id_bits=id_bits)
+    return HandbookSimulation(
+        seed=seed,
+        customers=customers,
+        terminals=terminals,
+        days=days,
+        start_ms=start_ms,
+        time_ms=time_ms,
+        customer=customer,
+        terminal=terminal,
+        amount_cents=amount_cents,
+        scenario=scenario,
+        customer_xy=customer_xy,
+        terminal_xy=terminal_xy,
+        id_bits=id_bits,
+    )
 
 
-def _terminals_within_radius(customer_xy: np.ndarray, terminal_xy: np.ndarray,
-                             chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def _terminals_within_radius(
+    customer_xy: np.ndarray, terminal_xy: np.ndarray, chunk: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
     """Each customer's terminals closer than RADIUS, as CSR: offsets (customers + 1) and terminal indices."""
     found: list[np.ndarray] = []
     counts = np.zeros(len(customer_xy), dtype=np.int64)
     for begin in range(0, len(customer_xy), chunk):
-        block = customer_xy[begin:begin + chunk]
+        block = customer_xy[begin : begin + chunk]
         squared = ((block[:, None, :] - terminal_xy[None, :, :]) ** 2).sum(axis=2)
         rows, columns = np.nonzero(squared < RADIUS * RADIUS)  # row-major: each customer's terminals in order
         found.append(columns)
-        counts[begin:begin + len(block)] = np.bincount(rows, minlength=len(block))
+        counts[begin : begin + len(block)] = np.bincount(rows, minlength=len(block))
     offsets = np.zeros(len(customer_xy) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     return offsets, (np.concatenate(found) if found else np.zeros(0, dtype=np.int64)).astype(np.int32)
@@ -235,5 +274,5 @@ def _compromised(rng: np.random.Generator, days: int, population: int, per_day: 
     compromised = np.zeros((days, population), dtype=bool)
     for day in range(days):
         chosen = rng.choice(population, size=min(per_day, population), replace=False)
-        compromised[day:day + lasting, chosen] = True
+        compromised[day : day + lasting, chosen] = True
     return compromised

@@ -64,8 +64,13 @@ class EventClock:
 
     __slots__ = ("speedup", "start_ms", "started", "_monotonic")
 
-    def __init__(self, speedup: float = DEFAULT_SPEEDUP, *, start_ms: int | None = None,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        speedup: float = DEFAULT_SPEEDUP,
+        *,
+        start_ms: int | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         if not 0 < speedup < float("inf"):  # also refuses NaN
             raise ConfigError(f"speedup must be a positive number, not {speedup}")
         self.speedup = speedup
@@ -106,11 +111,16 @@ class ProduceReport:
 
     def summary(self) -> str:
         target = f" (target {self.target_rate:,.0f}/s)" if self.target_rate else " (unthrottled)"
-        labels = (f"; labels: sent {self.labels_sent:,}, delivered {self.labels_delivered:,}, "
-                  f"failed {self.labels_failed:,}") if self.labels_sent else ""
-        return (f"transactions: sent {self.sent:,}, delivered {self.delivered:,}, failed {self.failed:,}{labels}; "
-                f"elapsed {self.elapsed_s:.1f}s (+{self.flush_s:.1f}s flush); "
-                f"achieved {self.achieved_rate:,.0f} tx/s{target}" + ("; stopped early" if self.stopped_early else ""))
+        labels = (
+            (f"; labels: sent {self.labels_sent:,}, delivered {self.labels_delivered:,}, failed {self.labels_failed:,}")
+            if self.labels_sent
+            else ""
+        )
+        return (
+            f"transactions: sent {self.sent:,}, delivered {self.delivered:,}, failed {self.failed:,}{labels}; "
+            f"elapsed {self.elapsed_s:.1f}s (+{self.flush_s:.1f}s flush); "
+            f"achieved {self.achieved_rate:,.0f} tx/s{target}" + ("; stopped early" if self.stopped_early else "")
+        )
 
 
 class _Deliveries:
@@ -158,8 +168,10 @@ class _Progress:
         if now < self.next_at:
             return
         recent = (sent - self.last_sent) / max(now - self.last_at, 1e-9)
-        line = (f"{now - self.started:7.1f}s  sent {sent:>11,}  delivered {delivered:>11,}  failed {failed:,}  "
-                f"{recent:>9,.0f} tx/s{self.target}")
+        line = (
+            f"{now - self.started:7.1f}s  sent {sent:>11,}  delivered {delivered:>11,}  failed {failed:,}  "
+            f"{recent:>9,.0f} tx/s{self.target}"
+        )
         if self.live:
             self.out.write(f"\r{line}\x1b[K")
         else:
@@ -176,13 +188,27 @@ class _Progress:
             self.out.flush()
 
 
-def produce(settings: Settings, *, rate: float | None = DEFAULT_RATE, count: int | None = None,
-            duration: float | None = None, seed: int = DEFAULT_SEED, quiet: bool = True,
-            stop: threading.Event | None = None, shares: Mapping[str, float] | None = None,
-            large_legit_share: float = DEFAULT_LARGE_LEGIT_SHARE, accounts: int | None = None, labels: bool = True,
-            progress_out: TextIO | None = None, cluster_timeout_s: float = 15.0,
-            delivery_timeout_s: float = 30.0, speedup: float = DEFAULT_SPEEDUP, simulation: HandbookSimulation | None = None,
-            label_delay_days: float = 0.0, days_per_second: float | None = None) -> ProduceReport:
+def produce(
+    settings: Settings,
+    *,
+    rate: float | None = DEFAULT_RATE,
+    count: int | None = None,
+    duration: float | None = None,
+    seed: int = DEFAULT_SEED,
+    quiet: bool = True,
+    stop: threading.Event | None = None,
+    shares: Mapping[str, float] | None = None,
+    large_legit_share: float = DEFAULT_LARGE_LEGIT_SHARE,
+    accounts: int | None = None,
+    labels: bool = True,
+    progress_out: TextIO | None = None,
+    cluster_timeout_s: float = 15.0,
+    delivery_timeout_s: float = 30.0,
+    speedup: float = DEFAULT_SPEEDUP,
+    simulation: HandbookSimulation | None = None,
+    label_delay_days: float = 0.0,
+    days_per_second: float | None = None,
+) -> ProduceReport:
     """Generate and send transactions (and their labels) until count, duration or a stop request.
 
     rate: transactions per wall-clock second, None or 0 for as fast as possible. speedup: event time runs
@@ -203,10 +229,14 @@ def produce(settings: Settings, *, rate: float | None = DEFAULT_RATE, count: int
         raise ConfigError(f"duration must be positive, not {duration}")
     EventClock(speedup)  # checks it before any network wait
     if label_delay_days < 0 or (label_delay_days and simulation is None):
-        raise ConfigError("a label delay needs a simulation (its clock is simulated) and must not be negative, "
-                          f"not {label_delay_days}")
+        raise ConfigError(
+            "a label delay needs a simulation (its clock is simulated) and must not be negative, "
+            f"not {label_delay_days}"
+        )
     if days_per_second is not None and days_per_second < 0:
-        raise ConfigError(f"simulated days per second must be positive (or 0: as fast as possible), not {days_per_second}")
+        raise ConfigError(
+            f"simulated days per second must be positive (or 0: as fast as possible), not {days_per_second}"
+        )
     if simulation is not None:
         generator: Generator | HandbookStream = HandbookStream(simulation)
     else:
@@ -223,31 +253,68 @@ def produce(settings: Settings, *, rate: float | None = DEFAULT_RATE, count: int
     encode_label = make_encoder(schema_ids[settings.labels_topic], schemas.parsed["Label"])
 
     # The generator's batches are encoded whole (in Rust); the handbook simulation's record by record.
-    batch_encoders = None if simulation is not None else (
-        BatchEncoder(schema_ids[settings.transactions_topic], schemas.expanded["Transaction"]),
-        BatchEncoder(schema_ids[settings.labels_topic], schemas.expanded["Label"]))
-    producer = Producer(producer_config(settings, **{
-        "client.id": "fraudstream-producer",
-        # Fail undeliverable records within a bounded time rather than librdkafka's 5 minutes.
-        "delivery.timeout.ms": int(delivery_timeout_s * 1000),
-    }))
+    batch_encoders = (
+        None
+        if simulation is not None
+        else (
+            BatchEncoder(schema_ids[settings.transactions_topic], schemas.expanded["Transaction"]),
+            BatchEncoder(schema_ids[settings.labels_topic], schemas.expanded["Label"]),
+        )
+    )
+    producer = Producer(
+        producer_config(
+            settings,
+            **{
+                "client.id": "fraudstream-producer",
+                # Fail undeliverable records within a bounded time rather than librdkafka's 5 minutes.
+                "delivery.timeout.ms": int(delivery_timeout_s * 1000),
+            },
+        )
+    )
     paced = None if simulation is not None else rate or None
-    return _Run(producer, generator, settings, encode_transaction, encode_label, labels=labels,
-                rate=paced, count=count, duration=duration, stop=stop or threading.Event(),
-                progress=None if quiet else _Progress(progress_out or sys.stdout, paced),
-                flush_timeout_s=delivery_timeout_s + 5.0, speedup=speedup, label_delay_ms=round(label_delay_days * DAY_MS),
-                days_per_second=days_per_second or None, batch_encoders=batch_encoders).run()
+    return _Run(
+        producer,
+        generator,
+        settings,
+        encode_transaction,
+        encode_label,
+        labels=labels,
+        rate=paced,
+        count=count,
+        duration=duration,
+        stop=stop or threading.Event(),
+        progress=None if quiet else _Progress(progress_out or sys.stdout, paced),
+        flush_timeout_s=delivery_timeout_s + 5.0,
+        speedup=speedup,
+        label_delay_ms=round(label_delay_days * DAY_MS),
+        days_per_second=days_per_second or None,
+        batch_encoders=batch_encoders,
+    ).run()
 
 
 class _Run:
     """One run's mutable state; produce() is its only user."""
 
-    def __init__(self, producer: Producer, generator: Generator | HandbookStream, settings: Settings,
-                 encode_transaction: Encoder, encode_label: Encoder, *, labels: bool, rate: float | None,
-                 count: int | None, duration: float | None, stop: threading.Event, progress: _Progress | None,
-                 flush_timeout_s: float, speedup: float = DEFAULT_SPEEDUP, label_delay_ms: int = 0,
-                 days_per_second: float | None = None,
-                 batch_encoders: tuple[BatchEncoder, BatchEncoder] | None = None) -> None:
+    def __init__(
+        self,
+        producer: Producer,
+        generator: Generator | HandbookStream,
+        settings: Settings,
+        encode_transaction: Encoder,
+        encode_label: Encoder,
+        *,
+        labels: bool,
+        rate: float | None,
+        count: int | None,
+        duration: float | None,
+        stop: threading.Event,
+        progress: _Progress | None,
+        flush_timeout_s: float,
+        speedup: float = DEFAULT_SPEEDUP,
+        label_delay_ms: int = 0,
+        days_per_second: float | None = None,
+        batch_encoders: tuple[BatchEncoder, BatchEncoder] | None = None,
+    ) -> None:
         self.producer = producer
         self.generator = generator
         self.transactions_topic = settings.transactions_topic
@@ -297,9 +364,15 @@ class _Run:
         if still_queued:
             _note(self.errors, f"{still_queued:,} records still queued {self.flush_timeout_s:.0f}s after the end")
         return ProduceReport(
-            sent=self.sent, delivered=self.on_transaction.delivered, failed=self.sent - self.on_transaction.delivered,
-            elapsed_s=elapsed, labels_sent=self.labels_sent, labels_delivered=self.on_label.delivered,
-            labels_failed=self.labels_sent - self.on_label.delivered, flush_s=flush_s, target_rate=self.rate,
+            sent=self.sent,
+            delivered=self.on_transaction.delivered,
+            failed=self.sent - self.on_transaction.delivered,
+            elapsed_s=elapsed,
+            labels_sent=self.labels_sent,
+            labels_delivered=self.on_label.delivered,
+            labels_failed=self.labels_sent - self.on_label.delivered,
+            flush_s=flush_s,
+            target_rate=self.rate,
             stopped_early=stopped_early,
             errors=tuple(f"{text} (x{n:,})" if n > 1 else text for text, n in self.errors.items()),
         )
@@ -418,8 +491,9 @@ class _Run:
                 event_ms = (transaction.event_time - _EPOCH) // _MS
                 self.clock_ms = max(self.clock_ms, event_ms)
                 if labels:
-                    self.pending_labels.append((event_ms + self.label_delay_ms, encode_label(label.to_dict()),
-                                                label.transaction_id))
+                    self.pending_labels.append(
+                        (event_ms + self.label_delay_ms, encode_label(label.to_dict()), label.transaction_id)
+                    )
                 continue
             if labels:
                 value = encode_label(label.to_dict())
@@ -474,8 +548,15 @@ class _Run:
     def _retry(self, topic: str, value: bytes, key: str, on_delivery: _Deliveries, *, stoppable: bool) -> bool:
         """The local queue was full: wait for deliveries and produce again; False if stopped or failed."""
         try:
-            return produce_or_wait(self.producer, topic, value, key, wait_s=MAX_WAIT_S, on_delivery=on_delivery,
-                                   give_up=lambda: (stoppable and self.stop.is_set()) or self._fatal())
+            return produce_or_wait(
+                self.producer,
+                topic,
+                value,
+                key,
+                wait_s=MAX_WAIT_S,
+                on_delivery=on_delivery,
+                give_up=lambda: (stoppable and self.stop.is_set()) or self._fatal(),
+            )
         except KafkaException as exc:
             return self._producer_error(exc)
 

@@ -49,20 +49,24 @@ def main(argv: list[str] | None = None) -> int:
     legit_ctx = SerializationContext(args.legit_topic, MessageField.VALUE)
     fraud_ctx = SerializationContext(args.fraud_topic, MessageField.VALUE)
 
-    consumer = Consumer({
-        "bootstrap.servers": args.bootstrap_servers,
-        "group.id": args.group_id,
-        "auto.offset.reset": "earliest",
-        "enable.auto.offset.store": False,  # at-least-once: store an offset only once its output is produced
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": args.bootstrap_servers,
+            "group.id": args.group_id,
+            "auto.offset.reset": "earliest",
+            "enable.auto.offset.store": False,  # at-least-once: store an offset only once its output is produced
+        }
+    )
     # librdkafka's defaults already batch (linger.ms=5, batch.num.messages=10000); lz4 and acks=all as ours.
-    producer = Producer({
-        "bootstrap.servers": args.bootstrap_servers,
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": 5,
-        "compression.type": "lz4",
-    })
+    producer = Producer(
+        {
+            "bootstrap.servers": args.bootstrap_servers,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+        }
+    )
     consumer.subscribe([args.input_topic])
     print(f"consuming {args.input_topic} -> {args.legit_topic} | {args.fraud_topic}", flush=True)
 

@@ -21,7 +21,9 @@ from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from fraudstream.kafka import produce_or_wait  # the full-queue wait only, the same for every contender
-from fraudstream.producer.generator import Generator  # the data source only, so that both producers send the same records
+from fraudstream.producer.generator import (
+    Generator,
+)  # the data source only, so that both producers send the same records
 
 GENERATOR_BATCH = 500  # as ours generates when unthrottled
 
@@ -38,20 +40,29 @@ def main(argv: list[str] | None = None) -> int:
 
     registry = SchemaRegistryClient({"url": args.schema_registry_url, "timeout": 30})  # fail, never hang
     conf = {"auto.register.schemas": False, "subject.name.strategy": topic_subject_name_strategy}
-    serialize_tx = AvroSerializer(registry, registry.get_latest_version(f"{args.topic}-value").schema.schema_str,
-                                  lambda tx, ctx: tx.to_dict(), conf)
-    serialize_label = AvroSerializer(registry,
-                                     registry.get_latest_version(f"{args.labels_topic}-value").schema.schema_str,
-                                     lambda label, ctx: label.to_dict(), conf)
+    serialize_tx = AvroSerializer(
+        registry,
+        registry.get_latest_version(f"{args.topic}-value").schema.schema_str,
+        lambda tx, ctx: tx.to_dict(),
+        conf,
+    )
+    serialize_label = AvroSerializer(
+        registry,
+        registry.get_latest_version(f"{args.labels_topic}-value").schema.schema_str,
+        lambda label, ctx: label.to_dict(),
+        conf,
+    )
     tx_ctx = SerializationContext(args.topic, MessageField.VALUE)
     label_ctx = SerializationContext(args.labels_topic, MessageField.VALUE)
-    producer = Producer({
-        "bootstrap.servers": args.bootstrap_servers,
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": 5,
-        "compression.type": "lz4",
-    })
+    producer = Producer(
+        {
+            "bootstrap.servers": args.bootstrap_servers,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+        }
+    )
     outcome = {"delivered": 0, "failed": 0}
 
     def delivery_report(err, msg) -> None:
@@ -75,8 +86,19 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     # Each transaction counts as delivered when both it and its label are.
     delivered = min(sent, outcome["delivered"] // 2)
-    print("BENCH-REPORT " + json.dumps({"sent": sent, "delivered": delivered, "failed": sent - delivered,
-                                        "sending_s": sending_s, "elapsed_s": elapsed}), flush=True)
+    print(
+        "BENCH-REPORT "
+        + json.dumps(
+            {
+                "sent": sent,
+                "delivered": delivered,
+                "failed": sent - delivered,
+                "sending_s": sending_s,
+                "elapsed_s": elapsed,
+            }
+        ),
+        flush=True,
+    )
     return 0 if delivered == sent else 1
 
 

@@ -22,9 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-topic", required=True)
     parser.add_argument("--group-id", required=True)
     parser.add_argument("--batch", type=int, required=True, help="records per transaction at most")
-    parser.add_argument("--produce-batch", action="store_true",
-                        help="one Producer.produce_batch call per transaction instead of produce per record "
-                             "(no headers in that API): what the per-record produce calls cost")
+    parser.add_argument(
+        "--produce-batch",
+        action="store_true",
+        help="one Producer.produce_batch call per transaction instead of produce per record "
+        "(no headers in that API): what the per-record produce calls cost",
+    )
     args = parser.parse_args(argv)
 
     from confluent_kafka import Consumer, Producer
@@ -36,10 +39,16 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = Settings.from_env(bootstrap_servers=args.bootstrap_servers)
     transactional_id = f"{args.group_id}-passthrough"
-    producer = Producer(transactional_producer_config(settings, transactional_id, **{
-        # A 50,000-record transaction must fit the local queue (default 100,000 messages).
-        "queue.buffering.max.messages": max(100_000, 2 * args.batch),
-    }))
+    producer = Producer(
+        transactional_producer_config(
+            settings,
+            transactional_id,
+            **{
+                # A 50,000-record transaction must fit the local queue (default 100,000 messages).
+                "queue.buffering.max.messages": max(100_000, 2 * args.batch),
+            },
+        )
+    )
     consumer = Consumer(consumer_config(settings, args.group_id))
     producer.init_transactions(30)
     consumer.subscribe([args.input_topic])
@@ -66,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                 for message in messages:
                     if message.error() is None:
                         produce_or_wait(producer, output, message.value(), message.key())
-            producer.send_offsets_to_transaction(consumer.position(consumer.assignment()),
-                                                 consumer.consumer_group_metadata())
+            producer.send_offsets_to_transaction(
+                consumer.position(consumer.assignment()), consumer.consumer_group_metadata()
+            )
             producer.commit_transaction()
     finally:
         consumer.close()

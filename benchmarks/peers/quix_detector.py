@@ -36,9 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = detector_arguments(__doc__.splitlines()[0])
     parser.add_argument("--rule", choices=("stateless", "velocity"), default="stateless")
     parser.add_argument("--velocity-gap-s", type=float, required=True, help="a session's inactivity gap")
-    parser.add_argument("--velocity-max", type=int, required=True, help="more transactions than this per card and session")
-    parser.add_argument("--velocity-grace-s", type=float, default=600.0,
-                        help="lateness tolerated: the repartition topic interleaves input partitions")
+    parser.add_argument(
+        "--velocity-max", type=int, required=True, help="more transactions than this per card and session"
+    )
+    parser.add_argument(
+        "--velocity-grace-s",
+        type=float,
+        default=600.0,
+        help="lateness tolerated: the repartition topic interleaves input partitions",
+    )
     parser.add_argument("--state-dir", required=True)
     args = parser.parse_args(argv)
 
@@ -51,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     registry_config = SchemaRegistryClientConfig(url=args.schema_registry_url)
-    serialization = SchemaRegistrySerializationConfig(auto_register_schemas=False,
-                                                      subject_name_strategy=topic_subject_name_strategy)
+    serialization = SchemaRegistrySerializationConfig(
+        auto_register_schemas=False, subject_name_strategy=topic_subject_name_strategy
+    )
     # The serializers need the schema itself: take the registered text, as the confluent peer does.
     registry = SchemaRegistryClient({"url": args.schema_registry_url, "timeout": 30})
     legit_schema = json.loads(registry.get_latest_version(f"{args.legit_topic}-value").schema.schema_str)
@@ -68,17 +75,30 @@ def main(argv: list[str] | None = None) -> int:
         loglevel="WARNING",
     )
     input_topic = app.topic(
-        args.input_topic, key_deserializer="str",
+        args.input_topic,
+        key_deserializer="str",
         value_deserializer=AvroDeserializer(schema_registry_client_config=registry_config),
         # Windows run on the transaction's own event time, not the Kafka timestamp.
         timestamp_extractor=lambda value, _headers, _timestamp, _type: int(value["event_time"].timestamp() * 1000),
     )
-    legit_topic = app.topic(args.legit_topic, key_serializer="str", value_serializer=AvroSerializer(
-        legit_schema, schema_registry_client_config=registry_config,
-        schema_registry_serialization_config=serialization))
-    fraud_topic = app.topic(args.fraud_topic, key_serializer="str", value_serializer=AvroSerializer(
-        fraud_schema, schema_registry_client_config=registry_config,
-        schema_registry_serialization_config=serialization))
+    legit_topic = app.topic(
+        args.legit_topic,
+        key_serializer="str",
+        value_serializer=AvroSerializer(
+            legit_schema,
+            schema_registry_client_config=registry_config,
+            schema_registry_serialization_config=serialization,
+        ),
+    )
+    fraud_topic = app.topic(
+        args.fraud_topic,
+        key_serializer="str",
+        value_serializer=AvroSerializer(
+            fraud_schema,
+            schema_registry_client_config=registry_config,
+            schema_registry_serialization_config=serialization,
+        ),
+    )
 
     threshold = args.threshold_cents
 
@@ -95,19 +115,28 @@ def main(argv: list[str] | None = None) -> int:
         # Windows group by the message key; the input is keyed by account, so re-key by card.
         # The internal repartition topic carries plain Avro (no registry framing) with the input's schema.
         tx_schema = legit_schema
-        sdf = sdf.group_by("card_id", key_serializer="str", key_deserializer="str",
-                           value_serializer=AvroSerializer(tx_schema), value_deserializer=AvroDeserializer(tx_schema))
+        sdf = sdf.group_by(
+            "card_id",
+            key_serializer="str",
+            key_deserializer="str",
+            value_serializer=AvroSerializer(tx_schema),
+            value_deserializer=AvroDeserializer(tx_schema),
+        )
         # Window state is stored as JSON, which has no datetime: carry event time as epoch milliseconds
         # (the Avro serializers take either for a timestamp-millis field).
         sdf["event_time"] = sdf["event_time"].apply(lambda t: int(t.timestamp() * 1000))
         sdf = (
-            sdf.session_window(inactivity_gap_ms=timedelta(seconds=args.velocity_gap_s),
-                               grace_ms=timedelta(seconds=args.velocity_grace_s))
+            sdf.session_window(
+                inactivity_gap_ms=timedelta(seconds=args.velocity_gap_s),
+                grace_ms=timedelta(seconds=args.velocity_grace_s),
+            )
             # Count per card and session, and carry the transaction that made the count. Sessions merge
             # when an out-of-order record bridges two: the counts add up.
-            .reduce(reducer=lambda agg, tx: {"count": agg["count"] + 1, "tx": tx},
-                    initializer=lambda tx: {"count": 1, "tx": tx},
-                    merger=lambda earlier, later: {"count": earlier["count"] + later["count"], "tx": later["tx"]})
+            .reduce(
+                reducer=lambda agg, tx: {"count": agg["count"] + 1, "tx": tx},
+                initializer=lambda tx: {"count": 1, "tx": tx},
+                merger=lambda earlier, later: {"count": earlier["count"] + later["count"], "tx": later["tx"]},
+            )
             .current()
         )
 

@@ -42,12 +42,15 @@ def ensure_changelogs(settings: Settings, specs: Sequence[StoreSpec]) -> dict[st
     for topic in topics.values():
         found = metadata.topics.get(topic)
         if found is None:
-            missing.append(NewTopic(topic, num_partitions=partitions, replication_factor=replicas,
-                                    config=dict(COMPACTED)))
+            missing.append(
+                NewTopic(topic, num_partitions=partitions, replication_factor=replicas, config=dict(COMPACTED))
+            )
         elif len(found.partitions) != partitions:
-            raise StateError(f"changelog {topic} has {len(found.partitions)} partitions but the input topic "
-                             f"{settings.transactions_topic} has {partitions}: state is partitioned like the input, "
-                             "so the counts must match (delete the changelog to rebuild state from scratch)")
+            raise StateError(
+                f"changelog {topic} has {len(found.partitions)} partitions but the input topic "
+                f"{settings.transactions_topic} has {partitions}: state is partitioned like the input, "
+                "so the counts must match (delete the changelog to rebuild state from scratch)"
+            )
         else:
             existing.append(topic)
     for topic in existing:
@@ -70,12 +73,21 @@ def _check_compacted(client, topic: str) -> None:
         raise KafkaUnavailable(f"could not read the configuration of changelog {topic}: {exc.args[0].str()}") from exc
     policy = configs["cleanup.policy"].value
     if "compact" not in policy.split(","):
-        raise StateError(f"changelog {topic} has cleanup.policy={policy}; it must be compacted, or old state "
-                         "would be deleted by retention")
+        raise StateError(
+            f"changelog {topic} has cleanup.policy={policy}; it must be compacted, or old state "
+            "would be deleted by retention"
+        )
 
 
-def write_rows(producer, topic: str, partition: int, spec: StoreSpec, keys: Sequence[bytes], rows: np.ndarray,
-               on_full: Callable[[], None] | None = None) -> int:
+def write_rows(
+    producer,
+    topic: str,
+    partition: int,
+    spec: StoreSpec,
+    keys: Sequence[bytes],
+    rows: np.ndarray,
+    on_full: Callable[[], None] | None = None,
+) -> int:
     """Produce one changelog record per changed key (its whole row) to the store's partition."""
     if not keys:
         return 0

@@ -35,8 +35,14 @@ LATE_TOLERANCE_MS = 60 * 60 * 1000
 
 
 class StateManager:
-    def __init__(self, settings: Settings, specs: Sequence[StoreSpec], *,
-                 on_log: Callable[[str], None] = log.info, on_restored: Callable[[RestoreProgress, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        specs: Sequence[StoreSpec],
+        *,
+        on_log: Callable[[str], None] = log.info,
+        on_restored: Callable[[RestoreProgress, float], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.specs = tuple(specs)
         self.on_log = on_log
@@ -86,8 +92,10 @@ class StateManager:
         if len(again) < len(partitions):
             # Not an error (a partition revoked meanwhile is its new owner's to restore), but never silent.
             gone = sorted(set(partitions) - set(again))
-            self.on_log(f"state of {self.settings.transactions_topic}{gone} dropped, not restored: no longer "
-                        "assigned to this detector (its new owner restores it from the changelog)")
+            self.on_log(
+                f"state of {self.settings.transactions_topic}{gone} dropped, not restored: no longer "
+                "assigned to this detector (its new owner restores it from the changelog)"
+            )
         if again:
             consumer.pause([TopicPartition(self.settings.transactions_topic, p) for p in again])
             for partition in again:
@@ -122,8 +130,10 @@ class StateManager:
         seconds = time.monotonic() - progress.started
         keys = sum(len(table) for table in tables.values())
         if progress.records:
-            self.on_log(f"restored state of {self.settings.transactions_topic}[{partition}]: {progress.records} "
-                        f"changelog records, {keys} keys in {seconds:.2f}s")
+            self.on_log(
+                f"restored state of {self.settings.transactions_topic}[{partition}]: {progress.records} "
+                f"changelog records, {keys} keys in {seconds:.2f}s"
+            )
         if self.on_restored:
             self.on_restored(progress, seconds)
         consumer.resume([TopicPartition(self.settings.transactions_topic, partition)])

@@ -85,13 +85,17 @@ class Recovery:
         self._admin = None  # made when a stalled restore is reported
         self._refreshed_at = 0.0  # when the restore consumer last asked for its changelogs' leaders
         # assign() only: the group id is required by the client but never joins or commits.
-        self.consumer = Consumer(consumer_config(settings, f"{settings.group_id}.restore",
-                                                 **{"enable.partition.eof": False, "fetch.max.bytes": 64 << 20}))
+        self.consumer = Consumer(
+            consumer_config(
+                settings, f"{settings.group_id}.restore", **{"enable.partition.eof": False, "fetch.max.bytes": 64 << 20}
+            )
+        )
         # The end to restore to is the high watermark, which only a read_uncommitted client is told: a
         # read_committed one gets the last stable offset, which lags while a transaction (the previous
         # owner's last batch) is still being committed, and would end the restore before its changes.
-        self.offsets = Consumer(consumer_config(settings, f"{settings.group_id}.restore",
-                                                **{"isolation.level": "read_uncommitted"}))
+        self.offsets = Consumer(
+            consumer_config(settings, f"{settings.group_id}.restore", **{"isolation.level": "read_uncommitted"})
+        )
         self.stalls = 0  # times a restore was logged as not moving
         self.end_retries = 0  # failed attempts to read a changelog partition's end (a leader down or moving)
         self.restoring: dict[int, RestoreProgress] = {}
@@ -131,8 +135,9 @@ class Recovery:
             except KafkaException as exc:
                 error = exc.args[0]
                 if not passes(error) or time.monotonic() > deadline:
-                    raise KafkaUnavailable(f"could not read the end of changelog {tp.topic}[{tp.partition}]: "
-                                           f"{error.str()}") from exc
+                    raise KafkaUnavailable(
+                        f"could not read the end of changelog {tp.topic}[{tp.partition}]: {error.str()}"
+                    ) from exc
                 log.warning("asking for the end of changelog %s[%d]: %s; retrying", tp.topic, tp.partition, error.str())
                 self.end_retries += 1
                 refresh_metadata(self.offsets, tp.topic, self.timeout_s)
@@ -167,8 +172,9 @@ class Recovery:
             if restoring is None:  # its partition was revoked meanwhile
                 continue
             value, key = message.value(), message.key()
-            if value is not None and (len(value) != restoring.size or key is None
-                                      or message.headers() != restoring.headers):
+            if value is not None and (
+                len(value) != restoring.size or key is None or message.headers() != restoring.headers
+            ):
                 _refuse(message, restoring.spec)
             latest.setdefault(where, {})[key] = value
             restoring.records += 1
@@ -190,12 +196,18 @@ class Recovery:
                 elif position.offset != restoring.position:
                     restoring.position, restoring.moved_at = position.offset, now
                 else:
-                    if now - restoring.moved_at >= METADATA_REFRESH_AFTER_S and now - self._refreshed_at >= METADATA_REFRESH_AFTER_S:
+                    if (
+                        now - restoring.moved_at >= METADATA_REFRESH_AFTER_S
+                        and now - self._refreshed_at >= METADATA_REFRESH_AFTER_S
+                    ):
                         # Not moving: perhaps fetching from a leader that died (a client in assign mode keeps
                         # asking it until its metadata ages out). Asking for the leaders moves the fetch.
                         self._refreshed_at = now
                         refresh_metadata(self.consumer, where[0], self.timeout_s)
-                    if now - restoring.moved_at >= STALL_LOG_AFTER_S and now - restoring.reported_at >= STALL_LOG_AFTER_S:
+                    if (
+                        now - restoring.moved_at >= STALL_LOG_AFTER_S
+                        and now - restoring.reported_at >= STALL_LOG_AFTER_S
+                    ):
                         restoring.reported_at = now
                         self._report_stall(where, restoring, now)
         completed = [p for p in self.restoring.values() if p.done]
@@ -209,16 +221,26 @@ class Recovery:
         tp = TopicPartition(*where)
         if self._admin is None:
             self._admin = admin(self.settings)
-        asked = {level: self._admin.list_offsets({tp: OffsetSpec.latest()}, isolation_level=level,
-                                                 request_timeout=self.timeout_s)[tp]
-                 for level in (IsolationLevel.READ_COMMITTED, IsolationLevel.READ_UNCOMMITTED)}
+        asked = {
+            level: self._admin.list_offsets(
+                {tp: OffsetSpec.latest()}, isolation_level=level, request_timeout=self.timeout_s
+            )[tp]
+            for level in (IsolationLevel.READ_COMMITTED, IsolationLevel.READ_UNCOMMITTED)
+        }
         try:
             stable, high = (asked[level].result(timeout=self.timeout_s).offset for level in asked)
             now_reads = f"last stable offset {stable}, high watermark {high}"
         except (KafkaException, TimeoutError) as exc:
             now_reads = f"its offsets unknown now: {exc}"
-        log.warning("restoring changelog %s[%d] has not moved for %.0f s: at offset %d of %d (%s)", tp.topic,
-                    tp.partition, now - restoring.moved_at, restoring.position, restoring.end, now_reads)
+        log.warning(
+            "restoring changelog %s[%d] has not moved for %.0f s: at offset %d of %d (%s)",
+            tp.topic,
+            tp.partition,
+            now - restoring.moved_at,
+            restoring.position,
+            restoring.end,
+            now_reads,
+        )
         self.stalls += 1
 
     def close(self) -> None:

@@ -43,7 +43,7 @@ def row_values(rows: np.ndarray) -> list[bytes]:
     """Each row's bytes (row.tobytes()), for the changelog: one copy of the array, then slices."""
     size = rows.dtype.itemsize
     data = rows.tobytes()
-    return [data[i:i + size] for i in range(0, len(data), size)]
+    return [data[i : i + size] for i in range(0, len(data), size)]
 
 
 def rows_from_values(values: list[bytes], dtype: np.dtype, *, where: str) -> np.ndarray:

@@ -54,6 +54,7 @@ def shown_path(value: Path) -> str:
 
 # --------------------------------------------------------------------------------------------- the CLI
 
+
 def _parsers(parser: argparse.ArgumentParser, path: list[str]):
     """(command path, parser) for the parser and every subcommand under it, depth first."""
     yield path, parser
@@ -79,8 +80,9 @@ def _option(action: argparse.Action) -> str:
     takes_value = action.nargs != 0
     metavar = ""
     if takes_value:
-        metavar = action.metavar or (("{" + ",".join(map(str, action.choices)) + "}") if action.choices
-                                     else action.dest.upper())
+        metavar = action.metavar or (
+            ("{" + ",".join(map(str, action.choices)) + "}") if action.choices else action.dest.upper()
+        )
         metavar = " " + (" ".join(metavar) if isinstance(metavar, tuple) else metavar)
     return ", ".join(code(option + metavar) for option in action.option_strings)
 
@@ -89,10 +91,14 @@ def cli_page() -> str:
     from fraudstream.cli import build_parser
 
     parser = build_parser()
-    lines = ["# Command line", "",
-             "Generated from the argument parsers (`fraudstream.cli.build_parser`) when the site is built: "
-             "this is what `fraudstream COMMAND -h` prints, as tables. Flags override the environment "
-             "([Environment variables](environment.md)), which overrides the defaults.", ""]
+    lines = [
+        "# Command line",
+        "",
+        "Generated from the argument parsers (`fraudstream.cli.build_parser`) when the site is built: "
+        "this is what `fraudstream COMMAND -h` prints, as tables. Flags override the environment "
+        "([Environment variables](environment.md)), which overrides the defaults.",
+        "",
+    ]
     for path, sub in _parsers(parser, ["fraudstream"]):
         title = " ".join(path)
         lines += [f"## {title}", ""]
@@ -101,9 +107,11 @@ def cli_page() -> str:
         formatter = sub._get_formatter()
         lines += ["```text", sub.format_usage().strip(), "```", ""]
         for group in sub._action_groups:
-            actions = [a for a in group._group_actions
-                       if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))
-                       and a.help != argparse.SUPPRESS]
+            actions = [
+                a
+                for a in group._group_actions
+                if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and a.help != argparse.SUPPRESS
+            ]
             subcommands = [a for a in group._group_actions if isinstance(a, argparse._SubParsersAction)]
             for action in subcommands:
                 lines += ["| Command | What |", "|---|---|"]
@@ -113,8 +121,12 @@ def cli_page() -> str:
                 lines.append("")
             if not actions:
                 continue
-            lines += [f"**{md(group.title)}**" if group.title else "", "",
-                      "| Option | Default | Description |", "|---|---|---|"]
+            lines += [
+                f"**{md(group.title)}**" if group.title else "",
+                "",
+                "| Option | Default | Description |",
+                "|---|---|---|",
+            ]
             for action in actions:
                 help_text = formatter._expand_help(action) if action.help else ""
                 lines.append(f"| {_option(action)} | {_default(action)} | {md(help_text)} |")
@@ -123,6 +135,7 @@ def cli_page() -> str:
 
 
 # ---------------------------------------------------------------------------- environment variables
+
 
 def _field_comments(source: Path, class_name: str) -> dict[str, str]:
     """The comment lines just above each field of a dataclass, and its end-of-line comment."""
@@ -176,12 +189,17 @@ def environment_page() -> str:
     comments = _field_comments(Path(settings_module.__file__), "Settings")
     flags = _flags_by_dest()
     fields = {f.name: f for f in dataclasses.fields(Settings)}
-    lines = ["# Environment variables", "",
-             "Generated from `fraudstream/settings.py` when the site is built: `ENV` names each variable, "
-             "the `Settings` dataclass gives its default and the comment above the field says what it is for "
-             "(or else the help of the flag that sets it). Order: the defaults, then the environment, then the "
-             "client properties files, then `-X`/`-R`, then named flags.", "",
-             "| Variable | Default | Flags | What |", "|---|---|---|---|"]
+    lines = [
+        "# Environment variables",
+        "",
+        "Generated from `fraudstream/settings.py` when the site is built: `ENV` names each variable, "
+        "the `Settings` dataclass gives its default and the comment above the field says what it is for "
+        "(or else the help of the flag that sets it). Order: the defaults, then the environment, then the "
+        "client properties files, then `-X`/`-R`, then named flags.",
+        "",
+        "| Variable | Default | Flags | What |",
+        "|---|---|---|---|",
+    ]
     for name, variable in ENV.items():
         f = fields[name]
         default: Any = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -191,49 +209,78 @@ def environment_page() -> str:
             shown = "none"
         else:
             shown = code(default)
-        options = "<br>".join(f"{code(option)} ({', '.join(commands)})" for option, commands in flags.get(name, {}).items())
+        options = "<br>".join(
+            f"{code(option)} ({', '.join(commands)})" for option, commands in flags.get(name, {}).items()
+        )
         what = comments.get(name) or _flag_help(name)
         lines.append(f"| {code(variable)} | {shown} | {options} | {md(what)} |")
-    lines += ["", "Derived from `FRAUDSTREAM_TOPIC` (`T`) and `FRAUDSTREAM_GROUP_ID` (`G`): the topics "
-              "`T.legit`, `T.fraud`, `T.dlq`, `T.labels`, `T.rules` and the changelogs `G.T.<store>.changelog` "
-              "([Topics and headers](topics.md)).", ""]
+    lines += [
+        "",
+        "Derived from `FRAUDSTREAM_TOPIC` (`T`) and `FRAUDSTREAM_GROUP_ID` (`G`): the topics "
+        "`T.legit`, `T.fraud`, `T.dlq`, `T.labels`, `T.rules` and the changelogs `G.T.<store>.changelog` "
+        "([Topics and headers](topics.md)).",
+        "",
+    ]
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------- rules
 
+
 def rules_file_page() -> str:
     from fraudstream.consumer.rules import DEFAULT_RULES, DEFAULT_RULES_FILE, PARAMETER_BOUNDS
 
-    lines = ["# Rules file", "",
-             "Generated from `consumer/rules.py` (`DEFAULT_RULES`, `PARAMETER_BOUNDS`) and `rules/default.toml` "
-             "when the site is built. A rules file has one TOML table per rule id; `kind` names the predicate "
-             "(default: the id), `enabled` defaults to true, and a missing key keeps its default. The same "
-             "checks apply to `fraudstream detect --rules FILE`, `fraudstream rules set FILE` and every record "
-             "on the rules topic ([Rules and runtime changes](../how-to/rules.md)).", "",
-             "## Rule kinds and their defaults", "",
-             "| Kind | Parameter | Default |", "|---|---|---|"]
+    lines = [
+        "# Rules file",
+        "",
+        "Generated from `consumer/rules.py` (`DEFAULT_RULES`, `PARAMETER_BOUNDS`) and `rules/default.toml` "
+        "when the site is built. A rules file has one TOML table per rule id; `kind` names the predicate "
+        "(default: the id), `enabled` defaults to true, and a missing key keeps its default. The same "
+        "checks apply to `fraudstream detect --rules FILE`, `fraudstream rules set FILE` and every record "
+        "on the rules topic ([Rules and runtime changes](../how-to/rules.md)).",
+        "",
+        "## Rule kinds and their defaults",
+        "",
+        "| Kind | Parameter | Default |",
+        "|---|---|---|",
+    ]
     for kind, parameters in DEFAULT_RULES.items():
         for index, (key, value) in enumerate(parameters.items()):
             lines.append(f"| {code(kind) if index == 0 else ''} | {code(key)} | {code(json.dumps(value))} |")
-    lines += ["", "`large_amount`'s `threshold_cents`, when absent, is the detector's "
-              "`FRAUDSTREAM_FRAUD_THRESHOLD_CENTS` setting.", "",
-              "## Bounds of each parameter", "",
-              "A value outside its bounds is refused with one line (the rules file, `rules set`) or dead-lettered "
-              "as `invalid_rule` (the rules topic). Numbers must be finite.", "",
-              "| Parameter | Type | Minimum | Maximum | Why that maximum |", "|---|---|---:|---:|---|"]
+    lines += [
+        "",
+        "`large_amount`'s `threshold_cents`, when absent, is the detector's "
+        "`FRAUDSTREAM_FRAUD_THRESHOLD_CENTS` setting.",
+        "",
+        "## Bounds of each parameter",
+        "",
+        "A value outside its bounds is refused with one line (the rules file, `rules set`) or dead-lettered "
+        "as `invalid_rule` (the rules topic). Numbers must be finite.",
+        "",
+        "| Parameter | Type | Minimum | Maximum | Why that maximum |",
+        "|---|---|---:|---:|---|",
+    ]
     for key, bound in PARAMETER_BOUNDS.items():
         kind = bound.type.__name__
         minimum = "" if bound.minimum is None else code(bound.minimum)
         maximum = "" if bound.maximum is None else code(bound.maximum) + (" entries" if kind == "list" else "")
         lines.append(f"| {code(key)} | {kind} | {minimum} | {maximum} | {md(bound.why)} |")
-    lines += ["", "## `rules/default.toml`", "", "The detector's defaults, with the reason for each threshold "
-              "(a test keeps it equal to `DEFAULT_RULES`):", "",
-              "```toml", Path(DEFAULT_RULES_FILE).read_text().rstrip(), "```", ""]
+    lines += [
+        "",
+        "## `rules/default.toml`",
+        "",
+        "The detector's defaults, with the reason for each threshold (a test keeps it equal to `DEFAULT_RULES`):",
+        "",
+        "```toml",
+        Path(DEFAULT_RULES_FILE).read_text().rstrip(),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ schemas
+
 
 def _type(avro: Any) -> str:
     if isinstance(avro, list):
@@ -286,17 +333,30 @@ def _records(schema: dict, found: list[dict]) -> list[dict]:
 
 def schemas_page() -> str:
     schemas_dir = ROOT / "schemas"
-    lines = ["# Record schemas", "",
-             "Generated from `schemas/*.avsc`, the single source of truth, when the site is built "
-             "(`fraudstream/records.py` mirrors them as typed dataclasses; a test keeps the two equal). Each "
-             "subject is `<topic>-value`, compatibility `FULL_TRANSITIVE` ([Schemas and evolution]"
-             "(../concepts/schemas.md)).", ""]
+    lines = [
+        "# Record schemas",
+        "",
+        "Generated from `schemas/*.avsc`, the single source of truth, when the site is built "
+        "(`fraudstream/records.py` mirrors them as typed dataclasses; a test keeps the two equal). Each "
+        "subject is `<topic>-value`, compatibility `FULL_TRANSITIVE` ([Schemas and evolution]"
+        "(../concepts/schemas.md)).",
+        "",
+    ]
     for path in sorted(schemas_dir.glob("*.avsc")):
         schema = json.loads(path.read_text())
         history = sorted((schemas_dir / "history" / path.stem).glob("v*.avsc"))
-        lines += [f"## {schema['name']}", "", f"`schemas/{path.name}`, namespace `{schema.get('namespace', '')}`"
-                  + (f"; released versions kept in `schemas/history/{path.stem}/`: "
-                     + ", ".join(p.stem for p in history) if history else "") + ".", ""]
+        lines += [
+            f"## {schema['name']}",
+            "",
+            f"`schemas/{path.name}`, namespace `{schema.get('namespace', '')}`"
+            + (
+                f"; released versions kept in `schemas/history/{path.stem}/`: " + ", ".join(p.stem for p in history)
+                if history
+                else ""
+            )
+            + ".",
+            "",
+        ]
         if schema.get("doc"):
             lines += [md(schema["doc"]), ""]
         for record in _records(schema, []):
@@ -315,29 +375,40 @@ def schemas_page() -> str:
 
 # ------------------------------------------------------------------------------------------ metrics
 
+
 def metrics_page() -> str:
     from prometheus_client.metrics import MetricWrapperBase
 
     from fraudstream.consumer.metrics import DetectorMetrics
 
     metrics = DetectorMetrics()
-    lines = ["# Metrics", "",
-             "Generated from `consumer/metrics.py` when the site is built. `fraudstream detect --metrics-port N` "
-             "(`FRAUDSTREAM_METRICS_PORT`) serves them on `:N/metrics` for Prometheus; every `--log-interval` "
-             "seconds the detector also logs one line with the same totals.", "",
-             "| Metric | Type | Labels | What |", "|---|---|---|---|"]
+    lines = [
+        "# Metrics",
+        "",
+        "Generated from `consumer/metrics.py` when the site is built. `fraudstream detect --metrics-port N` "
+        "(`FRAUDSTREAM_METRICS_PORT`) serves them on `:N/metrics` for Prometheus; every `--log-interval` "
+        "seconds the detector also logs one line with the same totals.",
+        "",
+        "| Metric | Type | Labels | What |",
+        "|---|---|---|---|",
+    ]
     # The metric objects themselves: a labelled metric has no sample (so no label names) until it is used.
     for metric in vars(metrics).values():
         if isinstance(metric, MetricWrapperBase):
             name = metric._name + ("_total" if metric._type == "counter" else "")
             labels = ", ".join(code(label) for label in metric._labelnames)
             lines.append(f"| {code(name)} | {metric._type} | {labels} | {md(metric._documentation)} |")
-    lines += ["", "Labels of labelled metrics appear once a value is recorded: `route` "
-              "(`legit`, `fraud`, `dead_letter`), `kind` (a dead-letter kind), `rule`, `store`.", ""]
+    lines += [
+        "",
+        "Labels of labelled metrics appear once a value is recorded: `route` "
+        "(`legit`, `fraud`, `dead_letter`), `kind` (a dead-letter kind), `rule`, `store`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 # -------------------------------------------------------------------------------------- benchmarks
+
 
 def _demote(markdown: str) -> str:
     return re.sub(r"^(#+) ", r"#\1 ", markdown, flags=re.M)
@@ -346,33 +417,49 @@ def _demote(markdown: str) -> str:
 def handbook_table() -> list[str]:
     report = json.loads((RESULTS / "handbook-model.json").read_text())
     overall = report["overall"]
-    lines = ["## The detector on the Handbook's data", "",
-             f"`benchmarks/results/handbook-model.json`, written by `make handbook` on {report['generated_at'][:10]}: "
-             f"test week {report['window']['from']} to {report['window']['to']}, {overall['transactions']:,} "
-             f"transactions evaluated ({report['known_compromised_left_out']:,} of cards already known compromised "
-             f"left out), {overall['frauds']:,} frauds; at the model's threshold it flagged {overall['flagged']:,}, "
-             f"{overall['caught']:,} of them fraud (precision {overall['precision']:.3f}, recall "
-             f"{overall['recall']:.3f}).", "",
-             "| Model | AUC ROC | Average Precision | Card Precision@100 |", "|---|---:|---:|---:|"]
+    lines = [
+        "## The detector on the Handbook's data",
+        "",
+        f"`benchmarks/results/handbook-model.json`, written by `make handbook` on {report['generated_at'][:10]}: "
+        f"test week {report['window']['from']} to {report['window']['to']}, {overall['transactions']:,} "
+        f"transactions evaluated ({report['known_compromised_left_out']:,} of cards already known compromised "
+        f"left out), {overall['frauds']:,} frauds; at the model's threshold it flagged {overall['flagged']:,}, "
+        f"{overall['caught']:,} of them fraud (precision {overall['precision']:.3f}, recall "
+        f"{overall['recall']:.3f}).",
+        "",
+        "| Model | AUC ROC | Average Precision | Card Precision@100 |",
+        "|---|---:|---:|---:|",
+    ]
     for row in report["baselines"]:
-        lines.append(f"| {md(row['model'])} | {row['auc_roc']:.3f} | {row['average_precision']:.3f} | "
-                     f"{row['card_precision']:.3f} |")
+        lines.append(
+            f"| {md(row['model'])} | {row['auc_roc']:.3f} | {row['average_precision']:.3f} | "
+            f"{row['card_precision']:.3f} |"
+        )
     lines += ["", "![Precision-recall curve and CP@100 per day](handbook-model.png)", ""]
     return lines
 
 
 def results_page() -> str:
     latest = (RESULTS / "latest.md").read_text()
-    lines = ["# Results", "",
-             "Generated when the site is built from what `make bench` (and the other benchmark modules) wrote in "
-             "`benchmarks/results/`: nothing on this page is typed by hand. How they are measured: "
-             "[Method](index.md); what they say: [Reading the figures](readings.md).", "",
-             "## The pipeline: `make bench`", ""]
+    lines = [
+        "# Results",
+        "",
+        "Generated when the site is built from what `make bench` (and the other benchmark modules) wrote in "
+        "`benchmarks/results/`: nothing on this page is typed by hand. How they are measured: "
+        "[Method](index.md); what they say: [Reading the figures](readings.md).",
+        "",
+        "## The pipeline: `make bench`",
+        "",
+    ]
     lines += [f"![{name}]({name})" for name in CHARTS if (RESULTS / name).exists()]
     lines += ["", _demote(latest).strip(), ""]
     if (RESULTS / "state.md").exists():
-        lines += ["## State, features and rules: `python -m benchmarks.state`", "",
-                  _demote((RESULTS / "state.md").read_text()).strip(), ""]
+        lines += [
+            "## State, features and rules: `python -m benchmarks.state`",
+            "",
+            _demote((RESULTS / "state.md").read_text()).strip(),
+            "",
+        ]
     if (RESULTS / "handbook-model.json").exists():
         lines += handbook_table()
     return "\n".join(lines)
@@ -427,8 +514,10 @@ def acl_table() -> str:
     for grant in grants(Settings(transactions_topic="T", group_id="G")):
         role = "" if grant.role == previous else f"{code(grant.role)} | {md(ROLES[grant.role])}"
         previous = grant.role
-        lines.append(f"| {role or ' | '} | {grant.resource_type} {code(grant.name)} | {grant.pattern} | "
-                     f"{', '.join(grant.operations)} |")
+        lines.append(
+            f"| {role or ' | '} | {grant.resource_type} {code(grant.name)} | {grant.pattern} | "
+            f"{', '.join(grant.operations)} |"
+        )
     return "\n".join(lines)
 
 
@@ -465,7 +554,9 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
     if match:
         measured = benchmark_commit()
         if measured and not measured.startswith(match.group(1)) and not match.group(1).startswith(measured):
-            note = (f'!!! warning "Written for another run"\n    These readings were written for the run at commit '
-                    f"`{match.group(1)}`; the [results](results.md) are now from commit `{measured}`.\n\n")
+            note = (
+                f'!!! warning "Written for another run"\n    These readings were written for the run at commit '
+                f"`{match.group(1)}`; the [results](results.md) are now from commit `{measured}`.\n\n"
+            )
             markdown = markdown.replace(match.group(0), note, 1)
     return markdown

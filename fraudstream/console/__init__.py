@@ -35,21 +35,46 @@ log = logging.getLogger("fraudstream.console")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fraudstream.cli import add_connection_arguments
 
-    parser.add_argument("--host", default=DEFAULT_HOST,
-                        help=f"address to listen on (default {DEFAULT_HOST}; any other needs --users)")
+    parser.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}; any other needs --users)"
+    )
     parser.add_argument("--port", type=argtypes.count, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    parser.add_argument("--users", type=Path, metavar="FILE",
-                        help="users file (TOML: [users.NAME] password = scrypt hash, roles = [analyst, rules_admin])")
-    parser.add_argument("--index", type=Path, metavar="FILE",
-                        help="the SQLite index file, rebuilt at every start (default: a new temporary file)")
-    parser.add_argument("--review-score", type=float, default=DEFAULT_REVIEW_SCORE, metavar="S",
-                        help=f"alerts scored S or more go to review (default {DEFAULT_REVIEW_SCORE:g})")
-    parser.add_argument("--decline-score", type=float, default=DEFAULT_DECLINE_SCORE, metavar="S",
-                        help=f"alerts scored S or more are declines (default {DEFAULT_DECLINE_SCORE:g})")
-    parser.add_argument("--group-id", dest="group_id", help="the detectors' consumer group, for lag and throughput "
-                                                           "[FRAUDSTREAM_GROUP_ID]")
-    parser.add_argument("--hash-password", action="store_true",
-                        help="read a password on stdin, print its hash for a users file, and exit")
+    parser.add_argument(
+        "--users",
+        type=Path,
+        metavar="FILE",
+        help="users file (TOML: [users.NAME] password = scrypt hash, roles = [analyst, rules_admin])",
+    )
+    parser.add_argument(
+        "--index",
+        type=Path,
+        metavar="FILE",
+        help="the SQLite index file, rebuilt at every start (default: a new temporary file)",
+    )
+    parser.add_argument(
+        "--review-score",
+        type=float,
+        default=DEFAULT_REVIEW_SCORE,
+        metavar="S",
+        help=f"alerts scored S or more go to review (default {DEFAULT_REVIEW_SCORE:g})",
+    )
+    parser.add_argument(
+        "--decline-score",
+        type=float,
+        default=DEFAULT_DECLINE_SCORE,
+        metavar="S",
+        help=f"alerts scored S or more are declines (default {DEFAULT_DECLINE_SCORE:g})",
+    )
+    parser.add_argument(
+        "--group-id",
+        dest="group_id",
+        help="the detectors' consumer group, for lag and throughput [FRAUDSTREAM_GROUP_ID]",
+    )
+    parser.add_argument(
+        "--hash-password",
+        action="store_true",
+        help="read a password on stdin, print its hash for a users file, and exit",
+    )
     add_connection_arguments(parser)
 
 
@@ -69,9 +94,16 @@ class RunningConsole:
         self.state.writer.close()
 
 
-def build_state(settings: Settings, *, users_file: Path | None = None, host: str = DEFAULT_HOST,
-                index_file: Path | None = None, review_score: float = DEFAULT_REVIEW_SCORE,
-                decline_score: float = DEFAULT_DECLINE_SCORE, start_reader: bool = True):
+def build_state(
+    settings: Settings,
+    *,
+    users_file: Path | None = None,
+    host: str = DEFAULT_HOST,
+    index_file: Path | None = None,
+    review_score: float = DEFAULT_REVIEW_SCORE,
+    decline_score: float = DEFAULT_DECLINE_SCORE,
+    start_reader: bool = True,
+):
     from fraudstream.console.app import ConsoleState
     from fraudstream.console.auth import Authenticator, Users, is_loopback
     from fraudstream.console.index import Bands, Index
@@ -81,8 +113,10 @@ def build_state(settings: Settings, *, users_file: Path | None = None, host: str
 
     users = Users.load(users_file) if users_file else None
     if users is None and not _loopback_only(host, is_loopback):
-        raise ConfigError(f"--host {host} serves other machines: give --users FILE (no anonymous access "
-                          "except on the loopback interface)")
+        raise ConfigError(
+            f"--host {host} serves other machines: give --users FILE (no anonymous access "
+            "except on the loopback interface)"
+        )
     try:
         bands = Bands(review=review_score, decline=decline_score)
     except ValueError as exc:
@@ -93,10 +127,15 @@ def build_state(settings: Settings, *, users_file: Path | None = None, host: str
         stale.unlink(missing_ok=True)  # rebuilt from the topics: never trust a previous run's file
     index = Index(index_file)
     rules = RulesAccess(settings)
-    state = ConsoleState(settings=settings, index=index,
-                         authenticator=Authenticator(users, anonymous_name=getpass.getuser()),
-                         bands=bands, writer=VerdictWriter(settings), rules_writer=rules.write,
-                         rules_reader=rules.read)
+    state = ConsoleState(
+        settings=settings,
+        index=index,
+        authenticator=Authenticator(users, anonymous_name=getpass.getuser()),
+        bands=bands,
+        writer=VerdictWriter(settings),
+        rules_writer=rules.write,
+        rules_reader=rules.read,
+    )
     state.reader = TopicReader(settings, index, on_alerts=state.publish, on_verdicts=state.publish_verdicts)
     if start_reader:
         state.reader.start()
@@ -107,8 +146,9 @@ def _loopback_only(host: str, is_loopback) -> bool:
     return host == "localhost" or is_loopback(host)
 
 
-def start_in_thread(settings: Settings, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                    **options: Any) -> RunningConsole:
+def start_in_thread(
+    settings: Settings, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **options: Any
+) -> RunningConsole:
     """Serve the console from a thread of this process (the demo and the tests do)."""
     import threading
     import time
@@ -118,8 +158,9 @@ def start_in_thread(settings: Settings, *, host: str = DEFAULT_HOST, port: int =
     from fraudstream.console.app import create_app
 
     state = build_state(settings, host=host, **options)
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host=host, port=port, log_level="warning",
-                                           access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(state), host=host, port=port, log_level="warning", access_log=False)
+    )
     thread = threading.Thread(target=server.run, name="console-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -146,17 +187,28 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
         from fraudstream.console.app import create_app
     except ImportError as exc:
-        raise ConfigError(f"the console needs its extra: pip install 'fraudstream[console]' ({exc.name} is missing)") from None
+        raise ConfigError(
+            f"the console needs its extra: pip install 'fraudstream[console]' ({exc.name} is missing)"
+        ) from None
     from fraudstream.kafka import check_secured_connection
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the registry client's every request otherwise
     logging.getLogger("fraudstream.librdkafka").setLevel(logging.CRITICAL)  # the pages show a lost connection
     check_secured_connection(settings)
-    state = build_state(settings, users_file=args.users, host=args.host, index_file=args.index,
-                        review_score=args.review_score, decline_score=args.decline_score)
-    print(f"fraudstream console: http://{args.host}:{args.port} (reading {settings.fraud_topic}, "
-          f"{settings.labels_topic}, {settings.legit_topic}, {settings.rules_topic})", flush=True)
+    state = build_state(
+        settings,
+        users_file=args.users,
+        host=args.host,
+        index_file=args.index,
+        review_score=args.review_score,
+        decline_score=args.decline_score,
+    )
+    print(
+        f"fraudstream console: http://{args.host}:{args.port} (reading {settings.fraud_topic}, "
+        f"{settings.labels_topic}, {settings.legit_topic}, {settings.rules_topic})",
+        flush=True,
+    )
     try:
         uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning", access_log=False)
     finally:

@@ -77,9 +77,16 @@ class ConsoleState:
 def alert_summary(alert: dict[str, Any], bands: Bands) -> dict[str, Any]:
     tx = alert["transaction"]
     score = 1.0 if alert.get("score") is None else float(alert["score"])
-    return {"transaction_id": tx["transaction_id"], "amount": money(tx["amount_cents"], tx.get("currency", "USD")),
-            "card_id": tx["card_id"], "merchant_id": tx["merchant_id"], "rules": ", ".join(alert["rules"]),
-            "score": f"{score:.3f}", "band": bands.band(score), "detected_at": when(alert["detected_at"])}
+    return {
+        "transaction_id": tx["transaction_id"],
+        "amount": money(tx["amount_cents"], tx.get("currency", "USD")),
+        "card_id": tx["card_id"],
+        "merchant_id": tx["merchant_id"],
+        "rules": ", ".join(alert["rules"]),
+        "score": f"{score:.3f}",
+        "band": bands.band(score),
+        "detected_at": when(alert["detected_at"]),
+    }
 
 
 def money(cents: int, currency: str = "USD") -> str:
@@ -125,15 +132,20 @@ class BadInput(Exception):
 
 
 def create_app(state: ConsoleState) -> Starlette:
-    templates = Environment(loader=PackageLoader("fraudstream.console", "templates"),
-                            autoescape=select_autoescape(["html"]))
+    templates = Environment(
+        loader=PackageLoader("fraudstream.console", "templates"), autoescape=select_autoescape(["html"])
+    )
     templates.globals.update(money=money, when=when, bands=BANDS)
 
     def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
         reader = state.reader
-        context.update(user=request.scope["user"], state=state, request=request,
-                       catching_up=reader is not None and not reader.state.caught_up,
-                       kafka_error=reader.state.kafka_error if reader is not None else None)
+        context.update(
+            user=request.scope["user"],
+            state=state,
+            request=request,
+            catching_up=reader is not None and not reader.state.caught_up,
+            kafka_error=reader.state.kafka_error if reader is not None else None,
+        )
         return HTMLResponse(templates.get_template(name).render(**context), status_code=status)
 
     def problem(request: Request, status: int, message: str) -> HTMLResponse:
@@ -142,19 +154,36 @@ def create_app(state: ConsoleState) -> Starlette:
     def queue(request: Request) -> HTMLResponse:
         q = request.query_params
         try:
-            filters = QueueFilter(rule=q.get("rule", ""), scenario=q.get("scenario", ""), card=q.get("card", ""),
-                                  merchant=q.get("merchant", ""), min_cents=_parse_amount(q.get("min_amount", "")),
-                                  max_cents=_parse_amount(q.get("max_amount", "")),
-                                  since_ms=_parse_time(q.get("since", "")), until_ms=_parse_time(q.get("until", "")))
+            filters = QueueFilter(
+                rule=q.get("rule", ""),
+                scenario=q.get("scenario", ""),
+                card=q.get("card", ""),
+                merchant=q.get("merchant", ""),
+                min_cents=_parse_amount(q.get("min_amount", "")),
+                max_cents=_parse_amount(q.get("max_amount", "")),
+                since_ms=_parse_time(q.get("since", "")),
+                until_ms=_parse_time(q.get("until", "")),
+            )
             page_number = _parse_page(q.get("page", "0") or "0")
         except BadInput as exc:
             return problem(request, 400, str(exc))
         rows, counts = state.index.queue(state.bands, filters, page_number)
         base = {k: v for k, v in q.items() if k != "page" and v}
-        return page(request, "queue.html", rows=rows, counts=counts, filters=q, page_number=page_number, page_size=PAGE_SIZE,
-                    total=sum(counts.values()), filtered=bool(base), rules=state.index.rule_names(),
-                    scenarios=state.index.scenarios(), page_link=lambda n: "/?" + urlencode({**base, "page": n}),
-                    band_of=state.bands.band)
+        return page(
+            request,
+            "queue.html",
+            rows=rows,
+            counts=counts,
+            filters=q,
+            page_number=page_number,
+            page_size=PAGE_SIZE,
+            total=sum(counts.values()),
+            filtered=bool(base),
+            rules=state.index.rule_names(),
+            scenarios=state.index.scenarios(),
+            page_link=lambda n: "/?" + urlencode({**base, "page": n}),
+            band_of=state.bands.band,
+        )
 
     def alert(request: Request) -> HTMLResponse:
         tid = request.path_params["transaction_id"]
@@ -165,21 +194,37 @@ def create_app(state: ConsoleState) -> Starlette:
         fired = []
         for rule_id, version in json.loads(row["fired"]) or [[r, None] for r in body["rules"]]:
             found = state.index.rule_version(rule_id, version) if version is not None else None
-            fired.append({"id": rule_id, "version": version, "kind": found["kind"] if found else None,
-                          "parameters": json.loads(found["parameters"]) if found else None,
-                          "author": found["author"] if found else None})
-        return page(request, "alert.html", row=row, tx=body["transaction"], fired=fired,
-                    band=state.bands.band(row["score"]), verdicts=state.index.verdicts(tid),
-                    label=state.index.label(tid),
-                    payments=state.index.recent_payments(row["card_id"], row["event_time"]),
-                    analyst_name=request.cookies.get(ANALYST_COOKIE, ""), message=request.query_params.get("message"))
+            fired.append(
+                {
+                    "id": rule_id,
+                    "version": version,
+                    "kind": found["kind"] if found else None,
+                    "parameters": json.loads(found["parameters"]) if found else None,
+                    "author": found["author"] if found else None,
+                }
+            )
+        return page(
+            request,
+            "alert.html",
+            row=row,
+            tx=body["transaction"],
+            fired=fired,
+            band=state.bands.band(row["score"]),
+            verdicts=state.index.verdicts(tid),
+            label=state.index.label(tid),
+            payments=state.index.recent_payments(row["card_id"], row["event_time"]),
+            analyst_name=request.cookies.get(ANALYST_COOKIE, ""),
+            message=request.query_params.get("message"),
+        )
 
     async def verdict(request: Request) -> Response:
         user: User = request.scope["user"]
         tid = request.path_params["transaction_id"]
         form = await request.form()
         if not user.may(ANALYST):
-            return problem(request, 403, f"{user.name} may not give verdicts (needs the {ANALYST} role): nothing written")
+            return problem(
+                request, 403, f"{user.name} may not give verdicts (needs the {ANALYST} role): nothing written"
+            )
         choice = form.get("verdict")
         if choice not in ("fraud", "not_fraud"):
             return problem(request, 400, "a verdict is 'fraud' or 'not_fraud': nothing written")
@@ -187,8 +232,12 @@ def create_app(state: ConsoleState) -> Starlette:
         if user.anonymous:
             analyst = str(form.get("analyst", "")).strip()
             if not analyst or len(analyst) > MAX_NAME:
-                return problem(request, 400, f"give your name (at most {MAX_NAME} characters) with a verdict: it is "
-                                             "written with the label; nothing written")
+                return problem(
+                    request,
+                    400,
+                    f"give your name (at most {MAX_NAME} characters) with a verdict: it is "
+                    "written with the label; nothing written",
+                )
         row = await asyncio.to_thread(state.index.alert, tid)
         if row is None:
             return problem(request, 404, f"no alert for transaction {tid!r}: no verdict written")
@@ -198,23 +247,40 @@ def create_app(state: ConsoleState) -> Starlette:
         except (VerdictNotWritten, FraudstreamError) as exc:
             return problem(request, 503, str(exc))
         log.info("console: %s marked %s as %s", analyst, tid, choice)
-        response = RedirectResponse(f"/alerts/{quote(tid)}?message=" + quote(
-            f"verdict '{choice.replace('_', ' ')}' written by {analyst}"), status_code=303)
+        response = RedirectResponse(
+            f"/alerts/{quote(tid)}?message=" + quote(f"verdict '{choice.replace('_', ' ')}' written by {analyst}"),
+            status_code=303,
+        )
         if user.anonymous:
             response.set_cookie(ANALYST_COOKIE, analyst, httponly=True, samesite="strict")
         return response
 
-    def rules(request: Request, *, editor_text: str | None = None, message: str | None = None,
-              error: str | None = None, status: int = 200) -> HTMLResponse:
+    def rules(
+        request: Request,
+        *,
+        editor_text: str | None = None,
+        message: str | None = None,
+        error: str | None = None,
+        status: int = 200,
+    ) -> HTMLResponse:
         try:
             in_force, history = state.rules_reader()
         except FraudstreamError as exc:
             return problem(request, 503, f"the rules could not be read: {exc}")
         if editor_text is None:
             editor_text = rules_as_toml(in_force)
-        return page(request, "rules.html", status, in_force=sorted(in_force.values(), key=lambda r: r.id),
-                    history=history, editor_text=editor_text, message=message or request.query_params.get("message"),
-                    error=error, bands_now=state.bands, band_changes=state.band_changes)
+        return page(
+            request,
+            "rules.html",
+            status,
+            in_force=sorted(in_force.values(), key=lambda r: r.id),
+            history=history,
+            editor_text=editor_text,
+            message=message or request.query_params.get("message"),
+            error=error,
+            bands_now=state.bands,
+            band_changes=state.band_changes,
+        )
 
     def rules_page(request: Request) -> HTMLResponse:
         return rules(request)
@@ -224,16 +290,23 @@ def create_app(state: ConsoleState) -> Starlette:
         form = await request.form()
         text, comment = str(form.get("rules", "")), str(form.get("comment", ""))
         if not user.may(RULES_ADMIN):
-            return await asyncio.to_thread(rules, request, editor_text=text, status=403,
-                                           error=f"{user.name} may not change rules (needs the {RULES_ADMIN} "
-                                                 "role): nothing written")
+            return await asyncio.to_thread(
+                rules,
+                request,
+                editor_text=text,
+                status=403,
+                error=f"{user.name} may not change rules (needs the {RULES_ADMIN} role): nothing written",
+            )
         try:
             written = await asyncio.to_thread(state.rules_writer, text, user.name, comment)
         except FraudstreamError as exc:
             return await asyncio.to_thread(rules, request, editor_text=text, status=400, error=str(exc))
         log.info("console: %s wrote %s", user.name, ", ".join(f"{r.id} v{r.version}" for r in written))
-        return RedirectResponse("/rules?message=" + quote(
-            "written: " + ", ".join(f"{r.id} v{r.version}" for r in written) + f" (by {user.name})"), status_code=303)
+        return RedirectResponse(
+            "/rules?message="
+            + quote("written: " + ", ".join(f"{r.id} v{r.version}" for r in written) + f" (by {user.name})"),
+            status_code=303,
+        )
 
     async def bands_change(request: Request) -> Response:
         user: User = request.scope["user"]
@@ -252,18 +325,29 @@ def create_app(state: ConsoleState) -> Starlette:
         hours, per_rule = state.index.alerts_per_hour_by_rule()
         quality = state.index.quality_by_day()
         samples = list(state.reader.state.samples) if state.reader is not None else []
-        return page(request, "dashboard.html",
-                    alerts_chart=charts.stacked_bars(hours, per_rule, title="alerts per hour of event time, by rule"),
-                    quality_chart=charts.lines([q["day_ms"] for q in quality],
-                                               {"precision": [q["precision"] for q in quality],
-                                                "recall": [q["recall"] for q in quality]},
-                                               title="precision and recall per day (labels and verdicts)", unit=1.0),
-                    lag_chart=charts.lines([int(s.at * 1000) for s in samples], {"consumer lag": [s.lag for s in samples]},
-                                           title="detectors' consumer lag (records)"),
-                    throughput_chart=charts.lines([int(s.at * 1000) for s in samples[1:]], {"records/s": [
-                        (b.committed - a.committed) / (b.at - a.at) for a, b in zip(samples, samples[1:])]},
-                        title="detectors' throughput (records/s)"),
-                    quality=quality, alerts_total=state.index.count_alerts())
+        return page(
+            request,
+            "dashboard.html",
+            alerts_chart=charts.stacked_bars(hours, per_rule, title="alerts per hour of event time, by rule"),
+            quality_chart=charts.lines(
+                [q["day_ms"] for q in quality],
+                {"precision": [q["precision"] for q in quality], "recall": [q["recall"] for q in quality]},
+                title="precision and recall per day (labels and verdicts)",
+                unit=1.0,
+            ),
+            lag_chart=charts.lines(
+                [int(s.at * 1000) for s in samples],
+                {"consumer lag": [s.lag for s in samples]},
+                title="detectors' consumer lag (records)",
+            ),
+            throughput_chart=charts.lines(
+                [int(s.at * 1000) for s in samples[1:]],
+                {"records/s": [(b.committed - a.committed) / (b.at - a.at) for a, b in zip(samples, samples[1:])]},
+                title="detectors' throughput (records/s)",
+            ),
+            quality=quality,
+            alerts_total=state.index.count_alerts(),
+        )
 
     async def events(request: Request) -> Response:
         queue: asyncio.Queue = asyncio.Queue()
@@ -287,14 +371,21 @@ def create_app(state: ConsoleState) -> Starlette:
 
     def status(request: Request) -> JSONResponse:
         reader = state.reader
-        return JSONResponse({"caught_up": reader is None or reader.state.caught_up,
-                             "kafka_error": reader.state.kafka_error if reader else None,
-                             "indexed": reader.state.indexed if reader else {}, "alerts": state.index.count_alerts()})
+        return JSONResponse(
+            {
+                "caught_up": reader is None or reader.state.caught_up,
+                "kafka_error": reader.state.kafka_error if reader else None,
+                "indexed": reader.state.indexed if reader else {},
+                "alerts": state.index.count_alerts(),
+            }
+        )
 
     def login(request: Request) -> Response:
         user: User = request.scope["user"]
         if user.anonymous:
-            return Response("log in", status_code=401, headers={"WWW-Authenticate": 'Basic realm="fraudstream console"'})
+            return Response(
+                "log in", status_code=401, headers={"WWW-Authenticate": 'Basic realm="fraudstream console"'}
+            )
         return RedirectResponse("/", status_code=303)
 
     @contextlib.asynccontextmanager
@@ -302,14 +393,22 @@ def create_app(state: ConsoleState) -> Starlette:
         state.loop = asyncio.get_running_loop()  # where the reader thread hands new alerts to the streams
         yield
 
-    app = Starlette(routes=[
-        Route("/", queue), Route("/alerts/{transaction_id:path}", alert),
-        Route("/verdicts/{transaction_id:path}", verdict, methods=["POST"]),
-        Route("/rules", rules_page), Route("/rules", rules_change, methods=["POST"]),
-        Route("/bands", bands_change, methods=["POST"]), Route("/dashboard", dashboard),
-        Route("/events", events), Route("/status", status), Route("/login", login),
-        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
-    ], lifespan=lifespan)
+    app = Starlette(
+        routes=[
+            Route("/", queue),
+            Route("/alerts/{transaction_id:path}", alert),
+            Route("/verdicts/{transaction_id:path}", verdict, methods=["POST"]),
+            Route("/rules", rules_page),
+            Route("/rules", rules_change, methods=["POST"]),
+            Route("/bands", bands_change, methods=["POST"]),
+            Route("/dashboard", dashboard),
+            Route("/events", events),
+            Route("/status", status),
+            Route("/login", login),
+            Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+        ],
+        lifespan=lifespan,
+    )
     return AuthMiddleware(app, state.authenticator)
 
 
@@ -353,15 +452,19 @@ class AuthMiddleware:
         client = scope.get("client")
         user = await asyncio.to_thread(self.authenticator.user_for, client[0] if client else None, authorization)
         if user is None:
-            response = Response("authentication required", status_code=401,
-                                headers={"WWW-Authenticate": 'Basic realm="fraudstream console"'})
+            response = Response(
+                "authentication required",
+                status_code=401,
+                headers={"WWW-Authenticate": 'Basic realm="fraudstream console"'},
+            )
             await response(scope, receive, send)
             return
         if scope["method"] == "POST" and not _same_origin(headers):
             # A browser sends Basic credentials (and the loopback's trust) with any site's form: only the
             # console's own pages may post.
-            response = Response("refused: a form from another site (Origin does not match Host); nothing written",
-                                status_code=403)
+            response = Response(
+                "refused: a form from another site (Origin does not match Host); nothing written", status_code=403
+            )
             await response(scope, receive, send)
             return
         scope["user"] = user

@@ -53,8 +53,15 @@ def check_password(password: str, stored: str) -> bool:
         scheme, n, r, p, salt, digest = stored.split("$")
         if scheme != "scrypt":
             return False
-        got = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p),
-                             dklen=len(digest) // 2, maxmem=2**26)
+        got = hashlib.scrypt(
+            password.encode(),
+            salt=bytes.fromhex(salt),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            dklen=len(digest) // 2,
+            maxmem=2**26,
+        )
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(got.hex(), digest)
@@ -82,11 +89,14 @@ class Users:
             given = entry.get("roles", [])
             unknown = set(given) - set(ROLES) if isinstance(given, list) else {"(not a list)"}
             if unknown:
-                raise ConfigError(f"users file {path}: users.{name}.roles: unknown {sorted(unknown)}; "
-                                  f"known: {', '.join(ROLES)}")
+                raise ConfigError(
+                    f"users file {path}: users.{name}.roles: unknown {sorted(unknown)}; known: {', '.join(ROLES)}"
+                )
             if not entry["password"].startswith("scrypt$"):
-                raise ConfigError(f"users file {path}: users.{name}.password is not a scrypt hash "
-                                  "(never a clear password: use `fraudstream console --hash-password`)")
+                raise ConfigError(
+                    f"users file {path}: users.{name}.password is not a scrypt hash "
+                    "(never a clear password: use `fraudstream console --hash-password`)"
+                )
             hashes[name], roles[name] = entry["password"], frozenset(given)
         if not hashes:
             raise ConfigError(f"users file {path}: no [users.NAME] entry")

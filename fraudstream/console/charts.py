@@ -11,13 +11,18 @@ PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#d
 
 
 def _frame(title: str, body: list[str], legend: list[tuple[str, str]]) -> str:
-    parts = [f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(title)}" '
-             f'xmlns="http://www.w3.org/2000/svg">', f'<text x="{LEFT}" y="18" class="chart-title">{escape(title)}</text>']
+    parts = [
+        f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(title)}" '
+        f'xmlns="http://www.w3.org/2000/svg">',
+        f'<text x="{LEFT}" y="18" class="chart-title">{escape(title)}</text>',
+    ]
     parts += body
     for i, (name, color) in enumerate(legend):
         y = TOP + 8 + i * 18
-        parts.append(f'<rect x="{WIDTH - RIGHT + 14}" y="{y - 9}" width="11" height="11" fill="{color}"/>'
-                     f'<text x="{WIDTH - RIGHT + 30}" y="{y}" class="chart-legend">{escape(name)}</text>')
+        parts.append(
+            f'<rect x="{WIDTH - RIGHT + 14}" y="{y - 9}" width="11" height="11" fill="{color}"/>'
+            f'<text x="{WIDTH - RIGHT + 30}" y="{y}" class="chart-legend">{escape(name)}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -33,10 +38,14 @@ def _axes(top_value: float, labels: list[tuple[float, str]], unit: float | None)
         y = HEIGHT - BOTTOM - fraction * plot_h
         value = top_value * fraction
         text = f"{value:.0%}" if unit == 1.0 else f"{value:,.0f}"
-        out.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{WIDTH - RIGHT}" y2="{y:.1f}" class="grid"/>'
-                   f'<text x="{LEFT - 6}" y="{y + 4:.1f}" class="tick" text-anchor="end">{text}</text>')
+        out.append(
+            f'<line x1="{LEFT}" y1="{y:.1f}" x2="{WIDTH - RIGHT}" y2="{y:.1f}" class="grid"/>'
+            f'<text x="{LEFT - 6}" y="{y + 4:.1f}" class="tick" text-anchor="end">{text}</text>'
+        )
     for x, text in labels:
-        out.append(f'<text x="{x:.1f}" y="{HEIGHT - BOTTOM + 16}" class="tick" text-anchor="middle">{escape(text)}</text>')
+        out.append(
+            f'<text x="{x:.1f}" y="{HEIGHT - BOTTOM + 16}" class="tick" text-anchor="middle">{escape(text)}</text>'
+        )
     return out
 
 
@@ -66,8 +75,10 @@ def stacked_bars(times_ms: list[int], series: dict[str, list[int]], *, title: st
                 continue
             h = value / top * plot_h
             y = HEIGHT - BOTTOM - base[i] / top * plot_h - h
-            body.append(f'<rect x="{LEFT + i * slot + 1:.1f}" y="{y:.1f}" width="{max(slot - 2, 1):.1f}" height="{h:.1f}" '
-                        f'fill="{color}"><title>{escape(name)}: {value:,}</title></rect>')
+            body.append(
+                f'<rect x="{LEFT + i * slot + 1:.1f}" y="{y:.1f}" width="{max(slot - 2, 1):.1f}" height="{h:.1f}" '
+                f'fill="{color}"><title>{escape(name)}: {value:,}</title></rect>'
+            )
             base[i] += value
     xs = [LEFT + (i + 0.5) * slot for i in range(len(times_ms))]
     return _frame(title, _axes(top, _time_labels(times_ms, xs), None) + body, legend)
@@ -87,9 +98,14 @@ def lines(times_ms: list[int], series: dict[str, list[float | None]], *, title: 
         legend.append((name, color))
         points = [(x, HEIGHT - BOTTOM - v / top * plot_h) for x, v in zip(xs, ys) if v is not None]
         if len(points) > 1:
-            body.append(f'<polyline fill="none" stroke="{color}" stroke-width="2.5" points="'
-                        + " ".join(f"{x:.1f},{y:.1f}" for x, y in points) + '"/>')
+            body.append(
+                f'<polyline fill="none" stroke="{color}" stroke-width="2.5" points="'
+                + " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+                + '"/>'
+            )
         for (x, y), v in zip(points, [v for v in ys if v is not None]):
             label = f"{v:.1%}" if unit == 1.0 else f"{v:,.0f}"
-            body.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{color}"><title>{escape(name)}: {label}</title></circle>')
+            body.append(
+                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{color}"><title>{escape(name)}: {label}</title></circle>'
+            )
     return _frame(title, _axes(top, _time_labels(times_ms, xs), unit) + body, legend)

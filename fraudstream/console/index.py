@@ -106,9 +106,11 @@ class Bands:
         return "decline" if score >= self.decline else "review" if score >= self.review else "approve"
 
     def where(self, band: str, column: str = "score") -> tuple[str, tuple[float, ...]]:
-        return {"decline": (f"{column} >= ?", (self.decline,)),
-                "review": (f"{column} >= ? AND {column} < ?", (self.review, self.decline)),
-                "approve": (f"{column} < ?", (self.review,))}[band]
+        return {
+            "decline": (f"{column} >= ?", (self.decline,)),
+            "review": (f"{column} >= ? AND {column} < ?", (self.review, self.decline)),
+            "approve": (f"{column} < ?", (self.review,)),
+        }[band]
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,14 +128,23 @@ class QueueFilter:
         """(FROM clause, WHERE conditions, their arguments, the score column): the open alerts, by rule when
         filtered by one (through alert_rules, in queue order)."""
         if self.rule:
-            source, where, args, score = ("alert_rules r JOIN alerts a ON a.transaction_id = r.transaction_id",
-                                          ["r.rule = ?", "r.open = 1"], [self.rule], "r.score")
+            source, where, args, score = (
+                "alert_rules r JOIN alerts a ON a.transaction_id = r.transaction_id",
+                ["r.rule = ?", "r.open = 1"],
+                [self.rule],
+                "r.score",
+            )
         else:
             source, where, args, score = "alerts a", ["a.verdict IS NULL"], [], "a.score"
-        for sql, value in (("a.scenario = ?", self.scenario or None), ("a.card_id = ?", self.card or None),
-                           ("a.merchant_id = ?", self.merchant or None), ("a.amount_cents >= ?", self.min_cents),
-                           ("a.amount_cents <= ?", self.max_cents), ("a.detected_at >= ?", self.since_ms),
-                           ("a.detected_at < ?", self.until_ms)):
+        for sql, value in (
+            ("a.scenario = ?", self.scenario or None),
+            ("a.card_id = ?", self.card or None),
+            ("a.merchant_id = ?", self.merchant or None),
+            ("a.amount_cents >= ?", self.min_cents),
+            ("a.amount_cents <= ?", self.max_cents),
+            ("a.detected_at >= ?", self.since_ms),
+            ("a.detected_at < ?", self.until_ms),
+        ):
             if value is not None:
                 where.append(sql)
                 args.append(value)
@@ -172,26 +183,46 @@ class Index:
         for partition, offset, alert in rows:
             tx = alert["transaction"]
             score = alert.get("score")
-            values.append((tx["transaction_id"], partition, offset, alert["detected_at"], tx["event_time"],
-                           tx["card_id"], tx["account_id"], tx["merchant_id"], tx["terminal_id"], tx["amount_cents"],
-                           tx.get("currency", "USD"), "," + ",".join(alert["rules"]) + ",",
-                           json.dumps([[f["id"], f["version"]] for f in alert.get("fired", ())]),
-                           alert.get("rule_set_version", ""), 1.0 if score is None else float(score),
-                           json.dumps(alert, default=str)))
+            values.append(
+                (
+                    tx["transaction_id"],
+                    partition,
+                    offset,
+                    alert["detected_at"],
+                    tx["event_time"],
+                    tx["card_id"],
+                    tx["account_id"],
+                    tx["merchant_id"],
+                    tx["terminal_id"],
+                    tx["amount_cents"],
+                    tx.get("currency", "USD"),
+                    "," + ",".join(alert["rules"]) + ",",
+                    json.dumps([[f["id"], f["version"]] for f in alert.get("fired", ())]),
+                    alert.get("rule_set_version", ""),
+                    1.0 if score is None else float(score),
+                    json.dumps(alert, default=str),
+                )
+            )
         with self.db as db:
             db.executemany(
                 "INSERT INTO alerts (transaction_id, topic_partition, topic_offset, detected_at, event_time, card_id,"
                 " account_id, merchant_id, terminal_id, amount_cents, currency, rules, fired, rule_set_version, score,"
                 " body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (transaction_id) DO UPDATE SET"
                 " detected_at=excluded.detected_at, rules=excluded.rules, fired=excluded.fired,"
-                " rule_set_version=excluded.rule_set_version, score=excluded.score, body=excluded.body", values)
-            db.executemany("INSERT OR REPLACE INTO alert_rules SELECT ?, transaction_id, score, detected_at,"
-                           " verdict IS NULL FROM alerts WHERE transaction_id = ?",
-                           [(rule, v[0]) for v in values for rule in v[11].strip(",").split(",")])
+                " rule_set_version=excluded.rule_set_version, score=excluded.score, body=excluded.body",
+                values,
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO alert_rules SELECT ?, transaction_id, score, detected_at,"
+                " verdict IS NULL FROM alerts WHERE transaction_id = ?",
+                [(rule, v[0]) for v in values for rule in v[11].strip(",").split(",")],
+            )
             # A label read before its alert (both topics are read side by side at start) is folded in now.
             db.executemany(
                 "UPDATE alerts SET scenario = (SELECT scenario FROM labels l WHERE l.transaction_id = alerts.transaction_id"
-                " AND l.source != 'analyst') WHERE transaction_id = ?", [(v[0],) for v in values])
+                " AND l.source != 'analyst') WHERE transaction_id = ?",
+                [(v[0],) for v in values],
+            )
 
     def add_labels(self, rows: Sequence[tuple[int, int, dict[str, Any]]]) -> None:
         """(partition, offset, decoded Label) rows, in each partition's order: the latest label wins."""
@@ -201,22 +232,37 @@ class Index:
                 source = label.get("source") or "generator"
                 analyst = source == "analyst"
                 if analyst:
-                    db.execute("INSERT INTO verdicts VALUES (?,?,?,?,?,?)",
-                               (tid, fraud, label.get("labelled_by"), label.get("labelled_at"), partition, offset))
-                    db.execute("UPDATE alerts SET verdict = ?, verdict_by = ?, verdict_at = ? WHERE transaction_id = ?",
-                               (fraud, label.get("labelled_by"), label.get("labelled_at"), tid))
+                    db.execute(
+                        "INSERT INTO verdicts VALUES (?,?,?,?,?,?)",
+                        (tid, fraud, label.get("labelled_by"), label.get("labelled_at"), partition, offset),
+                    )
+                    db.execute(
+                        "UPDATE alerts SET verdict = ?, verdict_by = ?, verdict_at = ? WHERE transaction_id = ?",
+                        (fraud, label.get("labelled_by"), label.get("labelled_at"), tid),
+                    )
                     db.execute("UPDATE alert_rules SET open = 0 WHERE transaction_id = ?", (tid,))
                 else:
                     db.execute("UPDATE alerts SET scenario = ? WHERE transaction_id = ?", (label["scenario"], tid))
                     db.execute("INSERT OR IGNORE INTO scenario_names VALUES (?)", (label["scenario"],))
-                db.execute("INSERT OR REPLACE INTO labels VALUES (?,?,?,?,?,?,?)",
-                           (tid, fraud, label["scenario"], source, label.get("labelled_by"),
-                            label.get("labelled_at"), label.get("event_time")))
+                db.execute(
+                    "INSERT OR REPLACE INTO labels VALUES (?,?,?,?,?,?,?)",
+                    (
+                        tid,
+                        fraud,
+                        label["scenario"],
+                        source,
+                        label.get("labelled_by"),
+                        label.get("labelled_at"),
+                        label.get("event_time"),
+                    ),
+                )
 
     def add_payments(self, rows: Iterable[tuple[str, dict[str, Any]]]) -> None:
         """(route, decoded Transaction) rows; payments older than PAYMENT_HISTORY_MS of event time go."""
-        values = [(tx["card_id"], tx["event_time"], tx["transaction_id"], tx["amount_cents"], tx["merchant_id"], route)
-                  for route, tx in rows]
+        values = [
+            (tx["card_id"], tx["event_time"], tx["transaction_id"], tx["amount_cents"], tx["merchant_id"], route)
+            for route, tx in rows
+        ]
         if not values:
             return
         with self.db as db:
@@ -230,13 +276,28 @@ class Index:
     def add_rule_versions(self, rows: Iterable[tuple[int, Any]]) -> None:
         """(offset, Rule) rows."""
         with self.db as db:
-            db.executemany("INSERT OR REPLACE INTO rule_versions VALUES (?,?,?,?,?,?,?,?,?)", [
-                (r.id, r.version, r.kind, json.dumps(r.to_dict()["parameters"], sort_keys=True), int(r.enabled),
-                 r.author, r.comment, int(r.written_at.timestamp() * 1000), offset) for offset, r in rows])
+            db.executemany(
+                "INSERT OR REPLACE INTO rule_versions VALUES (?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        r.id,
+                        r.version,
+                        r.kind,
+                        json.dumps(r.to_dict()["parameters"], sort_keys=True),
+                        int(r.enabled),
+                        r.author,
+                        r.comment,
+                        int(r.written_at.timestamp() * 1000),
+                        offset,
+                    )
+                    for offset, r in rows
+                ],
+            )
 
     # ------------------------------------------------------------ queries (any thread)
-    def queue(self, bands: Bands, filters: QueueFilter, page: int = 0,
-              page_size: int = PAGE_SIZE) -> tuple[list[sqlite3.Row], dict[str, int]]:
+    def queue(
+        self, bands: Bands, filters: QueueFilter, page: int = 0, page_size: int = PAGE_SIZE
+    ) -> tuple[list[sqlite3.Row], dict[str, int]]:
         """One page of the alerts without a verdict: review band first, then decline, then approve; riskiest
         first within a band, then newest. Returns the rows and the count of each band."""
         source, where, args, score = filters.source()
@@ -247,8 +308,9 @@ class Index:
         counts = {}
         for band in BANDS:  # a count per band: each a range of the score index (faster than one pass of sums)
             band_sql, in_band = bands.where(band, score)
-            counts[band] = self.db.execute(f"SELECT count(*) FROM {counted} WHERE {condition} AND {band_sql}",
-                                           (*args, *in_band)).fetchone()[0]
+            counts[band] = self.db.execute(
+                f"SELECT count(*) FROM {counted} WHERE {condition} AND {band_sql}", (*args, *in_band)
+            ).fetchone()[0]
         rows: list[sqlite3.Row] = []
         skip = page * page_size
         for band in BANDS:
@@ -262,7 +324,8 @@ class Index:
                 f"SELECT a.transaction_id, a.detected_at, a.event_time, a.card_id, a.merchant_id, a.amount_cents,"
                 f" a.currency, a.rules, a.score, a.scenario, a.rule_set_version FROM {source}"
                 f" WHERE {condition} AND {band_sql} ORDER BY {score} DESC, {newest} DESC LIMIT ? OFFSET ?",
-                (*args, *in_band, page_size - len(rows), skip)).fetchall()
+                (*args, *in_band, page_size - len(rows), skip),
+            ).fetchall()
             skip = 0
         return rows, counts
 
@@ -270,18 +333,23 @@ class Index:
         return self.db.execute("SELECT * FROM alerts WHERE transaction_id = ?", (transaction_id,)).fetchone()
 
     def verdicts(self, transaction_id: str) -> list[sqlite3.Row]:
-        return self.db.execute("SELECT * FROM verdicts WHERE transaction_id = ? ORDER BY rowid",
-                               (transaction_id,)).fetchall()
+        return self.db.execute(
+            "SELECT * FROM verdicts WHERE transaction_id = ? ORDER BY rowid", (transaction_id,)
+        ).fetchall()
 
     def label(self, transaction_id: str) -> sqlite3.Row | None:
         return self.db.execute("SELECT * FROM labels WHERE transaction_id = ?", (transaction_id,)).fetchone()
 
     def recent_payments(self, card_id: str, before_ms: int, limit: int = RECENT_PAYMENTS) -> list[sqlite3.Row]:
-        return self.db.execute("SELECT * FROM payments WHERE card_id = ? AND event_time <= ? ORDER BY event_time DESC"
-                               " LIMIT ?", (card_id, before_ms, limit)).fetchall()
+        return self.db.execute(
+            "SELECT * FROM payments WHERE card_id = ? AND event_time <= ? ORDER BY event_time DESC LIMIT ?",
+            (card_id, before_ms, limit),
+        ).fetchall()
 
     def rule_version(self, rule_id: str, version: int) -> sqlite3.Row | None:
-        return self.db.execute("SELECT * FROM rule_versions WHERE id = ? AND version = ?", (rule_id, version)).fetchone()
+        return self.db.execute(
+            "SELECT * FROM rule_versions WHERE id = ? AND version = ?", (rule_id, version)
+        ).fetchone()
 
     def rule_names(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT DISTINCT id FROM rule_versions ORDER BY id")]
@@ -302,8 +370,9 @@ class Index:
         hours_list = [first + i * HOUR_MS for i in range(hours)]
         per_rule: dict[str, list[int]] = {}
         for rules, hour, count in self.db.execute(
-                "SELECT rules, event_time / ? AS hour, count(*) FROM alerts WHERE event_time >= ? GROUP BY rules, hour",
-                (HOUR_MS, first)):
+            "SELECT rules, event_time / ? AS hour, count(*) FROM alerts WHERE event_time >= ? GROUP BY rules, hour",
+            (HOUR_MS, first),
+        ):
             for rule in rules.strip(",").split(","):
                 per_rule.setdefault(rule, [0] * hours)[hour - first // HOUR_MS] += count
         return hours_list, per_rule
@@ -316,10 +385,18 @@ class Index:
             "SELECT l.event_time / ? AS d, sum(a.transaction_id IS NOT NULL AND l.is_fraud = 1),"
             " sum(a.transaction_id IS NOT NULL), sum(l.is_fraud = 1)"
             " FROM labels l LEFT JOIN alerts a ON a.transaction_id = l.transaction_id"
-            " WHERE l.event_time IS NOT NULL GROUP BY d ORDER BY d", (day,)).fetchall()
+            " WHERE l.event_time IS NOT NULL GROUP BY d ORDER BY d",
+            (day,),
+        ).fetchall()
         out = []
         for d, caught, alerted_labelled, frauds in rows:
-            out.append({"day_ms": d * day, "precision": caught / alerted_labelled if alerted_labelled else None,
-                        "recall": caught / frauds if frauds else None, "alerts_labelled": alerted_labelled,
-                        "frauds": frauds})
+            out.append(
+                {
+                    "day_ms": d * day,
+                    "precision": caught / alerted_labelled if alerted_labelled else None,
+                    "recall": caught / frauds if frauds else None,
+                    "alerts_labelled": alerted_labelled,
+                    "frauds": frauds,
+                }
+            )
         return out

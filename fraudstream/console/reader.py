@@ -22,7 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 
 from fraudstream.console.index import Index
 from fraudstream.consumer.inspect import console_schemas
@@ -41,8 +48,13 @@ STATS_INTERVAL_S = 5.0
 STATS_KEPT = 720  # an hour of samples
 READER_GROUP_ID = "fraudstream-console"  # never joined, never committed (assign mode)
 # Errors after which nothing more arrives until Kafka is back: the pages show them.
-CONNECTION_ERRORS = (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._AUTHENTICATION,
-                     KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError._RESOLVE)
+CONNECTION_ERRORS = (
+    KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._TRANSPORT,
+    KafkaError._AUTHENTICATION,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError._RESOLVE,
+)
 
 
 @dataclass
@@ -65,8 +77,15 @@ class ReaderState:
 # What the index reads of each record, with its type: a record written with another schema (a Transaction on
 # the fraud topic, say) decodes fine and must still be skipped, not stop the reader.
 REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "transaction": {"transaction_id": str, "card_id": str, "account_id": str, "merchant_id": str, "terminal_id": str,
-                    "amount_cents": int, "event_time": int},
+    "transaction": {
+        "transaction_id": str,
+        "card_id": str,
+        "account_id": str,
+        "merchant_id": str,
+        "terminal_id": str,
+        "amount_cents": int,
+        "event_time": int,
+    },
     "alert": {"transaction": dict, "rules": list, "detected_at": int},
     "labels": {"transaction_id": str, "is_fraud": bool, "scenario": str},
 }
@@ -74,8 +93,11 @@ REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
 
 def check_record(kind: str, value: Any) -> None:
     """ValueError unless `value` has what the index reads from a record of that topic."""
-    wanted = [("alert", value), ("transaction", value.get("transaction") if isinstance(value, dict) else None)] \
-        if kind == "fraud" else [("transaction" if kind == "legit" else kind, value)]
+    wanted = (
+        [("alert", value), ("transaction", value.get("transaction") if isinstance(value, dict) else None)]
+        if kind == "fraud"
+        else [("transaction" if kind == "legit" else kind, value)]
+    )
     for name, record in wanted:
         if not isinstance(record, dict):
             raise ValueError(f"not a {name} record")
@@ -85,8 +107,14 @@ def check_record(kind: str, value: Any) -> None:
 
 
 class TopicReader:
-    def __init__(self, settings: Settings, index: Index, *, on_alerts: Callable[[list[dict[str, Any]]], None],
-                 on_verdicts: Callable[[list[str]], None] = lambda transaction_ids: None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        index: Index,
+        *,
+        on_alerts: Callable[[list[dict[str, Any]]], None],
+        on_verdicts: Callable[[list[str]], None] = lambda transaction_ids: None,
+    ) -> None:
         self.settings = settings
         self.index = index
         self.on_alerts = on_alerts
@@ -103,8 +131,7 @@ class TopicReader:
         self._stats_thread = threading.Thread(target=self._sample_loop, name="console-detector-stats", daemon=True)
         s = settings
         self.missing: set[str] = set()
-        self.topics = {s.fraud_topic: "fraud", s.labels_topic: "labels", s.legit_topic: "legit",
-                       s.rules_topic: "rules"}
+        self.topics = {s.fraud_topic: "fraud", s.labels_topic: "labels", s.legit_topic: "legit", s.rules_topic: "rules"}
 
     def start(self) -> None:
         self._thread.start()
@@ -118,8 +145,11 @@ class TopicReader:
 
     # ------------------------------------------------------------ the thread
     def _run(self) -> None:
-        consumer = Consumer(consumer_config(self.settings, READER_GROUP_ID, **{
-            "enable.partition.eof": True, "error_cb": self._on_error}))
+        consumer = Consumer(
+            consumer_config(
+                self.settings, READER_GROUP_ID, **{"enable.partition.eof": True, "error_cb": self._on_error}
+            )
+        )
         try:
             ends = self._assign(consumer)
             last_stats = 0.0
@@ -172,7 +202,9 @@ class TopicReader:
         for topic in sorted(self.missing):
             found = metadata.topics.get(topic)
             if found is not None and found.error is None and found.partitions:
-                consumer.incremental_assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(found.partitions)])
+                consumer.incremental_assign(
+                    [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(found.partitions)]
+                )
                 self.missing.discard(topic)
                 log.info("console: %s now exists, reading it", topic)
 
@@ -211,8 +243,13 @@ class TopicReader:
             except (DecodeError, KeyError, TypeError, ValueError) as exc:
                 self.state.undecodable += 1
                 if self.state.undecodable == 1:
-                    log.warning("console: %s[%d]@%d cannot be read (%s): skipped, further ones counted",
-                                topic, partition, offset, exc)
+                    log.warning(
+                        "console: %s[%d]@%d cannot be read (%s): skipped, further ones counted",
+                        topic,
+                        partition,
+                        offset,
+                        exc,
+                    )
                 continue
             if kind == "fraud":
                 alerts.append((partition, offset, value))

@@ -34,22 +34,30 @@ class RulesAccess:
             message, record = change.message, change.record
             rule_id = (message.key() or b"").decode("utf-8", "replace")
             why = f"{change.outcome}: {change.reason}" if change.outcome == REFUSED else change.outcome
-            history.append({"offset": message.offset(), "id": rule_id, "record": record if change.outcome != REFUSED
-                            else None, "why": why,
-                            "change": describe_change(previous.get(rule_id), record) if record else ""})
+            history.append(
+                {
+                    "offset": message.offset(),
+                    "id": rule_id,
+                    "record": record if change.outcome != REFUSED else None,
+                    "why": why,
+                    "change": describe_change(previous.get(rule_id), record) if record else "",
+                }
+            )
             if record is not None and change.outcome != REFUSED:
                 previous[rule_id] = record
         return in_force, history[::-1]
 
     def write(self, text: str, author: str, comment: str) -> list[Rule]:
-        return write_rules_text(self.settings, text, EDITOR, author=author, comment=comment, codec=self.codec,
-                                only_changed=True)
+        return write_rules_text(
+            self.settings, text, EDITOR, author=author, comment=comment, codec=self.codec, only_changed=True
+        )
 
 
 def describe_change(before: Rule | None, after: Rule) -> str:
     if before is None:
         return f"created ({after.kind}, {'enabled' if after.enabled else 'disabled'}) " + json.dumps(
-            after.to_dict()["parameters"], sort_keys=True)
+            after.to_dict()["parameters"], sort_keys=True
+        )
     changes = []
     if before.enabled != after.enabled:
         changes.append("enabled" if after.enabled else "disabled")

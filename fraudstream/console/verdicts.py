@@ -34,15 +34,22 @@ class VerdictNotWritten(FraudstreamError):
 
 def verdict_label(alert: dict[str, Any], *, is_fraud: bool, analyst: str, at: datetime | None = None) -> Label:
     tx = alert["transaction"]
-    return Label(transaction_id=tx["transaction_id"], is_fraud=is_fraud,
-                 scenario=FRAUD_SCENARIO if is_fraud else LEGIT_SCENARIO, terminal_id=tx["terminal_id"],
-                 event_time=datetime.fromtimestamp(tx["event_time"] / 1000, UTC), source=ANALYST_SOURCE,
-                 labelled_by=analyst, labelled_at=at or datetime.now(UTC))
+    return Label(
+        transaction_id=tx["transaction_id"],
+        is_fraud=is_fraud,
+        scenario=FRAUD_SCENARIO if is_fraud else LEGIT_SCENARIO,
+        terminal_id=tx["terminal_id"],
+        event_time=datetime.fromtimestamp(tx["event_time"] / 1000, UTC),
+        source=ANALYST_SOURCE,
+        labelled_by=analyst,
+        labelled_at=at or datetime.now(UTC),
+    )
 
 
 class VerdictWriter:
-    def __init__(self, settings: Settings, registry: Registry | None = None, *,
-                 timeout_s: float = WRITE_TIMEOUT_S) -> None:
+    def __init__(
+        self, settings: Settings, registry: Registry | None = None, *, timeout_s: float = WRITE_TIMEOUT_S
+    ) -> None:
         self.settings = settings
         self.timeout_s = timeout_s
         self._registry = registry or Registry(settings)
@@ -54,11 +61,15 @@ class VerdictWriter:
         """Write one label and wait until the broker has it; VerdictNotWritten (nothing written) otherwise."""
         if self._encode is None:
             ids = current_ids(self.settings, self._registry)  # one clear line when the schemas are not registered
-            self._encode = make_encoder(ids[self.settings.labels_topic],
-                                        load_schemas(self.settings.schemas_dir).parsed["Label"])
+            self._encode = make_encoder(
+                ids[self.settings.labels_topic], load_schemas(self.settings.schemas_dir).parsed["Label"]
+            )
         if self._producer is None:
-            self._producer = Producer(producer_config(self.settings, **{
-                "enable.idempotence": True, "message.timeout.ms": int(self.timeout_s * 1000)}))
+            self._producer = Producer(
+                producer_config(
+                    self.settings, **{"enable.idempotence": True, "message.timeout.ms": int(self.timeout_s * 1000)}
+                )
+            )
         failures: list[str] = []
 
         def delivered(error, _message) -> None:
@@ -66,8 +77,12 @@ class VerdictWriter:
                 failures.append(error.str())
 
         try:
-            self._producer.produce(self.settings.labels_topic, self._encode(label.to_dict()),
-                                   label.transaction_id.encode(), on_delivery=delivered)
+            self._producer.produce(
+                self.settings.labels_topic,
+                self._encode(label.to_dict()),
+                label.transaction_id.encode(),
+                on_delivery=delivered,
+            )
         except (KafkaException, BufferError) as exc:
             raise VerdictNotWritten(f"the verdict was not written: {exc}") from exc
         left = self._producer.flush(self.timeout_s + 1)
@@ -75,8 +90,10 @@ class VerdictWriter:
             # message.timeout.ms has expired it (or will): the record is not on the topic and will not be.
             self._producer.purge()
             self._producer.flush(0)
-            raise VerdictNotWritten("the verdict was not written: Kafka did not take it within "
-                                    f"{self.timeout_s:g} s ({failures[0] if failures else 'no answer'})")
+            raise VerdictNotWritten(
+                "the verdict was not written: Kafka did not take it within "
+                f"{self.timeout_s:g} s ({failures[0] if failures else 'no answer'})"
+            )
         self.written += 1
 
     def close(self) -> None:

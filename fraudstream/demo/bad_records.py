@@ -56,4 +56,6 @@ class BadRecordWriter:
 
     def close(self) -> None:
         if self.producer is not None and self.producer.flush(METADATA_TIMEOUT_S):
-            raise KafkaUnavailable(f"the demo's malformed records were not delivered to {self.settings.transactions_topic}")
+            raise KafkaUnavailable(
+                f"the demo's malformed records were not delivered to {self.settings.transactions_topic}"
+            )

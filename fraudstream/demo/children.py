@@ -43,7 +43,11 @@ class Child:
             self.stop_sent_at = time.monotonic()
 
     def kill_if_overdue(self, timeout_s: float) -> bool:
-        if self.exit_code is None and self.stop_sent_at is not None and time.monotonic() - self.stop_sent_at > timeout_s:
+        if (
+            self.exit_code is None
+            and self.stop_sent_at is not None
+            and time.monotonic() - self.stop_sent_at > timeout_s
+        ):
             self.process.kill()
             self.process.wait()
             return True
@@ -69,8 +73,12 @@ def start_child(name: str, command: list[str], log_dir: Path) -> Child:
     log_path = log_dir / f"{name}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-c", CHILD_LAUNCHER, *command], stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            [sys.executable, "-c", CHILD_LAUNCHER, *command],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
             # Own process group: the terminal's Ctrl-C reaches the demo only, which stops children in order.
-            process_group=0)
+            process_group=0,
+        )
     return Child(name, process, log_path)

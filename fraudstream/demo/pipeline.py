@@ -44,11 +44,15 @@ class Cluster:
 def connect(settings: Settings, args: argparse.Namespace, log: Callable[[str], None]) -> Cluster:
     """The cluster the environment or flags name; else the local stack, started if needed."""
     defaults = Settings()
-    given = (args.bootstrap_servers or args.schema_registry_url
-             or os.environ.get(ENV["bootstrap_servers"]) or os.environ.get(ENV["schema_registry_url"])
-             # named by a client properties file or flag
-             or settings.bootstrap_servers != defaults.bootstrap_servers
-             or settings.schema_registry_url != defaults.schema_registry_url)
+    given = (
+        args.bootstrap_servers
+        or args.schema_registry_url
+        or os.environ.get(ENV["bootstrap_servers"])
+        or os.environ.get(ENV["schema_registry_url"])
+        # named by a client properties file or flag
+        or settings.bootstrap_servers != defaults.bootstrap_servers
+        or settings.schema_registry_url != defaults.schema_registry_url
+    )
     if given:
         wait_for_cluster(settings)
         return Cluster(settings, started_stack=False)
@@ -57,30 +61,53 @@ def connect(settings: Settings, args: argparse.Namespace, log: Callable[[str], N
     stack = LocalStack(settings, log=log)
     was_running = stack.status().running
     status = stack.up()
-    return Cluster(settings.replace(bootstrap_servers=status.bootstrap_servers, schema_registry_url=status.registry_url),
-                   started_stack=not was_running)
+    return Cluster(
+        settings.replace(bootstrap_servers=status.bootstrap_servers, schema_registry_url=status.registry_url),
+        started_stack=not was_running,
+    )
 
 
 def connection_flags(settings: Settings, private_dir: Path | None = None) -> list[str]:
     """`private_dir`: where secrets given as flags go for the children (a private file, never their argv)."""
     from fraudstream.cli import client_flags
 
-    return ["--bootstrap-servers", settings.bootstrap_servers, "--schema-registry-url", settings.schema_registry_url,
-            *client_flags(settings, private_dir)]
+    return [
+        "--bootstrap-servers",
+        settings.bootstrap_servers,
+        "--schema-registry-url",
+        settings.schema_registry_url,
+        *client_flags(settings, private_dir),
+    ]
 
 
 def detector_command(settings: Settings, index: int, private_dir: Path | None = None) -> list[str]:
     # One transactional id per detector process: a shared one would fence the others (KIP-447 still
     # needs ids to be unique among live producers). Stable across runs, so a restart aborts what a
     # killed predecessor left open.
-    return ["detect", "--topic", settings.transactions_topic, "--group-id", settings.group_id,
-            "--transactional-id", f"{settings.group_id}.{settings.transactions_topic}.demo-{index}",
-            *connection_flags(settings, private_dir)]
+    return [
+        "detect",
+        "--topic",
+        settings.transactions_topic,
+        "--group-id",
+        settings.group_id,
+        "--transactional-id",
+        f"{settings.group_id}.{settings.transactions_topic}.demo-{index}",
+        *connection_flags(settings, private_dir),
+    ]
 
 
 def producer_command(settings: Settings, args: argparse.Namespace, private_dir: Path | None = None) -> list[str]:
-    command = ["produce", "--topic", settings.transactions_topic, "--rate", str(args.rate),
-               "--speedup", f"{args.speedup:g}", "--quiet", *connection_flags(settings, private_dir)]
+    command = [
+        "produce",
+        "--topic",
+        settings.transactions_topic,
+        "--rate",
+        str(args.rate),
+        "--speedup",
+        f"{args.speedup:g}",
+        "--quiet",
+        *connection_flags(settings, private_dir),
+    ]
     if args.duration > 0:
         command += ["--duration", f"{args.duration:g}"]
     if args.seed is not None:
@@ -108,14 +135,24 @@ class Demo:
         counts = self.state.counts
         self.in_rate.add(now, counts.produced)
         self.out_rate.add(now, counts.routed)
-        return Frame(topic=self.settings.transactions_topic, detectors=self.args.detectors, rate=self.args.rate,
-                     duration_s=self.args.duration, elapsed_s=now - self.began, phase=self.phase, state=self.state,
-                     in_per_s=self.in_rate.per_second(), out_per_s=self.out_rate.per_second())
+        return Frame(
+            topic=self.settings.transactions_topic,
+            detectors=self.args.detectors,
+            rate=self.args.rate,
+            duration_s=self.args.duration,
+            elapsed_s=now - self.began,
+            phase=self.phase,
+            state=self.state,
+            in_per_s=self.in_rate.per_second(),
+            out_per_s=self.out_rate.per_second(),
+        )
 
     def run(self, watcher: PipelineWatcher, log_dir: Path) -> None:
         private = log_dir / "client-properties"  # secrets given as flags: for the children, never on their argv
-        detectors = [start_child(f"detector-{i}", detector_command(self.settings, i, private), log_dir)
-                     for i in range(self.args.detectors)]
+        detectors = [
+            start_child(f"detector-{i}", detector_command(self.settings, i, private), log_dir)
+            for i in range(self.args.detectors)
+        ]
         producer = start_child("producer", producer_command(self.settings, self.args, private), log_dir)
         children = [producer, *detectors]
         for child in children:
@@ -141,8 +178,14 @@ class Demo:
         watcher.poll(POLL_S)
         self.view.update(self.frame())
 
-    def _produce(self, watcher: PipelineWatcher, producer: Child, detectors: list[Child], stop: threading.Event,
-                 now: threading.Event) -> None:
+    def _produce(
+        self,
+        watcher: PipelineWatcher,
+        producer: Child,
+        detectors: list[Child],
+        stop: threading.Event,
+        now: threading.Event,
+    ) -> None:
         self.phase = "producing"
         saboteur = BadRecordWriter(self.settings, self.args.bad_records, self.args.duration)
         try:
@@ -153,8 +196,15 @@ class Demo:
             saboteur.close()
             self.bad_records_written = saboteur.written
 
-    def _produce_until_done(self, watcher: PipelineWatcher, producer: Child, detectors: list[Child],
-                            stop: threading.Event, now: threading.Event, saboteur: BadRecordWriter) -> None:
+    def _produce_until_done(
+        self,
+        watcher: PipelineWatcher,
+        producer: Child,
+        detectors: list[Child],
+        stop: threading.Event,
+        now: threading.Event,
+        saboteur: BadRecordWriter,
+    ) -> None:
         while producer.exit_code is None:
             self._tick(watcher)
             started = self.state.traffic_started_at
@@ -192,8 +242,10 @@ class Demo:
                 self.problems.append(dead[0].failure())
                 return
             if time.monotonic() > deadline:
-                self.problems.append(f"the detectors did not route {counts.in_flight:,} records within "
-                                     f"{self.args.drain_timeout:.0f}s (see their logs)")
+                self.problems.append(
+                    f"the detectors did not route {counts.in_flight:,} records within "
+                    f"{self.args.drain_timeout:.0f}s (see their logs)"
+                )
                 return
 
     def _stop_all(self, watcher: PipelineWatcher, detectors: list[Child], now: threading.Event) -> None:
@@ -206,8 +258,9 @@ class Demo:
                 if now.is_set():
                     detector.process.kill()
                 elif detector.kill_if_overdue(CHILD_STOP_TIMEOUT_S):
-                    self.problems.append(f"{detector.name} did not stop within {CHILD_STOP_TIMEOUT_S:.0f}s of "
-                                         "SIGTERM and was killed")
+                    self.problems.append(
+                        f"{detector.name} did not stop within {CHILD_STOP_TIMEOUT_S:.0f}s of SIGTERM and was killed"
+                    )
 
     def _final_read(self, watcher: PipelineWatcher) -> None:
         """Everything the children committed is in the counts before the summary."""
@@ -251,6 +304,7 @@ def run(args: argparse.Namespace, settings: Settings, out: TextIO | None = None)
     out = out or sys.stdout
     # librdkafka logs every reconnect attempt; a lost broker shows as our own one-line error instead.
     logging.getLogger(LIBRDKAFKA_LOGGER).setLevel(logging.CRITICAL)
+
     def log(line: str) -> None:
         print(line, file=out, flush=True)
 
@@ -268,17 +322,25 @@ def run(args: argparse.Namespace, settings: Settings, out: TextIO | None = None)
     try:
         partitions = sum(1 for topic, _ in watcher.partitions if topic == settings.transactions_topic)
         if args.detectors > partitions:  # checked against the topic as it is: it may predate --partitions
-            raise ConfigError(f"--detectors {args.detectors} is more than the {partitions} partitions of "
-                              f"{settings.transactions_topic}: the extra detectors would sit idle")
+            raise ConfigError(
+                f"--detectors {args.detectors} is more than the {partitions} partitions of "
+                f"{settings.transactions_topic}: the extra detectors would sit idle"
+            )
         demo.state.counts.backlog = watcher.backlog(settings.group_id)
         demo.run(watcher, log_dir)
     finally:
         watcher.close()
     frame = demo.frame()
     stop_stack = args.stop_stack and cluster.started_stack
-    for line in summary_lines(frame, settings, extra_flags=inspect_flags(settings), log_dir=log_dir,
-                              stack_left_running=cluster.started_stack and not stop_stack,
-                              bad_records=demo.bad_records_written, console_url=console.url if console else None):
+    for line in summary_lines(
+        frame,
+        settings,
+        extra_flags=inspect_flags(settings),
+        log_dir=log_dir,
+        stack_left_running=cluster.started_stack and not stop_stack,
+        bad_records=demo.bad_records_written,
+        console_url=console.url if console else None,
+    ):
         print(line, file=out)
     out.flush()
     if console is not None:

@@ -158,8 +158,18 @@ class DemoState:
         self.counts.fraud += 1
         self.rules_fired.update(alert.rules)
         tx = alert.transaction
-        self.latest_alerts.appendleft(AlertLine(tx.transaction_id, tx.account_id, tx.amount_cents, tx.currency,
-                                                tx.channel, tx.country, alert.rules, alert.detected_at))
+        self.latest_alerts.appendleft(
+            AlertLine(
+                tx.transaction_id,
+                tx.account_id,
+                tx.amount_cents,
+                tx.currency,
+                tx.channel,
+                tx.country,
+                alert.rules,
+                alert.detected_at,
+            )
+        )
         self.score.decided(tx.transaction_id, flagged=True, rules=alert.rules)
 
     def on_dead_letter(self) -> None:

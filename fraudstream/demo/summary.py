@@ -9,8 +9,16 @@ from fraudstream.demo.view import Frame, pct, ratio
 from fraudstream.settings import Settings
 
 
-def summary_lines(frame: Frame, settings: Settings, *, extra_flags: list[str], log_dir: Path,
-                  stack_left_running: bool, bad_records: int = 0, console_url: str | None = None) -> list[str]:
+def summary_lines(
+    frame: Frame,
+    settings: Settings,
+    *,
+    extra_flags: list[str],
+    log_dir: Path,
+    stack_left_running: bool,
+    bad_records: int = 0,
+    console_url: str | None = None,
+) -> list[str]:
     c, s = frame.state.counts, frame.state.score
     topic = settings.transactions_topic
     traffic_s = frame.state.traffic_s
@@ -27,11 +35,15 @@ def summary_lines(frame: Frame, settings: Settings, *, extra_flags: list[str], l
     ]
     before = f" + {c.backlog:,} left from earlier runs" if c.backlog else ""
     relation = "=" if c.add_up else "!="
-    lines.append(f"  produced {c.produced:,}{before} {relation} legit {c.legit:,} + fraud {c.fraud:,} "
-                 f"+ dead-letter {c.dead_letter:,}" + ("" if c.add_up else "   <- counts do NOT add up"))
-    lines.append(f"  detection vs labels: {s.true_positives:,} true positives, {s.false_positives:,} false positives, "
-                 f"{s.false_negatives:,} missed frauds, {s.true_negatives:,} true negatives; "
-                 f"precision {ratio(s.precision)}, recall {ratio(s.recall)}")
+    lines.append(
+        f"  produced {c.produced:,}{before} {relation} legit {c.legit:,} + fraud {c.fraud:,} "
+        f"+ dead-letter {c.dead_letter:,}" + ("" if c.add_up else "   <- counts do NOT add up")
+    )
+    lines.append(
+        f"  detection vs labels: {s.true_positives:,} true positives, {s.false_positives:,} false positives, "
+        f"{s.false_negatives:,} missed frauds, {s.true_negatives:,} true negatives; "
+        f"precision {ratio(s.precision)}, recall {ratio(s.recall)}"
+    )
     if s.missed_by_scenario:
         missed = ", ".join(f"{name} {n:,}" for name, n in s.missed_by_scenario.most_common())
         lines.append(f"  missed frauds by scenario: {missed}")
@@ -39,7 +51,9 @@ def summary_lines(frame: Frame, settings: Settings, *, extra_flags: list[str], l
     if frame.state.undecodable_outputs:
         lines.append(f"  {frame.state.undecodable_outputs:,} output or label records could not be decoded by the view")
     if frame.state.rules_fired:
-        lines.append("  rules fired: " + ", ".join(f"{name} {n:,}" for name, n in frame.state.rules_fired.most_common()))
+        lines.append(
+            "  rules fired: " + ", ".join(f"{name} {n:,}" for name, n in frame.state.rules_fired.most_common())
+        )
     flags = (" " + " ".join(extra_flags)) if extra_flags else ""
     lines += [
         "",
@@ -55,15 +69,32 @@ def summary_lines(frame: Frame, settings: Settings, *, extra_flags: list[str], l
         lines.append(f"analyst console (review queue, verdicts, rules, dashboard): {console_url}")
     if stack_left_running:
         lines.append("the local stack is still running: `fraudstream stack down` stops it")
-    lines.append(" ".join([
-        "summary:", f"topic={topic}", f"produced={c.produced}", f"backlog={c.backlog}", f"legit={c.legit}",
-        f"fraud={c.fraud}", f"dead_letter={c.dead_letter}", f"in_flight={c.in_flight}",
-        f"true_positives={s.true_positives}", f"false_positives={s.false_positives}",
-        f"false_negatives={s.false_negatives}", f"true_negatives={s.true_negatives}",
-        f"bad_records={bad_records}", f"traffic_s={traffic_s:.1f}", f"elapsed_s={frame.elapsed_s:.1f}",
-        f"counts_add_up={'yes' if c.add_up else 'no'}",
-        *(f"recall_{name}={caught / total:.4f}" for name, (caught, total) in sorted(s.recall_by_scenario().items())),
-    ]))
+    lines.append(
+        " ".join(
+            [
+                "summary:",
+                f"topic={topic}",
+                f"produced={c.produced}",
+                f"backlog={c.backlog}",
+                f"legit={c.legit}",
+                f"fraud={c.fraud}",
+                f"dead_letter={c.dead_letter}",
+                f"in_flight={c.in_flight}",
+                f"true_positives={s.true_positives}",
+                f"false_positives={s.false_positives}",
+                f"false_negatives={s.false_negatives}",
+                f"true_negatives={s.true_negatives}",
+                f"bad_records={bad_records}",
+                f"traffic_s={traffic_s:.1f}",
+                f"elapsed_s={frame.elapsed_s:.1f}",
+                f"counts_add_up={'yes' if c.add_up else 'no'}",
+                *(
+                    f"recall_{name}={caught / total:.4f}"
+                    for name, (caught, total) in sorted(s.recall_by_scenario().items())
+                ),
+            ]
+        )
+    )
     return lines
 
 
@@ -96,6 +127,8 @@ def inspect_flags(settings: Settings) -> list[str]:
 
     given = client_flags(settings)
     if given != client_flags(plain):  # client properties from flags: the printed commands need them too
-        flags += [f"{item.split('=', 1)[0]}={REDACTED}" if "=" in item and is_secret(item.split("=", 1)[0]) else item
-                  for item in given]
+        flags += [
+            f"{item.split('=', 1)[0]}={REDACTED}" if "=" in item and is_secret(item.split("=", 1)[0]) else item
+            for item in given
+        ]
     return flags

@@ -65,10 +65,12 @@ def money(cents: int, currency: str) -> str:
 def plain_line(frame: Frame) -> str:
     """One self-contained progress line (not a terminal: logs, CI, pipes)."""
     c, s = frame.state.counts, frame.state.score
-    return (f"[{frame.elapsed_s:6.1f}s] {frame.phase}: produced={c.produced} ({frame.in_per_s:.0f}/s) "
-            f"legit={c.legit} fraud={c.fraud} dead_letter={c.dead_letter} in_flight={c.in_flight} "
-            f"true_positives={s.true_positives} false_positives={s.false_positives} "
-            f"false_negatives={s.false_negatives}")
+    return (
+        f"[{frame.elapsed_s:6.1f}s] {frame.phase}: produced={c.produced} ({frame.in_per_s:.0f}/s) "
+        f"legit={c.legit} fraud={c.fraud} dead_letter={c.dead_letter} in_flight={c.in_flight} "
+        f"true_positives={s.true_positives} false_positives={s.false_positives} "
+        f"false_negatives={s.false_negatives}"
+    )
 
 
 def panel_lines(frame: Frame) -> list[str]:
@@ -92,8 +94,10 @@ def panel_lines(frame: Frame) -> list[str]:
     for alert in frame.state.latest_alerts:
         verdict = s.verdict(alert.transaction_id)
         truth = "label pending" if verdict is None else "fraud (labelled)" if verdict else "FALSE POSITIVE"
-        lines.append(f"    {alert.detected_at:%H:%M:%S}  {alert.account_id:<14} {money(alert.amount_cents, alert.currency):>14}  "
-                     f"{alert.channel:<12} {alert.country:<3} rules: {', '.join(alert.rules):<28} {truth}")
+        lines.append(
+            f"    {alert.detected_at:%H:%M:%S}  {alert.account_id:<14} {money(alert.amount_cents, alert.currency):>14}  "
+            f"{alert.channel:<12} {alert.country:<3} rules: {', '.join(alert.rules):<28} {truth}"
+        )
     if frame.state.rule_changes:
         lines.append("  rule changes (fraudstream rules)")
         lines += [f"    {line}" for line in frame.state.rule_changes]
@@ -105,8 +109,9 @@ def panel_lines(frame: Frame) -> list[str]:
 class LiveView:
     """A panel redrawn in place on a terminal; one plain line every `interval_s` anywhere else."""
 
-    def __init__(self, out: TextIO, *, interactive: bool, interval_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, out: TextIO, *, interactive: bool, interval_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.out = out
         self.interactive = interactive
         self.interval_s = interval_s if not interactive else TTY_REDRAW_S

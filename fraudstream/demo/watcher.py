@@ -32,8 +32,11 @@ def rule_line(decoder: Decoder, value: bytes | None) -> str:
     except DecodeError as error:
         return f"unreadable rule record ({error.reason})"
     parameters = " ".join(f"{k}={v}" for k, v in sorted(rule.parameters.items()) if not isinstance(v, tuple))
-    return printable(f"{rule.id} v{rule.version} {'enabled' if rule.enabled else 'disabled'} {parameters}".rstrip()
-                     + f"  by {rule.author}" + (f": {rule.comment}" if rule.comment else ""))
+    return printable(
+        f"{rule.id} v{rule.version} {'enabled' if rule.enabled else 'disabled'} {parameters}".rstrip()
+        + f"  by {rule.author}"
+        + (f": {rule.comment}" if rule.comment else "")
+    )
 
 
 class PipelineWatcher:
@@ -57,10 +60,16 @@ class PipelineWatcher:
             settings.rules_topic: lambda value: state.on_rule(rule_line(rules, value)),
         }
         self.admin = admin(settings)
-        self.consumer = Consumer(consumer_config(settings, VIEW_GROUP_ID, **{
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,  # tells when a partition is read up to its last stable offset
-        }))
+        self.consumer = Consumer(
+            consumer_config(
+                settings,
+                VIEW_GROUP_ID,
+                **{
+                    "isolation.level": "read_committed",
+                    "enable.partition.eof": True,  # tells when a partition is read up to its last stable offset
+                },
+            )
+        )
         self.partitions = self._partitions()
         self.start = self.end_offsets()
         self.position: dict[Position, int] = dict(self.start)
@@ -78,20 +87,24 @@ class PipelineWatcher:
 
     def end_offsets(self, topics: Sequence[str] | None = None) -> dict[Position, int]:
         """Last stable offsets: where a read_committed reader's partitions end now."""
-        return self._list_offsets([(t, p) for t, p in self.partitions if topics is None or t in topics],
-                                  OffsetSpec.latest())
+        return self._list_offsets(
+            [(t, p) for t, p in self.partitions if topics is None or t in topics], OffsetSpec.latest()
+        )
 
     def _list_offsets(self, partitions: list[Position], spec: OffsetSpec) -> dict[Position, int]:
         # The admin client, in one request, not the view's consumer: its broker connection is busy with
         # fetch long-polls, which would delay each watermark query by up to fetch.wait.max.ms.
         try:
-            futures = self.admin.list_offsets({TopicPartition(t, p): spec for t, p in partitions},
-                                              isolation_level=IsolationLevel.READ_COMMITTED,
-                                              request_timeout=METADATA_TIMEOUT_S)
+            futures = self.admin.list_offsets(
+                {TopicPartition(t, p): spec for t, p in partitions},
+                isolation_level=IsolationLevel.READ_COMMITTED,
+                request_timeout=METADATA_TIMEOUT_S,
+            )
             return {(tp.topic, tp.partition): future.result().offset for tp, future in futures.items()}
         except KafkaException as exc:
-            raise KafkaUnavailable(f"could not list the offsets of {len(partitions)} partitions: "
-                                   f"{exc.args[0].str()}") from exc
+            raise KafkaUnavailable(
+                f"could not list the offsets of {len(partitions)} partitions: {exc.args[0].str()}"
+            ) from exc
 
     def backlog(self, group_id: str) -> int:
         """Input records the group has not processed yet: the detectors will route them too."""
@@ -102,8 +115,9 @@ class PipelineWatcher:
         try:
             committed = group.committed([TopicPartition(t, p) for t, p in inputs], timeout=METADATA_TIMEOUT_S)
         except KafkaException as exc:
-            raise KafkaUnavailable(f"could not read the committed offsets of group {group_id}: "
-                                   f"{exc.args[0].str()}") from exc
+            raise KafkaUnavailable(
+                f"could not read the committed offsets of group {group_id}: {exc.args[0].str()}"
+            ) from exc
         finally:
             group.close()
         backlog = 0

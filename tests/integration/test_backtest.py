@@ -33,8 +33,9 @@ TOTAL = COUNT + VICTIMS
 
 
 def _fresh(stack_settings):
-    settings = stack_settings.replace(transactions_topic=f"test-bt-{uuid.uuid4().hex[:10]}",
-                                      group_id=f"test-bt-{uuid.uuid4().hex[:8]}", partitions=3)
+    settings = stack_settings.replace(
+        transactions_topic=f"test-bt-{uuid.uuid4().hex[:10]}", group_id=f"test-bt-{uuid.uuid4().hex[:8]}", partitions=3
+    )
     ensure_topics(settings)
     register_all(settings)
     return settings
@@ -48,8 +49,16 @@ def routed(stack_settings):
     settings = _fresh(stack_settings)
     start = datetime.now(UTC) - timedelta(hours=1)
     encode = encoder_for(settings, settings.transactions_topic)
-    victims = [transaction(3_000, account=f"acct-victim-{i}", event_time=start + timedelta(seconds=30 * i),
-                           terminal_id="term-skimmer", transaction_id=f"victim-{i}") for i in range(VICTIMS)]
+    victims = [
+        transaction(
+            3_000,
+            account=f"acct-victim-{i}",
+            event_time=start + timedelta(seconds=30 * i),
+            terminal_id="term-skimmer",
+            transaction_id=f"victim-{i}",
+        )
+        for i in range(VICTIMS)
+    ]
     produce_raw(settings, settings.transactions_topic, ((t.account_id.encode(), encode(t.to_dict())) for t in victims))
     produce(settings, count=COUNT, rate=RATE, seed=23, speedup=SPEEDUP)
     detector = RunningDetector(settings)
@@ -92,8 +101,10 @@ def test_a_backtest_of_the_live_rules_gives_every_transaction_the_detector_s_dec
     assert fidelity["same_score"] == TOTAL  # the risk score too: 1 on an alert, the legit header's 0
     # The paths that could differ did run: records held for the terminal rule's look-ahead and released as fraud,
     # as the detector released them (the skimmer's first victims).
-    live = {(a := decode(routed, m.value()))["transaction"]["transaction_id"]: a["rules"]
-            for m in read_topic(routed, routed.fraud_topic)}
+    live = {
+        (a := decode(routed, m.value()))["transaction"]["transaction_id"]: a["rules"]
+        for m in read_topic(routed, routed.fraud_topic)
+    }
     assert {f"victim-{i}" for i in range(VICTIMS)} <= live.keys()
     assert live["victim-0"] == ["compromised_terminal"]
     assert report["sides"]["baseline"]["held"] > 0 and report["sides"]["baseline"]["held_then_alerted"] >= 1
@@ -109,14 +120,27 @@ def test_a_candidate_raising_the_large_amount_threshold_loses_the_alerts_a_hand_
     def in_window(alert) -> bool:
         return first <= _day(alert) <= last
 
-    lost = {a["transaction"]["transaction_id"] for a in alerts if in_window(a) and a["rules"] == ["large_amount"]
-            and a["transaction"]["amount_cents"] < NEW_THRESHOLD_CENTS}
+    lost = {
+        a["transaction"]["transaction_id"]
+        for a in alerts
+        if in_window(a) and a["rules"] == ["large_amount"] and a["transaction"]["amount_cents"] < NEW_THRESHOLD_CENTS
+    }
     missed = {tx for tx in lost if labels[tx][0]}
     assert lost and missed  # the count below is not of nothing
 
     candidate = _candidate(tmp_path, f"[large_amount]\nthreshold_cents = {NEW_THRESHOLD_CENTS}\n")
-    code, report = backtest(routed, tmp_path, "--rules", str(candidate), "--from", first.isoformat(),
-                            "--to", last.isoformat(), "--sample", "1000")
+    code, report = backtest(
+        routed,
+        tmp_path,
+        "--rules",
+        str(candidate),
+        "--from",
+        first.isoformat(),
+        "--to",
+        last.isoformat(),
+        "--sample",
+        "1000",
+    )
     assert code == 0
     differences = report["differences"]
     assert differences["only_candidate"]["alerts"] == 0
@@ -133,8 +157,18 @@ def test_a_candidate_raising_the_large_amount_threshold_loses_the_alerts_a_hand_
     # The other way round, with --baseline: the raised threshold as the baseline, the live one as the candidate.
     live_threshold = tmp_path / "live-threshold.toml"
     live_threshold.write_text("[large_amount]\nthreshold_cents = 90000\n")  # the seeded rule's (the default)
-    code, reverse = backtest(routed, tmp_path, "--rules", str(live_threshold), "--baseline", str(candidate),
-                             "--from", first.isoformat(), "--to", last.isoformat())
+    code, reverse = backtest(
+        routed,
+        tmp_path,
+        "--rules",
+        str(live_threshold),
+        "--baseline",
+        str(candidate),
+        "--from",
+        first.isoformat(),
+        "--to",
+        last.isoformat(),
+    )
     assert code == 0
     assert reverse["differences"]["only_candidate"]["alerts"] == len(lost)
     assert reverse["differences"]["only_baseline"]["alerts"] == 0 and reverse["differences"]["missed_frauds"] == 0

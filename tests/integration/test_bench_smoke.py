@@ -21,8 +21,15 @@ from fraudstream.settings import PROJECT_ROOT, Settings
 # Our transaction size (20,000 at most) and the larger one; at ours, also with produce_batch.
 LIMITS = ("eos_passthrough_20000", "eos_passthrough_50000", "eos_passthrough_20000_produce_batch")
 VELOCITY = ("ours_velocity", "quixstreams_velocity")  # the same stateful rule on both sides
-DETECTORS = ("ours", *LIMITS, "quixstreams", "confluent_per_message", "seed_kafka_python_json",
-             "ours_stateful", *VELOCITY)
+DETECTORS = (
+    "ours",
+    *LIMITS,
+    "quixstreams",
+    "confluent_per_message",
+    "seed_kafka_python_json",
+    "ours_stateful",
+    *VELOCITY,
+)
 PRODUCERS = ("ours", "confluent_per_message")
 CHARTS = ("throughput", "cpu", "latency-cdf", "scale")
 QUICK_VELOCITY_MAX = 1
@@ -32,19 +39,40 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def quick_run(stack_settings: Settings, tmp_path_factory) -> tuple[dict, str, Path]:
     output_dir = tmp_path_factory.mktemp("bench")
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": stack_settings.bootstrap_servers,
-           "SCHEMA_REGISTRY_URL": stack_settings.schema_registry_url}
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": stack_settings.bootstrap_servers,
+        "SCHEMA_REGISTRY_URL": stack_settings.schema_registry_url,
+    }
     # A velocity limit that tiny counts reach, so that the stateful contender's rule visibly fires.
-    done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--velocity-max", str(QUICK_VELOCITY_MAX),
-                           "--output-dir", str(output_dir)],
-                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--velocity-max",
+            str(QUICK_VELOCITY_MAX),
+            "--output-dir",
+            str(output_dir),
+        ],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, f"benchmark failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return json.loads((output_dir / "latest.json").read_text()), (output_dir / "latest.md").read_text(), output_dir
 
 
 def test_every_detector_routes_every_transaction_by_its_rule(quick_run):
     results, _, _ = quick_run
-    count, fraud, velocity = results["config"]["count"], results["prefill"]["fraud"], results["prefill"]["velocity_fraud"]
+    count, fraud, velocity = (
+        results["config"]["count"],
+        results["prefill"]["fraud"],
+        results["prefill"]["velocity_fraud"],
+    )
     assert results["prefill"]["count"] == count
     assert 0 < fraud < velocity < count  # the generator makes some of each; velocity adds to the amount rule
     assert set(results["detectors"]) == set(DETECTORS)
@@ -76,7 +104,11 @@ def test_ours_and_quixstreams_run_the_same_velocity_rule(quick_run):
     results, _, _ = quick_run
     # Each run's fraud count equals the pre-fill's own session count (checked above), so the two agree
     # with each other and with an independent count; ours ran its velocity rule in the stateful path.
-    assert results["detectors"]["ours_velocity"]["rule"] == results["detectors"]["quixstreams_velocity"]["rule"] == "velocity"
+    assert (
+        results["detectors"]["ours_velocity"]["rule"]
+        == results["detectors"]["quixstreams_velocity"]["rule"]
+        == "velocity"
+    )
     velocity_target = next(t for t in results["targets"] if "velocity" in t["name"])
     assert velocity_target["measured"] is not None and velocity_target["met"] is not None
 
@@ -108,7 +140,8 @@ def test_scale_covers_every_configuration(quick_run):
     config, scale = results["config"], results["scale"]
     assert scale["error"] is None
     assert [(row["processes"], row["partitions_per_process"]) for row in scale["rows"]] == [
-        (n, p) for n in config["scale_processes"] for p in config["scale_partitions"]]
+        (n, p) for n in config["scale_processes"] for p in config["scale_partitions"]
+    ]
     for row in scale["rows"]:
         assert row["partitions"] == row["processes"] * row["partitions_per_process"]
         assert row["run"]["routed"] == row["run"]["legit"] + row["run"]["fraud"] == config["scale_count"]
@@ -136,8 +169,10 @@ def test_ratios_targets_and_machine_are_reported(quick_run):
     assert [t["met"] for t in results["targets"]].count(None) == 0
     machine = results["machine"]
     assert machine["cpu_count"] >= 1
-    assert all(machine["versions"][name] for name in ("confluent_kafka", "librdkafka", "fastavro", "kafka_python",
-                                                     "quixstreams"))
+    assert all(
+        machine["versions"][name]
+        for name in ("confluent_kafka", "librdkafka", "fastavro", "kafka_python", "quixstreams")
+    )
     assert results["errors"] == []
     for heading in ("| Detector |", "| Producer |", "| Rate (tx/s) |", "| Processes |", "**Targets**"):
         assert heading in markdown

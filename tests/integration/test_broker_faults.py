@@ -52,8 +52,11 @@ def three_brokers(stack_settings, tmp_path_factory):
 
 
 def fresh_pipeline(settings: Settings) -> Settings:
-    settings = settings.replace(transactions_topic=f"test-{uuid.uuid4().hex[:10]}",
-                                group_id=f"test-detector-{uuid.uuid4().hex[:8]}", partitions=3)
+    settings = settings.replace(
+        transactions_topic=f"test-{uuid.uuid4().hex[:10]}",
+        group_id=f"test-detector-{uuid.uuid4().hex[:8]}",
+        partitions=3,
+    )
     ensure_topics(settings)
     register_all(settings)
     return settings
@@ -65,8 +68,12 @@ class Stream:
     def __init__(self, settings: Settings) -> None:
         self.stop = threading.Event()
         self.reports: list = []
-        self.thread = threading.Thread(target=lambda: self.reports.append(produce(
-            settings, rate=RATE, stop=self.stop, seed=7, labels=False, delivery_timeout_s=FAULT_WAIT_S)), daemon=True)
+        self.thread = threading.Thread(
+            target=lambda: self.reports.append(
+                produce(settings, rate=RATE, stop=self.stop, seed=7, labels=False, delivery_timeout_s=FAULT_WAIT_S)
+            ),
+            daemon=True,
+        )
         self.thread.start()
 
     def end(self) -> int:
@@ -78,8 +85,10 @@ class Stream:
 
 
 def input_ids(settings: Settings) -> Counter:
-    return Counter(decode(settings, m.value())["transaction_id"]
-                   for m in read_topic(settings, settings.transactions_topic, timeout_s=FAULT_WAIT_S))
+    return Counter(
+        decode(settings, m.value())["transaction_id"]
+        for m in read_topic(settings, settings.transactions_topic, timeout_s=FAULT_WAIT_S)
+    )
 
 
 def assert_caught_up(settings: Settings) -> None:
@@ -94,8 +103,9 @@ def assert_caught_up(settings: Settings) -> None:
     assert committed == ends, f"committed {committed}, input ends {ends}"
 
 
-def assert_exactly_once_and_healthy(settings: Settings, reader: RoutedReader, detector: DetectorProcess,
-                                    stream: Stream) -> str:
+def assert_exactly_once_and_healthy(
+    settings: Settings, reader: RoutedReader, detector: DetectorProcess, stream: Stream
+) -> str:
     total = stream.end()
     try:
         reader.wait_for(total, timeout_s=FAULT_WAIT_S, what="every transaction routed")
@@ -129,8 +139,12 @@ def _caught_up(settings: Settings) -> bool:
 
 def current_leader(settings: Settings, partition: int) -> int:
     client = admin(settings)
-    return client.list_topics(settings.transactions_topic, timeout=30).topics[settings.transactions_topic] \
-        .partitions[partition].leader
+    return (
+        client.list_topics(settings.transactions_topic, timeout=30)
+        .topics[settings.transactions_topic]
+        .partitions[partition]
+        .leader
+    )
 
 
 @contextlib.contextmanager
@@ -142,7 +156,9 @@ def running_pipeline(settings: Settings, tmp_path: Path):
     try:
         yield detector, reader, stream
     except AssertionError as failed:  # with what the detector was doing
-        raise AssertionError(f"{failed}\nthe detector's log:\n{detector.tail(20)}\nits threads:\n{detector.stacks()}") from None
+        raise AssertionError(
+            f"{failed}\nthe detector's log:\n{detector.tail(20)}\nits threads:\n{detector.stacks()}"
+        ) from None
     finally:
         stream.stop.set()
         reader.close()
@@ -188,8 +204,7 @@ def test_a_frozen_broker_past_the_transaction_timeout(one_broker, tmp_path):
     # depends on where the freeze caught it: a new producer when the transaction outlived its timeout, or the
     # batch aborted and read again when a call failed first (seen: its offsets refused as the coordinator
     # woke up and fenced the frozen session's consumer).
-    recovered = ("recreating the transactional producer" in output
-                 or "aborting the transaction of a batch" in output)
+    recovered = "recreating the transactional producer" in output or "aborting the transaction of a batch" in output
     assert recovered and "took over" not in output
 
 

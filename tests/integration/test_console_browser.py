@@ -44,8 +44,10 @@ def chromium_path() -> str:
 @pytest.fixture
 def console(pipeline: Settings, tmp_path):
     users = tmp_path / "users.toml"
-    users.write_text(f'[users.{ANALYST}]\npassword = "{hash_password(ANALYST_PASSWORD)}"\nroles = ["analyst"]\n\n'
-                     f'[users.{ADMIN}]\npassword = "{hash_password(ADMIN_PASSWORD)}"\nroles = ["analyst", "rules_admin"]\n')
+    users.write_text(
+        f'[users.{ANALYST}]\npassword = "{hash_password(ANALYST_PASSWORD)}"\nroles = ["analyst"]\n\n'
+        f'[users.{ADMIN}]\npassword = "{hash_password(ADMIN_PASSWORD)}"\nroles = ["analyst", "rules_admin"]\n'
+    )
     running = start_in_thread(pipeline, port=0, users_file=users, index_file=tmp_path / "index.sqlite")
     try:
         yield running
@@ -74,8 +76,11 @@ def browser():
 
 def produce(settings: Settings, cents: int, **fields) -> str:
     tx = transaction(cents, **fields)
-    produce_raw(settings, settings.transactions_topic,
-                [(tx.account_id.encode(), encoder_for(settings, settings.transactions_topic)(tx.to_dict()))])
+    produce_raw(
+        settings,
+        settings.transactions_topic,
+        [(tx.account_id.encode(), encoder_for(settings, settings.transactions_topic)(tx.to_dict()))],
+    )
     return tx.transaction_id
 
 
@@ -99,15 +104,14 @@ def with_threshold(text: str, cents: int) -> str:
     assert table, text
     body = re.sub(r"^threshold_cents = .*\n", "", table.group(0), flags=re.M)
     body = body.replace(f"[{LARGE_AMOUNT}]\n", f"[{LARGE_AMOUNT}]\nthreshold_cents = {cents}\n")
-    return text[:table.start()] + body + text[table.end():]
+    return text[: table.start()] + body + text[table.end() :]
 
 
 def rules_records(settings: Settings) -> int:
     return len(read_all(settings, RulesCodec(settings)))
 
 
-def test_an_alert_reaches_the_queue_live_and_a_verdict_becomes_a_label(pipeline, console, detector, browser,
-                                                                       tmp_path):
+def test_an_alert_reaches_the_queue_live_and_a_verdict_becomes_a_label(pipeline, console, detector, browser, tmp_path):
     screenshots = Path(os.environ.get("CONSOLE_SCREENSHOTS") or tmp_path)
     # A few alerts and payments before the page opens, so that the screenshots show a queue and a card's history.
     for i, cents in enumerate((4_500, 12_000, 8_800)):
@@ -169,7 +173,8 @@ def test_an_alert_reaches_the_queue_live_and_a_verdict_becomes_a_label(pipeline,
 
 
 def test_a_rule_changed_in_the_editor_reaches_the_detector_and_an_analyst_cannot_change_one(
-        pipeline, console, detector, browser):
+    pipeline, console, detector, browser
+):
     # The detector seeds the rules topic from its rules file: wait for that (and for it to route something).
     first = produce(pipeline, 95_000, account="acc-before")
     wait_until(lambda: alert_on_topic(pipeline, first), timeout_s=WAIT_S, what="the first alert")
@@ -213,7 +218,10 @@ def test_a_rule_changed_in_the_editor_reaches_the_detector_and_an_analyst_cannot
     assert alert["rule_set_version"] == new_version
     assert [(f["id"], f["version"]) for f in alert["fired"]] == [(LARGE_AMOUNT, record.version)]
     probe = alert["transaction"]["transaction_id"]
-    wait_until(lambda: page.goto(console.url + f"/alerts/{probe}").status == 200, timeout_s=30,
-               what="the alert indexed by the console")
+    wait_until(
+        lambda: page.goto(console.url + f"/alerts/{probe}").status == 200,
+        timeout_s=30,
+        what="the alert indexed by the console",
+    )
     assert page.inner_text("#rule-set-version") == new_version
     assert f'"threshold_cents": {LOWERED_CENTS}' in page.inner_text("table.rules")

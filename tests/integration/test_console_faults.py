@@ -22,9 +22,22 @@ def test_a_lost_connection_to_kafka_shows_on_the_page_and_a_verdict_is_not_writt
         state.writer = VerdictWriter(lost, timeout_s=2)
         tx = transaction(95_000)
         # An alert read before the connection was lost.
-        state.index.add_alerts([(0, 0, {"transaction": {**tx.to_dict(), "event_time": 1_780_000_000_000},
-                                        "rules": ["large_amount"], "detected_at": 1_780_000_000_500, "fired": [],
-                                        "rule_set_version": "", "score": None})])
+        state.index.add_alerts(
+            [
+                (
+                    0,
+                    0,
+                    {
+                        "transaction": {**tx.to_dict(), "event_time": 1_780_000_000_000},
+                        "rules": ["large_amount"],
+                        "detected_at": 1_780_000_000_500,
+                        "fired": [],
+                        "rule_set_version": "",
+                        "score": None,
+                    },
+                )
+            ]
+        )
         client = TestClient(create_app(state), client=LOOPBACK)
         wait_until(lambda: state.reader.state.kafka_error, timeout_s=30, what="the reader to notice Kafka is gone")
         assert "lost connection to Kafka" in client.get("/").text
@@ -54,10 +67,19 @@ def test_a_console_started_before_its_topics_exist_reads_them_once_created(stack
         ensure_topics(settings)
         register_all(settings)
         tx = transaction(95_000)
-        alert = {"transaction": tx.to_dict(), "rules": ["large_amount"], "detected_at": tx.event_time,
-                 "fired": [], "rule_set_version": "", "score": None}
-        produce_raw(settings, settings.fraud_topic,
-                    [(tx.account_id.encode(), encoder_for(settings, settings.fraud_topic, "FraudAlert")(alert))])
+        alert = {
+            "transaction": tx.to_dict(),
+            "rules": ["large_amount"],
+            "detected_at": tx.event_time,
+            "fired": [],
+            "rule_set_version": "",
+            "score": None,
+        }
+        produce_raw(
+            settings,
+            settings.fraud_topic,
+            [(tx.account_id.encode(), encoder_for(settings, settings.fraud_topic, "FraudAlert")(alert))],
+        )
         wait_until(lambda: state.index.alert(tx.transaction_id), timeout_s=30, what="the alert indexed")
     finally:
         state.reader.stop()

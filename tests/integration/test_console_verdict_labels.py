@@ -21,10 +21,18 @@ DAY = 86_400_000
 
 def test_a_changed_verdict_reaches_the_detectors_label_table_as_the_latest_label(pipeline: Settings):
     tx = transaction(95_000, account="acc-verdict")
-    generator = Label(transaction_id=tx.transaction_id, is_fraud=False, scenario="legit", terminal_id=tx.terminal_id,
-                      event_time=tx.event_time)
-    produce_raw(pipeline, pipeline.labels_topic,
-                [(tx.transaction_id.encode(), encoder_for(pipeline, pipeline.labels_topic, "Label")(generator.to_dict()))])
+    generator = Label(
+        transaction_id=tx.transaction_id,
+        is_fraud=False,
+        scenario="legit",
+        terminal_id=tx.terminal_id,
+        event_time=tx.event_time,
+    )
+    produce_raw(
+        pipeline,
+        pipeline.labels_topic,
+        [(tx.transaction_id.encode(), encoder_for(pipeline, pipeline.labels_topic, "Label")(generator.to_dict()))],
+    )
     alert = {"transaction": {**tx.to_dict(), "event_time": int(tx.event_time.timestamp() * 1000)}}
     writer = VerdictWriter(pipeline)
     writer.write(verdict_label(alert, is_fraud=True, analyst="ann"))
@@ -38,7 +46,8 @@ def test_a_changed_verdict_reaches_the_detectors_label_table_as_the_latest_label
     finally:
         reader.close()
     t = int(tx.event_time.timestamp() * 1000)
-    labels, frauds = table.window_counts(np.array([tx.terminal_id.encode()], dtype=object), np.array([t - DAY]),
-                                         np.array([t + DAY]))
+    labels, frauds = table.window_counts(
+        np.array([tx.terminal_id.encode()], dtype=object), np.array([t - DAY]), np.array([t + DAY])
+    )
     assert (reader.read, table.revised) == (3, 2)
     assert (int(labels[0]), int(frauds[0])) == (1, 0)  # bob's "not fraud", not ann's "fraud"

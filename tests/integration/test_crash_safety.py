@@ -27,7 +27,8 @@ class Stream:
     def __init__(self, settings: Settings, rate: float = RATE) -> None:
         self.stop, self.reports = threading.Event(), []
         self.thread = threading.Thread(
-            target=lambda: self.reports.append(produce(settings, rate=rate, stop=self.stop, seed=7)), daemon=True)
+            target=lambda: self.reports.append(produce(settings, rate=rate, stop=self.stop, seed=7)), daemon=True
+        )
         self.thread.start()
 
     def end(self) -> int:
@@ -39,8 +40,10 @@ class Stream:
 
 
 def input_transaction_ids(settings: Settings) -> Counter:
-    return Counter(decode(settings, m.value())["transaction_id"]
-                   for m in read_topic(settings, settings.transactions_topic, timeout_s=120))
+    return Counter(
+        decode(settings, m.value())["transaction_id"]
+        for m in read_topic(settings, settings.transactions_topic, timeout_s=120)
+    )
 
 
 def assert_exactly_once(settings: Settings, reader: RoutedReader, total: int) -> None:
@@ -50,14 +53,19 @@ def assert_exactly_once(settings: Settings, reader: RoutedReader, total: int) ->
     assert sum(sent.values()) == total and len(sent) == total
     duplicates = {tid: n for tid, n in reader.ids.items() if n > 1}
     assert not duplicates, f"{len(duplicates)} transactions routed more than once"
-    assert set(reader.ids) == set(sent), f"{len(set(sent) - set(reader.ids))} lost, {len(set(reader.ids) - set(sent))} unknown"
+    assert set(reader.ids) == set(sent), (
+        f"{len(set(sent) - set(reader.ids))} lost, {len(set(reader.ids) - set(sent))} unknown"
+    )
     assert reader.dead_letters == 0
 
 
 def partitions_logged(output: str, what: str) -> list[set[str]]:
     """The partitions of each `assigned ...` or `revoked ...` line, in order."""
-    return [set(re.findall(r"\S+\[\d+\]", line.split(f" {what} ", 1)[1]))
-            for line in output.splitlines() if f" {what} " in line]
+    return [
+        set(re.findall(r"\S+\[\d+\]", line.split(f" {what} ", 1)[1]))
+        for line in output.splitlines()
+        if f" {what} " in line
+    ]
 
 
 def test_kill_minus_nine_three_times_loses_and_duplicates_nothing(pipeline: Settings, tmp_path: Path):
@@ -88,13 +96,22 @@ def test_two_detectors_one_killed_mid_stream(pipeline: Settings, tmp_path: Path)
         reader.wait_for_progress(timeout_s=60, what="the first detector working")
         victim = DetectorProcess(pipeline, tmp_path / "victim.log", transactional_id=f"{pipeline.group_id}-b")
         # The victim joins: the survivor gives some partitions up (cooperative rebalance) ...
-        given_up = wait_until(lambda: [p for p in partitions_logged(survivor.output(), "revoked") if p],
-                              timeout_s=60, what="the survivor to give partitions to the second detector")[0]
-        wait_until(lambda: any(partitions_logged(victim.output(), "assigned")), timeout_s=60,
-                   what="the second detector to get partitions")
+        given_up = wait_until(
+            lambda: [p for p in partitions_logged(survivor.output(), "revoked") if p],
+            timeout_s=60,
+            what="the survivor to give partitions to the second detector",
+        )[0]
+        wait_until(
+            lambda: any(partitions_logged(victim.output(), "assigned")),
+            timeout_s=60,
+            what="the second detector to get partitions",
+        )
         victim.kill()  # ... and takes them back once the victim's session times out
-        wait_until(lambda: any(given_up <= p for p in partitions_logged(survivor.output(), "assigned")[1:]),
-                   timeout_s=90, what=f"the survivor to be assigned {sorted(given_up)} again")
+        wait_until(
+            lambda: any(given_up <= p for p in partitions_logged(survivor.output(), "assigned")[1:]),
+            timeout_s=90,
+            what=f"the survivor to be assigned {sorted(given_up)} again",
+        )
         reader.wait_for_progress(timeout_s=60, what="the survivor routing the victim's partitions")
         assert_exactly_once(pipeline, reader, stream.end())
     finally:

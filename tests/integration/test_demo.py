@@ -22,10 +22,29 @@ STARTED = re.compile(r"^started (\S+) \(pid (\d+)\)")
 
 
 def demo_command(settings: Settings, topic: str, tmp_path: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "fraudstream.cli", "demo", "--topic", topic, "--group-id", f"demo-test-{topic}",
-            "--partitions", "3", "--rate", "150", "--interval", "1", "--log-dir", str(tmp_path / "logs"),
-            "--bootstrap-servers", settings.bootstrap_servers, "--schema-registry-url", settings.schema_registry_url,
-            *args]
+    return [
+        sys.executable,
+        "-m",
+        "fraudstream.cli",
+        "demo",
+        "--topic",
+        topic,
+        "--group-id",
+        f"demo-test-{topic}",
+        "--partitions",
+        "3",
+        "--rate",
+        "150",
+        "--interval",
+        "1",
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--bootstrap-servers",
+        settings.bootstrap_servers,
+        "--schema-registry-url",
+        settings.schema_registry_url,
+        *args,
+    ]
 
 
 def summary(stdout: str) -> dict[str, str]:
@@ -35,9 +54,20 @@ def summary(stdout: str) -> dict[str, str]:
 
 
 def counts(fields: dict[str, str]) -> dict[str, int]:
-    return {name: int(fields[name]) for name in ("produced", "backlog", "legit", "fraud", "dead_letter",
-                                                 "true_positives", "false_positives", "false_negatives",
-                                                 "true_negatives")}
+    return {
+        name: int(fields[name])
+        for name in (
+            "produced",
+            "backlog",
+            "legit",
+            "fraud",
+            "dead_letter",
+            "true_positives",
+            "false_positives",
+            "false_negatives",
+            "true_negatives",
+        )
+    }
 
 
 def new_topic() -> str:
@@ -47,8 +77,12 @@ def new_topic() -> str:
 def test_demo_for_a_short_duration_exits_0_with_counts_that_add_up(stack_settings: Settings, tmp_path: Path) -> None:
     topic = new_topic()
 
-    done = subprocess.run(demo_command(stack_settings, topic, tmp_path, "--duration", "4"),
-                          capture_output=True, text=True, timeout=DEMO_TIMEOUT_S)
+    done = subprocess.run(
+        demo_command(stack_settings, topic, tmp_path, "--duration", "4"),
+        capture_output=True,
+        text=True,
+        timeout=DEMO_TIMEOUT_S,
+    )
 
     assert done.returncode == 0, done.stdout + done.stderr
     n = counts(summary(done.stdout))
@@ -71,10 +105,23 @@ def test_demo_for_a_short_duration_exits_0_with_counts_that_add_up(stack_setting
     assert "Traceback" not in done.stderr
 
     # The dead letters the real detector wrote, through `inspect`: a reason for each, exit 0.
-    dead_letters = subprocess.run([sys.executable, "-m", "fraudstream.cli", "inspect", settings.dlq_topic,
-                                   "--from-beginning", "--bootstrap-servers", settings.bootstrap_servers,
-                                   "--schema-registry-url", settings.schema_registry_url],
-                                  capture_output=True, text=True, timeout=60)
+    dead_letters = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fraudstream.cli",
+            "inspect",
+            settings.dlq_topic,
+            "--from-beginning",
+            "--bootstrap-servers",
+            settings.bootstrap_servers,
+            "--schema-registry-url",
+            settings.schema_registry_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert dead_letters.returncode == 0, dead_letters.stderr
     printed = [json.loads(line) for line in dead_letters.stdout.splitlines()]
     assert sorted(r["error"]["kind"] for r in printed) == ["corrupt_avro", "no_magic_byte", "unknown_schema_id"]
@@ -83,12 +130,17 @@ def test_demo_for_a_short_duration_exits_0_with_counts_that_add_up(stack_setting
 
 def test_ctrl_c_stops_the_producer_drains_the_detectors_and_exits_0(stack_settings: Settings, tmp_path: Path) -> None:
     topic = new_topic()
-    demo = subprocess.Popen(demo_command(stack_settings, topic, tmp_path, "--duration", "120", "--detectors", "2"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    demo = subprocess.Popen(
+        demo_command(stack_settings, topic, tmp_path, "--duration", "120", "--detectors", "2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         output = LineReader(demo.stdout)
-        before_interrupt = output.until(lambda line: (m := PROGRESS.match(line)) is not None and int(m.group(1)) > 0,
-                                        timeout_s=120)
+        before_interrupt = output.until(
+            lambda line: (m := PROGRESS.match(line)) is not None and int(m.group(1)) > 0, timeout_s=120
+        )
         children = {m.group(1): int(m.group(2)) for line in before_interrupt if (m := STARTED.match(line))}
         assert sorted(children) == ["detector-0", "detector-1", "producer"]
 
@@ -115,8 +167,9 @@ def alive(pid: int) -> bool:
     return True
 
 
-def test_more_detectors_than_partitions_is_refused_before_anything_starts(stack_settings: Settings,
-                                                                          tmp_path: Path) -> None:
+def test_more_detectors_than_partitions_is_refused_before_anything_starts(
+    stack_settings: Settings, tmp_path: Path
+) -> None:
     command = demo_command(stack_settings, new_topic(), tmp_path, "--detectors", "4")
     done = subprocess.run(command, capture_output=True, text=True, timeout=DEMO_TIMEOUT_S)
 

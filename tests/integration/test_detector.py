@@ -102,7 +102,9 @@ def test_malformed_records_go_to_the_dead_letter_topic_with_reasons(pipeline: Se
     encode_label = encoder_for(pipeline, pipeline.labels_topic, "Label")
     v1_id, v1_schema = register_transaction_v1(pipeline)
     encode_v1 = make_encoder(v1_id, parse_schema(v1_schema))
-    cases = corpus(transaction(1_000, transaction_id="ab"), encode=encode, encode_v1=encode_v1, encode_label=encode_label)
+    cases = corpus(
+        transaction(1_000, transaction_id="ab"), encode=encode, encode_v1=encode_v1, encode_label=encode_label
+    )
     assert len(cases) >= 30
     bad = cases  # both decoders dead-letter a record followed by extra bytes, alike
     good_txs = [transaction(a) for a in (100, 95_000, 20_000, 150_000)]
@@ -153,8 +155,11 @@ def test_a_second_detector_with_the_same_transactional_id_fences_the_first(pipel
     first = RunningDetector(settings)
     wait_until(lambda: routed_total(settings) >= 300, timeout_s=60, what="first batch routed")
     second = RunningDetector(settings)
-    wait_until(lambda: second.detector.consumer is not None and second.detector.consumer.assignment(),
-               timeout_s=60, what="second detector joined")
+    wait_until(
+        lambda: second.detector.consumer is not None and second.detector.consumer.assignment(),
+        timeout_s=60,
+        what="second detector joined",
+    )
     sent += send(600)  # spread over every partition: the first detector must try a transaction and learn it is fenced
     wait_until(lambda: not first.thread.is_alive(), timeout_s=60, what="the fenced detector to stop")
     assert isinstance(first.error, Fenced), first.error
@@ -162,8 +167,12 @@ def test_a_second_detector_with_the_same_transactional_id_fences_the_first(pipel
     wait_until(lambda: routed_total(settings) >= len(sent), timeout_s=90, what="all routed by the second detector")
     second.stop()
     assert second.error is None
-    ids = [decode(settings, m.value()).get("transaction_id") or decode(settings, m.value())["transaction"]["transaction_id"]
-           for topic in (settings.legit_topic, settings.fraud_topic) for m in read_topic(settings, topic)]
+    ids = [
+        decode(settings, m.value()).get("transaction_id")
+        or decode(settings, m.value())["transaction"]["transaction_id"]
+        for topic in (settings.legit_topic, settings.fraud_topic)
+        for m in read_topic(settings, topic)
+    ]
     assert sorted(ids) == sorted(t.transaction_id for t in sent)  # exactly once: nothing lost, nothing twice
 
 
@@ -185,10 +194,14 @@ def test_registry_outage_is_retried_not_dead_lettered(pipeline: Settings):
     proxy.down()
     # A record with a writer schema the detector has not cached yet: it must ask the registry.
     v1_tx = transaction(700)
-    produce_raw(settings, settings.transactions_topic,
-                [(b"k", encode_v1({k: v for k, v in v1_tx.to_dict().items() if k != "device_id"}))])
-    wait_until(lambda: detector.detector.metrics.registry_retries >= 2, timeout_s=30,
-               what="the detector to retry the registry")
+    produce_raw(
+        settings,
+        settings.transactions_topic,
+        [(b"k", encode_v1({k: v for k, v in v1_tx.to_dict().items() if k != "device_id"}))],
+    )
+    wait_until(
+        lambda: detector.detector.metrics.registry_retries >= 2, timeout_s=30, what="the detector to retry the registry"
+    )
     assert routed_total(settings) == 1  # held, not dead-lettered
     proxy.up()
     wait_until(lambda: routed_total(settings) >= 2, timeout_s=90, what="processing to resume")
@@ -200,7 +213,6 @@ def test_registry_outage_is_retried_not_dead_lettered(pipeline: Settings):
     assert v1_tx.transaction_id in legit_ids
 
 
-
 def register_foreign_schemas(settings: Settings) -> dict[str, int]:
     """A PROTOBUF and a JSON schema in the same registry, under subjects of this test's own: the Confluent API
     serves every type under one id space, so a record can name one of them by mistake or on purpose."""
@@ -209,10 +221,13 @@ def register_foreign_schemas(settings: Settings) -> dict[str, int]:
     client = Registry(settings).client
     base = settings.transactions_topic
     return {
-        "not_avro_schema/protobuf": client.register_schema(f"{base}-proto-value", Schema(
-            'syntax = "proto3";\nmessage Payment { string id = 1; int64 cents = 2; }', "PROTOBUF")),
-        "not_avro_schema/json": client.register_schema(f"{base}-json-value", Schema(
-            '{"type": "object", "properties": {"id": {"type": "string"}}}', "JSON")),
+        "not_avro_schema/protobuf": client.register_schema(
+            f"{base}-proto-value",
+            Schema('syntax = "proto3";\nmessage Payment { string id = 1; int64 cents = 2; }', "PROTOBUF"),
+        ),
+        "not_avro_schema/json": client.register_schema(
+            f"{base}-json-value", Schema('{"type": "object", "properties": {"id": {"type": "string"}}}', "JSON")
+        ),
     }
 
 
@@ -224,8 +239,10 @@ def test_records_framed_with_a_non_avro_schema_id_are_dead_lettered_and_the_dete
     records = [(name.encode(), b"\x00" + schema_id.to_bytes(4, "big") + payload) for name, schema_id in foreign.items()]
     # The newer Confluent framing: a schema GUID in a header (this registry serves no GUIDs) and a bad header.
     guid_header = [("__value_schema_id", b"\x01" + bytes(range(16)))]
-    headed = [(b"unknown_schema_id/guid-header", payload, guid_header),
-              (b"bad_schema_guid/short-header", payload, [("__value_schema_id", b"\x01\x02")])]
+    headed = [
+        (b"unknown_schema_id/guid-header", payload, guid_header),
+        (b"bad_schema_guid/short-header", payload, [("__value_schema_id", b"\x01\x02")]),
+    ]
     good = [transaction(a) for a in (100, 95_000)]
     records += [(b"good", encode(t.to_dict())) for t in good]
     produce_raw(pipeline, pipeline.transactions_topic, records)
@@ -235,8 +252,11 @@ def test_records_framed_with_a_non_avro_schema_id_are_dead_lettered_and_the_dete
 
     for _ in range(2):  # and again after a restart: nothing left over stops it
         detector = RunningDetector(pipeline)
-        wait_until(lambda detector=detector: routed_total(pipeline) >= total or not detector.thread.is_alive(), timeout_s=120,
-                   what="all records routed")
+        wait_until(
+            lambda detector=detector: routed_total(pipeline) >= total or not detector.thread.is_alive(),
+            timeout_s=120,
+            what="all records routed",
+        )
         detector.stop()
         assert detector.error is None, detector.error
     dead = read_topic(pipeline, pipeline.dlq_topic)

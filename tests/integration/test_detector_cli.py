@@ -15,10 +15,14 @@ from tests.support.kafka_io import produce_raw, transaction, wait_until
 
 
 def run_cli(args: list[str], settings: Settings, timeout_s: float = 60) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-           "SCHEMA_REGISTRY_URL": settings.schema_registry_url}
-    return subprocess.run([sys.executable, "-m", "fraudstream.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout_s)
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "SCHEMA_REGISTRY_URL": settings.schema_registry_url,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "fraudstream.cli", *args], env=env, capture_output=True, text=True, timeout=timeout_s
+    )
 
 
 def test_unregistered_schemas_give_one_line_telling_what_to_run(stack_settings: Settings):
@@ -43,13 +47,36 @@ def test_metrics_endpoint_and_clean_shutdown(pipeline: Settings):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     encode = encoder_for(pipeline, pipeline.transactions_topic)
-    produce_raw(pipeline, pipeline.transactions_topic,
-                [(b"k", encode(transaction(a).to_dict())) for a in (10, 95_000, 20, 30)] + [(b"k", b"junk")])
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": pipeline.bootstrap_servers,
-           "SCHEMA_REGISTRY_URL": pipeline.schema_registry_url}
-    process = subprocess.Popen([sys.executable, "-m", "fraudstream.cli", "detect", "--topic", pipeline.transactions_topic,
-                                "--group-id", pipeline.group_id, "--metrics-port", str(port), "--log-interval", "1"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    produce_raw(
+        pipeline,
+        pipeline.transactions_topic,
+        [(b"k", encode(transaction(a).to_dict())) for a in (10, 95_000, 20, 30)] + [(b"k", b"junk")],
+    )
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": pipeline.bootstrap_servers,
+        "SCHEMA_REGISTRY_URL": pipeline.schema_registry_url,
+    }
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fraudstream.cli",
+            "detect",
+            "--topic",
+            pipeline.transactions_topic,
+            "--group-id",
+            pipeline.group_id,
+            "--metrics-port",
+            str(port),
+            "--log-interval",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_until(lambda: routed_total(pipeline) >= 5, timeout_s=60, what="records routed")
 
@@ -57,8 +84,11 @@ def test_metrics_endpoint_and_clean_shutdown(pipeline: Settings):
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
                 return response.read().decode()
 
-        metrics = wait_until(lambda: "fraudstream_consumed_total 5.0" in (text := scrape()) and text,
-                             timeout_s=30, what="metrics to show the batch")
+        metrics = wait_until(
+            lambda: "fraudstream_consumed_total 5.0" in (text := scrape()) and text,
+            timeout_s=30,
+            what="metrics to show the batch",
+        )
         assert 'fraudstream_routed_total{route="fraud"} 1.0' in metrics
         assert 'fraudstream_routed_total{route="legit"} 3.0' in metrics
         assert 'fraudstream_dead_lettered_total{kind="no_magic_byte"} 1.0' in metrics

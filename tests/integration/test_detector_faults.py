@@ -19,8 +19,7 @@ from fraudstream.consumer.collector import OUTPUT_TOO_LARGE
 from fraudstream.kafka import admin
 from fraudstream.serde import make_encoder
 from fraudstream.settings import ENV, Settings
-from tests.integration.test_detector import (RunningDetector, decode, encoder_for, register_transaction_v1,
-                                             routed_total)
+from tests.integration.test_detector import RunningDetector, decode, encoder_for, register_transaction_v1, routed_total
 from tests.support.kafka_io import produce_raw, read_topic, transaction, wait_until
 from tests.support.tcp_proxy import TcpProxy
 
@@ -31,15 +30,21 @@ BIG_CITY = "".join(random.Random(5).choices(string.ascii_letters + string.digits
 
 def limit_topic(settings: Settings, topic: str, max_message_bytes: int) -> None:
     client = admin(settings)
-    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[
-        ConfigEntry("max.message.bytes", str(max_message_bytes), incremental_operation=AlterConfigOpType.SET)])
+    resource = ConfigResource(
+        ResourceType.TOPIC,
+        topic,
+        incremental_configs=[
+            ConfigEntry("max.message.bytes", str(max_message_bytes), incremental_operation=AlterConfigOpType.SET)
+        ],
+    )
     for future in client.incremental_alter_configs([resource]).values():
         future.result()
 
 
 def routed_ids(settings: Settings) -> list[str]:
-    return ([decode(settings, m.value())["transaction_id"] for m in read_topic(settings, settings.legit_topic)]
-            + [decode(settings, m.value())["transaction"]["transaction_id"] for m in read_topic(settings, settings.fraud_topic)])
+    return [decode(settings, m.value())["transaction_id"] for m in read_topic(settings, settings.legit_topic)] + [
+        decode(settings, m.value())["transaction"]["transaction_id"] for m in read_topic(settings, settings.fraud_topic)
+    ]
 
 
 def send_with_one_too_large(settings: Settings) -> tuple[list, bytes]:
@@ -47,13 +52,19 @@ def send_with_one_too_large(settings: Settings) -> tuple[list, bytes]:
     small = [transaction(a) for a in (100, 95_000, 200, 99_000)]
     big = transaction(97_000, city=BIG_CITY)
     big_bytes = encode(big.to_dict())
-    produce_raw(settings, settings.transactions_topic,
-                [(b"k", encode(t.to_dict())) for t in small[:2]] + [(b"big", big_bytes)]
-                + [(b"k", encode(t.to_dict())) for t in small[2:]])
+    produce_raw(
+        settings,
+        settings.transactions_topic,
+        [(b"k", encode(t.to_dict())) for t in small[:2]]
+        + [(b"big", big_bytes)]
+        + [(b"k", encode(t.to_dict())) for t in small[2:]],
+    )
     return small, big_bytes
 
 
-def assert_only_the_big_one_dead_lettered(settings: Settings, small: list, big_bytes: bytes, routed_before: list) -> None:
+def assert_only_the_big_one_dead_lettered(
+    settings: Settings, small: list, big_bytes: bytes, routed_before: list
+) -> None:
     [dead] = read_topic(settings, settings.dlq_topic)
     headers = dict(dead.headers())
     assert dead.value() == big_bytes  # the original input, not the alert
@@ -97,9 +108,21 @@ def test_a_registry_outage_past_the_limit_stops_with_one_line_and_a_restart_resu
     encode = encoder_for(settings, settings.transactions_topic)
     v1_id, v1_schema = register_transaction_v1(settings)
     encode_v1 = make_encoder(v1_id, parse_schema(v1_schema))
-    env = {**os.environ, ENV["bootstrap_servers"]: settings.bootstrap_servers,
-           ENV["schema_registry_url"]: settings.schema_registry_url, ENV["registry_outage_limit_s"]: "3"}
-    command = [sys.executable, "-m", "fraudstream.consumer", "--topic", settings.transactions_topic, "--group-id", settings.group_id]
+    env = {
+        **os.environ,
+        ENV["bootstrap_servers"]: settings.bootstrap_servers,
+        ENV["schema_registry_url"]: settings.schema_registry_url,
+        ENV["registry_outage_limit_s"]: "3",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "fraudstream.consumer",
+        "--topic",
+        settings.transactions_topic,
+        "--group-id",
+        settings.group_id,
+    ]
 
     def start() -> subprocess.Popen:
         return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -112,9 +135,14 @@ def test_a_registry_outage_past_the_limit_stops_with_one_line_and_a_restart_resu
         proxy.down()
         # A writer schema the detector has not cached: deciding it needs the registry.
         v1_tx, after = transaction(700), transaction(800)
-        produce_raw(settings, settings.transactions_topic,
-                    [(b"k", encode_v1({k: v for k, v in v1_tx.to_dict().items() if k != "device_id"})),
-                     (b"k", encode(after.to_dict()))])
+        produce_raw(
+            settings,
+            settings.transactions_topic,
+            [
+                (b"k", encode_v1({k: v for k, v in v1_tx.to_dict().items() if k != "device_id"})),
+                (b"k", encode(after.to_dict())),
+            ],
+        )
         out, err = detector.communicate(timeout=90)
     finally:
         if detector.poll() is None:

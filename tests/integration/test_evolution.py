@@ -42,9 +42,14 @@ def produce_mixed(settings: Settings, v1_id: int, v1_schema) -> dict[str, bool]:
 
 
 def routed(settings: Settings) -> tuple[dict[str, dict], dict[str, dict]]:
-    legit = {r["transaction_id"]: r for r in (decode(settings, m.value()) for m in read_topic(settings, settings.legit_topic))}
-    fraud = {r["transaction"]["transaction_id"]: r for r in
-             (decode(settings, m.value()) for m in read_topic(settings, settings.fraud_topic))}
+    legit = {
+        r["transaction_id"]: r
+        for r in (decode(settings, m.value()) for m in read_topic(settings, settings.legit_topic))
+    }
+    fraud = {
+        r["transaction"]["transaction_id"]: r
+        for r in (decode(settings, m.value()) for m in read_topic(settings, settings.fraud_topic))
+    }
     return legit, fraud
 
 
@@ -113,9 +118,14 @@ def test_fraud_alert_v3_with_a_score_is_registered_over_every_earlier_version_an
     assert "score" in {f["name"] for f in registry.schema_by_id(new_id)["fields"]}
 
     encode = make_encoder(new_id, current.parsed["FraudAlert"])
-    alert = {"transaction": transaction(95_000, account="acct-1").to_dict(), "rules": ["model"],
-             "detected_at": 1_700_000_000_000, "fired": [{"id": "model", "version": 1}], "rule_set_version": "3",
-             "score": 0.93}
+    alert = {
+        "transaction": transaction(95_000, account="acct-1").to_dict(),
+        "rules": ["model"],
+        "detected_at": 1_700_000_000_000,
+        "fired": [{"id": "model", "version": 1}],
+        "rule_set_version": "3",
+        "score": 0.93,
+    }
     value = encode(alert)
     assert decode(pipeline, value)["score"] == 0.93
     for version, schema in earlier:

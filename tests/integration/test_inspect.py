@@ -40,9 +40,16 @@ def whole_millis_now() -> datetime:
 
 def as_console_json(record: dict[str, Any]) -> dict[str, Any]:
     """What kafka-avro-console-consumer prints for a record dict: timestamps as epoch millis."""
-    return {name: (millis(value) if isinstance(value, datetime) else
-                   as_console_json(value) if isinstance(value, dict) else value)
-            for name, value in record.items()}
+    return {
+        name: (
+            millis(value)
+            if isinstance(value, datetime)
+            else as_console_json(value)
+            if isinstance(value, dict)
+            else value
+        )
+        for name, value in record.items()
+    }
 
 
 def encoders(settings: Settings) -> dict[str, Any]:
@@ -55,8 +62,13 @@ def encoders(settings: Settings) -> dict[str, Any]:
     }
 
 
-def produce(settings: Settings, topic: str, records: list[tuple[bytes | None, bytes | None, list | None]],
-            *, partition: int | None = None) -> None:
+def produce(
+    settings: Settings,
+    topic: str,
+    records: list[tuple[bytes | None, bytes | None, list | None]],
+    *,
+    partition: int | None = None,
+) -> None:
     producer = Producer(producer_config(settings))
     for key, value, headers in records:
         extra = {} if partition is None else {"partition": partition}
@@ -65,8 +77,12 @@ def produce(settings: Settings, topic: str, records: list[tuple[bytes | None, by
 
 
 def inspect(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fraudstream.cli", "inspect", *args, *connection(settings)],
-                          capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, "-m", "fraudstream.cli", "inspect", *args, *connection(settings)],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+    )
 
 
 def connection(settings: Settings) -> list[str]:
@@ -78,9 +94,16 @@ def json_lines(stdout: str) -> list[dict[str, Any]]:
 
 
 def sample_transactions(count: int) -> list[Transaction]:
-    return [transaction(1_000 + 100 * i, account=f"acc-{i % 4}", event_time=whole_millis_now(),
-                        device_id=(f"dev-{i}" if i % 2 else None), channel=("ONLINE" if i % 2 else "CARD_PRESENT"))
-            for i in range(count)]
+    return [
+        transaction(
+            1_000 + 100 * i,
+            account=f"acc-{i % 4}",
+            event_time=whole_millis_now(),
+            device_id=(f"dev-{i}" if i % 2 else None),
+            channel=("ONLINE" if i % 2 else "CARD_PRESENT"),
+        )
+        for i in range(count)
+    ]
 
 
 def test_legit_topic_prints_json_lines_equal_to_what_was_produced(pipeline: Settings) -> None:
@@ -99,10 +122,15 @@ def test_legit_topic_prints_json_lines_equal_to_what_was_produced(pipeline: Sett
 
 def test_fraud_topic_prints_json_lines_equal_to_what_was_produced(pipeline: Settings) -> None:
     encode = encoders(pipeline)[pipeline.fraud_topic]
-    alerts = [FraudAlert(transaction=t, rules=("large_amount", "velocity")[: 1 + i % 2], detected_at=whole_millis_now())
-              for i, t in enumerate(sample_transactions(6))]
-    produce(pipeline, pipeline.fraud_topic,
-            [(a.transaction.transaction_id.encode(), encode(a.to_dict()), None) for a in alerts])
+    alerts = [
+        FraudAlert(transaction=t, rules=("large_amount", "velocity")[: 1 + i % 2], detected_at=whole_millis_now())
+        for i, t in enumerate(sample_transactions(6))
+    ]
+    produce(
+        pipeline,
+        pipeline.fraud_topic,
+        [(a.transaction.transaction_id.encode(), encode(a.to_dict()), None) for a in alerts],
+    )
 
     done = inspect(pipeline, pipeline.fraud_topic, "--from-beginning")
 
@@ -116,8 +144,12 @@ def test_confluent_json_tags_union_values_with_their_branch(pipeline: Settings) 
     encode = encoders(pipeline)[pipeline.legit_topic]
     with_device, without_device = sample_transactions(2)[::-1]
     assert with_device.device_id and without_device.device_id is None
-    produce(pipeline, pipeline.legit_topic,
-            [(None, encode(t.to_dict()), None) for t in (with_device, without_device)], partition=0)
+    produce(
+        pipeline,
+        pipeline.legit_topic,
+        [(None, encode(t.to_dict()), None) for t in (with_device, without_device)],
+        partition=0,
+    )
 
     done = inspect(pipeline, pipeline.legit_topic, "--from-beginning", "--confluent-json")
 
@@ -128,10 +160,17 @@ def test_confluent_json_tags_union_values_with_their_branch(pipeline: Settings) 
 def test_dead_letter_topic_prints_the_reason_for_each_record_and_exits_0(pipeline: Settings) -> None:
     bad_values = [b"not avro at all", b"\x00\x00\x00\x7f\xff\x01\x02", b"\xff\xfe binary"]
     records = [
-        (f"acc-{i}".encode(), value, [("error.kind", b"no_magic_byte" if i != 1 else b"unknown_schema_id"),
-                                       ("error.reason", f"reason number {i}".encode()),
-                                       ("source.topic", pipeline.transactions_topic.encode()),
-                                       ("source.partition", b"2"), ("source.offset", str(40 + i).encode())])
+        (
+            f"acc-{i}".encode(),
+            value,
+            [
+                ("error.kind", b"no_magic_byte" if i != 1 else b"unknown_schema_id"),
+                ("error.reason", f"reason number {i}".encode()),
+                ("source.topic", pipeline.transactions_topic.encode()),
+                ("source.partition", b"2"),
+                ("source.offset", str(40 + i).encode()),
+            ],
+        )
         for i, value in enumerate(bad_values)
     ]
     produce(pipeline, pipeline.dlq_topic, records, partition=0)
@@ -153,9 +192,12 @@ def test_dead_letter_topic_prints_the_reason_for_each_record_and_exits_0(pipelin
 def test_undecodable_value_on_a_data_topic_prints_an_error_line_and_reading_goes_on(pipeline: Settings) -> None:
     encode = encoders(pipeline)[pipeline.legit_topic]
     first, last = sample_transactions(2)
-    produce(pipeline, pipeline.legit_topic,
-            [(b"k", encode(first.to_dict()), None), (b"k", b"{\"json\": true}", None), (b"k", encode(last.to_dict()), None)],
-            partition=1)
+    produce(
+        pipeline,
+        pipeline.legit_topic,
+        [(b"k", encode(first.to_dict()), None), (b"k", b'{"json": true}', None), (b"k", encode(last.to_dict()), None)],
+        partition=1,
+    )
 
     done = inspect(pipeline, pipeline.legit_topic, "--from-beginning")
 
@@ -163,20 +205,33 @@ def test_undecodable_value_on_a_data_topic_prints_an_error_line_and_reading_goes
     good, bad, good_again = json_lines(done.stdout)
     assert (good["transaction_id"], good_again["transaction_id"]) == (first.transaction_id, last.transaction_id)
     assert bad["error"]["kind"] == "no_magic_byte" and (bad["partition"], bad["offset"]) == (1, 1)
-    assert bad["value_hex"] == b"{\"json\": true}".hex()
+    assert bad["value_hex"] == b'{"json": true}'.hex()
     assert "1 of 3 records could not be decoded" in done.stderr
 
 
 def test_key_metadata_partition_offset_and_max_messages(pipeline: Settings) -> None:
     encode = encoders(pipeline)[pipeline.legit_topic]
     sent = sample_transactions(4)
-    produce(pipeline, pipeline.legit_topic,
-            [(t.account_id.encode(), encode(t.to_dict()), [("trace", b"abc"), ("bin", b"\xff")]) for t in sent],
-            partition=2)
+    produce(
+        pipeline,
+        pipeline.legit_topic,
+        [(t.account_id.encode(), encode(t.to_dict()), [("trace", b"abc"), ("bin", b"\xff")]) for t in sent],
+        partition=2,
+    )
     legit_id = current_ids(pipeline, Registry(pipeline))[pipeline.legit_topic]
 
-    done = inspect(pipeline, pipeline.legit_topic, "--partition", "2", "--offset", "1", "--max-messages", "2",
-                   "--print-key", "--print-metadata")
+    done = inspect(
+        pipeline,
+        pipeline.legit_topic,
+        "--partition",
+        "2",
+        "--offset",
+        "1",
+        "--max-messages",
+        "2",
+        "--print-key",
+        "--print-metadata",
+    )
 
     assert done.returncode == 0, done.stderr
     first, second = json_lines(done.stdout)
@@ -221,9 +276,21 @@ def test_follow_prints_new_records_until_interrupted(pipeline: Settings) -> None
     encode = encoders(pipeline)[pipeline.legit_topic]
     before, after = sample_transactions(2)
     produce(pipeline, pipeline.legit_topic, [(None, encode(before.to_dict()), None)])
-    follower = subprocess.Popen([sys.executable, "-m", "fraudstream.cli", "inspect", pipeline.legit_topic,
-                                 "--from-beginning", "--follow", *connection(pipeline)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    follower = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fraudstream.cli",
+            "inspect",
+            pipeline.legit_topic,
+            "--from-beginning",
+            "--follow",
+            *connection(pipeline),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         output = LineReader(follower.stdout)
         assert json.loads(output.next_line(timeout_s=30))["transaction_id"] == before.transaction_id
@@ -244,8 +311,21 @@ def _no_env_topic(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_unreachable_broker_is_one_error_line_not_a_log_flood() -> None:
     closed_port = "127.0.0.1:1"
-    done = subprocess.run([sys.executable, "-m", "fraudstream.cli", "inspect", "transactions", "--from-beginning",
-                           "--bootstrap-servers", closed_port], capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fraudstream.cli",
+            "inspect",
+            "transactions",
+            "--from-beginning",
+            "--bootstrap-servers",
+            closed_port,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+    )
 
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "Kafka did not answer" in done.stderr

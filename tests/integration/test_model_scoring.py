@@ -24,10 +24,18 @@ LABEL_DELAY_DAYS = 7.0
 
 
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-           "SCHEMA_REGISTRY_URL": settings.schema_registry_url}
-    return subprocess.run([sys.executable, "-m", "fraudstream.cli", *args, "--topic", settings.transactions_topic],
-                          env=env, capture_output=True, text=True, timeout=180)
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "SCHEMA_REGISTRY_URL": settings.schema_registry_url,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "fraudstream.cli", *args, "--topic", settings.transactions_topic],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def test_a_trained_model_scores_every_routed_record(pipeline: Settings, tmp_path, monkeypatch):
@@ -36,17 +44,33 @@ def test_a_trained_model_scores_every_routed_record(pipeline: Settings, tmp_path
     assert report.ok, report.errors
 
     model_file = tmp_path / "model.txt"
-    done = cli(pipeline, "train", "--from", "2018-04-12", "--to", "2018-04-18", "--output", str(model_file),
-               "--model-version", "4")
+    done = cli(
+        pipeline,
+        "train",
+        "--from",
+        "2018-04-12",
+        "--to",
+        "2018-04-18",
+        "--output",
+        str(model_file),
+        "--model-version",
+        "4",
+    )
     assert done.returncode == 0, done.stderr
     assert "trained on" in done.stdout and done.stderr == ""
     model = scoring.Model.load(model_file)
-    assert (model.meta["model_version"], model.meta["train_from"], model.meta["train_to"]) == (4, "2018-04-12", "2018-04-18")
+    assert (model.meta["model_version"], model.meta["train_from"], model.meta["train_to"]) == (
+        4,
+        "2018-04-12",
+        "2018-04-18",
+    )
 
     # The detector's scoring path really runs: count the batches the model scored.
     scored = []
     real_score = scoring.Model.score
-    monkeypatch.setattr(scoring.Model, "score", lambda self, matrix: scored.append(len(matrix)) or real_score(self, matrix))
+    monkeypatch.setattr(
+        scoring.Model, "score", lambda self, matrix: scored.append(len(matrix)) or real_score(self, matrix)
+    )
     detector = RunningDetector(pipeline.replace(model_file=model_file, label_delay_days=LABEL_DELAY_DAYS))
     try:
         wait_until(lambda: routed_total(pipeline) >= len(simulation), timeout_s=180, what="every transaction routed")
@@ -59,7 +83,10 @@ def test_a_trained_model_scores_every_routed_record(pipeline: Settings, tmp_path
     legit = read_topic(pipeline, pipeline.legit_topic)
     fraud = read_topic(pipeline, pipeline.fraud_topic)
     assert len(legit) + len(fraud) == len(simulation)
-    sent = {decode(pipeline, m.value())["transaction_id"]: m.value() for m in read_topic(pipeline, pipeline.transactions_topic)}
+    sent = {
+        decode(pipeline, m.value())["transaction_id"]: m.value()
+        for m in read_topic(pipeline, pipeline.transactions_topic)
+    }
     for message in legit:
         score = float(dict(message.headers())[ev.SCORE_HEADER].decode())
         assert 0.0 <= score < model.threshold

@@ -36,8 +36,10 @@ def read_topic(settings: Settings, topic: str, record_name: str) -> list[tuple[s
     decoder = Decoder(Registry(settings), schemas.expanded[record_name])
     consumer = Consumer(consumer_config(settings, f"test-reader-{uuid.uuid4().hex[:8]}"))
     try:
-        partitions = [TopicPartition(topic, p, OFFSET_BEGINNING)
-                      for p in consumer.list_topics(topic, timeout=10).topics[topic].partitions]
+        partitions = [
+            TopicPartition(topic, p, OFFSET_BEGINNING)
+            for p in consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        ]
         ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in partitions}
         remaining = {partition for partition, end in ends.items() if end > 0}
         consumer.assign(partitions)
@@ -80,9 +82,11 @@ def test_every_produced_transaction_has_exactly_one_label(pipeline: Settings):
     assert len(transactions) == 3_000
     assert Counter(label.transaction_id for label in labels) == Counter(transactions.keys())
     # Each label names its transaction's terminal and event time (what a detector's label table needs).
-    assert all((label.terminal_id, label.event_time) == (transactions[label.transaction_id].terminal_id,
-                                                         transactions[label.transaction_id].event_time)
-               for label in labels)
+    assert all(
+        (label.terminal_id, label.event_time)
+        == (transactions[label.transaction_id].terminal_id, transactions[label.transaction_id].event_time)
+        for label in labels
+    )
     scenarios = Counter(label.scenario for label in labels)
     assert scenarios[LEGIT] > 2_500 and sum(scenarios[name] for name in FRAUD_SCENARIOS) > 30
     # Labels are ground truth on their own topic: the transaction carries no hint of them.
@@ -124,9 +128,16 @@ def test_delivery_failures_are_counted_reported_and_fail_the_exit_status(stack_s
     # A transactions topic that rejects every batch as too large: a real broker-side delivery failure.
     settings = stack_settings.replace(transactions_topic=f"test-reject-{uuid.uuid4().hex[:10]}", partitions=1)
     client = admin(settings)  # kept referenced until the futures resolve
-    created = client.create_topics([NewTopic(settings.transactions_topic, num_partitions=1,
-                                           replication_factor=settings.replication_factor,
-                                           config={"max.message.bytes": "16"})])
+    created = client.create_topics(
+        [
+            NewTopic(
+                settings.transactions_topic,
+                num_partitions=1,
+                replication_factor=settings.replication_factor,
+                config={"max.message.bytes": "16"},
+            )
+        ]
+    )
     for future in created.values():
         future.result()
     register_all(settings)
@@ -137,9 +148,22 @@ def test_delivery_failures_are_counted_reported_and_fail_the_exit_status(stack_s
     assert report.labels_delivered == 20  # the labels topic is healthy
     assert any("too large" in error.lower() for error in report.errors), report.errors
 
-    status = fraudstream_main(["produce", "--topic", settings.transactions_topic, "--count", "20", "--rate", "0",
-                               "--quiet", "--bootstrap-servers", settings.bootstrap_servers,
-                               "--schema-registry-url", settings.schema_registry_url])
+    status = fraudstream_main(
+        [
+            "produce",
+            "--topic",
+            settings.transactions_topic,
+            "--count",
+            "20",
+            "--rate",
+            "0",
+            "--quiet",
+            "--bootstrap-servers",
+            settings.bootstrap_servers,
+            "--schema-registry-url",
+            settings.schema_registry_url,
+        ]
+    )
     out, err = capsys.readouterr()
     assert status == 1
     assert "failed 20" in out and len(out.strip().splitlines()) == 1
@@ -147,10 +171,27 @@ def test_delivery_failures_are_counted_reported_and_fail_the_exit_status(stack_s
 
 
 def test_sigterm_stops_flushes_and_exits_cleanly(pipeline: Settings):
-    command = [sys.executable, "-m", "fraudstream.producer", "--topic", pipeline.transactions_topic, "--rate", "200",
-               "--bootstrap-servers", pipeline.bootstrap_servers, "--schema-registry-url", pipeline.schema_registry_url]
-    process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "fraudstream.producer",
+        "--topic",
+        pipeline.transactions_topic,
+        "--rate",
+        "200",
+        "--bootstrap-servers",
+        pipeline.bootstrap_servers,
+        "--schema-registry-url",
+        pipeline.schema_registry_url,
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         wait_for_a_record(pipeline, pipeline.transactions_topic)
         process.send_signal(signal.SIGTERM)

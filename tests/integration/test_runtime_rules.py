@@ -23,9 +23,21 @@ from hypothesis import strategies as st
 
 from fraudstream.consumer.decide import DLQ_KIND, DLQ_OFFSET, DLQ_REASON, DLQ_TOPIC
 from fraudstream.consumer.rules import COMPROMISED_TERMINAL, DEFAULT_RULES, LARGE_AMOUNT, RULE_NAMES
-from fraudstream.consumer.rules_topic import (APPLIED, INVALID_RULE, MAX_RULE_VERSION, MAX_RULES, REFUSED, REMOVED,
-                                              RULE_SET_HEADER, UNCHANGED, RulesCodec, read_changes, rule_thresholds,
-                                              seed_records, write_records)
+from fraudstream.consumer.rules_topic import (
+    APPLIED,
+    INVALID_RULE,
+    MAX_RULE_VERSION,
+    MAX_RULES,
+    REFUSED,
+    REMOVED,
+    RULE_SET_HEADER,
+    UNCHANGED,
+    RulesCodec,
+    read_changes,
+    rule_thresholds,
+    seed_records,
+    write_records,
+)
 from fraudstream.errors import ConfigError
 from fraudstream.records import Rule
 from fraudstream.cli import main as fraudstream
@@ -86,13 +98,25 @@ def outputs(settings: Settings) -> dict[str, tuple[str, str, list]]:
 
 
 def input_partitions(settings: Settings) -> dict[str, int]:
-    return {decode(settings, m.value())["transaction_id"]: m.partition()
-            for m in read_topic(settings, settings.transactions_topic)}
+    return {
+        decode(settings, m.value())["transaction_id"]: m.partition()
+        for m in read_topic(settings, settings.transactions_topic)
+    }
 
 
 def rules_cli(settings: Settings, *args: str) -> None:
-    code = fraudstream(["rules", *args, "--topic", settings.transactions_topic, "--bootstrap-servers",
-                        settings.bootstrap_servers, "--schema-registry-url", settings.schema_registry_url])
+    code = fraudstream(
+        [
+            "rules",
+            *args,
+            "--topic",
+            settings.transactions_topic,
+            "--bootstrap-servers",
+            settings.bootstrap_servers,
+            "--schema-registry-url",
+            settings.schema_registry_url,
+        ]
+    )
     assert code == 0
 
 
@@ -103,8 +127,7 @@ def large_amount_by_rule_set(settings: Settings) -> dict[str, tuple[int, bool, i
     for change in read_changes(settings, RulesCodec(settings))[1]:
         if change.message.key() == LARGE_AMOUNT.encode() and change.outcome in (APPLIED, REMOVED):
             record = change.record
-            current = None if record is None else (record.version, record.enabled,
-                                                   record.parameters["threshold_cents"])
+            current = None if record is None else (record.version, record.enabled, record.parameters["threshold_cents"])
         rule_at[str(change.message.offset() + 1)] = current
     return rule_at
 
@@ -131,9 +154,14 @@ def judged_after(settings: Settings, probes: Probes, since: float, partitions_wa
 @pytest.fixture
 def two_detectors(pipeline: Settings):
     detectors = [RunningDetector(pipeline.replace(transactional_id=f"{pipeline.group_id}-{n}")) for n in (1, 2)]
-    wait_until(lambda: all(d.detector._assigned for d in detectors) and
-               sum(len(d.detector._assigned) for d in detectors) == pipeline.partitions,
-               timeout_s=90, what="both detectors assigned")
+    wait_until(
+        lambda: (
+            all(d.detector._assigned for d in detectors)
+            and sum(len(d.detector._assigned) for d in detectors) == pipeline.partitions
+        ),
+        timeout_s=90,
+        what="both detectors assigned",
+    )
     yield detectors
     for d in detectors:
         d.stop()
@@ -145,30 +173,41 @@ def partitions_of(detector: RunningDetector) -> set[int]:
 
 
 def test_lowering_the_threshold_then_disabling_the_rule_reaches_both_detectors_within_a_second(
-        pipeline: Settings, two_detectors, tmp_path):
+    pipeline: Settings, two_detectors, tmp_path
+):
     stop_generator = threading.Event()
-    generator = threading.Thread(target=produce, args=(pipeline,), kwargs=dict(rate=100, stop=stop_generator, seed=5),
-                                 daemon=True)
+    generator = threading.Thread(
+        target=produce, args=(pipeline,), kwargs=dict(rate=100, stop=stop_generator, seed=5), daemon=True
+    )
     generator.start()
     probes = Probes(pipeline)
     try:
         started = time.time() - WITHIN_S
-        wait_until(lambda: judged_after(pipeline, probes, started, set(range(pipeline.partitions))),
-                   timeout_s=60, what="probes routed under the seeded rules")
+        wait_until(
+            lambda: judged_after(pipeline, probes, started, set(range(pipeline.partitions))),
+            timeout_s=60,
+            what="probes routed under the seeded rules",
+        )
         seeded = {d.detector.rules_topic.current.version for d in two_detectors}
 
         lower = tmp_path / "lower.toml"
         lower.write_text(f"[large_amount]\nthreshold_cents = {LOWERED_CENTS}\n")
         rules_cli(pipeline, "set", str(lower), "--author", "analyst", "--comment", "more large payments are fraud")
         lowered_at = time.time()
-        wait_until(lambda: judged_after(pipeline, probes, lowered_at, set(range(pipeline.partitions))),
-                   timeout_s=60, what="probes routed after the threshold was lowered")
+        wait_until(
+            lambda: judged_after(pipeline, probes, lowered_at, set(range(pipeline.partitions))),
+            timeout_s=60,
+            what="probes routed after the threshold was lowered",
+        )
         [lowered] = {d.detector.rules_topic.current.version for d in two_detectors}
 
         rules_cli(pipeline, "disable", LARGE_AMOUNT, "--comment", "too noisy")
         disabled_at = time.time()
-        wait_until(lambda: judged_after(pipeline, probes, disabled_at, set(range(pipeline.partitions))),
-                   timeout_s=60, what="probes routed after the rule was disabled")
+        wait_until(
+            lambda: judged_after(pipeline, probes, disabled_at, set(range(pipeline.partitions))),
+            timeout_s=60,
+            what="probes routed after the rule was disabled",
+        )
     finally:
         probes.close()
         stop_generator.set()
@@ -197,32 +236,67 @@ def test_lowering_the_threshold_then_disabling_the_rule_reaches_both_detectors_w
         mine = partitions_of(detector)
         assert any(where[tid] in mine for tid in by_version[lowered]), f"no lowered-threshold probe on {mine}"
         assert any(where[tid] in mine for tid in by_version[versions[0]]), f"no disabled-rule probe on {mine}"
-    history = [c.record for c in read_changes(pipeline, RulesCodec(pipeline))[1] if c.message.key() == LARGE_AMOUNT.encode()]
+    history = [
+        c.record for c in read_changes(pipeline, RulesCodec(pipeline))[1] if c.message.key() == LARGE_AMOUNT.encode()
+    ]
     assert [(r.version, r.enabled, r.parameters.get("threshold_cents")) for r in history][-2:] == [
-        (2, True, LOWERED_CENTS), (3, False, LOWERED_CENTS)]
+        (2, True, LOWERED_CENTS),
+        (3, False, LOWERED_CENTS),
+    ]
 
 
 def test_an_invalid_rule_written_to_the_topic_is_dead_lettered_once_and_the_previous_version_stays(
-        pipeline: Settings, two_detectors):
+    pipeline: Settings, two_detectors
+):
     probes = Probes(pipeline)
     try:
         before = time.time()
-        wait_until(lambda: judged_after(pipeline, probes, before, set(range(pipeline.partitions))),
-                   timeout_s=60, what="probes routed under the seeded rules")
+        wait_until(
+            lambda: judged_after(pipeline, probes, before, set(range(pipeline.partitions))),
+            timeout_s=60,
+            what="probes routed under the seeded rules",
+        )
         in_force = two_detectors[0].detector.rules_topic.current
         # Straight to the topic, past the CLI's check: a negative threshold, and a kind nobody knows.
         codec = RulesCodec(pipeline)
         now = datetime.now(UTC)
-        write_records(pipeline, codec, [
-            Rule(id=LARGE_AMOUNT, version=2, kind=LARGE_AMOUNT, parameters={"threshold_cents": -5}, enabled=True,
-                 author="mallory", comment="", written_at=now),
-            Rule(id="mystery", version=1, kind="mystery_kind", parameters={}, enabled=True, author="mallory",
-                 comment="", written_at=now)])
+        write_records(
+            pipeline,
+            codec,
+            [
+                Rule(
+                    id=LARGE_AMOUNT,
+                    version=2,
+                    kind=LARGE_AMOUNT,
+                    parameters={"threshold_cents": -5},
+                    enabled=True,
+                    author="mallory",
+                    comment="",
+                    written_at=now,
+                ),
+                Rule(
+                    id="mystery",
+                    version=1,
+                    kind="mystery_kind",
+                    parameters={},
+                    enabled=True,
+                    author="mallory",
+                    comment="",
+                    written_at=now,
+                ),
+            ],
+        )
         written_at = time.time()
-        wait_until(lambda: len(read_topic(pipeline, pipeline.dlq_topic)) >= 2, timeout_s=30,
-                   what="the invalid rules dead-lettered")
-        wait_until(lambda: judged_after(pipeline, probes, written_at, set(range(pipeline.partitions))),
-                   timeout_s=60, what="probes routed after the invalid rules")
+        wait_until(
+            lambda: len(read_topic(pipeline, pipeline.dlq_topic)) >= 2,
+            timeout_s=30,
+            what="the invalid rules dead-lettered",
+        )
+        wait_until(
+            lambda: judged_after(pipeline, probes, written_at, set(range(pipeline.partitions))),
+            timeout_s=60,
+            what="probes routed after the invalid rules",
+        )
     finally:
         probes.close()
 
@@ -241,7 +315,9 @@ def test_an_invalid_rule_written_to_the_topic_is_dead_lettered_once_and_the_prev
     assert {found[tid][:2] for tid in probes_after(probes, written_at)} == {("legit", in_force.version)}
 
 
-def test_a_detector_killed_with_minus_nine_comes_back_with_the_rules_changed_while_it_was_down(pipeline: Settings, tmp_path):
+def test_a_detector_killed_with_minus_nine_comes_back_with_the_rules_changed_while_it_was_down(
+    pipeline: Settings, tmp_path
+):
     """Also the replay guarantee: every transaction is routed once, and its decision is the one the rule
     set it names gives, whether it was judged before the kill or re-read after it."""
     tid = f"{pipeline.group_id}-solo"
@@ -249,16 +325,22 @@ def test_a_detector_killed_with_minus_nine_comes_back_with_the_rules_changed_whi
     probes = Probes(pipeline, rate=200)
     try:
         first = time.time()
-        wait_until(lambda: judged_after(pipeline, probes, first, set(range(pipeline.partitions))),
-                   timeout_s=90, what="probes routed before the kill")
+        wait_until(
+            lambda: judged_after(pipeline, probes, first, set(range(pipeline.partitions))),
+            timeout_s=90,
+            what="probes routed before the kill",
+        )
         detector.kill()
         lower = tmp_path / "lower.toml"
         lower.write_text(f"[large_amount]\nthreshold_cents = {LOWERED_CENTS}\n")
         rules_cli(pipeline, "set", str(lower))
         changed_at = time.time()
         detector = DetectorProcess(pipeline, tmp_path / "detector-2.log", transactional_id=tid)
-        wait_until(lambda: judged_after(pipeline, probes, changed_at, set(range(pipeline.partitions))),
-                   timeout_s=90, what="probes routed after the restart")
+        wait_until(
+            lambda: judged_after(pipeline, probes, changed_at, set(range(pipeline.partitions))),
+            timeout_s=90,
+            what="probes routed after the restart",
+        )
     finally:
         probes.close()
     wait_until(lambda: probes.sent.keys() <= outputs(pipeline).keys(), timeout_s=60, what="every probe routed")
@@ -312,17 +394,30 @@ def test_a_rules_file_named_for_a_topic_that_already_holds_rules_is_reported_not
 
 POOL = (LARGE_AMOUNT, "la-2", "la-3")  # large_amount rules the generated changes touch (the probes judge them)
 SENTINEL = "sentinel"  # a disabled velocity rule, changed last in every example: the detector has read that far
-HOSTILE_TEXT = st.sampled_from(["", "ok", "\x1b[2J\x1b[31mred", "x\r\nFORGED 2026-01-01 INFO all good", "\u202egnp.exe",
-                                "\x9b31m"]) | st.text(max_size=12)
+HOSTILE_TEXT = st.sampled_from(
+    ["", "ok", "\x1b[2J\x1b[31mred", "x\r\nFORGED 2026-01-01 INFO all good", "\u202egnp.exe", "\x9b31m"]
+) | st.text(max_size=12)
 # Parameters of their kind, typed and around their bounds, or anything the schema can carry; for rules that
 # judge every batch (removed before the final probes).
-PARAMETERS = st.sampled_from([LARGE_AMOUNT, "card_testing"]).flatmap(lambda kind: st.tuples(
-    st.just("params"), st.just(kind), st.fixed_dictionaries({}, optional={
-        key: parameter_values(key) for key in [*DEFAULT_RULES[kind], "threshold_cents"]
-        if key != "enabled" and (key != "threshold_cents" or kind == LARGE_AMOUNT)})))
+PARAMETERS = st.sampled_from([LARGE_AMOUNT, "card_testing"]).flatmap(
+    lambda kind: st.tuples(
+        st.just("params"),
+        st.just(kind),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                key: parameter_values(key)
+                for key in [*DEFAULT_RULES[kind], "threshold_cents"]
+                if key != "enabled" and (key != "threshold_cents" or kind == LARGE_AMOUNT)
+            },
+        ),
+    )
+)
 ACTIONS = st.one_of(
     st.tuples(st.just("set"), st.sampled_from(POOL), st.integers(0, 10**12), st.booleans(), HOSTILE_TEXT),
-    st.tuples(st.just("bad_threshold"), st.sampled_from(POOL), st.integers(-(2**63), -1) | st.integers(10**12 + 1, 2**63 - 1)),
+    st.tuples(
+        st.just("bad_threshold"), st.sampled_from(POOL), st.integers(-(2**63), -1) | st.integers(10**12 + 1, 2**63 - 1)
+    ),
     st.tuples(st.just("bad_look_ahead"), st.sampled_from([math.inf, -math.inf, math.nan, 1e300, 3_600.5, -1.0])),
     st.tuples(st.just("version"), st.sampled_from(POOL), st.sampled_from([-(2**63), 0, 2**31, "same", "-1"])),
     st.tuples(st.just("version"), st.sampled_from(POOL), st.sampled_from(["+2", "+1000", MAX_RULE_VERSION, 2**63 - 1])),
@@ -343,8 +438,10 @@ class RulesModel:
     rule id -> (version, kind, enabled, parameters), from the rules the detector seeds the topic with."""
 
     def __init__(self, settings: Settings) -> None:
-        self.rules = {r.id: (r.version, r.kind, r.enabled, r.parameters)
-                      for r in seed_records(settings, settings.rules_file, author="model")}
+        self.rules = {
+            r.id: (r.version, r.kind, r.enabled, r.parameters)
+            for r in seed_records(settings, settings.rules_file, author="model")
+        }
         self.floods = 0
 
     def next_version(self, rule_id: str) -> int:
@@ -355,23 +452,53 @@ class RulesModel:
         name, *args = action
         now = datetime.now(UTC)
 
-        def rule(rule_id: str, version: int, kind: str = LARGE_AMOUNT, parameters=None, enabled=True, comment="",
-                 author="hypothesis") -> Rule:
-            return Rule(id=rule_id, version=version, kind=kind, parameters=parameters or {}, enabled=enabled,
-                        author=author, comment=comment, written_at=now)
+        def rule(
+            rule_id: str,
+            version: int,
+            kind: str = LARGE_AMOUNT,
+            parameters=None,
+            enabled=True,
+            comment="",
+            author="hypothesis",
+        ) -> Rule:
+            return Rule(
+                id=rule_id,
+                version=version,
+                kind=kind,
+                parameters=parameters or {},
+                enabled=enabled,
+                author=author,
+                comment=comment,
+                written_at=now,
+            )
 
         if name == "set":
             rule_id, threshold, enabled, text = args
-            record = rule(rule_id, self.next_version(rule_id), parameters={"threshold_cents": threshold},
-                          enabled=enabled, comment=text, author=text)
+            record = rule(
+                rule_id,
+                self.next_version(rule_id),
+                parameters={"threshold_cents": threshold},
+                enabled=enabled,
+                comment=text,
+                author=text,
+            )
             return [(rule_id.encode(), record, self._applies(record))]
         if name == "bad_threshold":
             rule_id, threshold = args
-            return [(rule_id.encode(), rule(rule_id, self.next_version(rule_id), parameters={"threshold_cents": threshold}),
-                     REFUSED)]
+            return [
+                (
+                    rule_id.encode(),
+                    rule(rule_id, self.next_version(rule_id), parameters={"threshold_cents": threshold}),
+                    REFUSED,
+                )
+            ]
         if name == "bad_look_ahead":
-            record = rule(COMPROMISED_TERMINAL, self.next_version(COMPROMISED_TERMINAL), COMPROMISED_TERMINAL,
-                          {"look_ahead_s": args[0]})
+            record = rule(
+                COMPROMISED_TERMINAL,
+                self.next_version(COMPROMISED_TERMINAL),
+                COMPROMISED_TERMINAL,
+                {"look_ahead_s": args[0]},
+            )
             return [(COMPROMISED_TERMINAL.encode(), record, REFUSED)]
         if name == "version":
             rule_id, which = args
@@ -380,10 +507,17 @@ class RulesModel:
             record = rule(rule_id, version, parameters={"threshold_cents": 12_345}, comment="not the next version")
             if current and version == current and self.rules[rule_id][1:] == (LARGE_AMOUNT, True, record.parameters):
                 return [(rule_id.encode(), record, UNCHANGED)]  # the same version and content again: a repeat
-            return [(rule_id.encode(), record, REFUSED if current or not 1 <= version <= MAX_RULE_VERSION
-                     else self._applies(record))]
+            return [
+                (
+                    rule_id.encode(),
+                    record,
+                    REFUSED if current or not 1 <= version <= MAX_RULE_VERSION else self._applies(record),
+                )
+            ]
         if name == "raw":
-            return [(LARGE_AMOUNT.encode(), args[0], REFUSED)]  # not a framed Avro Rule (nor a tombstone: b"" is a value)
+            return [
+                (LARGE_AMOUNT.encode(), args[0], REFUSED)
+            ]  # not a framed Avro Rule (nor a tombstone: b"" is a value)
         if name == "bad_id":
             rule_id = f"{args[0]}\x1b[0m id"  # a space and ESC: never a valid id
             return [(rule_id.encode(), rule(rule_id, 1, comment=args[0]), REFUSED)]
@@ -429,12 +563,17 @@ class RulesModel:
 
     def names(self) -> list[str]:
         order = {kind: i for i, kind in enumerate(RULE_NAMES)}
-        return sorted((i for i, (_, _, enabled, _) in self.rules.items() if enabled),
-                      key=lambda i: (order[self.rules[i][1]], i))
+        return sorted(
+            (i for i, (_, _, enabled, _) in self.rules.items() if enabled), key=lambda i: (order[self.rules[i][1]], i)
+        )
 
     def thresholds(self) -> dict[str, int]:
         """The enabled large_amount rules' thresholds: all that can judge a probe."""
-        return {i: p["threshold_cents"] for i, (_, kind, enabled, p) in self.rules.items() if enabled and kind == LARGE_AMOUNT}
+        return {
+            i: p["threshold_cents"]
+            for i, (_, kind, enabled, p) in self.rules.items()
+            if enabled and kind == LARGE_AMOUNT
+        }
 
 
 class RulesWriter:
@@ -447,8 +586,9 @@ class RulesWriter:
     def write(self, key: bytes, value: Rule | bytes | None) -> int:
         offsets: list[int] = []
         payload = self.codec.encode(value) if isinstance(value, Rule) else value
-        self.producer.produce(self.settings.rules_topic, payload, key,
-                              on_delivery=lambda error, message: offsets.append(message.offset()))
+        self.producer.produce(
+            self.settings.rules_topic, payload, key, on_delivery=lambda error, message: offsets.append(message.offset())
+        )
         assert self.producer.flush(30) == 0 and offsets, "a rule record was not delivered"
         return offsets[0]
 
@@ -463,8 +603,11 @@ def test_generated_hostile_rule_records_never_stop_the_detector_and_each_is_refu
     expected: dict[int, str] = {}  # rules-topic offset -> applied | removed | unchanged | refused
     probes = None
     try:
-        wait_until(lambda: f"(rule set {len(RULE_NAMES)} of {pipeline.rules_topic})" in detector.output(),
-                   timeout_s=90, what="the detector seeded the rules topic and started")
+        wait_until(
+            lambda: f"(rule set {len(RULE_NAMES)} of {pipeline.rules_topic})" in detector.output(),
+            timeout_s=90,
+            what="the detector seeded the rules topic and started",
+        )
         probes = Probes(pipeline, rate=20)  # held records and their release run under every rule set
 
         def write(records) -> int:
@@ -476,8 +619,16 @@ def test_generated_hostile_rule_records_never_stop_the_detector_and_each_is_refu
                     model.remove(key.decode())
             return offset
 
-        sentinel = Rule(id=SENTINEL, version=1, kind="velocity", parameters={}, enabled=False, author="test",
-                        comment="", written_at=datetime.now(UTC))
+        sentinel = Rule(
+            id=SENTINEL,
+            version=1,
+            kind="velocity",
+            parameters={},
+            enabled=False,
+            author="test",
+            comment="",
+            written_at=datetime.now(UTC),
+        )
         assert model._applies(sentinel) == APPLIED
         write([(SENTINEL.encode(), sentinel, APPLIED)])
 
@@ -487,17 +638,29 @@ def test_generated_hostile_rule_records_never_stop_the_detector_and_each_is_refu
             for action in actions:
                 write(model.records(action))
             version = model.next_version(SENTINEL)
-            mark = Rule(id=SENTINEL, version=version, kind="velocity", parameters={"max_in_session": 3}, enabled=False,
-                        author="test", comment="", written_at=datetime.now(UTC))
+            mark = Rule(
+                id=SENTINEL,
+                version=version,
+                kind="velocity",
+                parameters={"max_in_session": 3},
+                enabled=False,
+                author="test",
+                comment="",
+                written_at=datetime.now(UTC),
+            )
             assert model._applies(mark) == APPLIED
             last = write([(SENTINEL.encode(), mark, APPLIED)])
-            line = wait_until(lambda: _in_force_line(detector, last), timeout_s=30,
-                              what=f"the detector read the rules topic to offset {last}")
+            line = wait_until(
+                lambda: _in_force_line(detector, last),
+                timeout_s=30,
+                what=f"the detector read the rules topic to offset {last}",
+            )
             detector.assert_running()
             assert line == f"rules {', '.join(model.names())} now in force (rule set {last + 1})"
 
-        examples = hypothesis_settings(max_examples=25, deadline=None, database=None,
-                                       suppress_health_check=[HealthCheck.too_slow])
+        examples = hypothesis_settings(
+            max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+        )
         examples(given(st.lists(ACTIONS, min_size=1, max_size=4))(example))()
         # Then parameter maps alone (a flood above can leave no room for a new rule): each rule that passes runs
         # on the probes' batches.
@@ -520,8 +683,11 @@ def test_generated_hostile_rule_records_never_stop_the_detector_and_each_is_refu
             final[tx.transaction_id] = amount
             produce_raw(pipeline, pipeline.transactions_topic, [(tx.account_id.encode(), encode(tx.to_dict()))])
         probes.close()
-        wait_until(lambda: final.keys() | probes.sent.keys() <= outputs(pipeline).keys(), timeout_s=60,
-                   what="every probe routed")
+        wait_until(
+            lambda: final.keys() | probes.sent.keys() <= outputs(pipeline).keys(),
+            timeout_s=60,
+            what="every probe routed",
+        )
         detector.assert_running()
     finally:
         if probes is not None:
@@ -542,8 +708,10 @@ def test_generated_hostile_rule_records_never_stop_the_detector_and_each_is_refu
     assert sorted(int(line.split("]@")[1].split()[0]) for line in lines) == sorted(refused)
     letters = [dict(m.headers()) for m in read_topic(pipeline, pipeline.dlq_topic)]
     assert sorted(int(h[DLQ_OFFSET]) for h in letters) == sorted(refused)
-    assert all(h[DLQ_TOPIC] == pipeline.rules_topic.encode() and h[DLQ_REASON].decode().isprintable()
-               and h[DLQ_REASON] for h in letters)
+    assert all(
+        h[DLQ_TOPIC] == pipeline.rules_topic.encode() and h[DLQ_REASON].decode().isprintable() and h[DLQ_REASON]
+        for h in letters
+    )
     # No control character from a record reached the log: no escape sequence, no forged line.
     assert not any(c in log for c in ("\x1b", "\r", "\u202e", "\x9b")), "a control character reached the log"
     assert not any(line.startswith("FORGED") for line in log.splitlines())
@@ -555,7 +723,7 @@ def _in_force_line(detector: DetectorProcess, offset: int) -> str | None:
     marker = f"now in force (rule set {offset + 1})"
     for line in detector.output().splitlines():
         if line.endswith(marker):
-            return line[line.index("rules "):]
+            return line[line.index("rules ") :]
     return None
 
 
@@ -566,11 +734,21 @@ def test_delete_and_history_through_the_cli_on_the_real_topic(pipeline: Settings
     from fraudstream.consumer.rules_topic import RulesTopic
 
     rules_file = tmp_path / "two.toml"
-    rules_file.write_text('[large_amount]\nthreshold_cents = 50000\n[la-2]\nkind = "large_amount"\nthreshold_cents = 70000\n')
+    rules_file.write_text(
+        '[large_amount]\nthreshold_cents = 50000\n[la-2]\nkind = "large_amount"\nthreshold_cents = 70000\n'
+    )
     rules_cli(pipeline, "set", str(rules_file), "--author", "ann", "--comment", "two\x1b[31m\nFORGED line")
     rules_cli(pipeline, "delete", "la-2", "--author", "bob", "--comment", "replaced")
-    top = Rule(id=LARGE_AMOUNT, version=2**63 - 1, kind=LARGE_AMOUNT, parameters={"threshold_cents": 1}, enabled=True,
-               author="mallory", comment="", written_at=datetime.now(UTC))
+    top = Rule(
+        id=LARGE_AMOUNT,
+        version=2**63 - 1,
+        kind=LARGE_AMOUNT,
+        parameters={"threshold_cents": 1},
+        enabled=True,
+        author="mallory",
+        comment="",
+        written_at=datetime.now(UTC),
+    )
     write_records(pipeline, RulesCodec(pipeline), [top])
     rules_cli(pipeline, "set", str(rules_file), "--author", "ann")  # numbered as the detector judges the topic
     capsys.readouterr()
@@ -579,11 +757,14 @@ def test_delete_and_history_through_the_cli_on_the_real_topic(pipeline: Settings
 
     assert len(lines) == 6 and all(line.isprintable() for line in lines)
     assert all("(broker)" in line for line in lines), lines  # the rules topic's time is the broker's (LogAppendTime)
-    assert lines[1].endswith('ann (self-declared): la-2 v1 large_amount enabled {"threshold_cents": 70000}  '
-                             '# two\\x1b[31m\\nFORGED line'), lines[1]
+    assert lines[1].endswith(
+        'ann (self-declared): la-2 v1 large_amount enabled {"threshold_cents": 70000}  # two\\x1b[31m\\nFORGED line'
+    ), lines[1]
     assert lines[2].endswith("bob (self-declared): la-2 deleted  # replaced"), lines[2]
-    assert "large_amount v9223372036854775807" in lines[3] and "REFUSED: rule large_amount v9223372036854775807: " \
-        "versions run from 1 to 2147483647" in lines[3], lines[3]
+    assert (
+        "large_amount v9223372036854775807" in lines[3]
+        and "REFUSED: rule large_amount v9223372036854775807: versions run from 1 to 2147483647" in lines[3]
+    ), lines[3]
     assert "large_amount v2 " in lines[4] and "la-2 v1 " in lines[5]  # la-2 starts again at 1 after its deletion
     reader = RulesTopic(pipeline, on_log=lambda line: None)
     try:

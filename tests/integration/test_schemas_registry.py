@@ -28,8 +28,15 @@ SCHEMAS = load_schemas(Settings().schemas_dir)
 
 def run_cli(settings: Settings, *args: str) -> int:
     """`fraudstream <args>` against the session's broker and registry, whatever the environment says."""
-    return cli.main([*args, "--bootstrap-servers", settings.bootstrap_servers,
-                     "--schema-registry-url", settings.schema_registry_url])
+    return cli.main(
+        [
+            *args,
+            "--bootstrap-servers",
+            settings.bootstrap_servers,
+            "--schema-registry-url",
+            settings.schema_registry_url,
+        ]
+    )
 
 
 @pytest.fixture
@@ -85,8 +92,18 @@ def test_register_registers_every_subject_with_its_compatibility_level(topic_set
 
 def test_register_sets_the_level_on_each_subject_not_only_globally(topic_settings):
     """FULL is not the registry's global level (the stack sets FULL_TRANSITIVE): it can only come from register."""
-    assert run_cli(topic_settings, "schemas", "register", "--topic", topic_settings.transactions_topic,
-                   "--compatibility", "FULL") == 0
+    assert (
+        run_cli(
+            topic_settings,
+            "schemas",
+            "register",
+            "--topic",
+            topic_settings.transactions_topic,
+            "--compatibility",
+            "FULL",
+        )
+        == 0
+    )
     registry = Registry(topic_settings)
     for topic in topic_schemas(topic_settings):
         assert registry.compatibility(topic_settings.subject(topic)) == "FULL"
@@ -103,8 +120,9 @@ def test_registering_again_is_idempotent(registered):
 def test_register_refuses_an_incompatible_schema_with_one_line(registered, broken_schemas_dir, capsys):
     assert run_cli(registered, "schemas", "register", "--topic", registered.transactions_topic) == 1
     message = one_line_error(capsys.readouterr().err)
-    assert message.startswith(f"{registered.subject(registered.transactions_topic)}: the registry rejected the "
-                              "schema as incompatible")
+    assert message.startswith(
+        f"{registered.subject(registered.transactions_topic)}: the registry rejected the schema as incompatible"
+    )
 
 
 # ----- check -----
@@ -122,8 +140,10 @@ def test_check_fails_for_an_incompatible_schema_and_says_why(registered, broken_
     level = registered.compatibility
     input_subject = registered.subject(registered.transactions_topic)
     assert f"INCOMPATIBLE  {input_subject} [{level}]" in lines
-    assert ("    - new schema cannot read version 1 data: field amount_cents: type mismatch: reader type: string "
-            "not compatible with writer type: long") in lines
+    assert (
+        "    - new schema cannot read version 1 data: field amount_cents: type mismatch: reader type: string "
+        "not compatible with writer type: long"
+    ) in lines
     # Transaction travels on the input and legit topics and inside FraudAlert; Label is untouched.
     assert f"INCOMPATIBLE  {registered.subject(registered.fraud_topic)} [{level}]" in lines
     assert f"ok            {registered.subject(registered.labels_topic)}" in lines
@@ -141,8 +161,10 @@ def test_check_offline_fails_for_an_incompatible_schema_and_says_why(broken_sche
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert "INCOMPATIBLE  Transaction (vs 1 earlier version)" in lines
-    assert ("    - version 1 readers cannot read new data: field amount_cents: type mismatch: reader type: long "
-            "not compatible with writer type: string") in lines
+    assert (
+        "    - version 1 readers cannot read new data: field amount_cents: type mismatch: reader type: long "
+        "not compatible with writer type: string"
+    ) in lines
     assert one_line_error(captured.err) == "2 schemas are incompatible (see above)"
 
 

@@ -25,8 +25,9 @@ def test_a_short_soak_loses_doubles_and_changes_nothing(stack_settings, tmp_path
     shown = json.dumps({k: v for k, v in report.items() if k != "examples"}, default=str)[:3000]
     assert {event["kind"] for event in report["events"]} == set(FAULTS), shown  # every fault happened
     assert report["input_records"] > 10_000 and report["routes"].get("dlq", 0) >= 3, shown
-    assert (report["lost"], report["duplicated"], report["unreadable"], report["held_live"]) == (0, 0, 0, 0), \
+    assert (report["lost"], report["duplicated"], report["unreadable"], report["held_live"]) == (0, 0, 0, 0), (
         json.dumps(report["examples"], default=str)[:3000]
+    )
     assert report["decisions_differ"] == 0, json.dumps(report["examples"]["decisions_differ"], default=str)[:3000]
     assert report["restarted_from_outside"] == 0, report["restarts"]
 

@@ -98,8 +98,10 @@ def local_kafka_port(settings: Settings) -> int:
     """The port of the session's broker, which a local registry can share."""
     host, _, port = settings.bootstrap_servers.partition(",")[0].rpartition(":")
     if host not in ("127.0.0.1", "localhost"):
-        pytest.skip(f"the session's Kafka ({settings.bootstrap_servers}) is not local: the local stack's "
-                    "registry is not what these tests use")
+        pytest.skip(
+            f"the session's Kafka ({settings.bootstrap_servers}) is not local: the local stack's "
+            "registry is not what these tests use"
+        )
     return int(port)
 
 
@@ -109,8 +111,10 @@ def own_registry(stack_settings, tmp_path) -> Iterator[LocalStack]:
     of its own: restarting it disturbs no one, and it runs from the already fetched distribution."""
     namespace = unique("test-registry")
     settings = stack_settings.replace(
-        stack_dir=tmp_path / "stack", kafka_port=local_kafka_port(stack_settings),
-        registry_port=free_port(), registry_management_port=free_port(),
+        stack_dir=tmp_path / "stack",
+        kafka_port=local_kafka_port(stack_settings),
+        registry_port=free_port(),
+        registry_management_port=free_port(),
     )
     shared_dist = LocalStack(Settings.from_env(), log=lambda *_: None).dist
     stack = LocalStack(settings, log=lambda *_: None, dist=shared_dist, registry_namespace=namespace)
@@ -179,8 +183,9 @@ def empty_stack_dir(tmp_path, monkeypatch) -> Iterator:
     for setting in ("kafka_port", "controller_port", "registry_port", "registry_management_port"):
         monkeypatch.setenv(ENV[setting], str(free_port()))
     yield tmp_path
-    assert not (tmp_path / "kafka" / "pid").exists() and not (tmp_path / "registry" / "pid").exists(), \
+    assert not (tmp_path / "kafka" / "pid").exists() and not (tmp_path / "registry" / "pid").exists(), (
         "a test of a stack that must not start left a service running"
+    )
 
 
 def test_stack_status_of_a_stopped_stack_exits_3(empty_stack_dir, capsys):
@@ -194,12 +199,16 @@ def test_stack_down_when_nothing_runs_is_a_no_op(empty_stack_dir, capsys):
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize(("setting", "service"), [
-    ("kafka_port", "Kafka"),
-    ("registry_management_port", "the schema registry's management interface"),
-])
-def test_stack_up_on_a_taken_port_fails_with_one_line_and_starts_nothing(empty_stack_dir, monkeypatch, capsys,
-                                                                          setting, service):
+@pytest.mark.parametrize(
+    ("setting", "service"),
+    [
+        ("kafka_port", "Kafka"),
+        ("registry_management_port", "the schema registry's management interface"),
+    ],
+)
+def test_stack_up_on_a_taken_port_fails_with_one_line_and_starts_nothing(
+    empty_stack_dir, monkeypatch, capsys, setting, service
+):
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
@@ -209,8 +218,10 @@ def test_stack_up_on_a_taken_port_fails_with_one_line_and_starts_nothing(empty_s
         assert cli.main(["stack", "up"]) == 1
 
     captured = capsys.readouterr()
-    assert captured.err == (f"fraudstream stack: error: port {port} (for {service}) is already in use by another "
-                            f"process; stop it or choose another port with {ENV[setting]}\n")
+    assert captured.err == (
+        f"fraudstream stack: error: port {port} (for {service}) is already in use by another "
+        f"process; stop it or choose another port with {ENV[setting]}\n"
+    )
     assert "Traceback" not in captured.out
     # The check comes first: nothing fetched, nothing started (not even Kafka when only a registry port is taken).
     assert not (empty_stack_dir / "dist").exists()

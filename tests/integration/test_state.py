@@ -19,8 +19,9 @@ from fraudstream.kafka import admin, transactional_producer_config
 from tests.support.kafka_io import wait_until
 
 ROW = np.dtype([("last_ms", "<i8"), ("count", "<i4"), ("total", "<f8")])
-SPEC = StoreSpec(name="cards", dtype=ROW, layout=layout_tag("test_row", 1, ROW), expiry_field="last_ms",
-                 ttl_ms=3_600_000)
+SPEC = StoreSpec(
+    name="cards", dtype=ROW, layout=layout_tag("test_row", 1, ROW), expiry_field="last_ms", ttl_ms=3_600_000
+)
 
 
 def create_topic(settings, topic: NewTopic) -> None:
@@ -155,16 +156,18 @@ def test_manager_pauses_a_partition_until_its_state_is_restored_then_writes_chan
     topic = manager.topics["cards"]
     producer = transactional(pipeline)
     producer.begin_transaction()
-    write_rows(producer, topic, 0, SPEC, [b"k%d" % i for i in range(500)],
-               rows(*[(i, i, float(i)) for i in range(500)]))
+    write_rows(
+        producer, topic, 0, SPEC, [b"k%d" % i for i in range(500)], rows(*[(i, i, float(i)) for i in range(500)])
+    )
     producer.commit_transaction(30)
 
     consumer = FakeConsumer(pipeline.transactions_topic, [0, 1])
     manager.assign(consumer, consumer.assigned)
     assert 1 in consumer.resumed and manager.ready(1)  # empty changelog partition: ready at once
     assert consumer.paused == {0} and not manager.ready(0)
-    wait_until(lambda: manager.recover_step(consumer) or manager.ready(0), timeout_s=30, what="restore",
-               interval_s=0.01)
+    wait_until(
+        lambda: manager.recover_step(consumer) or manager.ready(0), timeout_s=30, what="restore", interval_s=0.01
+    )
     assert consumer.paused == set() and len(manager.tables(0)["cards"]) == 500
 
     table = manager.tables(0)["cards"]
@@ -224,8 +227,7 @@ def test_restore_waits_for_a_transaction_still_open_on_the_changelog(pipeline):
             recovery.step(timeout_s=0.2)
         assert not progress.done  # a read_committed end (the LSO) would have ended it, empty
         producer.commit_transaction(30)
-        wait_until(lambda: recovery.step(timeout_s=0.2) or progress.done, timeout_s=30, what="restore",
-                   interval_s=0.01)
+        wait_until(lambda: recovery.step(timeout_s=0.2) or progress.done, timeout_s=30, what="restore", interval_s=0.01)
     finally:
         recovery.close()
     assert row_of(table, b"late").tolist() == (5, 5, 5.0)
@@ -258,8 +260,9 @@ def test_expiry_takes_stream_time_from_live_rows_only(pipeline, monkeypatch):
 
     monkeypatch.setattr(manager_module, "EXPIRE_EVERY_S", 0.0)  # expire at every write, not every 10 s
     now = int(time.time() * 1000)
-    _, table = expire_once(pipeline, SPEC, {b"now": (now, 1, 1.0), b"gone": (now + 20 * 3_600_000, 2, 2.0)},
-                           removed=(b"gone",))
+    _, table = expire_once(
+        pipeline, SPEC, {b"now": (now, 1, 1.0), b"gone": (now + 20 * 3_600_000, 2, 2.0)}, removed=(b"gone",)
+    )
     assert b"now" in table
 
 
@@ -276,8 +279,9 @@ def test_one_event_time_far_ahead_of_the_clock_does_not_age_out_the_other_rows(p
     month = CARDS.ttl_ms
     spec = StoreSpec(name="cards", dtype=ROW, layout=SPEC.layout, expiry_field="last_ms", ttl_ms=month)
     now = int(time.time() * 1000)
-    manager, table = expire_once(pipeline, spec, {b"now": (now, 1, 1.0),
-                                                  b"clock-ahead": (now + 40 * 24 * 3_600_000, 3, 3.0)})
+    manager, table = expire_once(
+        pipeline, spec, {b"now": (now, 1, 1.0), b"clock-ahead": (now + 40 * 24 * 3_600_000, 3, 3.0)}
+    )
     assert b"now" in table and b"clock-ahead" in table and manager.tombstones == 0
     assert EXPIRY_MAX_AHEAD_MS < month - manager_module.LATE_TOLERANCE_MS  # why "now" stays
 
@@ -317,7 +321,9 @@ def test_a_reset_of_a_partition_no_longer_assigned_drops_its_state_and_says_so(p
     assert manager.ready(0) and manager.ready(1)
     consumer.assigned = consumer.assigned[:1]  # partition 1 revoked by the consumer, before the reset
     manager.reset(consumer, [0, 1])
-    wait_until(lambda: manager.recover_step(consumer) or manager.ready(0), timeout_s=30, what="restore", interval_s=0.01)
+    wait_until(
+        lambda: manager.recover_step(consumer) or manager.ready(0), timeout_s=30, what="restore", interval_s=0.01
+    )
     assert not manager.ready(1) and 1 not in consumer.paused
     assert any("[1] dropped" in line for line in lines), lines
     manager.close()

@@ -33,23 +33,38 @@ def run_until_routed(settings, total: int) -> RunningDetector:
 
 
 def alerts(settings) -> dict[str, list[str]]:
-    return {a["transaction"]["transaction_id"]: a["rules"]
-            for a in (decode(settings, m.value()) for m in read_topic(settings, settings.fraud_topic))}
+    return {
+        a["transaction"]["transaction_id"]: a["rules"]
+        for a in (decode(settings, m.value()) for m in read_topic(settings, settings.fraud_topic))
+    }
 
 
 def home_history(account: str, *, until: float) -> list:
     """A card's everyday in-person payments at home, every 10 minutes: its home area."""
-    return [transaction(2_500, account=account, event_time=at(minute), **NEW_YORK, transaction_id=f"{account}-h{minute}")
-            for minute in range(0, int(until), 10)]
+    return [
+        transaction(2_500, account=account, event_time=at(minute), **NEW_YORK, transaction_id=f"{account}-h{minute}")
+        for minute in range(0, int(until), 10)
+    ]
 
 
 def test_card_testing_and_a_cloned_card_are_caught_from_state(pipeline):
-    testing = [transaction(amount, account="acct-tested", event_time=at(60 + i * 0.1), channel="ONLINE",
-                           merchant_category="5815", device_id="dev-fraudster", transaction_id=f"test-{i}")
-               for i, amount in enumerate((120, 99, 180))]
+    testing = [
+        transaction(
+            amount,
+            account="acct-tested",
+            event_time=at(60 + i * 0.1),
+            channel="ONLINE",
+            merchant_category="5815",
+            device_id="dev-fraudster",
+            transaction_id=f"test-{i}",
+        )
+        for i, amount in enumerate((120, 99, 180))
+    ]
     cloned = home_history("acct-cloned", until=60) + [
-        transaction(4_000, account="acct-cloned", event_time=at(62), channel="CARD_PRESENT", **LONDON,
-                    transaction_id="london")]
+        transaction(
+            4_000, account="acct-cloned", event_time=at(62), channel="CARD_PRESENT", **LONDON, transaction_id="london"
+        )
+    ]
     everyday = home_history("acct-everyday", until=70)
     send(pipeline, testing + cloned + everyday)
     run_until_routed(pipeline, len(testing) + len(cloned) + len(everyday))
@@ -68,8 +83,14 @@ def test_a_restarted_detector_restores_state_before_judging(pipeline):
     first = run_until_routed(pipeline, len(history))
     assert first.detector.metrics.restored_records == 0
 
-    send(pipeline, [transaction(4_000, account="acct-1", event_time=at(62), channel="CARD_PRESENT", **LONDON,
-                                transaction_id="london")])
+    send(
+        pipeline,
+        [
+            transaction(
+                4_000, account="acct-1", event_time=at(62), channel="CARD_PRESENT", **LONDON, transaction_id="london"
+            )
+        ],
+    )
     second = run_until_routed(pipeline, len(history) + 1)
     # Only a detector that knew the card was in New York two minutes earlier can call this impossible.
     assert "impossible_travel" in alerts(pipeline)["london"]
@@ -82,8 +103,16 @@ def test_a_terminal_taking_cards_of_accounts_in_every_partition_is_caught(pipeli
     come before the third other card: held (no home known for the card; a terminal that already took one),
     then released once the input went quiet, counting the cards up to their look-ahead. Victims 3 to 5 are
     caught at once."""
-    victims = [transaction(3_000, account=f"acct-victim-{i}", event_time=at(61 + i * 0.5), terminal_id="term-skimmer",
-                           transaction_id=f"victim-{i}") for i in range(6)]
+    victims = [
+        transaction(
+            3_000,
+            account=f"acct-victim-{i}",
+            event_time=at(61 + i * 0.5),
+            terminal_id="term-skimmer",
+            transaction_id=f"victim-{i}",
+        )
+        for i in range(6)
+    ]
     send(pipeline, victims)
     detector = run_until_routed(pipeline, len(victims))
 
@@ -107,19 +136,29 @@ def test_a_payment_dated_40_days_ahead_loses_none_of_the_records_held_on_its_par
     encode = encoder_for(pipeline, pipeline.transactions_topic)
 
     def to_partition(partition: int, txs) -> None:
-        produce_raw(pipeline, pipeline.transactions_topic, ((t.account_id.encode(), encode(t.to_dict())) for t in txs),
-                    partition=partition)
+        produce_raw(
+            pipeline,
+            pipeline.transactions_topic,
+            ((t.account_id.encode(), encode(t.to_dict())) for t in txs),
+            partition=partition,
+        )
 
-    firsts = [transaction(2_500, account=f"new-{i}", event_time=at(i * 0.01), **NEW_YORK, transaction_id=f"first-{i}")
-              for i in range(50)]
-    ahead = transaction(2_500, account="clock-ahead", event_time=at(0) + timedelta(days=40), **NEW_YORK,
-                        transaction_id="ahead")
+    firsts = [
+        transaction(2_500, account=f"new-{i}", event_time=at(i * 0.01), **NEW_YORK, transaction_id=f"first-{i}")
+        for i in range(50)
+    ]
+    ahead = transaction(
+        2_500, account="clock-ahead", event_time=at(0) + timedelta(days=40), **NEW_YORK, transaction_id="ahead"
+    )
     busy, stop_busy = [], threading.Event()
 
     def keep_partition_1_busy() -> None:  # payments dated at the start: nothing can be released while they come
         while not stop_busy.is_set():
-            busy.append(transaction(2_500, account=f"busy-{len(busy)}", event_time=at(0), **NEW_YORK,
-                                    transaction_id=f"busy-{len(busy)}"))
+            busy.append(
+                transaction(
+                    2_500, account=f"busy-{len(busy)}", event_time=at(0), **NEW_YORK, transaction_id=f"busy-{len(busy)}"
+                )
+            )
             to_partition(1, busy[-1:])
             stop_busy.wait(0.2)
 
@@ -128,22 +167,34 @@ def test_a_payment_dated_40_days_ahead_loses_none_of_the_records_held_on_its_par
     feeder.start()
     try:
         to_partition(0, firsts)
-        wait_until(lambda: detector.detector.metrics.consumed >= len(firsts) + len(busy), timeout_s=60,
-                   what="the first payments read")
+        wait_until(
+            lambda: detector.detector.metrics.consumed >= len(firsts) + len(busy),
+            timeout_s=60,
+            what="the first payments read",
+        )
         to_partition(0, [ahead])
-        wait_until(lambda: detector.detector.metrics.consumed >= len(firsts) + 1 + len(busy) > len(firsts) + 3,
-                   timeout_s=60, what="the payment dated ahead read, and the busy partition after it")
+        wait_until(
+            lambda: detector.detector.metrics.consumed >= len(firsts) + 1 + len(busy) > len(firsts) + 3,
+            timeout_s=60,
+            what="the payment dated ahead read, and the busy partition after it",
+        )
         held_on_0 = len(detector.detector.state.tables(0)["held"])
     finally:
         stop_busy.set()
         feeder.join(10)
     assert held_on_0 == len(firsts) + 1  # the 50 first payments and the one dated ahead, all still owed
     total = len(firsts) + 1 + len(busy)
-    wait_until(lambda: routed_total(pipeline) >= total or not detector.thread.is_alive(), timeout_s=90,
-               what=f"all {total} records routed, the held ones released")
+    wait_until(
+        lambda: routed_total(pipeline) >= total or not detector.thread.is_alive(),
+        timeout_s=90,
+        what=f"all {total} records routed, the held ones released",
+    )
     detector.stop()
     assert detector.error is None, detector.error
-    routed = [decode(pipeline, m.value()) for topic in (pipeline.legit_topic, pipeline.fraud_topic)
-              for m in read_topic(pipeline, topic)]
+    routed = [
+        decode(pipeline, m.value())
+        for topic in (pipeline.legit_topic, pipeline.fraud_topic)
+        for m in read_topic(pipeline, topic)
+    ]
     ids = [r.get("transaction_id") or r["transaction"]["transaction_id"] for r in routed]
     assert sorted(ids) == sorted(t.transaction_id for t in [*firsts, ahead, *busy])  # each once, none lost

@@ -52,13 +52,20 @@ def detector_process(settings: Settings, slot: str) -> DetectorProcess:
     """A detector in the slot `slot` of its group: a transactional id kept across its restarts (a restarted
     detector fences its predecessor), and of the group's own, never shared with another run on the broker
     (a run elsewhere with the same id would fence this one)."""
-    return DetectorProcess(settings, LOGS / f"{slot}-{time.monotonic_ns()}.log",
-                           transactional_id=f"{settings.group_id}-{slot}", log_interval_s=10)
+    return DetectorProcess(
+        settings,
+        LOGS / f"{slot}-{time.monotonic_ns()}.log",
+        transactional_id=f"{settings.group_id}-{slot}",
+        log_interval_s=10,
+    )
 
 
 def make_pipeline(base: Settings, name: str) -> Settings:
-    settings = base.replace(transactions_topic=f"det-{name}-{uuid.uuid4().hex[:8]}",
-                            group_id=f"det-{name}-{uuid.uuid4().hex[:8]}", partitions=3)
+    settings = base.replace(
+        transactions_topic=f"det-{name}-{uuid.uuid4().hex[:8]}",
+        group_id=f"det-{name}-{uuid.uuid4().hex[:8]}",
+        partitions=3,
+    )
     ensure_topics(settings)
     register_all(settings)
     return settings
@@ -118,7 +125,7 @@ def recount(settings: Settings) -> dict[int, KeyedTable]:
         records.sort(key=lambda pair: pair[0])
         table = KeyedTable(CARDS.dtype)
         for first in range(0, len(records), 2_000):  # batches, like the detector's
-            card_features(table, TxColumns.from_records([r for _, r in records[first:first + 2_000]]))
+            card_features(table, TxColumns.from_records([r for _, r in records[first : first + 2_000]]))
         tables[partition] = table
     return tables
 
@@ -160,8 +167,12 @@ def test_same_decisions_uninterrupted_killed_and_rescaled(stack_settings: Settin
     mid_stream = []  # for each kill, grow and shrink: was there input left to decide?
     for kill in range(3):  # kill B each time it has routed another 500 (its state restored, working)
         before = routed_total(killed)
-        wait_until(lambda before=before: progressed(killed, before + 500), timeout_s=120, what=f"B working before kill {kill + 1}",
-                   interval_s=0.05)
+        wait_until(
+            lambda before=before: progressed(killed, before + 500),
+            timeout_s=120,
+            what=f"B working before kill {kill + 1}",
+            interval_s=0.05,
+        )
         mid_stream.append(routed_total(killed) < TOTAL)
         b.kill()
         b = detector_process(killed, "killed")
@@ -171,17 +182,25 @@ def test_same_decisions_uninterrupted_killed_and_rescaled(stack_settings: Settin
         if kill == 1:
             mid_stream.append(routed_total(rescaled) < TOTAL)
             c2.stop_cleanly()  # and shrinks back to one
-    assert all(mid_stream), f"some kills or rescales came after the end of the stream ({mid_stream}): " \
-                            "the test proved less than it says"
+    assert all(mid_stream), (
+        f"some kills or rescales came after the end of the stream ({mid_stream}): the test proved less than it says"
+    )
     sender.join(120)
     for settings, process in ((steady, a), (killed, b), (rescaled, c1)):
         try:
-            wait_until(lambda s=settings: progressed(s, TOTAL), timeout_s=240, what=f"{settings.transactions_topic} routed")
+            wait_until(
+                lambda s=settings: progressed(s, TOTAL), timeout_s=240, what=f"{settings.transactions_topic} routed"
+            )
         except AssertionError as timed_out:
-            outputs = [TopicPartition(t, p) for t in (settings.legit_topic, settings.fraud_topic, settings.dlq_topic)
-                       for p in range(settings.partitions)]
-            raise AssertionError(f"{timed_out}: {routed_total(settings)} of {TOTAL} readable (read_committed); "
-                                 f"{describe_outputs(settings, outputs)}; its detector's log:\n{process.tail(20)}") from None
+            outputs = [
+                TopicPartition(t, p)
+                for t in (settings.legit_topic, settings.fraud_topic, settings.dlq_topic)
+                for p in range(settings.partitions)
+            ]
+            raise AssertionError(
+                f"{timed_out}: {routed_total(settings)} of {TOTAL} readable (read_committed); "
+                f"{describe_outputs(settings, outputs)}; its detector's log:\n{process.tail(20)}"
+            ) from None
     for process in (a, b, c1):
         process.stop_cleanly()
 
@@ -200,8 +219,10 @@ def test_same_decisions_uninterrupted_killed_and_rescaled(stack_settings: Settin
     for settings in (killed, rescaled):
         got = decisions(settings)
         differing = [tid for tid in expected if got.get(tid) != expected[tid]]
-        assert not differing, (f"{len(differing)} of {TOTAL} decided differently in {settings.transactions_topic}, "
-                               f"e.g. {differing[0]}: {expected[differing[0]]} vs {got.get(differing[0])}")
+        assert not differing, (
+            f"{len(differing)} of {TOTAL} decided differently in {settings.transactions_topic}, "
+            f"e.g. {differing[0]}: {expected[differing[0]]} vs {got.get(differing[0])}"
+        )
 
     # The killed run's changelog holds exactly what a recount from the input gives: every state change
     # applied once, none lost, none counted twice.

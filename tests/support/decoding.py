@@ -36,18 +36,36 @@ class FakeMessage:
     def __init__(self, value, key=b"acc", offset=0, headers=None):
         self._value, self._key, self._offset, self._headers = value, key, offset, headers
 
-    def value(self): return self._value
-    def key(self): return self._key
-    def topic(self): return "transactions"
-    def partition(self): return 0
-    def offset(self): return self._offset
-    def headers(self): return self._headers
+    def value(self):
+        return self._value
+
+    def key(self):
+        return self._key
+
+    def topic(self):
+        return "transactions"
+
+    def partition(self):
+        return 0
+
+    def offset(self):
+        return self._offset
+
+    def headers(self):
+        return self._headers
 
 
 class FakeRegistry:
     def __init__(self, schemas: dict[int, dict] | None = None):
-        self.schemas = schemas if schemas is not None else {
-            TRANSACTION_ID: SCHEMAS.expanded["Transaction"], V1_ID: TRANSACTION_V1, LABEL_ID: SCHEMAS.expanded["Label"]}
+        self.schemas = (
+            schemas
+            if schemas is not None
+            else {
+                TRANSACTION_ID: SCHEMAS.expanded["Transaction"],
+                V1_ID: TRANSACTION_V1,
+                LABEL_ID: SCHEMAS.expanded["Label"],
+            }
+        )
         self.calls = 0
 
     def schema_by_id(self, schema_id: int) -> dict:
@@ -59,9 +77,15 @@ class FakeRegistry:
 
 def record_wise_decider(registry: FakeRegistry | None = None, *, reject_trailing_bytes: bool = True) -> Decider:
     decoder = Decoder(registry or FakeRegistry(), SCHEMAS.expanded["Transaction"])
-    return Decider(decoder, rules_from_settings(SETTINGS), legit_schema_id=TRANSACTION_ID,
-                   legit_schema=SCHEMAS.parsed["Transaction"], fraud_schema_id=FRAUD_ID,
-                   fraud_schema=SCHEMAS.parsed["FraudAlert"], reject_trailing_bytes=reject_trailing_bytes)
+    return Decider(
+        decoder,
+        rules_from_settings(SETTINGS),
+        legit_schema_id=TRANSACTION_ID,
+        legit_schema=SCHEMAS.parsed["Transaction"],
+        fraud_schema_id=FRAUD_ID,
+        fraud_schema=SCHEMAS.parsed["FraudAlert"],
+        reject_trailing_bytes=reject_trailing_bytes,
+    )
 
 
 def decider_pair(*, reject_trailing_bytes: bool = True) -> tuple[Decider, ColumnarDecider]:
@@ -72,9 +96,21 @@ def decider_pair(*, reject_trailing_bytes: bool = True) -> tuple[Decider, Column
 
 
 def make_tx(amount_cents: int = 5, **changes) -> Transaction:
-    fields = dict(transaction_id="t-1", account_id="acc", card_id="c", merchant_id="m", merchant_category="5411",
-                  terminal_id="term", amount_cents=amount_cents, event_time=datetime(2026, 1, 1, tzinfo=UTC),
-                  channel="ONLINE", country="US", city="Austin", latitude=30.2, longitude=-97.7)
+    fields = dict(
+        transaction_id="t-1",
+        account_id="acc",
+        card_id="c",
+        merchant_id="m",
+        merchant_category="5411",
+        terminal_id="term",
+        amount_cents=amount_cents,
+        event_time=datetime(2026, 1, 1, tzinfo=UTC),
+        channel="ONLINE",
+        country="US",
+        city="Austin",
+        latitude=30.2,
+        longitude=-97.7,
+    )
     fields.update(changes)
     return Transaction(**fields)
 
@@ -95,7 +131,7 @@ def messages_of(values: Iterable[bytes | None]) -> list[FakeMessage]:
 # ----- mutations of a valid encoding -----
 # Bytes that hit the decoders' edges: zigzag -1 and -2 (negative enum/union index or length), a
 # continuation byte (longer varints), 0xff (invalid UTF-8, huge varints), NUL.
-SPECIAL_BYTES = (0x00, 0x01, 0x02, 0x03, 0x0a, 0x7f, 0x80, 0xc0, 0xed, 0xf4, 0xfe, 0xff)
+SPECIAL_BYTES = (0x00, 0x01, 0x02, 0x03, 0x0A, 0x7F, 0x80, 0xC0, 0xED, 0xF4, 0xFE, 0xFF)
 
 
 def mutate(payload: bytes, rng: random.Random) -> bytes:
@@ -112,7 +148,7 @@ def mutate(payload: bytes, rng: random.Random) -> bytes:
     elif op == 3:  # insert bytes
         data[position:position] = bytes(rng.choice(SPECIAL_BYTES) for _ in range(rng.randint(1, 3)))
     elif op == 4:  # delete bytes
-        del data[position:position + rng.randint(1, 3)]
+        del data[position : position + rng.randint(1, 3)]
     elif op == 5:  # truncate
         del data[position:]
     elif op == 6:  # extend
@@ -120,7 +156,7 @@ def mutate(payload: bytes, rng: random.Random) -> bytes:
     elif op == 7:  # a run of continuation bytes: an over-long or huge integer
         data[position:position] = b"\x80" * rng.randint(1, 10)
     else:  # overwrite a run with 0xff
-        data[position:position + rng.randint(1, 4)] = b"\xff" * rng.randint(1, 4)
+        data[position : position + rng.randint(1, 4)] = b"\xff" * rng.randint(1, 4)
     return bytes(data)
 
 
@@ -153,13 +189,15 @@ class FuzzResult:
     accepted_current: int  # records accepted with the current schema id: what Arrow should have decoded
 
 
-def disagreements(values: list[bytes | None], *, batch_size: int = 500, reject_trailing_bytes: bool = True) -> FuzzResult:
+def disagreements(
+    values: list[bytes | None], *, batch_size: int = 500, reject_trailing_bytes: bool = True
+) -> FuzzResult:
     """Decide the values with both deciders, in batches, and compare."""
     record_wise, columnar = decider_pair(reject_trailing_bytes=reject_trailing_bytes)
     result = FuzzResult([], columnar, Counter(), 0)
     current = TRANSACTION_ID.to_bytes(4, "big")
     for start in range(0, len(values), batch_size):
-        messages = messages_of(values[start:start + batch_size])
+        messages = messages_of(values[start : start + batch_size])
         expected = record_wise.decide(messages)
         actual = columnar.decide(messages)
         for message, want, got in zip(messages, expected, actual, strict=True):
@@ -172,19 +210,25 @@ def disagreements(values: list[bytes | None], *, batch_size: int = 500, reject_t
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Fuzz: do the columnar and record-wise deciders agree on mutated records?")
+    parser = argparse.ArgumentParser(
+        description="Fuzz: do the columnar and record-wise deciders agree on mutated records?"
+    )
     parser.add_argument("--records", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     values = mutated_values(args.records, args.seed)
     for strict in (True, False):
         result = disagreements(values, reject_trailing_bytes=strict)
-        print(f"reject_trailing_bytes={strict}: {len(result.found)} disagreements in {len(values)} mutated records; "
-              f"decisions {dict(result.tally.most_common())}; accepted with the current schema "
-              f"{result.accepted_current}; columnar counts {dict(result.columnar.counts)}")
+        print(
+            f"reject_trailing_bytes={strict}: {len(result.found)} disagreements in {len(values)} mutated records; "
+            f"decisions {dict(result.tally.most_common())}; accepted with the current schema "
+            f"{result.accepted_current}; columnar counts {dict(result.columnar.counts)}"
+        )
         for value, want, got in result.found[:10]:
-            print(f"  {value.hex()}: record-wise {want.route.name}/{want.dead_letter_kind}, "
-                  f"columnar {got.route.name}/{got.dead_letter_kind}")
+            print(
+                f"  {value.hex()}: record-wise {want.route.name}/{want.dead_letter_kind}, "
+                f"columnar {got.route.name}/{got.dead_letter_kind}"
+            )
 
 
 if __name__ == "__main__":

@@ -24,15 +24,37 @@ STUCK_CALL_EXIT = "!\nThread 0x"
 
 
 class DetectorProcess:
-    def __init__(self, settings: Settings, log_path: Path, *, transactional_id: str | None = None,
-                 log_interval_s: float = 2, stateless: bool = False, supervised: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        log_path: Path,
+        *,
+        transactional_id: str | None = None,
+        log_interval_s: float = 2,
+        stateless: bool = False,
+        supervised: bool = False,
+    ) -> None:
         """`transactional_id`: default <group id>-1, one detector slot of the group. `supervised`: restarted
         (same ids, same log) if librdkafka aborts it (LIBRDKAFKA_ABORT); `restarts` counts them."""
-        self.env = {**os.environ, ENV["bootstrap_servers"]: settings.bootstrap_servers,
-                    ENV["schema_registry_url"]: settings.schema_registry_url}
-        self.argv = [sys.executable, "-m", "fraudstream.consumer", "--topic", settings.transactions_topic,
-                     "--group-id", settings.group_id, "--transactional-id", transactional_id or f"{settings.group_id}-1",
-                     "--log-interval", f"{log_interval_s:g}", *(["--stateless"] if stateless else [])]
+        self.env = {
+            **os.environ,
+            ENV["bootstrap_servers"]: settings.bootstrap_servers,
+            ENV["schema_registry_url"]: settings.schema_registry_url,
+        }
+        self.argv = [
+            sys.executable,
+            "-m",
+            "fraudstream.consumer",
+            "--topic",
+            settings.transactions_topic,
+            "--group-id",
+            settings.group_id,
+            "--transactional-id",
+            transactional_id or f"{settings.group_id}-1",
+            "--log-interval",
+            f"{log_interval_s:g}",
+            *(["--stateless"] if stateless else []),
+        ]
         self.log_path = log_path
         self.supervised = supervised
         self.restarts = 0
@@ -80,8 +102,9 @@ class DetectorProcess:
             log.seek(self._log_start)
             output = log.read()
         code = self.process.returncode
-        return ((code == -signal.SIGABRT and LIBRDKAFKA_ABORT in output)
-                or (code == 1 and "Timeout (" in output and STUCK_CALL_EXIT in output))
+        return (code == -signal.SIGABRT and LIBRDKAFKA_ABORT in output) or (
+            code == 1 and "Timeout (" in output and STUCK_CALL_EXIT in output
+        )
 
     def kill(self) -> None:
         """kill -9: no shutdown of any kind."""

@@ -18,17 +18,33 @@ def transaction(amount_cents: int, *, account: str = "acc-1", **overrides) -> Tr
     # A terminal of the account's own: many accounts' cards at one terminal within minutes is what the
     # compromised_terminal rule looks for, so a test that wants it says so.
     fields = dict(
-        transaction_id=str(uuid.uuid4()), account_id=account, card_id=f"card-{account}", merchant_id="m-1",
-        merchant_category="5411", terminal_id=f"t-{account}", amount_cents=amount_cents, currency="USD",
-        event_time=datetime.now(timezone.utc), channel="CARD_PRESENT", country="US", city="Springfield",
-        latitude=39.8, longitude=-89.6, device_id=None,
+        transaction_id=str(uuid.uuid4()),
+        account_id=account,
+        card_id=f"card-{account}",
+        merchant_id="m-1",
+        merchant_category="5411",
+        terminal_id=f"t-{account}",
+        amount_cents=amount_cents,
+        currency="USD",
+        event_time=datetime.now(timezone.utc),
+        channel="CARD_PRESENT",
+        country="US",
+        city="Springfield",
+        latitude=39.8,
+        longitude=-89.6,
+        device_id=None,
     )
     fields.update(overrides)
     return Transaction(**fields)
 
 
-def produce_raw(settings: Settings, topic: str, records: Iterable[tuple[bytes | None, bytes | None]],
-                headers=None, partition: int | None = None) -> int:
+def produce_raw(
+    settings: Settings,
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes | None]],
+    headers=None,
+    partition: int | None = None,
+) -> int:
     producer = Producer(producer_config(settings))
     count = 0
     where = {} if partition is None else {"partition": partition}

@@ -38,13 +38,20 @@ def field_bytes(tx: Transaction, *, v1: bool = False) -> dict[str, bytes]:
     """Each field's canonical Avro encoding, in schema order (v1 has no device_id)."""
     millis = (tx.event_time - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
     fields = {
-        "transaction_id": string(tx.transaction_id.encode()), "account_id": string(tx.account_id.encode()),
-        "card_id": string(tx.card_id.encode()), "merchant_id": string(tx.merchant_id.encode()),
-        "merchant_category": string(tx.merchant_category.encode()), "terminal_id": string(tx.terminal_id.encode()),
-        "amount_cents": varint(tx.amount_cents), "currency": string(tx.currency.encode()),
-        "event_time": varint(millis), "channel": varint(CHANNELS.index(tx.channel)),
-        "country": string(tx.country.encode()), "city": string(tx.city.encode()),
-        "latitude": struct.pack("<d", tx.latitude), "longitude": struct.pack("<d", tx.longitude),
+        "transaction_id": string(tx.transaction_id.encode()),
+        "account_id": string(tx.account_id.encode()),
+        "card_id": string(tx.card_id.encode()),
+        "merchant_id": string(tx.merchant_id.encode()),
+        "merchant_category": string(tx.merchant_category.encode()),
+        "terminal_id": string(tx.terminal_id.encode()),
+        "amount_cents": varint(tx.amount_cents),
+        "currency": string(tx.currency.encode()),
+        "event_time": varint(millis),
+        "channel": varint(CHANNELS.index(tx.channel)),
+        "country": string(tx.country.encode()),
+        "city": string(tx.city.encode()),
+        "latitude": struct.pack("<d", tx.latitude),
+        "longitude": struct.pack("<d", tx.longitude),
     }
     if not v1:
         fields["device_id"] = b"\x00" if tx.device_id is None else b"\x02" + string(tx.device_id.encode())
@@ -58,15 +65,18 @@ def field_payload(tx: Transaction, *, v1: bool = False, **replaced: bytes) -> by
     return b"".join(replaced.get(name, raw) for name, raw in fields.items())
 
 
-def corpus(tx: Transaction, *, encode: Encoder, encode_v1: Encoder, encode_label: Encoder,
-           unknown_id: int = 987_654_321) -> dict[str, tuple[bytes | None, str]]:
+def corpus(
+    tx: Transaction, *, encode: Encoder, encode_v1: Encoder, encode_label: Encoder, unknown_id: int = 987_654_321
+) -> dict[str, tuple[bytes | None, str]]:
     """name -> (record value, dead-letter kind). `tx` must be a valid, legit transaction with device_id None."""
     good = encode(tx.to_dict())
     header = good[:5]
     v1_record = {k: v for k, v in tx.to_dict().items() if k != "device_id"}
     v1_good = encode_v1(v1_record)
     v1_header = v1_good[:5]
-    assert good[5:] == field_payload(tx) and v1_good[5:] == field_payload(tx, v1=True), "the corpus builder drifted from the schema"
+    assert good[5:] == field_payload(tx) and v1_good[5:] == field_payload(tx, v1=True), (
+        "the corpus builder drifted from the schema"
+    )
 
     def current(**replaced: bytes) -> bytes:
         return header + field_payload(tx, **replaced)
@@ -86,8 +96,10 @@ def corpus(tx: Transaction, *, encode: Encoder, encode_v1: Encoder, encode_label
         "truncated_schema_guid": (b"\x01" + bytes(range(10)), "bad_schema_guid"),
         "truncated_header": (b"\x00\x00\x01", "truncated_header"),
         "unknown_schema_id": (b"\x00" + unknown_id.to_bytes(4, "big") + good[5:], "unknown_schema_id"),
-        "other_record_type": (encode_label({"transaction_id": "x", "is_fraud": False, "scenario": "legit"}),
-                              "schema_mismatch"),
+        "other_record_type": (
+            encode_label({"transaction_id": "x", "is_fraud": False, "scenario": "legit"}),
+            "schema_mismatch",
+        ),
         "header_only": (header, "corrupt_avro"),
         # structure
         "truncated_avro": (good[: len(good) // 2], "corrupt_avro"),
@@ -101,8 +113,10 @@ def corpus(tx: Transaction, *, encode: Encoder, encode_v1: Encoder, encode_label
         "union_index_out_of_range": (current(device_id=varint(2)), "corrupt_avro"),
         "union_index_negative": (current(device_id=varint(-1) + string(b"dev")), "noncanonical_avro"),
         "varint_11_bytes": (current(amount_cents=b"\xd0\x8f" + b"\x80" * 8 + b"\x00"), "noncanonical_avro"),
-        "varint_overlong": (current(amount_cents=varint(tx.amount_cents)[:-1]
-                                    + bytes([varint(tx.amount_cents)[-1] | 0x80, 0x00])), "noncanonical_avro"),
+        "varint_overlong": (
+            current(amount_cents=varint(tx.amount_cents)[:-1] + bytes([varint(tx.amount_cents)[-1] | 0x80, 0x00])),
+            "noncanonical_avro",
+        ),
         "varint_10th_byte_overflow": (current(amount_cents=b"\xfe" + b"\xff" * 8 + b"\x7f"), "noncanonical_avro"),
         "trailing_bytes": (good + b"extra", "trailing_bytes"),
         "trailing_zero_byte": (good + b"\x00", "trailing_bytes"),
@@ -118,7 +132,7 @@ def corpus(tx: Transaction, *, encode: Encoder, encode_v1: Encoder, encode_label
         "timestamp_year_33000": (current(event_time=varint(YEAR_33000_MS)), "corrupt_avro"),
         "timestamp_after_9999": (current(event_time=varint(253_402_300_800_000)), "corrupt_avro"),
         "timestamp_before_year_1": (current(event_time=varint(-62_135_596_800_001)), "corrupt_avro"),
-        "timestamp_int64_min": (current(event_time=varint(-2**63)), "corrupt_avro"),
+        "timestamp_int64_min": (current(event_time=varint(-(2**63))), "corrupt_avro"),
         # values
         "negative_amount": (current(amount_cents=varint(-5)), "invalid_record"),
         "not_usd": (current(currency=string(b"EUR")), "invalid_record"),
@@ -131,4 +145,3 @@ def corpus(tx: Transaction, *, encode: Encoder, encode_v1: Encoder, encode_label
         "v1_trailing_bytes": (v1_good + b"\x02", "trailing_bytes"),
     }
     return cases
-

@@ -60,8 +60,13 @@ def own_registry(settings: Settings, folder: Path) -> LocalStack:
     its own; `stop_registry()` ends it. Its URL: `.registry_url`."""
     base = free_port_block(2)
     kafka_port = int(settings.bootstrap_servers.split(",")[0].rpartition(":")[2])
-    stack = LocalStack(settings.replace(stack_dir=folder, kafka_port=kafka_port, registry_port=base,
-                                        registry_management_port=base + 1),
-                       log=lambda *_: None, dist=shared_dist(), registry_namespace=f"registry-{uuid.uuid4().hex[:8]}")
+    stack = LocalStack(
+        settings.replace(
+            stack_dir=folder, kafka_port=kafka_port, registry_port=base, registry_management_port=base + 1
+        ),
+        log=lambda *_: None,
+        dist=shared_dist(),
+        registry_namespace=f"registry-{uuid.uuid4().hex[:8]}",
+    )
     stack.start_registry()
     return stack

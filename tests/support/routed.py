@@ -21,8 +21,9 @@ class RoutedReader:
         test fails at once rather than wait for output that will never come."""
         self.settings = settings
         self.check = check
-        self.consumer = Consumer(consumer_config(settings, f"routed-reader-{uuid.uuid4().hex[:8]}",
-                                                 **{"isolation.level": "read_committed"}))
+        self.consumer = Consumer(
+            consumer_config(settings, f"routed-reader-{uuid.uuid4().hex[:8]}", **{"isolation.level": "read_committed"})
+        )
         topics = (settings.legit_topic, settings.fraud_topic, settings.dlq_topic)
         metadata = self.consumer.list_topics(timeout=30).topics
         self.partitions = [TopicPartition(t, p, 0) for t in topics for p in metadata[t].partitions]
@@ -51,8 +52,9 @@ class RoutedReader:
     def wait_for(self, total: int, *, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
         while self.total < total:
-            assert time.monotonic() < deadline, (f"timed out waiting for {what}: {self.total} of {total} routed; "
-                                                 f"{self.describe()}")
+            assert time.monotonic() < deadline, (
+                f"timed out waiting for {what}: {self.total} of {total} routed; {self.describe()}"
+            )
             self.read()
 
     def describe(self) -> str:
@@ -79,8 +81,9 @@ class RoutedReader:
         asker, last_error = self.consumer, None
         while True:
             try:
-                return {(tp.topic, tp.partition): asker.get_watermark_offsets(tp, timeout=10)[1]
-                        for tp in self.partitions}
+                return {
+                    (tp.topic, tp.partition): asker.get_watermark_offsets(tp, timeout=10)[1] for tp in self.partitions
+                }
             except KafkaException as exc:
                 last_error = exc.args[0].str()
             finally:
@@ -113,9 +116,12 @@ def describe_outputs(settings: Settings, partitions: list[TopicPartition], read_
     """Each output partition's last stable offset and high watermark as the leaders say now (and how far a
     reader got): tells a reader that stopped fetching from a transaction left open."""
     client = admin(settings)
-    asked = {level: client.list_offsets({tp: OffsetSpec.latest() for tp in partitions}, isolation_level=level,
-                                        request_timeout=10)
-             for level in (IsolationLevel.READ_COMMITTED, IsolationLevel.READ_UNCOMMITTED)}
+    asked = {
+        level: client.list_offsets(
+            {tp: OffsetSpec.latest() for tp in partitions}, isolation_level=level, request_timeout=10
+        )
+        for level in (IsolationLevel.READ_COMMITTED, IsolationLevel.READ_UNCOMMITTED)
+    }
     parts = []
     for tp in partitions:
         try:

@@ -9,8 +9,13 @@ from hypothesis import strategies as st
 from fraudstream.consumer.features import CHANNELS
 from fraudstream.consumer.rules import PARAMETER_BOUNDS
 
-ANY_VALUE = st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats() | st.text(max_size=5) \
-    | st.lists(st.text(max_size=4), max_size=2)  # whatever a parameter map in rule.avsc can carry
+ANY_VALUE = (
+    st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats()
+    | st.text(max_size=5)
+    | st.lists(st.text(max_size=4), max_size=2)
+)  # whatever a parameter map in rule.avsc can carry
 
 
 def parameter_values(key: str):
@@ -18,8 +23,11 @@ def parameter_values(key: str):
     else just past a bound, or of any type."""
     bound = PARAMETER_BOUNDS[key]
     if bound.type is list:
-        items = (st.sampled_from([*CHANNELS, "x"]) if key == "channels"
-                 else st.sampled_from(["5411", "5815", "0000", "9999", "²²²²", "٥٤١١", "541"]))  # digits int() refuses
+        items = (
+            st.sampled_from([*CHANNELS, "x"])
+            if key == "channels"
+            else st.sampled_from(["5411", "5815", "0000", "9999", "²²²²", "٥٤١١", "541"])
+        )  # digits int() refuses
         within = st.lists(items, max_size=3)
         past = st.lists(st.text(max_size=4), min_size=1, max_size=2)
     elif bound.type is bool:

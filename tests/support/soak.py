@@ -46,11 +46,19 @@ from fraudstream.stack import pid_alive
 from tests.support.detector_process import DetectorProcess
 from tests.support.own_stack import own_registry, start_kafka
 
-FAULTS = ("detector_kill", "detector_freeze", "broker_kill", "broker_freeze", "registry_kill", "scale",
-          "rules_change", "bad_records")
+FAULTS = (
+    "detector_kill",
+    "detector_freeze",
+    "broker_kill",
+    "broker_freeze",
+    "registry_kill",
+    "scale",
+    "rules_change",
+    "bad_records",
+)
 SLOTS = (1, 2, 3)  # detector slots: transactional ids <group>-1 .. -3
 SPEEDUP = 60.0  # event time runs a minute per second: cards pay, terminals fill and held records fall due
-WAIT_S = 300.0  # the longest any step may take on a busy 2-core machine
+WAIT_S = 600.0  # the longest any step may take on a busy 2-core machine
 
 
 @dataclass
@@ -83,8 +91,12 @@ class SoakRun:
         try:
             registry = own_registry(kafka, self.out / "registry")
             name = f"soak-{uuid.uuid4().hex[:8]}"
-            self.settings = kafka.replace(schema_registry_url=registry.registry_url, transactions_topic=name,
-                                          group_id=name, partitions=self.partitions)
+            self.settings = kafka.replace(
+                schema_registry_url=registry.registry_url,
+                transactions_topic=name,
+                group_id=name,
+                partitions=self.partitions,
+            )
             ensure_topics(self.settings)
             register_all(self.settings)
             self.stack, self.registry = stack, registry
@@ -106,9 +118,20 @@ class SoakRun:
         self._start_detector(1)
         stop_producing = threading.Event()
         produced: list = []
-        producer = threading.Thread(target=lambda: produced.append(produce(
-            s, rate=self.rate, stop=stop_producing, seed=self.seed, labels=True, speedup=SPEEDUP,
-            delivery_timeout_s=WAIT_S)), daemon=True)
+        producer = threading.Thread(
+            target=lambda: produced.append(
+                produce(
+                    s,
+                    rate=self.rate,
+                    stop=stop_producing,
+                    seed=self.seed,
+                    labels=True,
+                    speedup=SPEEDUP,
+                    delivery_timeout_s=WAIT_S,
+                )
+            ),
+            daemon=True,
+        )
         started = time.monotonic()
         producer.start()
         end = started + self.minutes * 60
@@ -140,15 +163,17 @@ class SoakRun:
 
     def _start_detector(self, slot: int) -> None:
         s = self.settings
-        self.detectors[slot] = DetectorProcess(s, self.out / f"detector-{slot}.log", transactional_id=f"{s.group_id}-{slot}",
-                                               supervised=False)
+        self.detectors[slot] = DetectorProcess(
+            s, self.out / f"detector-{slot}.log", transactional_id=f"{s.group_id}-{slot}", supervised=False
+        )
 
     def _keep_detectors_running(self) -> None:
         """A detector that ended by itself is restarted, and counted: the target is none."""
         for slot, detector in self.detectors.items():
             if detector.process.poll() is not None and slot not in self._frozen:
-                self.restarted_from_outside.append(f"slot {slot} exited ({detector.process.returncode}): "
-                                                   f"{detector.tail(6)}")
+                self.restarted_from_outside.append(
+                    f"slot {slot} exited ({detector.process.returncode}): {detector.tail(6)}"
+                )
                 self._log(f"detector {slot} exited by itself ({detector.process.returncode}): restarted")
                 detector._start()
 
@@ -194,7 +219,13 @@ class SoakRun:
         os.kill(pid, signal.SIGKILL)
         _wait_dead(pid)
         time.sleep(rng.uniform(1, 5))
-        _again(self.registry.start_registry, what="restarting the registry")  # its port may still be held a moment
+        _again(
+            self.registry.start_registry,
+            what="restarting the registry",
+            # A registry that came up broken (Apicurio's storage failed to start while a broker was away: it
+            # answers 500) is stopped and started again, as a supervisor's liveness probe would.
+            on_failure=self.registry.stop_registry,
+        )
         return f"pid {pid}"
 
     def _scale(self, rng: random.Random) -> str:
@@ -208,10 +239,31 @@ class SoakRun:
 
     def _rules_change(self, rng: random.Random) -> str:
         s = self.settings
-        env = {**os.environ, ENV["bootstrap_servers"]: s.bootstrap_servers, ENV["schema_registry_url"]: s.schema_registry_url}
-        done = subprocess.run([sys.executable, "-m", "fraudstream.cli", "rules", "set", str(PROJECT_ROOT / "rules" / "default.toml"),
-                               "--topic", s.transactions_topic, "--author", "soak", "--comment", "the same rules, again"],
-                              env=env, capture_output=True, text=True, timeout=120)
+        env = {
+            **os.environ,
+            ENV["bootstrap_servers"]: s.bootstrap_servers,
+            ENV["schema_registry_url"]: s.schema_registry_url,
+        }
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fraudstream.cli",
+                "rules",
+                "set",
+                str(PROJECT_ROOT / "rules" / "default.toml"),
+                "--topic",
+                s.transactions_topic,
+                "--author",
+                "soak",
+                "--comment",
+                "the same rules, again",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if done.returncode != 0:  # the registry or a broker may be down just then: the schedule goes on
             self.skipped.append(f"rules change: {done.stderr.strip()[-300:]}")
             return f"refused ({done.stderr.strip()[-120:]})"
@@ -230,9 +282,11 @@ class SoakRun:
         """Records in the input (its end offsets: the producer's writes are not transactional)."""
         consumer = Consumer(consumer_config(s, f"soak-count-{uuid.uuid4().hex[:6]}"))
         try:
-            return sum(consumer.get_watermark_offsets(TopicPartition(s.transactions_topic, p), timeout=30)[1]
-                       - consumer.get_watermark_offsets(TopicPartition(s.transactions_topic, p), timeout=30)[0]
-                       for p in range(s.partitions))
+            return sum(
+                consumer.get_watermark_offsets(TopicPartition(s.transactions_topic, p), timeout=30)[1]
+                - consumer.get_watermark_offsets(TopicPartition(s.transactions_topic, p), timeout=30)[0]
+                for p in range(s.partitions)
+            )
         finally:
             consumer.close()
 
@@ -256,8 +310,9 @@ class SoakRun:
     def _check(self) -> dict:
         """The uninterrupted run over a copy of the input, then the independent checker."""
         s = self.settings
-        copy = s.replace(transactions_topic=f"{s.transactions_topic}-uninterrupted",
-                         group_id=f"{s.group_id}-uninterrupted")
+        copy = s.replace(
+            transactions_topic=f"{s.transactions_topic}-uninterrupted", group_id=f"{s.group_id}-uninterrupted"
+        )
         ensure_topics(copy)
         register_all(copy)
         copied = _copy_topic(s, s.transactions_topic, copy.transactions_topic)
@@ -265,16 +320,38 @@ class SoakRun:
         baseline = DetectorProcess(copy, self.out / "detector-uninterrupted.log", transactional_id=f"{copy.group_id}-1")
         self._wait_routed(copy, expected=copied, detectors=baseline.assert_running)
         baseline.terminate()
-        checker = [sys.executable, str(Path(__file__).with_name("soak_checker.py")), "--bootstrap", s.bootstrap_servers,
-                   "--registry", s.schema_registry_url, "--input", s.transactions_topic, "--group", s.group_id,
-                   "--baseline-input", copy.transactions_topic, "--baseline-group", copy.group_id,
-                   "--out", str(self.out / "checker.json")]
+        checker = [
+            sys.executable,
+            str(Path(__file__).with_name("soak_checker.py")),
+            "--bootstrap",
+            s.bootstrap_servers,
+            "--registry",
+            s.schema_registry_url,
+            "--input",
+            s.transactions_topic,
+            "--group",
+            s.group_id,
+            "--baseline-input",
+            copy.transactions_topic,
+            "--baseline-group",
+            copy.group_id,
+            "--out",
+            str(self.out / "checker.json"),
+        ]
         subprocess.run(checker, capture_output=True, text=True, timeout=900)
         found = json.loads((self.out / "checker.json").read_text())
-        return {**found, "ok": found["ok"] and not self.restarted_from_outside,
-                "restarted_from_outside": len(self.restarted_from_outside), "restarts": self.restarted_from_outside,
-                "events": [e.__dict__ for e in self.events], "skipped": self.skipped,
-                "brokers": self.brokers, "minutes": self.minutes, "seed": self.seed, "rate": self.rate}
+        return {
+            **found,
+            "ok": found["ok"] and not self.restarted_from_outside,
+            "restarted_from_outside": len(self.restarted_from_outside),
+            "restarts": self.restarted_from_outside,
+            "events": [e.__dict__ for e in self.events],
+            "skipped": self.skipped,
+            "brokers": self.brokers,
+            "minutes": self.minutes,
+            "seed": self.seed,
+            "rate": self.rate,
+        }
 
     def _log(self, line: str) -> None:
         print(f"soak: {line}", flush=True)
@@ -298,8 +375,14 @@ def _copy_topic(settings: Settings, source: str, target: str) -> int:
                 for message in consumer.consume(5_000, 1.0):
                     if message.error() is not None:
                         continue
-                    producer.produce(target, message.value(), message.key(), partition=partition,
-                                     headers=message.headers(), timestamp=message.timestamp()[1])
+                    producer.produce(
+                        target,
+                        message.value(),
+                        message.key(),
+                        partition=partition,
+                        headers=message.headers(),
+                        timestamp=message.timestamp()[1],
+                    )
                     producer.poll(0)
                     copied += 1
                     position = message.offset() + 1
@@ -309,7 +392,7 @@ def _copy_topic(settings: Settings, source: str, target: str) -> int:
     return copied
 
 
-def _again(start, *, what: str) -> None:
+def _again(start, *, what: str, on_failure=lambda: None) -> None:
     """A restart the machine's load can make fail (a port still held, a start slower than its timeout): tried again
     until WAIT_S; the soak is about the pipeline, not about how fast a JVM starts on a busy machine."""
     from fraudstream.errors import StackError
@@ -323,6 +406,7 @@ def _again(start, *, what: str) -> None:
             if time.monotonic() > deadline:
                 raise
             print(f"soak: {what} failed ({exc}); trying again", flush=True)
+            on_failure()
             time.sleep(2)
 
 
@@ -344,10 +428,20 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or PROJECT_ROOT / ".soak" / f"{args.seed}-{args.brokers}b"
     report = SoakRun(out, args.minutes, args.brokers, args.seed, args.rate).run()
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    keys = ("input_records", "routed", "lost", "duplicated", "unreadable", "held_live", "decisions_differ",
-            "restarted_from_outside")
-    print("soak: " + ", ".join(f"{key} {report.get(key)}" for key in keys) + f"; {len(report['events'])} faults; "
-          f"evidence in {out}" + ("" if report["ok"] else " (FAILED)"))
+    keys = (
+        "input_records",
+        "routed",
+        "lost",
+        "duplicated",
+        "unreadable",
+        "held_live",
+        "decisions_differ",
+        "restarted_from_outside",
+    )
+    print(
+        "soak: " + ", ".join(f"{key} {report.get(key)}" for key in keys) + f"; {len(report['events'])} faults; "
+        f"evidence in {out}" + ("" if report["ok"] else " (FAILED)")
+    )
     return 0 if report["ok"] else 1
 
 

@@ -57,9 +57,15 @@ class Schemas:
 
 def read_all(bootstrap: str, topic: str, *, timeout_s: float = 300.0) -> list:
     """Every committed record of the topic, from each partition's start to its end when the read began."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"soak-checker-{uuid.uuid4().hex[:8]}",
-                         "enable.auto.commit": False, "isolation.level": "read_committed",
-                         "auto.offset.reset": "earliest"})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"soak-checker-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "auto.offset.reset": "earliest",
+        }
+    )
     try:
         metadata = consumer.list_topics(topic, timeout=30).topics[topic]
         if metadata.error is not None:
@@ -91,11 +97,18 @@ def routed(bootstrap: str, schemas: Schemas, input_topic: str) -> tuple[dict[str
                 rules = tuple(sorted(record["rules"])) if route == "fraud" else ()
                 outputs.setdefault(tx["transaction_id"], []).append((route, rules))
             except (ValueError, KeyError, TypeError) as exc:
-                unreadable.append({"topic": message.topic(), "partition": message.partition(),
-                                   "offset": message.offset(), "reason": str(exc)})
+                unreadable.append(
+                    {
+                        "topic": message.topic(),
+                        "partition": message.partition(),
+                        "offset": message.offset(),
+                        "reason": str(exc),
+                    }
+                )
     for message in read_all(bootstrap, f"{input_topic}.dlq"):
         outputs.setdefault(f"dlq:{(message.key() or b'').hex()}:{(message.value() or b'').hex()[:64]}", []).append(
-            ("dlq", ()))
+            ("dlq", ())
+        )
     return outputs, unreadable
 
 
@@ -121,8 +134,15 @@ def live_held_rows(bootstrap: str, changelog: str) -> list[str]:
     return sorted(key.hex() for key, live in last.items() if live)
 
 
-def check(bootstrap: str, registry: str, input_topic: str, group: str, *, baseline_input: str | None = None,
-          baseline_group: str | None = None) -> dict[str, Any]:
+def check(
+    bootstrap: str,
+    registry: str,
+    input_topic: str,
+    group: str,
+    *,
+    baseline_input: str | None = None,
+    baseline_group: str | None = None,
+) -> dict[str, Any]:
     schemas = Schemas(registry)
     sent, where = inputs(bootstrap, schemas, input_topic)
     outputs, unreadable = routed(bootstrap, schemas, input_topic)
@@ -130,22 +150,33 @@ def check(bootstrap: str, registry: str, input_topic: str, group: str, *, baseli
     duplicated = [tid for tid, out in outputs.items() if len(out) > sent.get(tid, 0)]
     held = live_held_rows(bootstrap, f"{group}.{input_topic}.held.changelog")
     report: dict[str, Any] = {
-        "input_records": sum(sent.values()), "routed": sum(len(o) for o in outputs.values()),
+        "input_records": sum(sent.values()),
+        "routed": sum(len(o) for o in outputs.values()),
         "routes": dict(Counter(route for out in outputs.values() for route, _ in out)),
-        "lost": len(lost), "duplicated": len(duplicated), "unreadable": len(unreadable), "held_live": len(held),
-        "examples": {"lost": [{"id": t, "input": where.get(t)} for t in lost[:EXAMPLES]],
-                     "duplicated": [{"id": t, "outputs": outputs[t]} for t in duplicated[:EXAMPLES]],
-                     "unreadable": unreadable[:EXAMPLES], "held_live": held[:EXAMPLES]},
+        "lost": len(lost),
+        "duplicated": len(duplicated),
+        "unreadable": len(unreadable),
+        "held_live": len(held),
+        "examples": {
+            "lost": [{"id": t, "input": where.get(t)} for t in lost[:EXAMPLES]],
+            "duplicated": [{"id": t, "outputs": outputs[t]} for t in duplicated[:EXAMPLES]],
+            "unreadable": unreadable[:EXAMPLES],
+            "held_live": held[:EXAMPLES],
+        },
     }
     if baseline_input is not None:
         baseline, baseline_unreadable = routed(bootstrap, schemas, baseline_input)
         differ = [tid for tid in sent if sorted(outputs.get(tid, ())) != sorted(baseline.get(tid, ()))]
-        report["baseline"] = {"routed": sum(len(o) for o in baseline.values()), "unreadable": len(baseline_unreadable),
-                              "held_live": len(live_held_rows(bootstrap, f"{baseline_group}.{baseline_input}.held.changelog"))}
+        report["baseline"] = {
+            "routed": sum(len(o) for o in baseline.values()),
+            "unreadable": len(baseline_unreadable),
+            "held_live": len(live_held_rows(bootstrap, f"{baseline_group}.{baseline_input}.held.changelog")),
+        }
         report["decisions_differ"] = len(differ)
         report["examples"]["decisions_differ"] = [
             {"id": t, "input": where.get(t), "soak": outputs.get(t), "uninterrupted": baseline.get(t)}
-            for t in differ[:EXAMPLES]]
+            for t in differ[:EXAMPLES]
+        ]
     report["ok"] = not (lost or duplicated or unreadable or held or report.get("decisions_differ"))
     return report
 
@@ -160,8 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-group")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    report = check(args.bootstrap, args.registry, args.input, args.group, baseline_input=args.baseline_input,
-                   baseline_group=args.baseline_group)
+    report = check(
+        args.bootstrap,
+        args.registry,
+        args.input,
+        args.group,
+        baseline_input=args.baseline_input,
+        baseline_group=args.baseline_group,
+    )
     text = json.dumps(report, indent=2, default=str)
     if args.out:
         with open(args.out, "w") as out:

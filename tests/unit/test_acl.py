@@ -9,9 +9,13 @@ SETTINGS = Settings(transactions_topic="payments", group_id="fraud-detector", bo
 
 
 def writers_of(topic: str) -> set[str]:
-    return {g.role for g in acl.grants(SETTINGS)
-            if "Write" in g.operations and g.resource_type == acl.TOPIC
-            and (g.name == topic if g.pattern == acl.LITERAL else topic.startswith(g.name))}
+    return {
+        g.role
+        for g in acl.grants(SETTINGS)
+        if "Write" in g.operations
+        and g.resource_type == acl.TOPIC
+        and (g.name == topic if g.pattern == acl.LITERAL else topic.startswith(g.name))
+    }
 
 
 def test_only_the_rules_administrator_writes_the_rules_topic_and_the_inspector_writes_nothing():
@@ -26,16 +30,22 @@ def test_only_the_rules_administrator_writes_the_rules_topic_and_the_inspector_w
 
 
 def test_the_acls_print_as_kafka_acls_commands_to_paste(capsys):
-    assert cli.main(["acl", "--topic", "payments", "--group-id", "fraud-detector",
-                     "--bootstrap-servers", "kafka:9093"]) == 0
+    assert (
+        cli.main(["acl", "--topic", "payments", "--group-id", "fraud-detector", "--bootstrap-servers", "kafka:9093"])
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(acl.grants(SETTINGS))
-    assert ("kafka-acls.sh --bootstrap-server kafka:9093 --command-config admin.properties --add "
-            "--allow-principal User:detector --operation Write --operation Describe "
-            "--transactional-id fraud-detector --resource-pattern-type prefixed") in lines
-    assert ("kafka-acls.sh --bootstrap-server kafka:9093 --command-config admin.properties --add --allow-principal "
-            "User:rules-admin --operation Read --operation Write --operation Describe --operation Create "
-            "--operation DescribeConfigs --topic payments.rules") in lines
+    assert (
+        "kafka-acls.sh --bootstrap-server kafka:9093 --command-config admin.properties --add "
+        "--allow-principal User:detector --operation Write --operation Describe "
+        "--transactional-id fraud-detector --resource-pattern-type prefixed"
+    ) in lines
+    assert (
+        "kafka-acls.sh --bootstrap-server kafka:9093 --command-config admin.properties --add --allow-principal "
+        "User:rules-admin --operation Read --operation Write --operation Describe --operation Create "
+        "--operation DescribeConfigs --topic payments.rules"
+    ) in lines
     bindings = acl.acl_bindings(SETTINGS)
     assert len(bindings) == sum(len(g.operations) for g in acl.grants(SETTINGS))
 

@@ -39,17 +39,34 @@ def _result(rows=ROWS) -> ReplayResult:
     for i, (_, _, _, cand, base, label) in enumerate(rows):
         for side, route in ((CANDIDATE, cand), (BASELINE, base)):
             if route == F:
-                fired[side][int(position[i])] = ("card_testing",) if label and label[1] == "card_testing" else ("large_amount",)
+                fired[side][int(position[i])] = (
+                    ("card_testing",) if label and label[1] == "card_testing" else ("large_amount",)
+                )
     rules = load_rules(None)
     return ReplayResult(
-        topic="payments", position=position,
+        topic="payments",
+        position=position,
         transaction_id=np.array([r[0] if r[3] != D else None for r in rows], dtype=object),
-        card_id=np.array([r[1] for r in rows], dtype=object), event_ms=np.array([r[2] for r in rows], dtype=np.int64),
-        sides={CANDIDATE: {"route": np.array([r[3] for r in rows], np.int8), "score": np.array([float(r[3] == F) for r in rows])},
-               BASELINE: {"route": np.array([r[4] for r in rows], np.int8), "score": np.array([float(r[4] == F) for r in rows])}},
-        fired=fired, rule_sets={CANDIDATE: rules, BASELINE: rules}, held={CANDIDATE: 0, BASELINE: 2},
-        held_then_alerted={CANDIDATE: 0, BASELINE: 1}, read=n,
-        decide_s=0.5, read_s=1.0)
+        card_id=np.array([r[1] for r in rows], dtype=object),
+        event_ms=np.array([r[2] for r in rows], dtype=np.int64),
+        sides={
+            CANDIDATE: {
+                "route": np.array([r[3] for r in rows], np.int8),
+                "score": np.array([float(r[3] == F) for r in rows]),
+            },
+            BASELINE: {
+                "route": np.array([r[4] for r in rows], np.int8),
+                "score": np.array([float(r[4] == F) for r in rows]),
+            },
+        },
+        fired=fired,
+        rule_sets={CANDIDATE: rules, BASELINE: rules},
+        held={CANDIDATE: 0, BASELINE: 2},
+        held_then_alerted={CANDIDATE: 0, BASELINE: 1},
+        read=n,
+        decide_s=0.5,
+        read_s=1.0,
+    )
 
 
 LABELS = {r[0]: r[5] for r in ROWS if r[5] is not None}
@@ -63,7 +80,9 @@ def test_the_alerts_only_one_side_raises_are_counted_with_their_frauds_within_th
     assert only_baseline["alerts"] == 2 and only_baseline["frauds"] == 1  # t2 (fraud) and t3; not t0
     assert only_baseline["frauds_by_scenario"] == {"large_amount": 1}
     assert [(r["transaction_id"], r["label"], r["rules"]) for r in only_baseline["sample"]] == [
-        ("t2", "large_amount", ["large_amount"]), ("t3", "legit", ["large_amount"])]
+        ("t2", "large_amount", ["large_amount"]),
+        ("t3", "legit", ["large_amount"]),
+    ]
     assert only_candidate["alerts"] == 1 and only_candidate["frauds"] == 0
     assert report["differences"]["missed_frauds"] == 1
     assert report["workload"][BASELINE]["per_day"] == {"2026-01-05": 3, "2026-01-06": 0}
@@ -87,25 +106,31 @@ def test_no_labels_still_reports_alerts_and_workload() -> None:
 
 def test_a_window_with_no_transactions_says_what_the_topic_holds() -> None:
     report, warnings = build_report(_result(), LABELS, first_day=date(2027, 1, 1), last_day=date(2027, 1, 2))
-    assert warnings == ["no transactions between 2027-01-01 and 2027-01-02 on payments (it holds 7 from 2026-01-04 to "
-                        "2026-01-06)"]
+    assert warnings == [
+        "no transactions between 2027-01-01 and 2027-01-02 on payments (it holds 7 from 2026-01-04 to 2026-01-06)"
+    ]
     assert report["in_window"] == 0 and report["sides"][CANDIDATE]["alerts"] == 0
 
 
 def test_fidelity_names_each_difference_and_counts_what_it_could_not_compare() -> None:
     result = _result()
     version = result.rule_sets[BASELINE].version
-    outputs = {"t1": (True, ("card_testing",), version, 1.0), "t2": (True, ("large_amount",), version, 1.0),
-               "t3": (True, ("compromised_terminal",), version, 1.0),  # the backtest says large_amount
-               "t4": (False, (), version, 0.5),  # the same decision, another score (the backtest's: 0)
-               "t5": (True, ("large_amount",), version, 1.0),  # the backtest says legit
-               "t7": (False, (), "another", 0.0)}  # t0 before the window; no output for none of the rest
+    outputs = {
+        "t1": (True, ("card_testing",), version, 1.0),
+        "t2": (True, ("large_amount",), version, 1.0),
+        "t3": (True, ("compromised_terminal",), version, 1.0),  # the backtest says large_amount
+        "t4": (False, (), version, 0.5),  # the same decision, another score (the backtest's: 0)
+        "t5": (True, ("large_amount",), version, 1.0),  # the backtest says legit
+        "t7": (False, (), "another", 0.0),
+    }  # t0 before the window; no output for none of the rest
     everything = window_mask(result.event_ms, date(2026, 1, 5), None)
     found = fidelity(result, outputs, side=BASELINE, in_window=everything)
     assert (found["compared"], found["same"], found["different"], found["same_score"]) == (5, 3, 2, 2)
     assert found["decided_live_under_another_rule_set"] == 1 and found["not_routed_live"] == 0
-    assert {d["transaction_id"]: d["cause"].split(" ")[0] for d in found["differences"]} == {"t3": "terminal",
-                                                                                           "t5": "unexplained"}
+    assert {d["transaction_id"]: d["cause"].split(" ")[0] for d in found["differences"]} == {
+        "t3": "terminal",
+        "t5": "unexplained",
+    }
     assert found["differences"][1]["live"] == {"fraud": True, "rules": ["large_amount"]}
     assert found["differences"][1]["backtest"] == {"fraud": False, "rules": []}
     assert found["agreement"] == 3 / 5
@@ -121,8 +146,12 @@ def test_the_replay_gate_waits_for_every_partition_unless_it_has_ended() -> None
     terminal = ReplayTerminal(TerminalWindow(), progress)
     # A held record is due once every partition is past its time, the look-ahead and the tolerance.
     ahead = 1_000
-    due = terminal.releasable(np.array([5_000 - ahead - TERMINAL_TOLERANCE_MS - 1, 5_000 - ahead - TERMINAL_TOLERANCE_MS]),
-                              np.zeros(2, np.int64), ahead, 2_000)
+    due = terminal.releasable(
+        np.array([5_000 - ahead - TERMINAL_TOLERANCE_MS - 1, 5_000 - ahead - TERMINAL_TOLERANCE_MS]),
+        np.zeros(2, np.int64),
+        ahead,
+        2_000,
+    )
     assert due.tolist() == [True, False]
     progress.finished = {0, 1, 2}
     assert terminal.releasable(np.array([10**12]), np.zeros(1, np.int64), ahead, 2_000).tolist() == [True]

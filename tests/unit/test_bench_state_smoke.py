@@ -14,8 +14,13 @@ def test_the_quick_state_benchmark_runs_every_path_and_writes_its_report(tmp_pat
 
     results = json.loads((tmp_path / "state.json").read_text())
     features, memory = results["features"], results["memory"]
-    for name in ("ours_card_features_and_rules_tps", "per_record_card_features_tps", "ours_terminal_features_tps",
-                 "per_record_terminal_features_tps", "from_arrow_tps"):
+    for name in (
+        "ours_card_features_and_rules_tps",
+        "per_record_card_features_tps",
+        "ours_terminal_features_tps",
+        "per_record_terminal_features_tps",
+        "from_arrow_tps",
+    ):
         assert features[name] > 0, name
     assert features["count"] == 4_000 and features["per_record_sample"] == 2_000
     assert memory["cards"] == 20_000 and memory["row_bytes"] == PROFILE_DTYPE.itemsize == 200

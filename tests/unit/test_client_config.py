@@ -52,10 +52,17 @@ def test_a_java_style_properties_file_configures_every_kafka_client(files):
     settings = Settings.from_env(files)
     assert settings.bootstrap_servers == "pkc-abc12.eu-west-1.aws.example.net:9092"
     assert dict(settings.kafka_extra) == {
-        "security.protocol": "SASL_SSL", "sasl.mechanisms": "PLAIN", "sasl.username": "ABCDEFGHIJKLMNOP",
-        "sasl.password": SECRET, "client.id": "fraudstream",
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanisms": "PLAIN",
+        "sasl.username": "ABCDEFGHIJKLMNOP",
+        "sasl.password": SECRET,
+        "client.id": "fraudstream",
     }
-    for config in (producer_config(settings), consumer_config(settings, "g"), transactional_producer_config(settings, "t")):
+    for config in (
+        producer_config(settings),
+        consumer_config(settings, "g"),
+        transactional_producer_config(settings, "t"),
+    ):
         assert config["bootstrap.servers"] == settings.bootstrap_servers
         assert config["sasl.password"] == SECRET and config["security.protocol"] == "SASL_SSL"
 
@@ -75,8 +82,11 @@ def test_order_defaults_environment_files_key_value_flags_then_named_flags(files
     assert from_files.bootstrap_servers == "pkc-abc12.eu-west-1.aws.example.net:9092"
     assert from_files.schema_registry_url == "https://psrc-xyz.eu-west-1.aws.example.net"
 
-    flagged = Settings.from_env(env, kafka_properties={"bootstrap.servers": "x:1", "sasl.username": "other"},
-                                registry_properties={"url": "https://y", "timeout": "30"})
+    flagged = Settings.from_env(
+        env,
+        kafka_properties={"bootstrap.servers": "x:1", "sasl.username": "other"},
+        registry_properties={"url": "https://y", "timeout": "30"},
+    )
     assert (flagged.bootstrap_servers, flagged.kafka_extra["sasl.username"]) == ("x:1", "other")
     assert flagged.kafka_extra["sasl.password"] == SECRET  # the rest of the file stays
     assert flagged.registry_client_conf()["timeout"] == 30.0  # a number, as the registry client wants
@@ -95,15 +105,18 @@ def test_user_properties_change_our_defaults_but_never_what_exactly_once_depends
             Settings.from_env({}, kafka_properties={key: "x"})
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"kafka_properties": {"sasl.pasword": SECRET}}, 'No such configuration property: "sasl.pasword"'),
-    ({"kafka_properties": {"acks": "lots"}}, "Invalid value"),
-    ({"kafka_properties": {"ssl.ca.location": "/no/such/ca.pem"}}, "ssl.ca.location: no such file /no/such/ca.pem"),
-    ({"registry_properties": {"basic.auth.usr": SECRET}}, "unknown registry property basic.auth.usr"),
-    ({"registry_properties": {"ssl.ca.location": "/no/such/ca.pem"}}, "ssl.ca.location: no such file"),
-    ({"registry_properties": {"basic.auth.credentials.source": "SASL_INHERIT"}}, "is not supported"),
-    ({"registry_properties": {"max.retries": "many"}}, "max.retries must be a number"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kafka_properties": {"sasl.pasword": SECRET}}, 'No such configuration property: "sasl.pasword"'),
+        ({"kafka_properties": {"acks": "lots"}}, "Invalid value"),
+        ({"kafka_properties": {"ssl.ca.location": "/no/such/ca.pem"}}, "ssl.ca.location: no such file /no/such/ca.pem"),
+        ({"registry_properties": {"basic.auth.usr": SECRET}}, "unknown registry property basic.auth.usr"),
+        ({"registry_properties": {"ssl.ca.location": "/no/such/ca.pem"}}, "ssl.ca.location: no such file"),
+        ({"registry_properties": {"basic.auth.credentials.source": "SASL_INHERIT"}}, "is not supported"),
+        ({"registry_properties": {"max.retries": "many"}}, "max.retries must be a number"),
+    ],
+)
 def test_a_bad_key_or_value_is_judged_by_the_client_and_named_in_one_line(kwargs, message):
     with pytest.raises(ConfigError) as caught:
         Settings.from_env({}, **kwargs)
@@ -116,8 +129,18 @@ def test_the_cli_takes_files_and_repeatable_flags_on_every_client_command(files,
     for var in (*files, ENV["bootstrap_servers"], ENV["schema_registry_url"]):
         monkeypatch.delenv(var, raising=False)
     seen = []
-    argv = ["-F", files[ENV["kafka_config"]], "-X", "client.id=cli", "-X", "linger.ms=7",
-            "--registry-config", files[ENV["registry_config"]], "-R", "timeout=12"]
+    argv = [
+        "-F",
+        files[ENV["kafka_config"]],
+        "-X",
+        "client.id=cli",
+        "-X",
+        "linger.ms=7",
+        "--registry-config",
+        files[ENV["registry_config"]],
+        "-R",
+        "timeout=12",
+    ]
     for command in ("produce", "detect", "inspect", "schemas", "demo", "evaluate"):
         module = importlib.import_module(cli.COMMANDS[command][0])
         monkeypatch.setattr(module, "run", lambda args, settings: seen.append(settings) or 0)
@@ -133,7 +156,10 @@ def test_the_cli_takes_files_and_repeatable_flags_on_every_client_command(files,
 def test_an_unknown_key_at_the_cli_is_one_line_naming_it_and_exit_status_2(capsys):
     assert cli.main(["produce", "-X", "no.such.property=1"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == 'fraudstream produce: error: Kafka client configuration: No such configuration property: "no.such.property"'
+    assert (
+        err.strip()
+        == 'fraudstream produce: error: Kafka client configuration: No such configuration property: "no.such.property"'
+    )
 
 
 def test_a_flag_without_equals_fails_without_repeating_what_was_typed(capsys):
@@ -146,9 +172,14 @@ def test_a_flag_without_equals_fails_without_repeating_what_was_typed(capsys):
 
 def test_secrets_never_show_in_reprs_help_or_redacted_messages(files, capsys, monkeypatch):
     settings = Settings.from_env(files)
-    bearer = Settings.from_env({}, registry_properties={
-        "bearer.auth.credentials.source": "STATIC_TOKEN", "bearer.auth.token": SECRET + "t",
-        "bearer.auth.logical.cluster": "lsrc-123"})
+    bearer = Settings.from_env(
+        {},
+        registry_properties={
+            "bearer.auth.credentials.source": "STATIC_TOKEN",
+            "bearer.auth.token": SECRET + "t",
+            "bearer.auth.logical.cluster": "lsrc-123",
+        },
+    )
     assert SECRET not in repr(settings) + repr(bearer) and REDACTED in repr(settings)
     assert "sasl.username" in repr(settings)  # only the secret values are hidden
     text = f"https://user:{SECRET}@registry.example/x failed; password {SECRET}; token {SECRET}t; {SECRET}"
@@ -172,11 +203,14 @@ def test_child_commands_get_the_same_client_properties(files):
     assert SECRET not in flags  # the file's secrets stay in the file: the child reads it
     parser = cli.build_parser()
     args = parser.parse_args(["produce", *flags])
-    again = Settings.from_env({}, kafka_config=args.kafka_config, registry_config=args.registry_config,
-                              kafka_properties=dict(p.split("=", 1) for p in args.kafka_property),
-                              registry_properties=dict(p.split("=", 1) for p in args.registry_property))
+    again = Settings.from_env(
+        {},
+        kafka_config=args.kafka_config,
+        registry_config=args.registry_config,
+        kafka_properties=dict(p.split("=", 1) for p in args.kafka_property),
+        registry_properties=dict(p.split("=", 1) for p in args.registry_property),
+    )
     assert again == settings
-
 
 
 def test_the_demos_printed_inspect_commands_carry_the_client_flags_with_secrets_masked(files, monkeypatch):
@@ -184,8 +218,11 @@ def test_the_demos_printed_inspect_commands_carry_the_client_flags_with_secrets_
 
     for var in (*files, ENV["bootstrap_servers"], ENV["schema_registry_url"]):
         monkeypatch.delenv(var, raising=False)
-    settings = Settings.from_env({}, kafka_config=files[ENV["kafka_config"]],
-                                 kafka_properties={"sasl.password": SECRET + "x", "client.id": "demo"})
+    settings = Settings.from_env(
+        {},
+        kafka_config=files[ENV["kafka_config"]],
+        kafka_properties={"sasl.password": SECRET + "x", "client.id": "demo"},
+    )
     flags = inspect_flags(settings)
     assert flags[flags.index("--kafka-config") + 1] == files[ENV["kafka_config"]]
     assert "client.id=demo" in flags and f"sasl.password={REDACTED}" in flags
@@ -193,8 +230,11 @@ def test_the_demos_printed_inspect_commands_carry_the_client_flags_with_secrets_
 
 
 def test_a_demo_childs_secret_flags_go_to_a_private_file_never_to_its_command_line(files, tmp_path):
-    settings = Settings.from_env(files, kafka_properties={"sasl.password": SECRET + "x", "linger.ms": "9"},
-                                 registry_properties={"basic.auth.user.info": f"u:{SECRET}y"})
+    settings = Settings.from_env(
+        files,
+        kafka_properties={"sasl.password": SECRET + "x", "linger.ms": "9"},
+        registry_properties={"basic.auth.user.info": f"u:{SECRET}y"},
+    )
     private = tmp_path / "children"
     flags = cli.client_flags(settings, private)
     assert not any(SECRET in flag for flag in flags)
@@ -205,11 +245,11 @@ def test_a_demo_childs_secret_flags_go_to_a_private_file_never_to_its_command_li
     args = cli.build_parser().parse_args(["produce", *flags])
     again = Settings.from_env({}, kafka_config=args.kafka_config, registry_config=args.registry_config)
     # The child runs with exactly the same properties (only the files' names differ).
-    assert again.replace(kafka_config=None, registry_config=None) == settings.replace(kafka_config=None,
-                                                                                       registry_config=None)
+    assert again.replace(kafka_config=None, registry_config=None) == settings.replace(
+        kafka_config=None, registry_config=None
+    )
 
 
 def test_the_assertion_key_passphrase_is_redacted():
-    settings = Settings.from_env({}, kafka_properties={
-        "sasl.oauthbearer.assertion.private.key.passphrase": SECRET})
+    settings = Settings.from_env({}, kafka_properties={"sasl.oauthbearer.assertion.private.key.passphrase": SECRET})
     assert SECRET not in repr(settings) and SECRET not in redact(f"failed: {SECRET}", settings.kafka_extra)

@@ -61,8 +61,12 @@ def _listeners(value: str) -> dict[str, tuple[str, int]]:
 
 
 def validate_compose(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
-                           str(path)], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_docker_compose_yml_is_valid_against_the_compose_specification():
@@ -118,9 +122,12 @@ def test_the_dockerfile_sets_only_variables_the_code_reads_and_installs_every_pa
     assert set(project_vars) <= set(ENV.values())
     # Everything pyproject.toml installs (code and package data: schemas, templates, rules) is copied
     # into the image before `pip install .`, under its own name.
-    before_install = text[:text.index("RUN pip install")]
-    copied = {src.rstrip("/") for src, dst in re.findall(r"^COPY (\S+) (\S+)$", before_install, re.M)
-              if src.rstrip("/") == dst.rstrip("/")}
+    before_install = text[: text.index("RUN pip install")]
+    copied = {
+        src.rstrip("/")
+        for src, dst in re.findall(r"^COPY (\S+) (\S+)$", before_install, re.M)
+        if src.rstrip("/") == dst.rstrip("/")
+    }
     setuptools = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     folders = {"fraudstream", *setuptools["package-dir"].values()}
     assert folders <= copied, f"not copied before the install: {sorted(folders - copied)}"
@@ -149,8 +156,11 @@ def test_the_kraft_controller_uses_the_default_controller_port(services):
 def test_the_single_broker_can_run_transactions(services):
     kafka = services["kafka"]["environment"]
     assert "broker" in kafka["KAFKA_PROCESS_ROLES"] and "controller" in kafka["KAFKA_PROCESS_ROLES"]
-    for setting in ("OFFSETS_TOPIC_REPLICATION_FACTOR", "TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
-                    "TRANSACTION_STATE_LOG_MIN_ISR"):
+    for setting in (
+        "OFFSETS_TOPIC_REPLICATION_FACTOR",
+        "TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
+        "TRANSACTION_STATE_LOG_MIN_ISR",
+    ):
         assert int(kafka[f"KAFKA_{setting}"]) == 1, setting
 
 

@@ -28,14 +28,39 @@ LOOPBACK = ("127.0.0.1", 40000)
 ELSEWHERE = ("10.1.2.3", 40000)
 
 
-def alert(i: int, score: float | None, cents: int = 100_000, *, card: str | None = None, merchant: str = "m-1",
-          rules=("large_amount",)) -> dict:
-    return {"transaction": {"transaction_id": f"t{i}", "account_id": f"a{i}", "card_id": card or f"c{i}",
-                            "merchant_id": merchant, "merchant_category": "5411", "terminal_id": f"term{i}",
-                            "amount_cents": cents, "currency": "USD", "event_time": T0 + i * 1000, "channel": "ONLINE",
-                            "country": "US", "city": "X", "latitude": 0.0, "longitude": 0.0, "device_id": None},
-            "rules": list(rules), "detected_at": T0 + i * 1000 + 5, "fired": [{"id": r, "version": 1} for r in rules],
-            "rule_set_version": "3", "score": score}
+def alert(
+    i: int,
+    score: float | None,
+    cents: int = 100_000,
+    *,
+    card: str | None = None,
+    merchant: str = "m-1",
+    rules=("large_amount",),
+) -> dict:
+    return {
+        "transaction": {
+            "transaction_id": f"t{i}",
+            "account_id": f"a{i}",
+            "card_id": card or f"c{i}",
+            "merchant_id": merchant,
+            "merchant_category": "5411",
+            "terminal_id": f"term{i}",
+            "amount_cents": cents,
+            "currency": "USD",
+            "event_time": T0 + i * 1000,
+            "channel": "ONLINE",
+            "country": "US",
+            "city": "X",
+            "latitude": 0.0,
+            "longitude": 0.0,
+            "device_id": None,
+        },
+        "rules": list(rules),
+        "detected_at": T0 + i * 1000 + 5,
+        "fired": [{"id": r, "version": 1} for r in rules],
+        "rule_set_version": "3",
+        "score": score,
+    }
 
 
 class SpyWriter:
@@ -52,9 +77,15 @@ def index(tmp_path: Path) -> Index:
 
 
 def state_for(index: Index, *, users: Users | None = None, rules_writer=None) -> ConsoleState:
-    return ConsoleState(settings=SETTINGS, index=index, authenticator=Authenticator(users, anonymous_name="me"),
-                        bands=Bands(review=0.5, decline=0.9), writer=SpyWriter(),
-                        rules_reader=lambda: ({}, []), rules_writer=rules_writer)
+    return ConsoleState(
+        settings=SETTINGS,
+        index=index,
+        authenticator=Authenticator(users, anonymous_name="me"),
+        bands=Bands(review=0.5, decline=0.9),
+        writer=SpyWriter(),
+        rules_reader=lambda: ({}, []),
+        rules_writer=rules_writer,
+    )
 
 
 def basic(user: str, password: str) -> dict[str, str]:
@@ -63,8 +94,10 @@ def basic(user: str, password: str) -> dict[str, str]:
 
 def users_file(tmp_path: Path) -> Users:
     path = tmp_path / "users.toml"
-    path.write_text(f'[users.alice]\npassword = "{hash_password("pw-alice")}"\nroles = ["{ANALYST}"]\n'
-                    f'[users.rita]\npassword = "{hash_password("pw-rita")}"\nroles = ["{ANALYST}", "{RULES_ADMIN}"]\n')
+    path.write_text(
+        f'[users.alice]\npassword = "{hash_password("pw-alice")}"\nroles = ["{ANALYST}"]\n'
+        f'[users.rita]\npassword = "{hash_password("pw-rita")}"\nroles = ["{ANALYST}", "{RULES_ADMIN}"]\n'
+    )
     return Users.load(path)
 
 
@@ -88,11 +121,16 @@ def test_the_queue_shows_the_review_band_first_riskiest_first_and_pages_on_the_s
 
 
 def test_the_queue_filters_by_rule_scenario_card_merchant_amount_and_time(index):
-    index.add_alerts([(0, 0, alert(0, 1.0, 95_000, card="c-x", rules=("large_amount",))),
-                      (0, 1, alert(1, 1.0, 250, card="c-y", merchant="m-9", rules=("card_testing", "geo_velocity"))),
-                      (0, 2, alert(2, 1.0, 400_000, card="c-x", rules=("geo_velocity",)))])
-    index.add_labels([(0, 0, {"transaction_id": "t1", "is_fraud": True, "scenario": "card_testing",
-                              "event_time": T0 + 1000})])
+    index.add_alerts(
+        [
+            (0, 0, alert(0, 1.0, 95_000, card="c-x", rules=("large_amount",))),
+            (0, 1, alert(1, 1.0, 250, card="c-y", merchant="m-9", rules=("card_testing", "geo_velocity"))),
+            (0, 2, alert(2, 1.0, 400_000, card="c-x", rules=("geo_velocity",))),
+        ]
+    )
+    index.add_labels(
+        [(0, 0, {"transaction_id": "t1", "is_fraud": True, "scenario": "card_testing", "event_time": T0 + 1000})]
+    )
     client = TestClient(create_app(state_for(index)), client=LOOPBACK)
     assert queue_ids(client, "?rule=geo_velocity") == ["t2", "t1"]
     assert queue_ids(client, "?scenario=card_testing") == ["t1"]
@@ -102,11 +140,13 @@ def test_the_queue_filters_by_rule_scenario_card_merchant_amount_and_time(index)
     since = datetime.fromtimestamp((T0 + 2000) / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
     assert queue_ids(client, f"?since={since}") == ["t2"]
     assert queue_ids(client, f"?until={since}") == ["t1", "t0"]
-    for query, message in (("?min_amount=lots", "&#39;lots&#39; is not an amount"),
-                           ("?max_amount=inf", "&#39;inf&#39; is not an amount"),
-                           ("?min_amount=1e300", "&#39;1e300&#39; is not an amount"),
-                           ("?page=-1", "page &#39;-1&#39; is not a page number"),
-                           ("?since=yesterday", "&#39;yesterday&#39; is not a date and time")):
+    for query, message in (
+        ("?min_amount=lots", "&#39;lots&#39; is not an amount"),
+        ("?max_amount=inf", "&#39;inf&#39; is not an amount"),
+        ("?min_amount=1e300", "&#39;1e300&#39; is not an amount"),
+        ("?page=-1", "page &#39;-1&#39; is not a page number"),
+        ("?since=yesterday", "&#39;yesterday&#39; is not a date and time"),
+    ):
         response = client.get("/" + query)
         assert response.status_code == 400 and message in response.text, query
 
@@ -171,18 +211,23 @@ def test_anonymous_access_is_refused_except_on_the_loopback_interface(index, tmp
 
 def test_an_analyst_without_rule_rights_cannot_change_rules_and_an_admin_can(index, tmp_path):
     written = []
-    state = state_for(index, users=users_file(tmp_path),
-                      rules_writer=lambda text, author, comment: written.append((text, author)) or [])
+    state = state_for(
+        index,
+        users=users_file(tmp_path),
+        rules_writer=lambda text, author, comment: written.append((text, author)) or [],
+    )
     client = TestClient(create_app(state), client=ELSEWHERE, follow_redirects=False)
-    response = client.post("/rules", data={"rules": "[large_amount]\nthreshold_cents = 1\n"},
-                           headers=basic("alice", "pw-alice"))
+    response = client.post(
+        "/rules", data={"rules": "[large_amount]\nthreshold_cents = 1\n"}, headers=basic("alice", "pw-alice")
+    )
     assert response.status_code == 403 and "alice may not change rules" in response.text
     # Anonymous on the loopback with a users file: verdicts yes, rules no.
     loopback = TestClient(create_app(state), client=LOOPBACK, follow_redirects=False)
     assert loopback.post("/rules", data={"rules": "[large_amount]\n"}).status_code == 403
     assert written == []
-    response = client.post("/rules", data={"rules": "[large_amount]\nthreshold_cents = 1\n"},
-                           headers=basic("rita", "pw-rita"))
+    response = client.post(
+        "/rules", data={"rules": "[large_amount]\nthreshold_cents = 1\n"}, headers=basic("rita", "pw-rita")
+    )
     assert response.status_code == 303 and written == [("[large_amount]\nthreshold_cents = 1\n", "rita")]
 
 
@@ -226,10 +271,19 @@ def test_a_rule_edit_that_does_not_validate_shows_why_and_writes_nothing(index, 
 
 def test_the_editor_writes_only_the_rules_it_changed(index, monkeypatch):
     now = datetime.now(UTC)
-    current = {rule_id: Rule(id=rule_id, version=2, kind=rule_id, parameters=parameters, enabled=True, author="a",
-                             comment="", written_at=now)
-               for rule_id, parameters in (("large_amount", {"threshold_cents": 90000}),
-                                           ("velocity", {"max_in_session": 3}))}
+    current = {
+        rule_id: Rule(
+            id=rule_id,
+            version=2,
+            kind=rule_id,
+            parameters=parameters,
+            enabled=True,
+            author="a",
+            comment="",
+            written_at=now,
+        )
+        for rule_id, parameters in (("large_amount", {"threshold_cents": 90000}), ("velocity", {"max_in_session": 3}))
+    }
     writes = []
     monkeypatch.setattr(rules_cli, "latest", lambda settings, codec: current)
     monkeypatch.setattr(rules_cli, "write_records", lambda settings, codec, records: writes.append(records))
@@ -244,16 +298,26 @@ def test_the_editor_writes_only_the_rules_it_changed(index, monkeypatch):
 
 
 def test_the_editor_text_reads_back_as_the_same_rules():
-    rule = Rule(id="large_amount", version=3, kind="large_amount", enabled=False, author="a", comment="",
-                written_at=datetime.now(UTC), parameters={"threshold_cents": 50000, "exempt_categories": ("5311",),
-                                                          "exempt_unless_known_terminal": True})
-    [again] = rules_cli.records_from_toml(rules_as_toml({rule.id: rule}), "editor", SETTINGS, {rule.id: rule},
-                                          author="b", comment="")
+    rule = Rule(
+        id="large_amount",
+        version=3,
+        kind="large_amount",
+        enabled=False,
+        author="a",
+        comment="",
+        written_at=datetime.now(UTC),
+        parameters={"threshold_cents": 50000, "exempt_categories": ("5311",), "exempt_unless_known_terminal": True},
+    )
+    [again] = rules_cli.records_from_toml(
+        rules_as_toml({rule.id: rule}), "editor", SETTINGS, {rule.id: rule}, author="b", comment=""
+    )
     assert (again.version, again.enabled, again.parameters) == (4, False, rule.parameters)
     assert describe_change(rule, again) == "no change"
     changed = dataclasses.replace(again, enabled=True, parameters={"threshold_cents": 1})
-    assert describe_change(again, changed) == ('enabled, exempt_categories ["5311"] → (default), '
-                                               'exempt_unless_known_terminal true → (default), threshold_cents 50000 → 1')
+    assert describe_change(again, changed) == (
+        'enabled, exempt_categories ["5311"] → (default), '
+        "exempt_unless_known_terminal true → (default), threshold_cents 50000 → 1"
+    )
 
 
 def test_score_bands_are_checked_and_name_each_score():
@@ -265,9 +329,10 @@ def test_score_bands_are_checked_and_name_each_score():
 
 def test_the_dashboard_draws_alerts_per_hour_and_precision_and_recall(index):
     index.add_alerts([(0, i, alert(i, 1.0)) for i in range(4)])
-    index.add_labels([(0, i, {"transaction_id": f"t{i}", "is_fraud": i < 3, "scenario": "x", "event_time": T0})
-                      for i in range(4)]
-                     + [(0, 9, {"transaction_id": "missed", "is_fraud": True, "scenario": "x", "event_time": T0})])
+    index.add_labels(
+        [(0, i, {"transaction_id": f"t{i}", "is_fraud": i < 3, "scenario": "x", "event_time": T0}) for i in range(4)]
+        + [(0, 9, {"transaction_id": "missed", "is_fraud": True, "scenario": "x", "event_time": T0})]
+    )
     [day] = index.quality_by_day()
     assert (day["precision"], day["recall"]) == (0.75, 0.75)  # 3 of 4 alerts are fraud; 3 of 4 frauds alerted
     hours, per_rule = index.alerts_per_hour_by_rule()
@@ -278,8 +343,12 @@ def test_the_dashboard_draws_alerts_per_hour_and_precision_and_recall(index):
 
 def test_a_label_read_before_its_alert_still_counts_for_precision(index):
     """At start both topics are read side by side, and labels may be written before the detector routes."""
-    index.add_labels([(0, 0, {"transaction_id": "t0", "is_fraud": False, "scenario": "legit", "event_time": T0}),
-                      (0, 1, {"transaction_id": "t1", "is_fraud": True, "scenario": "card_testing", "event_time": T0})])
+    index.add_labels(
+        [
+            (0, 0, {"transaction_id": "t0", "is_fraud": False, "scenario": "legit", "event_time": T0}),
+            (0, 1, {"transaction_id": "t1", "is_fraud": True, "scenario": "card_testing", "event_time": T0}),
+        ]
+    )
     index.add_alerts([(0, 0, alert(0, 1.0)), (0, 1, alert(1, 1.0))])
     [day] = index.quality_by_day()
     assert (day["precision"], day["recall"]) == (0.5, 1.0)
@@ -290,11 +359,14 @@ def test_a_form_posted_from_another_site_is_refused_and_nothing_is_written(index
     index.add_alerts([(0, 0, alert(0, 1.0))])
     state = state_for(index)
     client = TestClient(create_app(state), client=LOOPBACK, follow_redirects=False)
-    response = client.post("/verdicts/t0", data={"verdict": "fraud", "analyst": "Ann"},
-                           headers={"Origin": "http://evil.example"})
+    response = client.post(
+        "/verdicts/t0", data={"verdict": "fraud", "analyst": "Ann"}, headers={"Origin": "http://evil.example"}
+    )
     assert response.status_code == 403 and "another site" in response.text
     assert state.writer.labels == []
-    same = client.post("/verdicts/t0", data={"verdict": "fraud", "analyst": "Ann"}, headers={"Origin": "http://testserver"})
+    same = client.post(
+        "/verdicts/t0", data={"verdict": "fraud", "analyst": "Ann"}, headers={"Origin": "http://testserver"}
+    )
     assert same.status_code == 303 and len(state.writer.labels) == 1
 
 
@@ -302,11 +374,20 @@ class FakeRecord:
     def __init__(self, topic: str, value: bytes, offset: int) -> None:
         self._topic, self._value, self._offset = topic, value, offset
 
-    def topic(self): return self._topic
-    def partition(self): return 0
-    def offset(self): return self._offset
-    def value(self): return self._value
-    def error(self): return None
+    def topic(self):
+        return self._topic
+
+    def partition(self):
+        return 0
+
+    def offset(self):
+        return self._offset
+
+    def value(self):
+        return self._value
+
+    def error(self):
+        return None
 
 
 def test_a_record_the_index_cannot_use_is_skipped_and_counted_and_the_reader_goes_on(index):
@@ -323,9 +404,11 @@ def test_a_record_the_index_cannot_use_is_skipped_and_counted_and_the_reader_goe
     good = alert(0, 1.0)
     good["transaction"]["event_time"] = datetime.fromtimestamp(T0 / 1000, UTC)
     good["detected_at"] = datetime.fromtimestamp(T0 / 1000, UTC)
-    records = [FakeRecord(SETTINGS.fraud_topic, make_encoder(1, schemas.parsed["Transaction"])(good["transaction"]), 0),
-               FakeRecord(SETTINGS.fraud_topic, b"\x00\x00\x00\x00\x02garbage", 1),
-               FakeRecord(SETTINGS.fraud_topic, make_encoder(2, schemas.parsed["FraudAlert"])(good), 2)]
+    records = [
+        FakeRecord(SETTINGS.fraud_topic, make_encoder(1, schemas.parsed["Transaction"])(good["transaction"]), 0),
+        FakeRecord(SETTINGS.fraud_topic, b"\x00\x00\x00\x00\x02garbage", 1),
+        FakeRecord(SETTINGS.fraud_topic, make_encoder(2, schemas.parsed["FraudAlert"])(good), 2),
+    ]
     reader._index(None, records, {})
     assert reader.state.undecodable == 2
     assert index.count_alerts() == 1 and index.alert("t0")["topic_offset"] == 2
@@ -342,10 +425,25 @@ def test_the_demo_serves_the_console_and_its_summary_prints_the_address():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert parser.parse_args([]).console and not parser.parse_args(["--no-console"]).console
-    frame = Frame(topic="t", detectors=1, rate=1000, duration_s=60, elapsed_s=61.0, phase="done", state=DemoState(),
-                  in_per_s=0.0, out_per_s=0.0)
-    lines = summary_lines(frame, SETTINGS, extra_flags=[], log_dir=Path("/tmp/x"), stack_left_running=False,
-                          console_url="http://127.0.0.1:8088")
+    frame = Frame(
+        topic="t",
+        detectors=1,
+        rate=1000,
+        duration_s=60,
+        elapsed_s=61.0,
+        phase="done",
+        state=DemoState(),
+        in_per_s=0.0,
+        out_per_s=0.0,
+    )
+    lines = summary_lines(
+        frame,
+        SETTINGS,
+        extra_flags=[],
+        log_dir=Path("/tmp/x"),
+        stack_left_running=False,
+        console_url="http://127.0.0.1:8088",
+    )
     assert "analyst console (review queue, verdicts, rules, dashboard): http://127.0.0.1:8088" in lines
 
 

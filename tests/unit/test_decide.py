@@ -16,8 +16,22 @@ from fraudstream.consumer.decide import DLQ_KIND, DLQ_OFFSET, DLQ_REASON, Column
 from fraudstream.consumer.rules import fired, large_amount, rules_from_settings
 from fraudstream.serde import make_encoder
 from tests.support.decoding import (
-    FRAUD_ID, LABEL_ID, SCHEMAS, SETTINGS, TRANSACTION_ID, FakeMessage, FakeRegistry, comparable, decider_pair,
-    disagreements, encode, encode_v1, make_tx, messages_of, mutated_values, record_wise_decider,
+    FRAUD_ID,
+    LABEL_ID,
+    SCHEMAS,
+    SETTINGS,
+    TRANSACTION_ID,
+    FakeMessage,
+    FakeRegistry,
+    comparable,
+    decider_pair,
+    disagreements,
+    encode,
+    encode_v1,
+    make_tx,
+    messages_of,
+    mutated_values,
+    record_wise_decider,
 )
 from tests.support.malformed import corpus
 
@@ -36,8 +50,10 @@ def generated(count: int, seed: int = 3) -> list[bytes]:
 
 def legit_current(decisions, values) -> int:
     """Records the record-wise decider accepted that carry the current schema id: the Arrow path's share."""
-    return sum(d.route is not Route.DEAD_LETTER and v[1:5] == TRANSACTION_ID.to_bytes(4, "big")
-               for d, v in zip(decisions, values, strict=True))
+    return sum(
+        d.route is not Route.DEAD_LETTER and v[1:5] == TRANSACTION_ID.to_bytes(4, "big")
+        for d, v in zip(decisions, values, strict=True)
+    )
 
 
 def test_threshold_rule_is_strictly_above_900_dollars():
@@ -67,8 +83,14 @@ def test_schema_fetched_once_per_id(decider):
 def test_bad_records_become_dead_letters_with_reason_and_position(decider):
     decide, _ = decider
     good = encode(make_tx(5).to_dict())
-    decisions = decide.decide([FakeMessage(b"", offset=3), FakeMessage(b"\x00" + (99).to_bytes(4, "big") + good[5:]),
-                               FakeMessage(good + b"x"), FakeMessage(encode(make_tx(5, currency="EUR").to_dict()))])
+    decisions = decide.decide(
+        [
+            FakeMessage(b"", offset=3),
+            FakeMessage(b"\x00" + (99).to_bytes(4, "big") + good[5:]),
+            FakeMessage(good + b"x"),
+            FakeMessage(encode(make_tx(5, currency="EUR").to_dict())),
+        ]
+    )
     kinds = [dict(d.headers)[DLQ_KIND].decode() for d in decisions]
     assert kinds == ["empty_value", "unknown_schema_id", "trailing_bytes", "invalid_record"]
     assert all(d.route is Route.DEAD_LETTER for d in decisions)
@@ -82,8 +104,14 @@ def test_columnar_and_record_wise_deciders_agree(strict):
     values = generated(3_000)
     good = encode(make_tx(5).to_dict())
     # Bad records spread through the batch; several of them break the Arrow batch decode.
-    bad = {10: b"", 500: b"{}", 1_000: good[:20], 1_500: good + b"\x00", 2_000: encode(make_tx(5, currency="CAD").to_dict()),
-           2_500: good[:5] + b"\x04\xff\xfe" + good[8:]}
+    bad = {
+        10: b"",
+        500: b"{}",
+        1_000: good[:20],
+        1_500: good + b"\x00",
+        2_000: encode(make_tx(5, currency="CAD").to_dict()),
+        2_500: good[:5] + b"\x04\xff\xfe" + good[8:],
+    }
     for position, value in bad.items():
         values.insert(position, value)
     messages = messages_of(values)
@@ -117,8 +145,17 @@ def test_the_decode_step_accounts_for_every_message_in_offset_order():
     _, columnar = decider_pair()
     good = [encode(make_tx(5, transaction_id=f"t{i}").to_dict()) for i in range(6)]
     v1_value = encode_v1({k: v for k, v in make_tx(5).to_dict().items() if k != "device_id"})
-    values = [good[0], b"", good[1], encode(make_tx(5, currency="EUR").to_dict()), good[2][:-2], v1_value, good[3],
-              good[4][:5] + b"\x00" * 60, good[5]]
+    values = [
+        good[0],
+        b"",
+        good[1],
+        encode(make_tx(5, currency="EUR").to_dict()),
+        good[2][:-2],
+        v1_value,
+        good[3],
+        good[4][:5] + b"\x00" * 60,
+        good[5],
+    ]
     decoded = columnar.decode(messages_of(values))
     assert decoded.rows == [0, 2, 6, 8]
     assert decoded.columns.column("transaction_id").to_pylist() == ["t0", "t1", "t3", "t5"]
@@ -224,8 +261,9 @@ def test_each_rule_gives_the_same_answer_on_records_and_on_columns():
     from fraudstream.producer.generator import Generator
 
     pairs = Generator(5).next_batch(2_000, 1_700_000_000_000)
-    batch = pyruhvro.deserialize_array([encode(tx.to_dict())[5:] for tx, _ in pairs],
-                                       json.dumps(SCHEMAS.expanded["Transaction"]))
+    batch = pyruhvro.deserialize_array(
+        [encode(tx.to_dict())[5:] for tx, _ in pairs], json.dumps(SCHEMAS.expanded["Transaction"])
+    )
     for rule in rules_from_settings(SETTINGS):
         assert rule.fires_on_columns(batch).to_pylist() == [rule.fires(tx) for tx, _ in pairs], rule.name
 
@@ -248,12 +286,15 @@ def test_a_nullable_timestamp_column_keeps_its_nulls_and_refuses_values_out_of_r
     from tests.support.malformed import varint
 
     schema = copy.deepcopy(SCHEMAS.expanded["Transaction"])
-    schema["fields"].append({"name": "settled_at", "type": ["null", {"type": "long", "logicalType": "timestamp-millis"}],
-                             "default": None})
+    schema["fields"].append(
+        {"name": "settled_at", "type": ["null", {"type": "long", "logicalType": "timestamp-millis"}], "default": None}
+    )
     columnar = ColumnarDecider(record_wise_decider(), reader_schema=schema)
     encode_settled = make_encoder(TRANSACTION_ID, parse_schema(schema))
-    values = [encode_settled({**make_tx(5).to_dict(), "settled_at": None}),
-              encode_settled({**make_tx(5).to_dict(), "settled_at": datetime(2026, 1, 2, tzinfo=UTC)})]
+    values = [
+        encode_settled({**make_tx(5).to_dict(), "settled_at": None}),
+        encode_settled({**make_tx(5).to_dict(), "settled_at": datetime(2026, 1, 2, tzinfo=UTC)}),
+    ]
     values.append(values[0][:-1] + b"\x02" + varint(253_402_300_800_000))  # one past 9999-12-31T23:59:59.999
     decoded = columnar.decode(messages_of(values))
     assert decoded.rows == [0, 1] and decoded.fallback == [2]

@@ -25,9 +25,21 @@ DETECTED = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
 
 
 def tx(transaction_id: str, amount_cents: int = 1_000) -> Transaction:
-    return Transaction(transaction_id=transaction_id, account_id="acc-1", card_id="c", merchant_id="m",
-                       merchant_category="5411", terminal_id="t", amount_cents=amount_cents, event_time=DETECTED,
-                       channel="ONLINE", country="US", city="Austin", latitude=30.3, longitude=-97.7)
+    return Transaction(
+        transaction_id=transaction_id,
+        account_id="acc-1",
+        card_id="c",
+        merchant_id="m",
+        merchant_category="5411",
+        terminal_id="t",
+        amount_cents=amount_cents,
+        event_time=DETECTED,
+        channel="ONLINE",
+        country="US",
+        city="Austin",
+        latitude=30.3,
+        longitude=-97.7,
+    )
 
 
 def alert(transaction_id: str, *rules: str) -> FraudAlert:
@@ -41,15 +53,28 @@ def parse_args(*argv: str) -> argparse.Namespace:
 
 
 def frame(state: DemoState, *, elapsed: float = 3.0, phase: str = "producing") -> Frame:
-    return Frame(topic="payments", detectors=2, rate=500, duration_s=30, elapsed_s=elapsed, phase=phase, state=state,
-                 in_per_s=498.0, out_per_s=490.0)
+    return Frame(
+        topic="payments",
+        detectors=2,
+        rate=500,
+        duration_s=30,
+        elapsed_s=elapsed,
+        phase=phase,
+        state=state,
+        in_per_s=498.0,
+        out_per_s=490.0,
+    )
 
 
 def busy_state() -> DemoState:
     state = DemoState()
     for i in range(10):
         state.on_input(100.0 + i)
-        state.on_label(Label(transaction_id=f"t{i}", is_fraud=i in (1, 2, 3), scenario="card_testing" if i in (1, 2, 3) else "legit"))
+        state.on_label(
+            Label(
+                transaction_id=f"t{i}", is_fraud=i in (1, 2, 3), scenario="card_testing" if i in (1, 2, 3) else "legit"
+            )
+        )
     for i in (0, 4, 5, 6, 7):
         state.on_legit(tx(f"t{i}"))
     state.on_legit(tx("t3"))  # a fraud let through
@@ -112,8 +137,17 @@ def test_plain_line_has_every_count_and_no_escape_codes() -> None:
     line = plain_line(frame(busy_state()))
 
     assert "\x1b" not in line and "\n" not in line
-    for part in ("producing", "produced=10", "legit=6", "fraud=3", "dead_letter=1", "in_flight=0",
-                 "true_positives=2", "false_positives=1", "false_negatives=1"):
+    for part in (
+        "producing",
+        "produced=10",
+        "legit=6",
+        "fraud=3",
+        "dead_letter=1",
+        "in_flight=0",
+        "true_positives=2",
+        "false_positives=1",
+        "false_negatives=1",
+    ):
         assert part in line
 
 
@@ -168,7 +202,7 @@ def test_terminal_gets_the_panel_redrawn_in_place(monkeypatch: pytest.MonkeyPatc
     first = out.getvalue()
     clock.now = 1.0
     view.update(frame(state))
-    second = out.getvalue()[len(first):]
+    second = out.getvalue()[len(first) :]
     view.close()
 
     panel_height = len(panel_lines(frame(state)))
@@ -179,8 +213,9 @@ def test_terminal_gets_the_panel_redrawn_in_place(monkeypatch: pytest.MonkeyPatc
 
 def test_summary_ends_with_a_parseable_line_and_inspect_commands() -> None:
     state = busy_state()
-    lines = summary_lines(frame(state, phase="done"), SETTINGS, extra_flags=[], log_dir=Path("/tmp/x"),
-                          stack_left_running=True)
+    lines = summary_lines(
+        frame(state, phase="done"), SETTINGS, extra_flags=[], log_dir=Path("/tmp/x"), stack_left_running=True
+    )
 
     fields = dict(item.split("=", 1) for item in lines[-1].removeprefix("summary: ").split())
     assert lines[-1].startswith("summary: ")
@@ -194,17 +229,27 @@ def test_summary_ends_with_a_parseable_line_and_inspect_commands() -> None:
 def test_summary_says_so_when_counts_do_not_add_up() -> None:
     state = busy_state()
     state.on_input(200.0)
-    lines = summary_lines(frame(state), SETTINGS, extra_flags=["--bootstrap-servers", "h:1"],
-                          log_dir=Path("/tmp/x"), stack_left_running=False)
+    lines = summary_lines(
+        frame(state),
+        SETTINGS,
+        extra_flags=["--bootstrap-servers", "h:1"],
+        log_dir=Path("/tmp/x"),
+        stack_left_running=False,
+    )
 
     assert "counts_add_up=no" in lines[-1] and any("do NOT add up" in line for line in lines)
-    assert all(line.endswith("--bootstrap-servers h:1") for line in lines if line.strip().startswith("fraudstream inspect")
-               and "|" not in line)
+    assert all(
+        line.endswith("--bootstrap-servers h:1")
+        for line in lines
+        if line.strip().startswith("fraudstream inspect") and "|" not in line
+    )
 
 
 def test_each_detector_gets_its_own_transactional_id() -> None:
     settings = SETTINGS.replace(group_id="g")
-    ids = {detector_command(settings, i)[detector_command(settings, i).index("--transactional-id") + 1] for i in range(3)}
+    ids = {
+        detector_command(settings, i)[detector_command(settings, i).index("--transactional-id") + 1] for i in range(3)
+    }
 
     assert len(ids) == 3
     assert detector_command(settings, 0)[:5] == ["detect", "--topic", "payments", "--group-id", "g"]
@@ -264,12 +309,22 @@ def test_rule_changes_show_in_the_panel_newest_first() -> None:
     schemas = load_schemas(Settings().schemas_dir)
     decoder = Decoder(FakeRegistry({5: schemas.expanded["Rule"]}), schemas.expanded["Rule"])
     encode = make_encoder(5, schemas.parsed["Rule"])
-    lowered = Rule(id="large_amount", version=2, kind="large_amount", parameters={"threshold_cents": 50_000},
-                   enabled=True, author="ana", comment="more fraud", written_at=datetime(2026, 1, 1, tzinfo=timezone.utc))
+    lowered = Rule(
+        id="large_amount",
+        version=2,
+        kind="large_amount",
+        parameters={"threshold_cents": 50_000},
+        enabled=True,
+        author="ana",
+        comment="more fraud",
+        written_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    )
     state = busy_state()
     assert "rule changes" not in "\n".join(panel_lines(frame(state)))
     state.on_rule(rule_line(decoder, encode(lowered.to_dict())))
     state.on_rule(rule_line(decoder, b"junk"))
     text = "\n".join(panel_lines(frame(state)))
     assert "rule changes" in text
-    assert text.index("unreadable rule record") < text.index("large_amount v2 enabled threshold_cents=50000  by ana: more fraud")
+    assert text.index("unreadable rule record") < text.index(
+        "large_amount v2 enabled threshold_cents=50000  by ana: more fraud"
+    )

@@ -88,7 +88,9 @@ class FakeConsumer:
             messages = []
             for p in sorted(self.positions):
                 if (TOPIC, p) in self.detector._assigned:
-                    chunk = self.log.records[p][self.positions[p]:self.positions[p] + min(self.batch, num_messages - len(messages))]
+                    chunk = self.log.records[p][
+                        self.positions[p] : self.positions[p] + min(self.batch, num_messages - len(messages))
+                    ]
                     self.positions[p] += len(chunk)
                     messages += chunk
         if not messages and timeout > 0:
@@ -181,8 +183,9 @@ class PassThrough:
         return DecidedBatch(len(messages), {})
 
 
-def make_detector(monkeypatch, *, partitions=2, records=8, fail=None, successors=(),
-                  transaction_timeout_ms=10_000, decider=None) -> tuple[Detector, Log, list[FakeProducer]]:
+def make_detector(
+    monkeypatch, *, partitions=2, records=8, fail=None, successors=(), transaction_timeout_ms=10_000, decider=None
+) -> tuple[Detector, Log, list[FakeProducer]]:
     # Batches of 8 records at most: the scripted failures hit the first or a later transaction.
     settings = Settings(transactions_topic=TOPIC, transaction_timeout_ms=transaction_timeout_ms, batch_max_records=8)
     detector = Detector(settings, log_interval_s=3600, on_log=lambda line: logs.append(line))
@@ -205,6 +208,7 @@ def make_detector(monkeypatch, *, partitions=2, records=8, fail=None, successors
 
     monkeypatch.setattr(detector, "_start", start)
     monkeypatch.setattr(detector, "_new_producer", new_producer)
+
     def new_consumer():  # joins the group at once and starts from the committed offsets
         consumer = FakeConsumer(log, detector)
         consumer.positions = {p: max(0, offset) for p, offset in log.committed.items()}
@@ -265,8 +269,9 @@ def test_abort_and_retry_is_bounded_with_backoff_on_the_stop_event(monkeypatch):
 
 def test_a_stop_request_ends_the_retries_promptly(monkeypatch):
     retriable = KafkaError(KafkaError._TIMED_OUT, retriable=True)
-    detector, log, [producer] = make_detector(monkeypatch, fail={("commit", "*"): retriable},
-                                              transaction_timeout_ms=120_000)
+    detector, log, [producer] = make_detector(
+        monkeypatch, fail={("commit", "*"): retriable}, transaction_timeout_ms=120_000
+    )
     threading.Timer(0.5, detector.stop.set).start()
     started = time.monotonic()
     detector.run()
@@ -277,9 +282,11 @@ def test_a_stop_request_ends_the_retries_promptly(monkeypatch):
 
 def test_a_commit_retried_past_the_transaction_timeout_recovers_instead_of_reporting_fencing(monkeypatch):
     retriable = KafkaError(KafkaError._TIMED_OUT, retriable=True)
-    detector, log, producers = make_detector(monkeypatch, fail={("commit", 1): retriable, ("commit", 2): retriable,
-                                                                ("commit", "*"): retriable},
-                                             transaction_timeout_ms=1_000)
+    detector, log, producers = make_detector(
+        monkeypatch,
+        fail={("commit", 1): retriable, ("commit", 2): retriable, ("commit", "*"): retriable},
+        transaction_timeout_ms=1_000,
+    )
     metrics = detector.run()
     assert len(producers) == 2 and metrics.recoveries == 1  # a new producer under the same transactional id
     recovery = next(line for line in detector.logs if "recreating the transactional producer" in line)
@@ -300,7 +307,9 @@ def test_an_epoch_ended_by_the_broker_recreates_the_producer(monkeypatch, code):
 
 def test_committed_offsets_the_consumer_cannot_get_are_asked_with_a_fresh_client_of_the_group(monkeypatch):
     """After a broker restart the consumer's own coordinator requests can keep timing out."""
-    detector, log, producers = make_detector(monkeypatch, fail={("send_offsets", 2): KafkaError(KafkaError._FENCED, fatal=True)})
+    detector, log, producers = make_detector(
+        monkeypatch, fail={("send_offsets", 2): KafkaError(KafkaError._FENCED, fatal=True)}
+    )
     detector.settings = detector.settings.replace(broker_outage_limit_s=3)  # a failure here fails in seconds
     stuck = KafkaException(KafkaError(KafkaError._TIMED_OUT))
     monkeypatch.setattr(FakeConsumer, "committed", lambda self, partitions, timeout=None: (_ for _ in ()).throw(stuck))
@@ -326,16 +335,20 @@ def test_committed_offsets_the_consumer_cannot_get_are_asked_with_a_fresh_client
 
 
 def test_a_newer_detector_holding_our_instance_id_stops_us_with_that_reason(monkeypatch):
-    detector, log, producers = make_detector(monkeypatch, fail={("commit", 1): KafkaError(KafkaError._FENCED, fatal=True)},
-                                             successors=("member-newer",))
-    with pytest.raises(Fenced, match="another detector with the same transactional id joined group .* as member "
-                                     "member-newer and took over"):
+    detector, log, producers = make_detector(
+        monkeypatch, fail={("commit", 1): KafkaError(KafkaError._FENCED, fatal=True)}, successors=("member-newer",)
+    )
+    with pytest.raises(
+        Fenced,
+        match="another detector with the same transactional id joined group .* as member member-newer and took over",
+    ):
         detector.run()
     assert len(producers) == 1
 
 
-FENCED_INSTANCE = KafkaError(KafkaError.FENCED_INSTANCE_ID, "Static consumer fenced by other consumer with same "
-                             "group.instance.id", fatal=True)
+FENCED_INSTANCE = KafkaError(
+    KafkaError.FENCED_INSTANCE_ID, "Static consumer fenced by other consumer with same group.instance.id", fatal=True
+)
 
 
 def fence_consumer_after_first_batch(detector: Detector, log: Log) -> None:
@@ -369,7 +382,9 @@ def test_a_consumer_fenced_by_its_own_rejoin_is_recreated(monkeypatch):
 def test_a_member_left_by_our_own_rejoin_expires_and_does_not_stop_us(monkeypatch):
     # Our consumer's lost rejoin left a member under our group.instance.id that nobody heartbeats:
     # it is gone after the session timeout, unlike a newer detector's.
-    detector, log, [producer] = make_detector(monkeypatch, successors=lambda asked: ["member-phantom"] if asked < 2 else [])
+    detector, log, [producer] = make_detector(
+        monkeypatch, successors=lambda asked: ["member-phantom"] if asked < 2 else []
+    )
     fence_consumer_after_first_batch(detector, log)
     metrics = detector.run()
     assert metrics.recoveries == 1 and len(detector.group_answers) == 3
@@ -431,8 +446,10 @@ def test_forwarded_records_and_their_own_outputs_are_produced_in_input_order(mon
             expected.append((settings.dlq_topic, message.value(), "invalid_record"))
         else:  # the input's own bytes, the batch's legit headers
             expected.append((settings.legit_topic, message.value(), FraudAtOneDeadAtFive.headers))
-    produced = [(topic, value, dict(headers or {}).get(DLQ_KIND, b"").decode() if topic == settings.dlq_topic else headers)
-                for topic, value, headers in producer.produced]
+    produced = [
+        (topic, value, dict(headers or {}).get(DLQ_KIND, b"").decode() if topic == settings.dlq_topic else headers)
+        for topic, value, headers in producer.produced
+    ]
     assert produced == expected
     assert (metrics.legit, metrics.fraud, metrics.dead_lettered) == (6, 1, 1)
 
@@ -499,8 +516,9 @@ def test_first_signal_stops_cleanly_and_a_second_exits_at_once():
                 pass
             print("returned", flush=True)
     """)
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     try:
         assert process.stdout.readline().strip() == "ready"
         process.send_signal(signal.SIGINT)
@@ -527,7 +545,9 @@ def test_a_kafka_call_blocked_long_past_its_timeout_ends_the_process_with_its_st
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT)
     if stuck:
-        assert done.returncode == 1 and "Timeout (0:00:00.700000)!" in done.stdout and "still running" not in done.stdout
+        assert (
+            done.returncode == 1 and "Timeout (0:00:00.700000)!" in done.stdout and "still running" not in done.stdout
+        )
         assert "in <module>" in done.stdout  # the stack of the blocked call
     else:
         assert done.returncode == 0 and done.stdout.strip() == "still running", done.stdout + done.stderr
@@ -567,8 +587,7 @@ def test_records_of_a_partition_still_restoring_are_read_again_later(monkeypatch
 
 def test_the_offsets_sent_are_each_partitions_last_record_of_the_batch_plus_one():
     # Partitions interleaved as fetch responses come, one of them with a single record.
-    batch = [Message(0, 10), Message(0, 11), Message(2, 5), Message(1, 7), Message(0, 12), Message(2, 6),
-             Message(2, 7)]
+    batch = [Message(0, 10), Message(0, 11), Message(2, 5), Message(1, 7), Message(0, 12), Message(2, 6), Message(2, 7)]
 
     sent = detector_module._next_offsets(batch)
 
@@ -612,15 +631,18 @@ class CommittedOffset:
 def test_a_partition_whose_committed_offset_came_back_with_an_error_is_asked_again_not_read_from_the_start(monkeypatch):
     """librdkafka reports a per-partition error inside committed()'s answer, with OFFSET_INVALID as the offset:
     taken as "nothing committed", the partition was read again from its beginning (duplicates)."""
-    detector, log, producers = make_detector(monkeypatch, fail={("send_offsets", 2): KafkaError(KafkaError._FENCED, fatal=True)})
+    detector, log, producers = make_detector(
+        monkeypatch, fail={("send_offsets", 2): KafkaError(KafkaError._FENCED, fatal=True)}
+    )
     detector.settings = detector.settings.replace(broker_outage_limit_s=5)
     answers = []
 
     def answer(self, partitions, timeout=None):
         error = KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS) if not answers else None
         answers.append(error)
-        return [CommittedOffset(tp.partition, -1001 if error else log.committed[tp.partition], error)
-                for tp in partitions]
+        return [
+            CommittedOffset(tp.partition, -1001 if error else log.committed[tp.partition], error) for tp in partitions
+        ]
 
     monkeypatch.setattr(FakeConsumer, "committed", answer)
 
@@ -702,11 +724,21 @@ def test_a_transaction_that_only_releases_held_records_sends_its_partitions_offs
     monkeypatch.setattr(detector, "_start", start_with_state)
     sent = []
     original = FakeProducer.send_offsets_to_transaction
-    monkeypatch.setattr(FakeProducer, "send_offsets_to_transaction",
-                        lambda self, offsets, metadata, timeout: (sent.append(offsets), original(self, offsets, metadata, timeout)))
+    monkeypatch.setattr(
+        FakeProducer,
+        "send_offsets_to_transaction",
+        lambda self, offsets, metadata, timeout: (sent.append(offsets), original(self, offsets, metadata, timeout)),
+    )
     consume = FakeConsumer.consume
-    monkeypatch.setattr(FakeConsumer, "consume", lambda self, n, timeout: [] if decider.released is False and
-                        log.committed[0] >= 2 and log.committed[1] >= 2 else consume(self, n, timeout))
+    monkeypatch.setattr(
+        FakeConsumer,
+        "consume",
+        lambda self, n, timeout: (
+            []
+            if decider.released is False and log.committed[0] >= 2 and log.committed[1] >= 2
+            else consume(self, n, timeout)
+        ),
+    )
     detector.run()
     assert decider.released and b"released" in producers[0].committed_outputs
     release_offsets = sent[-1]
@@ -759,6 +791,8 @@ def test_a_batch_that_changed_state_before_a_registry_outage_is_undone_then_deci
     assert decider.failed and state.rollbacks == 1  # undone in memory, then decided again as it stood
     assert metrics.registry_retries == 1 and state.commits >= 1
     assert sorted(producers[0].committed_outputs) == every_input(log)  # each record once
+
+
 def test_a_transactional_call_stuck_for_good_is_recovered_in_the_process_with_a_new_producer(monkeypatch):
     """librdkafka after broker restarts: commit_transaction blocked minutes past its timeout. The producer is
     abandoned (never destroyed while its call is pending) and a new one under the same id fences it; the batch

@@ -11,7 +11,9 @@ import pytest
 from fraudstream.settings import Settings
 from tests.support.detector_process import LIBRDKAFKA_ABORT, DetectorProcess
 
-ABORTS_LIKE_LIBRDKAFKA = f"import os, sys; print('python: rdkafka_queue.h:1086: {LIBRDKAFKA_ABORT}: Assertion', flush=True); os.abort()"
+ABORTS_LIKE_LIBRDKAFKA = (
+    f"import os, sys; print('python: rdkafka_queue.h:1086: {LIBRDKAFKA_ABORT}: Assertion', flush=True); os.abort()"
+)
 
 
 def stand_in(tmp_path, code: str) -> DetectorProcess:
@@ -32,8 +34,9 @@ def test_a_supervised_detector_is_restarted_after_librdkafka_s_abort(tmp_path):
     detector.ensure_ended()
 
 
-STUCK_LIKE_THE_DETECTOR = ("import faulthandler, sys, time; faulthandler.dump_traceback_later(0.1, exit=True, file=sys.stdout); "
-                           "time.sleep(5)")
+STUCK_LIKE_THE_DETECTOR = (
+    "import faulthandler, sys, time; faulthandler.dump_traceback_later(0.1, exit=True, file=sys.stdout); time.sleep(5)"
+)
 
 
 def test_a_supervised_detector_is_restarted_after_its_own_exit_on_a_stuck_call(tmp_path):

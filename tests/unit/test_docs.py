@@ -38,10 +38,23 @@ cli.main(args=sys.argv[1:], prog_name="mkdocs")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     site_dir = tmp_path_factory.mktemp("site")
     done = subprocess.run(
-        [sys.executable, "-c", OFFLINE_MKDOCS, "build", "--strict", "--config-file", str(PROJECT_ROOT / "mkdocs.yml"),
-         "--site-dir", str(site_dir)],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
-        env={"PATH": "/usr/bin:/bin", "NO_MKDOCS_2_WARNING": "1", "HOME": str(site_dir)})
+        [
+            sys.executable,
+            "-c",
+            OFFLINE_MKDOCS,
+            "build",
+            "--strict",
+            "--config-file",
+            str(PROJECT_ROOT / "mkdocs.yml"),
+            "--site-dir",
+            str(site_dir),
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "NO_MKDOCS_2_WARNING": "1", "HOME": str(site_dir)},
+    )
     assert done.returncode == 0, f"mkdocs build --strict failed:\n{done.stdout}\n{done.stderr}"
     return site_dir
 

@@ -23,7 +23,11 @@ def fixed_vectors():
     yield "perfect ranking", y, y.astype(float)
     yield "inverted ranking", y, 1.0 - y
     yield "binary decisions", y, (rng.random(3_000) < 0.05).astype(float)
-    yield "small hand-made", np.array([1, 0, 1, 1, 0, 0, 0, 1], bool), np.array([.9, .9, .8, .3, .3, .3, .1, .05])
+    yield (
+        "small hand-made",
+        np.array([1, 0, 1, 1, 0, 0, 0, 1], bool),
+        np.array([0.9, 0.9, 0.8, 0.3, 0.3, 0.3, 0.1, 0.05]),
+    )
 
 
 @pytest.mark.parametrize("name, y, score", list(fixed_vectors()), ids=[v[0] for v in fixed_vectors()])
@@ -42,8 +46,9 @@ def test_precision_recall_f1_match_scikit_learn(seed):
     rng = np.random.default_rng(seed)
     y, pred = rng.random(2_000) < 0.05, rng.random(2_000) < 0.08
     ours = ev.precision_recall_f1(y, pred)
-    assert ours == pytest.approx((metrics.precision_score(y, pred), metrics.recall_score(y, pred),
-                                  metrics.f1_score(y, pred)), abs=1e-12)
+    assert ours == pytest.approx(
+        (metrics.precision_score(y, pred), metrics.recall_score(y, pred), metrics.f1_score(y, pred)), abs=1e-12
+    )
 
 
 def test_undefined_metrics_are_none_not_zero():
@@ -59,7 +64,7 @@ def test_card_precision_follows_the_handbook():
     # scores; top 2 of {3 (0.7, legit), 4 (0.6, fraud)} -> 1/2. Day 2: only card 5 left: 0 of k=2.
     day = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 2])
     card = np.array([1, 1, 2, 3, 4, 1, 2, 3, 4, 5])
-    score = np.array([.9, .1, .8, .2, .3, .99, .98, .7, .6, .5])
+    score = np.array([0.9, 0.1, 0.8, 0.2, 0.3, 0.99, 0.98, 0.7, 0.6, 0.5])
     fraud = np.array([0, 1, 1, 0, 0, 1, 1, 0, 1, 0], bool)
     assert card_precision_at_k(day, card, score, fraud, 2) == [(0, 1.0, 2), (1, 0.5, 1), (2, 0.0, 0)]
 
@@ -82,8 +87,12 @@ def routed(rows) -> Routed:
 def test_cards_known_compromised_are_left_out_once_their_label_has_arrived():
     # Card A's fraud on day 0 becomes known on day 2 with a 1-day delay (labels arrive by day 1 at 10:00,
     # after day 1 started), so A's day-2 transactions are left out but its day-1 ones are not.
-    rows = [("t1", "A", 10 * 3_600_000, True, math.nan), ("t2", "A", DAY + 1, False, math.nan),
-            ("t3", "A", 2 * DAY + 1, True, math.nan), ("t4", "B", 2 * DAY + 5, False, math.nan)]
+    rows = [
+        ("t1", "A", 10 * 3_600_000, True, math.nan),
+        ("t2", "A", DAY + 1, False, math.nan),
+        ("t3", "A", 2 * DAY + 1, True, math.nan),
+        ("t4", "B", 2 * DAY + 5, False, math.nan),
+    ]
     labels = {"t1": (True, "s"), "t2": (False, "legit"), "t3": (True, "s"), "t4": (False, "legit")}
     report, _ = ev.evaluate(routed(rows), labels, top_k=1, label_delay_days=1)
     assert report["evaluated"] == 3 and report["known_compromised_left_out"] == 1
@@ -109,8 +118,13 @@ def test_scores_are_used_when_every_record_carries_one():
 
 
 def test_per_scenario_precision_counts_legit_false_positives_against_each_scenario():
-    rows = [("a", "c1", 0, True, math.nan), ("b", "c2", 0, False, math.nan), ("c", "c3", 0, True, math.nan),
-            ("d", "c4", 0, True, math.nan), ("e", "c5", 0, False, math.nan)]
+    rows = [
+        ("a", "c1", 0, True, math.nan),
+        ("b", "c2", 0, False, math.nan),
+        ("c", "c3", 0, True, math.nan),
+        ("d", "c4", 0, True, math.nan),
+        ("e", "c5", 0, False, math.nan),
+    ]
     labels = {"a": (True, "s1"), "b": (True, "s1"), "c": (True, "s2"), "d": (False, "legit"), "e": (False, "legit")}
     report, _ = ev.evaluate(routed(rows), labels, label_delay_days=0)
     s1, s2 = report["overall"]["scenarios"]["s1"], report["overall"]["scenarios"]["s2"]
@@ -125,7 +139,8 @@ def test_bad_input_is_one_line_each_and_the_report_still_comes():
     assert report["warnings"] == [
         "1 labels name transactions that are not in the outputs (not routed yet, dead-lettered, or from another run): "
         "left out",
-        "1 routed transactions have no label yet (labels arrive after their delay): left out"]
+        "1 routed transactions have no label yet (labels arrive after their delay): left out",
+    ]
     assert report["evaluated"] == 1 and report["overall"]["recall"] == 1.0
     report, _ = ev.evaluate(routed(rows), {}, label_delay_days=0)
     assert len(report["warnings"]) == 1 and report["warnings"][0].startswith("no labels")
@@ -136,8 +151,9 @@ def test_bad_input_is_one_line_each_and_the_report_still_comes():
 
 def test_the_table_puts_the_handbook_baselines_beside_ours_and_the_chart_is_a_png(tmp_path):
     rng = np.random.default_rng(0)
-    rows = [(f"t{i}", f"c{i % 300}", (i % 5) * DAY + i, bool(rng.random() < 0.1), float(rng.random()))
-            for i in range(2_000)]
+    rows = [
+        (f"t{i}", f"c{i % 300}", (i % 5) * DAY + i, bool(rng.random() < 0.1), float(rng.random())) for i in range(2_000)
+    ]
     labels = {f"t{i}": (bool(rng.random() < 0.05), "hb") for i in range(2_000)}
     report, curves = ev.evaluate(routed(rows), labels, label_delay_days=0)
     table = ev.render(report)
@@ -152,8 +168,12 @@ def test_the_table_puts_the_handbook_baselines_beside_ours_and_the_chart_is_a_pn
 def test_with_a_window_only_frauds_since_the_handbooks_training_week_make_a_card_known():
     # Window from day 20, delay 1 day: frauds count from day 20 - 1 - 7 = day 12 on, as the book's
     # training week does. A's fraud on day 5 is older, so A's day-20 transaction stays; B's on day 13 counts.
-    rows = [("a5", "A", 5 * DAY + 1, False, math.nan), ("b13", "B", 13 * DAY + 1, False, math.nan),
-            ("a20", "A", 20 * DAY + 1, False, math.nan), ("b20", "B", 20 * DAY + 1, False, math.nan)]
+    rows = [
+        ("a5", "A", 5 * DAY + 1, False, math.nan),
+        ("b13", "B", 13 * DAY + 1, False, math.nan),
+        ("a20", "A", 20 * DAY + 1, False, math.nan),
+        ("b20", "B", 20 * DAY + 1, False, math.nan),
+    ]
     labels = {"a5": (True, "s"), "b13": (True, "s"), "a20": (False, "legit"), "b20": (False, "legit")}
     first = ev.date(1970, 1, 21)
     report, _ = ev.evaluate(routed(rows), labels, label_delay_days=1, first_day=first, last_day=first)

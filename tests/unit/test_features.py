@@ -12,9 +12,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fraudstream.consumer.features as features
-from fraudstream.consumer.features import (CARD_FEATURES, CHANNELS, HOUR_MS, MINUTE_MS, PROFILE_DTYPE, PROFILE_TTL_MS,
-                               TERMINAL_DTYPE, TERMINAL_FEATURES, TERMINAL_TTL_MS, TxColumns, card_features,
-                               card_features_one, expiry_horizon, terminal_features, terminal_features_one)
+from fraudstream.consumer.features import (
+    CARD_FEATURES,
+    CHANNELS,
+    HOUR_MS,
+    MINUTE_MS,
+    PROFILE_DTYPE,
+    PROFILE_TTL_MS,
+    TERMINAL_DTYPE,
+    TERMINAL_FEATURES,
+    TERMINAL_TTL_MS,
+    TxColumns,
+    card_features,
+    card_features_one,
+    expiry_horizon,
+    terminal_features,
+    terminal_features_one,
+)
 from fraudstream.consumer.state.table import KeyedTable
 from fraudstream.schemas import load_schemas
 from fraudstream.settings import Settings
@@ -25,29 +39,63 @@ CITIES = [(40.71, -74.01), (40.80, -73.95), (51.51, -0.13), (34.05, -118.24), (3
 STEPS_MS = [0, 1, 1_000, 30_000, 5 * MINUTE_MS, 11 * MINUTE_MS, 2 * HOUR_MS, PROFILE_TTL_MS + 1, -10_000]
 
 
-def record(i: int, *, card: str, t: int, channel: str = "CARD_PRESENT", amount: int = 2_000, city: int = 0,
-           device: str | None = None, terminal: str = "term-1", mcc: str = "5411") -> dict:
+def record(
+    i: int,
+    *,
+    card: str,
+    t: int,
+    channel: str = "CARD_PRESENT",
+    amount: int = 2_000,
+    city: int = 0,
+    device: str | None = None,
+    terminal: str = "term-1",
+    mcc: str = "5411",
+) -> dict:
     lat, lon = CITIES[city]
-    return {"transaction_id": f"tx-{i}", "account_id": "acct-1", "card_id": card, "merchant_id": "m",
-            "merchant_category": mcc, "terminal_id": terminal, "amount_cents": amount, "currency": "USD",
-            "event_time": t, "channel": channel, "country": "US", "city": "c", "latitude": lat, "longitude": lon,
-            "device_id": device}
+    return {
+        "transaction_id": f"tx-{i}",
+        "account_id": "acct-1",
+        "card_id": card,
+        "merchant_id": "m",
+        "merchant_category": mcc,
+        "terminal_id": terminal,
+        "amount_cents": amount,
+        "currency": "USD",
+        "event_time": t,
+        "channel": channel,
+        "country": "US",
+        "city": "c",
+        "latitude": lat,
+        "longitude": lon,
+        "device_id": device,
+    }
 
 
 transactions = st.lists(
-    st.tuples(st.sampled_from(["card-a", "card-b", "card-c", "card-d"]), st.sampled_from(STEPS_MS),
-              st.sampled_from(CHANNELS), st.sampled_from([50, 249, 300, 501, 2_000, 95_000]),
-              st.integers(0, len(CITIES) - 1), st.sampled_from([None, "dev-1", "dev-2", "dev-3", "dev-4", "dev-5"]),
-              st.sampled_from(["term-1", "term-2", "term-3"]), st.sampled_from(["5411", "5815", "7011"])),
-    min_size=1, max_size=60)
+    st.tuples(
+        st.sampled_from(["card-a", "card-b", "card-c", "card-d"]),
+        st.sampled_from(STEPS_MS),
+        st.sampled_from(CHANNELS),
+        st.sampled_from([50, 249, 300, 501, 2_000, 95_000]),
+        st.integers(0, len(CITIES) - 1),
+        st.sampled_from([None, "dev-1", "dev-2", "dev-3", "dev-4", "dev-5"]),
+        st.sampled_from(["term-1", "term-2", "term-3"]),
+        st.sampled_from(["5411", "5815", "7011"]),
+    ),
+    min_size=1,
+    max_size=60,
+)
 
 
 def build(drawn: list) -> list[dict]:
     records, t = [], T0
     for i, (card, step, channel, amount, city, device, terminal, mcc) in enumerate(drawn):
         t += step
-        records.append(record(i, card=card, t=t, channel=channel, amount=amount, city=city, device=device,
-                              terminal=terminal, mcc=mcc))
+        records.append(
+            record(
+                i, card=card, t=t, channel=channel, amount=amount, city=city, device=device, terminal=terminal, mcc=mcc
+            )
+        )
     return records
 
 
@@ -100,8 +148,9 @@ def test_terminal_features_on_batches_equal_the_one_by_one_spec(drawn: list, cut
 def test_a_batch_takes_as_many_rounds_as_its_busiest_card_has_transactions(monkeypatch) -> None:
     rounds = []
     real = features._card_round
-    monkeypatch.setattr(features, "_card_round", lambda p, tx, out, index: (rounds.append(len(index)),
-                                                                             real(p, tx, out, index)))
+    monkeypatch.setattr(
+        features, "_card_round", lambda p, tx, out, index: (rounds.append(len(index)), real(p, tx, out, index))
+    )
     records = [record(i, card=f"card-{i}", t=T0 + i) for i in range(500)]
     records += [record(500 + i, card="card-7", t=T0 + 1_000 + i) for i in range(3)]
     card_features(KeyedTable(PROFILE_DTYPE), TxColumns.from_records(records))
@@ -144,9 +193,11 @@ def one_by_one(records: list[dict]) -> list[dict]:
 def test_impossible_travel_a_stay_away_and_a_home_that_a_short_trip_does_not_move() -> None:
     home = [record(0, card="c", t=T0, city=0)]  # a single vote for New York
     t = home[-1]["event_time"]
-    trip = [record(10, card="c", t=t + 10 * MINUTE_MS, city=2),  # London, 10 minutes after New York
-            record(11, card="c", t=t + 11 * MINUTE_MS, city=2),
-            record(12, card="c", t=t + 3 * HOUR_MS, city=0)]  # back home
+    trip = [
+        record(10, card="c", t=t + 10 * MINUTE_MS, city=2),  # London, 10 minutes after New York
+        record(11, card="c", t=t + 11 * MINUTE_MS, city=2),
+        record(12, card="c", t=t + 3 * HOUR_MS, city=0),
+    ]  # back home
     f = one_by_one(home + trip)
 
     london, again, back = f[1], f[2], f[3]
@@ -158,20 +209,26 @@ def test_impossible_travel_a_stay_away_and_a_home_that_a_short_trip_does_not_mov
 
 
 def test_online_payments_have_no_location_and_do_not_move_the_card() -> None:
-    f = one_by_one([record(0, card="c", t=T0, city=0),
-                    record(1, card="c", t=T0 + MINUTE_MS, city=4, channel="ONLINE", device="d"),
-                    record(2, card="c", t=T0 + 2 * MINUTE_MS, city=0)])
+    f = one_by_one(
+        [
+            record(0, card="c", t=T0, city=0),
+            record(1, card="c", t=T0 + MINUTE_MS, city=4, channel="ONLINE", device="d"),
+            record(2, card="c", t=T0 + 2 * MINUTE_MS, city=0),
+        ]
+    )
 
     assert (f[1]["dist_prev_km"], f[1]["speed_kmh"], f[1]["dist_home_km"]) == (0.0, 0.0, 0.0)
     assert f[2]["dist_prev_km"] < 1
 
 
 def test_a_card_testing_session_counts_small_payments_and_follows_the_new_device() -> None:
-    r = [record(0, card="c", t=T0, channel="ONLINE", device="own"),
-         record(1, card="c", t=T0 + HOUR_MS, channel="ONLINE", amount=120, device="thief", mcc="5815"),
-         record(2, card="c", t=T0 + HOUR_MS + 5_000, channel="ONLINE", amount=80, device="thief", mcc="5815"),
-         record(3, card="c", t=T0 + HOUR_MS + 60_000, channel="ONLINE", amount=60_000, device="thief"),
-         record(4, card="c", t=T0 + 2 * HOUR_MS, channel="ONLINE", amount=70, device="own")]
+    r = [
+        record(0, card="c", t=T0, channel="ONLINE", device="own"),
+        record(1, card="c", t=T0 + HOUR_MS, channel="ONLINE", amount=120, device="thief", mcc="5815"),
+        record(2, card="c", t=T0 + HOUR_MS + 5_000, channel="ONLINE", amount=80, device="thief", mcc="5815"),
+        record(3, card="c", t=T0 + HOUR_MS + 60_000, channel="ONLINE", amount=60_000, device="thief"),
+        record(4, card="c", t=T0 + 2 * HOUR_MS, channel="ONLINE", amount=70, device="own"),
+    ]
     f = one_by_one(r)
 
     assert [x["new_device"] for x in f] == [True, True, False, False, False]
@@ -182,9 +239,13 @@ def test_a_card_testing_session_counts_small_payments_and_follows_the_new_device
 
 
 def test_small_payments_in_person_are_not_card_tests() -> None:
-    f = one_by_one([record(0, card="c", t=T0, channel="CONTACTLESS", amount=150),
-                    record(1, card="c", t=T0 + 60_000, channel="ONLINE", amount=150, device="d"),
-                    record(2, card="c", t=T0 + 120_000, channel="ONLINE", amount=150, device="d")])
+    f = one_by_one(
+        [
+            record(0, card="c", t=T0, channel="CONTACTLESS", amount=150),
+            record(1, card="c", t=T0 + 60_000, channel="ONLINE", amount=150, device="d"),
+            record(2, card="c", t=T0 + 120_000, channel="ONLINE", amount=150, device="d"),
+        ]
+    )
 
     assert [x["session_n"] for x in f] == [0, 1, 2]
     assert [x["session_small"] for x in f] == [0, 0, 1]
@@ -205,7 +266,7 @@ def test_physical_expiry_between_batches_never_changes_a_feature() -> None:
     kept_t, expired_t = KeyedTable(TERMINAL_DTYPE), KeyedTable(TERMINAL_DTYPE)
     dropped = 0
     for start in range(0, len(records), 250):
-        tx = TxColumns.from_records(records[start:start + 250])
+        tx = TxColumns.from_records(records[start : start + 250])
         a, b = card_features(kept, tx), card_features(expired, tx)
         c, d = terminal_features(kept_t, tx), terminal_features(expired_t, tx)
         for name in CARD_FEATURES:
@@ -219,8 +280,13 @@ def test_physical_expiry_between_batches_never_changes_a_feature() -> None:
 
 
 def test_a_terminal_counts_other_recent_cards() -> None:
-    r = [record(0, card="a", t=T0), record(1, card="b", t=T0 + 30_000), record(2, card="b", t=T0 + 60_000),
-         record(3, card="c", t=T0 + 90_000), record(4, card="d", t=T0 + 90_000 + TERMINAL_TTL_MS + 1)]
+    r = [
+        record(0, card="a", t=T0),
+        record(1, card="b", t=T0 + 30_000),
+        record(2, card="b", t=T0 + 60_000),
+        record(3, card="c", t=T0 + 90_000),
+        record(4, card="d", t=T0 + 90_000 + TERMINAL_TTL_MS + 1),
+    ]
     f = scalar_path(r, terminal_features_one, "terminal_id")[0]
 
     assert [x["terminal_cards"] for x in f] == [0, 1, 1, 2, 0]
@@ -258,10 +324,10 @@ def test_the_hash_of_fixed_width_ids_equals_the_scalar_one(width: int, raw: list
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(transactions, st.lists(st.integers(0, 60), max_size=4),
-       st.lists(st.integers(0, 2), min_size=4, max_size=4))
-def test_card_features_of_several_partitions_at_once_equal_each_partition_alone(drawn: list, cuts: list[int],
-                                                                                 homes: list[int]) -> None:
+@given(transactions, st.lists(st.integers(0, 60), max_size=4), st.lists(st.integers(0, 2), min_size=4, max_size=4))
+def test_card_features_of_several_partitions_at_once_equal_each_partition_alone(
+    drawn: list, cuts: list[int], homes: list[int]
+) -> None:
     """The detector runs a batch's partitions through card_features_split at once, each with its own table:
     features and profiles are those of each partition's rows run alone with its table, and the rounds are
     shared (as many as the batch's busiest card needs, not a set per partition)."""
@@ -301,5 +367,8 @@ def test_card_features_of_several_partitions_at_once_equal_each_partition_alone(
     for k in range(3):
         assert sorted(together[k].keys()) == sorted(alone[k].keys())
         for key in alone[k].keys():
-            assert together[k].rows[together[k].lookup([key])[0]].tobytes() == alone[k].rows[alone[k].lookup([key])[0]].tobytes()
+            assert (
+                together[k].rows[together[k].lookup([key])[0]].tobytes()
+                == alone[k].rows[alone[k].lookup([key])[0]].tobytes()
+            )
         assert together[k].take_dirty()[0] == alone[k].take_dirty()[0]

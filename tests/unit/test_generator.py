@@ -232,7 +232,7 @@ def test_heavy_spenders_spend_more_than_light_ones(default_sample):
     population = Generator(7).population
     ranked = sorted(population.accounts, key=lambda a: a.typical_amount_cents)
     light = {a.account_id for a in ranked[: len(ranked) // 10]}
-    heavy = {a.account_id for a in ranked[-len(ranked) // 10:]}
+    heavy = {a.account_id for a in ranked[-len(ranked) // 10 :]}
     legit = [(tx.account_id, tx.amount_cents) for tx, label in default_sample if label.scenario == LEGIT]
     light_median = statistics.median(amount for account, amount in legit if account in light)
     heavy_median = statistics.median(amount for account, amount in legit if account in heavy)

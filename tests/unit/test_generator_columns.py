@@ -9,8 +9,15 @@ from collections import Counter
 
 import pytest
 
-from fraudstream.producer.generator import (ATM_NOTE_CENTS, FRAUD_SCENARIOS, LARGE_AMOUNT, LEGIT,
-                                            SEED_THRESHOLD_CENTS, Generator, build_population)
+from fraudstream.producer.generator import (
+    ATM_NOTE_CENTS,
+    FRAUD_SCENARIOS,
+    LARGE_AMOUNT,
+    LEGIT,
+    SEED_THRESHOLD_CENTS,
+    Generator,
+    build_population,
+)
 from fraudstream.producer.loop import _Run
 from fraudstream.schemas import load_schemas
 from fraudstream.serde import BatchEncoder, make_encoder
@@ -34,15 +41,19 @@ def sample():
 def test_the_same_seed_and_clock_give_the_same_batches_and_another_seed_others():
     schemas = load_schemas(Settings().schemas_dir)
     encode = BatchEncoder(1, schemas.expanded["Transaction"])
-    first, second, other = ([encode(b.transactions(encode.arrow_schema)) for b in batches(Generator(seed), 6)]
-                            for seed in (3, 3, 4))
+    first, second, other = (
+        [encode(b.transactions(encode.arrow_schema)) for b in batches(Generator(seed), 6)] for seed in (3, 3, 4)
+    )
     assert first == second and first != other
 
 
 def test_whole_batch_encoding_gives_fastavros_bytes_in_slot_order():
     # Many episodes: their steps fall due between the batches and their starts sit among everyday rows.
     schemas = load_schemas(Settings().schemas_dir)
-    encode_tx, encode_label = BatchEncoder(11, schemas.expanded["Transaction"]), BatchEncoder(12, schemas.expanded["Label"])
+    encode_tx, encode_label = (
+        BatchEncoder(11, schemas.expanded["Transaction"]),
+        BatchEncoder(12, schemas.expanded["Label"]),
+    )
     one_by_one_tx = make_encoder(11, schemas.parsed["Transaction"])
     one_by_one_label = make_encoder(12, schemas.parsed["Label"])
     columns, objects = Generator(5, shares=HIGH_SHARES), Generator(5, shares=HIGH_SHARES)
@@ -53,7 +64,9 @@ def test_whole_batch_encoding_gives_fastavros_bytes_in_slot_order():
         own_rows += len(batch.own)
         pairs = objects.next_batch(400, now_ms)
         assert encode_tx(batch.transactions(encode_tx.arrow_schema)) == [one_by_one_tx(tx.to_dict()) for tx, _ in pairs]
-        assert encode_label(batch.labels(encode_label.arrow_schema)) == [one_by_one_label(label.to_dict()) for _, label in pairs]
+        assert encode_label(batch.labels(encode_label.arrow_schema)) == [
+            one_by_one_label(label.to_dict()) for _, label in pairs
+        ]
     assert own_rows > 12 * 400 * 0.1  # the episode rows were really merged in
 
 
@@ -70,8 +83,12 @@ def test_everyday_purchases_follow_the_generators_rules(sample):
         assert tx.channel == {"atm": "ATM", "web": "ONLINE"}.get(terminal.kind, tx.channel)
         assert terminal.kind != "pos" or tx.channel in ("CONTACTLESS", "CARD_PRESENT")
         assert (tx.device_id is not None) == (terminal.kind == "web")
-        assert (tx.merchant_id, tx.country, tx.city, tx.latitude) == (terminal.merchant_id, terminal.country,
-                                                                       terminal.city, terminal.latitude)
+        assert (tx.merchant_id, tx.country, tx.city, tx.latitude) == (
+            terminal.merchant_id,
+            terminal.country,
+            terminal.city,
+            terminal.latitude,
+        )
         if label.scenario == LEGIT and tx.amount_cents <= SEED_THRESHOLD_CENTS:
             everyday += 1
             if terminal.kind == "atm":
@@ -121,12 +138,27 @@ def test_the_produce_loop_sends_whole_encoded_batches_with_the_same_bytes_as_rec
     generator = Generator(3, population=population, shares=HIGH_SHARES)
     calls = []
     real_next_columns = generator.next_columns
-    monkeypatch.setattr(generator, "next_columns", lambda n, now_ms: calls.append((n, now_ms)) or real_next_columns(n, now_ms))
+    monkeypatch.setattr(
+        generator, "next_columns", lambda n, now_ms: calls.append((n, now_ms)) or real_next_columns(n, now_ms)
+    )
     monkeypatch.setattr(generator, "next_batch", lambda *_: pytest.fail("the record-by-record path ran"))
     fake = FakeProducer()
     encoders = (BatchEncoder(21, schemas.expanded["Transaction"]), BatchEncoder(22, schemas.expanded["Label"]))
-    report = _Run(fake, generator, settings, None, None, labels=True, rate=None, count=3_000, duration=None,
-                  stop=threading.Event(), progress=None, flush_timeout_s=1.0, batch_encoders=encoders).run()
+    report = _Run(
+        fake,
+        generator,
+        settings,
+        None,
+        None,
+        labels=True,
+        rate=None,
+        count=3_000,
+        duration=None,
+        stop=threading.Event(),
+        progress=None,
+        flush_timeout_s=1.0,
+        batch_encoders=encoders,
+    ).run()
     assert report.sent == report.delivered == 3_000 and report.labels_delivered == 3_000 and calls
 
     # The same calls on a generator of the same seed, record by record: the same messages, in the same order.

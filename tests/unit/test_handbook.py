@@ -24,8 +24,11 @@ from fraudstream.producer.handbook import (
 # 1,754,155 transactions, 14,681 of them fraud (0.84%): 978 from S1, 9,099 from S2, 4,604 from S3.
 BOOK_TRANSACTIONS = 1_754_155
 BOOK_FRAUD_RATE = 14_681 / 1_754_155
-BOOK_SHARES = {S1_LARGE_AMOUNT: 978 / 14_681, S2_COMPROMISED_TERMINAL: 9_099 / 14_681,
-               S3_COMPROMISED_CARD: 4_604 / 14_681}
+BOOK_SHARES = {
+    S1_LARGE_AMOUNT: 978 / 14_681,
+    S2_COMPROMISED_TERMINAL: 9_099 / 14_681,
+    S3_COMPROMISED_CARD: 4_604 / 14_681,
+}
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +92,9 @@ def test_rows_map_onto_our_schema_with_their_labels():
     pairs = sim.to_pairs(0, len(sim))
     assert len(pairs) == len(sim)
     ids = set()
-    for (tx, label), minute_ms, amount, scenario in zip(pairs, sim.time_ms.tolist(), sim.amount_cents.tolist(),
-                                                         sim.scenario.tolist()):
+    for (tx, label), minute_ms, amount, scenario in zip(
+        pairs, sim.time_ms.tolist(), sim.amount_cents.tolist(), sim.scenario.tolist()
+    ):
         assert validate(tx.to_dict(), schemas.parsed["Transaction"], raise_errors=False)
         assert int(tx.event_time.timestamp() * 1000) == minute_ms
         assert tx.amount_cents == amount and tx.currency == "USD"

@@ -13,10 +13,20 @@ def test_a_held_row_gives_back_its_input_record_and_its_features() -> None:
     table = KeyedTable(held.HELD_DTYPE)
     keys = [held.position_key(3, 1_234_567), held.position_key(0, 0)]
     values = [b"\x00\x00\x00\x00\x07" + bytes(range(200)), b"\x00\x00\x00\x00\x07"]
-    held.hold(table, keys, event_time_ms=np.array([10, 20]), created_ms=np.array([111, 222]),
-              terminal=np.array([5, 6]), card=np.array([7, 8]), dist_home_km=np.array([150.5, 0.0]),
-              score=np.array([0.25, 0.0]), channel=np.array([1, 2]), record_keys=[b"acct-000042", None], values=values,
-              rule_set=b"7a1da86cf7bd")
+    held.hold(
+        table,
+        keys,
+        event_time_ms=np.array([10, 20]),
+        created_ms=np.array([111, 222]),
+        terminal=np.array([5, 6]),
+        card=np.array([7, 8]),
+        dist_home_km=np.array([150.5, 0.0]),
+        score=np.array([0.25, 0.0]),
+        channel=np.array([1, 2]),
+        record_keys=[b"acct-000042", None],
+        values=values,
+        rule_set=b"7a1da86cf7bd",
+    )
 
     dirty_keys, rows = table.take_dirty()
     assert sorted(dirty_keys) == sorted(keys)  # both go to the changelog with the batch
@@ -24,7 +34,9 @@ def test_a_held_row_gives_back_its_input_record_and_its_features() -> None:
     rows = rows[order]
     back = held.records_of(rows, keys, "payments")
     assert [(r.partition(), r.offset(), r.key(), r.value(), r.timestamp()[1]) for r in back] == [
-        (3, 1_234_567, b"acct-000042", values[0], 111), (0, 0, None, values[1], 222)]
+        (3, 1_234_567, b"acct-000042", values[0], 111),
+        (0, 0, None, values[1], 222),
+    ]
     assert rows["dist_home_km"].tolist() == [150.5, 0.0] and rows["terminal"].tolist() == [5, 6]
     assert rows["rule_set"].tolist() == [b"7a1da86cf7bd"] * 2
 
@@ -88,26 +100,51 @@ class _Message:
     def __init__(self, value, offset):
         self._value, self._offset = value, offset
 
-    def value(self): return self._value
-    def key(self): return b"acct-1"
-    def topic(self): return "transactions"
-    def partition(self): return 0
-    def offset(self): return self._offset
-    def headers(self): return None
-    def timestamp(self): return (1, 1_000 + self._offset)
+    def value(self):
+        return self._value
+
+    def key(self):
+        return b"acct-1"
+
+    def topic(self):
+        return "transactions"
+
+    def partition(self):
+        return 0
+
+    def offset(self):
+        return self._offset
+
+    def headers(self):
+        return None
+
+    def timestamp(self):
+        return (1, 1_000 + self._offset)
 
 
 def _decider(window: _Window, state: _State) -> StatefulDecider:
     record_wise, columnar = decider_pair()
-    return StatefulDecider(lambda messages: decode_batch(columnar, columnar.record_wise, messages),
-                           load_rules(None, settings=SETTINGS), state, encode_legit=record_wise.encode_legit,
-                           encode_fraud=record_wise.encode_fraud, terminal_features=window.features, terminal=window,
-                           input_topic="transactions")
+    return StatefulDecider(
+        lambda messages: decode_batch(columnar, columnar.record_wise, messages),
+        load_rules(None, settings=SETTINGS),
+        state,
+        encode_legit=record_wise.encode_legit,
+        encode_fraud=record_wise.encode_fraud,
+        terminal_features=window.features,
+        terminal=window,
+        input_topic="transactions",
+    )
 
 
 def _in_person(i: int, **changes):
-    return make_tx(2_500, transaction_id=f"t{i}", card_id=f"card-{i}", channel="CARD_PRESENT",
-                   event_time=datetime(2026, 1, 1, 0, i, tzinfo=UTC), **changes).to_dict()
+    return make_tx(
+        2_500,
+        transaction_id=f"t{i}",
+        card_id=f"card-{i}",
+        channel="CARD_PRESENT",
+        event_time=datetime(2026, 1, 1, 0, i, tzinfo=UTC),
+        **changes,
+    ).to_dict()
 
 
 def test_a_card_s_first_payment_in_person_is_held_then_released_as_fraud_when_more_cards_follow() -> None:

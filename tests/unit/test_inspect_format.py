@@ -31,16 +31,35 @@ TRANSACTION_ID = 7
 WHEN = datetime(2024, 5, 1, 12, 30, 15, 250_000, tzinfo=timezone.utc)
 WHEN_MILLIS = 1_714_566_615_250
 RAW_SCHEMA_ID = 9
-RAW_SCHEMA = {"type": "record", "name": "Blob", "fields": [
-    {"name": "data", "type": "bytes"}, {"name": "ratio", "type": "double"},
-    {"name": "note", "type": ["null", "string", "long"]}]}
+RAW_SCHEMA = {
+    "type": "record",
+    "name": "Blob",
+    "fields": [
+        {"name": "data", "type": "bytes"},
+        {"name": "ratio", "type": "double"},
+        {"name": "note", "type": ["null", "string", "long"]},
+    ],
+}
 
 
 def transaction_dict(**overrides: Any) -> dict[str, Any]:
-    record = {"transaction_id": "tx-1", "account_id": "acc-1", "card_id": "card-1", "merchant_id": "m-1",
-              "merchant_category": "5411", "terminal_id": "t-1", "amount_cents": 123_45, "currency": "EUR",
-              "event_time": WHEN, "channel": "ONLINE", "country": "FR", "city": "Lyon", "latitude": 45.76,
-              "longitude": 4.84, "device_id": "dev-9"}
+    record = {
+        "transaction_id": "tx-1",
+        "account_id": "acc-1",
+        "card_id": "card-1",
+        "merchant_id": "m-1",
+        "merchant_category": "5411",
+        "terminal_id": "t-1",
+        "amount_cents": 123_45,
+        "currency": "EUR",
+        "event_time": WHEN,
+        "channel": "ONLINE",
+        "country": "FR",
+        "city": "Lyon",
+        "latitude": 45.76,
+        "longitude": 4.84,
+        "device_id": "dev-9",
+    }
     return record | overrides
 
 
@@ -58,10 +77,24 @@ class FakeRegistry:
         return self.known[schema_id]
 
 
-def message(value: bytes | None, *, key: bytes | None = b"acc-1", headers: list | None = None,
-            topic: str = "transactions.legit", partition: int = 2, offset: int = 41) -> Message:
-    return Message(topic=topic, partition=partition, offset=offset, key=key, value=value, headers=headers,
-                   timestamp=(TIMESTAMP_CREATE_TIME, 1_700_000_000_000))
+def message(
+    value: bytes | None,
+    *,
+    key: bytes | None = b"acc-1",
+    headers: list | None = None,
+    topic: str = "transactions.legit",
+    partition: int = 2,
+    offset: int = 41,
+) -> Message:
+    return Message(
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        key=key,
+        value=value,
+        headers=headers,
+        timestamp=(TIMESTAMP_CREATE_TIME, 1_700_000_000_000),
+    )
 
 
 def formatter(registry: FakeRegistry | None = None, **options: Any) -> RecordFormatter:
@@ -105,25 +138,44 @@ def test_key_and_metadata_wrap_the_value() -> None:
 
     line = json.loads(formatter(print_key=True, print_metadata=True).format(record))
 
-    assert line == {"topic": "transactions.legit", "partition": 2, "offset": 41, "timestamp": 1_700_000_000_000,
-                    "timestamp_type": "CreateTime", "schema_id": TRANSACTION_ID,
-                    "headers": {"trace": "t-1", "bin_hex": "80"}, "key": "acc-1",
-                    "value": transaction_dict(event_time=WHEN_MILLIS)}
-    assert json.loads(formatter(print_key=True).format(message(ENCODE_TRANSACTION(transaction_dict()), key=b"\xfe")))[
-        "key_hex"] == "fe"
+    assert line == {
+        "topic": "transactions.legit",
+        "partition": 2,
+        "offset": 41,
+        "timestamp": 1_700_000_000_000,
+        "timestamp_type": "CreateTime",
+        "schema_id": TRANSACTION_ID,
+        "headers": {"trace": "t-1", "bin_hex": "80"},
+        "key": "acc-1",
+        "value": transaction_dict(event_time=WHEN_MILLIS),
+    }
+    assert (
+        json.loads(formatter(print_key=True).format(message(ENCODE_TRANSACTION(transaction_dict()), key=b"\xfe")))[
+            "key_hex"
+        ]
+        == "fe"
+    )
 
 
 def test_dead_letter_records_show_reason_source_and_raw_bytes() -> None:
-    headers = [("error.kind", b"no_magic_byte"), ("error.reason", b"first byte is 0x7b"),
-               ("source.topic", b"transactions"), ("source.partition", b"3"), ("source.offset", b"17")]
+    headers = [
+        ("error.kind", b"no_magic_byte"),
+        ("error.reason", b"first byte is 0x7b"),
+        ("source.topic", b"transactions"),
+        ("source.partition", b"3"),
+        ("source.offset", b"17"),
+    ]
     raw = b'{"amount": 1}'
 
     line = json.loads(formatter(dead_letter=True).format(message(raw, headers=headers, topic="transactions.dlq")))
     as_base64 = json.loads(formatter(dead_letter=True, bytes_encoding="base64").format(message(raw, headers=headers)))
 
-    assert line == {"error": {"kind": "no_magic_byte", "reason": "first byte is 0x7b"},
-                    "source": {"topic": "transactions", "partition": 3, "offset": 17},
-                    "key": "acc-1", "value_hex": raw.hex()}
+    assert line == {
+        "error": {"kind": "no_magic_byte", "reason": "first byte is 0x7b"},
+        "source": {"topic": "transactions", "partition": 3, "offset": 17},
+        "key": "acc-1",
+        "value_hex": raw.hex(),
+    }
     assert as_base64["value_base64"] == "eyJhbW91bnQiOiAxfQ=="
 
 
@@ -133,12 +185,15 @@ def test_dead_letter_record_without_error_headers_still_prints() -> None:
     assert line["error"] == {"kind": None, "reason": None} and line["value_hex"] is None and line["key"] is None
 
 
-@pytest.mark.parametrize(("value", "kind"), [
-    (b"plain text", "no_magic_byte"),
-    (b"", "empty_value"),
-    (b"\x00\x00\x00\x00\x63" + b"\x02", "unknown_schema_id"),
-    (b"\x00\x00\x00\x00\x07" + b"\x02", "corrupt_avro"),
-])
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        (b"plain text", "no_magic_byte"),
+        (b"", "empty_value"),
+        (b"\x00\x00\x00\x00\x63" + b"\x02", "unknown_schema_id"),
+        (b"\x00\x00\x00\x00\x07" + b"\x02", "corrupt_avro"),
+    ],
+)
 def test_undecodable_values_become_error_lines_with_their_position(value: bytes, kind: str) -> None:
     printer = formatter()
 
@@ -173,10 +228,17 @@ def test_repeated_header_names_keep_every_value() -> None:
     assert headers_object([("a", b"1"), ("a", b"2"), ("a", None)], "hex") == {"a": ["1", "2", None]}
 
 
-@pytest.mark.parametrize(("text", "low", "high", "start"), [
-    ("earliest", 5, 20, 5), ("latest", 5, 20, 20), ("12", 5, 20, 12), ("0", 5, 20, 5),
-    ("-3", 5, 20, 17), ("-100", 5, 20, 5),
-])
+@pytest.mark.parametrize(
+    ("text", "low", "high", "start"),
+    [
+        ("earliest", 5, 20, 5),
+        ("latest", 5, 20, 20),
+        ("12", 5, 20, 12),
+        ("0", 5, 20, 5),
+        ("-3", 5, 20, 17),
+        ("-100", 5, 20, 5),
+    ],
+)
 def test_start_offsets_resolve_within_the_partition(text: str, low: int, high: int, start: int) -> None:
     assert StartOffset.parse(text).resolve(low, high) == start
 
@@ -186,10 +248,16 @@ def test_start_offset_rejects_words_it_does_not_know() -> None:
         StartOffset.parse("yesterday")
 
 
-@pytest.mark.parametrize(("topic", "dead_letter"), [
-    ("transactions.dlq", True), ("test-abc.dlq", True), ("transactions", False), ("transactions.fraud", False),
-    ("dlq", False),
-])
+@pytest.mark.parametrize(
+    ("topic", "dead_letter"),
+    [
+        ("transactions.dlq", True),
+        ("test-abc.dlq", True),
+        ("transactions", False),
+        ("transactions.fraud", False),
+        ("dlq", False),
+    ],
+)
 def test_dead_letter_topics_follow_the_settings_naming_rule(topic: str, dead_letter: bool) -> None:
     assert is_dead_letter_topic(topic, SETTINGS) is dead_letter
 

@@ -11,21 +11,38 @@ from fraudstream.kafka import passes
 from fraudstream.settings import Settings
 
 
-@pytest.mark.parametrize("code", [
-    KafkaError.NOT_LEADER_FOR_PARTITION,  # list_offsets after a leader moved: librdkafka says not retriable
-    KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.NOT_COORDINATOR,
-    KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError._TRANSPORT, KafkaError._TIMED_OUT,
-    KafkaError._ALL_BROKERS_DOWN, KafkaError._UNKNOWN_PARTITION,
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        KafkaError.NOT_LEADER_FOR_PARTITION,  # list_offsets after a leader moved: librdkafka says not retriable
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError._TRANSPORT,
+        KafkaError._TIMED_OUT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._UNKNOWN_PARTITION,
+    ],
+)
 def test_a_broker_or_leader_moving_is_waited_out(code):
     assert passes(KafkaError(code))
 
 
-@pytest.mark.parametrize("code", [
-    KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
-    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, KafkaError.PRODUCER_FENCED, KafkaError._FENCED,
-    KafkaError._FATAL, KafkaError._AUTHENTICATION, KafkaError._SSL, KafkaError.INVALID_CONFIG,
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.GROUP_AUTHORIZATION_FAILED,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+        KafkaError.PRODUCER_FENCED,
+        KafkaError._FENCED,
+        KafkaError._FATAL,
+        KafkaError._AUTHENTICATION,
+        KafkaError._SSL,
+        KafkaError.INVALID_CONFIG,
+    ],
+)
 def test_fencing_authorization_and_configuration_are_not(code):
     assert not passes(KafkaError(code))
 
@@ -48,8 +65,9 @@ def test_the_terminal_reader_waits_out_a_leader_change_instead_of_ending_the_det
 
     assert reader._call("reading the input's offsets", offsets) == "offsets" and len(calls) == 3
     with pytest.raises(KafkaUnavailable, match="Topic authorization failed"):
-        reader._call("reading", lambda: (_ for _ in ()).throw(
-            KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))))
+        reader._call(
+            "reading", lambda: (_ for _ in ()).throw(KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)))
+        )
 
 
 def test_wait_out_retries_what_passes_and_names_what_failed_otherwise():
@@ -65,5 +83,9 @@ def test_wait_out_retries_what_passes_and_names_what_failed_otherwise():
 
     assert wait_out("reading the labels' end", call, limit_s=10, interval_s=0) == 42 and not answers
     with pytest.raises(KafkaUnavailable, match="^reading the labels' end failed: .*authorization"):
-        wait_out("reading the labels' end", lambda: (_ for _ in ()).throw(
-            KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))), limit_s=10, interval_s=0)
+        wait_out(
+            "reading the labels' end",
+            lambda: (_ for _ in ()).throw(KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))),
+            limit_s=10,
+            interval_s=0,
+        )

@@ -45,8 +45,9 @@ class RecordingProducer:
 
 
 def encode_transaction(record: dict) -> bytes:
-    return json.dumps({"id": record["transaction_id"],
-                       "ms": (record["event_time"] - EPOCH).total_seconds() * 1000}).encode()
+    return json.dumps(
+        {"id": record["transaction_id"], "ms": (record["event_time"] - EPOCH).total_seconds() * 1000}
+    ).encode()
 
 
 def encode_label(record: dict) -> bytes:
@@ -56,10 +57,22 @@ def encode_label(record: dict) -> bytes:
 def run(simulation, *, label_delay_days: float, days_per_second: float | None = None, count: int | None = None):
     settings = Settings(transactions_topic="tx")
     producer = RecordingProducer()
-    report = _Run(producer, handbook.HandbookStream(simulation), settings, encode_transaction, encode_label,
-                  labels=True, rate=None, count=count, duration=None, stop=threading.Event(), progress=None,
-                  flush_timeout_s=1.0, label_delay_ms=round(label_delay_days * DAY_MS),
-                  days_per_second=days_per_second).run()
+    report = _Run(
+        producer,
+        handbook.HandbookStream(simulation),
+        settings,
+        encode_transaction,
+        encode_label,
+        labels=True,
+        rate=None,
+        count=count,
+        duration=None,
+        stop=threading.Event(),
+        progress=None,
+        flush_timeout_s=1.0,
+        label_delay_ms=round(label_delay_days * DAY_MS),
+        days_per_second=days_per_second,
+    ).run()
     return report, producer.log
 
 

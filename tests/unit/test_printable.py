@@ -12,14 +12,17 @@ from fraudstream.consumer.inspect import dumps
 from fraudstream.printable import printable
 
 
-@pytest.mark.parametrize("text, shown", [
-    ("plain text, é, 日本", "plain text, é, 日本"),
-    ("\x1b[2J\x1b]0;title\x07", "\\x1b[2J\\x1b]0;title\\x07"),  # ESC: clear screen, retitle; BEL
-    ("a\r\nINFO forged line", "a\\r\\nINFO forged line"),
-    ("\u202eevil\u2066\u200b", "\\u202eevil\\u2066\\u200b"),  # bidi override, isolate, zero-width space
-    ("\x9b31m\x85", "\\x9b31m\\x85"),  # C1: CSI (an escape on some terminals), NEL
-    ("\u2028\U000e0001", "\\u2028\\U000e0001"),  # line separator, a tag character
-])
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("plain text, é, 日本", "plain text, é, 日本"),
+        ("\x1b[2J\x1b]0;title\x07", "\\x1b[2J\\x1b]0;title\\x07"),  # ESC: clear screen, retitle; BEL
+        ("a\r\nINFO forged line", "a\\r\\nINFO forged line"),
+        ("\u202eevil\u2066\u200b", "\\u202eevil\\u2066\\u200b"),  # bidi override, isolate, zero-width space
+        ("\x9b31m\x85", "\\x9b31m\\x85"),  # C1: CSI (an escape on some terminals), NEL
+        ("\u2028\U000e0001", "\\u2028\\U000e0001"),  # line separator, a tag character
+    ],
+)
 def test_control_characters_are_shown_escaped_and_letters_are_left_alone(text: str, shown: str) -> None:
     assert printable(text) == shown
 
@@ -29,8 +32,13 @@ def test_printed_text_is_always_one_printable_line(text: str) -> None:
     assert printable(text).isprintable()
 
 
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
-                    lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner), max_leaves=10))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(),
+        lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+        max_leaves=10,
+    )
+)
 def test_json_stays_the_same_value_with_nothing_a_terminal_acts_on(value) -> None:
     text = printable(json.dumps(value, ensure_ascii=False), json=True)
     assert json.loads(text) == value
@@ -50,7 +58,15 @@ def test_the_demo_view_shows_a_rule_record_s_author_and_comment_escaped() -> Non
 
     class Decoded:
         def decode(self, value):
-            return Rule(id="r", version=1, kind="large_amount", parameters={}, enabled=True, author="\x1b[2Jeve",
-                        comment="ok\r\nFORGED", written_at=datetime(2026, 1, 1, tzinfo=UTC)).to_dict()
+            return Rule(
+                id="r",
+                version=1,
+                kind="large_amount",
+                parameters={},
+                enabled=True,
+                author="\x1b[2Jeve",
+                comment="ok\r\nFORGED",
+                written_at=datetime(2026, 1, 1, tzinfo=UTC),
+            ).to_dict()
 
     assert rule_line(Decoded(), b"x") == "r v1 enabled  by \\x1b[2Jeve: ok\\r\\nFORGED"

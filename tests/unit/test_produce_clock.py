@@ -78,8 +78,21 @@ def test_the_produce_loop_stamps_event_time_on_the_simulated_clock() -> None:
     settings = Settings(transactions_topic="clocked")
     fake = FakeProducer()
     generator = Generator(3, population=build_population(3, accounts=200))
-    run = _Run(fake, generator, settings, lambda record: record, lambda record: record, labels=False, rate=2_000.0,
-               count=600, duration=None, stop=threading.Event(), progress=None, flush_timeout_s=1.0, speedup=3_600.0)
+    run = _Run(
+        fake,
+        generator,
+        settings,
+        lambda record: record,
+        lambda record: record,
+        labels=False,
+        rate=2_000.0,
+        count=600,
+        duration=None,
+        stop=threading.Event(),
+        progress=None,
+        flush_timeout_s=1.0,
+        speedup=3_600.0,
+    )
     report = run.run()
 
     times = [record["event_time"] for topic, record in fake.sent if topic == "clocked"]

@@ -73,6 +73,9 @@ def test_changelog_rows_written_while_the_queue_fills_are_all_written_in_order()
     producer = FullAtSecond(0)
     assert write_rows(producer, "changelog", 4, spec, [b"a", b"b", b"c"], rows) == 3
     assert [(key, value) for _topic, value, key, _kw in producer.produced] == [
-        (b"a", rows[0].tobytes()), (b"b", rows[1].tobytes()), (b"c", rows[2].tobytes())]
+        (b"a", rows[0].tobytes()),
+        (b"b", rows[1].tobytes()),
+        (b"c", rows[2].tobytes()),
+    ]
     assert all(kw == {"partition": 4, "headers": [(LAYOUT_HEADER, b"cards/1/12")]} for *_rest, kw in producer.produced)
     assert len(producer.polls) == 2  # after the direct call, the wait served the full queue twice

@@ -108,22 +108,53 @@ def test_records_are_frozen_and_slotted(cls):
 EVENT_TIME = datetime(2025, 3, 14, 15, 9, 26, 535_000, tzinfo=UTC)
 
 TRANSACTION = Transaction(
-    transaction_id="4b7c6a0e-2f55-4a8e-9d5e-0c1f6d9b1a11", account_id="acct-0042", card_id="card-7f3a",
-    merchant_id="m-1009", merchant_category="5411", terminal_id="pos-77", amount_cents=123_456, currency="EUR",
-    event_time=EVENT_TIME, channel="CONTACTLESS", country="FR", city="Lyon", latitude=45.764, longitude=4.8357,
+    transaction_id="4b7c6a0e-2f55-4a8e-9d5e-0c1f6d9b1a11",
+    account_id="acct-0042",
+    card_id="card-7f3a",
+    merchant_id="m-1009",
+    merchant_category="5411",
+    terminal_id="pos-77",
+    amount_cents=123_456,
+    currency="EUR",
+    event_time=EVENT_TIME,
+    channel="CONTACTLESS",
+    country="FR",
+    city="Lyon",
+    latitude=45.764,
+    longitude=4.8357,
     device_id="dev-1",
 )
 SAMPLES = [
     TRANSACTION,
     dataclasses.replace(TRANSACTION, device_id=None, channel="UNKNOWN"),
-    FraudAlert(transaction=TRANSACTION, rules=("amount_over_threshold", "new_device"),
-               detected_at=datetime(2025, 3, 14, 15, 9, 27, 1_000, tzinfo=UTC)),
+    FraudAlert(
+        transaction=TRANSACTION,
+        rules=("amount_over_threshold", "new_device"),
+        detected_at=datetime(2025, 3, 14, 15, 9, 27, 1_000, tzinfo=UTC),
+    ),
     Label(transaction_id=TRANSACTION.transaction_id, is_fraud=True, scenario="card_testing"),
-    FraudAlert(transaction=TRANSACTION, rules=("big",), detected_at=EVENT_TIME,
-               fired=(FiredRule(id="big", version=3),), rule_set_version="17"),
-    Rule(id="big", version=3, kind="large_amount", enabled=True, author="analyst", comment="", written_at=EVENT_TIME,
-         parameters={"threshold_cents": 50_000, "exempt_unless_known_terminal": False, "exempt_categories": ("5311",),
-                     "away_km": 300.0}),
+    FraudAlert(
+        transaction=TRANSACTION,
+        rules=("big",),
+        detected_at=EVENT_TIME,
+        fired=(FiredRule(id="big", version=3),),
+        rule_set_version="17",
+    ),
+    Rule(
+        id="big",
+        version=3,
+        kind="large_amount",
+        enabled=True,
+        author="analyst",
+        comment="",
+        written_at=EVENT_TIME,
+        parameters={
+            "threshold_cents": 50_000,
+            "exempt_unless_known_terminal": False,
+            "exempt_categories": ("5311",),
+            "away_km": 300.0,
+        },
+    ),
 ]
 
 

@@ -43,7 +43,9 @@ class Leader:
         answers = {}
         for tp in specs:
             answers[tp] = Future()
-            answers[tp].set_result(SimpleNamespace(offset=9 if isolation_level == IsolationLevel.READ_COMMITTED else 12))
+            answers[tp].set_result(
+                SimpleNamespace(offset=9 if isolation_level == IsolationLevel.READ_COMMITTED else 12)
+            )
         return answers
 
 
@@ -61,7 +63,9 @@ def test_a_restore_that_has_not_moved_is_logged_with_its_offsets(monkeypatch, ca
         assert restore.step() == []  # first look: the position is noted
         assert restore.step() == []  # still there: reported
     assert restore.stalls == 1 and not stuck.done
-    assert "restoring changelog cards.changelog[0] has not moved for 0 s: at offset 5 of 12 " \
-           "(last stable offset 9, high watermark 12)" in caplog.text
+    assert (
+        "restoring changelog cards.changelog[0] has not moved for 0 s: at offset 5 of 12 "
+        "(last stable offset 9, high watermark 12)" in caplog.text
+    )
     assert restore._admin.asked == [IsolationLevel.READ_COMMITTED, IsolationLevel.READ_UNCOMMITTED]
     assert restore.consumer.refreshed == ["cards.changelog"]  # and its leaders were asked again

@@ -10,10 +10,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fraudstream.consumer.features import (CARD_FEATURES, CHANNEL_CODE, MINUTE_MS, PROFILE_DTYPE, TxColumns,
-                                           card_features)
-from fraudstream.consumer.rules import (COMPROMISED_TERMINAL, DEFAULT_RULES, DEFAULT_RULES_FILE, LARGE_AMOUNT, RULE_NAMES,
-                                        VELOCITY, RuleSet, load_rules)
+from fraudstream.consumer.features import (
+    CARD_FEATURES,
+    CHANNEL_CODE,
+    MINUTE_MS,
+    PROFILE_DTYPE,
+    TxColumns,
+    card_features,
+)
+from fraudstream.consumer.rules import (
+    COMPROMISED_TERMINAL,
+    DEFAULT_RULES,
+    DEFAULT_RULES_FILE,
+    LARGE_AMOUNT,
+    RULE_NAMES,
+    VELOCITY,
+    RuleSet,
+    load_rules,
+)
 from fraudstream.consumer.state.table import KeyedTable
 from fraudstream.errors import ConfigError
 from fraudstream.settings import Settings
@@ -35,31 +49,39 @@ def test_the_shipped_rules_file_documents_exactly_the_defaults() -> None:
 
 def test_the_seed_threshold_comes_from_the_settings_unless_the_file_sets_it(tmp_path: Path) -> None:
     assert load_rules(None).thresholds[LARGE_AMOUNT]["threshold_cents"] == Settings().fraud_threshold_cents == 90_000
-    assert load_rules(None, settings=Settings(fraud_threshold_cents=50_000)).thresholds[LARGE_AMOUNT]["threshold_cents"] == 50_000
+    assert (
+        load_rules(None, settings=Settings(fraud_threshold_cents=50_000)).thresholds[LARGE_AMOUNT]["threshold_cents"]
+        == 50_000
+    )
     path = write(tmp_path, "[large_amount]\nthreshold_cents = 70000\n")
     assert load_rules(path).thresholds[LARGE_AMOUNT]["threshold_cents"] == 70_000
 
 
 def test_a_file_overrides_some_values_keeps_the_rest_and_changes_the_version(tmp_path: Path) -> None:
-    rules = load_rules(write(tmp_path, "[impossible_travel]\nmax_speed_kmh = 900\n[compromised_terminal]\nenabled = false\n"))
+    rules = load_rules(
+        write(tmp_path, "[impossible_travel]\nmax_speed_kmh = 900\n[compromised_terminal]\nenabled = false\n")
+    )
 
     assert rules.thresholds["impossible_travel"]["max_speed_kmh"] == 900.0
     assert rules.thresholds["impossible_travel"]["min_jump_km"] == DEFAULT_RULES["impossible_travel"]["min_jump_km"]
     assert COMPROMISED_TERMINAL not in rules.names and rules.version != load_rules(None).version
 
 
-@pytest.mark.parametrize("text, says", [
-    ("[geofence]\nmax = 3\n", "unknown rule [geofence]"),
-    ("[card_testing]\ntest_max = 3\n", "unknown key card_testing.test_max"),
-    ("[card_testing]\ntest_max_cents = 2.5\n", "card_testing.test_max_cents must be a whole number"),
-    ("[card_testing]\ntest_max_cents = -1\n", "card_testing.test_max_cents must be at least 0"),
-    ("[card_testing]\nfirst_test = 1\n", "card_testing.first_test must be bool"),
-    ("[card_testing]\ntest_categories = [\"58\"]\n", "four-digit merchant category codes"),
-    ("[far_from_home]\nchannels = [\"TELEPATHY\"]\n", "far_from_home.channels must be a list of channels"),
-    ("[far_from_home]\nwindow_s = inf\n", "far_from_home.window_s must be a finite number"),
-    ("card_testing = 3\n", "card_testing must be a table"),
-    ("[card_testing\n", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("[geofence]\nmax = 3\n", "unknown rule [geofence]"),
+        ("[card_testing]\ntest_max = 3\n", "unknown key card_testing.test_max"),
+        ("[card_testing]\ntest_max_cents = 2.5\n", "card_testing.test_max_cents must be a whole number"),
+        ("[card_testing]\ntest_max_cents = -1\n", "card_testing.test_max_cents must be at least 0"),
+        ("[card_testing]\nfirst_test = 1\n", "card_testing.first_test must be bool"),
+        ('[card_testing]\ntest_categories = ["58"]\n', "four-digit merchant category codes"),
+        ('[far_from_home]\nchannels = ["TELEPATHY"]\n', "far_from_home.channels must be a list of channels"),
+        ("[far_from_home]\nwindow_s = inf\n", "far_from_home.window_s must be a finite number"),
+        ("card_testing = 3\n", "card_testing must be a table"),
+        ("[card_testing\n", "not valid TOML"),
+    ],
+)
 def test_a_bad_rules_file_is_one_clear_line_naming_the_file(tmp_path: Path, text: str, says: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as error:
@@ -75,14 +97,33 @@ def test_a_missing_rules_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def columns(**values) -> TxColumns:
     n = len(values["amount_cents"])
-    base = {"transaction_id": [f"t{i}" for i in range(n)], "account_id": ["a"] * n, "card_key": [b"c"] * n,
-            "terminal_key": [b"t"] * n, "merchant_category": [5411] * n, "channel": [CHANNEL_CODE["CARD_PRESENT"]] * n,
-            "device_id": [None] * n, "device_hash": [0] * n, "card_hash": [1] * n, "terminal_hash": [1] * n, "event_time_ms": [0] * n, "latitude": [0.0] * n,
-            "longitude": [0.0] * n}
+    base = {
+        "transaction_id": [f"t{i}" for i in range(n)],
+        "account_id": ["a"] * n,
+        "card_key": [b"c"] * n,
+        "terminal_key": [b"t"] * n,
+        "merchant_category": [5411] * n,
+        "channel": [CHANNEL_CODE["CARD_PRESENT"]] * n,
+        "device_id": [None] * n,
+        "device_hash": [0] * n,
+        "card_hash": [1] * n,
+        "terminal_hash": [1] * n,
+        "event_time_ms": [0] * n,
+        "latitude": [0.0] * n,
+        "longitude": [0.0] * n,
+    }
     base.update(values)
-    dtypes = {"merchant_category": np.int16, "channel": np.int8, "device_hash": np.uint32, "card_hash": np.uint32,
-              "terminal_hash": np.uint32, "event_time_ms": np.int64,
-              "amount_cents": np.int64, "latitude": np.float64, "longitude": np.float64}
+    dtypes = {
+        "merchant_category": np.int16,
+        "channel": np.int8,
+        "device_hash": np.uint32,
+        "card_hash": np.uint32,
+        "terminal_hash": np.uint32,
+        "event_time_ms": np.int64,
+        "amount_cents": np.int64,
+        "latitude": np.float64,
+        "longitude": np.float64,
+    }
     return TxColumns(**{name: np.array(v, dtype=dtypes.get(name, object)) for name, v in base.items()})
 
 
@@ -100,7 +141,9 @@ def fired(rules: RuleSet, rule: str, tx: TxColumns, f: dict) -> list[bool]:
 
 def test_large_amount_spares_big_ticket_merchants_up_to_a_cap_unless_the_card_knows_the_terminal() -> None:
     rules = load_rules(None)
-    tx = columns(amount_cents=[90_000, 90_001, 120_000, 120_000, 150_000], merchant_category=[5411, 5411, 5712, 5712, 5712])
+    tx = columns(
+        amount_cents=[90_000, 90_001, 120_000, 120_000, 150_000], merchant_category=[5411, 5411, 5712, 5712, 5712]
+    )
     f = feats(5, known_terminal=[False, False, False, True, False])
 
     assert fired(rules, "large_amount", tx, f) == [False, True, False, True, True]
@@ -109,10 +152,17 @@ def test_large_amount_spares_big_ticket_merchants_up_to_a_cap_unless_the_card_kn
 def test_card_testing_fires_on_a_first_test_and_on_the_rest_of_its_session() -> None:
     rules = load_rules(None)
     online = CHANNEL_CODE["ONLINE"]
-    tx = columns(amount_cents=[120, 120, 120, 4_000, 60_000, 120], merchant_category=[5815, 5815, 5411, 5815, 5964, 5815],
-                 channel=[online] * 6)
-    f = feats(6, new_device=[True, False, True, True, False, False], session_small=[0, 0, 0, 0, 2, 1],
-              session_device=[False, False, False, False, True, False])
+    tx = columns(
+        amount_cents=[120, 120, 120, 4_000, 60_000, 120],
+        merchant_category=[5815, 5815, 5411, 5815, 5964, 5815],
+        channel=[online] * 6,
+    )
+    f = feats(
+        6,
+        new_device=[True, False, True, True, False, False],
+        session_small=[0, 0, 0, 0, 2, 1],
+        session_device=[False, False, False, False, True, False],
+    )
 
     # a first test; a known device; not a testing merchant; not tiny; cash-out on the session's device; a second test
     assert fired(rules, "card_testing", tx, f) == [True, False, False, False, True, True]
@@ -122,9 +172,14 @@ def test_travel_rules_need_a_fast_jump_away_from_home_and_leave_contactless_alon
     rules = load_rules(None)
     contactless = CHANNEL_CODE["CONTACTLESS"]
     tx = columns(amount_cents=[1_000] * 5, channel=[1, 1, 1, contactless, 1])
-    f = feats(5, dist_prev_km=[5_000, 5_000, 5_000, 5_000, 10], speed_kmh=[30_000, 30_000, 1_000, 30_000, 600],
-              dist_home_km=[5_000, 5, 5_000, 5_000, 5_000], stay_kmh=[30_000, 30_000, 1_000, 30_000, 30_000],
-              stay_s=[0, 0, 0, 0, 120])
+    f = feats(
+        5,
+        dist_prev_km=[5_000, 5_000, 5_000, 5_000, 10],
+        speed_kmh=[30_000, 30_000, 1_000, 30_000, 600],
+        dist_home_km=[5_000, 5, 5_000, 5_000, 5_000],
+        stay_kmh=[30_000, 30_000, 1_000, 30_000, 30_000],
+        stay_s=[0, 0, 0, 0, 120],
+    )
 
     assert fired(rules, "impossible_travel", tx, f) == [True, False, False, False, False]
     assert fired(rules, "far_from_home", tx, f) == [True, False, False, False, True]
@@ -145,13 +200,19 @@ def test_compromised_terminal_needs_terminal_features() -> None:
 
 def test_velocity_is_off_by_default_and_counts_a_cards_session_once_enabled(tmp_path: Path) -> None:
     assert VELOCITY not in load_rules(None).names
-    rules = load_rules(write(tmp_path, "[velocity]\nenabled = true\nmax_in_session = 3\n")).without(COMPROMISED_TERMINAL)
+    rules = load_rules(write(tmp_path, "[velocity]\nenabled = true\nmax_in_session = 3\n")).without(
+        COMPROMISED_TERMINAL
+    )
     # One card: four payments 5 minutes apart (a session), then one 11 minutes later (a new session);
     # another card in between, whose payments never join the first card's count.
     times = [0, 5, 10, 12, 15, 26]
     cards = [b"c", b"c", b"c", b"other", b"c", b"c"]
-    tx = columns(amount_cents=[1_000] * 6, event_time_ms=[1_700_000_000_000 + m * MINUTE_MS for m in times],
-                 card_key=cards, card_hash=[1 if c == b"c" else 2 for c in cards])
+    tx = columns(
+        amount_cents=[1_000] * 6,
+        event_time_ms=[1_700_000_000_000 + m * MINUTE_MS for m in times],
+        card_key=cards,
+        card_hash=[1 if c == b"c" else 2 for c in cards],
+    )
     f = card_features(KeyedTable(PROFILE_DTYPE, capacity=4), tx)
 
     assert fired(rules, VELOCITY, tx, f) == [False, False, False, False, True, False]
@@ -171,8 +232,12 @@ def test_the_records_held_for_the_look_ahead_are_those_it_could_still_turn(tmp_p
     # 0 far from home; 1 no home known; 2 at home at a terminal with two other cards; 3 at home, one other
     # card; 4 already fraud; 5 online; 6 in person far, but with nothing held (look_ahead_s = 0)
     tx = columns(amount_cents=[1_000] * 6, channel=[CHANNEL_CODE["CARD_PRESENT"]] * 5 + [online])
-    f = feats(6, dist_home_km=[500, 0, 5, 5, 500, 500], home_known=[True, False, True, True, True, True],
-              terminal_cards=[0, 0, 2, 1, 0, 0])
+    f = feats(
+        6,
+        dist_home_km=[500, 0, 5, 5, 500, 500],
+        home_known=[True, False, True, True, True, True],
+        terminal_cards=[0, 0, 2, 1, 0, 0],
+    )
     is_fraud = np.array([False, False, False, False, True, False])
     assert rules.to_hold(tx, f, is_fraud).tolist() == [True, True, True, False, False, False]
     assert not rules.with_look_ahead(0).to_hold(tx, f, is_fraud).any()
@@ -180,12 +245,17 @@ def test_the_records_held_for_the_look_ahead_are_those_it_could_still_turn(tmp_p
 
     # On release the rule counts the cards up to the look-ahead: two on a far card, three anywhere.
     channel = np.full(4, CHANNEL_CODE["CARD_PRESENT"], dtype=np.int8)
-    assert rules.fires_on_release(channel, np.array([500.0, 500.0, 0.0, 0.0]),
-                                  np.array([2, 1, 2, 3])).tolist() == [True, False, False, True]
+    assert rules.fires_on_release(channel, np.array([500.0, 500.0, 0.0, 0.0]), np.array([2, 1, 2, 3])).tolist() == [
+        True,
+        False,
+        False,
+        True,
+    ]
     assert not rules.without(COMPROMISED_TERMINAL).fires_on_release(channel, np.full(4, 500.0), np.full(4, 9)).any()
 
 
 # ----- bounds: one table (PARAMETER_BOUNDS), for the rules file, `rules set` and the rules topic alike
+
 
 def test_every_parameter_of_every_rule_has_a_bound_with_finite_limits() -> None:
     from fraudstream.consumer.rules import PARAMETER_BOUNDS
@@ -196,20 +266,23 @@ def test_every_parameter_of_every_rule_has_a_bound_with_finite_limits() -> None:
             assert bound.maximum is not None and np.isfinite(bound.maximum) and bound.why, key
 
 
-@pytest.mark.parametrize("kind, key, value, says", [
-    (COMPROMISED_TERMINAL, "look_ahead_s", 1e300, "look_ahead_s must be at most 3,600 (an hour"),
-    (COMPROMISED_TERMINAL, "look_ahead_s", float("inf"), "must be a finite number, not inf"),
-    (COMPROMISED_TERMINAL, "look_ahead_s", float("nan"), "must be a finite number, not nan"),
-    (COMPROMISED_TERMINAL, "look_ahead_s", 10**400, "must be a finite number"),  # not OverflowError
-    (LARGE_AMOUNT, "threshold_cents", 2**63 - 1, "threshold_cents must be at most 1,000,000,000,000"),
-    ("impossible_travel", "away_km", 1e9, "away_km must be at most 20,040 (half the Earth"),
-    ("far_from_home", "window_s", 31 * 86_400.0, "window_s must be at most 2,592,000"),
-    (VELOCITY, "max_in_session", 10**9, "max_in_session must be at most 10,000"),
-    ("card_testing", "test_categories", ["5815"] * 10_001, "has 10001 entries; at most 10,000"),
-    ("card_testing", "test_categories", "5815", "must be a list, not '5815'"),
-    ("card_testing", "test_categories", ["²²²²"], "four-digit merchant category codes"),  # isdigit(), not int()
-    (LARGE_AMOUNT, "exempt_categories", ["٥٤١١"], "four-digit merchant category codes"),  # Arabic-Indic digits
-])
+@pytest.mark.parametrize(
+    "kind, key, value, says",
+    [
+        (COMPROMISED_TERMINAL, "look_ahead_s", 1e300, "look_ahead_s must be at most 3,600 (an hour"),
+        (COMPROMISED_TERMINAL, "look_ahead_s", float("inf"), "must be a finite number, not inf"),
+        (COMPROMISED_TERMINAL, "look_ahead_s", float("nan"), "must be a finite number, not nan"),
+        (COMPROMISED_TERMINAL, "look_ahead_s", 10**400, "must be a finite number"),  # not OverflowError
+        (LARGE_AMOUNT, "threshold_cents", 2**63 - 1, "threshold_cents must be at most 1,000,000,000,000"),
+        ("impossible_travel", "away_km", 1e9, "away_km must be at most 20,040 (half the Earth"),
+        ("far_from_home", "window_s", 31 * 86_400.0, "window_s must be at most 2,592,000"),
+        (VELOCITY, "max_in_session", 10**9, "max_in_session must be at most 10,000"),
+        ("card_testing", "test_categories", ["5815"] * 10_001, "has 10001 entries; at most 10,000"),
+        ("card_testing", "test_categories", "5815", "must be a list, not '5815'"),
+        ("card_testing", "test_categories", ["²²²²"], "four-digit merchant category codes"),  # isdigit(), not int()
+        (LARGE_AMOUNT, "exempt_categories", ["٥٤١١"], "four-digit merchant category codes"),  # Arabic-Indic digits
+    ],
+)
 def test_out_of_range_and_non_finite_parameters_are_one_line_errors(kind: str, key: str, value, says: str) -> None:
     from fraudstream.consumer.rules import checked_parameters
 
@@ -224,16 +297,31 @@ def test_any_parameters_the_bounds_accept_keep_the_terminal_gate_in_int64() -> N
     from fraudstream.consumer.rules import PARAMETER_BOUNDS, checked_parameters
 
     top = PARAMETER_BOUNDS["look_ahead_s"].maximum
-    rules = RuleSet((COMPROMISED_TERMINAL,), {COMPROMISED_TERMINAL: checked_parameters(
-        COMPROMISED_TERMINAL, {"look_ahead_s": top}, where="r")}, "v")
+    rules = RuleSet(
+        (COMPROMISED_TERMINAL,),
+        {COMPROMISED_TERMINAL: checked_parameters(COMPROMISED_TERMINAL, {"look_ahead_s": top}, where="r")},
+        "v",
+    )
     event_times = np.array([0, 32_503_680_000_000], dtype=np.int64)  # 1970 and 3000
     assert (event_times + rules.look_ahead_ms).tolist() == [3_600_000, 32_503_683_600_000]
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from(RULE_NAMES).flatmap(lambda kind: st.tuples(st.just(kind), st.fixed_dictionaries({}, optional={
-    key: parameter_values(key) for key in [*DEFAULT_RULES[kind], "threshold_cents"]
-    if key != "enabled" and (key != "threshold_cents" or kind == LARGE_AMOUNT)}))))
+@given(
+    st.sampled_from(RULE_NAMES).flatmap(
+        lambda kind: st.tuples(
+            st.just(kind),
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    key: parameter_values(key)
+                    for key in [*DEFAULT_RULES[kind], "threshold_cents"]
+                    if key != "enabled" and (key != "threshold_cents" or kind == LARGE_AMOUNT)
+                },
+            ),
+        )
+    )
+)
 def test_whatever_parameters_the_bounds_accept_a_rule_runs_on_without_an_exception(kind_and_parameters) -> None:
     """A rule record that passes the checks must never raise while judging a batch, holding or releasing (the
     detector would end on every batch): '²²²²' once passed str.isdigit() and failed int() at evaluation."""
@@ -247,13 +335,19 @@ def test_whatever_parameters_the_bounds_accept_a_rule_runs_on_without_an_excepti
         return
     rules = RuleSet((kind,), {kind: thresholds}, "v")
     n = 4
-    tx = columns(amount_cents=[0, 1, 10**12, 2**62], merchant_category=[-1, 0, 5411, 9999],
-                 channel=[CHANNEL_CODE[c] for c in ("ONLINE", "CARD_PRESENT", "ATM", "CONTACTLESS")],
-                 event_time_ms=[0, 1, 32_503_680_000_000, 2**53])
+    tx = columns(
+        amount_cents=[0, 1, 10**12, 2**62],
+        merchant_category=[-1, 0, 5411, 9999],
+        channel=[CHANNEL_CODE[c] for c in ("ONLINE", "CARD_PRESENT", "ATM", "CONTACTLESS")],
+        event_time_ms=[0, 1, 32_503_680_000_000, 2**53],
+    )
     f = feats(n, dist_home_km=[0.0, 1e9, np.inf, 5.0], terminal_cards=[0, 1, 10**6, 3])
     fired = rules.evaluate(tx, f)
     assert fired.shape == (1, n)
-    assert rules.to_hold(tx, f, fired.any(axis=0)).shape == rules.fires_on_release(
-        tx.channel, f["dist_home_km"], f["terminal_cards"]).shape == (n,)
+    assert (
+        rules.to_hold(tx, f, fired.any(axis=0)).shape
+        == rules.fires_on_release(tx.channel, f["dist_home_km"], f["terminal_cards"]).shape
+        == (n,)
+    )
     event_times = tx.event_time_ms + rules.look_ahead_ms  # the terminal gate's arithmetic, in int64
     assert event_times.dtype == np.int64

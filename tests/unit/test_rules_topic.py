@@ -13,9 +13,22 @@ import pytest
 
 from fraudstream.consumer.decide import DLQ_KIND, DLQ_OFFSET, DLQ_REASON
 from fraudstream.consumer.features import TxColumns
-from fraudstream.consumer.rules import COMPROMISED_TERMINAL, DEFAULT_RULES_FILE, LARGE_AMOUNT, checked_parameters, load_rules
-from fraudstream.consumer.rules_topic import (INVALID_RULE, MAX_RULE_VERSION, MAX_RULES, STALE_VERSION, TOO_MANY_RULES,
-                                              RulesTopic, seed_records)
+from fraudstream.consumer.rules import (
+    COMPROMISED_TERMINAL,
+    DEFAULT_RULES_FILE,
+    LARGE_AMOUNT,
+    checked_parameters,
+    load_rules,
+)
+from fraudstream.consumer.rules_topic import (
+    INVALID_RULE,
+    MAX_RULE_VERSION,
+    MAX_RULES,
+    STALE_VERSION,
+    TOO_MANY_RULES,
+    RulesTopic,
+    seed_records,
+)
 from fraudstream.records import Rule
 from fraudstream.errors import ConfigError
 from fraudstream.rules_cli import _records_from_file
@@ -30,12 +43,27 @@ RULE_ID = 7
 encode = make_encoder(RULE_ID, SCHEMAS.parsed["Rule"])
 
 
-def rule(version: int, threshold: int | None = 50_000, *, rule_id: str = LARGE_AMOUNT, kind: str = LARGE_AMOUNT,
-         enabled: bool = True, **params) -> Rule:
+def rule(
+    version: int,
+    threshold: int | None = 50_000,
+    *,
+    rule_id: str = LARGE_AMOUNT,
+    kind: str = LARGE_AMOUNT,
+    enabled: bool = True,
+    **params,
+) -> Rule:
     if threshold is not None:
         params["threshold_cents"] = threshold
-    return Rule(id=rule_id, version=version, kind=kind, parameters=params, enabled=enabled, author="analyst",
-                comment="", written_at=datetime(2026, 1, 2, tzinfo=UTC))
+    return Rule(
+        id=rule_id,
+        version=version,
+        kind=kind,
+        parameters=params,
+        enabled=enabled,
+        author="analyst",
+        comment="",
+        written_at=datetime(2026, 1, 2, tzinfo=UTC),
+    )
 
 
 class RuleMessage:
@@ -94,6 +122,7 @@ def feed(reader: RulesTopic, *messages: tuple[str, bytes | None]) -> bool:
 
 def columns(amounts: list[int]) -> tuple[TxColumns, dict]:
     from tests.support.kafka_io import transaction
+
     txs = [transaction(a, account=f"a{i}").to_dict() for i, a in enumerate(amounts)]
     return TxColumns.from_records(txs), {"known_terminal": np.zeros(len(amounts), dtype=bool)}
 
@@ -120,11 +149,14 @@ def test_an_invalid_rule_is_dead_lettered_with_its_reason_and_the_previous_versi
     assert letter.value == encode(rule(2, -5).to_dict())  # the original bytes, untouched
 
 
-@pytest.mark.parametrize("bad, reason", [
-    (rule(2, rule_id="x", kind="nope"), "unknown kind 'nope'"),
-    (rule(2, None, min_session_small=2), "unknown parameter 'min_session_small' for kind large_amount"),
-    (rule(2, None, exempt_below_cents="lots"), "must be a whole number, not 'lots'"),
-])
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (rule(2, rule_id="x", kind="nope"), "unknown kind 'nope'"),
+        (rule(2, None, min_session_small=2), "unknown parameter 'min_session_small' for kind large_amount"),
+        (rule(2, None, exempt_below_cents="lots"), "must be a whole number, not 'lots'"),
+    ],
+)
 def test_unknown_kinds_parameters_and_types_are_refused(reader, bad, reason):
     assert not feed(reader, (bad.id, encode(bad.to_dict())))
     [letter] = reader.take_dead_letters()
@@ -159,7 +191,11 @@ def test_disabling_and_removing_a_rule_stop_it_firing(reader):
 
 
 def test_two_rules_of_one_kind_fire_by_their_own_thresholds(reader):
-    feed(reader, (LARGE_AMOUNT, encode(rule(1, 50_000).to_dict())), ("huge", encode(rule(4, 70_000, rule_id="huge").to_dict())))
+    feed(
+        reader,
+        (LARGE_AMOUNT, encode(rule(1, 50_000).to_dict())),
+        ("huge", encode(rule(4, 70_000, rule_id="huge").to_dict())),
+    )
     tx, features = columns([60_000, 80_000])
     fired = reader.current.evaluate(tx, features)
     assert reader.current.fired_names(fired) == [[LARGE_AMOUNT], ["huge", LARGE_AMOUNT]]
@@ -191,9 +227,12 @@ def test_set_refuses_a_bad_file_with_one_line_and_numbers_the_next_version(tmp_p
     assert "card_testing.test_max_cents must be a whole number" in str(refused.value)
     assert "nothing written" in str(refused.value) and "\n" not in str(refused.value)
     good = tmp_path / "good.toml"
-    good.write_text("[large_amount]\nthreshold_cents = 40000\n[far]\nkind = \"far_from_home\"\nwindow_s = 60\n")
+    good.write_text('[large_amount]\nthreshold_cents = 40000\n[far]\nkind = "far_from_home"\nwindow_s = 60\n')
     records = _records_from_file(good, SETTINGS, {LARGE_AMOUNT: rule(4)}, author="a", comment="")
-    assert [(r.id, r.version, r.kind) for r in records] == [(LARGE_AMOUNT, 5, LARGE_AMOUNT), ("far", 1, "far_from_home")]
+    assert [(r.id, r.version, r.kind) for r in records] == [
+        (LARGE_AMOUNT, 5, LARGE_AMOUNT),
+        ("far", 1, "far_from_home"),
+    ]
     assert records[1].parameters == {"window_s": 60.0}
     assert isinstance(records[1].parameters["window_s"], float)  # written as the checked type
 
@@ -203,12 +242,15 @@ def test_the_rules_in_force_are_compared_with_a_rules_file_by_content(reader, tm
     feed(reader, *[(r.id, encode(r.to_dict())) for r in seed_records(SETTINGS, None, author="seed")])
     assert reader.differing_from(DEFAULT_RULES_FILE) == []
     lowered = tmp_path / "lowered.toml"
-    lowered.write_text("[large_amount]\nthreshold_cents = 50000\n[velocity]\nenabled = true\n[card_testing]\nenabled = false\n")
+    lowered.write_text(
+        "[large_amount]\nthreshold_cents = 50000\n[velocity]\nenabled = true\n[card_testing]\nenabled = false\n"
+    )
 
     assert reader.differing_from(lowered) == ["card_testing", "large_amount", "velocity"]
 
 
 # ----- hostile records: each refused once with its reason (a log line and a dead letter), never an exit
+
 
 def refused_kinds(reader: RulesTopic) -> list[str]:
     return [dict(letter.headers)[DLQ_KIND].decode() for letter in reader.take_dead_letters()]
@@ -216,8 +258,11 @@ def refused_kinds(reader: RulesTopic) -> list[str]:
 
 def test_a_version_at_the_top_of_the_range_or_any_jump_is_refused_and_later_changes_still_apply(reader):
     feed(reader, (LARGE_AMOUNT, encode(rule(1, 50_000).to_dict())))
-    assert not feed(reader, (LARGE_AMOUNT, encode(rule(2**63 - 1, 10_000).to_dict())),
-                    (LARGE_AMOUNT, encode(rule(3, 10_000).to_dict())))
+    assert not feed(
+        reader,
+        (LARGE_AMOUNT, encode(rule(2**63 - 1, 10_000).to_dict())),
+        (LARGE_AMOUNT, encode(rule(3, 10_000).to_dict())),
+    )
     assert refused_kinds(reader) == [INVALID_RULE, STALE_VERSION]  # past MAX_RULE_VERSION; a jump
     assert feed(reader, (LARGE_AMOUNT, encode(rule(2, 60_000).to_dict())))  # the next version: not wedged
     assert reader.current.versions == {LARGE_AMOUNT: 2}
@@ -239,14 +284,17 @@ def test_beyond_the_maximum_number_of_rules_a_new_one_is_refused_until_one_is_de
     assert "one-more" in reader.current.names and "r1" not in reader.current.names
 
 
-@pytest.mark.parametrize("bad, says", [
-    (rule(1, rule_id="evil\x1b[2J\nINFO fake line"), "rule id 'evil\\x1b[2J\\nINFO fake line' must be 1 to 64"),
-    (rule(1, rule_id="x" * 65), "must be 1 to 64 letters"),
-    (rule(0), "versions run from 1 to"),
-    (dataclasses.replace(rule(1), comment="c" * 1_001), "comment has 1001 characters; at most 1000"),
-    (rule(1, None, kind=COMPROMISED_TERMINAL, look_ahead_s=1e300), "look_ahead_s must be at most 3,600"),
-    (rule(1, None, kind=COMPROMISED_TERMINAL, look_ahead_s=float("nan")), "must be a finite number, not nan"),
-])
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        (rule(1, rule_id="evil\x1b[2J\nINFO fake line"), "rule id 'evil\\x1b[2J\\nINFO fake line' must be 1 to 64"),
+        (rule(1, rule_id="x" * 65), "must be 1 to 64 letters"),
+        (rule(0), "versions run from 1 to"),
+        (dataclasses.replace(rule(1), comment="c" * 1_001), "comment has 1001 characters; at most 1000"),
+        (rule(1, None, kind=COMPROMISED_TERMINAL, look_ahead_s=1e300), "look_ahead_s must be at most 3,600"),
+        (rule(1, None, kind=COMPROMISED_TERMINAL, look_ahead_s=float("nan")), "must be a finite number, not nan"),
+    ],
+)
 def test_ids_versions_texts_and_parameters_out_of_bounds_are_refused_in_one_printable_line(reader, bad, says):
     counted: list[str] = []
     reader.on_refused = counted.append  # the detector's metrics counter
@@ -274,28 +322,59 @@ def test_history_says_who_when_and_what_and_prints_no_control_character():
     from fraudstream.rules_cli import history_line
 
     evil = dataclasses.replace(rule(2), author="\x1b[31mroot", comment="ok\n2026-01-01 fake")
-    changed = history_line(Change(RuleMessage(4, LARGE_AMOUNT, b"x", [(PRINCIPAL_HEADER, b"SCRAM-SHA-512 rules-admin")]),
-                                  evil, APPLIED))
-    assert changed.startswith("@4      2026-01-02 00:00:00 (broker)  SCRAM-SHA-512 rules-admin (authenticated): "
-                              "large_amount v2 large_amount enabled")
+    changed = history_line(
+        Change(RuleMessage(4, LARGE_AMOUNT, b"x", [(PRINCIPAL_HEADER, b"SCRAM-SHA-512 rules-admin")]), evil, APPLIED)
+    )
+    assert changed.startswith(
+        "@4      2026-01-02 00:00:00 (broker)  SCRAM-SHA-512 rules-admin (authenticated): "
+        "large_amount v2 large_amount enabled"
+    )
     assert changed.endswith("# ok\\n2026-01-01 fake") and changed.isprintable()
     declared = history_line(Change(RuleMessage(5, LARGE_AMOUNT, b"x"), evil, REFUSED, "too big"))
     assert "\\x1b[31mroot (self-declared)" in declared and declared.endswith("REFUSED: too big")
-    deleted = history_line(Change(RuleMessage(6, LARGE_AMOUNT, None, [("fraudstream.author", b"ann"),
-                                                                      ("fraudstream.comment", b"gone")]), None, REMOVED))
+    deleted = history_line(
+        Change(
+            RuleMessage(6, LARGE_AMOUNT, None, [("fraudstream.author", b"ann"), ("fraudstream.comment", b"gone")]),
+            None,
+            REMOVED,
+        )
+    )
     assert deleted.endswith("ann (self-declared): large_amount deleted  # gone")
 
 
-@pytest.mark.parametrize("config, principal", [
-    ({}, None),
-    ({"security.protocol": "SSL", "ssl.ca.location": "ca.pem"}, None),
-    ({"security.protocol": "SASL_SSL", "sasl.mechanisms": "SCRAM-SHA-512", "sasl.username": "rules-admin",
-      "sasl.password": "s3cret"}, "SCRAM-SHA-512 rules-admin"),
-    ({"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "OAUTHBEARER",
-      "sasl.oauthbearer.config": "principal=alice scope=rules"}, "OAUTHBEARER alice"),
-    ({"security.protocol": "sasl_ssl", "sasl.mechanisms": "OAUTHBEARER", "sasl.oauthbearer.method": "oidc",
-      "sasl.oauthbearer.client.id": "rules-cli"}, "OAUTHBEARER client rules-cli"),
-])
+@pytest.mark.parametrize(
+    "config, principal",
+    [
+        ({}, None),
+        ({"security.protocol": "SSL", "ssl.ca.location": "ca.pem"}, None),
+        (
+            {
+                "security.protocol": "SASL_SSL",
+                "sasl.mechanisms": "SCRAM-SHA-512",
+                "sasl.username": "rules-admin",
+                "sasl.password": "s3cret",
+            },
+            "SCRAM-SHA-512 rules-admin",
+        ),
+        (
+            {
+                "security.protocol": "SASL_PLAINTEXT",
+                "sasl.mechanism": "OAUTHBEARER",
+                "sasl.oauthbearer.config": "principal=alice scope=rules",
+            },
+            "OAUTHBEARER alice",
+        ),
+        (
+            {
+                "security.protocol": "sasl_ssl",
+                "sasl.mechanisms": "OAUTHBEARER",
+                "sasl.oauthbearer.method": "oidc",
+                "sasl.oauthbearer.client.id": "rules-cli",
+            },
+            "OAUTHBEARER client rules-cli",
+        ),
+    ],
+)
 def test_the_principal_comes_from_the_client_config_and_never_its_secret(config, principal):
     from fraudstream.consumer.rules_topic import client_principal
 
@@ -308,8 +387,9 @@ def test_author_is_the_authenticated_principal_and_a_different_author_is_refused
 
     from fraudstream.rules_cli import _author
 
-    secured = SETTINGS.replace(kafka_extra={"security.protocol": "SASL_SSL", "sasl.mechanisms": "PLAIN",
-                                            "sasl.username": "rules-admin"})
+    secured = SETTINGS.replace(
+        kafka_extra={"security.protocol": "SASL_SSL", "sasl.mechanisms": "PLAIN", "sasl.username": "rules-admin"}
+    )
     assert _author(secured, argparse.Namespace(author=None)) == "PLAIN rules-admin"
     with pytest.raises(ConfigError, match="authenticated as PLAIN rules-admin.*leave --author out"):
         _author(secured, argparse.Namespace(author="mallory"))
@@ -319,10 +399,12 @@ def test_author_is_the_authenticated_principal_and_a_different_author_is_refused
 def test_set_refuses_a_file_that_would_pass_the_maximum_number_of_rules(tmp_path):
     current = {f"r{i}": rule(1, rule_id=f"r{i}") for i in range(MAX_RULES - 1)}
     path = tmp_path / "two.toml"
-    path.write_text("[a]\nkind = \"large_amount\"\n[b]\nkind = \"large_amount\"\n")
-    with pytest.raises(ConfigError, match=f"{MAX_RULES + 1} rules with those on the topic; at most {MAX_RULES}.*nothing written"):
+    path.write_text('[a]\nkind = "large_amount"\n[b]\nkind = "large_amount"\n')
+    with pytest.raises(
+        ConfigError, match=f"{MAX_RULES + 1} rules with those on the topic; at most {MAX_RULES}.*nothing written"
+    ):
         _records_from_file(path, SETTINGS, current, author="a", comment="")
-    path.write_text("[r0]\nkind = \"large_amount\"\n[a]\nkind = \"large_amount\"\n")  # one new: room for it
+    path.write_text('[r0]\nkind = "large_amount"\n[a]\nkind = "large_amount"\n')  # one new: room for it
     assert [r.id for r in _records_from_file(path, SETTINGS, current, author="a", comment="")] == ["r0", "a"]
 
 

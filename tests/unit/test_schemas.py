@@ -71,8 +71,10 @@ def test_transaction_v1_to_v2_adding_an_optional_field_is_fully_compatible():
 def test_a_new_field_without_a_default_breaks_backward_compatibility():
     new = changed(TRANSACTION_V2, lambda fields, s: s["fields"].append({"name": "risk_score", "type": "int"}))
     problems = compatibility_problems(new, [TRANSACTION_V1], "FULL_TRANSITIVE")
-    assert problems == ["new schema cannot read version 1 data: field risk_score: reader field missing default "
-                        "value (the writer has no such field)"]
+    assert problems == [
+        "new schema cannot read version 1 data: field risk_score: reader field missing default "
+        "value (the writer has no such field)"
+    ]
     # Old readers simply ignore the extra field: forward compatibility alone would allow it.
     assert compatibility_problems(new, [TRANSACTION_V1], "FORWARD") == []
 
@@ -106,7 +108,8 @@ def test_a_widening_type_change_is_backward_but_not_forward_compatible():
     assert compatibility_problems(new, [TRANSACTION_V1], "BACKWARD") == []
     assert compatibility_problems(new, [TRANSACTION_V1], "FULL") == [
         "version 1 readers cannot read new data: field amount_cents: type mismatch: reader type: long "
-        "not compatible with writer type: double"]
+        "not compatible with writer type: double"
+    ]
 
 
 def test_a_renamed_field_without_an_alias_is_rejected():
@@ -125,21 +128,24 @@ def test_an_alias_lets_new_readers_follow_a_rename_but_old_readers_still_break()
     assert compatibility_problems(new, [TRANSACTION_V1], "BACKWARD") == []
     assert compatibility_problems(new, [TRANSACTION_V1], "FULL") == [
         "version 1 readers cannot read new data: field city: reader field missing default value "
-        "(the writer has no such field)"]
+        "(the writer has no such field)"
+    ]
 
 
 def test_a_renamed_record_is_reported_as_such():
     new = changed(TRANSACTION_V2, lambda fields, s: s.update(name="io.fraudstream.Payment"))
     assert compatibility_problems(new, [TRANSACTION_V1], "BACKWARD") == [
         "new schema cannot read version 1 data: record io.fraudstream.Payment cannot read "
-        "io.fraudstream.Transaction: different name, no alias"]
+        "io.fraudstream.Transaction: different name, no alias"
+    ]
 
 
 def test_removing_a_symbol_from_an_enum_without_a_default_is_rejected():
     without_default = changed(TRANSACTION_V2, lambda fields, s: fields["channel"]["type"].pop("default"))
     new = changed(without_default, lambda fields, s: fields["channel"]["type"]["symbols"].remove("ATM"))
     assert compatibility_problems(new, [without_default], "FULL_TRANSITIVE") == [
-        "new schema cannot read version 1 data: field channel: missing enum symbols: {'ATM'}"]
+        "new schema cannot read version 1 data: field channel: missing enum symbols: {'ATM'}"
+    ]
 
 
 def test_our_channel_enum_has_a_default_so_removing_a_symbol_is_compatible():
@@ -151,15 +157,19 @@ def test_our_channel_enum_has_a_default_so_removing_a_symbol_is_compatible():
 
 
 def test_transitive_levels_check_every_earlier_version_not_only_the_latest():
-    with_default = changed(TRANSACTION_V2, lambda fields, s: s["fields"].append(
-        {"name": "risk_score", "type": "int", "default": 0}))
-    without_default = changed(TRANSACTION_V2, lambda fields, s: s["fields"].append(
-        {"name": "risk_score", "type": "int"}))
+    with_default = changed(
+        TRANSACTION_V2, lambda fields, s: s["fields"].append({"name": "risk_score", "type": "int", "default": 0})
+    )
+    without_default = changed(
+        TRANSACTION_V2, lambda fields, s: s["fields"].append({"name": "risk_score", "type": "int"})
+    )
     versions = [TRANSACTION_V1, with_default]
     assert compatibility_problems(without_default, versions, "FULL") == []
     problems = compatibility_problems(without_default, versions, "FULL_TRANSITIVE")
-    assert problems == ["new schema cannot read version 1 data: field risk_score: reader field missing default "
-                        "value (the writer has no such field)"]
+    assert problems == [
+        "new schema cannot read version 1 data: field risk_score: reader field missing default "
+        "value (the writer has no such field)"
+    ]
 
 
 def test_level_none_and_an_empty_history_accept_anything():
@@ -201,9 +211,11 @@ def test_the_offline_check_reports_a_broken_schema_against_its_history(schemas_c
     results = dict(check_offline(SETTINGS.replace(schemas_dir=schemas_copy)))
     assert results["Transaction (vs 1 earlier version)"][0] == (
         "new schema cannot read version 1 data: field amount_cents: type mismatch: reader type: string "
-        "not compatible with writer type: long")
+        "not compatible with writer type: long"
+    )
     # FraudAlert embeds Transaction, so the same break shows there, under the nested field's path.
     assert results["FraudAlert (vs 2 earlier versions)"][0] == (
         "new schema cannot read version 1 data: field transaction.amount_cents: type mismatch: reader type: "
-        "string not compatible with writer type: long")
+        "string not compatible with writer type: long"
+    )
     assert results["Label (vs 2 earlier versions)"] == []

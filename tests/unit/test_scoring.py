@@ -29,8 +29,14 @@ START = datetime(2018, 4, 1, tzinfo=UTC)
 
 
 def _alert(score):
-    return {"transaction": make_tx(95_000).to_dict(), "rules": ["large_amount"], "detected_at": START,
-            "fired": [{"id": "large_amount", "version": 2}], "rule_set_version": "4", "score": score}
+    return {
+        "transaction": make_tx(95_000).to_dict(),
+        "rules": ["large_amount"],
+        "detected_at": START,
+        "fired": [{"id": "large_amount", "version": 2}],
+        "rule_set_version": "4",
+        "score": score,
+    }
 
 
 def _write(schema, record) -> bytes:
@@ -56,14 +62,22 @@ def test_the_score_field_round_trips_and_every_older_fraud_alert_reader_still_re
         alert = _read(data, current, old)
         assert "score" not in alert and alert["rules"] == ["large_amount"], version
         # ... and the new reader reads old alerts: no score
-        assert FraudAlert.from_dict(_read(_write(old, {k: v for k, v in _alert(None).items() if k != "score"}),
-                                          old, current)).score is None
+        assert (
+            FraudAlert.from_dict(
+                _read(_write(old, {k: v for k, v in _alert(None).items() if k != "score"}), old, current)
+            ).score
+            is None
+        )
 
 
 # ----- labels only after their delay -----
 def _columns(terminal: str, times_ms: list[int], card: str = "card-1") -> TxColumns:
-    return TxColumns.from_records([make_tx(1_000, transaction_id=f"t{i}", card_id=card, terminal_id=terminal,
-                                           event_time=t).to_dict() for i, t in enumerate(times_ms)])
+    return TxColumns.from_records(
+        [
+            make_tx(1_000, transaction_id=f"t{i}", card_id=card, terminal_id=terminal, event_time=t).to_dict()
+            for i, t in enumerate(times_ms)
+        ]
+    )
 
 
 def test_a_label_counts_only_once_its_event_time_plus_the_delay_has_passed():
@@ -72,8 +86,7 @@ def test_a_label_counts_only_once_its_event_time_plus_the_delay_has_passed():
     labels.add(["term"], [fraud_at], [True])  # read at once: the reader may be early, the gate is event time
     labels.add(["term"], [fraud_at + DAY_MS], [False])
     just_before, due = fraud_at + DELAY_MS - 1, fraud_at + DELAY_MS
-    f = scoring.terminal_window_features(labels, _columns("term", [fraud_at, just_before, due,
-                                                                   due + DAY_MS]), DELAY_MS)
+    f = scoring.terminal_window_features(labels, _columns("term", [fraud_at, just_before, due, due + DAY_MS]), DELAY_MS)
     assert f["terminal_n_1d"].tolist() == [0, 0, 1, 1]  # the 1-day window: only the one label it reaches
     assert f["terminal_risk_1d"].tolist() == [0, 0, 1.0, 0.0]  # a day later the fraud is out, the legit in
     assert f["terminal_n_7d"].tolist() == [0, 0, 1, 2]
@@ -89,12 +102,15 @@ def test_the_label_table_merges_and_expires_without_changing_counts():
     frauds = (rng.random(20_000) < 0.1).tolist()
     table = scoring.LabelTable()
     for i in range(0, 20_000, 1_000):  # arrives in pieces: pending parts and merges
-        table.add(terminals[i:i + 1_000], times[i:i + 1_000], frauds[i:i + 1_000])
+        table.add(terminals[i : i + 1_000], times[i : i + 1_000], frauds[i : i + 1_000])
     query = _columns("t7", [int(START.timestamp() * 1000) + 30 * DAY_MS])
     got = scoring.terminal_window_features(table, query, DELAY_MS)
     until = int(query.event_time_ms[0]) - DELAY_MS
-    expected = [(t, f) for t, term, f in zip(times, terminals, frauds, strict=True)
-                if term == "t7" and until - 7 * DAY_MS < t <= until]
+    expected = [
+        (t, f)
+        for t, term, f in zip(times, terminals, frauds, strict=True)
+        if term == "t7" and until - 7 * DAY_MS < t <= until
+    ]
     assert got["terminal_n_7d"][0] == len(expected) > 0
     assert got["terminal_risk_7d"][0] == pytest.approx(sum(f for _, f in expected) / len(expected))
     table.expire(until - 31 * DAY_MS)
@@ -133,21 +149,38 @@ class _Booster:
 
 def _decider(model=None, labels=None):
     record_wise, columnar = decider_pair()
-    return StatefulDecider(lambda messages: decode_batch(columnar, columnar.record_wise, messages),
-                           load_rules(None, settings=SETTINGS).without("compromised_terminal"), _State(), encode_legit=record_wise.encode_legit,
-                           encode_fraud=record_wise.encode_fraud, model=model, labels=labels)
+    return StatefulDecider(
+        lambda messages: decode_batch(columnar, columnar.record_wise, messages),
+        load_rules(None, settings=SETTINGS).without("compromised_terminal"),
+        _State(),
+        encode_legit=record_wise.encode_legit,
+        encode_fraud=record_wise.encode_fraud,
+        model=model,
+        labels=labels,
+    )
 
 
 class _Message:
     def __init__(self, value, offset, partition=0, created_ms=None):
         self._value, self._offset, self._partition, self._created_ms = value, offset, partition, created_ms
 
-    def value(self): return self._value
-    def key(self): return b"acc"
-    def topic(self): return "transactions"
-    def partition(self): return self._partition
-    def offset(self): return self._offset
-    def headers(self): return None
+    def value(self):
+        return self._value
+
+    def key(self):
+        return b"acc"
+
+    def topic(self):
+        return "transactions"
+
+    def partition(self):
+        return self._partition
+
+    def offset(self):
+        return self._offset
+
+    def headers(self):
+        return None
 
     def timestamp(self):
         return (TIMESTAMP_NOT_AVAILABLE, -1) if self._created_ms is None else (TIMESTAMP_CREATE_TIME, self._created_ms)
@@ -164,8 +197,10 @@ def test_the_terminal_gate_is_handed_the_batch_s_newest_kafka_timestamp():
 
     decider = _decider()
     decider.terminal_features = terminal_features
-    values = [encode(make_tx(1_500, transaction_id=f"t{i}", event_time=START + timedelta(minutes=i)).to_dict())
-              for i in range(4)]
+    values = [
+        encode(make_tx(1_500, transaction_id=f"t{i}", event_time=START + timedelta(minutes=i)).to_dict())
+        for i in range(4)
+    ]
     created = [(1, 5_000), (0, 7_000), (1, 9_000), (0, 8_000)]  # (partition, created): newest 9,000 on 1
     decider.decide([_Message(v, i, p, c) for i, (v, (p, c)) in enumerate(zip(values, created, strict=True))])
     decider.decide([_Message(values[0], 10)])  # no timestamp on the records
@@ -179,8 +214,10 @@ def _fraud_alert(decision) -> dict:
 @pytest.mark.parametrize("with_model", [False, True])
 def test_a_legit_record_keeps_its_bytes_and_carries_its_score_in_a_header(with_model):
     amounts = [1_500, 95_000, 30_000, 70_000]  # $15, $950 (the amount rule), $300, $700
-    values = [encode(make_tx(a, transaction_id=f"t{i}", event_time=START + timedelta(minutes=i)).to_dict())
-              for i, a in enumerate(amounts)]
+    values = [
+        encode(make_tx(a, transaction_id=f"t{i}", event_time=START + timedelta(minutes=i)).to_dict())
+        for i, a in enumerate(amounts)
+    ]
     model = scoring.Model(_Booster(), {"threshold": 0.6, "model_version": 3}) if with_model else None
     labels = _Labels(scoring.LabelTable()) if with_model else None
     decisions = _decider(model, labels).decide([_Message(v, i) for i, v in enumerate(values)])
@@ -223,15 +260,29 @@ def test_training_and_the_detector_compute_features_with_the_same_function(monke
     rng = np.random.default_rng(11)
     start_ms = int(START.timestamp() * 1000)
     times = np.sort(rng.integers(start_ms, start_ms + 20 * DAY_MS, 600))
-    txs = [make_tx(int(rng.integers(100, 40_000)), transaction_id=f"t{i}", card_id=f"c{rng.integers(0, 20)}",
-                   terminal_id=f"term{rng.integers(0, 15)}", event_time=int(t)) for i, t in enumerate(times)]
+    txs = [
+        make_tx(
+            int(rng.integers(100, 40_000)),
+            transaction_id=f"t{i}",
+            card_id=f"c{rng.integers(0, 20)}",
+            terminal_id=f"term{rng.integers(0, 15)}",
+            event_time=int(t),
+        )
+        for i, t in enumerate(times)
+    ]
     labels = scoring.LabelTable()
     labels.add([t.terminal_id for t in txs], [int(t) for t in times], (rng.random(600) < 0.2).tolist())
     # Training, as `fraudstream train` builds it: batches of columns, every transaction labelled.
     records = [t.to_dict() for t in txs]
-    batches = [TxColumns.from_records(records[i:i + 100]) for i in range(0, 600, 100)]
-    data = train.training_set(batches, labels, {t.transaction_id: False for t in txs}, first_ms=start_ms,
-                              end_ms=start_ms + 30 * DAY_MS, label_delay_ms=DELAY_MS)
+    batches = [TxColumns.from_records(records[i : i + 100]) for i in range(0, 600, 100)]
+    data = train.training_set(
+        batches,
+        labels,
+        {t.transaction_id: False for t in txs},
+        first_ms=start_ms,
+        end_ms=start_ms + 30 * DAY_MS,
+        label_delay_ms=DELAY_MS,
+    )
     assert len(data.target) == 600 and calls["n"] == 6
     trained = {k: v[0] for k, v in calls["rows"].items()}
     # Serving: the detector's decide, on the same transactions as Kafka messages, in batches of 150.
@@ -239,7 +290,7 @@ def test_training_and_the_detector_compute_features_with_the_same_function(monke
     model = scoring.Model(_Booster(), {"threshold": 2.0})
     decider = _decider(model, _Labels(labels))
     for i in range(0, 600, 150):
-        decider.decide([_Message(encode(r), i + j) for j, r in enumerate(records[i:i + 150])])
+        decider.decide([_Message(encode(r), i + j) for j, r in enumerate(records[i : i + 150])])
     assert calls["n"] == 10
     served = {k: v[0] for k, v in calls["rows"].items()}
     assert served.keys() == trained.keys()
@@ -252,11 +303,13 @@ def test_training_and_the_detector_compute_features_with_the_same_function(monke
 # ----- the model file -----
 def test_a_model_file_round_trips_and_a_foreign_or_stale_one_is_one_line(tmp_path):
     import lightgbm
+
     rng = np.random.default_rng(1)
     x = rng.random((400, len(scoring.MODEL_FEATURES))).astype(np.float32)
     y = x[:, 0] > 0.7
-    booster = lightgbm.train({"objective": "binary", "verbose": -1, "num_threads": 1}, lightgbm.Dataset(x, y),
-                             num_boost_round=5)
+    booster = lightgbm.train(
+        {"objective": "binary", "verbose": -1, "num_threads": 1}, lightgbm.Dataset(x, y), num_boost_round=5
+    )
     path = tmp_path / "model.txt"
     scoring.Model(booster, {"model_version": 2, "threshold": 0.4}).save(path)
     loaded = scoring.Model.load(path)

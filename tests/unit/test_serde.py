@@ -23,9 +23,20 @@ TRANSACTION_V1 = dict(history(SETTINGS.schemas_dir, "Transaction"))[1]
 V1_ID, V2_ID, LABEL_ID, UNKNOWN_ID = 11, 12, 13, 99
 
 TRANSACTION = Transaction(
-    transaction_id="t-1", account_id="acct-1", card_id="card-1", merchant_id="m-1", merchant_category="5812",
-    terminal_id="pos-1", amount_cents=4_250, event_time=datetime(2025, 1, 2, 3, 4, 5, 6_000, tzinfo=UTC),
-    channel="ONLINE", country="US", city="Boston", latitude=42.36, longitude=-71.06, device_id="dev-9",
+    transaction_id="t-1",
+    account_id="acct-1",
+    card_id="card-1",
+    merchant_id="m-1",
+    merchant_category="5812",
+    terminal_id="pos-1",
+    amount_cents=4_250,
+    event_time=datetime(2025, 1, 2, 3, 4, 5, 6_000, tzinfo=UTC),
+    channel="ONLINE",
+    country="US",
+    city="Boston",
+    latitude=42.36,
+    longitude=-71.06,
+    device_id="dev-9",
 )
 
 
@@ -48,8 +59,9 @@ class FakeRegistry:
 
 @pytest.fixture
 def registry() -> FakeRegistry:
-    return FakeRegistry({V1_ID: TRANSACTION_V1, V2_ID: SCHEMAS.expanded["Transaction"],
-                         LABEL_ID: SCHEMAS.expanded["Label"]})
+    return FakeRegistry(
+        {V1_ID: TRANSACTION_V1, V2_ID: SCHEMAS.expanded["Transaction"], LABEL_ID: SCHEMAS.expanded["Label"]}
+    )
 
 
 @pytest.fixture
@@ -171,12 +183,16 @@ def _with(field: str, raw: bytes) -> bytes:
     return frame(V2_ID) + field_payload(dataclasses.replace(TRANSACTION, device_id=None), **{field: raw})
 
 
-@pytest.mark.parametrize("field, raw", [
-    ("channel", b"\x01"),                       # enum index -1: fastavro reads the last symbol
-    ("device_id", b"\x01\x06dev"),              # union index -1: fastavro reads the last branch
-    ("amount_cents", b"\xd4\xc2\x80\x00"),      # 4,250 in 4 bytes instead of 2
-    ("amount_cents", b"\xfe" + b"\xff" * 8 + b"\x7f"),  # bits past 64 dropped
-], ids=["negative-enum-index", "negative-union-index", "over-long-integer", "integer-past-64-bits"])
+@pytest.mark.parametrize(
+    "field, raw",
+    [
+        ("channel", b"\x01"),  # enum index -1: fastavro reads the last symbol
+        ("device_id", b"\x01\x06dev"),  # union index -1: fastavro reads the last branch
+        ("amount_cents", b"\xd4\xc2\x80\x00"),  # 4,250 in 4 bytes instead of 2
+        ("amount_cents", b"\xfe" + b"\xff" * 8 + b"\x7f"),  # bits past 64 dropped
+    ],
+    ids=["negative-enum-index", "negative-union-index", "over-long-integer", "integer-past-64-bits"],
+)
 def test_bytes_fastavro_reads_but_no_writer_makes_are_not_canonical(decoder, field, raw):
     value = _with(field, raw)
     decoder.decode(value)  # fastavro alone reads them

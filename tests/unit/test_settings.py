@@ -36,12 +36,14 @@ def test_the_default_registry_url_is_the_local_stacks_confluent_compatible_api()
 
 
 def test_environment_values_are_converted_to_the_field_types():
-    settings = Settings.from_env({
-        ENV["bootstrap_servers"]: "broker-1:9092,broker-2:9092",
-        ENV["partitions"]: "12",
-        ENV["schemas_dir"]: "/srv/schemas",
-        ENV["compatibility"]: "BACKWARD",
-    })
+    settings = Settings.from_env(
+        {
+            ENV["bootstrap_servers"]: "broker-1:9092,broker-2:9092",
+            ENV["partitions"]: "12",
+            ENV["schemas_dir"]: "/srv/schemas",
+            ENV["compatibility"]: "BACKWARD",
+        }
+    )
     assert settings.bootstrap_servers == "broker-1:9092,broker-2:9092"
     assert settings.partitions == 12
     assert settings.schemas_dir == Path("/srv/schemas")
@@ -101,7 +103,12 @@ def test_settings_are_frozen():
 def test_every_topic_name_derives_from_the_input_topic():
     settings = Settings(transactions_topic="payments")
     assert settings.all_topics == (
-        "payments", "payments.legit", "payments.fraud", "payments.dlq", "payments.labels", "payments.rules",
+        "payments",
+        "payments.legit",
+        "payments.fraud",
+        "payments.dlq",
+        "payments.labels",
+        "payments.rules",
     )
     assert settings.subject("payments.fraud") == "payments.fraud-value"
 

@@ -28,8 +28,9 @@ def test_first_signal_sets_stop_and_the_second_sets_now_during_a_blocking_call()
             print("left", stop.is_set(), now.is_set(), flush=True)
         print("restored", (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before, flush=True)
     """)
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         assert process.stdout.readline().strip() == "ready"
         process.send_signal(signal.SIGTERM)

@@ -33,8 +33,11 @@ def test_the_cluster_config_asks_for_three_replicas_and_two_in_sync(tmp_path):
     assert props["node.id"] == "2"
     assert props["controller.quorum.voters"] == "1@127.0.0.1:29093,2@127.0.0.1:29095,3@127.0.0.1:29097"
     assert props["listeners"] == "PLAINTEXT://127.0.0.1:29094,CONTROLLER://127.0.0.1:29095"
-    for key in ("default.replication.factor", "offsets.topic.replication.factor",
-                "transaction.state.log.replication.factor"):
+    for key in (
+        "default.replication.factor",
+        "offsets.topic.replication.factor",
+        "transaction.state.log.replication.factor",
+    ):
         assert props[key] == "3", key
     assert props["min.insync.replicas"] == props["transaction.state.log.min.isr"] == "2"
 
@@ -56,8 +59,9 @@ def test_a_stack_made_with_one_node_refuses_to_start_as_three(tmp_path):
 
 
 def test_running_needs_every_node():
-    status = StackStatus(kafka_pid=10, registry_pid=11, bootstrap_servers="b", registry_url="r",
-                         extra_brokers=((2, 12), (3, None)))
+    status = StackStatus(
+        kafka_pid=10, registry_pid=11, bootstrap_servers="b", registry_url="r", extra_brokers=((2, 12), (3, None))
+    )
     assert not status.running
 
 

@@ -43,20 +43,33 @@ def test_a_folder_without_client_certificates_gets_them_and_keeps_its_passwords(
     assert again.client_cert.is_file() and again.secrets() == before
 
 
-PORTS = dict(kafka_port=1111, controller_port=2222, kafka_secure_port=3333, kafka_mtls_port=3334,
-             kafka_jwt_port=3335, registry_port=5554, registry_secure_port=5555)
+PORTS = dict(
+    kafka_port=1111,
+    controller_port=2222,
+    kafka_secure_port=3333,
+    kafka_mtls_port=3334,
+    kafka_jwt_port=3335,
+    registry_port=5554,
+    registry_secure_port=5555,
+)
 
 
 def secured_broker_config(tmp_path, material, **flags) -> dict[str, str]:
-    base = _render(INFRA / "kafka-server.properties", {"KAFKA_PORT": 1111, "CONTROLLER_PORT": 2222, "DATA_DIR": tmp_path})
+    base = _render(
+        INFRA / "kafka-server.properties", {"KAFKA_PORT": 1111, "CONTROLLER_PORT": 2222, "DATA_DIR": tmp_path}
+    )
     return javaproperties.loads(stack_secure.kafka_server_config(base, material, Settings(**PORTS), **flags))
 
 
 def test_the_secured_broker_has_no_plaintext_listener_and_denies_what_no_acl_allows(tmp_path):
     material = stack_secure.ensure_material(tmp_path / "secure")
     config = secured_broker_config(tmp_path, material)
-    assert config["listeners"].split(",") == ["INTERNAL://127.0.0.1:1111", "CONTROLLER://127.0.0.1:2222",
-                                              "SASL_SSL://127.0.0.1:3333", "MTLS://127.0.0.1:3334"]
+    assert config["listeners"].split(",") == [
+        "INTERNAL://127.0.0.1:1111",
+        "CONTROLLER://127.0.0.1:2222",
+        "SASL_SSL://127.0.0.1:3333",
+        "MTLS://127.0.0.1:3334",
+    ]
     protocols = dict(item.split(":") for item in config["listener.security.protocol.map"].split(","))
     assert "PLAINTEXT" not in protocols.values() and "SASL_PLAINTEXT" not in protocols.values()
     assert config["inter.broker.listener.name"] == "INTERNAL" and protocols["INTERNAL"] == "SASL_SSL"
@@ -71,7 +84,9 @@ def test_the_secured_broker_has_no_plaintext_listener_and_denies_what_no_acl_all
     assert jwt["listener.name.sasl_ssl.sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
     assert config["listener.name.mtls.ssl.client.auth"] == "required"
     assert config["ssl.keystore.password"] == material.secrets()["keystore.password"]
-    assert f'password="{material.secrets()["admin.password"]}"' in config["listener.name.internal.plain.sasl.jaas.config"]
+    assert (
+        f'password="{material.secrets()["admin.password"]}"' in config["listener.name.internal.plain.sasl.jaas.config"]
+    )
     assert "${" not in "".join(config.values())
 
 
@@ -80,8 +95,11 @@ def test_each_role_gets_its_own_client_files_and_the_registry_its_users(tmp_path
     stack_secure.write_client_properties(material, Settings(**PORTS))
     secrets = material.secrets()
     for role in stack_secure.ROLES:
-        settings = Settings.from_env({}, kafka_config=material.kafka_client_properties(role),
-                                     registry_config=material.registry_client_properties(role))
+        settings = Settings.from_env(
+            {},
+            kafka_config=material.kafka_client_properties(role),
+            registry_config=material.registry_client_properties(role),
+        )
         assert settings.bootstrap_servers == "127.0.0.1:3333"
         assert settings.kafka_extra["sasl.username"] == role
         assert settings.kafka_extra["sasl.password"] == secrets[f"{role}.password"]
@@ -100,7 +118,9 @@ def test_each_role_gets_its_own_client_files_and_the_registry_its_users(tmp_path
     assert registry["apicurio.auth.role-based-authorization"] == "true"
     assert registry["apicurio.auth.anonymous-read-access.enabled"] == "false"
     assert registry["quarkus.security.users.embedded.roles.admin"] == "sr-admin"
-    assert all(registry[f"quarkus.security.users.embedded.roles.{role}"] == "sr-readonly" for role in stack_secure.ROLES)
+    assert all(
+        registry[f"quarkus.security.users.embedded.roles.{role}"] == "sr-readonly" for role in stack_secure.ROLES
+    )
     assert registry["apicurio.kafkasql.producer.sasl.mechanism"] == "SCRAM-SHA-512"
 
 
@@ -111,8 +131,9 @@ def test_librdkafka_logs_its_configuration_with_secrets_redacted():
     logger.addHandler(logging.StreamHandler(stream))
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
-    Producer({"debug": "conf", "sasl.password": "Pass-In-Logs-1", "ssl.key.password": "Key-Pass-2",
-              "logger": logger}).flush(1)
+    Producer(
+        {"debug": "conf", "sasl.password": "Pass-In-Logs-1", "ssl.key.password": "Key-Pass-2", "logger": logger}
+    ).flush(1)
     logged = stream.getvalue()
     assert "sasl.password = [redacted]" in logged
     assert "Pass-In-Logs-1" not in logged and "Key-Pass-2" not in logged

@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fraudstream.consumer.state.table import (KeyedTable, StateLayoutError, check_layout, check_row_bytes, layout_tag, row_values,
-                                  rows_from_values)
+from fraudstream.consumer.state.table import (
+    KeyedTable,
+    StateLayoutError,
+    check_layout,
+    check_row_bytes,
+    layout_tag,
+    row_values,
+    rows_from_values,
+)
 
 DTYPE = np.dtype([("last_ms", "<i8"), ("count", "<u4"), ("ring", "<u4", (2,))])
 
@@ -151,12 +158,18 @@ from hypothesis import strategies as st
 
 UNDO_ROW = np.dtype([("last_ms", "<i8"), ("n", "<i4")])
 KEYS = [b"k%d" % i for i in range(12)]
-OPERATIONS = st.lists(st.one_of(
-    st.tuples(st.just("write"), st.lists(st.sampled_from(KEYS), min_size=1, max_size=6, unique=True),
-              st.integers(0, 10**6)),
-    st.tuples(st.just("remove"), st.lists(st.sampled_from(KEYS), max_size=4, unique=True), st.just(0)),
-    st.tuples(st.just("expire"), st.just([]), st.integers(0, 10**6)),
-), max_size=12)
+OPERATIONS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("write"),
+            st.lists(st.sampled_from(KEYS), min_size=1, max_size=6, unique=True),
+            st.integers(0, 10**6),
+        ),
+        st.tuples(st.just("remove"), st.lists(st.sampled_from(KEYS), max_size=4, unique=True), st.just(0)),
+        st.tuples(st.just("expire"), st.just([]), st.integers(0, 10**6)),
+    ),
+    max_size=12,
+)
 
 
 def contents(table: KeyedTable) -> dict[bytes, tuple]:

@@ -76,11 +76,20 @@ class LateRecordConsumer(StandInConsumer):
         return super().get_watermark_offsets(tp, cached, timeout)
 
 
-def reader(consumer: StandInConsumer, latest: dict[int, int], log: list[str], gates: list,
-           idle_ms: int = Settings().terminal_idle_ms) -> TerminalReader:
+def reader(
+    consumer: StandInConsumer,
+    latest: dict[int, int],
+    log: list[str],
+    gates: list,
+    idle_ms: int = Settings().terminal_idle_ms,
+) -> TerminalReader:
     settings = Settings().replace(broker_outage_limit_s=1, terminal_idle_ms=idle_ms)
-    r = TerminalReader(settings, decode=lambda messages: None, on_log=log.append,
-                       on_gate=lambda stats: gates.append(dict(stats.stalled)))
+    r = TerminalReader(
+        settings,
+        decode=lambda messages: None,
+        on_log=log.append,
+        on_gate=lambda stats: gates.append(dict(stats.stalled)),
+    )
     r.consumer, r.admin, r.partitions = consumer, consumer, sorted(consumer.ends)
     r._latest = dict(latest)
     r._next = dict(consumer.positions)
@@ -117,7 +126,9 @@ def test_a_partition_behind_and_not_at_its_end_is_logged_counted_and_ends_the_wa
     log, gates = [], []
     # Partition 1: read only up to T + tolerance (not past it), and records remain (position 60 of 90).
     consumer = StandInConsumer(ends={0: 50, 1: 90}, positions={0: 40, 1: 60})
-    r = reader(consumer, {0: T0 + terminal.TERMINAL_TOLERANCE_MS + 1, 1: T0 + terminal.TERMINAL_TOLERANCE_MS}, log, gates)
+    r = reader(
+        consumer, {0: T0 + terminal.TERMINAL_TOLERANCE_MS + 1, 1: T0 + terminal.TERMINAL_TOLERANCE_MS}, log, gates
+    )
     with pytest.raises(KafkaUnavailable, match=r"input partitions \[1\] .* not read past event time"):
         r.wait_for(T0, {0: 40})
     assert consumer.polls > 1  # it kept reading while it waited
@@ -170,25 +181,34 @@ def test_a_read_adds_the_decoded_records_at_their_own_positions_and_moves_past_e
 
     messages = [StandInMessage(p, o) for p, o in [(0, 10), (1, 5), (0, 11), (2, 30), (1, 6), (2, 31)]]
     taken = [0, 1, 2, 4, 5]  # message 3 (partition 2, offset 30) is a dead letter
-    columns = pa.RecordBatch.from_pydict({
-        "terminal_id": [f"term-{i}" for i in taken],
-        "card_id": [f"card-{i}" for i in taken],
-        "event_time": pa.array([T0 + 1000 * i for i in taken], pa.timestamp("ms", tz="UTC")),
-    })
+    columns = pa.RecordBatch.from_pydict(
+        {
+            "terminal_id": [f"term-{i}" for i in taken],
+            "card_id": [f"card-{i}" for i in taken],
+            "event_time": pa.array([T0 + 1000 * i for i in taken], pa.timestamp("ms", tz="UTC")),
+        }
+    )
     decoded = DecodedBatch(dead={3: None}, columns=columns, column_rows=taken)
     r = TerminalReader(Settings(), decode=lambda _messages: decoded)
     first = r._ingest(messages, first_t_wanted=True)
     assert r._next == {0: 12, 1: 7, 2: 32}
     assert r._latest == {0: T0 + 2000, 1: T0 + 4000, 2: T0 + 5000}
     assert first == {0: T0, 1: T0 + 1000, 2: T0 + 5000}
-    assert sorted(r.window._pos.tolist()) == sorted(terminal.position_keys(
-        np.array([messages[i].partition() for i in taken]), np.array([messages[i].offset() for i in taken])).tolist())
+    assert sorted(r.window._pos.tolist()) == sorted(
+        terminal.position_keys(
+            np.array([messages[i].partition() for i in taken]), np.array([messages[i].offset() for i in taken])
+        ).tolist()
+    )
     # Each event's terminal and card are its own record's, found through its position.
     by_position = dict(zip(r.window._pos.tolist(), r.window._card.tolist(), strict=True))
     cards = hash_strings([f"card-{i}" for i in taken])
     for i, card in zip(taken, cards.tolist(), strict=True):
-        assert by_position[int(terminal.position_keys(np.array([messages[i].partition()]),
-                                                       np.array([messages[i].offset()]))[0])] == card
+        assert (
+            by_position[
+                int(terminal.position_keys(np.array([messages[i].partition()]), np.array([messages[i].offset()]))[0])
+            ]
+            == card
+        )
 
 
 class SeedingConsumer:
@@ -236,10 +256,16 @@ def test_a_seed_reaches_back_a_window_before_the_committed_offset_whatever_a_rea
 
     def decode(messages):
         offsets = [m.offset() for m in messages]
-        return DecodedBatch(columns=pa.RecordBatch.from_pydict({
-            "terminal_id": [f"term-{o % 7}" for o in offsets], "card_id": [f"card-{o % 13:03d}" for o in offsets],
-            "event_time": pa.array([T0 + step * o for o in offsets], pa.timestamp("ms", tz="UTC"))}),
-            column_rows=list(range(len(messages))))
+        return DecodedBatch(
+            columns=pa.RecordBatch.from_pydict(
+                {
+                    "terminal_id": [f"term-{o % 7}" for o in offsets],
+                    "card_id": [f"card-{o % 13:03d}" for o in offsets],
+                    "event_time": pa.array([T0 + step * o for o in offsets], pa.timestamp("ms", tz="UTC")),
+                }
+            ),
+            column_rows=list(range(len(messages))),
+        )
 
     monkeypatch.setattr(terminal, "READ_CHUNK", 10_000)  # one read returns the whole rest of the partition
     r = TerminalReader(Settings(), decode=decode, on_log=lambda line: None)
@@ -272,8 +298,9 @@ def test_an_end_the_broker_did_not_answer_is_asked_again() -> None:
     assert len(consumer.asked_ends_at) == 2 and consumer.polls >= 1
 
 
-@pytest.mark.parametrize("code", [KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-                                  KafkaError.COORDINATOR_NOT_AVAILABLE])
+@pytest.mark.parametrize(
+    "code", [KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE]
+)
 def test_a_group_coordinator_starting_or_moving_is_waited_for(code) -> None:
     """Seen at start on a fresh three-broker cluster: committed offsets answered 'Not coordinator'."""
     r = reader(StandInConsumer(ends={0: 1}, positions={0: 0}), {}, [], [])

@@ -24,14 +24,18 @@ times_strategy = st.integers(0, 25).flatmap(lambda k: st.sampled_from([T0 + k * 
 events_strategy = st.dictionaries(
     st.tuples(st.integers(0, 3), st.integers(0, 60)),
     st.tuples(st.integers(1, 2), st.integers(1, 6), times_strategy),
-    min_size=1, max_size=60)
+    min_size=1,
+    max_size=60,
+)
 
 
 def brute_force(events: dict, terminal: int, card: int, t: int, recent: int = RECENT_EVENTS, ahead: int = 0) -> int:
     """The specification: distinct other cards at the terminal with event time in [t - W, t + ahead], looking
     back `recent` events at most from t + ahead (every event at the time of the last one looked at included)."""
     upper = t + ahead
-    times = sorted((et for (term, _c, et) in events.values() if term == terminal and t - W <= et <= upper), reverse=True)
+    times = sorted(
+        (et for (term, _c, et) in events.values() if term == terminal and t - W <= et <= upper), reverse=True
+    )
     since = times[recent - 1] if len(times) > recent else t - W
     return len({c for (term, c, et) in events.values() if term == terminal and c != card and since <= et <= upper})
 
@@ -61,7 +65,9 @@ def test_answers_depend_on_the_set_of_events_only(events: dict, data) -> None:
         add(chunked, stream[low:high])
     assert len(chunked) == len(ordered) == len(events)
 
-    queries = data.draw(st.lists(st.tuples(st.integers(1, 2), st.integers(1, 6), times_strategy), min_size=1, max_size=20))
+    queries = data.draw(
+        st.lists(st.tuples(st.integers(1, 2), st.integers(1, 6), times_strategy), min_size=1, max_size=20)
+    )
     terminals, cards, times = (np.array(column) for column in zip(*queries))
     expected = [brute_force(events, *q, recent=recent) for q in queries]
     assert ordered.other_cards(terminals, cards, times).tolist() == expected
@@ -75,7 +81,9 @@ def test_answers_depend_on_the_set_of_events_only(events: dict, data) -> None:
 def test_equal_event_times_count_whatever_their_partition_and_offset() -> None:
     window = TerminalWindow()
     t = 1_767_225_600_000
-    window.add(np.array([0, 1, 2]), np.array([5, 3, 9]), np.array([7, 7, 7]), np.array([1, 2, 3]), np.array([t, t, t + 1]))
+    window.add(
+        np.array([0, 1, 2]), np.array([5, 3, 9]), np.array([7, 7, 7]), np.array([1, 2, 3]), np.array([t, t, t + 1])
+    )
     # At t, the card of partition 1 sees the card of partition 0 (same time) but not the later one.
     assert window.other_cards(np.array([7, 7]), np.array([2, 1]), np.array([t, t])).tolist() == [1, 1]
     assert window.other_cards(np.array([7]), np.array([9]), np.array([t + W])).tolist() == [3]
@@ -86,7 +94,9 @@ def test_at_the_look_back_limit_every_event_of_the_same_time_counts() -> None:
     window = TerminalWindow(recent=3)
     t = T0
     # Five cards at one time, in an order unrelated to their positions: which three would a cut keep?
-    window.add(np.array([2, 0, 1, 0, 2]), np.array([7, 3, 5, 1, 2]), np.full(5, 7), np.array([5, 1, 4, 2, 3]), np.full(5, t))
+    window.add(
+        np.array([2, 0, 1, 0, 2]), np.array([7, 3, 5, 1, 2]), np.full(5, 7), np.array([5, 1, 4, 2, 3]), np.full(5, t)
+    )
     window.add(np.array([1]), np.array([9]), np.array([7]), np.array([6]), np.array([t - 1]))
     assert window.other_cards(np.array([7]), np.array([9]), np.array([t])).tolist() == [5]
 
@@ -94,8 +104,13 @@ def test_at_the_look_back_limit_every_event_of_the_same_time_counts() -> None:
 def test_expiry_drops_only_older_events_and_a_reread_of_them_is_harmless() -> None:
     window = TerminalWindow()
     t = 1_767_225_600_000
-    window.add(np.array([0, 0, 0]), np.array([0, 1, 2]), np.array([7, 7, 7]), np.array([1, 2, 3]),
-               np.array([t, t + W, t + 2 * W]))
+    window.add(
+        np.array([0, 0, 0]),
+        np.array([0, 1, 2]),
+        np.array([7, 7, 7]),
+        np.array([1, 2, 3]),
+        np.array([t, t + W, t + 2 * W]),
+    )
     assert window.expire(t + W) == 1 and len(window) == 2
     assert window.other_cards(np.array([7]), np.array([9]), np.array([t + 2 * W])).tolist() == [2]
     window.add(np.array([0]), np.array([1]), np.array([7]), np.array([2]), np.array([t + W]))  # read again
@@ -107,7 +122,11 @@ def test_event_times_far_apart_are_rebased_not_confused() -> None:
     t = 1_767_225_600_000
     far = t + 200 * 24 * 3_600_000  # 200 days later: beyond the key's 32-bit range from the first base
     window.add(np.array([0, 0]), np.array([0, 1]), np.array([7, 7]), np.array([1, 2]), np.array([t, far]))
-    assert window.other_cards(np.array([7, 7, 7]), np.array([9, 9, 9]), np.array([t, far, far - 2 * W])).tolist() == [1, 1, 0]
+    assert window.other_cards(np.array([7, 7, 7]), np.array([9, 9, 9]), np.array([t, far, far - 2 * W])).tolist() == [
+        1,
+        1,
+        0,
+    ]
 
 
 def test_short_and_long_queries_count_alike(monkeypatch) -> None:
@@ -124,7 +143,9 @@ def test_short_and_long_queries_count_alike(monkeypatch) -> None:
     window.add(np.zeros(n, np.int64), np.arange(n), terminals, cards, times)
     q_terminals, q_cards = rng.integers(1, 4, 200), rng.integers(1, 13, 200)
     q_times = T0 + rng.choice([0, 1, W // 2, W, W + 1, 2 * W, 3 * W], 200)
-    expected = [brute_force(events, int(a), int(b), int(c)) for a, b, c in zip(q_terminals, q_cards, q_times, strict=True)]
+    expected = [
+        brute_force(events, int(a), int(b), int(c)) for a, b, c in zip(q_terminals, q_cards, q_times, strict=True)
+    ]
     calls = {"matrix": 0, "sorted": 0}
     for name, method in (("matrix", "_distinct_others"), ("sorted", "_distinct_others_sorted")):
         original = getattr(TerminalWindow, method)

@@ -96,15 +96,19 @@ PROTOBUF = Schema('syntax = "proto3";\nmessage M { string a = 1; }', "PROTOBUF")
 JSON_SCHEMA = Schema('{"type": "object", "properties": {"a": {"type": "string"}}}', "JSON")
 
 
-@pytest.mark.parametrize(("answer", "kind"), [
-    (PROTOBUF, "not_avro_schema"),
-    (JSON_SCHEMA, "not_avro_schema"),
-    (Schema("this is not JSON", "AVRO"), "unreadable_writer_schema"),
-    (Schema("12", "AVRO"), "unreadable_writer_schema"),
-    (Schema('{"type": "record", "name": "Bad", "fields": "x"}', "AVRO"), "unreadable_writer_schema"),
-    (Schema('["null", "string"]', "AVRO"), "schema_mismatch"),
-    (ValueError("Expecting value: line 1 column 1"), "unreadable_writer_schema"),  # a body the client cannot read
-], ids=["protobuf", "json-schema", "text-not-json", "json-number", "bad-avro", "avro-union", "unreadable-answer"])
+@pytest.mark.parametrize(
+    ("answer", "kind"),
+    [
+        (PROTOBUF, "not_avro_schema"),
+        (JSON_SCHEMA, "not_avro_schema"),
+        (Schema("this is not JSON", "AVRO"), "unreadable_writer_schema"),
+        (Schema("12", "AVRO"), "unreadable_writer_schema"),
+        (Schema('{"type": "record", "name": "Bad", "fields": "x"}', "AVRO"), "unreadable_writer_schema"),
+        (Schema('["null", "string"]', "AVRO"), "schema_mismatch"),
+        (ValueError("Expecting value: line 1 column 1"), "unreadable_writer_schema"),  # a body the client cannot read
+    ],
+    ids=["protobuf", "json-schema", "text-not-json", "json-number", "bad-avro", "avro-union", "unreadable-answer"],
+)
 def test_a_schema_id_that_is_not_a_usable_avro_schema_is_a_dead_letter_never_an_error(answer, kind):
     registry = registry_answering({7: answer, 8: Schema(json.dumps(SCHEMAS["Transaction"]), "AVRO")})
     decoder = Decoder(registry, SCHEMAS["Transaction"])
@@ -161,8 +165,9 @@ def test_a_record_named_by_guid_in_a_header_or_prefix_is_decoded_and_forwarded_i
     assert registry.calls == 1
 
 
-@pytest.mark.parametrize("header", [b"\x01" + GUID.bytes[:8], b"\x00" + GUID.bytes, None],
-                         ids=["short", "wrong-magic", "null"])
+@pytest.mark.parametrize(
+    "header", [b"\x01" + GUID.bytes[:8], b"\x00" + GUID.bytes, None], ids=["short", "wrong-magic", "null"]
+)
 def test_a_malformed_schema_guid_header_is_a_dead_letter(header):
     value = encode(make_tx(5).to_dict())
     [decision] = record_wise_decider().decide([FakeMessage(value, headers=[("__value_schema_id", header)])])
