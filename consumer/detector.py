@@ -34,6 +34,7 @@ import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable
+from typing import TypeVar
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ from fraudstream.consumer.rules_topic import RulesTopic
 from fraudstream.consumer.state.manager import StateManager
 from fraudstream.consumer.stateful import STORES, StatefulDecider, StateTouchedError, decode_batch, load_scoring
 from fraudstream.consumer.terminal import StopRequested, TerminalReader
-from fraudstream.errors import Fenced, KafkaUnavailable, RegistryError
+from fraudstream.errors import Fenced, KafkaUnavailable, RegistryError, RegistryUnavailable
 from fraudstream.kafka import (
     NEVER_PASSING,
     admin,
@@ -77,6 +78,7 @@ from fraudstream.settings import Settings
 from fraudstream.signals import stop_requests
 
 log = logging.getLogger("fraudstream.detector")
+T = TypeVar("T")
 
 GROUP_REQUEST_TIMEOUT_S = 30.0  # long enough for a restarted coordinator to load: a timed-out one is risky
 REGISTRY_BACKOFF_MAX_S = 5.0
@@ -156,7 +158,8 @@ class Detector:
         ensure_topics(s, (s.transactions_topic, s.legit_topic, s.fraud_topic, s.dlq_topic))
         registry = Registry(s)
         schemas = load_schemas(s.schemas_dir)
-        ids = current_ids(s, registry, schemas)  # clear error when `schemas register` was not run
+        # A clear error when `schemas register` was not run; a registry restarting is waited for.
+        ids = self._until_registry_answers(lambda: current_ids(s, registry, schemas))
         decoder = Decoder(registry, schemas.expanded["Transaction"], reader_id=ids[s.transactions_topic])
         decider = Decider(
             decoder,
@@ -173,7 +176,9 @@ class Detector:
             decider = self._stateful(decider)
         self._admin = admin(s)  # one for the detector's life: see max_message_bytes
         self._group_admin = admin(s)  # for group requests, replaced when one fails: see _successors
-        self.collector.limits = max_message_bytes(self._admin, tuple(self.routes.values()))
+        self.collector.limits = max_message_bytes(
+            self._admin, tuple(self.routes.values()), outage_limit_s=s.broker_outage_limit_s
+        )
         # Static membership (KIP-345) under the same stable id: a restarted detector takes its
         # partitions back at once instead of waiting out the session timeout of its dead self.
         self.consumer = self._new_consumer()
@@ -408,6 +413,22 @@ class Detector:
                     return None
                 backoff = min(backoff * 2, REGISTRY_BACKOFF_MAX_S)
 
+    def _until_registry_answers(self, fn: Callable[[], T]) -> T:
+        """fn(), retried with backoff while the registry does not answer, up to its outage limit (a detector
+        starting while the registry restarts); a refusal or an answer is not retried."""
+        limit_s = self.settings.registry_outage_limit_s
+        backoff, deadline = 0.2, time.monotonic() + limit_s
+        while True:
+            try:
+                return fn()
+            except RegistryUnavailable as exc:
+                if time.monotonic() + backoff > deadline:
+                    raise RegistryError(f"{exc}; gave up after the registry outage limit ({limit_s} s)") from exc
+                log.warning("%s; retrying in %.1fs", exc, backoff)
+                if self.stop.wait(backoff):
+                    raise Stopping("waiting for the schema registry") from exc
+                backoff = min(backoff * 2, REGISTRY_BACKOFF_MAX_S)
+
     def _with_state_ready(self, messages: list) -> list:
         """Only records whose partition's state is restored; a partition whose state is being rebuilt is
         paused, and any of its records fetched before that are read again once it resumes."""
@@ -510,7 +531,9 @@ class Detector:
         """A broker refused a record batch as too large: an output topic's limit went down since start-up.
         Read the limits again; the retried transaction dead-letters what no longer fits, and a producer
         with smaller record batches keeps the rest within the limit."""
-        limits = max_message_bytes(self._admin, tuple(self.routes.values()))
+        limits = max_message_bytes(
+            self._admin, tuple(self.routes.values()), outage_limit_s=self.settings.broker_outage_limit_s
+        )
         log.warning(
             "an output was over its topic's max.message.bytes; limits now %s (were %s)", limits, self.collector.limits
         )

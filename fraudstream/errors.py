@@ -22,6 +22,10 @@ class RegistryError(FraudstreamError):
     """The Schema Registry is unreachable or refused a request."""
 
 
+class RegistryUnavailable(RegistryError):
+    """The Schema Registry did not answer (a transport error or a timeout): worth waiting for, unlike a refusal."""
+
+
 class SchemaError(FraudstreamError):
     """A schema file is invalid, unregistered, or incompatible."""
 

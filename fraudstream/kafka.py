@@ -347,21 +347,21 @@ def refresh_metadata(client, topic: str, timeout_s: float) -> None:
         log.debug("refreshing the metadata of %s: %s", topic, exc.args[0].str())
 
 
-def max_message_bytes(client: AdminClient, topics: tuple[str, ...], *, timeout_s: float = 10.0) -> dict[str, int]:
-    """Each topic's max.message.bytes: the largest record batch (header included) its brokers accept.
+def max_message_bytes(
+    client: AdminClient, topics: tuple[str, ...], *, timeout_s: float = 10.0, outage_limit_s: float = 0.0
+) -> dict[str, int]:
+    """Each topic's max.message.bytes: the largest record batch (header included) its brokers accept; a broker or
+    controller away is waited out for `outage_limit_s` (a detector starting while one restarts).
 
     `client` is long-lived and must outlive the call: a client destroyed with a request still in flight
     fails its futures, and can trip an assertion in librdkafka."""
     resources = [ConfigResource(ResourceType.TOPIC, topic) for topic in topics]
-    limits = {}
-    for resource, future in client.describe_configs(resources, request_timeout=timeout_s).items():
-        try:
-            limits[resource.name] = int(future.result()["max.message.bytes"].value)
-        except KafkaException as exc:
-            raise KafkaUnavailable(
-                f"could not read the configuration of topic {resource.name}: {exc.args[0].str()}"
-            ) from exc
-    return limits
+
+    def describe() -> dict[str, int]:
+        futures = client.describe_configs(resources, request_timeout=timeout_s)
+        return {resource.name: int(future.result()["max.message.bytes"].value) for resource, future in futures.items()}
+
+    return wait_out(f"reading the configuration of topics {', '.join(topics)}", describe, limit_s=outage_limit_s)
 
 
 def static_members(client: AdminClient, group_id: str, instance_id: str, *, timeout_s: float = 10.0) -> list:

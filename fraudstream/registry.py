@@ -16,7 +16,7 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from fraudstream.client_config import redact
-from fraudstream.errors import RegistryError, SchemaError
+from fraudstream.errors import RegistryError, RegistryUnavailable, SchemaError
 from fraudstream.schemas import SchemaSet, load_schemas, topic_schemas
 from fraudstream.settings import Settings
 
@@ -92,7 +92,7 @@ class Registry:
                     "its certificate is not signed by a CA this client trusts: set ssl.ca.location "
                     "to that CA"
                 ) from exc
-            raise RegistryError(f"schema registry at {self.url} unreachable while {what}: {text}") from exc
+            raise RegistryUnavailable(f"schema registry at {self.url} unreachable while {what}: {text}") from exc
 
     def schema_by_id(self, schema_id: SchemaRef) -> dict[str, Any]:
         """The writer schema for a record's id or GUID (the client caches it), as Avro's JSON.

@@ -89,3 +89,56 @@ def test_wait_out_retries_what_passes_and_names_what_failed_otherwise():
             limit_s=10,
             interval_s=0,
         )
+
+
+def test_reading_the_output_topics_limits_waits_out_a_controller_away():
+    """Seen in the soak: a detector starting while a broker was frozen ended with 'could not read the
+    configuration of topic ...: Failed while waiting for controller: Local: Timed out'."""
+    from concurrent.futures import Future
+
+    from fraudstream.kafka import max_message_bytes
+
+    class Entry:
+        value = "1048588"
+
+    class Admin:
+        asked = 0
+
+        def describe_configs(self, resources, request_timeout):
+            self.asked += 1
+            futures = {}
+            for resource in resources:
+                future = Future()
+                if self.asked < 3:
+                    future.set_exception(KafkaException(KafkaError(KafkaError._TIMED_OUT, "waiting for controller")))
+                else:
+                    future.set_result({"max.message.bytes": Entry()})
+                futures[resource] = future
+            return futures
+
+    admin = Admin()
+    assert max_message_bytes(admin, ("t.legit", "t.fraud"), outage_limit_s=30) == {
+        "t.legit": 1048588,
+        "t.fraud": 1048588,
+    }
+    assert admin.asked == 3
+    with pytest.raises(KafkaUnavailable):  # without an outage limit, the first failure is the answer
+        max_message_bytes(Admin(), ("t.legit",))
+
+
+def test_a_detector_starting_while_the_registry_restarts_waits_for_it_but_not_for_a_refusal():
+    from fraudstream.consumer.detector import Detector
+    from fraudstream.errors import RegistryError, RegistryUnavailable
+
+    detector = Detector(Settings(registry_outage_limit_s=30))
+    answers = [RegistryUnavailable("unreachable"), RegistryUnavailable("unreachable"), {"t": 7}]
+
+    def lookup():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert detector._until_registry_answers(lookup) == {"t": 7} and not answers
+    with pytest.raises(RegistryError, match="refused"):
+        detector._until_registry_answers(lambda: (_ for _ in ()).throw(RegistryError("refused the credentials")))
