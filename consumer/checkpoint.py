@@ -20,10 +20,11 @@ STUCK_CALL_GRACE_S past its timeout (librdkafka after broker restarts) loses the
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING
 
@@ -184,5 +185,27 @@ class Checkpoint:
             raise ProducerLost(f"the abort itself failed: {failed}") from failed
 
 
-def _call_thread() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(1, thread_name_prefix="transactional-calls")
+class _CallThread:
+    """One daemon thread running calls in turn (a ThreadPoolExecutor's threads are joined when the interpreter exits:
+    one stuck for good in an abandoned producer's call would keep the process from ever ending)."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="transactional-calls", daemon=True).start()
+
+    def submit(self, fn: Callable[[], object]) -> Future:
+        future: Future = Future()
+        self._calls.put((fn, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            fn, future = self._calls.get()
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, as an executor would
+                future.set_exception(exc)
+
+
+def _call_thread() -> _CallThread:
+    return _CallThread()

@@ -156,8 +156,8 @@ class SoakRun:
         [report] = produced
         self._log(f"produced {report.delivered} transactions ({report.failed} failed)")
         self._wait_routed(s, expected=self._input_records(s), detectors=self._keep_detectors_running)
-        for detector in self.detectors.values():
-            detector.terminate()
+        for slot, detector in self.detectors.items():
+            self._stop(slot, detector)
         self.detectors.clear()
         return {"produced": report.delivered, "produce_failed": report.failed}
 
@@ -176,6 +176,16 @@ class SoakRun:
                 )
                 self._log(f"detector {slot} exited by itself ({detector.process.returncode}): restarted")
                 detector._start()
+
+    def _stop(self, slot: int, detector: DetectorProcess) -> None:
+        """SIGTERM, as an operator stops a detector: one still running a minute later is a finding, with its stacks."""
+        detector.process.send_signal(signal.SIGTERM)
+        try:
+            detector.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.restarted_from_outside.append(f"slot {slot} still running 60 s after SIGTERM:\n{detector.stacks()}")
+            self._log(f"detector {slot} did not stop within 60 s of SIGTERM: killed (its stacks are in its log)")
+            detector.kill()
 
     def _live_slot(self, rng: random.Random) -> int:
         return rng.choice(sorted(self.detectors))
@@ -234,7 +244,7 @@ class SoakRun:
                 self._start_detector(slot)
             return "1 -> 3 detectors"
         for slot in SLOTS[1:]:
-            self.detectors.pop(slot).terminate()
+            self._stop(slot, self.detectors.pop(slot))
         return "3 -> 1 detector"
 
     def _rules_change(self, rng: random.Random) -> str:
