@@ -71,7 +71,7 @@ def bench_queue(alerts: int, requests: int) -> dict:
 
     from fraudstream.console.app import ConsoleState, create_app
     from fraudstream.console.auth import Authenticator
-    from fraudstream.console.index import Bands, Index
+    from fraudstream.console.index import Index
     from fraudstream.settings import Settings
 
     rng = random.Random(7)
@@ -101,7 +101,6 @@ def bench_queue(alerts: int, requests: int) -> dict:
         settings=Settings(),
         index=index,
         authenticator=Authenticator(None, anonymous_name="bench"),
-        bands=Bands(review=0.5, decline=0.9),
         writer=None,
     )
     client = TestClient(create_app(state), client=("127.0.0.1", 1))

@@ -42,6 +42,10 @@ IMPOSSIBLE_TRAVEL = "impossible_travel"
 FAR_FROM_HOME = "far_from_home"
 COMPROMISED_TERMINAL = "compromised_terminal"
 VELOCITY = "velocity"
+# Not a predicate: the analyst console's score bands (decline at or above `decline`, review from `review`,
+# approve below), carried on the rules topic so they change at runtime, attributed, like any rule. It never
+# fires and never holds: the detector accepts it, versions it and decides as if it were absent.
+SCORE_BANDS = "score_bands"
 RULE_NAMES: tuple[str, ...] = (
     LARGE_AMOUNT,
     CARD_TESTING,
@@ -49,6 +53,7 @@ RULE_NAMES: tuple[str, ...] = (
     FAR_FROM_HOME,
     COMPROMISED_TERMINAL,
     VELOCITY,
+    SCORE_BANDS,
 )
 
 # Big-ticket merchant categories (ISO 18245): where a genuine purchase above the threshold is common.
@@ -97,6 +102,7 @@ DEFAULT_RULES: dict[str, dict[str, Any]] = {
         "hold_near_home_from": 2,
     },
     VELOCITY: {"enabled": False, "max_in_session": 3},
+    SCORE_BANDS: {"enabled": True, "review": 0.5, "decline": 0.9},
 }
 
 
@@ -140,6 +146,8 @@ PARAMETER_BOUNDS: dict[str, Bound] = {
     "min_home_km": _KM,
     "window_s": Bound(float, 0.0, PROFILE_TTL_MS / 1000, "30 days: what a card profile keeps (PROFILE_TTL_MS)"),
     "look_ahead_s": Bound(float, 0.0, 3_600.0, "an hour: held payments wait this much event time for their output"),
+    "review": Bound(float, 0.0, 1.0, "a score is a probability"),
+    "decline": Bound(float, 0.0, 1.0, "a score is a probability"),
 }
 
 
@@ -305,6 +313,11 @@ def _velocity(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndarray]) -> np.
     return f["session_n"] >= t["max_in_session"]
 
 
+def _score_bands(t: Mapping[str, Any], tx: Any, f: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Never fires: the bands are the console's (see SCORE_BANDS)."""
+    return np.zeros(len(tx.amount_cents), dtype=bool)
+
+
 _PREDICATES: dict[str, Callable[[Mapping[str, Any], Any, Mapping[str, np.ndarray]], np.ndarray]] = {
     LARGE_AMOUNT: _large_amount,
     CARD_TESTING: _card_testing,
@@ -312,6 +325,7 @@ _PREDICATES: dict[str, Callable[[Mapping[str, Any], Any, Mapping[str, np.ndarray
     FAR_FROM_HOME: _far_from_home,
     COMPROMISED_TERMINAL: _compromised_terminal,
     VELOCITY: _velocity,
+    SCORE_BANDS: _score_bands,
 }
 # Rules whose features need per-terminal state (the terminal window every stateful detector holds).
 TERMINAL_RULES = frozenset({COMPROMISED_TERMINAL})
@@ -346,6 +360,8 @@ def load_rules(path: Path | None = None, *, settings: Settings | None = None) ->
                         f"rules file {path}: unknown key {name}.{key}; known: {', '.join(sorted(merged[name]))}"
                     )
                 merged[name][key] = _checked(path, f"{name}.{key}", key, value)
+        for name in data:
+            _check_together(f"rules file {path}", name, merged[name])
     names = tuple(name for name in RULE_NAMES if merged[name]["enabled"])
     version = hashlib.sha256(repr(sorted((n, sorted(merged[n].items())) for n in names)).encode()).hexdigest()[:12]
     return RuleSet(names, {name: merged[name] for name in names}, version)
@@ -385,6 +401,14 @@ def _checked(path: Path, where: str, key: str, value: Any) -> Any:
     return value
 
 
+def _check_together(where: str, kind: str, params: Mapping[str, Any]) -> None:
+    """The checks of a kind that tie its parameters together (each is already within its bounds)."""
+    if kind == SCORE_BANDS and params["review"] > params["decline"]:
+        raise ConfigError(
+            f"{where}: {kind}.review ({params['review']:g}) must be at most {kind}.decline ({params['decline']:g})"
+        )
+
+
 _MCC = re.compile(r"[0-9]{4}")  # ASCII digits: str.isdigit() also takes '²', which int() refuses at evaluation
 
 
@@ -416,6 +440,7 @@ def checked_parameters(
             merged[key] = _checked(Path(where), f"{kind}.{key}", key, value)
         except ConfigError as exc:  # _checked names a rules file; the same check, said of this rule
             raise ConfigError(str(exc).replace(f"rules file {where}: ", f"{where}: ", 1)) from None
+    _check_together(where, kind, merged)
     return merged
 
 

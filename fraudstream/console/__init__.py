@@ -24,10 +24,6 @@ from fraudstream.settings import Settings
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8088
-# Score bands: a detector without a model scores 1.0 for every alert (decline); a model's probabilities
-# spread over the bands.
-DEFAULT_REVIEW_SCORE = 0.5
-DEFAULT_DECLINE_SCORE = 0.9
 
 log = logging.getLogger("fraudstream.console")
 
@@ -50,20 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="FILE",
         help="the SQLite index file, rebuilt at every start (default: a new temporary file)",
-    )
-    parser.add_argument(
-        "--review-score",
-        type=float,
-        default=DEFAULT_REVIEW_SCORE,
-        metavar="S",
-        help=f"alerts scored S or more go to review (default {DEFAULT_REVIEW_SCORE:g})",
-    )
-    parser.add_argument(
-        "--decline-score",
-        type=float,
-        default=DEFAULT_DECLINE_SCORE,
-        metavar="S",
-        help=f"alerts scored S or more are declines (default {DEFAULT_DECLINE_SCORE:g})",
     )
     parser.add_argument(
         "--group-id",
@@ -100,13 +82,11 @@ def build_state(
     users_file: Path | None = None,
     host: str = DEFAULT_HOST,
     index_file: Path | None = None,
-    review_score: float = DEFAULT_REVIEW_SCORE,
-    decline_score: float = DEFAULT_DECLINE_SCORE,
     start_reader: bool = True,
 ):
     from fraudstream.console.app import ConsoleState
     from fraudstream.console.auth import Authenticator, Users, is_loopback
-    from fraudstream.console.index import Bands, Index
+    from fraudstream.console.index import Index
     from fraudstream.console.reader import TopicReader
     from fraudstream.console.rules import RulesAccess
     from fraudstream.console.verdicts import VerdictWriter
@@ -117,10 +97,6 @@ def build_state(
             f"--host {host} serves other machines: give --users FILE (no anonymous access "
             "except on the loopback interface)"
         )
-    try:
-        bands = Bands(review=review_score, decline=decline_score)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
     if index_file is None:
         index_file = Path(tempfile.mkdtemp(prefix="fraudstream-console-")) / "index.sqlite"
     for stale in (index_file, Path(f"{index_file}-wal"), Path(f"{index_file}-shm")):
@@ -131,7 +107,6 @@ def build_state(
         settings=settings,
         index=index,
         authenticator=Authenticator(users, anonymous_name=getpass.getuser()),
-        bands=bands,
         writer=VerdictWriter(settings),
         rules_writer=rules.write,
         rules_reader=rules.read,
@@ -201,8 +176,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         users_file=args.users,
         host=args.host,
         index_file=args.index,
-        review_score=args.review_score,
-        decline_score=args.decline_score,
     )
     print(
         f"fraudstream console: http://{args.host}:{args.port} (reading {settings.fraud_topic}, "

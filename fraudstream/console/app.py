@@ -48,14 +48,17 @@ class ConsoleState:
     settings: Settings
     index: Index
     authenticator: Authenticator
-    bands: Bands
     writer: VerdictWriter
     reader: Any = None  # TopicReader (None in tests that fill the index themselves)
     rules_writer: Any = None  # callable(toml_text, author, comment) -> list[Rule]; the rules CLI's path
     rules_reader: Any = None  # callable() -> (rules in force, history); the rules CLI's path
-    band_changes: list[dict[str, Any]] = field(default_factory=list)
     subscribers: set[asyncio.Queue] = field(default_factory=set)
     loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def bands(self) -> Bands:
+        """The score bands of the rules in force (a score_bands rule on the rules topic; its defaults without one)."""
+        return self.index.bands()
 
     def publish(self, alerts: list[dict[str, Any]]) -> None:
         """From the reader thread: hand new alerts to every open /events stream."""
@@ -279,7 +282,6 @@ def create_app(state: ConsoleState) -> Starlette:
             message=message or request.query_params.get("message"),
             error=error,
             bands_now=state.bands,
-            band_changes=state.band_changes,
         )
 
     def rules_page(request: Request) -> HTMLResponse:
@@ -307,19 +309,6 @@ def create_app(state: ConsoleState) -> Starlette:
             + quote("written: " + ", ".join(f"{r.id} v{r.version}" for r in written) + f" (by {user.name})"),
             status_code=303,
         )
-
-    async def bands_change(request: Request) -> Response:
-        user: User = request.scope["user"]
-        form = await request.form()
-        if not user.may(RULES_ADMIN):
-            return problem(request, 403, f"{user.name} may not change score bands (needs the {RULES_ADMIN} role)")
-        try:
-            new = Bands(review=float(form.get("review", "")), decline=float(form.get("decline", "")))
-        except ValueError as exc:
-            return problem(request, 400, f"score bands not changed: {exc}")
-        state.band_changes.append({"by": user.name, "at": datetime.now(UTC), "from": state.bands, "to": new})
-        state.bands = new
-        return RedirectResponse("/rules?message=" + quote(f"score bands changed by {user.name}"), status_code=303)
 
     def dashboard(request: Request) -> HTMLResponse:
         hours, per_rule = state.index.alerts_per_hour_by_rule()
@@ -400,7 +389,6 @@ def create_app(state: ConsoleState) -> Starlette:
             Route("/verdicts/{transaction_id:path}", verdict, methods=["POST"]),
             Route("/rules", rules_page),
             Route("/rules", rules_change, methods=["POST"]),
-            Route("/bands", bands_change, methods=["POST"]),
             Route("/dashboard", dashboard),
             Route("/events", events),
             Route("/status", status),

@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fraudstream.consumer.rules import DEFAULT_RULES, SCORE_BANDS, checked_parameters
+from fraudstream.errors import ConfigError
+
 PAYMENT_HISTORY_MS = 30 * 86_400_000
 RECENT_PAYMENTS = 20
 PAGE_SIZE = 50
@@ -350,6 +353,23 @@ class Index:
         return self.db.execute(
             "SELECT * FROM rule_versions WHERE id = ? AND version = ?", (rule_id, version)
         ).fetchone()
+
+    def bands(self) -> Bands:
+        """The score bands of the rules in force: the newest score_bands version on the rules topic that the
+        detector's checks accept (a refused one never came into force); the kind's defaults when there is
+        none or it is disabled."""
+        bands = Bands(review=DEFAULT_RULES[SCORE_BANDS]["review"], decline=DEFAULT_RULES[SCORE_BANDS]["decline"])
+        rows = self.db.execute(
+            "SELECT id, version, parameters, enabled FROM rule_versions WHERE kind = ? ORDER BY topic_offset DESC",
+            (SCORE_BANDS,),
+        )
+        for rule_id, version, parameters, enabled in rows:
+            try:
+                params = checked_parameters(SCORE_BANDS, json.loads(parameters), where=f"rule {rule_id} v{version}")
+            except ConfigError:
+                continue
+            return Bands(review=params["review"], decline=params["decline"]) if enabled else bands
+        return bands
 
     def rule_names(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT DISTINCT id FROM rule_versions ORDER BY id")]

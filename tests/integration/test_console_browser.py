@@ -22,8 +22,8 @@ from playwright.sync_api import sync_playwright
 
 from fraudstream.console import start_in_thread
 from fraudstream.console.auth import hash_password
-from fraudstream.consumer.rules import LARGE_AMOUNT
-from fraudstream.consumer.rules_topic import RulesCodec, read_all
+from fraudstream.consumer.rules import LARGE_AMOUNT, SCORE_BANDS
+from fraudstream.consumer.rules_topic import RulesCodec, read_changes
 from fraudstream.settings import Settings
 from tests.integration.test_detector import decode, encoder_for
 from tests.support.detector_process import DetectorProcess
@@ -108,7 +108,7 @@ def with_threshold(text: str, cents: int) -> str:
 
 
 def rules_records(settings: Settings) -> int:
-    return len(read_all(settings, RulesCodec(settings)))
+    return len(read_changes(settings, RulesCodec(settings))[1])
 
 
 def test_an_alert_reaches_the_queue_live_and_a_verdict_becomes_a_label(pipeline, console, detector, browser, tmp_path):
@@ -200,10 +200,10 @@ def test_a_rule_changed_in_the_editor_reaches_the_detector_and_an_analyst_cannot
     page.click("text=Write the rules")
     page.wait_for_selector("#message")
     assert f"(by {ADMIN})" in page.inner_text("#message")
-    records = read_all(pipeline, RulesCodec(pipeline))
-    message, record, _ = [r for r in records if r[0].key() == LARGE_AMOUNT.encode()][-1]
+    _, changes = read_changes(pipeline, RulesCodec(pipeline))
+    record = [c.record for c in changes if c.message.key() == LARGE_AMOUNT.encode()][-1]
     assert (record.parameters["threshold_cents"], record.author) == (LOWERED_CENTS, ADMIN)
-    new_version = str(records[-1][0].offset() + 1)
+    new_version = str(changes[-1].message.offset() + 1)
 
     # $600: under the default threshold, over the lowered one. Probes go until one is alerted: only the new
     # rule set can alert one, and the first that is must name it.
@@ -225,3 +225,23 @@ def test_a_rule_changed_in_the_editor_reaches_the_detector_and_an_analyst_cannot
     )
     assert page.inner_text("#rule-set-version") == new_version
     assert f'"threshold_cents": {LOWERED_CENTS}' in page.inner_text("table.rules")
+
+    # The score bands are a rule as well: changed in the same editor, attributed on the topic, and the
+    # console's bands (rules page, queue, alert page) follow the rule in force.
+    page.goto(console.url + "/rules")
+    assert "review from 0.5," in page.inner_text("#bands + p")
+    text = page.input_value("textarea[name=rules]")
+    assert re.search(r"^review = 0\.5$", text, flags=re.M), text
+    page.fill("textarea[name=rules]", re.sub(r"^review = 0\.5$", "review = 0.25", text, flags=re.M))
+    page.fill("input[name=comment]", "a wider review band")
+    page.click("text=Write the rules")
+    page.wait_for_selector("#message")
+    assert f"{SCORE_BANDS} v2 (by {ADMIN})" in page.inner_text("#message")
+    _, changes = read_changes(pipeline, RulesCodec(pipeline))
+    bands = [c.record for c in changes if c.message.key() == SCORE_BANDS.encode()][-1]
+    assert (bands.parameters["review"], bands.author, bands.version) == (0.25, ADMIN, 2)
+    wait_until(
+        lambda: "review from 0.25," in (page.goto(console.url + "/rules") and page.inner_text("#bands + p")),
+        timeout_s=30,
+        what="the console's bands from the rule in force",
+    )

@@ -81,7 +81,6 @@ def state_for(index: Index, *, users: Users | None = None, rules_writer=None) ->
         settings=SETTINGS,
         index=index,
         authenticator=Authenticator(users, anonymous_name="me"),
-        bands=Bands(review=0.5, decline=0.9),
         writer=SpyWriter(),
         rules_reader=lambda: ({}, []),
         rules_writer=rules_writer,
@@ -325,6 +324,42 @@ def test_score_bands_are_checked_and_name_each_score():
     assert [bands.band(s) for s in (0.1, 0.5, 0.89, 0.9, 1.0)] == ["approve", "review", "review", "decline", "decline"]
     with pytest.raises(ValueError, match="review"):
         Bands(review=0.95, decline=0.9)
+
+
+def band_rule(version: int, *, rule_id: str = "score_bands", enabled: bool = True, **params) -> Rule:
+    return Rule(
+        id=rule_id,
+        version=version,
+        kind="score_bands",
+        parameters=params,
+        enabled=enabled,
+        author="rita",
+        comment="",
+        written_at=datetime(2026, 1, 2, tzinfo=UTC),
+    )
+
+
+def test_the_bands_are_those_of_the_score_bands_rule_in_force(index):
+    assert index.bands() == Bands(review=0.5, decline=0.9)  # no band rule on the topic: the kind's defaults
+    index.add_rule_versions([(0, band_rule(1, review=0.3, decline=0.6))])
+    assert index.bands() == Bands(review=0.3, decline=0.6)
+    index.add_rule_versions([(1, band_rule(2, review=0.7))])  # a missing parameter keeps its default (0.9)
+    assert index.bands() == Bands(review=0.7, decline=0.9)
+    index.add_rule_versions([(2, band_rule(3, review=0.8, decline=0.2))])  # refused by the detector: not in force
+    assert index.bands() == Bands(review=0.7, decline=0.9)
+    index.add_rule_versions([(3, band_rule(3, enabled=False, review=0.1, decline=0.2))])
+    assert index.bands() == Bands(review=0.5, decline=0.9)
+
+
+def test_the_queue_and_the_alert_page_band_by_the_rules_in_force(index):
+    index.add_alerts([(0, i, alert(i, s)) for i, s in enumerate([0.95, 0.6, 0.2])])
+    client = TestClient(create_app(state_for(index)), client=LOOPBACK)
+    assert queue_ids(client) == ["t1", "t0", "t2"]  # review (0.6), decline (0.95), approve (0.2)
+    assert 'class="band review"' in client.get("/alerts/t1").text
+    index.add_rule_versions([(0, band_rule(1, review=0.1, decline=0.7))])
+    assert queue_ids(client) == ["t1", "t2", "t0"]  # review now 0.6 and 0.2; 0.95 declined
+    assert 'class="band decline"' in client.get("/alerts/t0").text
+    assert "Decline at a score of <strong>0.7</strong>" in client.get("/rules").text
 
 
 def test_the_dashboard_draws_alerts_per_hour_and_precision_and_recall(index):

@@ -17,6 +17,7 @@ from fraudstream.consumer.rules import (
     COMPROMISED_TERMINAL,
     DEFAULT_RULES_FILE,
     LARGE_AMOUNT,
+    SCORE_BANDS,
     checked_parameters,
     load_rules,
 )
@@ -413,3 +414,69 @@ def test_set_refuses_a_rule_at_the_last_version_and_says_how_to_start_it_again(t
     path.write_text("[large_amount]\nthreshold_cents = 1\n")
     with pytest.raises(ConfigError, match="versions run from 1 to .*fraudstream rules delete large_amount"):
         _records_from_file(path, SETTINGS, {LARGE_AMOUNT: rule(MAX_RULE_VERSION)}, author="a", comment="")
+
+
+# ----- score_bands: the console's bands on the rules topic; a kind that never fires
+
+
+def bands(version: int, **params) -> Rule:
+    return rule(version, None, rule_id=SCORE_BANDS, kind=SCORE_BANDS, **params)
+
+
+@pytest.mark.parametrize(
+    "params, says",
+    [
+        ({"review": 0.95, "decline": 0.9}, "score_bands.review (0.95) must be at most score_bands.decline (0.9)"),
+        ({"review": 0.95}, "score_bands.review (0.95) must be at most score_bands.decline (0.9)"),  # over the default
+        ({"decline": 1.5}, "score_bands.decline must be at most 1 (a score is a probability), not 1.5"),
+        ({"review": -0.1}, "score_bands.review must be at least 0, not -0.1"),
+        ({"review": "high"}, "score_bands.review must be float, not 'high'"),
+    ],
+)
+def test_score_bands_out_of_bounds_or_review_above_decline_are_one_line_errors(params, says):
+    with pytest.raises(ConfigError) as refused:
+        checked_parameters(SCORE_BANDS, params, where="rule score_bands v2")
+    assert str(refused.value) == f"rule score_bands v2: {says}"
+
+
+def test_score_bands_review_above_decline_in_a_rules_file_is_refused(tmp_path):
+    path = tmp_path / "rules.toml"
+    path.write_text("[score_bands]\nreview = 0.8\ndecline = 0.7\n")
+    with pytest.raises(ConfigError, match=r"score_bands.review \(0.8\) must be at most score_bands.decline \(0.7\)"):
+        load_rules(path, settings=SETTINGS)
+    path.write_text("[score_bands]\nreview = 0.7\ndecline = 0.7\n")  # equal: no review band, still valid
+    assert load_rules(path, settings=SETTINGS).thresholds[SCORE_BANDS] == {
+        "enabled": True,
+        "review": 0.7,
+        "decline": 0.7,
+    }
+
+
+def test_a_score_bands_rule_is_versioned_and_a_bad_one_dead_lettered_like_any_rule(reader):
+    assert feed(reader, (SCORE_BANDS, encode(bands(1, review=0.4, decline=0.8).to_dict())))
+    assert reader.current.versions == {SCORE_BANDS: 1}
+    assert not feed(reader, (SCORE_BANDS, encode(bands(2, review=0.9, decline=0.8).to_dict())))
+    [letter] = reader.take_dead_letters()
+    assert dict(letter.headers)[DLQ_KIND] == INVALID_RULE.encode()
+    assert b"review (0.9) must be at most score_bands.decline (0.8)" in dict(letter.headers)[DLQ_REASON]
+    assert reader.current.thresholds[SCORE_BANDS] == {"review": 0.4, "decline": 0.8}
+
+
+def test_the_score_bands_rule_never_changes_a_decision(reader):
+    """A batch judged with and without the band rule: the same rules fire, the same records are fraud, none
+    held more (the detector's route is fraud when any rule fired)."""
+    feed(reader, (LARGE_AMOUNT, encode(rule(1, 50_000).to_dict())))
+    tx, features = columns([10_000, 60_000, 90_000, 50_000])
+    without = reader.current
+    fired_without = without.evaluate(tx, features)
+    assert feed(reader, (SCORE_BANDS, encode(bands(1, review=0.0, decline=0.0).to_dict())))
+    with_bands = reader.current
+    assert SCORE_BANDS in with_bands.names
+    fired_with = with_bands.evaluate(tx, features)
+    assert (
+        with_bands.fired_names(fired_with)
+        == without.fired_names(fired_without)
+        == [[], [LARGE_AMOUNT], [LARGE_AMOUNT], []]
+    )
+    assert fired_with.any(axis=0).tolist() == fired_without.any(axis=0).tolist()
+    assert with_bands.look_ahead_ms == without.look_ahead_ms == 0
