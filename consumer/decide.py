@@ -30,6 +30,7 @@ import pyruhvro
 from fraudstream.consumer.rules import Rule, fired
 from fraudstream.evaluate import SCORE_HEADER
 from fraudstream.records import Transaction
+from fraudstream.registry import SchemaRef
 from fraudstream.serde import HEADER, MAGIC_BYTE, Decoder, DecodeError, make_encoder, read_payload, split_frame
 
 log = logging.getLogger("fraudstream.decide")
@@ -142,7 +143,7 @@ class Decider:
         # Bytes after a complete record usually mean a producer framed data with the wrong schema id.
         self.reject_trailing_bytes = reject_trailing_bytes
 
-    def decode(self, message, *, verified: bool = False) -> tuple[int, dict[str, Any], Transaction]:
+    def decode(self, message, *, verified: bool = False) -> tuple[SchemaRef, dict[str, Any], Transaction]:
         """The decode step for one message: (writer schema id, record, transaction), or DecodeError.
         `verified`: its bytes were already found canonical (by the columnar decoder): skip that check."""
         schema_id, payload = split_frame(message.value(), message.headers())
@@ -339,7 +340,8 @@ class ColumnarDecider:
         """Decode into one valid Arrow batch, halving around the records pyruhvro or Arrow's full
         validation (UTF-8) refuses. Returns the batch and the payload positions it holds."""
         deserialize, schema = self.deserialize, self.reader_json
-        pieces, accepted = [], []
+        pieces: list[pa.RecordBatch] = []
+        accepted: list[int] = []
         pending = [(0, len(payloads))]
         panics_left = len(payloads).bit_length() + 1  # enough to isolate one panicking record
         while pending:

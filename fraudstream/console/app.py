@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp
 
 from fraudstream.console import charts
 from fraudstream.console.auth import ANALYST, RULES_ADMIN, Authenticator, User
@@ -131,7 +132,7 @@ class BadInput(Exception):
     """A request's parameter that cannot be used: a 400 page with this message."""
 
 
-def create_app(state: ConsoleState) -> Starlette:
+def create_app(state: ConsoleState) -> ASGIApp:
     templates = Environment(
         loader=PackageLoader("fraudstream.console", "templates"), autoescape=select_autoescape(["html"])
     )
@@ -313,8 +314,11 @@ def create_app(state: ConsoleState) -> Starlette:
         form = await request.form()
         if not user.may(RULES_ADMIN):
             return problem(request, 403, f"{user.name} may not change score bands (needs the {RULES_ADMIN} role)")
+        review, decline = form.get("review", ""), form.get("decline", "")
+        if not isinstance(review, str) or not isinstance(decline, str):  # a file upload in their place
+            return problem(request, 400, "score bands not changed: review and decline must be numbers")
         try:
-            new = Bands(review=float(form.get("review", "")), decline=float(form.get("decline", "")))
+            new = Bands(review=float(review), decline=float(decline))
         except ValueError as exc:
             return problem(request, 400, f"score bands not changed: {exc}")
         state.band_changes.append({"by": user.name, "at": datetime.now(UTC), "from": state.bands, "to": new})
