@@ -207,6 +207,7 @@ class LocalStack:
         if status.running:
             self.log("stack already running")
             self._wait_brokers_ready()
+            assert status.registry_pid is not None  # running: every pid is set
             self._wait_registry_ready(status.registry_pid)
             if secure:
                 self._wait_secure_ready()
