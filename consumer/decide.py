@@ -325,9 +325,11 @@ class ColumnarDecider:
             currencies, amounts = batch.column("currency"), batch.column("amount_cents")
             for position in pc.indices_nonzero(invalid).to_pylist():
                 if keep_list[position]:
-                    dead[rows[position]] = invalid_values(
+                    error = invalid_values(
                         currencies[position].as_py(), amounts[position].as_py(), self.record_wise.currency
                     )
+                    assert error is not None  # `invalid` holds the same two tests
+                    dead[rows[position]] = error
                     keep_list[position] = False
             fallback += (index for index, kept in zip(rows, keep_list, strict=True) if not kept and index not in dead)
             rows = [index for index, kept in zip(rows, keep_list, strict=True) if kept]
@@ -418,6 +420,7 @@ class ColumnarDecider:
         decoded = self.decode(messages)
         outputs = {index: dead_letter(messages[index], error) for index, error in decoded.dead.items()}
         if decoded.rows:
+            assert decoded.columns is not None  # its rows were decoded in Arrow
             rules = self.record_wise.rules
             columns = [rule.fires_on_columns(decoded.columns) for rule in rules]
             fires = functools.reduce(pc.or_, columns) if columns else None
