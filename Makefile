@@ -19,7 +19,7 @@ BENCH_ARGS ?=
 # Like the tests: an existing Kafka and registry when both variables are set, otherwise the local stack.
 EXISTING_SERVICES := $(and $(KAFKA_BOOTSTRAP_SERVERS),$(SCHEMA_REGISTRY_URL))
 
-.PHONY: demo test lint lock chromium console faults soak handbook stack-up stack-down services bench bench-quick bench-rules bench-backtest clean
+.PHONY: demo test lint types lock chromium console faults soak handbook stack-up stack-down services bench bench-quick bench-rules bench-backtest clean
 
 demo: services
 	$(BIN)/fraudstream schemas register
@@ -121,6 +121,10 @@ lock:
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# mypy on the whole package, configured in pyproject.toml (see tools/typecheck.sh for the layout it builds).
+types: $(INSTALLED)
+	tools/typecheck.sh
 
 # Stops the local stack and deletes its data and the virtual environment. The fetched Kafka and
 # registry (.stack/dist) stay: fetching them again is the slow part of a fresh start.

@@ -30,6 +30,7 @@ import pyruhvro
 from fraudstream.consumer.rules import Rule, fired
 from fraudstream.evaluate import SCORE_HEADER
 from fraudstream.records import Transaction
+from fraudstream.registry import SchemaRef
 from fraudstream.serde import HEADER, MAGIC_BYTE, Decoder, DecodeError, make_encoder, read_payload, split_frame
 
 log = logging.getLogger("fraudstream.decide")
@@ -142,7 +143,7 @@ class Decider:
         # Bytes after a complete record usually mean a producer framed data with the wrong schema id.
         self.reject_trailing_bytes = reject_trailing_bytes
 
-    def decode(self, message, *, verified: bool = False) -> tuple[int, dict[str, Any], Transaction]:
+    def decode(self, message, *, verified: bool = False) -> tuple[SchemaRef, dict[str, Any], Transaction]:
         """The decode step for one message: (writer schema id, record, transaction), or DecodeError.
         `verified`: its bytes were already found canonical (by the columnar decoder): skip that check."""
         schema_id, payload = split_frame(message.value(), message.headers())
@@ -324,9 +325,11 @@ class ColumnarDecider:
             currencies, amounts = batch.column("currency"), batch.column("amount_cents")
             for position in pc.indices_nonzero(invalid).to_pylist():
                 if keep_list[position]:
-                    dead[rows[position]] = invalid_values(
+                    error = invalid_values(
                         currencies[position].as_py(), amounts[position].as_py(), self.record_wise.currency
                     )
+                    assert error is not None  # `invalid` holds the same two tests
+                    dead[rows[position]] = error
                     keep_list[position] = False
             fallback += (index for index, kept in zip(rows, keep_list, strict=True) if not kept and index not in dead)
             rows = [index for index, kept in zip(rows, keep_list, strict=True) if kept]
@@ -339,7 +342,8 @@ class ColumnarDecider:
         """Decode into one valid Arrow batch, halving around the records pyruhvro or Arrow's full
         validation (UTF-8) refuses. Returns the batch and the payload positions it holds."""
         deserialize, schema = self.deserialize, self.reader_json
-        pieces, accepted = [], []
+        pieces: list[pa.RecordBatch] = []
+        accepted: list[int] = []
         pending = [(0, len(payloads))]
         panics_left = len(payloads).bit_length() + 1  # enough to isolate one panicking record
         while pending:
@@ -416,6 +420,7 @@ class ColumnarDecider:
         decoded = self.decode(messages)
         outputs = {index: dead_letter(messages[index], error) for index, error in decoded.dead.items()}
         if decoded.rows:
+            assert decoded.columns is not None  # its rows were decoded in Arrow
             rules = self.record_wise.rules
             columns = [rule.fires_on_columns(decoded.columns) for rule in rules]
             fires = functools.reduce(pc.or_, columns) if columns else None

@@ -11,10 +11,12 @@ the transaction's, however early it was read.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import time
 from collections.abc import Callable
+from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from fastavro import schemaless_reader
@@ -24,13 +26,17 @@ from fraudstream.consumer.model import LabelTable
 from fraudstream.errors import KafkaUnavailable, RegistryError
 from fraudstream.kafka import consumer_config, ensure_topics, wait_out
 from fraudstream.registry import Registry
-from fraudstream.serde import DecodeError, split_frame
+from fraudstream.serde import DecodeError, consumed_headers, split_frame
 from fraudstream.settings import Settings
 
 log = logging.getLogger("fraudstream.labels")
 
 READ_BATCH = 5_000
 CATCH_UP_WAIT_S = 1.0  # at most this long per batch for labels that should have arrived, then decide anyway
+
+
+def _high_watermark(consumer: Consumer, topic: str, partition: int) -> int:
+    return consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1]
 
 
 class LabelsReader:
@@ -62,17 +68,17 @@ class LabelsReader:
         """Assign every partition from the beginning and read up to the end taken now."""
         s = self.settings
         ensure_topics(s, (s.labels_topic,))
-        self.consumer = Consumer(consumer_config(s, f"{s.group_id}.labels-reader", **{"auto.offset.reset": "earliest"}))
-        metadata = self.consumer.list_topics(s.labels_topic, timeout=10).topics[s.labels_topic]
+        self.consumer = consumer = Consumer(
+            consumer_config(s, f"{s.group_id}.labels-reader", **{"auto.offset.reset": "earliest"})
+        )
+        metadata = consumer.list_topics(s.labels_topic, timeout=10).topics[s.labels_topic]
         self.partitions = [TopicPartition(s.labels_topic, p, OFFSET_BEGINNING) for p in sorted(metadata.partitions)]
-        self.consumer.assign(self.partitions)
-        ends = {}
+        consumer.assign(self.partitions)
+        ends: dict[int, int] = {}
         for tp in self.partitions:
             ends[tp.partition] = wait_out(
                 f"reading the end of labels topic {s.labels_topic}[{tp.partition}]",
-                lambda tp=tp: self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)[
-                    1
-                ],
+                functools.partial(_high_watermark, consumer, tp.topic, tp.partition),
                 limit_s=s.broker_outage_limit_s,
             )
         deadline = time.monotonic() + timeout_s
@@ -87,8 +93,12 @@ class LabelsReader:
             + (f" ({self.table.unplaced:,} without terminal or event time, not used)" if self.table.unplaced else "")
         )
 
+    def _started(self) -> Consumer:
+        assert self.consumer is not None, "start() first"
+        return self.consumer
+
     def _position(self, partition: int) -> int:
-        position = self.consumer.position([TopicPartition(self.settings.labels_topic, partition)])[0].offset
+        position = self._started().position([TopicPartition(self.settings.labels_topic, partition)])[0].offset
         return position if position >= 0 else 0  # logical: nothing read yet
 
     def catch_up(self, until_ms: int) -> bool:
@@ -120,39 +130,44 @@ class LabelsReader:
 
     def _cached_end(self, partition: int) -> int:
         try:
-            return self.consumer.get_watermark_offsets(
+            return self._started().get_watermark_offsets(
                 TopicPartition(self.settings.labels_topic, partition), cached=True
             )[1]
         except KafkaException:
             return 0
 
     def _read(self, timeout_s: float) -> int:
-        messages = self.consumer.consume(READ_BATCH, timeout_s)
+        consumer = self._started()
+        messages = consumer.consume(READ_BATCH, timeout_s)
         terminals, times, frauds, transactions = [], [], [], []
         clock, delay = self.clock_ms, self.delay_ms
         for message in messages:
-            if message.error() is not None:
-                log.warning("labels reader: %s", message.error().str())
+            error = message.error()
+            if error is not None:
+                log.warning("labels reader: %s", error.str())
                 continue
+            # A record (not an error): its topic, partition and offset are set.
+            topic, p, offset = message.topic(), message.partition(), message.offset()
+            assert topic is not None and p is not None and offset is not None
             try:
-                schema_id, payload = split_frame(message.value(), message.headers())
-                label = schemaless_reader(io.BytesIO(payload), self._schemas.get(schema_id), None)
+                schema_id, payload = split_frame(message.value(), consumed_headers(message))
+                # A record schema decodes to a dict.
+                label = cast(dict[str, Any], schemaless_reader(io.BytesIO(payload), self._schemas.get(schema_id), None))
                 fraud, transaction = bool(label["is_fraud"]), str(label["transaction_id"])
                 terminals.append(label.get("terminal_id"))
                 times.append(label.get("event_time"))
                 frauds.append(fraud)
                 transactions.append(transaction)
                 if label.get("event_time") is not None:
-                    p = message.partition()
                     clock[p] = max(clock.get(p, -1), label["event_time"] + delay)
             except RegistryError:
                 # Infrastructure: read this record again next time (the registry is retried like the input's).
-                self.consumer.seek(TopicPartition(message.topic(), message.partition(), message.offset()))
+                consumer.seek(TopicPartition(topic, p, offset))
                 break
             except (DecodeError, KeyError, TypeError, ValueError, EOFError) as exc:
                 if not self.unreadable:
                     self.on_log(
-                        f"labels: record at {message.topic()}[{message.partition()}]@{message.offset()} "
+                        f"labels: record at {topic}[{p}]@{offset} "
                         f"cannot be read ({exc}): not used (further ones counted)"
                     )
                 self.unreadable += 1

@@ -248,7 +248,7 @@ def _write(settings: Settings, records: list[tuple[str, bytes | None, list[tuple
     who = [(PRINCIPAL_HEADER, principal.encode())] if principal else []
     producer = Producer(producer_config(settings, **{"enable.idempotence": True, "on_delivery": delivered}))
     for key, value, headers in records:
-        producer.produce(settings.rules_topic, value, key.encode(), headers=who + headers)
+        producer.produce(settings.rules_topic, value, key.encode(), headers=[*who, *headers])
     left = producer.flush(30)
     if left or failures:
         raise KafkaUnavailable(
@@ -358,29 +358,37 @@ class RulesTopic:
             rule_id for rule_id in from_file.keys() | in_force.keys() if from_file.get(rule_id) != in_force.get(rule_id)
         )
 
+    def _started(self) -> Consumer:
+        assert self.consumer is not None, "start() first"
+        return self.consumer
+
     def _watermarks(self) -> tuple[int, int]:
         try:
-            return self.consumer.get_watermark_offsets(TopicPartition(self.settings.rules_topic, 0), timeout=10)
+            return self._started().get_watermark_offsets(TopicPartition(self.settings.rules_topic, 0), timeout=10)
         except KafkaException as exc:
             raise KafkaUnavailable(f"rules topic {self.settings.rules_topic}: {exc.args[0].str()}") from exc
 
     def _position(self) -> int:
-        position = self.consumer.position([TopicPartition(self.settings.rules_topic, 0)])[0].offset
+        position = self._started().position([TopicPartition(self.settings.rules_topic, 0)])[0].offset
         return position if position >= 0 else 0  # a logical offset: nothing read yet
 
     # ----- between batches -----
     def poll(self, *, timeout_s: float = 0.0) -> bool:
         """Apply the rule records fetched so far (no wait by default). True when the rule set changed."""
         changed = False
-        for message in self.consumer.consume(500, timeout_s):
-            if message.error() is not None:
-                self.on_log(f"rules reader: {printable(message.error().str())}")
+        consumer = self._started()
+        for message in consumer.consume(500, timeout_s):
+            error = message.error()
+            if error is not None:
+                self.on_log(f"rules reader: {printable(error.str())}")
                 continue
             try:
                 changed |= self.judge(message).outcome in (APPLIED, REMOVED)
             except RegistryError as exc:  # infrastructure: read this record again at the next poll
                 self.on_log(f"rules reader: {printable(str(exc))}; will retry")
-                self.consumer.seek(TopicPartition(message.topic(), message.partition(), message.offset()))
+                topic, partition, offset = message.topic(), message.partition(), message.offset()
+                assert topic is not None and partition is not None and offset is not None  # a record: all set
+                consumer.seek(TopicPartition(topic, partition, offset))
                 break
         if changed:
             self.current = rule_set(self.rules, self.version, skip_kinds=self.skip_kinds)

@@ -80,6 +80,7 @@ def decode_batch(columnar: ColumnarDecider | None, record_wise: Decider, message
     """The decoders' decode steps alone: current-schema records into Arrow where the columnar decoder is
     on, every other record (other writer versions, records it refused) record by record."""
     decoded = DecodedBatch()
+    others: Sequence[int]
     if columnar is not None:
         columns = columnar.decode(messages)
         decoded.columns, decoded.column_rows = columns.columns, columns.rows

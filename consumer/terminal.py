@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, IsolationLevel, KafkaException, TopicPartition
@@ -44,6 +45,9 @@ from fraudstream.consumer.features import MINUTE_MS, TERMINAL_WINDOW_MS, TxColum
 from fraudstream.errors import KafkaUnavailable, RegistryError
 from fraudstream.kafka import admin, consumer_config, passes, refresh_metadata
 from fraudstream.settings import Settings
+
+if TYPE_CHECKING:
+    from fraudstream.consumer.stateful import DecodedBatch
 
 log = logging.getLogger("fraudstream.terminal")
 
@@ -251,7 +255,7 @@ class TerminalReader:
     def __init__(
         self,
         settings: Settings,
-        decode: Callable[[Sequence], object],
+        decode: Callable[[Sequence], DecodedBatch],
         *,
         window: TerminalWindow | None = None,
         tolerance_ms: int = TERMINAL_TOLERANCE_MS,

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from confluent_kafka import Consumer, KafkaError, TopicPartition
@@ -447,7 +447,8 @@ class _Schemas:
     def decode(self, value: bytes | None) -> dict[str, Any]:
         schema_id, payload = split_frame(value)
         try:
-            return schemaless_reader(io.BytesIO(payload), self._schemas.get(schema_id), None)
+            # Records: a record schema reads to a dict.
+            return cast(dict[str, Any], schemaless_reader(io.BytesIO(payload), self._schemas.get(schema_id), None))
         except DecodeError:
             raise
         except Exception as exc:
@@ -484,6 +485,7 @@ def read_to_end(settings: Settings, topic: str, handle: Callable[[Any], None]) -
                         _raise_if_fatal(error)
                     continue
                 p, offset = message.partition(), message.offset()
+                assert p is not None and offset is not None  # a record, not an error: both are set
                 if offset >= plan.ends[p]:
                     remaining.discard(p)
                     continue

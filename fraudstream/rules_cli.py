@@ -96,15 +96,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             codec=codec,
             current=rules,
         )
-        for record in records:
-            print(f"{record.id} v{record.version} written")
+        for written in records:
+            print(f"{written.id} v{written.version} written")
         return 0
     if args.action == "list":
-        for record in sorted(rules.values(), key=lambda r: r.id):
-            state = "enabled " if record.enabled else "disabled"
+        for listed in sorted(rules.values(), key=lambda r: r.id):
+            state = "enabled " if listed.enabled else "disabled"
             print(
-                f"{record.id:24} v{record.version:<4} {printable(record.kind):21} {state} "
-                f"{json.dumps(record.parameters, sort_keys=True)}"
+                f"{listed.id:24} v{listed.version:<4} {printable(listed.kind):21} {state} "
+                f"{json.dumps(listed.parameters, sort_keys=True)}"
             )
         return 0
     record = rules.get(args.rule_id)

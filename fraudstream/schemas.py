@@ -10,8 +10,9 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import avro.errors
 import avro.schema
 from avro.compatibility import (
     ReaderWriterCompatibilityChecker,
@@ -65,7 +66,8 @@ def _load_schemas(schemas_dir: Path) -> SchemaSet:
     except Exception as exc:  # fastavro raises several types for a bad schema
         raise SchemaError(f"invalid schema in {schemas_dir}: {exc}") from exc
     expanded = dict(zip(SCHEMA_FILES, expanded_list, strict=True))
-    parsed = {name: parse_schema(schema) for name, schema in expanded.items()}
+    # A record schema parses to a dict.
+    parsed = {name: cast(dict[str, Any], parse_schema(schema)) for name, schema in expanded.items()}
     for name, schema in parsed.items():
         if schema["name"].rsplit(".", 1)[-1] != name:
             raise SchemaError(f"{SCHEMA_FILES[name]}.avsc defines {schema['name']}, expected a record named {name}")
@@ -124,7 +126,7 @@ def compatibility_problems(new: dict[str, Any], previous: list[dict[str, Any]], 
 def _avro(schema: dict[str, Any]) -> avro.schema.Schema:
     try:
         return avro.schema.parse(json.dumps(schema))
-    except avro.schema.SchemaParseException as exc:
+    except avro.errors.SchemaParseException as exc:
         raise SchemaError(f"invalid schema: {exc}") from exc
 
 
@@ -151,6 +153,8 @@ def _field_reasons(
     explained: set[str] = set()
     if not (reader.type == writer.type == "record"):
         return reasons, explained
+    # Records, as their type says.
+    assert isinstance(reader, avro.schema.RecordSchema) and isinstance(writer, avro.schema.RecordSchema)
     if not schema_name_equals(reader, writer):
         where = f"field {prefix.removesuffix('.')}: " if prefix else ""
         reasons.append(f"{where}record {reader.fullname} cannot read {writer.fullname}: different name, no alias")

@@ -55,7 +55,7 @@ def check_against_registry(settings: Settings) -> list[tuple[str, list[str]]]:
     re-running the same rules locally against the registered versions (registries answer yes/no)."""
     registry = Registry(settings)
     schemas = load_schemas(settings.schemas_dir)
-    results = []
+    results: list[tuple[str, list[str]]] = []
     for topic, name in topic_schemas(settings).items():
         subject = settings.subject(topic)
         if registry.is_compatible(subject, schemas.text(name)):

@@ -14,11 +14,14 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
 from fraudstream.registry import Registry, SchemaRef, UnknownSchema, UnusableSchema
+
+if TYPE_CHECKING:
+    from confluent_kafka import Message
 
 MAGIC_BYTE = 0
 HEADER = struct.Struct(">bI")
@@ -55,6 +58,11 @@ def make_encoder(schema_id: int, parsed_schema: Any) -> Callable[[dict[str, Any]
         return out.getvalue()
 
     return encode
+
+
+def consumed_headers(message: Message) -> Sequence[tuple[str, bytes | None]] | None:
+    """A consumed record's headers: librdkafka gives them as (name, value) pairs (a dict is only for producing)."""
+    return cast("Sequence[tuple[str, bytes | None]] | None", message.headers())
 
 
 def split_frame(
@@ -168,16 +176,16 @@ class Decoder:
 
     def __init__(self, registry: Registry, reader_schema: dict[str, Any], *, reader_id: int | None = None) -> None:
         self.registry = registry
-        self.reader_parsed = parse_schema(reader_schema)
+        self.reader_parsed = cast(dict[str, Any], parse_schema(reader_schema))  # a record schema parses to a dict
         self.reader_name = self.reader_parsed["name"]
         # schema id -> (writer, reader or None when identical)
         schemas = WriterSchemas(registry.schema_by_id, self._writer_and_reader)
         if reader_id is not None:
             schemas.put(reader_id, (self.reader_parsed, None))
         # Writer and reader schema for an id; asks the registry once per id (RegistryError propagates).
-        self.schemas_for: Callable[[int], tuple[Any, Any]] = schemas.get
+        self.schemas_for: Callable[[SchemaRef], tuple[Any, Any]] = schemas.get
 
-    def _writer_and_reader(self, schema_id: int, writer_json: dict[str, Any]) -> tuple[Any, Any]:
+    def _writer_and_reader(self, schema_id: SchemaRef, writer_json: dict[str, Any]) -> tuple[Any, Any]:
         writer = parse_schema(writer_json)
         name = writer.get("name") if isinstance(writer, dict) else None
         if name != self.reader_name:
@@ -199,7 +207,7 @@ class Decoder:
 
 def read_payload(
     payload: bytes | memoryview,
-    schema_id: int,
+    schema_id: SchemaRef,
     writer: Any,
     reader: Any = None,
     *,
@@ -217,7 +225,8 @@ def read_payload(
     stream = io.BytesIO(payload)
     try:
         # The check compares against the writer's own encoding: resolve to the reader afterwards.
-        record = schemaless_reader(stream, writer, None if canonical else reader)
+        # Records: a record schema reads to a dict.
+        record = cast(dict[str, Any], schemaless_reader(stream, writer, None if canonical else reader))
     except Exception as exc:  # fastavro raises EOFError, ValueError, IndexError, UnicodeDecodeError, ...
         raise _corrupt(schema_id, exc) from None
     end = stream.tell()
@@ -247,12 +256,12 @@ def read_payload(
     if reader is None:
         return record
     try:
-        return schemaless_reader(io.BytesIO(read), writer, reader)
+        return cast(dict[str, Any], schemaless_reader(io.BytesIO(read), writer, reader))
     except Exception as exc:  # e.g. an enum symbol the reader does not know and no default
         raise _corrupt(schema_id, exc) from None
 
 
-def _corrupt(schema_id: int, exc: Exception) -> DecodeError:
+def _corrupt(schema_id: SchemaRef, exc: Exception) -> DecodeError:
     return DecodeError(
         "corrupt_avro", f"Avro payload does not match schema id {schema_id}: {type(exc).__name__}: {exc}"
     )

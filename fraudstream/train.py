@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from fastavro import schemaless_reader
@@ -140,7 +140,7 @@ def fit(data: TrainingSet, *, seed: int = 42, rounds: int = ROUNDS) -> tuple[Any
         data.features, data.target.astype(np.float64), feature_name=list(scoring.MODEL_FEATURES), free_raw_data=False
     )
     booster = lightgbm.train({**PARAMS, "seed": seed}, dataset, num_boost_round=rounds)
-    score = booster.predict(data.features, num_threads=1)
+    score = np.asarray(booster.predict(data.features, num_threads=1))
     precision, recall, thresholds = precision_recall_curve(data.target, score)
     f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
     return booster, float(thresholds[int(np.argmax(f1))])
@@ -151,7 +151,7 @@ def read_labels(settings: Settings, schemas, first_ms: int, end_ms: int) -> tupl
     """Every label into a LabelTable, and the targets of those whose transaction is in the window."""
     table = scoring.LabelTable()
     targets: dict[str, bool] = {}
-    pending: list[tuple[Any, Any, bool]] = []
+    pending: list[tuple[Any, Any, bool, str]] = []
 
     def on_label(message) -> None:
         try:
@@ -202,7 +202,8 @@ def read_transactions(settings: Settings, schemas, sink: Callable[[TxColumns], N
 def _decode(schemas, value: bytes | None) -> dict:
     schema_id, payload = split_frame(value)
     try:
-        return schemaless_reader(io.BytesIO(payload), schemas.get(schema_id), None)
+        # Records: a record schema reads to a dict.
+        return cast(dict, schemaless_reader(io.BytesIO(payload), schemas.get(schema_id), None))
     except DecodeError:
         raise
     except Exception as exc:

@@ -33,6 +33,8 @@ from fraudstream.records import Label, Transaction
 if TYPE_CHECKING:
     from faker import Faker
 
+    from fraudstream.producer.columns import Everyday, PopulationArrays
+
 # Scenario names: a contract with the detector's quality report.
 LEGIT = "legit"
 LARGE_AMOUNT = "large_amount"  # the seed's scenario: one transaction above $900
@@ -465,7 +467,7 @@ class Generator:
                 total += probability
                 self._starts.append((total, starts[name]))
         self._everyday_from = total
-        self._arrays = None  # the population as arrays, for next_columns
+        self._arrays: PopulationArrays | None = None  # the population as arrays, for next_columns
         self._numpy: np.random.Generator | None = None
 
     @property
@@ -488,8 +490,10 @@ class Generator:
         if self._arrays is None:
             self._arrays = PopulationArrays(self.population)
             self._numpy = np.random.default_rng([self.seed, 1])  # its own stream: the episodes keep self._rng
+        assert self._numpy is not None  # made with the arrays
         when = self._time(now_ms)
-        pending, own = self._pending, []
+        pending = self._pending
+        own: list[Pair] = []
         while pending and pending[0][0] <= now_ms and len(own) < n:
             own.append(heapq.heappop(pending)[2](when))
         free = n - len(own)
@@ -741,7 +745,7 @@ class GeneratedBatch:
     size: int
     own_slots: list[int]  # slot of each of `own`, ascending
     own: list[Pair]
-    everyday: object  # producer.columns.Everyday
+    everyday: Everyday
 
     def _order(self) -> np.ndarray | None:
         """Row of the concatenation (everyday rows, then own rows) that goes in each slot; None: already in order."""

@@ -48,7 +48,7 @@ class StateManager:
         self.on_log = on_log
         self.on_restored = on_restored
         self.topics: dict[str, str] = {}
-        self.recovery: Recovery | None = None
+        self.recovery: Recovery | None = None  # from start() on
         self._ready: dict[int, dict[str, KeyedTable]] = {}
         self._restoring_tables: dict[int, dict[str, KeyedTable]] = {}
         self._last_expiry: dict[int, float] = {}
@@ -70,13 +70,17 @@ class StateManager:
         for tp in partitions:
             self._begin_restore(consumer, tp.partition)
 
+    def _recovery(self) -> Recovery:
+        assert self.recovery is not None, "start() first"
+        return self.recovery
+
     def revoke(self, partitions: Iterable[TopicPartition]) -> None:
         for tp in partitions:
             if tp.topic == self.settings.transactions_topic:
                 self._ready.pop(tp.partition, None)
                 self._restoring_tables.pop(tp.partition, None)
                 self._last_expiry.pop(tp.partition, None)
-                self.recovery.stop(tp.partition)
+                self._recovery().stop(tp.partition)
 
     def drop_all(self) -> None:
         """Forget every partition (the consumer that held them is gone)."""
@@ -103,7 +107,7 @@ class StateManager:
 
     def _begin_restore(self, consumer, partition: int) -> None:
         tables = {spec.name: KeyedTable(spec.dtype) for spec in self.specs}
-        progress = self.recovery.start(partition, tables, self.specs)
+        progress = self._recovery().start(partition, tables, self.specs)
         self._restoring_tables[partition] = tables
         if progress.done:  # nothing in the changelog yet
             self._finish(consumer, progress)
@@ -114,13 +118,13 @@ class StateManager:
         return bool(self._restoring_tables)
 
     def recover_step(self, consumer) -> None:
-        for progress in self.recovery.step():
+        for progress in self._recovery().step():
             self._finish(consumer, progress)
 
     @property
     def restoring_records(self) -> int:
         """Changelog records still to read (at most: compaction may have removed some)."""
-        return sum(progress.remaining for progress in self.recovery.restoring.values())
+        return sum(progress.remaining for progress in self._recovery().restoring.values())
 
     def _finish(self, consumer, progress: RestoreProgress) -> None:
         partition = progress.partition

@@ -17,10 +17,11 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaException, TopicPartition
-from confluent_kafka.admin import OffsetSpec
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from fraudstream.consumer.state.changelog import LAYOUT_HEADER
 from fraudstream.consumer.state.stores import StoreSpec
@@ -82,7 +83,7 @@ class Recovery:
         # other broker outage, up to the outage limit.
         self.outage_limit_s = settings.broker_outage_limit_s
         self.settings = settings
-        self._admin = None  # made when a stalled restore is reported
+        self._admin: AdminClient | None = None  # made when a stalled restore is reported
         self._refreshed_at = 0.0  # when the restore consumer last asked for its changelogs' leaders
         # assign() only: the group id is required by the client but never joins or commits.
         self.consumer = Consumer(
@@ -167,7 +168,9 @@ class Recovery:
                     raise KafkaUnavailable(f"restoring state: {error.str()}")
                 log.warning("restoring state: %s", error.str())
                 continue
-            where = (message.topic(), message.partition())
+            topic, partition = message.topic(), message.partition()
+            assert topic is not None and partition is not None  # a record, not an error: both are set
+            where = (topic, partition)
             restoring = self._by_topic_partition.get(where)
             if restoring is None:  # its partition was revoked meanwhile
                 continue
@@ -251,7 +254,7 @@ class Recovery:
                 log.debug("closing a restore consumer: %s", exc)
 
 
-def _refuse(message, spec: StoreSpec) -> None:
+def _refuse(message, spec: StoreSpec) -> NoReturn:
     """A record this store cannot read stops the restore: skipping it would silently lose state."""
     where = f"cannot restore state from changelog {message.topic()}[{message.partition()}] at offset {message.offset()}"
     check_layout(dict(message.headers() or ()).get(LAYOUT_HEADER), spec.layout, where=where)

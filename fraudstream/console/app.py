@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp
 
 from fraudstream.console import charts
 from fraudstream.console.auth import ANALYST, RULES_ADMIN, Authenticator, User
@@ -134,7 +135,7 @@ class BadInput(Exception):
     """A request's parameter that cannot be used: a 400 page with this message."""
 
 
-def create_app(state: ConsoleState) -> Starlette:
+def create_app(state: ConsoleState) -> ASGIApp:
     templates = Environment(
         loader=PackageLoader("fraudstream.console", "templates"), autoescape=select_autoescape(["html"])
     )

@@ -130,6 +130,7 @@ class QueueFilter:
     def source(self) -> tuple[str, list[str], list[Any], str]:
         """(FROM clause, WHERE conditions, their arguments, the score column): the open alerts, by rule when
         filtered by one (through alert_rules, in queue order)."""
+        args: list[Any]
         if self.rule:
             source, where, args, score = (
                 "alert_rules r JOIN alerts a ON a.transaction_id = r.transaction_id",

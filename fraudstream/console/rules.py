@@ -29,7 +29,8 @@ class RulesAccess:
         """The rules in force (as `rules list` shows them) and every record of the topic, newest first, each
         with what it changed from the rule's previous version."""
         in_force, changes = read_changes(self.settings, self.codec)  # judged as a detector judges them
-        history, previous = [], {}
+        history: list[dict[str, Any]] = []
+        previous: dict[str, Rule] = {}
         for change in changes:
             message, record = change.message, change.record
             rule_id = (message.key() or b"").decode("utf-8", "replace")

@@ -9,6 +9,7 @@ wins, the earlier ones stay on the topic (the history).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,7 +54,7 @@ class VerdictWriter:
         self.settings = settings
         self.timeout_s = timeout_s
         self._registry = registry or Registry(settings)
-        self._encode = None
+        self._encode: Callable[[dict[str, Any]], bytes] | None = None
         self._producer: Producer | None = None
         self.written = 0
 

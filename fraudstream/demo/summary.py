@@ -109,8 +109,10 @@ def scenario_lines(score: DetectionScore) -> list[str]:
     if score.by_rule:
         lines.append("  which rule caught what (a transaction may fire several rules):")
         for rule, counts in sorted(score.by_rule.items()):
-            caught = ", ".join(f"{name} {n:,}" for name, n in counts.most_common() if name != "legit") or "no fraud"
-            lines.append(f"    {rule:<22} {caught}; false positives {counts['legit']:,}")
+            fraud_caught = (
+                ", ".join(f"{name} {n:,}" for name, n in counts.most_common() if name != "legit") or "no fraud"
+            )
+            lines.append(f"    {rule:<22} {fraud_caught}; false positives {counts['legit']:,}")
     return lines
 
 

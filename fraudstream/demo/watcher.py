@@ -130,16 +130,18 @@ class PipelineWatcher:
     def poll(self, timeout_s: float) -> None:
         for message in self.consumer.consume(num_messages=2_000, timeout=timeout_s):
             error = message.error()
-            where = (message.topic(), message.partition())
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
             if error is not None:
                 if error.code() == KafkaError._PARTITION_EOF:
-                    self.position[where] = max(self.position[where], message.offset())
+                    assert topic is not None and partition is not None and offset is not None  # it names where
+                    self.position[topic, partition] = max(self.position[topic, partition], offset)
                 elif error.fatal():
                     raise KafkaUnavailable(f"the view's consumer failed: {error.str()}")
                 continue
-            self.position[where] = message.offset() + 1
+            assert topic is not None and partition is not None and offset is not None  # a record: all set
+            self.position[topic, partition] = offset + 1
             try:
-                self.handlers[message.topic()](message.value())
+                self.handlers[topic](message.value())
             except DecodeError:
                 self.state.undecodable_outputs += 1
 

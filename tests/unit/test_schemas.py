@@ -219,3 +219,10 @@ def test_the_offline_check_reports_a_broken_schema_against_its_history(schemas_c
         "string not compatible with writer type: long"
     )
     assert results["Label (vs 2 earlier versions)"] == []
+
+
+def test_a_registered_version_avro_cannot_parse_is_a_schema_error():
+    # Found by mypy: the handler named avro.schema.SchemaParseException, which does not exist (AttributeError).
+    unparsable = {"type": "record", "name": "Transaction", "fields": [{"name": "a", "type": "no_such_type"}]}
+    with pytest.raises(SchemaError, match="invalid schema"):
+        compatibility_problems(TRANSACTION_V2, [unparsable], "BACKWARD")
