@@ -70,7 +70,20 @@ def routed(stack_settings):
 
 def backtest(settings, tmp_path, *args: str) -> tuple[int, dict | None]:
     output = tmp_path / f"bt-{uuid.uuid4().hex[:6]}.json"
-    code = main(["backtest", "--topic", settings.transactions_topic, "--output", str(output), *args])
+    code = main(
+        [
+            "backtest",
+            "--topic",
+            settings.transactions_topic,
+            "--output",
+            str(output),
+            "--bootstrap-servers",
+            settings.bootstrap_servers,
+            "--schema-registry-url",
+            settings.schema_registry_url,
+            *args,
+        ]
+    )
     if not output.exists():
         return code, None
     report = json.loads(output.read_text())
