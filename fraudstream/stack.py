@@ -329,19 +329,28 @@ class LocalStack:
         return _live_pid(self.node_dir(node) / "pid")
 
     def start_broker(self, node: int = 1) -> int:
-        """(Re)start one Kafka node on its existing data, e.g. after it was killed; wait until the cluster lists it."""
-        pid = self.broker_pid(node)
-        if pid is None:
-            self._wait_ports_released(node)
-            java = find_java(self.settings.java)
-            if self.brokers == 1:  # on its existing data, secured as it was
-                pid = self._start_kafka(
-                    java, secure=self._kafka_secure, unsecured_jwt=(self.kafka_dir / JWT_MARKER).exists()
-                )
-            else:
-                pid = self._start_node(java, node)
+        """(Re)start one Kafka node on its existing data, e.g. after it was killed; wait until the cluster lists it
+        (and every other node: one that is down too is started as well)."""
+        return self.start_brokers()[node]
+
+    def start_brokers(self) -> dict[int, int]:
+        """(Re)start every Kafka node that is down, on its existing data; wait until the cluster lists them all.
+        Node -> pid."""
+        pids = {}
+        for node in range(1, self.brokers + 1):
+            pid = self.broker_pid(node)
+            if pid is None:
+                self._wait_ports_released(node)
+                java = find_java(self.settings.java)
+                if self.brokers == 1:  # on its existing data, secured as it was
+                    pid = self._start_kafka(
+                        java, secure=self._kafka_secure, unsecured_jwt=(self.kafka_dir / JWT_MARKER).exists()
+                    )
+                else:
+                    pid = self._start_node(java, node)
+            pids[node] = pid
         self._wait_brokers_ready()
-        return pid
+        return pids
 
     def _wait_ports_released(self, node: int) -> None:
         """After a kill, the dead broker's sockets can hold its ports for a moment (closing connections)."""

@@ -14,10 +14,13 @@ from fraudstream.stack import LocalStack
 
 
 def free_port_block(size: int) -> int:
-    """A base port with `size` free ports from it (a cluster's nodes use consecutive pairs)."""
+    """A base port with `size` free ports from it (a cluster's nodes use consecutive pairs), below the kernel's
+    ephemeral range: while a killed broker is down, its port must not become some client's local port (seen in
+    a soak: the restart failed with BindException, the port taken by an outgoing connection)."""
     rng = random.Random()
+    ephemeral_low = _ephemeral_range()[0]
     for _ in range(200):
-        base = rng.randrange(20_000, 40_000, 2)
+        base = rng.randrange(10_000, min(ephemeral_low, 40_000) - size, 2)
         try:
             for port in range(base, base + size):
                 with socket.socket() as probe:
@@ -26,6 +29,15 @@ def free_port_block(size: int) -> int:
             continue
         return base
     raise RuntimeError("no block of free ports found")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of local ports for outgoing connections (Linux; its default elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32_768, 60_999
 
 
 def shared_dist() -> Path:
