@@ -70,6 +70,7 @@ handbook: services
 bench: services
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.backtest
+	$(BIN)/python -m benchmarks.shadow
 
 # Tiny counts: checks that every part of the benchmark works, measures nothing.
 bench-quick: services

@@ -26,8 +26,11 @@ OUTPUT_TOO_LARGE = "output_too_large"
 
 
 class RecordCollector:
-    def __init__(self, routes: dict[Route, str], limits: dict[str, int], calls: TransactionalCalls) -> None:
+    def __init__(
+        self, routes: dict[Route, str], limits: dict[str, int], calls: TransactionalCalls, *, shadow_topic: str = ""
+    ) -> None:
         self.routes = routes
+        self.shadow_topic = shadow_topic  # where a batch's ShadowDifferences go (consumer/stateful.py)
         self.limits = limits  # output topic -> max.message.bytes
         self.calls = calls  # TransactionalCalls: how a failed produce() is classified and waited on
         self.rejected: list[KafkaError] = []  # delivery failures of the open transaction
@@ -63,6 +66,28 @@ class RecordCollector:
                 self._produce_one(producer, inputs, outputs, index, decision, small, deadline)
             # _produce_one may have put a dead letter in place of an output no topic takes
             batch.released = [(record, outputs.outputs[i]) for i, record in enumerate(inputs)]
+        for key, value in batch.shadow:  # small records (under 10 kB): no size check
+            self._produce_to(producer, self.shadow_topic, key, value, deadline)
+
+    def _produce_to(self, producer, topic: str, key: bytes, value: bytes, deadline: float) -> None:
+        """One record to `topic`, a full local queue waited out and a failed call retried, as in _produce_one."""
+        while True:
+            try:
+                producer.produce(topic, value, key)
+                return
+            except BufferError:
+                if not produce_or_wait(producer, topic, value, key, give_up=lambda: time.monotonic() > deadline):
+                    raise ProducerLost(
+                        "producing: the local queue stayed full until the transaction was about to time out",
+                        expired=True,
+                    ) from None
+                return
+            except KafkaException as exc:
+                error = exc.args[0]
+                if error.code() == KafkaError._STATE:
+                    raise AbortBatch(f"producing: the transaction is in an error state ({error.str()})") from exc
+                classify("producing", error, exc)
+                self.calls.wait_before_retry("producing", error, deadline)
 
     def _produce_legit(
         self, producer, messages: list, start: int, stop: int, batch: DecidedBatch, small: int, deadline: float

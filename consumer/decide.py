@@ -80,6 +80,8 @@ class DecidedBatch:
     released: list[tuple[Any, Decision]] = field(default_factory=list)
     state_partitions: set[int] = field(default_factory=set)
     held: int = 0  # records of this batch held (Route.HELD in outputs)
+    # ShadowDifferences (key, value) for the shadow topic, in this batch's transaction (consumer/stateful.py).
+    shadow: list[tuple[bytes, bytes]] = field(default_factory=list)
 
     def headers_of(self, index: int) -> list[tuple[str, bytes]] | None:
         """The headers of the forwarded record at `index`."""

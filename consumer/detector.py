@@ -60,6 +60,7 @@ from fraudstream.consumer.rules_topic import RulesTopic
 from fraudstream.consumer.state.manager import StateManager
 from fraudstream.consumer.stateful import STORES, StatefulDecider, StateTouchedError, decode_batch, load_scoring
 from fraudstream.consumer.terminal import StopRequested, TerminalReader
+from fraudstream.group_probe import static_members
 from fraudstream.errors import Fenced, KafkaUnavailable, RegistryError, RegistryUnavailable
 from fraudstream.kafka import (
     NEVER_PASSING,
@@ -67,13 +68,12 @@ from fraudstream.kafka import (
     consumer_config,
     ensure_topics,
     max_message_bytes,
-    static_members,
     transactional_producer_config,
     wait_for_cluster,
 )
 from fraudstream.registry import Registry, current_ids
 from fraudstream.schemas import load_schemas
-from fraudstream.serde import Decoder
+from fraudstream.serde import Decoder, make_encoder
 from fraudstream.settings import Settings
 from fraudstream.signals import stop_requests
 
@@ -135,11 +135,11 @@ class Detector:
             most=settings.batch_max_records,
             time_budget_s=settings.transaction_timeout_ms / 1000 * TRANSACTION_TIME_SHARE,
         )
-        self._admin = self._group_admin = None
+        self._admin = None
         self._parked_clients: list = []
         # The transaction protocol (consumer/checkpoint.py) and the one sink of outputs (consumer/collector.py).
         self.calls = TransactionalCalls(self.stop)
-        self.collector = RecordCollector(self.routes, {}, self.calls)
+        self.collector = RecordCollector(self.routes, {}, self.calls, shadow_topic=settings.shadow_topic)
         self.checkpoint = Checkpoint(self.calls, self.collector, transaction_timeout_ms=settings.transaction_timeout_ms)
         self._failures_in_a_row = 0
         self._consumed_to: dict[int, int] = {}  # input partition -> the next offset this detector committed
@@ -155,7 +155,7 @@ class Detector:
     def _start(self) -> tuple[Decider | ColumnarDecider, list]:
         s = self.settings
         wait_for_cluster(s)
-        ensure_topics(s, (s.transactions_topic, s.legit_topic, s.fraud_topic, s.dlq_topic))
+        ensure_topics(s, (s.transactions_topic, s.legit_topic, s.fraud_topic, s.dlq_topic, s.shadow_topic))
         registry = Registry(s)
         schemas = load_schemas(s.schemas_dir)
         # A clear error when `schemas register` was not run; a registry restarting is waited for.
@@ -173,9 +173,8 @@ class Detector:
         if s.decoder == "columnar":
             decider = ColumnarDecider(decider, reader_schema=schemas.expanded["Transaction"])
         if s.stateful:
-            decider = self._stateful(decider)
+            decider = self._stateful(decider, make_encoder(ids[s.shadow_topic], schemas.parsed["ShadowDifference"]))
         self._admin = admin(s)  # one for the detector's life: see max_message_bytes
-        self._group_admin = admin(s)  # for group requests, replaced when one fails: see _successors
         self.collector.limits = max_message_bytes(
             self._admin, tuple(self.routes.values()), outage_limit_s=s.broker_outage_limit_s
         )
@@ -197,7 +196,7 @@ class Detector:
         )
         return decider, first_records
 
-    def _stateful(self, decider: Decider | ColumnarDecider) -> StatefulDecider:
+    def _stateful(self, decider: Decider | ColumnarDecider, encode_shadow: Callable[[dict], bytes]) -> StatefulDecider:
         """The rules file's rules over per-card state, restored from and written to changelog topics."""
         s = self.settings
         load_rules(s.rules_file, settings=s)  # a bad rules file is refused before any topic is touched
@@ -226,7 +225,7 @@ class Detector:
             + (" and a terminal window of every input partition" if self.terminal else "")
         )
         model, self.labels = load_scoring(s, on_log=self.on_log)
-        return StatefulDecider(
+        stateful = StatefulDecider(
             decode,
             rules,
             self.state,
@@ -238,7 +237,10 @@ class Detector:
             terminal=self.terminal,
             hold_idle_ms=s.terminal_hold_idle_ms,
             input_topic=s.transactions_topic,
+            encode_shadow=encode_shadow,
         )
+        self._install_shadow(stateful)
+        return stateful
 
     def _new_consumer(self) -> Consumer:
         s = self.settings
@@ -468,6 +470,7 @@ class Detector:
             dead_kinds=dict(dead_kinds),
             commit_s=commit_s,
             rules=dict(rules),
+            shadow_differences=len(batch.shadow),
         )
         if self.state is not None:
             self.metrics.state_size(self.state.sizes())
@@ -641,16 +644,10 @@ class Detector:
             if not self._admin.list_topics(timeout=CALL_TIMEOUT_S).brokers:
                 raise KafkaUnavailable("no broker answered")
             ours = self.consumer.memberid()
-            try:
-                members = static_members(
-                    self._group_admin, self.settings.group_id, self.transactional_id, timeout_s=GROUP_REQUEST_TIMEOUT_S
-                )
-            except KafkaUnavailable:
-                # librdkafka 2.x: a client whose group request failed around a broker restart can hang on the
-                # next ones, and destroying it with the request pending trips an assertion. Park it, use a new one.
-                self._parked_clients.append(self._group_admin)
-                self._group_admin = admin(self.settings)
-                raise
+            # In a child process (fraudstream/group_probe.py): this request can abort the process that sends it.
+            members = static_members(
+                self.settings, self.settings.group_id, self.transactional_id, timeout_s=GROUP_REQUEST_TIMEOUT_S
+            )
             others = [m.member_id for m in members if m.member_id != ours]
             if not others or time.monotonic() >= deadline:
                 return others
@@ -768,12 +765,28 @@ class Detector:
         rule records refused. Every detector reads every rule record, so one of them routes the dead
         letters: the one that holds input partition 0 (see README, "Rules changed at runtime")."""
         if self.rules_topic.poll():
-            decider.rules = self.rules_topic.current
-            self.on_log(f"rules {', '.join(decider.rules.names)} now in force (rule set {decider.rules.version})")
+            if decider.rules is not self.rules_topic.current:
+                decider.rules = self.rules_topic.current
+                self.on_log(f"rules {', '.join(decider.rules.names)} now in force (rule set {decider.rules.version})")
+            self._install_shadow(decider)
         if self.rules_topic.dead_letters and (self.settings.transactions_topic, 0) in self._assigned:
             self._dead_letter_rules(self.rules_topic.take_dead_letters())
         elif self.rules_topic.dead_letters and self._assigned:
             self.rules_topic.take_dead_letters()  # another detector routes them
+
+    def _install_shadow(self, decider: StatefulDecider) -> None:
+        """The rules topic's shadow set beside the live one, from the next batch on (`fraudstream rules shadow`)."""
+        shadow = self.rules_topic.shadow
+        if shadow is decider.shadow_rules:
+            return
+        decider.shadow_rules = shadow
+        if shadow is None:
+            self.on_log("no shadow rules now")
+        else:
+            self.on_log(
+                f"shadow rules {', '.join(shadow.names)} (shadow set {shadow.version}) decide beside the live ones; "
+                f"differences go to {self.settings.shadow_topic}"
+            )
 
     def _dead_letter_rules(self, letters: list[Decision]) -> None:
         """A transaction of their own: between batches there is no open one."""

@@ -39,36 +39,57 @@ from fraudstream.consumer.state.table import KeyedTable, layout_tag
 KEY_BYTES = 64
 VALUE_BYTES = 512  # a transaction's Avro value is about 150 bytes
 RULE_SET_BYTES = 32  # a rule set's version: 12 hex digits from a file, a number from the rules topic
-HELD_DTYPE = np.dtype(
-    [
-        ("event_time_ms", "<i8"),
-        ("created_ms", "<i8"),  # event time; the input record's Kafka timestamp
-        ("terminal", "<u4"),
-        ("card", "<u4"),  # the terminal window's hashes
-        ("dist_home_km", "<f4"),
-        ("score", "<f8"),
-        ("channel", "i1"),  # score: the model's, as the alert carries it
-        ("rule_set", f"S{RULE_SET_BYTES}"),  # the version of the rule set that held it, which its output names
-        ("key_len", "<i2"),
-        ("value_len", "<i2"),  # -1: no key
-        ("key", f"V{KEY_BYTES}"),
-        ("value", f"V{VALUE_BYTES}"),  # the bytes forwarded if it stays legit
-    ]
-)
+_V1_FIELDS = [
+    ("event_time_ms", "<i8"),
+    ("created_ms", "<i8"),  # event time; the input record's Kafka timestamp
+    ("terminal", "<u4"),
+    ("card", "<u4"),  # the terminal window's hashes
+    ("dist_home_km", "<f4"),
+    ("score", "<f8"),
+    ("channel", "i1"),  # score: the model's, as the alert carries it
+    ("rule_set", f"S{RULE_SET_BYTES}"),  # the version of the rule set that held it, which its output names
+    ("key_len", "<i2"),
+    ("value_len", "<i2"),  # -1: no key
+    ("key", f"V{KEY_BYTES}"),
+    ("value", f"V{VALUE_BYTES}"),  # the bytes forwarded if it stays legit
+]
+HELD_DTYPE_V1 = np.dtype(_V1_FIELDS)
+# v2: the shadow rule set's verdict when the row was held (consumer/stateful.py, "Shadow rules"): its rules
+# that fired then, one bit per rule in the shadow set's order (bit 63: the 64th rule or a later one), and
+# the shadow set's version (empty: no shadow set then). The release compares it with the live verdict.
+SHADOW_ALL_BITS = 64
+HELD_DTYPE = np.dtype([*_V1_FIELDS, ("shadow_fired", "<u8"), ("shadow_set", f"S{RULE_SET_BYTES}")])
 # Held rows are deleted on release only, with their output in the same transaction: never by age, whatever the
 # stream time says (a row expired without its output is a record lost).
 HELD = StoreSpec(
     name="held",
     dtype=HELD_DTYPE,
-    layout=layout_tag("held_record", 1, HELD_DTYPE),
+    layout=layout_tag("held_record", 2, HELD_DTYPE),
     expiry_field="event_time_ms",
     ttl_ms=None,
+    # Rows held by a detector of the previous layout are read on restore, with no shadow verdict.
+    older_layouts=((layout_tag("held_record", 1, HELD_DTYPE_V1), HELD_DTYPE_V1),),
 )
 
 
 def position_key(partition: int, offset: int) -> bytes:
     """A held row's key: its input position (unique, and the same whichever detector holds it)."""
     return (partition << 40 | offset).to_bytes(8, "big")
+
+
+def shadow_bits(fired: np.ndarray) -> np.ndarray:
+    """A (rules, rows) matrix of fired rules as one uint64 per row: bit k for rule k, bit 63 for rule 63 and later."""
+    bits = np.zeros(fired.shape[1], dtype=np.uint64)
+    for k in range(fired.shape[0]):
+        bits |= fired[k].astype(np.uint64) << np.uint64(min(k, SHADOW_ALL_BITS - 1))
+    return bits
+
+
+def fired_names(bits: int, names: tuple[str, ...] | list[str]) -> list[str]:
+    """The rule names of shadow_bits' `bits` (rules past the 63rd are not told apart: all of them are named)."""
+    last = SHADOW_ALL_BITS - 1
+    named = [name for k, name in enumerate(names[:last]) if bits >> k & 1]
+    return named + (list(names[last:]) if bits >> last & 1 else [])
 
 
 def fits(key: bytes | None, value: bytes, rule_set: bytes) -> bool:
@@ -89,10 +110,15 @@ def hold(
     record_keys: list[bytes | None],
     values: list[bytes],
     rule_set: bytes,
+    shadow_fired: np.ndarray | None = None,
+    shadow_set: bytes = b"",
 ) -> None:
-    """Put records in the held table (dirty: written to the changelog with the batch)."""
+    """Put records in the held table (dirty: written to the changelog with the batch). `shadow_fired`: each
+    row's shadow rules that fired (shadow_bits), under the shadow set `shadow_set`."""
     rows = np.zeros(len(keys), dtype=HELD_DTYPE)
     rows["rule_set"] = rule_set
+    if shadow_fired is not None:
+        rows["shadow_fired"], rows["shadow_set"] = shadow_fired, shadow_set
     rows["event_time_ms"], rows["created_ms"] = event_time_ms, created_ms
     rows["terminal"], rows["card"] = terminal, card
     rows["dist_home_km"], rows["score"], rows["channel"] = dist_home_km, score, channel

@@ -25,6 +25,7 @@ class DetectorMetrics:
     registry_retries: int = 0
     rule_records_refused: int = 0  # rules-topic records this detector read and refused (each logged)
     rules: dict[str, int] = field(default_factory=dict)  # fraud decisions per rule that fired
+    shadow_differences: int = 0  # ShadowDifferences written (the shadow rule set decided otherwise)
     state_keys: dict[str, int] = field(default_factory=dict)  # live keys per store, ready partitions
     changelog_records: int = 0
     restored_records: int = 0
@@ -107,6 +108,11 @@ class DetectorMetrics:
             ["kind"],
             registry=self.registry,
         )
+        self._shadow = Counter(
+            "fraudstream_shadow_differences",
+            "Records the shadow rule set decided otherwise than the live one (written to the shadow topic)",
+            registry=self.registry,
+        )
         self._gate_waited_s = 0.0
         self._last_log = time.monotonic()
         self._consumed_at_last_log = 0
@@ -127,8 +133,11 @@ class DetectorMetrics:
         dead_kinds: dict[str, int],
         commit_s: float,
         rules: dict[str, int] | None = None,
+        shadow_differences: int = 0,
     ) -> None:
         dead = sum(dead_kinds.values())
+        self.shadow_differences += shadow_differences
+        self._shadow.inc(shadow_differences)
         for rule, count in (rules or {}).items():
             self.rules[rule] = self.rules.get(rule, 0) + count
             self._rules.labels(rule).inc(count)
@@ -206,6 +215,8 @@ class DetectorMetrics:
             line += f" state_keys {keys} changelog={self.changelog_records} restored={self.restored_records} restores={self.restores}"
             if self.restoring_records:
                 line += f" restoring={self.restoring_records}"
+        if self.shadow_differences:
+            line += f" shadow_differences={self.shadow_differences}"
         if self.rules:
             line += " rules " + " ".join(f"{rule}={count}" for rule, count in sorted(self.rules.items()))
         return line

@@ -17,10 +17,12 @@ carries it in its `score` field, a legit record (its bytes unchanged) in the SCO
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
@@ -50,6 +52,7 @@ from fraudstream.consumer.rules_topic import RULE_SET_HEADER
 from fraudstream.consumer.state.manager import StateManager
 from fraudstream.consumer.state.stores import StoreSpec, expiry_stream_time
 from fraudstream.errors import RegistryError
+from fraudstream.records import ShadowDifference
 from fraudstream.evaluate import SCORE_HEADER
 from fraudstream.serde import DecodeError
 from fraudstream.settings import Settings
@@ -63,6 +66,10 @@ STORES = (CARDS, held.HELD)
 MODEL_RULE = "model"  # the rule name of a record routed to fraud by the model's score
 RULE_SETS_KEPT = 16  # rule sets remembered for releasing the records held under them
 HELD_DECISION = Decision(Route.HELD, None, None)  # a record held for the terminal rule's look-ahead: no output yet
+# On a routed record the shadow rule set decided otherwise: its verdict, b"fraud" or b"legit" (the details are in
+# the shadow topic's ShadowDifference).
+SHADOW_HEADER = "fraudstream.shadow_verdict"
+SHADOW_VERDICT = {True: b"fraud", False: b"legit"}
 LABEL_EXPIRY_EVERY = 500  # batches between two expiries of the label table
 
 
@@ -125,6 +132,7 @@ class StatefulDecider:
         terminal=None,
         hold_idle_ms: int | None = None,
         input_topic: str = "",
+        encode_shadow: Callable[[dict], bytes] | None = None,
     ) -> None:
         self.decode = decode
         self.rules = rules
@@ -144,6 +152,13 @@ class StatefulDecider:
         self._topic = input_topic  # the held records' topic, as the dead-letter headers name it
         self.too_large_to_hold = 0  # records decided at once because they do not fit a held row
         self._rule_sets: dict[str, RuleSet] = {}  # version -> the rule sets records were held under, latest last
+        # Shadow rules (`fraudstream rules shadow set`): a candidate set decided beside `rules` on every batch,
+        # never routing anything; where its verdict differs, a ShadowDifference (encode_shadow) goes to the
+        # shadow topic with the batch, and SHADOW_HEADER on the routed record. None: no shadow set.
+        self.shadow_rules: RuleSet | None = None
+        self.encode_shadow = encode_shadow
+        self._shadow_sets: dict[str, RuleSet] = {}  # version -> the shadow sets records were held under
+        self.shadow_differences = 0  # ShadowDifferences written since start
         if terminal is not None:
             terminal.keep_from = self.oldest_held
 
@@ -202,6 +217,8 @@ class StatefulDecider:
 
         fired = rules.evaluate(tx, features)  # (rules, rows)
         is_fraud = fired.any(axis=0)
+        shadow = self.shadow_rules if self.encode_shadow is not None else None
+        shadow_fired = shadow.evaluate(tx, features) if shadow is not None else None  # on the same features
         by_model = None
         if self.model is not None:
             scores = self.model.score(self._model_input(tx, features))
@@ -239,6 +256,7 @@ class StatefulDecider:
                 from_columns,
                 records,
                 decisions,
+                shadow_fired,
             )
         fraud_rows = np.flatnonzero(is_fraud)
         if len(fraud_rows):
@@ -250,6 +268,10 @@ class StatefulDecider:
                 if by_model is not None and by_model[row]:
                     rule_names.append(MODEL_RULE)
                 outputs[index] = self._alert(messages[index].key(), record, rule_names, rules, float(scores[row]))
+        if shadow is not None and shadow_fired is not None:
+            self._shadow(
+                rules, shadow, messages, positions, partition_of, tx, fired, shadow_fired, by_model, scores, decisions
+            )
         if self.terminal is not None or self._any_held():
             self._release(rules, decisions)
         return decisions
@@ -277,6 +299,91 @@ class StatefulDecider:
         }
         return Decision(Route.FRAUD, key, self.encode_fraud(alert), rules=tuple(rule_names))
 
+    # ----- shadow rules -----
+    def _shadow(
+        self,
+        rules: RuleSet,
+        shadow: RuleSet,
+        messages: Sequence,
+        positions: np.ndarray,
+        partition_of: np.ndarray,
+        tx: TxColumns,
+        fired: np.ndarray,
+        shadow_fired: np.ndarray,
+        by_model: np.ndarray | None,
+        scores: np.ndarray,
+        decisions: DecidedBatch,
+    ) -> None:
+        """The shadow set's verdict beside the live one for each record decided now (a held record is compared
+        at its release): where they differ, SHADOW_HEADER on the routed record and a ShadowDifference. The model,
+        when there is one, is part of both verdicts."""
+        live_fraud, shadow_fraud = fired.any(axis=0), shadow_fired.any(axis=0)
+        if by_model is not None:
+            live_fraud, shadow_fraud = live_fraud | by_model, shadow_fraud | by_model
+        outputs = decisions.outputs
+        for row in np.flatnonzero(live_fraud != shadow_fraud).tolist():
+            index = int(positions[row])
+            decision = outputs.get(index)
+            if decision is HELD_DECISION:
+                continue
+            model = [MODEL_RULE] if by_model is not None and by_model[row] else []
+            message = messages[index]
+            outputs[index] = self._with_shadow_header(
+                decision or Decision(Route.LEGIT, message.key(), message.value(), decisions.headers_of(index)),
+                bool(shadow_fraud[row]),
+            )
+            decisions.shadow.append(
+                self._difference(
+                    str(tx.transaction_id[row]),
+                    int(partition_of[row]),
+                    message.offset(),
+                    int(tx.event_time_ms[row]),
+                    (rules, bool(live_fraud[row]), [rules.names[k] for k in np.flatnonzero(fired[:, row])] + model),
+                    (
+                        shadow,
+                        bool(shadow_fraud[row]),
+                        [shadow.names[k] for k in np.flatnonzero(shadow_fired[:, row])] + model,
+                    ),
+                    float(scores[row]),
+                )
+            )
+
+    @staticmethod
+    def _with_shadow_header(decision: Decision, shadow_fraud: bool) -> Decision:
+        return dataclasses.replace(
+            decision, headers=[*(decision.headers or ()), (SHADOW_HEADER, SHADOW_VERDICT[shadow_fraud])]
+        )
+
+    def _difference(
+        self,
+        transaction_id: str,
+        partition: int,
+        offset: int,
+        event_time_ms: int,
+        live: tuple[RuleSet | str, bool, list[str]],
+        shadow: tuple[RuleSet | str, bool, list[str]],
+        score: float,
+    ) -> tuple[bytes, bytes]:
+        """A ShadowDifference (key: the transaction id) from each side's (rule set or its version, verdict, rules)."""
+        assert self.encode_shadow is not None
+        self.shadow_differences += 1
+        (live_set, live_fraud, live_rules), (shadow_set, shadow_fraud, shadow_rules) = live, shadow
+        record = ShadowDifference(
+            transaction_id=transaction_id,
+            source_partition=partition,
+            source_offset=offset,
+            event_time=_utc(event_time_ms),
+            live_fraud=live_fraud,
+            live_rules=tuple(live_rules) if live_fraud else (),
+            live_rule_set_version=live_set if isinstance(live_set, str) else live_set.version,
+            shadow_fraud=shadow_fraud,
+            shadow_rules=tuple(shadow_rules) if shadow_fraud else (),
+            shadow_rule_set_version=shadow_set if isinstance(shadow_set, str) else shadow_set.version,
+            score=score,
+            detected_at=datetime.now(UTC),
+        )
+        return transaction_id.encode(), self.encode_shadow(record.to_dict())
+
     # ----- held records (consumer/held.py) -----
     def _hold(
         self,
@@ -291,6 +398,7 @@ class StatefulDecider:
         from_columns: np.ndarray,
         records: dict[int, dict],
         decisions: DecidedBatch,
+        shadow_fired: np.ndarray | None = None,
     ) -> None:
         """Put the batch's rows `rows` in their partitions' held tables, with no output now, under the version
         of the rule set that decided them so far; a row whose bytes do not fit is forwarded as legit at once
@@ -323,6 +431,15 @@ class StatefulDecider:
         if not kept:
             return
         kept = np.asarray(kept, dtype=np.int64)
+        # The shadow set's verdict now, kept with the row: the release compares it with the live one.
+        shadow, shadow_bits, shadow_set = self.shadow_rules, None, b""
+        if shadow is not None and shadow_fired is not None and held.fits(None, b"", shadow.version.encode()):
+            shadow_bits = np.zeros(len(tx), dtype=np.uint64)
+            shadow_bits[kept] = held.shadow_bits(shadow_fired[:, kept])
+            shadow_set = shadow.version.encode()
+            self._shadow_sets[shadow.version] = shadow
+            if len(self._shadow_sets) > RULE_SETS_KEPT:
+                del self._shadow_sets[next(iter(self._shadow_sets))]
         index_of = positions[kept].tolist()
         created = np.array([_created_ms(messages[i]) for i in index_of], dtype=np.int64)
         for partition in np.unique(partition_of[kept]).tolist():
@@ -342,6 +459,8 @@ class StatefulDecider:
                 record_keys=[messages[i].key() for i in positions[chosen].tolist()],
                 values=[v for v, m in zip(values, mine.tolist(), strict=True) if m],
                 rule_set=rule_set,
+                shadow_fired=None if shadow_bits is None else shadow_bits[chosen],
+                shadow_set=shadow_set,
             )
         decisions.held = len(kept)
 
@@ -399,6 +518,7 @@ class StatefulDecider:
         held_under = rows["rule_set"].tolist()
         by_version = {version: self._rule_sets.get(version.decode(), rules) for version in set(held_under)}
         fires = np.zeros(len(rows), dtype=bool)
+        others = None
         if self.terminal is not None:
             others = self.terminal.other_cards_held(rows["terminal"], rows["card"], rows["event_time_ms"], ahead)
             for version, rule_set in by_version.items():
@@ -406,6 +526,7 @@ class StatefulDecider:
                 fires[mine] = rule_set.fires_on_release(rows["channel"][mine], rows["dist_home_km"][mine], others[mine])
         inputs = held.records_of(rows, keys, self._topic)
         released = decisions.released
+        first_released = len(released)  # this call's records follow
         legit_scores = (
             scoring.score_header_values(rows["score"])
             if self.model is not None
@@ -442,10 +563,66 @@ class StatefulDecider:
                     [(RULE_SET_HEADER, version), (SCORE_HEADER, legit_scores[i])],
                 )
             released.append((record_in, decision))
+        if self.encode_shadow is not None and rows["shadow_set"].any():
+            self._shadow_on_release(rows, fires, others, released, first_released, decisions)
         for partition in np.unique(where).tolist():
             table = self.state.tables(partition)[held.HELD.name]
             table.remove([key for key, p in zip(keys, where.tolist(), strict=True) if p == partition])
             decisions.state_partitions.add(partition)
+
+    def _shadow_on_release(
+        self,
+        rows: np.ndarray,
+        fires: np.ndarray,
+        others: np.ndarray | None,
+        released: list,
+        first: int,
+        decisions: DecidedBatch,
+    ) -> None:
+        """Released records held while a shadow set ran: its verdict (the rules that fired when it was held, or
+        its terminal rule now, with the look-ahead) beside the live one; a difference as in _shadow."""
+        at_hold = rows["shadow_fired"] != 0
+        on_release = np.zeros(len(rows), dtype=bool)
+        by_version: dict[bytes, RuleSet | None] = {}
+        for version in set(rows["shadow_set"].tolist()) - {b""}:
+            # A set this process no longer knows (held before a restart) lends the version; the shadow set in
+            # force, if any, the terminal rule's thresholds.
+            by_version[version] = self._shadow_sets.get(version.decode(), self.shadow_rules)
+            mine = rows["shadow_set"] == version
+            shadow_set = by_version[version]
+            if shadow_set is not None and others is not None:
+                on_release[mine] = shadow_set.fires_on_release(
+                    rows["channel"][mine], rows["dist_home_km"][mine], others[mine]
+                )
+        shadow_fraud = at_hold | on_release
+        compared = rows["shadow_set"] != b""
+        differ = np.flatnonzero(compared & (shadow_fraud != fires))
+        if not len(differ):
+            return
+        decoded = self.decode([released[first + i][0] for i in differ.tolist()])
+        ids = dict(decoded.records)
+        if decoded.columns is not None and decoded.columns.num_rows:
+            ids.update(zip(decoded.column_rows, decoded.columns.to_pylist(), strict=True))
+        for k, i in enumerate(differ.tolist()):
+            record_in, decision = released[first + i]
+            if k not in ids or decision.route is Route.DEAD_LETTER:
+                continue  # unreadable now: dead-lettered by the live side already
+            version = rows["shadow_set"][i]
+            shadow_set = by_version[version]
+            names = held.fired_names(int(rows["shadow_fired"][i]), shadow_set.names if shadow_set else ())
+            names += [COMPROMISED_TERMINAL] if on_release[i] else []
+            released[first + i] = (record_in, self._with_shadow_header(decision, bool(shadow_fraud[i])))
+            decisions.shadow.append(
+                self._difference(
+                    str(ids[k]["transaction_id"]),
+                    record_in.partition(),
+                    record_in.offset(),
+                    int(rows["event_time_ms"][i]),
+                    (rows["rule_set"][i].decode(), bool(fires[i]), [COMPROMISED_TERMINAL]),
+                    (version.decode(), bool(shadow_fraud[i]), names),
+                    float(rows["score"][i]) if self.model is not None else float(fires[i]),
+                )
+            )
 
     def _model_input(self, tx: TxColumns, features: dict[str, np.ndarray]) -> np.ndarray:
         """The model's features, once the labels due by the batch's latest event time are read."""
@@ -476,6 +653,13 @@ def load_scoring(settings: Settings, *, on_log: Callable[[str], None]):
         f"{settings.label_delay_days:g} days late)"
     )
     return model, labels
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _utc(ms: int) -> datetime:
+    return EPOCH + timedelta(milliseconds=ms)  # exact to the millisecond (no float seconds)
 
 
 def _timestamp_ms(message) -> int | None:

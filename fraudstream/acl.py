@@ -61,7 +61,7 @@ def grants(settings: Settings) -> list[Grant]:
         Grant("detector", TOPIC, s.labels_topic, LITERAL, read),
         *(
             Grant("detector", TOPIC, out, LITERAL, write + ("DescribeConfigs",))
-            for out in (s.legit_topic, s.fraud_topic, s.dlq_topic)
+            for out in (s.legit_topic, s.fraud_topic, s.dlq_topic, s.shadow_topic)
         ),
         # Its changelogs, G.T.<store>.changelog: made, written and restored by the detector alone.
         Grant("detector", TOPIC, f"{g}.{t}.", PREFIXED, ("Read", "Write", "Describe", "Create", "DescribeConfigs")),
@@ -72,6 +72,7 @@ def grants(settings: Settings) -> list[Grant]:
         Grant("rules-admin", TOPIC, s.rules_topic, LITERAL, ("Read", "Write", "Describe", "Create", "DescribeConfigs")),
         Grant("rules-admin", GROUP, f"{g}.rules-cli", LITERAL, ("Read",)),
         Grant("analyst", TOPIC, s.fraud_topic, LITERAL, read),
+        Grant("analyst", TOPIC, s.shadow_topic, LITERAL, read),  # `evaluate --shadow`
         Grant("analyst", TOPIC, s.labels_topic, LITERAL, ("Write", "Describe")),
         *(Grant("inspector", TOPIC, topic, LITERAL, read) for topic in s.all_topics),
     ]

@@ -573,6 +573,42 @@ def read_pipeline(settings: Settings) -> tuple[Routed, dict[str, tuple[bool, str
     return routed, labels, warnings
 
 
+def read_shadow(settings: Settings, schemas: _Schemas | None = None) -> tuple[dict[str, bool], int]:
+    """The shadow topic: transaction id -> the shadow rule set's verdict where it differed from the live one; and
+    how many records could not be decoded."""
+    schemas = schemas or _Schemas(Registry(settings))
+    verdicts: dict[str, bool] = {}
+    undecodable = 0
+
+    def on_difference(message) -> None:
+        nonlocal undecodable
+        try:
+            difference = schemas.decode(message.value())
+        except DecodeError:
+            undecodable += 1
+            return
+        verdicts[difference["transaction_id"]] = bool(difference["shadow_fraud"])
+
+    read_to_end(settings, settings.shadow_topic, on_difference)
+    return verdicts, undecodable
+
+
+def as_shadow(routed: Routed, verdicts: dict[str, bool]) -> tuple[Routed, int, int]:
+    """The routed transactions as the shadow rule set decided them: the live verdict, except where the shadow topic
+    names another. A score that is the live rules' own (1.0 flagged, 0.0 not: no model) follows the verdict; a
+    model's score is the same for both sets. Also: how many verdicts differ, and how many differences name a
+    transaction not routed."""
+    shadow = Routed(list(routed.transaction_id), list(routed.card_id), list(routed.event_ms), [], [])
+    known = changed = 0
+    for tx, flagged, score in zip(routed.transaction_id, routed.flagged, routed.score, strict=True):
+        verdict = verdicts.get(tx, flagged)
+        known += tx in verdicts
+        changed += verdict != flagged
+        shadow.flagged.append(verdict)
+        shadow.score.append(float(verdict) if score == float(flagged) else score)
+    return shadow, changed, len(verdicts) - known
+
+
 # ---------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fraudstream.cli import add_connection_arguments
@@ -621,6 +657,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-daily", dest="daily", action="store_false", help="leave the per-day rows out of the table"
     )
+    parser.add_argument(
+        "--shadow",
+        action="store_true",
+        help="also evaluate the shadow rule set (`fraudstream rules shadow set`) from the differences on the "
+        "shadow topic, side by side with the live rules; its report goes to OUTPUT's name with -shadow",
+    )
     add_connection_arguments(parser)
 
 
@@ -643,22 +685,49 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     )
     report["warnings"] = read_warnings + report["warnings"]
     report["topics"] = {"legit": settings.legit_topic, "fraud": settings.fraud_topic, "labels": settings.labels_topic}
-    print(render(report, daily=args.daily), flush=True)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    chart = args.output.with_suffix(".png")
-    wrote_chart = bool(report["days"]) and write_chart(report, curves, chart)
-    print(
-        f"\nwrote {args.output}"
-        + (
-            f" and {chart}"
-            if wrote_chart
-            else " (no chart: install matplotlib, pip install 'fraudstream[evaluate]')"
-            if report["days"]
-            else ""
-        ),
-        flush=True,
-    )
-    for warning in report["warnings"]:
-        print(f"fraudstream evaluate: warning: {warning}", file=sys.stderr)
+    reports = [(report, curves, args.output)]
+    if args.shadow:
+        verdicts, undecodable = read_shadow(settings)
+        shadow_routed, flips, unrouted = as_shadow(routed, verdicts)
+        shadow_report, shadow_curves = evaluate(
+            shadow_routed, labels, top_k=args.top_k, label_delay_days=args.label_delay, first_day=first, last_day=last
+        )
+        shadow_report["shadow"] = {
+            "differences": len(verdicts),
+            "verdicts_changed": flips,
+            "topic": settings.shadow_topic,
+        }
+        shadow_report["warnings"] = [
+            *([f"{undecodable:,} shadow records could not be decoded: left out"] if undecodable else []),
+            *([f"{unrouted:,} shadow differences name a transaction not routed: left out"] if unrouted else []),
+            *shadow_report["warnings"],
+        ]
+        report["shadow"] = shadow_report["shadow"]
+        reports.append((shadow_report, shadow_curves, args.output.with_name(f"{args.output.stem}-shadow.json")))
+    for i, (each, each_curves, output) in enumerate(reports):
+        if args.shadow:
+            print(
+                "live rules"
+                if i == 0
+                else f"\nshadow rules ({len(verdicts):,} differences on {settings.shadow_topic})",
+                flush=True,
+            )
+        print(render(each, daily=args.daily), flush=True)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(each, indent=2) + "\n")
+        chart = output.with_suffix(".png")
+        wrote_chart = bool(each["days"]) and write_chart(each, each_curves, chart)
+        print(
+            f"\nwrote {output}"
+            + (
+                f" and {chart}"
+                if wrote_chart
+                else " (no chart: install matplotlib, pip install 'fraudstream[evaluate]')"
+                if each["days"]
+                else ""
+            ),
+            flush=True,
+        )
+        for warning in each["warnings"]:
+            print(f"fraudstream evaluate: warning: {warning}", file=sys.stderr)
     return 0 if labels else 1

@@ -364,9 +364,10 @@ def max_message_bytes(
     return wait_out(f"reading the configuration of topics {', '.join(topics)}", describe, limit_s=outage_limit_s)
 
 
-def static_members(client: AdminClient, group_id: str, instance_id: str, *, timeout_s: float = 10.0) -> list:
+def describe_static_members(client: AdminClient, group_id: str, instance_id: str, *, timeout_s: float = 10.0) -> list:
     """The members (MemberDescription: member_id, client_id, host) that hold `instance_id` (group.instance.id)
-    in the group, as its coordinator sees it now (`client`: long-lived, as for max_message_bytes)."""
+    in the group, as its coordinator sees it now. The detector asks it in a child process
+    (fraudstream/group_probe.py): this request can abort the process that sends it."""
     future = client.describe_consumer_groups([group_id], request_timeout=timeout_s)[group_id]
     try:
         description = future.result()

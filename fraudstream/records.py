@@ -176,5 +176,39 @@ class Rule:
         )
 
 
-RECORD_TYPES: tuple[type, ...] = (Transaction, FiredRule, FraudAlert, Label, Rule)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShadowDifference:
+    """A transaction the shadow rule set decided otherwise than the live rules that routed it (the shadow topic)."""
+
+    avro_name: ClassVar[str] = "ShadowDifference"
+
+    transaction_id: str
+    source_partition: int
+    source_offset: int
+    event_time: datetime
+    live_fraud: bool
+    live_rules: tuple[str, ...]
+    live_rule_set_version: str
+    shadow_fraud: bool
+    shadow_rules: tuple[str, ...]
+    shadow_rule_set_version: str
+    score: float
+    detected_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **{name: getattr(self, name) for name in _FIELDS[ShadowDifference]},
+            "live_rules": list(self.live_rules),
+            "shadow_rules": list(self.shadow_rules),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShadowDifference:
+        return cls(
+            **{name: data[name] for name in _FIELDS[ShadowDifference]}
+            | {"live_rules": tuple(data["live_rules"]), "shadow_rules": tuple(data["shadow_rules"])}
+        )
+
+
+RECORD_TYPES: tuple[type, ...] = (Transaction, FiredRule, FraudAlert, Label, Rule, ShadowDifference)
 _FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in RECORD_TYPES}

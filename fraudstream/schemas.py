@@ -31,6 +31,7 @@ SCHEMA_FILES: dict[str, str] = {
     "FraudAlert": "fraud_alert",
     "Label": "label",
     "Rule": "rule",
+    "ShadowDifference": "shadow_difference",
 }
 
 
@@ -82,6 +83,7 @@ def topic_schemas(settings: Settings) -> dict[str, str]:
         settings.fraud_topic: "FraudAlert",
         settings.labels_topic: "Label",
         settings.rules_topic: "Rule",
+        settings.shadow_topic: "ShadowDifference",
     }
 
 

@@ -187,6 +187,11 @@ class Settings:
         """The detection rules, one compacted record per rule id, in one partition (one order of changes)."""
         return f"{self.transactions_topic}.rules"
 
+    @property
+    def shadow_topic(self) -> str:
+        """Where the shadow rule set decided otherwise than the live one (`fraudstream rules shadow set`)."""
+        return f"{self.transactions_topic}.shadow"
+
     def changelog_topic(self, store: str) -> str:
         """The compacted topic holding a state store's changes, partitioned like the input. Named after the
         detector group and the input topic: another group, or another input, keeps state of its own."""
@@ -201,6 +206,7 @@ class Settings:
             self.dlq_topic,
             self.labels_topic,
             self.rules_topic,
+            self.shadow_topic,
         )
 
     @classmethod

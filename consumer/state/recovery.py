@@ -178,7 +178,7 @@ class Recovery:
             if value is not None and (
                 len(value) != restoring.size or key is None or message.headers() != restoring.headers
             ):
-                _refuse(message, restoring.spec)
+                value = _upgraded(message, restoring.spec)
             latest.setdefault(where, {})[key] = value
             restoring.records += 1
         for where, changes in latest.items():
@@ -252,6 +252,20 @@ class Recovery:
                 consumer.close()
             except (KafkaException, RuntimeError) as exc:
                 log.debug("closing a restore consumer: %s", exc)
+
+
+def _upgraded(message, spec: StoreSpec) -> bytes:
+    """A row written with one of the store's older layouts, read into the current one; anything else is refused."""
+    layout = dict(message.headers() or ()).get(LAYOUT_HEADER)
+    older = dict(spec.older_layouts).get(layout) if layout is not None else None
+    value = message.value()
+    if older is None or message.key() is None or len(value) != older.itemsize:
+        _refuse(message, spec)
+    old = np.frombuffer(value, dtype=older, count=1)
+    row = np.zeros(1, dtype=spec.dtype)
+    for name in older.names:
+        row[name] = old[name]
+    return row.tobytes()
 
 
 def _refuse(message, spec: StoreSpec) -> NoReturn:

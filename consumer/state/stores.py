@@ -37,3 +37,6 @@ class StoreSpec:
     layout: bytes
     expiry_field: str
     ttl_ms: int | None
+    # Earlier layouts of this store's rows that a restore still reads: (layout tag, dtype); a row is read
+    # into the current dtype field by field, and the fields it lacks are zero (each store says what zero means).
+    older_layouts: tuple[tuple[bytes, np.dtype], ...] = ()

@@ -200,7 +200,7 @@ def make_detector(
 
     def start():
         detector.collector.limits = dict.fromkeys(detector.routes.values(), 1_000_000)
-        detector._admin = detector._group_admin = FakeAdmin()
+        detector._admin = FakeAdmin()
         detector.consumer = FakeConsumer(log, detector)
         detector._on_assign(None, [TopicPartition(TOPIC, p) for p in range(partitions)])
         detector.producer = producers[0]
@@ -219,7 +219,7 @@ def make_detector(
     detector._successor_wait_s = 0.5
     answers = []  # the group's answers, for the test to read
 
-    def static_members(client, group, instance, timeout_s):
+    def static_members(settings, group, instance, timeout_s):
         # Kafka keeps the replaced member's client id and host: only the member id differs.
         members = successors(len(answers)) if callable(successors) else successors
         answers.append(members)

@@ -180,3 +180,16 @@ def test_with_a_window_only_frauds_since_the_handbooks_training_week_make_a_card
     assert (report["evaluated"], report["known_compromised_left_out"]) == (1, 1)
     report, _ = ev.evaluate(routed(rows), labels, label_delay_days=1)  # no window: every fraud counts
     assert report["known_compromised_left_out"] == 2
+
+
+def test_the_shadow_view_takes_the_live_verdicts_except_where_the_shadow_topic_names_another() -> None:
+    from fraudstream.evaluate import Routed, as_shadow
+
+    routed = Routed()
+    routed.add("a", "c1", 0, False, 0.0)  # rules score (no model): it follows the verdict
+    routed.add("b", "c2", 0, True, 1.0)
+    routed.add("c", "c3", 0, False, 0.37)  # a model's score: the same for both sets
+    shadow, changed, unrouted = as_shadow(routed, {"a": True, "c": True, "b": True, "zzz": False})
+    assert shadow.flagged == [True, True, True] and shadow.score == [1.0, 1.0, 0.37]
+    assert (changed, unrouted) == (2, 1)  # "b" agrees with live; "zzz" was not routed
+    assert routed.flagged == [False, True, False]  # the live view is left as it was

@@ -53,98 +53,18 @@ def test_a_record_too_large_for_a_held_row_does_not_fit() -> None:
 
 # ----- the stateful decider holds and releases (stand-ins for the state and the terminal window) -----
 import io
-from datetime import UTC, datetime
 
 from fastavro import schemaless_reader
 
 from fraudstream.consumer.decide import Route
-from fraudstream.consumer.features import PROFILE_DTYPE
 from fraudstream.consumer.rules import load_rules
 from fraudstream.consumer.rules_topic import RULE_SET_HEADER
-from fraudstream.consumer.stateful import CARDS, StatefulDecider, decode_batch
-from tests.support.decoding import SCHEMAS, SETTINGS, decider_pair, encode, make_tx
-
-
-class _State:
-    """One partition's tables, as StateManager gives them."""
-
-    def __init__(self):
-        self.cards, self.held = KeyedTable(PROFILE_DTYPE), KeyedTable(held.HELD_DTYPE)
-
-    def tables(self, partition):
-        return {CARDS.name: self.cards, held.HELD.name: self.held}
-
-    def ready_tables(self, store):
-        return {0: self.tables(0)[store]}
-
-
-class _Window:
-    """The terminal window's reader: no other card before any payment; `due` and `ahead` say what the
-    window answers for held records (counted, to prove the release asked it)."""
-
-    def __init__(self):
-        self.due, self.ahead, self.asked = False, 0, []
-
-    def features(self, tx, partitions, offsets, created_ms):
-        return {"terminal_cards": np.zeros(len(tx), np.int64)}
-
-    def releasable(self, times, created_ms, ahead_ms, idle_ms):
-        self.asked.append((len(times), ahead_ms))
-        return np.full(len(times), self.due)
-
-    def other_cards_held(self, terminals, cards, times, ahead_ms):
-        return np.full(len(times), self.ahead)
-
-
-class _Message:
-    def __init__(self, value, offset):
-        self._value, self._offset = value, offset
-
-    def value(self):
-        return self._value
-
-    def key(self):
-        return b"acct-1"
-
-    def topic(self):
-        return "transactions"
-
-    def partition(self):
-        return 0
-
-    def offset(self):
-        return self._offset
-
-    def headers(self):
-        return None
-
-    def timestamp(self):
-        return (1, 1_000 + self._offset)
-
-
-def _decider(window: _Window, state: _State) -> StatefulDecider:
-    record_wise, columnar = decider_pair()
-    return StatefulDecider(
-        lambda messages: decode_batch(columnar, columnar.record_wise, messages),
-        load_rules(None, settings=SETTINGS),
-        state,
-        encode_legit=record_wise.encode_legit,
-        encode_fraud=record_wise.encode_fraud,
-        terminal_features=window.features,
-        terminal=window,
-        input_topic="transactions",
-    )
-
-
-def _in_person(i: int, **changes):
-    return make_tx(
-        2_500,
-        transaction_id=f"t{i}",
-        card_id=f"card-{i}",
-        channel="CARD_PRESENT",
-        event_time=datetime(2026, 1, 1, 0, i, tzinfo=UTC),
-        **changes,
-    ).to_dict()
+from tests.support.decoding import SCHEMAS, SETTINGS, encode, make_tx
+from tests.support.stateful_standins import Message as _Message
+from tests.support.stateful_standins import State as _State
+from tests.support.stateful_standins import Window as _Window
+from tests.support.stateful_standins import in_person as _in_person
+from tests.support.stateful_standins import stateful_decider as _decider
 
 
 def test_a_card_s_first_payment_in_person_is_held_then_released_as_fraud_when_more_cards_follow() -> None:
@@ -217,3 +137,45 @@ def test_a_registry_outage_after_the_batch_changed_state_asks_for_the_state_to_b
     assert len(state.cards) == 2  # card-1's payment was counted: hence the rebuild
     with pytest.raises(StateTouchedError):  # and while the input is quiet
         decider.release_due()
+
+
+def test_a_row_held_by_the_previous_layout_is_restored_with_no_shadow_verdict() -> None:
+    """Held rows in a changelog written before shadow rules (layout v1) are read, not refused: upgrading a
+    detector must not strand the records it held."""
+    import pytest
+
+    from fraudstream.consumer.state.changelog import LAYOUT_HEADER
+    from fraudstream.consumer.state.recovery import _upgraded
+    from fraudstream.consumer.state.table import StateLayoutError, layout_tag
+
+    old = np.zeros(1, dtype=held.HELD_DTYPE_V1)
+    old["event_time_ms"], old["rule_set"], old["value_len"] = 42, b"17", 3
+
+    class Record:
+        def __init__(self, value, layout):
+            self._value, self._layout = value, layout
+
+        def value(self):
+            return self._value
+
+        def key(self):
+            return held.position_key(0, 5)
+
+        def headers(self):
+            return [(LAYOUT_HEADER, self._layout)]
+
+        def topic(self):
+            return "g.t.held.changelog"
+
+        def partition(self):
+            return 0
+
+        def offset(self):
+            return 9
+
+    v1 = layout_tag("held_record", 1, held.HELD_DTYPE_V1)
+    row = np.frombuffer(_upgraded(Record(old.tobytes(), v1), held.HELD), dtype=held.HELD_DTYPE)
+    assert row["event_time_ms"].tolist() == [42] and row["rule_set"].tolist() == [b"17"]
+    assert row["value_len"].tolist() == [3] and row["shadow_set"].tolist() == [b""]
+    with pytest.raises(StateLayoutError, match="held_record/v0"):
+        _upgraded(Record(old.tobytes(), b"held_record/v0/" + str(old.itemsize).encode()), held.HELD)

@@ -109,6 +109,7 @@ def test_every_topic_name_derives_from_the_input_topic():
         "payments.dlq",
         "payments.labels",
         "payments.rules",
+        "payments.shadow",
     )
     assert settings.subject("payments.fraud") == "payments.fraud-value"
 
