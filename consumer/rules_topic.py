@@ -13,6 +13,17 @@ else stays out of force (the rule's previous version keeps running) and becomes 
 reason in headers, like the detector's other dead letters. A tombstone (null value) removes the rule.
 An empty topic is seeded from the rules file.
 
+Shadow rules (a candidate rule set run beside the live one, issue #23) are Rule records of the same topic keyed
+`shadow/<rule id>` (SHADOW_PREFIX; '/' is outside RULE_ID_PATTERN, so no shadow key is ever a live id) whose
+`id` is the plain rule id. They are checked as live rules are, each shadow key has its own chain of versions,
+MAX_RULES counts them apart from the live ones, and a tombstone on `shadow/<id>` removes one. A reader keeps
+them beside the live rules: `current` is the live set, `shadow` the shadow set (None while no shadow rule is on
+the topic), each named by the position after its own last change.
+
+`fraudstream rules` writes each change (a rules file, a promotion: several records) in one Kafka transaction
+(`write_change`), and `poll` applies a transaction's records together (see its docstring), so a detector never
+runs a batch with half of a change in force.
+
 Limits, so that no record can stop or wedge a detector (docs/how-to/rules.md): parameters
 within PARAMETER_BOUNDS (consumer/rules.py); at most MAX_RULES rules on the topic at once; an id of
 RULE_ID_PATTERN; author and comment of at most MAX_TEXT_CHARS; versions from 1 to MAX_RULE_VERSION, and a
@@ -23,10 +34,12 @@ through fraudstream.printable.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from fraudstream.consumer.decide import Decision, dead_letter
 from fraudstream.consumer.rules import (
@@ -45,8 +58,16 @@ from fraudstream.consumer.rules import (
     checked_parameters,
     load_rules,
 )
-from fraudstream.errors import ConfigError, KafkaUnavailable, RegistryError
-from fraudstream.kafka import admin, consumer_config, ensure_topics, producer_config
+from fraudstream.errors import ConfigError, Fenced, KafkaUnavailable, NotAuthorized, RegistryError
+from fraudstream.kafka import (
+    admin,
+    consumer_config,
+    denied,
+    ensure_topics,
+    explain_denial,
+    producer_config,
+    transactional_producer_config,
+)
 from fraudstream.printable import printable
 from fraudstream.records import Rule
 from fraudstream.registry import Registry, current_ids
@@ -70,6 +91,11 @@ MAX_RULES = 100
 MAX_RULE_VERSION = 2**31 - 1
 RULE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # printable as it is, in logs and file names
 MAX_TEXT_CHARS = 1_000  # author, comment
+# A shadow rule's key: SHADOW_PREFIX + its id. '/' is not in RULE_ID_PATTERN, so it never names a live rule.
+SHADOW_PREFIX = "shadow/"
+# How long a poll may keep reading to take in the rest of a transaction it has begun to read (its records come
+# in one fetch but for the largest changes); past it, the change waits for the next poll, still whole.
+CATCH_UP_S = 0.5
 
 # Who wrote a change, on every record `fraudstream rules` writes (a tombstone has no value to carry it):
 # the principal the cluster authenticated this client as, as its config says (absent: unauthenticated);
@@ -77,6 +103,9 @@ MAX_TEXT_CHARS = 1_000  # author, comment
 PRINCIPAL_HEADER = "fraudstream.principal"
 AUTHOR_HEADER = "fraudstream.author"
 COMMENT_HEADER = "fraudstream.comment"
+# On each record of a change of several records (`rules set FILE`, `shadow set`, `promote`): "<change id> <i>/<n>",
+# so that `rules history` shows which records one transaction wrote together.
+CHANGE_HEADER = "fraudstream.change"
 
 
 def rule_thresholds(rule: Rule, settings: Settings | None = None) -> dict[str, Any]:
@@ -105,6 +134,10 @@ def _short(text: str) -> str:
     """Untrusted text in an error line: repr (control characters escaped), cut short."""
     shown = repr(text)
     return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+def shadow_key(rule_id: str) -> str:
+    return SHADOW_PREFIX + rule_id
 
 
 def same_content(a: Rule, b: Rule) -> bool:
@@ -227,34 +260,100 @@ def _certificate_subject(path: str) -> str:
         return path
 
 
+# One record of a change: key, value (None: a tombstone) and headers.
+Write = tuple[str, bytes | None, list[tuple[str, bytes]]]
+
+
+def rule_write(codec: RulesCodec, record: Rule, *, shadow: bool = False) -> Write:
+    """A rule version, keyed by its id (or by `shadow/<id>` for a shadow rule)."""
+    return (shadow_key(record.id) if shadow else record.id, codec.encode(record), [])
+
+
+def removal(key: str, *, author: str, comment: str) -> Write:
+    """A tombstone (null value) of a rule or shadow key, whose headers say who removed it and why."""
+    return (key, None, [(AUTHOR_HEADER, author.encode()), (COMMENT_HEADER, comment.encode())])
+
+
 def write_records(settings: Settings, codec: RulesCodec, records: Iterable[Rule]) -> None:
-    """Write rule versions (keyed by id), each naming the writer's principal, and wait until the broker has them all."""
-    _write(settings, [(record.id, codec.encode(record), []) for record in records])
-
-
-def write_tombstone(settings: Settings, rule_id: str, *, author: str, comment: str) -> None:
-    """Remove a rule: a tombstone (null value), whose headers say who removed it and why."""
-    _write(settings, [(rule_id, None, [(AUTHOR_HEADER, author.encode()), (COMMENT_HEADER, comment.encode())])])
-
-
-def _write(settings: Settings, records: list[tuple[str, bytes | None, list[tuple[str, bytes]]]]) -> None:
+    """Rule versions written outside any transaction (a detector seeding an empty topic: several detectors may
+    seed at once, and would fence one another on one transactional id), each naming the writer's principal."""
+    writes = [rule_write(codec, record) for record in records]
     failures: list[str] = []
 
     def delivered(error, message) -> None:
         if error is not None:
             failures.append(error.str())
 
-    principal = client_principal(settings)
-    who = [(PRINCIPAL_HEADER, principal.encode())] if principal else []
     producer = Producer(producer_config(settings, **{"enable.idempotence": True, "on_delivery": delivered}))
-    for key, value, headers in records:
-        producer.produce(settings.rules_topic, value, key.encode(), headers=[*who, *headers])
+    for key, value, headers in _signed(settings, writes):
+        producer.produce(settings.rules_topic, value, key.encode(), headers=headers)
     left = producer.flush(30)
     if left or failures:
         raise KafkaUnavailable(
             f"could not write to {settings.rules_topic}: "
             f"{failures[0] if failures else f'{left} records still unsent after 30 s'}"
         )
+
+
+def write_change(settings: Settings, writes: list[Write], *, timeout_s: float = 30.0) -> None:
+    """One change of `fraudstream rules` (any number of records) in one Kafka transaction, so that every reader
+    applies it whole or not at all (RulesTopic.poll). The transactional id is the rules topic's
+    (Settings.rules_transactional_id): one writer at a time; a second one started meanwhile fences this one,
+    whose transaction is then aborted, and this raises Fenced. Each record names the writer's principal."""
+    s, tid = settings, settings.rules_transactional_id
+    # error_cb: the errors come back from the calls below; log_level 3 (errors): a new transactional id's
+    # coordinator loading is logged as a warning ("Not coordinator: retrying") that is no failure.
+    producer = Producer(transactional_producer_config(s, tid, error_cb=lambda error: None, log_level=3))
+    committing = False
+    change = uuid.uuid4().hex[:12]
+    try:
+        producer.init_transactions(timeout_s)
+        producer.begin_transaction()
+        for i, (key, value, headers) in enumerate(_signed(s, writes), 1):
+            part = [(CHANGE_HEADER, f"{change} {i}/{len(writes)}".encode())] if len(writes) > 1 else []
+            producer.produce(s.rules_topic, value, key.encode(), headers=[*headers, *part])
+        committing = True
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                producer.commit_transaction(max(deadline - time.monotonic(), 1.0))
+                return
+            except KafkaException as exc:  # retry a commit that timed out; never abort after it (pitfalls 4)
+                if not exc.args[0].retriable() or time.monotonic() > deadline:
+                    raise
+    except KafkaException as exc:
+        error: KafkaError = exc.args[0]
+        if error.txn_requires_abort():
+            with contextlib.suppress(KafkaException):
+                producer.abort_transaction(10)
+        raise _write_failure(s, error, unknown=committing and error.retriable()) from None
+
+
+def _write_failure(settings: Settings, error: KafkaError, *, unknown: bool) -> Exception:
+    """One line for a change that could not be written: fenced, denied, or the broker's error."""
+    topic, tid = settings.rules_topic, settings.rules_transactional_id
+    outcome = (
+        "whether it was written is unknown (`fraudstream rules history` shows it)"
+        if unknown
+        else "nothing of this change was written"
+    )
+    if error.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH):
+        return Fenced(
+            f"another writer of {topic} started with the transactional id {tid} while this change was being "
+            f"written, and fenced it: {outcome}; run the command again"
+        )
+    if error.code() == KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED:
+        return NotAuthorized(denied(settings, f"Write on transactional id {tid}"))
+    if explained := explain_denial(settings, error.str(), topic):
+        return NotAuthorized(explained)
+    return KafkaUnavailable(f"could not write to {topic}: {error.str()}; {outcome}")
+
+
+def _signed(settings: Settings, writes: Iterable[Write]) -> list[Write]:
+    """Each record with the principal the cluster authenticated this client as (PRINCIPAL_HEADER), if any."""
+    principal = client_principal(settings)
+    who = [(PRINCIPAL_HEADER, principal.encode())] if principal else []
+    return [(key, value, [*who, *headers]) for key, value, headers in writes]
 
 
 def check_rules_topic(settings: Settings) -> None:
@@ -274,16 +373,25 @@ APPLIED, REMOVED, UNCHANGED, REFUSED = "applied", "removed", "unchanged", "refus
 @dataclass(frozen=True)
 class Change:
     """One record of the rules topic as a reader judged it: APPLIED (a new rule or its next version),
-    REMOVED (a tombstone), UNCHANGED (a repeat, or a tombstone of no rule) or REFUSED (with the reason)."""
+    REMOVED (a tombstone), UNCHANGED (a repeat, or a tombstone of no rule) or REFUSED (with the reason);
+    `shadow` when its key is a shadow rule's (`shadow/<id>`)."""
 
     message: Any
     record: Rule | None  # None: a tombstone, or not a Rule record
     outcome: str
     reason: str = ""
+    shadow: bool = False
 
 
 class RulesTopic:
-    """One detector's reader of the rules topic: its current rule set, and the dead letters it found."""
+    """One detector's reader of the rules topic: its live rule set (`current`), its shadow rule set (`shadow`,
+    None while the topic holds no shadow rule), and the dead letters it found. At a batch boundary:
+
+        if topic.poll():  # the live set, the shadow set, or both changed
+            decider.rules = topic.current
+            decider.shadow_rules = topic.shadow
+
+    (`live_changed` and `shadow_changed` say which one the last poll changed.)"""
 
     def __init__(
         self,
@@ -301,8 +409,13 @@ class RulesTopic:
         self.skip_kinds = tuple(skip_kinds)
         self.on_log = on_log or log.info
         self.rules: dict[str, tuple[Rule, dict[str, Any]]] = {}
-        self.version = "0"  # the position after the last change applied
+        self.shadow_rules: dict[str, tuple[Rule, dict[str, Any]]] = {}  # by plain rule id
+        self.version = "0"  # the position after the last change applied to the live rules
+        self.shadow_version = "0"  # ... and to the shadow rules
         self.current = rule_set({}, self.version, skip_kinds=self.skip_kinds)
+        self.shadow: TopicRuleSet | None = None
+        self.live_changed = self.shadow_changed = False  # what the last poll() changed
+        self._unpublished = {False: False, True: False}  # shadow? -> changes judged, not yet in current / shadow
         self.dead_letters: list[Decision] = []  # invalid rule records, to route to the dead-letter topic
         self.changes = 0  # rule changes applied since start (the initial read included)
         self.refused = 0  # rule records refused since start (each one dead-lettered, and logged)
@@ -329,7 +442,7 @@ class RulesTopic:
         # Until the position reaches the end taken now (a compacted topic may have gaps; never wait for
         # the record at high - 1, which compaction may have removed).
         deadline = time.monotonic() + timeout_s
-        while self._position() < high:
+        while self._position() < high or any(self._unpublished.values()):  # a change read whole (poll)
             if time.monotonic() > deadline:
                 raise KafkaUnavailable(
                     f"could not read rules topic {s.rules_topic} to its end ({high}) within {timeout_s:g} s"
@@ -374,78 +487,149 @@ class RulesTopic:
 
     # ----- between batches -----
     def poll(self, *, timeout_s: float = 0.0) -> bool:
-        """Apply the rule records fetched so far (no wait by default). True when the rule set changed."""
-        changed = False
+        """Apply the rule records fetched so far (no wait by default). True when the live rule set (`current`)
+        or the shadow rule set (`shadow`) changed; `live_changed` and `shadow_changed` say which.
+
+        A change written in one transaction (`fraudstream rules set FILE`, `promote`: several records) is
+        applied whole: once a poll has records, it reads on until its position reaches the topic's end as the
+        broker gives it now (the last stable offset, this reader being read_committed: a committed
+        transaction's records are all below it) before it rebuilds the rule sets. A single `consume` returns
+        what one fetch brought, which can be part of a transaction, and the detector would then judge a batch
+        with half of a change in force. The read-on is bounded by CATCH_UP_S; past it the records judged stay
+        out of `current` and `shadow` until a later poll reaches the end. With nothing new, a poll costs one
+        `consume` on the local queue (no broker request)."""
         consumer = self._started()
-        for message in consumer.consume(500, timeout_s):
+        self.live_changed = self.shadow_changed = False
+        messages = consumer.consume(500, timeout_s)
+        if not messages and not any(self._unpublished.values()):
+            return False
+        end: int | None = None
+        deadline = time.monotonic() + CATCH_UP_S
+        while self._apply(messages):
+            if end is None:
+                end = self._end()
+            if end is not None and self._position() >= end:
+                self._publish()
+                break
+            if time.monotonic() > deadline:
+                break
+            messages = consumer.consume(500, min(0.05, max(deadline - time.monotonic(), 0.0)))
+        return self.live_changed or self.shadow_changed
+
+    def _apply(self, messages: list[Any]) -> bool:
+        """Judge each record; False when the registry failed (that record is read again at the next poll)."""
+        for message in messages:
             error = message.error()
             if error is not None:
                 self.on_log(f"rules reader: {printable(error.str())}")
                 continue
             try:
-                changed |= self.judge(message).outcome in (APPLIED, REMOVED)
+                change = self.judge(message)
             except RegistryError as exc:  # infrastructure: read this record again at the next poll
                 self.on_log(f"rules reader: {printable(str(exc))}; will retry")
                 topic, partition, offset = message.topic(), message.partition(), message.offset()
                 assert topic is not None and partition is not None and offset is not None  # a record: all set
-                consumer.seek(TopicPartition(topic, partition, offset))
-                break
-        if changed:
+                self._started().seek(TopicPartition(topic, partition, offset))
+                return False
+            if change.outcome in (APPLIED, REMOVED):
+                self._unpublished[change.shadow] = True
+        return True
+
+    def _end(self) -> int | None:
+        """The end of the topic as the broker gives it now (read_committed: its last stable offset); None when
+        the broker does not answer (the poll then publishes nothing, and a later one asks again)."""
+        try:
+            return self._watermarks()[1]
+        except KafkaUnavailable as exc:
+            self.on_log(f"rules reader: {printable(str(exc))}; will retry")
+            return None
+
+    def _publish(self) -> None:
+        """Rebuild the rule sets that changed: every record judged so far is in them."""
+        if self._unpublished[False]:
             self.current = rule_set(self.rules, self.version, skip_kinds=self.skip_kinds)
-        return changed
+            self.live_changed = True
+        if self._unpublished[True]:
+            self.shadow = (
+                rule_set(self.shadow_rules, self.shadow_version, skip_kinds=self.skip_kinds)
+                if self.shadow_rules
+                else None
+            )
+            self.shadow_changed = True
+        self._unpublished = {False: False, True: False}
 
     def judge(self, message) -> Change:
-        """Apply one record of the topic, or refuse it (one log line, one dead letter); what became of it."""
+        """Apply one record of the topic, or refuse it (one log line, one dead letter); what became of it.
+        A key `shadow/<id>` is judged against the shadow rules, by the same checks."""
         raw_key = message.key() or b""
         key = raw_key.decode("utf-8", "replace")
+        shadow = key.startswith(SHADOW_PREFIX)
+        rule_id = key[len(SHADOW_PREFIX) :] if shadow else key
+        rules, what = (self.shadow_rules, "shadow rule") if shadow else (self.rules, "rule")
         position = str(message.offset() + 1)
         if message.value() is None:  # tombstone: the rule is removed
-            if self.rules.pop(key, None) is None:
-                return Change(message, None, UNCHANGED)
-            self.version, self.changes = position, self.changes + 1
-            self.on_log(f"rule {printable(key)} removed (rule set {self.version})")
-            return Change(message, None, REMOVED)
+            if rules.pop(rule_id, None) is None:
+                return Change(message, None, UNCHANGED, shadow=shadow)
+            self._changed(shadow, position)
+            self.on_log(f"{what} {printable(rule_id)} removed ({self._named(shadow)})")
+            return Change(message, None, REMOVED, shadow=shadow)
         try:
             record = self.codec.decode(message.value())
         except DecodeError as error:
-            return self._refuse(message, None, error)
-        if record.id.encode() != raw_key:
+            return self._refuse(message, None, error, shadow)
+        if (shadow_key(record.id) if shadow else record.id).encode() != raw_key:
             return self._refuse(
                 message,
                 record,
-                DecodeError(INVALID_RULE, f"record key {_short(key)} is not the rule id {_short(record.id)}"),
+                DecodeError(INVALID_RULE, f"record key {_short(key)} is not the {what} id {_short(record.id)}"),
+                shadow,
             )
         try:
             thresholds = rule_thresholds(record, self.settings)
         except ConfigError as error:
-            return self._refuse(message, record, DecodeError(INVALID_RULE, str(error)))
-        current = self.rules.get(record.id)
+            return self._refuse(message, record, DecodeError(INVALID_RULE, f"{'shadow ' * shadow}{error}"), shadow)
+        current = rules.get(record.id)
         if current is not None and record.version != current[0].version + 1:
             if record.version == current[0].version and same_content(record, current[0]):
-                return Change(message, record, UNCHANGED)  # the same version twice (two detectors seeding at once)
+                # the same version twice (two detectors seeding at once)
+                return Change(message, record, UNCHANGED, shadow=shadow)
             return self._refuse(
                 message,
                 record,
                 DecodeError(
                     STALE_VERSION,
-                    f"rule {record.id} v{record.version} is not the next version of v{current[0].version}, in force",
+                    f"{what} {record.id} v{record.version} is not the next version of v{current[0].version}, "
+                    f"{'in the shadow set' if shadow else 'in force'}",
                 ),
+                shadow,
             )
-        if current is None and len(self.rules) >= MAX_RULES:
+        if current is None and len(rules) >= MAX_RULES:
+            room = "`fraudstream rules shadow clear`" if shadow else "`fraudstream rules delete ID`"
             return self._refuse(
                 message,
                 record,
                 DecodeError(
                     TOO_MANY_RULES,
-                    f"rule {record.id} would be rule {len(self.rules) + 1} on the topic; at most "
-                    f"{MAX_RULES} (`fraudstream rules delete ID` makes room)",
+                    f"{what} {record.id} would be {what} {len(rules) + 1} on the topic; at most "
+                    f"{MAX_RULES} ({room} makes room)",
                 ),
+                shadow,
             )
-        self.rules[record.id] = (record, thresholds)
-        self.version, self.changes = position, self.changes + 1
-        return Change(message, record, APPLIED)
+        rules[record.id] = (record, thresholds)
+        self._changed(shadow, position)
+        return Change(message, record, APPLIED, shadow=shadow)
 
-    def _refuse(self, message, record: Rule | None, error: DecodeError) -> Change:
+    def _changed(self, shadow: bool, position: str) -> None:
+        if shadow:
+            self.shadow_version = position
+        else:
+            self.version = position
+        self.changes += 1
+
+    def _named(self, shadow: bool) -> str:
+        return f"shadow set {self.shadow_version}" if shadow else f"rule set {self.version}"
+
+    def _refuse(self, message, record: Rule | None, error: DecodeError, shadow: bool = False) -> Change:
         reason = printable(error.reason)  # it may quote the record: never a control character in a log or header
         self.on_log(
             f"rule record at {message.topic()}[{message.partition()}]@{message.offset()} refused "
@@ -454,7 +638,7 @@ class RulesTopic:
         self.dead_letters.append(dead_letter(message, DecodeError(error.kind, reason)))
         self.refused += 1
         self.on_refused(error.kind)
-        return Change(message, record, REFUSED, reason)
+        return Change(message, record, REFUSED, reason, shadow=shadow)
 
     def take_dead_letters(self) -> list[Decision]:
         letters, self.dead_letters = self.dead_letters, []
@@ -466,14 +650,33 @@ class RulesTopic:
             self.consumer = None
 
 
+@dataclass(frozen=True)
+class TopicRules:
+    """The rules topic as a detector judges it: the live rules, the shadow rules (by plain id), every change."""
+
+    live: dict[str, Rule]
+    shadow: dict[str, Rule]
+    changes: list[Change]
+
+
+def read_rules(settings: Settings, codec: RulesCodec, *, timeout_s: float = 30.0) -> TopicRules:
+    """Every record still on the rules topic, oldest first, judged as a detector judges it (one code path, so
+    `fraudstream rules` numbers the next version as detectors will accept it); and the rules after them."""
+    reader = RulesTopic(settings, codec=codec, on_log=lambda line: None)
+    changes = [reader.judge(message) for message in read_messages(settings, timeout_s=timeout_s)]
+    return TopicRules(
+        {rule_id: record for rule_id, (record, _) in reader.rules.items()},
+        {rule_id: record for rule_id, (record, _) in reader.shadow_rules.items()},
+        changes,
+    )
+
+
 def read_changes(
     settings: Settings, codec: RulesCodec, *, timeout_s: float = 30.0
 ) -> tuple[dict[str, Rule], list[Change]]:
-    """Every record still on the rules topic, oldest first, judged as a detector judges it (one code path, so
-    `fraudstream rules` numbers the next version as detectors will accept it); and the rules in force after them."""
-    reader = RulesTopic(settings, codec=codec, on_log=lambda line: None)
-    changes = [reader.judge(message) for message in read_messages(settings, timeout_s=timeout_s)]
-    return {rule_id: record for rule_id, (record, _) in reader.rules.items()}, changes
+    """The live rules and every change still on the topic (read_rules)."""
+    rules = read_rules(settings, codec, timeout_s=timeout_s)
+    return rules.live, rules.changes
 
 
 def read_messages(settings: Settings, *, timeout_s: float = 30.0) -> list[Any]:

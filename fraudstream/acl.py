@@ -71,6 +71,8 @@ def grants(settings: Settings) -> list[Grant]:
         Grant("detector", TRANSACTIONAL_ID, g, PREFIXED, ("Write", "Describe")),
         Grant("rules-admin", TOPIC, s.rules_topic, LITERAL, ("Read", "Write", "Describe", "Create", "DescribeConfigs")),
         Grant("rules-admin", GROUP, f"{g}.rules-cli", LITERAL, ("Read",)),
+        # `fraudstream rules` writes each change in one transaction of this id (T.rules.cli).
+        Grant("rules-admin", TRANSACTIONAL_ID, s.rules_transactional_id, LITERAL, ("Write", "Describe")),
         Grant("analyst", TOPIC, s.fraud_topic, LITERAL, read),
         Grant("analyst", TOPIC, s.shadow_topic, LITERAL, read),  # `evaluate --shadow`
         Grant("analyst", TOPIC, s.labels_topic, LITERAL, ("Write", "Describe")),

@@ -6,6 +6,12 @@
     fraudstream rules enable ID | disable ID
     fraudstream rules delete ID            remove a rule (a tombstone)
     fraudstream rules history [ID]         every change still on the topic, oldest first: when, who, what
+    fraudstream rules shadow set FILE      a candidate rule set beside the live one (detectors judge by both,
+                                           route by the live one); `shadow clear`, `shadow list`
+    fraudstream rules promote              the shadow set becomes the live one, in one change
+
+Each command writes its change (however many records) in one Kafka transaction, so detectors apply it whole,
+at one batch boundary.
 
 A FILE has one table per rule id, as the rules file does: `[large_amount]` with `threshold_cents = 50000`.
 `kind` names the predicate (default: the id, so the rules file's tables work as they are) and `enabled`
@@ -31,20 +37,25 @@ from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME
 
 from fraudstream.consumer.rules_topic import (
     AUTHOR_HEADER,
+    CHANGE_HEADER,
     COMMENT_HEADER,
     MAX_RULES,
     MAX_TEXT_CHARS,
     PRINCIPAL_HEADER,
     REFUSED,
+    SHADOW_PREFIX,
     UNCHANGED,
     Change,
     RulesCodec,
+    TopicRules,
     client_principal,
-    read_changes,
+    read_rules,
+    removal,
     rule_thresholds,
+    rule_write,
     same_content,
-    write_records,
-    write_tombstone,
+    shadow_key,
+    write_change,
 )
 from fraudstream.errors import ConfigError
 from fraudstream.printable import printable
@@ -69,23 +80,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ).add_argument("rule_id", metavar="ID", nargs="?")
     set_parser = sub.add_parser("set", help="write the rules of a TOML file, validated first")
     set_parser.add_argument("file", type=Path, metavar="FILE")
-    for name in ("set", "enable", "disable", "delete"):
-        action = sub.choices[name]
+    shadow = sub.add_parser(
+        "shadow", help="the shadow rule set: judged beside the live rules by every detector, routing nothing"
+    )
+    shadow_sub = shadow.add_subparsers(dest="shadow_action", required=True, metavar="ACTION")
+    shadow_sub.add_parser(
+        "set", help="write the rules of a TOML file as the shadow set (replacing it), validated first"
+    ).add_argument("file", type=Path, metavar="FILE")
+    shadow_sub.add_parser("clear", help="remove every shadow rule")
+    shadow_sub.add_parser("list", help="the shadow rules")
+    sub.add_parser(
+        "promote", help="make the shadow set the live rules (and clear it), in one change; prints what changed"
+    )
+    writers = [sub.choices[name] for name in ("set", "enable", "disable", "delete", "promote")]
+    writers += [shadow_sub.choices["set"], shadow_sub.choices["clear"]]
+    for action in writers:
         action.add_argument(
             "--author",
             help="who writes it, on a cluster that does not authenticate clients "
             "(default: the OS user); refused where it does",
         )
         action.add_argument("--comment", default="", help="why")
-    for action in sub.choices.values():
-        add_connection_arguments(action)
+    for action in [*sub.choices.values(), *shadow_sub.choices.values()]:
+        if action is not shadow:
+            add_connection_arguments(action)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     codec = RulesCodec(settings)
     if args.action == "history":
         return _history(settings, codec, args.rule_id)
-    rules = latest(settings, codec)
+    topic = read_rules(settings, codec)
+    if args.action == "shadow":
+        return _shadow(args, settings, codec, topic)
+    if args.action == "promote":
+        return _promote(args, settings, codec, topic)
+    rules = topic.live
     if args.action == "set":
         records = write_rules_text(
             settings,
@@ -100,12 +130,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{written.id} v{written.version} written")
         return 0
     if args.action == "list":
-        for listed in sorted(rules.values(), key=lambda r: r.id):
-            state = "enabled " if listed.enabled else "disabled"
-            print(
-                f"{listed.id:24} v{listed.version:<4} {printable(listed.kind):21} {state} "
-                f"{json.dumps(listed.parameters, sort_keys=True)}"
-            )
+        _list(rules)
+        count = len(topic.shadow)
+        print(f"shadow set: {count} rule{'s' * (count != 1)}" + (" (`fraudstream rules shadow list`)" if count else ""))
         return 0
     record = rules.get(args.rule_id)
     if record is None:
@@ -122,7 +149,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     author = _author(settings, args)
     if args.action == "delete":
         _check_text("comment", args.comment)
-        write_tombstone(settings, record.id, author=author, comment=args.comment)
+        write_change(settings, [removal(record.id, author=author, comment=args.comment)])
         print(f"{record.id} deleted")
         return 0
     changed = dataclasses.replace(
@@ -134,14 +161,96 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         written_at=datetime.now(UTC),
     )
     rule_thresholds(changed, settings)  # the checks a detector applies: e.g. the last version, or a long comment
-    write_records(settings, codec, [changed])
+    write_change(settings, [rule_write(codec, changed)])
     print(f"{changed.id} v{changed.version} written ({args.action}d)")
     return 0
 
 
-def latest(settings: Settings, codec: RulesCodec) -> dict[str, Rule]:
-    """The version of each rule that detectors run: the topic judged by the detector's own reader."""
-    return read_changes(settings, codec)[0]
+def _list(rules: dict[str, Rule]) -> None:
+    for listed in sorted(rules.values(), key=lambda r: r.id):
+        state = "enabled " if listed.enabled else "disabled"
+        print(
+            f"{listed.id:24} v{listed.version:<4} {printable(listed.kind):21} {state} "
+            f"{json.dumps(listed.parameters, sort_keys=True)}"
+        )
+
+
+def _shadow(args: argparse.Namespace, settings: Settings, codec: RulesCodec, topic: TopicRules) -> int:
+    """`rules shadow set FILE | clear | list`: the shadow set, replaced or removed in one change."""
+    if args.shadow_action == "list":
+        _list(topic.shadow)
+        return 0
+    author = _author(settings, args)
+    _check_text("comment", args.comment)
+    records = []
+    if args.shadow_action == "set":
+        records = records_from_toml(
+            _read_rules_file(args.file),
+            f"rules file {args.file}",
+            settings,
+            topic.shadow,
+            author=author,
+            comment=args.comment,
+            replacing=True,
+        )
+    dropped = sorted(topic.shadow.keys() - {r.id for r in records})
+    if not records and not dropped:
+        print(f"no shadow rule on {settings.rules_topic}: nothing to clear")
+        return 0
+    # Removals first: the shadow set never holds more than the file's rules, so never more than MAX_RULES.
+    write_change(
+        settings,
+        [
+            *(removal(shadow_key(rule_id), author=author, comment=args.comment) for rule_id in dropped),
+            *(rule_write(codec, record, shadow=True) for record in records),
+        ],
+    )
+    for rule_id in dropped:
+        print(f"shadow {rule_id} deleted")
+    for record in records:
+        print(f"shadow {record.id} v{record.version} written")
+    return 0
+
+
+def _promote(args: argparse.Namespace, settings: Settings, codec: RulesCodec, topic: TopicRules) -> int:
+    """`rules promote`: each shadow rule as the next live version of its id, every live rule not in the shadow
+    set removed, and the shadow set cleared: one transaction, so detectors switch at one batch boundary."""
+    if not topic.shadow:
+        raise ConfigError(
+            f"no shadow rule set on {settings.rules_topic}: nothing to promote (`fraudstream rules shadow set FILE`)"
+        )
+    author = _author(settings, args)
+    _check_text("comment", args.comment)
+    now = datetime.now(UTC)
+    promoted = [
+        dataclasses.replace(
+            shadow,
+            version=topic.live[shadow.id].version + 1 if shadow.id in topic.live else 1,
+            author=author,
+            comment=args.comment or f"promoted from shadow v{shadow.version}",
+            written_at=now,
+        )
+        for shadow in sorted(topic.shadow.values(), key=lambda r: r.id)
+    ]
+    for record in promoted:
+        rule_thresholds(record, settings)  # the checks a detector applies (e.g. a live rule at its last version)
+    retired = sorted(topic.live.keys() - topic.shadow.keys())
+    comment = args.comment or "promoted the shadow set, which does not have it"
+    # Live removals first, so the live set never holds more than MAX_RULES on the way.
+    write_change(
+        settings,
+        [
+            *(removal(rule_id, author=author, comment=comment) for rule_id in retired),
+            *(rule_write(codec, record) for record in promoted),
+            *(removal(shadow_key(r.id), author=author, comment=args.comment or "promoted") for r in promoted),
+        ],
+    )
+    for rule_id in retired:
+        print(f"{rule_id} deleted (not in the shadow set)")
+    for record in promoted:
+        print(f"{record.id} v{record.version} written (shadow v{topic.shadow[record.id].version})")
+    print(f"shadow set cleared ({len(promoted)} rule{'s' * (len(promoted) != 1)} promoted)")
+    return 0
 
 
 def _author(settings: Settings, args: argparse.Namespace) -> str:
@@ -165,9 +274,10 @@ def _check_text(name: str, text: str) -> None:
 
 
 def _history(settings: Settings, codec: RulesCodec, rule_id: str | None) -> int:
-    _, changes = read_changes(settings, codec)
-    if rule_id is not None:
-        changes = [c for c in changes if (c.message.key() or b"") == rule_id.encode()]
+    changes = read_rules(settings, codec).changes
+    if rule_id is not None:  # the rule's live and shadow changes
+        keys = {rule_id.encode(), shadow_key(rule_id).encode()}
+        changes = [c for c in changes if (c.message.key() or b"") in keys]
         if not changes:
             raise ConfigError(f"no rule {rule_id!r} on {settings.rules_topic}")
     for change in changes:
@@ -185,6 +295,8 @@ def history_line(change: Change) -> str:
     declared = record.author if record is not None else headers.get(AUTHOR_HEADER, "")
     who = f"{principal} (authenticated)" if principal else f"{declared or '?'} (self-declared)"
     key = (message.key() or b"").decode("utf-8", "replace")
+    if change.shadow:  # its id after the prefix, and the line marked
+        key = key.removeprefix(SHADOW_PREFIX)
     if message.value() is None:
         what = f"{key} deleted" + (" (no such rule)" if change.outcome == UNCHANGED else "")
         comment = headers.get(COMMENT_HEADER, "")
@@ -196,7 +308,10 @@ def history_line(change: Change) -> str:
             f"{json.dumps(record.parameters, sort_keys=True)}"
         )
         comment = record.comment
-    line = f"@{message.offset():<6} {when}  {who}: {what}" + (f"  # {comment}" if comment else "")
+    if change.shadow:
+        what = f"[shadow] {what}"
+    part = f"[change {headers[CHANGE_HEADER]}]  " if CHANGE_HEADER in headers else ""  # one of several records
+    line = f"@{message.offset():<6} {when}  {part}{who}: {what}" + (f"  # {comment}" if comment else "")
     if change.outcome == REFUSED:
         line += f"  REFUSED: {change.reason}"
     elif change.outcome == UNCHANGED and record is not None:
@@ -219,13 +334,13 @@ def write_rules_text(
     nothing), then written. The console's rule editor calls this too, with `only_changed` (its text holds
     every rule; the ones left as they are get no new version)."""
     codec = codec or RulesCodec(settings)
-    current = latest(settings, codec) if current is None else current
+    current = read_rules(settings, codec).live if current is None else current
     records = records_from_toml(text, where, settings, current, author=author, comment=comment)
     if only_changed:
         records = [r for r in records if r.id not in current or not same_content(current[r.id], r)]
         if not records:
             raise ConfigError(f"{where}: no rule changed; nothing written")
-    write_records(settings, codec, records)
+    write_change(settings, [rule_write(codec, record) for record in records])
     return records
 
 
@@ -247,20 +362,29 @@ def _records_from_file(
 
 
 def records_from_toml(
-    text: str, where: str, settings: Settings, current: dict[str, Rule], *, author: str, comment: str
+    text: str,
+    where: str,
+    settings: Settings,
+    current: dict[str, Rule],
+    *,
+    author: str,
+    comment: str,
+    replacing: bool = False,
 ) -> list[Rule]:
     """The rules of a TOML text (as `rules set` reads a file; the console's editor too), each as its next
-    version and checked; the first problem is a ConfigError naming `where`."""
+    version and checked; the first problem is a ConfigError naming `where`. `replacing`: the text's rules
+    replace `current` (the shadow set), so they alone count towards MAX_RULES."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML: {exc}") from exc
     if not data:
         raise ConfigError(f"{where}: no rule in it (one [table] per rule id)")
-    if len(current.keys() | data.keys()) > MAX_RULES:
+    counted = data.keys() if replacing else current.keys() | data.keys()
+    if len(counted) > MAX_RULES:
         raise ConfigError(
-            f"{where}: {len(current.keys() | data.keys())} rules with those on the topic; "
-            f"at most {MAX_RULES} (`fraudstream rules delete ID` makes room); nothing written"
+            f"{where}: {len(counted)} rules{'' if replacing else ' with those on the topic'}; "
+            f"at most {MAX_RULES}{'' if replacing else ' (`fraudstream rules delete ID` makes room)'}; nothing written"
         )
     now = datetime.now(UTC)
     records = []

@@ -192,6 +192,12 @@ class Settings:
         """Where the shadow rule set decided otherwise than the live one (`fraudstream rules shadow set`)."""
         return f"{self.transactions_topic}.shadow"
 
+    @property
+    def rules_transactional_id(self) -> str:
+        """`fraudstream rules` writes each change in one transaction of this id (one writer at a time: a second
+        one fences the first), so that readers apply a change of several records whole."""
+        return f"{self.rules_topic}.cli"
+
     def changelog_topic(self, store: str) -> str:
         """The compacted topic holding a state store's changes, partitioned like the input. Named after the
         detector group and the input topic: another group, or another input, keeps state of its own."""

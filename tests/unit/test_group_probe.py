@@ -33,4 +33,3 @@ def test_the_real_child_answers_with_one_line_when_no_broker_does() -> None:
     """The default probe really runs `python -m fraudstream.group_probe`, settings through its stdin."""
     with pytest.raises(KafkaUnavailable, match="could not describe consumer group g"):
         static_members(SETTINGS, "g", "g-1", timeout_s=2)
-

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime
 
-from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME
+from confluent_kafka import OFFSET_INVALID, TIMESTAMP_LOG_APPEND_TIME, TopicPartition
 
 import numpy as np
 import pytest
@@ -97,12 +97,30 @@ class RuleMessage:
 
 
 class FakeConsumer:
+    """The reader's consumer: the records fetched so far, its position (after the last record returned), and
+    the topic's end as the broker would give it (`end`). `per_consume`: at most that many records a consume,
+    as when a fetch brings part of a transaction."""
+
     def __init__(self) -> None:
         self.pending: list[RuleMessage] = []
+        self.at = OFFSET_INVALID  # nothing read yet: a logical position
+        self.end = 0
+        self.per_consume: int | None = None
+        self.consumed: list[int] = []  # records returned by each consume call
 
     def consume(self, num_messages, timeout):
+        num_messages = min(num_messages, self.per_consume or num_messages)
         out, self.pending = self.pending[:num_messages], self.pending[num_messages:]
+        if out:
+            self.at = out[-1].offset() + 1
+        self.consumed.append(len(out))
         return out
+
+    def position(self, partitions):
+        return [TopicPartition(SETTINGS.rules_topic, 0, self.at)]
+
+    def get_watermark_offsets(self, partition, timeout=None):
+        return 0, self.end
 
 
 @pytest.fixture
@@ -118,6 +136,7 @@ def feed(reader: RulesTopic, *messages: tuple[str, bytes | None]) -> bool:
     start = len(getattr(reader, "_fed", []))
     reader._fed = getattr(reader, "_fed", []) + list(messages)
     reader.consumer.pending += [RuleMessage(start + i, key, value) for i, (key, value) in enumerate(messages)]
+    reader.consumer.end = len(reader._fed)
     return reader.poll()
 
 
@@ -480,3 +499,105 @@ def test_the_score_bands_rule_never_changes_a_decision(reader):
     )
     assert fired_with.any(axis=0).tolist() == fired_without.any(axis=0).tolist()
     assert with_bands.look_ahead_ms == without.look_ahead_ms == 0
+
+
+# ----- shadow rules (issue #23): keyed shadow/<id>, judged as live ones, kept apart
+
+
+def shadow(record: Rule) -> tuple[str, bytes]:
+    return f"shadow/{record.id}", encode(record.to_dict())
+
+
+def test_a_shadow_rule_goes_to_the_shadow_set_and_leaves_the_live_set_as_it_was(reader):
+    feed(reader, (LARGE_AMOUNT, encode(rule(3, 90_000).to_dict())))
+    live = reader.current
+    assert reader.shadow is None and reader.live_changed and not reader.shadow_changed
+    assert feed(reader, shadow(rule(1, 50_000)), shadow(rule(1, 70_000, rule_id="la-2")))
+    assert reader.shadow_changed and not reader.live_changed
+    assert reader.current is live
+    assert reader.shadow is not None
+    assert reader.shadow.names == ("la-2", LARGE_AMOUNT)
+    assert reader.shadow.versions == {LARGE_AMOUNT: 1, "la-2": 1}  # a chain of its own: the live rule is at v3
+    assert reader.shadow.thresholds[LARGE_AMOUNT]["threshold_cents"] == 50_000
+    assert reader.shadow.version == "3" and reader.current.version == "1"  # each named after its own last change
+    tx, features = columns([60_000, 80_000])
+    assert reader.shadow.fired_names(reader.shadow.evaluate(tx, features)) == [[LARGE_AMOUNT], ["la-2", LARGE_AMOUNT]]
+    assert feed(reader, ("shadow/la-2", None), ("shadow/large_amount", None))
+    assert reader.shadow is None and reader.current is live
+
+
+def test_a_bad_shadow_record_is_dead_lettered_like_a_live_one_and_touches_neither_set(reader):
+    feed(reader, (LARGE_AMOUNT, encode(rule(1, 90_000).to_dict())), shadow(rule(1, 50_000)))
+    live, candidate = reader.current, reader.shadow
+    assert not feed(
+        reader,
+        shadow(rule(2, -5)),  # out of bounds
+        shadow(rule(3, 40_000)),  # not the next shadow version (v1 is)
+        ("shadow/other", encode(rule(1).to_dict())),  # the key names another rule than the record
+        ("shadow/shadow/x", encode(rule(1, rule_id="shadow/x").to_dict())),
+    )
+    assert refused_kinds(reader) == [INVALID_RULE, STALE_VERSION, INVALID_RULE, INVALID_RULE]
+    assert reader.current is live and reader.shadow is candidate
+    assert feed(reader, shadow(rule(2, 45_000)))  # the next shadow version still applies
+    assert reader.shadow.versions == {LARGE_AMOUNT: 2} and reader.current is live
+
+
+def test_the_shadow_set_counts_towards_its_own_maximum(reader):
+    feed(reader, *[(f"r{i}", encode(rule(1, rule_id=f"r{i}").to_dict())) for i in range(MAX_RULES)])
+    feed(reader, *[shadow(rule(1, rule_id=f"r{i}")) for i in range(MAX_RULES)])
+    assert reader.take_dead_letters() == [] and len(reader.shadow.names) == MAX_RULES
+    assert not feed(reader, shadow(rule(1, rule_id="one-more")))
+    [letter] = reader.take_dead_letters()
+    assert dict(letter.headers)[DLQ_KIND] == TOO_MANY_RULES.encode()
+    assert "rules shadow clear" in dict(letter.headers)[DLQ_REASON].decode()
+
+
+def test_a_change_that_comes_in_several_fetches_is_applied_at_one_poll(reader, monkeypatch):
+    """A transaction's records may come out of the consumer a few at a time: a poll reads on to the topic's
+    end before rebuilding the sets, so no batch is judged with part of a change in force."""
+    reader.consumer.per_consume = 3
+    judged: list[int] = []
+    judge = reader.judge
+    monkeypatch.setattr(reader, "judge", lambda message: judged.append(message.offset()) or judge(message))
+    assert feed(reader, *[shadow(rule(1, rule_id=f"r{i}")) for i in range(20)])
+    assert len(judged) == 20 and len(reader.shadow.names) == 20
+    assert len(reader.consumer.consumed) > 1  # the path under test: several consumes in that one poll
+
+
+def test_a_poll_past_its_deadline_leaves_a_partial_change_out_of_force_until_the_rest_arrives(reader, monkeypatch):
+    feed(reader, (LARGE_AMOUNT, encode(rule(1, 90_000).to_dict())))
+    live = reader.current
+    monkeypatch.setattr("fraudstream.consumer.rules_topic.CATCH_UP_S", 0.0)
+    change = [shadow(rule(1, rule_id=f"r{i}")) for i in range(4)] + [(LARGE_AMOUNT, encode(rule(2).to_dict()))]
+    reader.consumer.end = 1 + len(change)  # the broker has the whole change ...
+    reader.consumer.pending += [RuleMessage(1 + i, key, value) for i, (key, value) in enumerate(change[:2])]
+    assert not reader.poll()  # ... this reader only two of its records so far
+    assert reader.current is live and reader.shadow is None
+    reader.consumer.pending += [RuleMessage(3 + i, key, value) for i, (key, value) in enumerate(change[2:])]
+    assert reader.poll() and reader.live_changed and reader.shadow_changed
+    assert len(reader.shadow.names) == 4 and reader.current.versions == {LARGE_AMOUNT: 2}
+
+
+def test_a_shadow_file_replaces_the_shadow_set_so_its_rules_alone_count(tmp_path):
+    current = {f"r{i}": rule(1, rule_id=f"r{i}") for i in range(MAX_RULES)}
+    from fraudstream.rules_cli import records_from_toml
+
+    text = '[a]\nkind = "large_amount"\n[r0]\nkind = "large_amount"\n'
+    with pytest.raises(ConfigError, match="with those on the topic"):
+        records_from_toml(text, "f", SETTINGS, current, author="a", comment="")
+    records = records_from_toml(text, "f", SETTINGS, current, author="a", comment="", replacing=True)
+    assert [(r.id, r.version) for r in records] == [("a", 1), ("r0", 2)]
+
+
+def test_history_marks_shadow_changes_and_the_records_of_one_change():
+    from fraudstream.consumer.rules_topic import APPLIED, CHANGE_HEADER, REMOVED, Change
+    from fraudstream.rules_cli import history_line
+
+    written = history_line(
+        Change(
+            RuleMessage(7, "shadow/large_amount", b"x", [(CHANGE_HEADER, b"abc 2/3")]), rule(1), APPLIED, shadow=True
+        )
+    )
+    assert "[change abc 2/3]  analyst (self-declared): [shadow] large_amount v1 large_amount enabled" in written
+    removed = history_line(Change(RuleMessage(8, "shadow/la-2", None), None, REMOVED, shadow=True))
+    assert removed.endswith("[shadow] la-2 deleted")
