@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from fraudstream.consumer.rules import DEFAULT_RULES_FILE
 from fraudstream.consumer.stateful import SHADOW_HEADER
 from fraudstream.kafka import ensure_topics
 from fraudstream.registry import register_all
@@ -38,6 +39,12 @@ def shadow_file(tmp_path: Path) -> Path:
     path = tmp_path / "candidate.toml"
     path.write_text(f"[large_amount]\nthreshold_cents = {SHADOW_CENTS}\n")
     return path
+
+
+def set_shadow(settings: Settings, tmp_path: Path) -> None:
+    """The live rules first (the default file, as a detector seeds an empty topic), then the candidate beside them."""
+    rules_cli(settings, "set", str(DEFAULT_RULES_FILE))
+    rules_cli(settings, "shadow", "set", str(shadow_file(tmp_path)))
 
 
 def in_between(sent) -> set[str]:
@@ -68,7 +75,7 @@ def test_a_shadow_set_leaves_the_outputs_as_without_it_and_names_exactly_what_it
     sent = payments(pipeline, 300, seed=1)
     for settings in (pipeline, plain):
         produce_raw(settings, settings.transactions_topic, [(key, value) for key, value, _, _ in sent])
-    rules_cli(pipeline, "shadow", "set", str(shadow_file(tmp_path)))
+    set_shadow(pipeline, tmp_path)
 
     detectors = [RunningDetector(pipeline), RunningDetector(plain)]
     try:
@@ -117,7 +124,7 @@ def test_a_shadow_set_leaves_the_outputs_as_without_it_and_names_exactly_what_it
 
 
 def test_the_shadow_topic_is_exactly_once_when_the_detector_is_killed(pipeline: Settings, tmp_path):
-    rules_cli(pipeline, "shadow", "set", str(shadow_file(tmp_path)))
+    set_shadow(pipeline, tmp_path)
     first = payments(pipeline, 2_000, seed=2)
     produce_raw(pipeline, pipeline.transactions_topic, [(key, value) for key, value, _, _ in first])
     slot = f"{pipeline.group_id}-killed"
