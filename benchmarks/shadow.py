@@ -25,12 +25,20 @@ from pathlib import Path
 from benchmarks.data import prefill
 from fraudstream.cli import main as fraudstream
 from fraudstream.consumer.detector import Detector
+from fraudstream.consumer.rules import DEFAULT_RULES_FILE
 from fraudstream.kafka import ensure_topics
 from fraudstream.registry import register_all
 from fraudstream.settings import Settings
 
 SIDES = ("no shadow set", "shadow set of the same size")
 RESULTS = Path(__file__).parent / "results" / "shadow.json"
+
+
+def candidate_rules(threshold_cents: int) -> str:
+    """The default rules file with large_amount's threshold set: a shadow set of the same size, one rule different."""
+    text = DEFAULT_RULES_FILE.read_text()
+    assert "[large_amount]\n" in text
+    return text.replace("[large_amount]\n", f"[large_amount]\nthreshold_cents = {threshold_cents}\n", 1)
 
 
 def set_shadow(settings: Settings, rules_file: Path) -> None:
@@ -94,7 +102,7 @@ def main() -> None:
     runs: dict[str, list[tuple[float, float, int]]] = {side: [] for side in SIDES}
     with tempfile.TemporaryDirectory() as tmp:
         candidate = Path(tmp) / "candidate.toml"
-        candidate.write_text("[large_amount]\nthreshold_cents = 50000\n")
+        candidate.write_text(candidate_rules(50_000))
         for round_ in range(args.rounds):
             for side in SIDES if round_ % 2 == 0 else reversed(SIDES):
                 runs[side].append(run_side(base, side, args.count, candidate))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from benchmarks.shadow import candidate_rules
 from fraudstream.consumer.rules import DEFAULT_RULES_FILE
 from fraudstream.consumer.stateful import SHADOW_HEADER
 from fraudstream.kafka import ensure_topics
@@ -36,8 +37,9 @@ def payments(settings: Settings, n: int, seed: int) -> list[tuple[bytes, bytes, 
 
 
 def shadow_file(tmp_path: Path) -> Path:
+    """The live rules with large_amount's threshold lowered: a shadow set of the same size, one rule different."""
     path = tmp_path / "candidate.toml"
-    path.write_text(f"[large_amount]\nthreshold_cents = {SHADOW_CENTS}\n")
+    path.write_text(candidate_rules(SHADOW_CENTS))
     return path
 
 
