@@ -214,10 +214,13 @@ class Detector:
             )
             self.terminal.start()
         else:
-            # No reader (it decodes the whole input once more): a terminal rule enabled later needs a restart.
-            self.rules_topic.skip_kinds = tuple(TERMINAL_RULES)
+            # No reader (it decodes the whole input once more): a terminal rule enabled later needs a restart, and
+            # a shadow set's terminal rule does not run either.
+            self.rules_topic.skip(TERMINAL_RULES)
+            rules = self.rules_topic.current
             self.on_log(
-                "no compromised_terminal rule in force: no terminal window (one enabled later runs after a restart)"
+                "no compromised_terminal rule in force: no terminal window (one enabled later, or one in a shadow "
+                "set, runs after a restart)"
             )
         self.on_log(
             f"rules {', '.join(rules.names)} (rule set {rules.version} of {s.rules_topic}); "

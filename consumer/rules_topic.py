@@ -420,10 +420,18 @@ class RulesTopic:
         self.changes = 0  # rule changes applied since start (the initial read included)
         self.refused = 0  # rule records refused since start (each one dead-lettered, and logged)
         self.consumer: Consumer | None = None
+        self.live_records_read = 0  # records of live rules read (tombstones and refused ones too): not empty
+
+    def skip(self, kinds: Iterable[str]) -> None:
+        """Leave rules of `kinds` out of both sets from now on: a detector started without what they need (no
+        terminal window) says so once, and a shadow rule of such a kind is left out like a live one."""
+        self.skip_kinds = tuple(kinds)
+        self._unpublished = {False: True, True: True}
+        self._publish()
 
     # ----- start -----
     def start(self, *, seed_from: Path | None = None, timeout_s: float = 30.0) -> TopicRuleSet:
-        """Read the whole topic (seeding it from the rules file first when it is empty); the rule set in force."""
+        """Read the whole topic (seeding it from the rules file when it holds no live rule); the rule set in force."""
         s = self.settings
         check_rules_topic(s)
         self.consumer = Consumer(
@@ -433,21 +441,15 @@ class RulesTopic:
         )
         partition = TopicPartition(s.rules_topic, 0, OFFSET_BEGINNING)
         self.consumer.assign([partition])
-        low, high = self._watermarks()
-        seeded = high == 0 and seed_from is not None
+        self._read_to_end(timeout_s)
+        # Seeded when no live rule was ever written: an empty topic, or one that holds only a shadow set
+        # (`rules shadow set` before any detector ran). A topic whose live rules were all deleted is not, as long
+        # as their tombstones are kept (compaction drops them after delete.retention.ms).
+        seeded = self.live_records_read == 0 and seed_from is not None
         if seeded:
             write_records(s, self.codec, seed_records(s, seed_from, author=f"seed ({getpass.getuser()})"))
-            self.on_log(f"rules topic {s.rules_topic} was empty: seeded from {seed_from}")
-            low, high = self._watermarks()
-        # Until the position reaches the end taken now (a compacted topic may have gaps; never wait for
-        # the record at high - 1, which compaction may have removed).
-        deadline = time.monotonic() + timeout_s
-        while self._position() < high or any(self._unpublished.values()):  # a change read whole (poll)
-            if time.monotonic() > deadline:
-                raise KafkaUnavailable(
-                    f"could not read rules topic {s.rules_topic} to its end ({high}) within {timeout_s:g} s"
-                )
-            self.poll(timeout_s=0.2)
+            self.on_log(f"rules topic {s.rules_topic} held no live rule: seeded from {seed_from}")
+            self._read_to_end(timeout_s)
         if not seeded and seed_from is not None and Path(seed_from) != DEFAULT_RULES_FILE:
             # A rules file only seeds an empty topic: say so when one was named and is not what runs.
             if differing := self.differing_from(seed_from):
@@ -457,6 +459,18 @@ class RulesTopic:
                     f"`fraudstream rules set {seed_from}` writes the file's rules to the topic"
                 )
         return self.current
+
+    def _read_to_end(self, timeout_s: float) -> None:
+        """Until the position reaches the end taken now (a compacted topic may have gaps; never wait for the record
+        at high - 1, which compaction may have removed), every change read whole (poll)."""
+        _, high = self._watermarks()
+        deadline = time.monotonic() + timeout_s
+        while self._position() < high or any(self._unpublished.values()):
+            if time.monotonic() > deadline:
+                raise KafkaUnavailable(
+                    f"could not read rules topic {self.settings.rules_topic} to its end ({high}) within {timeout_s:g} s"
+                )
+            self.poll(timeout_s=0.2)
 
     def differing_from(self, rules_file: Path) -> list[str]:
         """Ids of the rules whose rule in force (enabled, with its kind and thresholds) differs from the file's."""
@@ -566,6 +580,7 @@ class RulesTopic:
         shadow = key.startswith(SHADOW_PREFIX)
         rule_id = key[len(SHADOW_PREFIX) :] if shadow else key
         rules, what = (self.shadow_rules, "shadow rule") if shadow else (self.rules, "rule")
+        self.live_records_read += not shadow
         position = str(message.offset() + 1)
         if message.value() is None:  # tombstone: the rule is removed
             if rules.pop(rule_id, None) is None:

@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 from benchmarks.shadow import candidate_rules
-from fraudstream.consumer.rules import DEFAULT_RULES_FILE
+from fraudstream.consumer.rules_topic import RULE_SET_HEADER
 from fraudstream.consumer.stateful import SHADOW_HEADER
 from fraudstream.kafka import ensure_topics
 from fraudstream.registry import register_all
@@ -44,8 +44,8 @@ def shadow_file(tmp_path: Path) -> Path:
 
 
 def set_shadow(settings: Settings, tmp_path: Path) -> None:
-    """The live rules first (the default file, as a detector seeds an empty topic), then the candidate beside them."""
-    rules_cli(settings, "set", str(DEFAULT_RULES_FILE))
+    """The candidate on a rules topic with no live rule yet: the first detector seeds the live rules from its
+    rules file all the same (the plain pipeline's seeding; the outputs compared below depend on it)."""
     rules_cli(settings, "shadow", "set", str(shadow_file(tmp_path)))
 
 
@@ -94,8 +94,9 @@ def test_a_shadow_set_leaves_the_outputs_as_without_it_and_names_exactly_what_it
     shadowed = detectors[0].detector
 
     def legit(settings: Settings) -> dict[bytes, tuple]:
+        """value -> key and headers, but the shadow's and the rule-set version (a position on each rules topic)."""
         return {
-            m.value(): (m.key(), [h for h in m.headers() or () if h[0] != SHADOW_HEADER])
+            m.value(): (m.key(), [h for h in m.headers() or () if h[0] not in (SHADOW_HEADER, RULE_SET_HEADER)])
             for m in read_topic(settings, settings.legit_topic)
         }
 
@@ -112,6 +113,12 @@ def test_a_shadow_set_leaves_the_outputs_as_without_it_and_names_exactly_what_it
     found = differences(pipeline)
     assert sorted(d["transaction_id"] for d in found) == sorted(in_between(sent))  # exactly, once each
     assert all(d["_key"] == d["transaction_id"].encode() for d in found)
+    # The live rules were seeded although the topic held the shadow set first; both versions are named.
+    topic = shadowed.rules_topic
+    assert {(d["live_rule_set_version"], d["shadow_rule_set_version"]) for d in found} == {
+        (topic.version, topic.shadow_version)
+    }
+    assert len(topic.current.names) == len(topic.shadow.names) > 1
     assert all(
         (d["live_fraud"], d["shadow_fraud"], d["live_rules"], d["shadow_rules"]) == (False, True, [], ["large_amount"])
         for d in found

@@ -601,3 +601,26 @@ def test_history_marks_shadow_changes_and_the_records_of_one_change():
     assert "[change abc 2/3]  analyst (self-declared): [shadow] large_amount v1 large_amount enabled" in written
     removed = history_line(Change(RuleMessage(8, "shadow/la-2", None), None, REMOVED, shadow=True))
     assert removed.endswith("[shadow] la-2 deleted")
+
+
+def test_a_detector_without_a_terminal_window_leaves_the_shadow_set_s_terminal_rule_out_too(reader):
+    """A shadow terminal rule on a detector that runs no terminal window would need features it never computes:
+    it is left out like a live one (it once raised inside decide and ended the detector)."""
+    from fraudstream.consumer.rules import COMPROMISED_TERMINAL, TERMINAL_RULES
+
+    terminal = rule(1, None, rule_id=COMPROMISED_TERMINAL, kind=COMPROMISED_TERMINAL)
+    feed(reader, (LARGE_AMOUNT, encode(rule(1).to_dict())), shadow(rule(1)), shadow(terminal))
+    assert reader.shadow is not None and COMPROMISED_TERMINAL in reader.shadow.names
+    reader.skip(TERMINAL_RULES)
+    assert reader.shadow.names == (LARGE_AMOUNT,) and reader.current.names == (LARGE_AMOUNT,)
+    tx, features = columns([60_000, 100])
+    assert reader.shadow.evaluate(tx, features).tolist() == [[True, False]]  # no terminal features needed
+
+
+def test_only_live_rule_records_count_as_a_topic_holding_rules(reader):
+    """`rules shadow set` before any detector ran leaves a topic with shadow records alone: the first detector
+    must still seed the live rules (it once ran with none)."""
+    feed(reader, shadow(rule(1)))
+    assert reader.live_records_read == 0
+    feed(reader, (LARGE_AMOUNT, None))  # a tombstone of a live rule: the topic has had live rules
+    assert reader.live_records_read == 1
