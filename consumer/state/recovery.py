@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from fraudstream.consumer.state.changelog import LAYOUT_HEADER
@@ -28,6 +28,7 @@ from fraudstream.consumer.state.stores import StoreSpec
 from fraudstream.consumer.state.table import KeyedTable, check_layout, check_row_bytes
 from fraudstream.errors import KafkaUnavailable, StateError
 from fraudstream.kafka import admin, consumer_config, passes, refresh_metadata
+from fraudstream.serde import consumed_headers
 from fraudstream.settings import Settings
 
 log = logging.getLogger("fraudstream.state")
@@ -175,8 +176,8 @@ class Recovery:
             if restoring is None:  # its partition was revoked meanwhile
                 continue
             value, key = message.value(), message.key()
-            if value is not None and (
-                len(value) != restoring.size or key is None or message.headers() != restoring.headers
+            if key is None or (
+                value is not None and (len(value) != restoring.size or message.headers() != restoring.headers)
             ):
                 _refuse(message, restoring.spec)
             latest.setdefault(where, {})[key] = value
@@ -254,14 +255,16 @@ class Recovery:
                 log.debug("closing a restore consumer: %s", exc)
 
 
-def _refuse(message, spec: StoreSpec) -> NoReturn:
+def _refuse(message: Message, spec: StoreSpec) -> NoReturn:
     """A record this store cannot read stops the restore: skipping it would silently lose state."""
     where = f"cannot restore state from changelog {message.topic()}[{message.partition()}] at offset {message.offset()}"
-    check_layout(dict(message.headers() or ()).get(LAYOUT_HEADER), spec.layout, where=where)
-    check_row_bytes(message.value(), spec.dtype, where=where)
+    value = message.value()
+    if value is not None:  # a row: its layout and size first (a tombstone carries neither)
+        check_layout(dict(consumed_headers(message) or ()).get(LAYOUT_HEADER), spec.layout, where=where)
+        check_row_bytes(value, spec.dtype, where=where)
     if message.key() is None:
-        raise StateError(f"cannot restore state from {where}: the record has no key")
-    raise StateError(f"cannot restore state from {where}: unexpected headers {message.headers()!r}")
+        raise StateError(f"{where}: the record has no key")
+    raise StateError(f"{where}: unexpected headers {message.headers()!r}")
 
 
 def _apply(table: KeyedTable, spec: StoreSpec, changes: dict[bytes, bytes | None]) -> None:
