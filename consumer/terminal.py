@@ -287,9 +287,8 @@ class TerminalReader:
         self.stats = GateStats()
         self.on_gate = on_gate  # the gate's stats, each time they change (the detector's metrics)
         self.consumer: Consumer | None = None
-        self.admin: AdminClient | None = (
-            None  # asks the partitions' ends (list_offsets: asynchronous, never blocks the gate)
-        )
+        # asks the partitions' ends (list_offsets: asynchronous, never blocks the gate)
+        self.admin: AdminClient | None = None
         self.partitions: list[int] = []
         self._latest: dict[int, int] = {}  # partition -> latest event time read
         self._next: dict[int, int] = {}  # partition -> next offset to ingest (after the last record read)
