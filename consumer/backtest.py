@@ -110,9 +110,10 @@ class ReadProgress:
     def floor(self) -> int | None:
         """No record still to read is earlier than this (records run out of order by at most the tolerance)."""
         open_ = [self.latest.get(p) for p in self.partitions if p not in self.finished]
-        if any(t is None for t in open_):
+        read = [t for t in open_ if t is not None]
+        if not read or len(read) < len(open_):  # none open, or one not read yet
             return None
-        return min(open_) - TERMINAL_TOLERANCE_MS if open_ else None
+        return min(read) - TERMINAL_TOLERANCE_MS
 
 
 class ReplayTerminal:
@@ -209,7 +210,10 @@ class _AlertScores:
         self.scores.append(float(alert["score"]))
         return (len(self.scores) - 1).to_bytes(8, "big")
 
-    def score_of(self, value: bytes) -> float:
+    def score_of(self, value: bytes | None) -> float:
+        """The score of an alert this encoder made (its Decision's value)."""
+        if value is None:
+            raise ValueError("a fraud decision without a value: not an alert of this encoder")
         return self.scores[int.from_bytes(value, "big")]
 
 
@@ -226,7 +230,7 @@ class _DecodeOnce:
         self._messages, self._decoded = messages, decoded
 
     def __call__(self, messages: Sequence) -> DecodedBatch:
-        if messages is self._messages:
+        if messages is self._messages and self._decoded is not None:
             return self._decoded
         return self.decode(messages)  # held records decoded again on release (the few that become alerts)
 
@@ -359,6 +363,7 @@ class Replay:
                             raise KafkaUnavailable(f"reading {s.transactions_topic}: {error.str()}")
                         continue
                     p, offset = message.partition(), message.offset()
+                    assert p is not None and offset is not None  # a record, not an error: both are set
                     if offset >= plan.ends[p]:
                         remaining.discard(p)
                         continue

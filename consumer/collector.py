@@ -164,7 +164,9 @@ class RecordCollector:
                 error = exc.args[0]
                 if error.code() in TOO_LARGE_CODES and decision.route is not Route.DEAD_LETTER:
                     # Over the producer's own message.max.bytes: no broker will ever take it.
-                    decision = batch.outputs[index] = too_large(messages[index], topic, len(decision.value), None)
+                    decision = batch.outputs[index] = too_large(
+                        messages[index], topic, len(decision.value or b""), None
+                    )
                     topic = routes[decision.route]
                     continue
                 if error.code() == KafkaError._STATE:  # the transaction failed earlier (a delivery error)
@@ -178,7 +180,7 @@ class RecordCollector:
         size = (
             BATCH_HEADER_BYTES
             + RECORD_FRAMING_BYTES
-            + len(decision.value)
+            + len(decision.value or b"")
             + len(decision.key or b"")
             + sum(len(k) + len(v or b"") + HEADER_FRAMING_BYTES for k, v in decision.headers or ())
         )

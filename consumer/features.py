@@ -551,10 +551,10 @@ def _card_round(p: np.ndarray, x: _Inputs, out: dict[str, np.ndarray], index: np
 
 def card_features_one(profile: np.void | None, tx: dict) -> tuple[dict, np.void]:
     """The specification, one transaction at a time: (features, new profile). `profile` None: a new card."""
-    p = np.zeros((), dtype=PROFILE_DTYPE)[()] if profile is None else profile.copy()
+    p = _zero_row(PROFILE_DTYPE) if profile is None else profile.copy()
     t = _event_ms(tx["event_time"])
     if p["last_ms"] != 0 and t - int(p["last_ms"]) > PROFILE_TTL_MS:
-        p = np.zeros((), dtype=PROFILE_DTYPE)[()]
+        p = _zero_row(PROFILE_DTYPE)
     seen = int(p["last_ms"]) != 0
     channel = CHANNEL_CODE.get(tx["channel"], 0)
     in_person = channel in IN_PERSON
@@ -642,6 +642,14 @@ def spend_update(
     return n * decay + 1.0, cents * decay + amount[:, None]
 
 
+def _zero_row(dtype: np.dtype) -> np.void:
+    """A new all-zero row of `dtype`: a structured scalar, writable field by field."""
+    row = np.zeros((), dtype=dtype)[()]
+    if not isinstance(row, np.void):  # what a 0-d array's [()] gives; numpy's stubs say an array
+        raise TypeError(f"a row of {dtype} is {type(row).__name__}, not a structured scalar")
+    return row
+
+
 def _distance(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     return float(haversine_km(np.array([lat1]), np.array([lon1]), np.array([lat2]), np.array([lon2]))[0])
 
@@ -681,10 +689,10 @@ def terminal_features(table: KeyedTable, tx: TxColumns) -> dict[str, np.ndarray]
 
 def terminal_features_one(profile: np.void | None, tx: dict) -> tuple[dict, np.void]:
     """The specification of terminal_features, one transaction at a time."""
-    p = np.zeros((), dtype=TERMINAL_DTYPE)[()] if profile is None else profile.copy()
+    p = _zero_row(TERMINAL_DTYPE) if profile is None else profile.copy()
     t = _event_ms(tx["event_time"])
     if p["last_ms"] != 0 and t - int(p["last_ms"]) > TERMINAL_TTL_MS:
-        p = np.zeros((), dtype=TERMINAL_DTYPE)[()]
+        p = _zero_row(TERMINAL_DTYPE)
     card = stable_hash(tx["card_id"])
     others = {
         int(c)

@@ -59,6 +59,16 @@ HELD_DTYPE_V1 = np.dtype(_V1_FIELDS)
 # the shadow set's version (empty: no shadow set then). The release compares it with the live verdict.
 SHADOW_ALL_BITS = 64
 HELD_DTYPE = np.dtype([*_V1_FIELDS, ("shadow_fired", "<u8"), ("shadow_set", f"S{RULE_SET_BYTES}")])
+
+
+def _byte_offset(dtype: np.dtype, name: str) -> int:
+    """Where field `name` starts in a row of the structured `dtype`."""
+    if dtype.fields is None or name not in dtype.fields:
+        raise TypeError(f"{dtype} has no field {name!r}")
+    return dtype.fields[name][1]
+
+
+_KEY_AT, _VALUE_AT = _byte_offset(HELD_DTYPE, "key"), _byte_offset(HELD_DTYPE, "value")  # the bytes' offsets in a row
 # Held rows are deleted on release only, with their output in the same transaction: never by age, whatever the
 # stream time says (a row expired without its output is a record lost).
 HELD = StoreSpec(
@@ -126,11 +136,10 @@ def hold(
     rows["value_len"] = [len(v) for v in values]
     # The key and value bytes, each padded to its field's width, written into the rows' byte matrix at once.
     raw = rows.view(np.uint8).reshape(len(rows), HELD_DTYPE.itemsize)
-    key_at, value_at = HELD_DTYPE.fields["key"][1], HELD_DTYPE.fields["value"][1]
-    raw[:, key_at : key_at + KEY_BYTES] = np.frombuffer(
+    raw[:, _KEY_AT : _KEY_AT + KEY_BYTES] = np.frombuffer(
         b"".join((k or b"").ljust(KEY_BYTES, b"\0") for k in record_keys), np.uint8
     ).reshape(len(rows), KEY_BYTES)
-    raw[:, value_at : value_at + VALUE_BYTES] = np.frombuffer(
+    raw[:, _VALUE_AT : _VALUE_AT + VALUE_BYTES] = np.frombuffer(
         b"".join(v.ljust(VALUE_BYTES, b"\0") for v in values), np.uint8
     ).reshape(len(rows), VALUE_BYTES)
     slots = table.slots(keys)
@@ -178,7 +187,7 @@ def records_of(rows: np.ndarray, keys: list[bytes], topic: str) -> list[HeldReco
     """The input records of held rows (their stored key and value bytes): slices of the rows' bytes, columns
     read once (indexing a structured row field by field costs several times more)."""
     size, data = HELD_DTYPE.itemsize, rows.tobytes()
-    key_at, value_at = HELD_DTYPE.fields["key"][1], HELD_DTYPE.fields["value"][1]
+    key_at, value_at = _KEY_AT, _VALUE_AT  # locals: read once per record below
     out = []
     for i, (position, key_len, value_len, created) in enumerate(
         zip(keys, rows["key_len"].tolist(), rows["value_len"].tolist(), rows["created_ms"].tolist(), strict=True)

@@ -54,7 +54,7 @@ from fraudstream import argtypes
 from fraudstream.errors import ConfigError, FraudstreamError, KafkaUnavailable, NotAuthorized
 from fraudstream.kafka import check_secured_connection, consumer_config, denied
 from fraudstream.printable import printable
-from fraudstream.registry import Registry, SchemaRef
+from fraudstream.registry import AvroJson, Registry, SchemaRef
 from fraudstream.serde import DecodeError, WriterSchemas, read_payload, split_frame
 from fraudstream.settings import Settings
 from fraudstream.signals import stop_requests
@@ -196,7 +196,7 @@ def strip_logical_types(schema: Any) -> Any:
     return schema
 
 
-def console_schemas(fetch: Callable[[int], dict[str, Any]]) -> WriterSchemas:
+def console_schemas(fetch: Callable[[SchemaRef], AvroJson]) -> WriterSchemas:
     """Writer schemas by id as the console consumer reads them: logical types stripped."""
     return WriterSchemas(fetch, lambda schema_id, writer: parse_schema(strip_logical_types(writer)))
 
@@ -482,13 +482,15 @@ def inspect_topic(
                     _raise_if_fatal(error)
                     continue
                 p, offset = message.partition(), message.offset()
+                assert p is not None and offset is not None  # a record, not an error: both are set
                 if not follow:
                     if offset >= plan.ends[p]:
                         remaining.discard(p)
                         continue  # arrived after we started: not part of this read
                     if offset + 1 >= plan.ends[p]:
                         remaining.discard(p)
-                out.write(formatter.format(message))
+                # confluent-kafka types headers() with the producing form too (a dict); a consumed record's are pairs
+                out.write(formatter.format(message))  # type: ignore[arg-type]
                 out.write("\n")
                 printed += 1
                 if max_messages is not None and printed >= max_messages:

@@ -179,7 +179,8 @@ def evaluate(
         fired = rules.evaluate(tx, features)
         if ahead_ms and COMPROMISED_TERMINAL_RULE in rules.names:
             # The held records, decided again with the look-ahead (the detector's release, consumer/held.py).
-            held = np.flatnonzero(rules.to_hold(tx, features, fired.any(axis=0)))
+            is_fraud = np.asarray(fired.any(axis=0))  # fired is (rules, rows): one flag per row, an array
+            held = np.flatnonzero(rules.to_hold(tx, features, is_fraud))
             held_total += len(held)
             ahead = terminals.other_cards(
                 tx.terminal_hash[held], tx.card_hash[held], tx.event_time_ms[held], ahead_ms=ahead_ms

@@ -261,7 +261,7 @@ def _certificate_subject(path: str) -> str:
 
 
 # One record of a change: key, value (None: a tombstone) and headers.
-Write = tuple[str, bytes | None, list[tuple[str, bytes]]]
+Write = tuple[str, bytes | None, list[tuple[str, str | bytes | None]]]
 
 
 def rule_write(codec: RulesCodec, record: Rule, *, shadow: bool = False) -> Write:

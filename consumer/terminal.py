@@ -35,11 +35,12 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, IsolationLevel, KafkaException, TopicPartition
-from confluent_kafka.admin import OffsetSpec
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from fraudstream.consumer.features import MINUTE_MS, TERMINAL_WINDOW_MS, TxColumns, hash_strings
 from fraudstream.errors import KafkaUnavailable, RegistryError
@@ -73,6 +74,8 @@ _REL_MAX = 2**32 - 1  # event times in the sort key: ms from the window's base, 
 # Queries looking at up to this many events count their distinct cards in a padded matrix, one row each
 # (a sort of a few dozen per row); longer ones (many events at one time) in one sort of all their pairs.
 _ROW_CAP = 64
+
+T = TypeVar("T")
 
 
 class StopRequested(Exception):
@@ -138,9 +141,16 @@ class TerminalWindow:
             terminals = (self._key >> np.uint64(32)).astype(np.uint32)
             self._key = self._keys(terminals, self._t)
             order = np.argsort(self._key, kind="stable")
-            self._key, self._t, self._card, self._pos = (a[order] for a in (self._key, self._t, self._card, self._pos))
+            self._key, self._t, self._card, self._pos = (
+                self._key[order],
+                self._t[order],
+                self._card[order],
+                self._pos[order],
+            )
 
     def _keys(self, terminals: np.ndarray, t: np.ndarray) -> np.ndarray:
+        if self._base is None:  # set by the first add (_rebase), before any key is made
+            raise RuntimeError("the terminal window has no base time: nothing was added to it")
         rel = np.clip(np.asarray(t, dtype=np.int64) - self._base, 0, _REL_MAX).astype(np.uint64)
         return (np.asarray(terminals, dtype=np.uint64) << np.uint64(32)) | rel
 
@@ -223,7 +233,12 @@ class TerminalWindow:
         keep = self._t >= older_than
         dropped = len(keep) - int(keep.sum())
         if dropped:
-            self._key, self._t, self._card, self._pos = (a[keep] for a in (self._key, self._t, self._card, self._pos))
+            self._key, self._t, self._card, self._pos = (
+                self._key[keep],
+                self._t[keep],
+                self._card[keep],
+                self._pos[keep],
+            )
             self._seen = np.sort(self._pos)
         return dropped
 
@@ -272,7 +287,8 @@ class TerminalReader:
         self.stats = GateStats()
         self.on_gate = on_gate  # the gate's stats, each time they change (the detector's metrics)
         self.consumer: Consumer | None = None
-        self.admin = None  # asks the partitions' ends (list_offsets: asynchronous, never blocks the gate)
+        # asks the partitions' ends (list_offsets: asynchronous, never blocks the gate)
+        self.admin: AdminClient | None = None
         self.partitions: list[int] = []
         self._latest: dict[int, int] = {}  # partition -> latest event time read
         self._next: dict[int, int] = {}  # partition -> next offset to ingest (after the last record read)
@@ -293,14 +309,14 @@ class TerminalReader:
     def start(self) -> None:
         s = self.settings
         # The group's own id, never joined (assign mode, no commits): committed() answers for the group.
-        self.consumer = Consumer(
+        consumer = self.consumer = Consumer(
             consumer_config(
                 s, s.group_id, **{"auto.offset.reset": "earliest", "client.id": f"{s.group_id}.terminal-reader"}
             )
         )
         self.admin = admin(s)
         metadata = self._call(
-            "reading the input topic's partitions", lambda: self.consumer.list_topics(s.transactions_topic, timeout=10)
+            "reading the input topic's partitions", lambda: consumer.list_topics(s.transactions_topic, timeout=10)
         )
         topic = metadata.topics.get(s.transactions_topic)
         if topic is None or topic.error is not None or not topic.partitions:
@@ -311,7 +327,7 @@ class TerminalReader:
     def seed(self, back_to: int | None = None) -> None:
         """Empty the window and read it again from before the group's committed offsets, and at least a window
         before event time `back_to` (held records older than the committed offsets' horizon)."""
-        s, consumer = self.settings, self.consumer
+        s, consumer = self.settings, self._reader()
         started = time.monotonic()
         self.window.clear()
         self._latest.clear()
@@ -324,7 +340,7 @@ class TerminalReader:
         low, high = {}, {}
         for tp in tps:
             low[tp.partition], high[tp.partition] = self._call(
-                "reading the input's offsets", lambda tp=tp: consumer.get_watermark_offsets(tp, timeout=10)
+                "reading the input's offsets", partial(consumer.get_watermark_offsets, tp, timeout=10)
             )
         # Logical offsets (no commit yet) mean the partition's beginning; never computed with.
         target = {tp.partition: (tp.offset if tp.offset >= 0 else low[tp.partition]) for tp in committed}
@@ -354,7 +370,7 @@ class TerminalReader:
         self.holds_from = max(cut) if cut else None
         for p in self.partitions:  # where reading goes on (a partition with nothing read: its committed offset)
             self._next.setdefault(p, target[p])
-        self.consumer.assign([TopicPartition(s.transactions_topic, p, self._next[p]) for p in self.partitions])
+        consumer.assign([TopicPartition(s.transactions_topic, p, self._next[p]) for p in self.partitions])
         self.on_log(
             f"terminal window seeded in {time.monotonic() - started:.1f} s: {len(self.window):,} events from "
             f"{len(self.partitions)} partitions of {s.transactions_topic}"
@@ -363,8 +379,8 @@ class TerminalReader:
     def _read_ranges(self, start: dict[int, int], end: dict[int, int], before: dict[int, int]) -> dict[int, int]:
         """Read [start, end) of each partition into the window; the first event time read per partition. `before`
         (partition -> latest event time read at an offset below end) is updated."""
-        topic = self.settings.transactions_topic
-        self.consumer.assign([TopicPartition(topic, p, start[p]) for p in self.partitions if start[p] < end[p]])
+        topic, consumer = self.settings.transactions_topic, self._reader()
+        consumer.assign([TopicPartition(topic, p, start[p]) for p in self.partitions if start[p] < end[p]])
         first_t: dict[int, int] = {}
         reached: dict[int, int] = {}
         pending = {p for p in self.partitions if start[p] < end[p]}
@@ -385,21 +401,22 @@ class TerminalReader:
             for p in list(pending):
                 # This pass's own progress (an earlier pass may have read further), or the consumer's
                 # position, which also passes transaction markers.
-                position = max(reached.get(p, -1), self.consumer.position([TopicPartition(topic, p)])[0].offset)
+                position = max(reached.get(p, -1), consumer.position([TopicPartition(topic, p)])[0].offset)
                 if position >= end[p]:
                     pending.discard(p)
-                    self.consumer.incremental_unassign([TopicPartition(topic, p)])
+                    consumer.incremental_unassign([TopicPartition(topic, p)])
         return first_t
 
     # ----- reading -----
     def _consume(self, timeout_s: float) -> list:
-        messages = self.consumer.consume(READ_CHUNK, timeout_s)
+        messages = self._reader().consume(READ_CHUNK, timeout_s)
         out = []
         for message in messages:
-            if message.error() is not None:
-                if message.error().fatal():
-                    raise KafkaUnavailable(f"terminal reader: {message.error().str()}")
-                log.warning("terminal reader: %s", message.error().str())
+            error = message.error()
+            if error is not None:
+                if error.fatal():
+                    raise KafkaUnavailable(f"terminal reader: {error.str()}")
+                log.warning("terminal reader: %s", error.str())
                 continue
             out.append(message)
         return out
@@ -419,11 +436,11 @@ class TerminalReader:
             decoded = self.decode(messages)
         except RegistryError:
             # Read them again later: seek each partition back to its first message here (idempotent).
-            first: dict[int, int] = {}
+            first_offsets: dict[int, int] = {}
             for m in messages:
-                first.setdefault(m.partition(), m.offset())
-            for p, offset in first.items():
-                self.consumer.seek(TopicPartition(self.settings.transactions_topic, p, offset))
+                first_offsets.setdefault(m.partition(), m.offset())
+            for p, offset in first_offsets.items():
+                self._reader().seek(TopicPartition(self.settings.transactions_topic, p, offset))
             raise
         # Each message's partition and offset, read once (two calls per message, the rest on arrays; two flat
         # lists convert to arrays several times faster than one list of pairs).
@@ -555,7 +572,7 @@ class TerminalReader:
                 # last stable offset); asynchronously, so a broker away never blocks the wait. Unanswered:
                 # behind, and asked again once the answer is an error.
                 tp = TopicPartition(topic, p)
-                ends[p] = end = self.admin.list_offsets(
+                ends[p] = end = self._end_asker().list_offsets(
                     {tp: OffsetSpec.latest()},
                     request_timeout=END_QUERY_TIMEOUT_S,
                     isolation_level=IsolationLevel.READ_COMMITTED,
@@ -566,8 +583,8 @@ class TerminalReader:
                     continue
                 ends[p] = end = end.result().offset
             # The consumer's position passes transaction markers, which are never returned as records.
-            consumed = max(self.consumer.position([TopicPartition(topic, p)])[0].offset, position or 0)
-            if consumed < ends[p]:
+            consumed = max(self._reader().position([TopicPartition(topic, p)])[0].offset, position or 0)
+            if consumed < end:
                 behind.append(p)
         return behind
 
@@ -627,14 +644,14 @@ class TerminalReader:
             if answer.exception() is None:
                 end = answer.result().offset
                 tp = TopicPartition(self.settings.transactions_topic, p)
-                consumed = max(self.consumer.position([tp])[0].offset, self._next.get(p, 0))
+                consumed = max(self._reader().position([tp])[0].offset, self._next.get(p, 0))
                 if consumed >= end and (created is None or created <= sent - idle_ms):
                     self._quiet[p] = max(self._quiet.get(p, sent), sent)
         elif pending is None and (created is None or now_ms - created >= idle_ms):
             tp = TopicPartition(self.settings.transactions_topic, p)
             self._end_asks[p] = (
                 now_ms,
-                self.admin.list_offsets(
+                self._end_asker().list_offsets(
                     {tp: OffsetSpec.latest()},
                     request_timeout=END_QUERY_TIMEOUT_S,
                     isolation_level=IsolationLevel.READ_COMMITTED,
@@ -661,7 +678,7 @@ class TerminalReader:
         tolerance; its window reaches back `window_ms` more. When runs only moves memory, never a decision."""
         topic = self.settings.transactions_topic
         try:
-            committed = self.consumer.committed([TopicPartition(topic, p) for p in self.partitions], timeout=5)
+            committed = self._reader().committed([TopicPartition(topic, p) for p in self.partitions], timeout=5)
         except KafkaException as exc:
             log.warning("terminal window: expiry skipped, committed offsets unknown (%s)", exc.args[0].str())
             return 0
@@ -682,10 +699,24 @@ class TerminalReader:
         if held is not None:
             floor = min(floor, held + self.tolerance_ms)  # a held record's window reaches back from its own time
         expired = self.window.expire(floor - self.tolerance_ms - self.window.window_ms)
-        self.holds_from = max(self.holds_from or self.window.expired_before, self.window.expired_before)
+        expired_before = self.window.expired_before
+        if expired_before is not None:  # set by expire(): events before it may be gone
+            self.holds_from = max(self.holds_from or expired_before, expired_before)
         return expired
 
-    def _call(self, what: str, fn: Callable[[], object]):
+    def _reader(self) -> Consumer:
+        """The reader's consumer: made by start(), dropped by close()."""
+        if self.consumer is None:
+            raise RuntimeError("the terminal reader is not started (or was closed)")
+        return self.consumer
+
+    def _end_asker(self) -> AdminClient:
+        """The client asking the partitions' ends: made by start()."""
+        if self.admin is None:
+            raise RuntimeError("the terminal reader is not started")
+        return self.admin
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
         deadline = time.monotonic() + self.settings.broker_outage_limit_s
         while True:
             try:

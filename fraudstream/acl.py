@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from enum import Enum
 
 from fraudstream.errors import ConfigError, KafkaUnavailable
 from fraudstream.settings import Settings
@@ -145,11 +146,16 @@ def apply(settings: Settings, extra_bindings: list | None = None) -> int:
         except KafkaException as exc:
             error = exc.args[0]
             raise KafkaUnavailable(
-                f"could not create the ACL {binding.operation.name} on "
-                f"{binding.restype.name.lower()} {binding.name} for {binding.principal}: "
+                f"could not create the ACL {_enum_name(binding.operation)} on "
+                f"{_enum_name(binding.restype).lower()} {binding.name} for {binding.principal}: "
                 f"{error.str()}"
             ) from None
     return len(bindings)
+
+
+def _enum_name(value: Enum | str | int) -> str:
+    """An AclBinding field by name: confluent-kafka turns the str or int it was given into its enum."""
+    return value.name if isinstance(value, Enum) else str(value)
 
 
 # ---------------------------------------------------------------- CLI

@@ -171,8 +171,10 @@ def _check_files(properties: Mapping[str, str], what: str) -> None:
 
 
 def _kafka_message(exc: Exception) -> str:
+    from confluent_kafka import KafkaError
+
     error = exc.args[0] if exc.args else None
-    text = error.str() if hasattr(error, "str") else str(exc)
+    text = error.str() if isinstance(error, KafkaError) else str(exc)
     return text.removeprefix("Failed to create producer: ")
 
 

@@ -46,6 +46,8 @@ class UnusableSchema(Exception):
 # A schema id as a record names it: the classic integer id (Confluent framing, magic byte 0), or the GUID that
 # newer Confluent serializers write in a header or a magic-byte-1 prefix.
 SchemaRef = int | uuid.UUID
+# A schema as Avro's JSON: a record or other complex type (object), a type's name (string), or a union (array).
+AvroJson = dict[str, Any] | str | list[Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +96,7 @@ class Registry:
                 ) from exc
             raise RegistryUnavailable(f"schema registry at {self.url} unreachable while {what}: {text}") from exc
 
-    def schema_by_id(self, schema_id: SchemaRef) -> dict[str, Any]:
+    def schema_by_id(self, schema_id: SchemaRef) -> AvroJson:
         """The writer schema for a record's id or GUID (the client caches it), as Avro's JSON.
 
         What the registry answers is data: an id it does not know raises UnknownSchema, and a schema that

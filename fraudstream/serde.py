@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
-from fraudstream.registry import Registry, SchemaRef, UnknownSchema, UnusableSchema
+from fraudstream.registry import AvroJson, Registry, SchemaRef, UnknownSchema, UnusableSchema
 
 if TYPE_CHECKING:
     from confluent_kafka import Message
@@ -114,8 +114,8 @@ class WriterSchemas:
 
     def __init__(
         self,
-        fetch: Callable[[SchemaRef], dict[str, Any]],
-        parse: Callable[[SchemaRef, dict[str, Any]], Any] | None = None,
+        fetch: Callable[[SchemaRef], AvroJson],
+        parse: Callable[[SchemaRef, AvroJson], Any] | None = None,
         *,
         max_refused: int = 10_000,
         unknown_ttl_s: float = 60.0,
@@ -185,7 +185,7 @@ class Decoder:
         # Writer and reader schema for an id; asks the registry once per id (RegistryError propagates).
         self.schemas_for: Callable[[SchemaRef], tuple[Any, Any]] = schemas.get
 
-    def _writer_and_reader(self, schema_id: SchemaRef, writer_json: dict[str, Any]) -> tuple[Any, Any]:
+    def _writer_and_reader(self, schema_id: SchemaRef, writer_json: AvroJson) -> tuple[Any, Any]:
         writer = parse_schema(writer_json)
         name = writer.get("name") if isinstance(writer, dict) else None
         if name != self.reader_name:

@@ -193,7 +193,7 @@ def build_population(
             places.append(Place(city, country, float(lat), float(lon), round(float(lon) / 15)))
         return added
 
-    homes = add_places(lambda: fake.local_latlng(country_code="US", coords_only=False), home_places)
+    homes = add_places(_home_draw(fake), home_places)
     abroad = add_places(_foreign_draw(fake), foreign_places)
 
     terminals: list[Terminal] = []
@@ -314,6 +314,18 @@ def build_population(
         ),
         resale_terminals=tuple(i for i in web_terminals if terminals[i].merchant_category in RESALE_CATEGORIES),
     )
+
+
+def _home_draw(fake: Faker) -> Callable[[], tuple[str, ...]]:
+    """Faker's places in the US."""
+
+    def draw() -> tuple[str, ...]:
+        found = fake.local_latlng(country_code="US", coords_only=False)
+        if found is None:  # faker answers None for a country its geo data has no place in
+            raise ConfigError("faker's geo data has no place in the US: the population needs home cities there")
+        return found
+
+    return draw
 
 
 def _foreign_draw(fake: Faker) -> Callable[[], tuple[str, ...]]:

@@ -217,10 +217,16 @@ def simulate(
     pick = rng.random(n)
     # Dropped, as in the book: times outside the day, and customers with no terminal in reach.
     keep = (second > 0) & (second < DAY_S) & (reachable_count[customer] > 0)
-    customer, day, second, amount_cents, pick = (a[keep] for a in (customer, day, second, amount_cents, pick))
+    customer, day, second, amount_cents, pick = customer[keep], day[keep], second[keep], amount_cents[keep], pick[keep]
     terminal = reachable[offsets[customer] + (pick * reachable_count[customer]).astype(np.int64)]
     order = np.argsort(day.astype(np.int64) * DAY_S + second, kind="stable")
-    customer, day, second, amount_cents, terminal = (a[order] for a in (customer, day, second, amount_cents, terminal))
+    customer, day, second, amount_cents, terminal = (
+        customer[order],
+        day[order],
+        second[order],
+        amount_cents[order],
+        terminal[order],
+    )
 
     # Fraud (step 5), in the book's order.
     scenario = np.zeros(len(customer), dtype=np.int8)

@@ -353,7 +353,7 @@ class _Run:
             if not self._fatal():
                 self._release_labels(None)  # the clock runs on past the last transaction: every label falls due
         else:
-            stopped_early = self._send_until_done(started)
+            stopped_early = self._send_until_done(started, self.generator)
         elapsed = time.monotonic() - started
         if self.progress:
             self.progress.finish(time.monotonic(), self.sent, self.on_transaction.delivered, self.on_transaction.failed)
@@ -380,10 +380,10 @@ class _Run:
     def _fatal(self) -> str | None:
         return self.producer_fatal or self.on_transaction.fatal or self.on_label.fatal
 
-    def _send_until_done(self, started: float) -> bool:
+    def _send_until_done(self, started: float, generator: Generator) -> bool:
         """Send until count or duration is reached (False) or a stop request or fatal error ends it (True)."""
-        producer, generator, stop, progress, rate = self.producer, self.generator, self.stop, self.progress, self.rate
-        limit = self.count if self.count is not None else float("inf")
+        producer, stop, progress, rate = self.producer, self.stop, self.progress, self.rate
+        limit = self.count if self.count is not None else sys.maxsize  # no count: never reached
         deadline = started + self.duration if self.duration is not None else float("inf")
         batch_cap = max(1, min(MAX_BATCH, int(rate * WAKE_S))) if rate else UNTHROTTLED_BATCH
         monotonic = time.monotonic
@@ -407,7 +407,7 @@ class _Run:
                     return False
                 wanted = min(UNTHROTTLED_BATCH, limit - self.sent)
             if self.batch_encoders is not None and not self.label_delay_ms:
-                if not self._send_columns(generator.next_columns(wanted, self.clock.now_ms())):
+                if not self._send_columns(generator.next_columns(wanted, self.clock.now_ms()), self.batch_encoders):
                     return True
             elif not self._send(generator.next_batch(wanted, self.clock.now_ms())):
                 return True
@@ -508,10 +508,10 @@ class _Run:
                 self.labels_sent += 1
         return True
 
-    def _send_columns(self, batch: GeneratedBatch) -> bool:
+    def _send_columns(self, batch: GeneratedBatch, encoders: tuple[BatchEncoder, BatchEncoder]) -> bool:
         """Send a generated batch encoded whole: the same records and bytes as _send would send, without
         an object per record; False when a stop request or a fatal error interrupted it."""
-        encode_transactions, encode_labels = self.batch_encoders
+        encode_transactions, encode_labels = encoders
         transactions = batch.transactions(encode_transactions.arrow_schema)
         values = encode_transactions(transactions)
         keys = transactions.column("account_id").to_pylist()
@@ -555,7 +555,7 @@ class _Run:
                 key,
                 wait_s=MAX_WAIT_S,
                 on_delivery=on_delivery,
-                give_up=lambda: (stoppable and self.stop.is_set()) or self._fatal(),
+                give_up=lambda: bool((stoppable and self.stop.is_set()) or self._fatal()),
             )
         except KafkaException as exc:
             return self._producer_error(exc)

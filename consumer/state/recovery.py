@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from fraudstream.consumer.state.changelog import LAYOUT_HEADER
@@ -28,6 +28,7 @@ from fraudstream.consumer.state.stores import StoreSpec
 from fraudstream.consumer.state.table import KeyedTable, check_layout, check_row_bytes
 from fraudstream.errors import KafkaUnavailable, StateError
 from fraudstream.kafka import admin, consumer_config, passes, refresh_metadata
+from fraudstream.serde import consumed_headers
 from fraudstream.settings import Settings
 
 log = logging.getLogger("fraudstream.state")
@@ -175,9 +176,9 @@ class Recovery:
             if restoring is None:  # its partition was revoked meanwhile
                 continue
             value, key = message.value(), message.key()
-            if value is not None and (
-                len(value) != restoring.size or key is None or message.headers() != restoring.headers
-            ):
+            if key is None:
+                _refuse(message, restoring.spec)
+            if value is not None and (len(value) != restoring.size or message.headers() != restoring.headers):
                 value = _upgraded(message, restoring.spec)
             latest.setdefault(where, {})[key] = value
             restoring.records += 1
@@ -254,28 +255,30 @@ class Recovery:
                 log.debug("closing a restore consumer: %s", exc)
 
 
-def _upgraded(message, spec: StoreSpec) -> bytes:
+def _upgraded(message: Message, spec: StoreSpec) -> bytes:
     """A row written with one of the store's older layouts, read into the current one; anything else is refused."""
-    layout = dict(message.headers() or ()).get(LAYOUT_HEADER)
+    layout = dict(consumed_headers(message) or ()).get(LAYOUT_HEADER)
     older = dict(spec.older_layouts).get(layout) if layout is not None else None
     value = message.value()
-    if older is None or message.key() is None or len(value) != older.itemsize:
+    if older is None or message.key() is None or value is None or len(value) != older.itemsize:
         _refuse(message, spec)
     old = np.frombuffer(value, dtype=older, count=1)
     row = np.zeros(1, dtype=spec.dtype)
-    for name in older.names:
+    for name in older.names or ():
         row[name] = old[name]
     return row.tobytes()
 
 
-def _refuse(message, spec: StoreSpec) -> NoReturn:
+def _refuse(message: Message, spec: StoreSpec) -> NoReturn:
     """A record this store cannot read stops the restore: skipping it would silently lose state."""
     where = f"cannot restore state from changelog {message.topic()}[{message.partition()}] at offset {message.offset()}"
-    check_layout(dict(message.headers() or ()).get(LAYOUT_HEADER), spec.layout, where=where)
-    check_row_bytes(message.value(), spec.dtype, where=where)
+    value = message.value()
+    if value is not None:  # a row: its layout and size first (a tombstone carries neither)
+        check_layout(dict(consumed_headers(message) or ()).get(LAYOUT_HEADER), spec.layout, where=where)
+        check_row_bytes(value, spec.dtype, where=where)
     if message.key() is None:
-        raise StateError(f"cannot restore state from {where}: the record has no key")
-    raise StateError(f"cannot restore state from {where}: unexpected headers {message.headers()!r}")
+        raise StateError(f"{where}: the record has no key")
+    raise StateError(f"{where}: unexpected headers {message.headers()!r}")
 
 
 def _apply(table: KeyedTable, spec: StoreSpec, changes: dict[bytes, bytes | None]) -> None:

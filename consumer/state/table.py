@@ -10,6 +10,7 @@ receive: the row bytes (`row.tobytes()` of the table's dtype) under the key.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeGuard
 
 import numpy as np
 
@@ -55,6 +56,11 @@ def rows_from_values(values: list[bytes], dtype: np.dtype, *, where: str) -> np.
     return np.frombuffer(b"".join(values), dtype=dtype).copy()
 
 
+def _all_held(keys: list[bytes | None]) -> TypeGuard[list[bytes]]:
+    """Slots' keys, none of them free (None)."""
+    return None not in keys
+
+
 class KeyedTable:
     """Fixed-width rows (a numpy structured dtype), one per key (bytes)."""
 
@@ -83,12 +89,12 @@ class KeyedTable:
     def keys(self) -> list[bytes]:
         return list(self._index)
 
-    def lookup(self, keys: Sequence[bytes]) -> np.ndarray:
+    def lookup(self, keys: Sequence[bytes] | np.ndarray) -> np.ndarray:
         """int64 slot per key, -1 if absent."""
         get = self._index.get
         return np.fromiter((get(key, -1) for key in keys), dtype=np.int64, count=len(keys))
 
-    def slots(self, keys: Sequence[bytes]) -> np.ndarray:
+    def slots(self, keys: Sequence[bytes] | np.ndarray) -> np.ndarray:
         """Slot per key, allocating a zeroed row for each new key (once, however often it repeats).
 
         Growing replaces `rows`: read `table.rows` after this call, not before."""
@@ -153,7 +159,10 @@ class KeyedTable:
         slots = np.flatnonzero(self._dirty)
         self._dirty[slots] = False
         keys = self._keys
-        return [keys[s] for s in slots.tolist()], self.gather(slots)
+        dirty_keys = [keys[s] for s in slots.tolist()]
+        if not _all_held(dirty_keys):  # mark_dirty was given a free slot: its row has no key to write under
+            raise StateError(f"{dirty_keys.count(None)} changed row(s) in free slots, without a key")
+        return dirty_keys, self.gather(slots)
 
     def live(self) -> tuple[list[bytes], np.ndarray]:
         """(keys, their slots) of every row held."""

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from fraudstream import acl, cli
+from concurrent.futures import Future
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from fraudstream import acl, cli, kafka
+from fraudstream.errors import KafkaUnavailable
 from fraudstream.settings import Settings
 
 SETTINGS = Settings(transactions_topic="payments", group_id="fraud-detector", bootstrap_servers="kafka:9093")
@@ -54,3 +60,25 @@ def test_apply_without_the_admins_properties_is_refused_in_one_line(capsys):
     assert cli.main(["acl", "--apply", "--topic", "payments"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs the admin's client properties" in err[0]
+
+
+def test_an_acl_the_cluster_refuses_is_named_in_one_line(monkeypatch):
+    class Refusing:
+        def create_acls(self, bindings, request_timeout):
+            answers = {}
+            for binding in bindings:
+                answers[binding] = Future()
+                answers[binding].set_exception(
+                    KafkaException(KafkaError(KafkaError.CLUSTER_AUTHORIZATION_FAILED, "not an admin"))
+                )
+            return answers
+
+    monkeypatch.setattr(kafka, "admin", lambda settings: Refusing())
+    with pytest.raises(KafkaUnavailable) as refused:
+        acl.apply(SETTINGS)
+    first = acl.acl_bindings(SETTINGS)[0]
+    assert str(refused.value) == (
+        f"could not create the ACL {first.operation.name} on {first.restype.name.lower()} {first.name} "
+        f"for {first.principal}: not an admin"
+    )
+    assert first.operation.name in {"READ", "WRITE", "CREATE", "DESCRIBE", "DESCRIBE_CONFIGS"}

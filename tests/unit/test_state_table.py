@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fraudstream.errors import StateError
 from fraudstream.consumer.state.table import (
     KeyedTable,
     StateLayoutError,
@@ -216,3 +217,12 @@ def test_a_table_not_in_a_batch_records_nothing():
     table = KeyedTable(UNDO_ROW)
     apply(table, [("write", KEYS[:3], 5)])
     assert table.rollback() == 0 and len(table) == 3  # nothing recorded, nothing undone
+
+
+def test_a_changed_row_in_a_free_slot_is_refused_not_written_under_no_key() -> None:
+    t = table()
+    slot = t.slots([b"a"])[0]
+    t.mark_dirty(np.array([slot, slot + 1]))  # slot + 1 holds no key
+
+    with pytest.raises(StateError, match="1 changed row"):
+        t.take_dirty()
