@@ -47,8 +47,24 @@ TRANSACTION_DEADLINE_SHARE = 0.8
 FENCED_CODES = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
 
 
+# What the group coordinator answers to a transaction's offsets from a member the group no longer has in that
+# generation.
+GROUP_MOVED_CODES = {
+    KafkaError.ILLEGAL_GENERATION,
+    KafkaError.UNKNOWN_MEMBER_ID,
+    KafkaError.REBALANCE_IN_PROGRESS,
+}
+
+
 class AbortBatch(Exception):
-    """The open transaction must be aborted and the batch re-read."""
+    """The open transaction must be aborted and the batch re-read. `group_moved`: the group coordinator refused the
+    offsets because the group moved on without this member (a rebalance, or a membership that expired while the
+    process was stopped): the consumer rejoins by itself; until then every retry fails the same way (Kafka
+    Streams' TaskMigratedException)."""
+
+    def __init__(self, reason: str, *, group_moved: bool = False) -> None:
+        super().__init__(reason)
+        self.group_moved = group_moved
 
 
 class ProducerLost(Exception):
@@ -124,7 +140,7 @@ def classify(what: str, error: KafkaError, exc: Exception) -> None:
     if error.fatal() or error.code() in FENCED_CODES or error.code() == KafkaError._FATAL:
         raise ProducerLost(f"{what}: {error.str()}") from exc
     if error.txn_requires_abort():
-        raise AbortBatch(f"{what}: {error.str()}") from exc
+        raise AbortBatch(f"{what}: {error.str()}", group_moved=error.code() in GROUP_MOVED_CODES) from exc
     if not error.retriable():
         raise KafkaUnavailable(f"{what} failed: {error.str()}") from exc
 

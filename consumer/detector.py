@@ -142,6 +142,8 @@ class Detector:
         self.collector = RecordCollector(self.routes, {}, self.calls, shadow_topic=settings.shadow_topic)
         self.checkpoint = Checkpoint(self.calls, self.collector, transaction_timeout_ms=settings.transaction_timeout_ms)
         self._failures_in_a_row = 0
+        # Transactions refused because the group moved on without us (AbortBatch.group_moved): since when, how many.
+        self._group_moved_since, self._group_moved_retries = 0.0, 0
         self._consumed_to: dict[int, int] = {}  # input partition -> the next offset this detector committed
         self.state: StateManager | None = None  # keyed state, when the stateful rules are on
         # How long another member must hold our group.instance.id to count as alive (see _successors).
@@ -457,7 +459,8 @@ class Detector:
         except ProducerLost as lost:
             self._recover(lost)
             return
-        self._failures_in_a_row = 0
+        self._failures_in_a_row = self._group_moved_retries = 0
+        self._group_moved_since = 0.0
         if self.state is not None:
             self.state.commit()
         if messages:
@@ -515,11 +518,19 @@ class Detector:
         return [TopicPartition(topic, p, self._consumed_to[p]) for p in sorted(partitions) if p in self._consumed_to]
 
     def _abort_and_rewind(self, messages: list, abort: AbortBatch) -> None:
-        self._failures_in_a_row += 1
+        if abort.group_moved:
+            # Not a failure of this detector: the consumer rejoins by itself (its partitions may go elsewhere, and
+            # a batch of revoked ones is then dropped); until then the same refusal, waited out like an outage.
+            self._group_moved_since = self._group_moved_since or time.monotonic()
+            self._group_moved_retries += 1
+        else:
+            self._failures_in_a_row += 1
         log.warning(
-            "aborting the transaction of a batch of %d (failure %d in a row): %s",
+            "aborting the transaction of a batch of %d (%s): %s",
             len(messages),
-            self._failures_in_a_row,
+            f"the group moved on, retry {self._group_moved_retries}"
+            if abort.group_moved
+            else f"failure {self._failures_in_a_row} in a row",
             abort,
         )
         try:
@@ -550,7 +561,11 @@ class Detector:
     def _backoff_or_give_up(self, reason: Exception) -> None:
         if self._failures_in_a_row >= FAILURES_IN_A_ROW_LIMIT:
             raise KafkaUnavailable(f"{self._failures_in_a_row} transactions in a row failed, the last one: {reason}")
-        if self.stop.wait(min(0.2 * 2 ** (self._failures_in_a_row - 1), KAFKA_BACKOFF_MAX_S)):
+        limit_s = self.settings.broker_outage_limit_s
+        if self._group_moved_since and time.monotonic() - self._group_moved_since > limit_s:
+            raise KafkaUnavailable(f"the consumer did not rejoin its group within {limit_s} s: {reason}")
+        retries = max(self._failures_in_a_row, self._group_moved_retries)
+        if self.stop.wait(min(0.2 * 2 ** (retries - 1), KAFKA_BACKOFF_MAX_S)):
             raise Stopping("waiting to retry a failed transaction")
 
     def _recover(self, lost: ProducerLost) -> None:

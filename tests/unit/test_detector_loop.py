@@ -822,3 +822,30 @@ def test_a_transactional_call_stuck_for_good_is_recovered_in_the_process_with_a_
     assert any("abandoning this producer" in line for line in detector.logs)
     outputs = producers[0].committed_outputs + producers[1].committed_outputs
     assert sorted(outputs) == every_input(log)  # the stuck batch read again, each record once
+
+
+def test_offsets_refused_because_the_group_moved_on_are_waited_out_not_counted_as_failures(monkeypatch):
+    """A member the group dropped (its membership expired while the process was stopped) gets ILLEGAL_GENERATION,
+    then UNKNOWN_MEMBER_ID, for its offsets until the consumer rejoins: more refusals than the failures-in-a-row
+    limit ended a detector in a soak. They are waited out (up to the outage limit), and everything lands once."""
+    moved = {
+        ("send_offsets", n): KafkaError(code, txn_requires_abort=True)
+        for n, code in enumerate(
+            [KafkaError.ILLEGAL_GENERATION] * FAILURES_IN_A_ROW_LIMIT + [KafkaError.UNKNOWN_MEMBER_ID] * 3, start=1
+        )
+    }
+    detector, log, [producer] = make_detector(monkeypatch, fail=moved)
+    real_wait = detector.stop.wait
+    monkeypatch.setattr(detector.stop, "wait", lambda timeout=None: real_wait(0))
+    metrics = detector.run()
+    assert producer.aborts == FAILURES_IN_A_ROW_LIMIT + 3 and metrics.aborts == producer.aborts
+    assert sorted(producer.committed_outputs) == every_input(log)  # each exactly once, nothing lost
+
+
+def test_a_group_that_never_takes_the_member_back_ends_at_the_outage_limit(monkeypatch):
+    moved = KafkaError(KafkaError.ILLEGAL_GENERATION, txn_requires_abort=True)
+    detector, log, [producer] = make_detector(monkeypatch, fail={("send_offsets", "*"): moved})
+    detector.settings = detector.settings.replace(broker_outage_limit_s=2.5)  # backoffs 0.2, 0.4, 0.8, 1.6 s
+    with pytest.raises(KafkaUnavailable, match="did not rejoin its group within 2.5 s"):
+        detector.run()
+    assert producer.committed_outputs == [] and producer.aborts >= FAILURES_IN_A_ROW_LIMIT
