@@ -8,13 +8,16 @@ are held for the terminal rule's look-ahead first: those are compared at their r
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 from benchmarks.shadow import candidate_rules
 from fraudstream.consumer.rules_topic import RULE_SET_HEADER
 from fraudstream.consumer.stateful import SHADOW_HEADER
+from fraudstream.cli import main as fraudstream
 from fraudstream.kafka import ensure_topics
+from fraudstream.records import Label
 from fraudstream.registry import register_all
 from fraudstream.settings import Settings
 from tests.integration.test_detector import RunningDetector, decode, encoder_for
@@ -130,6 +133,35 @@ def test_a_shadow_set_leaves_the_outputs_as_without_it_and_names_exactly_what_it
     }
     assert flagged == in_between(sent)
     assert shadowed.metrics.shadow_differences == len(found)  # counted where they were written
+
+    # `evaluate --shadow`: both sets against labels. Here every payment over $500.00 is a fraud, so the shadow
+    # set catches exactly the differences more than the live one.
+    encode_label = encoder_for(pipeline, pipeline.labels_topic, "Label")
+    produce_raw(
+        pipeline,
+        pipeline.labels_topic,
+        [
+            (tid.encode(), encode_label(Label(transaction_id=tid, is_fraud=c > SHADOW_CENTS, scenario="big").to_dict()))
+            for _, _, tid, c in sent
+        ],
+    )
+    output = tmp_path / "evaluation.json"
+    connection = [
+        "--bootstrap-servers",
+        pipeline.bootstrap_servers,
+        "--schema-registry-url",
+        pipeline.schema_registry_url,
+    ]
+    assert (
+        fraudstream(
+            ["evaluate", "--shadow", "--output", str(output), "--topic", pipeline.transactions_topic, *connection]
+        )
+        == 0
+    )
+    live, shadow = json.loads(output.read_text()), json.loads((tmp_path / "evaluation-shadow.json").read_text())
+    assert shadow["shadow"]["differences"] == shadow["shadow"]["verdicts_changed"] == len(in_between(sent))
+    assert shadow["overall"]["caught"] == live["overall"]["caught"] + len(in_between(sent))
+    assert shadow["overall"]["recall"] == 1.0 > live["overall"]["recall"]
 
 
 def test_the_shadow_topic_is_exactly_once_when_the_detector_is_killed(pipeline: Settings, tmp_path):
