@@ -47,7 +47,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    IsolationLevel,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from fraudstream.consumer.decide import Decision, dead_letter
 from fraudstream.consumer.rules import (
@@ -96,6 +105,7 @@ SHADOW_PREFIX = "shadow/"
 # How long a poll may keep reading to take in the rest of a transaction it has begun to read (its records come
 # in one fetch but for the largest changes); past it, the change waits for the next poll, still whole.
 CATCH_UP_S = 0.5
+END_QUERY_S = 5.0  # the broker's answer to "where does the topic end", at most this long
 
 # Who wrote a change, on every record `fraudstream rules` writes (a tombstone has no value to carry it):
 # the principal the cluster authenticated this client as, as its config says (absent: unauthenticated);
@@ -420,6 +430,7 @@ class RulesTopic:
         self.changes = 0  # rule changes applied since start (the initial read included)
         self.refused = 0  # rule records refused since start (each one dead-lettered, and logged)
         self.consumer: Consumer | None = None
+        self._admin: AdminClient | None = None  # asks the topic's end (poll)
 
     # ----- start -----
     def start(self, *, seed_from: Path | None = None, timeout_s: float = 30.0) -> TopicRuleSet:
@@ -508,6 +519,7 @@ class RulesTopic:
         while self._apply(messages):
             if end is None:
                 end = self._end()
+                deadline = time.monotonic() + CATCH_UP_S
             if end is not None and self._position() >= end:
                 self._publish()
                 break
@@ -536,12 +548,20 @@ class RulesTopic:
         return True
 
     def _end(self) -> int | None:
-        """The end of the topic as the broker gives it now (read_committed: its last stable offset); None when
-        the broker does not answer (the poll then publishes nothing, and a later one asks again)."""
+        """The topic's last stable offset as the broker gives it now; None when the broker does not answer in
+        END_QUERY_S (the poll then publishes nothing, and a later one asks again). Asked by an admin client of
+        its own: the consumer's query (get_watermark_offsets) waits behind its pending fetch, which the
+        broker holds up to fetch.wait.max.ms (500 ms measured) when the topic has nothing new."""
+        if self._admin is None:
+            self._admin = admin(self.settings)  # kept: a collected client fails its pending futures (pitfall 22)
+        tp = TopicPartition(self.settings.rules_topic, 0)
         try:
-            return self._watermarks()[1]
-        except KafkaUnavailable as exc:
-            self.on_log(f"rules reader: {printable(str(exc))}; will retry")
+            asked = self._admin.list_offsets(
+                {tp: OffsetSpec.latest()}, isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=END_QUERY_S
+            )[tp]
+            return asked.result(timeout=END_QUERY_S).offset
+        except (KafkaException, TimeoutError) as exc:
+            self.on_log(f"rules reader: the end of {self.settings.rules_topic} unknown ({exc}); will retry")
             return None
 
     def _publish(self) -> None:
@@ -648,6 +668,7 @@ class RulesTopic:
         if self.consumer is not None:
             self.consumer.close()
             self.consumer = None
+        self._admin = None
 
 
 @dataclass(frozen=True)

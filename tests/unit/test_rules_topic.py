@@ -4,6 +4,7 @@ dead-lettered with their reason), and how the rule-set version follows the topic
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 from datetime import UTC, datetime
 
 from confluent_kafka import OFFSET_INVALID, TIMESTAMP_LOG_APPEND_TIME, TopicPartition
@@ -119,8 +120,9 @@ class FakeConsumer:
     def position(self, partitions):
         return [TopicPartition(SETTINGS.rules_topic, 0, self.at)]
 
-    def get_watermark_offsets(self, partition, timeout=None):
-        return 0, self.end
+    def list_offsets(self, specs, isolation_level, request_timeout):  # the admin client asking the end
+        [partition] = specs
+        return {partition: SimpleNamespace(result=lambda timeout: SimpleNamespace(offset=self.end))}
 
 
 @pytest.fixture
@@ -128,7 +130,7 @@ def reader() -> RulesTopic:
     topic = RulesTopic(SETTINGS, registry=FakeRegistry({RULE_ID: SCHEMAS.expanded["Rule"]}))
     topic.lines = []
     topic.on_log = topic.lines.append
-    topic.consumer = FakeConsumer()
+    topic.consumer = topic._admin = FakeConsumer()
     return topic
 
 
