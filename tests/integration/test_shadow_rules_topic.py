@@ -8,11 +8,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from confluent_kafka import KafkaException, Producer
 
 from fraudstream.cli import main as fraudstream
 from fraudstream.consumer.decide import DLQ_KIND, DLQ_REASON, DLQ_TOPIC
 from fraudstream.consumer.rules import LARGE_AMOUNT, RULE_NAMES
 from fraudstream.consumer.rules_topic import INVALID_RULE, RulesCodec, RulesTopic, read_rules
+from fraudstream.kafka import transactional_producer_config
 from fraudstream.records import Rule
 from fraudstream.settings import Settings
 from tests.integration.test_detector import RunningDetector
@@ -134,21 +136,18 @@ class OneAtATime:
         return getattr(self.consumer, name)
 
 
-@pytest.mark.parametrize("one_at_a_time", [False, True], ids=["as-fetched", "one-record-per-consume"])
-def test_a_shadow_set_of_twenty_rules_is_applied_at_one_poll(
-    pipeline: Settings, live, tmp_path, monkeypatch, one_at_a_time
-):
+def test_a_shadow_set_of_twenty_rules_is_applied_at_one_poll(pipeline: Settings, live, tmp_path, monkeypatch):
+    """Even when the consumer hands the change's records out one by one (here one fetch brings them all)."""
     path = tmp_path / "twenty.toml"
     path.write_text("".join(f'[r{i}]\nkind = "large_amount"\nthreshold_cents = {1000 + i}\n' for i in range(20)))
-    if one_at_a_time:
-        live.consumer = OneAtATime(live.consumer)
+    live.consumer = consumer = OneAtATime(live.consumer)
     judged: list[int] = []  # judge calls of the current poll
     judge = live.judge
     monkeypatch.setattr(live, "judge", lambda message: judged.append(message.offset()) or judge(message))
 
     assert rules_cli(pipeline, "shadow", "set", str(path)) == 0
     per_poll: list[int] = []
-    calls_before = live.consumer.calls if one_at_a_time else 0
+    calls_before = consumer.calls
     while live.shadow is None:
         judged.clear()
         live.poll(timeout_s=0.05)
@@ -156,8 +155,37 @@ def test_a_shadow_set_of_twenty_rules_is_applied_at_one_poll(
         assert len(per_poll) < 600, "the shadow set was never applied"
     assert [n for n in per_poll if n] == [20], per_poll  # one poll judged the whole change, none a part of it
     assert len(live.shadow.names) == 20 and live.current.names  # and the live set is still there
-    if one_at_a_time:
-        assert live.consumer.calls - calls_before >= 20  # the path under test: that poll read on, record by record
+    assert consumer.calls - calls_before >= 20  # the path under test: that poll read on, record by record
+
+
+def test_a_writer_started_meanwhile_fences_an_open_change_which_never_applies(pipeline: Settings, live, tmp_path):
+    """One writer at a time: `fraudstream rules` takes the rules topic's transactional id, so a change still
+    open under it (another writer, stuck or slow) is aborted and that writer fenced; readers never see it."""
+    stale = Rule(
+        id="stale",
+        version=1,
+        kind=LARGE_AMOUNT,
+        parameters={"threshold_cents": 1},
+        enabled=True,
+        author="other",
+        comment="",
+        written_at=datetime.now(UTC),
+    )
+    other = Producer(transactional_producer_config(pipeline, pipeline.rules_transactional_id))
+    other.init_transactions(30)
+    other.begin_transaction()
+    other.produce(pipeline.rules_topic, RulesCodec(pipeline).encode(stale), b"shadow/stale")
+    assert other.flush(30) == 0  # on the broker, in a transaction still open
+    path = tmp_path / "shadow.toml"
+    path.write_text(SHADOW_FILE)
+
+    assert rules_cli(pipeline, "shadow", "set", str(path)) == 0
+    with pytest.raises(KafkaException) as fenced:
+        other.commit_transaction(30)
+    assert fenced.value.args[0].fatal()
+    poll_until(live, lambda: live.shadow is not None, "the shadow set applied")
+    assert live.shadow.names == ("la-2", LARGE_AMOUNT)
+    assert "stale" not in read_rules(pipeline, RulesCodec(pipeline)).shadow
 
 
 def test_a_bad_shadow_record_is_dead_lettered_by_a_detector_and_changes_no_rule(pipeline: Settings):

@@ -603,3 +603,18 @@ def test_history_marks_shadow_changes_and_the_records_of_one_change():
     assert "[change abc 2/3]  analyst (self-declared): [shadow] large_amount v1 large_amount enabled" in written
     removed = history_line(Change(RuleMessage(8, "shadow/la-2", None), None, REMOVED, shadow=True))
     assert removed.endswith("[shadow] la-2 deleted")
+
+
+def test_a_change_whose_writer_was_fenced_or_denied_says_so_in_one_line():
+    from confluent_kafka import KafkaError
+
+    from fraudstream.consumer.rules_topic import _write_failure
+    from fraudstream.errors import Fenced, NotAuthorized
+
+    fenced = _write_failure(SETTINGS, KafkaError(KafkaError._FENCED), unknown=False)
+    assert isinstance(fenced, Fenced)
+    assert "transactional id tx.rules.cli" in str(fenced) and "nothing of this change was written" in str(fenced)
+    denied = _write_failure(SETTINGS, KafkaError(KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED), unknown=False)
+    assert isinstance(denied, NotAuthorized) and "Write on transactional id tx.rules.cli" in str(denied)
+    unknown = _write_failure(SETTINGS, KafkaError(KafkaError._TIMED_OUT), unknown=True)
+    assert "whether it was written is unknown" in str(unknown) and "\n" not in str(unknown)
