@@ -271,7 +271,8 @@ def _certificate_subject(path: str) -> str:
 
 
 # One record of a change: key, value (None: a tombstone) and headers.
-Write = tuple[str, bytes | None, list[tuple[str, bytes]]]
+Header = tuple[str, str | bytes | None]
+Write = tuple[str, bytes | None, list[Header]]
 
 
 def rule_write(codec: RulesCodec, record: Rule, *, shadow: bool = False) -> Write:
@@ -320,7 +321,7 @@ def write_change(settings: Settings, writes: list[Write], *, timeout_s: float = 
         producer.init_transactions(timeout_s)
         producer.begin_transaction()
         for i, (key, value, headers) in enumerate(_signed(s, writes), 1):
-            part = [(CHANGE_HEADER, f"{change} {i}/{len(writes)}".encode())] if len(writes) > 1 else []
+            part: list[Header] = [(CHANGE_HEADER, f"{change} {i}/{len(writes)}".encode())] if len(writes) > 1 else []
             producer.produce(s.rules_topic, value, key.encode(), headers=[*headers, *part])
         committing = True
         deadline = time.monotonic() + timeout_s
@@ -362,7 +363,7 @@ def _write_failure(settings: Settings, error: KafkaError, *, unknown: bool) -> E
 def _signed(settings: Settings, writes: Iterable[Write]) -> list[Write]:
     """Each record with the principal the cluster authenticated this client as (PRINCIPAL_HEADER), if any."""
     principal = client_principal(settings)
-    who = [(PRINCIPAL_HEADER, principal.encode())] if principal else []
+    who: list[Header] = [(PRINCIPAL_HEADER, principal.encode())] if principal else []
     return [(key, value, [*who, *headers]) for key, value, headers in writes]
 
 
