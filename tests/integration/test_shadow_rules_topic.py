@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 import pytest
 from confluent_kafka import KafkaException, Producer
 
-from fraudstream.cli import main as fraudstream
 from fraudstream.consumer.decide import DLQ_KIND, DLQ_REASON, DLQ_TOPIC
 from fraudstream.consumer.rules import LARGE_AMOUNT, RULE_NAMES
 from fraudstream.consumer.rules_topic import INVALID_RULE, RulesCodec, RulesTopic, read_rules
@@ -19,23 +18,9 @@ from fraudstream.records import Rule
 from fraudstream.settings import Settings
 from tests.integration.test_detector import RunningDetector
 from tests.support.kafka_io import produce_raw, read_topic, wait_until
+from tests.support.rules_cli import rules_command as rules_cli
 
 SHADOW_FILE = '[large_amount]\nthreshold_cents = 50000\n[la-2]\nkind = "large_amount"\nthreshold_cents = 70000\n'
-
-
-def rules_cli(settings: Settings, *args: str) -> int:
-    return fraudstream(
-        [
-            "rules",
-            *args,
-            "--topic",
-            settings.transactions_topic,
-            "--bootstrap-servers",
-            settings.bootstrap_servers,
-            "--schema-registry-url",
-            settings.schema_registry_url,
-        ]
-    )
 
 
 @pytest.fixture
