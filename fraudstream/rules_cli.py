@@ -161,9 +161,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         written_at=datetime.now(UTC),
     )
     rule_thresholds(changed, settings)  # the checks a detector applies: e.g. the last version, or a long comment
-    write_change(settings, [rule_write(codec, changed)])
+    write_rules(settings, codec, [changed])
     print(f"{changed.id} v{changed.version} written ({args.action}d)")
     return 0
+
+
+def latest(settings: Settings, codec: RulesCodec) -> dict[str, Rule]:
+    """The version of each rule that detectors run: the topic judged by the detector's own reader."""
+    return read_rules(settings, codec).live
+
+
+def write_rules(settings: Settings, codec: RulesCodec, records: list[Rule]) -> None:
+    """Rule versions (live) as one change: one transaction."""
+    write_change(settings, [rule_write(codec, record) for record in records])
 
 
 def _list(rules: dict[str, Rule]) -> None:
@@ -334,13 +344,13 @@ def write_rules_text(
     nothing), then written. The console's rule editor calls this too, with `only_changed` (its text holds
     every rule; the ones left as they are get no new version)."""
     codec = codec or RulesCodec(settings)
-    current = read_rules(settings, codec).live if current is None else current
+    current = latest(settings, codec) if current is None else current
     records = records_from_toml(text, where, settings, current, author=author, comment=comment)
     if only_changed:
         records = [r for r in records if r.id not in current or not same_content(current[r.id], r)]
         if not records:
             raise ConfigError(f"{where}: no rule changed; nothing written")
-    write_change(settings, [rule_write(codec, record) for record in records])
+    write_rules(settings, codec, records)
     return records
 
 
