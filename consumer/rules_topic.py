@@ -516,18 +516,15 @@ class RulesTopic:
         messages = consumer.consume(500, timeout_s)
         if not messages and not any(self._unpublished.values()):
             return False
-        end: int | None = None
+        if not self._apply(messages) or (end := self._end()) is None:
+            return False  # asked once a poll: a registry or broker away costs a batch boundary END_QUERY_S at most
         deadline = time.monotonic() + CATCH_UP_S
-        while self._apply(messages):
-            if end is None:
-                end = self._end()
-                deadline = time.monotonic() + CATCH_UP_S
-            if end is not None and self._position() >= end:
-                self._publish()
-                break
+        while self._position() < end:
             if time.monotonic() > deadline:
-                break
-            messages = consumer.consume(500, min(0.05, max(deadline - time.monotonic(), 0.0)))
+                return False
+            if not self._apply(consumer.consume(500, min(0.05, max(deadline - time.monotonic(), 0.0)))):
+                return False
+        self._publish()
         return self.live_changed or self.shadow_changed
 
     def _apply(self, messages: list[Any]) -> bool:
