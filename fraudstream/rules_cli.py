@@ -48,6 +48,7 @@ from fraudstream.consumer.rules_topic import (
     Change,
     RulesCodec,
     TopicRules,
+    Write,
     client_principal,
     read_rules,
     removal,
@@ -208,18 +209,22 @@ def _shadow(args: argparse.Namespace, settings: Settings, codec: RulesCodec, top
         print(f"no shadow rule on {settings.rules_topic}: nothing to clear")
         return 0
     # Removals first: the shadow set never holds more than the file's rules, so never more than MAX_RULES.
-    write_change(
+    _write_and_say(
         settings,
         [
-            *(removal(shadow_key(rule_id), author=author, comment=args.comment) for rule_id in dropped),
-            *(rule_write(codec, record, shadow=True) for record in records),
+            *((removal(shadow_key(i), author=author, comment=args.comment), f"shadow {i} deleted") for i in dropped),
+            *((rule_write(codec, r, shadow=True), f"shadow {r.id} v{r.version} written") for r in records),
         ],
     )
-    for rule_id in dropped:
-        print(f"shadow {rule_id} deleted")
-    for record in records:
-        print(f"shadow {record.id} v{record.version} written")
     return 0
+
+
+def _write_and_say(settings: Settings, writes: list[tuple[Write, str | None]]) -> None:
+    """One change (one transaction), then the line of each of its records that has one."""
+    write_change(settings, [write for write, _ in writes])
+    for _, line in writes:
+        if line is not None:
+            print(line)
 
 
 def _promote(args: argparse.Namespace, settings: Settings, codec: RulesCodec, topic: TopicRules) -> int:
@@ -247,18 +252,17 @@ def _promote(args: argparse.Namespace, settings: Settings, codec: RulesCodec, to
     retired = sorted(topic.live.keys() - topic.shadow.keys())
     comment = args.comment or "promoted the shadow set, which does not have it"
     # Live removals first, so the live set never holds more than MAX_RULES on the way.
-    write_change(
+    _write_and_say(
         settings,
         [
-            *(removal(rule_id, author=author, comment=comment) for rule_id in retired),
-            *(rule_write(codec, record) for record in promoted),
-            *(removal(shadow_key(r.id), author=author, comment=args.comment or "promoted") for r in promoted),
+            *((removal(i, author=author, comment=comment), f"{i} deleted (not in the shadow set)") for i in retired),
+            *(
+                (rule_write(codec, r), f"{r.id} v{r.version} written (shadow v{topic.shadow[r.id].version})")
+                for r in promoted
+            ),
+            *((removal(shadow_key(r.id), author=author, comment=args.comment or "promoted"), None) for r in promoted),
         ],
     )
-    for rule_id in retired:
-        print(f"{rule_id} deleted (not in the shadow set)")
-    for record in promoted:
-        print(f"{record.id} v{record.version} written (shadow v{topic.shadow[record.id].version})")
     print(f"shadow set cleared ({len(promoted)} rule{'s' * (len(promoted) != 1)} promoted)")
     return 0
 
