@@ -47,7 +47,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    IsolationLevel,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from fraudstream.consumer.decide import Decision, dead_letter
 from fraudstream.consumer.rules import (
@@ -96,6 +105,7 @@ SHADOW_PREFIX = "shadow/"
 # How long a poll may keep reading to take in the rest of a transaction it has begun to read (its records come
 # in one fetch but for the largest changes); past it, the change waits for the next poll, still whole.
 CATCH_UP_S = 0.5
+END_QUERY_S = 5.0  # the broker's answer to "where does the topic end", at most this long
 
 # Who wrote a change, on every record `fraudstream rules` writes (a tombstone has no value to carry it):
 # the principal the cluster authenticated this client as, as its config says (absent: unauthenticated);
@@ -261,7 +271,8 @@ def _certificate_subject(path: str) -> str:
 
 
 # One record of a change: key, value (None: a tombstone) and headers.
-Write = tuple[str, bytes | None, list[tuple[str, str | bytes | None]]]
+Header = tuple[str, str | bytes | None]
+Write = tuple[str, bytes | None, list[Header]]
 
 
 def rule_write(codec: RulesCodec, record: Rule, *, shadow: bool = False) -> Write:
@@ -310,7 +321,7 @@ def write_change(settings: Settings, writes: list[Write], *, timeout_s: float = 
         producer.init_transactions(timeout_s)
         producer.begin_transaction()
         for i, (key, value, headers) in enumerate(_signed(s, writes), 1):
-            part = [(CHANGE_HEADER, f"{change} {i}/{len(writes)}".encode())] if len(writes) > 1 else []
+            part: list[Header] = [(CHANGE_HEADER, f"{change} {i}/{len(writes)}".encode())] if len(writes) > 1 else []
             producer.produce(s.rules_topic, value, key.encode(), headers=[*headers, *part])
         committing = True
         deadline = time.monotonic() + timeout_s
@@ -352,7 +363,7 @@ def _write_failure(settings: Settings, error: KafkaError, *, unknown: bool) -> E
 def _signed(settings: Settings, writes: Iterable[Write]) -> list[Write]:
     """Each record with the principal the cluster authenticated this client as (PRINCIPAL_HEADER), if any."""
     principal = client_principal(settings)
-    who = [(PRINCIPAL_HEADER, principal.encode())] if principal else []
+    who: list[Header] = [(PRINCIPAL_HEADER, principal.encode())] if principal else []
     return [(key, value, [*who, *headers]) for key, value, headers in writes]
 
 
@@ -420,6 +431,7 @@ class RulesTopic:
         self.changes = 0  # rule changes applied since start (the initial read included)
         self.refused = 0  # rule records refused since start (each one dead-lettered, and logged)
         self.consumer: Consumer | None = None
+        self._admin: AdminClient | None = None  # asks the topic's end (poll)
         self.live_records_read = 0  # records of live rules read (tombstones and refused ones too): not empty
 
     def skip(self, kinds: Iterable[str]) -> None:
@@ -439,6 +451,7 @@ class RulesTopic:
                 s, f"{s.group_id}.rules-reader", **{"enable.auto.commit": False, "auto.offset.reset": "earliest"}
             )
         )
+        self._admin = admin(s)  # made now: its first connection would otherwise delay the first change (0.3 s)
         partition = TopicPartition(s.rules_topic, 0, OFFSET_BEGINNING)
         self.consumer.assign([partition])
         self._read_to_end(timeout_s)
@@ -517,17 +530,15 @@ class RulesTopic:
         messages = consumer.consume(500, timeout_s)
         if not messages and not any(self._unpublished.values()):
             return False
-        end: int | None = None
+        if not self._apply(messages) or (end := self._end()) is None:
+            return False  # asked once a poll: a registry or broker away costs a batch boundary END_QUERY_S at most
         deadline = time.monotonic() + CATCH_UP_S
-        while self._apply(messages):
-            if end is None:
-                end = self._end()
-            if end is not None and self._position() >= end:
-                self._publish()
-                break
+        while self._position() < end:
             if time.monotonic() > deadline:
-                break
-            messages = consumer.consume(500, min(0.05, max(deadline - time.monotonic(), 0.0)))
+                return False
+            if not self._apply(consumer.consume(500, min(0.05, max(deadline - time.monotonic(), 0.0)))):
+                return False
+        self._publish()
         return self.live_changed or self.shadow_changed
 
     def _apply(self, messages: list[Any]) -> bool:
@@ -550,12 +561,20 @@ class RulesTopic:
         return True
 
     def _end(self) -> int | None:
-        """The end of the topic as the broker gives it now (read_committed: its last stable offset); None when
-        the broker does not answer (the poll then publishes nothing, and a later one asks again)."""
+        """The topic's last stable offset as the broker gives it now; None when the broker does not answer in
+        END_QUERY_S (the poll then publishes nothing, and a later one asks again). Asked by an admin client of
+        its own: the consumer's query (get_watermark_offsets) waits behind its pending fetch, which the
+        broker holds up to fetch.wait.max.ms (500 ms measured) when the topic has nothing new."""
+        if self._admin is None:
+            self._admin = admin(self.settings)  # kept: a collected client fails its pending futures (pitfall 22)
+        tp = TopicPartition(self.settings.rules_topic, 0)
         try:
-            return self._watermarks()[1]
-        except KafkaUnavailable as exc:
-            self.on_log(f"rules reader: {printable(str(exc))}; will retry")
+            asked = self._admin.list_offsets(
+                {tp: OffsetSpec.latest()}, isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=END_QUERY_S
+            )[tp]
+            return asked.result(timeout=END_QUERY_S).offset
+        except (KafkaException, TimeoutError) as exc:
+            self.on_log(f"rules reader: the end of {self.settings.rules_topic} unknown ({exc}); will retry")
             return None
 
     def _publish(self) -> None:
@@ -663,6 +682,7 @@ class RulesTopic:
         if self.consumer is not None:
             self.consumer.close()
             self.consumer = None
+        self._admin = None
 
 
 @dataclass(frozen=True)

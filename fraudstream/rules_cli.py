@@ -48,6 +48,7 @@ from fraudstream.consumer.rules_topic import (
     Change,
     RulesCodec,
     TopicRules,
+    Write,
     client_principal,
     read_rules,
     removal,
@@ -161,9 +162,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         written_at=datetime.now(UTC),
     )
     rule_thresholds(changed, settings)  # the checks a detector applies: e.g. the last version, or a long comment
-    write_change(settings, [rule_write(codec, changed)])
+    write_rules(settings, codec, [changed])
     print(f"{changed.id} v{changed.version} written ({args.action}d)")
     return 0
+
+
+def latest(settings: Settings, codec: RulesCodec) -> dict[str, Rule]:
+    """The version of each rule that detectors run: the topic judged by the detector's own reader."""
+    return read_rules(settings, codec).live
+
+
+def write_rules(settings: Settings, codec: RulesCodec, records: list[Rule]) -> None:
+    """Rule versions (live) as one change: one transaction."""
+    write_change(settings, [rule_write(codec, record) for record in records])
 
 
 def _list(rules: dict[str, Rule]) -> None:
@@ -198,18 +209,22 @@ def _shadow(args: argparse.Namespace, settings: Settings, codec: RulesCodec, top
         print(f"no shadow rule on {settings.rules_topic}: nothing to clear")
         return 0
     # Removals first: the shadow set never holds more than the file's rules, so never more than MAX_RULES.
-    write_change(
+    _write_and_say(
         settings,
         [
-            *(removal(shadow_key(rule_id), author=author, comment=args.comment) for rule_id in dropped),
-            *(rule_write(codec, record, shadow=True) for record in records),
+            *((removal(shadow_key(i), author=author, comment=args.comment), f"shadow {i} deleted") for i in dropped),
+            *((rule_write(codec, r, shadow=True), f"shadow {r.id} v{r.version} written") for r in records),
         ],
     )
-    for rule_id in dropped:
-        print(f"shadow {rule_id} deleted")
-    for record in records:
-        print(f"shadow {record.id} v{record.version} written")
     return 0
+
+
+def _write_and_say(settings: Settings, writes: list[tuple[Write, str | None]]) -> None:
+    """One change (one transaction), then the line of each of its records that has one."""
+    write_change(settings, [write for write, _ in writes])
+    for _, line in writes:
+        if line is not None:
+            print(line)
 
 
 def _promote(args: argparse.Namespace, settings: Settings, codec: RulesCodec, topic: TopicRules) -> int:
@@ -237,18 +252,17 @@ def _promote(args: argparse.Namespace, settings: Settings, codec: RulesCodec, to
     retired = sorted(topic.live.keys() - topic.shadow.keys())
     comment = args.comment or "promoted the shadow set, which does not have it"
     # Live removals first, so the live set never holds more than MAX_RULES on the way.
-    write_change(
+    _write_and_say(
         settings,
         [
-            *(removal(rule_id, author=author, comment=comment) for rule_id in retired),
-            *(rule_write(codec, record) for record in promoted),
-            *(removal(shadow_key(r.id), author=author, comment=args.comment or "promoted") for r in promoted),
+            *((removal(i, author=author, comment=comment), f"{i} deleted (not in the shadow set)") for i in retired),
+            *(
+                (rule_write(codec, r), f"{r.id} v{r.version} written (shadow v{topic.shadow[r.id].version})")
+                for r in promoted
+            ),
+            *((removal(shadow_key(r.id), author=author, comment=args.comment or "promoted"), None) for r in promoted),
         ],
     )
-    for rule_id in retired:
-        print(f"{rule_id} deleted (not in the shadow set)")
-    for record in promoted:
-        print(f"{record.id} v{record.version} written (shadow v{topic.shadow[record.id].version})")
     print(f"shadow set cleared ({len(promoted)} rule{'s' * (len(promoted) != 1)} promoted)")
     return 0
 
@@ -334,13 +348,13 @@ def write_rules_text(
     nothing), then written. The console's rule editor calls this too, with `only_changed` (its text holds
     every rule; the ones left as they are get no new version)."""
     codec = codec or RulesCodec(settings)
-    current = read_rules(settings, codec).live if current is None else current
+    current = latest(settings, codec) if current is None else current
     records = records_from_toml(text, where, settings, current, author=author, comment=comment)
     if only_changed:
         records = [r for r in records if r.id not in current or not same_content(current[r.id], r)]
         if not records:
             raise ConfigError(f"{where}: no rule changed; nothing written")
-    write_change(settings, [rule_write(codec, record) for record in records])
+    write_rules(settings, codec, records)
     return records
 
 

@@ -40,7 +40,6 @@ from fraudstream.consumer.rules_topic import (
 )
 from fraudstream.errors import ConfigError
 from fraudstream.records import Rule
-from fraudstream.cli import main as fraudstream
 from fraudstream.kafka import producer_config
 from fraudstream.settings import Settings
 from fraudstream.producer.loop import produce
@@ -48,6 +47,7 @@ from tests.integration.test_detector import RunningDetector, decode, encoder_for
 from tests.support.detector_process import DetectorProcess
 from tests.support.kafka_io import produce_raw, read_topic, transaction, wait_until
 from tests.support.rule_strategies import parameter_values
+from tests.support.rules_cli import rules_command
 
 PROBE_CENTS = 60_000  # under the default threshold ($900.00), over the lowered one
 LOWERED_CENTS = 50_000
@@ -105,19 +105,7 @@ def input_partitions(settings: Settings) -> dict[str, int]:
 
 
 def rules_cli(settings: Settings, *args: str) -> None:
-    code = fraudstream(
-        [
-            "rules",
-            *args,
-            "--topic",
-            settings.transactions_topic,
-            "--bootstrap-servers",
-            settings.bootstrap_servers,
-            "--schema-registry-url",
-            settings.schema_registry_url,
-        ]
-    )
-    assert code == 0
+    assert rules_command(settings, *args) == 0
 
 
 def large_amount_by_rule_set(settings: Settings) -> dict[str, tuple[int, bool, int] | None]:

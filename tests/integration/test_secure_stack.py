@@ -264,7 +264,8 @@ DENIED = "no ACL grants it (`fraudstream acl` lists what each role may do)"
         (
             "detector",
             ["rules", "set", "RULES", "--comment", "x"],
-            "could not write to {t}.rules: Broker: Topic authorization",
+            # Each change is one transaction of {t}.rules.cli, an id only the rules administrator may use.
+            "Kafka denied User:detector Write on transactional id {t}.rules.cli",
         ),
         (
             "inspector",

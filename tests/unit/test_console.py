@@ -255,9 +255,9 @@ def test_a_rule_edit_that_does_not_validate_shows_why_and_writes_nothing(index, 
     """Through the rules CLI's own path (write_rules_text): its checks refuse it before anything is written."""
     writes = []
     monkeypatch.setattr(rules_cli, "latest", lambda settings, codec: {})
-    monkeypatch.setattr(rules_cli, "write_records", lambda settings, codec, records: writes.append(records))
+    monkeypatch.setattr(rules_cli, "write_rules", lambda settings, codec, records: writes.append(records))
     access = RulesAccess(SETTINGS)
-    access._codec = object()  # no registry needed: latest and write_records are replaced
+    access._codec = object()  # no registry needed: latest and write_rules are replaced
     client = TestClient(create_app(state_for(index, rules_writer=access.write)), client=LOOPBACK)
     response = client.post("/rules", data={"rules": '[large_amount]\nthreshold_cents = "lots"\n'})
     assert response.status_code == 400
@@ -285,7 +285,7 @@ def test_the_editor_writes_only_the_rules_it_changed(index, monkeypatch):
     }
     writes = []
     monkeypatch.setattr(rules_cli, "latest", lambda settings, codec: current)
-    monkeypatch.setattr(rules_cli, "write_records", lambda settings, codec, records: writes.append(records))
+    monkeypatch.setattr(rules_cli, "write_rules", lambda settings, codec, records: writes.append(records))
     access = RulesAccess(SETTINGS)
     access._codec = object()
     text = rules_as_toml(current)

@@ -4,6 +4,7 @@ dead-lettered with their reason), and how the rule-set version follows the topic
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 from datetime import UTC, datetime
 
 from confluent_kafka import OFFSET_INVALID, TIMESTAMP_LOG_APPEND_TIME, TopicPartition
@@ -119,8 +120,9 @@ class FakeConsumer:
     def position(self, partitions):
         return [TopicPartition(SETTINGS.rules_topic, 0, self.at)]
 
-    def get_watermark_offsets(self, partition, timeout=None):
-        return 0, self.end
+    def list_offsets(self, specs, isolation_level, request_timeout):  # the admin client asking the end
+        [partition] = specs
+        return {partition: SimpleNamespace(result=lambda timeout: SimpleNamespace(offset=self.end))}
 
 
 @pytest.fixture
@@ -128,7 +130,7 @@ def reader() -> RulesTopic:
     topic = RulesTopic(SETTINGS, registry=FakeRegistry({RULE_ID: SCHEMAS.expanded["Rule"]}))
     topic.lines = []
     topic.on_log = topic.lines.append
-    topic.consumer = FakeConsumer()
+    topic.consumer = topic._admin = FakeConsumer()
     return topic
 
 
@@ -624,3 +626,18 @@ def test_only_live_rule_records_count_as_a_topic_holding_rules(reader):
     assert reader.live_records_read == 0
     feed(reader, (LARGE_AMOUNT, None))  # a tombstone of a live rule: the topic has had live rules
     assert reader.live_records_read == 1
+
+
+def test_a_change_whose_writer_was_fenced_or_denied_says_so_in_one_line():
+    from confluent_kafka import KafkaError
+
+    from fraudstream.consumer.rules_topic import _write_failure
+    from fraudstream.errors import Fenced, NotAuthorized
+
+    fenced = _write_failure(SETTINGS, KafkaError(KafkaError._FENCED), unknown=False)
+    assert isinstance(fenced, Fenced)
+    assert "transactional id tx.rules.cli" in str(fenced) and "nothing of this change was written" in str(fenced)
+    denied = _write_failure(SETTINGS, KafkaError(KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED), unknown=False)
+    assert isinstance(denied, NotAuthorized) and "Write on transactional id tx.rules.cli" in str(denied)
+    unknown = _write_failure(SETTINGS, KafkaError(KafkaError._TIMED_OUT), unknown=True)
+    assert "whether it was written is unknown" in str(unknown) and "\n" not in str(unknown)
