@@ -21,7 +21,7 @@ from fraudstream.records import Label
 from fraudstream.registry import register_all
 from fraudstream.settings import Settings
 from tests.integration.test_detector import RunningDetector, decode, encoder_for
-from tests.integration.test_runtime_rules import rules_cli
+from tests.support.rules_cli import rules_command
 from tests.support.detector_process import DetectorProcess
 from tests.support.kafka_io import produce_raw, read_topic, transaction, wait_until
 
@@ -49,7 +49,7 @@ def shadow_file(tmp_path: Path) -> Path:
 def set_shadow(settings: Settings, tmp_path: Path) -> None:
     """The candidate on a rules topic with no live rule yet: the first detector seeds the live rules from its
     rules file all the same (the plain pipeline's seeding; the outputs compared below depend on it)."""
-    rules_cli(settings, "shadow", "set", str(shadow_file(tmp_path)))
+    assert rules_command(settings, "shadow", "set", str(shadow_file(tmp_path))) == 0
 
 
 def in_between(sent) -> set[str]:
