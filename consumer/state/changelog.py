@@ -18,11 +18,12 @@ from confluent_kafka.admin import ConfigResource, NewTopic
 from fraudstream.consumer.state.stores import StoreSpec
 from fraudstream.consumer.state.table import row_values
 from fraudstream.errors import KafkaUnavailable, StateError
-from fraudstream.kafka import admin, produce_or_wait
+from fraudstream.kafka import admin, produce_or_wait, wait_out
 from fraudstream.settings import Settings
 
 LAYOUT_HEADER = "fraudstream.state.layout"
 COMPACTED = {"cleanup.policy": "compact"}
+CONFIG_REQUEST_TIMEOUT_S = 10.0
 
 
 def ensure_changelogs(settings: Settings, specs: Sequence[StoreSpec]) -> dict[str, str]:
@@ -54,7 +55,7 @@ def ensure_changelogs(settings: Settings, specs: Sequence[StoreSpec]) -> dict[st
         else:
             existing.append(topic)
     for topic in existing:
-        _check_compacted(client, topic)
+        _check_compacted(client, topic, outage_limit_s=settings.broker_outage_limit_s)
     if missing:
         for topic, future in client.create_topics(missing, operation_timeout=30).items():
             try:
@@ -65,12 +66,20 @@ def ensure_changelogs(settings: Settings, specs: Sequence[StoreSpec]) -> dict[st
     return topics
 
 
-def _check_compacted(client, topic: str) -> None:
+def _check_compacted(client, topic: str, *, outage_limit_s: float) -> None:
+    """A detector starting while a broker or the controller is away waits it out (a 3-broker soak saw one end on a
+    TimeoutError here), up to the broker outage limit."""
     resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
-    try:
-        configs = client.describe_configs([resource])[resource].result(timeout=30)
-    except KafkaException as exc:
-        raise KafkaUnavailable(f"could not read the configuration of changelog {topic}: {exc.args[0].str()}") from exc
+
+    def describe():
+        try:
+            return client.describe_configs([resource], request_timeout=CONFIG_REQUEST_TIMEOUT_S)[resource].result(
+                timeout=CONFIG_REQUEST_TIMEOUT_S + 5
+            )
+        except TimeoutError:  # the future's own wait: no answer at all, as for a broker away
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "no answer", retriable=True)) from None
+
+    configs = wait_out(f"reading the configuration of changelog {topic}", describe, limit_s=outage_limit_s)
     policy = configs["cleanup.policy"].value
     if "compact" not in policy.split(","):
         raise StateError(
