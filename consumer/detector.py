@@ -220,7 +220,7 @@ class Detector:
             decider = self._stateful(decider, make_encoder(ids[s.shadow_topic], schemas.parsed["ShadowDifference"]))
         self._admin = admin(s)  # one for the detector's life: see max_message_bytes
         self.collector.limits = max_message_bytes(
-            self._started_admin, tuple(self.routes.values()), outage_limit_s=s.broker_outage_limit_s
+            self._admin, tuple(self.routes.values()), outage_limit_s=s.broker_outage_limit_s
         )
         # Static membership (KIP-345) under the same stable id: a restarted detector takes its
         # partitions back at once instead of waiting out the session timeout of its dead self.
@@ -665,8 +665,9 @@ class Detector:
             f"{lost}; no other detector holds {self.transactional_id} (the coordinator fenced our own "
             "rejoin, e.g. after a broker restart): recreating the consumer and rejoining the group"
         )
+        fenced = self._started_consumer  # outside the try: its RuntimeError is the client's
         try:
-            self._started_consumer.close()
+            fenced.close()
         except (KafkaException, RuntimeError) as exc:
             log.debug("closing the fenced consumer: %s", exc)
         self._assigned.clear()
