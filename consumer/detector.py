@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import functools
 import gc
 import logging
 import os
@@ -33,12 +34,13 @@ import sys
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar, runtime_checkable
 from pathlib import Path
 
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from fraudstream.consumer.batching import TRANSACTION_TIME_SHARE, BatchSizer, gather
 from fraudstream.consumer.checkpoint import (
@@ -88,6 +90,26 @@ FAILURES_IN_A_ROW_LIMIT = 5  # aborted or lost transactions with no commit betwe
 CONSUMER_GONE_CODES = {KafkaError._STATE, KafkaError._FATAL, KafkaError.FENCED_INSTANCE_ID}
 
 
+class BatchDecider(Protocol):
+    """What the loop asks of a decider (consumer/decide.py's, consumer/stateful.py's, or a test's)."""
+
+    def decide_batch(self, messages: Sequence) -> DecidedBatch: ...
+
+
+@runtime_checkable
+class HoldingDecider(BatchDecider, Protocol):
+    """A decider that holds records (the stateful one): those due are released while the input is quiet."""
+
+    def release_due(self) -> DecidedBatch | None: ...
+
+
+def _started(part: T | None, name: str) -> T:
+    """What start-up (Detector._start) makes: a clear error when it is used before."""
+    if part is None:
+        raise RuntimeError(f"the detector's {name} is used before start-up made it")
+    return part
+
+
 def default_transactional_id(settings: Settings) -> str:
     """Stable across restarts on one host, so a restarted detector aborts its predecessor's open
     transaction at once instead of leaving readers stalled until it times out."""
@@ -135,7 +157,7 @@ class Detector:
             most=settings.batch_max_records,
             time_budget_s=settings.transaction_timeout_ms / 1000 * TRANSACTION_TIME_SHARE,
         )
-        self._admin = None
+        self._admin: AdminClient | None = None
         self._parked_clients: list = []
         # The transaction protocol (consumer/checkpoint.py) and the one sink of outputs (consumer/collector.py).
         self.calls = TransactionalCalls(self.stop)
@@ -153,8 +175,29 @@ class Detector:
         self.labels = None  # the labels topic's reader, when a model scores the records
         self.terminal: TerminalReader | None = None  # the terminal window's reader, when the stateful rules are on
 
+    # ----- what start-up makes (None before it) -----
+    @property
+    def _started_consumer(self) -> Consumer:
+        return _started(self.consumer, "consumer")
+
+    @property
+    def _started_producer(self) -> Producer:
+        return _started(self.producer, "producer")
+
+    @property
+    def _started_admin(self) -> AdminClient:
+        return _started(self._admin, "admin client")
+
+    @property
+    def _started_state(self) -> StateManager:
+        return _started(self.state, "state (stateful rules only)")
+
+    @property
+    def _started_rules_topic(self) -> RulesTopic:
+        return _started(self.rules_topic, "rules topic (stateful rules only)")
+
     # ----- start-up -----
-    def _start(self) -> tuple[Decider | ColumnarDecider, list]:
+    def _start(self) -> tuple[BatchDecider, list]:
         s = self.settings
         wait_for_cluster(s)
         ensure_topics(s, (s.transactions_topic, s.legit_topic, s.fraud_topic, s.dlq_topic, s.shadow_topic))
@@ -163,6 +206,7 @@ class Detector:
         # A clear error when `schemas register` was not run; a registry restarting is waited for.
         ids = self._until_registry_answers(lambda: current_ids(s, registry, schemas))
         decoder = Decoder(registry, schemas.expanded["Transaction"], reader_id=ids[s.transactions_topic])
+        decider: Decider | ColumnarDecider | StatefulDecider  # each wraps the one before
         decider = Decider(
             decoder,
             rules_from_settings(s),
@@ -218,8 +262,8 @@ class Detector:
         else:
             # No reader (it decodes the whole input once more): a terminal rule enabled later needs a restart, and
             # a shadow set's terminal rule does not run either.
-            self.rules_topic.skip(TERMINAL_RULES)
-            rules = self.rules_topic.current
+            self._started_rules_topic.skip(TERMINAL_RULES)
+            rules = self._started_rules_topic.current
             self.on_log(
                 "no compromised_terminal rule in force: no terminal window (one enabled later, or one in a shadow "
                 "set, runs after a restart)"
@@ -259,7 +303,7 @@ class Detector:
         """Poll until the group coordinator gave us a member id; records already fetched are the first batch."""
         records: list = []
         deadline = time.monotonic() + self.settings.broker_outage_limit_s
-        while not self.consumer.memberid():
+        while not self._started_consumer.memberid():
             if self.stop.is_set():
                 raise Stopping("joining the consumer group")
             if time.monotonic() > deadline:
@@ -267,7 +311,7 @@ class Detector:
                     f"could not join consumer group {self.settings.group_id} within "
                     f"{self.settings.broker_outage_limit_s} s"
                 )
-            records += self.consumer.consume(max(1, self.settings.batch_max_records - len(records)), 0.1)
+            records += self._started_consumer.consume(max(1, self.settings.batch_max_records - len(records)), 0.1)
         return records
 
     def _new_producer(self) -> Producer:
@@ -328,10 +372,10 @@ class Detector:
             # Start-up objects (schemas, clients, imports) never die: keep them out of the collector's
             # full passes, which otherwise stall a batch now and then (seen in the latency tail).
             gc.freeze()
-            consumer = self.consumer
+            consumer = self._started_consumer
             while not self.stop.is_set():
                 try:
-                    if self.rules_topic is not None:
+                    if isinstance(decider, StatefulDecider):  # its rules change at runtime (the rules topic)
                         self._apply_rule_changes(decider)
                     messages, pending = self._next_batch(consumer, pending), []
                     if self.state is not None:
@@ -347,7 +391,7 @@ class Detector:
                     elif self.state is not None and (batch := self._decide(decider, [])) is not None:
                         self._process_batch([], batch)  # held records due while the input is quiet
                     else:
-                        self.producer.poll(0)
+                        self._started_producer.poll(0)
                 except _ConsumerLost as lost:  # between transactions: none is open
                     consumer, pending = self._recover_consumer(lost)
                 if self.metrics.line_due(self.log_interval_s):
@@ -393,7 +437,7 @@ class Detector:
         log.warning("consumer: %s", error.str())
         return True
 
-    def _decide(self, decider: Decider | ColumnarDecider, messages: list) -> DecidedBatch | None:
+    def _decide(self, decider: BatchDecider, messages: list) -> DecidedBatch | None:
         """Decide the batch (no messages: release the held records due while the input is quiet; None when there
         are none, or when stopping during a registry outage). While the registry does not answer, retry with
         backoff (never dead-letter); a batch that had changed state when it stopped answering is undone first, so
@@ -404,10 +448,12 @@ class Detector:
             if self.state is not None:
                 self.state.begin()
             try:
-                return decider.decide_batch(messages) if messages else decider.release_due()
+                if messages:
+                    return decider.decide_batch(messages)
+                return decider.release_due() if isinstance(decider, HoldingDecider) else None
             except RegistryError as exc:
                 if isinstance(exc, StateTouchedError):
-                    self.state.rollback()
+                    self._started_state.rollback()
                 waited = time.monotonic() - started
                 if waited >= limit_s:
                     raise RegistryError(
@@ -439,7 +485,7 @@ class Detector:
     def _with_state_ready(self, messages: list) -> list:
         """Only records whose partition's state is restored; a partition whose state is being rebuilt is
         paused, and any of its records fetched before that are read again once it resumes."""
-        ready = self.state.ready
+        ready = self._started_state.ready
         if all(ready(partition) for _topic, partition in self._assigned):
             return messages  # the usual case: a consumer returns only assigned partitions' records
         kept = [m for m in messages if ready(m.partition())]
@@ -467,7 +513,8 @@ class Detector:
             self.sizer.done(len(messages), time.monotonic() - started)
         tally = batch.routes()
         outputs = [*batch.outputs.values(), *(decision for _, decision in batch.released)]
-        dead_kinds = Tally(d.dead_letter_kind for d in outputs if d.route is Route.DEAD_LETTER)
+        # Every dead letter names its kind (decide.dead_letter).
+        dead_kinds = Tally(d.dead_letter_kind or "unknown" for d in outputs if d.route is Route.DEAD_LETTER)
         rules = Tally(rule for d in outputs if d.route is Route.FRAUD for rule in d.rules)
         self.metrics.batch_committed(
             consumed=len(messages),
@@ -500,7 +547,7 @@ class Detector:
             messages,
             batch,
             offsets=offsets,
-            group_metadata=self.consumer.consumer_group_metadata,
+            group_metadata=self._started_consumer.consumer_group_metadata,
             write_state=write_state,
         )
         if self.state is not None:
@@ -549,7 +596,7 @@ class Detector:
         Read the limits again; the retried transaction dead-letters what no longer fits, and a producer
         with smaller record batches keeps the rest within the limit."""
         limits = max_message_bytes(
-            self._admin, tuple(self.routes.values()), outage_limit_s=self.settings.broker_outage_limit_s
+            self._started_admin, tuple(self.routes.values()), outage_limit_s=self.settings.broker_outage_limit_s
         )
         log.warning(
             "an output was over its topic's max.message.bytes; limits now %s (were %s)", limits, self.collector.limits
@@ -633,8 +680,9 @@ class Detector:
             f"{lost}; no other detector holds {self.transactional_id} (the coordinator fenced our own "
             "rejoin, e.g. after a broker restart): recreating the consumer and rejoining the group"
         )
+        fenced = self._started_consumer  # outside the try: its RuntimeError is the client's
         try:
-            self.consumer.close()
+            fenced.close()
         except (KafkaException, RuntimeError) as exc:
             log.debug("closing the fenced consumer: %s", exc)
         self._assigned.clear()
@@ -659,9 +707,9 @@ class Detector:
         while True:
             # Brokers first (a plain metadata request): a group request timing out while its coordinator
             # is still coming up can trip an assertion in librdkafka 2.x (rd_kafka_enq_once_del_source_return).
-            if not self._admin.list_topics(timeout=CALL_TIMEOUT_S).brokers:
+            if not self._started_admin.list_topics(timeout=CALL_TIMEOUT_S).brokers:
                 raise KafkaUnavailable("no broker answered")
-            ours = self.consumer.memberid()
+            ours = self._started_consumer.memberid()
             # In a child process (fraudstream/group_probe.py): this request can abort the process that sends it.
             members = static_members(
                 self.settings, self.settings.group_id, self.transactional_id, timeout_s=GROUP_REQUEST_TIMEOUT_S
@@ -740,7 +788,7 @@ class Detector:
             nonlocal attempts
             attempts += 1
             if attempts == 1:
-                return _checked(self.consumer.committed(partitions, timeout=CALL_TIMEOUT_S))
+                return _checked(self._started_consumer.committed(partitions, timeout=CALL_TIMEOUT_S))
             asker = Consumer(consumer_config(self.settings, self.settings.group_id))
             try:
                 answer = asker.committed(partitions, timeout=CALL_TIMEOUT_S)
@@ -755,9 +803,11 @@ class Detector:
     def _seek(self, positions: list[TopicPartition]) -> None:
         for position in positions:
             self._consumer_call(
-                f"rewinding {position.topic}[{position.partition}]",
-                lambda position=position: self.consumer.seek(position),
+                f"rewinding {position.topic}[{position.partition}]", functools.partial(self._seek_to, position)
             )
+
+    def _seek_to(self, position: TopicPartition) -> None:
+        self._started_consumer.seek(position)
 
     def _consumer_call(self, what: str, fn: Callable[[], object]):
         """A consumer call retried through broker outages; a consumer that failed for good (fenced meanwhile)
@@ -782,19 +832,20 @@ class Detector:
         """Between batches: install the rule changes fetched meanwhile (never waits), and dead-letter the
         rule records refused. Every detector reads every rule record, so one of them routes the dead
         letters: the one that holds input partition 0 (see README, "Rules changed at runtime")."""
-        if self.rules_topic.poll():
-            if decider.rules is not self.rules_topic.current:
-                decider.rules = self.rules_topic.current
+        rules_topic = self._started_rules_topic
+        if rules_topic.poll():
+            if decider.rules is not rules_topic.current:
+                decider.rules = rules_topic.current
                 self.on_log(f"rules {', '.join(decider.rules.names)} now in force (rule set {decider.rules.version})")
             self._install_shadow(decider)
-        if self.rules_topic.dead_letters and (self.settings.transactions_topic, 0) in self._assigned:
-            self._dead_letter_rules(self.rules_topic.take_dead_letters())
-        elif self.rules_topic.dead_letters and self._assigned:
-            self.rules_topic.take_dead_letters()  # another detector routes them
+        if rules_topic.dead_letters and (self.settings.transactions_topic, 0) in self._assigned:
+            self._dead_letter_rules(rules_topic.take_dead_letters())
+        elif rules_topic.dead_letters and self._assigned:
+            rules_topic.take_dead_letters()  # another detector routes them
 
     def _install_shadow(self, decider: StatefulDecider) -> None:
         """The rules topic's shadow set beside the live one, from the next batch on (`fraudstream rules shadow`)."""
-        shadow = self.rules_topic.shadow
+        shadow = self._started_rules_topic.shadow
         if shadow is decider.shadow_rules:
             return
         decider.shadow_rules = shadow
@@ -808,18 +859,20 @@ class Detector:
 
     def _dead_letter_rules(self, letters: list[Decision]) -> None:
         """A transaction of their own: between batches there is no open one."""
-        producer, dlq = self.producer, self.settings.dlq_topic
+        producer, dlq = self._started_producer, self.settings.dlq_topic
         deadline = transaction_deadline(self.settings.transaction_timeout_ms)
         try:
             self.calls.call("beginning a transaction", deadline, producer.begin_transaction)
             for letter in letters:
-                producer.produce(dlq, letter.value, letter.key, headers=letter.headers)
+                # confluent-kafka's HeadersType is a List[Tuple[str, str | bytes | None]], and a list is invariant:
+                # our list[tuple[str, bytes]], which produce takes, does not match it.
+                producer.produce(dlq, letter.value, letter.key, headers=letter.headers)  # type: ignore[arg-type]
             self.calls.call("committing", deadline, lambda: producer.commit_transaction(attempt_timeout(deadline)))
         except (AbortBatch, KafkaException) as exc:
             self.on_log(f"dead-lettering {len(letters)} rule records failed ({exc}); retried after the next change")
             with contextlib.suppress(KafkaException):
                 producer.abort_transaction(CALL_TIMEOUT_S)
-            self.rules_topic.dead_letters[:0] = letters
+            self._started_rules_topic.dead_letters[:0] = letters
             return
         self.rules_dead_lettered += len(letters)
 

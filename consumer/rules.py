@@ -374,7 +374,7 @@ def _checked(path: Path, where: str, key: str, value: Any) -> Any:
     if kind is list:
         if not isinstance(value, list):
             raise ConfigError(f"rules file {path}: {where} must be a list, not {_shown(value)}")
-        if len(value) > bound.maximum:
+        if bound.maximum is not None and len(value) > bound.maximum:
             raise ConfigError(
                 f"rules file {path}: {where} has {len(value)} entries; at most {_number(bound.maximum)} ({bound.why})"
             )
@@ -390,6 +390,8 @@ def _checked(path: Path, where: str, key: str, value: Any) -> Any:
             f"rules file {path}: {where} must be {'a whole number' if kind is int else kind.__name__}, "
             f"not {_shown(value)}"
         )
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value  # a flag: no range (lists are checked above)
     if kind is float and not math.isfinite(value):
         raise ConfigError(f"rules file {path}: {where} must be a finite number, not {value!r}")
     if bound.minimum is not None and value < bound.minimum:

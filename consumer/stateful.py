@@ -20,9 +20,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -49,8 +50,8 @@ from fraudstream.consumer.features import (
 )
 from fraudstream.consumer.rules import COMPROMISED_TERMINAL, RuleSet
 from fraudstream.consumer.rules_topic import RULE_SET_HEADER
-from fraudstream.consumer.state.manager import StateManager
 from fraudstream.consumer.state.stores import StoreSpec, expiry_stream_time
+from fraudstream.consumer.state.table import KeyedTable
 from fraudstream.errors import RegistryError
 from fraudstream.records import ShadowDifference
 from fraudstream.evaluate import SCORE_HEADER
@@ -116,12 +117,25 @@ class StateTouchedError(RegistryError):
         self.partitions = partitions
 
 
+class PartitionState(Protocol):
+    """The state the decider reads and changes: the detector's StateManager (consumer/state/manager.py), or a
+    backtest's MemoryState (consumer/backtest.py)."""
+
+    def tables(self, partition: int) -> Mapping[str, KeyedTable]:
+        """store name -> the partition's table of it."""
+        ...
+
+    def ready_tables(self, store: str) -> Mapping[int, KeyedTable]:
+        """partition -> its table of `store`, for every partition whose state is ready."""
+        ...
+
+
 class StatefulDecider:
     def __init__(
         self,
         decode: Callable[[Sequence], DecodedBatch],
         rules: RuleSet,
-        state: StateManager,
+        state: PartitionState,
         *,
         encode_legit: Callable[[dict], bytes],
         encode_fraud: Callable[[dict], bytes],
@@ -216,7 +230,7 @@ class StatefulDecider:
         features.update(card_features_split(tables, which, tx))
 
         fired = rules.evaluate(tx, features)  # (rules, rows)
-        is_fraud = fired.any(axis=0)
+        is_fraud = np.asarray(fired.any(axis=0))  # fired is (rules, rows): one flag per row, an array
         shadow = self.shadow_rules if self.encode_shadow is not None else None
         shadow_fired = shadow.evaluate(tx, features) if shadow is not None else None  # on the same features
         by_model = None
@@ -317,7 +331,7 @@ class StatefulDecider:
         """The shadow set's verdict beside the live one for each record decided now (a held record is compared
         at its release): where they differ, SHADOW_HEADER on the routed record and a ShadowDifference. The model,
         when there is one, is part of both verdicts."""
-        live_fraud, shadow_fraud = fired.any(axis=0), shadow_fired.any(axis=0)
+        live_fraud, shadow_fraud = np.asarray(fired.any(axis=0)), np.asarray(shadow_fired.any(axis=0))  # per row
         if by_model is not None:
             live_fraud, shadow_fraud = live_fraud | by_model, shadow_fraud | by_model
         outputs = decisions.outputs
@@ -406,31 +420,32 @@ class StatefulDecider:
         self._rule_sets[rules.version] = rules
         if len(self._rule_sets) > RULE_SETS_KEPT:
             del self._rule_sets[next(iter(self._rule_sets))]
-        kept, values = [], []
+        kept_rows: list[int] = []
+        values: list[bytes] = []
         rule_set = rules.version.encode()
         for row in rows.tolist():
             index = int(positions[row])
             message = messages[index]
             value = message.value() if from_columns[row] else self.encode_legit(records[index])
             if held.fits(message.key(), value, rule_set):
-                kept.append(row)
+                kept_rows.append(row)
                 values.append(value)
                 decisions.outputs[index] = HELD_DECISION
             else:
                 self.too_large_to_hold += 1
                 decisions.outputs[index] = Decision(Route.LEGIT, message.key(), value, decisions.headers_of(index))
-        if len(kept) < len(rows):
+        if len(kept_rows) < len(rows):
             log.warning(
                 "%d records too large for a held row (key over %d or value over %d bytes): decided at once, "
                 "without the terminal rule's look-ahead (%d so far)",
-                len(rows) - len(kept),
+                len(rows) - len(kept_rows),
                 held.KEY_BYTES,
                 held.VALUE_BYTES,
                 self.too_large_to_hold,
             )
-        if not kept:
+        if not kept_rows:
             return
-        kept = np.asarray(kept, dtype=np.int64)
+        kept = np.asarray(kept_rows, dtype=np.int64)
         # The shadow set's verdict now, kept with the row: the release compares it with the live one.
         shadow, shadow_bits, shadow_set = self.shadow_rules, None, b""
         if shadow is not None and shadow_fired is not None and held.fits(None, b"", shadow.version.encode()):
@@ -687,5 +702,7 @@ def _column_records(decoded: DecodedBatch, rows: np.ndarray) -> dict[int, dict]:
     """The few Arrow rows that become FraudAlerts, as records (row number -> record)."""
     if not len(rows):
         return {}
+    if decoded.columns is None:
+        raise ValueError(f"{len(rows)} Arrow rows asked of a batch that has no Arrow columns")
     taken = decoded.columns.take(pa.array(rows, type=pa.int64())).to_pylist()
     return {int(row): record for row, record in zip(rows, taken, strict=True)}
