@@ -41,7 +41,7 @@ from typing import Any
 from benchmarks.data import prefill
 from benchmarks.harness import Contender, OutputCounter, RunFailed, count_until, unique
 from benchmarks.report import machine
-from fraudstream.kafka import ensure_topics
+from fraudstream.kafka import admin, ensure_topics
 from fraudstream.registry import register_all
 from fraudstream.settings import PROJECT_ROOT, Settings
 
@@ -163,6 +163,11 @@ def run_side(side: Side, base: Settings, count: int, label: str) -> dict[str, An
         raise RunFailed(f"{side.name}: {routed.by_topic[settings.dlq_topic]} dead letters (see {detector.log_path})")
     if routed.total != count:
         raise RunFailed(f"{side.name}: {routed.total} outputs for {count} records")
+    # The stateful path ran: its changelog topics (named the same way on both sides) exist.
+    prefix = settings.changelog_topic("")[: -len(".changelog")]
+    changelogs = sorted(t for t in admin(settings).list_topics(timeout=10).topics if t.startswith(prefix))
+    if not changelogs:
+        raise RunFailed(f"{side.name}: no changelog topic {prefix}*: the detector did not run stateful")
     return {
         "count": count,
         "legit": routed.by_topic[settings.legit_topic],
@@ -173,6 +178,7 @@ def run_side(side: Side, base: Settings, count: int, label: str) -> dict[str, An
         "window_count": count - routed.count_at_first,
         "peak_rss_mib": round(exited.peak_rss_kib / 1024, 1),
         "exit_code": exited.exit_code,
+        "changelog_topics": len(changelogs),
     }
 
 
@@ -216,6 +222,7 @@ def main() -> None:
     base = Settings.from_env()
     sides = {name: before_side() if name == "before" else after_side() for name in args.sides}
     versions = {name: probe(side, base) for name, side in sides.items()}
+    environment = machine(base)
     libraries = {(v["confluent_kafka"], v["librdkafka"], v["fastavro"]) for v in versions.values()}
     if len(libraries) > 1:
         print(f"warning: the sides run different client libraries: {versions}", file=sys.stderr)
@@ -238,7 +245,7 @@ def main() -> None:
             name: {"commit": side.commit, "tree": str(side.tree), **versions[name], **figures[name]}
             for name, side in sides.items()
         },
-        "machine": machine(base),
+        "machine": environment,
     }
     if len(sides) == 2:
         before, after = figures["before"], figures["after"]
