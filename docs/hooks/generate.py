@@ -449,7 +449,7 @@ def engine_table() -> list[str]:
         "",
         f"`benchmarks/results/engine_before_after.json`, written on {report['generated_at'][:10]}: the default "
         f"(stateful) detector's CPU (user + system, from `wait4`) per 1,000 records, {report['count']:,} records, "
-        f"median of {report['rounds']} rounds. *Net* leaves out start-up and shutdown (a run of "
+        f"median of {report['rounds']} rounds (their range in brackets). *Net* leaves out start-up and shutdown (a run of "
         f"{report['startup_count']:,} records subtracted), *window* counts from the first output readable to the "
         "last. [Method](index.md#other-benchmarks).",
         "",
@@ -460,9 +460,10 @@ def engine_table() -> list[str]:
         startup = f"{side['startup_cpu_s']:.1f} s ({side['startup_share']:.0%})" if "startup_cpu_s" in side else "-"
         net = f"{side['net_cpu_ms_per_1k']:.1f}" if "net_cpu_ms_per_1k" in side else "-"
         window = f"{side['window_cpu_ms_per_1k']:.1f}" if side.get("window_cpu_ms_per_1k") else "-"
+        runs = [run["cpu_s"] * 1e6 / run["count"] for run in side["runs"]]
+        raw = f"{side['cpu_ms_per_1k']:.1f}" + (f" ({min(runs):.1f}–{max(runs):.1f})" if len(runs) > 1 else "")
         lines.append(
-            f"| {name} | `{md(side['commit'][:12])}` | {side['cpu_ms_per_1k']:.1f} | {net} | {window} | {startup} | "
-            f"{side['wall_s']:.1f} |"
+            f"| {name} | `{md(side['commit'][:12])}` | {raw} | {net} | {window} | {startup} | {side['wall_s']:.1f} |"
         )
     if ratios:
         lines += [
