@@ -19,7 +19,7 @@ BENCH_ARGS ?=
 # Like the tests: an existing Kafka and registry when both variables are set, otherwise the local stack.
 EXISTING_SERVICES := $(and $(KAFKA_BOOTSTRAP_SERVERS),$(SCHEMA_REGISTRY_URL))
 
-.PHONY: demo test lint types lock chromium console faults soak handbook stack-up stack-down services bench bench-quick bench-rules bench-backtest clean
+.PHONY: demo test lint types lock chromium console faults soak handbook stack-up stack-down services bench bench-quick bench-rules bench-backtest bench-engine clean
 
 demo: services
 	$(BIN)/fraudstream schemas register
@@ -71,6 +71,7 @@ bench: services
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.backtest
 	$(BIN)/python -m benchmarks.shadow
+	$(BIN)/python -m benchmarks.engine_before_after
 
 # Tiny counts: checks that every part of the benchmark works, measures nothing.
 bench-quick: services
@@ -79,6 +80,12 @@ bench-quick: services
 # Backtest throughput against the live detector's on the same topic (a ratio).
 bench-backtest: services
 	$(BIN)/python -m benchmarks.backtest
+
+# The default detector's CPU per record before the engine redesign (commit b53b134, its worktree and venv made
+# once in .bench/engine-before) and now (issue #21): a ratio. ENGINE_ARGS: e.g. --count 50000 --rounds 3.
+ENGINE_ARGS ?=
+bench-engine: services
+	$(BIN)/python -m benchmarks.engine_before_after $(ENGINE_ARGS)
 
 # Detector throughput with a rule change every second against none (a ratio).
 bench-rules: services

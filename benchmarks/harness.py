@@ -70,7 +70,9 @@ def cpu_seconds(pid: int) -> float | None:
 class Contender:
     """One process under measurement; output goes to a log file (a full pipe would stall it)."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], log_dir: Path, *, cwd: Path = PROJECT_ROOT, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "ab")
@@ -78,7 +80,7 @@ class Contender:
         self.exited: Exited | None = None
         self.peak_rss_kib = 0
         self.process = subprocess.Popen(
-            argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=PROJECT_ROOT
+            argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd, env=env
         )
 
     def poll(self) -> Exited | None:
@@ -191,13 +193,19 @@ class RunFailed(RuntimeError):
 
 
 def count_until(
-    counter: OutputCounter, contenders: Contender | list[Contender], expected: int, *, stall_timeout_s: float
+    counter: OutputCounter,
+    contenders: Contender | list[Contender],
+    expected: int,
+    *,
+    stall_timeout_s: float,
+    deadline_s: float | None = None,
 ) -> Routed:
-    """Read outputs until `expected` records are readable; fail if a contender dies or they all stall."""
+    """Read outputs until `expected` records are readable; fail if a contender dies, they all stall, or
+    (when given) deadline_s passes in all."""
     if isinstance(contenders, Contender):
         contenders = [contenders]
     routed = Routed()
-    last_progress = time.monotonic()
+    last_progress = started = time.monotonic()
     while routed.total < expected:
         messages = counter.poll()
         now = time.perf_counter()
@@ -221,6 +229,11 @@ def count_until(
             raise RunFailed(
                 f"{names} routed {routed.total}/{expected}, then nothing for "
                 f"{stall_timeout_s:.0f}s (see {contenders[0].log_path})"
+            )
+        if deadline_s is not None and time.monotonic() - started > deadline_s:
+            raise RunFailed(
+                f"{contenders[0].name} routed {routed.total}/{expected} in {deadline_s:.0f}s "
+                f"(see {contenders[0].log_path})"
             )
     routed.done_s = time.perf_counter()
     routed.cpu_at_done_s = _total_cpu(contenders)

@@ -5,7 +5,8 @@
 - reference/rules-file.md   the rule kinds, their defaults and bounds (consumer/rules.py) and rules/default.toml
 - reference/schemas.md      the record schemas, from schemas/*.avsc and schemas/history/
 - reference/metrics.md      the detector's Prometheus metrics, from consumer/metrics.py
-- benchmarks/results.md     benchmarks/results/latest.md, state.md, handbook-model.json and the charts
+- benchmarks/results.md     benchmarks/results/latest.md, state.md, handbook-model.json, engine_before_after.json
+                            and the charts
 
 Pages are added to the build as generated files (nothing is written into docs/). Everything here reads
 local files and imports the project: a build fetches nothing.
@@ -439,6 +440,41 @@ def handbook_table() -> list[str]:
     return lines
 
 
+def engine_table() -> list[str]:
+    """The default detector before the engine redesign and now (make bench-engine, issue #21)."""
+    report = json.loads((RESULTS / "engine_before_after.json").read_text())
+    sides, ratios = report["sides"], report.get("ratios_after_before", {})
+    lines = [
+        "## The engine before and after its redesign: `make bench-engine`",
+        "",
+        f"`benchmarks/results/engine_before_after.json`, written on {report['generated_at'][:10]}: the default "
+        f"(stateful) detector's CPU (user + system, from `wait4`) per 1,000 records, {report['count']:,} records, "
+        f"median of {report['rounds']} rounds (their range in brackets). *Net* leaves out start-up and shutdown (a run of "
+        f"{report['startup_count']:,} records subtracted), *window* counts from the first output readable to the "
+        "last. [Method](index.md#other-benchmarks).",
+        "",
+        "| Side | Commit | CPU ms/1k | Net | Window | Start-up CPU (share) | Wall s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, side in sides.items():
+        startup = f"{side['startup_cpu_s']:.1f} s ({side['startup_share']:.0%})" if "startup_cpu_s" in side else "-"
+        net = f"{side['net_cpu_ms_per_1k']:.1f}" if "net_cpu_ms_per_1k" in side else "-"
+        window = f"{side['window_cpu_ms_per_1k']:.1f}" if side.get("window_cpu_ms_per_1k") else "-"
+        runs = [run["cpu_s"] * 1e6 / run["count"] for run in side["runs"]]
+        raw = f"{side['cpu_ms_per_1k']:.1f}" + (f" ({min(runs):.1f}–{max(runs):.1f})" if len(runs) > 1 else "")
+        lines.append(
+            f"| {name} | `{md(side['commit'][:12])}` | {raw} | {net} | {window} | {startup} | {side['wall_s']:.1f} |"
+        )
+    if ratios:
+        lines += [
+            "",
+            "After / before: "
+            + ", ".join(f"{key.replace('_', ' ')} {value:.2f}×" for key, value in ratios.items())
+            + ".",
+        ]
+    return lines + [""]
+
+
 def results_page() -> str:
     latest = (RESULTS / "latest.md").read_text()
     lines = [
@@ -460,6 +496,8 @@ def results_page() -> str:
             _demote((RESULTS / "state.md").read_text()).strip(),
             "",
         ]
+    if (RESULTS / "engine_before_after.json").exists():
+        lines += engine_table()
     if (RESULTS / "handbook-model.json").exists():
         lines += handbook_table()
     return "\n".join(lines)

@@ -178,3 +178,39 @@ def test_ratios_targets_and_machine_are_reported(quick_run):
         assert heading in markdown
     for entry in (*results["detectors"].values(), *results["producers"].values()):
         assert entry["label"] in markdown
+
+
+def test_engine_before_after_runs_the_default_detector_of_its_tree(stack_settings: Settings, tmp_path):
+    """benchmarks/engine_before_after.py, the "after" side alone on tiny counts: "before" needs the old commit's
+    own virtual environment (minutes to install once), which the suite does not build."""
+    output = tmp_path / "engine.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.engine_before_after",
+            *("--sides", "after", "--count", "200", "--startup-count", "100", "--rounds", "1"),
+            *("--output", str(output)),
+        ],
+        cwd=PROJECT_ROOT,
+        env={
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": stack_settings.bootstrap_servers,
+            "SCHEMA_REGISTRY_URL": stack_settings.schema_registry_url,
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, f"benchmark failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    report = json.loads(output.read_text())
+    assert (report["count"], report["startup_count"], report["rounds"]) == (200, 100, 1)
+    assert set(report["sides"]) == {"after"} and "ratios_after_before" not in report
+    after = report["sides"]["after"]
+    # The detector that ran is this tree's, as a process of its own, stateful (its changelog topics exist).
+    assert Path(after["detector"]).resolve().is_relative_to(PROJECT_ROOT.resolve())
+    for run, count in ((after["runs"][0], 200), (after["startup_runs"][0], 100)):
+        assert run["count"] == run["legit"] + run["fraud"] == count
+        assert run["exit_code"] == 0 and run["cpu_s"] > 0 and run["changelog_topics"] > 0
+    assert after["cpu_ms_per_1k"] > 0 and after["startup_cpu_s"] > 0
+    assert report["machine"]["versions"]["librdkafka"]
