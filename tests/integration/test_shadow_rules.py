@@ -170,15 +170,18 @@ def test_the_shadow_topic_is_exactly_once_when_the_detector_is_killed(pipeline: 
     produce_raw(pipeline, pipeline.transactions_topic, [(key, value) for key, value, _, _ in first])
     slot = f"{pipeline.group_id}-killed"
     detector = DetectorProcess(pipeline, tmp_path / "detector-1.log", transactional_id=slot)
-    wait_until(lambda: len(differences(pipeline)) > 50, timeout_s=120, what="some differences written")
-    detector.kill()
-    second = payments(pipeline, 1_000, seed=3)
-    produce_raw(pipeline, pipeline.transactions_topic, [(key, value) for key, value, _, _ in second])
-    detector = DetectorProcess(pipeline, tmp_path / "detector-2.log", transactional_id=slot)
-    sent = first + second
-    every = {tid for _, _, tid, _ in sent}
-    wait_until(lambda: routed_ids(pipeline) >= every, timeout_s=180, what="every payment routed")
-    wait_until(lambda: len(differences(pipeline)) >= len(in_between(sent)), timeout_s=60, what="every difference")
-    detector.stop_cleanly()
+    try:
+        wait_until(lambda: len(differences(pipeline)) > 50, timeout_s=120, what="some differences written")
+        detector.kill()
+        second = payments(pipeline, 1_000, seed=3)
+        produce_raw(pipeline, pipeline.transactions_topic, [(key, value) for key, value, _, _ in second])
+        detector = DetectorProcess(pipeline, tmp_path / "detector-2.log", transactional_id=slot)
+        sent = first + second
+        every = {tid for _, _, tid, _ in sent}
+        wait_until(lambda: routed_ids(pipeline) >= every, timeout_s=180, what="every payment routed")
+        wait_until(lambda: len(differences(pipeline)) >= len(in_between(sent)), timeout_s=60, what="every difference")
+        detector.stop_cleanly()
+    finally:
+        detector.ensure_ended()  # a failed wait leaves no detector running after the test
     ids = [d["transaction_id"] for d in differences(pipeline)]
     assert sorted(ids) == sorted(in_between(sent))  # none lost, none twice (read_committed)
