@@ -460,8 +460,10 @@ class RulesTopic:
         # as their tombstones are kept (compaction drops them after delete.retention.ms).
         seeded = self.live_records_read == 0 and seed_from is not None
         if seeded:
-            write_records(s, self.codec, seed_records(s, seed_from, author=f"seed ({getpass.getuser()})"))
+            seed = seed_records(s, seed_from, author=f"seed ({getpass.getuser()})")
+            write_records(s, self.codec, seed)
             self.on_log(f"rules topic {s.rules_topic} held no live rule: seeded from {seed_from}")
+            self._read_back(len(seed), timeout_s)
             self._read_to_end(timeout_s)
         if not seeded and seed_from is not None and Path(seed_from) != DEFAULT_RULES_FILE:
             # A rules file only seeds an empty topic: say so when one was named and is not what runs.
@@ -473,11 +475,28 @@ class RulesTopic:
                 )
         return self.current
 
+    def _read_back(self, records: int, timeout_s: float) -> None:
+        """Until at least `records` live-rule records are read: the seed just written, whatever the end offset says
+        (asked right after the write, it came back stale in a 3-broker soak, and the detector started with no
+        rule at all: the terminal rule never ran for its life)."""
+        deadline = time.monotonic() + timeout_s
+        while self.live_records_read < records:
+            if time.monotonic() > deadline:
+                raise KafkaUnavailable(
+                    f"could not read back the {records} rules written to {self.settings.rules_topic} "
+                    f"within {timeout_s:g} s"
+                )
+            self.poll(timeout_s=0.2)
+
     def _read_to_end(self, timeout_s: float) -> None:
         """Until the position reaches the end taken now (a compacted topic may have gaps; never wait for the record
         at high - 1, which compaction may have removed), every change read whole (poll)."""
-        _, high = self._watermarks()
         deadline = time.monotonic() + timeout_s
+        high = self._end()
+        while high is None and time.monotonic() < deadline:  # the broker did not answer: asked again
+            high = self._end()
+        if high is None:
+            raise KafkaUnavailable(f"could not learn where rules topic {self.settings.rules_topic} ends")
         while self._position() < high or any(self._unpublished.values()):
             if time.monotonic() > deadline:
                 raise KafkaUnavailable(
@@ -501,12 +520,6 @@ class RulesTopic:
     def _started(self) -> Consumer:
         assert self.consumer is not None, "start() first"
         return self.consumer
-
-    def _watermarks(self) -> tuple[int, int]:
-        try:
-            return self._started().get_watermark_offsets(TopicPartition(self.settings.rules_topic, 0), timeout=10)
-        except KafkaException as exc:
-            raise KafkaUnavailable(f"rules topic {self.settings.rules_topic}: {exc.args[0].str()}") from exc
 
     def _position(self) -> int:
         position = self._started().position([TopicPartition(self.settings.rules_topic, 0)])[0].offset

@@ -641,3 +641,16 @@ def test_a_change_whose_writer_was_fenced_or_denied_says_so_in_one_line():
     assert isinstance(denied, NotAuthorized) and "Write on transactional id tx.rules.cli" in str(denied)
     unknown = _write_failure(SETTINGS, KafkaError(KafkaError._TIMED_OUT), unknown=True)
     assert "whether it was written is unknown" in str(unknown) and "\n" not in str(unknown)
+
+
+def test_the_seed_is_read_back_even_when_the_end_asked_after_writing_it_is_stale(reader):
+    """The end offset asked right after the seed was written came back stale in a 3-broker soak: reading "to the
+    end" then read nothing, and the detector ran with no rule at all. The seed is read back by count."""
+    seeded = [rule(1), rule(1, None, rule_id="card_testing", kind="card_testing")]
+    reader.consumer.pending += [RuleMessage(i, r.id, encode(r.to_dict())) for i, r in enumerate(seeded)]
+    reader.consumer.end = 0  # stale: the broker's answer from before the write
+    reader._read_to_end(timeout_s=1)
+    assert reader.current.names == ()  # what start() had before
+    reader.consumer.end = len(seeded)  # a later ask sees them (the poll publishes a change read to its end)
+    reader._read_back(len(seeded), timeout_s=5)
+    assert set(reader.current.names) == {LARGE_AMOUNT, "card_testing"}
