@@ -76,18 +76,18 @@ class RecordCollector:
                 producer.produce(topic, value, key)
                 return
             except BufferError:
-                if not produce_or_wait(producer, topic, value, key, give_up=lambda: time.monotonic() > deadline):
-                    raise ProducerLost(
-                        "producing: the local queue stayed full until the transaction was about to time out",
-                        expired=True,
-                    ) from None
+                _produce_when_room(producer, topic, value, key, None, deadline)
                 return
             except KafkaException as exc:
-                error = exc.args[0]
-                if error.code() == KafkaError._STATE:
-                    raise AbortBatch(f"producing: the transaction is in an error state ({error.str()})") from exc
-                classify("producing", error, exc)
-                self.calls.wait_before_retry("producing", error, deadline)
+                self._retry_or_raise(exc, deadline)
+
+    def _retry_or_raise(self, exc: KafkaException, deadline: float) -> None:
+        """A failed produce(): raise what ends the transaction, or wait before producing the record again."""
+        error = exc.args[0]
+        if error.code() == KafkaError._STATE:  # the transaction failed earlier (a delivery error)
+            raise AbortBatch(f"producing: the transaction is in an error state ({error.str()})") from exc
+        classify("producing", error, exc)
+        self.calls.wait_before_retry("producing", error, deadline)
 
     def _produce_legit(
         self, producer, messages: list, start: int, stop: int, batch: DecidedBatch, small: int, deadline: float
@@ -138,7 +138,6 @@ class RecordCollector:
         fast path's) is retried for this record alone, never the ones before it. An output its topic will
         never take is dead-lettered: batch.outputs then holds the dead letter."""
         routes = self.routes
-        expired = lambda: time.monotonic() > deadline  # noqa: E731
         if failed is None and decision.value is not None and len(decision.value) + len(decision.key or b"") > small:
             decision = self._fit_or_dead_letter(messages[index], decision)
             if decision.route is Route.DEAD_LETTER:
@@ -152,13 +151,7 @@ class RecordCollector:
                 producer.produce(topic, decision.value, decision.key, headers=decision.headers)
                 return
             except BufferError:  # local queue full: serve delivery reports, then retry this record
-                if not produce_or_wait(
-                    producer, topic, decision.value, decision.key, give_up=expired, headers=decision.headers
-                ):
-                    raise ProducerLost(
-                        "producing: the local queue stayed full until the transaction was about to time out",
-                        expired=True,
-                    ) from None
+                _produce_when_room(producer, topic, decision.value, decision.key, decision.headers, deadline)
                 return
             except KafkaException as exc:
                 error = exc.args[0]
@@ -169,10 +162,7 @@ class RecordCollector:
                     )
                     topic = routes[decision.route]
                     continue
-                if error.code() == KafkaError._STATE:  # the transaction failed earlier (a delivery error)
-                    raise AbortBatch(f"producing: the transaction is in an error state ({error.str()})") from exc
-                classify("producing", error, exc)
-                self.calls.wait_before_retry("producing", error, deadline)
+                self._retry_or_raise(exc, deadline)
 
     def _fit_or_dead_letter(self, message, decision: Decision) -> Decision:
         """The decision itself, or a dead letter when its output is larger than its topic takes."""
@@ -187,6 +177,14 @@ class RecordCollector:
         if size <= self.limits[topic] or decision.route is Route.DEAD_LETTER:
             return decision  # a dead letter is the input's own bytes; if even that is too large, the retries end it
         return too_large(message, topic, size, self.limits[topic])
+
+
+def _produce_when_room(producer, topic: str, value, key, headers, deadline: float) -> None:
+    """produce() once the local queue has room (delivery reports served meanwhile), or ProducerLost at `deadline`."""
+    if not produce_or_wait(producer, topic, value, key, give_up=lambda: time.monotonic() > deadline, headers=headers):
+        raise ProducerLost(
+            "producing: the local queue stayed full until the transaction was about to time out", expired=True
+        ) from None
 
 
 def too_large(message, topic: str, size: int, limit: int | None) -> Decision:
