@@ -145,6 +145,14 @@ def classify(what: str, error: KafkaError, exc: Exception) -> None:
         raise KafkaUnavailable(f"{what} failed: {error.str()}") from exc
 
 
+def classify_produce(what: str, error: KafkaError, exc: Exception) -> None:
+    """As classify, for a failed produce(): _STATE means the open transaction already failed (a delivery error, or
+    an idempotence error that needs the abort's epoch bump), so the batch is aborted, not the process ended."""
+    if error.code() == KafkaError._STATE:
+        raise AbortBatch(f"{what}: the transaction is in an error state ({error.str()})") from exc
+    classify(what, error, exc)
+
+
 class Checkpoint:
     """Runs one batch's transaction. The caller owns what happens after a failure (abort and rewind, or a new
     producer); this owns the order of the calls and what each error means."""
@@ -180,7 +188,7 @@ class Checkpoint:
                 written = write_state(producer)
             except KafkaException as exc:
                 error = exc.args[0]
-                classify("writing state changes", error, exc)
+                classify_produce("writing state changes", error, exc)
                 raise AbortBatch(f"writing state changes: {error.str()}") from exc
         if offsets:
             call(

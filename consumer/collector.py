@@ -11,7 +11,7 @@ import time
 
 from confluent_kafka import KafkaError, KafkaException
 
-from fraudstream.consumer.checkpoint import AbortBatch, ProducerLost, TransactionalCalls, classify
+from fraudstream.consumer.checkpoint import ProducerLost, TransactionalCalls, classify_produce
 from fraudstream.consumer.decide import DecidedBatch, Decision, Route, dead_letter
 from fraudstream.kafka import produce_or_wait
 from fraudstream.serde import DecodeError
@@ -84,9 +84,7 @@ class RecordCollector:
     def _retry_or_raise(self, exc: KafkaException, deadline: float) -> None:
         """A failed produce(): raise what ends the transaction, or wait before producing the record again."""
         error = exc.args[0]
-        if error.code() == KafkaError._STATE:  # the transaction failed earlier (a delivery error)
-            raise AbortBatch(f"producing: the transaction is in an error state ({error.str()})") from exc
-        classify("producing", error, exc)
+        classify_produce("producing", error, exc)
         self.calls.wait_before_retry("producing", error, deadline)
 
     def _produce_legit(

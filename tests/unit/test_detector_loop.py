@@ -709,6 +709,35 @@ class QuietState:
         pass
 
 
+class StateWriteInFailedTransaction(QuietState):
+    """The first write of state changes meets a transaction librdkafka already failed (in CI: a broker restart's
+    OUT_OF_ORDER_SEQUENCE_NUMBER, which needs the abort's epoch bump): produce() raises _STATE."""
+
+    writes = 0
+
+    def write_changes(self, producer, partitions):
+        self.writes += 1
+        if self.writes == 1:
+            raise KafkaException(KafkaError(KafkaError._STATE, "Erroneous state"))
+        return 0
+
+
+def test_state_changes_refused_by_a_failed_transaction_abort_the_batch_not_the_detector(monkeypatch):
+    detector, log, [producer] = make_detector(monkeypatch)
+    start, state = detector._start, StateWriteInFailedTransaction()
+
+    def start_with_state():
+        started = start()
+        detector.state = state
+        return started
+
+    monkeypatch.setattr(detector, "_start", start_with_state)
+    metrics = detector.run()
+    assert state.writes > 1 and state.rollbacks == 1  # the refused write ran, was undone, then written again
+    assert producer.aborts == 1 and metrics.aborts == 1
+    assert sorted(producer.committed_outputs) == every_input(log)  # each record once, nothing lost
+
+
 def test_a_transaction_that_only_releases_held_records_sends_its_partitions_offsets(monkeypatch):
     """Without offsets, the group coordinator never checks such a transaction against the group's generation: a
     detector whose partitions were given away could still release rows their new owner restored (duplicates)."""
