@@ -117,7 +117,7 @@ class ReadProgress:
 
 
 class ReplayTerminal:
-    """The TerminalReader's interface (`features`, `releasable`, `other_cards_held`, `keep_from`) over a
+    """The TerminalReader's interface (`features`, `releasable`, `cut_short`, `other_cards_held`, `keep_from`) over a
     TerminalWindow the replay feeds: the same window code and query, with the gate held by the replay loop."""
 
     def __init__(self, window: TerminalWindow, progress: ReadProgress) -> None:
@@ -135,6 +135,9 @@ class ReplayTerminal:
 
     def releasable(self, times: np.ndarray, created_ms: np.ndarray, ahead_ms: int, idle_ms: int) -> np.ndarray:
         return self.progress.past_everywhere(np.asarray(times, dtype=np.int64) + ahead_ms + self.tolerance_ms)
+
+    def cut_short(self, times: np.ndarray, ahead_ms: int) -> list[str]:
+        return [""] * len(times)  # a replay releases with the whole look-ahead, or at the history's end
 
     def other_cards_held(
         self, terminals: np.ndarray, cards: np.ndarray, times: np.ndarray, ahead_ms: int

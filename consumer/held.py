@@ -19,6 +19,10 @@ terminal window answers for [t - window, t + look-ahead]:
   stated trade: a record created on that partition after the lull, with an event time inside the
   look-ahead, is not counted.
 
+A record released the second way carries the `fraudstream.released_early` header (RELEASED_EARLY_HEADER),
+naming the partitions its look-ahead was cut short on: where a run that saw those partitions' later records
+(a replay, a run without the lull) decides otherwise, the difference is named, not guessed.
+
 Then the rule is asked again with the look-ahead (`RuleSet.fires_on_release`): fraud gets a FraudAlert
 naming compromised_terminal, legit is forwarded byte for byte. A crash between hold and release loses
 nothing: the held rows come back from the changelog with the partition, and are released by whichever
@@ -36,6 +40,7 @@ from confluent_kafka import TIMESTAMP_CREATE_TIME
 from fraudstream.consumer.state.stores import StoreSpec
 from fraudstream.consumer.state.table import KeyedTable, layout_tag
 
+RELEASED_EARLY_HEADER = "fraudstream.released_early"  # value: the quiet partitions, comma-separated
 KEY_BYTES = 64
 VALUE_BYTES = 512  # a transaction's Avro value is about 150 bytes
 RULE_SET_BYTES = 32  # a rule set's version: 12 hex digits from a file, a number from the rules topic

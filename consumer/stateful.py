@@ -534,7 +534,9 @@ class StatefulDecider:
         by_version = {version: self._rule_sets.get(version.decode(), rules) for version in set(held_under)}
         fires = np.zeros(len(rows), dtype=bool)
         others = None
+        cut_short = [""] * len(rows)
         if self.terminal is not None:
+            cut_short = self.terminal.cut_short(rows["event_time_ms"], ahead)
             others = self.terminal.other_cards_held(rows["terminal"], rows["card"], rows["event_time_ms"], ahead)
             for version, rule_set in by_version.items():
                 mine = np.array([v == version for v in held_under])
@@ -576,6 +578,10 @@ class StatefulDecider:
                     record_in.key(),
                     record_in.value(),
                     [(RULE_SET_HEADER, version), (SCORE_HEADER, legit_scores[i])],
+                )
+            if cut_short[i]:
+                decision = dataclasses.replace(
+                    decision, headers=[*(decision.headers or ()), (held.RELEASED_EARLY_HEADER, cut_short[i].encode())]
                 )
             released.append((record_in, decision))
         if self.encode_shadow is not None and rows["shadow_set"].any():

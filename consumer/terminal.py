@@ -633,6 +633,13 @@ class TerminalReader:
                 break
         return due
 
+    def cut_short(self, times: np.ndarray, ahead_ms: int) -> list[str]:
+        """For held records `releasable` just let go: the partitions not yet read past t + ahead_ms + the tolerance
+        (found quiet instead), comma-separated; empty for a record whose look-ahead every partition answered."""
+        need = np.asarray(times, dtype=np.int64) + ahead_ms + self.tolerance_ms
+        short = [need >= self._latest.get(p, np.iinfo(np.int64).min) for p in self.partitions]
+        return [",".join(str(p) for p, s in zip(self.partitions, short, strict=True) if s[i]) for i in range(len(need))]
+
     def _quiet_at(self, p: int, now_ms: float, idle_ms: int) -> float | None:
         """The latest wall-clock time (ms) partition p was found at its end with nothing created for idle_ms
         before; asks again (asynchronously) while it looks quiet, so that time moves on."""

@@ -54,7 +54,7 @@ CANDIDATE, BASELINE = "candidate", "baseline"
 SAMPLE = 10  # alerts shown per side among those only it raises
 FIDELITY_LISTED = 100  # differences named one by one in the report (all are counted)
 LEGIT_ROUTE, FRAUD_ROUTE, DEAD_ROUTE = 0, 1, 2  # consumer.decide.Route values
-TERMINAL_RULE, MODEL_RULE = "compromised_terminal", "model"
+MODEL_RULE = "model"
 
 
 class NothingToBacktest(FraudstreamError):
@@ -268,18 +268,32 @@ def build_report(
 
 
 # ---------------------------------------------------------------- fidelity: the baseline against the live outputs
-def read_outputs(settings: Settings) -> dict[str, tuple[bool, tuple[str, ...], str, float]]:
-    """What the live detector wrote: transaction id -> (routed to fraud, fired rules, rule-set version, score)."""
+LiveOutput = tuple[bool, tuple[str, ...], str, float, str]
+
+
+def read_outputs(settings: Settings) -> dict[str, LiveOutput]:
+    """What the live detector wrote: transaction id -> (routed to fraud, fired rules, rule-set version, score,
+    the quiet partitions a held record's release did not wait for: empty for most)."""
+    from fraudstream.consumer.held import RELEASED_EARLY_HEADER
     from fraudstream.consumer.rules_topic import RULE_SET_HEADER
     from fraudstream.registry import Registry
 
     schemas = _Schemas(Registry(settings))
-    out: dict[str, tuple[bool, tuple[str, ...], str, float]] = {}
+    out: dict[str, LiveOutput] = {}
+
+    def released_early(message) -> str:
+        return (dict(message.headers() or ()).get(RELEASED_EARLY_HEADER) or b"").decode("utf-8", "replace")
 
     def on_legit(message) -> None:
         record = schemas.decode(message.value())
         version = dict(message.headers() or ()).get(RULE_SET_HEADER) or b""
-        out[record["transaction_id"]] = (False, (), version.decode("utf-8", "replace"), parse_score(message.headers()))
+        out[record["transaction_id"]] = (
+            False,
+            (),
+            version.decode("utf-8", "replace"),
+            parse_score(message.headers()),
+            released_early(message),
+        )
 
     def on_fraud(message) -> None:
         alert = schemas.decode(message.value())
@@ -289,6 +303,7 @@ def read_outputs(settings: Settings) -> dict[str, tuple[bool, tuple[str, ...], s
             tuple(alert["rules"]),
             alert.get("rule_set_version") or "",
             math.nan if score is None else float(score),
+            released_early(message),
         )
 
     read_to_end(settings, settings.legit_topic, on_legit)
@@ -298,7 +313,7 @@ def read_outputs(settings: Settings) -> dict[str, tuple[bool, tuple[str, ...], s
 
 def fidelity(
     result,
-    outputs: dict[str, tuple[bool, tuple[str, ...], str, float]],
+    outputs: dict[str, LiveOutput],
     *,
     side: str,
     in_window: np.ndarray,
@@ -331,8 +346,9 @@ def fidelity(
             continue
         rules = set(ours[1]) | set(live[1])
         cause = (
-            "terminal look-ahead (a held record released by the live detector on a quiet partition)"
-            if TERMINAL_RULE in rules
+            f"released early: the live detector let this held record go before partitions {live[4]} were read "
+            "past its look-ahead (they were quiet)"
+            if live[4]
             else "model score (labels read late by the live detector)"
             if MODEL_RULE in rules
             else "unexplained"

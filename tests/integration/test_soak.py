@@ -58,3 +58,35 @@ def test_the_checker_finds_lost_doubled_unreadable_records_and_live_held_rows(pi
     assert report["examples"]["lost"][0]["id"] == txs[0].transaction_id
     assert report["examples"]["duplicated"][0]["id"] == txs[2].transaction_id
     assert report["examples"]["held_live"] == [b"held-1".hex()] and not report["ok"]
+
+
+def test_the_checker_counts_a_difference_marked_released_early_apart_from_any_other(pipeline):
+    """Two transactions the uninterrupted run never routed: the one whose output carries the released-early
+    header (with the quiet partitions) is counted apart; the other is a failure."""
+    s = pipeline
+    ids = current_ids(s, Registry(s))
+    encode = make_encoder(ids[s.transactions_topic], load_schemas(s.schemas_dir).parsed["Transaction"])
+    txs = [transaction(1_000 * (i + 1)) for i in range(3)]
+    baseline = f"{s.transactions_topic}-uninterrupted"
+    ensure_topics(s, (f"{baseline}.legit",))
+    producer = Producer(producer_config(s))
+    for tx in txs:
+        producer.produce(s.transactions_topic, encode(tx.to_dict()), b"k")
+    producer.produce(s.legit_topic, encode(txs[0].to_dict()), b"k")
+    producer.produce(s.legit_topic, encode(txs[1].to_dict()), b"k", headers=[("fraudstream.released_early", b"2")])
+    producer.produce(s.legit_topic, encode(txs[2].to_dict()), b"k")
+    producer.produce(f"{baseline}.legit", encode(txs[0].to_dict()), b"k")
+    assert producer.flush(30) == 0
+    report = check(
+        s.bootstrap_servers,
+        s.schema_registry_url,
+        s.transactions_topic,
+        s.group_id,
+        baseline_input=baseline,
+        baseline_group=s.group_id,
+    )
+    assert (report["decisions_differ"], report["decisions_differ_released_early"]) == (1, 1), report
+    assert report["examples"]["decisions_differ"][0]["id"] == txs[2].transaction_id
+    [early] = report["examples"]["decisions_differ_released_early"]
+    assert early["id"] == txs[1].transaction_id and early["quiet_partitions"] == {"soak": "2", "uninterrupted": None}
+    assert not report["ok"]

@@ -446,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         "unreadable",
         "held_live",
         "decisions_differ",
+        "decisions_differ_released_early",
         "restarted_from_outside",
     )
     print(

@@ -3,8 +3,14 @@ was lost, duplicated or unreadable, which held rows are still live, and which de
 uninterrupted run of the same input.
 
 It imports nothing of fraudstream, on purpose: what it checks must not be judged by the code under test.
-Only the Confluent wire format (magic byte 0, 4-byte schema id, Avro), the registry's REST API and the topic
-names a deployment sees (<input>.legit, .fraud, .dlq; <group>.<input>.held.changelog) are assumed.
+Only the Confluent wire format (magic byte 0, 4-byte schema id, Avro), the registry's REST API, the topic
+names a deployment sees (<input>.legit, .fraud, .dlq; <group>.<input>.held.changelog) and one documented header
+are assumed.
+
+A decision that differs from the uninterrupted run's is counted apart when either run's output carries the
+`fraudstream.released_early` header: a held record released on a partition found quiet before its look-ahead
+was read (the detector's stated trade, docs: held records). A fault that stalls one partition's producer for
+longer than the hold idle time makes that happen; every other difference is a failure.
 
     python tests/support/soak_checker.py --bootstrap HOST:PORT --registry URL --input T --group G \
         [--baseline-input T2 --baseline-group G2] [--out report.json]
@@ -26,6 +32,7 @@ from confluent_kafka import Consumer, TopicPartition
 from fastavro import parse_schema, schemaless_reader
 
 EXAMPLES = 20  # of each kind of finding, in the report
+RELEASED_EARLY = "fraudstream.released_early"
 
 
 class Schemas:
@@ -85,10 +92,14 @@ def read_all(bootstrap: str, topic: str, *, timeout_s: float = 300.0) -> list:
         consumer.close()
 
 
-def routed(bootstrap: str, schemas: Schemas, input_topic: str) -> tuple[dict[str, list[tuple]], list[dict]]:
-    """transaction id -> its outputs [(route, rules)], and the outputs no reader can read."""
+def routed(
+    bootstrap: str, schemas: Schemas, input_topic: str
+) -> tuple[dict[str, list[tuple]], list[dict], dict[str, str]]:
+    """transaction id -> its outputs [(route, rules)], the outputs no reader can read, and transaction id -> the
+    partitions named by its output's released-early header."""
     outputs: dict[str, list[tuple]] = {}
     unreadable = []
+    early: dict[str, str] = {}
     for route in ("legit", "fraud"):
         for message in read_all(bootstrap, f"{input_topic}.{route}"):
             try:
@@ -96,6 +107,9 @@ def routed(bootstrap: str, schemas: Schemas, input_topic: str) -> tuple[dict[str
                 tx = record["transaction"] if route == "fraud" else record
                 rules = tuple(sorted(record["rules"])) if route == "fraud" else ()
                 outputs.setdefault(tx["transaction_id"], []).append((route, rules))
+                quiet = dict(message.headers() or ()).get(RELEASED_EARLY)
+                if quiet is not None:
+                    early[tx["transaction_id"]] = quiet.decode()
             except (ValueError, KeyError, TypeError) as exc:
                 unreadable.append(
                     {
@@ -109,7 +123,7 @@ def routed(bootstrap: str, schemas: Schemas, input_topic: str) -> tuple[dict[str
         outputs.setdefault(f"dlq:{(message.key() or b'').hex()}:{(message.value() or b'').hex()[:64]}", []).append(
             ("dlq", ())
         )
-    return outputs, unreadable
+    return outputs, unreadable, early
 
 
 def inputs(bootstrap: str, schemas: Schemas, topic: str) -> tuple[Counter, dict[str, tuple[int, int]]]:
@@ -145,7 +159,7 @@ def check(
 ) -> dict[str, Any]:
     schemas = Schemas(registry)
     sent, where = inputs(bootstrap, schemas, input_topic)
-    outputs, unreadable = routed(bootstrap, schemas, input_topic)
+    outputs, unreadable, early = routed(bootstrap, schemas, input_topic)
     lost = [tid for tid in sent if len(outputs.get(tid, ())) < sent[tid]]
     duplicated = [tid for tid, out in outputs.items() if len(out) > sent.get(tid, 0)]
     held = live_held_rows(bootstrap, f"{group}.{input_topic}.held.changelog")
@@ -165,8 +179,10 @@ def check(
         },
     }
     if baseline_input is not None:
-        baseline, baseline_unreadable = routed(bootstrap, schemas, baseline_input)
-        differ = [tid for tid in sent if sorted(outputs.get(tid, ())) != sorted(baseline.get(tid, ()))]
+        baseline, baseline_unreadable, baseline_early = routed(bootstrap, schemas, baseline_input)
+        every_difference = [tid for tid in sent if sorted(outputs.get(tid, ())) != sorted(baseline.get(tid, ()))]
+        released_early = [t for t in every_difference if t in early or t in baseline_early]
+        differ = [t for t in every_difference if not (t in early or t in baseline_early)]
         report["baseline"] = {
             "routed": sum(len(o) for o in baseline.values()),
             "unreadable": len(baseline_unreadable),
@@ -176,6 +192,17 @@ def check(
         report["examples"]["decisions_differ"] = [
             {"id": t, "input": where.get(t), "soak": outputs.get(t), "uninterrupted": baseline.get(t)}
             for t in differ[:EXAMPLES]
+        ]
+        report["decisions_differ_released_early"] = len(released_early)
+        report["examples"]["decisions_differ_released_early"] = [
+            {
+                "id": t,
+                "input": where.get(t),
+                "soak": outputs.get(t),
+                "uninterrupted": baseline.get(t),
+                "quiet_partitions": {"soak": early.get(t), "uninterrupted": baseline_early.get(t)},
+            }
+            for t in released_early[:EXAMPLES]
         ]
     report["ok"] = not (lost or duplicated or unreadable or held or report.get("decisions_differ"))
     return report

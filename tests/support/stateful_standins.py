@@ -34,6 +34,7 @@ class Window:
 
     def __init__(self):
         self.due, self.ahead, self.asked = False, 0, []
+        self.short = ""  # what cut_short names: the quiet partitions a release did not wait for
 
     def features(self, tx, partitions, offsets, created_ms):
         return {"terminal_cards": np.zeros(len(tx), np.int64)}
@@ -41,6 +42,9 @@ class Window:
     def releasable(self, times, created_ms, ahead_ms, idle_ms):
         self.asked.append((len(times), ahead_ms))
         return np.full(len(times), self.due)
+
+    def cut_short(self, times, ahead_ms):
+        return [self.short] * len(times)
 
     def other_cards_held(self, terminals, cards, times, ahead_ms):
         return np.full(len(times), self.ahead)

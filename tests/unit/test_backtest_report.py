@@ -116,21 +116,22 @@ def test_fidelity_names_each_difference_and_counts_what_it_could_not_compare() -
     result = _result()
     version = result.rule_sets[BASELINE].version
     outputs = {
-        "t1": (True, ("card_testing",), version, 1.0),
-        "t2": (True, ("large_amount",), version, 1.0),
-        "t3": (True, ("compromised_terminal",), version, 1.0),  # the backtest says large_amount
-        "t4": (False, (), version, 0.5),  # the same decision, another score (the backtest's: 0)
-        "t5": (True, ("large_amount",), version, 1.0),  # the backtest says legit
-        "t7": (False, (), "another", 0.0),
+        "t1": (True, ("card_testing",), version, 1.0, ""),
+        "t2": (True, ("large_amount",), version, 1.0, ""),
+        "t3": (True, ("compromised_terminal",), version, 1.0, "0,2"),  # released early; the backtest: large_amount
+        "t4": (False, (), version, 0.5, ""),  # the same decision, another score (the backtest's: 0)
+        "t5": (True, ("large_amount",), version, 1.0, ""),  # the backtest says legit
+        "t7": (False, (), "another", 0.0, ""),
     }  # t0 before the window; no output for none of the rest
     everything = window_mask(result.event_ms, date(2026, 1, 5), None)
     found = fidelity(result, outputs, side=BASELINE, in_window=everything)
     assert (found["compared"], found["same"], found["different"], found["same_score"]) == (5, 3, 2, 2)
     assert found["decided_live_under_another_rule_set"] == 1 and found["not_routed_live"] == 0
     assert {d["transaction_id"]: d["cause"].split(" ")[0] for d in found["differences"]} == {
-        "t3": "terminal",
+        "t3": "released",
         "t5": "unexplained",
     }
+    assert "partitions 0,2 " in found["differences"][0]["cause"]
     assert found["differences"][1]["live"] == {"fraud": True, "rules": ["large_amount"]}
     assert found["differences"][1]["backtest"] == {"fraud": False, "rules": []}
     assert found["agreement"] == 3 / 5

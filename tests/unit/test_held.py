@@ -101,6 +101,23 @@ def test_a_held_record_no_card_followed_is_forwarded_byte_for_byte_under_the_rul
     # Its $25 was judged by the rule set that held it: the output names that one, not the new one (under
     # which $25 would be a large amount).
     assert dict(decision.headers)[RULE_SET_HEADER] == held_under.encode()
+    assert held.RELEASED_EARLY_HEADER not in dict(decision.headers)  # its whole look-ahead was read
+
+
+def test_a_record_released_before_its_look_ahead_was_read_names_the_quiet_partitions() -> None:
+    """The quiet-partition release is a stated trade (held.py); the output says it was made, and where."""
+    window, state = _Window(), _State()
+    decider = _decider(window, state)
+    decider.decide_batch([_Message(encode(_in_person(0)), 0), _Message(encode(_in_person(1)), 1)])
+    window.due, window.ahead, window.short = True, 0, "1,2"
+    released = decider.release_due()
+    assert released is not None and len(released.released) == 2
+    assert [dict(d.headers or ())[held.RELEASED_EARLY_HEADER] for _, d in released.released] == [b"1,2", b"1,2"]
+    window.due, window.short = False, "2"
+    decider.decide_batch([_Message(encode(_in_person(2)), 2)])
+    window.due, window.ahead = True, 3  # fraud this time: the alert carries it too
+    [(_, alert)] = decider.release_due().released
+    assert alert.route is Route.FRAUD and dict(alert.headers or ())[held.RELEASED_EARLY_HEADER] == b"2"
 
 
 def test_a_record_too_large_for_a_held_row_is_decided_at_once() -> None:

@@ -355,6 +355,15 @@ def test_a_quiet_partition_at_its_end_stops_holding_records_created_an_idle_time
     assert r.releasable(times, created, AHEAD_MS, idle_ms=2_000).tolist() == [False, False]  # the end is asked
     assert len(consumer.asked_ends_at) == 1
     assert r.releasable(times, created, AHEAD_MS, idle_ms=2_000).tolist() == [True, False]
+    assert r.cut_short(times, AHEAD_MS) == ["1", "1"]  # partition 1's look-ahead was not read: named
+
+
+def test_a_record_whose_look_ahead_every_partition_answered_is_not_cut_short() -> None:
+    past = T0 + AHEAD_MS + terminal.TERMINAL_TOLERANCE_MS
+    r = reader(
+        StandInConsumer(ends={0: 90, 1: 60, 2: 5}, positions={0: 40, 1: 60, 2: 5}), {0: past + 1, 1: past}, [], []
+    )
+    assert r.cut_short(np.array([T0 - 1, T0]), AHEAD_MS) == ["2", "1,2"]  # 2 never read: behind everything
 
 
 def test_a_partition_with_records_left_to_read_is_not_quiet_however_old_its_newest_record() -> None:
