@@ -117,7 +117,7 @@ class ReadProgress:
 
 
 class ReplayTerminal:
-    """The TerminalReader's interface (`features`, `releasable`, `cut_short`, `other_cards_held`, `keep_from`) over a
+    """The TerminalReader's interface (`ready`, `features`, `releasable`, `cut_short`, `other_cards_held`, `keep_from`) over a
     TerminalWindow the replay feeds: the same window code and query, with the gate held by the replay loop."""
 
     def __init__(self, window: TerminalWindow, progress: ReadProgress) -> None:
@@ -125,6 +125,9 @@ class ReplayTerminal:
         self.progress = progress
         self.tolerance_ms = TERMINAL_TOLERANCE_MS
         self.keep_from: Callable[[], int | None] = lambda: None  # set by the StatefulDecider
+
+    def ready(self, batch, *, oldest_held_ms: int | None, holding: bool, idle_ms: int) -> None:
+        """Nothing to wait for: the replay loop decides a batch only once its gate holds."""
 
     def features(
         self, tx: TxColumns, partitions: np.ndarray, offsets: np.ndarray, created_ms: int | None = None

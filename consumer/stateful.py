@@ -107,6 +107,55 @@ def decode_batch(columnar: ColumnarDecider | None, record_wise: Decider, message
     return decoded
 
 
+@dataclass(slots=True)
+class PreparedBatch:
+    """A decoded batch in columns, what `ready` and `decide_prepared` read. Its rows are the decodable records in
+    batch order, which within a partition is offset order (what the state needs); `tx` is None when the batch
+    has none (dead letters only)."""
+
+    messages: Sequence
+    decoded: DecodedBatch
+    tx: TxColumns | None = None
+    positions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # row -> message index
+    from_columns: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # row decoded in Arrow
+    source_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # its row in columns or records
+    partition_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # with_offsets only
+    created_ms: int | None = None  # the Kafka timestamp of the newest record (with_offsets only)
+
+
+def prepare_batch(messages: Sequence, decoded: DecodedBatch, *, with_offsets: bool) -> PreparedBatch:
+    """The decoded records as one TxColumns in batch order (the same stable sort as TxColumns.concat_in_order);
+    `with_offsets`: also each row's offset and the newest Kafka timestamp (the terminal window's)."""
+    parts, is_column = [], []
+    if decoded.columns is not None and decoded.columns.num_rows:
+        parts.append((decoded.column_rows, TxColumns.from_arrow(decoded.columns)))
+        is_column.append(np.ones(len(decoded.column_rows), dtype=bool))
+    if decoded.records:
+        parts.append(([i for i, _ in decoded.records], TxColumns.from_records([r for _, r in decoded.records])))
+        is_column.append(np.zeros(len(decoded.records), dtype=bool))
+    if not parts:
+        return PreparedBatch(messages, decoded)
+    positions = np.concatenate([np.asarray(p, dtype=np.int64) for p, _ in parts])
+    order = np.argsort(positions, kind="stable")
+    positions = positions[order]
+    rows_in_batch = positions.tolist()  # plain ints: indexing a list with NumPy ints is slow
+    partition_of = np.array([messages[i].partition() for i in rows_in_batch], dtype=np.int32)
+    batch = PreparedBatch(
+        messages,
+        decoded,
+        TxColumns.concat_in_order(parts),
+        positions,
+        np.concatenate(is_column)[order],
+        np.concatenate([np.arange(len(p)) for p, _ in parts])[order],
+        partition_of,
+    )
+    if with_offsets:
+        batch.offsets = np.array([messages[i].offset() for i in rows_in_batch], dtype=np.int64)
+        batch.created_ms = newest_created_ms(messages, positions, partition_of)
+    return batch
+
+
 class StateTouchedError(RegistryError):
     """The registry stopped answering after the batch had changed state (the release of held records decodes
     again): retrying the batch as it stands would count its payments twice. The caller rebuilds the state of
@@ -180,50 +229,62 @@ class StatefulDecider:
         return self.decide_batch(messages).decisions(messages)
 
     def decide_batch(self, messages: Sequence) -> DecidedBatch:
-        """Legit records decoded in Arrow (written with the current schema) are forwarded with no Decision
-        of their own; the batch's rule-set version and their score go in their headers."""
+        """The detector's step: decode, readiness (`ready`: waits and reads, changes no state), then the pure
+        `decide_prepared`. Legit records decoded in Arrow (written with the current schema) are forwarded with
+        no Decision of their own; the batch's rule-set version and their score go in their headers."""
         decoded = self.decode(messages)  # raises before any state is touched
+        batch = prepare_batch(messages, decoded, with_offsets=self.terminal_features is not None)
+        self.ready(batch)
+        return self.decide_prepared(batch)
+
+    def ready(self, batch: PreparedBatch | None) -> None:
+        """Readiness, before deciding `batch` (None: releasing between batches): the terminal window's event-time
+        gate, reseeds and quiet partitions' ends (TerminalReader.ready), and the labels due by the batch's latest
+        event time (a model's). It waits and reads, may raise (a stop, an outage), and changes no state."""
+        tx = batch.tx if batch is not None else None
+        if self.terminal is not None:
+            oldest_held = self.oldest_held()
+            self.terminal.ready(
+                None if batch is None or tx is None else (tx, batch.partition_of, batch.offsets, batch.created_ms),
+                oldest_held_ms=oldest_held,
+                holding=oldest_held is not None or (tx is not None and self.rules.look_ahead_ms > 0),
+                idle_ms=self.hold_idle_ms,
+            )
+        if self.model is not None and tx is not None and len(tx):
+            self.labels.catch_up(int(tx.event_time_ms.max()))
+
+    def decide_prepared(self, batch: PreparedBatch) -> DecidedBatch:
+        """Pure decide: (the batch, the state's tables, the rules, what `ready` read) -> (the decisions, the
+        tables' changes, which the caller commits or rolls back). No wait and no I/O; a backtest calls it over
+        a replayed history, a shadow set runs inside it."""
         try:
-            return self._decide_decoded(messages, decoded)
-        except RegistryError as exc:
-            touched = {message.partition() for message in messages}
+            return self._decide(batch)
+        except RegistryError as exc:  # the release of held records decodes again
+            touched = {message.partition() for message in batch.messages}
             touched.update(self.state.ready_tables(held.HELD.name))  # releases change the held rows of any of them
             raise StateTouchedError(exc, touched) from exc
 
-    def _decide_decoded(self, messages: Sequence, decoded: DecodedBatch) -> DecidedBatch:
+    def _decide(self, batch: PreparedBatch) -> DecidedBatch:
+        messages, decoded = batch.messages, batch.decoded
         rules = self.rules  # one rule set for the whole batch, even if a new one is installed meanwhile
         legit_headers = [(RULE_SET_HEADER, rules.version.encode())]  # shared by the batch's legit records
         if self.model is None:
             legit_headers += STATELESS_LEGIT_HEADERS  # no model: a legit record is one no rule fired on, score 0
         decisions = DecidedBatch(len(messages), dict(decoded.dead), legit_headers)
         outputs = decisions.outputs
-        parts, is_column = [], []
-        if decoded.columns is not None and decoded.columns.num_rows:
-            parts.append((decoded.column_rows, TxColumns.from_arrow(decoded.columns)))
-            is_column.append(np.ones(len(decoded.column_rows), dtype=bool))
-        if decoded.records:
-            parts.append(([i for i, _ in decoded.records], TxColumns.from_records([r for _, r in decoded.records])))
-            is_column.append(np.zeros(len(decoded.records), dtype=bool))
-        if not parts:
+        tx = batch.tx
+        if tx is None:
             return decisions
-        # Rows back in batch order, which within a partition is offset order (what the state needs);
-        # the same stable sort as TxColumns.concat_in_order.
-        positions = np.concatenate([np.asarray(p, dtype=np.int64) for p, _ in parts])
-        order = np.argsort(positions, kind="stable")
-        positions = positions[order]
-        from_columns = np.concatenate(is_column)[order]
-        source_row = np.concatenate([np.arange(len(p)) for p, _ in parts])[order]
-        tx = TxColumns.concat_in_order(parts)
+        positions, from_columns, source_row, partition_of = (
+            batch.positions,
+            batch.from_columns,
+            batch.source_row,
+            batch.partition_of,
+        )
 
         features = {name: np.empty(len(tx), dtype=dtype) for name, dtype in CARD_FEATURES.items()}
-        rows_in_batch = positions.tolist()  # plain ints: indexing a list with NumPy ints is slow
-        partition_of = np.array([messages[i].partition() for i in rows_in_batch], dtype=np.int32)
         if self.terminal_features is not None:
-            # Before any card state changes: waiting for the terminal window may raise (stop, outage).
-            offsets = np.array([messages[i].offset() for i in rows_in_batch], dtype=np.int64)
-            features.update(
-                self.terminal_features(tx, partition_of, offsets, newest_created_ms(messages, positions, partition_of))
-            )
+            features.update(self.terminal_features(tx, partition_of, batch.offsets, batch.created_ms))
         # Each partition's rows with that partition's card table, all partitions in one pass.
         partitions, which = np.unique(partition_of, return_inverse=True)
         tables = [self.state.tables(int(partition))[CARDS.name] for partition in partitions.tolist()]
@@ -496,6 +557,7 @@ class StatefulDecider:
         """Between batches (the input is quiet): the held records due now, as a batch of no input records."""
         if not self._any_held():
             return None
+        self.ready(None)
         decisions = DecidedBatch(0, {}, [])
         try:
             self._release(self.rules, decisions)
@@ -646,9 +708,8 @@ class StatefulDecider:
             )
 
     def _model_input(self, tx: TxColumns, features: dict[str, np.ndarray]) -> np.ndarray:
-        """The model's features, once the labels due by the batch's latest event time are read."""
+        """The model's features, from the labels `ready` read up to the batch's latest event time."""
         labels = self.labels
-        labels.catch_up(int(tx.event_time_ms.max()))
         self._batches += 1
         if self._batches % LABEL_EXPIRY_EVERY == 0:
             # No window reaches further back than the longest one before the delay (plus a day for late records).

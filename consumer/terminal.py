@@ -264,8 +264,9 @@ class GateStats:
 
 
 class TerminalReader:
-    """Reads every input partition into a TerminalWindow; `features(tx, partitions, offsets)` waits for the
-    event-time gate, then answers from the window."""
+    """Reads every input partition into a TerminalWindow. `ready` does the reading and waiting before a batch is
+    decided (the event-time gate, reseeds, the ends of quiet partitions); the answers decide asks for
+    (`features`, `releasable`, `cut_short`, `other_cards_held`) come from the window alone."""
 
     def __init__(
         self,
@@ -588,44 +589,70 @@ class TerminalReader:
                 behind.append(p)
         return behind
 
-    def features(
-        self, tx: TxColumns, partitions: np.ndarray, offsets: np.ndarray, created_ms: int | None = None
-    ) -> dict[str, np.ndarray]:
-        """TERMINAL_FEATURES of a batch (rows in offset order per partition), once the gate holds; created_ms:
-        the Kafka timestamp of the batch's newest record."""
-        if not len(tx):
-            return {"terminal_cards": np.zeros(0, np.int64)}
-        earliest = int(tx.event_time_ms.min())
-        if self.window.expired_before is not None and earliest - self.window.window_ms < self.window.expired_before:
-            # A batch reaching back past what the window still holds (a partition handed over by a lagging
-            # detector, a rewind): read the window again from the committed offsets.
-            self.stats.reseeds += 1
-            self.on_log("terminal window: a batch reaches back past the events held; reseeding")
-            self.seed()
-        ends: dict[int, int] = {}
-        for p, o in zip(partitions.tolist(), offsets.tolist(), strict=True):
-            ends[p] = max(ends.get(p, 0), o + 1)
-        self.wait_for(int(tx.event_time_ms.max()), ends, created_ms)
-        out = terminal_cards(self.window, tx, partitions, offsets)
+    # ----- readiness: everything that waits or reads, before a batch is decided -----
+    def ready(
+        self,
+        batch: tuple[TxColumns, np.ndarray, np.ndarray, int | None] | None,
+        *,
+        oldest_held_ms: int | None,
+        holding: bool,
+        idle_ms: int,
+    ) -> None:
+        """Before a batch (columns, partitions, offsets, the Kafka timestamp of its newest record; None between
+        batches) is decided: reseed where the batch or the oldest held record (`oldest_held_ms`) reaches back
+        past the events held; wait for the event-time gate; when records are or may be held (`holding`), read
+        what has arrived and ask quiet-looking partitions' ends (asynchronously) for their release; expire
+        now and then. features, releasable, cut_short and other_cards_held then answer from what this read,
+        with no wait and no I/O."""
+        if batch is not None and len(batch[0]):
+            tx, partitions, offsets, created_ms = batch
+            earliest = int(tx.event_time_ms.min())
+            expired_before = self.window.expired_before
+            if expired_before is not None and earliest - self.window.window_ms < expired_before:
+                # A batch reaching back past what the window still holds (a partition handed over by a lagging
+                # detector, a rewind): read the window again from the committed offsets.
+                self.stats.reseeds += 1
+                self.on_log("terminal window: a batch reaches back past the events held; reseeding")
+                self.seed()
+            ends: dict[int, int] = {}
+            for p, o in zip(partitions.tolist(), offsets.tolist(), strict=True):
+                ends[p] = max(ends.get(p, 0), o + 1)
+            self.wait_for(int(tx.event_time_ms.max()), ends, created_ms)
+        if oldest_held_ms is not None and self.holds_from is not None:
+            if oldest_held_ms - self.window.window_ms < self.holds_from:
+                # A partition handed over with held records older than the window reaches.
+                self.stats.reseeds += 1
+                self.on_log("terminal window: held records reach back past the events held; reseeding")
+                self.seed(back_to=oldest_held_ms)
+        if holding:
+            self._ingest(self._consume(0))
+            now_ms = time.time() * 1000
+            for p in self.partitions:
+                self._ask_if_quiet(p, now_ms, idle_ms)
         if time.monotonic() - self._last_expiry >= EXPIRE_EVERY_S:
             self._last_expiry = time.monotonic()
             self.expire()
-        return out
+
+    def features(
+        self, tx: TxColumns, partitions: np.ndarray, offsets: np.ndarray, created_ms: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """TERMINAL_FEATURES of a batch (rows in offset order per partition), from the window `ready` read."""
+        if not len(tx):
+            return {"terminal_cards": np.zeros(0, np.int64)}
+        return terminal_cards(self.window, tx, partitions, offsets)
 
     # ----- held records (consumer/held.py) -----
     def releasable(self, times: np.ndarray, created_ms: np.ndarray, ahead_ms: int, idle_ms: int) -> np.ndarray:
         """Which held records (event times, Kafka timestamps) the window now answers for up to t + ahead_ms:
         on every partition, read past t + ahead_ms + the tolerance, or found quiet (at its end, its newest
         record created idle_ms or more before) at a time at least idle_ms after the held record was created.
-        Never waits: it reads what has arrived, and asks a quiet-looking partition's end asynchronously."""
-        self._ingest(self._consume(0))
+        From what `ready` read and asked: no wait, no I/O."""
         need = np.asarray(times, dtype=np.int64) + ahead_ms + self.tolerance_ms
         due = np.ones(len(need), dtype=bool)
-        now_ms = time.time() * 1000
         for p in self.partitions:
             passed = need < self._latest.get(p, np.iinfo(np.int64).min)
             if not passed.all():
-                quiet = self._quiet_at(p, now_ms, idle_ms)
+                quiet = self._quiet.get(p)
                 if quiet is not None:
                     passed |= np.asarray(created_ms, dtype=np.int64) + idle_ms <= quiet
             due &= passed
@@ -640,9 +667,10 @@ class TerminalReader:
         short = [need >= self._latest.get(p, np.iinfo(np.int64).min) for p in self.partitions]
         return [",".join(str(p) for p, s in zip(self.partitions, short, strict=True) if s[i]) for i in range(len(need))]
 
-    def _quiet_at(self, p: int, now_ms: float, idle_ms: int) -> float | None:
-        """The latest wall-clock time (ms) partition p was found at its end with nothing created for idle_ms
-        before; asks again (asynchronously) while it looks quiet, so that time moves on."""
+    def _ask_if_quiet(self, p: int, now_ms: float, idle_ms: int) -> None:
+        """Keep `_quiet[p]`, the latest wall-clock time (ms) partition p was found at its end with nothing created
+        for idle_ms before: take a pending answer of its end, and ask again (asynchronously) while it looks
+        quiet, so that time moves on."""
         created = self._created.get(p)
         pending = self._end_asks.get(p)
         if pending is not None and pending[1].done():
@@ -664,18 +692,12 @@ class TerminalReader:
                     isolation_level=IsolationLevel.READ_COMMITTED,
                 )[tp],
             )
-        return self._quiet.get(p)
 
     def other_cards_held(
         self, terminals: np.ndarray, cards: np.ndarray, times: np.ndarray, ahead_ms: int
     ) -> np.ndarray:
-        """The terminal rule's count for released records, up to t + ahead_ms; reseeds first if the window no
-        longer reaches a window back from the oldest of them (a partition handed over with old held records)."""
-        earliest = int(np.min(times))
-        if self.holds_from is not None and earliest - self.window.window_ms < self.holds_from:
-            self.stats.reseeds += 1
-            self.on_log("terminal window: held records reach back past the events held; reseeding")
-            self.seed(back_to=earliest)
+        """The terminal rule's count for released records, up to t + ahead_ms (the window reaches back far enough:
+        `ready` reseeded it for the oldest held record)."""
         return self.window.other_cards(terminals, cards, times, ahead_ms=ahead_ms)
 
     def expire(self) -> int:

@@ -34,7 +34,11 @@ class Window:
 
     def __init__(self):
         self.due, self.ahead, self.asked = False, 0, []
+        self.readied: list[bool] = []  # each ready(): for a batch (True) or between batches
         self.short = ""  # what cut_short names: the quiet partitions a release did not wait for
+
+    def ready(self, batch, *, oldest_held_ms, holding, idle_ms):
+        self.readied.append(batch is not None)
 
     def features(self, tx, partitions, offsets, created_ms):
         return {"terminal_cards": np.zeros(len(tx), np.int64)}

@@ -53,6 +53,9 @@ class StandInConsumer:
     def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
         return [TopicPartition(tp.topic, tp.partition, self.positions[tp.partition]) for tp in partitions]
 
+    def committed(self, partitions: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, -1001) for tp in partitions]  # nothing committed yet
+
 
 class LateRecordConsumer(StandInConsumer):
     """A record created before the batch's newest lands on partition 2 at `lands_at_ms` (it was still in its
@@ -329,6 +332,11 @@ def test_another_broker_error_still_ends_the_call_with_one_line() -> None:
 AHEAD_MS = 120_000
 
 
+def ready(r) -> None:
+    """Readiness between batches with records held (what the decider's ready asks of the reader)."""
+    r.ready(None, oldest_held_ms=T0, holding=True, idle_ms=2_000)
+
+
 def test_a_held_record_is_due_once_every_partition_is_read_past_its_look_ahead() -> None:
     # Partition 0 has records left to read, so only event time can release; 1 has just been read to its end.
     consumer = StandInConsumer(ends={0: 90, 1: 60}, positions={0: 40, 1: 60})
@@ -352,8 +360,12 @@ def test_a_quiet_partition_at_its_end_stops_holding_records_created_an_idle_time
     r._created = {0: now, 1: now - 10_000}
     times = np.array([T0, T0])
     created = np.array([now - 5_000, now - 500])  # the second was created after partition 1 went quiet... and recently
-    assert r.releasable(times, created, AHEAD_MS, idle_ms=2_000).tolist() == [False, False]  # the end is asked
+    assert r.releasable(times, created, AHEAD_MS, idle_ms=2_000).tolist() == [False, False]  # nothing asked yet
+    assert not consumer.asked_ends_at  # releasable itself asks nothing: decide does no I/O
+    ready(r)  # readiness, before the next decide: the end is asked
     assert len(consumer.asked_ends_at) == 1
+    assert r.releasable(times, created, AHEAD_MS, idle_ms=2_000).tolist() == [False, False]  # not answered then
+    ready(r)  # the answer is taken
     assert r.releasable(times, created, AHEAD_MS, idle_ms=2_000).tolist() == [True, False]
     assert r.cut_short(times, AHEAD_MS) == ["1", "1"]  # partition 1's look-ahead was not read: named
 
@@ -372,5 +384,45 @@ def test_a_partition_with_records_left_to_read_is_not_quiet_however_old_its_newe
     r = reader(consumer, {0: T0}, [], [])
     r._created = {0: now - 60_000}
     for _ in range(3):
+        ready(r)
         assert r.releasable(np.array([T0]), np.array([now - 30_000]), AHEAD_MS, idle_ms=2_000).tolist() == [False]
     assert len(consumer.asked_ends_at) >= 1 and 0 not in r._quiet
+
+
+class NoMoreCalls(Exception):
+    pass
+
+
+def test_after_ready_the_decider_decides_and_releases_with_no_wait_and_no_call_to_kafka() -> None:
+    """Pure decide: everything that waits or reads is in `ready`. With every client call refused after it,
+    decide_prepared still decides the batch, holds its in-person payment, and releases the one held earlier
+    on the quiet partition's answer that `ready` took."""
+    from fraudstream.consumer.stateful import prepare_batch
+    from tests.support.decoding import encode
+    from tests.support.stateful_standins import Message, State, in_person, stateful_decider
+
+    now = time.time() * 1000
+    consumer = StandInConsumer(ends={0: 90, 1: 60}, positions={0: 90, 1: 60})
+    r = reader(consumer, {0: T0 + 10 * AHEAD_MS, 1: T0 - AHEAD_MS}, [], [])
+    r._created = {0: now, 1: now - 10_000}  # partition 1 stopped 10 s ago
+    r.decode = lambda messages: None
+    decider = stateful_decider(r, State())
+    decider.hold_idle_ms = 2_000
+    first = decider.decide_batch([Message(encode(in_person(0)), 0)])  # held: partition 1 not past its look-ahead
+    assert first.held == 1 and not first.released
+    later = [Message(encode(in_person(1)), 1)]
+    batch = prepare_batch(later, decider.decode(later), with_offsets=True)
+    decider.ready(batch)  # asks partition 1's end, and takes the answer next time
+    decider.ready(batch)
+    asked, polls = len(consumer.asked_ends_at), consumer.polls
+
+    def refused(*args, **kwargs):
+        raise NoMoreCalls
+
+    for call in ("consume", "list_offsets", "position", "committed", "get_watermark_offsets", "list_topics"):
+        setattr(consumer, call, refused)
+    decided = decider.decide_prepared(batch)
+    # Both released (each created before partition 1 went quiet), named as cut short on partition 1.
+    assert decided.held == 1 and [record.offset() for record, _ in decided.released] == [0, 1]
+    assert {dict(d.headers or ()).get("fraudstream.released_early") for _, d in decided.released} == {b"1"}
+    assert (len(consumer.asked_ends_at), consumer.polls) == (asked, polls) and asked >= 1
