@@ -249,10 +249,12 @@ class Model:
         self.threshold = float(meta.get("threshold", 0.5))
         self.name = f"{meta.get('name', 'model')} v{meta.get('model_version', '?')}"
 
-    def score(self, matrix: np.ndarray) -> np.ndarray:
+    def score(self, matrix: np.ndarray, *, threads: int = 1) -> np.ndarray:
+        """One thread by default: the detector's other core serves librdkafka. Each row is scored on its own, so
+        the scores do not depend on `threads`."""
         if not len(matrix):
             return np.zeros(0, dtype=np.float64)
-        return np.asarray(self.booster.predict(matrix, num_threads=1), dtype=np.float64)
+        return np.asarray(self.booster.predict(matrix, num_threads=threads), dtype=np.float64)
 
     def save(self, path: Path) -> None:
         header = {

@@ -196,6 +196,8 @@ def build_report(
             "total_s": round(result.read_s, 3),
             "cpu_s": round(result.cpu_s, 3),
             "records_per_decide_s": round(result.read / result.decide_s) if result.decide_s else None,
+            "model_batches_scored": result.model_scored,
+            "model_batches_shared": result.model_shared,  # scores one rule set's decider reused from another's
         },
         "sides": {},
         "workload": {},

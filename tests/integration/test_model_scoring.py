@@ -101,3 +101,30 @@ def test_a_trained_model_scores_every_routed_record(pipeline: Settings, tmp_path
     assert done.returncode == 0, done.stderr
     result = json.loads(output.read_text())
     assert result["score_source"] == "score" and result["overall"]["auc_roc"] > 0.5
+
+    # The backtest with the model, two rule sets (a candidate that changes nothing here, and the live rules):
+    # every transaction gets the decision and the score the detector wrote, and the model scored each batch
+    # once for both rule sets.
+    candidate = tmp_path / "candidate.toml"
+    candidate.write_text("[large_amount]\nthreshold_cents = 95000\n")
+    backtest = tmp_path / "backtest.json"
+    done = cli(
+        pipeline,
+        "backtest",
+        "--rules",
+        str(candidate),
+        "--model",
+        str(model_file),
+        "--label-delay",
+        str(LABEL_DELAY_DAYS),
+        "--fidelity",
+        "--output",
+        str(backtest),
+    )
+    assert done.returncode == 0, done.stderr
+    replayed = json.loads(backtest.read_text())
+    fidelity = replayed["fidelity"]
+    assert fidelity["compared"] == len(simulation) and fidelity["same"] == len(simulation), fidelity["differences"][:5]
+    assert fidelity["same_score"] == len(simulation)
+    speed = replayed["speed"]
+    assert speed["model_batches_scored"] >= 1 and speed["model_batches_shared"] == speed["model_batches_scored"]

@@ -156,3 +156,30 @@ def test_the_replay_gate_waits_for_every_partition_unless_it_has_ended() -> None
     assert due.tolist() == [True, False]
     progress.finished = {0, 1, 2}
     assert terminal.releasable(np.array([10**12]), np.zeros(1, np.int64), ahead, 2_000).tolist() == [True]
+
+
+class CountingBooster:
+    """A booster whose score is the row's sum; counts predict calls and their threads."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def predict(self, matrix, num_threads):
+        self.calls.append(num_threads)
+        return np.nansum(matrix, axis=1)
+
+
+def test_the_model_scores_a_batch_once_for_every_rule_set_and_only_an_equal_matrix_is_served_again() -> None:
+    from fraudstream.consumer.backtest import SharedScores
+    from fraudstream.consumer.model import Model
+
+    booster = CountingBooster()
+    shared = SharedScores(Model(booster, {"threshold": 0.5}), threads=2)
+    batch = np.array([[1.0, np.nan], [2.0, 3.0]])
+    first = shared.score(batch)
+    again = shared.score(batch.copy())  # the second rule set's decider: the same features, NaN included
+    assert again is first and booster.calls == [2] and (shared.scored, shared.shared) == (1, 1)
+    other = batch.copy()
+    other[1, 1] = 4.0
+    assert shared.score(other).tolist() == [1.0, 6.0] and len(booster.calls) == 2  # a different matrix: scored
+    assert shared.threshold == 0.5 and (shared.scored, shared.shared) == (2, 1)
