@@ -8,6 +8,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
 
 import time
 from concurrent.futures import Future
+from datetime import UTC, datetime
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,9 +16,12 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 import fraudstream.consumer.terminal as terminal
+from fraudstream.consumer.decide import Route
+from fraudstream.consumer.stateful import decode_batch
 from fraudstream.consumer.terminal import TerminalReader
 from fraudstream.errors import KafkaUnavailable
 from fraudstream.settings import Settings
+from tests.support.decoding import decider_pair
 
 T0 = 1_767_225_600_000
 
@@ -426,3 +430,126 @@ def test_after_ready_the_decider_decides_and_releases_with_no_wait_and_no_call_t
     assert decided.held == 1 and [record.offset() for record, _ in decided.released] == [0, 1]
     assert {dict(d.headers or ()).get("fraudstream.released_early") for _, d in decided.released} == {b"1"}
     assert (len(consumer.asked_ends_at), consumer.polls) == (asked, polls) and asked >= 1
+
+
+class Record:
+    """A record as a broker hands it out."""
+
+    def __init__(self, partition: int, offset: int, value: bytes) -> None:
+        self._partition, self._offset, self._value = partition, offset, value
+
+    def partition(self):
+        return self._partition
+
+    def offset(self):
+        return self._offset
+
+    def value(self):
+        return self._value
+
+    def key(self):
+        return b"acct"
+
+    def topic(self):
+        return "transactions"
+
+    def headers(self):
+        return None
+
+    def error(self):
+        return None
+
+    def timestamp(self):
+        return (1, 1_000)  # created long ago: no wait for records in flight
+
+
+class LogConsumer:
+    """Each partition's records as a broker holds them; consume() hands out at most `chunk` records of each
+    assigned partition per call, from its position (a fetch never returns a whole partition at once)."""
+
+    def __init__(self, logs: dict[int, list[bytes]], committed: dict[int, int], chunk: int = 4) -> None:
+        self.logs, self.committed_at, self.chunk = logs, committed, chunk
+        self.positions: dict[int, int] = {}
+
+    def assign(self, tps: list[TopicPartition]) -> None:
+        self.positions = {tp.partition: tp.offset for tp in tps}
+
+    def incremental_unassign(self, tps: list[TopicPartition]) -> None:
+        for tp in tps:
+            self.positions.pop(tp.partition, None)
+
+    def consume(self, num_messages: int, timeout: float) -> list:
+        out = []
+        for p, at in sorted(self.positions.items()):
+            taken = self.logs[p][at : at + self.chunk]
+            out += [Record(p, at + i, value) for i, value in enumerate(taken)]
+            self.positions[p] = at + len(taken)
+        return out
+
+    def position(self, tps: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, self.positions.get(tp.partition, -1001)) for tp in tps]
+
+    def committed(self, tps: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, self.committed_at[tp.partition]) for tp in tps]
+
+    def get_watermark_offsets(self, tp: TopicPartition, cached: bool = False, timeout: float | None = None):
+        return 0, len(self.logs[tp.partition])
+
+    def list_offsets(self, specs: dict, request_timeout: float, isolation_level) -> dict:
+        answers = {}
+        for tp in specs:
+            answers[tp] = Future()
+            answers[tp].set_result(SimpleNamespace(offset=len(self.logs[tp.partition])))
+        return answers
+
+    def list_topics(self, topic: str, timeout: float) -> None:
+        pass
+
+
+def test_a_held_record_released_after_a_reseed_counts_the_cards_its_look_ahead_reaches() -> None:
+    """Soak 3015: a detector given a partition with older held records reseeded its window, which reads each
+    partition again only up to the group's committed offset. The release had already been judged due on the
+    window as read before the reseed (far past the look-ahead), then counted the cards on the reseeded one:
+    three victims' cards at the skimmer, after partition 1's committed offset, were not there, and the first
+    victim went out legit. Now the reseed is part of readiness: a record is due on what the window holds."""
+    from datetime import timedelta
+
+    from tests.support.decoding import encode, make_tx
+    from tests.support.stateful_standins import Message, State, stateful_decider
+
+    start = datetime.fromtimestamp(T0 / 1000, tz=UTC)
+
+    def tx(i: int, seconds: float, **changes) -> bytes:
+        fields = dict(transaction_id=f"tx-{i}", card_id=f"card-{i}", terminal_id=f"term-{i}")
+        return encode(make_tx(2_500, event_time=start + timedelta(seconds=seconds), **{**fields, **changes}).to_dict())
+
+    victim = tx(0, 0, terminal_id="skimmer", channel="CARD_PRESENT")
+    filler0 = [tx(100 + i, 10 * (i + 1)) for i in range(60)]  # partition 0 reaches 10 minutes past the victim
+    before = [tx(200 + i, -300 + i) for i in range(10)]  # partition 1, committed up to here
+    between = [tx(300 + i, 10 + i) for i in range(10)]  # read once, then again after the reseed
+    cards = [tx(400 + i, 30 * (i + 1), terminal_id="skimmer", channel="CARD_PRESENT") for i in range(3)]
+    after = [tx(500 + i, 100 + 10 * i) for i in range(50)]
+    logs = {0: [victim, *filler0], 1: [*before, *between, *cards, *after]}
+    consumer = LogConsumer(logs, committed={0: 0, 1: len(before)})
+    record_wise, columnar = decider_pair()
+    r = TerminalReader(
+        Settings().replace(broker_outage_limit_s=5),
+        decode=lambda messages: decode_batch(columnar, columnar.record_wise, messages),
+    )
+    r.consumer = r.admin = consumer
+    r.partitions = [0, 1]
+    r.seed()
+    state = State()
+    decider = stateful_decider(r, state)
+    first = decider.decide_batch([Message(victim, 0)])  # no other card yet: held for the look-ahead
+    assert first.held == 1 and not first.released
+    r.holds_from = T0 + 1  # the window no longer reaches back a window from the held record: reseed
+    released = None
+    for _ in range(40):
+        released = decider.release_due()
+        if released is not None:
+            break
+    assert r.stats.reseeds >= 1  # the path under test ran
+    assert released is not None and len(state.held) == 0
+    [(record, decision)] = released.released
+    assert decision.route is Route.FRAUD and decision.rules == ("compromised_terminal",), decision
