@@ -75,6 +75,7 @@ from fraudstream.kafka import (
     ensure_topics,
     explain_denial,
     producer_config,
+    refresh_metadata,
     transactional_producer_config,
 )
 from fraudstream.printable import printable
@@ -106,6 +107,7 @@ SHADOW_PREFIX = "shadow/"
 # in one fetch but for the largest changes); past it, the change waits for the next poll, still whole.
 CATCH_UP_S = 0.5
 END_QUERY_S = 5.0  # the broker's answer to "where does the topic end", at most this long
+END_RETRY_S = 0.2  # between two asks that failed
 
 # Who wrote a change, on every record `fraudstream rules` writes (a tombstone has no value to carry it):
 # the principal the cluster authenticated this client as, as its config says (absent: unauthenticated);
@@ -494,6 +496,7 @@ class RulesTopic:
         deadline = time.monotonic() + timeout_s
         high = self._end()
         while high is None and time.monotonic() < deadline:  # the broker did not answer: asked again
+            time.sleep(END_RETRY_S)
             high = self._end()
         if high is None:
             raise KafkaUnavailable(f"could not learn where rules topic {self.settings.rules_topic} ends")
@@ -588,6 +591,10 @@ class RulesTopic:
             return asked.result(timeout=END_QUERY_S).offset
         except (KafkaException, TimeoutError) as exc:
             self.on_log(f"rules reader: the end of {self.settings.rules_topic} unknown ({exc}); will retry")
+            # The admin asks the leader its metadata names, and does not refresh it on FENCED_LEADER_EPOCH or
+            # NOT_LEADER: in a 3-broker soak every ask for 20 s after a broker restart failed so, and the
+            # detector gave up starting. A fresh answer moves the next ask to the new leader.
+            refresh_metadata(self._admin, self.settings.rules_topic, END_QUERY_S)
             return None
 
     def _publish(self) -> None:

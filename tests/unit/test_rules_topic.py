@@ -654,3 +654,33 @@ def test_the_seed_is_read_back_even_when_the_end_asked_after_writing_it_is_stale
     reader.consumer.end = len(seeded)  # a later ask sees them (the poll publishes a change read to its end)
     reader._read_back(len(seeded), timeout_s=5)
     assert set(reader.current.names) == {LARGE_AMOUNT, "card_testing"}
+
+
+class StaleLeaderAdmin(FakeConsumer):
+    """An admin client whose metadata names a leader that lost its partition: every end it asks fails with
+    FENCED_LEADER_EPOCH until its metadata is asked again (list_topics), as librdkafka's admin does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stale, self.refreshes, self.asks = True, 0, 0
+
+    def list_topics(self, topic, timeout):
+        self.refreshes += 1
+        self.stale = False
+
+    def list_offsets(self, specs, isolation_level, request_timeout):
+        self.asks += 1
+        if self.stale:
+            from confluent_kafka import KafkaError, KafkaException
+
+            raise KafkaException(KafkaError(KafkaError.FENCED_LEADER_EPOCH))
+        return super().list_offsets(specs, isolation_level, request_timeout)
+
+
+def test_the_end_asked_of_a_leader_that_moved_is_asked_again_of_the_new_one(reader):
+    """Soak 3016: a detector starting after a broker restart asked the rules topic's end for 20 s of the leader
+    its admin's metadata named, got FENCED_LEADER_EPOCH each time, and gave up starting."""
+    admin = reader._admin = StaleLeaderAdmin()
+    admin.end = 0
+    reader._read_to_end(timeout_s=5)
+    assert admin.refreshes == 1 and admin.asks == 2  # the failed ask, a refresh, then the answer
