@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
@@ -510,9 +510,11 @@ class TerminalReader:
         ends: dict[int, Future | int] = {}  # partition -> its end as the broker answers once settled
         last_log = last_refresh = started
         waited = False
+        stall_s = self.settings.terminal_stall_ms / 1000
         while True:
             settled = time.monotonic() - started >= settle_in_s
-            behind = self._behind(latest_ms + self.tolerance_ms, batch_ends, ends if settled else None)
+            stalled = self._stalled(created_ms) if time.monotonic() - started < stall_s else set()
+            behind = self._behind(latest_ms + self.tolerance_ms, batch_ends, ends if settled else None, stalled)
             if not behind:
                 break
             waited = True
@@ -551,10 +553,25 @@ class TerminalReader:
         for client in (self.consumer, self.admin):
             refresh_metadata(client, self.settings.transactions_topic, METADATA_REFRESH_EVERY_S)
 
-    def _behind(self, past_ms: int, batch_ends: dict[int, int], ends: dict[int, Future | int] | None) -> list[int]:
+    def _stalled(self, created_ms: int | None) -> set[int]:
+        """The partitions whose newest record read was created between terminal_stall_ms and terminal_idle_ms
+        before the batch's newest (`created_ms`): they stopped short of the others, as a stalled producer or
+        replica does, and their end is not trusted yet."""
+        if created_ms is None:
+            return set()
+        idle, stall = self.settings.terminal_idle_ms, self.settings.terminal_stall_ms
+        return {p for p, created in self._created.items() if created_ms - stall < created < created_ms - idle}
+
+    def _behind(
+        self,
+        past_ms: int,
+        batch_ends: dict[int, int],
+        ends: dict[int, Future | int] | None,
+        stalled: Collection[int] = (),
+    ) -> list[int]:
         """The partitions the gate still waits for. `ends`: None before the idle time has passed (no partition
         counts as at its end yet); after, each partition's end as the broker answers (its pending query, then
-        the offset), asked once."""
+        the offset), asked once. A `stalled` partition not read past `past_ms` is waited for even at its end."""
         topic = self.settings.transactions_topic
         behind = []
         for p in self.partitions:
@@ -564,7 +581,7 @@ class TerminalReader:
                 continue
             if self._latest.get(p, -1) > past_ms:
                 continue
-            if ends is None:
+            if ends is None or p in stalled:
                 behind.append(p)
                 continue
             end = ends.get(p)

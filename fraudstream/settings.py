@@ -53,6 +53,7 @@ ENV: dict[str, str] = {
     "label_delay_days": "FRAUDSTREAM_LABEL_DELAY_DAYS",
     "terminal_idle_ms": "FRAUDSTREAM_TERMINAL_IDLE_MS",
     "terminal_hold_idle_ms": "FRAUDSTREAM_TERMINAL_HOLD_IDLE_MS",
+    "terminal_stall_ms": "FRAUDSTREAM_TERMINAL_STALL_MS",
     "metrics_port": "FRAUDSTREAM_METRICS_PORT",
     "transaction_timeout_ms": "FRAUDSTREAM_TRANSACTION_TIMEOUT_MS",
     "broker_outage_limit_s": "FRAUDSTREAM_BROKER_OUTAGE_LIMIT_S",
@@ -131,6 +132,13 @@ class Settings:
     # in its producer's batch or in flight, lands meanwhile (like Kafka Streams' max.task.idle.ms). Costs
     # this much latency at the head of the stream, none on a backlog.
     terminal_idle_ms: int = 200
+    # An input partition at its end whose newest record was created more than terminal_idle_ms but less than
+    # this before the batch's newest stopped short of the others: its producer or its replicas are stalled
+    # (acks=all: a record is readable once every in-sync replica has it), not quiet. The terminal window waits
+    # for it up to this long (in 3-broker soaks, records created before a batch's newest, on such a partition,
+    # were readable only seconds later, and the batch was decided without them). A partition that stays quiet
+    # costs this much latency once; 0: no such wait.
+    terminal_stall_ms: int = 10_000
     # A record held for the terminal rule's look-ahead (consumer/held.py) is released early only when an input
     # partition that has not reached its look-ahead has created nothing for this long since it: a quiet
     # partition, not one the detector is still reading. Longer: fewer early decisions in a live lull;
@@ -291,7 +299,7 @@ class Settings:
                     f"{name} must be below {MAX_POLL_INTERVAL_S} s (the consumer's max.poll.interval.ms), "
                     "or the group would evict a detector that is only waiting"
                 )
-        for name in ("terminal_idle_ms", "terminal_hold_idle_ms"):
+        for name in ("terminal_idle_ms", "terminal_hold_idle_ms", "terminal_stall_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, not {getattr(self, name)}")
         if not self.label_delay_days >= 0:

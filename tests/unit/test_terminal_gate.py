@@ -89,8 +89,12 @@ def reader(
     log: list[str],
     gates: list,
     idle_ms: int = Settings().terminal_idle_ms,
+    stall_ms: int = Settings().terminal_stall_ms,
+    outage_limit_s: float = 1,
 ) -> TerminalReader:
-    settings = Settings().replace(broker_outage_limit_s=1, terminal_idle_ms=idle_ms)
+    settings = Settings().replace(
+        broker_outage_limit_s=outage_limit_s, terminal_idle_ms=idle_ms, terminal_stall_ms=stall_ms
+    )
     r = TerminalReader(
         settings,
         decode=lambda messages: None,
@@ -125,6 +129,32 @@ def test_a_partition_at_its_end_counts_only_after_the_idle_time_since_the_newest
     assert consumer.positions[2] == 8, "decided before the late record was read"
     assert consumer.polls > 0 and r.stats.waits == 1
     assert min(consumer.asked_ends_at) >= created + 300  # the end asked only once the idle time had passed
+
+
+def test_a_partition_at_its_end_that_stopped_short_of_the_others_is_waited_for_until_its_records_land() -> None:
+    """Soak 3016: partition 2's newest readable record was created 3 s before the batch's newest (its replicas
+    stalled; acks=all makes a record readable only once they have it). At its end after the idle time, it was
+    trusted, and the batch was decided without a record created just before its newest, at the same terminal:
+    a compromised-terminal victim went out legit. Now such a partition is waited for, up to the stall time."""
+    created = time.time() * 1000
+    consumer = LateRecordConsumer(ends={0: 40, 2: 7}, positions={0: 40, 2: 7}, lands_at_ms=created + 600)
+    r = reader(consumer, {0: T0, 2: T0 - 5_000}, [], [], idle_ms=100, stall_ms=5_000, outage_limit_s=20)
+    r._created = {0: int(created), 2: int(created) - 3_000}  # partition 2 went silent 3 s before the batch
+    r.wait_for(T0, {0: 40}, int(created))
+    # The stand-in's landed record carries no timestamp to read, so the wait runs its whole stall time.
+    assert consumer.positions[2] == 8, "decided before the stalled partition's record was read"
+    assert time.time() * 1000 >= created + 5_000 and r.stats.waits == 1
+
+
+def test_a_partition_quiet_for_longer_than_the_stall_time_is_trusted_at_its_end() -> None:
+    """A partition that simply has no traffic costs no wait once it has been silent past terminal_stall_ms."""
+    created = time.time() * 1000
+    consumer = StandInConsumer(ends={0: 40, 2: 7}, positions={0: 40, 2: 7})
+    r = reader(consumer, {0: T0, 2: T0 - 5_000}, [], [], idle_ms=0)
+    r._created = {0: int(created), 2: int(created) - Settings().terminal_stall_ms - 1}
+    started = time.monotonic()
+    r.wait_for(T0, {0: 40}, int(created))
+    assert time.monotonic() - started < 1.0 and r._stalled(int(created)) == set()
 
 
 def test_a_partition_behind_and_not_at_its_end_is_logged_counted_and_ends_the_wait(monkeypatch) -> None:
