@@ -115,6 +115,7 @@ class SoakRun:
     def _load_and_faults(self, rng: random.Random) -> dict:
         s = self.settings
         self.detectors: dict[int, DetectorProcess] = {}
+        self._started_in: dict[int, int] = {}  # slot -> processes started in it so far
         self._start_detector(1)
         stop_producing = threading.Event()
         produced: list = []
@@ -162,9 +163,15 @@ class SoakRun:
         return {"produced": report.delivered, "produce_failed": report.failed}
 
     def _start_detector(self, slot: int) -> None:
+        """A new process in `slot`, with a log of its own: detector-<slot>.<n>.log for its n-th process (a
+        process killed and started again must not wipe the evidence of the one before)."""
         s = self.settings
+        self._started_in[slot] = self._started_in.get(slot, 0) + 1
         self.detectors[slot] = DetectorProcess(
-            s, self.out / f"detector-{slot}.log", transactional_id=f"{s.group_id}-{slot}", supervised=False
+            s,
+            self.out / f"detector-{slot}.{self._started_in[slot]}.log",
+            transactional_id=f"{s.group_id}-{slot}",
+            supervised=False,
         )
 
     def _keep_detectors_running(self) -> None:
