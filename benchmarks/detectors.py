@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -355,6 +356,19 @@ class DetectorRun:
         return asdict(self)
 
 
+STARTUP_WAIT_S = 60.0
+
+
+def _wait_started(contenders: list, timeout_s: float) -> None:
+    """Until each process has written its first log line (or exited): on a loaded machine one of a group could
+    still be importing when the others had routed everything, and die of the SIGTERM before its handler was
+    set (exit -15, an empty log; seen in a CI run beside a soak and a second benchmark)."""
+    deadline = time.monotonic() + timeout_s
+    for contender in contenders:
+        while contender.poll() is None and not contender.log_tail(1).strip() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
 def run_detector(
     spec: DetectorSpec,
     settings: Settings,
@@ -401,6 +415,8 @@ def run_detector(
     finally:
         counter.close()
     started = min(c.started for c in contenders)
+    if processes > 1:
+        _wait_started(contenders, STARTUP_WAIT_S)
     exits = [c.stop() for c in contenders]
     for contender, exited in zip(contenders, exits):
         if exited.exit_code != 0:
