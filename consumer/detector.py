@@ -87,6 +87,7 @@ REGISTRY_BACKOFF_MAX_S = 5.0
 KAFKA_BACKOFF_MAX_S = 2.0
 ABANDONED_PRODUCERS_LIMIT = 3  # producers stuck for good replaced in the process (checkpoint.py); one more: exit
 FAILURES_IN_A_ROW_LIMIT = 5  # aborted or lost transactions with no commit between them, then stop
+RULES_START_S = 30.0  # reading the rules topic to its end at start, at least this long
 CONSUMER_GONE_CODES = {KafkaError._STATE, KafkaError._FATAL, KafkaError.FENCED_INSTANCE_ID}
 
 
@@ -826,7 +827,13 @@ class Detector:
     def _rules_from_topic(self):
         """The rules topic read to its end (seeded from the rules file when empty): the rules in force."""
         self.rules_topic = RulesTopic(self.settings, on_log=self.on_log, on_refused=self.metrics.rule_refused)
-        return self.rules_topic.start(seed_from=self.settings.rules_file)
+        # Each rule record is read with its writer schema: a registry restarting meanwhile is waited out for its
+        # outage limit, as the batches do (soak 3018: a detector starting during a registry kill gave up after
+        # 30 s and was restarted from outside).
+        return self.rules_topic.start(
+            seed_from=self.settings.rules_file,
+            timeout_s=max(RULES_START_S, self.settings.registry_outage_limit_s),
+        )
 
     def _apply_rule_changes(self, decider: StatefulDecider) -> None:
         """Between batches: install the rule changes fetched meanwhile (never waits), and dead-letter the

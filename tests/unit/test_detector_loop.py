@@ -878,3 +878,15 @@ def test_a_group_that_never_takes_the_member_back_ends_at_the_outage_limit(monke
     with pytest.raises(KafkaUnavailable, match="did not rejoin its group within 2.5 s"):
         detector.run()
     assert producer.committed_outputs == [] and producer.aborts >= FAILURES_IN_A_ROW_LIMIT
+
+
+def test_the_rules_topic_is_read_at_start_for_as_long_as_a_registry_outage_is_waited_out(monkeypatch):
+    """Soak 3018: a detector starting during a registry kill read the rules topic (each record needs its writer
+    schema) for 30 s, gave up, and was restarted from outside; the registry's outage limit is 240 s."""
+    from fraudstream.consumer.rules_topic import RulesTopic
+
+    asked = []
+    monkeypatch.setattr(RulesTopic, "start", lambda self, *, seed_from=None, timeout_s=30.0: asked.append(timeout_s))
+    for limit in (240, 5):
+        Detector(Settings(transactions_topic=TOPIC, registry_outage_limit_s=limit))._rules_from_topic()
+    assert asked == [240, detector_module.RULES_START_S]
