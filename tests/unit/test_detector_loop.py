@@ -682,6 +682,18 @@ class ReleasingDecider:
         return batch
 
 
+def start_with(monkeypatch, detector: Detector, state) -> None:
+    """The stand-in detector's start also gives it `state` (a stand-in of the StateManager)."""
+    start = detector._start
+
+    def start_with_state():
+        started = start()
+        detector.state = state
+        return started
+
+    monkeypatch.setattr(detector, "_start", start_with_state)
+
+
 class QuietState:
     recovering = False
     rollbacks = commits = 0
@@ -724,14 +736,8 @@ class StateWriteInFailedTransaction(QuietState):
 
 def test_state_changes_refused_by_a_failed_transaction_abort_the_batch_not_the_detector(monkeypatch):
     detector, log, [producer] = make_detector(monkeypatch)
-    start, state = detector._start, StateWriteInFailedTransaction()
-
-    def start_with_state():
-        started = start()
-        detector.state = state
-        return started
-
-    monkeypatch.setattr(detector, "_start", start_with_state)
+    state = StateWriteInFailedTransaction()
+    start_with(monkeypatch, detector, state)
     metrics = detector.run()
     assert state.writes > 1 and state.rollbacks == 1  # the refused write ran, was undone, then written again
     assert producer.aborts == 1 and metrics.aborts == 1
@@ -743,14 +749,7 @@ def test_a_transaction_that_only_releases_held_records_sends_its_partitions_offs
     detector whose partitions were given away could still release rows their new owner restored (duplicates)."""
     decider = ReleasingDecider()
     detector, log, producers = make_detector(monkeypatch, records=2, decider=decider)
-    start = detector._start
-
-    def start_with_state():
-        started = start()
-        detector.state = QuietState()
-        return started
-
-    monkeypatch.setattr(detector, "_start", start_with_state)
+    start_with(monkeypatch, detector, QuietState())
     sent = []
     original = FakeProducer.send_offsets_to_transaction
     monkeypatch.setattr(
@@ -808,14 +807,8 @@ class OutageAfterStateDecider:
 def test_a_batch_that_changed_state_before_a_registry_outage_is_undone_then_decided_again(monkeypatch):
     decider = OutageAfterStateDecider()
     detector, log, producers = make_detector(monkeypatch, decider=decider)
-    start, state = detector._start, QuietState()
-
-    def start_with_state():
-        started = start()
-        detector.state = state
-        return started
-
-    monkeypatch.setattr(detector, "_start", start_with_state)
+    state = QuietState()
+    start_with(monkeypatch, detector, state)
     metrics = detector.run()
     assert decider.failed and state.rollbacks == 1  # undone in memory, then decided again as it stood
     assert metrics.registry_retries == 1 and state.commits >= 1
