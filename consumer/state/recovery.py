@@ -233,9 +233,19 @@ class Recovery:
         }
         try:
             stable, high = (asked[level].result(timeout=self.timeout_s).offset for level in asked)
-            now_reads = f"last stable offset {stable}, high watermark {high}"
         except (KafkaException, TimeoutError) as exc:
+            # A client whose metadata went stale (a broker restarted: FENCED_LEADER_EPOCH) keeps failing the same
+            # way (seen for ten minutes in CI): the next report asks with a new one.
+            self._admin = None
             now_reads = f"its offsets unknown now: {exc}"
+        else:
+            now_reads = f"last stable offset {stable}, high watermark {high}"
+            if stable < high and (restoring.position < 0 or restoring.position >= stable):
+                now_reads += (
+                    f"; reading stops at offset {stable}, where a transaction is still open: one open past the "
+                    "transaction timeout hangs (its marker lost) and only an admin ends it (kafka-transactions.sh "
+                    "find-hanging, then abort)"
+                )
         log.warning(
             "restoring changelog %s[%d] has not moved for %.0f s: at offset %d of %d (%s)",
             tp.topic,

@@ -7,7 +7,7 @@ import logging
 from concurrent.futures import Future
 from types import SimpleNamespace
 
-from confluent_kafka import IsolationLevel, TopicPartition
+from confluent_kafka import OFFSET_INVALID, IsolationLevel, KafkaError, KafkaException, TopicPartition
 
 import fraudstream.consumer.state.recovery as recovery
 from fraudstream.consumer.state.recovery import Recovery, RestoreProgress, _Restoring
@@ -69,3 +69,67 @@ def test_a_restore_that_has_not_moved_is_logged_with_its_offsets(monkeypatch, ca
     )
     assert restore._admin.asked == [IsolationLevel.READ_COMMITTED, IsolationLevel.READ_UNCOMMITTED]
     assert restore.consumer.refreshed == ["cards.changelog"]  # and its leaders were asked again
+
+
+class LeaderWithOpenTransaction(Leader):
+    """Last stable offset 0, high watermark 108: a transaction open from the partition's first record."""
+
+    def list_offsets(self, specs, isolation_level, request_timeout):
+        self.asked.append(isolation_level)
+        answers = {}
+        for tp in specs:
+            answers[tp] = Future()
+            answers[tp].set_result(
+                SimpleNamespace(offset=0 if isolation_level == IsolationLevel.READ_COMMITTED else 108)
+            )
+        return answers
+
+
+class LeaderWithStaleMetadata(Leader):
+    def list_offsets(self, specs, isolation_level, request_timeout):
+        self.asked.append(isolation_level)
+        answers = {}
+        for tp in specs:
+            answers[tp] = Future()
+            answers[tp].set_exception(KafkaException(KafkaError(KafkaError.FENCED_LEADER_EPOCH)))
+        return answers
+
+
+class NeverFetched(StuckConsumer):
+    def position(self, partitions):
+        return [TopicPartition(tp.topic, tp.partition, OFFSET_INVALID) for tp in partitions]
+
+
+def stalled_restore(monkeypatch, consumer, leader, end):
+    monkeypatch.setattr(recovery, "STALL_LOG_AFTER_S", 0.0)
+    monkeypatch.setattr(recovery, "METADATA_REFRESH_AFTER_S", 0.0)
+    restore = Recovery(Settings(), {CARDS.name: "cards.changelog"})
+    restore.consumer.close()
+    restore.offsets.close()
+    restore.consumer, restore._admin = consumer, leader
+    stuck = _Restoring(CARDS, KeyedTable(CARDS.dtype), end=end)
+    restore._by_topic_partition[("cards.changelog", 0)] = stuck
+    restore.restoring[0] = RestoreProgress(0, stores={CARDS.name: stuck})
+    return restore
+
+
+def test_a_restore_held_by_an_open_transaction_says_so_and_how_to_end_it(monkeypatch, caplog):
+    """CI: a transaction whose markers the broker skipped held a changelog partition's last stable offset at 0;
+    the restore waited ten minutes, logged only as 'has not moved'."""
+    restore = stalled_restore(monkeypatch, NeverFetched(), LeaderWithOpenTransaction(), end=108)
+    with caplog.at_level(logging.WARNING, logger="fraudstream.state"):
+        restore.step()
+        restore.step()
+    assert restore.stalls == 1
+    assert "(last stable offset 0, high watermark 108; reading stops at offset 0, where a transaction" in caplog.text
+    assert "kafka-transactions.sh find-hanging" in caplog.text
+
+
+def test_a_failed_offsets_query_is_asked_next_time_with_a_new_client(monkeypatch, caplog):
+    stale = LeaderWithStaleMetadata()
+    restore = stalled_restore(monkeypatch, StuckConsumer(), stale, end=12)
+    with caplog.at_level(logging.WARNING, logger="fraudstream.state"):
+        restore.step()
+        restore.step()
+    assert "its offsets unknown now" in caplog.text and "hanging" not in caplog.text
+    assert restore._admin is None and stale.asked  # asked, failed, dropped: the next report makes a new client
