@@ -621,26 +621,37 @@ class TerminalReader:
         what has arrived and ask quiet-looking partitions' ends (asynchronously) for their release; expire
         now and then. features, releasable, cut_short and other_cards_held then answer from what this read,
         with no wait and no I/O."""
+        # Every reseed comes before the gate: a reseed reads the window again only up to the group's committed
+        # offsets, and the gate then reads it forward past the batch (soak 3018: a reseed for held records after
+        # the gate lost a partition's records past its committed offset, and a batch was counted without them).
+        reaches_back = False
+        if batch is not None and len(batch[0]):
+            expired_before = self.window.expired_before
+            if (
+                expired_before is not None
+                and int(batch[0].event_time_ms.min()) - self.window.window_ms < expired_before
+            ):
+                # A batch reaching back past what the window still holds (a partition handed over by a lagging
+                # detector, a rewind).
+                reaches_back = True
+                self.on_log("terminal window: a batch reaches back past the events held; reseeding")
+        held_reach_back = (
+            oldest_held_ms is not None
+            and self.holds_from is not None
+            and oldest_held_ms - self.window.window_ms < self.holds_from
+        )
+        if held_reach_back:
+            # A partition handed over with held records older than the window reaches.
+            self.on_log("terminal window: held records reach back past the events held; reseeding")
+        if reaches_back or held_reach_back:
+            self.stats.reseeds += 1
+            self.seed(back_to=oldest_held_ms)  # a window before the oldest held record too, whatever the reason
         if batch is not None and len(batch[0]):
             tx, partitions, offsets, created_ms = batch
-            earliest = int(tx.event_time_ms.min())
-            expired_before = self.window.expired_before
-            if expired_before is not None and earliest - self.window.window_ms < expired_before:
-                # A batch reaching back past what the window still holds (a partition handed over by a lagging
-                # detector, a rewind): read the window again from the committed offsets.
-                self.stats.reseeds += 1
-                self.on_log("terminal window: a batch reaches back past the events held; reseeding")
-                self.seed()
             ends: dict[int, int] = {}
             for p, o in zip(partitions.tolist(), offsets.tolist(), strict=True):
                 ends[p] = max(ends.get(p, 0), o + 1)
             self.wait_for(int(tx.event_time_ms.max()), ends, created_ms)
-        if oldest_held_ms is not None and self.holds_from is not None:
-            if oldest_held_ms - self.window.window_ms < self.holds_from:
-                # A partition handed over with held records older than the window reaches.
-                self.stats.reseeds += 1
-                self.on_log("terminal window: held records reach back past the events held; reseeding")
-                self.seed(back_to=oldest_held_ms)
         if holding:
             self._ingest(self._consume(0))
             now_ms = time.time() * 1000

@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,16 +153,19 @@ class LocalStack:
         dist: Path | None = None,
         registry_namespace: str = "",
         brokers: int | None = None,
+        broker_settings: Mapping[str, str] | None = None,
     ) -> None:
         """`dist`: where the fetched Kafka and registry live (default <stack_dir>/dist); another stack's
         folder can be shared so nothing is fetched twice. `registry_namespace`: prefix for the registry's
         storage topics, so that a second registry on the same Kafka keeps its schemas apart. `brokers`:
-        Kafka nodes (default: as many as the stack's data was made with, else 1)."""
+        Kafka nodes (default: as many as the stack's data was made with, else 1). `broker_settings`: Kafka
+        settings that replace the rendered ones on every node (a test's own stack)."""
         self.settings = settings
         self.log = log
         self.root = settings.stack_dir
         self.dist = dist or self.root / "dist"
         self.registry_namespace = registry_namespace
+        self.broker_settings = dict(broker_settings or {})
         self.kafka_dir = self.root / "kafka"
         self.registry_dir = self.root / "registry"
         self.secure_material = SecureMaterial(self.root / "secure")
@@ -288,7 +292,7 @@ class LocalStack:
         _set_marker(self.kafka_dir, secure)
         _set_marker(self.kafka_dir, unsecured_jwt, JWT_MARKER)
         # Created private before it is written: with --secure it holds the key store's and the admin's passwords.
-        stack_secure.write_private(config, text.encode())
+        stack_secure.write_private(config, self._with_broker_settings(text).encode())
         log4j = self.kafka_dir / "log4j2.properties"
         log4j.write_text(_render(INFRA / "kafka-log4j2.properties", {"LOG_FILE": self.kafka_dir / "server.log"}))
         classpath = str(self.kafka_libs / "*")
@@ -374,6 +378,10 @@ class LocalStack:
                     self._start_node(java, node)
         self._wait_brokers_ready()
 
+    def _with_broker_settings(self, config: str) -> str:
+        """The rendered configuration with `broker_settings` after it (a later key wins in Java properties)."""
+        return config + "".join(f"{key}={value}\n" for key, value in self.broker_settings.items())
+
     def _start_node(self, java: str, node: int) -> int:
         """One node of a cluster: broker and controller in one process, in a quorum of all nodes."""
         folder = self.node_dir(node)
@@ -381,7 +389,7 @@ class LocalStack:
         data.mkdir(parents=True, exist_ok=True)
         kafka_port = self.node_ports(node)[0]
         config = folder / "server.properties"
-        config.write_text(self.node_config(node))
+        config.write_text(self._with_broker_settings(self.node_config(node)))
         log4j = folder / "log4j2.properties"
         log4j.write_text(_render(INFRA / "kafka-log4j2.properties", {"LOG_FILE": folder / "server.log"}))
         jvm = [java, "-Xms256m", "-Xmx768m", f"-Dlog4j2.configurationFile={log4j}", "-cp", str(self.kafka_libs / "*")]

@@ -46,6 +46,22 @@ def one_broker(stack_settings, tmp_path_factory):
     yield from own_kafka(stack_settings, tmp_path_factory.mktemp("one-broker"), 1)
 
 
+# A node paused past Kafka's broker session (9 s) fences its own broker on waking; a transaction ended in that
+# instant loses its markers and hangs (Kafka's; docs: exactly-once). The freeze test pauses its node past the
+# transaction timeout, so its node keeps a longer session: the hazard is Kafka's, the test is the detector's.
+PAUSE_PROOF_SESSION_MS = 30_000
+
+
+@pytest.fixture(scope="module")
+def one_pause_proof_broker(stack_settings, tmp_path_factory):
+    yield from own_kafka(
+        stack_settings,
+        tmp_path_factory.mktemp("one-pause-proof-broker"),
+        1,
+        {"broker.session.timeout.ms": str(PAUSE_PROOF_SESSION_MS)},
+    )
+
+
 @pytest.fixture(scope="module")
 def three_brokers(stack_settings, tmp_path_factory):
     yield from own_kafka(stack_settings, tmp_path_factory.mktemp("three-brokers"), 3)
@@ -186,20 +202,26 @@ def test_a_broker_killed_and_restarted_mid_stream(one_broker, tmp_path):
     assert "took over" not in output
 
 
-def test_a_frozen_broker_past_the_transaction_timeout(one_broker, tmp_path):
-    stack, base = one_broker
+def test_a_frozen_broker_past_the_transaction_timeout(one_pause_proof_broker, tmp_path):
+    stack, base = one_pause_proof_broker
     settings = fresh_pipeline(base)
+    frozen_s = settings.transaction_timeout_ms / 1000 + 4  # longer than an open transaction may live
+    assert frozen_s + 2 < PAUSE_PROOF_SESSION_MS / 1000  # and than a heartbeat's worth short of the session
+    broker_log = stack.kafka_dir / "server.log"
     with running_pipeline(settings, tmp_path) as (detector, reader, stream):
         reader.wait_for_progress(timeout_s=FAULT_WAIT_S, what="progress before the freeze")
+        logged_before = broker_log.stat().st_size
         pid = stack.broker_pid(1)
         os.kill(pid, signal.SIGSTOP)
         try:
-            # The fault itself: frozen longer than an open transaction may live.
-            time.sleep(settings.transaction_timeout_ms / 1000 + 4)
+            time.sleep(frozen_s)
         finally:
             os.kill(pid, signal.SIGCONT)
         reader.wait_for_progress(timeout_s=FAULT_WAIT_S, what="progress after the broker woke up")
         output = assert_exactly_once_and_healthy(settings, reader, detector, stream)
+    with broker_log.open("rb") as logged:  # the longer session took: the node did not fence its own broker
+        logged.seek(logged_before)
+        assert b"Fencing broker 1 " not in logged.read()
     # The freeze hit an open transaction: recovered, and said so, never reported as a takeover. Which way
     # depends on where the freeze caught it: a new producer when the transaction outlived its timeout, or the
     # batch aborted and read again when a call failed first (seen: its offsets refused as the coordinator

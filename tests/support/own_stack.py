@@ -45,11 +45,16 @@ def shared_dist() -> Path:
     return LocalStack(Settings.from_env(), log=lambda *_: None).dist
 
 
-def start_kafka(stack_settings: Settings, folder: Path, brokers: int) -> tuple[LocalStack, Settings]:
-    """A started Kafka of `brokers` nodes on free ports in `folder`: (its stack, settings pointing at it)."""
+def start_kafka(
+    stack_settings: Settings, folder: Path, brokers: int, broker_settings: dict[str, str] | None = None
+) -> tuple[LocalStack, Settings]:
+    """A started Kafka of `brokers` nodes on free ports in `folder`: (its stack, settings pointing at it).
+    `broker_settings` replace the stack's own Kafka settings."""
     base = free_port_block(2 * brokers)
     settings = stack_settings.replace(stack_dir=folder, kafka_port=base, controller_port=base + 1)
-    stack = LocalStack(settings, log=lambda *_: None, dist=shared_dist(), brokers=brokers)
+    stack = LocalStack(
+        settings, log=lambda *_: None, dist=shared_dist(), brokers=brokers, broker_settings=broker_settings
+    )
     try:
         bootstrap = stack.up_kafka()
     except BaseException:
@@ -58,9 +63,11 @@ def start_kafka(stack_settings: Settings, folder: Path, brokers: int) -> tuple[L
     return stack, settings.replace(bootstrap_servers=bootstrap, replication_factor=stack.replication_factor)
 
 
-def own_kafka(stack_settings: Settings, folder: Path, brokers: int) -> Iterator[tuple[LocalStack, Settings]]:
+def own_kafka(
+    stack_settings: Settings, folder: Path, brokers: int, broker_settings: dict[str, str] | None = None
+) -> Iterator[tuple[LocalStack, Settings]]:
     """start_kafka for a fixture: stopped after, its data deleted."""
-    stack, settings = start_kafka(stack_settings, folder, brokers)
+    stack, settings = start_kafka(stack_settings, folder, brokers, broker_settings)
     try:
         yield stack, settings
     finally:

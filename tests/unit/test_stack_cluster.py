@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import javaproperties
 import pytest
 
 from fraudstream import cli
@@ -82,3 +83,12 @@ def test_a_cluster_id_never_starts_with_a_dash(monkeypatch):
     monkeypatch.setattr(stack.uuid, "uuid4", lambda: next(draws))
     cluster_id = stack.new_cluster_id()
     assert not cluster_id.startswith("-") and len(cluster_id) == 22
+
+
+def test_a_stacks_own_broker_settings_replace_the_rendered_ones(tmp_path):
+    settings = Settings(stack_dir=tmp_path, kafka_port=29092, controller_port=29093)
+    own = {"broker.session.timeout.ms": "30000", "num.partitions": "2"}
+    cluster = LocalStack(settings, log=lambda *_: None, brokers=3, broker_settings=own)
+    rendered = javaproperties.loads(cluster.node_config(1))
+    assert rendered["num.partitions"] == "6"  # the template's, replaced below
+    assert {key: javaproperties.loads(cluster._with_broker_settings(cluster.node_config(1)))[key] for key in own} == own

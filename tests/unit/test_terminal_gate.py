@@ -583,3 +583,58 @@ def test_a_held_record_released_after_a_reseed_counts_the_cards_its_look_ahead_r
     assert released is not None and len(state.held) == 0
     [(record, decision)] = released.released
     assert decision.route is Route.FRAUD and decision.rules == ("compromised_terminal",), decision
+
+
+def test_a_batch_decided_while_held_records_reseed_the_window_counts_what_the_gate_read() -> None:
+    """Soak 3018: a detector that had just taken partitions over (scale 3 -> 1) reseeded its window for older
+    held records after the gate had let a batch through, so the batch was counted on a window read again only
+    up to each partition's committed offset: the cards at a terminal, on partition 1 after its committed
+    offset, were gone, and 10 compromised-terminal victims went out legit. The reseed now comes before the
+    gate, which reads the window forward again."""
+    from datetime import timedelta
+
+    from fraudstream.consumer.stateful import prepare_batch
+    from tests.support.decoding import encode, make_tx
+    from tests.support.stateful_standins import Message, State, stateful_decider
+
+    start = datetime.fromtimestamp(T0 / 1000, tz=UTC)
+
+    def tx(i: int, seconds: float, **changes) -> bytes:
+        fields = dict(transaction_id=f"tx-{i}", card_id=f"card-{i}", terminal_id=f"term-{i}")
+        return encode(make_tx(2_500, event_time=start + timedelta(seconds=seconds), **{**fields, **changes}).to_dict())
+
+    # Held for its look-ahead (no other card yet), which nothing read in this test reaches.
+    held_victim = tx(0, 300, terminal_id="other-skimmer", channel="CARD_PRESENT")
+    victim = tx(1, 0, terminal_id="skimmer", channel="CARD_PRESENT")
+    filler0 = [tx(100 + i, 10 * (i + 1)) for i in range(60)]
+    before = [tx(200 + i, -900 + i) for i in range(10)]  # partition 1, committed up to here
+    gap = [tx(300 + i, -800 + i) for i in range(5)]  # more than one fetch past the committed offset
+    cards = [tx(400 + i, -30 + 10 * i, terminal_id="skimmer", channel="CARD_PRESENT") for i in range(3)]
+    after = [tx(500 + i, 100 + 10 * i) for i in range(50)]
+    logs = {0: [held_victim, victim, *filler0], 1: [*before, *gap, *cards, *after]}
+
+    def victims_cards(reseed_for_held: bool) -> list[int]:
+        consumer = LogConsumer(logs, committed={0: 0, 1: len(before)})
+        _, columnar = decider_pair()
+        r = TerminalReader(
+            Settings().replace(broker_outage_limit_s=5),
+            decode=lambda messages: decode_batch(columnar, columnar.record_wise, messages),
+        )
+        r.consumer = r.admin = consumer
+        r.partitions = [0, 1]
+        r.seed()
+        state = State()
+        decider = stateful_decider(r, state)
+        first = decider.decide_batch([Message(held_victim, 0)])  # its gate reads partition 1 past the cards
+        assert first.held == 1 and not first.released
+        if reseed_for_held:
+            r.holds_from = T0 + 1  # the window no longer reaches back a window from the held record
+        reseeds = r.stats.reseeds
+        messages = [Message(victim, 1)]
+        batch = prepare_batch(messages, decider.decode(messages), with_offsets=True)
+        decider.ready(batch)  # what the decision is counted on
+        assert r.stats.reseeds == reseeds + reseed_for_held  # the path under test ran (or did not)
+        return r.features(batch.tx, batch.partition_of, batch.offsets)["terminal_cards"].tolist()
+
+    assert victims_cards(reseed_for_held=False) == [3]  # the three cards before the victim at its terminal
+    assert victims_cards(reseed_for_held=True) == [3]
