@@ -33,9 +33,11 @@ class StuckConsumer:
 
 
 class Leader:
-    """The changelog partition's leader: last stable offset 9, high watermark 12."""
+    """The changelog partition's leader: its last stable offset and high watermark (9 and 12 by default), or an
+    error for every ask."""
 
-    def __init__(self):
+    def __init__(self, stable: int = 9, high: int = 12, error: KafkaError | None = None):
+        self.stable, self.high, self.error = stable, high, error
         self.asked = []
 
     def list_offsets(self, specs, isolation_level, request_timeout):
@@ -43,22 +45,35 @@ class Leader:
         answers = {}
         for tp in specs:
             answers[tp] = Future()
-            answers[tp].set_result(
-                SimpleNamespace(offset=9 if isolation_level == IsolationLevel.READ_COMMITTED else 12)
-            )
+            if self.error is not None:
+                answers[tp].set_exception(KafkaException(self.error))
+            else:
+                committed = isolation_level == IsolationLevel.READ_COMMITTED
+                answers[tp].set_result(SimpleNamespace(offset=self.stable if committed else self.high))
         return answers
 
 
-def test_a_restore_that_has_not_moved_is_logged_with_its_offsets(monkeypatch, caplog):
+class NeverFetched(StuckConsumer):
+    def position(self, partitions):
+        return [TopicPartition(tp.topic, tp.partition, OFFSET_INVALID) for tp in partitions]
+
+
+def stalled_restore(monkeypatch, consumer, leader, end):
+    """A restore of one changelog partition that will not move, reported at once when it does not."""
     monkeypatch.setattr(recovery, "STALL_LOG_AFTER_S", 0.0)
     monkeypatch.setattr(recovery, "METADATA_REFRESH_AFTER_S", 0.0)
     restore = Recovery(Settings(), {CARDS.name: "cards.changelog"})
     restore.consumer.close()
     restore.offsets.close()
-    restore.consumer, restore._admin = StuckConsumer(), Leader()
-    stuck = _Restoring(CARDS, KeyedTable(CARDS.dtype), end=12)
+    restore.consumer, restore._admin = consumer, leader
+    stuck = _Restoring(CARDS, KeyedTable(CARDS.dtype), end=end)
     restore._by_topic_partition[("cards.changelog", 0)] = stuck
     restore.restoring[0] = RestoreProgress(0, stores={CARDS.name: stuck})
+    return restore, stuck
+
+
+def test_a_restore_that_has_not_moved_is_logged_with_its_offsets(monkeypatch, caplog):
+    restore, stuck = stalled_restore(monkeypatch, StuckConsumer(), Leader(), end=12)
     with caplog.at_level(logging.WARNING, logger="fraudstream.state"):
         assert restore.step() == []  # first look: the position is noted
         assert restore.step() == []  # still there: reported
@@ -71,52 +86,10 @@ def test_a_restore_that_has_not_moved_is_logged_with_its_offsets(monkeypatch, ca
     assert restore.consumer.refreshed == ["cards.changelog"]  # and its leaders were asked again
 
 
-class LeaderWithOpenTransaction(Leader):
-    """Last stable offset 0, high watermark 108: a transaction open from the partition's first record."""
-
-    def list_offsets(self, specs, isolation_level, request_timeout):
-        self.asked.append(isolation_level)
-        answers = {}
-        for tp in specs:
-            answers[tp] = Future()
-            answers[tp].set_result(
-                SimpleNamespace(offset=0 if isolation_level == IsolationLevel.READ_COMMITTED else 108)
-            )
-        return answers
-
-
-class LeaderWithStaleMetadata(Leader):
-    def list_offsets(self, specs, isolation_level, request_timeout):
-        self.asked.append(isolation_level)
-        answers = {}
-        for tp in specs:
-            answers[tp] = Future()
-            answers[tp].set_exception(KafkaException(KafkaError(KafkaError.FENCED_LEADER_EPOCH)))
-        return answers
-
-
-class NeverFetched(StuckConsumer):
-    def position(self, partitions):
-        return [TopicPartition(tp.topic, tp.partition, OFFSET_INVALID) for tp in partitions]
-
-
-def stalled_restore(monkeypatch, consumer, leader, end):
-    monkeypatch.setattr(recovery, "STALL_LOG_AFTER_S", 0.0)
-    monkeypatch.setattr(recovery, "METADATA_REFRESH_AFTER_S", 0.0)
-    restore = Recovery(Settings(), {CARDS.name: "cards.changelog"})
-    restore.consumer.close()
-    restore.offsets.close()
-    restore.consumer, restore._admin = consumer, leader
-    stuck = _Restoring(CARDS, KeyedTable(CARDS.dtype), end=end)
-    restore._by_topic_partition[("cards.changelog", 0)] = stuck
-    restore.restoring[0] = RestoreProgress(0, stores={CARDS.name: stuck})
-    return restore
-
-
 def test_a_restore_held_by_an_open_transaction_says_so_and_how_to_end_it(monkeypatch, caplog):
     """CI: a transaction whose markers the broker skipped held a changelog partition's last stable offset at 0;
     the restore waited ten minutes, logged only as 'has not moved'."""
-    restore = stalled_restore(monkeypatch, NeverFetched(), LeaderWithOpenTransaction(), end=108)
+    restore, _ = stalled_restore(monkeypatch, NeverFetched(), Leader(stable=0, high=108), end=108)
     with caplog.at_level(logging.WARNING, logger="fraudstream.state"):
         restore.step()
         restore.step()
@@ -126,8 +99,8 @@ def test_a_restore_held_by_an_open_transaction_says_so_and_how_to_end_it(monkeyp
 
 
 def test_a_failed_offsets_query_is_asked_next_time_with_a_new_client(monkeypatch, caplog):
-    stale = LeaderWithStaleMetadata()
-    restore = stalled_restore(monkeypatch, StuckConsumer(), stale, end=12)
+    stale = Leader(error=KafkaError(KafkaError.FENCED_LEADER_EPOCH))
+    restore, _ = stalled_restore(monkeypatch, StuckConsumer(), stale, end=12)
     with caplog.at_level(logging.WARNING, logger="fraudstream.state"):
         restore.step()
         restore.step()

@@ -536,32 +536,21 @@ class LogConsumer:
         pass
 
 
-def test_a_held_record_released_after_a_reseed_counts_the_cards_its_look_ahead_reaches() -> None:
-    """Soak 3015: a detector given a partition with older held records reseeded its window, which reads each
-    partition again only up to the group's committed offset. The release had already been judged due on the
-    window as read before the reseed (far past the look-ahead), then counted the cards on the reseeded one:
-    three victims' cards at the skimmer, after partition 1's committed offset, were not there, and the first
-    victim went out legit. Now the reseed is part of readiness: a record is due on what the window holds."""
+def encoded_tx(i: int, seconds: float, **changes) -> bytes:
+    """Transaction i, `seconds` of event time after T0, on a card and a terminal of its own unless changed."""
     from datetime import timedelta
 
     from tests.support.decoding import encode, make_tx
-    from tests.support.stateful_standins import Message, State, stateful_decider
 
-    start = datetime.fromtimestamp(T0 / 1000, tz=UTC)
+    event_time = datetime.fromtimestamp(T0 / 1000, tz=UTC) + timedelta(seconds=seconds)
+    fields = dict(transaction_id=f"tx-{i}", card_id=f"card-{i}", terminal_id=f"term-{i}")
+    return encode(make_tx(2_500, event_time=event_time, **{**fields, **changes}).to_dict())
 
-    def tx(i: int, seconds: float, **changes) -> bytes:
-        fields = dict(transaction_id=f"tx-{i}", card_id=f"card-{i}", terminal_id=f"term-{i}")
-        return encode(make_tx(2_500, event_time=start + timedelta(seconds=seconds), **{**fields, **changes}).to_dict())
 
-    victim = tx(0, 0, terminal_id="skimmer", channel="CARD_PRESENT")
-    filler0 = [tx(100 + i, 10 * (i + 1)) for i in range(60)]  # partition 0 reaches 10 minutes past the victim
-    before = [tx(200 + i, -300 + i) for i in range(10)]  # partition 1, committed up to here
-    between = [tx(300 + i, 10 + i) for i in range(10)]  # read once, then again after the reseed
-    cards = [tx(400 + i, 30 * (i + 1), terminal_id="skimmer", channel="CARD_PRESENT") for i in range(3)]
-    after = [tx(500 + i, 100 + 10 * i) for i in range(50)]
-    logs = {0: [victim, *filler0], 1: [*before, *between, *cards, *after]}
-    consumer = LogConsumer(logs, committed={0: 0, 1: len(before)})
-    record_wise, columnar = decider_pair()
+def log_backed_reader(logs: dict[int, list[bytes]], committed: dict[int, int]) -> TerminalReader:
+    """A terminal reader of partitions 0 and 1 as `logs` hold them, seeded from the `committed` offsets."""
+    consumer = LogConsumer(logs, committed=committed)
+    _, columnar = decider_pair()
     r = TerminalReader(
         Settings().replace(broker_outage_limit_s=5),
         decode=lambda messages: decode_batch(columnar, columnar.record_wise, messages),
@@ -569,6 +558,26 @@ def test_a_held_record_released_after_a_reseed_counts_the_cards_its_look_ahead_r
     r.consumer = r.admin = consumer
     r.partitions = [0, 1]
     r.seed()
+    return r
+
+
+def test_a_held_record_released_after_a_reseed_counts_the_cards_its_look_ahead_reaches() -> None:
+    """Soak 3015: a detector given a partition with older held records reseeded its window, which reads each
+    partition again only up to the group's committed offset. The release had already been judged due on the
+    window as read before the reseed (far past the look-ahead), then counted the cards on the reseeded one:
+    three victims' cards at the skimmer, after partition 1's committed offset, were not there, and the first
+    victim went out legit. Now the reseed is part of readiness: a record is due on what the window holds."""
+    from tests.support.stateful_standins import Message, State, stateful_decider
+
+    tx = encoded_tx
+    victim = tx(0, 0, terminal_id="skimmer", channel="CARD_PRESENT")
+    filler0 = [tx(100 + i, 10 * (i + 1)) for i in range(60)]  # partition 0 reaches 10 minutes past the victim
+    before = [tx(200 + i, -300 + i) for i in range(10)]  # partition 1, committed up to here
+    between = [tx(300 + i, 10 + i) for i in range(10)]  # read once, then again after the reseed
+    cards = [tx(400 + i, 30 * (i + 1), terminal_id="skimmer", channel="CARD_PRESENT") for i in range(3)]
+    after = [tx(500 + i, 100 + 10 * i) for i in range(50)]
+    logs = {0: [victim, *filler0], 1: [*before, *between, *cards, *after]}
+    r = log_backed_reader(logs, committed={0: 0, 1: len(before)})
     state = State()
     decider = stateful_decider(r, state)
     first = decider.decide_batch([Message(victim, 0)])  # no other card yet: held for the look-ahead
@@ -591,17 +600,10 @@ def test_a_batch_decided_while_held_records_reseed_the_window_counts_what_the_ga
     up to each partition's committed offset: the cards at a terminal, on partition 1 after its committed
     offset, were gone, and 10 compromised-terminal victims went out legit. The reseed now comes before the
     gate, which reads the window forward again."""
-    from datetime import timedelta
-
     from fraudstream.consumer.stateful import prepare_batch
-    from tests.support.decoding import encode, make_tx
     from tests.support.stateful_standins import Message, State, stateful_decider
 
-    start = datetime.fromtimestamp(T0 / 1000, tz=UTC)
-
-    def tx(i: int, seconds: float, **changes) -> bytes:
-        fields = dict(transaction_id=f"tx-{i}", card_id=f"card-{i}", terminal_id=f"term-{i}")
-        return encode(make_tx(2_500, event_time=start + timedelta(seconds=seconds), **{**fields, **changes}).to_dict())
+    tx = encoded_tx
 
     # Held for its look-ahead (no other card yet), which nothing read in this test reaches.
     held_victim = tx(0, 300, terminal_id="other-skimmer", channel="CARD_PRESENT")
@@ -614,15 +616,7 @@ def test_a_batch_decided_while_held_records_reseed_the_window_counts_what_the_ga
     logs = {0: [held_victim, victim, *filler0], 1: [*before, *gap, *cards, *after]}
 
     def victims_cards(reseed_for_held: bool) -> list[int]:
-        consumer = LogConsumer(logs, committed={0: 0, 1: len(before)})
-        _, columnar = decider_pair()
-        r = TerminalReader(
-            Settings().replace(broker_outage_limit_s=5),
-            decode=lambda messages: decode_batch(columnar, columnar.record_wise, messages),
-        )
-        r.consumer = r.admin = consumer
-        r.partitions = [0, 1]
-        r.seed()
+        r = log_backed_reader(logs, committed={0: 0, 1: len(before)})
         state = State()
         decider = stateful_decider(r, state)
         first = decider.decide_batch([Message(held_victim, 0)])  # its gate reads partition 1 past the cards
