@@ -15,8 +15,9 @@ only where its state lives and what is done with the decisions:
   event time plus the tolerance, or to its end: the live detector's event-time gate. A held record is
   released once every partition has been read past its event time plus the look-ahead and the tolerance,
   or to its end;
-- outputs: nothing is produced, no transaction, no changelog. Each record's decision (route, fired rules,
-  score) is kept, by input position, for the report.
+- outputs: nothing is produced, no transaction, no changelog, and the deciders make no output bytes
+  (`make_outputs` off: no FraudAlert encoded, released held records as arrays). Each record's decision (route,
+  fired rules, score) is kept, by input position, for the report.
 
 Several rule sets are decided over the same read (the candidate and the live rules): one decider each (their
 held records differ), one terminal window for all (it holds input events only). Each record is decoded once:
@@ -39,16 +40,15 @@ import numpy as np
 import pyarrow as pa
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from fraudstream.consumer.decide import ColumnarDecider, DecidedBatch, Decider, Route
+from fraudstream.consumer.decide import ColumnarDecider, DecidedBatch, Decider, ReleasedRows, Route
 from fraudstream.consumer.features import TxColumns, hash_strings
 from fraudstream.consumer.inspect import StartOffset, plan_read
 from fraudstream.consumer.model import Model
-from fraudstream.consumer.rules import TERMINAL_RULES, RuleSet
+from fraudstream.consumer.rules import COMPROMISED_TERMINAL, TERMINAL_RULES, RuleSet
 from fraudstream.consumer.state.table import KeyedTable
 from fraudstream.consumer.stateful import STORES, DecodedBatch, StatefulDecider, decode_batch
 from fraudstream.consumer.terminal import TERMINAL_TOLERANCE_MS, TerminalWindow, terminal_cards
 from fraudstream.errors import KafkaUnavailable
-from fraudstream.evaluate import parse_score
 from fraudstream.kafka import consumer_config
 from fraudstream.registry import Registry, current_ids
 from fraudstream.schemas import load_schemas
@@ -158,7 +158,7 @@ class SideDecisions:
     route: list[np.ndarray] = field(default_factory=list)  # per batch, int8
     score: list[np.ndarray] = field(default_factory=list)  # per batch, float64
     fired: dict[int, tuple[str, ...]] = field(default_factory=dict)  # position key -> rules of a fraud decision
-    released: list[tuple[int, int, float]] = field(default_factory=list)  # (position key, route, score)
+    released: list[ReleasedRows] = field(default_factory=list)  # held records decided later, by input position
     held: int = 0  # records held for the look-ahead (decided on release)
     held_then_alerted: int = 0  # of those, released as fraud (the terminal rule, counting cards up to the look-ahead)
 
@@ -208,22 +208,9 @@ def build_decoders(settings: Settings) -> tuple[Decider, ColumnarDecider | None]
     return record_wise, columnar
 
 
-class _AlertScores:
-    """The deciders' fraud encoder. Nothing is produced, so no alert is encoded: its score is kept, and the
-    Decision's value is the score's number here."""
-
-    def __init__(self) -> None:
-        self.scores: list[float] = []
-
-    def __call__(self, alert: dict) -> bytes:
-        self.scores.append(float(alert["score"]))
-        return (len(self.scores) - 1).to_bytes(8, "big")
-
-    def score_of(self, value: bytes | None) -> float:
-        """The score of an alert this encoder made (its Decision's value)."""
-        if value is None:
-            raise ValueError("a fraud decision without a value: not an alert of this encoder")
-        return self.scores[int.from_bytes(value, "big")]
+def _no_output(record: dict) -> bytes:
+    """The deciders' fraud encoder: a replay makes no output (StatefulDecider.make_outputs is off)."""
+    raise AssertionError("a replay encodes no alert")
 
 
 class _DecodeOnce:
@@ -241,7 +228,7 @@ class _DecodeOnce:
     def __call__(self, messages: Sequence) -> DecodedBatch:
         if messages is self._messages and self._decoded is not None:
             return self._decoded
-        return self.decode(messages)  # held records decoded again on release (the few that become alerts)
+        return self.decode(messages)  # a batch the replay's loop did not decode
 
 
 def _events(decoded: DecodedBatch, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -335,7 +322,6 @@ class Replay:
             progress.finished = {p for p in plan.starts if plan.starts[p] >= plan.ends[p]}
             window = TerminalWindow()
             deciders: dict[str, tuple[StatefulDecider, MemoryState, SideDecisions]] = {}
-            alerts = _AlertScores()
             for name, rules in self.rule_sets.items():
                 state = MemoryState()
                 # As `detect` does: a terminal window only for a rule set with a terminal rule (nothing held otherwise).
@@ -350,7 +336,7 @@ class Replay:
                     rules,
                     state,
                     encode_legit=record_wise.encode_legit,
-                    encode_fraud=alerts,
+                    encode_fraud=_no_output,
                     model=self.model,
                     labels=self.labels,
                     terminal_features=terminal.features if terminal else None,
@@ -358,6 +344,7 @@ class Replay:
                     hold_idle_ms=s.terminal_hold_idle_ms,
                     input_topic=s.transactions_topic,
                 )
+                decider.make_outputs = False  # nothing is produced: decisions without output bytes
                 deciders[name] = (decider, state, SideDecisions(name, rules))
             positions: list[np.ndarray] = []
             info: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -374,7 +361,7 @@ class Replay:
                 for decider, _state, side in deciders.values():
                     decode.use(messages, decoded)
                     batch = decider.decide_batch(messages)
-                    _collect(side, batch, keys, alerts, self.model is not None)
+                    _collect(side, batch, keys, self.model is not None)
                 batches += 1
                 if batches % EXPIRE_EVERY == 0:
                     self._expire(window, progress, pending, deciders)
@@ -385,32 +372,38 @@ class Replay:
             remaining = {p for p in plan.starts if p not in progress.finished}
             if remaining:
                 consumer.assign([TopicPartition(s.transactions_topic, p, plan.starts[p]) for p in sorted(remaining)])
+            end_of = np.zeros(max(plan.ends, default=0) + 1, dtype=np.int64)  # partition -> its end offset
+            end_of[list(plan.ends)] = list(plan.ends.values())
             while remaining:
-                messages = []
-                for message in consumer.consume(READ_CHUNK, POLL_S):
-                    error = message.error()
-                    if error is not None:
+                messages = consumer.consume(READ_CHUNK, POLL_S)
+                errors = [message.error() for message in messages]
+                if any(error is not None for error in errors):  # an end of partition, or a failure
+                    for message, error in zip(messages, errors, strict=True):
+                        if error is None:
+                            continue
                         if error.code() == KafkaError._PARTITION_EOF:
                             remaining.discard(message.partition())
                         elif error.fatal() or error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
                             raise KafkaUnavailable(f"reading {s.transactions_topic}: {error.str()}")
-                        continue
-                    p, offset = message.partition(), message.offset()
-                    assert p is not None and offset is not None  # a record, not an error: both are set
-                    if offset >= plan.ends[p]:
-                        remaining.discard(p)
-                        continue
-                    if offset + 1 >= plan.ends[p]:
-                        remaining.discard(p)
-                    messages.append(message)
+                    messages = [message for message, error in zip(messages, errors, strict=True) if error is None]
+                if messages:
+                    # Records on arrays, not one by one: this runs for every record of the history.
+                    parts = np.array([m.partition() for m in messages], dtype=np.int64)
+                    offsets = np.array([m.offset() for m in messages], dtype=np.int64)
+                    ends = end_of[parts]
+                    for p in np.unique(parts[offsets + 1 >= ends]).tolist():
+                        remaining.discard(p)  # its last record of the plan is here, or one past it
+                    before_end = offsets < ends
+                    if not before_end.all():
+                        keep = np.flatnonzero(before_end)
+                        messages = [messages[i] for i in keep.tolist()]
+                        parts, offsets = parts[keep], offsets[keep]
                 progress.finished = set(progress.partitions) - remaining
                 if not messages:
                     continue
                 read += len(messages)
                 t0 = time.perf_counter()
                 decoded = decode.decode(messages)
-                parts = np.fromiter((m.partition() for m in messages), dtype=np.int64, count=len(messages))
-                offsets = np.fromiter((m.offset() for m in messages), dtype=np.int64, count=len(messages))
                 tx_ids, cards, event_ms, terminal_hash, card_hash = _events(decoded, len(messages))
                 valid = event_ms >= 0
                 window.add(parts[valid], offsets[valid], terminal_hash[valid], card_hash[valid], event_ms[valid])
@@ -436,7 +429,7 @@ class Replay:
             for decider, _, side in deciders.values():
                 released = decider.release_due()  # the input has ended: every held record is due
                 if released is not None:
-                    _collect(side, released, np.zeros(0, np.uint64), alerts, self.model is not None)
+                    _collect(side, released, np.zeros(0, np.uint64), self.model is not None)
             decide_s += time.perf_counter() - t0
         finally:
             consumer.close()
@@ -447,10 +440,10 @@ class Replay:
             score = np.concatenate(side.score) if side.score else np.zeros(0, np.float64)
             if side.released:
                 order = np.argsort(position, kind="stable")
-                keys = np.array([k for k, _, _ in side.released], dtype=np.uint64)
+                keys = np.concatenate([rows.positions for rows in side.released])
                 at = order[np.searchsorted(position[order], keys)]
-                route[at] = [r for _, r, _ in side.released]
-                score[at] = [v for _, _, v in side.released]
+                route[at] = np.where(np.concatenate([rows.fraud for rows in side.released]), Route.FRAUD, Route.LEGIT)
+                score[at] = np.concatenate([rows.score for rows in side.released])
             sides[name] = {"route": route, "score": score}
             fired[name], held_counts[name], alerted[name] = side.fired, side.held, side.held_then_alerted
 
@@ -488,9 +481,7 @@ class Replay:
         window.expire(min(floors) - TERMINAL_TOLERANCE_MS - window.window_ms)
 
 
-def _collect(
-    side: SideDecisions, batch: DecidedBatch, positions: np.ndarray, alerts: _AlertScores, scored: bool
-) -> None:
+def _collect(side: SideDecisions, batch: DecidedBatch, positions: np.ndarray, scored: bool) -> None:
     """A decided batch's routes and scores by message index (`positions`: the messages' position keys); released
     records by their input position."""
     n = len(positions)
@@ -508,16 +499,11 @@ def _collect(
             for i in index[routes == Route.FRAUD].tolist():
                 decision = outputs[i]
                 side.fired[int(positions[i])] = decision.rules
-                score[i] = alerts.score_of(decision.value)
+                score[i] = decision.score
         side.route.append(route)
         side.score.append(score)
         side.held += batch.held
-    for record, decision in batch.released:
-        key = position_key(record.partition(), record.offset())
-        if decision.route is Route.FRAUD:
-            side.fired[key] = decision.rules
-            side.held_then_alerted += 1
-            value = alerts.score_of(decision.value)
-        else:
-            value = parse_score(decision.headers) if scored else 0.0
-        side.released.append((key, int(decision.route), value))
+    for rows in batch.released_rows:  # the terminal rule routed them, with its look-ahead
+        side.fired.update(dict.fromkeys(rows.positions[rows.fraud].tolist(), (COMPROMISED_TERMINAL,)))
+        side.held_then_alerted += int(rows.fraud.sum())
+        side.released.append(rows)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyruhvro
@@ -60,6 +61,16 @@ class Decision:
     headers: list[tuple[str, bytes]] | None = None
     dead_letter_kind: str | None = None
     rules: tuple[str, ...] = ()  # of a fraud decision: the rules that fired
+    score: float | None = None  # of a fraud decision: the score its alert carries
+
+
+@dataclass(frozen=True, slots=True)
+class ReleasedRows:
+    """Held records decided now, one entry per record: what their outputs would say, without the outputs."""
+
+    positions: np.ndarray  # uint64: input partition << 40 | offset (consumer/held.py's position key)
+    fraud: np.ndarray  # bool: routed to fraud (by the terminal rule, with the look-ahead)
+    score: np.ndarray  # float64: the score the output would carry (the legit header's 6 digits, or the alert's)
 
 
 @dataclass(slots=True)
@@ -82,6 +93,9 @@ class DecidedBatch:
     held: int = 0  # records of this batch held (Route.HELD in outputs)
     # ShadowDifferences (key, value) for the shadow topic, in this batch's transaction (consumer/stateful.py).
     shadow: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # Records held earlier and decided now, as arrays and with no output made: what a replay asks for instead of
+    # `released` (StatefulDecider.make_outputs False; consumer/backtest.py).
+    released_rows: list[ReleasedRows] = field(default_factory=list)
 
     def headers_of(self, index: int) -> list[tuple[str, bytes]] | None:
         """The headers of the forwarded record at `index`."""
@@ -101,6 +115,10 @@ class DecidedBatch:
         """Records per route, the released ones included."""
         tally = Counter(decision.route for decision in self.outputs.values())
         tally.update(decision.route for _, decision in self.released)
+        for rows in self.released_rows:
+            fraud = int(rows.fraud.sum())
+            tally[Route.FRAUD] += fraud
+            tally[Route.LEGIT] += len(rows.fraud) - fraud
         tally[Route.LEGIT] += self.size - len(self.outputs)
         return tally
 
@@ -187,7 +205,9 @@ class Decider:
     def fraud_decision(self, message, record: dict[str, Any], rule_names: list[str], now_ms: int) -> Decision:
         """A FraudAlert carrying the whole record, the rules that fired and the stateless rule's score."""
         alert = {"transaction": record, "rules": rule_names, "detected_at": now_ms, "score": STATELESS_FRAUD_SCORE}
-        return Decision(Route.FRAUD, message.key(), self.encode_fraud(alert), rules=tuple(rule_names))
+        return Decision(
+            Route.FRAUD, message.key(), self.encode_fraud(alert), rules=tuple(rule_names), score=STATELESS_FRAUD_SCORE
+        )
 
 
 def dead_letter(message, error: DecodeError) -> Decision:

@@ -37,6 +37,7 @@ from fraudstream.consumer.decide import (
     DecidedBatch,
     Decider,
     Decision,
+    ReleasedRows,
     Route,
     dead_letter,
 )
@@ -222,6 +223,10 @@ class StatefulDecider:
         self.encode_shadow = encode_shadow
         self._shadow_sets: dict[str, RuleSet] = {}  # version -> the shadow sets records were held under
         self.shadow_differences = 0  # ShadowDifferences written since start
+        # False (a replay, which produces nothing): the same decisions with no output bytes made. A fraud
+        # decision carries its rules and score but no FraudAlert; released held records are reported as arrays
+        # in `released_rows` instead of `released`.
+        self.make_outputs = True
         if terminal is not None:
             terminal.keep_from = self.oldest_held
 
@@ -335,13 +340,20 @@ class StatefulDecider:
             )
         fraud_rows = np.flatnonzero(is_fraud)
         if len(fraud_rows):
-            column_records = _column_records(decoded, source_row[fraud_rows][from_columns[fraud_rows]])
+            make_outputs = self.make_outputs
+            if make_outputs:
+                column_records = _column_records(decoded, source_row[fraud_rows][from_columns[fraud_rows]])
             for row in fraud_rows.tolist():
                 index = int(positions[row])
-                record = column_records[int(source_row[row])] if from_columns[row] else records[index]
                 rule_names = [rules.names[k] for k in np.flatnonzero(fired[:, row])]
                 if by_model is not None and by_model[row]:
                     rule_names.append(MODEL_RULE)
+                if not make_outputs:
+                    outputs[index] = Decision(
+                        Route.FRAUD, None, None, rules=tuple(rule_names), score=float(scores[row])
+                    )
+                    continue
+                record = column_records[int(source_row[row])] if from_columns[row] else records[index]
                 outputs[index] = self._alert(messages[index].key(), record, rule_names, rules, float(scores[row]))
         if shadow is not None and shadow_fired is not None:
             self._shadow(
@@ -372,7 +384,7 @@ class StatefulDecider:
             "rule_set_version": version or rules.version,
             "score": score,
         }
-        return Decision(Route.FRAUD, key, self.encode_fraud(alert), rules=tuple(rule_names))
+        return Decision(Route.FRAUD, key, self.encode_fraud(alert), rules=tuple(rule_names), score=score)
 
     # ----- shadow rules -----
     def _shadow(
@@ -603,6 +615,37 @@ class StatefulDecider:
             for version, rule_set in by_version.items():
                 mine = np.array([v == version for v in held_under])
                 fires[mine] = rule_set.fires_on_release(rows["channel"][mine], rows["dist_home_km"][mine], others[mine])
+        if not self.make_outputs:
+            self._released_rows(rows, keys, fires, decisions)
+        else:
+            self._release_outputs(rows, keys, held_under, by_version, fires, others, cut_short, decisions)
+        for partition in np.unique(where).tolist():
+            table = self.state.tables(partition)[held.HELD.name]
+            table.remove([key for key, p in zip(keys, where.tolist(), strict=True) if p == partition])
+            decisions.state_partitions.add(partition)
+
+    def _released_rows(self, rows: np.ndarray, keys: list[bytes], fires: np.ndarray, decisions: DecidedBatch) -> None:
+        """The released records' routes and scores as arrays: what their outputs would carry, none made."""
+        if self.model is not None:  # the legit header's 6 significant digits; an alert carries the score as is
+            score = np.array([float(v) for v in scoring.score_header_values(rows["score"])])
+            score[fires] = rows["score"][fires]
+        else:
+            score = fires.astype(np.float64)  # the stateless rule's score: 1.0 when it fired
+        positions = np.frombuffer(b"".join(keys), dtype=">u8").astype(np.uint64)
+        decisions.released_rows.append(ReleasedRows(positions, fires.copy(), score))
+
+    def _release_outputs(
+        self,
+        rows: np.ndarray,
+        keys: list[bytes],
+        held_under: list[bytes],
+        by_version: dict[bytes, RuleSet],
+        fires: np.ndarray,
+        others: np.ndarray | None,
+        cut_short: list[str],
+        decisions: DecidedBatch,
+    ) -> None:
+        """The released records' outputs, each as its input record and Decision in `decisions.released`."""
         inputs = held.records_of(rows, keys, self._topic)
         released = decisions.released
         first_released = len(released)  # this call's records follow
@@ -648,10 +691,6 @@ class StatefulDecider:
             released.append((record_in, decision))
         if self.encode_shadow is not None and rows["shadow_set"].any():
             self._shadow_on_release(rows, fires, others, released, first_released, decisions)
-        for partition in np.unique(where).tolist():
-            table = self.state.tables(partition)[held.HELD.name]
-            table.remove([key for key, p in zip(keys, where.tolist(), strict=True) if p == partition])
-            decisions.state_partitions.add(partition)
 
     def _shadow_on_release(
         self,

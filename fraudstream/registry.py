@@ -186,6 +186,16 @@ class Registry:
         try:
             self._call(what, self.client.set_compatibility, subject, level)
         except SchemaRegistryError as exc:
+            # Apicurio answers 409 "rule already exists" when a retried request's first attempt, timed out on our
+            # side, had created the rule: the level asked for is then in place, or one more request updates it.
+            if exc.http_status_code == 409 and subject is not None:
+                if self.compatibility(subject) == level:
+                    return
+                try:
+                    self._call(what, self.client.set_compatibility, subject, level)
+                    return
+                except SchemaRegistryError as again:
+                    exc = again
             raise RegistryError(f"registry refused {what}: {exc}") from exc
 
     def compatibility(self, subject: str) -> str | None:

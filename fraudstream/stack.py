@@ -579,7 +579,9 @@ class LocalStack:
             headers={"Content-Type": "application/vnd.schemaregistry.v1+json", **auth["headers"]},
         )
         try:
-            with urllib.request.urlopen(request, timeout=10, context=auth["context"]):
+            # Its first write can take long on a loaded machine (seen: past 10 s beside a soak); a retry after a
+            # timeout would find the rule made and be refused, so one long wait instead.
+            with urllib.request.urlopen(request, timeout=60, context=auth["context"]):
                 pass
         except (urllib.error.URLError, OSError) as exc:
             raise StackError(f"could not set the registry's compatibility level: {exc}") from exc

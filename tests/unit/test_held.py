@@ -59,6 +59,7 @@ from fastavro import schemaless_reader
 from fraudstream.consumer.decide import Route
 from fraudstream.consumer.rules import load_rules
 from fraudstream.consumer.rules_topic import RULE_SET_HEADER
+from fraudstream.evaluate import parse_score
 from tests.support.decoding import SCHEMAS, SETTINGS, encode, make_tx
 from tests.support.stateful_standins import Message as _Message
 from tests.support.stateful_standins import State as _State
@@ -196,3 +197,40 @@ def test_a_row_held_by_the_previous_layout_is_restored_with_no_shadow_verdict() 
     assert row["value_len"].tolist() == [3] and row["shadow_set"].tolist() == [b""]
     with pytest.raises(StateLayoutError, match="held_record/v0"):
         _upgraded(Record(old.tobytes(), b"held_record/v0/" + str(old.itemsize).encode()), held.HELD)
+
+
+def test_a_decider_that_makes_no_outputs_decides_every_record_as_the_one_that_does() -> None:
+    """A backtest's deciders (make_outputs off) skip the output bytes, not the deciding: the same routes, rules
+    and scores, for the batch's own records and for the held ones released later (as arrays)."""
+
+    def score_of(decision) -> float | None:
+        return decision.score if decision.route is Route.FRAUD else parse_score(decision.headers)
+
+    def decide(make_outputs: bool) -> list[tuple]:
+        window, state = _Window(), _State()
+        decider = _decider(window, state)
+        decider.make_outputs = make_outputs
+        decider.encode_shadow = None  # a replay has no shadow topic
+        first = [_Message(encode(_in_person(i)), i) for i in range(3)]  # three cards' first payments: held
+        first.append(_Message(encode(make_tx(95_000, transaction_id="big").to_dict()), 3))  # over $900: fraud
+        second = [_Message(encode(make_tx(100, transaction_id="t9").to_dict()), 4)]
+        found = []
+        for messages in (first, second):
+            batch = decider.decide_batch(messages)
+            window.due, window.ahead = True, 3  # after the first batch: three other cards came to the terminal
+            for index, decision in batch.outputs.items():
+                score = None if decision.route is Route.HELD else score_of(decision)
+                found.append((messages[index].offset(), decision.route.name, decision.rules, score))
+            for record, decision in batch.released:
+                found.append((record.offset(), "released " + decision.route.name, decision.rules, score_of(decision)))
+            for rows in batch.released_rows:
+                for position, fraud, score in zip(rows.positions.tolist(), rows.fraud, rows.score, strict=True):
+                    route, rules = ("FRAUD", ("compromised_terminal",)) if fraud else ("LEGIT", ())
+                    found.append((position & (2**40 - 1), "released " + route, rules, float(score)))
+        return sorted(found, key=repr)
+
+    with_outputs, without = decide(True), decide(False)
+    # The paths under test ran: three records held, then released as fraud; one large amount.
+    assert [route for _, route, *_ in with_outputs].count("released FRAUD") == 3
+    assert [route for _, route, *_ in with_outputs].count("FRAUD") == 1
+    assert with_outputs == without
