@@ -2,10 +2,11 @@
 
 No second implementation of anything the detector decides with: the records are real confluent-kafka messages
 read from the input topic (assign mode, read_committed, every partition from its beginning to the end taken
-at start), decoded by the detector's decoders, and handed in batches to `StatefulDecider.decide_batch`, which
-computes the card features, the terminal window's features, the rules, the model's score, and holds and
-releases records for the terminal rule's look-ahead exactly as `fraudstream detect` does. What differs is
-only where its state lives and what is done with the decisions:
+at start), decoded by the detector's decoders into the detector's prepared batches (`prepare_batch`), and
+decided by its pure decide (`StatefulDecider.ready`, then `decide_prepared`), which computes the card
+features, the terminal window's features, the rules, the model's score, and holds and releases records for
+the terminal rule's look-ahead exactly as `fraudstream detect` does. What differs is only where its state
+lives and what is done with the decisions:
 
 - state: one KeyedTable per store per input partition, in memory (`MemoryState`, the StateManager's
   interface the decider reads), built from the topic's history before the window (every record is decided,
@@ -20,8 +21,10 @@ only where its state lives and what is done with the decisions:
   fired rules, score) is kept, by input position, for the report.
 
 Several rule sets are decided over the same read (the candidate and the live rules): one decider each (their
-held records differ), one terminal window for all (it holds input events only). Each record is decoded once:
-the decoded batch read for the window is the one the deciders get.
+held records differ), one terminal window for all (it holds input events only). What does not depend on the
+rule set is computed once per batch and given to each decider: the decoding, the card features
+(`SharedCardFeatures`), the terminal window's features and the model's scores (`SharedScores`). The reading
+and decoding run on a thread of their own, a couple of chunks ahead of the deciding (`_Prefetched`).
 
 What a replay cannot reproduce: the live detector's quiet-partition release (a held record released after
 `terminal_hold_idle_ms` of wall-clock quiet, before the window reached its look-ahead) depends on when records
@@ -32,21 +35,30 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from queue import Queue
 
 import numpy as np
 import pyarrow as pa
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from fraudstream.consumer.decide import ColumnarDecider, DecidedBatch, Decider, ReleasedRows, Route
-from fraudstream.consumer.features import TxColumns, hash_strings
+from fraudstream.consumer.features import TxColumns, card_features_split
 from fraudstream.consumer.inspect import StartOffset, plan_read
 from fraudstream.consumer.model import Model
 from fraudstream.consumer.rules import COMPROMISED_TERMINAL, TERMINAL_RULES, RuleSet
 from fraudstream.consumer.state.table import KeyedTable
-from fraudstream.consumer.stateful import STORES, DecodedBatch, StatefulDecider, decode_batch
+from fraudstream.consumer.stateful import (
+    STORES,
+    DecodedBatch,
+    PreparedBatch,
+    StatefulDecider,
+    decode_batch,
+    prepare_batch,
+)
 from fraudstream.consumer.terminal import TERMINAL_TOLERANCE_MS, TerminalWindow, terminal_cards
 from fraudstream.errors import KafkaUnavailable
 from fraudstream.kafka import consumer_config
@@ -119,13 +131,16 @@ class ReadProgress:
 
 class ReplayTerminal:
     """The TerminalReader's interface (`ready`, `features`, `releasable`, `cut_short`, `other_cards_held`, `keep_from`) over a
-    TerminalWindow the replay feeds: the same window code and query, with the gate held by the replay loop."""
+    TerminalWindow the replay feeds: the same window code and query, with the gate held by the replay loop. One
+    serves every rule set: a batch's features are computed once and given to each."""
 
     def __init__(self, window: TerminalWindow, progress: ReadProgress) -> None:
         self.window = window
         self.progress = progress
         self.tolerance_ms = TERMINAL_TOLERANCE_MS
-        self.keep_from: Callable[[], int | None] = lambda: None  # set by the StatefulDecider
+        # Set by each StatefulDecider, read by none: the replay expires the window from every decider's held records.
+        self.keep_from: Callable[[], int | None] = lambda: None
+        self._last: tuple[TxColumns, dict[str, np.ndarray]] | None = None  # the last batch's features
 
     def ready(self, batch, *, oldest_held_ms: int | None, holding: bool, idle_ms: int) -> None:
         """Nothing to wait for: the replay loop decides a batch only once its gate holds."""
@@ -135,7 +150,11 @@ class ReplayTerminal:
     ) -> dict[str, np.ndarray]:
         if not len(tx):
             return {"terminal_cards": np.zeros(0, np.int64)}
-        return terminal_cards(self.window, tx, partitions, offsets)
+        if self._last is not None and self._last[0] is tx:  # the same prepared batch, another rule set
+            return self._last[1]
+        features = terminal_cards(self.window, tx, partitions, offsets)
+        self._last = (tx, features)
+        return features
 
     def releasable(self, times: np.ndarray, created_ms: np.ndarray, ahead_ms: int, idle_ms: int) -> np.ndarray:
         return self.progress.past_everywhere(np.asarray(times, dtype=np.int64) + ahead_ms + self.tolerance_ms)
@@ -178,11 +197,15 @@ class ReplayResult:
     held: dict[str, int]
     held_then_alerted: dict[str, int]
     read: int
-    decide_s: float  # seconds spent deciding (reading excluded)
+    decide_s: float  # seconds spent deciding (reading and decoding excluded)
     read_s: float  # seconds of the whole replay
+    decode_s: float = 0.0  # seconds spent decoding (on the reader's thread, beside the deciding)
     cpu_s: float = 0.0  # CPU seconds of this process over the whole replay (the machine may be shared)
     model_scored: int = 0  # batches the model scored, and those whose scores served another rule set
     model_shared: int = 0
+    # Batches whose card and terminal features one rule set's decider computed, and those another one reused.
+    features_computed: int = 0
+    features_shared: int = 0
 
 
 def build_decoders(settings: Settings) -> tuple[Decider, ColumnarDecider | None]:
@@ -213,47 +236,35 @@ def _no_output(record: dict) -> bytes:
     raise AssertionError("a replay encodes no alert")
 
 
-class _DecodeOnce:
-    """The deciders' decode step: a batch the replay already decoded (for the window) is not decoded again."""
+class SharedCardFeatures:
+    """The deciders' card features. They do not depend on the rule set (a card's profile counts every payment,
+    whatever was decided), so the first decider of a batch computes them, updating its card tables, and the
+    others get the same arrays for the same batch (their own card tables stay empty, never read)."""
 
-    def __init__(self, decode: Callable[[Sequence], DecodedBatch]) -> None:
-        self.decode = decode
-        self._messages: Sequence | None = None
-        self._decoded: DecodedBatch | None = None
+    def __init__(self) -> None:
+        self.computed = self.shared = 0  # batches computed, and served again
+        self._last: tuple[TxColumns, dict[str, np.ndarray]] | None = None
 
-    def use(self, messages: Sequence, decoded: DecodedBatch) -> None:
-        """The next decide_batch(messages) gets `decoded`."""
-        self._messages, self._decoded = messages, decoded
+    def __call__(self, tables: Sequence[KeyedTable], which: np.ndarray, tx: TxColumns) -> dict[str, np.ndarray]:
+        if self._last is not None and self._last[0] is tx:  # the same prepared batch, another rule set
+            self.shared += 1
+            return self._last[1]
+        features = card_features_split(tables, which, tx)
+        self.computed += 1
+        self._last = (tx, features)
+        return features
 
-    def __call__(self, messages: Sequence) -> DecodedBatch:
-        if messages is self._messages and self._decoded is not None:
-            return self._decoded
-        return self.decode(messages)  # a batch the replay's loop did not decode
 
-
-def _events(decoded: DecodedBatch, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per message of a decoded batch: transaction id, card id, event time (-1: dead letter), terminal and card
-    hashes (what the terminal window holds)."""
+def _events(batch: PreparedBatch, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per message of a prepared batch: transaction id, card id (UTF-8 bytes) and event time (-1: dead letter)."""
     transaction_id = np.full(n, None, dtype=object)
-    card_id = np.full(n, None, dtype=object)
+    card_key = np.full(n, None, dtype=object)
     event_ms = np.full(n, -1, dtype=np.int64)
-    terminal = np.zeros(n, dtype=np.uint32)
-    card = np.zeros(n, dtype=np.uint32)
-    if decoded.columns is not None and decoded.columns.num_rows:
-        rows = np.asarray(decoded.column_rows, dtype=np.int64)
-        batch = decoded.columns
-        transaction_id[rows] = batch.column("transaction_id").to_numpy(zero_copy_only=False)
-        card_id[rows] = batch.column("card_id").to_numpy(zero_copy_only=False)
-        event_ms[rows] = batch.column("event_time").cast(pa.int64()).to_numpy(zero_copy_only=False)
-        terminal[rows] = hash_strings(batch.column("terminal_id"))
-        card[rows] = hash_strings(batch.column("card_id"))
-    if decoded.records:
-        rows = np.array([i for i, _ in decoded.records], dtype=np.int64)
-        tx = TxColumns.from_records([r for _, r in decoded.records])
-        transaction_id[rows] = tx.transaction_id
-        card_id[rows] = [r["card_id"] for _, r in decoded.records]
-        event_ms[rows], terminal[rows], card[rows] = tx.event_time_ms, tx.terminal_hash, tx.card_hash
-    return transaction_id, card_id, event_ms, terminal, card
+    if batch.tx is not None:
+        transaction_id[batch.positions] = batch.tx.transaction_id
+        card_key[batch.positions] = batch.tx.card_key
+        event_ms[batch.positions] = batch.tx.event_time_ms
+    return transaction_id, card_key, event_ms
 
 
 class SharedScores(Model):
@@ -297,11 +308,15 @@ class Replay:
         self.model = SharedScores(model, threads=os.cpu_count() or 1) if model is not None else None
         self.labels = labels  # a started LabelsReader, for a model
         self.on_log = on_log
+        self.prefetch = True  # read and decode the next chunks on a thread while this one decides
 
     def run(self) -> ReplayResult:
         s = self.settings
         record_wise, columnar = build_decoders(s)
-        decode = _DecodeOnce(lambda messages: decode_batch(columnar, record_wise, messages))
+
+        def decode(messages: Sequence) -> DecodedBatch:
+            return decode_batch(columnar, record_wise, messages)
+
         consumer = Consumer(
             consumer_config(
                 s,
@@ -316,17 +331,20 @@ class Replay:
             )
         )
         started, cpu_started = time.perf_counter(), time.process_time()
+        reader: _Prefetched | None = None
         try:
             plan = plan_read(consumer, s.transactions_topic, partition=None, start=StartOffset("earliest"), settings=s)
             progress = ReadProgress(sorted(plan.starts))
             progress.finished = {p for p in plan.starts if plan.starts[p] >= plan.ends[p]}
             window = TerminalWindow()
+            shared_terminal = ReplayTerminal(window, progress)  # its answers do not depend on the rule set either
+            card_features = SharedCardFeatures()
             deciders: dict[str, tuple[StatefulDecider, MemoryState, SideDecisions]] = {}
             for name, rules in self.rule_sets.items():
                 state = MemoryState()
                 # As `detect` does: a terminal window only for a rule set with a terminal rule (nothing held otherwise).
                 terminal = (
-                    ReplayTerminal(window, progress)
+                    shared_terminal
                     if any(kind in TERMINAL_RULES for kind in getattr(rules, "kinds", {}).values())
                     or any(n in TERMINAL_RULES for n in rules.names)
                     else None
@@ -345,23 +363,23 @@ class Replay:
                     input_topic=s.transactions_topic,
                 )
                 decider.make_outputs = False  # nothing is produced: decisions without output bytes
+                decider.card_features = card_features
                 deciders[name] = (decider, state, SideDecisions(name, rules))
             positions: list[np.ndarray] = []
             info: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-            # Batches read, not decided yet: (messages, their decoded batch, their position keys, earliest and latest
-            # event time).
-            pending: list[tuple[list, DecodedBatch, np.ndarray, int, int]] = []
-            decide_s = 0.0
+            # Batches read, not decided yet: (the prepared batch, its position keys, earliest and latest event time).
+            pending: list[tuple[PreparedBatch, np.ndarray, int, int]] = []
+            decide_s = decode_s = 0.0
             batches = 0
             read = 0
 
-            def decide(messages: list, decoded: DecodedBatch, keys: np.ndarray) -> None:
+            def decide(prepared: PreparedBatch, keys: np.ndarray) -> None:
+                """The detector's pure decide, each rule set on the same prepared batch."""
                 nonlocal decide_s, batches
                 t0 = time.perf_counter()
                 for decider, _state, side in deciders.values():
-                    decode.use(messages, decoded)
-                    batch = decider.decide_batch(messages)
-                    _collect(side, batch, keys, self.model is not None)
+                    decider.ready(prepared)
+                    _collect(side, decider.decide_prepared(prepared), keys, self.model is not None)
                 batches += 1
                 if batches % EXPIRE_EVERY == 0:
                     self._expire(window, progress, pending, deciders)
@@ -369,62 +387,40 @@ class Replay:
                         state.forget_changes()
                 decide_s += time.perf_counter() - t0
 
-            remaining = {p for p in plan.starts if p not in progress.finished}
-            if remaining:
-                consumer.assign([TopicPartition(s.transactions_topic, p, plan.starts[p]) for p in sorted(remaining)])
-            end_of = np.zeros(max(plan.ends, default=0) + 1, dtype=np.int64)  # partition -> its end offset
-            end_of[list(plan.ends)] = list(plan.ends.values())
-            while remaining:
-                messages = consumer.consume(READ_CHUNK, POLL_S)
-                errors = [message.error() for message in messages]
-                if any(error is not None for error in errors):  # an end of partition, or a failure
-                    for message, error in zip(messages, errors, strict=True):
-                        if error is None:
-                            continue
-                        if error.code() == KafkaError._PARTITION_EOF:
-                            remaining.discard(message.partition())
-                        elif error.fatal() or error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                            raise KafkaUnavailable(f"reading {s.transactions_topic}: {error.str()}")
-                    messages = [message for message, error in zip(messages, errors, strict=True) if error is None]
-                if messages:
-                    # Records on arrays, not one by one: this runs for every record of the history.
-                    parts = np.array([m.partition() for m in messages], dtype=np.int64)
-                    offsets = np.array([m.offset() for m in messages], dtype=np.int64)
-                    ends = end_of[parts]
-                    for p in np.unique(parts[offsets + 1 >= ends]).tolist():
-                        remaining.discard(p)  # its last record of the plan is here, or one past it
-                    before_end = offsets < ends
-                    if not before_end.all():
-                        keep = np.flatnonzero(before_end)
-                        messages = [messages[i] for i in keep.tolist()]
-                        parts, offsets = parts[keep], offsets[keep]
-                progress.finished = set(progress.partitions) - remaining
-                if not messages:
+            chunks: Iterator[tuple[PreparedBatch | None, np.ndarray, set[int], float]]
+            chunks = _read_chunks(consumer, s.transactions_topic, plan, progress.finished, decode)
+            if self.prefetch:
+                reader = _Prefetched(chunks)
+                chunks = iter(reader)
+            for prepared, keys, finished, seconds in chunks:
+                progress.finished = finished
+                decode_s += seconds
+                if prepared is None:
                     continue
-                read += len(messages)
+                read += len(keys)
                 t0 = time.perf_counter()
-                decoded = decode.decode(messages)
-                tx_ids, cards, event_ms, terminal_hash, card_hash = _events(decoded, len(messages))
-                valid = event_ms >= 0
-                window.add(parts[valid], offsets[valid], terminal_hash[valid], card_hash[valid], event_ms[valid])
-                for p in np.unique(parts[valid]).tolist():
-                    latest = int(event_ms[valid & (parts == p)].max())
-                    progress.latest[p] = max(progress.latest.get(p, latest), latest)
-                keys = (parts.astype(np.uint64) << np.uint64(_POS_SHIFT)) | offsets.astype(np.uint64)
+                tx = prepared.tx
+                if tx is not None:
+                    window.add(
+                        prepared.partition_of, prepared.offsets, tx.terminal_hash, tx.card_hash, tx.event_time_ms
+                    )
+                    for p in np.unique(prepared.partition_of).tolist():
+                        latest = int(tx.event_time_ms[prepared.partition_of == p].max())
+                        progress.latest[p] = max(progress.latest.get(p, latest), latest)
                 positions.append(keys)
-                info.append((tx_ids, cards, event_ms))
+                info.append(_events(prepared, len(keys)))
                 decide_s += time.perf_counter() - t0
-                if valid.any():
-                    pending.append((messages, decoded, keys, int(event_ms[valid].min()), int(event_ms[valid].max())))
+                if tx is not None:
+                    pending.append((prepared, keys, int(tx.event_time_ms.min()), int(tx.event_time_ms.max())))
                 else:  # dead letters only: nothing for the gate to wait for
-                    pending.append((messages, decoded, keys, np.iinfo(np.int64).max, np.iinfo(np.int64).min))
+                    pending.append((prepared, keys, np.iinfo(np.int64).max, np.iinfo(np.int64).min))
                 # The gate: a batch is decided once every partition was read past its latest event time plus
                 # the tolerance, or to its end.
-                while pending and progress.past_everywhere(np.array([pending[0][4] + TERMINAL_TOLERANCE_MS]))[0]:
-                    decide(*pending.pop(0)[:3])
+                while pending and progress.past_everywhere(np.array([pending[0][3] + TERMINAL_TOLERANCE_MS]))[0]:
+                    decide(*pending.pop(0)[:2])
             progress.finished = set(progress.partitions)
             while pending:
-                decide(*pending.pop(0)[:3])
+                decide(*pending.pop(0)[:2])
             t0 = time.perf_counter()
             for decider, _, side in deciders.values():
                 released = decider.release_due()  # the input has ended: every held record is due
@@ -432,6 +428,8 @@ class Replay:
                     _collect(side, released, np.zeros(0, np.uint64), self.model is not None)
             decide_s += time.perf_counter() - t0
         finally:
+            if reader is not None:
+                reader.stop()
             consumer.close()
         position = np.concatenate(positions) if positions else np.zeros(0, np.uint64)
         sides, fired, held_counts, alerted = {}, {}, {}, {}
@@ -454,7 +452,7 @@ class Replay:
             topic=s.transactions_topic,
             position=position,
             transaction_id=column(0),
-            card_id=column(1),
+            card_id=pa.array(column(1), pa.binary()).cast(pa.string()).to_numpy(zero_copy_only=False),
             event_ms=np.concatenate([i[2] for i in info]) if info else np.zeros(0, np.int64),
             sides=sides,
             fired=fired,
@@ -463,10 +461,13 @@ class Replay:
             held_then_alerted=alerted,
             read=read,
             decide_s=decide_s,
+            decode_s=decode_s,
             read_s=time.perf_counter() - started,
             cpu_s=time.process_time() - cpu_started,
             model_scored=self.model.scored if self.model is not None else 0,
             model_shared=self.model.shared if self.model is not None else 0,
+            features_computed=card_features.computed,
+            features_shared=card_features.shared,
         )
 
     @staticmethod
@@ -476,9 +477,96 @@ class Replay:
         floor = progress.floor()
         if floor is None:  # a partition not read yet: its records may be of any time
             return
-        floors = [floor, *(earliest for _, _, _, earliest, _ in pending)]
+        floors = [floor, *(earliest for _, _, earliest, _ in pending)]
         floors += [t for t in (decider.oldest_held() for decider, _, _ in deciders.values()) if t is not None]
         window.expire(min(floors) - TERMINAL_TOLERANCE_MS - window.window_ms)
+
+
+def _read_chunks(
+    consumer: Consumer,
+    topic: str,
+    plan,
+    finished: set[int],
+    decode: Callable[[Sequence], DecodedBatch],
+) -> Iterator[tuple[PreparedBatch | None, np.ndarray, set[int], float]]:
+    """Read `plan` (each partition from its start to its end taken at start) in chunks of up to READ_CHUNK records:
+    each as (the prepared batch, its records' position keys, the partitions read to their end so far, the seconds
+    its decoding took); None for a read that brought no record."""
+    remaining = {p for p in plan.starts if p not in finished}
+    partitions = set(plan.starts)
+    if remaining:
+        consumer.assign([TopicPartition(topic, p, plan.starts[p]) for p in sorted(remaining)])
+    end_of = np.zeros(max(plan.ends, default=0) + 1, dtype=np.int64)  # partition -> its end offset
+    end_of[list(plan.ends)] = list(plan.ends.values())
+    while remaining:
+        messages = consumer.consume(READ_CHUNK, POLL_S)
+        errors = [message.error() for message in messages]
+        if any(error is not None for error in errors):  # an end of partition, or a failure
+            for message, error in zip(messages, errors, strict=True):
+                if error is None:
+                    continue
+                if error.code() == KafkaError._PARTITION_EOF:
+                    remaining.discard(message.partition())
+                elif error.fatal() or error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    raise KafkaUnavailable(f"reading {topic}: {error.str()}")
+            messages = [message for message, error in zip(messages, errors, strict=True) if error is None]
+        if not messages:
+            yield None, np.zeros(0, np.uint64), partitions - remaining, 0.0
+            continue
+        # Records on arrays, not one by one: this runs for every record of the history.
+        parts = np.array([m.partition() for m in messages], dtype=np.int64)
+        offsets = np.array([m.offset() for m in messages], dtype=np.int64)
+        ends = end_of[parts]
+        for p in np.unique(parts[offsets + 1 >= ends]).tolist():
+            remaining.discard(p)  # its last record of the plan is here, or one past it
+        before_end = offsets < ends
+        if not before_end.all():
+            keep = np.flatnonzero(before_end)
+            messages = [messages[i] for i in keep.tolist()]
+            parts, offsets = parts[keep], offsets[keep]
+        keys = (parts.astype(np.uint64) << np.uint64(_POS_SHIFT)) | offsets.astype(np.uint64)
+        started = time.perf_counter()
+        prepared = prepare_batch(messages, decode(messages), with_offsets=True) if messages else None
+        yield prepared, keys, partitions - remaining, time.perf_counter() - started
+
+
+class _Prefetched:
+    """`chunks`, read and decoded on a thread of their own, up to `depth` ahead of the deciding (the consumer's
+    fetches and the Avro decoder run outside the interpreter's lock). `stop()` ends the thread before the consumer
+    it reads with is closed."""
+
+    _DONE = object()
+
+    def __init__(self, chunks: Iterator, depth: int = 2) -> None:
+        self._chunks = chunks
+        self._queue: Queue = Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="backtest-reader", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for chunk in self._chunks:
+                if self._stop.is_set():
+                    return
+                self._queue.put(chunk)
+        except BaseException as exc:  # handed to the deciding thread, raised there
+            self._queue.put(exc)
+        else:
+            self._queue.put(self._DONE)
+
+    def __iter__(self) -> Iterator:
+        while (item := self._queue.get()) is not self._DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def stop(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            while not self._queue.empty():  # a reader waiting to put gets its place, then sees the stop
+                self._queue.get_nowait()
+            self._thread.join(0.1)
 
 
 def _collect(side: SideDecisions, batch: DecidedBatch, positions: np.ndarray, scored: bool) -> None:

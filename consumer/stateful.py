@@ -227,6 +227,9 @@ class StatefulDecider:
         # decision carries its rules and score but no FraudAlert; released held records are reported as arrays
         # in `released_rows` instead of `released`.
         self.make_outputs = True
+        # The card features: (each partition's card table, each row's table, the rows) -> features, the tables
+        # updated. They do not depend on the rule set: a replay deciding several sets shares one computation.
+        self.card_features = card_features_split
         if terminal is not None:
             terminal.keep_from = self.oldest_held
 
@@ -293,7 +296,7 @@ class StatefulDecider:
         # Each partition's rows with that partition's card table, all partitions in one pass.
         partitions, which = np.unique(partition_of, return_inverse=True)
         tables = [self.state.tables(int(partition))[CARDS.name] for partition in partitions.tolist()]
-        features.update(card_features_split(tables, which, tx))
+        features.update(self.card_features(tables, which, tx))
 
         fired = rules.evaluate(tx, features)  # (rules, rows)
         is_fraud = np.asarray(fired.any(axis=0))  # fired is (rules, rows): one flag per row, an array
@@ -343,9 +346,9 @@ class StatefulDecider:
             make_outputs = self.make_outputs
             if make_outputs:
                 column_records = _column_records(decoded, source_row[fraud_rows][from_columns[fraud_rows]])
-            for row in fraud_rows.tolist():
+            for row, names in zip(fraud_rows.tolist(), fired_names(rules.names, fired, fraud_rows), strict=True):
                 index = int(positions[row])
-                rule_names = [rules.names[k] for k in np.flatnonzero(fired[:, row])]
+                rule_names = list(names)
                 if by_model is not None and by_model[row]:
                     rule_names.append(MODEL_RULE)
                 if not make_outputs:
@@ -777,6 +780,16 @@ def load_scoring(settings: Settings, *, on_log: Callable[[str], None]):
 
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def fired_names(names: Sequence[str], fired: np.ndarray, rows: np.ndarray) -> list[tuple[str, ...]]:
+    """For each of `rows`, the names of the rules that fired on it (`fired`: rules x rows, booleans), in rule order:
+    one lookup per combination of rules, not a search per row."""
+    if len(names) > 63:  # more rules than bits in a code: one search per row
+        return [tuple(names[k] for k in np.flatnonzero(fired[:, row]).tolist()) for row in rows.tolist()]
+    codes = (np.uint64(1) << np.arange(len(names), dtype=np.uint64)) @ fired[:, rows].astype(np.uint64)
+    by_code = {code: tuple(n for k, n in enumerate(names) if code >> k & 1) for code in set(codes.tolist())}
+    return [by_code[code] for code in codes.tolist()]
 
 
 def _utc(ms: int) -> datetime:

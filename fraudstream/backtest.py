@@ -193,11 +193,14 @@ def build_report(
         "speed": {
             "records": result.read,
             "decide_s": round(result.decide_s, 3),
+            "decode_s": round(result.decode_s, 3),  # on the reader's thread, beside the deciding
             "total_s": round(result.read_s, 3),
             "cpu_s": round(result.cpu_s, 3),
             "records_per_decide_s": round(result.read / result.decide_s) if result.decide_s else None,
             "model_batches_scored": result.model_scored,
             "model_batches_shared": result.model_shared,  # scores one rule set's decider reused from another's
+            "feature_batches_computed": result.features_computed,
+            "feature_batches_shared": result.features_shared,  # card and terminal features, likewise
         },
         "sides": {},
         "workload": {},

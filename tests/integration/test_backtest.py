@@ -166,6 +166,12 @@ def test_a_candidate_raising_the_large_amount_threshold_loses_the_alerts_a_hand_
     baseline_recall = report["sides"]["baseline"]["overall"]["scenarios"]["large_amount"]["recall"]
     assert report["sides"]["candidate"]["overall"]["scenarios"]["large_amount"]["recall"] < baseline_recall
     assert set(report["workload"]["candidate"]["per_day"]) == {d.isoformat() for d in days if first <= d <= last}
+    # Both rule sets decided every batch on one computation of the card and terminal features: the counts above
+    # (every other rule agreeing) were made with the sharing on.
+    speed = report["speed"]
+    assert (
+        speed["feature_batches_computed"] >= 1 and speed["feature_batches_shared"] == speed["feature_batches_computed"]
+    )
 
     # The other way round, with --baseline: the raised threshold as the baseline, the live one as the candidate.
     live_threshold = tmp_path / "live-threshold.toml"

@@ -234,3 +234,21 @@ def test_a_decider_that_makes_no_outputs_decides_every_record_as_the_one_that_do
     assert [route for _, route, *_ in with_outputs].count("released FRAUD") == 3
     assert [route for _, route, *_ in with_outputs].count("FRAUD") == 1
     assert with_outputs == without
+
+
+def test_the_rules_that_fired_are_named_per_row_in_rule_order() -> None:
+    from fraudstream.consumer.stateful import fired_names
+
+    names = ("large_amount", "card_testing", "far_from_home")
+    fired = np.array([[1, 0, 1, 0, 1], [0, 0, 1, 1, 1], [1, 0, 1, 0, 0]], dtype=bool)  # rules x rows
+    assert fired_names(names, fired, np.array([0, 2, 3, 1, 4])) == [
+        ("large_amount", "far_from_home"),
+        ("large_amount", "card_testing", "far_from_home"),
+        ("card_testing",),
+        (),
+        ("large_amount", "card_testing"),
+    ]
+    many = tuple(f"r{k}" for k in range(70))  # past the codes' 63 bits: the per-row search gives the same names
+    wide = np.zeros((70, 2), dtype=bool)
+    wide[[0, 64, 69], 1] = True
+    assert fired_names(many, wide, np.array([1, 0])) == [("r0", "r64", "r69"), ()]
