@@ -561,9 +561,13 @@ class _Prefetched:
                 raise item
             yield item
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """End the thread: it sees the stop after its current read (one consume, at most POLL_S)."""
         self._stop.set()
+        deadline = time.monotonic() + timeout_s
         while self._thread.is_alive():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the backtest's reader thread did not stop within {timeout_s:.0f} s")
             while not self._queue.empty():  # a reader waiting to put gets its place, then sees the stop
                 self._queue.get_nowait()
             self._thread.join(0.1)
