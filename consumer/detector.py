@@ -200,7 +200,8 @@ class Detector:
     # ----- start-up -----
     def _start(self) -> tuple[BatchDecider, list]:
         s = self.settings
-        wait_for_cluster(s)
+        # A cluster starting beside the detector (a restart of everything, compose) is waited for, as an outage is.
+        wait_for_cluster(s, timeout_s=s.broker_outage_limit_s, on_wait=self.on_log)
         ensure_topics(s, (s.transactions_topic, s.legit_topic, s.fraud_topic, s.dlq_topic, s.shadow_topic))
         registry = Registry(s)
         schemas = load_schemas(s.schemas_dir)

@@ -49,9 +49,13 @@ class LabelsReader:
         *,
         registry: Registry | None = None,
         on_log: Callable[[str], None] | None = None,
+        keep_verdicts: bool = False,
     ) -> None:
         self.settings = settings
         self.table = table
+        # keep_verdicts: also transaction id -> (is fraud, scenario), the latest label's, for a report (a backtest
+        # reads the labels once for its model and its report).
+        self.verdicts: dict[str, tuple[bool, str]] | None = {} if keep_verdicts else None
         self.on_log = on_log or log.info
         self._schemas = console_schemas((registry or Registry(settings)).schema_by_id)
         self.consumer: Consumer | None = None
@@ -160,6 +164,8 @@ class LabelsReader:
                 transactions.append(transaction)
                 if label.get("event_time") is not None:
                     clock[p] = max(clock.get(p, -1), label["event_time"] + delay)
+                if self.verdicts is not None:
+                    self.verdicts[transaction] = (fraud, str(label.get("scenario") or ""))
             except RegistryError:
                 # Infrastructure: read this record again next time (the registry is retried like the input's).
                 consumer.seek(TopicPartition(topic, p, offset))

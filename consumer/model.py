@@ -168,17 +168,37 @@ class LabelTable:
         self, terminal_keys: np.ndarray, after_ms: np.ndarray, until_ms: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Per row: (labels, frauds) of its terminal with event time in (after_ms, until_ms]."""
+        return self.windows_counts(terminal_keys, until_ms, [after_ms])[0]
+
+    def windows_counts(
+        self, terminal_keys: np.ndarray, until_ms: np.ndarray, after_ms: Sequence[np.ndarray]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """window_counts for several windows ending at the same times: each row's terminal looked up once, the
+        windows' end searched once, and every search made with its keys in order (the sorted index is large,
+        and ordered searches read it at cache speed: half the time of scattered ones)."""
         self._merge()
         n = len(terminal_keys)
         codes = np.fromiter((self._codes.get(k, -1) for k in terminal_keys), np.int64, n)
         known = codes >= 0
-        high = _key(np.where(known, codes, 0), until_ms)
-        low = _key(np.where(known, codes, 0), after_ms)
-        hi = np.searchsorted(self._keys, high, side="right")
-        lo = np.searchsorted(self._keys, low, side="right")
-        count = np.where(known, self._labels[hi] - self._labels[lo], 0)
-        frauds = np.where(known, self._frauds[hi] - self._frauds[lo], 0)
-        return count, frauds
+        codes = np.where(known, codes, 0)
+        order = np.argsort(_key(codes, until_ms), kind="stable")
+
+        def position(times: np.ndarray) -> np.ndarray:
+            found = np.empty(n, dtype=np.int64)
+            found[order] = np.searchsorted(self._keys, _key(codes, times)[order], side="right")
+            return found
+
+        hi = position(until_ms)
+        out = []
+        for after in after_ms:
+            lo = position(after)
+            out.append(
+                (
+                    np.where(known, self._labels[hi] - self._labels[lo], 0),
+                    np.where(known, self._frauds[hi] - self._frauds[lo], 0),
+                )
+            )
+        return out
 
 
 def _key(codes: np.ndarray, event_ms: np.ndarray) -> np.ndarray:
@@ -191,8 +211,8 @@ def terminal_window_features(labels: LabelTable, tx: TxColumns, label_delay_ms: 
     labels whose event time plus the delay is at or before t count."""
     out = {}
     until = tx.event_time_ms - label_delay_ms
-    for days in TERMINAL_WINDOWS_DAYS:
-        count, frauds = labels.window_counts(tx.terminal_key, until - days * DAY_MS, until)
+    windows = labels.windows_counts(tx.terminal_key, until, [until - days * DAY_MS for days in TERMINAL_WINDOWS_DAYS])
+    for days, (count, frauds) in zip(TERMINAL_WINDOWS_DAYS, windows, strict=True):
         out[f"terminal_n_{days}d"] = count.astype(np.float64)
         out[f"terminal_risk_{days}d"] = np.where(count > 0, frauds / np.maximum(count, 1), 0.0)
         out[f"terminal_frauds_{days}d"] = frauds.astype(np.float64)

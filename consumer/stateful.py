@@ -763,14 +763,15 @@ class StatefulDecider:
         return scoring.model_features(tx, features, labels.table, labels.delay_ms)
 
 
-def load_scoring(settings: Settings, *, on_log: Callable[[str], None]):
-    """The model of `detect --model` and a started reader of the labels topic for it; (None, None) without one."""
+def load_scoring(settings: Settings, *, on_log: Callable[[str], None], keep_verdicts: bool = False):
+    """The model of `detect --model` and a started reader of the labels topic for it; (None, None) without one.
+    `keep_verdicts`: the reader also keeps each transaction's label (LabelsReader.verdicts)."""
     if settings.model_file is None:
         return None, None
     from fraudstream.consumer.labels_topic import LabelsReader
 
     model = scoring.Model.load(settings.model_file)
-    labels = LabelsReader(settings, scoring.LabelTable(), on_log=on_log)
+    labels = LabelsReader(settings, scoring.LabelTable(), on_log=on_log, keep_verdicts=keep_verdicts)
     labels.start()
     on_log(
         f"model {model.name} from {settings.model_file} (threshold {model.threshold:.3f}, labels "

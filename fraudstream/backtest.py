@@ -586,7 +586,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if settings.model_file is not None:
         from fraudstream.consumer.stateful import load_scoring
 
-        model, labels_reader = load_scoring(settings, on_log=lambda line: print(line, file=sys.stderr))
+        model, labels_reader = load_scoring(
+            settings, on_log=lambda line: print(line, file=sys.stderr), keep_verdicts=True
+        )
     try:
         result = Replay(
             settings, {CANDIDATE: rule_sets.candidate, BASELINE: rule_sets.baseline}, model=model, labels=labels_reader
@@ -594,7 +596,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         if labels_reader is not None:
             labels_reader.close()
-    labels, _ = read_labels(settings)
+    # With a model the labels were read for it, and kept for the report; otherwise read now.
+    verdicts = labels_reader.verdicts if labels_reader is not None else None
+    labels = verdicts if verdicts is not None else read_labels(settings)[0]
     report, warnings = build_report(
         result,
         labels,
@@ -605,6 +609,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         sample=args.sample,
     )
     report["baseline_source"] = rule_sets.baseline_source
+    report["speed"]["labels_read_once"] = verdicts is not None  # for the model and the report together
     if args.fidelity:
         report["fidelity"] = fidelity(
             result,

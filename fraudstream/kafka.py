@@ -154,8 +154,16 @@ def admin(settings: Settings, **overrides: Any) -> AdminClient:
     return AdminClient(client_config(settings, {}, {"logger": _client_logger("admin")}, overrides))
 
 
-def wait_for_cluster(settings: Settings, timeout_s: float = 15.0) -> None:
-    """Fail fast, with one clear line, when the brokers do not answer or refuse our credentials or TLS."""
+CLUSTER_WAIT_REPORT_S = 10.0  # between two "waiting for Kafka" lines of a long wait
+
+
+def wait_for_cluster(
+    settings: Settings, timeout_s: float = 15.0, *, on_wait: Callable[[str], None] | None = None
+) -> None:
+    """Fail with one clear line when the brokers do not answer within `timeout_s`, and at once when they refuse
+    our credentials or TLS. Commands wait 15 s, so a wrong address is one line soon; the detector, a service that
+    may start before its cluster, waits its broker outage limit and says so every CLUSTER_WAIT_REPORT_S
+    (`on_wait`)."""
     refused: list[KafkaError] = []
 
     def on_error(error: KafkaError) -> None:
@@ -164,7 +172,8 @@ def wait_for_cluster(settings: Settings, timeout_s: float = 15.0) -> None:
 
     # Its log lines would repeat the refusal in librdkafka's words; the error below says it once.
     client = admin(settings, error_cb=on_error, logger=_silent_logger())
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline, next_report = started + timeout_s, started + CLUSTER_WAIT_REPORT_S
     last: Exception | None = None
     while time.monotonic() < deadline and not refused:
         try:
@@ -173,6 +182,14 @@ def wait_for_cluster(settings: Settings, timeout_s: float = 15.0) -> None:
         except KafkaException as exc:
             last = exc
         client.poll(0)  # serves error_cb
+        if on_wait is not None and time.monotonic() >= next_report:
+            next_report += CLUSTER_WAIT_REPORT_S
+            on_wait(
+                f"waiting for Kafka at {settings.bootstrap_servers}: no broker has answered for "
+                f"{time.monotonic() - started:.0f} s"
+                + (f" ({last.args[0].str()})" if last else "")
+                + f"; giving up after {timeout_s:.0f} s"
+            )
     if refused:
         raise KafkaUnavailable(refusal_message(settings, refused[0]))
     raise KafkaUnavailable(

@@ -202,6 +202,41 @@ def test_a_broker_killed_and_restarted_mid_stream(one_broker, tmp_path):
     assert "took over" not in output
 
 
+def test_a_detector_started_while_its_only_broker_is_down_waits_for_it(one_broker, tmp_path):
+    """A restart of everything, or compose starting the detector first: the detector waits for its cluster as for an
+    outage (its broker outage limit), saying so, and routes once the broker is back."""
+    stack, base = one_broker
+    settings = fresh_pipeline(base)  # its topics and schemas made first
+    kill_and_wait(stack.broker_pid(1))
+    with running_pipeline_after(settings, tmp_path) as detector:
+        wait_until(
+            lambda: detector.assert_running() or "waiting for Kafka at" in detector.output(),
+            timeout_s=60,
+            what="the detector to say it waits for Kafka",
+        )
+        stack.start_broker(1)
+        reader = RoutedReader(settings, check=detector.assert_running)
+        stream = Stream(settings)
+        try:
+            reader.wait_for_progress(timeout_s=FAULT_WAIT_S, what="routing once the broker is up")
+            assert_exactly_once_and_healthy(settings, reader, detector, stream)
+        finally:
+            stream.stop.set()
+            reader.close()
+
+
+@contextlib.contextmanager
+def running_pipeline_after(settings: Settings, tmp_path: Path):
+    """A detector process started now (before its broker, say); ended after, with its log on a failure."""
+    detector = DetectorProcess(settings, tmp_path / "detector.log", supervised=True)
+    try:
+        yield detector
+    except AssertionError as failed:
+        raise AssertionError(f"{failed}\nthe detector's log:\n{detector.tail(20)}") from None
+    finally:
+        detector.ensure_ended()
+
+
 def test_a_frozen_broker_past_the_transaction_timeout(one_pause_proof_broker, tmp_path):
     stack, base = one_pause_proof_broker
     settings = fresh_pipeline(base)

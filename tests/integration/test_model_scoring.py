@@ -128,3 +128,5 @@ def test_a_trained_model_scores_every_routed_record(pipeline: Settings, tmp_path
     assert fidelity["same_score"] == len(simulation)
     speed = replayed["speed"]
     assert speed["model_batches_scored"] >= 1 and speed["model_batches_shared"] == speed["model_batches_scored"]
+    # The labels were read once, for the model and the report: every transaction's label is in the report's count.
+    assert speed["labels_read_once"] and replayed["labels"] == len(simulation)

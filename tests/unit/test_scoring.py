@@ -117,6 +117,31 @@ def test_the_label_table_merges_and_expires_without_changing_counts():
     assert scoring.terminal_window_features(table, query, DELAY_MS)["terminal_n_7d"][0] == len(expected)
 
 
+def test_every_row_of_a_batch_gets_its_own_terminal_s_counts_in_each_window():
+    """windows_counts searches in key order and puts each answer back on its row: checked against a plain count,
+    row by row, for rows in no order, unknown terminals included."""
+    rng = np.random.default_rng(11)
+    start = int(START.timestamp() * 1000)
+    times = (rng.integers(0, 40 * DAY_MS, 5_000) + start).tolist()
+    terminals = [f"t{i}" for i in rng.integers(0, 12, 5_000)]
+    frauds = (rng.random(5_000) < 0.2).tolist()
+    table = scoring.LabelTable()
+    table.add(terminals, times, frauds)
+    asked = [f"t{i}" for i in rng.integers(0, 14, 300)]  # t12 and t13 have no label
+    until = rng.integers(0, 40 * DAY_MS, 300) + start
+    windows = [until - days * DAY_MS for days in (1, 7, 30)]
+    got = table.windows_counts(np.array([t.encode() for t in asked], dtype=object), until, windows)
+    for (count, fraud), after in zip(got, windows, strict=True):
+        for row in range(300):
+            inside = [
+                f
+                for t, term, f in zip(times, terminals, frauds, strict=True)
+                if term == asked[row] and after[row] < t <= until[row]
+            ]
+            assert (count[row], fraud[row]) == (len(inside), sum(inside)), (row, asked[row])
+    assert got[2][0].sum() > 0  # the counts are not all empty
+
+
 # ----- the stateful decider's scores -----
 class _State:
     def __init__(self):
