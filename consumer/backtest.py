@@ -140,7 +140,7 @@ class ReplayTerminal:
         self.tolerance_ms = TERMINAL_TOLERANCE_MS
         # Set by each StatefulDecider, read by none: the replay expires the window from every decider's held records.
         self.keep_from: Callable[[], int | None] = lambda: None
-        self._last: tuple[TxColumns, dict[str, np.ndarray]] | None = None  # the last batch's features
+        self._features = PerBatch()
 
     def ready(self, batch, *, oldest_held_ms: int | None, holding: bool, idle_ms: int) -> None:
         """Nothing to wait for: the replay loop decides a batch only once its gate holds."""
@@ -150,11 +150,7 @@ class ReplayTerminal:
     ) -> dict[str, np.ndarray]:
         if not len(tx):
             return {"terminal_cards": np.zeros(0, np.int64)}
-        if self._last is not None and self._last[0] is tx:  # the same prepared batch, another rule set
-            return self._last[1]
-        features = terminal_cards(self.window, tx, partitions, offsets)
-        self._last = (tx, features)
-        return features
+        return self._features.get(tx, lambda: terminal_cards(self.window, tx, partitions, offsets))
 
     def releasable(self, times: np.ndarray, created_ms: np.ndarray, ahead_ms: int, idle_ms: int) -> np.ndarray:
         return self.progress.past_everywhere(np.asarray(times, dtype=np.int64) + ahead_ms + self.tolerance_ms)
@@ -236,23 +232,31 @@ def _no_output(record: dict) -> bytes:
     raise AssertionError("a replay encodes no alert")
 
 
-class SharedCardFeatures:
-    """The deciders' card features. They do not depend on the rule set (a card's profile counts every payment,
-    whatever was decided), so the first decider of a batch computes them, updating its card tables, and the
-    others get the same arrays for the same batch (their own card tables stay empty, never read)."""
+class PerBatch:
+    """A batch's result, computed for the first rule set's decider and given to the others: keyed by the prepared
+    batch's columns (the same object for every decider of a batch), so a new batch computes anew."""
 
     def __init__(self) -> None:
         self.computed = self.shared = 0  # batches computed, and served again
         self._last: tuple[TxColumns, dict[str, np.ndarray]] | None = None
 
-    def __call__(self, tables: Sequence[KeyedTable], which: np.ndarray, tx: TxColumns) -> dict[str, np.ndarray]:
-        if self._last is not None and self._last[0] is tx:  # the same prepared batch, another rule set
+    def get(self, tx: TxColumns, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        if self._last is not None and self._last[0] is tx:
             self.shared += 1
             return self._last[1]
-        features = card_features_split(tables, which, tx)
+        result = compute()
         self.computed += 1
-        self._last = (tx, features)
-        return features
+        self._last = (tx, result)
+        return result
+
+
+class SharedCardFeatures(PerBatch):
+    """The deciders' card features. They do not depend on the rule set (a card's profile counts every payment,
+    whatever was decided), so the first decider of a batch computes them, updating its card tables, and the
+    others get the same arrays for the same batch (their own card tables stay empty, never read)."""
+
+    def __call__(self, tables: Sequence[KeyedTable], which: np.ndarray, tx: TxColumns) -> dict[str, np.ndarray]:
+        return self.get(tx, lambda: card_features_split(tables, which, tx))
 
 
 def _events(batch: PreparedBatch, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
