@@ -8,7 +8,7 @@ features, the terminal window's features, the rules, the model's score, and hold
 the terminal rule's look-ahead exactly as `fraudstream detect` does. What differs is only where its state
 lives and what is done with the decisions:
 
-- state: one KeyedTable per store per input partition, in memory (`MemoryState`, the StateManager's
+- state: one KeyedTable per store per input partition, in memory (`MemoryState`, the TaskManager's
   interface the decider reads), built from the topic's history before the window (every record is decided,
   the report keeps the window's);
 - terminal window: a TerminalWindow fed with every partition's records as they are read (`ReplayTerminal`,
@@ -82,7 +82,7 @@ def position_key(partition: int, offset: int) -> int:
 
 
 class MemoryState:
-    """The StateManager's interface the decider reads (`tables`, `ready_tables`), in memory: one KeyedTable per
+    """The TaskManager's interface the decider reads (`tables`, `ready_tables`), in memory: one KeyedTable per
     store per input partition, made on first use."""
 
     def __init__(self) -> None:

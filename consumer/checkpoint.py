@@ -170,26 +170,24 @@ class Checkpoint:
         *,
         offsets: list[TopicPartition],
         group_metadata: Callable[[], object],
-        write_state: Callable[[object], int] | None,
+        write_state: Callable[[object], int],
     ) -> tuple[float, int]:
-        """begin, the batch's outputs, its state changes (`write_state(producer)`, when there is state), the input
-        `offsets`, commit. Returns (the commit's duration, changelog records written). Raises AbortBatch,
+        """begin, the batch's outputs, its tasks' state changes (`write_state(producer)`: none without stores), the
+        input `offsets`, commit. Returns (the commit's duration, changelog records written). Raises AbortBatch,
         ProducerLost, Stopping, KafkaUnavailable. `batch.outputs` may be updated in place: an output its topic will
         never take becomes a dead letter."""
         call = self.calls.call
         deadline = transaction_deadline(self.transaction_timeout_ms)
         call("beginning a transaction", deadline, producer.begin_transaction)
         self.collector.produce_all(producer, messages, batch, deadline)
-        written = 0
-        if write_state is not None:
-            # Not retried call by call: the changed rows were taken, so any failure aborts the transaction, and
-            # the abort rebuilds the state from the changelog.
-            try:
-                written = write_state(producer)
-            except KafkaException as exc:
-                error = exc.args[0]
-                classify_produce("writing state changes", error, exc)
-                raise AbortBatch(f"writing state changes: {error.str()}") from exc
+        # Not retried call by call: the changed rows were taken, so any failure aborts the transaction, and the
+        # abort undoes the batch's state changes in memory (consumer/tasks.py).
+        try:
+            written = write_state(producer)
+        except KafkaException as exc:
+            error = exc.args[0]
+            classify_produce("writing state changes", error, exc)
+            raise AbortBatch(f"writing state changes: {error.str()}") from exc
         if offsets:
             call(
                 "sending offsets",

@@ -1,7 +1,8 @@
 """The detector's loop (Kafka Streams' StreamThread): consume a batch, decide it, commit it in one checkpoint;
 and what the loop does when something goes wrong.
 
-    consume (consumer/batching.py) -> records of ready partitions (state restored: consumer/state/)
+    consume (consumer/batching.py) -> records of ready tasks (one per input partition, its state restored:
+      consumer/tasks.py, consumer/state/)
       -> decide (consumer/decide.py, consumer/stateful.py): one Decision per record, held records released
       -> checkpoint (consumer/checkpoint.py): begin -> outputs (consumer/collector.py) -> changelog rows
          -> input offsets (KIP-447) -> commit
@@ -59,8 +60,8 @@ from fraudstream.consumer.decide import ColumnarDecider, DecidedBatch, Decider, 
 from fraudstream.consumer.metrics import DetectorMetrics
 from fraudstream.consumer.rules import TERMINAL_RULES, load_rules, rules_from_settings
 from fraudstream.consumer.rules_topic import RulesTopic
-from fraudstream.consumer.state.manager import StateManager
 from fraudstream.consumer.stateful import STORES, StatefulDecider, StateTouchedError, decode_batch, load_scoring
+from fraudstream.consumer.tasks import TaskManager
 from fraudstream.consumer.terminal import StopRequested, TerminalReader
 from fraudstream.group_probe import static_members
 from fraudstream.errors import Fenced, KafkaUnavailable, RegistryError, RegistryUnavailable
@@ -151,7 +152,6 @@ class Detector:
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
         self.stop = threading.Event()
-        self._assigned: set[tuple[str, int]] = set()
         self._revocations = 0  # partitions revoked or lost so far: a batch taken meanwhile is filtered
         # Records per transaction: more while the input is backlogged, within the transaction's timeout.
         self.sizer = BatchSizer(
@@ -167,8 +167,8 @@ class Detector:
         self._failures_in_a_row = 0
         # Transactions refused because the group moved on without us (AbortBatch.group_moved): since when, how many.
         self._group_moved_since, self._group_moved_retries = 0.0, 0
-        self._consumed_to: dict[int, int] = {}  # input partition -> the next offset this detector committed
-        self.state: StateManager | None = None  # keyed state, when the stateful rules are on
+        # A task per assigned input partition; without stores until start-up gives them the stateful rules' stores.
+        self.tasks = TaskManager(settings, (), on_log=self.on_log)
         # How long another member must hold our group.instance.id to count as alive (see _successors).
         self._successor_wait_s = consumer_config(settings, settings.group_id)["session.timeout.ms"] / 1000 * 1.5 + 2
         self.rules_topic: RulesTopic | None = None  # the rules in force, when the stateful rules are on
@@ -188,10 +188,6 @@ class Detector:
     @property
     def _started_admin(self) -> AdminClient:
         return _started(self._admin, "admin client")
-
-    @property
-    def _started_state(self) -> StateManager:
-        return _started(self.state, "state (stateful rules only)")
 
     @property
     def _started_rules_topic(self) -> RulesTopic:
@@ -248,8 +244,8 @@ class Detector:
         """The rules file's rules over per-card state, restored from and written to changelog topics."""
         s = self.settings
         load_rules(s.rules_file, settings=s)  # a bad rules file is refused before any topic is touched
-        self.state = StateManager(s, STORES, on_log=self.on_log, on_restored=self.metrics.restored)
-        self.state.start()
+        self.tasks = TaskManager(s, STORES, on_log=self.on_log, on_restored=self.metrics.restored)
+        self.tasks.start()
         record_wise = decider.record_wise if isinstance(decider, ColumnarDecider) else decider
         columnar = decider if isinstance(decider, ColumnarDecider) else None
         decode = lambda messages: decode_batch(columnar, record_wise, messages)  # noqa: E731
@@ -272,14 +268,14 @@ class Detector:
             )
         self.on_log(
             f"rules {', '.join(rules.names)} (rule set {rules.version} of {s.rules_topic}); "
-            f"state in {', '.join(self.state.topics.values())}"
+            f"state in {', '.join(self.tasks.topics.values())}"
             + (" and a terminal window of every input partition" if self.terminal else "")
         )
         model, self.labels = load_scoring(s, on_log=self.on_log)
         stateful = StatefulDecider(
             decode,
             rules,
-            self.state,
+            self.tasks,
             encode_legit=record_wise.encode_legit,
             encode_fraud=record_wise.encode_fraud,
             model=model,
@@ -335,35 +331,20 @@ class Detector:
 
     # ----- rebalance callbacks (run inside consume()) -----
     def _on_assign(self, consumer, partitions) -> None:
-        self._assigned |= {(tp.topic, tp.partition) for tp in partitions}
         self.on_log(f"assigned {_partition_list(partitions)}")
-        if self.state is not None:
-            # Assigned here rather than by the client after this callback, so that the partitions can be
-            # paused until their state is restored.
-            consumer.incremental_assign(partitions)
-            self.state.assign(consumer, partitions)
+        self.tasks.assign(consumer, partitions)
 
     def _on_revoke(self, consumer, partitions) -> None:
         # Nothing to flush: a batch's transaction is always committed or aborted before the next
         # consume(), which is the only place a rebalance callback can run.
-        self._forget(partitions)
         self._revocations += 1
         self.on_log(f"revoked {_partition_list(partitions)}")
-        if self.state is not None:
-            self.state.revoke(partitions)
+        self.tasks.revoke(partitions)
 
     def _on_lost(self, consumer, partitions) -> None:
-        self._forget(partitions)
         self._revocations += 1
         self.on_log(f"lost {_partition_list(partitions)}")
-        if self.state is not None:
-            self.state.revoke(partitions)
-
-    def _forget(self, partitions) -> None:
-        self._assigned -= {(tp.topic, tp.partition) for tp in partitions}
-        for tp in partitions:
-            if tp.topic == self.settings.transactions_topic:
-                self._consumed_to.pop(tp.partition, None)
+        self.tasks.revoke(partitions)
 
     # ----- main loop -----
     def run(self, stop: threading.Event | None = None) -> DetectorMetrics:
@@ -380,17 +361,16 @@ class Detector:
                     if isinstance(decider, StatefulDecider):  # its rules change at runtime (the rules topic)
                         self._apply_rule_changes(decider)
                     messages, pending = self._next_batch(consumer, pending), []
-                    if self.state is not None:
-                        if self.state.recovering:
-                            self.state.recover_step(consumer)
-                            self.metrics.restoring(self.state.restoring_records)
+                    if self.tasks.recovering:
+                        self.tasks.recover_step(consumer)
+                        self.metrics.restoring(self.tasks.restoring_records)
                         messages = self._with_state_ready(messages)
                     if messages:
                         batch = self._decide(decider, messages)
                         if batch is None:  # stopping during a registry outage: nothing produced, re-read later
                             break
                         self._process_batch(messages, batch)
-                    elif self.state is not None and (batch := self._decide(decider, [])) is not None:
+                    elif (batch := self._decide(decider, [])) is not None:
                         self._process_batch([], batch)  # held records due while the input is quiet
                     else:
                         self._started_producer.poll(0)
@@ -419,8 +399,8 @@ class Detector:
         if any(m.error() is not None for m in messages):
             messages = [m for m in messages if not self._is_error(m)]
         if pending or self._revocations != revocations:
-            assigned = self._assigned
-            messages = [m for m in messages if (m.topic(), m.partition()) in assigned]
+            assigned = self.tasks.partitions
+            messages = [m for m in messages if m.partition() in assigned]
         return messages
 
     def _is_error(self, message) -> bool:
@@ -447,15 +427,14 @@ class Detector:
         limit_s = self.settings.registry_outage_limit_s
         backoff, started = 0.2, time.monotonic()
         while True:
-            if self.state is not None:
-                self.state.begin()
+            self.tasks.begin()
             try:
                 if messages:
                     return decider.decide_batch(messages)
                 return decider.release_due() if isinstance(decider, HoldingDecider) else None
             except RegistryError as exc:
                 if isinstance(exc, StateTouchedError):
-                    self._started_state.rollback()
+                    self.tasks.rollback()
                 waited = time.monotonic() - started
                 if waited >= limit_s:
                     raise RegistryError(
@@ -485,11 +464,11 @@ class Detector:
                 backoff = min(backoff * 2, REGISTRY_BACKOFF_MAX_S)
 
     def _with_state_ready(self, messages: list) -> list:
-        """Only records whose partition's state is restored; a partition whose state is being rebuilt is
-        paused, and any of its records fetched before that are read again once it resumes."""
-        ready = self._started_state.ready
-        if all(ready(partition) for _topic, partition in self._assigned):
-            return messages  # the usual case: a consumer returns only assigned partitions' records
+        """Only records whose task's state is restored; a partition whose state is being rebuilt is paused, and
+        any of its records fetched before that are read again once it resumes."""
+        if not self.tasks.recovering:
+            return messages
+        ready = self.tasks.ready
         kept = [m for m in messages if ready(m.partition())]
         if len(kept) < len(messages):
             self._rewind([m for m in messages if not ready(m.partition())], rebuild_state=False)
@@ -509,8 +488,7 @@ class Detector:
             return
         self._failures_in_a_row = self._group_moved_retries = 0
         self._group_moved_since = 0.0
-        if self.state is not None:
-            self.state.commit()
+        self.tasks.commit()
         if messages:
             self.sizer.done(len(messages), time.monotonic() - started)
         tally = batch.routes()
@@ -527,8 +505,8 @@ class Detector:
             rules=dict(rules),
             shadow_differences=len(batch.shadow),
         )
-        if self.state is not None:
-            self.metrics.state_size(self.state.sizes())
+        if self.tasks.specs:
+            self.metrics.state_size(self.tasks.sizes())
         if self.terminal is not None:
             self.metrics.state_size({**self.metrics.state_keys, "terminal_events": len(self.terminal.window)})
 
@@ -539,10 +517,7 @@ class Detector:
         # group coordinator checks them against the group's generation, and that is what fences a detector
         # whose partitions were given away (KIP-447) before it releases rows their new owner restored.
         offsets = _next_offsets(messages) if messages else self._offsets_of(batch.state_partitions)
-        write_state = None
-        if self.state is not None:
-            partitions = {m.partition() for m in messages} | batch.state_partitions
-            write_state = lambda producer: self.state.write_changes(producer, partitions)  # noqa: E731
+        partitions = {m.partition() for m in messages} | batch.state_partitions
         self.collector.rejected.clear()
         commit_s, written = self.checkpoint.commit(
             self.producer,
@@ -550,21 +525,26 @@ class Detector:
             batch,
             offsets=offsets,
             group_metadata=self._started_consumer.consumer_group_metadata,
-            write_state=write_state,
+            write_state=lambda producer: self.tasks.write_changes(producer, partitions),
         )
-        if self.state is not None:
-            self.metrics.changelog_written(written)
-        self._consumed_to.update((tp.partition, tp.offset) for tp in offsets)
+        self.metrics.changelog_written(written)
+        self.tasks.committed(offsets)
         return commit_s
 
     def _offsets_of(self, partitions: set[int]) -> list[TopicPartition]:
         """The next offsets to read of these input partitions, as this detector committed them (asked of the group
         for a partition it has not committed yet)."""
         topic = self.settings.transactions_topic
-        unknown = [TopicPartition(topic, p) for p in sorted(partitions) if p not in self._consumed_to]
+        unknown = [
+            TopicPartition(topic, p) for p, offset in self.tasks.next_offsets(partitions).items() if offset is None
+        ]
         if unknown:
-            self._consumed_to.update((tp.partition, tp.offset) for tp in self._committed(unknown) if tp.offset >= 0)
-        return [TopicPartition(topic, p, self._consumed_to[p]) for p in sorted(partitions) if p in self._consumed_to]
+            self.tasks.committed(self._committed(unknown))
+        return [
+            TopicPartition(topic, p, offset)
+            for p, offset in self.tasks.next_offsets(partitions).items()
+            if offset is not None
+        ]
 
     def _abort_and_rewind(self, messages: list, abort: AbortBatch) -> None:
         if abort.group_moved:
@@ -687,10 +667,7 @@ class Detector:
             fenced.close()
         except (KafkaException, RuntimeError) as exc:
             log.debug("closing the fenced consumer: %s", exc)
-        self._assigned.clear()
-        self._consumed_to.clear()
-        if self.state is not None:  # the new consumer's assignment restores it
-            self.state.drop_all()
+        self.tasks.drop_all()  # the new consumer's assignment makes them again (and restores their state)
         self.consumer = self._new_consumer()
         first_records = self._join_group()  # a new consumer starts from the committed offsets
         self.metrics.recovered()
@@ -753,24 +730,20 @@ class Detector:
         first: dict[tuple[str, int], int] = {}
         for message in messages:
             first.setdefault((message.topic(), message.partition()), message.offset())
-        if self.state is not None and rebuild_state:
-            self.state.rollback()
-        self._seek([TopicPartition(t, p, offset) for (t, p), offset in first.items() if (t, p) in self._assigned])
+        if rebuild_state:
+            self.tasks.rollback()
+        assigned = self.tasks.partitions
+        self._seek([TopicPartition(t, p, offset) for (t, p), offset in first.items() if p in assigned])
 
     def _rewind_to_committed(self) -> None:
         """Seek every assigned partition to its committed offset (the beginning if none): after a lost producer,
         whether its last commit went through is known only to the group coordinator."""
-        partitions = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
+        partitions = [TopicPartition(self.settings.transactions_topic, p) for p in sorted(self.tasks.partitions)]
         if not partitions:
             return
         committed = self._committed(partitions)
-        self._consumed_to = {
-            tp.partition: tp.offset
-            for tp in committed
-            if tp.topic == self.settings.transactions_topic and tp.offset >= 0
-        }
-        if self.state is not None:
-            self.state.reset(self.consumer, [tp.partition for tp in partitions])
+        self.tasks.reset(self.consumer, [tp.partition for tp in partitions])
+        self.tasks.committed(committed)
         # Logical offsets (no commit yet: OFFSET_INVALID, -1001) are passed on as a position, never computed with.
         self._seek(
             [
@@ -846,9 +819,9 @@ class Detector:
                 decider.rules = rules_topic.current
                 self.on_log(f"rules {', '.join(decider.rules.names)} now in force (rule set {decider.rules.version})")
             self._install_shadow(decider)
-        if rules_topic.dead_letters and (self.settings.transactions_topic, 0) in self._assigned:
+        if rules_topic.dead_letters and 0 in self.tasks.partitions:
             self._dead_letter_rules(rules_topic.take_dead_letters())
-        elif rules_topic.dead_letters and self._assigned:
+        elif rules_topic.dead_letters and self.tasks.partitions:
             rules_topic.take_dead_letters()  # another detector routes them
 
     def _install_shadow(self, decider: StatefulDecider) -> None:
@@ -896,8 +869,7 @@ class Detector:
                 self.consumer.close()  # before the state: its revocation callback stops a partition's restore
             except (KafkaException, RuntimeError) as exc:
                 log.warning("closing consumer: %s", exc)
-        if self.state is not None:
-            self.state.close()
+        self.tasks.close()
         if self.producer is not None:
             try:
                 self.producer.flush(10)  # transactions are committed or aborted by now; this serves late callbacks

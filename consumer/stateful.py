@@ -168,7 +168,7 @@ class StateTouchedError(RegistryError):
 
 
 class PartitionState(Protocol):
-    """The state the decider reads and changes: the detector's StateManager (consumer/state/manager.py), or a
+    """The state the decider reads and changes: the detector's TaskManager (consumer/tasks.py), or a
     backtest's MemoryState (consumer/backtest.py)."""
 
     def tables(self, partition: int) -> Mapping[str, KeyedTable]:

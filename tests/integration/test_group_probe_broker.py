@@ -15,7 +15,7 @@ def test_the_real_child_names_the_member_holding_a_detector_s_instance_id(pipeli
     coordinator, finds exactly that member; an id nobody holds, none."""
     running = RunningDetector(pipeline)
     try:
-        wait_until(lambda: running.detector._assigned, timeout_s=60, what="the detector assigned")
+        wait_until(lambda: running.detector.tasks.partitions, timeout_s=60, what="the detector assigned")
         ours = running.detector.consumer.memberid()
         members = static_members(pipeline, pipeline.group_id, running.detector.transactional_id, timeout_s=10)
         assert [m.member_id for m in members] == [ours]

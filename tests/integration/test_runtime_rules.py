@@ -144,8 +144,8 @@ def two_detectors(pipeline: Settings):
     detectors = [RunningDetector(pipeline.replace(transactional_id=f"{pipeline.group_id}-{n}")) for n in (1, 2)]
     wait_until(
         lambda: (
-            all(d.detector._assigned for d in detectors)
-            and sum(len(d.detector._assigned) for d in detectors) == pipeline.partitions
+            all(d.detector.tasks.partitions for d in detectors)
+            and sum(len(d.detector.tasks.partitions) for d in detectors) == pipeline.partitions
         ),
         timeout_s=90,
         what="both detectors assigned",
@@ -157,7 +157,7 @@ def two_detectors(pipeline: Settings):
 
 
 def partitions_of(detector: RunningDetector) -> set[int]:
-    return {p for _, p in detector.detector._assigned}
+    return detector.detector.tasks.partitions
 
 
 def test_lowering_the_threshold_then_disabling_the_rule_reaches_both_detectors_within_a_second(

@@ -176,7 +176,7 @@ def test_a_writer_started_meanwhile_fences_an_open_change_which_never_applies(pi
 def test_a_bad_shadow_record_is_dead_lettered_by_a_detector_and_changes_no_rule(pipeline: Settings):
     detector = RunningDetector(pipeline)
     try:
-        wait_until(lambda: detector.detector._assigned, timeout_s=90, what="the detector assigned")
+        wait_until(lambda: detector.detector.tasks.partitions, timeout_s=90, what="the detector assigned")
         in_force = detector.detector.rules_topic.current
         bad = Rule(
             id=LARGE_AMOUNT,

@@ -10,7 +10,7 @@ from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import NewTopic
 
 from fraudstream.consumer.state.changelog import LAYOUT_HEADER, ensure_changelogs, write_rows, write_tombstones
-from fraudstream.consumer.state.manager import StateManager
+from fraudstream.consumer.tasks import TaskManager
 from fraudstream.consumer.state.recovery import Recovery
 from fraudstream.consumer.state.stores import StoreSpec
 from fraudstream.consumer.state.table import KeyedTable, layout_tag
@@ -130,13 +130,18 @@ def test_an_unreadable_changelog_record_stops_the_restore_naming_where(pipeline,
 
 
 class FakeConsumer:
-    """Records pause/resume calls from the manager (the real consumer is exercised by the detector tests)."""
+    """Records assign/pause/resume calls from the task manager (the real consumer is exercised by the detector
+    tests)."""
 
     def __init__(self, topic: str, partitions) -> None:
         self.topic = topic
         self.assigned = [TopicPartition(topic, p) for p in partitions]
+        self.incrementally_assigned: list[int] = []
         self.paused: set[int] = set()
         self.resumed: list[int] = []
+
+    def incremental_assign(self, partitions):
+        self.incrementally_assigned += [tp.partition for tp in partitions]
 
     def assignment(self):
         return self.assigned
@@ -151,7 +156,7 @@ class FakeConsumer:
 
 
 def test_manager_pauses_a_partition_until_its_state_is_restored_then_writes_changes(pipeline):
-    manager = StateManager(pipeline, [SPEC])
+    manager = TaskManager(pipeline, [SPEC])
     manager.start()
     topic = manager.topics["cards"]
     producer = transactional(pipeline)
@@ -163,6 +168,7 @@ def test_manager_pauses_a_partition_until_its_state_is_restored_then_writes_chan
 
     consumer = FakeConsumer(pipeline.transactions_topic, [0, 1])
     manager.assign(consumer, consumer.assigned)
+    assert consumer.incrementally_assigned == [0, 1]  # by the callback itself, so that they can be paused at once
     assert 1 in consumer.resumed and manager.ready(1)  # empty changelog partition: ready at once
     assert consumer.paused == {0} and not manager.ready(0)
     wait_until(
@@ -186,17 +192,17 @@ def test_manager_pauses_a_partition_until_its_state_is_restored_then_writes_chan
 
 
 def test_keys_idle_past_their_ttl_are_dropped_and_tombstoned(pipeline, monkeypatch):
-    import fraudstream.consumer.state.manager as manager_module
+    import fraudstream.consumer.tasks as tasks_module
 
-    monkeypatch.setattr(manager_module, "EXPIRE_EVERY_S", 0.0)  # expire at every write, not every 10 s
-    manager = StateManager(pipeline, [SPEC])
+    monkeypatch.setattr(tasks_module, "EXPIRE_EVERY_S", 0.0)  # expire at every write, not every 10 s
+    manager = TaskManager(pipeline, [SPEC])
     manager.start()
     consumer = FakeConsumer(pipeline.transactions_topic, [0])
     manager.assign(consumer, consumer.assigned)
     table = manager.tables(0)["cards"]
     hour = 3_600_000
     now = 100 * hour
-    stale = now - SPEC.ttl_ms - manager_module.LATE_TOLERANCE_MS - 1  # idle past its TTL and the tolerance
+    stale = now - SPEC.ttl_ms - tasks_module.LATE_TOLERANCE_MS - 1  # idle past its TTL and the tolerance
     slots = table.slots([b"stale", b"recent", b"fresh"])
     table.rows[slots] = rows((stale, 1, 1.0), (now - SPEC.ttl_ms, 2, 2.0), (now, 3, 3.0))
     table.mark_dirty(slots)
@@ -235,7 +241,7 @@ def test_restore_waits_for_a_transaction_still_open_on_the_changelog(pipeline):
 
 def expire_once(pipeline, spec: StoreSpec, keyed_rows: dict[bytes, tuple], *, removed: tuple[bytes, ...] = ()):
     """Write these rows to partition 0's table, remove some keys, and run the expiry once; (manager, table)."""
-    manager = StateManager(pipeline, [spec])
+    manager = TaskManager(pipeline, [spec])
     manager.start()
     consumer = FakeConsumer(pipeline.transactions_topic, [0])
     manager.assign(consumer, consumer.assigned)
@@ -256,9 +262,9 @@ def test_expiry_takes_stream_time_from_live_rows_only(pipeline, monkeypatch):
     """A freed slot keeps its old values: a removed row dated ahead is no stream time."""
     import time
 
-    import fraudstream.consumer.state.manager as manager_module
+    import fraudstream.consumer.tasks as tasks_module
 
-    monkeypatch.setattr(manager_module, "EXPIRE_EVERY_S", 0.0)  # expire at every write, not every 10 s
+    monkeypatch.setattr(tasks_module, "EXPIRE_EVERY_S", 0.0)  # expire at every write, not every 10 s
     now = int(time.time() * 1000)
     _, table = expire_once(
         pipeline, SPEC, {b"now": (now, 1, 1.0), b"gone": (now + 20 * 3_600_000, 2, 2.0)}, removed=(b"gone",)
@@ -271,11 +277,11 @@ def test_one_event_time_far_ahead_of_the_clock_does_not_age_out_the_other_rows(p
     days, and expired every card of the partition: expiry trusts event time at most a day past the clock."""
     import time
 
-    import fraudstream.consumer.state.manager as manager_module
+    import fraudstream.consumer.tasks as tasks_module
     from fraudstream.consumer.stateful import CARDS
     from fraudstream.consumer.state.stores import EXPIRY_MAX_AHEAD_MS
 
-    monkeypatch.setattr(manager_module, "EXPIRE_EVERY_S", 0.0)
+    monkeypatch.setattr(tasks_module, "EXPIRE_EVERY_S", 0.0)
     month = CARDS.ttl_ms
     spec = StoreSpec(name="cards", dtype=ROW, layout=SPEC.layout, expiry_field="last_ms", ttl_ms=month)
     now = int(time.time() * 1000)
@@ -283,18 +289,18 @@ def test_one_event_time_far_ahead_of_the_clock_does_not_age_out_the_other_rows(p
         pipeline, spec, {b"now": (now, 1, 1.0), b"clock-ahead": (now + 40 * 24 * 3_600_000, 3, 3.0)}
     )
     assert b"now" in table and b"clock-ahead" in table and manager.tombstones == 0
-    assert EXPIRY_MAX_AHEAD_MS < month - manager_module.LATE_TOLERANCE_MS  # why "now" stays
+    assert EXPIRY_MAX_AHEAD_MS < month - tasks_module.LATE_TOLERANCE_MS  # why "now" stays
 
 
 def test_a_store_without_ttl_is_never_expired(pipeline, monkeypatch):
     """Held records' rows go with their output, never by age: the store has no TTL."""
-    import fraudstream.consumer.state.manager as manager_module
+    import fraudstream.consumer.tasks as tasks_module
     from fraudstream.consumer.held import HELD
 
-    monkeypatch.setattr(manager_module, "EXPIRE_EVERY_S", 0.0)
+    monkeypatch.setattr(tasks_module, "EXPIRE_EVERY_S", 0.0)
     assert HELD.ttl_ms is None
     spec = StoreSpec(name="held", dtype=ROW, layout=SPEC.layout, expiry_field="last_ms", ttl_ms=None)
-    manager = StateManager(pipeline, [spec])
+    manager = TaskManager(pipeline, [spec])
     manager.start()
     consumer = FakeConsumer(pipeline.transactions_topic, [0])
     manager.assign(consumer, consumer.assigned)
@@ -314,7 +320,7 @@ def test_a_reset_of_a_partition_no_longer_assigned_drops_its_state_and_says_so(p
     """After an abort, state changed by the batch is rebuilt; a partition revoked meanwhile is dropped, not
     restored (its new owner does that), and the log line says which."""
     lines = []
-    manager = StateManager(pipeline, [SPEC], on_log=lines.append)
+    manager = TaskManager(pipeline, [SPEC], on_log=lines.append)
     manager.start()
     consumer = FakeConsumer(pipeline.transactions_topic, [0, 1])
     manager.assign(consumer, consumer.assigned)

@@ -120,7 +120,7 @@ def test_a_terminal_taking_cards_of_accounts_in_every_partition_is_caught(pipeli
     assert len(partitions) >= 2, "the victims' accounts should span input partitions"
     fraud = alerts(pipeline)
     assert fraud == {f"victim-{i}": ["compromised_terminal"] for i in range(6)}, fraud
-    assert detector.detector.state.tombstones == 3  # the three held rows, removed from the changelog on release
+    assert detector.detector.tasks.tombstones == 3  # the three held rows, removed from the changelog on release
     reader = detector.detector.terminal
     assert reader is not None and reader.stats.events_read == len(victims)
 
@@ -130,9 +130,9 @@ def test_a_payment_dated_40_days_ahead_loses_none_of_the_records_held_on_its_par
     the terminal rule's look-ahead) on one partition, then one payment dated 40 days ahead on it, while another
     partition keeps the look-ahead from releasing anything. The expiry took the partition's stream time from that
     payment and tombstoned the 50 held rows with no output: none of them ever came out, and nothing said so."""
-    import fraudstream.consumer.state.manager as manager_module
+    import fraudstream.consumer.tasks as tasks_module
 
-    monkeypatch.setattr(manager_module, "EXPIRE_EVERY_S", 0.0)  # expire at every batch, as every 10 s would
+    monkeypatch.setattr(tasks_module, "EXPIRE_EVERY_S", 0.0)  # expire at every batch, as every 10 s would
     encode = encoder_for(pipeline, pipeline.transactions_topic)
 
     def to_partition(partition: int, txs) -> None:
@@ -178,7 +178,7 @@ def test_a_payment_dated_40_days_ahead_loses_none_of_the_records_held_on_its_par
             timeout_s=60,
             what="the payment dated ahead read, and the busy partition after it",
         )
-        held_on_0 = len(detector.detector.state.tables(0)["held"])
+        held_on_0 = len(detector.detector.tasks.tables(0)["held"])
     finally:
         stop_busy.set()
         feeder.join(10)

@@ -16,7 +16,7 @@ from tests.support.decoding import SCHEMAS, SETTINGS, decider_pair, make_tx
 
 
 class State:
-    """One partition's tables, as StateManager gives them."""
+    """One partition's tables, as the TaskManager gives them."""
 
     def __init__(self):
         self.cards, self.held = KeyedTable(PROFILE_DTYPE), KeyedTable(held.HELD_DTYPE)

@@ -23,6 +23,7 @@ from fraudstream.evaluate import SCORE_HEADER
 from fraudstream.consumer.decide import DLQ_KIND, DecidedBatch, Decision, Route, dead_letter
 from fraudstream.consumer.collector import OUTPUT_TOO_LARGE
 from fraudstream.consumer.detector import FAILURES_IN_A_ROW_LIMIT, Detector
+from fraudstream.consumer.tasks import TaskManager
 from fraudstream.errors import Fenced, KafkaUnavailable
 from fraudstream.serde import DecodeError
 from fraudstream.settings import PROJECT_ROOT, Settings
@@ -87,7 +88,7 @@ class FakeConsumer:
         else:  # what one fetch brings: up to `batch` records of each partition
             messages = []
             for p in sorted(self.positions):
-                if (TOPIC, p) in self.detector._assigned:
+                if p in self.detector.tasks.partitions:
                     chunk = self.log.records[p][
                         self.positions[p] : self.positions[p] + min(self.batch, num_messages - len(messages))
                     ]
@@ -553,32 +554,30 @@ def test_a_kafka_call_blocked_long_past_its_timeout_ends_the_process_with_its_st
         assert done.returncode == 0 and done.stdout.strip() == "still running", done.stdout + done.stderr
 
 
-class ReadyState:
-    """The state manager's readiness alone: which partitions' state is restored."""
-
-    def __init__(self, ready: set[int]) -> None:
-        self._ready, self.asked = ready, 0
-
-    def ready(self, partition: int) -> bool:
-        self.asked += 1
-        return partition in self._ready
+def assigned_tasks(detector: Detector, *partitions: int) -> None:
+    """The detector's tasks for these input partitions, as its rebalance callback makes them (without stores)."""
+    detector._on_assign(None, [TopicPartition(TOPIC, p) for p in partitions])
 
 
 @pytest.mark.parametrize("restoring", [set(), {1}])
 def test_records_of_a_partition_still_restoring_are_read_again_later(monkeypatch, restoring):
-    """Every assigned partition ready (the usual case): the batch goes through whole, with no check per
-    record. A partition whose state is being restored: its records are left out and rewound, to be read
-    again once it resumes; the others' are kept, in order."""
+    """Every task ready (the usual case): the batch goes through whole, with no check per record. A task whose
+    state is being restored: its partition's records are left out and rewound, to be read again once it
+    resumes; the others' are kept, in order."""
     d = Detector(Settings(transactions_topic=TOPIC))
-    d.state = ReadyState({0, 1} - restoring)
-    d._assigned = {(TOPIC, 0), (TOPIC, 1)}
+    assigned_tasks(d, 0, 1)
+    for partition in restoring:
+        d.tasks.tasks[partition].restoring = True
+    asked = []
+    ready = d.tasks.ready
+    monkeypatch.setattr(d.tasks, "ready", lambda partition: asked.append(partition) or ready(partition))
     rewound = []
     monkeypatch.setattr(d, "_rewind", lambda messages, rebuild_state=True: rewound.append((messages, rebuild_state)))
     messages = [Message(p, o) for p, o in [(0, 5), (1, 7), (0, 6), (1, 8)]]
     kept = d._with_state_ready(messages)
     if not restoring:
         assert kept == messages and not rewound
-        assert d.state.asked == 2  # once per assigned partition, not once per record
+        assert asked == []  # no task restoring: no check per record
     else:
         assert [(m.partition(), m.offset()) for m in kept] == [(0, 5), (0, 6)]
         assert [[(m.partition(), m.offset()) for m in batch] for batch, _ in rewound] == [[(1, 7), (1, 8)]]
@@ -595,17 +594,6 @@ def test_the_offsets_sent_are_each_partitions_last_record_of_the_batch_plus_one(
     assert detector_module._next_offsets([]) == []
 
 
-class RollingBackState:
-    """What _rewind asks of the state: undo the batch's changes."""
-
-    def __init__(self) -> None:
-        self.rollbacks = 0
-
-    def rollback(self) -> int:
-        self.rollbacks += 1
-        return 0
-
-
 def test_an_aborted_batch_is_undone_in_memory_and_only_its_own_partitions_are_sought_back():
     """The abort undoes the batch's state changes, the held records it released from partition 1 included, without
     a restore from the changelog: nothing is paused, so partition 1 (none of its records in the batch) keeps its
@@ -614,10 +602,9 @@ def test_an_aborted_batch_is_undone_in_memory_and_only_its_own_partitions_are_so
     d = Detector(Settings(transactions_topic=TOPIC))
     d.consumer = FakeConsumer(log, d)
     d.consumer.positions = {0: 4, 1: 9}
-    d.state = RollingBackState()
-    d._assigned = {(TOPIC, 0), (TOPIC, 1)}
+    assigned_tasks(d, 0, 1)
     d._rewind([Message(0, 2), Message(0, 3)])
-    assert d.state.rollbacks == 1
+    assert d.tasks.rollbacks == 1
     assert sorted(d.consumer.seeks) == [(0, 2)]
 
 
@@ -682,43 +669,29 @@ class ReleasingDecider:
         return batch
 
 
-def start_with(monkeypatch, detector: Detector, state) -> None:
-    """The stand-in detector's start also gives it `state` (a stand-in of the StateManager)."""
+def start_with(monkeypatch, detector: Detector, tasks: TaskManager) -> None:
+    """The stand-in detector's start gives it these tasks (for the partitions its start assigned)."""
     start = detector._start
 
-    def start_with_state():
+    def start_with_tasks():
         started = start()
-        detector.state = state
+        tasks.assign(None, [TopicPartition(TOPIC, p) for p in detector.tasks.partitions])
+        detector.tasks = tasks
         return started
 
-    monkeypatch.setattr(detector, "_start", start_with_state)
+    monkeypatch.setattr(detector, "_start", start_with_tasks)
 
 
-class QuietState:
-    recovering = False
-    rollbacks = commits = 0
+class QuietState(TaskManager):
+    """Tasks without stores that count the checkpoints committed (rollbacks: TaskManager's own count)."""
 
-    def begin(self):
-        pass
+    def __init__(self) -> None:
+        super().__init__(Settings(transactions_topic=TOPIC), ())
+        self.commits = 0
 
     def commit(self):
         self.commits += 1
-
-    def rollback(self):
-        self.rollbacks += 1
-        return 0
-
-    def ready(self, partition):
-        return True
-
-    def write_changes(self, producer, partitions):
-        return 0
-
-    def sizes(self):
-        return {}
-
-    def close(self):
-        pass
+        super().commit()
 
 
 class StateWriteInFailedTransaction(QuietState):
@@ -731,7 +704,7 @@ class StateWriteInFailedTransaction(QuietState):
         self.writes += 1
         if self.writes == 1:
             raise KafkaException(KafkaError(KafkaError._STATE, "Erroneous state"))
-        return 0
+        return super().write_changes(producer, partitions)
 
 
 def test_state_changes_refused_by_a_failed_transaction_abort_the_batch_not_the_detector(monkeypatch):
