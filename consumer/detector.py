@@ -62,7 +62,8 @@ from fraudstream.consumer.rules import TERMINAL_RULES, load_rules, rules_from_se
 from fraudstream.consumer.rules_topic import RulesTopic
 from fraudstream.consumer.stateful import STORES, StatefulDecider, StateTouchedError, decode_batch, load_scoring
 from fraudstream.consumer.tasks import TaskManager
-from fraudstream.consumer.terminal import StopRequested, TerminalReader
+from fraudstream.consumer.global_reader import StopRequested
+from fraudstream.consumer.terminal import TerminalReader
 from fraudstream.group_probe import static_members
 from fraudstream.errors import Fenced, KafkaUnavailable, RegistryError, RegistryUnavailable
 from fraudstream.kafka import (

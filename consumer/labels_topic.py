@@ -3,8 +3,8 @@
 The input is keyed by account, per-terminal fraud counts need every account's labels: a repartition by
 terminal would give each terminal one owner, but the labels topic is small (one short record per
 transaction, a week late) and only ever read, so every detector simply reads all of it, the way it reads
-the rules topic: a consumer of its own outside the consumer group (assign mode, read_committed), to the
-end at start-up, then between batches without waiting. What a label may change is bounded by event time
+the rules topic: a global reader (consumer/global_reader.py: outside the consumer group, assign mode,
+read_committed), to the end at start-up, then between batches without waiting. What a label may change is bounded by event time
 (see LabelTable): a label counts for a transaction only once its event time plus the delay is at or before
 the transaction's, however early it was read.
 """
@@ -21,10 +21,11 @@ from typing import Any, cast
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from fastavro import schemaless_reader
 
+from fraudstream.consumer.global_reader import GlobalReader
 from fraudstream.consumer.inspect import console_schemas
 from fraudstream.consumer.model import LabelTable
 from fraudstream.errors import KafkaUnavailable, RegistryError
-from fraudstream.kafka import consumer_config, ensure_topics, wait_out
+from fraudstream.kafka import consumer_config, ensure_topics
 from fraudstream.registry import Registry
 from fraudstream.serde import DecodeError, consumed_headers, split_frame
 from fraudstream.settings import Settings
@@ -39,8 +40,10 @@ def _high_watermark(consumer: Consumer, topic: str, partition: int) -> int:
     return consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1]
 
 
-class LabelsReader:
+class LabelsReader(GlobalReader):
     """One detector's reader of `<topic>.labels` into a LabelTable."""
+
+    name = "labels reader"
 
     def __init__(
         self,
@@ -51,14 +54,13 @@ class LabelsReader:
         on_log: Callable[[str], None] | None = None,
         keep_verdicts: bool = False,
     ) -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.table = table
         # keep_verdicts: also transaction id -> (is fraud, scenario), the latest label's, for a report (a backtest
         # reads the labels once for its model and its report).
         self.verdicts: dict[str, tuple[bool, str]] | None = {} if keep_verdicts else None
         self.on_log = on_log or log.info
         self._schemas = console_schemas((registry or Registry(settings)).schema_by_id)
-        self.consumer: Consumer | None = None
         self.partitions: list[TopicPartition] = []
         self.unreadable = 0  # label records that do not decode: counted, logged once, never used
         self.read = 0
@@ -75,15 +77,17 @@ class LabelsReader:
         self.consumer = consumer = Consumer(
             consumer_config(s, f"{s.group_id}.labels-reader", **{"auto.offset.reset": "earliest"})
         )
-        metadata = consumer.list_topics(s.labels_topic, timeout=10).topics[s.labels_topic]
+        metadata = self.call(
+            "reading the labels topic's partitions", lambda: consumer.list_topics(s.labels_topic, timeout=10)
+        ).topics[s.labels_topic]
         self.partitions = [TopicPartition(s.labels_topic, p, OFFSET_BEGINNING) for p in sorted(metadata.partitions)]
         consumer.assign(self.partitions)
         ends: dict[int, int] = {}
         for tp in self.partitions:
-            ends[tp.partition] = wait_out(
+            ends[tp.partition] = self.call(
                 f"reading the end of labels topic {s.labels_topic}[{tp.partition}]",
                 functools.partial(_high_watermark, consumer, tp.topic, tp.partition),
-                limit_s=s.broker_outage_limit_s,
+                topic=s.labels_topic,
             )
         deadline = time.monotonic() + timeout_s
         while any(self._position(p) < end for p, end in ends.items()):
@@ -97,13 +101,8 @@ class LabelsReader:
             + (f" ({self.table.unplaced:,} without terminal or event time, not used)" if self.table.unplaced else "")
         )
 
-    def _started(self) -> Consumer:
-        assert self.consumer is not None, "start() first"
-        return self.consumer
-
     def _position(self, partition: int) -> int:
-        position = self._started().position([TopicPartition(self.settings.labels_topic, partition)])[0].offset
-        return position if position >= 0 else 0  # logical: nothing read yet
+        return self.position(self.settings.labels_topic, partition)
 
     def catch_up(self, until_ms: int) -> bool:
         """Before a batch whose latest event time is until_ms: read the labels due by then. A partition is
@@ -134,14 +133,14 @@ class LabelsReader:
 
     def _cached_end(self, partition: int) -> int:
         try:
-            return self._started().get_watermark_offsets(
+            return self._client().get_watermark_offsets(
                 TopicPartition(self.settings.labels_topic, partition), cached=True
             )[1]
         except KafkaException:
             return 0
 
     def _read(self, timeout_s: float) -> int:
-        consumer = self._started()
+        consumer = self._client()
         messages = consumer.consume(READ_BATCH, timeout_s)
         terminals, times, frauds, transactions = [], [], [], []
         clock, delay = self.clock_ms, self.delay_ms
@@ -180,8 +179,3 @@ class LabelsReader:
         self.table.add(terminals, times, frauds, transactions)  # by transaction: a changed verdict replaces
         self.read += len(terminals)
         return len(messages)
-
-    def close(self) -> None:
-        if self.consumer is not None:
-            self.consumer.close()
-            self.consumer = None

@@ -59,6 +59,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from fraudstream.consumer.decide import Decision, dead_letter
+from fraudstream.consumer.global_reader import GlobalReader
 from fraudstream.consumer.rules import (
     _PREDICATES,
     DEFAULT_RULES_FILE,
@@ -107,7 +108,6 @@ SHADOW_PREFIX = "shadow/"
 # in one fetch but for the largest changes); past it, the change waits for the next poll, still whole.
 CATCH_UP_S = 0.5
 END_QUERY_S = 5.0  # the broker's answer to "where does the topic end", at most this long
-END_RETRY_S = 0.2  # between two asks that failed
 
 # Who wrote a change, on every record `fraudstream rules` writes (a tombstone has no value to carry it):
 # the principal the cluster authenticated this client as, as its config says (absent: unauthenticated);
@@ -396,8 +396,8 @@ class Change:
     shadow: bool = False
 
 
-class RulesTopic:
-    """One detector's reader of the rules topic: its live rule set (`current`), its shadow rule set (`shadow`,
+class RulesTopic(GlobalReader):
+    """One detector's reader of the rules topic (a global reader: consumer/global_reader.py): its live rule set (`current`), its shadow rule set (`shadow`,
     None while the topic holds no shadow rule), and the dead letters it found. At a batch boundary:
 
         if topic.poll():  # the live set, the shadow set, or both changed
@@ -405,6 +405,8 @@ class RulesTopic:
             decider.shadow_rules = topic.shadow
 
     (`live_changed` and `shadow_changed` say which one the last poll changed.)"""
+
+    name = "rules reader"
 
     def __init__(
         self,
@@ -416,7 +418,7 @@ class RulesTopic:
         codec: RulesCodec | None = None,
         on_refused: Callable[[str], None] = lambda kind: None,
     ) -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.on_refused = on_refused  # a metrics counter, by error kind
         self.codec = codec or RulesCodec(settings, registry)
         self.skip_kinds = tuple(skip_kinds)
@@ -432,7 +434,6 @@ class RulesTopic:
         self.dead_letters: list[Decision] = []  # invalid rule records, to route to the dead-letter topic
         self.changes = 0  # rule changes applied since start (the initial read included)
         self.refused = 0  # rule records refused since start (each one dead-lettered, and logged)
-        self.consumer: Consumer | None = None
         self._admin: AdminClient | None = None  # asks the topic's end (poll)
         self.live_records_read = 0  # records of live rules read (tombstones and refused ones too): not empty
 
@@ -493,13 +494,13 @@ class RulesTopic:
     def _read_to_end(self, timeout_s: float) -> None:
         """Until the position reaches the end taken now (a compacted topic may have gaps; never wait for the record
         at high - 1, which compaction may have removed), every change read whole (poll)."""
+        high = self.call(
+            f"reading where rules topic {self.settings.rules_topic} ends",
+            self._ask_end,
+            topic=self.settings.rules_topic,
+            client=self._end_asker(),
+        )
         deadline = time.monotonic() + timeout_s
-        high = self._end()
-        while high is None and time.monotonic() < deadline:  # the broker did not answer: asked again
-            time.sleep(END_RETRY_S)
-            high = self._end()
-        if high is None:
-            raise KafkaUnavailable(f"could not learn where rules topic {self.settings.rules_topic} ends")
         while self._position() < high or any(self._unpublished.values()):
             if time.monotonic() > deadline:
                 raise KafkaUnavailable(
@@ -520,13 +521,8 @@ class RulesTopic:
             rule_id for rule_id in from_file.keys() | in_force.keys() if from_file.get(rule_id) != in_force.get(rule_id)
         )
 
-    def _started(self) -> Consumer:
-        assert self.consumer is not None, "start() first"
-        return self.consumer
-
     def _position(self) -> int:
-        position = self._started().position([TopicPartition(self.settings.rules_topic, 0)])[0].offset
-        return position if position >= 0 else 0  # a logical offset: nothing read yet
+        return self.position(self.settings.rules_topic, 0)
 
     # ----- between batches -----
     def poll(self, *, timeout_s: float = 0.0) -> bool:
@@ -541,7 +537,7 @@ class RulesTopic:
         with half of a change in force. The read-on is bounded by CATCH_UP_S; past it the records judged stay
         out of `current` and `shadow` until a later poll reaches the end. With nothing new, a poll costs one
         `consume` on the local queue (no broker request)."""
-        consumer = self._started()
+        consumer = self._client()
         self.live_changed = self.shadow_changed = False
         messages = consumer.consume(500, timeout_s)
         if not messages and not any(self._unpublished.values()):
@@ -570,31 +566,41 @@ class RulesTopic:
                 self.on_log(f"rules reader: {printable(str(exc))}; will retry")
                 topic, partition, offset = message.topic(), message.partition(), message.offset()
                 assert topic is not None and partition is not None and offset is not None  # a record: all set
-                self._started().seek(TopicPartition(topic, partition, offset))
+                self._client().seek(TopicPartition(topic, partition, offset))
                 return False
             if change.outcome in (APPLIED, REMOVED):
                 self._unpublished[change.shadow] = True
         return True
 
-    def _end(self) -> int | None:
-        """The topic's last stable offset as the broker gives it now; None when the broker does not answer in
-        END_QUERY_S (the poll then publishes nothing, and a later one asks again). Asked by an admin client of
-        its own: the consumer's query (get_watermark_offsets) waits behind its pending fetch, which the
-        broker holds up to fetch.wait.max.ms (500 ms measured) when the topic has nothing new."""
+    def _end_asker(self) -> AdminClient:
         if self._admin is None:
             self._admin = admin(self.settings)  # kept: a collected client fails its pending futures (pitfall 22)
+        return self._admin
+
+    def _ask_end(self) -> int:
+        """The topic's last stable offset as the broker gives it now, asked once (at most END_QUERY_S). Asked by an
+        admin client of its own: the consumer's query (get_watermark_offsets) waits behind its pending fetch,
+        which the broker holds up to fetch.wait.max.ms (500 ms measured) when the topic has nothing new."""
         tp = TopicPartition(self.settings.rules_topic, 0)
+        asked = self._end_asker().list_offsets(
+            {tp: OffsetSpec.latest()}, isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=END_QUERY_S
+        )[tp]
         try:
-            asked = self._admin.list_offsets(
-                {tp: OffsetSpec.latest()}, isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=END_QUERY_S
-            )[tp]
             return asked.result(timeout=END_QUERY_S).offset
-        except (KafkaException, TimeoutError) as exc:
+        except TimeoutError as exc:  # a broker away, as the outage policy sees it
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"no answer in {END_QUERY_S:g} s")) from exc
+
+    def _end(self) -> int | None:
+        """Between batches: `_ask_end` without waiting out a failure (the poll then publishes nothing, and a later
+        one asks again: a broker away costs a batch boundary END_QUERY_S at most)."""
+        try:
+            return self._ask_end()
+        except KafkaException as exc:
             self.on_log(f"rules reader: the end of {self.settings.rules_topic} unknown ({exc}); will retry")
             # The admin asks the leader its metadata names, and does not refresh it on FENCED_LEADER_EPOCH or
             # NOT_LEADER: in a 3-broker soak every ask for 20 s after a broker restart failed so, and the
             # detector gave up starting. A fresh answer moves the next ask to the new leader.
-            refresh_metadata(self._admin, self.settings.rules_topic, END_QUERY_S)
+            refresh_metadata(self._end_asker(), self.settings.rules_topic, END_QUERY_S)
             return None
 
     def _publish(self) -> None:
@@ -699,9 +705,7 @@ class RulesTopic:
         return letters
 
     def close(self) -> None:
-        if self.consumer is not None:
-            self.consumer.close()
-            self.consumer = None
+        super().close()
         self._admin = None
 
 

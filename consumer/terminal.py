@@ -36,15 +36,16 @@ from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, IsolationLevel, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from fraudstream.consumer.features import MINUTE_MS, TERMINAL_WINDOW_MS, TxColumns, hash_strings
+from fraudstream.consumer.global_reader import GlobalReader, StopRequested
 from fraudstream.errors import KafkaUnavailable, RegistryError
-from fraudstream.kafka import admin, consumer_config, passes, refresh_metadata
+from fraudstream.kafka import admin, consumer_config, refresh_metadata
 from fraudstream.settings import Settings
 
 if TYPE_CHECKING:
@@ -74,12 +75,6 @@ _REL_MAX = 2**32 - 1  # event times in the sort key: ms from the window's base, 
 # Queries looking at up to this many events count their distinct cards in a padded matrix, one row each
 # (a sort of a few dozen per row); longer ones (many events at one time) in one sort of all their pairs.
 _ROW_CAP = 64
-
-T = TypeVar("T")
-
-
-class StopRequested(Exception):
-    """A stop was requested while the reader waited; the message says what for (the detector stops cleanly)."""
 
 
 def position_keys(partitions: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -263,10 +258,13 @@ class GateStats:
     events_read: int = 0
 
 
-class TerminalReader:
-    """Reads every input partition into a TerminalWindow. `ready` does the reading and waiting before a batch is
-    decided (the event-time gate, reseeds, the ends of quiet partitions); the answers decide asks for
-    (`features`, `releasable`, `cut_short`, `other_cards_held`) come from the window alone."""
+class TerminalReader(GlobalReader):
+    """Reads every input partition into a TerminalWindow (a global reader: consumer/global_reader.py). `ready`
+    does the reading and waiting before a batch is decided (the event-time gate, reseeds, the ends of quiet
+    partitions); the answers decide asks for (`features`, `releasable`, `cut_short`, `other_cards_held`) come
+    from the window alone."""
+
+    name = "terminal reader"
 
     def __init__(
         self,
@@ -279,11 +277,10 @@ class TerminalReader:
         on_log: Callable[[str], None] = log.info,
         on_gate: Callable[[GateStats], None] = lambda stats: None,
     ) -> None:
-        self.settings = settings
+        super().__init__(settings, stop=stop)
         self.decode = decode  # messages -> stateful.DecodedBatch, the detector's own decoders
         self.window = window or TerminalWindow()
         self.tolerance_ms = tolerance_ms
-        self.stop = stop
         self.on_log = on_log
         self.stats = GateStats()
         self.on_gate = on_gate  # the gate's stats, each time they change (the detector's metrics)
@@ -316,7 +313,7 @@ class TerminalReader:
             )
         )
         self.admin = admin(s)
-        metadata = self._call(
+        metadata = self.call(
             "reading the input topic's partitions", lambda: consumer.list_topics(s.transactions_topic, timeout=10)
         )
         topic = metadata.topics.get(s.transactions_topic)
@@ -328,7 +325,7 @@ class TerminalReader:
     def seed(self, back_to: int | None = None) -> None:
         """Empty the window and read it again from before the group's committed offsets, and at least a window
         before event time `back_to` (held records older than the committed offsets' horizon)."""
-        s, consumer = self.settings, self._reader()
+        s, consumer = self.settings, self._client()
         started = time.monotonic()
         self.window.clear()
         self._latest.clear()
@@ -337,11 +334,13 @@ class TerminalReader:
         self._quiet.clear()
         self._end_asks.clear()
         tps = [TopicPartition(s.transactions_topic, p) for p in self.partitions]
-        committed = self._call("reading the committed offsets", lambda: consumer.committed(tps, timeout=10))
+        committed = self.call("reading the committed offsets", lambda: consumer.committed(tps, timeout=10))
         low, high = {}, {}
         for tp in tps:
-            low[tp.partition], high[tp.partition] = self._call(
-                "reading the input's offsets", partial(consumer.get_watermark_offsets, tp, timeout=10)
+            low[tp.partition], high[tp.partition] = self.call(
+                "reading the input's offsets",
+                partial(consumer.get_watermark_offsets, tp, timeout=10),
+                topic=s.transactions_topic,
             )
         # Logical offsets (no commit yet) mean the partition's beginning; never computed with.
         target = {tp.partition: (tp.offset if tp.offset >= 0 else low[tp.partition]) for tp in committed}
@@ -380,14 +379,14 @@ class TerminalReader:
     def _read_ranges(self, start: dict[int, int], end: dict[int, int], before: dict[int, int]) -> dict[int, int]:
         """Read [start, end) of each partition into the window; the first event time read per partition. `before`
         (partition -> latest event time read at an offset below end) is updated."""
-        topic, consumer = self.settings.transactions_topic, self._reader()
+        topic, consumer = self.settings.transactions_topic, self._client()
         consumer.assign([TopicPartition(topic, p, start[p]) for p in self.partitions if start[p] < end[p]])
         first_t: dict[int, int] = {}
         reached: dict[int, int] = {}
         pending = {p for p in self.partitions if start[p] < end[p]}
         deadline = time.monotonic() + self.settings.broker_outage_limit_s
         while pending:
-            if self.stop():
+            if self.stop_requested():
                 raise StopRequested("seeding the terminal window")
             if time.monotonic() > deadline:
                 raise KafkaUnavailable(
@@ -410,7 +409,7 @@ class TerminalReader:
 
     # ----- reading -----
     def _consume(self, timeout_s: float) -> list:
-        messages = self._reader().consume(READ_CHUNK, timeout_s)
+        messages = self._client().consume(READ_CHUNK, timeout_s)
         out = []
         for message in messages:
             error = message.error()
@@ -441,7 +440,7 @@ class TerminalReader:
             for m in messages:
                 first_offsets.setdefault(m.partition(), m.offset())
             for p, offset in first_offsets.items():
-                self._reader().seek(TopicPartition(self.settings.transactions_topic, p, offset))
+                self._client().seek(TopicPartition(self.settings.transactions_topic, p, offset))
             raise
         # Each message's partition and offset, read once (two calls per message, the rest on arrays; two flat
         # lists convert to arrays several times faster than one list of pairs).
@@ -534,7 +533,7 @@ class TerminalReader:
                     f"terminal window waiting for input partitions {behind} (not yet past event time "
                     f"{latest_ms + self.tolerance_ms} nor at their end) for {now - started:.0f} s"
                 )
-            if self.stop():
+            if self.stop_requested():
                 raise StopRequested("waiting for the terminal window")
             if now - last_refresh >= METADATA_REFRESH_EVERY_S:
                 last_refresh = now
@@ -601,7 +600,7 @@ class TerminalReader:
                     continue
                 ends[p] = end = end.result().offset
             # The consumer's position passes transaction markers, which are never returned as records.
-            consumed = max(self._reader().position([TopicPartition(topic, p)])[0].offset, position or 0)
+            consumed = max(self._client().position([TopicPartition(topic, p)])[0].offset, position or 0)
             if consumed < end:
                 behind.append(p)
         return behind
@@ -707,7 +706,7 @@ class TerminalReader:
             if answer.exception() is None:
                 end = answer.result().offset
                 tp = TopicPartition(self.settings.transactions_topic, p)
-                consumed = max(self._reader().position([tp])[0].offset, self._next.get(p, 0))
+                consumed = max(self._client().position([tp])[0].offset, self._next.get(p, 0))
                 if consumed >= end and (created is None or created <= sent - idle_ms):
                     self._quiet[p] = max(self._quiet.get(p, sent), sent)
         elif pending is None and (created is None or now_ms - created >= idle_ms):
@@ -735,7 +734,7 @@ class TerminalReader:
         tolerance; its window reaches back `window_ms` more. When runs only moves memory, never a decision."""
         topic = self.settings.transactions_topic
         try:
-            committed = self._reader().committed([TopicPartition(topic, p) for p in self.partitions], timeout=5)
+            committed = self._client().committed([TopicPartition(topic, p) for p in self.partitions], timeout=5)
         except KafkaException as exc:
             log.warning("terminal window: expiry skipped, committed offsets unknown (%s)", exc.args[0].str())
             return 0
@@ -761,36 +760,8 @@ class TerminalReader:
             self.holds_from = max(self.holds_from or expired_before, expired_before)
         return expired
 
-    def _reader(self) -> Consumer:
-        """The reader's consumer: made by start(), dropped by close()."""
-        if self.consumer is None:
-            raise RuntimeError("the terminal reader is not started (or was closed)")
-        return self.consumer
-
     def _end_asker(self) -> AdminClient:
         """The client asking the partitions' ends: made by start()."""
         if self.admin is None:
             raise RuntimeError("the terminal reader is not started")
         return self.admin
-
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
-        deadline = time.monotonic() + self.settings.broker_outage_limit_s
-        while True:
-            try:
-                return fn()
-            except KafkaException as exc:
-                error = exc.args[0]
-                if not passes(error) or time.monotonic() > deadline:
-                    raise KafkaUnavailable(f"terminal reader: {what} failed: {error.str()}") from exc
-                if self.stop():
-                    raise StopRequested(what) from exc
-                log.warning("terminal reader: retrying after %s failed: %s", what, error.str())
-                time.sleep(0.2)
-
-    def close(self) -> None:
-        if self.consumer is not None:
-            try:
-                self.consumer.close()
-            except (KafkaException, RuntimeError) as exc:
-                log.debug("closing the terminal reader: %s", exc)
-            self.consumer = None

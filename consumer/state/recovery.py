@@ -23,11 +23,12 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from fraudstream.consumer.global_reader import GlobalReader
 from fraudstream.consumer.state.changelog import LAYOUT_HEADER
 from fraudstream.consumer.state.stores import StoreSpec
 from fraudstream.consumer.state.table import KeyedTable, check_layout, check_row_bytes
 from fraudstream.errors import KafkaUnavailable, StateError
-from fraudstream.kafka import admin, consumer_config, passes, refresh_metadata
+from fraudstream.kafka import admin, consumer_config, refresh_metadata
 from fraudstream.serde import consumed_headers
 from fraudstream.settings import Settings
 
@@ -76,14 +77,16 @@ class RestoreProgress:
         return sum(0 if s.done else max(s.end - s.records, 0) for s in self.stores.values())
 
 
-class Recovery:
+class Recovery(GlobalReader):
+    """The restore reader: the changelogs of the tasks being restored (a global reader: consumer/global_reader.py,
+    whose outage policy waits out a changelog partition whose leader is down, up to the broker outage limit)."""
+
+    name = "restore reader"
+
     def __init__(self, settings: Settings, topics: dict[str, str], *, timeout_s: float = 5.0) -> None:
+        super().__init__(settings)
         self.topics = topics  # store name -> changelog topic
         self.timeout_s = timeout_s  # one attempt
-        # A changelog partition whose leader is down (a broker restarting) is waited for, like every
-        # other broker outage, up to the outage limit.
-        self.outage_limit_s = settings.broker_outage_limit_s
-        self.settings = settings
         self._admin: AdminClient | None = None  # made when a stalled restore is reported
         self._refreshed_at = 0.0  # when the restore consumer last asked for its changelogs' leaders
         # assign() only: the group id is required by the client but never joins or commits.
@@ -99,7 +102,6 @@ class Recovery:
             consumer_config(settings, f"{settings.group_id}.restore", **{"isolation.level": "read_uncommitted"})
         )
         self.stalls = 0  # times a restore was logged as not moving
-        self.end_retries = 0  # failed attempts to read a changelog partition's end (a leader down or moving)
         self.restoring: dict[int, RestoreProgress] = {}
         self._by_topic_partition: dict[tuple[str, int], _Restoring] = {}
 
@@ -117,7 +119,7 @@ class Recovery:
                 self._by_topic_partition[(topic, partition)] = restoring
                 to_assign.append(TopicPartition(topic, partition, OFFSET_BEGINNING))
         if to_assign:
-            self.consumer.incremental_assign(to_assign)
+            self._client().incremental_assign(to_assign)
         if not progress.done:
             self.restoring[partition] = progress
         return progress
@@ -130,20 +132,12 @@ class Recovery:
         stays the leader it asks (a request to a dead broker times out, which does not mark the metadata
         stale) until metadata.max.age.ms, longer than any outage limit. So every failed attempt asks for
         the topic's metadata, which replaces the cached leader (and drops a broker the cluster fenced)."""
-        deadline = time.monotonic() + self.outage_limit_s
-        while True:
-            try:
-                return self.offsets.get_watermark_offsets(tp, timeout=self.timeout_s, cached=False)
-            except KafkaException as exc:
-                error = exc.args[0]
-                if not passes(error) or time.monotonic() > deadline:
-                    raise KafkaUnavailable(
-                        f"could not read the end of changelog {tp.topic}[{tp.partition}]: {error.str()}"
-                    ) from exc
-                log.warning("asking for the end of changelog %s[%d]: %s; retrying", tp.topic, tp.partition, error.str())
-                self.end_retries += 1
-                refresh_metadata(self.offsets, tp.topic, self.timeout_s)
-                time.sleep(0.2)  # a leader election or a broker restart takes a moment; nothing else to wait on
+        return self.call(
+            f"reading the end of changelog {tp.topic}[{tp.partition}]",
+            lambda: self.offsets.get_watermark_offsets(tp, timeout=self.timeout_s, cached=False),
+            topic=tp.topic,
+            client=self.offsets,
+        )
 
     def stop(self, partition: int) -> None:
         """Forget a partition being restored (it was revoked)."""
@@ -154,13 +148,13 @@ class Recovery:
         for tp in ours:
             self._by_topic_partition.pop((tp.topic, tp.partition), None)
         if ours:
-            self.consumer.incremental_unassign(ours)
+            self._client().incremental_unassign(ours)
 
     def step(self, max_records: int = RESTORE_BATCH, timeout_s: float = 0.05) -> list[RestoreProgress]:
         """Read the next changelog records into their tables; returns the partitions completed by this step."""
         if not self.restoring:
             return []
-        messages = self.consumer.consume(max_records, timeout_s)
+        messages = self._client().consume(max_records, timeout_s)
         latest: dict[tuple[str, int], dict[bytes, bytes | None]] = {}
         for message in messages:
             error = message.error()
@@ -190,12 +184,12 @@ class Recovery:
     def _finished(self) -> list[RestoreProgress]:
         waiting = [(where, r) for where, r in self._by_topic_partition.items() if not r.done]
         if waiting:
-            positions = self.consumer.position([TopicPartition(t, p) for (t, p), _ in waiting])
+            positions = self._client().position([TopicPartition(t, p) for (t, p), _ in waiting])
             now = time.monotonic()
             for (where, restoring), position in zip(waiting, positions, strict=True):
                 if position.offset >= 0 and position.offset >= restoring.end:
                     restoring.done = True
-                    self.consumer.incremental_unassign([TopicPartition(*where)])
+                    self._client().incremental_unassign([TopicPartition(*where)])
                     del self._by_topic_partition[where]
                 elif position.offset != restoring.position:
                     restoring.position, restoring.moved_at = position.offset, now
@@ -207,7 +201,7 @@ class Recovery:
                         # Not moving: perhaps fetching from a leader that died (a client in assign mode keeps
                         # asking it until its metadata ages out). Asking for the leaders moves the fetch.
                         self._refreshed_at = now
-                        refresh_metadata(self.consumer, where[0], self.timeout_s)
+                        refresh_metadata(self._client(), where[0], self.timeout_s)
                     if (
                         now - restoring.moved_at >= STALL_LOG_AFTER_S
                         and now - restoring.reported_at >= STALL_LOG_AFTER_S
@@ -258,11 +252,11 @@ class Recovery:
         self.stalls += 1
 
     def close(self) -> None:
-        for consumer in (self.consumer, self.offsets):
-            try:
-                consumer.close()
-            except (KafkaException, RuntimeError) as exc:
-                log.debug("closing a restore consumer: %s", exc)
+        try:
+            self.offsets.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.debug("closing the restore reader's end asker: %s", exc)
+        super().close()
 
 
 def _upgraded(message: Message, spec: StoreSpec) -> bytes:

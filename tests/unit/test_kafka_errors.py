@@ -63,9 +63,9 @@ def test_the_terminal_reader_waits_out_a_leader_change_instead_of_ending_the_det
             raise KafkaException(KafkaError(KafkaError.NOT_LEADER_FOR_PARTITION))
         return "offsets"
 
-    assert reader._call("reading the input's offsets", offsets) == "offsets" and len(calls) == 3
+    assert reader.call("reading the input's offsets", offsets) == "offsets" and len(calls) == 3
     with pytest.raises(KafkaUnavailable, match="Topic authorization failed"):
-        reader._call(
+        reader.call(
             "reading", lambda: (_ for _ in ()).throw(KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)))
         )
 

@@ -349,7 +349,7 @@ def test_a_group_coordinator_starting_or_moving_is_waited_for(code) -> None:
             raise answer
         return answer
 
-    assert r._call("reading the committed offsets", committed) == "committed"
+    assert r.call("reading the committed offsets", committed) == "committed"
 
 
 def test_another_broker_error_still_ends_the_call_with_one_line() -> None:
@@ -359,7 +359,7 @@ def test_another_broker_error_still_ends_the_call_with_one_line() -> None:
         raise KafkaException(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED))
 
     with pytest.raises(KafkaUnavailable, match="terminal reader: reading the committed offsets failed"):
-        r._call("reading the committed offsets", refused)
+        r.call("reading the committed offsets", refused)
 
 
 # ----- held records (consumer/held.py): when the window answers for a look-ahead -----
