@@ -15,7 +15,9 @@ terminal window answers for [t - window, t + look-ahead]:
   rule, further ahead); or
 - a partition that has not is at its end (asked of its leader, read_committed), and its newest record was
   created `terminal_hold_idle_ms` or more before that ask and after the held record: a quiet partition
-  (the end of a demo's stream, a lull) does not hold decisions forever. Like the gate's idle time, this is a
+  (the end of a demo's stream, a lull) does not hold decisions forever. A partition that stopped short of
+  the others (they have records created after its newest) is stalled, not quiet, until `terminal_stall_ms`
+  has passed since its newest record (TerminalReader._stopped_short). Like the gate's idle time, this is a
   stated trade: a record created on that partition after the lull, with an event time inside the
   look-ahead, is not counted.
 

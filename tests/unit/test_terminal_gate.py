@@ -404,6 +404,26 @@ def test_a_quiet_partition_at_its_end_stops_holding_records_created_an_idle_time
     assert r.cut_short(times, AHEAD_MS) == ["1", "1"]  # partition 1's look-ahead was not read: named
 
 
+def test_a_partition_at_its_end_that_stopped_short_of_the_others_is_quiet_only_after_the_stall_time() -> None:
+    """Soak 3023: six held compromised-terminal victims on partition 1 went out early, as legit, with their own
+    partition named quiet. Its producer or replicas had stalled (a broker frozen): it sat at its end with its
+    newest record seconds older than the other partitions', which kept being written. Such a partition is not
+    quiet until the stall time has passed since its newest record; then it is, so an uneven stop still releases."""
+    now = time.time() * 1000
+    consumer = StandInConsumer(ends={0: 90, 1: 60}, positions={0: 90, 1: 60})
+    r = reader(consumer, {0: T0 + 10 * AHEAD_MS, 1: T0 - AHEAD_MS}, [], [])
+    r._created = {0: now, 1: now - 3_000}  # partition 0 written just now; 1 stopped 3 s before it
+    times, created = np.array([T0]), np.array([now - 20_000])
+    ready(r)  # asked
+    ready(r)  # answered: at its end, nothing created for 3 s
+    assert len(consumer.asked_ends_at) >= 1 and 1 not in r._quiet
+    assert r.releasable(times, created, AHEAD_MS, idle_ms=2_000).tolist() == [False]
+    r._created = {0: now - 8_000, 1: now - 11_000}  # the same gap, and the stream stopped: past the stall time
+    ready(r)
+    ready(r)
+    assert 1 in r._quiet and r.releasable(times, created, AHEAD_MS, idle_ms=2_000).tolist() == [True]
+
+
 def test_a_record_whose_look_ahead_every_partition_answered_is_not_cut_short() -> None:
     past = T0 + AHEAD_MS + terminal.TERMINAL_TOLERANCE_MS
     r = reader(
