@@ -18,14 +18,12 @@ reader and what it asked; a stop request ends the wait.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from fraudstream.errors import KafkaUnavailable
-from fraudstream.kafka import passes, refresh_metadata
+from fraudstream.kafka import refresh_metadata, wait_out
 from fraudstream.settings import Settings
 
 log = logging.getLogger("fraudstream.readers")
@@ -52,24 +50,25 @@ class GlobalReader:
         self.retries = 0  # attempts waited out by `call`
 
     def call(self, what: str, fn: Callable[[], T], *, topic: str | None = None, client=None) -> T:
-        """fn(), retried while its error passes, for the broker outage limit. `topic`: asked for again between
-        attempts (by `client`, the reader's consumer by default), so that the next attempt finds its leader."""
-        deadline = time.monotonic() + self.settings.broker_outage_limit_s
-        while True:
-            try:
-                return fn()
-            except KafkaException as exc:
-                error = exc.args[0]
-                if not passes(error) or time.monotonic() > deadline:
-                    raise KafkaUnavailable(f"{self.name}: {what} failed: {error.str()}") from exc
-                if self.stop_requested():
-                    raise StopRequested(what) from exc
-                log.warning("%s: retrying after %s failed: %s", self.name, what, error.str())
-                self.retries += 1
-                refresher = client if client is not None else self.consumer
-                if topic is not None and refresher is not None:
-                    refresh_metadata(refresher, topic, METADATA_TIMEOUT_S)
-                time.sleep(RETRY_INTERVAL_S)
+        """fn(), retried while its error passes, for the broker outage limit (fraudstream.kafka.wait_out). `topic`:
+        asked for again between attempts (by `client`, the reader's consumer by default), so that the next attempt
+        finds its leader."""
+
+        def before_retry(error) -> None:
+            if self.stop_requested():
+                raise StopRequested(what)
+            self.retries += 1
+            refresher = client if client is not None else self.consumer
+            if topic is not None and refresher is not None:
+                refresh_metadata(refresher, topic, METADATA_TIMEOUT_S)
+
+        return wait_out(
+            f"{self.name}: {what}",
+            fn,
+            limit_s=self.settings.broker_outage_limit_s,
+            interval_s=RETRY_INTERVAL_S,
+            before_retry=before_retry,
+        )
 
     def position(self, topic: str, partition: int) -> int:
         """The reader's next offset in a partition; 0 while it is logical (nothing read yet)."""

@@ -269,9 +269,17 @@ def passes(error: KafkaError) -> bool:
     return error.retriable() or code in PASSING or code < 0
 
 
-def wait_out(what: str, call: Callable[[], T], *, limit_s: float, interval_s: float = 0.2) -> T:
+def wait_out(
+    what: str,
+    call: Callable[[], T],
+    *,
+    limit_s: float,
+    interval_s: float = 0.2,
+    before_retry: Callable[[KafkaError], None] = lambda error: None,
+) -> T:
     """`call()`, retried while its error `passes` (a leader or coordinator moving, a broker away), for at most
-    `limit_s`; anything else, or the limit, is KafkaUnavailable with one line naming `what`."""
+    `limit_s`; anything else, or the limit, is KafkaUnavailable with one line naming `what`. `before_retry`
+    runs before each wait (it may refresh metadata, or raise to end the wait)."""
     deadline = time.monotonic() + limit_s
     while True:
         try:
@@ -281,6 +289,7 @@ def wait_out(what: str, call: Callable[[], T], *, limit_s: float, interval_s: fl
             if not passes(error) or time.monotonic() > deadline:
                 raise KafkaUnavailable(f"{what} failed: {error.str()}") from exc
             log.warning("%s failed (%s): retrying", what, error.str())
+            before_retry(error)
             time.sleep(interval_s)
 
 
