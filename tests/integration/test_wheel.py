@@ -124,7 +124,8 @@ def test_the_wheel_holds_one_top_level_package_with_its_data(wheel: Path):
     for expected in (
         "fraudstream/producer/loop.py",
         "fraudstream/consumer/detector.py",
-        "fraudstream/consumer/state/manager.py",
+        "fraudstream/consumer/tasks.py",
+        "fraudstream/consumer/state/recovery.py",
         "fraudstream/_schemas/transaction.avsc",
         "fraudstream/_schemas/history/transaction/v1.avsc",
         "fraudstream/_infra/pom.xml",
