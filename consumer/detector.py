@@ -506,8 +506,7 @@ class Detector:
             rules=dict(rules),
             shadow_differences=len(batch.shadow),
         )
-        if self.tasks.specs:
-            self.metrics.state_size(self.tasks.sizes())
+        self.metrics.state_size(self.tasks.sizes())  # none without stores
         if self.terminal is not None:
             self.metrics.state_size({**self.metrics.state_keys, "terminal_events": len(self.terminal.window)})
 

@@ -255,7 +255,7 @@ class TaskManager:
         written = 0
         for partition in partitions:
             task = self.tasks.get(partition)
-            if task is None or task.restoring or not self.specs:
+            if task is None or task.restoring:
                 continue
             records, tombstones = task.write_changes(producer, self.specs, self.topics)
             written += records
