@@ -7,6 +7,8 @@ demo produces them) and its rules topic seeded from the rules file. Then, altern
 
 - live: one stateful detector (in this process, exactly-once: transactions, outputs, changelogs) routes them
   all; its rate is counted from its first record consumed to its last, on a consumer group of its own;
+- reading alone: the replay's consumer reads the topic from its beginning, each value taken, nothing decoded
+  or decided: the ceiling of any replay that reads the topic with this client on this machine;
 - backtest: the replay of `fraudstream backtest` (consumer/backtest.py) reads the topic from its beginning and
   decides every record with the live rule set (one decider, as the fidelity check runs it), then with the
   candidate and the live rules together (two deciders, as `fraudstream backtest` runs), timed over the whole
@@ -72,11 +74,50 @@ def run_live(settings: Settings, count: int) -> tuple[float, float]:
     return count / elapsed, cpu_s / count * 1e6
 
 
-def run_backtest(settings: Settings, rule_sets: dict) -> tuple[float, float, float]:
+def run_bare_read(settings: Settings, count: int) -> tuple[float, float]:
+    """(records per second, CPU ms per 1,000 records) of reading the topic with the replay's consumer and
+    settings, each record's value taken and nothing else: the ceiling of any replay that reads the topic."""
+    from confluent_kafka import KafkaError, TopicPartition
+
+    from fraudstream.consumer.backtest import history_consumer
+    from fraudstream.consumer.inspect import StartOffset, plan_read
+
+    consumer = history_consumer(settings)
+    try:
+        topic = settings.transactions_topic
+        plan = plan_read(consumer, topic, partition=None, start=StartOffset("earliest"), settings=settings)
+        remaining = {p for p in plan.starts if plan.starts[p] < plan.ends[p]}
+        consumer.assign([TopicPartition(topic, p, plan.starts[p]) for p in sorted(remaining)])
+        read = 0
+        started, cpu = time.perf_counter(), time.process_time()
+        while remaining:
+            for message in consumer.consume(20_000, 0.5):
+                error = message.error()
+                if error is None:
+                    message.value()
+                    read += 1
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    remaining.discard(message.partition())
+                else:
+                    raise RuntimeError(f"reading {topic}: {error.str()}")
+        elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu
+    finally:
+        consumer.close()
+    if read != count:
+        raise RuntimeError(f"the bare read got {read:,} records of {count:,}")
+    return read / elapsed, cpu_s / read * 1e6
+
+
+def run_backtest(settings: Settings, rule_sets: dict, count: int) -> tuple[float, float, float]:
     """(records per second of the whole replay, of its deciding alone, CPU ms per 1,000 records)."""
     from fraudstream.consumer.backtest import Replay
+    from fraudstream.consumer.decide import Route
 
     result = Replay(settings, rule_sets).run()
+    # Every record read and decided (none still held at the end), by every rule set.
+    decided = {name: int((side["route"] != Route.HELD).sum()) for name, side in result.sides.items()}
+    if result.read != count or any(n != count for n in decided.values()):
+        raise RuntimeError(f"the replay read {result.read:,} records of {count:,} and decided {decided}")
     return result.read / result.read_s, result.read / result.decide_s, result.cpu_s / result.read * 1e6
 
 
@@ -92,11 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     candidate = Path(f"/tmp/{settings.transactions_topic}-candidate.toml")
     candidate.write_text(CANDIDATE_TOML)
     rule_sets = load_rule_sets(settings, candidate, None)
-    live, one, two = [], [], []
+    live, bare, one, two = [], [], [], []
     for _ in range(args.rounds):
         live.append(run_live(settings, args.count))
-        one.append(run_backtest(settings, {BASELINE: rule_sets.baseline}))
-        two.append(run_backtest(settings, {CANDIDATE: rule_sets.candidate, BASELINE: rule_sets.baseline}))
+        bare.append(run_bare_read(settings, args.count))
+        one.append(run_backtest(settings, {BASELINE: rule_sets.baseline}, args.count))
+        two.append(run_backtest(settings, {CANDIDATE: rule_sets.candidate, BASELINE: rule_sets.baseline}, args.count))
     candidate.unlink()
 
     def med(runs, k):
@@ -106,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "count": args.count,
         "rounds": args.rounds,
         "live": {"records_per_s": med(live, 0), "cpu_ms_per_1k": med(live, 1)},
+        "bare_read": {"records_per_s": med(bare, 0), "cpu_ms_per_1k": med(bare, 1)},
         "backtest_one_rule_set": {
             "records_per_s": med(one, 0),
             "deciding_records_per_s": med(one, 1),
@@ -120,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.count:,} transactions, {args.rounds} round(s), medians")
     print(f"{'':<34}{'records/s':>12}{'CPU ms/1k':>11}{'÷ live (rate)':>15}{'live ÷ (CPU)':>14}")
     print(f"{'live detector (exactly-once)':<34}{med(live, 0):>12,.0f}{med(live, 1):>11.2f}{'1.00x':>15}{'1.00x':>14}")
+    print(
+        f"{'reading the topic alone (ceiling)':<34}{med(bare, 0):>12,.0f}{med(bare, 1):>11.2f}"
+        f"{med(bare, 0) / med(live, 0):>14.2f}x{med(live, 1) / med(bare, 1):>13.2f}x"
+    )
     for name, runs in (("backtest, live rule set", one), ("backtest, candidate + live", two)):
         print(
             f"{name:<34}{med(runs, 0):>12,.0f}{med(runs, 2):>11.2f}{med(runs, 0) / med(live, 0):>14.2f}x"

@@ -193,7 +193,7 @@ def build_report(
         "speed": {
             "records": result.read,
             "decide_s": round(result.decide_s, 3),
-            "decode_s": round(result.decode_s, 3),  # on the reader's thread, beside the deciding
+            "decode_s": round(result.decode_s, 3),
             "total_s": round(result.read_s, 3),
             "cpu_s": round(result.cpu_s, 3),
             "records_per_decide_s": round(result.read / result.decide_s) if result.decide_s else None,
