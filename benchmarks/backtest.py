@@ -24,9 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fraudstream.consumer.detector import Detector
@@ -144,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     def med(runs, k):
         return statistics.median(r[k] for r in runs)
 
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     figures = {
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": commit or None,
         "count": args.count,
         "rounds": args.rounds,
         "live": {"records_per_s": med(live, 0), "cpu_ms_per_1k": med(live, 1)},
