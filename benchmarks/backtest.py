@@ -8,8 +8,8 @@ the three others in a rotating order:
 
 - live: one stateful detector (in this process, exactly-once: transactions, outputs, changelogs) routes them
   all; its rate is counted from its first record consumed to its last, on a consumer group of its own;
-- reading alone: the replay's consumer reads the topic from its beginning, each value taken, nothing decoded
-  or decided: the ceiling of any replay that reads the topic with this client on this machine;
+- reading alone: the replay's own read loop and consumer go through the topic from its beginning, nothing
+  decoded or decided: the ceiling of any replay that reads the topic with this client on this machine;
 - backtest: the replay of `fraudstream backtest` (consumer/backtest.py) reads the topic from its beginning and
   decides every record with the live rule set (one decider, as the fidelity check runs it), then with the
   candidate and the live rules together (two deciders, as `fraudstream backtest` runs), timed over the whole
@@ -29,8 +29,8 @@ import subprocess
 import threading
 import time
 import uuid
-from datetime import UTC, datetime
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fraudstream.consumer.detector import Detector
@@ -79,31 +79,20 @@ def run_live(settings: Settings, count: int) -> tuple[float, float]:
 
 
 def run_bare_read(settings: Settings, count: int) -> tuple[float, float]:
-    """(records per second, CPU ms per 1,000 records) of reading the topic with the replay's consumer and
-    settings, each record's value taken and nothing else: the ceiling of any replay that reads the topic."""
-    from confluent_kafka import KafkaError, TopicPartition
-
-    from fraudstream.consumer.backtest import history_consumer
+    """(records per second, CPU ms per 1,000 records) of the replay's own read (`read_chunks`, its consumer and
+    settings) with nothing decoded or decided: the ceiling of any replay that reads the topic."""
+    from fraudstream.consumer.backtest import history_consumer, read_chunks
     from fraudstream.consumer.inspect import StartOffset, plan_read
+    from fraudstream.consumer.stateful import DecodedBatch
 
     consumer = history_consumer(settings)
     try:
         topic = settings.transactions_topic
         plan = plan_read(consumer, topic, partition=None, start=StartOffset("earliest"), settings=settings)
-        remaining = {p for p in plan.starts if plan.starts[p] < plan.ends[p]}
-        consumer.assign([TopicPartition(topic, p, plan.starts[p]) for p in sorted(remaining)])
-        read = 0
+        finished = {p for p in plan.starts if plan.starts[p] >= plan.ends[p]}
         started, cpu = time.perf_counter(), time.process_time()
-        while remaining:
-            for message in consumer.consume(20_000, 0.5):
-                error = message.error()
-                if error is None:
-                    message.value()
-                    read += 1
-                elif error.code() == KafkaError._PARTITION_EOF:
-                    remaining.discard(message.partition())
-                else:
-                    raise RuntimeError(f"reading {topic}: {error.str()}")
+        chunks = read_chunks(consumer, topic, plan, finished, lambda messages: DecodedBatch())
+        read = sum(len(keys) for _, keys, _, _ in chunks)
         elapsed, cpu_s = time.perf_counter() - started, time.process_time() - cpu
     finally:
         consumer.close()

@@ -395,7 +395,7 @@ class Replay:
 
             # Read and decoded here, between two decides: librdkafka fetches ahead on its own threads meanwhile
             # (a reader thread of ours was measured slower: the decoding and the deciding share one lock).
-            chunks = _read_chunks(consumer, s.transactions_topic, plan, progress.finished, decode)
+            chunks = read_chunks(consumer, s.transactions_topic, plan, progress.finished, decode)
             for prepared, keys, finished, seconds in chunks:
                 progress.finished = finished
                 decode_s += seconds
@@ -484,7 +484,7 @@ class Replay:
         window.expire(min(floors) - TERMINAL_TOLERANCE_MS - window.window_ms)
 
 
-def _read_chunks(
+def read_chunks(
     consumer: Consumer,
     topic: str,
     plan,
